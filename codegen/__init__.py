@@ -1,0 +1,1 @@
+"""Backends: turn the final IR into an artifact (`ort`: an ONNX Runtime model directory)."""

@@ -1,0 +1,158 @@
+"""`canonicalize`: bring any captured or loaded graph to the form the quantization passes expect.
+
+Steps, in order:
+1. Constants as initializers (`Constant` nodes holding tensors become initializers), so every
+   weight is an initializer a pass can find by value.
+2. Constant folding (onnxscript's folder): subgraphs whose inputs are all constants are computed
+   once, e.g. a `Transpose` of a weight becomes the transposed weight.
+3. `Gemm` with a constant B becomes `MatMul` (+ `Add` for C): quantization works on the MatMul
+   form `Y = X W + b` with `W` laid out `[K, N]`. `transB` and `alpha` are folded into a copy of
+   the weight (or into the weight itself when nothing else reads it), `beta` into C.
+4. Identity removal, dead-code removal (nodes, functions and opset imports nobody uses).
+5. Shape inference, then topological order.
+
+Everything but step 3 reuses `onnx_ir`'s and onnxscript's passes. A second run changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common as ir_passes
+
+from qcompiler.passbase import Pass, PassResult, option, register_pass
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class CanonicalizePass(Pass):
+    """Gemm to MatMul + Add, constant folding, shape inference, dead-code removal, topological order."""
+
+    name = "canonicalize"
+    provided = frozenset({"canonical"})
+
+    fold_limit: int = option(1 << 24, "largest constant (elements) that constant folding may create")
+
+    def call(self, model: ir.Model) -> PassResult:
+        stats = {"nodes_before": _node_count(model)}
+        modified = _run(ir_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16), model)
+        modified |= _fold_constants(model, self.fold_limit)
+        gemms = _gemm_to_matmul(model.graph)
+        stats["gemm_to_matmul"] = gemms
+        modified |= gemms > 0
+        for cleanup in (
+            ir_passes.IdentityEliminationPass(),
+            ir_passes.RemoveUnusedNodesPass(),
+            ir_passes.RemoveUnusedFunctionsPass(),
+            ir_passes.RemoveUnusedOpsetsPass(),
+        ):
+            modified |= _run(cleanup, model)
+        modified |= _infer_shapes(model)
+        modified |= _run(ir_passes.TopologicalSortPass(), model)
+        stats["nodes_after"] = _node_count(model)
+        return PassResult(model, modified, stats)
+
+
+def _run(pass_: ir.passes.PassBase, model: ir.Model) -> bool:
+    return bool(pass_(model).modified)
+
+
+def _node_count(model: ir.Model) -> int:
+    return sum(1 for _ in model.graph)
+
+
+def _fold_constants(model: ir.Model, limit: int) -> bool:
+    from onnxscript import optimizer
+
+    result = optimizer.fold_constants(model, onnx_shape_inference=False, input_size_limit=limit, output_size_limit=limit)
+    return bool(result.modified)
+
+
+def _infer_shapes(model: ir.Model) -> bool:
+    """Shape inference that reports `modified` only when a shape or type actually changed."""
+    before = _value_types(model.graph)
+    ir_passes.ShapeInferencePass(strict_mode=False)(model)
+    return _value_types(model.graph) != before
+
+
+def _value_types(graph: ir.Graph) -> list[tuple]:
+    return [(str(v.type), str(v.shape)) for node in graph for v in node.outputs]
+
+
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _gemm_to_matmul(graph: ir.Graph) -> int:
+    """Rewrite every Gemm whose B is a constant; returns how many were rewritten."""
+    count = 0
+    for node in list(graph):
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx"):
+            continue
+        a, b = node.inputs[0], node.inputs[1]
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        if b is None or b.const_value is None or not b.is_initializer():
+            continue
+        alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
+        trans_a, trans_b = int(_attr(node, "transA", 0)), int(_attr(node, "transB", 0))
+        weight = b.const_value.numpy()
+        if trans_b:
+            weight = weight.T
+        if alpha != 1.0:
+            weight = (weight * alpha).astype(weight.dtype)
+        new_b = _constant_like(graph, b, np.ascontiguousarray(weight), suffix="kn", replace=trans_b or alpha != 1.0)
+        new_nodes = []
+        base = node.name or node.outputs[0].name
+        x = a
+        if trans_a:
+            transpose = ir.node("Transpose", [a], {"perm": [1, 0]}, name=f"{base}.transpose_a")
+            transpose.outputs[0].name = f"{base}.a_t"
+            new_nodes.append(transpose)
+            x = transpose.outputs[0]
+        matmul = ir.node("MatMul", [x, new_b], name=f"{base}.matmul" if c is not None else base)
+        matmul.outputs[0].name = f"{node.outputs[0].name}.matmul"
+        new_nodes.append(matmul)
+        out = matmul.outputs[0]
+        if c is not None:
+            bias = c
+            if beta != 1.0:
+                if c.const_value is None:
+                    scale = _new_initializer(graph, f"{base}.beta", np.array(beta, dtype=weight.dtype))
+                    mul = ir.node("Mul", [c, scale], name=f"{base}.beta_mul")
+                    mul.outputs[0].name = f"{base}.c_scaled"
+                    new_nodes.append(mul)
+                    bias = mul.outputs[0]
+                else:
+                    scaled = (c.const_value.numpy() * beta).astype(c.const_value.numpy().dtype)
+                    bias = _constant_like(graph, c, scaled, suffix="scaled", replace=True)
+            add = ir.node("Add", [out, bias], name=base)
+            new_nodes.append(add)
+            out = add.outputs[0]
+        ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]], [out])
+        count += 1
+    return count
+
+
+def _constant_like(graph: ir.Graph, value: ir.Value, array: np.ndarray, suffix: str, replace: bool) -> ir.Value:
+    """`value` itself when `array` equals it; rewritten in place when nothing else reads it;
+    otherwise a new initializer named after it."""
+    if not replace:
+        return value
+    if len(value.uses()) == 1 and value not in graph.outputs:
+        value.const_value = ir.tensor(array, name=value.name)
+        value.shape = ir.Shape(array.shape)
+        return value
+    return _new_initializer(graph, f"{value.name}.{suffix}", array)
+
+
+def _new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    unique, n = name, 1
+    while unique in graph.initializers:
+        unique, n = f"{name}.{n}", n + 1
+    value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=unique))
+    graph.register_initializer(value)
+    return value

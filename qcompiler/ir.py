@@ -1,0 +1,314 @@
+"""The IR: a thin facade over `onnx_ir`.
+
+There is one IR for every stage: `onnx_ir.Model`. This module adds what the compiler needs
+around it and nothing more:
+
+- `load` / `save`: ONNX files in and out, with the input checks a user needs (missing, empty,
+  truncated or non-ONNX files, unknown op domains, external data that points outside the model's
+  folder) and every model brought to one opset (`TARGET_OPSET`).
+- `to_text` / `parse`: a deterministic, parseable text form in ONNX's textual syntax. Tensors with
+  more than `ELIDE_ELEMENTS` elements are elided to dtype, shape and a content hash, listed in
+  `# elided` header lines; `parse` restores them as zeros of that dtype and shape.
+- `verify`: structural checks run between passes (every use has a definition before it, names are
+  unique, outputs are produced, every domain is imported and every `qc` op passes its verifier).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnx.printer
+import onnx_ir as ir
+
+from qcompiler.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
+
+Model = ir.Model
+TARGET_OPSET = 21
+MIN_OPSET = 13
+QC_DOMAIN = "qc"
+KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "pkg.onnxscript.torch_lib.common", QC_DOMAIN})
+ELIDE_ELEMENTS = 64
+TEXT_HEADER = "# qcompiler-ir 1"
+# Files above this size keep their weights in a side file (protobuf's limit is 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+class VerificationError(Exception):
+    """The IR broke an invariant; raised by `verify`."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and saving
+
+
+def load(path: str | os.PathLike, convert: bool = True) -> ir.Model:
+    """Read an ONNX file into the IR, checked and (unless `convert` is False) converted to
+    `TARGET_OPSET`."""
+    path = Path(path)
+    proto = _read_proto(path)
+    _check_external_data(proto, path)
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, str(path.parent.resolve()))
+    check_domains(model)
+    return to_target_opset(model, source=str(path)) if convert else model
+
+
+def _read_proto(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise UserError(f"model file '{path}' not found; check the path")
+    if path.is_dir():
+        raise UserError(f"'{path}' is a directory; pass the .onnx file inside it")
+    if path.stat().st_size == 0:
+        raise UserError(f"model file '{path}' is empty; export the model again")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, sometimes RuntimeError or ValueError
+        raise UserError(
+            f"'{path}' is not a readable ONNX model ({first_line(str(exc)) or type(exc).__name__}); "
+            "it may be truncated or another format: export it again"
+        ) from None
+    if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
+        raise UserError(f"'{path}' holds no ONNX graph; it may be truncated or another format: export it again")
+    return proto
+
+
+def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Refuse external-data locations that would read outside the model's folder."""
+    base = path.parent.resolve()
+    for tensor in _all_tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(base):
+            raise UserError(
+                f"tensor '{tensor.name}' points its external data at '{location}', outside the model's "
+                f"folder '{base}'; refused: keep external data files beside the model"
+            )
+        if not target.is_file():
+            raise UserError(f"external data file '{location}' for tensor '{tensor.name}' is missing beside '{path}'")
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for g in attr.graphs:
+                yield from _all_tensors(g)
+
+
+def check_domains(model: ir.Model) -> None:
+    """Every node's domain must be one we can run or a function defined in the model."""
+    local = {f.domain for f in model.functions.values()}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain not in KNOWN_DOMAINS and node.domain not in local:
+            raise UserError(
+                f"node '{node.name}' uses op '{node.op_type}' from unknown domain '{node.domain}'; "
+                f"supported domains: ai.onnx, ai.onnx.ml, com.microsoft, {QC_DOMAIN}"
+            )
+
+
+def to_target_opset(model: ir.Model, source: str = "model") -> ir.Model:
+    """Bring the default-domain opset to `TARGET_OPSET` (newer opsets are kept when the
+    converter cannot go down; the passes only rely on ops that exist in both)."""
+    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if version is None:
+        model.opset_imports[""] = TARGET_OPSET
+        return model
+    if version < MIN_OPSET:
+        raise UserError(
+            f"{source} uses opset {version}; opsets from {MIN_OPSET} up are supported: "
+            "re-export with a newer opset (onnx.version_converter can upgrade it)"
+        )
+    if version == TARGET_OPSET:
+        return model
+    from onnxscript import version_converter
+
+    try:
+        version_converter.convert_version(model, TARGET_OPSET, fallback=True)
+    except Exception as exc:
+        if version < TARGET_OPSET:
+            raise UserError(
+                f"{source}: could not convert opset {version} to {TARGET_OPSET} "
+                f"({first_line(str(exc))}); re-export the model at opset {TARGET_OPSET}"
+            ) from None
+        log.info("%s keeps opset %d (no conversion down to %d: %s)", source, version, TARGET_OPSET, first_line(str(exc)))
+    return model
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    return ir.serde.serialize_model(model)
+
+
+def save(model: ir.Model, path: str | os.PathLike) -> list[Path]:
+    """Write `model` to `path` (weights in `<name>.data` beside it when the file would pass
+    protobuf's limit). Returns the files written."""
+    path = Path(path)
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if total < EXTERNAL_DATA_THRESHOLD:
+        proto = to_proto(model)
+        path.write_bytes(proto.SerializeToString(deterministic=True))
+        return [path]
+    data_name = path.name + ".data"
+    ir.save(model, str(path), external_data=data_name)
+    return [path, path.parent / data_name]
+
+
+# --------------------------------------------------------------------------------------------
+# Text form
+
+
+def tensor_digest(tensor: ir.TensorProtocol) -> str:
+    """A short content hash: dtype, shape and bytes."""
+    h = hashlib.sha256()
+    h.update(f"{tensor.dtype.name}{tuple(tensor.shape)}".encode())
+    h.update(tensor.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _dtype_text(dtype: ir.DataType) -> str:
+    return onnx.helper.tensor_dtype_to_string(dtype.value).removeprefix("TensorProto.").lower()
+
+
+def to_text(model: ir.Model, elide_over: int = ELIDE_ELEMENTS) -> str:
+    """The model in ONNX textual syntax, deterministic, with large tensors elided.
+
+    Elided initializers are listed first as `# elided <dtype>[<dims>] "<name>" sha256:<hash>`."""
+    proto = to_proto(model)
+    header = [TEXT_HEADER]
+    kept = []
+    for tensor_proto, value in zip(proto.graph.initializer, model.graph.initializers.values()):
+        numel = int(np.prod(tensor_proto.dims)) if tensor_proto.dims else 1
+        if numel > elide_over:
+            dims = ",".join(str(d) for d in tensor_proto.dims)
+            name = tensor_proto.name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            header.append(
+                f'# elided {_dtype_text(value.const_value.dtype)}[{dims}] "{name}" '
+                f"sha256:{tensor_digest(value.const_value)}"
+            )
+        else:
+            kept.append(tensor_proto)
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    del proto.graph.value_info[:]  # intermediate types make the text hard to read; the checker re-infers them
+    return "\n".join(header) + "\n" + onnx.printer.to_text(proto).rstrip() + "\n"
+
+
+_ELIDED = re.compile(r'^# elided (\w+)\[([0-9,]*)\] "((?:[^"\\]|\\.)*)" sha256:[0-9a-f]+\s*$')
+
+
+def parse(text: str) -> ir.Model:
+    """Read ONNX textual syntax (as written by `to_text` or by hand) into the IR.
+
+    Elided tensors come back as zeros of their dtype and shape."""
+    elided = []
+    for line in text.splitlines():
+        match = _ELIDED.match(line)
+        if match:
+            dtype, dims, name = match.groups()
+            name = name.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
+            shape = [int(d) for d in dims.split(",") if d]
+            elided.append((dtype, shape, name))
+    try:
+        proto = onnx.parser.parse_model(text)
+    except Exception as exc:
+        raise UserError(f"IR text does not parse: {first_line(str(exc))}") from None
+    for dtype, shape, name in elided:
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(getattr(onnx.TensorProto, dtype.upper()))
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(shape, np_dtype), name))
+    return ir.serde.deserialize_model(proto)
+
+
+# --------------------------------------------------------------------------------------------
+# Verification
+
+
+def verify(model: ir.Model) -> None:
+    """Check the invariants every pass must keep; raise `VerificationError` naming the node."""
+    from qcompiler import ops
+
+    graph = model.graph
+    defined: set[str] = set()
+    for value in list(graph.inputs) + list(graph.initializers.values()):
+        if value.name in defined and value.name not in graph.initializers:
+            raise VerificationError(f"value '{value.name}' is defined twice")
+        defined.add(value.name)
+    for node in graph:
+        if node.domain not in model.opset_imports and not (node.domain == "ai.onnx" and "" in model.opset_imports):
+            raise VerificationError(f"node '{node.name}' ({node.op_type}) uses domain '{node.domain}' that the model does not import")
+        for value in node.inputs:
+            if value is not None and value.name and value.name not in defined and not _is_outer_scope(value, graph):
+                raise VerificationError(
+                    f"node '{node.name}' ({node.op_type}) reads '{value.name}' before it is defined"
+                )
+        for value in node.outputs:
+            if value.name in defined:
+                raise VerificationError(f"value '{value.name}' is produced twice (again by node '{node.name}')")
+            defined.add(value.name)
+        if node.domain == QC_DOMAIN:
+            ops.verify_node(node)
+    for value in graph.outputs:
+        if value.name not in defined:
+            raise VerificationError(f"graph output '{value.name}' is not produced by any node")
+
+
+def _is_outer_scope(value: ir.Value, graph: ir.Graph) -> bool:
+    return value.graph is not None and value.graph is not graph
+
+
+def qc_nodes(model: ir.Model) -> list[ir.Node]:
+    """Nodes of our own domain, which only the reference executor and the backends understand."""
+    return [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.domain == QC_DOMAIN]
+
+
+WEIGHT_CONSUMERS = frozenset({("", "MatMul"), ("", "Gemm"), ("", "Conv"), ("", "ConvTranspose"), ("com.microsoft", "MatMulNBits")})
+
+
+def weight_values(model: ir.Model) -> list[ir.Value]:
+    """Initializers that hold weights: the second operand of MatMul/Gemm/Conv (and contrib
+    weight-only matmuls), directly or through a chain of nodes that read only constants (such as
+    DequantizeLinear of packed codes, scales and zero points). Deduplicated, in graph order."""
+    found: dict[str, ir.Value] = {}
+    for node in model.graph:
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        if (domain, node.op_type) in WEIGHT_CONSUMERS and len(node.inputs) > 1 and node.inputs[1] is not None:
+            for value in _constant_sources(node.inputs[1]):
+                found.setdefault(value.name, value)
+    return list(found.values())
+
+
+def _constant_sources(value: ir.Value) -> list[ir.Value]:
+    if value.const_value is not None and value.is_initializer():
+        return [value]
+    producer = value.producer()
+    if producer is None:
+        return []
+    sources = []
+    for inp in producer.inputs:
+        if inp is None:
+            continue
+        found = _constant_sources(inp)
+        if not found:
+            return []  # depends on a run-time value: not a stored weight
+        sources.extend(found)
+    return sources
+
+
+def weight_count(model: ir.Model) -> int:
+    """Number of weight elements (see `weight_values`)."""
+    return sum(v.const_value.size for v in weight_values(model))

@@ -1,0 +1,132 @@
+"""The pass base class and the pass registry.
+
+A pass is a small frozen dataclass subclassing `onnx_ir.passes.InPlacePass`; its options are the
+dataclass fields (each with a `doc` in its metadata), its kebab-case `name` is used everywhere
+(pipeline strings, dumps, reports), and it declares the IR properties it requires and provides.
+`call(model)` returns a `PassResult` whose `modified` flag is honest and whose `stats` dict says
+what the pass did.
+
+Properties a model has are recorded in its `metadata_props` under `PROPERTIES_KEY`, so a model
+that was saved half-way through a pipeline still knows it is, say, `calibrated`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+
+from qcompiler.errors import UserError
+
+PROPERTIES_KEY = "qcompiler.properties"
+
+
+@dataclasses.dataclass
+class PassResult(ir.passes.PassResult):
+    """`onnx_ir`'s result plus the pass's statistics (JSON-serialisable values)."""
+
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass(ir.passes.InPlacePass):
+    """Base of every qcompiler pass. Subclasses set `name`, the properties, and implement `call`."""
+
+    name: ClassVar[str] = ""
+    required: ClassVar[frozenset[str]] = frozenset()
+    provided: ClassVar[frozenset[str]] = frozenset()
+    # Properties that no longer hold after this pass (e.g. a lowering removes `qc` ops).
+    invalidated: ClassVar[frozenset[str]] = frozenset()
+
+    def requires(self, model: ir.Model) -> None:
+        missing = self.required - model_properties(model)
+        if missing:
+            raise ir.passes.PreconditionError(
+                f"{self.name} requires {', '.join(sorted(missing))}; run the pass that provides it first"
+            )
+
+    def ensures(self, model: ir.Model) -> None:
+        props = (model_properties(model) - self.invalidated) | self.provided
+        set_model_properties(model, props)
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    @classmethod
+    def options(cls) -> list[Option]:
+        hints = typing.get_type_hints(cls)
+        return [
+            Option(f.name.replace("_", "-"), f.name, hints[f.name], f.default, f.metadata.get("doc", ""))
+            for f in dataclasses.fields(cls)
+        ]
+
+    def option_values(self) -> dict[str, Any]:
+        return {opt.key: getattr(self, opt.field) for opt in self.options()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    key: str  # kebab-case, as written in pipeline strings
+    field: str  # the dataclass field
+    type: Any
+    default: Any
+    doc: str
+
+
+def option(default: Any, doc: str) -> Any:
+    """A pass option: a dataclass field with a default and a one-line doc."""
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+def model_properties(model: ir.Model) -> frozenset[str]:
+    text = model.metadata_props.get(PROPERTIES_KEY, "")
+    return frozenset(p for p in text.split(",") if p)
+
+
+def set_model_properties(model: ir.Model, props: frozenset[str] | set[str]) -> None:
+    if props:
+        model.metadata_props[PROPERTIES_KEY] = ",".join(sorted(props))
+    else:
+        model.metadata_props.pop(PROPERTIES_KEY, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+
+_PASSES: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available by its name."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _PASSES and _PASSES[cls.name] is not cls:
+        raise ValueError(f"pass name '{cls.name}' is taken by {_PASSES[cls.name].__name__}")
+    _PASSES[cls.name] = cls
+    return cls
+
+
+def _load_passes() -> None:
+    import qcompiler.passes  # noqa: F401  (importing registers every pass)
+
+
+def all_passes() -> dict[str, type[Pass]]:
+    _load_passes()
+    return dict(sorted(_PASSES.items()))
+
+
+def get_pass(name: str) -> type[Pass]:
+    passes = all_passes()
+    if name in passes:
+        return passes[name]
+    raise UserError(f"unknown pass '{name}'{did_you_mean(name, passes)}; `qcompiler passes` lists them")
+
+
+def did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""

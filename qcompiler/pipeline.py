@@ -1,0 +1,224 @@
+"""Pipeline strings: parse, print, presets, `@file`, and the static order check.
+
+Syntax, MLIR style: passes separated by commas, options in braces separated by spaces:
+
+    calibrate{method=percentile},smooth{alpha=auto},fold-scales,quantize
+
+A pipeline prints back to itself with every option's value filled in, so the printed string is
+the full record of what ran. Option keys are kebab-case; values are numbers, words, `true`/`false`
+or comma-separated lists (`candidates=2,3,4,8`). Presets are named pipelines that may take
+options (`mixed{avg-bits=3.25}`); `@path` reads a pipeline from a file (`#` starts a comment).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from qcompiler.errors import UserError
+from qcompiler.passbase import Option, Pass, all_passes, did_you_mean, get_pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named pipeline; `$name` placeholders in `template` take the preset's options."""
+
+    template: str
+    doc: str
+    params: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def expand(self, name: str, options: dict[str, str]) -> str:
+        for key in options:
+            if key not in self.params:
+                raise UserError(
+                    f"preset '{name}' has no option '{key}'{did_you_mean(key, self.params)}; "
+                    f"options: {', '.join(self.params) or 'none'}"
+                )
+        values = {k.replace("-", "_"): options.get(k, default) for k, default in self.params.items()}
+        return string.Template(self.template).substitute(values)
+
+
+PRESETS: dict[str, Preset] = {
+    "default": Preset("canonicalize", "clean the graph up for the passes; no quantization"),
+}
+
+
+def parse_pipeline(text: str) -> list[Pass]:
+    """Parse a pipeline string (or `@file`) into configured pass instances."""
+    text = text.strip()
+    if text.startswith("@"):
+        text = _read_pipeline_file(text[1:])
+    if not text:
+        raise UserError("the pipeline is empty; give at least one pass, e.g. --pipeline canonicalize")
+    passes: list[Pass] = []
+    for item in _split_top_level(text):
+        name, options = _parse_item(item)
+        if name in PRESETS:
+            passes.extend(parse_pipeline(PRESETS[name].expand(name, options)))
+        else:
+            passes.append(_instantiate(name, options))
+    return passes
+
+
+def format_pipeline(passes: list[Pass]) -> str:
+    """The canonical string of a pipeline: every option's value written out."""
+    return ",".join(format_pass(p) for p in passes)
+
+
+def format_pass(pass_: Pass) -> str:
+    options = " ".join(f"{key}={format_value(value)}" for key, value in pass_.option_values().items())
+    return f"{pass_.name}{{{options}}}" if options else pass_.name
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return ",".join(format_value(v) for v in value)
+    return str(value)
+
+
+def check_order(passes: list[Pass], initial: frozenset[str] = frozenset()) -> None:
+    """Fail before running anything if a pass's required property is not provided earlier."""
+    have = set(initial)
+    providers = {}
+    for cls in all_passes().values():
+        for prop in cls.provided:
+            providers.setdefault(prop, cls.name)
+    for pass_ in passes:
+        missing = sorted(pass_.required - have)
+        if missing:
+            fixes = ", ".join(f"'{providers.get(m, '?')}'" for m in missing)
+            raise UserError(
+                f"{pass_.name} requires {', '.join(repr(m) for m in missing)}; add {fixes} before it"
+            )
+        have = (have - pass_.invalidated) | pass_.provided
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _read_pipeline_file(path: str) -> str:
+    try:
+        raw = Path(path).read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read pipeline file '{path}': {exc.strerror}") from None
+    lines = [line.split("#", 1)[0].strip() for line in raw.splitlines()]
+    return ",".join(part.strip().strip(",") for part in lines if part.strip().strip(","))
+
+
+def _split_top_level(text: str) -> list[str]:
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "{":
+            depth += 1
+            if depth > 1:
+                raise UserError(f"nested '{{' in pipeline at column {i + 1}: '{text}'")
+        elif ch == "}":
+            depth -= 1
+            if depth < 0:
+                raise UserError(f"unbalanced '}}' in pipeline at column {i + 1}: '{text}'")
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise UserError(f"unclosed '{{' in pipeline: '{text}'")
+    items.append(text[start:])
+    stripped = [item.strip() for item in items]
+    if any(not item for item in stripped):
+        raise UserError(f"empty pass name in pipeline (a stray comma?): '{text}'")
+    return stripped
+
+
+def _parse_item(item: str) -> tuple[str, dict[str, str]]:
+    name, brace, rest = item.partition("{")
+    name = name.strip()
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise UserError(f"'{name}' is not a pass name; names are words joined by '-'")
+    options: dict[str, str] = {}
+    if brace:
+        if not rest.endswith("}"):
+            raise UserError(f"text after '}}' in '{item}'; separate passes with commas")
+        for token in rest[:-1].split():
+            key, eq, value = token.partition("=")
+            if not eq or not key or not value:
+                raise UserError(f"option '{token}' of '{name}' must be written key=value")
+            if key in options:
+                raise UserError(f"option '{key}' of '{name}' is given twice")
+            options[key] = value
+    return name, options
+
+
+def _instantiate(name: str, raw_options: dict[str, str]) -> Pass:
+    if name not in all_passes():
+        choices = list(all_passes()) + list(PRESETS)
+        raise UserError(f"unknown pass '{name}'{did_you_mean(name, choices)}; `qcompiler passes` lists them")
+    cls = get_pass(name)
+    known = {opt.key: opt for opt in cls.options()}
+    values = {}
+    for key, raw in raw_options.items():
+        if key not in known:
+            listed = ", ".join(known) or "none"
+            raise UserError(f"pass '{name}' has no option '{key}'{did_you_mean(key, known)}; options: {listed}")
+        values[known[key].field] = convert_option(name, known[key], raw)
+    try:
+        return cls(**values)
+    except UserError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"pass '{name}': {exc}") from None
+
+
+def convert_option(pass_name: str, opt: Option, raw: str) -> Any:
+    """Turn the text of an option into the type its field declares."""
+    try:
+        return _convert(opt.type, raw)
+    except ValueError as exc:
+        raise UserError(f"option '{opt.key}' of pass '{pass_name}' {exc}, got '{raw}'") from None
+
+
+def _convert(tp: Any, raw: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        for choice in choices:
+            if str(choice) == raw:
+                return choice
+        raise ValueError(f"must be one of {', '.join(map(str, choices))}")
+    if origin in (typing.Union, types.UnionType):
+        for member in typing.get_args(tp):
+            try:
+                return _convert(member, raw)
+            except ValueError:
+                continue
+        raise ValueError(f"must be {' or '.join(_type_name(m) for m in typing.get_args(tp))}")
+    if origin is tuple:
+        (item, _) = typing.get_args(tp)
+        return tuple(_convert(item, part) for part in raw.split(","))
+    if tp is bool:
+        if raw in ("true", "false"):
+            return raw == "true"
+        raise ValueError("must be true or false")
+    if tp is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError("must be an integer") from None
+    if tp is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError("must be a number") from None
+    if tp is str:
+        return raw
+    raise ValueError(f"has a type the parser does not know ({tp})")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(c) for c in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))

@@ -1,0 +1,43 @@
+"""The probe batch: a small, fixed set of inputs on which per-pass numeric drift is measured.
+
+Bundled models bring real data (`BundledModel.probe_inputs`); a captured module uses its example
+inputs; any other graph gets deterministic synthetic inputs built from its input types (symbolic
+dimensions set to `SYMBOLIC_DIM`, floats standard normal, integers in [0, 2) so that they are
+valid token ids, masks and indices alike).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+SYMBOLIC_DIM = 2
+SEED = 0
+
+
+def inputs_for(model: ir.Model, source) -> dict[str, np.ndarray]:
+    if getattr(source, "bundled", None) is not None:
+        return dict(source.bundled.probe_inputs())
+    if getattr(source, "example_inputs", None):
+        names = [v.name for v in model.graph.inputs]
+        arrays = [np.asarray(t.detach().numpy() if hasattr(t, "detach") else t) for t in source.example_inputs.values()]
+        if len(arrays) == len(names):
+            return dict(zip(names, arrays))
+    return synthetic_inputs(model)
+
+
+def synthetic_inputs(model: ir.Model, seed: int = SEED) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers:
+            continue
+        shape = [d if isinstance(d, int) else SYMBOLIC_DIM for d in (value.shape or [])]
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        if np.issubdtype(dtype, np.floating):
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[value.name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            feeds[value.name] = rng.integers(0, 2, shape).astype(dtype)
+    return feeds

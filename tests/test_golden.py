@@ -1,0 +1,42 @@
+"""Golden IR tests: every file under tests/golden/<pass>/ runs its pipeline and checks lines.
+
+Each case is also run numerically: the output IR must compute what the input IR computes, to
+float32 round-off, on synthetic inputs (these passes are exact).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from filecheck import directives, filecheck, run_golden
+from qcompiler import execute
+from qcompiler.ir import parse
+from qcompiler.probe import synthetic_inputs
+
+CASES = sorted(Path(__file__).parent.glob("golden/*/*.onnxtxt"))
+
+
+@pytest.mark.parametrize("path", CASES, ids=[f"{p.parent.name}/{p.stem}" for p in CASES])
+def test_golden(path):
+    _, checks = directives(path.read_text())
+    assert checks, f"{path} has no CHECK lines"
+    filecheck(run_golden(path), checks)
+
+
+@pytest.mark.parametrize("path", CASES, ids=[f"{p.parent.name}/{p.stem}" for p in CASES])
+def test_golden_numerics_unchanged(path):
+    before = parse(path.read_text())
+    feeds = synthetic_inputs(before)
+    expected = execute.run(before, feeds)
+    after = parse(run_golden(path))
+    actual = execute.run(after, feeds)
+    for name, value in expected.items():
+        np.testing.assert_allclose(actual[name], value, rtol=1e-6, atol=1e-6)
+
+
+def test_filecheck_reports_missing_line():
+    with pytest.raises(AssertionError, match="not found"):
+        filecheck("a\nb\n", [("CHECK", "a"), ("CHECK-NEXT", "c")])
+    with pytest.raises(AssertionError, match="CHECK-NOT"):
+        filecheck("a\nx\nb\n", [("CHECK", "a"), ("CHECK-NOT", "x"), ("CHECK", "b")])
