@@ -59,6 +59,9 @@ def load(path: str | os.PathLike, convert: bool = True) -> ir.Model:
     _check_external_data(proto, path)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, str(path.parent.resolve()))
+    # Weights in memory: passes rewrite them, and emitted artifacts must not point back into
+    # the source model's folder.
+    model = ir.external_data.load_to_model(model)
     check_domains(model)
     return to_target_opset(model, source=str(path)) if convert else model
 
@@ -206,7 +209,59 @@ def to_text(model: ir.Model, elide_over: int = ELIDE_ELEMENTS) -> str:
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(kept)
     del proto.graph.value_info[:]  # intermediate types make the text hard to read; the checker re-infers them
-    return "\n".join(header) + "\n" + onnx.printer.to_text(proto).rstrip() + "\n"
+    body = _map_quoted(onnx.printer.to_text(proto), _ESCAPES)
+    return "\n".join(header) + "\n" + body.rstrip() + "\n"
+
+
+# Control characters inside quoted names are written as escapes, one line stays one line. ONNX's
+# parser does not read these escapes, so `parse` swaps them for private-use characters first and
+# restores them in the parsed names.
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_PLACEHOLDERS = {"\\n": "\ue000", "\\r": "\ue001", "\\t": "\ue002"}
+_RESTORE = {"\ue000": "\n", "\ue001": "\r", "\ue002": "\t"}
+
+
+def _map_quoted(text: str, table: dict[str, str]) -> str:
+    """Replace `table`'s keys inside double-quoted strings only (backslash escapes respected)."""
+    out, i, quoted = [], 0, False
+    while i < len(text):
+        ch = text[i]
+        if quoted and ch == "\\" and text[i : i + 2] in table:
+            out.append(table[text[i : i + 2]])
+            i += 2
+            continue
+        if quoted and ch == "\\":
+            out.append(text[i : i + 2])
+            i += 2
+            continue
+        if ch == '"':
+            quoted = not quoted
+        out.append(table.get(ch, ch) if quoted else ch)
+        i += 1
+    return "".join(out)
+
+
+def _restore_names(proto: onnx.ModelProto) -> None:
+    def fix(text: str) -> str:
+        for placeholder, ch in _RESTORE.items():
+            text = text.replace(placeholder, ch)
+        return text
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for seq in (graph.input, graph.output, graph.value_info, graph.initializer):
+            for item in seq:
+                item.name = fix(item.name)
+        for node in graph.node:
+            node.name = fix(node.name)
+            node.input[:] = [fix(n) for n in node.input]
+            node.output[:] = [fix(n) for n in node.output]
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    walk(attr.g)
+                for g in attr.graphs:
+                    walk(g)
+
+    walk(proto.graph)
 
 
 _ELIDED = re.compile(r'^# elided (\w+)\[([0-9,]*)\] "((?:[^"\\]|\\.)*)" sha256:[0-9a-f]+\s*$')
@@ -225,9 +280,10 @@ def parse(text: str) -> ir.Model:
             shape = [int(d) for d in dims.split(",") if d]
             elided.append((dtype, shape, name))
     try:
-        proto = onnx.parser.parse_model(text)
+        proto = onnx.parser.parse_model(_map_quoted(text, _PLACEHOLDERS))
     except Exception as exc:
         raise UserError(f"IR text does not parse: {first_line(str(exc))}") from None
+    _restore_names(proto)
     for dtype, shape, name in elided:
         np_dtype = onnx.helper.tensor_dtype_to_np_dtype(getattr(onnx.TensorProto, dtype.upper()))
         proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(shape, np_dtype), name))

@@ -1,0 +1,147 @@
+"""End to end through the CLI and the API: capture, pipeline, dumps, artifact, exit codes."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import qcompiler
+from qcompiler import execute
+from qcompiler.cli import main
+from qcompiler.ir import parse
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.norm = torch.nn.LayerNorm(16)
+        self.fc2 = torch.nn.Linear(16, 4)
+
+    def forward(self, x, mask):
+        h = self.norm(torch.nn.functional.gelu(self.fc1(x)))
+        return self.fc2(h) * mask.unsqueeze(-1)
+
+
+def build():
+    """A factory for `package.module:function` sources."""
+    inputs = {"x": torch.randn(2, 5, 8), "mask": torch.ones(2, 5)}
+    return TinyNet().eval(), inputs, {"x": {0: "batch", 1: "seq"}, "mask": {0: "batch", 1: "seq"}}
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("art")
+    module, inputs, dims = build()
+    result = qcompiler.compile(module, out / "net", example_inputs=inputs, dynamic_shapes=dims,
+                               dump_ir=out / "ir", report=out / "net" / "report.json")
+    return result, out
+
+
+def test_captured_model_matches_torch_on_other_shapes(tiny_artifact):
+    result, _ = tiny_artifact
+    module, _, _ = build()
+    x, mask = torch.randn(3, 7, 8), torch.ones(3, 7)
+    mask[0, 5:] = 0
+    expected = module(x, mask).detach().numpy()
+    session = execute.ort_session(str(result.output / "model.onnx"))
+    (actual,) = session.run(None, {"x": x.numpy(), "mask": mask.numpy()})
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_artifact_files_and_manifest(tiny_artifact):
+    result, out = tiny_artifact
+    assert sorted(p.name for p in result.output.iterdir()) == ["manifest.json", "model.onnx", "report.json"]
+    manifest = json.loads((result.output / "manifest.json").read_text())
+    assert manifest["pipeline"] == "canonicalize{fold-limit=16777216}"
+    assert manifest["opsets"] == {"ai.onnx": 21}
+    assert manifest["effective_bits_per_weight"] == 32.0
+    assert manifest["weights"] == 8 * 16 + 16 * 4
+    report = json.loads((result.output / "report.json").read_text())
+    assert report["passes"][0]["name"] == "canonicalize"
+
+
+def test_dump_has_numbered_parseable_files_and_stats(tiny_artifact):
+    _, out = tiny_artifact
+    dump = out / "ir"
+    assert sorted(p.name for p in dump.iterdir()) == ["000-input.onnxtxt", "001-canonicalize.onnxtxt", "stats.json"]
+    parse((dump / "001-canonicalize.onnxtxt").read_text())
+    stats = json.loads((dump / "stats.json").read_text())
+    (record,) = stats["passes"]
+    assert record["drift"]["max_abs"] < 1e-5
+    assert record["drift"]["cosine"] > 0.999999
+    assert {"seconds", "modified", "stats"} <= set(record)
+
+
+def test_compiling_twice_gives_identical_bytes(tiny_onnx, tmp_path):
+    for name in ("a", "b"):
+        assert main(["-q", "compile", str(tiny_onnx), "-o", str(tmp_path / name)]) == 0
+    for file in ("model.onnx", "manifest.json"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+
+
+def test_factory_source(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path.parent))
+    monkeypatch.setitem(sys.modules, "tiny_factory", sys.modules[__name__])
+    assert main(["-q", "compile", "tiny_factory:build", "-o", str(tmp_path / "f")]) == 0
+    assert (tmp_path / "f" / "model.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["compile", "{onnx}", "-o", "{out}", "--pipeline", "canonicalise"], "did you mean 'canonicalize'"),
+        (["compile", "{missing}", "-o", "{out}"], "not found"),
+        (["compile", "minilm-l7", "-o", "{out}"], "did you mean 'minilm-l6'"),
+        (["compile", "{onnx}", "-o", "{out}", "--target", "tpu"], "unknown target 'tpu'"),
+        (["compile", "no_such_module:build", "-o", "{out}"], "cannot import 'no_such_module:build'"),
+        (["compile", "{onnx}"], "required: -o/--output"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(tiny_onnx, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    argv = [a.format(onnx=tiny_onnx, out=out, missing=tmp_path / "missing.onnx") for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_unwritable_output_exits_2(tiny_onnx, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["compile", str(tiny_onnx), "-o", str(blocker / "sub")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
+def test_failing_torch_export_shows_torch_reason(tmp_path):
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow cannot be exported
+                return x + 1
+            return x - 1
+
+    with pytest.raises(qcompiler.UserError, match="torch could not export the model: .*"):
+        qcompiler.compile(DataDependent(), tmp_path / "o", example_inputs={"x": torch.randn(2)})
+    assert not (tmp_path / "o").exists()
+
+
+def test_show_and_passes_commands(tiny_onnx, capsys):
+    assert main(["show", str(tiny_onnx)]) == 0
+    assert "Gemm" in capsys.readouterr().out
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "canonicalize: Gemm to MatMul" in out and "fold-limit=16777216" in out
+
+
+def test_existing_output_is_replaced_whole(tiny_onnx, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert main(["-q", "compile", str(tiny_onnx), "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"]

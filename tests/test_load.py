@@ -1,0 +1,83 @@
+"""Reading ONNX files: conversion to the target opset and one-line errors for bad input."""
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+
+from qcompiler import execute
+from qcompiler.errors import UserError
+from qcompiler.ir import TARGET_OPSET, load
+
+
+def test_old_opset_is_converted(tiny_onnx):
+    model = load(tiny_onnx)
+    assert model.opset_imports[""] == TARGET_OPSET
+    x = np.ones((2, 4), np.float32)
+    w = np.arange(1, 13, dtype=np.float32).reshape(3, 4)
+    expected = np.maximum(0.5 * x @ w.T + [0.5, 1.5, 2.5], 0)
+    np.testing.assert_allclose(execute.run(model, {"X": x})["Y"], expected, rtol=1e-6)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load(tmp_path / "none.onnx")
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "e.onnx").write_bytes(b"")
+    with pytest.raises(UserError, match="is empty"):
+        load(tmp_path / "e.onnx")
+
+
+def test_truncated_file(tiny_onnx, tmp_path):
+    data = tiny_onnx.read_bytes()
+    (tmp_path / "t.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated"):
+        load(tmp_path / "t.onnx")
+
+
+def test_not_onnx(tmp_path):
+    (tmp_path / "n.onnx").write_text("hello, this is text\n" * 10)
+    with pytest.raises(UserError, match="not a readable ONNX model|holds no ONNX graph"):
+        load(tmp_path / "n.onnx")
+
+
+def test_unknown_domain(tmp_path):
+    node = oh.make_node("Frobnicate", ["X"], ["Y"], domain="com.example")
+    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info("X", 1, [2])], [oh.make_tensor_value_info("Y", 1, [2])])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21), oh.make_opsetid("com.example", 1)])
+    onnx.save(model, tmp_path / "u.onnx")
+    with pytest.raises(UserError, match="unknown domain 'com.example'"):
+        load(tmp_path / "u.onnx")
+
+
+def _external_model(tmp_path, location):
+    weight = onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
+    weight.ClearField("raw_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    entry = weight.external_data.add()
+    entry.key, entry.value = "location", location
+    node = oh.make_node("MatMul", ["X", "W"], ["Y"])
+    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info("X", 1, [1, 4])], [oh.make_tensor_value_info("Y", 1, [1, 4])], [weight])
+    path = tmp_path / "model" / "m.onnx"
+    path.parent.mkdir()
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)]), path)
+    return path
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "ABSOLUTE"])
+def test_external_data_outside_folder_is_refused(tmp_path, location):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.ones(16, np.float32).tobytes())
+    path = _external_model(tmp_path, str(secret) if location == "ABSOLUTE" else location)
+    with pytest.raises(UserError, match="outside the model's folder"):
+        load(path)
+
+
+def test_external_data_beside_model_loads(tmp_path):
+    path = _external_model(tmp_path, "w.bin")
+    (path.parent / "w.bin").write_bytes(np.full(16, 2, np.float32).tobytes())
+    model = load(path)
+    out = execute.run(model, {"X": np.ones((1, 4), np.float32)})["Y"]
+    np.testing.assert_allclose(out, np.full((1, 4), 8.0))

@@ -1,0 +1,112 @@
+"""Pipeline strings: parse, print back with defaults, presets, @file, errors that name the fix."""
+
+import dataclasses
+from typing import Literal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qcompiler.errors import UserError
+from qcompiler.passbase import Pass, PassResult, option, register_pass
+from qcompiler.pipeline import PRESETS, Preset, check_order, format_pipeline, parse_pipeline
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class _ExamplePass(Pass):
+    """An option-rich pass used only by these tests."""
+
+    name = "test-example"
+    required = frozenset({"canonical"})
+    provided = frozenset({"tested"})
+
+    alpha: float | Literal["auto"] = option(0.5, "a number or auto")
+    method: Literal["minmax", "percentile"] = option("minmax", "a choice")
+    candidates: tuple[int, ...] = option((2, 3, 4, 8), "a list")
+    per_token: bool = option(False, "a switch")
+    count: int = option(128, "an integer")
+
+    def call(self, model):
+        return PassResult(model, False)
+
+
+def test_prints_back_with_defaults_filled_in():
+    passes = parse_pipeline("canonicalize,test-example{alpha=auto}")
+    assert format_pipeline(passes) == (
+        "canonicalize{fold-limit=16777216},"
+        "test-example{alpha=auto method=minmax candidates=2,3,4,8 per-token=false count=128}"
+    )
+
+
+def test_printed_pipeline_parses_to_itself():
+    text = format_pipeline(parse_pipeline("canonicalize,test-example{candidates=2,4 per-token=true alpha=0.85}"))
+    assert format_pipeline(parse_pipeline(text)) == text
+    assert parse_pipeline(text)[1].candidates == (2, 4)
+    assert parse_pipeline(text)[1].alpha == 0.85
+
+
+def test_preset_expands():
+    assert format_pipeline(parse_pipeline("default")) == "canonicalize{fold-limit=16777216}"
+
+
+def test_preset_with_options(monkeypatch):
+    monkeypatch.setitem(PRESETS, "test-preset", Preset("canonicalize,test-example{count=$count}", "x", {"count": "7"}))
+    assert parse_pipeline("test-preset")[1].count == 7
+    assert parse_pipeline("test-preset{count=9}")[1].count == 9
+    with pytest.raises(UserError, match="preset 'test-preset' has no option 'cont' \\(did you mean 'count'"):
+        parse_pipeline("test-preset{cont=9}")
+
+
+def test_pipeline_from_file(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("# my pipeline\ncanonicalize,\ntest-example{count=3}  # three\n")
+    assert format_pipeline(parse_pipeline(f"@{path}")).endswith("count=3}")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("canonicalise", "unknown pass 'canonicalise' \\(did you mean 'canonicalize'\\?\\)"),
+        ("test-example{methd=minmax}", "has no option 'methd' \\(did you mean 'method'\\?\\)"),
+        ("test-example{method=best}", "option 'method' of pass 'test-example' must be one of minmax, percentile, got 'best'"),
+        ("test-example{count=1.5}", "must be an integer"),
+        ("test-example{alpha=high}", "must be float or 'auto'"),
+        ("test-example{count}", "must be written key=value"),
+        ("canonicalize,,canonicalize", "stray comma"),
+        ("test-example{count=1", "unclosed"),
+        ("", "empty"),
+        ("@/nonexistent/pipeline.txt", "cannot read pipeline file"),
+    ],
+)
+def test_bad_pipelines_name_the_problem(text, message):
+    with pytest.raises(UserError, match=message):
+        parse_pipeline(text)
+
+
+def test_order_check_names_the_missing_pass():
+    with pytest.raises(UserError, match="test-example requires 'canonical'; add 'canonicalize' before it"):
+        check_order(parse_pipeline("test-example"))
+    check_order(parse_pipeline("canonicalize,test-example"))
+
+
+_numbers = st.floats(min_value=0, max_value=1, allow_nan=False).map(lambda x: round(x, 3))
+
+
+@given(
+    alpha=st.one_of(_numbers, st.just("auto")),
+    method=st.sampled_from(["minmax", "percentile"]),
+    candidates=st.lists(st.integers(1, 8), min_size=1, max_size=5),
+    per_token=st.booleans(),
+    count=st.integers(1, 10_000),
+    repeat=st.integers(1, 3),
+)
+def test_round_trip_property(alpha, method, candidates, per_token, count, repeat):
+    item = (
+        f"test-example{{alpha={alpha} method={method} candidates={','.join(map(str, candidates))} "
+        f"per-token={'true' if per_token else 'false'} count={count}}}"
+    )
+    text = ",".join(["canonicalize"] + [item] * repeat)
+    passes = parse_pipeline(text)
+    assert parse_pipeline(format_pipeline(passes)) == passes
+    assert passes[1].candidates == tuple(candidates)

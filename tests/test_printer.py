@@ -1,0 +1,78 @@
+"""The text form: deterministic, parseable, large weights elided to shape + hash."""
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.ir import ELIDE_ELEMENTS, parse, to_text
+
+SMALL = """
+<ir_version: 10, opset_import: ["" : 21]>
+g (float[N, 2] X) => (float[N, 2] Y)
+<float[2,2] W = {1, 2, 3, 4}>
+{
+  Y = MatMul (X, W)
+}
+"""
+
+EXPECTED_SMALL = """# qcompiler-ir 1
+<
+   ir_version: 10,
+   opset_import: ["" : 21]
+>
+g (float[N,2] X) => (float[N,2] Y) 
+   <float[2,2] W =  {1,2,3,4}>
+{
+   Y = MatMul (X, W)
+}
+"""
+
+
+def _model_with_big_weight(name="W"):
+    x = ir.Value(name="X", shape=ir.Shape(["N", 16]), type=ir.TensorType(ir.DataType.FLOAT))
+    w = ir.Value(name=name, const_value=ir.tensor(np.arange(16 * 8, dtype=np.float32).reshape(16, 8), name=name))
+    node = ir.node("MatMul", [x, w], name="mm")
+    node.outputs[0].name = "Y"
+    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    node.outputs[0].shape = ir.Shape(["N", 8])
+    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[w], opset_imports={"": 21}, name="g")
+    return ir.Model(graph, ir_version=10)
+
+
+def test_small_model_prints_exactly():
+    assert to_text(parse(SMALL)) == EXPECTED_SMALL
+
+
+def test_text_round_trips():
+    text = to_text(parse(SMALL))
+    assert to_text(parse(text)) == text
+
+
+def test_large_weight_is_elided_to_shape_and_hash():
+    text = to_text(_model_with_big_weight())
+    assert 16 * 8 > ELIDE_ELEMENTS
+    header = [line for line in text.splitlines() if line.startswith("# elided")]
+    assert len(header) == 1
+    assert header[0].startswith('# elided float[16,8] "W" sha256:')
+    assert "127" not in text  # no weight values printed
+
+
+def test_hash_changes_with_content():
+    a = to_text(_model_with_big_weight())
+    model = _model_with_big_weight()
+    w = model.graph.initializers["W"]
+    w.const_value = ir.tensor(w.const_value.numpy() + 1, name="W")
+    assert to_text(model) != a
+
+
+def test_elided_weight_parses_back_as_zeros_of_its_shape():
+    model = parse(to_text(_model_with_big_weight()))
+    w = model.graph.initializers["W"].const_value.numpy()
+    assert w.shape == (16, 8) and w.dtype == np.float32 and not w.any()
+
+
+def test_hostile_names_round_trip():
+    name = 'w"\nimport os; os.system("x")\\'
+    text = to_text(_model_with_big_weight(name))
+    assert "\nimport os" not in text
+    model = parse(text)
+    assert name in model.graph.initializers
