@@ -1,0 +1,1 @@
+"""Triton kernel families for quantized linears (specialised at emit time)."""
