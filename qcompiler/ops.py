@@ -72,7 +72,12 @@ def register(schema: OpSchema) -> OpSchema:
     return schema
 
 
+def _load_definitions() -> None:
+    import qcompiler.qc_ops  # noqa: F401  (importing registers the ops)
+
+
 def schema(op_type: str) -> OpSchema:
+    _load_definitions()
     try:
         return _REGISTRY[op_type]
     except KeyError:
@@ -80,6 +85,7 @@ def schema(op_type: str) -> OpSchema:
 
 
 def registered() -> list[OpSchema]:
+    _load_definitions()
     return [_REGISTRY[name] for name in sorted(_REGISTRY)]
 
 

@@ -1,0 +1,166 @@
+"""`lower-ort`: rewrite `qc` ops as standard ONNX that ONNX Runtime runs fast and that computes
+the same numbers as their references.
+
+- `qc.DequantizeWeight(Q, s[, z])` -> `DequantizeLinear(Q, s[, z], axis)`.
+- `qc.QuantizeActivation` static -> `QuantizeLinear` + one `DequantizeLinear` per reader (QDQ:
+  ONNX Runtime fuses each DQ -> MatMul/Conv <- DQ group into an integer kernel; one DQ per
+  reader keeps every group fusable). The activation type follows `act-format`:
+  `s8` (int8), `u8` (uint8, zero point + 128: the same grid, shifted), or `auto`: `s8` on CPUs with
+  VNNI (avx512_vnni / avx_vnni), `u8` otherwise, since ONNX Runtime's signed-activation kernels run
+  slower than float32 on x86 without VNNI.
+- dynamic -> `DynamicQuantizeLinear` + `DequantizeLinear` (ONNX Runtime's dynamic quantization).
+- per-token -> `Abs`, `ReduceMax`, `Div`, `Round`, `Clip`, `Mul` in float: exact, but not faster
+  on ONNX Runtime (it has no per-token integer kernel); the statistics say so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import platform
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler import ops
+from qcompiler.layers import CREATED_BY, new_initializer
+from qcompiler.passbase import Pass, PassResult, option, register_pass
+
+
+@functools.cache
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has VNNI int8 dot products (Linux /proc/cpuinfo flags)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class LowerOrtPass(Pass):
+    """Lower qc ops to standard ONNX (QDQ) for ONNX Runtime, choosing the activation format for the CPU."""
+
+    name = "lower-ort"
+    provided = frozenset({"lowered-ort"})
+
+    act_format: Literal["auto", "u8", "s8"] = option("auto", "activation integer type: auto picks s8 with VNNI, else u8")
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        signed = self.act_format == "s8" or (self.act_format == "auto" and cpu_has_vnni())
+        counts: dict[str, int] = {}
+        for node in list(graph):
+            if node.domain != "qc":
+                continue
+            lower = _LOWERINGS.get(node.op_type)
+            if lower is None:
+                continue
+            route = lower(graph, node, signed)
+            counts[route] = counts.get(route, 0) + 1
+        if counts and "qc" in model.opset_imports and not any(n.domain == "qc" for n in graph):
+            del model.opset_imports["qc"]
+        stats = {"activation_format": "s8" if signed else "u8", "routes": counts}
+        return PassResult(model, bool(counts), stats)
+
+
+def _replace(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], output: ir.Value) -> None:
+    for node in new_nodes:
+        node.metadata_props[CREATED_BY] = "lower-ort"
+    ir.convenience.replace_nodes_and_values(graph, old, [old], new_nodes, [old.outputs[0]], [output])
+
+
+def _lower_dequantize_weight(graph: ir.Graph, node: ir.Node, signed: bool) -> str:
+    attrs = ops.attributes_of(node)
+    inputs = [v for v in node.inputs if v is not None]
+    dq = ir.node("DequantizeLinear", inputs, {"axis": attrs["axis"]}, name=node.name)
+    _replace(graph, node, [dq], dq.outputs[0])
+    return "DequantizeLinear(weight)"
+
+
+def _lower_quantize_activation(graph: ir.Graph, node: ir.Node, signed: bool) -> str:
+    attrs = ops.attributes_of(node)
+    mode = attrs["mode"]
+    x = node.inputs[0]
+    base = node.outputs[0].name
+    if mode == "per-token":
+        return _lower_per_token(graph, node, attrs["bits"])
+    if mode == "dynamic":
+        quant = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{base}")
+        q, scale, zero = quant.outputs
+        q.name, scale.name, zero.name = f"{base}.u8", f"{base}.scale", f"{base}.zero_point"
+        route = "DynamicQuantizeLinear"
+    else:
+        zero_point = attrs["zero_point"] + (0 if signed else 128)
+        dtype = np.int8 if signed else np.uint8
+        scale = new_initializer(graph, f"{base}.scale", np.array(attrs["scale"], np.float32))
+        zero = new_initializer(graph, f"{base}.zero_point", np.array(zero_point, dtype))
+        quant = ir.node("QuantizeLinear", [x, scale, zero], name=base)
+        q = quant.outputs[0]
+        q.name = f"{base}.{'s8' if signed else 'u8'}"
+        route = f"QuantizeLinear({'s8' if signed else 'u8'})"
+    graph.insert_before(node, quant)
+    readers = list(node.outputs[0].uses())
+    for i, use in enumerate(readers):
+        dq = ir.node("DequantizeLinear", [q, scale, zero], name=f"{base}.dequantize.{i}",
+                     metadata_props={CREATED_BY: "lower-ort"})
+        dq.outputs[0].name = f"{node.outputs[0].name}.{i}"
+        graph.insert_before(use.node, dq)
+        use.node.replace_input_with(use.idx, dq.outputs[0])
+    if node.outputs[0] in graph.outputs:  # keep a graph output alive through one more DQ
+        dq = ir.node("DequantizeLinear", [q, scale, zero], name=f"{base}.dequantize.out")
+        graph.insert_after(quant, dq)
+        ir.convenience.replace_all_uses_with(node.outputs[0], dq.outputs[0], replace_graph_outputs=True)
+    quant.metadata_props[CREATED_BY] = "lower-ort"
+    graph.remove(node, safe=True)
+    return route
+
+
+def _lower_per_token(graph: ir.Graph, node: ir.Node, bits: int) -> str:
+    x = node.inputs[0]
+    base = node.outputs[0].name
+    qmax = float((1 << (bits - 1)) - 1)
+    c_qmax = new_initializer(graph, f"{base}.qmax", np.array(qmax, np.float32))
+    c_lo = new_initializer(graph, f"{base}.qmin", np.array(-qmax, np.float32))
+    c_zero = new_initializer(graph, f"{base}.zero", np.array(0.0, np.float32))
+    c_one = new_initializer(graph, f"{base}.one", np.array(1.0, np.float32))
+    axes = new_initializer(graph, f"{base}.axes", np.array([-1], np.int64))
+    absx = ir.node("Abs", [x], name=f"{base}.abs")
+    amax = ir.node("ReduceMax", [absx.outputs[0], axes], {"keepdims": 1}, name=f"{base}.absmax")
+    raw = ir.node("Div", [amax.outputs[0], c_qmax], name=f"{base}.raw_scale")
+    is_zero = ir.node("Equal", [raw.outputs[0], c_zero], name=f"{base}.is_zero")
+    scale = ir.node("Where", [is_zero.outputs[0], c_one, raw.outputs[0]], name=f"{base}.scale")
+    div = ir.node("Div", [x, scale.outputs[0]], name=f"{base}.div")
+    rnd = ir.node("Round", [div.outputs[0]], name=f"{base}.round")
+    clip = ir.node("Clip", [rnd.outputs[0], c_lo, c_qmax], name=f"{base}.clip")
+    out = ir.node("Mul", [clip.outputs[0], scale.outputs[0]], name=f"{base}.dequantize")
+    chain = [absx, amax, raw, is_zero, scale, div, rnd, clip, out]
+    for n in chain:
+        n.outputs[0].name = n.name
+    _replace(graph, node, chain, out.outputs[0])
+    return "per-token(float ops)"
+
+
+def _lower_channel_scale(graph: ir.Graph, node: ir.Node, signed: bool) -> str:
+    """Y = X * scale along `axis`: a Mul with the scale reshaped to broadcast (axis -1 or 1)."""
+    axis = ops.attributes_of(node)["axis"]
+    scale = node.inputs[1].const_value.numpy()
+    if axis == 1:  # NCHW channels: [C, 1, 1] broadcasts over the spatial axes of any rank-4 input
+        scale = scale.reshape(-1, 1, 1)
+    elif axis != -1:
+        raise ValueError(f"ChannelScale over axis {axis} has no ORT lowering; use axis -1 or 1")
+    constant = new_initializer(graph, f"{node.name}.scale", scale.astype(np.float32))
+    mul = ir.node("Mul", [node.inputs[0], constant], name=node.name)
+    _replace(graph, node, [mul], mul.outputs[0])
+    return "Mul(channel scale)"
+
+
+_LOWERINGS = {
+    "ChannelScale": _lower_channel_scale,
+    "DequantizeWeight": _lower_dequantize_weight,
+    "QuantizeActivation": _lower_quantize_activation,
+}
