@@ -12,6 +12,7 @@ Dynamic dimensions are given per input as `{axis: "name"}`.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import importlib
@@ -60,6 +61,7 @@ def capture(
     else:
         args, kwargs = tuple(example_inputs), None
     start = time.perf_counter()
+    logging.getLogger("torch.onnx").setLevel(max(logging.getLogger("torch.onnx").getEffectiveLevel(), logging.ERROR))
     try:
         with torch.no_grad():
             program = torch.onnx.export(
@@ -80,7 +82,46 @@ def capture(
     model = program.model
     model.producer_name = "qcompiler"
     model.producer_version = None
+    adopt_module_names(model)
     return qir.to_target_opset(model, source=type(module).__name__)
+
+
+SCOPE_KEY = "qc.scope"  # metadata_props key: the torch module path a node came from
+_TORCH_SCOPES = "pkg.torch.onnx.name_scopes"
+_WEIGHT_READERS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+
+
+def adopt_module_names(model: ir.Model) -> None:
+    """Keep the torch module path of each node (as `qc.scope`) and name the weights the exporter
+    renamed (`val_37`) after their module (`encoder.layer.0.attention.self.query.weight`).
+
+    The exporter's other node metadata (stack traces with local file paths, FX node text) is
+    dropped: it makes artifacts depend on where the source lives."""
+    graph = model.graph
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        scopes = node.metadata_props.get(_TORCH_SCOPES)
+        module = ""
+        if scopes:
+            try:
+                names = ast.literal_eval(scopes)
+                module = names[-2] if len(names) >= 2 else ""
+            except (ValueError, SyntaxError):
+                module = ""
+        node.metadata_props.clear()
+        if module:
+            node.metadata_props[SCOPE_KEY] = module
+        if module and node.op_type in _WEIGHT_READERS and len(node.inputs) > 1:
+            weight = node.inputs[1]
+            wanted = f"{module}.weight"
+            if (
+                weight is not None and weight.is_initializer() and weight.name.startswith("val_")
+                and wanted not in graph.initializers and len(weight.uses()) == 1
+            ):
+                graph.initializers.pop(weight.name)
+                weight.name = wanted
+                if weight.const_value is not None:
+                    weight.const_value.name = wanted
+                graph.register_initializer(weight)
 
 
 def _root_cause(exc: BaseException) -> str:
