@@ -2,6 +2,7 @@
 
     qcompiler compile SOURCE -o DIR [--target ort] [--pipeline SPEC] [--dump-ir DIR]
                                     [--print-ir all|changed] [--report FILE]
+    qcompiler eval DIR --task sts|perplexity|segmentation [--data FILE] [--json]
     qcompiler passes                 every pass: name, one-line doc, options with defaults
     qcompiler show FILE              a model (.onnx) as IR text
 
@@ -41,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--print-ir", choices=("all", "changed"), help="log the IR after every pass or after changing ones")
     comp.add_argument("--report", metavar="FILE", help="write a JSON report (may lie inside the output directory)")
     comp.add_argument("--no-drift", action="store_true", help="skip measuring output drift after each pass")
+
+    ev = sub.add_parser("eval", help="the float model and an artifact side by side on the model's task")
+    ev.add_argument("artifact", help="an artifact directory written by `qcompiler compile`")
+    ev.add_argument("--task", required=True, choices=("sts", "perplexity", "segmentation"))
+    ev.add_argument("--data", help="task data (sts: TSV with sent1, sent2, score; perplexity: text)")
+    ev.add_argument("--count", type=int, help="use only the first N pairs / windows / images")
+    ev.add_argument("--window", type=int, default=256, help="perplexity window length in tokens (default 256)")
+    ev.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
 
     sub.add_parser("passes", help="list every pass and preset with its options")
 
@@ -129,6 +139,21 @@ def _summary(result) -> None:
     )
 
 
+def _cmd_eval(args) -> int:
+    import json
+
+    from qcompiler.evaluate import evaluate
+
+    result = evaluate(args.artifact, args.task, args.data, count=args.count, window=args.window, threads=args.threads)
+    if args.json:
+        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        return 0
+    rows = [(k, v) for k, v in result.items() if not isinstance(v, (dict, list))]
+    width = max(len(k) for k, _ in rows)
+    sys.stdout.write("".join(f"{k:<{width}}  {v}\n" for k, v in rows))
+    return 0
+
+
 def _cmd_passes(args) -> int:
     from qcompiler.passbase import all_passes
     from qcompiler.pipeline import PRESETS, format_value
@@ -162,7 +187,7 @@ def _cmd_show(args) -> int:
     return 0
 
 
-_COMMANDS = {"compile": _cmd_compile, "passes": _cmd_passes, "show": _cmd_show}
+_COMMANDS = {"compile": _cmd_compile, "eval": _cmd_eval, "passes": _cmd_passes, "show": _cmd_show}
 
 
 def entry() -> None:

@@ -1,0 +1,223 @@
+"""`qcompiler eval`: the float model and a compiled artifact side by side on a bundled model's task.
+
+- `sts` (sentence embeddings): cosine similarity of the embeddings of each sentence pair, Spearman
+  rank correlation (x100) with the human scores; plus the mean cosine between float and compiled
+  embeddings of the same sentence.
+- `perplexity` (causal LM): exp of the mean next-token cross-entropy over non-overlapping windows
+  of `window` tokens of the text (the first `count` windows; both stated in the result).
+- `segmentation` (CRAFT): Dice of the compiled model's region and affinity masks (score >
+  `MASK_THRESHOLD`) against the float model's, on scikit-image's bundled photos.
+
+The float model is the bundled torch module (float32) named in the artifact's manifest.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from qcompiler.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TASKS = ("sts", "perplexity", "segmentation")
+MASK_THRESHOLD = 0.5
+SEGMENTATION_IMAGES = ("page", "text", "coins", "camera", "astronaut", "coffee")
+
+Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+def evaluate(
+    artifact: str | Path,
+    task: str,
+    data: str | Path | None = None,
+    *,
+    count: int | None = None,
+    window: int = 256,
+    batch_size: int = 16,
+    threads: int | None = None,
+) -> dict:
+    """Score the float model and the artifact on `task`; returns a JSON-able dict."""
+    if task not in TASKS:
+        raise UserError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
+    artifact = Path(artifact)
+    bundled = _bundled_from_manifest(artifact)
+    compiled = _ort_runner(artifact / "model.onnx", threads)
+    reference = _torch_runner(bundled)
+    start = time.perf_counter()
+    if task == "sts":
+        result = _sts(bundled, reference, compiled, _need(data, task), count, batch_size)
+    elif task == "perplexity":
+        result = _perplexity(reference, compiled, _need(data, task), count, window)
+    else:
+        result = _segmentation(bundled, reference, compiled, count)
+    result.update(task=task, model=bundled.name, artifact=str(artifact), seconds=round(time.perf_counter() - start, 2))
+    return result
+
+
+def _need(data, task: str) -> Path:
+    if data is None:
+        raise UserError(f"task '{task}' needs --data FILE")
+    path = Path(data)
+    if not path.is_file():
+        raise UserError(f"data file '{path}' not found")
+    return path
+
+
+def _bundled_from_manifest(artifact: Path):
+    from qcompiler import models
+
+    manifest_path = artifact / "manifest.json"
+    if not manifest_path.is_file():
+        raise UserError(f"'{artifact}' is not a compiled artifact (no manifest.json); give the -o directory of `qcompiler compile`")
+    source = json.loads(manifest_path.read_text()).get("source", {})
+    if source.get("kind") != "bundled":
+        raise UserError(f"eval compares against a bundled model's float version; '{artifact}' was compiled from {source.get('kind')} '{source.get('name')}'")
+    return models.get(source["name"])
+
+
+def _ort_runner(path: Path, threads: int | None) -> Runner:
+    from qcompiler.execute import ort_session
+
+    session = ort_session(str(path), threads)
+    return lambda feeds: session.run(None, feeds)[0]
+
+
+def _torch_runner(bundled) -> Runner:
+    import torch
+
+    module = bundled.build()
+
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            out = module(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        return (out[0] if isinstance(out, tuple) else out).numpy()
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# STS
+
+
+def read_sts(path: Path) -> tuple[list[str], list[str], np.ndarray]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows or not {"sent1", "sent2", "score"} <= set(rows[0]):
+        raise UserError(f"'{path}' is not an STS file: it needs a header with sent1, sent2 and score columns")
+    return [r["sent1"] for r in rows], [r["sent2"] for r in rows], np.array([float(r["score"]) for r in rows])
+
+
+def _sts(bundled, reference: Runner, compiled: Runner, path: Path, count, batch_size) -> dict:
+    first, second, scores = read_sts(path)
+    if count:
+        first, second, scores = first[:count], second[:count], scores[:count]
+    sentences = first + second
+    order = np.argsort([len(s) for s in sentences], kind="stable")  # similar lengths batch with little padding
+    emb = {"float": [], "compiled": []}
+    for i in range(0, len(sentences), batch_size):
+        feeds = bundled.inputs_from_raw([sentences[j] for j in order[i : i + batch_size]])
+        emb["float"].append(reference(feeds))
+        emb["compiled"].append(compiled(feeds))
+    result = {"pairs": len(scores)}
+    for key, chunks in emb.items():
+        e = np.empty((len(sentences), chunks[0].shape[1]), np.float64)
+        e[order] = np.concatenate(chunks)
+        e /= np.linalg.norm(e, axis=1, keepdims=True)
+        emb[key] = e
+        n = len(scores)
+        result[f"spearman_{key}"] = round(100 * spearman(np.sum(e[:n] * e[n:], axis=1), scores), 3)
+    result["spearman_drop"] = round(result["spearman_float"] - result["spearman_compiled"], 3)
+    result["mean_cosine_float_vs_compiled"] = round(float(np.mean(np.sum(emb["float"] * emb["compiled"], axis=1))), 6)
+    return result
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """Ranks from 1, ties sharing their average rank."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), np.float64)
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = rankdata(a), rankdata(b)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    return float(np.dot(ra, rb) / np.sqrt(np.dot(ra, ra) * np.dot(rb, rb)))
+
+
+# --------------------------------------------------------------------------------------------
+# Perplexity
+
+
+def _perplexity(reference: Runner, compiled: Runner, path: Path, count, window) -> dict:
+    from qcompiler.models import smollm2
+
+    windows = smollm2.windows(path.read_text(encoding="utf-8"), window)
+    if count:
+        windows = windows[:count]
+    nll = {"float": 0.0, "compiled": 0.0}
+    tokens = 0
+    for row in windows:
+        feeds = {"input_ids": row[None]}
+        for key, run in (("float", reference), ("compiled", compiled)):
+            nll[key] += next_token_nll(run(feeds)[0], row)
+        tokens += len(row) - 1
+    result = {"windows": int(len(windows)), "window_tokens": int(window), "predicted_tokens": tokens}
+    for key in nll:
+        result[f"perplexity_{key}"] = round(float(np.exp(nll[key] / tokens)), 4)
+    result["perplexity_ratio"] = round(result["perplexity_compiled"] / result["perplexity_float"], 5)
+    return result
+
+
+def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> float:
+    """Sum of -log p(ids[t+1] | ids[..t]) over the window; logits [seq, vocab]."""
+    logits = logits[:-1].astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(ids) - 1), ids[1:]].sum())
+
+
+# --------------------------------------------------------------------------------------------
+# Segmentation
+
+
+def segmentation_images(count: int | None = None) -> list[tuple[str, np.ndarray]]:
+    from skimage import data
+
+    names = SEGMENTATION_IMAGES[:count] if count else SEGMENTATION_IMAGES
+    return [(name, getattr(data, name)()) for name in names]
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
+
+
+def _segmentation(bundled, reference: Runner, compiled: Runner, count) -> dict:
+    per_image = {}
+    for name, image in segmentation_images(count):
+        feeds = bundled.inputs_from_raw([image])
+        expected, actual = reference(feeds)[0], compiled(feeds)[0]
+        per_image[name] = {
+            channel: round(dice(expected[i] > MASK_THRESHOLD, actual[i] > MASK_THRESHOLD), 5)
+            for i, channel in enumerate(("region", "affinity"))
+        }
+    all_dice = [v for scores in per_image.values() for v in scores.values()]
+    return {"images": list(per_image), "threshold": MASK_THRESHOLD, "dice_mean": round(float(np.mean(all_dice)), 5),
+            "dice_min": round(float(np.min(all_dice)), 5), "per_image": per_image}
