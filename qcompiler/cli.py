@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass, numbered, plus stats.json")
     comp.add_argument("--print-ir", choices=("all", "changed"), help="log the IR after every pass or after changing ones")
     comp.add_argument("--report", metavar="FILE", help="write a JSON report (may lie inside the output directory)")
+    comp.add_argument("--calib", metavar="FILE", help="calibration data: .npz of inputs, .txt/.tsv text, images or a folder of them")
+    comp.add_argument("--calib-count", type=int, default=128, metavar="N", help="calibration samples to use (default 128)")
+    comp.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime threads for passes that run the model")
     comp.add_argument("--no-drift", action="store_true", help="skip measuring output drift after each pass")
 
     ev = sub.add_parser("eval", help="the float model and an artifact side by side on the model's task")
@@ -115,6 +118,9 @@ def _cmd_compile(args) -> int:
         dump_ir=args.dump_ir,
         print_ir=args.print_ir,
         report=args.report,
+        calibration=args.calib,
+        calib_count=args.calib_count,
+        threads=args.threads,
         drift=not args.no_drift,
         debug=args.debug,
     )

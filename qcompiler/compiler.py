@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from qcompiler.capture import model_digest, resolve
 from qcompiler import instruments, probe
+from qcompiler.context import CompileContext, using
 from qcompiler.errors import UserError
 from qcompiler.fileio import AtomicDir, write_atomic
 from qcompiler.ir import weight_count
@@ -57,18 +58,26 @@ def compile(
     print_ir: str | None = None,
     report: str | os.PathLike | None = None,
     probe_inputs: dict[str, np.ndarray] | None = None,
+    calibration: Any = None,
+    calib_count: int = 128,
+    threads: int | None = None,
     drift: bool = True,
     debug: bool | None = None,
 ) -> CompileResult:
     """Compile `source` (bundled model name, .onnx path, `pkg.mod:fn`, nn.Module with
     `example_inputs`, or an `onnx_ir.Model`) into an artifact directory `output`.
 
+    `calibration`: a data file (.npz, .txt, .tsv, images; the first `calib_count` samples) or an
+    iterable of input dicts, for passes that calibrate. `threads`: ONNX Runtime threads for passes
+    that run the model. The pipeline always starts with `canonicalize` and, for the ort target,
+    ends with `lower-ort`: they are added when missing (the printed pipeline shows them).
     `print_ir`: None, "all" or "changed". `dump_ir`: a directory for per-pass IR dumps.
     `report`: a JSON report path (may lie inside `output`). `debug` verifies the IR after every
     pass (always on by default) and keeps full tracebacks (see `debug_enabled`)."""
     if target not in TARGETS:
         raise UserError(f"unknown target '{target}'; choose one of: {', '.join(TARGETS)}")
-    passes = parse_pipeline(pipeline)  # a bad pipeline fails before any slow step
+    passes = complete_pipeline(parse_pipeline(pipeline), target)  # a bad pipeline fails before any slow step
+    check_order(passes)
     spec = format_pipeline(passes)
     artifact = AtomicDir(output)
     staging = artifact.begin()  # an unwritable output fails before any slow step
@@ -79,10 +88,13 @@ def compile(
         check_order(passes, model_properties(model))
         source_digest = model_digest(model)
         source_weights = weight_count(model)
+        batches = _calibration_batches(calibration, calib_count, model, source_info)
         feeds = probe_inputs if probe_inputs is not None else probe.inputs_for(model, source_info)
         tools = _instruments(feeds if drift else None, dump_ir, print_ir, spec)
         start = time.perf_counter()
-        records = run_pipeline(model, passes, tools)
+        ctx = CompileContext(calibration=batches, calibration_source=str(calibration or ""), source=source_info, threads=threads)
+        with using(ctx):
+            records = run_pipeline(model, passes, tools)
         pipeline_seconds = time.perf_counter() - start
         manifest = {
             "source": {"name": source_info.name, "kind": source_info.kind, "sha256": source_digest, "weights": source_weights},
@@ -103,6 +115,30 @@ def compile(
     files = [final / f.relative_to(staging) for f in files]
     log.info("wrote %s (%s)", final, ", ".join(f.name for f in files))
     return CompileResult(final, files, spec, records, manifest, model)
+
+
+def complete_pipeline(passes: list, target: str) -> list:
+    """Start with `canonicalize`; end with the target's lowering (`lower-ort`) when missing."""
+    from qcompiler.passbase import get_pass
+
+    names = [p.name for p in passes]
+    if "canonicalize" not in names:
+        passes = [get_pass("canonicalize")()] + passes
+    if target == "ort" and "lower-ort" not in names:
+        passes = passes + [get_pass("lower-ort")()]
+    return passes
+
+
+def _calibration_batches(calibration, count: int, model, source_info):
+    if calibration is None:
+        return None
+    from qcompiler.calib_data import load_calibration, validate_batches
+
+    if isinstance(calibration, (str, os.PathLike)):
+        return load_calibration(calibration, count, model, bundled=source_info.bundled)
+    batches = [dict(b) for b in calibration]
+    validate_batches(batches, model)
+    return batches
 
 
 def _instruments(feeds, dump_ir, print_ir, spec) -> list:

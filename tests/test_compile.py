@@ -56,7 +56,7 @@ def test_artifact_files_and_manifest(tiny_artifact):
     result, out = tiny_artifact
     assert sorted(p.name for p in result.output.iterdir()) == ["manifest.json", "model.onnx", "report.json"]
     manifest = json.loads((result.output / "manifest.json").read_text())
-    assert manifest["pipeline"] == "canonicalize{fold-limit=16777216}"
+    assert manifest["pipeline"] == "canonicalize{fold-limit=16777216},lower-ort{act-format=auto}"
     assert manifest["opsets"] == {"ai.onnx": 21}
     assert manifest["effective_bits_per_weight"] == 32.0
     assert manifest["weights"] == 8 * 16 + 16 * 4
@@ -67,13 +67,16 @@ def test_artifact_files_and_manifest(tiny_artifact):
 def test_dump_has_numbered_parseable_files_and_stats(tiny_artifact):
     _, out = tiny_artifact
     dump = out / "ir"
-    assert sorted(p.name for p in dump.iterdir()) == ["000-input.onnxtxt", "001-canonicalize.onnxtxt", "stats.json"]
+    assert sorted(p.name for p in dump.iterdir()) == [
+        "000-input.onnxtxt", "001-canonicalize.onnxtxt", "002-lower-ort.onnxtxt", "stats.json",
+    ]
     parse((dump / "001-canonicalize.onnxtxt").read_text())
     stats = json.loads((dump / "stats.json").read_text())
-    (record,) = stats["passes"]
-    assert record["drift"]["max_abs"] < 1e-5
-    assert record["drift"]["cosine"] > 0.999999
-    assert {"seconds", "modified", "stats"} <= set(record)
+    assert [r["name"] for r in stats["passes"]] == ["canonicalize", "lower-ort"]
+    for record in stats["passes"]:
+        assert record["drift"]["max_abs"] < 1e-5
+        assert record["drift"]["cosine"] > 0.999999
+        assert {"seconds", "modified", "stats"} <= set(record)
 
 
 def test_compiling_twice_gives_identical_bytes(tiny_onnx, tmp_path):
