@@ -1,5 +1,8 @@
 """Compiler passes, one module and one class per pass; importing this package registers them."""
 
+from qcompiler.passes import calibrate  # noqa: F401
 from qcompiler.passes import canonicalize  # noqa: F401
 from qcompiler.passes import fold_scales  # noqa: F401
 from qcompiler.passes import lower_ort  # noqa: F401
+from qcompiler.passes import quantize  # noqa: F401
+from qcompiler.passes import smooth  # noqa: F401

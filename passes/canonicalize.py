@@ -33,7 +33,7 @@ class CanonicalizePass(Pass):
     name = "canonicalize"
     provided = frozenset({"canonical"})
 
-    fold_limit: int = option(1 << 24, "largest constant (elements) that constant folding may create")
+    fold_limit: int = option(1 << 26, "largest constant (elements) that constant folding may create")
 
     def call(self, model: ir.Model) -> PassResult:
         stats = {"nodes_before": _node_count(model)}

@@ -22,6 +22,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.calibration import STATS_KEY
 from qcompiler.layers import CREATED_BY, bypass, new_initializer, remove_unused, set_constant
 from qcompiler.passbase import Pass, PassResult, register_pass
 
@@ -90,6 +91,7 @@ def _fold_smoothing(graph: ir.Graph, mul: ir.Node) -> str | None:
     if fold is None or producer.domain not in ("", "ai.onnx") or not fold(graph, producer, c):
         return f"producer {producer.op_type} cannot absorb a per-channel scale"
     bypass(graph, mul, x)
+    x.meta.pop(STATS_KEY, None)  # X now holds X / s: statistics of X are stale
     return None
 
 

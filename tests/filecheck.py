@@ -6,6 +6,9 @@ A golden file is ONNX textual syntax with directives in comments:
     # CHECK: text                     the next matching output line, after the previous match
     # CHECK-NEXT: text                the line right after the previous match
     # CHECK-NOT: text                 no line between the previous and next match contains it
+    # TOLERANCE: 0.05                 a lossy pipeline: relative L2 error allowed (default: exact)
+
+Pipelines that calibrate get `CALIBRATION_BATCHES` deterministic synthetic batches as data.
 
 Lines holding only a brace are skipped, so CHECK-NEXT can go from initializers to nodes.
 
@@ -19,7 +22,8 @@ import re
 import sys
 from pathlib import Path
 
-DIRECTIVE = re.compile(r"^#\s*(RUN|CHECK|CHECK-NEXT|CHECK-NOT):\s?(.*)$")
+CALIBRATION_BATCHES = 4
+DIRECTIVE = re.compile(r"^#\s*(RUN|CHECK|CHECK-NEXT|CHECK-NOT|TOLERANCE):\s?(.*)$")
 
 
 def directives(text: str) -> tuple[str | None, list[tuple[str, str]]]:
@@ -31,9 +35,18 @@ def directives(text: str) -> tuple[str | None, list[tuple[str, str]]]:
         kind, body = match.groups()
         if kind == "RUN":
             run = body.strip()
-        else:
+        elif kind != "TOLERANCE":
             checks.append((kind, body.strip()))
     return run, checks
+
+
+def tolerance(text: str) -> float | None:
+    """`# TOLERANCE: 0.05`: the relative L2 error a lossy pipeline may add; None: exact."""
+    for line in text.splitlines():
+        match = DIRECTIVE.match(line.strip())
+        if match and match.group(1) == "TOLERANCE":
+            return float(match.group(2))
+    return None
 
 
 def filecheck(output: str, checks: list[tuple[str, str]]) -> None:
@@ -71,12 +84,17 @@ def run_golden(path: Path) -> str:
     from qcompiler.pass_manager import run_pipeline
     from qcompiler.pipeline import parse_pipeline
 
+    from qcompiler.context import CompileContext, using
+    from qcompiler.probe import synthetic_inputs
+
     text = path.read_text()
     run, _ = directives(text)
     model = parse(text)
     verify(model)
     if run:
-        run_pipeline(model, parse_pipeline(run))
+        batches = [synthetic_inputs(model, seed=seed) for seed in range(CALIBRATION_BATCHES)]
+        with using(CompileContext(calibration=batches)):
+            run_pipeline(model, parse_pipeline(run))
         verify(model)
     return to_text(model)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from filecheck import directives, filecheck, run_golden
+from filecheck import directives, filecheck, run_golden, tolerance
 from qcompiler import execute
 from qcompiler.ir import parse
 from qcompiler.probe import synthetic_inputs
@@ -25,14 +25,19 @@ def test_golden(path):
 
 
 @pytest.mark.parametrize("path", CASES, ids=[f"{p.parent.name}/{p.stem}" for p in CASES])
-def test_golden_numerics_unchanged(path):
-    before = parse(path.read_text())
-    feeds = synthetic_inputs(before)
+def test_golden_numerics(path):
+    """Exact passes keep the outputs to float32 round-off; lossy ones stay within TOLERANCE."""
+    text = path.read_text()
+    before = parse(text)
+    feeds = synthetic_inputs(before, seed=100)  # not among the calibration seeds
     expected = execute.run(before, feeds)
-    after = parse(run_golden(path))
-    actual = execute.run(after, feeds)
+    actual = execute.run(parse(run_golden(path)), feeds)
+    bound = tolerance(text)
     for name, value in expected.items():
-        np.testing.assert_allclose(actual[name], value, rtol=1e-6, atol=1e-6)
+        if bound is None:
+            np.testing.assert_allclose(actual[name], value, rtol=1e-6, atol=1e-6)
+        else:
+            assert execute.drift({name: value}, {name: actual[name]})["rel_l2"] <= bound
 
 
 def test_filecheck_reports_missing_line():

@@ -34,7 +34,7 @@ class _ExamplePass(Pass):
 def test_prints_back_with_defaults_filled_in():
     passes = parse_pipeline("canonicalize,test-example{alpha=auto}")
     assert format_pipeline(passes) == (
-        "canonicalize{fold-limit=16777216},"
+        "canonicalize{fold-limit=67108864},"
         "test-example{alpha=auto method=minmax candidates=2,3,4,8 per-token=false count=128}"
     )
 
@@ -47,7 +47,7 @@ def test_printed_pipeline_parses_to_itself():
 
 
 def test_preset_expands():
-    assert format_pipeline(parse_pipeline("default")) == "canonicalize{fold-limit=16777216}"
+    assert format_pipeline(parse_pipeline("default")) == "canonicalize{fold-limit=67108864}"
 
 
 def test_preset_with_options(monkeypatch):

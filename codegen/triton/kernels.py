@@ -1,0 +1,631 @@
+"""Triton kernels for quantized linears ``Y = X W (+ bias)`` and their launch wrappers.
+
+Formats (packing, scales, tables, CSC outliers, W8A8 layout) are defined, with NumPy references,
+in :mod:`reference` beside this file; read its module docstring first.  This module needs only
+torch and triton (no NumPy, no qcompiler), so an emitted package can copy it verbatim.
+
+Kernels
+-------
+``qc_gemm_wq_a16_kernel``
+    Weight-only quantized GEMM, 16/32-bit activations.  One body, specialised by constexprs:
+    ``MODE`` 0 = uniform asymmetric groups (family ``w{2,3,4,8}a16_g{32,64,128}``), 1 = codebook
+    (family ``lut{2,3,4,8}a16``: per-column or per-group fp16 tables); optional CSC fp16 outlier
+    correction added in the same launch (``HAS_SPARSE``); fused epilogue: bias, activation
+    (``relu``, ``gelu`` = erf, ``gelu_tanh``, ``silu``), cast to X's dtype.
+    Dequantisation is in registers, per K chunk of 32 rows: one shift and one mask/or put a code into
+    the top mantissa bits of 1.0f, so ``f = 1 + q / 2**b`` exactly, and a single FMA gives
+    ``(q - z) * s = f * (2**b s) - (2**b s + z s)`` (one rounding; no int->float conversion, which
+    runs at a quarter of the FMA rate).  Codebooks: a select tree over the code's bits against the
+    table held in registers (``LUT_IMPL`` 0, b <= 4), or a gather from the (L1-resident) table
+    (``LUT_IMPL`` 1, any b).  Accumulation is fp32 throughout.
+    Paths (``USE_DOT``): tensor-core tiles (``tl.dot`` on the dequantised tile, cast to X's dtype)
+    for prefill and small-M decode, or a GEMV path for M == 1 (fp32 FMAs into a [32, BN] register
+    accumulator, one cross-thread reduction at the end).
+``qc_gemm_w8a8_kernel``
+    int8 X (per-token fp32 scale) times int8 W^T ``[N, K]`` (per-output-channel fp32 scale), int32
+    ``tl.dot`` accumulation, scales, bias and activation in the epilogue, fp16/bf16 out.
+``qc_quantize_per_token_int8_kernel``
+    The activation side of W8A8: per-row absmax scale and round-half-even to int8.
+
+Split-K (decode: few output tiles, long K) is done in ONE launch: each of the ``SPLIT_K`` programs of
+an output tile writes its fp32 (int32 for W8A8) partial to a workspace, bumps a per-tile counter
+(acq_rel atomic after a CTA barrier, CUTLASS's serial split-K semaphore pattern), and the last one
+to arrive sums the partials in fixed order (deterministic), resets the counter to 0 and runs the
+epilogue, so activation epilogues stay fused.  Workspaces are cached per device; one workspace must
+not be used by two streams at once (launch from one stream, or pass ``workspace=``).
+
+Configurations: decode (M == 1: GEMV configs; 2 <= M <= 16: BM = 16 tensor-core tiles) use split-K;
+prefill uses larger ``tl.dot`` tiles.  Each set is a ``triton.autotune`` over a short list keyed by
+(M bucket, N, K, the specialisation constexprs, dtypes).  Under ``TRITON_INTERPRET=1`` (CPU tests)
+autotuning is off and one small fixed configuration per path is used (or the caller's ``config``).
+
+Named entry points: ``qc_gemm_w{b}a16_g{g}`` (b in 2, 3, 4, 8; g in 32, 64, 128),
+``qc_gemm_lut{b}a16`` and ``qc_gemm_lut{b}a16_g{g}``, ``qc_gemm_w8a8``,
+``qc_quantize_per_token_int8``; generic ``qc_gemm_wq_a16`` takes every option.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+PACK_ROWS = 32
+_CODES_PER_WORD = {2: 16, 3: 10, 4: 8, 8: 4}
+ACT_IDS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def codes_per_word(bits: int) -> int:
+    if bits not in _CODES_PER_WORD:
+        raise ValueError(f"unsupported code width {bits}; expected one of {sorted(_CODES_PER_WORD)}")
+    return _CODES_PER_WORD[bits]
+
+
+# ================================================================================================
+# device helpers
+
+
+@triton.jit
+def _act(y, ACT: tl.constexpr):
+    if ACT == 1:
+        y = tl.maximum(y, 0.0)
+    elif ACT == 2:  # exact GELU (erf)
+        y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+    elif ACT == 3:  # tanh GELU: 0.5 x (1 + tanh(u)) == x * sigmoid(2u), u = sqrt(2/pi)(x + 0.044715 x^3)
+        y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
+    elif ACT == 4:  # SiLU
+        y = y * tl.sigmoid(y)
+    return y
+
+
+@triton.jit
+def _splitk_reduce(acc, pid_mn, pid_k, ws_ptr, cnt_ptr, SPLIT_K: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr):
+    """Serial split-K in one launch: returns (sum of all partials, [BM, BN] mask true iff this program
+    arrived last for its tile and so owns the epilogue)."""
+    tile = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+    base = ws_ptr + pid_mn * (SPLIT_K * BM * BN)
+    tl.store(base + pid_k * (BM * BN) + tile, acc)
+    tl.debug_barrier()  # every thread's partial is written before the (single-thread) release
+    old = tl.atomic_add(cnt_ptr + pid_mn, 1, sem="acq_rel", scope="gpu")
+    last = old == SPLIT_K - 1
+    total = tl.zeros_like(acc)
+    if last:
+        for s in tl.static_range(SPLIT_K):  # fixed order: deterministic
+            total += tl.load(base + s * (BM * BN) + tile, cache_modifier=".cg")
+        tl.atomic_xchg(cnt_ptr + pid_mn, 0)  # ready for the next launch
+    # broadcast through a full tile (the interpreter rejects a scalar-and-tile boolean mask)
+    return total, (old + tl.zeros((BM, BN), dtype=tl.int32)) == SPLIT_K - 1
+
+
+@triton.jit
+def _bit(words, P: tl.constexpr):
+    return ((words >> P) & 1) != 0
+
+
+@triton.jit
+def _sel4(b0, b1, t0, t1, t2, t3):
+    return tl.where(b1, tl.where(b0, t3, t2), tl.where(b0, t1, t0))
+
+
+@triton.jit
+def _lut_select(words, P: tl.constexpr, BITS: tl.constexpr, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11,
+                t12, t13, t14, t15):
+    """Table lookup by a select tree over the code's bits (code at bit P of each word)."""
+    b0 = _bit(words, P)
+    b1 = _bit(words, P + 1)
+    w = _sel4(b0, b1, t0, t1, t2, t3)
+    if BITS >= 3:
+        b2 = _bit(words, P + 2)
+        w = tl.where(b2, _sel4(b0, b1, t4, t5, t6, t7), w)
+        if BITS == 4:
+            b3 = _bit(words, P + 3)
+            hi = tl.where(b2, _sel4(b0, b1, t12, t13, t14, t15), _sel4(b0, b1, t8, t9, t10, t11))
+            w = tl.where(b3, hi, w)
+    return w
+
+
+@triton.jit
+def _lut_entry(lut_ptr, base, n_mask, C: tl.constexpr, NT: tl.constexpr):
+    return tl.load(lut_ptr + base + (C % NT), mask=n_mask, other=0.0).to(tl.float32)[None, :]
+
+
+# ================================================================================================
+# weight-only quantized GEMM (uniform / codebook, + sparse outliers, + epilogue)
+
+
+@triton.jit
+def qc_gemm_wq_a16_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, bias_ptr, sp_colptr, sp_rows, sp_vals, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, NUM_KT, NUM_GROUPS, stride_xm, stride_ym,
+    M_BUCKET,  # autotune key only
+    BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, LUT_GROUPED: tl.constexpr,
+    LUT_IMPL: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_SPARSE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    R: tl.constexpr = 32  # PACK_ROWS
+    C: tl.constexpr = 10 if BITS == 3 else 32 // BITS  # codes per int32 word
+    T: tl.constexpr = C * R  # K range of one tile of R words
+    NT: tl.constexpr = 1 << BITS
+    CMASK: tl.constexpr = (NT - 1) << (23 - BITS)  # code placed in the top mantissa bits
+
+    pid_mn = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    pid_m = pid_mn % num_m  # M fastest: programs sharing a weight tile run together (L2 reuse)
+    pid_n = pid_mn // num_m
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_r = tl.arange(0, R)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+
+    tiles_per_split = tl.cdiv(NUM_KT, SPLIT_K)
+    t_start = pid_k * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, NUM_KT)
+
+    if MODE == 1:
+        if LUT_GROUPED:
+            lut_col = offs_n * NT  # + grp * N * NT per chunk
+        else:
+            lut_col = offs_n * NT
+            if LUT_IMPL == 0:  # per-column table: 2**b vectors held in registers for the whole loop
+                t0 = _lut_entry(lut_ptr, lut_col, n_mask, 0, NT)
+                t1 = _lut_entry(lut_ptr, lut_col, n_mask, 1, NT)
+                t2 = _lut_entry(lut_ptr, lut_col, n_mask, 2, NT)
+                t3 = _lut_entry(lut_ptr, lut_col, n_mask, 3, NT)
+                t4 = _lut_entry(lut_ptr, lut_col, n_mask, 4, NT)
+                t5 = _lut_entry(lut_ptr, lut_col, n_mask, 5, NT)
+                t6 = _lut_entry(lut_ptr, lut_col, n_mask, 6, NT)
+                t7 = _lut_entry(lut_ptr, lut_col, n_mask, 7, NT)
+                t8 = _lut_entry(lut_ptr, lut_col, n_mask, 8, NT)
+                t9 = _lut_entry(lut_ptr, lut_col, n_mask, 9, NT)
+                t10 = _lut_entry(lut_ptr, lut_col, n_mask, 10, NT)
+                t11 = _lut_entry(lut_ptr, lut_col, n_mask, 11, NT)
+                t12 = _lut_entry(lut_ptr, lut_col, n_mask, 12, NT)
+                t13 = _lut_entry(lut_ptr, lut_col, n_mask, 13, NT)
+                t14 = _lut_entry(lut_ptr, lut_col, n_mask, 14, NT)
+                t15 = _lut_entry(lut_ptr, lut_col, n_mask, 15, NT)
+
+    if USE_DOT:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    else:
+        acc2 = tl.zeros((R, BN), dtype=tl.float32)
+
+    for t in range(t_start, t_end):
+        words = tl.load(w_ptr + (t * R + offs_r)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+        for i in tl.static_range(C):
+            k0 = t * T + i * R
+            grp = tl.minimum(k0 // GROUP, NUM_GROUPS - 1)
+            # ---- dequantise the [R, BN] chunk holding rows k0 .. k0 + R of W
+            if MODE == 0:
+                s = tl.load(s_ptr + grp * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + grp * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                s_hi = s * NT
+                off = -(s_hi + z * s)
+                if (23 - BITS) - BITS * i >= 0:  # compile-time: move code i to bits 23-b .. 22
+                    bits = words << ((23 - BITS) - BITS * i)
+                else:
+                    bits = words >> (BITS * i - (23 - BITS))
+                f = ((bits & CMASK) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q / 2**b
+                w = f * s_hi[None, :] + off[None, :]
+            else:
+                if LUT_IMPL == 0:
+                    if LUT_GROUPED:
+                        gcol = lut_col + grp * N * NT
+                        w = _lut_select(
+                            words, BITS * i, BITS,
+                            _lut_entry(lut_ptr, gcol, n_mask, 0, NT), _lut_entry(lut_ptr, gcol, n_mask, 1, NT),
+                            _lut_entry(lut_ptr, gcol, n_mask, 2, NT), _lut_entry(lut_ptr, gcol, n_mask, 3, NT),
+                            _lut_entry(lut_ptr, gcol, n_mask, 4, NT), _lut_entry(lut_ptr, gcol, n_mask, 5, NT),
+                            _lut_entry(lut_ptr, gcol, n_mask, 6, NT), _lut_entry(lut_ptr, gcol, n_mask, 7, NT),
+                            _lut_entry(lut_ptr, gcol, n_mask, 8, NT), _lut_entry(lut_ptr, gcol, n_mask, 9, NT),
+                            _lut_entry(lut_ptr, gcol, n_mask, 10, NT), _lut_entry(lut_ptr, gcol, n_mask, 11, NT),
+                            _lut_entry(lut_ptr, gcol, n_mask, 12, NT), _lut_entry(lut_ptr, gcol, n_mask, 13, NT),
+                            _lut_entry(lut_ptr, gcol, n_mask, 14, NT), _lut_entry(lut_ptr, gcol, n_mask, 15, NT))
+                    else:
+                        w = _lut_select(words, BITS * i, BITS, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11,
+                                        t12, t13, t14, t15)
+                else:
+                    code = (words >> (BITS * i)) & (NT - 1)
+                    if LUT_GROUPED:
+                        gcol = lut_col + grp * N * NT
+                    else:
+                        gcol = lut_col
+                    w = tl.load(lut_ptr + gcol[None, :] + code, mask=n_mask[None, :], other=0.0).to(tl.float32)
+            # ---- multiply-accumulate
+            kk = k0 + offs_r
+            if USE_DOT:
+                xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                             mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+                if DOT_F32:
+                    acc = tl.dot(xa.to(tl.float32), w, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xa, w.to(xa.dtype), acc)
+            else:
+                xv = tl.load(x_ptr + pid_m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
+                acc2 += xv[:, None] * w
+
+    if not USE_DOT:
+        acc = tl.sum(acc2, axis=0)[None, :]
+
+    if HAS_SPARSE:  # CSC corrections: split j-th nonzeros of each column across the SPLIT_K programs
+        c_start = tl.load(sp_colptr + offs_n, mask=n_mask, other=0)
+        c_cnt = tl.load(sp_colptr + offs_n + 1, mask=n_mask, other=0) - c_start
+        max_cnt = tl.max(c_cnt, axis=0)
+        for j in range(pid_k, max_cnt, SPLIT_K):
+            valid = j < c_cnt
+            kr = tl.load(sp_rows + c_start + j, mask=valid, other=0).to(tl.int32)
+            v = tl.load(sp_vals + c_start + j, mask=valid, other=0.0).to(tl.float32)
+            xs = tl.load(x_ptr + offs_m[:, None] * stride_xm + kr[None, :], mask=m_mask[:, None] & valid[None, :],
+                         other=0.0).to(tl.float32)
+            acc += xs * v[None, :]
+
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K > 1:
+        acc, last = _splitk_reduce(acc, pid_mn, pid_k, ws_ptr, cnt_ptr, SPLIT_K, BM, BN)
+        out_mask = out_mask & last
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    acc = _act(acc, ACT)
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+# ================================================================================================
+# W8A8
+
+
+@triton.jit
+def qc_gemm_w8a8_kernel(
+    x_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_wn, stride_ym,
+    M_BUCKET,  # autotune key only
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_mn = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    pid_m = pid_mn % num_m
+    pid_n = pid_mn // num_m
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    num_kt = tl.cdiv(K, BK)
+    per = tl.cdiv(num_kt, SPLIT_K)
+    t_start = pid_k * per
+    t_end = tl.minimum(t_start + per, num_kt)
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for t in range(t_start, t_end):
+        kk = t * BK + offs_k
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :],
+                    other=0)
+        b = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=n_mask[:, None] & (kk < K)[None, :],
+                    other=0)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K > 1:
+        acc, last = _splitk_reduce(acc, pid_mn, pid_k, ws_ptr, cnt_ptr, SPLIT_K, BM, BN)
+        out_mask = out_mask & last
+    sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0).to(tl.float32)
+    sw = tl.load(sw_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = _act(y, ACT)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def qc_quantize_per_token_int8_kernel(x_ptr, xq_ptr, sx_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+    m = tl.max(amax, axis=0)
+    scale = tl.where(m > 0, m / 127.0, 1.0)
+    tl.store(sx_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        r = v / scale
+        r = (r + 12582912.0) - 12582912.0  # round half to even (1.5 * 2**23 trick, |r| <= 127)
+        r = tl.minimum(tl.maximum(r, -127.0), 127.0)
+        tl.store(xq_ptr + row * stride_qm + k0 + offs, r.to(tl.int8), mask=k0 + offs < K)
+
+
+# ================================================================================================
+# configurations
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for M: 1, 16 (decode), then powers of two up to 1024."""
+    if m <= 1:
+        return 1
+    if m <= 16:
+        return 16
+    return min(triton.next_power_of_2(m), 1024)
+
+
+def _cfg(bm, bn, sk, dot, warps, stages, **extra):
+    return triton.Config({"BM": bm, "BN": bn, "SPLIT_K": sk, "USE_DOT": dot, **extra}, num_warps=warps,
+                         num_stages=stages)
+
+
+WQ_GEMV_CONFIGS = [
+    _cfg(1, 64, 1, False, 4, 2), _cfg(1, 64, 2, False, 4, 2), _cfg(1, 64, 4, False, 4, 2),
+    _cfg(1, 64, 8, False, 4, 2), _cfg(1, 128, 2, False, 4, 2), _cfg(1, 128, 4, False, 4, 2),
+    _cfg(1, 128, 4, False, 8, 2), _cfg(1, 32, 4, False, 2, 2), _cfg(16, 64, 4, True, 4, 2),
+]
+WQ_DECODE_CONFIGS = [
+    _cfg(16, 64, 1, True, 4, 2), _cfg(16, 64, 2, True, 4, 2), _cfg(16, 64, 4, True, 4, 2),
+    _cfg(16, 64, 8, True, 4, 2), _cfg(16, 128, 2, True, 4, 2), _cfg(16, 128, 4, True, 4, 2),
+    _cfg(16, 32, 4, True, 2, 2),
+]
+WQ_PREFILL_CONFIGS = [
+    _cfg(32, 64, 2, True, 4, 2), _cfg(64, 64, 1, True, 4, 2), _cfg(64, 128, 1, True, 4, 2),
+    _cfg(64, 128, 2, True, 4, 2), _cfg(128, 128, 1, True, 8, 2), _cfg(128, 64, 1, True, 4, 2),
+    _cfg(64, 64, 2, True, 4, 3),
+]
+# the interpreter: one small configuration per path, split-K on so the reduction path is exercised
+WQ_INTERP = {"gemv": dict(BM=1, BN=32, SPLIT_K=2, USE_DOT=False), "decode": dict(BM=16, BN=32, SPLIT_K=2, USE_DOT=True),
+             "prefill": dict(BM=32, BN=32, SPLIT_K=1, USE_DOT=True)}
+
+W8_DECODE_CONFIGS = [
+    triton.Config({"BM": 16, "BN": 64, "BK": 128, "SPLIT_K": sk}, num_warps=4, num_stages=st)
+    for sk, st in ((1, 3), (2, 3), (4, 3), (8, 3))
+] + [triton.Config({"BM": 16, "BN": 128, "BK": 128, "SPLIT_K": 4}, num_warps=4, num_stages=3)]
+W8_PREFILL_CONFIGS = [
+    triton.Config({"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
+    for bm, bn, bk, sk, w, st in (
+        (64, 128, 128, 1, 4, 4), (128, 128, 128, 1, 8, 4), (128, 256, 128, 1, 8, 3), (128, 128, 64, 1, 4, 5),
+        (64, 64, 128, 2, 4, 4), (128, 128, 128, 2, 8, 4), (256, 128, 128, 1, 8, 3),
+    )
+]
+W8_INTERP = {"decode": dict(BM=16, BN=32, BK=64, SPLIT_K=2), "prefill": dict(BM=32, BN=32, BK=64, SPLIT_K=1)}
+
+_WQ_KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP", "MODE", "LUT_GROUPED", "LUT_IMPL", "HAS_BIAS", "ACT", "HAS_SPARSE",
+           "DOT_F32"]
+_W8_KEY = ["M_BUCKET", "N", "K", "HAS_BIAS", "ACT"]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel_name: str, path: str):
+    kernel = {"wq": qc_gemm_wq_a16_kernel, "w8a8": qc_gemm_w8a8_kernel}[kernel_name]
+    configs = {
+        ("wq", "gemv"): WQ_GEMV_CONFIGS, ("wq", "decode"): WQ_DECODE_CONFIGS, ("wq", "prefill"): WQ_PREFILL_CONFIGS,
+        ("w8a8", "decode"): W8_DECODE_CONFIGS, ("w8a8", "prefill"): W8_PREFILL_CONFIGS,
+    }[(kernel_name, path)]
+    return triton.autotune(configs=configs, key=_WQ_KEY if kernel_name == "wq" else _W8_KEY)(kernel)
+
+
+def _configs_for(kernel_name: str, path: str) -> list[dict]:
+    if interpreting():
+        return [(WQ_INTERP if kernel_name == "wq" else W8_INTERP)[path]]
+    src = {("wq", "gemv"): WQ_GEMV_CONFIGS, ("wq", "decode"): WQ_DECODE_CONFIGS,
+           ("wq", "prefill"): WQ_PREFILL_CONFIGS, ("w8a8", "decode"): W8_DECODE_CONFIGS,
+           ("w8a8", "prefill"): W8_PREFILL_CONFIGS}[(kernel_name, path)]
+    return [c.kwargs for c in src]
+
+
+# ================================================================================================
+# workspaces for split-K
+
+
+@dataclass
+class Workspace:
+    partials: torch.Tensor  # fp32 (or int32) scratch for split-K partial tiles
+    counters: torch.Tensor  # int32 zeros; kernels leave them at zero
+
+
+_WS: dict = {}
+
+
+def _workspace(device, dtype, n_partials: int, n_tiles: int) -> Workspace:
+    key = (str(device), dtype)
+    ws = _WS.get(key)
+    if ws is None or ws.partials.numel() < n_partials or ws.counters.numel() < n_tiles:
+        n_partials = max(n_partials, ws.partials.numel() if ws else 0)
+        n_tiles = max(n_tiles, ws.counters.numel() if ws else 0)
+        ws = Workspace(torch.empty(max(n_partials, 1), dtype=dtype, device=device),
+                       torch.zeros(max(n_tiles, 1), dtype=torch.int32, device=device))
+        _WS[key] = ws
+    return ws
+
+
+def _ws_need(configs: list[dict], m: int, n: int) -> tuple[int, int]:
+    parts, tiles = 0, 0
+    for c in configs:
+        nt = triton.cdiv(m, c["BM"]) * triton.cdiv(n, c["BN"])
+        tiles = max(tiles, nt)
+        if c["SPLIT_K"] > 1:
+            parts = max(parts, nt * c["SPLIT_K"] * c["BM"] * c["BN"])
+    return parts, tiles
+
+
+def _path(m: int, gemv: bool = True) -> str:
+    if m == 1 and gemv:
+        return "gemv"
+    return "decode" if m <= 16 else "prefill"
+
+
+# ================================================================================================
+# launch wrappers
+
+
+def qc_gemm_wq_a16(x: torch.Tensor, packed: torch.Tensor, *, bits: int, k: int, group: int | None = None,
+                   scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
+                   lut: torch.Tensor | None = None, lut_group: int | None = None, lut_impl: int | None = None,
+                   bias: torch.Tensor | None = None, act: str = "none",
+                   sparse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                   config: dict | None = None, workspace: Workspace | None = None) -> torch.Tensor:
+    """``act(X deq(W) (+ X S) + bias)`` for X ``[..., K]``; uniform when ``scale`` is given, codebook
+    when ``lut`` is.  ``sparse = (col_ptr, row_idx, values)`` (CSC, see reference).  ``config`` forces
+    one configuration (dict with BM, BN, SPLIT_K, USE_DOT and optionally num_warps / num_stages)."""
+    if act not in ACT_IDS:
+        raise ValueError(f"unknown activation {act!r}; expected one of {sorted(ACT_IDS)}")
+    c = codes_per_word(bits)
+    if x.shape[-1] != k:
+        raise ValueError(f"X has K={x.shape[-1]}, weights were packed for K={k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    kw, n = packed.shape
+    tile = c * PACK_ROWS
+    if kw != -(-k // tile) * PACK_ROWS:
+        raise ValueError(f"X has K={k}, but the packed {bits}-bit weights {tuple(packed.shape)} hold "
+                         f"K in ({kw // PACK_ROWS * tile - tile}, {kw // PACK_ROWS * tile}]")
+    if scale is not None and group is not None and scale.shape != (k // group, n):
+        raise ValueError(f"scale has shape {tuple(scale.shape)}, expected {(k // group, n)} for K={k}, group {group}")
+    num_kt = kw // PACK_ROWS
+    if lut is None:
+        if scale is None or zero is None or group is None:
+            raise ValueError("uniform weights need scale, zero and group")
+        mode, lut_grouped, impl, grp_size, n_groups = 0, False, 0, group, scale.shape[0]
+        lut_arg = scale  # unused pointer
+    else:
+        mode = 1
+        lut_grouped = lut_group is not None
+        grp_size = lut_group if lut_grouped else PACK_ROWS
+        n_groups = lut.shape[0]
+        impl = (0 if bits <= 4 else 1) if lut_impl is None else lut_impl
+        if impl == 0 and bits > 4:
+            raise ValueError("the select-tree lookup handles at most 4-bit codes; use lut_impl=1")
+        lut_arg = lut
+    if m == 0:
+        return x.new_empty((*lead, n))
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    dummy = packed
+    sp = sparse if sparse is not None else (dummy, dummy, dummy)
+    dot_f32 = (interpreting() and x.dtype == torch.bfloat16) or x.dtype == torch.float32
+    path = _path(m, gemv=True)
+    configs = [config] if config is not None else _configs_for("wq", path)
+    if workspace is None:
+        parts, tiles = _ws_need(configs, m, n)
+        workspace = _workspace(x.device, torch.float32, parts, tiles)
+    args = (x2, packed, scale if scale is not None else dummy, zero if zero is not None else dummy, lut_arg,
+            bias if bias is not None else dummy, sp[0], sp[1], sp[2], y, workspace.partials, workspace.counters,
+            m, n, k, num_kt, n_groups, x2.stride(0), y.stride(0), m_bucket(m))
+    consts = dict(BITS=bits, GROUP=grp_size, MODE=mode, LUT_GROUPED=lut_grouped, LUT_IMPL=impl,
+                  HAS_BIAS=bias is not None, ACT=ACT_IDS[act], HAS_SPARSE=sparse is not None, DOT_F32=dot_f32)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), meta["SPLIT_K"])
+
+    if config is not None or interpreting():
+        cfg = dict(configs[0])
+        qc_gemm_wq_a16_kernel[grid(cfg)](*args, **consts, **cfg)
+    else:
+        _tuned("wq", path)[grid](*args, **consts)
+    return y.reshape(*lead, n)
+
+
+def qc_gemm_w8a8(xq: torch.Tensor, sx: torch.Tensor, wq_t: torch.Tensor, sw: torch.Tensor, *,
+                 bias: torch.Tensor | None = None, act: str = "none", out_dtype: torch.dtype = torch.float16,
+                 config: dict | None = None, workspace: Workspace | None = None) -> torch.Tensor:
+    """``act((Xq Wq^T) * sx * sw + bias)``: Xq int8 ``[M, K]``, sx ``[M]``, Wq^T int8 ``[N, K]``, sw ``[N]``."""
+    if act not in ACT_IDS:
+        raise ValueError(f"unknown activation {act!r}; expected one of {sorted(ACT_IDS)}")
+    if xq.dtype != torch.int8 or wq_t.dtype != torch.int8:
+        raise TypeError("qc_gemm_w8a8 takes int8 activations and int8 weights")
+    m, k = xq.shape
+    n, k2 = wq_t.shape
+    if k != k2:
+        raise ValueError(f"X has K={k}, W^T has K={k2}")
+    if xq.stride(-1) != 1:
+        xq = xq.contiguous()
+    if wq_t.stride(-1) != 1:
+        wq_t = wq_t.contiguous()
+    y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if m == 0:
+        return y
+    path = "decode" if m <= 16 else "prefill"
+    configs = [config] if config is not None else _configs_for("w8a8", path)
+    if workspace is None:
+        parts, tiles = _ws_need(configs, m, n)
+        workspace = _workspace(xq.device, torch.int32, parts, tiles)
+    args = (xq, sx, wq_t, sw, bias if bias is not None else sw, y, workspace.partials, workspace.counters,
+            m, n, k, xq.stride(0), wq_t.stride(0), y.stride(0), m_bucket(m))
+    consts = dict(HAS_BIAS=bias is not None, ACT=ACT_IDS[act])
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), meta["SPLIT_K"])
+
+    if config is not None or interpreting():
+        cfg = dict(configs[0])
+        qc_gemm_w8a8_kernel[grid(cfg)](*args, **consts, **cfg)
+    else:
+        _tuned("w8a8", path)[grid](*args, **consts)
+    return y
+
+
+def qc_quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 (``sx = max|x_row| / 127``, round half to even): ``(xq, sx)``."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, k = x2.shape
+    xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    sx = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m:
+        block = min(triton.next_power_of_2(k), 4096)
+        qc_quantize_per_token_int8_kernel[(m,)](x2, xq, sx, k, x2.stride(0), xq.stride(0), BLOCK_K=block,
+                                                num_warps=4 if block <= 2048 else 8)
+    return xq, sx
+
+
+# ================================================================================================
+# named entry points, one per specialisation the emitter uses
+
+
+def _named_uniform(bits: int, group: int):
+    def fn(x, packed, scale, zero, *, bias=None, act="none", sparse=None, config=None):
+        k = x.shape[-1]
+        return qc_gemm_wq_a16(x, packed, bits=bits, k=k, group=group, scale=scale, zero=zero, bias=bias, act=act,
+                              sparse=sparse, config=config)
+
+    fn.__name__ = fn.__qualname__ = f"qc_gemm_w{bits}a16_g{group}"
+    fn.__doc__ = (f"Y = act(X ((q - z) s) (+ X S) + bias): {bits}-bit codes, groups of {group} rows, "
+                  "fp16 scale and zero per (group, column).")
+    return fn
+
+
+def _named_codebook(bits: int, group: int | None):
+    def fn(x, packed, lut, *, bias=None, act="none", sparse=None, lut_impl=None, config=None):
+        k = x.shape[-1]
+        return qc_gemm_wq_a16(x, packed, bits=bits, k=k, lut=lut, lut_group=group, lut_impl=lut_impl, bias=bias,
+                              act=act, sparse=sparse, config=config)
+
+    suffix = "" if group is None else f"_g{group}"
+    fn.__name__ = fn.__qualname__ = f"qc_gemm_lut{bits}a16{suffix}"
+    fn.__doc__ = (f"Y = act(X lut[q] (+ X S) + bias): {bits}-bit codes into fp16 tables, one per "
+                  + ("column." if group is None else f"(group of {group} rows, column)."))
+    return fn
+
+
+__all__ = ["qc_gemm_wq_a16", "qc_gemm_w8a8", "qc_quantize_per_token_int8", "qc_gemm_wq_a16_kernel",
+           "qc_gemm_w8a8_kernel", "qc_quantize_per_token_int8_kernel", "m_bucket", "codes_per_word", "ACT_IDS"]
+for _b in (2, 3, 4, 8):
+    _f = _named_codebook(_b, None)
+    globals()[_f.__name__] = _f
+    __all__.append(_f.__name__)
+    for _g in (32, 64, 128):
+        for _f in (_named_uniform(_b, _g), _named_codebook(_b, _g)):
+            globals()[_f.__name__] = _f
+            __all__.append(_f.__name__)
+del _b, _g, _f

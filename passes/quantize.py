@@ -1,0 +1,169 @@
+"""`quantize`: 8-bit weights and activations, written as `qc` ops so the dumps show them.
+
+Weights: per output channel, symmetric: s_n = max_k |W_kn| / 127, Q = round(W / s) in [-127, 127],
+stored int8 and expanded by `qc.DequantizeWeight` (axis 1 for MatMul's [K, N], axis 0 for
+Conv's [O, C, kh, kw]).
+
+Activations, before each quantized layer's input, one `qc.QuantizeActivation` per tensor (shared by
+the layers that read it):
+- `static` (default): per tensor, asymmetric: [lo, hi] from calibration with the method
+  `calibrate` was given (minmax, percentile, entropy, mse), scale = (hi - lo) / 255,
+  zero_point = round(-128 - lo / scale). The statistics are collected again on the graph as it is
+  now, so ranges see what `smooth` and `fold-scales` did.
+- `dynamic`: per tensor, computed at run time (ONNX Runtime's dynamic quantization).
+- `per-token`: one symmetric scale per row, computed at run time (ZeroQuant, Yao et al. 2022).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler import calibration, context
+from qcompiler.ops import QC_OPSET_VERSION
+from qcompiler.layers import CREATED_BY, insert_after_value, linears, new_initializer
+from qcompiler.passbase import Pass, PassResult, option, register_pass
+
+QMAX = 127
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A layer to quantize: its node, activation input, weight, and the weight's output-channel axis."""
+
+    node: ir.Node
+    x: ir.Value
+    w: ir.Value
+    weight_axis: int
+    channel_axis: int  # of the activation
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class QuantizePass(Pass):
+    """Per-channel int8 weights; int8 activations static per tensor, dynamic, or per token."""
+
+    name = "quantize"
+    required = frozenset({"calibrated"})
+    provided = frozenset({"quantized"})
+
+    weights: Literal["int8"] = option("int8", "weight format (per output channel, symmetric)")
+    activations: Literal["int8", "none"] = option("int8", "activation format, or none for weight-only")
+    act_mode: Literal["static", "dynamic", "per-token"] = option("static", "how activation scales are found")
+    conv: bool = option(True, "quantize Conv layers as well as linears")
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        targets = find_targets(graph, self.conv)
+        if not targets:
+            return PassResult(model, False, {"layers": 0})
+        model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
+        ranges = {}
+        if self.activations == "int8" and self.act_mode == "static":
+            ranges = _static_ranges(model, targets)
+        quantized_inputs: dict[str, ir.Value] = {}
+        layer_stats = {}
+        for target in targets:
+            entry = {"weight_axis": target.weight_axis}
+            _quantize_weight(graph, target, entry)
+            if self.activations == "int8":
+                x_name = target.x.name
+                if x_name not in quantized_inputs:
+                    quantized_inputs[x_name] = _quantize_activation(graph, target.x, self.act_mode, ranges.get(x_name))
+                q_value = quantized_inputs[x_name]
+                target.node.replace_input_with(0, q_value)
+                entry["activation"] = _act_summary(q_value.producer())
+            layer_stats[target.node.name or target.node.outputs[0].name] = entry
+        stats = {"layers": len(targets), "activations_quantized": len(quantized_inputs), "per_layer": layer_stats}
+        return PassResult(model, True, stats)
+
+
+def find_targets(graph: ir.Graph, conv: bool) -> list[Target]:
+    targets = [Target(layer.node, layer.x, layer.w, 1, -1) for layer in linears(graph)]
+    if conv:
+        for node in graph:
+            if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+                continue
+            w = node.inputs[1]
+            if w is not None and w.is_initializer() and w.const_value is not None and w.const_value.dtype.is_floating_point():
+                targets.append(Target(node, node.inputs[0], w, 0, 1))
+    order = {id(n): i for i, n in enumerate(graph)}
+    return sorted(targets, key=lambda t: order[id(t.node)])
+
+
+def quantize_weight_per_channel(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes and float32 scales, one scale per slice along `axis`."""
+    reduce = tuple(i for i in range(w.ndim) if i != axis)
+    scale = np.max(np.abs(w), axis=reduce).astype(np.float32) / QMAX
+    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -QMAX, QMAX).astype(np.int8)
+    return q, scale
+
+
+def _quantize_weight(graph: ir.Graph, target: Target, entry: dict) -> None:
+    w = target.w.const_value.numpy()
+    q, scale = quantize_weight_per_channel(w, target.weight_axis)
+    base = target.w.name
+    q_value = new_initializer(graph, f"{base}.q", q)
+    s_value = new_initializer(graph, f"{base}.scale", scale)
+    node = ir.node(
+        "DequantizeWeight", [q_value, s_value], {"axis": target.weight_axis, "bits": 8}, domain="qc",
+        name=f"{base}.dequantize", metadata_props={CREATED_BY: "quantize"},
+    )
+    node.outputs[0].name = f"{base}.dq"
+    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    node.outputs[0].shape = ir.Shape(w.shape)
+    graph.insert_before(target.node, node)
+    target.node.replace_input_with(1, node.outputs[0])
+    if not target.w.uses():
+        graph.initializers.pop(target.w.name)
+    deq = q.astype(np.float32) * scale.reshape([-1 if i == target.weight_axis else 1 for i in range(w.ndim)])
+    entry["weight_sqnr_db"] = _sqnr(w, deq)
+
+
+def _quantize_activation(graph: ir.Graph, x: ir.Value, mode: str, value_range) -> ir.Value:
+    attrs: dict = {"mode": mode, "bits": 8}
+    if mode == "static":
+        scale, zero_point = asymmetric_params(*value_range)
+        attrs.update(scale=scale, zero_point=zero_point)
+    node = ir.node("QuantizeActivation", [x], attrs, domain="qc", name=f"{x.name}.quantize",
+                   metadata_props={CREATED_BY: "quantize"})
+    node.outputs[0].name = f"{x.name}.q"
+    node.outputs[0].type = x.type
+    node.outputs[0].shape = x.shape
+    insert_after_value(graph, x, node)
+    return node.outputs[0]
+
+
+def asymmetric_params(lo: float, hi: float) -> tuple[float, int]:
+    """int8 scale and zero point covering [lo, hi] (widened to include 0)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    zero_point = int(np.clip(np.round(-128 - lo / scale), -128, 127))
+    return float(np.float32(scale)), zero_point
+
+
+def _static_ranges(model: ir.Model, targets: list[Target]) -> dict[str, tuple[float, float]]:
+    ctx = context.current()
+    batches = ctx.require_calibration("quantize")
+    config = model.meta.get(calibration.CALIBRATION_KEY, {})
+    tensors = {t.x.name: t.channel_axis for t in targets}
+    stats = calibration.collect(model, batches, tensors, threads=ctx.threads)
+    method = config.get("method", "minmax")
+    percentile = config.get("percentile", 99.99)
+    return {name: s.clip_range(method, percentile=percentile) for name, s in stats.items()}
+
+
+def _act_summary(node: ir.Node) -> dict:
+    return {name: attr.value for name, attr in node.attributes.items()}
+
+
+def _sqnr(reference: np.ndarray, actual: np.ndarray) -> float | None:
+    err = float(np.sum((reference.astype(np.float64) - actual) ** 2))
+    energy = float(np.sum(reference.astype(np.float64) ** 2))
+    return round(10 * np.log10(energy / err), 2) if err > 0 and energy > 0 else None

@@ -1,0 +1,135 @@
+"""SmoothQuant, scale folding, int8 quantization and the ORT lowering, on small graphs."""
+
+import numpy as np
+import pytest
+
+from qcompiler import execute
+from qcompiler.context import CompileContext, using
+from qcompiler.errors import UserError
+from qcompiler.ir import parse, to_text, verify
+from qcompiler.pass_manager import run_pipeline
+from qcompiler.pipeline import parse_pipeline
+from qcompiler.probe import synthetic_inputs
+
+# Pre-LN block with an outlier channel (gamma 20 on channel 1): Q and K share the normed input.
+BLOCK = """
+<ir_version: 10, opset_import: ["" : 21]>
+g (float[N, 8] X) => (float[N, 8] Y)
+<float[8] gamma = {1, 20, 1, 1, 0.5, 1, 1, 2}, float[8] beta = {0, 1, 0, 0, 0, 0, 0, 0},
+ float[8,8] Wq = {W}, float[8,8] Wk = {W}, float[8,8] Wo = {W}>
+{
+  H = LayerNormalization <axis = -1> (X, gamma, beta)
+  Q = MatMul (H, Wq)
+  K = MatMul (H, Wk)
+  S = Add (Q, K)
+  G = Relu (S)
+  O = MatMul (G, Wo)
+  Y = Add (O, X)
+}
+"""
+
+
+def _block():
+    rng = np.random.default_rng(1)
+    text = BLOCK
+    for _ in range(3):
+        text = text.replace("{W}", "{" + ",".join(f"{v:.4f}" for v in rng.normal(0, 0.3, 64)) + "}", 1)
+    return parse(text)
+
+
+def _run(model, pipeline, batches=8):
+    data = [synthetic_inputs(model, seed=s) for s in range(batches)]
+    with using(CompileContext(calibration=data)):
+        return run_pipeline(model, parse_pipeline(pipeline))
+
+
+def _outputs(model, seed=50):
+    return execute.run(model, synthetic_inputs(model, seed=seed))["Y"]
+
+
+def test_smooth_and_fold_are_exact():
+    model = _block()
+    expected = _outputs(model)
+    records = _run(model, "calibrate,smooth{alpha=0.85},fold-scales")
+    np.testing.assert_allclose(_outputs(model), expected, rtol=1e-5, atol=1e-5)
+    smooth, fold = records[1].stats, records[2].stats
+    assert smooth["groups"] == 2  # {Q, K} share H; Wo reads G
+    assert fold["smoothing_folded"] == 1  # into the LayerNorm
+    assert fold["smoothing_kept"] == 1 and "Relu" in next(iter(fold["kept"].values()))
+    assert "qc.ChannelScale" not in to_text(model)
+
+
+def test_smoothing_flattens_the_outlier_channel():
+    model = _block()
+    stats = _run(model, "calibrate,smooth{alpha=0.85}")[1].stats["layers"]["H"]
+    assert stats["act_absmax_after"] < stats["act_absmax_before"] / 2
+
+
+def test_auto_alpha_is_on_the_grid_and_recorded():
+    model = _block()
+    layers = _run(model, "calibrate,smooth{alpha=auto}")[1].stats["layers"]
+    from qcompiler.passes.smooth import ALPHA_GRID
+
+    assert all(entry["alpha"] in ALPHA_GRID for entry in layers.values())
+
+
+@pytest.mark.parametrize("pipeline", ["calibrate,smooth", "calibrate,smooth,fold-scales", "calibrate,quantize", "canonicalize"])
+def test_second_run_changes_nothing(pipeline):
+    model = _block()
+    _run(model, pipeline)
+    text = to_text(model)
+    records = _run(model, pipeline.replace("calibrate,", "") or pipeline)
+    assert not any(r.modified for r in records if r.name != "calibrate")
+    assert to_text(model) == text
+
+
+def test_w8a8_error_is_small_and_lowering_matches_reference():
+    model = _block()
+    expected = _outputs(model)
+    _run(model, "calibrate,smooth{alpha=auto},fold-scales,quantize")
+    verify(model)
+    reference = _outputs(model)  # qc ops through their numpy references
+    assert execute.drift({"Y": expected}, {"Y": reference})["rel_l2"] < 0.02
+    run_pipeline(model, parse_pipeline("lower-ort{act-format=u8}"))
+    assert "qc." not in to_text(model)
+    lowered = _outputs(model)  # ONNX Runtime, integer kernels
+    np.testing.assert_allclose(lowered, reference, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "per-token"])
+def test_runtime_activation_modes_lower_exactly(mode):
+    model = _block()
+    _run(model, f"calibrate,quantize{{act-mode={mode}}}")
+    reference = _outputs(model)
+    run_pipeline(model, parse_pipeline("lower-ort"))
+    np.testing.assert_allclose(_outputs(model), reference, rtol=1e-3, atol=1e-3)
+
+
+def test_signed_and_unsigned_lowerings_agree():
+    results = []
+    for fmt in ("u8", "s8"):
+        model = _block()
+        _run(model, f"calibrate,quantize,lower-ort{{act-format={fmt}}}")
+        results.append(_outputs(model))
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "pipeline, message",
+    [
+        ("smooth,calibrate", "smooth requires 'calibrated'; add 'calibrate' before it"),
+        ("calibrate,smooth{alpha=1.5}", "alpha must be in \\[0, 1\\]"),
+        ("calibrate,quantize{weights=int4}", "must be one of int8"),
+    ],
+)
+def test_bad_pipelines(pipeline, message):
+    with pytest.raises(UserError, match=message):
+        from qcompiler.pipeline import check_order
+
+        check_order(parse_pipeline(pipeline))
+
+
+def test_quantize_without_data_names_the_fix():
+    model = _block()
+    with pytest.raises(UserError, match="needs calibration data; give --calib FILE"):
+        run_pipeline(model, parse_pipeline("calibrate"))
