@@ -492,7 +492,8 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(scratch_root: str, timeout_s: int) -> None:
-    quiet().__enter__()  # a worker process lives for the sweep only
+    _WORKER["quiet"] = quiet()  # kept: a collected context manager would restore the logs
+    _WORKER["quiet"].__enter__()  # a worker process lives for the sweep only
     _WORKER["scratch"] = tempfile.mkdtemp(prefix="worker-", dir=scratch_root)
     _WORKER["timeout"] = timeout_s
     import qcompiler  # noqa: F401  (import once per worker, not per case)
@@ -536,11 +537,10 @@ def sweep(cases: list[Case], scratch_root: str | os.PathLike, jobs: int = 1, tim
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     by_index: dict[int, dict[str, Any]] = {}
     pending = list(range(len(cases)))
+    isolate = False  # after a pool broke: run the first unfinished case alone
     while pending:
-        isolate = len(pending) < len(cases) and by_index  # after a broken pool: the first unfinished case alone
         batch = pending[:1] if isolate else pending
-        workers = 1 if isolate else jobs
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+        with ProcessPoolExecutor(1 if isolate else jobs, mp_context=context, initializer=_init_worker,
                                  initargs=(str(scratch_root), timeout_s)) as pool:
             futures = {pool.submit(_worker, cases[i]): i for i in batch}
             try:
@@ -553,10 +553,8 @@ def sweep(cases: list[Case], scratch_root: str | os.PathLike, jobs: int = 1, tim
                     by_index[batch[0]] = {"suite": case.suite, "name": case.name, "status": FAILED,
                                           "category": "crash", "reason": "the worker process died running this case"}
                     _tick()
+        isolate = not isolate and any(i not in by_index for i in batch)
         pending = [i for i in pending if i not in by_index]
-        if pending and not isolate:
-            by_index.setdefault(-1, {})  # mark that a pool broke: isolate next
-    by_index.pop(-1, None)
     return [by_index[i] for i in range(len(cases))]
 
 
@@ -578,10 +576,12 @@ def summarize(results: list[dict[str, Any]], suites: list[str]) -> dict[str, dic
 
 def normalize_reason(reason: str) -> str:
     """A reason with case-specific names and numbers taken out, to group failures by cause."""
-    text = re.sub(r"'[^']*'", "'…'", reason)
+    text = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", reason)
+    text = re.sub(r"'[^']*'", "'…'", text)
+    text = re.sub(r"\(([A-Za-z_]\w*)\)", "(…)", text)  # names in parentheses: (If), (else_seq)
     text = re.sub(r"\[[^\[\]]*\]", "[…]", text)
     text = re.sub(r"(?<![A-Za-z])\d+(\.\d+)?(e-?\d+)?", "N", text)
-    text = re.sub(r"/[\w./-]+", "<path>", text)
+    text = re.sub(r"(?<!\w)/[\w./-]+", "<path>", text)
     return text[:GROUP_PREFIX]
 
 
@@ -640,15 +640,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     suites = [s.strip() for s in args.suites.split(",") if s.strip()]
 
-    quiet()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qc-conformance-") as workdir:
-        cases = discover(tuple(suites), workdir, args.filter)
+        with quiet():
+            cases = discover(tuple(suites), workdir, (lambda suite, name: args.filter in name) if args.filter else None)
         if args.limit is not None:
             cases = cases[: args.limit]
         if not args.quiet:
             print(f"{len(cases)} cases ({', '.join(suites)}), {args.jobs} job(s)", file=sys.stderr, flush=True)
-        results = sweep(cases, jobs=args.jobs, timeout_s=args.timeout, progress=not args.quiet)
+        results = sweep(cases, workdir, jobs=args.jobs, timeout_s=args.timeout, progress=not args.quiet)
     elapsed = time.perf_counter() - start
     totals = summarize(results, suites)
     report(results, totals)

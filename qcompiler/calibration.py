@@ -8,9 +8,13 @@ vectors) for later per-layer searches (SmoothQuant's alpha, error estimates).
 
 `collect` runs the graph in ONNX Runtime on a copy of the model whose wanted intermediate values
 are extra graph outputs, one batch at a time: a batch's activations are folded into the running
-statistics and dropped before the next batch runs.
+statistics and dropped before the next batch runs (peak memory: one batch's wanted activations,
+which ONNX Runtime returns together). Every row counts, padding tokens included: the graph does
+not say which positions are padding, and the deployed graph sees them too.
 
-Rules that make the statistics deterministic (the same data gives bit-for-bit the same stats):
+Rules that make the statistics deterministic (the same data gives bit-for-bit the same stats, as
+long as ONNX Runtime computes the same activations for the same inputs, which its CPU kernels do
+run to run at a fixed thread count):
 
 Histogram (`Histogram`). Bins have a width `w = 2**k` (a power of two) and cover the symmetric
 range `[-w*B/2, w*B/2)`, `B` bins (a multiple of 4); bin `i` holds `floor(x / w) + B/2 == i`,
@@ -36,7 +40,7 @@ exactly, as the zero point of ONNX's QuantizeLinear does). Symmetric ranges are 
   2017). Symmetric: on the |x| histogram, for each candidate threshold of `i >= 2**(bits-1)` bins
   the reference P is the first `i` bins with the clipped tail added to the last one, Q is those
   bins merged into `2**(bits-1)` levels and spread back over each level's non-empty bins; the
-  threshold minimising KL(P || Q) wins (both smoothed by 1e-4 so empty bins stay finite).
+  threshold minimising KL(P || Q) wins (counts smoothed by 1e-4 so empty bins stay finite).
   Asymmetric: the same over windows `[max(min, -t), min(max, t))` of the signed histogram with
   `2**bits` levels, so a one-sided tensor does not spend levels on empty space.
 - `mse`: the range minimising the expected squared quantization error under the histogram, values
@@ -154,7 +158,8 @@ class Histogram:
         self.exponent += 1
 
     def folded(self) -> np.ndarray:
-        """Counts of |x|: bin j covers [j*width, (j+1)*width), `bins/2` bins."""
+        """Counts of |x|: bin j covers [j*width, (j+1)*width), `bins/2` bins (a negative value
+        exactly on a bin edge, -j*width, is counted in bin j-1)."""
         pos = self.counts[self.half :]
         neg = self.counts[: self.half][::-1]
         return pos + neg
@@ -739,6 +744,8 @@ def collect(
     done = 0
     for index, batch in enumerate(batches):
         feeds = checker.check(batch, index)
+        if batch_size_of(feeds) == 0:
+            continue
         for name in tensors:
             if name in graph_inputs:
                 accs[name].add(feeds[name])

@@ -44,6 +44,11 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "default": Preset("canonicalize", "clean the graph up for the passes; no quantization"),
+    "w8a8": Preset(
+        "canonicalize,calibrate{method=$method},smooth{alpha=$alpha},fold-scales,quantize{act-mode=$act_mode},lower-ort",
+        "int8 weights and activations with SmoothQuant (needs --calib)",
+        {"alpha": "auto", "method": "minmax", "act-mode": "static"},
+    ),
 }
 
 

@@ -208,10 +208,12 @@ def qc_gemm_wq_a16_kernel(
             grp = tl.minimum(k0 // GROUP, NUM_GROUPS - 1)
             # ---- dequantise the [R, BN] chunk holding rows k0 .. k0 + R of W
             if MODE == 0:
-                s = tl.load(s_ptr + grp * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + grp * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                s_hi = s * NT
-                off = -(s_hi + z * s)
+                # scale/zero of this chunk's group; when groups tile T evenly, only at a group's first chunk
+                if (T % GROUP != 0) or ((i * R) % GROUP == 0):
+                    s = tl.load(s_ptr + grp * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                    z = tl.load(z_ptr + grp * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                    s_hi = s * NT
+                    off = -(s_hi + z * s)
                 if (23 - BITS) - BITS * i >= 0:  # compile-time: move code i to bits 23-b .. 22
                     bits = words << ((23 - BITS) - BITS * i)
                 else:
