@@ -50,6 +50,7 @@ def _load(name: str, path: Path):
 SHAPES = [(4096, 4096), (8192, 8192)]
 MS = [1, 16, 64, 256]
 OUTLIER_FRACTION = 0.005
+ROTATE_BYTES = 200 * 2 ** 20  # > 3x the H100's 50 MB L2
 R = 32
 CPW = {2: 16, 3: 10, 4: 8, 8: 4}
 
@@ -202,6 +203,48 @@ def correctness_sweep(qk, ref, torch, log, dev="cuda"):
     return results
 
 
+def diagnostics(qk, cases, graph_time, log):
+    """Every decode configuration timed on its own at K = N = 8192, M = 1, plus the compiled kernels'
+    registers / spills, to see what the autotuner chose from."""
+    out = {"configs": [], "compiled": []}
+    x, w4 = cases["w4a16_g128"]
+    xc, wcb = cases["mixed_lut3_sp"]
+    (xq, sx), w8 = cases["w8a8"]
+    todo = [("w4a16_g128", c.kwargs, c.num_warps, c.num_stages,
+             lambda w, cfg: (lambda: qk.qc_gemm_w4a16_g128(x, *w, config=cfg)), w4) for c in qk.WQ_GEMV_CONFIGS]
+    todo += [("mixed_lut3_sp", c.kwargs, c.num_warps, c.num_stages,
+              lambda w, cfg: (lambda: qk.qc_gemm_lut3a16(xc, w[0], w[1], sparse=w[2:], lut_impl=0, config=cfg)), wcb)
+             for c in qk.WQ_GEMV_CONFIGS]
+    todo += [("w8a8", c.kwargs, c.num_warps, c.num_stages,
+              lambda w, cfg: (lambda: qk.qc_gemm_w8a8(xq, sx, *w, config=cfg)), w8) for c in qk.W8_DECODE_CONFIGS]
+    for label, kw, warps, stages, make, wsets in todo:
+        cfg = dict(kw, num_warps=warps, num_stages=stages)
+        try:
+            t_ms = graph_time([make(w, cfg) for w in wsets], replays=10)
+            out["configs"].append({"family": label, "config": cfg, "us": round(t_ms * 1e3, 2)})
+            log(f"  diag {label:14s} {cfg}: {t_ms * 1e3:.1f} us")
+        except Exception as e:  # noqa: BLE001
+            out["configs"].append({"family": label, "config": cfg, "error": repr(e)[:300]})
+            log(f"  diag {label} {cfg}: ERROR {e!r}"[:300])
+    for fn in (qk.qc_gemm_wq_a16_kernel, qk.qc_gemm_w8a8_kernel):
+        try:
+            for entry in fn.device_caches.values():
+                for key, ck in entry[0].items():
+                    try:
+                        ck._init_handles()
+                        rec = {"kernel": fn.__name__, "regs": ck.n_regs, "spills": ck.n_spills,
+                               "warps": ck.metadata.num_warps, "stages": ck.metadata.num_stages,
+                               "shared": ck.metadata.shared, "key": str(key)[-700:]}
+                        out["compiled"].append(rec)
+                    except Exception as e:  # noqa: BLE001
+                        out["compiled"].append({"error": repr(e)[:200]})
+        except Exception as e:  # noqa: BLE001
+            out["compiled"].append({"error": repr(e)[:200]})
+    spilled = [c for c in out["compiled"] if c.get("spills")]
+    log(f"  compiled kernels: {len(out['compiled'])}, with spills: {len(spilled)}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -285,13 +328,41 @@ def main(argv=None) -> int:
         cfg = getattr(tuner, "best_config", None)
         return str(cfg) if cfg is not None else None
 
+    def copies_of(ts, min_bytes=ROTATE_BYTES):
+        """Identical copies of a weight set, enough that cycling through them overflows the L2."""
+        n_copies = max(2, min(32, math.ceil(min_bytes / nbytes(*ts))))
+        return [ts] + [tuple(t.clone() for t in ts) for _ in range(n_copies - 1)]
+
+    def graph_time(fns, replays=20):
+        """Median GPU time per call of a CUDA graph that calls each of ``fns`` once (rotating weights)."""
+        for f in fns:
+            f()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for f in fns:
+                f()
+        g.replay()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(replays):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            g.replay()
+            e1.record()
+            e1.synchronize()
+            ts.append(e0.elapsed_time(e1))
+        ts.sort()
+        return ts[len(ts) // 2] / len(fns)
+
+    diag_cases = {}
     for (k, n) in shapes:
         if time.time() - t_start > args.budget_s:
             log(f"budget reached; skipping shape {k}x{n}")
             break
         log(f"\n== layer K={k} N={n}: preparing weights")
         w_bf = (torch.randn((k, n), device=dev, generator=gen) * 0.02).to(torch.bfloat16)
-        w_bf_t = w_bf.t().contiguous()
+        bf_sets = copies_of((w_bf, w_bf.t().contiguous()))
         # w4a16 g128
         q4 = torch.randint(0, 16, (k, n), device=dev, generator=gen, dtype=torch.int32)
         s4 = (torch.rand((k // 128, n), device=dev, generator=gen) * 0.01 + 0.002).half()
@@ -314,13 +385,19 @@ def main(argv=None) -> int:
         w8_t = torch.randint(-127, 128, (n, k), device=dev, generator=gen, dtype=torch.int8)
         sw8 = (torch.rand(n, device=dev, generator=gen) * 0.001 + 1e-4).float()
         torch.cuda.synchronize()
-        sp_bytes = nbytes(*sp)
-        wbytes = {
-            "bf16": nbytes(w_bf), "w4a16_g128": nbytes(p4, s4, z4), "mixed_lut3_sp": nbytes(p3, lut3) + sp_bytes,
-            "w3a16_g128_sp": nbytes(p3, s3, z3) + sp_bytes, "w8a8": nbytes(w8_t, sw8), "w8a8+quant": nbytes(w8_t, sw8),
+        sets = {
+            "w4a16_g128": copies_of((p4, s4, z4)),
+            "mixed_lut3_sp": copies_of((p3, lut3) + tuple(sp)),
+            "w3a16_g128_sp": copies_of((p3, s3, z3) + tuple(sp)),
+            "w8a8": copies_of((w8_t, sw8)),
         }
+        wbytes = {"bf16": nbytes(w_bf)}
+        wbytes.update({key: nbytes(*v[0]) for key, v in sets.items()})
+        wbytes["w8a8+quant"] = wbytes["w8a8"]
         ebits = {key: 8 * v / (k * n) for key, v in wbytes.items()}
         log("  effective bits/weight: " + ", ".join(f"{key} {v:.3f}" for key, v in ebits.items()))
+        log("  weight copies rotated: " + ", ".join(f"{key} {len(v)}" for key, v in sets.items())
+            + f", bf16 {len(bf_sets)}")
 
         for m in ms:
             if time.time() - t_start > args.budget_s:
@@ -328,39 +405,43 @@ def main(argv=None) -> int:
                 break
             x = torch.randn((m, k), device=dev, generator=gen).to(torch.bfloat16)
             xd = x.double()
+            xq, sx = qk.qc_quantize_per_token_int8(x)
             act_bytes = {"bf16": nbytes(x) + m * n * 2, "w8a8": m * k + m * 4 + m * n * 2,
                          "w8a8+quant": nbytes(x) + m * n * 2}
             row = {"K": k, "N": n, "M": m, "results": {}}
-            t_mm = bench(lambda: x @ w_bf)
-            t_lin = bench(lambda: F.linear(x, w_bf_t))
+            t_mm = graph_time([lambda w=w: x @ w[0] for w in bf_sets])
+            t_lin = graph_time([lambda w=w: F.linear(x, w[1]) for w in bf_sets])
             t_bf = min(t_mm, t_lin)
             row["results"]["bf16"] = {"ms": t_bf, "ms_matmul": t_mm, "ms_linear": t_lin,
+                                      "eager_ms": bench(lambda: x @ w_bf),
                                       "GBps": (wbytes["bf16"] + act_bytes["bf16"]) / t_bf / 1e6}
 
-            def run(label, fn, ref_fn, kind, tol=1e-2):
+            def run(label, make, wsets, ref_fn, kind, tol=1e-2, extra=None):
                 try:
-                    y = fn()
+                    y = make(wsets[0])()
                     torch.cuda.synchronize()
                     r = ref_fn()
                     err = float(torch.linalg.norm(y.double() - r) / torch.linalg.norm(r))
-                    t_ms = bench(fn)
+                    t_ms = graph_time([make(w) for w in wsets])
                     ab = act_bytes.get(label, act_bytes["bf16"])
                     row["results"][label] = {
                         "ms": t_ms, "speedup_vs_bf16": t_bf / t_ms, "GBps": (wbytes[label] + ab) / t_ms / 1e6,
+                        "eager_ms": bench(make(wsets[0])),
                         "rel_err": err, "ok": bool(err < tol and torch.isfinite(y).all()),
-                        "effective_bits": ebits[label], "config": best_cfg(kind, m),
+                        "effective_bits": ebits[label], "config": best_cfg(kind, m), **(extra or {}),
                     }
                 except Exception as e:  # noqa: BLE001
                     row["results"][label] = {"error": repr(e)[:800]}
                     log(f"  {label} M={m}: ERROR {e!r}"[:600])
                     traceback.print_exc()
 
-            run("w4a16_g128", lambda: qk.qc_gemm_w4a16_g128(x, p4, s4, z4), lambda: xd @ deq4.double(), "wq")
+            run("w4a16_g128", lambda w: (lambda: qk.qc_gemm_w4a16_g128(x, *w)), sets["w4a16_g128"],
+                lambda: xd @ deq4.double(), "wq")
             lut_times = {}
             for impl in (0, 1):
                 lab = "mixed_lut3_sp"
-                run(lab, lambda: qk.qc_gemm_lut3a16(x, p3, lut3, sparse=sp, lut_impl=impl),
-                    lambda: xd @ deq_cb.double(), "wq")
+                run(lab, lambda w, impl=impl: (lambda: qk.qc_gemm_lut3a16(x, w[0], w[1], sparse=w[2:], lut_impl=impl)),
+                    sets[lab], lambda: xd @ deq_cb.double(), "wq")
                 lut_times[impl] = row["results"].pop(lab)
             ok_impls = {i: v for i, v in lut_times.items() if "ms" in v}
             if ok_impls:
@@ -369,17 +450,18 @@ def main(argv=None) -> int:
                                                        lut_impl_ms={i: v.get("ms") for i, v in lut_times.items()})
             else:
                 row["results"]["mixed_lut3_sp"] = lut_times[0]
-            run("w3a16_g128_sp", lambda: qk.qc_gemm_w3a16_g128(x, p3, s3, z3, sparse=sp), lambda: xd @ deq3.double(),
-                "wq")
-            xq, sx = qk.qc_quantize_per_token_int8(x)
+            run("w3a16_g128_sp", lambda w: (lambda: qk.qc_gemm_w3a16_g128(x, w[0], w[1], w[2], sparse=w[3:])),
+                sets["w3a16_g128_sp"], lambda: xd @ deq3.double(), "wq")
             ref8 = lambda: (xq.double() @ w8_t.double().t()) * sx.double()[:, None] * sw8.double()[None, :]  # noqa: E731
-            run("w8a8", lambda: qk.qc_gemm_w8a8(xq, sx, w8_t, sw8), ref8, "w8a8", tol=2e-3)
+            run("w8a8", lambda w: (lambda: qk.qc_gemm_w8a8(xq, sx, *w)), sets["w8a8"], ref8, "w8a8", tol=2e-3)
 
-            def quant_then_gemm():
-                a_q, a_s = qk.qc_quantize_per_token_int8(x)
-                return qk.qc_gemm_w8a8(a_q, a_s, w8_t, sw8)
+            def quant_then_gemm(w):
+                def f():
+                    a_q, a_s = qk.qc_quantize_per_token_int8(x)
+                    return qk.qc_gemm_w8a8(a_q, a_s, *w)
+                return f
 
-            run("w8a8+quant", quant_then_gemm,
+            run("w8a8+quant", quant_then_gemm, sets["w8a8"],
                 lambda: (xd @ (w8_t.double().t() * sw8.double()[None, :])), "w8a8", tol=2e-2)
             report["rows"].append(row)
             save()
@@ -387,9 +469,14 @@ def main(argv=None) -> int:
             for lab, v in row["results"].items():
                 if "ms" in v:
                     sp_txt = "" if lab == "bf16" else f" {v['speedup_vs_bf16']:.2f}x"
-                    cells.append(f"{lab} {v['ms'] * 1e3:.1f}us{sp_txt}")
+                    cells.append(f"{lab} {v['ms'] * 1e3:.1f}us{sp_txt} (eager {v['eager_ms'] * 1e3:.0f})")
             log(f"  M={m:4d}: " + " | ".join(cells))
-        del w_bf, w_bf_t, p4, s4, z4, deq4, p3, lut3, sp, deq_cb, s3, z3, deq3, w8_t, sw8
+            if k == 8192 and m == 1:
+                diag_cases = {"w4a16_g128": (x, sets["w4a16_g128"]), "mixed_lut3_sp": (x, sets["mixed_lut3_sp"]),
+                              "w8a8": ((xq, sx), sets["w8a8"])}
+                report["diagnostics"] = diagnostics(qk, diag_cases, graph_time, log)
+                save()
+        del w_bf, bf_sets, sets, p4, s4, z4, deq4, p3, lut3, sp, deq_cb, s3, z3, deq3, w8_t, sw8, diag_cases
         torch.cuda.empty_cache()
 
     # final table

@@ -35,6 +35,7 @@ import onnx_ir as ir
 from qcompiler import context
 from qcompiler.calibration import CALIBRATION_KEY, METHODS, STATS_KEY, batch_size_of, collect, quantizable_inputs, summary
 from qcompiler.errors import UserError
+from qcompiler.progress import progress
 from qcompiler.passbase import Pass, PassResult, option, register_pass
 
 log = logging.getLogger(__name__)
@@ -76,15 +77,17 @@ class CalibratePass(Pass):
         tensors = quantizable_inputs(model)
         samples = batch_count = 0
 
-        def progress(done: int, seen: int) -> None:
+        def on_batch(done: int, seen: int) -> None:
             nonlocal samples, batch_count
             samples, batch_count = seen, done
-            log.debug("calibrate: batch %d, %d samples", done, seen)
+            bar.update(done)
 
         if tensors:
-            found = collect(
-                model, batches, tensors, sample_rows=self.sample_rows, bins=self.bins, threads=ctx.threads, progress=progress
-            )
+            total = len(batches) if hasattr(batches, "__len__") else None
+            with progress("calibrate batches", total) as bar:
+                found = collect(
+                    model, batches, tensors, sample_rows=self.sample_rows, bins=self.bins, threads=ctx.threads, progress=on_batch
+                )
         else:
             log.warning("calibrate: the model has no MatMul/Gemm/Conv with constant weights; nothing to calibrate")
             from qcompiler.calib_data import validate_batches

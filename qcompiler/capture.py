@@ -27,6 +27,7 @@ import onnx_ir as ir
 
 from qcompiler import ir as qir
 from qcompiler.errors import UserError, first_line
+from qcompiler.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,9 @@ def capture(
         input_names = list(input_names or kwargs)
     else:
         args, kwargs = tuple(example_inputs), None
-    start = time.perf_counter()
     logging.getLogger("torch.onnx").setLevel(max(logging.getLogger("torch.onnx").getEffectiveLevel(), logging.ERROR))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), progress(f"capture {type(module).__name__} (torch.export + ONNX)"):
             program = torch.onnx.export(
                 module,
                 args=args,
@@ -78,7 +78,6 @@ def capture(
             )
     except Exception as exc:
         raise UserError(f"torch could not export the model: {_root_cause(exc)}") from None
-    log.info("captured %s with torch.export in %.1f s", type(module).__name__, time.perf_counter() - start)
     model = program.model
     model.producer_name = "qcompiler"
     model.producer_version = None

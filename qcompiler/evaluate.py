@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from qcompiler.errors import UserError
+from qcompiler.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +122,12 @@ def _sts(bundled, reference: Runner, compiled: Runner, path: Path, count, batch_
     sentences = first + second
     order = np.argsort([len(s) for s in sentences], kind="stable")  # similar lengths batch with little padding
     emb = {"float": [], "compiled": []}
-    for i in range(0, len(sentences), batch_size):
-        feeds = bundled.inputs_from_raw([sentences[j] for j in order[i : i + batch_size]])
-        emb["float"].append(reference(feeds))
-        emb["compiled"].append(compiled(feeds))
+    with progress("sts batches", -(-len(sentences) // batch_size)) as bar:
+        for i in range(0, len(sentences), batch_size):
+            feeds = bundled.inputs_from_raw([sentences[j] for j in order[i : i + batch_size]])
+            emb["float"].append(reference(feeds))
+            emb["compiled"].append(compiled(feeds))
+            bar.update()
     result = {"pairs": len(scores)}
     for key, chunks in emb.items():
         e = np.empty((len(sentences), chunks[0].shape[1]), np.float64)
@@ -173,11 +176,13 @@ def _perplexity(reference: Runner, compiled: Runner, path: Path, count, window) 
         windows = windows[:count]
     nll = {"float": 0.0, "compiled": 0.0}
     tokens = 0
-    for row in windows:
-        feeds = {"input_ids": row[None]}
-        for key, run in (("float", reference), ("compiled", compiled)):
-            nll[key] += next_token_nll(run(feeds)[0], row)
-        tokens += len(row) - 1
+    with progress("perplexity windows", len(windows)) as bar:
+        for row in windows:
+            feeds = {"input_ids": row[None]}
+            for key, run in (("float", reference), ("compiled", compiled)):
+                nll[key] += next_token_nll(run(feeds)[0], row)
+            tokens += len(row) - 1
+            bar.update()
     result = {"windows": int(len(windows)), "window_tokens": int(window), "predicted_tokens": tokens}
     for key in nll:
         result[f"perplexity_{key}"] = round(float(np.exp(nll[key] / tokens)), 4)

@@ -1,0 +1,56 @@
+"""Progress for steps that take more than a couple of seconds.
+
+On a terminal, a single status line on stderr is redrawn (`label: done/total, elapsed`); elsewhere
+(a build log) nothing is drawn while the step runs and one INFO line reports it when it ends, if it
+took more than `QUIET_SECONDS`. Either way the final line goes through `logging`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Iterator
+
+log = logging.getLogger("qcompiler")
+
+QUIET_SECONDS = 2.0
+REDRAW_SECONDS = 0.5
+
+
+class Progress:
+    def __init__(self, label: str, total: int | None, stream=None):
+        self.label, self.total, self.done = label, total, 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.live = self.stream.isatty() and log.isEnabledFor(logging.INFO)
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int | None = None) -> None:
+        self.done = self.done + 1 if done is None else done
+        now = time.perf_counter()
+        if self.live and now - self.last >= REDRAW_SECONDS:
+            self.last = now
+            count = f"{self.done}/{self.total}" if self.total else f"{self.done}"
+            self.stream.write(f"\r{self.label}: {count}, {now - self.start:.0f} s ")
+            self.stream.flush()
+
+    def close(self) -> float:
+        seconds = time.perf_counter() - self.start
+        if self.live:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+        return seconds
+
+
+@contextlib.contextmanager
+def progress(label: str, total: int | None = None) -> Iterator[Progress]:
+    """`with progress("calibrate", total=16) as p: ... p.update()`; logs `label: N in X s` at the end."""
+    bar = Progress(label, total)
+    try:
+        yield bar
+    finally:
+        seconds = bar.close()
+        if seconds >= QUIET_SECONDS:
+            count = f"{bar.done} " if bar.done else ""
+            log.info("%s: %sdone in %.1f s", label, count, seconds)
