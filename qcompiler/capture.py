@@ -18,7 +18,6 @@ import hashlib
 import importlib
 import logging
 import re
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
