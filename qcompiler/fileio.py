@@ -26,6 +26,7 @@ class AtomicDir:
         try:
             parent.mkdir(parents=True, exist_ok=True)
             self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=parent))
+            self.path.chmod(0o777 & ~_umask())  # mkdtemp makes it private; outputs are ordinary folders
         except OSError as exc:
             raise UserError(f"cannot write to '{parent}': {exc.strerror}; choose a writable output directory") from None
         return self.path
@@ -68,8 +69,15 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -148,3 +148,14 @@ def test_existing_output_is_replaced_whole(tiny_onnx, tmp_path):
     (out / "stale.txt").write_text("old")
     assert main(["-q", "compile", str(tiny_onnx), "-o", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"]
+
+
+def test_artifact_has_ordinary_permissions(tiny_onnx, tmp_path):
+    import os
+    import stat
+
+    assert main(["-q", "compile", str(tiny_onnx), "-o", str(tmp_path / "p")]) == 0
+    mode = stat.S_IMODE(os.stat(tmp_path / "p").st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o777 & ~umask
