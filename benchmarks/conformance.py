@@ -252,8 +252,11 @@ def assert_similar(expected: Any, actual: Any, rtol: float, atol: float, where: 
     try:
         np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
     except AssertionError as exc:
-        mismatched = next((line.strip() for line in str(exc).splitlines() if "Mismatched elements" in line), "values differ")
-        worst = next((line.strip() for line in str(exc).splitlines() if "Max absolute difference" in line), "")
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        mismatched = next((line for line in lines if "Mismatched elements" in line), None)
+        worst = next((line for line in lines if "Max absolute difference" in line), "")
+        if mismatched is None:  # "nan location mismatch:", "+inf location mismatch:"...
+            mismatched = next((line.rstrip(":") for line in lines if "mismatch" in line), "values differ")
         raise AssertionError(f"{where}: {mismatched} {worst}".strip()) from None
 
 

@@ -17,12 +17,30 @@ Everything but step 3 reuses `onnx_ir`'s and onnxscript's passes. A second run c
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
+from qcompiler.errors import first_line
 from qcompiler.passbase import Pass, PassResult, option, register_pass
+
+log = logging.getLogger(__name__)
+
+
+class _IdentityEliminationPass(ir_passes.IdentityEliminationPass):
+    """onnx_ir's pass, except that an Identity whose output is a graph output stays when its input
+    is also a graph output or comes from an outer graph: onnx_ir 1.1 would rename the input to the
+    output's name, which merges two graph outputs into one (a Scan body's state and scan outputs)
+    or renames a value of the outer graph."""
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        if node.op_type == "Identity" and node.domain == "" and len(node.inputs) == 1 and node.inputs[0] is not None:
+            source, output = node.inputs[0], node.outputs[0]
+            if output.is_graph_output() and (source.is_graph_output() or source.graph is not node.graph):
+                return False
+        return super()._try_eliminate_identity_node(node)
 
 
 @register_pass
@@ -38,12 +56,13 @@ class CanonicalizePass(Pass):
     def call(self, model: ir.Model) -> PassResult:
         stats = {"nodes_before": _node_count(model)}
         modified = _run(ir_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16), model)
+        modified |= _cast_like_to_cast(model) > 0
         modified |= _fold_constants(model, self.fold_limit)
         gemms = _gemm_to_matmul(model.graph)
         stats["gemm_to_matmul"] = gemms
         modified |= gemms > 0
         for cleanup in (
-            ir_passes.IdentityEliminationPass(),
+            _IdentityEliminationPass(),
             ir_passes.RemoveUnusedNodesPass(),
             ir_passes.RemoveUnusedFunctionsPass(),
             ir_passes.RemoveUnusedOpsetsPass(),
@@ -64,16 +83,69 @@ def _node_count(model: ir.Model) -> int:
 
 
 def _fold_constants(model: ir.Model, limit: int) -> bool:
+    """onnxscript's folder. A folding rule that raises (onnxscript 0.7's SplitToSequence rule on a
+    split that is a run-time scalar) stops folding there: the graph stays valid, as the folder
+    applies each replacement whole, and is left as far as it got."""
     from onnxscript import optimizer
 
-    result = optimizer.fold_constants(model, onnx_shape_inference=False, input_size_limit=limit, output_size_limit=limit)
+    before = [id(n) for n in model.graph], list(model.graph.initializers)
+    try:
+        result = optimizer.fold_constants(model, onnx_shape_inference=False, input_size_limit=limit, output_size_limit=limit)
+    except RuntimeError as exc:
+        cause = exc.__cause__ or exc
+        log.warning("constant folding stopped: %s (%s: %s)", first_line(str(exc)), type(cause).__name__, first_line(str(cause)))
+        return ([id(n) for n in model.graph], list(model.graph.initializers)) != before
     return bool(result.modified)
 
 
+def _cast_like_to_cast(model: ir.Model) -> int:
+    """`CastLike(x, like)` whose `like` has a known element type becomes `Cast(x, to=...)` with
+    the same `saturate` (and `round_mode`). onnxscript's folder makes the same rewrite but drops
+    those attributes, which changes float8 results (`saturate=0` keeps inf and NaN)."""
+    count = 0
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        if node.op_type != "CastLike" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        like = node.inputs[1]
+        if like is None or like.dtype is None or not isinstance(like.type, ir.TensorType) or not node.attributes:
+            continue  # without attributes the folder's own rewrite is exact
+        attributes = {"to": like.dtype.value, **{name: attr.value for name, attr in node.attributes.items()}}
+        cast = ir.node("Cast", [node.inputs[0]], attributes, name=node.name)
+        ir.convenience.replace_nodes_and_values(node.graph, node, [node], [cast], [node.outputs[0]], [cast.outputs[0]])
+        count += 1
+    return count
+
+
 def _infer_shapes(model: ir.Model) -> bool:
-    """Shape inference that reports `modified` only when a shape or type actually changed."""
+    """onnx shape inference, merged into the IR; reports `modified` only when a shape or type
+    actually changed. (onnx_ir 1.1's ShapeInferencePass sets only `dtype` on a value that had no
+    type, which makes every untyped sequence or optional a tensor; this sets the whole type.)"""
+    import onnx
+
+    try:
+        from onnx_ir.passes.common._c_api_utils import call_onnx_api
+    except ImportError:  # an onnx_ir without the helper: its own pass (sets dtype only)
+        before = _value_types(model.graph)
+        ir_passes.ShapeInferencePass(strict_mode=False)(model)
+        return _value_types(model.graph) != before
+
     before = _value_types(model.graph)
-    ir_passes.ShapeInferencePass(strict_mode=False)(model)
+    try:
+        proto = call_onnx_api(lambda p: onnx.shape_inference.infer_shapes(p, check_type=True, strict_mode=False, data_prop=True), model)
+    except Exception as exc:
+        log.warning("shape inference failed, shapes left as they were: %s", first_line(str(exc)))
+        return False
+    inferred = ir.serde.deserialize_model(proto)
+    for graph, new in zip(model.graphs(), inferred.graphs()):
+        found = ir.convenience.create_value_mapping(new)
+        for name, value in ir.convenience.create_value_mapping(graph).items():
+            other = found.get(name)
+            if other is None:
+                continue
+            if other.type is not None and value.type != other.type:
+                value.type = other.type
+            if other.shape is not None and value.shape != other.shape:
+                value.shape = other.shape
     return _value_types(model.graph) != before
 
 

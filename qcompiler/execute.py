@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx
+import onnx.reference
 import onnx_ir as ir
 
 from qcompiler import ops
@@ -56,8 +57,12 @@ def _reference_ops() -> list[type]:
             attrs = {name: spec.default for name, spec in _op.attributes.items()}
             for attr in self.onnx_node.attribute:
                 value = onnx.helper.get_attribute_value(attr)
-                attrs[attr.name] = value.decode() if isinstance(value, bytes) else value
-            padded = list(inputs) + [None] * (len(_op.inputs) - len(inputs))
+                if isinstance(value, bytes):
+                    value = value.decode()
+                elif isinstance(value, list) and value and isinstance(value[0], bytes):
+                    value = [v.decode() for v in value]
+                attrs[attr.name] = value
+            padded = list(inputs) + [None] * max(0, len(_op.inputs) - len(inputs))
             return tuple(_op.reference(*padded, **attrs))
 
         classes.append(type(op.op_type, (OpRun,), {"op_domain": QC_DOMAIN, "_run": _run}))

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 Model = ir.Model
 TARGET_OPSET = 21
-MIN_OPSET = 13
+# The oldest opset the loader accepts: onnx's version converter upgrades every opset from 1, and
+# `to_target_opset` refuses a conversion that changes the graph's inputs or outputs.
+MIN_OPSET = 1
 QC_DOMAIN = "qc"
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "pkg.onnxscript.torch_lib.common", QC_DOMAIN})
 ELIDE_ELEMENTS = 64
@@ -132,16 +134,17 @@ def to_target_opset(model: ir.Model, source: str = "model") -> ir.Model:
     version = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     if version is None:
         model.opset_imports[""] = TARGET_OPSET
-        return model
+        return _at_least_ir_version_for_target(model)
     if version < MIN_OPSET:
         raise UserError(
             f"{source} uses opset {version}; opsets from {MIN_OPSET} up are supported: "
             "re-export with a newer opset (onnx.version_converter can upgrade it)"
         )
     if version == TARGET_OPSET:
-        return model
+        return _at_least_ir_version_for_target(model)
     from onnxscript import version_converter
 
+    before = _interface(model.graph)
     try:
         version_converter.convert_version(model, TARGET_OPSET, fallback=True)
     except Exception as exc:
@@ -151,6 +154,46 @@ def to_target_opset(model: ir.Model, source: str = "model") -> ir.Model:
                 f"({first_line(str(exc))}); re-export the model at opset {TARGET_OPSET}"
             ) from None
         log.info("%s keeps opset %d (no conversion down to %d: %s)", source, version, TARGET_OPSET, first_line(str(exc)))
+    changed = _interface_changes(before, _interface(model.graph))
+    if changed:
+        raise UserError(
+            f"{source}: converting opset {version} to {TARGET_OPSET} changed the graph's interface "
+            f"({changed}); re-export the model at opset {TARGET_OPSET}"
+        )
+    return _at_least_ir_version_for_target(model)
+
+
+def _interface(graph: ir.Graph) -> list[tuple[str, str, tuple | None]]:
+    """Name, type and (for tensors) shape of each graph input (initializers aside) and output."""
+    values = [v for v in graph.inputs if v.name not in graph.initializers] + list(graph.outputs)
+    return [
+        (v.name, str(v.type), tuple(v.shape) if isinstance(v.type, ir.TensorType) and v.shape is not None else None)
+        for v in values
+    ]
+
+
+def _interface_changes(before: list, after: list) -> str:
+    """What a conversion changed in the graph's inputs and outputs, or "". Names and types must
+    stay; a tensor's shape may only gain dims the original left unknown (onnx's Scan 8->9
+    adapter, for one, drops the batch axis from the graph's inputs)."""
+    if [name for name, _, _ in before] != [name for name, _, _ in after]:
+        return f"names {[n for n, _, _ in before]} -> {[n for n, _, _ in after]}"
+    for (name, type_a, dims_a), (_, type_b, dims_b) in zip(before, after):
+        if type_a != "None" and type_b != type_a:
+            return f"'{name}' {type_a} -> {type_b}"
+        if dims_a is not None and (
+            dims_b is None or len(dims_b) != len(dims_a) or any(isinstance(a, int) and b != a for a, b in zip(dims_a, dims_b))
+        ):
+            return f"'{name}' shape {list(dims_a)} -> {list(dims_b) if dims_b is not None else None}"
+    return ""
+
+
+def _at_least_ir_version_for_target(model: ir.Model) -> ir.Model:
+    """Raise the IR version to the lowest one `TARGET_OPSET` allows. The version converter
+    leaves it alone, and below IR 4 every initializer must also be a graph input, which the
+    passes do not keep (a folded constant becomes an initializer only)."""
+    minimum = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", TARGET_OPSET)])
+    model.ir_version = max(model.ir_version or 0, minimum)
     return model
 
 
@@ -313,6 +356,8 @@ def verify(model: ir.Model) -> None:
                     f"node '{node.name}' ({node.op_type}) reads '{value.name}' before it is defined"
                 )
         for value in node.outputs:
+            if not value.name:  # an optional output left out (Attention's "" outputs)
+                continue
             if value.name in defined:
                 raise VerificationError(f"value '{value.name}' is produced twice (again by node '{node.name}')")
             defined.add(value.name)

@@ -28,12 +28,13 @@ _ATTR_TYPES = {
     "string": ir.AttributeType.STRING,
     "ints": ir.AttributeType.INTS,
     "floats": ir.AttributeType.FLOATS,
+    "strings": ir.AttributeType.STRINGS,
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Attr:
-    """An attribute of a `qc` op: its type name (int, float, string, ints, floats) and default."""
+    """An attribute of a `qc` op: its type name (int, float, string, ints, floats, strings) and default."""
 
     type: str
     default: Any = None  # None: required
@@ -48,7 +49,7 @@ class OpSchema:
     """What a `qc` op takes and computes.
 
     `reference(*inputs, **attributes)` returns a tuple of numpy arrays, one per output; optional
-    inputs that are absent arrive as None. `check(node)` adds op-specific checks on top of the
+    inputs that are absent arrive as None; a variadic op receives every input positionally. `check(node)` adds op-specific checks on top of the
     schema's (input/output counts, required attributes and their types)."""
 
     op_type: str
@@ -58,6 +59,7 @@ class OpSchema:
     doc: str
     reference: Callable[..., tuple[np.ndarray, ...]]
     optional_inputs: int = 0
+    variadic: bool = False  # the last input may repeat any number of times
     check: Callable[[ir.Node], None] | None = None
     version: int = QC_OPSET_VERSION
 
@@ -73,7 +75,8 @@ def register(schema: OpSchema) -> OpSchema:
 
 
 def _load_definitions() -> None:
-    import qcompiler.qc_ops  # noqa: F401  (importing registers the ops)
+    import qcompiler.mixed_ops  # noqa: F401  (importing registers the ops)
+    import qcompiler.qc_ops  # noqa: F401
 
 
 def schema(op_type: str) -> OpSchema:
@@ -104,7 +107,8 @@ def verify_node(node: ir.Node) -> None:
     op = schema(node.op_type)
     where = f"node '{node.name}' ({QC_DOMAIN}.{node.op_type})"
     n_in = len(node.inputs)
-    if not len(op.inputs) - op.optional_inputs <= n_in <= len(op.inputs):
+    most = 1 << 30 if op.variadic else len(op.inputs)
+    if not len(op.inputs) - op.optional_inputs <= n_in <= most:
         raise VerificationError(f"{where} has {n_in} inputs; the schema takes {list(op.inputs)}")
     if len(node.outputs) != len(op.outputs):
         raise VerificationError(f"{where} has {len(node.outputs)} outputs; the schema gives {list(op.outputs)}")

@@ -46,23 +46,10 @@ CHOSEN = {
     "pytorch-operator": ["test_operator_pad", "test_operator_add_broadcast"],
 }
 
-# Failures of our pipeline in the sample, each with its root cause, by case or by reason
-# (benchmarks/conformance-fixes.patch fixes them all and empties both). A listed case that passes
-# only warns.
-KNOWN_FAILURE_REASONS = {
-    r"uses opset \d+; opsets from 13 up are supported": "ir.MIN_OPSET = 13 refuses opsets the onnx version converter upgrades",
-}
-KNOWN_FAILURES = {
-    "pytorch-converted/test_ConstantPad2d": "old opset, then IR version 3 kept after conversion (initializers must be inputs)",
-    "pytorch-operator/test_operator_pad": "old opset, then IR version 3 kept after conversion (initializers must be inputs)",
-    "node/test_attention_4d_with_qk_matmul": "ir.verify counts left-out optional outputs ('') as defined twice",
-    "node/test_castlike_no_saturate_FLOAT_to_FLOAT8E4M3FN": "onnxscript's folder turns CastLike into Cast without 'saturate'",
-    "node/test_if_opt": "onnx_ir ShapeInferencePass types untyped sequences as tensors",
-    "node/test_loop16_seq_none": "onnx_ir ShapeInferencePass types untyped sequences as tensors",
-    "node/test_sequence_map_identity_1_sequence_expanded": "onnx_ir ShapeInferencePass types untyped sequences as tensors",
-    "node/test_scan9_sum": "onnx_ir IdentityEliminationPass merges two subgraph outputs",
-    "node/test_split_to_sequence_1": "onnxscript's SplitToSequence folding rule raises on a run-time split",
-}
+# Failures of our pipeline in the sample, each with its root cause, by case or by reason (a
+# pattern on the failure's reason). A listed case that passes only warns.
+KNOWN_FAILURE_REASONS: dict[str, str] = {}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def _known(key: str, reason: str) -> bool:
