@@ -11,6 +11,7 @@ the same numbers as their references.
 - dynamic -> `DynamicQuantizeLinear` + `DequantizeLinear` (ONNX Runtime's dynamic quantization).
 - per-token -> `Abs`, `ReduceMax`, `Div`, `Round`, `Clip`, `Mul` in float: exact, but not faster
   on ONNX Runtime (it has no per-token integer kernel); the statistics say so.
+- `qc.MixedMatMul` -> packed codes expanded by standard ops (`passes/lower_mixed.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import onnx_ir as ir
 from qcompiler import ops
 from qcompiler.layers import CREATED_BY, new_initializer
 from qcompiler.passbase import Pass, PassResult, option, register_pass
+from qcompiler.passes.lower_mixed import lower_mixed_matmul
 
 
 @functools.cache
@@ -160,6 +162,7 @@ def _lower_channel_scale(graph: ir.Graph, node: ir.Node, signed: bool) -> str:
 
 
 _LOWERINGS = {
+    "MixedMatMul": lambda graph, node, signed: lower_mixed_matmul(graph, node),
     "ChannelScale": _lower_channel_scale,
     "DequantizeWeight": _lower_dequantize_weight,
     "QuantizeActivation": _lower_quantize_activation,

@@ -383,13 +383,18 @@ WEIGHT_CONSUMERS = frozenset({("", "MatMul"), ("", "Gemm"), ("", "Conv"), ("", "
 def weight_values(model: ir.Model) -> list[ir.Value]:
     """Initializers that hold weights: the second operand of MatMul/Gemm/Conv (and contrib
     weight-only matmuls), directly or through a chain of nodes that read only constants (such as
-    DequantizeLinear of packed codes, scales and zero points). Deduplicated, in graph order."""
+    DequantizeLinear of packed codes, scales and zero points), plus the constant indices of a
+    Gather that permutes the first operand. Deduplicated, in graph order."""
     found: dict[str, ir.Value] = {}
     for node in model.graph:
         domain = "" if node.domain == "ai.onnx" else node.domain
         if (domain, node.op_type) in WEIGHT_CONSUMERS and len(node.inputs) > 1 and node.inputs[1] is not None:
             for value in _constant_sources(node.inputs[1]):
                 found.setdefault(value.name, value)
+            gather = node.inputs[0].producer() if node.inputs[0] is not None else None
+            if gather is not None and gather.op_type == "Gather" and len(gather.inputs) > 1:  # an input permutation
+                for value in _constant_sources(gather.inputs[1]):
+                    found.setdefault(value.name, value)
     return list(found.values())
 
 

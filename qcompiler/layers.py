@@ -51,7 +51,7 @@ def set_constant(graph: ir.Graph, value: ir.Value, array: np.ndarray, owner: ir.
 
     Rewritten in place when `owner` is the only reader; otherwise a new initializer named
     `<value>.<suffix>` is created and only `owner` is rewired to it."""
-    array = np.ascontiguousarray(array)
+    array = np.require(array, requirements="C")  # keeps 0-d arrays 0-d
     readers = {use.node for use in value.uses()}
     if readers == {owner} and value not in graph.outputs and value not in graph.inputs:
         value.const_value = ir.tensor(array, name=value.name)
@@ -70,7 +70,7 @@ def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     unique, n = name, 1
     while unique in graph.initializers:
         unique, n = f"{name}.{n}", n + 1
-    array = np.ascontiguousarray(array)
+    array = np.require(array, requirements="C")  # keeps 0-d arrays 0-d
     value = ir.Value(
         name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
         const_value=ir.tensor(array, name=unique),

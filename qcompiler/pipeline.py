@@ -49,6 +49,11 @@ PRESETS: dict[str, Preset] = {
         "int8 weights and activations with SmoothQuant (needs --calib)",
         {"alpha": "auto", "method": "minmax", "act-mode": "static"},
     ),
+    "mixed": Preset(
+        "canonicalize,calibrate,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook},quantize-weights,lower-ort",
+        "weight-only channel-wise mixed precision at a fractional bit budget (needs --calib)",
+        {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform"},
+    ),
 }
 
 

@@ -1,0 +1,199 @@
+"""`quantize-weights`: carry out a bit allocation as a `qc.MixedMatMul`.
+
+For each `MatMul(X, qc.BitAllocation(W, bits))`:
+1. Permute the input channels so that each bit class is contiguous (classes by increasing bits,
+   fp16 last; channels keep their order inside a class).
+2. Quantize each class:
+   - fp16 (activation outliers): stored as is, in fp16;
+   - 2-4 bits with `codebook=kmeans`: per output column, 2^b centroids fitted by 1-D k-means
+     weighted by the channels' activation energy E_k (SqueezeLLM, Kim et al. 2023);
+   - otherwise uniform asymmetric groups of `group_size` rows per column, min-max (`grid=minmax`)
+     or with the clipping ratio that minimises the E-weighted error (`grid=mse`);
+3. Quantization-based outliers: the `outliers_weight` fraction of weights with the largest
+   |w - Q(w)| * sqrt(E_k) are kept exactly, as sparse fp16 (row, column, value).
+
+The result computes `X[..., perm] @ W_hat`; effective bits are counted by the backend from the bytes
+it writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.calibration import STATS_KEY
+from qcompiler.layers import CREATED_BY, new_initializer, remove_unused
+from qcompiler.mixed_ops import FP16_BITS, dequantize_codebook, dequantize_uniform
+from qcompiler.ops import attributes_of
+from qcompiler.passbase import Pass, PassResult, option, register_pass
+
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+KMEANS_ITERATIONS = 12
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class QuantizeWeightsPass(Pass):
+    """Quantize allocated weights: uniform grids or k-means codebooks per bit class, fp16 and sparse outliers."""
+
+    name = "quantize-weights"
+    required = frozenset({"bits-allocated"})
+    provided = frozenset({"weights-quantized"})
+
+    grid: Literal["minmax", "mse"] = option("mse", "uniform classes: min-max range, or the clipping that minimises weighted error")
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        per_layer = {}
+        for node in list(graph):
+            if node.domain != "qc" or node.op_type != "BitAllocation":
+                continue
+            for use in list(node.outputs[0].uses()):
+                matmul = use.node
+                if matmul.op_type == "MatMul" and use.idx == 1:
+                    per_layer[matmul.name or matmul.outputs[0].name] = self._replace(graph, node, matmul)
+        if per_layer:
+            remove_unused(model)
+        return PassResult(model, bool(per_layer), {"layers": len(per_layer), "per_layer": per_layer})
+
+    def _replace(self, graph: ir.Graph, allocation: ir.Node, matmul: ir.Node) -> dict:
+        fmt = attributes_of(allocation)
+        w = allocation.inputs[0].const_value.numpy().astype(np.float32)
+        bits = allocation.inputs[1].const_value.numpy().astype(np.int64)
+        x = matmul.inputs[0]
+        stats = x.meta.get(STATS_KEY)
+        energy = stats.mean_sq.astype(np.float64) if stats is not None else np.ones(w.shape[0])
+        perm = np.argsort(bits, kind="stable")  # classes by increasing bits, fp16 (16) last
+        wp, ep, bp = w[perm], energy[perm], bits[perm]
+        base = allocation.inputs[0].name
+        inputs = [x, new_initializer(graph, f"{base}.perm", perm.astype(np.int64))]
+        kinds, class_bits, sizes, blocks = [], [], [], []
+        for b in np.unique(bp):
+            rows = np.flatnonzero(bp == b)
+            block, e = wp[rows], ep[rows]
+            if b == FP16_BITS:
+                kind, arrays, dequant = "fp16", [block.astype(np.float16)], block.astype(np.float16).astype(np.float32)
+            elif fmt["codebook"] == "kmeans" and b <= 4:
+                codes, book = kmeans_codebook(block, e, int(b))
+                kind, arrays, dequant = "codebook", [codes, book], dequantize_codebook(codes, book)
+            else:
+                codes, scale, zero = uniform_groups(block, e, int(b), fmt["group_size"], self.grid)
+                kind, arrays, dequant = "uniform", [codes, scale, zero], dequantize_uniform(codes, scale, zero, fmt["group_size"])
+            for i, array in enumerate(arrays):
+                inputs.append(new_initializer(graph, f"{base}.b{b}.{kind}.{i}", array))
+            kinds.append(kind)
+            class_bits.append(int(b))
+            sizes.append(len(rows))
+            blocks.append(dequant)
+        w_hat = np.concatenate(blocks)
+        indices, values = sparse_outliers(wp, w_hat, ep, bp, fmt["outliers_weight"])
+        sparse = int(len(values) > 0)
+        if sparse:
+            inputs.append(new_initializer(graph, f"{base}.outlier_index", indices))
+            inputs.append(new_initializer(graph, f"{base}.outlier_value", values))
+            w_hat[indices[:, 0], indices[:, 1]] = values.astype(np.float32)
+        node = ir.node(
+            "MixedMatMul", inputs,
+            {"kinds": kinds, "bits": class_bits, "sizes": sizes, "group_size": int(fmt["group_size"]), "sparse": sparse},
+            domain="qc", name=matmul.name, metadata_props={CREATED_BY: self.name},
+        )
+        ir.convenience.replace_nodes_and_values(graph, matmul, [matmul], [node], [matmul.outputs[0]], [node.outputs[0]])
+        error = float(np.sum(ep[:, None] * (wp - w_hat) ** 2))
+        energy_total = float(np.sum(ep[:, None] * wp**2))
+        return {
+            "classes": dict(zip([k if k == "fp16" else f"{k}{b}" for k, b in zip(kinds, class_bits)], sizes)),
+            "sparse_outliers": int(len(values)),
+            "weighted_sqnr_db": round(10 * np.log10(energy_total / error), 2) if error > 0 else None,
+        }
+
+
+def uniform_groups(block: np.ndarray, energy: np.ndarray, bits: int, group_size: int, grid: str):
+    """Asymmetric uniform codes per (group of rows, column): uint8 codes, fp16 scales, uint8 zeros."""
+    levels = (1 << bits) - 1
+    k, n = block.shape
+    groups = -(-k // group_size)
+    codes = np.empty((k, n), np.uint8)
+    scales = np.empty((groups, n), np.float16)
+    zeros = np.empty((groups, n), np.uint8)
+    for g in range(groups):
+        rows = slice(g * group_size, (g + 1) * group_size)
+        part, e = block[rows].astype(np.float64), energy[rows][:, None]
+        best = None
+        for ratio in CLIP_RATIOS if grid == "mse" else (1.0,):
+            q, s, z = _grid(part, levels, ratio)
+            err = np.sum(e * (part - (q - z) * s) ** 2, axis=0)
+            if best is None:
+                best = (err, q, s, z)
+            else:
+                better = err < best[0]
+                best = tuple(np.where(better, new, old) for new, old in zip((err, q, s, z), best))
+        _, q, s, z = best
+        codes[rows], scales[g], zeros[g] = q.astype(np.uint8), s.astype(np.float16), z.astype(np.uint8)
+    return codes, scales, zeros
+
+
+def _grid(part: np.ndarray, levels: int, ratio: float):
+    lo, hi = np.minimum(part.min(axis=0), 0.0) * ratio, np.maximum(part.max(axis=0), 0.0) * ratio
+    scale = np.where(hi > lo, (hi - lo) / levels, 1.0)
+    scale = scale.astype(np.float16).astype(np.float64)  # the stored precision
+    scale = np.where(scale > 0, scale, 1.0)
+    zero = np.clip(np.round(-lo / scale), 0, levels)
+    q = np.clip(np.round(part / scale) + zero, 0, levels)
+    return q, scale, zero
+
+
+def kmeans_codebook(block: np.ndarray, energy: np.ndarray, bits: int, chunk: int = 2048):
+    """Per output column, 2^b centroids by 1-D k-means weighted by the rows' energy.
+
+    Deterministic: centroids start at weighted quantiles; empty clusters keep their centroid.
+    Columns are processed in chunks to bound memory."""
+    k, n = block.shape
+    codes = np.empty((k, n), np.uint8)
+    book = np.empty((n, 1 << bits), np.float16)
+    weight = np.maximum(energy.astype(np.float64), 1e-12)
+    for start in range(0, n, chunk):
+        cols = slice(start, min(n, start + chunk))
+        codes[:, cols], book[cols] = _kmeans_columns(block[:, cols].astype(np.float64).T, weight, 1 << bits)
+    return codes, book
+
+
+def _kmeans_columns(x: np.ndarray, weight: np.ndarray, size: int):
+    n, k = x.shape
+    order = np.argsort(x, axis=1, kind="stable")
+    sorted_x = np.take_along_axis(x, order, axis=1)
+    cum = np.cumsum(weight[order], axis=1)
+    targets = (np.arange(size) + 0.5) / size * cum[:, -1:]
+    positions = np.minimum(np.array([np.searchsorted(c, t) for c, t in zip(cum, targets)]), k - 1)
+    centroids = np.take_along_axis(sorted_x, positions, axis=1)  # [n, size]
+    offsets = (np.arange(n) * size)[:, None]
+    w_full = np.broadcast_to(weight, (n, k)).ravel()
+    for _ in range(KMEANS_ITERATIONS):
+        assign = _nearest(x, centroids) + offsets
+        mass = np.bincount(assign.ravel(), weights=w_full, minlength=n * size).reshape(n, size)
+        total = np.bincount(assign.ravel(), weights=(x * weight).ravel(), minlength=n * size).reshape(n, size)
+        centroids = np.where(mass > 0, total / np.maximum(mass, 1e-300), centroids)
+    stored = centroids.astype(np.float16)
+    return _nearest(x, stored.astype(np.float64)).T.astype(np.uint8), stored
+
+
+def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid for each value: x [n, k], centroids [n, s] -> [n, k]."""
+    return np.argmin(np.abs(x[:, :, None] - centroids[:, None, :]), axis=2)
+
+
+def sparse_outliers(w: np.ndarray, w_hat: np.ndarray, energy: np.ndarray, bits: np.ndarray, fraction: float):
+    """The largest |w - w_hat| * sqrt(E_k) among quantized rows: int32 [n, 2] (row, col), fp16 [n]."""
+    quantized = bits != FP16_BITS
+    count = int(round(fraction * quantized.sum() * w.shape[1]))
+    if count == 0:
+        return np.zeros((0, 2), np.int32), np.zeros(0, np.float16)
+    score = np.abs(w - w_hat) * np.sqrt(energy)[:, None]
+    score[~quantized] = -1.0
+    flat = np.argpartition(-score.ravel(), count - 1)[:count]
+    flat = np.sort(flat)
+    rows, cols = np.unravel_index(flat, w.shape)
+    indices = np.stack([rows, cols], axis=1).astype(np.int32)
+    return indices, w[rows, cols].astype(np.float16)
