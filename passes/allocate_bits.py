@@ -37,6 +37,9 @@ from qcompiler.ops import QC_OPSET_VERSION
 from qcompiler.passbase import Pass, PassResult, option, register_pass
 
 
+LOWERING_BYTES_PER_CLASS = 160
+
+
 @dataclasses.dataclass
 class _Layer:
     linear: Linear
@@ -122,10 +125,7 @@ class AllocateBitsPass(Pass):
     def _allocate(self, pool: list[_Layer]) -> dict[str, np.ndarray]:
         candidates = sorted(set(self.candidates))
         codebook = self.codebook == "kmeans"
-        # Slack for what the per-row costs spread out: each class may end in a partial group, and
-        # the lowering stores a few small constants per class.
-        slack = sum(len(candidates) * (24 * layer.w.shape[1] + 8 * 256) for layer in pool)
-        budget = self.avg_bits * sum(layer.w.size for layer in pool) - slack
+        budget = self.avg_bits * sum(layer.w.size for layer in pool) - sum(self._slack(layer, candidates) for layer in pool)
         bits = {layer.linear.name: np.full(layer.w.shape[0], candidates[0], np.uint8) for layer in pool}
         spent = 0.0
         heap = []
@@ -153,6 +153,12 @@ class AllocateBitsPass(Pass):
             self._push(heap, layer, index, k, level + 1, candidates, codebook)
         return bits
 
+    @staticmethod
+    def _slack(layer: _Layer, candidates) -> float:
+        """What the per-row costs spread out: each class may end in a partial group, and the
+        lowering stores a few small constants per class."""
+        return len(candidates) * (24 * layer.w.shape[1] + 8 * LOWERING_BYTES_PER_CLASS)
+
     def _row_bits(self, b: int, n: int, codebook: bool) -> float:
         return bitcost.per_row_bits(b, n, self.group_size, codebook and b <= 4)
 
@@ -170,7 +176,7 @@ class AllocateBitsPass(Pass):
         total = sum(layer.w.size for layer in pool)
         for layer in pool:
             k, n = layer.w.shape
-            fixed = bitcost.fixed_bits(candidates, k, n, codebook, layer.sparse)
+            fixed = bitcost.fixed_bits(candidates, k, n, codebook, layer.sparse) + self._slack(layer, candidates)
             fp16 = layer.fp16.sum() * bitcost.FP16 * n
             rows = k - layer.fp16.sum()
             low += fixed + fp16 + rows * self._row_bits(candidates[0], n, codebook)

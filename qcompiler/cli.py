@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--count", type=int, help="use only the first N pairs / windows / images")
     ev.add_argument("--window", type=int, default=256, help="perplexity window length in tokens (default 256)")
     ev.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    ev.add_argument("--model", help="the bundled float model, when the artifact was compiled from an ONNX file of it")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
 
     sub.add_parser("passes", help="list every pass and preset with its options")
@@ -150,7 +151,7 @@ def _cmd_eval(args) -> int:
 
     from qcompiler.evaluate import evaluate
 
-    result = evaluate(args.artifact, args.task, args.data, count=args.count, window=args.window, threads=args.threads)
+    result = evaluate(args.artifact, args.task, args.data, count=args.count, window=args.window, threads=args.threads, model=args.model)
     if args.json:
         sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
         return 0

@@ -43,12 +43,14 @@ def evaluate(
     window: int = 256,
     batch_size: int = 16,
     threads: int | None = None,
+    model: str | None = None,
 ) -> dict:
-    """Score the float model and the artifact on `task`; returns a JSON-able dict."""
+    """Score the float model and the artifact on `task`; returns a JSON-able dict. `model` names
+    the bundled float model when the artifact was compiled from an ONNX file of it."""
     if task not in TASKS:
         raise UserError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
     artifact = Path(artifact)
-    bundled = _bundled_from_manifest(artifact)
+    bundled = _bundled_from_manifest(artifact, model)
     compiled = _ort_runner(artifact / "model.onnx", threads)
     reference = _torch_runner(bundled)
     start = time.perf_counter()
@@ -71,15 +73,17 @@ def _need(data, task: str) -> Path:
     return path
 
 
-def _bundled_from_manifest(artifact: Path):
+def _bundled_from_manifest(artifact: Path, name: str | None = None):
     from qcompiler import models
 
+    if name is not None:
+        return models.get(name)
     manifest_path = artifact / "manifest.json"
     if not manifest_path.is_file():
         raise UserError(f"'{artifact}' is not a compiled artifact (no manifest.json); give the -o directory of `qcompiler compile`")
     source = json.loads(manifest_path.read_text()).get("source", {})
     if source.get("kind") != "bundled":
-        raise UserError(f"eval compares against a bundled model's float version; '{artifact}' was compiled from {source.get('kind')} '{source.get('name')}'")
+        raise UserError(f"eval compares against a bundled model's float version; '{artifact}' was compiled from {source.get('kind')} '{source.get('name')}': name the bundled model with --model")
     return models.get(source["name"])
 
 

@@ -80,7 +80,14 @@ def _check_not(span: list[str], patterns: list[str], output: str) -> None:
 
 def run_golden(path: Path) -> str:
     """Parse the file, run its pipeline (verifying the IR), return the printed result."""
-    from qcompiler.ir import parse, to_text, verify
+    from qcompiler.ir import to_text
+
+    return to_text(run_golden_model(path))
+
+
+def run_golden_model(path: Path):
+    """Parse the file and run its pipeline (verifying the IR); returns the model."""
+    from qcompiler.ir import parse, verify
     from qcompiler.pass_manager import run_pipeline
     from qcompiler.pipeline import parse_pipeline
 
@@ -96,7 +103,7 @@ def run_golden(path: Path) -> str:
         with using(CompileContext(calibration=batches)):
             run_pipeline(model, parse_pipeline(run))
         verify(model)
-    return to_text(model)
+    return model
 
 
 def update(path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from filecheck import directives, filecheck, run_golden, tolerance
+from filecheck import directives, filecheck, run_golden, run_golden_model, tolerance
 from qcompiler import execute
 from qcompiler.ir import parse
 from qcompiler.probe import synthetic_inputs
@@ -31,7 +31,7 @@ def test_golden_numerics(path):
     before = parse(text)
     feeds = synthetic_inputs(before, seed=100)  # not among the calibration seeds
     expected = execute.run(before, feeds)
-    actual = execute.run(parse(run_golden(path)), feeds)
+    actual = execute.run(run_golden_model(path), feeds)
     bound = tolerance(text)
     for name, value in expected.items():
         if bound is None:

@@ -1,0 +1,127 @@
+"""Channel-wise mixed precision: allocation, weight quantization, packing and the ORT lowering."""
+
+import numpy as np
+import pytest
+
+from qcompiler import execute
+from qcompiler.codegen.ort import weight_bytes
+from qcompiler.context import CompileContext, using
+from qcompiler.errors import UserError
+from qcompiler.ir import parse, to_text, verify
+from qcompiler.mixed_ops import _mixed_matmul_reference
+from qcompiler.pass_manager import run_pipeline
+from qcompiler.passes.lower_mixed import pack_bitplanes, unpack_bitplanes
+from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
+from qcompiler.pipeline import parse_pipeline
+from qcompiler.probe import synthetic_inputs
+
+
+def _layer(k=1024, n=256, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.05, (k, n)).astype(np.float32)
+    w[rng.choice(k, 8, replace=False)] *= 10
+    values = ",".join(f"{v:.5f}" for v in w.ravel())
+    return parse(f"""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[M, {k}] X) => (float[M, {n}] Y)
+    <float[{k},{n}] W = {{{values}}}>
+    {{ Y = MatMul (X, W) }}""")
+
+
+def _compile(model, pipeline):
+    data = [synthetic_inputs(model, seed=s) for s in range(4)]
+    with using(CompileContext(calibration=data)):
+        return run_pipeline(model, parse_pipeline(pipeline))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("rows", [1, 8, 13, 130])
+def test_bitplanes_round_trip(bits, rows):
+    codes = np.random.default_rng(bits).integers(0, 1 << bits, (rows, 5)).astype(np.uint8)
+    planes = pack_bitplanes(codes, bits)
+    assert planes.shape == (bits, -(-rows // 8), 5)
+    np.testing.assert_array_equal(unpack_bitplanes(planes, rows), codes)
+
+
+def test_mixed_matmul_reference_by_hand():
+    x = np.array([[1.0, 2.0, 3.0]], np.float32)
+    perm = np.array([2, 0, 1])
+    codes = np.array([[0, 3], [1, 2]], np.uint8)  # uniform class: rows perm[0], perm[1]
+    scale, zero = np.array([[0.5, 1.0]], np.float16), np.array([[1, 0]], np.uint8)
+    fp16 = np.array([[7.0, -1.0]], np.float16)  # row perm[2]
+    indices, values = np.array([[0, 1]], np.int32), np.array([9.0], np.float16)
+    (y,) = _mixed_matmul_reference(x, perm, codes, scale, zero, fp16, indices, values,
+                                   kinds=["uniform", "fp16"], bits=[2, 16], sizes=[2, 1], group_size=32, sparse=1)
+    w = np.array([[(0 - 1) * 0.5, 9.0], [(1 - 1) * 0.5, 2.0], [7.0, -1.0]])  # sparse replaced [0, 1]
+    np.testing.assert_allclose(y, x[:, perm] @ w)
+
+
+def test_uniform_groups_and_codebook_reconstruct_well():
+    rng = np.random.default_rng(1)
+    block = rng.normal(0, 1, (256, 32)).astype(np.float32)
+    energy = np.ones(256)
+    from qcompiler.mixed_ops import dequantize_codebook, dequantize_uniform
+
+    for bits, floor_db in ((2, 8.0), (4, 19.0)):
+        codes, scale, zero = uniform_groups(block, energy, bits, 64, "mse")
+        err = dequantize_uniform(codes, scale, zero, 64) - block
+        assert 10 * np.log10(np.sum(block**2) / np.sum(err**2)) > floor_db
+        codes, book = kmeans_codebook(block, energy, bits)
+        err_k = dequantize_codebook(codes, book) - block
+        codes, scale, zero = uniform_groups(block, energy, bits, 256, "minmax")
+        err_column = dequantize_uniform(codes, scale, zero, 256) - block
+        assert np.sum(err_k**2) < np.sum(err_column**2)  # a column's codebook beats its min-max grid
+
+
+@pytest.mark.parametrize("budget", [2.75, 3.25, 4.0, 6.0])
+def test_budget_holds_in_emitted_bytes(budget):
+    model = _layer()
+    _compile(model, f"calibrate,allocate-bits{{avg-bits={budget}}},quantize-weights,lower-ort")
+    stored = weight_bytes(model, 1024 * 256)["effective_bits_per_weight"]
+    assert budget - 0.25 <= stored <= budget
+
+
+def test_more_bits_less_error_and_lowering_matches_reference():
+    errors = []
+    for budget in (2.75, 3.25, 4.0):
+        model = _layer()
+        feeds = synthetic_inputs(model, seed=77)
+        expected = execute.run(model, feeds)["Y"]
+        records = _compile(model, f"calibrate,allocate-bits{{avg-bits={budget}}},quantize-weights")
+        verify(model)
+        reference = execute.run(model, feeds)["Y"]
+        errors.append(records[1].stats["predicted_error"])
+        _compile(model, "lower-ort")
+        assert "qc." not in to_text(model)
+        np.testing.assert_allclose(execute.run(model, feeds)["Y"], reference, rtol=1e-4, atol=1e-4)
+        assert execute.drift({"Y": expected}, {"Y": reference})["rel_l2"] < 0.6
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_second_runs_change_nothing():
+    model = _layer(k=256, n=64)
+    _compile(model, "calibrate,allocate-bits{avg-bits=4},quantize-weights")
+    text = to_text(model)
+    records = _compile(model, "allocate-bits{avg-bits=4},quantize-weights")
+    assert not any(r.modified for r in records)
+    assert to_text(model) == text
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ("avg-bits=2.1", "avg-bits 2.1 is outside .* feasible [0-9.]+ to [0-9.]+"),
+        ("candidates=0,3", "candidates must be integers in 1..8"),
+        ("candidates=2.5", "must be an integer"),
+        ("outliers-act=0.2", "outliers-act must be in \\[0, 0.1\\]"),
+        ("outliers-weight=-0.1", "outliers-weight must be in \\[0, 0.1\\]"),
+        ("avg-bits=1.5", "avg-bits must be in 2.0..16.0"),
+    ],
+)
+def test_bad_allocation_options(options, message):
+    with pytest.raises(UserError, match=message):
+        _compile(_layer(k=256, n=64), f"calibrate,allocate-bits{{{options}}}")
+
+
+def test_layer_too_small_for_group():
+    with pytest.raises(UserError, match="fewer than group-size 128; lower group-size"):
+        _compile(_layer(k=64, n=8), "calibrate,allocate-bits")
