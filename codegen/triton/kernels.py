@@ -37,7 +37,8 @@ not be used by two streams at once (launch from one stream, or pass ``workspace=
 
 Configurations: decode (M == 1: GEMV configs; 2 <= M <= 16: BM = 16 tensor-core tiles) use split-K;
 prefill uses larger ``tl.dot`` tiles.  Each set is a ``triton.autotune`` over a short list keyed by
-(M bucket, N, K, the specialisation constexprs, dtypes).  Under ``TRITON_INTERPRET=1`` (CPU tests)
+(M bucket, N, K, the specialisation constexprs, dtypes), timed by :func:`bench_kernel_cold` (CUDA
+graphs, cold L2: eager timing of a decode kernel measures Python launch overhead instead).  Under ``TRITON_INTERPRET=1`` (CPU tests)
 autotuning is off and one small fixed configuration per path is used (or the caller's ``config``).
 
 Named entry points: ``qc_gemm_w{b}a16_g{g}`` (b in 2, 3, 4, 8; g in 32, 64, 128),
@@ -148,13 +149,19 @@ def _wq_main(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, pid_m, offs_m, offs_n, m_mask,
              M, N, K, NUM_KT, NUM_GROUPS, stride_xm,
              BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, LUT_GROUPED: tl.constexpr,
              LUT_IMPL: tl.constexpr, DOT_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-             SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr):
-    """The dense part: this program's share (1 / SPLIT_K) of the K tiles, fp32 [BM, BN]."""
+             SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr):
+    """The dense part: this program's share (1 / SPLIT_K) of the K tiles, fp32 [BM, BN].
+
+    GEMV with uniform codes and groups that tile T evenly scales once per group instead of once per
+    weight: with f = 1 + q / 2**b, sum_k x_k (f_k S + B) = S sum_k x_k f_k + B sum_k x_k, so the
+    inner loop is one FMA per code (x f into a per-group accumulator) and the group's scale and
+    offset are two FMAs per [R, BN] element per group."""
     R: tl.constexpr = 32  # PACK_ROWS
     C: tl.constexpr = 10 if BITS == 3 else 32 // BITS  # codes per int32 word
     T: tl.constexpr = C * R  # K range of one tile of R words
     NT: tl.constexpr = 1 << BITS
     CMASK: tl.constexpr = (NT - 1) << (23 - BITS)  # code placed in the top mantissa bits
+    POST_SCALE: tl.constexpr = (MODE == 0) and (not USE_DOT) and (T % GROUP == 0)
     offs_r = tl.arange(0, R)
 
     tiles_per_split = tl.cdiv(NUM_KT, SPLIT_K)
@@ -210,12 +217,16 @@ def _wq_main(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, pid_m, offs_m, offs_n, m_mask,
                     z = tl.load(z_ptr + grp * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
                     s_hi = s * NT
                     off = -(s_hi + z * s)
+                    if POST_SCALE:
+                        acc_g = tl.zeros((R, BN), dtype=tl.float32)
+                        xs = tl.zeros((R,), dtype=tl.float32)
                 if (23 - BITS) - BITS * i >= 0:  # compile-time: move code i to bits 23-b .. 22
                     bits = words << ((23 - BITS) - BITS * i)
                 else:
                     bits = words >> (BITS * i - (23 - BITS))
                 f = ((bits & CMASK) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q / 2**b
-                w = f * s_hi[None, :] + off[None, :]
+                if not POST_SCALE:
+                    w = f * s_hi[None, :] + off[None, :]  # (q - z) s in one FMA
             else:
                 if LUT_IMPL == 0:
                     if LUT_GROUPED:
@@ -243,15 +254,28 @@ def _wq_main(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, pid_m, offs_m, offs_n, m_mask,
             # ---- multiply-accumulate
             kk = k0 + offs_r
             if USE_DOT:
-                xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-                             mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+                if EVEN_K:
+                    xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None], other=0.0)
+                else:
+                    xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                                 mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
                 if DOT_F32:
                     acc = tl.dot(xa.to(tl.float32), w, acc, input_precision="ieee")
                 else:
                     acc = tl.dot(xa, w.to(xa.dtype), acc)
             else:
-                xv = tl.load(x_ptr + pid_m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
-                acc2 += xv[:, None] * w
+                if EVEN_K:
+                    xv = tl.load(x_ptr + pid_m * stride_xm + kk).to(tl.float32)
+                else:
+                    xv = tl.load(x_ptr + pid_m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
+                if POST_SCALE:
+                    acc_g += xv[:, None] * f
+                    xs += xv
+                    if ((i + 1) * R) % GROUP == 0:  # last chunk of the group: apply its scale and offset
+                        acc2 += acc_g * s_hi[None, :]  # two FMAs per element and group
+                        acc2 += xs[:, None] * off[None, :]
+                else:
+                    acc2 += xv[:, None] * w
     if not USE_DOT:
         acc = tl.sum(acc2, axis=0)[None, :]
     return acc
@@ -298,7 +322,7 @@ def qc_gemm_wq_a16_kernel(
     M_BUCKET,  # autotune key only
     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, LUT_GROUPED: tl.constexpr,
     LUT_IMPL: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SP_SPLITS: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
 ):
     """Grid (output tiles, SPLIT_K + SP_SPLITS): programs pid_k < SPLIT_K do a share of the dense K loop,
@@ -317,12 +341,12 @@ def qc_gemm_wq_a16_kernel(
     if SP_SPLITS == 0:
         acc = _wq_main(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, pid_m, offs_m, offs_n, m_mask, n_mask, pid_k,
                        M, N, K, NUM_KT, NUM_GROUPS, stride_xm, BITS, GROUP, MODE, LUT_GROUPED, LUT_IMPL, DOT_F32,
-                       BM, BN, SPLIT_K, USE_DOT)
+                       BM, BN, SPLIT_K, USE_DOT, EVEN_K)
     else:
         if pid_k < SPLIT_K:
             acc = _wq_main(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, pid_m, offs_m, offs_n, m_mask, n_mask, pid_k,
                            M, N, K, NUM_KT, NUM_GROUPS, stride_xm, BITS, GROUP, MODE, LUT_GROUPED, LUT_IMPL,
-                           DOT_F32, BM, BN, SPLIT_K, USE_DOT)
+                           DOT_F32, BM, BN, SPLIT_K, USE_DOT, EVEN_K)
         else:
             acc = _wq_sparse(x_ptr, xt_ptr, sp_colptr, sp_rows, sp_vals, pid_m, offs_m, offs_n, m_mask, n_mask,
                              pid_k - SPLIT_K, M, stride_xm, BM, BN, SP_SPLITS)
@@ -422,21 +446,17 @@ def _cfg(bm, bn, sk, dot, warps, stages, **extra):
                          num_stages=stages)
 
 
-WQ_GEMV_CONFIGS = [
-    _cfg(1, 64, 1, False, 4, 1), _cfg(1, 64, 2, False, 4, 1), _cfg(1, 64, 4, False, 4, 1),
-    _cfg(1, 64, 8, False, 4, 1), _cfg(1, 128, 2, False, 4, 1), _cfg(1, 128, 4, False, 4, 1),
-    _cfg(1, 128, 8, False, 4, 1), _cfg(1, 128, 4, False, 8, 1), _cfg(1, 256, 4, False, 8, 1),
-    _cfg(1, 32, 8, False, 2, 1), _cfg(16, 64, 4, True, 4, 2),
+WQ_GEMV_CONFIGS = [  # M == 1 (timed on an H100 at 8192^2: BN 64 / 32 with split-K 4-8 were the fastest)
+    _cfg(1, 64, 4, False, 4, 1), _cfg(1, 64, 8, False, 4, 1), _cfg(1, 32, 8, False, 2, 1),
+    _cfg(1, 64, 16, False, 4, 1), _cfg(1, 128, 4, False, 8, 1), _cfg(16, 64, 4, True, 4, 2),
 ]
-WQ_DECODE_CONFIGS = [
-    _cfg(16, 64, 1, True, 4, 2), _cfg(16, 64, 2, True, 4, 2), _cfg(16, 64, 4, True, 4, 2),
-    _cfg(16, 64, 8, True, 4, 2), _cfg(16, 128, 2, True, 4, 2), _cfg(16, 128, 4, True, 4, 2),
-    _cfg(16, 32, 4, True, 2, 2),
+WQ_DECODE_CONFIGS = [  # 2 <= M <= 16
+    _cfg(16, 64, 4, True, 4, 2), _cfg(16, 64, 8, True, 4, 2), _cfg(16, 32, 4, True, 2, 2),
+    _cfg(16, 128, 4, True, 4, 2),
 ]
 WQ_PREFILL_CONFIGS = [
-    _cfg(32, 64, 2, True, 4, 2), _cfg(64, 64, 1, True, 4, 2), _cfg(64, 128, 1, True, 4, 2),
-    _cfg(64, 128, 2, True, 4, 2), _cfg(128, 128, 1, True, 8, 2), _cfg(128, 64, 1, True, 4, 2),
-    _cfg(64, 64, 2, True, 4, 3),
+    _cfg(32, 64, 2, True, 4, 2), _cfg(64, 64, 1, True, 4, 3), _cfg(64, 128, 1, True, 4, 2),
+    _cfg(128, 128, 1, True, 8, 2),
 ]
 # extra programs per output tile that apply the sparse outlier correction concurrently with the dense loop
 SP_SPLITS_GEMV = 4
@@ -446,21 +466,20 @@ WQ_INTERP = {"gemv": dict(BM=1, BN=32, SPLIT_K=2, USE_DOT=False), "decode": dict
              "prefill": dict(BM=32, BN=32, SPLIT_K=1, USE_DOT=True)}
 
 W8_DECODE_CONFIGS = [
-    triton.Config({"BM": 16, "BN": 64, "BK": 128, "SPLIT_K": sk}, num_warps=4, num_stages=st)
-    for sk, st in ((1, 3), (2, 3), (4, 3), (8, 3))
-] + [triton.Config({"BM": 16, "BN": bn, "BK": 256, "SPLIT_K": sk}, num_warps=4, num_stages=3)
-       for bn, sk in ((128, 4), (64, 4), (64, 8))]
+    triton.Config({"BM": 16, "BN": bn, "BK": bk, "SPLIT_K": 4}, num_warps=4, num_stages=3)
+    for bn, bk in ((64, 128), (64, 256), (128, 256))
+]
 W8_PREFILL_CONFIGS = [
     triton.Config({"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=w, num_stages=st)
     for bm, bn, bk, sk, w, st in (
-        (64, 128, 128, 1, 4, 4), (128, 128, 128, 1, 8, 4), (128, 256, 128, 1, 8, 3), (128, 128, 64, 1, 4, 5),
-        (64, 64, 128, 2, 4, 4), (128, 128, 128, 2, 8, 4), (256, 128, 128, 1, 8, 3),
+        (64, 128, 128, 1, 4, 4), (128, 128, 128, 1, 8, 4), (128, 256, 64, 1, 8, 4), (64, 256, 128, 1, 4, 4),
+        (64, 64, 128, 2, 4, 4),
     )
 ]
 W8_INTERP = {"decode": dict(BM=16, BN=32, BK=64, SPLIT_K=2), "prefill": dict(BM=32, BN=32, BK=64, SPLIT_K=1)}
 
 _WQ_KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP", "MODE", "LUT_GROUPED", "LUT_IMPL", "HAS_BIAS", "ACT", "SP_SPLITS",
-           "DOT_F32"]
+           "EVEN_K", "DOT_F32"]
 _W8_KEY = ["M_BUCKET", "N", "K", "HAS_BIAS", "ACT"]
 
 
@@ -641,7 +660,8 @@ def qc_gemm_wq_a16(x: torch.Tensor, packed: torch.Tensor, *, bits: int, k: int, 
             bias if bias is not None else dummy, sp[0], sp[1], sp[2], y, workspace.partials, workspace.counters,
             m, n, k, num_kt, n_groups, x2.stride(0), y.stride(0), m_bucket(m))
     consts = dict(BITS=bits, GROUP=grp_size, MODE=mode, LUT_GROUPED=lut_grouped, LUT_IMPL=impl,
-                  HAS_BIAS=bias is not None, ACT=ACT_IDS[act], SP_SPLITS=sp_splits, DOT_F32=dot_f32)
+                  HAS_BIAS=bias is not None, ACT=ACT_IDS[act], SP_SPLITS=sp_splits, DOT_F32=dot_f32,
+                  EVEN_K=k % tile == 0)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), meta["SPLIT_K"] + sp_splits)
