@@ -50,6 +50,8 @@ def evaluate(
     if task not in TASKS:
         raise UserError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
     artifact = Path(artifact)
+    if not (artifact / "model.onnx").is_file():
+        raise UserError(f"'{artifact}' is not a compiled artifact (no model.onnx); give the -o directory of `qcompiler compile`")
     bundled = _bundled_from_manifest(artifact, model)
     compiled = _ort_runner(artifact / "model.onnx", threads)
     reference = _torch_runner(bundled)
