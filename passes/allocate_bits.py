@@ -157,7 +157,7 @@ class AllocateBitsPass(Pass):
     def _slack(layer: _Layer, candidates) -> float:
         """What the per-row costs spread out: each class may end in a partial group, and the
         lowering stores a few small constants per class."""
-        return len(candidates) * (24 * layer.w.shape[1] + 8 * LOWERING_BYTES_PER_CLASS)
+        return len(candidates) * (bitcost.GROUP_BITS * layer.w.shape[1] + 8 * LOWERING_BYTES_PER_CLASS)
 
     def _row_bits(self, b: int, n: int, codebook: bool) -> float:
         return bitcost.per_row_bits(b, n, self.group_size, codebook and b <= 4)

@@ -111,13 +111,15 @@ class QuantizeWeightsPass(Pass):
 
 
 def uniform_groups(block: np.ndarray, energy: np.ndarray, bits: int, group_size: int, grid: str):
-    """Asymmetric uniform codes per (group of rows, column): uint8 codes, fp16 scales, uint8 zeros."""
+    """Asymmetric uniform codes per (group of rows, column): uint8 codes, fp16 scales and fp16
+    (fractional) zero points, so the grid's minimum need not sit on an integer step: a grid
+    [lo, hi] is reproduced exactly, e.g. weights that passed through a 4-bit scale + min format."""
     levels = (1 << bits) - 1
     k, n = block.shape
     groups = -(-k // group_size)
     codes = np.empty((k, n), np.uint8)
     scales = np.empty((groups, n), np.float16)
-    zeros = np.empty((groups, n), np.uint8)
+    zeros = np.empty((groups, n), np.float16)
     for g in range(groups):
         rows = slice(g * group_size, (g + 1) * group_size)
         part, e = block[rows].astype(np.float64), energy[rows][:, None]
@@ -131,17 +133,20 @@ def uniform_groups(block: np.ndarray, energy: np.ndarray, bits: int, group_size:
                 better = err < best[0]
                 best = tuple(np.where(better, new, old) for new, old in zip((err, q, s, z), best))
         _, q, s, z = best
-        codes[rows], scales[g], zeros[g] = q.astype(np.uint8), s.astype(np.float16), z.astype(np.uint8)
+        codes[rows], scales[g], zeros[g] = q.astype(np.uint8), s.astype(np.float16), z.astype(np.float16)
     return codes, scales, zeros
 
 
 def _grid(part: np.ndarray, levels: int, ratio: float):
-    lo, hi = np.minimum(part.min(axis=0), 0.0) * ratio, np.maximum(part.max(axis=0), 0.0) * ratio
-    scale = np.where(hi > lo, (hi - lo) / levels, 1.0)
-    scale = scale.astype(np.float16).astype(np.float64)  # the stored precision
+    """Codes, scale and zero (both at their stored fp16 precision) for a range shrunk by `ratio`
+    about its centre."""
+    lo, hi = part.min(axis=0), part.max(axis=0)
+    centre, half = (lo + hi) / 2, (hi - lo) / 2 * ratio
+    lo, hi = centre - half, centre + half
+    scale = np.where(hi > lo, (hi - lo) / levels, 1.0).astype(np.float16).astype(np.float64)
     scale = np.where(scale > 0, scale, 1.0)
-    zero = np.clip(np.round(-lo / scale), 0, levels)
-    q = np.clip(np.round(part / scale) + zero, 0, levels)
+    zero = (-lo / scale).astype(np.float16).astype(np.float64)
+    q = np.clip(np.round(part / scale + zero), 0, levels)
     return q, scale, zero
 
 

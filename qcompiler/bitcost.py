@@ -3,7 +3,7 @@ in error: the model `allocate-bits` optimises and `quantize-weights` reports aga
 
 Stored bits of a layer W [K, N] (every byte counted, as emitted):
 - uniform class of b bits: b * K_c * N codes, plus per group of `group_size` rows and per column an
-  fp16 scale and a b-bit zero point (rounded up to a byte): (16 + 8 * ceil(b / 8)) * N * ceil(K_c / g);
+  fp16 scale and an fp16 zero point: 32 * N * ceil(K_c / g);
 - codebook class of b bits: b * K_c * N codes plus N * 2^b fp16 centroids;
 - fp16 class (activation outliers): 16 * K_c * N;
 - sparse outliers: per value 16 (fp16) + 32 (two uint16 indices);
@@ -23,13 +23,14 @@ import numpy as np
 FP16 = 16
 SPARSE_BITS = 16 + 32
 PERM_BITS = 16
+GROUP_BITS = 32  # fp16 scale + fp16 zero point per group and column
 
 
 def uniform_class_bits(bits: int, rows: int, cols: int, group_size: int) -> int:
     if rows == 0:
         return 0
     groups = math.ceil(rows / group_size)
-    return bits * rows * cols + (16 + 8 * math.ceil(bits / 8)) * cols * groups
+    return bits * rows * cols + GROUP_BITS * cols * groups
 
 
 def codebook_class_bits(bits: int, rows: int, cols: int) -> int:
@@ -50,7 +51,7 @@ def per_row_bits(bits: int, cols: int, group_size: int, codebook: bool) -> float
         return FP16 * cols
     if codebook:
         return bits * cols
-    return bits * cols + (16 + 8 * math.ceil(bits / 8)) * cols / group_size
+    return bits * cols + GROUP_BITS * cols / group_size
 
 
 def fixed_bits(candidates, rows: int, cols: int, codebook: bool, sparse_count: int) -> int:

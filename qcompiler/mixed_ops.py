@@ -13,7 +13,7 @@ permutation `perm` (int64 [K]: row j of the stored weight is input channel perm[
 
     kind       inputs                                        dequantized rows W_c [K_c, N]
     uniform    codes uint8 [K_c, N], scale fp16 [G_c, N],      (codes - zero[k // g]) * scale[k // g]
-               zero uint8 [G_c, N]                             (g = group_size along K)
+               zero fp16 [G_c, N] (fractional)                 (g = group_size along K)
     codebook   codes uint8 [K_c, N], codebook fp16 [N, 2^b]    codebook[n, codes[k, n]]
     fp16       W_c fp16 [K_c, N]                               W_c
 

@@ -93,7 +93,7 @@ def test_more_bits_less_error_and_lowering_matches_reference():
         _compile(model, "lower-ort")
         assert "qc." not in to_text(model)
         np.testing.assert_allclose(execute.run(model, feeds)["Y"], reference, rtol=1e-4, atol=1e-4)
-        assert execute.drift({"Y": expected}, {"Y": reference})["rel_l2"] < 0.6
+        assert execute.drift({"Y": expected}, {"Y": reference})["rel_l2"] < 0.7
     assert errors[0] > errors[1] > errors[2]
 
 
