@@ -24,6 +24,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
 from qcompiler.errors import first_line
+from qcompiler.layers import new_initializer, set_constant
 from qcompiler.passbase import Pass, PassResult, option, register_pass
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def _gemm_to_matmul(graph: ir.Graph) -> int:
             weight = weight.T
         if alpha != 1.0:
             weight = (weight * alpha).astype(weight.dtype)
-        new_b = _constant_like(graph, b, np.ascontiguousarray(weight), suffix="kn", replace=trans_b or alpha != 1.0)
+        new_b = set_constant(graph, b, weight, node, "kn") if trans_b or alpha != 1.0 else b
         new_nodes = []
         base = node.name or node.outputs[0].name
         x = a
@@ -192,39 +193,17 @@ def _gemm_to_matmul(graph: ir.Graph) -> int:
             bias = c
             if beta != 1.0:
                 if c.const_value is None:
-                    scale = _new_initializer(graph, f"{base}.beta", np.array(beta, dtype=weight.dtype))
+                    scale = new_initializer(graph, f"{base}.beta", np.array(beta, dtype=weight.dtype))
                     mul = ir.node("Mul", [c, scale], name=f"{base}.beta_mul")
                     mul.outputs[0].name = f"{base}.c_scaled"
                     new_nodes.append(mul)
                     bias = mul.outputs[0]
                 else:
                     scaled = (c.const_value.numpy() * beta).astype(c.const_value.numpy().dtype)
-                    bias = _constant_like(graph, c, scaled, suffix="scaled", replace=True)
+                    bias = set_constant(graph, c, scaled, node, "scaled")
             add = ir.node("Add", [out, bias], name=base)
             new_nodes.append(add)
             out = add.outputs[0]
         ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]], [out])
         count += 1
     return count
-
-
-def _constant_like(graph: ir.Graph, value: ir.Value, array: np.ndarray, suffix: str, replace: bool) -> ir.Value:
-    """`value` itself when `array` equals it; rewritten in place when nothing else reads it;
-    otherwise a new initializer named after it."""
-    if not replace:
-        return value
-    if len(value.uses()) == 1 and value not in graph.outputs:
-        value.const_value = ir.tensor(array, name=value.name)
-        value.shape = ir.Shape(array.shape)
-        return value
-    return _new_initializer(graph, f"{value.name}.{suffix}", array)
-
-
-def _new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    unique, n = name, 1
-    while unique in graph.initializers:
-        unique, n = f"{name}.{n}", n + 1
-    value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=unique))
-    graph.register_initializer(value)
-    return value
