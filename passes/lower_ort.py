@@ -5,9 +5,9 @@ the same numbers as their references.
 - `qc.QuantizeActivation` static -> `QuantizeLinear` + one `DequantizeLinear` per reader (QDQ:
   ONNX Runtime fuses each DQ -> MatMul/Conv <- DQ group into an integer kernel; one DQ per
   reader keeps every group fusable). The activation type follows `act-format`:
-  `s8` (int8), `u8` (uint8, zero point + 128: the same grid, shifted), or `auto`: `s8` on CPUs with
-  VNNI (avx512_vnni / avx_vnni), `u8` otherwise, since ONNX Runtime's signed-activation kernels run
-  slower than float32 on x86 without VNNI.
+  `s8` (int8), `u8` (uint8, zero point + 128: the same grid, shifted), or `auto`: `u8` on x86,
+  where ONNX Runtime's integer kernels take unsigned activations (signed ones run slower than
+  float32 without VNNI, and measured slower than u8 even with VNNI), `s8` elsewhere.
 - dynamic -> `DynamicQuantizeLinear` + `DequantizeLinear` (ONNX Runtime's dynamic quantization).
 - per-token -> `Abs`, `ReduceMax`, `Div`, `Round`, `Clip`, `Mul` in float: exact, but not faster
   on ONNX Runtime (it has no per-token integer kernel); the statistics say so.
@@ -33,13 +33,25 @@ from qcompiler.passes.lower_mixed import lower_mixed_matmul
 @functools.cache
 def cpu_has_vnni() -> bool:
     """Whether this x86 CPU has VNNI int8 dot products (Linux /proc/cpuinfo flags)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not is_x86():
         return False
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:
         return False
     return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def signed_activations_are_faster() -> bool:
+    """ONNX Runtime's x86 int8 kernels take unsigned activations (U8S8); signed ones are
+    converted first. Measured here (benchmarks/w8a8_peers.py, Xeon with AVX-512 VNNI, 2 threads):
+    MiniLM at 0.70x of float32 latency with u8 against 0.86x with s8; SmolLM2 0.52x against 1.03x.
+    Without VNNI the gap is reported larger still. Arm's kernels prefer signed (S8S8)."""
+    return not is_x86()
 
 
 @register_pass
@@ -50,11 +62,11 @@ class LowerOrtPass(Pass):
     name = "lower-ort"
     provided = frozenset({"lowered-ort"})
 
-    act_format: Literal["auto", "u8", "s8"] = option("auto", "activation integer type: auto picks s8 with VNNI, else u8")
+    act_format: Literal["auto", "u8", "s8"] = option("auto", "activation integer type: auto picks u8 on x86 (faster in ONNX Runtime there), s8 elsewhere")
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
-        signed = self.act_format == "s8" or (self.act_format == "auto" and cpu_has_vnni())
+        signed = self.act_format == "s8" or (self.act_format == "auto" and signed_activations_are_faster())
         counts: dict[str, int] = {}
         for node in list(graph):
             if node.domain != "qc":
@@ -66,7 +78,7 @@ class LowerOrtPass(Pass):
             counts[route] = counts.get(route, 0) + 1
         if counts and "qc" in model.opset_imports and not any(n.domain == "qc" for n in graph):
             del model.opset_imports["qc"]
-        stats = {"activation_format": "s8" if signed else "u8", "routes": counts}
+        stats = {"activation_format": "s8" if signed else "u8", "cpu_vnni": cpu_has_vnni(), "routes": counts}
         return PassResult(model, bool(counts), stats)
 
 
