@@ -9,7 +9,8 @@ the layers that read it):
 - `static` (default): per tensor, asymmetric: [lo, hi] from calibration with the method
   `calibrate` was given (minmax, percentile, entropy, mse), scale = (hi - lo) / 255,
   zero_point = round(-128 - lo / scale). The statistics are collected again on the graph as it is
-  now, so ranges see what `smooth` and `fold-scales` did.
+  now, so ranges see what `smooth` and `fold-scales` did. Each input's quantization SQNR on the
+  calibration rows is recorded; `float-inputs=N` keeps the N worst in float (weights still int8).
 - `dynamic`: per tensor, computed at run time (ONNX Runtime's dynamic quantization).
 - `per-token`: one symmetric scale per row, computed at run time (ZeroQuant, Yao et al. 2022).
 """
@@ -23,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import calibration, context
+from qcompiler.errors import UserError
 from qcompiler.ops import QC_OPSET_VERSION
 from qcompiler.layers import CREATED_BY, insert_after_value, linears, new_initializer
 from qcompiler.passbase import Pass, PassResult, option, register_pass
@@ -54,6 +56,11 @@ class QuantizePass(Pass):
     activations: Literal["int8", "none"] = option("int8", "activation format, or none for weight-only")
     act_mode: Literal["static", "dynamic", "per-token"] = option("static", "how activation scales are found")
     conv: bool = option(True, "quantize Conv layers as well as linears")
+    float_inputs: int = option(0, "static mode: keep this many inputs, those that quantize worst (lowest SQNR), in float")
+
+    def __post_init__(self):
+        if self.float_inputs < 0:
+            raise UserError(f"quantize: float-inputs must be 0 or more, got {self.float_inputs}")
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
@@ -61,15 +68,19 @@ class QuantizePass(Pass):
         if not targets:
             return PassResult(model, False, {"layers": 0})
         model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
-        ranges = {}
+        ranges, act_sqnr = {}, {}
         if self.activations == "int8" and self.act_mode == "static":
-            ranges = _static_ranges(model, targets)
+            ranges, act_sqnr = _static_ranges(model, targets)
+        worst_first = sorted(act_sqnr, key=lambda name: (np.inf if act_sqnr[name] is None else act_sqnr[name], name))
+        in_float = set(worst_first[: self.float_inputs])
         quantized_inputs: dict[str, ir.Value] = {}
         layer_stats = {}
         for target in targets:
             entry = {"weight_axis": target.weight_axis}
             _quantize_weight(graph, target, entry)
-            if self.activations == "int8":
+            if target.x.name in act_sqnr:
+                entry["activation_sqnr_db"] = act_sqnr[target.x.name]
+            if self.activations == "int8" and target.x.name not in in_float:
                 x_name = target.x.name
                 if x_name not in quantized_inputs:
                     quantized_inputs[x_name] = _quantize_activation(graph, target.x, self.act_mode, ranges.get(x_name))
@@ -77,7 +88,12 @@ class QuantizePass(Pass):
                 target.node.replace_input_with(0, q_value)
                 entry["activation"] = _act_summary(q_value.producer())
             layer_stats[target.node.name or target.node.outputs[0].name] = entry
-        stats = {"layers": len(targets), "activations_quantized": len(quantized_inputs), "per_layer": layer_stats}
+        stats = {
+            "layers": len(targets),
+            "activations_quantized": len(quantized_inputs),
+            "activations_in_float": sorted(in_float),
+            "per_layer": layer_stats,
+        }
         return PassResult(model, True, stats)
 
 
@@ -148,7 +164,9 @@ def asymmetric_params(lo: float, hi: float) -> tuple[float, int]:
     return float(np.float32(scale)), zero_point
 
 
-def _static_ranges(model: ir.Model, targets: list[Target]) -> dict[str, tuple[float, float]]:
+def _static_ranges(model: ir.Model, targets: list[Target]) -> tuple[dict, dict]:
+    """Per activation: the calibrated [lo, hi], and the SQNR (dB) of int8 quantization with it on
+    the calibration sample rows."""
     ctx = context.current()
     batches = ctx.require_calibration("quantize")
     config = model.meta.get(calibration.CALIBRATION_KEY, {})
@@ -156,7 +174,22 @@ def _static_ranges(model: ir.Model, targets: list[Target]) -> dict[str, tuple[fl
     stats = calibration.collect(model, batches, tensors, threads=ctx.threads)
     method = config.get("method", "minmax")
     percentile = config.get("percentile", 99.99)
-    return {name: s.clip_range(method, percentile=percentile) for name, s in stats.items()}
+    ranges = {name: s.clip_range(method, percentile=percentile) for name, s in stats.items()}
+    sqnr = {name: activation_sqnr(stats[name].sample, *ranges[name]) for name in stats}
+    return ranges, sqnr
+
+
+def activation_sqnr(sample: np.ndarray, lo: float, hi: float) -> float | None:
+    """SQNR (dB) of static int8 quantization over [lo, hi] on sample rows (None: exact, or no rows)."""
+    x = np.asarray(sample, np.float64)
+    if x.size == 0:
+        return None
+    scale, zero_point = asymmetric_params(lo, hi)
+    from qcompiler.qc_ops import quantize_activation
+
+    err = float(np.sum((quantize_activation(x.astype(np.float32), "static", scale, zero_point) - x) ** 2))
+    energy = float(np.sum(x**2))
+    return round(10 * np.log10(energy / err), 2) if err > 0 and energy > 0 else None
 
 
 def _act_summary(node: ir.Node) -> dict:

@@ -133,3 +133,13 @@ def test_quantize_without_data_names_the_fix():
     model = _block()
     with pytest.raises(UserError, match="needs calibration data; give --calib FILE"):
         run_pipeline(model, parse_pipeline("calibrate"))
+
+
+def test_worst_activation_can_stay_in_float():
+    model = _block()
+    stats = _run(model, "calibrate,quantize{float-inputs=1}")[1].stats
+    sqnr = {name: entry["activation_sqnr_db"] for name, entry in stats["per_layer"].items()}
+    assert len(stats["activations_in_float"]) == 1 and stats["activations_quantized"] == 1
+    kept = stats["activations_in_float"][0]
+    readers = [name for name, entry in stats["per_layer"].items() if "activation" not in entry]
+    assert readers and all(sqnr[name] == min(sqnr.values()) for name in readers), (kept, sqnr)
