@@ -102,6 +102,7 @@ class CalibratePass(Pass):
         model.meta[CALIBRATION_KEY] = {
             "method": self.method,
             "percentile": self.percentile,
+            "bins": self.bins,
             "samples": samples,
             "source": ctx.calibration_source or "api",
         }

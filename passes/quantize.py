@@ -30,6 +30,7 @@ from qcompiler.layers import CREATED_BY, insert_after_value, linears, new_initia
 from qcompiler.passbase import Pass, PassResult, option, register_pass
 
 QMAX = 127
+MINMAX_BINS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,8 +172,9 @@ def _static_ranges(model: ir.Model, targets: list[Target]) -> tuple[dict, dict]:
     batches = ctx.require_calibration("quantize")
     config = model.meta.get(calibration.CALIBRATION_KEY, {})
     tensors = {t.x.name: t.channel_axis for t in targets}
-    stats = calibration.collect(model, batches, tensors, threads=ctx.threads)
     method = config.get("method", "minmax")
+    bins = config.get("bins", 2048) if method != "minmax" else MINMAX_BINS  # min-max reads no histogram
+    stats = calibration.collect(model, batches, tensors, threads=ctx.threads, bins=bins)
     percentile = config.get("percentile", 99.99)
     ranges = {name: s.clip_range(method, percentile=percentile) for name, s in stats.items()}
     sqnr = {name: activation_sqnr(stats[name].sample, *ranges[name]) for name in stats}

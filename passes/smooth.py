@@ -34,7 +34,7 @@ from qcompiler.passbase import Pass, PassResult, option, register_pass
 SMOOTHED_KEY = "qc.smoothed"  # value.meta flag: the readers of this tensor are smoothed
 ALPHA_GRID = tuple(round(0.30 + 0.05 * i, 2) for i in range(14))
 FLOOR = 1e-5
-SEARCH_ROWS = 256
+SEARCH_ROWS = 128
 SEARCH_COLUMNS = 1024  # smallest channel range used, so empty channels do not divide by zero
 
 
