@@ -353,7 +353,7 @@ def test_pass_attaches_stats_through_a_pipeline():
     values = {v.name: v for node in model.graph for v in node.inputs if v is not None}
     for name in ("X", "R"):
         assert isinstance(values[name].meta[STATS_KEY], TensorStats)
-    assert model.meta[CALIBRATION_KEY] == {"method": "percentile", "percentile": 99.9, "samples": 16, "source": "test.npz"}
+    assert model.meta[CALIBRATION_KEY] == {"method": "percentile", "percentile": 99.9, "bins": 2048, "samples": 16, "source": "test.npz"}
     stats = record.stats
     assert stats["tensors"] == 2 and stats["samples"] == 16 and stats["batches"] == 4
     assert stats["top_outliers"][0]["tensor"] == "X"  # channel 3 is 20x the others
