@@ -1,0 +1,283 @@
+"""Helpers shared by the benchmark scripts in this folder (not part of the qcompiler package).
+
+- `machine()` / `packages()`: what the numbers were measured on, for the JSON files.
+- `fix_threads(n)`: torch and ONNX Runtime thread counts, fixed and recorded.
+- `interleaved_latency(...)`: latency of several variants measured round-robin (each round runs
+  every variant once, in a rotated order), after warm-up; medians and spreads per variant, so
+  that the ratios between variants come from the same stretch of (noisy, shared) machine time.
+- The data splits: calibration text that never overlaps the evaluation text.
+- `table(...)`: fixed-width text tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+DATA = (REPO / ".." / "shared" / "data").resolve()
+WIKITEXT = DATA / "wikitext2-valid-excerpt.txt"
+STS = DATA / "sts-pairs-dev.tsv"
+
+THREADS = 2
+
+
+# --------------------------------------------------------------------------------------------
+# Where and with what
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    match = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
+    return set(match.group(1).split()) if match else set()
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, memory and the int8-relevant CPU features."""
+    model = platform.processor() or platform.machine()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        found = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
+        if found:
+            model = found.group(1).strip()
+    except OSError:
+        pass
+    memory_gb = None
+    try:
+        found = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+        memory_gb = round(int(found.group(1)) / 2**20, 1) if found else None
+    except OSError:
+        pass
+    flags = cpu_flags()
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gb": memory_gb,
+        "machine": platform.machine(),
+        "system": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
+        "isa": sorted(f for f in flags if f in {"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16"}),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def packages() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for name in ("qcompiler", "torch", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy", "transformers", "tokenizers", "gguf"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_state() -> dict[str, Any]:
+    """The commit the benchmark ran on and any uncommitted changes (the code measured)."""
+    import subprocess
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD"), "subject": git("log", "-1", "--format=%s"),
+            "uncommitted": [line for line in git("status", "--porcelain").splitlines() if line]}
+
+
+def fix_threads(n: int = THREADS) -> dict[str, int]:
+    """torch intra-op threads = n, inter-op = 1 (ONNX Runtime sessions are made with the same n)."""
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process
+        pass
+    return {"torch_intra_op": torch.get_num_threads(), "torch_inter_op": torch.get_num_interop_threads(),
+            "ort_intra_op": n, "ort_inter_op": 1}
+
+
+def quiet() -> None:
+    """Keep the exporters' and optimizers' INFO chatter out of the benchmark output."""
+    import logging
+    import warnings
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch", "qcompiler"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+
+def interleaved_latency(
+    runners: Mapping[str, Callable[[], Any]], *, warmup: int = 3, repeats: int = 15, budget_s: float | None = None,
+    reference: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Time each runner `repeats` times, round-robin: round r runs all variants once, starting at
+    variant r mod n, so no variant always runs first or last. Returns per variant: median, p25,
+    p75, min (ms) and the raw samples; with `reference`, also the paired ratio: the median over
+    rounds of (this variant's time / the reference's time in the same round), which cancels
+    slow drifts of a shared machine better than a ratio of medians. `budget_s` stops adding
+    rounds once exceeded (at least 3)."""
+    names = list(runners)
+    for _ in range(warmup):
+        for name in names:
+            runners[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    start = time.perf_counter()
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            t = time.perf_counter()
+            runners[name]()
+            samples[name].append(1000 * (time.perf_counter() - t))
+        if budget_s is not None and r >= 2 and time.perf_counter() - start > budget_s:
+            break
+    out = {}
+    for name, values in samples.items():
+        q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
+        out[name] = {
+            "median_ms": round(statistics.median(values), 2),
+            "p25_ms": round(q[0], 2),
+            "p75_ms": round(q[2], 2),
+            "min_ms": round(min(values), 2),
+            "rounds": len(values),
+            "samples_ms": [round(v, 2) for v in values],
+        }
+        if reference is not None:
+            ratios = [v / r for v, r in zip(values, samples[reference])]
+            rq = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+            out[name].update(paired_ratio=round(statistics.median(ratios), 4), paired_ratio_p25=round(rq[0], 4),
+                             paired_ratio_p75=round(rq[2], 4))
+    return out
+
+
+def files_size(paths: Sequence[Path]) -> int:
+    return int(sum(Path(p).stat().st_size for p in paths if Path(p).is_file()))
+
+
+def onnx_files(model_path: Path) -> list[Path]:
+    """A model file plus the external-data files it names (if any)."""
+    import onnx
+
+    model_path = Path(model_path)
+    proto = onnx.load(str(model_path), load_external_data=False)
+    extra = set()
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                extra.add(model_path.parent / entry.value)
+    return [model_path, *sorted(extra)]
+
+
+# --------------------------------------------------------------------------------------------
+# Data: calibration never overlaps evaluation
+
+
+def wikitext() -> str:
+    return WIKITEXT.read_text(encoding="utf-8")
+
+
+def wikitext_split(fraction: float = 0.75) -> tuple[str, str]:
+    """(head, tail) of the WikiText excerpt, cut at the line boundary at or before `fraction` of
+    its characters: head (first three quarters) for evaluation, tail (last quarter) for calibration."""
+    text = wikitext()
+    cut, pos = int(len(text) * fraction), 0
+    for line in text.splitlines(keepends=True):
+        if pos + len(line) > cut:
+            break
+        pos += len(line)
+    return text[:pos], text[pos:]
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences of WikiText's tokenized form: each non-empty line split after ' . '."""
+    out = []
+    for line in text.splitlines():
+        for piece in re.split(r"(?<= \.) ", line.strip()):
+            if piece.strip():
+                out.append(piece.strip())
+    return out
+
+
+def word_windows(text: str, count: int, words: int) -> list[str]:
+    """`count` windows of `words` words spread evenly over `text` (overlapping when the text is
+    shorter than count * words), each one line of calibration text."""
+    tokens = text.split()
+    if len(tokens) <= words:
+        return [" ".join(tokens)] * count
+    stride = (len(tokens) - words) / max(count - 1, 1)
+    return [" ".join(tokens[round(i * stride): round(i * stride) + words]) for i in range(count)]
+
+
+def write_lines(path: Path, lines: Sequence[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+    """A fixed-width table; `align` is one letter per column, 'l' or 'r' (default: first l, rest r)."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    align = align or ("l" + "r" * (len(headers) - 1))
+
+    def fmt(row):
+        return " | ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align))
+
+    lines = [fmt(cells[0]), "-+-".join("-" * w for w in widths)]
+    lines += [fmt(r) for r in cells[1:]]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, body: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(body, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _jsonable(value):
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+    except ImportError:
+        pass
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return repr(value)
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.executable).name, *sys.argv])
