@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +70,3 @@ def weight_bytes(model: ir.Model, source_weights: int | None) -> dict[str, Any]:
         "weights": count,
         "effective_bits_per_weight": round(8 * total / count, 4) if count else None,
     }
-
-
-def op_histogram(model: ir.Model) -> dict[str, int]:
-    return dict(sorted(Counter(n.op_type for n in model.graph).items()))
