@@ -4,6 +4,7 @@
    axis) is folded into the producer of X when X has no other reader:
    - LayerNormalization over the last axis: gamma *= c, beta *= c;
    - a Mul by a constant per-channel vector (the weight of an RMSNorm): that vector *= c;
+   - an elementwise product with a linear read by nothing else (`silu(gate) * up`): that linear;
    - a linear `MatMul(A, W)` (+ `Add(., b)`) with constant W: columns W[:, j] *= c_j, b *= c.
    Otherwise (X feeds a residual Add as well, or comes from a nonlinearity) it becomes an explicit
    `Mul`, and the statistics say which and why: numerics are never changed silently.
@@ -121,11 +122,22 @@ def _fold_into_layernorm(graph: ir.Graph, node: ir.Node, c: np.ndarray) -> bool:
 
 
 def _fold_into_mul(graph: ir.Graph, node: ir.Node, c: np.ndarray) -> bool:
-    """A Mul by a constant per-channel vector (RMSNorm's weight)."""
+    """A Mul by a constant per-channel vector (RMSNorm's weight), or an elementwise product one of
+    whose operands is a linear read by nothing else (a gated MLP's `silu(gate) * up`): scale that
+    vector, or that linear's columns."""
     for index in (1, 0):
         array = _const(node.inputs[index])
         if array is not None and array.ndim == 1 and array.size == c.size:
             return _scale_constant(graph, node, index, c)
+    for index in (1, 0):
+        operand = node.inputs[index]
+        producer = operand.producer() if operand is not None else None
+        if producer is None or len(operand.uses()) != 1 or operand in graph.outputs:
+            continue
+        if producer.op_type == "MatMul" and _fold_into_matmul(graph, producer, c):
+            return True
+        if producer.op_type == "Add" and _fold_into_add(graph, producer, c):
+            return True
     return False
 
 
