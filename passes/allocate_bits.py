@@ -123,9 +123,22 @@ class AllocateBitsPass(Pass):
         return _Layer(linear, w, energy, fp16, sparse, errors)
 
     def _allocate(self, pool: list[_Layer]) -> dict[str, np.ndarray]:
+        """Greedy allocation; the per-row costs spread group metadata evenly, so the exact stored
+        bits (partial groups per class, small lowering constants) are checked afterwards and the
+        budget tightened by any overshoot, a few times at most."""
+        target = self.avg_bits * sum(layer.w.size for layer in pool)
+        budget = target - sum(self._constants(layer) for layer in pool)
+        for _ in range(4):
+            bits = self._greedy(pool, budget)
+            stored = sum(self._stored_bits(layer, bits[layer.linear.name]) + self._constants(layer) for layer in pool)
+            if stored <= target:
+                return bits
+            budget -= stored - target
+        return bits
+
+    def _greedy(self, pool: list[_Layer], budget: float) -> dict[str, np.ndarray]:
         candidates = sorted(set(self.candidates))
         codebook = self.codebook == "kmeans"
-        budget = self.avg_bits * sum(layer.w.size for layer in pool) - sum(self._slack(layer, candidates) for layer in pool)
         bits = {layer.linear.name: np.full(layer.w.shape[0], candidates[0], np.uint8) for layer in pool}
         spent = 0.0
         heap = []
@@ -153,11 +166,20 @@ class AllocateBitsPass(Pass):
             self._push(heap, layer, index, k, level + 1, candidates, codebook)
         return bits
 
-    @staticmethod
-    def _slack(layer: _Layer, candidates) -> float:
-        """What the per-row costs spread out: each class may end in a partial group, and the
-        lowering stores a few small constants per class."""
-        return len(candidates) * (bitcost.GROUP_BITS * layer.w.shape[1] + 8 * LOWERING_BYTES_PER_CLASS)
+    def _constants(self, layer: _Layer) -> float:
+        """The small constants the lowering stores per class (shapes, shifts, ranges)."""
+        return (len(self.candidates) + 1) * 8 * LOWERING_BYTES_PER_CLASS
+
+    def _stored_bits(self, layer: _Layer, bits: np.ndarray) -> int:
+        """Exact stored bits of one layer's allocation (classes, groups, codebooks, outliers, permutation)."""
+        k, n = layer.w.shape
+        classes = {int(b): int(c) for b, c in zip(*np.unique(bits, return_counts=True))}
+        codebook = self.codebook == "kmeans"
+        stored = bitcost.fixed_bits([], k, n, False, layer.sparse)  # codebook tables are in class_bits
+        for b, rows in classes.items():
+            kind = "fp16" if b == bitcost.FP16 else ("codebook" if codebook and b <= 4 else "uniform")
+            stored += bitcost.class_bits(kind, b, rows, n, self.group_size)
+        return stored
 
     def _row_bits(self, b: int, n: int, codebook: bool) -> float:
         return bitcost.per_row_bits(b, n, self.group_size, codebook and b <= 4)
@@ -176,7 +198,7 @@ class AllocateBitsPass(Pass):
         total = sum(layer.w.size for layer in pool)
         for layer in pool:
             k, n = layer.w.shape
-            fixed = bitcost.fixed_bits(candidates, k, n, codebook, layer.sparse) + self._slack(layer, candidates)
+            fixed = bitcost.fixed_bits(candidates, k, n, codebook, layer.sparse) + self._constants(layer)
             fp16 = layer.fp16.sum() * bitcost.FP16 * n
             rows = k - layer.fp16.sum()
             low += fixed + fp16 + rows * self._row_bits(candidates[0], n, codebook)
@@ -201,11 +223,7 @@ class AllocateBitsPass(Pass):
         linear.node.replace_input_with(1, node.outputs[0])
         k, n = layer.w.shape
         classes = {int(b): int(c) for b, c in zip(*np.unique(bits, return_counts=True))}
-        codebook = self.codebook == "kmeans"
-        stored = bitcost.fixed_bits([b for b in classes if b != bitcost.FP16], k, n, codebook, layer.sparse)
-        for b, rows in classes.items():
-            kind = "fp16" if b == bitcost.FP16 else ("codebook" if codebook and b <= 4 else "uniform")
-            stored += bitcost.class_bits(kind, b, rows, n, self.group_size)
+        stored = self._stored_bits(layer, bits)
         error = sum(float(layer.errors[b][bits == b].sum()) for b in classes if b in layer.errors)
         return {"bits_histogram": classes, "stored_bits": int(stored), "bits_per_weight": round(stored / (k * n), 4),
                 "predicted_error": error, "sparse_outliers": layer.sparse}

@@ -2,9 +2,9 @@
 in error: the model `allocate-bits` optimises and `quantize-weights` reports against.
 
 Stored bits of a layer W [K, N] (every byte counted, as emitted):
-- uniform class of b bits: b * K_c * N codes, plus per group of `group_size` rows and per column an
-  fp16 scale and an fp16 zero point: 32 * N * ceil(K_c / g);
-- codebook class of b bits: b * K_c * N codes plus N * 2^b fp16 centroids;
+- uniform class of b bits: b * K_c * N codes (as bit-planes, K_c padded to a multiple of 8), plus per
+  group of `group_size` rows and per column an fp16 scale and an fp16 zero point: 32 * N * ceil(K_c / g);
+- codebook class of b bits: the codes likewise, plus N * 2^b fp16 centroids;
 - fp16 class (activation outliers): 16 * K_c * N;
 - sparse outliers: per value 16 (fp16) + 32 (two uint16 indices);
 - the permutation: 16 bits per input channel (uint16).
@@ -26,15 +26,20 @@ PERM_BITS = 16
 GROUP_BITS = 32  # fp16 scale + fp16 zero point per group and column
 
 
+def code_bits(bits: int, rows: int, cols: int) -> int:
+    """Codes as stored: b bit-planes, 8 rows per byte (a class's rows padded to a multiple of 8)."""
+    return bits * 8 * math.ceil(rows / 8) * cols
+
+
 def uniform_class_bits(bits: int, rows: int, cols: int, group_size: int) -> int:
     if rows == 0:
         return 0
     groups = math.ceil(rows / group_size)
-    return bits * rows * cols + GROUP_BITS * cols * groups
+    return code_bits(bits, rows, cols) + GROUP_BITS * cols * groups
 
 
 def codebook_class_bits(bits: int, rows: int, cols: int) -> int:
-    return 0 if rows == 0 else bits * rows * cols + FP16 * cols * (1 << bits)
+    return 0 if rows == 0 else code_bits(bits, rows, cols) + FP16 * cols * (1 << bits)
 
 
 def class_bits(kind: str, bits: int, rows: int, cols: int, group_size: int) -> int:
