@@ -123,7 +123,6 @@ def _cmd_compile(args) -> int:
         calib_count=args.calib_count,
         threads=args.threads,
         drift=not args.no_drift,
-        debug=args.debug,
     )
     _summary(result)
     return 0

@@ -62,7 +62,6 @@ def compile(
     calib_count: int = 128,
     threads: int | None = None,
     drift: bool = True,
-    debug: bool | None = None,
 ) -> CompileResult:
     """Compile `source` (bundled model name, .onnx path, `pkg.mod:fn`, nn.Module with
     `example_inputs`, or an `onnx_ir.Model`) into an artifact directory `output`.
@@ -72,8 +71,8 @@ def compile(
     that run the model. The pipeline always starts with `canonicalize` and, for the ort target,
     ends with `lower-ort`: they are added when missing (the printed pipeline shows them).
     `print_ir`: None, "all" or "changed". `dump_ir`: a directory for per-pass IR dumps.
-    `report`: a JSON report path (may lie inside `output`). `debug` verifies the IR after every
-    pass (always on by default) and keeps full tracebacks (see `debug_enabled`)."""
+    `report`: a JSON report path (may lie inside `output`). The IR is verified after every pass;
+    `drift` measures each pass's output drift on the probe batch."""
     if target not in TARGETS:
         raise UserError(f"unknown target '{target}'; choose one of: {', '.join(TARGETS)}")
     passes = complete_pipeline(parse_pipeline(pipeline), target)  # a bad pipeline fails before any slow step
@@ -92,7 +91,8 @@ def compile(
         feeds = probe_inputs if probe_inputs is not None else probe.inputs_for(model, source_info)
         tools = _instruments(feeds if drift else None, dump_ir, print_ir, spec)
         start = time.perf_counter()
-        ctx = CompileContext(calibration=batches, calibration_source=str(calibration or ""), source=source_info, threads=threads)
+        described = str(calibration) if isinstance(calibration, (str, os.PathLike)) else ("api" if calibration is not None else "")
+        ctx = CompileContext(calibration=batches, calibration_source=described, source=source_info, threads=threads)
         with using(ctx):
             records = run_pipeline(model, passes, tools)
         pipeline_seconds = time.perf_counter() - start
