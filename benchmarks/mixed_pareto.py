@@ -129,6 +129,20 @@ def packages() -> dict[str, str]:
     return out
 
 
+def git_state() -> dict[str, Any]:
+    """The commit the code was read at, and the files that differed from it (the passes are imported
+    once, at the first compile: later edits do not reach a running benchmark)."""
+    import subprocess
+
+    def git(*argv):
+        done = subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "--short", "HEAD"), "time": time.strftime("%H:%M:%S"),
+            "modified": status.splitlines() if status else []}
+
+
 def machine() -> dict[str, Any]:
     model = platform.processor() or platform.machine()
     try:
@@ -665,6 +679,8 @@ def plot(results: dict[str, dict], path: Path) -> str | None:
             ax.axhline(f, color="gray", linestyle="--", linewidth=1, label=f"float32 ({f:.3f})")
             if not result["higher_is_better"]:
                 ax.axhline(1.05 * f, color="gray", linestyle=":", linewidth=1, label="float32 + 5 %")
+        if not result["higher_is_better"]:
+            ax.set_yscale("log")  # perplexity spans orders of magnitude at 3 bits
         ax.set_xlabel("effective bits per weight (emitted bytes)")
         ax.set_ylabel(metric + (" (lower is better)" if not result["higher_is_better"] else " (higher is better)"))
         ax.set_title(f"{name}: {result['task']}")
@@ -685,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the compiled artifacts in --work")
     parser.add_argument("--output", default=str(RESULTS / "mixed_pareto.json"))
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON at --output")
     parser.add_argument("--no-wait", action="store_true", help="do not wait for other benchmark jobs before each step")
     parser.add_argument("--wait-max", type=float, default=900.0, help="longest wait for other jobs before one step, seconds")
     parser.add_argument("--wait-total", type=float, default=1800.0, help="longest total wait for other jobs, seconds")
@@ -694,11 +711,17 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
 
+    if args.replot:
+        output = Path(args.output)
+        note = plot(json.loads(output.read_text())["models"], output.with_suffix(".png"))
+        print(note or f"wrote {output.with_suffix('.png')}")
+        return 0
     quiet()
     import torch
 
     torch.set_num_threads(THREADS)
     started = time.perf_counter()
+    git_start = git_state()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mixed_pareto-"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
@@ -722,6 +745,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "packages": packages(),
         "threads": THREADS,
+        "git_at_start": git_start,
+        "git_at_end": git_state(),
         "options": {"models": names, "windows": args.windows, "quick": args.quick,
                     "budgets": list(QUICK_BUDGETS if args.quick else BUDGETS)},
         "waited_for_other_jobs_s": round(WAIT_SPENT[0], 1),
