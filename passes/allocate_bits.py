@@ -128,8 +128,15 @@ class AllocateBitsPass(Pass):
         budget tightened by any overshoot, a few times at most."""
         target = self.avg_bits * sum(layer.w.size for layer in pool)
         budget = target - sum(self._constants(layer) for layer in pool)
+        fitted = None
         for _ in range(4):
-            bits = self._greedy(pool, budget)
+            try:
+                bits = self._greedy(pool, budget)
+            except UserError:
+                if fitted is None:
+                    raise
+                return fitted  # tightening went below the floor: keep the last allocation
+            fitted = bits
             stored = sum(self._stored_bits(layer, bits[layer.linear.name]) + self._constants(layer) for layer in pool)
             if stored <= target:
                 return bits

@@ -32,6 +32,7 @@ from qcompiler.passbase import Pass, PassResult, option, register_pass
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 KMEANS_ITERATIONS = 12
+FP16_ZERO_LIMIT = 30000.0
 
 
 @register_pass
@@ -145,6 +146,8 @@ def _grid(part: np.ndarray, levels: int, ratio: float):
     lo, hi = centre - half, centre + half
     scale = np.where(hi > lo, (hi - lo) / levels, 1.0).astype(np.float16).astype(np.float64)
     scale = np.where(scale > 0, scale, 1.0)
+    # The zero point -lo / scale is stored in fp16: a narrow range far from 0 would overflow it.
+    scale = np.maximum(scale, (np.abs(lo) / FP16_ZERO_LIMIT).astype(np.float16).astype(np.float64))
     zero = (-lo / scale).astype(np.float16).astype(np.float64)
     q = np.clip(np.round(part / scale + zero), 0, levels)
     return q, scale, zero

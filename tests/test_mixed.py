@@ -125,3 +125,12 @@ def test_bad_allocation_options(options, message):
 def test_layer_too_small_for_group():
     with pytest.raises(UserError, match="fewer than group-size 128; lower group-size"):
         _compile(_layer(k=64, n=8), "calibrate,allocate-bits")
+
+
+def test_narrow_group_far_from_zero_keeps_a_finite_zero_point():
+    from qcompiler.mixed_ops import dequantize_uniform
+
+    block = (5.0 + np.random.default_rng(0).normal(0, 1e-4, (16, 4))).astype(np.float32)
+    codes, scale, zero = uniform_groups(block, np.ones(16), 8, 16, "minmax")
+    assert np.isfinite(zero.astype(np.float32)).all()
+    assert np.abs(dequantize_uniform(codes, scale, zero, 16) - block).max() < 1e-3
