@@ -33,7 +33,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import context
-from qcompiler.calibration import CALIBRATION_KEY, METHODS, STATS_KEY, batch_size_of, collect, quantizable_inputs, summary
+from qcompiler.calib_cache import collect_cached
+from qcompiler.calibration import CALIBRATION_KEY, METHODS, STATS_KEY, batch_size_of, quantizable_inputs, summary
 from qcompiler.errors import UserError
 from qcompiler.progress import progress
 from qcompiler.passbase import Pass, PassResult, option, register_pass
@@ -85,8 +86,9 @@ class CalibratePass(Pass):
         if tensors:
             total = len(batches) if hasattr(batches, "__len__") else None
             with progress("calibrate batches", total) as bar:
-                found = collect(
-                    model, batches, tensors, sample_rows=self.sample_rows, bins=self.bins, threads=ctx.threads, progress=on_batch
+                found = collect_cached(
+                    model, batches, tensors, cache_dir=ctx.cache_dir, sample_rows=self.sample_rows, bins=self.bins,
+                    threads=ctx.threads, progress=on_batch,
                 )
         else:
             log.warning("calibrate: the model has no MatMul/Gemm/Conv with constant weights; nothing to calibrate")

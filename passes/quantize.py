@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import calibration, context
+from qcompiler.calib_cache import collect_cached
 from qcompiler.errors import UserError
 from qcompiler.ops import QC_OPSET_VERSION
 from qcompiler.layers import CREATED_BY, insert_after_value, linears, new_initializer
@@ -174,7 +175,7 @@ def _static_ranges(model: ir.Model, targets: list[Target]) -> tuple[dict, dict]:
     tensors = {t.x.name: t.channel_axis for t in targets}
     method = config.get("method", "minmax")
     bins = config.get("bins", 2048) if method != "minmax" else MINMAX_BINS  # min-max reads no histogram
-    stats = calibration.collect(model, batches, tensors, threads=ctx.threads, bins=bins)
+    stats = collect_cached(model, batches, tensors, cache_dir=ctx.cache_dir, threads=ctx.threads, bins=bins)
     percentile = config.get("percentile", 99.99)
     ranges = {name: s.clip_range(method, percentile=percentile) for name, s in stats.items()}
     sqnr = {name: activation_sqnr(stats[name].sample, *ranges[name]) for name in stats}

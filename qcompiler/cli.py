@@ -34,17 +34,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     comp = sub.add_parser("compile", help="compile a model into an artifact directory")
-    comp.add_argument("source", help="bundled model name, path to .onnx, or package.module:function")
-    comp.add_argument("-o", "--output", required=True, help="artifact directory (replaced atomically)")
-    comp.add_argument("--target", default="ort", help="backend: ort (default)")
-    comp.add_argument("--pipeline", default="default", help="pipeline string, preset name or @file (default: default)")
+    comp.add_argument("source", nargs="?", help="bundled model name, path to .onnx, or package.module:function")
+    comp.add_argument("-o", "--output", help="artifact directory (replaced atomically)")
+    comp.add_argument("--config", metavar="FILE", help="read options from a TOML file (keys: the long options; the command line wins)")
+    comp.add_argument("--target", help="backend: ort (default)")
+    comp.add_argument("--pipeline", help="pipeline string, preset name or @file (default: default)")
     comp.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass, numbered, plus stats.json")
     comp.add_argument("--print-ir", choices=("all", "changed"), help="log the IR after every pass or after changing ones")
-    comp.add_argument("--report", metavar="FILE", help="write a JSON report (may lie inside the output directory)")
+    comp.add_argument("--report", metavar="FILE", help="write the report (may lie inside the output directory)")
     comp.add_argument("--calib", metavar="FILE", help="calibration data: .npz of inputs, .txt/.tsv text, images or a folder of them")
-    comp.add_argument("--calib-count", type=int, default=128, metavar="N", help="calibration samples to use (default 128)")
+    comp.add_argument("--calib-count", type=int, metavar="N", help="calibration samples to use (default 128)")
     comp.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime threads for passes that run the model")
-    comp.add_argument("--no-drift", action="store_true", help="skip measuring output drift after each pass")
+    comp.add_argument("--no-drift", action="store_true", default=None, help="skip measuring output drift after each pass")
+    comp.add_argument("--cache-dir", metavar="DIR", help="calibration statistics cache (default $QCOMPILER_CACHE or ~/.cache/qcompiler)")
+    comp.add_argument("--no-cache", action="store_true", default=None, help="neither read nor write the calibration cache")
+    comp.add_argument("--fail-under", action="append", metavar="METRIC=VALUE", help="exit 3 when the artifact scores below VALUE (repeatable)")
+    comp.add_argument("--fail-over", action="append", metavar="METRIC=VALUE", help="exit 3 when a lower-is-better metric exceeds VALUE (repeatable)")
+    comp.add_argument("--eval-data", metavar="FILE", help="task data for the quality gates (default: the --calib file)")
+    comp.add_argument("--eval-count", type=int, metavar="N", help="use the first N pairs / windows / images for the gates")
+    comp.add_argument("--dry-run", action="store_true", default=None, help="print the resolved pipeline and what would be written; compile nothing")
 
     ev = sub.add_parser("eval", help="the float model and an artifact side by side on the model's task")
     ev.add_argument("artifact", help="an artifact directory written by `qcompiler compile`")
@@ -108,24 +116,92 @@ def _configure_logging(verbose: int, quiet: bool, debug: bool) -> None:
         warnings.filterwarnings("ignore")
 
 
+# Defaults of `compile`'s options; argparse leaves them None so that a --config file can fill them.
+COMPILE_DEFAULTS = {
+    "source": None, "output": None, "target": "ort", "pipeline": "default", "dump_ir": None, "print_ir": None,
+    "report": None, "calib": None, "calib_count": 128, "threads": None, "no_drift": False, "cache_dir": None,
+    "no_cache": False, "fail_under": [], "fail_over": [], "eval_data": None, "eval_count": None, "dry_run": False,
+}
+_CONFIG_TYPES = {
+    "calib_count": int, "threads": int, "eval_count": int, "no_drift": bool, "no_cache": bool, "dry_run": bool,
+    "fail_under": list, "fail_over": list,
+}
+_CONFIG_PATHS = {"source", "output", "dump_ir", "report", "calib", "cache_dir", "eval_data"}
+
+
+def resolve_compile_options(args) -> argparse.Namespace:
+    """Command line over config file over defaults; checks that source and output are given."""
+    from qcompiler import buildstep
+
+    config = {}
+    if args.config:
+        known = {dest: _CONFIG_TYPES.get(dest, str) for dest in COMPILE_DEFAULTS}
+        config = buildstep.load_config(args.config, known, _CONFIG_PATHS)
+    merged = {}
+    for dest, default in COMPILE_DEFAULTS.items():
+        given = getattr(args, dest, None)
+        merged[dest] = given if given is not None else config.get(dest, default)
+    if merged["print_ir"] not in (None, "all", "changed"):
+        raise UserError(f"print-ir must be 'all' or 'changed', got '{merged['print_ir']}'")
+    if not merged["source"]:
+        raise UserError("compile needs a SOURCE (a bundled model name, an .onnx path or package.module:function), or 'source' in --config")
+    if not merged["output"]:
+        raise UserError("compile needs -o DIR (or 'output' in --config)")
+    return argparse.Namespace(**merged)
+
+
 def _cmd_compile(args) -> int:
+    from pathlib import Path
+
+    from qcompiler import buildstep
+    from qcompiler.calib_cache import default_dir
     from qcompiler.compiler import compile
 
+    opts = resolve_compile_options(args)
+    gates = buildstep.parse_gates(opts.fail_under, opts.fail_over)
+    task = _task_of(opts.source) if gates else None
+    buildstep.check_gates_apply(gates, task)
+    cache_dir = None if opts.no_cache else Path(opts.cache_dir) if opts.cache_dir else default_dir()
+    if opts.dry_run:
+        from qcompiler.compiler import resolved_pipeline
+
+        spec = resolved_pipeline(opts.pipeline, opts.target)
+        sys.stdout.write(buildstep.describe_dry_run(opts, spec, cache_dir, gates))
+        return 0
     result = compile(
-        args.source,
-        args.output,
-        target=args.target,
-        pipeline=args.pipeline,
-        dump_ir=args.dump_ir,
-        print_ir=args.print_ir,
-        report=args.report,
-        calibration=args.calib,
-        calib_count=args.calib_count,
-        threads=args.threads,
-        drift=not args.no_drift,
+        opts.source,
+        opts.output,
+        target=opts.target,
+        pipeline=opts.pipeline,
+        dump_ir=opts.dump_ir,
+        print_ir=opts.print_ir,
+        report=opts.report,
+        calibration=opts.calib,
+        calib_count=opts.calib_count,
+        threads=opts.threads,
+        drift=not opts.no_drift,
+        cache_dir=cache_dir,
     )
     _summary(result)
+    if gates:
+        outcome = buildstep.evaluate_gates(
+            gates, result.output, result.records, task, opts.eval_data or opts.calib, opts.eval_count, opts.threads
+        )
+        for row in outcome["gates"]:
+            log.info("gate %-16s %-8s %g: %s  %s", row["metric"], row["direction"], row["threshold"], row["value"],
+                     "pass" if row["passed"] else "FAIL")
+        if opts.report:
+            from qcompiler.compiler import add_to_report
+
+            add_to_report(Path(opts.report), {"quality": outcome})
+        buildstep.raise_if_failed(gates, outcome, result.output)
     return 0
+
+
+def _task_of(source: str) -> str | None:
+    from qcompiler import models
+
+    return models.get(source).task if source in models.names() else None
 
 
 def _summary(result) -> None:

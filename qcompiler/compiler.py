@@ -62,6 +62,7 @@ def compile(
     calib_count: int = 128,
     threads: int | None = None,
     drift: bool = True,
+    cache_dir: str | os.PathLike | None = None,
 ) -> CompileResult:
     """Compile `source` (bundled model name, .onnx path, `pkg.mod:fn`, nn.Module with
     `example_inputs`, or an `onnx_ir.Model`) into an artifact directory `output`.
@@ -72,7 +73,8 @@ def compile(
     ends with `lower-ort`: they are added when missing (the printed pipeline shows them).
     `print_ir`: None, "all" or "changed". `dump_ir`: a directory for per-pass IR dumps.
     `report`: a JSON report path (may lie inside `output`). The IR is verified after every pass;
-    `drift` measures each pass's output drift on the probe batch."""
+    `drift` measures each pass's output drift on the probe batch. `cache_dir`: reuse calibration
+    statistics computed for the same model, data and options (`qcompiler.calib_cache`)."""
     if target not in TARGETS:
         raise UserError(f"unknown target '{target}'; choose one of: {', '.join(TARGETS)}")
     passes = complete_pipeline(parse_pipeline(pipeline), target)  # a bad pipeline fails before any slow step
@@ -92,7 +94,9 @@ def compile(
         tools = _instruments(feeds if drift else None, dump_ir, print_ir, spec)
         start = time.perf_counter()
         described = str(calibration) if isinstance(calibration, (str, os.PathLike)) else ("api" if calibration is not None else "")
-        ctx = CompileContext(calibration=batches, calibration_source=described, source=source_info, threads=threads)
+        ctx = CompileContext(
+            calibration=batches, calibration_source=described, source=source_info, threads=threads, cache_dir=cache_dir
+        )
         with using(ctx):
             records = run_pipeline(model, passes, tools)
         pipeline_seconds = time.perf_counter() - start
@@ -115,6 +119,22 @@ def compile(
     files = [final / f.relative_to(staging) for f in files]
     log.info("wrote %s (%s)", final, ", ".join(f.name for f in files))
     return CompileResult(final, files, spec, records, manifest, model)
+
+
+def resolved_pipeline(pipeline: str, target: str = "ort") -> str:
+    """The pipeline `compile` would run, printed with every option (what `--dry-run` shows)."""
+    if target not in TARGETS:
+        raise UserError(f"unknown target '{target}'; choose one of: {', '.join(TARGETS)}")
+    passes = complete_pipeline(parse_pipeline(pipeline), target)
+    check_order(passes)
+    return format_pipeline(passes)
+
+
+def add_to_report(report: Path, sections: dict[str, Any]) -> None:
+    """Add top-level sections (e.g. the quality gates' outcome) to a written JSON report."""
+    body = json.loads(report.read_text())
+    body.update(sections)
+    write_atomic(report, json.dumps(body, indent=2, sort_keys=True) + "\n")
 
 
 def complete_pipeline(passes: list, target: str) -> list:

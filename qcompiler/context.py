@@ -29,6 +29,7 @@ class CompileContext:
     calibration_source: str = ""
     source: Any = None  # qcompiler.capture.Source
     threads: int | None = None  # ONNX Runtime intra-op threads for passes that run the model
+    cache_dir: Any = None  # calibration statistics cache (`qcompiler.calib_cache`); None: no cache
 
     def require_calibration(self, pass_name: str) -> Sequence[dict[str, np.ndarray]]:
         if not self.calibration:

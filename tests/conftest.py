@@ -28,3 +28,9 @@ def tiny_onnx(tmp_path):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _private_calibration_cache(tmp_path_factory, monkeypatch):
+    """The CLI caches calibration statistics by default; tests keep theirs out of the home folder."""
+    monkeypatch.setenv("QCOMPILER_CACHE", str(tmp_path_factory.getbasetemp() / "qcompiler-cache"))

@@ -101,7 +101,7 @@ def test_factory_source(tmp_path, monkeypatch):
         (["compile", "minilm-l7", "-o", "{out}"], "did you mean 'minilm-l6'"),
         (["compile", "{onnx}", "-o", "{out}", "--target", "tpu"], "unknown target 'tpu'"),
         (["compile", "no_such_module:build", "-o", "{out}"], "cannot import 'no_such_module:build'"),
-        (["compile", "{onnx}"], "required: -o/--output"),
+        (["compile", "{onnx}"], "compile needs -o DIR"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tiny_onnx, tmp_path, capsys, args, message):
