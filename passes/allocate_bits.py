@@ -23,6 +23,7 @@ Llama-2-7B WikiText-2 perplexity close to 4-bit GPTQ/AWQ at about 3 bits; our de
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import heapq
 from typing import Literal
 
@@ -66,6 +67,8 @@ class AllocateBitsPass(Pass):
     codebook: Literal["uniform", "kmeans"] = option("uniform", "2-4 bit classes: uniform groups, or activation-weighted k-means codebooks per column")
     outliers_act: float = option(0.005, "fraction of input channels kept in fp16 (largest activation energy)")
     outliers_weight: float = option(0.0045, "fraction of weights kept as sparse fp16 (largest weighted error)")
+    keep: tuple[str, ...] = option((), "weights (names or globs, e.g. model.layers.*.mlp.down_proj.weight) whose channels all get keep-bits, on top of the budget")
+    keep_bits: int = option(8, "bits of every channel of a `keep` layer (2..8)")
 
     def __post_init__(self):
         if not 2.0 <= self.avg_bits <= 16.0:
@@ -74,14 +77,19 @@ class AllocateBitsPass(Pass):
             raise UserError(f"allocate-bits: candidates must be integers in 1..8, got {','.join(map(str, self.candidates))}")
         if self.group_size not in (32, 64, 128):
             raise UserError(f"allocate-bits: group-size must be 32, 64 or 128, got {self.group_size}")
+        if not isinstance(self.keep_bits, int) or not 2 <= self.keep_bits <= 8:
+            raise UserError(f"allocate-bits: keep-bits must be an integer in 2..8, got {self.keep_bits}")
         for key, value in (("outliers-act", self.outliers_act), ("outliers-weight", self.outliers_weight)):
             if not 0.0 <= value <= 0.1:
                 raise UserError(f"allocate-bits: {key} must be in [0, 0.1], got {value}")
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
-        layers = [self._prepare(linear) for linear in linears(graph)]
-        if not layers:
+        found = linears(graph)
+        kept = [linear for linear in found if self._is_kept(linear)]
+        self._check_keep_matches(found)
+        layers = [self._prepare(linear) for linear in found if linear not in kept]
+        if not layers and not kept:
             return PassResult(model, False, {"layers": 0})
         model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
         pools = [layers] if self.scope == "model" else [[layer] for layer in layers]
@@ -91,11 +99,16 @@ class AllocateBitsPass(Pass):
         per_layer = {}
         for layer in layers:
             bits = allocations[layer.linear.name]
-            per_layer[layer.linear.name] = self._record(graph, layer, bits)
+            per_layer[layer.linear.name] = self._record(graph, layer, bits, self.outliers_weight)
+        for linear in kept:
+            layer = _Layer(linear, linear.w.const_value.numpy(), None, None, 0, {})
+            per_layer[linear.name] = self._record(graph, layer, np.full(layer.w.shape[0], self.keep_bits, np.uint8), 0.0)
+            per_layer[linear.name]["kept"] = True
         total_bits = sum(v["stored_bits"] for v in per_layer.values())
-        total_weights = sum(layer.w.size for layer in layers)
+        total_weights = sum(layer.w.size for layer in layers) + sum(linear.w.const_value.size for linear in kept)
         stats = {
-            "layers": len(layers),
+            "layers": len(layers) + len(kept),
+            "kept_layers": [linear.w.name for linear in kept],
             "predicted_bits_per_weight": round(total_bits / total_weights, 4),
             "predicted_error": float(sum(v["predicted_error"] for v in per_layer.values())),
             "per_layer": per_layer,
@@ -215,12 +228,21 @@ class AllocateBitsPass(Pass):
             f"and their metadata allow here: feasible {low / total:.3f} to {high / total:.3f}"
         )
 
-    def _record(self, graph: ir.Graph, layer: _Layer, bits: np.ndarray) -> dict:
+    def _is_kept(self, linear: Linear) -> bool:
+        return any(fnmatch.fnmatchcase(linear.w.name, pattern) for pattern in self.keep)
+
+    def _check_keep_matches(self, found: list[Linear]) -> None:
+        for pattern in self.keep:
+            if not any(fnmatch.fnmatchcase(linear.w.name, pattern) for linear in found):
+                names = ", ".join(linear.w.name for linear in found[:3])
+                raise UserError(f"allocate-bits: keep pattern '{pattern}' matches no layer weight (weights are named like: {names})")
+
+    def _record(self, graph: ir.Graph, layer: _Layer, bits: np.ndarray, outliers_weight: float) -> dict:
         linear = layer.linear
         bits_value = new_initializer(graph, f"{linear.w.name}.bits", bits.astype(np.uint8))
         node = ir.node(
             "BitAllocation", [linear.w, bits_value],
-            {"group_size": self.group_size, "codebook": self.codebook, "outliers_weight": float(self.outliers_weight)},
+            {"group_size": self.group_size, "codebook": self.codebook, "outliers_weight": float(outliers_weight)},
             domain="qc", name=f"{linear.w.name}.allocation", metadata_props={CREATED_BY: self.name},
         )
         node.outputs[0].name = f"{linear.w.name}.allocated"
@@ -232,5 +254,5 @@ class AllocateBitsPass(Pass):
         classes = {int(b): int(c) for b, c in zip(*np.unique(bits, return_counts=True))}
         stored = self._stored_bits(layer, bits)
         error = sum(float(layer.errors[b][bits == b].sum()) for b in classes if b in layer.errors)
-        return {"bits_histogram": classes, "stored_bits": int(stored), "bits_per_weight": round(stored / (k * n), 4),
+        return {"weight": linear.w.name, "bits_histogram": classes, "stored_bits": int(stored), "bits_per_weight": round(stored / (k * n), 4),
                 "predicted_error": error, "sparse_outliers": layer.sparse}

@@ -18,6 +18,7 @@ the layers that read it):
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from typing import Literal
 
 import numpy as np
@@ -59,6 +60,7 @@ class QuantizePass(Pass):
     act_mode: Literal["static", "dynamic", "per-token"] = option("static", "how activation scales are found")
     conv: bool = option(True, "quantize Conv layers as well as linears")
     float_inputs: int = option(0, "static mode: keep this many inputs, those that quantize worst (lowest SQNR), in float")
+    keep: tuple[str, ...] = option((), "weights (names or globs) whose layers stay in float")
 
     def __post_init__(self):
         if self.float_inputs < 0:
@@ -66,7 +68,11 @@ class QuantizePass(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
-        targets = find_targets(graph, self.conv)
+        found = find_targets(graph, self.conv)
+        targets = [t for t in found if not any(fnmatch.fnmatchcase(t.w.name, p) for p in self.keep)]
+        for pattern in self.keep:
+            if not any(fnmatch.fnmatchcase(t.w.name, pattern) for t in found):
+                raise UserError(f"quantize: keep pattern '{pattern}' matches no layer weight")
         if not targets:
             return PassResult(model, False, {"layers": 0})
         model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
@@ -94,6 +100,7 @@ class QuantizePass(Pass):
             "layers": len(targets),
             "activations_quantized": len(quantized_inputs),
             "activations_in_float": sorted(in_float),
+            "kept_in_float": sorted(t.w.name for t in found if t not in targets),
             "per_layer": layer_stats,
         }
         return PassResult(model, True, stats)

@@ -64,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="the bundled float model, when the artifact was compiled from an ONNX file of it")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    doc = sub.add_parser("doctor", help="rank the layers and passes that cost accuracy and suggest a pipeline change")
+    doc.add_argument("source", help="bundled model name, path to .onnx, or package.module:function")
+    doc.add_argument("--pipeline", required=True, help="the pipeline to diagnose (string, preset or @file)")
+    doc.add_argument("--calib", metavar="FILE", help="calibration data, as for compile")
+    doc.add_argument("--calib-count", type=int, default=128, metavar="N", help="calibration samples to use (default 128)")
+    doc.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime threads")
+    doc.add_argument("--max-extra-bits", type=float, default=0.25, help="average stored bits the suggestion may add (default 0.25)")
+    doc.add_argument("--top", type=int, default=15, help="layers to list (default 15)")
+    doc.add_argument("--apply", metavar="FILE", help="write the suggested pipeline to FILE (use it with --pipeline @FILE)")
+    doc.add_argument("--cache-dir", metavar="DIR", help="calibration statistics cache (default as for compile)")
+    doc.add_argument("--no-cache", action="store_true", help="neither read nor write the calibration cache")
+    doc.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
+
     sub.add_parser("passes", help="list every pass and preset with its options")
 
     show = sub.add_parser("show", help="print a model as IR text")
@@ -236,6 +249,33 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_doctor(args) -> int:
+    import json
+    from pathlib import Path
+
+    from qcompiler.calib_cache import default_dir
+    from qcompiler.doctor import diagnose, format_diagnosis
+    from qcompiler.fileio import write_atomic
+
+    cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_dir()
+    result = diagnose(
+        args.source, args.pipeline, calibration=args.calib, calib_count=args.calib_count, threads=args.threads,
+        max_extra_bits=args.max_extra_bits, cache_dir=cache_dir,
+    )
+    if args.json:
+        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(format_diagnosis(result, args.top))
+    if args.apply:
+        suggested = result["suggestion"].get("pipeline")
+        if not suggested:
+            raise UserError(f"doctor has no change to apply ({result['suggestion']['change']}); nothing written to {args.apply}")
+        header = f"# suggested by qcompiler doctor for {result['source']}: {result['suggestion']['change']}\n"
+        write_atomic(Path(args.apply), header + suggested + "\n")
+        log.info("wrote the suggested pipeline to %s; compile with --pipeline @%s", args.apply, args.apply)
+    return 0
+
+
 def _cmd_passes(args) -> int:
     from qcompiler.passbase import all_passes
     from qcompiler.pipeline import PRESETS, format_value
@@ -269,7 +309,7 @@ def _cmd_show(args) -> int:
     return 0
 
 
-_COMMANDS = {"compile": _cmd_compile, "eval": _cmd_eval, "passes": _cmd_passes, "show": _cmd_show}
+_COMMANDS = {"compile": _cmd_compile, "doctor": _cmd_doctor, "eval": _cmd_eval, "passes": _cmd_passes, "show": _cmd_show}
 
 
 def entry() -> None:

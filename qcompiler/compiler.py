@@ -89,7 +89,7 @@ def compile(
         check_order(passes, model_properties(model))
         source_digest = model_digest(model)
         source_weights = weight_count(model)
-        batches = _calibration_batches(calibration, calib_count, model, source_info)
+        batches = calibration_batches(calibration, calib_count, model, source_info)
         feeds = probe_inputs if probe_inputs is not None else probe.inputs_for(model, source_info)
         tools = _instruments(feeds if drift else None, dump_ir, print_ir, spec)
         start = time.perf_counter()
@@ -149,7 +149,7 @@ def complete_pipeline(passes: list, target: str) -> list:
     return passes
 
 
-def _calibration_batches(calibration, count: int, model, source_info):
+def calibration_batches(calibration, count: int, model, source_info):
     if calibration is None:
         return None
     from qcompiler.calib_data import load_calibration, validate_batches

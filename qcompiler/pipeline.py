@@ -81,7 +81,10 @@ def format_pipeline(passes: list[Pass]) -> str:
 
 
 def format_pass(pass_: Pass) -> str:
-    options = " ".join(f"{key}={format_value(value)}" for key, value in pass_.option_values().items())
+    """`name{key=value ...}`; an empty list option (the default of the ones that have it) is left out."""
+    options = " ".join(
+        f"{key}={format_value(value)}" for key, value in pass_.option_values().items() if value != ()
+    )
     return f"{pass_.name}{{{options}}}" if options else pass_.name
 
 

@@ -1,0 +1,410 @@
+"""`qcompiler doctor`: which layers and which passes cost accuracy, and what to change.
+
+1. Runs the pipeline (without its lowering) on the model, measuring each pass's output drift on
+   the probe batch, and keeps two stages of the IR: the float model as the first quantizing pass
+   sees it (`float_stage`: after smoothing and folding, so its weights already carry the folded
+   scales) and the quantized model (`quant_stage`).
+2. Reads, for every layer (a MatMul or Conv with a constant weight in the float stage), what the
+   quantized stage computes in its place: the weight it effectively multiplies by (`DequantizeWeight`
+   evaluated on its constants, or a weight-only `MixedMatMul` applied to the identity matrix, which
+   gives back its weight exactly, outliers and permutation included) and the activation quantizer
+   in front of it (`QuantizeActivation`'s mode, scale and zero point), if any.
+3. Builds one ONNX Runtime session of the float stage in which every layer's weight is a graph
+   input and every quantized activation passes through a switchable fake-quantizer built from
+   standard ops, so that any mix of float and quantized layers runs without recompiling. On the
+   probe batch it measures the output error (relative MSE against the float model) with all layers
+   quantized, with one layer quantized at a time (`alone`) and with all but one (`recovered`: how
+   much the error falls when that layer stays in float).
+4. Suggests the cheapest set of layers to keep at higher precision: by recovered error per extra
+   stored bit, within `max_extra_bits` average bits (`allocate-bits{keep=... keep-bits=8}`), or,
+   for int8 pipelines, the layers whose float recovers the most (`quantize{keep=...}`); measures
+   the suggestion's predicted error with those layers in float, and writes the pipeline with
+   `--apply FILE` (which `--pipeline @FILE` reads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler import execute, instruments, ops
+from qcompiler.errors import UserError
+from qcompiler.ir import qc_nodes, to_proto
+from qcompiler.pass_manager import Instrument, PassRecord, run_pipeline
+from qcompiler.pipeline import check_order, format_pipeline, parse_pipeline
+
+log = logging.getLogger(__name__)
+
+KEEP_BITS = 8
+
+
+@dataclasses.dataclass
+class LayerQuant:
+    """One layer: its weight name, float and effective quantized weights, activation quantizer."""
+
+    name: str
+    node: str
+    w_float: np.ndarray
+    w_quant: np.ndarray
+    act: dict[str, Any] | None
+
+    @property
+    def params(self) -> int:
+        return int(self.w_float.size)
+
+
+class _Stages(Instrument):
+    """Keeps a copy of the model after the last pass that left it free of qc ops."""
+
+    def __init__(self):
+        self.float_stage: ir.Model | None = None
+
+    def run_begin(self, model: ir.Model) -> None:
+        self.float_stage = _copy(model)
+
+    def after_pass(self, pass_, model: ir.Model, record: PassRecord) -> None:
+        if not qc_nodes(model):
+            self.float_stage = _copy(model)
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(to_proto(model))
+
+
+# ------------------------------------------------------------------------------------------------
+# What the quantized stage computes per layer
+
+
+def quantized_layers(float_stage: ir.Model, quant_stage: ir.Model) -> tuple[list[LayerQuant], list[dict]]:
+    """Layers of `float_stage` and their quantized form in `quant_stage`; plus those skipped, with why."""
+    producers = {out.name: node for node in quant_stage.graph for out in node.outputs}
+    layers, skipped = [], []
+    for node in float_stage.graph:
+        if node.op_type not in ("MatMul", "Conv") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        x, w = node.inputs[0], node.inputs[1]
+        if w is None or w.const_value is None or not w.const_value.dtype.is_floating_point():
+            continue
+        w_float = w.const_value.numpy()
+        found = producers.get(node.outputs[0].name)
+        try:
+            layer = _layer_from(found, x.name, w.name, node.name or node.outputs[0].name, w_float)
+        except _Unreadable as exc:
+            skipped.append({"layer": w.name, "why": str(exc)})
+            continue
+        if layer is not None:
+            layers.append(layer)
+    return layers, skipped
+
+
+class _Unreadable(Exception):
+    pass
+
+
+def _layer_from(q: ir.Node | None, x_name: str, w_name: str, node_name: str, w_float: np.ndarray) -> LayerQuant | None:
+    if q is None:
+        raise _Unreadable("its output is not produced in the quantized model")
+    if q.domain == "qc" and q.op_type == "MixedMatMul":
+        if q.inputs[0].name != x_name:
+            raise _Unreadable("its MixedMatMul reads another activation")
+        consts = [_const(v) for v in q.inputs[1:]]
+        eye = np.eye(w_float.shape[0], dtype=np.float32)
+        w_quant = ops.run_reference(q, [eye] + consts)[0]
+        return LayerQuant(w_name, node_name, w_float, np.asarray(w_quant, np.float32).reshape(w_float.shape), None)
+    if q.domain not in ("", "ai.onnx") or q.op_type not in ("MatMul", "Conv"):
+        raise _Unreadable(f"the quantized model computes it with {q.domain or 'onnx'}.{q.op_type}")
+    a, b = q.inputs[0], q.inputs[1]
+    act = None
+    producer = a.producer()
+    if producer is not None and producer.domain == "qc" and producer.op_type == "QuantizeActivation":
+        if producer.inputs[0].name != x_name:
+            raise _Unreadable("its activation quantizer reads another tensor")
+        act = ops.attributes_of(producer)
+    elif a.name != x_name:
+        raise _Unreadable("its activation input is rewritten by ops the doctor cannot emulate")
+    if b.const_value is not None:
+        w_quant = b.const_value.numpy()
+    elif b.producer() is not None and b.producer().domain == "qc" and b.producer().op_type == "DequantizeWeight":
+        w_quant = ops.run_reference(b.producer(), [_const(v) for v in b.producer().inputs])[0]
+    else:
+        raise _Unreadable("its weight is not a constant or a DequantizeWeight of constants")
+    w_quant = np.asarray(w_quant, np.float32)
+    if w_quant.shape != w_float.shape:
+        raise _Unreadable(f"its quantized weight has shape {w_quant.shape}, not {w_float.shape}")
+    if act is None and np.array_equal(w_quant, w_float):
+        return None  # left in float by the pipeline
+    return LayerQuant(w_name, node_name, w_float, w_quant, act)
+
+
+def _const(value: ir.Value | None):
+    if value is None:
+        return None
+    if value.const_value is None:
+        raise _Unreadable(f"input '{value.name}' of its quantized op is not a constant")
+    return value.const_value.numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# The switchboard: one session, any mix of float and quantized layers
+
+
+class Switchboard:
+    """The float stage with every layer's weight as an input and a gated fake-quantizer on every
+    quantized activation; `run(quantized)` runs it with the layers in `quantized` quantized."""
+
+    def __init__(self, float_stage: ir.Model, layers: list[LayerQuant], feeds: dict[str, np.ndarray], threads: int | None):
+        model = _copy(float_stage)
+        graph = model.graph
+        by_weight = {layer.name: layer for layer in layers}
+        self.layers = layers
+        self.weight_inputs: dict[str, str] = {}
+        self.gate_inputs: dict[str, str] = {}
+        nodes = [n for n in graph if n.op_type in ("MatMul", "Conv") and len(n.inputs) > 1 and n.inputs[1] is not None]
+        for index, node in enumerate(nodes):
+            layer = by_weight.get(node.inputs[1].name)
+            if layer is None or layer.node != (node.name or node.outputs[0].name):
+                continue
+            w_in = ir.Value(name=f"doctor.w{index}", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(layer.w_float.shape))
+            graph.inputs.append(w_in)
+            node.replace_input_with(1, w_in)
+            self.weight_inputs[layer.name] = w_in.name
+            if layer.act is not None:
+                gate = ir.Value(name=f"doctor.g{index}", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
+                graph.inputs.append(gate)
+                node.replace_input_with(0, _fake_quant(graph, node, node.inputs[0], gate, layer.act, index))
+                self.gate_inputs[layer.name] = gate.name
+        from qcompiler.layers import remove_unused
+
+        remove_unused(model)
+        self.output = graph.outputs[0].name
+        self.session = execute.ort_session(model, threads)
+        self.feeds = dict(feeds)
+        self.reference = self.run(set())
+
+    def run(self, quantized: set[str]) -> np.ndarray:
+        feeds = dict(self.feeds)
+        for layer in self.layers:
+            on = layer.name in quantized
+            feeds[self.weight_inputs[layer.name]] = layer.w_quant if on else layer.w_float
+            if layer.name in self.gate_inputs:
+                feeds[self.gate_inputs[layer.name]] = np.array(on)
+        return self.session.run([self.output], feeds)[0]
+
+    def error(self, quantized: set[str]) -> float:
+        """Relative MSE of the output against the all-float run."""
+        ref = self.reference.astype(np.float64)
+        diff = self.run(quantized).astype(np.float64) - ref
+        return float(np.sum(diff * diff) / max(np.sum(ref * ref), 1e-30))
+
+
+def _fake_quant(graph: ir.Graph, node: ir.Node, x: ir.Value, gate: ir.Value, act: dict, index: int) -> ir.Value:
+    """Standard ops computing `qc.QuantizeActivation` (see `qcompiler.qc_ops.quantize_activation`)."""
+    from qcompiler.qc_ops import int_range
+
+    tape = ir.tape.Tape()
+    f32 = lambda v: tape.initializer(ir.tensor(np.array(v, np.float32), name=f"doctor.c{index}.{len(tape.initializers)}"))  # noqa: E731
+    mode, bits = act.get("mode", "static"), int(act.get("bits", 8))
+    if mode == "static":
+        lo, hi = int_range(bits, signed=True)
+        scale, zp = f32(act["scale"]), f32(act.get("zero_point", 0))
+        q = tape.op("Clip", [tape.op("Add", [tape.op("Round", [tape.op("Div", [x, scale])]), zp]), f32(lo), f32(hi)])
+        y = tape.op("Mul", [tape.op("Sub", [q, zp]), scale])
+    elif mode == "per-token":
+        _, hi = int_range(bits, signed=True)
+        amax = tape.op("ReduceMax", [tape.op("Abs", [x]), tape.initializer(ir.tensor(np.array([-1], np.int64), name=f"doctor.c{index}.axes"))], attributes={"keepdims": 1})
+        s = tape.op("Div", [amax, f32(hi)])
+        s = tape.op("Where", [tape.op("Equal", [s, f32(0.0)]), f32(1.0), s])
+        y = tape.op("Mul", [tape.op("Clip", [tape.op("Round", [tape.op("Div", [x, s])]), f32(-hi), f32(hi)]), s])
+    elif mode == "dynamic":
+        lo, hi = int_range(bits, signed=False)
+        x_min = tape.op("Min", [tape.op("ReduceMin", [x], attributes={"keepdims": 0}), f32(0.0)])
+        x_max = tape.op("Max", [tape.op("ReduceMax", [x], attributes={"keepdims": 0}), f32(0.0)])
+        span = tape.op("Sub", [x_max, x_min])
+        s = tape.op("Where", [tape.op("Greater", [span, f32(0.0)]), tape.op("Div", [span, f32(hi - lo)]), f32(1.0)])
+        zp = tape.op("Clip", [tape.op("Round", [tape.op("Div", [tape.op("Neg", [x_min]), s])]), f32(lo), f32(hi)])
+        q = tape.op("Clip", [tape.op("Add", [tape.op("Round", [tape.op("Div", [x, s])]), zp]), f32(lo), f32(hi)])
+        y = tape.op("Mul", [tape.op("Sub", [q, zp]), s])
+    else:
+        raise UserError(f"doctor: activation mode '{mode}' is not known")
+    out = tape.op("Where", [gate, y, x])
+    for value in tape.initializers:
+        graph.register_initializer(value)
+    for new in tape.nodes:
+        graph.insert_before(node, new)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The diagnosis
+
+
+def diagnose(
+    source: Any,
+    pipeline: str,
+    *,
+    calibration: Any = None,
+    calib_count: int = 128,
+    threads: int | None = None,
+    max_extra_bits: float = 0.25,
+    cache_dir=None,
+) -> dict[str, Any]:
+    """Run the pipeline, rank layers and passes by what they cost, and suggest a pipeline change."""
+    from qcompiler import probe
+    from qcompiler.capture import resolve
+    from qcompiler.compiler import calibration_batches, complete_pipeline
+    from qcompiler.context import CompileContext, using
+
+    if not 0.0 < max_extra_bits <= 8.0:
+        raise UserError(f"doctor: --max-extra-bits must be in (0, 8], got {max_extra_bits}")
+    passes = [p for p in complete_pipeline(parse_pipeline(pipeline), "none") if p.name != "lower-ort"]
+    check_order(passes)
+    model, source_info = resolve(source)
+    batches = calibration_batches(calibration, calib_count, model, source_info)
+    feeds = probe.inputs_for(model, source_info)
+    stages = _Stages()
+    ctx = CompileContext(calibration=batches, calibration_source=str(calibration or ""), source=source_info,
+                         threads=threads, cache_dir=cache_dir)
+    with using(ctx):
+        records = run_pipeline(model, passes, [instruments.Verify(), instruments.Drift(feeds), stages])
+    layers, skipped = quantized_layers(stages.float_stage, model)
+    if not layers:
+        raise UserError("doctor: the pipeline quantizes no layer the doctor can read; give a pipeline with quantize or allocate-bits/quantize-weights")
+    board = Switchboard(stages.float_stage, layers, feeds, threads)
+    names = [layer.name for layer in layers]
+    everything = set(names)
+    total = board.error(everything)
+    rows = []
+    for layer in layers:
+        rows.append({
+            "layer": layer.name,
+            "params": layer.params,
+            "activation": (layer.act or {}).get("mode"),
+            "alone": board.error({layer.name}),
+            "recovered": total - board.error(everything - {layer.name}),
+        })
+    rows.sort(key=lambda r: (-r["recovered"], r["layer"]))
+    bits = _layer_bits(records)
+    for row in rows:
+        row["bits"] = bits.get(row["layer"])
+        row["share"] = row["recovered"] / total if total > 0 else 0.0
+    suggestion = _suggest(passes, rows, total, board, everything, max_extra_bits)
+    return {
+        "schema": "qcompiler.doctor/1",
+        "source": source_info.name,
+        "pipeline": format_pipeline(passes),
+        "metric": "relative MSE of the model output against the float model on the probe batch",
+        "error_all_quantized": total,
+        "layers": rows,
+        "skipped_layers": skipped,
+        "passes": _pass_costs(records),
+        "suggestion": suggestion,
+    }
+
+
+def _layer_bits(records: list[PassRecord]) -> dict[str, float]:
+    """Stored bits per weight of each layer, by weight name, from allocate-bits' statistics."""
+    for record in records:
+        if record.name == "allocate-bits":
+            return {v["weight"]: v.get("bits_per_weight") for v in record.stats.get("per_layer", {}).values() if "weight" in v}
+    return {}
+
+
+def _pass_costs(records: list[PassRecord]) -> list[dict]:
+    """Each pass's share of the output drift: the rise in (1 - cosine) it caused."""
+    costs, before = [], 0.0
+    for record in records:
+        after = 1.0 - (record.drift or {}).get("cosine", 1.0)
+        costs.append({"pass": record.spec, "seconds": record.seconds, "drift_added": after - before, "cosine_after": 1.0 - after})
+        before = after
+    return costs
+
+
+def _suggest(passes, rows, total, board: Switchboard, everything: set[str], max_extra_bits: float) -> dict:
+    names = [p.name for p in passes]
+    if "allocate-bits" in names:
+        allocator = passes[names.index("allocate-bits")]
+        weights = sum(r["params"] for r in rows)
+        chosen, extra = [], 0.0
+        ranked = sorted(rows, key=lambda r: (-r["recovered"] / _extra_bits(r, allocator), r["layer"]))
+        for row in ranked:
+            if row["recovered"] <= 0:
+                continue
+            cost = _extra_bits(row, allocator) * row["params"] / weights
+            if extra + cost <= max_extra_bits:
+                chosen.append(row["layer"])
+                extra += cost
+        index = names.index("allocate-bits")
+        keep = tuple(sorted(set(allocator.keep) | set(chosen)))
+        changed = dataclasses.replace(allocator, keep=keep, keep_bits=KEEP_BITS)
+        change = f"keep {len(chosen)} layers at {KEEP_BITS} bits (+{extra:.3f} average bits)"
+    elif "quantize" in names:
+        index = names.index("quantize")
+        quantizer = passes[index]
+        chosen, left = [], total
+        for row in rows:
+            if left <= total / 2 or len(chosen) >= 8 or row["recovered"] <= 0:
+                break
+            chosen.append(row["layer"])
+            left = board.error(everything - set(chosen))
+        keep = tuple(sorted(set(quantizer.keep) | set(chosen)))
+        changed = dataclasses.replace(quantizer, keep=keep)
+        extra = None
+        change = f"keep {len(chosen)} layers in float"
+    else:
+        return {"change": "none: the pipeline has no allocate-bits or quantize pass to adjust", "pipeline": None}
+    if not chosen:
+        return {"change": "none: no layer recovers error within the allowed extra bits", "pipeline": None}
+    suggested = list(passes)
+    suggested[index] = changed
+    predicted = board.error(everything - set(chosen))
+    return {
+        "change": change,
+        "layers": chosen,
+        "extra_bits": extra,
+        "predicted_error": predicted,
+        "predicted_recovery": (total - predicted) / total if total > 0 else 0.0,
+        "pipeline": format_pipeline(suggested),
+    }
+
+
+def _extra_bits(row: dict, allocator) -> float:
+    """Stored bits per weight added by keeping a layer at KEEP_BITS (group scale and zero point included)."""
+    kept = KEEP_BITS + 32.0 / allocator.group_size
+    current = row["bits"] if row["bits"] is not None else allocator.avg_bits
+    return max(kept - current, 1e-3)
+
+
+def format_diagnosis(result: dict, top: int = 15) -> str:
+    lines = [
+        f"doctor: {result['source']}",
+        f"pipeline: {result['pipeline']}",
+        f"output error, all layers quantized: {result['error_all_quantized']:.4g} ({result['metric']})",
+        "",
+        "passes (drift added = rise of 1 - cosine of the output vs float):",
+    ]
+    for p in result["passes"]:
+        lines.append(f"  {p['drift_added']:+.3e}  cos {p['cosine_after']:.6f}  {p['seconds']:7.2f} s  {p['pass'].split('{')[0]}")
+    lines.append("")
+    lines.append(f"layers, ranked by the error recovered when left in float (top {min(top, len(result['layers']))} of {len(result['layers'])}):")
+    lines.append(f"  {'rank':>4}  {'recovered':>10}  {'share':>6}  {'alone':>10}  {'bits':>5}  layer")
+    for rank, row in enumerate(result["layers"][:top], 1):
+        bits = f"{row['bits']:.2f}" if row["bits"] is not None else "-"
+        lines.append(f"  {rank:>4}  {row['recovered']:10.3e}  {row['share']:6.1%}  {row['alone']:10.3e}  {bits:>5}  {_printable(row['layer'])}")
+    for skipped in result["skipped_layers"]:
+        lines.append(f"  not analysed: {_printable(skipped['layer'])}: {skipped['why']}")
+    s = result["suggestion"]
+    lines.append("")
+    lines.append(f"suggestion: {s['change']}")
+    if s.get("pipeline"):
+        lines.append(f"  predicted output error {result['error_all_quantized']:.4g} -> {s['predicted_error']:.4g} "
+                     f"({s['predicted_recovery']:.0%} recovered)")
+        lines.append(f"  pipeline: {s['pipeline']}")
+    return "\n".join(lines) + "\n"
+
+
+def _printable(name: str) -> str:
+    return name.encode("unicode_escape").decode("ascii")

@@ -1,0 +1,121 @@
+"""`qcompiler doctor`: the layer emulation equals the quantized model; the sensitive layer ranks first;
+the suggested pipeline parses, keeps the layers it names and lowers their error."""
+
+import numpy as np
+import pytest
+
+from qcompiler import execute
+from qcompiler.cli import main
+from qcompiler.context import CompileContext, using
+from qcompiler.doctor import Switchboard, _Stages, diagnose, quantized_layers
+from qcompiler.errors import UserError
+from qcompiler.ir import parse
+from qcompiler.pass_manager import run_pipeline
+from qcompiler.pipeline import parse_pipeline
+from qcompiler.probe import synthetic_inputs
+
+
+def _mlp(k=256, h=256, n=256, wide_second=True, seed=0):
+    """X -> A (k x h) -> Relu -> B (h x n). With `wide_second`, B's weights are heavy-tailed (Student t,
+    1.5 degrees of freedom), so low-bit grids are coarse for most of them: B costs accuracy."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(0, 0.1, (k, h)).astype(np.float32)
+    b = rng.normal(0, 0.1, (h, n)).astype(np.float32)
+    if wide_second:
+        b = (0.02 * rng.standard_t(1.5, (h, n))).astype(np.float32)
+    text = lambda w: ",".join(f"{v:.5f}" for v in w.ravel())  # noqa: E731
+    return parse(f"""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[M, {k}] X) => (float[M, {n}] Y)
+    <float[{k},{h}] A = {{{text(a)}}}, float[{h},{n}] B = {{{text(b)}}}>
+    {{ H = MatMul (X, A)
+       R = Relu (H)
+       Y = MatMul (R, B) }}""")
+
+
+def _stages(model, pipeline):
+    data = [synthetic_inputs(model, seed=s) for s in range(4)]
+    stages = _Stages()
+    with using(CompileContext(calibration=data)):
+        run_pipeline(model, parse_pipeline(pipeline), [stages])
+    return stages.float_stage, model
+
+
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        "calibrate,quantize",
+        "calibrate,quantize{act-mode=per-token}",
+        "calibrate,quantize{act-mode=dynamic}",
+        "calibrate,smooth{alpha=0.5},fold-scales,quantize",
+        "calibrate,allocate-bits{avg-bits=4 group-size=32},quantize-weights",
+        "calibrate,allocate-bits{avg-bits=4.5 group-size=32 codebook=kmeans},quantize-weights",
+    ],
+)
+def test_switchboard_with_every_layer_quantized_equals_the_quantized_model(pipeline):
+    float_stage, quant = _stages(_mlp(), pipeline)
+    layers, skipped = quantized_layers(float_stage, quant)
+    assert [layer.name for layer in layers] == ["A", "B"] and skipped == []
+    feeds = synthetic_inputs(quant, seed=11)
+    board = Switchboard(float_stage, layers, feeds, threads=1)
+    expected = execute.run(quant, feeds)["Y"]
+    np.testing.assert_allclose(board.run({"A", "B"}), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(board.run(set()), execute.run(float_stage, feeds)["Y"], rtol=1e-5, atol=1e-5)
+    assert board.error({"A", "B"}) > 0 and board.error(set()) == 0
+
+
+def test_doctor_ranks_the_sensitive_layer_first_and_suggests_keeping_it():
+    result = diagnose(_mlp(), "calibrate,allocate-bits{avg-bits=4 group-size=32},quantize-weights",
+                      calibration=[synthetic_inputs(_mlp(), seed=s) for s in range(4)], max_extra_bits=3.0)
+    assert [row["layer"] for row in result["layers"]] == ["B", "A"]
+    assert result["layers"][0]["recovered"] > result["layers"][1]["recovered"] > 0
+    suggestion = result["suggestion"]
+    assert suggestion["layers"] == ["B"]
+    assert suggestion["predicted_error"] < result["error_all_quantized"]
+    passes = parse_pipeline(suggestion["pipeline"])
+    assert [p for p in passes if p.name == "allocate-bits"][0].keep == ("B",)
+
+
+def test_suggestion_respects_the_extra_bits_limit():
+    result = diagnose(_mlp(), "calibrate,allocate-bits{avg-bits=4 group-size=32},quantize-weights",
+                      calibration=[synthetic_inputs(_mlp(), seed=s) for s in range(4)], max_extra_bits=0.1)
+    # keeping either layer at 8 bits adds about 2.7 bits over half the weights: more than 0.1
+    assert result["suggestion"]["pipeline"] is None
+
+
+def test_int8_pipeline_suggestion_keeps_layers_in_float():
+    model = _mlp()
+    result = diagnose(model, "calibrate,quantize", calibration=[synthetic_inputs(model, seed=s) for s in range(4)])
+    assert result["suggestion"]["layers"] and "quantize{" in result["suggestion"]["pipeline"]
+    assert "keep=" in result["suggestion"]["pipeline"]
+
+
+def test_cli_apply_writes_a_pipeline_file_that_compile_accepts(tmp_path, capsys):
+    import onnx
+
+    from qcompiler.ir import to_proto
+
+    model_path = tmp_path / "mlp.onnx"
+    onnx.save(to_proto(_mlp()), str(model_path))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, X=np.random.default_rng(0).standard_normal((16, 256)).astype(np.float32))
+    applied = tmp_path / "suggested.pipeline"
+    pipeline = "calibrate,allocate-bits{avg-bits=4 group-size=32},quantize-weights"
+    assert main(["-q", "doctor", str(model_path), "--pipeline", pipeline, "--calib", str(calib),
+                 "--max-extra-bits", "3", "--apply", str(applied)]) == 0
+    out = capsys.readouterr().out
+    assert "ranked by the error recovered" in out and "suggestion: keep 1 layers at 8 bits" in out
+    assert applied.read_text().startswith("# suggested by qcompiler doctor")
+    assert main(["-q", "compile", str(model_path), "-o", str(tmp_path / "art"), "--pipeline", f"@{applied}",
+                 "--calib", str(calib), "--report", str(tmp_path / "r.json")]) == 0
+    import json
+
+    stats = {p["name"]: p["stats"] for p in json.loads((tmp_path / "r.json").read_text())["passes"]}
+    kept = applied.read_text().split("keep=")[1].split()[0].split(",")
+    assert stats["allocate-bits"]["kept_layers"] == kept and len(kept) == 1
+    (entry,) = [v for v in stats["allocate-bits"]["per_layer"].values() if v["weight"] == kept[0]]
+    assert entry["bits_histogram"] == {"8": 256}
+
+
+def test_allocate_bits_keep_pattern_that_matches_nothing_is_an_error():
+    with pytest.raises(UserError, match="keep pattern 'C\\*' matches no layer weight"):
+        _stages(_mlp(), "calibrate,allocate-bits{avg-bits=4 group-size=32 keep=C*},quantize-weights")
