@@ -251,8 +251,10 @@ def diagnose(
     threads: int | None = None,
     max_extra_bits: float = 0.25,
     cache_dir=None,
+    probe_inputs: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Run the pipeline, rank layers and passes by what they cost, and suggest a pipeline change."""
+    """Run the pipeline, rank layers and passes by what they cost, and suggest a pipeline change.
+    The error is measured on `probe_inputs` (default: the source's probe batch, `qcompiler.probe`)."""
     from qcompiler import probe
     from qcompiler.capture import resolve
     from qcompiler.compiler import calibration_batches, complete_pipeline
@@ -264,7 +266,7 @@ def diagnose(
     check_order(passes)
     model, source_info = resolve(source)
     batches = calibration_batches(calibration, calib_count, model, source_info)
-    feeds = probe.inputs_for(model, source_info)
+    feeds = probe_inputs if probe_inputs is not None else probe.inputs_for(model, source_info)
     stages = _Stages()
     ctx = CompileContext(calibration=batches, calibration_source=str(calibration or ""), source=source_info,
                          threads=threads, cache_dir=cache_dir)
