@@ -15,9 +15,10 @@ import onnx_ir as ir
 
 from qcompiler.capture import model_digest, resolve
 from qcompiler import instruments, probe
+from qcompiler import report as reports
 from qcompiler.context import CompileContext, using
 from qcompiler.errors import UserError
-from qcompiler.fileio import AtomicDir, write_atomic
+from qcompiler.fileio import AtomicDir
 from qcompiler.ir import weight_count
 from qcompiler.pass_manager import PassRecord, run_pipeline
 from qcompiler.passbase import model_properties
@@ -26,7 +27,6 @@ from qcompiler.pipeline import check_order, format_pipeline, parse_pipeline
 log = logging.getLogger(__name__)
 
 TARGETS = ("ort",)
-REPORT_SCHEMA = "qcompiler.report/1"
 
 
 @dataclasses.dataclass
@@ -71,13 +71,16 @@ def compile(
     that run the model. The pipeline always starts with `canonicalize` and, for the ort target,
     ends with `lower-ort`: they are added when missing (the printed pipeline shows them).
     `print_ir`: None, "all" or "changed". `dump_ir`: a directory for per-pass IR dumps.
-    `report`: a JSON report path (may lie inside `output`). The IR is verified after every pass;
+    `report`: a report path (may lie inside `output`): `.json`, or `.html` for a page with the
+    `.json` beside it (`qcompiler.report`). The IR is verified after every pass;
     `drift` measures each pass's output drift on the probe batch."""
     if target not in TARGETS:
         raise UserError(f"unknown target '{target}'; choose one of: {', '.join(TARGETS)}")
     passes = complete_pipeline(parse_pipeline(pipeline), target)  # a bad pipeline fails before any slow step
     check_order(passes)
     spec = format_pipeline(passes)
+    if report is not None:
+        reports.report_paths(report)  # a bad report name fails before any slow step
     artifact = AtomicDir(output)
     staging = artifact.begin()  # an unwritable output fails before any slow step
     try:
@@ -90,6 +93,10 @@ def compile(
         batches = _calibration_batches(calibration, calib_count, model, source_info)
         feeds = probe_inputs if probe_inputs is not None else probe.inputs_for(model, source_info)
         tools = _instruments(feeds if drift else None, dump_ir, print_ir, spec)
+        recorder = None
+        if report is not None:  # the recorder measures drift too, in the same runs
+            recorder = reports.Recorder(feeds, drift=drift)
+            tools = [t for t in tools if not isinstance(t, instruments.Drift)] + [recorder]
         start = time.perf_counter()
         described = str(calibration) if isinstance(calibration, (str, os.PathLike)) else ("api" if calibration is not None else "")
         ctx = CompileContext(calibration=batches, calibration_source=described, source=source_info, threads=threads)
@@ -107,7 +114,8 @@ def compile(
         manifest = json.loads((staging / "manifest.json").read_text())
         timings = {"capture_s": round(capture_seconds, 3), "pipeline_s": round(pipeline_seconds, 3)}
         if report is not None:
-            _write_report(Path(report), Path(output), staging, manifest, records, timings)
+            body = reports.build(manifest, records, timings, recorder, model, files, probe=feeds)
+            reports.write(report, Path(output), staging, body)
         final = artifact.commit()
     except BaseException:
         artifact.abort()
@@ -152,24 +160,6 @@ def _instruments(feeds, dump_ir, print_ir, spec) -> list:
     if dump_ir is not None:
         tools.append(instruments.DumpIR(dump_ir, spec))
     return tools
-
-
-def _write_report(report: Path, output: Path, staging: Path, manifest, records, timings) -> None:
-    body = {
-        "schema": REPORT_SCHEMA,
-        "manifest": manifest,
-        "timings": timings,
-        "passes": [r.to_json() for r in records],
-    }
-    text = json.dumps(body, indent=2, sort_keys=True) + "\n"
-    try:
-        inside = report.resolve().relative_to(output.resolve())
-    except ValueError:
-        write_atomic(report, text)
-        return
-    target = staging / inside
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text)
 
 
 def package_versions() -> dict[str, str]:
