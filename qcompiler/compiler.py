@@ -115,7 +115,7 @@ def compile(
         timings = {"capture_s": round(capture_seconds, 3), "pipeline_s": round(pipeline_seconds, 3)}
         if report is not None:
             body = reports.build(manifest, records, timings, recorder, model, files, probe=feeds)
-            reports.write(report, Path(output), staging, body)
+            files += reports.write(report, Path(output), staging, body)
         final = artifact.commit()
     except BaseException:
         artifact.abort()

@@ -92,6 +92,7 @@ class Recorder(Drift):
         self.layers: dict[str, dict[str, Any]] = {}  # output name -> what the IR said about it
         self.options: dict[str, dict[str, Any]] = {}  # pass name -> its options (last occurrence)
         self.measured = True
+        self.valid = valid_positions(probe)
 
     def run_begin(self, model: ir.Model) -> None:
         self.float_weight_bytes = sum(v.const_value.nbytes for v in weight_values(model))
@@ -129,8 +130,11 @@ class Recorder(Drift):
         self.layer_error = {}
         for name, actual in layer_outputs.items():
             expected = self.layer_reference.get(name)
-            if expected is not None and np.shape(expected) == np.shape(actual):
-                self.layer_error[name] = execute.drift({name: expected}, {name: actual})
+            if expected is None or np.shape(expected) != np.shape(actual):
+                continue
+            if self.valid is not None and np.shape(actual)[:2] == self.valid.shape:
+                expected, actual = np.asarray(expected)[self.valid], np.asarray(actual)[self.valid]
+            self.layer_error[name] = execute.drift({name: expected}, {name: actual})
 
     def _run(self, model: ir.Model) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         names = [n.outputs[0].name for n in layer_nodes(model)]
@@ -141,6 +145,19 @@ class Recorder(Drift):
             out = node.outputs[0].name
             info = self.layers.setdefault(out, {"output": out, "name": node.name or out, "op": node.op_type})
             _note_layer(node, info)
+
+
+def valid_positions(probe: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The [batch, sequence] positions that hold tokens, from a 0/1 `attention_mask` input; None
+    when the probe has none. Padding positions are left out of the per-layer errors: the model
+    never reads them, and quantization moves their values arbitrarily."""
+    mask = probe.get("attention_mask")
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or not np.isin(mask, (0, 1)).all() or mask.all():
+        return None
+    return mask.astype(bool)
 
 
 def run_exposing(model: ir.Model, feeds, names) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -327,6 +344,7 @@ def build(
         "probe": {
             "inputs": {name: {"shape": list(np.shape(a)), "dtype": str(np.asarray(a).dtype)} for name, a in sorted((probe or {}).items())},
             "layer_reference": recorder.reference_pass,
+            "padding_excluded": recorder.valid is not None,
         },
         "size": size,
         "summary": {
@@ -545,14 +563,14 @@ def to_json(body: dict) -> str:
 
 def write(report: str | os.PathLike, output: Path, staging: Path, body: dict) -> list[Path]:
     """Write the report (JSON, and the page for `.html`); paths inside `output` go into `staging`
-    so that they appear with the artifact. Returns the final paths."""
+    so that they appear with the artifact. Returns the files written into `staging`."""
     json_path, html_path = report_paths(report)
     files = [(json_path, to_json(body))]
     if html_path is not None:
         from qcompiler.report_html import render
 
         files.append((html_path, render(body)))
-    written = []
+    staged = []
     for path, text in files:
         try:
             inside = path.resolve().relative_to(output.resolve())
@@ -562,5 +580,5 @@ def write(report: str | os.PathLike, output: Path, staging: Path, body: dict) ->
             target = staging / inside
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
-        written.append(path)
-    return written
+            staged.append(target)
+    return staged

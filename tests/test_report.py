@@ -130,6 +130,7 @@ def test_w8a8_report(w8a8):
     result, body, out = w8a8
     assert body["schema"] == reports.REPORT_SCHEMA == "qcompiler.report/2"
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "report.html", "report.json"]
+    assert sorted(p.name for p in result.files) == ["manifest.json", "model.onnx", "report.html", "report.json"]
     # v1 fields stay
     assert body["manifest"] == json.loads((out / "manifest.json").read_text())
     assert set(body["timings"]) == {"capture_s", "pipeline_s"}
@@ -257,6 +258,21 @@ def test_report_paths_and_bad_name(tmp_path, tiny_onnx, capsys):
     assert main(["-q", "compile", str(tiny_onnx), "-o", str(tmp_path / "o"), "--report", str(tmp_path / "rep" / "r.html")]) == 0
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["r.html", "r.json"]
     assert json.loads((tmp_path / "rep" / "r.json").read_text())["schema"] == "qcompiler.report/2"
+
+
+def test_padding_positions_are_left_out_of_layer_errors():
+    mask = np.array([[1, 1, 0], [1, 1, 1]])
+    recorder = reports.Recorder({"attention_mask": mask})
+    recorder.quantized = True
+    reference = np.random.default_rng(0).normal(0, 1, (2, 3, 4)).astype(np.float32)
+    actual = reference.copy()
+    actual[0, 2] += 100.0  # a padding position moved far
+    recorder.layer_reference = {"y": reference}
+    recorder._compare(qcompiler.parse('<ir_version: 10, opset_import: ["" : 21]> g (float[1] X) => (float[1] Y) { Y = Identity (X) }'),
+                      {"y": actual}, "quantize")
+    assert recorder.layer_error["y"]["sqnr_db"] is None and recorder.layer_error["y"]["cosine"] == 1.0
+    assert reports.valid_positions({"attention_mask": np.ones((2, 3))}) is None
+    assert reports.valid_positions({"input_ids": mask}) is None
 
 
 def test_clean_rounds_and_drops_non_finite():
