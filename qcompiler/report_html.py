@@ -24,8 +24,8 @@ import numpy as np
 from qcompiler.report import FLOAT_BITS, FP16_BITS, decode_channel_bits
 
 WIDTH = 960
-HEATMAP_COLUMNS = 256
 HEATMAP_WIDTH = 720
+HEATMAP_COLUMNS = HEATMAP_WIDTH  # one pixel per column at most: layers up to 720 channels are drawn exactly
 HEATMAP_LABELS = 200
 BAR_COLOR = (78, 121, 167)
 EXACT_COLOR = (176, 200, 226)
@@ -130,11 +130,9 @@ def heatmap_svg(layers: list[dict]) -> str:
     matrix = np.stack([_layer_row(layer, columns) for layer in layers])
     row_h = int(max(2, min(16, 480 // rows)))
     height = rows * row_h
-    colours = np.empty((rows, columns, 3), np.uint8)
-    for r in range(rows):
-        for c in range(columns):
-            v = matrix[r, c]
-            colours[r, c] = bits_color(None if np.isnan(v) else float(v))
+    values, inverse = np.unique(np.nan_to_num(matrix, nan=-1.0), return_inverse=True)
+    table = np.array([bits_color(None if v < 0 else float(v)) for v in values], np.uint8)
+    colours = table[inverse.reshape(matrix.shape)]
     image = colours[np.repeat(np.arange(rows), row_h)][:, (np.arange(HEATMAP_WIDTH) * columns) // HEATMAP_WIDTH]
     data = base64.b64encode(png(image)).decode("ascii")
     x0, top = HEATMAP_LABELS, 10
