@@ -92,11 +92,11 @@ def compile(
         source_weights = weight_count(model)
         batches = _calibration_batches(calibration, calib_count, model, source_info)
         feeds = probe_inputs if probe_inputs is not None else probe.inputs_for(model, source_info)
-        tools = _instruments(feeds if drift else None, dump_ir, print_ir, spec)
+        tools = _instruments(feeds if drift and report is None else None, dump_ir, print_ir, spec)
         recorder = None
-        if report is not None:  # the recorder measures drift too, in the same runs
+        if report is not None:  # a Drift instrument that also records the layers, in the same runs
             recorder = reports.Recorder(feeds, drift=drift)
-            tools = [t for t in tools if not isinstance(t, instruments.Drift)] + [recorder]
+            tools.append(recorder)
         start = time.perf_counter()
         described = str(calibration) if isinstance(calibration, (str, os.PathLike)) else ("api" if calibration is not None else "")
         ctx = CompileContext(calibration=batches, calibration_source=described, source=source_info, threads=threads)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 import math
 import struct
 import zlib
@@ -50,11 +51,11 @@ def bits_color(bits: float | None) -> tuple[int, int, int]:
     if bits is None or not math.isfinite(bits) or bits >= FLOAT_BITS:
         return FLOAT_COLOR
     x = math.log2(max(1.0, min(float(bits), FP16_BITS)))
-    for (b0, c0), (b1, c1) in zip(PALETTE, PALETTE[1:]):
+    for (b0, c0), (b1, c1) in itertools.pairwise(PALETTE):
         x0, x1 = math.log2(b0), math.log2(b1)
         if x <= x1:
             t = 0.0 if x1 == x0 else (x - x0) / (x1 - x0)
-            return tuple(int(round(a + (b - a) * t)) for a, b in zip(c0, c1))
+            return tuple(round(a + (b - a) * t) for a, b in zip(c0, c1))
     return PALETTE[-1][1]
 
 
@@ -136,8 +137,8 @@ def heatmap_svg(layers: list[dict]) -> str:
     image = colours[np.repeat(np.arange(rows), row_h)][:, (np.arange(HEATMAP_WIDTH) * columns) // HEATMAP_WIDTH]
     data = base64.b64encode(png(image)).decode("ascii")
     x0, top = HEATMAP_LABELS, 10
-    parts = [f'<svg id="heatmap" class="chart" viewBox="0 0 {WIDTH} {height + 90}" width="{WIDTH}" height="{height + 90}" '
-             f'role="img" aria-label="bits per channel">']
+    parts = [(f'<svg id="heatmap" class="chart" viewBox="0 0 {WIDTH} {height + 90}" width="{WIDTH}" height="{height + 90}" '
+             f'role="img" aria-label="bits per channel">')]
     parts.append(f'<image x="{x0}" y="{top}" width="{HEATMAP_WIDTH}" height="{height}" preserveAspectRatio="none" '
                  f'href="data:image/png;base64,{data}"/>')
     label_every = 1 if rows * 1 <= 48 and row_h >= 9 else max(1, math.ceil(rows / max(1, height // 12)))
@@ -183,8 +184,8 @@ def error_bars_svg(layers: list[dict]) -> str:
     def y_of(v: float) -> float:
         return top + plot_h * (1 - (v - lo) / (hi - lo))
 
-    parts = [f'<svg id="errors" class="chart" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" height="{height}" '
-             f'role="img" aria-label="per-layer output SQNR">']
+    parts = [(f'<svg id="errors" class="chart" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" height="{height}" '
+             f'role="img" aria-label="per-layer output SQNR">')]
     for t in _nice_ticks(lo, hi):
         y = y_of(t)
         parts.append(f'<line x1="{left}" x2="{WIDTH - right}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
@@ -228,8 +229,8 @@ def drift_svg(passes: list[dict]) -> str:
     def y_of(v: float) -> float:
         return top + plot_h * (1 - (v - lo) / (hi - lo))
 
-    parts = [f'<svg id="drift" class="chart" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" height="{height}" '
-             f'role="img" aria-label="output drift per pass">']
+    parts = [(f'<svg id="drift" class="chart" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" height="{height}" '
+             f'role="img" aria-label="output drift per pass">')]
     for t in _nice_ticks(lo, hi):
         y = y_of(t)
         parts.append(f'<line x1="{left}" x2="{WIDTH - right}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
@@ -363,16 +364,16 @@ def render(report: dict) -> str:
         f"<title>{_e(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
         f"<p>pipeline <code>{_e(manifest.get('pipeline', ''))}</code></p>",
-        f"<p class=note>schema {_e(report.get('schema', ''))}; source {_e(source.get('kind', ''))} "
+        (f"<p class=note>schema {_e(report.get('schema', ''))}; source {_e(source.get('kind', ''))} "
         f"sha256 {_e(str(source.get('sha256', ''))[:16])}…; probe batch {_e(probe_text or '–')}; "
-        f"layer references taken after <code>{_e(probe.get('layer_reference', ''))}</code></p>",
+        f"layer references taken after <code>{_e(probe.get('layer_reference', ''))}</code></p>"),
         f"<div class=cards>{card_html}</div>",
         "<h2>Bits per input channel</h2>",
         heatmap_svg(layers),
         "<h2>Layer output error against the float model</h2>",
-        '<p class="note">SQNR of each layer\'s output on the probe batch, in the emitted model, against the same layer '
+        ('<p class="note">SQNR of each layer\'s output on the probe batch, in the emitted model, against the same layer '
         "in the float model. Errors accumulate along the graph: a layer's number includes what the layers before it "
-        "lost. Pale bars: exact.</p>",
+        "lost. Pale bars: exact.</p>"),
         error_bars_svg(layers),
         "<h2>Output drift per pass</h2>",
         drift_svg(passes),
