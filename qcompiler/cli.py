@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--pipeline", help="pipeline string, preset name or @file (default: default)")
     comp.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass, numbered, plus stats.json")
     comp.add_argument("--print-ir", choices=("all", "changed"), help="log the IR after every pass or after changing ones")
-    comp.add_argument("--report", metavar="FILE", help="write the report (may lie inside the output directory)")
+    comp.add_argument("--report", metavar="FILE", help="write the quantization report: FILE.json, or FILE.html (an offline page) with FILE.json beside it; may lie inside the output directory")
     comp.add_argument("--calib", metavar="FILE", help="calibration data: .npz of inputs, .txt/.tsv text, images or a folder of them")
     comp.add_argument("--calib-count", type=int, metavar="N", help="calibration samples to use (default 128)")
     comp.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime threads for passes that run the model")

@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from qcompiler.capture import model_digest, resolve
 from qcompiler import instruments, probe
+from qcompiler import report as reports
 from qcompiler.context import CompileContext, using
 from qcompiler.errors import UserError
 from qcompiler.fileio import AtomicDir, write_atomic
@@ -26,7 +27,6 @@ from qcompiler.pipeline import check_order, format_pipeline, parse_pipeline
 log = logging.getLogger(__name__)
 
 TARGETS = ("ort",)
-REPORT_SCHEMA = "qcompiler.report/1"
 
 
 @dataclasses.dataclass
@@ -72,7 +72,8 @@ def compile(
     that run the model. The pipeline always starts with `canonicalize` and, for the ort target,
     ends with `lower-ort`: they are added when missing (the printed pipeline shows them).
     `print_ir`: None, "all" or "changed". `dump_ir`: a directory for per-pass IR dumps.
-    `report`: a JSON report path (may lie inside `output`). The IR is verified after every pass;
+    `report`: a report path (may lie inside `output`): `.json`, or `.html` for a page with the
+    `.json` beside it (`qcompiler.report`). The IR is verified after every pass;
     `drift` measures each pass's output drift on the probe batch. `cache_dir`: reuse calibration
     statistics computed for the same model, data and options (`qcompiler.calib_cache`)."""
     if target not in TARGETS:
@@ -80,6 +81,8 @@ def compile(
     passes = complete_pipeline(parse_pipeline(pipeline), target)  # a bad pipeline fails before any slow step
     check_order(passes)
     spec = format_pipeline(passes)
+    if report is not None:
+        reports.report_paths(report)  # a bad report name fails before any slow step
     artifact = AtomicDir(output)
     staging = artifact.begin()  # an unwritable output fails before any slow step
     try:
@@ -91,7 +94,11 @@ def compile(
         source_weights = weight_count(model)
         batches = calibration_batches(calibration, calib_count, model, source_info)
         feeds = probe_inputs if probe_inputs is not None else probe.inputs_for(model, source_info)
-        tools = _instruments(feeds if drift else None, dump_ir, print_ir, spec)
+        tools = _instruments(feeds if drift and report is None else None, dump_ir, print_ir, spec)
+        recorder = None
+        if report is not None:  # a Drift instrument that also records the layers, in the same runs
+            recorder = reports.Recorder(feeds, drift=drift)
+            tools.append(recorder)
         start = time.perf_counter()
         described = str(calibration) if isinstance(calibration, (str, os.PathLike)) else ("api" if calibration is not None else "")
         ctx = CompileContext(
@@ -111,7 +118,8 @@ def compile(
         manifest = json.loads((staging / "manifest.json").read_text())
         timings = {"capture_s": round(capture_seconds, 3), "pipeline_s": round(pipeline_seconds, 3)}
         if report is not None:
-            _write_report(Path(report), Path(output), staging, manifest, records, timings)
+            body = reports.build(manifest, records, timings, recorder, model, files, probe=feeds)
+            files += reports.write(report, Path(output), staging, body)
         final = artifact.commit()
     except BaseException:
         artifact.abort()
@@ -130,11 +138,17 @@ def resolved_pipeline(pipeline: str, target: str = "ort") -> str:
     return format_pipeline(passes)
 
 
-def add_to_report(report: Path, sections: dict[str, Any]) -> None:
-    """Add top-level sections (e.g. the quality gates' outcome) to a written JSON report."""
-    body = json.loads(report.read_text())
+def add_to_report(report: str | os.PathLike, sections: dict[str, Any]) -> None:
+    """Add top-level sections (e.g. the quality gates' outcome) to a written report (its JSON, and
+    its page when the report is `.html`)."""
+    json_path, html_path = reports.report_paths(report)
+    body = json.loads(json_path.read_text())
     body.update(sections)
-    write_atomic(report, json.dumps(body, indent=2, sort_keys=True) + "\n")
+    write_atomic(json_path, reports.to_json(reports.clean(body)))
+    if html_path is not None:
+        from qcompiler.report_html import render
+
+        write_atomic(html_path, render(body))
 
 
 def complete_pipeline(passes: list, target: str) -> list:
@@ -172,24 +186,6 @@ def _instruments(feeds, dump_ir, print_ir, spec) -> list:
     if dump_ir is not None:
         tools.append(instruments.DumpIR(dump_ir, spec))
     return tools
-
-
-def _write_report(report: Path, output: Path, staging: Path, manifest, records, timings) -> None:
-    body = {
-        "schema": REPORT_SCHEMA,
-        "manifest": manifest,
-        "timings": timings,
-        "passes": [r.to_json() for r in records],
-    }
-    text = json.dumps(body, indent=2, sort_keys=True) + "\n"
-    try:
-        inside = report.resolve().relative_to(output.resolve())
-    except ValueError:
-        write_atomic(report, text)
-        return
-    target = staging / inside
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text)
 
 
 def package_versions() -> dict[str, str]:

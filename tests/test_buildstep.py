@@ -70,6 +70,14 @@ def test_output_cosine_gate_passes_and_fails_with_exit_3_after_writing_the_repor
     assert (out / "model.onnx").is_file()  # the artifact stays for inspection
 
 
+def test_gate_outcome_appears_on_the_html_report(tiny_onnx, calib_npz, tmp_path):
+    out = tmp_path / "art"
+    assert main(_w8a8_args(tiny_onnx, calib_npz, out) + ["--report", str(out / "r.html"), "--fail-under", "output-cosine=1.5"]) == 3
+    page = (out / "r.html").read_text()
+    assert "Quality gates: FAILED" in page and "output-cosine" in page
+    assert json.loads((out / "r.json").read_text())["quality"]["passed"] is False
+
+
 @pytest.mark.parametrize(
     "gate, message",
     [

@@ -1,0 +1,584 @@
+"""The quantization report: what each layer became, what it cost, and what stayed in float.
+
+`compile(report=PATH)` writes it; the schema (`qcompiler.report/2`) is documented field by field
+in `docs/report-schema.md`. It is built from three sources:
+
+- `Recorder`, a pass-manager instrument used in place of `instruments.Drift` when a report is
+  asked for. It runs the model on the probe batch before the pipeline and after each pass with the
+  output of every layer (MatMul, Gemm, Conv, ConvTranspose or `qc.MixedMatMul` with a constant
+  weight) exposed as an extra graph output, so one run gives both the output drift of the pass and
+  each layer's output. Until a pass adds quantization nodes (`qc.DequantizeWeight`,
+  `qc.QuantizeActivation`, `qc.MixedMatMul`, QDQ), the IR still computes in float
+  (`canonicalize`, `calibrate`, `smooth`, `fold-scales` are exact) and those layer outputs become
+  the float reference: taking it after the exact rewrites means a layer whose output a fold
+  rescaled is compared with the same rescaled output in float. From then on each layer's output
+  is compared with its reference (SQNR, cosine). Layer outputs keep their tensor names through quantization and
+  lowering, so the comparison after the last pass measures the emitted artifact. After every pass
+  it also notes what the IR says about each layer (`qc.DequantizeWeight`, `qc.QuantizeActivation`,
+  `qc.BitAllocation`, `qc.MixedMatMul`): the lowering erases those ops, the report keeps them.
+- the passes' records (time, statistics, drift) and the manifest (bytes, effective bits);
+- the final IR (the artifact): which weights are stored quantized, how many bytes each layer
+  stores, and the nodes that hold or multiply weights in float, with the reason.
+
+Output is deterministic apart from the measured times (`timings`, `passes[].seconds`): keys
+sorted, floats rounded to 6 significant digits, non-finite numbers written as null.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler import execute
+from qcompiler.errors import UserError
+from qcompiler.fileio import write_atomic
+from qcompiler.instruments import Drift
+from qcompiler.ir import weight_values
+from qcompiler.pass_manager import PassRecord
+
+REPORT_SCHEMA = "qcompiler.report/2"
+SIGNIFICANT_DIGITS = 6
+FP16_BITS = 16
+FLOAT_BITS = 32
+CHANNEL_CHARS = {FP16_BITS: "h", **{b: str(b) for b in range(1, 9)}}  # `channel_bits` encoding
+
+LAYER_OPS = frozenset({("", "MatMul"), ("", "Gemm"), ("", "Conv"), ("", "ConvTranspose"), ("qc", "MixedMatMul")})
+QUANTIZATION_OPS = frozenset({
+    ("qc", "DequantizeWeight"), ("qc", "QuantizeActivation"), ("qc", "MixedMatMul"),
+    ("", "QuantizeLinear"), ("", "DequantizeLinear"), ("", "DynamicQuantizeLinear"),
+    ("com.microsoft", "MatMulNBits"), ("com.microsoft", "DequantizeLinear"), ("com.microsoft", "QuantizeLinear"),
+})
+QUANTIZING_PASSES = ("quantize", "allocate-bits", "quantize-weights")
+
+
+def report_paths(report: str | os.PathLike) -> tuple[Path, Path | None]:
+    """(JSON path, HTML path or None) for a `--report` argument: `x.json` -> JSON only;
+    `x.html` -> the page and `x.json` beside it. Anything else is refused."""
+    path = Path(report)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return path, None
+    if suffix in (".html", ".htm"):
+        return path.with_suffix(".json"), path
+    raise UserError(f"report '{path}' must end in .json (the report) or .html (a page, with the .json beside it)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The instrument
+
+
+class Recorder(Drift):
+    """Output drift per pass (as `Drift`), plus per-layer outputs and quantization choices.
+
+    `drift=False` skips the drift of each pass; the model is then run only after passes that
+    changed it (layer references and the final per-layer error still need those runs)."""
+
+    def __init__(self, probe: Mapping[str, np.ndarray], drift: bool = True):
+        super().__init__(probe)
+        self.measure_drift = drift
+        self.float_weight_bytes = 0
+        self.initial_quantization = 0
+        self.layer_reference: dict[str, np.ndarray] = {}
+        self.layer_error: dict[str, dict] = {}
+        self.reference_pass = "input"
+        self.quantized = False  # set once the IR stops computing in float; references are then fixed
+        self.layers: dict[str, dict[str, Any]] = {}  # output name -> what the IR said about it
+        self.options: dict[str, dict[str, Any]] = {}  # pass name -> its options (last occurrence)
+        self.measured = True
+        self.valid = valid_positions(probe)
+
+    def run_begin(self, model: ir.Model) -> None:
+        self.float_weight_bytes = sum(v.const_value.nbytes for v in weight_values(model))
+        self.initial_quantization = _count_quantization(model)
+        outputs, layer_outputs = self._run(model)
+        self.reference = outputs
+        self.layer_reference = layer_outputs
+        self._snapshot(model)
+
+    def after_pass(self, pass_, model: ir.Model, record: PassRecord) -> None:
+        self.options[record.name] = pass_.option_values() if hasattr(pass_, "option_values") else {}
+        self._snapshot(model)
+        if not (self.measure_drift or record.modified):
+            self.measured = False
+            return
+        outputs, layer_outputs = self._run(model)
+        if self.measure_drift:
+            record.drift = execute.drift(self.reference, outputs)
+        self._compare(model, layer_outputs, record.name)
+        self.measured = True
+
+    def run_end(self, model: ir.Model, records: list[PassRecord], failed: str | None) -> None:
+        if failed is None and not self.measured:
+            _, layer_outputs = self._run(model)
+            self._compare(model, layer_outputs, records[-1].name if records else "input")
+            self.measured = True
+
+    # ------------------------------------------------------------------------------------------
+
+    def _compare(self, model: ir.Model, layer_outputs: dict[str, np.ndarray], pass_name: str) -> None:
+        self.quantized = self.quantized or _count_quantization(model) > self.initial_quantization
+        if not self.quantized:  # still computes in float: these outputs are the reference
+            self.layer_reference = layer_outputs
+            self.reference_pass = pass_name
+        self.layer_error = {}
+        for name, actual in layer_outputs.items():
+            expected = self.layer_reference.get(name)
+            if expected is None or np.shape(expected) != np.shape(actual):
+                continue
+            if self.valid is not None and np.shape(actual)[:2] == self.valid.shape:
+                expected, actual = np.asarray(expected)[self.valid], np.asarray(actual)[self.valid]
+            self.layer_error[name] = execute.drift({name: expected}, {name: actual})
+
+    def _run(self, model: ir.Model) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        names = [n.outputs[0].name for n in layer_nodes(model)]
+        return run_exposing(model, self.probe, names)
+
+    def _snapshot(self, model: ir.Model) -> None:
+        for node in layer_nodes(model):
+            out = node.outputs[0].name
+            info = self.layers.setdefault(out, {"output": out, "name": node.name or out, "op": node.op_type})
+            _note_layer(node, info)
+
+
+def valid_positions(probe: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The [batch, sequence] positions that hold tokens, from a 0/1 `attention_mask` input; None
+    when the probe has none. Padding positions are left out of the per-layer errors: the model
+    never reads them, and quantization moves their values arbitrarily."""
+    mask = probe.get("attention_mask")
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or not np.isin(mask, (0, 1)).all() or mask.all():
+        return None
+    return mask.astype(bool)
+
+
+def run_exposing(model: ir.Model, feeds, names) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Run `model` with the values `names` exposed as extra graph outputs (removed again after).
+    Returns (graph outputs, exposed values)."""
+    graph = model.graph
+    original = [v.name for v in graph.outputs]
+    values = {v.name: v for node in graph for v in node.outputs if v.name}
+    added, typed = [], []
+    for name in dict.fromkeys(names):
+        value = values.get(name)
+        if value is None or name in original:
+            continue
+        if value.type is None:
+            value.type = ir.TensorType(ir.DataType.FLOAT)
+            typed.append(value)
+        graph.outputs.append(value)
+        added.append(value)
+    try:
+        results = execute.run(model, feeds)
+    finally:
+        for _ in added:
+            graph.outputs.pop()
+        for value in typed:
+            value.type = None
+    outputs = {name: results[name] for name in original}
+    exposed = {name: results[name] for name in names if name in results}
+    return outputs, exposed
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the IR
+
+
+def _domain(node: ir.Node) -> str:
+    return "" if node.domain == "ai.onnx" else node.domain
+
+
+def _count_quantization(model: ir.Model) -> int:
+    return sum((_domain(n), n.op_type) in QUANTIZATION_OPS for n in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+def constant_sources(value: ir.Value | None, memo: dict | None = None) -> list[ir.Value] | None:
+    """The initializers `value` is computed from, or None when it depends on a run-time value."""
+    if value is None:
+        return None
+    memo = {} if memo is None else memo
+    key = id(value)
+    if key in memo:
+        return memo[key]
+    if value.is_initializer() and value.const_value is not None:
+        found: list[ir.Value] | None = [value]
+    else:
+        producer = value.producer()
+        found = None
+        if producer is not None:
+            found = []
+            for inp in producer.inputs:
+                if inp is None:
+                    continue
+                sub = constant_sources(inp, memo)
+                if sub is None:
+                    found = None
+                    break
+                found.extend(sub)
+    memo[key] = found
+    return found
+
+
+def layer_nodes(model: ir.Model) -> list[ir.Node]:
+    """Nodes that multiply an activation by a constant weight, in graph order."""
+    memo: dict = {}
+    found = []
+    for node in model.graph:
+        if (_domain(node), node.op_type) not in LAYER_OPS or len(node.inputs) < 2:
+            continue
+        if constant_sources(node.inputs[1], memo):
+            found.append(node)
+    return found
+
+
+def _producer(value: ir.Value | None, domain: str, op_type: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    if node is not None and _domain(node) == domain and node.op_type == op_type:
+        return node
+    return None
+
+
+def _attrs(node: ir.Node) -> dict[str, Any]:
+    return {name: attr.value for name, attr in node.attributes.items()}
+
+
+def _input_channels(op: str, shape, attrs: dict) -> int | None:
+    if not shape:
+        return None
+    if op == "MatMul" and len(shape) == 2:
+        return int(shape[0])
+    if op == "Gemm" and len(shape) == 2:
+        return int(shape[1] if attrs.get("transB") else shape[0])
+    if op in ("Conv", "ConvTranspose") and len(shape) >= 2:
+        return int(shape[1] if op == "Conv" else shape[0])
+    return None
+
+
+def _note_layer(node: ir.Node, info: dict[str, Any]) -> None:
+    """Record what the current IR says about one layer (later passes add to or override it)."""
+    w, x = node.inputs[1], node.inputs[0]
+    if "weight_shape" not in info and w is not None and w.const_value is not None:
+        shape = [int(d) for d in w.const_value.shape]
+        info["weight_shape"] = shape
+        info["channels"] = _input_channels(node.op_type, shape, _attrs(node))
+        info["weights"] = int(np.prod(shape))
+    dequantize = _producer(w, "qc", "DequantizeWeight")
+    if dequantize is not None:
+        a = _attrs(dequantize)
+        info["int_weight"] = {"bits": int(a.get("bits", 8)), "axis": int(a.get("axis", 0))}
+    allocation = _producer(w, "qc", "BitAllocation")
+    if allocation is not None and allocation.inputs[1] is not None and allocation.inputs[1].const_value is not None:
+        a = _attrs(allocation)
+        info["allocation"] = {
+            "channel_bits": allocation.inputs[1].const_value.numpy().astype(np.int64),
+            "group_size": int(a.get("group_size", 128)), "codebook": str(a.get("codebook", "")),
+        }
+    if _domain(node) == "qc" and node.op_type == "MixedMatMul":
+        a = _attrs(node)
+        perm = node.inputs[1].const_value.numpy().astype(np.int64)
+        class_bits = [int(b) for b in a["bits"]]
+        sizes = [int(s) for s in a["sizes"]]
+        channel_bits = np.empty(len(perm), np.int64)
+        channel_bits[perm] = np.repeat(class_bits, sizes)
+        sparse = 0
+        if a.get("sparse") and node.inputs[-1] is not None and node.inputs[-1].const_value is not None:
+            sparse = int(node.inputs[-1].const_value.shape[0])
+        info["mixed"] = {
+            "channel_bits": channel_bits, "group_size": int(a["group_size"]), "sparse_outliers": sparse,
+            "classes": [{"kind": str(k), "bits": b, "channels": s} for k, b, s in zip(a["kinds"], class_bits, sizes)],
+        }
+        info["channels"] = len(perm)
+    quant = _producer(x, "qc", "QuantizeActivation")
+    if quant is not None:
+        info["activation"] = {k: v for k, v in _attrs(quant).items()}
+        info["input"] = quant.inputs[0].name
+    elif "activation" not in info and x is not None:
+        scale = _producer(x, "qc", "ChannelScale")
+        info["input"] = scale.inputs[0].name if scale is not None else x.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the report
+
+
+def build(
+    manifest: dict,
+    records: list[PassRecord],
+    timings: dict,
+    recorder: Recorder,
+    model: ir.Model,
+    artifact_files: list[Path] = (),
+    probe: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """The report as a JSON-ready dict (schema `qcompiler.report/2`)."""
+    stats = {r.name: r.stats for r in records}
+    layers = _layers(model, recorder, stats)
+    float_nodes = _float_nodes(model, recorder, stats, layers)
+    weights = manifest.get("weights") or 0
+    artifact_weight_bytes = manifest.get("weight_bytes")
+    file_bytes = sum(p.stat().st_size for p in artifact_files if p.name != "manifest.json" and p.exists())
+    size = {
+        "weights": weights,
+        "float_weight_bytes": recorder.float_weight_bytes,
+        "artifact_weight_bytes": artifact_weight_bytes,
+        "artifact_file_bytes": file_bytes,
+        "compression": (recorder.float_weight_bytes / artifact_weight_bytes) if artifact_weight_bytes else None,
+        "effective_bits_per_weight": manifest.get("effective_bits_per_weight"),
+    }
+    output = records[-1].drift if records and records[-1].drift is not None else None
+    quantized = [layer for layer in layers if layer["weight"]["format"] != "float"]
+    measured = [layer["error"]["sqnr_db"] for layer in layers if layer["error"] and layer["error"]["sqnr_db"] is not None]
+    body = {
+        "schema": REPORT_SCHEMA,
+        "manifest": manifest,
+        "timings": timings,
+        "passes": [r.to_json() for r in records],
+        "probe": {
+            "inputs": {name: {"shape": list(np.shape(a)), "dtype": str(np.asarray(a).dtype)} for name, a in sorted((probe or {}).items())},
+            "layer_reference": recorder.reference_pass,
+            "padding_excluded": recorder.valid is not None,
+        },
+        "size": size,
+        "summary": {
+            "layers": len(layers),
+            "layers_quantized": len(quantized),
+            "float_nodes": len(float_nodes),
+            "output": output,
+            "lowest_layer_sqnr_db": min(measured) if measured else None,
+        },
+        "layers": layers,
+        "float_nodes": float_nodes,
+    }
+    return clean(body)
+
+
+def _layers(model: ir.Model, recorder: Recorder, stats: dict[str, dict]) -> list[dict]:
+    smooth = {}
+    for group in (stats.get("smooth", {}).get("layers") or {}).values():
+        for name in group.get("layers", []):
+            smooth[name] = group
+    quantize = stats.get("quantize", {})
+    quantize_layers = quantize.get("per_layer") or {}
+    allocate = (stats.get("allocate-bits", {}).get("per_layer")) or {}
+    mixed_stats = (stats.get("quantize-weights", {}).get("per_layer")) or {}
+    in_float = set(quantize.get("activations_in_float") or [])
+    quantize_opts = recorder.options.get("quantize", {})
+    grid = recorder.options.get("quantize-weights", {}).get("grid")
+    memo: dict = {}
+    layers = []
+    for index, node in enumerate(layer_nodes(model)):
+        out = node.outputs[0].name
+        info = recorder.layers.get(out, {"output": out, "name": node.name or out, "op": node.op_type})
+        name = info["name"]
+        sources = constant_sources(node.inputs[1], memo) or []
+        permutation = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if permutation is not None and permutation.op_type == "Gather" and len(permutation.inputs) > 1:
+            sources = sources + (constant_sources(permutation.inputs[1], memo) or [])
+        stored = sum(v.const_value.nbytes for v in {id(v): v for v in sources}.values())
+        stored_float = all(v.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE) for v in sources)
+        weight = _weight(info, stored_float, allocate.get(name), mixed_stats.get(name), quantize_layers.get(name), grid)
+        count = info.get("weights")
+        weight["stored_bytes"] = stored
+        weight["stored_bits_per_weight"] = 8 * stored / count if count else None
+        activation = _activation(info, quantize_layers.get(name), in_float, quantize_opts, "quantize" in recorder.options)
+        group = smooth.get(name)
+        layers.append({
+            "index": index,
+            "name": name,
+            "output": out,
+            "op": info.get("op", node.op_type),
+            "weight_shape": info.get("weight_shape"),
+            "channels": info.get("channels"),
+            "weight": weight,
+            "activation": activation,
+            "smooth": None if group is None else {
+                "alpha": group.get("alpha"),
+                "act_absmax_before": group.get("act_absmax_before"),
+                "act_absmax_after": group.get("act_absmax_after"),
+                "shared_with": [n for n in group.get("layers", []) if n != name],
+            },
+            "error": recorder.layer_error.get(out),
+        })
+    return layers
+
+
+def _histogram(bits: np.ndarray) -> dict[str, int]:
+    values, counts = np.unique(bits, return_counts=True)
+    return {("fp16" if v == FP16_BITS else str(int(v))): int(c) for v, c in zip(values, counts)}
+
+
+def encode_channel_bits(bits: np.ndarray) -> str:
+    """One character per input channel, in the layer's channel order: '1'..'8' bits, 'h' fp16."""
+    return "".join(CHANNEL_CHARS[int(b)] for b in bits)
+
+
+def decode_channel_bits(text: str) -> np.ndarray:
+    return np.array([FP16_BITS if c == "h" else int(c) for c in text], np.int64)
+
+
+def _weight(info: dict, stored_float: bool, allocate: dict | None, mixed_stats: dict | None,
+            quantize: dict | None, grid: str | None) -> dict:
+    empty = {"format": "float", "bits": FLOAT_BITS, "mean_bits": float(FLOAT_BITS), "bits_histogram": None,
+             "channel_bits": None, "grid": None, "group_size": None, "codebook": None, "classes": None,
+             "fp16_channels": 0, "sparse_outliers": 0, "sqnr_db": None, "predicted_error": None}
+    if stored_float:
+        return empty
+    mixed = info.get("mixed")
+    allocation = info.get("allocation")
+    if mixed is not None or allocation is not None:
+        bits = (mixed or allocation)["channel_bits"]
+        hist = _histogram(bits)
+        uniform = len(hist) == 1
+        kinds = {c["kind"] for c in (mixed or {}).get("classes", [])}
+        return {
+            **empty,
+            "format": "mixed",
+            "bits": int(bits[0]) if uniform else None,
+            "mean_bits": float(np.mean(bits)),
+            "bits_histogram": hist,
+            "channel_bits": encode_channel_bits(bits),
+            "grid": grid if (not kinds or "uniform" in kinds) else None,
+            "group_size": (mixed or allocation)["group_size"],
+            "codebook": "kmeans" if "codebook" in kinds else ((allocation or {}).get("codebook") or "uniform"),
+            "classes": (mixed or {}).get("classes"),
+            "fp16_channels": hist.get("fp16", 0),
+            "sparse_outliers": (mixed or {}).get("sparse_outliers", (allocate or {}).get("sparse_outliers", 0)),
+            "sqnr_db": (mixed_stats or {}).get("weighted_sqnr_db"),
+            "predicted_error": (allocate or {}).get("predicted_error"),
+        }
+    int_weight = info.get("int_weight")
+    if int_weight is not None:
+        b = int_weight["bits"]
+        return {**empty, "format": f"int{b}", "bits": b, "mean_bits": float(b), "bits_histogram": {str(b): info.get("channels") or 0},
+                "grid": "absmax-symmetric", "sqnr_db": (quantize or {}).get("weight_sqnr_db")}
+    return {**empty, "format": "other", "bits": None, "mean_bits": None}
+
+
+def _activation(info: dict, quantize: dict | None, in_float: set, options: dict, has_quantize: bool) -> dict:
+    act = info.get("activation")
+    sqnr = (quantize or {}).get("activation_sqnr_db")
+    if act is not None:
+        return {"format": f"int{int(act.get('bits', 8))}", "mode": act.get("mode"), "scale": act.get("scale"),
+                "zero_point": act.get("zero_point"), "sqnr_db": sqnr, "float_reason": None}
+    if info.get("input") in in_float:
+        reason = (f"kept in float by quantize{{float-inputs={options.get('float-inputs')}}}: among the inputs that quantize "
+                  f"worst (int8 SQNR {'exact' if sqnr is None else f'{sqnr:.1f} dB'} on calibration rows)")
+    elif has_quantize and options.get("activations") == "none":
+        reason = "quantize{activations=none}: weight-only"
+    elif "mixed" in info or "allocation" in info:
+        reason = "weight-only pipeline (mixed precision)"
+    elif "int_weight" in info:
+        reason = "activation not quantized"
+    else:
+        reason = "layer not quantized"
+    return {"format": "float", "mode": None, "scale": None, "zero_point": None, "sqnr_db": sqnr, "float_reason": reason}
+
+
+def _float_nodes(model: ir.Model, recorder: Recorder, stats: dict, layers: list[dict]) -> list[dict]:
+    """Nodes that hold or multiply weights and compute in float, with the reason."""
+    memo: dict = {}
+    options = recorder.options
+    quantizing = [p for p in QUANTIZING_PASSES if p in options]
+    found = []
+    by_output = {layer["output"]: layer for layer in layers}
+    for node in model.graph:
+        key = (_domain(node), node.op_type)
+        name = node.name or (node.outputs[0].name if node.outputs else "")
+        if key in LAYER_OPS:
+            w = node.inputs[1] if len(node.inputs) > 1 else None
+            sources = constant_sources(w, memo)
+            if not sources:
+                found.append({"name": name, "op": node.op_type, "part": "node",
+                              "reason": "no constant weight: both operands are computed at run time"})
+                continue
+            layer = by_output.get(node.outputs[0].name)
+            if layer is None:
+                continue
+            if layer["weight"]["format"] == "float":
+                found.append({"name": name, "op": node.op_type, "part": "weight",
+                              "reason": _why_float_weight(node, layer, options, quantizing)})
+            elif options.get("quantize", {}).get("activations") == "int8" and layer["activation"]["format"] == "float":
+                found.append({"name": name, "op": node.op_type, "part": "activation", "reason": layer["activation"]["float_reason"]})
+        elif key == ("", "Gather") and node.inputs and node.inputs[0] is not None and node.inputs[0].const_value is not None:
+            table = node.inputs[0].const_value
+            if table.dtype.is_floating_point() and len(table.shape) == 2:
+                found.append({"name": name, "op": "Gather", "part": "weight",
+                              "reason": f"embedding table [{table.shape[0]}, {table.shape[1]}]: no pass quantizes Gather lookups"})
+    return found
+
+
+def _why_float_weight(node: ir.Node, layer: dict, options: dict, quantizing: list[str]) -> str:
+    op = node.op_type
+    if not quantizing:
+        return "the pipeline has no quantizing pass"
+    if op == "ConvTranspose":
+        return "no pass quantizes ConvTranspose"
+    if op == "Conv":
+        if "quantize" in options and not options["quantize"].get("conv", True):
+            return "kept by option quantize{conv=false}"
+        if "quantize" not in options:
+            return "mixed precision (allocate-bits) quantizes MatMul layers only"
+    if op == "Gemm":
+        return "Gemm that canonicalize did not turn into MatMul + Add"
+    shape = layer.get("weight_shape") or []
+    if op == "MatMul" and len(shape) != 2:
+        return f"weight of rank {len(shape)}: only 2-D weights are quantized"
+    return "no quantizing pass matched this node"
+
+
+def clean(value: Any) -> Any:
+    """JSON-ready: numpy scalars and arrays to Python, floats rounded to 6 significant digits,
+    non-finite floats to None, tuples to lists, keys to strings."""
+    if isinstance(value, dict):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return clean(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if not math.isfinite(value):
+            return None
+        return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def to_json(body: dict) -> str:
+    return json.dumps(body, indent=1, sort_keys=True, allow_nan=False) + "\n"
+
+
+def write(report: str | os.PathLike, output: Path, staging: Path, body: dict) -> list[Path]:
+    """Write the report (JSON, and the page for `.html`); paths inside `output` go into `staging`
+    so that they appear with the artifact. Returns the files written into `staging`."""
+    json_path, html_path = report_paths(report)
+    files = [(json_path, to_json(body))]
+    if html_path is not None:
+        from qcompiler.report_html import render
+
+        files.append((html_path, render(body)))
+    staged = []
+    for path, text in files:
+        try:
+            inside = path.resolve().relative_to(output.resolve())
+        except ValueError:
+            write_atomic(path, text)
+        else:
+            target = staging / inside
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+            staged.append(target)
+    return staged
