@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import ops
-from qcompiler.layers import CREATED_BY, new_initializer
+from qcompiler.layers import CREATED_BY, new_initializer, remove_unused
 from qcompiler.passbase import Pass, PassResult, option, register_pass
 from qcompiler.passes.lower_mixed import lower_mixed_matmul
 
@@ -100,6 +100,8 @@ class LowerOrtPass(Pass):
                 continue
             route = lower(graph, node, signed)
             counts[route] = counts.get(route, 0) + 1
+        if counts.keys() & _MIXED_ROUTES or any(r.startswith("split") for r in counts):
+            remove_unused(model)  # the qc op's class initializers, re-stored in the lowered form
         if counts and "qc" in model.opset_imports and not any(n.domain == "qc" for n in graph):
             del model.opset_imports["qc"]
         stats = {"activation_format": "s8" if signed else "u8", "cpu_vnni": cpu_has_vnni(), "routes": counts}
@@ -199,6 +201,8 @@ def _lower_channel_scale(graph: ir.Graph, node: ir.Node, signed: bool) -> str:
     _replace(graph, node, [mul], mul.outputs[0])
     return "Mul(channel scale)"
 
+
+_MIXED_ROUTES = {"MixedMatMul(packed, expanded at load)"}
 
 _LOWERINGS = {
     "ChannelScale": _lower_channel_scale,
