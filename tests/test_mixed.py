@@ -1,6 +1,7 @@
 """Channel-wise mixed precision: allocation, weight quantization, packing and the ORT lowering."""
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 from qcompiler import execute
@@ -220,3 +221,48 @@ def test_allocation_never_exceeds_budget_with_exact_class_costs():
             stats = records[-1].stats
             assert stats["predicted_bits_per_weight"] <= budget
             assert stats["predicted_bits_per_weight"] > budget - 0.15  # a class's first rows pay a whole group
+
+
+def _gated_mlp(d=128, hidden=256, seed=0):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weights = {"Wg": rng.normal(0, 0.1, (d, hidden)), "Wu": rng.normal(0, 0.1, (d, hidden)), "bu": rng.normal(0, 0.1, hidden),
+               "Wd": rng.normal(0, 0.1, (hidden, d)), "Wq": rng.normal(0, 0.1, (d, d)), "Wk": rng.normal(0, 0.1, (d, d)), "Wn": rng.normal(0, 0.1, (d, d))}
+    nodes = [
+        helper.make_node("MatMul", ["X", "Wn"], ["N"]),  # a shared input: q and k read it
+        helper.make_node("MatMul", ["N", "Wq"], ["Q"]), helper.make_node("MatMul", ["N", "Wk"], ["Kp"]),
+        helper.make_node("Add", ["Q", "Kp"], ["R"]),
+        helper.make_node("MatMul", ["R", "Wg"], ["G"]), helper.make_node("Sigmoid", ["G"], ["S"]),
+        helper.make_node("Mul", ["G", "S"], ["A"]), helper.make_node("MatMul", ["R", "Wu"], ["U0"]),
+        helper.make_node("Add", ["U0", "bu"], ["U"]), helper.make_node("Mul", ["A", "U"], ["H"]),
+        helper.make_node("MatMul", ["H", "Wd"], ["Y"]),
+    ]
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", d])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", d])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    proto.ir_version = 10
+    return ir.serde.deserialize_model(proto)
+
+
+def test_fold_permutation_into_gate_and_up_is_exact():
+    model = _gated_mlp()
+    _compile(model, "canonicalize,calibrate,allocate-bits{avg-bits=4.5 group-size=32},quantize-weights")
+    feeds = synthetic_inputs(model, seed=9)
+    reference = execute.run(model, feeds)["Y"]
+    records = _compile(model, "fold-permutation")
+    stats = records[-1].stats
+    down = next(n for n in model.graph if n.op_type == "MixedMatMul" and n.inputs[0].name == "H")
+    assert stats["folded_layers"] == [down.name or "Y"]
+    kept = {n.outputs[0].name: n for n in model.graph if n.op_type == "MixedMatMul" and n.inputs[0].name == "N"}
+    assert set(kept) <= set(stats["kept_layers"]) and len(kept) == 2
+    assert all("also read outside" in stats["kept_layers"][name] for name in kept)
+    np.testing.assert_array_equal(down.inputs[1].const_value.numpy(), np.arange(256))
+    np.testing.assert_allclose(execute.run(model, feeds)["Y"], reference, rtol=1e-5, atol=1e-5)
+    _compile(model, "lower-ort{accuracy-level=0}")
+    readers_of_h = [n for n in model.graph if any(v is not None and v.name == "H" for v in n.inputs)]
+    gathers = [n for n in readers_of_h if n.op_type == "Gather"]  # only the sparse outliers' rows
+    assert all("outlier_rows" in n.inputs[1].producer().inputs[0].name for n in gathers)
+    assert sum(n.op_type == "Slice" for n in readers_of_h) >= 2
+    np.testing.assert_allclose(execute.run(model, feeds)["Y"], reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
