@@ -67,6 +67,8 @@ class AllocateBitsPass(Pass):
     codebook: Literal["uniform", "kmeans"] = option("uniform", "2-4 bit classes: uniform groups, or activation-weighted k-means codebooks per column")
     outliers_act: float = option(0.005, "fraction of input channels kept in fp16 (largest activation energy)")
     outliers_weight: float = option(0.0045, "fraction of weights kept as sparse fp16 (largest weighted error)")
+    sensitivity: Literal["off", "output"] = option(
+        "off", "scope=model: scale each layer's error model by how much its quantization moves the model's outputs (measured)")
     zero_points: Literal["auto", "integer", "fractional"] = option(
         "auto", "uniform classes: integer zero points (runnable by MatMulNBits), fp16 fractional ones, or auto: integer for 2, 4 and 8 bits")
 
@@ -87,6 +89,9 @@ class AllocateBitsPass(Pass):
         if not layers:
             return PassResult(model, False, {"layers": 0})
         model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
+        sensitivities = None
+        if self.sensitivity == "output" and self.scope == "model":
+            sensitivities = self._measure_sensitivity(model, layers)
         pools = [layers] if self.scope == "model" else [[layer] for layer in layers]
         allocations = {}
         for pool in pools:
@@ -103,6 +108,8 @@ class AllocateBitsPass(Pass):
             "predicted_error": float(sum(v["predicted_error"] for v in per_layer.values())),
             "per_layer": per_layer,
         }
+        if sensitivities is not None:
+            stats["sensitivity"] = sensitivities
         return PassResult(model, True, stats)
 
     # ------------------------------------------------------------------------------------------
@@ -125,6 +132,54 @@ class AllocateBitsPass(Pass):
                   for b in sorted(set(self.candidates))}
         sparse = int(round(self.outliers_weight * (k - count) * n))
         return _Layer(linear, w, energy, fp16, sparse, errors)
+
+    def _measure_sensitivity(self, model: ir.Model, layers: list[_Layer]) -> dict:
+        """Scale each layer's error model so that it predicts the model's output error.
+
+        The error model E_k ||w_k - Q_b(w_k)||^2 measures a layer's own output error; layers differ
+        in how much of it reaches the model's outputs (a last projection to logits passes all of
+        it, a block inside a residual stream a part). For each layer alone, its weight is replaced
+        by its quantization at the reference width (the largest candidate at or below avg-bits) and
+        the squared change of the graph outputs on the first calibration batch is measured (one
+        ONNX Runtime session whose weights are inputs, one run per layer); the layer's errors are
+        multiplied by measured / predicted, so the greedy step compares layers in output units."""
+        import onnx
+
+        from qcompiler import context
+        from qcompiler.execute import ort_session
+        from qcompiler.ir import to_proto
+
+        ctx = context.current()
+        batch = dict(next(iter(ctx.require_calibration(self.name))))
+        candidates = sorted(set(self.candidates))
+        reference = max([b for b in candidates if b <= self.avg_bits] or candidates[:1])
+        proto = to_proto(model)
+        names = {layer.linear.w.name for layer in layers}
+        kept = [t for t in proto.graph.initializer if t.name not in names]
+        weights = {}
+        for layer in layers:
+            weights.setdefault(layer.linear.w.name, layer.w)
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept)
+        for name, w in weights.items():
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(w.shape)))
+        session = ort_session(proto, ctx.threads)
+        del proto
+        outputs = [o.name for o in session.get_outputs()]
+        feeds = {**batch, **weights}
+        base = session.run(outputs, feeds)
+        per_layer = {}
+        for layer in layers:
+            integer = bitcost.integer_zero_points(reference, self.zero_points)
+            q = bitcost.minmax_grid_quantize(layer.w, reference, self.group_size, integer)
+            moved = session.run(outputs, {**feeds, layer.linear.w.name: q})
+            measured = float(sum(np.sum((m.astype(np.float64) - b) ** 2) for m, b in zip(moved, base)))
+            predicted = float(layer.errors[reference].sum()) if reference in layer.errors else 0.0
+            factor = measured / predicted if predicted > 0 else 1.0
+            for b in layer.errors:
+                layer.errors[b] = layer.errors[b] * factor
+            per_layer[layer.linear.name] = round(factor, 6)
+        return {"reference_bits": reference, "batch_rows": int(next(iter(batch.values())).shape[0]), "factor": per_layer}
 
     def _allocate(self, pool: list[_Layer]) -> dict[str, np.ndarray]:
         """Greedy allocation charging the exact stored bits of every step (see `_greedy`)."""

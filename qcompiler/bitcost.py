@@ -106,8 +106,14 @@ def fixed_bits(candidates, rows: int, cols: int, codebook: bool, sparse_count: i
 def minmax_grid_error(w: np.ndarray, bits: int, group_size: int, integer_zero: bool = False) -> np.ndarray:
     """Per-row squared error ||w_k - Q_b(w_k)||^2 of asymmetric min-max group quantization (with
     `integer_zero`, the range widened to hold 0 and the zero point rounded, as stored)."""
+    q = minmax_grid_quantize(w, bits, group_size, integer_zero)
+    return np.sum((w.astype(np.float64) - q) ** 2, axis=1)
+
+
+def minmax_grid_quantize(w: np.ndarray, bits: int, group_size: int, integer_zero: bool = False) -> np.ndarray:
+    """W quantized (and dequantized) by asymmetric min-max groups of `group_size` rows per column."""
     k, n = w.shape
-    errors = np.empty(k, np.float64)
+    out = np.empty((k, n), np.float32)
     levels = (1 << bits) - 1
     for start in range(0, k, group_size):
         block = w[start : start + group_size].astype(np.float64)
@@ -120,5 +126,5 @@ def minmax_grid_error(w: np.ndarray, bits: int, group_size: int, integer_zero: b
             q = (np.clip(np.round(block / scale + zero), 0, levels) - zero) * scale
         else:
             q = np.clip(np.round((block - lo) / scale), 0, levels) * scale + lo
-        errors[start : start + group_size] = np.sum((block - q) ** 2, axis=1)
-    return errors
+        out[start : start + group_size] = q
+    return out

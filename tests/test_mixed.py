@@ -266,3 +266,30 @@ def test_fold_permutation_into_gate_and_up_is_exact():
     assert all("outlier_rows" in n.inputs[1].producer().inputs[0].name for n in gathers)
     assert sum(n.op_type == "Slice" for n in readers_of_h) >= 2
     np.testing.assert_allclose(execute.run(model, feeds)["Y"], reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+
+
+def test_output_sensitivity_gives_bits_where_errors_reach_the_outputs():
+    """Two copies of one layer on one input; the second's output is scaled by 10 before it leaves the
+    graph. The per-layer error model cannot tell them apart; the measured sensitivity can."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).normal(0, 0.1, (256, 64)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["X", "W1"], ["Y1"], name="quiet"), helper.make_node("MatMul", ["X", "W2"], ["P"], name="loud"),
+             helper.make_node("Mul", ["P", "ten"], ["Y2"])]
+    inits = [numpy_helper.from_array(w, "W1"), numpy_helper.from_array(w.copy(), "W2"),
+             numpy_helper.from_array(np.array(10.0, np.float32), "ten")]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", 256])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["M", 64]) for n in ("Y1", "Y2")], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    proto.ir_version = 10
+    spent = {}
+    for sensitivity in ("off", "output"):
+        model = ir.serde.deserialize_model(proto)
+        records = _compile(model, f"calibrate,allocate-bits{{avg-bits=4 scope=model group-size=32 sensitivity={sensitivity}}}")
+        stats = records[-1].stats
+        spent[sensitivity] = {name: layer["bits_per_weight"] for name, layer in stats["per_layer"].items()}
+        assert stats["predicted_bits_per_weight"] <= 4
+    assert spent["off"]["quiet"] == spent["off"]["loud"]
+    assert spent["output"]["loud"] > spent["output"]["quiet"] + 0.5
+    factors = stats["sensitivity"]["factor"]
+    assert 50 < factors["loud"] / factors["quiet"] < 200  # squared output error scales by 10^2
