@@ -39,6 +39,7 @@ from qcompiler.passbase import Pass, PassResult, option, register_pass
 
 
 LOWERING_BYTES_PER_CLASS = 160
+REVISITS = 8
 
 
 @dataclasses.dataclass
@@ -69,6 +70,10 @@ class AllocateBitsPass(Pass):
     outliers_weight: float = option(0.0045, "fraction of weights kept as sparse fp16 (largest weighted error)")
     keep: tuple[str, ...] = option((), "weights (names or globs, e.g. model.layers.*.mlp.down_proj.weight) whose channels all get keep-bits, on top of the budget")
     keep_bits: int = option(8, "bits of every channel of a `keep` layer (2..8)")
+    sensitivity: Literal["off", "output"] = option(
+        "off", "scope=model: scale each layer's error model by how much its quantization moves the model's outputs (measured)")
+    zero_points: Literal["auto", "integer", "fractional"] = option(
+        "auto", "uniform classes: integer zero points (runnable by MatMulNBits), fp16 fractional ones, or auto: integer for 2, 4 and 8 bits")
 
     def __post_init__(self):
         if not 2.0 <= self.avg_bits <= 16.0:
@@ -92,6 +97,9 @@ class AllocateBitsPass(Pass):
         if not layers and not kept:
             return PassResult(model, False, {"layers": 0})
         model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
+        sensitivities = None
+        if self.sensitivity == "output" and self.scope == "model":
+            sensitivities = self._measure_sensitivity(model, layers)
         pools = [layers] if self.scope == "model" else [[layer] for layer in layers]
         allocations = {}
         for pool in pools:
@@ -113,6 +121,8 @@ class AllocateBitsPass(Pass):
             "predicted_error": float(sum(v["predicted_error"] for v in per_layer.values())),
             "per_layer": per_layer,
         }
+        if sensitivities is not None:
+            stats["sensitivity"] = sensitivities
         return PassResult(model, True, stats)
 
     # ------------------------------------------------------------------------------------------
@@ -131,98 +141,154 @@ class AllocateBitsPass(Pass):
         count = int(round(self.outliers_act * k))
         if count:
             fp16[np.argsort(-energy, kind="stable")[:count]] = True
-        errors = {b: energy * bitcost.minmax_grid_error(w, b, self.group_size) for b in sorted(set(self.candidates))}
+        errors = {b: energy * bitcost.minmax_grid_error(w, b, self.group_size, bitcost.integer_zero_points(b, self.zero_points))
+                  for b in sorted(set(self.candidates))}
         sparse = int(round(self.outliers_weight * (k - count) * n))
         return _Layer(linear, w, energy, fp16, sparse, errors)
 
+    def _measure_sensitivity(self, model: ir.Model, layers: list[_Layer]) -> dict:
+        """Scale each layer's error model so that it predicts the model's output error.
+
+        The error model E_k ||w_k - Q_b(w_k)||^2 measures a layer's own output error; layers differ
+        in how much of it reaches the model's outputs (a last projection to logits passes all of
+        it, a block inside a residual stream a part). For each layer alone, its weight is replaced
+        by its quantization at the reference width (the largest candidate at or below avg-bits) and
+        the squared change of the graph outputs on the first calibration batch is measured (one
+        ONNX Runtime session whose weights are inputs, one run per layer); the layer's errors are
+        multiplied by measured / predicted, so the greedy step compares layers in output units."""
+        import onnx
+
+        from qcompiler import context
+        from qcompiler.execute import ort_session
+        from qcompiler.ir import to_proto
+
+        ctx = context.current()
+        batch = dict(next(iter(ctx.require_calibration(self.name))))
+        candidates = sorted(set(self.candidates))
+        reference = max([b for b in candidates if b <= self.avg_bits] or candidates[:1])
+        proto = to_proto(model)
+        names = {layer.linear.w.name for layer in layers}
+        kept = [t for t in proto.graph.initializer if t.name not in names]
+        weights = {}
+        for layer in layers:
+            weights.setdefault(layer.linear.w.name, layer.w)
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept)
+        for name, w in weights.items():
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(w.shape)))
+        session = ort_session(proto, ctx.threads)
+        del proto
+        outputs = [o.name for o in session.get_outputs()]
+        feeds = {**batch, **weights}
+        base = session.run(outputs, feeds)
+        per_layer = {}
+        for layer in layers:
+            integer = bitcost.integer_zero_points(reference, self.zero_points)
+            q = bitcost.minmax_grid_quantize(layer.w, reference, self.group_size, integer)
+            moved = session.run(outputs, {**feeds, layer.linear.w.name: q})
+            measured = float(sum(np.sum((m.astype(np.float64) - b) ** 2) for m, b in zip(moved, base)))
+            predicted = float(layer.errors[reference].sum()) if reference in layer.errors else 0.0
+            factor = measured / predicted if predicted > 0 else 1.0
+            for b in layer.errors:
+                layer.errors[b] = layer.errors[b] * factor
+            per_layer[layer.linear.name] = round(factor, 6)
+        return {"reference_bits": reference, "batch_rows": int(next(iter(batch.values())).shape[0]), "factor": per_layer}
+
     def _allocate(self, pool: list[_Layer]) -> dict[str, np.ndarray]:
-        """Greedy allocation; the per-row costs spread group metadata evenly, so the exact stored
-        bits (partial groups per class, small lowering constants) are checked afterwards and the
-        budget tightened by any overshoot, a few times at most."""
+        """Greedy allocation charging the exact stored bits of every step (see `_greedy`)."""
         target = self.avg_bits * sum(layer.w.size for layer in pool)
         budget = target - sum(self._constants(layer) for layer in pool)
-        fitted = None
-        for _ in range(4):
-            try:
-                bits = self._greedy(pool, budget)
-            except UserError:
-                if fitted is None:
-                    raise
-                return fitted  # tightening went below the floor: keep the last allocation
-            fitted = bits
-            stored = sum(self._stored_bits(layer, bits[layer.linear.name]) + self._constants(layer) for layer in pool)
-            if stored <= target:
-                return bits
-            budget -= stored - target
-        return bits
+        return self._greedy(pool, budget)
 
     def _greedy(self, pool: list[_Layer], budget: float) -> dict[str, np.ndarray]:
+        """Every channel starts at the smallest candidate; upgrades are ranked by error reduction
+        per stored bit (group metadata spread over a group's rows) and each is charged its exact
+        cost: the bits the two classes store after the move minus before (a class's first rows pay
+        a whole group's scales and zero points, a codebook class's first row its tables). An
+        upgrade that does not fit is set aside and the next one tried, so the stored total never
+        exceeds the budget; the set-aside ones are tried again (a few rounds) while moves that
+        empty a group free bits for them."""
         candidates = sorted(set(self.candidates))
-        codebook = self.codebook == "kmeans"
         bits = {layer.linear.name: np.full(layer.w.shape[0], candidates[0], np.uint8) for layer in pool}
+        counts = []
         spent = 0.0
         heap = []
         for index, layer in enumerate(pool):
-            n = layer.w.shape[1]
             b = bits[layer.linear.name]
             b[layer.fp16] = bitcost.FP16
-            spent += bitcost.fixed_bits(candidates, layer.w.shape[0], n, codebook, layer.sparse)
-            spent += layer.fp16.sum() * bitcost.per_row_bits(bitcost.FP16, n, self.group_size, codebook)
             rows = np.flatnonzero(~layer.fp16)
-            spent += len(rows) * self._row_bits(candidates[0], n, codebook)
+            counts.append({c: 0 for c in candidates} | {bitcost.FP16: int(layer.fp16.sum()), candidates[0]: len(rows)})
+            spent += self._stored_bits(layer, b)
             for k in rows:
-                self._push(heap, layer, index, int(k), 0, candidates, codebook)
+                self._push(heap, layer, index, int(k), 0, candidates)
         if spent > budget:
-            raise UserError(self._infeasible(pool, candidates, codebook))
-        while heap:
-            _, index, k, level = heapq.heappop(heap)
-            layer = pool[index]
-            n = layer.w.shape[1]
-            delta = self._row_bits(candidates[level + 1], n, codebook) - self._row_bits(candidates[level], n, codebook)
-            if spent + delta > budget:
-                continue
-            spent += delta
-            bits[layer.linear.name][k] = candidates[level + 1]
-            self._push(heap, layer, index, k, level + 1, candidates, codebook)
+            raise UserError(self._infeasible(pool, candidates))
+        deferred = []
+        for _ in range(REVISITS + 1):  # a move that empties a group frees bits: retry what did not fit
+            taken = 0
+            while heap:
+                item = heapq.heappop(heap)
+                _, index, k, level = item
+                layer = pool[index]
+                lo, hi = candidates[level], candidates[level + 1]
+                count = counts[index]
+                delta = (self._class_bits(layer, hi, count[hi] + 1) - self._class_bits(layer, hi, count[hi])
+                         + self._class_bits(layer, lo, count[lo] - 1) - self._class_bits(layer, lo, count[lo]))
+                if spent + delta > budget:
+                    deferred.append(item)
+                    continue
+                spent += delta
+                taken += 1
+                count[lo] -= 1
+                count[hi] += 1
+                bits[layer.linear.name][k] = hi
+                self._push(heap, layer, index, k, level + 1, candidates)
+            if not taken or not deferred:
+                break
+            heap, deferred = deferred, []
+            heapq.heapify(heap)
         return bits
 
     def _constants(self, layer: _Layer) -> float:
         """The small constants the lowering stores per class (shapes, shifts, ranges)."""
         return (len(self.candidates) + 1) * 8 * LOWERING_BYTES_PER_CLASS
 
+    def _class_bits(self, layer: _Layer, b: int, rows: int) -> int:
+        n = layer.w.shape[1]
+        kind = bitcost.class_kind(b, self.codebook == "kmeans")
+        return bitcost.class_bits(kind, b, rows, n, self.group_size, self.zero_points)
+
     def _stored_bits(self, layer: _Layer, bits: np.ndarray) -> int:
         """Exact stored bits of one layer's allocation (classes, groups, codebooks, outliers, permutation)."""
         k, n = layer.w.shape
         classes = {int(b): int(c) for b, c in zip(*np.unique(bits, return_counts=True))}
-        codebook = self.codebook == "kmeans"
-        stored = bitcost.fixed_bits([], k, n, False, layer.sparse)  # codebook tables are in class_bits
-        for b, rows in classes.items():
-            kind = "fp16" if b == bitcost.FP16 else ("codebook" if codebook and b <= 4 else "uniform")
-            stored += bitcost.class_bits(kind, b, rows, n, self.group_size)
-        return stored
+        sparse = bitcost.sparse_bits(self.candidates, self.codebook == "kmeans", self.zero_points) * layer.sparse
+        return bitcost.PERM_BITS * k + sparse + sum(self._class_bits(layer, b, rows) for b, rows in classes.items())
 
-    def _row_bits(self, b: int, n: int, codebook: bool) -> float:
-        return bitcost.per_row_bits(b, n, self.group_size, codebook and b <= 4)
+    def _row_bits(self, b: int, n: int) -> float:
+        codebook = self.codebook == "kmeans" and b <= 4
+        return bitcost.per_row_bits(b, n, self.group_size, codebook, self.zero_points)
 
-    def _push(self, heap, layer: _Layer, index: int, k: int, level: int, candidates, codebook: bool) -> None:
+    def _push(self, heap, layer: _Layer, index: int, k: int, level: int, candidates) -> None:
         if level + 1 >= len(candidates):
             return
         lo, hi = candidates[level], candidates[level + 1]
         n = layer.w.shape[1]
         gain = layer.errors[lo][k] - layer.errors[hi][k]
-        cost = self._row_bits(hi, n, codebook) - self._row_bits(lo, n, codebook)
+        cost = self._row_bits(hi, n) - self._row_bits(lo, n)
         heapq.heappush(heap, (-gain / cost, index, k, level))
 
-    def _infeasible(self, pool: list[_Layer], candidates, codebook: bool) -> str:
+    def _infeasible(self, pool: list[_Layer], candidates) -> str:
         low = high = 0.0
         total = sum(layer.w.size for layer in pool)
         for layer in pool:
-            k, n = layer.w.shape
-            fixed = bitcost.fixed_bits(candidates, k, n, codebook, layer.sparse) + self._constants(layer)
-            fp16 = layer.fp16.sum() * bitcost.FP16 * n
-            rows = k - layer.fp16.sum()
-            low += fixed + fp16 + rows * self._row_bits(candidates[0], n, codebook)
-            high += fixed + fp16 + rows * self._row_bits(candidates[-1], n, codebook)
+            for b, side in ((candidates[0], "low"), (candidates[-1], "high")):
+                bits = np.where(layer.fp16, bitcost.FP16, b)
+                stored = self._stored_bits(layer, bits) + self._constants(layer)
+                if side == "low":
+                    low += stored
+                else:
+                    high += stored
         return (
             f"allocate-bits: avg-bits {self.avg_bits} is outside what candidates {','.join(map(str, candidates))} "
             f"and their metadata allow here: feasible {low / total:.3f} to {high / total:.3f}"
@@ -242,7 +308,8 @@ class AllocateBitsPass(Pass):
         bits_value = new_initializer(graph, f"{linear.w.name}.bits", bits.astype(np.uint8))
         node = ir.node(
             "BitAllocation", [linear.w, bits_value],
-            {"group_size": self.group_size, "codebook": self.codebook, "outliers_weight": float(outliers_weight)},
+            {"group_size": self.group_size, "codebook": self.codebook, "outliers_weight": float(outliers_weight),
+             "zero_points": self.zero_points},
             domain="qc", name=f"{linear.w.name}.allocation", metadata_props={CREATED_BY: self.name},
         )
         node.outputs[0].name = f"{linear.w.name}.allocated"

@@ -1,6 +1,22 @@
-"""Lowering of `qc.MixedMatMul` to standard ONNX for ONNX Runtime (used by `lower-ort`).
+"""Lowering of `qc.MixedMatMul` for ONNX Runtime (used by `lower-ort`).
 
-The file stores what the bit budget counted, tightly packed; standard ops expand it back:
+Two routes.
+
+`split` (the default wherever a class can take it): the layer becomes a sum of one product per
+bit class, each over its own input columns (a Slice of X where the permutation is the identity on
+the class's rows, e.g. after `fold-permutation`, a Gather otherwise):
+- uniform classes of 2, 4 or 8 bits with integer zero points -> `com.microsoft.MatMulNBits`
+  (K = the class's rows, block_size = group_size; codes stored packed per column along K and
+  padded to whole blocks by a Pad that ONNX Runtime folds at session start; fp16 scales cast to
+  float32 likewise; zero points packed at b bits). `accuracy_level` 4 computes in int8 (activations
+  quantized per block: fast on x86 and Arm), 0 in float32 (the reference's numbers to round-off);
+- other classes (codebooks, 3-bit, fractional zero points, fp16 outlier channels) -> a float
+  MatMul whose weight is expanded from the packed form below (folded at session start);
+- sparse outliers -> float32 corrections (stored value minus the classes' dequantized value)
+  multiplied by the gathered input columns and added with ScatterElements(reduction=add).
+
+`expand` (every layer without a MatMulNBits class, or all with `mixed-route=expand`): the file
+stores what the bit budget counted, tightly packed; standard ops expand it back:
 - codes of b bits as b bit-planes, 8 rows per byte (uint8 [b, ceil(K_c / 8), N]), unpacked with
   BitShift / BitwiseAnd / ReduceSum;
 - uniform classes: fp16 scales and uint8 zero points per group, expanded with Gather;
@@ -18,9 +34,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler import bitcost
+from qcompiler.ir import STORED_WEIGHTS
 from qcompiler.layers import CREATED_BY, new_initializer
-from qcompiler.mixed_ops import INPUTS_PER_KIND, class_slices
+from qcompiler.mixed_ops import INPUTS_PER_KIND, class_slices, mixed_weight
 from qcompiler.ops import attributes_of
+
 
 
 def pack_bitplanes(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -48,10 +67,11 @@ class _Builder:
     def const(self, suffix: str, array: np.ndarray) -> ir.Value:
         return new_initializer(self.graph, f"{self.base}.{suffix}", np.asarray(array))
 
-    def op(self, op_type: str, inputs, attributes=None, **kwargs) -> ir.Value:
+    def op(self, op_type: str, inputs, attributes=None, stored: bool = False, **kwargs) -> ir.Value:
         self.count += 1
+        meta = {CREATED_BY: "lower-ort"} | ({STORED_WEIGHTS: "1"} if stored else {})
         node = ir.node(op_type, inputs, attributes, name=f"{self.base}.{op_type.lower()}{self.count}",
-                       metadata_props={CREATED_BY: "lower-ort"}, **kwargs)
+                       metadata_props=meta, **kwargs)
         node.outputs[0].name = node.name
         self.graph.insert_before(self.anchor, node)
         return node.outputs[0]
@@ -96,7 +116,7 @@ def _codebook(b: _Builder, name: str, codes, book, bits: int) -> ir.Value:
     return b.op("Gather", [table, flat_index], {"axis": 0})
 
 
-def lower_mixed_matmul(graph: ir.Graph, node: ir.Node) -> str:
+def _expand_all(graph: ir.Graph, node: ir.Node) -> str:
     a = attributes_of(node)
     base = node.name or node.outputs[0].name
     b = _Builder(graph, node, base)
@@ -126,3 +146,120 @@ def lower_mixed_matmul(graph: ir.Graph, node: ir.Node) -> str:
     matmul = ir.node("MatMul", [xp, weight], name=base, metadata_props={CREATED_BY: "lower-ort"})
     ir.convenience.replace_nodes_and_values(graph, node, [node], [matmul], [node.outputs[0]], [matmul.outputs[0]])
     return "MixedMatMul(packed, expanded at load)"
+
+
+def pack_nbits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes [K, N] -> uint8 [N, ceil(K * bits / 8)]: per column, code k at bit (k % (8 / bits)) * bits
+    of byte k // (8 / bits) (MatMulNBits' layout along K, before padding to whole blocks)."""
+    k, n = codes.shape
+    per_byte = 8 // bits
+    padded = np.zeros((n, -(-k // per_byte) * per_byte), np.uint8)
+    padded[:, :k] = codes.T
+    parts = padded.reshape(n, -1, per_byte).astype(np.uint16) << (np.arange(per_byte, dtype=np.uint16) * bits)
+    return np.bitwise_or.reduce(parts, axis=2).astype(np.uint8)
+
+
+def unpack_nbits(packed: np.ndarray, rows: int, bits: int) -> np.ndarray:
+    """Inverse of `pack_nbits` (numpy, for tests): [N, bytes] -> codes [rows, N]."""
+    per_byte = 8 // bits
+    shifts = np.arange(per_byte, dtype=np.uint8) * bits
+    values = (packed[:, :, None] >> shifts) & ((1 << bits) - 1)
+    return values.reshape(packed.shape[0], -1)[:, :rows].T.astype(np.uint8)
+
+
+def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, route: str = "split") -> str:
+    """Lower one `qc.MixedMatMul`; returns the route taken, for the pass's statistics."""
+    a = attributes_of(node)
+    classes = class_slices(a["kinds"], a["sizes"])
+    zero_index = [2 + index + 2 for _, index, _, _ in classes]
+    nbits = [kind == "uniform" and bits in bitcost.NBITS and node.inputs[z].const_value.dtype == ir.DataType.UINT8
+             for (kind, _, _, _), bits, z in zip(classes, a["bits"], zero_index)]
+    if route == "expand" or not any(nbits):
+        return _expand_all(graph, node)
+    base = node.name or node.outputs[0].name
+    b = _Builder(graph, node, base)
+    arrays = [v.const_value.numpy() if v is not None and v.const_value is not None else None for v in node.inputs]
+    x, perm = node.inputs[0], arrays[1].astype(np.int64)
+    k_total = len(perm)
+    n = None
+    partial, routes = [], []
+    for (kind, index, start, stop), bits, fast in zip(classes, a["bits"], nbits):
+        args = arrays[2 + index : 2 + index + INPUTS_PER_KIND[kind]]
+        name = f"c{index}"
+        xc = _columns(b, name, x, perm[start:stop], k_total)
+        if fast:
+            partial.append(_matmul_nbits(b, name, xc, *args, bits, a["group_size"], accuracy_level))
+            routes.append(f"MatMulNBits{bits}")
+            continue
+        if kind == "uniform":
+            weight = _uniform(b, name, *args, bits, a["group_size"])
+        elif kind == "codebook":
+            weight = _codebook(b, name, *args, bits)
+        else:
+            weight = b.op("Cast", [b.const(f"{name}.fp16", args[0])], {"to": ir.DataType.FLOAT})
+        partial.append(b.op("MatMul", [xc, weight]))
+        routes.append(f"{kind}{bits if kind != 'fp16' else ''}(float MatMul)")
+    y = partial[0]
+    for term in partial[1:]:
+        y = b.op("Add", [y, term])
+    if a["sparse"]:
+        y = _sparse_corrections(b, x, y, perm, arrays[2:], a)
+        routes.append("sparse(ScatterElements add)")
+    y.producer().name = base
+    name = node.outputs[0].name
+    y.type, y.shape = node.outputs[0].type, node.outputs[0].shape
+    ir.convenience.replace_all_uses_with(node.outputs[0], y, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    y.name = name
+    return "split: " + " + ".join(routes)
+
+
+def _index(b: _Builder, name: str, indices: np.ndarray) -> ir.Value:
+    """Constant int64 indices, stored as uint16 where they fit and cast at load."""
+    small = indices.size == 0 or int(indices.max()) < 1 << 16
+    stored = b.const(name, indices.astype(np.uint16 if small else np.int32))
+    return b.op("Cast", [stored], {"to": ir.DataType.INT64})
+
+
+def _columns(b: _Builder, name: str, x: ir.Value, channels: np.ndarray, k_total: int) -> ir.Value:
+    """X's input columns `channels`: X itself, a Slice where they are consecutive, else a Gather."""
+    start, stop = int(channels[0]), int(channels[-1]) + 1
+    if np.array_equal(channels, np.arange(start, stop)):
+        if start == 0 and stop == k_total:
+            return x
+        return b.op("Slice", [x, b.const(f"{name}.start", np.array([start], np.int64)),
+                              b.const(f"{name}.stop", np.array([stop], np.int64)),
+                              b.const(f"{name}.axis", np.array([-1], np.int64))])
+    return b.op("Gather", [x, _index(b, f"{name}.channels", channels)], {"axis": -1}, stored=True)
+
+
+def _matmul_nbits(b: _Builder, name: str, x: ir.Value, codes, scale, zero, bits: int, group_size: int,
+                  accuracy_level: int) -> ir.Value:
+    k, n = codes.shape
+    blocks = -(-k // group_size)
+    blob = group_size * bits // 8
+    packed = pack_nbits(codes, bits)
+    if packed.shape[1] == blocks * blob:
+        weight = b.const(f"{name}.nbits", packed.reshape(n, blocks, blob))
+    else:  # stored tight, padded to whole blocks at load
+        tight = b.const(f"{name}.nbits", packed)
+        pads = b.const(f"{name}.pads", np.array([0, 0, 0, blocks * blob - packed.shape[1]], np.int64))
+        shape = b.const(f"{name}.blocks", np.array([n, blocks, blob], np.int64))
+        weight = b.op("Reshape", [b.op("Pad", [tight, pads]), shape])
+    scales = b.op("Cast", [b.const(f"{name}.scale", np.ascontiguousarray(scale.T))], {"to": ir.DataType.FLOAT})
+    zeros = b.const(f"{name}.zero", pack_nbits(zero, bits))
+    return b.op("MatMulNBits", [x, weight, scales, zeros],
+                {"K": k, "N": n, "bits": bits, "block_size": group_size, "accuracy_level": accuracy_level},
+                domain="com.microsoft")
+
+
+def _sparse_corrections(b: _Builder, x: ir.Value, y: ir.Value, perm: np.ndarray, class_inputs, a) -> ir.Value:
+    """y + the sparse outliers' corrections: at each outlier (row r, column c) the stored value
+    replaces the classes' dequantized one, so y[..., c] += X[..., perm[r]] * (value - w_hat[r, c])."""
+    dense = mixed_weight([np.asarray(v) for v in class_inputs[:-2]], a["kinds"], a["sizes"], a["group_size"], 0)
+    indices, values = class_inputs[-2].astype(np.int64), class_inputs[-1]
+    delta = values.astype(np.float32) - dense[indices[:, 0], indices[:, 1]]
+    gathered = b.op("Gather", [x, _index(b, "outlier_rows", perm[indices[:, 0]])], {"axis": -1}, stored=True)
+    updates = b.op("Mul", [gathered, b.const("outlier_delta", delta)], stored=True)
+    columns = b.op("Expand", [_index(b, "outlier_columns", indices[:, 1]), b.op("Shape", [updates])], stored=True)
+    return b.op("ScatterElements", [y, columns, updates], {"axis": -1, "reduction": "add"})

@@ -24,6 +24,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler import bitcost
 from qcompiler.calibration import STATS_KEY
 from qcompiler.layers import CREATED_BY, new_initializer, remove_unused
 from qcompiler.mixed_ops import FP16_BITS, dequantize_codebook, dequantize_uniform
@@ -81,7 +82,8 @@ class QuantizeWeightsPass(Pass):
                 codes, book = kmeans_codebook(block, e, int(b))
                 kind, arrays, dequant = "codebook", [codes, book], dequantize_codebook(codes, book)
             else:
-                codes, scale, zero = uniform_groups(block, e, int(b), fmt["group_size"], self.grid)
+                integer = bitcost.integer_zero_points(int(b), fmt["zero_points"])
+                codes, scale, zero = uniform_groups(block, e, int(b), fmt["group_size"], self.grid, integer)
                 kind, arrays, dequant = "uniform", [codes, scale, zero], dequantize_uniform(codes, scale, zero, fmt["group_size"])
             for i, array in enumerate(arrays):
                 inputs.append(new_initializer(graph, f"{base}.b{b}.{kind}.{i}", array))
@@ -111,22 +113,24 @@ class QuantizeWeightsPass(Pass):
         }
 
 
-def uniform_groups(block: np.ndarray, energy: np.ndarray, bits: int, group_size: int, grid: str):
+def uniform_groups(block: np.ndarray, energy: np.ndarray, bits: int, group_size: int, grid: str, integer: bool = False):
     """Asymmetric uniform codes per (group of rows, column): uint8 codes, fp16 scales and fp16
     (fractional) zero points, so the grid's minimum need not sit on an integer step: a grid
-    [lo, hi] is reproduced exactly, e.g. weights that passed through a 4-bit scale + min format."""
+    [lo, hi] is reproduced exactly, e.g. weights that passed through a 4-bit scale + min format.
+    With `integer`, the zero points are uint8 codes (the range widened to hold 0, as ONNX
+    Runtime's MatMulNBits and most 4-bit formats store them)."""
     levels = (1 << bits) - 1
     k, n = block.shape
     groups = -(-k // group_size)
     codes = np.empty((k, n), np.uint8)
     scales = np.empty((groups, n), np.float16)
-    zeros = np.empty((groups, n), np.float16)
+    zeros = np.empty((groups, n), np.uint8 if integer else np.float16)
     for g in range(groups):
         rows = slice(g * group_size, (g + 1) * group_size)
         part, e = block[rows].astype(np.float64), energy[rows][:, None]
         best = None
         for ratio in CLIP_RATIOS if grid == "mse" else (1.0,):
-            q, s, z = _grid(part, levels, ratio)
+            q, s, z = (_integer_grid if integer else _grid)(part, levels, ratio)
             err = np.sum(e * (part - (q - z) * s) ** 2, axis=0)
             if best is None:
                 best = (err, q, s, z)
@@ -134,7 +138,7 @@ def uniform_groups(block: np.ndarray, energy: np.ndarray, bits: int, group_size:
                 better = err < best[0]
                 best = tuple(np.where(better, new, old) for new, old in zip((err, q, s, z), best))
         _, q, s, z = best
-        codes[rows], scales[g], zeros[g] = q.astype(np.uint8), s.astype(np.float16), z.astype(np.float16)
+        codes[rows], scales[g], zeros[g] = q.astype(np.uint8), s.astype(np.float16), z.astype(zeros.dtype)
     return codes, scales, zeros
 
 
@@ -149,6 +153,19 @@ def _grid(part: np.ndarray, levels: int, ratio: float):
     # The zero point -lo / scale is stored in fp16: a narrow range far from 0 would overflow it.
     scale = np.maximum(scale, (np.abs(lo) / FP16_ZERO_LIMIT).astype(np.float16).astype(np.float64))
     zero = (-lo / scale).astype(np.float16).astype(np.float64)
+    q = np.clip(np.round(part / scale + zero), 0, levels)
+    return q, scale, zero
+
+
+def _integer_grid(part: np.ndarray, levels: int, ratio: float):
+    """Codes, fp16 scale and an integer zero point in 0..levels for a range that holds 0, shrunk
+    by `ratio` about its centre."""
+    lo, hi = np.minimum(part.min(axis=0), 0.0), np.maximum(part.max(axis=0), 0.0)
+    centre, half = (lo + hi) / 2, (hi - lo) / 2 * ratio
+    lo, hi = centre - half, centre + half
+    scale = np.where(hi > lo, (hi - lo) / levels, 1.0).astype(np.float16).astype(np.float64)
+    scale = np.where(scale > 0, scale, 1.0)
+    zero = np.clip(np.round(-lo / scale), 0, levels)
     q = np.clip(np.round(part / scale + zero), 0, levels)
     return q, scale, zero
 

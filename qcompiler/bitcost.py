@@ -1,12 +1,18 @@
 """What a mixed-precision weight costs in stored bits, and what each channel's quantization costs
 in error: the model `allocate-bits` optimises and `quantize-weights` reports against.
 
-Stored bits of a layer W [K, N] (every byte counted, as emitted):
-- uniform class of b bits: b * K_c * N codes (as bit-planes, K_c padded to a multiple of 8), plus per
-  group of `group_size` rows and per column an fp16 scale and an fp16 zero point: 32 * N * ceil(K_c / g);
-- codebook class of b bits: the codes likewise, plus N * 2^b fp16 centroids;
+Stored bits of a layer W [K, N] (every byte counted, as `lower-ort` emits them):
+- uniform class of b bits with fractional (fp16) zero points: b * K_c * N codes as bit-planes (K_c
+  padded to a multiple of 8), plus per group of `group_size` rows and per column an fp16 scale and
+  an fp16 zero point: 32 * N * ceil(K_c / g);
+- uniform class of b bits in {2, 4, 8} with integer zero points (the `com.microsoft.MatMulNBits`
+  route): codes packed per column along K, 8 * ceil(K_c * b / 8) * N, an fp16 scale per group and
+  column, and the b-bit zero points packed per column, 8 * ceil(G * b / 8) * N;
+- uniform class of other widths with integer zero points: bit-planes, fp16 scale, uint8 zero point;
+- codebook class of b bits: the codes as bit-planes, plus N * 2^b fp16 centroids;
 - fp16 class (activation outliers): 16 * K_c * N;
-- sparse outliers: per value 16 (fp16) + 32 (two uint16 indices);
+- sparse outliers: two uint16 indices (32) plus an fp16 value (16), or, on the MatMulNBits route,
+  where they are added as float32 corrections to the classes' product, a float32 value (32);
 - the permutation: 16 bits per input channel (uint16).
 
 Error of giving channel k b bits: E_k * ||w_k - Q_b(w_k)||^2 with E_k = mean(x_k^2) from
@@ -22,8 +28,22 @@ import numpy as np
 
 FP16 = 16
 SPARSE_BITS = 16 + 32
+SPARSE_BITS_SPLIT = 32 + 32  # float32 correction + two uint16 indices (MatMulNBits route)
 PERM_BITS = 16
 GROUP_BITS = 32  # fp16 scale + fp16 zero point per group and column
+NBITS = (2, 4, 8)  # widths ONNX Runtime's MatMulNBits CPU kernel runs (1.32: "Only 2b, 4b and 8b")
+ZERO_POINTS = ("fractional", "integer", "auto")
+
+
+def integer_zero_points(bits: int, zero_points: str) -> bool:
+    """Whether a uniform class of `bits` stores integer zero points under the `zero_points` policy
+    (`auto`: integer exactly where MatMulNBits can run the class)."""
+    return zero_points == "integer" or (zero_points == "auto" and bits in NBITS)
+
+
+def nbits_route(kind: str, bits: int, zero_points: str) -> bool:
+    """Whether `lower-ort` sends such a class to `com.microsoft.MatMulNBits`."""
+    return kind == "uniform" and bits in NBITS and integer_zero_points(bits, zero_points)
 
 
 def code_bits(bits: int, rows: int, cols: int) -> int:
@@ -31,51 +51,80 @@ def code_bits(bits: int, rows: int, cols: int) -> int:
     return bits * 8 * math.ceil(rows / 8) * cols
 
 
-def uniform_class_bits(bits: int, rows: int, cols: int, group_size: int) -> int:
+def uniform_class_bits(bits: int, rows: int, cols: int, group_size: int, zero_points: str = "fractional") -> int:
     if rows == 0:
         return 0
     groups = math.ceil(rows / group_size)
-    return code_bits(bits, rows, cols) + GROUP_BITS * cols * groups
+    if not integer_zero_points(bits, zero_points):
+        return code_bits(bits, rows, cols) + GROUP_BITS * cols * groups
+    if bits in NBITS:
+        return 8 * math.ceil(rows * bits / 8) * cols + FP16 * cols * groups + 8 * math.ceil(groups * bits / 8) * cols
+    return code_bits(bits, rows, cols) + (FP16 + 8) * cols * groups
 
 
 def codebook_class_bits(bits: int, rows: int, cols: int) -> int:
     return 0 if rows == 0 else code_bits(bits, rows, cols) + FP16 * cols * (1 << bits)
 
 
-def class_bits(kind: str, bits: int, rows: int, cols: int, group_size: int) -> int:
+def class_bits(kind: str, bits: int, rows: int, cols: int, group_size: int, zero_points: str = "fractional") -> int:
     if kind == "fp16":
         return FP16 * rows * cols
     if kind == "codebook":
         return codebook_class_bits(bits, rows, cols)
-    return uniform_class_bits(bits, rows, cols, group_size)
+    return uniform_class_bits(bits, rows, cols, group_size, zero_points)
 
 
-def per_row_bits(bits: int, cols: int, group_size: int, codebook: bool) -> float:
+def class_kind(bits: int, codebook: bool) -> str:
+    return "fp16" if bits == FP16 else ("codebook" if codebook and bits <= 4 else "uniform")
+
+
+def per_row_bits(bits: int, cols: int, group_size: int, codebook: bool, zero_points: str = "fractional") -> float:
     """Marginal stored bits of one more row at `bits` (metadata spread over the rows of a group)."""
     if bits == FP16:
         return FP16 * cols
     if codebook:
         return bits * cols
-    return bits * cols + GROUP_BITS * cols / group_size
+    if not integer_zero_points(bits, zero_points):
+        return bits * cols + GROUP_BITS * cols / group_size
+    return bits * cols + (FP16 + (bits if bits in NBITS else 8)) * cols / group_size
 
 
-def fixed_bits(candidates, rows: int, cols: int, codebook: bool, sparse_count: int) -> int:
+def sparse_bits(candidates, codebook: bool, zero_points: str) -> int:
+    """Stored bits per sparse outlier: the MatMulNBits route stores float32 corrections."""
+    split = any(nbits_route(class_kind(b, codebook), b, zero_points) for b in candidates)
+    return SPARSE_BITS_SPLIT if split else SPARSE_BITS
+
+
+def fixed_bits(candidates, rows: int, cols: int, codebook: bool, sparse_count: int, zero_points: str = "fractional") -> int:
     """Bits that do not scale with the allocation: permutation, codebooks, sparse outliers."""
-    total = PERM_BITS * rows + SPARSE_BITS * sparse_count
+    total = PERM_BITS * rows + sparse_bits(candidates, codebook, zero_points) * sparse_count
     if codebook:  # one table per column for each class that may use one (2-4 bits), counted up front
         total += sum(FP16 * cols * (1 << b) for b in candidates if b <= 4)
     return total
 
 
-def minmax_grid_error(w: np.ndarray, bits: int, group_size: int) -> np.ndarray:
-    """Per-row squared error ||w_k - Q_b(w_k)||^2 of asymmetric min-max group quantization."""
+def minmax_grid_error(w: np.ndarray, bits: int, group_size: int, integer_zero: bool = False) -> np.ndarray:
+    """Per-row squared error ||w_k - Q_b(w_k)||^2 of asymmetric min-max group quantization (with
+    `integer_zero`, the range widened to hold 0 and the zero point rounded, as stored)."""
+    q = minmax_grid_quantize(w, bits, group_size, integer_zero)
+    return np.sum((w.astype(np.float64) - q) ** 2, axis=1)
+
+
+def minmax_grid_quantize(w: np.ndarray, bits: int, group_size: int, integer_zero: bool = False) -> np.ndarray:
+    """W quantized (and dequantized) by asymmetric min-max groups of `group_size` rows per column."""
     k, n = w.shape
-    errors = np.empty(k, np.float64)
+    out = np.empty((k, n), np.float32)
     levels = (1 << bits) - 1
     for start in range(0, k, group_size):
         block = w[start : start + group_size].astype(np.float64)
         lo, hi = block.min(axis=0), block.max(axis=0)
+        if integer_zero:
+            lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
         scale = np.where(hi > lo, (hi - lo) / levels, 1.0)
-        q = np.clip(np.round((block - lo) / scale), 0, levels) * scale + lo
-        errors[start : start + group_size] = np.sum((block - q) ** 2, axis=1)
-    return errors
+        if integer_zero:
+            zero = np.clip(np.round(-lo / scale), 0, levels)
+            q = (np.clip(np.round(block / scale + zero), 0, levels) - zero) * scale
+        else:
+            q = np.clip(np.round((block - lo) / scale), 0, levels) * scale + lo
+        out[start : start + group_size] = q
+    return out

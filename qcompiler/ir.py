@@ -377,19 +377,26 @@ def qc_nodes(model: ir.Model) -> list[ir.Node]:
     return [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.domain == QC_DOMAIN]
 
 
+STORED_WEIGHTS = "qc.stored_weights"  # metadata_props key: every constant input of the node is weight bytes
 WEIGHT_CONSUMERS = frozenset({("", "MatMul"), ("", "Gemm"), ("", "Conv"), ("", "ConvTranspose"), ("com.microsoft", "MatMulNBits")})
 
 
 def weight_values(model: ir.Model) -> list[ir.Value]:
     """Initializers that hold weights: the second operand of MatMul/Gemm/Conv (and contrib
-    weight-only matmuls), directly or through a chain of nodes that read only constants (such as
-    DequantizeLinear of packed codes, scales and zero points), plus the constant indices of a
-    Gather that permutes the first operand. Deduplicated, in graph order."""
+    weight-only matmuls: codes, scales and zero points), directly or through a chain of nodes that
+    read only constants (such as DequantizeLinear of packed codes, scales and zero points), the
+    constant indices of a Gather that permutes the first operand, and the constant inputs of nodes
+    marked `qc.stored_weights` (sparse outlier corrections). Deduplicated, in graph order."""
     found: dict[str, ir.Value] = {}
     for node in model.graph:
         domain = "" if node.domain == "ai.onnx" else node.domain
+        if node.metadata_props.get(STORED_WEIGHTS):  # e.g. sparse outlier corrections
+            for inp in node.inputs:
+                for value in _constant_sources(inp) if inp is not None else ():
+                    found.setdefault(value.name, value)
         if (domain, node.op_type) in WEIGHT_CONSUMERS and len(node.inputs) > 1 and node.inputs[1] is not None:
-            for value in _constant_sources(node.inputs[1]):
+            weights = node.inputs[1:] if node.op_type == "MatMulNBits" else node.inputs[1:2]  # codes, scales, zero points
+            for value in (v for w in weights if w is not None for v in _constant_sources(w)):
                 found.setdefault(value.name, value)
             gather = node.inputs[0].producer() if node.inputs[0] is not None else None
             if gather is not None and gather.op_type == "Gather" and len(gather.inputs) > 1:  # an input permutation

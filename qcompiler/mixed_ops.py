@@ -5,7 +5,8 @@ Importing this module registers them.
 (row k of W [K, N]); it computes nothing (the reference returns W) and is consumed by
 `quantize-weights`. `bits` is a uint8 [K] initializer (16 = kept in fp16); the attributes record
 the format the budget was counted for (`group_size`, `codebook`: uniform or kmeans,
-`outliers_weight`: the fraction of weights kept as sparse fp16).
+`outliers_weight`: the fraction of weights kept as sparse fp16, `zero_points`: fractional, integer or
+auto (integer for 2, 4 and 8 bits); absent means fractional).
 
 `qc.MixedMatMul(X, perm, <class inputs>..., [indices, values]) -> Y` is a weight-only linear whose
 input channels are split into classes of equal treatment, stored contiguously after the
@@ -14,6 +15,7 @@ permutation `perm` (int64 [K]: row j of the stored weight is input channel perm[
     kind       inputs                                        dequantized rows W_c [K_c, N]
     uniform    codes uint8 [K_c, N], scale fp16 [G_c, N],      (codes - zero[k // g]) * scale[k // g]
                zero fp16 [G_c, N] (fractional)                 (g = group_size along K)
+               or zero uint8 [G_c, N] (integer, 0..2^b-1)
     codebook   codes uint8 [K_c, N], codebook fp16 [N, 2^b]    codebook[n, codes[k, n]]
     fp16       W_c fp16 [K_c, N]                               W_c
 
@@ -22,6 +24,9 @@ permutation `perm` (int64 [K]: row j of the stored weight is input channel perm[
 
 Attributes: `kinds` (strings), `bits` (ints, 16 for fp16), `sizes` (K_c per class), `group_size`,
 `sparse` (1 when indices and values follow the classes).
+
+A uniform class whose zero point is uint8 (an integer on the code grid) has the same meaning; it is
+the form `lower-ort` can hand to ONNX Runtime's `com.microsoft.MatMulNBits` (2, 4 and 8 bits).
 """
 
 from __future__ import annotations
@@ -97,10 +102,15 @@ def _check_mixed_matmul(node: ir.Node) -> None:
     perm = node.inputs[1].const_value if node.inputs[1] is not None else None
     if perm is not None and perm.size != sum(sizes):
         raise VerificationError(f"{where}: perm has {perm.size} entries for {sum(sizes)} channels")
-    for kind, index, start, stop in class_slices(kinds, sizes):
+    for (kind, index, start, stop), b in zip(class_slices(kinds, sizes), bits):
         codes = node.inputs[2 + index].const_value
         if codes is not None and codes.shape[0] != stop - start:
             raise VerificationError(f"{where}: a {kind} class of {stop - start} rows stores {codes.shape[0]}")
+        zero = node.inputs[4 + index].const_value if kind == "uniform" else None
+        if zero is not None and zero.dtype not in (ir.DataType.FLOAT16, ir.DataType.UINT8):
+            raise VerificationError(f"{where}: a uniform class's zero point must be float16 or uint8, got {zero.dtype}")
+        if zero is not None and zero.dtype == ir.DataType.UINT8 and zero.size and int(zero.numpy().max()) >= 1 << b:
+            raise VerificationError(f"{where}: an integer zero point of a {b}-bit class must be below {1 << b}")
 
 
 def _bit_allocation_reference(w, bits, **_format):
@@ -128,6 +138,7 @@ BIT_ALLOCATION = register(
             "group_size": Attr("int", 128),
             "codebook": Attr("string", "kmeans"),
             "outliers_weight": Attr("float", 0.0),
+            "zero_points": Attr("string", "fractional"),
         },
         doc="marks W [K, N] with the bits chosen for each input channel (uint8 [K]; 16 = fp16) and the format budgeted for",
         reference=_bit_allocation_reference,

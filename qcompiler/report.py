@@ -137,12 +137,21 @@ class Recorder(Drift):
             self.layer_error[name] = execute.drift({name: expected}, {name: actual})
 
     def _run(self, model: ir.Model) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        names = [n.outputs[0].name for n in layer_nodes(model)]
-        return run_exposing(model, self.probe, names)
+        return run_exposing(model, self.probe, self.layer_outputs(model))
+
+    def layer_outputs(self, model: ir.Model) -> list[str]:
+        """The layers' output names: once the IR is quantized, the layers known by then (a lowering
+        may compute one layer with several nodes, e.g. one per bit class, summed into its output)."""
+        if self.quantized and self.layers:
+            present = {v.name for n in model.graph for v in n.outputs}
+            return [name for name in self.layers if name in present]
+        return [n.outputs[0].name for n in layer_nodes(model)]
 
     def _snapshot(self, model: ir.Model) -> None:
         for node in layer_nodes(model):
             out = node.outputs[0].name
+            if self.quantized and out not in self.layers:
+                continue  # a node a lowering made for part of a known layer
             info = self.layers.setdefault(out, {"output": out, "name": node.name or out, "op": node.op_type})
             _note_layer(node, info)
 
@@ -237,6 +246,32 @@ def layer_nodes(model: ir.Model) -> list[ir.Node]:
         if constant_sources(node.inputs[1], memo):
             found.append(node)
     return found
+
+
+def layer_nodes_set(model: ir.Model, memo: dict) -> set:
+    key = ("layer-nodes", id(model))
+    if key not in memo:
+        memo[key] = set(layer_nodes(model))
+    return memo[key]
+
+
+def layer_constants(node: ir.Node, input_name: str | None, limit: int = 256) -> list[ir.Value]:
+    """The initializers a layer computed by several nodes reads: everything upstream of `node`
+    that is not upstream of the layer's activation input `input_name` (or a graph input)."""
+    found, seen, stack = {}, set(), [node]
+    while stack and len(seen) < limit:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for value in current.inputs:
+            if value is None or value.name == input_name:
+                continue
+            if value.is_initializer() and value.const_value is not None:
+                found[id(value)] = value
+            elif value.producer() is not None:
+                stack.append(value.producer())
+    return list(found.values())
 
 
 def _producer(value: ir.Value | None, domain: str, op_type: str) -> ir.Node | None:
@@ -374,14 +409,18 @@ def _layers(model: ir.Model, recorder: Recorder, stats: dict[str, dict]) -> list
     grid = recorder.options.get("quantize-weights", {}).get("grid")
     memo: dict = {}
     layers = []
-    for index, node in enumerate(layer_nodes(model)):
-        out = node.outputs[0].name
+    producers = {v.name: n for n in model.graph for v in n.outputs}
+    for index, out in enumerate(recorder.layer_outputs(model)):
+        node = producers[out]
         info = recorder.layers.get(out, {"output": out, "name": node.name or out, "op": node.op_type})
         name = info["name"]
-        sources = constant_sources(node.inputs[1], memo) or []
-        permutation = node.inputs[0].producer() if node.inputs[0] is not None else None
-        if permutation is not None and permutation.op_type == "Gather" and len(permutation.inputs) > 1:
-            sources = sources + (constant_sources(permutation.inputs[1], memo) or [])
+        if node in layer_nodes_set(model, memo):
+            sources = constant_sources(node.inputs[1], memo) or []
+            permutation = node.inputs[0].producer() if node.inputs[0] is not None else None
+            if permutation is not None and permutation.op_type == "Gather" and len(permutation.inputs) > 1:
+                sources = sources + (constant_sources(permutation.inputs[1], memo) or [])
+        else:  # computed by several nodes: the constants between its input and its output
+            sources = layer_constants(node, info.get("input"))
         stored = sum(v.const_value.nbytes for v in {id(v): v for v in sources}.values())
         stored_float = all(v.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE) for v in sources)
         weight = _weight(info, stored_float, allocate.get(name), mixed_stats.get(name), quantize_layers.get(name), grid)

@@ -19,7 +19,7 @@ def _mlp(k=256, h=256, n=256, wide_second=True, seed=0):
     """X -> A (k x h) -> Relu -> B (h x n). With `wide_second`, B's weights are heavy-tailed (Student t,
     1.5 degrees of freedom), so low-bit grids are coarse for most of them: B costs accuracy."""
     rng = np.random.default_rng(seed)
-    a = rng.normal(0, 0.1, (k, h)).astype(np.float32)
+    a = rng.uniform(-0.1, 0.1, (k, h)).astype(np.float32)  # uniform weights suit a uniform grid
     b = rng.normal(0, 0.1, (h, n)).astype(np.float32)
     if wide_second:
         b = (0.02 * rng.standard_t(1.5, (h, n))).astype(np.float32)
@@ -64,15 +64,16 @@ def test_switchboard_with_every_layer_quantized_equals_the_quantized_model(pipel
 
 
 def test_doctor_ranks_the_sensitive_layer_first_and_suggests_keeping_it():
-    result = diagnose(_mlp(), "calibrate,allocate-bits{avg-bits=4 group-size=32},quantize-weights",
-                      calibration=[synthetic_inputs(_mlp(), seed=s) for s in range(4)], max_extra_bits=3.0)
+    # A is already kept at 8 bits by the pipeline, B gets 3 to 4 bits: B costs the accuracy
+    pipeline = "calibrate,allocate-bits{avg-bits=4 group-size=32 keep=A},quantize-weights"
+    result = diagnose(_mlp(), pipeline, calibration=[synthetic_inputs(_mlp(), seed=s) for s in range(4)], max_extra_bits=3.0)
     assert [row["layer"] for row in result["layers"]] == ["B", "A"]
-    assert result["layers"][0]["recovered"] > result["layers"][1]["recovered"] > 0
+    assert result["layers"][0]["recovered"] > 10 * result["layers"][1]["recovered"]
     suggestion = result["suggestion"]
     assert suggestion["layers"] == ["B"]
-    assert suggestion["predicted_error"] < result["error_all_quantized"]
+    assert suggestion["predicted_error"] < result["error_all_quantized"] / 10
     passes = parse_pipeline(suggestion["pipeline"])
-    assert [p for p in passes if p.name == "allocate-bits"][0].keep == ("B",)
+    assert [p for p in passes if p.name == "allocate-bits"][0].keep == ("A", "B")
 
 
 def test_suggestion_respects_the_extra_bits_limit():
