@@ -70,6 +70,8 @@ class AllocateBitsPass(Pass):
     outliers_weight: float = option(0.0045, "fraction of weights kept as sparse fp16 (largest weighted error)")
     keep: tuple[str, ...] = option((), "weights (names or globs, e.g. model.layers.*.mlp.down_proj.weight) whose channels all get keep-bits, on top of the budget")
     keep_bits: int = option(8, "bits of every channel of a `keep` layer (2..8)")
+    boost: tuple[str, ...] = option((), "weights (names or globs) whose layers are allocated avg-bits + boost-bits instead")
+    boost_bits: float = option(1.0, "bits per weight added to the budget of a `boost` layer (0 to 6)")
     sensitivity: Literal["off", "output"] = option(
         "off", "scope=model: scale each layer's error model by how much its quantization moves the model's outputs (measured)")
     zero_points: Literal["auto", "integer", "fractional"] = option(
@@ -82,6 +84,8 @@ class AllocateBitsPass(Pass):
             raise UserError(f"allocate-bits: candidates must be integers in 1..8, got {','.join(map(str, self.candidates))}")
         if self.group_size not in (32, 64, 128):
             raise UserError(f"allocate-bits: group-size must be 32, 64 or 128, got {self.group_size}")
+        if not 0.0 <= self.boost_bits <= 6.0:
+            raise UserError(f"allocate-bits: boost-bits must be in 0..6, got {self.boost_bits}")
         if not isinstance(self.keep_bits, int) or not 2 <= self.keep_bits <= 8:
             raise UserError(f"allocate-bits: keep-bits must be an integer in 2..8, got {self.keep_bits}")
         for key, value in (("outliers-act", self.outliers_act), ("outliers-weight", self.outliers_weight)):
@@ -100,10 +104,16 @@ class AllocateBitsPass(Pass):
         sensitivities = None
         if self.sensitivity == "output" and self.scope == "model":
             sensitivities = self._measure_sensitivity(model, layers)
-        pools = [layers] if self.scope == "model" else [[layer] for layer in layers]
+        boosted = [layer for layer in layers if self._matches(layer.linear, self.boost)]
+        boosted_ids = {id(layer) for layer in boosted}
+        plain = [layer for layer in layers if id(layer) not in boosted_ids]
+        if self.scope == "model":
+            pools = [(pool, budget) for pool, budget in ((plain, self.avg_bits), (boosted, self.avg_bits + self.boost_bits)) if pool]
+        else:
+            pools = [([layer], self.avg_bits + (self.boost_bits if id(layer) in boosted_ids else 0.0)) for layer in layers]
         allocations = {}
-        for pool in pools:
-            allocations.update(self._allocate(pool))
+        for pool, avg_bits in pools:
+            allocations.update(self._allocate(pool, avg_bits))
         per_layer = {}
         for layer in layers:
             bits = allocations[layer.linear.name]
@@ -117,6 +127,7 @@ class AllocateBitsPass(Pass):
         stats = {
             "layers": len(layers) + len(kept),
             "kept_layers": [linear.w.name for linear in kept],
+            "boosted_layers": [layer.linear.w.name for layer in boosted],
             "predicted_bits_per_weight": round(total_bits / total_weights, 4),
             "predicted_error": float(sum(v["predicted_error"] for v in per_layer.values())),
             "per_layer": per_layer,
@@ -194,13 +205,13 @@ class AllocateBitsPass(Pass):
             per_layer[layer.linear.name] = round(factor, 6)
         return {"reference_bits": reference, "batch_rows": int(next(iter(batch.values())).shape[0]), "factor": per_layer}
 
-    def _allocate(self, pool: list[_Layer]) -> dict[str, np.ndarray]:
+    def _allocate(self, pool: list[_Layer], avg_bits: float) -> dict[str, np.ndarray]:
         """Greedy allocation charging the exact stored bits of every step (see `_greedy`)."""
-        target = self.avg_bits * sum(layer.w.size for layer in pool)
+        target = avg_bits * sum(layer.w.size for layer in pool)
         budget = target - sum(self._constants(layer) for layer in pool)
-        return self._greedy(pool, budget)
+        return self._greedy(pool, budget, avg_bits)
 
-    def _greedy(self, pool: list[_Layer], budget: float) -> dict[str, np.ndarray]:
+    def _greedy(self, pool: list[_Layer], budget: float, avg_bits: float) -> dict[str, np.ndarray]:
         """Every channel starts at the smallest candidate; upgrades are ranked by error reduction
         per stored bit (group metadata spread over a group's rows) and each is charged its exact
         cost: the bits the two classes store after the move minus before (a class's first rows pay
@@ -222,7 +233,7 @@ class AllocateBitsPass(Pass):
             for k in rows:
                 self._push(heap, layer, index, int(k), 0, candidates)
         if spent > budget:
-            raise UserError(self._infeasible(pool, candidates))
+            raise UserError(self._infeasible(pool, candidates, avg_bits))
         deferred = []
         for _ in range(REVISITS + 1):  # a move that empties a group frees bits: retry what did not fit
             taken = 0
@@ -278,7 +289,7 @@ class AllocateBitsPass(Pass):
         cost = self._row_bits(hi, n) - self._row_bits(lo, n)
         heapq.heappush(heap, (-gain / cost, index, k, level))
 
-    def _infeasible(self, pool: list[_Layer], candidates) -> str:
+    def _infeasible(self, pool: list[_Layer], candidates, avg_bits: float) -> str:
         low = high = 0.0
         total = sum(layer.w.size for layer in pool)
         for layer in pool:
@@ -290,18 +301,23 @@ class AllocateBitsPass(Pass):
                 else:
                     high += stored
         return (
-            f"allocate-bits: avg-bits {self.avg_bits} is outside what candidates {','.join(map(str, candidates))} "
+            f"allocate-bits: avg-bits {avg_bits:g} is outside what candidates {','.join(map(str, candidates))} "
             f"and their metadata allow here: feasible {low / total:.3f} to {high / total:.3f}"
         )
 
     def _is_kept(self, linear: Linear) -> bool:
-        return any(fnmatch.fnmatchcase(linear.w.name, pattern) for pattern in self.keep)
+        return self._matches(linear, self.keep)
+
+    @staticmethod
+    def _matches(linear: Linear, patterns: tuple[str, ...]) -> bool:
+        return any(fnmatch.fnmatchcase(linear.w.name, pattern) for pattern in patterns)
 
     def _check_keep_matches(self, found: list[Linear]) -> None:
-        for pattern in self.keep:
-            if not any(fnmatch.fnmatchcase(linear.w.name, pattern) for linear in found):
-                names = ", ".join(linear.w.name for linear in found[:3])
-                raise UserError(f"allocate-bits: keep pattern '{pattern}' matches no layer weight (weights are named like: {names})")
+        for key, patterns in (("keep", self.keep), ("boost", self.boost)):
+            for pattern in patterns:
+                if not any(fnmatch.fnmatchcase(linear.w.name, pattern) for linear in found):
+                    names = ", ".join(linear.w.name for linear in found[:3])
+                    raise UserError(f"allocate-bits: {key} pattern '{pattern}' matches no layer weight (weights are named like: {names})")
 
     def _record(self, graph: ir.Graph, layer: _Layer, bits: np.ndarray, outliers_weight: float) -> dict:
         linear = layer.linear

@@ -51,6 +51,7 @@ class LayerQuant:
     w_float: np.ndarray
     w_quant: np.ndarray
     act: dict[str, Any] | None
+    w_high: np.ndarray | None = None  # the weight at a raised bit budget (allocate-bits{boost})
 
     @property
     def params(self) -> int:
@@ -185,19 +186,24 @@ class Switchboard:
         self.feeds = dict(feeds)
         self.reference = self.run(set())
 
-    def run(self, quantized: set[str]) -> np.ndarray:
+    def run(self, quantized: set[str], high: set[str] = frozenset()) -> np.ndarray:
+        """The output with the layers in `quantized` quantized (those also in `high` at the raised
+        budget) and the others in float."""
         feeds = dict(self.feeds)
         for layer in self.layers:
             on = layer.name in quantized
-            feeds[self.weight_inputs[layer.name]] = layer.w_quant if on else layer.w_float
+            weight = layer.w_float
+            if on:
+                weight = layer.w_high if layer.name in high and layer.w_high is not None else layer.w_quant
+            feeds[self.weight_inputs[layer.name]] = weight
             if layer.name in self.gate_inputs:
                 feeds[self.gate_inputs[layer.name]] = np.array(on)
         return self.session.run([self.output], feeds)[0]
 
-    def error(self, quantized: set[str]) -> float:
+    def error(self, quantized: set[str], high: set[str] = frozenset()) -> float:
         """Relative MSE of the output against the all-float run."""
         ref = self.reference.astype(np.float64)
-        diff = self.run(quantized).astype(np.float64) - ref
+        diff = self.run(quantized, high).astype(np.float64) - ref
         return float(np.sum(diff * diff) / max(np.sum(ref * ref), 1e-30))
 
 
@@ -241,6 +247,10 @@ def _fake_quant(graph: ir.Graph, node: ir.Node, x: ir.Value, gate: ir.Value, act
 # ------------------------------------------------------------------------------------------------
 # The diagnosis
 
+# Passes that only lay out or lower what the quantizing passes chose: the doctor reads the IR before them.
+LAYOUT_PASSES = ("fold-permutation", "lower-ort")
+BOOST_BITS = 1.0
+
 
 def diagnose(
     source: Any,
@@ -262,42 +272,61 @@ def diagnose(
 
     if not 0.0 < max_extra_bits <= 8.0:
         raise UserError(f"doctor: --max-extra-bits must be in (0, 8], got {max_extra_bits}")
-    passes = [p for p in complete_pipeline(parse_pipeline(pipeline), "none") if p.name != "lower-ort"]
-    check_order(passes)
+    full = complete_pipeline(parse_pipeline(pipeline), "ort")
+    check_order(full)
+    passes = [p for p in full if p.name not in LAYOUT_PASSES]
     model, source_info = resolve(source)
     batches = calibration_batches(calibration, calib_count, model, source_info)
     feeds = probe_inputs if probe_inputs is not None else probe.inputs_for(model, source_info)
-    stages = _Stages()
     ctx = CompileContext(calibration=batches, calibration_source=str(calibration or ""), source=source_info,
                          threads=threads, cache_dir=cache_dir)
+    names = [p.name for p in passes]
+    boosted = None
+    if "allocate-bits" in names:  # the same pipeline at a raised budget, for the boost option
+        allocator = passes[names.index("allocate-bits")]
+        boosted = [dataclasses.replace(p, avg_bits=p.avg_bits + BOOST_BITS) if p is allocator else p for p in passes]
+        original = _copy(model)
+    stages = _Stages()
     with using(ctx):
         records = run_pipeline(model, passes, [instruments.Verify(), instruments.Drift(feeds), stages])
-    layers, skipped = quantized_layers(stages.float_stage, model)
+        layers, skipped = quantized_layers(stages.float_stage, model)
+        high_records = []
+        if boosted is not None and layers:
+            log.info("doctor: the pipeline again at %g average bits, for the boost option", allocator.avg_bits + BOOST_BITS)
+            high_stages = _Stages()
+            high_records = run_pipeline(original, boosted, [high_stages])
+            high = {layer.name: layer for layer in quantized_layers(high_stages.float_stage, original)[0]}
+            for layer in layers:
+                if layer.name in high:
+                    layer.w_high = high[layer.name].w_quant
+            del original
     if not layers:
         raise UserError("doctor: the pipeline quantizes no layer the doctor can read; give a pipeline with quantize or allocate-bits/quantize-weights")
     board = Switchboard(stages.float_stage, layers, feeds, threads)
-    names = [layer.name for layer in layers]
-    everything = set(names)
+    everything = {layer.name for layer in layers}
     total = board.error(everything)
+    bits, high_bits = _layer_bits(records), _layer_bits(high_records)
     rows = []
     for layer in layers:
-        rows.append({
+        row = {
             "layer": layer.name,
             "params": layer.params,
             "activation": (layer.act or {}).get("mode"),
+            "bits": bits.get(layer.name),
             "alone": board.error({layer.name}),
             "recovered": total - board.error(everything - {layer.name}),
-        })
-    rows.sort(key=lambda r: (-r["recovered"], r["layer"]))
-    bits = _layer_bits(records)
-    for row in rows:
-        row["bits"] = bits.get(row["layer"])
+        }
+        if layer.w_high is not None:
+            row["boosted_bits"] = high_bits.get(layer.name)
+            row["recovered_by_boost"] = total - board.error(everything, {layer.name})
         row["share"] = row["recovered"] / total if total > 0 else 0.0
-    suggestion = _suggest(passes, rows, total, board, everything, max_extra_bits)
+        rows.append(row)
+    rows.sort(key=lambda r: (-r["recovered"], r["layer"]))
+    suggestion = _suggest(full, rows, total, board, everything, max_extra_bits)
     return {
         "schema": "qcompiler.doctor/1",
         "source": source_info.name,
-        "pipeline": format_pipeline(passes),
+        "pipeline": format_pipeline(full),
         "metric": "relative MSE of the model output against the float model on the probe batch",
         "error_all_quantized": total,
         "layers": rows,
@@ -328,44 +357,43 @@ def _pass_costs(records: list[PassRecord]) -> list[dict]:
 def _suggest(passes, rows, total, board: Switchboard, everything: set[str], max_extra_bits: float) -> dict:
     names = [p.name for p in passes]
     if "allocate-bits" in names:
-        allocator = passes[names.index("allocate-bits")]
-        weights = sum(r["params"] for r in rows)
-        chosen, extra = [], 0.0
-        ranked = sorted(rows, key=lambda r: (-r["recovered"] / _extra_bits(r, allocator), r["layer"]))
-        for row in ranked:
-            if row["recovered"] <= 0:
-                continue
-            cost = _extra_bits(row, allocator) * row["params"] / weights
-            if extra + cost <= max_extra_bits:
-                chosen.append(row["layer"])
-                extra += cost
         index = names.index("allocate-bits")
-        keep = tuple(sorted(set(allocator.keep) | set(chosen)))
-        changed = dataclasses.replace(allocator, keep=keep, keep_bits=KEEP_BITS)
-        change = f"keep {len(chosen)} layers at {KEEP_BITS} bits (+{extra:.3f} average bits)"
+        allocator = passes[index]
+        keep, boost, extra = _choose_upgrades(rows, allocator, max_extra_bits)
+        chosen = keep + boost
+        changed = dataclasses.replace(
+            allocator, keep=tuple(sorted(set(allocator.keep) | set(keep))), keep_bits=KEEP_BITS,
+            boost=tuple(sorted(set(allocator.boost) | set(boost))), boost_bits=BOOST_BITS,
+        )
+        change = (f"keep {len(keep)} layers at {KEEP_BITS} bits and give {len(boost)} layers {BOOST_BITS:g} more bit "
+                  f"per weight (+{extra:.3f} average bits)")
+        predicted_of = lambda: board.error(everything - set(keep), set(boost))  # noqa: E731
     elif "quantize" in names:
         index = names.index("quantize")
         quantizer = passes[index]
-        chosen, left = [], total
+        chosen, keep, boost, left = [], [], [], total
         for row in rows:
             if left <= total / 2 or len(chosen) >= 8 or row["recovered"] <= 0:
                 break
             chosen.append(row["layer"])
             left = board.error(everything - set(chosen))
-        keep = tuple(sorted(set(quantizer.keep) | set(chosen)))
-        changed = dataclasses.replace(quantizer, keep=keep)
+        keep = list(chosen)
+        changed = dataclasses.replace(quantizer, keep=tuple(sorted(set(quantizer.keep) | set(chosen))))
         extra = None
         change = f"keep {len(chosen)} layers in float"
+        predicted_of = lambda: left  # noqa: E731
     else:
         return {"change": "none: the pipeline has no allocate-bits or quantize pass to adjust", "pipeline": None}
     if not chosen:
         return {"change": "none: no layer recovers error within the allowed extra bits", "pipeline": None}
     suggested = list(passes)
     suggested[index] = changed
-    predicted = board.error(everything - set(chosen))
+    predicted = predicted_of()
     return {
         "change": change,
         "layers": chosen,
+        "keep": keep,
+        "boost": boost,
         "extra_bits": extra,
         "predicted_error": predicted,
         "predicted_recovery": (total - predicted) / total if total > 0 else 0.0,
@@ -373,11 +401,29 @@ def _suggest(passes, rows, total, board: Switchboard, everything: set[str], max_
     }
 
 
-def _extra_bits(row: dict, allocator) -> float:
-    """Stored bits per weight added by keeping a layer at KEEP_BITS (group scale and zero point included)."""
-    kept = KEEP_BITS + 32.0 / allocator.group_size
-    current = row["bits"] if row["bits"] is not None else allocator.avg_bits
-    return max(kept - current, 1e-3)
+def _choose_upgrades(rows: list[dict], allocator, max_extra_bits: float) -> tuple[list[str], list[str], float]:
+    """Per layer at most one upgrade (keep at KEEP_BITS, or boost by BOOST_BITS), taken greedily by
+    recovered error per added stored bit while the model's average stays within `max_extra_bits`."""
+    weights = sum(r["params"] for r in rows)
+    options = []
+    for row in rows:
+        current = row["bits"] if row["bits"] is not None else allocator.avg_bits
+        kept = KEEP_BITS + 32.0 / allocator.group_size
+        options.append((row["recovered"], max(kept - current, 1e-3) * row["params"], "keep", row["layer"]))
+        if row.get("recovered_by_boost") is not None:
+            raised = row["boosted_bits"] if row.get("boosted_bits") is not None else current + BOOST_BITS
+            options.append((row["recovered_by_boost"], max(raised - current, 1e-3) * row["params"], "boost", row["layer"]))
+    options.sort(key=lambda o: (-o[0] / o[1], o[3], o[2]))
+    taken: dict[str, str] = {}
+    extra = 0.0
+    for gain, cost, kind, layer in options:
+        if gain <= 0 or layer in taken or extra + cost / weights > max_extra_bits:
+            continue
+        taken[layer] = kind
+        extra += cost / weights
+    keep = sorted(name for name, kind in taken.items() if kind == "keep")
+    boost = sorted(name for name, kind in taken.items() if kind == "boost")
+    return keep, boost, extra
 
 
 def format_diagnosis(result: dict, top: int = 15) -> str:
@@ -392,10 +438,14 @@ def format_diagnosis(result: dict, top: int = 15) -> str:
         lines.append(f"  {p['drift_added']:+.3e}  cos {p['cosine_after']:.6f}  {p['seconds']:7.2f} s  {p['pass'].split('{')[0]}")
     lines.append("")
     lines.append(f"layers, ranked by the error recovered when left in float (top {min(top, len(result['layers']))} of {len(result['layers'])}):")
-    lines.append(f"  {'rank':>4}  {'recovered':>10}  {'share':>6}  {'alone':>10}  {'bits':>5}  layer")
+    lines.append(f"  {'rank':>4}  {'recovered':>10}  {'share':>6}  {'alone':>10}  {'bits':>5}  {'by boost':>10}  layer")
     for rank, row in enumerate(result["layers"][:top], 1):
         bits = f"{row['bits']:.2f}" if row["bits"] is not None else "-"
-        lines.append(f"  {rank:>4}  {row['recovered']:10.3e}  {row['share']:6.1%}  {row['alone']:10.3e}  {bits:>5}  {_printable(row['layer'])}")
+        boost = f"{row['recovered_by_boost']:10.3e}" if row.get("recovered_by_boost") is not None else f"{'-':>10}"
+        lines.append(f"  {rank:>4}  {row['recovered']:10.3e}  {row['share']:6.1%}  {row['alone']:10.3e}  {bits:>5}  {boost}  "
+                     f"{_printable(row['layer'])}")
+    lines.append("  (recovered: error removed by leaving the layer in float; by boost: by giving it "
+                 f"{BOOST_BITS:g} more bit per weight; alone: the error with only this layer quantized)")
     for skipped in result["skipped_layers"]:
         lines.append(f"  not analysed: {_printable(skipped['layer'])}: {skipped['why']}")
     s = result["suggestion"]

@@ -104,19 +104,38 @@ def test_cli_apply_writes_a_pipeline_file_that_compile_accepts(tmp_path, capsys)
     assert main(["-q", "doctor", str(model_path), "--pipeline", pipeline, "--calib", str(calib),
                  "--max-extra-bits", "3", "--apply", str(applied)]) == 0
     out = capsys.readouterr().out
-    assert "ranked by the error recovered" in out and "suggestion: keep 1 layers at 8 bits" in out
+    assert "ranked by the error recovered" in out and "suggestion: keep " in out
     assert applied.read_text().startswith("# suggested by qcompiler doctor")
+    (allocator,) = [p for p in parse_pipeline("@" + str(applied)) if p.name == "allocate-bits"]
+    assert allocator.keep or allocator.boost
     assert main(["-q", "compile", str(model_path), "-o", str(tmp_path / "art"), "--pipeline", f"@{applied}",
                  "--calib", str(calib), "--report", str(tmp_path / "r.json")]) == 0
     import json
 
     stats = {p["name"]: p["stats"] for p in json.loads((tmp_path / "r.json").read_text())["passes"]}
-    kept = applied.read_text().split("keep=")[1].split()[0].split(",")
-    assert stats["allocate-bits"]["kept_layers"] == kept and len(kept) == 1
-    (entry,) = [v for v in stats["allocate-bits"]["per_layer"].values() if v["weight"] == kept[0]]
-    assert entry["bits_histogram"] == {"8": 256}
+    assert stats["allocate-bits"]["kept_layers"] == list(allocator.keep)
+    assert stats["allocate-bits"]["boosted_layers"] == list(allocator.boost)
+    for entry in stats["allocate-bits"]["per_layer"].values():
+        if entry["weight"] in allocator.keep:
+            assert entry["bits_histogram"] == {"8": 256}
+        elif entry["weight"] in allocator.boost:
+            assert entry["bits_per_weight"] > 4.5
 
 
 def test_allocate_bits_keep_pattern_that_matches_nothing_is_an_error():
     with pytest.raises(UserError, match="keep pattern 'C\\*' matches no layer weight"):
         _stages(_mlp(), "calibrate,allocate-bits{avg-bits=4 group-size=32 keep=C*},quantize-weights")
+
+
+@pytest.mark.parametrize("scope", ["layer", "model"])
+def test_allocate_bits_boost_raises_the_named_layers_budget(scope):
+    from qcompiler.context import CompileContext, using
+
+    model = _mlp()
+    data = [synthetic_inputs(model, seed=s) for s in range(4)]
+    with using(CompileContext(calibration=data)):
+        records = run_pipeline(model, parse_pipeline(f"calibrate,allocate-bits{{avg-bits=4 group-size=32 scope={scope} boost=B boost-bits=1.5}}"))
+    stats = records[-1].stats
+    bits = {v["weight"]: v["bits_per_weight"] for v in stats["per_layer"].values()}
+    assert stats["boosted_layers"] == ["B"]
+    assert bits["A"] <= 4.0 + 1e-9 and 5.0 < bits["B"] <= 5.5 + 1e-9
