@@ -1,6 +1,6 @@
 """The `qcompiler` command line.
 
-    qcompiler compile SOURCE -o DIR [--target ort] [--pipeline SPEC] [--dump-ir DIR]
+    qcompiler compile SOURCE -o DIR [--target ort|triton] [--pipeline SPEC] [--dump-ir DIR]
                                     [--print-ir all|changed] [--report FILE]
     qcompiler eval DIR --task sts|perplexity|segmentation [--data FILE] [--json]
     qcompiler passes                 every pass: name, one-line doc, options with defaults
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compile", help="compile a model into an artifact directory")
     comp.add_argument("source", help="bundled model name, path to .onnx, or package.module:function")
     comp.add_argument("-o", "--output", required=True, help="artifact directory (replaced atomically)")
-    comp.add_argument("--target", default="ort", help="backend: ort (default)")
+    comp.add_argument("--target", default="ort", help="backend: ort (default; ONNX Runtime model) or triton (a Python package of Triton kernels and torch)")
     comp.add_argument("--pipeline", default="default", help="pipeline string, preset name or @file (default: default)")
     comp.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass, numbered, plus stats.json")
     comp.add_argument("--print-ir", choices=("all", "changed"), help="log the IR after every pass or after changing ones")

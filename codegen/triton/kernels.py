@@ -625,8 +625,8 @@ def qc_gemm_wq_a16(x: torch.Tensor, packed: torch.Tensor, *, bits: int, k: int, 
     if kw != -(-k // tile) * PACK_ROWS:
         raise ValueError(f"X has K={k}, but the packed {bits}-bit weights {tuple(packed.shape)} hold "
                          f"K in ({kw // PACK_ROWS * tile - tile}, {kw // PACK_ROWS * tile}]")
-    if scale is not None and group is not None and scale.shape != (k // group, n):
-        raise ValueError(f"scale has shape {tuple(scale.shape)}, expected {(k // group, n)} for K={k}, group {group}")
+    if scale is not None and group is not None and tuple(scale.shape) != (-(-k // group), n):
+        raise ValueError(f"scale has shape {tuple(scale.shape)}, expected {(-(-k // group), n)} for K={k}, group {group}")
     num_kt = kw // PACK_ROWS
     if lut is None:
         if scale is None or zero is None or group is None:
