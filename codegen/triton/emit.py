@@ -148,6 +148,7 @@ class Weight:
     array: np.ndarray
     place: str  # "float": compute dtype on the device; "raw": as stored, on the device; "host": CPU
     source: str  # the IR value (or node) it came from
+    linear: bool = False  # stored for a linear layer (counted in the effective bits per weight)
 
 
 @dataclasses.dataclass
@@ -173,11 +174,12 @@ class Emitter:
         self.lines: list[str] = []
         self.absorbed: set[int] = set()  # ids of nodes emitted as part of a linear
         self.needs_ones = False
+        self.in_linear = False
 
     # ---------------------------------------------------------------- weights and values
     def weight(self, hint: str, array: np.ndarray, place: str, source: str) -> str:
         key = self.wnames.get(("w", hint, len(self.weights)), hint)
-        self.weights[key] = Weight(np.ascontiguousarray(array), place, source)
+        self.weights[key] = Weight(np.ascontiguousarray(array), place, source, self.in_linear)
         return f"W[{key!r}]"
 
     def const_of(self, value: ir.Value | None) -> np.ndarray | None:
@@ -268,6 +270,13 @@ class Emitter:
 
     # ---------------------------------------------------------------- linears
     def try_linear(self, node: ir.Node) -> bool:
+        self.in_linear = True
+        try:
+            return self._try_linear(node)
+        finally:
+            self.in_linear = False
+
+    def _try_linear(self, node: ir.Node) -> bool:
         if node.domain == "qc" and node.op_type == "QLinear":
             from qcompiler.passes.fuse import qlinear_parts
 
@@ -536,6 +545,8 @@ class Emitter:
             else:
                 kwargs.append(f"{name}={_lit(int(value))}")
         args = [self.ref(v) for v in node.inputs]
+        if node.op_type in ("MatMul", "Gemm") and len(args) > 1 and args[1].startswith("W["):
+            self.weights[args[1][3:-2]].linear = True  # a float linear's weight
         while args and args[-1] == "None":
             args.pop()
         if node.op_type == "Cast":
@@ -643,7 +654,8 @@ def _kernels_source(kernels: dict[str, Kernel]) -> str:
     lib = (HERE / "kernels.py").read_text()
     parts = [lib, "\n\n# " + "=" * 96 + "\n# Specialised entry points of this model: one per distinct configuration. Each fixes every\n"
              "# constexpr of its kernel (code width, group, table, outliers, bias, activation), so Triton\n"
-             "# compiles one variant per entry; M picks the decode (M <= 16) or prefill configurations.\n"]
+             "# compiles one variant per entry; M picks the decode (M <= 16) or prefill configurations.\n\n"
+             "_generic_wq_a16 = qc_gemm_wq_a16\n_generic_w8a8 = qc_gemm_w8a8\n"]
     for name in sorted(kernels):
         k = kernels[name]
         parts.append("\n\n# " + "-" * 96 + f"\n# {name}\n# serves {len(k.serves)} IR node(s):\n")
@@ -651,7 +663,7 @@ def _kernels_source(kernels: dict[str, Kernel]) -> str:
         if k.family == "w8a8":
             sig = "xq, sx, wq_t, sw" + (", bias" if k.bias else "") + ", out_dtype=torch.float32"
             body = (f"    lead = xq.shape[:-1]\n"
-                    f"    y = qc_gemm_w8a8(xq.reshape(-1, xq.shape[-1]), sx.reshape(-1), wq_t, sw, "
+                    f"    y = _generic_w8a8(xq.reshape(-1, xq.shape[-1]), sx.reshape(-1), wq_t, sw, "
                     f"bias={'bias' if k.bias else 'None'}, act={k.act!r}, out_dtype=out_dtype)\n"
                     f"    return y.reshape(*lead, wq_t.shape[0])\n")
             doc = f"int8 X times int8 W^T, per-row and per-column scales{', bias' if k.bias else ''}, {k.act} epilogue"
@@ -666,7 +678,7 @@ def _kernels_source(kernels: dict[str, Kernel]) -> str:
                 wargs = "lut=lut"
                 doc = f"{k.bits}-bit codes into per-column fp16 tables"
             sparse_arg = "sparse" if k.sparse else "None"
-            body = (f"    return qc_gemm_wq_a16(x, packed, bits={k.bits}, k=x.shape[-1], {wargs}, "
+            body = (f"    return _generic_wq_a16(x, packed, bits={k.bits}, k=x.shape[-1], {wargs}, "
                     f"bias={'bias' if k.bias else 'None'}, act={k.act!r}, sparse={sparse_arg})\n")
             doc += (", sparse fp16 outliers" if k.sparse else "") + (", bias" if k.bias else "") + f", {k.act} epilogue"
         parts.append(f"def {name}({sig}):\n    \"\"\"{doc}.\"\"\"\n{body}")
@@ -908,6 +920,15 @@ shapes, dtypes, weights, kernels, the pipeline that made it).
 """
 
 
+def _weight_bytes(em: Emitter, source_weights: int | None) -> dict[str, Any]:
+    """Bytes this package stores for linear layers (codes as packed, scales, tables, outliers, perms,
+    float linears) and bits per source weight."""
+    total = sum(w.array.nbytes for w in em.weights.values() if w.linear)
+    count = source_weights or 0
+    return {"weight_bytes": total, "weights": count,
+            "effective_bits_per_weight": round(8 * total / count, 4) if count else None}
+
+
 def check_triton() -> str:
     try:
         import triton
@@ -929,8 +950,6 @@ def emit(model: ir.Model, directory: Path, manifest: dict[str, Any]) -> list[Pat
     weights = {k: {"shape": list(w.array.shape), "dtype": _NUMPY_TO_ST[w.array.dtype if w.array.dtype in _NUMPY_TO_ST else np.dtype(np.float32)],
                    "place": w.place, "source": w.source} for k, w in sorted(em.weights.items())}
     blob = _safetensors(em.weights)
-    from qcompiler.codegen.ort import weight_bytes
-
     full = {
         "schema": MANIFEST_SCHEMA,
         "target": "triton",
@@ -942,7 +961,7 @@ def emit(model: ir.Model, directory: Path, manifest: dict[str, Any]) -> list[Pat
                              "act": k.act, "serves": k.serves} for k in sorted(em.kernels.values(), key=lambda k: k.name)},
         "tensors": weights,
         "weights_file_bytes": len(blob),
-        **weight_bytes(model, manifest.get("source", {}).get("weights")),
+        **_weight_bytes(em, manifest.get("source", {}).get("weights")),
     }
     files = {
         "__init__.py": _init_source(),
