@@ -126,7 +126,8 @@ def compile(
 
 def complete_pipeline(passes: list, target: str) -> list:
     """Start with `canonicalize`; for the ort target end with `lower-ort` when missing; for the
-    triton target drop `lower-ort` (the presets end with it), since that backend runs qc ops."""
+    triton target drop `lower-ort` (the presets end with it), since that backend runs qc ops, and
+    end with `fuse` when missing."""
     from qcompiler.passbase import get_pass
 
     names = [p.name for p in passes]
@@ -136,6 +137,8 @@ def complete_pipeline(passes: list, target: str) -> list:
         passes = passes + [get_pass("lower-ort")()]
     if target == "triton":  # the Triton backend runs qc ops itself: no ORT lowering (presets end with it)
         passes = [p for p in passes if p.name != "lower-ort"]
+        if "fuse" not in names:
+            passes = passes + [get_pass("fuse")()]
     return passes
 
 

@@ -599,6 +599,8 @@ class Emitter:
                 continue
             if self.try_linear(node):
                 continue
+            if node.domain == "qc" and node.op_type == "NormQuantize" and self.norm_to_codes(node):
+                continue
             if node.domain == "qc" and node.op_type in ("QuantizeActivation", "DequantizeWeight"):
                 if node.outputs[0] not in g.outputs and not self._read_later(node):
                     continue  # every reader is a linear that takes the codes themselves
@@ -606,6 +608,34 @@ class Emitter:
         outs = ", ".join(self.ref(v) for v in g.outputs)
         self.emit(f"        return ({outs},)")
         return "\n".join(self.lines)
+
+    def norm_to_codes(self, node: ir.Node) -> bool:
+        """A NormQuantize read only by int8 QLinears of its own grid: normalise and write the int8
+        codes at once (the rounded float is never made)."""
+        from qcompiler.passes.fuse import norm_quantize_parts, qlinear_parts
+
+        p = norm_quantize_parts(node)
+        out = node.outputs[0]
+        if out in self.graph.outputs or p["mode"] != "static" or p["bits"] != 8:
+            return False
+        for r in self.uses(out):
+            if r.domain != "qc" or r.op_type != "QLinear" or r.inputs[0] is not out:
+                return False
+            q = qlinear_parts(r)
+            aq = q["act_quant"]
+            if q["weight"] != "dequantize" or aq is None or (aq["mode"], float(aq["scale"]), int(aq["zero_point"]), aq["bits"]) \
+                    != ("static", p["scale"], p["zero_point"], 8) or (q["zp"] is not None and np.any(q["zp"])):
+                return False
+        key = ("q", id(out), "static", p["scale"], p["zero_point"])
+        xq = self.values.get(("qx", key), f"{out.name}_codes")
+        sx = self.values.get(("qs", key), f"{out.name}_qscale")
+        args = ", ".join(self.ref(v) for v in node.inputs)
+        self.emit(f"        # {_comment(node.name)} (qc.NormQuantize): normalise, then int8 codes for the linears reading it")
+        self.emit(f"        {xq} = R.qc_quantize_static(R.LayerNormalization({args}, axis={_lit(p['axis'])}, "
+                  f"epsilon={_lit(p['epsilon'])}), {_lit(p['scale'])}, {_lit(p['zero_point'])}, -128, 127)")
+        self.emit(f"        {sx} = self.ones({xq})")
+        self.values.by_key[key] = (xq, sx)
+        return True
 
     def _read_later(self, node: ir.Node) -> bool:
         """Whether a reader of `node` that is not yet absorbed may still need it (a linear is absorbed
