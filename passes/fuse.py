@@ -49,7 +49,9 @@ def _emit_qlinear(op, rule: str, inputs: list, attrs: dict, n_outputs: int = 1):
     """Build a qc.QLinear through the rewriter's op builder and tag it."""
     attrs = dict(attrs)
     attrs["fused"] = [*attrs.get("fused", []), rule]
-    clean = {k: v for k, v in attrs.items() if not (isinstance(v, (list, tuple)) and not v)}
+    defaults = ops.schema("QLinear").attributes
+    clean = {k: v for k, v in attrs.items()
+             if not (isinstance(v, (list, tuple)) and not v) and not (k in defaults and v == defaults[k].default)}
     out = op.QLinear(*inputs, _domain=QC, _outputs=n_outputs, **clean)
     first = out[0] if isinstance(out, (list, tuple)) else out
     first.producer().metadata_props[CREATED_BY] = f"fuse:{rule}"
@@ -147,6 +149,15 @@ def _single_plain(lin: ir.Value) -> bool:
     return len(node.outputs) == 1 and len(lin.uses()) == 1 and a["epilogue"] == "none"
 
 
+def _width(node: ir.Node) -> int | None:
+    """Output columns N of a single-output QLinear, from its weight."""
+    a = _attrs(node)
+    first = node.inputs[1] if a["weight"] == "dequantize" else node.inputs[2]
+    if first is None or first.const_value is None or len(first.const_value.shape) != 2:
+        return None
+    return int(first.const_value.shape[1])
+
+
 def _bias_target(op, x, b):
     return op.Add(_qlinear_value(op, x), b, _outputs=["y"])
 
@@ -154,7 +165,7 @@ def _bias_target(op, x, b):
 def _bias_check(context, x, b, lin, y, **_):
     if not _single_plain(lin) or _attrs(lin.producer())["has_bias"] or b.const_value is None:
         return False
-    n = lin.shape[-1] if lin.shape is not None and len(lin.shape) else None
+    n = _width(lin.producer())
     arr = b.const_value
     return isinstance(n, int) and arr.dtype.is_floating_point() and arr.size == n and len(arr.shape) == 1
 
@@ -269,7 +280,10 @@ def _merge_wide(graph: ir.Graph) -> int:
         a["w_axis"] = 1
         a["fused"] = sorted({r for n in nodes for r in _attrs(n)["fused"]}) + ["wide"]
         attributes = []
+        defaults = ops.schema("QLinear").attributes
         for k, v in a.items():
+            if k in defaults and v == defaults[k].default and k not in ("weight",):
+                continue
             if isinstance(v, list):
                 if not v:
                     continue

@@ -92,6 +92,7 @@ def unfuse(graph: ir.Graph) -> int:
     QDQ form itself): QLinear -> [QuantizeActivation] + DequantizeWeight or MixedMatMul + MatMul
     [+ Add] [+ activation] [+ Split]; NormQuantize -> LayerNormalization + QuantizeActivation."""
     count = 0
+    grids: dict = {}  # one rounding of a tensor per grid, shared by the linears reading it
     for node in list(graph):
         if node.domain != "qc" or node.op_type not in ("QLinear", "NormQuantize"):
             continue
@@ -102,6 +103,8 @@ def unfuse(graph: ir.Graph) -> int:
         def add(op, inputs, attrs=None, domain="", n=1, name=""):
             new = ir.node(op, inputs, attrs or {}, domain=domain, num_outputs=n, name=f"{base}.{name or op.lower()}")
             new.metadata_props[CREATED_BY] = "lower-ort:unfuse"
+            for i, out in enumerate(new.outputs):  # names: the lowerings below derive initializer names from them
+                out.name = f"{base}.{name or op.lower()}{len(chain)}" + (f".{i}" if n > 1 else "")
             chain.append(new)
             return new.outputs if n > 1 else new.outputs[0]
 
@@ -115,8 +118,16 @@ def unfuse(graph: ir.Graph) -> int:
             bias = rest.pop() if a["has_bias"] else None
             x = node.inputs[0]
             if a["act_mode"] != "none":
-                x = add("QuantizeActivation", [x], {"mode": a["act_mode"], "scale": a["act_scale"],
-                                                    "zero_point": a["act_zero_point"], "bits": a["act_bits"]}, "qc")
+                key = (id(x), a["act_mode"], a["act_scale"], a["act_zero_point"], a["act_bits"])
+                producer = x.producer()
+                if producer is not None and producer.domain == "qc" and producer.op_type == "QuantizeActivation":
+                    p = ops.attributes_of(producer)  # X already on this grid (a NormQuantize): no second rounding
+                    if (p["mode"], p["scale"], p["zero_point"], p["bits"]) == key[1:] and p["mode"] == "static":
+                        grids[key] = x
+                if key not in grids:
+                    grids[key] = add("QuantizeActivation", [x], {"mode": a["act_mode"], "scale": a["act_scale"],
+                                                                 "zero_point": a["act_zero_point"], "bits": a["act_bits"]}, "qc")
+                x = grids[key]
             if a["weight"] == "mixed":
                 y = add("MixedMatMul", [x, *rest], {"kinds": ir.AttrStrings("kinds", list(a["kinds"])),
                                                       "bits": ir.AttrInt64s("bits", list(a["bits"])),

@@ -817,6 +817,44 @@ class Model(torch.nn.Module):
         return self._ones[:m]
 
     def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            outs = self._graph(*self._inputs(args, kwargs))
+        return dict(zip(self.output_names, outs))
+
+    def capture(self, *args, **kwargs):
+        """A CUDA-graph replay of `forward` for inputs of these shapes: returns a callable taking
+        inputs of the same shapes (copied into static buffers) and returning the outputs dict (its
+        tensors are overwritten by the next call). Runs forward twice eagerly first (Triton's
+        autotuning, workspaces), recording the few CPU -> GPU copies of shape-derived tensors."""
+        if self.device.type != "cuda":
+            raise PackageError("capture needs a CUDA device")
+        self.forward(*args, **kwargs)
+        R._Transfers.mode, R._Transfers.log, R._Transfers.at = "record", [], 0
+        try:
+            static = self._inputs(args, kwargs)
+            self._graph(*static)
+        finally:
+            R._Transfers.mode = None
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        R._Transfers.mode, R._Transfers.at = "replay", 0
+        try:
+            with torch.no_grad(), torch.cuda.graph(graph):
+                outs = self._graph(*static)
+        finally:
+            R._Transfers.mode = None
+        names = self.output_names
+
+        def replay(*a, **k):
+            for buf, new in zip(static, self._inputs(a, k)):
+                buf.copy_(new)
+            graph.replay()
+            return dict(zip(names, outs))
+
+        replay.graph = graph
+        return replay
+
+    def _inputs(self, args, kwargs):
         if len(args) > len(self.input_names):
             raise PackageError(f"the model takes {len(self.input_names)} inputs, got {len(args)}")
         inputs = list(args) + [None] * (len(self.input_names) - len(args))
@@ -827,15 +865,13 @@ class Model(torch.nn.Module):
         for name, value in zip(self.input_names, inputs):
             if value is None:
                 raise PackageError(f"missing input {name!r}")
-        with torch.no_grad():
-            outs = self._graph(*[self._place(v) for v in inputs])
-        return dict(zip(self.output_names, outs))
+        return [self._place(v) for v in inputs]
 
     def _place(self, v):
         v = torch.as_tensor(v)
         if v.is_floating_point():
-            return v.to(device=self.device, dtype=self.dtype)
-        return v.to(self.device)
+            return v.to(device=self.device, dtype=self.dtype).clone()
+        return v.to(self.device).clone()
 
     def _graph(self, *inputs):
         W = self.weights

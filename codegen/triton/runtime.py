@@ -28,12 +28,36 @@ class Runtime:
         self.dtype = dtype
 
 
+class _Transfers:
+    """CPU -> device copies of shape-derived tensors. `record` keeps each copy made during an eager
+    run; `replay` hands them out again in the same order (checking they hold the same values), so a
+    forward can be captured in a CUDA graph, where copies from host memory are not allowed."""
+
+    mode = None  # None, "record", "replay"
+    log: list = []
+    at = 0
+
+
+def _to(t, device):
+    if _Transfers.mode == "replay":
+        src, dst = _Transfers.log[_Transfers.at]
+        if src.shape != t.shape or src.dtype != t.dtype or not torch.equal(src, t):
+            raise PackageError("a shape-derived tensor changed between the recorded run and the capture; "
+                               "capture with the same input shapes")
+        _Transfers.at += 1
+        return dst
+    dst = t.to(device, non_blocking=_Transfers.mode is None)
+    if _Transfers.mode == "record":
+        _Transfers.log.append((t.clone(), dst))
+    return dst
+
+
 def _pair(a, b):
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.device != b.device:
         if a.device.type == "cpu" and a.dim() > 0:
-            a = a.to(b.device, non_blocking=True)
+            a = _to(a, b.device)
         elif b.device.type == "cpu" and b.dim() > 0:
-            b = b.to(a.device, non_blocking=True)
+            b = _to(b, a.device)
     return a, b
 
 
@@ -277,7 +301,7 @@ def Concat(*xs, axis):
     devices = {t.device for t in xs if t.dim() > 0 or t.device.type != "cpu"}
     if len(devices) > 1:
         target = next(d for d in devices if d.type != "cpu")
-        xs = [t.to(target) for t in xs]
+        xs = [t if t.device == target else _to(t, target) for t in xs]
     return torch.cat(xs, dim=axis)
 
 
@@ -293,7 +317,7 @@ def Split(x, split=None, axis=0, num_outputs=None):
 def Gather(data, indices, axis=0):
     axis = _axis(axis, data.dim())
     if indices.device != data.device:
-        indices = indices.to(data.device, non_blocking=True)
+        indices = _to(indices, data.device)
     return data[(slice(None),) * axis + (indices.long(),)]
 
 

@@ -256,3 +256,36 @@ def test_weights_disagreeing_with_manifest(block, tmp_path):
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0] and "manifest.json says" in lines[0] and "re-emit" in lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["w8a8", "mixed"])
+def test_minilm_package_matches_ort(tmp_path, pipeline):
+    """The bundled MiniLM (w8a8 about a minute in the interpreter, mixed about ten)."""
+    data = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext2-valid-excerpt.txt"
+    if not data.exists():
+        pytest.skip("the shared calibration text is not beside the repository")
+    qcompiler.compile("minilm-l6", tmp_path / "ort", pipeline=pipeline, calibration=str(data), calib_count=8, drift=False)
+    qcompiler.compile("minilm-l6", tmp_path / "tr", target="triton", pipeline=pipeline, calibration=str(data),
+                      calib_count=8, drift=False)
+    ids = np.array([[101, 7592, 2088, 2003, 1037, 3231, 102, 0]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64)}
+    rel, cos = compare(tmp_path / "tr", tmp_path / "ort", feeds)
+    assert rel <= REL_TOL and cos >= COS_TOL, (rel, cos)
+
+
+def test_fuse_then_lower_ort_keeps_the_numbers(block, tmp_path):
+    """`lower-ort` after `fuse` (un-fused) gives the ORT artifact the same numbers as without `fuse`."""
+    calib = _calib_for(block)
+    feeds = {"x": np.random.default_rng(5).normal(0, 1, (3, 128)).astype(np.float32)}
+    from qcompiler.pipeline import format_pipeline, parse_pipeline
+
+    for plain in ("w8a8", "mixed{avg-bits=3.5}"):
+        fused = format_pipeline(parse_pipeline(plain)).replace(",lower-ort", ",fuse,lower-ort")
+        qcompiler.compile(str(block), tmp_path / "a", pipeline=plain, calibration=calib, drift=False)
+        result = qcompiler.compile(str(block), tmp_path / "b", pipeline=fused, calibration=calib, drift=False)
+        assert result.records[-2].name == "fuse" and result.records[-2].modified
+        ya = ort.InferenceSession(str(tmp_path / "a" / "model.onnx")).run(None, feeds)[0]
+        yb = ort.InferenceSession(str(tmp_path / "b" / "model.onnx")).run(None, feeds)[0]
+        rel = np.linalg.norm(ya - yb) / np.linalg.norm(ya)
+        assert rel <= REL_TOL, (plain, rel)
