@@ -16,10 +16,10 @@ Triton's autotuning; then the single-token step is also timed as a CUDA-graph re
 (`Model.capture` for the package), which removes Python and launch overhead from both.
 
 `--synthesize` (for machines that cannot receive the 100+ MB weight file): the package directory
-holds `weights.small.safetensors` with every tensor under 1 MiB (permutations, scales, outlier
-lists, norms) and the rest is filled in with random values of the manifest's shapes and dtypes
-(packed codes: random words; float tables: N(0, 0.02)); both models then hold random weights, which
-changes no kernel's work. The reference gets its own random bf16 weights.
+holds `weights.small.safetensors` with the tensors whose values index something (permutations, CSC
+outlier structure, integer constants) and every tensor under 64 KiB; the rest is filled in with
+random values of the manifest's shapes and dtypes (packed codes: random words; floats: N(0, 0.02)),
+which changes no kernel's work. The reference gets its own random bf16 weights.
 
 Writes `<out>/triton_e2e_<gpu>.json` with device, versions and every number.
 """
@@ -51,8 +51,16 @@ def load_package(path: Path):
     return pkg
 
 
-def split_small(package: Path, limit: int = 1 << 20) -> None:
-    """Write weights.small.safetensors (tensors under `limit` bytes) beside weights.safetensors."""
+def must_keep(name: str, info: dict, limit: int = 1 << 16) -> bool:
+    """Tensors whose values index something (permutations, CSC outlier structure, integer constants)
+    or that are small; everything else may be random for a throughput measurement."""
+    nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+    structural = name.endswith(("_perm", "_sp_colptr", "_sp_rows")) or info["dtype"] == "I64"
+    return structural or nbytes < limit
+
+
+def split_small(package: Path) -> None:
+    """Write weights.small.safetensors (the tensors `must_keep` keeps) beside weights.safetensors."""
     data = (package / "weights.safetensors").read_bytes()
     (size,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + size])
@@ -60,7 +68,7 @@ def split_small(package: Path, limit: int = 1 << 20) -> None:
     keep, blobs, off = {}, [], 0
     for name in sorted(header):
         s, e = header[name]["data_offsets"]
-        if e - s < limit:
+        if must_keep(name, header[name]):
             keep[name] = {**header[name], "data_offsets": [off, off + e - s]}
             blobs.append(body[s:e])
             off += e - s
@@ -104,6 +112,8 @@ def synthesize(package: Path, torch) -> int:
 
 
 def reference_model(torch, dtype):
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     import qcompiler
 
     qcompiler.__path__.append(str(ROOT))  # qcompiler.models lives in models/ (the installed layout maps it)
@@ -181,14 +191,18 @@ def main(argv=None) -> int:
         return ours(input_ids=ids)["logits"]
 
     def ref_logits(ids):
-        with torch.no_grad():
+        # bf16 weights; autocast keeps the reference's float32 rotary tables and mask from
+        # promoting its matmuls to float32
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             return ref(ids)
 
     results = {}
+    print(f"loaded in {load_s:.1f} s ({synthesized} tensors synthesized)", flush=True)
     for label, fn in (("package", ours_logits), ("bf16_torch", ref_logits)):
         t = time.perf_counter()
         fn(one)
-        fn(prompt)  # warm-up: compiles and autotunes every configuration used below
+        print(f"{label}: first single-token call {time.perf_counter() - t:.1f} s", flush=True)
+        fn(prompt)  # warm-up: compiles every configuration used below
         generate(fn, prompt, 2, torch)
         warm = time.perf_counter() - t
         steps = time_steps(lambda: fn(one), torch, args.steps)
@@ -208,11 +222,10 @@ def main(argv=None) -> int:
         report["package_capture_error"] = f"{type(exc).__name__}: {exc}"[:300]
     static_in = one.clone()
     ref_graph = torch.cuda.CUDAGraph()
-    with torch.no_grad():
-        ref(static_in)
-        torch.cuda.synchronize()
-        with torch.cuda.graph(ref_graph):
-            ref(static_in)
+    ref_logits(static_in)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(ref_graph):
+        ref_logits(static_in)
     graphs["bf16_torch"] = ref_graph.replay
     for label, fn in graphs.items():
         fn()
@@ -237,6 +250,7 @@ def main(argv=None) -> int:
         ours_logits(one)
         torch.cuda.synchronize()
     events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
     cuda_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
     report["package_step_gpu_busy_ms"] = round(cuda_us / 1e3, 3)
     report["package_step_kernel_launches"] = int(sum(e.count for e in events

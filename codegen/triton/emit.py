@@ -425,12 +425,13 @@ class Emitter:
             idx = rest[-2].astype(np.int64)
             vals = rest[-1].astype(np.float32)
         terms = []
-        xs = self.values.get(("xs", id(node)), f"{hint}_x")
+        xp = self.values.get(("xp", id(node)), f"{hint}_xperm")
+        # X's channels in stored order, once; each class reads a contiguous column range of it
+        self.emit(f"        {xp} = {xexpr}.index_select(-1, {self.weight(f'{hint}.perm', perm, 'raw', node.name)})")
         for ci, (kind, index, start, stop) in enumerate(class_slices(kinds, sizes)):
             b = bits[ci]
-            pc = self.weight(f"{hint}.c{ci}.perm", perm[start:stop], "raw", node.name)
             term = self.values.get(("term", id(node), ci), f"{hint}_c{ci}")
-            self.emit(f"        {xs} = {xexpr}.index_select(-1, {pc})")
+            xs = f"{xp}[..., {start}:{stop}]" if len(sizes) > 1 else xp
             if kind == "fp16" or (kind == "uniform" and group % PACK_ROWS):
                 block = w_perm[start:stop]
                 wexpr = self.weight(f"{hint}.c{ci}.w", block.astype(np.float16), "float", node.name)
@@ -685,7 +686,11 @@ def _kernels_source(kernels: dict[str, Kernel]) -> str:
     parts = [lib, "\n\n# " + "=" * 96 + "\n# Specialised entry points of this model: one per distinct configuration. Each fixes every\n"
              "# constexpr of its kernel (code width, group, table, outliers, bias, activation), so Triton\n"
              "# compiles one variant per entry; M picks the decode (M <= 16) or prefill configurations.\n\n"
-             "_generic_wq_a16 = qc_gemm_wq_a16\n_generic_w8a8 = qc_gemm_w8a8\n"]
+             "_generic_wq_a16 = qc_gemm_wq_a16\n_generic_w8a8 = qc_gemm_w8a8\n"
+             "# A model has many distinct shapes (every bit class of every layer has its own K): tuning each\n"
+             "# on first use takes minutes, so a package uses each path's first configuration unless\n"
+             "# QC_TRITON_AUTOTUNE=1 is set.\n"
+             "AUTOTUNE_DEFAULT = False\n"]
     for name in sorted(kernels):
         k = kernels[name]
         parts.append("\n\n# " + "-" * 96 + f"\n# {name}\n# serves {len(k.serves)} IR node(s):\n")
@@ -978,6 +983,11 @@ Inputs ({len(manifest['inputs'])}): {inputs} (names in `model.input_names`, dtyp
 On the CPU, set `TRITON_INTERPRET=1` in the environment before anything imports triton, and load
 with `device="cpu"` (float32). `python path/to/this/folder [--device cpu|cuda]` loads the package,
 checks its weights against the manifest and runs an all-ones example input.
+
+Kernel configurations: each path (M = 1, M <= 16, larger M) uses a fixed configuration; with
+`QC_TRITON_AUTOTUNE=1` every new (GPU, shape, specialisation) is autotuned on its first call
+(minutes for a whole model). `model.capture(*inputs)` returns a CUDA-graph replay of the model
+for inputs of those shapes (no Python or launch overhead).
 
 Files: `kernels.py` (the Triton kernels and one entry point per linear configuration of this model,
 each headed by the graph nodes it serves), `model.py` (the graph as torch operators calling those
