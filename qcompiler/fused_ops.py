@@ -45,7 +45,8 @@ def apply_epilogue(y: np.ndarray, act: str) -> np.ndarray:
         u = math.sqrt(2 / math.pi) * (y + 0.044715 * y**3)
         return (0.5 * y * (1 + np.tanh(u))).astype(y.dtype)
     if act == "silu":
-        return (y / (1 + np.exp(-y))).astype(y.dtype)
+        with np.errstate(over="ignore"):  # exp(-y) overflows to inf for very negative y: silu -> 0
+            return (y / (1 + np.exp(-y))).astype(y.dtype)
     raise ValueError(f"unknown epilogue {act!r}")
 
 
