@@ -9,3 +9,4 @@ from qcompiler.passes import smooth  # noqa: F401
 from qcompiler.passes import allocate_bits  # noqa: F401
 from qcompiler.passes import quantize_weights  # noqa: F401
 from qcompiler.passes import fold_permutation  # noqa: F401
+from qcompiler.passes import fuse  # noqa: F401

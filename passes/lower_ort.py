@@ -14,6 +14,8 @@ the same numbers as their references.
 - `qc.MixedMatMul` -> one `com.microsoft.MatMulNBits` per 2/4/8-bit class with integer zero points,
   standard ops for the other classes and the sparse outliers, summed (`passes/lower_mixed.py`);
   `mixed-route=expand` keeps every layer as one float MatMul of a weight expanded at load.
+- the fused ops of `fuse` (`qc.QLinear`, `qc.NormQuantize`) are first expanded back into the ops
+  above (ONNX Runtime fuses the QDQ form itself).
 """
 
 from __future__ import annotations
@@ -92,6 +94,9 @@ class LowerOrtPass(Pass):
         level = nbits_accuracy_level() if self.accuracy_level == "auto" else int(self.accuracy_level)
         lowerings = dict(_LOWERINGS, MixedMatMul=lambda g, n, _: lower_mixed_matmul(g, n, level, self.mixed_route))
         counts: dict[str, int] = {}
+        unfused = unfuse(graph)
+        if unfused:
+            counts["unfused"] = unfused
         for node in list(graph):
             if node.domain != "qc":
                 continue
@@ -109,6 +114,77 @@ class LowerOrtPass(Pass):
             stats["matmul_nbits_accuracy_level"] = level
             model.opset_imports.setdefault("com.microsoft", 1)
         return PassResult(model, bool(counts), stats)
+
+
+def unfuse(graph: ir.Graph) -> int:
+    """Expand the fused ops of `fuse` back into the ops they were made of (ONNX Runtime fuses the
+    QDQ form itself): QLinear -> [QuantizeActivation] + DequantizeWeight or MixedMatMul + MatMul
+    [+ Add] [+ activation] [+ Split]; NormQuantize -> LayerNormalization + QuantizeActivation."""
+    count = 0
+    grids: dict = {}  # one rounding of a tensor per grid, shared by the linears reading it
+    for node in list(graph):
+        if node.domain != "qc" or node.op_type not in ("QLinear", "NormQuantize"):
+            continue
+        a = ops.attributes_of(node)
+        base = node.name or node.outputs[0].name
+        chain: list[ir.Node] = []
+
+        def add(op, inputs, attrs=None, domain="", n=1, name=""):
+            new = ir.node(op, inputs, attrs or {}, domain=domain, num_outputs=n, name=f"{base}.{name or op.lower()}")
+            new.metadata_props[CREATED_BY] = "lower-ort:unfuse"
+            for i, out in enumerate(new.outputs):  # names: the lowerings below derive initializer names from them
+                out.name = f"{base}.{name or op.lower()}{len(chain)}" + (f".{i}" if n > 1 else "")
+            chain.append(new)
+            return new.outputs if n > 1 else new.outputs[0]
+
+        if node.op_type == "NormQuantize":
+            normed = add("LayerNormalization", list(node.inputs), {"axis": a["axis"], "epsilon": a["epsilon"]})
+            y = add("QuantizeActivation", [normed], {"mode": a["mode"], "scale": a["act_scale"],
+                                                      "zero_point": a["act_zero_point"], "bits": a["bits"]}, "qc")
+            outs = [y]
+        else:
+            rest = list(node.inputs[1:])
+            bias = rest.pop() if a["has_bias"] else None
+            x = node.inputs[0]
+            if a["act_mode"] != "none":
+                key = (id(x), a["act_mode"], a["act_scale"], a["act_zero_point"], a["act_bits"])
+                producer = x.producer()
+                if producer is not None and producer.domain == "qc" and producer.op_type == "QuantizeActivation":
+                    p = ops.attributes_of(producer)  # X already on this grid (a NormQuantize): no second rounding
+                    if (p["mode"], p["scale"], p["zero_point"], p["bits"]) == key[1:] and p["mode"] == "static":
+                        grids[key] = x
+                if key not in grids:
+                    grids[key] = add("QuantizeActivation", [x], {"mode": a["act_mode"], "scale": a["act_scale"],
+                                                                 "zero_point": a["act_zero_point"], "bits": a["act_bits"]}, "qc")
+                x = grids[key]
+            if a["weight"] == "mixed":
+                y = add("MixedMatMul", [x, *rest], {"kinds": ir.AttrStrings("kinds", list(a["kinds"])),
+                                                      "bits": ir.AttrInt64s("bits", list(a["bits"])),
+                                                      "sizes": ir.AttrInt64s("sizes", list(a["sizes"])),
+                                                      "group_size": a["group_size"], "sparse": a["sparse"]}, "qc")
+            else:
+                w = add("DequantizeWeight", rest, {"axis": a["w_axis"], "bits": a["w_bits"]}, "qc")
+                y = add("MatMul", [x, w])
+            if bias is not None:
+                y = add("Add", [y, bias])
+            act = a["epilogue"]
+            if act == "relu":
+                y = add("Relu", [y])
+            elif act in ("gelu", "gelu_tanh"):
+                y = add("Gelu", [y], {"approximate": "tanh" if act == "gelu_tanh" else "none"})
+            elif act == "silu":
+                y = add("Mul", [y, add("Sigmoid", [y])])
+            splits = list(a["splits"])
+            if len(splits) > 1:
+                sizes = new_initializer(graph, f"{base}.splits", np.array(splits, np.int64))
+                outs = list(add("Split", [y, sizes], {"axis": -1}, n=len(splits)))
+            else:
+                outs = [y]
+        for old, new in zip(node.outputs, outs):
+            new.shape, new.type = old.shape, old.type
+        ir.convenience.replace_nodes_and_values(graph, node, [node], chain, list(node.outputs), outs)
+        count += 1
+    return count
 
 
 def _replace(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], output: ir.Value) -> None:

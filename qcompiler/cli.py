@@ -1,6 +1,6 @@
 """The `qcompiler` command line.
 
-    qcompiler compile SOURCE -o DIR [--target ort] [--pipeline SPEC] [--dump-ir DIR]
+    qcompiler compile SOURCE -o DIR [--target ort|triton] [--pipeline SPEC] [--dump-ir DIR]
                                     [--print-ir all|changed] [--report FILE]
     qcompiler eval DIR --task sts|perplexity|segmentation [--data FILE] [--json]
     qcompiler passes                 every pass: name, one-line doc, options with defaults
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("source", nargs="?", help="bundled model name, path to .onnx, or package.module:function")
     comp.add_argument("-o", "--output", help="artifact directory (replaced atomically)")
     comp.add_argument("--config", metavar="FILE", help="read options from a TOML file (keys: the long options; the command line wins)")
-    comp.add_argument("--target", help="backend: ort (default)")
+    comp.add_argument("--target", help="backend: ort (default; ONNX Runtime model) or triton (a Python package of Triton kernels and torch)")
     comp.add_argument("--pipeline", help="pipeline string, preset name or @file (default: default)")
     comp.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass, numbered, plus stats.json")
     comp.add_argument("--print-ir", choices=("all", "changed"), help="log the IR after every pass or after changing ones")

@@ -26,7 +26,7 @@ from qcompiler.pipeline import check_order, format_pipeline, parse_pipeline
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("ort",)
+TARGETS = ("ort", "triton")
 
 
 @dataclasses.dataclass
@@ -78,6 +78,10 @@ def compile(
     statistics computed for the same model, data and options (`qcompiler.calib_cache`)."""
     if target not in TARGETS:
         raise UserError(f"unknown target '{target}'; choose one of: {', '.join(TARGETS)}")
+    if target == "triton":  # a missing triton fails before any slow step
+        from qcompiler.codegen.triton.emit import check_triton
+
+        check_triton()
     passes = complete_pipeline(parse_pipeline(pipeline), target)  # a bad pipeline fails before any slow step
     check_order(passes)
     spec = format_pipeline(passes)
@@ -112,9 +116,12 @@ def compile(
             "pipeline": spec,
             "packages": package_versions(),
         }
-        from qcompiler.codegen import ort
+        if target == "triton":
+            from qcompiler.codegen.triton import emit as backend
+        else:
+            from qcompiler.codegen import ort as backend
 
-        files = ort.emit(model, staging, manifest)
+        files = backend.emit(model, staging, manifest)
         manifest = json.loads((staging / "manifest.json").read_text())
         timings = {"capture_s": round(capture_seconds, 3), "pipeline_s": round(pipeline_seconds, 3)}
         if report is not None:
@@ -152,7 +159,9 @@ def add_to_report(report: str | os.PathLike, sections: dict[str, Any]) -> None:
 
 
 def complete_pipeline(passes: list, target: str) -> list:
-    """Start with `canonicalize`; end with the target's lowering (`lower-ort`) when missing."""
+    """Start with `canonicalize`; for the ort target end with `lower-ort` when missing; for the
+    triton target drop `lower-ort` (the presets end with it), since that backend runs qc ops, and
+    end with `fuse` when missing."""
     from qcompiler.passbase import get_pass
 
     names = [p.name for p in passes]
@@ -160,6 +169,10 @@ def complete_pipeline(passes: list, target: str) -> list:
         passes = [get_pass("canonicalize")()] + passes
     if target == "ort" and "lower-ort" not in names:
         passes = passes + [get_pass("lower-ort")()]
+    if target == "triton":  # the Triton backend runs qc ops itself: no ORT lowering (presets end with it)
+        passes = [p for p in passes if p.name != "lower-ort"]
+        if "fuse" not in names:
+            passes = passes + [get_pass("fuse")()]
     return passes
 
 

@@ -248,7 +248,7 @@ def _fake_quant(graph: ir.Graph, node: ir.Node, x: ir.Value, gate: ir.Value, act
 # The diagnosis
 
 # Passes that only lay out or lower what the quantizing passes chose: the doctor reads the IR before them.
-LAYOUT_PASSES = ("fold-permutation", "lower-ort")
+LAYOUT_PASSES = ("fold-permutation", "fuse", "lower-ort")
 BOOST_BITS = 1.0
 
 

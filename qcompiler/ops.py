@@ -60,6 +60,7 @@ class OpSchema:
     reference: Callable[..., tuple[np.ndarray, ...]]
     optional_inputs: int = 0
     variadic: bool = False  # the last input may repeat any number of times
+    variadic_outputs: bool = False  # the output may repeat (one or more)
     check: Callable[[ir.Node], None] | None = None
     version: int = QC_OPSET_VERSION
 
@@ -75,7 +76,8 @@ def register(schema: OpSchema) -> OpSchema:
 
 
 def _load_definitions() -> None:
-    import qcompiler.mixed_ops  # noqa: F401  (importing registers the ops)
+    import qcompiler.fused_ops  # noqa: F401  (importing registers the ops)
+    import qcompiler.mixed_ops  # noqa: F401
     import qcompiler.qc_ops  # noqa: F401
 
 
@@ -110,7 +112,7 @@ def verify_node(node: ir.Node) -> None:
     most = 1 << 30 if op.variadic else len(op.inputs)
     if not len(op.inputs) - op.optional_inputs <= n_in <= most:
         raise VerificationError(f"{where} has {n_in} inputs; the schema takes {list(op.inputs)}")
-    if len(node.outputs) != len(op.outputs):
+    if (len(node.outputs) < 1) if op.variadic_outputs else (len(node.outputs) != len(op.outputs)):
         raise VerificationError(f"{where} has {len(node.outputs)} outputs; the schema gives {list(op.outputs)}")
     for name, attr in node.attributes.items():
         if name not in op.attributes:

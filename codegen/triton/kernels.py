@@ -65,6 +65,24 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+AUTOTUNE_DEFAULT = True
+
+
+def autotuning() -> bool:
+    """Whether launches autotune (per GPU, shape bucket and specialisation; the first call of each
+    new key runs every configuration). QC_TRITON_AUTOTUNE=0/1 overrides AUTOTUNE_DEFAULT; off, each
+    path uses the first configuration of its list (the fastest measured at 8192^2 on an H100)."""
+    env = os.environ.get("QC_TRITON_AUTOTUNE")
+    return AUTOTUNE_DEFAULT if env is None else env != "0"
+
+
+def _first_config(kernel_name: str, path: str) -> dict:
+    src = {("wq", "gemv"): WQ_GEMV_CONFIGS, ("wq", "decode"): WQ_DECODE_CONFIGS,
+           ("wq", "prefill"): WQ_PREFILL_CONFIGS, ("w8a8", "decode"): W8_DECODE_CONFIGS,
+           ("w8a8", "prefill"): W8_PREFILL_CONFIGS}[(kernel_name, path)][0]
+    return {**src.kwargs, "num_warps": src.num_warps, "num_stages": src.num_stages}
+
+
 def codes_per_word(bits: int) -> int:
     if bits not in _CODES_PER_WORD:
         raise ValueError(f"unsupported code width {bits}; expected one of {sorted(_CODES_PER_WORD)}")
@@ -625,8 +643,8 @@ def qc_gemm_wq_a16(x: torch.Tensor, packed: torch.Tensor, *, bits: int, k: int, 
     if kw != -(-k // tile) * PACK_ROWS:
         raise ValueError(f"X has K={k}, but the packed {bits}-bit weights {tuple(packed.shape)} hold "
                          f"K in ({kw // PACK_ROWS * tile - tile}, {kw // PACK_ROWS * tile}]")
-    if scale is not None and group is not None and scale.shape != (k // group, n):
-        raise ValueError(f"scale has shape {tuple(scale.shape)}, expected {(k // group, n)} for K={k}, group {group}")
+    if scale is not None and group is not None and tuple(scale.shape) != (-(-k // group), n):
+        raise ValueError(f"scale has shape {tuple(scale.shape)}, expected {(-(-k // group), n)} for K={k}, group {group}")
     num_kt = kw // PACK_ROWS
     if lut is None:
         if scale is None or zero is None or group is None:
@@ -652,6 +670,8 @@ def qc_gemm_wq_a16(x: torch.Tensor, packed: torch.Tensor, *, bits: int, k: int, 
     sp_splits = 0 if sparse is None else (SP_SPLITS_GEMV if m == 1 else SP_SPLITS_TILED)
     # outliers with M > 1 gather rows of X^T (one extra copy of X, M*K elements)
     xt = x2.t().contiguous() if sparse is not None and m > 1 else x2
+    if config is None and not interpreting() and not autotuning():
+        config = _first_config("wq", path)
     configs = [config] if config is not None else _configs_for("wq", path)
     if workspace is None:
         parts, tiles = _ws_need(configs, m, n, sp_splits)
@@ -694,6 +714,8 @@ def qc_gemm_w8a8(xq: torch.Tensor, sx: torch.Tensor, wq_t: torch.Tensor, sw: tor
     if m == 0:
         return y
     path = "decode" if m <= 16 else "prefill"
+    if config is None and not interpreting() and not autotuning():
+        config = _first_config("w8a8", path)
     configs = [config] if config is not None else _configs_for("w8a8", path)
     if workspace is None:
         parts, tiles = _ws_need(configs, m, n)
