@@ -97,8 +97,8 @@ WINDOW = 256
 CALIB_WINDOWS = 28
 CALIB_WINDOW = 128
 CALIB_SENTENCES = 128
-MIXED_NO_OUTLIERS = ("calibrate,allocate-bits{avg-bits=%g scope=layer codebook=uniform outliers-act=0 outliers-weight=0},"
-                     "quantize-weights,lower-ort")
+MIXED_NO_OUTLIERS = ("calibrate,allocate-bits{avg-bits=%g codebook=uniform outliers-act=0 outliers-weight=0%s},"
+                     "quantize-weights,fold-permutation,lower-ort")
 UNIFORM_PIPELINE = ("calibrate,allocate-bits{avg-bits=8 candidates=%d outliers-act=0 outliers-weight=0},"
                     "quantize-weights{grid=minmax}")
 TASK = {"smollm2-135m": "perplexity", "minilm-l6": "sts"}
@@ -443,10 +443,12 @@ def run_model(name: str, args, work: Path) -> dict[str, Any]:
     rows["float32"]["via_qcompiler_evaluate"] = check
 
     budgets = QUICK_BUDGETS if args.quick else BUDGETS
+    if args.budgets:
+        budgets = tuple(float(b) for b in args.budgets.split(","))
     cross_checked = False
     for budget in budgets:
         label = f"ours mixed {budget:g}"
-        pipeline = f"mixed{{avg-bits={budget:g}}}"
+        pipeline = f"mixed{{avg-bits={budget:g}{' ' + args.mixed_options if args.mixed_options else ''}}}"
         _wait_for_peers(args)
         log(f"{name}: compile {label}")
         row = {"kind": "ours-mixed", "budget": budget, **compile_ours(float_path, mdir / f"mixed-{budget:g}", pipeline, batches)}
@@ -455,7 +457,7 @@ def run_model(name: str, args, work: Path) -> dict[str, Any]:
             rows[label] = row
             # the same budget with both kinds of outliers off (they cost about 0.3 bits per weight)
             label = f"ours mixed {budget:g} no-outliers"
-            pipeline = MIXED_NO_OUTLIERS % budget
+            pipeline = MIXED_NO_OUTLIERS % (budget, " " + args.mixed_options if args.mixed_options else "")
             log(f"{name}: compile {label}")
             row = {"kind": "ours-mixed", "budget": budget, "variant": "no-outliers",
                    **compile_ours(float_path, mdir / f"mixed-{budget:g}-no", pipeline, batches)}
@@ -481,7 +483,13 @@ def run_model(name: str, args, work: Path) -> dict[str, Any]:
         rows[label] = row
         _drop(row, args)
 
+    earlier = {}
+    if args.peers_from:  # ONNX Runtime's rows from an earlier run on the same data (they do not depend on this code)
+        earlier = json.loads(Path(args.peers_from).read_text())["models"].get(name, {}).get("rows", {})
     for label, (algorithm, symmetric) in ORT_PEERS.items():
+        if label in earlier:
+            rows[label] = {**earlier[label], "copied_from": args.peers_from_commit}
+            continue
         _wait_for_peers(args)
         log(f"{name}: {label}")
         try:
@@ -698,6 +706,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
     parser.add_argument("--windows", type=int, default=8, help="smollm2 perplexity windows of 256 tokens (default 8)")
     parser.add_argument("--quick", action="store_true", help="budgets 2.5, 3.25, 4.0 only")
+    parser.add_argument("--budgets", default="", help="comma-separated budgets instead of the default list")
+    parser.add_argument("--peers-from", default="", help="copy ONNX Runtime's rows from this earlier JSON instead of recomputing them")
+    parser.add_argument("--mixed-options", default="", help="more options of the mixed preset for the curve, e.g. 'scope=model sensitivity=output'")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the compiled artifacts in --work")
     parser.add_argument("--output", default=str(RESULTS / "mixed_pareto.json"))
@@ -706,6 +717,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-max", type=float, default=900.0, help="longest wait for other jobs before one step, seconds")
     parser.add_argument("--wait-total", type=float, default=1800.0, help="longest total wait for other jobs, seconds")
     args = parser.parse_args(argv)
+    args.peers_from_commit = None
+    if args.peers_from:
+        earlier = json.loads(Path(args.peers_from).read_text())
+        args.peers_from_commit = f"{args.peers_from} (run at commit {earlier.get('git_at_start', {}).get('commit')})"
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in names if m not in MODELS]
     if unknown:
@@ -747,8 +762,9 @@ def main(argv: list[str] | None = None) -> int:
         "threads": THREADS,
         "git_at_start": git_start,
         "git_at_end": git_state(),
-        "options": {"models": names, "windows": args.windows, "quick": args.quick,
-                    "budgets": list(QUICK_BUDGETS if args.quick else BUDGETS)},
+        "options": {"models": names, "windows": args.windows, "quick": args.quick, "mixed_options": args.mixed_options,
+                    "budgets": [float(b) for b in args.budgets.split(",")] if args.budgets else list(QUICK_BUDGETS if args.quick else BUDGETS),
+                    "peers_from": args.peers_from_commit},
         "waited_for_other_jobs_s": round(WAIT_SPENT[0], 1),
         "went_on_while_other_jobs_ran": WAITED,
         "png": None if note else str(png),

@@ -8,9 +8,14 @@ codes, scales, zero points, codebooks, sparse outliers, the permutation).
 - Activation outliers: the `outliers-act` fraction of channels with the largest energy
   E_k = mean(x_k^2) stay in fp16 (16 bits, charged to the budget).
 - Error model: err_k(b) = E_k * ||w_k - Q_b(w_k)||^2 (an estimate of channel k's contribution to
-  the output MSE), Q_b min-max group quantization.
-- Solver: every channel starts at the smallest candidate; upgrades are taken greedily by error
-  reduction per stored bit (exact for convex err_k(b) curves) while the budget allows.
+  the output MSE), Q_b min-max group quantization with the zero points the class will store
+  (`zero-points`: integer for 2, 4 and 8 bits by default, the form ONNX Runtime's MatMulNBits runs;
+  fractional fp16 otherwise). With scope=model and `sensitivity=output`, each layer's errors are
+  rescaled by its measured effect on the model's outputs, so layers are compared in output units.
+- Solver: every channel starts at the smallest candidate; upgrades are ranked by error reduction
+  per stored bit (exact for convex err_k(b) curves) and each is charged its exact cost in stored
+  bits (a class's first rows pay for a whole group's metadata, a codebook class for its tables),
+  so the budget holds as emitted without a correction afterwards.
 - Quantization-based outliers (`outliers-weight`, kept as sparse fp16 by `quantize-weights`) are
   budgeted here too, so that the average holds after them.
 

@@ -95,14 +95,6 @@ def sparse_bits(candidates, codebook: bool, zero_points: str) -> int:
     return SPARSE_BITS_SPLIT if split else SPARSE_BITS
 
 
-def fixed_bits(candidates, rows: int, cols: int, codebook: bool, sparse_count: int, zero_points: str = "fractional") -> int:
-    """Bits that do not scale with the allocation: permutation, codebooks, sparse outliers."""
-    total = PERM_BITS * rows + sparse_bits(candidates, codebook, zero_points) * sparse_count
-    if codebook:  # one table per column for each class that may use one (2-4 bits), counted up front
-        total += sum(FP16 * cols * (1 << b) for b in candidates if b <= 4)
-    return total
-
-
 def minmax_grid_error(w: np.ndarray, bits: int, group_size: int, integer_zero: bool = False) -> np.ndarray:
     """Per-row squared error ||w_k - Q_b(w_k)||^2 of asymmetric min-max group quantization (with
     `integer_zero`, the range widened to hold 0 and the zero point rounded, as stored)."""

@@ -51,10 +51,10 @@ PRESETS: dict[str, Preset] = {
         {"alpha": "auto", "method": "minmax", "act-mode": "static", "float-inputs": "0"},
     ),
     "mixed": Preset(
-        "canonicalize,calibrate,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook sensitivity=$sensitivity},"
-        "quantize-weights,fold-permutation,lower-ort",
+        "canonicalize,calibrate,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook sensitivity=$sensitivity "
+        "outliers-weight=$outliers_weight},quantize-weights,fold-permutation,lower-ort",
         "weight-only channel-wise mixed precision at a fractional bit budget (needs --calib)",
-        {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off"},
+        {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0"},
     ),
 }
 
