@@ -3,9 +3,9 @@
     python benchmarks/doctor_suggestion.py                       # smollm2-135m at mixed{avg-bits=3}
     python benchmarks/doctor_suggestion.py --budget 3.25 --windows 4
 
-For smollm2-135m: captures the float model once, runs `doctor` on `mixed{avg-bits=B}` (probe batch:
-the model's bundled probe input; calibration: the same windows as `mixed_pareto.py`, never
-overlapping the evaluation text), compiles the pipeline as given and as suggested, and evaluates
+For smollm2-135m: captures the float model once, runs `doctor` on `mixed{avg-bits=B}` (calibration:
+the same windows as `mixed_pareto.py`, never overlapping the evaluation text; the doctor measures on
+the first calibration batch, 4 x 128 tokens, by the KL divergence of next-token distributions), compiles the pipeline as given and as suggested, and evaluates
 both (and `mixed{avg-bits=B+extra}`, the same extra bits spent evenly) by perplexity over the first
 N 256-token windows of the first three quarters of the WikiText excerpt, 2 ONNX Runtime threads.
 Prints a table and writes `benchmarks/results/doctor_suggestion.json`.
@@ -41,7 +41,6 @@ def main(argv=None) -> int:
     mp.quiet()
 
     import qcompiler
-    from qcompiler import models
     from qcompiler.doctor import diagnose, format_diagnosis
 
     with tempfile.TemporaryDirectory(prefix="qc-doctor-") as tmp:
@@ -58,7 +57,7 @@ def main(argv=None) -> int:
         mp.log(f"doctor {pipeline}")
         start = time.perf_counter()
         diagnosis = diagnose(str(float_path), pipeline, calibration=batches, threads=mp.THREADS,
-                             max_extra_bits=args.max_extra_bits, probe_inputs=models.get(MODEL).probe_inputs())
+                             max_extra_bits=args.max_extra_bits, metric="kl")
         doctor_s = time.perf_counter() - start
         print(format_diagnosis(diagnosis))
         suggested = diagnosis["suggestion"]["pipeline"]

@@ -157,7 +157,8 @@ class Switchboard:
     """The float stage with every layer's weight as an input and a gated fake-quantizer on every
     quantized activation; `run(quantized)` runs it with the layers in `quantized` quantized."""
 
-    def __init__(self, float_stage: ir.Model, layers: list[LayerQuant], feeds: dict[str, np.ndarray], threads: int | None):
+    def __init__(self, float_stage: ir.Model, layers: list[LayerQuant], feeds: dict[str, np.ndarray], threads: int | None,
+                 metric: str = "mse"):
         model = _copy(float_stage)
         graph = model.graph
         by_weight = {layer.name: layer for layer in layers}
@@ -184,7 +185,9 @@ class Switchboard:
         self.output = graph.outputs[0].name
         self.session = execute.ort_session(model, threads)
         self.feeds = dict(feeds)
+        self.metric = metric
         self.reference = self.run(set())
+        self._log_p = _log_softmax(self.reference) if metric == "kl" else None
 
     def run(self, quantized: set[str], high: set[str] = frozenset()) -> np.ndarray:
         """The output with the layers in `quantized` quantized (those also in `high` at the raised
@@ -201,10 +204,27 @@ class Switchboard:
         return self.session.run([self.output], feeds)[0]
 
     def error(self, quantized: set[str], high: set[str] = frozenset()) -> float:
-        """Relative MSE of the output against the all-float run."""
+        """The output's distance from the all-float run: relative MSE, or (metric "kl") the mean
+        KL divergence of the softmax over the last axis (next-token distributions of an LM)."""
+        out = self.run(quantized, high)
+        if self.metric == "kl":
+            log_q = _log_softmax(out)
+            return float(np.mean(np.sum(np.exp(self._log_p) * (self._log_p - log_q), axis=-1)))
         ref = self.reference.astype(np.float64)
-        diff = self.run(quantized, high).astype(np.float64) - ref
+        diff = out.astype(np.float64) - ref
         return float(np.sum(diff * diff) / max(np.sum(ref * ref), 1e-30))
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.sum(np.exp(x), axis=-1, keepdims=True))
+
+
+METRICS = {
+    "mse": "relative MSE of the model output against the float model",
+    "kl": "mean KL divergence of the output's softmax (last axis) from the float model's",
+}
 
 
 def _fake_quant(graph: ir.Graph, node: ir.Node, x: ir.Value, gate: ir.Value, act: dict, index: int) -> ir.Value:
@@ -262,9 +282,12 @@ def diagnose(
     max_extra_bits: float = 0.25,
     cache_dir=None,
     probe_inputs: dict[str, np.ndarray] | None = None,
+    metric: str = "auto",
 ) -> dict[str, Any]:
     """Run the pipeline, rank layers and passes by what they cost, and suggest a pipeline change.
-    The error is measured on `probe_inputs` (default: the source's probe batch, `qcompiler.probe`)."""
+    The error is measured on `probe_inputs`; by default the first calibration batch (more data
+    than the probe batch drift uses), else the source's probe batch (`qcompiler.probe`).
+    `metric`: "mse", "kl", or "auto" (kl for a bundled causal LM, mse otherwise)."""
     from qcompiler import probe
     from qcompiler.capture import resolve
     from qcompiler.compiler import calibration_batches, complete_pipeline
@@ -272,12 +295,17 @@ def diagnose(
 
     if not 0.0 < max_extra_bits <= 8.0:
         raise UserError(f"doctor: --max-extra-bits must be in (0, 8], got {max_extra_bits}")
+    if metric not in ("auto", *METRICS):
+        raise UserError(f"doctor: --metric must be auto, {' or '.join(METRICS)}, got '{metric}'")
     full = complete_pipeline(parse_pipeline(pipeline), "ort")
     check_order(full)
     passes = [p for p in full if p.name not in LAYOUT_PASSES]
     model, source_info = resolve(source)
     batches = calibration_batches(calibration, calib_count, model, source_info)
-    feeds = probe_inputs if probe_inputs is not None else probe.inputs_for(model, source_info)
+    drift_feeds = probe.inputs_for(model, source_info)
+    feeds = probe_inputs if probe_inputs is not None else dict(batches[0]) if batches else drift_feeds
+    if metric == "auto":
+        metric = "kl" if getattr(source_info.bundled, "task", None) == "perplexity" else "mse"
     ctx = CompileContext(calibration=batches, calibration_source=str(calibration or ""), source=source_info,
                          threads=threads, cache_dir=cache_dir)
     names = [p.name for p in passes]
@@ -288,7 +316,7 @@ def diagnose(
         original = _copy(model)
     stages = _Stages()
     with using(ctx):
-        records = run_pipeline(model, passes, [instruments.Verify(), instruments.Drift(feeds), stages])
+        records = run_pipeline(model, passes, [instruments.Verify(), instruments.Drift(drift_feeds), stages])
         layers, skipped = quantized_layers(stages.float_stage, model)
         high_records = []
         if boosted is not None and layers:
@@ -302,7 +330,7 @@ def diagnose(
             del original
     if not layers:
         raise UserError("doctor: the pipeline quantizes no layer the doctor can read; give a pipeline with quantize or allocate-bits/quantize-weights")
-    board = Switchboard(stages.float_stage, layers, feeds, threads)
+    board = Switchboard(stages.float_stage, layers, feeds, threads, metric)
     everything = {layer.name for layer in layers}
     total = board.error(everything)
     bits, high_bits = _layer_bits(records), _layer_bits(high_records)
@@ -327,7 +355,9 @@ def diagnose(
         "schema": "qcompiler.doctor/1",
         "source": source_info.name,
         "pipeline": format_pipeline(full),
-        "metric": "relative MSE of the model output against the float model on the probe batch",
+        "metric": metric,
+        "metric_doc": METRICS[metric],
+        "measured_on": {name: list(np.shape(a)) for name, a in sorted(feeds.items())},
         "error_all_quantized": total,
         "layers": rows,
         "skipped_layers": skipped,
@@ -430,7 +460,8 @@ def format_diagnosis(result: dict, top: int = 15) -> str:
     lines = [
         f"doctor: {result['source']}",
         f"pipeline: {result['pipeline']}",
-        f"output error, all layers quantized: {result['error_all_quantized']:.4g} ({result['metric']})",
+        f"output error, all layers quantized: {result['error_all_quantized']:.4g} ({result['metric_doc']}, "
+        f"on {', '.join(f'{k} {v}' for k, v in result['measured_on'].items())})",
         "",
         "passes (drift added = rise of 1 - cosine of the output vs float):",
     ]

@@ -139,3 +139,13 @@ def test_allocate_bits_boost_raises_the_named_layers_budget(scope):
     bits = {v["weight"]: v["bits_per_weight"] for v in stats["per_layer"].values()}
     assert stats["boosted_layers"] == ["B"]
     assert bits["A"] <= 4.0 + 1e-9 and 5.0 < bits["B"] <= 5.5 + 1e-9
+
+
+def test_kl_metric_is_zero_in_float_and_positive_quantized():
+    float_stage, quant = _stages(_mlp(), "calibrate,quantize")
+    layers, _ = quantized_layers(float_stage, quant)
+    board = Switchboard(float_stage, layers, synthetic_inputs(quant, seed=3), threads=1, metric="kl")
+    assert board.error(set()) == pytest.approx(0.0, abs=1e-12)
+    assert board.error({"A", "B"}) > board.error({"A"}) * 0 > -1e-12 and board.error({"A", "B"}) > 0
+    with pytest.raises(UserError, match="--metric must be auto, mse or kl"):
+        diagnose(_mlp(), "calibrate,quantize", calibration=[synthetic_inputs(_mlp())], metric="l2")
