@@ -51,7 +51,7 @@ class FlexRoundPass(Pass):
     required = frozenset({"weights-quantized", "calibrated"})
     provided = frozenset({"rounding-learned"})
 
-    steps: int = option(200, "learning steps per block (one calibration batch each)")
+    steps: int = option(200, "learning steps per block (each on `batch` calibration samples)")
     lr: float = option(0.003, "Adam learning rate of the log division factors (0 < lr <= 1)")
     seed: int = option(0, "seed of the batch order")
     time_budget: float = option(0.0, "seconds for the whole pass, shared evenly by the blocks; 0: no limit")

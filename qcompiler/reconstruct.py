@@ -266,6 +266,36 @@ def reconstruct(model: ir.Model, opts: Options) -> dict:
     }
 
 
+class _Adam:
+    """Adam (Kingma and Ba, 2015) with the usual constants, written out: torch.optim's first use
+    imports its compiler stack, which costs more than learning a small block."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps=1e-8):
+        import torch
+
+        self.params, self.lr, self.betas, self.eps, self.t = params, lr, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        import torch
+
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        with torch.no_grad():
+            for p, m, v in zip(self.params, self.m, self.v):
+                if p.grad is None:
+                    continue
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-self.lr / c1)
+
+
 def _rebatch(batches, size: int) -> list[dict[str, np.ndarray]]:
     """The calibration samples (first axis of every input) regrouped into batches of `size`
     (the last may be smaller), so that one learning step sees `size` samples."""
@@ -326,7 +356,7 @@ def _learn_block(block, layers, float_w, env_f, env_q, constants, opts, rng, bar
     params = [p for l in layers for p in l.params]
     steps = 0
     if params:
-        optimizer = torch.optim.Adam(params, lr=opts.lr)
+        optimizer = _Adam(params, opts.lr)
         learned = {}
         weight_of = lambda node: learned[id(node)] if id(node) in learned else float_weight(node)  # noqa: E731
         allotted = None
@@ -340,7 +370,7 @@ def _learn_block(block, layers, float_w, env_f, env_q, constants, opts, rng, bar
             if not order:
                 order = list(rng.permutation(len(env_q)))
             b = order.pop()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             for l in layers:
                 learned[id(l.node)] = l.learned_weight()
             loss = _mse(forward(env_q[b], weight_of), targets[b], out_names)
