@@ -150,7 +150,10 @@ class _Layer:
                 i = c["index"]
                 if c["kind"] == "uniform":
                     s = (c["scale"] * torch.exp(c["log_s1"])).numpy()
-                    s16 = np.clip(s, 6.1e-5, 65504.0).astype(np.float16)
+                    with np.errstate(over="ignore"):
+                        s16 = s.astype(np.float16)
+                    bad = ~np.isfinite(s16) | (s16 <= 0)  # out of fp16's range: keep the grid's scale
+                    s16[bad] = arrays[i + 1][bad]
                     arrays[i + 1] = s16
                     if self.mode == "flexround":
                         g = c["groups"]
@@ -297,14 +300,15 @@ class _Adam:
 
 
 def _rebatch(batches, size: int) -> list[dict[str, np.ndarray]]:
-    """The calibration samples (first axis of every input) regrouped into batches of `size`
-    (the last may be smaller), so that one learning step sees `size` samples."""
-    samples = []
+    """The calibration batches split into batches of at most `size` samples (first axis of every
+    input), so that one learning step sees `size` samples; samples of different batches are never
+    mixed (their padded lengths may differ)."""
+    out = []
     for b in batches:
-        count = min(np.asarray(v).shape[0] for v in b.values())
-        samples += [{k: np.asarray(v)[i:i + 1] for k, v in b.items()} for i in range(count)]
-    return [{k: np.concatenate([s[k] for s in samples[i:i + size]]) for k in samples[0]}
-            for i in range(0, len(samples), size)]
+        arrays = {k: np.asarray(v) for k, v in b.items()}
+        count = min(a.shape[0] for a in arrays.values()) if arrays else 0
+        out += [{k: a[i:i + size] for k, a in arrays.items()} for i in range(0, count, size)]
+    return out
 
 
 def _last_uses(graph: ir.Graph, blocks: list[Block]) -> dict[int, set[str]]:
