@@ -325,8 +325,16 @@ def _learn_block(block, layers, float_w, env_f, env_q, constants, opts, rng, bar
                  graph, keep, first):
     import torch
 
+    t_start = time.perf_counter()
     out_names = [v.name for v in block.outputs]
     in_names = [v.name for v in block.inputs]
+    # the loss and its scale count only the outputs the block's layers reach (not, say, an
+    # attention mask or rotary tables computed alongside, which are the same in both streams)
+    reached = {v.name for n in block.layers for v in n.outputs}
+    for node in block.nodes:
+        if any(v is not None and v.name in reached for v in node.inputs):
+            reached |= {v.name for v in node.outputs}
+    loss_names = [name for name in out_names if name in reached] or out_names
 
     def forward(env, weight_of):
         local = {k: env[k] for k in in_names}
@@ -355,8 +363,8 @@ def _learn_block(block, layers, float_w, env_f, env_q, constants, opts, rng, bar
         return lambda node: weights[id(node)] if id(node) in weights else float_weight(node)
 
     with torch.no_grad():
-        before = float(sum(_mse(forward(e, fixed(originals)), t, out_names) for e, t in zip(env_q, targets))) / len(env_q)
-    energy = float(sum(_mse({k: torch.zeros_like(v) for k, v in t.items()}, t, out_names) for t in targets)) / len(targets)
+        before = float(sum(_mse(forward(e, fixed(originals)), t, loss_names) for e, t in zip(env_q, targets))) / len(env_q)
+    energy = float(sum(_mse({k: torch.zeros_like(v) for k, v in t.items()}, t, loss_names) for t in targets)) / len(targets)
     params = [p for l in layers for p in l.params]
     steps = 0
     if params:
@@ -365,9 +373,10 @@ def _learn_block(block, layers, float_w, env_f, env_q, constants, opts, rng, bar
         weight_of = lambda node: learned[id(node)] if id(node) in learned else float_weight(node)  # noqa: E731
         allotted = None
         if opts.time_budget:
-            remaining = opts.time_budget - (time.perf_counter() - start_all)
-            # keep room for the evaluation after learning (about the cost of the one before)
-            allotted = remaining / blocks_left - 2 * (time.perf_counter() - t_block)
+            # this block's even share of what was left when it started, less what it has spent
+            # (float targets, loss before) and the evaluation after learning (about the one before)
+            share = (opts.time_budget - (t_start - start_all)) / blocks_left
+            allotted = share - (time.perf_counter() - t_start) - (time.perf_counter() - t_block)
         order = []
         t_learn = time.perf_counter()
         for step in range(opts.steps):
@@ -377,7 +386,7 @@ def _learn_block(block, layers, float_w, env_f, env_q, constants, opts, rng, bar
             optimizer.zero_grad()
             for l in layers:
                 learned[id(l.node)] = l.learned_weight()
-            loss = _mse(forward(env_q[b], weight_of), targets[b], out_names)
+            loss = _mse(forward(env_q[b], weight_of), targets[b], loss_names)
             loss.backward()
             optimizer.step()
             steps += 1
@@ -398,7 +407,7 @@ def _learn_block(block, layers, float_w, env_f, env_q, constants, opts, rng, bar
         total, outs = 0.0, []
         for e, t in zip(env_q, targets):
             o = forward(e, fixed(weights))
-            total += float(_mse(o, t, out_names))
+            total += float(_mse(o, t, loss_names))
             outs.append({k: v for k, v in o.items() if k in keep})
         return total / len(env_q), outs
 
@@ -421,5 +430,5 @@ def _learn_block(block, layers, float_w, env_f, env_q, constants, opts, rng, bar
         "relative_error_before": round(float(np.sqrt(before / energy)), 6) if energy > 0 else None,
         "relative_error_after": round(float(np.sqrt(after / energy)), 6) if energy > 0 else None,
         "kept": kept,
-        "seconds": round(time.perf_counter() - t_block, 2),
+        "seconds": round(time.perf_counter() - t_start, 2),
     }

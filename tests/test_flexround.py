@@ -14,7 +14,7 @@ from qcompiler.pipeline import parse_pipeline
 UNIFORM3 = "calibrate,allocate-bits{avg-bits=8 candidates=3 group-size=32 outliers-act=0 outliers-weight=0},quantize-weights{grid=minmax}"
 
 
-def _model(k=64, h=96, seed=0):
+def _model(k=64, h=64, seed=0):
     """Two residual MLP blocks: Y = D + W4 relu(W3 D), D = X + W2 relu(W1 X)."""
     rng = np.random.default_rng(seed)
 
@@ -59,7 +59,7 @@ def test_blocks_are_the_residual_regions():
     assert [b.names for b in find_blocks(graph, regions=2)] == [["A", "C", "E", "G"]]
 
 
-@pytest.mark.parametrize("pass_", ["flexround{steps=60 regions=1}", "tune-scales{steps=60 regions=1 lr=0.003}"])
+@pytest.mark.parametrize("pass_", ["flexround{steps=40 regions=1}", "tune-scales{steps=40 regions=1 lr=0.003}"])
 def test_learning_lowers_every_block_loss_and_the_output_error(pass_):
     rtn, learned = _model(), _model()
     _run(rtn, UNIFORM3)
@@ -67,8 +67,9 @@ def test_learning_lowers_every_block_loss_and_the_output_error(pass_):
     stats = records[pass_.split("{")[0]].stats
     assert stats["blocks"] == 2 and stats["layers"] == 4
     for block in stats["per_block"]:
-        assert block["kept"] == "learned" and block["steps"] == 60
-        assert block["loss_after"] < 0.9 * block["loss_before"]
+        assert block["kept"] == "learned" and block["steps"] == 40
+        # flexround moves codes as well as scales; tune-scales only scales: a smaller gain
+        assert block["loss_after"] < (0.9 if pass_.startswith("flexround") else 0.97) * block["loss_before"]
     feeds = _data(count=1, seed=99)[0]  # not calibration data
     assert _error(learned, _model(), feeds) < _error(rtn, _model(), feeds)
 
@@ -135,3 +136,11 @@ def test_no_float_reference():
     reread = parse(to_text(model, elide_over=1 << 30))
     with pytest.raises(UserError, match="no float weight"):
         _run(reread, "flexround{steps=5}")
+
+
+def test_rebatch_never_mixes_calibration_batches():
+    from qcompiler.reconstruct import _rebatch
+
+    batches = [{"ids": np.zeros((3, 5), np.int64)}, {"ids": np.ones((2, 7), np.int64)}]
+    out = _rebatch(batches, 2)
+    assert [b["ids"].shape for b in out] == [(2, 5), (1, 5), (2, 7)]
