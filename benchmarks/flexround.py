@@ -12,7 +12,8 @@ excerpt; minilm the first 128 sentences), 2 threads for torch and ONNX Runtime. 
 - `rtn B`:  `calibrate,allocate-bits{avg-bits=B},quantize-weights,lower-ort` (the `mixed` preset);
 - `flex B`: the same with `--flex` (default `flexround{steps=200 time-budget=660}`) after
   `quantize-weights`; allocation and calibration are identical (both deterministic);
-- `scales B` (with `--tune-scales`): the same with `tune-scales{...}`.
+- `scales B` (with `--variants rtn flex scales`): the same with `--scales` (default
+  `tune-scales{steps=100 time-budget=330}`).
 
 Quality: smollm2 perplexity over the first `--windows` 256-token windows of the first three quarters
 of the excerpt; minilm STS Spearman x100 over all pairs (the scoring code of mixed_pareto.py).
@@ -59,9 +60,9 @@ def run_model(name: str, args, work: Path) -> dict:
     mp.log(f"{name}: float {rows['float32'][metric]}")
     for budget in args.budgets:
         base = f"calibrate,allocate-bits{{avg-bits={budget:g}}},quantize-weights"
-        variants = [(f"rtn {budget:g}", f"{base},lower-ort", None), (f"flex {budget:g}", f"{base},{args.flex},lower-ort", "flexround")]
-        if args.tune_scales:
-            variants.append((f"scales {budget:g}", f"{base},{args.scales},lower-ort", "tune-scales"))
+        variants = [(f"rtn {budget:g}", f"{base},lower-ort", None), (f"flex {budget:g}", f"{base},{args.flex},lower-ort", "flexround"),
+                    (f"scales {budget:g}", f"{base},{args.scales},lower-ort", "tune-scales")]
+        variants = [v for v in variants if v[0].split()[0] in args.variants]
         for label, pipeline, learner in variants:
             mp.log(f"{name}: compile {label}: {pipeline}")
             row = {"budget": budget, **mp.compile_ours(float_path, mdir / label.replace(" ", "-"), pipeline, batches)}
@@ -113,7 +114,7 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=float, default=[3.0, 4.0])
     parser.add_argument("--flex", default=DEFAULT_FLEX)
     parser.add_argument("--scales", default=DEFAULT_SCALES)
-    parser.add_argument("--tune-scales", action="store_true")
+    parser.add_argument("--variants", nargs="+", choices=["rtn", "flex", "scales"], default=["rtn", "flex"])
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--out", type=Path, default=common.RESULTS / "flexround.json")
@@ -123,7 +124,7 @@ def main() -> None:
     start = time.perf_counter()
     body = {"benchmark": "flexround", "command": common.command_line(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "machine": common.machine(), "packages": common.packages(), "git": common.git_state(), "threads": threads,
-            "options": {"flex": args.flex, "scales": args.scales if args.tune_scales else None, "budgets": args.budgets,
+            "options": {"flex": args.flex, "scales": args.scales if "scales" in args.variants else None, "variants": args.variants, "budgets": args.budgets,
                         "windows": args.windows}, "models": {}}
     with tempfile.TemporaryDirectory(prefix="qc-flexround-") as tmp:
         for name in args.models:
