@@ -10,3 +10,6 @@ from qcompiler.passes import allocate_bits  # noqa: F401
 from qcompiler.passes import quantize_weights  # noqa: F401
 from qcompiler.passes import fold_permutation  # noqa: F401
 from qcompiler.passes import fuse  # noqa: F401
+from qcompiler.passes import flexround  # noqa: F401
+from qcompiler.passes import tune_scales  # noqa: F401
+from qcompiler.passes import prune_channels  # noqa: F401

@@ -30,6 +30,7 @@ from qcompiler.layers import CREATED_BY, new_initializer, remove_unused
 from qcompiler.mixed_ops import FP16_BITS, dequantize_codebook, dequantize_uniform
 from qcompiler.ops import attributes_of
 from qcompiler.passbase import Pass, PassResult, option, register_pass
+from qcompiler.reconstruct import FLOAT_WEIGHT_KEY
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 KMEANS_ITERATIONS = 12
@@ -104,6 +105,8 @@ class QuantizeWeightsPass(Pass):
             domain="qc", name=matmul.name, metadata_props={CREATED_BY: self.name},
         )
         ir.convenience.replace_nodes_and_values(graph, matmul, [matmul], [node], [matmul.outputs[0]], [node.outputs[0]])
+        # the float weight stays reachable (in memory only) for passes that learn against it
+        node.meta[FLOAT_WEIGHT_KEY] = allocation.inputs[0].const_value
         error = float(np.sum(ep[:, None] * (wp - w_hat) ** 2))
         energy_total = float(np.sum(ep[:, None] * wp**2))
         return {

@@ -1,0 +1,67 @@
+"""`flexround`: learned rounding of the chosen uniform grids, block by block (FlexRound, Lee et al.,
+ICML 2023, arXiv 2306.00317).
+
+Runs after `quantize-weights`, on its `qc.MixedMatMul` ops: for each block of the graph (one
+transformer layer, or one conv stage; found in the IR by `qcompiler.blocks`) the division factors
+of `W_hat = s1 * round(W / (s1 * S2 * s3 * s4))` are learned with a straight-through estimator to
+minimise the block's output error against the float block on the calibration data, the block's
+inputs coming from the already-quantized preceding blocks. Codebook classes get their entries
+tuned; fp16 classes and sparse outliers stay. The learned codes and fp16 scales are written back
+into the same ops, so the lowering is unchanged. The mechanics are in `qcompiler.reconstruct`.
+
+Deterministic for a fixed seed and thread count when `time-budget` is 0 (with a budget that binds,
+the number of steps a block gets depends on the machine's speed; the statistics record it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from qcompiler.errors import UserError
+from qcompiler.passbase import Pass, PassResult, option, register_pass
+from qcompiler.reconstruct import Options, reconstruct
+
+MAX_STEPS = 100_000
+MAX_TIME_BUDGET = 7 * 24 * 3600.0
+
+
+def check_learning_options(name: str, steps, lr, seed, time_budget, regions, batch) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise UserError(f"{name}: steps must be an integer from 1 to {MAX_STEPS}, got {steps}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 < lr <= 1.0:
+        raise UserError(f"{name}: lr must be in (0, 1], got {lr}; the method's usual values are 1e-3 to 5e-3")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UserError(f"{name}: seed must be a non-negative integer, got {seed}")
+    if isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)) or not 0 <= time_budget <= MAX_TIME_BUDGET:
+        raise UserError(f"{name}: time-budget must be seconds from 0 (no limit) to {MAX_TIME_BUDGET:g}, got {time_budget}")
+    if isinstance(regions, bool) or not isinstance(regions, int) or not 1 <= regions <= 64:
+        raise UserError(f"{name}: regions must be an integer from 1 to 64, got {regions}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 4096:
+        raise UserError(f"{name}: batch must be an integer from 1 to 4096, got {batch}")
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class FlexRoundPass(Pass):
+    """Learn the rounding of quantized weights block by block (FlexRound), against the float block."""
+
+    name = "flexround"
+    required = frozenset({"weights-quantized", "calibrated"})
+    provided = frozenset({"rounding-learned"})
+
+    steps: int = option(200, "learning steps per block (each on `batch` calibration samples)")
+    lr: float = option(0.003, "Adam learning rate of the log division factors (0 < lr <= 1)")
+    seed: int = option(0, "seed of the batch order")
+    time_budget: float = option(0.0, "seconds for the whole pass, shared evenly by the blocks; 0: no limit")
+    regions: int = option(2, "residual regions per block (2: attention + MLP of one transformer layer)")
+    batch: int = option(1, "calibration samples per learning step")
+
+    def __post_init__(self):
+        check_learning_options(self.name, self.steps, self.lr, self.seed, self.time_budget, self.regions, self.batch)
+
+    def call(self, model: ir.Model) -> PassResult:
+        stats = reconstruct(model, Options("flexround", self.steps, float(self.lr), self.seed, float(self.time_budget),
+                                           self.regions, self.name, self.batch))
+        return PassResult(model, bool(stats.get("blocks_improved")), stats)

@@ -1,0 +1,155 @@
+"""`prune-channels`: remove the input channels a sparse model never uses, report the rest of its zeros.
+
+A model pruned with a binary mask (`W * M`, METHODS.md: sparse connectivity) arrives with exact
+zeros. When row k of every linear reading an activation X is zero (`Y = X W`, W [K, N]), channel k
+of X contributes nothing; if X is computed from linears by channel-wise ops only (unary
+elementwise ops, binary ops with a per-channel or scalar constant, products/sums of two such
+chains: a bias, an activation, a gated MLP's `silu(gate) * up`) and nothing else reads that
+region, the channel is removed everywhere: row k of the readers' weights, column k of the
+producers' weights, entry k of per-channel constants. Exact: the graph computes the same values.
+
+Unstructured zeros (scattered in weights) are counted per layer and reported; they stay in the
+dense weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.layers import linears, set_constant
+from qcompiler.passbase import Pass, PassResult, register_pass
+
+UNARY = frozenset({"Relu", "Gelu", "Sigmoid", "Tanh", "Erf", "Neg", "Identity", "Abs", "Sin", "Cos", "Exp",
+                   "Softplus", "LeakyRelu", "Elu", "Selu", "HardSigmoid", "HardSwish", "Mish", "Clip"})
+BINARY = frozenset({"Add", "Sub", "Mul", "Div"})
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class PruneChannelsPass(Pass):
+    """Remove input channels whose weights are all zero (and their producers' columns); report unstructured sparsity."""
+
+    name = "prune-channels"
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        removed: dict[str, int] = {}
+        done: set[str] = set()
+        for linear in linears(graph):
+            x = linear.x
+            if x.name in done:
+                continue
+            done.add(x.name)
+            readers = [use.node for use in x.uses()]
+            if x in graph.outputs or not readers or any(not _const_matmul(n, x) for n in readers):
+                continue
+            zero = np.ones(_weight(readers[0]).shape[0], bool)
+            for node in readers:
+                zero &= ~np.any(_weight(node) != 0, axis=1)
+            if not zero.any() or zero.all():
+                continue
+            region = _channel_region(x, zero.size, set(graph.outputs))
+            if region is None:
+                continue
+            keep = np.flatnonzero(~zero)
+            _apply(graph, x, readers, region, keep)
+            removed[x.name] = int(zero.sum())
+        stats = {"channels_removed": int(sum(removed.values())), "per_activation": removed,
+                 "sparsity": _sparsity(graph)}
+        return PassResult(model, bool(removed), stats)
+
+
+def _weight(node: ir.Node) -> np.ndarray:
+    return node.inputs[1].const_value.numpy()
+
+
+def _const_matmul(node: ir.Node, x: ir.Value) -> bool:
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.inputs[0] is not x:
+        return False
+    w = node.inputs[1]
+    return w is not None and w.const_value is not None and len(w.const_value.shape) == 2
+
+
+@dataclasses.dataclass
+class _Region:
+    values: set  # values carrying the channels (X included)
+    nodes: set  # nodes computing them
+    producers: list  # MatMul nodes whose weight columns are the channels
+    constants: list  # (node, input index) of per-channel constants to slice
+
+
+def _channel_region(x: ir.Value, channels: int, outputs: set) -> _Region | None:
+    """The channel-wise computation that produces `x` from linears, or None when it is not one
+    (or when something outside it reads its values)."""
+    region = _Region(set(), set(), [], [])
+    stack = [x]
+    while stack:
+        v = stack.pop()
+        if v in region.values:
+            continue
+        region.values.add(v)
+        node = v.producer()
+        if node is None or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+            return None
+        region.nodes.add(node)
+        if node.op_type == "MatMul" and node.inputs[1] is not None and node.inputs[1].const_value is not None \
+                and len(node.inputs[1].const_value.shape) == 2 and node.inputs[1].const_value.shape[1] == channels:
+            region.producers.append(node)
+            continue
+        if node.op_type in UNARY:
+            if any(inp is not None and inp.const_value is None for inp in node.inputs[1:]):
+                return None
+            stack.append(node.inputs[0])
+            continue
+        if node.op_type in BINARY:
+            for index, inp in enumerate(node.inputs):
+                if inp.const_value is not None:
+                    shape = inp.const_value.shape
+                    if len(shape) == 0 or shape[-1] == 1:
+                        continue
+                    if shape[-1] != channels:
+                        return None
+                    region.constants.append((node, index))
+                else:
+                    stack.append(inp)
+            continue
+        return None
+    for v in region.values:
+        if v is x:
+            continue
+        if any(use.node not in region.nodes for use in v.uses()):
+            return None
+        if v in outputs:
+            return None
+    return region
+
+
+def _apply(graph: ir.Graph, x: ir.Value, readers: list[ir.Node], region: _Region, keep: np.ndarray) -> None:
+    for node in readers:
+        set_constant(graph, node.inputs[1], _weight(node)[keep], node, "pruned")
+    for node in region.producers:
+        set_constant(graph, node.inputs[1], _weight(node)[:, keep], node, "pruned")
+    for node, index in region.constants:
+        array = node.inputs[index].const_value.numpy()
+        set_constant(graph, node.inputs[index], np.take(array, keep, axis=-1), node, "pruned")
+    for v in region.values:
+        if v.shape is not None and len(v.shape) > 0:
+            dims = list(v.shape)
+            dims[-1] = int(len(keep))
+            v.shape = ir.Shape(dims)
+
+
+def _sparsity(graph: ir.Graph) -> dict:
+    """Exact zeros in every linear's weight: per layer (when any) and overall."""
+    per_layer, zeros, total = {}, 0, 0
+    for linear in linears(graph):
+        w = linear.w.const_value.numpy()
+        z = int(np.count_nonzero(w == 0))
+        zeros, total = zeros + z, total + w.size
+        if z:
+            per_layer[linear.name] = round(z / w.size, 4)
+    return {"zero_fraction": round(zeros / total, 4) if total else 0.0, "per_layer": per_layer,
+            "note": "unstructured zeros stay in the dense weights"}

@@ -1,0 +1,146 @@
+"""Block-wise learning after quantize-weights: flexround, tune-scales, the blocks they work on."""
+
+import numpy as np
+import pytest
+
+from qcompiler import execute
+from qcompiler.blocks import find_blocks
+from qcompiler.context import CompileContext, using
+from qcompiler.errors import UserError
+from qcompiler.ir import parse, to_text
+from qcompiler.pass_manager import run_pipeline
+from qcompiler.pipeline import parse_pipeline
+
+UNIFORM3 = "calibrate,allocate-bits{avg-bits=8 candidates=3 group-size=32 outliers-act=0 outliers-weight=0},quantize-weights{grid=minmax}"
+
+
+def _model(k=64, h=64, seed=0):
+    """Two residual MLP blocks: Y = D + W4 relu(W3 D), D = X + W2 relu(W1 X)."""
+    rng = np.random.default_rng(seed)
+
+    def arr(shape, scale):
+        return ",".join(f"{v:.5f}" for v in rng.normal(0, scale, shape).ravel())
+
+    return parse(f"""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[M, {k}] X) => (float[M, {k}] Y)
+    <float[{k},{h}] W1 = {{{arr((k, h), 0.2)}}}, float[{h},{k}] W2 = {{{arr((h, k), 0.1)}}},
+     float[{k},{h}] W3 = {{{arr((k, h), 0.2)}}}, float[{h},{k}] W4 = {{{arr((h, k), 0.1)}}}>
+    {{ A = MatMul (X, W1)
+       B = Relu (A)
+       C = MatMul (B, W2)
+       D = Add (X, C)
+       E = MatMul (D, W3)
+       F = Relu (E)
+       G = MatMul (F, W4)
+       Y = Add (D, G) }}""")
+
+
+def _data(count=4, rows=64, seed=5):
+    rng = np.random.default_rng(seed)
+    return [{"X": rng.normal(0, 1, (rows, 64)).astype(np.float32)} for _ in range(count)]
+
+
+def _run(model, pipeline, data=None):
+    with using(CompileContext(calibration=data or _data())):
+        return {r.name: r for r in run_pipeline(model, parse_pipeline(pipeline))}
+
+
+def _error(model, reference, feeds):
+    got, want = execute.run(model, feeds)["Y"], execute.run(reference, feeds)["Y"]
+    return float(np.mean((got - want) ** 2))
+
+
+def test_blocks_are_the_residual_regions():
+    graph = _model().graph
+    one = find_blocks(graph, regions=1)
+    assert [b.names for b in one] == [["A", "C"], ["E", "G"]]
+    assert [v.name for v in one[0].inputs] == ["X"] and [v.name for v in one[0].outputs] == ["D"]
+    assert [v.name for v in one[1].inputs] == ["D"] and [v.name for v in one[1].outputs] == ["Y"]
+    assert [b.names for b in find_blocks(graph, regions=2)] == [["A", "C", "E", "G"]]
+
+
+@pytest.mark.parametrize("pass_", ["flexround{steps=40 regions=1}", "tune-scales{steps=40 regions=1 lr=0.003}"])
+def test_learning_lowers_every_block_loss_and_the_output_error(pass_):
+    rtn, learned = _model(), _model()
+    _run(rtn, UNIFORM3)
+    records = _run(learned, f"{UNIFORM3},{pass_}")
+    stats = records[pass_.split("{")[0]].stats
+    assert stats["blocks"] == 2 and stats["layers"] == 4
+    for block in stats["per_block"]:
+        assert block["kept"] == "learned" and block["steps"] == 40
+        # flexround moves codes as well as scales; tune-scales only scales: a smaller gain
+        assert block["loss_after"] < (0.9 if pass_.startswith("flexround") else 0.97) * block["loss_before"]
+    feeds = _data(count=1, seed=99)[0]  # not calibration data
+    assert _error(learned, _model(), feeds) < _error(rtn, _model(), feeds)
+
+
+def test_flexround_changes_codes_and_tune_scales_keeps_them():
+    base, flex, scales = _model(), _model(), _model()
+    _run(base, UNIFORM3)
+    _run(flex, f"{UNIFORM3},flexround{{steps=30 regions=1}}")
+    _run(scales, f"{UNIFORM3},tune-scales{{steps=30 regions=1}}")
+
+    def arrays(model, suffix):
+        return {k: v.const_value.numpy() for k, v in model.graph.initializers.items() if k.endswith(suffix)}
+
+    codes, scale = "uniform.0", "uniform.1"
+    assert any(not np.array_equal(a, b) for a, b in zip(arrays(base, codes).values(), arrays(flex, codes).values()))
+    assert all(np.array_equal(a, b) for a, b in zip(arrays(base, codes).values(), arrays(scales, codes).values()))
+    assert any(not np.array_equal(a, b) for a, b in zip(arrays(base, scale).values(), arrays(scales, scale).values()))
+
+
+def test_codebook_entries_are_tuned():
+    base, tuned = _model(), _model()
+    pipeline = "calibrate,allocate-bits{avg-bits=8 candidates=3 group-size=32 codebook=kmeans outliers-act=0 outliers-weight=0},quantize-weights"
+    _run(base, pipeline)
+    stats = _run(tuned, f"{pipeline},flexround{{steps=40 regions=1}}")["flexround"].stats
+    assert stats["classes"]["codebook_entries_tuned"] == 4 and stats["classes"]["uniform_learned"] == 0
+    assert stats["loss_after"] < stats["loss_before"]
+
+
+def test_same_seed_same_ir_and_lowering_unchanged():
+    a, b = _model(), _model()
+    _run(a, f"{UNIFORM3},flexround{{steps=20 regions=1 seed=3}},lower-ort")
+    _run(b, f"{UNIFORM3},flexround{{steps=20 regions=1 seed=3}},lower-ort")
+    assert to_text(a) == to_text(b)
+
+
+def test_lowered_model_computes_the_learned_ir():
+    model = _model()
+    _run(model, f"{UNIFORM3},flexround{{steps=20 regions=1}}")
+    feeds = _data(count=1, seed=42)[0]
+    expected = execute.run(model, feeds)["Y"]
+    _run(model, "lower-ort")
+    np.testing.assert_allclose(execute.run(model, feeds)["Y"], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [("steps=0", "steps must be"), ("steps=1000000", "steps must be"), ("lr=0", "lr must be"), ("lr=2", "lr must be"),
+     ("time-budget=-1", "time-budget must be"), ("regions=0", "regions must be")],
+)
+def test_bad_options(options, message):
+    with pytest.raises(UserError, match=message):
+        parse_pipeline(f"{UNIFORM3},flexround{{{options}}}")
+
+
+def test_time_budget_shorter_than_one_step():
+    with pytest.raises(UserError, match="shorter than one learning step"):
+        _run(_model(), f"{UNIFORM3},flexround{{steps=10 regions=1 time-budget=0.000001}}")
+
+
+def test_no_float_reference():
+    """A quantized IR read back from text has lost the float weights: nothing to compare blocks with."""
+    model = _model()
+    _run(model, UNIFORM3)
+    reread = parse(to_text(model, elide_over=1 << 30))
+    with pytest.raises(UserError, match="no float weight"):
+        _run(reread, "flexround{steps=5}")
+
+
+def test_rebatch_never_mixes_calibration_batches():
+    from qcompiler.reconstruct import _rebatch
+
+    batches = [{"ids": np.zeros((3, 5), np.int64)}, {"ids": np.ones((2, 7), np.int64)}]
+    out = _rebatch(batches, 2)
+    assert [b["ids"].shape for b in out] == [(2, 5), (1, 5), (2, 7)]
