@@ -42,14 +42,11 @@ def check_learning_options(name: str, steps, lr, seed, time_budget, regions, bat
         raise UserError(f"{name}: batch must be an integer from 1 to 4096, got {batch}")
 
 
-@register_pass
 @dataclasses.dataclass(frozen=True)
-class FlexRoundPass(Pass):
-    """Learn the rounding of quantized weights block by block (FlexRound), against the float block."""
+class BlockLearningPass(Pass):
+    """Block-wise learning against the float block (`qcompiler.reconstruct`); subclasses name what is learned."""
 
-    name = "flexround"
-    required = frozenset({"weights-quantized", "calibrated"})
-    provided = frozenset({"rounding-learned"})
+    mode = ""  # what `reconstruct` learns: "flexround" or "scales"
 
     steps: int = option(200, "learning steps per block (each on `batch` calibration samples)")
     lr: float = option(0.003, "Adam learning rate of the log division factors (0 < lr <= 1)")
@@ -62,6 +59,17 @@ class FlexRoundPass(Pass):
         check_learning_options(self.name, self.steps, self.lr, self.seed, self.time_budget, self.regions, self.batch)
 
     def call(self, model: ir.Model) -> PassResult:
-        stats = reconstruct(model, Options("flexround", self.steps, float(self.lr), self.seed, float(self.time_budget),
+        stats = reconstruct(model, Options(self.mode, self.steps, float(self.lr), self.seed, float(self.time_budget),
                                            self.regions, self.name, self.batch))
         return PassResult(model, bool(stats.get("blocks_improved")), stats)
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class FlexRoundPass(BlockLearningPass):
+    """Learn the rounding of quantized weights block by block (FlexRound), against the float block."""
+
+    name = "flexround"
+    required = frozenset({"weights-quantized", "calibrated"})
+    provided = frozenset({"rounding-learned"})
+    mode = "flexround"
