@@ -79,7 +79,7 @@ def packages() -> dict[str, str]:
     from importlib import metadata
 
     versions = {}
-    for name in ("qcompiler", "torch", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy", "transformers", "tokenizers", "gguf"):
+    for name in ("qcompiler", "torch", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy", "transformers", "tokenizers", "gguf", "matplotlib"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

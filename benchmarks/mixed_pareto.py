@@ -72,7 +72,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import re
 import shutil
 import sys
@@ -85,17 +84,13 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
-DATA = (REPO / ".." / "shared" / "data").resolve()
-WIKITEXT = DATA / "wikitext2-valid-excerpt.txt"
-STS = DATA / "sts-pairs-dev.tsv"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, STS, THREADS, WIKITEXT, git_state, machine, packages, table  # noqa: E402
 
 MODELS = ("smollm2-135m", "minilm-l6")
 BUDGETS = (2.5, 3.0, 3.25, 3.5, 4.0, 4.25)
 QUICK_BUDGETS = (2.5, 3.25, 4.0)
 UNIFORM_BITS = (3, 4)
-THREADS = 2
 WINDOW = 256
 CALIB_WINDOWS = 28
 CALIB_WINDOW = 128
@@ -120,42 +115,10 @@ def quiet() -> None:
     warnings.filterwarnings("ignore")
 
 
-def packages() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for name in ("qcompiler", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "torch", "numpy", "tokenizers", "gguf", "matplotlib"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
-def git_state() -> dict[str, Any]:
-    """The commit the code was read at, and the files that differed from it (the passes are imported
-    once, at the first compile: later edits do not reach a running benchmark)."""
-    import subprocess
-
-    def git(*argv):
-        done = subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "--short", "HEAD"), "time": time.strftime("%H:%M:%S"),
-            "modified": status.splitlines() if status else []}
 
 
-def machine() -> dict[str, Any]:
-    model = platform.processor() or platform.machine()
-    try:
-        found = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
-        model = found.group(1).strip() if found else model
-    except OSError:
-        pass
-    return {"cpu_model": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "system": f"{platform.system()} {platform.release()}",
-            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,11 +587,6 @@ def checks(name: str, rows: dict[str, dict]) -> dict[str, Any]:
 # Output
 
 
-def table(headers, rows) -> str:
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    fmt = lambda r: " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([fmt(cells[0]), "-+-".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]])
 
 
 def model_table(name: str, result: dict) -> str:

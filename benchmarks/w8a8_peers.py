@@ -249,7 +249,7 @@ def quality_sts(bundled, sessions: dict[str, Any], count: int | None, batch_size
     session, with `qcompiler.evaluate`'s batching (sentences sorted by length, batches of 16)."""
     import torch
 
-    from qcompiler.evaluate import read_sts, spearman
+    from qcompiler.evaluate import read_sts, spearman, unit_rows_in_order
 
     first, second, scores = read_sts(common.STS)
     if count:
@@ -264,12 +264,7 @@ def quality_sts(bundled, sessions: dict[str, Any], count: int | None, batch_size
             chunks["torch"].append(module(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy())
         for key, sess in sessions.items():
             chunks[key].append(sess.run(None, feeds)[0])
-    emb = {}
-    for key, parts in chunks.items():
-        e = np.empty((len(sentences), parts[0].shape[1]), np.float64)
-        e[order] = np.concatenate(parts)
-        e /= np.linalg.norm(e, axis=1, keepdims=True)
-        emb[key] = e
+    emb = {key: unit_rows_in_order(parts, order) for key, parts in chunks.items()}
     n = len(scores)
     out = {}
     for key, e in emb.items():
@@ -449,7 +444,6 @@ def bench_model(name: str, args, work: Path) -> dict[str, Any]:
     rows = {}
     f_lat = latency["float32"]["median_ms"]
     f_size = variants["float32"]["bytes"]
-    f_from = variants["float32"]["from_float_s"]
     f_wall = variants["float32"]["wall_s"]
     fq = quality["float32"]
     for key, v in variants.items():

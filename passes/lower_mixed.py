@@ -181,7 +181,6 @@ def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, 
     arrays = [v.const_value.numpy() if v is not None and v.const_value is not None else None for v in node.inputs]
     x, perm = node.inputs[0], arrays[1].astype(np.int64)
     k_total = len(perm)
-    n = None
     partial, routes = [], []
     for (kind, index, start, stop), bits, fast in zip(classes, a["bits"], nbits):
         args = arrays[2 + index : 2 + index + INPUTS_PER_KIND[kind]]

@@ -68,7 +68,7 @@ class _Stages(Instrument):
         self.float_stage = _copy(model)
 
     def after_pass(self, pass_, model: ir.Model, record: PassRecord) -> None:
-        if not qc_nodes(model):
+        if record.modified and not qc_nodes(model):  # an unchanged model needs no new copy
             self.float_stage = _copy(model)
 
 

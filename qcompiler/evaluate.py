@@ -136,15 +136,21 @@ def _sts(bundled, reference: Runner, compiled: Runner, path: Path, count, batch_
             bar.update()
     result = {"pairs": len(scores)}
     for key, chunks in emb.items():
-        e = np.empty((len(sentences), chunks[0].shape[1]), np.float64)
-        e[order] = np.concatenate(chunks)
-        e /= np.linalg.norm(e, axis=1, keepdims=True)
-        emb[key] = e
+        e = emb[key] = unit_rows_in_order(chunks, order)
         n = len(scores)
         result[f"spearman_{key}"] = round(100 * spearman(np.sum(e[:n] * e[n:], axis=1), scores), 3)
     result["spearman_drop"] = round(result["spearman_float"] - result["spearman_compiled"], 3)
     result["mean_cosine_float_vs_compiled"] = round(float(np.mean(np.sum(emb["float"] * emb["compiled"], axis=1))), 6)
     return result
+
+
+def unit_rows_in_order(chunks: list[np.ndarray], order: np.ndarray) -> np.ndarray:
+    """Embedding batches computed in `order` (sentences sorted by length), back in sentence order,
+    each row scaled to unit length."""
+    e = np.empty((len(order), chunks[0].shape[1]), np.float64)
+    e[order] = np.concatenate(chunks)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    return e
 
 
 def rankdata(x: np.ndarray) -> np.ndarray:

@@ -169,6 +169,16 @@ def heatmap_svg(layers: list[dict]) -> str:
     return "".join(parts) + note
 
 
+def _value_grid(lo: float, hi: float, left: float, right: float, y_of) -> list[str]:
+    """Horizontal grid lines with their value labels, for a chart whose values run from lo to hi."""
+    lines = []
+    for t in _nice_ticks(lo, hi):
+        y = y_of(t)
+        lines.append(f'<line x1="{left}" x2="{WIDTH - right}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_fmt(float(t), 1)}</text>')
+    return lines
+
+
 def error_bars_svg(layers: list[dict]) -> str:
     measured = [(i, layer) for i, layer in enumerate(layers) if layer.get("error")]
     if not measured:
@@ -186,10 +196,7 @@ def error_bars_svg(layers: list[dict]) -> str:
 
     parts = [(f'<svg id="errors" class="chart" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" height="{height}" '
              f'role="img" aria-label="per-layer output SQNR">')]
-    for t in _nice_ticks(lo, hi):
-        y = y_of(t)
-        parts.append(f'<line x1="{left}" x2="{WIDTH - right}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
-                     f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_fmt(float(t), 1)}</text>')
+    parts.extend(_value_grid(lo, hi, left, right, y_of))
     gap = 1 if step > 3 else 0
     for i, layer in measured:
         err = layer["error"]
@@ -231,10 +238,7 @@ def drift_svg(passes: list[dict]) -> str:
 
     parts = [(f'<svg id="drift" class="chart" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" height="{height}" '
              f'role="img" aria-label="output drift per pass">')]
-    for t in _nice_ticks(lo, hi):
-        y = y_of(t)
-        parts.append(f'<line x1="{left}" x2="{WIDTH - right}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
-                     f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{_fmt(float(t), 1)}</text>')
+    parts.extend(_value_grid(lo, hi, left, right, y_of))
     coords = []
     for i, p in points:
         v = p["drift"].get("sqnr_db")

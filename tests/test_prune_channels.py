@@ -2,7 +2,6 @@
 
 import numpy as np
 import onnx
-import pytest
 import torch
 
 import qcompiler

@@ -98,20 +98,20 @@ def Pow(a, b):
     return torch.pow(a, b).to(a.dtype)
 
 
-def Max(*xs):
+def _variadic(op, xs):
     out = xs[0]
     for x in xs[1:]:
         out, x = _pair(out, x)
-        out = torch.maximum(out, x)
+        out = op(out, x)
     return out
+
+
+def Max(*xs):
+    return _variadic(torch.maximum, xs)
 
 
 def Min(*xs):
-    out = xs[0]
-    for x in xs[1:]:
-        out, x = _pair(out, x)
-        out = torch.minimum(out, x)
-    return out
+    return _variadic(torch.minimum, xs)
 
 
 def Equal(a, b):
