@@ -22,13 +22,13 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 from qcompiler.errors import QualityGateError, UserError
+from qcompiler.passbase import did_you_mean
 
 try:  # Python 3.11+
     import tomllib
@@ -88,7 +88,7 @@ def parse_gates(fail_under: list[str] | None, fail_over: list[str] | None) -> li
                 raise UserError(f"{flag} takes METRIC=VALUE, got '{spec}'; e.g. {flag} {'sts-spearman=80' if higher else 'perplexity-ratio=1.05'}")
             metric = METRICS.get(name)
             if metric is None:
-                raise UserError(f"unknown metric '{name}' in {flag}{_nearest(name, METRICS)}; metrics: {', '.join(METRICS)}")
+                raise UserError(f"unknown metric '{name}' in {flag}{did_you_mean(name, METRICS)}; metrics: {', '.join(METRICS)}")
             try:
                 threshold = float(value)
             except ValueError:
@@ -162,7 +162,7 @@ def load_config(path: str | os.PathLike, known: dict[str, Any], path_keys: set[s
     for key, value in raw.items():
         dest = key.replace("-", "_")
         if dest not in known:
-            raise UserError(f"unknown key '{key}' in config file '{path}'{_nearest(key, valid)}; valid keys: {', '.join(valid)}")
+            raise UserError(f"unknown key '{key}' in config file '{path}'{did_you_mean(key, valid)}; valid keys: {', '.join(valid)}")
         options[dest] = _config_value(key, value, known[dest], path)
     for dest in path_keys & options.keys():
         if options[dest] is not None and not _is_bundled_or_factory(dest, options[dest]):
@@ -197,11 +197,6 @@ def _is_bundled_or_factory(dest: str, value: str) -> bool:
     from qcompiler import models
 
     return value in models.names() or (":" in value and not value.endswith(".onnx"))
-
-
-def _nearest(name: str, choices) -> str:
-    match = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 # ------------------------------------------------------------------------------------------------

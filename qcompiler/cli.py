@@ -176,6 +176,8 @@ def _cmd_compile(args) -> int:
     gates = buildstep.parse_gates(opts.fail_under, opts.fail_over)
     task = _task_of(opts.source) if gates else None
     buildstep.check_gates_apply(gates, task)
+    if opts.no_drift and any(g.metric.name == "output-cosine" for g in gates):
+        raise UserError("the output-cosine gate reads the drift measured after each pass; drop --no-drift")
     cache_dir = None if opts.no_cache else Path(opts.cache_dir) if opts.cache_dir else default_dir()
     if opts.dry_run:
         from qcompiler.compiler import resolved_pipeline
