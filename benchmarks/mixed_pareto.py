@@ -115,12 +115,6 @@ def quiet() -> None:
     warnings.filterwarnings("ignore")
 
 
-
-
-
-
-
-
 # --------------------------------------------------------------------------------------------
 # Data (calibration never overlaps evaluation)
 
@@ -585,8 +579,6 @@ def checks(name: str, rows: dict[str, dict]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------
 # Output
-
-
 
 
 def model_table(name: str, result: dict) -> str:

@@ -41,7 +41,6 @@ from qcompiler.mixed_ops import INPUTS_PER_KIND, class_slices, mixed_weight
 from qcompiler.ops import attributes_of
 
 
-
 def pack_bitplanes(codes: np.ndarray, bits: int) -> np.ndarray:
     """uint8 codes [K, N] -> uint8 [bits, ceil(K / 8), N]: plane p holds bit p, row r in bit r % 8."""
     k, n = codes.shape

@@ -8,6 +8,8 @@ valid token ids, masks and indices alike).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx_ir as ir
 
@@ -41,3 +43,17 @@ def synthetic_inputs(model: ir.Model, seed: int = SEED) -> dict[str, np.ndarray]
         else:
             feeds[value.name] = rng.integers(0, 2, shape).astype(dtype)
     return feeds
+
+
+def valid_positions(probe: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The [batch, sequence] positions that hold tokens, from a 0/1 `attention_mask` input; None
+    when the inputs have none or it masks nothing. Errors against the float model leave padding
+    positions out (the report's per-layer errors, learned rounding's block loss): the model never
+    reads them, and quantization moves their values arbitrarily."""
+    mask = probe.get("attention_mask")
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or not np.isin(mask, (0, 1)).all() or mask.all():
+        return None
+    return mask.astype(bool)

@@ -10,7 +10,10 @@ activations are carried over the calibration batches, block by block:
 
 For each block, the parameters of its `qc.MixedMatMul` classes are learned with Adam to minimise
 the mean squared error between the block's floating outputs on the quantized stream and the float
-targets, one calibration batch per step in a fixed seeded order:
+targets, one calibration batch per step in a fixed seeded order. Padding positions (where a 0/1
+`attention_mask` input says so) are left out of the error: the model never reads them.
+
+What is learned:
 
 - `flexround` (Lee et al., ICML 2023), uniform classes: `W_hat = s1 * (clip(round(W / (s1 * S2 *
   s3 * s4) + z), 0, 2^b - 1) - z)` per group `s1` (the stored scale, learned), element-wise `S2`,
@@ -42,6 +45,7 @@ from qcompiler.errors import UserError
 from qcompiler.layers import set_constant
 from qcompiler.mixed_ops import INPUTS_PER_KIND, class_slices, mixed_weight
 from qcompiler.ops import attributes_of
+from qcompiler.probe import valid_positions
 from qcompiler.progress import progress
 
 log = logging.getLogger(__name__)
@@ -183,12 +187,16 @@ class _Layer:
         return out
 
 
-def _mse(outputs: dict, targets: dict, names: list[str]):
+def _mse(outputs: dict, targets: dict, names: list[str], valid=None):
+    """Sum over `names` of each float output's mean squared error; over the token positions in
+    `valid` (a [batch, sequence] bool tensor) for outputs that lead with those two axes."""
     total = None
     for name in names:
         y, t = outputs[name], targets[name]
         if not t.is_floating_point():
             continue
+        if valid is not None and tuple(t.shape[:2]) == tuple(valid.shape):
+            y, t = y[valid], t[valid]
         term = ((y - t) ** 2).mean()
         total = term if total is None else total + term
     return total
@@ -224,7 +232,9 @@ def reconstruct(model: ir.Model, opts: Options) -> dict:
     start_all = time.perf_counter()
     per_block, totals = [], {"uniform": 0, "codebook": 0, "fp16": 0, "sparse_outliers": 0}
     # live activations per batch, by value name, for both streams
-    env_f = [{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()} for b in _rebatch(batches, opts.batch)]
+    rebatched = _rebatch(batches, opts.batch)
+    env_f = [{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()} for b in rebatched]
+    valid = [_token_positions(b) for b in rebatched]
     env_q = [dict(e) for e in env_f]
     needed_after = _last_uses(graph, blocks)
     total_steps = sum(opts.steps for b in blocks if any(n in mixed for n in b.layers))
@@ -234,7 +244,7 @@ def reconstruct(model: ir.Model, opts: Options) -> dict:
                 layers = [_Layer(n, opts.mode) for n in block.layers if n in mixed]
                 float_w = {id(l.node): l.w for l in layers}
                 keep = needed_after[block.index]
-                record = _learn_block(block, layers, float_w, env_f, env_q, constants, opts, rng, bar,
+                record = _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, rng, bar,
                                       start_all, len(blocks) - block.index, run_nodes, graph, keep, not per_block)
                 if record is not None:
                     per_block.append(record)
@@ -311,6 +321,14 @@ def _rebatch(batches, size: int) -> list[dict[str, np.ndarray]]:
     return out
 
 
+def _token_positions(batch: dict[str, np.ndarray]):
+    """The batch's non-padding [batch, sequence] positions as a bool tensor, or None (no mask)."""
+    import torch
+
+    mask = valid_positions(batch)
+    return None if mask is None else torch.from_numpy(mask)
+
+
 def _last_uses(graph: ir.Graph, blocks: list[Block]) -> dict[int, set[str]]:
     """Per block index: the names of values still read after that block (by later blocks)."""
     out = {}
@@ -321,7 +339,7 @@ def _last_uses(graph: ir.Graph, blocks: list[Block]) -> dict[int, set[str]]:
     return out
 
 
-def _learn_block(block, layers, float_w, env_f, env_q, constants, opts, rng, bar, start_all, blocks_left, run_nodes,
+def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, rng, bar, start_all, blocks_left, run_nodes,
                  graph, keep, first):
     import torch
 
@@ -363,8 +381,10 @@ def _learn_block(block, layers, float_w, env_f, env_q, constants, opts, rng, bar
         return lambda node: weights[id(node)] if id(node) in weights else float_weight(node)
 
     with torch.no_grad():
-        before = float(sum(_mse(forward(e, fixed(originals)), t, loss_names) for e, t in zip(env_q, targets))) / len(env_q)
-    energy = float(sum(_mse({k: torch.zeros_like(v) for k, v in t.items()}, t, loss_names) for t in targets)) / len(targets)
+        before = float(sum(_mse(forward(e, fixed(originals)), t, loss_names, m)
+                           for e, t, m in zip(env_q, targets, valid))) / len(env_q)
+    energy = float(sum(_mse({k: torch.zeros_like(v) for k, v in t.items()}, t, loss_names, m)
+                       for t, m in zip(targets, valid))) / len(targets)
     params = [p for l in layers for p in l.params]
     steps = 0
     if params:
@@ -386,7 +406,7 @@ def _learn_block(block, layers, float_w, env_f, env_q, constants, opts, rng, bar
             optimizer.zero_grad()
             for l in layers:
                 learned[id(l.node)] = l.learned_weight()
-            loss = _mse(forward(env_q[b], weight_of), targets[b], loss_names)
+            loss = _mse(forward(env_q[b], weight_of), targets[b], loss_names, valid[b])
             loss.backward()
             optimizer.step()
             steps += 1
@@ -405,9 +425,9 @@ def _learn_block(block, layers, float_w, env_f, env_q, constants, opts, rng, bar
     written = {id(l.node): l.reference_weight(arrays[id(l.node)]) for l in layers}
     def propagate(weights):
         total, outs = 0.0, []
-        for e, t in zip(env_q, targets):
+        for e, t, m in zip(env_q, targets, valid):
             o = forward(e, fixed(weights))
-            total += float(_mse(o, t, loss_names))
+            total += float(_mse(o, t, loss_names, m))
             outs.append({k: v for k, v in o.items() if k in keep})
         return total / len(env_q), outs
 

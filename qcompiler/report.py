@@ -37,6 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import execute
+from qcompiler.probe import valid_positions
 from qcompiler.errors import UserError
 from qcompiler.fileio import write_atomic
 from qcompiler.instruments import Drift
@@ -154,19 +155,6 @@ class Recorder(Drift):
                 continue  # a node a lowering made for part of a known layer
             info = self.layers.setdefault(out, {"output": out, "name": node.name or out, "op": node.op_type})
             _note_layer(node, info)
-
-
-def valid_positions(probe: Mapping[str, np.ndarray]) -> np.ndarray | None:
-    """The [batch, sequence] positions that hold tokens, from a 0/1 `attention_mask` input; None
-    when the probe has none. Padding positions are left out of the per-layer errors: the model
-    never reads them, and quantization moves their values arbitrarily."""
-    mask = probe.get("attention_mask")
-    if mask is None:
-        return None
-    mask = np.asarray(mask)
-    if mask.ndim != 2 or not np.isin(mask, (0, 1)).all() or mask.all():
-        return None
-    return mask.astype(bool)
 
 
 def run_exposing(model: ir.Model, feeds, names) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -144,3 +144,20 @@ def test_rebatch_never_mixes_calibration_batches():
     batches = [{"ids": np.zeros((3, 5), np.int64)}, {"ids": np.ones((2, 7), np.int64)}]
     out = _rebatch(batches, 2)
     assert [b["ids"].shape for b in out] == [(2, 5), (1, 5), (2, 7)]
+
+
+def test_block_loss_leaves_padding_positions_out():
+    import torch
+
+    from qcompiler.reconstruct import _mse, _token_positions
+
+    mask = np.array([[1, 1, 0], [1, 0, 0]], np.int64)
+    valid = _token_positions({"input_ids": np.zeros((2, 3), np.int64), "attention_mask": mask})
+    target = torch.zeros(2, 3, 4)
+    output = target.clone()
+    output[0, 2] = 100.0  # a padding position moved far
+    assert float(_mse({"y": output}, {"y": target}, ["y"], valid)) == 0.0
+    output[1, 0] = 2.0  # a token position moved
+    assert float(_mse({"y": output}, {"y": target}, ["y"], valid)) == pytest.approx(4.0 / 3.0)
+    assert float(_mse({"y": output}, {"y": target}, ["y"])) > 100.0
+    assert _token_positions({"attention_mask": np.ones((2, 3), np.int64)}) is None

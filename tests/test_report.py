@@ -11,6 +11,7 @@ import onnx.helper as oh
 import pytest
 
 import qcompiler
+from qcompiler import probe
 from qcompiler import report as reports
 from qcompiler.cli import main
 from qcompiler.report_html import BAR_COLOR, LINE_COLOR, bits_color, render
@@ -271,8 +272,8 @@ def test_padding_positions_are_left_out_of_layer_errors():
     recorder._compare(qcompiler.parse('<ir_version: 10, opset_import: ["" : 21]> g (float[1] X) => (float[1] Y) { Y = Identity (X) }'),
                       {"y": actual}, "quantize")
     assert recorder.layer_error["y"]["sqnr_db"] is None and recorder.layer_error["y"]["cosine"] == 1.0
-    assert reports.valid_positions({"attention_mask": np.ones((2, 3))}) is None
-    assert reports.valid_positions({"input_ids": mask}) is None
+    assert probe.valid_positions({"attention_mask": np.ones((2, 3))}) is None
+    assert probe.valid_positions({"input_ids": mask}) is None
 
 
 def test_clean_rounds_and_drops_non_finite():
