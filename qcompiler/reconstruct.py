@@ -224,6 +224,10 @@ def reconstruct(model: ir.Model, opts: Options) -> dict:
     blocks = blocks[: last + 1]
 
     threads_before = torch.get_num_threads()
+    deterministic_before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    # with more than one thread some CPU kernels otherwise sum in a run-dependent order, and the
+    # learned rounding (a long chain of steps) would differ from run to run
+    torch.use_deterministic_algorithms(True, warn_only=True)
     if ctx.threads:
         torch.set_num_threads(int(ctx.threads))
     torch.manual_seed(opts.seed)
@@ -262,6 +266,7 @@ def reconstruct(model: ir.Model, opts: Options) -> dict:
                 constants.cache.clear()
     finally:
         torch.set_num_threads(threads_before)
+        torch.use_deterministic_algorithms(deterministic_before[0], warn_only=deterministic_before[1])
     learned = [r for r in per_block if r["kept"] == "learned"]
     return {
         "mode": opts.mode,
