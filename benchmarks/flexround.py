@@ -9,8 +9,8 @@ compiled from that float `model.onnx` with the same calibration feeds (those of
 `benchmarks/mixed_pareto.py`: smollm2 28 windows of 128 tokens from the last quarter of the WikiText
 excerpt; minilm the first 128 sentences), 2 threads for torch and ONNX Runtime. Per budget B:
 
-- `rtn B`:  `calibrate,allocate-bits{avg-bits=B},quantize-weights,lower-ort` (the `mixed` preset);
-- `flex B`: the same with `--flex` (default `flexround{steps=200 time-budget=660}`) after
+- `rtn B`:  `calibrate,allocate-bits{avg-bits=B},quantize-weights,lower-ort` (allocate-bits' defaults, sparse outliers included);
+- `flex B`: the same with `--flex` (default `flexround{steps=500 time-budget=660}`) after
   `quantize-weights`; allocation and calibration are identical (both deterministic);
 - `scales B` (with `--variants rtn flex scales`): the same with `--scales` (default
   `tune-scales{steps=100 time-budget=330}`).
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import mixed_pareto as mp  # noqa: E402
 
-DEFAULT_FLEX = "flexround{steps=200 time-budget=660}"
+DEFAULT_FLEX = "flexround{steps=500 time-budget=660}"
 DEFAULT_SCALES = "tune-scales{steps=100 time-budget=330}"
 
 
