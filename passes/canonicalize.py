@@ -4,7 +4,9 @@ Steps, in order:
 1. Constants as initializers (`Constant` nodes holding tensors become initializers), so every
    weight is an initializer a pass can find by value.
 2. Constant folding (onnxscript's folder): subgraphs whose inputs are all constants are computed
-   once, e.g. a `Transpose` of a weight becomes the transposed weight.
+   once, e.g. a `Transpose` of a weight becomes the transposed weight. A weight folding creates
+   is named after the module that reads it, where the capture recorded one (`lm_head.weight`, not
+   `val_3790`).
 3. `Gemm` with a constant B becomes `MatMul` (+ `Add` for C): quantization works on the MatMul
    form `Y = X W + b` with `W` laid out `[K, N]`. `transB` and `alpha` are folded into a copy of
    the weight (or into the weight itself when nothing else reads it), `beta` into C.
@@ -23,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
+from qcompiler.capture import name_weights_after_modules
 from qcompiler.errors import first_line
 from qcompiler.layers import new_initializer, set_constant
 from qcompiler.passbase import Pass, PassResult, option, register_pass
@@ -59,6 +62,10 @@ class CanonicalizePass(Pass):
         modified = _run(ir_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16), model)
         modified |= _cast_like_to_cast(model) > 0
         modified |= _fold_constants(model, self.fold_limit)
+        renamed = name_weights_after_modules(model.graph)
+        if renamed:
+            stats["weights_named_after_modules"] = renamed
+            modified = True
         gemms = _gemm_to_matmul(model.graph)
         stats["gemm_to_matmul"] = gemms
         modified |= gemms > 0

@@ -95,8 +95,7 @@ def adopt_module_names(model: ir.Model) -> None:
 
     The exporter's other node metadata (stack traces with local file paths, FX node text) is
     dropped: it makes artifacts depend on where the source lives."""
-    graph = model.graph
-    for node in ir.traversal.RecursiveGraphIterator(graph):
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
         scopes = node.metadata_props.get(_TORCH_SCOPES)
         module = ""
         if scopes:
@@ -108,18 +107,33 @@ def adopt_module_names(model: ir.Model) -> None:
         node.metadata_props.clear()
         if module:
             node.metadata_props[SCOPE_KEY] = module
-        if module and node.op_type in _WEIGHT_READERS and len(node.inputs) > 1:
-            weight = node.inputs[1]
-            wanted = f"{module}.weight"
-            if (
-                weight is not None and weight.is_initializer() and weight.name.startswith("val_")
-                and wanted not in graph.initializers and len(weight.uses()) == 1
-            ):
-                graph.initializers.pop(weight.name)
-                weight.name = wanted
-                if weight.const_value is not None:
-                    weight.const_value.name = wanted
-                graph.register_initializer(weight)
+    name_weights_after_modules(model.graph)
+
+
+def name_weights_after_modules(graph: ir.Graph) -> int:
+    """Name each anonymous weight (`val_37`) that only a MatMul/Gemm/Conv of a known module reads
+    after that module (`lm_head.weight`, or `lm_head.matmul.weight` where that name is taken): those
+    the exporter made, and those constant folding makes later (a tied output projection reads the
+    transposed embedding, folded). Returns how many."""
+    renamed = 0
+    for node in graph:
+        module = node.metadata_props.get(SCOPE_KEY)
+        if not module or node.op_type not in _WEIGHT_READERS or len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        if weight is None or not weight.is_initializer() or not re.fullmatch(r"val_\d+", weight.name or "") or len(weight.uses()) != 1:
+            continue
+        # a tied output projection reads a folded copy of the embedding, which keeps `{module}.weight`
+        free = [n for n in (f"{module}.weight", f"{module}.{node.op_type.lower()}.weight") if n not in graph.initializers]
+        if not free:
+            continue
+        graph.initializers.pop(weight.name)
+        weight.name = free[0]
+        if weight.const_value is not None:
+            weight.const_value.name = free[0]
+        graph.register_initializer(weight)
+        renamed += 1
+    return renamed
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -47,3 +47,28 @@ def test_graph_output_name_is_kept():
     CanonicalizePass()(model)
     assert [v.name for v in model.graph.outputs] == ["Y", "Z"]
     assert isinstance(model.graph.outputs[0].producer(), ir.Node)
+
+
+TIED_OUTPUT = """
+<ir_version: 10, opset_import: ["" : 21]>
+g (int64[N] ids) => (float[N, 4] logits)
+<float[4,3] emb = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}>
+{
+  h = Gather (emb, ids)
+  val_7 = Transpose <perm = [1, 0]> (emb)
+  logits = MatMul (h, val_7)
+}
+"""
+
+
+def test_folded_weight_is_named_after_its_module():
+    from qcompiler.capture import SCOPE_KEY
+
+    model = parse(TIED_OUTPUT)
+    matmul = [n for n in model.graph if n.op_type == "MatMul"][0]
+    matmul.metadata_props[SCOPE_KEY] = "lm_head"  # what capture records from torch's module path
+    model.graph.initializers["emb"].name = "lm_head.weight"  # the tied parameter keeps the module's name
+    result = CanonicalizePass()(model)
+    assert result.stats["weights_named_after_modules"] == 1
+    assert matmul.inputs[1].name == "lm_head.matmul.weight"
+    assert matmul.inputs[1].shape == ir.Shape([3, 4])
