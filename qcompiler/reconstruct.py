@@ -223,17 +223,8 @@ def reconstruct(model: ir.Model, opts: Options) -> dict:
     last = max(b.index for b in blocks if any(n in mixed for n in b.layers))
     blocks = blocks[: last + 1]
 
-    threads_before = torch.get_num_threads()
-    deterministic_before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    # with more than one thread some CPU kernels otherwise sum in a run-dependent order, and the
-    # learned rounding (a long chain of steps) would differ from run to run
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    if ctx.threads:
-        torch.set_num_threads(int(ctx.threads))
-    torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
     constants = Constants()
-    start_all = time.perf_counter()
     per_block, totals = [], {"uniform": 0, "codebook": 0, "fp16": 0, "sparse_outliers": 0}
     # live activations per batch, by value name, for both streams
     rebatched = _rebatch(batches, opts.batch)
@@ -242,6 +233,16 @@ def reconstruct(model: ir.Model, opts: Options) -> dict:
     env_q = [dict(e) for e in env_f]
     needed_after = _last_uses(graph, blocks)
     total_steps = sum(opts.steps for b in blocks if any(n in mixed for n in b.layers))
+
+    threads_before = torch.get_num_threads()
+    deterministic_before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    # with more than one thread some CPU kernels otherwise sum in a run-dependent order, and the
+    # learned rounding (a long chain of steps) would differ from run to run
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if ctx.threads:
+        torch.set_num_threads(int(ctx.threads))
+    torch.manual_seed(opts.seed)
+    start_all = time.perf_counter()
     try:
         with progress(f"{opts.pass_name} ({len(blocks)} blocks)", total_steps) as bar:
             for block in blocks:
