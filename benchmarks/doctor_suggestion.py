@@ -2,6 +2,7 @@
 
     python benchmarks/doctor_suggestion.py                       # smollm2-135m at mixed{avg-bits=3}
     python benchmarks/doctor_suggestion.py --budget 3.25 --windows 4
+    python benchmarks/doctor_suggestion.py --probe-batches 2        # the doctor measures on 2 x 4 x 128 tokens
 
 For smollm2-135m: captures the float model once, runs `doctor` on `mixed{avg-bits=B}` (calibration:
 the same windows as `mixed_pareto.py`, never overlapping the evaluation text; the doctor measures on
@@ -36,6 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=3.0)
     parser.add_argument("--max-extra-bits", type=float, default=0.25)
     parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--probe-batches", type=int, default=1, help="calibration batches the doctor measures on (4 x 128 tokens each)")
     parser.add_argument("--out", type=Path, default=mp.RESULTS / "doctor_suggestion.json")
     args = parser.parse_args(argv)
     mp.quiet()
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
         mp.log(f"doctor {pipeline}")
         start = time.perf_counter()
         diagnosis = diagnose(str(float_path), pipeline, calibration=batches, threads=mp.THREADS,
-                             max_extra_bits=args.max_extra_bits, metric="kl")
+                             max_extra_bits=args.max_extra_bits, metric="kl", probe_batches=args.probe_batches)
         doctor_s = time.perf_counter() - start
         print(format_diagnosis(diagnosis))
         suggested = diagnosis["suggestion"]["pipeline"]
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
         print(f"suggestion: {diagnosis['suggestion']['change']}; recovers {recovered:.1%} of the perplexity gap "
               f"at {extra:+.4f} effective bits (target: >= 50% at <= +{args.max_extra_bits:g})")
     result = {
-        "model": MODEL, "pipeline": pipeline, "windows": args.windows, "calibration": calib_desc,
+        "model": MODEL, "pipeline": pipeline, "windows": args.windows, "calibration": calib_desc, "probe_batches": args.probe_batches,
         "doctor_seconds": round(doctor_s, 1), "diagnosis": diagnosis, "rows": rows,
         "gap_recovered": recovered, "extra_effective_bits": extra,
         "target_met": bool(recovered is not None and recovered >= 0.5 and extra <= args.max_extra_bits),

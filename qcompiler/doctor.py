@@ -283,10 +283,13 @@ def diagnose(
     cache_dir=None,
     probe_inputs: dict[str, np.ndarray] | None = None,
     metric: str = "auto",
+    probe_batches: int = 1,
 ) -> dict[str, Any]:
     """Run the pipeline, rank layers and passes by what they cost, and suggest a pipeline change.
-    The error is measured on `probe_inputs`; by default the first calibration batch (more data
-    than the probe batch drift uses), else the source's probe batch (`qcompiler.probe`).
+    The error is measured on `probe_inputs`; by default the first `probe_batches` calibration
+    batches joined into one (more data than the probe batch drift uses: each run costs in
+    proportion, and one batch's measurements are noisy), else the source's probe batch
+    (`qcompiler.probe`).
     `metric`: "mse", "kl", or "auto" (kl for a bundled causal LM, mse otherwise)."""
     from qcompiler import probe
     from qcompiler.capture import resolve
@@ -295,6 +298,8 @@ def diagnose(
 
     if not 0.0 < max_extra_bits <= 8.0:
         raise UserError(f"doctor: --max-extra-bits must be in (0, 8], got {max_extra_bits}")
+    if isinstance(probe_batches, bool) or not isinstance(probe_batches, int) or probe_batches < 1:
+        raise UserError(f"doctor: --probe-batches must be a positive integer, got {probe_batches}")
     if metric not in ("auto", *METRICS):
         raise UserError(f"doctor: --metric must be auto, {' or '.join(METRICS)}, got '{metric}'")
     full = complete_pipeline(parse_pipeline(pipeline), "ort")
@@ -303,7 +308,7 @@ def diagnose(
     model, source_info = resolve(source)
     batches = calibration_batches(calibration, calib_count, model, source_info)
     drift_feeds = probe.inputs_for(model, source_info)
-    feeds = probe_inputs if probe_inputs is not None else dict(batches[0]) if batches else drift_feeds
+    feeds = probe_inputs if probe_inputs is not None else joined(batches[:probe_batches]) if batches else drift_feeds
     if metric == "auto":
         metric = "kl" if getattr(source_info.bundled, "task", None) == "perplexity" else "mse"
     ctx = CompileContext(calibration=batches, calibration_source=str(calibration or ""), source=source_info,
@@ -364,6 +369,17 @@ def diagnose(
         "passes": _pass_costs(records),
         "suggestion": suggestion,
     }
+
+
+def joined(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Calibration batches as one batch (stacked along the first axis of every input)."""
+    if len(batches) == 1:
+        return dict(batches[0])
+    shapes = {tuple(tuple(np.shape(a)[1:]) for _, a in sorted(b.items())) for b in batches}
+    if len(shapes) > 1 or {frozenset(b) for b in batches} != {frozenset(batches[0])}:
+        raise UserError("doctor: the calibration batches to join differ in inputs or shape (padded to different "
+                        "lengths); give --probe-batches 1, or calibration data of one length")
+    return {name: np.concatenate([np.asarray(b[name]) for b in batches]) for name in batches[0]}
 
 
 def _layer_bits(records: list[PassRecord]) -> dict[str, float]:

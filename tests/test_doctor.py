@@ -7,7 +7,7 @@ import pytest
 from qcompiler import execute
 from qcompiler.cli import main
 from qcompiler.context import CompileContext, using
-from qcompiler.doctor import Switchboard, _Stages, diagnose, quantized_layers
+from qcompiler.doctor import Switchboard, _Stages, diagnose, joined, quantized_layers
 from qcompiler.errors import UserError
 from qcompiler.ir import parse
 from qcompiler.pass_manager import run_pipeline
@@ -102,7 +102,7 @@ def test_cli_apply_writes_a_pipeline_file_that_compile_accepts(tmp_path, capsys)
     applied = tmp_path / "suggested.pipeline"
     pipeline = "calibrate,allocate-bits{avg-bits=4 group-size=32},quantize-weights"
     assert main(["-q", "doctor", str(model_path), "--pipeline", pipeline, "--calib", str(calib),
-                 "--max-extra-bits", "3", "--apply", str(applied)]) == 0
+                 "--max-extra-bits", "3", "--probe-batches", "2", "--apply", str(applied)]) == 0
     out = capsys.readouterr().out
     assert "ranked by the error recovered" in out and "suggestion: keep " in out
     assert applied.read_text().startswith("# suggested by qcompiler doctor")
@@ -149,3 +149,15 @@ def test_kl_metric_is_zero_in_float_and_positive_quantized():
     assert board.error({"A", "B"}) > 0 and board.error({"A"}) > 0
     with pytest.raises(UserError, match="--metric must be auto, mse or kl"):
         diagnose(_mlp(), "calibrate,quantize", calibration=[synthetic_inputs(_mlp())], metric="l2")
+
+
+def test_probe_batches_are_joined_and_mismatched_ones_refused():
+    model = _mlp()
+    data = [synthetic_inputs(model, seed=s) for s in range(4)]
+    assert diagnose(_mlp(), "calibrate,quantize", calibration=data, probe_batches=3)["measured_on"] == {
+        "X": [3 * data[0]["X"].shape[0], 256]}
+    padded_differently = [{"input_ids": np.zeros((2, 5), np.int64)}, {"input_ids": np.zeros((2, 7), np.int64)}]
+    with pytest.raises(UserError, match="differ in inputs or shape"):
+        joined(padded_differently)
+    with pytest.raises(UserError, match="--probe-batches must be a positive integer"):
+        diagnose(_mlp(), "calibrate,quantize", calibration=data, probe_batches=0)
