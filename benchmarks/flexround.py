@@ -79,12 +79,11 @@ def run_model(name: str, args, work: Path) -> dict:
             mp.log(f"{name}: {label}: {metric} {row[metric]} ({row['effective_bits']} bits, {row['compile_s']} s)")
             rows[label] = row
             mp._drop(row, args)
-        rtn, flex = rows.get(f"rtn {budget:g}", {}), rows.get(f"flex {budget:g}", {})
+        rtn = rows.get(f"rtn {budget:g}", {})
         for label in (f"flex {budget:g}", f"scales {budget:g}"):
             row = rows.get(label, {})
             if metric in row and metric in rtn and rtn[metric] != rows["float32"][metric]:
                 row["gap_recovered"] = round((rtn[metric] - row[metric]) / (rtn[metric] - rows["float32"][metric]), 4)
-        del flex
     return {"metric": metric, "calibration": calib_desc, "rows": rows,
             "float_compile": {"weights": float_result.manifest["weights"]}}
 

@@ -94,6 +94,7 @@ class LowerOrtPass(Pass):
         level = nbits_accuracy_level() if self.accuracy_level == "auto" else int(self.accuracy_level)
         lowerings = dict(_LOWERINGS, MixedMatMul=lambda g, n, _: lower_mixed_matmul(g, n, level, self.mixed_route))
         counts: dict[str, int] = {}
+        mixed = False
         unfused = unfuse(graph)
         if unfused:
             counts["unfused"] = unfused
@@ -105,7 +106,8 @@ class LowerOrtPass(Pass):
                 continue
             route = lower(graph, node, signed)
             counts[route] = counts.get(route, 0) + 1
-        if counts.keys() & _MIXED_ROUTES or any(r.startswith("split") for r in counts):
+            mixed |= node.op_type == "MixedMatMul"
+        if mixed:
             remove_unused(model)  # the qc op's class initializers, re-stored in the lowered form
         if counts and "qc" in model.opset_imports and not any(n.domain == "qc" for n in graph):
             del model.opset_imports["qc"]
@@ -278,7 +280,6 @@ def _lower_channel_scale(graph: ir.Graph, node: ir.Node, signed: bool) -> str:
     return "Mul(channel scale)"
 
 
-_MIXED_ROUTES = {"MixedMatMul(packed, expanded at load)"}
 
 _LOWERINGS = {
     "ChannelScale": _lower_channel_scale,

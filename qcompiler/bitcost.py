@@ -32,7 +32,6 @@ SPARSE_BITS_SPLIT = 32 + 32  # float32 correction + two uint16 indices (MatMulNB
 PERM_BITS = 16
 GROUP_BITS = 32  # fp16 scale + fp16 zero point per group and column
 NBITS = (2, 4, 8)  # widths ONNX Runtime's MatMulNBits CPU kernel runs (1.32: "Only 2b, 4b and 8b")
-ZERO_POINTS = ("fractional", "integer", "auto")
 
 
 def integer_zero_points(bits: int, zero_points: str) -> bool:

@@ -326,9 +326,9 @@ def diagnose(
         high_records = []
         if boosted is not None and layers:
             log.info("doctor: the pipeline again at %g average bits, for the boost option", allocator.avg_bits + BOOST_BITS)
-            high_stages = _Stages()
-            high_records = run_pipeline(original, boosted, [high_stages])
-            high = {layer.name: layer for layer in quantized_layers(high_stages.float_stage, original)[0]}
+            # only allocate-bits differs, so the float stage is the first run's
+            high_records = run_pipeline(original, boosted, [])
+            high = {layer.name: layer for layer in quantized_layers(stages.float_stage, original)[0]}
             for layer in layers:
                 if layer.name in high:
                     layer.w_high = high[layer.name].w_quant

@@ -51,7 +51,6 @@ from qcompiler.progress import progress
 log = logging.getLogger(__name__)
 
 FLOAT_WEIGHT_KEY = "qc.float_weight"  # node.meta: the float weight [K, N] (original row order) of a qc.MixedMatMul
-TARGET_CACHE_BYTES = 512 << 20  # float targets of one block kept in memory up to this size, recomputed beyond
 
 
 @dataclasses.dataclass
@@ -231,7 +230,7 @@ def reconstruct(model: ir.Model, opts: Options) -> dict:
     env_f = [{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()} for b in rebatched]
     valid = [_token_positions(b) for b in rebatched]
     env_q = [dict(e) for e in env_f]
-    needed_after = _last_uses(graph, blocks)
+    needed_after = _last_uses(blocks)
     total_steps = sum(opts.steps for b in blocks if any(n in mixed for n in b.layers))
 
     threads_before = torch.get_num_threads()
@@ -335,7 +334,7 @@ def _token_positions(batch: dict[str, np.ndarray]):
     return None if mask is None else torch.from_numpy(mask)
 
 
-def _last_uses(graph: ir.Graph, blocks: list[Block]) -> dict[int, set[str]]:
+def _last_uses(blocks: list[Block]) -> dict[int, set[str]]:
     """Per block index: the names of values still read after that block (by later blocks)."""
     out = {}
     later: set[str] = set()

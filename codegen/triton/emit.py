@@ -56,8 +56,6 @@ MANIFEST_SCHEMA = "qcompiler.triton-manifest/1"
 HERE = Path(__file__).resolve().parent
 KERNEL_BITS = (2, 3, 4, 8)
 PACK_ROWS = 32
-ACTS = ("none", "relu", "gelu", "gelu_tanh", "silu")
-
 # ONNX op -> attributes it may carry (name -> kind); an op absent here is not lowered
 ONNX_OPS: dict[str, dict[str, str]] = {
     **{op: {} for op in (
@@ -319,9 +317,7 @@ class Emitter:
         return False
 
     def _mixed_n(self, node: ir.Node) -> int:
-        first = self.const_of(node.inputs[2])
-        attrs = ops.attributes_of(node)
-        return first.shape[1] if attrs["kinds"][0] != "codebook" else first.shape[1]
+        return self.const_of(node.inputs[2]).shape[1]
 
     def quantized_input(self, x: ir.Value, aq: dict) -> tuple[str, str]:
         """int8 codes and the per-row scale vector of X, computed once per (value, grid)."""
@@ -1018,7 +1014,7 @@ def emit(model: ir.Model, directory: Path, manifest: dict[str, Any]) -> list[Pat
     triton_version = check_triton()
     em = Emitter(model)
     body = em.run()
-    model_src = (_MODEL_HEAD + (HERE / "runtime.py").read_text().replace("import torch\n", "import torch\n", 1)
+    model_src = (_MODEL_HEAD + (HERE / "runtime.py").read_text()
                  + "\n\nR = __import__('sys').modules[__name__]\n"
                  + "try:\n    from . import kernels as K\nexcept ImportError as exc:\n"
                  + "    raise ImportError(f\"this package needs triton: pip install triton ({exc})\") from None\n"
