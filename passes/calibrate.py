@@ -37,7 +37,7 @@ from qcompiler.calib_cache import collect_cached
 from qcompiler.calibration import CALIBRATION_KEY, METHODS, STATS_KEY, batch_size_of, quantizable_inputs, summary
 from qcompiler.errors import UserError
 from qcompiler.progress import progress
-from qcompiler.passbase import Pass, PassResult, option, register_pass
+from qcompiler.passbase import STATS_CURRENT, Pass, PassResult, option, register_pass
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ class CalibratePass(Pass):
     """Collect per-channel activation statistics on calibration data (absmax, mean |x|, mean x^2, histogram)."""
 
     name = "calibrate"
-    provided = frozenset({"calibrated"})
+    provided = frozenset({"calibrated", STATS_CURRENT})
+    keeps_activation_stats = True
 
     method: Literal["minmax", "percentile", "entropy", "mse"] = option(
         "minmax", "activation clipping rule later passes apply: minmax, percentile, entropy (KL) or mse"

@@ -26,6 +26,7 @@ import onnx_ir as ir
 from qcompiler.calibration import STATS_KEY
 from qcompiler.layers import CREATED_BY, bypass, new_initializer, remove_unused, set_constant
 from qcompiler.passbase import Pass, PassResult, register_pass
+from qcompiler.passes.smooth import SMOOTHED_KEY
 
 
 @register_pass
@@ -35,6 +36,7 @@ class FoldScalesPass(Pass):
 
     name = "fold-scales"
     provided = frozenset({"folded"})
+    keeps_activation_stats = True  # a folded tensor takes over the smoothed tensor's statistics
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
@@ -74,6 +76,7 @@ def _axis(node: ir.Node) -> int:
 def _to_mul(graph: ir.Graph, node: ir.Node) -> None:
     """An unfoldable ChannelScale over the last axis is exactly a broadcasting Mul."""
     mul = ir.node("Mul", list(node.inputs), name=node.name, metadata_props={CREATED_BY: "fold-scales"})
+    _move_stats(node.outputs[0], mul.outputs[0])
     ir.convenience.replace_nodes_and_values(graph, node, [node], [mul], [node.outputs[0]], [mul.outputs[0]])
 
 
@@ -91,9 +94,19 @@ def _fold_smoothing(graph: ir.Graph, mul: ir.Node) -> str | None:
     fold = _FOLDERS.get(producer.op_type)
     if fold is None or producer.domain not in ("", "ai.onnx") or not fold(graph, producer, c):
         return f"producer {producer.op_type} cannot absorb a per-channel scale"
+    _move_stats(mul.outputs[0], x)  # X now holds X / s
     bypass(graph, mul, x)
-    x.meta.pop(STATS_KEY, None)  # X now holds X / s: statistics of X are stale
     return None
+
+
+def _move_stats(source: ir.Value, target: ir.Value) -> None:
+    """`target` now holds what `source` held: it takes `source`'s statistics and smoothed flag,
+    or drops its own."""
+    for key in (STATS_KEY, SMOOTHED_KEY):
+        if key in source.meta:
+            target.meta[key] = source.meta[key]
+        else:
+            target.meta.pop(key, None)
 
 
 def _scale_constant(graph: ir.Graph, node: ir.Node, index: int, c: np.ndarray, axis: int = -1) -> bool:
@@ -195,5 +208,6 @@ def _fold_batchnorm(graph: ir.Graph, bn: ir.Node) -> bool:
         b_value = new_initializer(graph, f"{conv.name or conv.outputs[0].name}.bias", new_b)
         conv.resize_inputs(3)
         conv.replace_input_with(2, b_value)
+    _move_stats(bn.outputs[0], x)  # the Conv's output now holds what the BatchNorm's held
     bypass(graph, bn, x)
     return True

@@ -8,8 +8,10 @@ Activations, before each quantized layer's input, one `qc.QuantizeActivation` pe
 the layers that read it):
 - `static` (default): per tensor, asymmetric: [lo, hi] from calibration with the method
   `calibrate` was given (minmax, percentile, entropy, mse), scale = (hi - lo) / 255,
-  zero_point = round(-128 - lo / scale). The statistics are collected again on the graph as it is
-  now, so ranges see what `smooth` and `fold-scales` did. Each input's quantization SQNR on the
+  zero_point = round(-128 - lo / scale). The ranges must see what `smooth` and `fold-scales` did:
+  for minmax, when only those passes ran since `calibrate`, the attached statistics (which they
+  rescale exactly, per channel) give the range; otherwise, and for the histogram methods, the
+  statistics are collected again on the graph as it is now. Each input's quantization SQNR on the
   calibration rows is recorded; `float-inputs=N` keeps the N worst in float (weights still int8).
 - `dynamic`: per tensor, computed at run time (ONNX Runtime's dynamic quantization).
 - `per-token`: one symmetric scale per row, computed at run time (ZeroQuant, Yao et al. 2022).
@@ -29,7 +31,7 @@ from qcompiler.calib_cache import collect_cached
 from qcompiler.errors import UserError
 from qcompiler.ops import QC_OPSET_VERSION
 from qcompiler.layers import CREATED_BY, insert_after_value, linears, new_initializer
-from qcompiler.passbase import Pass, PassResult, option, register_pass
+from qcompiler.passbase import STATS_CURRENT, Pass, PassResult, model_properties, option, register_pass
 
 QMAX = 127
 MINMAX_BINS = 64
@@ -76,9 +78,9 @@ class QuantizePass(Pass):
         if not targets:
             return PassResult(model, False, {"layers": 0})
         model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
-        ranges, act_sqnr = {}, {}
+        ranges, act_sqnr, recollected = {}, {}, 0
         if self.activations == "int8" and self.act_mode == "static":
-            ranges, act_sqnr = _static_ranges(model, targets)
+            ranges, act_sqnr, recollected = _static_ranges(model, targets)
         worst_first = sorted(act_sqnr, key=lambda name: (np.inf if act_sqnr[name] is None else act_sqnr[name], name))
         in_float = set(worst_first[: self.float_inputs])
         quantized_inputs: dict[str, ir.Value] = {}
@@ -99,6 +101,7 @@ class QuantizePass(Pass):
         stats = {
             "layers": len(targets),
             "activations_quantized": len(quantized_inputs),
+            "activation_ranges_recollected": recollected,
             "activations_in_float": sorted(in_float),
             "kept_in_float": sorted(t.w.name for t in found if t not in targets),
             "per_layer": layer_stats,
@@ -173,20 +176,35 @@ def asymmetric_params(lo: float, hi: float) -> tuple[float, int]:
     return float(np.float32(scale)), zero_point
 
 
-def _static_ranges(model: ir.Model, targets: list[Target]) -> tuple[dict, dict]:
+def _static_ranges(model: ir.Model, targets: list[Target]) -> tuple[dict, dict, int]:
     """Per activation: the calibrated [lo, hi], and the SQNR (dB) of int8 quantization with it on
-    the calibration sample rows."""
-    ctx = context.current()
-    batches = ctx.require_calibration("quantize")
+    the calibration sample rows; and how many activations had to be run again on calibration data."""
     config = model.meta.get(calibration.CALIBRATION_KEY, {})
-    tensors = {t.x.name: t.channel_axis for t in targets}
     method = config.get("method", "minmax")
-    bins = config.get("bins", 2048) if method != "minmax" else MINMAX_BINS  # min-max reads no histogram
-    stats = collect_cached(model, batches, tensors, cache_dir=ctx.cache_dir, threads=ctx.threads, bins=bins)
+    stats = current_minmax_stats(model, targets) if method == "minmax" else {}
+    missing = {t.x.name: t.channel_axis for t in targets if t.x.name not in stats}
+    if missing:
+        ctx = context.current()
+        batches = ctx.require_calibration("quantize")
+        bins = config.get("bins", 2048) if method != "minmax" else MINMAX_BINS  # min-max reads no histogram
+        stats.update(collect_cached(model, batches, missing, cache_dir=ctx.cache_dir, threads=ctx.threads, bins=bins))
     percentile = config.get("percentile", 99.99)
     ranges = {name: s.clip_range(method, percentile=percentile) for name, s in stats.items()}
     sqnr = {name: activation_sqnr(stats[name].sample, *ranges[name]) for name in stats}
-    return ranges, sqnr
+    return ranges, sqnr, len(missing)
+
+
+def current_minmax_stats(model: ir.Model, targets: list[Target]) -> dict[str, calibration.TensorStats]:
+    """The attached statistics of the targets' activations, when every pass since `calibrate` kept
+    them exact (`smooth` and `fold-scales` rescale them): the min-max range needs no new run."""
+    if STATS_CURRENT not in model_properties(model):
+        return {}
+    found = {}
+    for t in targets:
+        stats = t.x.meta.get(calibration.STATS_KEY)
+        if stats is not None and stats.channel_axis == t.channel_axis:
+            found[t.x.name] = stats
+    return found
 
 
 def activation_sqnr(sample: np.ndarray, lo: float, hi: float) -> float | None:

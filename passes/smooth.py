@@ -46,6 +46,7 @@ class SmoothPass(Pass):
     name = "smooth"
     required = frozenset({"calibrated"})
     provided = frozenset({"smoothed"})
+    keeps_activation_stats = True  # the smoothed tensor gets the statistics scaled exactly
 
     alpha: float | Literal["auto"] = option(0.5, "migration strength in [0, 1], or auto (per-layer grid search)")
 
@@ -84,6 +85,8 @@ def _smooth_group(graph: ir.Graph, group: list[Linear], stats, alpha) -> dict:
     mul.outputs[0].name = f"{x.name}.smoothed"
     mul.outputs[0].type = x.type
     mul.outputs[0].shape = x.shape
+    mul.outputs[0].meta[STATS_KEY] = stats.scaled(inverse.const_value.numpy())
+    mul.outputs[0].meta[SMOOTHED_KEY] = True
     insert_after_value(graph, x, mul)
     x.meta[SMOOTHED_KEY] = True  # its readers now see X / s: never smooth them twice
     for layer, w in zip(group, weights):

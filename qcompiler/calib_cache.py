@@ -36,8 +36,8 @@ from qcompiler.fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = "qcompiler.calibration-cache/1"
-_ARRAYS = ("absmax", "mean_abs", "mean_sq", "sample")
+CACHE_VERSION = "qcompiler.calibration-cache/2"
+_ARRAYS = ("absmax", "channel_min", "channel_max", "mean_abs", "mean_sq", "sample")
 
 
 def default_dir() -> Path:

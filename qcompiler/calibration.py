@@ -2,8 +2,8 @@
 every activation that a quantized MatMul / Gemm / Conv will read.
 
 What is kept for one activation tensor (`TensorStats`), all O(channels) in memory, never
-O(tokens): per channel absmax, mean |x| and mean x^2 (the channel energy `E_k` of METHODS.md);
-per tensor min, max and a streaming histogram; and a small deterministic sample of rows (channel
+O(tokens): per channel min, max, absmax, mean |x| and mean x^2 (the channel energy `E_k` of
+METHODS.md); per tensor min, max and a streaming histogram; and a small deterministic sample of rows (channel
 vectors) for later per-layer searches (SmoothQuant's alpha, error estimates).
 
 `collect` runs the graph in ONNX Runtime on a copy of the model whose wanted intermediate values
@@ -195,12 +195,14 @@ class TensorStats:
 
     channel_axis: int  # -1 for MatMul/Gemm inputs (channel = last axis), 1 for Conv inputs (NCHW)
     absmax: np.ndarray  # [C] float64, max |x| per channel
+    channel_min: np.ndarray  # [C] float64, min x per channel
+    channel_max: np.ndarray  # [C] float64, max x per channel
     mean_abs: np.ndarray  # [C] float64, mean |x| per channel
     mean_sq: np.ndarray  # [C] float64, mean x^2 per channel (channel energy E_k)
     count: int  # elements seen per channel (rows)
     min: float
     max: float
-    histogram: Histogram
+    histogram: Histogram | None  # None for statistics derived by `scaled` (a histogram does not rescale per channel)
     sample: np.ndarray  # [S, C] float32, deterministic subsample of rows
     _ranges: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -211,7 +213,23 @@ class TensorStats:
     @property
     def nbytes(self) -> int:
         """Bytes held by the arrays (what grows with channels; nothing grows with tokens)."""
-        return self.absmax.nbytes + self.mean_abs.nbytes + self.mean_sq.nbytes + self.histogram.nbytes + self.sample.nbytes
+        arrays = (self.absmax, self.channel_min, self.channel_max, self.mean_abs, self.mean_sq, self.sample)
+        return sum(a.nbytes for a in arrays) + (self.histogram.nbytes if self.histogram is not None else 0)
+
+    def scaled(self, factor: np.ndarray) -> TensorStats:
+        """The statistics of this tensor times a positive per-channel `factor`, derived exactly
+        (what `smooth` does to a tensor): everything but the histogram, so only the `minmax`
+        range can be taken from the result."""
+        c = np.asarray(factor, np.float64).reshape(-1)
+        if c.shape != self.absmax.shape or not np.all(c > 0):
+            raise ValueError(f"scaled: need {self.channels} positive factors, got shape {c.shape}")
+        lo, hi = self.channel_min * c, self.channel_max * c
+        return TensorStats(
+            channel_axis=self.channel_axis, absmax=self.absmax * c, channel_min=lo, channel_max=hi,
+            mean_abs=self.mean_abs * c, mean_sq=self.mean_sq * c * c, count=self.count,
+            min=float(lo.min()), max=float(hi.max()), histogram=None,
+            sample=(self.sample * c.astype(np.float32)).astype(np.float32),
+        )
 
     def outlier_ratio(self) -> float | None:
         """max channel absmax / median channel absmax (None when the median is 0)."""
@@ -229,6 +247,8 @@ class TensorStats:
                 a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
                 for a, b in (
                     (self.absmax, other.absmax),
+                    (self.channel_min, other.channel_min),
+                    (self.channel_max, other.channel_max),
                     (self.mean_abs, other.mean_abs),
                     (self.mean_sq, other.mean_sq),
                     (self.sample, other.sample),
@@ -253,10 +273,12 @@ class TensorStats:
     def _compute_range(self, method: str, percentile: float, bits: int, symmetric: bool) -> tuple[float, float]:
         lo, hi = min(self.min, 0.0), max(self.max, 0.0)
         absmax = max(-lo, hi)
-        if absmax == 0.0 or self.histogram.exponent is None:
+        if absmax == 0.0:
             return (0.0, 0.0)
         if method == "minmax":
             return (-absmax, absmax) if symmetric else (lo, hi)
+        if self.histogram is None:
+            raise ValueError(f"the {method} range needs a histogram, and derived statistics have none; collect them again")
         if method == "percentile":
             if symmetric:
                 t = _quantile(self.histogram.folded(), self.histogram.width, 0.0, percentile / 100.0)
@@ -528,7 +550,7 @@ class Accumulator:
         self.histogram = Histogram(bins)
         self.channels: int | None = None
         self.rows = 0
-        self.absmax = self.sum_abs = self.sum_sq = None
+        self.absmax = self.channel_min = self.channel_max = self.sum_abs = self.sum_sq = None
         self.min, self.max = math.inf, -math.inf
         # The sample: `filled` slots of fixed buffers, in no particular order (sorted at finish).
         self._filled = 0
@@ -548,6 +570,8 @@ class Accumulator:
         if self.channels is None:
             self.channels = channels
             self.absmax = np.zeros(channels, dtype=np.float64)
+            self.channel_min = np.full(channels, np.inf)
+            self.channel_max = np.full(channels, -np.inf)
             self.sum_abs = np.zeros(channels, dtype=np.float64)
             self.sum_sq = np.zeros(channels, dtype=np.float64)
             self._sample = np.zeros((self.sample_rows, channels), dtype=np.float32)
@@ -566,6 +590,8 @@ class Accumulator:
                 "on these inputs: check the calibration data"
             )
         others = tuple(i for i in range(x.ndim) if i != axis)
+        np.minimum(self.channel_min, x64.min(axis=others), out=self.channel_min)
+        np.maximum(self.channel_max, x64.max(axis=others), out=self.channel_max)
         ax = np.abs(x64)
         np.maximum(self.absmax, ax.max(axis=others), out=self.absmax)
         self.sum_abs += ax.sum(axis=others)
@@ -615,6 +641,8 @@ class Accumulator:
         return TensorStats(
             channel_axis=self.channel_axis,
             absmax=self.absmax.copy(),
+            channel_min=self.channel_min.copy(),
+            channel_max=self.channel_max.copy(),
             mean_abs=self.sum_abs / self.rows,
             mean_sq=self.sum_sq / self.rows,
             count=self.rows,

@@ -8,6 +8,11 @@ what the pass did.
 
 Properties a model has are recorded in its `metadata_props` under `PROPERTIES_KEY`, so a model
 that was saved half-way through a pipeline still knows it is, say, `calibrated`.
+
+`STATS_CURRENT` says that the activation statistics `calibrate` attached still describe the tensors
+they sit on. Every pass drops it unless it declares `keeps_activation_stats` (it changes no
+activation, or updates the statistics of those it changes exactly), so a new pass that changes
+numerics can never leave stale statistics trusted.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import onnx_ir as ir
 from qcompiler.errors import UserError
 
 PROPERTIES_KEY = "qcompiler.properties"
+STATS_CURRENT = "activation-stats-current"
 
 
 @dataclasses.dataclass
@@ -40,6 +46,7 @@ class Pass(ir.passes.InPlacePass):
     provided: ClassVar[frozenset[str]] = frozenset()
     # Properties that no longer hold after this pass (e.g. a lowering removes `qc` ops).
     invalidated: ClassVar[frozenset[str]] = frozenset()
+    keeps_activation_stats: ClassVar[bool] = False
 
     def requires(self, model: ir.Model) -> None:
         missing = self.required - model_properties(model)
@@ -50,6 +57,8 @@ class Pass(ir.passes.InPlacePass):
 
     def ensures(self, model: ir.Model) -> None:
         props = (model_properties(model) - self.invalidated) | self.provided
+        if not self.keeps_activation_stats:
+            props -= {STATS_CURRENT}
         set_model_properties(model, props)
 
     @classmethod

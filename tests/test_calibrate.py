@@ -138,6 +138,8 @@ def test_stats_match_numpy_over_all_data():
         st = stats[name]
         rtol = 1e-12 if name == "X" else 1e-5  # R is recomputed here in numpy, not by ORT
         np.testing.assert_allclose(st.absmax, np.abs(ref).max(0), rtol=rtol)
+        np.testing.assert_allclose(st.channel_min, ref.min(0), rtol=rtol)
+        np.testing.assert_allclose(st.channel_max, ref.max(0), rtol=rtol)
         np.testing.assert_allclose(st.mean_abs, np.abs(ref).mean(0), rtol=rtol)
         np.testing.assert_allclose(st.mean_sq, (ref**2).mean(0), rtol=rtol)
         assert st.count == ref.shape[0] == 7 * 4 * 5
@@ -149,6 +151,22 @@ def test_stats_match_numpy_over_all_data():
     flat = _reference(xs, -1).astype(np.float32)
     for row in stats["X"].sample:
         assert (flat == row).all(axis=1).any()
+
+
+def test_scaled_stats_are_the_stats_of_the_scaled_data():
+    model, _ = mlp()
+    batches = mlp_batches(3)
+    stats = collect(model, batches, {"X": -1}, sample_rows=16, bins=256)["X"]
+    c = np.linspace(0.25, 4.0, batches[0]["X"].shape[-1])
+    scaled = collect(model, [{"X": (b["X"] * c).astype(np.float32)} for b in batches], {"X": -1}, sample_rows=16, bins=256)["X"]
+    derived = stats.scaled(c)
+    for field in ("absmax", "channel_min", "channel_max", "mean_abs", "mean_sq", "sample"):
+        np.testing.assert_allclose(getattr(derived, field), getattr(scaled, field), rtol=1e-6, atol=1e-7)
+    assert derived.clip_range("minmax") == pytest.approx(scaled.clip_range("minmax"), rel=1e-6)
+    with pytest.raises(ValueError, match="needs a histogram"):
+        derived.clip_range("percentile")
+    with pytest.raises(ValueError, match="positive"):
+        stats.scaled(-c)
 
 
 def test_conv_and_gemm_stats_use_their_channel_axis():

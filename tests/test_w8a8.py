@@ -96,6 +96,24 @@ def test_w8a8_error_is_small_and_lowering_matches_reference():
     np.testing.assert_allclose(lowered, reference, rtol=1e-3, atol=1e-3)
 
 
+def _activation_ranges(model):
+    return {n.inputs[0].name.removesuffix(".smoothed"): (n.attributes["scale"].value, n.attributes["zero_point"].value)
+            for n in model.graph if n.op_type == "QuantizeActivation"}
+
+
+def test_minmax_ranges_after_smoothing_come_from_the_rescaled_statistics():
+    derived, recollected = _block(), _block()
+    records = _run(derived, "calibrate,smooth{alpha=0.85},fold-scales,quantize")
+    assert records[-1].stats["activation_ranges_recollected"] == 0
+    # canonicalize keeps no statistics, so quantize must run the graph again
+    records = _run(recollected, "calibrate,smooth{alpha=0.85},fold-scales,canonicalize,quantize")
+    assert records[-1].stats["activation_ranges_recollected"] == 2
+    ours, theirs = _activation_ranges(derived), _activation_ranges(recollected)
+    assert ours.keys() == theirs.keys() and len(ours) == 2
+    for name, (scale, zero_point) in ours.items():
+        assert scale == pytest.approx(theirs[name][0], rel=1e-5) and abs(zero_point - theirs[name][1]) <= 1
+
+
 @pytest.mark.parametrize("mode", ["dynamic", "per-token"])
 def test_runtime_activation_modes_lower_exactly(mode):
     model = _block()
