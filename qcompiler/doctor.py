@@ -413,28 +413,26 @@ def _suggest(passes, rows, total, board: Switchboard, everything: set[str], max_
         )
         change = (f"keep {len(keep)} layers at {KEEP_BITS} bits and give {len(boost)} layers {BOOST_BITS:g} more bit "
                   f"per weight (+{extra:.3f} average bits)")
-        predicted_of = lambda: board.error(everything - set(keep), set(boost))  # noqa: E731
+        predicted = board.error(everything - set(keep), set(boost)) if chosen else total
     elif "quantize" in names:
         index = names.index("quantize")
         quantizer = passes[index]
-        chosen, keep, boost, left = [], [], [], total
+        chosen, boost, predicted = [], [], total
         for row in rows:
-            if left <= total / 2 or len(chosen) >= 8 or row["recovered"] <= 0:
+            if predicted <= total / 2 or len(chosen) >= 8 or row["recovered"] <= 0:
                 break
             chosen.append(row["layer"])
-            left = board.error(everything - set(chosen))
+            predicted = board.error(everything - set(chosen))
         keep = list(chosen)
         changed = dataclasses.replace(quantizer, keep=tuple(sorted(set(quantizer.keep) | set(chosen))))
         extra = None
         change = f"keep {len(chosen)} layers in float"
-        predicted_of = lambda: left  # noqa: E731
     else:
         return {"change": "none: the pipeline has no allocate-bits or quantize pass to adjust", "pipeline": None}
     if not chosen:
         return {"change": "none: no layer recovers error within the allowed extra bits", "pipeline": None}
     suggested = list(passes)
     suggested[index] = changed
-    predicted = predicted_of()
     return {
         "change": change,
         "layers": chosen,
