@@ -6,8 +6,11 @@
    - a Mul by a constant per-channel vector (the weight of an RMSNorm): that vector *= c;
    - an elementwise product with a linear read by nothing else (`silu(gate) * up`): that linear;
    - a linear `MatMul(A, W)` (+ `Add(., b)`) with constant W: columns W[:, j] *= c_j, b *= c.
-   Otherwise (X feeds a residual Add as well, or comes from a nonlinearity) it becomes an explicit
-   `Mul`, and the statistics say which and why: numerics are never changed silently.
+   Otherwise (X feeds a residual Add as well, or comes from a nonlinearity) it cannot be free:
+   `unfoldable=mul` keeps it as an explicit `Mul` (one more pass over X at run time);
+   `unfoldable=unsmooth` folds it back into the weights of the linears that read it, which undoes
+   that smoothing (the layer is then quantized as if `smooth` had left it alone). The statistics
+   say which scales were kept or undone and why.
 2. BatchNorm into the preceding Conv (the Conv's output read by nothing else):
    W' = W * gamma / sigma (per output channel), b' = (b - mu) * gamma / sigma + beta,
    sigma = sqrt(var + epsilon).
@@ -19,13 +22,14 @@ round-off.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 
 from qcompiler.calibration import STATS_KEY
 from qcompiler.layers import CREATED_BY, bypass, new_initializer, remove_unused, set_constant
-from qcompiler.passbase import Pass, PassResult, register_pass
+from qcompiler.passbase import Pass, PassResult, option, register_pass
 from qcompiler.passes.smooth import SMOOTHED_KEY
 
 
@@ -38,14 +42,19 @@ class FoldScalesPass(Pass):
     provided = frozenset({"folded"})
     keeps_activation_stats = True  # a folded tensor takes over the smoothed tensor's statistics
 
+    unfoldable: Literal["mul", "unsmooth"] = option(
+        "mul", "a smoothing scale that cannot fold: keep it as a Mul, or unsmooth (fold it back into its readers' weights)")
+
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
-        folded, kept = [], {}
+        folded, kept, undone = [], {}, {}
         for node in list(graph):
             if node.op_type == "ChannelScale" and node.domain == "qc" and _axis(node) == -1:
                 reason = _fold_smoothing(graph, node)
                 if reason is None:
                     folded.append(node.name)
+                elif self.unfoldable == "unsmooth" and _unsmooth(graph, node):
+                    undone[node.name] = reason
                 else:
                     _to_mul(graph, node)
                     kept[node.name] = reason
@@ -54,13 +63,15 @@ class FoldScalesPass(Pass):
             "smoothing_folded": len(folded),
             "smoothing_kept": len(kept),
             "kept": kept,
+            "smoothing_undone": len(undone),
+            "undone": undone,
             "batchnorm_folded": len(batchnorms),
         }
         if "qc" in model.opset_imports and not any(n.domain == "qc" for n in graph):
             del model.opset_imports["qc"]
-        if folded or batchnorms:
+        if folded or undone or batchnorms:
             remove_unused(model)
-        return PassResult(model, bool(folded or kept or batchnorms), stats)
+        return PassResult(model, bool(folded or kept or undone or batchnorms), stats)
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
@@ -78,6 +89,25 @@ def _to_mul(graph: ir.Graph, node: ir.Node) -> None:
     mul = ir.node("Mul", list(node.inputs), name=node.name, metadata_props={CREATED_BY: "fold-scales"})
     _move_stats(node.outputs[0], mul.outputs[0])
     ir.convenience.replace_nodes_and_values(graph, node, [node], [mul], [node.outputs[0]], [mul.outputs[0]])
+
+
+def _unsmooth(graph: ir.Graph, node: ir.Node) -> bool:
+    """Fold `ChannelScale(X, c)` into the rows of the constant weights of the linears that read
+    it (W_k *= c_k), undoing the smoothing; False (nothing changed) when a reader is not such a
+    linear."""
+    x, c_value = node.inputs
+    c, y = _const(c_value), node.outputs[0]
+    readers = [use.node for use in y.uses()]
+    if c is None or c.ndim != 1 or y in graph.outputs:
+        return False
+    for reader in readers:
+        w = _const(reader.inputs[1]) if reader.op_type == "MatMul" and reader.inputs[0] is y else None
+        if w is None or w.ndim != 2 or w.shape[0] != c.size or len(reader.inputs[1].uses()) != 1:
+            return False
+    for reader in readers:
+        _scale_constant(graph, reader, 1, c, axis=0)
+    bypass(graph, node, x)  # X keeps its own (unsmoothed) statistics
+    return True
 
 
 def _fold_smoothing(graph: ir.Graph, mul: ir.Node) -> str | None:

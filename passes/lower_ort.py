@@ -16,6 +16,10 @@ the same numbers as their references.
   `mixed-route=expand` keeps every layer as one float MatMul of a weight expanded at load.
 - the fused ops of `fuse` (`qc.QLinear`, `qc.NormQuantize`) are first expanded back into the ops
   above (ONNX Runtime fuses the QDQ form itself).
+- with u8 activations, a static linear with a bias, `DQ(x) -> MatMul <- DQ(W)` then `Add(., b)`,
+  becomes one `com.microsoft.MatMulIntegerToFloat(x_q, W_q, scales, zero point, b)`: the kernel
+  ONNX Runtime makes of the QDQ group anyway, with the bias added in it instead of by a separate
+  Add over the output (`bias-fusion=off` keeps plain QDQ).
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class LowerOrtPass(Pass):
 
     act_format: Literal["auto", "u8", "s8"] = option("auto", "activation integer type: auto picks u8 on x86 (faster in ONNX Runtime there), s8 elsewhere")
     mixed_route: Literal["split", "expand"] = option("split", "qc.MixedMatMul: MatMulNBits per class where it can run one (split), or one float MatMul of a weight expanded at load")
+    bias_fusion: bool = option(True, "u8 activations: fuse each static linear's bias into a com.microsoft.MatMulIntegerToFloat")
     accuracy_level: Literal["auto", "0", "1", "2", "3", "4"] = option(
         "auto", "MatMulNBits compute type: 4 = int8 activations per block (fast on x86 with AVX2 and on Arm), 0 = float32; auto picks 4 where fast")
 
@@ -107,6 +112,11 @@ class LowerOrtPass(Pass):
             route = lower(graph, node, signed)
             counts[route] = counts.get(route, 0) + 1
             mixed |= node.op_type == "MixedMatMul"
+        if self.bias_fusion and not signed:
+            fused = fuse_integer_bias(graph)
+            if fused:
+                counts["MatMulIntegerToFloat(bias)"] = fused
+                model.opset_imports.setdefault("com.microsoft", 1)
         if mixed:
             remove_unused(model)  # the qc op's class initializers, re-stored in the lowered form
         if counts and "qc" in model.opset_imports and not any(n.domain == "qc" for n in graph):
@@ -187,6 +197,58 @@ def unfuse(graph: ir.Graph) -> int:
         ir.convenience.replace_nodes_and_values(graph, node, [node], chain, list(node.outputs), outs)
         count += 1
     return count
+
+
+def fuse_integer_bias(graph: ir.Graph) -> int:
+    """`Add(MatMul(DQ(x_q: u8), DQ(W_q: int8, per column)), b)` -> `MatMulIntegerToFloat`."""
+    count = 0
+    for add in list(graph):
+        if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+            continue
+        for index in (0, 1):
+            matmul, bias = add.inputs[index].producer(), add.inputs[1 - index]
+            parts = _integer_linear(graph, matmul, bias)
+            if parts is not None:
+                break
+        else:
+            continue
+        fused = ir.node("MatMulIntegerToFloat", [*parts, bias], domain="com.microsoft", name=matmul.name,
+                        metadata_props={CREATED_BY: "lower-ort"})
+        fused.outputs[0].name = f"{add.outputs[0].name}.fused"
+        graph.insert_before(add, fused)
+        ir.convenience.replace_all_uses_with(add.outputs[0], fused.outputs[0], replace_graph_outputs=True)
+        fused.outputs[0].name, fused.outputs[0].type, fused.outputs[0].shape = add.outputs[0].name, add.outputs[0].type, add.outputs[0].shape
+        dqs = [v.producer() for v in matmul.inputs]
+        graph.remove([add, matmul], safe=True)
+        graph.remove([dq for dq in dqs if not any(o.uses() for o in dq.outputs)], safe=True)
+        count += 1
+    return count
+
+
+def _integer_linear(graph: ir.Graph, matmul: ir.Node | None, bias: ir.Value | None) -> list | None:
+    """[x_q, W_q, x_scale, W_scale, x_zero_point, None] when `matmul` multiplies a u8 QDQ activation by
+    a symmetric int8 weight dequantized per column, read only by the Add of a constant 1-D bias."""
+    if matmul is None or matmul.op_type != "MatMul" or len(matmul.outputs[0].uses()) != 1 or matmul.outputs[0] in graph.outputs:
+        return None
+    b = bias.const_value if bias is not None else None
+    if b is None or len(b.shape) != 1 or b.dtype != ir.DataType.FLOAT:
+        return None
+    x_dq, w_dq = (v.producer() for v in matmul.inputs)
+    if any(n is None or n.op_type != "DequantizeLinear" for n in (x_dq, w_dq)):
+        return None
+    x_q, x_scale, x_zero = (list(x_dq.inputs) + [None])[:3]
+    w_q, w_scale, w_zero = (list(w_dq.inputs) + [None])[:3]
+    x_zero_const = x_zero.const_value if x_zero is not None else None
+    if x_zero_const is None or x_zero_const.dtype != ir.DataType.UINT8 or w_q.const_value is None or w_q.const_value.dtype != ir.DataType.INT8:
+        return None
+    w_shape = w_q.const_value.shape
+    axis = w_dq.attributes["axis"].value if "axis" in w_dq.attributes else 1
+    scales = w_scale.const_value
+    if len(w_shape) != 2 or axis not in (1, -1) or scales is None or tuple(scales.shape) != (w_shape[1],) or b.shape[0] != w_shape[1]:
+        return None
+    if w_zero is not None and (w_zero.const_value is None or w_zero.const_value.numpy().any()):
+        return None
+    return [x_q, w_q, x_scale, w_scale, x_zero, None]
 
 
 def _replace(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], output: ir.Value) -> None:

@@ -45,10 +45,10 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "default": Preset("canonicalize", "clean the graph up for the passes; no quantization"),
     "w8a8": Preset(
-        "canonicalize,calibrate{method=$method},smooth{alpha=$alpha},fold-scales,"
+        "canonicalize,calibrate{method=$method},smooth{alpha=$alpha},fold-scales{unfoldable=$unfoldable},"
         "quantize{act-mode=$act_mode float-inputs=$float_inputs},lower-ort",
         "int8 weights and activations with SmoothQuant (needs --calib)",
-        {"alpha": "auto", "method": "minmax", "act-mode": "static", "float-inputs": "0"},
+        {"alpha": "auto", "method": "minmax", "act-mode": "static", "float-inputs": "0", "unfoldable": "mul"},
     ),
     "mixed": Preset(
         "canonicalize,calibrate,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook sensitivity=$sensitivity "

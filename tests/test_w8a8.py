@@ -59,6 +59,21 @@ def test_smooth_and_fold_are_exact():
     assert "qc.ChannelScale" not in to_text(model)
 
 
+def test_unfoldable_smoothing_can_be_undone_instead_of_kept_as_a_mul():
+    model = _block()
+    expected = _outputs(model)
+    wo = model.graph.initializers["Wo"].const_value.numpy().copy()
+    records = _run(model, "calibrate,smooth{alpha=0.85},fold-scales{unfoldable=unsmooth}")
+    np.testing.assert_allclose(_outputs(model), expected, rtol=1e-5, atol=1e-5)
+    fold = records[2].stats
+    assert fold["smoothing_folded"] == 1 and fold["smoothing_kept"] == 0
+    assert fold["smoothing_undone"] == 1 and "Relu" in next(iter(fold["undone"].values()))
+    text = to_text(model)
+    assert " Mul (" not in text and "ChannelScale" not in text
+    reader = next(n for n in model.graph if n.op_type == "MatMul" and n.inputs[0].name == "G")
+    np.testing.assert_allclose(reader.inputs[1].const_value.numpy(), wo, rtol=1e-6)  # the smoothing is undone
+
+
 def test_smoothing_flattens_the_outlier_channel():
     model = _block()
     stats = _run(model, "calibrate,smooth{alpha=0.85}")[1].stats["layers"]["H"]
@@ -94,6 +109,30 @@ def test_w8a8_error_is_small_and_lowering_matches_reference():
     assert "qc." not in to_text(model)
     lowered = _outputs(model)  # ONNX Runtime, integer kernels
     np.testing.assert_allclose(lowered, reference, rtol=1e-3, atol=1e-3)
+
+
+LINEAR_WITH_BIAS = """
+<ir_version: 10, opset_import: ["" : 21]>
+g (float[N, 8] X) => (float[N, 8] Y)
+<float[8,8] W = {W}, float[8] b = {1, -1, 0.5, 0, 2, 0, 0, -3}>
+{
+  P = MatMul (X, W)
+  Y = Add (P, b)
+}
+"""
+
+
+def test_u8_linear_with_bias_lowers_to_one_integer_kernel_with_the_bias_in_it():
+    values = np.random.default_rng(2).normal(0, 0.3, 64)
+    text = LINEAR_WITH_BIAS.replace("{W}", "{" + ",".join(f"{v:.4f}" for v in values) + "}")
+    fused, qdq = parse(text), parse(text)
+    for model, options in ((fused, "act-format=u8"), (qdq, "act-format=u8 bias-fusion=false")):
+        _run(model, f"calibrate,quantize,lower-ort{{{options}}}")
+    ops = [n.op_type for n in fused.graph]
+    assert ops == ["QuantizeLinear", "MatMulIntegerToFloat"]
+    assert next(n for n in fused.graph if n.op_type == "MatMulIntegerToFloat").inputs[6].name == "b"
+    assert "Add" in [n.op_type for n in qdq.graph]
+    np.testing.assert_allclose(_outputs(fused), _outputs(qdq), rtol=1e-5, atol=1e-6)
 
 
 def _activation_ranges(model):
