@@ -19,7 +19,7 @@ the same numbers as their references.
 - with u8 activations, a static linear with a bias, `DQ(x) -> MatMul <- DQ(W)` then `Add(., b)`,
   becomes one `com.microsoft.MatMulIntegerToFloat(x_q, W_q, scales, zero point, b)`: the kernel
   ONNX Runtime makes of the QDQ group anyway, with the bias added in it instead of by a separate
-  Add over the output (`bias-fusion=off` keeps plain QDQ).
+  Add over the output (`bias-fusion=false` keeps plain QDQ).
 """
 
 from __future__ import annotations
@@ -214,12 +214,8 @@ def fuse_integer_bias(graph: ir.Graph) -> int:
             continue
         fused = ir.node("MatMulIntegerToFloat", [*parts, bias], domain="com.microsoft", name=matmul.name,
                         metadata_props={CREATED_BY: "lower-ort"})
-        fused.outputs[0].name = f"{add.outputs[0].name}.fused"
-        graph.insert_before(add, fused)
-        ir.convenience.replace_all_uses_with(add.outputs[0], fused.outputs[0], replace_graph_outputs=True)
-        fused.outputs[0].name, fused.outputs[0].type, fused.outputs[0].shape = add.outputs[0].name, add.outputs[0].type, add.outputs[0].shape
         dqs = [v.producer() for v in matmul.inputs]
-        graph.remove([add, matmul], safe=True)
+        ir.convenience.replace_nodes_and_values(graph, add, [matmul, add], [fused], [add.outputs[0]], [fused.outputs[0]])
         graph.remove([dq for dq in dqs if not any(o.uses() for o in dq.outputs)], safe=True)
         count += 1
     return count
