@@ -16,10 +16,13 @@ the same numbers as their references.
   `mixed-route=expand` keeps every layer as one float MatMul of a weight expanded at load.
 - the fused ops of `fuse` (`qc.QLinear`, `qc.NormQuantize`) are first expanded back into the ops
   above (ONNX Runtime fuses the QDQ form itself).
-- with u8 activations, a static linear with a bias, `DQ(x) -> MatMul <- DQ(W)` then `Add(., b)`,
-  becomes one `com.microsoft.MatMulIntegerToFloat(x_q, W_q, scales, zero point, b)`: the kernel
-  ONNX Runtime makes of the QDQ group anyway, with the bias added in it instead of by a separate
-  Add over the output (`bias-fusion=false` keeps plain QDQ).
+- with u8 activations (`int-kernels=fused`, the default): a static linear with a bias,
+  `DQ(x) -> MatMul <- DQ(W)` then `Add(., b)`, becomes one
+  `com.microsoft.MatMulIntegerToFloat(x_q, W_q, scales, zero point, b)`, the kernel ONNX Runtime
+  makes of the QDQ group anyway, with the bias added in it instead of by a separate Add over the
+  output; and such kernels that read the same quantized input (Q/K/V) become one kernel over the
+  concatenated weights and a `Split`, so the input is packed for the integer GEMM once, not once
+  per layer. `int-kernels=qdq` keeps plain QDQ.
 """
 
 from __future__ import annotations
@@ -89,7 +92,8 @@ class LowerOrtPass(Pass):
 
     act_format: Literal["auto", "u8", "s8"] = option("auto", "activation integer type: auto picks u8 on x86 (faster in ONNX Runtime there), s8 elsewhere")
     mixed_route: Literal["split", "expand"] = option("split", "qc.MixedMatMul: MatMulNBits per class where it can run one (split), or one float MatMul of a weight expanded at load")
-    bias_fusion: bool = option(True, "u8 activations: fuse each static linear's bias into a com.microsoft.MatMulIntegerToFloat")
+    int_kernels: Literal["fused", "qdq"] = option(
+        "fused", "u8 activations: static linears with a bias as com.microsoft.MatMulIntegerToFloat (bias inside, one kernel per shared input), or plain QDQ")
     accuracy_level: Literal["auto", "0", "1", "2", "3", "4"] = option(
         "auto", "MatMulNBits compute type: 4 = int8 activations per block (fast on x86 with AVX2 and on Arm), 0 = float32; auto picks 4 where fast")
 
@@ -112,11 +116,15 @@ class LowerOrtPass(Pass):
             route = lower(graph, node, signed)
             counts[route] = counts.get(route, 0) + 1
             mixed |= node.op_type == "MixedMatMul"
-        if self.bias_fusion and not signed:
+        if self.int_kernels == "fused" and not signed:
             fused = fuse_integer_bias(graph)
             if fused:
                 counts["MatMulIntegerToFloat(bias)"] = fused
                 model.opset_imports.setdefault("com.microsoft", 1)
+                widened = widen_integer_linears(graph)
+                if widened:
+                    counts["MatMulIntegerToFloat(shared input)+Split"] = widened
+                    remove_unused(model)  # the per-layer weights, now concatenated
         if mixed:
             remove_unused(model)  # the qc op's class initializers, re-stored in the lowered form
         if counts and "qc" in model.opset_imports and not any(n.domain == "qc" for n in graph):
@@ -219,6 +227,36 @@ def fuse_integer_bias(graph: ir.Graph) -> int:
         graph.remove([dq for dq in dqs if not any(o.uses() for o in dq.outputs)], safe=True)
         count += 1
     return count
+
+
+def widen_integer_linears(graph: ir.Graph) -> int:
+    """MatMulIntegerToFloat nodes with the same quantized input, scale and zero point (Q, K, V) ->
+    one over the concatenated weights, scales and biases, then a Split; returns the groups merged."""
+    groups: dict[tuple, list[ir.Node]] = {}
+    for node in graph:
+        if node.op_type == "MatMulIntegerToFloat" and node.domain == "com.microsoft" and len(node.inputs) == 7:
+            x_q, _, x_scale, _, x_zero, _, _ = node.inputs
+            groups.setdefault((id(x_q), id(x_scale), id(x_zero)), []).append(node)
+    merged = 0
+    for nodes in groups.values():
+        if len(nodes) < 2 or any(n.inputs[i].const_value is None for n in nodes for i in (1, 3, 6)):
+            continue
+        first = nodes[0]
+        base = first.name or first.outputs[0].name
+        parts = {index: [n.inputs[index].const_value.numpy() for n in nodes] for index in (1, 3, 6)}
+        w = new_initializer(graph, f"{base}.wide.weight", np.concatenate(parts[1], axis=1))
+        scale = new_initializer(graph, f"{base}.wide.scale", np.concatenate(parts[3]))
+        bias = new_initializer(graph, f"{base}.wide.bias", np.concatenate(parts[6]))
+        sizes = new_initializer(graph, f"{base}.wide.splits", np.array([p.shape[1] for p in parts[1]], np.int64))
+        wide = ir.node("MatMulIntegerToFloat", [first.inputs[0], w, first.inputs[2], scale, first.inputs[4], None, bias],
+                       domain="com.microsoft", name=f"{base}.wide", metadata_props={CREATED_BY: "lower-ort"})
+        wide.outputs[0].name = f"{base}.wide"
+        split = ir.node("Split", [wide.outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes), name=f"{base}.split",
+                        metadata_props={CREATED_BY: "lower-ort"})
+        olds = [n.outputs[0] for n in nodes]
+        ir.convenience.replace_nodes_and_values(graph, first, nodes, [wide, split], olds, list(split.outputs))
+        merged += 1
+    return merged
 
 
 def _integer_linear(graph: ir.Graph, matmul: ir.Node | None, bias: ir.Value | None) -> list | None:

@@ -111,28 +111,35 @@ def test_w8a8_error_is_small_and_lowering_matches_reference():
     np.testing.assert_allclose(lowered, reference, rtol=1e-3, atol=1e-3)
 
 
-LINEAR_WITH_BIAS = """
+LINEARS_WITH_BIAS = """
 <ir_version: 10, opset_import: ["" : 21]>
-g (float[N, 8] X) => (float[N, 8] Y)
-<float[8,8] W = {W}, float[8] b = {1, -1, 0.5, 0, 2, 0, 0, -3}>
+g (float[N, 8] X) => (float[N, 8] Y, float[N, 4] Z)
+<float[8,8] W = {W}, float[8] b = {1, -1, 0.5, 0, 2, 0, 0, -3}, float[8,4] V = {W}, float[4] c = {0, 1, 2, 3}>
 {
   P = MatMul (X, W)
   Y = Add (P, b)
+  R = MatMul (X, V)
+  Z = Add (c, R)
 }
 """
 
 
-def test_u8_linear_with_bias_lowers_to_one_integer_kernel_with_the_bias_in_it():
-    values = np.random.default_rng(2).normal(0, 0.3, 64)
-    text = LINEAR_WITH_BIAS.replace("{W}", "{" + ",".join(f"{v:.4f}" for v in values) + "}")
+def test_u8_linears_with_bias_lower_to_one_integer_kernel_that_adds_the_bias():
+    rng = np.random.default_rng(2)
+    text = LINEARS_WITH_BIAS
+    for size in (64, 32):
+        text = text.replace("{W}", "{" + ",".join(f"{v:.4f}" for v in rng.normal(0, 0.3, size)) + "}", 1)
     fused, qdq = parse(text), parse(text)
-    for model, options in ((fused, "act-format=u8"), (qdq, "act-format=u8 bias-fusion=false")):
+    for model, options in ((fused, "act-format=u8"), (qdq, "act-format=u8 int-kernels=qdq")):
         _run(model, f"calibrate,quantize,lower-ort{{{options}}}")
-    ops = [n.op_type for n in fused.graph]
-    assert ops == ["QuantizeLinear", "MatMulIntegerToFloat"]
-    assert next(n for n in fused.graph if n.op_type == "MatMulIntegerToFloat").inputs[6].name == "b"
-    assert "Add" in [n.op_type for n in qdq.graph]
-    np.testing.assert_allclose(_outputs(fused), _outputs(qdq), rtol=1e-5, atol=1e-6)
+    # Y and Z read the same quantized X: one kernel over [W | V] with the biases [b | c], then a Split
+    assert [n.op_type for n in fused.graph] == ["QuantizeLinear", "MatMulIntegerToFloat", "Split"]
+    wide = next(n for n in fused.graph if n.op_type == "MatMulIntegerToFloat")
+    np.testing.assert_array_equal(wide.inputs[6].const_value.numpy(), [1, -1, 0.5, 0, 2, 0, 0, -3, 0, 1, 2, 3])
+    assert [n.op_type for n in qdq.graph].count("Add") == 2
+    for name in ("Y", "Z"):
+        expected = execute.run(qdq, synthetic_inputs(qdq, seed=50))[name]
+        np.testing.assert_allclose(execute.run(fused, synthetic_inputs(fused, seed=50))[name], expected, rtol=1e-5, atol=1e-6)
 
 
 def _activation_ranges(model):
