@@ -34,7 +34,7 @@ import onnx_ir as ir
 
 from qcompiler import context
 from qcompiler.calib_cache import collect_cached
-from qcompiler.calibration import CALIBRATION_KEY, METHODS, STATS_KEY, batch_size_of, quantizable_inputs, summary
+from qcompiler.calibration import CALIBRATION_KEY, METHODS, MINMAX_BINS, STATS_KEY, batch_size_of, quantizable_inputs, summary
 from qcompiler.errors import UserError
 from qcompiler.progress import progress
 from qcompiler.passbase import STATS_CURRENT, Pass, PassResult, option, register_pass
@@ -59,7 +59,7 @@ class CalibratePass(Pass):
     )
     percentile: float = option(99.99, "percentile of |x| kept by method=percentile, in (50, 100]")
     sample_rows: int = option(512, "rows (tokens) per tensor kept as a fixed-seed sample for alpha search")
-    bins: int = option(2048, "histogram bins per tensor (a multiple of 4)")
+    bins: int = option(2048, "histogram bins per tensor (a multiple of 4); method=minmax reads no histogram and keeps a coarse one")
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -72,6 +72,11 @@ class CalibratePass(Pass):
             raise UserError(
                 f"option 'bins' of pass 'calibrate' must be a multiple of 4 from 64 to {MAX_BINS}, got {self.bins}"
             )
+
+    @property
+    def histogram_bins(self) -> int:
+        """`bins`, or a coarse histogram for `minmax`, whose ranges read none (it is the costliest statistic)."""
+        return self.bins if self.method != "minmax" else MINMAX_BINS
 
     def call(self, model: ir.Model) -> PassResult:
         ctx = context.current()
@@ -88,7 +93,7 @@ class CalibratePass(Pass):
             total = len(batches) if hasattr(batches, "__len__") else None
             with progress("calibrate batches", total) as bar:
                 found = collect_cached(
-                    model, batches, tensors, cache_dir=ctx.cache_dir, sample_rows=self.sample_rows, bins=self.bins,
+                    model, batches, tensors, cache_dir=ctx.cache_dir, sample_rows=self.sample_rows, bins=self.histogram_bins,
                     threads=ctx.threads, progress=on_batch,
                 )
         else:
@@ -105,7 +110,7 @@ class CalibratePass(Pass):
         model.meta[CALIBRATION_KEY] = {
             "method": self.method,
             "percentile": self.percentile,
-            "bins": self.bins,
+            "bins": self.histogram_bins,
             "samples": samples,
             "source": ctx.calibration_source or "api",
         }

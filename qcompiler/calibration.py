@@ -68,6 +68,7 @@ from qcompiler.errors import UserError, first_line
 log = logging.getLogger(__name__)
 
 STATS_KEY = "qc.stats"
+MINMAX_BINS = 64  # the histogram size when only min-max ranges are read (no clipping search needs bins)
 CALIBRATION_KEY = "qc.calibration"
 METHODS = ("minmax", "percentile", "entropy", "mse")
 
