@@ -118,7 +118,7 @@ def compare(pkg_dir: Path, ort_dir: Path | None, feeds: dict[str, np.ndarray], r
 def exact_ort(pipeline: str) -> str:
     """The pipeline with MatMulNBits computing in float (accuracy level 0), so that the ORT artifact
     carries the IR's numbers (level 4, the x86 default, quantizes activations inside the kernel)."""
-    passes = [dataclasses.replace(p, accuracy_level="0") if p.name == "lower-ort" else p for p in parse_pipeline(pipeline)]
+    passes = [dataclasses.replace(p, accuracy_level="0", int_kernels="qdq") if p.name == "lower-ort" else p for p in parse_pipeline(pipeline)]
     return format_pipeline(passes)
 
 
