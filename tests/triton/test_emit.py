@@ -268,7 +268,8 @@ def test_weights_disagreeing_with_manifest(block, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pipeline", ["w8a8", "mixed"])
+@pytest.mark.parametrize("pipeline", ["w8a8", "mixed", pytest.param("w8a8{unfoldable=unsmooth}", marks=pytest.mark.xfail(
+    strict=True, reason="known defect: with unfoldable smoothing undone the Triton package differs from ORT (rel 0.11)"))])
 def test_minilm_package_matches_ort(tmp_path, pipeline):
     """The bundled MiniLM (w8a8 about a minute in the interpreter, mixed about ten)."""
     data = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext2-valid-excerpt.txt"
