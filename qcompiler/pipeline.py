@@ -48,7 +48,7 @@ PRESETS: dict[str, Preset] = {
         "canonicalize,calibrate{method=$method},smooth{alpha=$alpha},fold-scales{unfoldable=$unfoldable},"
         "quantize{act-mode=$act_mode float-inputs=$float_inputs},lower-ort",
         "int8 weights and activations with SmoothQuant (needs --calib)",
-        {"alpha": "auto", "method": "minmax", "act-mode": "static", "float-inputs": "0", "unfoldable": "mul"},
+        {"alpha": "auto", "method": "minmax", "act-mode": "static", "float-inputs": "0", "unfoldable": "unsmooth"},
     ),
     "mixed": Preset(
         "canonicalize,calibrate,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook sensitivity=$sensitivity "
