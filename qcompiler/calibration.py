@@ -116,7 +116,8 @@ class Histogram:
 
     def add(self, values: np.ndarray, absmax: float | None = None) -> None:
         """Count finite `values` (any shape, any float dtype); `absmax` if the caller knows it."""
-        x = np.asarray(values, dtype=np.float64).ravel()
+        x = np.asarray(values)
+        x = (x if x.dtype in (np.float32, np.float64) else x.astype(np.float64)).ravel()
         if x.size == 0:
             return
         if absmax is None:
@@ -134,10 +135,15 @@ class Histogram:
             self._pending_zeros = 0
         while self.exponent < needed:
             self._coarsen()
-        # Multiplying by a power of two is exact, so floor() puts every value in its true bin.
-        scaled = x * math.ldexp(1.0, -self.exponent)
+        # Multiplying by a power of two is exact, so floor() puts every value in its true bin
+        # (float32 values are scaled in float32 while the factor is a normal float32 and the
+        # scaled values stay within a few bins; below 2**-126 of the width a value could round).
+        if x.dtype == np.float32 and abs(self.exponent) < 100:
+            scaled = x * np.float32(math.ldexp(1.0, -self.exponent))
+        else:
+            scaled = x.astype(np.float64) * math.ldexp(1.0, -self.exponent)
         np.floor(scaled, out=scaled)
-        index = scaled.astype(np.int64)
+        index = scaled.astype(np.intp)
         index += self.half
         self.counts += np.bincount(index, minlength=self.bins)
 
@@ -583,23 +589,28 @@ class Accumulator:
             )
         if x.size == 0:
             return
-        x64 = x.astype(np.float64, copy=False)
-        lo, hi = float(x64.min()), float(x64.max())
+        # Reductions in the input's float type (min, max and |x| are exact in it); sums in float64.
+        xf = x if x.dtype in (np.float32, np.float64) else x.astype(np.float64)
+        others = tuple(i for i in range(x.ndim) if i != axis)
+        batch_min, batch_max = xf.min(axis=others), xf.max(axis=others)
+        lo, hi = float(batch_min.min()), float(batch_max.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):  # min/max propagate NaN and see Inf
             raise UserError(
                 f"activation '{self.name}' is NaN or Inf on calibration data; the float model overflows "
                 "on these inputs: check the calibration data"
             )
-        others = tuple(i for i in range(x.ndim) if i != axis)
-        np.minimum(self.channel_min, x64.min(axis=others), out=self.channel_min)
-        np.maximum(self.channel_max, x64.max(axis=others), out=self.channel_max)
-        ax = np.abs(x64)
+        np.minimum(self.channel_min, batch_min, out=self.channel_min)
+        np.maximum(self.channel_max, batch_max, out=self.channel_max)
+        ax = np.abs(xf)
         np.maximum(self.absmax, ax.max(axis=others), out=self.absmax)
-        self.sum_abs += ax.sum(axis=others)
+        self.sum_abs += ax.sum(axis=others, dtype=np.float64)
+        sq = ax.astype(np.float64)  # squares of float32 values are exact in float64
+        np.multiply(sq, sq, out=sq)
+        self.sum_sq += sq.sum(axis=others)
+        del sq
         del ax
-        self.sum_sq += np.square(x64).sum(axis=others)
         self.min, self.max = min(self.min, lo), max(self.max, hi)
-        self.histogram.add(x64, absmax=max(-lo, hi))
+        self.histogram.add(xf, absmax=max(-lo, hi))
         rows = x.size // channels
         self._add_sample(x, axis, rows)
         self.rows += rows
