@@ -45,8 +45,8 @@ between medians of the same run.
 
 Compile time (median of 3 alternating runs of ours and quantize_static for minilm, one run for
 smollm2; `--compile-repeats`): `compile s` starts from the float ONNX graph: ours = `qcompiler.compile` wall time
-minus its capture (torch build + export), i.e. calibration loading, passes and emit; ORT =
-quant_pre_process + quantize_*. `e2e s` adds the capture (ORT's path needs our float32 compile
+minus its capture (torch build + export), i.e. calibration loading, passes and emit (no report,
+which is written only when asked for); ORT = quant_pre_process + quantize_*. `e2e s` adds the capture (ORT's path needs our float32 compile
 first, so its e2e = float32's wall time + its own).
 
 Output: the table on stdout and `benchmarks/results/w8a8_peers.json`.
@@ -133,12 +133,11 @@ class ListReader:
 def compile_ours(name: str, out: Path, pipeline: str, calibration: Path | None, count: int, threads: int) -> dict[str, Any]:
     import qcompiler
 
-    report = out.parent / f"{out.name}.report.json"
     start = time.perf_counter()
     result = qcompiler.compile(name, out, pipeline=pipeline, calibration=str(calibration) if calibration else None,
-                               calib_count=count, threads=threads, drift=False, report=report)
+                               calib_count=count, threads=threads, drift=False)
     wall = time.perf_counter() - start
-    timings = json.loads(report.read_text())["timings"]
+    timings = result.timings
     model_files = [f for f in result.files if f.name != "manifest.json"]
     records = []
     lowering = None

@@ -37,6 +37,7 @@ class CompileResult:
     records: list[PassRecord]
     manifest: dict[str, Any]
     model: ir.Model
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # capture_s, pipeline_s
 
 
 def debug_enabled(flag: bool | None = None) -> bool:
@@ -133,7 +134,7 @@ def compile(
         raise
     files = [final / f.relative_to(staging) for f in files]
     log.info("wrote %s (%s)", final, ", ".join(f.name for f in files))
-    return CompileResult(final, files, spec, records, manifest, model)
+    return CompileResult(final, files, spec, records, manifest, model, timings)
 
 
 def resolved_pipeline(pipeline: str, target: str = "ort") -> str:
