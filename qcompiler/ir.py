@@ -378,13 +378,16 @@ def qc_nodes(model: ir.Model) -> list[ir.Node]:
 
 
 STORED_WEIGHTS = "qc.stored_weights"  # metadata_props key: every constant input of the node is weight bytes
-WEIGHT_CONSUMERS = frozenset({("", "MatMul"), ("", "Gemm"), ("", "Conv"), ("", "ConvTranspose"), ("com.microsoft", "MatMulNBits")})
+WEIGHT_CONSUMERS = frozenset({("", "MatMul"), ("", "Gemm"), ("", "Conv"), ("", "ConvTranspose"), ("com.microsoft", "MatMulNBits"),
+                              ("com.microsoft", "MatMulIntegerToFloat")})
+# Which inputs of a weight consumer hold its stored weight (default: the second).
+_WEIGHT_INPUTS = {"MatMulNBits": (1, 2, 3, 4, 5), "MatMulIntegerToFloat": (1, 3, 5)}  # codes, scales, zero points (, g_idx, bias)
 
 
 def weight_values(model: ir.Model) -> list[ir.Value]:
-    """Initializers that hold weights: the second operand of MatMul/Gemm/Conv (and contrib
-    weight-only matmuls: codes, scales and zero points), directly or through a chain of nodes that
-    read only constants (such as DequantizeLinear of packed codes, scales and zero points), the
+    """Initializers that hold weights: the second operand of MatMul/Gemm/Conv (and of the contrib
+    MatMulNBits and MatMulIntegerToFloat: codes, scales and zero points), directly or through a
+    chain of nodes that read only constants (such as DequantizeLinear of packed codes, scales and zero points), the
     constant indices of a Gather that permutes the first operand, and the constant inputs of nodes
     marked `qc.stored_weights` (sparse outlier corrections). Deduplicated, in graph order."""
     found: dict[str, ir.Value] = {}
@@ -395,7 +398,7 @@ def weight_values(model: ir.Model) -> list[ir.Value]:
                 for value in _constant_sources(inp) if inp is not None else ():
                     found.setdefault(value.name, value)
         if (domain, node.op_type) in WEIGHT_CONSUMERS and len(node.inputs) > 1 and node.inputs[1] is not None:
-            weights = node.inputs[1:] if node.op_type == "MatMulNBits" else node.inputs[1:2]  # codes, scales, zero points
+            weights = [node.inputs[i] for i in _WEIGHT_INPUTS.get(node.op_type, (1,)) if i < len(node.inputs)]
             for value in (v for w in weights if w is not None for v in _constant_sources(w)):
                 found.setdefault(value.name, value)
             gather = node.inputs[0].producer() if node.inputs[0] is not None else None

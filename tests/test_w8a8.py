@@ -6,6 +6,7 @@ import pytest
 from qcompiler import execute
 from qcompiler.context import CompileContext, using
 from qcompiler.errors import UserError
+from qcompiler.codegen.ort import weight_bytes
 from qcompiler.ir import parse, to_text, verify
 from qcompiler.pass_manager import run_pipeline
 from qcompiler.pipeline import parse_pipeline
@@ -137,6 +138,8 @@ def test_u8_linears_with_bias_lower_to_one_integer_kernel_that_adds_the_bias():
     wide = next(n for n in fused.graph if n.op_type == "MatMulIntegerToFloat")
     np.testing.assert_array_equal(wide.inputs[6].const_value.numpy(), [1, -1, 0.5, 0, 2, 0, 0, -3, 0, 1, 2, 3])
     assert [n.op_type for n in qdq.graph].count("Add") == 2
+    # both store the same int8 codes and per-channel scales: 96 weights in 96 + 4 * 12 bytes
+    assert weight_bytes(fused, 96) == weight_bytes(qdq, 96) == {"weight_bytes": 144, "weights": 96, "effective_bits_per_weight": 12.0}
     for name in ("Y", "Z"):
         expected = execute.run(qdq, synthetic_inputs(qdq, seed=50))[name]
         np.testing.assert_allclose(execute.run(fused, synthetic_inputs(fused, seed=50))[name], expected, rtol=1e-5, atol=1e-6)
