@@ -93,7 +93,10 @@ class LowerOrtPass(Pass):
     act_format: Literal["auto", "u8", "s8"] = option("auto", "activation integer type: auto picks u8 on x86 (faster in ONNX Runtime there), s8 elsewhere")
     mixed_route: Literal["split", "expand"] = option("split", "qc.MixedMatMul: MatMulNBits per class where it can run one (split), or one float MatMul of a weight expanded at load")
     int_kernels: Literal["fused", "qdq"] = option(
-        "fused", "u8 activations: static linears with a bias as com.microsoft.MatMulIntegerToFloat (bias inside, one kernel per shared input), or plain QDQ")
+        "fused", "u8 activations: static linears with a bias as com.microsoft.MatMulIntegerToFloat (bias inside), or plain QDQ")
+    shared_input: Literal["separate", "wide"] = option(
+        "separate", "fused kernels reading one quantized input (Q/K/V): one each, or one wide kernel and a Split "
+        "(measured a little slower on MiniLM: the Split copies)")
     accuracy_level: Literal["auto", "0", "1", "2", "3", "4"] = option(
         "auto", "MatMulNBits compute type: 4 = int8 activations per block (fast on x86 with AVX2 and on Arm), 0 = float32; auto picks 4 where fast")
 
@@ -121,7 +124,7 @@ class LowerOrtPass(Pass):
             if fused:
                 counts["MatMulIntegerToFloat(bias)"] = fused
                 model.opset_imports.setdefault("com.microsoft", 1)
-                widened = widen_integer_linears(graph)
+                widened = widen_integer_linears(graph) if self.shared_input == "wide" else 0
                 if widened:
                     counts["MatMulIntegerToFloat(shared input)+Split"] = widened
                     remove_unused(model)  # the per-layer weights, now concatenated

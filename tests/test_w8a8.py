@@ -131,7 +131,10 @@ def test_u8_linears_with_bias_lower_to_one_integer_kernel_that_adds_the_bias():
     for size in (64, 32):
         text = text.replace("{W}", "{" + ",".join(f"{v:.4f}" for v in rng.normal(0, 0.3, size)) + "}", 1)
     fused, qdq = parse(text), parse(text)
-    for model, options in ((fused, "act-format=u8"), (qdq, "act-format=u8 int-kernels=qdq")):
+    separate = parse(text)
+    _run(separate, "calibrate,quantize,lower-ort{act-format=u8}")
+    assert [n.op_type for n in separate.graph] == ["QuantizeLinear", "MatMulIntegerToFloat", "MatMulIntegerToFloat"]
+    for model, options in ((fused, "act-format=u8 shared-input=wide"), (qdq, "act-format=u8 int-kernels=qdq")):
         _run(model, f"calibrate,quantize,lower-ort{{{options}}}")
     # Y and Z read the same quantized X: one kernel over [W | V] with the biases [b | c], then a Split
     assert [n.op_type for n in fused.graph] == ["QuantizeLinear", "MatMulIntegerToFloat", "Split"]
