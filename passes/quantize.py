@@ -185,7 +185,7 @@ def _static_ranges(model: ir.Model, targets: list[Target]) -> tuple[dict, dict, 
     if missing:
         ctx = context.current()
         batches = ctx.require_calibration("quantize")
-        bins = config.get("bins", 2048) if method != "minmax" else calibration.MINMAX_BINS  # min-max reads no histogram
+        bins = config.get("bins", calibration.MINMAX_BINS)  # what calibrate kept (coarse for min-max, which reads none)
         stats.update(collect_cached(model, batches, missing, cache_dir=ctx.cache_dir, threads=ctx.threads, bins=bins))
     percentile = config.get("percentile", 99.99)
     ranges = {name: s.clip_range(method, percentile=percentile) for name, s in stats.items()}
