@@ -9,8 +9,10 @@ the same numbers as their references.
   where ONNX Runtime's integer kernels take unsigned activations (signed ones run slower than
   float32 without VNNI, and measured slower than u8 even with VNNI), `s8` elsewhere.
 - dynamic -> `DynamicQuantizeLinear` + `DequantizeLinear` (ONNX Runtime's dynamic quantization).
-- per-token -> `Abs`, `ReduceMax`, `Div`, `Round`, `Clip`, `Mul` in float: exact, but not faster
-  on ONNX Runtime (it has no per-token integer kernel); the statistics say so.
+- per-token (8 bits) -> the row scale in standard ops and the codes as `QuantizeLinear(x / s, 1, zp)`;
+  an int8 linear reading them becomes `com.microsoft.MatMulIntegerToFloat` (integer GEMM, weight
+  scales applied) followed by a `Mul` by the row scale: exact, since the scale is constant along a
+  row. Other readers get `DequantizeLinear(codes, 1, zp) * s`; other widths float ops.
 - `qc.MixedMatMul` -> one `com.microsoft.MatMulNBits` per 2/4/8-bit class with integer zero points,
   standard ops for the other classes and the sparse outliers, summed (`passes/lower_mixed.py`);
   `mixed-route=expand` keeps every layer as one float MatMul of a weight expanded at load.
@@ -119,6 +121,11 @@ class LowerOrtPass(Pass):
             route = lower(graph, node, signed)
             counts[route] = counts.get(route, 0) + 1
             mixed |= node.op_type == "MixedMatMul"
+        if self.int_kernels == "fused":
+            per_token = fuse_per_token_integer(graph)
+            if per_token:
+                counts["MatMulIntegerToFloat(per-token)"] = per_token
+                model.opset_imports.setdefault("com.microsoft", 1)
         if self.int_kernels == "fused" and not signed:
             fused = fuse_integer_bias(graph)
             if fused:
@@ -270,22 +277,66 @@ def _integer_linear(graph: ir.Graph, matmul: ir.Node | None, bias: ir.Value | No
     b = bias.const_value if bias is not None else None
     if b is None or len(b.shape) != 1 or b.dtype != ir.DataType.FLOAT:
         return None
-    x_dq, w_dq = (v.producer() for v in matmul.inputs)
-    if any(n is None or n.op_type != "DequantizeLinear" for n in (x_dq, w_dq)):
+    x_dq = matmul.inputs[0].producer()
+    weight = _int8_weight_per_column(matmul.inputs[1])
+    if x_dq is None or x_dq.op_type != "DequantizeLinear" or weight is None or b.shape[0] != weight[0].const_value.shape[1]:
         return None
     x_q, x_scale, x_zero = (list(x_dq.inputs) + [None])[:3]
-    w_q, w_scale, w_zero = (list(w_dq.inputs) + [None])[:3]
     x_zero_const = x_zero.const_value if x_zero is not None else None
-    if x_zero_const is None or x_zero_const.dtype != ir.DataType.UINT8 or w_q.const_value is None or w_q.const_value.dtype != ir.DataType.INT8:
+    if x_zero_const is None or x_zero_const.dtype != ir.DataType.UINT8:
+        return None
+    return [x_q, weight[0], x_scale, weight[1], x_zero, None]
+
+
+def _int8_weight_per_column(w: ir.Value) -> tuple[ir.Value, ir.Value] | None:
+    """(W_q, W_scale) when `w` is `DequantizeLinear` of a constant 2-D int8 weight with one scale per
+    column and no (or a zero) zero point."""
+    w_dq = w.producer()
+    if w_dq is None or w_dq.op_type != "DequantizeLinear" or w_dq.domain not in ("", "ai.onnx"):
+        return None
+    w_q, w_scale, w_zero = (list(w_dq.inputs) + [None])[:3]
+    if w_q.const_value is None or w_q.const_value.dtype != ir.DataType.INT8:
         return None
     w_shape = w_q.const_value.shape
     axis = w_dq.attributes["axis"].value if "axis" in w_dq.attributes else 1
     scales = w_scale.const_value
-    if len(w_shape) != 2 or axis not in (1, -1) or scales is None or tuple(scales.shape) != (w_shape[1],) or b.shape[0] != w_shape[1]:
+    if len(w_shape) != 2 or axis not in (1, -1) or scales is None or tuple(scales.shape) != (w_shape[1],):
         return None
     if w_zero is not None and (w_zero.const_value is None or w_zero.const_value.numpy().any()):
         return None
-    return [x_q, w_q, x_scale, w_scale, x_zero, None]
+    return w_q, w_scale
+
+
+def fuse_per_token_integer(graph: ir.Graph) -> int:
+    """`MatMul(DequantizeLinear(codes, 1, zp) * s, DQ(W_q: int8, per column))`, the per-token form
+    of `_lower_per_token`, -> `MatMulIntegerToFloat(codes, W_q, 1, W_scale, zp) * s`: the integer
+    GEMM with the row scale applied to its [rows, N] output (exact: s is constant along a row)."""
+    count = 0
+    for matmul in list(graph):
+        if matmul.op_type != "MatMul" or matmul.domain not in ("", "ai.onnx"):
+            continue
+        mul = matmul.inputs[0].producer()
+        if mul is None or mul.op_type != "Mul" or len(mul.outputs[0].uses()) != 1:
+            continue
+        dq, scale = mul.inputs[0].producer(), mul.inputs[1]
+        weight = _int8_weight_per_column(matmul.inputs[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or weight is None or len(dq.inputs) != 3:
+            continue
+        codes, one, zero = dq.inputs
+        if one.const_value is None or one.const_value.numpy().tolist() != 1.0 or zero.const_value is None:
+            continue
+        base = matmul.name or matmul.outputs[0].name
+        kernel = ir.node("MatMulIntegerToFloat", [codes, weight[0], one, weight[1], zero], domain="com.microsoft",
+                         name=base, metadata_props={CREATED_BY: "lower-ort"})
+        kernel.outputs[0].name = f"{matmul.outputs[0].name}.unscaled"
+        rescale = ir.node("Mul", [kernel.outputs[0], scale], name=f"{base}.rescale", metadata_props={CREATED_BY: "lower-ort"})
+        weight_dq = matmul.inputs[1].producer()
+        ir.convenience.replace_nodes_and_values(graph, matmul, [matmul], [kernel, rescale], [matmul.outputs[0]], [rescale.outputs[0]])
+        for dead in (mul, dq, weight_dq):
+            if not any(o.uses() for o in dead.outputs):
+                graph.remove(dead, safe=True)
+        count += 1
+    return count
 
 
 def _replace(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], output: ir.Value) -> None:
@@ -308,7 +359,7 @@ def _lower_quantize_activation(graph: ir.Graph, node: ir.Node, signed: bool) -> 
     x = node.inputs[0]
     base = node.outputs[0].name
     if mode == "per-token":
-        return _lower_per_token(graph, node, attrs["bits"])
+        return _lower_per_token(graph, node, signed)
     if mode == "dynamic":
         quant = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{base}")
         q, scale, zero = quant.outputs
@@ -340,29 +391,56 @@ def _lower_quantize_activation(graph: ir.Graph, node: ir.Node, signed: bool) -> 
     return route
 
 
-def _lower_per_token(graph: ir.Graph, node: ir.Node, bits: int) -> str:
+def _lower_per_token(graph: ir.Graph, node: ir.Node, signed: bool) -> str:
+    """One symmetric scale per row, s = max|x| / qmax (1 where the row is zero). 8 bits: the codes
+    `QuantizeLinear(x / s, 1, zp)` (zp 0 for s8, 128 for u8: |x / s| <= 127 rounds inside either
+    range, as the reference's clip) and, per reader, `DequantizeLinear(codes, 1, zp) * s`, which
+    `fuse_per_token_integer` turns into an integer kernel where a reader is an int8 linear. Other
+    widths: `Round`, `Clip`, `Mul` in float."""
+    bits = ops.attributes_of(node)["bits"]
     x = node.inputs[0]
     base = node.outputs[0].name
     qmax = float((1 << (bits - 1)) - 1)
     c_qmax = new_initializer(graph, f"{base}.qmax", np.array(qmax, np.float32))
-    c_lo = new_initializer(graph, f"{base}.qmin", np.array(-qmax, np.float32))
     c_zero = new_initializer(graph, f"{base}.zero", np.array(0.0, np.float32))
     c_one = new_initializer(graph, f"{base}.one", np.array(1.0, np.float32))
     axes = new_initializer(graph, f"{base}.axes", np.array([-1], np.int64))
-    absx = ir.node("Abs", [x], name=f"{base}.abs")
-    amax = ir.node("ReduceMax", [absx.outputs[0], axes], {"keepdims": 1}, name=f"{base}.absmax")
-    raw = ir.node("Div", [amax.outputs[0], c_qmax], name=f"{base}.raw_scale")
-    is_zero = ir.node("Equal", [raw.outputs[0], c_zero], name=f"{base}.is_zero")
-    scale = ir.node("Where", [is_zero.outputs[0], c_one, raw.outputs[0]], name=f"{base}.scale")
-    div = ir.node("Div", [x, scale.outputs[0]], name=f"{base}.div")
-    rnd = ir.node("Round", [div.outputs[0]], name=f"{base}.round")
-    clip = ir.node("Clip", [rnd.outputs[0], c_lo, c_qmax], name=f"{base}.clip")
-    out = ir.node("Mul", [clip.outputs[0], scale.outputs[0]], name=f"{base}.dequantize")
-    chain = [absx, amax, raw, is_zero, scale, div, rnd, clip, out]
+    chain = []
+
+    def add(op, inputs, name, attrs=None):
+        new = ir.node(op, inputs, attrs or {}, name=f"{base}.{name}")
+        new.outputs[0].name = new.name
+        chain.append(new)
+        return new.outputs[0]
+
+    absmax = add("ReduceMax", [add("Abs", [x], "abs"), axes], "absmax", {"keepdims": 1})
+    raw = add("Div", [absmax, c_qmax], "raw_scale")
+    scale = add("Where", [add("Equal", [raw, c_zero], "is_zero"), c_one, raw], "scale")
+    div = add("Div", [x, scale], "div")
+    if bits != 8:
+        c_lo = new_initializer(graph, f"{base}.qmin", np.array(-qmax, np.float32))
+        out = add("Mul", [add("Clip", [add("Round", [div], "round"), c_lo, c_qmax], "clip"), scale], "dequantize")
+        _replace(graph, node, chain, out)
+        return "per-token(float ops)"
+    zero = new_initializer(graph, f"{base}.zero_point", np.array(0 if signed else 128, np.int8 if signed else np.uint8))
+    codes = add("QuantizeLinear", [div, c_one, zero], "codes")
+    codes.name = f"{base}.{'s8' if signed else 'u8'}"
     for n in chain:
-        n.outputs[0].name = n.name
-    _replace(graph, node, chain, out.outputs[0])
-    return "per-token(float ops)"
+        n.metadata_props[CREATED_BY] = "lower-ort"
+        graph.insert_before(node, n)
+    for i, use in enumerate(list(node.outputs[0].uses())):
+        dq = ir.node("DequantizeLinear", [codes, c_one, zero], name=f"{base}.dequantize.{i}", metadata_props={CREATED_BY: "lower-ort"})
+        mul = ir.node("Mul", [dq.outputs[0], scale], name=f"{base}.rescale.{i}", metadata_props={CREATED_BY: "lower-ort"})
+        dq.outputs[0].name, mul.outputs[0].name = dq.name, f"{node.outputs[0].name}.{i}"
+        graph.insert_before(use.node, [dq, mul])
+        use.node.replace_input_with(use.idx, mul.outputs[0])
+    if node.outputs[0] in graph.outputs:
+        dq = ir.node("DequantizeLinear", [codes, c_one, zero], name=f"{base}.dequantize.out", metadata_props={CREATED_BY: "lower-ort"})
+        mul = ir.node("Mul", [dq.outputs[0], scale], name=f"{base}.rescale.out", metadata_props={CREATED_BY: "lower-ort"})
+        graph.insert_after(chain[-1], [dq, mul])
+        ir.convenience.replace_all_uses_with(node.outputs[0], mul.outputs[0], replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    return f"per-token({'s8' if signed else 'u8'})"
 
 
 def _lower_channel_scale(graph: ir.Graph, node: ir.Node, signed: bool) -> str:

@@ -171,8 +171,13 @@ def test_runtime_activation_modes_lower_exactly(mode):
     model = _block()
     _run(model, f"calibrate,quantize{{act-mode={mode}}}")
     reference = _outputs(model)
-    run_pipeline(model, parse_pipeline("lower-ort"))
+    linears = sum(n.op_type == "MatMul" for n in model.graph)
+    records = run_pipeline(model, parse_pipeline("lower-ort"))
     np.testing.assert_allclose(_outputs(model), reference, rtol=1e-3, atol=1e-3)
+    if mode == "per-token":  # every linear runs the integer kernel, its row scale applied to the output
+        assert records[-1].stats["routes"]["MatMulIntegerToFloat(per-token)"] == linears
+        assert sum(n.op_type == "MatMulIntegerToFloat" for n in model.graph) == linears
+        assert not any(n.op_type == "MatMul" for n in model.graph)
 
 
 def test_signed_and_unsigned_lowerings_agree():
