@@ -10,6 +10,9 @@ Rows, per model:
   fold-scales, quantize{act-mode=static}, lower-ort{act-format=auto}).
 - `ours w8a8 (u8|s8)`: the same pipeline written out with the other `lower-ort` activation format
   than `auto` picked on this CPU, to show the format's effect (`--no-format-variant` skips it).
+- `ours w8a8 per-token`: `w8a8{act-mode=per-token}`: one activation scale per token computed at
+  run time (ZeroQuant style), each linear an integer kernel followed by the row scale
+  (`--no-per-token` skips it). The issue's targets are checked for it as well.
 - `ort static U8S8`: `onnxruntime.quantization.quantize_static` on our float32 model after
   `quant_pre_process` (if that fails, on the float model itself; the JSON says which): QDQ,
   per_channel=True, activation QUInt8, weight QInt8 (U8S8), MinMax, ORT's default operator set;
@@ -77,6 +80,7 @@ DEFAULT_WINDOWS = 16
 EXPANDED_W8A8 = ("canonicalize,calibrate{method=minmax},smooth{alpha=auto},fold-scales,"
                  "quantize{act-mode=static},lower-ort{act-format=%s}")
 
+PER_TOKEN = "ours w8a8 per-token"  # w8a8{act-mode=per-token}: one activation scale per token, at run time
 PEER_LABELS = {"static": "ort static U8S8", "dynamic": "ort dynamic", "static-matmul": "ort static U8S8 MatMul-only"}
 
 TARGETS_TEXT = {
@@ -339,6 +343,11 @@ def bench_model(name: str, args, work: Path) -> dict[str, Any]:
         variants[f"ours w8a8 {other}"] = {"kind": "ours", **compile_ours(
             name, work / f"w8a8-{other}", EXPANDED_W8A8 % other, calib_txt, count, args.threads)}
 
+    if args.per_token:
+        log(f"{name}: compile {PER_TOKEN}")
+        variants[PER_TOKEN] = {"kind": "ours", **compile_ours(
+            name, work / "w8a8-per-token", "w8a8{act-mode=per-token}", calib_txt, count, args.threads)}
+
     float_model = Path(variants["float32"]["model"])
     float_ir = qcompiler.load(float_model)
     batches = load_calibration(calib_txt, count, float_ir, bundled=bundled)  # what compile() built from the same file
@@ -473,6 +482,7 @@ def bench_model(name: str, args, work: Path) -> dict[str, Any]:
         rows[key] = row
 
     targets = evaluate_targets(name, rows, variants)
+    targets_per_token = evaluate_targets(name, rows, variants, PER_TOKEN) if PER_TOKEN in rows else {}
     return {
         "model": name,
         "calibration": {"samples": samples, "requested": count, "batches": len(batches), "batch_shapes": [list(s) for s in shapes],
@@ -488,13 +498,15 @@ def bench_model(name: str, args, work: Path) -> dict[str, Any]:
         "latency": latency,
         "crosscheck_with_qcompiler_eval": crosscheck,
         "targets": targets,
+        "targets_per_token": targets_per_token,
         "quality_s": round(quality_s, 1),
         "elapsed_s": round(time.perf_counter() - t_model, 1),
     }
 
 
-def evaluate_targets(name: str, rows: dict, variants: dict) -> dict[str, dict]:
-    ours = rows.get("ours w8a8", {})
+def evaluate_targets(name: str, rows: dict, variants: dict, ours_key: str = "ours w8a8") -> dict[str, dict]:
+    """The issue's targets for our row `ours_key`."""
+    ours = rows.get(ours_key, {})
     peers = {k: r for k, r in rows.items() if k.startswith("ort ") and "error" not in r}
     out: dict[str, dict] = {}
     if "error" in ours:
@@ -607,19 +619,21 @@ def render_notes(results: list[dict], machine: dict, threads: int) -> str:
         cc = res.get("crosscheck_with_qcompiler_eval")
         if cc:
             lines.append(f"  harness vs `qcompiler.evaluate` on ours w8a8: agree={cc['agree']} (evaluate {cc['evaluate']}, harness {cc['harness']})")
-        for key, t in res["targets"].items():
+        checked = [("ours w8a8", key, t) for key, t in res["targets"].items()]
+        checked += [(PER_TOKEN, key, t) for key, t in res.get("targets_per_token", {}).items()]
+        for ours_key, key, t in checked:
             verdict = "PASS" if t["pass"] else "FAIL"
             if key.startswith("vs_best_peer"):
                 detail = (f"best peer {t['best_peer']} {t['peer']} vs ours {t['ours']}: as accurate {t['as_accurate']}, "
                           f"as fast {t['as_fast']}; peers better and faster: {t['peers_better_and_faster'] or 'none'}")
             elif key == "compile_time":
-                runs = res["variants"]["ours w8a8"]["compile_runs"]
+                runs = res["variants"][ours_key]["compile_runs"]
                 detail = (f"ours {t['ours_from_float_s']:.1f} s vs quantize_static {t['ort_static_from_float_s']:.1f} s from the float graph "
                           f"({'median of ' + str(runs) + ' alternating runs' if runs > 1 else 'one run each'}) "
                           f"(end to end: {t['ours_e2e_s']:.1f} s vs {t['ort_static_e2e_s']:.1f} s)")
             else:
                 detail = f"value {t['value']}"
-            lines.append(f"  target [{verdict}] {t['target']}: {detail}")
+            lines.append(f"  target [{verdict}] {ours_key}: {t['target']}: {detail}")
     lines.append(f"Threads: torch {threads}, ONNX Runtime intra-op {threads} / inter-op 1. Machine: {machine['cpu_model']}, "
                  f"{machine['cores']} cores, VNNI {machine['vnni']}. compile s = from the float ONNX graph (ours: compile wall "
                  "minus capture; ORT: quant_pre_process + quantize_*); e2e s adds the torch capture (ORT: + our float32 compile).")
@@ -637,6 +651,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 96 STS pairs, 4 windows, 5 latency rounds, no format variant")
     parser.add_argument("--no-format-variant", dest="format_variant", action="store_false",
                         help="skip the ours-w8a8 row with the other lower-ort activation format")
+    parser.add_argument("--no-per-token", dest="per_token", action="store_false",
+                        help="skip the ours-w8a8 row with per-token activation scales (w8a8{act-mode=per-token})")
     parser.add_argument("--compile-repeats", type=int, default=None,
                         help="compile ours w8a8 and quantize_static this many times, alternately, and report the median "
                              "(default 3 for minilm, 1 for smollm2 and with --quick)")

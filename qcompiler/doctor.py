@@ -189,24 +189,26 @@ class Switchboard:
         self.reference = self.run(set())
         self._log_p = _log_softmax(self.reference) if metric == "kl" else None
 
-    def run(self, quantized: set[str], high: set[str] = frozenset()) -> np.ndarray:
+    def run(self, quantized: set[str], high: set[str] = frozenset(), weights: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """The output with the layers in `quantized` quantized (those also in `high` at the raised
-        budget) and the others in float."""
+        budget, those in `weights` with that weight) and the others in float."""
         feeds = dict(self.feeds)
         for layer in self.layers:
             on = layer.name in quantized
             weight = layer.w_float
-            if on:
+            if on and weights is not None and layer.name in weights:
+                weight = weights[layer.name]
+            elif on:
                 weight = layer.w_high if layer.name in high and layer.w_high is not None else layer.w_quant
             feeds[self.weight_inputs[layer.name]] = weight
             if layer.name in self.gate_inputs:
                 feeds[self.gate_inputs[layer.name]] = np.array(on)
         return self.session.run([self.output], feeds)[0]
 
-    def error(self, quantized: set[str], high: set[str] = frozenset()) -> float:
+    def error(self, quantized: set[str], high: set[str] = frozenset(), weights: dict[str, np.ndarray] | None = None) -> float:
         """The output's distance from the all-float run: relative MSE, or (metric "kl") the mean
         KL divergence of the softmax over the last axis (next-token distributions of an LM)."""
-        out = self.run(quantized, high)
+        out = self.run(quantized, high, weights)
         if self.metric == "kl":
             log_q = _log_softmax(out)
             return float(np.mean(np.sum(np.exp(self._log_p) * (self._log_p - log_q), axis=-1)))
@@ -318,7 +320,7 @@ def diagnose(
     if "allocate-bits" in names:  # the same pipeline at a raised budget, for the boost option
         allocator = passes[names.index("allocate-bits")]
         boosted = [dataclasses.replace(p, avg_bits=p.avg_bits + BOOST_BITS) if p is allocator else p for p in passes]
-        original = _copy(model)
+    original = _copy(model) if "allocate-bits" in names else None
     stages = _Stages()
     with using(ctx):
         records = run_pipeline(model, passes, [instruments.Verify(), instruments.Drift(drift_feeds), stages])
@@ -327,12 +329,13 @@ def diagnose(
         if boosted is not None and layers:
             log.info("doctor: the pipeline again at %g average bits, for the boost option", allocator.avg_bits + BOOST_BITS)
             # only allocate-bits differs, so the float stage is the first run's
-            high_records = run_pipeline(original, boosted, [])
-            high = {layer.name: layer for layer in quantized_layers(stages.float_stage, original)[0]}
+            high_model = _copy(original)
+            high_records = run_pipeline(high_model, boosted, [])
+            high = {layer.name: layer for layer in quantized_layers(stages.float_stage, high_model)[0]}
             for layer in layers:
                 if layer.name in high:
                     layer.w_high = high[layer.name].w_quant
-            del original
+            del high_model
     if not layers:
         raise UserError("doctor: the pipeline quantizes no layer the doctor can read; give a pipeline with quantize or allocate-bits/quantize-weights")
     board = Switchboard(stages.float_stage, layers, feeds, threads, metric)
@@ -356,6 +359,10 @@ def diagnose(
         rows.append(row)
     rows.sort(key=lambda r: (-r["recovered"], r["layer"]))
     suggestion = _suggest(full, rows, total, board, everything, max_extra_bits)
+    if suggestion.get("pipeline") and "allocate-bits" in names:
+        with using(ctx):
+            suggestion = _measure_allocations(suggestion, passes, records, original, stages.float_stage, board, total, max_extra_bits)
+    del original
     return {
         "schema": "qcompiler.doctor/1",
         "source": source_info.name,
@@ -445,6 +452,48 @@ def _suggest(passes, rows, total, board: Switchboard, everything: set[str], max_
     }
 
 
+def _measure_allocations(suggestion: dict, passes, records, original: ir.Model, float_stage: ir.Model, board: Switchboard,
+                         total: float, max_extra_bits: float) -> dict:
+    """Run the suggested allocation, and the same upgrades under a model-wide budget with measured
+    layer sensitivity (`scope=model sensitivity=output`, when the pipeline budgets per layer), and
+    measure each one's output error on the probe batch with the weights it actually produces (the
+    choice itself approximates kept layers by float and adds the upgrades' gains). Returns the
+    suggestion with the lower error within `max_extra_bits`, the other under `alternatives`."""
+    names = [p.name for p in passes]
+    index = names.index("allocate-bits")
+    chosen = parse_pipeline(suggestion["pipeline"])
+    allocator = next(p for p in chosen if p.name == "allocate-bits")
+    base_bits = _bits_per_weight(records)
+    variants = [("as chosen", allocator)]
+    if allocator.scope == "layer" or allocator.sensitivity == "off":
+        variants.append(("model-wide budget with measured layer sensitivity",
+                         dataclasses.replace(allocator, scope="model", sensitivity="output")))
+    measured = []
+    for label, variant in variants:
+        trial = list(passes)
+        trial[index] = variant
+        model = _copy(original)
+        log.info("doctor: measuring the suggestion (%s)", label)
+        trial_records = run_pipeline(model, trial, [])
+        weights = {layer.name: layer.w_quant for layer in quantized_layers(float_stage, model)[0]}
+        del model
+        extra = _bits_per_weight(trial_records) - base_bits
+        measured.append({"label": label, "error": board.error(set(weights), weights=weights), "extra_bits": round(extra, 4),
+                         "pipeline": format_pipeline([variant if p.name == "allocate-bits" else p for p in chosen])})
+    within = [m for m in measured if m["extra_bits"] <= max_extra_bits + 1e-9] or measured[:1]
+    best = min(within, key=lambda m: m["error"])
+    result = dict(suggestion, pipeline=best["pipeline"], predicted_error=best["error"], extra_bits=best["extra_bits"],
+                  predicted_recovery=(total - best["error"]) / total if total > 0 else 0.0, measured=measured)
+    if best["label"] != "as chosen":
+        result["change"] = f"{suggestion['change']}, with a {best['label']}"
+    return result
+
+
+def _bits_per_weight(records: list[PassRecord]) -> float:
+    """allocate-bits' stored bits per weight of the whole model."""
+    return next(r.stats["predicted_bits_per_weight"] for r in records if r.name == "allocate-bits")
+
+
 def _choose_upgrades(rows: list[dict], allocator, max_extra_bits: float) -> tuple[list[str], list[str], float]:
     """Per layer at most one upgrade (keep at KEEP_BITS, or boost by BOOST_BITS), taken greedily by
     recovered error per added stored bit while the model's average stays within `max_extra_bits`."""
@@ -499,6 +548,8 @@ def format_diagnosis(result: dict, top: int = 15) -> str:
     if s.get("pipeline"):
         lines.append(f"  predicted output error {result['error_all_quantized']:.4g} -> {s['predicted_error']:.4g} "
                      f"({s['predicted_recovery']:.0%} recovered)")
+        for m in s.get("measured", []):
+            lines.append(f"  measured: {m['label']}: output error {m['error']:.4g} at {m['extra_bits']:+.4f} average bits")
         lines.append(f"  pipeline: {s['pipeline']}")
     return "\n".join(lines) + "\n"
 
