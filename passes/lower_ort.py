@@ -320,7 +320,7 @@ def fuse_per_token_integer(graph: ir.Graph) -> int:
             continue
         dq, scale = mul.inputs[0].producer(), mul.inputs[1]
         weight = _int8_weight_per_column(matmul.inputs[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or weight is None or len(dq.inputs) != 3:
+        if dq is None or dq.op_type != "DequantizeLinear" or weight is None or len(dq.inputs) != 3 or not _is_row_scale(scale):
             continue
         codes, one, zero = dq.inputs
         if one.const_value is None or one.const_value.numpy().tolist() != 1.0 or zero.const_value is None:
@@ -337,6 +337,18 @@ def fuse_per_token_integer(graph: ir.Graph) -> int:
                 graph.remove(dead, safe=True)
         count += 1
     return count
+
+
+def _is_row_scale(scale: ir.Value) -> bool:
+    """Whether `scale` is the per-token scale of `_lower_per_token`: Where(., ., Div(ReduceMax(.,
+    axes [-1], keepdims), qmax)), one value per row, so that it commutes with a MatMul."""
+    where = scale.producer()
+    div = where.inputs[2].producer() if where is not None and where.op_type == "Where" and len(where.inputs) == 3 else None
+    reduce = div.inputs[0].producer() if div is not None and div.op_type == "Div" else None
+    if reduce is None or reduce.op_type != "ReduceMax" or len(reduce.inputs) != 2 or reduce.inputs[1].const_value is None:
+        return False
+    keepdims = reduce.attributes["keepdims"].value if "keepdims" in reduce.attributes else 1
+    return keepdims == 1 and reduce.inputs[1].const_value.numpy().tolist() == [-1]
 
 
 def _replace(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], output: ir.Value) -> None:
