@@ -52,7 +52,6 @@ class CalibratePass(Pass):
 
     name = "calibrate"
     provided = frozenset({"calibrated", STATS_CURRENT})
-    keeps_activation_stats = True
 
     method: Literal["minmax", "percentile", "entropy", "mse"] = option(
         "minmax", "activation clipping rule later passes apply: minmax, percentile, entropy (KL) or mse"

@@ -56,9 +56,10 @@ class Pass(ir.passes.InPlacePass):
             )
 
     def ensures(self, model: ir.Model) -> None:
-        props = (model_properties(model) - self.invalidated) | self.provided
+        props = model_properties(model) - self.invalidated
         if not self.keeps_activation_stats:
             props -= {STATS_CURRENT}
+        props |= self.provided
         set_model_properties(model, props)
 
     @classmethod
