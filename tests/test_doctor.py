@@ -187,3 +187,12 @@ def test_suggestion_is_measured_as_compiled_and_the_better_budget_scope_is_picke
     assert s["pipeline"] == best["pipeline"] and s["predicted_error"] == best["error"]
     assert ("scope=model sensitivity=output" in s["pipeline"]) == (best is s["measured"][1])
     assert 0 < s["extra_bits"] <= 0.4 and s["predicted_error"] < result["error_all_quantized"]
+
+
+def test_refinement_keeps_the_lower_of_the_first_choice_and_the_refilled_set():
+    model = _mlp()
+    result = diagnose(model, "calibrate,allocate-bits{avg-bits=4 group-size=32},quantize-weights",
+                      calibration=[synthetic_inputs(model, seed=s) for s in range(4)], max_extra_bits=1.0)
+    r = result["suggestion"]["refinement"]
+    assert r["first_choice_layers"] >= 1 and r["kept"] in ("first choice", "refilled")
+    assert r["refilled_error" if r["kept"] == "refilled" else "first_choice_error"] == min(r["first_choice_error"], r["refilled_error"])
