@@ -596,6 +596,10 @@ def format_diagnosis(result: dict, top: int = 15) -> str:
     if s.get("pipeline"):
         lines.append(f"  predicted output error {result['error_all_quantized']:.4g} -> {s['predicted_error']:.4g} "
                      f"({s['predicted_recovery']:.0%} recovered)")
+        r = s.get("refinement")
+        if r:
+            lines.append(f"  re-measured at the first choice ({r['first_choice_layers']} layers): error {r['first_choice_error']:.4g}; "
+                         f"refilled ({r['refilled_layers']} layers): {r['refilled_error']:.4g}; kept the {r['kept']}")
         for m in s.get("measured", []):
             lines.append(f"  measured: {m['label']}: output error {m['error']:.4g} at {m['extra_bits']:+.4f} average bits")
         lines.append(f"  pipeline: {s['pipeline']}")
