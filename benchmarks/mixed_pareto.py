@@ -72,7 +72,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -85,7 +84,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, STS, THREADS, WIKITEXT, git_state, machine, packages, table  # noqa: E402
+from common import RESULTS, STS, THREADS, WIKITEXT, git_state, machine, packages, sentences, table, wikitext_split  # noqa: E402
 
 MODELS = ("smollm2-135m", "minilm-l6")
 BUDGETS = (2.5, 3.0, 3.25, 3.5, 4.0, 4.25)
@@ -117,24 +116,6 @@ def quiet() -> None:
 
 # --------------------------------------------------------------------------------------------
 # Data (calibration never overlaps evaluation)
-
-
-def wikitext_split(fraction: float = 0.75) -> tuple[str, str]:
-    """(head, tail) of the excerpt cut at the line boundary at or before `fraction` of its characters."""
-    text = WIKITEXT.read_text(encoding="utf-8")
-    cut, pos = int(len(text) * fraction), 0
-    for line in text.splitlines(keepends=True):
-        if pos + len(line) > cut:
-            break
-        pos += len(line)
-    return text[:pos], text[pos:]
-
-
-def sentences(text: str) -> list[str]:
-    out = []
-    for line in text.splitlines():
-        out.extend(p.strip() for p in re.split(r"(?<= \.) ", line.strip()) if p.strip())
-    return out
 
 
 def calibration(name: str) -> tuple[list[dict[str, np.ndarray]], str]:
