@@ -272,6 +272,7 @@ def _fake_quant(graph: ir.Graph, node: ir.Node, x: ir.Value, gate: ir.Value, act
 # Passes that only lay out or lower what the quantizing passes chose: the doctor reads the IR before them.
 LAYOUT_PASSES = ("fold-permutation", "fuse", "lower-ort")
 BOOST_BITS = 1.0
+REFINE_ROUNDS = 3  # re-measurements of the allocate-bits choice, while each lowers the error
 
 
 def diagnose(
@@ -413,9 +414,10 @@ def _suggest(passes, rows, total, board: Switchboard, everything: set[str], max_
         index = names.index("allocate-bits")
         allocator = passes[index]
         keep, boost, extra = _choose_upgrades(rows, allocator, max_extra_bits)
-        refinement = None
-        if keep or boost:
-            keep, boost, extra, refinement = _refine_upgrades(rows, allocator, max_extra_bits, board, everything, keep, boost, extra)
+        refinement = []
+        while (keep or boost) and len(refinement) < REFINE_ROUNDS and (not refinement or refinement[-1]["kept"] == "refilled"):
+            keep, boost, extra, record = _refine_upgrades(rows, allocator, max_extra_bits, board, everything, keep, boost, extra)
+            refinement.append(record)
         chosen = keep + boost
         changed = dataclasses.replace(
             allocator, keep=tuple(sorted(set(allocator.keep) | set(keep))), keep_bits=KEEP_BITS,
@@ -423,11 +425,11 @@ def _suggest(passes, rows, total, board: Switchboard, everything: set[str], max_
         )
         change = (f"keep {len(keep)} layers at {KEEP_BITS} bits and give {len(boost)} layers {BOOST_BITS:g} more bit "
                   f"per weight (+{extra:.3f} average bits)")
-        predicted = min(refinement["first_choice_error"], refinement["refilled_error"]) if refinement else total
+        predicted = min(refinement[-1]["choice_error"], refinement[-1]["refilled_error"]) if refinement else total
     elif "quantize" in names:
         index = names.index("quantize")
         quantizer = passes[index]
-        chosen, boost, predicted, refinement = [], [], total, None
+        chosen, boost, predicted, refinement = [], [], total, []
         for row in rows:
             if predicted <= total / 2 or len(chosen) >= 8 or row["recovered"] <= 0:
                 break
@@ -539,7 +541,7 @@ def _fill(options: list[tuple], weights: int, max_extra_bits: float) -> tuple[li
 
 def _refine_upgrades(rows: list[dict], allocator, max_extra_bits: float, board: Switchboard, everything: set[str],
                      keep: list[str], boost: list[str], extra: float) -> tuple[list[str], list[str], float, dict]:
-    """One round of re-measurement where the first choice landed. Quantization errors interact
+    """One round of re-measurement where the choice landed. Quantization errors interact
     (the gains measured one layer at a time, from the all-quantized model, add up to about twice
     what their union recovers on SmolLM2), so at the chosen set each chosen upgrade is valued by
     the error its removal adds back, and each layer left out that had a positive gain by the error
@@ -559,9 +561,9 @@ def _refine_upgrades(rows: list[dict], allocator, max_extra_bits: float, board: 
             options.append((gain, costs[row["layer"]]["boost"], "boost", row["layer"]))
     new_keep, new_boost, new_extra = _fill(options, sum(r["params"] for r in rows), max_extra_bits)
     refined = board.error(everything - set(new_keep), set(new_boost))
-    log.info("doctor: re-measured at the first choice: error %.4g, refilled %.4g", at, refined)
-    record = {"first_choice_error": at, "first_choice_layers": len(keep) + len(boost), "refilled_error": refined,
-              "refilled_layers": len(new_keep) + len(new_boost), "kept": "refilled" if refined < at else "first choice"}
+    log.info("doctor: re-measured at the choice: error %.4g, refilled %.4g", at, refined)
+    record = {"choice_error": at, "choice_layers": len(keep) + len(boost), "refilled_error": refined,
+              "refilled_layers": len(new_keep) + len(new_boost), "kept": "refilled" if refined < at else "choice"}
     if refined < at:
         return new_keep, new_boost, new_extra, record
     return keep, boost, extra, record
@@ -596,9 +598,8 @@ def format_diagnosis(result: dict, top: int = 15) -> str:
     if s.get("pipeline"):
         lines.append(f"  predicted output error {result['error_all_quantized']:.4g} -> {s['predicted_error']:.4g} "
                      f"({s['predicted_recovery']:.0%} recovered)")
-        r = s.get("refinement")
-        if r:
-            lines.append(f"  re-measured at the first choice ({r['first_choice_layers']} layers): error {r['first_choice_error']:.4g}; "
+        for i, r in enumerate(s.get("refinement", []), 1):
+            lines.append(f"  re-measurement {i}: at the choice ({r['choice_layers']} layers) error {r['choice_error']:.4g}; "
                          f"refilled ({r['refilled_layers']} layers): {r['refilled_error']:.4g}; kept the {r['kept']}")
         for m in s.get("measured", []):
             lines.append(f"  measured: {m['label']}: output error {m['error']:.4g} at {m['extra_bits']:+.4f} average bits")
