@@ -387,20 +387,32 @@ def _lower_quantize_activation(graph: ir.Graph, node: ir.Node, signed: bool) -> 
         q.name = f"{base}.{'s8' if signed else 'u8'}"
         route = f"QuantizeLinear({'s8' if signed else 'u8'})"
     graph.insert_before(node, quant)
-    readers = list(node.outputs[0].uses())
-    for i, use in enumerate(readers):
-        dq = ir.node("DequantizeLinear", [q, scale, zero], name=f"{base}.dequantize.{i}",
-                     metadata_props={CREATED_BY: "lower-ort"})
-        dq.outputs[0].name = f"{node.outputs[0].name}.{i}"
-        graph.insert_before(use.node, dq)
-        use.node.replace_input_with(use.idx, dq.outputs[0])
-    if node.outputs[0] in graph.outputs:  # keep a graph output alive through one more DQ
-        dq = ir.node("DequantizeLinear", [q, scale, zero], name=f"{base}.dequantize.out")
-        graph.insert_after(quant, dq)
-        ir.convenience.replace_all_uses_with(node.outputs[0], dq.outputs[0], replace_graph_outputs=True)
+
+    def dequantize(suffix: str) -> tuple[list[ir.Node], ir.Value]:
+        dq = ir.node("DequantizeLinear", [q, scale, zero], name=f"{base}.dequantize.{suffix}")
+        if suffix != "out":
+            dq.metadata_props[CREATED_BY] = "lower-ort"
+            dq.outputs[0].name = f"{node.outputs[0].name}.{suffix}"
+        return [dq], dq.outputs[0]
+
+    _dequantize_per_reader(graph, node, quant, dequantize)
     quant.metadata_props[CREATED_BY] = "lower-ort"
     graph.remove(node, safe=True)
     return route
+
+
+def _dequantize_per_reader(graph: ir.Graph, node: ir.Node, after: ir.Node, dequantize) -> None:
+    """Give every reader of `node`'s output its own copy of the nodes `dequantize(suffix)` returns
+    (nodes, value), so that each reader can fuse with its copy; a graph output gets one more copy,
+    inserted after `after`, to stay alive."""
+    for i, use in enumerate(list(node.outputs[0].uses())):
+        nodes, value = dequantize(str(i))
+        graph.insert_before(use.node, nodes)
+        use.node.replace_input_with(use.idx, value)
+    if node.outputs[0] in graph.outputs:
+        nodes, value = dequantize("out")
+        graph.insert_after(after, nodes)
+        ir.convenience.replace_all_uses_with(node.outputs[0], value, replace_graph_outputs=True)
 
 
 def _lower_per_token(graph: ir.Graph, node: ir.Node, signed: bool) -> str:
@@ -440,17 +452,15 @@ def _lower_per_token(graph: ir.Graph, node: ir.Node, signed: bool) -> str:
     for n in chain:
         n.metadata_props[CREATED_BY] = "lower-ort"
         graph.insert_before(node, n)
-    for i, use in enumerate(list(node.outputs[0].uses())):
-        dq = ir.node("DequantizeLinear", [codes, c_one, zero], name=f"{base}.dequantize.{i}", metadata_props={CREATED_BY: "lower-ort"})
-        mul = ir.node("Mul", [dq.outputs[0], scale], name=f"{base}.rescale.{i}", metadata_props={CREATED_BY: "lower-ort"})
-        dq.outputs[0].name, mul.outputs[0].name = dq.name, f"{node.outputs[0].name}.{i}"
-        graph.insert_before(use.node, [dq, mul])
-        use.node.replace_input_with(use.idx, mul.outputs[0])
-    if node.outputs[0] in graph.outputs:
-        dq = ir.node("DequantizeLinear", [codes, c_one, zero], name=f"{base}.dequantize.out", metadata_props={CREATED_BY: "lower-ort"})
-        mul = ir.node("Mul", [dq.outputs[0], scale], name=f"{base}.rescale.out", metadata_props={CREATED_BY: "lower-ort"})
-        graph.insert_after(chain[-1], [dq, mul])
-        ir.convenience.replace_all_uses_with(node.outputs[0], mul.outputs[0], replace_graph_outputs=True)
+
+    def rescaled(suffix: str) -> tuple[list[ir.Node], ir.Value]:
+        dq = ir.node("DequantizeLinear", [codes, c_one, zero], name=f"{base}.dequantize.{suffix}", metadata_props={CREATED_BY: "lower-ort"})
+        mul = ir.node("Mul", [dq.outputs[0], scale], name=f"{base}.rescale.{suffix}", metadata_props={CREATED_BY: "lower-ort"})
+        if suffix != "out":
+            dq.outputs[0].name, mul.outputs[0].name = dq.name, f"{node.outputs[0].name}.{suffix}"
+        return [dq, mul], mul.outputs[0]
+
+    _dequantize_per_reader(graph, node, chain[-1], rescaled)
     graph.remove(node, safe=True)
     return f"per-token({'s8' if signed else 'u8'})"
 

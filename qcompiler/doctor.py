@@ -468,7 +468,7 @@ def _measure_allocations(suggestion: dict, passes, records, original: ir.Model, 
     layer sensitivity (`scope=model sensitivity=output`, when the pipeline budgets per layer), and
     measure each one's output error on the probe batch with the weights it actually produces (the
     choice itself approximates kept layers by float and adds the upgrades' gains). Returns the
-    suggestion with the lower error within `max_extra_bits`, the other under `alternatives`."""
+    suggestion with the lower error within `max_extra_bits`; every measurement under `measured`."""
     names = [p.name for p in passes]
     index = names.index("allocate-bits")
     chosen = parse_pipeline(suggestion["pipeline"])
