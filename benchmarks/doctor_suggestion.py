@@ -7,7 +7,8 @@
 For smollm2-135m: captures the float model once, runs `doctor` on `mixed{avg-bits=B}` (calibration:
 the same windows as `mixed_pareto.py`, never overlapping the evaluation text; the doctor measures on
 the first calibration batch, 4 x 128 tokens, by the KL divergence of next-token distributions), compiles the pipeline as given and as suggested, and evaluates
-both (and `mixed{avg-bits=B+extra}`, the same extra bits spent evenly) by perplexity over the first
+both (and, when the doctor also adds learned rounding, its suggestion without that pass; and
+`mixed{avg-bits=B+extra}`, the same extra bits spent evenly) by perplexity over the first
 N 256-token windows of the first three quarters of the WikiText excerpt, 2 ONNX Runtime threads.
 Prints a table and writes `benchmarks/results/doctor_suggestion.json`.
 
@@ -27,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mixed_pareto as mp  # noqa: E402  (same data splits, compile and evaluation helpers)
-from common import machine, packages, table  # noqa: E402
+from common import command_line, git_state, machine, packages, table  # noqa: E402
 
 MODEL = "smollm2-135m"
 
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
         suggested = diagnosis["suggestion"]["pipeline"]
 
         variants = {"as given": pipeline, "doctor's suggestion": suggested,
+                    "doctor's suggestion, bits only": diagnosis["suggestion"].get("pipeline_bits_only"),
                     "same extra bits, evenly": f"mixed{{avg-bits={args.budget + args.max_extra_bits:g}}}"}
         rows = {}
         for label, spec in variants.items():
@@ -82,10 +84,14 @@ def main(argv=None) -> int:
     if "perplexity" in sugg:
         recovered = (base["perplexity"] - sugg["perplexity"]) / (base["perplexity"] - float_ppl)
         extra = sugg["effective_bits"] - base["effective_bits"]
+    gap = base["perplexity"] - float_ppl
+    for r in rows.values():
+        if "perplexity" in r:
+            r["gap_recovered"] = (base["perplexity"] - r["perplexity"]) / gap
     lines = [(label, f"{r.get('effective_bits', float('nan')):.4f}", f"{r.get('perplexity', float('nan')):.3f}",
-              f"{r.get('compile_s', 0):.1f}") for label, r in rows.items()]
-    lines.append(("float32", "32", f"{float_ppl:.3f}", "-"))
-    print(table(["variant", "effective bits", f"perplexity ({args.windows} windows)", "compile s"], lines))
+              f"{r.get('gap_recovered', float('nan')):.1%}", f"{r.get('compile_s', 0):.1f}") for label, r in rows.items()]
+    lines.append(("float32", "32", f"{float_ppl:.3f}", "100%", "-"))
+    print(table(["variant", "effective bits", f"perplexity ({args.windows} windows)", "gap recovered", "compile s"], lines))
     if recovered is not None:
         print(f"suggestion: {diagnosis['suggestion']['change']}; recovers {recovered:.1%} of the perplexity gap "
               f"at {extra:+.4f} effective bits (target: >= 50% at <= +{args.max_extra_bits:g})")
@@ -94,7 +100,7 @@ def main(argv=None) -> int:
         "doctor_seconds": round(doctor_s, 1), "diagnosis": diagnosis, "rows": rows,
         "gap_recovered": recovered, "extra_effective_bits": extra,
         "target_met": bool(recovered is not None and recovered >= 0.5 and extra <= args.max_extra_bits),
-        "machine": machine(), "packages": packages(), "threads": mp.THREADS,
+        "machine": machine(), "packages": packages(), "threads": mp.THREADS, "git": git_state(), "command": command_line(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, sort_keys=True, default=float) + "\n")

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output error: relative MSE, or KL of the softmax (auto: kl for a bundled causal LM)")
     doc.add_argument("--probe-batches", type=int, default=1, metavar="N",
                      help="calibration batches the layers are measured on, joined (default 1; each run costs in proportion)")
+    doc.add_argument("--bits-only", action="store_true",
+                     help="suggest bit-width changes only, not an added pass such as learned rounding (which costs compile time)")
     doc.add_argument("--apply", metavar="FILE", help="write the suggested pipeline to FILE (use it with --pipeline @FILE)")
     doc.add_argument("--cache-dir", metavar="DIR", help="calibration statistics cache (default as for compile)")
     doc.add_argument("--no-cache", action="store_true", help="neither read nor write the calibration cache")
@@ -267,6 +269,7 @@ def _cmd_doctor(args) -> int:
     result = diagnose(
         args.source, args.pipeline, calibration=args.calib, calib_count=args.calib_count, threads=args.threads,
         max_extra_bits=args.max_extra_bits, cache_dir=cache_dir, metric=args.metric, probe_batches=args.probe_batches,
+        bits_only=args.bits_only,
     )
     if args.json:
         sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")

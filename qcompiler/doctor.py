@@ -20,6 +20,9 @@
    for int8 pipelines, the layers whose float recovers the most (`quantize{keep=...}`); measures
    the suggestion's predicted error with those layers in float, and writes the pipeline with
    `--apply FILE` (which `--pipeline @FILE` reads).
+5. When `quantize-weights` is the pass that adds the most drift and nothing learns its rounding,
+   runs the suggestion with `flexround` after it and adds that pass to the suggestion if the
+   weights it learns lower the probe error (it costs compile time, not stored bits).
 """
 
 from __future__ import annotations
@@ -277,6 +280,8 @@ BOOST_BITS = 1.0
 # held-out perplexity (52.4 -> 53.1; benchmarks/results/doctor_suggestion_rounds.json): further
 # rounds fit the probe batch, not the model.
 REFINE_ROUNDS = 1
+# Passes that learn the weights' rounding after `quantize-weights`; the doctor suggests the first.
+ROUNDING_PASSES = ("flexround", "tune-scales")
 
 
 def diagnose(
@@ -291,13 +296,16 @@ def diagnose(
     probe_inputs: dict[str, np.ndarray] | None = None,
     metric: str = "auto",
     probe_batches: int = 1,
+    bits_only: bool = False,
 ) -> dict[str, Any]:
     """Run the pipeline, rank layers and passes by what they cost, and suggest a pipeline change.
     The error is measured on `probe_inputs`; by default the first `probe_batches` calibration
     batches joined into one (more data than the probe batch drift uses: each run costs in
     proportion, and one batch's measurements are noisy), else the source's probe batch
     (`qcompiler.probe`).
-    `metric`: "mse", "kl", or "auto" (kl for a bundled causal LM, mse otherwise)."""
+    `metric`: "mse", "kl", or "auto" (kl for a bundled causal LM, mse otherwise).
+    `bits_only`: suggest bit-width changes only, never an added pass (learned rounding costs
+    compile time)."""
     from qcompiler import probe
     from qcompiler.capture import resolve
     from qcompiler.compiler import calibration_batches, complete_pipeline
@@ -325,7 +333,7 @@ def diagnose(
     if "allocate-bits" in names:  # the same pipeline at a raised budget, for the boost option
         allocator = passes[names.index("allocate-bits")]
         boosted = [dataclasses.replace(p, avg_bits=p.avg_bits + BOOST_BITS) if p is allocator else p for p in passes]
-    original = _copy(model) if "allocate-bits" in names else None
+    original = _copy(model) if "allocate-bits" in names or "quantize-weights" in names else None
     stages = _Stages()
     with using(ctx):
         records = run_pipeline(model, passes, [instruments.Verify(), instruments.Drift(drift_feeds), stages])
@@ -367,6 +375,9 @@ def diagnose(
     if suggestion.get("pipeline") and "allocate-bits" in names:
         with using(ctx):
             suggestion = _measure_allocations(suggestion, passes, records, original, stages.float_stage, board, total, max_extra_bits)
+    if not bits_only and _rounding_dominates(full, records):
+        with using(ctx):
+            suggestion = _measure_learned_rounding(suggestion, full, original, stages.float_stage, board, total)
     del original
     return {
         "schema": "qcompiler.doctor/1",
@@ -497,6 +508,46 @@ def _measure_allocations(suggestion: dict, passes, records, original: ir.Model, 
     if best["label"] != "as chosen":
         result["change"] = f"{suggestion['change']}, with a {best['label']}"
     return result
+
+
+def _rounding_dominates(full, records: list[PassRecord]) -> bool:
+    """The pipeline rounds weights with `quantize-weights`, nothing learns that rounding yet, and
+    `quantize-weights` is the pass that adds the most output drift."""
+    names = [p.name for p in full]
+    if "quantize-weights" not in names or any(name in names for name in ROUNDING_PASSES):
+        return False
+    costs = _pass_costs(records)
+    worst = max(costs, key=lambda c: c["drift_added"], default=None)
+    return worst is not None and worst["pass"].split("{")[0] == "quantize-weights" and worst["drift_added"] > 0
+
+
+def _measure_learned_rounding(suggestion: dict, full, original: ir.Model, float_stage: ir.Model, board: Switchboard,
+                              total: float) -> dict:
+    """Add `flexround` (learned rounding, its default steps) after `quantize-weights` in the suggested
+    pipeline (or the given one, when no bit change was found), run it and measure the weights it
+    produces on the probe batch; suggest it when it lowers the error. It adds compile time, not bits."""
+    base = parse_pipeline(suggestion["pipeline"]) if suggestion.get("pipeline") else list(full)
+    base_error = suggestion["predicted_error"] if suggestion.get("pipeline") else total
+    rounding = parse_pipeline(ROUNDING_PASSES[0])[0]
+    names = [p.name for p in base]
+    with_rounding = base[: names.index("quantize-weights") + 1] + [rounding] + base[names.index("quantize-weights") + 1:]
+    model = _copy(original)
+    log.info("doctor: measuring learned rounding (%s)", format_pipeline([rounding]))
+    run_pipeline(model, [p for p in with_rounding if p.name not in LAYOUT_PASSES], [])
+    weights = {layer.name: layer.w_quant for layer in quantized_layers(float_stage, model)[0]}
+    del model
+    error = board.error(set(weights), weights=weights)
+    measured = list(suggestion.get("measured", [])) + [
+        {"label": "with learned rounding", "error": error, "extra_bits": suggestion.get("extra_bits") or 0.0,
+         "pipeline": format_pipeline(with_rounding)}]
+    if error >= base_error:
+        return dict(suggestion, measured=measured)
+    what = f"learn the weight rounding ({format_pipeline([rounding])} after quantize-weights; compile time, no bits)"
+    change = f"{suggestion['change']}; and {what}" if suggestion.get("pipeline") else what
+    return dict(suggestion, change=change, pipeline=format_pipeline(with_rounding), predicted_error=error,
+                predicted_recovery=(total - error) / total if total > 0 else 0.0, measured=measured,
+                added_passes=[rounding.name], pipeline_bits_only=suggestion.get("pipeline"),
+                **({} if suggestion.get("pipeline") else {"extra_bits": 0.0, "layers": []}))
 
 
 def _bits_per_weight(records: list[PassRecord]) -> float:

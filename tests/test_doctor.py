@@ -78,9 +78,26 @@ def test_doctor_ranks_the_sensitive_layer_first_and_suggests_keeping_it():
 
 def test_suggestion_respects_the_extra_bits_limit():
     result = diagnose(_mlp(), "calibrate,allocate-bits{avg-bits=4 group-size=32},quantize-weights",
-                      calibration=[synthetic_inputs(_mlp(), seed=s) for s in range(4)], max_extra_bits=0.1)
+                      calibration=[synthetic_inputs(_mlp(), seed=s) for s in range(4)], max_extra_bits=0.1, bits_only=True)
     # keeping either layer at 8 bits adds about 2.7 bits over half the weights: more than 0.1
     assert result["suggestion"]["pipeline"] is None
+
+
+def test_learned_rounding_is_suggested_when_weight_rounding_costs_and_it_measures_lower():
+    model = _mlp()
+    result = diagnose(model, "calibrate,allocate-bits{avg-bits=4 group-size=32},quantize-weights",
+                      calibration=[synthetic_inputs(model, seed=s) for s in range(4)], max_extra_bits=0.1)
+    assert max(result["passes"], key=lambda p: p["drift_added"])["pass"].startswith("quantize-weights")
+    s = result["suggestion"]  # no layer fits in 0.1 extra bits, but learning the rounding costs none
+    assert s["added_passes"] == ["flexround"] and s["extra_bits"] == 0.0 and s["layers"] == []
+    names = [p.name for p in parse_pipeline(s["pipeline"])]
+    assert names[names.index("quantize-weights") + 1] == "flexround"
+    (measured,) = s["measured"]
+    assert measured["label"] == "with learned rounding" and measured["error"] == s["predicted_error"]
+    assert s["predicted_error"] < result["error_all_quantized"]
+    # a pipeline that already learns its rounding gets no second rounding pass
+    again = diagnose(_mlp(), s["pipeline"], calibration=[synthetic_inputs(_mlp(), seed=s) for s in range(4)], max_extra_bits=0.1)
+    assert "added_passes" not in again["suggestion"]
 
 
 def test_int8_pipeline_suggestion_keeps_layers_in_float():
@@ -179,7 +196,7 @@ def test_suggestion_is_measured_as_compiled_and_the_better_budget_scope_is_picke
        Y = MatMul (G, C) }}""")
     data = [synthetic_inputs(model, seed=s) for s in range(4)]
     result = diagnose(model, "calibrate,allocate-bits{avg-bits=4 group-size=32},quantize-weights", calibration=data,
-                      max_extra_bits=0.4)
+                      max_extra_bits=0.4, bits_only=True)
     s = result["suggestion"]
     assert s["measured"][0]["error"] != s["measured"][1]["error"]  # the two budgets allocate differently
     assert [m["label"] for m in s["measured"]] == ["as chosen", "model-wide budget with measured layer sensitivity"]
