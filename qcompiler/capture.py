@@ -149,8 +149,8 @@ def _root_cause(exc: BaseException) -> str:
 
 def resolve(source: Any, example_inputs=None, dynamic_shapes=None) -> tuple[ir.Model, Source]:
     """Turn any accepted source into the IR."""
-    if isinstance(source, ir.Model):
-        return source, Source(name=source.graph.name or "model", kind="ir")
+    if isinstance(source, ir.Model):  # a copy: the passes rewrite the model in place, the caller's stays as given
+        return ir.serde.deserialize_model(ir.serde.serialize_model(source)), Source(name=source.graph.name or "model", kind="ir")
     if example_inputs is not None:
         name = type(source).__name__
         inputs = example_inputs

@@ -96,7 +96,7 @@ def test_learned_rounding_is_suggested_when_weight_rounding_costs_and_it_measure
     assert measured["label"] == "with learned rounding" and measured["error"] == s["predicted_error"]
     assert s["predicted_error"] < result["error_all_quantized"]
     # a pipeline that already learns its rounding gets no second rounding pass
-    again = diagnose(_mlp(), s["pipeline"], calibration=[synthetic_inputs(_mlp(), seed=s) for s in range(4)], max_extra_bits=0.1)
+    again = diagnose(model, s["pipeline"], calibration=[synthetic_inputs(model, seed=s) for s in range(4)], max_extra_bits=0.1)
     assert "added_passes" not in again["suggestion"]
 
 
