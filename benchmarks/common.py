@@ -281,3 +281,29 @@ def _jsonable(value):
 
 def command_line() -> str:
     return " ".join([Path(sys.executable).name, *sys.argv])
+
+
+def ort_nbits_quantize(float_model: Path, algorithm: str = "default", symmetric: bool = False,
+                       accuracy_level: int | None = None) -> tuple[Any, str]:
+    """ONNX Runtime's own 4-bit weight-only quantizer (`MatMulNBitsQuantizer`, blocks of 128) on an
+    ONNX file: algorithm "default" (RTN with `symmetric`), "RTN" or "HQQ". Returns the quantized
+    ModelProto and the name of the config class used."""
+    import contextlib
+    import io
+
+    import onnx
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    level = {} if accuracy_level is None else {"accuracy_level": accuracy_level}
+    if algorithm == "RTN":
+        config = mnq.RTNWeightOnlyQuantConfig()
+    elif algorithm == "HQQ":
+        config = mnq.HQQWeightOnlyQuantConfig(block_size=128, bits=4)
+    else:
+        config = mnq.DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=symmetric, bits=4, **level)
+    quantizer = mnq.MatMulNBitsQuantizer(onnx.load(str(float_model)), bits=4, block_size=128, is_symmetric=symmetric,
+                                         algo_config=config, **level)
+    with contextlib.redirect_stdout(io.StringIO()):  # the RTN path prints a progress bar
+        quantizer.process()
+    proto = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
+    return proto, type(config).__name__

@@ -39,8 +39,6 @@ Output: a table per M on stdout and `benchmarks/results/mixed_latency.json`.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import re
 import shutil
@@ -86,14 +84,8 @@ def inputs(rows: int, seed: int) -> np.ndarray:
 
 def ort_nbits(source: Path, out: Path, level: int) -> dict:
     import onnx
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
-    config = mnq.DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=False, accuracy_level=level, bits=4)
-    quantizer = mnq.MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=128, is_symmetric=False,
-                                         accuracy_level=level, algo_config=config)
-    with contextlib.redirect_stdout(io.StringIO()):
-        quantizer.process()
-    proto = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
+    proto, _ = common.ort_nbits_quantize(source, symmetric=False, accuracy_level=level)
     out.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(out / "model.onnx"))
     stored = sum(onnx.numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)

@@ -84,7 +84,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, STS, THREADS, WIKITEXT, git_state, machine, packages, sentences, table, wikitext_split  # noqa: E402
+from common import RESULTS, STS, THREADS, WIKITEXT, git_state, machine, ort_nbits_quantize, packages, sentences, table, wikitext_split  # noqa: E402
 
 MODELS = ("smollm2-135m", "minilm-l6")
 BUDGETS = (2.5, 3.0, 3.25, 3.5, 4.0, 4.25)
@@ -202,33 +202,19 @@ ORT_PEERS = {
 
 
 def compile_ort(float_model: Path, out: Path, algorithm: str, symmetric: bool, weights: int) -> dict[str, Any]:
-    import contextlib
-    import io
-
     import onnx
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.onnx"
     start = time.perf_counter()
-    if algorithm == "RTN":
-        config = mnq.RTNWeightOnlyQuantConfig()
-    elif algorithm == "HQQ":
-        config = mnq.HQQWeightOnlyQuantConfig(block_size=128, bits=4)
-    else:
-        config = mnq.DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=symmetric, bits=4)
-    model = onnx.load(str(float_model))
-    quantizer = mnq.MatMulNBitsQuantizer(model, bits=4, block_size=128, is_symmetric=symmetric, algo_config=config)
-    with contextlib.redirect_stdout(io.StringIO()):  # the RTN path prints a progress bar
-        quantizer.process()
-    proto = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
+    proto, config = ort_nbits_quantize(float_model, algorithm, symmetric)
     large = proto.ByteSize() > 1_800_000_000
     onnx.save(proto, str(path), save_as_external_data=large, location="model.onnx.data" if large else None)
     wall = time.perf_counter() - start
     counted = ort_weight_bytes(onnx.load(str(path)))
     return {
         "algorithm": (f"MatMulNBitsQuantizer(bits=4, block_size=128, is_symmetric={symmetric}, "
-                      f"algo_config={type(config).__name__})"),
+                      f"algo_config={config})"),
         "artifact": str(out),
         "compile_s": round(wall, 2),
         "effective_bits": round(8 * counted["total"] / weights, 4),
