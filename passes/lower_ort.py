@@ -8,7 +8,8 @@ the same numbers as their references.
   `s8` (int8), `u8` (uint8, zero point + 128: the same grid, shifted), or `auto`: `u8` on x86,
   where ONNX Runtime's integer kernels take unsigned activations (signed ones run slower than
   float32 without VNNI, and measured slower than u8 even with VNNI), `s8` elsewhere.
-- dynamic -> `DynamicQuantizeLinear` + `DequantizeLinear` (ONNX Runtime's dynamic quantization).
+- dynamic -> `DynamicQuantizeLinear` + `DequantizeLinear` (ONNX Runtime's dynamic quantization;
+  u8, so linears reading it take the fused integer kernel below).
 - per-token (8 bits) -> the row scale in standard ops and the codes as `QuantizeLinear(x / s, 1, zp)`;
   an int8 linear reading them becomes `com.microsoft.MatMulIntegerToFloat` (integer GEMM, weight
   scales applied) followed by a `Mul` by the row scale: exact, since the scale is constant along a
@@ -18,7 +19,7 @@ the same numbers as their references.
   `mixed-route=expand` keeps every layer as one float MatMul of a weight expanded at load.
 - the fused ops of `fuse` (`qc.QLinear`, `qc.NormQuantize`) are first expanded back into the ops
   above (ONNX Runtime fuses the QDQ form itself).
-- with u8 activations (`int-kernels=fused`, the default): a static linear with a bias,
+- with u8 activations (`int-kernels=fused`, the default): a static or dynamic linear with a bias,
   `DQ(x) -> MatMul <- DQ(W)` then `Add(., b)`, becomes one
   `com.microsoft.MatMulIntegerToFloat(x_q, W_q, scales, zero point, b)`, the kernel ONNX Runtime
   makes of the QDQ group anyway, with the bias added in it instead of by a separate Add over the
@@ -95,7 +96,7 @@ class LowerOrtPass(Pass):
     act_format: Literal["auto", "u8", "s8"] = option("auto", "activation integer type: auto picks u8 on x86 (faster in ONNX Runtime there), s8 elsewhere")
     mixed_route: Literal["split", "expand"] = option("split", "qc.MixedMatMul: MatMulNBits per class where it can run one (split), or one float MatMul of a weight expanded at load")
     int_kernels: Literal["fused", "qdq"] = option(
-        "fused", "u8 activations: static linears with a bias as com.microsoft.MatMulIntegerToFloat (bias inside), or plain QDQ")
+        "fused", "u8 activations: static and dynamic linears with a bias as com.microsoft.MatMulIntegerToFloat (bias inside), or plain QDQ")
     shared_input: Literal["separate", "wide"] = option(
         "separate", "fused kernels reading one quantized input (Q/K/V): one each, or one wide kernel and a Split "
         "(measured a little slower on MiniLM: the Split copies)")
@@ -218,7 +219,8 @@ def unfuse(graph: ir.Graph) -> int:
 
 
 def fuse_integer_bias(graph: ir.Graph) -> int:
-    """`Add(MatMul(DQ(x_q: u8), DQ(W_q: int8, per column)), b)` -> `MatMulIntegerToFloat`."""
+    """`Add(MatMul(DQ(x_q: u8), DQ(W_q: int8, per column)), b)` -> `MatMulIntegerToFloat`; x_q
+    static (constant scale and zero point) or dynamic (both from `DynamicQuantizeLinear`)."""
     count = 0
     for add in list(graph):
         if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
@@ -282,10 +284,19 @@ def _integer_linear(graph: ir.Graph, matmul: ir.Node | None, bias: ir.Value | No
     if x_dq is None or x_dq.op_type != "DequantizeLinear" or weight is None or b.shape[0] != weight[0].const_value.shape[1]:
         return None
     x_q, x_scale, x_zero = (list(x_dq.inputs) + [None])[:3]
-    x_zero_const = x_zero.const_value if x_zero is not None else None
-    if x_zero_const is None or x_zero_const.dtype != ir.DataType.UINT8:
+    if not _is_u8_zero_point(x_zero):
         return None
     return [x_q, weight[0], x_scale, weight[1], x_zero, None]
+
+
+def _is_u8_zero_point(zero: ir.Value | None) -> bool:
+    """A uint8 zero point: a constant (static activations) or computed by `DynamicQuantizeLinear`."""
+    if zero is None:
+        return False
+    if zero.const_value is not None:
+        return zero.const_value.dtype == ir.DataType.UINT8
+    producer = zero.producer()
+    return producer is not None and producer.op_type == "DynamicQuantizeLinear" and producer.domain in ("", "ai.onnx")
 
 
 def _int8_weight_per_column(w: ir.Value) -> tuple[ir.Value, ir.Value] | None:
