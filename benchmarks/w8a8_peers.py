@@ -11,8 +11,11 @@ Rows, per model:
 - `ours w8a8 (u8|s8)`: the same pipeline written out with the other `lower-ort` activation format
   than `auto` picked on this CPU, to show the format's effect (`--no-format-variant` skips it).
 - `ours w8a8 per-token`: `w8a8{act-mode=per-token}`: one activation scale per token computed at
-  run time (ZeroQuant style), each linear an integer kernel followed by the row scale
-  (`--no-per-token` skips it). The issue's targets are checked for it as well.
+  run time (ZeroQuant style), each linear an integer kernel followed by the row scale.
+- `ours w8a8 dynamic`: `w8a8{act-mode=dynamic}`: one activation scale and zero point per tensor
+  computed at run time (`DynamicQuantizeLinear`), each linear the same integer kernel as static.
+  `--act-modes` picks which of these two rows run (default both; `--act-modes none` skips them);
+  the issue's targets are checked for each as well.
 - `ort static U8S8`: `onnxruntime.quantization.quantize_static` on our float32 model after
   `quant_pre_process` (if that fails, on the float model itself; the JSON says which): QDQ,
   per_channel=True, activation QUInt8, weight QInt8 (U8S8), MinMax, ORT's default operator set;
@@ -80,7 +83,8 @@ DEFAULT_WINDOWS = 16
 EXPANDED_W8A8 = ("canonicalize,calibrate{method=minmax},smooth{alpha=auto},fold-scales,"
                  "quantize{act-mode=static},lower-ort{act-format=%s}")
 
-PER_TOKEN = "ours w8a8 per-token"  # w8a8{act-mode=per-token}: one activation scale per token, at run time
+# rows of the w8a8 preset with activation scales computed at run time: act-mode -> row label
+MODE_ROWS = {"per-token": "ours w8a8 per-token", "dynamic": "ours w8a8 dynamic"}
 PEER_LABELS = {"static": "ort static U8S8", "dynamic": "ort dynamic", "static-matmul": "ort static U8S8 MatMul-only"}
 
 TARGETS_TEXT = {
@@ -343,10 +347,10 @@ def bench_model(name: str, args, work: Path) -> dict[str, Any]:
         variants[f"ours w8a8 {other}"] = {"kind": "ours", **compile_ours(
             name, work / f"w8a8-{other}", EXPANDED_W8A8 % other, calib_txt, count, args.threads)}
 
-    if args.per_token:
-        log(f"{name}: compile {PER_TOKEN}")
-        variants[PER_TOKEN] = {"kind": "ours", **compile_ours(
-            name, work / "w8a8-per-token", "w8a8{act-mode=per-token}", calib_txt, count, args.threads)}
+    for mode in args.act_modes:
+        log(f"{name}: compile {MODE_ROWS[mode]}")
+        variants[MODE_ROWS[mode]] = {"kind": "ours", **compile_ours(
+            name, work / f"w8a8-{mode}", f"w8a8{{act-mode={mode}}}", calib_txt, count, args.threads)}
 
     float_model = Path(variants["float32"]["model"])
     float_ir = qcompiler.load(float_model)
@@ -482,7 +486,7 @@ def bench_model(name: str, args, work: Path) -> dict[str, Any]:
         rows[key] = row
 
     targets = evaluate_targets(name, rows, variants)
-    targets_per_token = evaluate_targets(name, rows, variants, PER_TOKEN) if PER_TOKEN in rows else {}
+    targets_by_mode = {mode: evaluate_targets(name, rows, variants, label) for mode, label in MODE_ROWS.items() if label in rows}
     return {
         "model": name,
         "calibration": {"samples": samples, "requested": count, "batches": len(batches), "batch_shapes": [list(s) for s in shapes],
@@ -498,7 +502,7 @@ def bench_model(name: str, args, work: Path) -> dict[str, Any]:
         "latency": latency,
         "crosscheck_with_qcompiler_eval": crosscheck,
         "targets": targets,
-        "targets_per_token": targets_per_token,
+        "targets_by_act_mode": targets_by_mode,
         "quality_s": round(quality_s, 1),
         "elapsed_s": round(time.perf_counter() - t_model, 1),
     }
@@ -620,7 +624,7 @@ def render_notes(results: list[dict], machine: dict, threads: int) -> str:
         if cc:
             lines.append(f"  harness vs `qcompiler.evaluate` on ours w8a8: agree={cc['agree']} (evaluate {cc['evaluate']}, harness {cc['harness']})")
         checked = [("ours w8a8", key, t) for key, t in res["targets"].items()]
-        checked += [(PER_TOKEN, key, t) for key, t in res.get("targets_per_token", {}).items()]
+        checked += [(MODE_ROWS[mode], key, t) for mode, ts in res.get("targets_by_act_mode", {}).items() for key, t in ts.items()]
         for ours_key, key, t in checked:
             verdict = "PASS" if t["pass"] else "FAIL"
             if key.startswith("vs_best_peer"):
@@ -640,19 +644,28 @@ def render_notes(results: list[dict], machine: dict, threads: int) -> str:
     return "\n".join(lines)
 
 
+def _act_modes(text: str) -> list[str]:
+    modes = [] if text.strip() == "none" else [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODE_ROWS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown act-mode {', '.join(unknown)}; choose from {', '.join(MODE_ROWS)} or none")
+    return modes
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
                         help=f"smollm2 perplexity windows of {WINDOW} tokens (default {DEFAULT_WINDOWS}; 32 available)")
     parser.add_argument("--pairs", type=int, default=None, help="STS pairs (default all 432)")
-    parser.add_argument("--repeats", type=int, default=None, help="latency rounds (default 20 minilm, 12 smollm2; 5 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="latency rounds (default 30 minilm, 15 smollm2; 5 with --quick)")
     parser.add_argument("--threads", type=int, default=common.THREADS)
     parser.add_argument("--quick", action="store_true", help="smoke run: 96 STS pairs, 4 windows, 5 latency rounds, no format variant")
     parser.add_argument("--no-format-variant", dest="format_variant", action="store_false",
                         help="skip the ours-w8a8 row with the other lower-ort activation format")
-    parser.add_argument("--no-per-token", dest="per_token", action="store_false",
-                        help="skip the ours-w8a8 row with per-token activation scales (w8a8{act-mode=per-token})")
+    parser.add_argument("--act-modes", type=_act_modes, default=list(MODE_ROWS),
+                        help="ours-w8a8 rows with activation scales computed at run time, comma-separated: per-token, "
+                             "dynamic, or none (default: per-token,dynamic)")
     parser.add_argument("--compile-repeats", type=int, default=None,
                         help="compile ours w8a8 and quantize_static this many times, alternately, and report the median "
                              "(default 3 for minilm, 1 for smollm2 and with --quick)")
