@@ -28,19 +28,11 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.channels import ChannelRegion, NotChannelwise, channel_region
 from qcompiler.layers import set_constant
 from qcompiler.mixed_ops import INPUTS_PER_KIND, class_slices
 from qcompiler.ops import attributes_of
 from qcompiler.passbase import Pass, PassResult, register_pass
-
-UNARY = frozenset({"Sigmoid", "Tanh", "Erf", "Relu", "Neg", "Abs", "Sqrt", "Exp", "Log", "Gelu", "Softplus",
-                   "Softsign", "Reciprocal", "Identity", "Elu", "Selu", "LeakyRelu", "HardSigmoid", "HardSwish",
-                   "Mish", "Celu", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign"})
-BINARY = frozenset({"Mul", "Add", "Sub", "Div", "Pow", "Max", "Min"})
-
-
-class _NotFoldable(Exception):
-    pass
 
 
 @register_pass
@@ -64,7 +56,7 @@ class FoldPermutationPass(Pass):
             name = node.name or node.outputs[0].name
             try:
                 plan = _plan(graph, node, len(perm))
-            except _NotFoldable as reason:
+            except NotChannelwise as reason:
                 kept[name] = str(reason)
                 continue
             _apply(graph, node, plan, perm)
@@ -73,68 +65,17 @@ class FoldPermutationPass(Pass):
         return PassResult(model, bool(folded), stats)
 
 
-@dataclasses.dataclass
-class _Plan:
-    leaves: list[ir.Node]  # linears whose output columns are permuted
-    constants: list[tuple[ir.Node, int]]  # (elementwise node, input index) with a per-channel constant
-    inside: set  # nodes whose outputs only the closure reads
+def _plan(graph: ir.Graph, consumer: ir.Node, k: int) -> ChannelRegion:
+    x = consumer.inputs[0]
+    region = channel_region(graph, x, k, mixed=True)
+    if any(use.node is not consumer for use in x.uses()):
+        node = x.producer()
+        raise NotChannelwise(f"'{node.name}' ({node.op_type}) is also read outside this layer's input")
+    return region
 
 
-def _is_constant(value: ir.Value) -> bool:
-    return value.const_value is not None
-
-
-def _last_dim(value: ir.Value):
-    shape = value.shape if value.shape is not None else (value.const_value.shape if value.const_value is not None else None)
-    if shape is None or len(shape) == 0:
-        return None if shape is None else 1
-    return shape[len(shape) - 1] if isinstance(shape[len(shape) - 1], int) else None
-
-
-def _plan(graph: ir.Graph, consumer: ir.Node, k: int) -> _Plan:
-    leaves, constants, inside = [], [], set()
-    stack, seen = [consumer.inputs[0]], set()
-    while stack:
-        value = stack.pop()
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
-        producer = value.producer()
-        if producer is None or value in graph.outputs:
-            raise _NotFoldable("the input is a graph input or output")
-        op = producer.op_type
-        if producer.domain in ("", "ai.onnx") and op == "MatMul" and _is_constant(producer.inputs[1]) \
-                and len(producer.inputs[1].const_value.shape) == 2 and producer.inputs[1].const_value.shape[1] == k:
-            leaves.append(producer)
-        elif producer.domain == "qc" and op == "MixedMatMul":
-            leaves.append(producer)
-        elif producer.domain in ("", "ai.onnx") and op in UNARY:
-            stack.append(producer.inputs[0])
-        elif producer.domain in ("", "ai.onnx") and op in BINARY:
-            for index, inp in enumerate(producer.inputs):
-                if _is_constant(inp):
-                    last = _last_dim(inp)
-                    if last == k and len(inp.const_value.shape) >= 1:
-                        constants.append((producer, index))
-                    elif last != 1:
-                        raise _NotFoldable(f"'{producer.name}' ({op}) has a constant operand that is not per-channel")
-                elif _last_dim(inp) == k:
-                    stack.append(inp)
-                else:
-                    raise _NotFoldable(f"'{producer.name}' ({op}) broadcasts along the channel axis or has no static shape")
-        else:
-            raise _NotFoldable(f"the input comes from '{producer.name}' ({producer.domain + '.' if producer.domain else ''}{op}), "
-                               "which mixes channels or is shared")
-        inside.add(producer)
-    for node in inside:
-        for out in node.outputs:
-            if out in graph.outputs or any(use.node is not consumer and use.node not in inside for use in out.uses()):
-                raise _NotFoldable(f"'{node.name}' ({node.op_type}) is also read outside this layer's input")
-    return _Plan(leaves, constants, inside)
-
-
-def _apply(graph: ir.Graph, consumer: ir.Node, plan: _Plan, perm: np.ndarray) -> None:
-    for leaf in plan.leaves:
+def _apply(graph: ir.Graph, consumer: ir.Node, plan: ChannelRegion, perm: np.ndarray) -> None:
+    for leaf in plan.linears:
         if leaf.op_type == "MatMul":
             w = leaf.inputs[1].const_value.numpy()
             set_constant(graph, leaf.inputs[1], np.ascontiguousarray(w[:, perm]), leaf, "permuted")

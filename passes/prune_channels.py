@@ -19,12 +19,9 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.channels import ChannelRegion, NotChannelwise, channel_region
 from qcompiler.layers import linears, set_constant
 from qcompiler.passbase import Pass, PassResult, register_pass
-
-UNARY = frozenset({"Relu", "Gelu", "Sigmoid", "Tanh", "Erf", "Neg", "Identity", "Abs", "Sin", "Cos", "Exp",
-                   "Softplus", "LeakyRelu", "Elu", "Selu", "HardSigmoid", "HardSwish", "Mish", "Clip"})
-BINARY = frozenset({"Add", "Sub", "Mul", "Div"})
 
 
 @register_pass
@@ -51,8 +48,9 @@ class PruneChannelsPass(Pass):
                 zero &= ~np.any(_weight(node) != 0, axis=1)
             if not zero.any() or zero.all():
                 continue
-            region = _channel_region(x, zero.size, set(graph.outputs))
-            if region is None:
+            try:
+                region = channel_region(graph, x, zero.size)
+            except NotChannelwise:
                 continue
             keep = np.flatnonzero(~zero)
             _apply(graph, x, readers, region, keep)
@@ -73,64 +71,10 @@ def _const_matmul(node: ir.Node, x: ir.Value) -> bool:
     return w is not None and w.const_value is not None and len(w.const_value.shape) == 2
 
 
-@dataclasses.dataclass
-class _Region:
-    values: set  # values carrying the channels (X included)
-    nodes: set  # nodes computing them
-    producers: list  # MatMul nodes whose weight columns are the channels
-    constants: list  # (node, input index) of per-channel constants to slice
-
-
-def _channel_region(x: ir.Value, channels: int, outputs: set) -> _Region | None:
-    """The channel-wise computation that produces `x` from linears, or None when it is not one
-    (or when something outside it reads its values)."""
-    region = _Region(set(), set(), [], [])
-    stack = [x]
-    while stack:
-        v = stack.pop()
-        if v in region.values:
-            continue
-        region.values.add(v)
-        node = v.producer()
-        if node is None or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
-            return None
-        region.nodes.add(node)
-        if node.op_type == "MatMul" and node.inputs[1] is not None and node.inputs[1].const_value is not None \
-                and len(node.inputs[1].const_value.shape) == 2 and node.inputs[1].const_value.shape[1] == channels:
-            region.producers.append(node)
-            continue
-        if node.op_type in UNARY:
-            if any(inp is not None and inp.const_value is None for inp in node.inputs[1:]):
-                return None
-            stack.append(node.inputs[0])
-            continue
-        if node.op_type in BINARY:
-            for index, inp in enumerate(node.inputs):
-                if inp.const_value is not None:
-                    shape = inp.const_value.shape
-                    if len(shape) == 0 or shape[-1] == 1:
-                        continue
-                    if shape[-1] != channels:
-                        return None
-                    region.constants.append((node, index))
-                else:
-                    stack.append(inp)
-            continue
-        return None
-    for v in region.values:
-        if v is x:
-            continue
-        if any(use.node not in region.nodes for use in v.uses()):
-            return None
-        if v in outputs:
-            return None
-    return region
-
-
-def _apply(graph: ir.Graph, x: ir.Value, readers: list[ir.Node], region: _Region, keep: np.ndarray) -> None:
+def _apply(graph: ir.Graph, x: ir.Value, readers: list[ir.Node], region: ChannelRegion, keep: np.ndarray) -> None:
     for node in readers:
         set_constant(graph, node.inputs[1], _weight(node)[keep], node, "pruned")
-    for node in region.producers:
+    for node in region.linears:
         set_constant(graph, node.inputs[1], _weight(node)[:, keep], node, "pruned")
     for node, index in region.constants:
         array = node.inputs[index].const_value.numpy()
