@@ -23,9 +23,14 @@ the same numbers as their references.
   `DQ(x) -> MatMul <- DQ(W)` then `Add(., b)`, becomes one
   `com.microsoft.MatMulIntegerToFloat(x_q, W_q, scales, zero point, b)`, the kernel ONNX Runtime
   makes of the QDQ group anyway, with the bias added in it instead of by a separate Add over the
-  output; and such kernels that read the same quantized input (Q/K/V) become one kernel over the
-  concatenated weights and a `Split`, so the input is packed for the integer GEMM once, not once
-  per layer. `int-kernels=qdq` keeps plain QDQ.
+  output; with `shared-input=wide`, such kernels that read the same quantized input (Q/K/V) become
+  one kernel over the concatenated weights and a `Split` (measured a little slower on MiniLM).
+  `int-kernels=qdq` keeps plain QDQ.
+- a residual `Add` of two computed tensors that a `LayerNormalization` reads is written as `Sum`
+  (`residual-norm=apart`, the default): ONNX Runtime fuses `Add` + `LayerNormalization` into its
+  `SkipLayerNormalization`, which measured about 4x slower than the two ops on x86 (ONNX Runtime
+  1.32, MiniLM's 8 x 128 x 384; `benchmarks/w8a8_peers.py` shows the effect on the whole model),
+  and leaves `Sum` alone. `residual-norm=fused` keeps the `Add`.
 """
 
 from __future__ import annotations
@@ -97,6 +102,9 @@ class LowerOrtPass(Pass):
     mixed_route: Literal["split", "expand"] = option("split", "qc.MixedMatMul: MatMulNBits per class where it can run one (split), or one float MatMul of a weight expanded at load")
     int_kernels: Literal["fused", "qdq"] = option(
         "fused", "u8 activations: static and dynamic linears with a bias as com.microsoft.MatMulIntegerToFloat (bias inside), or plain QDQ")
+    residual_norm: Literal["apart", "fused"] = option(
+        "apart", "a residual Add read by a LayerNormalization: written as Sum, which ONNX Runtime does not fuse into its "
+        "SkipLayerNormalization (measured about 4x slower than Add + LayerNormalization on x86), or kept as Add")
     shared_input: Literal["separate", "wide"] = option(
         "separate", "fused kernels reading one quantized input (Q/K/V): one each, or one wide kernel and a Split "
         "(measured a little slower on MiniLM: the Split copies)")
@@ -136,6 +144,10 @@ class LowerOrtPass(Pass):
                 if widened:
                     counts["MatMulIntegerToFloat(shared input)+Split"] = widened
                     remove_unused(model)  # the per-layer weights, now concatenated
+        if self.residual_norm == "apart":
+            apart = keep_residual_norms_apart(graph)
+            if apart:
+                counts["Sum(residual read by LayerNormalization)"] = apart
         if mixed:
             remove_unused(model)  # the qc op's class initializers, re-stored in the lowered form
         if counts and "qc" in model.opset_imports and not any(n.domain == "qc" for n in graph):
@@ -214,6 +226,23 @@ def unfuse(graph: ir.Graph) -> int:
         for old, new in zip(node.outputs, outs):
             new.shape, new.type = old.shape, old.type
         ir.convenience.replace_nodes_and_values(graph, node, [node], chain, list(node.outputs), outs)
+        count += 1
+    return count
+
+
+def keep_residual_norms_apart(graph: ir.Graph) -> int:
+    """`LayerNormalization(Add(a, b))` with a and b both computed -> `LayerNormalization(Sum(a, b))`
+    (the same numbers; ONNX Runtime's SkipLayerNormalization fusion matches only Add)."""
+    count = 0
+    for norm in list(graph):
+        if norm.op_type != "LayerNormalization" or norm.domain not in ("", "ai.onnx"):
+            continue
+        add = norm.inputs[0].producer()
+        if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or \
+                any(v is None or v.const_value is not None for v in add.inputs):
+            continue
+        total = ir.node("Sum", list(add.inputs), name=add.name, metadata_props={CREATED_BY: "lower-ort"})
+        ir.convenience.replace_nodes_and_values(graph, add, [add], [total], [add.outputs[0]], [total.outputs[0]])
         count += 1
     return count
 
