@@ -438,8 +438,9 @@ def _suggest(passes, rows, total, board: Switchboard, everything: set[str], max_
             allocator, keep=tuple(sorted(set(allocator.keep) | set(keep))), keep_bits=KEEP_BITS,
             boost=tuple(sorted(set(allocator.boost) | set(boost))), boost_bits=BOOST_BITS,
         )
-        change = (f"keep {len(keep)} layers at {KEEP_BITS} bits and give {len(boost)} layers {BOOST_BITS:g} more bit "
-                  f"per weight (+{extra:.3f} average bits)")
+        parts = ([f"keep {len(keep)} layers at {KEEP_BITS} bits"] if keep else []) + \
+            ([f"give {len(boost)} layers {BOOST_BITS:g} more bit per weight"] if boost else [])
+        change = f"{' and '.join(parts)} (+{extra:.3f} average bits)"
         predicted = min(refinement[-1]["choice_error"], refinement[-1]["refilled_error"]) if refinement else total
     elif "quantize" in names:
         index = names.index("quantize")
