@@ -2,7 +2,8 @@
 
 A graph in topological order is cut after every *anchor* node:
 
-- a residual `Add(a, b)`: both inputs are activations of the same shape, and `b` depends on `a`
+- a residual `Add(a, b)` (or `Sum(a, b)`, as `lower-ort` writes one a LayerNormalization reads):
+  both inputs are activations of the same shape, and `b` depends on `a`
   through a path that holds a weighted layer (the skip connection of a transformer sub-layer or a residual stage);
 - a spatial stage boundary: `MaxPool`, `AveragePool` or `Resize` (the end of a conv stage).
 
@@ -59,7 +60,7 @@ def is_weighted(node: ir.Node) -> bool:
 
 
 def _is_residual_add(node: ir.Node, position: dict[ir.Node, int]) -> bool:
-    if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+    if node.op_type not in ("Add", "Sum") or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return False
     a, b = node.inputs
     if _constant(a) or _constant(b):
