@@ -28,9 +28,9 @@ the same numbers as their references.
   `int-kernels=qdq` keeps plain QDQ.
 - a residual `Add` of two computed tensors that a `LayerNormalization` reads is written as `Sum`
   (`residual-norm=apart`, the default): ONNX Runtime fuses `Add` + `LayerNormalization` into its
-  `SkipLayerNormalization`, which measured about 4x slower than the two ops on x86 (ONNX Runtime
-  1.32, MiniLM's 8 x 128 x 384; `benchmarks/w8a8_peers.py` shows the effect on the whole model),
-  and leaves `Sum` alone. `residual-norm=fused` keeps the `Add`.
+  `SkipLayerNormalization`, which measured 4.5 to 4.9 times as long as the two ops on x86 (ONNX Runtime
+  1.32, MiniLM's 8 x 128 x 384, `benchmarks/residual_norm.py`; `benchmarks/w8a8_peers.py` shows the
+  effect on the whole model), and leaves `Sum` alone. `residual-norm=fused` keeps the `Add`.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class LowerOrtPass(Pass):
         "fused", "u8 activations: static and dynamic linears with a bias as com.microsoft.MatMulIntegerToFloat (bias inside), or plain QDQ")
     residual_norm: Literal["apart", "fused"] = option(
         "apart", "a residual Add read by a LayerNormalization: written as Sum, which ONNX Runtime does not fuse into its "
-        "SkipLayerNormalization (measured about 4x slower than Add + LayerNormalization on x86), or kept as Add")
+        "SkipLayerNormalization (measured 4.5 to 4.9 times as long as Add + LayerNormalization on x86), or kept as Add")
     shared_input: Literal["separate", "wide"] = option(
         "separate", "fused kernels reading one quantized input (Q/K/V): one each, or one wide kernel and a Split "
         "(measured a little slower on MiniLM: the Split copies)")
