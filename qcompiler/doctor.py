@@ -494,13 +494,10 @@ def _measure_allocations(suggestion: dict, passes, records, original: ir.Model, 
     for label, variant in variants:
         trial = list(passes)
         trial[index] = variant
-        model = _copy(original)
         log.info("doctor: measuring the suggestion (%s)", label)
-        trial_records = run_pipeline(model, trial, [])
-        weights = {layer.name: layer.w_quant for layer in quantized_layers(float_stage, model)[0]}
-        del model
+        error, trial_records = _measure_pipeline(trial, original, float_stage, board)
         extra = _bits_per_weight(trial_records) - base_bits
-        measured.append({"label": label, "error": board.error(set(weights), weights=weights), "extra_bits": round(extra, 4),
+        measured.append({"label": label, "error": error, "extra_bits": round(extra, 4),
                          "pipeline": format_pipeline([variant if p.name == "allocate-bits" else p for p in chosen])})
     within = [m for m in measured if m["extra_bits"] <= max_extra_bits + 1e-9] or measured[:1]
     best = min(within, key=lambda m: m["error"])
@@ -509,6 +506,16 @@ def _measure_allocations(suggestion: dict, passes, records, original: ir.Model, 
     if best["label"] != "as chosen":
         result["change"] = f"{suggestion['change']}, with a {best['label']}"
     return result
+
+
+def _measure_pipeline(passes, original: ir.Model, float_stage: ir.Model, board: Switchboard) -> tuple[float, list[PassRecord]]:
+    """Run `passes` on a copy of the original model and measure, on the probe batch, the output
+    error of the weights they produce; returns it with the passes' records."""
+    model = _copy(original)
+    records = run_pipeline(model, passes, [])
+    weights = {layer.name: layer.w_quant for layer in quantized_layers(float_stage, model)[0]}
+    del model
+    return board.error(set(weights), weights=weights), records
 
 
 def _rounding_dominates(full, records: list[PassRecord]) -> bool:
@@ -532,12 +539,8 @@ def _measure_learned_rounding(suggestion: dict, full, original: ir.Model, float_
     rounding = parse_pipeline(ROUNDING_PASSES[0])[0]
     names = [p.name for p in base]
     with_rounding = base[: names.index("quantize-weights") + 1] + [rounding] + base[names.index("quantize-weights") + 1:]
-    model = _copy(original)
     log.info("doctor: measuring learned rounding (%s)", format_pipeline([rounding]))
-    run_pipeline(model, [p for p in with_rounding if p.name not in LAYOUT_PASSES], [])
-    weights = {layer.name: layer.w_quant for layer in quantized_layers(float_stage, model)[0]}
-    del model
-    error = board.error(set(weights), weights=weights)
+    error, _ = _measure_pipeline([p for p in with_rounding if p.name not in LAYOUT_PASSES], original, float_stage, board)
     measured = list(suggestion.get("measured", [])) + [
         {"label": "with learned rounding", "error": error, "extra_bits": suggestion.get("extra_bits") or 0.0,
          "pipeline": format_pipeline(with_rounding)}]
