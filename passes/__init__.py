@@ -13,3 +13,4 @@ from qcompiler.passes import fuse  # noqa: F401
 from qcompiler.passes import flexround  # noqa: F401
 from qcompiler.passes import tune_scales  # noqa: F401
 from qcompiler.passes import prune_channels  # noqa: F401
+from qcompiler.passes import gptq  # noqa: F401

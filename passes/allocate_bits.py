@@ -11,7 +11,9 @@ codes, scales, zero points, codebooks, sparse outliers, the permutation).
   the output MSE), Q_b min-max group quantization with the zero points the class will store
   (`zero-points`: integer for 2, 4 and 8 bits by default, the form ONNX Runtime's MatMulNBits runs;
   fractional fp16 otherwise). With scope=model and `sensitivity=output`, each layer's errors are
-  rescaled by its measured effect on the model's outputs, so layers are compared in output units.
+  rescaled by its measured effect on the model's outputs, so layers are compared in output units;
+  `sensitivity=kl` measures that effect as the KL divergence of the next-token distributions (an
+  LM's logits), which weighs a last projection to logits by what reaches the predictions.
 - Solver: every channel starts at the smallest candidate; upgrades are ranked by error reduction
   per stored bit (exact for convex err_k(b) curves) and each is charged its exact cost in stored
   bits (a class's first rows pay for a whole group's metadata, a codebook class for its tables),
@@ -38,6 +40,7 @@ import onnx_ir as ir
 from qcompiler import bitcost
 from qcompiler.calibration import STATS_KEY
 from qcompiler.errors import UserError
+from qcompiler.probe import log_softmax, mean_kl
 from qcompiler.layers import CREATED_BY, Linear, linears, new_initializer
 from qcompiler.ops import QC_OPSET_VERSION
 from qcompiler.passbase import Pass, PassResult, option, register_pass
@@ -77,8 +80,9 @@ class AllocateBitsPass(Pass):
     keep_bits: int = option(8, "bits of every channel of a `keep` layer (2..8)")
     boost: tuple[str, ...] = option((), "weights (names or globs) whose layers are allocated avg-bits + boost-bits instead")
     boost_bits: float = option(1.0, "bits per weight added to the budget of a `boost` layer (0 to 6)")
-    sensitivity: Literal["off", "output"] = option(
-        "off", "scope=model: scale each layer's error model by how much its quantization moves the model's outputs (measured)")
+    sensitivity: Literal["off", "output", "kl"] = option(
+        "off", "scope=model: scale each layer's error model by how much its quantization moves the model's outputs "
+        "(measured: output, squared change; kl, KL divergence of the first output's softmax, for LMs)")
     zero_points: Literal["auto", "integer", "fractional"] = option(
         "auto", "uniform classes: integer zero points (runnable by MatMulNBits), fp16 fractional ones, or auto: integer for 2, 4 and 8 bits")
 
@@ -107,7 +111,7 @@ class AllocateBitsPass(Pass):
             return PassResult(model, False, {"layers": 0})
         model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
         sensitivities = None
-        if self.sensitivity == "output" and self.scope == "model":
+        if self.sensitivity != "off" and self.scope == "model":
             sensitivities = self._measure_sensitivity(model, layers)
         boosted = [layer for layer in layers if self._matches(layer.linear, self.boost)]
         boosted_ids = {id(layer) for layer in boosted}
@@ -169,7 +173,8 @@ class AllocateBitsPass(Pass):
         in how much of it reaches the model's outputs (a last projection to logits passes all of
         it, a block inside a residual stream a part). For each layer alone, its weight is replaced
         by its quantization at the reference width (the largest candidate at or below avg-bits) and
-        the squared change of the graph outputs on the first calibration batch is measured (one
+        the squared change of the graph outputs (`sensitivity=kl`: the mean KL divergence of the first
+        output's softmax over its last axis) on the first calibration batch is measured (one
         ONNX Runtime session whose weights are inputs, one run per layer); the layer's errors are
         multiplied by measured / predicted, so the greedy step compares layers in output units."""
         import onnx
@@ -197,12 +202,16 @@ class AllocateBitsPass(Pass):
         outputs = [o.name for o in session.get_outputs()]
         feeds = {**batch, **weights}
         base = session.run(outputs, feeds)
+        log_p = log_softmax(base[0]) if self.sensitivity == "kl" else None
         per_layer = {}
         for layer in layers:
             integer = bitcost.integer_zero_points(reference, self.zero_points)
             q = bitcost.minmax_grid_quantize(layer.w, reference, self.group_size, integer)
             moved = session.run(outputs, {**feeds, layer.linear.w.name: q})
-            measured = float(sum(np.sum((m.astype(np.float64) - b) ** 2) for m, b in zip(moved, base)))
+            if log_p is not None:
+                measured = mean_kl(log_p, moved[0])
+            else:
+                measured = float(sum(np.sum((m.astype(np.float64) - b) ** 2) for m, b in zip(moved, base)))
             predicted = float(layer.errors[reference].sum()) if reference in layer.errors else 0.0
             factor = measured / predicted if predicted > 0 else 1.0
             for b in layer.errors:

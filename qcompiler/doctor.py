@@ -39,6 +39,7 @@ from qcompiler.errors import UserError
 from qcompiler.ir import qc_nodes, to_proto
 from qcompiler.pass_manager import Instrument, PassRecord, run_pipeline
 from qcompiler.pipeline import check_order, format_pipeline, parse_pipeline
+from qcompiler.probe import log_softmax, mean_kl
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ class Switchboard:
         self.feeds = dict(feeds)
         self.metric = metric
         self.reference = self.run(set())
-        self._log_p = _log_softmax(self.reference) if metric == "kl" else None
+        self._log_p = log_softmax(self.reference) if metric == "kl" else None
 
     def run(self, quantized: set[str], high: set[str] = frozenset(), weights: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """The output with the layers in `quantized` quantized (those also in `high` at the raised
@@ -213,17 +214,10 @@ class Switchboard:
         KL divergence of the softmax over the last axis (next-token distributions of an LM)."""
         out = self.run(quantized, high, weights)
         if self.metric == "kl":
-            log_q = _log_softmax(out)
-            return float(np.mean(np.sum(np.exp(self._log_p) * (self._log_p - log_q), axis=-1)))
+            return mean_kl(self._log_p, out)
         ref = self.reference.astype(np.float64)
         diff = out.astype(np.float64) - ref
         return float(np.sum(diff * diff) / max(np.sum(ref * ref), 1e-30))
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.sum(np.exp(x), axis=-1, keepdims=True))
 
 
 METRICS = {

@@ -57,3 +57,16 @@ def valid_positions(probe: Mapping[str, np.ndarray]) -> np.ndarray | None:
     if mask.ndim != 2 or not np.isin(mask, (0, 1)).all() or mask.all():
         return None
     return mask.astype(bool)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, in float64."""
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.sum(np.exp(x), axis=-1, keepdims=True))
+
+
+def mean_kl(log_p: np.ndarray, logits: np.ndarray) -> float:
+    """Mean over positions of KL(p || softmax(logits)) over the last axis (next-token distributions
+    of an LM), `log_p` the reference's `log_softmax`."""
+    return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_softmax(logits)), axis=-1)))

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -50,12 +51,13 @@ from qcompiler.progress import progress
 
 log = logging.getLogger(__name__)
 
+LEARNED_MODES = ("flexround", "scales")  # modes whose parameters Adam learns; others solve a block their own way
 FLOAT_WEIGHT_KEY = "qc.float_weight"  # node.meta: the float weight [K, N] (original row order) of a qc.MixedMatMul
 
 
 @dataclasses.dataclass
 class Options:
-    mode: str  # "flexround" or "scales"
+    mode: str  # "flexround" or "scales" (learned with Adam), or a solver's own name
     steps: int
     lr: float
     seed: int
@@ -90,8 +92,9 @@ class _Layer:
                 codes, scale, zero = (torch.from_numpy(np.asarray(x, np.float32)) for x in arrays)
                 groups = torch.arange(stop - start) // self.group_size
                 entry.update(codes=codes, scale=scale, zero=zero, groups=groups, levels=(1 << entry["bits"]) - 1)
-                entry["log_s1"] = torch.zeros_like(scale, requires_grad=True)
-                self.params.append(entry["log_s1"])
+                if mode in LEARNED_MODES:
+                    entry["log_s1"] = torch.zeros_like(scale, requires_grad=True)
+                    self.params.append(entry["log_s1"])
                 if mode == "flexround":
                     k, n = codes.shape
                     entry["log_s2"] = torch.zeros((k, n), requires_grad=True)
@@ -105,8 +108,9 @@ class _Layer:
                 step = (book_t.amax(1, keepdim=True) - book_t.amin(1, keepdim=True)).clamp_min(1e-8) / size
                 flat = torch.from_numpy(codes.astype(np.int64)) + torch.arange(n)[None, :] * size
                 entry.update(book=book_t, step=step, flat=flat)
-                entry["delta"] = torch.zeros_like(book_t, requires_grad=True)
-                self.params.append(entry["delta"])
+                if mode in LEARNED_MODES:
+                    entry["delta"] = torch.zeros_like(book_t, requires_grad=True)
+                    self.params.append(entry["delta"])
             else:
                 entry["w16"] = torch.from_numpy(np.asarray(arrays[0], np.float32))
             self.classes.append(entry)
@@ -201,7 +205,9 @@ def _mse(outputs: dict, targets: dict, names: list[str], valid=None):
     return total
 
 
-def reconstruct(model: ir.Model, opts: Options) -> dict:
+def reconstruct(model: ir.Model, opts: Options, solve: Callable[[BlockProblem], tuple[dict, int]] | None = None) -> dict:
+    """Run `solve` (default: `learn_with_adam`) on each block that holds a qc.MixedMatMul, on the
+    quantized stream; keep what it returns where it lowers the block's error."""
     import torch
 
     from qcompiler.torch_exec import Constants, run_nodes
@@ -249,7 +255,8 @@ def reconstruct(model: ir.Model, opts: Options) -> dict:
                 float_w = {id(l.node): l.w for l in layers}
                 keep = needed_after[block.index]
                 record = _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, rng, bar,
-                                      start_all, len(blocks) - block.index, run_nodes, graph, keep, not per_block)
+                                      start_all, len(blocks) - block.index, run_nodes, graph, keep, not per_block,
+                                      solve or learn_with_adam)
                 if record is not None:
                     per_block.append(record)
                     log.info("%s block %d/%d: loss %.4g -> %.4g (%s), %d steps, %.1f s", opts.pass_name, block.index + 1,
@@ -282,6 +289,71 @@ def reconstruct(model: ir.Model, opts: Options) -> dict:
         "seconds": round(time.perf_counter() - start_all, 2),
         "per_block": per_block,
     }
+
+
+@dataclasses.dataclass
+class BlockProblem:
+    """What a solver sees of one block: its layers, its inputs on the quantized stream and the float
+    targets, per batch, and how to run it. A solver returns ({id(layer.node): stored arrays}, steps)."""
+
+    layers: list[_Layer]
+    env_q: list[dict]  # the block's inputs on the quantized stream, per batch
+    targets: list[dict]  # the float block's outputs, per batch
+    valid: list  # per batch: the non-padding positions, or None
+    loss_names: list[str]
+    forward: Callable  # forward(env, weight_of) -> the block's outputs
+    run_all: Callable  # run_all(env, weight_of) -> every value the block computes
+    float_weight: Callable  # node -> its float weight
+    opts: Options
+    rng: np.random.Generator
+    bar: object
+    start_all: float  # when the pass started (perf_counter)
+    t_start: float  # when this block started
+    t_block: float  # when this block's learning could start (targets and loss before done)
+    blocks_left: int
+    first: bool  # the first block learned
+
+
+def learn_with_adam(problem: BlockProblem) -> tuple[dict, int]:
+    """The layers' parameters learned with Adam against the block's float outputs (flexround, tune-scales)."""
+    opts, layers, env_q, bar = problem.opts, problem.layers, problem.env_q, problem.bar
+    params = [p for l in layers for p in l.params]
+    steps = 0
+    if params:
+        optimizer = _Adam(params, opts.lr)
+        learned = {}
+        weight_of = lambda node: learned[id(node)] if id(node) in learned else problem.float_weight(node)  # noqa: E731
+        allotted = None
+        if opts.time_budget:
+            # this block's even share of what was left when it started, less what it has spent
+            # (float targets, loss before) and the evaluation after learning (about the one before)
+            share = (opts.time_budget - (problem.t_start - problem.start_all)) / problem.blocks_left
+            allotted = share - (time.perf_counter() - problem.t_start) - (time.perf_counter() - problem.t_block)
+        order = []
+        t_learn = time.perf_counter()
+        for step in range(opts.steps):
+            if not order:
+                order = list(problem.rng.permutation(len(env_q)))
+            b = order.pop()
+            optimizer.zero_grad()
+            for l in layers:
+                learned[id(l.node)] = l.learned_weight()
+            loss = _mse(problem.forward(env_q[b], weight_of), problem.targets[b], problem.loss_names, problem.valid[b])
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            bar.update()
+            if opts.time_budget:
+                if problem.first and step == 0 and time.perf_counter() - problem.start_all > opts.time_budget:
+                    raise UserError(
+                        f"{opts.pass_name}: time-budget={opts.time_budget:g} s is shorter than one learning step "
+                        f"({time.perf_counter() - problem.start_all:.1f} s so far on block 0); raise time-budget, or 0 for no limit"
+                    )
+                if time.perf_counter() - t_learn > allotted:
+                    bar.update(bar.done + opts.steps - steps)
+                    break
+        learned.clear()
+    return {id(l.node): l.stored_arrays() for l in layers}, steps
 
 
 class _Adam:
@@ -345,7 +417,7 @@ def _last_uses(blocks: list[Block]) -> dict[int, set[str]]:
 
 
 def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, rng, bar, start_all, blocks_left, run_nodes,
-                 graph, keep, first):
+                 graph, keep, first, solve):
     import torch
 
     t_start = time.perf_counter()
@@ -359,9 +431,12 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
             reached |= {v.name for v in node.outputs}
     loss_names = [name for name in out_names if name in reached] or out_names
 
-    def forward(env, weight_of):
+    def run_all(env, weight_of):
         local = {k: env[k] for k in in_names}
-        run_nodes(block.nodes, local, weight_of, constants)
+        return run_nodes(block.nodes, local, weight_of, constants)
+
+    def forward(env, weight_of):
+        local = run_all(env, weight_of)
         return {k: local[k] for k in out_names}
 
     def float_weight(node):
@@ -390,43 +465,9 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
                            for e, t, m in zip(env_q, targets, valid))) / len(env_q)
     energy = float(sum(_mse({k: torch.zeros_like(v) for k, v in t.items()}, t, loss_names, m)
                        for t, m in zip(targets, valid))) / len(targets)
-    params = [p for l in layers for p in l.params]
-    steps = 0
-    if params:
-        optimizer = _Adam(params, opts.lr)
-        learned = {}
-        weight_of = lambda node: learned[id(node)] if id(node) in learned else float_weight(node)  # noqa: E731
-        allotted = None
-        if opts.time_budget:
-            # this block's even share of what was left when it started, less what it has spent
-            # (float targets, loss before) and the evaluation after learning (about the one before)
-            share = (opts.time_budget - (t_start - start_all)) / blocks_left
-            allotted = share - (time.perf_counter() - t_start) - (time.perf_counter() - t_block)
-        order = []
-        t_learn = time.perf_counter()
-        for step in range(opts.steps):
-            if not order:
-                order = list(rng.permutation(len(env_q)))
-            b = order.pop()
-            optimizer.zero_grad()
-            for l in layers:
-                learned[id(l.node)] = l.learned_weight()
-            loss = _mse(forward(env_q[b], weight_of), targets[b], loss_names, valid[b])
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            bar.update()
-            if opts.time_budget:
-                if first and step == 0 and time.perf_counter() - start_all > opts.time_budget:
-                    raise UserError(
-                        f"{opts.pass_name}: time-budget={opts.time_budget:g} s is shorter than one learning step "
-                        f"({time.perf_counter() - start_all:.1f} s so far on block 0); raise time-budget, or 0 for no limit"
-                    )
-                if time.perf_counter() - t_learn > allotted:
-                    bar.update(bar.done + opts.steps - steps)
-                    break
-        learned.clear()
-    arrays = {id(l.node): l.stored_arrays() for l in layers}
+    problem = BlockProblem(layers, env_q, targets, valid, loss_names, forward, run_all, float_weight, opts, rng, bar,
+                           start_all, t_start, t_block, blocks_left, first)
+    arrays, steps = solve(problem)
     written = {id(l.node): l.reference_weight(arrays[id(l.node)]) for l in layers}
     def propagate(weights):
         total, outs = 0.0, []

@@ -283,13 +283,19 @@ def test_output_sensitivity_gives_bits_where_errors_reach_the_outputs():
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     proto.ir_version = 10
     spent = {}
-    for sensitivity in ("off", "output"):
+    for sensitivity in ("off", "output", "kl"):
         model = ir.serde.deserialize_model(proto)
         records = _compile(model, f"calibrate,allocate-bits{{avg-bits=4 scope=model group-size=32 sensitivity={sensitivity}}}")
         stats = records[-1].stats
         spent[sensitivity] = {name: layer["bits_per_weight"] for name, layer in stats["per_layer"].items()}
         assert stats["predicted_bits_per_weight"] <= 4
+        if sensitivity == "output":
+            factors = stats["sensitivity"]["factor"]
+            assert 50 < factors["loud"] / factors["quiet"] < 200  # squared output error scales by 10^2
     assert spent["off"]["quiet"] == spent["off"]["loud"]
     assert spent["output"]["loud"] > spent["output"]["quiet"] + 0.5
+    # KL reads only the first output (the logits of an LM): the second layer's error never reaches it
+    assert spent["kl"]["quiet"] > spent["kl"]["loud"] + 0.5
     factors = stats["sensitivity"]["factor"]
-    assert 50 < factors["loud"] / factors["quiet"] < 200  # squared output error scales by 10^2
+    assert factors["loud"] == 0 and factors["quiet"] > 0
+

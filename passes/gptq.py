@@ -1,0 +1,219 @@
+"""`gptq`: error-compensating rounding of the quantized weights (GPTQ, Frantar et al., ICLR 2023,
+arXiv 2210.17323), block by block.
+
+Runs after `quantize-weights`, on its `qc.MixedMatMul` ops, keeping each op's classes, bit widths,
+group size and sparse-outlier positions. For a layer `Y = X[..., perm] @ W` (rows of `W` are input
+channels, in the op's class order: lowest bits first, fp16 last) with `H = X^T X` over the
+calibration tokens, the rows are rounded one at a time and each row's rounding error is spread over
+the rows not yet rounded so that `||X W - X W_hat||^2` stays least (the optimal brain surgeon
+update, with the Cholesky factor `U` of `H^-1`): `W[j] -= U[i, j] / U[i, i] * (W[i] - W_hat[i])` for
+`j > i`. Because fp16 and 8-bit rows come last, they absorb the error of the low-bit rows before
+them. Uniform grids (scale and zero point per group) are chosen again from the updated rows when a
+group starts, codebooks when a class starts (the same grid search and k-means as
+`quantize-weights`); fp16 rows and sparse outliers are stored at the updated values.
+
+`H` is collected on the quantized stream: the block's inputs come from the already-rounded blocks
+before it, and within a block the layers are rounded in order (layers reading the same tensor
+together), each group's `H` measured with the layers before it already rounded (`sequential=1`).
+`H` is damped by `damp` times its mean diagonal. A block whose output error against the float block
+does not fall keeps its round-to-nearest weights (the mechanics shared with `flexround`:
+`qcompiler.reconstruct`). Deterministic: no randomness, float64 arithmetic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.errors import UserError
+from qcompiler.mixed_ops import INPUTS_PER_KIND, class_slices
+from qcompiler.passbase import Pass, PassResult, option, register_pass
+from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
+from qcompiler.reconstruct import BlockProblem, Options, reconstruct
+
+LAZY_ROWS = 128  # rows rounded between two updates of the rows after them (GPTQ's lazy batch)
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class GPTQPass(Pass):
+    """Round quantized weights row by row, spreading each row's error over the rows after it (GPTQ)."""
+
+    name = "gptq"
+    required = frozenset({"weights-quantized", "calibrated"})
+    provided = frozenset({"rounding-compensated"})
+
+    damp: float = option(0.01, "added to the diagonal of X^T X, as a fraction of its mean (0 < damp <= 1)")
+    grid: Literal["minmax", "mse"] = option("mse", "uniform classes: min-max range, or the clipping that minimises weighted error")
+    sequential: int = option(1, "1: layers measured with the block's earlier layers already rounded; 0: all on the block's float weights")
+    regions: int = option(2, "residual regions per block (2: attention + MLP of one transformer layer)")
+
+    def __post_init__(self):
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0.0 < self.damp <= 1.0:
+            raise UserError(f"gptq: damp must be in (0, 1], got {self.damp}; the method's usual value is 0.01")
+        if self.sequential not in (0, 1):
+            raise UserError(f"gptq: sequential must be 0 or 1, got {self.sequential}")
+        if isinstance(self.regions, bool) or not isinstance(self.regions, int) or not 1 <= self.regions <= 64:
+            raise UserError(f"gptq: regions must be an integer from 1 to 64, got {self.regions}")
+
+    def call(self, model: ir.Model) -> PassResult:
+        opts = Options("gptq", 1, 1.0, 0, 0.0, self.regions, self.name, batch=1 << 20)
+        stats = reconstruct(model, opts, solve=self._solve)
+        return PassResult(model, bool(stats.get("blocks_improved")), stats)
+
+    def _solve(self, problem: BlockProblem) -> tuple[dict, int]:
+        """Each layer of the block rounded by `gptq_round`, in order, on the H its inputs give."""
+        import torch
+
+        rounded: dict[int, torch.Tensor] = {}
+        arrays: dict[int, list[np.ndarray]] = {}
+
+        def weight_of(node):
+            return rounded[id(node)] if id(node) in rounded else problem.float_weight(node)
+
+        for group in _by_input(problem.layers) if self.sequential else [problem.layers]:
+            hessians = _hessians(problem, group, weight_of)
+            for layer in group:
+                a = gptq_round(layer.w.numpy(), hessians[id(layer.node)], layer.kinds, layer.bits,
+                               layer.sizes, layer.group_size, layer.originals, layer.sparse, self.grid, self.damp)
+                arrays[id(layer.node)] = a
+                rounded[id(layer.node)] = layer.reference_weight(a)
+        problem.bar.update()
+        return arrays, 0
+
+
+def _by_input(layers) -> list[list]:
+    """The layers in order, those reading the same tensor together (Q/K/V, gate/up)."""
+    groups: dict[str, list] = {}
+    for layer in layers:
+        groups.setdefault(layer.node.inputs[0].name, []).append(layer)
+    return list(groups.values())
+
+
+def _hessians(problem: BlockProblem, layers, weight_of) -> dict[int, np.ndarray]:
+    """X^T X / tokens (float64) of each layer's input over the calibration batches, non-padding
+    positions only, in the layer's row order: {id(layer.node): H}."""
+    import torch
+
+    names = sorted({l.node.inputs[0].name for l in layers})
+    sums = {n: None for n in names}
+    count = 0
+    with torch.no_grad():
+        for env, valid in zip(problem.env_q, problem.valid):
+            values = problem.run_all(env, weight_of)
+            for name in names:
+                x = values[name]
+                if valid is not None and tuple(x.shape[:2]) == tuple(valid.shape):
+                    x = x[valid]
+                x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+                gram = x.T @ x
+                sums[name] = gram if sums[name] is None else sums[name] + gram
+            count += int(x.shape[0])
+    out = {}
+    for layer in layers:
+        perm = layer.node.inputs[1].const_value.numpy().astype(np.int64)
+        out[id(layer.node)] = (sums[layer.node.inputs[0].name].numpy() / max(count, 1))[np.ix_(perm, perm)]
+    return out
+
+
+def gptq_round(w: np.ndarray, hessian: np.ndarray, kinds, bits, sizes, group_size: int, originals: list[np.ndarray],
+               sparse: int, grid: str = "mse", damp: float = 0.01) -> list[np.ndarray]:
+    """The class arrays of a `qc.MixedMatMul` (laid out as `originals`: codes, scales, zero points,
+    codebooks, fp16 rows, then sparse indices and values) for the float weight `w` [K, N] (rows in
+    the op's order) rounded with GPTQ on `hessian` [K, K] (same order)."""
+    w = np.array(w, np.float64)
+    k = w.shape[0]
+    h = np.array(hessian, np.float64)
+    energy = np.maximum(np.diag(h).copy(), 0.0)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
+    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper, H^-1 = U^T U
+    arrays = [a.copy() for a in originals]
+    sparse_cols = _sparse_columns(originals, k) if sparse else {}
+    rounders = [_class_rounder(kind, int(b), index, start, stop, group_size, arrays, grid, energy)
+                for (kind, index, start, stop), b in zip(class_slices(kinds, sizes), bits)]
+    row_class = np.repeat(np.arange(len(rounders)), sizes)
+    starts = _block_starts(kinds, sizes, group_size, k)
+    kept: dict[tuple[int, int], float] = {}
+    for first, stop in zip(starts, starts[1:] + [k]):
+        errors = np.empty((stop - first, w.shape[1]))
+        for i in range(first, stop):
+            rounder = rounders[row_class[i]]
+            if i == rounder.start or (rounder.kind == "uniform" and (i - rounder.start) % group_size == 0):
+                rounder.begin(w, i)
+            q = rounder.round(w[i], i)
+            cols = sparse_cols.get(i)
+            if cols is not None:  # outliers are stored exactly, at the row's updated values
+                q[cols] = w[i, cols].astype(np.float16).astype(np.float64)
+                kept.update({(i, int(c)): q[c] for c in cols})
+            errors[i - first] = (w[i] - q) / u[i, i]
+            w[i + 1:stop] -= np.outer(u[i, i + 1:stop], errors[i - first])
+        w[stop:] -= u[first:stop, stop:].T @ errors
+    if sparse:
+        arrays[-1] = np.array([kept[(int(r), int(c))] for r, c in arrays[-2]], np.float16)
+    return arrays
+
+
+def _block_starts(kinds, sizes, group_size: int, k: int) -> list[int]:
+    """Rows where a lazy block starts: every class start, every group start, at most LAZY_ROWS apart,
+    so that a grid or codebook is always chosen from fully updated rows."""
+    starts = set()
+    for kind, _, start, stop in class_slices(kinds, sizes):
+        step = group_size if kind == "uniform" else LAZY_ROWS
+        starts |= set(range(start, stop, min(step, LAZY_ROWS)))
+    return sorted(s for s in starts if s < k)
+
+
+def _sparse_columns(originals, k: int) -> dict[int, np.ndarray]:
+    index = originals[-2].astype(np.int64)
+    return {int(r): index[index[:, 0] == r, 1] for r in np.unique(index[:, 0]) if r < k}
+
+
+class _Rounder:
+    """Rounds the rows of one class, writing its arrays as it goes."""
+
+    def __init__(self, kind, bits, index, start, stop, group_size, arrays, grid, energy):
+        self.kind, self.bits, self.index, self.start, self.stop = kind, bits, index, start, stop
+        self.group_size, self.arrays, self.grid, self.energy = group_size, arrays, grid, energy
+        if kind == "uniform":
+            self.integer = arrays[index + 2].dtype == np.uint8
+
+    def begin(self, w: np.ndarray, row: int) -> None:
+        """Choose the grid (uniform: the group starting at `row`) or codebook (the class) from the updated rows."""
+        a, i = self.arrays, self.index
+        if self.kind == "uniform":
+            rows = slice(row, min(row + self.group_size, self.stop))
+            _, scale, zero = uniform_groups(w[rows], self.energy[rows], self.bits, self.group_size, self.grid, self.integer)
+            g = (row - self.start) // self.group_size
+            a[i + 1][g], a[i + 2][g] = scale[0], zero[0]
+            self.scale = scale[0].astype(np.float32).astype(np.float64)
+            self.zero = zero[0].astype(np.float32).astype(np.float64)
+        elif self.kind == "codebook":
+            _, book = kmeans_codebook(w[self.start:self.stop], self.energy[self.start:self.stop], self.bits)
+            a[i + 1][...] = book
+            self.book = book.astype(np.float64)
+
+    def round(self, row: np.ndarray, i: int) -> np.ndarray:
+        a, r = self.arrays, i - self.start
+        if self.kind == "uniform":
+            q = np.clip(np.round(row / self.scale + self.zero), 0, (1 << self.bits) - 1)
+            a[self.index][r] = q.astype(np.uint8)
+            value = (q.astype(np.float32) - self.zero.astype(np.float32)) * self.scale.astype(np.float32)
+        elif self.kind == "codebook":
+            code = np.argmin(np.abs(row[:, None] - self.book), axis=1)
+            a[self.index][r] = code.astype(np.uint8)
+            value = self.book[np.arange(len(row)), code]
+        else:
+            a[self.index][r] = row.astype(np.float16)
+            value = row.astype(np.float16)
+        return np.array(value, np.float64)
+
+
+def _class_rounder(kind, bits, index, start, stop, group_size, arrays, grid, energy) -> _Rounder:
+    if kind not in INPUTS_PER_KIND:
+        raise UserError(f"gptq: a qc.MixedMatMul class of kind '{kind}' is not known; run quantize-weights to make the op")
+    return _Rounder(kind, bits, index, start, stop, group_size, arrays, grid, energy)

@@ -1,0 +1,102 @@
+"""`gptq`: error-compensating rounding after quantize-weights, against round-to-nearest."""
+
+import numpy as np
+import pytest
+
+from qcompiler import execute
+from qcompiler.errors import UserError
+from qcompiler.ir import to_text
+from qcompiler.mixed_ops import mixed_weight
+from qcompiler.passes.gptq import gptq_round
+from qcompiler.passes.quantize_weights import uniform_groups
+from qcompiler.pipeline import parse_pipeline
+from test_flexround import _model, _run
+
+UNIFORM3 = "calibrate,allocate-bits{avg-bits=8 candidates=3 group-size=32 outliers-act=0 outliers-weight=0},quantize-weights{grid=minmax}"
+
+
+def _correlated(count=4, rows=64, seed=5, k=64):
+    """Inputs whose channels are correlated (as real activations are): where GPTQ's compensation pays."""
+    rng = np.random.default_rng(seed)
+    mix = np.eye(k) + 0.6 * rng.normal(0, 1, (k, k)) / np.sqrt(k)
+    return [{"X": (rng.normal(0, 1, (rows, k)) @ mix).astype(np.float32)} for _ in range(count)]
+
+
+def _layer_error(x, w, w_hat):
+    return float(np.sum((x @ (w - w_hat)) ** 2))
+
+
+def test_gptq_round_beats_round_to_nearest_on_the_layer_output():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([b["X"] for b in _correlated(count=8)]).astype(np.float64)
+    w = rng.normal(0, 0.2, (64, 48))
+    h = x.T @ x / len(x)
+    codes, scale, zero = uniform_groups(w, np.diag(h), 3, 32, "minmax")
+    rtn = mixed_weight([codes, scale, zero], ["uniform"], [64], 32, 0)
+    arrays = gptq_round(w, h, ["uniform"], [3], [64], 32, [codes, scale, zero], 0, grid="minmax")
+    assert [a.dtype for a in arrays] == [codes.dtype, scale.dtype, zero.dtype]
+    assert [a.shape for a in arrays] == [codes.shape, scale.shape, zero.shape]
+    gptq = mixed_weight(arrays, ["uniform"], [64], 32, 0)
+    assert _layer_error(x, w, gptq) < 0.8 * _layer_error(x, w, rtn)
+
+
+def test_fp16_rows_after_low_bit_rows_absorb_their_error():
+    """With the last 16 rows in fp16, their stored values move to cancel the 2-bit rows' error."""
+    rng = np.random.default_rng(1)
+    x = np.concatenate([b["X"] for b in _correlated(count=8, k=48)]).astype(np.float64)
+    w = rng.normal(0, 0.2, (48, 24))
+    h = x.T @ x / len(x)
+    codes, scale, zero = uniform_groups(w[:32], np.diag(h)[:32], 2, 32, "minmax")
+    originals = [codes, scale, zero, w[32:].astype(np.float16)]
+    kinds, bits, sizes = ["uniform", "fp16"], [2, 16], [32, 16]
+    rtn = mixed_weight(originals, kinds, sizes, 32, 0)
+    arrays = gptq_round(w, h, kinds, bits, sizes, 32, originals, 0, grid="minmax")
+    assert not np.array_equal(arrays[3], originals[3])
+    assert _layer_error(x, w, mixed_weight(arrays, kinds, sizes, 32, 0)) < 0.75 * _layer_error(x, w, rtn)
+
+
+def test_sparse_outliers_keep_their_positions_and_store_the_updated_weight():
+    rng = np.random.default_rng(2)
+    x = np.concatenate([b["X"] for b in _correlated(count=8)]).astype(np.float64)
+    w = rng.normal(0, 0.2, (64, 16))
+    h = x.T @ x / len(x)
+    codes, scale, zero = uniform_groups(w, np.diag(h), 3, 32, "minmax")
+    index = np.array([[0, 3], [40, 7], [63, 0]], np.int32)
+    originals = [codes, scale, zero, index, w[index[:, 0], index[:, 1]].astype(np.float16)]
+    arrays = gptq_round(w, h, ["uniform"], [3], [64], 32, originals, 1, grid="minmax")
+    np.testing.assert_array_equal(arrays[3], index)
+    assert arrays[4][0] == np.float16(w[0, 3])  # the first row is rounded before any update reaches it
+    assert arrays[4][1] != np.float16(w[40, 7])  # later rows have moved by then
+
+
+def test_pass_lowers_the_output_error_and_the_lowering_computes_it():
+    data = _correlated()
+    rtn, compensated = _model(), _model()
+    _run(rtn, UNIFORM3, data)
+    stats = _run(compensated, f"{UNIFORM3},gptq{{regions=1}}", data)["gptq"].stats
+    assert stats["blocks"] == 2 and stats["layers"] == 4
+    assert all(b["kept"] == "learned" and b["loss_after"] < 0.9 * b["loss_before"] for b in stats["per_block"])
+    feeds = _correlated(count=1, seed=99)[0]  # not calibration data
+    float_y = execute.run(_model(), feeds)["Y"]
+
+    def error(model):
+        return float(np.mean((execute.run(model, feeds)["Y"] - float_y) ** 2))
+
+    assert error(compensated) < error(rtn)
+    expected = execute.run(compensated, feeds)["Y"]
+    _run(compensated, "lower-ort", data)
+    np.testing.assert_allclose(execute.run(compensated, feeds)["Y"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_same_data_same_ir():
+    a, b = _model(), _model()
+    _run(a, f"{UNIFORM3},gptq{{regions=1}}", _correlated())
+    _run(b, f"{UNIFORM3},gptq{{regions=1}}", _correlated())
+    assert to_text(a, elide_over=1 << 30) == to_text(b, elide_over=1 << 30)
+
+
+@pytest.mark.parametrize(("options", "message"), [("damp=0", "damp must be"), ("damp=2", "damp must be"),
+                                                  ("sequential=2", "sequential must be"), ("regions=0", "regions must be")])
+def test_bad_options(options, message):
+    with pytest.raises(UserError, match=message):
+        parse_pipeline(f"{UNIFORM3},gptq{{{options}}}")
