@@ -306,6 +306,8 @@ def _cmd_passes(args) -> int:
     for name, preset in PRESETS.items():
         params = " ".join(f"{k}={v}" for k, v in preset.params.items())
         lines.append(f"  {name}{'{' + params + '}' if params else ''} = {preset.template}  ({preset.doc})")
+        for key, choices in preset.fragments.items():
+            lines.append(f"    ${key.replace('-', '_')}: " + ", ".join(f"{key}={value} -> '{text}'" for value, text in choices.items()))
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

@@ -30,6 +30,8 @@ class Preset:
     template: str
     doc: str
     params: dict[str, str] = dataclasses.field(default_factory=dict)
+    # options that choose pipeline text rather than fill a value: {option: {value: text}}
+    fragments: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
     def expand(self, name: str, options: dict[str, str]) -> str:
         for key in options:
@@ -38,7 +40,14 @@ class Preset:
                     f"preset '{name}' has no option '{key}'{did_you_mean(key, self.params)}; "
                     f"options: {', '.join(self.params) or 'none'}"
                 )
-        values = {k.replace("-", "_"): options.get(k, default) for k, default in self.params.items()}
+        values = {}
+        for key, default in self.params.items():
+            value = options.get(key, default)
+            if key in self.fragments:
+                if value not in self.fragments[key]:
+                    raise UserError(f"preset '{name}': {key} must be one of {', '.join(self.fragments[key])}, got '{value}'")
+                value = self.fragments[key][value]
+            values[key.replace("-", "_")] = value
         return string.Template(self.template).substitute(values)
 
 
@@ -52,9 +61,11 @@ PRESETS: dict[str, Preset] = {
     ),
     "mixed": Preset(
         "canonicalize,calibrate,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook sensitivity=$sensitivity "
-        "outliers-weight=$outliers_weight},quantize-weights,fold-permutation,lower-ort",
+        "outliers-weight=$outliers_weight},quantize-weights$rounding,fold-permutation,lower-ort",
         "weight-only channel-wise mixed precision at a fractional bit budget (needs --calib)",
-        {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0"},
+        {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0",
+         "rounding": "nearest"},
+        {"rounding": {"nearest": "", "gptq": ",gptq"}},
     ),
 }
 

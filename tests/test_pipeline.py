@@ -58,6 +58,14 @@ def test_preset_with_options(monkeypatch):
         parse_pipeline("test-preset{cont=9}")
 
 
+def test_preset_option_that_chooses_passes():
+    names = [p.name for p in parse_pipeline("mixed{rounding=gptq}")]
+    assert names[names.index("quantize-weights") + 1] == "gptq"
+    assert "gptq" not in [p.name for p in parse_pipeline("mixed")]
+    with pytest.raises(UserError, match="preset 'mixed': rounding must be one of nearest, gptq, got 'best'"):
+        parse_pipeline("mixed{rounding=best}")
+
+
 def test_pipeline_from_file(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("# my pipeline\ncanonicalize,\ntest-example{count=3}  # three\n")
