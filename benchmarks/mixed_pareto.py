@@ -118,10 +118,13 @@ def quiet() -> None:
 # Data (calibration never overlaps evaluation)
 
 
-def calibration(name: str) -> tuple[list[dict[str, np.ndarray]], str]:
+def calibration(name: str, sts_windows: int = 0) -> tuple[list[dict[str, np.ndarray]], str]:
+    """The calibration batches of `name` and their description; for smollm2-135m, `sts_windows`
+    more windows of text from the STS pairs' sentences (held out from the perplexity text too)."""
     from qcompiler import models
 
     if name == "smollm2-135m":
+        from qcompiler.evaluate import read_sts
         from qcompiler.models import smollm2
 
         _, tail = wikitext_split()
@@ -130,9 +133,17 @@ def calibration(name: str) -> tuple[list[dict[str, np.ndarray]], str]:
         # spread evenly over it (start i * stride), overlapping by about a fifth
         stride = (len(ids) - CALIB_WINDOW) / max(CALIB_WINDOWS - 1, 1)
         rows = np.stack([ids[round(i * stride): round(i * stride) + CALIB_WINDOW] for i in range(CALIB_WINDOWS)])
+        desc = (f"{len(rows)} windows of {CALIB_WINDOW} tokens spread evenly over the last quarter of "
+                f"{WIKITEXT.name} ({len(ids)} tokens; stride {stride:.1f}, so they overlap)")
+        if sts_windows:
+            first, second, _ = read_sts(STS)
+            extra = np.asarray(smollm2.encode(" ".join(first + second)), dtype=np.int64)
+            count = min(sts_windows, len(extra) // CALIB_WINDOW)
+            rows = np.concatenate([rows, extra[: count * CALIB_WINDOW].reshape(count, CALIB_WINDOW)])
+            desc += (f", then {count} disjoint windows of {CALIB_WINDOW} tokens of {STS.name}'s sentences "
+                     f"(sent1 then sent2, joined by spaces)")
         batches = [{"input_ids": np.ascontiguousarray(rows[i:i + 4])} for i in range(0, len(rows), 4)]
-        return batches, (f"{len(rows)} windows of {CALIB_WINDOW} tokens spread evenly over the last quarter of "
-                         f"{WIKITEXT.name} ({len(ids)} tokens; stride {stride:.1f}, so they overlap), batches of 4")
+        return batches, desc + ", batches of 4"
     bundled = models.get(name)
     lines = sentences(WIKITEXT.read_text(encoding="utf-8"))[:CALIB_SENTENCES]
     batches = [bundled.inputs_from_raw(lines[i:i + 8]) for i in range(0, len(lines), 8)]
@@ -356,7 +367,7 @@ def run_model(name: str, args, work: Path) -> dict[str, Any]:
     float_s = time.perf_counter() - start
     float_path = mdir / "float" / "model.onnx"
     weights = int(float_result.manifest["weights"])
-    batches, calib_desc = calibration(name)
+    batches, calib_desc = calibration(name, args.lm_calib_sts)
     evaluator = Evaluator(name, eval_text, args.windows)
 
     rows: dict[str, dict[str, Any]] = {}
@@ -629,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", default="", help="comma-separated budgets instead of the default list")
     parser.add_argument("--peers-from", default="", help="copy ONNX Runtime's rows from this earlier JSON instead of recomputing them")
     parser.add_argument("--mixed-options", default="", help="more options of the mixed preset for the curve, e.g. 'scope=model sensitivity=output'")
+    parser.add_argument("--lm-calib-sts", type=int, default=0,
+                        help="smollm2: this many more calibration windows of 128 tokens from the STS pairs' sentences (default 0)")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the compiled artifacts in --work")
     parser.add_argument("--output", default=str(RESULTS / "mixed_pareto.json"))
@@ -683,6 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         "git_at_start": git_start,
         "git_at_end": git_state(),
         "options": {"models": names, "windows": args.windows, "quick": args.quick, "mixed_options": args.mixed_options,
+                    "lm_calib_sts": args.lm_calib_sts,
                     "budgets": [float(b) for b in args.budgets.split(",")] if args.budgets else list(QUICK_BUDGETS if args.quick else BUDGETS),
                     "peers_from": args.peers_from_commit},
         "waited_for_other_jobs_s": round(WAIT_SPENT[0], 1),
