@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import UserError
-from qcompiler.mixed_ops import INPUTS_PER_KIND, class_slices
+from qcompiler.mixed_ops import class_slices
 from qcompiler.passbase import Pass, PassResult, option, register_pass
 from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
 from qcompiler.reconstruct import BlockProblem, Options, reconstruct
@@ -134,7 +134,7 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, kinds, bits, sizes, group_siz
     u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper, H^-1 = U^T U
     arrays = [a.copy() for a in originals]
     sparse_cols = _sparse_columns(originals, k) if sparse else {}
-    rounders = [_class_rounder(kind, int(b), index, start, stop, group_size, arrays, grid, energy)
+    rounders = [_Rounder(kind, int(b), index, start, stop, group_size, arrays, grid, energy)
                 for (kind, index, start, stop), b in zip(class_slices(kinds, sizes), bits)]
     row_class = np.repeat(np.arange(len(rounders)), sizes)
     starts = _block_starts(kinds, sizes, group_size, k)
@@ -211,9 +211,3 @@ class _Rounder:
             a[self.index][r] = row.astype(np.float16)
             value = row.astype(np.float16)
         return np.array(value, np.float64)
-
-
-def _class_rounder(kind, bits, index, start, stop, group_size, arrays, grid, energy) -> _Rounder:
-    if kind not in INPUTS_PER_KIND:
-        raise UserError(f"gptq: a qc.MixedMatMul class of kind '{kind}' is not known; run quantize-weights to make the op")
-    return _Rounder(kind, bits, index, start, stop, group_size, arrays, grid, energy)

@@ -8,7 +8,7 @@ from qcompiler.errors import UserError
 from qcompiler.ir import to_text
 from qcompiler.mixed_ops import mixed_weight
 from qcompiler.passes.gptq import gptq_round
-from qcompiler.passes.quantize_weights import uniform_groups
+from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
 from qcompiler.pipeline import parse_pipeline
 from test_flexround import _model, _run
 
@@ -38,6 +38,18 @@ def test_gptq_round_beats_round_to_nearest_on_the_layer_output():
     assert [a.shape for a in arrays] == [codes.shape, scale.shape, zero.shape]
     gptq = mixed_weight(arrays, ["uniform"], [64], 32, 0)
     assert _layer_error(x, w, gptq) < 0.8 * _layer_error(x, w, rtn)
+
+
+def test_codebook_class_is_refitted_and_beats_nearest_entries():
+    rng = np.random.default_rng(3)
+    x = np.concatenate([b["X"] for b in _correlated(count=8)]).astype(np.float64)
+    w = rng.normal(0, 0.2, (64, 16))
+    h = x.T @ x / len(x)
+    codes, book = kmeans_codebook(w, np.diag(h), 3)
+    rtn = mixed_weight([codes, book], ["codebook"], [64], 32, 0)
+    arrays = gptq_round(w, h, ["codebook"], [3], [64], 32, [codes, book], 0)
+    assert arrays[1].shape == book.shape and arrays[1].dtype == np.float16
+    assert _layer_error(x, w, mixed_weight(arrays, ["codebook"], [64], 32, 0)) < 0.9 * _layer_error(x, w, rtn)
 
 
 def test_fp16_rows_after_low_bit_rows_absorb_their_error():
