@@ -1,4 +1,4 @@
-"""Block-wise reconstruction of quantized weights: what `flexround` and `tune-scales` share.
+"""Block-wise reconstruction of quantized weights: what `flexround`, `tune-scales` and `gptq` share.
 
 Blocks come from `qcompiler.blocks` (one transformer layer, a conv stage). Two streams of
 activations are carried over the calibration batches, block by block:
@@ -23,6 +23,9 @@ What is learned:
 - codebook classes (both): codes frozen, entries learned (`entry + delta * step`, `step` the
   column's codebook range / 2^b).
 - fp16 classes and sparse fp16 outliers are left as they are (exact already).
+
+A pass may bring its own solver instead of Adam (`gptq` rounds row by row on the block's measured
+inputs); the driver around it, the streams, the check and the write-back below, are the same.
 
 After learning, the integers and fp16 scales are written back into the same `qc.MixedMatMul`
 initializers (lowering is unchanged), the block loss is measured again with exactly the written
