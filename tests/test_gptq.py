@@ -22,15 +22,20 @@ def _correlated(count=4, rows=64, seed=5, k=64):
     return [{"X": (rng.normal(0, 1, (rows, k)) @ mix).astype(np.float32)} for _ in range(count)]
 
 
+def _layer(seed, k, n):
+    """Correlated calibration inputs x [512, k], a weight w [k, n] and H = x^T x / rows."""
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([b["X"] for b in _correlated(count=8, k=k)]).astype(np.float64)
+    w = rng.normal(0, 0.2, (k, n))
+    return x, w, x.T @ x / len(x)
+
+
 def _layer_error(x, w, w_hat):
     return float(np.sum((x @ (w - w_hat)) ** 2))
 
 
 def test_gptq_round_beats_round_to_nearest_on_the_layer_output():
-    rng = np.random.default_rng(0)
-    x = np.concatenate([b["X"] for b in _correlated(count=8)]).astype(np.float64)
-    w = rng.normal(0, 0.2, (64, 48))
-    h = x.T @ x / len(x)
+    x, w, h = _layer(0, 64, 48)
     codes, scale, zero = uniform_groups(w, np.diag(h), 3, 32, "minmax")
     rtn = mixed_weight([codes, scale, zero], ["uniform"], [64], 32, 0)
     arrays = gptq_round(w, h, ["uniform"], [3], [64], 32, [codes, scale, zero], 0, grid="minmax")
@@ -41,10 +46,7 @@ def test_gptq_round_beats_round_to_nearest_on_the_layer_output():
 
 
 def test_codebook_class_is_refitted_and_beats_nearest_entries():
-    rng = np.random.default_rng(3)
-    x = np.concatenate([b["X"] for b in _correlated(count=8)]).astype(np.float64)
-    w = rng.normal(0, 0.2, (64, 16))
-    h = x.T @ x / len(x)
+    x, w, h = _layer(3, 64, 16)
     codes, book = kmeans_codebook(w, np.diag(h), 3)
     rtn = mixed_weight([codes, book], ["codebook"], [64], 32, 0)
     arrays = gptq_round(w, h, ["codebook"], [3], [64], 32, [codes, book], 0)
@@ -54,10 +56,7 @@ def test_codebook_class_is_refitted_and_beats_nearest_entries():
 
 def test_fp16_rows_after_low_bit_rows_absorb_their_error():
     """With the last 16 rows in fp16, their stored values move to cancel the 2-bit rows' error."""
-    rng = np.random.default_rng(1)
-    x = np.concatenate([b["X"] for b in _correlated(count=8, k=48)]).astype(np.float64)
-    w = rng.normal(0, 0.2, (48, 24))
-    h = x.T @ x / len(x)
+    x, w, h = _layer(1, 48, 24)
     codes, scale, zero = uniform_groups(w[:32], np.diag(h)[:32], 2, 32, "minmax")
     originals = [codes, scale, zero, w[32:].astype(np.float16)]
     kinds, bits, sizes = ["uniform", "fp16"], [2, 16], [32, 16]
@@ -68,10 +67,7 @@ def test_fp16_rows_after_low_bit_rows_absorb_their_error():
 
 
 def test_sparse_outliers_keep_their_positions_and_store_the_updated_weight():
-    rng = np.random.default_rng(2)
-    x = np.concatenate([b["X"] for b in _correlated(count=8)]).astype(np.float64)
-    w = rng.normal(0, 0.2, (64, 16))
-    h = x.T @ x / len(x)
+    x, w, h = _layer(2, 64, 16)
     codes, scale, zero = uniform_groups(w, np.diag(h), 3, 32, "minmax")
     index = np.array([[0, 3], [40, 7], [63, 0]], np.int32)
     originals = [codes, scale, zero, index, w[index[:, 0], index[:, 1]].astype(np.float16)]
