@@ -16,6 +16,7 @@ the number of steps a block gets depends on the machine's speed; the statistics 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import onnx_ir as ir
 
@@ -27,7 +28,7 @@ MAX_STEPS = 100_000
 MAX_TIME_BUDGET = 7 * 24 * 3600.0
 
 
-def check_learning_options(name: str, steps, lr, seed, time_budget, regions, batch) -> None:
+def check_learning_options(name: str, steps, lr, seed, time_budget, regions, batch, loss="mse") -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise UserError(f"{name}: steps must be an integer from 1 to {MAX_STEPS}, got {steps}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 < lr <= 1.0:
@@ -36,8 +37,11 @@ def check_learning_options(name: str, steps, lr, seed, time_budget, regions, bat
         raise UserError(f"{name}: seed must be a non-negative integer, got {seed}")
     if isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)) or not 0 <= time_budget <= MAX_TIME_BUDGET:
         raise UserError(f"{name}: time-budget must be seconds from 0 (no limit) to {MAX_TIME_BUDGET:g}, got {time_budget}")
-    if isinstance(regions, bool) or not isinstance(regions, int) or not 1 <= regions <= 64:
-        raise UserError(f"{name}: regions must be an integer from 1 to 64, got {regions}")
+    if isinstance(regions, bool) or not isinstance(regions, int) or not 0 <= regions <= 64:
+        raise UserError(f"{name}: regions must be an integer from 0 (the whole model as one block) to 64, got {regions}")
+    if loss == "kl" and regions != 0:
+        raise UserError(f"{name}: loss=kl compares the model's output distributions, so it needs regions=0 (the whole "
+                        f"model as one block); got regions={regions}")
     if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 4096:
         raise UserError(f"{name}: batch must be an integer from 1 to 4096, got {batch}")
 
@@ -52,15 +56,18 @@ class BlockLearningPass(Pass):
     lr: float = option(0.003, "Adam learning rate of the log division factors (0 < lr <= 1)")
     seed: int = option(0, "seed of the batch order")
     time_budget: float = option(0.0, "seconds for the whole pass, shared evenly by the blocks; 0: no limit")
-    regions: int = option(2, "residual regions per block (2: attention + MLP of one transformer layer)")
+    regions: int = option(2, "residual regions per block (2: attention + MLP of one transformer layer; 0: the whole model, end to end)")
     batch: int = option(1, "calibration samples per learning step")
+    loss: Literal["mse", "kl"] = option(
+        "mse", "what a block's outputs are compared by: mean squared error, or (regions=0, LMs) the KL divergence "
+        "of the first output's softmax from the float model's")
 
     def __post_init__(self):
-        check_learning_options(self.name, self.steps, self.lr, self.seed, self.time_budget, self.regions, self.batch)
+        check_learning_options(self.name, self.steps, self.lr, self.seed, self.time_budget, self.regions, self.batch, self.loss)
 
     def call(self, model: ir.Model) -> PassResult:
         stats = reconstruct(model, Options(self.mode, self.steps, float(self.lr), self.seed, float(self.time_budget),
-                                           self.regions, self.name, self.batch))
+                                           self.regions, self.name, self.batch, self.loss))
         return PassResult(model, bool(stats.get("blocks_improved")), stats)
 
 

@@ -26,6 +26,9 @@ the same numbers as their references.
   output; with `shared-input=wide`, such kernels that read the same quantized input (Q/K/V) become
   one kernel over the concatenated weights and a `Split` (measured a little slower on MiniLM).
   `int-kernels=qdq` keeps plain QDQ.
+- with u8 activations, `weight-format=u8` (auto: on x86 without VNNI) stores the int8 weights of
+  integer kernels as uint8 + 128 with zero point 128: ONNX Runtime's u8 x s8 kernels there sum pairs
+  of products in 16 bits (VPMADDUBSW) and saturate; its u8 x u8 kernels are exact.
 - a residual `Add` of two computed tensors that a `LayerNormalization` reads is written as `Sum`
   (`residual-norm=apart`, the default): ONNX Runtime fuses `Add` + `LayerNormalization` into its
   `SkipLayerNormalization`, which measured 4.5 to 4.9 times as long as the two ops on x86 (ONNX Runtime
@@ -108,8 +111,14 @@ class LowerOrtPass(Pass):
     shared_input: Literal["separate", "wide"] = option(
         "separate", "fused kernels reading one quantized input (Q/K/V): one each, or one wide kernel and a Split "
         "(measured a little slower on MiniLM: the Split copies)")
+    weight_format: Literal["auto", "s8", "u8"] = option(
+        "auto", "int8 weights of integer kernels: s8, or u8 (+128, zero point 128: the same values), which auto picks "
+        "on x86 without VNNI, where ONNX Runtime's u8 x s8 kernels saturate")
     accuracy_level: Literal["auto", "0", "1", "2", "3", "4"] = option(
         "auto", "MatMulNBits compute type: 4 = int8 activations per block (fast on x86 with AVX2 and on Arm), 0 = float32; auto picks 4 where fast")
+
+    def _unsigned_weights(self) -> bool:
+        return self.weight_format == "u8" or (self.weight_format == "auto" and is_x86() and not cpu_has_vnni())
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
@@ -144,6 +153,11 @@ class LowerOrtPass(Pass):
                 if widened:
                     counts["MatMulIntegerToFloat(shared input)+Split"] = widened
                     remove_unused(model)  # the per-layer weights, now concatenated
+        if self._unsigned_weights():
+            widened_weights = unsigned_integer_weights(graph)
+            if widened_weights:
+                counts["uint8 weights (x86 without VNNI)"] = widened_weights
+                remove_unused(model)  # the int8 copies
         if self.residual_norm == "apart":
             apart = keep_residual_norms_apart(graph)
             if apart:
@@ -326,6 +340,77 @@ def _is_u8_zero_point(zero: ir.Value | None) -> bool:
         return zero.const_value.dtype == ir.DataType.UINT8
     producer = zero.producer()
     return producer is not None and producer.op_type == "DynamicQuantizeLinear" and producer.domain in ("", "ai.onnx")
+
+
+def unsigned_integer_weights(graph: ir.Graph) -> int:
+    """Store every constant int8 weight of a `DequantizeLinear` or `MatMulIntegerToFloat` as uint8
+    (+128) with zero point 128: the same values. On x86 without VNNI, ONNX Runtime multiplies uint8
+    activations by int8 weights with VPMADDUBSW, whose 16-bit sums of two products saturate
+    (2 * 255 * 127 > 32767) and give wrong results; its uint8 x uint8 kernels widen to 16 bits
+    first and are exact. Returns the number of ops changed."""
+    from onnx_ir.convenience import replace_nodes_and_values
+
+    unsigned: dict[int, ir.Value] = {}
+    changed = 0
+    for node in list(graph):
+        if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and "block_size" not in node.attributes:
+            w_index, scale_index, zero_index = 0, 1, 2
+        elif node.op_type == "MatMulIntegerToFloat" and node.domain == "com.microsoft":
+            w_index, scale_index, zero_index = 1, 3, 5
+        else:
+            continue
+        inputs = list(node.inputs) + [None] * (zero_index + 1 - len(node.inputs))
+        w, scale, zero = inputs[w_index], inputs[scale_index], inputs[zero_index]
+        if w is None or w.const_value is None or w.const_value.dtype != ir.DataType.INT8 or scale.const_value is None:
+            continue
+        if zero is not None and (zero.const_value is None or zero.const_value.numpy().any()):
+            continue
+        if not _multiplies_uint8(node):  # ONNX Runtime has no int8 x uint8 kernels
+            continue
+        if id(w) not in unsigned:
+            codes = (w.const_value.numpy().astype(np.int16) + 128).astype(np.uint8)
+            unsigned[id(w)] = new_initializer(graph, f"{w.name}.u8", codes)
+        inputs[w_index] = unsigned[id(w)]
+        inputs[zero_index] = new_initializer(graph, f"{w.name}.u8.zero_point",
+                                             np.full(scale.const_value.shape, 128, np.uint8))
+        replacement = ir.Node(node.domain, node.op_type, inputs, attributes=list(node.attributes.values()),
+                              name=node.name, metadata_props=dict(node.metadata_props))
+        replace_nodes_and_values(graph, node, [node], [replacement], list(node.outputs), list(replacement.outputs))
+        changed += 1
+    return changed
+
+
+def _is_uint8(value: ir.Value | None) -> bool:
+    """Whether `value` is uint8: by its type, or where that is not inferred, by what produces it."""
+    if value is None:
+        return False
+    if value.dtype is not None:
+        return value.dtype == ir.DataType.UINT8
+    producer = value.producer()
+    if producer is None:
+        return False
+    if producer.op_type == "DynamicQuantizeLinear":
+        return True
+    if producer.op_type == "QuantizeLinear":
+        zero = producer.inputs[2] if len(producer.inputs) > 2 else None
+        return zero is None or (zero.const_value is not None and zero.const_value.dtype == ir.DataType.UINT8)
+    return False
+
+
+def _multiplies_uint8(node: ir.Node) -> bool:
+    """Whether the weight of `node` (a MatMulIntegerToFloat, or a DequantizeLinear whose output the
+    linears read) meets uint8 activations in every kernel: then a uint8 weight keeps it a u8 x u8 kernel."""
+    if node.op_type == "MatMulIntegerToFloat":
+        return _is_uint8(node.inputs[0])
+    for use in node.outputs[0].uses():
+        reader = use.node
+        if reader.op_type not in ("MatMul", "Gemm", "Conv") or use.idx > 1:
+            return False
+        x = reader.inputs[1 - use.idx]
+        producer = x.producer() if x is not None else None
+        if producer is None or producer.op_type != "DequantizeLinear" or not _is_uint8(producer.inputs[0]):
+            return False
+    return True
 
 
 def _int8_weight_per_column(w: ir.Value) -> tuple[ir.Value, ir.Value] | None:

@@ -4,7 +4,15 @@ The integer codes `quantize-weights` chose stay frozen; the fp16 scale of every 
 group of rows and output column) is learned, as `s1 * exp(t)`, to minimise each block's output
 error against the float block on the calibration data, with the inputs of each block taken from
 the already-quantized preceding blocks (the same machinery as `flexround`: `qcompiler.reconstruct`).
-Codebook classes get their entries tuned; fp16 classes and sparse outliers stay.
+Codebook classes get their entries tuned; fp16 classes and sparse outliers stay. Where a class
+stores fractional (fp16) zero points, they are learned too (`z + delta`).
+
+End to end (`regions=0 loss=kl`): the whole model is one block and every layer's scales are learned
+at once against the float model's output distribution, the KL divergence of the first output's
+softmax (an LM's next-token distribution), so that the errors left by the layers are weighed by what
+reaches the predictions, not by each block's output error. (The second stage of EfficientQAT, Chen
+et al. 2024, arXiv 2407.11062, also trains only the step sizes end to end, there on the
+language-modelling loss of training text.)
 """
 
 from __future__ import annotations

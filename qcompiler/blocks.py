@@ -100,8 +100,10 @@ def _depends_through_layer(value: ir.Value, source: ir.Value, floor: int, positi
 
 def find_blocks(graph: ir.Graph, regions: int = 2) -> list[Block]:
     """The graph's blocks in order (see the module docstring). The graph must be topologically
-    sorted (canonicalize sorts it)."""
+    sorted (canonicalize sorts it). `regions=0`: the whole graph as one block (end to end)."""
     nodes = list(graph)
+    if regions == 0:
+        return [_block(0, nodes, graph)]
     position = {node: i for i, node in enumerate(nodes)}
     cuts = [i for i, node in enumerate(nodes) if node.op_type in ANCHOR_OPS or _is_residual_add(node, position)]
     bounds, start = [], 0

@@ -61,11 +61,13 @@ PRESETS: dict[str, Preset] = {
     ),
     "mixed": Preset(
         "canonicalize,calibrate,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook sensitivity=$sensitivity "
-        "outliers-weight=$outliers_weight},quantize-weights$rounding,fold-permutation,lower-ort",
+        "outliers-weight=$outliers_weight},quantize-weights$rounding$tuning,fold-permutation,lower-ort",
         "weight-only channel-wise mixed precision at a fractional bit budget (needs --calib)",
         {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0",
-         "rounding": "nearest"},
-        {"rounding": {"nearest": "", "gptq": ",gptq"}},
+         "rounding": "nearest", "tuning": "none"},
+        {"rounding": {"nearest": "", "gptq": ",gptq"},
+         # end to end: every layer's scales against the float model's next-token distributions (LMs)
+         "tuning": {"none": "", "e2e-kl": ",tune-scales{regions=0 loss=kl steps=120 lr=0.001 batch=4}"}},
     ),
 }
 

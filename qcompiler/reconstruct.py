@@ -19,7 +19,8 @@ What is learned:
   s3 * s4) + z), 0, 2^b - 1) - z)` per group `s1` (the stored scale, learned), element-wise `S2`,
   row `s3` and column `s4`, all stored as logs and initialised at 0 (`s1` at the grid's scale);
   round with a straight-through estimator; the zero point `z` stays.
-- `tune-scales` (PEQA style), uniform classes: codes frozen, `W_hat = s1 * (q - z)`, only `s1`.
+- `tune-scales` (PEQA style), uniform classes: codes frozen, `W_hat = s1 * (q - z)`, only `s1`, and
+  `z` where it is a stored fp16 value (fractional zero points), as `z + delta`.
 - codebook classes (both): codes frozen, entries learned (`entry + delta * step`, `step` the
   column's codebook range / 2^b).
 - fp16 classes and sparse fp16 outliers are left as they are (exact already).
@@ -68,6 +69,7 @@ class Options:
     regions: int
     pass_name: str
     batch: int = 1
+    loss: str = "mse"  # "mse", or "kl": the first output's softmax against the float model's (whole-model block)
 
 
 class _Layer:
@@ -98,6 +100,9 @@ class _Layer:
                 if mode in LEARNED_MODES:
                     entry["log_s1"] = torch.zeros_like(scale, requires_grad=True)
                     self.params.append(entry["log_s1"])
+                if mode == "scales" and arrays[2].dtype == np.float16:  # fractional zero points are stored values too
+                    entry["zero_delta"] = torch.zeros_like(zero, requires_grad=True)
+                    self.params.append(entry["zero_delta"])
                 if mode == "flexround":
                     k, n = codes.shape
                     entry["log_s2"] = torch.zeros((k, n), requires_grad=True)
@@ -132,7 +137,7 @@ class _Layer:
             if c["kind"] == "uniform":
                 g = c["groups"]
                 s = (c["scale"] * torch.exp(c["log_s1"]))[g]
-                z = c["zero"][g]
+                z = (c["zero"] + c["zero_delta"])[g] if "zero_delta" in c else c["zero"][g]
                 if self.mode == "flexround":
                     div = s * torch.exp(c["log_s2"] + c["log_s3"] + c["log_s4"])
                     x = self.w[c["rows"]] / div + z
@@ -165,6 +170,8 @@ class _Layer:
                     bad = ~np.isfinite(s16) | (s16 <= 0)  # out of fp16's range: keep the grid's scale
                     s16[bad] = arrays[i + 1][bad]
                     arrays[i + 1] = s16
+                    if "zero_delta" in c:
+                        arrays[i + 2] = (c["zero"] + c["zero_delta"]).numpy().astype(np.float16)
                     if self.mode == "flexround":
                         g = c["groups"]
                         srow = torch.from_numpy(s16.astype(np.float32))[g]
@@ -206,6 +213,22 @@ def _mse(outputs: dict, targets: dict, names: list[str], valid=None):
         term = ((y - t) ** 2).mean()
         total = term if total is None else total + term
     return total
+
+
+def _kl(outputs: dict, targets: dict, names: list[str], valid=None):
+    """Mean KL divergence KL(p || q) of the softmax over the last axis of the first output in
+    `names`, p from the float targets, q from the outputs, over the `valid` positions."""
+    import torch
+
+    name = next(n for n in names if targets[n].is_floating_point())
+    y, t = outputs[name], targets[name]
+    if valid is not None and tuple(t.shape[:2]) == tuple(valid.shape):
+        y, t = y[valid], t[valid]
+    log_p, log_q = torch.log_softmax(t, -1), torch.log_softmax(y, -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+LOSSES = {"mse": _mse, "kl": _kl}
 
 
 def reconstruct(model: ir.Model, opts: Options, solve: Callable[[BlockProblem], tuple[dict, int]] | None = None) -> dict:
@@ -341,7 +364,7 @@ def learn_with_adam(problem: BlockProblem) -> tuple[dict, int]:
             optimizer.zero_grad()
             for l in layers:
                 learned[id(l.node)] = l.learned_weight()
-            loss = _mse(problem.forward(env_q[b], weight_of), problem.targets[b], problem.loss_names, problem.valid[b])
+            loss = LOSSES[opts.loss](problem.forward(env_q[b], weight_of), problem.targets[b], problem.loss_names, problem.valid[b])
             loss.backward()
             optimizer.step()
             steps += 1
@@ -424,6 +447,7 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
     import torch
 
     t_start = time.perf_counter()
+    block_loss = LOSSES[opts.loss]
     out_names = [v.name for v in block.outputs]
     in_names = [v.name for v in block.inputs]
     # the loss and its scale count only the outputs the block's layers reach (not, say, an
@@ -464,10 +488,12 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
         return lambda node: weights[id(node)] if id(node) in weights else float_weight(node)
 
     with torch.no_grad():
-        before = float(sum(_mse(forward(e, fixed(originals)), t, loss_names, m)
+        before = float(sum(block_loss(forward(e, fixed(originals)), t, loss_names, m)
                            for e, t, m in zip(env_q, targets, valid))) / len(env_q)
-    energy = float(sum(_mse({k: torch.zeros_like(v) for k, v in t.items()}, t, loss_names, m)
-                       for t, m in zip(targets, valid))) / len(targets)
+    energy = 0.0  # the targets' mean square, the scale of relative errors (mse only)
+    if opts.loss == "mse":
+        energy = float(sum(_mse({k: torch.zeros_like(v) for k, v in t.items()}, t, loss_names, m)
+                           for t, m in zip(targets, valid))) / len(targets)
     problem = BlockProblem(layers, env_q, targets, valid, loss_names, forward, run_all, float_weight, opts, rng, bar,
                            start_all, t_start, t_block, blocks_left, first)
     arrays, steps = solve(problem)
@@ -476,7 +502,7 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
         total, outs = 0.0, []
         for e, t, m in zip(env_q, targets, valid):
             o = forward(e, fixed(weights))
-            total += float(_mse(o, t, loss_names, m))
+            total += float(block_loss(o, t, loss_names, m))
             outs.append({k: v for k, v in o.items() if k in keep})
         return total / len(env_q), outs
 

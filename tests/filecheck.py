@@ -85,8 +85,8 @@ def run_golden(path: Path) -> str:
     return to_text(run_golden_model(path))
 
 
-def run_golden_model(path: Path):
-    """Parse the file and run its pipeline (verifying the IR); returns the model."""
+def run_golden_model(path: Path, pipeline: str | None = None):
+    """Parse the file and run its pipeline, or `pipeline` instead (verifying the IR); returns the model."""
     from qcompiler.ir import parse, verify
     from qcompiler.pass_manager import run_pipeline
     from qcompiler.pipeline import parse_pipeline
@@ -96,6 +96,7 @@ def run_golden_model(path: Path):
 
     text = path.read_text()
     run, _ = directives(text)
+    run = pipeline if pipeline is not None else run
     model = parse(text)
     verify(model)
     if run:

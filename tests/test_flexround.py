@@ -59,6 +59,35 @@ def test_blocks_are_the_residual_regions():
     assert [b.names for b in find_blocks(graph, regions=2)] == [["A", "C", "E", "G"]]
 
 
+def test_regions_0_is_the_whole_model():
+    (block,) = find_blocks(_model().graph, regions=0)
+    assert block.names == ["A", "C", "E", "G"]
+    assert [v.name for v in block.inputs] == ["X"] and [v.name for v in block.outputs] == ["Y"]
+
+
+def _mean_kl(model, reference, feeds):
+    def log_softmax(y):
+        y = y - y.max(-1, keepdims=True)
+        return y - np.log(np.exp(y).sum(-1, keepdims=True))
+
+    log_p = log_softmax(execute.run(reference, feeds)["Y"].astype(np.float64))
+    log_q = log_softmax(execute.run(model, feeds)["Y"].astype(np.float64))
+    return float((np.exp(log_p) * (log_p - log_q)).sum(-1).mean())
+
+
+def test_end_to_end_scales_lower_the_kl_of_the_outputs():
+    """tune-scales{regions=0 loss=kl}: every layer's scales learned together against the float
+    model's output distribution (Y read as logits over its 64 columns)."""
+    rtn, learned = _model(), _model()
+    _run(rtn, UNIFORM3)
+    stats = _run(learned, f"{UNIFORM3},tune-scales{{regions=0 loss=kl steps=60 lr=0.003 batch=2}}")["tune-scales"].stats
+    (block,) = stats["per_block"]
+    assert block["kept"] == "learned" and block["steps"] == 60 and block["relative_error_before"] is None
+    assert block["loss_after"] < 0.8 * block["loss_before"]
+    feeds = _data(count=1, seed=99)[0]  # not calibration data
+    assert _mean_kl(learned, _model(), feeds) < _mean_kl(rtn, _model(), feeds)
+
+
 @pytest.mark.parametrize("pass_", ["flexround{steps=40 regions=1}", "tune-scales{steps=40 regions=1 lr=0.003}"])
 def test_learning_lowers_every_block_loss_and_the_output_error(pass_):
     rtn, learned = _model(), _model()
@@ -83,10 +112,13 @@ def test_flexround_changes_codes_and_tune_scales_keeps_them():
     def arrays(model, suffix):
         return {k: v.const_value.numpy() for k, v in model.graph.initializers.items() if k.endswith(suffix)}
 
-    codes, scale = "uniform.0", "uniform.1"
+    codes, scale, zero = "uniform.0", "uniform.1", "uniform.2"
     assert any(not np.array_equal(a, b) for a, b in zip(arrays(base, codes).values(), arrays(flex, codes).values()))
     assert all(np.array_equal(a, b) for a, b in zip(arrays(base, codes).values(), arrays(scales, codes).values()))
     assert any(not np.array_equal(a, b) for a, b in zip(arrays(base, scale).values(), arrays(scales, scale).values()))
+    # 3-bit classes store fractional (fp16) zero points: tune-scales learns them too
+    assert all(a.dtype == np.float16 for a in arrays(scales, zero).values())
+    assert any(not np.array_equal(a, b) for a, b in zip(arrays(base, zero).values(), arrays(scales, zero).values()))
 
 
 def test_codebook_entries_are_tuned():
@@ -120,7 +152,8 @@ def test_lowered_model_computes_the_learned_ir():
 @pytest.mark.parametrize(
     ("options", "message"),
     [("steps=0", "steps must be"), ("steps=1000000", "steps must be"), ("lr=0", "lr must be"), ("lr=2", "lr must be"),
-     ("time-budget=-1", "time-budget must be"), ("regions=0", "regions must be")],
+     ("time-budget=-1", "time-budget must be"), ("regions=-1", "regions must be"),
+     ("regions=1 loss=kl", "loss=kl .* needs regions=0")],
 )
 def test_bad_options(options, message):
     with pytest.raises(UserError, match=message):

@@ -134,7 +134,7 @@ def test_u8_linears_with_bias_lower_to_one_integer_kernel_that_adds_the_bias():
     separate = parse(text)
     _run(separate, "calibrate,quantize,lower-ort{act-format=u8}")
     assert [n.op_type for n in separate.graph] == ["QuantizeLinear", "MatMulIntegerToFloat", "MatMulIntegerToFloat"]
-    for model, options in ((fused, "act-format=u8 shared-input=wide"), (qdq, "act-format=u8 int-kernels=qdq")):
+    for model, options in ((fused, "act-format=u8 shared-input=wide weight-format=s8"), (qdq, "act-format=u8 int-kernels=qdq weight-format=s8")):
         _run(model, f"calibrate,quantize,lower-ort{{{options}}}")
     # Y and Z read the same quantized X: one kernel over [W | V] with the biases [b | c], then a Split
     assert [n.op_type for n in fused.graph] == ["QuantizeLinear", "MatMulIntegerToFloat", "Split"]
