@@ -331,8 +331,10 @@ def assert_package_matches_ort(tmp_path: Path, ir_model, feeds: dict[str, np.nda
     rounding can leave as well). Static int8 activations make a model's output discontinuous: where
     two float32 computations differ in the last bit on a value at a rounding boundary, one code
     differs and later layers amplify it. So when the outputs differ, it requires exactly that: the
-    first codes that differ from the IR's lie within 1e-3 of a step of a rounding boundary, and every
-    value computed before them matches the IR."""
+    first codes that differ from the IR's lie within 1e-2 of a step of a rounding boundary (a wrong
+    kernel puts them anywhere, up to half a step away; float32 sums taken in another order, as an
+    AVX2-only CPU's kernels take them, were measured 0.006 of a step off on MiniLM), and every value
+    computed before them matches the IR."""
     from qcompiler import execute
 
     rel, cos = compare(tmp_path / "tr", tmp_path / "ort", feeds)
@@ -343,7 +345,7 @@ def assert_package_matches_ort(tmp_path: Path, ir_model, feeds: dict[str, np.nda
         return
     line, off_boundary, worst_before = first_code_difference(tmp_path / "tr", ir_model, feeds, tmp_path / "traced")
     assert line is not None, f"the outputs differ (rel {rel:.4f}, cosine {cos:.5f}) with every activation code equal"
-    assert float(off_boundary.max()) <= 1e-3, (line, off_boundary)
+    assert float(off_boundary.max()) <= 1e-2, (line, off_boundary)
     assert worst_before <= REL_TOL, (line, worst_before)
 
 
