@@ -30,6 +30,9 @@ from qcompiler.pipeline import format_pipeline, parse_pipeline  # noqa: E402
 from qcompiler.errors import UserError  # noqa: E402
 
 REL_TOL, COS_TOL = 1e-3, 0.9999
+# the values before the first differing code: float32 sums in another order than the reference's
+# (an AVX2-only CPU's kernels; measured 1.4e-3 at a MiniLM LayerNorm) but far from a wrong kernel's
+BEFORE_TOL = 5e-3
 HOSTILE = [
     "x'\"\n__import__('os').system('touch {sentinel}')#",
     "\"\"\"; import os; os.system('touch {sentinel}'); \"\"\"",
@@ -334,7 +337,7 @@ def assert_package_matches_ort(tmp_path: Path, ir_model, feeds: dict[str, np.nda
     first codes that differ from the IR's lie within 1e-2 of a step of a rounding boundary (a wrong
     kernel puts them anywhere, up to half a step away; float32 sums taken in another order, as an
     AVX2-only CPU's kernels take them, were measured 0.006 of a step off on MiniLM), and every value
-    computed before them matches the IR."""
+    computed before them matches the IR (to BEFORE_TOL)."""
     from qcompiler import execute
 
     rel, cos = compare(tmp_path / "tr", tmp_path / "ort", feeds)
@@ -346,7 +349,7 @@ def assert_package_matches_ort(tmp_path: Path, ir_model, feeds: dict[str, np.nda
     line, off_boundary, worst_before = first_code_difference(tmp_path / "tr", ir_model, feeds, tmp_path / "traced")
     assert line is not None, f"the outputs differ (rel {rel:.4f}, cosine {cos:.5f}) with every activation code equal"
     assert float(off_boundary.max()) <= 1e-2, (line, off_boundary)
-    assert worst_before <= REL_TOL, (line, worst_before)
+    assert worst_before <= BEFORE_TOL, (line, worst_before)
 
 
 @pytest.mark.slow
