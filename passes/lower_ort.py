@@ -156,7 +156,7 @@ class LowerOrtPass(Pass):
         if self._unsigned_weights():
             widened_weights = unsigned_integer_weights(graph)
             if widened_weights:
-                counts["uint8 weights (x86 without VNNI)"] = widened_weights
+                counts["uint8 weights"] = widened_weights
                 remove_unused(model)  # the int8 copies
         if self.residual_norm == "apart":
             apart = keep_residual_norms_apart(graph)
@@ -350,7 +350,7 @@ def unsigned_integer_weights(graph: ir.Graph) -> int:
     first and are exact. Returns the number of ops changed."""
     from onnx_ir.convenience import replace_nodes_and_values
 
-    unsigned: dict[int, ir.Value] = {}
+    unsigned: dict[int, tuple[ir.Value, ir.Value]] = {}  # id(int8 weight) -> (uint8 codes, zero point)
     changed = 0
     for node in list(graph):
         if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and "block_size" not in node.attributes:
@@ -369,10 +369,9 @@ def unsigned_integer_weights(graph: ir.Graph) -> int:
             continue
         if id(w) not in unsigned:
             codes = (w.const_value.numpy().astype(np.int16) + 128).astype(np.uint8)
-            unsigned[id(w)] = new_initializer(graph, f"{w.name}.u8", codes)
-        inputs[w_index] = unsigned[id(w)]
-        inputs[zero_index] = new_initializer(graph, f"{w.name}.u8.zero_point",
-                                             np.full(scale.const_value.shape, 128, np.uint8))
+            unsigned[id(w)] = (new_initializer(graph, f"{w.name}.u8", codes),
+                               new_initializer(graph, f"{w.name}.u8.zero_point", np.full(scale.const_value.shape, 128, np.uint8)))
+        inputs[w_index], inputs[zero_index] = unsigned[id(w)]
         replacement = ir.Node(node.domain, node.op_type, inputs, attributes=list(node.attributes.values()),
                               name=node.name, metadata_props=dict(node.metadata_props))
         replace_nodes_and_values(graph, node, [node], [replacement], list(node.outputs), list(replacement.outputs))
@@ -391,9 +390,8 @@ def _is_uint8(value: ir.Value | None) -> bool:
         return False
     if producer.op_type == "DynamicQuantizeLinear":
         return True
-    if producer.op_type == "QuantizeLinear":
-        zero = producer.inputs[2] if len(producer.inputs) > 2 else None
-        return zero is None or (zero.const_value is not None and zero.const_value.dtype == ir.DataType.UINT8)
+    if producer.op_type == "QuantizeLinear":  # uint8 when its zero point is, or when it has none
+        return len(producer.inputs) < 3 or producer.inputs[2] is None or _is_u8_zero_point(producer.inputs[2])
     return False
 
 
