@@ -688,6 +688,7 @@ def quantizable_inputs(model: ir.Model) -> dict[str, int]:
     activations only; constants are skipped."""
     found: dict[str, int] = {}
     for node in model.graph:
+        # narrower than `ir.is_weighted_layer` on purpose: the layers `quantize` gives int8 activations
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv"):
             continue
         if len(node.inputs) < 2 or not _is_constant(node.inputs[1]):
