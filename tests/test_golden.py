@@ -68,3 +68,17 @@ def test_run_lines_pipe_stages_and_name_their_check_prefix():
     assert checks("# LOWERED: a\n# CHECK: b\n# LOWERED-NEXT: c\n", "LOWERED") == [("CHECK", "a"), ("CHECK-NEXT", "c")]
     with pytest.raises(ValueError, match="qcompiler opt"):
         parse_run("python -c 'print(1)'")
+
+
+def test_opt_writes_the_file_asked_for_and_refuses_bad_input(tmp_path, capsys):
+    from qcompiler.cli import main
+
+    source = Path(__file__).parent / "golden" / "quantize" / "linear_static.onnxtxt"
+    out = tmp_path / "out.onnxtxt"
+    assert main(["-q", "opt", str(source), "-p", "calibrate,quantize", "-o", str(out)]) == 0
+    assert capsys.readouterr().out == "" and "qc.QuantizeActivation" in out.read_text()
+    assert parse(out.read_text()).graph.initializers["W.q"].const_value.numpy().tolist()[0] == [13, 23, 32]
+    assert main(["-q", "opt", str(tmp_path / "missing.onnxtxt"), "-p", "canonicalize"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["-q", "opt", str(source), "-p", "quantize"]) == 2  # nothing implied: no calibrate before it
+    assert "requires 'calibrated'" in capsys.readouterr().err
