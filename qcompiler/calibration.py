@@ -63,6 +63,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from qcompiler.calib_data import BatchChecker, batch_size_of  # noqa: F401  (batch_size_of: part of this API)
 from qcompiler.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -738,15 +739,6 @@ def _instrumented_proto(model: ir.Model, names: list[str]) -> onnx.ModelProto:
     return proto
 
 
-def batch_size_of(batch: Mapping[str, np.ndarray]) -> int:
-    """Samples in a batch: the first axis of its first input with a rank (1 for scalars only)."""
-    for array in batch.values():
-        shape = np.shape(array)
-        if len(shape):
-            return int(shape[0])
-    return 1 if batch else 0
-
-
 def collect(
     model: ir.Model,
     batches: Iterable[dict[str, np.ndarray]],
@@ -763,7 +755,6 @@ def collect(
     Each batch is checked first (`calib_data.check_batch`: names, dtypes, shapes, NaN/Inf).
     `progress(batches_done, samples_done)` is called after each batch."""
     from qcompiler import ir as qir
-    from qcompiler.calib_data import BatchChecker
     from qcompiler.execute import ort_session
 
     if qir.qc_nodes(model):

@@ -295,8 +295,7 @@ def _cmd_doctor(args) -> int:
 
 
 def _cmd_passes(args) -> int:
-    from qcompiler.passbase import all_passes
-    from qcompiler.pipeline import PRESETS, format_value
+    from qcompiler.pipeline import PRESETS, all_passes, format_value
 
     lines = []
     for name, cls in all_passes().items():

@@ -28,7 +28,9 @@ import onnx.parser
 import onnx.printer
 import onnx_ir as ir
 
-from qcompiler.errors import UserError, first_line
+from qcompiler import ops
+from qcompiler.errors import UserError, VerificationError, first_line  # noqa: F401  (VerificationError: part of this API)
+from qcompiler.op_registry import QC_DOMAIN
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +39,11 @@ TARGET_OPSET = 21
 # The oldest opset the loader accepts: onnx's version converter upgrades every opset from 1, and
 # `to_target_opset` refuses a conversion that changes the graph's inputs or outputs.
 MIN_OPSET = 1
-QC_DOMAIN = "qc"
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "pkg.onnxscript.torch_lib.common", QC_DOMAIN})
 ELIDE_ELEMENTS = 64
 TEXT_HEADER = "# qcompiler-ir 1"
 # Files above this size keep their weights in a side file (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-
-
-class VerificationError(Exception):
-    """The IR broke an invariant; raised by `verify`."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,8 +336,6 @@ def parse(text: str) -> ir.Model:
 
 def verify(model: ir.Model) -> None:
     """Check the invariants every pass must keep; raise `VerificationError` naming the node."""
-    from qcompiler import ops
-
     graph = model.graph
     defined: set[str] = set()
     for value in list(graph.inputs) + list(graph.initializers.values()):

@@ -46,12 +46,11 @@ from qcompiler.fileio import write_atomic
 from qcompiler.instruments import Drift
 from qcompiler.ir import WEIGHTED_LAYER_OPS, constant_sources, is_weighted_layer, op_key, weight_inputs, weight_values
 from qcompiler.pass_manager import PassRecord
+from qcompiler.report_bits import FLOAT_BITS, FP16_BITS, decode_channel_bits, encode_channel_bits  # noqa: F401
+from qcompiler.report_html import render
 
 REPORT_SCHEMA = "qcompiler.report/2"
 SIGNIFICANT_DIGITS = 6
-FP16_BITS = 16
-FLOAT_BITS = 32
-CHANNEL_CHARS = {FP16_BITS: "h", **{b: str(b) for b in range(1, 9)}}  # `channel_bits` encoding
 
 QUANTIZATION_OPS = frozenset({
     ("qc", "DequantizeWeight"), ("qc", "QuantizeActivation"), ("qc", "MixedMatMul"),
@@ -450,15 +449,6 @@ def _histogram(bits: np.ndarray) -> dict[str, int]:
     return {("fp16" if v == FP16_BITS else str(int(v))): int(c) for v, c in zip(values, counts)}
 
 
-def encode_channel_bits(bits: np.ndarray) -> str:
-    """One character per input channel, in the layer's channel order: '1'..'8' bits, 'h' fp16."""
-    return "".join(CHANNEL_CHARS[int(b)] for b in bits)
-
-
-def decode_channel_bits(text: str) -> np.ndarray:
-    return np.array([FP16_BITS if c == "h" else int(c) for c in text], np.int64)
-
-
 def _weight(info: dict, stored_float: bool, allocate: dict | None, mixed_stats: dict | None,
             quantize: dict | None, grid: str | None) -> dict:
     empty = {"format": "float", "bits": FLOAT_BITS, "mean_bits": float(FLOAT_BITS), "bits_histogram": None,
@@ -603,8 +593,6 @@ def write(report: str | os.PathLike, output: Path, staging: Path, body: dict) ->
     json_path, html_path = report_paths(report)
     files = [(json_path, to_json(body))]
     if html_path is not None:
-        from qcompiler.report_html import render
-
         files.append((html_path, render(body)))
     staged = []
     for path, text in files:
