@@ -51,6 +51,8 @@ class BlockLearningPass(Pass):
     """Block-wise learning against the float block (`qcompiler.reconstruct`); subclasses name what is learned."""
 
     mode = ""  # what `reconstruct` learns: "flexround" or "scales"
+    rerun_changes = ("a second run learns again against the same float block, starting from the first run's weights, "
+                     "and keeps what it learns whenever the block's error falls further")
 
     steps: int = option(200, "learning steps per block (each on `batch` calibration samples)")
     lr: float = option(0.003, "Adam learning rate of the log division factors (0 < lr <= 1)")

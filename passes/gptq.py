@@ -45,6 +45,8 @@ class GPTQPass(Pass):
     name = "gptq"
     required = frozenset({"weights-quantized", "calibrated"})
     provided = frozenset({"rounding-compensated"})
+    rerun_changes = ("a second run rounds the float weights again with H measured on the quantized stream the first "
+                     "run produced, so the codes move again whenever the block's error falls further")
 
     damp: float = option(0.01, "added to the diagonal of X^T X, as a fraction of its mean (0 < damp <= 1)")
     grid: Literal["minmax", "mse"] = option("mse", "uniform classes: min-max range, or the clipping that minimises weighted error")

@@ -15,8 +15,8 @@ final norm and a head) stays a block of its own.
 
 A block's inputs are the non-constant values it reads that are produced before it (graph inputs
 included); its outputs are the values it produces that later nodes or the graph outputs read.
-Weighted layers: `MatMul`/`Gemm` with a constant 2-D weight, `Conv` with a constant kernel, and
-`qc.MixedMatMul`.
+Weighted layers: `qcompiler.ir.is_weighted_layer` (MatMul, Gemm, Conv, ConvTranspose, `qc.MixedMatMul`
+and the lowered kernels, with a weight computed from initializers).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 
 import onnx_ir as ir
+
+from qcompiler.ir import is_weighted_layer
 
 ANCHOR_OPS = frozenset({"MaxPool", "AveragePool", "Resize"})
 
@@ -46,17 +48,8 @@ def _constant(value: ir.Value | None) -> bool:
 
 
 def is_weighted(node: ir.Node) -> bool:
-    """A layer with constant weights: MatMul/Gemm (2-D weight), Conv, qc.MixedMatMul."""
-    if node.domain == "qc":
-        return node.op_type == "MixedMatMul"
-    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
-        return False
-    w = node.inputs[1]
-    if node.op_type in ("MatMul", "Gemm"):
-        return w is not None and w.const_value is not None and len(w.const_value.shape) == 2
-    if node.op_type == "Conv":
-        return w is not None and w.const_value is not None
-    return False
+    """A weighted layer (`qcompiler.ir.is_weighted_layer`)."""
+    return is_weighted_layer(node)
 
 
 def _is_residual_add(node: ir.Node, position: dict[ir.Node, int]) -> bool:

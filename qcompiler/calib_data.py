@@ -72,9 +72,12 @@ def load_calibration(
 
 
 def batch_size_of(batch: Mapping[str, Any]) -> int:
-    from qcompiler.calibration import batch_size_of as _size
-
-    return _size(batch)
+    """Samples in a batch: the first axis of its first input with a rank (1 for scalars only)."""
+    for array in batch.values():
+        shape = np.shape(array)
+        if len(shape):
+            return int(shape[0])
+    return 1 if batch else 0
 
 
 # --------------------------------------------------------------------------------------------

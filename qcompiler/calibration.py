@@ -63,6 +63,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from qcompiler.calib_data import BatchChecker, batch_size_of  # noqa: F401  (batch_size_of: part of this API)
 from qcompiler.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -688,6 +689,7 @@ def quantizable_inputs(model: ir.Model) -> dict[str, int]:
     activations only; constants are skipped."""
     found: dict[str, int] = {}
     for node in model.graph:
+        # narrower than `ir.is_weighted_layer` on purpose: the layers `quantize` gives int8 activations
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv"):
             continue
         if len(node.inputs) < 2 or not _is_constant(node.inputs[1]):
@@ -737,15 +739,6 @@ def _instrumented_proto(model: ir.Model, names: list[str]) -> onnx.ModelProto:
     return proto
 
 
-def batch_size_of(batch: Mapping[str, np.ndarray]) -> int:
-    """Samples in a batch: the first axis of its first input with a rank (1 for scalars only)."""
-    for array in batch.values():
-        shape = np.shape(array)
-        if len(shape):
-            return int(shape[0])
-    return 1 if batch else 0
-
-
 def collect(
     model: ir.Model,
     batches: Iterable[dict[str, np.ndarray]],
@@ -762,7 +755,6 @@ def collect(
     Each batch is checked first (`calib_data.check_batch`: names, dtypes, shapes, NaN/Inf).
     `progress(batches_done, samples_done)` is called after each batch."""
     from qcompiler import ir as qir
-    from qcompiler.calib_data import BatchChecker
     from qcompiler.execute import ort_session
 
     if qir.qc_nodes(model):

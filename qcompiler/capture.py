@@ -86,7 +86,6 @@ def capture(
 
 SCOPE_KEY = "qc.scope"  # metadata_props key: the torch module path a node came from
 _TORCH_SCOPES = "pkg.torch.onnx.name_scopes"
-_WEIGHT_READERS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 
 
 def adopt_module_names(model: ir.Model) -> None:
@@ -111,14 +110,14 @@ def adopt_module_names(model: ir.Model) -> None:
 
 
 def name_weights_after_modules(graph: ir.Graph) -> int:
-    """Name each anonymous weight (`val_37`) that only a MatMul/Gemm/Conv of a known module reads
+    """Name each anonymous weight (`val_37`) that only a weighted layer (`qcompiler.ir.WEIGHTED_LAYER_OPS`) of a known module reads
     after that module (`lm_head.weight`, or `lm_head.matmul.weight` where that name is taken): those
     the exporter made, and those constant folding makes later (a tied output projection reads the
     transposed embedding, folded). Returns how many."""
     renamed = 0
     for node in graph:
         module = node.metadata_props.get(SCOPE_KEY)
-        if not module or node.op_type not in _WEIGHT_READERS or len(node.inputs) < 2:
+        if not module or qir.op_key(node) not in qir.WEIGHTED_LAYER_OPS or len(node.inputs) < 2:
             continue
         weight = node.inputs[1]
         if weight is None or not weight.is_initializer() or not re.fullmatch(r"val_\d+", weight.name or "") or len(weight.uses()) != 1:

@@ -4,6 +4,7 @@
                                     [--print-ir all|changed] [--report FILE]
     qcompiler eval DIR --task sts|perplexity|segmentation [--data FILE] [--json]
     qcompiler passes                 every pass: name, one-line doc, options with defaults
+    qcompiler opt FILE.onnxtxt -p SPEC [-o OUT.onnxtxt]   IR text in, the passes of SPEC, IR text out
     qcompiler show FILE              a model (.onnx) as IR text
 
 Exit codes: 0 ok; 1 internal error; 2 bad input or usage; 3 failed quality gate.
@@ -84,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
 
     sub.add_parser("passes", help="list every pass and preset with its options")
+
+    opt = sub.add_parser("opt", help="IR text in, IR text out: run exactly the passes of a pipeline spec")
+    opt.add_argument("path", help="an .onnxtxt file of IR text, or - for standard input")
+    opt.add_argument("-p", "--pipeline", default="", metavar="SPEC", help="the passes to run (none: parse, verify, print)")
+    opt.add_argument("-o", "--output", metavar="FILE", help="write the IR text here instead of standard output")
+    opt.add_argument("--calib-batches", type=int, default=4, metavar="N",
+                     help="synthetic calibration batches for passes that need data (default 4, seeds 0..N-1)")
+    opt.add_argument("--elide", action="store_true", help="print tensors over 64 elements as shape + hash (the output then no longer parses back to the same weights)")
 
     show = sub.add_parser("show", help="print a model as IR text")
     show.add_argument("path", help="path to an .onnx file")
@@ -286,8 +295,7 @@ def _cmd_doctor(args) -> int:
 
 
 def _cmd_passes(args) -> int:
-    from qcompiler.passbase import all_passes
-    from qcompiler.pipeline import PRESETS, format_value
+    from qcompiler.pipeline import PRESETS, all_passes, format_value
 
     lines = []
     for name, cls in all_passes().items():
@@ -320,7 +328,29 @@ def _cmd_show(args) -> int:
     return 0
 
 
-_COMMANDS = {"compile": _cmd_compile, "doctor": _cmd_doctor, "eval": _cmd_eval, "passes": _cmd_passes, "show": _cmd_show}
+def _cmd_opt(args) -> int:
+    from pathlib import Path
+
+    from qcompiler.fileio import write_atomic
+    from qcompiler.opt import optimize_text
+
+    if args.path == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(args.path)
+        if not path.is_file():
+            raise UserError(f"opt: no such file '{path}'; give an .onnxtxt file of IR text (or - for standard input)")
+        text = path.read_text()
+    result = optimize_text(text, args.pipeline, args.calib_batches, args.elide)
+    if args.output:
+        write_atomic(args.output, result)
+    else:
+        sys.stdout.write(result)
+    return 0
+
+
+_COMMANDS = {"compile": _cmd_compile, "doctor": _cmd_doctor, "eval": _cmd_eval, "opt": _cmd_opt, "passes": _cmd_passes,
+             "show": _cmd_show}
 
 
 def entry() -> None:

@@ -163,7 +163,7 @@ def complete_pipeline(passes: list, target: str) -> list:
     """Start with `canonicalize`; for the ort target end with `lower-ort` when missing; for the
     triton target drop `lower-ort` (the presets end with it), since that backend runs qc ops, and
     end with `fuse` when missing."""
-    from qcompiler.passbase import get_pass
+    from qcompiler.pipeline import get_pass
 
     names = [p.name for p in passes]
     if "canonicalize" not in names:

@@ -89,6 +89,7 @@ def quantized_layers(float_stage: ir.Model, quant_stage: ir.Model) -> tuple[list
     producers = {out.name: node for node in quant_stage.graph for out in node.outputs}
     layers, skipped = [], []
     for node in float_stage.graph:
+        # narrower than `ir.is_weighted_layer` on purpose: the layers the switchboard can emulate
         if node.op_type not in ("MatMul", "Conv") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
             continue
         x, w = node.inputs[0], node.inputs[1]

@@ -45,3 +45,7 @@ def first_line(text: str) -> str:
         if line.strip():
             return line.strip()
     return ""
+
+
+class VerificationError(Exception):
+    """The IR broke an invariant; raised by `qcompiler.ir.verify` and the `qc` op checks."""

@@ -24,9 +24,9 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.ir import VerificationError
+from qcompiler.errors import VerificationError
 from qcompiler.mixed_ops import mixed_weight
-from qcompiler.ops import Attr, OpSchema, attributes_of, register
+from qcompiler.op_registry import Attr, OpSchema, attributes_of, register
 from qcompiler.qc_ops import ACT_MODES, dequantize_weight, quantize_activation
 
 EPILOGUES = ("none", "relu", "gelu", "gelu_tanh", "silu")

@@ -28,7 +28,9 @@ import onnx.parser
 import onnx.printer
 import onnx_ir as ir
 
-from qcompiler.errors import UserError, first_line
+from qcompiler import ops
+from qcompiler.errors import UserError, VerificationError, first_line  # noqa: F401  (VerificationError: part of this API)
+from qcompiler.op_registry import QC_DOMAIN
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +39,11 @@ TARGET_OPSET = 21
 # The oldest opset the loader accepts: onnx's version converter upgrades every opset from 1, and
 # `to_target_opset` refuses a conversion that changes the graph's inputs or outputs.
 MIN_OPSET = 1
-QC_DOMAIN = "qc"
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "pkg.onnxscript.torch_lib.common", QC_DOMAIN})
 ELIDE_ELEMENTS = 64
 TEXT_HEADER = "# qcompiler-ir 1"
 # Files above this size keep their weights in a side file (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-
-
-class VerificationError(Exception):
-    """The IR broke an invariant; raised by `verify`."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,8 +336,6 @@ def parse(text: str) -> ir.Model:
 
 def verify(model: ir.Model) -> None:
     """Check the invariants every pass must keep; raise `VerificationError` naming the node."""
-    from qcompiler import ops
-
     graph = model.graph
     defined: set[str] = set()
     for value in list(graph.inputs) + list(graph.initializers.values()):
@@ -378,51 +373,94 @@ def qc_nodes(model: ir.Model) -> list[ir.Node]:
 
 
 STORED_WEIGHTS = "qc.stored_weights"  # metadata_props key: every constant input of the node is weight bytes
-WEIGHT_CONSUMERS = frozenset({("", "MatMul"), ("", "Gemm"), ("", "Conv"), ("", "ConvTranspose"), ("com.microsoft", "MatMulNBits"),
-                              ("com.microsoft", "MatMulIntegerToFloat")})
-# Which inputs of a weight consumer hold its stored weight (default: the second).
-_WEIGHT_INPUTS = {"MatMulNBits": (1, 2, 3, 4, 5), "MatMulIntegerToFloat": (1, 3, 5)}  # codes, scales, zero points (, g_idx, bias)
+
+# The one answer to "is this node a weighted layer?": the ops that multiply their first input (the
+# activation) by a stored weight, and which of their inputs hold that weight (None: every input after
+# the first). A layer is such a node whose weight is computed from initializers alone (`is_weighted_layer`).
+WEIGHTED_LAYER_OPS: dict[tuple[str, str], tuple[int, ...] | None] = {
+    ("", "MatMul"): (1,),
+    ("", "Gemm"): (1,),
+    ("", "Conv"): (1,),
+    ("", "ConvTranspose"): (1,),
+    (QC_DOMAIN, "MixedMatMul"): None,  # permutation, class inputs, sparse outliers
+    ("com.microsoft", "MatMulNBits"): (1, 2, 3, 4, 5),  # codes, scales, zero points, g_idx, bias
+    ("com.microsoft", "MatMulIntegerToFloat"): (1, 3, 5),  # codes, scales, zero points
+}
+
+
+def op_key(node: ir.Node) -> tuple[str, str]:
+    """(domain, op_type), with the default domain spelled ''."""
+    return ("" if node.domain == "ai.onnx" else node.domain, node.op_type)
+
+
+def weight_inputs(node: ir.Node) -> list[ir.Value]:
+    """The inputs of a `WEIGHTED_LAYER_OPS` node that hold its weight (none for other nodes)."""
+    key = op_key(node)
+    if key not in WEIGHTED_LAYER_OPS:
+        return []
+    indices = WEIGHTED_LAYER_OPS[key]
+    if indices is None:
+        return [v for v in node.inputs[1:] if v is not None]
+    return [node.inputs[i] for i in indices if i < len(node.inputs) and node.inputs[i] is not None]
+
+
+def is_weighted_layer(node: ir.Node, memo: dict | None = None) -> bool:
+    """A weighted layer: a `WEIGHTED_LAYER_OPS` node whose second input is computed from initializers
+    alone (so `MatMul(q, k)` of two activations is not one)."""
+    if op_key(node) not in WEIGHTED_LAYER_OPS or len(node.inputs) < 2:
+        return False
+    return bool(constant_sources(node.inputs[1], memo))
+
+
+def constant_sources(value: ir.Value | None, memo: dict | None = None) -> list[ir.Value] | None:
+    """The initializers `value` is computed from, or None when it depends on a run-time value
+    (`memo` caches answers across calls on one graph)."""
+    if value is None:
+        return None
+    memo = {} if memo is None else memo
+    key = id(value)
+    if key in memo:
+        return memo[key]
+    if value.is_initializer() and value.const_value is not None:
+        found: list[ir.Value] | None = [value]
+    else:
+        producer = value.producer()
+        found = None
+        if producer is not None:
+            found = []
+            for inp in producer.inputs:
+                if inp is None:
+                    continue
+                sub = constant_sources(inp, memo)
+                if sub is None:
+                    found = None
+                    break
+                found.extend(sub)
+    memo[key] = found
+    return found
 
 
 def weight_values(model: ir.Model) -> list[ir.Value]:
-    """Initializers that hold weights: the second operand of MatMul/Gemm/Conv (and of the contrib
-    MatMulNBits and MatMulIntegerToFloat: codes, scales and zero points), directly or through a
-    chain of nodes that read only constants (such as DequantizeLinear of packed codes, scales and zero points), the
-    constant indices of a Gather that permutes the first operand, and the constant inputs of nodes
-    marked `qc.stored_weights` (sparse outlier corrections). Deduplicated, in graph order."""
+    """Initializers that hold weights: the weight inputs of every `WEIGHTED_LAYER_OPS` node (for the
+    contrib MatMulNBits and MatMulIntegerToFloat: codes, scales and zero points), directly or through
+    a chain of nodes that read only constants (such as DequantizeLinear of packed codes, scales and
+    zero points), the constant indices of a Gather that permutes the first operand, and the constant
+    inputs of nodes marked `qc.stored_weights` (sparse outlier corrections). Deduplicated, in graph order."""
     found: dict[str, ir.Value] = {}
+    memo: dict = {}
     for node in model.graph:
-        domain = "" if node.domain == "ai.onnx" else node.domain
         if node.metadata_props.get(STORED_WEIGHTS):  # e.g. sparse outlier corrections
             for inp in node.inputs:
-                for value in _constant_sources(inp) if inp is not None else ():
+                for value in constant_sources(inp, memo) or ():
                     found.setdefault(value.name, value)
-        if (domain, node.op_type) in WEIGHT_CONSUMERS and len(node.inputs) > 1 and node.inputs[1] is not None:
-            weights = [node.inputs[i] for i in _WEIGHT_INPUTS.get(node.op_type, (1,)) if i < len(node.inputs)]
-            for value in (v for w in weights if w is not None for v in _constant_sources(w)):
+        if op_key(node) in WEIGHTED_LAYER_OPS and len(node.inputs) > 1 and node.inputs[1] is not None:
+            for value in (v for w in weight_inputs(node) for v in constant_sources(w, memo) or ()):
                 found.setdefault(value.name, value)
             gather = node.inputs[0].producer() if node.inputs[0] is not None else None
             if gather is not None and gather.op_type == "Gather" and len(gather.inputs) > 1:  # an input permutation
-                for value in _constant_sources(gather.inputs[1]):
+                for value in constant_sources(gather.inputs[1], memo) or ():
                     found.setdefault(value.name, value)
     return list(found.values())
-
-
-def _constant_sources(value: ir.Value) -> list[ir.Value]:
-    if value.const_value is not None and value.is_initializer():
-        return [value]
-    producer = value.producer()
-    if producer is None:
-        return []
-    sources = []
-    for inp in producer.inputs:
-        if inp is None:
-            continue
-        found = _constant_sources(inp)
-        if not found:
-            return []  # depends on a run-time value: not a stored weight
-        sources.extend(found)
-    return sources
 
 
 def weight_count(model: ir.Model) -> int:

@@ -34,8 +34,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.ir import VerificationError
-from qcompiler.ops import Attr, OpSchema, attributes_of, register
+from qcompiler.errors import VerificationError
+from qcompiler.op_registry import Attr, OpSchema, attributes_of, register
 
 KINDS = ("uniform", "codebook", "fp16")
 INPUTS_PER_KIND = {"uniform": 3, "codebook": 2, "fp16": 1}

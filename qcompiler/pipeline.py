@@ -20,7 +20,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qcompiler.errors import UserError
-from qcompiler.passbase import Option, Pass, all_passes, did_you_mean, get_pass
+from qcompiler import passes as _passes  # noqa: F401  (importing the package registers every pass)
+from qcompiler.passbase import Option, Pass, did_you_mean, registered_passes
+
+
+def all_passes() -> dict[str, type[Pass]]:
+    """Every pass, by name."""
+    return registered_passes()
+
+
+def get_pass(name: str) -> type[Pass]:
+    passes = all_passes()
+    if name in passes:
+        return passes[name]
+    raise UserError(f"unknown pass '{name}'{did_you_mean(name, passes)}; `qcompiler passes` lists them")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,8 +12,11 @@ in `docs/report-schema.md`. It is built from three sources:
   (`canonicalize`, `calibrate`, `smooth`, `fold-scales` are exact) and those layer outputs become
   the float reference: taking it after the exact rewrites means a layer whose output a fold
   rescaled is compared with the same rescaled output in float. From then on each layer's output
-  is compared with its reference (SQNR, cosine). Layer outputs keep their tensor names through quantization and
-  lowering, so the comparison after the last pass measures the emitted artifact. After every pass
+  is compared with its reference (SQNR, cosine). Layers are found by op identity (`ir.is_weighted_layer`)
+  and followed by provenance: a layer's output keeps its tensor name through quantization and
+  lowering, or, where the lowering merges a linear with the Add of its bias
+  (`MatMulIntegerToFloat`), the layer is read at that Add's output with the bias taken off, so the
+  comparison after the last pass measures the emitted artifact. After every pass
   it also notes what the IR says about each layer (`qc.DequantizeWeight`, `qc.QuantizeActivation`,
   `qc.BitAllocation`, `qc.MixedMatMul`): the lowering erases those ops, the report keeps them.
 - the passes' records (time, statistics, drift) and the manifest (bytes, effective bits);
@@ -41,16 +44,14 @@ from qcompiler.probe import valid_positions
 from qcompiler.errors import UserError
 from qcompiler.fileio import write_atomic
 from qcompiler.instruments import Drift
-from qcompiler.ir import weight_values
+from qcompiler.ir import WEIGHTED_LAYER_OPS, constant_sources, is_weighted_layer, op_key, weight_inputs, weight_values
 from qcompiler.pass_manager import PassRecord
+from qcompiler.report_bits import FLOAT_BITS, FP16_BITS, decode_channel_bits, encode_channel_bits  # noqa: F401
+from qcompiler.report_html import render
 
 REPORT_SCHEMA = "qcompiler.report/2"
 SIGNIFICANT_DIGITS = 6
-FP16_BITS = 16
-FLOAT_BITS = 32
-CHANNEL_CHARS = {FP16_BITS: "h", **{b: str(b) for b in range(1, 9)}}  # `channel_bits` encoding
 
-LAYER_OPS = frozenset({("", "MatMul"), ("", "Gemm"), ("", "Conv"), ("", "ConvTranspose"), ("qc", "MixedMatMul")})
 QUANTIZATION_OPS = frozenset({
     ("qc", "DequantizeWeight"), ("qc", "QuantizeActivation"), ("qc", "MixedMatMul"),
     ("", "QuantizeLinear"), ("", "DequantizeLinear"), ("", "DynamicQuantizeLinear"),
@@ -137,16 +138,41 @@ class Recorder(Drift):
                 expected, actual = np.asarray(expected)[self.valid], np.asarray(actual)[self.valid]
             self.layer_error[name] = execute.drift({name: expected}, {name: actual})
 
-    def _run(self, model: ir.Model) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        return run_exposing(model, self.probe, self.layer_outputs(model))
+    def located(self, model: ir.Model) -> dict[str, str]:
+        """Layer output name -> the value that carries the layer's output in `model` now.
+
+        Before quantization: the output of every layer node. Once quantized: the layers known by
+        then (a lowering may compute one layer with several nodes, e.g. one per bit class, summed
+        into its output), found by their own output or, when a lowering merged the layer with the
+        Add of its bias (`MatMulIntegerToFloat`), by that Add's output (`bias` in `layers`): the
+        bias is taken off again when the layer is measured."""
+        if not (self.quantized and self.layers):
+            return {n.outputs[0].name: n.outputs[0].name for n in layer_nodes(model)}
+        present = {v.name for n in model.graph for v in n.outputs}
+        found = {}
+        for name, info in self.layers.items():
+            if name in present:
+                found[name] = name
+            elif "bias" in info and info["bias"]["output"] in present:
+                found[name] = info["bias"]["output"]
+        return found
 
     def layer_outputs(self, model: ir.Model) -> list[str]:
-        """The layers' output names: once the IR is quantized, the layers known by then (a lowering
-        may compute one layer with several nodes, e.g. one per bit class, summed into its output)."""
-        if self.quantized and self.layers:
-            present = {v.name for n in model.graph for v in n.outputs}
-            return [name for name in self.layers if name in present]
-        return [n.outputs[0].name for n in layer_nodes(model)]
+        """The layers' output names (see `located`)."""
+        return list(self.located(model))
+
+    def _run(self, model: ir.Model) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        located = self.located(model)
+        outputs, exposed = run_exposing(model, self.probe, list(located.values()))
+        layer_outputs = {}
+        for name, carrier in located.items():
+            if carrier not in exposed:
+                continue
+            value = exposed[carrier]
+            if carrier != name:  # the layer's output plus its bias
+                value = np.asarray(value) - self.layers[name]["bias"]["value"]
+            layer_outputs[name] = value
+        return outputs, layer_outputs
 
     def _snapshot(self, model: ir.Model) -> None:
         for node in layer_nodes(model):
@@ -155,6 +181,24 @@ class Recorder(Drift):
                 continue  # a node a lowering made for part of a known layer
             info = self.layers.setdefault(out, {"output": out, "name": node.name or out, "op": node.op_type})
             _note_layer(node, info)
+            bias = _bias_add(node.outputs[0])
+            if bias is not None:
+                info["bias"] = bias
+
+
+def _bias_add(value: ir.Value) -> dict[str, Any] | None:
+    """{"output", "value"} when `value`'s only reader is an Add of a constant bias (which a lowering
+    may merge into the layer's kernel), else None."""
+    uses = list(value.uses())
+    if len(uses) != 1:
+        return None
+    add = uses[0].node
+    if op_key(add)[0] != "" or add.op_type != "Add" or len(add.inputs) != 2:
+        return None
+    bias = add.inputs[1 - uses[0].idx]
+    if bias is None or bias.const_value is None:
+        return None
+    return {"output": add.outputs[0].name, "value": np.array(bias.const_value.numpy())}
 
 
 def run_exposing(model: ir.Model, feeds, names) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -189,51 +233,14 @@ def run_exposing(model: ir.Model, feeds, names) -> tuple[dict[str, np.ndarray], 
 # Reading the IR
 
 
-def _domain(node: ir.Node) -> str:
-    return "" if node.domain == "ai.onnx" else node.domain
-
-
 def _count_quantization(model: ir.Model) -> int:
-    return sum((_domain(n), n.op_type) in QUANTIZATION_OPS for n in ir.traversal.RecursiveGraphIterator(model.graph))
-
-
-def constant_sources(value: ir.Value | None, memo: dict | None = None) -> list[ir.Value] | None:
-    """The initializers `value` is computed from, or None when it depends on a run-time value."""
-    if value is None:
-        return None
-    memo = {} if memo is None else memo
-    key = id(value)
-    if key in memo:
-        return memo[key]
-    if value.is_initializer() and value.const_value is not None:
-        found: list[ir.Value] | None = [value]
-    else:
-        producer = value.producer()
-        found = None
-        if producer is not None:
-            found = []
-            for inp in producer.inputs:
-                if inp is None:
-                    continue
-                sub = constant_sources(inp, memo)
-                if sub is None:
-                    found = None
-                    break
-                found.extend(sub)
-    memo[key] = found
-    return found
+    return sum(op_key(n) in QUANTIZATION_OPS for n in ir.traversal.RecursiveGraphIterator(model.graph))
 
 
 def layer_nodes(model: ir.Model) -> list[ir.Node]:
-    """Nodes that multiply an activation by a constant weight, in graph order."""
+    """Nodes that multiply an activation by a constant weight (`ir.is_weighted_layer`), in graph order."""
     memo: dict = {}
-    found = []
-    for node in model.graph:
-        if (_domain(node), node.op_type) not in LAYER_OPS or len(node.inputs) < 2:
-            continue
-        if constant_sources(node.inputs[1], memo):
-            found.append(node)
-    return found
+    return [node for node in model.graph if is_weighted_layer(node, memo)]
 
 
 def layer_nodes_set(model: ir.Model, memo: dict) -> set:
@@ -264,7 +271,7 @@ def layer_constants(node: ir.Node, input_name: str | None, limit: int = 256) -> 
 
 def _producer(value: ir.Value | None, domain: str, op_type: str) -> ir.Node | None:
     node = value.producer() if value is not None else None
-    if node is not None and _domain(node) == domain and node.op_type == op_type:
+    if node is not None and op_key(node)[0] == domain and node.op_type == op_type:
         return node
     return None
 
@@ -304,7 +311,7 @@ def _note_layer(node: ir.Node, info: dict[str, Any]) -> None:
             "channel_bits": allocation.inputs[1].const_value.numpy().astype(np.int64),
             "group_size": int(a.get("group_size", 128)), "codebook": str(a.get("codebook", "")),
         }
-    if _domain(node) == "qc" and node.op_type == "MixedMatMul":
+    if op_key(node) == ("qc", "MixedMatMul"):
         a = _attrs(node)
         perm = node.inputs[1].const_value.numpy().astype(np.int64)
         class_bits = [int(b) for b in a["bits"]]
@@ -398,12 +405,12 @@ def _layers(model: ir.Model, recorder: Recorder, stats: dict[str, dict]) -> list
     memo: dict = {}
     layers = []
     producers = {v.name: n for n in model.graph for v in n.outputs}
-    for index, out in enumerate(recorder.layer_outputs(model)):
-        node = producers[out]
+    for index, (out, carrier) in enumerate(recorder.located(model).items()):
+        node = producers[carrier]
         info = recorder.layers.get(out, {"output": out, "name": node.name or out, "op": node.op_type})
         name = info["name"]
         if node in layer_nodes_set(model, memo):
-            sources = constant_sources(node.inputs[1], memo) or []
+            sources = [v for w in weight_inputs(node) for v in (constant_sources(w, memo) or [])]
             permutation = node.inputs[0].producer() if node.inputs[0] is not None else None
             if permutation is not None and permutation.op_type == "Gather" and len(permutation.inputs) > 1:
                 sources = sources + (constant_sources(permutation.inputs[1], memo) or [])
@@ -440,15 +447,6 @@ def _layers(model: ir.Model, recorder: Recorder, stats: dict[str, dict]) -> list
 def _histogram(bits: np.ndarray) -> dict[str, int]:
     values, counts = np.unique(bits, return_counts=True)
     return {("fp16" if v == FP16_BITS else str(int(v))): int(c) for v, c in zip(values, counts)}
-
-
-def encode_channel_bits(bits: np.ndarray) -> str:
-    """One character per input channel, in the layer's channel order: '1'..'8' bits, 'h' fp16."""
-    return "".join(CHANNEL_CHARS[int(b)] for b in bits)
-
-
-def decode_channel_bits(text: str) -> np.ndarray:
-    return np.array([FP16_BITS if c == "h" else int(c) for c in text], np.int64)
 
 
 def _weight(info: dict, stored_float: bool, allocate: dict | None, mixed_stats: dict | None,
@@ -516,10 +514,11 @@ def _float_nodes(model: ir.Model, recorder: Recorder, stats: dict, layers: list[
     quantizing = [p for p in QUANTIZING_PASSES if p in options]
     found = []
     by_output = {layer["output"]: layer for layer in layers}
+    by_output.update({carrier: by_output[out] for out, carrier in recorder.located(model).items() if out in by_output})
     for node in model.graph:
-        key = (_domain(node), node.op_type)
+        key = op_key(node)
         name = node.name or (node.outputs[0].name if node.outputs else "")
-        if key in LAYER_OPS:
+        if key in WEIGHTED_LAYER_OPS:
             w = node.inputs[1] if len(node.inputs) > 1 else None
             sources = constant_sources(w, memo)
             if not sources:
@@ -594,8 +593,6 @@ def write(report: str | os.PathLike, output: Path, staging: Path, body: dict) ->
     json_path, html_path = report_paths(report)
     files = [(json_path, to_json(body))]
     if html_path is not None:
-        from qcompiler.report_html import render
-
         files.append((html_path, render(body)))
     staged = []
     for path, text in files:

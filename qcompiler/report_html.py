@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from qcompiler.report import FLOAT_BITS, FP16_BITS, decode_channel_bits
+from qcompiler.report_bits import FLOAT_BITS, FP16_BITS, decode_channel_bits
 
 WIDTH = 960
 HEATMAP_WIDTH = 720

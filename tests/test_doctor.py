@@ -77,10 +77,15 @@ def test_doctor_ranks_the_sensitive_layer_first_and_suggests_keeping_it():
 
 
 def test_suggestion_respects_the_extra_bits_limit():
-    result = diagnose(_mlp(), "calibrate,allocate-bits{avg-bits=4 group-size=32},quantize-weights",
-                      calibration=[synthetic_inputs(_mlp(), seed=s) for s in range(4)], max_extra_bits=0.1, bits_only=True)
-    # keeping either layer at 8 bits adds about 2.7 bits over half the weights: more than 0.1
-    assert result["suggestion"]["pipeline"] is None
+    pipeline = "calibrate,allocate-bits{avg-bits=4 group-size=32},quantize-weights"
+    data = [synthetic_inputs(_mlp(), seed=s) for s in range(4)]
+    # with room, a layer is given more bits; the cheapest such change adds 0.5 average bits
+    roomy = diagnose(_mlp(), pipeline, calibration=data, max_extra_bits=3.0, bits_only=True)["suggestion"]
+    assert roomy["pipeline"] is not None and roomy["layers"] and 0.1 < roomy["extra_bits"] <= 3.0
+    # every change costs more than 0.1 bits (one more bit over half the weights at least): none fits
+    result = diagnose(_mlp(), pipeline, calibration=data, max_extra_bits=0.1, bits_only=True)
+    assert all(row["boosted_bits"] - row["bits"] > 0.2 for row in result["layers"])
+    assert result["suggestion"]["pipeline"] is None and result["suggestion"]["change"].startswith("none")
 
 
 def test_learned_rounding_is_suggested_when_weight_rounding_costs_and_it_measures_lower():

@@ -356,3 +356,42 @@ def test_page_renders_charts_in_headless_chromium(mixed, tmp_path):
         assert count(bits_color(bits)) > 300, f"heatmap: no {bits}-bit cells"
     assert count(BAR_COLOR) > 5000, "error bars not drawn"
     assert count(LINE_COLOR) > 500, "drift line not drawn"
+
+
+def _biased_mlp() -> onnx.ModelProto:
+    """Two linears with biases: `lower-ort` merges each MatMul and the Add of its bias into one
+    `MatMulIntegerToFloat` (u8 activations), so the MatMul outputs disappear from the artifact."""
+    rng = np.random.default_rng(7)
+    arrays = {"w1": rng.normal(0, 0.2, (16, 32)), "b1": rng.normal(0, 0.5, 32),
+              "w2": rng.normal(0, 0.2, (32, 8)), "b2": rng.normal(0, 0.5, 8)}
+    inits = [onnx.numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in arrays.items()]
+    nodes = [
+        oh.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), oh.make_node("Add", ["h", "b1"], ["hb"], name="fc1_bias"),
+        oh.make_node("Relu", ["hb"], ["r"], name="relu"),
+        oh.make_node("MatMul", ["r", "w2"], ["o"], name="fc2"), oh.make_node("Add", ["b2", "o"], ["y"], name="fc2_bias"),
+    ]
+    graph = oh.make_graph(nodes, "biased_mlp", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 16])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 8])], inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)], ir_version=10)
+
+
+def test_layers_merged_with_their_bias_by_the_lowering_are_still_reported(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    onnx.save(_biased_mlp(), str(path))
+    rng = np.random.default_rng(8)
+    calib = [{"x": rng.normal(0, 1, (4, 16)).astype(np.float32)} for _ in range(4)]
+    probe_batch = {"x": rng.normal(0, 1, (4, 16)).astype(np.float32)}
+    out = tmp_path / "out"
+    qcompiler.compile(str(path), out, pipeline="calibrate,quantize,lower-ort{act-format=u8 int-kernels=fused}",
+                      calibration=calib, probe_inputs=probe_batch, report=out / "report.json")
+    artifact = onnx.load(str(out / "model.onnx"))
+    assert [n.op_type for n in artifact.graph.node].count("MatMulIntegerToFloat") == 2  # the case under test
+    body = json.loads((out / "report.json").read_text())
+    assert body["summary"]["layers"] == body["summary"]["layers_quantized"] == 2
+    assert [(layer["name"], layer["output"], layer["op"]) for layer in body["layers"]] == [("fc1", "h", "MatMul"), ("fc2", "o", "MatMul")]
+    for layer in body["layers"]:
+        assert layer["weight"]["format"] == "int8" and layer["activation"]["format"] == "int8"
+        k = layer["weight_shape"][0]  # int8 codes, one fp32 scale (and a zero point) per column; not the bias
+        assert 8 + 32 / k <= layer["weight"]["stored_bits_per_weight"] <= 8 + 40 / k
+        # measured without the bias: int8 error on a layer output, not a bias-inflated SQNR
+        assert 20 < layer["error"]["sqnr_db"] < 50 and 0.99 < layer["error"]["cosine"] < 1

@@ -82,11 +82,23 @@ def test_smoothing_flattens_the_outlier_channel():
 
 
 def test_auto_alpha_is_on_the_grid_and_recorded():
-    model = _block()
-    layers = _run(model, "calibrate,smooth{alpha=auto}")[1].stats["layers"]
-    from qcompiler.passes.smooth import ALPHA_GRID
+    from qcompiler.calibration import STATS_KEY
+    from qcompiler.passes.smooth import ALPHA_GRID, choose_alpha, smoothing_scale
 
-    assert all(entry["alpha"] in ALPHA_GRID for entry in layers.values())
+    model = _block()
+    weights = {name: model.graph.initializers[name].const_value.numpy().copy() for name in ("Wq", "Wk", "Wo")}
+    layers = _run(model, "calibrate,smooth{alpha=auto}")[1].stats["layers"]
+    assert sorted(layers) == ["G", "H"]  # both groups searched: {Q, K} read H, O reads G
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    for x_name, members in (("H", ("Wq", "Wk")), ("G", ("Wo",))):
+        alpha, stats = layers[x_name]["alpha"], values[x_name].meta[STATS_KEY]
+        w = [weights[m] for m in members]
+        w_absmax = np.max(np.abs(np.concatenate(w, axis=1)), axis=1)
+        assert alpha in ALPHA_GRID
+        assert alpha == choose_alpha(stats.sample, w, stats.absmax, w_absmax)  # the grid point the search picks
+        # recorded is applied: the graph divides the input by the scale of the recorded alpha
+        inverse = model.graph.initializers[f"{x_name}.smooth_inv"].const_value.numpy()
+        np.testing.assert_allclose(1 / inverse, smoothing_scale(stats.absmax, w_absmax, alpha), rtol=1e-5)
 
 
 @pytest.mark.parametrize("pipeline", ["calibrate,smooth", "calibrate,smooth,fold-scales", "calibrate,quantize", "canonicalize"])
