@@ -45,3 +45,10 @@ def first_line(text: str) -> str:
         if line.strip():
             return line.strip()
     return ""
+
+
+def shown(name: str, limit: int = 80) -> str:
+    """A name from a model as it may appear in a one-line message: control and line-breaking
+    characters escaped, long names cut with an ellipsis."""
+    text = str(name).encode("unicode_escape").decode("ascii") if not str(name).isprintable() else str(name)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
