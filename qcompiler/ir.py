@@ -65,12 +65,16 @@ def load(path: str | os.PathLike, convert: bool = True) -> ir.Model:
 
     path = Path(path)
     proto = _read_proto(path)
+    load_checks.check_text(proto)
     load_checks.check_opsets(proto, str(path))
+    load_checks.check_input_types(proto)
     load_checks.check_graphs(proto)
     load_checks.rename_duplicate_nodes(proto)
+    load_checks.name_unnamed_graphs(proto)
     external_data.inline_external_data(proto, path)
     load_checks.check_tensors(proto)
     load_checks.densify_sparse(proto)
+    load_checks.check_types(proto)
     model = ir.serde.deserialize_model(proto)
     check_domains(model)
     return to_target_opset(model, source=str(path)) if convert else model

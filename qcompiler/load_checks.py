@@ -1,9 +1,12 @@
 """Checks on an ONNX file's contents before any work: a malformed model is refused with one line
-naming the problem (`UserError`, exit 2) instead of failing later as an internal error.
+naming the problem (`UserError`, exit 2) instead of failing later as an internal error. In the
+order `qcompiler.ir.load` runs them:
 
+- `check_text`: every string is valid UTF-8.
 - `check_opsets`: the default-domain opset is one onnx knows; every domain a node uses is
   imported (a file cut short before its opset imports is not read as opset 21); every op of the
-  standard domains exists at the imported opset.
+  standard domains exists at the imported opset and gets as many inputs and outputs as it takes.
+- `check_input_types`: every graph input declares its type.
 - `check_graphs`: in the main graph, every subgraph and every function body, each value has one
   producer, every value read and every output is produced (within the graph or, for subgraphs,
   an enclosing one), the nodes form no cycle, initializers, graph inputs and outputs are named once.
@@ -12,11 +15,14 @@ naming the problem (`UserError`, exit 2) instead of failing later as an internal
   names) and ONNX Runtime runs models that repeat them, but the compiler keys layers, reports and
   `keep=` patterns by node name; so a repeated name is not refused but renamed, deterministically:
   the second `n` becomes `n.1` (the first free suffix), in graph order.
-- `check_tensors`: no negative dimension anywhere; every stored tensor holds exactly the bytes or
-  values its dims and type need.
+- `name_unnamed_graphs`: an empty graph name becomes `main_graph` (`subgraph` for a body).
+- (`qcompiler.external_data` reads external data inline here.)
+- `check_tensors`: no negative dimension or unknown element type anywhere; every stored tensor
+  holds exactly the bytes or values its dims and type need.
 - `densify_sparse`: a sparse initializer, or a Constant's `sparse_value`, becomes the dense
   tensor it stands for when that has at most `DENSE_LIMIT` elements and its indices are in range
   and distinct; otherwise, and for sparse tensors in any other attribute, the model is refused.
+- `check_types`: onnx's strict type and shape inference finds no node whose inputs it cannot take.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ import numpy as np
 import onnx
 import onnx.defs
 import onnx.numpy_helper
+import onnx.shape_inference
 import onnx_ir as ir
 
-from qcompiler.errors import UserError, shown
+from qcompiler.errors import UserError, first_line, shown
 from qcompiler.external_data import messages_in, tensors_in
 
 log = logging.getLogger(__name__)
@@ -119,11 +126,108 @@ def check_opsets(proto: onnx.ModelProto, source: str) -> None:
                 f"{_node_text(node)} uses domain '{_shown_domain(domain)}', which the model imports no opset for; "
                 f"the file may be cut short: {_AGAIN}"
             )
-        if domain in _STANDARD and (domain, node.op_type) not in functions and not onnx.defs.has(node.op_type, version, domain):
-            raise UserError(
-                f"{_node_text(node)} uses op '{shown(node.op_type)}', which opset {version} of "
-                f"'{_shown_domain(domain)}' does not define; {_AGAIN}"
-            )
+        if domain in _STANDARD and (domain, node.op_type) not in functions:
+            _check_standard_op(node, domain, version)
+
+
+def _check_standard_op(node: onnx.NodeProto, domain: str, version: int) -> None:
+    """The op exists at the imported opset and the node gives it as many inputs and outputs as
+    its schema allows."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, version, domain)
+    except onnx.defs.SchemaError:
+        raise UserError(
+            f"{_node_text(node)} uses op '{shown(node.op_type)}', which opset {version} of "
+            f"'{_shown_domain(domain)}' does not define; {_AGAIN}"
+        ) from None
+    for kind, count, low, high in (("inputs", len(node.input), schema.min_input, schema.max_input),
+                                   ("outputs", len(node.output), schema.min_output, schema.max_output)):
+        if not low <= count <= high:
+            allowed = f"{low}" if low == high else f"{low} to {high}" if high < 1 << 30 else f"at least {low}"
+            raise UserError(f"{_node_text(node)} has {count} {kind}; {shown(node.op_type)} takes {allowed}: {_AGAIN}")
+
+
+# --------------------------------------------------------------------------------------------
+# Text and types
+
+
+def check_text(proto: onnx.ModelProto) -> None:
+    """Every name and string field is valid UTF-8 (protobuf hands an invalid one back as bytes,
+    which no later step expects)."""
+    for message, where in [(proto, ())] + list(messages_in(proto)):
+        fields = message.ListFields() if not isinstance(message, onnx.TensorProto) else _tensor_text_fields(message)
+        for field, value in fields:
+            if field.type != field.TYPE_STRING:
+                continue
+            for text in (value,) if isinstance(value, (str, bytes)) else value:
+                if isinstance(text, bytes):
+                    place = f" ({', '.join(where)})" if where else ""
+                    raise UserError(f"field '{field.name}'{place} holds text that is not valid UTF-8; the file may be damaged: {_AGAIN}")
+
+
+def _tensor_text_fields(tensor: onnx.TensorProto):
+    """A tensor's string fields (its bytes fields are left unread: reading copies them)."""
+    descriptor = tensor.DESCRIPTOR.fields_by_name
+    yield descriptor["name"], tensor.name
+    for entry in tensor.external_data:
+        yield descriptor["name"], entry.key
+        yield descriptor["name"], entry.value
+
+
+def check_input_types(proto: onnx.ModelProto) -> None:
+    """Every graph input that is not an initializer declares its type (ONNX Runtime needs it)."""
+    initializers = {t.name for t in proto.graph.initializer} | {s.values.name for s in proto.graph.sparse_initializer}
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        kind = value.type.WhichOneof("value")
+        if kind is None or (kind == "tensor_type" and value.type.tensor_type.elem_type == 0):
+            raise UserError(f"graph input '{shown(value.name)}' declares no type; give it one: {_AGAIN}")
+
+
+def check_types(proto: onnx.ModelProto) -> None:
+    """onnx's type and shape inference, strict: a node whose inputs have types or shapes its op
+    cannot take (a MatMul of [N, 4] by [3, 4], an Add of float and uint16) is refused here, as
+    ONNX Runtime would refuse it later. It runs on `_skeleton(proto)`, which leaves out the bytes
+    of large initializers, so a model of any size is checked at the cost of its structure."""
+    try:
+        onnx.shape_inference.infer_shapes(_skeleton(proto), check_type=True, strict_mode=True, data_prop=False)
+    except Exception as exc:  # InferenceError, ValidationError, or a C++ error surfaced as RuntimeError
+        if str(exc).count("Inference error(s)") > 1:
+            # Raised inside a function body that onnx expands to infer an op (its own
+            # MeanVarianceNormalization fails so at every opset): a limit of the inference, not
+            # a fault of the model; ONNX Runtime has its own kernels.
+            log.debug("type inference stopped inside a function body: %s", first_line(str(exc)))
+            return
+        reason = first_line(str(exc)).removeprefix("[ShapeInferenceError] ").removeprefix("[TypeInferenceError] ")
+        raise UserError(f"the model is not well typed: {shown(reason, 200)}; {_AGAIN}") from None
+
+
+_SKELETON_BYTES = 4096  # initializers up to this size keep their data (shape inputs of Reshape, Expand, ...)
+
+
+def _skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """`proto` with the main graph's large initializers reduced to name, type and dims, and
+    sparse initializers to the dense tensor's name, type and dims."""
+    graph = onnx.GraphProto()
+    for field, value in proto.graph.ListFields():
+        if field.name in ("initializer", "sparse_initializer"):
+            continue
+        if field.type == field.TYPE_MESSAGE:
+            getattr(graph, field.name).extend(value)  # node, input, output, value_info, ...: all repeated
+        else:
+            setattr(graph, field.name, value)  # name, doc_string
+    for tensor in proto.graph.initializer:
+        if tensor.ByteSize() <= _SKELETON_BYTES:
+            graph.initializer.add().CopyFrom(tensor)
+        else:
+            graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type)
+    for sparse in proto.graph.sparse_initializer:
+        graph.initializer.add(name=sparse.values.name, dims=sparse.dims, data_type=sparse.values.data_type)
+    model = onnx.ModelProto(ir_version=proto.ir_version, graph=graph)
+    model.opset_import.extend(proto.opset_import)
+    model.functions.extend(proto.functions)
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +359,18 @@ def _reorder(nodes, order: list[int]) -> None:
     nodes.extend(ordered)
 
 
+def name_unnamed_graphs(proto: onnx.ModelProto) -> int:
+    """ONNX requires every graph to have a name (the emitted model is checked) and ONNX Runtime
+    runs one without: an empty main graph name becomes `main_graph`, an empty subgraph name
+    `subgraph`. Returns how many were named."""
+    named = 0
+    for graph in _all_graphs(proto):
+        if not graph.name:
+            graph.name = "main_graph" if graph is proto.graph else "subgraph"
+            named += 1
+    return named
+
+
 def rename_duplicate_nodes(proto: onnx.ModelProto) -> int:
     """Give every repeated node name a `.k` suffix (the first free k), in graph order; the main
     graph and its subgraphs share one namespace, each function body has its own. Returns how many
@@ -299,17 +415,25 @@ def _rename_in(nodes: list[onnx.NodeProto]) -> int:
 
 
 def check_tensors(proto: onnx.ModelProto) -> None:
-    """No negative dimension in any tensor or declared shape; every stored tensor's data matches
-    its dims and type (external data was read inline before, and checked as it was read)."""
+    """No negative dimension or unknown element type in any tensor or declared type; every stored
+    tensor's data matches its dims and type (external data was read inline before, and checked as it was read)."""
     for message, where in messages_in(proto):
+        value = where[-1] if where else "a value"
         if isinstance(message, onnx.TensorShapeProto.Dimension) and message.HasField("dim_value") and message.dim_value < 0:
-            raise UserError(
-                f"{where[-1] if where else 'a value'} declares dimension {message.dim_value}; dimensions are "
-                f"non-negative numbers or names: {_AGAIN}"
-            )
+            raise UserError(f"{value} declares dimension {message.dim_value}; dimensions are non-negative numbers or names: {_AGAIN}")
+        if isinstance(message, (onnx.TypeProto.Tensor, onnx.TypeProto.SparseTensor)) and not _known_type(message.elem_type):
+            raise UserError(f"{value} declares unknown element type {message.elem_type}; {_AGAIN}")
     for tensor, where in tensors_in(proto):
         what = f"tensor '{shown(tensor.name)}'" + (f" ({where})" if where else "")
         _check_tensor_data(tensor, what)
+
+
+def _known_type(data_type: int) -> bool:
+    try:
+        ir.DataType(data_type)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_tensor_data(tensor: onnx.TensorProto, what: str) -> None:
