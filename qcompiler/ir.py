@@ -30,7 +30,7 @@ import onnx.parser
 import onnx.printer
 import onnx_ir as ir
 
-from qcompiler.errors import UserError, first_line
+from qcompiler.errors import UserError, first_line, shown
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def check_domains(model: ir.Model) -> None:
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.domain not in KNOWN_DOMAINS and node.domain not in local:
             raise UserError(
-                f"node '{node.name}' uses op '{node.op_type}' from unknown domain '{node.domain}'; "
+                f"node '{shown(node.name)}' uses op '{shown(node.op_type)}' from unknown domain '{shown(node.domain)}'; "
                 f"supported domains: ai.onnx, ai.onnx.ml, com.microsoft, {QC_DOMAIN}"
             )
 
@@ -119,7 +119,7 @@ def to_target_opset(model: ir.Model, source: str = "model") -> ir.Model:
         return _at_least_ir_version_for_target(model)
     if version < MIN_OPSET:
         raise UserError(
-            f"{source} uses opset {version}; opsets from {MIN_OPSET} up are supported: "
+            f"{shown(source)} uses opset {version}; opsets from {MIN_OPSET} up are supported: "
             "re-export with a newer opset (onnx.version_converter can upgrade it)"
         )
     if version == TARGET_OPSET:
@@ -132,14 +132,14 @@ def to_target_opset(model: ir.Model, source: str = "model") -> ir.Model:
     except Exception as exc:
         if version < TARGET_OPSET:
             raise UserError(
-                f"{source}: could not convert opset {version} to {TARGET_OPSET} "
+                f"{shown(source)}: could not convert opset {version} to {TARGET_OPSET} "
                 f"({first_line(str(exc))}); re-export the model at opset {TARGET_OPSET}"
             ) from None
         log.info("%s keeps opset %d (no conversion down to %d: %s)", source, version, TARGET_OPSET, first_line(str(exc)))
     changed = _interface_changes(before, _interface(model.graph))
     if changed:
         raise UserError(
-            f"{source}: converting opset {version} to {TARGET_OPSET} changed the graph's interface "
+            f"{shown(source)}: converting opset {version} to {TARGET_OPSET} changed the graph's interface "
             f"({changed}); re-export the model at opset {TARGET_OPSET}"
         )
     return _at_least_ir_version_for_target(model)
