@@ -203,7 +203,7 @@ def check_types(proto: onnx.ModelProto) -> None:
         raise UserError(f"the model is not well typed: {shown(reason, 200)}; {_AGAIN}") from None
 
 
-_SKELETON_BYTES = 4096  # initializers up to this size keep their data (shape inputs of Reshape, Expand, ...)
+_SKELETON_ELEMENTS = 1024  # initializers up to this size keep their data (shape inputs of Reshape, Expand, ...)
 
 
 def _skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -218,7 +218,7 @@ def _skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
         else:
             setattr(graph, field.name, value)  # name, doc_string
     for tensor in proto.graph.initializer:
-        if tensor.ByteSize() <= _SKELETON_BYTES:
+        if math.prod(tensor.dims) <= _SKELETON_ELEMENTS:
             graph.initializer.add().CopyFrom(tensor)
         else:
             graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type)
