@@ -23,7 +23,8 @@ from __future__ import annotations
 import math
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import onnx
@@ -177,27 +178,41 @@ def materialize_external_tensors(model: ir.Model) -> int:
     attributes in graphs, subgraphs and function bodies) by its bytes in memory, read through
     `read_external` relative to the tensor's own `base_dir`; a tensor without one is refused.
     Returns how many were read."""
-    count = 0
+    slots = list(external_tensor_slots(model))
+    for tensor, what, put in slots:
+        put(_in_memory(tensor, what))
+    return len(slots)
+
+
+def external_tensor_slots(model: ir.Model) -> Iterator[tuple[ir.ExternalTensor, str, Callable]]:
+    """Every `onnx_ir` external tensor of `model`, in a fixed order (two models of the same
+    structure list theirs alike), with where it sits and a function that puts another tensor
+    in its place."""
     for graph in model.graphs():
         for value in graph.initializers.values():
             if isinstance(value.const_value, ir.ExternalTensor):
-                value.const_value = _in_memory(value.const_value, f"initializer '{shown(value.name)}'")
-                count += 1
-    bodies = [model.graph, *model.functions.values()]
-    for body in bodies:
+                yield value.const_value, f"initializer '{shown(value.name)}'", partial(setattr, value, "const_value")
+    for body in [model.graph, *model.functions.values()]:
         for node in ir.traversal.RecursiveGraphIterator(body):
             for name, attr in list(node.attributes.items()):
                 if attr.is_ref():
                     continue
                 what = f"attribute '{shown(name)}' of node '{shown(node.name or node.op_type)}'"
                 if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
-                    node.attributes[name] = ir.AttrTensor(name, _in_memory(attr.value, what))
-                    count += 1
-                elif attr.type == ir.AttributeType.TENSORS and any(isinstance(t, ir.ExternalTensor) for t in attr.value):
-                    tensors = [_in_memory(t, what) if isinstance(t, ir.ExternalTensor) else t for t in attr.value]
-                    node.attributes[name] = ir.AttrTensors(name, tensors)
-                    count += 1
-    return count
+                    yield attr.value, what, partial(_put_attribute_tensor, node, name, None)
+                elif attr.type == ir.AttributeType.TENSORS:
+                    for i, tensor in enumerate(attr.value):
+                        if isinstance(tensor, ir.ExternalTensor):
+                            yield tensor, what, partial(_put_attribute_tensor, node, name, i)
+
+
+def _put_attribute_tensor(node: ir.Node, name: str, index: int | None, tensor: ir.TensorProtocol) -> None:
+    if index is None:
+        node.attributes[name] = ir.AttrTensor(name, tensor)
+        return
+    tensors = list(node.attributes[name].value)
+    tensors[index] = tensor
+    node.attributes[name] = ir.AttrTensors(name, tensors)
 
 
 def _in_memory(tensor: ir.ExternalTensor, what: str) -> ir.TensorProtocol:

@@ -184,3 +184,26 @@ def test_canonicalize_reads_external_tensors_inside_their_folder(layout):
 
     y = execute.run(model, {"X": np.zeros((1, 4), np.float32)})["Y"]
     np.testing.assert_array_equal(y, DATA[None])
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "secret.bin"])
+def test_compiling_an_in_memory_model_never_reads_a_location_as_given(layout, monkeypatch, location):
+    """A model handed to `qcompiler.compile` is copied; the copy reads its external tensors
+    through the check, relative to the folder each names (none: refused), before anything runs
+    it (the drift measurement runs ONNX Runtime before the first pass)."""
+    import qcompiler
+
+    monkeypatch.chdir(layout.parent)  # "secret.bin" as given would be read from here
+    model = _ir_model_with_external_constant(location, str(layout) if location.startswith("..") else "")
+    with pytest.raises(UserError, match="tensor 'C'.*refused"):
+        qcompiler.compile(model, layout.parent / "out", pipeline="canonicalize")
+    assert not (layout.parent / "out").exists()
+
+
+def test_compiling_an_in_memory_model_reads_external_tensors_inside_their_folder(layout, monkeypatch):
+    import qcompiler
+
+    monkeypatch.chdir(layout.parent)
+    result = qcompiler.compile(_ir_model_with_external_constant("w.bin", str(layout)), layout.parent / "out", pipeline="canonicalize")
+    (y,) = ort.InferenceSession(str(result.output / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"X": np.zeros((1, 4), np.float32)})
+    np.testing.assert_array_equal(y, DATA[None])
