@@ -120,14 +120,14 @@ def check_opsets(proto: onnx.ModelProto, source: str) -> None:
     for node, function in _all_nodes(proto):
         domain = _domain(node.domain)
         own = {_domain(o.domain): o.version for o in function.opset_import} if function is not None else {}
-        version = own.get(domain, imports.get(domain))
-        if version is None and domain not in local:
+        imported = own.get(domain, imports.get(domain))
+        if imported is None and domain not in local:
             raise UserError(
                 f"{_node_text(node)} uses domain '{_shown_domain(domain)}', which the model imports no opset for; "
                 f"the file may be cut short: {_AGAIN}"
             )
         if domain in _STANDARD and (domain, node.op_type) not in functions:
-            _check_standard_op(node, domain, version)
+            _check_standard_op(node, domain, imported)
 
 
 def _check_standard_op(node: onnx.NodeProto, domain: str, version: int) -> None:
@@ -207,8 +207,8 @@ _SKELETON_ELEMENTS = 1024  # initializers up to this size keep their data (shape
 
 
 def _skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """`proto` with the main graph's large initializers reduced to name, type and dims, and
-    sparse initializers to the dense tensor's name, type and dims."""
+    """`proto` with the main graph's large initializers reduced to name, type and dims (sparse
+    ones are dense by now)."""
     graph = onnx.GraphProto()
     for field, value in proto.graph.ListFields():
         if field.name in ("initializer", "sparse_initializer"):
@@ -222,8 +222,6 @@ def _skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
             graph.initializer.add().CopyFrom(tensor)
         else:
             graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type)
-    for sparse in proto.graph.sparse_initializer:
-        graph.initializer.add(name=sparse.values.name, dims=sparse.dims, data_type=sparse.values.data_type)
     model = onnx.ModelProto(ir_version=proto.ir_version, graph=graph)
     model.opset_import.extend(proto.opset_import)
     model.functions.extend(proto.functions)
