@@ -15,7 +15,8 @@ the passes, so no pass ever opens a location as given.
 NUL byte, an absolute path, a `..` component, a path that leads outside the model's folder
 (through a symbolic link included), a missing file or one that is not a regular file, an offset
 or length that is not a non-negative integer, bytes past the end of the file, and a length that
-disagrees with the tensor's dims and type.
+disagrees with the tensor's dims and type. A hard link inside the folder is a file of the folder
+(whoever can make one there can write the model too) and is read.
 """
 
 from __future__ import annotations
