@@ -1,6 +1,9 @@
 """`canonicalize`: bring any captured or loaded graph to the form the quantization passes expect.
 
 Steps, in order:
+0. External tensors still in the IR (a model built in memory; `qcompiler.load` reads them already)
+   are read into memory through `qcompiler.external_data`'s one check, relative to their own
+   model folder, so that no later step (constant folding included) opens a location as given.
 1. Constants as initializers (`Constant` nodes holding tensors become initializers), so every
    weight is an initializer a pass can find by value.
 2. Constant folding (onnxscript's folder): subgraphs whose inputs are all constants are computed
@@ -27,6 +30,7 @@ from onnx_ir.passes import common as ir_passes
 
 from qcompiler.capture import name_weights_after_modules
 from qcompiler.errors import first_line
+from qcompiler.external_data import materialize_external_tensors
 from qcompiler.layers import new_initializer, set_constant
 from qcompiler.passbase import Pass, PassResult, option, register_pass
 
@@ -59,7 +63,11 @@ class CanonicalizePass(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         stats = {"nodes_before": _node_count(model)}
-        modified = _run(ir_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16), model)
+        external = materialize_external_tensors(model)
+        if external:
+            stats["external_tensors_read"] = external
+        modified = external > 0
+        modified |= _run(ir_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16), model)
         modified |= _cast_like_to_cast(model) > 0
         modified |= _fold_constants(model, self.fold_limit)
         renamed = name_weights_after_modules(model.graph)

@@ -149,7 +149,7 @@ def _root_cause(exc: BaseException) -> str:
 def resolve(source: Any, example_inputs=None, dynamic_shapes=None) -> tuple[ir.Model, Source]:
     """Turn any accepted source into the IR."""
     if isinstance(source, ir.Model):  # a copy: the passes rewrite the model in place, the caller's stays as given
-        return ir.serde.deserialize_model(ir.serde.serialize_model(source)), Source(name=source.graph.name or "model", kind="ir")
+        return copy_in_memory(source), Source(name=source.graph.name or "model", kind="ir")
     if example_inputs is not None:
         name = type(source).__name__
         inputs = example_inputs
@@ -168,6 +168,20 @@ def resolve(source: Any, example_inputs=None, dynamic_shapes=None) -> tuple[ir.M
     model = capture(module, example, bundled.dynamic_shapes(), output_names=bundled.output_names)
     model.graph.name = bundled.name
     return model, Source(name=bundled.name, kind="bundled", bundled=bundled)
+
+
+def copy_in_memory(model: ir.Model) -> ir.Model:
+    """A copy of `model` with its external tensors read into memory through
+    `qcompiler.external_data`'s check, each relative to the folder its source tensor names
+    (serialization keeps locations but not folders), so that nothing run on the copy (ONNX
+    Runtime included) opens a location as given."""
+    from qcompiler.external_data import external_tensor_slots, materialize_external_tensors
+
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    for (source, _, _), (copied, _, _) in zip(external_tensor_slots(model), external_tensor_slots(copy)):
+        copied.base_dir = source.base_dir
+    materialize_external_tensors(copy)
+    return copy
 
 
 def _from_factory(spec: str) -> tuple[ir.Model, Source]:

@@ -47,5 +47,12 @@ def first_line(text: str) -> str:
     return ""
 
 
+def shown(name: str, limit: int = 80) -> str:
+    """A name from a model as it may appear in a one-line message: control and line-breaking
+    characters escaped, long names cut with an ellipsis."""
+    text = str(name).encode("unicode_escape").decode("ascii") if not str(name).isprintable() else str(name)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class VerificationError(Exception):
     """The IR broke an invariant; raised by `qcompiler.ir.verify` and the `qc` op checks."""

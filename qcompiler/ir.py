@@ -4,8 +4,9 @@ There is one IR for every stage: `onnx_ir.Model`. This module adds what the comp
 around it and nothing more:
 
 - `load` / `save`: ONNX files in and out, with the input checks a user needs (missing, empty,
-  truncated or non-ONNX files, unknown op domains, external data that points outside the model's
-  folder) and every model brought to one opset (`TARGET_OPSET`).
+  truncated or non-ONNX files, unknown op domains, malformed graphs and tensors: `load_checks`;
+  external data that points outside the model's folder: `external_data`) and every model brought
+  to one opset (`TARGET_OPSET`).
 - `to_text` / `parse`: a deterministic, parseable text form in ONNX's textual syntax. Tensors with
   more than `ELIDE_ELEMENTS` elements are elided to dtype, shape and a content hash, listed in
   `# elided` header lines; `parse` restores them as zeros of that dtype and shape.
@@ -19,9 +20,10 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Iterator
+import unicodedata
 from pathlib import Path
 
+import google.protobuf.message
 import numpy as np
 import onnx
 import onnx.parser
@@ -29,7 +31,7 @@ import onnx.printer
 import onnx_ir as ir
 
 from qcompiler import ops
-from qcompiler.errors import UserError, VerificationError, first_line  # noqa: F401  (VerificationError: part of this API)
+from qcompiler.errors import UserError, VerificationError, first_line, shown  # noqa: F401  (VerificationError: part of this API)
 from qcompiler.op_registry import QC_DOMAIN
 
 log = logging.getLogger(__name__)
@@ -52,15 +54,25 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 def load(path: str | os.PathLike, convert: bool = True) -> ir.Model:
     """Read an ONNX file into the IR, checked and (unless `convert` is False) converted to
-    `TARGET_OPSET`."""
+    `TARGET_OPSET`. Every check runs on the file's contents before any pass: a malformed model
+    (`load_checks`) or external data that would read outside the model's folder
+    (`external_data`) is refused with one line. External data is read into the model here, so
+    the IR refers to no file (and emitted artifacts never point back into the source's folder)."""
+    from qcompiler import external_data, load_checks
+
     path = Path(path)
     proto = _read_proto(path)
-    _check_external_data(proto, path)
+    load_checks.check_text(proto)
+    load_checks.check_opsets(proto, str(path))
+    load_checks.check_input_types(proto)
+    load_checks.check_graphs(proto)
+    load_checks.rename_duplicate_nodes(proto)
+    load_checks.name_unnamed_graphs(proto)
+    external_data.inline_external_data(proto, path)
+    load_checks.check_tensors(proto)
+    load_checks.densify_sparse(proto)
+    load_checks.check_types(proto)
     model = ir.serde.deserialize_model(proto)
-    ir.external_data.set_base_dir(model.graph, str(path.parent.resolve()))
-    # Weights in memory: passes rewrite them, and emitted artifacts must not point back into
-    # the source model's folder.
-    model = ir.external_data.load_to_model(model)
     check_domains(model)
     return to_target_opset(model, source=str(path)) if convert else model
 
@@ -84,43 +96,13 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     return proto
 
 
-def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    """Refuse external-data locations that would read outside the model's folder."""
-    base = path.parent.resolve()
-    for tensor in _all_tensors(proto.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (base / location).resolve()
-        if not location or Path(location).is_absolute() or not target.is_relative_to(base):
-            raise UserError(
-                f"tensor '{tensor.name}' points its external data at '{location}', outside the model's "
-                f"folder '{base}'; refused: keep external data files beside the model"
-            )
-        if not target.is_file():
-            raise UserError(f"external data file '{location}' for tensor '{tensor.name}' is missing beside '{path}'")
-
-
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
-            for g in attr.graphs:
-                yield from _all_tensors(g)
-
-
 def check_domains(model: ir.Model) -> None:
     """Every node's domain must be one we can run or a function defined in the model."""
     local = {f.domain for f in model.functions.values()}
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.domain not in KNOWN_DOMAINS and node.domain not in local:
             raise UserError(
-                f"node '{node.name}' uses op '{node.op_type}' from unknown domain '{node.domain}'; "
+                f"node '{shown(node.name)}' uses op '{shown(node.op_type)}' from unknown domain '{shown(node.domain)}'; "
                 f"supported domains: ai.onnx, ai.onnx.ml, com.microsoft, {QC_DOMAIN}"
             )
 
@@ -134,7 +116,7 @@ def to_target_opset(model: ir.Model, source: str = "model") -> ir.Model:
         return _at_least_ir_version_for_target(model)
     if version < MIN_OPSET:
         raise UserError(
-            f"{source} uses opset {version}; opsets from {MIN_OPSET} up are supported: "
+            f"{shown(source)} uses opset {version}; opsets from {MIN_OPSET} up are supported: "
             "re-export with a newer opset (onnx.version_converter can upgrade it)"
         )
     if version == TARGET_OPSET:
@@ -147,14 +129,14 @@ def to_target_opset(model: ir.Model, source: str = "model") -> ir.Model:
     except Exception as exc:
         if version < TARGET_OPSET:
             raise UserError(
-                f"{source}: could not convert opset {version} to {TARGET_OPSET} "
+                f"{shown(source)}: could not convert opset {version} to {TARGET_OPSET} "
                 f"({first_line(str(exc))}); re-export the model at opset {TARGET_OPSET}"
             ) from None
         log.info("%s keeps opset %d (no conversion down to %d: %s)", source, version, TARGET_OPSET, first_line(str(exc)))
     changed = _interface_changes(before, _interface(model.graph))
     if changed:
         raise UserError(
-            f"{source}: converting opset {version} to {TARGET_OPSET} changed the graph's interface "
+            f"{shown(source)}: converting opset {version} to {TARGET_OPSET} changed the graph's interface "
             f"({changed}); re-export the model at opset {TARGET_OPSET}"
         )
     return _at_least_ir_version_for_target(model)
@@ -229,9 +211,13 @@ def _dtype_text(dtype: ir.DataType) -> str:
 
 
 def to_text(model: ir.Model, elide_over: int = ELIDE_ELEMENTS) -> str:
-    """The model in ONNX textual syntax, deterministic, with large tensors elided.
+    r"""The model in ONNX textual syntax, deterministic, with large tensors elided.
 
-    Elided initializers are listed first as `# elided <dtype>[<dims>] "<name>" sha256:<hash>`."""
+    Elided initializers are listed first as `# elided <dtype>[<dims>] "<name>" sha256:<hash>`.
+    Inside quoted names and strings, characters that could break a line or hide text (controls,
+    line and paragraph separators, format and private-use characters) are written as escapes
+    (`\n`, `\r`, `\t`, `\uXXXX`, `\UXXXXXXXX`): one line of text stays one line, whatever the
+    model's names hold."""
     proto = to_proto(model)
     header = [TEXT_HEADER]
     kept = []
@@ -239,9 +225,8 @@ def to_text(model: ir.Model, elide_over: int = ELIDE_ELEMENTS) -> str:
         numel = int(np.prod(tensor_proto.dims)) if tensor_proto.dims else 1
         if numel > elide_over:
             dims = ",".join(str(d) for d in tensor_proto.dims)
-            name = tensor_proto.name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
             header.append(
-                f'# elided {_dtype_text(value.const_value.dtype)}[{dims}] "{name}" '
+                f'# elided {_dtype_text(value.const_value.dtype)}[{dims}] "{_escape_name(tensor_proto.name)}" '
                 f"sha256:{tensor_digest(value.const_value)}"
             )
         else:
@@ -249,59 +234,139 @@ def to_text(model: ir.Model, elide_over: int = ELIDE_ELEMENTS) -> str:
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(kept)
     del proto.graph.value_info[:]  # intermediate types make the text hard to read; the checker re-infers them
-    body = _map_quoted(onnx.printer.to_text(proto), _ESCAPES)
+    body = _escape_quoted(onnx.printer.to_text(proto))
     return "\n".join(header) + "\n" + body.rstrip() + "\n"
 
 
-# Control characters inside quoted names are written as escapes, one line stays one line. ONNX's
-# parser does not read these escapes, so `parse` swaps them for private-use characters first and
-# restores them in the parsed names.
-_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_PLACEHOLDERS = {"\\n": "\ue000", "\\r": "\ue001", "\\t": "\ue002"}
-_RESTORE = {"\ue000": "\n", "\ue001": "\r", "\ue002": "\t"}
+_SHORT_ESCAPES = {"\n": "n", "\r": "r", "\t": "t"}
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
 
 
-def _map_quoted(text: str, table: dict[str, str]) -> str:
-    """Replace `table`'s keys inside double-quoted strings only (backslash escapes respected)."""
-    out, i, quoted = [], 0, False
+def _unsafe(ch: str) -> bool:
+    """A character written as an escape inside quotes: it could break a line (controls, U+2028,
+    U+2029, U+0085) or hide or reorder text (format and private-use characters)."""
+    return unicodedata.category(ch) in _UNSAFE_CATEGORIES
+
+
+def _escape_char(ch: str) -> str:
+    if ch in _SHORT_ESCAPES:
+        return "\\" + _SHORT_ESCAPES[ch]
+    code = ord(ch)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def _escape_name(name: str) -> str:
+    """A name as written between the quotes of an `# elided` line."""
+    out = []
+    for ch in name:
+        out.append("\\" + ch if ch in '"\\' else _escape_char(ch) if _unsafe(ch) else ch)
+    return "".join(out)
+
+
+def _read_escape(text: str, i: int) -> tuple[str, int] | None:
+    r"""The character our escape at `text[i]` (a backslash) stands for and its length; None when
+    it is not one of ours (`\\` and `\"` are ONNX's own)."""
+    kind = text[i + 1 : i + 2]
+    if kind in ("n", "r", "t"):
+        return {"n": "\n", "r": "\r", "t": "\t"}[kind], 2
+    width = {"u": 4, "U": 8}.get(kind)
+    digits = text[i + 2 : i + 2 + width] if width else ""
+    if width and len(digits) == width and all(c in "0123456789abcdefABCDEF" for c in digits):
+        code = int(digits, 16)
+        if code <= 0x10FFFF:
+            return chr(code), 2 + width
+    return None
+
+
+def _unescape_name(text: str) -> str:
+    """The inverse of `_escape_name`."""
+    out, i = [], 0
     while i < len(text):
-        ch = text[i]
-        if quoted and ch == "\\" and text[i : i + 2] in table:
-            out.append(table[text[i : i + 2]])
-            i += 2
+        if text[i] == "\\" and i + 1 < len(text):
+            ours = _read_escape(text, i)
+            if ours is not None:
+                out.append(ours[0])
+                i += ours[1]
+            else:
+                out.append(text[i + 1])
+                i += 2
             continue
-        if quoted and ch == "\\":
-            out.append(text[i : i + 2])
-            i += 2
-            continue
-        if ch == '"':
-            quoted = not quoted
-        out.append(table.get(ch, ch) if quoted else ch)
+        out.append(text[i])
         i += 1
     return "".join(out)
 
 
-def _restore_names(proto: onnx.ModelProto) -> None:
-    def fix(text: str) -> str:
-        for placeholder, ch in _RESTORE.items():
-            text = text.replace(placeholder, ch)
-        return text
+def _scan_quoted(text: str, inside) -> str:
+    r"""Rewrite `text`, passing each position inside a double-quoted string to `inside(text, i)`,
+    which returns (replacement, characters consumed) or None to keep the character. ONNX's own
+    escapes (`\\`, `\"`) are kept; outside quotes a `#` comment runs to the end of its line."""
+    out, i, quoted = [], 0, False
+    while i < len(text):
+        ch = text[i]
+        if quoted:
+            done = inside(text, i)
+            if done is not None:
+                out.append(done[0])
+                i += done[1]
+                continue
+            if ch == "\\":
+                out.append(text[i : i + 2])
+                i += 2
+                continue
+        elif ch == "#":
+            end = text.find("\n", i)
+            end = len(text) if end < 0 else end
+            out.append(text[i:end])
+            i = end
+            continue
+        if ch == '"':
+            quoted = not quoted
+        out.append(ch)
+        i += 1
+    return "".join(out)
 
-    def walk(graph: onnx.GraphProto) -> None:
-        for seq in (graph.input, graph.output, graph.value_info, graph.initializer):
-            for item in seq:
-                item.name = fix(item.name)
-        for node in graph.node:
-            node.name = fix(node.name)
-            node.input[:] = [fix(n) for n in node.input]
-            node.output[:] = [fix(n) for n in node.output]
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    walk(attr.g)
-                for g in attr.graphs:
-                    walk(g)
 
-    walk(proto.graph)
+def _escape_quoted(text: str) -> str:
+    """Printer output with every unsafe character inside quotes written as an escape."""
+    return _scan_quoted(text, lambda t, i: (_escape_char(t[i]), 1) if _unsafe(t[i]) else None)
+
+
+def _unescape_quoted(text: str, nul: str) -> str:
+    """Text for ONNX's parser: our escapes inside quotes become the characters they stand for
+    (the parser reads any of them raw but NUL, which becomes `nul`)."""
+
+    def inside(t: str, i: int):
+        if t[i] != "\\":
+            return None
+        ours = _read_escape(t, i)
+        if ours is None:
+            return None
+        return (nul if ours[0] == "\x00" else ours[0]), ours[1]
+
+    return _scan_quoted(text, inside)
+
+
+def _unused_character(text: str) -> str:
+    """A private-use character that `text` does not hold (stands for NUL while ONNX parses)."""
+    code = 0x10FFFD
+    while chr(code) in text:
+        code -= 1
+    return chr(code)
+
+
+def _restore_nul(message, nul: str) -> None:
+    """Replace `nul` by NUL in every string of a parsed proto."""
+    encoded = nul.encode()
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_MESSAGE:
+            for item in (value,) if isinstance(value, google.protobuf.message.Message) else value:
+                _restore_nul(item, nul)
+        elif field.type in (field.TYPE_STRING, field.TYPE_BYTES):
+            fix = (lambda v: v.replace(nul, "\x00")) if field.type == field.TYPE_STRING else (lambda v: v.replace(encoded, b"\x00"))
+            if isinstance(value, (str, bytes)):
+                setattr(message, field.name, fix(value))
+            else:
+                value[:] = [fix(v) for v in value]
 
 
 _ELIDED = re.compile(r'^# elided (\w+)\[([0-9,]*)\] "((?:[^"\\]|\\.)*)" sha256:[0-9a-f]+\s*$')
@@ -310,20 +375,24 @@ _ELIDED = re.compile(r'^# elided (\w+)\[([0-9,]*)\] "((?:[^"\\]|\\.)*)" sha256:[
 def parse(text: str) -> ir.Model:
     """Read ONNX textual syntax (as written by `to_text` or by hand) into the IR.
 
-    Elided tensors come back as zeros of their dtype and shape."""
-    elided = []
-    for line in text.splitlines():
+    Elided tensors come back as zeros of their dtype and shape; escaped characters in names come
+    back as themselves."""
+    elided, lines = [], []
+    for line in text.split("\n"):
         match = _ELIDED.match(line)
         if match:
             dtype, dims, name = match.groups()
-            name = name.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
             shape = [int(d) for d in dims.split(",") if d]
-            elided.append((dtype, shape, name))
+            elided.append((dtype, shape, _unescape_name(name)))
+            line = ""  # read here; the line numbers ONNX's parser reports stay right
+        lines.append(line)
+    nul = _unused_character(text)
     try:
-        proto = onnx.parser.parse_model(_map_quoted(text, _PLACEHOLDERS))
+        proto = onnx.parser.parse_model(_unescape_quoted("\n".join(lines), nul))
     except Exception as exc:
         raise UserError(f"IR text does not parse: {first_line(str(exc))}") from None
-    _restore_names(proto)
+    if "\\u0000" in text or "\\U00000000" in text:
+        _restore_nul(proto, nul)
     for dtype, shape, name in elided:
         np_dtype = onnx.helper.tensor_dtype_to_np_dtype(getattr(onnx.TensorProto, dtype.upper()))
         proto.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(shape, np_dtype), name))

@@ -8,13 +8,17 @@ valid token ids, masks and indices alike).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.errors import UserError, shown
+
 SYMBOLIC_DIM = 2
 SEED = 0
+SYNTHETIC_LIMIT = 1 << 24  # elements a synthetic probe input may have
 
 
 def inputs_for(model: ir.Model, source) -> dict[str, np.ndarray]:
@@ -35,6 +39,7 @@ def synthetic_inputs(model: ir.Model, seed: int = SEED) -> dict[str, np.ndarray]
         if value.name in model.graph.initializers:
             continue
         shape = [d if isinstance(d, int) else SYMBOLIC_DIM for d in (value.shape or [])]
+        _check_synthetic_shape(value.name, shape)
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
         if np.issubdtype(dtype, np.floating):
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
@@ -43,6 +48,19 @@ def synthetic_inputs(model: ir.Model, seed: int = SEED) -> dict[str, np.ndarray]
         else:
             feeds[value.name] = rng.integers(0, 2, shape).astype(dtype)
     return feeds
+
+
+def _check_synthetic_shape(name: str, shape: list[int]) -> None:
+    """A declared shape a synthetic input can be built for: no negative dimension, at most
+    `SYNTHETIC_LIMIT` elements."""
+    if any(d < 0 for d in shape):
+        raise UserError(f"input '{shown(name)}' declares shape {shape} with a negative dimension; re-export the model")
+    elements = math.prod(shape)
+    if elements > SYNTHETIC_LIMIT:
+        raise UserError(
+            f"input '{shown(name)}' declares shape {shape} ({elements} elements), more than the {SYNTHETIC_LIMIT} "
+            "a synthetic probe input may have; give the large dimensions names (symbolic) in the model"
+        )
 
 
 def valid_positions(probe: Mapping[str, np.ndarray]) -> np.ndarray | None:

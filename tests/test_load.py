@@ -81,3 +81,21 @@ def test_external_data_beside_model_loads(tmp_path):
     model = load(path)
     out = execute.run(model, {"X": np.ones((1, 4), np.float32)})["Y"]
     np.testing.assert_allclose(out, np.full((1, 4), 8.0))
+
+
+def test_type_inference_limits_inside_function_bodies_are_not_refused(tmp_path):
+    """onnx's strict inference fails inside MeanVarianceNormalization's own function body; ONNX
+    Runtime runs the op, so the model loads."""
+    node = oh.make_node("MeanVarianceNormalization", ["X"], ["Y"])
+    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info("X", 1, [3, 3, 3, 1])], [oh.make_tensor_value_info("Y", 1, [3, 3, 3, 1])])
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)]), tmp_path / "mvn.onnx")
+    assert [n.op_type for n in load(tmp_path / "mvn.onnx").graph] == ["MeanVarianceNormalization"]
+
+
+def test_ill_typed_model_is_refused(tmp_path):
+    node = oh.make_node("MatMul", ["X", "W"], ["Y"])
+    weight = onnx.numpy_helper.from_array(np.ones((3, 4), np.float32), "W")
+    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info("X", 1, ["N", 4])], [oh.make_tensor_value_info("Y", 1, None)], [weight])
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)]), tmp_path / "m.onnx")
+    with pytest.raises(UserError, match="not well typed.*MatMul"):
+        load(tmp_path / "m.onnx")

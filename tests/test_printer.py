@@ -2,6 +2,8 @@
 
 import numpy as np
 import onnx_ir as ir
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from qcompiler.ir import ELIDE_ELEMENTS, parse, to_text
 
@@ -76,3 +78,45 @@ def test_hostile_names_round_trip():
     assert "\nimport os" not in text
     model = parse(text)
     assert name in model.graph.initializers
+
+
+def _model_with_names(weight: str, source: str, node: str, big: bool):
+    """X -> MatMul(X, weight) named `node` -> Y, with `source` as the input's name. The weight is
+    zeros, which is what an elided weight parses back as."""
+    rows = 16 if big else 2
+    x = ir.Value(name=source, shape=ir.Shape(["N", rows]), type=ir.TensorType(ir.DataType.FLOAT))
+    w = ir.Value(name=weight, const_value=ir.tensor(np.zeros((rows, 8), np.float32), name=weight))
+    mm = ir.node("MatMul", [x, w], name=node)
+    mm.outputs[0].name = "Y"
+    mm.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph([x], mm.outputs, nodes=[mm], initializers=[w], opset_imports={"": 21}, name="g")
+    return ir.Model(graph, ir_version=10)
+
+
+LINE_BREAKS = ["\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+
+
+def test_line_breaking_characters_are_escaped():
+    name = "w" + "".join(LINE_BREAKS) + "\x00\x07\u202e\ue000\\n\\u2028\""
+    text = to_text(_model_with_names(name, "X", "mm", big=True))
+    assert text.splitlines() == text.split("\n")[:-1]  # no character but "\n" ends a line
+    assert not any(ch in text for ch in LINE_BREAKS[1:] + ["\x00", "\u202e", "\ue000"])
+    model = parse(text)
+    assert name in model.graph.initializers
+
+
+names = st.text(min_size=1, max_size=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(weight=names, source=names, node=names, big=st.booleans())
+def test_any_names_round_trip(weight, source, node, big):
+    assume(len({weight, source, "Y"}) == 3)
+    text = to_text(_model_with_names(weight, source, node, big))
+    assert text.splitlines() == text.split("\n")[:-1]
+    model = parse(text)
+    assert list(model.graph.initializers) == [weight]
+    assert [v.name for v in model.graph.inputs] == [source]
+    assert [n.name for n in model.graph] == [node]
+    assert [v.name for v in model.graph.node(0).inputs] == [source, weight]
+    assert to_text(model) == text
