@@ -169,6 +169,21 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     return path
 
 
+def read_small_text(path: Path, what: str, limit: int) -> str:
+    """A UTF-8 text file of at most `limit` bytes (a config, a pipeline file), or a one-line UserError."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise UserError(f"cannot read {what} '{path}': {exc.strerror}; give an existing file") from None
+    if len(data) > limit:
+        raise UserError(f"{what} '{path}' is larger than {limit} bytes; give a small text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} '{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
