@@ -6,7 +6,8 @@
     qcompiler passes                 every pass: name, one-line doc, options with defaults
     qcompiler show FILE              a model (.onnx) as IR text
 
-Exit codes: 0 ok; 1 internal error; 2 bad input or usage; 3 failed quality gate.
+Exit codes: 0 ok; 1 internal error; 2 bad input or usage; 3 failed quality gate; 130 Ctrl-C and
+143 SIGTERM (both after removing what was half written).
 """
 
 from __future__ import annotations

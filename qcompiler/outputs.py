@@ -56,6 +56,9 @@ def check_outputs(
     for path in reports:
         _check_report(path, out, guarded, force)
     if dump is not None:
+        nested = _inside(dump, out) or _inside(out, dump)
+        if nested and any(os.path.islink(p) for p in (output, dump_ir)):
+            raise UserError("the output and the --dump-ir folder nest, so neither may be a symbolic link; give the folders themselves")
         if _inside(dump, out) and dump != out:
             _check_nested_name(nested_entry(out, dump), ARTIFACT_NAMES, "--dump-ir", "an artifact file")
             if any(_inside(_absolute(p), dump) for p in reports):
@@ -112,10 +115,9 @@ def _folder_path(given, label: str) -> Path:
     text = os.fspath(given) if given is not None else ""
     if not str(text).strip():
         raise UserError(f"the {label} path is empty; name a new folder for it")
-    plain = Path(text)
-    if plain.is_symlink() and not plain.exists():
+    if os.path.islink(text) and not os.path.exists(text):  # os.path: no error on a name too long for a path
         raise UserError(f"{label} '{shown(text)}' is a symbolic link to nothing; remove the link or choose another path")
-    if plain.exists() and not plain.is_dir():
+    if os.path.exists(text) and not os.path.isdir(text):
         raise UserError(f"{label} '{shown(text)}' exists and is not a folder; choose another path")
     return _absolute(text)
 
@@ -137,7 +139,7 @@ def _check_report(path: Path, out: Path, guarded: list[tuple[str, Path]], force:
             raise UserError(f"report '{shown(path)}' is the {what}; name another report file")
     if not os.path.lexists(path) or _inside(absolute, out):  # inside the artifact: replaced with it
         return
-    if path.is_dir():
+    if os.path.isdir(path):
         raise UserError(f"report '{shown(path)}' is a folder; name a report file")
     if not force and not _carries(path, "qcompiler.report/", parse_json=path.suffix.lower() == ".json"):
         raise UserError(
@@ -157,7 +159,7 @@ def _check_ours(folder: Path, given, marker: str, schema: str, others: list[Path
     except (FileNotFoundError, NotADirectoryError):  # not there yet (an unwritable parent is reported on writing)
         return
     except OSError as exc:
-        raise UserError(f"cannot read the folder '{shown(given)}' ({exc.strerror}); choose another output") from None
+        raise UserError(f"cannot use the folder '{shown(given)}' ({exc.strerror}); choose another path") from None
     if force or not entries or (marker in entries and _carries(folder / marker, schema, parse_json=True)):
         return
     allowed = {nested_entry(folder, other) for other in others if other is not None} - {None}
