@@ -17,7 +17,7 @@ from qcompiler.capture import model_digest, resolve
 from qcompiler import instruments, probe
 from qcompiler import report as reports
 from qcompiler.context import CompileContext, using
-from qcompiler.errors import UserError
+from qcompiler.errors import UserError, shown
 from qcompiler.fileio import AtomicDir, write_atomic
 from qcompiler.ir import weight_count
 from qcompiler.outputs import check_outputs, nested_entry, protected_sources
@@ -82,7 +82,9 @@ def compile(
     Outputs are checked before any work (`qcompiler.outputs`): an existing output folder that is
     not an artifact of ours (or a dump, or a report) is replaced only with `force`."""
     if target not in TARGETS:
-        raise UserError(f"unknown target '{target}'; choose one of: {', '.join(TARGETS)}")
+        raise UserError(f"unknown target '{shown(target)}'; choose one of: {', '.join(TARGETS)}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
+        raise UserError(f"threads must be a positive integer, got {shown(repr(threads))}")
     if target == "triton":  # a missing triton fails before any slow step
         from qcompiler.codegen.triton.emit import check_triton
 

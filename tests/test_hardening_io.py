@@ -244,7 +244,7 @@ def _slow_factory(tmp_path):
 
 def _start_and_wait(argv, env, tmp_path):
     child = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
+    deadline = time.time() + 180  # importing torch on a busy machine
     while not (tmp_path / "started").exists():
         assert child.poll() is None, child.stderr.read()
         assert time.time() < deadline
@@ -311,6 +311,14 @@ def test_threads_must_be_a_positive_integer(tiny_onnx, tmp_path, capsys, argv):
     argv = [a.format(onnx=tiny_onnx, out=tmp_path / "out") for a in argv]
     assert main(argv) == 2
     assert "must be a positive integer" in _one_error_line(capsys)
+
+
+def test_api_threads_must_be_positive(tiny_onnx, tmp_path):
+    import qcompiler
+
+    with pytest.raises(qcompiler.UserError, match="threads must be a positive integer, got -3"):
+        qcompiler.compile(str(tiny_onnx), tmp_path / "o", threads=-3)
+    assert not (tmp_path / "o").exists()
 
 
 def test_config_threads_must_be_positive(tiny_onnx, tmp_path, capsys):
