@@ -388,7 +388,7 @@ def run_case(case: Case, scratch: str | os.PathLike, timeout_s: int = CASE_TIMEO
         _disarm_timeout(handler)
     if "reason" in record:  # no temporary paths in results: two runs give the same file
         reason = record["reason"].replace(str(Path(case.path) / "model.onnx"), "model.onnx").replace(case.path, "<case>")
-        reason = re.sub(r"\S*\.artifact\.tmp-\w+", "<artifact>", reason.replace(str(scratch), "<scratch>"))
+        reason = re.sub(r"\S*\.artifact\.tmp-[\w-]+", "<artifact>", reason.replace(str(scratch), "<scratch>"))
         record["reason"] = reason
     record["seconds"] = round(time.perf_counter() - start, 3)  # reported, not written to the JSON
     return record

@@ -41,4 +41,6 @@ def _unknown_message(name: str) -> str:
     known = names()
     nearest = difflib.get_close_matches(str(name).lower(), known, n=1, cutoff=0.0)
     hint = f"did you mean '{nearest[0]}'? " if nearest else ""
-    return f"unknown model '{name}'; {hint}(bundled: {', '.join(known)})"
+    from qcompiler.errors import shown
+
+    return f"unknown model '{shown(name)}'; {hint}(bundled: {', '.join(known)})"

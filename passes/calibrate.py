@@ -42,7 +42,7 @@ from qcompiler.passbase import STATS_CURRENT, Pass, PassResult, option, register
 log = logging.getLogger(__name__)
 
 MAX_SAMPLE_ROWS = 1 << 20
-MAX_BINS = 1 << 20
+MAX_BINS = 8192  # entropy and mse searches grow with the square of the bins: 8192 keeps them under a second a tensor
 
 
 @register_pass
@@ -58,7 +58,7 @@ class CalibratePass(Pass):
     )
     percentile: float = option(99.99, "percentile of |x| kept by method=percentile, in (50, 100]")
     sample_rows: int = option(512, "rows (tokens) per tensor kept as a fixed-seed sample for alpha search")
-    bins: int = option(2048, "histogram bins per tensor (a multiple of 4); method=minmax reads no histogram and keeps a coarse one")
+    bins: int = option(2048, "histogram bins per tensor (a multiple of 4, 64 to 8192); method=minmax reads no histogram and keeps a coarse one")
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -27,7 +27,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qcompiler.errors import QualityGateError, UserError
+from qcompiler.errors import QualityGateError, UserError, first_line, shown
+from qcompiler.fileio import read_small_text
 from qcompiler.passbase import did_you_mean
 
 try:  # Python 3.11+
@@ -85,14 +86,14 @@ def parse_gates(fail_under: list[str] | None, fail_over: list[str] | None) -> li
             name, sep, value = str(spec).partition("=")
             name = name.strip()
             if not sep:
-                raise UserError(f"{flag} takes METRIC=VALUE, got '{spec}'; e.g. {flag} {'sts-spearman=80' if higher else 'perplexity-ratio=1.05'}")
+                raise UserError(f"{flag} takes METRIC=VALUE, got '{shown(spec)}'; e.g. {flag} {'sts-spearman=80' if higher else 'perplexity-ratio=1.05'}")
             metric = METRICS.get(name)
             if metric is None:
-                raise UserError(f"unknown metric '{name}' in {flag}{did_you_mean(name, METRICS)}; metrics: {', '.join(METRICS)}")
+                raise UserError(f"unknown metric '{shown(name)}' in {flag}{did_you_mean(name, METRICS)}; metrics: {', '.join(METRICS)}")
             try:
                 threshold = float(value)
             except ValueError:
-                raise UserError(f"{flag} {name}=... needs a number, got '{value}'") from None
+                raise UserError(f"{flag} {name}=... needs a number, got '{shown(value)}'") from None
             if metric.higher_is_better != higher:
                 other = "--fail-under" if metric.higher_is_better else "--fail-over"
                 better = "higher" if metric.higher_is_better else "lower"
@@ -149,25 +150,27 @@ def load_config(path: str | os.PathLike, known: dict[str, Any], path_keys: set[s
     """The options in TOML file `path`, as {dest: value}. `known` maps each valid dest to its
     type (bool, int, str, list); keys may be written kebab-case or snake_case."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"cannot read config file '{path}': {exc.strerror}; give an existing TOML file") from None
+    text = read_small_text(path, "config file", MAX_CONFIG_BYTES)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"config file '{path}' is not valid TOML: {exc}; fix the line it names") from None
+        raise UserError(f"config file '{path}' is not valid TOML: {first_line(str(exc))}; fix the line it names") from None
+    except RecursionError:
+        raise UserError(f"config file '{path}' nests tables or arrays too deeply; the options are flat keys") from None
     options: dict[str, Any] = {}
     valid = sorted(k.replace("_", "-") for k in known)
     for key, value in raw.items():
         dest = key.replace("-", "_")
         if dest not in known:
-            raise UserError(f"unknown key '{key}' in config file '{path}'{did_you_mean(key, valid)}; valid keys: {', '.join(valid)}")
+            raise UserError(f"unknown key '{shown(key)}' in config file '{path}'{did_you_mean(key, valid)}; valid keys: {', '.join(valid)}")
         options[dest] = _config_value(key, value, known[dest], path)
     for dest in path_keys & options.keys():
         if options[dest] is not None and not _is_bundled_or_factory(dest, options[dest]):
             options[dest] = str((path.parent / os.path.expanduser(options[dest])))
     return options
+
+
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def _config_value(key: str, value: Any, kind: Any, path: Path) -> Any:
@@ -188,7 +191,7 @@ def _config_value(key: str, value: Any, kind: Any, path: Path) -> Any:
         if isinstance(value, str):
             return value
     names = {list: "a list or table", bool: "true or false", int: "an integer", str: "a string"}
-    raise UserError(f"key '{key}' in config file '{path}' must be {names.get(kind, 'a string')}, got {value!r}")
+    raise UserError(f"key '{key}' in config file '{path}' must be {names.get(kind, 'a string')}, got {shown(repr(value))}")
 
 
 def _is_bundled_or_factory(dest: str, value: str) -> bool:

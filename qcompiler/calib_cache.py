@@ -8,11 +8,14 @@ An entry is keyed by the sha256 of everything the statistics depend on:
 - the collection options (tensors and channel axes, sample rows, histogram bins) and
   `CACHE_VERSION`.
 
-An entry is two files named after the key: `KEY.npz` (the arrays; read with pickling disabled)
-and `KEY.json` (scalars, the array file's sha256 and the batch and sample counts). A missing
-entry is computed and written; an entry that cannot be read, or whose array file does not match
-its recorded sha256, is recomputed with a warning and overwritten, never trusted. Entries are
-written atomically, so an interrupted build leaves no half entry.
+An entry is two files named after the key: `KEY.npz` (the arrays, stored uncompressed; read with
+pickling disabled) and `KEY.json` (its own key, the scalars, the array file's sha256 and the batch
+and sample counts, sealed by the sha256 of all of them). A missing entry is computed and written;
+an entry that cannot be read, is not a regular file, is larger than `MAX_ENTRY_BYTES`, records
+another key (a copied entry), or whose seal or array sha256 does not match (an edited one) is
+recomputed with a warning and overwritten, never trusted. Entries are written atomically, so an
+interrupted build leaves no half entry. A cache folder that cannot be read or created is a
+warning: the build goes on without the cache.
 
 The directory: `CompileContext.cache_dir` (the CLI's `--cache-dir`, default `$QCOMPILER_CACHE`,
 else `$XDG_CACHE_HOME/qcompiler`, else `~/.cache/qcompiler`; `--no-cache` turns it off).
@@ -25,6 +28,8 @@ import io
 import json
 import logging
 import os
+import stat
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -32,11 +37,14 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.calibration import Histogram, TensorStats, collect
+from qcompiler.errors import first_line
 from qcompiler.fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = "qcompiler.calibration-cache/2"
+CACHE_VERSION = "qcompiler.calibration-cache/3"
+MAX_ENTRY_BYTES = 4 << 30  # an array file larger than this is not read (a cache must not exhaust memory)
+MAX_META_BYTES = 64 << 20
 _ARRAYS = ("absmax", "channel_min", "channel_max", "mean_abs", "mean_sq", "sample")
 
 
@@ -63,8 +71,10 @@ def collect_cached(
     if cache_dir is None:
         return collect(model, batches, tensors, sample_rows=sample_rows, bins=bins, threads=threads, progress=progress)
     batches = list(batches)
-    key = cache_key(model, batches, tensors, sample_rows=sample_rows, bins=bins)
     folder = Path(cache_dir) / "calibration"
+    if not _usable(folder):
+        return collect(model, batches, tensors, sample_rows=sample_rows, bins=bins, threads=threads, progress=progress)
+    key = cache_key(model, batches, tensors, sample_rows=sample_rows, bins=bins)
     entry = _read(folder, key)
     if entry is not None:
         stats, counts = entry
@@ -113,7 +123,8 @@ def _write(folder: Path, key: str, stats: dict[str, TensorStats], counts: dict[s
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     data = buffer.getvalue()
-    meta = {"version": CACHE_VERSION, "sha256": hashlib.sha256(data).hexdigest(), "counts": counts, "tensors": scalars}
+    meta = {"version": CACHE_VERSION, "key": key, "sha256": hashlib.sha256(data).hexdigest(), "counts": counts, "tensors": scalars}
+    meta["seal"] = _seal(meta)
     try:
         write_atomic(folder / f"{key}.npz", data)
         write_atomic(folder / f"{key}.json", json.dumps(meta, sort_keys=True))
@@ -121,20 +132,66 @@ def _write(folder: Path, key: str, stats: dict[str, TensorStats], counts: dict[s
         log.warning("calibration cache: could not write an entry in %s (%s); continuing without it", folder, exc)
 
 
+def _usable(folder: Path) -> bool:
+    """Whether the cache folder exists (it is made when missing) and can be listed; a warning if not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with os.scandir(folder):
+            pass
+    except OSError as exc:
+        log.warning("calibration cache folder %s cannot be used (%s); continuing without the cache", folder, exc.strerror or exc)
+        return False
+    return True
+
+
+def _seal(meta: dict) -> str:
+    """The sha256 of an entry's JSON (all but the seal): its key, scalars, counts and array sha256."""
+    body = {k: v for k, v in meta.items() if k != "seal"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of regular file `path` (not a link, device or pipe), refused past `limit` bytes
+    before anything is read."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path.name} is not a regular file")
+        if info.st_size > limit:
+            raise ValueError(f"{path.name} holds {info.st_size} bytes, more than the {limit} an entry may")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"{path.name} grew past {limit} bytes while read")
+    return data
+
+
 def _read(folder: Path, key: str) -> tuple[dict[str, TensorStats], dict[str, int]] | None:
     meta_path, data_path = folder / f"{key}.json", folder / f"{key}.npz"
-    if not meta_path.exists() and not data_path.exists():
+    if not os.path.lexists(meta_path) and not os.path.lexists(data_path):
         return None
     try:
-        meta = json.loads(meta_path.read_text())
-        data = data_path.read_bytes()
-        if meta.get("version") != CACHE_VERSION or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        meta = json.loads(read_bounded(meta_path, MAX_META_BYTES))
+        if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION:
+            raise ValueError("it was written by another version")
+        if meta.get("key") != key:
+            raise ValueError("it records another key (a copied entry)")
+        if meta.get("seal") != _seal(meta):
+            raise ValueError("its recorded values do not match their seal (an edited entry)")
+        data = read_bounded(data_path, MAX_ENTRY_BYTES)
+        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
             raise ValueError("its array file does not match the recorded sha256")
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            if any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist()):
+                raise ValueError("its array file is compressed; entries are written uncompressed")
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             stats = {name: _stats(arrays, s) for name, s in meta["tensors"].items()}
         counts = {"batches": int(meta["counts"]["batches"]), "samples": int(meta["counts"]["samples"])}
     except Exception as exc:
-        log.warning("calibration cache: entry %s in %s is unreadable (%s); recalibrating", key[:12], folder, exc)
+        log.warning("calibration cache: entry %s in %s is unreadable (%s); recalibrating", key[:12], folder, first_line(str(exc)) or type(exc).__name__)
         return None
     return stats, counts
 

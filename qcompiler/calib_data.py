@@ -1,7 +1,8 @@
 """Calibration data: read it from files into input batches, and check batches against the model.
 
 Accepted sources (`load_calibration`):
-- `.npz`: graph input name -> array, first axis = samples.
+- `.npz`: graph input name -> array, first axis = samples; only the first `count` rows of each
+  array are read (`read_npz_head`), so a large file costs what is used.
 - `.txt`: one text sample per line; empty lines are skipped.
 - `.tsv`: a header row, tab-separated, no quoting (`csv.QUOTE_NONE`, as `sts-pairs-dev.tsv` is
   written). The text columns are every column whose header starts with `sent` or is `text`;
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.errors import UserError, first_line
+from qcompiler.errors import UserError, first_line, shown
 
 log = logging.getLogger(__name__)
 
@@ -86,25 +88,66 @@ def batch_size_of(batch: Mapping[str, Any]) -> int:
 
 def _from_npz(path: Path, count: int, batch_size: int) -> list[dict[str, np.ndarray]]:
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
+        arrays, sizes = read_npz_head(path, count)
+    except UserError:
+        raise
     except Exception as exc:
         raise UserError(f"cannot read '{path}' as .npz ({first_line(str(exc)) or type(exc).__name__}); save it with numpy.savez") from None
     if not arrays:
         raise UserError(f"calibration set is empty: '{path}' holds no arrays; save input name -> array with numpy.savez")
-    sizes = {}
-    for name, array in arrays.items():
-        if array.ndim == 0:
-            raise UserError(f"array '{name}' in '{path}' is a scalar; the first axis must count samples")
-        sizes[name] = array.shape[0]
     if len(set(sizes.values())) > 1:
-        listed = ", ".join(f"{k}: {v}" for k, v in sizes.items())
+        listed = ", ".join(f"{shown(k)}: {v}" for k, v in sizes.items())
         raise UserError(f"arrays in '{path}' disagree on the number of samples (first axis: {listed}); give each input one row per sample")
     total = min(next(iter(sizes.values())), count)
     return [
         {name: np.ascontiguousarray(array[start : min(start + batch_size, total)]) for name, array in arrays.items()}
         for start in range(0, total, batch_size)
     ]
+
+
+def read_npz_head(path: Path, count: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The first `count` rows (first axis) of every array in the .npz at `path`, and each array's
+    full row count, reading no more of the file than those rows (headers first; a compressed
+    member is inflated only as far as needed). Arrays stored in Fortran order are read whole."""
+    arrays, sizes = {}, {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            with archive.open(info) as member:
+                shape, fortran, dtype = _npy_header(member)
+                if dtype.hasobject:
+                    raise UserError(f"array '{shown(name)}' in '{path}' holds Python objects; save numeric arrays")
+                if not shape:
+                    raise UserError(f"array '{shown(name)}' in '{path}' is a scalar; the first axis must count samples")
+                sizes[name] = shape[0]
+                rows = min(shape[0], count)
+                if fortran and len(shape) > 1:
+                    full = _read_rows(member, dtype, tuple(reversed(shape)), name).T  # rows are not contiguous
+                    arrays[name] = np.ascontiguousarray(full[:rows])
+                    continue
+                arrays[name] = _read_rows(member, dtype, (rows, *shape[1:]), name)
+    return arrays, sizes
+
+
+def _npy_header(member) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(member)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(member)
+    return np.lib.format._read_array_header(member, version)  # 3.0: as numpy reads it
+
+
+def _read_rows(member, dtype: np.dtype, shape: tuple[int, ...], name: str) -> np.ndarray:
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buffer = bytearray(size)
+    view, done = memoryview(buffer), 0
+    while done < size:
+        got = member.readinto(view[done:])
+        if not got:
+            raise ValueError(f"array '{shown(name)}' is truncated")
+        done += got
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
 def _read_text(path: Path) -> str:

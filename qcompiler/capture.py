@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import importlib
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 import onnx_ir as ir
 
 from qcompiler import ir as qir
-from qcompiler.errors import UserError, first_line
+from qcompiler.errors import UserError, first_line, shown
 from qcompiler.progress import progress
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def resolve(source: Any, example_inputs=None, dynamic_shapes=None) -> tuple[ir.M
         return capture(source, inputs, dynamic_shapes), Source(name=name, kind="module", example_inputs=_as_dict(inputs))
     text = str(source)
     path = Path(text)
-    if text.endswith(".onnx") or path.exists():
+    if text.endswith(".onnx") or os.path.exists(text):  # os.path: a name too long for a path is not one
         return qir.load(path), Source(name=path.stem, kind="onnx")
     if _FACTORY.match(text):
         return _from_factory(text)
@@ -189,10 +190,10 @@ def _from_factory(spec: str) -> tuple[ir.Model, Source]:
     try:
         factory = getattr(importlib.import_module(module_name), func_name)
     except (ImportError, AttributeError) as exc:
-        raise UserError(f"cannot import '{spec}': {first_line(str(exc))}; give package.module:function on PYTHONPATH") from None
+        raise UserError(f"cannot import '{shown(spec)}': {shown(first_line(str(exc)), 200)}; give package.module:function on PYTHONPATH") from None
     built = factory()
     if not isinstance(built, tuple) or len(built) not in (2, 3):
-        raise UserError(f"'{spec}' must return (nn.Module, example_inputs[, dynamic_shapes]), got {type(built).__name__}")
+        raise UserError(f"'{shown(spec)}' must return (nn.Module, example_inputs[, dynamic_shapes]), got {type(built).__name__}")
     module, inputs, *rest = built
     model = capture(module, inputs, rest[0] if rest else None)
     return model, Source(name=func_name, kind="factory", example_inputs=_as_dict(inputs))

@@ -7,7 +7,8 @@
     qcompiler opt FILE.onnxtxt -p SPEC [-o OUT.onnxtxt]   IR text in, the passes of SPEC, IR text out
     qcompiler show FILE              a model (.onnx) as IR text
 
-Exit codes: 0 ok; 1 internal error; 2 bad input or usage; 3 failed quality gate.
+Exit codes: 0 ok; 1 internal error; 2 bad input or usage; 3 failed quality gate; 130 Ctrl-C and
+143 SIGTERM (both after removing what was half written).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from qcompiler.errors import QCompilerError, UserError, first_line
+from qcompiler.errors import QCompilerError, UserError, first_line, one_line, shown
 
 log = logging.getLogger("qcompiler")
 
@@ -24,6 +25,17 @@ log = logging.getLogger("qcompiler")
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # usage errors: one line, exit 2
         raise UserError(f"{message}; see `{self.prog} --help`")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{shown(text)}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compile", help="compile a model into an artifact directory")
     comp.add_argument("source", nargs="?", help="bundled model name, path to .onnx, or package.module:function")
     comp.add_argument("-o", "--output", help="artifact directory (replaced atomically)")
+    comp.add_argument("--force", action="store_true", default=None,
+                      help="replace an existing output folder or report that qcompiler did not write")
     comp.add_argument("--config", metavar="FILE", help="read options from a TOML file (keys: the long options; the command line wins)")
     comp.add_argument("--target", help="backend: ort (default; ONNX Runtime model) or triton (a Python package of Triton kernels and torch)")
     comp.add_argument("--pipeline", help="pipeline string, preset name or @file (default: default)")
@@ -44,24 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--print-ir", choices=("all", "changed"), help="log the IR after every pass or after changing ones")
     comp.add_argument("--report", metavar="FILE", help="write the quantization report: FILE.json, or FILE.html (an offline page) with FILE.json beside it; may lie inside the output directory")
     comp.add_argument("--calib", metavar="FILE", help="calibration data: .npz of inputs, .txt/.tsv text, images or a folder of them")
-    comp.add_argument("--calib-count", type=int, metavar="N", help="calibration samples to use (default 128)")
-    comp.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime threads for passes that run the model")
+    comp.add_argument("--calib-count", type=positive_int, metavar="N", help="calibration samples to use (default 128)")
+    comp.add_argument("--threads", type=positive_int, metavar="N", help="ONNX Runtime threads for passes that run the model")
     comp.add_argument("--no-drift", action="store_true", default=None, help="skip measuring output drift after each pass")
     comp.add_argument("--cache-dir", metavar="DIR", help="calibration statistics cache (default $QCOMPILER_CACHE or ~/.cache/qcompiler)")
     comp.add_argument("--no-cache", action="store_true", default=None, help="neither read nor write the calibration cache")
     comp.add_argument("--fail-under", action="append", metavar="METRIC=VALUE", help="exit 3 when the artifact scores below VALUE (repeatable)")
     comp.add_argument("--fail-over", action="append", metavar="METRIC=VALUE", help="exit 3 when a lower-is-better metric exceeds VALUE (repeatable)")
     comp.add_argument("--eval-data", metavar="FILE", help="task data for the quality gates (default: the --calib file)")
-    comp.add_argument("--eval-count", type=int, metavar="N", help="use the first N pairs / windows / images for the gates")
+    comp.add_argument("--eval-count", type=positive_int, metavar="N", help="use the first N pairs / windows / images for the gates")
     comp.add_argument("--dry-run", action="store_true", default=None, help="print the resolved pipeline and what would be written; compile nothing")
 
     ev = sub.add_parser("eval", help="the float model and an artifact side by side on the model's task")
     ev.add_argument("artifact", help="an artifact directory written by `qcompiler compile`")
     ev.add_argument("--task", required=True, choices=("sts", "perplexity", "segmentation"))
     ev.add_argument("--data", help="task data (sts: TSV with sent1, sent2, score; perplexity: text)")
-    ev.add_argument("--count", type=int, help="use only the first N pairs / windows / images")
+    ev.add_argument("--count", type=positive_int, help="use only the first N pairs / windows / images")
     ev.add_argument("--window", type=int, default=256, help="perplexity window length in tokens (default 256)")
-    ev.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    ev.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads")
     ev.add_argument("--model", help="the bundled float model, when the artifact was compiled from an ONNX file of it")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -69,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("source", help="bundled model name, path to .onnx, or package.module:function")
     doc.add_argument("--pipeline", required=True, help="the pipeline to diagnose (string, preset or @file)")
     doc.add_argument("--calib", metavar="FILE", help="calibration data, as for compile")
-    doc.add_argument("--calib-count", type=int, default=128, metavar="N", help="calibration samples to use (default 128)")
-    doc.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime threads")
+    doc.add_argument("--calib-count", type=positive_int, default=128, metavar="N", help="calibration samples to use (default 128)")
+    doc.add_argument("--threads", type=positive_int, metavar="N", help="ONNX Runtime threads")
     doc.add_argument("--max-extra-bits", type=float, default=0.25, help="average stored bits the suggestion may add (default 0.25)")
     doc.add_argument("--top", type=int, default=15, help="layers to list (default 15)")
     doc.add_argument("--metric", default="auto", choices=("auto", "mse", "kl"),
@@ -100,7 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that outputs are cleaned up as for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     debug = False
     try:
         args = build_parser().parse_args(argv)
@@ -114,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("error")
         _error(str(exc))
         return exc.exit_code
+    except Terminated:
+        _error("terminated")
+        return 143
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
@@ -125,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _error(message: str) -> None:
-    sys.stderr.write(f"qcompiler: error: {message}\n")
+    sys.stderr.write(f"qcompiler: error: {one_line(message)}\n")
 
 
 def _configure_logging(verbose: int, quiet: bool, debug: bool) -> None:
@@ -149,10 +188,11 @@ COMPILE_DEFAULTS = {
     "source": None, "output": None, "target": "ort", "pipeline": "default", "dump_ir": None, "print_ir": None,
     "report": None, "calib": None, "calib_count": 128, "threads": None, "no_drift": False, "cache_dir": None,
     "no_cache": False, "fail_under": [], "fail_over": [], "eval_data": None, "eval_count": None, "dry_run": False,
+    "force": False,
 }
 _CONFIG_TYPES = {
     "calib_count": int, "threads": int, "eval_count": int, "no_drift": bool, "no_cache": bool, "dry_run": bool,
-    "fail_under": list, "fail_over": list,
+    "fail_under": list, "fail_over": list, "force": bool,
 }
 _CONFIG_PATHS = {"source", "output", "dump_ir", "report", "calib", "cache_dir", "eval_data"}
 
@@ -170,7 +210,10 @@ def resolve_compile_options(args) -> argparse.Namespace:
         given = getattr(args, dest, None)
         merged[dest] = given if given is not None else config.get(dest, default)
     if merged["print_ir"] not in (None, "all", "changed"):
-        raise UserError(f"print-ir must be 'all' or 'changed', got '{merged['print_ir']}'")
+        raise UserError(f"print-ir must be 'all' or 'changed', got '{shown(merged['print_ir'])}'")
+    for dest in ("calib_count", "threads", "eval_count"):
+        if merged[dest] is not None and merged[dest] < 1:
+            raise UserError(f"'{dest.replace('_', '-')}' must be a positive integer, got {merged[dest]}")
     if not merged["source"]:
         raise UserError("compile needs a SOURCE (a bundled model name, an .onnx path or package.module:function), or 'source' in --config")
     if not merged["output"]:
@@ -192,6 +235,7 @@ def _cmd_compile(args) -> int:
     if opts.no_drift and any(g.metric.name == "output-cosine" for g in gates):
         raise UserError("the output-cosine gate reads the drift measured after each pass; drop --no-drift")
     cache_dir = None if opts.no_cache else Path(opts.cache_dir) if opts.cache_dir else default_dir()
+    _check_outputs(opts, args.config)
     if opts.dry_run:
         from qcompiler.compiler import resolved_pipeline
 
@@ -211,6 +255,7 @@ def _cmd_compile(args) -> int:
         threads=opts.threads,
         drift=not opts.no_drift,
         cache_dir=cache_dir,
+        force=opts.force,
     )
     _summary(result)
     if gates:
@@ -226,6 +271,16 @@ def _cmd_compile(args) -> int:
             add_to_report(Path(opts.report), {"quality": outcome})
         buildstep.raise_if_failed(gates, outcome, result.output)
     return 0
+
+
+def _check_outputs(opts, config: str | None) -> None:
+    """Before anything slow: the outputs may not delete the inputs, the config or what is not ours."""
+    from qcompiler.outputs import check_outputs, protected_sources
+    from qcompiler.report import report_paths
+
+    protected = protected_sources(opts.source, opts.calib) + [("config file", config), ("evaluation data", opts.eval_data)]
+    report = report_paths(opts.report) if opts.report else None
+    check_outputs(opts.output, dump_ir=opts.dump_ir, report=report, protected=protected, force=opts.force)
 
 
 def _task_of(source: str) -> str | None:

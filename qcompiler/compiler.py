@@ -17,9 +17,10 @@ from qcompiler.capture import model_digest, resolve
 from qcompiler import instruments, probe
 from qcompiler import report as reports
 from qcompiler.context import CompileContext, using
-from qcompiler.errors import UserError
+from qcompiler.errors import UserError, shown
 from qcompiler.fileio import AtomicDir, write_atomic
 from qcompiler.ir import weight_count
+from qcompiler.outputs import check_outputs, nested_entry, protected_sources
 from qcompiler.pass_manager import PassRecord, run_pipeline
 from qcompiler.passbase import model_properties
 from qcompiler.pipeline import check_order, format_pipeline, parse_pipeline
@@ -64,6 +65,7 @@ def compile(
     threads: int | None = None,
     drift: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
 ) -> CompileResult:
     """Compile `source` (bundled model name, .onnx path, `pkg.mod:fn`, nn.Module with
     `example_inputs`, or an `onnx_ir.Model`) into an artifact directory `output`.
@@ -76,9 +78,13 @@ def compile(
     `report`: a report path (may lie inside `output`): `.json`, or `.html` for a page with the
     `.json` beside it (`qcompiler.report`). The IR is verified after every pass;
     `drift` measures each pass's output drift on the probe batch. `cache_dir`: reuse calibration
-    statistics computed for the same model, data and options (`qcompiler.calib_cache`)."""
+    statistics computed for the same model, data and options (`qcompiler.calib_cache`).
+    Outputs are checked before any work (`qcompiler.outputs`): an existing output folder that is
+    not an artifact of ours (or a dump, or a report) is replaced only with `force`."""
     if target not in TARGETS:
-        raise UserError(f"unknown target '{target}'; choose one of: {', '.join(TARGETS)}")
+        raise UserError(f"unknown target '{shown(target)}'; choose one of: {', '.join(TARGETS)}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
+        raise UserError(f"threads must be a positive integer, got {shown(repr(threads))}")
     if target == "triton":  # a missing triton fails before any slow step
         from qcompiler.codegen.triton.emit import check_triton
 
@@ -86,10 +92,12 @@ def compile(
     passes = complete_pipeline(parse_pipeline(pipeline), target)  # a bad pipeline fails before any slow step
     check_order(passes)
     spec = format_pipeline(passes)
-    if report is not None:
-        reports.report_paths(report)  # a bad report name fails before any slow step
+    report_files = reports.report_paths(report) if report is not None else None  # a bad name fails before any slow step
+    check_outputs(output, dump_ir=dump_ir, report=report_files, protected=protected_sources(source, calibration), force=force)
     artifact = AtomicDir(output)
     staging = artifact.begin()  # an unwritable output fails before any slow step
+    keep_in_artifact = tuple(filter(None, [nested_entry(output, dump_ir)])) if dump_ir is not None else ()
+    keep_in_dump = tuple(filter(None, [nested_entry(dump_ir, output), nested_entry(dump_ir, staging)])) if dump_ir is not None else ()
     try:
         start = time.perf_counter()
         model, source_info = resolve(source, example_inputs, dynamic_shapes)
@@ -99,7 +107,7 @@ def compile(
         source_weights = weight_count(model)
         batches = calibration_batches(calibration, calib_count, model, source_info)
         feeds = probe_inputs if probe_inputs is not None else probe.inputs_for(model, source_info)
-        tools = _instruments(feeds if drift and report is None else None, dump_ir, print_ir, spec)
+        tools = _instruments(feeds if drift and report is None else None, dump_ir, print_ir, spec, keep_in_dump)
         recorder = None
         if report is not None:  # a Drift instrument that also records the layers, in the same runs
             recorder = reports.Recorder(feeds, drift=drift)
@@ -128,7 +136,7 @@ def compile(
         if report is not None:
             body = reports.build(manifest, records, timings, recorder, model, files, probe=feeds)
             files += reports.write(report, Path(output), staging, body)
-        final = artifact.commit()
+        final = artifact.commit(keep=keep_in_artifact)
     except BaseException:
         artifact.abort()
         raise
@@ -189,7 +197,7 @@ def calibration_batches(calibration, count: int, model, source_info):
     return batches
 
 
-def _instruments(feeds, dump_ir, print_ir, spec) -> list:
+def _instruments(feeds, dump_ir, print_ir, spec, keep_in_dump: tuple[str, ...] = ()) -> list:
     tools: list = [instruments.Verify()]
     if feeds is not None:
         tools.append(instruments.Drift(feeds))
@@ -198,7 +206,7 @@ def _instruments(feeds, dump_ir, print_ir, spec) -> list:
             raise UserError(f"print-ir must be 'all' or 'changed', got '{print_ir}'")
         tools.append(instruments.PrintIR(only_changed=print_ir == "changed"))
     if dump_ir is not None:
-        tools.append(instruments.DumpIR(dump_ir, spec))
+        tools.append(instruments.DumpIR(dump_ir, spec, keep=keep_in_dump))
     return tools
 
 

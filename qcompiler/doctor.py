@@ -40,6 +40,7 @@ from qcompiler.ir import qc_nodes, to_proto
 from qcompiler.pass_manager import Instrument, PassRecord, run_pipeline
 from qcompiler.pipeline import check_order, format_pipeline, parse_pipeline
 from qcompiler.probe import log_softmax, mean_kl
+from qcompiler.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -351,20 +352,22 @@ def diagnose(
     total = board.error(everything)
     bits, high_bits = _layer_bits(records), _layer_bits(high_records)
     rows = []
-    for layer in layers:
-        row = {
-            "layer": layer.name,
-            "params": layer.params,
-            "activation": (layer.act or {}).get("mode"),
-            "bits": bits.get(layer.name),
-            "alone": board.error({layer.name}),
-            "recovered": total - board.error(everything - {layer.name}),
-        }
-        if layer.w_high is not None:
-            row["boosted_bits"] = high_bits.get(layer.name)
-            row["recovered_by_boost"] = total - board.error(everything, {layer.name})
-        row["share"] = row["recovered"] / total if total > 0 else 0.0
-        rows.append(row)
+    with progress("doctor: layers measured", len(layers)) as bar:
+        for layer in layers:
+            row = {
+                "layer": layer.name,
+                "params": layer.params,
+                "activation": (layer.act or {}).get("mode"),
+                "bits": bits.get(layer.name),
+                "alone": board.error({layer.name}),
+                "recovered": total - board.error(everything - {layer.name}),
+            }
+            if layer.w_high is not None:
+                row["boosted_bits"] = high_bits.get(layer.name)
+                row["recovered_by_boost"] = total - board.error(everything, {layer.name})
+            row["share"] = row["recovered"] / total if total > 0 else 0.0
+            rows.append(row)
+            bar.update()
     rows.sort(key=lambda r: (-r["recovered"], r["layer"]))
     suggestion = _suggest(full, rows, total, board, everything, max_extra_bits)
     if suggestion.get("pipeline") and "allocate-bits" in names:

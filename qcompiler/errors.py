@@ -47,11 +47,35 @@ def first_line(text: str) -> str:
     return ""
 
 
-def shown(name: str, limit: int = 80) -> str:
-    """A name from a model as it may appear in a one-line message: control and line-breaking
-    characters escaped, long names cut with an ellipsis."""
-    text = str(name).encode("unicode_escape").decode("ascii") if not str(name).isprintable() else str(name)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+SHOWN_CHARS = 80  # user text echoed in a message is cut to about this many characters
+MESSAGE_CHARS = 1000  # a whole error message is cut to this many characters
+
+
+def escaped(text: str) -> str:
+    """`text` with control, line-separator and other unprintable characters written as escapes
+    (`\\n`, `\\x00`, `\\u2028`), so that it cannot break a one-line message or a terminal."""
+    out = []
+    for ch in str(text):
+        if ch.isprintable() or ch == " ":
+            out.append(ch)
+        else:
+            out.append(repr(ch)[1:-1] if ch not in "'\"" else ch)
+    return "".join(out)
+
+
+def shown(text, limit: int = SHOWN_CHARS) -> str:
+    """User-supplied text as a message may echo it: escaped, and cut to `limit` characters with
+    an ellipsis and the full length when longer."""
+    text = str(text)
+    if len(text) > limit:
+        return f"{escaped(text[:limit])}… ({len(text)} characters)"
+    return escaped(text)
+
+
+def one_line(message: str, limit: int = MESSAGE_CHARS) -> str:
+    """An error message as one bounded line (the CLI's last defence; sites shorten what they echo)."""
+    text = escaped(message)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class VerificationError(Exception):

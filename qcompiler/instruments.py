@@ -69,9 +69,10 @@ class Drift(Instrument):
 
 
 class DumpIR(Instrument):
-    def __init__(self, directory: str | Path, pipeline: str = ""):
+    def __init__(self, directory: str | Path, pipeline: str = "", keep: tuple[str, ...] = ()):
         self.target = AtomicDir(directory)
         self.pipeline = pipeline
+        self.keep = keep  # entries of the replaced folder kept: the artifact nested inside it
 
     def run_begin(self, model: ir.Model) -> None:
         self.path = self.target.begin()
@@ -88,7 +89,7 @@ class DumpIR(Instrument):
             "passes": [r.to_json() for r in records],
         }
         (self.path / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True, default=_json_default) + "\n")
-        self.target.commit()
+        self.target.commit(keep=self.keep)
         log.info("IR dumps in %s", self.target.final)
 
 

@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from qcompiler.errors import UserError
+from qcompiler.errors import UserError, shown
 from qcompiler import passes as _passes  # noqa: F401  (importing the package registers every pass)
 from qcompiler.passbase import Option, Pass, did_you_mean, registered_passes
 
@@ -50,7 +50,7 @@ class Preset:
         for key in options:
             if key not in self.params:
                 raise UserError(
-                    f"preset '{name}' has no option '{key}'{did_you_mean(key, self.params)}; "
+                    f"preset '{name}' has no option '{shown(key)}'{did_you_mean(key, self.params)}; "
                     f"options: {', '.join(self.params) or 'none'}"
                 )
         values = {}
@@ -58,7 +58,7 @@ class Preset:
             value = options.get(key, default)
             if key in self.fragments:
                 if value not in self.fragments[key]:
-                    raise UserError(f"preset '{name}': {key} must be one of {', '.join(self.fragments[key])}, got '{value}'")
+                    raise UserError(f"preset '{name}': {key} must be one of {', '.join(self.fragments[key])}, got '{shown(value)}'")
                 value = self.fragments[key][value]
             values[key.replace("-", "_")] = value
         return string.Template(self.template).substitute(values)
@@ -143,11 +143,13 @@ def check_order(passes: list[Pass], initial: frozenset[str] = frozenset()) -> No
 # --------------------------------------------------------------------------------------------
 
 
+MAX_PIPELINE_FILE_BYTES = 1 << 20
+
+
 def _read_pipeline_file(path: str) -> str:
-    try:
-        raw = Path(path).read_text()
-    except OSError as exc:
-        raise UserError(f"cannot read pipeline file '{path}': {exc.strerror}") from None
+    from qcompiler.fileio import read_small_text
+
+    raw = read_small_text(Path(path), "pipeline file", MAX_PIPELINE_FILE_BYTES)
     lines = [line.split("#", 1)[0].strip() for line in raw.splitlines()]
     return ",".join(part.strip().strip(",") for part in lines if part.strip().strip(","))
 
@@ -158,20 +160,20 @@ def _split_top_level(text: str) -> list[str]:
         if ch == "{":
             depth += 1
             if depth > 1:
-                raise UserError(f"nested '{{' in pipeline at column {i + 1}: '{text}'")
+                raise UserError(f"nested '{{' in pipeline at column {i + 1}: '{shown(text)}'")
         elif ch == "}":
             depth -= 1
             if depth < 0:
-                raise UserError(f"unbalanced '}}' in pipeline at column {i + 1}: '{text}'")
+                raise UserError(f"unbalanced '}}' in pipeline at column {i + 1}: '{shown(text)}'")
         elif ch == "," and depth == 0:
             items.append(text[start:i])
             start = i + 1
     if depth:
-        raise UserError(f"unclosed '{{' in pipeline: '{text}'")
+        raise UserError(f"unclosed '{{' in pipeline: '{shown(text)}'")
     items.append(text[start:])
     stripped = [item.strip() for item in items]
     if any(not item for item in stripped):
-        raise UserError(f"empty pass name in pipeline (a stray comma?): '{text}'")
+        raise UserError(f"empty pass name in pipeline (a stray comma?): '{shown(text)}'")
     return stripped
 
 
@@ -179,17 +181,17 @@ def _parse_item(item: str) -> tuple[str, dict[str, str]]:
     name, brace, rest = item.partition("{")
     name = name.strip()
     if not name.replace("-", "").replace("_", "").isalnum():
-        raise UserError(f"'{name}' is not a pass name; names are words joined by '-'")
+        raise UserError(f"'{shown(name)}' is not a pass name; names are words joined by '-'")
     options: dict[str, str] = {}
     if brace:
         if not rest.endswith("}"):
-            raise UserError(f"text after '}}' in '{item}'; separate passes with commas")
+            raise UserError(f"text after '}}' in '{shown(item)}'; separate passes with commas")
         for token in rest[:-1].split():
             key, eq, value = token.partition("=")
             if not eq or not key or not value:
-                raise UserError(f"option '{token}' of '{name}' must be written key=value")
+                raise UserError(f"option '{shown(token)}' of '{name}' must be written key=value")
             if key in options:
-                raise UserError(f"option '{key}' of '{name}' is given twice")
+                raise UserError(f"option '{shown(key)}' of '{name}' is given twice")
             options[key] = value
     return name, options
 
@@ -197,14 +199,14 @@ def _parse_item(item: str) -> tuple[str, dict[str, str]]:
 def _instantiate(name: str, raw_options: dict[str, str]) -> Pass:
     if name not in all_passes():
         choices = list(all_passes()) + list(PRESETS)
-        raise UserError(f"unknown pass '{name}'{did_you_mean(name, choices)}; `qcompiler passes` lists them")
+        raise UserError(f"unknown pass '{shown(name)}'{did_you_mean(name, choices)}; `qcompiler passes` lists them")
     cls = get_pass(name)
     known = {opt.key: opt for opt in cls.options()}
     values = {}
     for key, raw in raw_options.items():
         if key not in known:
             listed = ", ".join(known) or "none"
-            raise UserError(f"pass '{name}' has no option '{key}'{did_you_mean(key, known)}; options: {listed}")
+            raise UserError(f"pass '{name}' has no option '{shown(key)}'{did_you_mean(key, known)}; options: {listed}")
         values[known[key].field] = convert_option(name, known[key], raw)
     try:
         return cls(**values)
@@ -219,7 +221,7 @@ def convert_option(pass_name: str, opt: Option, raw: str) -> Any:
     try:
         return _convert(opt.type, raw)
     except ValueError as exc:
-        raise UserError(f"option '{opt.key}' of pass '{pass_name}' {exc}, got '{raw}'") from None
+        raise UserError(f"option '{opt.key}' of pass '{pass_name}' {exc}, got '{shown(raw)}'") from None
 
 
 def _convert(tp: Any, raw: str) -> Any:

@@ -1,8 +1,9 @@
 """Progress for steps that take more than a couple of seconds.
 
 On a terminal, a single status line on stderr is redrawn (`label: done/total, elapsed`); elsewhere
-(a build log) nothing is drawn while the step runs and one INFO line reports it when it ends, if it
-took more than `QUIET_SECONDS`. Either way the final line goes through `logging`.
+(a build log) an INFO line `label: done/total, elapsed` is logged every `LOG_SECONDS` while the
+step runs, so a log shows where a long step is, and one INFO line reports it when it ends, if it
+took more than `QUIET_SECONDS`. Either way these lines go through `logging`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ log = logging.getLogger("qcompiler")
 
 QUIET_SECONDS = 2.0
 REDRAW_SECONDS = 0.5
+LOG_SECONDS = 30.0  # off a terminal: one progress line at most this often
 
 
 class Progress:
@@ -29,11 +31,14 @@ class Progress:
     def update(self, done: int | None = None) -> None:
         self.done = self.done + 1 if done is None else done
         now = time.perf_counter()
+        count = f"{self.done}/{self.total}" if self.total else f"{self.done}"
         if self.live and now - self.last >= REDRAW_SECONDS:
             self.last = now
-            count = f"{self.done}/{self.total}" if self.total else f"{self.done}"
             self.stream.write(f"\r{self.label}: {count}, {now - self.start:.0f} s ")
             self.stream.flush()
+        elif not self.live and now - self.last >= LOG_SECONDS:
+            self.last = now
+            log.info("%s: %s, %.0f s", self.label, count, now - self.start)
 
     def close(self) -> float:
         seconds = time.perf_counter() - self.start
