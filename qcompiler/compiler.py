@@ -38,6 +38,7 @@ class CompileResult:
     manifest: dict[str, Any]
     model: ir.Model
     timings: dict[str, float] = dataclasses.field(default_factory=dict)  # capture_s, pipeline_s
+    probe: Any = None  # qcompiler.probe.Probe: what drift and the report were measured on
 
 
 def debug_enabled(flag: bool | None = None) -> bool:
@@ -64,6 +65,8 @@ def compile(
     threads: int | None = None,
     drift: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    eval_data: Any = None,
+    require_data_probe: bool = False,
 ) -> CompileResult:
     """Compile `source` (bundled model name, .onnx path, `pkg.mod:fn`, nn.Module with
     `example_inputs`, or an `onnx_ir.Model`) into an artifact directory `output`.
@@ -75,8 +78,13 @@ def compile(
     `print_ir`: None, "all" or "changed". `dump_ir`: a directory for per-pass IR dumps.
     `report`: a report path (may lie inside `output`): `.json`, or `.html` for a page with the
     `.json` beside it (`qcompiler.report`). The IR is verified after every pass;
-    `drift` measures each pass's output drift on the probe batch. `cache_dir`: reuse calibration
-    statistics computed for the same model, data and options (`qcompiler.calib_cache`)."""
+    `drift` measures each pass's output drift on the probe batch (`qcompiler.probe.choose`: given
+    `probe_inputs`, else the first samples of `eval_data` (a data file or an iterable of input
+    dicts), a bundled model's data, a held-apart slice of the calibration data, example inputs,
+    and only then a synthetic input, which the report names as such). `cache_dir`: reuse calibration
+    statistics computed for the same model, data and options (`qcompiler.calib_cache`).
+    `require_data_probe`: refuse (UserError, before any pass runs) when only a synthetic probe is
+    possible (what the `output-cosine` gate needs)."""
     if target not in TARGETS:
         raise UserError(f"unknown target '{target}'; choose one of: {', '.join(TARGETS)}")
     if target == "triton":  # a missing triton fails before any slow step
@@ -97,8 +105,19 @@ def compile(
         check_order(passes, model_properties(model))
         source_digest = model_digest(model)
         source_weights = weight_count(model)
-        batches = calibration_batches(calibration, calib_count, model, source_info)
-        feeds = probe_inputs if probe_inputs is not None else probe.inputs_for(model, source_info)
+        eval_batches = calibration_batches(eval_data, probe.PROBE_SAMPLES, model, source_info)
+        holds_apart = probe_inputs is None and not eval_batches and source_info.bundled is None
+        batches = calibration_batches(calibration, calib_count, model, source_info, probe.PROBE_SAMPLES if holds_apart else 0)
+        held = None
+        if holds_apart and batches:
+            batches, held = probe.hold_apart(batches, calib_count if isinstance(calibration, (str, os.PathLike)) else None)
+        measured_on = probe.choose(model, source_info, probe_inputs, eval_batches, held)
+        if require_data_probe and not measured_on.is_data:
+            raise UserError("the output-cosine gate needs data to measure on and this model brings none; "
+                            "give --calib FILE or --eval-data FILE (a synthetic input would give a meaningless number)")
+        if not measured_on.is_data and (drift or report is not None):
+            log.warning("%s", measured_on.note)
+        feeds = measured_on.feeds
         tools = _instruments(feeds if drift and report is None else None, dump_ir, print_ir, spec)
         recorder = None
         if report is not None:  # a Drift instrument that also records the layers, in the same runs
@@ -126,7 +145,7 @@ def compile(
         manifest = json.loads((staging / "manifest.json").read_text())
         timings = {"capture_s": round(capture_seconds, 3), "pipeline_s": round(pipeline_seconds, 3)}
         if report is not None:
-            body = reports.build(manifest, records, timings, recorder, model, files, probe=feeds)
+            body = reports.build(manifest, records, timings, recorder, model, files, probe=measured_on)
             files += reports.write(report, Path(output), staging, body)
         final = artifact.commit()
     except BaseException:
@@ -134,7 +153,7 @@ def compile(
         raise
     files = [final / f.relative_to(staging) for f in files]
     log.info("wrote %s (%s)", final, ", ".join(f.name for f in files))
-    return CompileResult(final, files, spec, records, manifest, model, timings)
+    return CompileResult(final, files, spec, records, manifest, model, timings, measured_on)
 
 
 def resolved_pipeline(pipeline: str, target: str = "ort") -> str:
@@ -177,13 +196,15 @@ def complete_pipeline(passes: list, target: str) -> list:
     return passes
 
 
-def calibration_batches(calibration, count: int, model, source_info):
+def calibration_batches(calibration, count: int, model, source_info, extra: int = 0):
+    """Batches of a data file (its first `count` samples, `extra` more when it has them) or of an
+    iterable of input dicts (all of them), checked against the model's inputs; None for None."""
     if calibration is None:
         return None
     from qcompiler.calib_data import load_calibration, validate_batches
 
     if isinstance(calibration, (str, os.PathLike)):
-        return load_calibration(calibration, count, model, bundled=source_info.bundled)
+        return load_calibration(calibration, count, model, bundled=source_info.bundled, extra=extra)
     batches = [dict(b) for b in calibration]
     validate_batches(batches, model)
     return batches
