@@ -56,11 +56,11 @@ def choose(model: ir.Model, source, given=None, eval_batches=None, held_apart=No
     if given is not None:
         return Probe(dict(given), API)
     if eval_batches:
-        return Probe(join(eval_batches, PROBE_SAMPLES), EVAL_DATA)
+        return Probe(fit_batch(model, join(eval_batches, PROBE_SAMPLES)), EVAL_DATA)
     if getattr(source, "bundled", None) is not None:
         return Probe(dict(source.bundled.probe_inputs()), BUNDLED)
     if held_apart is not None:
-        return held_apart
+        return dataclasses.replace(held_apart, feeds=fit_batch(model, held_apart.feeds))
     examples = example_inputs(model, source)
     if examples is not None:
         return Probe(examples, EXAMPLE_INPUTS)
@@ -93,6 +93,15 @@ def join(batches: Sequence[Mapping[str, np.ndarray]], limit: int) -> dict[str, n
     parts = [b for b in batches if all(np.shape(b[k])[1:] == np.shape(first[k])[1:] for k in first)]
     feeds = {k: np.concatenate([np.asarray(b[k]) for b in parts], axis=0)[:limit] for k in first}
     return feeds
+
+
+def fit_batch(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`feeds` cut to the batch size the model fixes (a first dim stored as a number), if any."""
+    fixed = [v.shape[0] for v in model.graph.inputs if v.name in feeds and v.shape is not None
+             and len(v.shape) and isinstance(v.shape[0], int) and v.shape[0] > 0]
+    if not fixed:
+        return feeds
+    return {k: np.asarray(v)[: min(fixed)] for k, v in feeds.items()}
 
 
 def _rows(batch: Mapping[str, np.ndarray]) -> int:
