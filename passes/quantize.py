@@ -15,18 +15,25 @@ the layers that read it):
   calibration rows is recorded; `float-inputs=N` keeps the N worst in float (weights still int8).
 - `dynamic`: per tensor, computed at run time (ONNX Runtime's dynamic quantization).
 - `per-token`: one symmetric scale per row, computed at run time (ZeroQuant, Yao et al. 2022).
+
+Placement: with int8 activations, a layer is quantized only where ONNX Runtime will run it as an
+integer kernel (`qcompiler.placement`): every MatMul, and a Conv whose output only quantized layers
+read (static mode). Other layers stay in float, weights too, each listed with the reason in
+`float_placement` (a Conv behind a dequantize runs in float and only pays the quantize and
+dequantize). `force=GLOBS` (`*`: all) quantizes the matching layers anyway.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import logging
 from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler import calibration, context
+from qcompiler import calibration, context, placement
 from qcompiler.calib_cache import collect_cached
 from qcompiler.errors import UserError
 from qcompiler.ops import QC_OPSET_VERSION
@@ -34,6 +41,7 @@ from qcompiler.layers import CREATED_BY, insert_after_value, linears, new_initia
 from qcompiler.passbase import STATS_CURRENT, Pass, PassResult, model_properties, option, register_pass
 
 QMAX = 127
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +70,7 @@ class QuantizePass(Pass):
     conv: bool = option(True, "quantize Conv layers as well as linears")
     float_inputs: int = option(0, "static mode: keep this many inputs, those that quantize worst (lowest SQNR), in float")
     keep: tuple[str, ...] = option((), "weights (names or globs) whose layers stay in float")
+    force: tuple[str, ...] = option((), "weights (names or globs, * for all) whose layers are quantized even where ONNX Runtime would run them in float")
 
     def __post_init__(self):
         if self.float_inputs < 0:
@@ -74,8 +83,11 @@ class QuantizePass(Pass):
         for pattern in self.keep:
             if not any(fnmatch.fnmatchcase(t.w.name, pattern) for t in found):
                 raise UserError(f"quantize: keep pattern '{pattern}' matches no layer weight")
+        placed_float = {}
+        if self.activations == "int8":
+            targets, placed_float = self._integer_placement(graph, targets)
         if not targets:
-            return PassResult(model, False, {"layers": 0})
+            return PassResult(model, False, {"layers": 0, "float_placement": placed_float})
         model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
         ranges, act_sqnr, recollected = {}, {}, 0
         if self.activations == "int8" and self.act_mode == "static":
@@ -102,10 +114,25 @@ class QuantizePass(Pass):
             "activations_quantized": len(quantized_inputs),
             "activation_ranges_recollected": recollected,
             "activations_in_float": sorted(in_float),
-            "kept_in_float": sorted(t.w.name for t in found if t not in targets),
+            "kept_in_float": sorted(t.w.name for t in found if any(fnmatch.fnmatchcase(t.w.name, p) for p in self.keep)),
+            "float_placement": placed_float,
             "per_layer": layer_stats,
         }
         return PassResult(model, True, stats)
+
+    def _integer_placement(self, graph: ir.Graph, targets: list[Target]) -> tuple[list[Target], dict[str, str]]:
+        """(the targets ONNX Runtime runs as integer kernels or `force` names, {layer: why float} for the rest)."""
+        forced = [t for t in targets if any(fnmatch.fnmatchcase(t.w.name, p) for p in self.force)]
+        for pattern in self.force:
+            if not any(fnmatch.fnmatchcase(t.w.name, pattern) for t in targets):
+                raise UserError(f"quantize: force pattern '{pattern}' matches no layer weight")
+        floats = placement.integer_layers(graph, [t.node for t in targets], static=self.act_mode == "static")
+        kept = [t for t in targets if id(t.node) not in floats or t in forced]
+        placed_float = {t.node.name or t.node.outputs[0].name: floats[id(t.node)] for t in targets if t not in kept}
+        if placed_float:
+            log.info("quantize: %d of %d layers left in float where ONNX Runtime has no integer kernel for them "
+                     "(quantize{force=...} quantizes them anyway)", len(placed_float), len(targets))
+        return kept, placed_float
 
 
 def find_targets(graph: ir.Graph, conv: bool) -> list[Target]:

@@ -131,6 +131,7 @@ def compile(
         with using(ctx):
             records = run_pipeline(model, passes, tools)
         pipeline_seconds = time.perf_counter() - start
+        warn_if_predicted_slower(records)
         manifest = {
             "source": {"name": source_info.name, "kind": source_info.kind, "sha256": source_digest, "weights": source_weights},
             "pipeline": spec,
@@ -194,6 +195,17 @@ def complete_pipeline(passes: list, target: str) -> list:
         if "fuse" not in names:
             passes = passes + [get_pass("fuse")()]
     return passes
+
+
+def warn_if_predicted_slower(records: list[PassRecord]) -> None:
+    """A warning when `lower-ort` counted more quantized activations feeding float kernels than
+    integer kernels (`qcompiler.placement.predicted_slower`)."""
+    kernels = next((r.stats.get("kernels") for r in reversed(records) if r.name == "lower-ort"), None)
+    if kernels and kernels.get("predicted_slower_than_float"):
+        log.warning(
+            "the artifact is predicted slower than float: %d quantized activations feed layers ONNX Runtime runs in float "
+            "(%s), against %d integer kernels; quantize{force=...} placed them, or a pass after quantize moved them",
+            kernels["float_kernels_behind_qdq"], ", ".join(kernels["float_kernels_behind_qdq_names"]), kernels["integer_kernels"])
 
 
 def calibration_batches(calibration, count: int, model, source_info, extra: int = 0):

@@ -391,6 +391,7 @@ def build(
             "layers": len(layers),
             "layers_quantized": len(quantized),
             "float_nodes": len(float_nodes),
+            "layers_float_for_speed": len(stats.get("quantize", {}).get("float_placement") or {}),
             "output": output,
             "output_measured_on": probe_source if output is not None else None,
             "lowest_layer_sqnr_db": min(measured) if measured else None,
@@ -548,8 +549,9 @@ def _float_nodes(model: ir.Model, recorder: Recorder, stats: dict, layers: list[
             if layer is None:
                 continue
             if layer["weight"]["format"] == "float":
+                placed = (stats.get("quantize", {}).get("float_placement") or {}).get(layer["name"])
                 found.append({"name": name, "op": node.op_type, "part": "weight",
-                              "reason": _why_float_weight(node, layer, options, quantizing)})
+                              "reason": f"left in float by quantize: {placed}" if placed else _why_float_weight(node, layer, options, quantizing)})
             elif options.get("quantize", {}).get("activations") == "int8" and layer["activation"]["format"] == "float":
                 found.append({"name": name, "op": node.op_type, "part": "activation", "reason": layer["activation"]["float_reason"]})
         elif key == ("", "Gather") and node.inputs and node.inputs[0] is not None and node.inputs[0].const_value is not None:
