@@ -5,9 +5,10 @@ linears add `[1, 1, N]` biases (as Keras exports Dense layers).
     python benchmarks/placement.py --repeats 30 --json /tmp/placement.json
 
 Each model is compiled on deterministic calibration rows with `w8a8` (int8 placed where it pays)
-and with the placement before it: `quantize{force=*}` (int8 before every layer) and, for the
-biases, `lower-ort{int-kernels=qdq}` (the row-shaped bias left to a separate Add, as `[1, 1, N]`
-biases were). The float model and the artifacts run as separate sessions, rounds interleaved, and
+and with `lower-ort{int-kernels=qdq}` (the bias left to a separate Add, as `[1, 1, N]` biases were).
+`--compare DIR` adds prebuilt artifacts `DIR/<model>/model.onnx` to the same interleaved rounds
+(e.g. the same models compiled by an earlier version: `--build DIR` writes them with the
+installed one). The float model and the artifacts run as separate sessions, rounds interleaved, and
 the latency is the paired ratio to float (median over rounds of artifact time / float time in the
 same round). Also printed: the output cosine against float on held-apart rows, and what
 `lower-ort` counted (integer kernels, float kernels behind a quantize/dequantize pair).
@@ -94,12 +95,25 @@ MODELS = {"conv-net": conv_net, "mlp-[1,1,N]-bias": mlp}
 SMOOTH = "canonicalize,calibrate{method=minmax},smooth{alpha=auto},fold-scales{unfoldable=unsmooth}"
 VARIANTS = {
     "w8a8": "w8a8",
-    "int8 everywhere": f"{SMOOTH},quantize{{force=*}},lower-ort",
     "bias as Add": f"{SMOOTH},quantize,lower-ort{{int-kernels=qdq}}",
 }
 
 
-def measure(name: str, build, work: Path, threads: int, repeats: int) -> list[dict]:
+def build_only(target: Path) -> None:
+    """Write `target/<model>.onnx` and `target/<model>/` (its `w8a8` artifact) for `--compare`."""
+    import onnx
+
+    import qcompiler
+
+    target.mkdir(parents=True, exist_ok=True)
+    for name, build in MODELS.items():
+        model, rows = build()
+        onnx.save(model, str(target / f"{name}.onnx"))
+        rng = np.random.default_rng(7)
+        qcompiler.compile(str(target / f"{name}.onnx"), target / name, pipeline="w8a8", calibration=[rows(rng, 1) for _ in range(16)], drift=False)
+
+
+def measure(name: str, build, work: Path, threads: int, repeats: int, compare: Path | None = None) -> list[dict]:
     import onnx
 
     import qcompiler
@@ -126,6 +140,12 @@ def measure(name: str, build, work: Path, threads: int, repeats: int) -> list[di
             "layers_quantized": quantize.get("layers"), "layers_float_for_speed": len(quantize.get("float_placement") or {}),
             "kernels": next((r.stats.get("kernels") for r in result.records if r.name == "lower-ort"), None),
         }
+    if compare is not None and (compare / name / "model.onnx").exists():
+        session = execute.ort_session(str(compare / name / "model.onnx"), threads)
+        runners["compared"] = lambda s=session: s.run(None, held)
+        found["compared"] = {"model": name, "variant": "compared", "pipeline": f"w8a8 as built in {compare}",
+                             "cosine": execute.drift({"y": want}, {"y": session.run(None, held)[0]})["cosine"],
+                             "layers_quantized": None, "layers_float_for_speed": None, "kernels": None}
     timing = common.interleaved_latency(runners, repeats=repeats, reference="float")
     for variant, row in found.items():
         row.update(ratio_to_float=timing[variant]["paired_ratio"], ratio_p25=timing[variant]["paired_ratio_p25"],
@@ -138,17 +158,22 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=common.THREADS)
     parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--json", type=Path, default=common.RESULTS / "placement.json")
+    parser.add_argument("--compare", type=Path, help="a folder written by --build (e.g. with an earlier version), timed alongside")
+    parser.add_argument("--build", type=Path, help="only write the models and their w8a8 artifacts into this folder, then stop")
     args = parser.parse_args(argv)
+    if args.build is not None:
+        build_only(args.build)
+        return 0
     common.quiet()
     common.fix_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, build in MODELS.items():
-            rows.extend(measure(name, build, Path(tmp), args.threads, args.repeats))
+            rows.extend(measure(name, build, Path(tmp), args.threads, args.repeats, args.compare))
     print(common.table(["model", "variant", "ratio to float", "p25..p75", "ms", "float ms", "cosine", "layers int8", "float for speed"],
                        [[r["model"], r["variant"], f"{r['ratio_to_float']:.3f}", f"{r['ratio_p25']:.2f}..{r['ratio_p75']:.2f}",
-                         f"{r['ms']:.2f}", f"{r['float_ms']:.2f}", f"{r['cosine']:.5f}", r["layers_quantized"],
-                         r["layers_float_for_speed"]] for r in rows]))
+                         f"{r['ms']:.2f}", f"{r['float_ms']:.2f}", f"{r['cosine']:.5f}", r["layers_quantized"] if r["layers_quantized"] is not None else "-",
+                         r["layers_float_for_speed"] if r["layers_float_for_speed"] is not None else "-"] for r in rows]))
     common.write_json(args.json, {"command": common.command_line(), "machine": common.machine(), "threads": args.threads,
                                   "packages": common.packages(), "git": common.git_state(), "results": rows})
     return 0

@@ -10,8 +10,9 @@ checked on its optimized graphs) makes one of a QDQ group when:
   `Relu` that alone reads it, goes to a single `QuantizeLinear` (`QLinearConv`). Without it the
   Conv runs in float behind a dequantize: slower than no quantization at all.
 
-`integer_layers` decides it for `quantize` before any node is written (which layer inputs to
-quantize: the greatest set of them in which each one makes an integer kernel);
+`quantize` therefore quantizes the output of every Conv it quantizes (`quantized_conv_outputs`:
+readers that are no layer read it dequantized, as ONNX Runtime's own `quantize_static` places it),
+and leaves in float the layers `integer_layers` names;
 `census` counts what a lowered graph will run (`lower-ort`'s statistics and slowdown warning).
 """
 
@@ -37,65 +38,32 @@ def conv_output(graph: ir.Graph, conv: ir.Node) -> ir.Value:
 
 def integer_layers(graph: ir.Graph, layers: list[ir.Node], static: bool) -> dict[int, str]:
     """For `layers` (MatMul and Conv nodes that would read a quantized activation): the ids of those
-    whose activation is better left in float, each with the reason.
-
-    A quantized tensor pays when it makes an integer kernel: a MatMul reads it; or a Conv reads it
-    whose own output is quantized too; or it is the output of a Conv whose input is quantized (the
-    quantize that makes that Conv a `QLinearConv`), and only quantized layers read it. Starting from
-    every layer input, tensors that pay for nothing are dropped until the rest all pay (the greatest
-    such set); the layers reading a dropped tensor stay in float. A Conv runs in float with a
-    run-time (dynamic) scale, so only MatMuls then pay."""
-    readers: dict[int, list[ir.Node]] = {}
-    values: dict[int, ir.Value] = {}
-    for node in layers:
-        readers.setdefault(id(node.inputs[0]), []).append(node)
-        values[id(node.inputs[0])] = node.inputs[0]
-    layer_ids = {id(n) for n in layers}
-    quantized = set(readers)
-
-    def quantizable(value: ir.Value) -> bool:  # every reader reads it through the one QuantizeLinear
-        return value not in graph.outputs and all(u.idx == 0 and id(u.node) in layer_ids for u in value.uses())
-
-    def integer_conv(conv: ir.Node) -> bool:
-        out = conv_output(graph, conv)
-        return static and id(conv.inputs[0]) in quantized and id(out) in quantized and quantizable(out)
-
-    def pays(key: int) -> bool:
-        value = values[key]
-        if any(_is(n, "MatMul") or (_is(n, "Conv") and integer_conv(n)) for n in readers[key]):
-            return True
-        producer = value.producer()
-        if producer is not None and _is(producer, "Relu") and producer.inputs[0] is not None:
-            producer = producer.inputs[0].producer()
-        return producer is not None and _is(producer, "Conv") and conv_output(graph, producer) is value and integer_conv(producer)
-
-    changed = True
-    while changed:
-        changed = False
-        for key in sorted(quantized, key=lambda k: values[k].name or ""):
-            if not pays(key):
-                quantized.discard(key)
-                changed = True
+    ONNX Runtime would run in float, each with the reason. A MatMul always runs integer. A Conv runs
+    integer when its output is quantized too, which `quantize` does for every Conv it quantizes
+    (`quantized_conv_outputs`): so only a Conv whose output is a graph output (which stays float),
+    or any Conv with a run-time (dynamic) activation scale, stays float."""
     floats: dict[int, str] = {}
     for node in layers:
-        if id(node.inputs[0]) in quantized:
+        if not _is(node, "Conv"):
             continue
-        floats[id(node)] = _float_reason(graph, node, static)
+        if not static:
+            floats[id(node)] = "a Conv with a run-time (dynamic) activation scale has no integer kernel in ONNX Runtime"
+        elif conv_output(graph, node) in graph.outputs:
+            floats[id(node)] = ("its output is a graph output, which stays float, and ONNX Runtime's integer Conv "
+                                "(QLinearConv) needs a quantized output: it would run in float behind a dequantize")
     return floats
 
 
-def _float_reason(graph: ir.Graph, conv: ir.Node, static: bool) -> str:
-    if not static:
-        return "a Conv with a run-time (dynamic) activation scale has no integer kernel in ONNX Runtime"
-    out = conv_output(graph, conv)
-    if out in graph.outputs:
-        why = "its output is a graph output"
-    else:
-        other = next((u.node for u in out.uses() if u.idx != 0 or u.node.op_type not in ("Conv", "MatMul")), None)
-        why = (f"its output is read by {other.op_type} '{other.name or other.outputs[0].name}'" if other is not None
-               else "its output feeds no layer that runs integer")
-    return (f"ONNX Runtime would run this Conv in float ({why}, so no QLinearConv), and its input feeds no other "
-            "integer kernel: quantizing it would only add a quantize and a dequantize")
+def quantized_conv_outputs(graph: ir.Graph, layers: list[ir.Node]) -> dict[str, ir.Value]:
+    """The tensors to quantize after the Convs among `layers` so that each makes a `QLinearConv`:
+    each Conv's output, or that of the `Relu` alone reading it (graph outputs excepted)."""
+    found: dict[str, ir.Value] = {}
+    for node in layers:
+        if _is(node, "Conv"):
+            out = conv_output(graph, node)
+            if out not in graph.outputs:
+                found.setdefault(out.name, out)
+    return found
 
 
 def census(graph: ir.Graph) -> dict[str, object]:

@@ -1,5 +1,6 @@
-"""Placement that pays: `quantize` leaves in float the layers ONNX Runtime would run in float behind
-a dequantize, `lower-ort` fuses biases of any row shape, and a forced placement that ONNX Runtime
+"""Placement that pays: `quantize` makes every Conv it quantizes an integer kernel for ONNX Runtime
+(its output quantized too) and leaves in float those ONNX Runtime would run in float behind a
+dequantize, `lower-ort` fuses biases of any row shape, and a forced placement that ONNX Runtime
 cannot use is counted and warned about."""
 
 import logging
@@ -15,7 +16,7 @@ from qcompiler import execute
 
 def _conv_net() -> onnx.ModelProto:
     """conv0 -> Relu -> conv1 -> Relu -> conv2 -> Relu (also the skip) -> conv3 -> HardSigmoid * x ->
-    conv4 -> Add(skip) -> GlobalAveragePool -> Flatten -> Gemm."""
+    conv4 -> Add(skip) -> GlobalAveragePool -> Flatten -> Gemm, and conv5 reading the Add as a second output."""
     rng = np.random.default_rng(0)
     nodes, inits = [], []
 
@@ -37,8 +38,10 @@ def _conv_net() -> onnx.ModelProto:
     inits += [numpy_helper.from_array(rng.normal(0, 0.3, (4, 8)).astype(np.float32), "fc")]
     nodes += [helper.make_node("Add", [x, skip], ["res"], name="residual"), helper.make_node("GlobalAveragePool", ["res"], ["pooled"]),
               helper.make_node("Flatten", ["pooled"], ["flat"]), helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1, name="fc")]
+    mask = conv(5, "res", 8, 1)  # a second head: its output is a graph output
     graph = helper.make_graph(nodes, "conv_net", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, 12, 12])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 4])], inits)
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 4]),
+                               helper.make_tensor_value_info(mask, TensorProto.FLOAT, ["n", 1, 12, 12])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
@@ -72,32 +75,45 @@ def _stats(result, name):
     return next(r.stats for r in result.records if r.name == name)
 
 
-def test_convs_that_onnx_runtime_runs_in_float_stay_float(tmp_path):
+def test_every_conv_runs_integer_but_one_writing_a_graph_output(tmp_path):
     result = _compile(tmp_path, _conv_net(), "w8a8", _images)
     quantize = _stats(result, "quantize")
-    # conv0, conv1 make QLinearConv (their outputs feed quantized convs only); conv2's output is also
-    # the residual skip, so conv2 runs float, but its input is conv1's quantized output; conv3's output
-    # feeds a hard-swish and conv4's the residual Add: both would run float behind a dequantize.
-    assert sorted(quantize["float_placement"]) == ["conv3", "conv4"]
-    assert "HardSigmoid 'gate'" in quantize["float_placement"]["conv3"] and "Add 'residual'" in quantize["float_placement"]["conv4"]
-    assert sorted(quantize["per_layer"]) == ["conv0", "conv1", "conv2", "fc"]
+    # each quantized Conv's output (after its Relu) is quantized too, so ONNX Runtime makes a
+    # QLinearConv of it; readers that are no layer (the hard-swish, the residual Add) read it
+    # dequantized. conv5 writes a graph output, which stays float: it would run float behind a dequantize.
+    assert list(quantize["float_placement"]) == ["conv5"] and "graph output" in quantize["float_placement"]["conv5"]
+    assert sorted(quantize["per_layer"]) == ["conv0", "conv1", "conv2", "conv3", "conv4", "fc"]
+    assert quantize["conv_outputs_quantized"] == 5
     kernels = _stats(result, "lower-ort")["kernels"]
-    assert kernels["integer_kernels"] == 3 and kernels["float_kernels_behind_qdq_names"] == ["conv2"]
+    assert kernels["integer_kernels"] == 6 and kernels["float_kernels_behind_qdq"] == 0
     assert not kernels["predicted_slower_than_float"]
+    feeds = _images(np.random.default_rng(11))
+    want = execute.ort_session(_conv_net()).run(None, feeds)
+    got = execute.ort_session(str(result.output / "model.onnx")).run(None, feeds)
+    assert all(execute.drift({"y": w}, {"y": g})["cosine"] > 0.99 for w, g in zip(want, got))
+
+
+def _one_conv() -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.random.default_rng(2).normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["image", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")], "one_conv",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 12, 12])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
 def test_forced_placement_is_predicted_slower_with_a_warning(tmp_path, caplog):
+    assert _stats(_compile(tmp_path, _one_conv(), "w8a8", _images), "quantize")["layers"] == 0
     with caplog.at_level(logging.WARNING, logger="qcompiler"):
-        result = _compile(tmp_path, _conv_net(), "canonicalize,calibrate,quantize{force=*},lower-ort", _images)
+        result = _compile(tmp_path, _one_conv(), "canonicalize,calibrate,quantize{force=*},lower-ort", _images)
     kernels = _stats(result, "lower-ort")["kernels"]
-    assert kernels["float_kernels_behind_qdq_names"] == ["conv2", "conv3", "conv4"] and kernels["integer_kernels"] == 3
+    assert kernels["float_kernels_behind_qdq_names"] == ["conv"] and kernels["integer_kernels"] == 0
     assert kernels["predicted_slower_than_float"]
     assert any("predicted slower than float" in r.getMessage() for r in caplog.records)
 
 
 def test_dynamic_activations_leave_convs_float(tmp_path):
     result = _compile(tmp_path, _conv_net(), "canonicalize,calibrate,quantize{act-mode=dynamic},lower-ort", _images)
-    assert sorted(_stats(result, "quantize")["float_placement"]) == [f"conv{i}" for i in range(5)]
+    assert sorted(_stats(result, "quantize")["float_placement"]) == [f"conv{i}" for i in range(6)]
 
 
 def test_row_shaped_bias_is_fused_into_the_integer_kernel(tmp_path):
