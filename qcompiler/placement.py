@@ -1,8 +1,8 @@
 """Where int8 activations pay in ONNX Runtime: which layers its CPU provider runs as integer kernels.
 
 A quantized activation costs a `QuantizeLinear` and a `DequantizeLinear` pass over the tensor; it
-pays only when the layer reading it runs as an integer kernel. ONNX Runtime (1.2x-1.3x, CPU,
-checked on its optimized graphs) makes one of a QDQ group when:
+pays only when the layer reading it runs as an integer kernel. ONNX Runtime (1.32, CPU, checked
+on the graphs it optimizes) makes one of a QDQ group when:
 
 - `DQ(x) -> MatMul <- DQ(W)`: always (`MatMulIntegerToFloat`; `lower-ort` writes that op itself
   when an `Add` of a constant bias follows, the bias of any shape that broadcasts as a row);
@@ -94,7 +94,8 @@ def _output_quantized(graph: ir.Graph, conv: ir.Node) -> bool:
 
 
 def predicted_slower(counts: dict) -> bool:
-    """Slower than float: quantized activations that feed float kernels at least as many as
-    integer kernels (each wasted pair is two passes over a tensor; an integer kernel saves about one)."""
+    """Predicted slower than float: at least as many quantized activations feed float kernels as
+    integer kernels run (a rule of thumb: `benchmarks/placement.py`'s conv net placed that way, 4
+    float Convs behind a dequantize against 3 integer kernels, ran 1.26 times as long as float)."""
     wasted = counts["float_kernels_behind_qdq"]
     return wasted > 0 and wasted >= counts["integer_kernels"]
