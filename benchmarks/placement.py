@@ -3,6 +3,7 @@ linears add `[1, 1, N]` biases (as Keras exports Dense layers).
 
     python benchmarks/placement.py                      # 2 threads, writes benchmarks/results/placement.json
     python benchmarks/placement.py --repeats 30 --json /tmp/placement.json
+    python benchmarks/placement.py --onnx-models        # also SqueezeNet, ShuffleNet, ResNet-50, Inception v1
 
 Each model is compiled on deterministic calibration rows with `w8a8` (int8 placed where it pays)
 and with `lower-ort{int-kernels=qdq}` (the bias left to a separate Add, as `[1, 1, N]` biases were).
@@ -91,7 +92,19 @@ def mlp():
         "tokens": r.normal(0, 1, (n, 64, 256)).astype(np.float32)}
 
 
+def onnx_light(name: str):
+    """One of the model graphs ONNX ships with its backend tests, with deterministic He-normal weights
+    (`tests/test_public_models.py`), fed real photographs at 224 x 224."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from test_public_models import images, with_weights
+
+    model = with_weights(name)
+    x = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
+    return model, lambda r, n: {x: images(224, n, offset=int(r.integers(0, 8)))}
+
+
 MODELS = {"conv-net": conv_net, "mlp-[1,1,N]-bias": mlp}
+LIGHT = ("squeezenet", "shufflenet", "resnet50", "inception_v1")
 SMOOTH = "canonicalize,calibrate{method=minmax},smooth{alpha=auto},fold-scales{unfoldable=unsmooth}"
 VARIANTS = {
     "w8a8": "w8a8",
@@ -160,7 +173,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=common.RESULTS / "placement.json")
     parser.add_argument("--compare", type=Path, help="a folder written by --build (e.g. with an earlier version), timed alongside")
     parser.add_argument("--build", type=Path, help="only write the models and their w8a8 artifacts into this folder, then stop")
+    parser.add_argument("--onnx-models", action="store_true", help=f"also ONNX's backend-test model graphs: {', '.join(LIGHT)}")
     args = parser.parse_args(argv)
+    if args.onnx_models:
+        MODELS.update({name: (lambda n=name: onnx_light(n)) for name in LIGHT})
     if args.build is not None:
         build_only(args.build)
         return 0
