@@ -46,7 +46,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler import ops
+from qcompiler import ops, placement
 from qcompiler.layers import CREATED_BY, new_initializer, remove_unused
 from qcompiler.passbase import Pass, PassResult, option, register_pass
 from qcompiler.passes.lower_mixed import lower_mixed_matmul
@@ -167,6 +167,9 @@ class LowerOrtPass(Pass):
         if counts and "qc" in model.opset_imports and not any(n.domain == "qc" for n in graph):
             del model.opset_imports["qc"]
         stats = {"activation_format": "s8" if signed else "u8", "cpu_vnni": cpu_has_vnni(), "routes": counts}
+        kernels = placement.census(graph)
+        if kernels["integer_kernels"] or kernels["float_kernels_behind_qdq"]:
+            stats["kernels"] = {**kernels, "predicted_slower_than_float": placement.predicted_slower(kernels)}
         if any(n.op_type == "MatMulNBits" for n in graph):
             stats["matmul_nbits_accuracy_level"] = level
             model.opset_imports.setdefault("com.microsoft", 1)
@@ -265,6 +268,7 @@ def fuse_integer_bias(graph: ir.Graph) -> int:
     """`Add(MatMul(DQ(x_q: u8), DQ(W_q: int8, per column)), b)` -> `MatMulIntegerToFloat`; x_q
     static (constant scale and zero point) or dynamic (both from `DynamicQuantizeLinear`)."""
     count = 0
+    rows: dict[int, ir.Value] = {}  # id(bias of shape [1, .., 1, N]) -> the same numbers as [N]
     for add in list(graph):
         if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
             continue
@@ -275,6 +279,10 @@ def fuse_integer_bias(graph: ir.Graph) -> int:
                 break
         else:
             continue
+        if len(bias.const_value.shape) != 1:
+            if id(bias) not in rows:
+                rows[id(bias)] = new_initializer(graph, f"{bias.name}.row", bias.const_value.numpy().reshape(-1))
+            bias = rows[id(bias)]
         fused = ir.node("MatMulIntegerToFloat", [*parts, bias], domain="com.microsoft", name=matmul.name,
                         metadata_props={CREATED_BY: "lower-ort"})
         dqs = [v.producer() for v in matmul.inputs]
@@ -316,15 +324,20 @@ def widen_integer_linears(graph: ir.Graph) -> int:
 
 def _integer_linear(graph: ir.Graph, matmul: ir.Node | None, bias: ir.Value | None) -> list | None:
     """[x_q, W_q, x_scale, W_scale, x_zero_point, None] when `matmul` multiplies a u8 QDQ activation by
-    a symmetric int8 weight dequantized per column, read only by the Add of a constant 1-D bias."""
+    a symmetric int8 weight dequantized per column, read only by the Add of a constant bias that
+    broadcasts as one row (`[N]`, `[1, 1, N]`, no more dims than the product has)."""
     if matmul is None or matmul.op_type != "MatMul" or len(matmul.outputs[0].uses()) != 1 or matmul.outputs[0] in graph.outputs:
         return None
     b = bias.const_value if bias is not None else None
-    if b is None or len(b.shape) != 1 or b.dtype != ir.DataType.FLOAT:
+    if b is None or len(b.shape) < 1 or any(int(d) != 1 for d in b.shape[:-1]) or b.dtype != ir.DataType.FLOAT:
         return None
+    shape = next((v.shape for v in (matmul.outputs[0], matmul.inputs[0]) if v.shape is not None), None)
+    product_rank = len(shape) if shape is not None else None
+    if len(b.shape) > 1 and (product_rank is None or len(b.shape) > product_rank):
+        return None  # the Add would broadcast the product to a higher rank
     x_dq = matmul.inputs[0].producer()
     weight = _int8_weight_per_column(matmul.inputs[1])
-    if x_dq is None or x_dq.op_type != "DequantizeLinear" or weight is None or b.shape[0] != weight[0].const_value.shape[1]:
+    if x_dq is None or x_dq.op_type != "DequantizeLinear" or weight is None or b.shape[-1] != weight[0].const_value.shape[1]:
         return None
     x_q, x_scale, x_zero = (list(x_dq.inputs) + [None])[:3]
     if not _is_u8_zero_point(x_zero):

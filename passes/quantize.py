@@ -15,18 +15,27 @@ the layers that read it):
   calibration rows is recorded; `float-inputs=N` keeps the N worst in float (weights still int8).
 - `dynamic`: per tensor, computed at run time (ONNX Runtime's dynamic quantization).
 - `per-token`: one symmetric scale per row, computed at run time (ZeroQuant, Yao et al. 2022).
+
+Placement: with int8 activations, a layer is quantized only where ONNX Runtime will run it as an
+integer kernel (`qcompiler.placement`): every MatMul, and every Conv in static mode, whose output
+(or that of a Relu alone reading it) is then quantized too, as `QLinearConv` needs; readers of it
+that are no layer read it dequantized. Other layers (a Conv writing a graph output; any Conv with
+dynamic scales) stay in float, weights too, each listed with the reason in `float_placement` (a
+Conv behind a dequantize runs in float and only pays the quantize and dequantize). `force=GLOBS`
+(`*`: all) quantizes the matching layers anyway.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import logging
 from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler import calibration, context
+from qcompiler import calibration, context, placement
 from qcompiler.calib_cache import collect_cached
 from qcompiler.errors import UserError
 from qcompiler.ops import QC_OPSET_VERSION
@@ -34,6 +43,7 @@ from qcompiler.layers import CREATED_BY, insert_after_value, linears, new_initia
 from qcompiler.passbase import STATS_CURRENT, Pass, PassResult, model_properties, option, register_pass
 
 QMAX = 127
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +72,7 @@ class QuantizePass(Pass):
     conv: bool = option(True, "quantize Conv layers as well as linears")
     float_inputs: int = option(0, "static mode: keep this many inputs, those that quantize worst (lowest SQNR), in float")
     keep: tuple[str, ...] = option((), "weights (names or globs) whose layers stay in float")
+    force: tuple[str, ...] = option((), "weights (names or globs, * for all) whose layers are quantized even where ONNX Runtime would run them in float")
 
     def __post_init__(self):
         if self.float_inputs < 0:
@@ -74,13 +85,19 @@ class QuantizePass(Pass):
         for pattern in self.keep:
             if not any(fnmatch.fnmatchcase(t.w.name, pattern) for t in found):
                 raise UserError(f"quantize: keep pattern '{pattern}' matches no layer weight")
+        placed_float = {}
+        if self.activations == "int8":
+            targets, placed_float = self._integer_placement(graph, targets)
         if not targets:
-            return PassResult(model, False, {"layers": 0})
+            return PassResult(model, False, {"layers": 0, "float_placement": placed_float})
         model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
         ranges, act_sqnr, recollected = {}, {}, 0
-        if self.activations == "int8" and self.act_mode == "static":
-            ranges, act_sqnr, recollected = _static_ranges(model, targets)
-        worst_first = sorted(act_sqnr, key=lambda name: (np.inf if act_sqnr[name] is None else act_sqnr[name], name))
+        static = self.activations == "int8" and self.act_mode == "static"
+        conv_outputs = placement.quantized_conv_outputs(graph, [t.node for t in targets]) if static else {}
+        if static:
+            ranges, act_sqnr, recollected = _static_ranges(model, targets, {name: 1 for name in conv_outputs})
+        inputs = {t.x.name for t in targets}
+        worst_first = sorted((n for n in act_sqnr if n in inputs), key=lambda name: (np.inf if act_sqnr[name] is None else act_sqnr[name], name))
         in_float = set(worst_first[: self.float_inputs])
         quantized_inputs: dict[str, ir.Value] = {}
         layer_stats = {}
@@ -97,15 +114,42 @@ class QuantizePass(Pass):
                 target.node.replace_input_with(0, q_value)
                 entry["activation"] = _act_summary(q_value.producer())
             layer_stats[target.node.name or target.node.outputs[0].name] = entry
+        outputs_quantized = 0
+        for name, value in conv_outputs.items():  # every reader sees the grid the integer Conv writes
+            if name in in_float:
+                continue
+            if name not in quantized_inputs:
+                quantized_inputs[name] = _quantize_activation(graph, value, "static", ranges[name])
+            q_value = quantized_inputs[name]
+            for use in list(value.uses()):
+                if use.node is not q_value.producer():
+                    use.node.replace_input_with(use.idx, q_value)
+            outputs_quantized += 1
         stats = {
             "layers": len(targets),
             "activations_quantized": len(quantized_inputs),
+            "conv_outputs_quantized": outputs_quantized,
             "activation_ranges_recollected": recollected,
             "activations_in_float": sorted(in_float),
-            "kept_in_float": sorted(t.w.name for t in found if t not in targets),
+            "kept_in_float": sorted(t.w.name for t in found if any(fnmatch.fnmatchcase(t.w.name, p) for p in self.keep)),
+            "float_placement": placed_float,
             "per_layer": layer_stats,
         }
         return PassResult(model, True, stats)
+
+    def _integer_placement(self, graph: ir.Graph, targets: list[Target]) -> tuple[list[Target], dict[str, str]]:
+        """(the targets ONNX Runtime runs as integer kernels or `force` names, {layer: why float} for the rest)."""
+        forced = [t for t in targets if any(fnmatch.fnmatchcase(t.w.name, p) for p in self.force)]
+        for pattern in self.force:
+            if not any(fnmatch.fnmatchcase(t.w.name, pattern) for t in targets):
+                raise UserError(f"quantize: force pattern '{pattern}' matches no layer weight")
+        floats = placement.integer_layers(graph, [t.node for t in targets], static=self.act_mode == "static")
+        kept = [t for t in targets if id(t.node) not in floats or t in forced]
+        placed_float = {t.node.name or t.node.outputs[0].name: floats[id(t.node)] for t in targets if t not in kept}
+        if placed_float:
+            log.info("quantize: %d of %d layers left in float where ONNX Runtime has no integer kernel for them "
+                     "(quantize{force=...} quantizes them anyway)", len(placed_float), len(targets))
+        return kept, placed_float
 
 
 def find_targets(graph: ir.Graph, conv: bool) -> list[Target]:
@@ -175,13 +219,15 @@ def asymmetric_params(lo: float, hi: float) -> tuple[float, int]:
     return float(np.float32(scale)), zero_point
 
 
-def _static_ranges(model: ir.Model, targets: list[Target]) -> tuple[dict, dict, int]:
-    """Per activation: the calibrated [lo, hi], and the SQNR (dB) of int8 quantization with it on
-    the calibration sample rows; and how many activations had to be run again on calibration data."""
+def _static_ranges(model: ir.Model, targets: list[Target], extra: dict[str, int] | None = None) -> tuple[dict, dict, int]:
+    """Per activation (the targets' inputs, and the tensors of `extra`: name -> channel axis): the
+    calibrated [lo, hi], and the SQNR (dB) of int8 quantization with it on the calibration sample
+    rows; and how many activations had to be run again on calibration data."""
     config = model.meta.get(calibration.CALIBRATION_KEY, {})
     method = config.get("method", "minmax")
     stats = current_minmax_stats(model, targets) if method == "minmax" else {}
     missing = {t.x.name: t.channel_axis for t in targets if t.x.name not in stats}
+    missing.update({name: axis for name, axis in (extra or {}).items() if name not in stats})
     if missing:
         ctx = context.current()
         batches = ctx.require_calibration("quantize")

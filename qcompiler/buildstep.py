@@ -13,8 +13,9 @@
       perplexity         artifact perplexity                            (smollm2-135m; lower)
       perplexity-ratio   artifact / float perplexity                    (lower)
       dice               mean Dice of artifact vs float masks           (craft; higher)
-      output-cosine      cosine of the artifact's output vs the float model's on the probe batch,
-                         after the last pass (any model; higher)
+      output-cosine      cosine of the artifact's output vs the float model's on the probe batch
+                         (real data: `qcompiler.probe`), after the last pass (any model; higher);
+                         refused when only a synthetic probe is possible
 
 - `describe_dry_run(...)`: the resolved pipeline and the paths a compile would write.
 """
@@ -120,7 +121,7 @@ def evaluate_gates(gates: list[Gate], artifact: Path, records, task: str | None,
         from qcompiler.evaluate import evaluate
 
         evaluation = evaluate(artifact, task, data, count=count, threads=threads)
-    final_drift = next((r.drift for r in reversed(records) if r.drift), None) or {}
+    final_drift = (records[-1].drift if records else None) or {}  # the artifact's, never an earlier stage's
     results = []
     for gate in gates:
         source = evaluation if gate.metric.task is not None else final_drift

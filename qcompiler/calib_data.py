@@ -39,9 +39,10 @@ NO_IMAGE_PREPROCESSING = "image calibration data needs a bundled image model; gi
 
 
 def load_calibration(
-    path: str | Path, count: int, model: ir.Model, bundled: Any = None, batch_size: int = 8
+    path: str | Path, count: int, model: ir.Model, bundled: Any = None, batch_size: int = 8, extra: int = 0
 ) -> list[dict[str, np.ndarray]]:
-    """The first `count` samples of the file (or image folder) at `path`, as checked input batches."""
+    """The first `count` samples of the file (or image folder) at `path`, as checked input batches;
+    `extra` more when the file has them (held apart for measurement, `qcompiler.probe.hold_apart`)."""
     path = Path(path)
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
         raise UserError(f"calibration count must be a positive integer, got {count!r}")
@@ -50,6 +51,7 @@ def load_calibration(
     if not path.exists():
         raise UserError(f"calibration data '{path}' not found; check the path")
     suffix = path.suffix.lower()
+    wanted, count = count, count + extra
     if path.is_dir():
         batches = _from_raw(_image_files(path), count, bundled, batch_size, path, image=True)
     elif suffix == ".npz":
@@ -67,8 +69,8 @@ def load_calibration(
         )
     validate_batches(batches, model)
     samples = sum(batch_size_of(b) for b in batches)
-    if samples < count:
-        log.warning("calibration data '%s' holds %d samples, fewer than the %d asked for; using them all", path, samples, count)
+    if samples < wanted:
+        log.warning("calibration data '%s' holds %d samples, fewer than the %d asked for; using them all", path, samples, wanted)
     log.info("calibration data: %d samples in %d batches from %s", samples, len(batches), path)
     return batches
 

@@ -256,6 +256,8 @@ def _cmd_compile(args) -> int:
         drift=not opts.no_drift,
         cache_dir=cache_dir,
         force=opts.force,
+        eval_data=opts.eval_data,
+        require_data_probe=any(g.metric.name == "output-cosine" for g in gates),
     )
     _summary(result)
     if gates:
@@ -292,6 +294,8 @@ def _task_of(source: str) -> str | None:
 def _summary(result) -> None:
     manifest = result.manifest
     log.info("pipeline: %s", result.pipeline)
+    if result.probe is not None and any(r.drift for r in result.records):
+        log.info("drift measured on: %s%s", result.probe.source, f" ({result.probe.note})" if result.probe.note else "")
     for record in result.records:
         drift = record.drift or {}
         log.info(

@@ -39,6 +39,7 @@ class CompileResult:
     manifest: dict[str, Any]
     model: ir.Model
     timings: dict[str, float] = dataclasses.field(default_factory=dict)  # capture_s, pipeline_s
+    probe: Any = None  # qcompiler.probe.Probe: what drift and the report were measured on
 
 
 def debug_enabled(flag: bool | None = None) -> bool:
@@ -66,6 +67,8 @@ def compile(
     drift: bool = True,
     cache_dir: str | os.PathLike | None = None,
     force: bool = False,
+    eval_data: Any = None,
+    require_data_probe: bool = False,
 ) -> CompileResult:
     """Compile `source` (bundled model name, .onnx path, `pkg.mod:fn`, nn.Module with
     `example_inputs`, or an `onnx_ir.Model`) into an artifact directory `output`.
@@ -77,8 +80,13 @@ def compile(
     `print_ir`: None, "all" or "changed". `dump_ir`: a directory for per-pass IR dumps.
     `report`: a report path (may lie inside `output`): `.json`, or `.html` for a page with the
     `.json` beside it (`qcompiler.report`). The IR is verified after every pass;
-    `drift` measures each pass's output drift on the probe batch. `cache_dir`: reuse calibration
+    `drift` measures each pass's output drift on the probe batch (`qcompiler.probe.choose`: given
+    `probe_inputs`, else the first samples of `eval_data` (a data file or an iterable of input
+    dicts), a bundled model's data, a held-apart slice of the calibration data, example inputs,
+    and only then a synthetic input, which the report names as such). `cache_dir`: reuse calibration
     statistics computed for the same model, data and options (`qcompiler.calib_cache`).
+    `require_data_probe`: refuse (UserError, before any pass runs) when only a synthetic probe is
+    possible (what the `output-cosine` gate needs).
     Outputs are checked before any work (`qcompiler.outputs`): an existing output folder that is
     not an artifact of ours (or a dump, or a report) is replaced only with `force`."""
     if target not in TARGETS:
@@ -93,7 +101,7 @@ def compile(
     check_order(passes)
     spec = format_pipeline(passes)
     report_files = reports.report_paths(report) if report is not None else None  # a bad name fails before any slow step
-    check_outputs(output, dump_ir=dump_ir, report=report_files, protected=protected_sources(source, calibration), force=force)
+    check_outputs(output, dump_ir=dump_ir, report=report_files, protected=protected_sources(source, calibration, eval_data), force=force)
     artifact = AtomicDir(output)
     staging = artifact.begin()  # an unwritable output fails before any slow step
     keep_in_artifact = tuple(filter(None, [nested_entry(output, dump_ir)])) if dump_ir is not None else ()
@@ -105,8 +113,19 @@ def compile(
         check_order(passes, model_properties(model))
         source_digest = model_digest(model)
         source_weights = weight_count(model)
-        batches = calibration_batches(calibration, calib_count, model, source_info)
-        feeds = probe_inputs if probe_inputs is not None else probe.inputs_for(model, source_info)
+        eval_batches = calibration_batches(eval_data, probe.PROBE_SAMPLES, model, source_info)
+        holds_apart = probe_inputs is None and not eval_batches and source_info.bundled is None
+        batches = calibration_batches(calibration, calib_count, model, source_info, probe.PROBE_SAMPLES if holds_apart else 0)
+        held = None
+        if holds_apart and batches:
+            batches, held = probe.hold_apart(batches, calib_count if isinstance(calibration, (str, os.PathLike)) else None)
+        measured_on = probe.choose(model, source_info, probe_inputs, eval_batches, held)
+        if require_data_probe and not measured_on.is_data:
+            raise UserError("the output-cosine gate needs data to measure on and this model brings none; "
+                            "give --calib FILE or --eval-data FILE (a synthetic input would give a meaningless number)")
+        if not measured_on.is_data and (drift or report is not None):
+            log.warning("%s", measured_on.note)
+        feeds = measured_on.feeds
         tools = _instruments(feeds if drift and report is None else None, dump_ir, print_ir, spec, keep_in_dump)
         recorder = None
         if report is not None:  # a Drift instrument that also records the layers, in the same runs
@@ -120,6 +139,7 @@ def compile(
         with using(ctx):
             records = run_pipeline(model, passes, tools)
         pipeline_seconds = time.perf_counter() - start
+        warn_if_predicted_slower(records)
         manifest = {
             "source": {"name": source_info.name, "kind": source_info.kind, "sha256": source_digest, "weights": source_weights},
             "pipeline": spec,
@@ -134,7 +154,7 @@ def compile(
         manifest = json.loads((staging / "manifest.json").read_text())
         timings = {"capture_s": round(capture_seconds, 3), "pipeline_s": round(pipeline_seconds, 3)}
         if report is not None:
-            body = reports.build(manifest, records, timings, recorder, model, files, probe=feeds)
+            body = reports.build(manifest, records, timings, recorder, model, files, probe=measured_on)
             files += reports.write(report, Path(output), staging, body)
         final = artifact.commit(keep=keep_in_artifact)
     except BaseException:
@@ -142,7 +162,7 @@ def compile(
         raise
     files = [final / f.relative_to(staging) for f in files]
     log.info("wrote %s (%s)", final, ", ".join(f.name for f in files))
-    return CompileResult(final, files, spec, records, manifest, model, timings)
+    return CompileResult(final, files, spec, records, manifest, model, timings, measured_on)
 
 
 def resolved_pipeline(pipeline: str, target: str = "ort") -> str:
@@ -185,13 +205,26 @@ def complete_pipeline(passes: list, target: str) -> list:
     return passes
 
 
-def calibration_batches(calibration, count: int, model, source_info):
+def warn_if_predicted_slower(records: list[PassRecord]) -> None:
+    """A warning when `lower-ort` counted more quantized activations feeding float kernels than
+    integer kernels (`qcompiler.placement.predicted_slower`)."""
+    kernels = next((r.stats.get("kernels") for r in reversed(records) if r.name == "lower-ort"), None)
+    if kernels and kernels.get("predicted_slower_than_float"):
+        log.warning(
+            "the artifact is predicted slower than float: %d quantized activations feed layers ONNX Runtime runs in float "
+            "(%s), against %d integer kernels; quantize{force=...} placed them, or a pass after quantize moved them",
+            kernels["float_kernels_behind_qdq"], ", ".join(kernels["float_kernels_behind_qdq_names"]), kernels["integer_kernels"])
+
+
+def calibration_batches(calibration, count: int, model, source_info, extra: int = 0):
+    """Batches of a data file (its first `count` samples, `extra` more when it has them) or of an
+    iterable of input dicts (all of them), checked against the model's inputs; None for None."""
     if calibration is None:
         return None
     from qcompiler.calib_data import load_calibration, validate_batches
 
     if isinstance(calibration, (str, os.PathLike)):
-        return load_calibration(calibration, count, model, bundled=source_info.bundled)
+        return load_calibration(calibration, count, model, bundled=source_info.bundled, extra=extra)
     batches = [dict(b) for b in calibration]
     validate_batches(batches, model)
     return batches

@@ -1,7 +1,13 @@
 """Execute any stage of the IR on numpy inputs, and compare outputs.
 
-A graph of standard ops runs in ONNX Runtime (CPU). A graph that still holds `qc` ops runs in
-ONNX's reference evaluator, with each `qc` op computed by its registered numpy reference.
+`run`: a graph of standard ops runs in ONNX Runtime (CPU); a graph that still holds `qc` ops runs
+in ONNX's reference evaluator, with each `qc` op computed by its registered numpy reference (the
+definition of the ops, for tests).
+
+`run_expanded`: what measurements use (drift, the report, the `output-cosine` gate). A copy of
+the graph has its `qc` ops expanded into standard ONNX (those of constant inputs folded by their
+references, the rest lowered by `lower-ort` in its plain QDQ form) and runs in ONNX Runtime, as
+the artifact will: ONNX's reference evaluator is slow and fails on graphs ONNX Runtime runs.
 """
 
 from __future__ import annotations
@@ -45,6 +51,75 @@ def run(model: ir.Model, feeds: Mapping[str, np.ndarray], threads: int | None = 
     else:
         results = ort_session(model, threads).run(names, dict(feeds))
     return dict(zip(names, results))
+
+
+class MeasurementError(RuntimeError):
+    """A stage of the IR could not be run for a measurement (reported as a warning)."""
+
+
+def run_expanded(model: ir.Model, feeds: Mapping[str, np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
+    """Run `model` in ONNX Runtime with its `qc` ops expanded (on a copy); every graph output by
+    name. Raises `MeasurementError` naming the reason when the graph cannot be expanded or run."""
+    names = [v.name for v in model.graph.outputs]
+    target = expanded_copy(model) if qc_nodes(model) else model
+    try:
+        session = ort_session(target, threads)
+        results = session.run(names, dict(feeds))
+    except Exception as exc:
+        raise MeasurementError(f"ONNX Runtime could not run it ({type(exc).__name__}: {first_line(exc)})") from exc
+    return dict(zip(names, results))
+
+
+def expanded_copy(model: ir.Model) -> ir.Model:
+    """A copy of `model` in standard ONNX: `qc` ops lowered by `lower-ort{int-kernels=qdq
+    residual-norm=fused}` (no rewrites beyond the `qc` ops themselves), then those it has no form
+    for and whose inputs are all constant (`qc.BitAllocation`) replaced by their values."""
+    from qcompiler.passes.lower_ort import LowerOrtPass
+
+    copy = ir.serde.deserialize_model(to_proto(model))
+    try:
+        LowerOrtPass(int_kernels="qdq", residual_norm="fused")(copy)
+        fold_constant_qc_nodes(copy)
+    except Exception as exc:
+        raise MeasurementError(f"its qc ops could not be expanded ({type(exc).__name__}: {first_line(exc)})") from exc
+    if "qc" in copy.opset_imports and not qc_nodes(copy):
+        del copy.opset_imports["qc"]
+    left = sorted({n.op_type for n in qc_nodes(copy)})
+    if left:
+        raise MeasurementError(f"qc ops with no ONNX Runtime form: {', '.join(left)}")
+    return copy
+
+
+def fold_constant_qc_nodes(model: ir.Model) -> int:
+    """Replace each `qc` node whose inputs are all constants by initializers of its outputs."""
+    registry = {op.op_type: op for op in ops.registered()}
+    folded = 0
+    graph = model.graph
+    for node in list(graph):
+        op = registry.get(node.op_type) if node.domain == QC_DOMAIN else None
+        if op is None or not all(v is None or v.const_value is not None for v in node.inputs):
+            continue
+        arrays = [None if v is None else v.const_value.numpy() for v in node.inputs]
+        arrays += [None] * max(0, len(op.inputs) - len(arrays))
+        results = op.reference(*arrays, **ops.attributes_of(node))
+        constants = []
+        for value, array in zip(node.outputs, results):
+            array = np.asarray(array)
+            name, value.name = value.name, f"{value.name}.folded"
+            constant = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                                const_value=ir.tensor(array, name=name))
+            value.replace_all_uses_with(constant, replace_graph_outputs=True)
+            constants.append(constant)
+        graph.remove(node, safe=True)
+        for constant in constants:
+            graph.register_initializer(constant)
+        folded += 1
+    return folded
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
 
 
 def _reference_ops() -> list[type]:

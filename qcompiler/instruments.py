@@ -4,8 +4,10 @@
 - `DumpIR`: writes `000-input.onnxtxt`, `001-<pass>.onnxtxt`, ... and `stats.json` (per pass:
   time, modified, statistics, drift) into a directory, atomically at the end of the run.
 - `Verify`: runs `qcompiler.ir.verify` after every pass.
-- `Drift`: runs the model on a probe batch before the pipeline and after every pass, and records
-  how far the output moved from the float model's (`qcompiler.execute.drift`).
+- `Drift`: runs the model on a probe batch before the pipeline and after every pass, in ONNX
+  Runtime with the `qc` ops expanded (`qcompiler.execute.run_expanded`), and records how far the
+  output moved from the float model's (`qcompiler.execute.drift`). A run that fails is a warning
+  naming the pass and the reason (and the record's `measure_error`), never a failed compile.
 """
 
 from __future__ import annotations
@@ -57,15 +59,32 @@ class Drift(Instrument):
     def __init__(self, probe: Mapping[str, np.ndarray]):
         self.probe = dict(probe)
         self.reference: dict[str, np.ndarray] | None = None
-        self.input_drift: dict[str, float] | None = None
+        self.warnings: list[str] = []  # measurements that failed, each naming the pass and the reason
 
     def run_begin(self, model: ir.Model) -> None:
-        self.reference = execute.run(model, self.probe)
+        self.reference = self.measure(model, "input", lambda: execute.run_expanded(model, self.probe))
 
     def after_pass(self, pass_: Pass, model: ir.Model, record: PassRecord) -> None:
-        assert self.reference is not None
-        outputs = execute.run(model, self.probe)
-        record.drift = execute.drift(self.reference, outputs)
+        if self.reference is None:
+            record.measure_error = "the model before the pipeline could not be run on the probe"
+            return
+        outputs = self.measure(model, record.name, lambda: execute.run_expanded(model, self.probe), record)
+        if outputs is not None:
+            record.drift = execute.drift(self.reference, outputs)
+
+    def measure(self, model: ir.Model, stage: str, run, record: PassRecord | None = None):
+        """`run()`, or None with a warning naming `stage` and the reason when it fails."""
+        try:
+            return run()
+        except Exception as exc:  # a measurement never fails the compile
+            reason = str(exc) if isinstance(exc, execute.MeasurementError) else f"{type(exc).__name__}: {execute.first_line(exc)}"
+            where = "before the pipeline" if stage == "input" else f"after pass '{stage}'"
+            text = f"not measured {where}: {reason}"
+            log.warning("%s", text)
+            self.warnings.append(text)
+            if record is not None:
+                record.measure_error = reason
+            return None
 
 
 class DumpIR(Instrument):

@@ -74,7 +74,53 @@ def load(path: str | os.PathLike, convert: bool = True) -> ir.Model:
     load_checks.check_types(proto)
     model = ir.serde.deserialize_model(proto)
     check_domains(model)
+    lift_constant_weights(model)
+    name_free_dims(model)
     return to_target_opset(model, source=str(path)) if convert else model
+
+
+LIFT_ELEMENTS = 16  # Constant nodes with more elements than this hold weights, not shapes or axes
+
+
+def lift_constant_weights(model: ir.Model) -> int:
+    """Tensors held by `Constant` nodes (more than `LIFT_ELEMENTS` elements) become initializers,
+    as exporters that store weights that way meant them: counted as weights, elided in text."""
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+    before = len(model.graph.initializers)
+    LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=LIFT_ELEMENTS)(model)
+    lifted = len(model.graph.initializers) - before
+    if lifted:
+        log.info("%d weights stored in Constant nodes lifted to initializers", lifted)
+    return lifted
+
+
+def name_free_dims(model: ir.Model) -> int:
+    """Graph input and output dims stored as a negative size (`-1`) or without a name (`?`)
+    become free dims, each a symbol of its own (`<value>_dim<axis>`): a `-1` is not a size, and
+    two unnamed dims are not the same dim."""
+    graph = model.graph
+    taken = {str(d) for v in [*graph.inputs, *graph.outputs] if v.shape is not None
+             for d in v.shape if isinstance(d, ir.SymbolicDim) and d.value is not None}
+    named = 0
+    for value in [*graph.inputs, *graph.outputs]:
+        if value.shape is None:
+            continue
+        dims = list(value.shape)
+        for axis, dim in enumerate(dims):
+            free = (isinstance(dim, int) and dim < 0) or (isinstance(dim, ir.SymbolicDim) and dim.value is None)
+            if not free:
+                continue
+            symbol = base = re.sub(r"[^A-Za-z0-9_]", "_", f"{value.name}_dim{axis}")
+            suffix = 1
+            while symbol in taken:
+                symbol, suffix = f"{base}_{suffix}", suffix + 1
+            taken.add(symbol)
+            dims[axis] = ir.SymbolicDim(symbol)
+            named += 1
+        if named:
+            value.shape = ir.Shape(dims)
+    return named
 
 
 def _read_proto(path: Path) -> onnx.ModelProto:

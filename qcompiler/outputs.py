@@ -78,10 +78,10 @@ def nested_entry(outer: str | os.PathLike, inner: str | os.PathLike) -> str | No
     return inner_path.relative_to(outer_path).parts[0]
 
 
-def protected_sources(source, calibration) -> list[tuple[str, object]]:
+def protected_sources(source, calibration, eval_data=None) -> list[tuple[str, object]]:
     """The (what, path) pairs of `compile`'s own inputs that are files or folders."""
     pairs = []
-    for label, value in (("source model", source), ("calibration data", calibration)):
+    for label, value in (("source model", source), ("calibration data", calibration), ("evaluation data", eval_data)):
         if isinstance(value, (str, os.PathLike)) and str(value) and os.path.lexists(os.path.expanduser(value)):
             pairs.append((label, value))
     return pairs

@@ -33,6 +33,7 @@ class PassRecord:
     modified: bool = False
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     drift: dict[str, float] | None = None
+    measure_error: str | None = None  # why drift could not be measured after this pass
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

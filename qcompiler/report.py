@@ -99,9 +99,9 @@ class Recorder(Drift):
     def run_begin(self, model: ir.Model) -> None:
         self.float_weight_bytes = sum(v.const_value.nbytes for v in weight_values(model))
         self.initial_quantization = _count_quantization(model)
-        outputs, layer_outputs = self._run(model)
-        self.reference = outputs
-        self.layer_reference = layer_outputs
+        ran = self.measure(model, "input", lambda: self._run(model))
+        if ran is not None:
+            self.reference, self.layer_reference = ran
         self._snapshot(model)
 
     def after_pass(self, pass_, model: ir.Model, record: PassRecord) -> None:
@@ -110,16 +110,26 @@ class Recorder(Drift):
         if not (self.measure_drift or record.modified):
             self.measured = False
             return
-        outputs, layer_outputs = self._run(model)
+        self.measured = True
+        if self.reference is None:  # the float model did not run: nothing to compare with
+            record.measure_error = "the model before the pipeline could not be run on the probe"
+            return
+        ran = self.measure(model, record.name, lambda: self._run(model), record)
+        if ran is None:
+            self.layer_error = {}  # errors of an earlier stage would pass for the artifact's
+            return
+        outputs, layer_outputs = ran
         if self.measure_drift:
             record.drift = execute.drift(self.reference, outputs)
         self._compare(model, layer_outputs, record.name)
-        self.measured = True
 
     def run_end(self, model: ir.Model, records: list[PassRecord], failed: str | None) -> None:
-        if failed is None and not self.measured:
-            _, layer_outputs = self._run(model)
-            self._compare(model, layer_outputs, records[-1].name if records else "input")
+        if failed is None and not self.measured and self.reference is not None:
+            stage = records[-1].name if records else "input"
+            ran = self.measure(model, stage, lambda: self._run(model))
+            self.layer_error = {}
+            if ran is not None:
+                self._compare(model, ran[1], stage)
             self.measured = True
 
     # ------------------------------------------------------------------------------------------
@@ -202,8 +212,8 @@ def _bias_add(value: ir.Value) -> dict[str, Any] | None:
 
 
 def run_exposing(model: ir.Model, feeds, names) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Run `model` with the values `names` exposed as extra graph outputs (removed again after).
-    Returns (graph outputs, exposed values)."""
+    """Run `model` (in ONNX Runtime, its `qc` ops expanded) with the values `names` exposed as
+    extra graph outputs (removed again after). Returns (graph outputs, exposed values)."""
     graph = model.graph
     original = [v.name for v in graph.outputs]
     values = {v.name: v for node in graph for v in node.outputs if v.name}
@@ -218,7 +228,7 @@ def run_exposing(model: ir.Model, feeds, names) -> tuple[dict[str, np.ndarray], 
         graph.outputs.append(value)
         added.append(value)
     try:
-        results = execute.run(model, feeds)
+        results = execute.run_expanded(model, feeds)
     finally:
         for _ in added:
             graph.outputs.pop()
@@ -346,9 +356,12 @@ def build(
     recorder: Recorder,
     model: ir.Model,
     artifact_files: list[Path] = (),
-    probe: Mapping[str, np.ndarray] | None = None,
+    probe: Any = None,
 ) -> dict[str, Any]:
-    """The report as a JSON-ready dict (schema `qcompiler.report/2`)."""
+    """The report as a JSON-ready dict (schema `qcompiler.report/2`). `probe`: the
+    `qcompiler.probe.Probe` measured on (or its feeds alone)."""
+    feeds = getattr(probe, "feeds", probe) or {}
+    probe_source = getattr(probe, "source", "api" if probe is not None else None)
     stats = {r.name: r.stats for r in records}
     layers = _layers(model, recorder, stats)
     float_nodes = _float_nodes(model, recorder, stats, layers)
@@ -372,16 +385,22 @@ def build(
         "timings": timings,
         "passes": [r.to_json() for r in records],
         "probe": {
-            "inputs": {name: {"shape": list(np.shape(a)), "dtype": str(np.asarray(a).dtype)} for name, a in sorted((probe or {}).items())},
+            "inputs": {name: {"shape": list(np.shape(a)), "dtype": str(np.asarray(a).dtype)} for name, a in sorted(feeds.items())},
             "layer_reference": recorder.reference_pass,
             "padding_excluded": recorder.valid is not None,
+            "source": probe_source,
+            "note": getattr(probe, "note", ""),
+            "runtime": "onnxruntime",
         },
+        "warnings": list(recorder.warnings),
         "size": size,
         "summary": {
             "layers": len(layers),
             "layers_quantized": len(quantized),
             "float_nodes": len(float_nodes),
+            "layers_float_for_speed": len(stats.get("quantize", {}).get("float_placement") or {}),
             "output": output,
+            "output_measured_on": probe_source if output is not None else None,
             "lowest_layer_sqnr_db": min(measured) if measured else None,
         },
         "layers": layers,
@@ -529,8 +548,9 @@ def _float_nodes(model: ir.Model, recorder: Recorder, stats: dict, layers: list[
             if layer is None:
                 continue
             if layer["weight"]["format"] == "float":
+                placed = (stats.get("quantize", {}).get("float_placement") or {}).get(layer["name"])
                 found.append({"name": name, "op": node.op_type, "part": "weight",
-                              "reason": _why_float_weight(node, layer, options, quantizing)})
+                              "reason": f"left in float by quantize: {placed}" if placed else _why_float_weight(node, layer, options, quantizing)})
             elif options.get("quantize", {}).get("activations") == "int8" and layer["activation"]["format"] == "float":
                 found.append({"name": name, "op": node.op_type, "part": "activation", "reason": layer["activation"]["float_reason"]})
         elif key == ("", "Gather") and node.inputs and node.inputs[0] is not None and node.inputs[0].const_value is not None:

@@ -385,7 +385,9 @@ def render(report: dict) -> str:
         f"<p>pipeline <code>{_e(manifest.get('pipeline', ''))}</code></p>",
         (f"<p class=note>schema {_e(report.get('schema', ''))}; source {_e(source.get('kind', ''))} "
         f"sha256 {_e(str(source.get('sha256', ''))[:16])}…; probe batch {_e(probe_text or '–')}; "
-        f"layer references taken after <code>{_e(probe.get('layer_reference', ''))}</code></p>"),
+        f"layer references taken after <code>{_e(probe.get('layer_reference', ''))}</code>; "
+        f"measured on {_e(probe.get('source') or '–')}{_e(': ' + probe['note'] if probe.get('note') else '')}</p>"),
+        "".join(f"<p class=note><b>warning</b>: {_e(w)}</p>" for w in report.get("warnings") or []),
         f"<div class=cards>{card_html}</div>",
         _quality_html(report.get("quality")),
         "<h2>Bits per input channel</h2>",

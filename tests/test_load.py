@@ -99,3 +99,73 @@ def test_ill_typed_model_is_refused(tmp_path):
     onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)]), tmp_path / "m.onnx")
     with pytest.raises(UserError, match="not well typed.*MatMul"):
         load(tmp_path / "m.onnx")
+
+
+def _two_free_dims(tmp_path, dims):
+    import onnx.helper as oh
+
+    rng = np.random.default_rng(0)
+    weight = oh.make_tensor("w", onnx.TensorProto.FLOAT, [8, 3], rng.normal(size=24).astype(np.float32).tolist())
+    nodes = [
+        oh.make_node("Constant", [], ["w"], value=weight),
+        oh.make_node("MatMul", ["x", "w"], ["h"]),
+        oh.make_node("Add", ["h", "y"], ["z"]),
+    ]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, dims + [8]),
+                                       oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, dims + [3])],
+                          [oh.make_tensor_value_info("z", onnx.TensorProto.FLOAT, dims + [3])])
+    path = tmp_path / "m.onnx"
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _symbols(value):
+    return [d if isinstance(d, int) else d.value for d in value.shape]
+
+
+def test_minus_one_and_unnamed_dims_are_free_dims_of_their_own(tmp_path):
+    model = load(_two_free_dims(tmp_path, [-1, None]))
+    x, y = model.graph.inputs
+    assert _symbols(x) == ["x_dim0", "x_dim1", 8] and _symbols(y) == ["y_dim0", "y_dim1", 3]
+    # each its own symbol: calibration rows of different lengths per input are accepted
+    from qcompiler.calib_data import validate_batches
+
+    validate_batches([{"x": np.ones((2, 5, 8), np.float32), "y": np.ones((3, 1, 3), np.float32)}], model)
+
+
+def test_constant_weights_are_initializers_and_counted(tmp_path):
+    from qcompiler.ir import weight_count
+
+    path = _two_free_dims(tmp_path, ["n"])
+    model = load(path)
+    assert "w" in model.graph.initializers and not any(n.op_type == "Constant" for n in model.graph)
+    assert weight_count(model) == 24
+
+
+def test_show_elides_constant_weights(tmp_path, capsys):
+    import onnx.helper as oh
+    from qcompiler.cli import main
+
+    big = oh.make_tensor("w", onnx.TensorProto.FLOAT, [64, 8], np.arange(512, dtype=np.float32).tolist())
+    graph = oh.make_graph([oh.make_node("Constant", [], ["w"], value=big), oh.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 64])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 8])])
+    path = tmp_path / "big.onnx"
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)]), str(path))
+    assert main(["show", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "511" not in text and "# elided" in text
+
+
+def test_compile_of_constant_weights_and_minus_one_dims_has_finite_effective_bits(tmp_path):
+    import math
+
+    import qcompiler
+
+    path = _two_free_dims(tmp_path, [-1])
+    rng = np.random.default_rng(1)
+    calib = [{"x": rng.normal(size=(4, 8)).astype(np.float32), "y": rng.normal(size=(4, 3)).astype(np.float32)} for _ in range(3)]
+    result = qcompiler.compile(str(path), tmp_path / "out", pipeline="w8a8", calibration=calib)
+    assert result.manifest["source"]["weights"] == 24
+    assert math.isfinite(result.manifest["effective_bits_per_weight"])
+    assert result.probe.source == "calibration-held-apart"

@@ -1,0 +1,101 @@
+"""Where int8 activations pay in ONNX Runtime: which layers its CPU provider runs as integer kernels.
+
+A quantized activation costs a `QuantizeLinear` and a `DequantizeLinear` pass over the tensor; it
+pays only when the layer reading it runs as an integer kernel. ONNX Runtime (1.32, CPU, checked
+on the graphs it optimizes) makes one of a QDQ group when:
+
+- `DQ(x) -> MatMul <- DQ(W)`: always (`MatMulIntegerToFloat`; `lower-ort` writes that op itself
+  when an `Add` of a constant bias follows, the bias of any shape that broadcasts as a row);
+- `DQ(x) -> Conv <- DQ(W)` (a float bias is fine): only when the Conv's output, or the output of a
+  `Relu` that alone reads it, goes to a single `QuantizeLinear` (`QLinearConv`). Without it the
+  Conv runs in float behind a dequantize: slower than no quantization at all.
+
+`quantize` therefore quantizes the output of every Conv it quantizes (`quantized_conv_outputs`:
+readers that are no layer read it dequantized, as ONNX Runtime's own `quantize_static` places it),
+and leaves in float the layers `integer_layers` names;
+`census` counts what a lowered graph will run (`lower-ort`'s statistics and slowdown warning).
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+PASS_THROUGH = frozenset({"Relu"})  # ops between a Conv and its output Q that ONNX Runtime folds into QLinearConv
+
+
+def _is(node: ir.Node | None, op_type: str) -> bool:
+    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
+
+
+def conv_output(graph: ir.Graph, conv: ir.Node) -> ir.Value:
+    """The tensor an integer Conv's output Q would read: its output, or that of a `Relu` that alone reads it."""
+    out = conv.outputs[0]
+    uses = list(out.uses())
+    if len(uses) == 1 and uses[0].node.op_type in PASS_THROUGH and uses[0].node.domain in ("", "ai.onnx") and out not in graph.outputs:
+        return uses[0].node.outputs[0]
+    return out
+
+
+def integer_layers(graph: ir.Graph, layers: list[ir.Node], static: bool) -> dict[int, str]:
+    """For `layers` (MatMul and Conv nodes that would read a quantized activation): the ids of those
+    ONNX Runtime would run in float, each with the reason. A MatMul always runs integer. A Conv runs
+    integer when its output is quantized too, which `quantize` does for every Conv it quantizes
+    (`quantized_conv_outputs`): so only a Conv whose output is a graph output (which stays float),
+    or any Conv with a run-time (dynamic) activation scale, stays float."""
+    floats: dict[int, str] = {}
+    for node in layers:
+        if not _is(node, "Conv"):
+            continue
+        if not static:
+            floats[id(node)] = "a Conv with a run-time (dynamic) activation scale has no integer kernel in ONNX Runtime"
+        elif conv_output(graph, node) in graph.outputs:
+            floats[id(node)] = ("its output is a graph output, which stays float, and ONNX Runtime's integer Conv "
+                                "(QLinearConv) needs a quantized output: it would run in float behind a dequantize")
+    return floats
+
+
+def quantized_conv_outputs(graph: ir.Graph, layers: list[ir.Node]) -> dict[str, ir.Value]:
+    """The tensors to quantize after the Convs among `layers` so that each makes a `QLinearConv`:
+    each Conv's output, or that of the `Relu` alone reading it (graph outputs excepted)."""
+    found: dict[str, ir.Value] = {}
+    for node in layers:
+        if _is(node, "Conv"):
+            out = conv_output(graph, node)
+            if out not in graph.outputs:
+                found.setdefault(out.name, out)
+    return found
+
+
+def census(graph: ir.Graph) -> dict[str, object]:
+    """What ONNX Runtime will run of a lowered graph: integer kernels, and layers that read a
+    dequantized activation but run in float (each a wasted quantize and dequantize)."""
+    integer, wasted = 0, []
+    for node in graph:
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        if (domain, node.op_type) == ("com.microsoft", "MatMulIntegerToFloat") or (domain, node.op_type) in (("", "QLinearConv"), ("", "QLinearMatMul")):
+            integer += 1
+            continue
+        if domain or node.op_type not in ("MatMul", "Conv") or not node.inputs or node.inputs[0] is None:
+            continue
+        x = node.inputs[0].producer()
+        if not _is(x, "DequantizeLinear") or x.inputs[0] is None or x.inputs[0].const_value is not None:
+            continue
+        if node.op_type == "MatMul" or _output_quantized(graph, node):
+            integer += 1
+        else:
+            wasted.append(node.name or node.outputs[0].name)
+    return {"integer_kernels": integer, "float_kernels_behind_qdq": len(wasted), "float_kernels_behind_qdq_names": wasted[:8]}
+
+
+def _output_quantized(graph: ir.Graph, conv: ir.Node) -> bool:
+    out = conv_output(graph, conv)
+    uses = list(out.uses())
+    return out not in graph.outputs and len(uses) == 1 and _is(uses[0].node, "QuantizeLinear")
+
+
+def predicted_slower(counts: dict) -> bool:
+    """Predicted slower than float: at least as many quantized activations feed float kernels as
+    integer kernels run (a rule of thumb: `benchmarks/placement.py`'s conv net placed that way, 4
+    float Convs behind a dequantize against 3 integer kernels, ran 1.26 times as long as float)."""
+    wasted = counts["float_kernels_behind_qdq"]
+    return wasted > 0 and wasted >= counts["integer_kernels"]

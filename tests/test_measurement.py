@@ -1,0 +1,128 @@
+"""Honest measurement: drift, the report's errors and the output-cosine gate run on real data
+(`qcompiler.probe.choose`) in ONNX Runtime, and a measurement that fails is a warning."""
+
+import json
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+
+import qcompiler
+from qcompiler import execute, probe
+from qcompiler.cli import main
+
+
+def _dead_on_noise() -> onnx.ModelProto:
+    """MatMul -> Add(-40) -> Relu -> MatMul: zero output on standard normal inputs (the synthetic
+    probe), not on the real inputs around 20."""
+    rng = np.random.default_rng(0)
+    inits = [
+        onnx.numpy_helper.from_array(rng.uniform(0, 0.5, (16, 32)).astype(np.float32), "w1"),
+        onnx.numpy_helper.from_array(np.full(32, -40.0, np.float32), "b1"),
+        onnx.numpy_helper.from_array(rng.normal(0, 0.3, (32, 8)).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        oh.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        oh.make_node("Add", ["h", "b1"], ["hb"], name="bias1"),
+        oh.make_node("Relu", ["hb"], ["r"], name="relu"),
+        oh.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+    ]
+    graph = oh.make_graph(nodes, "dead_on_noise", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 16])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 8])], inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)], ir_version=10)
+
+
+def _rows(seed: int, n: int) -> np.ndarray:
+    return (20 + 3 * np.random.default_rng(seed).standard_normal((n, 16))).astype(np.float32)
+
+
+@pytest.fixture()
+def files(tmp_path):
+    path = tmp_path / "dead.onnx"
+    onnx.save(_dead_on_noise(), str(path))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=_rows(1, 12))
+    return path, calib
+
+
+def _cosine_on(model_path, artifact, rows) -> float:
+    want = execute.ort_session(str(model_path)).run(None, {"x": rows})[0]
+    got = execute.ort_session(str(artifact / "model.onnx")).run(None, {"x": rows})[0]
+    return execute.drift({"y": want}, {"y": got})["cosine"]
+
+
+def test_synthetic_probe_really_is_all_zero():
+    session = execute.ort_session(_dead_on_noise())
+    assert not session.run(None, {"x": np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)})[0].any()
+    assert session.run(None, {"x": _rows(1, 2)})[0].any()
+
+
+def test_report_cosine_is_measured_on_held_apart_calibration_rows(files, tmp_path):
+    path, calib = files
+    out = tmp_path / "out"
+    assert main(["-q", "compile", str(path), "-o", str(out), "--pipeline", "w8a8", "--calib", str(calib),
+                 "--no-cache", "--report", str(out / "report.json")]) == 0
+    body = json.loads((out / "report.json").read_text())
+    assert body["probe"]["source"] == probe.CALIBRATION_HELD_APART
+    assert body["probe"]["inputs"]["x"]["shape"] == [3, 16]  # the last quarter of 12 samples
+    assert body["warnings"] == []
+    reported = body["summary"]["output"]["cosine"]
+    assert reported < 1.0
+    assert reported == pytest.approx(_cosine_on(path, out, _rows(1, 12)[9:]), abs=1e-5)
+    assert body["passes"][-1]["drift"]["cosine"] == reported
+    assert all(layer["error"] is not None for layer in body["layers"])
+
+
+def test_eval_data_is_measured_on(files, tmp_path):
+    path, calib = files
+    eval_npz = tmp_path / "eval.npz"
+    np.savez(eval_npz, x=_rows(7, 6))
+    out = tmp_path / "out"
+    result = qcompiler.compile(str(path), out, pipeline="w8a8", calibration=str(calib), eval_data=str(eval_npz),
+                               report=out / "report.json")
+    body = json.loads((out / "report.json").read_text())
+    assert result.probe.source == body["probe"]["source"] == probe.EVAL_DATA
+    assert body["summary"]["output"]["cosine"] == pytest.approx(_cosine_on(path, out, _rows(7, 6)[: probe.PROBE_SAMPLES]), abs=1e-5)
+
+
+def test_output_cosine_gate_is_measured_on_data(files, tmp_path):
+    path, calib = files
+    args = ["-q", "compile", str(path), "--pipeline", "w8a8", "--calib", str(calib), "--no-cache"]
+    assert main(args + ["-o", str(tmp_path / "a"), "--fail-under", "output-cosine=0.5"]) == 0
+    # the synthetic probe would call this exact (cosine 1); the data does not
+    assert main(args + ["-o", str(tmp_path / "b"), "--fail-under", "output-cosine=0.999999999"]) == 3
+
+
+def test_synthetic_probe_is_named_and_refuses_the_gate(files, tmp_path, capsys):
+    path, _ = files
+    out = tmp_path / "out"
+    result = qcompiler.compile(str(path), out, pipeline="default", report=out / "report.json")
+    body = json.loads((out / "report.json").read_text())
+    assert result.probe.source == body["probe"]["source"] == probe.SYNTHETIC
+    assert "synthetic" in body["probe"]["note"]
+    gated = tmp_path / "gated"
+    assert main(["-q", "compile", str(path), "-o", str(gated), "--fail-under", "output-cosine=0.99"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "output-cosine" in err[0] and "--eval-data" in err[0]
+    assert not gated.exists()
+
+
+def test_failed_measurement_is_a_warning_naming_the_pass(files, tmp_path, monkeypatch):
+    path, calib = files
+    real = execute.run_expanded
+
+    def fails_when_quantized(model, feeds, threads=None):
+        if any(n.domain == "qc" for n in model.graph):
+            raise execute.MeasurementError("ONNX Runtime could not run it (made to fail)")
+        return real(model, feeds, threads)
+
+    monkeypatch.setattr(execute, "run_expanded", fails_when_quantized)
+    out = tmp_path / "out"
+    result = qcompiler.compile(str(path), out, pipeline="w8a8", calibration=str(calib), report=out / "report.html")
+    body = json.loads((out / "report.json").read_text())
+    quantize = next(r for r in result.records if r.name == "quantize")
+    assert quantize.drift is None and "made to fail" in quantize.measure_error
+    assert any("after pass 'quantize'" in w and "made to fail" in w for w in body["warnings"])
+    assert result.records[-1].drift is not None  # the lowered artifact runs
+    assert "made to fail" in (out / "report.html").read_text()

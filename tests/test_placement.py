@@ -1,0 +1,131 @@
+"""Placement that pays: `quantize` makes every Conv it quantizes an integer kernel for ONNX Runtime
+(its output quantized too) and leaves in float those ONNX Runtime would run in float behind a
+dequantize, `lower-ort` fuses biases of any row shape, and a forced placement that ONNX Runtime
+cannot use is counted and warned about."""
+
+import logging
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qcompiler
+from qcompiler import execute
+
+
+def _conv_net() -> onnx.ModelProto:
+    """conv0 -> Relu -> conv1 -> Relu -> conv2 -> Relu (also the skip) -> conv3 -> HardSigmoid * x ->
+    conv4 -> Add(skip) -> GlobalAveragePool -> Flatten -> Gemm, and conv5 reading the Add as a second output."""
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+
+    def conv(i, x, cin, cout):
+        inits.append(numpy_helper.from_array(rng.normal(0, np.sqrt(2 / (9 * cin)), (cout, cin, 3, 3)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1], name=f"conv{i}"))
+        return f"c{i}"
+
+    def relu(x):
+        nodes.append(helper.make_node("Relu", [x], [f"{x}.relu"], name=f"{x}.relu"))
+        return f"{x}.relu"
+
+    x = relu(conv(0, "image", 3, 8))
+    x = relu(conv(1, x, 8, 8))
+    skip = relu(conv(2, x, 8, 8))
+    x = conv(3, skip, 8, 8)
+    nodes += [helper.make_node("HardSigmoid", [x], ["gate"], name="gate"), helper.make_node("Mul", [x, "gate"], ["hs"], name="hswish")]
+    x = conv(4, "hs", 8, 8)
+    inits += [numpy_helper.from_array(rng.normal(0, 0.3, (4, 8)).astype(np.float32), "fc")]
+    nodes += [helper.make_node("Add", [x, skip], ["res"], name="residual"), helper.make_node("GlobalAveragePool", ["res"], ["pooled"]),
+              helper.make_node("Flatten", ["pooled"], ["flat"]), helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1, name="fc")]
+    mask = conv(5, "res", 8, 1)  # a second head: its output is a graph output
+    graph = helper.make_graph(nodes, "conv_net", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, 12, 12])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 4]),
+                               helper.make_tensor_value_info(mask, TensorProto.FLOAT, ["n", 1, 12, 12])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def _mlp_row_bias() -> onnx.ModelProto:
+    """Dense layers as Keras exports them: MatMul + Add of a [1, 1, N] bias (+ Relu)."""
+    rng = np.random.default_rng(1)
+    nodes, inits, x = [], [], "tokens"
+    for i, (k, n) in enumerate([(16, 32), (32, 8)]):
+        inits += [numpy_helper.from_array(rng.normal(0, 0.3, (k, n)).astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(rng.normal(0, 0.1, (1, 1, n)).astype(np.float32), f"b{i}")]
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"dense{i}"), helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"])]
+        x = f"a{i}"
+    nodes.append(helper.make_node("Relu", [x], ["y"]))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["n", 5, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def _compile(tmp_path, model, pipeline, rows):
+    path = tmp_path / f"{model.graph.name}.onnx"
+    onnx.save(model, str(path))
+    rng = np.random.default_rng(3)
+    return qcompiler.compile(str(path), tmp_path / pipeline.replace(",", "_"), pipeline=pipeline, calibration=[rows(rng) for _ in range(4)])
+
+
+def _images(rng):
+    return {"image": rng.normal(0, 1, (2, 3, 12, 12)).astype(np.float32)}
+
+
+def _stats(result, name):
+    return next(r.stats for r in result.records if r.name == name)
+
+
+def test_every_conv_runs_integer_but_one_writing_a_graph_output(tmp_path):
+    result = _compile(tmp_path, _conv_net(), "w8a8", _images)
+    quantize = _stats(result, "quantize")
+    # each quantized Conv's output (after its Relu) is quantized too, so ONNX Runtime makes a
+    # QLinearConv of it; readers that are no layer (the hard-swish, the residual Add) read it
+    # dequantized. conv5 writes a graph output, which stays float: it would run float behind a dequantize.
+    assert list(quantize["float_placement"]) == ["conv5"] and "graph output" in quantize["float_placement"]["conv5"]
+    assert sorted(quantize["per_layer"]) == ["conv0", "conv1", "conv2", "conv3", "conv4", "fc"]
+    assert quantize["conv_outputs_quantized"] == 5
+    kernels = _stats(result, "lower-ort")["kernels"]
+    assert kernels["integer_kernels"] == 6 and kernels["float_kernels_behind_qdq"] == 0
+    assert not kernels["predicted_slower_than_float"]
+    feeds = _images(np.random.default_rng(11))
+    want = execute.ort_session(_conv_net()).run(None, feeds)
+    got = execute.ort_session(str(result.output / "model.onnx")).run(None, feeds)
+    assert all(execute.drift({"y": w}, {"y": g})["cosine"] > 0.99 for w, g in zip(want, got))
+
+
+def _one_conv() -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.random.default_rng(2).normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["image", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")], "one_conv",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 12, 12])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_forced_placement_is_predicted_slower_with_a_warning(tmp_path, caplog):
+    assert _stats(_compile(tmp_path, _one_conv(), "w8a8", _images), "quantize")["layers"] == 0
+    with caplog.at_level(logging.WARNING, logger="qcompiler"):
+        result = _compile(tmp_path, _one_conv(), "canonicalize,calibrate,quantize{force=*},lower-ort", _images)
+    kernels = _stats(result, "lower-ort")["kernels"]
+    assert kernels["float_kernels_behind_qdq_names"] == ["conv"] and kernels["integer_kernels"] == 0
+    assert kernels["predicted_slower_than_float"]
+    assert any("predicted slower than float" in r.getMessage() for r in caplog.records)
+
+
+def test_dynamic_activations_leave_convs_float(tmp_path):
+    result = _compile(tmp_path, _conv_net(), "canonicalize,calibrate,quantize{act-mode=dynamic},lower-ort", _images)
+    assert sorted(_stats(result, "quantize")["float_placement"]) == [f"conv{i}" for i in range(6)]
+
+
+def test_row_shaped_bias_is_fused_into_the_integer_kernel(tmp_path):
+    result = _compile(tmp_path, _mlp_row_bias(), "w8a8", lambda rng: {"tokens": rng.normal(0, 1, (2, 5, 16)).astype(np.float32)})
+    assert _stats(result, "lower-ort")["routes"].get("MatMulIntegerToFloat(bias)") == 2
+    assert not any(n.op_type == "Add" for n in result.model.graph)
+    feeds = {"tokens": np.random.default_rng(9).normal(0, 1, (3, 5, 16)).astype(np.float32)}
+    want = execute.ort_session(_mlp_row_bias()).run(None, feeds)[0]
+    got = execute.ort_session(str(result.output / "model.onnx")).run(None, feeds)[0]
+    assert got.shape == want.shape and execute.drift({"y": want}, {"y": got})["cosine"] > 0.999
+
+
+def test_force_pattern_must_match(tmp_path):
+    with pytest.raises(qcompiler.errors.UserError, match="force pattern 'nothing'"):
+        _compile(tmp_path, _conv_net(), "canonicalize,calibrate,quantize{force=nothing},lower-ort", _images)
