@@ -69,6 +69,7 @@ def load(path: str | os.PathLike, convert: bool = True) -> ir.Model:
     load_checks.rename_duplicate_nodes(proto)
     load_checks.name_unnamed_graphs(proto)
     external_data.inline_external_data(proto, path)
+    load_checks.unknown_minus_one_dims(proto)
     load_checks.check_tensors(proto)
     load_checks.densify_sparse(proto)
     load_checks.check_types(proto)

@@ -17,6 +17,8 @@ order `qcompiler.ir.load` runs them:
   the second `n` becomes `n.1` (the first free suffix), in graph order.
 - `name_unnamed_graphs`: an empty graph name becomes `main_graph` (`subgraph` for a body).
 - (`qcompiler.external_data` reads external data inline here.)
+- `unknown_minus_one_dims`: a declared dim of `-1` (how some exporters write "unknown") becomes
+  an unknown dim; graph inputs and outputs then get a symbol of their own (`ir.name_free_dims`).
 - `check_tensors`: no negative dimension or unknown element type anywhere; every stored tensor
   holds exactly the bytes or values its dims and type need.
 - `densify_sparse`: a sparse initializer, or a Constant's `sparse_value`, becomes the dense
@@ -410,6 +412,17 @@ def _rename_in(nodes: list[onnx.NodeProto]) -> int:
 
 # --------------------------------------------------------------------------------------------
 # Tensors
+
+
+def unknown_minus_one_dims(proto: onnx.ModelProto) -> int:
+    """Declared dims of `-1` become unknown dims (neither a size nor a name); other negative dims
+    are left for `check_tensors` to refuse. Returns how many were changed."""
+    changed = 0
+    for message, _ in messages_in(proto):
+        if isinstance(message, onnx.TensorShapeProto.Dimension) and message.HasField("dim_value") and message.dim_value == -1:
+            message.ClearField("dim_value")
+            changed += 1
+    return changed
 
 
 def check_tensors(proto: onnx.ModelProto) -> None:

@@ -237,7 +237,7 @@ def test_unsupported_op_is_named(tmp_path):
     run = subprocess.run([sys.executable, "-m", "qcompiler.cli", "compile", str(path), "-o", str(tmp_path / "o2"),
                           "--target", "triton"], capture_output=True, text=True)
     assert run.returncode == 2
-    errors = [line for line in run.stderr.splitlines() if "error" in line]
+    errors = [line for line in run.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Hardmax" in errors[0]
     assert not (tmp_path / "o2").exists()
 
