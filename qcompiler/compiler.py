@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.capture import model_digest, resolve
-from qcompiler import instruments, probe
+from qcompiler import float_types, instruments, probe
 from qcompiler import report as reports
 from qcompiler.context import CompileContext, using
 from qcompiler.errors import UserError
@@ -64,6 +64,8 @@ def compile(
     threads: int | None = None,
     drift: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    float_type: str | None = None,
+    dtype: str | None = None,
 ) -> CompileResult:
     """Compile `source` (bundled model name, .onnx path, `pkg.mod:fn`, nn.Module with
     `example_inputs`, or an `onnx_ir.Model`) into an artifact directory `output`.
@@ -76,13 +78,17 @@ def compile(
     `report`: a report path (may lie inside `output`): `.json`, or `.html` for a page with the
     `.json` beside it (`qcompiler.report`). The IR is verified after every pass;
     `drift` measures each pass's output drift on the probe batch. `cache_dir`: reuse calibration
-    statistics computed for the same model, data and options (`qcompiler.calib_cache`)."""
+    statistics computed for the same model, data and options (`qcompiler.calib_cache`).
+    `float_type`: "source" (default: the emitted model keeps the source's float32, float16 or
+    bfloat16 at its inputs, outputs and float weights) or "float32". `dtype`: the float type a torch
+    source is captured in ("float32", "float16" or "bfloat16"; `qcompiler.float_types`)."""
     if target not in TARGETS:
         raise UserError(f"unknown target '{target}'; choose one of: {', '.join(TARGETS)}")
     if target == "triton":  # a missing triton fails before any slow step
         from qcompiler.codegen.triton.emit import check_triton
 
         check_triton()
+    float_type = float_types.check_float_type_option(float_type)
     passes = complete_pipeline(parse_pipeline(pipeline), target)  # a bad pipeline fails before any slow step
     check_order(passes)
     spec = format_pipeline(passes)
@@ -92,13 +98,16 @@ def compile(
     staging = artifact.begin()  # an unwritable output fails before any slow step
     try:
         start = time.perf_counter()
-        model, source_info = resolve(source, example_inputs, dynamic_shapes)
+        model, source_info = resolve(source, example_inputs, dynamic_shapes, dtype=dtype)
         capture_seconds = time.perf_counter() - start
         check_order(passes, model_properties(model))
+        source_type = float_types.source_float_type(model)
         source_digest = model_digest(model)
         source_weights = weight_count(model)
+        float_types.to_float32(model, source_type)
         batches = calibration_batches(calibration, calib_count, model, source_info)
         feeds = probe_inputs if probe_inputs is not None else probe.inputs_for(model, source_info)
+        feeds = float_types.cast_float_feeds(feeds, model)
         tools = _instruments(feeds if drift and report is None else None, dump_ir, print_ir, spec)
         recorder = None
         if report is not None:  # a Drift instrument that also records the layers, in the same runs
@@ -117,6 +126,11 @@ def compile(
             "pipeline": spec,
             "packages": package_versions(),
         }
+        emitted_type = source_type if float_type == "source" and target == "ort" else ir.DataType.FLOAT
+        float_types.restore_float_type(model, emitted_type)
+        if source_type != ir.DataType.FLOAT:  # absent: float32 throughout
+            manifest["float_type"] = float_types.type_name(emitted_type)
+            manifest["source"]["float_type"] = float_types.type_name(source_type)
         if target == "triton":
             from qcompiler.codegen.triton import emit as backend
         else:
@@ -185,8 +199,7 @@ def calibration_batches(calibration, count: int, model, source_info):
     if isinstance(calibration, (str, os.PathLike)):
         return load_calibration(calibration, count, model, bundled=source_info.bundled)
     batches = [dict(b) for b in calibration]
-    validate_batches(batches, model)
-    return batches
+    return validate_batches(batches, model)
 
 
 def _instruments(feeds, dump_ir, print_ir, spec) -> list:
