@@ -228,7 +228,33 @@ def _as_dict(inputs) -> dict[str, Any] | None:
     return dict(inputs) if isinstance(inputs, Mapping) else None
 
 
+DIGEST_CHUNK = 1 << 24
+
+
 def model_digest(model: ir.Model) -> str:
-    """sha256 of the model's deterministic serialization."""
-    proto = qir.to_proto(model)
-    return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
+    """sha256 of the model's deterministic serialization. A model whose weights are still mapped
+    from external data files is hashed as its serialization without that data (which names each
+    tensor's file, offset and length) followed by the data itself, read in chunks in the order the
+    tensors appear: the weights are never all in memory."""
+    proto = qir.to_proto(model)  # mapped tensors stay references to their files
+    digest = hashlib.sha256(proto.SerializeToString(deterministic=True))
+    del proto
+    mapped = qir.mapped_tensors(model)
+    if mapped:
+        with progress("hash the source's external data", total=len(mapped)) as bar:
+            for tensor in mapped:
+                _hash_file_range(digest, tensor.path, tensor.offset or 0, tensor.nbytes)
+                bar.update()
+    return digest.hexdigest()
+
+
+def _hash_file_range(digest, path, offset: int, length: int) -> None:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left > 0:
+            chunk = f.read(min(DIGEST_CHUNK, left))
+            if not chunk:
+                raise UserError(f"external data file '{path}' ended early; the file is truncated: copy it again")
+            digest.update(chunk)
+            left -= len(chunk)

@@ -43,6 +43,9 @@ ELIDE_ELEMENTS = 64
 TEXT_HEADER = "# qcompiler-ir 1"
 # Files above this size keep their weights in a side file (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Sources whose external data passes this size keep it on disk, memory-mapped (onnx_ir's external
+# tensors); a pass that rewrites a weight holds only its new value in memory.
+MAPPED_DATA_THRESHOLD = EXTERNAL_DATA_THRESHOLD
 
 
 class VerificationError(Exception):
@@ -58,12 +61,16 @@ def load(path: str | os.PathLike, convert: bool = True) -> ir.Model:
     `TARGET_OPSET`."""
     path = Path(path)
     proto = _read_proto(path)
-    _check_external_data(proto, path)
+    external_bytes = _check_external_data(proto, path)
     model = ir.serde.deserialize_model(proto)
+    del proto
     ir.external_data.set_base_dir(model.graph, str(path.parent.resolve()))
-    # Weights in memory: passes rewrite them, and emitted artifacts must not point back into
-    # the source model's folder.
-    model = ir.external_data.load_to_model(model)
+    if external_bytes < MAPPED_DATA_THRESHOLD:
+        # Weights in memory: passes rewrite them, and emitted artifacts must not point back into
+        # the source model's folder (`save` reads mapped weights into the artifact).
+        model = ir.external_data.load_to_model(model)
+    else:
+        log.info("%s: %.2f GB of external data stays on disk, memory-mapped", path.name, external_bytes / 1e9)
     check_domains(model)
     return to_target_opset(model, source=str(path)) if convert else model
 
@@ -87,9 +94,11 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     return proto
 
 
-def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    """Refuse external-data locations that would read outside the model's folder."""
+def _check_external_data(proto: onnx.ModelProto, path: Path) -> int:
+    """Refuse external-data locations that would read outside the model's folder, and missing or
+    short data files. Returns the bytes of external data."""
     base = path.parent.resolve()
+    total = 0
     for tensor in _all_tensors(proto.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -101,7 +110,28 @@ def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
                 f"folder '{base}'; refused: keep external data files beside the model"
             )
         if not target.is_file():
-            raise UserError(f"external data file '{location}' for tensor '{tensor.name}' is missing beside '{path}'")
+            raise UserError(
+                f"external data file '{location}' for tensor '{tensor.name}' is missing beside '{path}'; "
+                "copy it there with the model"
+            )
+        entries = {e.key: e.value for e in tensor.external_data}
+        offset = int(entries.get("offset") or 0)
+        length = int(entries["length"]) if entries.get("length") else _tensor_bytes(tensor)
+        size = target.stat().st_size
+        if offset + length > size:
+            raise UserError(
+                f"external data file '{location}' is {size} bytes, too short for tensor '{tensor.name}' "
+                f"(bytes {offset} to {offset + length}); the file is truncated: copy it again"
+            )
+        total += length
+    return total
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data from its dtype and dims (sub-byte types rounded up)."""
+    count = int(np.prod(tensor.dims)) if tensor.dims else 1
+    bits = ir.DataType(tensor.data_type).bitwidth
+    return (count * bits + 7) // 8
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -201,17 +231,44 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 
 
-def save(model: ir.Model, path: str | os.PathLike) -> list[Path]:
+def initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def mapped_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
+    """The initializers still read from an external data file (memory-mapped)."""
+    return [v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
+
+
+def is_large(model: ir.Model) -> bool:
+    """Whether the model cannot travel as one protobuf: weights past `EXTERNAL_DATA_THRESHOLD` or
+    still mapped from their source file."""
+    return bool(mapped_tensors(model)) or initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+
+
+def save(model: ir.Model, path: str | os.PathLike, progress=None) -> list[Path]:
     """Write `model` to `path` (weights in `<name>.data` beside it when the file would pass
-    protobuf's limit). Returns the files written."""
+    protobuf's limit; weights still mapped from the source are copied in, never referenced).
+    `progress(done_bytes, total_bytes)` is called as external data is written. Returns the files
+    written."""
     path = Path(path)
-    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    total = initializer_bytes(model)
     if total < EXTERNAL_DATA_THRESHOLD:
+        if mapped_tensors(model):
+            ir.external_data.load_to_model(model)
         proto = to_proto(model)
         path.write_bytes(proto.SerializeToString(deterministic=True))
         return [path]
     data_name = path.name + ".data"
-    ir.save(model, str(path), external_data=data_name)
+    written = 0
+
+    def report(tensor, _info) -> None:
+        nonlocal written
+        written += tensor.nbytes
+        if progress is not None:
+            progress(written, total)
+
+    ir.save(model, str(path), external_data=data_name, callback=report)
     return [path, path.parent / data_name]
 
 
