@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
