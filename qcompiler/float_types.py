@@ -4,7 +4,8 @@ The passes compute in float32 (ONNX Runtime's CPU kernels have few float16 and a
 implementations, and calibration statistics want float32 anyway). A float16 or bfloat16 source is
 therefore brought to float32 when it enters (`to_float32`), and the emitted model gets the
 source's float type back at its edges (`restore_float_type`): its float graph inputs and outputs
-are of the source type (a Cast to float32 after each input, one back before each output), and its
+that were of the source type are again (a Cast to float32 after each input, one back before each
+output), and its
 float parts (unquantized weights, biases, norm weights: every float32 initializer of more than one
 element that no quantization op reads as a parameter) are stored in the source type and cast to
 float32 where they are read, which ONNX Runtime folds when the session loads. Quantization
@@ -17,6 +18,7 @@ inside, so that calibration data and probe inputs of the source type are cast on
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 
@@ -31,6 +33,7 @@ SUPPORTED = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bflo
 NAMES = {dtype: name for name, dtype in SUPPORTED.items()}
 LOW_PRECISION = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 SOURCE_FLOAT_KEY = "qc.source_float_type"
+SOURCE_EDGES_KEY = "qc.source_float_edges"  # the graph inputs and outputs that were of the source type
 FLOAT_TYPE_CHOICES = ("source", "float32")
 # Ops whose float inputs past the first are quantization parameters (typed like the activations).
 _PARAMETER_READERS = {("", "QuantizeLinear"), ("", "DequantizeLinear"), ("", "DynamicQuantizeLinear")}
@@ -70,6 +73,7 @@ def to_float32(model: ir.Model, source: ir.DataType) -> None:
     (in place), and the source type is recorded in the model's metadata."""
     if source not in LOW_PRECISION:
         return
+    edges = [v.name for v in (*model.graph.inputs, *model.graph.outputs) if v.dtype == source and not v.is_initializer()]
     for value in model.graph.initializers.values():
         tensor = value.const_value
         if tensor is not None and tensor.dtype in LOW_PRECISION:
@@ -84,6 +88,7 @@ def to_float32(model: ir.Model, source: ir.DataType) -> None:
             elif attr.type == ir.AttributeType.TENSOR and attr.value.dtype in LOW_PRECISION:
                 node.attributes[name] = ir.AttrTensor(name, ir.tensor(attr.value.numpy().astype(np.float32), name=attr.value.name))
     model.metadata_props[SOURCE_FLOAT_KEY] = type_name(source)
+    model.metadata_props[SOURCE_EDGES_KEY] = json.dumps(edges)
     log.info("%s model: computing in float32", type_name(source))
 
 
@@ -131,13 +136,14 @@ def restore_float_type(model: ir.Model, dtype: ir.DataType) -> int:
     """Give the emitted float32 `model` the float type `dtype` at its edges and in its float parts
     (see the module's doc). Returns how many Cast nodes were added."""
     model.metadata_props.pop(SOURCE_FLOAT_KEY, None)
+    edges = set(json.loads(model.metadata_props.pop(SOURCE_EDGES_KEY, "[]")))
     if dtype not in LOW_PRECISION:
         return 0
     graph = model.graph
     taken = _names(model)
     casts = 0
     for index, value in enumerate(list(graph.inputs)):
-        if value.is_initializer() or value.dtype != ir.DataType.FLOAT:
+        if value.is_initializer() or value.dtype != ir.DataType.FLOAT or value.name not in edges:
             continue
         edge = ir.Value(name=value.name, type=ir.TensorType(dtype), shape=value.shape)
         value.name = _fresh(f"{edge.name}.float32", taken)
@@ -145,7 +151,7 @@ def restore_float_type(model: ir.Model, dtype: ir.DataType) -> int:
         graph.insert_before(graph[0], ir.Node("", "Cast", [edge], [ir.AttrInt64("to", ir.DataType.FLOAT.value)], outputs=[value], name=value.name))
         casts += 1
     for index, value in enumerate(list(graph.outputs)):
-        if value.dtype != ir.DataType.FLOAT:
+        if value.dtype != ir.DataType.FLOAT or value.name not in edges:
             continue
         name = value.name
         value.name = _fresh(f"{name}.float32", taken)

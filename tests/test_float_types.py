@@ -208,3 +208,21 @@ def test_float_type_from_the_command_line_and_config(sources, tmp_path):
     cli = subprocess.run([sys.executable, "-m", "qcompiler.cli", "compile", str(sources["float16"]), "-o", str(tmp_path / "o2"),
                           "--pipeline", "w8a8", "--calib", str(data), "--float-type", "float64"], capture_output=True, text=True)
     assert cli.returncode == 2 and "unknown float type 'float64'" in cli.stderr
+
+
+def test_a_float32_edge_of_a_float16_model_stays_float32(tmp_path):
+    model = tiny_block(TensorProto.FLOAT16)
+    graph = model.graph
+    graph.input.append(helper.make_tensor_value_info("gain", TensorProto.FLOAT, [1]))  # a float32 input
+    graph.node.insert(0, helper.make_node("Cast", ["gain"], ["gain16"], to=TensorProto.FLOAT16))
+    graph.node.append(helper.make_node("Mul", ["y", "gain16"], ["z"]))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT16, ["batch", SEQ, D]))
+    path = tmp_path / "mixed-edges.onnx"
+    onnx.save(model, str(path))
+    batches = [{"x": inputs(8, 0).astype(np.float16), "gain": np.ones(1, np.float32)}]
+    result = compile(str(path), tmp_path / "out", pipeline="w8a8", calibration=batches, drift=False)
+    written = onnx.load(str(result.output / "model.onnx"))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*written.graph.input, *written.graph.output]}
+    assert types == {"x": TensorProto.FLOAT16, "gain": TensorProto.FLOAT, "z": TensorProto.FLOAT16}
+    assert not any(p.key.startswith("qc.source") for p in written.metadata_props)
