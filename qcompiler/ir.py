@@ -15,6 +15,7 @@ around it and nothing more:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -291,26 +292,47 @@ def _dtype_text(dtype: ir.DataType) -> str:
 def to_text(model: ir.Model, elide_over: int = ELIDE_ELEMENTS) -> str:
     """The model in ONNX textual syntax, deterministic, with large tensors elided.
 
-    Elided initializers are listed first as `# elided <dtype>[<dims>] "<name>" sha256:<hash>`."""
-    proto = to_proto(model)
+    Elided initializers are listed first as `# elided <dtype>[<dims>] "<name>" sha256:<hash>`; their
+    data is hashed one tensor at a time and never copied into a protobuf."""
     header = [TEXT_HEADER]
-    kept = []
-    for tensor_proto, value in zip(proto.graph.initializer, model.graph.initializers.values()):
-        numel = int(np.prod(tensor_proto.dims)) if tensor_proto.dims else 1
-        if numel > elide_over:
-            dims = ",".join(str(d) for d in tensor_proto.dims)
-            name = tensor_proto.name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-            header.append(
-                f'# elided {_dtype_text(value.const_value.dtype)}[{dims}] "{name}" '
-                f"sha256:{tensor_digest(value.const_value)}"
-            )
-        else:
-            kept.append(tensor_proto)
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept)
+    elided = []
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or int(np.prod(tensor.shape.numpy())) <= elide_over:
+            continue
+        dims = ",".join(str(d) for d in tensor.shape.numpy())
+        name = value.name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        header.append(f'# elided {_dtype_text(tensor.dtype)}[{dims}] "{name}" sha256:{tensor_digest(tensor)}')
+        elided.append(value)
+    with _initializers_detached(model.graph, elided):
+        proto = to_proto(model)
     del proto.graph.value_info[:]  # intermediate types make the text hard to read; the checker re-infers them
     body = _map_quoted(onnx.printer.to_text(proto), _ESCAPES)
     return "\n".join(header) + "\n" + body.rstrip() + "\n"
+
+
+@contextlib.contextmanager
+def _initializers_detached(graph: ir.Graph, values: list[ir.Value]):
+    """Within the block, `values` are not initializers of `graph` (their tensors set aside); after
+    it, every initializer is back, in its original order."""
+    if not values:
+        yield
+        return
+    order = list(graph.initializers.values())
+    tensors = {}
+    for value in values:
+        tensors[value.name] = value.const_value
+        graph.initializers.pop(value.name)
+        value.const_value = None
+    try:
+        yield
+    finally:
+        for value in values:
+            value.const_value = tensors[value.name]
+        for value in order:
+            graph.initializers.pop(value.name, None)
+        for value in order:
+            graph.initializers.add(value)
 
 
 # Control characters inside quoted names are written as escapes, one line stays one line. ONNX's
