@@ -18,7 +18,8 @@ import onnx_ir as ir
 
 from qcompiler import execute
 from qcompiler.errors import UserError, first_line
-from qcompiler.ir import qc_nodes, save, weight_values
+from qcompiler.ir import initializer_bytes, qc_nodes, save, weight_values
+from qcompiler.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,9 @@ def emit(model: ir.Model, directory: Path, manifest: dict[str, Any]) -> list[Pat
     if leftover:
         kinds = ", ".join(sorted({f"qc.{n.op_type}" for n in leftover}))
         raise UserError(f"the ort target cannot run {kinds}; end the pipeline with 'lower-ort'")
-    files = save(model, directory / "model.onnx")
+    megabytes = initializer_bytes(model) >> 20
+    with progress("write model.onnx (MB of weights)", megabytes) as bar:
+        files = save(model, directory / "model.onnx", progress=lambda done, _total: bar.update(done >> 20))
     _check(directory / "model.onnx")
     manifest = {
         "schema": MANIFEST_SCHEMA,

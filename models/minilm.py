@@ -184,7 +184,7 @@ class SentenceEncoder(nn.Module):
         self.encoder = Encoder(cfg)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        keep = attention_mask.to(torch.float32)
+        keep = attention_mask.to(self.embeddings.word_embeddings.weight.dtype)  # the float type it runs in
         additive = ((1.0 - keep) * MASK_VALUE)[:, None, None, :]
         tokens = self.encoder(self.embeddings(input_ids), additive)
         return mean_pool_normalize(tokens, keep)

@@ -44,6 +44,7 @@ from qcompiler.probe import log_softmax, mean_kl
 from qcompiler.layers import CREATED_BY, Linear, linears, new_initializer
 from qcompiler.ops import QC_OPSET_VERSION
 from qcompiler.passbase import Pass, PassResult, option, register_pass
+from qcompiler.progress import progress
 
 
 LOWERING_BYTES_PER_CLASS = 160
@@ -106,7 +107,12 @@ class AllocateBitsPass(Pass):
         found = linears(graph)
         kept = [linear for linear in found if self._is_kept(linear)]
         self._check_keep_matches(found)
-        layers = [self._prepare(linear) for linear in found if linear not in kept]
+        layers = []
+        with progress("allocate-bits: error models", len(found) - len(kept)) as bar:
+            for linear in found:
+                if linear not in kept:
+                    layers.append(self._prepare(linear))
+                    bar.update()
         if not layers and not kept:
             return PassResult(model, False, {"layers": 0})
         model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
@@ -124,9 +130,11 @@ class AllocateBitsPass(Pass):
         for pool, avg_bits in pools:
             allocations.update(self._allocate(pool, avg_bits))
         per_layer = {}
-        for layer in layers:
-            bits = allocations[layer.linear.name]
-            per_layer[layer.linear.name] = self._record(graph, layer, bits, self.outliers_weight)
+        with progress("allocate-bits: layers", len(layers)) as bar:
+            for layer in layers:
+                bits = allocations[layer.linear.name]
+                per_layer[layer.linear.name] = self._record(graph, layer, bits, self.outliers_weight)
+                bar.update()
         for linear in kept:
             layer = _Layer(linear, linear.w.const_value.numpy(), None, None, 0, {})
             per_layer[linear.name] = self._record(graph, layer, np.full(layer.w.shape[0], self.keep_bits, np.uint8), 0.0)

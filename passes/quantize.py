@@ -41,6 +41,7 @@ from qcompiler.errors import UserError
 from qcompiler.ops import QC_OPSET_VERSION
 from qcompiler.layers import CREATED_BY, insert_after_value, linears, new_initializer
 from qcompiler.passbase import STATS_CURRENT, Pass, PassResult, model_properties, option, register_pass
+from qcompiler.progress import progress
 
 QMAX = 127
 log = logging.getLogger(__name__)
@@ -101,19 +102,21 @@ class QuantizePass(Pass):
         in_float = set(worst_first[: self.float_inputs])
         quantized_inputs: dict[str, ir.Value] = {}
         layer_stats = {}
-        for target in targets:
-            entry = {"weight_axis": target.weight_axis}
-            _quantize_weight(graph, target, entry)
-            if target.x.name in act_sqnr:
-                entry["activation_sqnr_db"] = act_sqnr[target.x.name]
-            if self.activations == "int8" and target.x.name not in in_float:
-                x_name = target.x.name
-                if x_name not in quantized_inputs:
-                    quantized_inputs[x_name] = _quantize_activation(graph, target.x, self.act_mode, ranges.get(x_name))
-                q_value = quantized_inputs[x_name]
-                target.node.replace_input_with(0, q_value)
-                entry["activation"] = _act_summary(q_value.producer())
-            layer_stats[target.node.name or target.node.outputs[0].name] = entry
+        with progress("quantize: layers", len(targets)) as bar:
+            for target in targets:
+                entry = {"weight_axis": target.weight_axis}
+                _quantize_weight(graph, target, entry)
+                if target.x.name in act_sqnr:
+                    entry["activation_sqnr_db"] = act_sqnr[target.x.name]
+                if self.activations == "int8" and target.x.name not in in_float:
+                    x_name = target.x.name
+                    if x_name not in quantized_inputs:
+                        quantized_inputs[x_name] = _quantize_activation(graph, target.x, self.act_mode, ranges.get(x_name))
+                    q_value = quantized_inputs[x_name]
+                    target.node.replace_input_with(0, q_value)
+                    entry["activation"] = _act_summary(q_value.producer())
+                layer_stats[target.node.name or target.node.outputs[0].name] = entry
+                bar.update()
         outputs_quantized = 0
         for name, value in conv_outputs.items():  # every reader sees the grid the integer Conv writes
             if name in in_float:

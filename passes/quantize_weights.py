@@ -31,6 +31,7 @@ from qcompiler.mixed_ops import FP16_BITS, dequantize_codebook, dequantize_unifo
 from qcompiler.ops import attributes_of
 from qcompiler.passbase import Pass, PassResult, option, register_pass
 from qcompiler.reconstruct import FLOAT_WEIGHT_KEY
+from qcompiler.progress import progress
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 KMEANS_ITERATIONS = 12
@@ -51,13 +52,14 @@ class QuantizeWeightsPass(Pass):
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
         per_layer = {}
-        for node in list(graph):
-            if node.domain != "qc" or node.op_type != "BitAllocation":
-                continue
-            for use in list(node.outputs[0].uses()):
-                matmul = use.node
-                if matmul.op_type == "MatMul" and use.idx == 1:
-                    per_layer[matmul.name or matmul.outputs[0].name] = self._replace(graph, node, matmul)
+        allocations = [node for node in graph if node.domain == "qc" and node.op_type == "BitAllocation"]
+        with progress("quantize-weights: layers", len(allocations)) as bar:
+            for node in allocations:
+                for use in list(node.outputs[0].uses()):
+                    matmul = use.node
+                    if matmul.op_type == "MatMul" and use.idx == 1:
+                        per_layer[matmul.name or matmul.outputs[0].name] = self._replace(graph, node, matmul)
+                bar.update()
         if per_layer:
             remove_unused(model)
         return PassResult(model, bool(per_layer), {"layers": len(per_layer), "per_layer": per_layer})

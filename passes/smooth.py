@@ -30,6 +30,7 @@ from qcompiler.errors import UserError
 from qcompiler.layers import CREATED_BY, Linear, group_by_input, insert_after_value, linears, new_initializer, set_constant
 from qcompiler.ops import QC_OPSET_VERSION
 from qcompiler.passbase import Pass, PassResult, option, register_pass
+from qcompiler.progress import progress
 
 SMOOTHED_KEY = "qc.smoothed"  # value.meta flag: the readers of this tensor are smoothed
 ALPHA_GRID = tuple(round(0.30 + 0.05 * i, 2) for i in range(14))
@@ -58,11 +59,13 @@ class SmoothPass(Pass):
         graph = model.graph
         model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
         layers_stats = {}
-        for x_name, group in group_by_input(linears(graph)).items():
-            stats = group[0].x.meta.get(STATS_KEY)
-            if stats is None or group[0].x.meta.get(SMOOTHED_KEY):
-                continue
-            layers_stats[x_name] = _smooth_group(graph, group, stats, self.alpha)
+        groups = group_by_input(linears(graph))
+        with progress("smooth: layer groups", len(groups)) as bar:
+            for x_name, group in groups.items():
+                stats = group[0].x.meta.get(STATS_KEY)
+                if stats is not None and not group[0].x.meta.get(SMOOTHED_KEY):
+                    layers_stats[x_name] = _smooth_group(graph, group, stats, self.alpha)
+                bar.update()
         return PassResult(model, bool(layers_stats), {"groups": len(layers_stats), "layers": layers_stats})
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import UserError, first_line, shown
+from qcompiler.float_types import cast_float_feeds
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def load_calibration(
             f"calibration data '{path}' has an unknown type '{suffix or '(none)'}'; give .npz, .txt, .tsv, "
             f"an image ({', '.join(IMAGE_SUFFIXES)}) or a folder of images"
         )
-    validate_batches(batches, model)
+    batches = validate_batches(batches, model)
     samples = sum(batch_size_of(b) for b in batches)
     if samples < wanted:
         log.warning("calibration data '%s' holds %d samples, fewer than the %d asked for; using them all", path, samples, wanted)
@@ -263,6 +264,7 @@ class BatchChecker:
         self.expected = ", ".join(v.name for v in self.inputs)
         self.samples = 0
         self.batches = 0
+        self.model = model
 
     def check(self, batch: Any, index: int) -> dict[str, np.ndarray]:
         """The batch as a dict of arrays, or a UserError naming what is wrong."""
@@ -282,6 +284,7 @@ class BatchChecker:
                 raise UserError(
                     f"calibration batch {index} lacks input '{name}'; the model's inputs are {self.expected}"
                 )
+        batch = cast_float_feeds(batch, self.model)  # a float16/bfloat16 source computes in float32
         feeds: dict[str, np.ndarray] = {}
         symbols: dict[str, tuple[str, int]] = {}
         size = None
@@ -344,12 +347,13 @@ class BatchChecker:
             raise UserError("calibration set is empty; give at least one sample")
 
 
-def validate_batches(batches: Iterable[Mapping[str, np.ndarray]], model: ir.Model) -> None:
+def validate_batches(batches: Iterable[Mapping[str, np.ndarray]], model: ir.Model) -> list[dict[str, np.ndarray]]:
     """Check every batch: exactly the graph's input names, matching dtypes, ranks and static dims,
-    consistent symbolic dims, no NaN or Inf, and at least one sample in all."""
+    consistent symbolic dims, no NaN or Inf, and at least one sample in all. Returns the checked
+    batches as arrays (float arrays of a float16/bfloat16 source cast to float32)."""
     if batches is None:
         raise UserError("calibration set is empty; give at least one sample")
     checker = BatchChecker(model)
-    for index, batch in enumerate(batches):
-        checker.check(batch, index)
+    checked = [checker.check(batch, index) for index, batch in enumerate(batches)]
     checker.finish()
+    return checked

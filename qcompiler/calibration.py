@@ -739,6 +739,31 @@ def _instrumented_proto(model: ir.Model, names: list[str]) -> onnx.ModelProto:
     return proto
 
 
+def _instrumented_session(model: ir.Model, names: list[str], threads: int | None):
+    """A session of a large `model` with `names` added as graph outputs, loaded from a file with
+    external data (the model's outputs are restored afterwards)."""
+    from qcompiler.execute import ort_session
+
+    values = _value_by_name(model)
+    present = {o.name for o in model.graph.outputs}
+    added = [values[name] for name in dict.fromkeys(names) if name not in present]
+    model.graph.outputs.extend(added)
+    try:
+        return ort_session(model, threads)
+    finally:
+        for _ in added:
+            model.graph.outputs.pop()
+
+
+def batch_size_of(batch: Mapping[str, np.ndarray]) -> int:
+    """Samples in a batch: the first axis of its first input with a rank (1 for scalars only)."""
+    for array in batch.values():
+        shape = np.shape(array)
+        if len(shape):
+            return int(shape[0])
+    return 1 if batch else 0
+
+
 def collect(
     model: ir.Model,
     batches: Iterable[dict[str, np.ndarray]],
@@ -768,7 +793,9 @@ def collect(
     accs = {name: Accumulator(axis, sample_rows=sample_rows, bins=bins, name=name) for name, axis in tensors.items()}
     checker = BatchChecker(model)
     session = None
-    if fetched:
+    if fetched and qir.is_large(model):
+        session = _instrumented_session(model, fetched, threads)
+    elif fetched:
         data = _instrumented_proto(model, fetched).SerializeToString()
         session = ort_session(data, threads)
         del data

@@ -51,11 +51,16 @@ def capture(
     *,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    dtype: str | None = None,
 ) -> ir.Model:
-    """torch.nn.Module + example inputs (+ dynamic dims) -> torch.export -> ONNX -> IR."""
+    """torch.nn.Module + example inputs (+ dynamic dims) -> torch.export -> ONNX -> IR.
+    `dtype` ("float32", "float16", "bfloat16"): the float type the module and its floating example
+    inputs are brought to before export (None: as given)."""
     import torch
 
     module = module.eval()
+    if dtype is not None:
+        module, example_inputs = in_torch_dtype(module, example_inputs, dtype)
     if isinstance(example_inputs, Mapping):
         args, kwargs = (), dict(example_inputs)
         input_names = list(input_names or kwargs)
@@ -83,6 +88,31 @@ def capture(
     model.producer_version = None
     adopt_module_names(model)
     return qir.to_target_opset(model, source=type(module).__name__)
+
+
+TORCH_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def in_torch_dtype(module, example_inputs, dtype: str, copy: bool = False):
+    """The module's floating parameters and buffers, and its floating example inputs, in `dtype`
+    (`copy`: convert a copy, leaving the caller's module as it was)."""
+    import torch
+
+    if dtype not in TORCH_DTYPES:
+        raise UserError(f"unknown capture dtype '{dtype}'; choose one of: {', '.join(TORCH_DTYPES)}")
+    target = getattr(torch, dtype)
+
+    def convert(x):
+        return x.to(target) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    if copy:
+        import copy as _copy
+
+        module = _copy.deepcopy(module)
+    module = module.to(target)
+    if isinstance(example_inputs, Mapping):
+        return module, {k: convert(v) for k, v in example_inputs.items()}
+    return module, [convert(v) for v in example_inputs]
 
 
 SCOPE_KEY = "qc.scope"  # metadata_props key: the torch module path a node came from
@@ -147,26 +177,33 @@ def _root_cause(exc: BaseException) -> str:
     return reasons[-1] if reasons else "unknown error"
 
 
-def resolve(source: Any, example_inputs=None, dynamic_shapes=None) -> tuple[ir.Model, Source]:
-    """Turn any accepted source into the IR."""
+def resolve(source: Any, example_inputs=None, dynamic_shapes=None, dtype: str | None = None) -> tuple[ir.Model, Source]:
+    """Turn any accepted source into the IR. `dtype`: the float type torch sources are captured in
+    (refused for ONNX files and IR, which keep their own)."""
+    if dtype is not None and dtype not in TORCH_DTYPES:
+        raise UserError(f"unknown capture dtype '{dtype}'; choose one of: {', '.join(TORCH_DTYPES)}")
+    if dtype is not None and (isinstance(source, ir.Model) or (example_inputs is None and str(source).endswith(".onnx"))):
+        raise UserError("--dtype applies to torch sources only; an ONNX model keeps its own float type (see --float-type)")
     if isinstance(source, ir.Model):  # a copy: the passes rewrite the model in place, the caller's stays as given
         return copy_in_memory(source), Source(name=source.graph.name or "model", kind="ir")
     if example_inputs is not None:
         name = type(source).__name__
         inputs = example_inputs
+        if dtype is not None:
+            source, inputs = in_torch_dtype(source, inputs, dtype, copy=True)
         return capture(source, inputs, dynamic_shapes), Source(name=name, kind="module", example_inputs=_as_dict(inputs))
     text = str(source)
     path = Path(text)
     if text.endswith(".onnx") or os.path.exists(text):  # os.path: a name too long for a path is not one
         return qir.load(path), Source(name=path.stem, kind="onnx")
     if _FACTORY.match(text):
-        return _from_factory(text)
+        return _from_factory(text, dtype)
     from qcompiler import models
 
     bundled = models.get(text)  # raises UserError naming the nearest bundled model
     module = bundled.build()
     example = bundled.example_inputs()
-    model = capture(module, example, bundled.dynamic_shapes(), output_names=bundled.output_names)
+    model = capture(module, example, bundled.dynamic_shapes(), output_names=bundled.output_names, dtype=dtype)
     model.graph.name = bundled.name
     return model, Source(name=bundled.name, kind="bundled", bundled=bundled)
 
@@ -185,7 +222,7 @@ def copy_in_memory(model: ir.Model) -> ir.Model:
     return copy
 
 
-def _from_factory(spec: str) -> tuple[ir.Model, Source]:
+def _from_factory(spec: str, dtype: str | None = None) -> tuple[ir.Model, Source]:
     module_name, func_name = spec.split(":")
     try:
         factory = getattr(importlib.import_module(module_name), func_name)
@@ -195,6 +232,8 @@ def _from_factory(spec: str) -> tuple[ir.Model, Source]:
     if not isinstance(built, tuple) or len(built) not in (2, 3):
         raise UserError(f"'{shown(spec)}' must return (nn.Module, example_inputs[, dynamic_shapes]), got {type(built).__name__}")
     module, inputs, *rest = built
+    if dtype is not None:
+        module, inputs = in_torch_dtype(module, inputs, dtype)
     model = capture(module, inputs, rest[0] if rest else None)
     return model, Source(name=func_name, kind="factory", example_inputs=_as_dict(inputs))
 
@@ -203,7 +242,33 @@ def _as_dict(inputs) -> dict[str, Any] | None:
     return dict(inputs) if isinstance(inputs, Mapping) else None
 
 
+DIGEST_CHUNK = 1 << 24
+
+
 def model_digest(model: ir.Model) -> str:
-    """sha256 of the model's deterministic serialization."""
-    proto = qir.to_proto(model)
-    return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
+    """sha256 of the model's deterministic serialization. A model whose weights are still mapped
+    from external data files is hashed as its serialization without that data (which names each
+    tensor's file, offset and length) followed by the data itself, read in chunks in the order the
+    tensors appear: the weights are never all in memory."""
+    proto = qir.to_proto(model)  # mapped tensors stay references to their files
+    digest = hashlib.sha256(proto.SerializeToString(deterministic=True))
+    del proto
+    mapped = qir.mapped_tensors(model)
+    if mapped:
+        with progress("hash the source's external data", total=len(mapped)) as bar:
+            for tensor in mapped:
+                _hash_file_range(digest, tensor.path, tensor.offset or 0, tensor.nbytes)
+                bar.update()
+    return digest.hexdigest()
+
+
+def _hash_file_range(digest, path, offset: int, length: int) -> None:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left > 0:
+            chunk = f.read(min(DIGEST_CHUNK, left))
+            if not chunk:
+                raise UserError(f"external data file '{path}' ended early; the file is truncated: copy it again")
+            digest.update(chunk)
+            left -= len(chunk)

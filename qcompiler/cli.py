@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--calib", metavar="FILE", help="calibration data: .npz of inputs, .txt/.tsv text, images or a folder of them")
     comp.add_argument("--calib-count", type=positive_int, metavar="N", help="calibration samples to use (default 128)")
     comp.add_argument("--threads", type=positive_int, metavar="N", help="ONNX Runtime threads for passes that run the model")
+    comp.add_argument("--float-type", help="float type of the emitted model's inputs, outputs and float weights: source (default: the source model's float32, float16 or bfloat16) or float32")
+    comp.add_argument("--dtype", help="float type a torch source is captured in: float32 (default), float16 or bfloat16")
     comp.add_argument("--no-drift", action="store_true", default=None, help="skip measuring output drift after each pass")
     comp.add_argument("--cache-dir", metavar="DIR", help="calibration statistics cache (default $QCOMPILER_CACHE or ~/.cache/qcompiler)")
     comp.add_argument("--no-cache", action="store_true", default=None, help="neither read nor write the calibration cache")
@@ -189,6 +191,7 @@ COMPILE_DEFAULTS = {
     "report": None, "calib": None, "calib_count": 128, "threads": None, "no_drift": False, "cache_dir": None,
     "no_cache": False, "fail_under": [], "fail_over": [], "eval_data": None, "eval_count": None, "dry_run": False,
     "force": False,
+    "float_type": "source", "dtype": None,
 }
 _CONFIG_TYPES = {
     "calib_count": int, "threads": int, "eval_count": int, "no_drift": bool, "no_cache": bool, "dry_run": bool,
@@ -258,6 +261,8 @@ def _cmd_compile(args) -> int:
         force=opts.force,
         eval_data=opts.eval_data,
         require_data_probe=any(g.metric.name == "output-cosine" for g in gates),
+        float_type=opts.float_type,
+        dtype=opts.dtype,
     )
     _summary(result)
     if gates:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.capture import model_digest, resolve
-from qcompiler import instruments, probe
+from qcompiler import float_types, instruments, probe
 from qcompiler import report as reports
 from qcompiler.context import CompileContext, using
 from qcompiler.errors import UserError, shown
@@ -69,6 +69,8 @@ def compile(
     force: bool = False,
     eval_data: Any = None,
     require_data_probe: bool = False,
+    float_type: str | None = None,
+    dtype: str | None = None,
 ) -> CompileResult:
     """Compile `source` (bundled model name, .onnx path, `pkg.mod:fn`, nn.Module with
     `example_inputs`, or an `onnx_ir.Model`) into an artifact directory `output`.
@@ -88,7 +90,10 @@ def compile(
     `require_data_probe`: refuse (UserError, before any pass runs) when only a synthetic probe is
     possible (what the `output-cosine` gate needs).
     Outputs are checked before any work (`qcompiler.outputs`): an existing output folder that is
-    not an artifact of ours (or a dump, or a report) is replaced only with `force`."""
+    not an artifact of ours (or a dump, or a report) is replaced only with `force`.
+    `float_type`: "source" (default: the emitted model keeps the source's float32, float16 or
+    bfloat16 at its inputs, outputs and float weights) or "float32". `dtype`: the float type a torch
+    source is captured in ("float32", "float16" or "bfloat16"; `qcompiler.float_types`)."""
     if target not in TARGETS:
         raise UserError(f"unknown target '{shown(target)}'; choose one of: {', '.join(TARGETS)}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
@@ -97,6 +102,7 @@ def compile(
         from qcompiler.codegen.triton.emit import check_triton
 
         check_triton()
+    float_type = float_types.check_float_type_option(float_type)
     passes = complete_pipeline(parse_pipeline(pipeline), target)  # a bad pipeline fails before any slow step
     check_order(passes)
     spec = format_pipeline(passes)
@@ -108,11 +114,13 @@ def compile(
     keep_in_dump = tuple(filter(None, [nested_entry(dump_ir, output), nested_entry(dump_ir, staging)])) if dump_ir is not None else ()
     try:
         start = time.perf_counter()
-        model, source_info = resolve(source, example_inputs, dynamic_shapes)
+        model, source_info = resolve(source, example_inputs, dynamic_shapes, dtype=dtype)
         capture_seconds = time.perf_counter() - start
         check_order(passes, model_properties(model))
+        source_type = float_types.source_float_type(model, quantizes=any(p.name not in ("canonicalize", "lower-ort") for p in passes))
         source_digest = model_digest(model)
         source_weights = weight_count(model)
+        float_types.to_float32(model, source_type)
         eval_batches = calibration_batches(eval_data, probe.PROBE_SAMPLES, model, source_info)
         holds_apart = probe_inputs is None and not eval_batches and source_info.bundled is None
         batches = calibration_batches(calibration, calib_count, model, source_info, probe.PROBE_SAMPLES if holds_apart else 0)
@@ -125,7 +133,7 @@ def compile(
                             "give --calib FILE or --eval-data FILE (a synthetic input would give a meaningless number)")
         if not measured_on.is_data and (drift or report is not None):
             log.warning("%s", measured_on.note)
-        feeds = measured_on.feeds
+        feeds = float_types.cast_float_feeds(measured_on.feeds, model)
         tools = _instruments(feeds if drift and report is None else None, dump_ir, print_ir, spec, keep_in_dump)
         recorder = None
         if report is not None:  # a Drift instrument that also records the layers, in the same runs
@@ -145,6 +153,11 @@ def compile(
             "pipeline": spec,
             "packages": package_versions(),
         }
+        emitted_type = source_type if float_type == "source" and target == "ort" else ir.DataType.FLOAT
+        float_types.restore_float_type(model, emitted_type)
+        if source_type != ir.DataType.FLOAT:  # absent: float32 throughout
+            manifest["float_type"] = float_types.type_name(emitted_type)
+            manifest["source"]["float_type"] = float_types.type_name(source_type)
         if target == "triton":
             from qcompiler.codegen.triton import emit as backend
         else:
@@ -226,8 +239,7 @@ def calibration_batches(calibration, count: int, model, source_info, extra: int 
     if isinstance(calibration, (str, os.PathLike)):
         return load_calibration(calibration, count, model, bundled=source_info.bundled, extra=extra)
     batches = [dict(b) for b in calibration]
-    validate_batches(batches, model)
-    return batches
+    return validate_batches(batches, model)
 
 
 def _instruments(feeds, dump_ir, print_ir, spec, keep_in_dump: tuple[str, ...] = ()) -> list:

@@ -14,20 +14,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.external_data_helper
 import onnx.reference
 import onnx_ir as ir
 
 from qcompiler import ops
-from qcompiler.ir import QC_DOMAIN, qc_nodes, to_proto
+from qcompiler.ir import QC_DOMAIN, is_large, mapped_tensors, qc_nodes, to_proto
 
 log = logging.getLogger(__name__)
 
 
 def ort_session(model: ir.Model | onnx.ModelProto | bytes | str, threads: int | None = None):
-    """An ONNX Runtime CPU session; `threads` fixes intra-op threads (None: ORT's default)."""
+    """An ONNX Runtime CPU session; `threads` fixes intra-op threads (None: ORT's default). A large
+    IR model (`qcompiler.ir.is_large`) is written to a temporary folder with external data and
+    loaded from there, never serialized to bytes."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -35,6 +39,8 @@ def ort_session(model: ir.Model | onnx.ModelProto | bytes | str, threads: int | 
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if isinstance(model, ir.Model) and is_large(model):
+        return _session_from_folder(model, options)
     if isinstance(model, ir.Model):
         model = to_proto(model)
     if isinstance(model, onnx.ModelProto):
@@ -42,11 +48,24 @@ def ort_session(model: ir.Model | onnx.ModelProto | bytes | str, threads: int | 
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
+def _session_from_folder(model: ir.Model, options):
+    """Write `model` with its weights in one external data file to a temporary folder and load the
+    session from that path (the folder is removed once ONNX Runtime has read it)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="qcompiler-session-") as folder:
+        path = Path(folder) / "model.onnx"
+        ir.save(model, str(path), external_data="model.onnx.data", size_threshold_bytes=1024)
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def run(model: ir.Model, feeds: Mapping[str, np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
     """Run `model` on `feeds`; returns every graph output by name."""
     names = [v.name for v in model.graph.outputs]
     if qc_nodes(model):
-        evaluator = onnx.reference.ReferenceEvaluator(to_proto(model), new_ops=_reference_ops())
+        evaluator = onnx.reference.ReferenceEvaluator(_proto_with_data(model), new_ops=_reference_ops())
         results = evaluator.run(None, dict(feeds))
     else:
         results = ort_session(model, threads).run(names, dict(feeds))
@@ -120,6 +139,15 @@ def fold_constant_qc_nodes(model: ir.Model) -> int:
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else ""
+
+
+def _proto_with_data(model: ir.Model) -> onnx.ModelProto:
+    """The model as a protobuf holding every weight (mapped weights read from their files)."""
+    proto = to_proto(model)
+    mapped = mapped_tensors(model)
+    if mapped:
+        onnx.external_data_helper.load_external_data_for_model(proto, str(mapped[0].base_dir))
+    return proto
 
 
 def _reference_ops() -> list[type]:

@@ -94,6 +94,22 @@ def expected_nbytes(dims, data_type: int, what: str) -> int:
 def read_external(base: str | os.PathLike, location: str, offset, length, expected: int, what: str) -> bytes:
     """The bytes `[offset, offset + length)` of the file `location` inside the folder `base`,
     after every check (see the module's doc); `length` None reads to the end of the file."""
+    fd, start, count = _open_checked(base, location, offset, length, expected, what)
+    try:
+        return _read_exactly(fd, start, count)
+    finally:
+        os.close(fd)
+
+
+def check_external(base: str | os.PathLike, location: str, offset, length, expected: int, what: str) -> int:
+    """Every check `read_external` makes, without reading; the byte count."""
+    fd, _, count = _open_checked(base, location, offset, length, expected, what)
+    os.close(fd)
+    return count
+
+
+def _open_checked(base, location: str, offset, length, expected: int, what: str) -> tuple[int, int, int]:
+    """An open descriptor of the checked file, the start and the byte count (the caller closes it)."""
 
     def refuse(problem: str) -> UserError:
         return UserError(f"{what} points its external data at '{shown(location)}', {problem}; refused: {_FIX}")
@@ -129,9 +145,10 @@ def read_external(base: str | os.PathLike, location: str, offset, length, expect
             raise refuse(f"bytes [{start}, {start + count}) past the end of the file ({info.st_size} bytes)")
         if count != expected:
             raise refuse(f"{count} bytes where its dims and type need {expected}")
-        return _read_exactly(fd, start, count)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd, start, count
 
 
 def _non_negative(text, key: str, refuse) -> int:
@@ -155,23 +172,44 @@ def _read_exactly(fd: int, start: int, count: int) -> bytes:
     return b"".join(chunks)
 
 
-def inline_external_data(proto: onnx.ModelProto, model_path: Path) -> int:
+def external_bytes(proto: onnx.ModelProto, model_path: Path) -> int:
+    """Check every external tensor of `proto` (wherever it sits, see `read_external`) without
+    reading it; the bytes they hold together."""
+    total = 0
+    for tensor, what, entries in _external_tensors(proto):
+        expected = expected_nbytes(tensor.dims, tensor.data_type, what)
+        total += check_external(model_path.parent, entries.get("location", ""), entries.get("offset"), entries.get("length"), expected, what)
+    return total
+
+
+def inline_external_data(proto: onnx.ModelProto, model_path: Path, keep_initializers: bool = False) -> int:
     """Read every external tensor of `proto` (wherever it sits) into the proto itself, through
-    `read_external`, relative to the model file's folder. Returns how many tensors were read."""
+    `read_external`, relative to the model file's folder. With `keep_initializers`, the main
+    graph's initializers stay external (checked by `external_bytes`; the IR maps them from the
+    file). Returns how many tensors were read."""
     base = model_path.parent
+    initializers = list(proto.graph.initializer) if keep_initializers else []  # held, so their ids stay theirs
+    kept = {id(t) for t in initializers}
     count = 0
-    for tensor, where in tensors_in(proto):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+    for tensor, what, entries in _external_tensors(proto):
+        if id(tensor) in kept:
             continue
-        entries = {e.key: e.value for e in tensor.external_data}
-        what = f"tensor '{shown(tensor.name)}'" + (f" ({where})" if where else "")
         expected = expected_nbytes(tensor.dims, tensor.data_type, what)
         data = read_external(base, entries.get("location", ""), entries.get("offset"), entries.get("length"), expected, what)
         tensor.raw_data = data
         del tensor.external_data[:]
-        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.ClearField("data_location")  # as if stored inline from the start (the same bytes as a mapped copy)
         count += 1
     return count
+
+
+def _external_tensors(proto: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str, dict[str, str]]]:
+    """Every tensor of `proto` that keeps its bytes in another file: the tensor, where it sits, its
+    external-data entries."""
+    for tensor, where in tensors_in(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            what = f"tensor '{shown(tensor.name)}'" + (f" ({where})" if where else "")
+            yield tensor, what, {e.key: e.value for e in tensor.external_data}
 
 
 def materialize_external_tensors(model: ir.Model) -> int:

@@ -16,6 +16,7 @@ around it and nothing more:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -46,6 +47,9 @@ ELIDE_ELEMENTS = 64
 TEXT_HEADER = "# qcompiler-ir 1"
 # Files above this size keep their weights in a side file (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Sources whose external data passes this size keep it on disk, memory-mapped (onnx_ir's external
+# tensors); a pass that rewrites a weight holds only its new value in memory.
+MAPPED_DATA_THRESHOLD = EXTERNAL_DATA_THRESHOLD
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,7 +61,9 @@ def load(path: str | os.PathLike, convert: bool = True) -> ir.Model:
     `TARGET_OPSET`. Every check runs on the file's contents before any pass: a malformed model
     (`load_checks`) or external data that would read outside the model's folder
     (`external_data`) is refused with one line. External data is read into the model here, so
-    the IR refers to no file (and emitted artifacts never point back into the source's folder)."""
+    the IR refers to no file, except that the main graph's initializers stay memory-mapped when
+    they hold more than `MAPPED_DATA_THRESHOLD` bytes (their files checked first); emitted
+    artifacts never point back into the source's folder."""
     from qcompiler import external_data, load_checks
 
     path = Path(path)
@@ -68,12 +74,20 @@ def load(path: str | os.PathLike, convert: bool = True) -> ir.Model:
     load_checks.check_graphs(proto)
     load_checks.rename_duplicate_nodes(proto)
     load_checks.name_unnamed_graphs(proto)
-    external_data.inline_external_data(proto, path)
+    mapped = external_data.external_bytes(proto, path) >= MAPPED_DATA_THRESHOLD  # every location checked
+    external_data.inline_external_data(proto, path, keep_initializers=mapped)
     load_checks.unknown_minus_one_dims(proto)
     load_checks.check_tensors(proto)
     load_checks.densify_sparse(proto)
     load_checks.check_types(proto)
     model = ir.serde.deserialize_model(proto)
+    del proto
+    if mapped:
+        # The main graph's initializers stay on disk, memory-mapped from files checked above; a pass
+        # that rewrites a weight holds only its new value in memory, and `save` reads mapped weights
+        # into the artifact, which never points back into the source model's folder.
+        ir.external_data.set_base_dir(model.graph, str(path.parent.resolve()))
+        log.info("%s: external data over %.1f GB stays on disk, memory-mapped", path.name, MAPPED_DATA_THRESHOLD / 1e9)
     check_domains(model)
     lift_constant_weights(model)
     name_free_dims(model)
@@ -227,17 +241,44 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 
 
-def save(model: ir.Model, path: str | os.PathLike) -> list[Path]:
+def initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def mapped_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
+    """The initializers still read from an external data file (memory-mapped)."""
+    return [v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
+
+
+def is_large(model: ir.Model) -> bool:
+    """Whether the model cannot travel as one protobuf: weights past `EXTERNAL_DATA_THRESHOLD` or
+    still mapped from their source file."""
+    return bool(mapped_tensors(model)) or initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+
+
+def save(model: ir.Model, path: str | os.PathLike, progress=None) -> list[Path]:
     """Write `model` to `path` (weights in `<name>.data` beside it when the file would pass
-    protobuf's limit). Returns the files written."""
+    protobuf's limit; weights still mapped from the source are copied in, never referenced).
+    `progress(done_bytes, total_bytes)` is called as external data is written. Returns the files
+    written."""
     path = Path(path)
-    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    total = initializer_bytes(model)
     if total < EXTERNAL_DATA_THRESHOLD:
+        if mapped_tensors(model):
+            ir.external_data.load_to_model(model)
         proto = to_proto(model)
         path.write_bytes(proto.SerializeToString(deterministic=True))
         return [path]
     data_name = path.name + ".data"
-    ir.save(model, str(path), external_data=data_name)
+    written = 0
+
+    def report(tensor, _info) -> None:
+        nonlocal written
+        written += tensor.nbytes
+        if progress is not None:
+            progress(written, total)
+
+    ir.save(model, str(path), external_data=data_name, callback=report)
     return [path, path.parent / data_name]
 
 
@@ -260,29 +301,50 @@ def _dtype_text(dtype: ir.DataType) -> str:
 def to_text(model: ir.Model, elide_over: int = ELIDE_ELEMENTS) -> str:
     r"""The model in ONNX textual syntax, deterministic, with large tensors elided.
 
-    Elided initializers are listed first as `# elided <dtype>[<dims>] "<name>" sha256:<hash>`.
+    Elided initializers are listed first as `# elided <dtype>[<dims>] "<name>" sha256:<hash>`; their
+    data is hashed one tensor at a time and never copied into a protobuf.
     Inside quoted names and strings, characters that could break a line or hide text (controls,
     line and paragraph separators, format and private-use characters) are written as escapes
     (`\n`, `\r`, `\t`, `\uXXXX`, `\UXXXXXXXX`): one line of text stays one line, whatever the
     model's names hold."""
-    proto = to_proto(model)
     header = [TEXT_HEADER]
-    kept = []
-    for tensor_proto, value in zip(proto.graph.initializer, model.graph.initializers.values()):
-        numel = int(np.prod(tensor_proto.dims)) if tensor_proto.dims else 1
-        if numel > elide_over:
-            dims = ",".join(str(d) for d in tensor_proto.dims)
-            header.append(
-                f'# elided {_dtype_text(value.const_value.dtype)}[{dims}] "{_escape_name(tensor_proto.name)}" '
-                f"sha256:{tensor_digest(value.const_value)}"
-            )
-        else:
-            kept.append(tensor_proto)
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept)
+    elided = []
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or int(np.prod(tensor.shape.numpy())) <= elide_over:
+            continue
+        dims = ",".join(str(d) for d in tensor.shape.numpy())
+        header.append(f'# elided {_dtype_text(tensor.dtype)}[{dims}] "{_escape_name(value.name)}" sha256:{tensor_digest(tensor)}')
+        elided.append(value)
+    with _initializers_detached(model.graph, elided):
+        proto = to_proto(model)
     del proto.graph.value_info[:]  # intermediate types make the text hard to read; the checker re-infers them
     body = _escape_quoted(onnx.printer.to_text(proto))
     return "\n".join(header) + "\n" + body.rstrip() + "\n"
+
+
+@contextlib.contextmanager
+def _initializers_detached(graph: ir.Graph, values: list[ir.Value]):
+    """Within the block, `values` are not initializers of `graph` (their tensors set aside); after
+    it, every initializer is back, in its original order."""
+    if not values:
+        yield
+        return
+    order = list(graph.initializers.values())
+    tensors = {}
+    for value in values:
+        tensors[value.name] = value.const_value
+        graph.initializers.pop(value.name)
+        value.const_value = None
+    try:
+        yield
+    finally:
+        for value in values:
+            value.const_value = tensors[value.name]
+        for value in order:
+            graph.initializers.pop(value.name, None)
+        for value in order:
+            graph.initializers.add(value)
 
 
 _SHORT_ESCAPES = {"\n": "n", "\r": "r", "\t": "t"}

@@ -435,6 +435,8 @@ def check_tensors(proto: onnx.ModelProto) -> None:
         if isinstance(message, (onnx.TypeProto.Tensor, onnx.TypeProto.SparseTensor)) and not _known_type(message.elem_type):
             raise UserError(f"{value} declares unknown element type {message.elem_type}; {_AGAIN}")
     for tensor, where in tensors_in(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue  # kept mapped: its file, offset and length were checked against dims and type
         what = f"tensor '{shown(tensor.name)}'" + (f" ({where})" if where else "")
         _check_tensor_data(tensor, what)
 

@@ -134,7 +134,7 @@ def _split_rows(batches, keep: int):
 def example_inputs(model: ir.Model, source) -> dict[str, np.ndarray] | None:
     if getattr(source, "example_inputs", None):
         names = [v.name for v in model.graph.inputs]
-        arrays = [np.asarray(t.detach().numpy() if hasattr(t, "detach") else t) for t in source.example_inputs.values()]
+        arrays = [_as_array(t) for t in source.example_inputs.values()]
         if len(arrays) == len(names):
             return dict(zip(names, arrays))
     return None
@@ -146,6 +146,16 @@ def inputs_for(model: ir.Model, source) -> dict[str, np.ndarray]:
         return dict(source.bundled.probe_inputs())
     examples = example_inputs(model, source)
     return examples if examples is not None else synthetic_inputs(model)
+
+
+def _as_array(t) -> np.ndarray:
+    """A torch tensor (bfloat16 ones as float32, numpy has no bfloat16) or array as numpy."""
+    if hasattr(t, "detach"):
+        t = t.detach()
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.float()
+        return np.asarray(t.numpy())
+    return np.asarray(t)
 
 
 def synthetic_inputs(model: ir.Model, seed: int = SEED) -> dict[str, np.ndarray]:

@@ -1,9 +1,10 @@
 """Progress for steps that take more than a couple of seconds.
 
-On a terminal, a single status line on stderr is redrawn (`label: done/total, elapsed`); elsewhere
-(a build log) an INFO line `label: done/total, elapsed` is logged every `LOG_SECONDS` while the
-step runs, so a log shows where a long step is, and one INFO line reports it when it ends, if it
-took more than `QUIET_SECONDS`. Either way these lines go through `logging`.
+On a terminal, a single status line on stderr is redrawn (`label: done/total, elapsed`, and with a
+total the estimated time left); elsewhere (a build log) an INFO line of the same form
+(`label: 12 of 30, 41 s, about 62 s left`) is logged every `LOG_SECONDS` while the step runs, so a log
+shows where a long step is, and one INFO line reports the step when it ends, if it took more than
+`QUIET_SECONDS`. Either way the lines go through `logging`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class Progress:
         self.label, self.total, self.done = label, total, 0
         self.stream = stream if stream is not None else sys.stderr
         self.live = self.stream.isatty() and log.isEnabledFor(logging.INFO)
-        self.start = self.last = time.perf_counter()
+        self.start = self.last = self.logged = time.perf_counter()
 
     def update(self, done: int | None = None) -> None:
         self.done = self.done + 1 if done is None else done
@@ -34,11 +35,19 @@ class Progress:
         count = f"{self.done}/{self.total}" if self.total else f"{self.done}"
         if self.live and now - self.last >= REDRAW_SECONDS:
             self.last = now
-            self.stream.write(f"\r{self.label}: {count}, {now - self.start:.0f} s ")
+            self.stream.write(f"\r{self.label}: {count}, {now - self.start:.0f} s{self.remaining(now)} ")
             self.stream.flush()
-        elif not self.live and now - self.last >= LOG_SECONDS:
-            self.last = now
-            log.info("%s: %s, %.0f s", self.label, count, now - self.start)
+        elif not self.live and now - self.logged >= LOG_SECONDS and not (self.total and self.done >= self.total):
+            self.logged = now
+            done = f"{self.done} of {self.total}" if self.total else f"{self.done}"
+            log.info("%s: %s, %.0f s%s", self.label, done, now - self.start, self.remaining(now))
+
+    def remaining(self, now: float) -> str:
+        """`, about N s left` from the mean time per item so far ("" without a total or progress)."""
+        if not self.total or not self.done or self.done >= self.total:
+            return ""
+        left = (now - self.start) / self.done * (self.total - self.done)
+        return f", about {left:.0f} s left"
 
     def close(self) -> float:
         seconds = time.perf_counter() - self.start

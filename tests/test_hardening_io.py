@@ -356,7 +356,7 @@ def test_progress_lines_are_logged_off_a_terminal(monkeypatch, caplog):
         bar = progress_mod.Progress("doctor: layers measured", total=3, stream=io.StringIO())
         bar.update()
         bar.update()
-    assert [r.getMessage().split(",")[0] for r in caplog.records] == ["doctor: layers measured: 1/3", "doctor: layers measured: 2/3"]
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == ["doctor: layers measured: 1 of 3", "doctor: layers measured: 2 of 3"]
     monkeypatch.setattr(progress_mod, "LOG_SECONDS", 3600.0)  # the rate is bounded
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="qcompiler"):

@@ -37,3 +37,15 @@ def test_nothing_is_drawn_off_a_terminal():
     bar.update()
     bar.close()
     assert stream.getvalue() == ""
+
+
+def test_build_log_gets_periodic_lines_with_time_left(monkeypatch, caplog):
+    monkeypatch.setattr(progress_mod, "LOG_SECONDS", 0.0)
+    clock = iter(float(t) for t in range(100))
+    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: next(clock))
+    with caplog.at_level(logging.INFO, logger="qcompiler"):
+        bar = progress_mod.Progress("smooth layers", total=4, stream=io.StringIO())  # starts at t=0
+        bar.update()  # t=1: 1 of 4 in 1 s -> 3 s left
+        bar.update()  # t=2: 2 of 4 in 2 s -> 2 s left
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["smooth layers: 1 of 4, 1 s, about 3 s left", "smooth layers: 2 of 4, 2 s, about 2 s left"]

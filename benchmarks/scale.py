@@ -1,0 +1,299 @@
+"""Compile cost against model size: synthetic Llama-architecture models in float16 with external data.
+
+    python benchmarks/scale.py                                  # 0.135B only
+    python benchmarks/scale.py --sizes 0.135B,0.5B --windows 32
+    python benchmarks/scale.py --sizes 7B --keep-models /big/disk  # Llama-2-7B shapes, 13.5 GB
+
+Each model is written directly as a float16 ONNX file plus one external data file, layer by layer
+(seeded random weights; memory for one layer, never the model): token embedding, per layer
+RMSNorm, attention with rotary position embedding, grouped key/value heads and a causal mask,
+RMSNorm, SwiGLU MLP; final RMSNorm and an untied output projection. Shapes:
+
+| size   | layers | hidden | FFN   | heads | kv heads | vocab |
+|--------|--------|--------|-------|-------|----------|-------|
+| 0.135B | 30     | 576    | 1536  | 9     | 3        | 49152 | (SmolLM2-135M's, output projection untied)
+| 0.5B   | 24     | 1024   | 4096  | 16    | 16       | 32000 |
+| 1.5B   | 32     | 2048   | 5632  | 32    | 4        | 32000 |
+| 3B     | 26     | 3200   | 8640  | 32    | 32       | 32000 |
+| 7B     | 32     | 4096   | 11008 | 32    | 32       | 32000 | (Llama-2-7B's)
+
+For each size, in a fresh child process each (so peak RSS is one job's): `qcompiler.compile` with
+`w8a8{act-mode=per-token}` and `mixed{avg-bits=4.25}` on `--windows` calibration windows of 128
+random token ids (seeded; random weights have no quality to measure), recording the wall time of
+each pass, the total, peak RSS (`ru_maxrss` of the child) and the bytes written; then ONNX
+Runtime's `quantize_dynamic` (int8 weights) and `MatMulNBitsQuantizer` (4-bit, blocks of 128) on
+the same file, their time and peak RSS, or their error. With two or more sizes the exponent of
+compile time against parameters is fitted (least squares on logs). A table goes to stdout and the
+JSON (machine, package versions, commit) to `benchmarks/results/scale.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+SHAPES = {  # layers, hidden, ffn, heads, kv heads, vocab
+    "0.135B": (30, 576, 1536, 9, 3, 49152),
+    "0.5B": (24, 1024, 4096, 16, 16, 32000),
+    "1.5B": (32, 2048, 5632, 32, 4, 32000),
+    "3B": (26, 3200, 8640, 32, 32, 32000),
+    "7B": (32, 4096, 11008, 32, 32, 32000),
+}
+PIPELINES = ("w8a8{act-mode=per-token}", "mixed{avg-bits=4.25}")
+SEQ = 128
+MAX_POSITIONS = 2048
+THREADS = 2
+
+
+def parameters(size: str) -> int:
+    layers, hidden, ffn, heads, kv, vocab = SHAPES[size]
+    head_dim = hidden // heads
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv * head_dim + 3 * hidden * ffn + 2 * hidden
+    return layers * per_layer + 2 * vocab * hidden + hidden
+
+
+class _DataFile:
+    """External data written tensor by tensor; each tensor gets its TensorProto reference."""
+
+    def __init__(self, path: Path):
+        self.path, self.file, self.offset = path, open(path, "wb"), 0
+
+    def add(self, name: str, array: np.ndarray):
+        from onnx import TensorProto
+
+        data = np.ascontiguousarray(array, np.float16).tobytes()
+        self.file.write(data)
+        tensor = TensorProto(name=name, data_type=TensorProto.FLOAT16, dims=list(array.shape))
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(data)))):
+            tensor.external_data.add(key=key, value=value)
+        self.offset += len(data)
+        return tensor
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def write_llama(size: str, folder: Path, seed: int = 0) -> Path:
+    """The synthetic model as `folder/model.onnx` + `folder/model.onnx.data` (float16)."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    layers, hidden, ffn, heads, kv, vocab = SHAPES[size]
+    head_dim, group = hidden // heads, heads // kv
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = _DataFile(folder / "model.onnx.data")
+    inits, nodes = [], []
+
+    def weight(name, shape, scale, offset=0.0):
+        inits.append(data.add(name, rng.standard_normal(shape, np.float32) * scale + offset))
+        return name
+
+    def small(name, array):  # inline constants: shapes, axes, scalars
+        inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def node(op, inputs, name, **attrs):
+        nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    def rms_norm(x, prefix):
+        w = weight(f"{prefix}.weight", [hidden], 0.1, offset=1.0)
+        sq = node("Mul", [x, x], f"{prefix}.sq")
+        mean = node("ReduceMean", [sq, "axes_last"], f"{prefix}.mean", keepdims=1)
+        rms = node("Sqrt", [node("Add", [mean, "eps"], f"{prefix}.add_eps")], f"{prefix}.rms")
+        return node("Mul", [node("Div", [x, rms], f"{prefix}.normed"), w], f"{prefix}.out")
+
+    def rotary(x, prefix, n_heads):  # x: [b, s, n_heads * head_dim] -> [b, n_heads, s, head_dim]
+        shaped = node("Reshape", [x, f"shape_{n_heads}"], f"{prefix}.heads")
+        t = node("Transpose", [shaped], f"{prefix}.t", perm=[0, 2, 1, 3])
+        first = node("Slice", [t, "zero", "half", "axes_last"], f"{prefix}.x1")
+        second = node("Slice", [t, "half", "full", "axes_last"], f"{prefix}.x2")
+        rotated = node("Concat", [node("Neg", [second], f"{prefix}.neg"), first], f"{prefix}.rot", axis=-1)
+        return node("Add", [node("Mul", [t, "cos"], f"{prefix}.cos"), node("Mul", [rotated, "sin"], f"{prefix}.sin")], f"{prefix}.rope")
+
+    small("axes_last", np.array([-1], np.int64))
+    small("eps", np.array(1e-5, np.float16))
+    small("zero", np.array([0], np.int64))
+    small("half", np.array([head_dim // 2], np.int64))
+    small("full", np.array([head_dim], np.int64))
+    small("one", np.array([1], np.int64))
+    small(f"shape_{heads}", np.array([0, 0, heads, head_dim], np.int64))
+    small(f"shape_{kv}", np.array([0, 0, kv, head_dim], np.int64))
+    small("shape_group", np.array([0, kv, 1, -1, head_dim], np.int64))
+    small("shape_merged", np.array([0, -1, hidden], np.int64))
+    small("scale", np.array(head_dim**-0.5, np.float16))
+    positions = np.arange(MAX_POSITIONS)[:, None] / (10000 ** (np.arange(0, head_dim, 2) / head_dim))[None, :]
+    angles = np.concatenate([positions, positions], axis=1)
+    small("cos_table", np.cos(angles).astype(np.float16))
+    small("sin_table", np.sin(angles).astype(np.float16))
+    small("mask_table", np.triu(np.full((MAX_POSITIONS, MAX_POSITIONS), -1e4, np.float16), 1))
+    # sequence-dependent tables: rows [0, seq) of the position tables and the causal mask
+    seq_len = node("Slice", [node("Shape", ["input_ids"], "ids_shape"), "one", "two"], "seq_len")
+    small("two", np.array([2], np.int64))
+    node("Slice", ["cos_table", "zero", seq_len, "zero"], "cos")
+    node("Slice", ["sin_table", "zero", seq_len, "zero"], "sin")
+    mask_rows = node("Slice", ["mask_table", "zero", seq_len, "zero"], "mask_rows")
+    node("Slice", [mask_rows, "zero", seq_len, "one"], "mask")
+
+    x = node("Gather", [weight("embed_tokens.weight", [vocab, hidden], 0.02), "input_ids"], "embed")
+    for i in range(layers):
+        p = f"layers.{i}"
+        h = rms_norm(x, f"{p}.input_layernorm")
+        q = node("MatMul", [h, weight(f"{p}.self_attn.q_proj.weight", [hidden, hidden], hidden**-0.5)], f"{p}.q")
+        k = node("MatMul", [h, weight(f"{p}.self_attn.k_proj.weight", [hidden, kv * head_dim], hidden**-0.5)], f"{p}.k")
+        v = node("MatMul", [h, weight(f"{p}.self_attn.v_proj.weight", [hidden, kv * head_dim], hidden**-0.5)], f"{p}.v")
+        q, k = rotary(q, f"{p}.q", heads), rotary(k, f"{p}.k", kv)
+        v = node("Transpose", [node("Reshape", [v, f"shape_{kv}"], f"{p}.v.heads")], f"{p}.v.t", perm=[0, 2, 1, 3])
+        if group > 1:  # grouped key/value heads: each serves `group` query heads
+            small(f"{p}.expand", np.array([1, 1, group, 1, 1], np.int64))
+            k, v = (node("Reshape", [node("Tile", [node("Reshape", [t, "shape_group"], f"{t}.g"), f"{p}.expand"], f"{t}.tile"),
+                                     f"shape_all_{heads}"], f"{t}.all") for t in (k, v))
+        scores = node("Mul", [node("MatMul", [q, node("Transpose", [k], f"{p}.kt", perm=[0, 1, 3, 2])], f"{p}.qk"), "scale"], f"{p}.scaled")
+        probs = node("Softmax", [node("Add", [scores, "mask"], f"{p}.masked")], f"{p}.probs", axis=-1)
+        ctx = node("MatMul", [probs, v], f"{p}.ctx")
+        merged = node("Reshape", [node("Transpose", [ctx], f"{p}.ctx.t", perm=[0, 2, 1, 3]), "shape_merged"], f"{p}.merged")
+        attn = node("MatMul", [merged, weight(f"{p}.self_attn.o_proj.weight", [hidden, hidden], hidden**-0.5)], f"{p}.o")
+        x = node("Add", [x, attn], f"{p}.residual1")
+        h = rms_norm(x, f"{p}.post_attention_layernorm")
+        gate = node("MatMul", [h, weight(f"{p}.mlp.gate_proj.weight", [hidden, ffn], hidden**-0.5)], f"{p}.gate")
+        up = node("MatMul", [h, weight(f"{p}.mlp.up_proj.weight", [hidden, ffn], hidden**-0.5)], f"{p}.up")
+        act = node("Mul", [node("Mul", [gate, node("Sigmoid", [gate], f"{p}.sig")], f"{p}.silu"), up], f"{p}.act")
+        down = node("MatMul", [act, weight(f"{p}.mlp.down_proj.weight", [ffn, hidden], ffn**-0.5)], f"{p}.down")
+        x = node("Add", [x, down], f"{p}.residual2")
+    h = rms_norm(x, "norm")
+    node("MatMul", [h, weight("lm_head.weight", [hidden, vocab], hidden**-0.5)], "logits")
+    if group > 1:
+        small(f"shape_all_{heads}", np.array([0, heads, -1, head_dim], np.int64))
+    data.close()
+    graph = helper.make_graph(
+        nodes, f"llama-{size}", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT16, ["batch", "seq", vocab])], inits)
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(folder / "model.onnx"))
+    return folder / "model.onnx"
+
+
+def write_calibration(path: Path, windows: int, vocab: int, seed: int = 1) -> Path:
+    ids = np.random.default_rng(seed).integers(0, vocab, (windows, SEQ), dtype=np.int64)
+    np.savez(path, input_ids=ids)
+    return path
+
+
+_COMPILE_CHILD = """
+import json, resource, sys, time
+from qcompiler.compiler import compile
+start = time.perf_counter()
+result = compile(sys.argv[1], sys.argv[2], pipeline=sys.argv[3], calibration=sys.argv[4], calib_count=int(sys.argv[5]),
+                 threads=int(sys.argv[6]), drift=False)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "passes": {r.name: r.seconds for r in result.records},
+                  "timings": result.timings, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "output_bytes": sum(f.stat().st_size for f in result.output.iterdir()),
+                  "effective_bits": result.manifest.get("effective_bits_per_weight")}))
+"""
+
+_PEER_CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[4])
+source, out, which = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+out.mkdir(parents=True, exist_ok=True)
+start = time.perf_counter()
+if which == "quantize_dynamic":
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    quantize_dynamic(source, out / "model.onnx", weight_type=QuantType.QInt8, use_external_data_format=True)
+else:
+    import onnx, common
+    proto, _ = common.ort_nbits_quantize(source)
+    onnx.save(proto, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "output_bytes": sum(f.stat().st_size for f in out.iterdir())}))
+"""
+
+
+def _child(code: str, args: list[str]) -> dict:
+    run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if run.returncode != 0:
+        lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
+        return {"error": lines[-1][:300] if lines else f"exit {run.returncode}"}
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def fitted_exponent(points: list[tuple[float, float]]) -> float | None:
+    """The slope of log(seconds) against log(parameters), least squares; None below two sizes."""
+    if len(points) < 2:
+        return None
+    x = np.log([p for p, _ in points])
+    y = np.log([s for _, s in points])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="0.135B", help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--windows", type=int, default=32, help="calibration windows of 128 tokens (default 32)")
+    parser.add_argument("--keep-models", metavar="DIR", help="write the models here and keep them (default: a temporary folder)")
+    parser.add_argument("--no-peers", action="store_true", help="skip ONNX Runtime's quantizers")
+    parser.add_argument("--json", type=Path, default=common.RESULTS / "scale.json")
+    args = parser.parse_args()
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in SHAPES]
+    if unknown:
+        parser.error(f"unknown size {unknown[0]}; choose from {', '.join(SHAPES)}")
+    common.fix_threads(THREADS)
+    root = Path(args.keep_models) if args.keep_models else Path(tempfile.mkdtemp(prefix="qcompiler-scale-"))
+    rows, results = [], []
+    for size in sizes:
+        folder = root / f"llama-{size}"
+        start = time.perf_counter()
+        source = write_llama(size, folder)
+        build_s = time.perf_counter() - start
+        source_bytes = sum(f.stat().st_size for f in folder.iterdir())
+        calib = write_calibration(folder / "calib.npz", args.windows, SHAPES[size][5])
+        entry = {"size": size, "parameters": parameters(size), "source_bytes": source_bytes, "build_s": build_s, "runs": {}}
+        jobs = [(p, _COMPILE_CHILD, [str(source), str(root / "out"), p, str(calib), str(args.windows), str(THREADS)]) for p in PIPELINES]
+        if not args.no_peers:
+            bench = str(Path(__file__).resolve().parent)
+            jobs += [(name, _PEER_CHILD, [str(source), str(root / "out"), name, bench]) for name in ("quantize_dynamic", "MatMulNBitsQuantizer")]
+        for name, code, child_args in jobs:
+            subprocess.run(["rm", "-rf", str(root / "out")], check=True)
+            result = _child(code, child_args)
+            entry["runs"][name] = result
+            rows.append([size, f"{parameters(size) / 1e9:.3f}", f"{source_bytes / 1e9:.2f}", name,
+                         f"{result['seconds']:.1f}" if "seconds" in result else "error",
+                         f"{result['peak_rss_gb']:.2f}" if "peak_rss_gb" in result else "",
+                         f"{result['output_bytes'] / 1e9:.3f}" if "output_bytes" in result else "",
+                         result.get("error", "")[:60] or " ".join(f"{k}={v:.1f}" for k, v in result.get("passes", {}).items())])
+            print(rows[-1], flush=True)
+        subprocess.run(["rm", "-rf", str(root / "out")], check=True)
+        results.append(entry)
+        if not args.keep_models:
+            subprocess.run(["rm", "-rf", str(folder)], check=True)
+    exponents = {}
+    for pipeline in PIPELINES:
+        points = [(e["parameters"], e["runs"][pipeline]["seconds"]) for e in results if "seconds" in e["runs"].get(pipeline, {})]
+        exponents[pipeline] = fitted_exponent(points)
+    print(common.table(["size", "params (B)", "source GB", "job", "time s", "peak RSS GB", "output GB", "passes s / error"], rows))
+    for pipeline, exponent in exponents.items():
+        print(f"time exponent {pipeline}: {'n/a (one size)' if exponent is None else f'{exponent:.2f}'}")
+    body = {"command": common.command_line(), "machine": common.machine(), "packages": common.packages(),
+            "git": common.git_state(), "threads": THREADS, "windows": args.windows, "seq": SEQ,
+            "results": results, "time_exponent": exponents}
+    print(f"wrote {common.write_json(args.json, body)}")
+    if not args.keep_models:
+        subprocess.run(["rm", "-rf", str(root)], check=True)
+
+
+if __name__ == "__main__":
+    main()
