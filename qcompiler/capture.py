@@ -164,11 +164,22 @@ def resolve(source: Any, example_inputs=None, dynamic_shapes=None) -> tuple[ir.M
     from qcompiler import models
 
     bundled = models.get(text)  # raises UserError naming the nearest bundled model
+    model = capture_bundled(bundled)
+    return model, Source(name=bundled.name, kind="bundled", bundled=bundled)
+
+
+def capture_bundled(bundled) -> ir.Model:
+    """A bundled model (or a causal LM with a KV cache, whose inputs and outputs are named by its
+    cache layout) captured from torch."""
     module = bundled.build()
     example = bundled.example_inputs()
-    model = capture(module, example, bundled.dynamic_shapes(), output_names=bundled.output_names)
+    layout = getattr(bundled, "layout", None)
+    if layout is not None:
+        model = capture(module, example, bundled.dynamic_shapes(), input_names=layout.input_names, output_names=layout.output_names)
+    else:
+        model = capture(module, example, bundled.dynamic_shapes(), output_names=bundled.output_names)
     model.graph.name = bundled.name
-    return model, Source(name=bundled.name, kind="bundled", bundled=bundled)
+    return model
 
 
 def _from_factory(spec: str) -> tuple[ir.Model, Source]:
@@ -178,11 +189,29 @@ def _from_factory(spec: str) -> tuple[ir.Model, Source]:
     except (ImportError, AttributeError) as exc:
         raise UserError(f"cannot import '{spec}': {first_line(str(exc))}; give package.module:function on PYTHONPATH") from None
     built = factory()
+    causal_lm = _causal_lm_of(spec, built)
+    if causal_lm is not None:  # a Hugging Face causal LM: captured with a KV cache
+        return capture_bundled(causal_lm), Source(name=func_name, kind="factory", bundled=causal_lm)
     if not isinstance(built, tuple) or len(built) not in (2, 3):
         raise UserError(f"'{spec}' must return (nn.Module, example_inputs[, dynamic_shapes]), got {type(built).__name__}")
     module, inputs, *rest = built
     model = capture(module, inputs, rest[0] if rest else None)
     return model, Source(name=func_name, kind="factory", example_inputs=_as_dict(inputs))
+
+
+def _causal_lm_of(spec: str, built: Any):
+    """A factory's Hugging Face causal LM (`model` or `(model, tokenizer)`) as a model with a KV
+    cache; None for any other return value."""
+    from qcompiler.models import causal_lm
+
+    model, tokenizer = (built if isinstance(built, tuple) and len(built) == 2 else (built, None))
+    if not causal_lm.is_hf_causal_lm(model):
+        return None
+    if tokenizer is None and not isinstance(built, tuple):
+        raise UserError(f"'{spec}' returned a causal LM without its tokenizer; return (model, tokenizer)")
+    if not callable(getattr(tokenizer, "save_pretrained", None)):
+        return None  # (module, example_inputs): captured as given, without a cache
+    return causal_lm.from_hf(spec.split(":")[1], model, tokenizer)
 
 
 def _as_dict(inputs) -> dict[str, Any] | None:
