@@ -52,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=common.THREADS)
     parser.add_argument("--pipelines", default=",".join(PIPELINES), help="comma-separated names from: " + ", ".join(PIPELINES))
     parser.add_argument("--build", type=Path, help="where the artifacts go (default: a temporary folder)")
+    parser.add_argument("--text", type=Path, default=common.WIKITEXT, help="the WikiText excerpt (default ../shared/data beside the repository)")
     parser.add_argument("--out", type=Path, default=common.RESULTS / "decode.json")
     return parser.parse_args()
 
@@ -60,8 +61,9 @@ def capture_once() -> None:
     """Capture the bundled model once per process: every pipeline starts from the same IR."""
     import onnx_ir as ir
 
-    from qcompiler import capture
+    import importlib
 
+    capture = importlib.import_module("qcompiler.capture")  # the module (the package exports a function of that name)
     captured: dict[str, bytes] = {}
     original = capture.capture_bundled
 
@@ -101,6 +103,7 @@ def main() -> None:
     unknown = [n for n in names if n not in PIPELINES]
     if unknown:
         sys.exit(f"unknown pipeline names {unknown}; choose from {list(PIPELINES)}")
+    common.WIKITEXT = args.text
     held_out, calib_text = common.wikitext_split()
     build = args.build or Path(tempfile.mkdtemp(prefix="decode-bench-"))
     build.mkdir(parents=True, exist_ok=True)

@@ -177,10 +177,6 @@ class CausalLMWithCache(BundledModel):
     def input_names(self) -> tuple[str, ...]:  # type: ignore[override]
         return tuple(self.layout.input_names)
 
-    @property
-    def capture_output_names(self) -> list[str]:
-        return self.layout.output_names
-
     def build(self) -> CachedCausalLM:
         return self._module()
 
