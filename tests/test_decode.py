@@ -239,3 +239,22 @@ def test_smollm2_cache_graph_equals_the_full_graph(tmp_path):
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=0)
     result = evaluate(out, "perplexity", data, count=2, window=64, threads=2)
     assert abs(result["perplexity_compiled"] / result["perplexity_float"] - 1) < 1e-4
+
+
+def test_block_interpreter_runs_the_cache_graph(float_lm):
+    """Block-wise passes (gptq, flexround, tune-scales) evaluate the graph in torch: the cache
+    graph's mask ops included, it gives ONNX Runtime's logits and presents on a decode step."""
+    import qcompiler
+    from qcompiler.torch_exec import Constants, run_nodes
+
+    model = qcompiler.load(float_lm / "model.onnx")
+    layout = read_layout(float_lm)
+    session = CachedSession(float_lm / "model.onnx", layout, 1)
+    session.step(np.arange(3, 9))
+    feeds = {"input_ids": np.array([[11, 12]]), "attention_mask": np.ones((1, 8), np.int64),
+             "position_ids": np.array([[6, 7]]), **{k: v.numpy() for k, v in session.past.items()}}
+    expected = session.session.run(None, feeds)
+    env = run_nodes(list(model.graph), {k: torch.from_numpy(v) for k, v in feeds.items()},
+                    lambda node: Constants().get(node.inputs[1]), Constants())
+    for value, want in zip(model.graph.outputs, expected):
+        np.testing.assert_allclose(env[value.name].numpy(), want, atol=1e-4)
