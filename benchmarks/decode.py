@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py                                   # 3 pipelines, 5 rounds, 128 + 128 tokens, 8 windows
     python benchmarks/decode.py --rounds 2 --prompt-tokens 32 --new-tokens 32 --windows 2   # a short run
+    python benchmarks/decode.py --build build/decode --reuse ...  # time and score artifacts compiled by an earlier run
 
 Each pipeline compiles `smollm2-135m-kv` (captured once, reused) into an ONNX Runtime artifact:
 `float32` (the `default` pipeline), `w8a8{act-mode=per-token}` and `mixed{avg-bits=4.25}`,
@@ -23,6 +24,7 @@ medians over rounds of prefill tokens/s (prompt tokens / prefill time) and decod
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -52,6 +54,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=common.THREADS)
     parser.add_argument("--pipelines", default=",".join(PIPELINES), help="comma-separated names from: " + ", ".join(PIPELINES))
     parser.add_argument("--build", type=Path, help="where the artifacts go (default: a temporary folder)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="use the artifacts already in --build (compiled by an earlier run with the same --calib-count) instead of compiling")
     parser.add_argument("--text", type=Path, default=common.WIKITEXT, help="the WikiText excerpt (default ../shared/data beside the repository)")
     parser.add_argument("--out", type=Path, default=common.RESULTS / "decode.json")
     return parser.parse_args()
@@ -115,6 +119,13 @@ def main() -> None:
     capture_once()
     artifacts, compiled = {}, {}
     for name in names:
+        folder = build / name.replace(" ", "-")
+        if args.reuse and (folder / "manifest.json").is_file():
+            manifest = json.loads((folder / "manifest.json").read_text())
+            artifacts[name] = folder
+            compiled[name] = {"pipeline": manifest["pipeline"], "compile_s": None, "reused": True,
+                              "effective_bits": manifest.get("effective_bits_per_weight")}
+            continue
         start = time.perf_counter()
         result = qcompile("smollm2-135m-kv", build / name.replace(" ", "-"), pipeline=PIPELINES[name],
                           calibration=None if name == "float32" else str(calib), calib_count=args.calib_count,
