@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 MANIFEST_SCHEMA = "qcompiler.manifest/1"
 
 
-def emit(model: ir.Model, directory: Path, manifest: dict[str, Any]) -> list[Path]:
-    """Write the artifact into `directory` (an empty temporary folder owned by the caller)."""
+def emit(model: ir.Model, directory: Path, manifest: dict[str, Any], extra_files: tuple[Path, ...] = ()) -> list[Path]:
+    """Write the artifact into `directory` (a temporary folder owned by the caller, empty but for
+    `extra_files`, which the manifest lists beside the model's files)."""
     leftover = qc_nodes(model)
     if leftover:
         kinds = ", ".join(sorted({f"qc.{n.op_type}" for n in leftover}))
@@ -40,7 +41,7 @@ def emit(model: ir.Model, directory: Path, manifest: dict[str, Any]) -> list[Pat
         "schema": MANIFEST_SCHEMA,
         "target": "ort",
         **manifest,
-        "files": sorted(p.name for p in files),
+        "files": sorted(p.name for p in [*files, *extra_files]),
         "opsets": {domain or "ai.onnx": version for domain, version in sorted(model.opset_imports.items())},
         "contrib_ops": contrib_ops(model),
         **weight_bytes(model, manifest.get("source", {}).get("weights")),

@@ -19,6 +19,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "craft": ("qcompiler.models.craft", "Craft"),
     "minilm-l6": ("qcompiler.models.minilm", "MiniLM"),
     "smollm2-135m": ("qcompiler.models.smollm2", "SmolLM2"),
+    "smollm2-135m-kv": ("qcompiler.models.smollm2", "SmolLM2KV"),
 }
 
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from qcompiler.errors import UserError
 from qcompiler.models.base import MASK_VALUE, BundledModel, load_exact, optional_import, wheel_file
+from qcompiler.models.causal_lm import CacheLayout, CausalLMWithCache
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class LlamaConfig:
     intermediate_size: int
     rope_theta: float
     eps: float
+    max_positions: int = 2048  # the positions the model was trained on (GGUF `llama.context_length`)
 
     @property
     def head_dim(self) -> int:
@@ -110,6 +112,7 @@ class LlamaConfig:
             intermediate_size=int(field("llama.feed_forward_length")),
             rope_theta=float(field("llama.rope.freq_base")),
             eps=float(field("llama.attention.layer_norm_rms_epsilon")),
+            max_positions=int(field("llama.context_length")) if "llama.context_length" in reader.fields else 2048,
         )
 
 
@@ -137,6 +140,12 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(seq_len, device=self.inv_freq.device).to(torch.float32)
         freqs = positions[:, None] * self.inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos(), angles.sin()
+
+    def at(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin tables [batch, 1, seq, head_dim] for the given positions [batch, seq]."""
+        freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]
         return angles.cos(), angles.sin()
 
 
@@ -176,15 +185,23 @@ class SelfAttention(nn.Module):
         return repeated.reshape(batch, kv_heads * groups, seq, dim)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Without `past`: the attention output. With `past` (key, value [batch, kv_heads,
+        past_len, head_dim], keys already rotated): the output and the present (key, value),
+        the past with this step's keys and values appended."""
         q = apply_rope(self._heads(self.q_proj(x), self.num_heads), cos, sin)
         k = apply_rope(self._heads(self.k_proj(x), self.num_kv_heads), cos, sin)
         v = self._heads(self.v_proj(x), self.num_kv_heads)
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+            present = (k, v)
         k, v = self._repeat_kv(k), self._repeat_kv(v)
         scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim)) + mask
         context = torch.matmul(torch.softmax(scores, dim=-1), v)
-        return self.o_proj(context.transpose(1, 2).flatten(2))
+        out = self.o_proj(context.transpose(1, 2).flatten(2))
+        return out if past is None else (out, present)
 
 
 class MLP(nn.Module):
@@ -211,10 +228,16 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The layer's output; with `past`, also the attention's present (key, value)."""
+        if past is None:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        attended, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), present
 
 
 class Decoder(nn.Module):
@@ -391,3 +414,48 @@ class SmolLM2(BundledModel):
     def probe_inputs(self) -> dict[str, np.ndarray]:
         """The first two 16-token windows of a WikiText-2 passage."""
         return {"input_ids": windows(PROBE_TEXT, PROBE_SEQ_LEN)[:2]}
+
+
+KV_NAME = "smollm2-135m-kv"
+
+
+class SmolLM2KV(CausalLMWithCache):
+    """SmolLM2-135M-Instruct as one decode step with a KV cache (models/causal_lm.py): the graph
+    `qcompiler generate` runs. Same weights and logits as `smollm2-135m`."""
+
+    name = KV_NAME
+    summary = "SmolLM2-135M-Instruct with a KV cache (prefill and decode steps; the Optimum / ORT GenAI layout)"
+
+    def __init__(self, seq_len: int = DEFAULT_SEQ_LEN):
+        self.seq_len = seq_len
+
+    @functools.cached_property
+    def layout(self) -> CacheLayout:  # type: ignore[override]
+        gguf = optional_import("gguf", NAME)
+        cfg = LlamaConfig.from_gguf(gguf.GGUFReader(str(gguf_path())))
+        return layout_of(cfg, self.tokenizer())
+
+    def _float_lm(self) -> CausalLM:
+        return SmolLM2(self.seq_len).build()
+
+    def tokenizer(self) -> Any:
+        return tokenizer()
+
+    def probe_window(self) -> np.ndarray:
+        return windows(PROBE_TEXT, PROBE_SEQ_LEN)[:2]
+
+
+def layout_of(cfg: LlamaConfig, tok: Any) -> CacheLayout:
+    """The cache layout of a Llama decoder with this config and tokenizer; generation stops at the
+    tokenizer's end-of-sequence token and at `<|endoftext|>` where the vocabulary has one."""
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    end_of_text = tok.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tok.get_vocab() else None
+    if end_of_text is not None and end_of_text not in eos:
+        eos.append(end_of_text)
+    if not eos:
+        raise UserError("the tokenizer names no end-of-sequence token; set its eos_token")
+    return CacheLayout(
+        num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, max_positions=cfg.max_positions,
+        eos_token_ids=tuple(int(t) for t in eos), bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+    )

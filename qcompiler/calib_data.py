@@ -10,7 +10,9 @@ Accepted sources (`load_calibration`):
 - images (`.png`, `.jpg`, `.jpeg`, `.bmp`, `.tif`, `.tiff`): one file, or a directory whose image
   files are taken in name order. Read as uint8 arrays (Pillow).
 Text and images become inputs through the bundled model's own preprocessing
-(`bundled.inputs_from_raw(samples)`, one call per batch, so text is padded per batch).
+(`bundled.inputs_from_raw(samples)`, one call per batch, so text is padded per batch); a model
+with a KV cache turns each batch of samples into several steps (`bundled.batches_from_raw`: a
+prefill with an empty past, then decode steps with a past).
 
 The first `count` samples are used, in file order, grouped into batches of `batch_size`. Every
 problem is a `UserError` with one line that names it and the fix.
@@ -69,11 +71,16 @@ def load_calibration(
             f"an image ({', '.join(IMAGE_SUFFIXES)}) or a folder of images"
         )
     batches = validate_batches(batches, model)
-    samples = sum(batch_size_of(b) for b in batches)
+    samples = sum(batch_size_of(b) for b in batches if not _continues_earlier_samples(b))
     if samples < wanted:
         log.warning("calibration data '%s' holds %d samples, fewer than the %d asked for; using them all", path, samples, wanted)
     log.info("calibration data: %d samples in %d batches from %s", samples, len(batches), path)
     return batches
+
+
+def _continues_earlier_samples(batch: Mapping[str, Any]) -> bool:
+    """A decode step of a causal LM: its inputs carry a non-empty past of earlier samples' tokens."""
+    return any(name.startswith("past_key_values.") and np.ndim(a) == 4 and np.shape(a)[2] > 0 for name, a in batch.items())
 
 
 def batch_size_of(batch: Mapping[str, Any]) -> int:
@@ -222,6 +229,9 @@ def _from_raw(samples: Sequence, count: int, bundled: Any, batch_size: int, path
         if image:
             chunk = [_read_image(p) for p in chunk]
         try:
+            if callable(getattr(bundled, "batches_from_raw", None)):  # several steps per sample (a prefill and decode steps)
+                batches.extend({name: np.asarray(a) for name, a in b.items()} for b in bundled.batches_from_raw(chunk))
+                continue
             inputs = bundled.inputs_from_raw(chunk)
         except UserError:
             raise

@@ -201,11 +201,21 @@ def resolve(source: Any, example_inputs=None, dynamic_shapes=None, dtype: str | 
     from qcompiler import models
 
     bundled = models.get(text)  # raises UserError naming the nearest bundled model
+    model = capture_bundled(bundled, dtype)
+    return model, Source(name=bundled.name, kind="bundled", bundled=bundled)
+
+
+def capture_bundled(bundled, dtype: str | None = None) -> ir.Model:
+    """A bundled model (or a causal LM with a KV cache, whose inputs and outputs are named by its
+    cache layout) captured from torch, in `dtype` when given."""
     module = bundled.build()
     example = bundled.example_inputs()
-    model = capture(module, example, bundled.dynamic_shapes(), output_names=bundled.output_names, dtype=dtype)
+    layout = getattr(bundled, "layout", None)  # a causal LM with a KV cache names its inputs too
+    input_names = layout.input_names if layout is not None else None
+    output_names = layout.output_names if layout is not None else bundled.output_names
+    model = capture(module, example, bundled.dynamic_shapes(), input_names=input_names, output_names=output_names, dtype=dtype)
     model.graph.name = bundled.name
-    return model, Source(name=bundled.name, kind="bundled", bundled=bundled)
+    return model
 
 
 def copy_in_memory(model: ir.Model) -> ir.Model:
@@ -229,6 +239,9 @@ def _from_factory(spec: str, dtype: str | None = None) -> tuple[ir.Model, Source
     except (ImportError, AttributeError) as exc:
         raise UserError(f"cannot import '{shown(spec)}': {shown(first_line(str(exc)), 200)}; give package.module:function on PYTHONPATH") from None
     built = factory()
+    causal_lm = _causal_lm_of(spec, built)
+    if causal_lm is not None:  # a Hugging Face causal LM: captured with a KV cache
+        return capture_bundled(causal_lm, dtype), Source(name=func_name, kind="factory", bundled=causal_lm)
     if not isinstance(built, tuple) or len(built) not in (2, 3):
         raise UserError(f"'{shown(spec)}' must return (nn.Module, example_inputs[, dynamic_shapes]), got {type(built).__name__}")
     module, inputs, *rest = built
@@ -236,6 +249,21 @@ def _from_factory(spec: str, dtype: str | None = None) -> tuple[ir.Model, Source
         module, inputs = in_torch_dtype(module, inputs, dtype)
     model = capture(module, inputs, rest[0] if rest else None)
     return model, Source(name=func_name, kind="factory", example_inputs=_as_dict(inputs))
+
+
+def _causal_lm_of(spec: str, built: Any):
+    """A factory's Hugging Face causal LM (`model` or `(model, tokenizer)`) as a model with a KV
+    cache; None for any other return value."""
+    from qcompiler.models import hf_llama
+
+    model, tokenizer = (built if isinstance(built, tuple) and len(built) == 2 else (built, None))
+    if not hf_llama.is_hf_causal_lm(model):
+        return None
+    if tokenizer is None and not isinstance(built, tuple):
+        raise UserError(f"'{spec}' returned a causal LM without its tokenizer; return (model, tokenizer)")
+    if not callable(getattr(tokenizer, "save_pretrained", None)):
+        return None  # (module, example_inputs): captured as given, without a cache
+    return hf_llama.from_hf(spec.split(":")[1], model, tokenizer)
 
 
 def _as_dict(inputs) -> dict[str, Any] | None:

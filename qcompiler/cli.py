@@ -3,6 +3,7 @@
     qcompiler compile SOURCE -o DIR [--target ort|triton] [--pipeline SPEC] [--dump-ir DIR]
                                     [--print-ir all|changed] [--report FILE]
     qcompiler eval DIR --task sts|perplexity|segmentation [--data FILE] [--json]
+    qcompiler generate DIR --prompt TEXT [--max-new-tokens N] [--temperature T --seed S] [--json]
     qcompiler passes                 every pass: name, one-line doc, options with defaults
     qcompiler opt FILE.onnxtxt -p SPEC [-o OUT.onnxtxt]   IR text in, the passes of SPEC, IR text out
     qcompiler show FILE              a model (.onnx) as IR text
@@ -80,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads")
     ev.add_argument("--model", help="the bundled float model, when the artifact was compiled from an ONNX file of it")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    gen = sub.add_parser("generate", help="continue a prompt with a compiled causal LM (KV cache), streaming the text")
+    gen.add_argument("artifact", help="an artifact directory of a causal LM with a KV cache (e.g. compiled from smollm2-135m-kv)")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens to generate at most (default 64, or what the model's positions leave)")
+    gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default): greedy; above 0: sample from softmax(logits / T)")
+    gen.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the sampling generator (default 0)")
+    gen.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime intra-op threads")
+    gen.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, tokens/s) instead of streaming")
 
     doc = sub.add_parser("doctor", help="rank the layers and passes that cost accuracy and suggest a pipeline change")
     doc.add_argument("source", help="bundled model name, path to .onnx, or package.module:function")
@@ -330,6 +340,29 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    import json
+
+    from qcompiler.decode import generate
+
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = generate(args.artifact, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      seed=args.seed, threads=args.threads, on_text=None if args.json else stream)
+    if args.json:
+        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        return 0
+    sys.stdout.write("\n")
+    decode = result["decode_tokens_per_s"]
+    sys.stderr.write(
+        f"prefill: {result['prompt_tokens']} tokens, {result['prefill_tokens_per_s']} tokens/s; "
+        f"decode: {result['new_tokens']} new tokens ({result['stopped']}), {decode if decode is not None else '-'} tokens/s\n"
+    )
+    return 0
+
+
 def _cmd_doctor(args) -> int:
     import json
     from pathlib import Path
@@ -413,8 +446,8 @@ def _cmd_opt(args) -> int:
     return 0
 
 
-_COMMANDS = {"compile": _cmd_compile, "doctor": _cmd_doctor, "eval": _cmd_eval, "opt": _cmd_opt, "passes": _cmd_passes,
-             "show": _cmd_show}
+_COMMANDS = {"compile": _cmd_compile, "doctor": _cmd_doctor, "eval": _cmd_eval, "generate": _cmd_generate, "opt": _cmd_opt,
+             "passes": _cmd_passes, "show": _cmd_show}
 
 
 def entry() -> None:

@@ -158,12 +158,21 @@ def compile(
         if source_type != ir.DataType.FLOAT:  # absent: float32 throughout
             manifest["float_type"] = float_types.type_name(emitted_type)
             manifest["source"]["float_type"] = float_types.type_name(source_type)
+        layout = getattr(source_info.bundled, "layout", None)  # a causal LM with a KV cache
+        if layout is not None:
+            manifest["causal_lm"] = layout.to_json()
         if target == "triton":
             from qcompiler.codegen.triton import emit as backend
         else:
             from qcompiler.codegen import ort as backend
 
-        files = backend.emit(model, staging, manifest)
+        if layout is not None and target == "ort":  # the tokenizer and ORT GenAI's config beside the model
+            from qcompiler.lm_artifact import write_lm_files
+
+            lm_files = write_lm_files(staging, source_info.bundled)
+            files = backend.emit(model, staging, manifest, tuple(lm_files)) + lm_files
+        else:
+            files = backend.emit(model, staging, manifest)
         manifest = json.loads((staging / "manifest.json").read_text())
         timings = {"capture_s": round(capture_seconds, 3), "pipeline_s": round(pipeline_seconds, 3)}
         if report is not None:

@@ -4,7 +4,9 @@
   rank correlation (x100) with the human scores; plus the mean cosine between float and compiled
   embeddings of the same sentence.
 - `perplexity` (causal LM): exp of the mean next-token cross-entropy over non-overlapping windows
-  of `window` tokens of the text (the first `count` windows; both stated in the result).
+  of `window` tokens of the text (the first `count` windows; both stated in the result). An
+  artifact with a KV cache runs each window through its cache (a prefill of the first half, then
+  one token per step); its float model runs the whole window at once.
 - `segmentation` (CRAFT): Dice of the compiled model's region and affinity masks (score >
   `MASK_THRESHOLD`) against the float model's, on scikit-image's bundled photos.
 
@@ -53,8 +55,14 @@ def evaluate(
     if not (artifact / "model.onnx").is_file():
         raise UserError(f"'{artifact}' is not a compiled artifact (no model.onnx); give the -o directory of `qcompiler compile`")
     bundled = _bundled_from_manifest(artifact, model)
-    compiled = _ort_runner(artifact / "model.onnx", threads)
-    reference = _torch_runner(bundled)
+    if getattr(bundled, "layout", None) is not None:  # a causal LM with a KV cache
+        if task != "perplexity":
+            raise UserError(f"'{artifact}' holds a causal LM; its task is perplexity")
+        compiled = _cached_runner(artifact, threads)
+        reference = lambda feeds: bundled.full_logits(feeds["input_ids"])  # noqa: E731 (the full sequence, no cache)
+    else:
+        compiled = _ort_runner(artifact / "model.onnx", threads)
+        reference = _torch_runner(bundled)
     start = time.perf_counter()
     if task == "sts":
         result = _sts(bundled, reference, compiled, _need(data, task), count, batch_size)
@@ -94,6 +102,20 @@ def _ort_runner(path: Path, threads: int | None) -> Runner:
 
     session = ort_session(str(path), threads)
     return lambda feeds: session.run(None, feeds)[0]
+
+
+def _cached_runner(artifact: Path, threads: int | None) -> Runner:
+    """Logits of one window through the artifact's KV cache: a prefill of its first half, then
+    one token per step (what generation runs)."""
+    from qcompiler.decode import CachedSession, cached_logits
+    from qcompiler.lm_artifact import read_layout
+
+    session = CachedSession(artifact / "model.onnx", read_layout(artifact), threads)
+
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return np.stack([cached_logits(session, row, max(1, len(row) // 2)) for row in feeds["input_ids"]])
+
+    return run
 
 
 def _torch_runner(bundled) -> Runner:

@@ -138,6 +138,8 @@ OPS: dict[str, Callable] = {
     "Div": lambda n, i: torch.div(i[0], i[1], rounding_mode="trunc") if not i[0].is_floating_point() else i[0] / i[1],
     "Pow": lambda n, i: torch.pow(i[0], i[1]),
     "Equal": _binary(torch.eq), "Less": _binary(torch.lt), "Greater": _binary(torch.gt),
+    "LessOrEqual": _binary(torch.le), "GreaterOrEqual": _binary(torch.ge),
+    "And": _binary(torch.logical_and), "Or": _binary(torch.logical_or), "Not": lambda n, i: torch.logical_not(i[0]),
     "Where": lambda n, i: torch.where(i[0].bool(), i[1], i[2]),
     "Neg": lambda n, i: -i[0], "Sqrt": lambda n, i: torch.sqrt(i[0]), "Reciprocal": lambda n, i: 1.0 / i[0],
     "Exp": lambda n, i: torch.exp(i[0]), "Log": lambda n, i: torch.log(i[0]), "Tanh": lambda n, i: torch.tanh(i[0]),

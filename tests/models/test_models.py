@@ -41,7 +41,7 @@ CONTROL_FLOW = {"If", "Loop", "Scan"}
 
 
 def test_names_lists_the_bundled_models():
-    assert qm.names() == ["craft", "minilm-l6", "smollm2-135m"]
+    assert qm.names() == ["craft", "minilm-l6", "smollm2-135m", "smollm2-135m-kv"]
 
 
 @pytest.mark.parametrize(
@@ -54,7 +54,7 @@ def test_unknown_name_names_the_nearest(typo, nearest):
     message = str(info.value)
     assert f"unknown model '{typo}'" in message
     assert f"did you mean '{nearest}'?" in message
-    assert "(bundled: craft, minilm-l6, smollm2-135m)" in message
+    assert "(bundled: craft, minilm-l6, smollm2-135m, smollm2-135m-kv)" in message
 
 
 def test_missing_wheel_names_the_pip_command():
@@ -80,7 +80,11 @@ def test_models_describe_themselves():
         assert model.name == name
         assert model.task in {"sts", "perplexity", "segmentation"}
         assert "\n" not in model.summary
-        assert set(model.dynamic_shapes()) == set(model.input_names)
+        if name.endswith("-kv"):  # the past keys and values are one list argument of the module
+            assert set(model.dynamic_shapes()) == {"input_ids", "attention_mask", "position_ids", "past_key_values"}
+            assert model.input_names[3:] == tuple(f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}" for i in range(60))
+        else:
+            assert set(model.dynamic_shapes()) == set(model.input_names)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -1,0 +1,74 @@
+"""Hugging Face Llama causal LMs as models with a KV cache: a `package.module:function` source
+that returns `(model, tokenizer)` is rebuilt as our Llama decoder (`models/smollm2.py`) with the
+model's weights and captured with the cache layout of `models/causal_lm.py`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qcompiler.errors import UserError
+from qcompiler.models import smollm2
+from qcompiler.models.causal_lm import CacheLayout, CausalLMWithCache
+
+
+class LlamaWithCache(CausalLMWithCache):
+    """A Llama decoder given as a module (a `package.module:function` source returning a Hugging
+    Face Llama causal LM, or a test's random one) with its tokenizer."""
+
+    summary = "a Llama causal LM with a KV cache"
+
+    def __init__(self, name: str, lm: nn.Module, tokenizer: Any, layout: CacheLayout, seq_len: int = 128):
+        self.name, self._lm, self._tokenizer, self.layout, self.seq_len = name, lm.eval(), tokenizer, layout, seq_len
+
+    def _float_lm(self) -> nn.Module:
+        return self._lm
+
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    def probe_window(self) -> np.ndarray:
+        """Two deterministic 16-token windows (no tokenizer text is assumed)."""
+        ids = (np.arange(32, dtype=np.int64).reshape(2, 16) * 997 + 11) % self.layout.vocab_size
+        return ids
+
+
+def is_hf_causal_lm(obj: Any) -> bool:
+    """A Hugging Face model with a language-model head (`...ForCausalLM`)."""
+    return isinstance(obj, nn.Module) and hasattr(obj, "config") and type(obj).__name__.endswith("ForCausalLM")
+
+
+def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
+    """Our Llama decoder (models/smollm2.py) with the weights of a Hugging Face Llama causal LM,
+    as a model with a KV cache; other architectures are refused."""
+    cfg = hf_model.config
+    if getattr(cfg, "model_type", None) != "llama":
+        raise UserError(
+            f"'{name}' returned a {type(hf_model).__name__} ({getattr(cfg, 'model_type', '?')}); the KV-cache capture takes "
+            "Llama-architecture causal LMs; return (module, example_inputs) to capture it without a cache"
+        )
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    if head_dim * heads != cfg.hidden_size or rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise UserError(f"'{name}': the KV-cache capture takes Llama models with head_dim = hidden / heads and plain RoPE")
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        raise UserError(f"'{name}': the KV-cache capture takes Llama models without attention or MLP biases")
+    ours = smollm2.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, num_heads=heads,
+        num_kv_heads=cfg.num_key_value_heads, intermediate_size=cfg.intermediate_size, rope_theta=float(theta),
+        eps=float(cfg.rms_norm_eps), max_positions=int(cfg.max_position_embeddings),
+    )
+    lm = smollm2.CausalLM(ours)
+    state = {k: v.detach().to(torch.float32) for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
+    if "lm_head.weight" not in state or not getattr(cfg, "tie_word_embeddings", False):
+        if "lm_head.weight" in state:
+            lm.lm_head.weight = nn.Parameter(torch.empty_like(state["lm_head.weight"]))
+        else:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    smollm2.load_exact(lm, state, name)
+    return LlamaWithCache(name, lm, tokenizer, smollm2.layout_of(ours, tokenizer))

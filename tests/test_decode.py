@@ -1,0 +1,261 @@
+"""Causal LMs with a KV cache: capture, calibration steps, `qcompiler generate`, ORT GenAI.
+
+A tiny random Llama (transformers' LlamaConfig, 2 layers, hidden 128) with a word-level tokenizer
+comes in as a `package.module:function` source; the real SmolLM2 only in the slow tier.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from qcompiler.cli import main  # noqa: E402
+from qcompiler.compiler import compile as qcompile  # noqa: E402
+from qcompiler.decode import CachedSession, cached_logits, generate  # noqa: E402
+from qcompiler.errors import UserError  # noqa: E402
+from qcompiler.lm_artifact import read_layout  # noqa: E402
+from qcompiler.models.causal_lm import DECODE_STEPS  # noqa: E402
+from qcompiler.models.hf_llama import from_hf  # noqa: E402
+
+VOCAB = 128
+MAX_POSITIONS = 64
+PROMPT = "w1 w2 w3 w4 w5"
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": 3 + i for i in range(VOCAB - 3)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
+
+
+def tiny_llama():
+    """The factory: a random Llama causal LM (untied head, grouped K/V heads) and its tokenizer."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=False,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval(), tiny_tokenizer()
+
+
+def words(count: int, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    return " ".join(f"w{i}" for i in rng.integers(0, VOCAB - 3, count))
+
+
+@pytest.fixture(scope="module")
+def factory():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "tiny_llama_factory", sys.modules[__name__])
+        yield "tiny_llama_factory:tiny_llama"
+
+
+@pytest.fixture(scope="module")
+def float_lm(factory, tmp_path_factory):
+    return qcompile(factory, tmp_path_factory.mktemp("lm") / "float", drift=False).output
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n".join(words(12 + i % 9, seed=i) for i in range(16)) + "\n")
+    return path
+
+
+def test_cache_graph_layout_and_files(float_lm):
+    import onnx
+
+    graph = onnx.load(str(float_lm / "model.onnx"), load_external_data=False).graph
+    inputs = [i.name for i in graph.input]
+    assert inputs == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key", "past_key_values.0.value",
+                      "past_key_values.1.key", "past_key_values.1.value"]
+    assert [o.name for o in graph.output] == ["logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]
+    past = graph.input[3].type.tensor_type.shape.dim
+    assert past[0].dim_param and past[2].dim_param and past[1].dim_value == 2 and past[3].dim_value == 32
+    assert {"tokenizer.json", "genai_config.json"} <= {p.name for p in float_lm.iterdir()}
+    manifest = json.loads((float_lm / "manifest.json").read_text())
+    assert "tokenizer.json" in manifest["files"] and manifest["causal_lm"]["num_layers"] == 2
+    assert json.loads((float_lm / "genai_config.json").read_text())["model"]["decoder"]["num_key_value_heads"] == 2
+
+
+def test_cache_graph_equals_full_sequence(float_lm):
+    hf, _ = tiny_llama()
+    ids = np.random.default_rng(1).integers(3, VOCAB, 20)
+    with torch.no_grad():
+        full = hf(torch.from_numpy(ids[None])).logits[0].numpy()
+    session = CachedSession(float_lm / "model.onnx", read_layout(float_lm), threads=1)
+    stepped = cached_logits(session, ids, prefill=7)  # 7 tokens at once, then 13 single steps
+    np.testing.assert_allclose(stepped, full, atol=2e-5)
+
+
+def test_greedy_tokens_equal_transformers_generate(float_lm):
+    hf, tok = tiny_llama()
+    ids = torch.tensor([tok(PROMPT, add_special_tokens=False)["input_ids"]])
+    expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+    result = generate(float_lm, PROMPT, max_new_tokens=12, threads=1)
+    assert result["tokens"] == expected.tolist()
+    assert result["prompt_tokens"] == 5 and result["prefill_tokens_per_s"] > 0
+
+
+def test_sampling_is_seeded(float_lm):
+    first = generate(float_lm, PROMPT, max_new_tokens=10, temperature=1.5, seed=3, threads=1)["tokens"]
+    again = generate(float_lm, PROMPT, max_new_tokens=10, temperature=1.5, seed=3, threads=1)["tokens"]
+    greedy = generate(float_lm, PROMPT, max_new_tokens=10, threads=1)["tokens"]
+    assert first == again and first != greedy
+
+
+def test_generate_cli_streams_then_reports_speed(float_lm, capsys):
+    assert main(["generate", str(float_lm), "--prompt", PROMPT, "--max-new-tokens", "8", "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    expected = generate(float_lm, PROMPT, max_new_tokens=8, threads=1)["text"]
+    assert out == expected + "\n" and "prefill" in err and "tokens/s" in err
+    assert main(["generate", str(float_lm), "--prompt", PROMPT, "--max-new-tokens", "8", "--json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["text"] == expected and body["decode_tokens_per_s"] > 0
+
+
+def _no_tokenizer(artifact: Path, tmp: Path) -> Path:
+    copy = tmp / "no-tokenizer"
+    shutil.copytree(artifact, copy)
+    (copy / "tokenizer.json").unlink()
+    return copy
+
+
+def _not_an_lm(artifact: Path, tmp: Path) -> Path:
+    copy = tmp / "not-lm"
+    shutil.copytree(artifact, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["causal_lm"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+@pytest.mark.parametrize(
+    "case, extra, message",
+    [
+        ("long prompt", ["--prompt", words(MAX_POSITIONS + 1)], "positions"),
+        ("zero tokens", ["--prompt", PROMPT, "--max-new-tokens", "0"], "--max-new-tokens"),
+        ("past the positions", ["--prompt", PROMPT, "--max-new-tokens", str(MAX_POSITIONS)], "--max-new-tokens"),
+        ("negative temperature", ["--prompt", PROMPT, "--temperature", "-1"], "--temperature"),
+        ("no causal LM", ["--prompt", PROMPT], "no causal LM"),
+        ("no tokenizer", ["--prompt", PROMPT], "tokenizer.json"),
+        ("no folder", ["--prompt", PROMPT], "not a compiled artifact"),
+    ],
+)
+def test_generate_bad_input_exits_2(float_lm, tmp_path, capsys, case, extra, message):
+    folder = {"no causal LM": _not_an_lm, "no tokenizer": _no_tokenizer}.get(case, lambda a, t: a)(float_lm, tmp_path)
+    if case == "no folder":
+        folder = tmp_path / "missing"
+    assert main(["generate", str(folder), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_calibration_sees_prefill_and_decode_steps(factory, calib_file):
+    hf, tok = tiny_llama()
+    lm = from_hf("tiny", hf, tok)
+    lm.seq_len = 16
+    batches = lm.batches_from_raw([words(16, seed=1), words(9, seed=2)])
+    past = [b["past_key_values.0.key"].shape[2] for b in batches]
+    assert past == [0, *range(16 - DECODE_STEPS, 16)]
+    assert [b["input_ids"].shape[1] for b in batches] == [16 - DECODE_STEPS] + [1] * DECODE_STEPS
+    assert batches[-1]["attention_mask"].shape == (2, 16) and batches[-1]["attention_mask"][1].sum() == 9
+    assert batches[2]["position_ids"].tolist() == [[13], [13]]
+
+
+def test_w8a8_per_token_compiles_the_cache_graph(factory, calib_file, float_lm, tmp_path):
+    out = qcompile(factory, tmp_path / "w8", pipeline="w8a8{act-mode=per-token}", calibration=str(calib_file), drift=False).output
+    ids = np.random.default_rng(4).integers(3, VOCAB, 16)
+    layout = read_layout(out)
+    quantized = cached_logits(CachedSession(out / "model.onnx", layout, 1), ids, prefill=8)
+    reference = cached_logits(CachedSession(float_lm / "model.onnx", layout, 1), ids, prefill=8)
+    cosine = np.sum(quantized * reference) / np.linalg.norm(quantized) / np.linalg.norm(reference)
+    assert "MatMulIntegerToFloat" in (out / "model.onnx").read_bytes().decode("latin-1") and cosine > 0.99
+    assert len(generate(out, PROMPT, max_new_tokens=4, threads=1)["tokens"]) >= 1
+
+
+def test_genai_config_loads_in_onnxruntime_genai(float_lm):
+    og = pytest.importorskip("onnxruntime_genai")
+    _, tok = tiny_llama()
+    prompt = tok(PROMPT, add_special_tokens=False)["input_ids"]
+    model = og.Model(str(float_lm))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 10, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    ours = generate(float_lm, PROMPT, max_new_tokens=10, threads=1)["tokens"]
+    assert tokens[: len(ours)] == ours
+
+
+def test_factory_causal_lm_needs_its_tokenizer(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tiny_llama_bare", type(sys)("tiny_llama_bare"))
+    sys.modules["tiny_llama_bare"].build = lambda: tiny_llama()[0]
+    with pytest.raises(UserError, match="without its tokenizer"):
+        qcompile("tiny_llama_bare:build", "unused-output-dir", drift=False)
+
+
+@pytest.mark.slow
+def test_tiny_mixed_compiles_the_cache_graph(factory, calib_file, tmp_path):
+    out = qcompile(factory, tmp_path / "mixed", pipeline="mixed{avg-bits=4.25}", calibration=str(calib_file), drift=False).output
+    assert "MatMulNBits" in (out / "model.onnx").read_bytes().decode("latin-1")
+    assert generate(out, PROMPT, max_new_tokens=4, threads=1)["new_tokens"] >= 1
+
+
+@pytest.mark.slow
+def test_smollm2_cache_graph_equals_the_full_graph(tmp_path):
+    from qcompiler.capture import resolve
+    from qcompiler.evaluate import evaluate
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-valid-excerpt.txt"
+    if not data.is_file():
+        pytest.skip(f"{data} is not there")
+    out = qcompile("smollm2-135m-kv", tmp_path / "lm", drift=False).output
+    full, _ = resolve("smollm2-135m")
+    from qcompiler import ir as qir
+    from qcompiler.execute import ort_session
+    import onnx
+
+    onnx.save(qir.to_proto(full), str(tmp_path / "full.onnx"))
+    from qcompiler.models import smollm2
+
+    ids = smollm2.windows(data.read_text(), 48)[0]
+    expected = ort_session(str(tmp_path / "full.onnx"), 2).run(None, {"input_ids": ids[None]})[0][0]
+    got = cached_logits(CachedSession(out / "model.onnx", read_layout(out), 2), ids, prefill=40)
+    np.testing.assert_allclose(got, expected, atol=2e-3, rtol=0)
+    result = evaluate(out, "perplexity", data, count=2, window=64, threads=2)
+    assert abs(result["perplexity_compiled"] / result["perplexity_float"] - 1) < 1e-4
+
+
+def test_block_interpreter_runs_the_cache_graph(float_lm):
+    """Block-wise passes (gptq, flexround, tune-scales) evaluate the graph in torch: the cache
+    graph's mask ops included, it gives ONNX Runtime's logits and presents on a decode step."""
+    import qcompiler
+    from qcompiler.torch_exec import Constants, run_nodes
+
+    model = qcompiler.load(float_lm / "model.onnx")
+    layout = read_layout(float_lm)
+    session = CachedSession(float_lm / "model.onnx", layout, 1)
+    session.step(np.arange(3, 9))
+    feeds = {"input_ids": np.array([[11, 12]]), "attention_mask": np.ones((1, 8), np.int64),
+             "position_ids": np.array([[6, 7]]), **{k: v.numpy() for k, v in session.past.items()}}
+    expected = session.session.run(None, feeds)
+    env = run_nodes(list(model.graph), {k: torch.from_numpy(v) for k, v in feeds.items()},
+                    lambda node: Constants().get(node.inputs[1]), Constants())
+    for value, want in zip(model.graph.outputs, expected):
+        np.testing.assert_allclose(env[value.name].numpy(), want, atol=1e-4)
