@@ -356,3 +356,14 @@ def test_page_renders_charts_in_headless_chromium(mixed, tmp_path):
         assert count(bits_color(bits)) > 300, f"heatmap: no {bits}-bit cells"
     assert count(BAR_COLOR) > 5000, "error bars not drawn"
     assert count(LINE_COLOR) > 500, "drift line not drawn"
+
+
+def test_mixed_layers_name_their_route_and_bytes_at_rest_and_resident(tmp_path):
+    pipeline = "calibrate,allocate-bits{avg-bits=4 group-size=64 outliers-weight=0},quantize-weights,lower-ort"
+    _, body, _ = _compile(tmp_path, "mixed", pipeline, report="r.json", drift=False)
+    manifest_layers = body["manifest"]["mixed_layers"]
+    runtime = [layer["runtime"] for layer in body["layers"] if layer["weight"]["format"] == "mixed"]
+    assert runtime and all(r is not None for r in runtime) and len(manifest_layers) == len(runtime)
+    for r in runtime:
+        assert r["route"].startswith("split: ") and "MatMulNBits" in r["route"]
+        assert 0 < r["bytes_at_rest"] <= r["bytes_resident"] < 3 * r["bytes_at_rest"]
