@@ -43,7 +43,8 @@ def container_bits(bits: int) -> int:
 
 def integer_zero_points(bits: int, zero_points: str) -> bool:
     """Whether a uniform class of `bits` stores integer zero points under the `zero_points` policy
-    (`auto`: integer exactly where MatMulNBits can run the class)."""
+    (`auto`: integer for the widths MatMulNBits runs natively; `integer` for every width, which
+    `lower-ort` then stores in `container_bits` containers)."""
     return zero_points == "integer" or (zero_points == "auto" and bits in NBITS)
 
 
