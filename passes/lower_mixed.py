@@ -21,9 +21,12 @@ or `zero-points=fractional`):
   then a float MatMul: the Cast reads the weight through a Reshape whose shape depends on X's
   shape, so ONNX Runtime cannot fold it into a resident float32 copy (x86 CPUs have no fp16
   MatMul; a plain Cast of an initializer, or an fp16 MatMul, both end as a float32 initializer);
-- codebook classes -> the codes as bit-planes and the fp16 table per column, expanded per run the
-  same way (bit-planes read through an X-dependent Reshape, then BitShift / BitwiseAnd / ReduceSum
-  and a Gather from the float32 table): resident what the file stores, paid for at every run;
+- codebook classes -> a float MatMul of the weight expanded from the codes (bit-planes) and the
+  fp16 table per column: at load by default (float32 resident), or with `codebook_route="run"` at
+  every run (bit-planes read through an X-dependent Reshape, then BitShift / BitwiseAnd / ReduceSum
+  and a Gather from the float32 table): resident what the file stores, but measured 316 ms against
+  0.7 ms at M=1 for a 4096x4096 layer of codebook classes (onnxruntime 1.32, 2 threads), since
+  every run rebuilds the K x N weight through several full-size tensors;
 - uniform classes with fractional zero points -> a float MatMul of a weight expanded at load;
 - sparse outliers -> float32 corrections (stored value minus the classes' dequantized value)
   multiplied by the gathered input columns and added with ScatterElements(reduction=add).
@@ -200,7 +203,8 @@ def unpack_nbits(packed: np.ndarray, rows: int, bits: int) -> np.ndarray:
     return values.reshape(packed.shape[0], -1)[:, :rows].T.astype(np.uint8)
 
 
-def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, route: str = "split") -> str:
+def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, route: str = "split",
+                       codebook_route: str = "load") -> str:
     """Lower one `qc.MixedMatMul`; returns the route taken, for the pass's statistics."""
     a = attributes_of(node)
     classes = class_slices(a["kinds"], a["sizes"])
@@ -228,8 +232,9 @@ def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, 
             weight = _uniform(b, name, *args, bits, a["group_size"])
             routes.append(f"uniform{bits}(float MatMul, expanded at load)")
         elif kind == "codebook":
-            weight = _codebook(b, name, *args, bits, per_call=x)
-            routes.append(f"codebook{bits}(float MatMul, expanded per run)")
+            per_run = codebook_route == "run"
+            weight = _codebook(b, name, *args, bits, per_call=x if per_run else None)
+            routes.append(f"codebook{bits}(float MatMul, expanded {'per run' if per_run else 'at load'})")
         else:
             weight = _fp16_per_call(b, name, x, args[0])
             routes.append("fp16(float MatMul, cast per run)")

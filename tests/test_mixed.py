@@ -323,17 +323,21 @@ def test_container_pricing_charges_the_width_stored():
 
 
 def test_split_route_keeps_fp16_and_codebook_classes_packed_after_session_start(tmp_path):
-    """No class is folded into a float32 weight when ONNX Runtime starts the session: what the
-    session keeps for the layer is the stored bytes plus float32 scales and block padding."""
+    """No class is folded into a float32 weight when ONNX Runtime starts the session (codebooks with
+    codebook-route=run): what the session keeps is the stored bytes plus float32 scales and padding."""
     from qcompiler.codegen.ort import initializer_bytes, mixed_layers
     from qcompiler.ir import save
     from qcompiler.passes.lower_mixed import ROUTE_KEY
 
     model = _layer(k=512, n=128)
-    _compile(model, "calibrate,allocate-bits{avg-bits=4 codebook=kmeans outliers-act=0.02},quantize-weights,lower-ort")
+    _compile(model, "calibrate,allocate-bits{avg-bits=4 codebook=kmeans outliers-act=0.02},quantize-weights")
+    feeds = synthetic_inputs(model, seed=5)
+    reference = execute.run(model, feeds)["Y"]
+    _compile(model, "lower-ort{accuracy-level=0 codebook-route=run}")
+    np.testing.assert_allclose(execute.run(model, feeds)["Y"], reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
     save(model, tmp_path / "m.onnx")
     execute.ort_session(str(tmp_path / "m.onnx"), optimized_path=tmp_path / "o.onnx")
     routes = {node.name: node.metadata_props[ROUTE_KEY] for node in model.graph if ROUTE_KEY in node.metadata_props}
     (layer,) = mixed_layers(model, routes, initializer_bytes(tmp_path / "o.onnx")).values()
-    assert "codebook" in layer["route"] and "fp16(float MatMul, cast per run)" in layer["route"]
+    assert "expanded per run" in layer["route"] and "fp16(float MatMul, cast per run)" in layer["route"]
     assert layer["bytes_resident"] < 1.5 * layer["bytes_at_rest"] < 512 * 128 * 4 / 2
