@@ -341,3 +341,18 @@ def test_split_route_keeps_fp16_and_codebook_classes_packed_after_session_start(
     (layer,) = mixed_layers(model, routes, initializer_bytes(tmp_path / "o.onnx")).values()
     assert "expanded per run" in layer["route"] and "fp16(float MatMul, cast per run)" in layer["route"]
     assert layer["bytes_resident"] < 1.5 * layer["bytes_at_rest"] < 512 * 128 * 4 / 2
+
+
+def test_mixed_artifacts_are_byte_identical_and_the_manifest_names_each_layers_route(tmp_path):
+    import json
+
+    import qcompiler
+
+    model = _layer(k=256, n=64)
+    calib = [synthetic_inputs(model, seed=s) for s in range(2)]
+    for name in ("a", "b"):
+        qcompiler.compile(model, tmp_path / name, pipeline="mixed{avg-bits=4.25}", calibration=calib, drift=False)
+    for file in ("model.onnx", "manifest.json"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+    (layer,) = json.loads((tmp_path / "a" / "manifest.json").read_text())["mixed_layers"].values()
+    assert layer["route"].startswith("split: MatMulNBits") and layer["bytes_resident"] >= layer["bytes_at_rest"] > 0
