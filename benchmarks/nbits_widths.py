@@ -27,7 +27,7 @@ RESULTS = common.RESULTS / "nbits_widths.json"
 
 
 def nbits_model(k: int, n: int, bits: int, block: int, level: int) -> bytes:
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     blocks, blob = -(-k // block), block * bits // 8
     rng = np.random.default_rng(bits)
