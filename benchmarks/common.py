@@ -24,7 +24,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-DATA = (REPO / ".." / "shared" / "data").resolve()
+DATA = Path(os.environ.get("QCOMPILER_DATA") or (REPO / ".." / "shared" / "data")).resolve()  # QCOMPILER_DATA: elsewhere
 WIKITEXT = DATA / "wikitext2-valid-excerpt.txt"
 STS = DATA / "sts-pairs-dev.tsv"
 

@@ -1,12 +1,14 @@
-"""Latency of one 4096x4096 weight-only layer in ONNX Runtime: mixed precision against uniform
-4-bit `com.microsoft.MatMulNBits` and float32 MatMul, at M=1 and M=32 rows.
+"""Latency and memory of one weight-only layer in ONNX Runtime: mixed precision against uniform
+4-bit `com.microsoft.MatMulNBits` and float32 MatMul, at M=1 and M=32 rows, for the layer shapes
+4096x4096 and 4096x11008 (K x N).
 
-    python benchmarks/mixed_latency.py                 # about 3 minutes on 2 cores
-    python benchmarks/mixed_latency.py --repeats 9     # a quicker, noisier run
+    python benchmarks/mixed_latency.py                     # both shapes, 21 rounds (about 10 minutes on 2 cores)
+    python benchmarks/mixed_latency.py --repeats 5         # a quicker, noisier run
+    python benchmarks/mixed_latency.py --shapes 4096x4096  # one shape
     python benchmarks/mixed_latency.py --stage compile --work build/mixed_latency   # compile here,
     python benchmarks/mixed_latency.py --stage time --work build/mixed_latency      # time elsewhere
 
-The layer: W [4096, 4096] ~ N(0, 0.02) with 16 input channels 8x larger; calibration inputs whose
+The layer: W [K, N] ~ N(0, 0.02) with 16 input channels 8x larger; calibration inputs whose
 per-channel scale is log-normal (sigma 1, so channel energies differ as in a transformer's
 activations), 8 batches of 32 rows. Every variant is compiled by `qcompiler.compile` from the same
 float ONNX file with the same calibration feeds, except ONNX Runtime's own quantizer.
@@ -18,22 +20,23 @@ Variants:
   accuracy level `lower-ort` picks for this CPU (`nbits_accuracy_level()`).
 - `ours uniform 4-bit`: every channel at 4 bits (`allocate-bits{avg-bits=8 candidates=4
   outliers-act=0 outliers-weight=0}`): one MatMulNBits.
-- `ours mixed{avg-bits=3.25}`: the preset (candidates 2, 3, 4, 8, 0.5 % fp16 channels, no sparse
-  outliers); its 3-bit class has no MatMulNBits kernel in ONNX Runtime and runs as a float MatMul
-  of a weight expanded at load.
-- `ours mixed 3.25 {2,4,8}`: the same with candidates 2, 4, 8, so every class runs on MatMulNBits
-  (the fp16 channels on a small float MatMul); also without the fp16 channels (`no outliers`), with
-  0.45 % sparse fp16 weights (`+ sparse`, added by ScatterElements), and lowered with
-  `lower-ort{mixed-route=expand}` (the whole layer one float MatMul of a weight expanded at load).
+- `ours mixed{avg-bits=3.25}`, `ours mixed{avg-bits=4.25}`: the preset (candidates 2, 4, 8 on
+  MatMulNBits, one per class, summed; 0.5 % fp16 channels cast from fp16 at every run; no sparse
+  outliers).
+- `ours mixed 3.25 expand`: the 3.25 preset's passes with `lower-ort{mixed-route=expand}` (one float
+  MatMul of a weight expanded to float32 when the session starts: small file, float32 in memory).
 
 Latency: `interleaved_latency` (round-robin over variants, warm-up 3), ONNX Runtime CPU provider,
 2 intra-op threads, 1 inter-op; ratios to uniform 4-bit MatMulNBits (ONNX Runtime's quantizer):
-the median of per-round ratios (paired) and the ratio of the fastest rounds (min, the steadier of
-the two on a machine shared with other jobs). `rel err` is ||Y - Y_float|| / ||Y_float|| on 64 held-out
-rows drawn like the calibration rows. Effective bits: the manifest's (weight bytes the backend
-wrote * 8 / 4096^2); for ONNX Runtime's model, the bytes of its MatMulNBits initializers.
+the median of per-round ratios (paired) and the ratio of the fastest rounds (min). `rel err` is
+||Y - Y_float|| / ||Y_float|| on 64 held-out rows drawn like the calibration rows. Effective bits:
+the manifest's (weight bytes the backend wrote * 8 / (K N)); for ONNX Runtime's model, the bytes of
+its MatMulNBits initializers. Memory: `rss_mib`, the process RSS added by creating the session
+(measured in a fresh subprocess per artifact: RSS before and after `InferenceSession`, the model read
+from its file), next to the weight bytes at rest (`at_rest_mib`) and, for ours, the bytes the
+manifest computes as resident (`resident_mib`: the initializers ONNX Runtime keeps after folding).
 
-Output: a table per M on stdout and `benchmarks/results/mixed_latency.json`.
+Output: a table per shape and M on stdout and `benchmarks/results/mixed_latency.json`.
 """
 
 from __future__ import annotations
@@ -52,16 +55,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-K = N = 4096
+SHAPES = ((4096, 4096), (4096, 11008))
 THREADS = 2
 RESULTS = common.RESULTS / "mixed_latency.json"
 ORT_ROW = "ort MatMulNBits 4-bit"
 
 
-def float_model(path: Path) -> Path:
+def float_model(path: Path, k: int = 4096, n: int = 4096) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    K, N = k, n
     rng = np.random.default_rng(0)
     w = rng.normal(0, 0.02, (K, N)).astype(np.float32)
     w[rng.choice(K, 16, replace=False)] *= 8
@@ -77,64 +81,86 @@ def float_model(path: Path) -> Path:
     return path
 
 
-def inputs(rows: int, seed: int) -> np.ndarray:
-    channel_scale = np.exp(np.random.default_rng(1).normal(0, 1, K)).astype(np.float32)
-    return (np.random.default_rng(seed).normal(0, 1, (rows, K)) * channel_scale).astype(np.float32)
+def inputs(rows: int, seed: int, k: int = 4096) -> np.ndarray:
+    channel_scale = np.exp(np.random.default_rng(1).normal(0, 1, k)).astype(np.float32)
+    return (np.random.default_rng(seed).normal(0, 1, (rows, k)) * channel_scale).astype(np.float32)
 
 
-def ort_nbits(source: Path, out: Path, level: int) -> dict:
+RSS_PROBE = """
+import sys, onnxruntime as ort
+def rss():
+    import os
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+options = ort.SessionOptions()
+options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = %d, 1, 3
+before = rss()
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+print(rss() - before)
+"""
+
+
+def session_rss(path: Path) -> float:
+    """MiB of process RSS added by creating an ONNX Runtime session for `path`, in a fresh process."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE % THREADS, str(path)], check=True, capture_output=True, text=True)
+    return round(int(out.stdout.strip().splitlines()[-1]) / 2**20, 1)
+
+
+def ort_nbits(source: Path, out: Path, level: int, k: int, n: int) -> dict:
     import onnx
 
     proto, _ = common.ort_nbits_quantize(source, symmetric=False, accuracy_level=level)
     out.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(out / "model.onnx"))
     stored = sum(onnx.numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)
-    levels = [a.i for n in proto.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"]
-    return {"effective_bits": round(8 * stored / (K * N), 4), "accuracy_level": levels}
+    levels = [a.i for node in proto.graph.node if node.op_type == "MatMulNBits" for a in node.attribute if a.name == "accuracy_level"]
+    return {"effective_bits": round(8 * stored / (k * n), 4), "accuracy_level": levels, "at_rest_mib": round(stored / 2**20, 2)}
 
 
-def compile_variants(work: Path) -> dict:
-    """Compile every variant into `work`; their facts (bits, error, routes) into variants.json."""
+def compile_variants(work: Path, k: int, n: int) -> dict:
+    """Compile every variant of one shape into `work`; their facts (bits, error, routes, memory) into variants.json."""
     common.fix_threads(THREADS)
     import qcompiler
     from qcompiler import execute
     from qcompiler.passes.lower_ort import nbits_accuracy_level
 
     level = nbits_accuracy_level()
-    source = float_model(work / "float.onnx")
-    calibration = [{"X": inputs(32, seed)} for seed in range(8)]
-    mixed = "calibrate,allocate-bits{avg-bits=3.25 candidates=2,4,8%s},quantize-weights"
+    source = float_model(work / "float.onnx", k, n)
+    calibration = [{"X": inputs(32, seed, k)} for seed in range(8)]
     variants = {
         "float32": "default",
         "ours uniform 4-bit": ("calibrate,allocate-bits{avg-bits=8 candidates=4 outliers-act=0 outliers-weight=0},"
                                "quantize-weights{grid=minmax}"),
         "ours mixed{avg-bits=3.25}": "mixed{avg-bits=3.25}",
-        "ours mixed 3.25 {2,4,8}": mixed % " outliers-weight=0",
-        "ours mixed 3.25 {2,4,8} no outliers": mixed % " outliers-act=0 outliers-weight=0",
-        "ours mixed 3.25 {2,4,8} + sparse 0.45%": mixed % "",
-        "ours mixed 3.25 {2,4,8} expand": mixed % " outliers-weight=0" + ",lower-ort{mixed-route=expand}",
+        "ours mixed{avg-bits=4.25}": "mixed{avg-bits=4.25}",
+        "ours mixed 3.25 expand": "calibrate,allocate-bits{avg-bits=3.25 outliers-weight=0},quantize-weights,fold-permutation,"
+                                  "lower-ort{mixed-route=expand}",
     }
     rows: dict[str, dict] = {}
     start = time.perf_counter()
-    rows[ORT_ROW] = ort_nbits(source, work / "ort", level)
+    rows[ORT_ROW] = ort_nbits(source, work / "ort", level, k, n)
     rows[ORT_ROW]["compile_s"] = round(time.perf_counter() - start, 2)
     for name, pipeline in variants.items():
         out = work / re.sub(r"[^a-z0-9.]+", "_", name.lower()).strip("_")
         start = time.perf_counter()
         result = qcompiler.compile(str(source), out, pipeline=pipeline, calibration=calibration, threads=THREADS, drift=False)
         lowered = [r.stats for r in result.records if r.name == "lower-ort"]
+        layers = result.manifest.get("mixed_layers") or {}
         rows[name] = {"path": str(out.relative_to(work) / "model.onnx"), "pipeline": result.manifest["pipeline"],
                       "effective_bits": 32.0 if name == "float32" else result.manifest["effective_bits_per_weight"],
                       "compile_s": round(time.perf_counter() - start, 2),
-                      "routes": lowered[0].get("routes") if lowered else None}
+                      "routes": lowered[0].get("routes") if lowered else None,
+                      "at_rest_mib": round(result.manifest["weight_bytes"] / 2**20, 2),
+                      "resident_mib": round(sum(v["bytes_resident"] for v in layers.values()) / 2**20, 2) if layers else None}
     rows[ORT_ROW]["path"] = str(Path("ort") / "model.onnx")
-    held_out = inputs(64, 99)
+    held_out = inputs(64, 99, k)
     y_float = None
-    for name in ["float32", *[n for n in rows if n != "float32"]]:
+    for name in ["float32", *[v for v in rows if v != "float32"]]:
         y = execute.ort_session(str(work / rows[name]["path"]), threads=THREADS).run(None, {"X": held_out})[0]
         y_float = y if y_float is None else y_float
         rows[name]["rel_err"] = round(float(np.linalg.norm(y - y_float) / np.linalg.norm(y_float)), 5)
-    (work / "float.onnx").unlink()  # 64 MiB each; the timing stage writes the same float model again
+    (work / "float.onnx").unlink()  # the timing stage writes the same float model again
     shutil.rmtree(work / Path(rows["float32"]["path"]).parent)
     rows["float32"]["path"] = "float.onnx"
     facts = {"compiled_with": {"packages": common.packages(), "git": common.git_state(), "machine": common.machine()},
@@ -143,13 +169,15 @@ def compile_variants(work: Path) -> dict:
     return facts
 
 
-def time_variants(work: Path, repeats: int, json_path: Path) -> dict:
-    """Time the compiled variants in this machine's ONNX Runtime (needs only numpy, onnx, onnxruntime)."""
+def time_variants(work: Path, k: int, n: int, repeats: int) -> dict:
+    """Time the compiled variants of one shape in this machine's ONNX Runtime (numpy, onnx, onnxruntime only)."""
     import onnxruntime as ort
 
     facts = json.loads((work / "variants.json").read_text())
     rows = facts["rows"]
-    float_model(work / "float.onnx")
+    float_model(work / "float.onnx", k, n)
+    for name, row in rows.items():
+        row["rss_mib"] = session_rss(work / row["path"])
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
     options.log_severity_level = 3
@@ -157,54 +185,58 @@ def time_variants(work: Path, repeats: int, json_path: Path) -> dict:
                 for name, row in rows.items()}
     latency = {}
     for m in (1, 32):
-        x = inputs(m, 7)
+        x = inputs(m, 7, k)
         runners = {name: (lambda s=session: s.run(None, {"X": x})) for name, session in sessions.items()}
         latency[m] = common.interleaved_latency(runners, repeats=repeats, reference=ORT_ROW)
-    order = ["float32", ORT_ROW, *[n for n in rows if n not in ("float32", ORT_ROW)]]
-    body = {
-        "benchmark": "mixed_latency",
-        "command": common.command_line(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "timed_on": {"machine": common.machine(), "onnxruntime": ort.__version__, "numpy": np.__version__,
-                     "threads": {"ort_intra_op": THREADS, "ort_inter_op": 1}},
-        **{k: v for k, v in facts.items() if k != "rows"},
-        "layer": f"MatMul [M, {K}] x [{K}, {N}]",
-        "rows": {name: rows[name] for name in order},
-        "latency": {f"M={m}": {name: latency[m][name] for name in order} for m in latency},
-    }
+    order = ["float32", ORT_ROW, *[v for v in rows if v not in ("float32", ORT_ROW)]]
     level = facts["matmul_nbits_accuracy_level"]
     for m in latency:
-        print(f"\nM={m} (onnxruntime {ort.__version__}, {THREADS} threads, accuracy_level {level}; "
+        print(f"\n{k}x{n}, M={m} (onnxruntime {ort.__version__}, {THREADS} threads, accuracy_level {level}; "
               f"ratio: paired, to {ORT_ROW})")
         table_rows = []
         for name in order:
-            lat = latency[m][name]
+            lat, row = latency[m][name], rows[name]
             best = latency[m][ORT_ROW]["min_ms"]
-            table_rows.append([name, rows[name]["effective_bits"], f"{lat['median_ms']:.3f}", f"{lat['paired_ratio']:.2f}",
+            table_rows.append([name, row["effective_bits"], f"{lat['median_ms']:.3f}", f"{lat['paired_ratio']:.2f}",
                                f"{lat['min_ms']:.3f}", f"{lat['min_ms'] / best:.2f}",
-                               f"{latency[m]['float32']['min_ms'] / lat['min_ms']:.2f}", rows[name]["rel_err"]])
+                               f"{latency[m]['float32']['min_ms'] / lat['min_ms']:.2f}", row["rel_err"],
+                               row.get("at_rest_mib"), row.get("resident_mib"), row["rss_mib"]])
         print(common.table(["variant", "eff. bits", "median ms", "x ort 4-bit (paired)", "min ms", "x ort 4-bit (min)",
-                            "f32 / this (min)", "rel err"], table_rows))
-    common.write_json(json_path, body)
-    print(f"\nwrote {json_path}")
-    return body
+                            "f32 / this (min)", "rel err", "at rest MiB", "resident MiB", "RSS at start MiB"], table_rows))
+    return {**{key: v for key, v in facts.items() if key != "rows"}, "layer": f"MatMul [M, {k}] x [{k}, {n}]",
+            "rows": {name: rows[name] for name in order},
+            "latency": {f"M={m}": {name: latency[m][name] for name in order} for m in latency}}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="K x N of each layer, comma-separated")
     parser.add_argument("--work", type=Path, default=None, help="the compiled models (kept)")
     parser.add_argument("--stage", choices=("all", "compile", "time"), default="all",
                         help="compile only, time an already compiled --work folder only (numpy, onnx, onnxruntime), or both")
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args()
     common.quiet()
+    shapes = [tuple(int(d) for d in text.lower().split("x")) for text in args.shapes.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="mixed_latency_"))
-    work.mkdir(parents=True, exist_ok=True)
-    if args.stage in ("all", "compile"):
-        compile_variants(work)
-    if args.stage in ("all", "time"):
-        time_variants(work, args.repeats, args.json)
+    results = {}
+    for k, n in shapes:
+        folder = work / f"{k}x{n}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if args.stage in ("all", "compile"):
+            compile_variants(folder, k, n)
+        if args.stage in ("all", "time"):
+            results[f"{k}x{n}"] = time_variants(folder, k, n, args.repeats)
+    if results:
+        import onnxruntime as ort
+
+        body = {"benchmark": "mixed_latency", "command": common.command_line(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "timed_on": {"machine": common.machine(), "onnxruntime": ort.__version__, "numpy": np.__version__,
+                             "threads": {"ort_intra_op": THREADS, "ort_inter_op": 1}},
+                "shapes": results}
+        common.write_json(args.json, body)
+        print(f"\nwrote {args.json}")
     return 0
 
 

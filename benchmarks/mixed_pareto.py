@@ -11,14 +11,14 @@ same calibration feed dicts (passed as `calibration=`), 2 ONNX Runtime threads.
 Rows, per model:
 - `float32`: the float artifact (our `default` pipeline).
 - `ours mixed B`: the `mixed{avg-bits=B}` preset (canonicalize, calibrate, allocate-bits{avg-bits=B
-  scope=layer codebook=uniform, candidates 2,3,4,8, 0.5 % fp16 channels, no sparse outliers,
+  scope=layer codebook=uniform, candidates 2,4,8, 0.5 % fp16 channels, no sparse outliers,
   integer zero points for 2/4/8 bits}, quantize-weights{grid=mse}, fold-permutation, lower-ort:
   MatMulNBits at the accuracy level picked for the CPU, 4 = int8 compute on x86), B in 2.5, 3.0,
   3.25, 3.5, 4.0, 4.25 (`--quick`: 2.5, 3.25, 4.0; `--budgets` any list; `--mixed-options` adds
   preset options such as `scope=model sensitivity=output`). A budget the preset refuses as infeasible is recorded with the compiler's message,
   and the same budget is tried once more with both kinds of outliers off (`ours mixed B
   no-outliers`: the expanded preset with `outliers-act=0 outliers-weight=0`; not on the curve).
-- `ours uniform b-bit RTN`: `calibrate,allocate-bits{avg-bits=8 candidates=b outliers-act=0
+- `ours uniform b-bit RTN`: `calibrate,allocate-bits{avg-bits=8 candidates=b other-widths=expand outliers-act=0
   outliers-weight=0},quantize-weights{grid=minmax}`: every channel at b bits, asymmetric min-max
   groups of 128 rows, fp16 scale per group and a zero point per group: integer for 4 bits (the
   MatMulNBits form), fp16 for 3 bits (b = 3, 4).
@@ -96,7 +96,7 @@ CALIB_WINDOW = 128
 CALIB_SENTENCES = 128
 MIXED_NO_OUTLIERS = ("calibrate,allocate-bits{avg-bits=%g codebook=uniform outliers-act=0 outliers-weight=0%s},"
                      "quantize-weights,fold-permutation,lower-ort")
-UNIFORM_PIPELINE = ("calibrate,allocate-bits{avg-bits=8 candidates=%d outliers-act=0 outliers-weight=0},"
+UNIFORM_PIPELINE = ("calibrate,allocate-bits{avg-bits=8 candidates=%d other-widths=expand outliers-act=0 outliers-weight=0},"
                     "quantize-weights{grid=minmax}")
 TASK = {"smollm2-135m": "perplexity", "minilm-l6": "sts"}
 METRIC = {"smollm2-135m": "perplexity", "minilm-l6": "spearman_x100"}

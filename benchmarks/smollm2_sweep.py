@@ -23,7 +23,7 @@ from qcompiler.evaluate import evaluate
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext2-valid-excerpt.txt"
 DEFAULT_PIPELINES = (
-    "calibrate,allocate-bits{avg-bits=8 candidates=3 outliers-act=0 outliers-weight=0},quantize-weights{grid=minmax}",
+    "calibrate,allocate-bits{avg-bits=8 candidates=3 other-widths=expand outliers-act=0 outliers-weight=0},quantize-weights{grid=minmax}",
     "mixed{avg-bits=3.5}",
     "calibrate,allocate-bits{avg-bits=8 candidates=4 outliers-act=0 outliers-weight=0},quantize-weights{grid=minmax}",
     "mixed{avg-bits=4.25}",

@@ -3,13 +3,20 @@
 The emitted model passes `onnx.checker`, loads in ONNX Runtime's CPU provider, and holds no op of
 our own domain (`lower-ort` lowers them before this runs). The manifest records what a deployment
 needs to know: opsets and contrib ops required, effective bits per weight computed from the bytes
-written, the source model's hash and the pipeline as printed.
+written, the source model's hash and the pipeline as printed, and for each mixed-precision layer
+(`mixed_layers`) the route `lower-ort` took, the bytes at rest (its initializers in the file) and
+the bytes resident after ONNX Runtime creates a session: its initializers in the graph ONNX Runtime
+keeps after its optimizations (constant folding expands a weight built from constants into a float32
+initializer), read from the optimized model ONNX Runtime writes when the artifact is checked.
+Kernel-private copies made at session start (MatMulNBits repacks its codes, about the same bytes)
+are not counted; `benchmarks/mixed_latency.py` measures process RSS for that.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +26,7 @@ import onnx_ir as ir
 from qcompiler import execute
 from qcompiler.errors import UserError, first_line
 from qcompiler.ir import initializer_bytes, qc_nodes, save, weight_values
+from qcompiler.passes.lower_mixed import ROUTE_KEY
 from qcompiler.progress import progress
 
 log = logging.getLogger(__name__)
@@ -36,7 +44,8 @@ def emit(model: ir.Model, directory: Path, manifest: dict[str, Any], extra_files
     megabytes = initializer_bytes(model) >> 20
     with progress("write model.onnx (MB of weights)", megabytes) as bar:
         files = save(model, directory / "model.onnx", progress=lambda done, _total: bar.update(done >> 20))
-    _check(directory / "model.onnx")
+    routes = {n.name: n.metadata_props[ROUTE_KEY] for n in model.graph if ROUTE_KEY in n.metadata_props}
+    resident = _check(directory / "model.onnx", keep_optimized=bool(routes))
     manifest = {
         "schema": MANIFEST_SCHEMA,
         "target": "ort",
@@ -46,17 +55,55 @@ def emit(model: ir.Model, directory: Path, manifest: dict[str, Any], extra_files
         "contrib_ops": contrib_ops(model),
         **weight_bytes(model, manifest.get("source", {}).get("weights")),
     }
+    if routes:
+        manifest["mixed_layers"] = mixed_layers(model, routes, resident)
     path = directory / "manifest.json"
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return files + [path]
 
 
-def _check(path: Path) -> None:
+def _check(path: Path, keep_optimized: bool = False) -> dict[str, int]:
+    """Check the model and create an ONNX Runtime session from it; with `keep_optimized`, return
+    the bytes of each initializer of the graph that session runs (after constant folding)."""
     try:
         onnx.checker.check_model(str(path))
-        execute.ort_session(str(path))
+        if not keep_optimized:
+            execute.ort_session(str(path))
+            return {}
+        with tempfile.TemporaryDirectory(prefix="qc_optimized_") as tmp:
+            optimized = Path(tmp) / "optimized.onnx"
+            execute.ort_session(str(path), optimized_path=optimized)
+            return initializer_bytes_in_file(optimized)
     except Exception as exc:
         raise RuntimeError(f"emitted model does not load: {first_line(str(exc))}") from exc
+
+
+def initializer_bytes_in_file(path: Path) -> dict[str, int]:
+    """Bytes of each initializer of an ONNX file, without reading external data into memory."""
+    proto = onnx.load(str(path), load_external_data=False)
+    sizes = {}
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            sizes[tensor.name] = int({e.key: e.value for e in tensor.external_data}.get("length", 0))
+        else:
+            sizes[tensor.name] = onnx.numpy_helper.to_array(tensor).nbytes
+    return sizes
+
+
+def mixed_layers(model: ir.Model, routes: dict[str, str], resident: dict[str, int]) -> dict[str, dict]:
+    """Per lowered mixed-precision layer: the route, the bytes at rest and the bytes resident. A
+    layer's initializers are named `<layer>.*` by `lower-ort` (ONNX Runtime keeps that name for what it
+    folds, or prefixes it, e.g. `FusedBack_<layer>.*` for an fp16 tensor it converts)."""
+    at_rest = {v.name: v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None}
+    out = {}
+    for layer, route in sorted(routes.items()):
+        prefix = f"{layer}."
+        out[layer] = {
+            "route": route,
+            "bytes_at_rest": sum(b for name, b in at_rest.items() if name.startswith(prefix)),
+            "bytes_resident": sum(b for name, b in resident.items() if name.startswith(prefix) or name.startswith(f"FusedBack_{prefix}")),
+        }
+    return out
 
 
 def contrib_ops(model: ir.Model) -> list[str]:

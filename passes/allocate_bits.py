@@ -24,7 +24,11 @@ codes, scales, zero points, codebooks, sparse outliers, the permutation).
 The allocation is recorded in the IR as `qc.BitAllocation(W, bits)` in front of each weight,
 carrying the format it was budgeted for; `quantize-weights` consumes it. The paper reports
 Llama-2-7B WikiText-2 perplexity close to 4-bit GPTQ/AWQ at about 3 bits; our defaults
-(candidates 2, 3, 4, 8; 0.5 % fp16 channels; 0.45 % sparse weights) follow METHODS.md.
+(0.5 % fp16 channels; 0.45 % sparse weights) follow METHODS.md, and the candidates are the widths
+ONNX Runtime runs packed (2, 4, 8: its MatMulNBits CPU kernel refuses 3, 5, 6 and 7). A width it
+does not run, asked for explicitly, is refused unless `other-widths` says how to store it:
+`container` (in the next width it runs, priced at that width, so a 3-bit class costs 4 bits a
+weight and runs packed) or `expand` (tight bit-planes, expanded to float32 at load).
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ class AllocateBitsPass(Pass):
     provided = frozenset({"bits-allocated"})
 
     avg_bits: float = option(3.25, "average stored bits per weight, metadata included (2.0 to 8.0)")
-    candidates: tuple[int, ...] = option((2, 3, 4, 8), "bit widths a channel may get (integers 1..8)")
+    candidates: tuple[int, ...] = option((2, 4, 8), "bit widths a channel may get (integers 1..8; ONNX Runtime runs 2, 4 and 8 packed, see other-widths)")
     scope: Literal["layer", "model"] = option("layer", "budget per layer, or shared by the whole model")
     group_size: int = option(128, "rows per scale/zero-point group (32 to 128, a power of 2)")
     codebook: Literal["uniform", "kmeans"] = option("uniform", "2-4 bit classes: uniform groups, or activation-weighted k-means codebooks per column")
@@ -86,6 +90,10 @@ class AllocateBitsPass(Pass):
         "(measured: output, squared change; kl, KL divergence of the first output's softmax, for LMs)")
     zero_points: Literal["auto", "integer", "fractional"] = option(
         "auto", "uniform classes: integer zero points (runnable by MatMulNBits), fp16 fractional ones, or auto: integer for 2, 4 and 8 bits")
+    other_widths: Literal["refuse", "container", "expand"] = option(
+        "refuse", "candidate or keep widths ONNX Runtime's MatMulNBits does not run (1, 3, 5, 6, 7): refuse them, store them in "
+        "containers of the next width it runs (3 -> 4 bits, priced at 4), or store them tight as bit-planes with fractional "
+        "zero points, expanded to a float32 weight at load (priced tight)")
 
     def __post_init__(self):
         if not 2.0 <= self.avg_bits <= 16.0:
@@ -101,6 +109,28 @@ class AllocateBitsPass(Pass):
         for key, value in (("outliers-act", self.outliers_act), ("outliers-weight", self.outliers_weight)):
             if not 0.0 <= value <= 0.1:
                 raise UserError(f"allocate-bits: {key} must be in [0, 0.1], got {value}")
+        self._check_runnable_widths()
+
+    def _check_runnable_widths(self) -> None:
+        """A width ONNX Runtime's MatMulNBits cannot run, asked for, needs `other-widths` to say how to store it."""
+        asked = set(self.candidates) | ({self.keep_bits} if self.keep else set())
+        codebook = self.codebook == "kmeans"  # classes of 4 bits or fewer are codebooks, not MatMulNBits
+        other = sorted(b for b in asked if b not in bitcost.NBITS and not (codebook and b <= 4))
+        runs = ", ".join(map(str, bitcost.NBITS))
+        if other and self.other_widths == "refuse" and self.zero_points == "auto":
+            widths = ",".join(map(str, other))
+            raise UserError(
+                f"allocate-bits: ONNX Runtime's MatMulNBits runs {runs} bits packed, not {widths}; choose candidates from "
+                f"{','.join(map(str, bitcost.NBITS))}, or allow {widths} with other-widths=container (stored in the next width it "
+                f"runs and priced at it) or other-widths=expand (stored tight, expanded to float32 at load)")
+        if self.other_widths == "expand" and self.zero_points == "integer":
+            raise UserError("allocate-bits: other-widths=expand stores fractional zero points; drop zero-points=integer "
+                            "(integer zero points of any width run on MatMulNBits in containers)")
+
+    @property
+    def _zero_points(self) -> str:
+        """The zero-point policy the classes are stored with (`other-widths=container`: integer for every width)."""
+        return "integer" if self.zero_points == "auto" and self.other_widths == "container" else self.zero_points
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
@@ -169,7 +199,7 @@ class AllocateBitsPass(Pass):
         count = int(round(self.outliers_act * k))
         if count:
             fp16[np.argsort(-energy, kind="stable")[:count]] = True
-        errors = {b: energy * bitcost.minmax_grid_error(w, b, self.group_size, bitcost.integer_zero_points(b, self.zero_points))
+        errors = {b: energy * bitcost.minmax_grid_error(w, b, self.group_size, bitcost.integer_zero_points(b, self._zero_points))
                   for b in sorted(set(self.candidates))}
         sparse = int(round(self.outliers_weight * (k - count) * n))
         return _Layer(linear, w, energy, fp16, sparse, errors)
@@ -213,7 +243,7 @@ class AllocateBitsPass(Pass):
         log_p = log_softmax(base[0]) if self.sensitivity == "kl" else None
         per_layer = {}
         for layer in layers:
-            integer = bitcost.integer_zero_points(reference, self.zero_points)
+            integer = bitcost.integer_zero_points(reference, self._zero_points)
             q = bitcost.minmax_grid_quantize(layer.w, reference, self.group_size, integer)
             moved = session.run(outputs, {**feeds, layer.linear.w.name: q})
             if log_p is not None:
@@ -289,18 +319,18 @@ class AllocateBitsPass(Pass):
     def _class_bits(self, layer: _Layer, b: int, rows: int) -> int:
         n = layer.w.shape[1]
         kind = bitcost.class_kind(b, self.codebook == "kmeans")
-        return bitcost.class_bits(kind, b, rows, n, self.group_size, self.zero_points)
+        return bitcost.class_bits(kind, b, rows, n, self.group_size, self._zero_points)
 
     def _stored_bits(self, layer: _Layer, bits: np.ndarray) -> int:
         """Exact stored bits of one layer's allocation (classes, groups, codebooks, outliers, permutation)."""
         k, n = layer.w.shape
         classes = {int(b): int(c) for b, c in zip(*np.unique(bits, return_counts=True))}
-        sparse = bitcost.sparse_bits(self.candidates, self.codebook == "kmeans", self.zero_points) * layer.sparse
+        sparse = bitcost.sparse_bits(self.candidates, self.codebook == "kmeans", self._zero_points) * layer.sparse
         return bitcost.PERM_BITS * k + sparse + sum(self._class_bits(layer, b, rows) for b, rows in classes.items())
 
     def _row_bits(self, b: int, n: int) -> float:
         codebook = self.codebook == "kmeans" and b <= 4
-        return bitcost.per_row_bits(b, n, self.group_size, codebook, self.zero_points)
+        return bitcost.per_row_bits(b, n, self.group_size, codebook, self._zero_points)
 
     def _push(self, heap, layer: _Layer, index: int, k: int, level: int, candidates) -> None:
         if level + 1 >= len(candidates):
@@ -309,7 +339,8 @@ class AllocateBitsPass(Pass):
         n = layer.w.shape[1]
         gain = layer.errors[lo][k] - layer.errors[hi][k]
         cost = self._row_bits(hi, n) - self._row_bits(lo, n)
-        heapq.heappush(heap, (-gain / cost, index, k, level))
+        ratio = gain / cost if cost > 0 else np.inf  # free in containers: 3 -> 4 bits costs nothing more
+        heapq.heappush(heap, (-ratio, index, k, level))
 
     def _infeasible(self, pool: list[_Layer], candidates, avg_bits: float) -> str:
         low = high = 0.0
@@ -347,7 +378,7 @@ class AllocateBitsPass(Pass):
         node = ir.node(
             "BitAllocation", [linear.w, bits_value],
             {"group_size": self.group_size, "codebook": self.codebook, "outliers_weight": float(outliers_weight),
-             "zero_points": self.zero_points},
+             "zero_points": self._zero_points},
             domain="qc", name=f"{linear.w.name}.allocation", metadata_props={CREATED_BY: self.name},
         )
         node.outputs[0].name = f"{linear.w.name}.allocated"

@@ -4,18 +4,35 @@ Two routes.
 
 `split` (the default wherever a class can take it): the layer becomes a sum of one product per
 bit class, each over its own input columns (a Slice of X where the permutation is the identity on
-the class's rows, e.g. after `fold-permutation`, a Gather otherwise):
-- uniform classes of 2, 4 or 8 bits with integer zero points -> `com.microsoft.MatMulNBits`
-  (K = the class's rows, block_size = group_size; codes stored packed per column along K and
-  padded to whole blocks by a Pad that ONNX Runtime folds at session start; fp16 scales cast to
-  float32 likewise; zero points packed at b bits). `accuracy_level` 4 computes in int8 (activations
-  quantized per block: fast on x86 and Arm), 0 in float32 (the reference's numbers to round-off);
-- other classes (codebooks, 3-bit, fractional zero points, fp16 outlier channels) -> a float
-  MatMul whose weight is expanded from the packed form below (folded at session start);
+the class's rows, e.g. after `fold-permutation`, a Gather otherwise). Every class runs from what
+the file stores; nothing is expanded into a float32 weight when the session starts, except the
+uniform classes with fractional zero points (asked for with `allocate-bits{other-widths=expand}`
+or `zero-points=fractional`):
+- uniform classes with integer zero points -> `com.microsoft.MatMulNBits` (K = the class's rows,
+  block_size = group_size). ONNX Runtime 1.32's CPU kernel runs 2, 4 and 8 bits and refuses 3, 5,
+  6 and 7 at session start, so a class of b bits is stored in containers of
+  `bitcost.container_bits(b)` bits (3 -> 4, 5..7 -> 8; the codes and zero points fit unchanged and
+  the budget paid for the container). Codes packed per column along K and stored tight, padded to
+  whole blocks by a Pad that ONNX Runtime folds at session start (the padding of a class's last
+  block is resident, not stored); fp16 scales cast to float32 likewise (the kernel reads float32);
+  zero points packed at the container width. `accuracy_level` 4 computes in int8 (activations quantized per
+  block: fast on x86 and Arm), 0 in float32 (the reference's numbers to round-off);
+- fp16 classes (activation outlier channels) -> the fp16 weight cast to float32 at every run,
+  then a float MatMul: the Cast reads the weight through a Reshape whose shape depends on X's
+  shape, so ONNX Runtime cannot fold it into a resident float32 copy (x86 CPUs have no fp16
+  MatMul; a plain Cast of an initializer, or an fp16 MatMul, both end as a float32 initializer);
+- codebook classes -> a float MatMul of the weight expanded from the codes (bit-planes) and the
+  fp16 table per column: at load by default (float32 resident), or with `codebook_route="run"` at
+  every run (bit-planes read through an X-dependent Reshape, then BitShift / BitwiseAnd / ReduceSum
+  and a Gather from the float32 table): resident what the file stores, but measured 316 ms against
+  0.7 ms at M=1 for a 4096x4096 layer of codebook classes (onnxruntime 1.32, 2 threads), since
+  every run rebuilds the K x N weight through several full-size tensors;
+- uniform classes with fractional zero points -> a float MatMul of a weight expanded at load;
 - sparse outliers -> float32 corrections (stored value minus the classes' dequantized value)
   multiplied by the gathered input columns and added with ScatterElements(reduction=add).
+The route taken is recorded on the layer's last node (`ROUTE_KEY`) for the manifest.
 
-`expand` (every layer without a MatMulNBits class, or all with `mixed-route=expand`): the file
+`expand` (every layer, with `lower-ort{mixed-route=expand}`): the file
 stores what the bit budget counted, tightly packed; standard ops expand it back:
 - codes of b bits as b bit-planes, 8 rows per byte (uint8 [b, ceil(K_c / 8), N]), unpacked with
   BitShift / BitwiseAnd / ReduceSum;
@@ -26,7 +43,7 @@ stores what the bit budget counted, tightly packed; standard ops expand it back:
 - the permutation: uint16, applied to X with Gather.
 Every input of the expansion is an initializer, so ONNX Runtime folds it into one float weight when
 the session is created: the file is small, the run is a float32 MatMul with the same numbers as the
-reference of `qc.MixedMatMul`.
+reference of `qc.MixedMatMul`, and the weight is resident in float32.
 """
 
 from __future__ import annotations
@@ -39,6 +56,8 @@ from qcompiler.ir import STORED_WEIGHTS
 from qcompiler.layers import CREATED_BY, new_initializer
 from qcompiler.mixed_ops import INPUTS_PER_KIND, class_slices, mixed_weight
 from qcompiler.ops import attributes_of
+
+ROUTE_KEY = "lower-ort.mixed_route"  # metadata on a lowered layer's last node: the route per class
 
 
 def pack_bitplanes(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -62,9 +81,19 @@ class _Builder:
 
     def __init__(self, graph: ir.Graph, anchor: ir.Node, base: str):
         self.graph, self.anchor, self.base, self.count = graph, anchor, base, 0
+        self._zero_dim: ir.Value | None = None  # 0 * X's first dimension, shared by the per-run reads
 
     def const(self, suffix: str, array: np.ndarray) -> ir.Value:
         return new_initializer(self.graph, f"{self.base}.{suffix}", np.asarray(array))
+
+    def per_call(self, name: str, x: ir.Value, stored: ir.Value) -> ir.Value:
+        """`stored` read through a Reshape whose shape depends on X's shape: ONNX Runtime cannot
+        fold what follows into an initializer, so it is computed at every run from what is stored."""
+        if self._zero_dim is None:
+            first = self.op("Shape", [x], {"start": 0, "end": 1})
+            self._zero_dim = self.op("Mul", [first, self.const("per_call.zero", np.array([0], np.int64))])
+        shape = self.const(f"{name}.stored_shape", np.array(stored.const_value.shape, np.int64))
+        return self.op("Reshape", [stored, self.op("Add", [shape, self._zero_dim])], stored=True)
 
     def op(self, op_type: str, inputs, attributes=None, stored: bool = False, **kwargs) -> ir.Value:
         self.count += 1
@@ -76,10 +105,12 @@ class _Builder:
         return node.outputs[0]
 
 
-def _codes(b: _Builder, name: str, codes: np.ndarray, bits: int) -> ir.Value:
-    """Float codes [K_c, N] expanded from stored bit-planes."""
+def _codes(b: _Builder, name: str, codes: np.ndarray, bits: int, per_call: ir.Value | None = None) -> ir.Value:
+    """Float codes [K_c, N] expanded from stored bit-planes (at every run when `per_call` is X)."""
     k = codes.shape[0]
     planes = b.const(f"{name}.planes", pack_bitplanes(codes, bits))
+    if per_call is not None:
+        planes = b.per_call(f"{name}.planes", per_call, planes)
     shifts = b.const(f"{name}.shifts", np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1))
     one = b.const(f"{name}.one", np.array(1, np.uint8))
     expanded = b.op("Unsqueeze", [planes, b.const(f"{name}.axis", np.array([2], np.int64))])
@@ -106,13 +137,18 @@ def _uniform(b: _Builder, name: str, codes, scale, zero, bits: int, group_size: 
     return b.op("Mul", [b.op("Sub", [_codes(b, name, codes, bits), zero_rows]), scale_rows])
 
 
-def _codebook(b: _Builder, name: str, codes, book, bits: int) -> ir.Value:
+def _codebook(b: _Builder, name: str, codes, book, bits: int, per_call: ir.Value | None = None) -> ir.Value:
     n, size = book.shape
     columns = b.op("Cast", [_range(b, f"{name}.columns", n)], {"to": ir.DataType.FLOAT})
     offsets = b.op("Mul", [columns, b.const(f"{name}.table_size", np.array(size, np.float32))])
-    flat_index = b.op("Cast", [b.op("Add", [_codes(b, name, codes, bits), offsets])], {"to": ir.DataType.INT64})
+    flat_index = b.op("Cast", [b.op("Add", [_codes(b, name, codes, bits, per_call), offsets])], {"to": ir.DataType.INT64})
     table = b.op("Cast", [b.const(f"{name}.codebook", book.reshape(-1))], {"to": ir.DataType.FLOAT})
-    return b.op("Gather", [table, flat_index], {"axis": 0})
+    return b.op("Gather", [table, flat_index], {"axis": 0}, stored=per_call is not None)
+
+
+def _fp16_per_call(b: _Builder, name: str, x: ir.Value, weight: np.ndarray) -> ir.Value:
+    """The fp16 weight cast to float32 at every run (resident in fp16)."""
+    return b.op("Cast", [b.per_call(f"{name}.fp16", x, b.const(f"{name}.fp16", weight))], {"to": ir.DataType.FLOAT})
 
 
 def _expand_all(graph: ir.Graph, node: ir.Node) -> str:
@@ -142,9 +178,10 @@ def _expand_all(graph: ir.Graph, node: ir.Node) -> str:
     else:
         order = b.op("Cast", [b.const("perm", perm.astype(np.uint16))], {"to": ir.DataType.INT64})
         xp = b.op("Gather", [x, order], {"axis": -1})
-    matmul = ir.node("MatMul", [xp, weight], name=base, metadata_props={CREATED_BY: "lower-ort"})
+    route = "MixedMatMul(packed, expanded at load)"
+    matmul = ir.node("MatMul", [xp, weight], name=base, metadata_props={CREATED_BY: "lower-ort", ROUTE_KEY: route})
     ir.convenience.replace_nodes_and_values(graph, node, [node], [matmul], [node.outputs[0]], [matmul.outputs[0]])
-    return "MixedMatMul(packed, expanded at load)"
+    return route
 
 
 def pack_nbits(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -166,14 +203,15 @@ def unpack_nbits(packed: np.ndarray, rows: int, bits: int) -> np.ndarray:
     return values.reshape(packed.shape[0], -1)[:, :rows].T.astype(np.uint8)
 
 
-def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, route: str = "split") -> str:
+def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, route: str = "split",
+                       codebook_route: str = "load") -> str:
     """Lower one `qc.MixedMatMul`; returns the route taken, for the pass's statistics."""
     a = attributes_of(node)
     classes = class_slices(a["kinds"], a["sizes"])
     zero_index = [2 + index + 2 for _, index, _, _ in classes]
-    nbits = [kind == "uniform" and bits in bitcost.NBITS and node.inputs[z].const_value.dtype == ir.DataType.UINT8
-             for (kind, _, _, _), bits, z in zip(classes, a["bits"], zero_index)]
-    if route == "expand" or not any(nbits):
+    nbits = [kind == "uniform" and node.inputs[z].const_value.dtype == ir.DataType.UINT8
+             for (kind, _, _, _), z in zip(classes, zero_index)]
+    if route == "expand":
         return _expand_all(graph, node)
     base = node.name or node.outputs[0].name
     b = _Builder(graph, node, base)
@@ -186,37 +224,44 @@ def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, 
         name = f"c{index}"
         xc = _columns(b, name, x, perm[start:stop], k_total)
         if fast:
-            partial.append(_matmul_nbits(b, name, xc, *args, bits, a["group_size"], accuracy_level))
-            routes.append(f"MatMulNBits{bits}")
+            container = bitcost.container_bits(bits)
+            partial.append(_matmul_nbits(b, name, xc, *args, container, a["group_size"], accuracy_level))
+            routes.append(f"MatMulNBits{bits}" if container == bits else f"MatMulNBits{container}({bits}-bit codes)")
             continue
         if kind == "uniform":
             weight = _uniform(b, name, *args, bits, a["group_size"])
+            routes.append(f"uniform{bits}(float MatMul, expanded at load)")
         elif kind == "codebook":
-            weight = _codebook(b, name, *args, bits)
+            per_run = codebook_route == "run"
+            weight = _codebook(b, name, *args, bits, per_call=x if per_run else None)
+            routes.append(f"codebook{bits}(float MatMul, expanded {'per run' if per_run else 'at load'})")
         else:
-            weight = b.op("Cast", [b.const(f"{name}.fp16", args[0])], {"to": ir.DataType.FLOAT})
+            weight = _fp16_per_call(b, name, x, args[0])
+            routes.append("fp16(float MatMul, cast per run)")
         partial.append(b.op("MatMul", [xc, weight]))
-        routes.append(f"{kind}{bits if kind != 'fp16' else ''}(float MatMul)")
     y = partial[0]
     for term in partial[1:]:
         y = b.op("Add", [y, term])
     if a["sparse"]:
         y = _sparse_corrections(b, x, y, perm, arrays[2:], a)
         routes.append("sparse(ScatterElements add)")
+    taken = "split: " + " + ".join(routes)
     y.producer().name = base
+    y.producer().metadata_props[ROUTE_KEY] = taken
     name = node.outputs[0].name
     y.type, y.shape = node.outputs[0].type, node.outputs[0].shape
     ir.convenience.replace_all_uses_with(node.outputs[0], y, replace_graph_outputs=True)
     graph.remove(node, safe=True)
     y.name = name
-    return "split: " + " + ".join(routes)
+    return taken
 
 
 def _index(b: _Builder, name: str, indices: np.ndarray) -> ir.Value:
-    """Constant int64 indices, stored as uint16 where they fit and cast at load."""
+    """Constant int32 indices, stored as uint16 where they fit and cast at load (resident in int32)."""
     small = indices.size == 0 or int(indices.max()) < 1 << 16
-    stored = b.const(name, indices.astype(np.uint16 if small else np.int32))
-    return b.op("Cast", [stored], {"to": ir.DataType.INT64})
+    if not small:
+        return b.const(name, indices.astype(np.int32))
+    return b.op("Cast", [b.const(name, indices.astype(np.uint16))], {"to": ir.DataType.INT32})
 
 
 def _columns(b: _Builder, name: str, x: ir.Value, channels: np.ndarray, k_total: int) -> ir.Value:
@@ -239,7 +284,7 @@ def _matmul_nbits(b: _Builder, name: str, x: ir.Value, codes, scale, zero, bits:
     packed = pack_nbits(codes, bits)
     if packed.shape[1] == blocks * blob:
         weight = b.const(f"{name}.nbits", packed.reshape(n, blocks, blob))
-    else:  # stored tight, padded to whole blocks at load
+    else:  # stored tight, padded to whole blocks at load (the padding is resident)
         tight = b.const(f"{name}.nbits", packed)
         pads = b.const(f"{name}.pads", np.array([0, 0, 0, blocks * blob - packed.shape[1]], np.int64))
         shape = b.const(f"{name}.blocks", np.array([n, blocks, blob], np.int64))

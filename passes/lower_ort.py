@@ -103,6 +103,9 @@ class LowerOrtPass(Pass):
 
     act_format: Literal["auto", "u8", "s8"] = option("auto", "activation integer type: auto picks u8 on x86 (faster in ONNX Runtime there), s8 elsewhere")
     mixed_route: Literal["split", "expand"] = option("split", "qc.MixedMatMul: MatMulNBits per class where it can run one (split), or one float MatMul of a weight expanded at load")
+    codebook_route: Literal["load", "run"] = option(
+        "load", "qc.MixedMatMul codebook classes (split route): weight expanded to float32 at load, or at every run from the "
+        "packed codes (resident as stored; measured 450x slower at M=1 on a 4096x4096 layer)")
     int_kernels: Literal["fused", "qdq"] = option(
         "fused", "u8 activations: static and dynamic linears with a bias as com.microsoft.MatMulIntegerToFloat (bias inside), or plain QDQ")
     residual_norm: Literal["apart", "fused"] = option(
@@ -124,7 +127,7 @@ class LowerOrtPass(Pass):
         graph = model.graph
         signed = self.act_format == "s8" or (self.act_format == "auto" and signed_activations_are_faster())
         level = nbits_accuracy_level() if self.accuracy_level == "auto" else int(self.accuracy_level)
-        lowerings = dict(_LOWERINGS, MixedMatMul=lambda g, n, _: lower_mixed_matmul(g, n, level, self.mixed_route))
+        lowerings = dict(_LOWERINGS, MixedMatMul=lambda g, n, _: lower_mixed_matmul(g, n, level, self.mixed_route, self.codebook_route))
         counts: dict[str, int] = {}
         mixed = False
         unfused = unfuse(graph)

@@ -5,10 +5,12 @@ Stored bits of a layer W [K, N] (every byte counted, as `lower-ort` emits them):
 - uniform class of b bits with fractional (fp16) zero points: b * K_c * N codes as bit-planes (K_c
   padded to a multiple of 8), plus per group of `group_size` rows and per column an fp16 scale and
   an fp16 zero point: 32 * N * ceil(K_c / g);
-- uniform class of b bits in {2, 4, 8} with integer zero points (the `com.microsoft.MatMulNBits`
-  route): codes packed per column along K, 8 * ceil(K_c * b / 8) * N, an fp16 scale per group and
-  column, and the b-bit zero points packed per column, 8 * ceil(G * b / 8) * N;
-- uniform class of other widths with integer zero points: bit-planes, fp16 scale, uint8 zero point;
+- uniform class of b bits with integer zero points (the `com.microsoft.MatMulNBits` route): stored
+  in containers of c = `container_bits(b)` bits, the next width the CPU kernel runs (2, 4, 8: a
+  3-bit class costs 4 bits a weight, a 5- to 7-bit class 8): codes packed per column along K,
+  8 * ceil(K_c * c / 8) * N (stored tight; the last block's padding is added at load and resident,
+  as are the float32 scales the kernel reads: see the manifest's `mixed_layers`), an fp16 scale per
+  group and column, and the c-bit zero points packed per column, 8 * ceil(G * c / 8) * N;
 - codebook class of b bits: the codes as bit-planes, plus N * 2^b fp16 centroids;
 - fp16 class (activation outliers): 16 * K_c * N;
 - sparse outliers: two uint16 indices (32) plus an fp16 value (16), or, on the MatMulNBits route,
@@ -31,18 +33,24 @@ SPARSE_BITS = 16 + 32
 SPARSE_BITS_SPLIT = 32 + 32  # float32 correction + two uint16 indices (MatMulNBits route)
 PERM_BITS = 16
 GROUP_BITS = 32  # fp16 scale + fp16 zero point per group and column
-NBITS = (2, 4, 8)  # widths ONNX Runtime's MatMulNBits CPU kernel runs (1.32: "Only 2b, 4b and 8b")
+NBITS = (2, 4, 8)  # widths ONNX Runtime's MatMulNBits CPU kernel runs (1.32 refuses 3, 5, 6, 7: "Only 2b, 4b and 8b")
+
+
+def container_bits(bits: int) -> int:
+    """The narrowest width MatMulNBits runs that holds `bits`-bit codes (1 -> 2, 3 -> 4, 5..7 -> 8)."""
+    return next(c for c in NBITS if c >= bits)
 
 
 def integer_zero_points(bits: int, zero_points: str) -> bool:
     """Whether a uniform class of `bits` stores integer zero points under the `zero_points` policy
-    (`auto`: integer exactly where MatMulNBits can run the class)."""
+    (`auto`: integer for the widths MatMulNBits runs natively; `integer` for every width, which
+    `lower-ort` then stores in `container_bits` containers)."""
     return zero_points == "integer" or (zero_points == "auto" and bits in NBITS)
 
 
 def nbits_route(kind: str, bits: int, zero_points: str) -> bool:
-    """Whether `lower-ort` sends such a class to `com.microsoft.MatMulNBits`."""
-    return kind == "uniform" and bits in NBITS and integer_zero_points(bits, zero_points)
+    """Whether `lower-ort` sends such a class to `com.microsoft.MatMulNBits` (in `container_bits` containers)."""
+    return kind == "uniform" and integer_zero_points(bits, zero_points)
 
 
 def code_bits(bits: int, rows: int, cols: int) -> int:
@@ -56,9 +64,8 @@ def uniform_class_bits(bits: int, rows: int, cols: int, group_size: int, zero_po
     groups = math.ceil(rows / group_size)
     if not integer_zero_points(bits, zero_points):
         return code_bits(bits, rows, cols) + GROUP_BITS * cols * groups
-    if bits in NBITS:
-        return 8 * math.ceil(rows * bits / 8) * cols + FP16 * cols * groups + 8 * math.ceil(groups * bits / 8) * cols
-    return code_bits(bits, rows, cols) + (FP16 + 8) * cols * groups
+    c = container_bits(bits)
+    return 8 * math.ceil(rows * c / 8) * cols + FP16 * cols * groups + 8 * math.ceil(groups * c / 8) * cols
 
 
 def codebook_class_bits(bits: int, rows: int, cols: int) -> int:
@@ -85,7 +92,8 @@ def per_row_bits(bits: int, cols: int, group_size: int, codebook: bool, zero_poi
         return bits * cols
     if not integer_zero_points(bits, zero_points):
         return bits * cols + GROUP_BITS * cols / group_size
-    return bits * cols + (FP16 + (bits if bits in NBITS else 8)) * cols / group_size
+    c = container_bits(bits)
+    return c * cols + (FP16 + c) * cols / group_size
 
 
 def sparse_bits(candidates, codebook: bool, zero_points: str) -> int:

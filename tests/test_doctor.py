@@ -65,7 +65,7 @@ def test_switchboard_with_every_layer_quantized_equals_the_quantized_model(pipel
 
 def test_doctor_ranks_the_sensitive_layer_first_and_suggests_keeping_it():
     # A is already kept at 8 bits by the pipeline, B gets 3 to 4 bits: B costs the accuracy
-    pipeline = "calibrate,allocate-bits{avg-bits=4 group-size=32 keep=A},quantize-weights"
+    pipeline = "calibrate,allocate-bits{avg-bits=4 candidates=2,3,4,8 other-widths=expand group-size=32 keep=A},quantize-weights"
     result = diagnose(_mlp(), pipeline, calibration=[synthetic_inputs(_mlp(), seed=s) for s in range(4)], max_extra_bits=3.0)
     assert [row["layer"] for row in result["layers"]] == ["B", "A"]
     assert result["layers"][0]["recovered"] > 10 * result["layers"][1]["recovered"]
@@ -207,7 +207,8 @@ def test_suggestion_is_measured_as_compiled_and_the_better_budget_scope_is_picke
     assert [m["label"] for m in s["measured"]] == ["as chosen", "model-wide budget with measured layer sensitivity"]
     best = min((m for m in s["measured"] if m["extra_bits"] <= 0.4), key=lambda m: m["error"])
     assert s["pipeline"] == best["pipeline"] and s["predicted_error"] == best["error"]
-    assert ("scope=model sensitivity=output" in s["pipeline"]) == (best is s["measured"][1])
+    allocator = next(p for p in parse_pipeline(s["pipeline"]) if p.name == "allocate-bits")
+    assert (allocator.scope, allocator.sensitivity) == (("model", "output") if best is s["measured"][1] else ("layer", "off"))
     assert 0 < s["extra_bits"] <= 0.4 and s["predicted_error"] < result["error_all_quantized"]
 
 

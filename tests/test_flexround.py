@@ -11,7 +11,7 @@ from qcompiler.ir import parse, to_text
 from qcompiler.pass_manager import run_pipeline
 from qcompiler.pipeline import parse_pipeline
 
-UNIFORM3 = "calibrate,allocate-bits{avg-bits=8 candidates=3 group-size=32 outliers-act=0 outliers-weight=0},quantize-weights{grid=minmax}"
+UNIFORM3 = "calibrate,allocate-bits{avg-bits=8 candidates=3 other-widths=expand group-size=32 outliers-act=0 outliers-weight=0},quantize-weights{grid=minmax}"
 
 
 def _model(k=64, h=64, seed=0):

@@ -12,7 +12,7 @@ from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
 from qcompiler.pipeline import parse_pipeline
 from test_flexround import _model, _run
 
-UNIFORM3 = "calibrate,allocate-bits{avg-bits=8 candidates=3 group-size=32 outliers-act=0 outliers-weight=0},quantize-weights{grid=minmax}"
+UNIFORM3 = "calibrate,allocate-bits{avg-bits=8 candidates=3 other-widths=expand group-size=32 outliers-act=0 outliers-weight=0},quantize-weights{grid=minmax}"
 
 
 def _correlated(count=4, rows=64, seed=5, k=64):

@@ -152,7 +152,8 @@ def test_nbits_packing_round_trip(bits, rows):
 SPLIT_CASES = {
     "uniform auto zero points": "allocate-bits{avg-bits=3.25}",
     "2/4/8 only": "allocate-bits{avg-bits=3.5 candidates=2,4,8}",
-    "integer 3-bit": "allocate-bits{avg-bits=4 candidates=3,4 zero-points=integer}",
+    "3-bit in 4-bit containers": "allocate-bits{avg-bits=5.5 candidates=3,8 other-widths=container}",
+    "3-bit expanded": "allocate-bits{avg-bits=3.5 candidates=2,3,4 other-widths=expand}",
     "codebooks": "allocate-bits{avg-bits=4 codebook=kmeans}",
     "no outliers": "allocate-bits{avg-bits=8 candidates=4 outliers-act=0 outliers-weight=0}",
 }
@@ -292,10 +293,66 @@ def test_output_sensitivity_gives_bits_where_errors_reach_the_outputs():
         if sensitivity == "output":
             factors = stats["sensitivity"]["factor"]
             assert 50 < factors["loud"] / factors["quiet"] < 200  # squared output error scales by 10^2
-    assert spent["off"]["quiet"] == spent["off"]["loud"]
+    assert abs(spent["off"]["quiet"] - spent["off"]["loud"]) < 0.05  # equal but for the last group a tie gives one of them
     assert spent["output"]["loud"] > spent["output"]["quiet"] + 0.5
     # KL reads only the first output (the logits of an LM): the second layer's error never reaches it
     assert spent["kl"]["quiet"] > spent["kl"]["loud"] + 0.5
     factors = stats["sensitivity"]["factor"]
     assert factors["loud"] == 0 and factors["quiet"] > 0
 
+
+
+def test_width_without_a_kernel_is_refused_naming_the_runnable_widths_and_the_options():
+    with pytest.raises(UserError, match=r"runs 2, 4, 8 bits packed, not 3; .*other-widths=container .*other-widths=expand"):
+        _compile(_layer(k=256, n=64), "calibrate,allocate-bits{candidates=2,3,4,8}")
+    with pytest.raises(UserError, match="drop zero-points=integer"):
+        _compile(_layer(k=256, n=64), "calibrate,allocate-bits{other-widths=expand zero-points=integer}")
+
+
+def test_container_pricing_charges_the_width_stored():
+    k, n, g = 512, 64, 128
+    assert bitcost.container_bits(3) == 4 and bitcost.container_bits(5) == 8 and bitcost.container_bits(1) == 2
+    assert bitcost.class_bits("uniform", 3, k, n, g, "integer") == bitcost.class_bits("uniform", 4, k, n, g, "integer")
+    assert bitcost.class_bits("uniform", 3, k, n, g, "fractional") < bitcost.class_bits("uniform", 4, k, n, g, "fractional")
+    model = _layer(k=512, n=128)
+    records = _compile(model, "calibrate,allocate-bits{avg-bits=5.5 candidates=3,8 other-widths=container},quantize-weights,lower-ort")
+    routes = " ".join(records[-1].stats["routes"])
+    assert "MatMulNBits4(3-bit codes)" in routes and "expanded" not in routes
+    stored = weight_bytes(model, 512 * 128)["effective_bits_per_weight"]
+    assert stored <= 5.5 and stored == pytest.approx(records[1].stats["predicted_bits_per_weight"], abs=0.1)
+
+
+def test_split_route_keeps_fp16_and_codebook_classes_packed_after_session_start(tmp_path):
+    """No class is folded into a float32 weight when ONNX Runtime starts the session (codebooks with
+    codebook-route=run): what the session keeps is the stored bytes plus float32 scales and padding."""
+    from qcompiler.codegen.ort import initializer_bytes_in_file, mixed_layers
+    from qcompiler.ir import save
+    from qcompiler.passes.lower_mixed import ROUTE_KEY
+
+    model = _layer(k=512, n=128)
+    _compile(model, "calibrate,allocate-bits{avg-bits=4 codebook=kmeans outliers-act=0.02},quantize-weights")
+    feeds = synthetic_inputs(model, seed=5)
+    reference = execute.run(model, feeds)["Y"]
+    _compile(model, "lower-ort{accuracy-level=0 codebook-route=run}")
+    np.testing.assert_allclose(execute.run(model, feeds)["Y"], reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+    save(model, tmp_path / "m.onnx")
+    execute.ort_session(str(tmp_path / "m.onnx"), optimized_path=tmp_path / "o.onnx")
+    routes = {node.name: node.metadata_props[ROUTE_KEY] for node in model.graph if ROUTE_KEY in node.metadata_props}
+    (layer,) = mixed_layers(model, routes, initializer_bytes_in_file(tmp_path / "o.onnx")).values()
+    assert "expanded per run" in layer["route"] and "fp16(float MatMul, cast per run)" in layer["route"]
+    assert layer["bytes_resident"] < 1.5 * layer["bytes_at_rest"] < 512 * 128 * 4 / 2
+
+
+def test_mixed_artifacts_are_byte_identical_and_the_manifest_names_each_layers_route(tmp_path):
+    import json
+
+    import qcompiler
+
+    model = _layer(k=256, n=64)
+    calib = [synthetic_inputs(model, seed=s) for s in range(2)]
+    for name in ("a", "b"):
+        qcompiler.compile(model, tmp_path / name, pipeline="mixed{avg-bits=4.25}", calibration=calib, drift=False)
+    for file in ("model.onnx", "manifest.json"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+    (layer,) = json.loads((tmp_path / "a" / "manifest.json").read_text())["mixed_layers"].values()
+    assert layer["route"].startswith("split: MatMulNBits") and layer["bytes_resident"] >= layer["bytes_at_rest"] > 0

@@ -395,3 +395,14 @@ def test_layers_merged_with_their_bias_by_the_lowering_are_still_reported(tmp_pa
         assert 8 + 32 / k <= layer["weight"]["stored_bits_per_weight"] <= 8 + 40 / k
         # measured without the bias: int8 error on a layer output, not a bias-inflated SQNR
         assert 20 < layer["error"]["sqnr_db"] < 50 and 0.99 < layer["error"]["cosine"] < 1
+
+
+def test_mixed_layers_name_their_route_and_bytes_at_rest_and_resident(tmp_path):
+    pipeline = "calibrate,allocate-bits{avg-bits=4 group-size=64 outliers-weight=0},quantize-weights,lower-ort"
+    _, body, _ = _compile(tmp_path, "mixed", pipeline, report="r.json", drift=False)
+    manifest_layers = body["manifest"]["mixed_layers"]
+    runtime = [layer["runtime"] for layer in body["layers"] if layer["weight"]["format"] == "mixed"]
+    assert runtime and all(r is not None for r in runtime) and len(manifest_layers) == len(runtime)
+    for r in runtime:
+        assert r["route"].startswith("split: ") and "MatMulNBits" in r["route"]
+        assert 0 < r["bytes_at_rest"] <= r["bytes_resident"] < 3 * r["bytes_at_rest"]
