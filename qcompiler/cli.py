@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--bits-only", action="store_true",
                      help="suggest bit-width changes only, not an added pass such as learned rounding (which costs compile time)")
     doc.add_argument("--apply", metavar="FILE", help="write the suggested pipeline to FILE (use it with --pipeline @FILE)")
+    doc.add_argument("--force", action="store_true", help="let --apply overwrite a file that doctor did not write")
     doc.add_argument("--cache-dir", metavar="DIR", help="calibration statistics cache (default as for compile)")
     doc.add_argument("--no-cache", action="store_true", help="neither read nor write the calibration cache")
     doc.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
@@ -371,6 +372,10 @@ def _cmd_doctor(args) -> int:
     from qcompiler.doctor import diagnose, format_diagnosis
     from qcompiler.fileio import write_atomic
 
+    from qcompiler.outputs import SUGGESTION_MARKER, check_suggestion_file, protected_sources
+
+    if args.apply:  # before the diagnosis, which may take minutes
+        check_suggestion_file(args.apply, protected_sources(args.source, args.calib), args.force)
     cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_dir()
     result = diagnose(
         args.source, args.pipeline, calibration=args.calib, calib_count=args.calib_count, threads=args.threads,
@@ -384,10 +389,10 @@ def _cmd_doctor(args) -> int:
     if args.apply:
         suggested = result["suggestion"].get("pipeline")
         if not suggested:
-            raise UserError(f"doctor has no change to apply ({result['suggestion']['change']}); nothing written to {args.apply}")
-        header = f"# suggested by qcompiler doctor for {result['source']}: {result['suggestion']['change']}\n"
+            raise UserError(f"doctor has no change to apply ({result['suggestion']['change']}); nothing written to {shown(args.apply)}")
+        header = f"{SUGGESTION_MARKER} for {result['source']}: {result['suggestion']['change']}\n"
         write_atomic(Path(args.apply), header + suggested + "\n")
-        log.info("wrote the suggested pipeline to %s; compile with --pipeline @%s", args.apply, args.apply)
+        log.info("wrote the suggested pipeline to %s; compile with --pipeline @%s", shown(args.apply), shown(args.apply))
     return 0
 
 

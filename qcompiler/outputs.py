@@ -70,6 +70,30 @@ def check_outputs(
         _check_ours(dump, dump_ir, "stats.json", "qcompiler.dump-stats/", [out, *map(_absolute, reports)], force, "IR dumps")
 
 
+SUGGESTION_MARKER = "# suggested by qcompiler doctor"  # the first line of a pipeline file `doctor --apply` writes
+
+
+def check_suggestion_file(path, protected, force: bool) -> None:
+    """Where `doctor --apply` may write its pipeline file, checked before the diagnosis: not a
+    protected path (the source model, the calibration data, the working directory, the home
+    folder) or a folder holding one, not a folder, and, unless `force`, not an existing file that a
+    previous `doctor --apply` did not write."""
+    text = os.fspath(path)
+    if not str(text).strip():
+        raise UserError("the --apply path is empty; name a file for the suggested pipeline")
+    absolute = _absolute(text)
+    for what, guarded in _guarded(protected):
+        if _inside(guarded, absolute):
+            raise UserError(f"--apply '{shown(text)}' is the {what}, which writing it would destroy; name another file")
+    if os.path.isdir(text):
+        raise UserError(f"--apply '{shown(text)}' is a folder; name a file for the suggested pipeline")
+    if os.path.lexists(text) and not force and not _carries(Path(text), SUGGESTION_MARKER, parse_json=False):
+        raise UserError(
+            f"--apply '{shown(text)}' exists and was not written by qcompiler doctor; it would be overwritten: "
+            "choose another name or pass --force"
+        )
+
+
 def nested_entry(outer: str | os.PathLike, inner: str | os.PathLike) -> str | None:
     """The entry of folder `outer` that holds `inner` (None when `inner` is not strictly inside)."""
     outer_path, inner_path = _absolute(outer), _absolute(inner)

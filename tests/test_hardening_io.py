@@ -364,3 +364,28 @@ def test_progress_lines_are_logged_off_a_terminal(monkeypatch, caplog):
         for _ in range(1000):
             bar.update()
     assert caplog.records == []
+
+
+def test_doctor_apply_refuses_inputs_and_foreign_files_before_any_work(tmp_path, capsys, monkeypatch):
+    import qcompiler.doctor
+
+    def no_diagnosis(*args, **kwargs):
+        raise AssertionError("the diagnosis ran before the --apply path was checked")
+
+    monkeypatch.setattr(qcompiler.doctor, "diagnose", no_diagnosis)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"model bytes")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    for target, message in [(model, "is the source model"), (tmp_path, "is the"),
+                            (notes, "was not written by qcompiler doctor")]:
+        assert main(["doctor", str(model), "--pipeline", "w8a8", "--apply", str(target)]) == 2
+        assert message in _one_error_line(capsys)
+    assert model.read_bytes() == b"model bytes" and notes.read_text() == "mine\n"
+    previous = tmp_path / "old.pipeline"
+    previous.write_text("# suggested by qcompiler doctor for m: keep fc1\nw8a8\n")
+    # a file doctor wrote may be replaced, and any file with --force: the check lets the diagnosis run
+    assert main(["doctor", str(model), "--pipeline", "w8a8", "--apply", str(previous)]) == 1
+    assert "the diagnosis ran" in _one_error_line(capsys)
+    assert main(["doctor", str(model), "--pipeline", "w8a8", "--apply", str(notes), "--force"]) == 1
+    assert "the diagnosis ran" in _one_error_line(capsys)
