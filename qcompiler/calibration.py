@@ -755,15 +755,6 @@ def _instrumented_session(model: ir.Model, names: list[str], threads: int | None
             model.graph.outputs.pop()
 
 
-def batch_size_of(batch: Mapping[str, np.ndarray]) -> int:
-    """Samples in a batch: the first axis of its first input with a rank (1 for scalars only)."""
-    for array in batch.values():
-        shape = np.shape(array)
-        if len(shape):
-            return int(shape[0])
-    return 1 if batch else 0
-
-
 def collect(
     model: ir.Model,
     batches: Iterable[dict[str, np.ndarray]],
