@@ -37,7 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.calibration import Histogram, TensorStats, collect
-from qcompiler.errors import first_line
+from qcompiler.errors import first_line, shown
 from qcompiler.fileio import write_atomic
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def collect_cached(
     entry = _read(folder, key)
     if entry is not None:
         stats, counts = entry
-        log.info("calibration statistics reused from the cache (%s, key %s); not recalibrating", folder, key[:12])
+        log.info("calibration statistics reused from the cache (%s, key %s); not recalibrating", shown(folder), key[:12])
         if progress is not None:
             progress(counts["batches"], counts["samples"])
         return stats
@@ -129,7 +129,7 @@ def _write(folder: Path, key: str, stats: dict[str, TensorStats], counts: dict[s
         write_atomic(folder / f"{key}.npz", data)
         write_atomic(folder / f"{key}.json", json.dumps(meta, sort_keys=True))
     except Exception as exc:  # a cache that cannot be written only costs the next build time
-        log.warning("calibration cache: could not write an entry in %s (%s); continuing without it", folder, exc)
+        log.warning("calibration cache: could not write an entry in %s (%s); continuing without it", shown(folder), shown(exc))
 
 
 def _usable(folder: Path) -> bool:
@@ -139,7 +139,7 @@ def _usable(folder: Path) -> bool:
         with os.scandir(folder):
             pass
     except OSError as exc:
-        log.warning("calibration cache folder %s cannot be used (%s); continuing without the cache", folder, exc.strerror or exc)
+        log.warning("calibration cache folder %s cannot be used (%s); continuing without the cache", shown(folder), shown(exc.strerror or exc))
         return False
     return True
 
@@ -191,7 +191,7 @@ def _read(folder: Path, key: str) -> tuple[dict[str, TensorStats], dict[str, int
             stats = {name: _stats(arrays, s) for name, s in meta["tensors"].items()}
         counts = {"batches": int(meta["counts"]["batches"]), "samples": int(meta["counts"]["samples"])}
     except Exception as exc:
-        log.warning("calibration cache: entry %s in %s is unreadable (%s); recalibrating", key[:12], folder, first_line(str(exc)) or type(exc).__name__)
+        log.warning("calibration cache: entry %s in %s is unreadable (%s); recalibrating", key[:12], shown(folder), first_line(str(exc)) or type(exc).__name__)
         return None
     return stats, counts
 

@@ -73,8 +73,8 @@ def load_calibration(
     batches = validate_batches(batches, model)
     samples = sum(batch_size_of(b) for b in batches if not _continues_earlier_samples(b))
     if samples < wanted:
-        log.warning("calibration data '%s' holds %d samples, fewer than the %d asked for; using them all", path, samples, wanted)
-    log.info("calibration data: %d samples in %d batches from %s", samples, len(batches), path)
+        log.warning("calibration data '%s' holds %d samples, fewer than the %d asked for; using them all", shown(path), samples, wanted)
+    log.info("calibration data: %d samples in %d batches from %s", samples, len(batches), shown(path))
     return batches
 
 

@@ -183,7 +183,7 @@ def compile(
         artifact.abort()
         raise
     files = [final / f.relative_to(staging) for f in files]
-    log.info("wrote %s (%s)", final, ", ".join(f.name for f in files))
+    log.info("wrote %s (%s)", shown(final), ", ".join(f.name for f in files))
     return CompileResult(final, files, spec, records, manifest, model, timings, measured_on)
 
 

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from qcompiler.errors import UserError
+from qcompiler.errors import UserError, shown
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,9 @@ def remove_stale_temporaries(folder: Path, name: str) -> list[Path]:
             else:
                 path.unlink()
         except OSError as exc:
-            log.warning("could not remove the stale temporary %s (%s)", path, exc.strerror)
+            log.warning("could not remove the stale temporary %s (%s)", shown(path), exc.strerror)
             continue
-        log.info("removed %s, left by process %d, which is gone", path, pid)
+        log.info("removed %s, left by process %d, which is gone", shown(path), pid)
         removed.append(path)
     return removed
 

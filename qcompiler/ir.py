@@ -87,7 +87,7 @@ def load(path: str | os.PathLike, convert: bool = True) -> ir.Model:
         # that rewrites a weight holds only its new value in memory, and `save` reads mapped weights
         # into the artifact, which never points back into the source model's folder.
         ir.external_data.set_base_dir(model.graph, str(path.parent.resolve()))
-        log.info("%s: external data over %.1f GB stays on disk, memory-mapped", path.name, MAPPED_DATA_THRESHOLD / 1e9)
+        log.info("%s: external data over %.1f GB stays on disk, memory-mapped", shown(path.name), MAPPED_DATA_THRESHOLD / 1e9)
     check_domains(model)
     lift_constant_weights(model)
     name_free_dims(model)
