@@ -28,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
+from qcompiler import ir as qir
 from qcompiler.capture import name_weights_after_modules
 from qcompiler.errors import first_line
 from qcompiler.external_data import materialize_external_tensors
@@ -63,7 +64,7 @@ class CanonicalizePass(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         stats = {"nodes_before": _node_count(model)}
-        external = materialize_external_tensors(model)
+        external = materialize_external_tensors(model, keep_initializers_over=qir.MAPPED_DATA_THRESHOLD)
         if external:
             stats["external_tensors_read"] = external
         modified = external > 0

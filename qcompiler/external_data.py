@@ -212,15 +212,24 @@ def _external_tensors(proto: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto
             yield tensor, what, {e.key: e.value for e in tensor.external_data}
 
 
-def materialize_external_tensors(model: ir.Model) -> int:
+def materialize_external_tensors(model: ir.Model, keep_initializers_over: int | None = None) -> int:
     """Replace every `onnx_ir` external tensor of `model` (initializers of every graph, tensor
     attributes in graphs, subgraphs and function bodies) by its bytes in memory, read through
     `read_external` relative to the tensor's own `base_dir`; a tensor without one is refused.
-    Returns how many were read."""
+    When the main graph's external initializers hold `keep_initializers_over` bytes or more, they
+    are only checked (`check_external`) and stay memory-mapped. Returns how many were read."""
     slots = list(external_tensor_slots(model))
+    mapped = [v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
+    keep = keep_initializers_over is not None and sum(t.nbytes for t in mapped) >= keep_initializers_over
+    kept = {id(t) for t in mapped} if keep else set()
+    read = 0
     for tensor, what, put in slots:
+        if id(tensor) in kept:
+            _checked_in_place(tensor, what)
+            continue
         put(_in_memory(tensor, what))
-    return len(slots)
+        read += 1
+    return read
 
 
 def external_tensor_slots(model: ir.Model) -> Iterator[tuple[ir.ExternalTensor, str, Callable]]:
@@ -252,6 +261,12 @@ def _put_attribute_tensor(node: ir.Node, name: str, index: int | None, tensor: i
     tensors = list(node.attributes[name].value)
     tensors[index] = tensor
     node.attributes[name] = ir.AttrTensors(name, tensors)
+
+
+def _checked_in_place(tensor: ir.ExternalTensor, what: str) -> None:
+    what = f"tensor '{shown(tensor.name or '')}' ({what})"
+    expected = expected_nbytes(tuple(tensor.shape.numpy()), tensor.dtype.value, what)
+    check_external(tensor.base_dir, tensor.location, tensor.offset, tensor.length, expected, what)
 
 
 def _in_memory(tensor: ir.ExternalTensor, what: str) -> ir.TensorProtocol:

@@ -60,6 +60,20 @@ def test_large_output_keeps_weights_in_one_file_beside_the_model(tmp_path, monke
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.04
 
 
+def test_canonicalize_keeps_large_weights_mapped_and_checked(tmp_path, monkeypatch):
+    from qcompiler.passes.canonicalize import CanonicalizePass
+
+    source = _with_external_data(tmp_path)
+    monkeypatch.setattr(qir, "MAPPED_DATA_THRESHOLD", 0)  # every external initializer counts as large
+    model = qir.load(source)
+    before = len(qir.mapped_tensors(model))
+    CanonicalizePass()(model)
+    assert before and len(qir.mapped_tensors(model)) == before  # checked, not read into memory
+    (source.parent / "model.onnx.data").write_bytes(b"")  # the file no longer holds them: refused, named
+    with pytest.raises(UserError, match="points its external data at 'model.onnx.data'"):
+        CanonicalizePass()(model)
+
+
 def test_missing_external_data_file_is_named(tmp_path):
     source = _with_external_data(tmp_path)
     (source.parent / "model.onnx.data").unlink()
