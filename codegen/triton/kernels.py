@@ -422,9 +422,11 @@ def _mixed_segment(acc, x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, d_ptr, tab_ptr, pid
             words = tl.load(w_ptr + t * (R * N) + w_tile, mask=n_mask[None, :], other=0)
         for i in tl.static_range(C):
             if KIND == 0:
+                # a chunk past its class's end (padding) reads no group: its weights are 0
                 grp = base + (row0 + i * R) // GROUP
-                s = tl.load(s_ptr + grp * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + grp * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                g_mask = n_mask & ((offs_n * 0 + x0 + i * R) < x_end)
+                s = tl.load(s_ptr + grp * N + offs_n, mask=g_mask, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + grp * N + offs_n, mask=g_mask, other=0.0).to(tl.float32)
                 s_hi = s * NT
                 off = -(s_hi + z * s)
                 if (23 - BITS) - BITS * i >= 0:  # compile-time: move code i to bits 23-b .. 22
@@ -433,14 +435,14 @@ def _mixed_segment(acc, x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, d_ptr, tab_ptr, pid
                     bits = words >> (BITS * i - (23 - BITS))
                 f = ((bits & CMASK) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q / 2**b
                 w = f * s_hi[None, :] + off[None, :]  # (q - z) s in one FMA
-            elif KIND == 1:
+            if KIND == 1:
                 code = (words >> (BITS * i)) & (NT - 1)
                 w = tl.load(lut_ptr + base + offs_n[None, :] * NT + code, mask=n_mask[None, :], other=0.0).to(tl.float32)
-            else:
-                w = tl.load(d_ptr + (base + offs_r)[:, None] * N + offs_n[None, :], mask=n_mask[None, :],
-                            other=0.0).to(tl.float32)
             kk = x0 + i * R + offs_r
             k_mask = kk < x_end
+            if KIND == 2:
+                w = tl.load(d_ptr + (base + offs_r)[:, None] * N + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :],
+                            other=0.0).to(tl.float32)
             if USE_DOT:
                 xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :],
                              other=0.0)

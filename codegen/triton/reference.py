@@ -419,10 +419,11 @@ class MixedLayout:
     ``words`` int32 [packed tiles * 32, N] (tile t at rows 32t ..; fp16 tiles, last, have none), ``tiles``
     int32 [tiles, 4] = (first X row, end of the class's X rows, metadata base, first row within the
     class), ``seg`` int32 [len(MIXED_KINDS) + 1] (kind j's tiles are seg[j] .. seg[j + 1]),
-    ``scale``/``zero`` fp16 [G, N] (each uniform class's groups, padded with zeros to cover its
-    padded rows; base = its first group row), ``lut`` fp16 flat (each codebook class's [N, 2**kb]
-    table; base = its offset), ``dense`` fp16 [D, N] (each fp16 class's rows padded to 32; base = the
-    tile's first row)."""
+    ``scale``/``zero`` fp16 [G, N] (each uniform class's groups; base = the class's first group row),
+    ``lut`` fp16 flat (each codebook class's [N, 2**kb] table; base = its offset), ``dense`` fp16
+    [D, N] (each fp16 class's rows; base = the tile's first row).  Nothing is stored for the padding
+    rows past a class's end: the kernel masks X there, and the scales, zeros and fp16 rows of a
+    32-row chunk that lies wholly past it."""
 
     words: np.ndarray
     tiles: np.ndarray
@@ -449,28 +450,23 @@ def pack_mixed(classes: list[MixedClass], group: int, n: int) -> MixedLayout:
             mask |= 1 << j
             rows = c.stop - c.start
             if kind == "fp16":
-                w = np.asarray(c.arrays[0], np.float16)
-                padded = np.zeros((-(-rows // PACK_ROWS) * PACK_ROWS, n), np.float16)
-                padded[:rows] = w
-                for t in range(padded.shape[0] // PACK_ROWS):
+                for t in range(-(-rows // PACK_ROWS)):
                     tiles.append((c.start + t * PACK_ROWS, c.stop, n_dense + t * PACK_ROWS, t * PACK_ROWS))
-                dense.append(padded)
-                n_dense += padded.shape[0]
+                dense.append(np.asarray(c.arrays[0], np.float16))
+                n_dense += rows
                 continue
             packed = pack_codes(np.asarray(c.arrays[0], np.int64), width)
             tile_rows = k_tile(width)
             n_tiles = packed.shape[0] // PACK_ROWS
             if kind == "uniform":
                 _, scale, zero = c.arrays
-                g = -(-n_tiles * tile_rows // group)
-                s = np.zeros((g, n), np.float16)
-                z = np.zeros((g, n), np.float16)
-                s[: scale.shape[0]] = np.asarray(scale, np.float32)
-                z[: zero.shape[0]] = np.asarray(zero, np.float32)
-                scales.append(s)
-                zeros.append(z)
+                if scale.shape[0] != -(-rows // group) or zero.shape != scale.shape:
+                    raise ValueError(f"a uniform class of {rows} rows needs {-(-rows // group)} groups of {group}, "
+                                     f"has scale {scale.shape} and zero {zero.shape}")
+                scales.append(np.asarray(scale, np.float16))
+                zeros.append(np.asarray(zero, np.float16))
                 base = n_groups
-                n_groups += g
+                n_groups += scale.shape[0]
             else:
                 table = np.asarray(c.arrays[1], np.float16)
                 lut = np.zeros((n, 1 << width), np.float16)
