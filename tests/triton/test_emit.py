@@ -239,13 +239,15 @@ def test_package_is_deterministic(block, tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
-def test_hostile_names(tmp_path):
+@pytest.mark.parametrize("pipeline", ["w8a8", "mixed{avg-bits=3.75 outliers-weight=0.01}"])
+def test_hostile_names(tmp_path, pipeline):
     sentinel = tmp_path / "pwned"
     names = [n.format(sentinel=sentinel) for n in HOSTILE]
     src = synthetic_model(tmp_path / "hostile.onnx", names=names)
     calib = _calib_for(src)
-    qcompiler.compile(str(src), tmp_path / "ort", pipeline="w8a8", calibration=calib, drift=False)
-    qcompiler.compile(str(src), tmp_path / "tr", target="triton", pipeline="w8a8", calibration=calib, drift=False)
+    ort_pipeline = exact_ort(pipeline) if pipeline.startswith("mixed") else pipeline
+    qcompiler.compile(str(src), tmp_path / "ort", pipeline=ort_pipeline, calibration=calib, drift=False)
+    qcompiler.compile(str(src), tmp_path / "tr", target="triton", pipeline=pipeline, calibration=calib, drift=False)
     for py in (tmp_path / "tr").glob("*.py"):
         compile(py.read_text(), str(py), "exec")  # valid Python
         for line in py.read_text().splitlines():  # model text appears only inside comments, escaped
