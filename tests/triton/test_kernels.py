@@ -319,7 +319,7 @@ def test_mixed_one_launch(mix, m, device, rng):
 
 
 @pytest.mark.parametrize("device", _devices())
-@pytest.mark.parametrize("m,act,group", [(1, "gelu", 32), (5, "silu", 128), (5, "relu", 64)])
+@pytest.mark.parametrize("m,act,group", [(1, "gelu", 32), (5, "silu", 128), (5, "relu", 64), (33, "none", 64)])
 def test_mixed_outliers_and_epilogue(m, act, group, device, rng):
     n = 40  # not a multiple of the column tile
     classes, k = _mixed_classes(rng, MIXES["w2+w3+w4+w8"] + [("fp16", 16, 12)], n, group)
