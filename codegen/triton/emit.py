@@ -539,7 +539,8 @@ class Emitter:
         name = self.kernel("wq-mixed", 0, group if "uniform" in kinds else None, has_sp, bias is not None, act, serves,
                            classes=names, kinds_mask=layout.kinds_mask)
         src = node.name
-        args = [xp] + [self.weight(f"{hint}.{part}", getattr(layout, part), "raw", src) for part in ("words", "tiles", "seg")]
+        args = [xp] + [self.weight(f"{hint}.{part}", getattr(layout, part), "raw", src)
+                       for part in ("words", "tiles", "seg")]
         if layout.scale is not None:
             args += [self.weight(f"{hint}.scale", layout.scale, "raw", src),
                      self.weight(f"{hint}.zero", layout.zero, "raw", src)]

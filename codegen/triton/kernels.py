@@ -437,12 +437,13 @@ def _mixed_segment(acc, x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, d_ptr, tab_ptr, pid
                 w = f * s_hi[None, :] + off[None, :]  # (q - z) s in one FMA
             if KIND == 1:
                 code = (words >> (BITS * i)) & (NT - 1)
-                w = tl.load(lut_ptr + base + offs_n[None, :] * NT + code, mask=n_mask[None, :], other=0.0).to(tl.float32)
+                w = tl.load(lut_ptr + base + offs_n[None, :] * NT + code, mask=n_mask[None, :],
+                            other=0.0).to(tl.float32)
             kk = x0 + i * R + offs_r
             k_mask = kk < x_end
             if KIND == 2:
-                w = tl.load(d_ptr + (base + offs_r)[:, None] * N + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :],
-                            other=0.0).to(tl.float32)
+                w = tl.load(d_ptr + (base + offs_r)[:, None] * N + offs_n[None, :],
+                            mask=k_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
             if USE_DOT:
                 xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :],
                              other=0.0)
@@ -1027,7 +1028,8 @@ def _named_codebook(bits: int, group: int | None):
     return fn
 
 
-__all__ = ["qc_gemm_wq_a16", "qc_gemm_mixed_a16", "qc_gemm_mixed_a16_kernel", "mixed_kinds_mask", "qc_gemm_w8a8", "qc_quantize_per_token_int8", "qc_gemm_wq_a16_kernel",
+__all__ = ["qc_gemm_wq_a16", "qc_gemm_mixed_a16", "qc_gemm_mixed_a16_kernel", "mixed_kinds_mask", "MIXED_KINDS",
+           "qc_gemm_w8a8", "qc_quantize_per_token_int8", "qc_gemm_wq_a16_kernel",
            "qc_gemm_w8a8_kernel", "qc_quantize_per_token_int8_kernel", "m_bucket", "codes_per_word", "ACT_IDS"]
 for _b in (2, 3, 4, 8):
     _f = _named_codebook(_b, None)
