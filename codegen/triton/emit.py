@@ -505,12 +505,43 @@ class Emitter:
                          sizes: list[int], group: int, w_perm: np.ndarray, serves: list[ir.Node], out: str, bias,
                          act: str) -> None:
         """Every class, the sparse outliers and the epilogue in one launch of the mixed kernel."""
-        from qcompiler.codegen.triton.reference import MixedClass, _csc, kernel_width, pack_mixed
+        from qcompiler.codegen.triton.reference import MIXED_KINDS, _csc, pack_mixed
 
-        hint = node.name or "mixed"
+        hint, src = node.name or "mixed", node.name
         n = w_perm.shape[1]
-        classes, corrections = [], []
+        classes, corrections = self._mixed_classes(rest, kinds, bits, sizes, group, w_perm)
+        layout = pack_mixed(classes, group, n)
+        tags = [{"uniform": f"w{w}", "codebook": f"lut{w}", "fp16": "f16"}[kind]
+                for j, (kind, w) in enumerate(MIXED_KINDS) if layout.kinds_mask >> j & 1]
+        name = self.kernel("wq-mixed", 0, group if "uniform" in kinds else None, corrections is not None,
+                           bias is not None, act, serves, classes=tags, kinds_mask=layout.kinds_mask)
+        args = [xp] + [self.weight(f"{hint}.{part}", getattr(layout, part), "raw", src)
+                       for part in ("words", "tiles", "seg")]
+        if layout.scale is not None:
+            args += [self.weight(f"{hint}.scale", layout.scale, "raw", src),
+                     self.weight(f"{hint}.zero", layout.zero, "raw", src)]
+        if layout.lut is not None:
+            args.append(self.weight(f"{hint}.lut", layout.lut, "raw", src))
+        if layout.dense is not None:
+            args.append(self.weight(f"{hint}.dense", layout.dense, "float", src))
+        if corrections is not None:
+            csc = _csc(*corrections, int(sum(sizes)), n)
+            args.append("(" + ", ".join(self.weight(f"{hint}.sp_{part}", a, "raw", src) for part, a in
+                                         (("colptr", csc.col_ptr), ("rows", csc.row_idx), ("vals", csc.values))) + ")")
+        if bias is not None:
+            args.append(self.weight(f"{hint}.bias", bias.astype(np.float32), "raw", src))
+        self.emit(f"        {out} = K.{name}({', '.join(args)})")
+
+    def _mixed_classes(self, rest: list, kinds: list[str], bits: list[int], sizes: list[int], group: int,
+                       w_perm: np.ndarray) -> tuple[list, tuple | None]:
+        """The classes for `reference.pack_mixed` and the outlier corrections (rows, columns, value
+        minus the dequantized code) of the quantized classes' rows; fp16 rows keep their outliers."""
+        from qcompiler.codegen.triton.reference import MixedClass
+
+        classes, parts = [], []
         sparse = len(rest) > sum(INPUTS_PER_KIND[k] for k in kinds)
+        if sparse:
+            rows, cols = rest[-2][:, 0].astype(np.int64), rest[-2][:, 1].astype(np.int64)
         for ci, (kind, index, start, stop) in enumerate(class_slices(kinds, sizes)):
             class_args = rest[index : index + INPUTS_PER_KIND[kind]]
             if kind == "fp16":  # the rows as stored, outliers included (as the per-class path stores them)
@@ -522,40 +553,13 @@ class Emitter:
                 arrays = (class_args[0], class_args[1])
             classes.append(MixedClass(kind, bits[ci], start, stop, arrays))
             if sparse:
-                rows, cols = rest[-2][:, 0].astype(np.int64), rest[-2][:, 1].astype(np.int64)
                 sel = (rows >= start) & (rows < stop)
-                if sel.any():
-                    r, c = rows[sel], cols[sel]
-                    deq = self._deq_at(kind, class_args, group, r - start, c)
-                    corrections.append((r, c, rest[-1][sel].astype(np.float32) - deq))
-        layout = pack_mixed(classes, group, n)
-        tags = []
-        for kind, width in {(c.kind, 16 if c.kind == "fp16" else kernel_width(c.bits)) for c in classes}:
-            tags.append((kind, width))
-        order = ("uniform", "codebook", "fp16")
-        tags.sort(key=lambda t: (order.index(t[0]), t[1]))
-        names = [{"uniform": f"w{w}", "codebook": f"lut{w}", "fp16": "f16"}[kd] for kd, w in tags]
-        has_sp = bool(corrections)
-        name = self.kernel("wq-mixed", 0, group if "uniform" in kinds else None, has_sp, bias is not None, act, serves,
-                           classes=names, kinds_mask=layout.kinds_mask)
-        src = node.name
-        args = [xp] + [self.weight(f"{hint}.{part}", getattr(layout, part), "raw", src)
-                       for part in ("words", "tiles", "seg")]
-        if layout.scale is not None:
-            args += [self.weight(f"{hint}.scale", layout.scale, "raw", src),
-                     self.weight(f"{hint}.zero", layout.zero, "raw", src)]
-        if layout.lut is not None:
-            args.append(self.weight(f"{hint}.lut", layout.lut, "raw", src))
-        if layout.dense is not None:
-            args.append(self.weight(f"{hint}.dense", layout.dense, "float", src))
-        if has_sp:
-            r, c, v = (np.concatenate(parts) for parts in zip(*corrections))
-            csc = _csc(r, c, v, int(sum(sizes)), n)
-            args.append("(" + ", ".join(self.weight(f"{hint}.sp_{part}", a, "raw", src) for part, a in
-                                         (("colptr", csc.col_ptr), ("rows", csc.row_idx), ("vals", csc.values))) + ")")
-        if bias is not None:
-            args.append(self.weight(f"{hint}.bias", bias.astype(np.float32), "raw", src))
-        self.emit(f"        {out} = K.{name}({', '.join(args)})")
+                r, c = rows[sel], cols[sel]
+                deq = self._deq_at(kind, class_args, group, r - start, c)
+                parts.append((r, c, rest[-1][sel].astype(np.float32) - deq))
+        if not any(p[0].size for p in parts):
+            return classes, None
+        return classes, tuple(np.concatenate(p) for p in zip(*parts))
 
     @staticmethod
     def _deq_at(kind: str, class_args: list, group: int, r: np.ndarray, c: np.ndarray) -> np.ndarray:
