@@ -10,6 +10,10 @@ For layers K x N in {4096 x 4096, 8192 x 8192} and M in {1, 16, 64, 256} it time
             with 0.5 % fp16 outlier corrections (CSC) added in the same launch; both table lookups
             (select tree, gather) are timed and the faster is the headline;
   w3a16+sp  uniform 3-bit g128 with the same outliers (the uniform alternative at that size);
+  mixed2+4  a real mixed layer of 3.25 code bits: 3/8 of the rows 2-bit, 5/8 4-bit (uniform, g128),
+            0.5 % fp16 outliers, as ``qc_gemm_mixed_a16`` (one launch, one accumulator) and as the
+            per-class path (``qc_gemm_w2a16_g128`` + ``qc_gemm_w4a16_g128``, outliers split by
+            class, summed in torch: ``mixed2+4_per_class``);
   w8a8      ``qc_gemm_w8a8`` on int8 X (per-token scale, quantised beforehand) and int8 W^T, fp16 out;
             also timed with the activation quantisation kernel in front (``w8a8+quant``).
 Timing (after autotuning): a CUDA graph that calls the layer once per copy of its weights, with
@@ -106,6 +110,65 @@ def make_sparse_t(k, n, fraction, gen, device):
     dense = torch.zeros((k, n), dtype=torch.float32, device=device)
     dense[rows, cols] = vals.float()
     return (col_ptr.to(torch.int32), ridx, vals), dense, nnz
+
+
+def mixed_layer(ref, k, n, seed):
+    """The mixed2+4 layer in NumPy: classes, the one-launch layout (``reference.pack_mixed``), the
+    layer's outliers (CSC) and each class's share of them (rows relative to the class)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    k2 = (k * 3 // 8) // 128 * 128
+    classes, row = [], 0
+    for bits, rows in ((2, k2), (4, k - k2)):
+        g = -(-rows // 128)
+        arrays = (rng.integers(0, 1 << bits, (rows, n), dtype=np.uint8),
+                  (rng.random((g, n), dtype=np.float32) * 0.01 + 0.002).astype(np.float16),
+                  rng.integers(0, 1 << bits, (g, n)).astype(np.float16))
+        classes.append(ref.MixedClass("uniform", bits, row, row + rows, arrays))
+        row += rows
+    layout = ref.pack_mixed(classes, 128, n)
+    flat = rng.choice(k * n, int(round(OUTLIER_FRACTION * k * n)), replace=False)
+    rows, cols = flat // n, flat % n
+    vals = (rng.standard_normal(flat.size) * 0.05).astype(np.float32)
+    per_class = []
+    for c in classes:
+        sel = (rows >= c.start) & (rows < c.stop)
+        per_class.append(ref._csc(rows[sel] - c.start, cols[sel], vals[sel], c.stop - c.start, n))
+    return classes, layout, ref._csc(rows, cols, vals, k, n), per_class
+
+
+def mixed_weight_sets(layout, sparse, per_class, torch, device):
+    """Device tensors: (words, tiles, seg, scale, zero, *sparse) for the one launch and (packed, scale,
+    zero, *sparse) per class for the per-class path (its packed codes are slices of the same words)."""
+    def t(a):
+        return torch.from_numpy(a).to(device)
+
+    def sp(s):
+        return (t(s.col_ptr), t(s.row_idx), t(s.values))
+
+    one = (t(layout.words), t(layout.tiles), t(layout.seg), t(layout.scale), t(layout.zero), *sp(sparse))
+    seg, tiles = layout.seg, layout.tiles
+    parts = []
+    for j, s in zip((0, 2), per_class):  # MIXED_KINDS: 0 = uniform 2-bit, 2 = uniform 4-bit
+        lo, hi = int(seg[j]), int(seg[j + 1])
+        g0 = int(tiles[lo, 2])
+        g1 = g0 + -(-(int(tiles[lo, 1]) - int(tiles[lo, 0])) // 128)
+        parts += [t(layout.words[lo * R: hi * R]), t(layout.scale[g0:g1]), t(layout.zero[g0:g1]), *sp(s)]
+    return one, tuple(parts)
+
+
+def mixed_calls(qk, x, k2, kinds):
+    """(one launch, per class) callables of a weight set each, as ``run`` below takes them."""
+    def one(w):
+        return lambda: qk.qc_gemm_mixed_a16(x, w[0], w[1], w[2], kinds=kinds, group=128, scale=w[3], zero=w[4],
+                                            sparse=w[5:8])
+
+    def per_class(w):
+        return lambda: (qk.qc_gemm_w2a16_g128(x[:, :k2], w[0], w[1], w[2], sparse=w[3:6])
+                        + qk.qc_gemm_w4a16_g128(x[:, k2:], w[6], w[7], w[8], sparse=w[9:12]))
+
+    return one, per_class
 
 
 def nbytes(*ts):
@@ -278,6 +341,8 @@ def main(argv=None) -> int:
         print("triton_gemm: no CUDA device; this benchmark times GPU kernels (the kernels' CPU tests are "
               "tests/triton, run with TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
+    import numpy as np
+
     qk = _load("qc_triton_kernels", ROOT / "codegen" / "triton" / "kernels.py")
     ref = _load("qc_triton_reference", ROOT / "codegen" / "triton" / "reference.py")
     import torch.nn.functional as F
@@ -338,7 +403,7 @@ def main(argv=None) -> int:
     gen.manual_seed(0)
 
     def best_cfg(kind, m):
-        path = ("gemv" if m == 1 else "decode" if m <= 16 else "prefill") if kind == "wq" else \
+        path = ("gemv" if m == 1 else "decode" if m <= 16 else "prefill") if kind in ("wq", "mixed") else \
             ("decode" if m <= 16 else "prefill")
         tuner = qk._tuned(kind, path)
         cfg = getattr(tuner, "best_config", None)
@@ -397,6 +462,12 @@ def main(argv=None) -> int:
         z3 = torch.randint(2, 6, (k // 128, n), device=dev, generator=gen).half()
         deq3 = (q3.float() - z3.float().repeat_interleave(128, 0)) * s3.float().repeat_interleave(128, 0) + sp_dense
         del q3, sp_dense
+        # mixed2+4 (NumPy-built layout, the same words for both paths)
+        m_classes, m_layout, m_sp, m_per_class = mixed_layer(ref, k, n, seed=k + n)
+        m_one, m_parts = mixed_weight_sets(m_layout, m_sp, m_per_class, torch, dev)
+        m_k2 = m_classes[0].stop
+        deqm = torch.from_numpy(np.concatenate([c.dequantize(128) for c in m_classes]) + m_sp.to_dense()).to(dev)
+        del m_classes, m_layout, m_sp, m_per_class
         # w8a8
         w8_t = torch.randint(-127, 128, (n, k), device=dev, generator=gen, dtype=torch.int8)
         sw8 = (torch.rand(n, device=dev, generator=gen) * 0.001 + 1e-4).float()
@@ -406,6 +477,8 @@ def main(argv=None) -> int:
             "mixed_lut3_sp": copies_of((p3, lut3) + tuple(sp)),
             "w3a16_g128_sp": copies_of((p3, s3, z3) + tuple(sp)),
             "w8a8": copies_of((w8_t, sw8)),
+            "mixed2+4": copies_of(m_one),
+            "mixed2+4_per_class": copies_of(m_parts),
         }
         wbytes = {"bf16": nbytes(w_bf)}
         wbytes.update({key: nbytes(*v[0]) for key, v in sets.items()})
@@ -470,6 +543,9 @@ def main(argv=None) -> int:
                 sets["w3a16_g128_sp"], lambda: xd @ deq3.double(), "wq")
             ref8 = lambda: (xq.double() @ w8_t.double().t()) * sx.double()[:, None] * sw8.double()[None, :]  # noqa: E731
             run("w8a8", lambda w: (lambda: qk.qc_gemm_w8a8(xq, sx, *w)), sets["w8a8"], ref8, "w8a8", tol=2e-3)
+            one_call, per_class_call = mixed_calls(qk, x, m_k2, qk.mixed_kinds_mask([("uniform", 2), ("uniform", 4)]))
+            run("mixed2+4", one_call, sets["mixed2+4"], lambda: xd @ deqm.double(), "mixed")
+            run("mixed2+4_per_class", per_class_call, sets["mixed2+4_per_class"], lambda: xd @ deqm.double(), "wq")
 
             def quant_then_gemm(w):
                 def f():
@@ -492,11 +568,12 @@ def main(argv=None) -> int:
                               "w8a8": ((xq, sx), sets["w8a8"])}
                 report["diagnostics"] = diagnostics(qk, diag_cases, graph_time, log)
                 save()
-        del w_bf, bf_sets, sets, p4, s4, z4, deq4, p3, lut3, sp, deq_cb, s3, z3, deq3, w8_t, sw8
+        del w_bf, bf_sets, sets, p4, s4, z4, deq4, p3, lut3, sp, deq_cb, s3, z3, deq3, w8_t, sw8, m_one, m_parts, deqm
         torch.cuda.empty_cache()
 
     # final table
-    labels = ["bf16", "w4a16_g128", "mixed_lut3_sp", "w3a16_g128_sp", "w8a8", "w8a8+quant"]
+    labels = ["bf16", "w4a16_g128", "mixed_lut3_sp", "w3a16_g128_sp", "mixed2+4", "mixed2+4_per_class", "w8a8",
+              "w8a8+quant"]
     log("\n" + f"{'K x N':>11} {'M':>4} | " + " | ".join(f"{lab:>24}" for lab in labels))
     log(f"{'':>11} {'':>4} | " + " | ".join(f"{'us  speedup  GB/s':>24}" for _ in labels))
     for row in report["rows"]:
@@ -517,10 +594,13 @@ def main(argv=None) -> int:
             tgt["w4a16_M1_8192_speedup"] = row["results"]["w4a16_g128"]["speedup_vs_bf16"]
         if row["K"] == 8192 and row["M"] == 1 and "ms" in row["results"].get("mixed_lut3_sp", {}):
             tgt["mixed_M1_8192_speedup"] = row["results"]["mixed_lut3_sp"]["speedup_vs_bf16"]
+        if row["K"] == 8192 and row["M"] == 1 and "ms" in row["results"].get("mixed2+4", {}):
+            tgt["mixed2+4_M1_8192_speedup"] = row["results"]["mixed2+4"]["speedup_vs_bf16"]
         if row["M"] == 256 and "ms" in row["results"].get("w8a8", {}):
             tgt[f"w8a8_M256_{row['K']}_speedup"] = row["results"]["w8a8"]["speedup_vs_bf16"]
     report["targets"] = {"w4a16_M1_8192 >= 3.0": tgt.get("w4a16_M1_8192_speedup"),
                          "mixed_M1_8192 >= 3.3": tgt.get("mixed_M1_8192_speedup"),
+                         "mixed2+4_M1_8192 >= 3.3": tgt.get("mixed2+4_M1_8192_speedup"),
                          "w8a8_M256 >= 1.5": {key: v for key, v in tgt.items() if key.startswith("w8a8")}}
     log("targets: " + json.dumps(report["targets"]))
     all_ok = all(v.get("ok", True) for row in report["rows"] for v in row["results"].values() if "ms" in v)

@@ -5,7 +5,8 @@
     DIR/kernels.py           the Triton kernel library (codegen/triton/kernels.py, verbatim) and one
                              specialised entry point per distinct linear configuration of this graph,
                              named after what it does (qc_gemm_w4a16_g128_bias_gelu, qc_gemm_w8a8_bias,
-                             ...), each headed by a comment naming the IR nodes it serves
+                             qc_gemm_mixed_w2_w4_f16_a16_g128_sparse, ...), each headed by a comment
+                             naming the IR nodes it serves
     DIR/model.py             ONNX operators in torch (codegen/triton/runtime.py, verbatim), a reader of
                              safetensors files, and the graph as one `forward` function: quantized
                              linears call kernels.py, everything else torch (extern-kernel style)
@@ -19,10 +20,13 @@ Linears, found in the IR this backend receives:
     qc.QLinear (made by `fuse`)                   -> its kernel, epilogue (bias, activation) included
     MatMul(qc.QuantizeActivation(X), qc.DequantizeWeight(Q, s)) -> int8 W8A8 kernel
     MatMul(X, qc.DequantizeWeight(Q, s))          -> weight-only 8-bit kernel
-    qc.MixedMatMul(X, perm, classes...)           -> one weight-only launch per bit class (uniform or
-                                                     codebook; sparse fp16 outliers fused into the
-                                                     launch of the class their row lies in), fp16
-                                                     classes as torch matmuls, summed
+    qc.MixedMatMul(X, perm, classes...)           -> several classes: one launch of the mixed kernel
+                                                     (every class's K tiles, fp16 rows and sparse
+                                                     outliers into one accumulator; Emitter.one_launch
+                                                     says when); one class, or uniform groups not a
+                                                     multiple of 32 rows: one weight-only launch per
+                                                     class (outliers in the launch of their class),
+                                                     fp16 classes as torch matmuls, summed
 A bias Add and an activation (Relu, Gelu, SiLU as x * Sigmoid(x)) that read nothing but the linear's
 output are fused into the kernel's epilogue when the linear is one launch.
 
@@ -159,6 +163,8 @@ class Kernel:
     bias: bool = False
     act: str = "none"
     serves: list[str] = dataclasses.field(default_factory=list)
+    classes: list[str] = dataclasses.field(default_factory=list)  # wq-mixed: the tile kinds, e.g. ["w2", "w4", "f16"]
+    kinds_mask: int = 0  # wq-mixed: the kernel's KINDS constexpr
 
 
 class Emitter:
@@ -254,15 +260,18 @@ class Emitter:
         return out, bias, act, taken
 
     def kernel(self, family: str, bits: int, group: int | None, sparse: bool, bias: bool, act: str,
-               serves: list[ir.Node]) -> str:
+               serves: list[ir.Node], classes: list[str] | None = None, kinds_mask: int = 0) -> str:
         if family == "w8a8":
             name = "qc_gemm_w8a8"
+        elif family == "wq-mixed":
+            name = "qc_gemm_mixed_" + "_".join(classes) + "_a16" + ("" if group is None else f"_g{group}")
         elif family == "wq-uniform":
             name = f"qc_gemm_w{bits}a16_g{group}"
         else:
             name = f"qc_gemm_lut{bits}a16"
         name += ("_sparse" if sparse else "") + ("_bias" if bias else "") + ("" if act == "none" else f"_{act}")
-        k = self.kernels.setdefault(name, Kernel(name, family, bits, group, sparse, bias, act))
+        k = self.kernels.setdefault(name, Kernel(name, family, bits, group, sparse, bias, act,
+                                                 classes=list(classes or []), kinds_mask=kinds_mask))
         k.serves.extend(f"{n.name} ({(n.domain + '.') if n.domain else ''}{n.op_type})" for n in serves)
         return name
 
@@ -424,6 +433,9 @@ class Emitter:
         xp = self.values.get(("xp", id(node)), f"{hint}_xperm")
         # X's channels in stored order, once; each class reads a contiguous column range of it
         self.emit(f"        {xp} = {xexpr}.index_select(-1, {self.weight(f'{hint}.perm', perm, 'raw', node.name)})")
+        if self.one_launch(kinds, group):
+            self.mixed_one_launch(node, xp, rest, kinds, bits, sizes, group, w_perm, serves, out, bias, act)
+            return True
         for ci, (kind, index, start, stop) in enumerate(class_slices(kinds, sizes)):
             b = bits[ci]
             term = self.values.get(("term", id(node), ci), f"{hint}_c{ci}")
@@ -480,6 +492,74 @@ class Emitter:
                   "silu": "torch.nn.functional.silu({})"}[act]
             self.emit(f"        {out} = " + fn.format(out))
         return True
+
+    @staticmethod
+    def one_launch(kinds: list[str], group: int) -> bool:
+        """Whether a mixed layer runs as one launch of the mixed kernel: more than one class, at least
+        one quantized, and uniform groups that the kernel's 32-row chunks do not straddle. (A layer of
+        one quantized class keeps the more specialised single-class kernel.)"""
+        return len(kinds) > 1 and any(k != "fp16" for k in kinds) and \
+            (group % PACK_ROWS == 0 or "uniform" not in kinds)
+
+    def mixed_one_launch(self, node: ir.Node, xp: str, rest: list, kinds: list[str], bits: list[int],
+                         sizes: list[int], group: int, w_perm: np.ndarray, serves: list[ir.Node], out: str, bias,
+                         act: str) -> None:
+        """Every class, the sparse outliers and the epilogue in one launch of the mixed kernel."""
+        from qcompiler.codegen.triton.reference import MIXED_KINDS, _csc, pack_mixed
+
+        hint, src = node.name or "mixed", node.name
+        n = w_perm.shape[1]
+        classes, corrections = self._mixed_classes(rest, kinds, bits, sizes, group, w_perm)
+        layout = pack_mixed(classes, group, n)
+        tags = [{"uniform": f"w{w}", "codebook": f"lut{w}", "fp16": "f16"}[kind]
+                for j, (kind, w) in enumerate(MIXED_KINDS) if layout.kinds_mask >> j & 1]
+        name = self.kernel("wq-mixed", 0, group if "uniform" in kinds else None, corrections is not None,
+                           bias is not None, act, serves, classes=tags, kinds_mask=layout.kinds_mask)
+        args = [xp] + [self.weight(f"{hint}.{part}", getattr(layout, part), "raw", src)
+                       for part in ("words", "tiles", "seg")]
+        if layout.scale is not None:
+            args += [self.weight(f"{hint}.scale", layout.scale, "raw", src),
+                     self.weight(f"{hint}.zero", layout.zero, "raw", src)]
+        if layout.lut is not None:
+            args.append(self.weight(f"{hint}.lut", layout.lut, "raw", src))
+        if layout.dense is not None:
+            args.append(self.weight(f"{hint}.dense", layout.dense, "float", src))
+        if corrections is not None:
+            csc = _csc(*corrections, int(sum(sizes)), n)
+            args.append("(" + ", ".join(self.weight(f"{hint}.sp_{part}", a, "raw", src) for part, a in
+                                         (("colptr", csc.col_ptr), ("rows", csc.row_idx), ("vals", csc.values))) + ")")
+        if bias is not None:
+            args.append(self.weight(f"{hint}.bias", bias.astype(np.float32), "raw", src))
+        self.emit(f"        {out} = K.{name}({', '.join(args)})")
+
+    def _mixed_classes(self, rest: list, kinds: list[str], bits: list[int], sizes: list[int], group: int,
+                       w_perm: np.ndarray) -> tuple[list, tuple | None]:
+        """The classes for `reference.pack_mixed` and the outlier corrections (rows, columns, value
+        minus the dequantized code) of the quantized classes' rows; fp16 rows keep their outliers."""
+        from qcompiler.codegen.triton.reference import MixedClass
+
+        classes, parts = [], []
+        sparse = len(rest) > sum(INPUTS_PER_KIND[k] for k in kinds)
+        if sparse:
+            rows, cols = rest[-2][:, 0].astype(np.int64), rest[-2][:, 1].astype(np.int64)
+        for ci, (kind, index, start, stop) in enumerate(class_slices(kinds, sizes)):
+            class_args = rest[index : index + INPUTS_PER_KIND[kind]]
+            if kind == "fp16":  # the rows as stored, outliers included (as the per-class path stores them)
+                classes.append(MixedClass(kind, bits[ci], start, stop, (w_perm[start:stop],)))
+                continue
+            if kind == "uniform":
+                arrays = (class_args[0], class_args[1].astype(np.float16), class_args[2].astype(np.float16))
+            else:
+                arrays = (class_args[0], class_args[1])
+            classes.append(MixedClass(kind, bits[ci], start, stop, arrays))
+            if sparse:
+                sel = (rows >= start) & (rows < stop)
+                r, c = rows[sel], cols[sel]
+                deq = self._deq_at(kind, class_args, group, r - start, c)
+                parts.append((r, c, rest[-1][sel].astype(np.float32) - deq))
+        if not any(p[0].size for p in parts):
+            return classes, None
+        return classes, tuple(np.concatenate(p) for p in zip(*parts))
 
     @staticmethod
     def _deq_at(kind: str, class_args: list, group: int, r: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -682,7 +762,7 @@ def _kernels_source(kernels: dict[str, Kernel]) -> str:
     parts = [lib, "\n\n# " + "=" * 96 + "\n# Specialised entry points of this model: one per distinct configuration. Each fixes every\n"
              "# constexpr of its kernel (code width, group, table, outliers, bias, activation), so Triton\n"
              "# compiles one variant per entry; M picks the decode (M <= 16) or prefill configurations.\n\n"
-             "_generic_wq_a16 = qc_gemm_wq_a16\n_generic_w8a8 = qc_gemm_w8a8\n"
+             "_generic_wq_a16 = qc_gemm_wq_a16\n_generic_w8a8 = qc_gemm_w8a8\n_generic_mixed_a16 = qc_gemm_mixed_a16\n"
              "# A model has many distinct shapes (every bit class of every layer has its own K): tuning each\n"
              "# on first use takes minutes, so a package uses each path's first configuration unless\n"
              "# QC_TRITON_AUTOTUNE=1 is set.\n"
@@ -691,7 +771,9 @@ def _kernels_source(kernels: dict[str, Kernel]) -> str:
         k = kernels[name]
         parts.append("\n\n# " + "-" * 96 + f"\n# {name}\n# serves {len(k.serves)} IR node(s):\n")
         parts.extend(f"#   {_comment(s, 96)}\n" for s in k.serves)
-        if k.family == "w8a8":
+        if k.family == "wq-mixed":
+            sig, body, doc = _mixed_entry(k)
+        elif k.family == "w8a8":
             sig = "xq, sx, wq_t, sw" + (", bias" if k.bias else "") + ", out_dtype=torch.float32"
             body = (f"    lead = xq.shape[:-1]\n"
                     f"    y = _generic_w8a8(xq.reshape(-1, xq.shape[-1]), sx.reshape(-1), wq_t, sw, "
@@ -714,6 +796,23 @@ def _kernels_source(kernels: dict[str, Kernel]) -> str:
             doc += (", sparse fp16 outliers" if k.sparse else "") + (", bias" if k.bias else "") + f", {k.act} epilogue"
         parts.append(f"def {name}({sig}):\n    \"\"\"{doc}.\"\"\"\n{body}")
     return "".join(parts)
+
+
+def _mixed_entry(k: Kernel) -> tuple[str, str, str]:
+    """Signature, body and docstring of a mixed layer's one-launch entry point."""
+    uniform = any(c.startswith("w") for c in k.classes)
+    codebook = any(c.startswith("lut") for c in k.classes)
+    dense = "f16" in k.classes
+    params = ["x", "words", "tiles", "seg"] + (["scale", "zero"] if uniform else []) + (["lut"] if codebook else []) \
+        + (["dense"] if dense else []) + (["sparse"] if k.sparse else []) + (["bias"] if k.bias else [])
+    body = (f"    return _generic_mixed_a16(x, words, tiles, seg, kinds={k.kinds_mask}, group={k.group or PACK_ROWS}, "
+            f"scale={'scale' if uniform else 'None'}, zero={'zero' if uniform else 'None'}, "
+            f"lut={'lut' if codebook else 'None'}, dense={'dense' if dense else 'None'}, "
+            f"bias={'bias' if k.bias else 'None'}, act={k.act!r}, sparse={'sparse' if k.sparse else 'None'})\n")
+    doc = (f"a mixed layer in one launch, tiles of {', '.join(k.classes)}"
+           + (f", groups of {k.group} rows" if uniform else "") + (", sparse fp16 outliers" if k.sparse else "")
+           + (", bias" if k.bias else "") + f", {k.act} epilogue")
+    return ", ".join(params), body, doc
 
 
 _MODEL_HEAD = '''"""The compiled graph, run with torch operators; quantized linears call kernels.py.
@@ -1030,7 +1129,8 @@ def emit(model: ir.Model, directory: Path, manifest: dict[str, Any]) -> list[Pat
         "inputs": _interface(model.graph.inputs),
         "outputs": _interface(model.graph.outputs),
         "kernels": {k.name: {"family": k.family, "bits": k.bits, "group": k.group, "sparse": k.sparse, "bias": k.bias,
-                             "act": k.act, "serves": k.serves} for k in sorted(em.kernels.values(), key=lambda k: k.name)},
+                             "act": k.act, "serves": k.serves, **({"classes": k.classes} if k.classes else {})}
+                    for k in sorted(em.kernels.values(), key=lambda k: k.name)},
         "tensors": weights,
         "weights_file_bytes": len(blob),
         **_weight_bytes(em, manifest.get("source", {}).get("weights")),

@@ -22,6 +22,14 @@ Kernels
     Paths (``USE_DOT``): tensor-core tiles (``tl.dot`` on the dequantised tile, cast to X's dtype)
     for prefill and small-M decode, or a GEMV path for M == 1 (fp32 FMAs into a [32, BN] register
     accumulator, one cross-thread reduction at the end).
+``qc_gemm_mixed_a16_kernel``
+    A mixed-precision layer (``qc.MixedMatMul``) in one launch with one fp32 accumulator: the K
+    tiles of all its classes (uniform 2/3/4/8-bit groups, per-column codebooks of 2/3/4/8 bits,
+    fp16 rows) are sorted by kind, and each program walks its contiguous share of them kind by kind
+    (a loop per kind present, each specialised on its width: no per-tile branch); a per-tile table
+    gives the X rows a tile multiplies and where its scales, table or fp16 rows start (layout:
+    ``reference.MixedLayout``).  Sparse outliers of the whole layer, split-K and the epilogue as in
+    the weight-only kernel.
 ``qc_gemm_w8a8_kernel``
     int8 X (per-token fp32 scale) times int8 W^T ``[N, K]`` (per-output-channel fp32 scale), int32
     ``tl.dot`` accumulation, scales, bias and activation in the epilogue, fp16/bf16 out.
@@ -42,7 +50,7 @@ graphs, cold L2: eager timing of a decode kernel measures Python launch overhead
 autotuning is off and one small fixed configuration per path is used (or the caller's ``config``).
 
 Named entry points: ``qc_gemm_w{b}a16_g{g}`` (b in 2, 3, 4, 8; g in 32, 64, 128),
-``qc_gemm_lut{b}a16`` and ``qc_gemm_lut{b}a16_g{g}``, ``qc_gemm_w8a8``,
+``qc_gemm_lut{b}a16`` and ``qc_gemm_lut{b}a16_g{g}``, ``qc_gemm_mixed_a16``, ``qc_gemm_w8a8``,
 ``qc_quantize_per_token_int8``; generic ``qc_gemm_wq_a16`` takes every option.
 """
 
@@ -77,6 +85,7 @@ def autotuning() -> bool:
 
 
 def _first_config(kernel_name: str, path: str) -> dict:
+    kernel_name = "wq" if kernel_name == "mixed" else kernel_name  # the mixed kernel shares the wq configurations
     src = {("wq", "gemv"): WQ_GEMV_CONFIGS, ("wq", "decode"): WQ_DECODE_CONFIGS,
            ("wq", "prefill"): WQ_PREFILL_CONFIGS, ("w8a8", "decode"): W8_DECODE_CONFIGS,
            ("w8a8", "prefill"): W8_PREFILL_CONFIGS}[(kernel_name, path)][0]
@@ -381,6 +390,168 @@ def qc_gemm_wq_a16_kernel(
 
 
 # ================================================================================================
+# one launch per mixed-precision layer (classes of different widths laid out along K)
+
+MIXED_KINDS = (("uniform", 2), ("uniform", 3), ("uniform", 4), ("uniform", 8), ("codebook", 2), ("codebook", 3),
+               ("codebook", 4), ("codebook", 8), ("fp16", 16))
+TILE_FIELDS = 4  # per K tile: first X row, end of its class's X rows, metadata base, row within its class
+
+
+@triton.jit
+def _mixed_segment(acc, x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, d_ptr, tab_ptr, pid_m, offs_m, offs_n, m_mask,
+                   n_mask, lo, hi, N, stride_xm, GROUP: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr,
+                   DOT_F32: tl.constexpr, USE_DOT: tl.constexpr):
+    """Accumulate K tiles lo .. hi (all of one kind: KIND 0 uniform, 1 codebook, 2 fp16 rows; BITS wide)
+    into acc ([BM, BN] with USE_DOT, else the GEMV's [32, BN]).  A tile is 32 words (or 32 fp16 rows)
+    of its class; the tile table gives, per tile: the first row of X it multiplies, the end of its
+    class's rows in X (rows past it are padding and read X as 0), the base of its metadata (uniform:
+    the class's first scale/zero row; codebook: the class's table offset; fp16: the tile's first row
+    in the fp16 block) and its first row within its class (uniform: picks the scale group)."""
+    R: tl.constexpr = 32  # PACK_ROWS
+    C: tl.constexpr = 1 if KIND == 2 else (10 if BITS == 3 else 32 // BITS)
+    NT: tl.constexpr = 1 << (BITS if KIND != 2 else 1)
+    CMASK: tl.constexpr = (NT - 1) << (23 - BITS) if KIND == 0 else 0
+    offs_r = tl.arange(0, R)
+    w_tile = offs_r[:, None] * N + offs_n[None, :]
+    for t in range(lo, hi):
+        x0 = tl.load(tab_ptr + t * 4)
+        x_end = tl.load(tab_ptr + t * 4 + 1)
+        base = tl.load(tab_ptr + t * 4 + 2)
+        row0 = tl.load(tab_ptr + t * 4 + 3)
+        if KIND != 2:
+            words = tl.load(w_ptr + t * (R * N) + w_tile, mask=n_mask[None, :], other=0)
+        for i in tl.static_range(C):
+            if KIND == 0:
+                # a chunk past its class's end (padding) reads no group: its weights are 0
+                grp = base + (row0 + i * R) // GROUP
+                g_mask = n_mask & ((offs_n * 0 + x0 + i * R) < x_end)
+                s = tl.load(s_ptr + grp * N + offs_n, mask=g_mask, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + grp * N + offs_n, mask=g_mask, other=0.0).to(tl.float32)
+                s_hi = s * NT
+                off = -(s_hi + z * s)
+                if (23 - BITS) - BITS * i >= 0:  # compile-time: move code i to bits 23-b .. 22
+                    bits = words << ((23 - BITS) - BITS * i)
+                else:
+                    bits = words >> (BITS * i - (23 - BITS))
+                f = ((bits & CMASK) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q / 2**b
+                w = f * s_hi[None, :] + off[None, :]  # (q - z) s in one FMA
+            if KIND == 1:
+                code = (words >> (BITS * i)) & (NT - 1)
+                w = tl.load(lut_ptr + base + offs_n[None, :] * NT + code, mask=n_mask[None, :],
+                            other=0.0).to(tl.float32)
+            kk = x0 + i * R + offs_r
+            k_mask = kk < x_end
+            if KIND == 2:
+                w = tl.load(d_ptr + (base + offs_r)[:, None] * N + offs_n[None, :],
+                            mask=k_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+            if USE_DOT:
+                xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                             other=0.0)
+                if DOT_F32:
+                    acc = tl.dot(xa.to(tl.float32), w, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xa, w.to(xa.dtype), acc)
+            else:
+                xv = tl.load(x_ptr + pid_m * stride_xm + kk, mask=k_mask, other=0.0).to(tl.float32)
+                acc += xv[:, None] * w
+    return acc
+
+
+@triton.jit
+def _mixed_kind(acc, x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, d_ptr, tab_ptr, seg_ptr, pid_m, offs_m, offs_n, m_mask,
+                n_mask, t_start, t_end, N, stride_xm, J: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr,
+                KINDS: tl.constexpr, GROUP: tl.constexpr, DOT_F32: tl.constexpr, USE_DOT: tl.constexpr):
+    """This program's share of the tiles of kind J (MIXED_KINDS[J] == (KIND, BITS)): the tiles are
+    sorted by kind, seg[J] .. seg[J + 1] are kind J's; compiled only when bit J of KINDS is set."""
+    if (KINDS >> J) & 1:
+        lo = tl.maximum(tl.load(seg_ptr + J), t_start)
+        hi = tl.minimum(tl.load(seg_ptr + J + 1), t_end)
+        acc = _mixed_segment(acc, x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, d_ptr, tab_ptr, pid_m, offs_m, offs_n, m_mask,
+                             n_mask, lo, hi, N, stride_xm, GROUP, KIND, BITS, DOT_F32, USE_DOT)
+    return acc
+
+
+@triton.jit
+def _mixed_dense(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, d_ptr, tab_ptr, seg_ptr, pid_m, offs_m, offs_n, m_mask, n_mask,
+                 pid_k, N, NUM_TILES, stride_xm, KINDS: tl.constexpr, GROUP: tl.constexpr, DOT_F32: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr):
+    """This program's contiguous share (1 / SPLIT_K) of the layer's K tiles, every kind, fp32 [BM, BN]."""
+    per = tl.cdiv(NUM_TILES, SPLIT_K)
+    t_start = pid_k * per
+    t_end = tl.minimum(t_start + per, NUM_TILES)
+    if USE_DOT:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    else:
+        acc = tl.zeros((32, BN), dtype=tl.float32)
+    acc = _mixed_kind(acc, x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, d_ptr, tab_ptr, seg_ptr, pid_m, offs_m, offs_n,
+                      m_mask, n_mask, t_start, t_end, N, stride_xm, 0, 0, 2, KINDS, GROUP, DOT_F32, USE_DOT)
+    acc = _mixed_kind(acc, x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, d_ptr, tab_ptr, seg_ptr, pid_m, offs_m, offs_n,
+                      m_mask, n_mask, t_start, t_end, N, stride_xm, 1, 0, 3, KINDS, GROUP, DOT_F32, USE_DOT)
+    acc = _mixed_kind(acc, x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, d_ptr, tab_ptr, seg_ptr, pid_m, offs_m, offs_n,
+                      m_mask, n_mask, t_start, t_end, N, stride_xm, 2, 0, 4, KINDS, GROUP, DOT_F32, USE_DOT)
+    acc = _mixed_kind(acc, x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, d_ptr, tab_ptr, seg_ptr, pid_m, offs_m, offs_n,
+                      m_mask, n_mask, t_start, t_end, N, stride_xm, 3, 0, 8, KINDS, GROUP, DOT_F32, USE_DOT)
+    acc = _mixed_kind(acc, x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, d_ptr, tab_ptr, seg_ptr, pid_m, offs_m, offs_n,
+                      m_mask, n_mask, t_start, t_end, N, stride_xm, 4, 1, 2, KINDS, GROUP, DOT_F32, USE_DOT)
+    acc = _mixed_kind(acc, x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, d_ptr, tab_ptr, seg_ptr, pid_m, offs_m, offs_n,
+                      m_mask, n_mask, t_start, t_end, N, stride_xm, 5, 1, 3, KINDS, GROUP, DOT_F32, USE_DOT)
+    acc = _mixed_kind(acc, x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, d_ptr, tab_ptr, seg_ptr, pid_m, offs_m, offs_n,
+                      m_mask, n_mask, t_start, t_end, N, stride_xm, 6, 1, 4, KINDS, GROUP, DOT_F32, USE_DOT)
+    acc = _mixed_kind(acc, x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, d_ptr, tab_ptr, seg_ptr, pid_m, offs_m, offs_n,
+                      m_mask, n_mask, t_start, t_end, N, stride_xm, 7, 1, 8, KINDS, GROUP, DOT_F32, USE_DOT)
+    acc = _mixed_kind(acc, x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, d_ptr, tab_ptr, seg_ptr, pid_m, offs_m, offs_n,
+                      m_mask, n_mask, t_start, t_end, N, stride_xm, 8, 2, 16, KINDS, GROUP, DOT_F32, USE_DOT)
+    if not USE_DOT:
+        acc = tl.sum(acc, axis=0)[None, :]
+    return acc
+
+
+@triton.jit
+def qc_gemm_mixed_a16_kernel(
+    x_ptr, xt_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, d_ptr, tab_ptr, seg_ptr, bias_ptr, sp_colptr, sp_rows, sp_vals,
+    y_ptr, ws_ptr, cnt_ptr,
+    M, N, NUM_TILES, stride_xm, stride_ym,
+    M_BUCKET,  # autotune key only
+    KINDS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SP_SPLITS: tl.constexpr,
+    DOT_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """Grid (output tiles, SPLIT_K + SP_SPLITS): program pid_k < SPLIT_K takes a contiguous share of the
+    layer's K tiles (every class, every width) into one fp32 accumulator; the SP_SPLITS others the
+    sparse outliers; the last to finish reduces and runs the epilogue once."""
+    pid_mn = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    pid_m = pid_mn % num_m
+    pid_n = pid_mn // num_m
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+
+    if SP_SPLITS == 0:
+        acc = _mixed_dense(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, d_ptr, tab_ptr, seg_ptr, pid_m, offs_m, offs_n, m_mask,
+                           n_mask, pid_k, N, NUM_TILES, stride_xm, KINDS, GROUP, DOT_F32, BM, BN, SPLIT_K, USE_DOT)
+    else:
+        if pid_k < SPLIT_K:
+            acc = _mixed_dense(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, d_ptr, tab_ptr, seg_ptr, pid_m, offs_m, offs_n,
+                               m_mask, n_mask, pid_k, N, NUM_TILES, stride_xm, KINDS, GROUP, DOT_F32, BM, BN, SPLIT_K,
+                               USE_DOT)
+        else:
+            acc = _wq_sparse(x_ptr, xt_ptr, sp_colptr, sp_rows, sp_vals, pid_m, offs_m, offs_n, m_mask, n_mask,
+                             pid_k - SPLIT_K, M, stride_xm, BM, BN, SP_SPLITS)
+
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K + SP_SPLITS > 1:
+        acc, last = _splitk_reduce(acc, pid_mn, pid_k, ws_ptr, cnt_ptr, SPLIT_K + SP_SPLITS, BM, BN)
+        out_mask = out_mask & last
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    acc = _act(acc, ACT)
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+# ================================================================================================
 # W8A8
 
 
@@ -499,6 +670,7 @@ W8_INTERP = {"decode": dict(BM=16, BN=32, BK=64, SPLIT_K=2), "prefill": dict(BM=
 _WQ_KEY = ["M_BUCKET", "N", "K", "BITS", "GROUP", "MODE", "LUT_GROUPED", "LUT_IMPL", "HAS_BIAS", "ACT", "SP_SPLITS",
            "EVEN_K", "DOT_F32"]
 _W8_KEY = ["M_BUCKET", "N", "K", "HAS_BIAS", "ACT"]
+_MIXED_KEY = ["M_BUCKET", "N", "NUM_TILES", "KINDS", "GROUP", "HAS_BIAS", "ACT", "SP_SPLITS", "DOT_F32"]
 
 
 _FLUSH: dict = {}
@@ -552,12 +724,13 @@ def bench_kernel_cold(kernel_call, quantiles=None, n: int = 8, reps: int = 5):
 
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel_name: str, path: str):
-    kernel = {"wq": qc_gemm_wq_a16_kernel, "w8a8": qc_gemm_w8a8_kernel}[kernel_name]
+    kernel = {"wq": qc_gemm_wq_a16_kernel, "w8a8": qc_gemm_w8a8_kernel, "mixed": qc_gemm_mixed_a16_kernel}[kernel_name]
+    key = {"wq": _WQ_KEY, "w8a8": _W8_KEY, "mixed": _MIXED_KEY}[kernel_name]
+    kernel_name = "wq" if kernel_name == "mixed" else kernel_name
     configs = {
         ("wq", "gemv"): WQ_GEMV_CONFIGS, ("wq", "decode"): WQ_DECODE_CONFIGS, ("wq", "prefill"): WQ_PREFILL_CONFIGS,
         ("w8a8", "decode"): W8_DECODE_CONFIGS, ("w8a8", "prefill"): W8_PREFILL_CONFIGS,
     }[(kernel_name, path)]
-    key = _WQ_KEY if kernel_name == "wq" else _W8_KEY
     try:
         return triton.autotune(configs=configs, key=key, do_bench=bench_kernel_cold)(kernel)
     except TypeError:  # a triton without custom benchmarkers
@@ -565,6 +738,7 @@ def _tuned(kernel_name: str, path: str):
 
 
 def _configs_for(kernel_name: str, path: str) -> list[dict]:
+    kernel_name = "wq" if kernel_name == "mixed" else kernel_name
     if interpreting():
         return [(WQ_INTERP if kernel_name == "wq" else W8_INTERP)[path]]
     src = {("wq", "gemv"): WQ_GEMV_CONFIGS, ("wq", "decode"): WQ_DECODE_CONFIGS,
@@ -694,6 +868,81 @@ def qc_gemm_wq_a16(x: torch.Tensor, packed: torch.Tensor, *, bits: int, k: int, 
     return y.reshape(*lead, n)
 
 
+def mixed_kinds_mask(kinds) -> int:
+    """The KINDS constexpr of the mixed kernel: bit j set when (kind, width) MIXED_KINDS[j] is present."""
+    mask = 0
+    for kind in kinds:
+        if tuple(kind) not in MIXED_KINDS:
+            raise ValueError(f"no mixed-kernel tiles of kind {tuple(kind)}; expected one of {MIXED_KINDS}")
+        mask |= 1 << MIXED_KINDS.index(tuple(kind))
+    return mask
+
+
+def qc_gemm_mixed_a16(x: torch.Tensor, words: torch.Tensor, tiles: torch.Tensor, seg: torch.Tensor, *, kinds: int,
+                      group: int, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
+                      lut: torch.Tensor | None = None, dense: torch.Tensor | None = None,
+                      bias: torch.Tensor | None = None, act: str = "none",
+                      sparse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                      config: dict | None = None, workspace: Workspace | None = None) -> torch.Tensor:
+    """``act(X W (+ X S) + bias)`` of a mixed-precision layer in one launch, X ``[..., K]`` in the
+    layer's stored channel order.  ``words`` int32 ``[T' * 32, N]`` (packed tile t is rows 32t .. 32t + 31;
+    the fp16 tiles, sorted last, have no words),
+    ``tiles`` int32 ``[T, 4]`` and ``seg`` int32 ``[len(MIXED_KINDS) + 1]`` as made by
+    ``reference.pack_mixed``; ``kinds`` its ``kinds_mask``; ``scale``/``zero`` fp16 ``[G, N]`` (uniform
+    tiles), ``lut`` flat fp16 tables (codebook tiles), ``dense`` float ``[D, N]`` (fp16 tiles)."""
+    if act not in ACT_IDS:
+        raise ValueError(f"unknown activation {act!r}; expected one of {sorted(ACT_IDS)}")
+    if not 0 < kinds < 1 << len(MIXED_KINDS):
+        raise ValueError(f"kinds mask {kinds} names no mixed-kernel kind")
+    n_tiles = tiles.shape[0]
+    if tuple(tiles.shape) != (n_tiles, TILE_FIELDS) or words.shape[0] % PACK_ROWS \
+            or words.shape[0] > n_tiles * PACK_ROWS or seg.numel() != len(MIXED_KINDS) + 1:
+        raise ValueError(f"mixed layout disagrees: words {tuple(words.shape)}, tiles {tuple(tiles.shape)}, "
+                         f"seg {tuple(seg.shape)}; pack it with reference.pack_mixed")
+    for j, (kind, _) in enumerate(MIXED_KINDS):
+        need = {"uniform": (scale, zero), "codebook": (lut,), "fp16": (dense,)}[kind]
+        if (kinds >> j) & 1 and any(a is None for a in need):
+            raise ValueError(f"{kind} tiles need " + {"uniform": "scale and zero", "codebook": "lut",
+                                                      "fp16": "dense"}[kind])
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, n = x2.shape[0], words.shape[1]
+    if m == 0:
+        return x.new_empty((*lead, n))
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    dummy = tiles
+    sp = sparse if sparse is not None else (dummy, dummy, dummy)
+    dot_f32 = (interpreting() and x.dtype == torch.bfloat16) or x.dtype == torch.float32
+    path = _path(m, gemv=True)
+    sp_splits = 0 if sparse is None else (SP_SPLITS_GEMV if m == 1 else SP_SPLITS_TILED)
+    xt = x2.t().contiguous() if sparse is not None and m > 1 else x2
+    if config is None and not interpreting() and not autotuning():
+        config = _first_config("mixed", path)
+    configs = [config] if config is not None else _configs_for("mixed", path)
+    if workspace is None:
+        parts, n_out = _ws_need(configs, m, n, sp_splits)
+        workspace = _workspace(x.device, torch.float32, parts, n_out)
+    args = (x2, xt, words, scale if scale is not None else dummy, zero if zero is not None else dummy,
+            lut if lut is not None else dummy, dense if dense is not None else dummy, tiles, seg,
+            bias if bias is not None else dummy, sp[0], sp[1], sp[2], y, workspace.partials, workspace.counters,
+            m, n, n_tiles, x2.stride(0), y.stride(0), m_bucket(m))
+    consts = dict(KINDS=kinds, GROUP=group, HAS_BIAS=bias is not None, ACT=ACT_IDS[act], SP_SPLITS=sp_splits,
+                  DOT_F32=dot_f32)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), meta["SPLIT_K"] + sp_splits)
+
+    if config is not None or interpreting():
+        cfg = dict(configs[0])
+        qc_gemm_mixed_a16_kernel[grid(cfg)](*args, **consts, **cfg)
+    else:
+        _tuned("mixed", path)[grid](*args, **consts)
+    return y.reshape(*lead, n)
+
+
 def qc_gemm_w8a8(xq: torch.Tensor, sx: torch.Tensor, wq_t: torch.Tensor, sw: torch.Tensor, *,
                  bias: torch.Tensor | None = None, act: str = "none", out_dtype: torch.dtype = torch.float16,
                  config: dict | None = None, workspace: Workspace | None = None) -> torch.Tensor:
@@ -779,7 +1028,8 @@ def _named_codebook(bits: int, group: int | None):
     return fn
 
 
-__all__ = ["qc_gemm_wq_a16", "qc_gemm_w8a8", "qc_quantize_per_token_int8", "qc_gemm_wq_a16_kernel",
+__all__ = ["qc_gemm_wq_a16", "qc_gemm_mixed_a16", "qc_gemm_mixed_a16_kernel", "mixed_kinds_mask", "MIXED_KINDS",
+           "qc_gemm_w8a8", "qc_quantize_per_token_int8", "qc_gemm_wq_a16_kernel",
            "qc_gemm_w8a8_kernel", "qc_quantize_per_token_int8_kernel", "m_bucket", "codes_per_word", "ACT_IDS"]
 for _b in (2, 3, 4, 8):
     _f = _named_codebook(_b, None)

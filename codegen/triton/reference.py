@@ -33,6 +33,9 @@ W8A8: ``Y = (Xq Wq^T) * sx[:, None] * sw[None, :]`` with ``Xq`` int8 ``[M, K]`` 
 scale ``sx [M]``, ``Wq`` int8 stored transposed ``[N, K]`` (K contiguous, the layout int8 tensor-core
 instructions want) with a per-output-channel fp32 scale ``sw [N]``, int32 accumulation.
 
+Mixed layers (one launch per layer): the classes' K tiles sorted by kind with a per-tile table,
+see :class:`MixedLayout` and :func:`pack_mixed`.
+
 Epilogue activations: ``none``, ``relu``, ``gelu`` (exact, erf; torch's default), ``gelu_tanh``
 (the tanh approximation, written as ``x * sigmoid(2u)``), ``silu``.
 """
@@ -367,6 +370,128 @@ def ref_gemm_w8a8(xq: np.ndarray, sx: np.ndarray, wq_t: np.ndarray, sw: np.ndarr
     if bias is not None:
         y = y + np.asarray(bias, np.float64)[None, :]
     return apply_act(y, act)
+
+
+# ----------------------------------------------------------------------------------------------
+# mixed-precision layers: every class in one launch
+
+
+MIXED_KINDS = (("uniform", 2), ("uniform", 3), ("uniform", 4), ("uniform", 8), ("codebook", 2), ("codebook", 3),
+               ("codebook", 4), ("codebook", 8), ("fp16", 16))
+
+
+def kernel_width(bits: int) -> int:
+    """The narrowest kernel code width holding ``bits``-bit codes (1 -> 2, 5..7 -> 8)."""
+    for b in BITS:
+        if b >= bits:
+            return b
+    raise ValueError(f"no kernel code width holds {bits}-bit codes; widths: {BITS}")
+
+
+@dataclass
+class MixedClass:
+    """One class of a mixed layer: rows ``start .. stop`` of X (in stored order) times
+    ``uniform``: codes [K_c, N], scale and zero [ceil(K_c / group), N]; ``codebook``: codes and a
+    table [N, 2**bits]; ``fp16``: the rows themselves [K_c, N]."""
+
+    kind: str
+    bits: int
+    start: int
+    stop: int
+    arrays: tuple
+
+    def dequantize(self, group: int) -> np.ndarray:
+        if self.kind == "uniform":
+            codes, scale, zero = self.arrays
+            return dequantize_uniform(np.asarray(codes), scale, zero, group)
+        if self.kind == "codebook":
+            codes, table = self.arrays
+            return np.asarray(table, np.float32)[np.arange(codes.shape[1])[None, :], np.asarray(codes, np.int64)]
+        return np.asarray(self.arrays[0], np.float32)
+
+
+@dataclass
+class MixedLayout:
+    """A mixed layer in the one-launch kernel's layout (``kernels.qc_gemm_mixed_a16``).
+
+    The K tiles of every class, sorted by kind (``MIXED_KINDS`` order, then class order): a tile is
+    32 rows of packed words (``T = codes_per_word(b) * 32`` rows of K) or, for fp16 classes, 32 rows.
+    ``words`` int32 [packed tiles * 32, N] (tile t at rows 32t ..; fp16 tiles, last, have none), ``tiles``
+    int32 [tiles, 4] = (first X row, end of the class's X rows, metadata base, first row within the
+    class), ``seg`` int32 [len(MIXED_KINDS) + 1] (kind j's tiles are seg[j] .. seg[j + 1]),
+    ``scale``/``zero`` fp16 [G, N] (each uniform class's groups; base = the class's first group row),
+    ``lut`` fp16 flat (each codebook class's [N, 2**kb] table; base = its offset), ``dense`` fp16
+    [D, N] (each fp16 class's rows; base = the tile's first row).  Nothing is stored for the padding
+    rows past a class's end: the kernel masks X there, and the scales, zeros and fp16 rows of a
+    32-row chunk that lies wholly past it."""
+
+    words: np.ndarray
+    tiles: np.ndarray
+    seg: np.ndarray
+    scale: np.ndarray | None
+    zero: np.ndarray | None
+    lut: np.ndarray | None
+    dense: np.ndarray | None
+    group: int
+    kinds_mask: int
+
+
+def pack_mixed(classes: list[MixedClass], group: int, n: int) -> MixedLayout:
+    """Lay the classes out for the one-launch kernel (see :class:`MixedLayout`)."""
+    if group % PACK_ROWS and any(c.kind == "uniform" for c in classes):
+        raise ValueError(f"uniform classes need a group size that is a multiple of {PACK_ROWS}, got {group}")
+    words, tiles, scales, zeros, luts, dense = [], [], [], [], [], []
+    seg, mask = [0], 0
+    n_groups = n_lut = n_dense = 0
+    for j, (kind, width) in enumerate(MIXED_KINDS):
+        for c in classes:
+            if c.kind != kind or (kind != "fp16" and kernel_width(c.bits) != width):
+                continue
+            mask |= 1 << j
+            rows = c.stop - c.start
+            if kind == "fp16":
+                for t in range(-(-rows // PACK_ROWS)):
+                    tiles.append((c.start + t * PACK_ROWS, c.stop, n_dense + t * PACK_ROWS, t * PACK_ROWS))
+                dense.append(np.asarray(c.arrays[0], np.float16))
+                n_dense += rows
+                continue
+            packed = pack_codes(np.asarray(c.arrays[0], np.int64), width)
+            tile_rows = k_tile(width)
+            n_tiles = packed.shape[0] // PACK_ROWS
+            if kind == "uniform":
+                _, scale, zero = c.arrays
+                if scale.shape[0] != -(-rows // group) or zero.shape != scale.shape:
+                    raise ValueError(f"a uniform class of {rows} rows needs {-(-rows // group)} groups of {group}, "
+                                     f"has scale {scale.shape} and zero {zero.shape}")
+                scales.append(np.asarray(scale, np.float16))
+                zeros.append(np.asarray(zero, np.float16))
+                base = n_groups
+                n_groups += scale.shape[0]
+            else:
+                table = np.asarray(c.arrays[1], np.float16)
+                lut = np.zeros((n, 1 << width), np.float16)
+                lut[:, : table.shape[1]] = table
+                luts.append(lut.reshape(-1))
+                base = n_lut
+                n_lut += lut.size
+            for t in range(n_tiles):
+                tiles.append((c.start + t * tile_rows, c.stop, base, t * tile_rows))
+            words.append(packed)
+        seg.append(len(tiles))
+    if not tiles:
+        raise ValueError("a mixed layer needs at least one class")
+    return MixedLayout(
+        np.concatenate(words).astype(np.int32) if words else np.zeros((0, n), np.int32), np.asarray(tiles, np.int32),
+        np.asarray(seg, np.int32),
+        np.concatenate(scales) if scales else None, np.concatenate(zeros) if zeros else None,
+        np.concatenate(luts) if luts else None, np.concatenate(dense) if dense else None, group, mask)
+
+
+def ref_gemm_mixed(x: np.ndarray, classes: list[MixedClass], group: int, bias=None, act: str = "none",
+                   sparse: SparseOutliers | None = None) -> np.ndarray:
+    """``act(X (concat_c W_c + S) + bias)`` in float64, X in the layer's stored channel order."""
+    w = np.concatenate([c.dequantize(group) for c in sorted(classes, key=lambda c: c.start)]).astype(np.float64)
+    return _epilogue(np.asarray(x, np.float64) @ w, x, bias, act, sparse)
 
 
 # ----------------------------------------------------------------------------------------------

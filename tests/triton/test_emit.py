@@ -152,6 +152,47 @@ def test_package_matches_ort(block, tmp_path, pipeline):
     assert_package_matches_ort(tmp_path, result.model, feeds)
 
 
+@pytest.mark.parametrize("pipeline", ["mixed{avg-bits=3.75 outliers-weight=0.01}", "mixed{avg-bits=4 codebook=kmeans}"])
+def test_mixed_layer_is_one_launch(block, tmp_path, pipeline, monkeypatch):
+    """Every mixed layer of several classes (uniform or codebook, fp16 rows, sparse outliers, the
+    bias and activation) is one call of one entry point; the outputs match the ORT artifact and the
+    per-class launches (one launch per bit class, summed in torch) within the tolerance."""
+    import torch
+
+    from qcompiler.codegen.triton.emit import Emitter
+
+    calib = _calib_for(block)
+    qcompiler.compile(str(block), tmp_path / "ort", pipeline=exact_ort(pipeline), calibration=calib, drift=False)
+    result = qcompiler.compile(str(block), tmp_path / "tr", target="triton", pipeline=pipeline, calibration=calib,
+                               drift=False)
+    manifest = json.loads((tmp_path / "tr" / "manifest.json").read_text())
+    mixed = {name: k for name, k in manifest["kernels"].items() if k["family"] == "wq-mixed"}
+    served = [s for k in mixed.values() for s in k["serves"]]
+    assert len(served) == len(set(served)) == 6  # all six linears of the block, each once
+    assert all(name.startswith("qc_gemm_mixed_") and len(k["classes"]) > 1 for name, k in mixed.items())
+    assert any("f16" in k["classes"] for k in mixed.values())  # fp16 rows folded into the launch
+    if "outliers" in pipeline:
+        assert all(k["sparse"] for k in mixed.values())
+    else:
+        assert all(c.startswith(("lut", "f16")) for k in mixed.values() for c in k["classes"])
+    body = (tmp_path / "tr" / "model.py").read_text().split("    def _graph(")[1]
+    calls = [line for line in body.splitlines() if "K.qc_gemm" in line]
+    assert len(calls) == 6 and all("K.qc_gemm_mixed_" in c for c in calls)
+    assert "torch.matmul" not in body and "R.Gelu" not in body and "torch.relu" not in body  # epilogues fused
+    kernels = (tmp_path / "tr" / "kernels.py").read_text()
+    assert all(f"\ndef {name}(" in kernels for name in mixed)
+    feeds = {"x": np.random.default_rng(7).normal(0, 1, (3, 128)).astype(np.float32)}
+    assert_package_matches_ort(tmp_path, result.model, feeds)
+    # the same layers as one launch per class (the path a layer the mixed kernel does not cover takes)
+    monkeypatch.setattr(Emitter, "one_launch", staticmethod(lambda kinds, group: False))
+    qcompiler.compile(str(block), tmp_path / "per_class", target="triton", pipeline=pipeline, calibration=calib,
+                      drift=False)
+    assert "qc_gemm_mixed_" not in (tmp_path / "per_class" / "model.py").read_text()
+    per_class = load_package(tmp_path / "per_class").load("cpu")(torch.from_numpy(feeds["x"]))["y"].numpy()
+    rel, cos = compare(tmp_path / "tr", None, feeds, reference={"y": per_class})
+    assert rel <= REL_TOL and cos >= COS_TOL, (rel, cos)
+
+
 def test_per_token_matches_the_ir(block, tmp_path):
     """Per-token activations: the int8 kernel against the IR's own reference executor (the ORT
     lowering of per-token rounding, float ops, is not the comparison here)."""
@@ -198,13 +239,15 @@ def test_package_is_deterministic(block, tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
-def test_hostile_names(tmp_path):
+@pytest.mark.parametrize("pipeline", ["w8a8", "mixed{avg-bits=3.75 outliers-weight=0.01}"])
+def test_hostile_names(tmp_path, pipeline):
     sentinel = tmp_path / "pwned"
     names = [n.format(sentinel=sentinel) for n in HOSTILE]
     src = synthetic_model(tmp_path / "hostile.onnx", names=names)
     calib = _calib_for(src)
-    qcompiler.compile(str(src), tmp_path / "ort", pipeline="w8a8", calibration=calib, drift=False)
-    qcompiler.compile(str(src), tmp_path / "tr", target="triton", pipeline="w8a8", calibration=calib, drift=False)
+    ort_pipeline = exact_ort(pipeline) if pipeline.startswith("mixed") else pipeline
+    qcompiler.compile(str(src), tmp_path / "ort", pipeline=ort_pipeline, calibration=calib, drift=False)
+    qcompiler.compile(str(src), tmp_path / "tr", target="triton", pipeline=pipeline, calibration=calib, drift=False)
     for py in (tmp_path / "tr").glob("*.py"):
         compile(py.read_text(), str(py), "exec")  # valid Python
         for line in py.read_text().splitlines():  # model text appears only inside comments, escaped

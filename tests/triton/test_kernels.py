@@ -258,3 +258,140 @@ def test_effective_bits():
     assert ref.effective_bits(4096, 4096, bits=4, group=128, zero=False) == pytest.approx(4.125)
     # 3 bits: 10 codes per word (3.2 bits) and K padded from 4096 to 4160
     assert ref.effective_bits(4096, 4096, bits=3, lut_groups=1) == pytest.approx(3.2 * 4160 / 4096 + 128 / 4096)
+
+
+# ------------------------------------------------------------- mixed layers: one launch, every class
+
+
+def _devices():
+    cuda_ok = torch.cuda.is_available() and not qk.interpreting()
+    return ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not cuda_ok, reason="needs a CUDA GPU and TRITON_INTERPRET unset")])]
+
+
+def _mixed_classes(rng, spec, n, group):
+    """Classes (kind, bits, rows) laid out one after the other along K, random codes and metadata."""
+    classes, row = [], 0
+    for kind, bits, rows in spec:
+        if kind == "uniform":
+            g = -(-rows // group)
+            arrays = (rng.integers(0, 1 << bits, (rows, n)), (rng.random((g, n)) * 0.1 + 0.01).astype(np.float16),
+                      (rng.random((g, n)) * ((1 << bits) - 1)).astype(np.float16))  # fractional zero points
+        elif kind == "codebook":
+            arrays = (rng.integers(0, 1 << bits, (rows, n)), rng.standard_normal((n, 1 << bits)).astype(np.float16))
+        else:
+            arrays = (rng.standard_normal((rows, n)).astype(np.float16) * np.float16(0.1),)
+        classes.append(ref.MixedClass(kind, bits, row, row + rows, arrays))
+        row += rows
+    return classes, row
+
+
+def _run_mixed(layout, x, device="cpu", **kw):
+    def t(a):
+        return None if a is None else (a if isinstance(a, torch.Tensor) else _t(a)).to(device)
+
+    return qk.qc_gemm_mixed_a16(t(x), t(layout.words), t(layout.tiles), t(layout.seg), kinds=layout.kinds_mask,
+                                group=layout.group, scale=t(layout.scale), zero=t(layout.zero), lut=t(layout.lut),
+                                dense=None if layout.dense is None else t(layout.dense).float(), **kw).cpu()
+
+
+MIXES = {  # (kind, bits, rows): class sizes not multiples of any tile, so every class ends in padding
+    "w2+w4": [("uniform", 2, 100), ("uniform", 4, 60)],
+    "w3+w8": [("uniform", 3, 70), ("uniform", 8, 150)],  # two 8-bit tiles: the second starts at class row 128
+    "w2+w3+w4+w8": [("uniform", 4, 50), ("uniform", 2, 40), ("uniform", 8, 30), ("uniform", 3, 40)],
+    "w1+w5+w6 (stored 2, 8, 8)": [("uniform", 1, 64), ("uniform", 5, 40), ("uniform", 6, 24)],
+    "lut2+lut3+w4": [("codebook", 2, 40), ("uniform", 4, 48), ("codebook", 3, 30)],
+    "lut4+lut8+fp16+w3": [("codebook", 4, 36), ("fp16", 16, 40), ("codebook", 8, 30), ("uniform", 3, 50)],
+}
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("mix", sorted(MIXES))
+def test_mixed_one_launch(mix, m, device, rng):
+    n = 48
+    classes, k = _mixed_classes(rng, MIXES[mix], n, 64)
+    layout = ref.pack_mixed(classes, 64, n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    y = _run_mixed(layout, x, device)
+    assert y.shape == (m, n)
+    assert _rel(y, ref.ref_gemm_mixed(x, classes, 64)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("m,act,group", [(1, "gelu", 32), (5, "silu", 128), (5, "relu", 64), (33, "none", 64)])
+def test_mixed_outliers_and_epilogue(m, act, group, device, rng):
+    n = 40  # not a multiple of the column tile
+    classes, k = _mixed_classes(rng, MIXES["w2+w3+w4+w8"] + [("fp16", 16, 12)], n, group)
+    layout = ref.pack_mixed(classes, group, n)
+    rows, cols = rng.integers(0, k, 30), rng.integers(0, n, 30)
+    dense = np.zeros((k, n), np.float32)
+    dense[rows, cols] = rng.standard_normal(30) * 2
+    sp = ref.sparse_from_dense(dense)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    y = _run_mixed(layout, x, device, bias=_t(bias).to(device), act=act,
+                   sparse=tuple(a.to(device) for a in _sparse_t(sp)))
+    r = ref.ref_gemm_mixed(x, classes, group, bias=bias, act=act, sparse=sp)
+    assert _rel(y, r) < TOL[torch.float32]
+    # the outliers and the bias are really added
+    assert np.linalg.norm(r - ref.ref_gemm_mixed(x, classes, group, act=act)) > 1e-2 * np.linalg.norm(r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mixed_half_precision(dtype, rng):
+    classes, k = _mixed_classes(rng, MIXES["w3+w8"], 32, 64)
+    layout = ref.pack_mixed(classes, 64, 32)
+    x = _t(rng.standard_normal((5, k)).astype(np.float32)).to(dtype)
+    y = _run_mixed(layout, x)
+    assert y.dtype == dtype
+    assert _rel(y, ref.ref_gemm_mixed(x.float().numpy(), classes, 64)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("config", [
+    dict(BM=1, BN=64, SPLIT_K=1, USE_DOT=False),  # GEMV, every tile in one program
+    dict(BM=1, BN=32, SPLIT_K=2, USE_DOT=False),  # a split boundary between the two 8-bit tiles
+    dict(BM=16, BN=32, SPLIT_K=8, USE_DOT=True),  # more splits than tiles: empty programs
+])
+def test_mixed_configs(config, rng):
+    classes, k = _mixed_classes(rng, MIXES["w3+w8"], 64, 32)
+    layout = ref.pack_mixed(classes, 32, 64)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    y = _run_mixed(layout, x, config=config, act="relu")
+    assert _rel(y, ref.ref_gemm_mixed(x, classes, 32, act="relu")) < TOL[torch.float32]
+    for ws in qk._WS.values():
+        assert int(ws.counters.abs().sum()) == 0
+
+
+def test_mixed_layout(rng):
+    classes, k = _mixed_classes(rng, MIXES["lut4+lut8+fp16+w3"], 8, 32)
+    layout = ref.pack_mixed(classes, 32, 8)
+    kinds = [ref.MIXED_KINDS.index(kind) for kind in
+             [("uniform", 3), ("codebook", 4), ("codebook", 8), ("fp16", 16)]]
+    assert layout.kinds_mask == sum(1 << j for j in kinds)
+    assert layout.kinds_mask == qk.mixed_kinds_mask([("uniform", 3), ("codebook", 4), ("codebook", 8), ("fp16", 16)])
+    assert ref.MIXED_KINDS == qk.MIXED_KINDS
+    # tiles sorted by kind: w3 (50 rows: one 320-row tile), lut4 (one 256-row tile), lut8 (one 128-row
+    # tile), fp16 (40 rows: two 32-row tiles); no words for the fp16 tiles
+    assert np.diff(layout.seg).tolist() == [0, 1, 0, 0, 0, 0, 1, 1, 2]
+    assert layout.words.shape == (3 * 32, 8)
+    start = {c.kind + str(c.bits): c.start for c in classes}
+    assert layout.tiles[:, 0].tolist() == [start["uniform3"], start["codebook4"], start["codebook8"], start["fp1616"],
+                                           start["fp1616"] + 32]
+    assert layout.tiles[:, 1].tolist() == [start["uniform3"] + 50, start["codebook4"] + 36, start["codebook8"] + 30,
+                                           start["fp1616"] + 40, start["fp1616"] + 40]
+    assert layout.dense.shape == (40, 8)  # the fp16 rows as they are (the kernel masks past a class's end)
+    assert layout.scale.shape == (2, 8)  # the w3 class's 50 rows: 2 groups of 32, none for its padding
+
+
+def test_mixed_bad_input(rng):
+    classes, k = _mixed_classes(rng, MIXES["w2+w4"], 32, 64)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ref.pack_mixed(classes, 48, 32)
+    layout = ref.pack_mixed(classes, 64, 32)
+    x = _t(np.zeros((1, k), np.float32))
+    with pytest.raises(ValueError, match="uniform tiles need scale and zero"):
+        qk.qc_gemm_mixed_a16(x, _t(layout.words), _t(layout.tiles), _t(layout.seg), kinds=layout.kinds_mask, group=64)
+    with pytest.raises(ValueError, match="layout disagrees"):
+        qk.qc_gemm_mixed_a16(x, _t(layout.words[:32]), _t(layout.tiles), _t(layout.seg[:4]), kinds=layout.kinds_mask,
+                             group=64, scale=_t(layout.scale), zero=_t(layout.zero))
