@@ -13,6 +13,13 @@ Rows, per model:
   runs with `skip_symbolic_shape=True`): QDQ, `per_channel=True`, activations QUInt8, weights
   QInt8, MinMax, ORT's default operator set; a CalibrationDataReader over the very batches ours
   calibrates on.
+- `ours w8a8, float act.` (diagnostic): our artifact with its activation QuantizeLinear /
+  DequantizeLinear pairs removed, i.e. int8 weights with float activations: what the weights alone
+  cost.
+Diagnostics per quantized variant and photo (JSON): `offset_max`, the largest constant offset of
+the output from float32's per colour channel and 2 x 2 pixel phase (the last convolution's output
+channels, shuffled), and `psnr_offset_removed`, the PSNR once those offsets are subtracted (an
+oracle measured on the photo itself, not a method): how much of the loss is such offsets.
 
 Data (calibration never overlaps evaluation; `qcompiler.models.ffdnet`): calibration = centre
 crops (at most 256 x 256) of the calibration photos (`CALIBRATION_PHOTOS`; the grey model sees RGB
@@ -132,6 +139,39 @@ def compile_ort_static(float_model: Path, work: Path, batches) -> dict[str, Any]
             "compile_s": round(time.perf_counter() - start, 1)}
 
 
+def without_activation_quantization(model_path: Path, out: Path) -> dict[str, Any]:
+    """A copy of a QDQ model whose activation QuantizeLinear -> DequantizeLinear pairs are removed
+    (readers of the DequantizeLinear read the float tensor); weights stay int8."""
+    import onnx
+
+    proto = onnx.load(str(model_path))
+    nodes = list(proto.graph.node)
+    quantized = {n.output[0]: n.input[0] for n in nodes if n.op_type == "QuantizeLinear"}
+    restored = {n.output[0]: quantized[n.input[0]] for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in quantized}
+    keep = [n for n in nodes if not (n.op_type == "QuantizeLinear" or (n.op_type == "DequantizeLinear" and n.output[0] in restored))]
+    for node in keep:
+        for i, name in enumerate(node.input):
+            node.input[i] = restored.get(name, name)
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+    onnx.save(proto, str(out))
+    return {"model": out, "removed_pairs": len(restored)}
+
+
+def phase_offsets(output: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The mean of output - reference per colour channel and 2 x 2 pixel phase: [2, 2, C]."""
+    diff = output.astype(np.float64) - reference
+    return np.array([[diff[i::2, j::2].mean(axis=(0, 1)) for j in range(2)] for i in range(2)])
+
+
+def without_offsets(output: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    corrected = output.astype(np.float64).copy()
+    for i in range(2):
+        for j in range(2):
+            corrected[i::2, j::2] -= offsets[i, j]
+    return corrected
+
+
 def evaluation_targets(bundled, count: int | None, crop: int | None) -> list[tuple[str, np.ndarray, np.ndarray]]:
     from qcompiler.evaluate import denoise_targets
     from qcompiler.models import ffdnet
@@ -157,6 +197,10 @@ def quality(sessions: dict[str, Any], targets, sigmas) -> dict[str, dict]:
                 outputs[key] = np.transpose(session.run(None, feeds)[0][0], (1, 2, 0))
             for key, image in outputs.items():
                 per[key][name] = {"psnr": round(ffdnet.psnr(clean, image), 4), "ssim": round(ffdnet.ssim(clean, image), 4)}
+                if key not in ("noisy", "float32"):
+                    offsets = phase_offsets(image, outputs["float32"])
+                    per[key][name].update(offset_max=round(float(np.abs(offsets).max()), 5),
+                                          psnr_offset_removed=round(ffdnet.psnr(clean, without_offsets(image, offsets)), 4))
         for key, scores in per.items():
             out[key][f"{sigma:g}"] = {
                 "psnr": round(float(np.mean([s["psnr"] for s in scores.values()])), 3),
@@ -190,17 +234,18 @@ def bench_model(name: str, args, work: Path) -> dict[str, Any]:
     log(f"{name}: ours w8a8 compiled in {ours['compile_s']} s")
     ort_static = compile_ort_static(float32["model"], work, batches)
     log(f"{name}: ort static quantized in {ort_static['compile_s']} s")
-    variants = {"float32": float32, "ours w8a8": ours, "ort static": ort_static}
+    weights_only = without_activation_quantization(ours["model"], work / "w8a8-float-activations.onnx")
+    variants = {"float32": float32, "ours w8a8": ours, "ort static": ort_static, "ours w8a8, float act.": weights_only}
     sessions = {key: ort_session(str(v["model"]), common.THREADS) for key, v in variants.items()}
     targets = evaluation_targets(bundled, args.count, args.crop)
     log(f"{name}: evaluating on {', '.join(t[0] for t in targets)}")
     scores = quality(sessions, targets, args.sigmas)
-    timing = latency(sessions, bundled, args.repeats)
+    timing = latency({k: v for k, v in sessions.items() if k != "ours w8a8, float act."}, bundled, args.repeats)
     for v in variants.values():
         v["model"] = str(v["model"])
         v["bytes"] = Path(v["model"]).stat().st_size
     drops = {key: {s: round(scores["float32"][s]["psnr"] - scores[key][s]["psnr"], 3) for s in scores["float32"]}
-             for key in ("ours w8a8", "ort static")}
+             for key in ("ours w8a8", "ort static", "ours w8a8, float act.")}
     return {
         "model": name,
         "calibration": described,
@@ -224,12 +269,15 @@ def render(results: list[dict]) -> str:
     for r in results:
         rows = []
         for sigma in r["quality"]["float32"]:
-            for key in ("noisy", "float32", "ours w8a8", "ort static"):
+            for key in ("noisy", "float32", "ours w8a8", "ort static", "ours w8a8, float act."):
                 q = r["quality"][key][sigma]
-                drop = "" if key in ("noisy", "float32") else f"{r['psnr_drop_vs_float'][key][sigma]:.2f}"
-                rows.append([sigma, key, f"{q['psnr']:.2f}", drop, f"{q['ssim']:.4f}"])
+                quantized = key not in ("noisy", "float32")
+                drop = f"{r['psnr_drop_vs_float'][key][sigma]:.2f}" if quantized else ""
+                offset = f"{max(p['offset_max'] for p in q['per_image'].values()):.4f}" if quantized else ""
+                removed = f"{np.mean([p['psnr_offset_removed'] for p in q['per_image'].values()]):.2f}" if quantized else ""
+                rows.append([sigma, key, f"{q['psnr']:.2f}", drop, f"{q['ssim']:.4f}", offset, removed])
         lines.append(f"{r['model']} on {', '.join(r['evaluation_photos'])} ({r['evaluation_size']})")
-        lines.append(common.table(["sigma", "variant", "PSNR dB", "drop dB", "SSIM"], rows))
+        lines.append(common.table(["sigma", "variant", "PSNR dB", "drop dB", "SSIM", "max offset", "PSNR offsets removed"], rows))
         lat = r["latency_512"]
         lines.append(common.table(
             ["variant", "median ms 512x512", "x float32"],
