@@ -17,6 +17,8 @@ __all__ = ["BundledModel", "get", "names"]
 # name -> (module, class): imported lazily by get().
 _REGISTRY: dict[str, tuple[str, str]] = {
     "craft": ("qcompiler.models.craft", "Craft"),
+    "ffdnet-gray": ("qcompiler.models.ffdnet", "FFDNetGray"),
+    "ffdnet-rgb": ("qcompiler.models.ffdnet", "FFDNetRGB"),
     "minilm-l6": ("qcompiler.models.minilm", "MiniLM"),
     "smollm2-135m": ("qcompiler.models.smollm2", "SmolLM2"),
     "smollm2-135m-kv": ("qcompiler.models.smollm2", "SmolLM2KV"),

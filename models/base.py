@@ -38,7 +38,7 @@ class BundledModel(abc.ABC):
 
     name: str
     summary: str
-    task: str  # "sts" | "perplexity" | "segmentation"
+    task: str  # "sts" | "perplexity" | "segmentation" | "denoise"
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
 

@@ -203,11 +203,12 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_image(path: Path) -> np.ndarray:
+def read_image(path: Path) -> np.ndarray:
+    """An image file as a uint8 array: HxW (grey), HxWx3 or HxWx4 (RGBA); other modes as RGB."""
     try:
         from PIL import Image
     except ImportError:
-        raise UserError("reading calibration images needs Pillow; install it with: pip install 'qcompiler[models]'") from None
+        raise UserError("reading images needs Pillow; install it with: pip install 'qcompiler[models]'") from None
     try:
         with Image.open(path) as image:
             if image.mode not in ("L", "RGB", "RGBA"):
@@ -227,7 +228,7 @@ def _from_raw(samples: Sequence, count: int, bundled: Any, batch_size: int, path
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         if image:
-            chunk = [_read_image(p) for p in chunk]
+            chunk = [read_image(p) for p in chunk]
         try:
             if callable(getattr(bundled, "batches_from_raw", None)):  # several steps per sample (a prefill and decode steps)
                 batches.extend({name: np.asarray(a) for name, a in b.items()} for b in bundled.batches_from_raw(chunk))

@@ -9,6 +9,11 @@
   one token per step); its float model runs the whole window at once.
 - `segmentation` (CRAFT): Dice of the compiled model's region and affinity masks (score >
   `MASK_THRESHOLD`) against the float model's, on scikit-image's bundled photos.
+- `denoise` (FFDNet): each clean photo plus seeded Gaussian noise at `sigma` (0..255 scale), run
+  through the float model and the artifact; PSNR (dB) and SSIM of the noisy input, the float
+  output and the artifact's output against the clean photo (outputs clipped to [0, 1]). The
+  photos are the model's evaluation photos (never used for calibration), or `data`: an image file
+  or a folder of them.
 
 The float model is the bundled torch module (float32) named in the artifact's manifest.
 """
@@ -29,7 +34,8 @@ from qcompiler.progress import progress
 
 log = logging.getLogger(__name__)
 
-TASKS = ("sts", "perplexity", "segmentation")
+TASKS = ("sts", "perplexity", "segmentation", "denoise")
+DEFAULT_SIGMA = 25.0
 MASK_THRESHOLD = 0.5
 SEGMENTATION_IMAGES = ("page", "text", "coins", "camera", "astronaut", "coffee")
 
@@ -46,15 +52,27 @@ def evaluate(
     batch_size: int = 16,
     threads: int | None = None,
     model: str | None = None,
+    sigma: float | None = None,
 ) -> dict:
     """Score the float model and the artifact on `task`; returns a JSON-able dict. `model` names
-    the bundled float model when the artifact was compiled from an ONNX file of it."""
+    the bundled float model when the artifact was compiled from an ONNX file of it; `sigma` is the
+    noise level of `denoise` (default 25)."""
     if task not in TASKS:
         raise UserError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
+    if sigma is not None and task != "denoise":
+        raise UserError(f"--sigma applies to --task denoise only, not '{task}'; drop it")
+    images = targets = None
+    if task == "denoise":
+        from qcompiler.models.ffdnet import check_sigma
+
+        sigma = check_sigma(DEFAULT_SIGMA if sigma is None else sigma)
+        images = denoise_images(data)  # bad data fails before any model is built
     artifact = Path(artifact)
     if not (artifact / "model.onnx").is_file():
         raise UserError(f"'{artifact}' is not a compiled artifact (no model.onnx); give the -o directory of `qcompiler compile`")
     bundled = _bundled_from_manifest(artifact, model)
+    if task == "denoise":
+        targets = denoise_targets(bundled, images, count)  # a wrong image fails before any model is built
     if getattr(bundled, "layout", None) is not None:  # a causal LM with a KV cache
         if task != "perplexity":
             raise UserError(f"'{artifact}' holds a causal LM; its task is perplexity")
@@ -68,6 +86,8 @@ def evaluate(
         result = _sts(bundled, reference, compiled, _need(data, task), count, batch_size)
     elif task == "perplexity":
         result = _perplexity(reference, compiled, _need(data, task), count, window)
+    elif task == "denoise":
+        result = _denoise(reference, compiled, targets, sigma)
     else:
         result = _segmentation(bundled, reference, compiled, count)
     result.update(task=task, model=bundled.name, artifact=str(artifact), seconds=round(time.perf_counter() - start, 2))
@@ -260,3 +280,69 @@ def _segmentation(bundled, reference: Runner, compiled: Runner, count) -> dict:
     all_dice = [v for scores in per_image.values() for v in scores.values()]
     return {"images": list(per_image), "threshold": MASK_THRESHOLD, "dice_mean": round(float(np.mean(all_dice)), 5),
             "dice_min": round(float(np.min(all_dice)), 5), "per_image": per_image}
+
+
+# --------------------------------------------------------------------------------------------
+# Denoising
+
+
+def denoise_images(data) -> list[tuple[str, np.ndarray]] | None:
+    """(name, uint8 image) from an image file or a folder of images (name order); None: the
+    model's own evaluation photos (chosen once the model is known)."""
+    if data is None:
+        return None
+    from qcompiler.calib_data import IMAGE_SUFFIXES, read_image
+
+    path = Path(data)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UserError(f"folder '{path}' holds no images ({', '.join(IMAGE_SUFFIXES)}); give images to denoise")
+    elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        files = [path]
+    elif path.is_file():
+        raise UserError(f"'{path}' is not an image ({', '.join(IMAGE_SUFFIXES)}); give an image or a folder of them")
+    else:
+        raise UserError(f"data '{path}' not found; give an image or a folder of them")
+    return [(p.name, read_image(p)) for p in files]
+
+
+def denoise_targets(bundled, images, count: int | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, clean image as float HxWxC in [0, 1], the image as read) for a denoising model:
+    the first `count` of `images`, or of the model's evaluation photos when None; a wrong channel
+    count is a UserError."""
+    if getattr(bundled, "task", None) != "denoise":
+        raise UserError(f"task 'denoise' needs a denoising model; '{bundled.name}' is evaluated with --task {bundled.task}")
+    from qcompiler.models import ffdnet
+
+    if images is None:
+        images = bundled.evaluation_images()
+    images = images[:count] if count else images
+    return [(name, ffdnet.as_channels(image, bundled.channels, bundled.name), image) for name, image in images]
+
+
+def _denoise(reference: Runner, compiled: Runner, targets, sigma: float) -> dict:
+    from qcompiler.models import ffdnet
+
+    per_image = {}
+    with progress("denoise images", len(targets)) as bar:
+        for name, target, raw in targets:
+            noisy = ffdnet.add_noise(target, sigma, ffdnet.image_seed(raw))
+            feeds = ffdnet.to_feeds([noisy], [sigma])
+            outputs = {"noisy": noisy, "float": _hwc(reference(feeds)), "compiled": _hwc(compiled(feeds))}
+            per_image[name] = {f"{metric}_{key}": round(score(target, out), 4)
+                               for key, out in outputs.items() for metric, score in (("psnr", ffdnet.psnr), ("ssim", ffdnet.ssim))}
+            bar.update()
+    result = {"images": list(per_image), "sigma": sigma}
+    for key in ("noisy", "float", "compiled"):
+        for metric in ("psnr", "ssim"):
+            result[f"{metric}_{key}"] = round(float(np.mean([v[f"{metric}_{key}"] for v in per_image.values()])), 4)
+    result["psnr_drop"] = round(result["psnr_float"] - result["psnr_compiled"], 4)
+    result["psnr_drop_max"] = round(max(v["psnr_float"] - v["psnr_compiled"] for v in per_image.values()), 4)
+    result["per_image"] = per_image
+    return result
+
+
+def _hwc(batch: np.ndarray) -> np.ndarray:
+    """The first image of an NCHW batch, as HxWxC."""
+    return np.transpose(np.asarray(batch)[0], (1, 2, 0))
