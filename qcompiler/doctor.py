@@ -293,6 +293,8 @@ def diagnose(
     metric: str = "auto",
     probe_batches: int = 1,
     bits_only: bool = False,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline, rank layers and passes by what they cost, and suggest a pipeline change.
     The error is measured on `probe_inputs`; by default the first `probe_batches` calibration
@@ -301,11 +303,13 @@ def diagnose(
     (`qcompiler.probe`).
     `metric`: "mse", "kl", or "auto" (kl for a bundled causal LM, mse otherwise).
     `bits_only`: suggest bit-width changes only, never an added pass (learned rounding costs
-    compile time)."""
-    from qcompiler import probe
+    compile time).
+    `workers`, `ray_address`: fan the pipeline's measurements out on Ray, as for `compile`
+    (`qcompiler.parallel`); the diagnosis is the same."""
+    from qcompiler import parallel, probe
     from qcompiler.capture import resolve
     from qcompiler.compiler import calibration_batches, complete_pipeline
-    from qcompiler.context import CompileContext, using
+    from qcompiler.context import CompileContext
 
     if not 0.0 < max_extra_bits <= 8.0:
         raise UserError(f"doctor: --max-extra-bits must be in (0, 8], got {max_extra_bits}")
@@ -313,6 +317,7 @@ def diagnose(
         raise UserError(f"doctor: --probe-batches must be a positive integer, got {probe_batches}")
     if metric not in ("auto", *METRICS):
         raise UserError(f"doctor: --metric must be auto, {' or '.join(METRICS)}, got '{metric}'")
+    parallel.check_options(workers, ray_address)
     full = complete_pipeline(parse_pipeline(pipeline), "ort")
     check_order(full)
     passes = [p for p in full if p.name not in LAYOUT_PASSES]
@@ -322,8 +327,19 @@ def diagnose(
     feeds = probe_inputs if probe_inputs is not None else joined(batches[:probe_batches]) if batches else drift_feeds
     if metric == "auto":
         metric = "kl" if getattr(source_info.bundled, "task", None) == "perplexity" else "mse"
-    ctx = CompileContext(calibration=batches, calibration_source=str(calibration or ""), source=source_info,
-                         threads=threads, cache_dir=cache_dir)
+    executor = parallel.executor_for(workers, ray_address)
+    try:
+        ctx = CompileContext(calibration=batches, calibration_source=str(calibration or ""), source=source_info,
+                             threads=threads, cache_dir=cache_dir, executor=executor)
+        return _diagnose(full, passes, model, source_info, feeds, drift_feeds, metric, ctx, threads, max_extra_bits, bits_only)
+    finally:
+        executor.close()
+
+
+def _diagnose(full, passes, model: ir.Model, source_info, feeds: dict[str, np.ndarray], drift_feeds, metric: str, ctx,
+              threads: int | None, max_extra_bits: float, bits_only: bool) -> dict[str, Any]:
+    from qcompiler.context import using
+
     names = [p.name for p in passes]
     boosted = None
     if "allocate-bits" in names:  # the same pipeline at a raised budget, for the boost option
