@@ -123,6 +123,10 @@ def test_missing_ray_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatc
     assert not out.exists()
     assert main(["doctor", str(source), "--pipeline", "mixed", "--ray-address", "auto"]) == 2
     assert 'pip install "qcompiler[ray]"' in capsys.readouterr().err
+    config = tmp_path / "build.toml"  # the option read from a config file
+    config.write_text(f'source = "{source.name}"\noutput = "out"\npipeline = "{PIPELINE}"\nworkers = 2\n')
+    assert main(["compile", "--config", str(config)]) == 2
+    assert 'pip install "qcompiler[ray]"' in capsys.readouterr().err and not out.exists()
 
 
 def test_bad_worker_counts_are_refused(tmp_path):
@@ -145,3 +149,18 @@ def test_without_the_options_ray_is_never_imported(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_doctor_diagnosis_is_the_same_in_process_and_on_two_workers(tmp_path, ray_session):
+    from qcompiler.doctor import diagnose
+
+    source = _chain(tmp_path / "chain.onnx", layers=3)
+    data = _calibration(source)
+    pipeline = "calibrate,allocate-bits{avg-bits=4 group-size=32},quantize-weights"
+    here = diagnose(str(source), pipeline, calibration=data, threads=1, bits_only=True)
+    fanned = diagnose(str(source), pipeline, calibration=data, threads=1, bits_only=True, workers=2)
+    assert [row["layer"] for row in here["layers"]] and all(row["recovered"] != 0 for row in here["layers"])
+    for result in (here, fanned):  # wall times differ from run to run
+        for row in result["passes"]:
+            row.pop("seconds")
+    assert fanned == here
