@@ -65,6 +65,42 @@ class _Layer:
     errors: dict[int, np.ndarray]  # bits -> err_k(b) [K]
 
 
+@dataclasses.dataclass(frozen=True)
+class _SensitivityInputs:
+    """What every sensitivity measurement reads (shared read-only, through the executor)."""
+
+    graph: bytes  # the model with the layers' weights as graph inputs
+    batch: dict[str, np.ndarray]
+    weights: dict[str, np.ndarray]  # weight name -> float weight
+    threads: int | None
+    kl: bool  # KL divergence of the first output's softmax, else the squared change of every output
+    bits: int  # reference width
+    group_size: int
+    integer: bool  # integer zero points at the reference width
+
+
+def measure_sensitivity(shared: _SensitivityInputs, weight_names: list[str]) -> list[float]:
+    """How much the model's outputs move when each weight alone is quantized at the reference width
+    (one ONNX Runtime session, one run per weight): a pure function of its inputs, so that it runs
+    in-process or as a Ray task (`qcompiler.parallel`) with the same results."""
+    from qcompiler.execute import ort_session
+
+    session = ort_session(shared.graph, shared.threads)
+    outputs = [o.name for o in session.get_outputs()]
+    feeds = {**shared.batch, **shared.weights}
+    base = session.run(outputs, feeds)
+    log_p = log_softmax(base[0]) if shared.kl else None
+    measured = []
+    for name in weight_names:
+        q = bitcost.minmax_grid_quantize(shared.weights[name], shared.bits, shared.group_size, shared.integer)
+        moved = session.run(outputs, {**feeds, name: q})
+        if log_p is not None:
+            measured.append(mean_kl(log_p, moved[0]))
+        else:
+            measured.append(float(sum(np.sum((m.astype(np.float64) - b) ** 2) for m, b in zip(moved, base))))
+    return measured
+
+
 @register_pass
 @dataclasses.dataclass(frozen=True)
 class AllocateBitsPass(Pass):
@@ -214,12 +250,14 @@ class AllocateBitsPass(Pass):
         the squared change of the graph outputs (`sensitivity=kl`: the mean KL divergence of the first
         output's softmax over its last axis) on the first calibration batch is measured (one
         ONNX Runtime session whose weights are inputs, one run per layer); the layer's errors are
-        multiplied by measured / predicted, so the greedy step compares layers in output units."""
+        multiplied by measured / predicted, so the greedy step compares layers in output units.
+        The measurements fan out on the compile's executor, one chunk of layers per worker
+        (`measure_sensitivity`; in-process: one chunk, as one loop)."""
         import onnx
 
         from qcompiler import context
-        from qcompiler.execute import ort_session
         from qcompiler.ir import to_proto
+        from qcompiler.parallel import chunks
 
         ctx = context.current()
         batch = dict(next(iter(ctx.require_calibration(self.name))))
@@ -235,23 +273,17 @@ class AllocateBitsPass(Pass):
         proto.graph.initializer.extend(kept)
         for name, w in weights.items():
             proto.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(w.shape)))
-        session = ort_session(proto, ctx.threads)
+        shared = _SensitivityInputs(proto.SerializeToString(), batch, weights, ctx.threads, self.sensitivity == "kl",
+                                    reference, self.group_size, bitcost.integer_zero_points(reference, self._zero_points))
         del proto
-        outputs = [o.name for o in session.get_outputs()]
-        feeds = {**batch, **weights}
-        base = session.run(outputs, feeds)
-        log_p = log_softmax(base[0]) if self.sensitivity == "kl" else None
+        parts = chunks([layer.linear.w.name for layer in layers], ctx.executor.workers)
+        tasks = [f"allocate-bits sensitivity: layers {sum(map(len, parts[:i])) + 1}-{sum(map(len, parts[:i + 1]))} "
+                 f"of {len(layers)} (from {part[0]})" for i, part in enumerate(parts)]
+        measured = [m for part in ctx.executor.map(measure_sensitivity, parts, shared=shared, names=tasks) for m in part]
         per_layer = {}
-        for layer in layers:
-            integer = bitcost.integer_zero_points(reference, self._zero_points)
-            q = bitcost.minmax_grid_quantize(layer.w, reference, self.group_size, integer)
-            moved = session.run(outputs, {**feeds, layer.linear.w.name: q})
-            if log_p is not None:
-                measured = mean_kl(log_p, moved[0])
-            else:
-                measured = float(sum(np.sum((m.astype(np.float64) - b) ** 2) for m, b in zip(moved, base)))
+        for layer, moved in zip(layers, measured):
             predicted = float(layer.errors[reference].sum()) if reference in layer.errors else 0.0
-            factor = measured / predicted if predicted > 0 else 1.0
+            factor = moved / predicted if predicted > 0 else 1.0
             for b in layer.errors:
                 layer.errors[b] = layer.errors[b] * factor
             per_layer[layer.linear.name] = round(factor, 6)

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--calib", metavar="FILE", help="calibration data: .npz of inputs, .txt/.tsv text, images or a folder of them")
     comp.add_argument("--calib-count", type=positive_int, metavar="N", help="calibration samples to use (default 128)")
     comp.add_argument("--threads", type=positive_int, metavar="N", help="ONNX Runtime threads for passes that run the model")
+    comp.add_argument("--workers", type=positive_int, metavar="N", help="fan independent measurements out on a local Ray instance of N processes (pip install \"qcompiler[ray]\"); the artifact is the same")
+    comp.add_argument("--ray-address", metavar="ADDR", help="run the fanned-out measurements on the Ray cluster at ADDR (ray://head:10001, or auto for one started with ray start)")
     comp.add_argument("--float-type", help="float type of the emitted model's inputs, outputs and float weights: source (default: the source model's float32, float16 or bfloat16) or float32")
     comp.add_argument("--dtype", help="float type a torch source is captured in: float32 (default), float16 or bfloat16")
     comp.add_argument("--no-drift", action="store_true", default=None, help="skip measuring output drift after each pass")
@@ -98,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--calib", metavar="FILE", help="calibration data, as for compile")
     doc.add_argument("--calib-count", type=positive_int, default=128, metavar="N", help="calibration samples to use (default 128)")
     doc.add_argument("--threads", type=positive_int, metavar="N", help="ONNX Runtime threads")
+    doc.add_argument("--workers", type=positive_int, metavar="N", help="fan independent measurements out on a local Ray instance of N processes (pip install \"qcompiler[ray]\"); the artifact is the same")
+    doc.add_argument("--ray-address", metavar="ADDR", help="run the fanned-out measurements on the Ray cluster at ADDR (ray://head:10001, or auto for one started with ray start)")
     doc.add_argument("--max-extra-bits", type=float, default=0.25, help="average stored bits the suggestion may add (default 0.25)")
     doc.add_argument("--top", type=int, default=15, help="layers to list (default 15)")
     doc.add_argument("--metric", default="auto", choices=("auto", "mse", "kl"),
@@ -203,10 +207,10 @@ COMPILE_DEFAULTS = {
     "report": None, "calib": None, "calib_count": 128, "threads": None, "no_drift": False, "cache_dir": None,
     "no_cache": False, "fail_under": [], "fail_over": [], "eval_data": None, "eval_count": None, "dry_run": False,
     "force": False,
-    "float_type": "source", "dtype": None,
+    "float_type": "source", "dtype": None, "workers": None, "ray_address": None,
 }
 _CONFIG_TYPES = {
-    "calib_count": int, "threads": int, "eval_count": int, "no_drift": bool, "no_cache": bool, "dry_run": bool,
+    "calib_count": int, "threads": int, "workers": int, "eval_count": int, "no_drift": bool, "no_cache": bool, "dry_run": bool,
     "fail_under": list, "fail_over": list, "force": bool,
 }
 _CONFIG_PATHS = {"source", "output", "dump_ir", "report", "calib", "cache_dir", "eval_data"}
@@ -226,7 +230,7 @@ def resolve_compile_options(args) -> argparse.Namespace:
         merged[dest] = given if given is not None else config.get(dest, default)
     if merged["print_ir"] not in (None, "all", "changed"):
         raise UserError(f"print-ir must be 'all' or 'changed', got '{shown(merged['print_ir'])}'")
-    for dest in ("calib_count", "threads", "eval_count"):
+    for dest in ("calib_count", "threads", "workers", "eval_count"):
         if merged[dest] is not None and merged[dest] < 1:
             raise UserError(f"'{dest.replace('_', '-')}' must be a positive integer, got {merged[dest]}")
     if not merged["source"]:
@@ -275,6 +279,8 @@ def _cmd_compile(args) -> int:
         require_data_probe=any(g.metric.name == "output-cosine" for g in gates),
         float_type=opts.float_type,
         dtype=opts.dtype,
+        workers=opts.workers,
+        ray_address=opts.ray_address,
     )
     _summary(result)
     if gates:
@@ -382,7 +388,7 @@ def _cmd_doctor(args) -> int:
     result = diagnose(
         args.source, args.pipeline, calibration=args.calib, calib_count=args.calib_count, threads=args.threads,
         max_extra_bits=args.max_extra_bits, cache_dir=cache_dir, metric=args.metric, probe_batches=args.probe_batches,
-        bits_only=args.bits_only,
+        bits_only=args.bits_only, workers=args.workers, ray_address=args.ray_address,
     )
     if args.json:
         sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.capture import model_digest, resolve
-from qcompiler import float_types, instruments, probe
+from qcompiler import float_types, instruments, parallel, probe
 from qcompiler import report as reports
 from qcompiler.context import CompileContext, using
 from qcompiler.errors import UserError, shown
@@ -71,6 +71,8 @@ def compile(
     require_data_probe: bool = False,
     float_type: str | None = None,
     dtype: str | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> CompileResult:
     """Compile `source` (bundled model name, .onnx path, `pkg.mod:fn`, nn.Module with
     `example_inputs`, or an `onnx_ir.Model`) into an artifact directory `output`.
@@ -93,11 +95,15 @@ def compile(
     not an artifact of ours (or a dump, or a report) is replaced only with `force`.
     `float_type`: "source" (default: the emitted model keeps the source's float32, float16 or
     bfloat16 at its inputs, outputs and float weights) or "float32". `dtype`: the float type a torch
-    source is captured in ("float32", "float16" or "bfloat16"; `qcompiler.float_types`)."""
+    source is captured in ("float32", "float16" or "bfloat16"; `qcompiler.float_types`).
+    `workers`, `ray_address`: fan independent measurements out on Ray, a local instance of that
+    many processes or a running cluster (`qcompiler.parallel`; the artifact is byte-identical to
+    the in-process run); neither: everything runs in this process and Ray is not imported."""
     if target not in TARGETS:
         raise UserError(f"unknown target '{shown(target)}'; choose one of: {', '.join(TARGETS)}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
         raise UserError(f"threads must be a positive integer, got {shown(repr(threads))}")
+    parallel.check_options(workers, ray_address)
     if target == "triton":  # a missing triton fails before any slow step
         from qcompiler.codegen.triton.emit import check_triton
 
@@ -141,11 +147,16 @@ def compile(
             tools.append(recorder)
         start = time.perf_counter()
         described = str(calibration) if isinstance(calibration, (str, os.PathLike)) else ("api" if calibration is not None else "")
+        executor = parallel.executor_for(workers, ray_address)
         ctx = CompileContext(
-            calibration=batches, calibration_source=described, source=source_info, threads=threads, cache_dir=cache_dir
+            calibration=batches, calibration_source=described, source=source_info, threads=threads, cache_dir=cache_dir,
+            executor=executor,
         )
-        with using(ctx):
-            records = run_pipeline(model, passes, tools)
+        try:
+            with using(ctx):
+                records = run_pipeline(model, passes, tools)
+        finally:
+            executor.close()
         pipeline_seconds = time.perf_counter() - start
         warn_if_predicted_slower(records)
         manifest = {

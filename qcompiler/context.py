@@ -1,4 +1,5 @@
-"""What a pipeline run knows besides the IR: calibration data and where the model came from.
+"""What a pipeline run knows besides the IR: calibration data, where the model came from, and the
+executor independent measurements fan out on.
 
 Pass options are what a pipeline string says; data too large or too live for a string (the
 calibration batches) reaches passes through the context of the current compile:
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from qcompiler.errors import UserError
+from qcompiler.parallel import InProcess, RayExecutor
 
 
 @dataclasses.dataclass
@@ -30,6 +32,8 @@ class CompileContext:
     source: Any = None  # qcompiler.capture.Source
     threads: int | None = None  # ONNX Runtime intra-op threads for passes that run the model
     cache_dir: Any = None  # calibration statistics cache (`qcompiler.calib_cache`); None: no cache
+    # where independent measurements fan out (`qcompiler.parallel`): in-process unless --workers/--ray-address
+    executor: InProcess | RayExecutor = dataclasses.field(default_factory=InProcess)
 
     def require_calibration(self, pass_name: str) -> Sequence[dict[str, np.ndarray]]:
         if not self.calibration:

@@ -159,6 +159,27 @@ def _const(value: ir.Value | None):
 # The switchboard: one session, any mix of float and quantized layers
 
 
+@dataclasses.dataclass(frozen=True)
+class BoardInputs:
+    """What a switchboard's session is built from (shared read-only with the workers)."""
+
+    graph: Any  # the float stage with weights and gates as inputs: the IR here, serialized bytes for workers
+    layers: list[LayerQuant]
+    weight_inputs: dict[str, str]  # layer -> graph input of its weight
+    gate_inputs: dict[str, str]  # layer -> graph input of its activation quantizer's gate
+    output: str
+    feeds: dict[str, np.ndarray]
+    threads: int | None
+    metric: str
+
+
+def measure_errors(inputs: BoardInputs, queries: list[tuple[frozenset[str], frozenset[str]]]) -> list[float]:
+    """The error of each (quantized, high) query on a switchboard built from `inputs` (a pure
+    function, run in-process or as a Ray task)."""
+    board = Switchboard.from_inputs(inputs)
+    return [board.error(set(quantized), set(high)) for quantized, high in queries]
+
+
 class Switchboard:
     """The float stage with every layer's weight as an input and a gated fake-quantizer on every
     quantized activation; `run(quantized)` runs it with the layers in `quantized` quantized."""
@@ -168,9 +189,8 @@ class Switchboard:
         model = _copy(float_stage)
         graph = model.graph
         by_weight = {layer.name: layer for layer in layers}
-        self.layers = layers
-        self.weight_inputs: dict[str, str] = {}
-        self.gate_inputs: dict[str, str] = {}
+        weight_inputs: dict[str, str] = {}
+        gate_inputs: dict[str, str] = {}
         nodes = [n for n in graph if n.op_type in ("MatMul", "Conv") and len(n.inputs) > 1 and n.inputs[1] is not None]
         for index, node in enumerate(nodes):
             layer = by_weight.get(node.inputs[1].name)
@@ -179,21 +199,54 @@ class Switchboard:
             w_in = ir.Value(name=f"doctor.w{index}", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(layer.w_float.shape))
             graph.inputs.append(w_in)
             node.replace_input_with(1, w_in)
-            self.weight_inputs[layer.name] = w_in.name
+            weight_inputs[layer.name] = w_in.name
             if layer.act is not None:
                 gate = ir.Value(name=f"doctor.g{index}", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
                 graph.inputs.append(gate)
                 node.replace_input_with(0, _fake_quant(graph, node, node.inputs[0], gate, layer.act, index))
-                self.gate_inputs[layer.name] = gate.name
+                gate_inputs[layer.name] = gate.name
         from qcompiler.layers import remove_unused
 
         remove_unused(model)
-        self.output = graph.outputs[0].name
-        self.session = execute.ort_session(model, threads)
-        self.feeds = dict(feeds)
-        self.metric = metric
+        self._model = model
+        self._start(BoardInputs(model, list(layers), weight_inputs, gate_inputs, graph.outputs[0].name, dict(feeds), threads, metric))
+
+    @classmethod
+    def from_inputs(cls, inputs: "BoardInputs") -> "Switchboard":
+        board = cls.__new__(cls)
+        board._model = None
+        board._start(inputs)
+        return board
+
+    def _start(self, inputs: "BoardInputs") -> None:
+        self.inputs = inputs
+        self.layers = inputs.layers
+        self.weight_inputs = inputs.weight_inputs
+        self.gate_inputs = inputs.gate_inputs
+        self.output = inputs.output
+        self.session = execute.ort_session(inputs.graph, inputs.threads)
+        self.feeds = inputs.feeds
+        self.metric = inputs.metric
         self.reference = self.run(set())
-        self._log_p = log_softmax(self.reference) if metric == "kl" else None
+        self._log_p = log_softmax(self.reference) if self.metric == "kl" else None
+
+    def errors(self, queries: list[tuple[frozenset[str], frozenset[str]]], executor, label: str) -> list[float]:
+        """`error(quantized, high)` of every query, in order: here, one after another, or fanned out
+        on a Ray executor, one chunk of queries per worker, each worker building the same session
+        from the same serialized graph (`measure_errors`), so that the numbers are the same."""
+        from qcompiler.parallel import InProcess, chunks
+
+        if isinstance(executor, InProcess):
+            out = []
+            with progress(label, len(queries)) as bar:
+                for quantized, high in queries:
+                    out.append(self.error(set(quantized), set(high)))
+                    bar.update()
+            return out
+        shared = dataclasses.replace(self.inputs, graph=to_proto(self._model).SerializeToString())
+        parts = chunks(queries, executor.workers)
+        names = [f"{label} {sum(map(len, parts[:i])) + 1}-{sum(map(len, parts[:i + 1]))} of {len(queries)}" for i in range(len(parts))]
+        return [e for part in executor.map(measure_errors, parts, shared=shared, names=names) for e in part]
 
     def run(self, quantized: set[str], high: set[str] = frozenset(), weights: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """The output with the layers in `quantized` quantized (those also in `high` at the raised
@@ -293,6 +346,8 @@ def diagnose(
     metric: str = "auto",
     probe_batches: int = 1,
     bits_only: bool = False,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline, rank layers and passes by what they cost, and suggest a pipeline change.
     The error is measured on `probe_inputs`; by default the first `probe_batches` calibration
@@ -301,11 +356,13 @@ def diagnose(
     (`qcompiler.probe`).
     `metric`: "mse", "kl", or "auto" (kl for a bundled causal LM, mse otherwise).
     `bits_only`: suggest bit-width changes only, never an added pass (learned rounding costs
-    compile time)."""
-    from qcompiler import probe
+    compile time).
+    `workers`, `ray_address`: fan the pipeline's measurements out on Ray, as for `compile`
+    (`qcompiler.parallel`); the diagnosis is the same."""
+    from qcompiler import parallel, probe
     from qcompiler.capture import resolve
     from qcompiler.compiler import calibration_batches, complete_pipeline
-    from qcompiler.context import CompileContext, using
+    from qcompiler.context import CompileContext
 
     if not 0.0 < max_extra_bits <= 8.0:
         raise UserError(f"doctor: --max-extra-bits must be in (0, 8], got {max_extra_bits}")
@@ -313,6 +370,7 @@ def diagnose(
         raise UserError(f"doctor: --probe-batches must be a positive integer, got {probe_batches}")
     if metric not in ("auto", *METRICS):
         raise UserError(f"doctor: --metric must be auto, {' or '.join(METRICS)}, got '{metric}'")
+    parallel.check_options(workers, ray_address)
     full = complete_pipeline(parse_pipeline(pipeline), "ort")
     check_order(full)
     passes = [p for p in full if p.name not in LAYOUT_PASSES]
@@ -322,8 +380,19 @@ def diagnose(
     feeds = probe_inputs if probe_inputs is not None else joined(batches[:probe_batches]) if batches else drift_feeds
     if metric == "auto":
         metric = "kl" if getattr(source_info.bundled, "task", None) == "perplexity" else "mse"
-    ctx = CompileContext(calibration=batches, calibration_source=str(calibration or ""), source=source_info,
-                         threads=threads, cache_dir=cache_dir)
+    executor = parallel.executor_for(workers, ray_address)
+    try:
+        ctx = CompileContext(calibration=batches, calibration_source=str(calibration or ""), source=source_info,
+                             threads=threads, cache_dir=cache_dir, executor=executor)
+        return _diagnose(full, passes, model, source_info, feeds, drift_feeds, metric, ctx, threads, max_extra_bits, bits_only)
+    finally:
+        executor.close()
+
+
+def _diagnose(full, passes, model: ir.Model, source_info, feeds: dict[str, np.ndarray], drift_feeds, metric: str, ctx,
+              threads: int | None, max_extra_bits: float, bits_only: bool) -> dict[str, Any]:
+    from qcompiler.context import using
+
     names = [p.name for p in passes]
     boosted = None
     if "allocate-bits" in names:  # the same pipeline at a raised budget, for the boost option
@@ -351,23 +420,27 @@ def diagnose(
     everything = {layer.name for layer in layers}
     total = board.error(everything)
     bits, high_bits = _layer_bits(records), _layer_bits(high_records)
+    queries = []  # per layer: alone, all but it, (all with it boosted)
+    for layer in layers:
+        queries += [(frozenset({layer.name}), frozenset()), (frozenset(everything - {layer.name}), frozenset())]
+        if layer.w_high is not None:
+            queries.append((frozenset(everything), frozenset({layer.name})))
+    measured = iter(board.errors(queries, ctx.executor, "doctor: layer measurements"))
     rows = []
-    with progress("doctor: layers measured", len(layers)) as bar:
-        for layer in layers:
-            row = {
-                "layer": layer.name,
-                "params": layer.params,
-                "activation": (layer.act or {}).get("mode"),
-                "bits": bits.get(layer.name),
-                "alone": board.error({layer.name}),
-                "recovered": total - board.error(everything - {layer.name}),
-            }
-            if layer.w_high is not None:
-                row["boosted_bits"] = high_bits.get(layer.name)
-                row["recovered_by_boost"] = total - board.error(everything, {layer.name})
-            row["share"] = row["recovered"] / total if total > 0 else 0.0
-            rows.append(row)
-            bar.update()
+    for layer in layers:
+        row = {
+            "layer": layer.name,
+            "params": layer.params,
+            "activation": (layer.act or {}).get("mode"),
+            "bits": bits.get(layer.name),
+            "alone": next(measured),
+            "recovered": total - next(measured),
+        }
+        if layer.w_high is not None:
+            row["boosted_bits"] = high_bits.get(layer.name)
+            row["recovered_by_boost"] = total - next(measured)
+        row["share"] = row["recovered"] / total if total > 0 else 0.0
+        rows.append(row)
     rows.sort(key=lambda r: (-r["recovered"], r["layer"]))
     suggestion = _suggest(full, rows, total, board, everything, max_extra_bits)
     if suggestion.get("pipeline") and "allocate-bits" in names:

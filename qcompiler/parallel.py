@@ -1,0 +1,148 @@
+"""Fan-out of independent work: a function mapped over items, results gathered in the items' order.
+
+Two backends, one interface (`Executor.map`):
+
+- `InProcess` (the default): the calls run one after another in this process; Ray is never
+  imported. A compile without `--workers` or `--ray-address` runs exactly as it always has.
+- `RayExecutor`: each call is a Ray task. `--workers N` starts a local Ray instance with N CPUs
+  (`ray.init(num_cpus=N)`); `--ray-address ADDR` joins a running cluster (`ray.init(address=ADDR)`).
+  The read-only inputs every call shares (weights, calibration batches, a serialized graph) are put
+  in Ray's object store once (`ray.put`) and each task receives the reference, so a model is
+  never pickled per task; numpy arrays are read from the store without a copy on each node.
+
+A function given to `map` is `fn(shared, item) -> result`, pure: it reads `shared` and its item
+and nothing else, so that its results do not depend on where or in which order it ran. Callers
+that must build something costly per call (an ONNX Runtime session) map over `chunks(items, n)`
+with `n = executor.workers`: one chunk per worker, and for `InProcess` one chunk holding every item.
+
+A Ray task that raises or whose worker dies is retried once (`max_retries=1`,
+`retry_exceptions=True`); if it fails again the map raises `TaskFailed`, one line naming the task.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from qcompiler.errors import QCompilerError, UserError, first_line
+
+log = logging.getLogger("qcompiler")
+
+RETRIES = 1
+INSTALL_HINT = 'pip install "qcompiler[ray]"'
+
+
+class TaskFailed(QCompilerError):
+    """A fanned-out task failed twice (the first failure is retried once)."""
+
+    exit_code = 1
+
+
+class InProcess:
+    """Every call in this process, in order."""
+
+    workers = 1
+
+    def map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any], *, shared: Any = None,
+            names: Sequence[str] | None = None) -> list[Any]:
+        return [fn(shared, item) for item in items]
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "in-process"
+
+
+class RayExecutor:
+    """Every call a Ray task; `workers` tasks run at once (a local instance of that many CPUs, or
+    the CPUs of the cluster at `address` unless `workers` says fewer)."""
+
+    def __init__(self, workers: int | None = None, address: str | None = None):
+        ray = import_ray()
+        self._ray = ray
+        self._owned = False
+        if not ray.is_initialized():
+            options = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+            if address:
+                ray.init(address=address, **options)
+            else:
+                ray.init(num_cpus=workers, **options)
+            self._owned = True
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.workers = max(1, workers if workers is not None else cpus)
+        self.address = address
+        log.info("parallel: Ray with %d workers (%s)", self.workers, f"cluster at {address}" if address else "local")
+
+    def map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any], *, shared: Any = None,
+            names: Sequence[str] | None = None) -> list[Any]:
+        if not items:
+            return []
+        ray = self._ray
+        names = list(names) if names is not None else [f"{fn.__qualname__}[{i}]" for i in range(len(items))]
+        shared_ref = ray.put(shared)  # once; every task gets the reference
+        remote = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=True)(fn)
+        refs = [remote.options(name=name).remote(shared_ref, item) for name, item in zip(names, items)]
+        results = []
+        for name, ref in zip(names, refs):
+            try:
+                results.append(ray.get(ref))
+            except ray.exceptions.RayTaskError as error:
+                cause = getattr(error, "cause", None)
+                if isinstance(cause, QCompilerError):
+                    raise cause from None
+                shown = f"{type(cause).__name__}: {first_line(str(cause))}" if cause is not None else first_line(str(error))
+                raise TaskFailed(f"task '{name}' failed after {RETRIES} retry: {shown}") from None
+            except ray.exceptions.RayError as error:  # a worker or node that died, twice
+                raise TaskFailed(f"task '{name}' failed after {RETRIES} retry: {type(error).__name__}: "
+                                 f"{first_line(str(error))}") from None
+        return results
+
+    def close(self) -> None:
+        if self._owned:
+            self._ray.shutdown()
+            self._owned = False
+
+    def describe(self) -> str:
+        return f"ray ({self.workers} workers{', ' + self.address if self.address else ''})"
+
+
+def import_ray():
+    """Ray, or one line saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError(f"--workers and --ray-address run on Ray, which is not installed; {INSTALL_HINT}") from None
+    return ray
+
+
+def check_options(workers: int | None = None, ray_address: str | None = None) -> None:
+    """Bad `workers`/`ray_address`, or Ray missing when asked for: one line, before any slow step."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise UserError(f"workers must be a positive integer, got {workers!r}")
+    if ray_address is not None and (not isinstance(ray_address, str) or not ray_address.strip()):
+        raise UserError("ray-address must be an address such as ray://head:10001 or auto")
+    if workers is not None or ray_address is not None:
+        import_ray()
+
+
+def executor_for(workers: int | None = None, ray_address: str | None = None) -> InProcess | RayExecutor:
+    """The executor the options ask for: none given, `InProcess` (Ray not imported)."""
+    check_options(workers, ray_address)
+    if workers is None and ray_address is None:
+        return InProcess()
+    return RayExecutor(workers, ray_address)
+
+
+def chunks(items: Sequence[Any], parts: int) -> list[list[Any]]:
+    """`items` cut into at most `parts` contiguous chunks of near-equal length (order kept)."""
+    items = list(items)
+    parts = max(1, min(parts, len(items)))
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for index in range(parts):
+        end = start + size + (1 if index < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return [chunk for chunk in out if chunk]
