@@ -793,6 +793,55 @@ def _path(m: int, gemv: bool = True) -> str:
 # launch wrappers
 
 
+@dataclass
+class _A16Launch:
+    """What a weight-only (16-bit activation) launch needs besides its kernel's own arguments: the
+    output, the sparse-outlier operands, the split count they add, X^T for them, the configurations
+    and the workspace."""
+
+    kernel_name: str
+    m: int
+    n: int
+    y: torch.Tensor
+    sparse: tuple
+    sp_splits: int
+    xt: torch.Tensor
+    dot_f32: bool
+    path: str
+    configs: list[dict]
+    fixed: bool
+    workspace: Workspace
+
+    def launch(self, kernel, args: tuple, consts: dict) -> None:
+        def grid(meta):
+            return (triton.cdiv(self.m, meta["BM"]) * triton.cdiv(self.n, meta["BN"]), meta["SPLIT_K"] + self.sp_splits)
+
+        if self.fixed:
+            cfg = dict(self.configs[0])
+            kernel[grid(cfg)](*args, **consts, **cfg)
+        else:
+            _tuned(self.kernel_name, self.path)[grid](*args, **consts)
+
+
+def _a16_launch(kernel_name: str, x2: torch.Tensor, n: int, dummy: torch.Tensor, sparse, config: dict | None,
+                workspace: Workspace | None) -> _A16Launch:
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    dot_f32 = (interpreting() and x2.dtype == torch.bfloat16) or x2.dtype == torch.float32
+    path = _path(m, gemv=True)
+    sp_splits = 0 if sparse is None else (SP_SPLITS_GEMV if m == 1 else SP_SPLITS_TILED)
+    # outliers with M > 1 gather rows of X^T (one extra copy of X, M*K elements)
+    xt = x2.t().contiguous() if sparse is not None and m > 1 else x2
+    if config is None and not interpreting() and not autotuning():
+        config = _first_config(kernel_name, path)
+    configs = [config] if config is not None else _configs_for(kernel_name, path)
+    if workspace is None:
+        parts, tiles = _ws_need(configs, m, n, sp_splits)
+        workspace = _workspace(x2.device, torch.float32, parts, tiles)
+    return _A16Launch(kernel_name, m, n, y, sparse if sparse is not None else (dummy, dummy, dummy), sp_splits, xt,
+                      dot_f32, path, configs, config is not None or interpreting(), workspace)
+
+
 def qc_gemm_wq_a16(x: torch.Tensor, packed: torch.Tensor, *, bits: int, k: int, group: int | None = None,
                    scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
                    lut: torch.Tensor | None = None, lut_group: int | None = None, lut_impl: int | None = None,
@@ -836,35 +885,16 @@ def qc_gemm_wq_a16(x: torch.Tensor, packed: torch.Tensor, *, bits: int, k: int, 
         lut_arg = lut
     if m == 0:
         return x.new_empty((*lead, n))
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     dummy = packed
-    sp = sparse if sparse is not None else (dummy, dummy, dummy)
-    dot_f32 = (interpreting() and x.dtype == torch.bfloat16) or x.dtype == torch.float32
-    path = _path(m, gemv=True)
-    sp_splits = 0 if sparse is None else (SP_SPLITS_GEMV if m == 1 else SP_SPLITS_TILED)
-    # outliers with M > 1 gather rows of X^T (one extra copy of X, M*K elements)
-    xt = x2.t().contiguous() if sparse is not None and m > 1 else x2
-    if config is None and not interpreting() and not autotuning():
-        config = _first_config("wq", path)
-    configs = [config] if config is not None else _configs_for("wq", path)
-    if workspace is None:
-        parts, tiles = _ws_need(configs, m, n, sp_splits)
-        workspace = _workspace(x.device, torch.float32, parts, tiles)
-    args = (x2, xt, packed, scale if scale is not None else dummy, zero if zero is not None else dummy, lut_arg,
+    run = _a16_launch("wq", x2, n, dummy, sparse, config, workspace)
+    y, sp, sp_splits, workspace = run.y, run.sparse, run.sp_splits, run.workspace
+    args = (x2, run.xt, packed, scale if scale is not None else dummy, zero if zero is not None else dummy, lut_arg,
             bias if bias is not None else dummy, sp[0], sp[1], sp[2], y, workspace.partials, workspace.counters,
             m, n, k, num_kt, n_groups, x2.stride(0), y.stride(0), m_bucket(m))
     consts = dict(BITS=bits, GROUP=grp_size, MODE=mode, LUT_GROUPED=lut_grouped, LUT_IMPL=impl,
-                  HAS_BIAS=bias is not None, ACT=ACT_IDS[act], SP_SPLITS=sp_splits, DOT_F32=dot_f32,
+                  HAS_BIAS=bias is not None, ACT=ACT_IDS[act], SP_SPLITS=sp_splits, DOT_F32=run.dot_f32,
                   EVEN_K=k % tile == 0)
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), meta["SPLIT_K"] + sp_splits)
-
-    if config is not None or interpreting():
-        cfg = dict(configs[0])
-        qc_gemm_wq_a16_kernel[grid(cfg)](*args, **consts, **cfg)
-    else:
-        _tuned("wq", path)[grid](*args, **consts)
+    run.launch(qc_gemm_wq_a16_kernel, args, consts)
     return y.reshape(*lead, n)
 
 
@@ -912,34 +942,16 @@ def qc_gemm_mixed_a16(x: torch.Tensor, words: torch.Tensor, tiles: torch.Tensor,
     m, n = x2.shape[0], words.shape[1]
     if m == 0:
         return x.new_empty((*lead, n))
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     dummy = tiles
-    sp = sparse if sparse is not None else (dummy, dummy, dummy)
-    dot_f32 = (interpreting() and x.dtype == torch.bfloat16) or x.dtype == torch.float32
-    path = _path(m, gemv=True)
-    sp_splits = 0 if sparse is None else (SP_SPLITS_GEMV if m == 1 else SP_SPLITS_TILED)
-    xt = x2.t().contiguous() if sparse is not None and m > 1 else x2
-    if config is None and not interpreting() and not autotuning():
-        config = _first_config("mixed", path)
-    configs = [config] if config is not None else _configs_for("mixed", path)
-    if workspace is None:
-        parts, n_out = _ws_need(configs, m, n, sp_splits)
-        workspace = _workspace(x.device, torch.float32, parts, n_out)
-    args = (x2, xt, words, scale if scale is not None else dummy, zero if zero is not None else dummy,
+    run = _a16_launch("mixed", x2, n, dummy, sparse, config, workspace)
+    y, sp, sp_splits, workspace = run.y, run.sparse, run.sp_splits, run.workspace
+    args = (x2, run.xt, words, scale if scale is not None else dummy, zero if zero is not None else dummy,
             lut if lut is not None else dummy, dense if dense is not None else dummy, tiles, seg,
             bias if bias is not None else dummy, sp[0], sp[1], sp[2], y, workspace.partials, workspace.counters,
             m, n, n_tiles, x2.stride(0), y.stride(0), m_bucket(m))
     consts = dict(KINDS=kinds, GROUP=group, HAS_BIAS=bias is not None, ACT=ACT_IDS[act], SP_SPLITS=sp_splits,
-                  DOT_F32=dot_f32)
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), meta["SPLIT_K"] + sp_splits)
-
-    if config is not None or interpreting():
-        cfg = dict(configs[0])
-        qc_gemm_mixed_a16_kernel[grid(cfg)](*args, **consts, **cfg)
-    else:
-        _tuned("mixed", path)[grid](*args, **consts)
+                  DOT_F32=run.dot_f32)
+    run.launch(qc_gemm_mixed_a16_kernel, args, consts)
     return y.reshape(*lead, n)
 
 
