@@ -342,6 +342,23 @@ def _wq_sparse(x_ptr, xt_ptr, sp_colptr, sp_rows, sp_vals, pid_m, offs_m, offs_n
     return acc
 
 
+
+@triton.jit
+def _a16_store(acc, pid_mn, pid_k, ws_ptr, cnt_ptr, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym,
+               SPLIT_K: tl.constexpr, SP_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr):
+    """A weight-only launch's end: the split-K (and sparse-split) partials reduced by the last
+    program of a tile, then bias, activation and the store."""
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K + SP_SPLITS > 1:
+        acc, last = _splitk_reduce(acc, pid_mn, pid_k, ws_ptr, cnt_ptr, SPLIT_K + SP_SPLITS, BM, BN)
+        out_mask = out_mask & last
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    acc = _act(acc, ACT)
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
 @triton.jit
 def qc_gemm_wq_a16_kernel(
     x_ptr, xt_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, bias_ptr, sp_colptr, sp_rows, sp_vals, y_ptr, ws_ptr, cnt_ptr,
@@ -378,15 +395,8 @@ def qc_gemm_wq_a16_kernel(
             acc = _wq_sparse(x_ptr, xt_ptr, sp_colptr, sp_rows, sp_vals, pid_m, offs_m, offs_n, m_mask, n_mask,
                              pid_k - SPLIT_K, M, stride_xm, BM, BN, SP_SPLITS)
 
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K + SP_SPLITS > 1:
-        acc, last = _splitk_reduce(acc, pid_mn, pid_k, ws_ptr, cnt_ptr, SPLIT_K + SP_SPLITS, BM, BN)
-        out_mask = out_mask & last
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    acc = _act(acc, ACT)
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    _a16_store(acc, pid_mn, pid_k, ws_ptr, cnt_ptr, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym,
+               SPLIT_K, SP_SPLITS, HAS_BIAS, ACT, BM, BN)
 
 
 # ================================================================================================
@@ -540,15 +550,8 @@ def qc_gemm_mixed_a16_kernel(
             acc = _wq_sparse(x_ptr, xt_ptr, sp_colptr, sp_rows, sp_vals, pid_m, offs_m, offs_n, m_mask, n_mask,
                              pid_k - SPLIT_K, M, stride_xm, BM, BN, SP_SPLITS)
 
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K + SP_SPLITS > 1:
-        acc, last = _splitk_reduce(acc, pid_mn, pid_k, ws_ptr, cnt_ptr, SPLIT_K + SP_SPLITS, BM, BN)
-        out_mask = out_mask & last
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    acc = _act(acc, ACT)
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    _a16_store(acc, pid_mn, pid_k, ws_ptr, cnt_ptr, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym,
+               SPLIT_K, SP_SPLITS, HAS_BIAS, ACT, BM, BN)
 
 
 # ================================================================================================
