@@ -39,7 +39,7 @@ from qcompiler import calibration, context, placement
 from qcompiler.calib_cache import collect_cached
 from qcompiler.errors import UserError
 from qcompiler.ops import QC_OPSET_VERSION
-from qcompiler.layers import CREATED_BY, insert_after_value, linears, new_initializer
+from qcompiler.layers import CREATED_BY, insert_after_value, linears, new_initializer, set_constant
 from qcompiler.passbase import STATS_CURRENT, Pass, PassResult, model_properties, option, register_pass
 from qcompiler.progress import progress
 
@@ -74,6 +74,7 @@ class QuantizePass(Pass):
     float_inputs: int = option(0, "static mode: keep this many inputs, those that quantize worst (lowest SQNR), in float")
     keep: tuple[str, ...] = option((), "weights (names or globs) whose layers stay in float")
     force: tuple[str, ...] = option((), "weights (names or globs, * for all) whose layers are quantized even where ONNX Runtime would run them in float")
+    bias_correction: bool = option(False, "shift each layer's bias by the mean change its int8 weights make on the calibration inputs")
 
     def __post_init__(self):
         if self.float_inputs < 0:
@@ -102,10 +103,17 @@ class QuantizePass(Pass):
         in_float = set(worst_first[: self.float_inputs])
         quantized_inputs: dict[str, ir.Value] = {}
         layer_stats = {}
+        input_means = _input_means(model, targets) if self.bias_correction else {}
+        corrected = 0
         with progress("quantize: layers", len(targets)) as bar:
             for target in targets:
                 entry = {"weight_axis": target.weight_axis}
-                _quantize_weight(graph, target, entry)
+                error = _quantize_weight(graph, target, entry)
+                if self.bias_correction:
+                    shift = weight_bias_shift(target, error, input_means[target.x.name])
+                    if _shift_bias(graph, target, shift):
+                        entry["bias_shift_max"] = float(np.max(np.abs(shift)))
+                        corrected += 1
                 if target.x.name in act_sqnr:
                     entry["activation_sqnr_db"] = act_sqnr[target.x.name]
                 if self.activations == "int8" and target.x.name not in in_float:
@@ -133,6 +141,7 @@ class QuantizePass(Pass):
             "activations_quantized": len(quantized_inputs),
             "conv_outputs_quantized": outputs_quantized,
             "activation_ranges_recollected": recollected,
+            **({"biases_corrected": corrected} if self.bias_correction else {}),
             "activations_in_float": sorted(in_float),
             "kept_in_float": sorted(t.w.name for t in found if any(fnmatch.fnmatchcase(t.w.name, p) for p in self.keep)),
             "float_placement": placed_float,
@@ -179,7 +188,9 @@ def quantize_weight_per_channel(w: np.ndarray, axis: int) -> tuple[np.ndarray, n
     return q, scale
 
 
-def _quantize_weight(graph: ir.Graph, target: Target, entry: dict) -> None:
+def _quantize_weight(graph: ir.Graph, target: Target, entry: dict) -> np.ndarray:
+    """Replace the target's weight by int8 codes and a `qc.DequantizeWeight`; returns the
+    dequantized weight minus the float one."""
     w = target.w.const_value.numpy()
     q, scale = quantize_weight_per_channel(w, target.weight_axis)
     base = target.w.name
@@ -198,6 +209,62 @@ def _quantize_weight(graph: ir.Graph, target: Target, entry: dict) -> None:
         graph.initializers.pop(target.w.name)
     deq = q.astype(np.float32) * scale.reshape([-1 if i == target.weight_axis else 1 for i in range(w.ndim)])
     entry["weight_sqnr_db"] = _sqnr(w, deq)
+    return deq.astype(np.float64) - w.astype(np.float64)
+
+
+def _input_means(model: ir.Model, targets: list[Target]) -> dict[str, np.ndarray]:
+    """Per layer input: its mean per channel over the calibrated sample rows (attached statistics
+    when still exact, otherwise collected again on the calibration data)."""
+    stats = current_minmax_stats(model, targets)
+    missing = {t.x.name: t.channel_axis for t in targets if t.x.name not in stats}
+    if missing:
+        ctx = context.current()
+        batches = ctx.require_calibration("quantize{bias-correction=true}")
+        stats.update(collect_cached(model, batches, missing, cache_dir=ctx.cache_dir, threads=ctx.threads))
+    return {name: np.asarray(s.sample, np.float64).mean(axis=0) for name, s in stats.items()}
+
+
+def weight_bias_shift(target: Target, error: np.ndarray, mean_in: np.ndarray) -> np.ndarray:
+    """E[(W_q - W) x] per output channel for inputs of mean `mean_in` per channel: for a MatMul
+    [K, N] weight `mean_in @ error`; for a Conv [O, I/groups, kh, kw] weight the sum over its
+    taps and the input channels of its group (borders, where padding reads zeros, are ignored)."""
+    if target.node.op_type != "Conv":
+        return mean_in @ error
+    out_channels, per_group = error.shape[:2]
+    groups = max(1, int(mean_in.shape[0]) // per_group)
+    taps = error.reshape(out_channels, per_group, -1).sum(axis=2)
+    group_of = np.arange(out_channels) // (out_channels // groups)
+    means = mean_in.reshape(groups, per_group)[group_of]
+    return (taps * means).sum(axis=1)
+
+
+def _shift_bias(graph: ir.Graph, target: Target, shift: np.ndarray) -> bool:
+    """Subtract `shift` from the layer's bias: a Conv's bias input (created when absent), or the
+    constant [N] (or [1, .., N]) operand of the Add that alone reads a MatMul's output. False when
+    a MatMul has no such Add."""
+    node = target.node
+    if node.op_type == "Conv":
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is None:
+            node.resize_inputs(3)
+            node.replace_input_with(2, new_initializer(graph, f"{target.w.name}.bias", (-shift).astype(np.float32)))
+            return True
+        if bias.const_value is None:
+            return False
+        set_constant(graph, bias, (bias.const_value.numpy() - shift).astype(np.float32), node, "corrected")
+        return True
+    readers = list(node.outputs[0].uses())
+    if len(readers) != 1 or readers[0].node.op_type != "Add":
+        return False
+    add = readers[0].node
+    bias = add.inputs[1 - readers[0].idx]
+    if bias is None or bias.const_value is None:
+        return False
+    array = bias.const_value.numpy()
+    if array.shape[-1:] != shift.shape or int(np.prod(array.shape)) != shift.shape[0]:
+        return False
+    set_constant(graph, bias, (array - shift.reshape(array.shape)).astype(array.dtype), add, "corrected")
+    return True
 
 
 def _quantize_activation(graph: ir.Graph, x: ir.Value, mode: str, value_range) -> ir.Value:

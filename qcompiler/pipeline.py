@@ -68,9 +68,10 @@ PRESETS: dict[str, Preset] = {
     "default": Preset("canonicalize", "clean the graph up for the passes; no quantization"),
     "w8a8": Preset(
         "canonicalize,calibrate{method=$method},smooth{alpha=$alpha},fold-scales{unfoldable=$unfoldable},"
-        "quantize{act-mode=$act_mode float-inputs=$float_inputs},lower-ort",
+        "quantize{act-mode=$act_mode float-inputs=$float_inputs bias-correction=$bias_correction},lower-ort",
         "int8 weights and activations with SmoothQuant (needs --calib)",
-        {"alpha": "auto", "method": "minmax", "act-mode": "static", "float-inputs": "0", "unfoldable": "unsmooth"},
+        {"alpha": "auto", "method": "minmax", "act-mode": "static", "float-inputs": "0", "unfoldable": "unsmooth",
+         "bias-correction": "false"},
     ),
     "mixed": Preset(
         "canonicalize,calibrate,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook sensitivity=$sensitivity "
