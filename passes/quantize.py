@@ -108,7 +108,7 @@ class QuantizePass(Pass):
         with progress("quantize: layers", len(targets)) as bar:
             for target in targets:
                 entry = {"weight_axis": target.weight_axis}
-                error = _quantize_weight(graph, target, entry)
+                error = _quantize_weight(graph, target, entry, keep_error=self.bias_correction)
                 if self.bias_correction:
                     shift = weight_bias_shift(target, error, input_means[target.x.name])
                     if _shift_bias(graph, target, shift):
@@ -188,9 +188,9 @@ def quantize_weight_per_channel(w: np.ndarray, axis: int) -> tuple[np.ndarray, n
     return q, scale
 
 
-def _quantize_weight(graph: ir.Graph, target: Target, entry: dict) -> np.ndarray:
-    """Replace the target's weight by int8 codes and a `qc.DequantizeWeight`; returns the
-    dequantized weight minus the float one."""
+def _quantize_weight(graph: ir.Graph, target: Target, entry: dict, keep_error: bool = False) -> np.ndarray | None:
+    """Replace the target's weight by int8 codes and a `qc.DequantizeWeight`; with `keep_error`,
+    return the dequantized weight minus the float one (a copy of the weight's size: only then)."""
     w = target.w.const_value.numpy()
     q, scale = quantize_weight_per_channel(w, target.weight_axis)
     base = target.w.name
@@ -209,7 +209,7 @@ def _quantize_weight(graph: ir.Graph, target: Target, entry: dict) -> np.ndarray
         graph.initializers.pop(target.w.name)
     deq = q.astype(np.float32) * scale.reshape([-1 if i == target.weight_axis else 1 for i in range(w.ndim)])
     entry["weight_sqnr_db"] = _sqnr(w, deq)
-    return deq.astype(np.float64) - w.astype(np.float64)
+    return np.subtract(deq, w, dtype=np.float64) if keep_error else None
 
 
 def _input_means(model: ir.Model, targets: list[Target]) -> dict[str, np.ndarray]:
