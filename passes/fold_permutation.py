@@ -30,8 +30,7 @@ import onnx_ir as ir
 
 from qcompiler.channels import ChannelRegion, NotChannelwise, channel_region
 from qcompiler.layers import set_constant
-from qcompiler.mixed_ops import INPUTS_PER_KIND, class_slices
-from qcompiler.ops import attributes_of
+from qcompiler.mixed_ops import MixedMatMulView, is_mixed_matmul
 from qcompiler.passbase import Pass, PassResult, register_pass
 
 
@@ -48,9 +47,9 @@ class FoldPermutationPass(Pass):
         graph = model.graph
         folded, kept = [], {}
         for node in list(graph):
-            if node.domain != "qc" or node.op_type != "MixedMatMul":
+            if not is_mixed_matmul(node):
                 continue
-            perm = node.inputs[1].const_value.numpy().astype(np.int64)
+            perm = MixedMatMulView.of(node).perm_array()
             if np.array_equal(perm, np.arange(len(perm))):
                 continue
             name = node.name or node.outputs[0].name
@@ -66,7 +65,7 @@ class FoldPermutationPass(Pass):
 
 
 def _plan(graph: ir.Graph, consumer: ir.Node, k: int) -> ChannelRegion:
-    x = consumer.inputs[0]
+    x = MixedMatMulView.of(consumer).x
     region = channel_region(graph, x, k, mixed=True)
     if any(use.node is not consumer for use in x.uses()):
         node = x.producer()
@@ -84,24 +83,22 @@ def _apply(graph: ir.Graph, consumer: ir.Node, plan: ChannelRegion, perm: np.nda
     for node, index in plan.constants:
         c = node.inputs[index].const_value.numpy()
         set_constant(graph, node.inputs[index], np.ascontiguousarray(c[..., perm]), node, "permuted")
-    set_constant(graph, consumer.inputs[1], np.arange(len(perm), dtype=np.int64), consumer, "folded")
+    set_constant(graph, MixedMatMulView.of(consumer).perm, np.arange(len(perm), dtype=np.int64), consumer, "folded")
 
 
 def _permute_mixed_outputs(graph: ir.Graph, node: ir.Node, perm: np.ndarray) -> None:
     """A qc.MixedMatMul whose output column j is its former column perm[j]."""
-    a = attributes_of(node)
-    for kind, index, _, _ in class_slices(a["kinds"], a["sizes"]):
-        for offset in range(INPUTS_PER_KIND[kind]):
-            slot = 2 + index + offset
-            array = node.inputs[slot].const_value.numpy()
-            axis = 0 if (kind == "codebook" and offset == 1) else 1  # the codebook table is [N, 2^b]
-            set_constant(graph, node.inputs[slot], np.ascontiguousarray(np.take(array, perm, axis=axis)), node, "permuted")
-    if a["sparse"]:
-        indices = node.inputs[-2].const_value.numpy()
-        values = node.inputs[-1].const_value.numpy()
+    view = MixedMatMulView.of(node)
+    for c in view.classes:
+        for offset, value in enumerate(c.inputs):
+            array = value.const_value.numpy()
+            axis = 0 if (c.kind == "codebook" and offset == 1) else 1  # the codebook table is [N, 2^b]
+            set_constant(graph, value, np.ascontiguousarray(np.take(array, perm, axis=axis)), node, "permuted")
+    if view.outliers is not None:
+        indices, values = view.outlier_arrays()
         inverse = np.empty_like(perm)
         inverse[perm] = np.arange(len(perm))
         moved = np.stack([indices[:, 0], inverse[indices[:, 1]]], axis=1).astype(indices.dtype)
         order = np.lexsort((moved[:, 1], moved[:, 0]))
-        set_constant(graph, node.inputs[-2], moved[order], node, "permuted")
-        set_constant(graph, node.inputs[-1], values[order], node, "permuted")
+        set_constant(graph, view.outliers[0], moved[order], node, "permuted")
+        set_constant(graph, view.outliers[1], values[order], node, "permuted")

@@ -28,8 +28,9 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler import context
 from qcompiler.errors import UserError
-from qcompiler.mixed_ops import class_slices
+from qcompiler.mixed_ops import MixedClass, MixedMatMulView, class_slices, split_class_inputs
 from qcompiler.passbase import Pass, PassResult, option, register_pass
 from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
 from qcompiler.reconstruct import BlockProblem, Options, reconstruct
@@ -67,9 +68,12 @@ class GPTQPass(Pass):
         return PassResult(model, bool(stats.get("blocks_improved")), stats)
 
     def _solve(self, problem: BlockProblem) -> tuple[dict, int]:
-        """Each layer of the block rounded by `gptq_round`, in order, on the H its inputs give."""
+        """Each layer of the block rounded by `gptq_round` on the H its inputs give: the groups in
+        order, the layers of one group (independent once H is measured) fanned out on the compile's
+        executor (`qcompiler.parallel`; in-process by default), with the same results."""
         import torch
 
+        executor = context.current().executor
         rounded: dict[int, torch.Tensor] = {}
         arrays: dict[int, list[np.ndarray]] = {}
 
@@ -78,20 +82,43 @@ class GPTQPass(Pass):
 
         for group in _by_input(problem.layers) if self.sequential else [problem.layers]:
             hessians = _hessians(problem, group, weight_of)
-            for layer in group:
-                a = gptq_round(layer.w.numpy(), hessians[id(layer.node)], layer.kinds, layer.bits,
-                               layer.sizes, layer.group_size, layer.originals, layer.sparse, self.grid, self.damp)
+            tasks = [RoundingTask(layer.w.numpy(), hessians[id(layer.node)], layer.kinds, layer.bits, layer.sizes,
+                                  layer.group_size, layer.originals, layer.sparse) for layer in group]
+            results = executor.map(round_layer, tasks, shared=(self.grid, self.damp),
+                                   names=[f"gptq: layer '{layer.name}'" for layer in group])
+            for layer, a in zip(group, results):
                 arrays[id(layer.node)] = a
                 rounded[id(layer.node)] = layer.reference_weight(a)
         problem.bar.update()
         return arrays, 0
 
 
+@dataclasses.dataclass(frozen=True)
+class RoundingTask:
+    """What `gptq_round` reads for one layer (arrays only, so that a worker process can take it)."""
+
+    w: np.ndarray
+    hessian: np.ndarray
+    kinds: list[str]
+    bits: list[int]
+    sizes: list[int]
+    group_size: int
+    originals: list[np.ndarray]
+    sparse: int
+
+
+def round_layer(options: tuple[str, float], task: RoundingTask) -> list[np.ndarray]:
+    """One layer's GPTQ rounding (a pure function of its task: the same result in any process)."""
+    grid, damp = options
+    return gptq_round(task.w, task.hessian, task.kinds, task.bits, task.sizes, task.group_size, task.originals,
+                      task.sparse, grid, damp)
+
+
 def _by_input(layers) -> list[list]:
     """The layers in order, those reading the same tensor together (Q/K/V, gate/up)."""
     groups: dict[str, list] = {}
     for layer in layers:
-        groups.setdefault(layer.node.inputs[0].name, []).append(layer)
+        groups.setdefault(MixedMatMulView.of(layer.node).x.name, []).append(layer)
     return list(groups.values())
 
 
@@ -100,7 +127,7 @@ def _hessians(problem: BlockProblem, layers, weight_of) -> dict[int, np.ndarray]
     positions only, in the layer's row order: {id(layer.node): H}."""
     import torch
 
-    names = sorted({l.node.inputs[0].name for l in layers})
+    names = sorted({MixedMatMulView.of(l.node).x.name for l in layers})
     sums = {n: None for n in names}
     count = 0
     with torch.no_grad():
@@ -116,8 +143,9 @@ def _hessians(problem: BlockProblem, layers, weight_of) -> dict[int, np.ndarray]
             count += int(x.shape[0])
     out = {}
     for layer in layers:
-        perm = layer.node.inputs[1].const_value.numpy().astype(np.int64)
-        out[id(layer.node)] = (sums[layer.node.inputs[0].name].numpy() / max(count, 1))[np.ix_(perm, perm)]
+        view = MixedMatMulView.of(layer.node)
+        perm = view.perm_array()
+        out[id(layer.node)] = (sums[view.x.name].numpy() / max(count, 1))[np.ix_(perm, perm)]
     return out
 
 
@@ -135,9 +163,9 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, kinds, bits, sizes, group_siz
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
     u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper, H^-1 = U^T U
     arrays = [a.copy() for a in originals]
-    sparse_cols = _sparse_columns(originals, k) if sparse else {}
-    rounders = [_Rounder(kind, int(b), index, start, stop, group_size, arrays, grid, energy)
-                for (kind, index, start, stop), b in zip(class_slices(kinds, sizes), bits)]
+    classes, outliers = split_class_inputs(arrays, kinds, bits, sizes, sparse)
+    sparse_cols = _sparse_columns(outliers[0], k) if outliers is not None else {}
+    rounders = [_Rounder(c, group_size, grid, energy) for c in classes]
     row_class = np.repeat(np.arange(len(rounders)), sizes)
     starts = _block_starts(kinds, sizes, group_size, k)
     kept: dict[tuple[int, int], float] = {}
@@ -155,8 +183,9 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, kinds, bits, sizes, group_siz
             errors[i - first] = (w[i] - q) / u[i, i]
             w[i + 1:stop] -= np.outer(u[i, i + 1:stop], errors[i - first])
         w[stop:] -= u[first:stop, stop:].T @ errors
-    if sparse:
-        arrays[-1] = np.array([kept[(int(r), int(c))] for r, c in arrays[-2]], np.float16)
+    if outliers is not None:
+        indices, values = outliers
+        values[...] = np.array([kept[(int(r), int(c))] for r, c in indices], np.float16)
     return arrays
 
 
@@ -170,46 +199,47 @@ def _block_starts(kinds, sizes, group_size: int, k: int) -> list[int]:
     return sorted(s for s in starts if s < k)
 
 
-def _sparse_columns(originals, k: int) -> dict[int, np.ndarray]:
-    index = originals[-2].astype(np.int64)
+def _sparse_columns(indices: np.ndarray, k: int) -> dict[int, np.ndarray]:
+    index = indices.astype(np.int64)
     return {int(r): index[index[:, 0] == r, 1] for r in np.unique(index[:, 0]) if r < k}
 
 
 class _Rounder:
     """Rounds the rows of one class, writing its arrays as it goes."""
 
-    def __init__(self, kind, bits, index, start, stop, group_size, arrays, grid, energy):
-        self.kind, self.bits, self.index, self.start, self.stop = kind, bits, index, start, stop
-        self.group_size, self.arrays, self.grid, self.energy = group_size, arrays, grid, energy
-        if kind == "uniform":
-            self.integer = arrays[index + 2].dtype == np.uint8
+    def __init__(self, c: MixedClass[np.ndarray], group_size: int, grid: str, energy: np.ndarray):
+        self.kind, self.bits, self.start, self.stop = c.kind, c.bits, c.start, c.stop
+        self.arrays = c.inputs  # codes, then scale and zero or the codebook: written in place
+        self.group_size, self.grid, self.energy = group_size, grid, energy
+        if self.kind == "uniform":
+            self.integer = self.arrays[2].dtype == np.uint8
 
     def begin(self, w: np.ndarray, row: int) -> None:
         """Choose the grid (uniform: the group starting at `row`) or codebook (the class) from the updated rows."""
-        a, i = self.arrays, self.index
+        a = self.arrays
         if self.kind == "uniform":
             rows = slice(row, min(row + self.group_size, self.stop))
             _, scale, zero = uniform_groups(w[rows], self.energy[rows], self.bits, self.group_size, self.grid, self.integer)
             g = (row - self.start) // self.group_size
-            a[i + 1][g], a[i + 2][g] = scale[0], zero[0]
+            a[1][g], a[2][g] = scale[0], zero[0]
             self.scale = scale[0].astype(np.float32).astype(np.float64)
             self.zero = zero[0].astype(np.float32).astype(np.float64)
         elif self.kind == "codebook":
             _, book = kmeans_codebook(w[self.start:self.stop], self.energy[self.start:self.stop], self.bits)
-            a[i + 1][...] = book
+            a[1][...] = book
             self.book = book.astype(np.float64)
 
     def round(self, row: np.ndarray, i: int) -> np.ndarray:
         a, r = self.arrays, i - self.start
         if self.kind == "uniform":
             q = np.clip(np.round(row / self.scale + self.zero), 0, (1 << self.bits) - 1)
-            a[self.index][r] = q.astype(np.uint8)
+            a[0][r] = q.astype(np.uint8)
             value = (q.astype(np.float32) - self.zero.astype(np.float32)) * self.scale.astype(np.float32)
         elif self.kind == "codebook":
             code = np.argmin(np.abs(row[:, None] - self.book), axis=1)
-            a[self.index][r] = code.astype(np.uint8)
+            a[0][r] = code.astype(np.uint8)
             value = self.book[np.arange(len(row)), code]
         else:
-            a[self.index][r] = row.astype(np.float16)
+            a[0][r] = row.astype(np.float16)
             value = row.astype(np.float16)
         return np.array(value, np.float64)

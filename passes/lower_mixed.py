@@ -54,8 +54,7 @@ import onnx_ir as ir
 from qcompiler import bitcost
 from qcompiler.ir import STORED_WEIGHTS
 from qcompiler.layers import CREATED_BY, new_initializer
-from qcompiler.mixed_ops import INPUTS_PER_KIND, class_slices, mixed_weight
-from qcompiler.ops import attributes_of
+from qcompiler.mixed_ops import MixedMatMulView, mixed_weight
 
 ROUTE_KEY = "lower-ort.mixed_route"  # metadata on a lowered layer's last node: the route per class
 
@@ -152,26 +151,24 @@ def _fp16_per_call(b: _Builder, name: str, x: ir.Value, weight: np.ndarray) -> i
 
 
 def _expand_all(graph: ir.Graph, node: ir.Node) -> str:
-    a = attributes_of(node)
+    view = MixedMatMulView.of(node)
     base = node.name or node.outputs[0].name
     b = _Builder(graph, node, base)
-    arrays = [v.const_value.numpy() if v is not None and v.const_value is not None else None for v in node.inputs]
-    x, perm = node.inputs[0], arrays[1]
+    x, perm = view.x, view.perm_array()
     blocks = []
-    for kind, index, _, _ in class_slices(a["kinds"], a["sizes"]):
-        args = arrays[2 + index : 2 + index + INPUTS_PER_KIND[kind]]
-        name = f"c{index}"
-        bits = a["bits"][len(blocks)]
-        if kind == "uniform":
-            blocks.append(_uniform(b, name, *args, bits, a["group_size"]))
-        elif kind == "codebook":
-            blocks.append(_codebook(b, name, *args, bits))
+    for c in view.class_arrays():
+        name = f"c{c.slot}"
+        if c.kind == "uniform":
+            blocks.append(_uniform(b, name, *c.inputs, c.bits, view.group_size))
+        elif c.kind == "codebook":
+            blocks.append(_codebook(b, name, *c.inputs, c.bits))
         else:
-            blocks.append(b.op("Cast", [b.const(f"{name}.fp16", args[0])], {"to": ir.DataType.FLOAT}))
+            blocks.append(b.op("Cast", [b.const(f"{name}.fp16", c.inputs[0])], {"to": ir.DataType.FLOAT}))
     weight = blocks[0] if len(blocks) == 1 else b.op("Concat", blocks, {"axis": 0})
-    if a["sparse"]:
-        pairs = b.op("Cast", [b.const("outlier_index", arrays[-2].astype(np.uint16))], {"to": ir.DataType.INT64})
-        values = b.op("Cast", [b.const("outlier_value", arrays[-1])], {"to": ir.DataType.FLOAT})
+    outliers = view.outlier_arrays()
+    if outliers is not None:
+        pairs = b.op("Cast", [b.const("outlier_index", outliers[0].astype(np.uint16))], {"to": ir.DataType.INT64})
+        values = b.op("Cast", [b.const("outlier_value", outliers[1])], {"to": ir.DataType.FLOAT})
         weight = b.op("ScatterND", [weight, pairs, values])
     if np.array_equal(perm, np.arange(len(perm))):
         xp = x
@@ -206,44 +203,38 @@ def unpack_nbits(packed: np.ndarray, rows: int, bits: int) -> np.ndarray:
 def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, route: str = "split",
                        codebook_route: str = "load") -> str:
     """Lower one `qc.MixedMatMul`; returns the route taken, for the pass's statistics."""
-    a = attributes_of(node)
-    classes = class_slices(a["kinds"], a["sizes"])
-    zero_index = [2 + index + 2 for _, index, _, _ in classes]
-    nbits = [kind == "uniform" and node.inputs[z].const_value.dtype == ir.DataType.UINT8
-             for (kind, _, _, _), z in zip(classes, zero_index)]
     if route == "expand":
         return _expand_all(graph, node)
+    view = MixedMatMulView.of(node)
     base = node.name or node.outputs[0].name
     b = _Builder(graph, node, base)
-    arrays = [v.const_value.numpy() if v is not None and v.const_value is not None else None for v in node.inputs]
-    x, perm = node.inputs[0], arrays[1].astype(np.int64)
+    x, perm = view.x, view.perm_array()
     k_total = len(perm)
     partial, routes = [], []
-    for (kind, index, start, stop), bits, fast in zip(classes, a["bits"], nbits):
-        args = arrays[2 + index : 2 + index + INPUTS_PER_KIND[kind]]
-        name = f"c{index}"
-        xc = _columns(b, name, x, perm[start:stop], k_total)
-        if fast:
-            container = bitcost.container_bits(bits)
-            partial.append(_matmul_nbits(b, name, xc, *args, container, a["group_size"], accuracy_level))
-            routes.append(f"MatMulNBits{bits}" if container == bits else f"MatMulNBits{container}({bits}-bit codes)")
+    for c in view.class_arrays():
+        name = f"c{c.slot}"
+        xc = _columns(b, name, x, perm[c.start:c.stop], k_total)
+        if c.kind == "uniform" and c.inputs[2].dtype == np.uint8:  # integer zero points: MatMulNBits
+            container = bitcost.container_bits(c.bits)
+            partial.append(_matmul_nbits(b, name, xc, *c.inputs, container, view.group_size, accuracy_level))
+            routes.append(f"MatMulNBits{c.bits}" if container == c.bits else f"MatMulNBits{container}({c.bits}-bit codes)")
             continue
-        if kind == "uniform":
-            weight = _uniform(b, name, *args, bits, a["group_size"])
-            routes.append(f"uniform{bits}(float MatMul, expanded at load)")
-        elif kind == "codebook":
+        if c.kind == "uniform":
+            weight = _uniform(b, name, *c.inputs, c.bits, view.group_size)
+            routes.append(f"uniform{c.bits}(float MatMul, expanded at load)")
+        elif c.kind == "codebook":
             per_run = codebook_route == "run"
-            weight = _codebook(b, name, *args, bits, per_call=x if per_run else None)
-            routes.append(f"codebook{bits}(float MatMul, expanded {'per run' if per_run else 'at load'})")
+            weight = _codebook(b, name, *c.inputs, c.bits, per_call=x if per_run else None)
+            routes.append(f"codebook{c.bits}(float MatMul, expanded {'per run' if per_run else 'at load'})")
         else:
-            weight = _fp16_per_call(b, name, x, args[0])
+            weight = _fp16_per_call(b, name, x, c.inputs[0])
             routes.append("fp16(float MatMul, cast per run)")
         partial.append(b.op("MatMul", [xc, weight]))
     y = partial[0]
     for term in partial[1:]:
         y = b.op("Add", [y, term])
-    if a["sparse"]:
-        y = _sparse_corrections(b, x, y, perm, arrays[2:], a)
+    if view.outliers is not None:
+        y = _sparse_corrections(b, x, y, perm, view)
         routes.append("sparse(ScatterElements add)")
     taken = "split: " + " + ".join(routes)
     y.producer().name = base
@@ -296,11 +287,12 @@ def _matmul_nbits(b: _Builder, name: str, x: ir.Value, codes, scale, zero, bits:
                 domain="com.microsoft")
 
 
-def _sparse_corrections(b: _Builder, x: ir.Value, y: ir.Value, perm: np.ndarray, class_inputs, a) -> ir.Value:
+def _sparse_corrections(b: _Builder, x: ir.Value, y: ir.Value, perm: np.ndarray, view: MixedMatMulView) -> ir.Value:
     """y + the sparse outliers' corrections: at each outlier (row r, column c) the stored value
     replaces the classes' dequantized one, so y[..., c] += X[..., perm[r]] * (value - w_hat[r, c])."""
-    dense = mixed_weight([np.asarray(v) for v in class_inputs[:-2]], a["kinds"], a["sizes"], a["group_size"], 0)
-    indices, values = class_inputs[-2].astype(np.int64), class_inputs[-1]
+    dense = mixed_weight(view.class_arrays(), None, view.group_size)
+    indices, values = view.outlier_arrays()
+    indices = indices.astype(np.int64)
     delta = values.astype(np.float32) - dense[indices[:, 0], indices[:, 1]]
     gathered = b.op("Gather", [x, _index(b, "outlier_rows", perm[indices[:, 0]])], {"axis": -1}, stored=True)
     updates = b.op("Mul", [gathered, b.const("outlier_delta", delta)], stored=True)

@@ -37,6 +37,7 @@ import onnx_ir as ir
 from qcompiler import execute, instruments, ops
 from qcompiler.errors import UserError
 from qcompiler.ir import qc_nodes, to_proto
+from qcompiler.mixed_ops import MixedMatMulView, is_mixed_matmul
 from qcompiler.pass_manager import Instrument, PassRecord, run_pipeline
 from qcompiler.pipeline import check_order, format_pipeline, parse_pipeline
 from qcompiler.probe import log_softmax, mean_kl
@@ -115,8 +116,8 @@ class _Unreadable(Exception):
 def _layer_from(q: ir.Node | None, x_name: str, w_name: str, node_name: str, w_float: np.ndarray) -> LayerQuant | None:
     if q is None:
         raise _Unreadable("its output is not produced in the quantized model")
-    if q.domain == "qc" and q.op_type == "MixedMatMul":
-        if q.inputs[0].name != x_name:
+    if is_mixed_matmul(q):
+        if MixedMatMulView.of(q).x.name != x_name:
             raise _Unreadable("its MixedMatMul reads another activation")
         consts = [_const(v) for v in q.inputs[1:]]
         eye = np.eye(w_float.shape[0], dtype=np.float32)

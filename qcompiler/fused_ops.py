@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import VerificationError
-from qcompiler.mixed_ops import mixed_weight
+from qcompiler.mixed_ops import mixed_weight, split_class_inputs
 from qcompiler.op_registry import Attr, OpSchema, attributes_of, register
 from qcompiler.qc_ops import ACT_MODES, dequantize_weight, quantize_activation
 
@@ -56,7 +56,8 @@ def qlinear_weight(rest: list, a: dict) -> np.ndarray:
         q, scale = rest[0], rest[1]
         zero = rest[2] if len(rest) > 2 else None
         return dequantize_weight(q, scale, zero, a["w_axis"])
-    return mixed_weight(rest[1:], a["kinds"], a["sizes"], a["group_size"], a["sparse"])
+    classes, outliers = split_class_inputs(rest[1:], a["kinds"], a["bits"], a["sizes"], a["sparse"])
+    return mixed_weight(classes, outliers, a["group_size"])
 
 
 def _qlinear_reference(x, *rest, **a):

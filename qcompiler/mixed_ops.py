@@ -27,9 +27,16 @@ Attributes: `kinds` (strings), `bits` (ints, 16 for fp16), `sizes` (K_c per clas
 
 A uniform class whose zero point is uint8 (an integer on the code grid) has the same meaning; it is
 the form `lower-ort` can hand to ONNX Runtime's `com.microsoft.MatMulNBits` (2, 4 and 8 bits).
+
+Passes and backends read the op by role through `MixedMatMulView.of(node)` (its classes as
+`MixedClass`es, its outliers), or `split_class_inputs` for arrays, never by input position.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Generic, TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -40,6 +47,7 @@ from qcompiler.op_registry import Attr, OpSchema, attributes_of, register
 KINDS = ("uniform", "codebook", "fp16")
 INPUTS_PER_KIND = {"uniform": 3, "codebook": 2, "fp16": 1}
 FP16_BITS = 16
+T = TypeVar("T")
 
 
 def dequantize_uniform(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, group_size: int) -> np.ndarray:
@@ -62,26 +70,93 @@ def class_slices(kinds, sizes) -> list[tuple[str, int, int, int]]:
     return out
 
 
-def mixed_weight(class_inputs: list[np.ndarray], kinds, sizes, group_size: int, sparse: int) -> np.ndarray:
-    """The dequantized weight [K, N] in permuted row order."""
-    blocks = []
-    for kind, index, _, _ in class_slices(kinds, sizes):
-        args = class_inputs[index : index + INPUTS_PER_KIND[kind]]
-        if kind == "uniform":
-            blocks.append(dequantize_uniform(*args, group_size))
-        elif kind == "codebook":
-            blocks.append(dequantize_codebook(*args))
-        else:
-            blocks.append(args[0].astype(np.float32))
-    w = np.concatenate(blocks, axis=0)
-    if sparse:
-        indices, values = class_inputs[-2], class_inputs[-1]
+@dataclass(frozen=True)
+class MixedClass(Generic[T]):
+    """One class of a `qc.MixedMatMul`: rows `start .. stop` of the stored (permuted) weight, and its
+    inputs (`ir.Value`s in a view of a node, arrays once read): `uniform`: codes [K_c, N], scale and
+    zero [ceil(K_c / group), N]; `codebook`: codes and a table [N, 2**bits]; `fp16`: the rows [K_c, N].
+    `slot` is the position of its first input among the class inputs (after X and perm)."""
+
+    kind: str
+    bits: int
+    start: int
+    stop: int
+    inputs: tuple[T, ...]
+    slot: int = 0
+
+    def read(self) -> MixedClass[np.ndarray]:
+        """The same class with its inputs' constant arrays (None where an input is not constant)."""
+        return replace(self, inputs=tuple(_array(v) for v in self.inputs))
+
+    def dequantize(self, group_size: int) -> np.ndarray:
+        """Rows `start .. stop` of the dequantized weight (the class's inputs must be arrays)."""
+        if self.kind == "uniform":
+            codes, scale, zero = self.inputs
+            return dequantize_uniform(np.asarray(codes), scale, zero, group_size)
+        if self.kind == "codebook":
+            return dequantize_codebook(*(np.asarray(v) for v in self.inputs))
+        return np.asarray(self.inputs[0], np.float32)
+
+
+def split_class_inputs(items: Sequence[T], kinds, bits, sizes, sparse) -> tuple[list[MixedClass[T]], tuple[T, T] | None]:
+    """The class inputs of a `qc.MixedMatMul` (everything after X and perm, as values or arrays) by
+    role: one `MixedClass` per class, and the sparse outliers' (indices, values) or None."""
+    classes = [MixedClass(kind, int(b), start, stop, tuple(items[index : index + INPUTS_PER_KIND[kind]]), index)
+               for (kind, index, start, stop), b in zip(class_slices(kinds, sizes), bits)]
+    return classes, ((items[-2], items[-1]) if sparse else None)
+
+
+def mixed_weight(classes: Sequence[MixedClass[np.ndarray]], outliers: tuple | None, group_size: int) -> np.ndarray:
+    """The dequantized weight [K, N] in permuted row order, sparse outliers written in."""
+    w = np.concatenate([c.dequantize(group_size) for c in classes], axis=0)
+    if outliers is not None:
+        indices, values = outliers
         w[indices[:, 0].astype(np.int64), indices[:, 1].astype(np.int64)] = values.astype(np.float32)
     return w
 
 
+@dataclass(frozen=True)
+class MixedMatMulView:
+    """A `qc.MixedMatMul` read by role: its activation, permutation, classes and sparse outliers."""
+
+    node: ir.Node
+    x: ir.Value
+    perm: ir.Value
+    classes: tuple[MixedClass[ir.Value], ...]
+    outliers: tuple[ir.Value, ir.Value] | None  # (indices int [S, 2], values fp16 [S])
+    group_size: int
+
+    @classmethod
+    def of(cls, node: ir.Node) -> MixedMatMulView:
+        a = attributes_of(node)
+        classes, outliers = split_class_inputs(list(node.inputs[2:]), a["kinds"], a["bits"], a["sizes"], a["sparse"])
+        return cls(node, node.inputs[0], node.inputs[1], tuple(classes), outliers, int(a["group_size"]))
+
+    def perm_array(self) -> np.ndarray:
+        return self.perm.const_value.numpy().astype(np.int64)
+
+    def class_arrays(self) -> list[MixedClass[np.ndarray]]:
+        return [c.read() for c in self.classes]
+
+    def outlier_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
+        return None if self.outliers is None else (_array(self.outliers[0]), _array(self.outliers[1]))
+
+    def weight(self) -> np.ndarray:
+        """The dequantized weight [K, N] in permuted row order (every input must be constant)."""
+        return mixed_weight(self.class_arrays(), self.outlier_arrays(), self.group_size)
+
+
+def is_mixed_matmul(node: ir.Node) -> bool:
+    return node.domain == "qc" and node.op_type == "MixedMatMul"
+
+
+def _array(value: ir.Value | None) -> np.ndarray | None:
+    return value.const_value.numpy() if value is not None and value.const_value is not None else None
+
+
 def _mixed_matmul_reference(x, perm, *rest, kinds=(), bits=(), sizes=(), group_size=128, sparse=0):
-    w = mixed_weight(list(rest), kinds, sizes, group_size, sparse)
+    classes, outliers = split_class_inputs(list(rest), kinds, bits, sizes, sparse)
+    w = mixed_weight(classes, outliers, group_size)
     return ((np.asarray(x)[..., np.asarray(perm, np.int64)] @ w).astype(np.asarray(x).dtype),)
 
 
@@ -102,15 +177,15 @@ def _check_mixed_matmul(node: ir.Node) -> None:
     perm = node.inputs[1].const_value if node.inputs[1] is not None else None
     if perm is not None and perm.size != sum(sizes):
         raise VerificationError(f"{where}: perm has {perm.size} entries for {sum(sizes)} channels")
-    for (kind, index, start, stop), b in zip(class_slices(kinds, sizes), bits):
-        codes = node.inputs[2 + index].const_value
-        if codes is not None and codes.shape[0] != stop - start:
-            raise VerificationError(f"{where}: a {kind} class of {stop - start} rows stores {codes.shape[0]}")
-        zero = node.inputs[4 + index].const_value if kind == "uniform" else None
+    for c in MixedMatMulView.of(node).classes:
+        codes = c.inputs[0].const_value
+        if codes is not None and codes.shape[0] != c.stop - c.start:
+            raise VerificationError(f"{where}: a {c.kind} class of {c.stop - c.start} rows stores {codes.shape[0]}")
+        zero = c.inputs[2].const_value if c.kind == "uniform" else None
         if zero is not None and zero.dtype not in (ir.DataType.FLOAT16, ir.DataType.UINT8):
             raise VerificationError(f"{where}: a uniform class's zero point must be float16 or uint8, got {zero.dtype}")
-        if zero is not None and zero.dtype == ir.DataType.UINT8 and zero.size and int(zero.numpy().max()) >= 1 << b:
-            raise VerificationError(f"{where}: an integer zero point of a {b}-bit class must be below {1 << b}")
+        if zero is not None and zero.dtype == ir.DataType.UINT8 and zero.size and int(zero.numpy().max()) >= 1 << c.bits:
+            raise VerificationError(f"{where}: an integer zero point of a {c.bits}-bit class must be below {1 << c.bits}")
 
 
 def _bit_allocation_reference(w, bits, **_format):

@@ -48,7 +48,7 @@ from qcompiler import context
 from qcompiler.blocks import Block, find_blocks
 from qcompiler.errors import UserError
 from qcompiler.layers import set_constant
-from qcompiler.mixed_ops import INPUTS_PER_KIND, class_slices, mixed_weight
+from qcompiler.mixed_ops import MixedMatMulView, is_mixed_matmul, mixed_weight, split_class_inputs
 from qcompiler.ops import attributes_of
 from qcompiler.probe import valid_positions
 from qcompiler.progress import progress
@@ -83,16 +83,17 @@ class _Layer:
         a = attributes_of(node)
         self.kinds, self.bits, self.sizes = list(a["kinds"]), list(a["bits"]), list(a["sizes"])
         self.group_size, self.sparse = int(a["group_size"]), int(a["sparse"])
-        perm = node.inputs[1].const_value.numpy().astype(np.int64)
-        w = np.asarray(node.meta[FLOAT_WEIGHT_KEY].numpy(), np.float32)[perm]
+        view = MixedMatMulView.of(node)
+        w = np.asarray(node.meta[FLOAT_WEIGHT_KEY].numpy(), np.float32)[view.perm_array()]
         self.w = torch.from_numpy(np.ascontiguousarray(w))
         self.class_values = list(node.inputs[2:])
         self.originals = [v.const_value.numpy().copy() for v in self.class_values]
         self.params: list = []
         self.classes = []
-        for kind, index, start, stop in class_slices(self.kinds, self.sizes):
-            entry = {"kind": kind, "index": index, "rows": slice(start, stop), "bits": self.bits[len(self.classes)]}
-            arrays = [self.originals[index + j] for j in range(INPUTS_PER_KIND[kind])]
+        read, outliers = self.split(self.originals)
+        for c in read:
+            kind, start, stop, arrays = c.kind, c.start, c.stop, c.inputs
+            entry = {"kind": kind, "index": c.slot, "rows": slice(start, stop), "bits": c.bits}
             if kind == "uniform":
                 codes, scale, zero = (torch.from_numpy(np.asarray(x, np.float32)) for x in arrays)
                 groups = torch.arange(stop - start) // self.group_size
@@ -122,10 +123,10 @@ class _Layer:
             else:
                 entry["w16"] = torch.from_numpy(np.asarray(arrays[0], np.float32))
             self.classes.append(entry)
-        if self.sparse:
-            idx = self.originals[-2].astype(np.int64)
+        if outliers is not None:
+            idx = outliers[0].astype(np.int64)
             self.sparse_index = (torch.from_numpy(idx[:, 0]), torch.from_numpy(idx[:, 1]))
-            self.sparse_values = torch.from_numpy(self.originals[-1].astype(np.float32))
+            self.sparse_values = torch.from_numpy(outliers[1].astype(np.float32))
 
     # -- weights ---------------------------------------------------------------------------------
 
@@ -186,7 +187,11 @@ class _Layer:
         """The weight the numpy reference (and the lowering) computes from `arrays`."""
         import torch
 
-        return torch.from_numpy(mixed_weight(arrays, self.kinds, self.sizes, self.group_size, self.sparse))
+        return torch.from_numpy(mixed_weight(*self.split(arrays), self.group_size))
+
+    def split(self, arrays: list[np.ndarray]):
+        """The class inputs `arrays` (laid out as the op's inputs after X and perm) by role."""
+        return split_class_inputs(arrays, self.kinds, self.bits, self.sizes, self.sparse)
 
     def write(self, graph: ir.Graph, arrays: list[np.ndarray]) -> None:
         for value, array, original in zip(self.class_values, arrays, self.originals):
@@ -242,7 +247,7 @@ def reconstruct(model: ir.Model, opts: Options, solve: Callable[[BlockProblem], 
     batches = list(ctx.require_calibration(opts.pass_name))
     graph = model.graph
     blocks = find_blocks(graph, opts.regions)
-    mixed = [n for b in blocks for n in b.layers if n.domain == "qc" and n.op_type == "MixedMatMul"]
+    mixed = [n for b in blocks for n in b.layers if is_mixed_matmul(n)]
     if not mixed:
         return {"blocks": len(blocks), "layers": 0, "note": "no qc.MixedMatMul to learn (run quantize-weights first)"}
     for node in mixed:

@@ -45,6 +45,7 @@ from qcompiler.errors import UserError
 from qcompiler.fileio import write_atomic
 from qcompiler.instruments import Drift
 from qcompiler.ir import WEIGHTED_LAYER_OPS, constant_sources, is_weighted_layer, op_key, weight_inputs, weight_values
+from qcompiler.mixed_ops import MixedMatMulView, is_mixed_matmul
 from qcompiler.pass_manager import PassRecord
 from qcompiler.report_bits import FLOAT_BITS, FP16_BITS, decode_channel_bits, encode_channel_bits  # noqa: F401
 from qcompiler.report_html import render
@@ -321,19 +322,16 @@ def _note_layer(node: ir.Node, info: dict[str, Any]) -> None:
             "channel_bits": allocation.inputs[1].const_value.numpy().astype(np.int64),
             "group_size": int(a.get("group_size", 128)), "codebook": str(a.get("codebook", "")),
         }
-    if op_key(node) == ("qc", "MixedMatMul"):
-        a = _attrs(node)
-        perm = node.inputs[1].const_value.numpy().astype(np.int64)
-        class_bits = [int(b) for b in a["bits"]]
-        sizes = [int(s) for s in a["sizes"]]
+    if is_mixed_matmul(node):
+        view = MixedMatMulView.of(node)
+        perm = view.perm_array()
         channel_bits = np.empty(len(perm), np.int64)
-        channel_bits[perm] = np.repeat(class_bits, sizes)
-        sparse = 0
-        if a.get("sparse") and node.inputs[-1] is not None and node.inputs[-1].const_value is not None:
-            sparse = int(node.inputs[-1].const_value.shape[0])
+        channel_bits[perm] = np.concatenate([np.full(c.stop - c.start, c.bits, np.int64) for c in view.classes])
+        outlier_values = view.outliers[1] if view.outliers is not None else None
+        sparse = int(outlier_values.const_value.shape[0]) if outlier_values is not None and outlier_values.const_value is not None else 0
         info["mixed"] = {
-            "channel_bits": channel_bits, "group_size": int(a["group_size"]), "sparse_outliers": sparse,
-            "classes": [{"kind": str(k), "bits": b, "channels": s} for k, b, s in zip(a["kinds"], class_bits, sizes)],
+            "channel_bits": channel_bits, "group_size": view.group_size, "sparse_outliers": sparse,
+            "classes": [{"kind": c.kind, "bits": c.bits, "channels": c.stop - c.start} for c in view.classes],
         }
         info["channels"] = len(perm)
     quant = _producer(x, "qc", "QuantizeActivation")

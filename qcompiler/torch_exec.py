@@ -16,6 +16,8 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from qcompiler.mixed_ops import MixedMatMulView, is_mixed_matmul
+
 _DTYPES = {
     1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
     9: torch.bool, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16,
@@ -182,9 +184,10 @@ def run_nodes(nodes: list[ir.Node], env: dict[str, torch.Tensor], weight_of: Cal
               constants: Constants) -> dict[str, torch.Tensor]:
     """Evaluate `nodes` in order into `env` (updated in place and returned)."""
     for node in nodes:
-        if node.domain == "qc" and node.op_type == "MixedMatMul":
-            x = env[node.inputs[0].name]
-            perm = constants.get(node.inputs[1])
+        if is_mixed_matmul(node):
+            view = MixedMatMulView.of(node)
+            x = env[view.x.name]
+            perm = constants.get(view.perm)
             env[node.outputs[0].name] = torch.matmul(x.index_select(-1, perm), weight_of(node))
             continue
         if node.domain not in ("", "ai.onnx"):

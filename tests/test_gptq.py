@@ -6,7 +6,7 @@ import pytest
 from qcompiler import execute
 from qcompiler.errors import UserError
 from qcompiler.ir import to_text
-from qcompiler.mixed_ops import mixed_weight
+from qcompiler.mixed_ops import mixed_weight, split_class_inputs
 from qcompiler.passes.gptq import gptq_round
 from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
 from qcompiler.pipeline import parse_pipeline
@@ -30,6 +30,11 @@ def _layer(seed, k, n):
     return x, w, x.T @ x / len(x)
 
 
+def _weight(arrays, kinds, bits, sizes):
+    """The dequantized weight of a layer's class arrays (groups of 32 rows, no outliers)."""
+    return mixed_weight(*split_class_inputs(arrays, kinds, bits, sizes, 0), 32)
+
+
 def _layer_error(x, w, w_hat):
     return float(np.sum((x @ (w - w_hat)) ** 2))
 
@@ -37,21 +42,21 @@ def _layer_error(x, w, w_hat):
 def test_gptq_round_beats_round_to_nearest_on_the_layer_output():
     x, w, h = _layer(0, 64, 48)
     codes, scale, zero = uniform_groups(w, np.diag(h), 3, 32, "minmax")
-    rtn = mixed_weight([codes, scale, zero], ["uniform"], [64], 32, 0)
+    rtn = _weight([codes, scale, zero], ["uniform"], [3], [64])
     arrays = gptq_round(w, h, ["uniform"], [3], [64], 32, [codes, scale, zero], 0, grid="minmax")
     assert [a.dtype for a in arrays] == [codes.dtype, scale.dtype, zero.dtype]
     assert [a.shape for a in arrays] == [codes.shape, scale.shape, zero.shape]
-    gptq = mixed_weight(arrays, ["uniform"], [64], 32, 0)
+    gptq = _weight(arrays, ["uniform"], [3], [64])
     assert _layer_error(x, w, gptq) < 0.8 * _layer_error(x, w, rtn)
 
 
 def test_codebook_class_is_refitted_and_beats_nearest_entries():
     x, w, h = _layer(3, 64, 16)
     codes, book = kmeans_codebook(w, np.diag(h), 3)
-    rtn = mixed_weight([codes, book], ["codebook"], [64], 32, 0)
+    rtn = _weight([codes, book], ["codebook"], [3], [64])
     arrays = gptq_round(w, h, ["codebook"], [3], [64], 32, [codes, book], 0)
     assert arrays[1].shape == book.shape and arrays[1].dtype == np.float16
-    assert _layer_error(x, w, mixed_weight(arrays, ["codebook"], [64], 32, 0)) < 0.9 * _layer_error(x, w, rtn)
+    assert _layer_error(x, w, _weight(arrays, ["codebook"], [3], [64])) < 0.9 * _layer_error(x, w, rtn)
 
 
 def test_fp16_rows_after_low_bit_rows_absorb_their_error():
@@ -60,10 +65,10 @@ def test_fp16_rows_after_low_bit_rows_absorb_their_error():
     codes, scale, zero = uniform_groups(w[:32], np.diag(h)[:32], 2, 32, "minmax")
     originals = [codes, scale, zero, w[32:].astype(np.float16)]
     kinds, bits, sizes = ["uniform", "fp16"], [2, 16], [32, 16]
-    rtn = mixed_weight(originals, kinds, sizes, 32, 0)
+    rtn = _weight(originals, kinds, bits, sizes)
     arrays = gptq_round(w, h, kinds, bits, sizes, 32, originals, 0, grid="minmax")
     assert not np.array_equal(arrays[3], originals[3])
-    assert _layer_error(x, w, mixed_weight(arrays, kinds, sizes, 32, 0)) < 0.75 * _layer_error(x, w, rtn)
+    assert _layer_error(x, w, _weight(arrays, kinds, bits, sizes)) < 0.75 * _layer_error(x, w, rtn)
 
 
 def test_sparse_outliers_keep_their_positions_and_store_the_updated_weight():

@@ -4,12 +4,12 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from qcompiler import execute
+from qcompiler import execute, ops
 from qcompiler.codegen.ort import weight_bytes
 from qcompiler.context import CompileContext, using
 from qcompiler.errors import UserError
 from qcompiler.ir import parse, to_text, verify
-from qcompiler.mixed_ops import _mixed_matmul_reference
+from qcompiler.mixed_ops import MixedMatMulView, _mixed_matmul_reference
 from qcompiler.pass_manager import run_pipeline
 from qcompiler import bitcost
 from qcompiler.passes.lower_mixed import pack_bitplanes, pack_nbits, unpack_bitplanes, unpack_nbits
@@ -55,6 +55,31 @@ def test_mixed_matmul_reference_by_hand():
                                    kinds=["uniform", "fp16"], bits=[2, 16], sizes=[2, 1], group_size=32, sparse=1)
     w = np.array([[(0 - 1) * 0.5, 9.0], [(1 - 1) * 0.5, 2.0], [7.0, -1.0]])  # sparse replaced [0, 1]
     np.testing.assert_allclose(y, x[:, perm] @ w)
+
+
+def test_mixed_matmul_view_reads_each_class_and_the_outliers_by_role():
+    def f16(*values):  # IR text holds float16 values as their bit patterns
+        return ", ".join(str(int(b)) for b in np.array(values, np.float16).view(np.uint16))
+
+    model = parse(f"""<ir_version: 10, opset_import: ["" : 21, "qc" : 1]>
+    g (float[1, 4] X) => (float[1, 2] Y)
+    <int64[4] perm = {{3, 0, 1, 2}}, uint8[2, 2] codes = {{0, 3, 1, 2}}, float16[1, 2] scale = {{{f16(0.5, 1)}}},
+     uint8[1, 2] zero = {{1, 0}}, uint8[1, 2] cb_codes = {{1, 0}}, float16[2, 2] book = {{{f16(-1, 1, 2, 4)}}},
+     float16[1, 2] rows = {{{f16(7, -1)}}}, int32[1, 2] indices = {{0, 1}}, float16[1] values = {{{f16(9)}}}>
+    {{ Y = qc.MixedMatMul <kinds = ["uniform", "codebook", "fp16"], bits = [2, 1, 16], sizes = [2, 1, 1],
+                          group_size = 32, sparse = 1> (X, perm, codes, scale, zero, cb_codes, book, rows, indices, values) }}""")
+    node = next(iter(model.graph))
+    view = MixedMatMulView.of(node)
+    assert (view.x.name, view.perm.name, view.group_size) == ("X", "perm", 32)
+    assert [(c.kind, c.bits, c.start, c.stop, c.slot) for c in view.classes] == [
+        ("uniform", 2, 0, 2, 0), ("codebook", 1, 2, 3, 3), ("fp16", 16, 3, 4, 5)]
+    assert [v.name for v in view.classes[1].inputs] == ["cb_codes", "book"]
+    assert [v.name for v in view.outliers] == ["indices", "values"]
+    w = np.array([[-0.5, 9.0], [0.0, 2.0], [1.0, 2.0], [7.0, -1.0]])  # codebook row n: book[n, code]; [0, 1] replaced
+    np.testing.assert_allclose(view.weight(), w)
+    x = np.array([[1.0, 2.0, 3.0, 4.0]], np.float32)
+    consts = [v.const_value.numpy() for v in node.inputs[1:]]
+    np.testing.assert_allclose(ops.run_reference(node, [x, *consts])[0], x[:, view.perm_array()] @ w)
 
 
 def test_uniform_groups_and_codebook_reconstruct_well():

@@ -73,6 +73,21 @@ def test_artifacts_are_byte_identical_in_process_and_on_one_or_two_workers(tmp_p
         assert different == [], f"{label}: {different}"
 
 
+def test_gptq_layers_fanned_out_give_the_in_process_artifact(tmp_path, ray_session):
+    """gptq{sequential=0} rounds every layer of a block at once: one task per layer on Ray."""
+    source = _chain(tmp_path / "chain.onnx", layers=3)
+    data = _calibration(source)
+    pipeline = ("canonicalize,calibrate,allocate-bits{avg-bits=3.5 candidates=2,4,8},quantize-weights,"
+                "gptq{sequential=0 regions=1},lower-ort")
+    built = {}
+    for label, workers in (("in-process", None), ("2 workers", 2)):
+        result = qcompiler.compile(source, tmp_path / label, pipeline=pipeline, calibration=data, threads=1, drift=False,
+                                   workers=workers)
+        assert next(r.stats for r in result.records if r.name == "gptq")["layers"] == 3
+        built[label] = _artifact_bytes(tmp_path / label)
+    assert built["2 workers"] == built["in-process"]
+
+
 def test_a_failing_task_is_retried_once_then_named_in_one_line(tmp_path, ray_session):
     # nested, so that Ray ships them by value (the test module is not importable on workers)
     def _fails_on_three(shared, item):

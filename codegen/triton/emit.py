@@ -52,7 +52,7 @@ import onnx_ir as ir
 
 from qcompiler import ops
 from qcompiler.errors import UserError
-from qcompiler.mixed_ops import INPUTS_PER_KIND, class_slices, mixed_weight
+from qcompiler.mixed_ops import MixedClass, mixed_weight, split_class_inputs
 
 log = logging.getLogger(__name__)
 
@@ -412,32 +412,33 @@ class Emitter:
         if any(a is None for a in arrays):
             raise UserError(f"node {node.name!r} (qc.MixedMatMul) has weights computed at run time; the triton target "
                             "needs them constant (run 'canonicalize')")
-        perm, rest = arrays[0].astype(np.int64), arrays[1:]
+        perm = arrays[0].astype(np.int64)
+        classes, outliers = split_class_inputs(arrays[1:], kinds, bits, sizes, sparse)
         hint = node.name or "mixed"
         out = self.define(outputs[0])
-        w_perm = mixed_weight(list(rest), kinds, sizes, group, sparse)  # dequantized, permuted rows
+        w_perm = mixed_weight(classes, outliers, group)  # dequantized, permuted rows
         n = w_perm.shape[1]
         xexpr = self.ref(x)
         if act_quant is not None:
             xexpr = (f"R.qc_fake_quantize({xexpr}, {act_quant['mode']!r}, {_lit(float(act_quant['scale']))}, "
                      f"{_lit(int(act_quant['zero_point']))}, {_lit(int(act_quant['bits']))})")
-        launches = [c for c in class_slices(kinds, sizes) if c[0] != "fp16"]
-        fused = len(class_slices(kinds, sizes)) == 1 and launches and (group % PACK_ROWS == 0 or kinds[0] == "codebook")
+        launches = [c for c in classes if c.kind != "fp16"]
+        fused = len(classes) == 1 and launches and (group % PACK_ROWS == 0 or kinds[0] == "codebook")
         self.emit(f"        # {_comment(node.name)} (qc.MixedMatMul, {len(kinds)} class(es): "
                   + ", ".join(f"{k}{b if k != 'fp16' else ''}x{s}" for k, b, s in zip(kinds, bits, sizes)) + ")"
                   + (" + fused epilogue" if len(serves) > 1 else ""))
-        if sparse:
-            idx = rest[-2].astype(np.int64)
-            vals = rest[-1].astype(np.float32)
+        if outliers is not None:
+            idx = outliers[0].astype(np.int64)
+            vals = outliers[1].astype(np.float32)
         terms = []
         xp = self.values.get(("xp", id(node)), f"{hint}_xperm")
         # X's channels in stored order, once; each class reads a contiguous column range of it
         self.emit(f"        {xp} = {xexpr}.index_select(-1, {self.weight(f'{hint}.perm', perm, 'raw', node.name)})")
         if self.one_launch(kinds, group):
-            self.mixed_one_launch(node, xp, rest, kinds, bits, sizes, group, w_perm, serves, out, bias, act)
+            self.mixed_one_launch(node, xp, classes, outliers, group, w_perm, serves, out, bias, act)
             return True
-        for ci, (kind, index, start, stop) in enumerate(class_slices(kinds, sizes)):
-            b = bits[ci]
+        for ci, c in enumerate(classes):
+            kind, b, start, stop, class_args = c.kind, c.bits, c.start, c.stop, c.inputs
             term = self.values.get(("term", id(node), ci), f"{hint}_c{ci}")
             xs = f"{xp}[..., {start}:{stop}]" if len(sizes) > 1 else xp
             if kind == "fp16" or (kind == "uniform" and group % PACK_ROWS):
@@ -448,7 +449,6 @@ class Emitter:
                 continue
             kb = next(kb for kb in KERNEL_BITS if kb >= b)
             args = [xs]
-            class_args = rest[index : index + INPUTS_PER_KIND[kind]]
             codes = class_args[0].astype(np.int64)
             args.append(self.weight(f"{hint}.c{ci}.packed", pack_codes(codes, kb), "raw", node.name))
             if kind == "uniform":
@@ -462,7 +462,7 @@ class Emitter:
                 args.append(self.weight(f"{hint}.c{ci}.lut", lut, "raw", node.name))
                 family = "wq-codebook"
             has_sp = False
-            if sparse:
+            if outliers is not None:
                 rows = idx[:, 0]
                 sel = (rows >= start) & (rows < stop)
                 if sel.any():
@@ -501,16 +501,16 @@ class Emitter:
         return len(kinds) > 1 and any(k != "fp16" for k in kinds) and \
             (group % PACK_ROWS == 0 or "uniform" not in kinds)
 
-    def mixed_one_launch(self, node: ir.Node, xp: str, rest: list, kinds: list[str], bits: list[int],
-                         sizes: list[int], group: int, w_perm: np.ndarray, serves: list[ir.Node], out: str, bias,
-                         act: str) -> None:
+    def mixed_one_launch(self, node: ir.Node, xp: str, classes: list[MixedClass], outliers: tuple | None,
+                         group: int, w_perm: np.ndarray, serves: list[ir.Node], out: str, bias, act: str) -> None:
         """Every class, the sparse outliers and the epilogue in one launch of the mixed kernel."""
         from qcompiler.codegen.triton.reference import MIXED_KINDS, _csc, pack_mixed
 
         hint, src = node.name or "mixed", node.name
         n = w_perm.shape[1]
-        classes, corrections = self._mixed_classes(rest, kinds, bits, sizes, group, w_perm)
-        layout = pack_mixed(classes, group, n)
+        kinds = [c.kind for c in classes]
+        packed, corrections = self._mixed_classes(classes, outliers, group, w_perm)
+        layout = pack_mixed(packed, group, n)
         tags = [{"uniform": f"w{w}", "codebook": f"lut{w}", "fp16": "f16"}[kind]
                 for j, (kind, w) in enumerate(MIXED_KINDS) if layout.kinds_mask >> j & 1]
         name = self.kernel("wq-mixed", 0, group if "uniform" in kinds else None, corrections is not None,
@@ -525,41 +525,37 @@ class Emitter:
         if layout.dense is not None:
             args.append(self.weight(f"{hint}.dense", layout.dense, "float", src))
         if corrections is not None:
-            csc = _csc(*corrections, int(sum(sizes)), n)
+            csc = _csc(*corrections, classes[-1].stop, n)
             args.append("(" + ", ".join(self.weight(f"{hint}.sp_{part}", a, "raw", src) for part, a in
                                          (("colptr", csc.col_ptr), ("rows", csc.row_idx), ("vals", csc.values))) + ")")
         if bias is not None:
             args.append(self.weight(f"{hint}.bias", bias.astype(np.float32), "raw", src))
         self.emit(f"        {out} = K.{name}({', '.join(args)})")
 
-    def _mixed_classes(self, rest: list, kinds: list[str], bits: list[int], sizes: list[int], group: int,
-                       w_perm: np.ndarray) -> tuple[list, tuple | None]:
+    def _mixed_classes(self, classes: list[MixedClass], outliers: tuple | None, group: int,
+                       w_perm: np.ndarray) -> tuple[list[MixedClass], tuple | None]:
         """The classes for `reference.pack_mixed` and the outlier corrections (rows, columns, value
         minus the dequantized code) of the quantized classes' rows; fp16 rows keep their outliers."""
-        from qcompiler.codegen.triton.reference import MixedClass
-
-        classes, parts = [], []
-        sparse = len(rest) > sum(INPUTS_PER_KIND[k] for k in kinds)
-        if sparse:
-            rows, cols = rest[-2][:, 0].astype(np.int64), rest[-2][:, 1].astype(np.int64)
-        for ci, (kind, index, start, stop) in enumerate(class_slices(kinds, sizes)):
-            class_args = rest[index : index + INPUTS_PER_KIND[kind]]
-            if kind == "fp16":  # the rows as stored, outliers included (as the per-class path stores them)
-                classes.append(MixedClass(kind, bits[ci], start, stop, (w_perm[start:stop],)))
+        packed, parts = [], []
+        if outliers is not None:
+            rows, cols = outliers[0][:, 0].astype(np.int64), outliers[0][:, 1].astype(np.int64)
+        for c in classes:
+            if c.kind == "fp16":  # the rows as stored, outliers included (as the per-class path stores them)
+                packed.append(dataclasses.replace(c, inputs=(w_perm[c.start:c.stop],)))
                 continue
-            if kind == "uniform":
-                arrays = (class_args[0], class_args[1].astype(np.float16), class_args[2].astype(np.float16))
+            if c.kind == "uniform":
+                codes, scale, zero = c.inputs
+                packed.append(dataclasses.replace(c, inputs=(codes, scale.astype(np.float16), zero.astype(np.float16))))
             else:
-                arrays = (class_args[0], class_args[1])
-            classes.append(MixedClass(kind, bits[ci], start, stop, arrays))
-            if sparse:
-                sel = (rows >= start) & (rows < stop)
-                r, c = rows[sel], cols[sel]
-                deq = self._deq_at(kind, class_args, group, r - start, c)
-                parts.append((r, c, rest[-1][sel].astype(np.float32) - deq))
+                packed.append(c)
+            if outliers is not None:
+                sel = (rows >= c.start) & (rows < c.stop)
+                r, col = rows[sel], cols[sel]
+                deq = self._deq_at(c.kind, c.inputs, group, r - c.start, col)
+                parts.append((r, col, outliers[1][sel].astype(np.float32) - deq))
         if not any(p[0].size for p in parts):
-            return classes, None
-        return classes, tuple(np.concatenate(p) for p in zip(*parts))
+            return packed, None
+        return packed, tuple(np.concatenate(p) for p in zip(*parts))
 
     @staticmethod
     def _deq_at(kind: str, class_args: list, group: int, r: np.ndarray, c: np.ndarray) -> np.ndarray:

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qcompiler.mixed_ops import MixedClass
+
 PACK_ROWS = 32
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128)
@@ -389,28 +391,6 @@ def kernel_width(bits: int) -> int:
 
 
 @dataclass
-class MixedClass:
-    """One class of a mixed layer: rows ``start .. stop`` of X (in stored order) times
-    ``uniform``: codes [K_c, N], scale and zero [ceil(K_c / group), N]; ``codebook``: codes and a
-    table [N, 2**bits]; ``fp16``: the rows themselves [K_c, N]."""
-
-    kind: str
-    bits: int
-    start: int
-    stop: int
-    arrays: tuple
-
-    def dequantize(self, group: int) -> np.ndarray:
-        if self.kind == "uniform":
-            codes, scale, zero = self.arrays
-            return dequantize_uniform(np.asarray(codes), scale, zero, group)
-        if self.kind == "codebook":
-            codes, table = self.arrays
-            return np.asarray(table, np.float32)[np.arange(codes.shape[1])[None, :], np.asarray(codes, np.int64)]
-        return np.asarray(self.arrays[0], np.float32)
-
-
-@dataclass
 class MixedLayout:
     """A mixed layer in the one-launch kernel's layout (``kernels.qc_gemm_mixed_a16``).
 
@@ -452,14 +432,14 @@ def pack_mixed(classes: list[MixedClass], group: int, n: int) -> MixedLayout:
             if kind == "fp16":
                 for t in range(-(-rows // PACK_ROWS)):
                     tiles.append((c.start + t * PACK_ROWS, c.stop, n_dense + t * PACK_ROWS, t * PACK_ROWS))
-                dense.append(np.asarray(c.arrays[0], np.float16))
+                dense.append(np.asarray(c.inputs[0], np.float16))
                 n_dense += rows
                 continue
-            packed = pack_codes(np.asarray(c.arrays[0], np.int64), width)
+            packed = pack_codes(np.asarray(c.inputs[0], np.int64), width)
             tile_rows = k_tile(width)
             n_tiles = packed.shape[0] // PACK_ROWS
             if kind == "uniform":
-                _, scale, zero = c.arrays
+                _, scale, zero = c.inputs
                 if scale.shape[0] != -(-rows // group) or zero.shape != scale.shape:
                     raise ValueError(f"a uniform class of {rows} rows needs {-(-rows // group)} groups of {group}, "
                                      f"has scale {scale.shape} and zero {zero.shape}")
@@ -468,7 +448,7 @@ def pack_mixed(classes: list[MixedClass], group: int, n: int) -> MixedLayout:
                 base = n_groups
                 n_groups += scale.shape[0]
             else:
-                table = np.asarray(c.arrays[1], np.float16)
+                table = np.asarray(c.inputs[1], np.float16)
                 lut = np.zeros((n, 1 << width), np.float16)
                 lut[:, : table.shape[1]] = table
                 luts.append(lut.reshape(-1))
