@@ -13,6 +13,9 @@
       perplexity         artifact perplexity                            (smollm2-135m; lower)
       perplexity-ratio   artifact / float perplexity                    (lower)
       dice               mean Dice of artifact vs float masks           (craft; higher)
+      psnr               artifact PSNR in dB, sigma 25, held-out photos (ffdnet-*; higher)
+      psnr-drop          float minus artifact PSNR in dB, sigma 25      (lower)
+      ssim               artifact SSIM, sigma 25, held-out photos       (higher)
       output-cosine      cosine of the artifact's output vs the float model's on the probe batch
                          (real data: `qcompiler.probe`), after the last pass (any model; higher);
                          refused when only a synthetic probe is possible
@@ -56,6 +59,9 @@ METRICS = {
         Metric("perplexity", "perplexity", "perplexity_compiled", False, "artifact perplexity"),
         Metric("perplexity-ratio", "perplexity", "perplexity_ratio", False, "artifact perplexity / float perplexity"),
         Metric("dice", "segmentation", "dice_mean", True, "mean Dice of artifact vs float masks"),
+        Metric("psnr", "denoise", "psnr_compiled", True, "artifact PSNR in dB on held-out photos at sigma 25"),
+        Metric("psnr-drop", "denoise", "psnr_drop", False, "float minus artifact PSNR in dB at sigma 25"),
+        Metric("ssim", "denoise", "ssim_compiled", True, "artifact SSIM on held-out photos at sigma 25"),
         Metric("output-cosine", None, "cosine", True, "cosine of artifact vs float output on the probe batch"),
     )
 }
@@ -112,6 +118,19 @@ def check_gates_apply(gates: list[Gate], task: str | None) -> None:
             raise UserError(
                 f"metric '{gate.metric.name}' is not produced by {what}; metrics available here: {', '.join(produced)}"
             )
+
+
+# Tasks whose bundled models carry their own held-out evaluation set (`qcompiler.evaluate`):
+# gating them on the calibration photos would measure the artifact on what it was calibrated on.
+HELD_OUT_TASKS = frozenset({"denoise"})
+
+
+def gate_data(task: str | None, eval_data, calib):
+    """What the gates evaluate on: `--eval-data`; else the model's own held-out set where it has one;
+    else the calibration file."""
+    if eval_data is not None:
+        return eval_data
+    return None if task in HELD_OUT_TASKS else calib
 
 
 def evaluate_gates(gates: list[Gate], artifact: Path, records, task: str | None, data, count: int | None, threads: int | None) -> dict:

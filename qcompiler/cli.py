@@ -285,7 +285,8 @@ def _cmd_compile(args) -> int:
     _summary(result)
     if gates:
         outcome = buildstep.evaluate_gates(
-            gates, result.output, result.records, task, opts.eval_data or opts.calib, opts.eval_count, opts.threads
+            gates, result.output, result.records, task, buildstep.gate_data(task, opts.eval_data, opts.calib),
+            opts.eval_count, opts.threads
         )
         for row in outcome["gates"]:
             log.info("gate %-16s %-8s %g: %s  %s", row["metric"], row["direction"], row["threshold"], row["value"],

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from qcompiler import calibration
+from qcompiler import buildstep, calibration
 from qcompiler.cli import main
 
 
@@ -84,6 +84,7 @@ def test_gate_outcome_appears_on_the_html_report(tiny_onnx, calib_npz, tmp_path)
         (["--fail-under", "perplexity=20"], "metric 'perplexity' is better when lower: gate it with --fail-over perplexity=20"),
         (["--fail-under", "sts-spearmen=80"], "unknown metric 'sts-spearmen' in --fail-under \\(did you mean 'sts-spearman'\\?\\)"),
         (["--fail-under", "sts-spearman=80"], "metric 'sts-spearman' is not produced by a model that is not bundled"),
+        (["--fail-over", "psnr-drop=0.5"], "metric 'psnr-drop' is not produced by a model that is not bundled"),
         (["--fail-over", "perplexity-ratio"], "--fail-over takes METRIC=VALUE"),
     ],
 )
@@ -141,3 +142,9 @@ def test_cached_statistics_equal_fresh_ones(tmp_path, rng):
     _write(tmp_path, "k", stats, {"batches": 1, "samples": 40})
     back, counts = _read(tmp_path, "k")
     assert back["x"].equals(stats["x"]) and counts == {"batches": 1, "samples": 40}
+
+
+def test_gates_read_eval_data_else_the_held_out_set_of_a_denoiser_else_the_calibration_file():
+    assert buildstep.gate_data("denoise", None, "photos/") is None  # the bundled held-out photos
+    assert buildstep.gate_data("denoise", "mine/", "photos/") == "mine/"
+    assert buildstep.gate_data("perplexity", None, "text.txt") == "text.txt"

@@ -156,3 +156,21 @@ def test_gray_w8a8_denoises_close_to_float(tmp_path):
         assert scores["psnr_compiled"] > scores["psnr_noisy"] + 8.0, name
         assert scores["psnr_float"] - scores["psnr_compiled"] < 1.0, (name, scores)
         assert scores["ssim_compiled"] > 0.7, (name, scores)
+
+
+@slow
+def test_denoise_quality_gates_pass_and_fail_on_the_artifact(tmp_path, capsys):
+    """`--fail-over psnr-drop=...` measures the artifact on held-out photos at sigma 25: a loose bound
+    passes (exit 0), a bound no int8 model meets fails (exit 3) and names the metric and its value."""
+    from PIL import Image
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, image in enumerate(qm.get("ffdnet-gray").calibration_images()):
+        Image.fromarray(image).save(calib / f"{i:02d}.png")
+    args = ["-q", "compile", "ffdnet-gray", "--pipeline", "w8a8", "--calib", str(calib), "--no-drift",
+            "--eval-count", "1", "--threads", "2"]
+    assert main(args + ["-o", str(tmp_path / "loose"), "--fail-over", "psnr-drop=1.5", "--fail-under", "ssim=0.7"]) == 0
+    capsys.readouterr()
+    assert main(args + ["-o", str(tmp_path / "tight"), "--fail-over", "psnr-drop=0.001"]) == 3
+    assert re.search(r"psnr-drop \d+\.\d+ \(needs <= 0\.001\)", capsys.readouterr().err)
