@@ -57,6 +57,7 @@ class ConvWeights:
     node: ir.Node
     weight: np.ndarray
     bias: np.ndarray | None
+    dtype: np.dtype  # the stored type, written back (the arithmetic is float32)
     changed: bool = False
 
     @property
@@ -241,9 +242,9 @@ def _weights_of(cache: dict[int, ConvWeights], conv: ir.Node) -> ConvWeights:
     key = id(conv)
     if key not in cache:
         bias = conv.inputs[2] if len(conv.inputs) > 2 else None
+        weight = conv.inputs[1].const_value.numpy()
         cache[key] = ConvWeights(
-            conv, conv.inputs[1].const_value.numpy().astype(np.float32),
-            None if bias is None else bias.const_value.numpy().astype(np.float32))
+            conv, weight.astype(np.float32), None if bias is None else bias.const_value.numpy().astype(np.float32), weight.dtype)
     return cache[key]
 
 
@@ -318,11 +319,11 @@ def write_back(graph: ir.Graph, pairs: list[Pair]) -> None:
         for conv in (pair.first, pair.second):
             if conv.changed and id(conv) not in written:
                 written.add(id(conv))
-                set_constant(graph, conv.node.inputs[1], conv.weight, conv.node, "equalized")
+                set_constant(graph, conv.node.inputs[1], conv.weight.astype(conv.dtype), conv.node, "equalized")
                 if conv.bias is not None:
-                    set_constant(graph, conv.node.inputs[2], conv.bias, conv.node, "equalized")
+                    set_constant(graph, conv.node.inputs[2], conv.bias.astype(conv.dtype), conv.node, "equalized")
         if pair.applied and pair.bound is not None:
-            _clip_per_channel(graph, pair.activation, pair.bound, pair.first.weight.ndim)
+            _clip_per_channel(graph, pair.activation, pair.bound.astype(pair.first.dtype), pair.first.weight.ndim)
 
 
 def _clip_per_channel(graph: ir.Graph, clip: ir.Node, bound: np.ndarray, rank: int) -> None:
