@@ -26,6 +26,12 @@ constant. `clip=per-channel` also equalizes through `Clip(x, 0, m)` (ReLU6): the
 `min(max(x / s, 0), m / s) = min(max(x, 0), m) / s`; with `clip=skip` (the default) such pairs
 are left as they are.
 
+The paper's setting is per-tensor weight grids. `quantize` gives every Conv weight one grid per
+output channel, which the first conv of a pair does not notice; the second conv's rows, whose grid
+step is set by their largest entry, may lose: measure before turning it on (docs/results.md,
+cross-layer equalization: it costs PSNR on FFDNet and, through ReLU6, buys top-1 agreement on
+EfficientNet-Lite0).
+
 Equalization changes the activations between the pair, so it runs before `calibrate`
 (`canonicalize,equalize,calibrate,...`); BatchNorm must be folded into the convs first (the
 torch exporter does; a Conv followed by BatchNormalization is skipped with that reason).
