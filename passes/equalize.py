@@ -53,7 +53,6 @@ from qcompiler.passbase import Pass, PassResult, option, register_pass
 log = logging.getLogger(__name__)
 
 TOLERANCE = 1e-3  # a pair whose every |s_i - 1| is at most this counts as equalized
-HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu")
 
 
 @dataclasses.dataclass

@@ -1,6 +1,7 @@
 """EfficientNet-Lite0 (`efficientnet-lite0`): the crops and feeds it is given, its bad input, and
-(slow tier) the weights loading exactly, the captured graph matching torch, and `w8a8` with
-`equalize` through its ReLU6s compiling and agreeing with float on most crops."""
+(slow tier) the weights loading exactly, the captured graph matching torch and still matching after
+`equalize` through its ReLU6s, and `w8a8` with that equalization compiling and agreeing with float
+on most crops."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def test_captured_graph_matches_torch():
 
     from qcompiler import execute
     from qcompiler.capture import resolve
+    from qcompiler.opt import optimize
 
     bundled = qm.get("efficientnet-lite0")
     feeds = bundled.probe_inputs()
@@ -55,6 +57,10 @@ def test_captured_graph_matches_torch():
     model, _ = resolve("efficientnet-lite0")
     got = execute.run(model, feeds)["logits"]
     np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max())
+    # equalizing through the ReLU6s leaves the float model's outputs as they were
+    stats = optimize(model, "canonicalize,equalize{clip=per-channel}")[1].stats
+    assert stats["pairs_rescaled"] == 34 and stats["clips_made_per_channel"] == 32
+    np.testing.assert_allclose(execute.run(model, feeds)["logits"], got, atol=1e-5 * np.abs(got).max())
 
 
 @slow
