@@ -2,6 +2,7 @@
 
 from qcompiler.passes import calibrate  # noqa: F401
 from qcompiler.passes import canonicalize  # noqa: F401
+from qcompiler.passes import equalize  # noqa: F401
 from qcompiler.passes import fold_scales  # noqa: F401
 from qcompiler.passes import lower_ort  # noqa: F401
 from qcompiler.passes import quantize  # noqa: F401

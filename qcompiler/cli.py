@@ -2,7 +2,7 @@
 
     qcompiler compile SOURCE -o DIR [--target ort|triton] [--pipeline SPEC] [--dump-ir DIR]
                                     [--print-ir all|changed] [--report FILE]
-    qcompiler eval DIR --task sts|perplexity|segmentation|denoise [--data FILE] [--sigma S] [--json]
+    qcompiler eval DIR --task sts|perplexity|segmentation|denoise|classify [--data FILE] [--sigma S] [--json]
     qcompiler generate DIR --prompt TEXT [--max-new-tokens N] [--temperature T --seed S] [--json]
     qcompiler passes                 every pass: name, one-line doc, options with defaults
     qcompiler opt FILE.onnxtxt -p SPEC [-o OUT.onnxtxt]   IR text in, the passes of SPEC, IR text out
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="the float model and an artifact side by side on the model's task")
     ev.add_argument("artifact", help="an artifact directory written by `qcompiler compile`")
-    ev.add_argument("--task", required=True, choices=("sts", "perplexity", "segmentation", "denoise"))
+    ev.add_argument("--task", required=True, choices=("sts", "perplexity", "segmentation", "denoise", "classify"))
     ev.add_argument("--data", help="task data (sts: TSV with sent1, sent2, score; perplexity: text; denoise: an image or a folder of them)")
     ev.add_argument("--sigma", type=float, help="denoise: the noise level added, 0..255 scale (default 25)")
     ev.add_argument("--count", type=positive_int, help="use only the first N pairs / windows / images")

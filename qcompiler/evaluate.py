@@ -34,7 +34,7 @@ from qcompiler.progress import progress
 
 log = logging.getLogger(__name__)
 
-TASKS = ("sts", "perplexity", "segmentation", "denoise")
+TASKS = ("sts", "perplexity", "segmentation", "denoise", "classify")
 DEFAULT_SIGMA = 25.0
 MASK_THRESHOLD = 0.5
 SEGMENTATION_IMAGES = ("page", "text", "coins", "camera", "astronaut", "coffee")
@@ -88,6 +88,8 @@ def evaluate(
         result = _perplexity(reference, compiled, _need(data, task), count, window)
     elif task == "denoise":
         result = _denoise(reference, compiled, targets, sigma)
+    elif task == "classify":
+        result = _classify(bundled, reference, compiled, count, batch_size)
     else:
         result = _segmentation(bundled, reference, compiled, count)
     result.update(task=task, model=bundled.name, artifact=str(artifact), seconds=round(time.perf_counter() - start, 2))
@@ -346,3 +348,30 @@ def _denoise(reference: Runner, compiled: Runner, targets, sigma: float) -> dict
 def _hwc(batch: np.ndarray) -> np.ndarray:
     """The first image of an NCHW batch, as HxWxC."""
     return np.transpose(np.asarray(batch)[0], (1, 2, 0))
+
+
+# --------------------------------------------------------------------------------------------
+# Classification
+
+
+def _classify(bundled, reference: Runner, compiled: Runner, count, batch_size) -> dict:
+    """Top-1 agreement of the artifact with the float model on 3 x 3 crops of the classifier's
+    evaluation photos (the first `count` crops when given); there are no labels."""
+    if getattr(bundled, "task", None) != "classify":
+        raise UserError(f"task 'classify' needs a classifier; '{bundled.name}' is evaluated with --task {bundled.task}")
+    from qcompiler.models import efficientnet_lite
+
+    crops = bundled.evaluation_crops()
+    crops = crops[:count] if count else crops
+    expected, got = [], []
+    with progress("classify crops", len(crops)) as bar:
+        for start in range(0, len(crops), batch_size):
+            feeds = efficientnet_lite.to_feeds([crop for _, crop in crops[start:start + batch_size]])
+            expected.append(reference(feeds))
+            got.append(compiled(feeds))
+            bar.update(min(start + batch_size, len(crops)))
+    expected, got = np.concatenate(expected), np.concatenate(got)
+    cosine = np.sum(expected * got, axis=1) / (np.linalg.norm(expected, axis=1) * np.linalg.norm(got, axis=1))
+    return {"photos": sorted({name for name, _ in crops}), "crops": len(crops),
+            "top1_agreement": round(efficientnet_lite.top1_agreement(expected, got), 4),
+            "logit_cosine_mean": round(float(np.mean(cosine)), 5)}

@@ -67,11 +67,14 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "default": Preset("canonicalize", "clean the graph up for the passes; no quantization"),
     "w8a8": Preset(
-        "canonicalize,calibrate{method=$method},smooth{alpha=$alpha},fold-scales{unfoldable=$unfoldable},"
+        "canonicalize,${equalize}calibrate{method=$method},smooth{alpha=$alpha},fold-scales{unfoldable=$unfoldable},"
         "quantize{act-mode=$act_mode float-inputs=$float_inputs bias-correction=$bias_correction},lower-ort",
         "int8 weights and activations with SmoothQuant (needs --calib)",
         {"alpha": "auto", "method": "minmax", "act-mode": "static", "float-inputs": "0", "unfoldable": "unsmooth",
-         "bias-correction": "false"},
+         "bias-correction": "false", "equalize": "false"},
+        # cross-layer equalization of Conv pairs before calibration (left out of the pipeline when off);
+        # relu6 also equalizes through Clip(0, 6) as a per-channel Min
+        {"equalize": {"false": "", "true": "equalize,", "relu6": "equalize{clip=per-channel},"}},
     ),
     "mixed": Preset(
         "canonicalize,calibrate,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook sensitivity=$sensitivity "
