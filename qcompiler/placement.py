@@ -7,8 +7,10 @@ on the graphs it optimizes) makes one of a QDQ group when:
 - `DQ(x) -> MatMul <- DQ(W)`: always (`MatMulIntegerToFloat`; `lower-ort` writes that op itself
   when an `Add` of a constant bias follows, the bias of any shape that broadcasts as a row);
 - `DQ(x) -> Conv <- DQ(W)` (a float bias is fine): only when the Conv's output, or the output of a
-  `Relu` that alone reads it, goes to a single `QuantizeLinear` (`QLinearConv`). Without it the
-  Conv runs in float behind a dequantize: slower than no quantization at all.
+  `Relu` or `Clip(0, max)` (ReLU6) that alone reads it, goes to a single `QuantizeLinear`
+  (`QLinearConv`; ONNX Runtime drops the `Relu` or `Clip` when the quantized range lies within its
+  bounds, which the range calibrated after it does). Without it the Conv runs in float behind a
+  dequantize: slower than no quantization at all.
 
 `quantize` therefore quantizes the output of every Conv it quantizes (`quantized_conv_outputs`:
 readers that are no layer read it dequantized, as ONNX Runtime's own `quantize_static` places it),
@@ -20,18 +22,31 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-PASS_THROUGH = frozenset({"Relu"})  # ops between a Conv and its output Q that ONNX Runtime folds into QLinearConv
-
-
 def _is(node: ir.Node | None, op_type: str) -> bool:
     return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
 
 
+def folds_into_integer_conv(node: ir.Node) -> bool:
+    """A `Relu`, or a `Clip` from 0 to a constant bound (ReLU6): ONNX Runtime removes it between a
+    Conv and a `QuantizeLinear` whose range lies within its bounds, and fuses the three into one
+    `QLinearConv`. Quantizing its output rather than the Conv's keeps the int8 grid on the range the
+    next layer reads ([0, 6] for ReLU6, not the Conv's far wider range before the clip)."""
+    if _is(node, "Relu"):
+        return True
+    if not _is(node, "Clip") or len(node.inputs) < 2:
+        return False
+    low = node.inputs[1].const_value if node.inputs[1] is not None else None
+    high = node.inputs[2].const_value if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    return low is not None and low.size == 1 and float(low.numpy().reshape(())) == 0.0 and \
+        (len(node.inputs) < 3 or node.inputs[2] is None or (high is not None and high.size == 1))
+
+
 def conv_output(graph: ir.Graph, conv: ir.Node) -> ir.Value:
-    """The tensor an integer Conv's output Q would read: its output, or that of a `Relu` that alone reads it."""
+    """The tensor an integer Conv's output Q would read: its output, or that of a `Relu` or
+    `Clip(0, max)` that alone reads it."""
     out = conv.outputs[0]
     uses = list(out.uses())
-    if len(uses) == 1 and uses[0].node.op_type in PASS_THROUGH and uses[0].node.domain in ("", "ai.onnx") and out not in graph.outputs:
+    if len(uses) == 1 and uses[0].idx == 0 and folds_into_integer_conv(uses[0].node) and out not in graph.outputs:
         return uses[0].node.outputs[0]
     return out
 
@@ -56,7 +71,7 @@ def integer_layers(graph: ir.Graph, layers: list[ir.Node], static: bool) -> dict
 
 def quantized_conv_outputs(graph: ir.Graph, layers: list[ir.Node]) -> dict[str, ir.Value]:
     """The tensors to quantize after the Convs among `layers` so that each makes a `QLinearConv`:
-    each Conv's output, or that of the `Relu` alone reading it (graph outputs excepted)."""
+    each Conv's output, or that of the `Relu` or `Clip(0, max)` alone reading it (graph outputs excepted)."""
     found: dict[str, ir.Value] = {}
     for node in layers:
         if _is(node, "Conv"):

@@ -93,6 +93,45 @@ def test_every_conv_runs_integer_but_one_writing_a_graph_output(tmp_path):
     assert all(execute.drift({"y": w}, {"y": g})["cosine"] > 0.99 for w, g in zip(want, got))
 
 
+def _relu6_net() -> onnx.ModelProto:
+    """(Conv -> Clip(0, 6)) x 3 -> GlobalAveragePool, as MobileNets and EfficientNet-Lite are built:
+    each Conv's output spans far more than the [0, 6] its reader sees."""
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(np.array(0.0, np.float32), "zero"), numpy_helper.from_array(np.array(6.0, np.float32), "six")]
+    nodes, x = [], "image"
+    for i, cin in enumerate([3, 8, 8]):
+        inits.append(numpy_helper.from_array(rng.normal(0, 3.0, (8, cin, 3, 3)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1], name=f"conv{i}"))
+        x = f"c{i}"
+        nodes.append(helper.make_node("Clip", [x, "zero", "six"], [f"{x}.relu6"], name=f"relu6_{i}"))
+        x = f"{x}.relu6"
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["y"], name="pool"))
+    graph = helper.make_graph(nodes, "relu6_net", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 1, 1])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_relu6_outputs_are_quantized_after_the_clip_and_every_conv_runs_integer(tmp_path):
+    result = _compile(tmp_path, _relu6_net(), "w8a8", _images)
+    model = onnx.load(str(result.output / "model.onnx"))
+    producer = {out: n.op_type for n in model.graph.node for out in n.output}
+    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    quantized = [(producer.get(n.input[0], "input"), constants[n.input[1]].item())
+                 for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    after_clip = [scale for op, scale in quantized if op == "Clip"]
+    assert len(after_clip) == 3 and max(after_clip) <= 6 / 255 * 1.001  # the [0, 6] grid, not the Conv's range
+    assert [op for op, _ in quantized if op == "Conv"] == []
+    assert _stats(result, "lower-ort")["kernels"]["integer_kernels"] == 3
+    optimized = tmp_path / "optimized.onnx"
+    execute.ort_session(str(result.output / "model.onnx"), optimized_path=str(optimized))
+    ran = [n.op_type for n in onnx.load(str(optimized)).graph.node]
+    assert ran.count("QLinearConv") == 3 and "Clip" not in ran and "Conv" not in ran
+    feeds = _images(np.random.default_rng(12))
+    want = execute.ort_session(_relu6_net()).run(None, feeds)[0]
+    got = execute.ort_session(str(result.output / "model.onnx")).run(None, feeds)[0]
+    assert execute.drift({"y": want}, {"y": got})["cosine"] > 0.99
+
+
 def _one_conv() -> onnx.ModelProto:
     w = numpy_helper.from_array(np.random.default_rng(2).normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
     graph = helper.make_graph([helper.make_node("Conv", ["image", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")], "one_conv",
