@@ -366,3 +366,14 @@ def test_tiny_w8a8_with_int8_cache(factory, calib_file, float_lm, tmp_path):
     quantized = cached_logits(CachedSession(out / "model.onnx", read_layout(out), 1), ids, prefill=8)
     reference = cached_logits(CachedSession(float_lm / "model.onnx", read_layout(float_lm), 1), ids, prefill=8)
     assert np.sum(quantized * reference) / np.linalg.norm(quantized) / np.linalg.norm(reference) > 0.99
+
+
+def test_generate_refuses_a_manifest_that_misnames_the_cache(int8_lm, tmp_path, capsys):
+    copy = tmp_path / "misnamed"
+    shutil.copytree(int8_lm, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["causal_lm"]["kv_cache"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["generate", str(copy), "--prompt", PROMPT]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "manifest says float32" in err and len(err.splitlines()) == 1
