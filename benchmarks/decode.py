@@ -3,10 +3,11 @@
     python benchmarks/decode.py                                   # 3 pipelines, 5 rounds, 128 + 128 tokens, 8 windows
     python benchmarks/decode.py --rounds 2 --prompt-tokens 32 --new-tokens 32 --windows 2   # a short run
     python benchmarks/decode.py --build build/decode --reuse ...  # time and score artifacts compiled by an earlier run
+    python benchmarks/decode.py --pipelines "float32,float32 int8-kv,w8a8 per-token,w8a8 per-token int8-kv"   # the int8 KV cache
 
 Each pipeline compiles `smollm2-135m-kv` (captured once, reused) into an ONNX Runtime artifact:
-`float32` (the `default` pipeline), `w8a8{act-mode=per-token}` and `mixed{avg-bits=4.25}`,
-calibrated on `--calib-count` windows of 110 words from the last quarter of the WikiText excerpt
+`float32` (the `default` pipeline), `w8a8{act-mode=per-token}` and `mixed{avg-bits=4.25}`, and on
+request the first two with an int8 KV cache (`kv-cache=int8`, passes/kv_cache.py), calibrated on `--calib-count` windows of 110 words from the last quarter of the WikiText excerpt
 (`benchmarks/common.py: wikitext_split`). The first three quarters are held out: the prompt is
 their first `--prompt-tokens` tokens and perplexity is `qcompiler eval --task perplexity` on
 `--windows` windows of `--window` tokens, run through each artifact's cache (a prefill of half the
@@ -18,7 +19,16 @@ from the same stretch of machine time): a prefill step over the prompt, then `--
 greedy single-token steps whatever token comes (end-of-sequence does not stop it), each step's
 present keys and values fed back as the next step's past without a copy through numpy. Reported:
 medians over rounds of prefill tokens/s (prompt tokens / prefill time) and decode tokens/s
-(decode steps / their time). JSON to `--out` (default benchmarks/results/decode.json).
+(decode steps / their time), and the KV cache's bytes at the end of a round (prompt + new tokens,
+batch 1: keys and values of every layer, an int8 cache's scales included).
+
+Greedy agreement (`--agree-prompts`, default 8; 0 skips it): that many prompts of
+`--agree-prompt-tokens` tokens, taken at evenly spaced places of the held-out text, each continued
+by `--agree-tokens` greedy tokens (end-of-sequence does not stop it) by transformers'
+LlamaForCausalLM loaded from the same GGUF (the float reference, with its own KV cache) and by
+each artifact through its cache. Per prompt: how many of the first tokens agree before the first
+difference; the row gives the sum over prompts (of prompts x tokens), the prompts that agree
+throughout and the per-prompt counts. JSON to `--out` (default benchmarks/results/decode.json).
 """
 
 from __future__ import annotations
@@ -40,7 +50,10 @@ PIPELINES = {
     "float32": "default",
     "w8a8 per-token": "w8a8{act-mode=per-token}",
     "mixed 4.25": "mixed{avg-bits=4.25}",
+    "float32 int8-kv": "default{kv-cache=int8}",
+    "w8a8 per-token int8-kv": "w8a8{act-mode=per-token kv-cache=int8}",
 }
+DEFAULT_PIPELINES = ("float32", "w8a8 per-token", "mixed 4.25")
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,7 +65,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--calib-count", type=int, default=64)
     parser.add_argument("--threads", type=int, default=common.THREADS)
-    parser.add_argument("--pipelines", default=",".join(PIPELINES), help="comma-separated names from: " + ", ".join(PIPELINES))
+    parser.add_argument("--pipelines", default=",".join(DEFAULT_PIPELINES), help="comma-separated names from: " + ", ".join(PIPELINES))
+    parser.add_argument("--agree-prompts", type=int, default=8, help="prompts of the greedy agreement check (0: skip it)")
+    parser.add_argument("--agree-prompt-tokens", type=int, default=32)
+    parser.add_argument("--agree-tokens", type=int, default=32)
     parser.add_argument("--build", type=Path, help="where the artifacts go (default: a temporary folder)")
     parser.add_argument("--reuse", action="store_true",
                         help="use the artifacts already in --build (compiled by an earlier run with the same --calib-count) instead of compiling")
@@ -71,9 +87,9 @@ def capture_once() -> None:
     captured: dict[str, bytes] = {}
     original = capture.capture_bundled
 
-    def memo(bundled):
+    def memo(bundled, dtype=None):
         if bundled.name not in captured:
-            captured[bundled.name] = ir.serde.serialize_model(original(bundled)).SerializeToString()
+            captured[bundled.name] = ir.serde.serialize_model(original(bundled, dtype)).SerializeToString()
         import onnx
 
         return ir.serde.deserialize_model(onnx.load_from_string(captured[bundled.name]))
@@ -91,6 +107,58 @@ def time_round(session, prompt: np.ndarray, new_tokens: int) -> tuple[float, flo
     for _ in range(new_tokens - 1):
         token = int(np.argmax(session.step(np.asarray([token]))[-1]))
     return prefill, time.perf_counter() - start
+
+
+def greedy(step, prompt: np.ndarray, count: int) -> list[int]:
+    """`count` greedy tokens after `prompt`; `step(ids)` runs ids after what came before and gives
+    their logits [len, vocab]."""
+    token = int(np.argmax(step(prompt)[-1]))
+    tokens = [token]
+    while len(tokens) < count:
+        token = int(np.argmax(step(np.asarray([token]))[-1]))
+        tokens.append(token)
+    return tokens
+
+
+def transformers_greedy(prompts: list[np.ndarray], count: int) -> list[list[int]]:
+    """The float reference: transformers' Llama from the bundled GGUF, greedy with its own cache."""
+    import torch
+    import transformers
+
+    from qcompiler.models import smollm2
+
+    path = smollm2.gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, local_files_only=True, dtype=torch.float32).eval()
+    results = []
+    for prompt in prompts:
+        state = {"past": None}
+
+        def step(ids: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                out = model(torch.from_numpy(np.asarray(ids, np.int64))[None], past_key_values=state["past"], use_cache=True)
+            state["past"] = out.past_key_values
+            return out.logits[0].numpy()
+
+        results.append(greedy(step, prompt, count))
+    return results
+
+
+def agreement(reference: list[list[int]], got: list[list[int]]) -> dict:
+    """Per prompt, the tokens that agree before the first difference; their sum and the prompts
+    that agree throughout."""
+    counts = []
+    for want, have in zip(reference, got):
+        same = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), len(want))
+        counts.append(same)
+    return {"agreeing_tokens": sum(counts), "of": sum(len(r) for r in reference),
+            "prompts_agreeing_throughout": sum(c == len(r) for c, r in zip(counts, reference)), "per_prompt": counts}
+
+
+def agreement_prompts(ids: list[int], count: int, length: int) -> list[np.ndarray]:
+    """`count` prompts of `length` tokens at evenly spaced places of the token list."""
+    stride = (len(ids) - length) // max(1, count)
+    return [np.asarray(ids[i * stride : i * stride + length], np.int64) for i in range(count)]
 
 
 def main() -> None:
@@ -114,7 +182,8 @@ def main() -> None:
     calib = common.write_lines(build / "calib.txt", common.word_windows(calib_text, args.calib_count, 110))
     held_out_file = build / "held-out.txt"
     held_out_file.write_text(held_out, encoding="utf-8")
-    prompt = np.asarray(smollm2.encode(held_out)[: args.prompt_tokens], dtype=np.int64)
+    held_out_ids = smollm2.encode(held_out)
+    prompt = np.asarray(held_out_ids[: args.prompt_tokens], dtype=np.int64)
 
     capture_once()
     artifacts, compiled = {}, {}
@@ -145,8 +214,20 @@ def main() -> None:
             samples[name]["prefill"].append(len(prompt) / prefill)
             samples[name]["decode"].append((args.new_tokens - 1) / decode)
 
+    agree_prompts = agreement_prompts(held_out_ids, args.agree_prompts, args.agree_prompt_tokens) if args.agree_prompts else []
+    reference_tokens = transformers_greedy(agree_prompts, args.agree_tokens) if agree_prompts else []
+    agreements = {}
+    for name, session in sessions.items():
+        if agree_prompts:
+            got = []
+            for p in agree_prompts:
+                session.reset()
+                got.append(greedy(session.step, p, args.agree_tokens))
+            agreements[name] = agreement(reference_tokens, got)
+
     rows, results = [], {}
     for name in names:
+        layout = sessions[name].layout
         quality = evaluate(artifacts[name], "perplexity", held_out_file, count=args.windows, window=args.window, threads=args.threads)
         results[name] = {
             **compiled[name],
@@ -156,16 +237,27 @@ def main() -> None:
             "decode_samples": [round(v, 1) for v in samples[name]["decode"]],
             "perplexity": quality["perplexity_compiled"],
             "perplexity_float_torch": quality["perplexity_float"],
+            "kv_cache": layout.kv_cache,
+            "cache_bytes_per_token": layout.cache_bytes_per_token(),
+            "cache_bytes": layout.cache_bytes_per_token() * (len(prompt) + args.new_tokens),
+            "greedy_agreement": agreements.get(name),
         }
     base = results.get("float32", {}).get("decode_tokens_per_s")
     for name, res in results.items():
         res["decode_vs_float32"] = round(res["decode_tokens_per_s"] / base, 3) if base else None
-        rows.append([name, res["effective_bits"], res["prefill_tokens_per_s"], res["decode_tokens_per_s"], res["decode_vs_float32"], res["perplexity"]])
-    print(common.table(["pipeline", "bits/weight", "prefill tok/s", "decode tok/s", "decode vs float32", "held-out ppl"], rows))
+        agree = res["greedy_agreement"]
+        rows.append([name, res["effective_bits"], res["prefill_tokens_per_s"], res["decode_tokens_per_s"], res["decode_vs_float32"],
+                     res["perplexity"], round(res["cache_bytes"] / 2**20, 2),
+                     f"{agree['agreeing_tokens']}/{agree['of']} ({agree['prompts_agreeing_throughout']} whole)" if agree else "-"])
+    print(common.table(["pipeline", "bits/weight", "prefill tok/s", "decode tok/s", "decode vs float32", "held-out ppl",
+                        "cache MiB", "greedy agreement"], rows))
     body = {
         "command": common.command_line(),
         "settings": {"rounds": args.rounds, "prompt_tokens": int(len(prompt)), "new_tokens": args.new_tokens,
-                     "windows": args.windows, "window": args.window, "calib_count": args.calib_count, "batch": 1},
+                     "windows": args.windows, "window": args.window, "calib_count": args.calib_count, "batch": 1,
+                     "agree_prompts": args.agree_prompts, "agree_prompt_tokens": args.agree_prompt_tokens,
+                     "agree_tokens": args.agree_tokens, "agreement_reference": "transformers LlamaForCausalLM from the GGUF"},
+        "greedy_reference_tokens": reference_tokens,
         "threads": threads,
         "results": results,
         "machine": common.machine(),

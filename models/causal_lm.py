@@ -58,23 +58,43 @@ class CacheLayout:
     bos_token_id: int | None = None
     pad_token_id: int | None = None
     model_type: str = "llama"
+    kv_cache: str = "float32"  # or "int8": codes plus per-token-per-head scales (qcompiler/kv_int8.py)
 
     @property
     def input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "position_ids", *past_names(self.num_layers)]
+        """The graph's inputs: an int8 cache's scales follow the cache tensors."""
+        past = past_names(self.num_layers)
+        return ["input_ids", "attention_mask", "position_ids", *past, *self._scales(past)]
 
     @property
     def output_names(self) -> list[str]:
-        return ["logits", *present_names(self.num_layers)]
+        """The graph's outputs, in the order of `input_names[3:]` after the logits."""
+        present = present_names(self.num_layers)
+        return ["logits", *present, *self._scales(present)]
+
+    def _scales(self, names: list[str]) -> list[str]:
+        return [name + "_scale" for name in names] if self.kv_cache == "int8" else []
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        """Past keys and values of length 0, for a prefill step."""
+        """Past keys and values (and, for an int8 cache, their scales) of length 0, for a prefill step."""
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
-        return {name: np.zeros(shape, np.float32) for name in past_names(self.num_layers)}
+        dtype = np.int8 if self.kv_cache == "int8" else np.float32
+        past = {name: np.zeros(shape, dtype) for name in past_names(self.num_layers)}
+        scales = {name: np.zeros((*shape[:-1], 1), np.float32) for name in self._scales(list(past))}
+        return {**past, **scales}
+
+    def cache_bytes_per_token(self) -> int:
+        """Bytes the cache holds per token of a sequence (keys and values of every layer, scales included)."""
+        per_head = self.head_dim + 4 if self.kv_cache == "int8" else 4 * self.head_dim
+        return 2 * self.num_layers * self.num_kv_heads * per_head
 
     def to_json(self) -> dict[str, Any]:
+        """The manifest's `causal_lm` section; `kv_cache` only when not float32 (so artifacts with a
+        float cache read as before)."""
         body = dataclasses.asdict(self)
         body["eos_token_ids"] = list(self.eos_token_ids)
+        if self.kv_cache == "float32":
+            del body["kv_cache"]
         return body
 
     @classmethod
@@ -83,6 +103,8 @@ class CacheLayout:
         unknown = set(body) - fields
         if unknown:
             raise ValueError(f"unknown cache layout keys {sorted(unknown)}")
+        if body.get("kv_cache", "float32") not in ("float32", "int8"):
+            raise ValueError(f"kv_cache must be float32 or int8, got {body['kv_cache']!r}")
         return cls(**{**body, "eos_token_ids": tuple(int(t) for t in body["eos_token_ids"])})
 
 

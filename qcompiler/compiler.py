@@ -171,6 +171,7 @@ def compile(
             manifest["source"]["float_type"] = float_types.type_name(source_type)
         layout = getattr(source_info.bundled, "layout", None)  # a causal LM with a KV cache
         if layout is not None:
+            layout = cache_layout_of(layout, model)
             manifest["causal_lm"] = layout.to_json()
         if target == "triton":
             from qcompiler.codegen.triton import emit as backend
@@ -180,7 +181,7 @@ def compile(
         if layout is not None and target == "ort":  # the tokenizer and ORT GenAI's config beside the model
             from qcompiler.lm_artifact import write_lm_files
 
-            lm_files = write_lm_files(staging, source_info.bundled)
+            lm_files = write_lm_files(staging, source_info.bundled, layout)
             files = backend.emit(model, staging, manifest, tuple(lm_files)) + lm_files
         else:
             files = backend.emit(model, staging, manifest)
@@ -196,6 +197,14 @@ def compile(
     files = [final / f.relative_to(staging) for f in files]
     log.info("wrote %s (%s)", shown(final), ", ".join(f.name for f in files))
     return CompileResult(final, files, spec, records, manifest, model, timings, measured_on)
+
+
+def cache_layout_of(layout, model: ir.Model):
+    """The cache layout of the compiled graph: the captured one, with `kv_cache` int8 when the
+    pipeline stored the cache as int8 (`kv-cache{dtype=int8}`)."""
+    from qcompiler.kv_int8 import int8_cache_inputs
+
+    return dataclasses.replace(layout, kv_cache="int8") if int8_cache_inputs(model) else layout
 
 
 def resolved_pipeline(pipeline: str, target: str = "ort") -> str:

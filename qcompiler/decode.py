@@ -2,7 +2,8 @@
 
 `CachedSession` holds one ONNX Runtime session over the artifact's decoder graph and the cache
 between steps: each step's `present.*` outputs (ONNX Runtime values, never copied to numpy) are
-the next step's `past_key_values.*` inputs; the attention mask grows by the step's tokens and the
+the next step's `past_key_values.*` inputs (with an int8 cache, `kv-cache{dtype=int8}`, the
+`*_scale` tensors beside them pass along the same way: the layout names them); the attention mask grows by the step's tokens and the
 positions continue from the past's length. `generate` tokenizes the prompt with the artifact's
 tokenizer, runs one prefill step over it, then one step per new token (greedy, or sampled at a
 temperature with a seeded generator), stops at an end-of-sequence token or after
@@ -41,6 +42,10 @@ class CachedSession:
         missing = sorted(set(layout.output_names) - set(self.output_names))
         if missing:
             raise UserError(f"'{model_path}' lacks the outputs {missing[:2]} of a decoder with a KV cache; compile the model again")
+        cache_types = {i.type for i in self.session.get_inputs() if i.name in layout.input_names[3:] and not i.name.endswith("_scale")}
+        expected = "tensor(int8)" if layout.kv_cache == "int8" else "tensor(float)"
+        if cache_types - {expected}:
+            raise UserError(f"'{model_path}' takes a {sorted(cache_types)[0]} cache where its manifest says {layout.kv_cache}; compile the model again")
         self.reset()
 
     def reset(self) -> None:

@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from qcompiler import ops
 from qcompiler.ir import QC_DOMAIN, is_large, mapped_tensors, qc_nodes, to_proto
+from qcompiler.kv_int8 import float_cache_feeds, float_cache_outputs
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,16 @@ def _session_from_folder(model: ir.Model, options):
 
 
 def run(model: ir.Model, feeds: Mapping[str, np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
-    """Run `model` on `feeds`; returns every graph output by name."""
+    """Run `model` on `feeds`; returns every graph output by name. A graph with an int8 KV cache
+    takes float pasts and gives float presents (`qcompiler.kv_int8.float_cache_feeds`)."""
     names = [v.name for v in model.graph.outputs]
+    feeds = float_cache_feeds(model, feeds)
     if qc_nodes(model):
         evaluator = onnx.reference.ReferenceEvaluator(_proto_with_data(model), new_ops=_reference_ops())
         results = evaluator.run(None, dict(feeds))
     else:
         results = ort_session(model, threads).run(names, dict(feeds))
-    return dict(zip(names, results))
+    return float_cache_outputs(dict(zip(names, results)))
 
 
 class MeasurementError(RuntimeError):
@@ -83,15 +86,16 @@ class MeasurementError(RuntimeError):
 
 def run_expanded(model: ir.Model, feeds: Mapping[str, np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
     """Run `model` in ONNX Runtime with its `qc` ops expanded (on a copy); every graph output by
-    name. Raises `MeasurementError` naming the reason when the graph cannot be expanded or run."""
+    name. Raises `MeasurementError` naming the reason when the graph cannot be expanded or run.
+    A graph with an int8 KV cache takes float pasts and gives float presents, as in `run`."""
     names = [v.name for v in model.graph.outputs]
     target = expanded_copy(model) if qc_nodes(model) else model
     try:
         session = ort_session(target, threads)
-        results = session.run(names, dict(feeds))
+        results = session.run(names, float_cache_feeds(model, feeds))
     except Exception as exc:
         raise MeasurementError(f"ONNX Runtime could not run it ({type(exc).__name__}: {first_line(exc)})") from exc
-    return dict(zip(names, results))
+    return float_cache_outputs(dict(zip(names, results)))
 
 
 def expanded_copy(model: ir.Model) -> ir.Model:

@@ -2,8 +2,9 @@
 
 At compile time (ort target): the tokenizer's files (`save_pretrained`: `tokenizer.json`,
 `tokenizer_config.json`, ...), `genai_config.json` (the file ONNX Runtime GenAI's `og.Model(DIR)`
-reads: the decoder's input and output names, heads, layers, token ids, greedy search) and, in the
-manifest, a `causal_lm` section with the cache layout (`models/causal_lm.py: CacheLayout`).
+reads: the decoder's input and output names, heads, layers, token ids, greedy search; not for an
+int8 cache, which ONNX Runtime GenAI cannot feed) and, in the manifest, a `causal_lm` section with
+the cache layout (`models/causal_lm.py: CacheLayout`, `kv_cache: int8` for an int8 cache).
 `qcompiler generate` and `qcompiler eval` read the layout and the tokenizer back from the folder.
 """
 
@@ -75,11 +76,16 @@ def genai_config(layout) -> dict[str, Any]:
     }
 
 
-def write_lm_files(folder: Path, bundled) -> list[Path]:
-    """Write the tokenizer files and `genai_config.json` of a causal LM into the artifact folder."""
+def write_lm_files(folder: Path, bundled, layout) -> list[Path]:
+    """Write the tokenizer files and `genai_config.json` of a causal LM with cache `layout` into the
+    artifact folder; no `genai_config.json` for an int8 cache, which ONNX Runtime GenAI cannot feed
+    (its configuration names no cache scales): `qcompiler generate` runs that artifact."""
     before = set(folder.iterdir())
     bundled.tokenizer().save_pretrained(str(folder))
-    (folder / GENAI_CONFIG).write_text(json.dumps(genai_config(bundled.layout), indent=2, sort_keys=False) + "\n")
+    if layout.kv_cache == "float32":
+        (folder / GENAI_CONFIG).write_text(json.dumps(genai_config(layout), indent=2, sort_keys=False) + "\n")
+    else:
+        log.info("no %s: ONNX Runtime GenAI takes no %s KV cache; run the artifact with `qcompiler generate`", GENAI_CONFIG, layout.kv_cache)
     return sorted(set(folder.iterdir()) - before)
 
 

@@ -49,6 +49,9 @@ class Pass(ir.passes.InPlacePass):
     # Why a second run of the pass changes the IR again ("" = it changes nothing: the contract test
     # in tests/test_pass_contract.py runs every pass twice and holds it to that).
     rerun_changes: ClassVar[str] = ""
+    # The only passes that may come after this one (None: any); e.g. a pass that changes the
+    # graph's inputs comes after every pass that runs the model on calibration data.
+    followers: ClassVar[frozenset[str] | None] = None
 
     def requires(self, model: ir.Model) -> None:
         missing = self.required - model_properties(model)

@@ -64,27 +64,33 @@ class Preset:
         return string.Template(self.template).substitute(values)
 
 
+# `kv-cache=int8` (decoders with a KV cache): the cache stored as int8 (passes/kv_cache.py), after
+# every pass that runs the model; the default adds nothing, so the pipeline reads as before.
+KV_CACHE = {"kv-cache": {"float32": "", "int8": ",kv-cache{dtype=int8}"}}
+
 PRESETS: dict[str, Preset] = {
-    "default": Preset("canonicalize", "clean the graph up for the passes; no quantization"),
+    "default": Preset("canonicalize$kv_cache", "clean the graph up for the passes; no quantization",
+                      {"kv-cache": "float32"}, KV_CACHE),
     "w8a8": Preset(
         "canonicalize,${equalize}calibrate{method=$method},smooth{alpha=$alpha},fold-scales{unfoldable=$unfoldable},"
-        "quantize{act-mode=$act_mode float-inputs=$float_inputs bias-correction=$bias_correction},lower-ort",
+        "quantize{act-mode=$act_mode float-inputs=$float_inputs bias-correction=$bias_correction}$kv_cache,lower-ort",
         "int8 weights and activations with SmoothQuant (needs --calib)",
         {"alpha": "auto", "method": "minmax", "act-mode": "static", "float-inputs": "0", "unfoldable": "unsmooth",
-         "bias-correction": "false", "equalize": "false"},
+         "bias-correction": "false", "equalize": "false", "kv-cache": "float32"},
         # cross-layer equalization of Conv pairs before calibration (left out of the pipeline when off);
         # relu6 also equalizes through Clip(0, 6) as a per-channel Min
-        {"equalize": {"false": "", "true": "equalize,", "relu6": "equalize{clip=per-channel},"}},
+        {"equalize": {"false": "", "true": "equalize,", "relu6": "equalize{clip=per-channel},"}, **KV_CACHE},
     ),
     "mixed": Preset(
         "canonicalize,calibrate,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook sensitivity=$sensitivity "
-        "outliers-weight=$outliers_weight},quantize-weights$rounding$tuning,fold-permutation,lower-ort",
+        "outliers-weight=$outliers_weight},quantize-weights$rounding$tuning,fold-permutation$kv_cache,lower-ort",
         "weight-only channel-wise mixed precision at a fractional bit budget (needs --calib)",
         {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0",
-         "rounding": "nearest", "tuning": "none"},
+         "rounding": "nearest", "tuning": "none", "kv-cache": "float32"},
         {"rounding": {"nearest": "", "gptq": ",gptq"},
          # end to end: every layer's scales against the float model's next-token distributions (LMs)
-         "tuning": {"none": "", "e2e-kl": ",tune-scales{regions=0 loss=kl steps=120 lr=0.001 batch=4}"}},
+         "tuning": {"none": "", "e2e-kl": ",tune-scales{regions=0 loss=kl steps=120 lr=0.001 batch=4}"},
+         **KV_CACHE},
     ),
 }
 
@@ -128,8 +134,17 @@ def format_value(value: Any) -> str:
 
 
 def check_order(passes: list[Pass], initial: frozenset[str] = frozenset()) -> None:
-    """Fail before running anything if a pass's required property is not provided earlier."""
+    """Fail before running anything if a pass's required property is not provided earlier, or a
+    pass comes after one that names its followers and not it."""
     have = set(initial)
+    earlier = [cls for cls in all_passes().values() if cls.followers is not None and cls.provided & have]
+    for at, first in [(-1, cls) for cls in earlier] + list(enumerate(passes)):
+        later = next((p for p in passes[at + 1:] if first.followers is not None and p.name not in first.followers), None)
+        if later is not None:
+            raise UserError(
+                f"{later.name} cannot come after {first.name} (only {', '.join(sorted(first.followers))} may); "
+                f"put {first.name} after {later.name}"
+            )
     providers = {}
     for cls in all_passes().values():
         for prop in cls.provided:

@@ -259,3 +259,121 @@ def test_block_interpreter_runs_the_cache_graph(float_lm):
                     lambda node: Constants().get(node.inputs[1]), Constants())
     for value, want in zip(model.graph.outputs, expected):
         np.testing.assert_allclose(env[value.name].numpy(), want, atol=1e-4)
+
+
+# ---------------------------------------------------------------- int8 KV cache (kv-cache{dtype=int8})
+
+
+@pytest.fixture(scope="module")
+def int8_lm(factory, tmp_path_factory):
+    return qcompile(factory, tmp_path_factory.mktemp("lm") / "int8", pipeline="kv-cache{dtype=int8}", drift=False).output
+
+
+def test_int8_cache_graph_layout_and_files(int8_lm):
+    import onnx
+
+    graph = onnx.load(str(int8_lm / "model.onnx"), load_external_data=False).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
+    layout = read_layout(int8_lm)
+    assert layout.kv_cache == "int8" and [i.name for i in graph.input] == layout.input_names
+    assert [o.name for o in graph.output] == layout.output_names
+    assert layout.input_names[-1] == "past_key_values.1.value_scale" and layout.output_names[-1] == "present.1.value_scale"
+    assert types["past_key_values.0.key"] == types["present.1.value"] == onnx.TensorProto.INT8
+    assert types["past_key_values.0.key_scale"] == types["present.0.key_scale"] == onnx.TensorProto.FLOAT
+    assert json.loads((int8_lm / "manifest.json").read_text())["causal_lm"]["kv_cache"] == "int8"
+    assert not (int8_lm / "genai_config.json").exists() and (int8_lm / "tokenizer.json").is_file()
+    assert layout.cache_bytes_per_token() == 2 * 2 * 2 * (32 + 4)  # layers x (K, V) x kv heads x (codes + scale)
+
+
+def test_float_cache_manifest_has_no_kv_cache_key(float_lm):
+    assert "kv_cache" not in json.loads((float_lm / "manifest.json").read_text())["causal_lm"]
+
+
+def test_int8_cache_presents_are_the_rounded_float_presents(float_lm, int8_lm):
+    """After a prefill (computed as in float), each present is the float present's codes and
+    per-token-per-head scales (qcompiler/kv_int8.py): wrong scales or codes fail here."""
+    from qcompiler import kv_int8
+
+    ids = np.random.default_rng(5).integers(3, VOCAB, 10)
+    floats, int8 = CachedSession(float_lm / "model.onnx", read_layout(float_lm), 1), CachedSession(int8_lm / "model.onnx", read_layout(int8_lm), 1)
+    np.testing.assert_allclose(int8.step(ids), floats.step(ids), atol=1e-5)
+    for name, present in floats.past.items():
+        codes, scale = kv_int8.quantize(present.numpy())
+        assert int8.past[name].numpy().dtype == np.int8 and int8.past[name].numpy().shape == codes.shape
+        assert np.abs(int8.past[name].numpy().astype(int) - codes).max() <= 1  # a tie may round the other way
+        np.testing.assert_allclose(int8.past[name + "_scale"].numpy(), scale, rtol=1e-6)
+        assert np.abs(kv_int8.dequantize(int8.past[name].numpy(), int8.past[name + "_scale"].numpy()) - present.numpy()).max() <= scale.max() / 2 * 1.001
+
+
+def test_int8_cache_logits_stay_close_over_decode_steps(float_lm, int8_lm):
+    """16 single-token steps after a prefill of 8: the int8 cache's logits stay within 0.01 of
+    the float cache's (they differ by about 0.003 on logits up to 0.9; scales off by 10% give
+    about 0.04) with the same greedy token at every step."""
+    from onnxruntime import OrtValue
+
+    ids = np.random.default_rng(5).integers(3, VOCAB, 24)
+    reference = cached_logits(CachedSession(float_lm / "model.onnx", read_layout(float_lm), 1), ids, prefill=8)
+    session = CachedSession(int8_lm / "model.onnx", read_layout(int8_lm), 1)
+    got = cached_logits(session, ids, prefill=8)
+    np.testing.assert_allclose(got[:8], reference[:8], atol=1e-5)
+    assert np.abs(got[8:] - reference[8:]).max() < 0.01
+    assert (got.argmax(-1) == reference.argmax(-1)).all()
+    session.reset()  # the same steps with every cached scale 10% too large are told apart
+    session.step(ids[:8])
+    session.past = {k: OrtValue.ortvalue_from_numpy(v.numpy() * np.float32(1.1)) if k.endswith("_scale") else v for k, v in session.past.items()}
+    skewed = np.concatenate([session.step(ids[t : t + 1]) for t in range(8, 24)])
+    assert np.abs(skewed - reference[8:]).max() > 0.01
+
+
+def test_generate_runs_the_int8_cache(float_lm, int8_lm, capsys):
+    result = generate(int8_lm, PROMPT, max_new_tokens=10, threads=1)
+    assert result["new_tokens"] == 10 and result["decode_tokens_per_s"] > 0
+    assert result["tokens"] == generate(float_lm, PROMPT, max_new_tokens=10, threads=1)["tokens"]
+    assert main(["generate", str(int8_lm), "--prompt", PROMPT, "--max-new-tokens", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["new_tokens"] == 4
+
+
+def test_kv_cache_option_and_its_order():
+    from qcompiler.pipeline import check_order, format_pipeline, parse_pipeline
+
+    assert "kv-cache" not in format_pipeline(parse_pipeline("w8a8{act-mode=per-token}"))
+    names = [p.name for p in parse_pipeline("w8a8{act-mode=per-token kv-cache=int8}")]
+    assert names[-2:] == ["kv-cache", "lower-ort"] and [p.name for p in parse_pipeline("mixed{kv-cache=int8}")][-2:] == names[-2:]
+    assert [p.name for p in parse_pipeline("default{kv-cache=int8}")] == ["canonicalize", "kv-cache"]
+    with pytest.raises(UserError, match="calibrate cannot come after kv-cache"):
+        check_order(parse_pipeline("kv-cache,calibrate"))
+    with pytest.raises(UserError, match="gptq cannot come after kv-cache"):
+        check_order(parse_pipeline("kv-cache,lower-ort,gptq"))
+    with pytest.raises(UserError, match="calibrate cannot come after kv-cache"):
+        check_order(parse_pipeline("calibrate"), frozenset({"kv-cache-format"}))
+
+
+def test_kv_cache_refuses_a_model_without_a_cache():
+    from qcompiler.ir import parse
+    from qcompiler.opt import optimize
+
+    model = parse('<ir_version: 10, opset_import: ["" : 21]>\ng (float[2] x) => (float[2] y)\n{\n  y = Relu (x)\n}\n')
+    with pytest.raises(UserError, match="no past_key_values"):
+        optimize(model, "kv-cache")
+
+
+@pytest.mark.slow
+def test_tiny_w8a8_with_int8_cache(factory, calib_file, float_lm, tmp_path):
+    out = qcompile(factory, tmp_path / "w8kv", pipeline="w8a8{act-mode=per-token kv-cache=int8}", calibration=str(calib_file),
+                   drift=False).output
+    assert read_layout(out).kv_cache == "int8"
+    ids = np.random.default_rng(4).integers(3, VOCAB, 16)
+    quantized = cached_logits(CachedSession(out / "model.onnx", read_layout(out), 1), ids, prefill=8)
+    reference = cached_logits(CachedSession(float_lm / "model.onnx", read_layout(float_lm), 1), ids, prefill=8)
+    assert np.sum(quantized * reference) / np.linalg.norm(quantized) / np.linalg.norm(reference) > 0.99
+
+
+def test_generate_refuses_a_manifest_that_misnames_the_cache(int8_lm, tmp_path, capsys):
+    copy = tmp_path / "misnamed"
+    shutil.copytree(int8_lm, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["causal_lm"]["kv_cache"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["generate", str(copy), "--prompt", PROMPT]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "manifest says float32" in err and len(err.splitlines()) == 1
