@@ -9,6 +9,7 @@ from onnx import helper, numpy_helper
 
 from qcompiler import execute
 from qcompiler.errors import UserError
+from qcompiler.ir import to_text
 from qcompiler.context import CompileContext, using
 from qcompiler.pass_manager import run_pipeline
 from qcompiler.passes.awq_scale import choose_alpha, quantize_as_allocated
@@ -117,3 +118,13 @@ def test_bad_options_are_refused():
         parse_pipeline("awq-scale{group-size=48}")
     with pytest.raises(UserError, match="avg-bits"):
         parse_pipeline("awq-scale{avg-bits=1}")
+
+
+def test_same_inputs_give_the_same_bytes():
+    texts = []
+    for _ in range(2):
+        model = _single_linear(seed=2, k=128, n=128)
+        bits = "avg-bits=5.5 candidates=4 outliers-act=0 group-size=32"
+        _compile(model, f"calibrate,awq-scale{{{bits}}},fold-scales,allocate-bits{{{bits}}},quantize-weights")
+        texts.append(to_text(model, elide_over=2**62))
+    assert texts[0] == texts[1]
