@@ -3,6 +3,7 @@
     python benchmarks/mixed_pareto.py                        # smollm2-135m and minilm-l6 (30-50 min on 2 cores)
     python benchmarks/mixed_pareto.py --models minilm-l6     # one model
     python benchmarks/mixed_pareto.py --quick --windows 4    # fewer budgets and windows (a smoke run)
+    python benchmarks/mixed_pareto.py --budgets 3.25,4.25 --no-uniform --float-from DIR   # the mixed curve only, float read from DIR/NAME
 
 Each model is captured once: `qcompiler.compile(NAME, DIR, pipeline="default", drift=False)` writes
 the float ONNX Runtime model; every variant below is compiled FROM that `model.onnx` file, with the
