@@ -3,6 +3,7 @@
     python benchmarks/mixed_pareto.py                        # smollm2-135m and minilm-l6 (30-50 min on 2 cores)
     python benchmarks/mixed_pareto.py --models minilm-l6     # one model
     python benchmarks/mixed_pareto.py --quick --windows 4    # fewer budgets and windows (a smoke run)
+    python benchmarks/mixed_pareto.py --budgets 3.25,4.25 --no-uniform --float-from DIR   # the mixed curve only, float read from DIR/NAME
 
 Each model is captured once: `qcompiler.compile(NAME, DIR, pipeline="default", drift=False)` writes
 the float ONNX Runtime model; every variant below is compiled FROM that `model.onnx` file, with the
@@ -363,21 +364,27 @@ def run_model(name: str, args, work: Path) -> dict[str, Any]:
 
     log(f"{name}: capture + float compile")
     start = time.perf_counter()
-    float_result = qcompiler.compile(name, mdir / "float", pipeline="default", drift=False, threads=THREADS)
+    if args.float_from:  # the float artifact of an earlier run (capture is deterministic: the same bytes)
+        float_dir = Path(args.float_from) / name
+        manifest = json.loads((float_dir / "manifest.json").read_text())
+    else:
+        float_dir = mdir / "float"
+        manifest = qcompiler.compile(name, float_dir, pipeline="default", drift=False, threads=THREADS).manifest
     float_s = time.perf_counter() - start
-    float_path = mdir / "float" / "model.onnx"
-    weights = int(float_result.manifest["weights"])
+    float_path = float_dir / "model.onnx"
+    weights = int(manifest["weights"])
     batches, calib_desc = calibration(name, args.lm_calib_sts)
     evaluator = Evaluator(name, eval_text, args.windows)
 
     rows: dict[str, dict[str, Any]] = {}
     log(f"{name}: evaluate float artifact")
-    rows["float32"] = {"kind": "float", "effective_bits": float_result.manifest["effective_bits_per_weight"],
-                       "weight_bytes": float_result.manifest["weight_bytes"], "weights": weights,
-                       "compile_s": round(float_s, 2), "compile_note": "capture (torch.export) + default pipeline + emit",
+    rows["float32"] = {"kind": "float", "effective_bits": manifest["effective_bits_per_weight"],
+                       "weight_bytes": manifest["weight_bytes"], "weights": weights,
+                       "compile_s": round(float_s, 2), "compile_note": "capture (torch.export) + default pipeline + emit"
+                       + (f" (read from {args.float_from})" if args.float_from else ""),
                        **evaluator(float_path)}
     # the same artifact through qcompiler.evaluate: checks that the two evaluation paths agree
-    check = evaluate_ours(name, mdir / "float", eval_text, args.windows)
+    check = evaluate_ours(name, float_dir, eval_text, args.windows)
     rows["float32"]["via_qcompiler_evaluate"] = check
 
     budgets = QUICK_BUDGETS if args.quick else BUDGETS
@@ -410,7 +417,7 @@ def run_model(name: str, args, work: Path) -> dict[str, Any]:
         rows[label] = row
         _drop(row, args)
 
-    for bits in UNIFORM_BITS:
+    for bits in () if args.no_uniform else UNIFORM_BITS:
         label = f"ours uniform {bits}-bit RTN"
         _wait_for_peers(args)
         log(f"{name}: compile {label}")
@@ -642,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mixed-options", default="", help="more options of the mixed preset for the curve, e.g. 'scope=model sensitivity=output'")
     parser.add_argument("--lm-calib-sts", type=int, default=0,
                         help="smollm2: this many more calibration windows of 128 tokens from the STS pairs' sentences (default 0)")
+    parser.add_argument("--float-from", default="", help="read each model's float artifact from DIR/NAME (an earlier run's --work) instead of capturing it again")
+    parser.add_argument("--no-uniform", action="store_true", help="leave out the uniform RTN rows (only the mixed curve and the peers)")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the compiled artifacts in --work")
     parser.add_argument("--output", default=str(RESULTS / "mixed_pareto.json"))
@@ -696,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         "git_at_start": git_start,
         "git_at_end": git_state(),
         "options": {"models": names, "windows": args.windows, "quick": args.quick, "mixed_options": args.mixed_options,
-                    "lm_calib_sts": args.lm_calib_sts,
+                    "lm_calib_sts": args.lm_calib_sts, "no_uniform": args.no_uniform, "float_from": args.float_from,
                     "budgets": [float(b) for b in args.budgets.split(",")] if args.budgets else list(QUICK_BUDGETS if args.quick else BUDGETS),
                     "peers_from": args.peers_from_commit},
         "waited_for_other_jobs_s": round(WAIT_SPENT[0], 1),

@@ -7,6 +7,7 @@ from qcompiler.passes import fold_scales  # noqa: F401
 from qcompiler.passes import lower_ort  # noqa: F401
 from qcompiler.passes import quantize  # noqa: F401
 from qcompiler.passes import smooth  # noqa: F401
+from qcompiler.passes import awq_scale  # noqa: F401
 from qcompiler.passes import allocate_bits  # noqa: F401
 from qcompiler.passes import quantize_weights  # noqa: F401
 from qcompiler.passes import fold_permutation  # noqa: F401

@@ -81,20 +81,7 @@ def _smooth_group(graph: ir.Graph, group: list[Linear], stats, alpha) -> dict:
     weight_absmax = np.max(np.abs(np.concatenate(weights, axis=1)), axis=1)
     chosen = choose_alpha(stats.sample, weights, stats.absmax, weight_absmax) if alpha == "auto" else float(alpha)
     s = smoothing_scale(stats.absmax, weight_absmax, chosen)
-    x = group[0].x
-    inverse = new_initializer(graph, f"{x.name}.smooth_inv", (1.0 / s).astype(np.float32))
-    mul = ir.node("ChannelScale", [x, inverse], {"axis": -1}, domain="qc", name=f"{x.name}.smooth",
-                  metadata_props={CREATED_BY: "smooth"})
-    mul.outputs[0].name = f"{x.name}.smoothed"
-    mul.outputs[0].type = x.type
-    mul.outputs[0].shape = x.shape
-    mul.outputs[0].meta[STATS_KEY] = stats.scaled(inverse.const_value.numpy())
-    mul.outputs[0].meta[SMOOTHED_KEY] = True
-    insert_after_value(graph, x, mul)
-    x.meta[SMOOTHED_KEY] = True  # its readers now see X / s: never smooth them twice
-    for layer, w in zip(group, weights):
-        layer.node.replace_input_with(0, mul.outputs[0])
-        set_constant(graph, layer.w, (w * s[:, None]).astype(w.dtype), layer.node, "smoothed")
+    scale_input_channels(graph, group, stats, s, "smooth")
     return {
         "alpha": chosen,
         "layers": [layer.name for layer in group],
@@ -103,6 +90,28 @@ def _smooth_group(graph: ir.Graph, group: list[Linear], stats, alpha) -> dict:
         "weight_absmax_before": float(np.max(weight_absmax)),
         "weight_absmax_after": float(np.max(weight_absmax * s)),
     }
+
+
+def scale_input_channels(graph: ir.Graph, group: list[Linear], stats, s: np.ndarray, created_by: str) -> None:
+    """`X W = (X / s)(diag(s) W)` for every linear of `group` (all reading X): a
+    `qc.ChannelScale(X, 1/s)` in front of them (carrying X's statistics scaled by 1/s, and the
+    smoothed flag so that no pass scales its readers twice) and the rows of each W scaled by s;
+    `fold-scales` folds the ChannelScale into the producer of X where it can."""
+    x = group[0].x
+    inverse = new_initializer(graph, f"{x.name}.{created_by}_inv", (1.0 / s).astype(np.float32))
+    mul = ir.node("ChannelScale", [x, inverse], {"axis": -1}, domain="qc", name=f"{x.name}.{created_by}",
+                  metadata_props={CREATED_BY: created_by})
+    mul.outputs[0].name = f"{x.name}.smoothed"
+    mul.outputs[0].type = x.type
+    mul.outputs[0].shape = x.shape
+    mul.outputs[0].meta[STATS_KEY] = stats.scaled(inverse.const_value.numpy())
+    mul.outputs[0].meta[SMOOTHED_KEY] = True
+    insert_after_value(graph, x, mul)
+    x.meta[SMOOTHED_KEY] = True  # its readers now see X / s: never scale them twice
+    for layer in group:
+        w = layer.w.const_value.numpy()
+        set_constant(graph, layer.w, (w * s[:, None]).astype(w.dtype), layer.node, "smoothed")
+        layer.node.replace_input_with(0, mul.outputs[0])
 
 
 def choose_alpha(sample: np.ndarray, weights: list[np.ndarray], act_absmax, weight_absmax) -> float:

@@ -53,14 +53,14 @@ class Preset:
                     f"preset '{name}' has no option '{shown(key)}'{did_you_mean(key, self.params)}; "
                     f"options: {', '.join(self.params) or 'none'}"
                 )
-        values = {}
-        for key, default in self.params.items():
-            value = options.get(key, default)
+        chosen = {key: options.get(key, default) for key, default in self.params.items()}
+        values = {key.replace("-", "_"): value for key, value in chosen.items() if key not in self.fragments}
+        for key, value in chosen.items():
             if key in self.fragments:
                 if value not in self.fragments[key]:
                     raise UserError(f"preset '{name}': {key} must be one of {', '.join(self.fragments[key])}, got '{shown(value)}'")
-                value = self.fragments[key][value]
-            values[key.replace("-", "_")] = value
+                # a fragment may use the other options' values (`$avg_bits`)
+                values[key.replace("-", "_")] = string.Template(self.fragments[key][value]).substitute(values)
         return string.Template(self.template).substitute(values)
 
 
@@ -82,12 +82,14 @@ PRESETS: dict[str, Preset] = {
         {"equalize": {"false": "", "true": "equalize,", "relu6": "equalize{clip=per-channel},"}, **KV_CACHE},
     ),
     "mixed": Preset(
-        "canonicalize,calibrate,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook sensitivity=$sensitivity "
+        "canonicalize,calibrate$act_scale,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook sensitivity=$sensitivity "
         "outliers-weight=$outliers_weight},quantize-weights$rounding$tuning,fold-permutation$kv_cache,lower-ort",
         "weight-only channel-wise mixed precision at a fractional bit budget (needs --calib)",
         {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0",
-         "rounding": "nearest", "tuning": "none", "kv-cache": "float32"},
+         "rounding": "nearest", "tuning": "none", "act-scale": "none", "kv-cache": "float32"},
         {"rounding": {"nearest": "", "gptq": ",gptq"},
+         # AWQ: input channels scaled by mean|x|^alpha (alpha searched at the layer's budget), folded into the producer
+         "act-scale": {"none": "", "awq": ",awq-scale{avg-bits=$avg_bits},fold-scales{unfoldable=unsmooth}"},
          # end to end: every layer's scales against the float model's next-token distributions (LMs)
          "tuning": {"none": "", "e2e-kl": ",tune-scales{regions=0 loss=kl steps=120 lr=0.001 batch=4}"},
          **KV_CACHE},
