@@ -284,10 +284,12 @@ def command_line() -> str:
 
 
 def ort_nbits_quantize(float_model: Path, algorithm: str = "default", symmetric: bool = False,
-                       accuracy_level: int | None = None) -> tuple[Any, str]:
-    """ONNX Runtime's own 4-bit weight-only quantizer (`MatMulNBitsQuantizer`, blocks of 128) on an
-    ONNX file: algorithm "default" (RTN with `symmetric`), "RTN" or "HQQ". Returns the quantized
-    ModelProto and the name of the config class used."""
+                       accuracy_level: int | None = None, block_size: int = 128,
+                       calibration: Sequence[dict[str, Any]] | None = None) -> tuple[Any, str]:
+    """ONNX Runtime's own 4-bit weight-only quantizer (`MatMulNBitsQuantizer`, blocks of
+    `block_size` rows) on an ONNX file: algorithm "default" (RTN with `symmetric`), "RTN", "HQQ" or
+    "GPTQ" (which reads the feed dicts in `calibration`). Returns the quantized ModelProto and the
+    name of the config class used."""
     import contextlib
     import io
 
@@ -298,12 +300,130 @@ def ort_nbits_quantize(float_model: Path, algorithm: str = "default", symmetric:
     if algorithm == "RTN":
         config = mnq.RTNWeightOnlyQuantConfig()
     elif algorithm == "HQQ":
-        config = mnq.HQQWeightOnlyQuantConfig(block_size=128, bits=4)
+        config = mnq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4)
+    elif algorithm == "GPTQ":
+        config = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=ListReader(calibration or []), block_size=block_size)
     else:
-        config = mnq.DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=symmetric, bits=4, **level)
-    quantizer = mnq.MatMulNBitsQuantizer(onnx.load(str(float_model)), bits=4, block_size=128, is_symmetric=symmetric,
+        config = mnq.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=4, **level)
+    quantizer = mnq.MatMulNBitsQuantizer(onnx.load(str(float_model)), bits=4, block_size=block_size, is_symmetric=symmetric,
                                          algo_config=config, **level)
     with contextlib.redirect_stdout(io.StringIO()):  # the RTN path prints a progress bar
         quantizer.process()
     proto = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
     return proto, type(config).__name__
+
+
+class ListReader:
+    """onnxruntime.quantization.CalibrationDataReader over a list of feed dicts."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return self.batches[self.i - 1]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def rewind(self):
+        self.i = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Weight bytes of any ONNX graph, counted one way for every tool
+
+LINEAR_WEIGHT_INPUTS = {"MatMul": (1,), "Gemm": (1,), "MatMulNBits": (1, 2, 3, 4)}
+# ops a constant weight may pass through on its way to a linear (input positions that carry it)
+WEIGHT_PATH_INPUTS = {"DequantizeLinear": (0, 1, 2), "Transpose": (0,), "Reshape": (0,), "Cast": (0,),
+                      "Identity": (0,), "Unsqueeze": (0,), "Squeeze": (0,), "Mul": (0, 1), "Sub": (0, 1)}
+ELEMENT_BITS = {1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 12: 32, 13: 64, 16: 16,
+                17: 8, 18: 8, 19: 8, 20: 8, 21: 4, 22: 4}  # onnx.TensorProto data types; 21/22 = UINT4/INT4
+
+
+def tensor_bytes(tensor) -> int:
+    """Stored bytes of a TensorProto (its dims and element type; 4-bit types packed two per byte),
+    whether its data is inline or external."""
+    count = 1
+    for d in tensor.dims:
+        count *= int(d)
+    return -(-count * ELEMENT_BITS.get(tensor.data_type, 32) // 8)
+
+
+def linear_weight_bytes(proto) -> dict[str, Any]:
+    """Bytes of every constant that feeds a linear layer's weight (MatMul / Gemm input B,
+    MatMulNBits' B, scales, zero points and g_idx), followed back through DequantizeLinear,
+    Transpose, Reshape, Cast and the like: codes + scales + zero points, whatever the format.
+    An input that depends on anything but constants (attention's Q @ K^T) is not a weight.
+    Each constant counts once. `head` = the linear that produces the graph's first output (the LM
+    head), `embedding` = the constants a Gather's table comes from (0 when it reuses the head's)."""
+    constants = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = node.attribute[0].t
+    producer = {out: node for node in proto.graph.node for out in node.output}
+
+    def sources(name: str) -> set[str] | None:
+        """The constants `name` is computed from, or None if it depends on a non-constant."""
+        if name in constants:
+            return {name}
+        node = producer.get(name)
+        if node is None or node.op_type not in WEIGHT_PATH_INPUTS:
+            return None
+        found: set[str] = set()
+        for i in WEIGHT_PATH_INPUTS[node.op_type]:
+            if i < len(node.input) and node.input[i]:
+                more = sources(node.input[i])
+                if more is None:
+                    return None
+                found |= more
+        return found
+
+    counted: set[str] = set()
+    total, linears, head_bytes = 0, 0, 0
+    head_node = _head_linear(proto, producer)
+    for node in proto.graph.node:
+        positions = LINEAR_WEIGHT_INPUTS.get(node.op_type)
+        if not positions:
+            continue
+        names: set[str] = set()
+        for i in positions:
+            if i < len(node.input) and node.input[i]:
+                found = sources(node.input[i])
+                if found is None:
+                    names = set()
+                    break
+                names |= found
+        if not names:
+            continue
+        linears += 1
+        new = names - counted
+        counted |= new
+        size = sum(tensor_bytes(constants[n]) for n in new)
+        total += size
+        if node is head_node:
+            head_bytes = size
+    embedding = set()
+    for node in proto.graph.node:
+        if node.op_type == "Gather" and node.input:
+            embedding |= {n for n in sources(node.input[0]) or () if len(constants[n].dims) >= 2}
+    embedding_new = embedding - counted
+    return {"total": total, "linears": linears, "head": head_bytes,
+            "embedding": sum(tensor_bytes(constants[n]) for n in embedding_new),
+            "embedding_tied_to_a_linear": bool(embedding) and not embedding_new}
+
+
+def _head_linear(proto, producer):
+    """The linear node the graph's first output comes from (through shape-only ops and Add)."""
+    name = proto.graph.output[0].name if proto.graph.output else None
+    while name in producer:
+        node = producer[name]
+        if node.op_type in LINEAR_WEIGHT_INPUTS:
+            return node
+        if node.op_type not in ("Reshape", "Cast", "Identity", "Add", "Squeeze", "Unsqueeze"):
+            return None
+        name = node.input[0]
+    return None
