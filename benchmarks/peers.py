@@ -176,6 +176,9 @@ def nncf_compress_row(options: dict[str, Any], data_aware: bool, ctx: dict, out:
     kwargs["mode"] = getattr(nncf.CompressWeightsMode, kwargs["mode"])
     if "sensitivity_metric" in kwargs:
         kwargs["sensitivity_metric"] = getattr(nncf.SensitivityMetric, kwargs["sensitivity_metric"])
+    if "group_size_fallback" in kwargs:  # 576 is no multiple of 128: such layers get the largest power of two dividing it
+        mode = getattr(nncf.GroupSizeFallbackMode, kwargs.pop("group_size_fallback"))
+        kwargs["advanced_parameters"] = nncf.AdvancedCompressionParameters(group_size_fallback_mode=mode)
     if data_aware:
         rows = ctx["calibration_rows"]
         kwargs["dataset"] = nncf.Dataset([{"input_ids": r[None]} for r in rows])
@@ -201,22 +204,22 @@ def _onnx_embedding(counted: dict, ctx: dict) -> str:
 
 NNCF_ROWS = {
     # label: (options, data_aware, in quick)
-    "nncf INT4_ASYM g128 data-free": ({"mode": "INT4_ASYM", "group_size": 128, "ratio": 1.0}, False, True),
+    "nncf INT4_ASYM g128 data-free": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0}, False, True),
     "nncf INT4_ASYM g32 data-free": ({"mode": "INT4_ASYM", "group_size": 32, "ratio": 1.0}, False, False),
-    "nncf INT4_ASYM g128 data-free all layers": ({"mode": "INT4_ASYM", "group_size": 128, "ratio": 1.0, "all_layers": True}, False, False),
-    "nncf INT4_ASYM g128 AWQ+SE all layers": ({"mode": "INT4_ASYM", "group_size": 128, "ratio": 1.0, "all_layers": True,
+    "nncf INT4_ASYM g128 data-free all layers": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0, "all_layers": True}, False, False),
+    "nncf INT4_ASYM g128 AWQ+SE all layers": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0, "all_layers": True,
                                                "awq": True, "scale_estimation": True}, True, True),
     "nncf INT4_ASYM g32 AWQ+SE all layers": ({"mode": "INT4_ASYM", "group_size": 32, "ratio": 1.0, "all_layers": True,
                                               "awq": True, "scale_estimation": True}, True, False),
-    "nncf INT4_ASYM g128 AWQ all layers": ({"mode": "INT4_ASYM", "group_size": 128, "ratio": 1.0, "all_layers": True,
+    "nncf INT4_ASYM g128 AWQ all layers": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0, "all_layers": True,
                                             "awq": True}, True, False),
-    "nncf INT4_ASYM g128 SE all layers": ({"mode": "INT4_ASYM", "group_size": 128, "ratio": 1.0, "all_layers": True,
+    "nncf INT4_ASYM g128 SE all layers": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0, "all_layers": True,
                                            "scale_estimation": True}, True, False),
-    "nncf INT4_ASYM g128 ratio 0.8 hessian, AWQ+SE": ({"mode": "INT4_ASYM", "group_size": 128, "ratio": 0.8, "all_layers": True,
+    "nncf INT4_ASYM g128 ratio 0.8 hessian, AWQ+SE": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 0.8, "all_layers": True,
                                                        "sensitivity_metric": "HESSIAN_INPUT_ACTIVATION", "awq": True,
                                                        "scale_estimation": True}, True, False),
-    "nncf INT4_ASYM g128 GPTQ": ({"mode": "INT4_ASYM", "group_size": 128, "ratio": 1.0, "all_layers": True, "gptq": True}, True, False),
-    "nncf INT4_ASYM g128 LoRA correction": ({"mode": "INT4_ASYM", "group_size": 128, "ratio": 1.0, "all_layers": True,
+    "nncf INT4_ASYM g128 GPTQ": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0, "all_layers": True, "gptq": True}, True, False),
+    "nncf INT4_ASYM g128 LoRA correction": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0, "all_layers": True,
                                              "lora_correction": True}, True, False),
 }
 
@@ -475,6 +478,8 @@ def lm_rows(args, work: Path) -> dict[str, Any]:
     if {"hqq", "autoround", "llmcompressor"} & set(args.families):  # the torch float model must score as the ONNX one
         rows["float32"]["torch_float_check"] = evaluator.score(torch_runner(hf_smollm2()))
     for label, family, make in lm_plan(args, ctx, work / name):
+        if args.match and args.match not in label:
+            continue
         rows[label] = attempt(label, family, make)
         args.save()
     base = rows["float32"]["perplexity"]
@@ -513,7 +518,7 @@ def encoder_rows(args, work: Path) -> dict[str, Any]:
         add("nncf quantize W8A8 (transformer)", "nncf", lambda: nncf_quantize_row(ctx, work / name / "nncf-w8a8"))
         latency_models["nncf quantize W8A8 (transformer)"] = work / name / "nncf-w8a8" / "model.onnx"
         add("nncf INT4_ASYM g128 data-free", "nncf", lambda: nncf_compress_row(
-            {"mode": "INT4_ASYM", "group_size": 128, "ratio": 1.0}, False, ctx, work / name / "nncf-int4"))
+            {"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0}, False, ctx, work / name / "nncf-int4"))
     if "ort" in args.families:
         for kind, label in (("static", "ort static U8S8"), ("dynamic", "ort dynamic")):
             add(label, "ort", lambda k=kind: ort_w8a8_row(k, ctx, work / name))
@@ -582,6 +587,28 @@ def text_table(name: str, result: dict) -> str:
             + common.table(["variant", "eff. bits", metric, "head", "embedding", "compile s", "note"], rows, "lrrllrl"))
 
 
+def markdown_table(name: str, result: dict) -> str:
+    """The rows as a Markdown table for docs/results.md, sorted by effective bits; failed rows last."""
+    metric = result.get("metric") or ("perplexity" if name == LM else "spearman_x100")
+    done = sorted(((label, r) for label, r in result["rows"].items() if "error" not in r), key=lambda lr: -lr[1]["effective_bits"])
+    failed = [(label, r) for label, r in result["rows"].items() if "error" in r]
+    latency = any(r.get("latency_ms") is not None for _, r in done)
+    head = ["variant", "effective bits", metric, "top-1 vs float" if name == LM else "cosine vs float", "LM head", "embedding",
+            "compile s"] + (["latency ms (x float)"] if latency else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in done:
+        agree = r.get("top1_agreement_vs_float", r.get("mean_cosine_vs_float"))
+        cells = [label, f"{r['effective_bits']:.2f}", f"{r[metric]:.2f}" if r.get(metric) is not None else "-",
+                 f"{agree:.3f}" if agree is not None else "", r.get("head", "-"), r.get("embedding", "-"),
+                 "" if r.get("compile_s") is None else f"{r['compile_s']:.0f}"]
+        if latency:
+            cells.append(f"{r['latency_ms']:.1f} ({r.get('latency_ratio_to_float') or 0:.2f})" if r.get("latency_ms") else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    for label, r in failed:
+        lines.append("| " + " | ".join([label, "did not run: " + r["error"].replace("|", "/")[:160]] + [""] * (len(head) - 2)) + " |")
+    return "\n".join(lines)
+
+
 STYLE = {"ours": ("o-", "tab:blue"), "ort": ("^", "tab:red"), "nncf": ("s", "tab:green"), "hqq": ("v", "tab:purple"),
          "autoround": ("D", "tab:orange"), "llmcompressor": ("P", "tab:brown"), "llamacpp": ("X", "tab:olive")}
 
@@ -633,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one, removed at the end)")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/peers.json, --quick peers_quick.json)")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON at --output")
+    parser.add_argument("--match", default="", help="SmolLM2: only the rows whose label contains this text (e.g. g128)")
+    parser.add_argument("--markdown", action="store_true", help="only print the JSON at --output as Markdown tables")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="combine the rows of runs made with different --only (later files win) into --output, then plot")
     args = parser.parse_args(argv)
@@ -640,6 +669,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         note = merge([Path(f) for f in args.merge], output)
         print(note or f"wrote {output} and {output.with_suffix('.png')}")
+        return 0
+    if args.markdown:
+        for name, result in json.loads(output.read_text())["models"].items():
+            print(f"{name}\n\n{markdown_table(name, result)}\n")
         return 0
     if args.replot:
         note = plot(json.loads(output.read_text())["models"], output.with_suffix(".png"))
