@@ -337,9 +337,9 @@ class ListReader:
 # Weight bytes of any ONNX graph, counted one way for every tool
 
 LINEAR_WEIGHT_INPUTS = {"MatMul": (1,), "Gemm": (1,), "MatMulNBits": (1, 2, 3, 4)}
-# ops a constant weight may pass through on its way to a linear (input positions that carry it)
-WEIGHT_PATH_INPUTS = {"DequantizeLinear": (0, 1, 2), "Transpose": (0,), "Reshape": (0,), "Cast": (0,),
-                      "Identity": (0,), "Unsqueeze": (0,), "Squeeze": (0,), "Mul": (0, 1), "Sub": (0, 1)}
+# inputs that carry shapes, axes or pads, not data: not followed and not counted
+METADATA_INPUTS = {"Reshape": (1,), "Pad": (1, 3), "Slice": (1, 2, 3, 4), "Expand": (1,), "Unsqueeze": (1,),
+                   "Squeeze": (1,), "Tile": (1,), "ConstantOfShape": (0,), "Shape": (0,), "Size": (0,)}
 ELEMENT_BITS = {1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 12: 32, 13: 64, 16: 16,
                 17: 8, 18: 8, 19: 8, 20: 8, 21: 4, 22: 4}  # onnx.TensorProto data types; 21/22 = UINT4/INT4
 
@@ -353,77 +353,76 @@ def tensor_bytes(tensor) -> int:
     return -(-count * ELEMENT_BITS.get(tensor.data_type, 32) // 8)
 
 
-def linear_weight_bytes(proto) -> dict[str, Any]:
-    """Bytes of every constant that feeds a linear layer's weight (MatMul / Gemm input B,
-    MatMulNBits' B, scales, zero points and g_idx), followed back through DequantizeLinear,
-    Transpose, Reshape, Cast and the like: codes + scales + zero points, whatever the format.
-    An input that depends on anything but constants (attention's Q @ K^T) is not a weight.
-    Each constant counts once. `head` = the linear that produces the graph's first output (the LM
-    head), `embedding` = the constants a Gather's table comes from (0 when it reuses the head's)."""
+def constant_sources(proto) -> tuple[dict[str, Any], dict[str, frozenset[str]]]:
+    """(constants by name, for every value computed from constants only: the constants it comes
+    from). One pass in the graph's (topological) order; shape, axes and pads inputs are not data."""
     constants = {t.name: t for t in proto.graph.initializer}
+    sources: dict[str, frozenset[str]] = {name: frozenset((name,)) for name in constants}
     for node in proto.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             constants[node.output[0]] = node.attribute[0].t
+            sources[node.output[0]] = frozenset(node.output[:1])
+            continue
+        skip = METADATA_INPUTS.get(node.op_type, ())
+        data = [name for i, name in enumerate(node.input) if name and i not in skip]
+        if data and all(name in sources for name in data):
+            found = frozenset().union(*(sources[name] for name in data))
+            for out in node.output:
+                sources[out] = found
+    return constants, sources
+
+
+def linear_weight_bytes(proto) -> dict[str, Any]:
+    """Bytes of every constant a linear layer's weight is computed from (MatMul / Gemm input B,
+    MatMulNBits' B, scales, zero points and g_idx, followed back through DequantizeLinear,
+    Transpose, Reshape, Cast, Gather of packed codes and the like): codes + scales + zero points +
+    indices, whatever the format. An input that depends on anything but constants (attention's
+    Q @ K^T) is not a weight. Each constant counts once. `head` = the new bytes of the linears the
+    graph's first output comes from (the LM head); `embedding` = the bytes of the table a Gather
+    with run-time indices reads that no linear already counted (0 when tied to the head)."""
+    constants, sources = constant_sources(proto)
     producer = {out: node for node in proto.graph.node for out in node.output}
-
-    def sources(name: str) -> set[str] | None:
-        """The constants `name` is computed from, or None if it depends on a non-constant."""
-        if name in constants:
-            return {name}
-        node = producer.get(name)
-        if node is None or node.op_type not in WEIGHT_PATH_INPUTS:
-            return None
-        found: set[str] = set()
-        for i in WEIGHT_PATH_INPUTS[node.op_type]:
-            if i < len(node.input) and node.input[i]:
-                more = sources(node.input[i])
-                if more is None:
-                    return None
-                found |= more
-        return found
-
+    head_nodes = _head_linears(proto, producer, sources)
     counted: set[str] = set()
     total, linears, head_bytes = 0, 0, 0
-    head_node = _head_linear(proto, producer)
     for node in proto.graph.node:
         positions = LINEAR_WEIGHT_INPUTS.get(node.op_type)
         if not positions:
             continue
-        names: set[str] = set()
-        for i in positions:
-            if i < len(node.input) and node.input[i]:
-                found = sources(node.input[i])
-                if found is None:
-                    names = set()
-                    break
-                names |= found
-        if not names:
+        inputs = [node.input[i] for i in positions if i < len(node.input) and node.input[i]]
+        if not inputs or not all(name in sources for name in inputs):
             continue
+        names = set().union(*(sources[name] for name in inputs))
         linears += 1
         new = names - counted
         counted |= new
         size = sum(tensor_bytes(constants[n]) for n in new)
         total += size
-        if node is head_node:
-            head_bytes = size
-    embedding = set()
+        if id(node) in head_nodes:
+            head_bytes += size
+    embedding: set[str] = set()
     for node in proto.graph.node:
-        if node.op_type == "Gather" and node.input:
-            embedding |= {n for n in sources(node.input[0]) or () if len(constants[n].dims) >= 2}
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[0] in sources and node.input[1] not in sources:
+            embedding |= {n for n in sources[node.input[0]] if len(constants[n].dims) >= 2}
     embedding_new = embedding - counted
     return {"total": total, "linears": linears, "head": head_bytes,
             "embedding": sum(tensor_bytes(constants[n]) for n in embedding_new),
             "embedding_tied_to_a_linear": bool(embedding) and not embedding_new}
 
 
-def _head_linear(proto, producer):
-    """The linear node the graph's first output comes from (through shape-only ops and Add)."""
-    name = proto.graph.output[0].name if proto.graph.output else None
-    while name in producer:
-        node = producer[name]
+def _head_linears(proto, producer, sources) -> set[int]:
+    """ids of the linear nodes the graph's first output comes from (the LM head, possibly split
+    into several linears by bit width): reached back from the output through run-time inputs,
+    without passing a linear, at most 40 nodes."""
+    start = proto.graph.output[0].name if proto.graph.output else None
+    found, queue, seen = set(), [start], set()
+    while queue and len(seen) < 40:
+        node = producer.get(queue.pop(0))
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
         if node.op_type in LINEAR_WEIGHT_INPUTS:
-            return node
-        if node.op_type not in ("Reshape", "Cast", "Identity", "Add", "Squeeze", "Unsqueeze"):
-            return None
-        name = node.input[0]
-    return None
+            found.add(id(node))
+            continue
+        queue.extend(i for i in node.input if i and i not in sources)
+    return found

@@ -133,6 +133,39 @@ def save_onnx(proto, path: Path) -> Path:
     return path
 
 
+def artifact_of(work: Path, model: str, label: str, row: dict) -> Path | None:
+    """The saved ONNX file of an ONNX row under a --work folder (the names lm_plan gives them)."""
+    folder = work / model
+    candidates = [Path(row["artifact"])] if row.get("artifact") else []
+    if label == "float32":
+        candidates.append(folder / "float" / "model.onnx")
+    if label.startswith("ours mixed "):
+        candidates.append(folder / f"mixed-{label.rsplit(' ', 1)[1]}" / "model.onnx")
+    candidates += [folder / label.replace(" ", "-") / "model.onnx", folder / label.replace(" ", "-").replace("+", "") / "model.onnx"]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def recount(body: dict, work: Path) -> int:
+    """Effective bits of every ONNX row whose file is still in `work`, counted again by the
+    current `common.linear_weight_bytes`; returns how many rows were recounted."""
+    done = 0
+    for model, result in body["models"].items():
+        head_weights = 576 * 49152 if model == LM else 0
+        for label, row in result["rows"].items():
+            if "error" in row or row.get("family") not in ("float", "ours", "ort", "nncf"):
+                continue
+            path = artifact_of(work, model, label, row)
+            if path is None:
+                continue
+            weights = result.get("weights") or result["rows"]["float32"]["weight_bytes"] // 4  # float32: 4 bytes a weight
+            bits = onnx_bits(path, weights)
+            row.update(bits, artifact=str(path))
+            if head_weights and row.get("family") != "float":
+                row["head"] = head_format(bits["byte_count"], head_weights)
+            done += 1
+    return done
+
+
 def head_format(counted: dict[str, Any], head_weights: int) -> str:
     """The LM head's storage in bits per weight, from the byte count."""
     if not counted.get("head") or not head_weights:
@@ -152,6 +185,7 @@ def ours_row(source: Path, out: Path, pipeline: str, batches, ctx: dict) -> dict
     bits = onnx_bits(path, ctx["weights"])
     return {"tool": "qcompiler", "config": pipeline, "compile_s": row["compile_s"], **bits,
             "manifest_effective_bits": row["effective_bits"], "head": head_format(bits["byte_count"], ctx["head_weights"]),
+            "artifact": str(path),
             "embedding": ctx["embedding_note"], **ctx["score_onnx"](path)}
 
 
@@ -164,7 +198,7 @@ def ort_nbits_row(algorithm: str, block: int, ctx: dict, out: Path) -> dict[str,
     bits = onnx_bits(path, ctx["weights"])
     return {"tool": "onnxruntime", "config": f"MatMulNBitsQuantizer(bits=4, block_size={block}, algo_config={config})",
             "compile_s": round(wall, 2), **bits, "head": head_format(bits["byte_count"], ctx["head_weights"]),
-            "embedding": ctx["embedding_note"], **ctx["score_onnx"](path)}
+            "embedding": ctx["embedding_note"], "artifact": str(path), **ctx["score_onnx"](path)}
 
 
 def nncf_compress_row(options: dict[str, Any], data_aware: bool, ctx: dict, out: Path) -> dict[str, Any]:
@@ -191,7 +225,7 @@ def nncf_compress_row(options: dict[str, Any], data_aware: bool, ctx: dict, out:
     bits = onnx_bits(path, ctx["weights"])
     return {"tool": "nncf", "config": "compress_weights(" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")",
             "compile_s": round(wall, 2), **bits, "head": head_format(bits["byte_count"], ctx["head_weights"]),
-            "embedding": _onnx_embedding(bits["byte_count"], ctx), **ctx["score_onnx"](path)}
+            "embedding": _onnx_embedding(bits["byte_count"], ctx), "artifact": str(path), **ctx["score_onnx"](path)}
 
 
 def _onnx_embedding(counted: dict, ctx: dict) -> str:
@@ -337,6 +371,10 @@ def llmcompressor_row(group: int, ctx: dict) -> dict[str, Any]:
     model = hf_smollm2()
     shapes = linear_shapes(model)
     rows = ctx["calibration_rows"]
+    # oneshot re-reads the model's config from its name or path: give it a folder that holds it
+    config_dir = Path(tempfile.mkdtemp(prefix="peers-llama-config-"))
+    model.config.save_pretrained(config_dir)
+    model.config._name_or_path = str(config_dir)
     data = Dataset.from_dict({"input_ids": [r.tolist() for r in rows], "attention_mask": [[1] * len(r) for r in rows]})
     scheme = {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": False,
                                                  "strategy": "group", "group_size": group}}
@@ -346,6 +384,7 @@ def llmcompressor_row(group: int, ctx: dict) -> dict[str, Any]:
         oneshot(model=model, processor=smollm2.tokenizer(), dataset=data, recipe=recipe, max_seq_length=len(rows[0]),
                 num_calibration_samples=len(rows))
     wall = time.perf_counter() - start
+    shutil.rmtree(config_dir, ignore_errors=True)
     return {"tool": "llm-compressor", "config": f"oneshot(GPTQModifier(W4 asym group {group}, ignore=[]))",
             "compile_s": round(wall, 2), "effective_bits": packed_bits(4, group, 4, shapes, ctx["weights"]),
             "bits_note": "codes + fp16 scale + 4-bit zero per group (pack-quantized)",
@@ -445,7 +484,7 @@ def lm_plan(args, ctx: dict, work: Path) -> list[tuple[str, str, Callable[[], di
         for bits, group in ((4, 128),) if quick else ((4, 128), (3, 64)):
             plan.append((f"hqq {bits}-bit g{group}", "hqq", lambda b=bits, g=group: hqq_row(b, g, ctx)))
     if "llmcompressor" in families:
-        for group in (128,) if quick else (128, 32):
+        for group in (64,) if quick else (64, 32):  # it refuses groups that do not divide 576 (128)
             plan.append((f"llm-compressor GPTQ g{group}", "llmcompressor", lambda g=group: llmcompressor_row(g, ctx)))
     if "autoround" in families:
         iters = min(args.autoround_iters, 5) if quick else args.autoround_iters
@@ -629,8 +668,8 @@ def plot(results: dict[str, dict], path: Path) -> str | None:
                             if r.get("family") == family and r.get(metric) is not None and r["effective_bits"] < 16)
             if not points:
                 continue
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker if family == "ours" else marker,
-                    color=color, linestyle="-" if family == "ours" else "none", markersize=7, label=family)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker[0], color=color,
+                    linestyle="-" if family == "ours" else "none", markersize=7, label=family)
             for x, y, label in points:
                 ax.annotate(label.split(" ", 1)[1] if " " in label else label, (x, y), textcoords="offset points",
                             xytext=(4, 3), fontsize=6, color=color)
@@ -663,11 +702,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--match", default="", help="SmolLM2: only the rows whose label contains this text (e.g. g128)")
     parser.add_argument("--markdown", action="store_true", help="only print the JSON at --output as Markdown tables")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                        help="combine the rows of runs made with different --only (later files win) into --output, then plot")
+                        help="combine the rows of runs made with different --only (later files win) into --output, then plot; "
+                             "with --work, the ONNX rows' bits are counted again from the files kept there")
     args = parser.parse_args(argv)
     output = Path(args.output or common.RESULTS / ("peers_quick.json" if args.quick else "peers.json"))
     if args.merge:
-        note = merge([Path(f) for f in args.merge], output)
+        note = merge([Path(f) for f in args.merge], output, Path(args.work) if args.work else None)
         print(note or f"wrote {output} and {output.with_suffix('.png')}")
         return 0
     if args.markdown:
@@ -718,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def merge(paths: list[Path], output: Path) -> str | None:
+def merge(paths: list[Path], output: Path, work: Path | None = None) -> str | None:
     """One JSON (and PNG) from runs of the same models made with different `--only` families,
     e.g. run side by side: rows of later files replace rows of the same label; `merged_from`
     keeps each run's command, date, commit and whether it finished."""
@@ -729,6 +769,20 @@ def merge(paths: list[Path], output: Path) -> str | None:
             target = body["models"].setdefault(name, model)
             if target is not model:
                 target["rows"].update({k: v for k, v in model["rows"].items() if k != "float32" or k not in target["rows"]})
+    for name, result in body["models"].items():  # an unfinished run saved its rows only
+        lm = name == LM
+        result.setdefault("metric", "perplexity" if lm else "spearman_x100")
+        result.setdefault("higher_is_better", not lm)
+        result.setdefault("evaluation", (f"first {body['options']['windows']} non-overlapping {mixed_pareto.WINDOW}-token windows "
+                                         f"of the first three quarters of {common.WIKITEXT.name}") if lm
+                          else f"STS Spearman x100 over all pairs of {common.STS.name}")
+        base = result["rows"]["float32"][result["metric"]]
+        for row in result["rows"].values():
+            if row.get(result["metric"]) is not None:
+                row["ratio_to_float" if lm else "delta_to_float"] = (round(row[result["metric"]] / base, 4) if lm
+                                                                    else round(row[result["metric"]] - base, 3))
+    if work is not None:
+        body["bits_recounted_from"] = {"work": str(work), "rows": recount(body, work)}
     body["merged_from"] = [{"file": str(p), "command": r["command"], "date": r["date"], "complete": r.get("complete"),
                             "commit": r.get("git_at_start", {}).get("commit"), "families": r.get("options", {}).get("families")}
                            for p, r in zip(paths, runs)]
