@@ -336,7 +336,8 @@ class ListReader:
 # --------------------------------------------------------------------------------------------
 # Weight bytes of any ONNX graph, counted one way for every tool
 
-LINEAR_WEIGHT_INPUTS = {"MatMul": (1,), "Gemm": (1,), "MatMulNBits": (1, 2, 3, 4)}
+LINEAR_WEIGHT_INPUTS = {"MatMul": (1,), "Gemm": (1,), "MatMulNBits": (1, 2, 3, 4), "MatMulInteger": (1, 3),
+                        "DynamicQuantizeMatMul": (1, 2, 3), "MatMulIntegerToFloat": (1, 3, 5), "QLinearMatMul": (3, 4, 5)}
 # inputs that carry shapes, axes or pads, not data: not followed and not counted
 METADATA_INPUTS = {"Reshape": (1,), "Pad": (1, 3), "Slice": (1, 2, 3, 4), "Expand": (1,), "Unsqueeze": (1,),
                    "Squeeze": (1,), "Tile": (1,), "ConstantOfShape": (0,), "Shape": (0,), "Size": (0,)}

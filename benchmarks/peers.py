@@ -243,6 +243,8 @@ NNCF_ROWS = {
     "nncf INT4_ASYM g128 data-free all layers": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0, "all_layers": True}, False, False),
     "nncf INT4_ASYM g128 AWQ+SE all layers": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0, "all_layers": True,
                                                "awq": True, "scale_estimation": True}, True, True),
+    "nncf INT4_ASYM g128 AWQ+SE, head int8": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0,
+                                               "awq": True, "scale_estimation": True}, True, False),
     "nncf INT4_ASYM g32 AWQ+SE all layers": ({"mode": "INT4_ASYM", "group_size": 32, "ratio": 1.0, "all_layers": True,
                                               "awq": True, "scale_estimation": True}, True, False),
     "nncf INT4_ASYM g128 AWQ all layers": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0, "all_layers": True,
