@@ -15,6 +15,16 @@ Installing the peers, in an environment of their own so the project's stays as i
 llama-cpp-python compiles llama.cpp from source (about 30 min on 2 cores). llmcompressor is
 installed without its dependencies because it pins an older transformers than the project's.
 A peer that is not installed or fails is a row that says why (`error`), never a crash.
+On a busy machine the families can run side by side and be merged (the JSON is rewritten after
+every row, `complete: false` until the end):
+
+    python benchmarks/peers.py --only ours --work DIR --output A.json &
+    python benchmarks/peers.py --only nncf,ort --work DIR --output B.json &
+    python benchmarks/peers.py --merge A.json B.json --work DIR      # -> peers.json and peers.png
+
+Settings forced by SmolLM2's 576-wide rows: NNCF's g128 rows use `group_size_fallback=ADJUST`
+(groups of 64 where 128 does not divide the row), llm-compressor runs groups of 64 and 32 (it
+refuses 128), llama.cpp falls back to Q4_0/Q5_0/Q8_0 for rows that are no multiple of 256.
 
 Models: each is captured once (`qcompiler.compile(NAME, DIR, pipeline="default")`, the float ONNX
 Runtime model, row `float32`); every ONNX row is made from that file. The torch rows (hqq,
