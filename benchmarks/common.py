@@ -284,10 +284,12 @@ def command_line() -> str:
 
 
 def ort_nbits_quantize(float_model: Path, algorithm: str = "default", symmetric: bool = False,
-                       accuracy_level: int | None = None) -> tuple[Any, str]:
-    """ONNX Runtime's own 4-bit weight-only quantizer (`MatMulNBitsQuantizer`, blocks of 128) on an
-    ONNX file: algorithm "default" (RTN with `symmetric`), "RTN" or "HQQ". Returns the quantized
-    ModelProto and the name of the config class used."""
+                       accuracy_level: int | None = None, block_size: int = 128,
+                       calibration: Sequence[dict[str, Any]] | None = None) -> tuple[Any, str]:
+    """ONNX Runtime's own 4-bit weight-only quantizer (`MatMulNBitsQuantizer`, blocks of
+    `block_size` rows) on an ONNX file: algorithm "default" (RTN with `symmetric`), "RTN", "HQQ" or
+    "GPTQ" (which reads the feed dicts in `calibration`). Returns the quantized ModelProto and the
+    name of the config class used."""
     import contextlib
     import io
 
@@ -298,12 +300,130 @@ def ort_nbits_quantize(float_model: Path, algorithm: str = "default", symmetric:
     if algorithm == "RTN":
         config = mnq.RTNWeightOnlyQuantConfig()
     elif algorithm == "HQQ":
-        config = mnq.HQQWeightOnlyQuantConfig(block_size=128, bits=4)
+        config = mnq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4)
+    elif algorithm == "GPTQ":
+        config = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=ListReader(calibration or []), block_size=block_size)
     else:
-        config = mnq.DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=symmetric, bits=4, **level)
-    quantizer = mnq.MatMulNBitsQuantizer(onnx.load(str(float_model)), bits=4, block_size=128, is_symmetric=symmetric,
+        config = mnq.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=4, **level)
+    quantizer = mnq.MatMulNBitsQuantizer(onnx.load(str(float_model)), bits=4, block_size=block_size, is_symmetric=symmetric,
                                          algo_config=config, **level)
     with contextlib.redirect_stdout(io.StringIO()):  # the RTN path prints a progress bar
         quantizer.process()
     proto = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
     return proto, type(config).__name__
+
+
+class ListReader:
+    """onnxruntime.quantization.CalibrationDataReader over a list of feed dicts."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return self.batches[self.i - 1]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def rewind(self):
+        self.i = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Weight bytes of any ONNX graph, counted one way for every tool
+
+LINEAR_WEIGHT_INPUTS = {"MatMul": (1,), "Gemm": (1,), "MatMulNBits": (1, 2, 3, 4), "MatMulInteger": (1, 3),
+                        "DynamicQuantizeMatMul": (1, 2, 3), "MatMulIntegerToFloat": (1, 3, 5), "QLinearMatMul": (3, 4, 5)}
+# inputs that carry shapes, axes or pads, not data: not followed and not counted
+METADATA_INPUTS = {"Reshape": (1,), "Pad": (1, 3), "Slice": (1, 2, 3, 4), "Expand": (1,), "Unsqueeze": (1,),
+                   "Squeeze": (1,), "Tile": (1,), "ConstantOfShape": (0,), "Shape": (0,), "Size": (0,)}
+ELEMENT_BITS = {1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 12: 32, 13: 64, 16: 16,
+                17: 8, 18: 8, 19: 8, 20: 8, 21: 4, 22: 4}  # onnx.TensorProto data types; 21/22 = UINT4/INT4
+
+
+def tensor_bytes(tensor) -> int:
+    """Stored bytes of a TensorProto (its dims and element type; 4-bit types packed two per byte),
+    whether its data is inline or external."""
+    count = 1
+    for d in tensor.dims:
+        count *= int(d)
+    return -(-count * ELEMENT_BITS.get(tensor.data_type, 32) // 8)
+
+
+def constant_sources(proto) -> tuple[dict[str, Any], dict[str, frozenset[str]]]:
+    """(constants by name, for every value computed from constants only: the constants it comes
+    from). One pass in the graph's (topological) order; shape, axes and pads inputs are not data."""
+    constants = {t.name: t for t in proto.graph.initializer}
+    sources: dict[str, frozenset[str]] = {name: frozenset((name,)) for name in constants}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = node.attribute[0].t
+            sources[node.output[0]] = frozenset(node.output[:1])
+            continue
+        skip = METADATA_INPUTS.get(node.op_type, ())
+        data = [name for i, name in enumerate(node.input) if name and i not in skip]
+        if data and all(name in sources for name in data):
+            found = frozenset().union(*(sources[name] for name in data))
+            for out in node.output:
+                sources[out] = found
+    return constants, sources
+
+
+def linear_weight_bytes(proto) -> dict[str, Any]:
+    """Bytes of every constant a linear layer's weight is computed from (MatMul / Gemm input B,
+    MatMulNBits' B, scales, zero points and g_idx, followed back through DequantizeLinear,
+    Transpose, Reshape, Cast, Gather of packed codes and the like): codes + scales + zero points +
+    indices, whatever the format. An input that depends on anything but constants (attention's
+    Q @ K^T) is not a weight. Each constant counts once. `head` = the new bytes of the linears the
+    graph's first output comes from (the LM head); `embedding` = the bytes of the table a Gather
+    with run-time indices reads that no linear already counted (0 when tied to the head)."""
+    constants, sources = constant_sources(proto)
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    head_nodes = _head_linears(proto, producer, sources)
+    counted: set[str] = set()
+    total, linears, head_bytes = 0, 0, 0
+    for node in proto.graph.node:
+        positions = LINEAR_WEIGHT_INPUTS.get(node.op_type)
+        if not positions:
+            continue
+        inputs = [node.input[i] for i in positions if i < len(node.input) and node.input[i]]
+        if not inputs or not all(name in sources for name in inputs):
+            continue
+        names = set().union(*(sources[name] for name in inputs))
+        linears += 1
+        new = names - counted
+        counted |= new
+        size = sum(tensor_bytes(constants[n]) for n in new)
+        total += size
+        if id(node) in head_nodes:
+            head_bytes += size
+    embedding: set[str] = set()
+    for node in proto.graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[0] in sources and node.input[1] not in sources:
+            embedding |= {n for n in sources[node.input[0]] if len(constants[n].dims) >= 2}
+    embedding_new = embedding - counted
+    return {"total": total, "linears": linears, "head": head_bytes,
+            "embedding": sum(tensor_bytes(constants[n]) for n in embedding_new),
+            "embedding_tied_to_a_linear": bool(embedding) and not embedding_new}
+
+
+def _head_linears(proto, producer, sources) -> set[int]:
+    """ids of the linear nodes the graph's first output comes from (the LM head, possibly split
+    into several linears by bit width): reached back from the output through run-time inputs,
+    without passing a linear, at most 40 nodes."""
+    start = proto.graph.output[0].name if proto.graph.output else None
+    found, queue, seen = set(), [start], set()
+    while queue and len(seen) < 40:
+        node = producer.get(queue.pop(0))
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type in LINEAR_WEIGHT_INPUTS:
+            found.add(id(node))
+            continue
+        queue.extend(i for i in node.input if i and i not in sources)
+    return found

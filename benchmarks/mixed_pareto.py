@@ -285,8 +285,11 @@ class Evaluator:
         from qcompiler.execute import ort_session
 
         session = ort_session(str(path), THREADS)
+        return self.score(lambda feeds: session.run(None, feeds)[0])
+
+    def score(self, run) -> dict[str, Any]:
+        """The task's score of `run` (feed dict -> first output as a numpy array), timed."""
         start = time.perf_counter()
-        run = lambda feeds: session.run(None, feeds)[0]  # noqa: E731
         result = self._perplexity(run) if self.name == "smollm2-135m" else self._sts(run)
         result["eval_s"] = round(time.perf_counter() - start, 2)
         return result

@@ -114,24 +114,7 @@ def calibration_lines(name: str, count: int) -> tuple[list[str], str]:
                    f"{common.WIKITEXT.name} ({len(tail.split())} words), truncated to 128 tokens by the model's text preprocessing")
 
 
-class ListReader:
-    """onnxruntime.quantization.CalibrationDataReader over a list of feed dicts."""
-
-    def __init__(self, batches):
-        self.batches = list(batches)
-        self.i = 0
-
-    def get_next(self):
-        if self.i >= len(self.batches):
-            return None
-        self.i += 1
-        return self.batches[self.i - 1]
-
-    def __len__(self):
-        return len(self.batches)
-
-    def rewind(self):
-        self.i = 0
+ListReader = common.ListReader
 
 
 # --------------------------------------------------------------------------------------------
