@@ -262,6 +262,15 @@ def write_json(path: Path, body: Any) -> Path:
     return path
 
 
+def write_run(path: Path, threads: int, results: list, table: str) -> Path:
+    """A benchmark run's JSON: the command, machine, packages and git state beside its results and
+    the table it printed."""
+    return write_json(path, {
+        "command": command_line(), "machine": machine(), "packages": packages(), "git": git_state(),
+        "threads": threads, "results": results, "table": table,
+    })
+
+
 def _jsonable(value):
     try:
         import numpy as np

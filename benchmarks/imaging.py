@@ -306,10 +306,7 @@ def main(argv=None) -> int:
             results.append(bench_model(name, args, work))
     text = render(results)
     print(text)
-    common.write_json(args.json, {
-        "command": common.command_line(), "machine": common.machine(), "packages": common.packages(), "git": common.git_state(),
-        "threads": threads, "results": results, "table": text,
-    })
+    common.write_run(args.json, threads, results, text)
     log(f"wrote {args.json}")
     return 0
 
