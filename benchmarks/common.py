@@ -262,6 +262,29 @@ def write_json(path: Path, body: Any) -> Path:
     return path
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only), or the one-line reason it is not importable."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return None, f"matplotlib not importable ({exc}); no PNG"
+    return plt, None
+
+
+def per_model_folders(models):
+    """(name, an empty scratch folder) for each of `models`, the folders removed afterwards."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            work = Path(tmp) / name
+            work.mkdir()
+            yield name, work
+
+
 def write_run(path: Path, threads: int, results: list, table: str) -> Path:
     """A benchmark run's JSON: the command, machine, packages and git state beside its results and
     the table it printed."""

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -161,12 +160,9 @@ def main(argv=None) -> int:
     common.quiet()
     threads = common.fix_threads(common.THREADS)
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
-            work = Path(tmp) / name
-            work.mkdir()
-            results.append(bench_efficientnet(args, work) if name == "efficientnet-lite0" else bench_ffdnet(name, args, work))
-            log(render(results[-1:]))
+    for name, work in common.per_model_folders(args.models):
+        results.append(bench_efficientnet(args, work) if name == "efficientnet-lite0" else bench_ffdnet(name, args, work))
+        log(render(results[-1:]))
     text = render(results)
     print(text)
     common.write_run(args.json, threads, results, text)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -299,11 +298,8 @@ def main(argv=None) -> int:
     common.quiet()
     threads = common.fix_threads(common.THREADS)
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
-            work = Path(tmp) / name
-            work.mkdir()
-            results.append(bench_model(name, args, work))
+    for name, work in common.per_model_folders(args.models):
+        results.append(bench_model(name, args, work))
     text = render(results)
     print(text)
     common.write_run(args.json, threads, results, text)

@@ -597,13 +597,9 @@ def checks_text(name: str, result: dict) -> str:
 
 
 def plot(results: dict[str, dict], path: Path) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        return f"matplotlib not importable ({exc}); no PNG"
+    plt, missing = common.pyplot()
+    if missing:
+        return missing
     fig, axes = plt.subplots(1, len(results), figsize=(6.2 * len(results), 4.6), squeeze=False)
     markers = {"ours uniform 3-bit RTN": ("s", "tab:orange"), "ours uniform 4-bit RTN": ("D", "tab:orange"),
                "ort 4-bit RTN asym": ("^", "tab:red"), "ort 4-bit RTN sym": ("<", "tab:red"),

@@ -665,13 +665,9 @@ STYLE = {"ours": ("o-", "tab:blue"), "ort": ("^", "tab:red"), "nncf": ("s", "tab
 
 
 def plot(results: dict[str, dict], path: Path) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        return f"matplotlib not importable ({exc}); no PNG"
+    plt, missing = common.pyplot()
+    if missing:
+        return missing
     fig, axes = plt.subplots(1, len(results), figsize=(7.5 * len(results), 5.2), squeeze=False)
     for ax, (name, result) in zip(axes[0], results.items()):
         metric, rows = result["metric"], result["rows"]
