@@ -272,17 +272,33 @@ class FFDNetModel(BundledModel):
     def inputs_from_raw(self, samples: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         """Calibration inputs from clean images: each image's centre crop (at most `crop` square;
         the batch takes the smallest), once per noise level in `sigmas`, with seeded noise."""
+        clean = self._crops(samples)
+        height, width = min(c.shape[0] for c in clean), min(c.shape[1] for c in clean)
+        return self._noisy_feeds([centre_crop(c, height, width) for c in clean], samples)
+
+    def batches_from_raw(self, samples: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Calibration batches from clean images, one per crop size (in the order the sizes first
+        appear): each image keeps its whole centre crop (at most `crop` square) instead of being
+        cut to the smallest image of its batch; noise as in `inputs_from_raw`."""
+        clean = self._crops(samples)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, c in enumerate(clean):
+            groups.setdefault(c.shape[:2], []).append(i)
+        return [self._noisy_feeds([clean[i] for i in members], [samples[i] for i in members]) for members in groups.values()]
+
+    def _crops(self, samples: Sequence[np.ndarray]) -> list[np.ndarray]:
         if isinstance(samples, np.ndarray) and samples.ndim in (2, 3):
             raise UserError(f"model '{self.name}' takes a list of images, got a single image")
         if len(samples) == 0:
             raise UserError(f"model '{self.name}': no images")
-        clean = [centre_crop(as_channels(image, self.channels, self.name), self.crop, self.crop) for image in samples]
-        height, width = min(c.shape[0] for c in clean), min(c.shape[1] for c in clean)
-        clean = [centre_crop(c, height, width) for c in clean]
+        return [centre_crop(as_channels(image, self.channels, self.name), self.crop, self.crop) for image in samples]
+
+    def _noisy_feeds(self, clean: Sequence[np.ndarray], raw: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """Each image once per noise level in `sigmas`; the noise is seeded by the raw image's bytes."""
         noisy, levels = [], []
-        for image, raw in zip(clean, samples):
+        for image, source in zip(clean, raw):
             for sigma in self.sigmas:
-                noisy.append(add_noise(image, sigma, image_seed(np.asarray(raw))))
+                noisy.append(add_noise(image, sigma, image_seed(np.asarray(source))))
                 levels.append(sigma)
         return to_feeds(noisy, levels)
 

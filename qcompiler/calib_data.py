@@ -11,8 +11,9 @@ Accepted sources (`load_calibration`):
   files are taken in name order. Read as uint8 arrays (Pillow).
 Text and images become inputs through the bundled model's own preprocessing
 (`bundled.inputs_from_raw(samples)`, one call per batch, so text is padded per batch); a model
-with a KV cache turns each batch of samples into several steps (`bundled.batches_from_raw`: a
-prefill with an empty past, then decode steps with a past).
+may turn each batch of samples into several (`bundled.batches_from_raw`): a model with a KV cache
+into a prefill with an empty past, then decode steps with a past; an image model into one batch
+per image size.
 
 The first `count` samples are used, in file order, grouped into batches of `batch_size`. Every
 problem is a `UserError` with one line that names it and the fix.
@@ -230,7 +231,7 @@ def _from_raw(samples: Sequence, count: int, bundled: Any, batch_size: int, path
         if image:
             chunk = [read_image(p) for p in chunk]
         try:
-            if callable(getattr(bundled, "batches_from_raw", None)):  # several steps per sample (a prefill and decode steps)
+            if callable(getattr(bundled, "batches_from_raw", None)):  # several batches per chunk (decode steps, or one per image size)
                 batches.extend({name: np.asarray(a) for name, a in b.items()} for b in bundled.batches_from_raw(chunk))
                 continue
             inputs = bundled.inputs_from_raw(chunk)

@@ -74,6 +74,23 @@ def test_calibration_inputs_are_seeded_noisy_crops():
     np.testing.assert_allclose(noise.std(axis=(1, 2, 3)), [15 / 255, 25 / 255, 50 / 255], rtol=0.1)
 
 
+def test_calibration_folder_keeps_each_photo_whole_crop(tmp_path):
+    """A folder of photos of two sizes: one batch per crop size, no photo cut to a smaller one."""
+    from PIL import Image
+
+    from qcompiler.capture import capture_bundled
+    from qcompiler.calib_data import load_calibration
+
+    for name, shape in (("a", (40, 50)), ("b", (20, 64)), ("c", (64, 64))):
+        Image.fromarray(np.full(shape, 100, np.uint8)).save(tmp_path / f"{name}.png")
+    bundled = ffdnet.FFDNetGray(crop=32)
+    model = capture_bundled(bundled)
+    batches = load_calibration(tmp_path, 3, model, bundled, batch_size=8)
+    assert [b["image"].shape for b in batches] == [(6, 1, 32, 32), (3, 1, 20, 32)]
+    single = bundled.inputs_from_raw([np.full((40, 50), 100, np.uint8)])
+    np.testing.assert_array_equal(batches[0]["image"][:3], single["image"])  # same noise as a batch of its own
+
+
 @pytest.mark.parametrize(
     ("image", "message"),
     [
