@@ -16,6 +16,13 @@ the layers that read it):
 - `dynamic`: per tensor, computed at run time (ONNX Runtime's dynamic quantization).
 - `per-token`: one symmetric scale per row, computed at run time (ZeroQuant, Yao et al. 2022).
 
+Bias correction (`bias-correction=true`, Nagel et al. 2019, "Data-Free Quantization"; on in the
+`w8a8` preset): each layer's bias absorbs the mean change its int8 weights make on the calibration
+inputs, b' = b - E[x] (W_q - W), with E[x] per input channel from the calibrated sample rows (for a
+Conv, summed over its taps and its group's input channels). Only layers with a bias to shift are
+touched: a Conv (one is created when it has none), or a MatMul whose output alone feeds an `Add` of
+a constant [N] bias; the weight error, a copy of the weight's size, is computed for those only.
+
 Placement: with int8 activations, a layer is quantized only where ONNX Runtime will run it as an
 integer kernel (`qcompiler.placement`): every MatMul, and every Conv in static mode, whose output
 (or that of a Relu alone reading it) is then quantized too, as `QLinearConv` needs; readers of it
@@ -103,17 +110,20 @@ class QuantizePass(Pass):
         in_float = set(worst_first[: self.float_inputs])
         quantized_inputs: dict[str, ir.Value] = {}
         layer_stats = {}
-        input_means = _input_means(model, targets) if self.bias_correction else {}
+        slots = {id(t.node): slot for t in targets if self.bias_correction and (slot := bias_slot(t)) is not None}
+        input_means = _input_means(model, [t for t in targets if id(t.node) in slots]) if slots else {}
         corrected = 0
         with progress("quantize: layers", len(targets)) as bar:
             for target in targets:
                 entry = {"weight_axis": target.weight_axis}
-                error = _quantize_weight(graph, target, entry, keep_error=self.bias_correction)
-                if self.bias_correction:
+                slot = slots.get(id(target.node))
+                error = _quantize_weight(graph, target, entry, keep_error=slot is not None)
+                if slot is not None:
                     shift = weight_bias_shift(target, error, input_means[target.x.name])
-                    if _shift_bias(graph, target, shift):
-                        entry["bias_shift_max"] = float(np.max(np.abs(shift)))
-                        corrected += 1
+                    _shift_bias(graph, target, slot, shift)
+                    entry["bias_shift_max"] = float(np.max(np.abs(shift)))
+                    corrected += 1
+                    del error
                 if target.x.name in act_sqnr:
                     entry["activation_sqnr_db"] = act_sqnr[target.x.name]
                 if self.activations == "int8" and target.x.name not in in_float:
@@ -238,33 +248,44 @@ def weight_bias_shift(target: Target, error: np.ndarray, mean_in: np.ndarray) ->
     return (taps * means).sum(axis=1)
 
 
-def _shift_bias(graph: ir.Graph, target: Target, shift: np.ndarray) -> bool:
-    """Subtract `shift` from the layer's bias: a Conv's bias input (created when absent), or the
-    constant [N] (or [1, .., N]) operand of the Add that alone reads a MatMul's output. False when
-    a MatMul has no such Add."""
+@dataclasses.dataclass(frozen=True)
+class BiasSlot:
+    """Where a layer's bias lives: the node that adds it (a Conv itself, or the Add that alone reads
+    a MatMul's output) and the constant bias value (None: a Conv without a bias, one is created)."""
+
+    node: ir.Node
+    value: ir.Value | None
+
+
+def bias_slot(target: Target) -> BiasSlot | None:
+    """The layer's bias, when bias correction can shift it: a Conv's constant bias (or none yet),
+    or the constant [N] (or [1, .., N]) operand of the Add that alone reads a MatMul's output."""
     node = target.node
     if node.op_type == "Conv":
         bias = node.inputs[2] if len(node.inputs) > 2 else None
-        if bias is None:
-            node.resize_inputs(3)
-            node.replace_input_with(2, new_initializer(graph, f"{target.w.name}.bias", (-shift).astype(np.float32)))
-            return True
-        if bias.const_value is None:
-            return False
-        set_constant(graph, bias, (bias.const_value.numpy() - shift).astype(np.float32), node, "corrected")
-        return True
+        return BiasSlot(node, bias) if bias is None or bias.const_value is not None else None
     readers = list(node.outputs[0].uses())
     if len(readers) != 1 or readers[0].node.op_type != "Add":
-        return False
+        return None
     add = readers[0].node
     bias = add.inputs[1 - readers[0].idx]
     if bias is None or bias.const_value is None:
-        return False
-    array = bias.const_value.numpy()
-    if array.shape[-1:] != shift.shape or int(np.prod(array.shape)) != shift.shape[0]:
-        return False
-    set_constant(graph, bias, (array - shift.reshape(array.shape)).astype(array.dtype), add, "corrected")
-    return True
+        return None
+    channels = target.w.shape[target.weight_axis] if target.w.shape is not None else None
+    shape = tuple(bias.const_value.shape)
+    if not isinstance(channels, int) or shape[-1:] != (channels,) or int(np.prod(shape)) != channels:
+        return None
+    return BiasSlot(add, bias)
+
+
+def _shift_bias(graph: ir.Graph, target: Target, slot: BiasSlot, shift: np.ndarray) -> None:
+    """Subtract `shift` from the bias in `slot` (creating a Conv's bias when it has none)."""
+    if slot.value is None:
+        slot.node.resize_inputs(3)
+        slot.node.replace_input_with(2, new_initializer(graph, f"{target.w.name}.bias", (-shift).astype(np.float32)))
+        return
+    array = slot.value.const_value.numpy()
+    set_constant(graph, slot.value, (array - shift.reshape(array.shape)).astype(array.dtype), slot.node, "corrected")
 
 
 def _quantize_activation(graph: ir.Graph, x: ir.Value, mode: str, value_range) -> ir.Value:

@@ -76,7 +76,7 @@ PRESETS: dict[str, Preset] = {
         "quantize{act-mode=$act_mode float-inputs=$float_inputs bias-correction=$bias_correction}$kv_cache,lower-ort",
         "int8 weights and activations with SmoothQuant (needs --calib)",
         {"alpha": "auto", "method": "minmax", "act-mode": "static", "float-inputs": "0", "unfoldable": "unsmooth",
-         "bias-correction": "false", "equalize": "false", "kv-cache": "float32"},
+         "bias-correction": "true", "equalize": "false", "kv-cache": "float32"},
         # cross-layer equalization of Conv pairs before calibration (left out of the pipeline when off);
         # relu6 also equalizes through Clip(0, 6) as a per-channel Min
         {"equalize": {"false": "", "true": "equalize,", "relu6": "equalize{clip=per-channel},"}, **KV_CACHE},

@@ -82,3 +82,34 @@ def test_default_pipeline_leaves_biases_alone(tmp_path):
     b = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "o" / "model.onnx")).graph.initializer}["b"]
     np.testing.assert_array_equal(b, onnx.numpy_helper.to_array(onnx.load(str(path)).graph.initializer[1]))
     assert load(path)  # the source is untouched
+
+
+def _quantize_stats(result):
+    return next(r.stats for r in result.records if r.name == "quantize")
+
+
+def test_w8a8_preset_corrects_biases_unless_told_not_to(tmp_path):
+    path = _mlp(tmp_path)
+    on = qcompiler.compile(str(path), tmp_path / "on", pipeline="w8a8", calibration=_batches((16, 32), 0), drift=False)
+    off = qcompiler.compile(str(path), tmp_path / "off", pipeline="w8a8{bias-correction=false}", calibration=_batches((16, 32), 0), drift=False)
+    assert "bias-correction=true" in on.pipeline and "bias-correction=false" in off.pipeline
+    assert _quantize_stats(on)["biases_corrected"] == 1 and "biases_corrected" not in _quantize_stats(off)
+    batch = _batches((16, 32), 9, 1)[0]
+    assert _mean_error(path, tmp_path / "on", batch) < _mean_error(path, tmp_path / "off", batch)
+
+
+def test_layers_without_a_constant_bias_are_left_alone(tmp_path):
+    """A bias-free MatMul (as in Llama-style LMs) and one whose Add reads another activation: no
+    correction, and the compile equals the uncorrected one byte for byte."""
+    rng = np.random.default_rng(5)
+    arrays = {"w1": rng.normal(0, 0.2, (32, 32)), "w2": rng.normal(0, 0.2, (32, 32))}
+    nodes = [oh.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             oh.make_node("Add", ["h", "x"], ["r"], name="residual"),
+             oh.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    x = oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 32])
+    y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 32])
+    path = _save(tmp_path, nodes, [x], [y], arrays, "biasfree")
+    on = qcompiler.compile(str(path), tmp_path / "on", pipeline="w8a8", calibration=_batches((16, 32), 0), drift=False)
+    qcompiler.compile(str(path), tmp_path / "off", pipeline="w8a8{bias-correction=false}", calibration=_batches((16, 32), 0), drift=False)
+    assert _quantize_stats(on)["biases_corrected"] == 0
+    assert (tmp_path / "on" / "model.onnx").read_bytes() == (tmp_path / "off" / "model.onnx").read_bytes()
