@@ -57,6 +57,9 @@ def emit(model: ir.Model, directory: Path, manifest: dict[str, Any], extra_files
     }
     if routes:
         manifest["mixed_layers"] = mixed_layers(model, routes, resident)
+    tables = quantized_embeddings(model)
+    if tables:
+        manifest["embeddings"] = tables
     path = directory / "manifest.json"
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return files + [path]
@@ -104,6 +107,25 @@ def mixed_layers(model: ir.Model, routes: dict[str, str], resident: dict[str, in
             "bytes_resident": sum(b for name, b in resident.items() if name.startswith(prefix) or name.startswith(f"FusedBack_{prefix}")),
         }
     return out
+
+
+def quantized_embeddings(model: ir.Model) -> dict[str, Any]:
+    """The embedding tables stored as codes (`GatherBlockQuantized`): per lookup its rows x columns,
+    bits and bytes (codes, scales and zero points), and the bits per table entry over all of them.
+    Tables are not layer weights, so `effective_bits_per_weight` leaves them out."""
+    tables, entries, stored = {}, 0, 0
+    for node in model.graph:
+        if node.op_type != "GatherBlockQuantized" or node.domain != "com.microsoft":
+            continue
+        codes, scales = node.inputs[0].const_value, node.inputs[2].const_value
+        bits = node.attributes.get_int("bits", 4)
+        rows, columns = int(codes.shape[0]), int(codes.shape[1]) * 8 // bits
+        size = sum(v.const_value.nbytes for v in node.inputs if v is not None and v.const_value is not None and v.is_initializer())
+        tables[node.name] = {"shape": [rows, columns], "bits": bits, "block_size": node.attributes.get_int("block_size", 32), "bytes": size}
+        entries, stored = entries + rows * columns, stored + size
+    if not tables:
+        return {}
+    return {"tables": tables, "bits_per_entry": round(8 * stored / entries, 4)}
 
 
 def contrib_ops(model: ir.Model) -> list[str]:

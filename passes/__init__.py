@@ -17,3 +17,4 @@ from qcompiler.passes import tune_scales  # noqa: F401
 from qcompiler.passes import prune_channels  # noqa: F401
 from qcompiler.passes import gptq  # noqa: F401
 from qcompiler.passes import kv_cache  # noqa: F401
+from qcompiler.passes import quantize_embedding  # noqa: F401

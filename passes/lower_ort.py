@@ -2,6 +2,8 @@
 the same numbers as their references.
 
 - `qc.DequantizeWeight(Q, s[, z])` -> `DequantizeLinear(Q, s[, z], axis)`.
+- `qc.GatherQuantized` (an embedding table's codes) -> `com.microsoft.GatherBlockQuantized`, 4-bit
+  codes and zero points packed two per byte; the table stays packed in the session.
 - `qc.QuantizeActivation` static -> `QuantizeLinear` + one `DequantizeLinear` per reader (QDQ:
   ONNX Runtime fuses each DQ -> MatMul/Conv <- DQ group into an integer kernel; one DQ per
   reader keeps every group fusable). The activation type follows `act-format`:
@@ -173,6 +175,8 @@ class LowerOrtPass(Pass):
         kernels = placement.census(graph)
         if kernels["integer_kernels"] or kernels["float_kernels_behind_qdq"]:
             stats["kernels"] = {**kernels, "predicted_slower_than_float": placement.predicted_slower(kernels)}
+        if any(n.op_type == "GatherBlockQuantized" for n in graph):
+            model.opset_imports.setdefault("com.microsoft", 1)
         if any(n.op_type == "MatMulNBits" for n in graph):
             stats["matmul_nbits_accuracy_level"] = level
             model.opset_imports.setdefault("com.microsoft", 1)
@@ -618,9 +622,38 @@ def _lower_channel_scale(graph: ir.Graph, node: ir.Node, signed: bool) -> str:
     return "Mul(channel scale)"
 
 
+def pack_low_nibble_first(codes: np.ndarray) -> np.ndarray:
+    """4-bit codes (uint8, < 16) along the last axis, two per byte, the first in the low nibble
+    (an odd last column is padded with 0): the layout of ONNX Runtime's 4-bit contrib kernels."""
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _lower_gather_quantized(graph: ir.Graph, node: ir.Node, signed: bool) -> str:
+    """`com.microsoft.GatherBlockQuantized` on uint8 data: 4-bit codes and zero points packed two
+    per byte, 8-bit ones as they are; float32 scales; the table stays packed in the session."""
+    attrs = ops.attributes_of(node)
+    bits = attrs["bits"]
+    codes, indices, scale, zero = node.inputs
+    base = node.name or node.outputs[0].name
+    pack = pack_low_nibble_first if bits == 4 else (lambda a: a)
+    data = new_initializer(graph, f"{base}.codes", pack(codes.const_value.numpy()))
+    zeros = new_initializer(graph, f"{base}.zero_points", pack(zero.const_value.numpy()))
+    scales = new_initializer(graph, f"{base}.scales", scale.const_value.numpy())
+    gather = ir.node("GatherBlockQuantized", [data, indices, scales, zeros],
+                     {"gather_axis": 0, "quantize_axis": 1, "block_size": attrs["block_size"], "bits": bits},
+                     domain="com.microsoft", name=node.name)
+    _replace(graph, node, [gather], gather.outputs[0])
+    for value in (codes, scale, zero):  # re-stored above in the kernel's layout
+        if not value.uses():
+            graph.initializers.pop(value.name)
+    return f"GatherBlockQuantized({bits}-bit)"
+
 
 _LOWERINGS = {
     "ChannelScale": _lower_channel_scale,
     "DequantizeWeight": _lower_dequantize_weight,
+    "GatherQuantized": _lower_gather_quantized,
     "QuantizeActivation": _lower_quantize_activation,
 }

@@ -67,32 +67,35 @@ class Preset:
 # `kv-cache=int8` (decoders with a KV cache): the cache stored as int8 (passes/kv_cache.py), after
 # every pass that runs the model; the default adds nothing, so the pipeline reads as before.
 KV_CACHE = {"kv-cache": {"float32": "", "int8": ",kv-cache{dtype=int8}"}}
+# `embedding=int8|int4`: embedding tables (constant Gather tables) stored as codes (passes/quantize_embedding.py),
+# looked up packed; the default adds nothing.
+EMBEDDING = {"embedding": {"float": "", "int8": ",quantize-embedding{bits=8}", "int4": ",quantize-embedding{bits=4}"}}
 
 PRESETS: dict[str, Preset] = {
     "default": Preset("canonicalize$kv_cache", "clean the graph up for the passes; no quantization",
                       {"kv-cache": "float32"}, KV_CACHE),
     "w8a8": Preset(
         "canonicalize,${equalize}calibrate{method=$method},smooth{alpha=$alpha},fold-scales{unfoldable=$unfoldable},"
-        "quantize{act-mode=$act_mode float-inputs=$float_inputs bias-correction=$bias_correction}$kv_cache,lower-ort",
+        "quantize{act-mode=$act_mode float-inputs=$float_inputs bias-correction=$bias_correction}$embedding$kv_cache,lower-ort",
         "int8 weights and activations with SmoothQuant (needs --calib)",
         {"alpha": "auto", "method": "minmax", "act-mode": "static", "float-inputs": "0", "unfoldable": "unsmooth",
-         "bias-correction": "true", "equalize": "false", "kv-cache": "float32"},
+         "bias-correction": "true", "equalize": "false", "embedding": "float", "kv-cache": "float32"},
         # cross-layer equalization of Conv pairs before calibration (left out of the pipeline when off);
         # relu6 also equalizes through Clip(0, 6) as a per-channel Min
-        {"equalize": {"false": "", "true": "equalize,", "relu6": "equalize{clip=per-channel},"}, **KV_CACHE},
+        {"equalize": {"false": "", "true": "equalize,", "relu6": "equalize{clip=per-channel},"}, **EMBEDDING, **KV_CACHE},
     ),
     "mixed": Preset(
         "canonicalize,calibrate$act_scale,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook sensitivity=$sensitivity "
-        "outliers-weight=$outliers_weight},quantize-weights$rounding$tuning,fold-permutation$kv_cache,lower-ort",
+        "outliers-weight=$outliers_weight},quantize-weights$rounding$tuning,fold-permutation$embedding$kv_cache,lower-ort",
         "weight-only channel-wise mixed precision at a fractional bit budget (needs --calib)",
         {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0",
-         "rounding": "nearest", "tuning": "none", "act-scale": "none", "kv-cache": "float32"},
+         "rounding": "nearest", "tuning": "none", "act-scale": "none", "embedding": "float", "kv-cache": "float32"},
         {"rounding": {"nearest": "", "gptq": ",gptq"},
          # AWQ: input channels scaled by mean|x|^alpha (alpha searched at the layer's budget), folded into the producer
          "act-scale": {"none": "", "awq": ",awq-scale{avg-bits=$avg_bits},fold-scales{unfoldable=unsmooth}"},
          # end to end: every layer's scales against the float model's next-token distributions (LMs)
          "tuning": {"none": "", "e2e-kl": ",tune-scales{regions=0 loss=kl steps=120 lr=0.001 batch=4}"},
-         **KV_CACHE},
+         **EMBEDDING, **KV_CACHE},
     ),
 }
 

@@ -13,6 +13,11 @@ Rounding is half to even, as ONNX's QuantizeLinear.
     W = (Q - zero_point) * scale, `scale` and `zero_point` broadcast along `axis`.
 Q is stored as int8 (values within the `bits`-bit signed range).
 
+`qc.GatherQuantized(Q, indices, scale, zero_point) -> Y` looks rows up in a quantized table (an
+embedding): Q [V, D] holds unsigned `bits`-bit codes (stored one per uint8), scale and zero_point
+[V, D / block_size] one per block of `block_size` consecutive columns of a row:
+    Y[..., d] = (Q[i, d] - zero_point[i, d // block_size]) * scale[i, d // block_size],  i = indices[...]
+
 `qc.ChannelScale(X, scale) -> Y` multiplies X by one constant per channel of `axis`:
 Y = X * scale. `smooth` writes its diag(s)^-1 this way, so that `fold-scales` can find it and fold
 it into a producer (and turn what it cannot fold into a plain Mul).
@@ -135,6 +140,56 @@ DEQUANTIZE_WEIGHT = register(
         doc="W = (Q - zero_point) * scale along `axis`, Q stored as int8",
         reference=_dequantize_weight_reference,
         check=_check_dequantize_weight,
+    )
+)
+
+
+def gather_quantized(q, indices, scale, zero_point, block_size=32):
+    """The rows `indices` of the table whose codes are `q`, expanded to float32."""
+    q, zero_point = np.asarray(q), np.asarray(zero_point)
+    rows, columns = q.shape
+    blocks = (q.reshape(rows, -1, block_size).astype(np.float32) - zero_point[..., None].astype(np.float32)) * np.asarray(scale, np.float32)[..., None]
+    return blocks.reshape(rows, columns)[np.asarray(indices)]
+
+
+def _gather_quantized_reference(q, indices, scale, zero_point, bits=4, block_size=32):
+    return (gather_quantized(q, indices, scale, zero_point, block_size),)
+
+
+def _check_gather_quantized(node: ir.Node) -> None:
+    attrs = attributes_of(node)
+    where = f"node '{node.name}' (qc.GatherQuantized)"
+    if attrs["bits"] not in (4, 8):
+        raise VerificationError(f"{where}: bits must be 4 or 8, got {attrs['bits']}")
+    block = attrs["block_size"]
+    if block < 16 or block & (block - 1):
+        raise VerificationError(f"{where}: block_size must be a power of 2, at least 16, got {block}")
+    q, scale, zero = node.inputs[0], node.inputs[2], node.inputs[3]
+    if any(v.const_value is None for v in (q, scale, zero)):
+        raise VerificationError(f"{where}: the codes, scales and zero points must be constants")
+    if q.const_value.dtype != ir.DataType.UINT8 or len(q.const_value.shape) != 2:
+        raise VerificationError(f"{where}: codes must be a 2-D uint8 table, got {q.const_value.dtype.name} {list(q.const_value.shape)}")
+    rows, columns = q.const_value.shape
+    if columns % block:
+        raise VerificationError(f"{where}: {columns} columns are not a whole number of blocks of {block}")
+    expected = [rows, columns // block]
+    for name, value in (("scale", scale), ("zero_point", zero)):
+        if list(value.const_value.shape) != expected:
+            raise VerificationError(f"{where}: {name} has shape {list(value.const_value.shape)}, expected {expected}")
+    codes = q.const_value.numpy()
+    if codes.size and int(codes.max()) >= 1 << attrs["bits"]:
+        raise VerificationError(f"{where}: codes outside the {attrs['bits']}-bit range [0, {(1 << attrs['bits']) - 1}]")
+
+
+GATHER_QUANTIZED = register(
+    OpSchema(
+        op_type="GatherQuantized",
+        inputs=("Q", "indices", "scale", "zero_point"),
+        outputs=("Y",),
+        attributes={"bits": Attr("int", 4), "block_size": Attr("int", 32)},
+        doc="rows of a quantized table: Y = (Q[i] - zero_point[i]) * scale[i] per block of `block_size` columns",
+        reference=_gather_quantized_reference,
+        check=_check_gather_quantized,
     )
 )
 

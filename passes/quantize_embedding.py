@@ -1,0 +1,121 @@
+"""`quantize-embedding`: embedding tables stored as 4- or 8-bit codes, looked up without expanding.
+
+Each `Gather(table, ids)` (axis 0) of a constant float table [V, D] becomes
+`qc.GatherQuantized(Q, ids, scale, zero_point)`: every row is cut into blocks of `block-size`
+consecutive columns, and each block gets its own asymmetric grid over [min(lo, 0), max(hi, 0)]:
+
+    scale = (hi - lo) / (2^bits - 1),   zero_point = round(-lo / scale),
+    Q = clip(round(x / scale) + zero_point, 0, 2^bits - 1)
+
+(round half to even; a block of zeros gets scale 1). `lower-ort` writes it as ONNX Runtime's
+`com.microsoft.GatherBlockQuantized`, which keeps the codes packed in memory and expands only the
+rows a batch looks up. For a causal LM the table holds a large share of the weights (SmolLM2-135M:
+28 M of 135 M), so this is what brings the file and the resident memory of a 4-bit model down
+further; the LM head is a linear and is quantized by the layer passes.
+
+A head tied to the table reads its own copy once the transpose is folded (`canonicalize`), so the
+table is quantized and the head stays a linear. Left in float, with the reason in the statistics: a
+table another node reads as it is (a second Gather), a Gather on another axis, and a table whose
+width is not a multiple of `block-size`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.layers import CREATED_BY, new_initializer
+from qcompiler.ops import QC_OPSET_VERSION
+from qcompiler.passbase import Pass, PassResult, option, register_pass
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class QuantizeEmbeddingPass(Pass):
+    """Embedding tables (Gather of a constant float table) as 4- or 8-bit codes with a scale and zero point per block."""
+
+    name = "quantize-embedding"
+    provided = frozenset({"embedding-quantized"})
+
+    bits: Literal[4, 8] = option(4, "bits per code: 4 or 8")
+    block_size: int = option(32, "columns per scale and zero point: a power of 2, at least 16")
+
+    def __post_init__(self):
+        from qcompiler.errors import UserError
+
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise UserError(f"quantize-embedding: block-size must be a power of 2, at least 16, got {self.block_size}")
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        quantized, kept = {}, {}
+        for node in list(graph):
+            table = _embedding_table(node)
+            if table is None:
+                continue
+            name = node.name or node.outputs[0].name
+            reason = self._why_kept(node, table)
+            if reason:
+                kept[name] = reason
+                continue
+            codes, scale, zero = quantize_table(table.const_value.numpy(), self.bits, self.block_size)
+            _replace_gather(graph, node, table.name, codes, scale, zero, self.bits, self.block_size)
+            quantized[name] = {"table": table.name, "shape": list(codes.shape),
+                               "bytes": int(codes.size * self.bits // 8 + scale.nbytes + (zero.size * self.bits + 7) // 8)}
+        if quantized:
+            model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
+            for entry in quantized.values():
+                if not graph.initializers[entry["table"]].uses():
+                    graph.initializers.pop(entry["table"])
+        stats = {"tables": len(quantized), "bits": self.bits, "block_size": self.block_size,
+                 "quantized": quantized, "kept_in_float": kept}
+        return PassResult(model, bool(quantized), stats)
+
+    def _why_kept(self, node: ir.Node, table: ir.Value) -> str | None:
+        axis = node.attributes.get_int("axis", 0)
+        if axis != 0:
+            return f"Gather on axis {axis}, not the table's rows"
+        others = sorted({use.node.name or use.node.op_type for use in table.uses() if use.node is not node})
+        if others:
+            return f"the table is also read by {', '.join(others)}"
+        columns = table.const_value.shape[1]
+        if columns % self.block_size:
+            return f"width {columns} is not a multiple of block-size {self.block_size}"
+        return None
+
+
+def _embedding_table(node: ir.Node) -> ir.Value | None:
+    """The constant 2-D float table a standard Gather reads, else None."""
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    table = node.inputs[0]
+    if table is None or not table.is_initializer() or table.const_value is None:
+        return None
+    tensor = table.const_value
+    return table if tensor.dtype.is_floating_point() and len(tensor.shape) == 2 else None
+
+
+def quantize_table(table: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes uint8 [V, D], scales float32 [V, D / block_size], zero points uint8 [V, D / block_size])."""
+    rows, columns = table.shape
+    blocks = np.asarray(table, np.float32).reshape(rows, columns // block_size, block_size)
+    top = (1 << bits) - 1
+    lo = np.minimum(blocks.min(axis=-1), 0.0)
+    hi = np.maximum(blocks.max(axis=-1), 0.0)
+    scale = ((hi - lo) / np.float32(top)).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    zero = np.clip(np.round(-lo / scale), 0, top)
+    codes = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, top)
+    return codes.astype(np.uint8).reshape(rows, columns), scale, zero.astype(np.uint8)
+
+
+def _replace_gather(graph: ir.Graph, node: ir.Node, base: str, codes, scale, zero, bits: int, block_size: int) -> None:
+    inputs = [new_initializer(graph, f"{base}.q", codes), node.inputs[1],
+              new_initializer(graph, f"{base}.scale", scale), new_initializer(graph, f"{base}.zero_point", zero)]
+    lookup = ir.node("GatherQuantized", inputs, {"bits": bits, "block_size": block_size}, domain="qc",
+                     name=node.name or f"{base}.gather", metadata_props={CREATED_BY: "quantize-embedding"})
+    lookup.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    ir.convenience.replace_nodes_and_values(graph, node, [node], [lookup], [node.outputs[0]], [lookup.outputs[0]])
