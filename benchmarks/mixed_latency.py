@@ -23,12 +23,20 @@ Variants:
 - `ours mixed{avg-bits=3.25}`, `ours mixed{avg-bits=4.25}`: the preset (candidates 2, 4, 8 on
   MatMulNBits, one per class, summed; 0.5 % fp16 channels cast from fp16 at every run; no sparse
   outliers).
+- `ours mixed 3.25 single`, `ours mixed 4.25 single`: the presets' passes with
+  `lower-ort{mixed-route=single}` (one MatMulNBits a layer, every class in the widest class's
+  containers: 8 bits here).
+- `ours mixed 3.25 split+Sum`, `ours mixed 4.25 split+Sum`: the presets' artifacts with the chain
+  of Adds over the partial products rewritten as one Sum (`adds_as_one_sum`; the same numbers).
 - `ours mixed 3.25 expand`: the 3.25 preset's passes with `lower-ort{mixed-route=expand}` (one float
   MatMul of a weight expanded to float32 when the session starts: small file, float32 in memory).
 
-Latency: `interleaved_latency` (round-robin over variants, warm-up 3), ONNX Runtime CPU provider,
-2 intra-op threads, 1 inter-op; ratios to uniform 4-bit MatMulNBits (ONNX Runtime's quantizer):
-the median of per-round ratios (paired) and the ratio of the fastest rounds (min). `rel err` is
+Latency: `interleaved_latency` (round-robin over variants, warm-up 3; each sample is 20 runs at
+M=1 and 2 at M=32, reported per run), ONNX Runtime CPU provider, 2 intra-op threads, 1 inter-op; ratios to uniform 4-bit MatMulNBits (ONNX Runtime's quantizer):
+the median of per-round ratios (paired) and the ratio of the fastest rounds (min). On a shared
+machine wall time follows the other processes' load, so every variant is also timed by the CPU time
+of the calling thread with one intra-op thread (`CPU ms (1 thread)`, `cpu_time_per_run`), with its
+paired ratio to ONNX Runtime's 4-bit row; the load average before and after timing is printed. `rel err` is
 ||Y - Y_float|| / ||Y_float|| on 64 held-out rows drawn like the calibration rows. Effective bits:
 the manifest's (weight bytes the backend wrote * 8 / (K N)); for ONNX Runtime's model, the bytes of
 its MatMulNBits initializers. Memory: `rss_mib`, the process RSS added by creating the session
@@ -43,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -59,6 +68,7 @@ SHAPES = ((4096, 4096), (4096, 11008))
 THREADS = 2
 RESULTS = common.RESULTS / "mixed_latency.json"
 ORT_ROW = "ort MatMulNBits 4-bit"
+CALLS = {1: 20, 32: 2}  # runs per timed sample at M rows (one run at M=1 is a fraction of a millisecond)
 
 
 def float_model(path: Path, k: int = 4096, n: int = 4096) -> Path:
@@ -118,6 +128,52 @@ def ort_nbits(source: Path, out: Path, level: int, k: int, n: int) -> dict:
     return {"effective_bits": round(8 * stored / (k * n), 4), "accuracy_level": levels, "at_rest_mib": round(stored / 2**20, 2)}
 
 
+def preset_with_route(budget: str, route: str) -> str:
+    """The `mixed{avg-bits=budget}` preset's passes with `lower-ort{mixed-route=route}`."""
+    from qcompiler.pipeline import PRESETS
+
+    passes = PRESETS["mixed"].expand("mixed", {"avg-bits": budget})
+    assert passes.endswith(",lower-ort"), passes
+    return passes[: -len("lower-ort")] + f"lower-ort{{mixed-route={route}}}"
+
+
+def adds_as_one_sum(source: Path, out: Path) -> int:
+    """Copy `source` with every chain of Adds (each reading the one before as its first input and
+    the only reader of it) written as one Sum of all the terms; returns the Adds removed."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(source))
+    nodes = list(model.graph.node)
+    producer = {o: node for node in nodes for o in node.output}
+    readers: dict[str, int] = {}
+    for node in nodes:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    def chained(node):
+        first = producer.get(node.input[0])
+        return first if first is not None and first.op_type == "Add" and readers[first.output[0]] == 1 else None
+    dropped, kept = set(), []
+    for node in reversed(nodes):
+        if node.op_type != "Add" or id(node) in dropped or chained(node) is None:
+            continue
+        terms, head = [node.input[1]], node
+        while chained(head) is not None:
+            head = chained(head)
+            dropped.add(id(head))
+            terms.append(head.input[1])
+        terms.append(head.input[0])
+        dropped.add(id(node))
+        kept.append((node, helper.make_node("Sum", terms[::-1], list(node.output), name=node.name)))
+    replacement = {id(old): new for old, new in kept}
+    new_nodes = [replacement.get(id(node), node) for node in nodes if id(node) not in dropped or id(node) in replacement]
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out))
+    return len(dropped) - len(kept)
+
+
 def compile_variants(work: Path, k: int, n: int) -> dict:
     """Compile every variant of one shape into `work`; their facts (bits, error, routes, memory) into variants.json."""
     common.fix_threads(THREADS)
@@ -134,6 +190,8 @@ def compile_variants(work: Path, k: int, n: int) -> dict:
                                "quantize-weights{grid=minmax}"),
         "ours mixed{avg-bits=3.25}": "mixed{avg-bits=3.25}",
         "ours mixed{avg-bits=4.25}": "mixed{avg-bits=4.25}",
+        "ours mixed 3.25 single": preset_with_route("3.25", "single"),
+        "ours mixed 4.25 single": preset_with_route("4.25", "single"),
         "ours mixed 3.25 expand": "calibrate,allocate-bits{avg-bits=3.25 outliers-weight=0},quantize-weights,fold-permutation,"
                                   "lower-ort{mixed-route=expand}",
     }
@@ -154,6 +212,11 @@ def compile_variants(work: Path, k: int, n: int) -> dict:
                       "at_rest_mib": round(result.manifest["weight_bytes"] / 2**20, 2),
                       "resident_mib": round(sum(v["bytes_resident"] for v in layers.values()) / 2**20, 2) if layers else None}
     rows[ORT_ROW]["path"] = str(Path("ort") / "model.onnx")
+    for budget in ("3.25", "4.25"):  # the split route with its partial products summed by one Sum
+        split = rows[f"ours mixed{{avg-bits={budget}}}"]
+        summed = Path(split["path"]).parent.with_name(Path(split["path"]).parent.name + "_sum") / "model.onnx"
+        merged = adds_as_one_sum(work / split["path"], work / summed)
+        rows[f"ours mixed {budget} split+Sum"] = {**split, "path": str(summed), "adds_merged": merged}
     held_out = inputs(64, 99, k)
     y_float = None
     for name in ["float32", *[v for v in rows if v != "float32"]]:
@@ -169,12 +232,51 @@ def compile_variants(work: Path, k: int, n: int) -> dict:
     return facts
 
 
-def time_variants(work: Path, k: int, n: int, repeats: int) -> dict:
-    """Time the compiled variants of one shape in this machine's ONNX Runtime (numpy, onnx, onnxruntime only)."""
+def per_call_latency(sessions: dict, x: np.ndarray, calls: int, repeats: int) -> dict:
+    """`common.interleaved_latency` over samples of `calls` runs each, in ms per run."""
+    def runner(session):
+        def run():
+            for _ in range(calls):
+                session.run(None, {"X": x})
+        return run
+
+    out = common.interleaved_latency({name: runner(s) for name, s in sessions.items()}, repeats=repeats, reference=ORT_ROW)
+    for lat in out.values():
+        for key in ("median_ms", "p25_ms", "p75_ms", "min_ms"):
+            lat[key] = round(lat[key] / calls, 4)
+        lat["samples_ms"] = [round(v / calls, 4) for v in lat["samples_ms"]]
+        lat["calls_per_sample"] = calls
+    return out
+
+
+def cpu_time_per_run(sessions: dict, x: np.ndarray, calls: int, repeats: int) -> dict:
+    """CPU time of the calling thread per run (ms), sessions with one intra-op thread (ONNX Runtime
+    then computes on the calling thread): what a run costs, little changed by other processes
+    sharing the cores, unlike wall time. Round-robin as `common.interleaved_latency`; per variant
+    the median, min and the median of per-round ratios to ONNX Runtime's 4-bit row."""
+    names = list(sessions)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            sessions[name].run(None, {"X": x})
+            start = time.thread_time()
+            for _ in range(calls):
+                sessions[name].run(None, {"X": x})
+            samples[name].append(1000 * (time.thread_time() - start) / calls)
+    reference = np.array(samples[ORT_ROW])
+    return {name: {"median_ms": round(float(np.median(v)), 4), "min_ms": round(min(v), 4),
+                   "paired_ratio": round(float(np.median(np.array(v) / reference)), 4), "samples_ms": [round(t, 4) for t in v]}
+            for name, v in samples.items()}
+
+
+def time_variants(work: Path, k: int, n: int, repeats: int, only: str | None = None) -> dict:
+    """Time the compiled variants of one shape in this machine's ONNX Runtime (numpy, onnx, onnxruntime
+    only); with `only`, those whose name matches that regular expression (and the two reference rows)."""
     import onnxruntime as ort
 
     facts = json.loads((work / "variants.json").read_text())
-    rows = facts["rows"]
+    rows = {name: row for name, row in facts["rows"].items()
+            if only is None or name in ("float32", ORT_ROW) or re.search(only, name)}
     float_model(work / "float.onnx", k, n)
     for name, row in rows.items():
         row["rss_mib"] = session_rss(work / row["path"])
@@ -183,11 +285,16 @@ def time_variants(work: Path, k: int, n: int, repeats: int) -> dict:
     options.log_severity_level = 3
     sessions = {name: ort.InferenceSession(str(work / row["path"]), options, providers=["CPUExecutionProvider"])
                 for name, row in rows.items()}
-    latency = {}
+    options.intra_op_num_threads = 1
+    single_thread = {name: ort.InferenceSession(str(work / row["path"]), options, providers=["CPUExecutionProvider"])
+                     for name, row in rows.items()}
+    latency, cpu, load = {}, {}, {"before": [round(v, 2) for v in os.getloadavg()]}
     for m in (1, 32):
         x = inputs(m, 7, k)
-        runners = {name: (lambda s=session: s.run(None, {"X": x})) for name, session in sessions.items()}
-        latency[m] = common.interleaved_latency(runners, repeats=repeats, reference=ORT_ROW)
+        latency[m] = per_call_latency(sessions, x, CALLS[m], repeats)
+        cpu[m] = cpu_time_per_run(single_thread, x, CALLS[m], repeats)
+    load["after"] = [round(v, 2) for v in os.getloadavg()]
+    print(f"\nload average (1, 5, 15 min) before timing {load['before']}, after {load['after']}")
     order = ["float32", ORT_ROW, *[v for v in rows if v not in ("float32", ORT_ROW)]]
     level = facts["matmul_nbits_accuracy_level"]
     for m in latency:
@@ -199,13 +306,15 @@ def time_variants(work: Path, k: int, n: int, repeats: int) -> dict:
             best = latency[m][ORT_ROW]["min_ms"]
             table_rows.append([name, row["effective_bits"], f"{lat['median_ms']:.3f}", f"{lat['paired_ratio']:.2f}",
                                f"{lat['min_ms']:.3f}", f"{lat['min_ms'] / best:.2f}",
-                               f"{latency[m]['float32']['min_ms'] / lat['min_ms']:.2f}", row["rel_err"],
+                               f"{latency[m]['float32']['min_ms'] / lat['min_ms']:.2f}",
+                               f"{cpu[m][name]['median_ms']:.3f}", f"{cpu[m][name]['paired_ratio']:.2f}", row["rel_err"],
                                row.get("at_rest_mib"), row.get("resident_mib"), row["rss_mib"]])
         print(common.table(["variant", "eff. bits", "median ms", "x ort 4-bit (paired)", "min ms", "x ort 4-bit (min)",
-                            "f32 / this (min)", "rel err", "at rest MiB", "resident MiB", "RSS at start MiB"], table_rows))
+                            "f32 / this (min)", "CPU ms (1 thread)", "CPU x ort 4-bit", "rel err", "at rest MiB", "resident MiB", "RSS at start MiB"], table_rows))
     return {**{key: v for key, v in facts.items() if key != "rows"}, "layer": f"MatMul [M, {k}] x [{k}, {n}]",
-            "rows": {name: rows[name] for name in order},
-            "latency": {f"M={m}": {name: latency[m][name] for name in order} for m in latency}}
+            "load_average": load, "rows": {name: rows[name] for name in order},
+            "latency": {f"M={m}": {name: latency[m][name] for name in order} for m in latency},
+            "cpu_time_1_thread": {f"M={m}": {name: cpu[m][name] for name in order} for m in cpu}}
 
 
 def main() -> int:
@@ -215,6 +324,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=None, help="the compiled models (kept)")
     parser.add_argument("--stage", choices=("all", "compile", "time"), default="all",
                         help="compile only, time an already compiled --work folder only (numpy, onnx, onnxruntime), or both")
+    parser.add_argument("--only", default=None, help="time only the variants matching this regular expression (with float32 and ORT's 4-bit)")
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args()
     common.quiet()
@@ -227,7 +337,7 @@ def main() -> int:
         if args.stage in ("all", "compile"):
             compile_variants(folder, k, n)
         if args.stage in ("all", "time"):
-            results[f"{k}x{n}"] = time_variants(folder, k, n, args.repeats)
+            results[f"{k}x{n}"] = time_variants(folder, k, n, args.repeats, args.only)
     if results:
         import onnxruntime as ort
 

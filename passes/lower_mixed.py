@@ -32,6 +32,12 @@ or `zero-points=fractional`):
   multiplied by the gathered input columns and added with ScatterElements(reduction=add).
 The route taken is recorded on the layer's last node (`ROUTE_KEY`) for the manifest.
 
+`single` (with `lower-ort{mixed-route=single}`): as `split`, but every MatMulNBits class of a layer
+in one MatMulNBits, the classes' blocks one after another in containers of the widest class's width
+(X gathered once, with a zero column at each class's padding, so the numbers are those of `split`).
+One kernel instead of one per class, but a narrower class pays the wider width in bytes; measured
+slower at M=1 where a layer has an 8-bit class (`benchmarks/mixed_latency.py`), so not the default.
+
 `expand` (every layer, with `lower-ort{mixed-route=expand}`): the file
 stores what the bit budget counted, tightly packed; standard ops expand it back:
 - codes of b bits as b bit-planes, 8 rows per byte (uint8 [b, ceil(K_c / 8), N]), unpacked with
@@ -211,10 +217,18 @@ def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, 
     x, perm = view.x, view.perm_array()
     k_total = len(perm)
     partial, routes = [], []
-    for c in view.class_arrays():
+    classes = view.class_arrays()
+    nbits = [c for c in classes if _runs_on_nbits(c)]
+    one_kernel = route == "single" and len(nbits) > 1 and _can_pad_last_axis(graph)
+    if one_kernel:
+        partial.append(_one_matmul_nbits(b, x, perm, nbits, view.group_size, accuracy_level))
+        width = bitcost.container_bits(max(c.bits for c in nbits))
+        routes.append(f"MatMulNBits{width}(one kernel: {','.join(str(c.bits) for c in nbits)}-bit classes in blocks)")
+        classes = [c for c in classes if not _runs_on_nbits(c)]
+    for c in classes:
         name = f"c{c.slot}"
         xc = _columns(b, name, x, perm[c.start:c.stop], k_total)
-        if c.kind == "uniform" and c.inputs[2].dtype == np.uint8:  # integer zero points: MatMulNBits
+        if _runs_on_nbits(c):  # integer zero points: MatMulNBits
             container = bitcost.container_bits(c.bits)
             partial.append(_matmul_nbits(b, name, xc, *c.inputs, container, view.group_size, accuracy_level))
             routes.append(f"MatMulNBits{c.bits}" if container == c.bits else f"MatMulNBits{container}({c.bits}-bit codes)")
@@ -236,7 +250,7 @@ def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, 
     if view.outliers is not None:
         y = _sparse_corrections(b, x, y, perm, view)
         routes.append("sparse(ScatterElements add)")
-    taken = "split: " + " + ".join(routes)
+    taken = ("single: " if one_kernel else "split: ") + " + ".join(routes)
     y.producer().name = base
     y.producer().metadata_props[ROUTE_KEY] = taken
     name = node.outputs[0].name
@@ -245,6 +259,44 @@ def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, 
     graph.remove(node, safe=True)
     y.name = name
     return taken
+
+
+def _runs_on_nbits(c) -> bool:
+    """A uniform class with integer zero points (on the code grid): MatMulNBits runs it."""
+    return c.kind == "uniform" and c.inputs[2].dtype == np.uint8
+
+
+def _can_pad_last_axis(graph: ir.Graph) -> bool:
+    """`Pad` takes `axes` from opset 18 (the single-kernel route pads X by one zero column)."""
+    return graph.opset_imports.get("", 0) >= 18
+
+
+def _one_matmul_nbits(b: _Builder, x: ir.Value, perm: np.ndarray, classes, group_size: int, accuracy_level: int) -> ir.Value:
+    """Every MatMulNBits class of a layer in one kernel: the classes' blocks one after another, all
+    in containers of the widest class's width (a narrower class's codes and zero points fit
+    unchanged, and cost the wider width in bytes). Each class's last block is padded with code 0;
+    X is gathered once, with a zero column at the padded rows, so the products and the int8
+    compute's per-block activation scales are those of one kernel per class."""
+    width = bitcost.container_bits(max(c.bits for c in classes))
+    n = classes[0].inputs[0].shape[1]
+    k_total = len(perm)
+    columns, weights, scales, zeros = [], [], [], []
+    for c in classes:
+        codes, scale, zero = c.inputs
+        rows = -(-codes.shape[0] // group_size) * group_size
+        columns.append(np.concatenate([perm[c.start:c.stop], np.full(rows - codes.shape[0], k_total, np.int64)]))
+        weights.append(_nbits_blocks(b, f"c{c.slot}", codes, width, group_size))
+        scales.append(scale)
+        zeros.append(zero)
+    padded = b.op("Pad", [x, b.const("one.pads", np.array([0, 1], np.int64)), None, b.const("one.pad_axis", np.array([-1], np.int64))])
+    xc = b.op("Gather", [padded, _index(b, "one.channels", np.concatenate(columns))], {"axis": -1}, stored=True)
+    weight = b.op("Concat", weights, {"axis": 1})
+    scale = b.op("Cast", [b.const("one.scale", np.ascontiguousarray(np.concatenate(scales).T))], {"to": ir.DataType.FLOAT})
+    zero = b.const("one.zero", pack_nbits(np.concatenate(zeros), width))
+    k = sum(len(cols) for cols in columns)
+    return b.op("MatMulNBits", [xc, weight, scale, zero],
+                {"K": k, "N": n, "bits": width, "block_size": group_size, "accuracy_level": accuracy_level},
+                domain="com.microsoft")
 
 
 def _index(b: _Builder, name: str, indices: np.ndarray) -> ir.Value:
@@ -270,21 +322,27 @@ def _columns(b: _Builder, name: str, x: ir.Value, channels: np.ndarray, k_total:
 def _matmul_nbits(b: _Builder, name: str, x: ir.Value, codes, scale, zero, bits: int, group_size: int,
                   accuracy_level: int) -> ir.Value:
     k, n = codes.shape
-    blocks = -(-k // group_size)
-    blob = group_size * bits // 8
-    packed = pack_nbits(codes, bits)
-    if packed.shape[1] == blocks * blob:
-        weight = b.const(f"{name}.nbits", packed.reshape(n, blocks, blob))
-    else:  # stored tight, padded to whole blocks at load (the padding is resident)
-        tight = b.const(f"{name}.nbits", packed)
-        pads = b.const(f"{name}.pads", np.array([0, 0, 0, blocks * blob - packed.shape[1]], np.int64))
-        shape = b.const(f"{name}.blocks", np.array([n, blocks, blob], np.int64))
-        weight = b.op("Reshape", [b.op("Pad", [tight, pads]), shape])
+    weight = _nbits_blocks(b, name, codes, bits, group_size)
     scales = b.op("Cast", [b.const(f"{name}.scale", np.ascontiguousarray(scale.T))], {"to": ir.DataType.FLOAT})
     zeros = b.const(f"{name}.zero", pack_nbits(zero, bits))
     return b.op("MatMulNBits", [x, weight, scales, zeros],
                 {"K": k, "N": n, "bits": bits, "block_size": group_size, "accuracy_level": accuracy_level},
                 domain="com.microsoft")
+
+
+def _nbits_blocks(b: _Builder, name: str, codes: np.ndarray, bits: int, group_size: int) -> ir.Value:
+    """MatMulNBits' weight [N, blocks, blob] of `codes` [K_c, N]: packed per column along K and
+    stored tight, padded with code 0 to whole blocks by a Pad that ONNX Runtime folds at session start."""
+    k, n = codes.shape
+    blocks = -(-k // group_size)
+    blob = group_size * bits // 8
+    packed = pack_nbits(codes, bits)
+    if packed.shape[1] == blocks * blob:
+        return b.const(f"{name}.nbits", packed.reshape(n, blocks, blob))
+    tight = b.const(f"{name}.nbits", packed)  # the padding is resident, not stored
+    pads = b.const(f"{name}.pads", np.array([0, 0, 0, blocks * blob - packed.shape[1]], np.int64))
+    shape = b.const(f"{name}.blocks", np.array([n, blocks, blob], np.int64))
+    return b.op("Reshape", [b.op("Pad", [tight, pads]), shape])
 
 
 def _sparse_corrections(b: _Builder, x: ir.Value, y: ir.Value, perm: np.ndarray, view: MixedMatMulView) -> ir.Value:
