@@ -38,7 +38,8 @@ M=1 and 2 at M=32, reported per run), ONNX Runtime CPU provider, 2 intra-op thre
 the median of per-round ratios (paired) and the ratio of the fastest rounds (min). On a shared
 machine wall time follows the other processes' load, so every variant is also timed by the CPU time
 of the calling thread with one intra-op thread (`CPU ms (1 thread)`, `cpu_time_per_run`), with its
-paired ratio to ONNX Runtime's 4-bit row; the load average before and after timing is printed. `rel err` is
+paired ratio to ONNX Runtime's 4-bit row; the load average before and after timing is printed.
+`column_read_cost` times the ops that read a class's input columns (Gather against GatherElements). `rel err` is
 ||Y - Y_float|| / ||Y_float|| on 64 held-out rows drawn like the calibration rows. Effective bits:
 the manifest's (weight bytes the backend wrote * 8 / (K N)); for ONNX Runtime's model, the bytes of
 its MatMulNBits initializers. Memory: `rss_mib`, the process RSS added by creating the session
@@ -266,6 +267,50 @@ def cpu_time_per_run(sessions: dict, x: np.ndarray, calls: int, repeats: int) ->
             for name, v in samples.items()}
 
 
+def column_read_cost(k: int, repeats: int) -> dict:
+    """CPU time (one thread, us per run) of reading X's K columns in a random order, [M, K] for M = 1
+    and 32: Gather along the last axis, as the split route read a class's columns before, against
+    GatherElements of the indices expanded to X's leading dimensions, as it reads them now (the same
+    values), and Identity (a run that copies nothing: the session's own cost)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    order = np.random.default_rng(0).permutation(k)
+    flat, row = numpy_helper.from_array(order.astype(np.int32), "i"), numpy_helper.from_array(order.astype(np.int32).reshape(1, k), "i")
+    graphs = {
+        "Gather": ([helper.make_node("Gather", ["X", "i"], ["Y"], axis=-1)], [flat]),
+        "GatherElements": ([helper.make_node("Shape", ["X"], ["s"]), helper.make_node("Expand", ["i", "s"], ["e"]),
+                            helper.make_node("GatherElements", ["X", "e"], ["Y"], axis=-1)], [row]),
+        "Identity": ([helper.make_node("Identity", ["X"], ["Y"])], []),
+    }
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = 1, 1, 3
+    sessions = {}
+    for name, (nodes, initializers) in graphs.items():
+        graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", k])],
+                                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", k])], initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        model.ir_version = 10
+        sessions[name] = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    out = {}
+    for m in (1, 32):
+        x = inputs(m, 7, k)
+        for name, session in sessions.items():
+            y = session.run(None, {"X": x})[0]
+            assert name == "Identity" or np.array_equal(y, x[:, order]), name
+        samples: dict[str, list[float]] = {name: [] for name in sessions}
+        for r in range(repeats):
+            for name in list(sessions)[r % 3:] + list(sessions)[: r % 3]:
+                start = time.thread_time()
+                for _ in range(10 * CALLS[m]):
+                    sessions[name].run(None, {"X": x})
+                samples[name].append(1e6 * (time.thread_time() - start) / (10 * CALLS[m]))
+        out[f"M={m}"] = {name: round(float(np.median(v)), 1) for name, v in samples.items()}
+    print(f"\nreading {k} columns in a random order, CPU us per run on one thread (median of {repeats}): "
+          + "; ".join(f"{m}: " + ", ".join(f"{name} {us}" for name, us in row.items()) for m, row in out.items()))
+    return out
+
+
 def time_variants(work: Path, k: int, n: int, repeats: int, only: str | None = None) -> dict:
     """Time the compiled variants of one shape in this machine's ONNX Runtime (numpy, onnx, onnxruntime
     only); with `only`, those whose name matches that regular expression (and the two reference rows)."""
@@ -290,6 +335,7 @@ def time_variants(work: Path, k: int, n: int, repeats: int, only: str | None = N
         x = inputs(m, 7, k)
         latency[m] = per_call_latency(sessions, x, CALLS[m], repeats)
         cpu[m] = cpu_time_per_run(single_thread, x, CALLS[m], repeats)
+    column_reads = column_read_cost(k, repeats)
     load["after"] = [round(v, 2) for v in os.getloadavg()]
     print(f"\nload average (1, 5, 15 min) before timing {load['before']}, after {load['after']}")
     order = ["float32", ORT_ROW, *[v for v in rows if v not in ("float32", ORT_ROW)]]
@@ -309,7 +355,7 @@ def time_variants(work: Path, k: int, n: int, repeats: int, only: str | None = N
         print(common.table(["variant", "eff. bits", "median ms", "x ort 4-bit (paired)", "min ms", "x ort 4-bit (min)",
                             "f32 / this (min)", "CPU ms (1 thread)", "CPU x ort 4-bit", "rel err", "at rest MiB", "resident MiB", "RSS at start MiB"], table_rows))
     return {**{key: v for key, v in facts.items() if key != "rows"}, "layer": f"MatMul [M, {k}] x [{k}, {n}]",
-            "load_average": load, "rows": {name: rows[name] for name in order},
+            "load_average": load, "column_reads_cpu_us": column_reads, "rows": {name: rows[name] for name in order},
             "latency": {f"M={m}": {name: latency[m][name] for name in order} for m in latency},
             "cpu_time_1_thread": {f"M={m}": {name: cpu[m][name] for name in order} for m in cpu}}
 

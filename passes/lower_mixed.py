@@ -330,9 +330,10 @@ def _columns(b: _Builder, name: str, x: ir.Value, channels: np.ndarray, k_total:
 
 def _gather_columns(b: _Builder, x: ir.Value, indices: ir.Value) -> ir.Value:
     """X[..., indices] as GatherElements, the indices expanded to X's leading dimensions at every
-    run: the same copy as a Gather along the last axis, measured 4 times (M=1) to 9 times (M=32)
-    faster on 4096 columns (ONNX Runtime 1.32, one thread; its Gather divides per element). Opsets
-    before 15 (no `Shape(end)`) keep the Gather."""
+    run: the same copy as a Gather along the last axis, measured 4 times (M=1) to 10 times (M=32)
+    faster on 4096 columns (ONNX Runtime 1.32, one thread, `column_read_cost` in
+    benchmarks/mixed_latency.py; its Gather divides per element). Opsets before 15 (no `Shape(end)`)
+    keep the Gather."""
     if b.graph.opset_imports.get("", 0) < 15:
         return b.op("Gather", [x, indices], {"axis": -1}, stored=True)
     expanded = b.op("Expand", [indices, b.index_shape(x)], stored=True)
