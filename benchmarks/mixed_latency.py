@@ -23,12 +23,23 @@ Variants:
 - `ours mixed{avg-bits=3.25}`, `ours mixed{avg-bits=4.25}`: the preset (candidates 2, 4, 8 on
   MatMulNBits, one per class, summed; 0.5 % fp16 channels cast from fp16 at every run; no sparse
   outliers).
+- `ours mixed 3.25 single`, `ours mixed 4.25 single`: the presets' passes with
+  `lower-ort{mixed-route=single}` (one MatMulNBits a layer, every class in the widest class's
+  containers: 8 bits here).
+- `ours mixed 3.25 Gather+Add`, `ours mixed 4.25 Gather+Add`: the presets' artifacts as `lower-ort`
+  wrote them before (`as_gathers_and_adds`: each class's input columns read by a Gather along the
+  last axis instead of GatherElements, the partial products added by a chain of Adds instead of one
+  Sum; the same numbers).
 - `ours mixed 3.25 expand`: the 3.25 preset's passes with `lower-ort{mixed-route=expand}` (one float
   MatMul of a weight expanded to float32 when the session starts: small file, float32 in memory).
 
-Latency: `interleaved_latency` (round-robin over variants, warm-up 3), ONNX Runtime CPU provider,
-2 intra-op threads, 1 inter-op; ratios to uniform 4-bit MatMulNBits (ONNX Runtime's quantizer):
-the median of per-round ratios (paired) and the ratio of the fastest rounds (min). `rel err` is
+Latency: `interleaved_latency` (round-robin over variants, warm-up 3; each sample is 20 runs at
+M=1 and 2 at M=32, reported per run), ONNX Runtime CPU provider, 2 intra-op threads, 1 inter-op; ratios to uniform 4-bit MatMulNBits (ONNX Runtime's quantizer):
+the median of per-round ratios (paired) and the ratio of the fastest rounds (min). On a shared
+machine wall time follows the other processes' load, so every variant is also timed by the CPU time
+of the calling thread with one intra-op thread (`CPU ms (1 thread)`, `cpu_time_per_run`), with its
+paired ratio to ONNX Runtime's 4-bit row; the load average before and after timing is printed.
+`column_read_cost` times the ops that read a class's input columns (Gather against GatherElements). `rel err` is
 ||Y - Y_float|| / ||Y_float|| on 64 held-out rows drawn like the calibration rows. Effective bits:
 the manifest's (weight bytes the backend wrote * 8 / (K N)); for ONNX Runtime's model, the bytes of
 its MatMulNBits initializers. Memory: `rss_mib`, the process RSS added by creating the session
@@ -43,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -59,6 +71,7 @@ SHAPES = ((4096, 4096), (4096, 11008))
 THREADS = 2
 RESULTS = common.RESULTS / "mixed_latency.json"
 ORT_ROW = "ort MatMulNBits 4-bit"
+CALLS = {1: 20, 32: 2}  # runs per timed sample at M rows (one run at M=1 is a fraction of a millisecond)
 
 
 def float_model(path: Path, k: int = 4096, n: int = 4096) -> Path:
@@ -118,6 +131,47 @@ def ort_nbits(source: Path, out: Path, level: int, k: int, n: int) -> dict:
     return {"effective_bits": round(8 * stored / (k * n), 4), "accuracy_level": levels, "at_rest_mib": round(stored / 2**20, 2)}
 
 
+def preset_with_route(budget: str, route: str) -> str:
+    """The `mixed{avg-bits=budget}` preset's passes with `lower-ort{mixed-route=route}`."""
+    from qcompiler.pipeline import PRESETS
+
+    passes = PRESETS["mixed"].expand("mixed", {"avg-bits": budget})
+    assert passes.endswith(",lower-ort"), passes
+    return passes[: -len("lower-ort")] + f"lower-ort{{mixed-route={route}}}"
+
+
+def as_gathers_and_adds(source: Path, out: Path) -> int:
+    """Copy `source` as `lower-ort` wrote mixed layers before: each `GatherElements(X, Expand(indices,
+    shape))` as `Gather(X, indices, axis=-1)` and each `Sum` as a chain of Adds (the same bits);
+    returns the nodes rewritten."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(source))
+    producer = {o: node for node in model.graph.node for o in node.output}
+    nodes, rewritten = [], 0
+    for node in model.graph.node:
+        expand = producer.get(node.input[1]) if node.op_type == "GatherElements" else None
+        if expand is not None and expand.op_type == "Expand":
+            nodes.append(helper.make_node("Gather", [node.input[0], expand.input[0]], list(node.output), name=node.name, axis=-1))
+        elif node.op_type == "Sum" and len(node.input) > 1:
+            total = node.input[0]
+            for i, term in enumerate(node.input[1:]):
+                last = i == len(node.input) - 2
+                out_name = node.output[0] if last else f"{node.output[0]}.add{i}"
+                nodes.append(helper.make_node("Add", [total, term], [out_name], name=node.name if last else out_name))
+                total = out_name
+        else:
+            nodes.append(node)
+            continue
+        rewritten += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out))
+    return rewritten
+
+
 def compile_variants(work: Path, k: int, n: int) -> dict:
     """Compile every variant of one shape into `work`; their facts (bits, error, routes, memory) into variants.json."""
     common.fix_threads(THREADS)
@@ -134,6 +188,8 @@ def compile_variants(work: Path, k: int, n: int) -> dict:
                                "quantize-weights{grid=minmax}"),
         "ours mixed{avg-bits=3.25}": "mixed{avg-bits=3.25}",
         "ours mixed{avg-bits=4.25}": "mixed{avg-bits=4.25}",
+        "ours mixed 3.25 single": preset_with_route("3.25", "single"),
+        "ours mixed 4.25 single": preset_with_route("4.25", "single"),
         "ours mixed 3.25 expand": "calibrate,allocate-bits{avg-bits=3.25 outliers-weight=0},quantize-weights,fold-permutation,"
                                   "lower-ort{mixed-route=expand}",
     }
@@ -154,6 +210,11 @@ def compile_variants(work: Path, k: int, n: int) -> dict:
                       "at_rest_mib": round(result.manifest["weight_bytes"] / 2**20, 2),
                       "resident_mib": round(sum(v["bytes_resident"] for v in layers.values()) / 2**20, 2) if layers else None}
     rows[ORT_ROW]["path"] = str(Path("ort") / "model.onnx")
+    for budget in ("3.25", "4.25"):  # the split route as it was written before: Gathers and Adds
+        split = rows[f"ours mixed{{avg-bits={budget}}}"]
+        before = Path(split["path"]).parent.with_name(Path(split["path"]).parent.name + "_gather_add") / "model.onnx"
+        rewritten = as_gathers_and_adds(work / split["path"], work / before)
+        rows[f"ours mixed {budget} Gather+Add"] = {**split, "path": str(before), "nodes_rewritten": rewritten}
     held_out = inputs(64, 99, k)
     y_float = None
     for name in ["float32", *[v for v in rows if v != "float32"]]:
@@ -169,12 +230,95 @@ def compile_variants(work: Path, k: int, n: int) -> dict:
     return facts
 
 
-def time_variants(work: Path, k: int, n: int, repeats: int) -> dict:
-    """Time the compiled variants of one shape in this machine's ONNX Runtime (numpy, onnx, onnxruntime only)."""
+def per_call_latency(sessions: dict, x: np.ndarray, calls: int, repeats: int) -> dict:
+    """`common.interleaved_latency` over samples of `calls` runs each, in ms per run."""
+    def runner(session):
+        def run():
+            for _ in range(calls):
+                session.run(None, {"X": x})
+        return run
+
+    out = common.interleaved_latency({name: runner(s) for name, s in sessions.items()}, repeats=repeats, reference=ORT_ROW)
+    for lat in out.values():
+        for key in ("median_ms", "p25_ms", "p75_ms", "min_ms"):
+            lat[key] = round(lat[key] / calls, 4)
+        lat["samples_ms"] = [round(v / calls, 4) for v in lat["samples_ms"]]
+        lat["calls_per_sample"] = calls
+    return out
+
+
+def cpu_time_per_run(sessions: dict, x: np.ndarray, calls: int, repeats: int) -> dict:
+    """CPU time of the calling thread per run (ms), sessions with one intra-op thread (ONNX Runtime
+    then computes on the calling thread): what a run costs, little changed by other processes
+    sharing the cores, unlike wall time. Round-robin as `common.interleaved_latency`; per variant
+    the median, min and the median of per-round ratios to ONNX Runtime's 4-bit row."""
+    names = list(sessions)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            sessions[name].run(None, {"X": x})
+            start = time.thread_time()
+            for _ in range(calls):
+                sessions[name].run(None, {"X": x})
+            samples[name].append(1000 * (time.thread_time() - start) / calls)
+    reference = np.array(samples[ORT_ROW])
+    return {name: {"median_ms": round(float(np.median(v)), 4), "min_ms": round(min(v), 4),
+                   "paired_ratio": round(float(np.median(np.array(v) / reference)), 4), "samples_ms": [round(t, 4) for t in v]}
+            for name, v in samples.items()}
+
+
+def column_read_cost(k: int, repeats: int) -> dict:
+    """CPU time (one thread, us per run) of reading X's K columns in a random order, [M, K] for M = 1
+    and 32: Gather along the last axis, as the split route read a class's columns before, against
+    GatherElements of the indices expanded to X's leading dimensions, as it reads them now (the same
+    values), and Identity (a run that copies nothing: the session's own cost)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    order = np.random.default_rng(0).permutation(k)
+    flat, row = numpy_helper.from_array(order.astype(np.int32), "i"), numpy_helper.from_array(order.astype(np.int32).reshape(1, k), "i")
+    graphs = {
+        "Gather": ([helper.make_node("Gather", ["X", "i"], ["Y"], axis=-1)], [flat]),
+        "GatherElements": ([helper.make_node("Shape", ["X"], ["s"]), helper.make_node("Expand", ["i", "s"], ["e"]),
+                            helper.make_node("GatherElements", ["X", "e"], ["Y"], axis=-1)], [row]),
+        "Identity": ([helper.make_node("Identity", ["X"], ["Y"])], []),
+    }
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = 1, 1, 3
+    sessions = {}
+    for name, (nodes, initializers) in graphs.items():
+        graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", k])],
+                                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", k])], initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        model.ir_version = 10
+        sessions[name] = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    out = {}
+    for m in (1, 32):
+        x = inputs(m, 7, k)
+        for name, session in sessions.items():
+            y = session.run(None, {"X": x})[0]
+            assert name == "Identity" or np.array_equal(y, x[:, order]), name
+        samples: dict[str, list[float]] = {name: [] for name in sessions}
+        for r in range(repeats):
+            for name in list(sessions)[r % 3:] + list(sessions)[: r % 3]:
+                start = time.thread_time()
+                for _ in range(10 * CALLS[m]):
+                    sessions[name].run(None, {"X": x})
+                samples[name].append(1e6 * (time.thread_time() - start) / (10 * CALLS[m]))
+        out[f"M={m}"] = {name: round(float(np.median(v)), 1) for name, v in samples.items()}
+    print(f"\nreading {k} columns in a random order, CPU us per run on one thread (median of {repeats}): "
+          + "; ".join(f"{m}: " + ", ".join(f"{name} {us}" for name, us in row.items()) for m, row in out.items()))
+    return out
+
+
+def time_variants(work: Path, k: int, n: int, repeats: int, only: str | None = None) -> dict:
+    """Time the compiled variants of one shape in this machine's ONNX Runtime (numpy, onnx, onnxruntime
+    only); with `only`, those whose name matches that regular expression (and the two reference rows)."""
     import onnxruntime as ort
 
     facts = json.loads((work / "variants.json").read_text())
-    rows = facts["rows"]
+    rows = {name: row for name, row in facts["rows"].items()
+            if only is None or name in ("float32", ORT_ROW) or re.search(only, name)}
     float_model(work / "float.onnx", k, n)
     for name, row in rows.items():
         row["rss_mib"] = session_rss(work / row["path"])
@@ -183,11 +327,17 @@ def time_variants(work: Path, k: int, n: int, repeats: int) -> dict:
     options.log_severity_level = 3
     sessions = {name: ort.InferenceSession(str(work / row["path"]), options, providers=["CPUExecutionProvider"])
                 for name, row in rows.items()}
-    latency = {}
+    options.intra_op_num_threads = 1
+    single_thread = {name: ort.InferenceSession(str(work / row["path"]), options, providers=["CPUExecutionProvider"])
+                     for name, row in rows.items()}
+    latency, cpu, load = {}, {}, {"before": [round(v, 2) for v in os.getloadavg()]}
     for m in (1, 32):
         x = inputs(m, 7, k)
-        runners = {name: (lambda s=session: s.run(None, {"X": x})) for name, session in sessions.items()}
-        latency[m] = common.interleaved_latency(runners, repeats=repeats, reference=ORT_ROW)
+        latency[m] = per_call_latency(sessions, x, CALLS[m], repeats)
+        cpu[m] = cpu_time_per_run(single_thread, x, CALLS[m], repeats)
+    column_reads = column_read_cost(k, repeats)
+    load["after"] = [round(v, 2) for v in os.getloadavg()]
+    print(f"\nload average (1, 5, 15 min) before timing {load['before']}, after {load['after']}")
     order = ["float32", ORT_ROW, *[v for v in rows if v not in ("float32", ORT_ROW)]]
     level = facts["matmul_nbits_accuracy_level"]
     for m in latency:
@@ -199,13 +349,15 @@ def time_variants(work: Path, k: int, n: int, repeats: int) -> dict:
             best = latency[m][ORT_ROW]["min_ms"]
             table_rows.append([name, row["effective_bits"], f"{lat['median_ms']:.3f}", f"{lat['paired_ratio']:.2f}",
                                f"{lat['min_ms']:.3f}", f"{lat['min_ms'] / best:.2f}",
-                               f"{latency[m]['float32']['min_ms'] / lat['min_ms']:.2f}", row["rel_err"],
+                               f"{latency[m]['float32']['min_ms'] / lat['min_ms']:.2f}",
+                               f"{cpu[m][name]['median_ms']:.3f}", f"{cpu[m][name]['paired_ratio']:.2f}", row["rel_err"],
                                row.get("at_rest_mib"), row.get("resident_mib"), row["rss_mib"]])
         print(common.table(["variant", "eff. bits", "median ms", "x ort 4-bit (paired)", "min ms", "x ort 4-bit (min)",
-                            "f32 / this (min)", "rel err", "at rest MiB", "resident MiB", "RSS at start MiB"], table_rows))
+                            "f32 / this (min)", "CPU ms (1 thread)", "CPU x ort 4-bit", "rel err", "at rest MiB", "resident MiB", "RSS at start MiB"], table_rows))
     return {**{key: v for key, v in facts.items() if key != "rows"}, "layer": f"MatMul [M, {k}] x [{k}, {n}]",
-            "rows": {name: rows[name] for name in order},
-            "latency": {f"M={m}": {name: latency[m][name] for name in order} for m in latency}}
+            "load_average": load, "column_reads_cpu_us": column_reads, "rows": {name: rows[name] for name in order},
+            "latency": {f"M={m}": {name: latency[m][name] for name in order} for m in latency},
+            "cpu_time_1_thread": {f"M={m}": {name: cpu[m][name] for name in order} for m in cpu}}
 
 
 def main() -> int:
@@ -215,6 +367,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=None, help="the compiled models (kept)")
     parser.add_argument("--stage", choices=("all", "compile", "time"), default="all",
                         help="compile only, time an already compiled --work folder only (numpy, onnx, onnxruntime), or both")
+    parser.add_argument("--only", default=None, help="time only the variants matching this regular expression (with float32 and ORT's 4-bit)")
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args()
     common.quiet()
@@ -227,7 +380,7 @@ def main() -> int:
         if args.stage in ("all", "compile"):
             compile_variants(folder, k, n)
         if args.stage in ("all", "time"):
-            results[f"{k}x{n}"] = time_variants(folder, k, n, args.repeats)
+            results[f"{k}x{n}"] = time_variants(folder, k, n, args.repeats, args.only)
     if results:
         import onnxruntime as ort
 

@@ -4,7 +4,8 @@ Two routes.
 
 `split` (the default wherever a class can take it): the layer becomes a sum of one product per
 bit class, each over its own input columns (a Slice of X where the permutation is the identity on
-the class's rows, e.g. after `fold-permutation`, a Gather otherwise). Every class runs from what
+the class's rows, e.g. after `fold-permutation`, else a GatherElements, which ONNX Runtime runs 4 to
+9 times as fast as a Gather along the last axis). Every class runs from what
 the file stores; nothing is expanded into a float32 weight when the session starts, except the
 uniform classes with fractional zero points (asked for with `allocate-bits{other-widths=expand}`
 or `zero-points=fractional`):
@@ -30,7 +31,14 @@ or `zero-points=fractional`):
 - uniform classes with fractional zero points -> a float MatMul of a weight expanded at load;
 - sparse outliers -> float32 corrections (stored value minus the classes' dequantized value)
   multiplied by the gathered input columns and added with ScatterElements(reduction=add).
-The route taken is recorded on the layer's last node (`ROUTE_KEY`) for the manifest.
+The partial products are added by one `Sum` (the bits of a chain of Adds, in one op). The route
+taken is recorded on the layer's last node (`ROUTE_KEY`) for the manifest.
+
+`single` (with `lower-ort{mixed-route=single}`): as `split`, but every MatMulNBits class of a layer
+in one MatMulNBits, the classes' blocks one after another in containers of the widest class's width
+(X gathered once, with a zero column at each class's padding, so the numbers are those of `split`).
+One kernel instead of one per class, but a narrower class pays the wider width in bytes; measured
+slower at M=1 where a layer has an 8-bit class (`benchmarks/mixed_latency.py`), so not the default.
 
 `expand` (every layer, with `lower-ort{mixed-route=expand}`): the file
 stores what the bit budget counted, tightly packed; standard ops expand it back:
@@ -81,6 +89,15 @@ class _Builder:
     def __init__(self, graph: ir.Graph, anchor: ir.Node, base: str):
         self.graph, self.anchor, self.base, self.count = graph, anchor, base, 0
         self._zero_dim: ir.Value | None = None  # 0 * X's first dimension, shared by the per-run reads
+        self._index_shape: ir.Value | None = None  # X's leading dimensions and 1, shared by the column reads
+
+    def index_shape(self, x: ir.Value) -> ir.Value:
+        """X's shape with its last dimension 1 (computed at every run): indices along the last axis
+        expanded to it match X's leading dimensions."""
+        if self._index_shape is None:
+            leading = self.op("Shape", [x], {"end": -1})
+            self._index_shape = self.op("Concat", [leading, self.const("index_shape.last", np.array([1], np.int64))], {"axis": 0})
+        return self._index_shape
 
     def const(self, suffix: str, array: np.ndarray) -> ir.Value:
         return new_initializer(self.graph, f"{self.base}.{suffix}", np.asarray(array))
@@ -211,10 +228,18 @@ def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, 
     x, perm = view.x, view.perm_array()
     k_total = len(perm)
     partial, routes = [], []
-    for c in view.class_arrays():
+    classes = view.class_arrays()
+    nbits = [c for c in classes if _runs_on_nbits(c)]
+    one_kernel = route == "single" and len(nbits) > 1 and _can_pad_last_axis(graph)
+    if one_kernel:
+        partial.append(_one_matmul_nbits(b, x, perm, nbits, view.group_size, accuracy_level))
+        width = bitcost.container_bits(max(c.bits for c in nbits))
+        routes.append(f"MatMulNBits{width}(one kernel: {','.join(str(c.bits) for c in nbits)}-bit classes in blocks)")
+        classes = [c for c in classes if not _runs_on_nbits(c)]
+    for c in classes:
         name = f"c{c.slot}"
         xc = _columns(b, name, x, perm[c.start:c.stop], k_total)
-        if c.kind == "uniform" and c.inputs[2].dtype == np.uint8:  # integer zero points: MatMulNBits
+        if _runs_on_nbits(c):  # integer zero points: MatMulNBits
             container = bitcost.container_bits(c.bits)
             partial.append(_matmul_nbits(b, name, xc, *c.inputs, container, view.group_size, accuracy_level))
             routes.append(f"MatMulNBits{c.bits}" if container == c.bits else f"MatMulNBits{container}({c.bits}-bit codes)")
@@ -230,13 +255,11 @@ def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, 
             weight = _fp16_per_call(b, name, x, c.inputs[0])
             routes.append("fp16(float MatMul, cast per run)")
         partial.append(b.op("MatMul", [xc, weight]))
-    y = partial[0]
-    for term in partial[1:]:
-        y = b.op("Add", [y, term])
+    y = partial[0] if len(partial) == 1 else b.op("Sum", partial)
     if view.outliers is not None:
         y = _sparse_corrections(b, x, y, perm, view)
         routes.append("sparse(ScatterElements add)")
-    taken = "split: " + " + ".join(routes)
+    taken = ("single: " if one_kernel else "split: ") + " + ".join(routes)
     y.producer().name = base
     y.producer().metadata_props[ROUTE_KEY] = taken
     name = node.outputs[0].name
@@ -245,6 +268,44 @@ def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, 
     graph.remove(node, safe=True)
     y.name = name
     return taken
+
+
+def _runs_on_nbits(c) -> bool:
+    """A uniform class with integer zero points (on the code grid): MatMulNBits runs it."""
+    return c.kind == "uniform" and c.inputs[2].dtype == np.uint8
+
+
+def _can_pad_last_axis(graph: ir.Graph) -> bool:
+    """`Pad` takes `axes` from opset 18 (the single-kernel route pads X by one zero column)."""
+    return graph.opset_imports.get("", 0) >= 18
+
+
+def _one_matmul_nbits(b: _Builder, x: ir.Value, perm: np.ndarray, classes, group_size: int, accuracy_level: int) -> ir.Value:
+    """Every MatMulNBits class of a layer in one kernel: the classes' blocks one after another, all
+    in containers of the widest class's width (a narrower class's codes and zero points fit
+    unchanged, and cost the wider width in bytes). Each class's last block is padded with code 0;
+    X is gathered once, with a zero column at the padded rows, so the products and the int8
+    compute's per-block activation scales are those of one kernel per class."""
+    width = bitcost.container_bits(max(c.bits for c in classes))
+    n = classes[0].inputs[0].shape[1]
+    k_total = len(perm)
+    columns, weights, scales, zeros = [], [], [], []
+    for c in classes:
+        codes, scale, zero = c.inputs
+        rows = -(-codes.shape[0] // group_size) * group_size
+        columns.append(np.concatenate([perm[c.start:c.stop], np.full(rows - codes.shape[0], k_total, np.int64)]))
+        weights.append(_nbits_blocks(b, f"c{c.slot}", codes, width, group_size))
+        scales.append(scale)
+        zeros.append(zero)
+    padded = b.op("Pad", [x, b.const("one.pads", np.array([0, 1], np.int64)), None, b.const("one.pad_axis", np.array([-1], np.int64))])
+    xc = _gather_columns(b, padded, _index(b, "one.channels", np.concatenate(columns)))
+    weight = b.op("Concat", weights, {"axis": 1})
+    scale = b.op("Cast", [b.const("one.scale", np.ascontiguousarray(np.concatenate(scales).T))], {"to": ir.DataType.FLOAT})
+    zero = b.const("one.zero", pack_nbits(np.concatenate(zeros), width))
+    k = sum(len(cols) for cols in columns)
+    return b.op("MatMulNBits", [xc, weight, scale, zero],
+                {"K": k, "N": n, "bits": width, "block_size": group_size, "accuracy_level": accuracy_level},
+                domain="com.microsoft")
 
 
 def _index(b: _Builder, name: str, indices: np.ndarray) -> ir.Value:
@@ -264,27 +325,45 @@ def _columns(b: _Builder, name: str, x: ir.Value, channels: np.ndarray, k_total:
         return b.op("Slice", [x, b.const(f"{name}.start", np.array([start], np.int64)),
                               b.const(f"{name}.stop", np.array([stop], np.int64)),
                               b.const(f"{name}.axis", np.array([-1], np.int64))])
-    return b.op("Gather", [x, _index(b, f"{name}.channels", channels)], {"axis": -1}, stored=True)
+    return _gather_columns(b, x, _index(b, f"{name}.channels", channels))
+
+
+def _gather_columns(b: _Builder, x: ir.Value, indices: ir.Value) -> ir.Value:
+    """X[..., indices] as GatherElements, the indices expanded to X's leading dimensions at every
+    run: the same copy as a Gather along the last axis, measured 4 times (M=1) to 10 times (M=32)
+    faster on 4096 columns (ONNX Runtime 1.32, one thread, `column_read_cost` in
+    benchmarks/mixed_latency.py; its Gather divides per element). Opsets before 15 (no `Shape(end)`)
+    keep the Gather."""
+    if b.graph.opset_imports.get("", 0) < 15:
+        return b.op("Gather", [x, indices], {"axis": -1}, stored=True)
+    expanded = b.op("Expand", [indices, b.index_shape(x)], stored=True)
+    return b.op("GatherElements", [x, expanded], {"axis": -1})
 
 
 def _matmul_nbits(b: _Builder, name: str, x: ir.Value, codes, scale, zero, bits: int, group_size: int,
                   accuracy_level: int) -> ir.Value:
     k, n = codes.shape
-    blocks = -(-k // group_size)
-    blob = group_size * bits // 8
-    packed = pack_nbits(codes, bits)
-    if packed.shape[1] == blocks * blob:
-        weight = b.const(f"{name}.nbits", packed.reshape(n, blocks, blob))
-    else:  # stored tight, padded to whole blocks at load (the padding is resident)
-        tight = b.const(f"{name}.nbits", packed)
-        pads = b.const(f"{name}.pads", np.array([0, 0, 0, blocks * blob - packed.shape[1]], np.int64))
-        shape = b.const(f"{name}.blocks", np.array([n, blocks, blob], np.int64))
-        weight = b.op("Reshape", [b.op("Pad", [tight, pads]), shape])
+    weight = _nbits_blocks(b, name, codes, bits, group_size)
     scales = b.op("Cast", [b.const(f"{name}.scale", np.ascontiguousarray(scale.T))], {"to": ir.DataType.FLOAT})
     zeros = b.const(f"{name}.zero", pack_nbits(zero, bits))
     return b.op("MatMulNBits", [x, weight, scales, zeros],
                 {"K": k, "N": n, "bits": bits, "block_size": group_size, "accuracy_level": accuracy_level},
                 domain="com.microsoft")
+
+
+def _nbits_blocks(b: _Builder, name: str, codes: np.ndarray, bits: int, group_size: int) -> ir.Value:
+    """MatMulNBits' weight [N, blocks, blob] of `codes` [K_c, N]: packed per column along K and
+    stored tight, padded with code 0 to whole blocks by a Pad that ONNX Runtime folds at session start."""
+    k, n = codes.shape
+    blocks = -(-k // group_size)
+    blob = group_size * bits // 8
+    packed = pack_nbits(codes, bits)
+    if packed.shape[1] == blocks * blob:
+        return b.const(f"{name}.nbits", packed.reshape(n, blocks, blob))
+    tight = b.const(f"{name}.nbits", packed)  # the padding is resident, not stored
+    pads = b.const(f"{name}.pads", np.array([0, 0, 0, blocks * blob - packed.shape[1]], np.int64))
+    shape = b.const(f"{name}.blocks", np.array([n, blocks, blob], np.int64))
+    return b.op("Reshape", [b.op("Pad", [tight, pads]), shape])
 
 
 def _sparse_corrections(b: _Builder, x: ir.Value, y: ir.Value, perm: np.ndarray, view: MixedMatMulView) -> ir.Value:
@@ -294,7 +373,7 @@ def _sparse_corrections(b: _Builder, x: ir.Value, y: ir.Value, perm: np.ndarray,
     indices, values = view.outlier_arrays()
     indices = indices.astype(np.int64)
     delta = values.astype(np.float32) - dense[indices[:, 0], indices[:, 1]]
-    gathered = b.op("Gather", [x, _index(b, "outlier_rows", perm[indices[:, 0]])], {"axis": -1}, stored=True)
+    gathered = _gather_columns(b, x, _index(b, "outlier_rows", perm[indices[:, 0]]))
     updates = b.op("Mul", [gathered, b.const("outlier_delta", delta)], stored=True)
     columns = b.op("Expand", [_index(b, "outlier_columns", indices[:, 1]), b.op("Shape", [updates])], stored=True)
     return b.op("ScatterElements", [y, columns, updates], {"axis": -1, "reduction": "add"})

@@ -18,7 +18,8 @@ the same numbers as their references.
   row. Other readers get `DequantizeLinear(codes, 1, zp) * s`; other widths float ops.
 - `qc.MixedMatMul` -> one `com.microsoft.MatMulNBits` per 2/4/8-bit class with integer zero points,
   standard ops for the other classes and the sparse outliers, summed (`passes/lower_mixed.py`);
-  `mixed-route=expand` keeps every layer as one float MatMul of a weight expanded at load.
+  `mixed-route=single` puts every MatMulNBits class of a layer in one kernel at the widest class's
+  width; `mixed-route=expand` keeps every layer as one float MatMul of a weight expanded at load.
 - the fused ops of `fuse` (`qc.QLinear`, `qc.NormQuantize`) are first expanded back into the ops
   above (ONNX Runtime fuses the QDQ form itself).
 - with u8 activations (`int-kernels=fused`, the default): a static or dynamic linear with a bias,
@@ -104,7 +105,9 @@ class LowerOrtPass(Pass):
     provided = frozenset({"lowered-ort"})
 
     act_format: Literal["auto", "u8", "s8"] = option("auto", "activation integer type: auto picks u8 on x86 (faster in ONNX Runtime there), s8 elsewhere")
-    mixed_route: Literal["split", "expand"] = option("split", "qc.MixedMatMul: MatMulNBits per class where it can run one (split), or one float MatMul of a weight expanded at load")
+    mixed_route: Literal["split", "single", "expand"] = option(
+        "split", "qc.MixedMatMul: MatMulNBits per class where it can run one (split), every such class in one MatMulNBits "
+        "at the widest class's width (single), or one float MatMul of a weight expanded at load")
     codebook_route: Literal["load", "run"] = option(
         "load", "qc.MixedMatMul codebook classes (split route): weight expanded to float32 at load, or at every run from the "
         "packed codes (resident as stored; measured 450x slower at M=1 on a 4096x4096 layer)")

@@ -634,11 +634,22 @@ def weight_values(model: ir.Model) -> list[ir.Value]:
         if op_key(node) in WEIGHTED_LAYER_OPS and len(node.inputs) > 1 and node.inputs[1] is not None:
             for value in (v for w in weight_inputs(node) for v in constant_sources(w, memo) or ()):
                 found.setdefault(value.name, value)
-            gather = node.inputs[0].producer() if node.inputs[0] is not None else None
-            if gather is not None and gather.op_type == "Gather" and len(gather.inputs) > 1:  # an input permutation
-                for value in constant_sources(gather.inputs[1], memo) or ():
-                    found.setdefault(value.name, value)
+            for value in constant_sources(permutation_indices(node.inputs[0]), memo) or ():
+                found.setdefault(value.name, value)
     return list(found.values())
+
+
+def permutation_indices(value: ir.Value | None) -> ir.Value | None:
+    """The column indices when `value` is a selection of columns of another tensor (a layer's input
+    permutation): `Gather(x, indices)`, or `GatherElements(x, Expand(indices, shape))` as `lower-ort`
+    writes it; else None."""
+    producer = value.producer() if value is not None else None
+    if producer is None or len(producer.inputs) < 2 or producer.inputs[1] is None:
+        return None
+    if producer.op_type == "Gather":
+        return producer.inputs[1]
+    expand = producer.inputs[1].producer() if producer.op_type == "GatherElements" else None
+    return expand.inputs[0] if expand is not None and expand.op_type == "Expand" else None
 
 
 def weight_count(model: ir.Model) -> int:

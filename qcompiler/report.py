@@ -44,7 +44,7 @@ from qcompiler.probe import valid_positions
 from qcompiler.errors import UserError
 from qcompiler.fileio import write_atomic
 from qcompiler.instruments import Drift
-from qcompiler.ir import WEIGHTED_LAYER_OPS, constant_sources, is_weighted_layer, op_key, weight_inputs, weight_values
+from qcompiler.ir import WEIGHTED_LAYER_OPS, constant_sources, is_weighted_layer, op_key, permutation_indices, weight_inputs, weight_values
 from qcompiler.mixed_ops import MixedMatMulView, is_mixed_matmul
 from qcompiler.pass_manager import PassRecord
 from qcompiler.report_bits import FLOAT_BITS, FP16_BITS, decode_channel_bits, encode_channel_bits  # noqa: F401
@@ -430,9 +430,7 @@ def _layers(model: ir.Model, recorder: Recorder, stats: dict[str, dict]) -> list
         name = info["name"]
         if node in layer_nodes_set(model, memo):
             sources = [v for w in weight_inputs(node) for v in (constant_sources(w, memo) or [])]
-            permutation = node.inputs[0].producer() if node.inputs[0] is not None else None
-            if permutation is not None and permutation.op_type == "Gather" and len(permutation.inputs) > 1:
-                sources = sources + (constant_sources(permutation.inputs[1], memo) or [])
+            sources = sources + (constant_sources(permutation_indices(node.inputs[0]), memo) or [])
         else:  # computed by several nodes: the constants between its input and its output
             sources = layer_constants(node, info.get("input"))
         stored = sum(v.const_value.nbytes for v in {id(v): v for v in sources}.values())

@@ -206,6 +206,58 @@ def test_ort_lowering_equals_reference_of_pre_lowering_ir(case, batch):
     assert np.linalg.norm(fast - reference) / np.linalg.norm(reference) < 0.02
 
 
+@pytest.mark.parametrize("case", ["2/4/8 only", "3-bit in 4-bit containers"])
+def test_single_route_runs_every_nbits_class_in_one_kernel_with_the_split_routes_numbers(case):
+    """`mixed-route=single`: one MatMulNBits a layer (the classes in blocks at the widest width, X
+    gathered once with zero columns at each class's padding) computes the reference at float
+    compute, and at int8 compute what one kernel per class computes (the same per-block scales)."""
+    model = _layer(k=512, n=128, batch="B, ")
+    _compile(model, f"calibrate,{SPLIT_CASES[case]},quantize-weights")
+    feeds = synthetic_inputs(model, seed=5)
+    reference = execute.run(model, feeds)["Y"]
+    scale = np.abs(reference).max()
+    out = {}
+    for route in ("split", "single"):
+        for level in (0, 4):
+            lowered = model.clone()
+            records = _compile(lowered, f"lower-ort{{accuracy-level={level} mixed-route={route}}}")
+            kernels = [n for n in lowered.graph if n.op_type == "MatMulNBits"]
+            (taken,) = records[-1].stats["routes"]
+            assert taken.startswith(f"{route}: ") and (len(kernels) == 1) == (route == "single")
+            out[route, level] = execute.run(lowered, feeds)["Y"]
+    assert "one kernel" in taken
+    assert kernels[0].attributes["bits"].value == (8 if "3-bit" in case else 4)  # the widest class's container
+    np.testing.assert_allclose(out["single", 0], reference, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(out["single", 4], out["split", 4], rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_split_route_gives_the_bits_of_gathers_and_adds():
+    """The split route reads each class's input columns with GatherElements (indices expanded to X's
+    leading dimensions) and adds the partial products with one Sum; written back as Gathers along
+    the last axis and a chain of Adds, the model gives the same bits, and the indices still count as
+    stored weight bytes."""
+    import onnx_ir.convenience
+
+    model = _layer(k=512, n=128, batch="B, ")
+    _compile(model, "calibrate,allocate-bits{avg-bits=3.25 outliers-weight=0.01},quantize-weights,lower-ort")
+    columns = [n for n in model.graph if n.op_type == "GatherElements"]
+    (total,) = [n for n in model.graph if n.op_type == "Sum"]
+    assert columns and len(total.inputs) > 2 and not any(n.op_type == "Gather" and n.inputs[0].name == "X" for n in model.graph)
+    feeds = synthetic_inputs(model, seed=5)
+    fast = execute.run(model, feeds)["Y"]
+    stored = weight_bytes(model, 512 * 128)["weight_bytes"]
+    for node in columns:
+        gather = ir.node("Gather", [node.inputs[0], node.inputs[1].producer().inputs[0]], {"axis": -1})
+        onnx_ir.convenience.replace_nodes_and_values(model.graph, node, [node], [gather], list(node.outputs), list(gather.outputs))
+    adds = [ir.node("Add", list(total.inputs[:2]))]
+    for term in total.inputs[2:]:
+        adds.append(ir.node("Add", [adds[-1].outputs[0], term]))
+    onnx_ir.convenience.replace_nodes_and_values(model.graph, total, [total], adds, list(total.outputs), list(adds[-1].outputs))
+    assert not any(n.op_type in ("GatherElements", "Sum") for n in model.graph)
+    np.testing.assert_array_equal(execute.run(model, feeds)["Y"], fast)
+    assert weight_bytes(model, 512 * 128)["weight_bytes"] == stored
+
+
 def test_expand_route_keeps_one_float_matmul():
     model = _layer(k=256, n=64)
     _compile(model, "calibrate,allocate-bits{avg-bits=4},quantize-weights")
