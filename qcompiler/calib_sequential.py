@@ -69,7 +69,7 @@ def cut_segments(model: ir.Model, tensors: Iterable[str]) -> list[Segment] | Non
     nodes = list(model.graph)
     if not _sorted(nodes) or any(_has_subgraph(node) for node in nodes):
         return None
-    blocks = find_blocks(model.graph)
+    blocks = find_blocks(model.graph, any_symbols=True)
     if len(blocks) < 2:
         return None
     wanted = list(tensors)

@@ -171,6 +171,17 @@ def test_sequential_statistics_are_those_of_the_whole_model(name):
     assert all(st.count > 0 for st in sequential.values())
 
 
+def test_residuals_are_found_when_shape_inference_renamed_a_dim():
+    model = transformer(layers=3)
+    for node in model.graph:
+        if node.outputs[0].name.endswith(".o.out"):  # as after a Reshape: new names for the same dims
+            node.outputs[0].shape = ir.Shape(["b2", "s2", D])
+    tensors = quantizable_inputs(model)
+    assert len(cut_segments(model, tensors)) == 4  # three layers and the head
+    _assert_same(collect(model, transformer_batches(), tensors, threads=1),
+                 collect(model, transformer_batches(), tensors, threads=1, sequential=True))
+
+
 def test_values_read_by_every_layer_cross_several_segments():
     model = transformer(layers=3)
     segments = cut_segments(model, quantizable_inputs(model))
