@@ -308,3 +308,19 @@ def test_block_sequential_must_be_a_boolean(tmp_path):
 
     with pytest.raises(UserError, match="block_sequential must be true or false"):
         compile("minilm-l6", tmp_path / "o", pipeline="w8a8", block_sequential="yes")
+
+
+def test_mapped_weights_calibrate_one_block_at_a_time(tmp_path, monkeypatch):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    onnx.save(ir.serde.serialize_model(transformer(layers=2)), str(folder / "model.onnx"), save_as_external_data=True,
+              location="model.onnx.data", size_threshold=1024)  # the weights; axes and scalars stay inline
+    monkeypatch.setattr(qir, "MAPPED_DATA_THRESHOLD", 0)  # every external tensor stays mapped
+    model = qir.load(folder / "model.onnx")
+    assert qir.mapped_tensors(model)
+    tensors = quantizable_inputs(model)
+    whole = collect(model, transformer_batches(), tensors, threads=1, sequential=False)
+    calls = _spy_sequential(monkeypatch)
+    _assert_same(whole, collect(model, transformer_batches(), tensors, threads=1))
+    assert calls == [1]
+    assert qir.mapped_tensors(model)  # still mapped: the segments shared the tensors, read none into the model
