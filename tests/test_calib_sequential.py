@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -324,3 +325,30 @@ def test_mapped_weights_calibrate_one_block_at_a_time(tmp_path, monkeypatch):
     _assert_same(whole, collect(model, transformer_batches(), tensors, threads=1))
     assert calls == [1]
     assert qir.mapped_tensors(model)  # still mapped: the segments shared the tensors, read none into the model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundled", ["minilm-l6", "smollm2-135m"])
+def test_bundled_models_give_the_same_statistics_one_block_at_a_time(bundled, tmp_path, monkeypatch):
+    """Through `compile`: each collection runs whole and one block at a time, and both must agree."""
+    import qcompiler.calib_cache
+    from qcompiler.compiler import compile
+
+    found = []
+
+    def both(model, batches, tensors, **options):
+        options.pop("sequential", None)
+        batches = list(batches)
+        whole = collect(model, batches, tensors, **options)
+        sequential = collect(model, batches, tensors, sequential=True, **options)
+        found.append((len(cut_segments(model, tensors)), [name for name in whole if not whole[name].equals(sequential[name])]))
+        return whole
+
+    here = Path(__file__).resolve()
+    data = next((p / "shared" / "data" / "wikitext2-valid-excerpt.txt" for p in here.parents[1:4]
+                 if (p / "shared" / "data" / "wikitext2-valid-excerpt.txt").is_file()), None)
+    if data is None:
+        pytest.skip("shared/data/wikitext2-valid-excerpt.txt is not there")
+    monkeypatch.setattr(qcompiler.calib_cache, "collect", both)
+    compile(bundled, tmp_path / "o", pipeline="calibrate", calibration=data, calib_count=8, drift=False, cache_dir=None)
+    assert len(found) == 1 and found[0][0] >= 6 and found[0][1] == []
