@@ -192,13 +192,21 @@ class CrossingStore:
         self.held = 0
         self.folder: Path | None = None
         self.files = 0
+        self.spilled: set[tuple[int, str]] = set()  # (batch, name) held in a file of `folder`
+        self.counted: set[tuple[int, str]] = set()  # (batch, name) held in memory, counted in `held`
+
+    def keep(self, batch: int, name: str, array: np.ndarray) -> None:
+        """Hold a caller's array (a graph input) as it is: never counted, spilled or removed."""
+        self.values[batch][name] = array
 
     def put(self, batch: int, name: str, array: np.ndarray) -> None:
         array = np.asarray(array)
         if self.held + array.nbytes > self.spill_bytes:
             array = self._spill(array)
+            self.spilled.add((batch, name))
         else:
             self.held += array.nbytes
+            self.counted.add((batch, name))
         self.values[batch][name] = array
 
     def _spill(self, array: np.ndarray) -> np.ndarray:
@@ -211,10 +219,17 @@ class CrossingStore:
         return np.load(path, mmap_mode="r", allow_pickle=False)
 
     def drop(self, names: Iterable[str]) -> None:
-        for batch in self.values:
+        """Forget `names` in every batch (a spilled array's file is removed; its disk space is
+        freed once the map closes)."""
+        names = list(names)
+        for index, batch in enumerate(self.values):
             for name in names:
                 array = batch.pop(name, None)
-                if array is not None and not isinstance(array, np.memmap):
+                if (index, name) in self.spilled:
+                    self.spilled.discard((index, name))
+                    Path(array.filename).unlink(missing_ok=True)
+                elif array is not None and (index, name) in self.counted:
+                    self.counted.discard((index, name))
                     self.held -= array.nbytes
 
     def close(self) -> None:
@@ -251,7 +266,7 @@ def collect_sequential(
         for index, batch in enumerate(feeds):
             for name, array in batch.items():
                 if name in last_reader:
-                    store.values[index][name] = array  # the caller's arrays: not counted, never spilled
+                    store.keep(index, name, array)
         runnable = [s for s in segments if s.fetched]
         with progress_bar("calibrate blocks", len(runnable)) as bar:
             for done, segment in enumerate(runnable):

@@ -352,3 +352,16 @@ def test_bundled_models_give_the_same_statistics_one_block_at_a_time(bundled, tm
     monkeypatch.setattr(qcompiler.calib_cache, "collect", both)
     compile(bundled, tmp_path / "o", pipeline="calibrate", calibration=data, calib_count=8, drift=False, cache_dir=None)
     assert len(found) == 1 and found[0][0] >= 6 and found[0][1] == []
+
+
+def test_dropping_values_removes_only_spilled_files(tmp_path):
+    store = calib_sequential.CrossingStore(1, spill_bytes=0)
+    mine = tmp_path / "mine.npy"
+    np.save(mine, np.ones(4, np.float32))
+    store.keep(0, "input", np.load(mine, mmap_mode="r"))  # a caller's memory-mapped array
+    store.put(0, "h", np.zeros(4, np.float32))
+    spilled = Path(store.values[0]["h"].filename)
+    assert spilled.is_file()
+    store.drop(["input", "h"])
+    assert mine.is_file() and not spilled.exists()
+    store.close()
