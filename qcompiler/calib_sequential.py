@@ -16,15 +16,18 @@ and runs them in order:
   the session is then released and the crossing values no later segment reads are dropped.
 
 The statistics are those of the whole-model run bit for bit: every accumulator sees the same
-arrays in the same batch order (ONNX Runtime computes a segment's values as it does inside the
-whole graph; `tests/test_calib_sequential.py` checks it on transformers and conv nets).
+arrays in the same batch order. ONNX Runtime computes a segment's values as it does inside the
+whole graph as long as no fusion spans a cut; a block's closing residual Add (and the bias Adds
+feeding it alone) therefore starts the next segment, beside the norm it fuses with
+(`_residual_tail`). `tests/test_calib_sequential.py` checks it on transformers and conv nets, and
+in the slow tier on MiniLM and SmolLM2.
 
 Crossing values are kept in memory; once those held for all batches pass `SPILL_BYTES` they are
 written to a temporary folder as `.npy` files and memory-mapped back (the folder is removed
 afterwards, on error too).
 
-A graph that cannot be cut (fewer than two blocks, or nodes that are not in topological order)
-is not handled here: `cut_segments` returns None and the caller runs it whole.
+A graph that cannot be cut (fewer than two blocks, nodes out of topological order, or a node
+with a subgraph) is not handled here: `cut_segments` returns None and the caller runs it whole.
 """
 
 from __future__ import annotations

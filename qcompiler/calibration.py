@@ -10,7 +10,9 @@ vectors) for later per-layer searches (SmoothQuant's alpha, error estimates).
 are extra graph outputs, one batch at a time: a batch's activations are folded into the running
 statistics and dropped before the next batch runs (peak memory: one batch's wanted activations,
 which ONNX Runtime returns together). Every row counts, padding tokens included: the graph does
-not say which positions are padding, and the deployed graph sees them too.
+not say which positions are padding, and the deployed graph sees them too. Large models (and any
+with `sequential=True`) run one block at a time instead (`qcompiler.calib_sequential`), with the
+same statistics and one block's weights in a session.
 
 Rules that make the statistics deterministic (the same data gives bit-for-bit the same stats, as
 long as ONNX Runtime computes the same activations for the same inputs, which its CPU kernels do
