@@ -25,6 +25,10 @@ Runtime's `quantize_dynamic` (int8 weights) and `MatMulNBitsQuantizer` (4-bit, b
 the same file, their time and peak RSS, or their error. With two or more sizes the exponent of
 compile time against parameters is fitted (least squares on logs). A table goes to stdout and the
 JSON (machine, package versions, commit) to `benchmarks/results/scale.json`.
+
+`--pipeline P` (repeatable) compiles with other pipelines (`--pipeline calibrate`: calibration
+alone); `--block-sequential` calibrates one block at a time at every size (sizes whose weights pass
+`qcompiler.ir.EXTERNAL_DATA_THRESHOLD` always do); `--no-peers` skips ONNX Runtime's quantizers.
 """
 
 from __future__ import annotations
@@ -194,7 +198,7 @@ import json, resource, sys, time
 from qcompiler.compiler import compile
 start = time.perf_counter()
 result = compile(sys.argv[1], sys.argv[2], pipeline=sys.argv[3], calibration=sys.argv[4], calib_count=int(sys.argv[5]),
-                 threads=int(sys.argv[6]), drift=False)
+                 threads=int(sys.argv[6]), drift=False, block_sequential=sys.argv[7] == "1")
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "passes": {r.name: r.seconds for r in result.records},
                   "timings": result.timings, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -245,8 +249,12 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=32, help="calibration windows of 128 tokens (default 32)")
     parser.add_argument("--keep-models", metavar="DIR", help="write the models here and keep them (default: a temporary folder)")
     parser.add_argument("--no-peers", action="store_true", help="skip ONNX Runtime's quantizers")
+    parser.add_argument("--pipeline", action="append", metavar="P",
+                        help=f"a pipeline to compile with (repeatable; default: {' and '.join(PIPELINES)})")
+    parser.add_argument("--block-sequential", action="store_true", help="calibrate one block at a time at every size (large sizes always do)")
     parser.add_argument("--json", type=Path, default=common.RESULTS / "scale.json")
     args = parser.parse_args()
+    pipelines = tuple(args.pipeline) if args.pipeline else PIPELINES
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SHAPES]
     if unknown:
@@ -262,7 +270,8 @@ def main() -> None:
         source_bytes = sum(f.stat().st_size for f in folder.iterdir())
         calib = write_calibration(folder / "calib.npz", args.windows, SHAPES[size][5])
         entry = {"size": size, "parameters": parameters(size), "source_bytes": source_bytes, "build_s": build_s, "runs": {}}
-        jobs = [(p, _COMPILE_CHILD, [str(source), str(root / "out"), p, str(calib), str(args.windows), str(THREADS)]) for p in PIPELINES]
+        jobs = [(p, _COMPILE_CHILD, [str(source), str(root / "out"), p, str(calib), str(args.windows), str(THREADS),
+                                       "1" if args.block_sequential else "0"]) for p in pipelines]
         if not args.no_peers:
             bench = str(Path(__file__).resolve().parent)
             jobs += [(name, _PEER_CHILD, [str(source), str(root / "out"), name, bench]) for name in ("quantize_dynamic", "MatMulNBitsQuantizer")]
@@ -281,7 +290,7 @@ def main() -> None:
         if not args.keep_models:
             subprocess.run(["rm", "-rf", str(folder)], check=True)
     exponents = {}
-    for pipeline in PIPELINES:
+    for pipeline in pipelines:
         points = [(e["parameters"], e["runs"][pipeline]["seconds"]) for e in results if "seconds" in e["runs"].get(pipeline, {})]
         exponents[pipeline] = fitted_exponent(points)
     print(common.table(["size", "params (B)", "source GB", "job", "time s", "peak RSS GB", "output GB", "passes s / error"], rows))
@@ -289,6 +298,7 @@ def main() -> None:
         print(f"time exponent {pipeline}: {'n/a (one size)' if exponent is None else f'{exponent:.2f}'}")
     body = {"command": common.command_line(), "machine": common.machine(), "packages": common.packages(),
             "git": common.git_state(), "threads": THREADS, "windows": args.windows, "seq": SEQ,
+            "block_sequential": args.block_sequential,
             "results": results, "time_exponent": exponents}
     print(f"wrote {common.write_json(args.json, body)}")
     if not args.keep_models:

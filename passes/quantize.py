@@ -230,7 +230,7 @@ def _input_means(model: ir.Model, targets: list[Target]) -> dict[str, np.ndarray
     if missing:
         ctx = context.current()
         batches = ctx.require_calibration("quantize{bias-correction=true}")
-        stats.update(collect_cached(model, batches, missing, cache_dir=ctx.cache_dir, threads=ctx.threads))
+        stats.update(collect_cached(model, batches, missing, cache_dir=ctx.cache_dir, threads=ctx.threads, sequential=ctx.block_sequential))
     return {name: np.asarray(s.sample, np.float64).mean(axis=0) for name, s in stats.items()}
 
 
@@ -323,7 +323,8 @@ def _static_ranges(model: ir.Model, targets: list[Target], extra: dict[str, int]
         ctx = context.current()
         batches = ctx.require_calibration("quantize")
         bins = config.get("bins", calibration.MINMAX_BINS)  # what calibrate kept (coarse for min-max, which reads none)
-        stats.update(collect_cached(model, batches, missing, cache_dir=ctx.cache_dir, threads=ctx.threads, bins=bins))
+        stats.update(collect_cached(model, batches, missing, cache_dir=ctx.cache_dir, threads=ctx.threads, bins=bins,
+                                    sequential=ctx.block_sequential))
     percentile = config.get("percentile", 99.99)
     ranges = {name: s.clip_range(method, percentile=percentile) for name, s in stats.items()}
     sqnr = {name: activation_sqnr(stats[name].sample, *ranges[name]) for name in stats}

@@ -52,13 +52,13 @@ def is_weighted(node: ir.Node) -> bool:
     return is_weighted_layer(node)
 
 
-def _is_residual_add(node: ir.Node, position: dict[ir.Node, int]) -> bool:
+def _is_residual_add(node: ir.Node, position: dict[ir.Node, int], any_symbols: bool = False) -> bool:
     if node.op_type not in ("Add", "Sum") or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return False
     a, b = node.inputs
     if _constant(a) or _constant(b):
         return False
-    if a.shape is not None and b.shape is not None and list(a.shape) != list(b.shape):
+    if a.shape is not None and b.shape is not None and not _same_shape(a.shape, b.shape, any_symbols):
         return False  # a broadcast (an attention mask, a bias), not a skip connection
     def start(v: ir.Value) -> int:
         p = v.producer()
@@ -91,14 +91,27 @@ def _depends_through_layer(value: ir.Value, source: ir.Value, floor: int, positi
     return False
 
 
-def find_blocks(graph: ir.Graph, regions: int = 2) -> list[Block]:
+def _same_shape(a: ir.Shape, b: ir.Shape, any_symbols: bool) -> bool:
+    """Equal shapes; with `any_symbols`, two symbolic dims count as equal whatever their names
+    (shape inference names the dims after a Reshape anew), a symbolic dim and a number never."""
+    if not any_symbols:
+        return list(a) == list(b)
+    return len(a) == len(b) and all(
+        x == y if isinstance(x, int) or isinstance(y, int) else True for x, y in zip(a, b)
+    )
+
+
+def find_blocks(graph: ir.Graph, regions: int = 2, any_symbols: bool = False) -> list[Block]:
     """The graph's blocks in order (see the module docstring). The graph must be topologically
-    sorted (canonicalize sorts it). `regions=0`: the whole graph as one block (end to end)."""
+    sorted (canonicalize sorts it). `regions=0`: the whole graph as one block (end to end).
+    `any_symbols`: a residual Add's inputs may differ in the names of their symbolic dims (as an
+    attention output does after a Reshape); block-sequential calibration cuts so, the block-wise
+    learners keep the exact rule."""
     nodes = list(graph)
     if regions == 0:
         return [_block(0, nodes, graph)]
     position = {node: i for i, node in enumerate(nodes)}
-    cuts = [i for i, node in enumerate(nodes) if node.op_type in ANCHOR_OPS or _is_residual_add(node, position)]
+    cuts = [i for i, node in enumerate(nodes) if node.op_type in ANCHOR_OPS or _is_residual_add(node, position, any_symbols)]
     bounds, start = [], 0
     for cut in cuts:
         bounds.append((start, cut + 1))

@@ -65,15 +65,16 @@ def collect_cached(
     bins: int = 2048,
     threads: int | None = None,
     progress: Callable | None = None,
+    sequential: bool | None = None,
 ) -> dict[str, TensorStats]:
     """`calibration.collect`, answered from `cache_dir` when an entry for the same model, data and
     options exists (`progress` is then called once with the recorded counts)."""
     if cache_dir is None:
-        return collect(model, batches, tensors, sample_rows=sample_rows, bins=bins, threads=threads, progress=progress)
+        return collect(model, batches, tensors, sample_rows=sample_rows, bins=bins, threads=threads, progress=progress, sequential=sequential)
     batches = list(batches)
     folder = Path(cache_dir) / "calibration"
     if not _usable(folder):
-        return collect(model, batches, tensors, sample_rows=sample_rows, bins=bins, threads=threads, progress=progress)
+        return collect(model, batches, tensors, sample_rows=sample_rows, bins=bins, threads=threads, progress=progress, sequential=sequential)
     key = cache_key(model, batches, tensors, sample_rows=sample_rows, bins=bins)
     entry = _read(folder, key)
     if entry is not None:
@@ -89,7 +90,7 @@ def collect_cached(
         if progress is not None:
             progress(done, seen)
 
-    stats = collect(model, batches, tensors, sample_rows=sample_rows, bins=bins, threads=threads, progress=record)
+    stats = collect(model, batches, tensors, sample_rows=sample_rows, bins=bins, threads=threads, progress=record, sequential=sequential)
     _write(folder, key, stats, counts)
     return stats
 

@@ -10,7 +10,9 @@ vectors) for later per-layer searches (SmoothQuant's alpha, error estimates).
 are extra graph outputs, one batch at a time: a batch's activations are folded into the running
 statistics and dropped before the next batch runs (peak memory: one batch's wanted activations,
 which ONNX Runtime returns together). Every row counts, padding tokens included: the graph does
-not say which positions are padding, and the deployed graph sees them too.
+not say which positions are padding, and the deployed graph sees them too. Large models (and any
+with `sequential=True`) run one block at a time instead (`qcompiler.calib_sequential`), with the
+same statistics and one block's weights in a session.
 
 Rules that make the statistics deterministic (the same data gives bit-for-bit the same stats, as
 long as ONNX Runtime computes the same activations for the same inputs, which its CPU kernels do
@@ -764,13 +766,19 @@ def collect(
     bins: int = 2048,
     threads: int | None = None,
     progress: Callable | None = None,
+    sequential: bool | None = None,
 ) -> dict[str, TensorStats]:
     """Run the float graph in ONNX Runtime over `batches` and return the statistics of `tensors`
     (value name -> channel axis), streaming: one batch's activations at a time.
 
     Each batch is checked first (`calib_data.check_batch`: names, dtypes, shapes, NaN/Inf).
-    `progress(batches_done, samples_done)` is called after each batch."""
+    `progress(batches_done, samples_done)` is called after each batch.
+
+    `sequential`: run the graph one block at a time (`qcompiler.calib_sequential`; the same
+    statistics, one block's weights in memory); None (default) does so for large models
+    (`qcompiler.ir.is_large`). A graph that cannot be cut into blocks runs whole."""
     from qcompiler import ir as qir
+    from qcompiler.calib_sequential import cut_segments
     from qcompiler.execute import ort_session
 
     if qir.qc_nodes(model):
@@ -783,6 +791,13 @@ def collect(
     fetched = [name for name in tensors if name not in graph_inputs]
     accs = {name: Accumulator(axis, sample_rows=sample_rows, bins=bins, name=name) for name, axis in tensors.items()}
     checker = BatchChecker(model)
+    if sequential is None:
+        sequential = qir.is_large(model)
+    segments = cut_segments(model, fetched) if sequential and fetched else None
+    if sequential and fetched and segments is None:
+        log.info("calibration: the graph has no blocks to cut it at; running it whole")
+    if segments is not None:
+        return _collect_by_segments(model, segments, batches, tensors, accs, checker, threads, progress)
     session = None
     if fetched and qir.is_large(model):
         session = _instrumented_session(model, fetched, threads)
@@ -816,6 +831,35 @@ def collect(
             progress(index + 1, done)
     checker.finish()
     log.info("calibration: %d samples, %d tensors, %.2f s", done, len(tensors), time.perf_counter() - start)
+    return {name: acc.finish() for name, acc in accs.items()}
+
+
+def _collect_by_segments(model, segments, batches, tensors, accs, checker, threads, progress) -> dict[str, TensorStats]:
+    """`collect` one segment at a time: the batches are checked (and graph inputs that are
+    calibrated folded in) first, then `calib_sequential.collect_sequential` runs the segments."""
+    from qcompiler.calib_sequential import collect_sequential
+
+    start = time.perf_counter()
+    feeds, positions, done = [], [], 0
+    for index, batch in enumerate(batches):
+        checked = checker.check(batch, index)
+        if batch_size_of(checked) == 0:
+            continue
+        for name in tensors:
+            if name in checked:
+                accs[name].add(checked[name])
+        feeds.append(checked)
+        positions.append(index)
+        done += batch_size_of(checked)
+    checker.finish()
+
+    def report(kept: int, samples: int) -> None:
+        if progress is not None:
+            progress(positions[kept - 1] + 1, samples)
+
+    collect_sequential(model, segments, feeds, accs, threads=threads, progress=report)
+    log.info("calibration: %d samples, %d tensors, %d blocks one at a time, %.2f s", done, len(tensors), len(segments),
+             time.perf_counter() - start)
     return {name: acc.finish() for name, acc in accs.items()}
 
 

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--ray-address", metavar="ADDR", help="run the fanned-out measurements on the Ray cluster at ADDR (ray://head:10001, or auto for one started with ray start)")
     comp.add_argument("--float-type", help="float type of the emitted model's inputs, outputs and float weights: source (default: the source model's float32, float16 or bfloat16) or float32")
     comp.add_argument("--dtype", help="float type a torch source is captured in: float32 (default), float16 or bfloat16")
+    comp.add_argument("--block-sequential", action="store_true", default=None,
+                      help="calibrate one block (transformer layer, conv stage) at a time: one block's weights in memory, the same artifact; large models always do")
     comp.add_argument("--no-drift", action="store_true", default=None, help="skip measuring output drift after each pass")
     comp.add_argument("--cache-dir", metavar="DIR", help="calibration statistics cache (default $QCOMPILER_CACHE or ~/.cache/qcompiler)")
     comp.add_argument("--no-cache", action="store_true", default=None, help="neither read nor write the calibration cache")
@@ -207,11 +209,11 @@ COMPILE_DEFAULTS = {
     "report": None, "calib": None, "calib_count": 128, "threads": None, "no_drift": False, "cache_dir": None,
     "no_cache": False, "fail_under": [], "fail_over": [], "eval_data": None, "eval_count": None, "dry_run": False,
     "force": False,
-    "float_type": "source", "dtype": None, "workers": None, "ray_address": None,
+    "float_type": "source", "dtype": None, "workers": None, "ray_address": None, "block_sequential": False,
 }
 _CONFIG_TYPES = {
     "calib_count": int, "threads": int, "workers": int, "eval_count": int, "no_drift": bool, "no_cache": bool, "dry_run": bool,
-    "fail_under": list, "fail_over": list, "force": bool,
+    "fail_under": list, "fail_over": list, "force": bool, "block_sequential": bool,
 }
 _CONFIG_PATHS = {"source", "output", "dump_ir", "report", "calib", "cache_dir", "eval_data"}
 
@@ -281,6 +283,7 @@ def _cmd_compile(args) -> int:
         dtype=opts.dtype,
         workers=opts.workers,
         ray_address=opts.ray_address,
+        block_sequential=opts.block_sequential,
     )
     _summary(result)
     if gates:

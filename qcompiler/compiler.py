@@ -73,6 +73,7 @@ def compile(
     dtype: str | None = None,
     workers: int | None = None,
     ray_address: str | None = None,
+    block_sequential: bool = False,
 ) -> CompileResult:
     """Compile `source` (bundled model name, .onnx path, `pkg.mod:fn`, nn.Module with
     `example_inputs`, or an `onnx_ir.Model`) into an artifact directory `output`.
@@ -98,12 +99,17 @@ def compile(
     source is captured in ("float32", "float16" or "bfloat16"; `qcompiler.float_types`).
     `workers`, `ray_address`: fan independent measurements out on Ray, a local instance of that
     many processes or a running cluster (`qcompiler.parallel`; the artifact is byte-identical to
-    the in-process run); neither: everything runs in this process and Ray is not imported."""
+    the in-process run); neither: everything runs in this process and Ray is not imported.
+    `block_sequential`: passes that run the float model run it one block at a time (today:
+    calibration and `quantize`'s range re-collection; `qcompiler.calib_sequential`), which large
+    models (`qcompiler.ir.is_large`) always do; the artifact is the same."""
     if target not in TARGETS:
         raise UserError(f"unknown target '{shown(target)}'; choose one of: {', '.join(TARGETS)}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
         raise UserError(f"threads must be a positive integer, got {shown(repr(threads))}")
     parallel.check_options(workers, ray_address)
+    if not isinstance(block_sequential, bool):
+        raise UserError(f"block_sequential must be true or false, got {shown(repr(block_sequential))}")
     if target == "triton":  # a missing triton fails before any slow step
         from qcompiler.codegen.triton.emit import check_triton
 
@@ -150,7 +156,7 @@ def compile(
         executor = parallel.executor_for(workers, ray_address)
         ctx = CompileContext(
             calibration=batches, calibration_source=described, source=source_info, threads=threads, cache_dir=cache_dir,
-            executor=executor,
+            executor=executor, block_sequential=True if block_sequential else None,
         )
         try:
             with using(ctx):

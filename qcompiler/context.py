@@ -32,6 +32,9 @@ class CompileContext:
     source: Any = None  # qcompiler.capture.Source
     threads: int | None = None  # ONNX Runtime intra-op threads for passes that run the model
     cache_dir: Any = None  # calibration statistics cache (`qcompiler.calib_cache`); None: no cache
+    # run the float model one block at a time where a pass runs it (`qcompiler.calib_sequential`);
+    # None: only large models (`qcompiler.ir.is_large`)
+    block_sequential: bool | None = None
     # where independent measurements fan out (`qcompiler.parallel`): in-process unless --workers/--ray-address
     executor: InProcess | RayExecutor = dataclasses.field(default_factory=InProcess)
 
