@@ -12,6 +12,9 @@ For each `MatMul(X, qc.BitAllocation(W, bits))`:
 3. Quantization-based outliers: the `outliers_weight` fraction of weights with the largest
    |w - Q(w)| * sqrt(E_k) are kept exactly, as sparse fp16 (row, column, value).
 
+E_k = mean(x_k^2) comes from `calibrate`'s statistics (in memory only): a layer whose input has none
+is refused with the fix, never quantized with unit energies.
+
 The result computes `X[..., perm] @ W_hat`; effective bits are counted by the backend from the bytes
 it writes.
 """
@@ -25,12 +28,11 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import bitcost
-from qcompiler.calibration import STATS_KEY
-from qcompiler.layers import CREATED_BY, new_initializer, remove_unused
+from qcompiler.layers import new_initializer, remove_unused
+from qcompiler.meta import CREATED_BY, FLOAT_WEIGHT_KEY, Prop, activation_stats
 from qcompiler.mixed_ops import FP16_BITS, dequantize_codebook, dequantize_uniform
 from qcompiler.ops import attributes_of
 from qcompiler.passbase import Pass, PassResult, option, register_pass
-from qcompiler.reconstruct import FLOAT_WEIGHT_KEY
 from qcompiler.progress import progress
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
@@ -44,8 +46,14 @@ class QuantizeWeightsPass(Pass):
     """Quantize allocated weights: uniform grids or k-means codebooks per bit class, fp16 and sparse outliers."""
 
     name = "quantize-weights"
-    required = frozenset({"bits-allocated"})
-    provided = frozenset({"weights-quantized"})
+    required = frozenset({Prop.BITS_ALLOCATED})
+    provided = frozenset({Prop.WEIGHTS_QUANTIZED})
+
+    class Stats:
+        """Keys of `PassResult.stats` that the report and doctor read (tests/test_report.py holds the pass to them)."""
+
+        PER_LAYER = "per_layer"  # layer name -> {WEIGHTED_SQNR_DB, ...}
+        WEIGHTED_SQNR_DB = "weighted_sqnr_db"
 
     grid: Literal["minmax", "mse"] = option("mse", "uniform classes: min-max range, or the clipping that minimises weighted error")
 
@@ -69,8 +77,7 @@ class QuantizeWeightsPass(Pass):
         w = allocation.inputs[0].const_value.numpy().astype(np.float32)
         bits = allocation.inputs[1].const_value.numpy().astype(np.int64)
         x = matmul.inputs[0]
-        stats = x.meta.get(STATS_KEY)
-        energy = stats.mean_sq.astype(np.float64) if stats is not None else np.ones(w.shape[0])
+        energy = activation_stats(x, self.name, matmul.name).mean_sq.astype(np.float64)
         perm = np.argsort(bits, kind="stable")  # classes by increasing bits, fp16 (16) last
         wp, ep, bp = w[perm], energy[perm], bits[perm]
         base = allocation.inputs[0].name
