@@ -1,0 +1,122 @@
+"""What passes tell each other besides the IR (`qcompiler.meta`): every metadata key a pipeline
+leaves on a model is declared, in the place it is declared for; no module spells a key instead of
+importing it; a pass that reads calibration statistics refuses a layer without them."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from qcompiler.context import CompileContext, using
+from qcompiler.errors import UserError
+from qcompiler.ir import parse, to_text
+from qcompiler.meta import KEYS, MODEL_META, MODEL_PROPS, NODE_META, NODE_PROPS, VALUE_META, Prop
+from qcompiler.opt import optimize
+from qcompiler.pass_manager import Instrument, run_pipeline
+from qcompiler.passbase import model_properties
+from qcompiler.pipeline import parse_pipeline
+from qcompiler.probe import synthetic_inputs
+
+ROOT = Path(__file__).parent.parent
+MLP = ROOT / "tests" / "golden" / "flexround" / "residual_mlp.onnxtxt"  # two 64 x 64 linears and a residual Add
+PIPELINES = {
+    "w8a8": "w8a8",
+    "mixed": "canonicalize,calibrate,allocate-bits{avg-bits=6 group-size=32},quantize-weights,"
+             "flexround{steps=2 regions=1},fold-permutation,lower-ort",
+}
+
+
+class _KeysSeen(Instrument):
+    """After every pass: each metadata key found on the model, with the place it sat in."""
+
+    def __init__(self):
+        self.seen: set[tuple[str, str]] = set()
+
+    def after_pass(self, pass_, model, record):
+        self.seen |= {(MODEL_META, k) for k in model.meta} | {(MODEL_PROPS, k) for k in model.metadata_props}
+        graph = model.graph
+        values = list(graph.inputs) + list(graph.initializers.values())
+        for node in graph:
+            self.seen |= {(NODE_META, k) for k in node.meta} | {(NODE_PROPS, k) for k in node.metadata_props}
+            values += list(node.outputs)
+        self.seen |= {(VALUE_META, k) for v in values for k in v.meta}
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_every_key_a_pipeline_leaves_is_declared_in_its_place(name):
+    model = parse(MLP.read_text())
+    seen = _KeysSeen()
+    with using(CompileContext(calibration=[synthetic_inputs(model, seed=s) for s in range(2)], calibration_source="synthetic")):
+        run_pipeline(model, parse_pipeline(PIPELINES[name]), [seen])
+    undeclared = sorted(f"{place}[{key!r}]" for place, key in seen.seen if key not in KEYS or KEYS[key].place != place)
+    assert not undeclared, "declare these in qcompiler/meta.py (or use the declared place): " + ", ".join(undeclared)
+    keys = {key for _, key in seen.seen}
+    # the side channels the pipeline runs on were really exercised
+    expected = {"w8a8": {"qc.stats", "qc.calibration", "qc.smoothed", "qc.created_by", "qcompiler.properties"},
+                "mixed": {"qc.stats", "qc.calibration", "qc.float_weight", "qc.created_by", "qcompiler.properties"}}
+    assert expected[name] <= keys
+
+
+def _sources():
+    for folder in ("qcompiler", "passes", "codegen"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path.name != "meta.py":
+                yield path
+
+
+def test_no_module_spells_a_declared_key():
+    spelled = []
+    for path in _sources():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in KEYS:
+                spelled.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert not spelled, "import the key from qcompiler.meta: " + "; ".join(spelled)
+
+
+def test_metadata_is_read_and_written_through_names_only():
+    """No string literal indexes `.meta` or `.metadata_props` (as `x.meta["k"]`, `.get("k")`, `.pop("k")`,
+    `"k" in x.meta` or `metadata_props={"k": ...}`): a new key has to be declared to be used."""
+    literal = []
+    for path in _sources():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            key, holder = None, None
+            if isinstance(node, ast.Subscript):
+                key, holder = node.slice, node.value
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args \
+                    and node.func.attr in ("get", "pop", "setdefault"):
+                key, holder = node.args[0], node.func.value
+            elif isinstance(node, ast.Compare) and isinstance(node.ops[0], (ast.In, ast.NotIn)):
+                key, holder = node.left, node.comparators[0]
+            elif isinstance(node, ast.keyword) and node.arg == "metadata_props" and isinstance(node.value, ast.Dict):
+                literal += [f"{path.relative_to(ROOT)}:{k.lineno}" for k in node.value.keys if isinstance(k, ast.Constant)]
+                continue
+            if isinstance(holder, ast.Attribute) and holder.attr in ("meta", "metadata_props") \
+                    and isinstance(key, ast.Constant) and isinstance(key.value, str):
+                literal.append(f"{path.relative_to(ROOT)}:{node.lineno}: {key.value!r}")
+    assert not literal, "declare the key in qcompiler/meta.py and use its name: " + "; ".join(literal)
+
+
+def test_every_declared_key_says_what_it_is():
+    for key in KEYS.values():
+        assert key.place in (VALUE_META, NODE_META, MODEL_META, NODE_PROPS, MODEL_PROPS)
+        assert key.type and len(key.meaning.split()) >= 4, key.name
+    assert all(len(p.meaning.split()) >= 4 for p in Prop)
+
+
+@pytest.mark.parametrize("spec, reader", [
+    ("calibrate,allocate-bits{avg-bits=6 group-size=32}", "allocate-bits"),
+    ("calibrate,allocate-bits{avg-bits=6 group-size=32},quantize-weights", "quantize-weights"),
+])
+def test_a_saved_model_without_its_statistics_is_refused_with_the_fix(spec, reader):
+    """The statistics live in memory only: a model saved after `calibrate` (and allocate-bits) still
+    says it is calibrated, but its layers have no statistics to weigh channels by."""
+    head, _, _ = spec.rpartition(",")
+    model = parse(MLP.read_text())
+    optimize(model, head)
+    saved = parse(to_text(model))
+    assert Prop.CALIBRATED in model_properties(saved)
+    with pytest.raises(UserError) as caught:
+        optimize(saved, spec.rpartition(",")[2])
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{reader}: layer ")
+    assert f"run calibrate before {reader} in the same pipeline" in message
