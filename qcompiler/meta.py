@@ -45,18 +45,18 @@ class Prop(str, enum.Enum):
 
     CANONICAL = "canonical", "Gemm is MatMul + Add, constants folded, dead code gone, shapes inferred, topological order"
     EQUALIZED = "equalized", "Conv -> ReLU-like -> Conv pairs have equalized output/input channel ranges"
-    CALIBRATED = "calibrated", "every linear's input carries calibration statistics (STATS_KEY) and the model CALIBRATION_KEY"
+    CALIBRATED = "calibrated", "weighted layers' inputs carry calibration statistics (STATS_KEY, CALIBRATION_KEY; in memory only)"
     STATS_CURRENT = "activation-stats-current", "the attached statistics still describe the tensors they sit on"
-    SMOOTHED = "smoothed", "linear inputs are divided by per-channel scales (SmoothQuant or AWQ), weights multiplied"
-    FOLDED = "folded", "smoothing scales and BatchNorm are folded into producers, no qc.ChannelScale left"
-    QUANTIZED = "quantized", "weights are int8 and activations quantized as qc.QuantizeActivation / qc.DequantizeWeight"
+    SMOOTHED = "smoothed", "linear inputs are divided by per-channel scales (qc.ChannelScale: SmoothQuant or AWQ), weights multiplied"
+    FOLDED = "folded", "smoothing scales are folded into producers (or kept as a Mul, or undone) and BatchNorm into Conv"
+    QUANTIZED = "quantized", "linears have int8 weights (qc.DequantizeWeight) and, as chosen, int8 activations (qc.QuantizeActivation)"
     BITS_ALLOCATED = "bits-allocated", "each weight sits behind a qc.BitAllocation with its bits per input channel"
     WEIGHTS_QUANTIZED = "weights-quantized", "each allocated layer is a qc.MixedMatMul (float weight in FLOAT_WEIGHT_KEY)"
     ROUNDING_LEARNED = "rounding-learned", "mixed layers' rounding was learned block by block (flexround)"
     ROUNDING_COMPENSATED = "rounding-compensated", "mixed layers were rounded with GPTQ's error compensation"
     SCALES_TUNED = "scales-tuned", "mixed layers' scales were tuned block by block (tune-scales)"
     PERMUTATION_FOLDED = "permutation-folded", "mixed layers' channel permutations are folded into their producers"
-    FUSED = "fused", "quantized linears and their epilogues are fused qc ops"
+    FUSED = "fused", "quantized linears are merged with their norms, biases, epilogues and shared inputs (qc.QLinear, qc.NormQuantize)"
     KV_CACHE_FORMAT = "kv-cache-format", "the decoder's KV cache is int8 with a scale per token and head"
     LOWERED_ORT = "lowered-ort", "no qc op is left: standard ONNX and com.microsoft ops for ONNX Runtime"
 
@@ -125,6 +125,11 @@ PROPERTIES_KEY = _key("qcompiler.properties", MODEL_PROPS, "str (comma-separated
                       "the properties the model has")
 TORCH_SCOPES_KEY = _key("pkg.torch.onnx.name_scopes", NODE_PROPS, "str (Python list literal)",
                         "torch's exporter: the module path of a node, read once by capture (then dropped)")
+
+
+# Properties that vouch for facts kept in `model.meta` (this process only): a model read from a file
+# records the property but lacks the facts, so it does not have the property (passbase.present_properties).
+HELD_IN_MEMORY: dict[Prop, str] = {Prop.CALIBRATED: CALIBRATION_KEY, Prop.STATS_CURRENT: CALIBRATION_KEY}
 
 
 # --------------------------------------------------------------------------------------------

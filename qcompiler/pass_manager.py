@@ -16,7 +16,7 @@ from typing import Any
 import onnx_ir as ir
 
 from qcompiler.errors import PassFailure, UserError
-from qcompiler.passbase import Pass, model_properties
+from qcompiler.passbase import Pass, present_properties
 from qcompiler.pipeline import check_order, format_pass
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class Instrument:
 
 def run_pipeline(model: ir.Model, passes: list[Pass], instruments: list[Instrument] = ()) -> list[PassRecord]:
     """Run `passes` over `model` in place; returns one record per pass."""
-    check_order(passes, model_properties(model))
+    check_order(passes, present_properties(model))
     for instrument in instruments:
         instrument.run_begin(model)
     records: list[PassRecord] = []

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 
-from qcompiler.meta import PROPERTIES_KEY, Prop, as_props
+from qcompiler.meta import HELD_IN_MEMORY, PROPERTIES_KEY, Prop, as_props
 
 
 @dataclasses.dataclass
@@ -54,7 +54,7 @@ class Pass(ir.passes.InPlacePass):
     followers: ClassVar[frozenset[str] | None] = None
 
     def requires(self, model: ir.Model) -> None:
-        missing = self.required - model_properties(model)
+        missing = self.required - present_properties(model)
         if missing:
             raise ir.passes.PreconditionError(
                 f"{self.name} requires {', '.join(sorted(missing))}; run the pass that provides it first"
@@ -109,6 +109,13 @@ def option_key(cls: type[Pass], field: str) -> str:
 
 def model_properties(model: ir.Model) -> frozenset[Prop]:
     return as_props(model.metadata_props.get(PROPERTIES_KEY, ""))
+
+
+def present_properties(model: ir.Model) -> frozenset[Prop]:
+    """The recorded properties whose facts are here: `calibrated` vouches for statistics that live
+    in memory only, so a model read from a file records it but does not have it (run `calibrate`)."""
+    props = model_properties(model)
+    return frozenset(p for p in props if p not in HELD_IN_MEMORY or HELD_IN_MEMORY[p] in model.meta)
 
 
 def set_model_properties(model: ir.Model, props: frozenset[Prop] | set[Prop]) -> None:

@@ -1,6 +1,7 @@
 """What passes tell each other besides the IR (`qcompiler.meta`): every metadata key a pipeline
 leaves on a model is declared, in the place it is declared for; no module spells a key instead of
-importing it; a pass that reads calibration statistics refuses a layer without them."""
+importing it; a saved property does not vouch for facts a file does not carry; a pass that reads
+calibration statistics refuses a layer without them."""
 
 import ast
 from pathlib import Path
@@ -10,10 +11,10 @@ import pytest
 from qcompiler.context import CompileContext, using
 from qcompiler.errors import UserError
 from qcompiler.ir import parse, to_text
-from qcompiler.meta import KEYS, MODEL_META, MODEL_PROPS, NODE_META, NODE_PROPS, VALUE_META, Prop
+from qcompiler.meta import KEYS, MODEL_META, MODEL_PROPS, NODE_META, NODE_PROPS, STATS_KEY, VALUE_META, Prop
 from qcompiler.opt import optimize
 from qcompiler.pass_manager import Instrument, run_pipeline
-from qcompiler.passbase import model_properties
+from qcompiler.passbase import model_properties, present_properties
 from qcompiler.pipeline import parse_pipeline
 from qcompiler.probe import synthetic_inputs
 
@@ -103,20 +104,36 @@ def test_every_declared_key_says_what_it_is():
     assert all(len(p.meaning.split()) >= 4 for p in Prop)
 
 
-@pytest.mark.parametrize("spec, reader", [
-    ("calibrate,allocate-bits{avg-bits=6 group-size=32}", "allocate-bits"),
-    ("calibrate,allocate-bits{avg-bits=6 group-size=32},quantize-weights", "quantize-weights"),
-])
-def test_a_saved_model_without_its_statistics_is_refused_with_the_fix(spec, reader):
-    """The statistics live in memory only: a model saved after `calibrate` (and allocate-bits) still
-    says it is calibrated, but its layers have no statistics to weigh channels by."""
-    head, _, _ = spec.rpartition(",")
+def test_a_model_read_back_from_text_is_not_calibrated():
+    """`calibrated` vouches for statistics that live in memory only: a model saved after `calibrate`
+    records the property, but a pass that needs the statistics asks for `calibrate` again (smooth
+    used to do nothing on it, silently)."""
     model = parse(MLP.read_text())
-    optimize(model, head)
+    optimize(model, "calibrate")
     saved = parse(to_text(model))
-    assert Prop.CALIBRATED in model_properties(saved)
+    assert Prop.CALIBRATED in model_properties(saved) and Prop.CALIBRATED not in present_properties(saved)
+    assert Prop.CALIBRATED in present_properties(model)
+    with pytest.raises(UserError, match="^smooth requires 'calibrated'; add 'calibrate' before it$"):
+        optimize(saved, "smooth")
+
+
+def test_allocate_bits_refuses_a_layer_without_statistics():
+    model = parse(MLP.read_text())
+    optimize(model, "calibrate")
+    x = next(node for node in model.graph if node.op_type == "MatMul").inputs[0]
+    del x.meta[STATS_KEY]
+    with pytest.raises(UserError, match=rf"^allocate-bits: layer '\w+' has no calibration statistics on its input '{x.name}' "
+                                        r"\(they live in memory only\); run calibrate before allocate-bits in the same pipeline$"):
+        optimize(model, "allocate-bits{avg-bits=6 group-size=32}")
+
+
+def test_quantize_weights_refuses_an_allocation_read_back_without_statistics():
+    """It used to quantize such a layer with unit channel energies, silently."""
+    model = parse(MLP.read_text())
+    optimize(model, "calibrate,allocate-bits{avg-bits=6 group-size=32}")
+    saved = parse(to_text(model))
     with pytest.raises(UserError) as caught:
-        optimize(saved, spec.rpartition(",")[2])
+        optimize(saved, "quantize-weights")
     message = str(caught.value)
-    assert "\n" not in message and message.startswith(f"{reader}: layer ")
-    assert f"run calibrate before {reader} in the same pipeline" in message
+    assert "\n" not in message and message.startswith("quantize-weights: layer ")
+    assert message.endswith("run calibrate before quantize-weights in the same pipeline")
