@@ -61,23 +61,29 @@ class QuantizeWeightsPass(Pass):
         graph = model.graph
         per_layer = {}
         allocations = [node for node in graph if node.domain == "qc" and node.op_type == "BitAllocation"]
+        layers = [(node, [use.node for use in node.outputs[0].uses() if use.node.op_type == "MatMul" and use.idx == 1])
+                  for node in allocations]
+        # every layer's channel energies, read before any layer is replaced: a replaced layer's output
+        # is a new value, without the statistics of the layer that reads it
+        energies = {matmul: self._energy(matmul) for _, matmuls in layers for matmul in matmuls}
         with progress("quantize-weights: layers", len(allocations)) as bar:
-            for node in allocations:
-                for use in list(node.outputs[0].uses()):
-                    matmul = use.node
-                    if matmul.op_type == "MatMul" and use.idx == 1:
-                        per_layer[matmul.name or matmul.outputs[0].name] = self._replace(graph, node, matmul)
+            for node, matmuls in layers:
+                for matmul in matmuls:
+                    per_layer[matmul.name or matmul.outputs[0].name] = self._replace(graph, node, matmul, energies[matmul])
                 bar.update()
         if per_layer:
             remove_unused(model)
         return PassResult(model, bool(per_layer), {"layers": len(per_layer), "per_layer": per_layer})
 
-    def _replace(self, graph: ir.Graph, allocation: ir.Node, matmul: ir.Node) -> dict:
+    def _energy(self, matmul: ir.Node) -> np.ndarray:
+        """E_k = mean(x_k^2) of the layer's input channels, from calibrate's statistics."""
+        return activation_stats(matmul.inputs[0], self.name, matmul.name or matmul.outputs[0].name).mean_sq.astype(np.float64)
+
+    def _replace(self, graph: ir.Graph, allocation: ir.Node, matmul: ir.Node, energy: np.ndarray) -> dict:
         fmt = attributes_of(allocation)
         w = allocation.inputs[0].const_value.numpy().astype(np.float32)
         bits = allocation.inputs[1].const_value.numpy().astype(np.int64)
         x = matmul.inputs[0]
-        energy = activation_stats(x, self.name, matmul.name).mean_sq.astype(np.float64)
         perm = np.argsort(bits, kind="stable")  # classes by increasing bits, fp16 (16) last
         wp, ep, bp = w[perm], energy[perm], bits[perm]
         base = allocation.inputs[0].name

@@ -116,8 +116,6 @@ def in_torch_dtype(module, example_inputs, dtype: str, copy: bool = False):
     return module, [convert(v) for v in example_inputs]
 
 
-
-
 def adopt_module_names(model: ir.Model) -> None:
     """Keep the torch module path of each node (as `qc.scope`) and name the weights the exporter
     renamed (`val_37`) after their module (`encoder.layer.0.attention.self.query.weight`).

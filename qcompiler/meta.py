@@ -20,7 +20,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from qcompiler.errors import UserError
+from qcompiler.errors import UserError, shown
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +61,20 @@ class Prop(str, enum.Enum):
     LOWERED_ORT = "lowered-ort", "no qc op is left: standard ONNX and com.microsoft ops for ONNX Runtime"
 
 
+_UNKNOWN_SEEN: set[str] = set()
+
+
 def as_props(names: str) -> frozenset[Prop]:
     """The properties of a comma-separated list as saved in a model; names this version does not
-    know are left out (logged)."""
+    know are left out (logged once each)."""
     known = {p.value: p for p in Prop}
     props = set()
     for name in filter(None, names.split(",")):
         if name in known:
             props.add(known[name])
-        else:
-            log.warning("the model records a property this version does not know: '%s' (ignored)", name)
+        elif name not in _UNKNOWN_SEEN:
+            _UNKNOWN_SEEN.add(name)
+            log.warning("the model records a property this version does not know: '%s' (ignored)", shown(name))
     return frozenset(props)
 
 

@@ -6,6 +6,7 @@ calibration statistics refuses a layer without them."""
 import ast
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from qcompiler.context import CompileContext, using
@@ -137,3 +138,33 @@ def test_quantize_weights_refuses_an_allocation_read_back_without_statistics():
     message = str(caught.value)
     assert "\n" not in message and message.startswith("quantize-weights: layer ")
     assert message.endswith("run calibrate before quantize-weights in the same pipeline")
+
+
+def test_quantize_weights_weighs_a_layer_fed_by_another_layer_by_its_calibrated_energies(monkeypatch):
+    """Replacing the first layer makes its output a new value; the second layer's energies are the
+    ones calibrate measured on it (they used to be replaced by ones, silently)."""
+    from qcompiler.passes.quantize_weights import QuantizeWeightsPass
+
+    rng = np.random.default_rng(1)
+    w = {k: ",".join(f"{v:.4f}" for v in rng.normal(0, 0.2, 64 * 64)) for k in ("A", "B")}
+    model = parse(f"""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[M, 64] X) => (float[M, 64] Y)
+    <float[64,64] A = {{{w["A"]}}}, float[64,64] B = {{{w["B"]}}}>
+    {{ H = MatMul (X, A)
+       Y = MatMul (H, B) }}""")
+    optimize(model, "calibrate,allocate-bits{avg-bits=6 group-size=32}")
+    first = next(node for node in model.graph if node.op_type == "MatMul")
+    calibrated = {v.name: v.meta[STATS_KEY].mean_sq for v in (first.inputs[0], first.outputs[0])}
+    used = {}
+    replace = QuantizeWeightsPass._replace
+
+    def recording(self, graph, allocation, matmul, energy):
+        used[matmul.inputs[0].name] = energy
+        return replace(self, graph, allocation, matmul, energy)
+
+    monkeypatch.setattr(QuantizeWeightsPass, "_replace", recording)
+    optimize(model, "quantize-weights")
+    assert sorted(used) == ["H", "X"]
+    for name, energy in used.items():
+        np.testing.assert_array_equal(energy, calibrated[name].astype(np.float64))
+    assert np.ptp(used["H"]) > 0  # not unit energies
