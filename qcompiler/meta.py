@@ -9,6 +9,10 @@ Metadata keys name what sits beside the IR: in `.meta` (this process only; a fil
 it) or in `metadata_props` (saved with the model). Every key any module reads or writes is declared
 here once, with where it lives, its value type and its meaning (`KEYS`); modules import the
 constant, never spell the string.
+
+A saved property may vouch for facts a file does not carry (`calibrated`: the statistics in
+`.meta`); `HELD_IN_MEMORY` says which, so that a model read back does not claim them, and
+`activation_stats` reads the statistics a pass needs or fails naming the pass to run first.
 """
 
 from __future__ import annotations
