@@ -110,6 +110,7 @@ class AllocateBitsPass(Pass):
     name = "allocate-bits"
     required = frozenset({Prop.CALIBRATED})
     provided = frozenset({Prop.BITS_ALLOCATED})
+    reads_statistics = True
 
     class Stats:
         """Keys of `PassResult.stats` that the report and doctor read (tests/test_report.py holds the pass to them)."""

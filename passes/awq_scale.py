@@ -87,6 +87,7 @@ class AwqScalePass(Pass):
     required = frozenset({Prop.CALIBRATED})
     provided = frozenset({Prop.SMOOTHED})
     keeps_activation_stats = True  # the scaled tensor gets the statistics scaled exactly
+    reads_statistics = True
 
     avg_bits: float = option(3.25, "the budget allocate-bits will give each layer (stored bits per weight)")
     candidates: tuple[int, ...] = option((2, 4, 8), "the widths allocate-bits will choose from")

@@ -48,6 +48,7 @@ class QuantizeWeightsPass(Pass):
     name = "quantize-weights"
     required = frozenset({Prop.BITS_ALLOCATED})
     provided = frozenset({Prop.WEIGHTS_QUANTIZED})
+    reads_statistics = True
 
     class Stats:
         """Keys of `PassResult.stats` that the report and doctor read (tests/test_report.py holds the pass to them)."""

@@ -47,6 +47,7 @@ class SmoothPass(Pass):
     required = frozenset({Prop.CALIBRATED})
     provided = frozenset({Prop.SMOOTHED})
     keeps_activation_stats = True  # the smoothed tensor gets the statistics scaled exactly
+    reads_statistics = True
 
     class Stats:
         """Keys of `PassResult.stats` that the report and doctor read (tests/test_report.py holds the pass to them)."""

@@ -22,7 +22,7 @@ from qcompiler.fileio import AtomicDir, write_atomic
 from qcompiler.ir import weight_count
 from qcompiler.outputs import check_outputs, nested_entry, protected_sources
 from qcompiler.pass_manager import PassRecord, run_pipeline
-from qcompiler.passbase import present_properties
+from qcompiler.passbase import model_properties
 from qcompiler.passes.lower_ort import LowerOrtPass
 from qcompiler.pipeline import check_order, format_pipeline, parse_pipeline
 
@@ -123,7 +123,7 @@ def compile(
         start = time.perf_counter()
         model, source_info = resolve(source, example_inputs, dynamic_shapes, dtype=dtype)
         capture_seconds = time.perf_counter() - start
-        check_order(passes, present_properties(model))
+        check_order(passes, model_properties(model))
         source_type = float_types.source_float_type(model, quantizes=any(p.name not in ("canonicalize", "lower-ort") for p in passes))
         source_digest = model_digest(model)
         source_weights = weight_count(model)

@@ -11,8 +11,9 @@ here once, with where it lives, its value type and its meaning (`KEYS`); modules
 constant, never spell the string.
 
 A saved property may vouch for facts a file does not carry (`calibrated`: the statistics in
-`.meta`); `HELD_IN_MEMORY` says which, so that a model read back does not claim them, and
-`activation_stats` reads the statistics a pass needs or fails naming the pass to run first.
+`.meta`): `require_statistics` (run by the pass manager before every pass that declares
+`reads_statistics`) and `activation_stats` fail, naming the pass to run first, where they are not
+there.
 """
 
 from __future__ import annotations
@@ -135,13 +136,18 @@ TORCH_SCOPES_KEY = _key("pkg.torch.onnx.name_scopes", NODE_PROPS, "str (Python l
                         "torch's exporter: the module path of a node, read once by capture (then dropped)")
 
 
-# Properties that vouch for facts kept in `model.meta` (this process only): a model read from a file
-# records the property but lacks the facts, so it does not have the property (passbase.present_properties).
-HELD_IN_MEMORY: dict[Prop, str] = {Prop.CALIBRATED: CALIBRATION_KEY, Prop.STATS_CURRENT: CALIBRATION_KEY}
-
-
 # --------------------------------------------------------------------------------------------
 # Typed reads that fail with the fix
+
+
+def require_statistics(model: ir.Model, reader: str) -> None:
+    """Fail in one line when `model` has no calibration statistics in memory (a model read back from a
+    file records `calibrated` but not them)."""
+    if CALIBRATION_KEY not in model.meta:
+        raise UserError(
+            f"{reader} reads calibration statistics, which live in memory only, and this model has none "
+            f"(read back from a file?); run calibrate before {reader} in the same pipeline"
+        )
 
 
 def activation_stats(value: ir.Value, reader: str, layer: str) -> Any:

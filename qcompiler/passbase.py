@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 
-from qcompiler.meta import HELD_IN_MEMORY, PROPERTIES_KEY, Prop, as_props
+from qcompiler.meta import PROPERTIES_KEY, Prop, as_props
 
 
 @dataclasses.dataclass
@@ -46,6 +46,9 @@ class Pass(ir.passes.InPlacePass):
     # Properties that no longer hold after this pass (e.g. a lowering removes `qc` ops).
     invalidated: ClassVar[frozenset[Prop]] = frozenset()
     keeps_activation_stats: ClassVar[bool] = False
+    # The pass reads the statistics `calibrate` keeps in memory (`meta.STATS_KEY`): the pass manager
+    # refuses to run it on a model that has none (one read back from a file still says `calibrated`).
+    reads_statistics: ClassVar[bool] = False
     # Why a second run of the pass changes the IR again ("" = it changes nothing: the contract test
     # in tests/test_pass_contract.py runs every pass twice and holds it to that).
     rerun_changes: ClassVar[str] = ""
@@ -54,7 +57,7 @@ class Pass(ir.passes.InPlacePass):
     followers: ClassVar[frozenset[str] | None] = None
 
     def requires(self, model: ir.Model) -> None:
-        missing = self.required - present_properties(model)
+        missing = self.required - model_properties(model)
         if missing:
             raise ir.passes.PreconditionError(
                 f"{self.name} requires {', '.join(sorted(missing))}; run the pass that provides it first"
@@ -109,13 +112,6 @@ def option_key(cls: type[Pass], field: str) -> str:
 
 def model_properties(model: ir.Model) -> frozenset[Prop]:
     return as_props(model.metadata_props.get(PROPERTIES_KEY, ""))
-
-
-def present_properties(model: ir.Model) -> frozenset[Prop]:
-    """The recorded properties whose facts are here: `calibrated` vouches for statistics that live
-    in memory only, so a model read from a file records it but does not have it (run `calibrate`)."""
-    props = model_properties(model)
-    return frozenset(p for p in props if p not in HELD_IN_MEMORY or HELD_IN_MEMORY[p] in model.meta)
 
 
 def set_model_properties(model: ir.Model, props: frozenset[Prop] | set[Prop]) -> None:

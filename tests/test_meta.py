@@ -15,7 +15,8 @@ from qcompiler.ir import parse, to_text
 from qcompiler.meta import KEYS, MODEL_META, MODEL_PROPS, NODE_META, NODE_PROPS, STATS_KEY, VALUE_META, Prop
 from qcompiler.opt import optimize
 from qcompiler.pass_manager import Instrument, run_pipeline
-from qcompiler.passbase import model_properties, present_properties
+from qcompiler.passbase import model_properties
+from qcompiler.pipeline import all_passes
 from qcompiler.pipeline import parse_pipeline
 from qcompiler.probe import synthetic_inputs
 
@@ -105,17 +106,21 @@ def test_every_declared_key_says_what_it_is():
     assert all(len(p.meaning.split()) >= 4 for p in Prop)
 
 
-def test_a_model_read_back_from_text_is_not_calibrated():
+@pytest.mark.parametrize("name", ["smooth", "awq-scale", "allocate-bits", "quantize-weights"])
+def test_a_model_read_back_from_text_has_no_statistics_to_read(name):
     """`calibrated` vouches for statistics that live in memory only: a model saved after `calibrate`
-    records the property, but a pass that needs the statistics asks for `calibrate` again (smooth
-    used to do nothing on it, silently)."""
+    (and `allocate-bits`) records the property, but a pass that reads the statistics asks for
+    `calibrate` again (smooth and awq-scale used to do nothing on it, quantize-weights to use unit
+    energies, silently)."""
+    assert all_passes()[name].reads_statistics
     model = parse(MLP.read_text())
-    optimize(model, "calibrate")
+    optimize(model, "calibrate,allocate-bits{avg-bits=6 group-size=32}" if name == "quantize-weights" else "calibrate")
     saved = parse(to_text(model))
-    assert Prop.CALIBRATED in model_properties(saved) and Prop.CALIBRATED not in present_properties(saved)
-    assert Prop.CALIBRATED in present_properties(model)
-    with pytest.raises(UserError, match="^smooth requires 'calibrated'; add 'calibrate' before it$"):
-        optimize(saved, "smooth")
+    assert Prop.CALIBRATED in model_properties(saved)
+    spec = {"allocate-bits": "allocate-bits{avg-bits=6 group-size=32}", "awq-scale": "awq-scale{group-size=32}"}.get(name, name)
+    with pytest.raises(UserError, match=f"^{name} reads calibration statistics, which live in memory only, and this model "
+                                        rf"has none \(read back from a file\?\); run calibrate before {name} in the same pipeline$"):
+        optimize(saved, spec)
 
 
 def test_allocate_bits_refuses_a_layer_without_statistics():
@@ -126,18 +131,6 @@ def test_allocate_bits_refuses_a_layer_without_statistics():
     with pytest.raises(UserError, match=rf"^allocate-bits: layer '\w+' has no calibration statistics on its input '{x.name}' "
                                         r"\(they live in memory only\); run calibrate before allocate-bits in the same pipeline$"):
         optimize(model, "allocate-bits{avg-bits=6 group-size=32}")
-
-
-def test_quantize_weights_refuses_an_allocation_read_back_without_statistics():
-    """It used to quantize such a layer with unit channel energies, silently."""
-    model = parse(MLP.read_text())
-    optimize(model, "calibrate,allocate-bits{avg-bits=6 group-size=32}")
-    saved = parse(to_text(model))
-    with pytest.raises(UserError) as caught:
-        optimize(saved, "quantize-weights")
-    message = str(caught.value)
-    assert "\n" not in message and message.startswith("quantize-weights: layer ")
-    assert message.endswith("run calibrate before quantize-weights in the same pipeline")
 
 
 def test_quantize_weights_weighs_a_layer_fed_by_another_layer_by_its_calibrated_energies(monkeypatch):
