@@ -124,7 +124,7 @@ CREATED_BY = _key("qc.created_by", NODE_PROPS, "str", "the pass (or 'pass:rule')
 SCOPE_KEY = _key("qc.scope", NODE_PROPS, "str", "the torch module path a captured node came from")
 STORED_WEIGHTS = _key("qc.stored_weights", NODE_PROPS, "str ('1')",
                       "every constant input of the node is weight bytes (sparse outlier corrections)")
-ROUTE_KEY = _key("lower-ort.mixed_route", NODE_PROPS, "str (JSON)",
+ROUTE_KEY = _key("lower-ort.mixed_route", NODE_PROPS, "str",
                  "on a lowered mixed layer's last node: the ONNX Runtime route taken per class, read by codegen/ort")
 SOURCE_FLOAT_KEY = _key("qc.source_float_type", MODEL_PROPS, "str (float32, float16, bfloat16)",
                         "the source model's float type, restored at the emitted model's edges")
