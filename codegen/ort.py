@@ -26,7 +26,7 @@ import onnx_ir as ir
 from qcompiler import execute
 from qcompiler.errors import UserError, first_line
 from qcompiler.ir import initializer_bytes, qc_nodes, save, weight_values
-from qcompiler.passes.lower_mixed import ROUTE_KEY
+from qcompiler.meta import ROUTE_KEY
 from qcompiler.progress import progress
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,8 @@ from `candidates` so that the stored bits of the layer (scope=layer), or of all 
 codes, scales, zero points, codebooks, sparse outliers, the permutation).
 
 - Activation outliers: the `outliers-act` fraction of channels with the largest energy
-  E_k = mean(x_k^2) stay in fp16 (16 bits, charged to the budget).
+  E_k = mean(x_k^2) stay in fp16 (16 bits, charged to the budget). E_k comes from `calibrate`'s
+  statistics (in memory only): a layer whose input has none is refused with the fix.
 - Error model: err_k(b) = E_k * ||w_k - Q_b(w_k)||^2 (an estimate of channel k's contribution to
   the output MSE), Q_b min-max group quantization with the zero points the class will store
   (`zero-points`: integer for 2, 4 and 8 bits by default, the form ONNX Runtime's MatMulNBits runs;
@@ -42,10 +43,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import bitcost
-from qcompiler.calibration import STATS_KEY
 from qcompiler.errors import UserError
 from qcompiler.probe import log_softmax, mean_kl
-from qcompiler.layers import CREATED_BY, Linear, linears, new_initializer
+from qcompiler.layers import Linear, linears, new_initializer
+from qcompiler.meta import CREATED_BY, Prop, activation_stats
 from qcompiler.ops import QC_OPSET_VERSION
 from qcompiler.passbase import Pass, PassResult, option, register_pass
 from qcompiler.progress import progress
@@ -107,8 +108,19 @@ class AllocateBitsPass(Pass):
     """Bits per input channel under a fractional average budget (CMPQ), counting every stored byte."""
 
     name = "allocate-bits"
-    required = frozenset({"calibrated"})
-    provided = frozenset({"bits-allocated"})
+    required = frozenset({Prop.CALIBRATED})
+    provided = frozenset({Prop.BITS_ALLOCATED})
+    reads_statistics = True
+
+    class Stats:
+        """Keys of `PassResult.stats` that the report and doctor read (tests/test_report.py holds the pass to them)."""
+
+        PREDICTED_BITS_PER_WEIGHT = "predicted_bits_per_weight"
+        PER_LAYER = "per_layer"  # layer name -> {WEIGHT, BITS_PER_WEIGHT, PREDICTED_ERROR, SPARSE_OUTLIERS, ...}
+        WEIGHT = "weight"
+        BITS_PER_WEIGHT = "bits_per_weight"
+        PREDICTED_ERROR = "predicted_error"
+        SPARSE_OUTLIERS = "sparse_outliers"
 
     avg_bits: float = option(3.25, "average stored bits per weight, metadata included (2.0 to 8.0)")
     candidates: tuple[int, ...] = option((2, 4, 8), "bit widths a channel may get (integers 1..8; ONNX Runtime runs 2, 4 and 8 packed, see other-widths)")
@@ -229,8 +241,7 @@ class AllocateBitsPass(Pass):
                 f"allocate-bits: layer '{linear.name}' has {k} input channels, fewer than group-size "
                 f"{self.group_size}; lower group-size"
             )
-        stats = linear.x.meta.get(STATS_KEY)
-        energy = stats.mean_sq.astype(np.float64) if stats is not None else np.ones(k)
+        energy = activation_stats(linear.x, self.name, linear.name).mean_sq.astype(np.float64)
         fp16 = np.zeros(k, bool)
         count = int(round(self.outliers_act * k))
         if count:

@@ -59,15 +59,15 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import bitcost
-from qcompiler.calibration import STATS_KEY
 from qcompiler.errors import UserError
 from qcompiler.layers import Linear, group_by_input, linears
+from qcompiler.meta import SMOOTHED_KEY, STATS_KEY, Prop
 from qcompiler.mixed_ops import dequantize_uniform
 from qcompiler.ops import QC_OPSET_VERSION
 from qcompiler.passbase import Pass, PassResult, option, register_pass
 from qcompiler.passes.allocate_bits import LOWERING_BYTES_PER_CLASS
 from qcompiler.passes.quantize_weights import uniform_groups
-from qcompiler.passes.smooth import SMOOTHED_KEY, scale_input_channels
+from qcompiler.passes.smooth import scale_input_channels
 from qcompiler.progress import progress
 
 COARSE_GRID = tuple(round(0.1 * i, 1) for i in range(10))
@@ -84,9 +84,10 @@ class AwqScalePass(Pass):
     """AWQ: scale input channels by mean|x|^alpha (alpha searched per shared input at the width allocate-bits will give), folded into the producer."""
 
     name = "awq-scale"
-    required = frozenset({"calibrated"})
-    provided = frozenset({"smoothed"})
+    required = frozenset({Prop.CALIBRATED})
+    provided = frozenset({Prop.SMOOTHED})
     keeps_activation_stats = True  # the scaled tensor gets the statistics scaled exactly
+    reads_statistics = True
 
     avg_bits: float = option(3.25, "the budget allocate-bits will give each layer (stored bits per weight)")
     candidates: tuple[int, ...] = option((2, 4, 8), "the widths allocate-bits will choose from")

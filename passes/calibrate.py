@@ -34,10 +34,11 @@ import onnx_ir as ir
 
 from qcompiler import context
 from qcompiler.calib_cache import collect_cached
-from qcompiler.calibration import CALIBRATION_KEY, METHODS, MINMAX_BINS, STATS_KEY, batch_size_of, quantizable_inputs, summary
+from qcompiler.calibration import METHODS, MINMAX_BINS, batch_size_of, quantizable_inputs, summary
 from qcompiler.errors import UserError
 from qcompiler.progress import progress
-from qcompiler.passbase import STATS_CURRENT, Pass, PassResult, option, register_pass
+from qcompiler.meta import CALIBRATION_KEY, STATS_KEY, Prop
+from qcompiler.passbase import Pass, PassResult, option, register_pass
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class CalibratePass(Pass):
     """Collect per-channel activation statistics on calibration data (absmax, mean |x|, mean x^2, histogram)."""
 
     name = "calibrate"
-    provided = frozenset({"calibrated", STATS_CURRENT})
+    provided = frozenset({Prop.CALIBRATED, Prop.STATS_CURRENT})
 
     method: Literal["minmax", "percentile", "entropy", "mse"] = option(
         "minmax", "activation clipping rule later passes apply: minmax, percentile, entropy (KL) or mse"

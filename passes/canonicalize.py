@@ -33,6 +33,7 @@ from qcompiler.capture import name_weights_after_modules
 from qcompiler.errors import first_line
 from qcompiler.external_data import materialize_external_tensors
 from qcompiler.layers import new_initializer, set_constant
+from qcompiler.meta import Prop
 from qcompiler.passbase import Pass, PassResult, option, register_pass
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class CanonicalizePass(Pass):
     """Gemm to MatMul + Add, constant folding, shape inference, dead-code removal, topological order."""
 
     name = "canonicalize"
-    provided = frozenset({"canonical"})
+    provided = frozenset({Prop.CANONICAL})
 
     fold_limit: int = option(1 << 26, "largest constant (elements) that constant folding may create")
 

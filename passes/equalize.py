@@ -47,7 +47,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import UserError
-from qcompiler.layers import CREATED_BY, new_initializer, remove_unused, set_constant
+from qcompiler.layers import new_initializer, remove_unused, set_constant
+from qcompiler.meta import CREATED_BY, Prop
 from qcompiler.passbase import Pass, PassResult, option, register_pass
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class EqualizePass(Pass):
     """Cross-layer equalization: rescale Conv -> ReLU-like -> Conv pairs so each channel has the same weight range in both."""
 
     name = "equalize"
-    provided = frozenset({"equalized"})
+    provided = frozenset({Prop.EQUALIZED})
 
     iterations: int = option(100, "most sweeps over all pairs (a conv in a chain belongs to two); stops once no scale moves")
     clip: Literal["skip", "per-channel"] = option(

@@ -21,6 +21,7 @@ from typing import Literal
 import onnx_ir as ir
 
 from qcompiler.errors import UserError
+from qcompiler.meta import Prop
 from qcompiler.passbase import Pass, PassResult, option, register_pass
 from qcompiler.reconstruct import Options, reconstruct
 
@@ -79,6 +80,6 @@ class FlexRoundPass(BlockLearningPass):
     """Learn the rounding of quantized weights block by block (FlexRound), against the float block."""
 
     name = "flexround"
-    required = frozenset({"weights-quantized", "calibrated"})
-    provided = frozenset({"rounding-learned"})
+    required = frozenset({Prop.WEIGHTS_QUANTIZED, Prop.CALIBRATED})
+    provided = frozenset({Prop.ROUNDING_LEARNED})
     mode = "flexround"

@@ -30,6 +30,7 @@ import onnx_ir as ir
 
 from qcompiler.channels import ChannelRegion, NotChannelwise, channel_region
 from qcompiler.layers import set_constant
+from qcompiler.meta import Prop
 from qcompiler.mixed_ops import MixedMatMulView, is_mixed_matmul
 from qcompiler.passbase import Pass, PassResult, register_pass
 
@@ -40,8 +41,8 @@ class FoldPermutationPass(Pass):
     """Fold each mixed-precision layer's channel permutation into the linears that produce its input (exact)."""
 
     name = "fold-permutation"
-    required = frozenset({"weights-quantized"})
-    provided = frozenset({"permutation-folded"})
+    required = frozenset({Prop.WEIGHTS_QUANTIZED})
+    provided = frozenset({Prop.PERMUTATION_FOLDED})
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph

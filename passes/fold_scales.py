@@ -27,10 +27,9 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.calibration import STATS_KEY
-from qcompiler.layers import CREATED_BY, bypass, new_initializer, remove_unused, set_constant
+from qcompiler.layers import bypass, new_initializer, remove_unused, set_constant
+from qcompiler.meta import CREATED_BY, SMOOTHED_KEY, STATS_KEY, Prop
 from qcompiler.passbase import Pass, PassResult, option, register_pass
-from qcompiler.passes.smooth import SMOOTHED_KEY
 
 
 @register_pass
@@ -39,7 +38,7 @@ class FoldScalesPass(Pass):
     """Fold smoothing scales into norms and linears, and BatchNorm into Conv; keep a Mul only where folding is impossible."""
 
     name = "fold-scales"
-    provided = frozenset({"folded"})
+    provided = frozenset({Prop.FOLDED})
     keeps_activation_stats = True  # a folded tensor takes over the smoothed tensor's statistics
 
     unfoldable: Literal["mul", "unsmooth"] = option(

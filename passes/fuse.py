@@ -29,7 +29,8 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from qcompiler import ops
-from qcompiler.layers import CREATED_BY, new_initializer, remove_unused
+from qcompiler.layers import new_initializer, remove_unused
+from qcompiler.meta import CREATED_BY, Prop
 from qcompiler.ops import QC_OPSET_VERSION
 from qcompiler.passbase import Pass, PassResult, register_pass
 
@@ -315,7 +316,7 @@ class FusePass(Pass):
     """Fuse quantized linears with their bias and activation, linears of one input, norm + rounding (rewrite rules)."""
 
     name = "fuse"
-    provided = frozenset({"fused"})
+    provided = frozenset({Prop.FUSED})
 
     def call(self, model: ir.Model) -> PassResult:
         counts: dict[str, int] = {}

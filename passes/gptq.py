@@ -31,6 +31,7 @@ import onnx_ir as ir
 from qcompiler import context
 from qcompiler.errors import UserError
 from qcompiler.mixed_ops import MixedClass, MixedMatMulView, class_slices, split_class_inputs
+from qcompiler.meta import Prop
 from qcompiler.passbase import Pass, PassResult, option, register_pass
 from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
 from qcompiler.reconstruct import BlockProblem, Options, reconstruct
@@ -44,8 +45,8 @@ class GPTQPass(Pass):
     """Round quantized weights row by row, spreading each row's error over the rows after it (GPTQ)."""
 
     name = "gptq"
-    required = frozenset({"weights-quantized", "calibrated"})
-    provided = frozenset({"rounding-compensated"})
+    required = frozenset({Prop.WEIGHTS_QUANTIZED, Prop.CALIBRATED})
+    provided = frozenset({Prop.ROUNDING_COMPENSATED})
     rerun_changes = ("a second run rounds the float weights again with H measured on the quantized stream the first "
                      "run produced, so the codes move again whenever the block's error falls further")
 

@@ -46,7 +46,8 @@ import onnx_ir as ir
 
 from qcompiler.errors import UserError
 from qcompiler.kv_int8 import EPS, PAST_PREFIX, PRESENT_PREFIX, QMAX, scale_name
-from qcompiler.layers import CREATED_BY, new_initializer
+from qcompiler.layers import new_initializer
+from qcompiler.meta import CREATED_BY, Prop
 from qcompiler.passbase import Pass, PassResult, option, register_pass
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class KvCachePass(Pass):
     """KV cache as int8 with one scale per token and head (decoder graphs with past_key_values.*)."""
 
     name = "kv-cache"
-    provided = frozenset({"kv-cache-format"})
+    provided = frozenset({Prop.KV_CACHE_FORMAT})
     followers = frozenset({"lower-ort", "fuse", "canonicalize", "kv-cache"})
 
     dtype: Literal["float32", "int8"] = option("int8", "how the cache is stored: int8 with per-token-per-head scales, or float32 as captured")

@@ -60,11 +60,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import bitcost
-from qcompiler.ir import STORED_WEIGHTS
-from qcompiler.layers import CREATED_BY, new_initializer
+from qcompiler.layers import new_initializer
+from qcompiler.meta import CREATED_BY, ROUTE_KEY, STORED_WEIGHTS
 from qcompiler.mixed_ops import MixedMatMulView, mixed_weight
 
-ROUTE_KEY = "lower-ort.mixed_route"  # metadata on a lowered layer's last node: the route per class
 
 
 def pack_bitplanes(codes: np.ndarray, bits: int) -> np.ndarray:

@@ -50,7 +50,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import ops, placement
-from qcompiler.layers import CREATED_BY, new_initializer, remove_unused
+from qcompiler.layers import new_initializer, remove_unused
+from qcompiler.meta import CREATED_BY, Prop
 from qcompiler.passbase import Pass, PassResult, option, register_pass
 from qcompiler.passes.lower_mixed import lower_mixed_matmul
 
@@ -102,7 +103,12 @@ class LowerOrtPass(Pass):
     """Lower qc ops to standard ONNX (QDQ) for ONNX Runtime, choosing the activation format for the CPU."""
 
     name = "lower-ort"
-    provided = frozenset({"lowered-ort"})
+    provided = frozenset({Prop.LOWERED_ORT})
+
+    class Stats:
+        """Keys of `PassResult.stats` that the compiler reads."""
+
+        KERNELS = "kernels"  # ONNX Runtime kernels by kind, written into the manifest
 
     act_format: Literal["auto", "u8", "s8"] = option("auto", "activation integer type: auto picks u8 on x86 (faster in ONNX Runtime there), s8 elsewhere")
     mixed_route: Literal["split", "single", "expand"] = option(

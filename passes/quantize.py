@@ -46,8 +46,9 @@ from qcompiler import calibration, context, placement
 from qcompiler.calib_cache import collect_cached
 from qcompiler.errors import UserError
 from qcompiler.ops import QC_OPSET_VERSION
-from qcompiler.layers import CREATED_BY, insert_after_value, linears, new_initializer, set_constant
-from qcompiler.passbase import STATS_CURRENT, Pass, PassResult, model_properties, option, register_pass
+from qcompiler.layers import insert_after_value, linears, new_initializer, set_constant
+from qcompiler.meta import CALIBRATION_KEY, CREATED_BY, STATS_KEY, Prop
+from qcompiler.passbase import Pass, PassResult, model_properties, option, register_pass
 from qcompiler.progress import progress
 
 QMAX = 127
@@ -71,8 +72,17 @@ class QuantizePass(Pass):
     """Per-channel int8 weights; int8 activations static per tensor, dynamic, or per token."""
 
     name = "quantize"
-    required = frozenset({"calibrated"})
-    provided = frozenset({"quantized"})
+    required = frozenset({Prop.CALIBRATED})
+    provided = frozenset({Prop.QUANTIZED})
+
+    class Stats:
+        """Keys of `PassResult.stats` that the report and doctor read (tests/test_report.py holds the pass to them)."""
+
+        PER_LAYER = "per_layer"  # layer name -> {WEIGHT_SQNR_DB, ACTIVATION_SQNR_DB, ...}
+        WEIGHT_SQNR_DB = "weight_sqnr_db"
+        ACTIVATION_SQNR_DB = "activation_sqnr_db"
+        ACTIVATIONS_IN_FLOAT = "activations_in_float"  # inputs kept in float by float-inputs
+        FLOAT_PLACEMENT = "float_placement"  # layer name -> why it stays in float
 
     weights: Literal["int8"] = option("int8", "weight format (per output channel, symmetric)")
     activations: Literal["int8", "none"] = option("int8", "activation format, or none for weight-only")
@@ -314,7 +324,7 @@ def _static_ranges(model: ir.Model, targets: list[Target], extra: dict[str, int]
     """Per activation (the targets' inputs, and the tensors of `extra`: name -> channel axis): the
     calibrated [lo, hi], and the SQNR (dB) of int8 quantization with it on the calibration sample
     rows; and how many activations had to be run again on calibration data."""
-    config = model.meta.get(calibration.CALIBRATION_KEY, {})
+    config = model.meta.get(CALIBRATION_KEY, {})
     method = config.get("method", "minmax")
     stats = current_minmax_stats(model, targets) if method == "minmax" else {}
     missing = {t.x.name: t.channel_axis for t in targets if t.x.name not in stats}
@@ -334,11 +344,11 @@ def _static_ranges(model: ir.Model, targets: list[Target], extra: dict[str, int]
 def current_minmax_stats(model: ir.Model, targets: list[Target]) -> dict[str, calibration.TensorStats]:
     """The attached statistics of the targets' activations, when every pass since `calibrate` kept
     them exact (`smooth` and `fold-scales` rescale them): the min-max range needs no new run."""
-    if STATS_CURRENT not in model_properties(model):
+    if Prop.STATS_CURRENT not in model_properties(model):
         return {}
     found = {}
     for t in targets:
-        stats = t.x.meta.get(calibration.STATS_KEY)
+        stats = t.x.meta.get(STATS_KEY)
         if stats is not None and stats.channel_axis == t.channel_axis:
             found[t.x.name] = stats
     return found

@@ -12,6 +12,9 @@ For each `MatMul(X, qc.BitAllocation(W, bits))`:
 3. Quantization-based outliers: the `outliers_weight` fraction of weights with the largest
    |w - Q(w)| * sqrt(E_k) are kept exactly, as sparse fp16 (row, column, value).
 
+E_k = mean(x_k^2) comes from `calibrate`'s statistics (in memory only): a layer whose input has none
+is refused with the fix, never quantized with unit energies.
+
 The result computes `X[..., perm] @ W_hat`; effective bits are counted by the backend from the bytes
 it writes.
 """
@@ -25,12 +28,11 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import bitcost
-from qcompiler.calibration import STATS_KEY
-from qcompiler.layers import CREATED_BY, new_initializer, remove_unused
+from qcompiler.layers import new_initializer, remove_unused
+from qcompiler.meta import CREATED_BY, FLOAT_WEIGHT_KEY, Prop, activation_stats
 from qcompiler.mixed_ops import FP16_BITS, dequantize_codebook, dequantize_uniform
 from qcompiler.ops import attributes_of
 from qcompiler.passbase import Pass, PassResult, option, register_pass
-from qcompiler.reconstruct import FLOAT_WEIGHT_KEY
 from qcompiler.progress import progress
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
@@ -44,8 +46,15 @@ class QuantizeWeightsPass(Pass):
     """Quantize allocated weights: uniform grids or k-means codebooks per bit class, fp16 and sparse outliers."""
 
     name = "quantize-weights"
-    required = frozenset({"bits-allocated"})
-    provided = frozenset({"weights-quantized"})
+    required = frozenset({Prop.BITS_ALLOCATED})
+    provided = frozenset({Prop.WEIGHTS_QUANTIZED})
+    reads_statistics = True
+
+    class Stats:
+        """Keys of `PassResult.stats` that the report and doctor read (tests/test_report.py holds the pass to them)."""
+
+        PER_LAYER = "per_layer"  # layer name -> {WEIGHTED_SQNR_DB, ...}
+        WEIGHTED_SQNR_DB = "weighted_sqnr_db"
 
     grid: Literal["minmax", "mse"] = option("mse", "uniform classes: min-max range, or the clipping that minimises weighted error")
 
@@ -53,24 +62,29 @@ class QuantizeWeightsPass(Pass):
         graph = model.graph
         per_layer = {}
         allocations = [node for node in graph if node.domain == "qc" and node.op_type == "BitAllocation"]
+        layers = [(node, [use.node for use in node.outputs[0].uses() if use.node.op_type == "MatMul" and use.idx == 1])
+                  for node in allocations]
+        # every layer's channel energies, read before any layer is replaced: a replaced layer's output
+        # is a new value, without the statistics of the layer that reads it
+        energies = {matmul: self._energy(matmul) for _, matmuls in layers for matmul in matmuls}
         with progress("quantize-weights: layers", len(allocations)) as bar:
-            for node in allocations:
-                for use in list(node.outputs[0].uses()):
-                    matmul = use.node
-                    if matmul.op_type == "MatMul" and use.idx == 1:
-                        per_layer[matmul.name or matmul.outputs[0].name] = self._replace(graph, node, matmul)
+            for node, matmuls in layers:
+                for matmul in matmuls:
+                    per_layer[matmul.name or matmul.outputs[0].name] = self._replace(graph, node, matmul, energies[matmul])
                 bar.update()
         if per_layer:
             remove_unused(model)
         return PassResult(model, bool(per_layer), {"layers": len(per_layer), "per_layer": per_layer})
 
-    def _replace(self, graph: ir.Graph, allocation: ir.Node, matmul: ir.Node) -> dict:
+    def _energy(self, matmul: ir.Node) -> np.ndarray:
+        """E_k = mean(x_k^2) of the layer's input channels, from calibrate's statistics."""
+        return activation_stats(matmul.inputs[0], self.name, matmul.name or matmul.outputs[0].name).mean_sq.astype(np.float64)
+
+    def _replace(self, graph: ir.Graph, allocation: ir.Node, matmul: ir.Node, energy: np.ndarray) -> dict:
         fmt = attributes_of(allocation)
         w = allocation.inputs[0].const_value.numpy().astype(np.float32)
         bits = allocation.inputs[1].const_value.numpy().astype(np.int64)
         x = matmul.inputs[0]
-        stats = x.meta.get(STATS_KEY)
-        energy = stats.mean_sq.astype(np.float64) if stats is not None else np.ones(w.shape[0])
         perm = np.argsort(bits, kind="stable")  # classes by increasing bits, fp16 (16) last
         wp, ep, bp = w[perm], energy[perm], bits[perm]
         base = allocation.inputs[0].name

@@ -25,14 +25,13 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.calibration import STATS_KEY
 from qcompiler.errors import UserError
-from qcompiler.layers import CREATED_BY, Linear, group_by_input, insert_after_value, linears, new_initializer, set_constant
+from qcompiler.layers import Linear, group_by_input, insert_after_value, linears, new_initializer, set_constant
+from qcompiler.meta import CREATED_BY, SMOOTHED_KEY, STATS_KEY, Prop
 from qcompiler.ops import QC_OPSET_VERSION
 from qcompiler.passbase import Pass, PassResult, option, register_pass
 from qcompiler.progress import progress
 
-SMOOTHED_KEY = "qc.smoothed"  # value.meta flag: the readers of this tensor are smoothed
 ALPHA_GRID = tuple(round(0.30 + 0.05 * i, 2) for i in range(14))
 FLOOR = 1e-5
 SEARCH_ROWS = 128
@@ -45,9 +44,19 @@ class SmoothPass(Pass):
     """SmoothQuant: move activation outliers into the weights, per input channel (one scale per shared input)."""
 
     name = "smooth"
-    required = frozenset({"calibrated"})
-    provided = frozenset({"smoothed"})
+    required = frozenset({Prop.CALIBRATED})
+    provided = frozenset({Prop.SMOOTHED})
     keeps_activation_stats = True  # the smoothed tensor gets the statistics scaled exactly
+    reads_statistics = True
+
+    class Stats:
+        """Keys of `PassResult.stats` that the report and doctor read (tests/test_report.py holds the pass to them)."""
+
+        GROUPS = "layers"  # shared input -> {LAYERS, ALPHA, ACT_ABSMAX_BEFORE, ACT_ABSMAX_AFTER}
+        LAYERS = "layers"
+        ALPHA = "alpha"
+        ACT_ABSMAX_BEFORE = "act_absmax_before"
+        ACT_ABSMAX_AFTER = "act_absmax_after"
 
     alpha: float | Literal["auto"] = option(0.5, "migration strength in [0, 1], or auto (per-layer grid search)")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from qcompiler.meta import Prop
 from qcompiler.passbase import option, register_pass
 from qcompiler.passes.flexround import BlockLearningPass
 
@@ -29,8 +30,8 @@ class TuneScalesPass(BlockLearningPass):
     """Learn the group scales of quantized weights block by block, integer codes frozen (PEQA style)."""
 
     name = "tune-scales"
-    required = frozenset({"weights-quantized", "calibrated"})
-    provided = frozenset({"scales-tuned"})
+    required = frozenset({Prop.WEIGHTS_QUANTIZED, Prop.CALIBRATED})
+    provided = frozenset({Prop.SCALES_TUNED})
     mode = "scales"
 
     lr: float = option(0.001, "Adam learning rate of the log scales (0 < lr <= 1)")

@@ -67,12 +67,11 @@ import onnx_ir as ir
 
 from qcompiler.calib_data import BatchChecker, batch_size_of  # noqa: F401  (batch_size_of: part of this API)
 from qcompiler.errors import UserError, first_line
+from qcompiler.meta import CALIBRATION_KEY, STATS_KEY  # noqa: F401  (part of this API)
 
 log = logging.getLogger(__name__)
 
-STATS_KEY = "qc.stats"
 MINMAX_BINS = 64  # the histogram size when only min-max ranges are read (no clipping search needs bins)
-CALIBRATION_KEY = "qc.calibration"
 METHODS = ("minmax", "percentile", "entropy", "mse")
 
 _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})

@@ -27,6 +27,7 @@ import onnx_ir as ir
 
 from qcompiler import ir as qir
 from qcompiler.errors import UserError, first_line, shown
+from qcompiler.meta import SCOPE_KEY, TORCH_SCOPES_KEY  # noqa: F401  (SCOPE_KEY: part of this API)
 from qcompiler.progress import progress
 
 log = logging.getLogger(__name__)
@@ -115,10 +116,6 @@ def in_torch_dtype(module, example_inputs, dtype: str, copy: bool = False):
     return module, [convert(v) for v in example_inputs]
 
 
-SCOPE_KEY = "qc.scope"  # metadata_props key: the torch module path a node came from
-_TORCH_SCOPES = "pkg.torch.onnx.name_scopes"
-
-
 def adopt_module_names(model: ir.Model) -> None:
     """Keep the torch module path of each node (as `qc.scope`) and name the weights the exporter
     renamed (`val_37`) after their module (`encoder.layer.0.attention.self.query.weight`).
@@ -126,7 +123,7 @@ def adopt_module_names(model: ir.Model) -> None:
     The exporter's other node metadata (stack traces with local file paths, FX node text) is
     dropped: it makes artifacts depend on where the source lives."""
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        scopes = node.metadata_props.get(_TORCH_SCOPES)
+        scopes = node.metadata_props.get(TORCH_SCOPES_KEY)
         module = ""
         if scopes:
             try:

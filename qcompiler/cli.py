@@ -409,6 +409,7 @@ def _cmd_doctor(args) -> int:
 
 
 def _cmd_passes(args) -> int:
+    from qcompiler.meta import Prop
     from qcompiler.pipeline import PRESETS, all_passes, format_value
 
     lines = []
@@ -430,6 +431,9 @@ def _cmd_passes(args) -> int:
         lines.append(f"  {name}{'{' + params + '}' if params else ''} = {preset.template}  ({preset.doc})")
         for key, choices in preset.fragments.items():
             lines.append(f"    ${key.replace('-', '_')}: " + ", ".join(f"{key}={value} -> '{text}'" for value, text in choices.items()))
+    lines.append("")
+    lines.append("properties (what passes require and provide):")
+    lines.extend(f"  {prop}: {prop.meaning}" for prop in Prop)
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

@@ -23,6 +23,7 @@ from qcompiler.ir import weight_count
 from qcompiler.outputs import check_outputs, nested_entry, protected_sources
 from qcompiler.pass_manager import PassRecord, run_pipeline
 from qcompiler.passbase import model_properties
+from qcompiler.passes.lower_ort import LowerOrtPass
 from qcompiler.pipeline import check_order, format_pipeline, parse_pipeline
 
 log = logging.getLogger(__name__)
@@ -256,7 +257,7 @@ def complete_pipeline(passes: list, target: str) -> list:
 def warn_if_predicted_slower(records: list[PassRecord]) -> None:
     """A warning when `lower-ort` counted more quantized activations feeding float kernels than
     integer kernels (`qcompiler.placement.predicted_slower`)."""
-    kernels = next((r.stats.get("kernels") for r in reversed(records) if r.name == "lower-ort"), None)
+    kernels = next((r.stats.get(LowerOrtPass.Stats.KERNELS) for r in reversed(records) if r.name == LowerOrtPass.name), None)
     if kernels and kernels.get("predicted_slower_than_float"):
         log.warning(
             "the artifact is predicted slower than float: %d quantized activations feed layers ONNX Runtime runs in float "

@@ -39,6 +39,14 @@ from qcompiler.errors import UserError
 from qcompiler.ir import qc_nodes, to_proto
 from qcompiler.mixed_ops import MixedMatMulView, is_mixed_matmul
 from qcompiler.pass_manager import Instrument, PassRecord, run_pipeline
+from qcompiler.passes.allocate_bits import AllocateBitsPass as Allocate
+from qcompiler.passes.flexround import FlexRoundPass
+from qcompiler.passes.fold_permutation import FoldPermutationPass
+from qcompiler.passes.fuse import FusePass
+from qcompiler.passes.lower_ort import LowerOrtPass
+from qcompiler.passes.quantize import QuantizePass as Quantize
+from qcompiler.passes.quantize_weights import QuantizeWeightsPass as QuantizeWeights
+from qcompiler.passes.tune_scales import TuneScalesPass
 from qcompiler.pipeline import check_order, format_pipeline, parse_pipeline
 from qcompiler.probe import log_softmax, mean_kl
 from qcompiler.progress import progress
@@ -323,7 +331,7 @@ def _fake_quant(graph: ir.Graph, node: ir.Node, x: ir.Value, gate: ir.Value, act
 # The diagnosis
 
 # Passes that only lay out or lower what the quantizing passes chose: the doctor reads the IR before them.
-LAYOUT_PASSES = ("fold-permutation", "fuse", "lower-ort")
+LAYOUT_PASSES = (FoldPermutationPass.name, FusePass.name, LowerOrtPass.name)
 BOOST_BITS = 1.0
 # Re-measurements of the allocate-bits choice (repeated while each lowers the probe error). One:
 # on SmolLM2 at 3 bits a second round lowered the probe batch's KL (0.553 -> 0.546) but raised the
@@ -331,7 +339,7 @@ BOOST_BITS = 1.0
 # rounds fit the probe batch, not the model.
 REFINE_ROUNDS = 1
 # Passes that learn the weights' rounding after `quantize-weights`; the doctor suggests the first.
-ROUNDING_PASSES = ("flexround", "tune-scales")
+ROUNDING_PASSES = (FlexRoundPass.name, TuneScalesPass.name)
 
 
 def diagnose(
@@ -396,10 +404,10 @@ def _diagnose(full, passes, model: ir.Model, source_info, feeds: dict[str, np.nd
 
     names = [p.name for p in passes]
     boosted = None
-    if "allocate-bits" in names:  # the same pipeline at a raised budget, for the boost option
-        allocator = passes[names.index("allocate-bits")]
+    if Allocate.name in names:  # the same pipeline at a raised budget, for the boost option
+        allocator = passes[names.index(Allocate.name)]
         boosted = [dataclasses.replace(p, avg_bits=p.avg_bits + BOOST_BITS) if p is allocator else p for p in passes]
-    original = _copy(model) if "allocate-bits" in names or "quantize-weights" in names else None
+    original = _copy(model) if Allocate.name in names or QuantizeWeights.name in names else None
     stages = _Stages()
     with using(ctx):
         records = run_pipeline(model, passes, [instruments.Verify(), instruments.Drift(drift_feeds), stages])
@@ -444,7 +452,7 @@ def _diagnose(full, passes, model: ir.Model, source_info, feeds: dict[str, np.nd
         rows.append(row)
     rows.sort(key=lambda r: (-r["recovered"], r["layer"]))
     suggestion = _suggest(full, rows, total, board, everything, max_extra_bits)
-    if suggestion.get("pipeline") and "allocate-bits" in names:
+    if suggestion.get("pipeline") and Allocate.name in names:
         with using(ctx):
             suggestion = _measure_allocations(suggestion, passes, records, original, stages.float_stage, board, total, max_extra_bits)
     if not bits_only and _rounding_dominates(full, records):
@@ -479,9 +487,10 @@ def joined(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 def _layer_bits(records: list[PassRecord]) -> dict[str, float]:
     """Stored bits per weight of each layer, by weight name, from allocate-bits' statistics."""
+    S = Allocate.Stats
     for record in records:
-        if record.name == "allocate-bits":
-            return {v["weight"]: v.get("bits_per_weight") for v in record.stats.get("per_layer", {}).values() if "weight" in v}
+        if record.name == Allocate.name:
+            return {v[S.WEIGHT]: v.get(S.BITS_PER_WEIGHT) for v in record.stats.get(S.PER_LAYER, {}).values() if S.WEIGHT in v}
     return {}
 
 
@@ -497,8 +506,8 @@ def _pass_costs(records: list[PassRecord]) -> list[dict]:
 
 def _suggest(passes, rows, total, board: Switchboard, everything: set[str], max_extra_bits: float) -> dict:
     names = [p.name for p in passes]
-    if "allocate-bits" in names:
-        index = names.index("allocate-bits")
+    if Allocate.name in names:
+        index = names.index(Allocate.name)
         allocator = passes[index]
         keep, boost, extra = _choose_upgrades(rows, allocator, max_extra_bits)
         refinement = []
@@ -514,8 +523,8 @@ def _suggest(passes, rows, total, board: Switchboard, everything: set[str], max_
             ([f"give {len(boost)} layers {BOOST_BITS:g} more bit per weight"] if boost else [])
         change = f"{' and '.join(parts)} (+{extra:.3f} average bits)"
         predicted = min(refinement[-1]["choice_error"], refinement[-1]["refilled_error"]) if refinement else total
-    elif "quantize" in names:
-        index = names.index("quantize")
+    elif Quantize.name in names:
+        index = names.index(Quantize.name)
         quantizer = passes[index]
         chosen, boost, predicted, refinement = [], [], total, []
         for row in rows:
@@ -554,9 +563,9 @@ def _measure_allocations(suggestion: dict, passes, records, original: ir.Model, 
     choice itself approximates kept layers by float and adds the upgrades' gains). Returns the
     suggestion with the lower error within `max_extra_bits`; every measurement under `measured`."""
     names = [p.name for p in passes]
-    index = names.index("allocate-bits")
+    index = names.index(Allocate.name)
     chosen = parse_pipeline(suggestion["pipeline"])
-    allocator = next(p for p in chosen if p.name == "allocate-bits")
+    allocator = next(p for p in chosen if p.name == Allocate.name)
     base_bits = _bits_per_weight(records)
     variants = [("as chosen", allocator)]
     if allocator.scope == "layer" or allocator.sensitivity == "off":
@@ -570,7 +579,7 @@ def _measure_allocations(suggestion: dict, passes, records, original: ir.Model, 
         error, trial_records = _measure_pipeline(trial, original, float_stage, board)
         extra = _bits_per_weight(trial_records) - base_bits
         measured.append({"label": label, "error": error, "extra_bits": round(extra, 4),
-                         "pipeline": format_pipeline([variant if p.name == "allocate-bits" else p for p in chosen])})
+                         "pipeline": format_pipeline([variant if p.name == Allocate.name else p for p in chosen])})
     within = [m for m in measured if m["extra_bits"] <= max_extra_bits + 1e-9] or measured[:1]
     best = min(within, key=lambda m: m["error"])
     result = dict(suggestion, pipeline=best["pipeline"], predicted_error=best["error"], extra_bits=best["extra_bits"],
@@ -594,11 +603,11 @@ def _rounding_dominates(full, records: list[PassRecord]) -> bool:
     """The pipeline rounds weights with `quantize-weights`, nothing learns that rounding yet, and
     `quantize-weights` is the pass that adds the most output drift."""
     names = [p.name for p in full]
-    if "quantize-weights" not in names or any(name in names for name in ROUNDING_PASSES):
+    if QuantizeWeights.name not in names or any(name in names for name in ROUNDING_PASSES):
         return False
     costs = _pass_costs(records)
     worst = max(costs, key=lambda c: c["drift_added"], default=None)
-    return worst is not None and worst["pass"].split("{")[0] == "quantize-weights" and worst["drift_added"] > 0
+    return worst is not None and worst["pass"].split("{")[0] == QuantizeWeights.name and worst["drift_added"] > 0
 
 
 def _measure_learned_rounding(suggestion: dict, full, original: ir.Model, float_stage: ir.Model, board: Switchboard,
@@ -610,7 +619,7 @@ def _measure_learned_rounding(suggestion: dict, full, original: ir.Model, float_
     base_error = suggestion["predicted_error"] if suggestion.get("pipeline") else total
     rounding = parse_pipeline(ROUNDING_PASSES[0])[0]
     names = [p.name for p in base]
-    with_rounding = base[: names.index("quantize-weights") + 1] + [rounding] + base[names.index("quantize-weights") + 1:]
+    with_rounding = base[: names.index(QuantizeWeights.name) + 1] + [rounding] + base[names.index(QuantizeWeights.name) + 1:]
     log.info("doctor: measuring learned rounding (%s)", format_pipeline([rounding]))
     error, _ = _measure_pipeline([p for p in with_rounding if p.name not in LAYOUT_PASSES], original, float_stage, board)
     measured = list(suggestion.get("measured", [])) + [
@@ -628,7 +637,7 @@ def _measure_learned_rounding(suggestion: dict, full, original: ir.Model, float_
 
 def _bits_per_weight(records: list[PassRecord]) -> float:
     """allocate-bits' stored bits per weight of the whole model."""
-    return next(r.stats["predicted_bits_per_weight"] for r in records if r.name == "allocate-bits")
+    return next(r.stats[Allocate.Stats.PREDICTED_BITS_PER_WEIGHT] for r in records if r.name == Allocate.name)
 
 
 def _choose_upgrades(rows: list[dict], allocator, max_extra_bits: float) -> tuple[list[str], list[str], float]:

@@ -26,14 +26,13 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import UserError
+from qcompiler.meta import SOURCE_EDGES_KEY, SOURCE_FLOAT_KEY
 
 log = logging.getLogger(__name__)
 
 SUPPORTED = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 NAMES = {dtype: name for name, dtype in SUPPORTED.items()}
 LOW_PRECISION = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
-SOURCE_FLOAT_KEY = "qc.source_float_type"
-SOURCE_EDGES_KEY = "qc.source_float_edges"  # the graph inputs and outputs that were of the source type
 FLOAT_TYPE_CHOICES = ("source", "float32")
 # Ops whose float inputs past the first are quantization parameters (typed like the activations).
 _PARAMETER_READERS = {("", "QuantizeLinear"), ("", "DequantizeLinear"), ("", "DynamicQuantizeLinear")}

@@ -33,6 +33,7 @@ import onnx_ir as ir
 
 from qcompiler import ops
 from qcompiler.errors import UserError, VerificationError, first_line, shown  # noqa: F401  (VerificationError: part of this API)
+from qcompiler.meta import STORED_WEIGHTS  # noqa: F401  (part of this API)
 from qcompiler.op_registry import QC_DOMAIN
 
 log = logging.getLogger(__name__)
@@ -548,9 +549,6 @@ def _is_outer_scope(value: ir.Value, graph: ir.Graph) -> bool:
 def qc_nodes(model: ir.Model) -> list[ir.Node]:
     """Nodes of our own domain, which only the reference executor and the backends understand."""
     return [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.domain == QC_DOMAIN]
-
-
-STORED_WEIGHTS = "qc.stored_weights"  # metadata_props key: every constant input of the node is weight bytes
 
 # The one answer to "is this node a weighted layer?": the ops that multiply their first input (the
 # activation) by a stored weight, and which of their inputs hold that weight (None: every input after

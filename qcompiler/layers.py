@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-CREATED_BY = "qc.created_by"  # metadata_props key: the pass or rule that created a node
+from qcompiler.meta import CREATED_BY  # noqa: F401  (part of this API)
 
 
 @dataclasses.dataclass(frozen=True)

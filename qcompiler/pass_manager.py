@@ -16,6 +16,7 @@ from typing import Any
 import onnx_ir as ir
 
 from qcompiler.errors import PassFailure, UserError
+from qcompiler.meta import require_statistics
 from qcompiler.passbase import Pass, model_properties
 from qcompiler.pipeline import check_order, format_pass
 
@@ -63,6 +64,8 @@ def run_pipeline(model: ir.Model, passes: list[Pass], instruments: list[Instrume
         for index, pass_ in enumerate(passes, start=1):
             record = PassRecord(index=index, name=pass_.name, spec=format_pass(pass_))
             failed = pass_.name
+            if pass_.reads_statistics:
+                require_statistics(model, pass_.name)
             start = time.perf_counter()
             try:
                 result = pass_(model)

@@ -6,11 +6,13 @@ dataclass fields (each with a `doc` in its metadata), its kebab-case `name` is u
 `call(model)` returns a `PassResult` whose `modified` flag is honest and whose `stats` dict says
 what the pass did.
 
-Properties a model has are recorded in its `metadata_props` under `PROPERTIES_KEY`, so a model
-that was saved half-way through a pipeline still knows it is, say, `calibrated`.
+Properties are the members of `qcompiler.meta.Prop`; a pass that declares anything else is refused
+when it registers. A model records the ones it has in its `metadata_props` under
+`meta.PROPERTIES_KEY`, so a model that was saved half-way through a pipeline still knows it is, say,
+`calibrated`.
 
-`STATS_CURRENT` says that the activation statistics `calibrate` attached still describe the tensors
-they sit on. Every pass drops it unless it declares `keeps_activation_stats` (it changes no
+`Prop.STATS_CURRENT` says that the activation statistics `calibrate` attached still describe the
+tensors they sit on. Every pass drops it unless it declares `keeps_activation_stats` (it changes no
 activation, or updates the statistics of those it changes exactly), so a new pass that changes
 numerics can never leave stale statistics trusted.
 """
@@ -24,9 +26,7 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 
-
-PROPERTIES_KEY = "qcompiler.properties"
-STATS_CURRENT = "activation-stats-current"
+from qcompiler.meta import PROPERTIES_KEY, Prop, as_props
 
 
 @dataclasses.dataclass
@@ -41,11 +41,14 @@ class Pass(ir.passes.InPlacePass):
     """Base of every qcompiler pass. Subclasses set `name`, the properties, and implement `call`."""
 
     name: ClassVar[str] = ""
-    required: ClassVar[frozenset[str]] = frozenset()
-    provided: ClassVar[frozenset[str]] = frozenset()
+    required: ClassVar[frozenset[Prop]] = frozenset()
+    provided: ClassVar[frozenset[Prop]] = frozenset()
     # Properties that no longer hold after this pass (e.g. a lowering removes `qc` ops).
-    invalidated: ClassVar[frozenset[str]] = frozenset()
+    invalidated: ClassVar[frozenset[Prop]] = frozenset()
     keeps_activation_stats: ClassVar[bool] = False
+    # The pass reads the statistics `calibrate` keeps in memory (`meta.STATS_KEY`): the pass manager
+    # refuses to run it on a model that has none (one read back from a file still says `calibrated`).
+    reads_statistics: ClassVar[bool] = False
     # Why a second run of the pass changes the IR again ("" = it changes nothing: the contract test
     # in tests/test_pass_contract.py runs every pass twice and holds it to that).
     rerun_changes: ClassVar[str] = ""
@@ -63,7 +66,7 @@ class Pass(ir.passes.InPlacePass):
     def ensures(self, model: ir.Model) -> None:
         props = model_properties(model) - self.invalidated
         if not self.keeps_activation_stats:
-            props -= {STATS_CURRENT}
+            props -= {Prop.STATS_CURRENT}
         props |= self.provided
         set_model_properties(model, props)
 
@@ -98,14 +101,22 @@ def option(default: Any, doc: str) -> Any:
     return dataclasses.field(default=default, metadata={"doc": doc})
 
 
-def model_properties(model: ir.Model) -> frozenset[str]:
-    text = model.metadata_props.get(PROPERTIES_KEY, "")
-    return frozenset(p for p in text.split(",") if p)
+def option_key(cls: type[Pass], field: str) -> str:
+    """The key (as in pipeline strings and recorded option values) of `cls`'s option `field`: tools
+    read options through it, so a renamed option fails here instead of reading None."""
+    for opt in cls.options():
+        if opt.field == field:
+            return opt.key
+    raise KeyError(f"{cls.name} has no option '{field}'")
 
 
-def set_model_properties(model: ir.Model, props: frozenset[str] | set[str]) -> None:
+def model_properties(model: ir.Model) -> frozenset[Prop]:
+    return as_props(model.metadata_props.get(PROPERTIES_KEY, ""))
+
+
+def set_model_properties(model: ir.Model, props: frozenset[Prop] | set[Prop]) -> None:
     if props:
-        model.metadata_props[PROPERTIES_KEY] = ",".join(sorted(props))
+        model.metadata_props[PROPERTIES_KEY] = ",".join(sorted(p.value for p in props))
     else:
         model.metadata_props.pop(PROPERTIES_KEY, None)
 
@@ -122,8 +133,19 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         raise ValueError(f"{cls.__name__} has no name")
     if cls.name in _PASSES and _PASSES[cls.name] is not cls:
         raise ValueError(f"pass name '{cls.name}' is taken by {_PASSES[cls.name].__name__}")
+    for role in ("required", "provided", "invalidated"):
+        for prop in getattr(cls, role):
+            if not isinstance(prop, Prop):
+                raise ValueError(f"{cls.__name__}.{role}: '{prop}' is not a property; {_prop_fix(str(prop))}")
     _PASSES[cls.name] = cls
     return cls
+
+
+def _prop_fix(text: str) -> str:
+    known = {p.value: p for p in Prop}
+    if text in known:
+        return f"write Prop.{known[text].name} (qcompiler.meta)"
+    return f"declare it in qcompiler.meta.Prop{did_you_mean(text, known)}"
 
 
 def registered_passes() -> dict[str, type[Pass]]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qcompiler.errors import UserError, shown
+from qcompiler.meta import Prop
 from qcompiler import passes as _passes  # noqa: F401  (importing the package registers every pass)
 from qcompiler.passbase import Option, Pass, did_you_mean, registered_passes
 
@@ -138,7 +139,7 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def check_order(passes: list[Pass], initial: frozenset[str] = frozenset()) -> None:
+def check_order(passes: list[Pass], initial: frozenset[Prop] = frozenset()) -> None:
     """Fail before running anything if a pass's required property is not provided earlier, or a
     pass comes after one that names its followers and not it."""
     have = set(initial)
@@ -157,10 +158,9 @@ def check_order(passes: list[Pass], initial: frozenset[str] = frozenset()) -> No
     for pass_ in passes:
         missing = sorted(pass_.required - have)
         if missing:
+            needs = ", ".join(f"'{m}'" for m in missing)
             fixes = ", ".join(f"'{providers.get(m, '?')}'" for m in missing)
-            raise UserError(
-                f"{pass_.name} requires {', '.join(repr(m) for m in missing)}; add {fixes} before it"
-            )
+            raise UserError(f"{pass_.name} requires {needs}; add {fixes} before it")
         have = (have - pass_.invalidated) | pass_.provided
 
 

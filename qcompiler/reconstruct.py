@@ -48,6 +48,7 @@ from qcompiler import context
 from qcompiler.blocks import Block, find_blocks
 from qcompiler.errors import UserError
 from qcompiler.layers import set_constant
+from qcompiler.meta import FLOAT_WEIGHT_KEY  # noqa: F401  (part of this API)
 from qcompiler.mixed_ops import MixedMatMulView, is_mixed_matmul, mixed_weight, split_class_inputs
 from qcompiler.ops import attributes_of
 from qcompiler.probe import valid_positions
@@ -56,7 +57,6 @@ from qcompiler.progress import progress
 log = logging.getLogger(__name__)
 
 LEARNED_MODES = ("flexround", "scales")  # modes whose parameters Adam learns; others solve a block their own way
-FLOAT_WEIGHT_KEY = "qc.float_weight"  # node.meta: the float weight [K, N] (original row order) of a qc.MixedMatMul
 
 
 @dataclasses.dataclass

@@ -47,6 +47,11 @@ from qcompiler.instruments import Drift
 from qcompiler.ir import WEIGHTED_LAYER_OPS, constant_sources, is_weighted_layer, op_key, permutation_indices, weight_inputs, weight_values
 from qcompiler.mixed_ops import MixedMatMulView, is_mixed_matmul
 from qcompiler.pass_manager import PassRecord
+from qcompiler.passbase import option_key
+from qcompiler.passes.allocate_bits import AllocateBitsPass as Allocate
+from qcompiler.passes.quantize import QuantizePass as Quantize
+from qcompiler.passes.quantize_weights import QuantizeWeightsPass as QuantizeWeights
+from qcompiler.passes.smooth import SmoothPass as Smooth
 from qcompiler.report_bits import FLOAT_BITS, FP16_BITS, decode_channel_bits, encode_channel_bits  # noqa: F401
 from qcompiler.report_html import render
 
@@ -58,7 +63,7 @@ QUANTIZATION_OPS = frozenset({
     ("", "QuantizeLinear"), ("", "DequantizeLinear"), ("", "DynamicQuantizeLinear"),
     ("com.microsoft", "MatMulNBits"), ("com.microsoft", "DequantizeLinear"), ("com.microsoft", "QuantizeLinear"),
 })
-QUANTIZING_PASSES = ("quantize", "allocate-bits", "quantize-weights")
+QUANTIZING_PASSES = (Quantize.name, Allocate.name, QuantizeWeights.name)
 
 
 def report_paths(report: str | os.PathLike) -> tuple[Path, Path | None]:
@@ -398,7 +403,7 @@ def build(
             "layers": len(layers),
             "layers_quantized": len(quantized),
             "float_nodes": len(float_nodes),
-            "layers_float_for_speed": len(stats.get("quantize", {}).get("float_placement") or {}),
+            "layers_float_for_speed": len(stats.get(Quantize.name, {}).get(Quantize.Stats.FLOAT_PLACEMENT) or {}),
             "output": output,
             "output_measured_on": probe_source if output is not None else None,
             "lowest_layer_sqnr_db": min(measured) if measured else None,
@@ -411,16 +416,16 @@ def build(
 
 def _layers(model: ir.Model, recorder: Recorder, stats: dict[str, dict]) -> list[dict]:
     smooth = {}
-    for group in (stats.get("smooth", {}).get("layers") or {}).values():
-        for name in group.get("layers", []):
+    for group in (stats.get(Smooth.name, {}).get(Smooth.Stats.GROUPS) or {}).values():
+        for name in group.get(Smooth.Stats.LAYERS, []):
             smooth[name] = group
-    quantize = stats.get("quantize", {})
-    quantize_layers = quantize.get("per_layer") or {}
-    allocate = (stats.get("allocate-bits", {}).get("per_layer")) or {}
-    mixed_stats = (stats.get("quantize-weights", {}).get("per_layer")) or {}
-    in_float = set(quantize.get("activations_in_float") or [])
-    quantize_opts = recorder.options.get("quantize", {})
-    grid = recorder.options.get("quantize-weights", {}).get("grid")
+    quantize = stats.get(Quantize.name, {})
+    quantize_layers = quantize.get(Quantize.Stats.PER_LAYER) or {}
+    allocate = (stats.get(Allocate.name, {}).get(Allocate.Stats.PER_LAYER)) or {}
+    mixed_stats = (stats.get(QuantizeWeights.name, {}).get(QuantizeWeights.Stats.PER_LAYER)) or {}
+    in_float = set(quantize.get(Quantize.Stats.ACTIVATIONS_IN_FLOAT) or [])
+    quantize_opts = recorder.options.get(Quantize.name, {})
+    grid = recorder.options.get(QuantizeWeights.name, {}).get(option_key(QuantizeWeights, "grid"))
     memo: dict = {}
     layers = []
     producers = {v.name: n for n in model.graph for v in n.outputs}
@@ -439,7 +444,7 @@ def _layers(model: ir.Model, recorder: Recorder, stats: dict[str, dict]) -> list
         count = info.get("weights")
         weight["stored_bytes"] = stored
         weight["stored_bits_per_weight"] = 8 * stored / count if count else None
-        activation = _activation(info, quantize_layers.get(name), in_float, quantize_opts, "quantize" in recorder.options)
+        activation = _activation(info, quantize_layers.get(name), in_float, quantize_opts, Quantize.name in recorder.options)
         group = smooth.get(name)
         layers.append({
             "index": index,
@@ -451,10 +456,10 @@ def _layers(model: ir.Model, recorder: Recorder, stats: dict[str, dict]) -> list
             "weight": weight,
             "activation": activation,
             "smooth": None if group is None else {
-                "alpha": group.get("alpha"),
-                "act_absmax_before": group.get("act_absmax_before"),
-                "act_absmax_after": group.get("act_absmax_after"),
-                "shared_with": [n for n in group.get("layers", []) if n != name],
+                "alpha": group.get(Smooth.Stats.ALPHA),
+                "act_absmax_before": group.get(Smooth.Stats.ACT_ABSMAX_BEFORE),
+                "act_absmax_after": group.get(Smooth.Stats.ACT_ABSMAX_AFTER),
+                "shared_with": [n for n in group.get(Smooth.Stats.LAYERS, []) if n != name],
             },
             "error": recorder.layer_error.get(out),
         })
@@ -492,28 +497,29 @@ def _weight(info: dict, stored_float: bool, allocate: dict | None, mixed_stats: 
             "codebook": "kmeans" if "codebook" in kinds else ((allocation or {}).get("codebook") or "uniform"),
             "classes": (mixed or {}).get("classes"),
             "fp16_channels": hist.get("fp16", 0),
-            "sparse_outliers": (mixed or {}).get("sparse_outliers", (allocate or {}).get("sparse_outliers", 0)),
-            "sqnr_db": (mixed_stats or {}).get("weighted_sqnr_db"),
-            "predicted_error": (allocate or {}).get("predicted_error"),
+            "sparse_outliers": (mixed or {}).get("sparse_outliers", (allocate or {}).get(Allocate.Stats.SPARSE_OUTLIERS, 0)),
+            "sqnr_db": (mixed_stats or {}).get(QuantizeWeights.Stats.WEIGHTED_SQNR_DB),
+            "predicted_error": (allocate or {}).get(Allocate.Stats.PREDICTED_ERROR),
         }
     int_weight = info.get("int_weight")
     if int_weight is not None:
         b = int_weight["bits"]
         return {**empty, "format": f"int{b}", "bits": b, "mean_bits": float(b), "bits_histogram": {str(b): info.get("channels") or 0},
-                "grid": "absmax-symmetric", "sqnr_db": (quantize or {}).get("weight_sqnr_db")}
+                "grid": "absmax-symmetric", "sqnr_db": (quantize or {}).get(Quantize.Stats.WEIGHT_SQNR_DB)}
     return {**empty, "format": "other", "bits": None, "mean_bits": None}
 
 
 def _activation(info: dict, quantize: dict | None, in_float: set, options: dict, has_quantize: bool) -> dict:
     act = info.get("activation")
-    sqnr = (quantize or {}).get("activation_sqnr_db")
+    sqnr = (quantize or {}).get(Quantize.Stats.ACTIVATION_SQNR_DB)
     if act is not None:
         return {"format": f"int{int(act.get('bits', 8))}", "mode": act.get("mode"), "scale": act.get("scale"),
                 "zero_point": act.get("zero_point"), "sqnr_db": sqnr, "float_reason": None}
     if info.get("input") in in_float:
-        reason = (f"kept in float by quantize{{float-inputs={options.get('float-inputs')}}}: among the inputs that quantize "
+        float_inputs = option_key(Quantize, "float_inputs")
+        reason = (f"kept in float by quantize{{{float_inputs}={options.get(float_inputs)}}}: among the inputs that quantize "
                   f"worst (int8 SQNR {'exact' if sqnr is None else f'{sqnr:.1f} dB'} on calibration rows)")
-    elif has_quantize and options.get("activations") == "none":
+    elif has_quantize and options.get(option_key(Quantize, "activations")) == "none":
         reason = "quantize{activations=none}: weight-only"
     elif "mixed" in info or "allocation" in info:
         reason = "weight-only pipeline (mixed precision)"
@@ -546,10 +552,10 @@ def _float_nodes(model: ir.Model, recorder: Recorder, stats: dict, layers: list[
             if layer is None:
                 continue
             if layer["weight"]["format"] == "float":
-                placed = (stats.get("quantize", {}).get("float_placement") or {}).get(layer["name"])
+                placed = (stats.get(Quantize.name, {}).get(Quantize.Stats.FLOAT_PLACEMENT) or {}).get(layer["name"])
                 found.append({"name": name, "op": node.op_type, "part": "weight",
                               "reason": f"left in float by quantize: {placed}" if placed else _why_float_weight(node, layer, options, quantizing)})
-            elif options.get("quantize", {}).get("activations") == "int8" and layer["activation"]["format"] == "float":
+            elif options.get(Quantize.name, {}).get(option_key(Quantize, "activations")) == "int8" and layer["activation"]["format"] == "float":
                 found.append({"name": name, "op": node.op_type, "part": "activation", "reason": layer["activation"]["float_reason"]})
         elif key == ("", "Gather") and node.inputs and node.inputs[0] is not None and node.inputs[0].const_value is not None:
             table = node.inputs[0].const_value
@@ -566,9 +572,9 @@ def _why_float_weight(node: ir.Node, layer: dict, options: dict, quantizing: lis
     if op == "ConvTranspose":
         return "no pass quantizes ConvTranspose"
     if op == "Conv":
-        if "quantize" in options and not options["quantize"].get("conv", True):
+        if Quantize.name in options and not options[Quantize.name].get(option_key(Quantize, "conv"), True):
             return "kept by option quantize{conv=false}"
-        if "quantize" not in options:
+        if Quantize.name not in options:
             return "mixed precision (allocate-bits) quantizes MatMul layers only"
     if op == "Gemm":
         return "Gemm that canonicalize did not turn into MatMul + Add"

@@ -155,6 +155,7 @@ def test_show_and_passes_commands(tiny_onnx, capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
     assert "canonicalize: Gemm to MatMul" in out and "fold-limit=67108864" in out
+    assert "  calibrated: weighted layers' inputs carry calibration statistics" in out
 
 
 def test_existing_output_is_replaced_whole(tiny_onnx, tmp_path):

@@ -58,7 +58,7 @@ def import_graph() -> nx.DiGraph:
 def test_import_graph_reads_the_real_imports():
     graph = import_graph()
     assert graph.has_edge("qcompiler.report", "qcompiler.ir")
-    assert graph.has_edge("qcompiler.passes.smooth", "qcompiler.calibration")
+    assert graph.has_edge("qcompiler.passes.calibrate", "qcompiler.calibration")
     assert len(graph) > 40
 
 

@@ -8,8 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qcompiler.errors import UserError
+from qcompiler.meta import Prop
 from qcompiler.passbase import Pass, PassResult, option, register_pass
-from qcompiler.pipeline import PRESETS, Preset, check_order, format_pipeline, parse_pipeline
+from qcompiler.pipeline import PRESETS, Preset, all_passes, check_order, format_pipeline, parse_pipeline
 
 
 @register_pass
@@ -18,8 +19,7 @@ class _ExamplePass(Pass):
     """An option-rich pass used only by these tests."""
 
     name = "test-example"
-    required = frozenset({"canonical"})
-    provided = frozenset({"tested"})
+    required = frozenset({Prop.CANONICAL})
 
     alpha: float | Literal["auto"] = option(0.5, "a number or auto")
     method: Literal["minmax", "percentile"] = option("minmax", "a choice")
@@ -90,6 +90,32 @@ def test_pipeline_from_file(tmp_path):
 def test_bad_pipelines_name_the_problem(text, message):
     with pytest.raises(UserError, match=message):
         parse_pipeline(text)
+
+
+def test_a_pass_declaring_an_unknown_property_is_refused_at_registration():
+    for role, value in (("required", "calibratd"), ("provided", "calibrated"), ("invalidated", "made-up")):
+        cls = dataclasses.make_dataclass(f"_Bad{role}Pass", [], bases=(Pass,), frozen=True,
+                                          namespace={"name": f"test-bad-{role}", role: frozenset({value})})
+        with pytest.raises(ValueError, match=f"_Bad{role}Pass.{role}: '{value}' is not a property"):
+            register_pass(cls)
+    assert "test-bad-required" not in all_passes()
+    with pytest.raises(ValueError, match="did you mean 'calibrated'"):
+        register_pass(dataclasses.make_dataclass("_TypoPass", [], bases=(Pass,), frozen=True,
+                                                 namespace={"name": "test-typo", "required": frozenset({"calibratd"})}))
+
+
+def test_properties_are_saved_by_name_and_read_back_as_props():
+    import onnx_ir as ir
+
+    from qcompiler.meta import PROPERTIES_KEY
+    from qcompiler.passbase import model_properties, set_model_properties
+
+    model = ir.Model(ir.Graph([], [], nodes=[]), ir_version=10)
+    set_model_properties(model, {Prop.QUANTIZED, Prop.CALIBRATED})
+    assert model.metadata_props[PROPERTIES_KEY] == "calibrated,quantized"
+    model.metadata_props[PROPERTIES_KEY] += ",from-elsewhere"
+    assert model_properties(model) == {Prop.CALIBRATED, Prop.QUANTIZED}
+    assert all(isinstance(p, Prop) for p in model_properties(model))
 
 
 def test_order_check_names_the_missing_pass():

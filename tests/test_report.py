@@ -406,3 +406,62 @@ def test_mixed_layers_name_their_route_and_bytes_at_rest_and_resident(tmp_path):
     for r in runtime:
         assert r["route"].startswith("split: ") and "MatMulNBits" in r["route"]
         assert 0 < r["bytes_at_rest"] <= r["bytes_resident"] < 3 * r["bytes_at_rest"]
+
+
+def _not_numbers(body: dict, pipeline: str) -> list[str]:
+    """The report fields that should hold a number after `pipeline` and do not (a stats key or option
+    renamed on one side reads as None on the other)."""
+    missing = []
+
+    def need(where, part, *fields):
+        missing.extend(f"{where}.{f}" for f in fields if not isinstance((part or {}).get(f), (int, float)))
+
+    need("summary", body["summary"], "layers", "layers_quantized", "float_nodes", "layers_float_for_speed", "lowest_layer_sqnr_db")
+    need("size", body["size"], "weights", "float_weight_bytes", "artifact_weight_bytes", "artifact_file_bytes", "compression",
+         "effective_bits_per_weight")
+    for layer in body["layers"]:
+        where = f"layers[{layer['name']}]"
+        need(f"{where}.weight", layer["weight"], "mean_bits", "stored_bytes", "stored_bits_per_weight", "sqnr_db")
+        need(f"{where}.error", layer["error"], "sqnr_db", "cosine")
+        if pipeline == "w8a8":
+            need(f"{where}.activation", layer["activation"], "sqnr_db")  # measured for every static input, float ones too
+            if layer["activation"]["format"] == "int8":
+                need(f"{where}.activation", layer["activation"], "scale", "zero_point")
+            if layer["smooth"] is not None:
+                need(f"{where}.smooth", layer["smooth"], "alpha", "act_absmax_before", "act_absmax_after")
+        else:
+            need(f"{where}.weight", layer["weight"], "predicted_error", "sparse_outliers", "fp16_channels", "group_size")
+    return missing
+
+
+def test_reports_have_a_number_wherever_one_is_expected(w8a8, mixed):
+    for pipeline, (_, body, _) in (("w8a8", w8a8), ("mixed", mixed)):
+        assert body["layers"] and not _not_numbers(body, pipeline), (pipeline, _not_numbers(body, pipeline))
+    assert any(layer["smooth"] for layer in w8a8[1]["layers"])
+    assert any(layer["activation"]["format"] == "int8" for layer in w8a8[1]["layers"])
+
+
+def _keys(stats) -> set[str]:
+    if isinstance(stats, dict):
+        return set(stats) | {k for v in stats.values() for k in _keys(v)}
+    if isinstance(stats, list):
+        return {k for v in stats for k in _keys(v)}
+    return set()
+
+
+def test_the_stats_keys_tools_read_are_the_ones_the_passes_write(w8a8, mixed):
+    """Each pass's `Stats` names the keys of its statistics the report, doctor and compiler read:
+    all of them appear in what the pass wrote."""
+    from qcompiler.pipeline import all_passes
+
+    written: dict[str, set[str]] = {}
+    for _, body, _ in (w8a8, mixed):
+        for record in body["passes"]:
+            written.setdefault(record["name"], set()).update(_keys(record["stats"]))
+    checked = set()
+    for name, cls in all_passes().items():
+        declared = {value for key, value in vars(getattr(cls, "Stats", object)).items() if key.isupper()}
+        if declared and name in written:
+            assert declared <= written[name], (name, sorted(declared - written[name]))
+            checked.add(name)
+    assert checked == {"smooth", "quantize", "allocate-bits", "quantize-weights", "lower-ort"}
