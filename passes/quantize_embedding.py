@@ -27,7 +27,8 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.layers import CREATED_BY, new_initializer
+from qcompiler.layers import new_initializer
+from qcompiler.meta import CREATED_BY, Prop
 from qcompiler.ops import QC_OPSET_VERSION
 from qcompiler.passbase import Pass, PassResult, option, register_pass
 
@@ -38,7 +39,7 @@ class QuantizeEmbeddingPass(Pass):
     """Embedding tables (Gather of a constant float table) as 4- or 8-bit codes with a scale and zero point per block."""
 
     name = "quantize-embedding"
-    provided = frozenset({"embedding-quantized"})
+    provided = frozenset({Prop.EMBEDDING_QUANTIZED})
 
     bits: Literal[4, 8] = option(4, "bits per code: 4 or 8")
     block_size: int = option(32, "columns per scale and zero point: a power of 2, at least 16")

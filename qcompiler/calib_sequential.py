@@ -256,7 +256,7 @@ def collect_sequential(
     into `accs[name]` in batch order. `progress(batches_done, samples_done)` follows the last
     segment's batches. `spill_bytes`: the bound past which crossing values go to files
     (default `SPILL_BYTES`)."""
-    from qcompiler.calibration import batch_size_of
+    from qcompiler.calib_data import batch_size_of
     from qcompiler.execute import ort_session
     from qcompiler.progress import progress as progress_bar
 

@@ -62,6 +62,7 @@ class Prop(str, enum.Enum):
     SCALES_TUNED = "scales-tuned", "mixed layers' scales were tuned block by block (tune-scales)"
     PERMUTATION_FOLDED = "permutation-folded", "mixed layers' channel permutations are folded into their producers"
     FUSED = "fused", "quantized linears are merged with their norms, biases, epilogues and shared inputs (qc.QLinear, qc.NormQuantize)"
+    EMBEDDING_QUANTIZED = "embedding-quantized", "embedding tables are stored as codes (qc.GatherQuantized)"
     KV_CACHE_FORMAT = "kv-cache-format", "the decoder's KV cache is int8 with a scale per token and head"
     LOWERED_ORT = "lowered-ort", "no qc op is left: standard ONNX and com.microsoft ops for ONNX Runtime"
 
