@@ -85,6 +85,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 from common import RESULTS, STS, THREADS, WIKITEXT, git_state, machine, ort_nbits_quantize, packages, sentences, table, wikitext_split  # noqa: E402
 
 MODELS = ("smollm2-135m", "minilm-l6")
