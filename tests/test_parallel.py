@@ -169,12 +169,14 @@ def test_without_the_options_ray_is_never_imported(tmp_path):
 def test_doctor_diagnosis_is_the_same_in_process_and_on_two_workers(tmp_path, ray_session):
     from qcompiler.doctor import diagnose
 
-    source = _chain(tmp_path / "chain.onnx", layers=3)
+    source = _chain(tmp_path / "chain.onnx", layers=4)
     data = _calibration(source)
     pipeline = "calibrate,allocate-bits{avg-bits=4 group-size=32},quantize-weights"
-    here = diagnose(str(source), pipeline, calibration=data, threads=1, bits_only=True)
-    fanned = diagnose(str(source), pipeline, calibration=data, threads=1, bits_only=True, workers=2)
+    # a budget that lets the suggestion boost layers, so that its re-measurement round runs (fanned out too)
+    here = diagnose(str(source), pipeline, calibration=data, threads=1, bits_only=True, max_extra_bits=1.0)
+    fanned = diagnose(str(source), pipeline, calibration=data, threads=1, bits_only=True, max_extra_bits=1.0, workers=2)
     assert [row["layer"] for row in here["layers"]] and all(row["recovered"] != 0 for row in here["layers"])
+    assert here["suggestion"]["refinement"][0]["choice_layers"] >= 2
     for result in (here, fanned):  # wall times differ from run to run
         for row in result["passes"]:
             row.pop("seconds")
