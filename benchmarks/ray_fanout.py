@@ -2,17 +2,24 @@
 
     python benchmarks/ray_fanout.py                                   # minilm-l6, sensitivity=output
     python benchmarks/ray_fanout.py --model smollm2-135m --pipeline "mixed{avg-bits=4.25 scope=model sensitivity=kl}"
+    python benchmarks/ray_fanout.py --pipeline w8a8 --pass smooth --repeats 3 --blas-threads 1 \
+        --out benchmarks/results/ray_fanout_smooth.json                # smooth{alpha=auto}'s search
 
 Each run is a fresh child process calling `qcompiler.compile` with ONNX Runtime at `--threads`
 intra-op threads (the driver's and every worker's sessions alike, so the runs compute the same
-numbers), on `--calib-count` calibration samples (the bundled model's task data). The child's
-process tree (the driver, and for Ray its raylet and workers) is sampled every 0.2 s: the peak of
+numbers; `--blas-threads N` also sets numpy's BLAS threads in the compiling process, which Ray
+runs on one thread in its workers), on `--calib-count` calibration samples (the bundled model's
+task data). The child's process tree (the driver, and for Ray its raylet and workers) is sampled every 0.2 s: the peak of
 the tree's summed RSS and the largest single process's peak. Recorded per run: wall time of the
-child, the pipeline's time, the time of `allocate-bits` (the pass whose per-layer measurements fan
-out), the model's SHA-256 (equal across runs, or the benchmark says so). From the in-process run
-the serial fraction s = 1 - allocate-bits time / total time gives Amdahl's expected speedup on N
-workers, 1 / (s + (1 - s) / N), printed beside the measured one. A table goes to stdout and the
-JSON (machine, package versions, commit) to `benchmarks/results/ray_fanout.json`.
+child, the pipeline's time, the time of the fanned-out pass (`--pass`: `allocate-bits` by
+default, whose per-layer measurements fan out; `smooth` for `smooth{alpha=auto}`'s per-group
+search), the model's SHA-256 (equal across runs, or the benchmark says so), and the load average
+before and after (the machine may be shared). With `--repeats R` the worker counts take turns R
+times (0, 1, 2, 0, 1, 2, ...), so that a change in the load falls on every count alike; the table
+gives each count's median. From the first count's median (in-process, or the fewest workers) the
+serial fraction s = 1 - pass time / compile time gives Amdahl's expected speedup on N workers,
+1 / (s + (1 - s) / N), printed beside the measured one. A table goes to stdout and the JSON
+(machine, package versions, commit) to `--out` (default `benchmarks/results/ray_fanout.json`).
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,8 +60,13 @@ def run_child(params: dict) -> dict:
         import psutil
     except ImportError:
         psutil = None
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(params)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    if params.get("blas_threads"):  # numpy's BLAS in the compiling process (Ray's workers run it on one thread)
+        env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = str(params["blas_threads"])
+    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(params)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env)
     tree_peak = process_peak = 0
     while child.poll() is None:
         if psutil is not None:
@@ -70,8 +84,10 @@ def run_child(params: dict) -> dict:
     result = json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
     model = Path(params["output"]) / "model.onnx"
     return {"wall_s": round(wall, 2), "compile_s": round(result["compile_s"], 2),
-            "allocate_bits_s": round(result["passes"].get("allocate-bits", 0.0), 2),
+            "pass_s": round(result["passes"].get(params["pass"], 0.0), 2),
             "pipeline_s": round(sum(result["passes"].values()), 2),
+            "passes_s": {name: round(seconds, 2) for name, seconds in result["passes"].items()},
+            "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
             "peak_rss_tree_mb": round(tree_peak / 2**20), "peak_rss_process_mb": round(process_peak / 2**20),
             "model_sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
 
@@ -84,43 +100,65 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="minilm-l6")
     parser.add_argument("--pipeline", default="mixed{avg-bits=4.25 scope=model sensitivity=output}")
+    parser.add_argument("--pass", dest="fanned", default="allocate-bits", help="the fanned-out pass to time (default allocate-bits)")
     parser.add_argument("--calib", help="calibration file (default: the model's data under /work/shared/data)")
     parser.add_argument("--calib-count", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per session (default 1)")
     parser.add_argument("--workers", default="0,1,2", help="worker counts to run, 0 meaning in-process (default 0,1,2)")
+    parser.add_argument("--blas-threads", type=int, help="numpy BLAS threads of the compiling process (default: numpy's own)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per worker count, the counts taking turns (default 1)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "ray_fanout.json"))
     args = parser.parse_args()
     calib = args.calib or DATA.get(args.model)
     counts = [int(w) for w in args.workers.split(",")]
-    runs = []
+    samples: dict[int, list[dict]] = {w: [] for w in counts}
     with tempfile.TemporaryDirectory() as tmp:
-        for workers in counts:
-            params = {"model": args.model, "output": str(Path(tmp) / f"w{workers}"), "pipeline": args.pipeline, "calib": calib,
-                      "calib_count": args.calib_count, "threads": args.threads, "workers": workers or None}
-            row = {"workers": workers or "in-process", **run_child(params)}
-            runs.append(row)
-            print(f"done: {row['workers']}: {row['wall_s']} s", flush=True)
-    base = next((r for r in runs if r["workers"] == "in-process"), runs[0])
-    serial = 1.0 - base["allocate_bits_s"] / base["compile_s"] if base["compile_s"] else 1.0
+        for repeat in range(args.repeats):
+            for workers in counts:
+                params = {"model": args.model, "output": str(Path(tmp) / f"w{workers}r{repeat}"), "pipeline": args.pipeline,
+                          "calib": calib, "calib_count": args.calib_count, "threads": args.threads,
+                          "workers": workers or None, "pass": args.fanned, "blas_threads": args.blas_threads}
+                sample = run_child(params)
+                samples[workers].append(sample)
+                print(f"done: {workers or 'in-process'} (run {repeat + 1}): {sample['wall_s']} s, {args.fanned} "
+                      f"{sample['pass_s']} s, load {sample['load_before']} -> {sample['load_after']}", flush=True)
+    runs = [summary(workers, samples[workers]) for workers in counts]
+    base = runs[0]
+    serial = 1.0 - base["pass_s"] / base["compile_s"] if base["compile_s"] else 1.0
+    base_n = base["workers"] if isinstance(base["workers"], int) else 1
     for row in runs:
         row["speedup"] = round(base["wall_s"] / row["wall_s"], 3)
-        row["allocate_bits_speedup"] = round(base["allocate_bits_s"] / row["allocate_bits_s"], 3) if row["allocate_bits_s"] else None
+        row["pass_speedup"] = round(base["pass_s"] / row["pass_s"], 3) if row["pass_s"] else None
         n = row["workers"] if isinstance(row["workers"], int) else 1
-        row["amdahl_expected"] = round(amdahl(serial, n), 3)
-    identical = len({r["model_sha256"] for r in runs}) == 1
+        row["amdahl_expected"] = round(amdahl(serial, n / base_n), 3)
+    identical = len({s["model_sha256"] for rows in samples.values() for s in rows}) == 1
     print(common.table(
-        ["workers", "wall s", "speedup", "Amdahl", "allocate-bits s", "its speedup", "peak RSS tree MB", "largest process MB"],
-        [[r["workers"], r["wall_s"], r["speedup"], r["amdahl_expected"], r["allocate_bits_s"], r["allocate_bits_speedup"],
+        ["workers", "wall s", "speedup", "Amdahl", f"{args.fanned} s", "its speedup", "peak RSS tree MB", "largest process MB"],
+        [[r["workers"], r["wall_s"], r["speedup"], r["amdahl_expected"], r["pass_s"], r["pass_speedup"],
           r["peak_rss_tree_mb"], r["peak_rss_process_mb"]] for r in runs]))
-    print(f"serial fraction (in-process, outside allocate-bits): {serial:.3f}; artifacts byte-identical: {identical}")
+    loads = [s[key] for rows in samples.values() for s in rows for key in ("load_before", "load_after")]
+    print(f"medians of {args.repeats} run(s) each; serial fraction (outside {args.fanned}, at {base['workers']}): {serial:.3f}; "
+          f"load average {min(loads)} to {max(loads)} on {os.cpu_count()} cores; artifacts byte-identical: {identical}")
     common.write_json(Path(args.out), {
-        "command": common.command_line(), "model": args.model, "pipeline": args.pipeline, "calib": calib,
-        "calib_count": args.calib_count, "ort_threads_per_session": args.threads, "serial_fraction": round(serial, 4),
+        "command": common.command_line(), "model": args.model, "pipeline": args.pipeline, "fanned_pass": args.fanned,
+        "calib": calib, "calib_count": args.calib_count, "ort_threads_per_session": args.threads, "repeats": args.repeats,
+        "blas_threads": args.blas_threads,
+        "serial_fraction": round(serial, 4), "load_average_range": [min(loads), max(loads)],
         "artifacts_identical": identical, "runs": runs, "machine": common.machine(), "packages": common.packages(),
         "git": common.git_state(),
     })
     if not identical:
         raise SystemExit("the artifacts differ between worker counts")
+
+
+def summary(workers: int, samples: list[dict]) -> dict:
+    """One worker count: the medians of its runs' times, the largest memory, and every run."""
+    median = lambda key: round(statistics.median(s[key] for s in samples), 2)  # noqa: E731
+    return {"workers": workers or "in-process", "wall_s": median("wall_s"), "compile_s": median("compile_s"),
+            "pass_s": median("pass_s"), "pipeline_s": median("pipeline_s"),
+            "peak_rss_tree_mb": max(s["peak_rss_tree_mb"] for s in samples),
+            "peak_rss_process_mb": max(s["peak_rss_process_mb"] for s in samples),
+            "model_sha256": samples[0]["model_sha256"], "samples": samples}
 
 
 if __name__ == "__main__":

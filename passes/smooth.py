@@ -25,6 +25,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler import context
 from qcompiler.errors import UserError
 from qcompiler.layers import Linear, group_by_input, insert_after_value, linears, new_initializer, set_constant
 from qcompiler.meta import CREATED_BY, SMOOTHED_KEY, STATS_KEY, Prop
@@ -67,15 +68,27 @@ class SmoothPass(Pass):
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
         model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
+        groups = [(x_name, group) for x_name, group in group_by_input(linears(graph)).items()
+                  if group[0].x.meta.get(STATS_KEY) is not None and not group[0].x.meta.get(SMOOTHED_KEY)]
+        alphas = self._alphas(groups)
         layers_stats = {}
-        groups = group_by_input(linears(graph))
         with progress("smooth: layer groups", len(groups)) as bar:
-            for x_name, group in groups.items():
-                stats = group[0].x.meta.get(STATS_KEY)
-                if stats is not None and not group[0].x.meta.get(SMOOTHED_KEY):
-                    layers_stats[x_name] = _smooth_group(graph, group, stats, self.alpha)
+            for (x_name, group), alpha in zip(groups, alphas):
+                layers_stats[x_name] = _smooth_group(graph, group, group[0].x.meta[STATS_KEY], alpha)
                 bar.update()
         return PassResult(model, bool(layers_stats), {"groups": len(layers_stats), "layers": layers_stats})
+
+    def _alphas(self, groups: list[tuple[str, list[Linear]]]) -> list[float]:
+        """Each group's alpha: the fixed one, or (`auto`) the grid search, one task per group on the
+        compile's executor (`qcompiler.parallel`; in-process by default). Every search reads the
+        weights as they were before the pass (a group's scaling rewrites only its own layers), so the
+        searches are independent and give the same alphas in any process and order."""
+        if self.alpha != "auto":
+            return [float(self.alpha)] * len(groups)
+        tasks = [alpha_search_task(group, group[0].x.meta[STATS_KEY]) for _, group in groups]
+        with progress(f"smooth: alpha search over {len(tasks)} layer groups", None):
+            return context.current().executor.map(search_alpha, tasks,
+                                                  names=[f"smooth: alpha of the layers reading '{x}'" for x, _ in groups])
 
 
 def smoothing_scale(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -85,20 +98,23 @@ def smoothing_scale(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: fl
     return (a**alpha / w ** (1.0 - alpha)).astype(np.float32)
 
 
-def _smooth_group(graph: ir.Graph, group: list[Linear], stats, alpha) -> dict:
-    weights = [layer.w.const_value.numpy() for layer in group]
-    weight_absmax = np.max(np.abs(np.concatenate(weights, axis=1)), axis=1)
-    chosen = choose_alpha(stats.sample, weights, stats.absmax, weight_absmax) if alpha == "auto" else float(alpha)
-    s = smoothing_scale(stats.absmax, weight_absmax, chosen)
+def _smooth_group(graph: ir.Graph, group: list[Linear], stats, alpha: float) -> dict:
+    weight_absmax = _weight_absmax(group)
+    s = smoothing_scale(stats.absmax, weight_absmax, alpha)
     scale_input_channels(graph, group, stats, s, "smooth")
     return {
-        "alpha": chosen,
+        "alpha": alpha,
         "layers": [layer.name for layer in group],
         "act_absmax_before": float(np.max(stats.absmax)),
         "act_absmax_after": float(np.max(stats.absmax / s)),
         "weight_absmax_before": float(np.max(weight_absmax)),
         "weight_absmax_after": float(np.max(weight_absmax * s)),
     }
+
+
+def _weight_absmax(group: list[Linear]) -> np.ndarray:
+    """max|W_j| per input channel over the group's concatenated weights."""
+    return np.max(np.abs(np.concatenate([layer.w.const_value.numpy() for layer in group], axis=1)), axis=1)
 
 
 def scale_input_channels(graph: ir.Graph, group: list[Linear], stats, s: np.ndarray, created_by: str) -> None:
@@ -123,25 +139,53 @@ def scale_input_channels(graph: ir.Graph, group: list[Linear], stats, s: np.ndar
         layer.node.replace_input_with(0, mul.outputs[0])
 
 
-def choose_alpha(sample: np.ndarray, weights: list[np.ndarray], act_absmax, weight_absmax) -> float:
-    """The grid alpha whose int8-quantized group output is closest to the float output.
+@dataclasses.dataclass(frozen=True)
+class AlphaSearch:
+    """What the alpha search of one layer group reads (arrays only, so that a worker process can
+    take it): the sample rows and the weight columns it measures on, and the ranges that set s."""
 
-    The error is measured on at most `SEARCH_ROWS` sample rows and `SEARCH_COLUMNS` output columns
-    (evenly strided, so deterministic): enough to rank the alphas, and it keeps a 49k-wide LM head
-    from dominating compile time."""
+    sample: np.ndarray  # [rows, K] float32, at most SEARCH_ROWS rows
+    weight: np.ndarray  # [K, columns] float32: the group's weights side by side, at most SEARCH_COLUMNS-ish columns
+    act_absmax: np.ndarray  # [K]
+    weight_absmax: np.ndarray  # [K], over all the group's columns
+
+
+def alpha_search_task(group: list[Linear], stats) -> AlphaSearch:
+    """The search task of the layers of `group` (all reading one input with statistics `stats`)."""
+    return search_task(stats.sample, [layer.w.const_value.numpy() for layer in group], stats.absmax, _weight_absmax(group))
+
+
+def search_task(sample: np.ndarray, weights: list[np.ndarray], act_absmax, weight_absmax) -> AlphaSearch:
+    """At most `SEARCH_ROWS` sample rows and `SEARCH_COLUMNS` output columns (evenly strided, so
+    deterministic): enough to rank the alphas, and it keeps a 49k-wide LM head from dominating
+    compile time (and the task small)."""
     x = np.asarray(sample, np.float32)
-    if x.size == 0:
-        return 0.5
     x = x[:: max(1, -(-len(x) // SEARCH_ROWS))]
     w = np.concatenate(weights, axis=1).astype(np.float32)
     w = w[:, :: max(1, -(-w.shape[1] // SEARCH_COLUMNS))]
+    return AlphaSearch(np.ascontiguousarray(x), np.ascontiguousarray(w), np.asarray(act_absmax), np.asarray(weight_absmax))
+
+
+def search_alpha(_shared, task: AlphaSearch) -> float:
+    """The grid alpha whose int8-quantized group output (per-tensor activations, per-channel
+    weights) is closest in mean squared error to the float output on the task's rows and columns
+    (a pure function of the task: the same result in any process)."""
+    x, w = task.sample, task.weight
+    if x.size == 0:
+        return 0.5
     reference = x @ w
     errors = []
     for alpha in ALPHA_GRID:
-        s = smoothing_scale(act_absmax, weight_absmax, alpha)
+        s = smoothing_scale(task.act_absmax, task.weight_absmax, alpha)
         y = _fake_quant_per_tensor(x / s) @ _fake_quant_per_channel(w * s[:, None])
         errors.append(float(np.mean((y - reference) ** 2)))
     return ALPHA_GRID[int(np.argmin(errors))]
+
+
+def choose_alpha(sample: np.ndarray, weights: list[np.ndarray], act_absmax, weight_absmax) -> float:
+    """The grid alpha whose int8-quantized group output is closest to the float output (`search_alpha`
+    on the rows and columns `search_task` keeps)."""
+    return search_alpha(None, search_task(sample, weights, act_absmax, weight_absmax))
 
 
 def _fake_quant_per_tensor(x: np.ndarray) -> np.ndarray:

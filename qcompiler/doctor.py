@@ -451,7 +451,7 @@ def _diagnose(full, passes, model: ir.Model, source_info, feeds: dict[str, np.nd
         row["share"] = row["recovered"] / total if total > 0 else 0.0
         rows.append(row)
     rows.sort(key=lambda r: (-r["recovered"], r["layer"]))
-    suggestion = _suggest(full, rows, total, board, everything, max_extra_bits)
+    suggestion = _suggest(full, rows, total, board, everything, max_extra_bits, ctx.executor)
     if suggestion.get("pipeline") and Allocate.name in names:
         with using(ctx):
             suggestion = _measure_allocations(suggestion, passes, records, original, stages.float_stage, board, total, max_extra_bits)
@@ -504,7 +504,7 @@ def _pass_costs(records: list[PassRecord]) -> list[dict]:
     return costs
 
 
-def _suggest(passes, rows, total, board: Switchboard, everything: set[str], max_extra_bits: float) -> dict:
+def _suggest(passes, rows, total, board: Switchboard, everything: set[str], max_extra_bits: float, executor) -> dict:
     names = [p.name for p in passes]
     if Allocate.name in names:
         index = names.index(Allocate.name)
@@ -512,7 +512,8 @@ def _suggest(passes, rows, total, board: Switchboard, everything: set[str], max_
         keep, boost, extra = _choose_upgrades(rows, allocator, max_extra_bits)
         refinement = []
         while (keep or boost) and len(refinement) < REFINE_ROUNDS and (not refinement or refinement[-1]["kept"] == "refilled"):
-            keep, boost, extra, record = _refine_upgrades(rows, allocator, max_extra_bits, board, everything, keep, boost, extra)
+            keep, boost, extra, record = _refine_upgrades(rows, allocator, max_extra_bits, board, everything, keep, boost, extra,
+                                                          executor)
             refinement.append(record)
         chosen = keep + boost
         changed = dataclasses.replace(
@@ -680,25 +681,28 @@ def _fill(options: list[tuple], weights: int, max_extra_bits: float) -> tuple[li
 
 
 def _refine_upgrades(rows: list[dict], allocator, max_extra_bits: float, board: Switchboard, everything: set[str],
-                     keep: list[str], boost: list[str], extra: float) -> tuple[list[str], list[str], float, dict]:
+                     keep: list[str], boost: list[str], extra: float, executor) -> tuple[list[str], list[str], float, dict]:
     """One round of re-measurement where the choice landed. Quantization errors interact
     (the gains measured one layer at a time, from the all-quantized model, add up to about twice
     what their union recovers on SmolLM2), so at the chosen set each chosen upgrade is valued by
     the error its removal adds back, and each layer left out that had a positive gain by the error
     its boost removes; the budget is filled again from those values, and the new set is kept if it
-    measures lower."""
-    at = board.error(everything - set(keep), set(boost))
+    measures lower. The round's runs (the choice, one per chosen upgrade, one per candidate boost)
+    are independent: they run as one batch on `executor` (`Switchboard.errors`), in order."""
     costs = {row["layer"]: _upgrade_costs(row, allocator) for row in rows}
-    options = []
-    for layer in keep:
-        options.append((board.error(everything - (set(keep) - {layer}), set(boost)) - at, costs[layer]["keep"], "keep", layer))
-    for layer in boost:
-        options.append((board.error(everything - set(keep), set(boost) - {layer}) - at, costs[layer]["boost"], "boost", layer))
     chosen = set(keep) | set(boost)
-    for row in rows:
-        if row["layer"] not in chosen and "boost" in costs[row["layer"]] and row["recovered_by_boost"] > 0:
-            gain = at - board.error(everything - set(keep), set(boost) | {row["layer"]})
-            options.append((gain, costs[row["layer"]]["boost"], "boost", row["layer"]))
+    candidates = [row["layer"] for row in rows
+                  if row["layer"] not in chosen and "boost" in costs[row["layer"]] and row["recovered_by_boost"] > 0]
+    quantized, high = frozenset(everything - set(keep)), frozenset(boost)
+    queries = [(quantized, high)]
+    queries += [(frozenset(everything - (set(keep) - {layer})), high) for layer in keep]
+    queries += [(quantized, frozenset(set(boost) - {layer})) for layer in boost]
+    queries += [(quantized, frozenset(set(boost) | {layer})) for layer in candidates]
+    measured = iter(board.errors(queries, executor, "doctor: re-measurement at the choice"))
+    at = next(measured)
+    options = [(next(measured) - at, costs[layer]["keep"], "keep", layer) for layer in keep]
+    options += [(next(measured) - at, costs[layer]["boost"], "boost", layer) for layer in boost]
+    options += [(at - next(measured), costs[layer]["boost"], "boost", layer) for layer in candidates]
     new_keep, new_boost, new_extra = _fill(options, sum(r["params"] for r in rows), max_extra_bits)
     refined = board.error(everything - set(new_keep), set(new_boost))
     log.info("doctor: re-measured at the choice: error %.4g, refilled %.4g", at, refined)

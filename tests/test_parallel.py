@@ -169,13 +169,59 @@ def test_without_the_options_ray_is_never_imported(tmp_path):
 def test_doctor_diagnosis_is_the_same_in_process_and_on_two_workers(tmp_path, ray_session):
     from qcompiler.doctor import diagnose
 
-    source = _chain(tmp_path / "chain.onnx", layers=3)
+    source = _chain(tmp_path / "chain.onnx", layers=4)
     data = _calibration(source)
     pipeline = "calibrate,allocate-bits{avg-bits=4 group-size=32},quantize-weights"
-    here = diagnose(str(source), pipeline, calibration=data, threads=1, bits_only=True)
-    fanned = diagnose(str(source), pipeline, calibration=data, threads=1, bits_only=True, workers=2)
+    # a budget that lets the suggestion boost layers, so that its re-measurement round runs (fanned out too)
+    here = diagnose(str(source), pipeline, calibration=data, threads=1, bits_only=True, max_extra_bits=1.0)
+    fanned = diagnose(str(source), pipeline, calibration=data, threads=1, bits_only=True, max_extra_bits=1.0, workers=2)
     assert [row["layer"] for row in here["layers"]] and all(row["recovered"] != 0 for row in here["layers"])
+    assert here["suggestion"]["refinement"][0]["choice_layers"] >= 2
     for result in (here, fanned):  # wall times differ from run to run
         for row in result["passes"]:
             row.pop("seconds")
     assert fanned == here
+
+
+def _shared_input_chain(path: Path, width: int = 64, seed: int = 0) -> Path:
+    """X -> {Q, K} (both read X) -> Q * K -> O -> Tanh -> D: three layer groups, a few input
+    channels of X scaled up (outliers), so the alpha search has something to choose."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array((rng.standard_normal((width, width)) * 0.1).astype(np.float32), name)
+             for name in ("Wq", "Wk", "Wo", "Wd")]
+    gain = np.ones(width, np.float32)
+    gain[:: width // 4] = 40.0
+    inits.append(numpy_helper.from_array(gain, "gain"))
+    nodes = [
+        helper.make_node("Mul", ["X", "gain"], ["H"]),
+        helper.make_node("MatMul", ["H", "Wq"], ["Q"], name="q"),
+        helper.make_node("MatMul", ["H", "Wk"], ["K"], name="k"),
+        helper.make_node("Mul", ["Q", "K"], ["G"]),
+        helper.make_node("MatMul", ["G", "Wo"], ["O"], name="o"),
+        helper.make_node("Tanh", ["O"], ["T"]),
+        helper.make_node("MatMul", ["T", "Wd"], ["Y"], name="d"),
+    ]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", width])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", width])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    proto.ir_version = 10
+    save(proto, path)
+    return path
+
+
+def test_smooth_alpha_search_fanned_out_gives_the_in_process_artifact(tmp_path, ray_session):
+    """smooth{alpha=auto} searches each layer group's alpha as one task: same alphas, same bytes."""
+    source = _shared_input_chain(tmp_path / "shared.onnx")
+    data = _calibration(source)
+    built, alphas = {}, {}
+    for label, workers in (("in-process", None), ("2 workers", 2)):
+        result = qcompiler.compile(source, tmp_path / label, pipeline="w8a8", calibration=data, threads=1, drift=False,
+                                   workers=workers)
+        layers = next(r.stats for r in result.records if r.name == "smooth")["layers"]
+        alphas[label] = {x: stats["alpha"] for x, stats in layers.items()}
+        built[label] = _artifact_bytes(tmp_path / label)
+    assert len(alphas["in-process"]) == 3 and len(set(alphas["in-process"].values())) > 1
+    assert alphas["2 workers"] == alphas["in-process"]
+    assert built["2 workers"] == built["in-process"]
