@@ -16,8 +16,8 @@ the layers that read it):
 - `dynamic`: per tensor, computed at run time (ONNX Runtime's dynamic quantization).
 - `per-token`: one symmetric scale per row, computed at run time (ZeroQuant, Yao et al. 2022).
 
-Bias correction (`bias-correction=true`, Nagel et al. 2019, "Data-Free Quantization"; on in the
-`w8a8` preset): each layer's bias absorbs the mean change its int8 weights make on the calibration
+Bias correction (`bias-correction=true`, or `conv` for Conv layers only, as the `w8a8` preset does;
+Nagel et al. 2019, "Data-Free Quantization"): each layer's bias absorbs the mean change its int8 weights make on the calibration
 inputs, b' = b - E[x] (W_q - W), with E[x] per input channel from the calibrated sample rows (for a
 Conv, summed over its taps and its group's input channels). Only layers with a bias to shift are
 touched: a Conv (one is created when it has none), or a MatMul whose output alone feeds an `Add` of
@@ -91,7 +91,9 @@ class QuantizePass(Pass):
     float_inputs: int = option(0, "static mode: keep this many inputs, those that quantize worst (lowest SQNR), in float")
     keep: tuple[str, ...] = option((), "weights (names or globs) whose layers stay in float")
     force: tuple[str, ...] = option((), "weights (names or globs, * for all) whose layers are quantized even where ONNX Runtime would run them in float")
-    bias_correction: bool = option(False, "shift each layer's bias by the mean change its int8 weights make on the calibration inputs")
+    bias_correction: Literal["false", "conv", "true"] = option(
+        "false", "shift each layer's bias by the mean change its int8 weights make on the calibration inputs: "
+        "every layer with a bias (true), Conv layers only (conv), or none (false)")
 
     def __post_init__(self):
         if self.float_inputs < 0:
@@ -120,7 +122,7 @@ class QuantizePass(Pass):
         in_float = set(worst_first[: self.float_inputs])
         quantized_inputs: dict[str, ir.Value] = {}
         layer_stats = {}
-        slots = {id(t.node): slot for t in targets if self.bias_correction and (slot := bias_slot(t)) is not None}
+        slots = {id(t.node): slot for t in targets if self._corrects(t) and (slot := bias_slot(t)) is not None}
         input_means = _input_means(model, [t for t in targets if id(t.node) in slots]) if slots else {}
         corrected = 0
         with progress("quantize: layers", len(targets)) as bar:
@@ -161,13 +163,16 @@ class QuantizePass(Pass):
             "activations_quantized": len(quantized_inputs),
             "conv_outputs_quantized": outputs_quantized,
             "activation_ranges_recollected": recollected,
-            **({"biases_corrected": corrected} if self.bias_correction else {}),
+            **({"biases_corrected": corrected} if self.bias_correction != "false" else {}),
             "activations_in_float": sorted(in_float),
             "kept_in_float": sorted(t.w.name for t in found if any(fnmatch.fnmatchcase(t.w.name, p) for p in self.keep)),
             "float_placement": placed_float,
             "per_layer": layer_stats,
         }
         return PassResult(model, True, stats)
+
+    def _corrects(self, target: Target) -> bool:
+        return self.bias_correction == "true" or (self.bias_correction == "conv" and target.node.op_type == "Conv")
 
     def _integer_placement(self, graph: ir.Graph, targets: list[Target]) -> tuple[list[Target], dict[str, str]]:
         """(the targets ONNX Runtime runs as integer kernels or `force` names, {layer: why float} for the rest)."""

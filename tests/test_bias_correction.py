@@ -1,4 +1,4 @@
-"""`quantize{bias-correction=true}`: each layer's bias absorbs the mean change its int8 weights
+"""`quantize{bias-correction=true|conv}`: each layer's bias absorbs the mean change its int8 weights
 make on the calibration inputs, so the quantized model's outputs keep the float model's mean."""
 
 import numpy as np
@@ -88,14 +88,19 @@ def _quantize_stats(result):
     return next(r.stats for r in result.records if r.name == "quantize")
 
 
-def test_w8a8_preset_corrects_biases_unless_told_not_to(tmp_path):
-    path = _mlp(tmp_path)
-    on = qcompiler.compile(str(path), tmp_path / "on", pipeline="w8a8", calibration=_batches((16, 32), 0), drift=False)
-    off = qcompiler.compile(str(path), tmp_path / "off", pipeline="w8a8{bias-correction=false}", calibration=_batches((16, 32), 0), drift=False)
-    assert "bias-correction=true" in on.pipeline and "bias-correction=false" in off.pipeline
-    assert _quantize_stats(on)["biases_corrected"] == 1 and "biases_corrected" not in _quantize_stats(off)
-    batch = _batches((16, 32), 9, 1)[0]
-    assert _mean_error(path, tmp_path / "on", batch) < _mean_error(path, tmp_path / "off", batch)
+def test_w8a8_preset_corrects_conv_biases_unless_told_otherwise(tmp_path):
+    """`w8a8` corrects Conv layers only (`bias-correction=conv`); `true` corrects linears too."""
+    convs, mlp = _conv_net(tmp_path), _mlp(tmp_path)
+    conv_calib, mlp_calib = _batches((2, 3, 16, 16), 0), _batches((16, 32), 0)
+    on = qcompiler.compile(str(convs), tmp_path / "on", pipeline="w8a8", calibration=conv_calib, drift=False)
+    off = qcompiler.compile(str(convs), tmp_path / "off", pipeline="w8a8{bias-correction=false}", calibration=conv_calib, drift=False)
+    assert "bias-correction=conv" in on.pipeline and "bias-correction=false" in off.pipeline
+    assert _quantize_stats(on)["biases_corrected"] == 1 and "biases_corrected" not in _quantize_stats(off)  # c2 writes the output: float
+    batch = _batches((2, 3, 16, 16), 9, 1)[0]
+    assert _mean_error(convs, tmp_path / "on", batch) < _mean_error(convs, tmp_path / "off", batch)
+    linear = qcompiler.compile(str(mlp), tmp_path / "mlp", pipeline="w8a8", calibration=mlp_calib, drift=False)
+    every = qcompiler.compile(str(mlp), tmp_path / "all", pipeline="w8a8{bias-correction=true}", calibration=mlp_calib, drift=False)
+    assert _quantize_stats(linear)["biases_corrected"] == 0 and _quantize_stats(every)["biases_corrected"] == 1
 
 
 def test_layers_without_a_constant_bias_are_left_alone(tmp_path):
@@ -109,7 +114,7 @@ def test_layers_without_a_constant_bias_are_left_alone(tmp_path):
     x = oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 32])
     y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 32])
     path = _save(tmp_path, nodes, [x], [y], arrays, "biasfree")
-    on = qcompiler.compile(str(path), tmp_path / "on", pipeline="w8a8", calibration=_batches((16, 32), 0), drift=False)
+    on = qcompiler.compile(str(path), tmp_path / "on", pipeline="w8a8{bias-correction=true}", calibration=_batches((16, 32), 0), drift=False)
     qcompiler.compile(str(path), tmp_path / "off", pipeline="w8a8{bias-correction=false}", calibration=_batches((16, 32), 0), drift=False)
     assert _quantize_stats(on)["biases_corrected"] == 0
     assert (tmp_path / "on" / "model.onnx").read_bytes() == (tmp_path / "off" / "model.onnx").read_bytes()
