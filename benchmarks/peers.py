@@ -78,6 +78,7 @@ import ctypes
 import io
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -108,18 +109,58 @@ log = mixed_pareto.log
 # Rows
 
 
-def attempt(label: str, family: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run one row; a peer that is missing or fails gives a row with a one-line `error`."""
+class RowTimeLimit(Exception):
+    """A row ran past its wall-clock limit (`--row-limit`)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """Raise `RowTimeLimit` in the main thread once `seconds` of wall time have passed (SIGALRM:
+    it lands at the next Python bytecode, so a single long native call finishes first)."""
+    if not seconds or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise RowTimeLimit(f"ran past its wall-clock limit of {seconds:g} s (--row-limit)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def measured(commit: str) -> dict[str, str]:
+    """When, on which commit and by which command a row was measured (kept through --merge)."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit, "command": common.command_line()}
+
+
+def row_limit(args, family: str) -> float | None:
+    """The wall-clock limit of a row: `--row-limit` for the peers, none for our own presets."""
+    return None if family == "ours" or not args.row_limit else args.row_limit
+
+
+def attempt(label: str, family: str, make: Callable[[], dict[str, Any]], limit: float | None = None,
+            commit: str = "") -> dict[str, Any]:
+    """Run one row within `limit` wall seconds; a peer that is missing, fails or runs past the
+    limit gives a row with a one-line `error` (`not_finished` too for the limit)."""
     log(f"{label}")
     start = time.perf_counter()
     try:
-        row = make()
+        with time_limit(limit):
+            row = make()
+    except RowTimeLimit as exc:
+        row = {"error": f"not finished: {exc}", "not_finished": True}
     except ImportError as exc:
         row = {"error": f"not installed ({exc}); see the install lines at the top of benchmarks/peers.py"}
     except Exception as exc:  # a peer failing is a result, not a crash of the benchmark
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         row = {"error": f"{type(exc).__name__}: {first}"[:300], "traceback": traceback.format_exc()[-3000:]}
     row.setdefault("seconds", round(time.perf_counter() - start, 1))
+    row["measured"] = measured(commit)
     if "error" in row:
         log(f"{label}: {row['error']}")
     return {"family": family, **row}
@@ -531,7 +572,7 @@ def lm_rows(args, work: Path) -> dict[str, Any]:
     for label, family, make in lm_plan(args, ctx, work / name):
         if args.match and args.match not in label:
             continue
-        rows[label] = attempt(label, family, make)
+        rows[label] = attempt(label, family, make, row_limit(args, family), args.commit)
         args.save()
     base = rows["float32"]["perplexity"]
     for row in rows.values():
@@ -552,28 +593,33 @@ def encoder_rows(args, work: Path) -> dict[str, Any]:
     rows: dict[str, dict] = args.live.setdefault(name, {"rows": {}})["rows"]
 
     def add(label: str, family: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        rows[label] = attempt(label, family, make)
+        if args.match and args.match not in label:
+            return {"error": "not selected (--match)"}
+        rows[label] = attempt(label, family, make, row_limit(args, family), args.commit)
         args.save()
         return rows[label]
 
     rows["float32"] = {"family": "float", "tool": "qcompiler", "config": "default", "compile_s": float_s,
                        **onnx_bits(ctx["float_path"], weights), "head": "-", "embedding": "fp32", **evaluator(ctx["float_path"])}
     latency_models = {"float32": ctx["float_path"]}
+
+    def timed(label: str, row: dict[str, Any]) -> None:
+        """Time the row's model in the latency rounds if it was made (a failed row has no model)."""
+        if "error" not in row and row.get("artifact"):
+            latency_models[label] = Path(row["artifact"])
     if "ours" in args.families:
-        add("ours w8a8", "ours", lambda: ours_row(ctx["float_path"], work / name / "w8a8", "w8a8", batches, ctx))
-        latency_models["ours w8a8"] = work / name / "w8a8" / "model.onnx"
+        timed("ours w8a8", add("ours w8a8", "ours", lambda: ours_row(ctx["float_path"], work / name / "w8a8", "w8a8", batches, ctx)))
         for budget in (3.0,) if args.quick else (3.0, 4.25):
             add(f"ours mixed {budget:g}", "ours", lambda b=budget: ours_row(
                 ctx["float_path"], work / name / f"mixed-{b:g}", f"mixed{{avg-bits={b:g}}}", batches, ctx))
     if "nncf" in args.families:
-        add("nncf quantize W8A8 (transformer)", "nncf", lambda: nncf_quantize_row(ctx, work / name / "nncf-w8a8"))
-        latency_models["nncf quantize W8A8 (transformer)"] = work / name / "nncf-w8a8" / "model.onnx"
+        timed("nncf quantize W8A8 (transformer)", add("nncf quantize W8A8 (transformer)", "nncf",
+                                                      lambda: nncf_quantize_row(ctx, work / name / "nncf-w8a8")))
         add("nncf INT4_ASYM g128 data-free", "nncf", lambda: nncf_compress_row(
             {"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0}, False, ctx, work / name / "nncf-int4"))
     if "ort" in args.families:
         for kind, label in (("static", "ort static U8S8"), ("dynamic", "ort dynamic")):
-            add(label, "ort", lambda k=kind: ort_w8a8_row(k, ctx, work / name))
-            latency_models[label] = Path(rows[label].get("artifact", "")) if "error" not in rows[label] else None
+            timed(label, add(label, "ort", lambda k=kind: ort_w8a8_row(k, ctx, work / name)))
     base = rows["float32"]["spearman_x100"]
     for row in rows.values():
         if row.get("spearman_x100") is not None:
@@ -703,6 +749,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=common.THREADS, help="intra-op threads for every tool (default 2)")
     parser.add_argument("--windows", type=int, default=None, help="SmolLM2 perplexity windows of 256 tokens (8; --quick 2)")
     parser.add_argument("--autoround-iters", type=int, default=50, help="AutoRound tuning iterations per block (50; --quick 5)")
+    parser.add_argument("--row-limit", type=float, default=1800,
+                        help="wall-clock seconds a peer row may run before it is recorded as not finished (1800; 0: none); "
+                             "our own rows run to the end")
     parser.add_argument("--quick", action="store_true", help="fewer windows, budgets and peer settings (a smoke run)")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one, removed at the end)")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/peers.json, --quick peers_quick.json)")
@@ -737,6 +786,8 @@ def main(argv: list[str] | None = None) -> int:
     mixed_pareto.THREADS = args.threads  # compile_ours and Evaluator read it
     threads = common.fix_threads(args.threads)
     started = time.perf_counter()
+    git = common.git_state()
+    args.commit = git["commit"] + ("+uncommitted" if git["uncommitted"] else "")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="peers-"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
@@ -744,8 +795,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "peers", "complete": False, "quick": args.quick, "command": common.command_line(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": common.machine(),
         "packages": {**common.packages(), **peer_versions()}, "threads": threads,
-        "git_at_start": common.git_state(), "options": {"models": names, "families": args.families, "windows": args.windows,
-                                                        "autoround_iters": args.autoround_iters},
+        "git_at_start": git, "options": {"models": names, "families": args.families, "windows": args.windows,
+                                                        "autoround_iters": args.autoround_iters, "row_limit_s": args.row_limit},
         "models": results,
     }
     args.live = results  # rows land here as they finish; the JSON is rewritten after each (complete: false until the end)
