@@ -62,8 +62,12 @@ The `head` and `embedding` columns say what the LM head and the embedding are st
 Compile time: wall seconds from the float model to the quantized one (ours: `qcompiler.compile`
 from the float ONNX file; ORT / NNCF: quantizer + save; torch tools: their quantize call; llama.cpp:
 `llama_model_quantize`). The capture of the float model is not included (all rows share it).
-AutoRound's run time is bounded on CPU: `--autoround-iters` (50; quick 5) iterations, the 28
-calibration rows of 128 tokens. MiniLM W8A8 rows also get latency: batch 8 x 128 tokens, rounds of
+AutoRound runs its fastest documented recipe that still tunes ("light": 50 iterations, learning
+rate 5e-3, batch 8; `--autoround-iters`, `--autoround-lr`; quick 5 iterations) on the 28 calibration
+rows of 128 tokens (its recipes' 128 x 2048 tokens would not fit the row limit on 2 cores).
+Every peer row runs within `--row-limit` wall seconds (1800); one that runs past it is a row marked
+`not_finished` with the reason. Each row records the date, commit and command it was measured with
+(`measured`); `--merge` keeps them, so rows measured by different runs can sit in one JSON. MiniLM W8A8 rows also get latency: batch 8 x 128 tokens, rounds of
 every variant in turn (`common.interleaved_latency`), ONNX Runtime with `--threads` intra-op threads.
 
 Output: the tables on stdout, `benchmarks/results/peers.json` and `benchmarks/results/peers.png`
@@ -101,6 +105,7 @@ FAMILIES = ("ours", "ort", "nncf", "hqq", "autoround", "llmcompressor", "llamacp
 LLAMA_TYPES = ("Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_XS", "IQ4_NL")
 QUICK_LLAMA_TYPES = ("Q3_K_M", "Q4_K_M")
 LLAMA_NEEDS_IMATRIX = ("IQ3_XXS", "IQ3_S", "IQ2_XS")
+AUTOROUND_BATCH = 8  # its "light" recipe's batch (iters 50, lr 5e-3); our 28 calibration rows of 128 tokens
 
 log = mixed_pareto.log
 
@@ -392,7 +397,7 @@ def hqq_row(bits: int, group: int, ctx: dict) -> dict[str, Any]:
             "embedding": "fp32 (not quantized)", **ctx["score_torch"](model)}
 
 
-def autoround_row(bits: int, group: int, iters: int, ctx: dict) -> dict[str, Any]:
+def autoround_row(bits: int, group: int, iters: int, lr: float | None, ctx: dict) -> dict[str, Any]:
     from auto_round import AutoRound
 
     from qcompiler.models import smollm2
@@ -403,11 +408,12 @@ def autoround_row(bits: int, group: int, iters: int, ctx: dict) -> dict[str, Any
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         rounder = AutoRound(model, smollm2.tokenizer(), bits=bits, group_size=group, sym=False, dataset=texts,
-                            iters=iters, nsamples=len(texts), seqlen=len(ctx["calibration_rows"][0]), batch_size=4,
+                            iters=iters, lr=lr, nsamples=len(texts), seqlen=len(ctx["calibration_rows"][0]), batch_size=AUTOROUND_BATCH,
                             device_map="cpu", quant_lm_head=True, enable_torch_compile=False)
         quantized, _ = rounder.quantize()
     wall = time.perf_counter() - start
-    return {"tool": "auto-round", "config": (f"AutoRound(bits={bits}, group_size={group}, sym=False, iters={iters}, "
+    return {"tool": "auto-round", "config": (f"AutoRound(bits={bits}, group_size={group}, sym=False, iters={iters}, lr={lr}, "
+                                             f"batch_size={AUTOROUND_BATCH}, "
                                              f"nsamples={len(texts)}, seqlen={len(ctx['calibration_rows'][0])}, quant_lm_head=True)"),
             "compile_s": round(wall, 2), "effective_bits": packed_bits(bits, group, bits, shapes, ctx["weights"]),
             "bits_note": f"codes + fp16 scale + {bits}-bit zero per group (its packed export)",
@@ -542,7 +548,8 @@ def lm_plan(args, ctx: dict, work: Path) -> list[tuple[str, str, Callable[[], di
     if "autoround" in families:
         iters = min(args.autoround_iters, 5) if quick else args.autoround_iters
         for bits, group in ((4, 128),) if quick else ((4, 128), (3, 128)):
-            plan.append((f"autoround {bits}-bit g{group}", "autoround", lambda b=bits, g=group: autoround_row(b, g, iters, ctx)))
+            plan.append((f"autoround {bits}-bit g{group}", "autoround",
+                         lambda b=bits, g=group: autoround_row(b, g, iters, args.autoround_lr or None, ctx)))
     return plan
 
 
@@ -752,6 +759,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--row-limit", type=float, default=1800,
                         help="wall-clock seconds a peer row may run before it is recorded as not finished (1800; 0: none); "
                              "our own rows run to the end")
+    parser.add_argument("--autoround-lr", type=float, default=5e-3,
+                        help="AutoRound learning rate (5e-3: its 'light' recipe, with 50 iterations; 0: its default 1/iters)")
     parser.add_argument("--quick", action="store_true", help="fewer windows, budgets and peer settings (a smoke run)")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one, removed at the end)")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/peers.json, --quick peers_quick.json)")
@@ -796,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": common.machine(),
         "packages": {**common.packages(), **peer_versions()}, "threads": threads,
         "git_at_start": git, "options": {"models": names, "families": args.families, "windows": args.windows,
-                                                        "autoround_iters": args.autoround_iters, "row_limit_s": args.row_limit},
+                                                        "autoround_iters": args.autoround_iters, "autoround_lr": args.autoround_lr, "row_limit_s": args.row_limit},
         "models": results,
     }
     args.live = results  # rows land here as they finish; the JSON is rewritten after each (complete: false until the end)
