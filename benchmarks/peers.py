@@ -828,15 +828,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def merge(paths: list[Path], output: Path, work: Path | None = None) -> str | None:
     """One JSON (and PNG) from runs of the same models made with different `--only` families,
-    e.g. run side by side: rows of later files replace rows of the same label; `merged_from`
-    keeps each run's command, date, commit and whether it finished."""
+    e.g. run side by side, or new rows added to an earlier result (`--merge peers.json new.json`):
+    rows of later files replace rows of the same label, except that a failed or unfinished row
+    never replaces a measured one; every row keeps the date, commit and command it was measured
+    with (`measured`); `merged_from` lists every run that contributed, earlier merges included."""
     runs = [json.loads(p.read_text()) for p in paths]
+    for run in runs:
+        stamp_rows(run)
     body = json.loads(json.dumps(runs[0]))
     for run in runs[1:]:
         for name, model in run["models"].items():
             target = body["models"].setdefault(name, model)
-            if target is not model:
-                target["rows"].update({k: v for k, v in model["rows"].items() if k != "float32" or k not in target["rows"]})
+            if target is model:
+                continue
+            for label, row in model["rows"].items():
+                old = target["rows"].get(label)
+                if label == "float32" and old is not None or (old is not None and "error" in row and "error" not in old):
+                    continue
+                target["rows"][label] = row
     for name, result in body["models"].items():  # an unfinished run saved its rows only
         lm = name == LM
         result.setdefault("metric", "perplexity" if lm else "spearman_x100")
@@ -851,10 +860,10 @@ def merge(paths: list[Path], output: Path, work: Path | None = None) -> str | No
                                                                     else round(row[result["metric"]] - base, 3))
     if work is not None:
         body["bits_recounted_from"] = {"work": str(work), "rows": recount(body, work)}
-    body["merged_from"] = [{"file": str(p), "command": r["command"], "date": r["date"], "complete": r.get("complete"),
-                            "commit": r.get("git_at_start", {}).get("commit"), "families": r.get("options", {}).get("families")}
-                           for p, r in zip(paths, runs)]
+    body["merged_from"] = [entry for p, r in zip(paths, runs) for entry in run_entries(p, r)]
     body["complete"] = all(r.get("complete") for r in runs)
+    if LM in body["models"]:
+        body["unfinished"] = unfinished_rows(body["models"][LM]["rows"])
     png = output.with_suffix(".png")
     note = plot(body["models"], png)
     body.update(png=None if note else str(png), png_note=note)
@@ -862,11 +871,51 @@ def merge(paths: list[Path], output: Path, work: Path | None = None) -> str | No
     return note
 
 
+def run_entries(path: Path, run: dict) -> list[dict[str, Any]]:
+    """The `merged_from` entries of one input of --merge: its own, or those it was merged from."""
+    if run.get("merged_from"):
+        return run["merged_from"]
+    return [{"file": str(path), "command": run["command"], "date": run["date"], "complete": run.get("complete"),
+             "commit": run.get("git_at_start", {}).get("commit"), "families": run.get("options", {}).get("families"),
+             "peer_packages": {k: v for k, v in run.get("packages", {}).items() if k in PEER_PACKAGES}}]
+
+
+def stamp_rows(run: dict) -> None:
+    """Give every row without its own `measured` that of the run it came from: the run's start
+    date, commit and command; for a merged file, those of the last run it was merged from whose
+    file still holds the row (rows measured before `measured` was recorded)."""
+    sources = []
+    for entry in reversed(run.get("merged_from") or []):
+        path = Path(entry["file"])
+        if path.is_file():
+            sources.append((entry, json.loads(path.read_text())))
+    for name, model in run["models"].items():
+        for label, row in model["rows"].items():
+            if "measured" in row:
+                continue
+            origin = next((entry for entry, part in sources if label in part["models"].get(name, {}).get("rows", {})), None)
+            if origin is None and not run.get("merged_from"):
+                origin = {"date": run["date"], "commit": run.get("git_at_start", {}).get("commit"), "command": run["command"]}
+            if origin is not None:
+                row["measured"] = {"date": origin["date"], "commit": origin["commit"], "command": origin["command"],
+                                   "note": "the date its run started (rows measured before each row recorded its own)"}
+
+
+def unfinished_rows(rows: dict[str, dict]) -> list[str]:
+    """SmolLM2 rows of the full run that have no result: absent, failed or past the row limit."""
+    plan = lm_plan(argparse.Namespace(quick=False, families=list(FAMILIES), autoround_iters=50, autoround_lr=5e-3), {}, Path())
+    return [f"{label}: " + ("not measured" if label not in rows else rows[label]["error"][:120])
+            for label, _, _ in plan if label not in rows or "error" in rows[label]]
+
+
+PEER_PACKAGES = ("nncf", "hqq", "auto-round", "llmcompressor", "compressed-tensors", "llama-cpp-python")
+
+
 def peer_versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {}
-    for name in ("nncf", "hqq", "auto-round", "llmcompressor", "compressed-tensors", "llama-cpp-python"):
+    for name in PEER_PACKAGES:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
