@@ -3,6 +3,8 @@
     python benchmarks/peers.py --threads 2            # everything (see docs/results.md for the time)
     python benchmarks/peers.py --quick                # 2 windows, budgets 3.25 and 4.25, one row per peer family
     python benchmarks/peers.py --only ours,nncf       # some families: ours ort nncf hqq autoround llmcompressor llamacpp
+    python benchmarks/peers.py --rows 'hqq 4-bit g128;ort GPTQ g32' --output NEW.json   # some rows, by label
+    python benchmarks/peers.py --merge benchmarks/results/peers.json NEW.json         # add them to the result
     python benchmarks/peers.py --replot               # redraw the PNG from the JSON
 
 Installing the peers, in an environment of their own so the project's stays as it is:
@@ -141,6 +143,12 @@ def time_limit(seconds: float | None):
 def measured(commit: str) -> dict[str, str]:
     """When, on which commit and by which command a row was measured (kept through --merge)."""
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit, "command": common.command_line()}
+
+
+def selected(args, label: str) -> bool:
+    """Whether a row is in this run: its label contains `--match` and is one of `--rows` (if given)."""
+    rows = [r.strip() for r in (args.rows or "").split(";") if r.strip()]
+    return (not args.match or args.match in label) and (not rows or label in rows)
 
 
 def row_limit(args, family: str) -> float | None:
@@ -303,11 +311,13 @@ NNCF_ROWS = {
                                                "awq": True, "scale_estimation": True}, True, False),
     "nncf INT4_ASYM g32 AWQ+SE all layers": ({"mode": "INT4_ASYM", "group_size": 32, "ratio": 1.0, "all_layers": True,
                                               "awq": True, "scale_estimation": True}, True, False),
-    "nncf INT4_ASYM g128 AWQ all layers": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0, "all_layers": True,
-                                            "awq": True}, True, False),
-    "nncf INT4_ASYM g128 SE all layers": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0, "all_layers": True,
-                                           "scale_estimation": True}, True, False),
-    "nncf INT4_ASYM g128 ratio 0.8 hessian, AWQ+SE": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 0.8, "all_layers": True,
+    # the head in 4 bits (all_layers) gives a blocked DequantizeLinear ONNX Runtime 1.32 rejects: the
+    # single-method rows keep NNCF's default int8 head so that they measure something
+    "nncf INT4_ASYM g128 AWQ, head int8": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0,
+                                           "awq": True}, True, False),
+    "nncf INT4_ASYM g128 SE, head int8": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0,
+                                          "scale_estimation": True}, True, False),
+    "nncf INT4_ASYM g128 ratio 0.8 hessian, AWQ+SE, head int8": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 0.8,
                                                        "sensitivity_metric": "HESSIAN_INPUT_ACTIVATION", "awq": True,
                                                        "scale_estimation": True}, True, False),
     "nncf INT4_ASYM g128 GPTQ": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0, "all_layers": True, "gptq": True}, True, False),
@@ -577,7 +587,7 @@ def lm_rows(args, work: Path) -> dict[str, Any]:
     if {"hqq", "autoround", "llmcompressor"} & set(args.families):  # the torch float model must score as the ONNX one
         rows["float32"]["torch_float_check"] = evaluator.score(torch_runner(hf_smollm2()))
     for label, family, make in lm_plan(args, ctx, work / name):
-        if args.match and args.match not in label:
+        if not selected(args, label):
             continue
         rows[label] = attempt(label, family, make, row_limit(args, family), args.commit)
         args.save()
@@ -600,8 +610,8 @@ def encoder_rows(args, work: Path) -> dict[str, Any]:
     rows: dict[str, dict] = args.live.setdefault(name, {"rows": {}})["rows"]
 
     def add(label: str, family: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        if args.match and args.match not in label:
-            return {"error": "not selected (--match)"}
+        if not selected(args, label):
+            return {"error": "not selected (--match / --rows)"}
         rows[label] = attempt(label, family, make, row_limit(args, family), args.commit)
         args.save()
         return rows[label]
@@ -766,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/peers.json, --quick peers_quick.json)")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON at --output")
     parser.add_argument("--match", default="", help="SmolLM2: only the rows whose label contains this text (e.g. g128)")
+    parser.add_argument("--rows", default="", help="only these rows: exact labels separated by ';' "
+                        "(e.g. 'ours mixed 4;hqq 4-bit g128'; the float32 row always runs)")
     parser.add_argument("--markdown", action="store_true", help="only print the JSON at --output as Markdown tables")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="combine the rows of runs made with different --only (later files win) into --output, then plot; "

@@ -76,3 +76,13 @@ def test_merge_adds_rows_and_keeps_measured_ones(tmp_path):
     again = tmp_path / "again.json"  # merging the merged file again keeps the run history
     peers.merge([out, new], again)
     assert [e["commit"] for e in json.loads(again.read_text())["merged_from"]] == ["aaa", "bbb", "bbb"]
+
+
+def test_rows_selects_exact_labels_and_match_a_substring():
+    class Args:
+        match, rows = "", "ours mixed 4;hqq 4-bit g128"
+
+    assert peers.selected(Args, "ours mixed 4") and peers.selected(Args, "hqq 4-bit g128")
+    assert not peers.selected(Args, "ours mixed 4.25")
+    Args.match, Args.rows = "g128", ""
+    assert peers.selected(Args, "hqq 4-bit g128") and not peers.selected(Args, "hqq 3-bit g64")
