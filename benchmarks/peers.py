@@ -563,6 +563,20 @@ def lm_plan(args, ctx: dict, work: Path) -> list[tuple[str, str, Callable[[], di
     return plan
 
 
+def earlier_float_row(args, name: str, float_bits: dict[str, Any]) -> dict[str, Any] | None:
+    """The float32 row of `--float-row JSON` instead of scoring the float model again, when that
+    run scored the same number of windows and its float model has the same weight bytes."""
+    if not args.float_row:
+        return None
+    earlier = json.loads(Path(args.float_row).read_text())
+    row = earlier["models"].get(name, {}).get("rows", {}).get("float32")
+    if row is None or earlier["options"]["windows"] != args.windows or row.get("weight_bytes") != float_bits["weight_bytes"]:
+        raise SystemExit(f"--float-row {args.float_row}: no float32 row of {name} with {args.windows} windows and the same "
+                         "float model; run without --float-row")
+    log(f"{name}: float32 row taken from {args.float_row}")
+    return {**row, "taken_from": args.float_row}
+
+
 def lm_rows(args, work: Path) -> dict[str, Any]:
     name = LM
     head, _ = common.wikitext_split()
@@ -581,11 +595,15 @@ def lm_rows(args, work: Path) -> dict[str, Any]:
     }
     rows: dict[str, dict] = args.live.setdefault(name, {"rows": {}})["rows"]
     float_bits = onnx_bits(ctx["float_path"], weights)
-    rows["float32"] = {"family": "float", "tool": "qcompiler", "config": "default", "compile_s": float_s,
-                       "compile_note": "capture + default pipeline (None: reused from --work)", **float_bits, "head": "fp32 (tied)",
-                       "embedding": "fp32", **evaluator(ctx["float_path"])}
-    if {"hqq", "autoround", "llmcompressor"} & set(args.families):  # the torch float model must score as the ONNX one
-        rows["float32"]["torch_float_check"] = evaluator.score(torch_runner(hf_smollm2()))
+    earlier = earlier_float_row(args, name, float_bits)
+    if earlier is not None:
+        rows["float32"] = earlier
+    else:
+        rows["float32"] = {"family": "float", "tool": "qcompiler", "config": "default", "compile_s": float_s,
+                           "compile_note": "capture + default pipeline (None: reused from --work)", **float_bits, "head": "fp32 (tied)",
+                           "embedding": "fp32", **evaluator(ctx["float_path"])}
+        if {"hqq", "autoround", "llmcompressor"} & set(args.families):  # the torch float model must score as the ONNX one
+            rows["float32"]["torch_float_check"] = evaluator.score(torch_runner(hf_smollm2()))
     for label, family, make in lm_plan(args, ctx, work / name):
         if not selected(args, label):
             continue
@@ -778,6 +796,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--match", default="", help="SmolLM2: only the rows whose label contains this text (e.g. g128)")
     parser.add_argument("--rows", default="", help="only these rows: exact labels separated by ';' "
                         "(e.g. 'ours mixed 4;hqq 4-bit g128'; the float32 row always runs)")
+    parser.add_argument("--float-row", default=None, metavar="JSON",
+                        help="SmolLM2: take the float32 row from this earlier result (same windows, same float model) "
+                             "instead of scoring it again")
     parser.add_argument("--markdown", action="store_true", help="only print the JSON at --output as Markdown tables")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="combine the rows of runs made with different --only (later files win) into --output, then plot; "
