@@ -86,3 +86,10 @@ def test_rows_selects_exact_labels_and_match_a_substring():
     assert not peers.selected(Args, "ours mixed 4.25")
     Args.match, Args.rows = "g128", ""
     assert peers.selected(Args, "hqq 4-bit g128") and not peers.selected(Args, "hqq 3-bit g64")
+
+
+def test_calibration_reader_iterates_and_reads():
+    feeds = [{"input_ids": 1}, {"input_ids": 2}]
+    reader = peers.common.ListReader(feeds)
+    assert list(reader) == feeds  # ONNX Runtime's GPTQ iterates the reader
+    assert [reader.get_next(), reader.get_next(), reader.get_next()] == [feeds[0], feeds[1], None]
