@@ -129,7 +129,7 @@ def time_limit(seconds: float | None):
         return
 
     def expire(signum, frame):
-        raise RowTimeLimit(f"ran past its wall-clock limit of {seconds:g} s (--row-limit)")
+        raise RowTimeLimit(f"ran past its wall-clock limit of {seconds:g} s (--row-limit), {where(frame)}")
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -138,6 +138,18 @@ def time_limit(seconds: float | None):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def where(frame) -> str:
+    """Where a row was when its limit struck: the innermost benchmark function and the innermost
+    frame (e.g. `in Evaluator._perplexity, inside torch/nn/functional.py`)."""
+    here = Path(__file__).resolve().parent
+    inner = frame
+    while frame is not None and Path(frame.f_code.co_filename).resolve().parent != here:
+        frame = frame.f_back
+    ours = f"in {frame.f_code.co_qualname}" if frame is not None else "outside the benchmark's code"
+    tail = "/".join(Path(inner.f_code.co_filename).parts[-3:]) if inner is not None else "?"
+    return f"{ours}, inside {tail}"
 
 
 def measured(commit: str) -> dict[str, str]:

@@ -93,3 +93,15 @@ def test_calibration_reader_iterates_and_reads():
     reader = peers.common.ListReader(feeds)
     assert list(reader) == feeds  # ONNX Runtime's GPTQ iterates the reader
     assert [reader.get_next(), reader.get_next(), reader.get_next()] == [feeds[0], feeds[1], None]
+
+
+def test_not_finished_row_says_where_it_was():
+    def spin():
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            pass
+        return {}
+
+    row = peers.attempt("slow peer", "hqq", spin, limit=0.2)
+    assert "in attempt" in row["error"]  # the innermost frame of the benchmark's own code
+    assert "tests/test_bench_peers_rows.py" in row["error"].split("inside ")[1]  # and the innermost of all
