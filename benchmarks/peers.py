@@ -749,7 +749,8 @@ def markdown_table(name: str, result: dict) -> str:
             cells.append(f"{r['latency_ms']:.1f} ({r.get('latency_ratio_to_float') or 0:.2f})" if r.get("latency_ms") else "")
         lines.append("| " + " | ".join(cells) + " |")
     for label, r in failed:
-        lines.append("| " + " | ".join([label, "did not run: " + r["error"].replace("|", "/")[:160]] + [""] * (len(head) - 2)) + " |")
+        why = r["error"].replace("|", "/")[:160]
+        lines.append("| " + " | ".join([label, why if r.get("not_finished") else "did not run: " + why] + [""] * (len(head) - 2)) + " |")
     return "\n".join(lines)
 
 
