@@ -811,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(e.g. 'ours mixed 4;hqq 4-bit g128'; the float32 row always runs)")
     parser.add_argument("--float-row", default=None, metavar="JSON",
                         help="SmolLM2: take the float32 row from this earlier result (same windows, same float model) "
-                             "instead of scoring it again")
+                             "instead of scoring it again (the rows then have no top-1 agreement: the float tokens are not in the JSON)")
     parser.add_argument("--markdown", action="store_true", help="only print the JSON at --output as Markdown tables")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="combine the rows of runs made with different --only (later files win) into --output, then plot; "
