@@ -69,8 +69,10 @@ rate 5e-3, batch 8; `--autoround-iters`, `--autoround-lr`; quick 5 iterations) o
 rows of 128 tokens (its recipes' 128 x 2048 tokens would not fit the row limit on 2 cores).
 Every peer row runs within `--row-limit` wall seconds (1800); one that runs past it is a row marked
 `not_finished` with the reason. Each row records the date, commit and command it was measured with
-(`measured`); `--merge` keeps them, so rows measured by different runs can sit in one JSON. MiniLM W8A8 rows also get latency: batch 8 x 128 tokens, rounds of
-every variant in turn (`common.interleaved_latency`), ONNX Runtime with `--threads` intra-op threads.
+(`measured`); `--merge` keeps them, so rows measured by different runs can sit in one JSON.
+MiniLM W8A8 rows also get latency: batch 8 x 128 tokens, rounds of every variant in turn
+(`common.interleaved_latency`), ONNX Runtime with `--threads` intra-op threads; only the rows that
+were made are timed.
 
 Output: the tables on stdout, `benchmarks/results/peers.json` and `benchmarks/results/peers.png`
 (`--quick` writes `peers_quick.json` / `.png`).
