@@ -361,6 +361,9 @@ class ListReader:
     def __len__(self):
         return len(self.batches)
 
+    def __iter__(self):  # ONNX Runtime's GPTQ path iterates the reader instead of calling get_next
+        return iter(self.batches)
+
     def rewind(self):
         self.i = 0
 

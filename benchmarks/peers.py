@@ -3,6 +3,8 @@
     python benchmarks/peers.py --threads 2            # everything (see docs/results.md for the time)
     python benchmarks/peers.py --quick                # 2 windows, budgets 3.25 and 4.25, one row per peer family
     python benchmarks/peers.py --only ours,nncf       # some families: ours ort nncf hqq autoround llmcompressor llamacpp
+    python benchmarks/peers.py --rows 'hqq 4-bit g128;ort GPTQ g32' --output NEW.json   # some rows, by label
+    python benchmarks/peers.py --merge benchmarks/results/peers.json NEW.json         # add them to the result
     python benchmarks/peers.py --replot               # redraw the PNG from the JSON
 
 Installing the peers, in an environment of their own so the project's stays as it is:
@@ -62,9 +64,15 @@ The `head` and `embedding` columns say what the LM head and the embedding are st
 Compile time: wall seconds from the float model to the quantized one (ours: `qcompiler.compile`
 from the float ONNX file; ORT / NNCF: quantizer + save; torch tools: their quantize call; llama.cpp:
 `llama_model_quantize`). The capture of the float model is not included (all rows share it).
-AutoRound's run time is bounded on CPU: `--autoround-iters` (50; quick 5) iterations, the 28
-calibration rows of 128 tokens. MiniLM W8A8 rows also get latency: batch 8 x 128 tokens, rounds of
-every variant in turn (`common.interleaved_latency`), ONNX Runtime with `--threads` intra-op threads.
+AutoRound runs its fastest documented recipe that still tunes ("light": 50 iterations, learning
+rate 5e-3, batch 8; `--autoround-iters`, `--autoround-lr`; quick 5 iterations) on the 28 calibration
+rows of 128 tokens (its recipes' 128 x 2048 tokens would not fit the row limit on 2 cores).
+Every peer row runs within `--row-limit` wall seconds (1800); one that runs past it is a row marked
+`not_finished` with the reason. Each row records the date, commit and command it was measured with
+(`measured`); `--merge` keeps them, so rows measured by different runs can sit in one JSON.
+MiniLM W8A8 rows also get latency: batch 8 x 128 tokens, rounds of every variant in turn
+(`common.interleaved_latency`), ONNX Runtime with `--threads` intra-op threads; only the rows that
+were made are timed.
 
 Output: the tables on stdout, `benchmarks/results/peers.json` and `benchmarks/results/peers.png`
 (`--quick` writes `peers_quick.json` / `.png`).
@@ -78,6 +86,7 @@ import ctypes
 import io
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -100,6 +109,7 @@ FAMILIES = ("ours", "ort", "nncf", "hqq", "autoround", "llmcompressor", "llamacp
 LLAMA_TYPES = ("Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_XS", "IQ4_NL")
 QUICK_LLAMA_TYPES = ("Q3_K_M", "Q4_K_M")
 LLAMA_NEEDS_IMATRIX = ("IQ3_XXS", "IQ3_S", "IQ2_XS")
+AUTOROUND_BATCH = 8  # its "light" recipe's batch (iters 50, lr 5e-3); our 28 calibration rows of 128 tokens
 
 log = mixed_pareto.log
 
@@ -108,18 +118,76 @@ log = mixed_pareto.log
 # Rows
 
 
-def attempt(label: str, family: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run one row; a peer that is missing or fails gives a row with a one-line `error`."""
+class RowTimeLimit(Exception):
+    """A row ran past its wall-clock limit (`--row-limit`)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """Raise `RowTimeLimit` in the main thread once `seconds` of wall time have passed (SIGALRM:
+    it lands at the next Python bytecode, so a single long native call finishes first)."""
+    if not seconds or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise RowTimeLimit(f"ran past its wall-clock limit of {seconds:g} s (--row-limit), {where(frame)}")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def where(frame) -> str:
+    """Where a row was when its limit struck: the innermost benchmark function and the innermost
+    frame (e.g. `in Evaluator._perplexity, inside torch/nn/functional.py`)."""
+    here = Path(__file__).resolve().parent
+    inner = frame
+    while frame is not None and Path(frame.f_code.co_filename).resolve().parent != here:
+        frame = frame.f_back
+    ours = f"in {frame.f_code.co_qualname}" if frame is not None else "outside the benchmark's code"
+    tail = "/".join(Path(inner.f_code.co_filename).parts[-3:]) if inner is not None else "?"
+    return f"{ours}, inside {tail}"
+
+
+def measured(commit: str) -> dict[str, str]:
+    """When, on which commit and by which command a row was measured (kept through --merge)."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit, "command": common.command_line()}
+
+
+def selected(args, label: str) -> bool:
+    """Whether a row is in this run: its label contains `--match` and is one of `--rows` (if given)."""
+    rows = [r.strip() for r in (args.rows or "").split(";") if r.strip()]
+    return (not args.match or args.match in label) and (not rows or label in rows)
+
+
+def row_limit(args, family: str) -> float | None:
+    """The wall-clock limit of a row: `--row-limit` for the peers, none for our own presets."""
+    return None if family == "ours" or not args.row_limit else args.row_limit
+
+
+def attempt(label: str, family: str, make: Callable[[], dict[str, Any]], limit: float | None = None,
+            commit: str = "") -> dict[str, Any]:
+    """Run one row within `limit` wall seconds; a peer that is missing, fails or runs past the
+    limit gives a row with a one-line `error` (`not_finished` too for the limit)."""
     log(f"{label}")
     start = time.perf_counter()
     try:
-        row = make()
+        with time_limit(limit):
+            row = make()
+    except RowTimeLimit as exc:
+        row = {"error": f"not finished: {exc}", "not_finished": True}
     except ImportError as exc:
         row = {"error": f"not installed ({exc}); see the install lines at the top of benchmarks/peers.py"}
     except Exception as exc:  # a peer failing is a result, not a crash of the benchmark
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         row = {"error": f"{type(exc).__name__}: {first}"[:300], "traceback": traceback.format_exc()[-3000:]}
     row.setdefault("seconds", round(time.perf_counter() - start, 1))
+    row["measured"] = measured(commit)
     if "error" in row:
         log(f"{label}: {row['error']}")
     return {"family": family, **row}
@@ -257,11 +325,13 @@ NNCF_ROWS = {
                                                "awq": True, "scale_estimation": True}, True, False),
     "nncf INT4_ASYM g32 AWQ+SE all layers": ({"mode": "INT4_ASYM", "group_size": 32, "ratio": 1.0, "all_layers": True,
                                               "awq": True, "scale_estimation": True}, True, False),
-    "nncf INT4_ASYM g128 AWQ all layers": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0, "all_layers": True,
-                                            "awq": True}, True, False),
-    "nncf INT4_ASYM g128 SE all layers": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0, "all_layers": True,
-                                           "scale_estimation": True}, True, False),
-    "nncf INT4_ASYM g128 ratio 0.8 hessian, AWQ+SE": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 0.8, "all_layers": True,
+    # the head in 4 bits (all_layers) gives a blocked DequantizeLinear ONNX Runtime 1.32 rejects: the
+    # single-method rows keep NNCF's default int8 head so that they measure something
+    "nncf INT4_ASYM g128 AWQ, head int8": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0,
+                                           "awq": True}, True, False),
+    "nncf INT4_ASYM g128 SE, head int8": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0,
+                                          "scale_estimation": True}, True, False),
+    "nncf INT4_ASYM g128 ratio 0.8 hessian, AWQ+SE, head int8": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 0.8,
                                                        "sensitivity_metric": "HESSIAN_INPUT_ACTIVATION", "awq": True,
                                                        "scale_estimation": True}, True, False),
     "nncf INT4_ASYM g128 GPTQ": ({"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0, "all_layers": True, "gptq": True}, True, False),
@@ -351,7 +421,7 @@ def hqq_row(bits: int, group: int, ctx: dict) -> dict[str, Any]:
             "embedding": "fp32 (not quantized)", **ctx["score_torch"](model)}
 
 
-def autoround_row(bits: int, group: int, iters: int, ctx: dict) -> dict[str, Any]:
+def autoround_row(bits: int, group: int, iters: int, lr: float | None, ctx: dict) -> dict[str, Any]:
     from auto_round import AutoRound
 
     from qcompiler.models import smollm2
@@ -362,11 +432,12 @@ def autoround_row(bits: int, group: int, iters: int, ctx: dict) -> dict[str, Any
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         rounder = AutoRound(model, smollm2.tokenizer(), bits=bits, group_size=group, sym=False, dataset=texts,
-                            iters=iters, nsamples=len(texts), seqlen=len(ctx["calibration_rows"][0]), batch_size=4,
+                            iters=iters, lr=lr, nsamples=len(texts), seqlen=len(ctx["calibration_rows"][0]), batch_size=AUTOROUND_BATCH,
                             device_map="cpu", quant_lm_head=True, enable_torch_compile=False)
         quantized, _ = rounder.quantize()
     wall = time.perf_counter() - start
-    return {"tool": "auto-round", "config": (f"AutoRound(bits={bits}, group_size={group}, sym=False, iters={iters}, "
+    return {"tool": "auto-round", "config": (f"AutoRound(bits={bits}, group_size={group}, sym=False, iters={iters}, lr={lr}, "
+                                             f"batch_size={AUTOROUND_BATCH}, "
                                              f"nsamples={len(texts)}, seqlen={len(ctx['calibration_rows'][0])}, quant_lm_head=True)"),
             "compile_s": round(wall, 2), "effective_bits": packed_bits(bits, group, bits, shapes, ctx["weights"]),
             "bits_note": f"codes + fp16 scale + {bits}-bit zero per group (its packed export)",
@@ -501,8 +572,23 @@ def lm_plan(args, ctx: dict, work: Path) -> list[tuple[str, str, Callable[[], di
     if "autoround" in families:
         iters = min(args.autoround_iters, 5) if quick else args.autoround_iters
         for bits, group in ((4, 128),) if quick else ((4, 128), (3, 128)):
-            plan.append((f"autoround {bits}-bit g{group}", "autoround", lambda b=bits, g=group: autoround_row(b, g, iters, ctx)))
+            plan.append((f"autoround {bits}-bit g{group}", "autoround",
+                         lambda b=bits, g=group: autoround_row(b, g, iters, args.autoround_lr or None, ctx)))
     return plan
+
+
+def earlier_float_row(args, name: str, float_bits: dict[str, Any]) -> dict[str, Any] | None:
+    """The float32 row of `--float-row JSON` instead of scoring the float model again, when that
+    run scored the same number of windows and its float model has the same weight bytes."""
+    if not args.float_row:
+        return None
+    earlier = json.loads(Path(args.float_row).read_text())
+    row = earlier["models"].get(name, {}).get("rows", {}).get("float32")
+    if row is None or earlier["options"]["windows"] != args.windows or row.get("weight_bytes") != float_bits["weight_bytes"]:
+        raise SystemExit(f"--float-row {args.float_row}: no float32 row of {name} with {args.windows} windows and the same "
+                         "float model; run without --float-row")
+    log(f"{name}: float32 row taken from {args.float_row}")
+    return {**row, "taken_from": args.float_row}
 
 
 def lm_rows(args, work: Path) -> dict[str, Any]:
@@ -523,15 +609,19 @@ def lm_rows(args, work: Path) -> dict[str, Any]:
     }
     rows: dict[str, dict] = args.live.setdefault(name, {"rows": {}})["rows"]
     float_bits = onnx_bits(ctx["float_path"], weights)
-    rows["float32"] = {"family": "float", "tool": "qcompiler", "config": "default", "compile_s": float_s,
-                       "compile_note": "capture + default pipeline (None: reused from --work)", **float_bits, "head": "fp32 (tied)",
-                       "embedding": "fp32", **evaluator(ctx["float_path"])}
-    if {"hqq", "autoround", "llmcompressor"} & set(args.families):  # the torch float model must score as the ONNX one
-        rows["float32"]["torch_float_check"] = evaluator.score(torch_runner(hf_smollm2()))
+    earlier = earlier_float_row(args, name, float_bits)
+    if earlier is not None:
+        rows["float32"] = earlier
+    else:
+        rows["float32"] = {"family": "float", "tool": "qcompiler", "config": "default", "compile_s": float_s,
+                           "compile_note": "capture + default pipeline (None: reused from --work)", **float_bits, "head": "fp32 (tied)",
+                           "embedding": "fp32", **evaluator(ctx["float_path"])}
+        if {"hqq", "autoround", "llmcompressor"} & set(args.families):  # the torch float model must score as the ONNX one
+            rows["float32"]["torch_float_check"] = evaluator.score(torch_runner(hf_smollm2()))
     for label, family, make in lm_plan(args, ctx, work / name):
-        if args.match and args.match not in label:
+        if not selected(args, label):
             continue
-        rows[label] = attempt(label, family, make)
+        rows[label] = attempt(label, family, make, row_limit(args, family), args.commit)
         args.save()
     base = rows["float32"]["perplexity"]
     for row in rows.values():
@@ -552,28 +642,33 @@ def encoder_rows(args, work: Path) -> dict[str, Any]:
     rows: dict[str, dict] = args.live.setdefault(name, {"rows": {}})["rows"]
 
     def add(label: str, family: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        rows[label] = attempt(label, family, make)
+        if not selected(args, label):
+            return {"error": "not selected (--match / --rows)"}
+        rows[label] = attempt(label, family, make, row_limit(args, family), args.commit)
         args.save()
         return rows[label]
 
     rows["float32"] = {"family": "float", "tool": "qcompiler", "config": "default", "compile_s": float_s,
                        **onnx_bits(ctx["float_path"], weights), "head": "-", "embedding": "fp32", **evaluator(ctx["float_path"])}
     latency_models = {"float32": ctx["float_path"]}
+
+    def timed(label: str, row: dict[str, Any]) -> None:
+        """Time the row's model in the latency rounds if it was made (a failed row has no model)."""
+        if "error" not in row and row.get("artifact"):
+            latency_models[label] = Path(row["artifact"])
     if "ours" in args.families:
-        add("ours w8a8", "ours", lambda: ours_row(ctx["float_path"], work / name / "w8a8", "w8a8", batches, ctx))
-        latency_models["ours w8a8"] = work / name / "w8a8" / "model.onnx"
+        timed("ours w8a8", add("ours w8a8", "ours", lambda: ours_row(ctx["float_path"], work / name / "w8a8", "w8a8", batches, ctx)))
         for budget in (3.0,) if args.quick else (3.0, 4.25):
             add(f"ours mixed {budget:g}", "ours", lambda b=budget: ours_row(
                 ctx["float_path"], work / name / f"mixed-{b:g}", f"mixed{{avg-bits={b:g}}}", batches, ctx))
     if "nncf" in args.families:
-        add("nncf quantize W8A8 (transformer)", "nncf", lambda: nncf_quantize_row(ctx, work / name / "nncf-w8a8"))
-        latency_models["nncf quantize W8A8 (transformer)"] = work / name / "nncf-w8a8" / "model.onnx"
+        timed("nncf quantize W8A8 (transformer)", add("nncf quantize W8A8 (transformer)", "nncf",
+                                                      lambda: nncf_quantize_row(ctx, work / name / "nncf-w8a8")))
         add("nncf INT4_ASYM g128 data-free", "nncf", lambda: nncf_compress_row(
             {"mode": "INT4_ASYM", "group_size": 128, "group_size_fallback": "ADJUST", "ratio": 1.0}, False, ctx, work / name / "nncf-int4"))
     if "ort" in args.families:
         for kind, label in (("static", "ort static U8S8"), ("dynamic", "ort dynamic")):
-            add(label, "ort", lambda k=kind: ort_w8a8_row(k, ctx, work / name))
-            latency_models[label] = Path(rows[label].get("artifact", "")) if "error" not in rows[label] else None
+            timed(label, add(label, "ort", lambda k=kind: ort_w8a8_row(k, ctx, work / name)))
     base = rows["float32"]["spearman_x100"]
     for row in rows.values():
         if row.get("spearman_x100") is not None:
@@ -656,7 +751,8 @@ def markdown_table(name: str, result: dict) -> str:
             cells.append(f"{r['latency_ms']:.1f} ({r.get('latency_ratio_to_float') or 0:.2f})" if r.get("latency_ms") else "")
         lines.append("| " + " | ".join(cells) + " |")
     for label, r in failed:
-        lines.append("| " + " | ".join([label, "did not run: " + r["error"].replace("|", "/")[:160]] + [""] * (len(head) - 2)) + " |")
+        why = r["error"].replace("|", "/")[:160]
+        lines.append("| " + " | ".join([label, why if r.get("not_finished") else "did not run: " + why] + [""] * (len(head) - 2)) + " |")
     return "\n".join(lines)
 
 
@@ -703,11 +799,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=common.THREADS, help="intra-op threads for every tool (default 2)")
     parser.add_argument("--windows", type=int, default=None, help="SmolLM2 perplexity windows of 256 tokens (8; --quick 2)")
     parser.add_argument("--autoround-iters", type=int, default=50, help="AutoRound tuning iterations per block (50; --quick 5)")
+    parser.add_argument("--row-limit", type=float, default=1800,
+                        help="wall-clock seconds a peer row may run before it is recorded as not finished (1800; 0: none); "
+                             "our own rows run to the end")
+    parser.add_argument("--autoround-lr", type=float, default=5e-3,
+                        help="AutoRound learning rate (5e-3: its 'light' recipe, with 50 iterations; 0: its default 1/iters)")
     parser.add_argument("--quick", action="store_true", help="fewer windows, budgets and peer settings (a smoke run)")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one, removed at the end)")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/peers.json, --quick peers_quick.json)")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON at --output")
     parser.add_argument("--match", default="", help="SmolLM2: only the rows whose label contains this text (e.g. g128)")
+    parser.add_argument("--rows", default="", help="only these rows: exact labels separated by ';' "
+                        "(e.g. 'ours mixed 4;hqq 4-bit g128'; the float32 row always runs)")
+    parser.add_argument("--float-row", default=None, metavar="JSON",
+                        help="SmolLM2: take the float32 row from this earlier result (same windows, same float model) "
+                             "instead of scoring it again (the rows then have no top-1 agreement: the float tokens are not in the JSON)")
     parser.add_argument("--markdown", action="store_true", help="only print the JSON at --output as Markdown tables")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="combine the rows of runs made with different --only (later files win) into --output, then plot; "
@@ -737,6 +843,8 @@ def main(argv: list[str] | None = None) -> int:
     mixed_pareto.THREADS = args.threads  # compile_ours and Evaluator read it
     threads = common.fix_threads(args.threads)
     started = time.perf_counter()
+    git = common.git_state()
+    args.commit = git["commit"] + ("+uncommitted" if git["uncommitted"] else "")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="peers-"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
@@ -744,8 +852,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "peers", "complete": False, "quick": args.quick, "command": common.command_line(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": common.machine(),
         "packages": {**common.packages(), **peer_versions()}, "threads": threads,
-        "git_at_start": common.git_state(), "options": {"models": names, "families": args.families, "windows": args.windows,
-                                                        "autoround_iters": args.autoround_iters},
+        "git_at_start": git, "options": {"models": names, "families": args.families, "windows": args.windows,
+                                                        "autoround_iters": args.autoround_iters, "autoround_lr": args.autoround_lr, "row_limit_s": args.row_limit},
         "models": results,
     }
     args.live = results  # rows land here as they finish; the JSON is rewritten after each (complete: false until the end)
@@ -768,15 +876,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def merge(paths: list[Path], output: Path, work: Path | None = None) -> str | None:
     """One JSON (and PNG) from runs of the same models made with different `--only` families,
-    e.g. run side by side: rows of later files replace rows of the same label; `merged_from`
-    keeps each run's command, date, commit and whether it finished."""
+    e.g. run side by side, or new rows added to an earlier result (`--merge peers.json new.json`):
+    rows of later files replace rows of the same label, except that a failed or unfinished row
+    never replaces a measured one; every row keeps the date, commit and command it was measured
+    with (`measured`); `merged_from` lists every run that contributed, earlier merges included."""
     runs = [json.loads(p.read_text()) for p in paths]
+    for run in runs:
+        stamp_rows(run)
     body = json.loads(json.dumps(runs[0]))
     for run in runs[1:]:
         for name, model in run["models"].items():
             target = body["models"].setdefault(name, model)
-            if target is not model:
-                target["rows"].update({k: v for k, v in model["rows"].items() if k != "float32" or k not in target["rows"]})
+            if target is model:
+                continue
+            for label, row in model["rows"].items():
+                old = target["rows"].get(label)
+                if label == "float32" and old is not None or (old is not None and "error" in row and "error" not in old):
+                    continue
+                target["rows"][label] = row
     for name, result in body["models"].items():  # an unfinished run saved its rows only
         lm = name == LM
         result.setdefault("metric", "perplexity" if lm else "spearman_x100")
@@ -791,10 +908,10 @@ def merge(paths: list[Path], output: Path, work: Path | None = None) -> str | No
                                                                     else round(row[result["metric"]] - base, 3))
     if work is not None:
         body["bits_recounted_from"] = {"work": str(work), "rows": recount(body, work)}
-    body["merged_from"] = [{"file": str(p), "command": r["command"], "date": r["date"], "complete": r.get("complete"),
-                            "commit": r.get("git_at_start", {}).get("commit"), "families": r.get("options", {}).get("families")}
-                           for p, r in zip(paths, runs)]
+    body["merged_from"] = [entry for p, r in zip(paths, runs) for entry in run_entries(p, r)]
     body["complete"] = all(r.get("complete") for r in runs)
+    if LM in body["models"]:
+        body["unfinished"] = unfinished_rows(body["models"][LM]["rows"])
     png = output.with_suffix(".png")
     note = plot(body["models"], png)
     body.update(png=None if note else str(png), png_note=note)
@@ -802,11 +919,51 @@ def merge(paths: list[Path], output: Path, work: Path | None = None) -> str | No
     return note
 
 
+def run_entries(path: Path, run: dict) -> list[dict[str, Any]]:
+    """The `merged_from` entries of one input of --merge: its own, or those it was merged from."""
+    if run.get("merged_from"):
+        return run["merged_from"]
+    return [{"file": str(path), "command": run["command"], "date": run["date"], "complete": run.get("complete"),
+             "commit": run.get("git_at_start", {}).get("commit"), "families": run.get("options", {}).get("families"),
+             "peer_packages": {k: v for k, v in run.get("packages", {}).items() if k in PEER_PACKAGES}}]
+
+
+def stamp_rows(run: dict) -> None:
+    """Give every row without its own `measured` that of the run it came from: the run's start
+    date, commit and command; for a merged file, those of the last run it was merged from whose
+    file still holds the row (rows measured before `measured` was recorded)."""
+    sources = []
+    for entry in reversed(run.get("merged_from") or []):
+        path = Path(entry["file"])
+        if path.is_file():
+            sources.append((entry, json.loads(path.read_text())))
+    for name, model in run["models"].items():
+        for label, row in model["rows"].items():
+            if "measured" in row:
+                continue
+            origin = next((entry for entry, part in sources if label in part["models"].get(name, {}).get("rows", {})), None)
+            if origin is None and not run.get("merged_from"):
+                origin = {"date": run["date"], "commit": run.get("git_at_start", {}).get("commit"), "command": run["command"]}
+            if origin is not None:
+                row["measured"] = {"date": origin["date"], "commit": origin["commit"], "command": origin["command"],
+                                   "note": "the date its run started (rows measured before each row recorded its own)"}
+
+
+def unfinished_rows(rows: dict[str, dict]) -> list[str]:
+    """SmolLM2 rows of the full run that have no result: absent, failed or past the row limit."""
+    plan = lm_plan(argparse.Namespace(quick=False, families=list(FAMILIES), autoround_iters=50, autoround_lr=5e-3), {}, Path())
+    return [f"{label}: " + ("not measured" if label not in rows else rows[label]["error"][:120])
+            for label, _, _ in plan if label not in rows or "error" in rows[label]]
+
+
+PEER_PACKAGES = ("nncf", "hqq", "auto-round", "llmcompressor", "compressed-tensors", "llama-cpp-python")
+
+
 def peer_versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {}
-    for name in ("nncf", "hqq", "auto-round", "llmcompressor", "compressed-tensors", "llama-cpp-python"):
+    for name in PEER_PACKAGES:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
