@@ -6,7 +6,7 @@
 
 Variants (the `w8a8` preset's options; `canonicalize,equalize,calibrate,...` underneath):
 - `float32`: the `default` pipeline;
-- `w8a8` (bias correction on, the preset's default); `w8a8{bias-correction=false}`;
+- `w8a8` (Conv biases corrected, the preset's default); `w8a8{bias-correction=false}`;
 - `w8a8{equalize=true}`: `equalize` before calibration, through ReLU and plain Conv -> Conv only;
 - `w8a8{equalize=relu6}` (EfficientNet-Lite0 only, whose activations are ReLU6): also through
   `Clip(0, 6)`, rewritten as a per-channel `Min(Relu(x), 6 / s)`;
