@@ -806,13 +806,7 @@ def collect(
         del data
     start = time.perf_counter()
     done = 0
-    for index, batch in enumerate(batches):
-        feeds = checker.check(batch, index)
-        if batch_size_of(feeds) == 0:
-            continue
-        for name in tensors:
-            if name in graph_inputs:
-                accs[name].add(feeds[name])
+    for index, feeds in _checked_batches(batches, checker, accs, [name for name in tensors if name in graph_inputs]):
         if session is not None:
             try:
                 outputs = session.run(fetched, feeds)
@@ -828,9 +822,21 @@ def collect(
         done += batch_size_of(feeds)
         if progress is not None:
             progress(index + 1, done)
-    checker.finish()
     log.info("calibration: %d samples, %d tensors, %.2f s", done, len(tensors), time.perf_counter() - start)
     return {name: acc.finish() for name, acc in accs.items()}
+
+
+def _checked_batches(batches, checker: BatchChecker, accs: dict[str, Accumulator], direct: list[str]):
+    """(index, feeds) of every non-empty batch, checked, with the calibrated graph inputs (`direct`)
+    folded into their accumulators; the checker is finished after the last batch."""
+    for index, batch in enumerate(batches):
+        feeds = checker.check(batch, index)
+        if batch_size_of(feeds) == 0:
+            continue
+        for name in direct:
+            accs[name].add(feeds[name])
+        yield index, feeds
+    checker.finish()
 
 
 def _collect_by_segments(model, segments, batches, tensors, accs, checker, threads, progress) -> dict[str, TensorStats]:
@@ -840,17 +846,11 @@ def _collect_by_segments(model, segments, batches, tensors, accs, checker, threa
 
     start = time.perf_counter()
     feeds, positions, done = [], [], 0
-    for index, batch in enumerate(batches):
-        checked = checker.check(batch, index)
-        if batch_size_of(checked) == 0:
-            continue
-        for name in tensors:
-            if name in checked:
-                accs[name].add(checked[name])
+    inputs = {v.name for v in model.graph.inputs}
+    for index, checked in _checked_batches(batches, checker, accs, [name for name in tensors if name in inputs]):
         feeds.append(checked)
         positions.append(index)
         done += batch_size_of(checked)
-    checker.finish()
 
     def report(kept: int, samples: int) -> None:
         if progress is not None:
