@@ -50,6 +50,7 @@ PIPELINES = {
     "float32": "default",
     "w8a8 per-token": "w8a8{act-mode=per-token}",
     "mixed 4.25": "mixed{avg-bits=4.25}",
+    "mixed 4.25 int4-embedding": "mixed{avg-bits=4.25 embedding=int4}",
     "float32 int8-kv": "default{kv-cache=int8}",
     "w8a8 per-token int8-kv": "w8a8{act-mode=per-token kv-cache=int8}",
 }
