@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.errors import UserError
 from qcompiler.layers import new_initializer
 from qcompiler.meta import CREATED_BY, Prop
 from qcompiler.ops import QC_OPSET_VERSION
@@ -45,8 +46,6 @@ class QuantizeEmbeddingPass(Pass):
     block_size: int = option(32, "columns per scale and zero point: a power of 2, at least 16")
 
     def __post_init__(self):
-        from qcompiler.errors import UserError
-
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise UserError(f"quantize-embedding: block-size must be a power of 2, at least 16, got {self.block_size}")
 
