@@ -53,7 +53,7 @@ from qcompiler import ops, placement
 from qcompiler.layers import new_initializer, remove_unused
 from qcompiler.meta import CREATED_BY, Prop
 from qcompiler.passbase import Pass, PassResult, option, register_pass
-from qcompiler.passes.lower_mixed import lower_mixed_matmul
+from qcompiler.passes.lower_mixed import lower_mixed_matmul, pack_nbits
 
 
 @functools.cache
@@ -631,14 +631,6 @@ def _lower_channel_scale(graph: ir.Graph, node: ir.Node, signed: bool) -> str:
     return "Mul(channel scale)"
 
 
-def pack_low_nibble_first(codes: np.ndarray) -> np.ndarray:
-    """4-bit codes (uint8, < 16) along the last axis, two per byte, the first in the low nibble
-    (an odd last column is padded with 0): the layout of ONNX Runtime's 4-bit contrib kernels."""
-    if codes.shape[-1] % 2:
-        codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), np.uint8)], axis=-1)
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
-
-
 def _lower_gather_quantized(graph: ir.Graph, node: ir.Node, signed: bool) -> str:
     """`com.microsoft.GatherBlockQuantized` on uint8 data: 4-bit codes and zero points packed two
     per byte, 8-bit ones as they are; float32 scales; the table stays packed in the session."""
@@ -646,9 +638,9 @@ def _lower_gather_quantized(graph: ir.Graph, node: ir.Node, signed: bool) -> str
     bits = attrs["bits"]
     codes, indices, scale, zero = node.inputs
     base = node.name or node.outputs[0].name
-    pack = pack_low_nibble_first if bits == 4 else (lambda a: a)
-    data = new_initializer(graph, f"{base}.codes", pack(codes.const_value.numpy()))
-    zeros = new_initializer(graph, f"{base}.zero_points", pack(zero.const_value.numpy()))
+    # rows packed along the columns, the first code in the low bits: MatMulNBits' layout, per row
+    data = new_initializer(graph, f"{base}.codes", pack_nbits(codes.const_value.numpy().T, bits))
+    zeros = new_initializer(graph, f"{base}.zero_points", pack_nbits(zero.const_value.numpy().T, bits))
     scales = new_initializer(graph, f"{base}.scales", scale.const_value.numpy())
     gather = ir.node("GatherBlockQuantized", [data, indices, scales, zeros],
                      {"gather_axis": 0, "quantize_axis": 1, "block_size": attrs["block_size"], "bits": bits},

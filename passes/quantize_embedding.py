@@ -63,8 +63,7 @@ class QuantizeEmbeddingPass(Pass):
                 continue
             codes, scale, zero = quantize_table(table.const_value.numpy(), self.bits, self.block_size)
             _replace_gather(graph, node, table.name, codes, scale, zero, self.bits, self.block_size)
-            quantized[name] = {"table": table.name, "shape": list(codes.shape),
-                               "bytes": int(codes.size * self.bits // 8 + scale.nbytes + (zero.size * self.bits + 7) // 8)}
+            quantized[name] = {"table": table.name, "shape": list(codes.shape)}  # bytes as stored: the manifest's `embeddings`
         if quantized:
             model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
             for entry in quantized.values():

@@ -9,7 +9,7 @@ import pytest
 
 import qcompiler
 from qcompiler.errors import UserError
-from qcompiler.passes.lower_ort import pack_low_nibble_first
+from qcompiler.passes.lower_mixed import pack_nbits
 from qcompiler.passes.quantize_embedding import quantize_table
 from qcompiler.qc_ops import gather_quantized
 
@@ -52,7 +52,7 @@ def test_codes_reconstruct_each_block_within_half_a_step():
 
 def test_low_nibble_first_packing():
     codes = np.array([[1, 2, 3, 15, 7]], np.uint8)
-    np.testing.assert_array_equal(pack_low_nibble_first(codes), [[0x21, 0xF3, 0x07]])
+    np.testing.assert_array_equal(pack_nbits(codes.T, 4), [[0x21, 0xF3, 0x07]])  # a row, as GatherBlockQuantized reads it
 
 
 @pytest.mark.parametrize("bits", [4, 8])
