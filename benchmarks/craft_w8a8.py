@@ -2,7 +2,7 @@
 against the float model's, on scikit-image's bundled photos.
 
 Calibration uses scikit-image photos that are not among the evaluation images
-(`qcompiler.evaluate.SEGMENTATION_IMAGES`). Prints a table and writes JSON.
+(`qcompiler.tools.evaluate.SEGMENTATION_IMAGES`). Prints a table and writes JSON.
 
     python benchmarks/craft_w8a8.py [--pipeline w8a8] [--json benchmarks/results/craft_w8a8.json]
 """
@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import qcompiler
-from qcompiler.compiler import package_versions
-from qcompiler.evaluate import SEGMENTATION_IMAGES, evaluate
+from qcompiler.driver.compiler import package_versions
+from qcompiler.tools.evaluate import SEGMENTATION_IMAGES, evaluate
 
 TARGET_DICE = 0.97
 

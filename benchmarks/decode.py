@@ -84,7 +84,7 @@ def capture_once() -> None:
 
     import importlib
 
-    capture = importlib.import_module("qcompiler.capture")  # the module (the package exports a function of that name)
+    capture = importlib.import_module("qcompiler.driver.capture")  # the module (the package exports a function of that name)
     captured: dict[str, bytes] = {}
     original = capture.capture_bundled
 
@@ -166,10 +166,10 @@ def main() -> None:
     args = parse_args()
     common.quiet()
     threads = common.fix_threads(args.threads)
-    from qcompiler.compiler import compile as qcompile
-    from qcompiler.decode import CachedSession
-    from qcompiler.evaluate import evaluate
-    from qcompiler.lm_artifact import read_layout
+    from qcompiler.driver.compiler import compile as qcompile
+    from qcompiler.tools.decode import CachedSession
+    from qcompiler.tools.evaluate import evaluate
+    from qcompiler.driver.lm_artifact import read_layout
     from qcompiler.models import smollm2
 
     names = [n.strip() for n in args.pipelines.split(",")]

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     mp.quiet()
 
     import qcompiler
-    from qcompiler.doctor import diagnose, format_diagnosis
+    from qcompiler.tools.doctor import diagnose, format_diagnosis
 
     with tempfile.TemporaryDirectory(prefix="qc-doctor-") as tmp:
         work = Path(tmp)

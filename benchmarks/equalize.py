@@ -63,7 +63,7 @@ def capture_once(name: str, work: Path) -> Path:
     """The bundled model captured to an ONNX file every variant compiles."""
     import onnx_ir as ir
 
-    from qcompiler.capture import resolve
+    from qcompiler.driver.capture import resolve
 
     model, _ = resolve(name)
     path = work / f"{name}.onnx"
@@ -88,7 +88,7 @@ def compile_all(source: Path, name: str, work: Path, batches) -> dict[str, dict[
 
 def bench_ffdnet(name: str, args, work: Path) -> dict[str, Any]:
     import qcompiler.models as qm
-    from qcompiler.execute import ort_session
+    from qcompiler.analysis.execute import ort_session
 
     bundled = qm.get(name)
     batches, described = imaging.calibration_batches(bundled)
@@ -103,7 +103,7 @@ def bench_ffdnet(name: str, args, work: Path) -> dict[str, Any]:
 
 def bench_efficientnet(args, work: Path) -> dict[str, Any]:
     import qcompiler.models as qm
-    from qcompiler.execute import ort_session
+    from qcompiler.analysis.execute import ort_session
     from qcompiler.models import efficientnet_lite as eff
 
     bundled = qm.get("efficientnet-lite0")

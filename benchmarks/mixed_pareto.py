@@ -48,9 +48,9 @@ Quality: smollm2-135m = perplexity over the first N (`--windows`, default 8) non
 256-token windows of the first three quarters of the WikiText excerpt (cut at the line boundary at
 3/4 of its characters); minilm-l6 = STS Spearman x100 of embedding cosines over all pairs of
 sts-pairs-dev.tsv. Every row is scored by the same code on an ONNX Runtime session (2 threads;
-`next_token_nll`, `read_sts`, `spearman` of `qcompiler.evaluate`, the batching of
-`qcompiler.evaluate`); the float artifact and the first mixed artifact are also scored by
-`qcompiler.evaluate.evaluate(..., model=NAME)` (which adds the float torch model) as a cross-check
+`next_token_nll`, `read_sts`, `spearman` of `qcompiler.tools.evaluate`, the batching of
+`qcompiler.tools.evaluate`); the float artifact and the first mixed artifact are also scored by
+`qcompiler.tools.evaluate.evaluate(..., model=NAME)` (which adds the float torch model) as a cross-check
 (`via_qcompiler_evaluate` in the JSON; the two must agree). smollm2 rows also give the top-1
 next-token agreement with the float artifact, minilm rows the mean cosine to its embeddings.
 
@@ -126,7 +126,7 @@ def calibration(name: str, sts_windows: int = 0) -> tuple[list[dict[str, np.ndar
     from qcompiler import models
 
     if name == "smollm2-135m":
-        from qcompiler.evaluate import read_sts
+        from qcompiler.tools.evaluate import read_sts
         from qcompiler.models import smollm2
 
         _, tail = wikitext_split()
@@ -283,7 +283,7 @@ class Evaluator:
         self.float_outputs: list[np.ndarray] | None = None
 
     def __call__(self, path: Path) -> dict[str, Any]:
-        from qcompiler.execute import ort_session
+        from qcompiler.analysis.execute import ort_session
 
         session = ort_session(str(path), THREADS)
         return self.score(lambda feeds: session.run(None, feeds)[0])
@@ -296,7 +296,7 @@ class Evaluator:
         return result
 
     def _perplexity(self, run) -> dict[str, Any]:
-        from qcompiler.evaluate import next_token_nll
+        from qcompiler.tools.evaluate import next_token_nll
         from qcompiler.models import smollm2
 
         rows = smollm2.windows(self.eval_text.read_text(encoding="utf-8"), WINDOW)[: self.windows]
@@ -318,7 +318,7 @@ class Evaluator:
         return result
 
     def _sts(self, run) -> dict[str, Any]:
-        from qcompiler.evaluate import read_sts, spearman
+        from qcompiler.tools.evaluate import read_sts, spearman
 
         first, second, scores = read_sts(STS)
         sents = first + second
@@ -337,7 +337,7 @@ class Evaluator:
 
 
 def evaluate_ours(name: str, artifact: Path, eval_text: Path, windows: int) -> dict[str, Any]:
-    from qcompiler.evaluate import evaluate
+    from qcompiler.tools.evaluate import evaluate
 
     start = time.perf_counter()
     if name == "smollm2-135m":
@@ -387,7 +387,7 @@ def run_model(name: str, args, work: Path) -> dict[str, Any]:
                        "compile_s": round(float_s, 2), "compile_note": "capture (torch.export) + default pipeline + emit"
                        + (f" (read from {args.float_from})" if args.float_from else ""),
                        **evaluator(float_path)}
-    # the same artifact through qcompiler.evaluate: checks that the two evaluation paths agree
+    # the same artifact through qcompiler.tools.evaluate: checks that the two evaluation paths agree
     check = evaluate_ours(name, float_dir, eval_text, args.windows)
     rows["float32"]["via_qcompiler_evaluate"] = check
 

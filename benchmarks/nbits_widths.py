@@ -8,7 +8,7 @@ and on Arm; 0: float compute), one session of a single MatMulNBits (random codes
 points, K = N = 4096, block_size 128) is created; a width the kernel refuses at session start is
 recorded with ONNX Runtime's message. The widths that run are timed at M = 1 and M = 32 rows,
 interleaved per level, next to a float32 MatMul of the same shape. `lower-ort` stores a class of a
-refused width in containers of the next width that runs (`qcompiler.bitcost.container_bits`).
+refused width in containers of the next width that runs (`qcompiler.analysis.bitcost.container_bits`).
 Prints a table and writes benchmarks/results/nbits_widths.json.
 """
 

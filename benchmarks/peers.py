@@ -43,7 +43,7 @@ Data (calibration never overlaps evaluation). The WikiText excerpt is cut at the
   data-aware tool (ours, ORT GPTQ, NNCF, AutoRound, llm-compressor).
 - MiniLM-L6: evaluation = STS Spearman x100 over all 432 pairs of sts-pairs-dev.tsv; calibration =
   the first 128 sentences of the excerpt, batches of 8 (the same feeds for ours, NNCF and ORT).
-Every row is scored by `mixed_pareto.Evaluator.score`, which uses `qcompiler.evaluate`'s
+Every row is scored by `mixed_pareto.Evaluator.score`, which uses `qcompiler.tools.evaluate`'s
 `next_token_nll`, `read_sts` and `spearman`: on an ONNX Runtime session for ONNX rows, on the
 torch model for the torch rows, on llama.cpp's own logits (`Llama.eval`, same token ids, no BOS)
 for llama.cpp rows. SmolLM2 rows also give the top-1 next-token agreement with the float32 row.
@@ -707,7 +707,7 @@ def ort_w8a8_row(kind: str, ctx: dict, work: Path) -> dict[str, Any]:
 
 
 def minilm_latency(models: dict[str, Path], feeds: dict[str, np.ndarray], args) -> dict[str, dict]:
-    from qcompiler.execute import ort_session
+    from qcompiler.analysis.execute import ort_session
 
     sessions = {label: ort_session(str(path), args.threads) for label, path in models.items()}
     runners = {label: (lambda s=s: s.run(None, feeds)) for label, s in sessions.items()}

@@ -130,7 +130,7 @@ def measure(name: str, build, work: Path, threads: int, repeats: int, compare: P
     import onnx
 
     import qcompiler
-    from qcompiler import execute
+    from qcompiler.analysis import execute
 
     model, rows = build()
     path = work / f"{name}.onnx"

@@ -195,7 +195,7 @@ def write_calibration(path: Path, windows: int, vocab: int, seed: int = 1) -> Pa
 
 _COMPILE_CHILD = """
 import json, resource, sys, time
-from qcompiler.compiler import compile
+from qcompiler.driver.compiler import compile
 start = time.perf_counter()
 result = compile(sys.argv[1], sys.argv[2], pipeline=sys.argv[3], calibration=sys.argv[4], calib_count=int(sys.argv[5]),
                  threads=int(sys.argv[6]), drift=False, block_sequential=sys.argv[7] == "1")

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 import qcompiler
-from qcompiler.compiler import package_versions
-from qcompiler.evaluate import evaluate
+from qcompiler.driver.compiler import package_versions
+from qcompiler.tools.evaluate import evaluate
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext2-valid-excerpt.txt"
 DEFAULT_PIPELINES = (

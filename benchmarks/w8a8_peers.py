@@ -20,7 +20,7 @@ Rows, per model:
   `quant_pre_process` (if that fails, on the float model itself; the JSON says which): QDQ,
   per_channel=True, activation QUInt8, weight QInt8 (U8S8), MinMax, ORT's default operator set;
   a CalibrationDataReader over the very batches `qcompiler.compile` builds from the same text
-  file (`qcompiler.calib_data.load_calibration`, batches of 8). ONNX Runtime 1.32's own default
+  file (`qcompiler.analysis.calib_data.load_calibration`, batches of 8). ONNX Runtime 1.32's own default
   activation type is QInt8, so U8S8 is asked for explicitly, as the issue specifies.
 - `ort dynamic`: `quantize_dynamic`, per-channel int8 weights (weight QInt8), on the same
   pre-processed model.
@@ -236,10 +236,10 @@ def _op_counts(path: Path) -> dict[str, int]:
 
 def quality_sts(bundled, sessions: dict[str, Any], count: int | None, batch_size: int = 16) -> dict[str, dict]:
     """Spearman x100 and mean cosine vs the float torch model, for the torch float model and each
-    session, with `qcompiler.evaluate`'s batching (sentences sorted by length, batches of 16)."""
+    session, with `qcompiler.tools.evaluate`'s batching (sentences sorted by length, batches of 16)."""
     import torch
 
-    from qcompiler.evaluate import read_sts, spearman, unit_rows_in_order
+    from qcompiler.tools.evaluate import read_sts, spearman, unit_rows_in_order
 
     first, second, scores = read_sts(common.STS)
     if count:
@@ -270,7 +270,7 @@ def quality_sts(bundled, sessions: dict[str, Any], count: int | None, batch_size
 def quality_perplexity(bundled, sessions: dict[str, Any], windows: np.ndarray) -> dict[str, dict]:
     import torch
 
-    from qcompiler.evaluate import next_token_nll
+    from qcompiler.tools.evaluate import next_token_nll
 
     module = bundled.build()
     nll = {"torch": [], **{k: [] for k in sessions}}
@@ -308,8 +308,8 @@ def quality_perplexity(bundled, sessions: dict[str, Any], windows: np.ndarray) -
 
 def bench_model(name: str, args, work: Path) -> dict[str, Any]:
     from qcompiler import models
-    from qcompiler.calib_data import load_calibration
-    from qcompiler.execute import ort_session
+    from qcompiler.analysis.calib_data import load_calibration
+    from qcompiler.analysis.execute import ort_session
     import qcompiler
 
     t_model = time.perf_counter()
@@ -395,9 +395,9 @@ def bench_model(name: str, args, work: Path) -> dict[str, Any]:
     # Cross-check our harness against `qcompiler eval` on our w8a8 artifact.
     crosscheck = None
     if not args.quick or name == "minilm-l6":
-        from qcompiler.evaluate import evaluate
+        from qcompiler.tools.evaluate import evaluate
 
-        log(f"{name}: cross-check with qcompiler.evaluate")
+        log(f"{name}: cross-check with qcompiler.tools.evaluate")
         if name == "minilm-l6":
             ev = evaluate(variants["ours w8a8"]["dir"], "sts", common.STS, count=args.pairs, threads=args.threads)
             mine = quality["ours w8a8"]
@@ -607,7 +607,7 @@ def render_notes(results: list[dict], machine: dict, threads: int) -> str:
                              f"+ quantize {v['quantize_s']:.1f} s; settings {v['settings']}; ops {v['ops']}")
         cc = res.get("crosscheck_with_qcompiler_eval")
         if cc:
-            lines.append(f"  harness vs `qcompiler.evaluate` on ours w8a8: agree={cc['agree']} (evaluate {cc['evaluate']}, harness {cc['harness']})")
+            lines.append(f"  harness vs `qcompiler.tools.evaluate` on ours w8a8: agree={cc['agree']} (evaluate {cc['evaluate']}, harness {cc['harness']})")
         checked = [("ours w8a8", key, t) for key, t in res["targets"].items()]
         checked += [(MODE_ROWS[mode], key, t) for mode, ts in res.get("targets_by_act_mode", {}).items() for key, t in ts.items()]
         for ours_key, key, t in checked:

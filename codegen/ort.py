@@ -23,11 +23,11 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from qcompiler import execute
+from qcompiler.analysis import execute
 from qcompiler.errors import UserError, first_line
 from qcompiler.ir import initializer_bytes, qc_nodes, save, weight_values
-from qcompiler.meta import ROUTE_KEY
-from qcompiler.progress import progress
+from qcompiler.ir.meta import ROUTE_KEY
+from qcompiler.support.progress import progress
 
 log = logging.getLogger(__name__)
 

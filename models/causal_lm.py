@@ -58,7 +58,7 @@ class CacheLayout:
     bos_token_id: int | None = None
     pad_token_id: int | None = None
     model_type: str = "llama"
-    kv_cache: str = "float32"  # or "int8": codes plus per-token-per-head scales (qcompiler/kv_int8.py)
+    kv_cache: str = "float32"  # or "int8": codes plus per-token-per-head scales (qcompiler/dialect/kv_int8.py)
 
     @property
     def input_names(self) -> list[str]:

@@ -2,7 +2,7 @@
 
 Weight-only. For every linear `Y = X W` (W [K, N]) each input channel k (row of W) gets a bit width
 from `candidates` so that the stored bits of the layer (scope=layer), or of all layers together
-(scope=model), average `avg-bits` per weight, counting every stored byte (`qcompiler.bitcost`:
+(scope=model), average `avg-bits` per weight, counting every stored byte (`qcompiler.analysis.bitcost`:
 codes, scales, zero points, codebooks, sparse outliers, the permutation).
 
 - Activation outliers: the `outliers-act` fraction of channels with the largest energy
@@ -42,14 +42,14 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler import bitcost
+from qcompiler.analysis import bitcost
 from qcompiler.errors import UserError
-from qcompiler.probe import log_softmax, mean_kl
-from qcompiler.layers import Linear, linears, new_initializer
-from qcompiler.meta import CREATED_BY, Prop, activation_stats
-from qcompiler.ops import QC_OPSET_VERSION
-from qcompiler.passbase import Pass, PassResult, option, register_pass
-from qcompiler.progress import progress
+from qcompiler.analysis.probe import log_softmax, mean_kl
+from qcompiler.ir.layers import Linear, linears, new_initializer
+from qcompiler.ir.meta import CREATED_BY, Prop, activation_stats
+from qcompiler.dialect.ops import QC_OPSET_VERSION
+from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
+from qcompiler.support.progress import progress
 
 
 LOWERING_BYTES_PER_CLASS = 160
@@ -83,8 +83,8 @@ class _SensitivityInputs:
 def measure_sensitivity(shared: _SensitivityInputs, weight_names: list[str]) -> list[float]:
     """How much the model's outputs move when each weight alone is quantized at the reference width
     (one ONNX Runtime session, one run per weight): a pure function of its inputs, so that it runs
-    in-process or as a Ray task (`qcompiler.parallel`) with the same results."""
-    from qcompiler.execute import ort_session
+    in-process or as a Ray task (`qcompiler.support.parallel`) with the same results."""
+    from qcompiler.analysis.execute import ort_session
 
     session = ort_session(shared.graph, shared.threads)
     outputs = [o.name for o in session.get_outputs()]
@@ -266,9 +266,9 @@ class AllocateBitsPass(Pass):
         (`measure_sensitivity`; in-process: one chunk, as one loop)."""
         import onnx
 
-        from qcompiler import context
+        from qcompiler.pipeline import context
         from qcompiler.ir import to_proto
-        from qcompiler.parallel import chunks
+        from qcompiler.support.parallel import chunks
 
         ctx = context.current()
         batch = dict(next(iter(ctx.require_calibration(self.name))))

@@ -1,7 +1,7 @@
 """`calibrate`: per-channel activation statistics of every quantizable MatMul / Gemm / Conv input.
 
 Runs the float graph in ONNX Runtime over the calibration batches of the current compile
-(`qcompiler.context.current().calibration`) and attaches to each activation `X` read by a
+(`qcompiler.pipeline.context.current().calibration`) and attaches to each activation `X` read by a
 MatMul/Gemm with a constant weight or a Conv with a constant kernel a `TensorStats`
 (`value.meta["qc.stats"]`) holding, per input channel k (a column of `X` in `Y = X W`):
 
@@ -13,7 +13,7 @@ SmoothQuant's `s_j = max|X_j|^alpha / max|W_j|^(1-alpha)` (Xiao et al., arXiv 22
 channel importance `E_k` of CMPQ-style bit allocation (Chen et al., arXiv 2410.13056) and the
 activation clipping ranges: `minmax`, `percentile`, `entropy` (TensorRT's KL-divergence
 calibration, Migacz 2017) and `mse` (the range minimising expected quantization error under the
-histogram). The rules are in `qcompiler.calibration`.
+histogram). The rules are in `qcompiler.analysis.calibration`.
 
 `model.meta["qc.calibration"]` records the method, percentile, sample count and data source;
 later passes read the range of a tensor with `stats.clip_range(method, percentile, bits, symmetric)`.
@@ -32,13 +32,13 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler import context
-from qcompiler.calib_cache import collect_cached
-from qcompiler.calibration import METHODS, MINMAX_BINS, batch_size_of, quantizable_inputs, summary
+from qcompiler.pipeline import context
+from qcompiler.analysis.calib_cache import collect_cached
+from qcompiler.analysis.calibration import METHODS, MINMAX_BINS, batch_size_of, quantizable_inputs, summary
 from qcompiler.errors import UserError
-from qcompiler.progress import progress
-from qcompiler.meta import CALIBRATION_KEY, STATS_KEY, Prop
-from qcompiler.passbase import Pass, PassResult, option, register_pass
+from qcompiler.support.progress import progress
+from qcompiler.ir.meta import CALIBRATION_KEY, STATS_KEY, Prop
+from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class CalibratePass(Pass):
                 )
         else:
             log.warning("calibrate: the model has no MatMul/Gemm/Conv with constant weights; nothing to calibrate")
-            from qcompiler.calib_data import validate_batches
+            from qcompiler.analysis.calib_data import validate_batches
 
             batches = list(batches)
             validate_batches(batches, model)

@@ -2,7 +2,7 @@
 
 Steps, in order:
 0. External tensors still in the IR (a model built in memory; `qcompiler.load` reads them already)
-   are read into memory through `qcompiler.external_data`'s one check, relative to their own
+   are read into memory through `qcompiler.ir.external_data`'s one check, relative to their own
    model folder, so that no later step (constant folding included) opens a location as given.
 1. Constants as initializers (`Constant` nodes holding tensors become initializers), so every
    weight is an initializer a pass can find by value.
@@ -29,12 +29,12 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
 from qcompiler import ir as qir
-from qcompiler.capture import name_weights_after_modules
+from qcompiler.driver.capture import name_weights_after_modules
 from qcompiler.errors import first_line
-from qcompiler.external_data import materialize_external_tensors
-from qcompiler.layers import new_initializer, set_constant
-from qcompiler.meta import Prop
-from qcompiler.passbase import Pass, PassResult, option, register_pass
+from qcompiler.ir.external_data import materialize_external_tensors
+from qcompiler.ir.layers import new_initializer, set_constant
+from qcompiler.ir.meta import Prop
+from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 
 log = logging.getLogger(__name__)
 

@@ -47,9 +47,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import UserError
-from qcompiler.layers import new_initializer, remove_unused, set_constant
-from qcompiler.meta import CREATED_BY, Prop
-from qcompiler.passbase import Pass, PassResult, option, register_pass
+from qcompiler.ir.layers import new_initializer, remove_unused, set_constant
+from qcompiler.ir.meta import CREATED_BY, Prop
+from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 
 log = logging.getLogger(__name__)
 

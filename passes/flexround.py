@@ -2,12 +2,12 @@
 ICML 2023, arXiv 2306.00317).
 
 Runs after `quantize-weights`, on its `qc.MixedMatMul` ops: for each block of the graph (one
-transformer layer, or one conv stage; found in the IR by `qcompiler.blocks`) the division factors
+transformer layer, or one conv stage; found in the IR by `qcompiler.analysis.blocks`) the division factors
 of `W_hat = s1 * round(W / (s1 * S2 * s3 * s4))` are learned with a straight-through estimator to
 minimise the block's output error against the float block on the calibration data, the block's
 inputs coming from the already-quantized preceding blocks. Codebook classes get their entries
 tuned; fp16 classes and sparse outliers stay. The learned codes and fp16 scales are written back
-into the same ops, so the lowering is unchanged. The mechanics are in `qcompiler.reconstruct`.
+into the same ops, so the lowering is unchanged. The mechanics are in `qcompiler.analysis.reconstruct`.
 
 Deterministic for a fixed seed and thread count when `time-budget` is 0 (with a budget that binds,
 the number of steps a block gets depends on the machine's speed; the statistics record it).
@@ -21,9 +21,9 @@ from typing import Literal
 import onnx_ir as ir
 
 from qcompiler.errors import UserError
-from qcompiler.meta import Prop
-from qcompiler.passbase import Pass, PassResult, option, register_pass
-from qcompiler.reconstruct import Options, reconstruct
+from qcompiler.ir.meta import Prop
+from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
+from qcompiler.analysis.reconstruct import Options, reconstruct
 
 MAX_STEPS = 100_000
 MAX_TIME_BUDGET = 7 * 24 * 3600.0
@@ -49,7 +49,7 @@ def check_learning_options(name: str, steps, lr, seed, time_budget, regions, bat
 
 @dataclasses.dataclass(frozen=True)
 class BlockLearningPass(Pass):
-    """Block-wise learning against the float block (`qcompiler.reconstruct`); subclasses name what is learned."""
+    """Block-wise learning against the float block (`qcompiler.analysis.reconstruct`); subclasses name what is learned."""
 
     mode = ""  # what `reconstruct` learns: "flexround" or "scales"
     rerun_changes = ("a second run learns again against the same float block, starting from the first run's weights, "

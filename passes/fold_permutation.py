@@ -28,11 +28,11 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.channels import ChannelRegion, NotChannelwise, channel_region
-from qcompiler.layers import set_constant
-from qcompiler.meta import Prop
-from qcompiler.mixed_ops import MixedMatMulView, is_mixed_matmul
-from qcompiler.passbase import Pass, PassResult, register_pass
+from qcompiler.analysis.channels import ChannelRegion, NotChannelwise, channel_region
+from qcompiler.ir.layers import set_constant
+from qcompiler.ir.meta import Prop
+from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul
+from qcompiler.pipeline.passbase import Pass, PassResult, register_pass
 
 
 @register_pass

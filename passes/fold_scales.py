@@ -27,9 +27,9 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.layers import bypass, new_initializer, remove_unused, set_constant
-from qcompiler.meta import CREATED_BY, SMOOTHED_KEY, STATS_KEY, Prop
-from qcompiler.passbase import Pass, PassResult, option, register_pass
+from qcompiler.ir.layers import bypass, new_initializer, remove_unused, set_constant
+from qcompiler.ir.meta import CREATED_BY, SMOOTHED_KEY, STATS_KEY, Prop
+from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 
 
 @register_pass

@@ -1,5 +1,5 @@
 """`fuse`: onnxscript rewrite rules that merge quantized linears with what surrounds them into the
-fused `qc` ops of `qcompiler/fused_ops.py`, each recording the rules that built it (attribute
+fused `qc` ops of `qcompiler/dialect/fused_ops.py`, each recording the rules that built it (attribute
 `fused`, and `qc.created_by` = `fuse:<rule>` in the node's metadata).
 
 Rules, applied to a fixed point in this order:
@@ -28,11 +28,11 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from qcompiler import ops
-from qcompiler.layers import new_initializer, remove_unused
-from qcompiler.meta import CREATED_BY, Prop
-from qcompiler.ops import QC_OPSET_VERSION
-from qcompiler.passbase import Pass, PassResult, register_pass
+from qcompiler.dialect import ops
+from qcompiler.ir.layers import new_initializer, remove_unused
+from qcompiler.ir.meta import CREATED_BY, Prop
+from qcompiler.dialect.ops import QC_OPSET_VERSION
+from qcompiler.pipeline.passbase import Pass, PassResult, register_pass
 
 QC = "qc"
 

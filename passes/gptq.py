@@ -17,7 +17,7 @@ before it, and within a block the layers are rounded in order (layers reading th
 together), each group's `H` measured with the layers before it already rounded (`sequential=1`).
 `H` is damped by `damp` times its mean diagonal. A block whose output error against the float block
 does not fall keeps its round-to-nearest weights (the mechanics shared with `flexround`:
-`qcompiler.reconstruct`). Deterministic: no randomness, float64 arithmetic.
+`qcompiler.analysis.reconstruct`). Deterministic: no randomness, float64 arithmetic.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler import context
+from qcompiler.pipeline import context
 from qcompiler.errors import UserError
-from qcompiler.mixed_ops import MixedClass, MixedMatMulView, class_slices, split_class_inputs
-from qcompiler.meta import Prop
-from qcompiler.passbase import Pass, PassResult, option, register_pass
+from qcompiler.dialect.mixed_ops import MixedClass, MixedMatMulView, class_slices, split_class_inputs
+from qcompiler.ir.meta import Prop
+from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
-from qcompiler.reconstruct import BlockProblem, Options, reconstruct
+from qcompiler.analysis.reconstruct import BlockProblem, Options, reconstruct
 
 LAZY_ROWS = 128  # rows rounded between two updates of the rows after them (GPTQ's lazy batch)
 
@@ -71,7 +71,7 @@ class GPTQPass(Pass):
     def _solve(self, problem: BlockProblem) -> tuple[dict, int]:
         """Each layer of the block rounded by `gptq_round` on the H its inputs give: the groups in
         order, the layers of one group (independent once H is measured) fanned out on the compile's
-        executor (`qcompiler.parallel`; in-process by default), with the same results."""
+        executor (`qcompiler.support.parallel`; in-process by default), with the same results."""
         import torch
 
         executor = context.current().executor

@@ -2,7 +2,7 @@
 
 A decode-step graph (`models/causal_lm.py`) appends each step's keys and values to the past with
 `present.{i}.key = Concat(past_key_values.{i}.key, new, axis=2)`. With `dtype=int8` each such
-pair is rewritten (format and numpy reference: `qcompiler/kv_int8.py`):
+pair is rewritten (format and numpy reference: `qcompiler/dialect/kv_int8.py`):
 
     past (int8) ---Cast---Mul(past_scale)--\
                                             Concat --> the attention, as before (float)
@@ -45,10 +45,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import UserError
-from qcompiler.kv_int8 import EPS, PAST_PREFIX, PRESENT_PREFIX, QMAX, scale_name
-from qcompiler.layers import new_initializer
-from qcompiler.meta import CREATED_BY, Prop
-from qcompiler.passbase import Pass, PassResult, option, register_pass
+from qcompiler.dialect.kv_int8 import EPS, PAST_PREFIX, PRESENT_PREFIX, QMAX, scale_name
+from qcompiler.ir.layers import new_initializer
+from qcompiler.ir.meta import CREATED_BY, Prop
+from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 
 log = logging.getLogger(__name__)
 

@@ -59,10 +59,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler import bitcost
-from qcompiler.layers import new_initializer
-from qcompiler.meta import CREATED_BY, ROUTE_KEY, STORED_WEIGHTS
-from qcompiler.mixed_ops import MixedMatMulView, mixed_weight
+from qcompiler.analysis import bitcost
+from qcompiler.ir.layers import new_initializer
+from qcompiler.ir.meta import CREATED_BY, ROUTE_KEY, STORED_WEIGHTS
+from qcompiler.dialect.mixed_ops import MixedMatMulView, mixed_weight
 
 
 

@@ -19,9 +19,9 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.channels import ChannelRegion, NotChannelwise, channel_region
-from qcompiler.layers import linears, set_constant
-from qcompiler.passbase import Pass, PassResult, register_pass
+from qcompiler.analysis.channels import ChannelRegion, NotChannelwise, channel_region
+from qcompiler.ir.layers import linears, set_constant
+from qcompiler.pipeline.passbase import Pass, PassResult, register_pass
 
 
 @register_pass

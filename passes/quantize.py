@@ -24,7 +24,7 @@ touched: a Conv (one is created when it has none), or a MatMul whose output alon
 a constant [N] bias; the weight error, a copy of the weight's size, is computed for those only.
 
 Placement: with int8 activations, a layer is quantized only where ONNX Runtime will run it as an
-integer kernel (`qcompiler.placement`): every MatMul, and every Conv in static mode, whose output
+integer kernel (`qcompiler.analysis.placement`): every MatMul, and every Conv in static mode, whose output
 (or that of a Relu alone reading it) is then quantized too, as `QLinearConv` needs; readers of it
 that are no layer read it dequantized. Other layers (a Conv writing a graph output; any Conv with
 dynamic scales) stay in float, weights too, each listed with the reason in `float_placement` (a
@@ -42,14 +42,15 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler import calibration, context, placement
-from qcompiler.calib_cache import collect_cached
+from qcompiler.analysis import calibration, placement
+from qcompiler.pipeline import context
+from qcompiler.analysis.calib_cache import collect_cached
 from qcompiler.errors import UserError
-from qcompiler.ops import QC_OPSET_VERSION
-from qcompiler.layers import insert_after_value, linears, new_initializer, set_constant
-from qcompiler.meta import CALIBRATION_KEY, CREATED_BY, STATS_KEY, Prop
-from qcompiler.passbase import Pass, PassResult, model_properties, option, register_pass
-from qcompiler.progress import progress
+from qcompiler.dialect.ops import QC_OPSET_VERSION
+from qcompiler.ir.layers import insert_after_value, linears, new_initializer, set_constant
+from qcompiler.ir.meta import CALIBRATION_KEY, CREATED_BY, STATS_KEY, Prop
+from qcompiler.pipeline.passbase import Pass, PassResult, model_properties, option, register_pass
+from qcompiler.support.progress import progress
 
 QMAX = 127
 log = logging.getLogger(__name__)
@@ -365,7 +366,7 @@ def activation_sqnr(sample: np.ndarray, lo: float, hi: float) -> float | None:
     if x.size == 0:
         return None
     scale, zero_point = asymmetric_params(lo, hi)
-    from qcompiler.qc_ops import quantize_activation
+    from qcompiler.dialect.qc_ops import quantize_activation
 
     err = float(np.sum((quantize_activation(x.astype(np.float32), "static", scale, zero_point) - x) ** 2))
     energy = float(np.sum(x**2))

@@ -28,10 +28,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import UserError
-from qcompiler.layers import new_initializer
-from qcompiler.meta import CREATED_BY, Prop
-from qcompiler.ops import QC_OPSET_VERSION
-from qcompiler.passbase import Pass, PassResult, option, register_pass
+from qcompiler.ir.layers import new_initializer
+from qcompiler.ir.meta import CREATED_BY, Prop
+from qcompiler.dialect.ops import QC_OPSET_VERSION
+from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 
 
 @register_pass

@@ -27,13 +27,13 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler import bitcost
-from qcompiler.layers import new_initializer, remove_unused
-from qcompiler.meta import CREATED_BY, FLOAT_WEIGHT_KEY, Prop, activation_stats
-from qcompiler.mixed_ops import FP16_BITS, dequantize_codebook, dequantize_uniform
-from qcompiler.ops import attributes_of
-from qcompiler.passbase import Pass, PassResult, option, register_pass
-from qcompiler.progress import progress
+from qcompiler.analysis import bitcost
+from qcompiler.ir.layers import new_initializer, remove_unused
+from qcompiler.ir.meta import CREATED_BY, FLOAT_WEIGHT_KEY, Prop, activation_stats
+from qcompiler.dialect.mixed_ops import FP16_BITS, dequantize_codebook, dequantize_uniform
+from qcompiler.dialect.ops import attributes_of
+from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
+from qcompiler.support.progress import progress
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 KMEANS_ITERATIONS = 12

@@ -25,13 +25,13 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler import context
+from qcompiler.pipeline import context
 from qcompiler.errors import UserError
-from qcompiler.layers import Linear, group_by_input, insert_after_value, linears, new_initializer, set_constant
-from qcompiler.meta import CREATED_BY, SMOOTHED_KEY, STATS_KEY, Prop
-from qcompiler.ops import QC_OPSET_VERSION
-from qcompiler.passbase import Pass, PassResult, option, register_pass
-from qcompiler.progress import progress
+from qcompiler.ir.layers import Linear, group_by_input, insert_after_value, linears, new_initializer, set_constant
+from qcompiler.ir.meta import CREATED_BY, SMOOTHED_KEY, STATS_KEY, Prop
+from qcompiler.dialect.ops import QC_OPSET_VERSION
+from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
+from qcompiler.support.progress import progress
 
 ALPHA_GRID = tuple(round(0.30 + 0.05 * i, 2) for i in range(14))
 FLOOR = 1e-5
@@ -80,7 +80,7 @@ class SmoothPass(Pass):
 
     def _alphas(self, groups: list[tuple[str, list[Linear]]]) -> list[float]:
         """Each group's alpha: the fixed one, or (`auto`) the grid search, one task per group on the
-        compile's executor (`qcompiler.parallel`; in-process by default). Every search reads the
+        compile's executor (`qcompiler.support.parallel`; in-process by default). Every search reads the
         weights as they were before the pass (a group's scaling rewrites only its own layers), so the
         searches are independent and give the same alphas in any process and order."""
         if self.alpha != "auto":

@@ -3,7 +3,7 @@
 The integer codes `quantize-weights` chose stay frozen; the fp16 scale of every group (one per
 group of rows and output column) is learned, as `s1 * exp(t)`, to minimise each block's output
 error against the float block on the calibration data, with the inputs of each block taken from
-the already-quantized preceding blocks (the same machinery as `flexround`: `qcompiler.reconstruct`).
+the already-quantized preceding blocks (the same machinery as `flexround`: `qcompiler.analysis.reconstruct`).
 Codebook classes get their entries tuned; fp16 classes and sparse outliers stay. Where a class
 stores fractional (fp16) zero points, they are learned too (`z + delta`).
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from qcompiler.meta import Prop
-from qcompiler.passbase import option, register_pass
+from qcompiler.ir.meta import Prop
+from qcompiler.pipeline.passbase import option, register_pass
 from qcompiler.passes.flexround import BlockLearningPass
 
 

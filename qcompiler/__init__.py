@@ -6,11 +6,11 @@
     result = qcompiler.compile("minilm-l6", "build/minilm", pipeline="default", dump_ir="build/ir")
 """
 
-from qcompiler.capture import capture
-from qcompiler.compiler import CompileResult, compile
+from qcompiler.driver.capture import capture
+from qcompiler.driver.compiler import CompileResult, compile
 from qcompiler.errors import QCompilerError, UserError
 from qcompiler.ir import load, parse, save, to_text, verify
-from qcompiler.pipeline import format_pipeline, parse_pipeline
+from qcompiler.pipeline.spec import format_pipeline, parse_pipeline
 
 __all__ = [
     "CompileResult",

@@ -11,7 +11,7 @@ A golden file is ONNX textual syntax with directives in comments:
 
 A RUN line is one `qcompiler opt` (`%s`: this file) or several joined by `|` (`-` reads the
 previous one's output; `--elide` prints large tensors as a hash line, as the checks expect), run in
-this process through `qcompiler.cli.main`; an optional last
+this process through `qcompiler.tools.cli.main`; an optional last
 `filecheck --check-prefix=P` stage checks its output against the `P:` lines instead of `CHECK:`.
 `qcompiler opt` gives pipelines that calibrate deterministic synthetic batches.
 
@@ -91,7 +91,7 @@ def tolerance(text: str) -> float | None:
 
 def execute(run: RunLine, path: Path) -> str:
     """The output of a RUN line's `qcompiler opt` stages on `path`."""
-    from qcompiler.cli import main
+    from qcompiler.tools.cli import main
 
     output = None
     for argv in run.stages:

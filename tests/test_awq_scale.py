@@ -7,13 +7,13 @@ import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
 
-from qcompiler import execute
+from qcompiler.analysis import execute
 from qcompiler.errors import UserError
 from qcompiler.ir import to_text
-from qcompiler.context import CompileContext, using
-from qcompiler.pass_manager import run_pipeline
+from qcompiler.pipeline.context import CompileContext, using
+from qcompiler.pipeline.pass_manager import run_pipeline
 from qcompiler.passes.awq_scale import choose_alpha, quantize_as_allocated
-from qcompiler.pipeline import parse_pipeline
+from qcompiler.pipeline.spec import parse_pipeline
 
 
 def _gated_block(seed=0, spread=1.5, residual=False, hidden=256, inner=192):

@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from qcompiler import buildstep, calibration
-from qcompiler.cli import main
+from qcompiler.tools import buildstep
+from qcompiler.analysis import calibration
+from qcompiler.tools.cli import main
 
 
 @pytest.fixture
@@ -113,7 +114,7 @@ def test_rebuild_reuses_calibration_statistics_and_says_so(tiny_onnx, calib_npz,
     assert main(args + ["-o", str(tmp_path / "a")]) == 0
     calls = []
     real = calibration.collect
-    monkeypatch.setattr("qcompiler.calib_cache.collect", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr("qcompiler.analysis.calib_cache.collect", lambda *a, **k: calls.append(1) or real(*a, **k))
     capsys.readouterr()
     assert main(args + ["-o", str(tmp_path / "b")]) == 0
     assert calls == []  # both the calibrate pass and quantize's re-collection came from the cache
@@ -136,7 +137,7 @@ def test_corrupt_cache_entry_is_recomputed_with_a_warning(tiny_onnx, calib_npz, 
 
 
 def test_cached_statistics_equal_fresh_ones(tmp_path, rng):
-    from qcompiler.calib_cache import _read, _write
+    from qcompiler.analysis.calib_cache import _read, _write
 
     stats = {"x": calibration.stats_of([rng.standard_normal((40, 6)).astype(np.float32)], sample_rows=16, bins=64)}
     _write(tmp_path, "k", stats, {"batches": 1, "samples": 40})

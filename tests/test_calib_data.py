@@ -10,7 +10,7 @@ import onnx.numpy_helper as onh
 import onnx_ir as ir
 import pytest
 
-from qcompiler.calib_data import NO_TOKENIZER, load_calibration, validate_batches
+from qcompiler.analysis.calib_data import NO_TOKENIZER, load_calibration, validate_batches
 from qcompiler.errors import UserError
 
 STS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sts-pairs-dev.tsv"

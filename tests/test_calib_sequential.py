@@ -11,10 +11,10 @@ import onnx.numpy_helper as onh
 import onnx_ir as ir
 import pytest
 
-from qcompiler import calib_sequential
+from qcompiler.analysis import calib_sequential
 from qcompiler import ir as qir
-from qcompiler.calib_sequential import cut_segments
-from qcompiler.calibration import collect, quantizable_inputs
+from qcompiler.analysis.calib_sequential import cut_segments
+from qcompiler.analysis.calibration import collect, quantizable_inputs
 
 F = onnx.TensorProto.FLOAT
 D, FFN, VOCAB, SEQ = 16, 32, 50, 6
@@ -272,7 +272,7 @@ def _spy_sequential(monkeypatch) -> list:
 
 
 def test_block_sequential_compile_gives_the_same_artifact(tmp_path, monkeypatch):
-    from qcompiler.compiler import compile
+    from qcompiler.driver.compiler import compile
 
     source = tmp_path / "t.onnx"
     onnx.save(ir.serde.serialize_model(transformer(layers=2)), str(source))
@@ -285,7 +285,7 @@ def test_block_sequential_compile_gives_the_same_artifact(tmp_path, monkeypatch)
 
 
 def test_block_sequential_from_the_command_line_and_config(tmp_path, monkeypatch):
-    from qcompiler.cli import main
+    from qcompiler.tools.cli import main
 
     source = tmp_path / "c.onnx"
     onnx.save(ir.serde.serialize_model(convnet()), str(source))
@@ -304,7 +304,7 @@ def test_block_sequential_from_the_command_line_and_config(tmp_path, monkeypatch
 
 
 def test_block_sequential_must_be_a_boolean(tmp_path):
-    from qcompiler.compiler import compile
+    from qcompiler.driver.compiler import compile
     from qcompiler.errors import UserError
 
     with pytest.raises(UserError, match="block_sequential must be true or false"):
@@ -331,8 +331,8 @@ def test_mapped_weights_calibrate_one_block_at_a_time(tmp_path, monkeypatch):
 @pytest.mark.parametrize("bundled", ["minilm-l6", "smollm2-135m"])
 def test_bundled_models_give_the_same_statistics_one_block_at_a_time(bundled, tmp_path, monkeypatch):
     """Through `compile`: each collection runs whole and one block at a time, and both must agree."""
-    import qcompiler.calib_cache
-    from qcompiler.compiler import compile
+    import qcompiler.analysis.calib_cache
+    from qcompiler.driver.compiler import compile
 
     found = []
 
@@ -349,7 +349,7 @@ def test_bundled_models_give_the_same_statistics_one_block_at_a_time(bundled, tm
                  if (p / "shared" / "data" / "wikitext2-valid-excerpt.txt").is_file()), None)
     if data is None:
         pytest.skip("shared/data/wikitext2-valid-excerpt.txt is not there")
-    monkeypatch.setattr(qcompiler.calib_cache, "collect", both)
+    monkeypatch.setattr(qcompiler.analysis.calib_cache, "collect", both)
     compile(bundled, tmp_path / "o", pipeline="calibrate", calibration=data, calib_count=8, drift=False, cache_dir=None)
     assert len(found) == 1 and found[0][0] >= 6 and found[0][1] == []
 

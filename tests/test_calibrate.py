@@ -10,7 +10,7 @@ import onnx.numpy_helper as onh
 import onnx_ir as ir
 import pytest
 
-from qcompiler.calibration import (
+from qcompiler.analysis.calibration import (
     CALIBRATION_KEY,
     STATS_KEY,
     Histogram,
@@ -20,13 +20,13 @@ from qcompiler.calibration import (
     quantizable_inputs,
     stats_of,
 )
-from qcompiler.context import CompileContext, using
+from qcompiler.pipeline.context import CompileContext, using
 from qcompiler.errors import UserError
 from qcompiler.ir import parse, to_proto, to_text
-from qcompiler.pass_manager import run_pipeline
-from qcompiler.passbase import model_properties
+from qcompiler.pipeline.pass_manager import run_pipeline
+from qcompiler.pipeline.passbase import model_properties
 from qcompiler.passes.calibrate import CalibratePass
-from qcompiler.pipeline import format_pipeline, parse_pipeline
+from qcompiler.pipeline.spec import format_pipeline, parse_pipeline
 
 F = onnx.TensorProto.FLOAT
 
@@ -435,8 +435,8 @@ def test_minilm_calibration_on_sts_sentences():
     from pathlib import Path
 
     from qcompiler import models
-    from qcompiler.capture import resolve
-    from qcompiler.calib_data import load_calibration
+    from qcompiler.driver.capture import resolve
+    from qcompiler.analysis.calib_data import load_calibration
     from qcompiler.passes.canonicalize import CanonicalizePass
 
     data = Path(__file__).resolve().parents[2] / "shared" / "data" / "sts-pairs-dev.tsv"

@@ -1,10 +1,10 @@
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler import execute
+from qcompiler.analysis import execute
 from qcompiler.ir import parse, to_text
 from qcompiler.passes.canonicalize import CanonicalizePass
-from qcompiler.probe import synthetic_inputs
+from qcompiler.analysis.probe import synthetic_inputs
 
 SHARED_WEIGHT = """
 <ir_version: 10, opset_import: ["" : 21]>
@@ -62,7 +62,7 @@ g (int64[N] ids) => (float[N, 4] logits)
 
 
 def test_folded_weight_is_named_after_its_module():
-    from qcompiler.capture import SCOPE_KEY
+    from qcompiler.driver.capture import SCOPE_KEY
 
     model = parse(TIED_OUTPUT)
     matmul = [n for n in model.graph if n.op_type == "MatMul"][0]

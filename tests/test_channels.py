@@ -1,8 +1,8 @@
-"""`qcompiler.channels`: following an activation's channels back to the linears that produce them."""
+"""`qcompiler.analysis.channels`: following an activation's channels back to the linears that produce them."""
 
 import pytest
 
-from qcompiler.channels import NotChannelwise, channel_region
+from qcompiler.analysis.channels import NotChannelwise, channel_region
 from qcompiler.ir import parse
 
 GATED = """<ir_version: 10, opset_import: ["" : 21]>

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import qcompiler
-from qcompiler import execute
-from qcompiler.cli import main
+from qcompiler.analysis import execute
+from qcompiler.tools.cli import main
 from qcompiler.ir import parse
 
 

@@ -15,11 +15,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from qcompiler.cli import main  # noqa: E402
-from qcompiler.compiler import compile as qcompile  # noqa: E402
-from qcompiler.decode import CachedSession, cached_logits, generate  # noqa: E402
+from qcompiler.tools.cli import main  # noqa: E402
+from qcompiler.driver.compiler import compile as qcompile  # noqa: E402
+from qcompiler.tools.decode import CachedSession, cached_logits, generate  # noqa: E402
 from qcompiler.errors import UserError  # noqa: E402
-from qcompiler.lm_artifact import read_layout  # noqa: E402
+from qcompiler.driver.lm_artifact import read_layout  # noqa: E402
 from qcompiler.models.causal_lm import DECODE_STEPS  # noqa: E402
 from qcompiler.models.hf_llama import from_hf  # noqa: E402
 
@@ -219,8 +219,8 @@ def test_tiny_mixed_compiles_the_cache_graph(factory, calib_file, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_cache_graph_equals_the_full_graph(tmp_path):
-    from qcompiler.capture import resolve
-    from qcompiler.evaluate import evaluate
+    from qcompiler.driver.capture import resolve
+    from qcompiler.tools.evaluate import evaluate
 
     data = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-valid-excerpt.txt"
     if not data.is_file():
@@ -228,7 +228,7 @@ def test_smollm2_cache_graph_equals_the_full_graph(tmp_path):
     out = qcompile("smollm2-135m-kv", tmp_path / "lm", drift=False).output
     full, _ = resolve("smollm2-135m")
     from qcompiler import ir as qir
-    from qcompiler.execute import ort_session
+    from qcompiler.analysis.execute import ort_session
     import onnx
 
     onnx.save(qir.to_proto(full), str(tmp_path / "full.onnx"))
@@ -246,7 +246,7 @@ def test_block_interpreter_runs_the_cache_graph(float_lm):
     """Block-wise passes (gptq, flexround, tune-scales) evaluate the graph in torch: the cache
     graph's mask ops included, it gives ONNX Runtime's logits and presents on a decode step."""
     import qcompiler
-    from qcompiler.torch_exec import Constants, run_nodes
+    from qcompiler.analysis.torch_exec import Constants, run_nodes
 
     model = qcompiler.load(float_lm / "model.onnx")
     layout = read_layout(float_lm)
@@ -291,8 +291,8 @@ def test_float_cache_manifest_has_no_kv_cache_key(float_lm):
 
 def test_int8_cache_presents_are_the_rounded_float_presents(float_lm, int8_lm):
     """After a prefill (computed as in float), each present is the float present's codes and
-    per-token-per-head scales (qcompiler/kv_int8.py): wrong scales or codes fail here."""
-    from qcompiler import kv_int8
+    per-token-per-head scales (qcompiler/dialect/kv_int8.py): wrong scales or codes fail here."""
+    from qcompiler.dialect import kv_int8
 
     ids = np.random.default_rng(5).integers(3, VOCAB, 10)
     floats, int8 = CachedSession(float_lm / "model.onnx", read_layout(float_lm), 1), CachedSession(int8_lm / "model.onnx", read_layout(int8_lm), 1)
@@ -334,7 +334,7 @@ def test_generate_runs_the_int8_cache(float_lm, int8_lm, capsys):
 
 
 def test_kv_cache_option_and_its_order():
-    from qcompiler.pipeline import check_order, format_pipeline, parse_pipeline
+    from qcompiler.pipeline.spec import check_order, format_pipeline, parse_pipeline
 
     assert "kv-cache" not in format_pipeline(parse_pipeline("w8a8{act-mode=per-token}"))
     names = [p.name for p in parse_pipeline("w8a8{act-mode=per-token kv-cache=int8}")]
@@ -350,7 +350,7 @@ def test_kv_cache_option_and_its_order():
 
 def test_kv_cache_refuses_a_model_without_a_cache():
     from qcompiler.ir import parse
-    from qcompiler.opt import optimize
+    from qcompiler.tools.opt import optimize
 
     model = parse('<ir_version: 10, opset_import: ["" : 21]>\ng (float[2] x) => (float[2] y)\n{\n  y = Relu (x)\n}\n')
     with pytest.raises(UserError, match="no past_key_values"):

@@ -4,15 +4,15 @@ the suggested pipeline parses, keeps the layers it names and lowers their error.
 import numpy as np
 import pytest
 
-from qcompiler import execute
-from qcompiler.cli import main
-from qcompiler.context import CompileContext, using
-from qcompiler.doctor import REFINE_ROUNDS, Switchboard, _Stages, diagnose, joined, quantized_layers
+from qcompiler.analysis import execute
+from qcompiler.tools.cli import main
+from qcompiler.pipeline.context import CompileContext, using
+from qcompiler.tools.doctor import REFINE_ROUNDS, Switchboard, _Stages, diagnose, joined, quantized_layers
 from qcompiler.errors import UserError
 from qcompiler.ir import parse
-from qcompiler.pass_manager import run_pipeline
-from qcompiler.pipeline import parse_pipeline
-from qcompiler.probe import synthetic_inputs
+from qcompiler.pipeline.pass_manager import run_pipeline
+from qcompiler.pipeline.spec import parse_pipeline
+from qcompiler.analysis.probe import synthetic_inputs
 
 
 def _mlp(k=256, h=256, n=256, wide_second=True, seed=0):
@@ -154,7 +154,7 @@ def test_allocate_bits_keep_pattern_that_matches_nothing_is_an_error():
 
 @pytest.mark.parametrize("scope", ["layer", "model"])
 def test_allocate_bits_boost_raises_the_named_layers_budget(scope):
-    from qcompiler.context import CompileContext, using
+    from qcompiler.pipeline.context import CompileContext, using
 
     model = _mlp()
     data = [synthetic_inputs(model, seed=s) for s in range(4)]

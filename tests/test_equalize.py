@@ -8,11 +8,11 @@ import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
 
-from qcompiler import execute
-from qcompiler.opt import optimize
+from qcompiler.analysis import execute
+from qcompiler.tools.opt import optimize
 from qcompiler.passes.equalize import input_ranges, output_ranges
-from qcompiler.pipeline import format_pipeline, parse_pipeline
-from qcompiler.probe import synthetic_inputs
+from qcompiler.pipeline.spec import format_pipeline, parse_pipeline
+from qcompiler.analysis.probe import synthetic_inputs
 
 CHANNELS = 8
 

@@ -14,7 +14,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from qcompiler.cli import main
+from qcompiler.tools.cli import main
 from qcompiler.errors import UserError
 from qcompiler.passes.canonicalize import CanonicalizePass
 
@@ -148,7 +148,7 @@ def test_offset_and_length_select_the_bytes(layout):
 
 
 def _all_tensors(proto):
-    from qcompiler.external_data import tensors_in
+    from qcompiler.ir.external_data import tensors_in
 
     return [t for t, _ in tensors_in(proto)]
 
@@ -180,7 +180,7 @@ def test_canonicalize_never_reads_a_location_as_given(layout, monkeypatch, locat
 def test_canonicalize_reads_external_tensors_inside_their_folder(layout):
     model = _ir_model_with_external_constant("w.bin", str(layout))
     CanonicalizePass()(model)
-    from qcompiler import execute
+    from qcompiler.analysis import execute
 
     y = execute.run(model, {"X": np.zeros((1, 4), np.float32)})["Y"]
     np.testing.assert_array_equal(y, DATA[None])

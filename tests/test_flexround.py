@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from qcompiler import execute
-from qcompiler.blocks import find_blocks
-from qcompiler.context import CompileContext, using
+from qcompiler.analysis import execute
+from qcompiler.analysis.blocks import find_blocks
+from qcompiler.pipeline.context import CompileContext, using
 from qcompiler.errors import UserError
 from qcompiler.ir import parse, to_text
-from qcompiler.pass_manager import run_pipeline
-from qcompiler.pipeline import parse_pipeline
+from qcompiler.pipeline.pass_manager import run_pipeline
+from qcompiler.pipeline.spec import parse_pipeline
 
 UNIFORM3 = "calibrate,allocate-bits{avg-bits=8 candidates=3 other-widths=expand group-size=32 outliers-act=0 outliers-weight=0},quantize-weights{grid=minmax}"
 
@@ -175,7 +175,7 @@ def test_no_float_reference():
 
 
 def test_rebatch_never_mixes_calibration_batches():
-    from qcompiler.reconstruct import _rebatch
+    from qcompiler.analysis.reconstruct import _rebatch
 
     batches = [{"ids": np.zeros((3, 5), np.int64)}, {"ids": np.ones((2, 7), np.int64)}]
     out = _rebatch(batches, 2)
@@ -185,7 +185,7 @@ def test_rebatch_never_mixes_calibration_batches():
 def test_block_loss_leaves_padding_positions_out():
     import torch
 
-    from qcompiler.reconstruct import _mse, _token_positions
+    from qcompiler.analysis.reconstruct import _mse, _token_positions
 
     mask = np.array([[1, 1, 0], [1, 0, 0]], np.int64)
     valid = _token_positions({"input_ids": np.zeros((2, 3), np.int64), "attention_mask": mask})

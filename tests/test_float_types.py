@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompiler.compiler import compile
+from qcompiler.driver.compiler import compile
 from qcompiler.errors import UserError
 
 D, F, SEQ = 128, 256, 8
@@ -155,7 +155,7 @@ def test_unsupported_float_type_is_named_with_the_supported_ones(tmp_path):
     with pytest.raises(UserError, match=r"float type is float64.*supported float types: float32, float16, bfloat16"):
         compile(str(path), tmp_path / "out", pipeline="w8a8", calibration=[{"x": inputs(2, 0).astype(np.float64)}])
     assert not (tmp_path / "out").exists()
-    cli = subprocess.run([sys.executable, "-m", "qcompiler.cli", "compile", str(path), "-o", str(tmp_path / "out"),
+    cli = subprocess.run([sys.executable, "-m", "qcompiler.tools.cli", "compile", str(path), "-o", str(tmp_path / "out"),
                           "--pipeline", "w8a8"], capture_output=True, text=True)
     assert cli.returncode == 2
     assert len(cli.stderr.strip().splitlines()) == 1 and "float64" in cli.stderr
@@ -201,11 +201,11 @@ def test_float_type_from_the_command_line_and_config(sources, tmp_path):
     np.savez(data, x=inputs(8, seed=0).astype(np.float16))
     config = tmp_path / "build.toml"
     config.write_text(f'source = "{sources["float16"]}"\noutput = "out"\npipeline = "w8a8"\ncalib = "calib.npz"\nfloat-type = "float32"\n')
-    cli = subprocess.run([sys.executable, "-m", "qcompiler.cli", "compile", "--config", str(config), "--no-drift"],
+    cli = subprocess.run([sys.executable, "-m", "qcompiler.tools.cli", "compile", "--config", str(config), "--no-drift"],
                          capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["float_type"] == "float32"
-    cli = subprocess.run([sys.executable, "-m", "qcompiler.cli", "compile", str(sources["float16"]), "-o", str(tmp_path / "o2"),
+    cli = subprocess.run([sys.executable, "-m", "qcompiler.tools.cli", "compile", str(sources["float16"]), "-o", str(tmp_path / "o2"),
                           "--pipeline", "w8a8", "--calib", str(data), "--float-type", "float64"], capture_output=True, text=True)
     assert cli.returncode == 2 and "unknown float type 'float64'" in cli.stderr
 

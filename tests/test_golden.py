@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from filecheck import checks, execute, filecheck, parse_run, run_lines, tolerance
-from qcompiler import execute as run_model
+from qcompiler.analysis import execute as run_model
 from qcompiler.ir import parse
-from qcompiler.probe import synthetic_inputs
+from qcompiler.analysis.probe import synthetic_inputs
 
 CASES = sorted(Path(__file__).parent.glob("golden/*/*.onnxtxt"))
 IDS = [f"{p.parent.name}/{p.stem}" for p in CASES]
@@ -71,7 +71,7 @@ def test_run_lines_pipe_stages_and_name_their_check_prefix():
 
 
 def test_opt_writes_the_file_asked_for_and_refuses_bad_input(tmp_path, capsys):
-    from qcompiler.cli import main
+    from qcompiler.tools.cli import main
 
     source = Path(__file__).parent / "golden" / "quantize" / "linear_static.onnxtxt"
     out = tmp_path / "out.onnxtxt"

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from qcompiler import execute
+from qcompiler.analysis import execute
 from qcompiler.errors import UserError
 from qcompiler.ir import to_text
-from qcompiler.mixed_ops import mixed_weight, split_class_inputs
+from qcompiler.dialect.mixed_ops import mixed_weight, split_class_inputs
 from qcompiler.passes.gptq import gptq_round
 from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
-from qcompiler.pipeline import parse_pipeline
+from qcompiler.pipeline.spec import parse_pipeline
 from test_flexround import _model, _run
 
 UNIFORM3 = "calibrate,allocate-bits{avg-bits=8 candidates=3 other-widths=expand group-size=32 outliers-act=0 outliers-weight=0},quantize-weights{grid=minmax}"

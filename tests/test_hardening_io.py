@@ -13,10 +13,10 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from qcompiler import calib_cache
-from qcompiler import progress as progress_mod
-from qcompiler.calib_data import load_calibration
-from qcompiler.cli import main
+from qcompiler.analysis import calib_cache
+from qcompiler.support import progress as progress_mod
+from qcompiler.analysis.calib_data import load_calibration
+from qcompiler.tools.cli import main
 from qcompiler.ir import parse
 
 
@@ -35,12 +35,12 @@ def _one_error_line(capsys) -> str:
 
 def _no_work(monkeypatch):
     """Make any capture fail loudly: a check that runs 'before compiling' must stop the run first."""
-    import qcompiler.compiler
+    import qcompiler.driver.compiler
 
     def fail(*args, **kwargs):
         raise AssertionError("the compile started")
 
-    monkeypatch.setattr(qcompiler.compiler, "resolve", fail)
+    monkeypatch.setattr(qcompiler.driver.compiler, "resolve", fail)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def test_foreign_dump_folder_and_report_need_force(tiny_onnx, tmp_path, capsys):
     assert "was not written by qcompiler" in _one_error_line(capsys)
     assert report.read_text() == '{"mine": 1}' and (dump / "todo.txt").exists() and not (tmp_path / "a").exists()
     assert main(["-q", "compile", str(tiny_onnx), "-o", str(tmp_path / "a"), "--report", str(report), "--force"]) == 0
-    assert json.loads(report.read_text())["schema"].startswith("qcompiler.report/")
+    assert json.loads(report.read_text())["schema"].startswith("qcompiler.tools.report/")
     assert main(["-q", "compile", str(tiny_onnx), "-o", str(tmp_path / "a"), "--report", str(report)]) == 0  # ours now
 
 
@@ -238,7 +238,7 @@ def _slow_factory(tmp_path):
         "    time.sleep(60)\n"
     )
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    return [sys.executable, "-m", "qcompiler.cli", "compile", "slow_source:build", "-o", str(tmp_path / "out"),
+    return [sys.executable, "-m", "qcompiler.tools.cli", "compile", "slow_source:build", "-o", str(tmp_path / "out"),
             "--dump-ir", str(tmp_path / "dump")], env
 
 
@@ -367,12 +367,12 @@ def test_progress_lines_are_logged_off_a_terminal(monkeypatch, caplog):
 
 
 def test_doctor_apply_refuses_inputs_and_foreign_files_before_any_work(tmp_path, capsys, monkeypatch):
-    import qcompiler.doctor
+    import qcompiler.tools.doctor
 
     def no_diagnosis(*args, **kwargs):
         raise AssertionError("the diagnosis ran before the --apply path was checked")
 
-    monkeypatch.setattr(qcompiler.doctor, "diagnose", no_diagnosis)
+    monkeypatch.setattr(qcompiler.tools.doctor, "diagnose", no_diagnosis)
     model = tmp_path / "m.onnx"
     model.write_bytes(b"model bytes")
     notes = tmp_path / "notes.txt"

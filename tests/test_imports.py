@@ -57,8 +57,8 @@ def import_graph() -> nx.DiGraph:
 
 def test_import_graph_reads_the_real_imports():
     graph = import_graph()
-    assert graph.has_edge("qcompiler.report", "qcompiler.ir")
-    assert graph.has_edge("qcompiler.passes.calibrate", "qcompiler.calibration")
+    assert graph.has_edge("qcompiler.tools.report", "qcompiler.ir")
+    assert graph.has_edge("qcompiler.passes.calibrate", "qcompiler.analysis.calibration")
     assert len(graph) > 40
 
 

@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import qcompiler.ir as qir
-from qcompiler.compiler import compile
+from qcompiler.driver.compiler import compile
 from qcompiler.errors import UserError
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
@@ -87,7 +87,7 @@ def test_short_external_data_file_is_named_and_exits_2(tmp_path):
     data.write_bytes(data.read_bytes()[:-100])
     with pytest.raises(UserError, match=r"tensor 'down.w'.* points its external data at 'model.onnx.data', bytes \[\d+, \d+\) past the end of the file"):
         qir.load(source)
-    cli = subprocess.run([sys.executable, "-m", "qcompiler.cli", "compile", str(source), "-o", str(tmp_path / "out"),
+    cli = subprocess.run([sys.executable, "-m", "qcompiler.tools.cli", "compile", str(source), "-o", str(tmp_path / "out"),
                           "--pipeline", "w8a8"], capture_output=True, text=True)
     assert cli.returncode == 2 and len(cli.stderr.strip().splitlines()) == 1 and "down.w" in cli.stderr
     assert not (tmp_path / "out").exists()
@@ -130,7 +130,7 @@ def test_model_over_2gb_compiles_within_the_memory_bound(tmp_path):
     assert (source.parent / "model.onnx.data").stat().st_size > 2**31
     child = textwrap.dedent(f"""
         import json, resource, sys
-        from qcompiler.compiler import compile
+        from qcompiler.driver.compiler import compile
         result = compile({str(source)!r}, {str(tmp_path / 'out')!r}, pipeline="w8a8",
                          calibration={str(source.parent / 'calib.npz')!r}, calib_count=8, drift=False)
         print(json.dumps({{"peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,

@@ -5,7 +5,7 @@ import onnx
 import onnx.helper as oh
 import pytest
 
-from qcompiler import execute
+from qcompiler.analysis import execute
 from qcompiler.errors import UserError
 from qcompiler.ir import TARGET_OPSET, load
 
@@ -128,7 +128,7 @@ def test_minus_one_and_unnamed_dims_are_free_dims_of_their_own(tmp_path):
     x, y = model.graph.inputs
     assert _symbols(x) == ["x_dim0", "x_dim1", 8] and _symbols(y) == ["y_dim0", "y_dim1", 3]
     # each its own symbol: calibration rows of different lengths per input are accepted
-    from qcompiler.calib_data import validate_batches
+    from qcompiler.analysis.calib_data import validate_batches
 
     validate_batches([{"x": np.ones((2, 5, 8), np.float32), "y": np.ones((3, 1, 3), np.float32)}], model)
 
@@ -144,7 +144,7 @@ def test_constant_weights_are_initializers_and_counted(tmp_path):
 
 def test_show_elides_constant_weights(tmp_path, capsys):
     import onnx.helper as oh
-    from qcompiler.cli import main
+    from qcompiler.tools.cli import main
 
     big = oh.make_tensor("w", onnx.TensorProto.FLOAT, [64, 8], np.arange(512, dtype=np.float32).tolist())
     graph = oh.make_graph([oh.make_node("Constant", [], ["w"], value=big), oh.make_node("MatMul", ["x", "w"], ["y"])], "g",

@@ -16,7 +16,7 @@ import onnx.numpy_helper as nh
 import onnxruntime as ort
 import pytest
 
-from qcompiler.cli import main
+from qcompiler.tools.cli import main
 
 W = np.arange(12, dtype=np.float32).reshape(4, 3) - 5
 B = np.array([0.5, -1.0, 2.0], np.float32)

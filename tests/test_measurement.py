@@ -1,5 +1,5 @@
 """Honest measurement: drift, the report's errors and the output-cosine gate run on real data
-(`qcompiler.probe.choose`) in ONNX Runtime, and a measurement that fails is a warning."""
+(`qcompiler.analysis.probe.choose`) in ONNX Runtime, and a measurement that fails is a warning."""
 
 import json
 
@@ -9,8 +9,8 @@ import onnx.helper as oh
 import pytest
 
 import qcompiler
-from qcompiler import execute, probe
-from qcompiler.cli import main
+from qcompiler.analysis import execute, probe
+from qcompiler.tools.cli import main
 
 
 def _dead_on_noise() -> onnx.ModelProto:

@@ -1,4 +1,4 @@
-"""What passes tell each other besides the IR (`qcompiler.meta`): every metadata key a pipeline
+"""What passes tell each other besides the IR (`qcompiler.ir.meta`): every metadata key a pipeline
 leaves on a model is declared, in the place it is declared for; no module spells a key instead of
 importing it; a saved property does not vouch for facts a file does not carry; a pass that reads
 calibration statistics refuses a layer without them."""
@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qcompiler.context import CompileContext, using
+from qcompiler.pipeline.context import CompileContext, using
 from qcompiler.errors import UserError
 from qcompiler.ir import parse, to_text
-from qcompiler.meta import KEYS, MODEL_META, MODEL_PROPS, NODE_META, NODE_PROPS, STATS_KEY, VALUE_META, Prop
-from qcompiler.opt import optimize
-from qcompiler.pass_manager import Instrument, run_pipeline
-from qcompiler.passbase import model_properties
-from qcompiler.pipeline import all_passes
-from qcompiler.pipeline import parse_pipeline
-from qcompiler.probe import synthetic_inputs
+from qcompiler.ir.meta import KEYS, MODEL_META, MODEL_PROPS, NODE_META, NODE_PROPS, STATS_KEY, VALUE_META, Prop
+from qcompiler.tools.opt import optimize
+from qcompiler.pipeline.pass_manager import Instrument, run_pipeline
+from qcompiler.pipeline.passbase import model_properties
+from qcompiler.pipeline.spec import all_passes
+from qcompiler.pipeline.spec import parse_pipeline
+from qcompiler.analysis.probe import synthetic_inputs
 
 ROOT = Path(__file__).parent.parent
 MLP = ROOT / "tests" / "golden" / "flexround" / "residual_mlp.onnxtxt"  # two 64 x 64 linears and a residual Add
@@ -52,7 +52,7 @@ def test_every_key_a_pipeline_leaves_is_declared_in_its_place(name):
     with using(CompileContext(calibration=[synthetic_inputs(model, seed=s) for s in range(2)], calibration_source="synthetic")):
         run_pipeline(model, parse_pipeline(PIPELINES[name]), [seen])
     undeclared = sorted(f"{place}[{key!r}]" for place, key in seen.seen if key not in KEYS or KEYS[key].place != place)
-    assert not undeclared, "declare these in qcompiler/meta.py (or use the declared place): " + ", ".join(undeclared)
+    assert not undeclared, "declare these in qcompiler/ir/meta.py (or use the declared place): " + ", ".join(undeclared)
     keys = {key for _, key in seen.seen}
     # the side channels the pipeline runs on were really exercised
     expected = {"w8a8": {"qc.stats", "qc.calibration", "qc.smoothed", "qc.created_by", "qcompiler.properties"},
@@ -73,7 +73,7 @@ def test_no_module_spells_a_declared_key():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in KEYS:
                 spelled.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
-    assert not spelled, "import the key from qcompiler.meta: " + "; ".join(spelled)
+    assert not spelled, "import the key from qcompiler.ir.meta: " + "; ".join(spelled)
 
 
 def test_metadata_is_read_and_written_through_names_only():
@@ -96,7 +96,7 @@ def test_metadata_is_read_and_written_through_names_only():
             if isinstance(holder, ast.Attribute) and holder.attr in ("meta", "metadata_props") \
                     and isinstance(key, ast.Constant) and isinstance(key.value, str):
                 literal.append(f"{path.relative_to(ROOT)}:{node.lineno}: {key.value!r}")
-    assert not literal, "declare the key in qcompiler/meta.py and use its name: " + "; ".join(literal)
+    assert not literal, "declare the key in qcompiler/ir/meta.py and use its name: " + "; ".join(literal)
 
 
 def test_every_declared_key_says_what_it_is():

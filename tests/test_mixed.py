@@ -4,18 +4,19 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from qcompiler import execute, ops
+from qcompiler.analysis import execute
+from qcompiler.dialect import ops
 from qcompiler.codegen.ort import weight_bytes
-from qcompiler.context import CompileContext, using
+from qcompiler.pipeline.context import CompileContext, using
 from qcompiler.errors import UserError
 from qcompiler.ir import parse, to_text, verify
-from qcompiler.mixed_ops import MixedMatMulView, _mixed_matmul_reference
-from qcompiler.pass_manager import run_pipeline
-from qcompiler import bitcost
+from qcompiler.dialect.mixed_ops import MixedMatMulView, _mixed_matmul_reference
+from qcompiler.pipeline.pass_manager import run_pipeline
+from qcompiler.analysis import bitcost
 from qcompiler.passes.lower_mixed import pack_bitplanes, pack_nbits, unpack_bitplanes, unpack_nbits
 from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
-from qcompiler.pipeline import parse_pipeline
-from qcompiler.probe import synthetic_inputs
+from qcompiler.pipeline.spec import parse_pipeline
+from qcompiler.analysis.probe import synthetic_inputs
 
 
 def _layer(k=1024, n=256, seed=0, batch=""):
@@ -86,7 +87,7 @@ def test_uniform_groups_and_codebook_reconstruct_well():
     rng = np.random.default_rng(1)
     block = rng.normal(0, 1, (256, 32)).astype(np.float32)
     energy = np.ones(256)
-    from qcompiler.mixed_ops import dequantize_codebook, dequantize_uniform
+    from qcompiler.dialect.mixed_ops import dequantize_codebook, dequantize_uniform
 
     for bits, floor_db in ((2, 8.0), (4, 19.0)):
         codes, scale, zero = uniform_groups(block, energy, bits, 64, "mse")
@@ -155,7 +156,7 @@ def test_layer_too_small_for_group():
 
 
 def test_narrow_group_far_from_zero_keeps_a_finite_zero_point():
-    from qcompiler.mixed_ops import dequantize_uniform
+    from qcompiler.dialect.mixed_ops import dequantize_uniform
 
     block = (5.0 + np.random.default_rng(0).normal(0, 1e-4, (16, 4))).astype(np.float32)
     codes, scale, zero = uniform_groups(block, np.ones(16), 8, 16, "minmax")
@@ -282,7 +283,7 @@ def test_matmul_nbits_class_bytes_are_what_the_allocator_counts():
 
 
 def test_integer_zero_points_sit_on_the_code_grid():
-    from qcompiler.mixed_ops import dequantize_uniform
+    from qcompiler.dialect.mixed_ops import dequantize_uniform
 
     block = np.random.default_rng(3).normal(0.3, 1, (64, 8)).astype(np.float32)
     codes, scale, zero = uniform_groups(block, np.ones(64), 4, 32, "mse", integer=True)

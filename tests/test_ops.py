@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from qcompiler import execute, ops
+from qcompiler.analysis import execute
+from qcompiler.dialect import ops
 from qcompiler.ir import VerificationError, parse, verify
 
 

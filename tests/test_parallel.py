@@ -1,4 +1,4 @@
-"""Fan-out on Ray (`qcompiler.parallel`): artifacts byte-identical to the in-process run for any
+"""Fan-out on Ray (`qcompiler.support.parallel`): artifacts byte-identical to the in-process run for any
 worker count, a failing task retried once and then named in one line, missing Ray an exit-2 error,
 and without the options Ray never imported."""
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import qcompiler
-from qcompiler import parallel
-from qcompiler.cli import main
-from qcompiler.probe import synthetic_inputs
+from qcompiler.support import parallel
+from qcompiler.tools.cli import main
+from qcompiler.analysis.probe import synthetic_inputs
 
 PIPELINE = "mixed{avg-bits=4.25 scope=model sensitivity=kl}"
 
@@ -156,7 +156,7 @@ def test_without_the_options_ray_is_never_imported(tmp_path):
     source = _chain(tmp_path / "chain.onnx", layers=2)
     script = (
         "import sys, qcompiler\n"
-        "from qcompiler.probe import synthetic_inputs\n"
+        "from qcompiler.analysis.probe import synthetic_inputs\n"
         f"m = qcompiler.load({str(source)!r})\n"
         "data = [synthetic_inputs(m, seed=s) for s in range(2)]\n"
         f"qcompiler.compile({str(source)!r}, {str(tmp_path / 'out')!r}, pipeline={PIPELINE!r}, calibration=data, drift=False)\n"
@@ -167,7 +167,7 @@ def test_without_the_options_ray_is_never_imported(tmp_path):
 
 
 def test_doctor_diagnosis_is_the_same_in_process_and_on_two_workers(tmp_path, ray_session):
-    from qcompiler.doctor import diagnose
+    from qcompiler.tools.doctor import diagnose
 
     source = _chain(tmp_path / "chain.onnx", layers=4)
     data = _calibration(source)

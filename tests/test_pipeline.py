@@ -8,9 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qcompiler.errors import UserError
-from qcompiler.meta import Prop
-from qcompiler.passbase import Pass, PassResult, option, register_pass
-from qcompiler.pipeline import PRESETS, Preset, all_passes, check_order, format_pipeline, parse_pipeline
+from qcompiler.ir.meta import Prop
+from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
+from qcompiler.pipeline.spec import PRESETS, Preset, all_passes, check_order, format_pipeline, parse_pipeline
 
 
 @register_pass
@@ -107,8 +107,8 @@ def test_a_pass_declaring_an_unknown_property_is_refused_at_registration():
 def test_properties_are_saved_by_name_and_read_back_as_props():
     import onnx_ir as ir
 
-    from qcompiler.meta import PROPERTIES_KEY
-    from qcompiler.passbase import model_properties, set_model_properties
+    from qcompiler.ir.meta import PROPERTIES_KEY
+    from qcompiler.pipeline.passbase import model_properties, set_model_properties
 
     model = ir.Model(ir.Graph([], [], nodes=[]), ir_version=10)
     set_model_properties(model, {Prop.QUANTIZED, Prop.CALIBRATED})

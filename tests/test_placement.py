@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qcompiler
-from qcompiler import execute
+from qcompiler.analysis import execute
 
 
 def _conv_net() -> onnx.ModelProto:

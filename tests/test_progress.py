@@ -1,7 +1,7 @@
 import io
 import logging
 
-from qcompiler import progress as progress_mod
+from qcompiler.support import progress as progress_mod
 
 
 class _Tty(io.StringIO):

@@ -5,11 +5,11 @@ import onnx
 import torch
 
 import qcompiler
-from qcompiler import execute
-from qcompiler.context import CompileContext, using
+from qcompiler.analysis import execute
+from qcompiler.pipeline.context import CompileContext, using
 from qcompiler.ir import parse
-from qcompiler.pass_manager import run_pipeline
-from qcompiler.pipeline import parse_pipeline
+from qcompiler.pipeline.pass_manager import run_pipeline
+from qcompiler.pipeline.spec import parse_pipeline
 
 
 class GatedMLP(torch.nn.Module):

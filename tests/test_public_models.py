@@ -13,7 +13,7 @@ import pytest
 from onnx import numpy_helper
 
 import qcompiler
-from qcompiler import execute
+from qcompiler.analysis import execute
 
 pytestmark = pytest.mark.slow
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"

@@ -11,7 +11,7 @@ import qcompiler
 from qcompiler.errors import UserError
 from qcompiler.passes.lower_mixed import pack_nbits
 from qcompiler.passes.quantize_embedding import quantize_table
-from qcompiler.qc_ops import gather_quantized
+from qcompiler.dialect.qc_ops import gather_quantized
 
 VOCAB, WIDTH = 40, 64
 
@@ -101,7 +101,7 @@ def test_shared_and_ragged_tables_stay_float_with_a_reason(tmp_path):
 
 
 def test_bad_block_size_is_one_line():
-    from qcompiler.pipeline import parse_pipeline
+    from qcompiler.pipeline.spec import parse_pipeline
 
     with pytest.raises(UserError, match="block-size must be a power of 2, at least 16, got 24"):
         parse_pipeline("quantize-embedding{block-size=24}")

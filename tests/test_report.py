@@ -1,4 +1,4 @@
-"""The quantization report: report.json (schema qcompiler.report/2) and the offline report.html."""
+"""The quantization report: report.json (schema qcompiler.tools.report/2) and the offline report.html."""
 
 import json
 import re
@@ -11,10 +11,10 @@ import onnx.helper as oh
 import pytest
 
 import qcompiler
-from qcompiler import probe
-from qcompiler import report as reports
-from qcompiler.cli import main
-from qcompiler.report_html import BAR_COLOR, LINE_COLOR, bits_color, render
+from qcompiler.analysis import probe
+from qcompiler.tools import report as reports
+from qcompiler.tools.cli import main
+from qcompiler.tools.report_html import BAR_COLOR, LINE_COLOR, bits_color, render
 
 HOSTILE = '<script>alert("x")</script>&\'q'
 VOCAB, D, F = 64, 128, 256
@@ -129,7 +129,7 @@ LAYERS = ["q_proj", "k_proj", "v_proj", HOSTILE, "up_proj", "down_proj", "lm_hea
 
 def test_w8a8_report(w8a8):
     result, body, out = w8a8
-    assert body["schema"] == reports.REPORT_SCHEMA == "qcompiler.report/2"
+    assert body["schema"] == reports.REPORT_SCHEMA == "qcompiler.tools.report/2"
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "report.html", "report.json"]
     assert sorted(p.name for p in result.files) == ["manifest.json", "model.onnx", "report.html", "report.json"]
     # v1 fields stay
@@ -258,7 +258,7 @@ def test_report_paths_and_bad_name(tmp_path, tiny_onnx, capsys):
     # outside the artifact: written beside, atomically
     assert main(["-q", "compile", str(tiny_onnx), "-o", str(tmp_path / "o"), "--report", str(tmp_path / "rep" / "r.html")]) == 0
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["r.html", "r.json"]
-    assert json.loads((tmp_path / "rep" / "r.json").read_text())["schema"] == "qcompiler.report/2"
+    assert json.loads((tmp_path / "rep" / "r.json").read_text())["schema"] == "qcompiler.tools.report/2"
 
 
 def test_padding_positions_are_left_out_of_layer_errors():
@@ -452,7 +452,7 @@ def _keys(stats) -> set[str]:
 def test_the_stats_keys_tools_read_are_the_ones_the_passes_write(w8a8, mixed):
     """Each pass's `Stats` names the keys of its statistics the report, doctor and compiler read:
     all of them appear in what the pass wrote."""
-    from qcompiler.pipeline import all_passes
+    from qcompiler.pipeline.spec import all_passes
 
     written: dict[str, set[str]] = {}
     for _, body, _ in (w8a8, mixed):

@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 
-from qcompiler import execute
-from qcompiler.context import CompileContext, using
+from qcompiler.analysis import execute
+from qcompiler.pipeline.context import CompileContext, using
 from qcompiler.errors import UserError
 from qcompiler.codegen.ort import weight_bytes
 from qcompiler.ir import parse, to_text, verify
-from qcompiler.pass_manager import run_pipeline
-from qcompiler.pipeline import parse_pipeline
-from qcompiler.probe import synthetic_inputs
+from qcompiler.pipeline.pass_manager import run_pipeline
+from qcompiler.pipeline.spec import parse_pipeline
+from qcompiler.analysis.probe import synthetic_inputs
 
 # Pre-LN block with an outlier channel (gamma 20 on channel 1): Q and K share the normed input.
 BLOCK = """
@@ -82,7 +82,7 @@ def test_smoothing_flattens_the_outlier_channel():
 
 
 def test_auto_alpha_is_on_the_grid_and_recorded():
-    from qcompiler.calibration import STATS_KEY
+    from qcompiler.analysis.calibration import STATS_KEY
     from qcompiler.passes.smooth import ALPHA_GRID, choose_alpha, smoothing_scale
 
     model = _block()
@@ -211,7 +211,7 @@ def test_signed_and_unsigned_lowerings_agree():
 )
 def test_bad_pipelines(pipeline, message):
     with pytest.raises(UserError, match=message):
-        from qcompiler.pipeline import check_order
+        from qcompiler.pipeline.spec import check_order
 
         check_order(parse_pipeline(pipeline))
 

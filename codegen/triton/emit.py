@@ -50,9 +50,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler import ops
+from qcompiler.dialect import ops
 from qcompiler.errors import UserError
-from qcompiler.mixed_ops import MixedClass, mixed_weight, split_class_inputs
+from qcompiler.dialect.mixed_ops import MixedClass, mixed_weight, split_class_inputs
 
 log = logging.getLogger(__name__)
 
@@ -639,7 +639,7 @@ class Emitter:
         elif node.op_type == "DequantizeWeight" and all(v is None or v.const_value is not None for v in node.inputs):
             q, s = self.const_of(node.inputs[0]), self.const_of(node.inputs[1])
             z = self.const_of(node.inputs[2]) if len(node.inputs) > 2 else None
-            from qcompiler.qc_ops import dequantize_weight
+            from qcompiler.dialect.qc_ops import dequantize_weight
 
             w = dequantize_weight(q, s, z, attrs["axis"])
             self.emit(f"        {out} = " + self.weight(node.name or "dequantized", w, "float", node.name) + f"  # {where}")

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qcompiler.mixed_ops import MixedClass
+from qcompiler.dialect.mixed_ops import MixedClass
 
 PACK_ROWS = 32
 BITS = (2, 3, 4, 8)

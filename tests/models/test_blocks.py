@@ -3,7 +3,7 @@
 import pytest
 
 import qcompiler
-from qcompiler.blocks import find_blocks, is_weighted
+from qcompiler.analysis.blocks import find_blocks, is_weighted
 
 # per model: (blocks, weighted layers in each block but the last, weighted layers in the last)
 EXPECTED = {

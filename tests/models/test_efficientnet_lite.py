@@ -46,9 +46,9 @@ def test_top1_agreement_counts_matching_argmax():
 def test_captured_graph_matches_torch():
     import torch
 
-    from qcompiler import execute
-    from qcompiler.capture import resolve
-    from qcompiler.opt import optimize
+    from qcompiler.analysis import execute
+    from qcompiler.driver.capture import resolve
+    from qcompiler.tools.opt import optimize
 
     bundled = qm.get("efficientnet-lite0")
     feeds = bundled.probe_inputs()
@@ -72,7 +72,7 @@ def test_w8a8_agrees_with_float(tmp_path, pipeline, agreement, cosine):
     """Compiled on the calibration photos' centre crops, the `classify` eval task agrees with float
     on most of 18 held-out crops (the benchmark, `benchmarks/equalize.py`, measures 72)."""
     import qcompiler
-    from qcompiler.evaluate import evaluate
+    from qcompiler.tools.evaluate import evaluate
 
     bundled = qm.get("efficientnet-lite0")
     batches = [eff.to_feeds(bundled.calibration_crops(grid=1))]
@@ -83,7 +83,7 @@ def test_w8a8_agrees_with_float(tmp_path, pipeline, agreement, cosine):
 
 
 def test_classify_task_refuses_another_model(tmp_path):
-    from qcompiler.evaluate import _classify
+    from qcompiler.tools.evaluate import _classify
 
     with pytest.raises(UserError, match="task 'classify' needs a classifier"):
         _classify(qm.get("ffdnet-gray"), None, None, 1, 8)

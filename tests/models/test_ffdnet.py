@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import qcompiler.models as qm
-from qcompiler.cli import main
+from qcompiler.tools.cli import main
 from qcompiler.errors import UserError
 from qcompiler.models import ffdnet
 
@@ -78,8 +78,8 @@ def test_calibration_folder_keeps_each_photo_whole_crop(tmp_path):
     """A folder of photos of two sizes: one batch per crop size, no photo cut to a smaller one."""
     from PIL import Image
 
-    from qcompiler.capture import capture_bundled
-    from qcompiler.calib_data import load_calibration
+    from qcompiler.driver.capture import capture_bundled
+    from qcompiler.analysis.calib_data import load_calibration
 
     for name, shape in (("a", (40, 50)), ("b", (20, 64)), ("c", (64, 64))):
         Image.fromarray(np.full(shape, 100, np.uint8)).save(tmp_path / f"{name}.png")
@@ -160,7 +160,7 @@ def test_gray_w8a8_denoises_close_to_float(tmp_path):
     (camera 0.67, moon 2.3; ONNX Runtime's quantize_static the same: benchmarks/imaging.py), so
     the bound is 1 dB on camera and coins; the benchmark holds the tighter targets."""
     import qcompiler
-    from qcompiler.evaluate import evaluate
+    from qcompiler.tools.evaluate import evaluate
 
     bundled = qm.get("ffdnet-gray")
     images = bundled.calibration_images()

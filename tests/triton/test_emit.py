@@ -26,7 +26,7 @@ import pytest
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import qcompiler  # noqa: E402
-from qcompiler.pipeline import format_pipeline, parse_pipeline  # noqa: E402
+from qcompiler.pipeline.spec import format_pipeline, parse_pipeline  # noqa: E402
 from qcompiler.errors import UserError  # noqa: E402
 
 REL_TOL, COS_TOL = 1e-3, 0.9999
@@ -196,7 +196,7 @@ def test_mixed_layer_is_one_launch(block, tmp_path, pipeline, monkeypatch):
 def test_per_token_matches_the_ir(block, tmp_path):
     """Per-token activations: the int8 kernel against the IR's own reference executor (the ORT
     lowering of per-token rounding, float ops, is not the comparison here)."""
-    from qcompiler import execute
+    from qcompiler.analysis import execute
 
     result = qcompiler.compile(str(block), tmp_path / "tr", target="triton", pipeline="w8a8{act-mode=per-token}",
                                calibration=_calib_for(block), drift=False)
@@ -277,7 +277,7 @@ def test_unsupported_op_is_named(tmp_path):
         qcompiler.compile(str(path), tmp_path / "out", target="triton", drift=False)
     assert not (tmp_path / "out").exists()
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
-    run = subprocess.run([sys.executable, "-m", "qcompiler.cli", "compile", str(path), "-o", str(tmp_path / "o2"),
+    run = subprocess.run([sys.executable, "-m", "qcompiler.tools.cli", "compile", str(path), "-o", str(tmp_path / "o2"),
                           "--target", "triton"], capture_output=True, text=True)
     assert run.returncode == 2
     errors = [line for line in run.stderr.splitlines() if "error:" in line]
@@ -339,7 +339,7 @@ def first_code_difference(pkg_dir: Path, ir_model, feeds: dict[str, np.ndarray],
     differ because of it."""
     import re
 
-    from qcompiler import execute
+    from qcompiler.analysis import execute
 
     traced, lines = trace_package(pkg_dir, feeds, work)
     known = {o.name for o in ir_model.graph.outputs}
@@ -381,7 +381,7 @@ def assert_package_matches_ort(tmp_path: Path, ir_model, feeds: dict[str, np.nda
     kernel puts them anywhere, up to half a step away; float32 sums taken in another order, as an
     AVX2-only CPU's kernels take them, were measured 0.006 of a step off on MiniLM), and every value
     computed before them matches the IR (to BEFORE_TOL)."""
-    from qcompiler import execute
+    from qcompiler.analysis import execute
 
     rel, cos = compare(tmp_path / "tr", tmp_path / "ort", feeds)
     if rel <= REL_TOL and cos >= COS_TOL:
@@ -415,7 +415,7 @@ def test_fuse_then_lower_ort_keeps_the_numbers(block, tmp_path):
     """`lower-ort` after `fuse` (un-fused) gives the ORT artifact the same numbers as without `fuse`."""
     calib = _calib_for(block)
     feeds = {"x": np.random.default_rng(5).normal(0, 1, (3, 128)).astype(np.float32)}
-    from qcompiler.pipeline import format_pipeline, parse_pipeline
+    from qcompiler.pipeline.spec import format_pipeline, parse_pipeline
 
     for plain in ("w8a8", "mixed{avg-bits=3.5}"):
         fused = format_pipeline(parse_pipeline(plain)).replace(",lower-ort", ",fuse,lower-ort")

@@ -1,0 +1,92 @@
+"""The targets `compile` can emit, each one unit: what it checks on the host before any slow step,
+the passes it needs at the ends of a pipeline, the float type its artifact keeps, and its emitter.
+
+The driver looks a target up in `TARGETS` and asks it; adding a target is one class here and its
+emitter in `codegen/<target>/`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from qcompiler.errors import UserError, shown
+
+
+class Target:
+    """The interface (and the defaults) of a target."""
+
+    name: str = ""
+    keeps_source_float_type = False  # the artifact's edges and float weights may stay float16/bfloat16
+
+    def check_host(self) -> None:
+        """Fail with a UserError, before any slow step, when this machine cannot emit the target."""
+
+    def complete(self, passes: list) -> list:
+        """The pipeline with the passes this target needs appended or removed."""
+        return passes
+
+    def emit(self, model: ir.Model, staging: Path, manifest: dict[str, Any], bundled: Any, layout: Any) -> list[Path]:
+        """Write the artifact into `staging` (an empty folder the caller owns); the files written.
+        `bundled`, `layout`: the bundled model and a causal LM's cache layout (None when not an LM)."""
+        raise NotImplementedError
+
+
+class OrtTarget(Target):
+    """An ONNX Runtime model folder (`codegen/ort.py`): the pipeline ends with `lower-ort`; a causal
+    LM also gets its tokenizer and ORT GenAI's config."""
+
+    name = "ort"
+    keeps_source_float_type = True
+
+    def complete(self, passes: list) -> list:
+        from qcompiler.passes.lower_ort import LowerOrtPass
+
+        if LowerOrtPass.name in [p.name for p in passes]:
+            return passes
+        return passes + [LowerOrtPass()]
+
+    def emit(self, model, staging, manifest, bundled, layout):
+        from qcompiler.codegen import ort
+
+        if layout is None:
+            return ort.emit(model, staging, manifest)
+        from qcompiler.driver.lm_artifact import write_lm_files
+
+        lm_files = write_lm_files(staging, bundled, layout)
+        return ort.emit(model, staging, manifest, tuple(lm_files)) + lm_files
+
+
+class TritonTarget(Target):
+    """A Python package of Triton kernels (`codegen/triton/`): it runs `qc` ops itself, so the
+    pipeline drops `lower-ort` (the presets end with it) and ends with `fuse`."""
+
+    name = "triton"
+
+    def check_host(self) -> None:
+        from qcompiler.codegen.triton.emit import check_triton
+
+        check_triton()
+
+    def complete(self, passes: list) -> list:
+        from qcompiler.passes.fuse import FusePass
+        from qcompiler.passes.lower_ort import LowerOrtPass
+
+        names = [p.name for p in passes]
+        passes = [p for p in passes if p.name != LowerOrtPass.name]
+        return passes if FusePass.name in names else passes + [FusePass()]
+
+    def emit(self, model, staging, manifest, bundled, layout):
+        from qcompiler.codegen.triton import emit
+
+        return emit.emit(model, staging, manifest)
+
+
+TARGETS: dict[str, Target] = {t.name: t for t in (OrtTarget(), TritonTarget())}
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise UserError(f"unknown target '{shown(name)}'; choose one of: {', '.join(TARGETS)}")
+    return TARGETS[name]

@@ -1,0 +1,5 @@
+"""`python -m qcompiler ...` is the `qcompiler` command."""
+
+from qcompiler.tools.cli import entry
+
+entry()

@@ -1,0 +1,206 @@
+"""Execute any stage of the IR on numpy inputs, and compare outputs.
+
+`run`: a graph of standard ops runs in ONNX Runtime (CPU); a graph that still holds `qc` ops runs
+in ONNX's reference evaluator, with each `qc` op computed by its registered numpy reference (the
+definition of the ops, for tests).
+
+`run_expanded`: what measurements use (drift, the report, the `output-cosine` gate). A copy of
+the graph has its `qc` ops expanded into standard ONNX (those of constant inputs folded by their
+references, the rest lowered by `lower-ort` in its plain QDQ form) and runs in ONNX Runtime, as
+the artifact will: ONNX's reference evaluator is slow and fails on graphs ONNX Runtime runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.external_data_helper
+import onnx.reference
+import onnx_ir as ir
+
+from qcompiler.dialect import ops
+from qcompiler.ir import QC_DOMAIN, is_large, mapped_tensors, qc_nodes, to_proto
+from qcompiler.dialect.kv_int8 import float_cache_feeds, float_cache_outputs
+
+log = logging.getLogger(__name__)
+
+
+def ort_session(model: ir.Model | onnx.ModelProto | bytes | str, threads: int | None = None, optimized_path=None):
+    """An ONNX Runtime CPU session; `threads` fixes intra-op threads (None: ORT's default);
+    `optimized_path`: where ONNX Runtime writes the graph it runs (initializers of 1 KiB or more
+    in `<name>.data` beside it). A large IR model (`qcompiler.ir.is_large`) is written to a
+    temporary folder with external data and loaded from there, never serialized to bytes."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{Path(optimized_path).name}.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if isinstance(model, ir.Model) and is_large(model):
+        return _session_from_folder(model, options)
+    if isinstance(model, ir.Model):
+        model = to_proto(model)
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _session_from_folder(model: ir.Model, options):
+    """Write `model` with its weights in one external data file to a temporary folder and load the
+    session from that path (the folder is removed once ONNX Runtime has read it)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="qcompiler-session-") as folder:
+        path = Path(folder) / "model.onnx"
+        ir.save(model, str(path), external_data="model.onnx.data", size_threshold_bytes=1024)
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run(model: ir.Model, feeds: Mapping[str, np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
+    """Run `model` on `feeds`; returns every graph output by name. A graph with an int8 KV cache
+    takes float pasts and gives float presents (`qcompiler.dialect.kv_int8.float_cache_feeds`)."""
+    names = [v.name for v in model.graph.outputs]
+    feeds = float_cache_feeds(model, feeds)
+    if qc_nodes(model):
+        evaluator = onnx.reference.ReferenceEvaluator(_proto_with_data(model), new_ops=_reference_ops())
+        results = evaluator.run(None, dict(feeds))
+    else:
+        results = ort_session(model, threads).run(names, dict(feeds))
+    return float_cache_outputs(dict(zip(names, results)))
+
+
+class MeasurementError(RuntimeError):
+    """A stage of the IR could not be run for a measurement (reported as a warning)."""
+
+
+def run_expanded(model: ir.Model, feeds: Mapping[str, np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
+    """Run `model` in ONNX Runtime with its `qc` ops expanded (on a copy); every graph output by
+    name. Raises `MeasurementError` naming the reason when the graph cannot be expanded or run.
+    A graph with an int8 KV cache takes float pasts and gives float presents, as in `run`."""
+    names = [v.name for v in model.graph.outputs]
+    target = expanded_copy(model) if qc_nodes(model) else model
+    try:
+        session = ort_session(target, threads)
+        results = session.run(names, float_cache_feeds(model, feeds))
+    except Exception as exc:
+        raise MeasurementError(f"ONNX Runtime could not run it ({type(exc).__name__}: {first_line(exc)})") from exc
+    return float_cache_outputs(dict(zip(names, results)))
+
+
+def expanded_copy(model: ir.Model) -> ir.Model:
+    """A copy of `model` in standard ONNX: `qc` ops lowered by `lower-ort{int-kernels=qdq
+    residual-norm=fused}` (no rewrites beyond the `qc` ops themselves), then those it has no form
+    for and whose inputs are all constant (`qc.BitAllocation`) replaced by their values."""
+    from qcompiler.passes.lower_ort import LowerOrtPass
+
+    copy = ir.serde.deserialize_model(to_proto(model))
+    try:
+        LowerOrtPass(int_kernels="qdq", residual_norm="fused")(copy)
+        fold_constant_qc_nodes(copy)
+    except Exception as exc:
+        raise MeasurementError(f"its qc ops could not be expanded ({type(exc).__name__}: {first_line(exc)})") from exc
+    if "qc" in copy.opset_imports and not qc_nodes(copy):
+        del copy.opset_imports["qc"]
+    left = sorted({n.op_type for n in qc_nodes(copy)})
+    if left:
+        raise MeasurementError(f"qc ops with no ONNX Runtime form: {', '.join(left)}")
+    return copy
+
+
+def fold_constant_qc_nodes(model: ir.Model) -> int:
+    """Replace each `qc` node whose inputs are all constants by initializers of its outputs."""
+    registry = {op.op_type: op for op in ops.registered()}
+    folded = 0
+    graph = model.graph
+    for node in list(graph):
+        op = registry.get(node.op_type) if node.domain == QC_DOMAIN else None
+        if op is None or not all(v is None or v.const_value is not None for v in node.inputs):
+            continue
+        arrays = [None if v is None else v.const_value.numpy() for v in node.inputs]
+        arrays += [None] * max(0, len(op.inputs) - len(arrays))
+        results = op.reference(*arrays, **ops.attributes_of(node))
+        constants = []
+        for value, array in zip(node.outputs, results):
+            array = np.asarray(array)
+            name, value.name = value.name, f"{value.name}.folded"
+            constant = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                                const_value=ir.tensor(array, name=name))
+            value.replace_all_uses_with(constant, replace_graph_outputs=True)
+            constants.append(constant)
+        graph.remove(node, safe=True)
+        for constant in constants:
+            graph.register_initializer(constant)
+        folded += 1
+    return folded
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _proto_with_data(model: ir.Model) -> onnx.ModelProto:
+    """The model as a protobuf holding every weight (mapped weights read from their files)."""
+    proto = to_proto(model)
+    mapped = mapped_tensors(model)
+    if mapped:
+        onnx.external_data_helper.load_external_data_for_model(proto, str(mapped[0].base_dir))
+    return proto
+
+
+def _reference_ops() -> list[type]:
+    from onnx.reference.op_run import OpRun
+
+    classes = []
+    for op in ops.registered():
+
+        def _run(self, *inputs, _op=op, **_ignored):
+            attrs = {name: spec.default for name, spec in _op.attributes.items()}
+            for attr in self.onnx_node.attribute:
+                value = onnx.helper.get_attribute_value(attr)
+                if isinstance(value, bytes):
+                    value = value.decode()
+                elif isinstance(value, list) and value and isinstance(value[0], bytes):
+                    value = [v.decode() for v in value]
+                attrs[attr.name] = value
+            padded = list(inputs) + [None] * max(0, len(_op.inputs) - len(inputs))
+            return tuple(_op.reference(*padded, **attrs))
+
+        classes.append(type(op.op_type, (OpRun,), {"op_domain": QC_DOMAIN, "_run": _run}))
+    return classes
+
+
+def drift(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """How far `actual` is from `reference`, over all floating outputs together.
+
+    max_abs: largest absolute difference; rel_l2: ||a - r|| / ||r||; cosine: of the flattened
+    outputs; sqnr_db: 10 log10(||r||^2 / ||a - r||^2) (inf when equal)."""
+    ref = np.concatenate([np.asarray(reference[k], np.float64).ravel() for k in reference if _floating(reference[k])] or [np.zeros(0)])
+    act = np.concatenate([np.asarray(actual[k], np.float64).ravel() for k in reference if _floating(reference[k])] or [np.zeros(0)])
+    if ref.size == 0:
+        return {"max_abs": 0.0, "rel_l2": 0.0, "cosine": 1.0, "sqnr_db": None}
+    diff = act - ref
+    err = float(np.dot(diff, diff))
+    energy = float(np.dot(ref, ref))
+    norms = float(np.linalg.norm(ref) * np.linalg.norm(act))
+    return {
+        "max_abs": float(np.max(np.abs(diff))),
+        "rel_l2": float(np.sqrt(err / energy)) if energy > 0 else float(np.sqrt(err)),
+        "cosine": float(np.dot(ref, act) / norms) if norms > 0 else 1.0,
+        "sqnr_db": float(10 * np.log10(energy / err)) if err > 0 and energy > 0 else None,
+    }
+
+
+def _floating(array: np.ndarray) -> bool:
+    return np.issubdtype(np.asarray(array).dtype, np.floating)

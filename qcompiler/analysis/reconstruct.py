@@ -1,0 +1,534 @@
+"""Block-wise reconstruction of quantized weights: what `flexround`, `tune-scales` and `gptq` share.
+
+Blocks come from `qcompiler.analysis.blocks` (one transformer layer, a conv stage). Two streams of
+activations are carried over the calibration batches, block by block:
+
+- the float stream: the float model (each `qc.MixedMatMul` computed with the float weight that
+  `quantize-weights` kept in the node's `meta`), whose block outputs are the targets;
+- the quantized stream: the model with the already-learned preceding blocks, whose block inputs
+  the learning sees (so each block also corrects the error that reaches it).
+
+For each block, the parameters of its `qc.MixedMatMul` classes are learned with Adam to minimise
+the mean squared error between the block's floating outputs on the quantized stream and the float
+targets, one calibration batch per step in a fixed seeded order. Padding positions (where a 0/1
+`attention_mask` input says so) are left out of the error: the model never reads them.
+
+What is learned:
+
+- `flexround` (Lee et al., ICML 2023), uniform classes: `W_hat = s1 * (clip(round(W / (s1 * S2 *
+  s3 * s4) + z), 0, 2^b - 1) - z)` per group `s1` (the stored scale, learned), element-wise `S2`,
+  row `s3` and column `s4`, all stored as logs and initialised at 0 (`s1` at the grid's scale);
+  round with a straight-through estimator; the zero point `z` stays.
+- `tune-scales` (PEQA style), uniform classes: codes frozen, `W_hat = s1 * (q - z)`, only `s1`, and
+  `z` where it is a stored fp16 value (fractional zero points), as `z + delta`.
+- codebook classes (both): codes frozen, entries learned (`entry + delta * step`, `step` the
+  column's codebook range / 2^b).
+- fp16 classes and sparse fp16 outliers are left as they are (exact already).
+
+A pass may bring its own solver instead of Adam (`gptq` rounds row by row on the block's measured
+inputs); the driver around it, the streams, the check and the write-back below, are the same.
+
+After learning, the integers and fp16 scales are written back into the same `qc.MixedMatMul`
+initializers (lowering is unchanged), the block loss is measured again with exactly the written
+values, and a block whose loss did not improve keeps its round-to-nearest weights. Memory: the
+activations at one block boundary for both streams plus one block's parameters and optimiser state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.pipeline import context
+from qcompiler.analysis.blocks import Block, find_blocks
+from qcompiler.errors import UserError
+from qcompiler.ir.layers import set_constant
+from qcompiler.ir.meta import FLOAT_WEIGHT_KEY  # noqa: F401  (part of this API)
+from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul, mixed_weight, split_class_inputs
+from qcompiler.dialect.ops import attributes_of
+from qcompiler.analysis.probe import valid_positions
+from qcompiler.support.progress import progress
+
+log = logging.getLogger(__name__)
+
+LEARNED_MODES = ("flexround", "scales")  # modes whose parameters Adam learns; others solve a block their own way
+
+
+@dataclasses.dataclass
+class Options:
+    mode: str  # "flexround" or "scales" (learned with Adam), or a solver's own name
+    steps: int
+    lr: float
+    seed: int
+    time_budget: float  # seconds for the whole pass; 0: no limit
+    regions: int
+    pass_name: str
+    batch: int = 1
+    loss: str = "mse"  # "mse", or "kl": the first output's softmax against the float model's (whole-model block)
+
+
+class _Layer:
+    """One qc.MixedMatMul: its float weight, its classes and their learnable parameters."""
+
+    def __init__(self, node: ir.Node, mode: str):
+        import torch
+
+        self.node, self.mode = node, mode
+        self.name = node.name or node.outputs[0].name
+        a = attributes_of(node)
+        self.kinds, self.bits, self.sizes = list(a["kinds"]), list(a["bits"]), list(a["sizes"])
+        self.group_size, self.sparse = int(a["group_size"]), int(a["sparse"])
+        view = MixedMatMulView.of(node)
+        w = np.asarray(node.meta[FLOAT_WEIGHT_KEY].numpy(), np.float32)[view.perm_array()]
+        self.w = torch.from_numpy(np.ascontiguousarray(w))
+        self.class_values = list(node.inputs[2:])
+        self.originals = [v.const_value.numpy().copy() for v in self.class_values]
+        self.params: list = []
+        self.classes = []
+        read, outliers = self.split(self.originals)
+        for c in read:
+            kind, start, stop, arrays = c.kind, c.start, c.stop, c.inputs
+            entry = {"kind": kind, "index": c.slot, "rows": slice(start, stop), "bits": c.bits}
+            if kind == "uniform":
+                codes, scale, zero = (torch.from_numpy(np.asarray(x, np.float32)) for x in arrays)
+                groups = torch.arange(stop - start) // self.group_size
+                entry.update(codes=codes, scale=scale, zero=zero, groups=groups, levels=(1 << entry["bits"]) - 1)
+                if mode in LEARNED_MODES:
+                    entry["log_s1"] = torch.zeros_like(scale, requires_grad=True)
+                    self.params.append(entry["log_s1"])
+                if mode == "scales" and arrays[2].dtype == np.float16:  # fractional zero points are stored values too
+                    entry["zero_delta"] = torch.zeros_like(zero, requires_grad=True)
+                    self.params.append(entry["zero_delta"])
+                if mode == "flexround":
+                    k, n = codes.shape
+                    entry["log_s2"] = torch.zeros((k, n), requires_grad=True)
+                    entry["log_s3"] = torch.zeros((k, 1), requires_grad=True)
+                    entry["log_s4"] = torch.zeros((1, n), requires_grad=True)
+                    self.params += [entry["log_s2"], entry["log_s3"], entry["log_s4"]]
+            elif kind == "codebook":
+                codes, book = arrays
+                book_t = torch.from_numpy(np.asarray(book, np.float32))
+                n, size = book_t.shape
+                step = (book_t.amax(1, keepdim=True) - book_t.amin(1, keepdim=True)).clamp_min(1e-8) / size
+                flat = torch.from_numpy(codes.astype(np.int64)) + torch.arange(n)[None, :] * size
+                entry.update(book=book_t, step=step, flat=flat)
+                if mode in LEARNED_MODES:
+                    entry["delta"] = torch.zeros_like(book_t, requires_grad=True)
+                    self.params.append(entry["delta"])
+            else:
+                entry["w16"] = torch.from_numpy(np.asarray(arrays[0], np.float32))
+            self.classes.append(entry)
+        if outliers is not None:
+            idx = outliers[0].astype(np.int64)
+            self.sparse_index = (torch.from_numpy(idx[:, 0]), torch.from_numpy(idx[:, 1]))
+            self.sparse_values = torch.from_numpy(outliers[1].astype(np.float32))
+
+    # -- weights ---------------------------------------------------------------------------------
+
+    def learned_weight(self):
+        import torch
+
+        blocks = []
+        for c in self.classes:
+            if c["kind"] == "uniform":
+                g = c["groups"]
+                s = (c["scale"] * torch.exp(c["log_s1"]))[g]
+                z = (c["zero"] + c["zero_delta"])[g] if "zero_delta" in c else c["zero"][g]
+                if self.mode == "flexround":
+                    div = s * torch.exp(c["log_s2"] + c["log_s3"] + c["log_s4"])
+                    x = self.w[c["rows"]] / div + z
+                    q = torch.clamp(x + (torch.round(x) - x).detach(), 0, c["levels"])
+                else:
+                    q = c["codes"]
+                blocks.append((q - z) * s)
+            elif c["kind"] == "codebook":
+                book = c["book"] + c["delta"] * c["step"]
+                blocks.append(book.reshape(-1)[c["flat"]])
+            else:
+                blocks.append(c["w16"])
+        w = torch.cat(blocks, 0)
+        if self.sparse:
+            w = w.index_put(self.sparse_index, self.sparse_values)
+        return w
+
+    def stored_arrays(self) -> list[np.ndarray]:
+        """The class inputs with the learned values, at their stored precision."""
+        import torch
+
+        arrays = [a.copy() for a in self.originals]
+        with torch.no_grad():
+            for c in self.classes:
+                i = c["index"]
+                if c["kind"] == "uniform":
+                    s = (c["scale"] * torch.exp(c["log_s1"])).numpy()
+                    with np.errstate(over="ignore"):
+                        s16 = s.astype(np.float16)
+                    bad = ~np.isfinite(s16) | (s16 <= 0)  # out of fp16's range: keep the grid's scale
+                    s16[bad] = arrays[i + 1][bad]
+                    arrays[i + 1] = s16
+                    if "zero_delta" in c:
+                        arrays[i + 2] = (c["zero"] + c["zero_delta"]).numpy().astype(np.float16)
+                    if self.mode == "flexround":
+                        g = c["groups"]
+                        srow = torch.from_numpy(s16.astype(np.float32))[g]
+                        div = srow * torch.exp(c["log_s2"] + c["log_s3"] + c["log_s4"])
+                        q = torch.clamp(torch.round(self.w[c["rows"]] / div + c["zero"][g]), 0, c["levels"])
+                        arrays[i] = q.numpy().astype(np.uint8)
+                elif c["kind"] == "codebook":
+                    arrays[i + 1] = (c["book"] + c["delta"] * c["step"]).numpy().astype(np.float16)
+        return arrays
+
+    def reference_weight(self, arrays: list[np.ndarray]):
+        """The weight the numpy reference (and the lowering) computes from `arrays`."""
+        import torch
+
+        return torch.from_numpy(mixed_weight(*self.split(arrays), self.group_size))
+
+    def split(self, arrays: list[np.ndarray]):
+        """The class inputs `arrays` (laid out as the op's inputs after X and perm) by role."""
+        return split_class_inputs(arrays, self.kinds, self.bits, self.sizes, self.sparse)
+
+    def write(self, graph: ir.Graph, arrays: list[np.ndarray]) -> None:
+        for value, array, original in zip(self.class_values, arrays, self.originals):
+            if not np.array_equal(array, original):
+                set_constant(graph, value, array, self.node, "learned")
+
+    def counts(self) -> dict[str, int]:
+        out = {"uniform": 0, "codebook": 0, "fp16": 0}
+        for c in self.classes:
+            out[c["kind"]] += 1
+        return out
+
+
+def _mse(outputs: dict, targets: dict, names: list[str], valid=None):
+    """Sum over `names` of each float output's mean squared error; over the token positions in
+    `valid` (a [batch, sequence] bool tensor) for outputs that lead with those two axes."""
+    total = None
+    for name in names:
+        y, t = outputs[name], targets[name]
+        if not t.is_floating_point():
+            continue
+        if valid is not None and tuple(t.shape[:2]) == tuple(valid.shape):
+            y, t = y[valid], t[valid]
+        term = ((y - t) ** 2).mean()
+        total = term if total is None else total + term
+    return total
+
+
+def _kl(outputs: dict, targets: dict, names: list[str], valid=None):
+    """Mean KL divergence KL(p || q) of the softmax over the last axis of the first output in
+    `names`, p from the float targets, q from the outputs, over the `valid` positions."""
+    import torch
+
+    name = next(n for n in names if targets[n].is_floating_point())
+    y, t = outputs[name], targets[name]
+    if valid is not None and tuple(t.shape[:2]) == tuple(valid.shape):
+        y, t = y[valid], t[valid]
+    log_p, log_q = torch.log_softmax(t, -1), torch.log_softmax(y, -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+LOSSES = {"mse": _mse, "kl": _kl}
+
+
+def reconstruct(model: ir.Model, opts: Options, solve: Callable[[BlockProblem], tuple[dict, int]] | None = None) -> dict:
+    """Run `solve` (default: `learn_with_adam`) on each block that holds a qc.MixedMatMul, on the
+    quantized stream; keep what it returns where it lowers the block's error."""
+    import torch
+
+    from qcompiler.analysis.torch_exec import Constants, run_nodes
+
+    ctx = context.current()
+    batches = list(ctx.require_calibration(opts.pass_name))
+    graph = model.graph
+    blocks = find_blocks(graph, opts.regions)
+    mixed = [n for b in blocks for n in b.layers if is_mixed_matmul(n)]
+    if not mixed:
+        return {"blocks": len(blocks), "layers": 0, "note": "no qc.MixedMatMul to learn (run quantize-weights first)"}
+    for node in mixed:
+        if FLOAT_WEIGHT_KEY not in node.meta:
+            raise UserError(
+                f"{opts.pass_name}: layer '{node.name}' has no float weight to compare its block with (the float "
+                f"reference lives in memory only); run {opts.pass_name} in the same pipeline as quantize-weights"
+            )
+    last = max(b.index for b in blocks if any(n in mixed for n in b.layers))
+    blocks = blocks[: last + 1]
+
+    rng = np.random.default_rng(opts.seed)
+    constants = Constants()
+    per_block, totals = [], {"uniform": 0, "codebook": 0, "fp16": 0, "sparse_outliers": 0}
+    # live activations per batch, by value name, for both streams
+    rebatched = _rebatch(batches, opts.batch)
+    env_f = [{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()} for b in rebatched]
+    valid = [_token_positions(b) for b in rebatched]
+    env_q = [dict(e) for e in env_f]
+    needed_after = _last_uses(blocks)
+    total_steps = sum(opts.steps for b in blocks if any(n in mixed for n in b.layers))
+
+    threads_before = torch.get_num_threads()
+    deterministic_before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    # with more than one thread some CPU kernels otherwise sum in a run-dependent order, and the
+    # learned rounding (a long chain of steps) would differ from run to run
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if ctx.threads:
+        torch.set_num_threads(int(ctx.threads))
+    torch.manual_seed(opts.seed)
+    start_all = time.perf_counter()
+    try:
+        with progress(f"{opts.pass_name} ({len(blocks)} blocks)", total_steps) as bar:
+            for block in blocks:
+                layers = [_Layer(n, opts.mode) for n in block.layers if n in mixed]
+                float_w = {id(l.node): l.w for l in layers}
+                keep = needed_after[block.index]
+                record = _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, rng, bar,
+                                      start_all, len(blocks) - block.index, run_nodes, graph, keep, not per_block,
+                                      solve or learn_with_adam)
+                if record is not None:
+                    per_block.append(record)
+                    log.info("%s block %d/%d: loss %.4g -> %.4g (%s), %d steps, %.1f s", opts.pass_name, block.index + 1,
+                             len(blocks), record["loss_before"], record["loss_after"], record["kept"], record["steps"],
+                             record["seconds"])
+                    for l in layers:
+                        for k, v in l.counts().items():
+                            totals[k] += v
+                        totals["sparse_outliers"] += int(l.sparse_values.numel()) if l.sparse else 0
+                for envs in (env_f, env_q):
+                    for e in envs:
+                        for name in [k for k in e if k not in keep]:
+                            del e[name]
+                constants.cache.clear()
+    finally:
+        torch.set_num_threads(threads_before)
+        torch.use_deterministic_algorithms(deterministic_before[0], warn_only=deterministic_before[1])
+    learned = [r for r in per_block if r["kept"] == "learned"]
+    return {
+        "mode": opts.mode,
+        "blocks": len(per_block),
+        "blocks_improved": len(learned),
+        "layers": len(mixed),
+        "classes": {"uniform_learned": totals["uniform"],
+                    "codebook_entries_tuned": totals["codebook"],
+                    "fp16_left": totals["fp16"]},
+        "sparse_outliers_left": totals["sparse_outliers"],
+        "loss_before": float(sum(r["loss_before"] for r in per_block)),
+        "loss_after": float(sum(r["loss_after"] for r in per_block)),
+        "seconds": round(time.perf_counter() - start_all, 2),
+        "per_block": per_block,
+    }
+
+
+@dataclasses.dataclass
+class BlockProblem:
+    """What a solver sees of one block: its layers, its inputs on the quantized stream and the float
+    targets, per batch, and how to run it. A solver returns ({id(layer.node): stored arrays}, steps)."""
+
+    layers: list[_Layer]
+    env_q: list[dict]  # the block's inputs on the quantized stream, per batch
+    targets: list[dict]  # the float block's outputs, per batch
+    valid: list  # per batch: the non-padding positions, or None
+    loss_names: list[str]
+    forward: Callable  # forward(env, weight_of) -> the block's outputs
+    run_all: Callable  # run_all(env, weight_of) -> every value the block computes
+    float_weight: Callable  # node -> its float weight
+    opts: Options
+    rng: np.random.Generator
+    bar: object
+    start_all: float  # when the pass started (perf_counter)
+    t_start: float  # when this block started
+    t_block: float  # when this block's learning could start (targets and loss before done)
+    blocks_left: int
+    first: bool  # the first block learned
+
+
+def learn_with_adam(problem: BlockProblem) -> tuple[dict, int]:
+    """The layers' parameters learned with Adam against the block's float outputs (flexround, tune-scales)."""
+    opts, layers, env_q, bar = problem.opts, problem.layers, problem.env_q, problem.bar
+    params = [p for l in layers for p in l.params]
+    steps = 0
+    if params:
+        optimizer = _Adam(params, opts.lr)
+        learned = {}
+        weight_of = lambda node: learned[id(node)] if id(node) in learned else problem.float_weight(node)  # noqa: E731
+        allotted = None
+        if opts.time_budget:
+            # this block's even share of what was left when it started, less what it has spent
+            # (float targets, loss before) and the evaluation after learning (about the one before)
+            share = (opts.time_budget - (problem.t_start - problem.start_all)) / problem.blocks_left
+            allotted = share - (time.perf_counter() - problem.t_start) - (time.perf_counter() - problem.t_block)
+        order = []
+        t_learn = time.perf_counter()
+        for step in range(opts.steps):
+            if not order:
+                order = list(problem.rng.permutation(len(env_q)))
+            b = order.pop()
+            optimizer.zero_grad()
+            for l in layers:
+                learned[id(l.node)] = l.learned_weight()
+            loss = LOSSES[opts.loss](problem.forward(env_q[b], weight_of), problem.targets[b], problem.loss_names, problem.valid[b])
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            bar.update()
+            if opts.time_budget:
+                if problem.first and step == 0 and time.perf_counter() - problem.start_all > opts.time_budget:
+                    raise UserError(
+                        f"{opts.pass_name}: time-budget={opts.time_budget:g} s is shorter than one learning step "
+                        f"({time.perf_counter() - problem.start_all:.1f} s so far on block 0); raise time-budget, or 0 for no limit"
+                    )
+                if time.perf_counter() - t_learn > allotted:
+                    bar.update(bar.done + opts.steps - steps)
+                    break
+        learned.clear()
+    return {id(l.node): l.stored_arrays() for l in layers}, steps
+
+
+class _Adam:
+    """Adam (Kingma and Ba, 2015) with the usual constants, written out: torch.optim's first use
+    imports its compiler stack, which costs more than learning a small block."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps=1e-8):
+        import torch
+
+        self.params, self.lr, self.betas, self.eps, self.t = params, lr, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        import torch
+
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        with torch.no_grad():
+            for p, m, v in zip(self.params, self.m, self.v):
+                if p.grad is None:
+                    continue
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-self.lr / c1)
+
+
+def _rebatch(batches, size: int) -> list[dict[str, np.ndarray]]:
+    """The calibration batches split into batches of at most `size` samples (first axis of every
+    input), so that one learning step sees `size` samples; samples of different batches are never
+    mixed (their padded lengths may differ)."""
+    out = []
+    for b in batches:
+        arrays = {k: np.asarray(v) for k, v in b.items()}
+        count = min(a.shape[0] for a in arrays.values()) if arrays else 0
+        out += [{k: a[i:i + size] for k, a in arrays.items()} for i in range(0, count, size)]
+    return out
+
+
+def _token_positions(batch: dict[str, np.ndarray]):
+    """The batch's non-padding [batch, sequence] positions as a bool tensor, or None (no mask)."""
+    import torch
+
+    mask = valid_positions(batch)
+    return None if mask is None else torch.from_numpy(mask)
+
+
+def _last_uses(blocks: list[Block]) -> dict[int, set[str]]:
+    """Per block index: the names of values still read after that block (by later blocks)."""
+    out = {}
+    later: set[str] = set()
+    for block in reversed(blocks):
+        out[block.index] = set(later)
+        later |= {v.name for v in block.inputs}
+    return out
+
+
+def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, rng, bar, start_all, blocks_left, run_nodes,
+                 graph, keep, first, solve):
+    import torch
+
+    t_start = time.perf_counter()
+    block_loss = LOSSES[opts.loss]
+    out_names = [v.name for v in block.outputs]
+    in_names = [v.name for v in block.inputs]
+    # the loss and its scale count only the outputs the block's layers reach (not, say, an
+    # attention mask or rotary tables computed alongside, which are the same in both streams)
+    reached = {v.name for n in block.layers for v in n.outputs}
+    for node in block.nodes:
+        if any(v is not None and v.name in reached for v in node.inputs):
+            reached |= {v.name for v in node.outputs}
+    loss_names = [name for name in out_names if name in reached] or out_names
+
+    def run_all(env, weight_of):
+        local = {k: env[k] for k in in_names}
+        return run_nodes(block.nodes, local, weight_of, constants)
+
+    def forward(env, weight_of):
+        local = run_all(env, weight_of)
+        return {k: local[k] for k in out_names}
+
+    def float_weight(node):
+        if id(node) in float_w:
+            return float_w[id(node)]
+        return constants.get(node.inputs[1])
+
+    # float targets (also the next block's float inputs)
+    with torch.no_grad():
+        targets = [forward(e, float_weight) for e in env_f]
+    for e, t in zip(env_f, targets):
+        e.update({k: v for k, v in t.items() if k in keep})
+    if not layers:
+        with torch.no_grad():
+            for e in env_q:
+                e.update({k: v for k, v in forward(e, float_weight).items() if k in keep})
+        return None
+    t_block = time.perf_counter()
+    originals = {id(l.node): l.reference_weight(l.originals) for l in layers}
+
+    def fixed(weights):
+        return lambda node: weights[id(node)] if id(node) in weights else float_weight(node)
+
+    with torch.no_grad():
+        before = float(sum(block_loss(forward(e, fixed(originals)), t, loss_names, m)
+                           for e, t, m in zip(env_q, targets, valid))) / len(env_q)
+    energy = 0.0  # the targets' mean square, the scale of relative errors (mse only)
+    if opts.loss == "mse":
+        energy = float(sum(_mse({k: torch.zeros_like(v) for k, v in t.items()}, t, loss_names, m)
+                           for t, m in zip(targets, valid))) / len(targets)
+    problem = BlockProblem(layers, env_q, targets, valid, loss_names, forward, run_all, float_weight, opts, rng, bar,
+                           start_all, t_start, t_block, blocks_left, first)
+    arrays, steps = solve(problem)
+    written = {id(l.node): l.reference_weight(arrays[id(l.node)]) for l in layers}
+    def propagate(weights):
+        total, outs = 0.0, []
+        for e, t, m in zip(env_q, targets, valid):
+            o = forward(e, fixed(weights))
+            total += float(block_loss(o, t, loss_names, m))
+            outs.append({k: v for k, v in o.items() if k in keep})
+        return total / len(env_q), outs
+
+    with torch.no_grad():
+        after, outs = propagate(written)
+        kept = "learned" if after < before else "round-to-nearest"
+        if kept == "learned":
+            for l in layers:
+                l.write(graph, arrays[id(l.node)])
+        else:
+            after, outs = propagate(originals)
+    for e, o in zip(env_q, outs):
+        e.update(o)
+    return {
+        "block": block.index,
+        "layers": [l.name for l in layers],
+        "steps": steps,
+        "loss_before": before,
+        "loss_after": after,
+        "relative_error_before": round(float(np.sqrt(before / energy)), 6) if energy > 0 else None,
+        "relative_error_after": round(float(np.sqrt(after / energy)), 6) if energy > 0 else None,
+        "kept": kept,
+        "seconds": round(time.perf_counter() - t_start, 2),
+    }

@@ -1,0 +1,215 @@
+"""A small torch interpreter for IR node lists (a block), differentiable where the ops are.
+
+`run_nodes(nodes, env, weight_of)` evaluates `nodes` in order; `env` maps value names to torch
+tensors (the block's inputs) and receives every output. Constants (initializers) are read from the
+IR once per `Constants` cache. Weighted layers are computed through `weight_of(node)`, which returns
+the [K, N] weight to use (float, quantized or learnable); for `qc.MixedMatMul` that weight is in
+the node's permuted row order. The ops covered are those the bundled models and the usual
+transformer exports use; an op outside them raises NotImplementedError naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul
+
+_DTYPES = {
+    1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
+    9: torch.bool, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16,
+}
+
+
+def attr(node: ir.Node, name: str, default=None):
+    a = node.attributes.get(name)
+    if a is None:
+        return default
+    value = a.value
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+class Constants:
+    """Initializers as torch tensors, converted once."""
+
+    def __init__(self):
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def get(self, value: ir.Value) -> torch.Tensor:
+        key = id(value)
+        if key not in self.cache:
+            array = value.const_value.numpy()
+            if array.dtype == np.float16:
+                array = array.astype(np.float32)
+            self.cache[key] = torch.from_numpy(np.array(array))
+        return self.cache[key]
+
+
+def _ints(t) -> list[int]:
+    return [int(v) for v in (t.tolist() if isinstance(t, torch.Tensor) else t)]
+
+
+def _axes(node: ir.Node, inputs, index: int, rank: int):
+    axes = inputs[index] if len(inputs) > index and inputs[index] is not None else attr(node, "axes")
+    if axes is None:
+        return None
+    return [a % rank for a in _ints(axes)]
+
+
+def _reduce(fn, node, inputs):
+    x = inputs[0]
+    axes = _axes(node, inputs, 1, x.dim())
+    keep = bool(attr(node, "keepdims", 1))
+    if axes is None or not axes:
+        if attr(node, "noop_with_empty_axes", 0) and axes is not None:
+            return x
+        axes = list(range(x.dim()))
+    return fn(x, axes, keep)
+
+
+def _slice(x, starts, ends, axes=None, steps=None):
+    starts, ends = _ints(starts), _ints(ends)
+    axes = _ints(axes) if axes is not None else list(range(len(starts)))
+    steps = _ints(steps) if steps is not None else [1] * len(starts)
+    index = [slice(None)] * x.dim()
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        if st != 1:
+            raise NotImplementedError("Slice with steps other than 1")
+        n = x.shape[a % x.dim()]
+        s = max(0, min(n, s + n if s < 0 else s))
+        e = max(0, min(n, e + n if e < 0 else e))
+        index[a % x.dim()] = slice(s, e)
+    return x[tuple(index)]
+
+
+def _reshape(x, shape, allowzero):
+    shape = _ints(shape)
+    if not allowzero:
+        shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def _gather(x, idx, axis):
+    axis = axis % x.dim()
+    idx = idx.long()
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+    out = x.index_select(axis, idx.reshape(-1))
+    return out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])
+
+
+def _expand(x, shape):
+    target = torch.broadcast_shapes(tuple(x.shape), tuple(_ints(shape)))
+    return x.expand(target)
+
+
+def _layer_norm(node, inputs):
+    x, scale = inputs[0], inputs[1]
+    bias = inputs[2] if len(inputs) > 2 else None
+    axis = attr(node, "axis", -1) % x.dim()
+    return torch.nn.functional.layer_norm(x, x.shape[axis:], scale, bias, attr(node, "epsilon", 1e-5))
+
+
+def _clip(inputs):
+    x = inputs[0]
+    lo = inputs[1] if len(inputs) > 1 and inputs[1] is not None else None
+    hi = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
+    return torch.clamp(x, min=None if lo is None else lo.item(), max=None if hi is None else hi.item())
+
+
+def _cast(node, x):
+    to = _DTYPES.get(attr(node, "to"))
+    if to is None:
+        raise NotImplementedError(f"Cast to ONNX type {attr(node, 'to')}")
+    return x.to(to)
+
+
+def _softmax(x, axis):
+    return torch.softmax(x, dim=axis)
+
+
+def _binary(fn):
+    return lambda node, i: fn(i[0], i[1])
+
+
+OPS: dict[str, Callable] = {
+    "Identity": lambda n, i: i[0],
+    "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul),
+    "Div": lambda n, i: torch.div(i[0], i[1], rounding_mode="trunc") if not i[0].is_floating_point() else i[0] / i[1],
+    "Pow": lambda n, i: torch.pow(i[0], i[1]),
+    "Equal": _binary(torch.eq), "Less": _binary(torch.lt), "Greater": _binary(torch.gt),
+    "LessOrEqual": _binary(torch.le), "GreaterOrEqual": _binary(torch.ge),
+    "And": _binary(torch.logical_and), "Or": _binary(torch.logical_or), "Not": lambda n, i: torch.logical_not(i[0]),
+    "Where": lambda n, i: torch.where(i[0].bool(), i[1], i[2]),
+    "Neg": lambda n, i: -i[0], "Sqrt": lambda n, i: torch.sqrt(i[0]), "Reciprocal": lambda n, i: 1.0 / i[0],
+    "Exp": lambda n, i: torch.exp(i[0]), "Log": lambda n, i: torch.log(i[0]), "Tanh": lambda n, i: torch.tanh(i[0]),
+    "Erf": lambda n, i: torch.erf(i[0]), "Abs": lambda n, i: torch.abs(i[0]),
+    "Cos": lambda n, i: torch.cos(i[0]), "Sin": lambda n, i: torch.sin(i[0]),
+    "Sigmoid": lambda n, i: torch.sigmoid(i[0]), "Relu": lambda n, i: torch.relu(i[0]),
+    "Gelu": lambda n, i: torch.nn.functional.gelu(i[0], approximate=attr(n, "approximate", "none")),
+    "Softmax": lambda n, i: _softmax(i[0], attr(n, "axis", -1)),
+    "MatMul": lambda n, i: torch.matmul(i[0], i[1]),
+    "Transpose": lambda n, i: i[0].permute(attr(n, "perm", list(range(i[0].dim()))[::-1])),
+    "Reshape": lambda n, i: _reshape(i[0], i[1], attr(n, "allowzero", 0)),
+    "Shape": lambda n, i: torch.tensor(list(i[0].shape)[attr(n, "start", 0): attr(n, "end", None)], dtype=torch.int64),
+    "Squeeze": lambda n, i: i[0].squeeze(_axes(n, i, 1, i[0].dim())) if _axes(n, i, 1, i[0].dim()) is not None else i[0].squeeze(),
+    "Unsqueeze": lambda n, i: _unsqueeze(i[0], _ints(i[1])),
+    "Concat": lambda n, i: torch.cat([t for t in i], dim=attr(n, "axis")),
+    "Slice": lambda n, i: _slice(i[0], i[1], i[2], i[3] if len(i) > 3 else None, i[4] if len(i) > 4 else None),
+    "Gather": lambda n, i: _gather(i[0], i[1], attr(n, "axis", 0)),
+    "Expand": lambda n, i: _expand(i[0], i[1]),
+    "Range": lambda n, i: torch.arange(i[0].item(), i[1].item(), i[2].item(), dtype=i[0].dtype),
+    "Cast": lambda n, i: _cast(n, i[0]),
+    "Trilu": lambda n, i: (torch.triu if attr(n, "upper", 1) else torch.tril)(i[0], int(i[1].item()) if len(i) > 1 and i[1] is not None else 0),
+    "ReduceMean": lambda n, i: _reduce(lambda x, a, k: x.mean(dim=a, keepdim=k), n, i),
+    "ReduceSum": lambda n, i: _reduce(lambda x, a, k: x.sum(dim=a, keepdim=k), n, i),
+    "ReduceMax": lambda n, i: _reduce(lambda x, a, k: x.amax(dim=a, keepdim=k), n, i),
+    "ReduceL2": lambda n, i: _reduce(lambda x, a, k: torch.sqrt((x * x).sum(dim=a, keepdim=k)), n, i),
+    "LayerNormalization": _layer_norm,
+    "Clip": lambda n, i: _clip(i),
+    "ConstantOfShape": lambda n, i: torch.full(_ints(i[0]), float(attr(n, "value").numpy().reshape(-1)[0]) if attr(n, "value") is not None else 0.0),
+}
+
+
+def _unsqueeze(x, axes):
+    rank = x.dim() + len(axes)
+    for a in sorted(a % rank for a in axes):
+        x = x.unsqueeze(a)
+    return x
+
+
+def run_nodes(nodes: list[ir.Node], env: dict[str, torch.Tensor], weight_of: Callable[[ir.Node], torch.Tensor],
+              constants: Constants) -> dict[str, torch.Tensor]:
+    """Evaluate `nodes` in order into `env` (updated in place and returned)."""
+    for node in nodes:
+        if is_mixed_matmul(node):
+            view = MixedMatMulView.of(node)
+            x = env[view.x.name]
+            perm = constants.get(view.perm)
+            env[node.outputs[0].name] = torch.matmul(x.index_select(-1, perm), weight_of(node))
+            continue
+        if node.domain not in ("", "ai.onnx"):
+            raise NotImplementedError(f"the block interpreter has no rule for {node.domain}.{node.op_type}")
+        if node.op_type == "Constant":
+            env[node.outputs[0].name] = torch.from_numpy(np.array(attr(node, "value").numpy()))
+            continue
+        rule = OPS.get(node.op_type)
+        if rule is None:
+            raise NotImplementedError(f"the block interpreter has no rule for {node.op_type} (node '{node.name}')")
+        inputs = []
+        for index, value in enumerate(node.inputs):
+            if value is None:
+                inputs.append(None)
+            elif node.op_type == "MatMul" and index == 1 and value.const_value is not None and len(value.const_value.shape) == 2:
+                inputs.append(weight_of(node))
+            elif value.const_value is not None:
+                inputs.append(constants.get(value))
+            else:
+                inputs.append(env[value.name])
+        result = rule(node, inputs)
+        outs = result if isinstance(result, tuple) else (result,)
+        for out, t in zip(node.outputs, outs):
+            env[out.name] = t
+    return env

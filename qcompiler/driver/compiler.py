@@ -1,0 +1,279 @@
+"""`compile`: source -> IR -> pipeline (with instruments) -> backend artifact, written atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.driver.capture import model_digest, resolve
+from qcompiler.ir import float_types
+from qcompiler.pipeline import instruments
+from qcompiler.support import parallel
+from qcompiler.analysis import probe
+from qcompiler.tools import report as reports
+from qcompiler.pipeline.context import CompileContext, using
+from qcompiler.errors import UserError, shown
+from qcompiler.support.fileio import AtomicDir, write_atomic
+from qcompiler.ir import weight_count
+from qcompiler.driver.outputs import check_outputs, nested_entry, protected_sources
+from qcompiler.pipeline.pass_manager import PassRecord, run_pipeline
+from qcompiler.pipeline.passbase import model_properties
+from qcompiler.passes.canonicalize import CanonicalizePass
+from qcompiler.passes.lower_ort import LowerOrtPass
+from qcompiler.codegen.targets import get_target
+from qcompiler.pipeline.spec import check_order, format_pipeline, parse_pipeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class CompileResult:
+    output: Path
+    files: list[Path]
+    pipeline: str
+    records: list[PassRecord]
+    manifest: dict[str, Any]
+    model: ir.Model
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # capture_s, pipeline_s
+    probe: Any = None  # qcompiler.analysis.probe.Probe: what drift and the report were measured on
+
+
+def debug_enabled(flag: bool | None = None) -> bool:
+    """The one debug switch: the API argument, else the QCOMPILER_DEBUG environment variable."""
+    if flag is not None:
+        return flag
+    return os.environ.get("QCOMPILER_DEBUG", "") not in ("", "0", "false")
+
+
+def compile(
+    source: Any,
+    output: str | os.PathLike,
+    *,
+    target: str = "ort",
+    pipeline: str = "default",
+    example_inputs: Any = None,
+    dynamic_shapes: Any = None,
+    dump_ir: str | os.PathLike | None = None,
+    print_ir: str | None = None,
+    report: str | os.PathLike | None = None,
+    probe_inputs: dict[str, np.ndarray] | None = None,
+    calibration: Any = None,
+    calib_count: int = 128,
+    threads: int | None = None,
+    drift: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    eval_data: Any = None,
+    require_data_probe: bool = False,
+    float_type: str | None = None,
+    dtype: str | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    block_sequential: bool = False,
+) -> CompileResult:
+    """Compile `source` (bundled model name, .onnx path, `pkg.mod:fn`, nn.Module with
+    `example_inputs`, or an `onnx_ir.Model`) into an artifact directory `output`.
+
+    `calibration`: a data file (.npz, .txt, .tsv, images; the first `calib_count` samples) or an
+    iterable of input dicts, for passes that calibrate. `threads`: ONNX Runtime threads for passes
+    that run the model. The pipeline always starts with `canonicalize` and, for the ort target,
+    ends with `lower-ort`: they are added when missing (the printed pipeline shows them).
+    `print_ir`: None, "all" or "changed". `dump_ir`: a directory for per-pass IR dumps.
+    `report`: a report path (may lie inside `output`): `.json`, or `.html` for a page with the
+    `.json` beside it (`qcompiler.tools.report`). The IR is verified after every pass;
+    `drift` measures each pass's output drift on the probe batch (`qcompiler.analysis.probe.choose`: given
+    `probe_inputs`, else the first samples of `eval_data` (a data file or an iterable of input
+    dicts), a bundled model's data, a held-apart slice of the calibration data, example inputs,
+    and only then a synthetic input, which the report names as such). `cache_dir`: reuse calibration
+    statistics computed for the same model, data and options (`qcompiler.analysis.calib_cache`).
+    `require_data_probe`: refuse (UserError, before any pass runs) when only a synthetic probe is
+    possible (what the `output-cosine` gate needs).
+    Outputs are checked before any work (`qcompiler.driver.outputs`): an existing output folder that is
+    not an artifact of ours (or a dump, or a report) is replaced only with `force`.
+    `float_type`: "source" (default: the emitted model keeps the source's float32, float16 or
+    bfloat16 at its inputs, outputs and float weights) or "float32". `dtype`: the float type a torch
+    source is captured in ("float32", "float16" or "bfloat16"; `qcompiler.ir.float_types`).
+    `workers`, `ray_address`: fan independent measurements out on Ray, a local instance of that
+    many processes or a running cluster (`qcompiler.support.parallel`; the artifact is byte-identical to
+    the in-process run); neither: everything runs in this process and Ray is not imported.
+    `block_sequential`: passes that run the float model run it one block at a time (today:
+    calibration and `quantize`'s range re-collection; `qcompiler.analysis.calib_sequential`), which large
+    models (`qcompiler.ir.is_large`) always do; the artifact is the same."""
+    backend = get_target(target)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
+        raise UserError(f"threads must be a positive integer, got {shown(repr(threads))}")
+    parallel.check_options(workers, ray_address)
+    if not isinstance(block_sequential, bool):
+        raise UserError(f"block_sequential must be true or false, got {shown(repr(block_sequential))}")
+    backend.check_host()  # e.g. a missing triton fails before any slow step
+    float_type = float_types.check_float_type_option(float_type)
+    passes = complete_pipeline(parse_pipeline(pipeline), target)  # a bad pipeline fails before any slow step
+    check_order(passes)
+    spec = format_pipeline(passes)
+    report_files = reports.report_paths(report) if report is not None else None  # a bad name fails before any slow step
+    check_outputs(output, dump_ir=dump_ir, report=report_files, protected=protected_sources(source, calibration, eval_data), force=force)
+    artifact = AtomicDir(output)
+    staging = artifact.begin()  # an unwritable output fails before any slow step
+    keep_in_artifact = tuple(filter(None, [nested_entry(output, dump_ir)])) if dump_ir is not None else ()
+    keep_in_dump = tuple(filter(None, [nested_entry(dump_ir, output), nested_entry(dump_ir, staging)])) if dump_ir is not None else ()
+    try:
+        start = time.perf_counter()
+        model, source_info = resolve(source, example_inputs, dynamic_shapes, dtype=dtype)
+        capture_seconds = time.perf_counter() - start
+        check_order(passes, model_properties(model))
+        source_type = float_types.source_float_type(model, quantizes=any(p.name not in (CanonicalizePass.name, LowerOrtPass.name) for p in passes))
+        source_digest = model_digest(model)
+        source_weights = weight_count(model)
+        float_types.to_float32(model, source_type)
+        eval_batches = calibration_batches(eval_data, probe.PROBE_SAMPLES, model, source_info)
+        holds_apart = probe_inputs is None and not eval_batches and source_info.bundled is None
+        batches = calibration_batches(calibration, calib_count, model, source_info, probe.PROBE_SAMPLES if holds_apart else 0)
+        held = None
+        if holds_apart and batches:
+            batches, held = probe.hold_apart(batches, calib_count if isinstance(calibration, (str, os.PathLike)) else None)
+        measured_on = probe.choose(model, source_info, probe_inputs, eval_batches, held)
+        if require_data_probe and not measured_on.is_data:
+            raise UserError("the output-cosine gate needs data to measure on and this model brings none; "
+                            "give --calib FILE or --eval-data FILE (a synthetic input would give a meaningless number)")
+        if not measured_on.is_data and (drift or report is not None):
+            log.warning("%s", measured_on.note)
+        feeds = float_types.cast_float_feeds(measured_on.feeds, model)
+        tools = _instruments(feeds if drift and report is None else None, dump_ir, print_ir, spec, keep_in_dump)
+        recorder = None
+        if report is not None:  # a Drift instrument that also records the layers, in the same runs
+            recorder = reports.Recorder(feeds, drift=drift)
+            tools.append(recorder)
+        start = time.perf_counter()
+        described = str(calibration) if isinstance(calibration, (str, os.PathLike)) else ("api" if calibration is not None else "")
+        executor = parallel.executor_for(workers, ray_address)
+        ctx = CompileContext(
+            calibration=batches, calibration_source=described, source=source_info, threads=threads, cache_dir=cache_dir,
+            executor=executor, block_sequential=True if block_sequential else None,
+        )
+        try:
+            with using(ctx):
+                records = run_pipeline(model, passes, tools)
+        finally:
+            executor.close()
+        pipeline_seconds = time.perf_counter() - start
+        warn_if_predicted_slower(records)
+        manifest = {
+            "source": {"name": source_info.name, "kind": source_info.kind, "sha256": source_digest, "weights": source_weights},
+            "pipeline": spec,
+            "packages": package_versions(),
+        }
+        emitted_type = source_type if float_type == "source" and backend.keeps_source_float_type else ir.DataType.FLOAT
+        float_types.restore_float_type(model, emitted_type)
+        if source_type != ir.DataType.FLOAT:  # absent: float32 throughout
+            manifest["float_type"] = float_types.type_name(emitted_type)
+            manifest["source"]["float_type"] = float_types.type_name(source_type)
+        layout = getattr(source_info.bundled, "layout", None)  # a causal LM with a KV cache
+        if layout is not None:
+            layout = cache_layout_of(layout, model)
+            manifest["causal_lm"] = layout.to_json()
+        files = backend.emit(model, staging, manifest, source_info.bundled, layout)
+        manifest = json.loads((staging / "manifest.json").read_text())
+        timings = {"capture_s": round(capture_seconds, 3), "pipeline_s": round(pipeline_seconds, 3)}
+        if report is not None:
+            body = reports.build(manifest, records, timings, recorder, model, files, probe=measured_on)
+            files += reports.write(report, Path(output), staging, body)
+        final = artifact.commit(keep=keep_in_artifact)
+    except BaseException:
+        artifact.abort()
+        raise
+    files = [final / f.relative_to(staging) for f in files]
+    log.info("wrote %s (%s)", shown(final), ", ".join(f.name for f in files))
+    return CompileResult(final, files, spec, records, manifest, model, timings, measured_on)
+
+
+def cache_layout_of(layout, model: ir.Model):
+    """The cache layout of the compiled graph: the captured one, with `kv_cache` int8 when the
+    pipeline stored the cache as int8 (`kv-cache{dtype=int8}`)."""
+    from qcompiler.dialect.kv_int8 import int8_cache_inputs
+
+    return dataclasses.replace(layout, kv_cache="int8") if int8_cache_inputs(model) else layout
+
+
+def resolved_pipeline(pipeline: str, target: str = "ort") -> str:
+    """The pipeline `compile` would run, printed with every option (what `--dry-run` shows)."""
+    passes = complete_pipeline(parse_pipeline(pipeline), target)
+    check_order(passes)
+    return format_pipeline(passes)
+
+
+def add_to_report(report: str | os.PathLike, sections: dict[str, Any]) -> None:
+    """Add top-level sections (e.g. the quality gates' outcome) to a written report (its JSON, and
+    its page when the report is `.html`)."""
+    json_path, html_path = reports.report_paths(report)
+    body = json.loads(json_path.read_text())
+    body.update(sections)
+    write_atomic(json_path, reports.to_json(reports.clean(body)))
+    if html_path is not None:
+        from qcompiler.tools.report_html import render
+
+        write_atomic(html_path, render(body))
+
+
+def complete_pipeline(passes: list, target: str) -> list:
+    """Start with `canonicalize`, then what the target needs at the end (`codegen.targets`: ort
+    ends with `lower-ort`, triton drops it and ends with `fuse`)."""
+    if CanonicalizePass.name not in [p.name for p in passes]:
+        passes = [CanonicalizePass()] + passes
+    return get_target(target).complete(passes)
+
+
+def warn_if_predicted_slower(records: list[PassRecord]) -> None:
+    """A warning when `lower-ort` counted more quantized activations feeding float kernels than
+    integer kernels (`qcompiler.analysis.placement.predicted_slower`)."""
+    kernels = next((r.stats.get(LowerOrtPass.Stats.KERNELS) for r in reversed(records) if r.name == LowerOrtPass.name), None)
+    if kernels and kernels.get("predicted_slower_than_float"):
+        log.warning(
+            "the artifact is predicted slower than float: %d quantized activations feed layers ONNX Runtime runs in float "
+            "(%s), against %d integer kernels; quantize{force=...} placed them, or a pass after quantize moved them",
+            kernels["float_kernels_behind_qdq"], ", ".join(kernels["float_kernels_behind_qdq_names"]), kernels["integer_kernels"])
+
+
+def calibration_batches(calibration, count: int, model, source_info, extra: int = 0):
+    """Batches of a data file (its first `count` samples, `extra` more when it has them) or of an
+    iterable of input dicts (all of them), checked against the model's inputs; None for None."""
+    if calibration is None:
+        return None
+    from qcompiler.analysis.calib_data import load_calibration, validate_batches
+
+    if isinstance(calibration, (str, os.PathLike)):
+        return load_calibration(calibration, count, model, bundled=source_info.bundled, extra=extra)
+    batches = [dict(b) for b in calibration]
+    return validate_batches(batches, model)
+
+
+def _instruments(feeds, dump_ir, print_ir, spec, keep_in_dump: tuple[str, ...] = ()) -> list:
+    tools: list = [instruments.Verify()]
+    if feeds is not None:
+        tools.append(instruments.Drift(feeds))
+    if print_ir is not None:
+        if print_ir not in ("all", "changed"):
+            raise UserError(f"print-ir must be 'all' or 'changed', got '{print_ir}'")
+        tools.append(instruments.PrintIR(only_changed=print_ir == "changed"))
+    if dump_ir is not None:
+        tools.append(instruments.DumpIR(dump_ir, spec, keep=keep_in_dump))
+    return tools
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for name in ("qcompiler", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "torch", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions

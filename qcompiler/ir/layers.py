@@ -1,0 +1,116 @@
+"""Finding the layers quantization works on, and rewriting their constants safely."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.ir.meta import CREATED_BY  # noqa: F401  (part of this API)
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    """`Y = X W` with W a constant [K, N] initializer (the MatMul form `canonicalize` produces)."""
+
+    node: ir.Node
+    x: ir.Value
+    w: ir.Value
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.outputs[0].name
+
+
+def linears(graph: ir.Graph) -> list[Linear]:
+    """Every MatMul whose second input is a 2-D floating-point initializer, in graph order."""
+    found = []
+    for node in graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        x, w = node.inputs
+        if x is None or w is None or not w.is_initializer() or w.const_value is None:
+            continue
+        if len(w.const_value.shape) != 2 or not w.const_value.dtype.is_floating_point():
+            continue
+        found.append(Linear(node, x, w))
+    return found
+
+
+def group_by_input(layers: list[Linear]) -> dict[str, list[Linear]]:
+    """Layers that read the same activation (Q/K/V, gate/up), keyed by its name, in graph order."""
+    groups: dict[str, list[Linear]] = {}
+    for layer in layers:
+        groups.setdefault(layer.x.name, []).append(layer)
+    return groups
+
+
+def set_constant(graph: ir.Graph, value: ir.Value, array: np.ndarray, owner: ir.Node, suffix: str) -> ir.Value:
+    """Give `owner` a constant holding `array` in place of `value`.
+
+    Rewritten in place when `owner` is the only reader; otherwise a new initializer named
+    `<value>.<suffix>` is created and only `owner` is rewired to it."""
+    array = np.require(array, requirements="C")  # keeps 0-d arrays 0-d
+    readers = {use.node for use in value.uses()}
+    if readers == {owner} and value not in graph.outputs and value not in graph.inputs:
+        value.const_value = ir.tensor(array, name=value.name)
+        value.shape = ir.Shape(array.shape)
+        value.dtype = ir.DataType.from_numpy(array.dtype)
+        return value
+    new = new_initializer(graph, f"{value.name}.{suffix}", array)
+    for index, inp in enumerate(owner.inputs):
+        if inp is value:
+            owner.replace_input_with(index, new)
+    return new
+
+
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer with a name no other initializer has (`name`, `name.1`, ...)."""
+    unique, n = name, 1
+    while unique in graph.initializers:
+        unique, n = f"{name}.{n}", n + 1
+    array = np.require(array, requirements="C")  # keeps 0-d arrays 0-d
+    value = ir.Value(
+        name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, name=unique),
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def insert_after_value(graph: ir.Graph, value: ir.Value, node: ir.Node) -> None:
+    """Insert `node` right after the producer of `value` (or first, for graph inputs)."""
+    producer = value.producer()
+    if producer is None:
+        graph.insert_before(next(iter(graph)), node)
+    else:
+        graph.insert_after(producer, node)
+
+
+def bypass(graph: ir.Graph, node: ir.Node, replacement: ir.Value) -> None:
+    """Remove the single-output `node`; its readers read `replacement` instead. When the node's
+    output is a graph output, `replacement` takes over its name (an Identity keeps graph inputs and
+    other outputs named as they were)."""
+    out = node.outputs[0]
+    name = out.name
+    if out in graph.outputs:
+        if replacement in graph.inputs or replacement in graph.outputs or replacement.is_initializer():
+            identity = ir.node("Identity", [replacement], name=f"{name}.identity")
+            graph.insert_after(node, identity)
+            replacement = identity.outputs[0]
+        ir.convenience.replace_all_uses_with(out, replacement, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        replacement.name = name
+        replacement.type = replacement.type or out.type
+        replacement.shape = replacement.shape or out.shape
+        return
+    ir.convenience.replace_all_uses_with(out, replacement)
+    graph.remove(node, safe=True)
+
+
+def remove_unused(model: ir.Model) -> None:
+    """Drop nodes and initializers nothing reads any more."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    RemoveUnusedNodesPass()(model)

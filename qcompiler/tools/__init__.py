@@ -1,0 +1,2 @@
+"""What users run: the command line and its build-step interface, `eval`, `generate`, `doctor`, `opt`,
+and the report."""

@@ -1,0 +1,479 @@
+"""The `qcompiler` command line.
+
+    qcompiler compile SOURCE -o DIR [--target ort|triton] [--pipeline SPEC] [--dump-ir DIR]
+                                    [--print-ir all|changed] [--report FILE]
+    qcompiler eval DIR --task sts|perplexity|segmentation|denoise|classify [--data FILE] [--sigma S] [--json]
+    qcompiler generate DIR --prompt TEXT [--max-new-tokens N] [--temperature T --seed S] [--json]
+    qcompiler passes                 every pass: name, one-line doc, options with defaults
+    qcompiler opt FILE.onnxtxt -p SPEC [-o OUT.onnxtxt]   IR text in, the passes of SPEC, IR text out
+    qcompiler show FILE              a model (.onnx) as IR text
+
+Exit codes: 0 ok; 1 internal error; 2 bad input or usage; 3 failed quality gate; 130 Ctrl-C and
+143 SIGTERM (both after removing what was half written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from qcompiler.errors import QCompilerError, UserError, first_line, one_line, shown
+
+log = logging.getLogger("qcompiler")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # usage errors: one line, exit 2
+        raise UserError(f"{message}; see `{self.prog} --help`")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{shown(text)}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qcompiler", description="A graph-level quantization compiler.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--debug", action="store_true", default=None,
+                        help="full tracebacks on error (same as QCOMPILER_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    comp = sub.add_parser("compile", help="compile a model into an artifact directory")
+    comp.add_argument("source", nargs="?", help="bundled model name, path to .onnx, or package.module:function")
+    comp.add_argument("-o", "--output", help="artifact directory (replaced atomically)")
+    comp.add_argument("--force", action="store_true", default=None,
+                      help="replace an existing output folder or report that qcompiler did not write")
+    comp.add_argument("--config", metavar="FILE", help="read options from a TOML file (keys: the long options; the command line wins)")
+    comp.add_argument("--target", help="backend: ort (default; ONNX Runtime model) or triton (a Python package of Triton kernels and torch)")
+    comp.add_argument("--pipeline", help="pipeline string, preset name or @file (default: default)")
+    comp.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass, numbered, plus stats.json")
+    comp.add_argument("--print-ir", choices=("all", "changed"), help="log the IR after every pass or after changing ones")
+    comp.add_argument("--report", metavar="FILE", help="write the quantization report: FILE.json, or FILE.html (an offline page) with FILE.json beside it; may lie inside the output directory")
+    comp.add_argument("--calib", metavar="FILE", help="calibration data: .npz of inputs, .txt/.tsv text, images or a folder of them")
+    comp.add_argument("--calib-count", type=positive_int, metavar="N", help="calibration samples to use (default 128)")
+    comp.add_argument("--threads", type=positive_int, metavar="N", help="ONNX Runtime threads for passes that run the model")
+    comp.add_argument("--workers", type=positive_int, metavar="N", help="fan independent measurements out on a local Ray instance of N processes (pip install \"qcompiler[ray]\"); the artifact is the same")
+    comp.add_argument("--ray-address", metavar="ADDR", help="run the fanned-out measurements on the Ray cluster at ADDR (ray://head:10001, or auto for one started with ray start)")
+    comp.add_argument("--float-type", help="float type of the emitted model's inputs, outputs and float weights: source (default: the source model's float32, float16 or bfloat16) or float32")
+    comp.add_argument("--dtype", help="float type a torch source is captured in: float32 (default), float16 or bfloat16")
+    comp.add_argument("--block-sequential", action="store_true", default=None,
+                      help="calibrate one block (transformer layer, conv stage) at a time: one block's weights in memory, the same artifact; large models always do")
+    comp.add_argument("--no-drift", action="store_true", default=None, help="skip measuring output drift after each pass")
+    comp.add_argument("--cache-dir", metavar="DIR", help="calibration statistics cache (default $QCOMPILER_CACHE or ~/.cache/qcompiler)")
+    comp.add_argument("--no-cache", action="store_true", default=None, help="neither read nor write the calibration cache")
+    comp.add_argument("--fail-under", action="append", metavar="METRIC=VALUE", help="exit 3 when the artifact scores below VALUE (repeatable)")
+    comp.add_argument("--fail-over", action="append", metavar="METRIC=VALUE", help="exit 3 when a lower-is-better metric exceeds VALUE (repeatable)")
+    comp.add_argument("--eval-data", metavar="FILE", help="task data for the quality gates (default: the --calib file)")
+    comp.add_argument("--eval-count", type=positive_int, metavar="N", help="use the first N pairs / windows / images for the gates")
+    comp.add_argument("--dry-run", action="store_true", default=None, help="print the resolved pipeline and what would be written; compile nothing")
+
+    ev = sub.add_parser("eval", help="the float model and an artifact side by side on the model's task")
+    ev.add_argument("artifact", help="an artifact directory written by `qcompiler compile`")
+    ev.add_argument("--task", required=True, choices=("sts", "perplexity", "segmentation", "denoise", "classify"))
+    ev.add_argument("--data", help="task data (sts: TSV with sent1, sent2, score; perplexity: text; denoise: an image or a folder of them)")
+    ev.add_argument("--sigma", type=float, help="denoise: the noise level added, 0..255 scale (default 25)")
+    ev.add_argument("--count", type=positive_int, help="use only the first N pairs / windows / images")
+    ev.add_argument("--window", type=int, default=256, help="perplexity window length in tokens (default 256)")
+    ev.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads")
+    ev.add_argument("--model", help="the bundled float model, when the artifact was compiled from an ONNX file of it")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    gen = sub.add_parser("generate", help="continue a prompt with a compiled causal LM (KV cache), streaming the text")
+    gen.add_argument("artifact", help="an artifact directory of a causal LM with a KV cache (e.g. compiled from smollm2-135m-kv)")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens to generate at most (default 64, or what the model's positions leave)")
+    gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default): greedy; above 0: sample from softmax(logits / T)")
+    gen.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the sampling generator (default 0)")
+    gen.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime intra-op threads")
+    gen.add_argument("--json", action="store_true", help="print one JSON object (text, tokens, tokens/s) instead of streaming")
+
+    doc = sub.add_parser("doctor", help="rank the layers and passes that cost accuracy and suggest a pipeline change")
+    doc.add_argument("source", help="bundled model name, path to .onnx, or package.module:function")
+    doc.add_argument("--pipeline", required=True, help="the pipeline to diagnose (string, preset or @file)")
+    doc.add_argument("--calib", metavar="FILE", help="calibration data, as for compile")
+    doc.add_argument("--calib-count", type=positive_int, default=128, metavar="N", help="calibration samples to use (default 128)")
+    doc.add_argument("--threads", type=positive_int, metavar="N", help="ONNX Runtime threads")
+    doc.add_argument("--workers", type=positive_int, metavar="N", help="fan independent measurements out on a local Ray instance of N processes (pip install \"qcompiler[ray]\"); the artifact is the same")
+    doc.add_argument("--ray-address", metavar="ADDR", help="run the fanned-out measurements on the Ray cluster at ADDR (ray://head:10001, or auto for one started with ray start)")
+    doc.add_argument("--max-extra-bits", type=float, default=0.25, help="average stored bits the suggestion may add (default 0.25)")
+    doc.add_argument("--top", type=int, default=15, help="layers to list (default 15)")
+    doc.add_argument("--metric", default="auto", choices=("auto", "mse", "kl"),
+                     help="output error: relative MSE, or KL of the softmax (auto: kl for a bundled causal LM)")
+    doc.add_argument("--probe-batches", type=int, default=1, metavar="N",
+                     help="calibration batches the layers are measured on, joined (default 1; each run costs in proportion)")
+    doc.add_argument("--bits-only", action="store_true",
+                     help="suggest bit-width changes only, not an added pass such as learned rounding (which costs compile time)")
+    doc.add_argument("--apply", metavar="FILE", help="write the suggested pipeline to FILE (use it with --pipeline @FILE)")
+    doc.add_argument("--force", action="store_true", help="let --apply overwrite a file that doctor did not write")
+    doc.add_argument("--cache-dir", metavar="DIR", help="calibration statistics cache (default as for compile)")
+    doc.add_argument("--no-cache", action="store_true", help="neither read nor write the calibration cache")
+    doc.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
+
+    sub.add_parser("passes", help="list every pass and preset with its options")
+
+    opt = sub.add_parser("opt", help="IR text in, IR text out: run exactly the passes of a pipeline spec")
+    opt.add_argument("path", help="an .onnxtxt file of IR text, or - for standard input")
+    opt.add_argument("-p", "--pipeline", default="", metavar="SPEC", help="the passes to run (none: parse, verify, print)")
+    opt.add_argument("-o", "--output", metavar="FILE", help="write the IR text here instead of standard output")
+    opt.add_argument("--calib-batches", type=int, default=4, metavar="N",
+                     help="synthetic calibration batches for passes that need data (default 4, seeds 0..N-1)")
+    opt.add_argument("--elide", action="store_true", help="print tensors over 64 elements as shape + hash (the output then no longer parses back to the same weights)")
+
+    show = sub.add_parser("show", help="print a model as IR text")
+    show.add_argument("path", help="path to an .onnx file")
+    show.add_argument("--full", action="store_true", help="print every weight instead of shape + hash")
+    return parser
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that outputs are cleaned up as for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
+    debug = False
+    try:
+        args = build_parser().parse_args(argv)
+        from qcompiler.driver.compiler import debug_enabled
+
+        debug = debug_enabled(args.debug)
+        _configure_logging(args.verbose, args.quiet, debug)
+        return _COMMANDS[args.command](args)
+    except QCompilerError as exc:
+        if debug:
+            log.exception("error")
+        _error(str(exc))
+        return exc.exit_code
+    except Terminated:
+        _error("terminated")
+        return 143
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as exc:  # an internal error: one line, exit 1, traceback with --debug
+        if debug:
+            log.exception("internal error")
+        _error(f"internal error: {type(exc).__name__}: {first_line(str(exc))}; rerun with --debug for the traceback")
+        return 1
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"qcompiler: error: {one_line(message)}\n")
+
+
+def _configure_logging(verbose: int, quiet: bool, debug: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if (verbose > 1 or debug) else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("qcompiler")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    for noisy in ("torch", "onnxscript", "onnx_ir"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.WARNING)
+    import warnings
+
+    if not verbose:
+        warnings.filterwarnings("ignore")
+
+
+# Defaults of `compile`'s options; argparse leaves them None so that a --config file can fill them.
+COMPILE_DEFAULTS = {
+    "source": None, "output": None, "target": "ort", "pipeline": "default", "dump_ir": None, "print_ir": None,
+    "report": None, "calib": None, "calib_count": 128, "threads": None, "no_drift": False, "cache_dir": None,
+    "no_cache": False, "fail_under": [], "fail_over": [], "eval_data": None, "eval_count": None, "dry_run": False,
+    "force": False,
+    "float_type": "source", "dtype": None, "workers": None, "ray_address": None, "block_sequential": False,
+}
+_CONFIG_TYPES = {
+    "calib_count": int, "threads": int, "workers": int, "eval_count": int, "no_drift": bool, "no_cache": bool, "dry_run": bool,
+    "fail_under": list, "fail_over": list, "force": bool, "block_sequential": bool,
+}
+_CONFIG_PATHS = {"source", "output", "dump_ir", "report", "calib", "cache_dir", "eval_data"}
+
+
+def resolve_compile_options(args) -> argparse.Namespace:
+    """Command line over config file over defaults; checks that source and output are given."""
+    from qcompiler.tools import buildstep
+
+    config = {}
+    if args.config:
+        known = {dest: _CONFIG_TYPES.get(dest, str) for dest in COMPILE_DEFAULTS}
+        config = buildstep.load_config(args.config, known, _CONFIG_PATHS)
+    merged = {}
+    for dest, default in COMPILE_DEFAULTS.items():
+        given = getattr(args, dest, None)
+        merged[dest] = given if given is not None else config.get(dest, default)
+    if merged["print_ir"] not in (None, "all", "changed"):
+        raise UserError(f"print-ir must be 'all' or 'changed', got '{shown(merged['print_ir'])}'")
+    for dest in ("calib_count", "threads", "workers", "eval_count"):
+        if merged[dest] is not None and merged[dest] < 1:
+            raise UserError(f"'{dest.replace('_', '-')}' must be a positive integer, got {merged[dest]}")
+    if not merged["source"]:
+        raise UserError("compile needs a SOURCE (a bundled model name, an .onnx path or package.module:function), or 'source' in --config")
+    if not merged["output"]:
+        raise UserError("compile needs -o DIR (or 'output' in --config)")
+    return argparse.Namespace(**merged)
+
+
+def _cmd_compile(args) -> int:
+    from pathlib import Path
+
+    from qcompiler.tools import buildstep
+    from qcompiler.analysis.calib_cache import default_dir
+    from qcompiler.driver.compiler import compile
+
+    opts = resolve_compile_options(args)
+    gates = buildstep.parse_gates(opts.fail_under, opts.fail_over)
+    task = _task_of(opts.source) if gates else None
+    buildstep.check_gates_apply(gates, task)
+    if opts.no_drift and any(g.metric.name == "output-cosine" for g in gates):
+        raise UserError("the output-cosine gate reads the drift measured after each pass; drop --no-drift")
+    cache_dir = None if opts.no_cache else Path(opts.cache_dir) if opts.cache_dir else default_dir()
+    _check_outputs(opts, args.config)
+    if opts.dry_run:
+        from qcompiler.driver.compiler import resolved_pipeline
+
+        spec = resolved_pipeline(opts.pipeline, opts.target)
+        sys.stdout.write(buildstep.describe_dry_run(opts, spec, cache_dir, gates))
+        return 0
+    result = compile(
+        opts.source,
+        opts.output,
+        target=opts.target,
+        pipeline=opts.pipeline,
+        dump_ir=opts.dump_ir,
+        print_ir=opts.print_ir,
+        report=opts.report,
+        calibration=opts.calib,
+        calib_count=opts.calib_count,
+        threads=opts.threads,
+        drift=not opts.no_drift,
+        cache_dir=cache_dir,
+        force=opts.force,
+        eval_data=opts.eval_data,
+        require_data_probe=any(g.metric.name == "output-cosine" for g in gates),
+        float_type=opts.float_type,
+        dtype=opts.dtype,
+        workers=opts.workers,
+        ray_address=opts.ray_address,
+        block_sequential=opts.block_sequential,
+    )
+    _summary(result)
+    if gates:
+        outcome = buildstep.evaluate_gates(
+            gates, result.output, result.records, task, buildstep.gate_data(task, opts.eval_data, opts.calib),
+            opts.eval_count, opts.threads
+        )
+        for row in outcome["gates"]:
+            log.info("gate %-16s %-8s %g: %s  %s", row["metric"], row["direction"], row["threshold"], row["value"],
+                     "pass" if row["passed"] else "FAIL")
+        if opts.report:
+            from qcompiler.driver.compiler import add_to_report
+
+            add_to_report(Path(opts.report), {"quality": outcome})
+        buildstep.raise_if_failed(gates, outcome, result.output)
+    return 0
+
+
+def _check_outputs(opts, config: str | None) -> None:
+    """Before anything slow: the outputs may not delete the inputs, the config or what is not ours."""
+    from qcompiler.driver.outputs import check_outputs, protected_sources
+    from qcompiler.tools.report import report_paths
+
+    protected = protected_sources(opts.source, opts.calib) + [("config file", config), ("evaluation data", opts.eval_data)]
+    report = report_paths(opts.report) if opts.report else None
+    check_outputs(opts.output, dump_ir=opts.dump_ir, report=report, protected=protected, force=opts.force)
+
+
+def _task_of(source: str) -> str | None:
+    from qcompiler import models
+
+    return models.get(source).task if source in models.names() else None
+
+
+def _summary(result) -> None:
+    manifest = result.manifest
+    log.info("pipeline: %s", result.pipeline)
+    if result.probe is not None and any(r.drift for r in result.records):
+        log.info("drift measured on: %s%s", result.probe.source, f" ({result.probe.note})" if result.probe.note else "")
+    for record in result.records:
+        drift = record.drift or {}
+        log.info(
+            "  %-14s %6.2f s  %-9s  drift max|d|=%.3g cos=%.6f",
+            record.name, record.seconds, "modified" if record.modified else "unchanged",
+            drift.get("max_abs", float("nan")), drift.get("cosine", float("nan")),
+        )
+    bits = manifest.get("effective_bits_per_weight")
+    log.info(
+        "artifact: %s  (%s, %d weights, %.2f effective bits per weight)",
+        result.output, ", ".join(manifest["files"]), manifest.get("weights", 0), bits if bits is not None else float("nan"),
+    )
+
+
+def _cmd_eval(args) -> int:
+    import json
+
+    from qcompiler.tools.evaluate import evaluate
+
+    result = evaluate(args.artifact, args.task, args.data, count=args.count, window=args.window, threads=args.threads, model=args.model,
+                      sigma=args.sigma)
+    if args.json:
+        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        return 0
+    rows = [(k, v) for k, v in result.items() if not isinstance(v, (dict, list))]
+    width = max(len(k) for k, _ in rows)
+    sys.stdout.write("".join(f"{k:<{width}}  {v}\n" for k, v in rows))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import json
+
+    from qcompiler.tools.decode import generate
+
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = generate(args.artifact, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      seed=args.seed, threads=args.threads, on_text=None if args.json else stream)
+    if args.json:
+        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        return 0
+    sys.stdout.write("\n")
+    decode = result["decode_tokens_per_s"]
+    sys.stderr.write(
+        f"prefill: {result['prompt_tokens']} tokens, {result['prefill_tokens_per_s']} tokens/s; "
+        f"decode: {result['new_tokens']} new tokens ({result['stopped']}), {decode if decode is not None else '-'} tokens/s\n"
+    )
+    return 0
+
+
+def _cmd_doctor(args) -> int:
+    import json
+    from pathlib import Path
+
+    from qcompiler.analysis.calib_cache import default_dir
+    from qcompiler.tools.doctor import diagnose, format_diagnosis
+    from qcompiler.support.fileio import write_atomic
+
+    from qcompiler.driver.outputs import SUGGESTION_MARKER, check_suggestion_file, protected_sources
+
+    if args.apply:  # before the diagnosis, which may take minutes
+        check_suggestion_file(args.apply, protected_sources(args.source, args.calib), args.force)
+    cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_dir()
+    result = diagnose(
+        args.source, args.pipeline, calibration=args.calib, calib_count=args.calib_count, threads=args.threads,
+        max_extra_bits=args.max_extra_bits, cache_dir=cache_dir, metric=args.metric, probe_batches=args.probe_batches,
+        bits_only=args.bits_only, workers=args.workers, ray_address=args.ray_address,
+    )
+    if args.json:
+        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(format_diagnosis(result, args.top))
+    if args.apply:
+        suggested = result["suggestion"].get("pipeline")
+        if not suggested:
+            raise UserError(f"doctor has no change to apply ({result['suggestion']['change']}); nothing written to {shown(args.apply)}")
+        header = f"{SUGGESTION_MARKER} for {result['source']}: {result['suggestion']['change']}\n"
+        write_atomic(Path(args.apply), header + suggested + "\n")
+        log.info("wrote the suggested pipeline to %s; compile with --pipeline @%s", shown(args.apply), shown(args.apply))
+    return 0
+
+
+def _cmd_passes(args) -> int:
+    from qcompiler.ir.meta import Prop
+    from qcompiler.pipeline.spec import PRESETS, all_passes, format_value
+
+    lines = []
+    for name, cls in all_passes().items():
+        lines.append(f"{name}: {cls.summary()}")
+        props = []
+        if cls.required:
+            props.append(f"requires {', '.join(sorted(cls.required))}")
+        if cls.provided:
+            props.append(f"provides {', '.join(sorted(cls.provided))}")
+        if props:
+            lines.append(f"    ({'; '.join(props)})")
+        for opt in cls.options():
+            lines.append(f"    {opt.key}={format_value(opt.default)}  {opt.doc}")
+    lines.append("")
+    lines.append("presets:")
+    for name, preset in PRESETS.items():
+        params = " ".join(f"{k}={v}" for k, v in preset.params.items())
+        lines.append(f"  {name}{'{' + params + '}' if params else ''} = {preset.template}  ({preset.doc})")
+        for key, choices in preset.fragments.items():
+            lines.append(f"    ${key.replace('-', '_')}: " + ", ".join(f"{key}={value} -> '{text}'" for value, text in choices.items()))
+    lines.append("")
+    lines.append("properties (what passes require and provide):")
+    lines.extend(f"  {prop}: {prop.meaning}" for prop in Prop)
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _cmd_show(args) -> int:
+    from qcompiler.ir import load, to_text
+
+    model = load(args.path, convert=False)
+    sys.stdout.write(to_text(model, elide_over=2**62 if args.full else 64))
+    return 0
+
+
+def _cmd_opt(args) -> int:
+    from pathlib import Path
+
+    from qcompiler.support.fileio import write_atomic
+    from qcompiler.tools.opt import optimize_text
+
+    if args.path == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(args.path)
+        if not path.is_file():
+            raise UserError(f"opt: no such file '{path}'; give an .onnxtxt file of IR text (or - for standard input)")
+        text = path.read_text()
+    result = optimize_text(text, args.pipeline, args.calib_batches, args.elide)
+    if args.output:
+        write_atomic(args.output, result)
+    else:
+        sys.stdout.write(result)
+    return 0
+
+
+_COMMANDS = {"compile": _cmd_compile, "doctor": _cmd_doctor, "eval": _cmd_eval, "generate": _cmd_generate, "opt": _cmd_opt,
+             "passes": _cmd_passes, "show": _cmd_show}
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
