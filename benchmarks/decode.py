@@ -169,7 +169,7 @@ def main() -> None:
     from qcompiler.driver.compiler import compile as qcompile
     from qcompiler.tools.decode import CachedSession
     from qcompiler.tools.evaluate import evaluate
-    from qcompiler.driver.lm_artifact import read_layout
+    from qcompiler.codegen.lm_artifact import read_layout
     from qcompiler.models import smollm2
 
     names = [n.strip() for n in args.pipelines.split(",")]

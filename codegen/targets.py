@@ -52,7 +52,7 @@ class OrtTarget(Target):
 
         if layout is None:
             return ort.emit(model, staging, manifest)
-        from qcompiler.driver.lm_artifact import write_lm_files
+        from qcompiler.codegen.lm_artifact import write_lm_files
 
         lm_files = write_lm_files(staging, bundled, layout)
         return ort.emit(model, staging, manifest, tuple(lm_files)) + lm_files

@@ -21,6 +21,7 @@ from typing import Literal
 import onnx_ir as ir
 
 from qcompiler.errors import UserError
+from qcompiler.pipeline import context
 from qcompiler.ir.meta import Prop
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 from qcompiler.analysis.reconstruct import Options, reconstruct
@@ -69,8 +70,10 @@ class BlockLearningPass(Pass):
         check_learning_options(self.name, self.steps, self.lr, self.seed, self.time_budget, self.regions, self.batch, self.loss)
 
     def call(self, model: ir.Model) -> PassResult:
-        stats = reconstruct(model, Options(self.mode, self.steps, float(self.lr), self.seed, float(self.time_budget),
-                                           self.regions, self.name, self.batch, self.loss))
+        ctx = context.current()
+        opts = Options(self.mode, self.steps, float(self.lr), self.seed, float(self.time_budget), self.regions, self.name,
+                       self.batch, self.loss)
+        stats = reconstruct(model, opts, ctx.require_calibration(self.name), ctx.threads)
         return PassResult(model, bool(stats.get("blocks_improved")), stats)
 
 

@@ -65,7 +65,8 @@ class GPTQPass(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         opts = Options("gptq", 1, 1.0, 0, 0.0, self.regions, self.name, batch=1 << 20)
-        stats = reconstruct(model, opts, solve=self._solve)
+        ctx = context.current()
+        stats = reconstruct(model, opts, ctx.require_calibration(self.name), ctx.threads, solve=self._solve)
         return PassResult(model, bool(stats.get("blocks_improved")), stats)
 
     def _solve(self, problem: BlockProblem) -> tuple[dict, int]:

@@ -44,7 +44,6 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.pipeline import context
 from qcompiler.analysis.blocks import Block, find_blocks
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import set_constant
@@ -236,15 +235,16 @@ def _kl(outputs: dict, targets: dict, names: list[str], valid=None):
 LOSSES = {"mse": _mse, "kl": _kl}
 
 
-def reconstruct(model: ir.Model, opts: Options, solve: Callable[[BlockProblem], tuple[dict, int]] | None = None) -> dict:
+def reconstruct(model: ir.Model, opts: Options, calibration, threads: int | None = None,
+                solve: Callable[[BlockProblem], tuple[dict, int]] | None = None) -> dict:
     """Run `solve` (default: `learn_with_adam`) on each block that holds a qc.MixedMatMul, on the
-    quantized stream; keep what it returns where it lowers the block's error."""
+    quantized stream of the `calibration` batches; keep what it returns where it lowers the block's
+    error. `threads`: torch's thread count while learning (None: torch's default)."""
     import torch
 
     from qcompiler.analysis.torch_exec import Constants, run_nodes
 
-    ctx = context.current()
-    batches = list(ctx.require_calibration(opts.pass_name))
+    batches = list(calibration)
     graph = model.graph
     blocks = find_blocks(graph, opts.regions)
     mixed = [n for b in blocks for n in b.layers if is_mixed_matmul(n)]
@@ -275,8 +275,8 @@ def reconstruct(model: ir.Model, opts: Options, solve: Callable[[BlockProblem], 
     # with more than one thread some CPU kernels otherwise sum in a run-dependent order, and the
     # learned rounding (a long chain of steps) would differ from run to run
     torch.use_deterministic_algorithms(True, warn_only=True)
-    if ctx.threads:
-        torch.set_num_threads(int(ctx.threads))
+    if threads:
+        torch.set_num_threads(int(threads))
     torch.manual_seed(opts.seed)
     start_all = time.perf_counter()
     try:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.ir.meta import CREATED_BY  # noqa: F401  (part of this API)
+from qcompiler import ir as qir
+from qcompiler.ir.meta import CREATED_BY, SCOPE_KEY  # noqa: F401  (CREATED_BY: part of this API)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,3 +116,29 @@ def remove_unused(model: ir.Model) -> None:
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     RemoveUnusedNodesPass()(model)
+
+
+def name_weights_after_modules(graph: ir.Graph) -> int:
+    """Name each anonymous weight (`val_37`) that only a weighted layer (`qcompiler.ir.WEIGHTED_LAYER_OPS`) of a known module reads
+    after that module (`lm_head.weight`, or `lm_head.matmul.weight` where that name is taken): those
+    the exporter made, and those constant folding makes later (a tied output projection reads the
+    transposed embedding, folded). Returns how many."""
+    renamed = 0
+    for node in graph:
+        module = node.metadata_props.get(SCOPE_KEY)
+        if not module or qir.op_key(node) not in qir.WEIGHTED_LAYER_OPS or len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        if weight is None or not weight.is_initializer() or not re.fullmatch(r"val_\d+", weight.name or "") or len(weight.uses()) != 1:
+            continue
+        # a tied output projection reads a folded copy of the embedding, which keeps `{module}.weight`
+        free = [n for n in (f"{module}.weight", f"{module}.{node.op_type.lower()}.weight") if n not in graph.initializers]
+        if not free:
+            continue
+        graph.initializers.pop(weight.name)
+        weight.name = free[0]
+        if weight.const_value is not None:
+            weight.const_value.name = free[0]
+        graph.register_initializer(weight)
+        renamed += 1
+    return renamed

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from qcompiler.errors import UserError
-from qcompiler.driver.lm_artifact import read_layout, read_tokenizer
+from qcompiler.codegen.lm_artifact import read_layout, read_tokenizer
 
 log = logging.getLogger(__name__)
 

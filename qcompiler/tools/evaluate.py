@@ -130,7 +130,7 @@ def _cached_runner(artifact: Path, threads: int | None) -> Runner:
     """Logits of one window through the artifact's KV cache: a prefill of its first half, then
     one token per step (what generation runs)."""
     from qcompiler.tools.decode import CachedSession, cached_logits
-    from qcompiler.driver.lm_artifact import read_layout
+    from qcompiler.codegen.lm_artifact import read_layout
 
     session = CachedSession(artifact / "model.onnx", read_layout(artifact), threads)
 
