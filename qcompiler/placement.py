@@ -12,6 +12,10 @@ on the graphs it optimizes) makes one of a QDQ group when:
   bounds, which the range calibrated after it does). Without it the Conv runs in float behind a
   dequantize: slower than no quantization at all.
 
+- `DQ(x) -> ConvTranspose <- DQ(W)` (1D to 3D, any group count, int8 or uint8 activations): never;
+  ONNX Runtime 1.32's CPU provider has no integer ConvTranspose and runs it in float behind the
+  dequantize (`tests/test_quantize_conv.py` holds it to that). A Conv in 3D fuses like a 2D one.
+
 `quantize` therefore quantizes the output of every Conv it quantizes (`quantized_conv_outputs`:
 readers that are no layer read it dequantized, as ONNX Runtime's own `quantize_static` places it),
 and leaves in float the layers `integer_layers` names;
@@ -21,6 +25,10 @@ and leaves in float the layers `integer_layers` names;
 from __future__ import annotations
 
 import onnx_ir as ir
+
+NO_INTEGER_CONV_TRANSPOSE = ("ONNX Runtime's CPU provider has no integer ConvTranspose: a quantized one runs in float "
+                             "behind a dequantize")
+
 
 def _is(node: ir.Node | None, op_type: str) -> bool:
     return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
@@ -56,9 +64,12 @@ def integer_layers(graph: ir.Graph, layers: list[ir.Node], static: bool) -> dict
     ONNX Runtime would run in float, each with the reason. A MatMul always runs integer. A Conv runs
     integer when its output is quantized too, which `quantize` does for every Conv it quantizes
     (`quantized_conv_outputs`): so only a Conv whose output is a graph output (which stays float),
-    or any Conv with a run-time (dynamic) activation scale, stays float."""
+    or any Conv with a run-time (dynamic) activation scale, stays float; a ConvTranspose always does."""
     floats: dict[int, str] = {}
     for node in layers:
+        if _is(node, "ConvTranspose"):
+            floats[id(node)] = NO_INTEGER_CONV_TRANSPOSE
+            continue
         if not _is(node, "Conv"):
             continue
         if not static:
