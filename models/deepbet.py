@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -157,7 +158,9 @@ def weights_path(model: str) -> Path:
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a TorchScript file (its code is never run)."""
-    scripted = torch.jit.load(str(path), map_location="cpu")
+    with warnings.catch_warnings():  # torch.jit.load is deprecated in favour of torch.export; the file is TorchScript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.load(str(path), map_location="cpu")
     return {key: value.detach().clone() for key, value in scripted.state_dict().items()}
 
 
@@ -216,12 +219,6 @@ def brain_mask(logits: np.ndarray) -> np.ndarray:
     """Boolean masks [n, D, H, W] from logits [n, 2, D, H, W]: brain where channel 1 exceeds channel 0."""
     logits = np.asarray(logits)
     return logits[:, 1] > logits[:, 0]
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """2 |A and B| / (|A| + |B|) of two boolean masks (1 when both are empty)."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
 
 
 @functools.cache

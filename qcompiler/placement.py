@@ -14,7 +14,14 @@ on the graphs it optimizes) makes one of a QDQ group when:
 
 - `DQ(x) -> ConvTranspose <- DQ(W)` (1D to 3D, any group count, int8 or uint8 activations): never;
   ONNX Runtime 1.32's CPU provider has no integer ConvTranspose and runs it in float behind the
-  dequantize (`tests/test_quantize_conv.py` holds it to that). A Conv in 3D fuses like a 2D one.
+  dequantize (`tests/test_quantize_conv.py` holds it to that). A Conv in 3D fuses like a 2D one,
+  but its integer kernel gathers the input tap by tap (im2col over 3 spatial axes), which pays only
+  with enough input channels per tap: measured on deepbet's 3D LinkNet (128^3 volume, 2 threads),
+  one profiled run: the 1-channel 7^3 stem 6.8x and an 8-channel 3^3 Conv 4.1x as long as in
+  float, 16-channel 3^3 Convs 0.4x to 1.2x, 32 to 128 channels 0.03x to 0.9x; 1^3 Convs (no gather)
+  as fast or faster at any width; a 3^3 Conv alone at 32^3 with 16 outputs, 2 threads: 1.7x with
+  4 and 8 input channels, 0.7x with 32). So a 3D Conv with a kernel of more than one tap and fewer than `MIN_CONV3D_CHANNELS`
+  input channels per group stays float.
 
 `quantize` therefore quantizes the output of every Conv it quantizes (`quantized_conv_outputs`:
 readers that are no layer read it dequantized, as ONNX Runtime's own `quantize_static` places it),
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+MIN_CONV3D_CHANNELS = 16
 NO_INTEGER_CONV_TRANSPOSE = ("ONNX Runtime's CPU provider has no integer ConvTranspose: a quantized one runs in float "
                              "behind a dequantize")
 
@@ -74,10 +82,24 @@ def integer_layers(graph: ir.Graph, layers: list[ir.Node], static: bool) -> dict
             continue
         if not static:
             floats[id(node)] = "a Conv with a run-time (dynamic) activation scale has no integer kernel in ONNX Runtime"
+        elif (channels := narrow_conv3d_channels(node)) is not None:
+            floats[id(node)] = (f"a 3D Conv with {channels} input channels per group (below {MIN_CONV3D_CHANNELS}): ONNX Runtime's "
+                                "integer kernel gathers its input tap by tap and runs slower than the float Conv")
         elif conv_output(graph, node) in graph.outputs:
             floats[id(node)] = ("its output is a graph output, which stays float, and ONNX Runtime's integer Conv "
                                 "(QLinearConv) needs a quantized output: it would run in float behind a dequantize")
     return floats
+
+
+def narrow_conv3d_channels(conv: ir.Node) -> int | None:
+    """The input channels per group of a 3D Conv with more than one tap and fewer than
+    `MIN_CONV3D_CHANNELS` of them (where the integer kernel is slower than float); None otherwise."""
+    w = conv.inputs[1] if len(conv.inputs) > 1 else None
+    shape = None if w is None else (w.const_value.shape if w.const_value is not None else w.shape)
+    if shape is None or len(shape) != 5 or not all(isinstance(d, int) for d in shape):
+        return None
+    taps = shape[2] * shape[3] * shape[4]
+    return shape[1] if taps > 1 and shape[1] < MIN_CONV3D_CHANNELS else None
 
 
 def quantized_conv_outputs(graph: ir.Graph, layers: list[ir.Node]) -> dict[str, ir.Value]:

@@ -25,11 +25,12 @@ def _save(tmp_path, nodes, x_shape, y_shape, arrays, name):
 
 
 def _unet3d(tmp_path):
-    """Conv3d (stride 2) -> Relu -> ConvTranspose3d (stride 2, grouped) -> Relu -> Conv3d -> Sigmoid."""
+    """Conv3d (stride 2) -> Relu -> ConvTranspose3d (stride 2, grouped) -> Relu -> Conv3d -> Sigmoid,
+    16 channels throughout (wide enough for ONNX Runtime's integer 3D Conv to pay)."""
     rng = np.random.default_rng(5)
-    arrays = {"w1": rng.normal(0, 0.3, (8, 2, 3, 3, 3)), "b1": rng.normal(0, 0.1, 8),
-              "wt": rng.normal(0, 0.3, (8, 4, 3, 3, 3)), "bt": rng.normal(0, 0.1, 8),
-              "w2": rng.normal(0, 0.3, (2, 8, 3, 3, 3))}
+    arrays = {"w1": rng.normal(0, 0.1, (16, 16, 3, 3, 3)), "b1": rng.normal(0, 0.1, 16),
+              "wt": rng.normal(0, 0.2, (16, 8, 3, 3, 3)), "bt": rng.normal(0, 0.1, 16),
+              "w2": rng.normal(0, 0.1, (2, 16, 3, 3, 3))}
     nodes = [oh.make_node("Conv", ["x", "w1", "b1"], ["h"], name="down", pads=[1] * 6, strides=[2] * 3),
              oh.make_node("Relu", ["h"], ["r"], name="relu"),
              oh.make_node("ConvTranspose", ["r", "wt", "bt"], ["u"], name="up", pads=[1] * 6, strides=[2] * 3,
@@ -37,12 +38,12 @@ def _unet3d(tmp_path):
              oh.make_node("Relu", ["u"], ["ru"], name="relu_up"),
              oh.make_node("Conv", ["ru", "w2"], ["c"], name="head", pads=[1] * 6),
              oh.make_node("Sigmoid", ["c"], ["y"], name="sigmoid")]
-    return _save(tmp_path, nodes, ["n", 2, 8, 8, 8], ["n", 2, 8, 8, 8], arrays, "unet3d")
+    return _save(tmp_path, nodes, ["n", 16, 8, 8, 8], ["n", 2, 8, 8, 8], arrays, "unet3d")
 
 
 def _batches(seed, count=4):
     rng = np.random.default_rng(seed)
-    return [{"x": rng.normal(0.5, 1, (2, 2, 8, 8, 8)).astype(np.float32)} for _ in range(count)]
+    return [{"x": rng.normal(0.5, 1, (2, 16, 8, 8, 8)).astype(np.float32)} for _ in range(count)]
 
 
 def _optimized_ops(model_path, tmp_path):
@@ -79,6 +80,26 @@ def test_forced_conv_transpose_is_quantized_and_runs_float(tmp_path):
     assert stats["float_placement"] == {} and stats["per_layer"]["up"]["weight_axis"] == 1
     ops = _optimized_ops(tmp_path / "forced" / "model.onnx", tmp_path)
     assert ops.count("ConvTranspose") == 1  # ONNX Runtime does not fuse it: float behind a dequantize
+
+
+@pytest.mark.parametrize(("weight", "placed_float"), [((8, 15, 3, 3, 3), True), ((8, 15, 1, 1, 1), False),
+                                                      ((8, 16, 3, 3, 3), False), ((8, 4, 3, 3), False)])
+def test_narrow_conv3d_with_taps_stays_float(weight, placed_float):
+    """A 3D Conv with more than one tap and fewer than 16 input channels per group stays float;
+    1^3 kernels, wider inputs and 2D Convs are integer kernels."""
+    from qcompiler.placement import MIN_CONV3D_CHANNELS, integer_layers
+
+    rng = np.random.default_rng(8)
+    w = ir.Value(name="w", const_value=ir.tensor(rng.normal(0, 1, weight).astype(np.float32)))
+    x = ir.Value(name="x")
+    conv = ir.node("Conv", [x, w])
+    relu = ir.node("Relu", [conv.outputs[0]])
+    sigmoid = ir.node("Sigmoid", [relu.outputs[0]])
+    graph = ir.Graph([x], [sigmoid.outputs[0]], nodes=[conv, relu, sigmoid])
+    reason = integer_layers(graph, [conv], static=True).get(id(conv))
+    assert (reason is not None) == placed_float
+    if placed_float:
+        assert f"{weight[1]} input channels per group (below {MIN_CONV3D_CHANNELS})" in reason
 
 
 @pytest.mark.parametrize("groups", [1, 2])

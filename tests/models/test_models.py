@@ -78,7 +78,7 @@ def test_models_describe_themselves():
     for name in qm.names():
         model = qm.get(name)
         assert model.name == name
-        assert model.task in {"sts", "perplexity", "segmentation", "denoise", "classify"}
+        assert model.task in {"sts", "perplexity", "segmentation", "denoise", "classify", "segmentation3d"}
         assert "\n" not in model.summary
         if name.endswith("-kv"):  # the past keys and values are one list argument of the module
             assert set(model.dynamic_shapes()) == {"input_ids", "attention_mask", "position_ids", "past_key_values"}
