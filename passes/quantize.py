@@ -20,20 +20,21 @@ the layers that read it):
 - `dynamic`: per tensor, computed at run time (ONNX Runtime's dynamic quantization).
 - `per-token`: one symmetric scale per row, computed at run time (ZeroQuant, Yao et al. 2022).
 
-Bias correction (`bias-correction=true`, or `conv` for Conv layers only, as the `w8a8` preset does;
+Bias correction (`bias-correction=true`, or `conv` for Conv and ConvTranspose layers only, as the `w8a8` preset does;
 Nagel et al. 2019, "Data-Free Quantization"): each layer's bias absorbs the mean change its int8 weights make on the calibration
 inputs, b' = b - E[x] (W_q - W), with E[x] per input channel from the calibrated sample rows (for a
 Conv, summed over its taps and its group's input channels). Only layers with a bias to shift are
-touched: a Conv or ConvTranspose (one is created when it has none), or a MatMul whose output alone feeds an `Add` of
-a constant [N] bias; the weight error, a copy of the weight's size, is computed for those only.
+touched: a Conv or ConvTranspose (one is created when it has none), or a MatMul whose output alone
+feeds an `Add` of a constant [N] bias; the weight error, a copy of the weight's size, is computed for those only.
 
 Placement: with int8 activations, a layer is quantized only where ONNX Runtime will run it as an
 integer kernel (`qcompiler.placement`): every MatMul, and every Conv (2D or 3D) in static mode,
 whose output (or that of a Relu alone reading it) is then quantized too, as `QLinearConv` needs;
 readers of it that are no layer read it dequantized. Other layers (a Conv writing a graph output;
-any Conv with dynamic scales; every ConvTranspose, which ONNX Runtime's CPU provider runs in float
-even between Q/DQ pairs) stay in float, weights too, each listed with the reason in `float_placement` (a
-Conv behind a dequantize runs in float and only pays the quantize and dequantize). `force=GLOBS`
+any Conv with dynamic scales; a 3D Conv with more than one tap and few input channels, where the
+integer kernel is slower; every ConvTranspose, which ONNX Runtime's CPU provider runs in float even
+between Q/DQ pairs) stay in float, weights too, each listed with the reason in `float_placement`
+(a Conv behind a dequantize runs in float and only pays the quantize and dequantize). `force=GLOBS`
 (`*`: all) quantizes the matching layers anyway.
 """
 
@@ -100,7 +101,7 @@ class QuantizePass(Pass):
     force: tuple[str, ...] = option((), "weights (names or globs, * for all) whose layers are quantized even where ONNX Runtime would run them in float")
     bias_correction: Literal["false", "conv", "true"] = option(
         "false", "shift each layer's bias by the mean change its int8 weights make on the calibration inputs: "
-        "every layer with a bias (true), Conv layers only (conv), or none (false)")
+        "every layer with a bias (true), Conv and ConvTranspose layers only (conv), or none (false)")
 
     def __post_init__(self):
         if self.float_inputs < 0:

@@ -14,14 +14,14 @@ on the graphs it optimizes) makes one of a QDQ group when:
 
 - `DQ(x) -> ConvTranspose <- DQ(W)` (1D to 3D, any group count, int8 or uint8 activations): never;
   ONNX Runtime 1.32's CPU provider has no integer ConvTranspose and runs it in float behind the
-  dequantize (`tests/test_quantize_conv.py` holds it to that). A Conv in 3D fuses like a 2D one,
-  but its integer kernel gathers the input tap by tap (im2col over 3 spatial axes), which pays only
-  with enough input channels per tap: measured on deepbet's 3D LinkNet (128^3 volume, 2 threads),
-  one profiled run: the 1-channel 7^3 stem 6.8x and an 8-channel 3^3 Conv 4.1x as long as in
-  float, 16-channel 3^3 Convs 0.4x to 1.2x, 32 to 128 channels 0.03x to 0.9x; 1^3 Convs (no gather)
-  as fast or faster at any width; a 3^3 Conv alone at 32^3 with 16 outputs, 2 threads: 1.7x with
-  4 and 8 input channels, 0.7x with 32). So a 3D Conv with a kernel of more than one tap and fewer than `MIN_CONV3D_CHANNELS`
-  input channels per group stays float.
+  dequantize (`tests/test_quantize_conv.py` holds it to that).
+- a Conv in 3D fuses like a 2D one, but its integer kernel gathers the input tap by tap (im2col
+  over three spatial axes), which pays only with enough input channels per tap. Measured in one
+  profiled run of deepbet's 3D LinkNet (128^3 volume, 2 threads), integer against float: the
+  1-channel 7^3 stem 6.8x, an 8-channel 3^3 Conv 4.1x, 16-channel 3^3 Convs 0.4x to 1.2x, 32 to
+  128 channels 0.03x to 0.9x, 1^3 Convs (nothing to gather) as fast or faster at any width; a 3^3
+  Conv alone at 32^3 with 16 outputs: 1.7x with 4 and 8 input channels, 0.7x with 32. So a 3D Conv
+  with more than one tap and fewer than `MIN_CONV3D_CHANNELS` input channels per group stays float.
 
 `quantize` therefore quantizes the output of every Conv it quantizes (`quantized_conv_outputs`:
 readers that are no layer read it dequantized, as ONNX Runtime's own `quantize_static` places it),
