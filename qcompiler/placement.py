@@ -83,7 +83,7 @@ def integer_layers(graph: ir.Graph, layers: list[ir.Node], static: bool) -> dict
         if not static:
             floats[id(node)] = "a Conv with a run-time (dynamic) activation scale has no integer kernel in ONNX Runtime"
         elif (channels := narrow_conv3d_channels(node)) is not None:
-            floats[id(node)] = (f"a 3D Conv with {channels} input channels per group (below {MIN_CONV3D_CHANNELS}): ONNX Runtime's "
+            floats[id(node)] = (f"a 3D Conv with {channels} input channel{'s' * (channels != 1)} per group (below {MIN_CONV3D_CHANNELS}): ONNX Runtime's "
                                 "integer kernel gathers its input tap by tap and runs slower than the float Conv")
         elif conv_output(graph, node) in graph.outputs:
             floats[id(node)] = ("its output is a graph output, which stays float, and ONNX Runtime's integer Conv "
