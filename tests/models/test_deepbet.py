@@ -34,6 +34,17 @@ def test_architecture_matches_the_packaged_torchscript():
     assert len(convs) == 35 and sum(p.numel() for p in ours.parameters()) == 2126258
 
 
+def test_missing_package_names_the_pip_command(monkeypatch):
+    from importlib import metadata
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", missing)
+    with pytest.raises(UserError, match=r"needs the package 'deepbet'.*pip install --no-deps -r requirements-models.txt"):
+        deepbet.weights_path("deepbet-brain")
+
+
 def test_nearest_indices_match_torch_nearest_exact():
     import torch
 
