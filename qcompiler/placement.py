@@ -16,12 +16,12 @@ on the graphs it optimizes) makes one of a QDQ group when:
   ONNX Runtime 1.32's CPU provider has no integer ConvTranspose and runs it in float behind the
   dequantize (`tests/test_quantize_conv.py` holds it to that).
 - a Conv in 3D fuses like a 2D one, but its integer kernel gathers the input tap by tap (im2col
-  over three spatial axes), which pays only with enough input channels per tap. Measured in one
-  profiled run of deepbet's 3D LinkNet (128^3 volume, 2 threads), integer against float: the
-  1-channel 7^3 stem 6.8x, an 8-channel 3^3 Conv 4.1x, 16-channel 3^3 Convs 0.4x to 1.2x, 32 to
-  128 channels 0.03x to 0.9x, 1^3 Convs (nothing to gather) as fast or faster at any width; a 3^3
-  Conv alone at 32^3 with 16 outputs: 1.7x with 4 and 8 input channels, 0.7x with 32. So a 3D Conv
-  with more than one tap and fewer than `MIN_CONV3D_CHANNELS` input channels per group stays float.
+  over three spatial axes), which pays only with enough input channels per tap.
+  `benchmarks/conv3d_integer.py` (one 3^3 Conv3d to 16 channels at 64^3, 2 threads, int8 against
+  float32): 10.7x with 1 input channel, 3.0x with 4, 1.7x with 8, 1.1x with 16, 0.7x with 32;
+  1^3 Convs (nothing to gather) 1.0x to 1.2x at any width. In deepbet's 3D LinkNet the 1-channel
+  7^3 stem ran 6.8x and the 8-channel 3^3 head 4.1x as long as in float. So a 3D Conv with more
+  than one tap and fewer than `MIN_CONV3D_CHANNELS` input channels per group stays float.
 
 `quantize` therefore quantizes the output of every Conv it quantizes (`quantized_conv_outputs`:
 readers that are no layer read it dequantized, as ONNX Runtime's own `quantize_static` places it),
