@@ -317,6 +317,7 @@ def bench_volume_model(name: str, args, work: Path) -> dict[str, Any]:
     load_before = os.getloadavg()
     timing = common.interleaved_latency(runners, warmup=1, repeats=args.repeats, reference="float32")
     load_after = os.getloadavg()
+    profiles = {key: op_time_profile(Path(variants[key]["model"]), feeds, work) for key in ("float32", "ours w8a8")} if args.profile else None
     for v in variants.values():
         v["model"] = str(v["model"])
         v["bytes"] = Path(v["model"]).stat().st_size
@@ -330,11 +331,41 @@ def bench_volume_model(name: str, args, work: Path) -> dict[str, Any]:
         "dice": scores,
         "latency_128": {k: {kk: vv for kk, vv in v.items() if kk != "samples_ms"} for k, v in timing.items()},
         "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
+        "op_time_profile_ms": profiles,
         "targets": {
             f"ours w8a8 Dice >= {TARGET_DICE} against float's mask": worst["ours w8a8"] >= TARGET_DICE,
             f"ours w8a8 latency <= {TARGET_LATENCY_RATIO}x float": timing["ours w8a8"]["paired_ratio"] <= TARGET_LATENCY_RATIO,
         },
     }
+
+
+def op_time_profile(model_path: Path, feeds: dict[str, np.ndarray], work: Path, runs: int = 3) -> dict[str, dict]:
+    """ONNX Runtime's profiler over `runs` runs of a model (2 threads): per op type, the sum over its
+    nodes of each node's median time (ms) and the node count."""
+    import json
+    import statistics
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.intra_op_num_threads = common.THREADS
+    options.profile_file_prefix = str(work / f"profile-{model_path.parent.name}")
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, feeds)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    per_node: dict[str, tuple[str, list[float]]] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_node.setdefault(event["name"], (event["args"]["op_name"], []))[1].append(event["dur"] / 1000)
+    totals: dict[str, dict] = {}
+    for op, times in per_node.values():
+        entry = totals.setdefault(op, {"ms": 0.0, "nodes": 0})
+        entry["ms"] += statistics.median(times)
+        entry["nodes"] += 1
+    return {op: {"ms": round(v["ms"], 1), "nodes": v["nodes"]} for op, v in sorted(totals.items(), key=lambda kv: -kv[1]["ms"])}
 
 
 def render_volume(r: dict) -> list[str]:
@@ -351,6 +382,8 @@ def render_volume(r: dict) -> list[str]:
     return [f"{r['model']} on {', '.join(volumes)} (128^3); calibration: {r['calibration']}",
             common.table(headers, rows),
             f"load average (1 min) {load['before'][0]:.1f} before, {load['after'][0]:.1f} after the timing",
+            *(f"profile {key}: " + ", ".join(f"{op} {v['ms']:.0f} ms ({v['nodes']})" for op, v in ops.items())
+              for key, ops in (r.get("op_time_profile_ms") or {}).items()),
             "targets: " + "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in r["targets"].items()), ""]
 
 
@@ -388,6 +421,7 @@ def main(argv=None) -> int:
     parser.add_argument("--crop", type=int, help="evaluate on centre crops of this size instead of whole photos")
     parser.add_argument("--repeats", type=int, default=12, help="latency rounds (default 12)")
     parser.add_argument("--json", type=Path, default=common.RESULTS / "imaging.json")
+    parser.add_argument("--profile", action="store_true", help="deepbet-brain: also ONNX Runtime's time per op type (float32 and ours)")
     args = parser.parse_args(argv)
     common.quiet()
     threads = common.fix_threads(common.THREADS)
