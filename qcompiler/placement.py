@@ -19,9 +19,8 @@ on the graphs it optimizes) makes one of a QDQ group when:
   over three spatial axes), which pays only with enough input channels per tap.
   `benchmarks/conv3d_integer.py` (one 3^3 Conv3d to 16 channels at 64^3, 2 threads, int8 against
   float32): 10.7x with 1 input channel, 3.0x with 4, 1.7x with 8, 1.1x with 16, 0.7x with 32;
-  1^3 Convs (nothing to gather) 1.0x to 1.2x at any width. In deepbet's 3D LinkNet the 1-channel
-  7^3 stem ran 6.8x and the 8-channel 3^3 head 4.1x as long as in float. So a 3D Conv with more
-  than one tap and fewer than `MIN_CONV3D_CHANNELS` input channels per group stays float.
+  1^3 Convs (nothing to gather) 1.0x to 1.2x at any width. So a 3D Conv with more than one tap
+  and fewer than `MIN_CONV3D_CHANNELS` input channels per group stays float.
 
 `quantize` therefore quantizes the output of every Conv it quantizes (`quantized_conv_outputs`:
 readers that are no layer read it dequantized, as ONNX Runtime's own `quantize_static` places it),
