@@ -18,6 +18,7 @@ from qcompiler.models import deepbet
 slow = pytest.mark.slow
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load: the package ships TorchScript
 def test_architecture_matches_the_packaged_torchscript():
     """Same weights, same logits as the TorchScript net (which ends in a softmax) on a small volume."""
     import torch
