@@ -1,8 +1,10 @@
-"""Image denoisers (FFDNet grey and RGB) in int8: PSNR/SSIM against the clean photo and latency,
-ours against ONNX Runtime's own static quantizer, on the same calibration images.
+"""Imaging networks in int8: the FFDNet grey and RGB denoisers (PSNR/SSIM against the clean photo)
+and deepbet's 3D brain-extraction net (Dice of brain masks), with latency, ours against ONNX
+Runtime's own static quantizer on the same calibration data.
 
-    python benchmarks/imaging.py                              # both models, sigma 15/25/50 (about 10 min on 2 cores)
+    python benchmarks/imaging.py                              # all three models (about 15 min on 2 cores)
     python benchmarks/imaging.py --models ffdnet-gray --sigmas 25 --count 2 --crop 256   # a quick run
+    python benchmarks/imaging.py --models deepbet-brain --json benchmarks/results/imaging_deepbet.json
 
 Rows, per model:
 - `float32`: our `default` pipeline (the float ONNX Runtime model).
@@ -35,6 +37,15 @@ ONNX Runtime CPU sessions with 2 intra-op threads; the variants are timed interl
 (`common.interleaved_latency`: warm-up, then rounds that run every variant once in a rotated
 order); the ratio is the median over rounds of variant / float32 in the same round.
 
+deepbet-brain (`qcompiler.models.deepbet`): the same variants but the diagnostic one. Calibration =
+the model's calibration volumes (a T1 contrast made from nilearn's grey/white-matter maps, the
+2 mm template, two off-centre boxes of the 1 mm template, the template under a gamma), one batch
+each; evaluation = its evaluation volumes (the 1 mm MNI152 template over its whole field of view,
+and the same with seeded noise), each prepared as deepbet does at 128^3. Dice of each variant's
+brain mask (logit of brain above background) against float32's and against nilearn's MNI152
+brain mask at the same resampling. Latency: the template volume, batch 1, 2 threads, interleaved
+as above; the load average of the machine is recorded before and after the timing.
+
 Output: the tables on stdout and `benchmarks/results/imaging.json`.
 """
 
@@ -52,7 +63,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-MODELS = ("ffdnet-gray", "ffdnet-rgb")
+MODELS = ("ffdnet-gray", "ffdnet-rgb", "deepbet-brain")
+VOLUME_MODELS = ("deepbet-brain",)
 SIGMAS = (15.0, 25.0, 50.0)
 LATENCY_SIZE = 512
 LATENCY_PHOTO = {1: "camera", 3: "astronaut"}
@@ -60,6 +72,7 @@ CALIBRATION_BATCH = 4
 # The issue's targets for int8 FFDNet (checked, not tuned for).
 TARGET_DROP_DB = 0.1
 TARGET_LATENCY_RATIO = 0.7
+TARGET_DICE = 0.99
 
 
 def log(message: str) -> None:
@@ -107,13 +120,21 @@ def calibration_batches(bundled) -> tuple[list[dict[str, np.ndarray]], str]:
                      f"sigma {'/'.join(f'{s:g}' for s in bundled.sigmas)}: {samples} samples in {len(batches)} batches")
 
 
-def compile_ours(name: str, out: Path, pipeline: str, batches) -> dict[str, Any]:
+def compile_ours(name: str, out: Path, pipeline: str, batches, keep_stats: bool = False) -> dict[str, Any]:
+    """Compile a bundled model; with `keep_stats`, also what quantize left in float and what
+    lower-ort counts as integer kernels."""
     import qcompiler
 
     start = time.perf_counter()
     result = qcompiler.compile(name, out, pipeline=pipeline, calibration=batches, drift=False, threads=common.THREADS)
-    return {"model": out / "model.onnx", "pipeline": result.pipeline, "compile_s": round(time.perf_counter() - start, 1),
-            "capture_s": result.timings["capture_s"]}
+    found = {"model": out / "model.onnx", "pipeline": result.pipeline, "compile_s": round(time.perf_counter() - start, 1),
+             "capture_s": result.timings["capture_s"]}
+    if keep_stats:
+        stats = {r.name: r.stats for r in result.records}
+        found["quantized_layers"] = stats.get("quantize", {}).get("layers")
+        found["float_placement"] = stats.get("quantize", {}).get("float_placement")
+        found["kernels"] = stats.get("lower-ort", {}).get("kernels")
+    return found
 
 
 def compile_ort_static(float_model: Path, work: Path, batches) -> dict[str, Any]:
@@ -263,9 +284,115 @@ def bench_model(name: str, args, work: Path) -> dict[str, Any]:
     }
 
 
+def bench_volume_model(name: str, args, work: Path) -> dict[str, Any]:
+    """Dice of brain masks and latency for a 3D segmentation model (deepbet-brain)."""
+    import qcompiler.models as qm
+    from qcompiler.tools.evaluate import dice
+    from qcompiler.analysis.execute import ort_session
+    from qcompiler.models import deepbet
+
+    bundled = qm.get(name)
+    batches = bundled.calibration_batches()
+    described = (f"{len(batches)} volumes ({', '.join(deepbet.CALIBRATION_VOLUMES)}) at {deepbet.SIZE}^3, one batch each")
+    log(f"{name}: calibration {described}")
+    float32 = compile_ours(name, work / "float32", "default", None)
+    ours = compile_ours(name, work / "w8a8", "w8a8", batches, keep_stats=True)
+    log(f"{name}: ours w8a8 compiled in {ours['compile_s']} s")
+    ort_static = compile_ort_static(float32["model"], work, batches)
+    log(f"{name}: ort static quantized in {ort_static['compile_s']} s")
+    variants = {"float32": float32, "ours w8a8": ours, "ort static": ort_static}
+    sessions = {key: ort_session(str(v["model"]), common.THREADS) for key, v in variants.items()}
+    truth = deepbet.reference_mask()
+    volumes = bundled.evaluation_volumes()[: args.count] if args.count else bundled.evaluation_volumes()
+    scores: dict[str, dict] = {key: {} for key in sessions}
+    for volume_name, volume in volumes:
+        feeds = deepbet.to_feeds([volume])
+        masks = {key: deepbet.brain_mask(session.run(None, feeds)[0])[0] for key, session in sessions.items()}
+        for key, mask in masks.items():
+            scores[key][volume_name] = {"dice_vs_float": round(dice(mask, masks["float32"]), 5),
+                                        "dice_vs_nilearn": round(dice(mask, truth), 5), "voxels": int(mask.sum())}
+        log(f"  {volume_name}: " + ", ".join(f"{k} {v[volume_name]['dice_vs_float']:.4f}" for k, v in scores.items()))
+    feeds = deepbet.to_feeds([volumes[0][1]])
+    runners = {key: (lambda s=session: s.run(None, feeds)) for key, session in sessions.items()}
+    load_before = os.getloadavg()
+    timing = common.interleaved_latency(runners, warmup=1, repeats=args.repeats, reference="float32")
+    load_after = os.getloadavg()
+    profiles = {key: op_time_profile(Path(variants[key]["model"]), feeds, work) for key in ("float32", "ours w8a8")} if args.profile else None
+    for v in variants.values():
+        v["model"] = str(v["model"])
+        v["bytes"] = Path(v["model"]).stat().st_size
+    worst = {key: min(s["dice_vs_float"] for s in per.values()) for key, per in scores.items()}
+    return {
+        "model": name,
+        "kind": "volume",
+        "calibration": described,
+        "evaluation_volumes": [v[0] for v in volumes],
+        "variants": variants,
+        "dice": scores,
+        "latency_128": {k: {kk: vv for kk, vv in v.items() if kk != "samples_ms"} for k, v in timing.items()},
+        "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
+        "op_time_profile_ms": profiles,
+        "targets": {
+            f"ours w8a8 Dice >= {TARGET_DICE} against float's mask": worst["ours w8a8"] >= TARGET_DICE,
+            f"ours w8a8 latency <= {TARGET_LATENCY_RATIO}x float": timing["ours w8a8"]["paired_ratio"] <= TARGET_LATENCY_RATIO,
+        },
+    }
+
+
+def op_time_profile(model_path: Path, feeds: dict[str, np.ndarray], work: Path, runs: int = 3) -> dict[str, dict]:
+    """ONNX Runtime's profiler over `runs` runs of a model (2 threads): per op type, the sum over its
+    nodes of each node's median time (ms) and the node count."""
+    import json
+    import statistics
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.intra_op_num_threads = common.THREADS
+    options.profile_file_prefix = str(work / f"profile-{model_path.parent.name}")
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, feeds)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    per_node: dict[str, tuple[str, list[float]]] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_node.setdefault(event["name"], (event["args"]["op_name"], []))[1].append(event["dur"] / 1000)
+    totals: dict[str, dict] = {}
+    for op, times in per_node.values():
+        entry = totals.setdefault(op, {"ms": 0.0, "nodes": 0})
+        entry["ms"] += statistics.median(times)
+        entry["nodes"] += 1
+    return {op: {"ms": round(v["ms"], 1), "nodes": v["nodes"]} for op, v in sorted(totals.items(), key=lambda kv: -kv[1]["ms"])}
+
+
+def render_volume(r: dict) -> list[str]:
+    rows = []
+    for key, per in r["dice"].items():
+        lat = r["latency_128"][key]
+        rows.append([key, *(f"{per[v]['dice_vs_float']:.4f}" for v in r["evaluation_volumes"]),
+                     *(f"{per[v]['dice_vs_nilearn']:.4f}" for v in r["evaluation_volumes"]),
+                     f"{lat['median_ms']:.0f}", f"{lat['paired_ratio']:.2f}"])
+    volumes = r["evaluation_volumes"]
+    headers = ["variant", *(f"Dice vs float, {v}" for v in volumes), *(f"Dice vs nilearn, {v}" for v in volumes),
+               "median ms 128^3", "x float32"]
+    load = r["load_average"]
+    return [f"{r['model']} on {', '.join(volumes)} (128^3); calibration: {r['calibration']}",
+            common.table(headers, rows),
+            f"load average (1 min) {load['before'][0]:.1f} before, {load['after'][0]:.1f} after the timing",
+            *(f"profile {key}: " + ", ".join(f"{op} {v['ms']:.0f} ms ({v['nodes']})" for op, v in ops.items())
+              for key, ops in (r.get("op_time_profile_ms") or {}).items()),
+            "targets: " + "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in r["targets"].items()), ""]
+
+
 def render(results: list[dict]) -> str:
     lines = []
     for r in results:
+        if r.get("kind") == "volume":
+            lines.extend(render_volume(r))
+            continue
         rows = []
         for sigma in r["quality"]["float32"]:
             for key in ("noisy", "float32", "ours w8a8", "ort static", "ours w8a8, float act."):
@@ -294,12 +421,13 @@ def main(argv=None) -> int:
     parser.add_argument("--crop", type=int, help="evaluate on centre crops of this size instead of whole photos")
     parser.add_argument("--repeats", type=int, default=12, help="latency rounds (default 12)")
     parser.add_argument("--json", type=Path, default=common.RESULTS / "imaging.json")
+    parser.add_argument("--profile", action="store_true", help="deepbet-brain: also ONNX Runtime's time per op type (float32 and ours)")
     args = parser.parse_args(argv)
     common.quiet()
     threads = common.fix_threads(common.THREADS)
     results = []
     for name, work in common.per_model_folders(args.models):
-        results.append(bench_model(name, args, work))
+        results.append((bench_volume_model if name in VOLUME_MODELS else bench_model)(name, args, work))
     text = render(results)
     print(text)
     common.write_run(args.json, threads, results, text)

@@ -17,6 +17,7 @@ __all__ = ["BundledModel", "get", "names"]
 # name -> (module, class): imported lazily by get().
 _REGISTRY: dict[str, tuple[str, str]] = {
     "craft": ("qcompiler.models.craft", "Craft"),
+    "deepbet-brain": ("qcompiler.models.deepbet", "DeepbetBrain"),
     "efficientnet-lite0": ("qcompiler.models.efficientnet_lite", "EfficientNetLite0"),
     "ffdnet-gray": ("qcompiler.models.ffdnet", "FFDNetGray"),
     "ffdnet-rgb": ("qcompiler.models.ffdnet", "FFDNetRGB"),

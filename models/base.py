@@ -38,7 +38,7 @@ class BundledModel(abc.ABC):
 
     name: str
     summary: str
-    task: str  # "sts" | "perplexity" | "segmentation" | "denoise"
+    task: str  # "sts" | "perplexity" | "segmentation" | "denoise" | "classify" | "segmentation3d"
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
 

@@ -2,7 +2,11 @@
 
 Weights: per output channel, symmetric: s_n = max_k |W_kn| / 127, Q = round(W / s) in [-127, 127],
 stored int8 and expanded by `qc.DequantizeWeight` (axis 1 for MatMul's [K, N], axis 0 for
-Conv's [O, C, kh, kw]).
+Conv's [O, C/groups, k...] in 1, 2 or 3 spatial dimensions, axis 1 for ConvTranspose's
+[C, O/groups, k...]). A grouped ConvTranspose's output channel o = g * O/groups + j has its
+weights in row block g at column j: one scale per column j serves the j-th channel of every group
+(ONNX's per-axis dequantization has one axis), so with groups > 1 each scale covers `groups`
+output channels.
 
 Activations, before each quantized layer's input, one `qc.QuantizeActivation` per tensor (shared by
 the layers that read it):
@@ -16,19 +20,21 @@ the layers that read it):
 - `dynamic`: per tensor, computed at run time (ONNX Runtime's dynamic quantization).
 - `per-token`: one symmetric scale per row, computed at run time (ZeroQuant, Yao et al. 2022).
 
-Bias correction (`bias-correction=true`, or `conv` for Conv layers only, as the `w8a8` preset does;
+Bias correction (`bias-correction=true`, or `conv` for Conv and ConvTranspose layers only, as the `w8a8` preset does;
 Nagel et al. 2019, "Data-Free Quantization"): each layer's bias absorbs the mean change its int8 weights make on the calibration
 inputs, b' = b - E[x] (W_q - W), with E[x] per input channel from the calibrated sample rows (for a
 Conv, summed over its taps and its group's input channels). Only layers with a bias to shift are
-touched: a Conv (one is created when it has none), or a MatMul whose output alone feeds an `Add` of
-a constant [N] bias; the weight error, a copy of the weight's size, is computed for those only.
+touched: a Conv or ConvTranspose (one is created when it has none), or a MatMul whose output alone
+feeds an `Add` of a constant [N] bias; the weight error, a copy of the weight's size, is computed for those only.
 
 Placement: with int8 activations, a layer is quantized only where ONNX Runtime will run it as an
-integer kernel (`qcompiler.analysis.placement`): every MatMul, and every Conv in static mode, whose output
-(or that of a Relu alone reading it) is then quantized too, as `QLinearConv` needs; readers of it
-that are no layer read it dequantized. Other layers (a Conv writing a graph output; any Conv with
-dynamic scales) stay in float, weights too, each listed with the reason in `float_placement` (a
-Conv behind a dequantize runs in float and only pays the quantize and dequantize). `force=GLOBS`
+integer kernel (`qcompiler.analysis.placement`): every MatMul, and every Conv (2D or 3D) in static mode,
+whose output (or that of a Relu alone reading it) is then quantized too, as `QLinearConv` needs;
+readers of it that are no layer read it dequantized. Other layers (a Conv writing a graph output;
+any Conv with dynamic scales; a 3D Conv with more than one tap and few input channels, where the
+integer kernel is slower; every ConvTranspose, which ONNX Runtime's CPU provider runs in float even
+between Q/DQ pairs) stay in float, weights too, each listed with the reason in `float_placement`
+(a Conv behind a dequantize runs in float and only pays the quantize and dequantize). `force=GLOBS`
 (`*`: all) quantizes the matching layers anyway.
 """
 
@@ -53,6 +59,8 @@ from qcompiler.pipeline.passbase import Pass, PassResult, model_properties, opti
 from qcompiler.support.progress import progress
 
 QMAX = 127
+# The convolutions `quantize` handles, each with its weight's output-channel axis.
+CONV_OPS = {"Conv": 0, "ConvTranspose": 1}
 log = logging.getLogger(__name__)
 
 
@@ -94,7 +102,7 @@ class QuantizePass(Pass):
     force: tuple[str, ...] = option((), "weights (names or globs, * for all) whose layers are quantized even where ONNX Runtime would run them in float")
     bias_correction: Literal["false", "conv", "true"] = option(
         "false", "shift each layer's bias by the mean change its int8 weights make on the calibration inputs: "
-        "every layer with a bias (true), Conv layers only (conv), or none (false)")
+        "every layer with a bias (true), Conv and ConvTranspose layers only (conv), or none (false)")
 
     def __post_init__(self):
         if self.float_inputs < 0:
@@ -173,7 +181,7 @@ class QuantizePass(Pass):
         return PassResult(model, True, stats)
 
     def _corrects(self, target: Target) -> bool:
-        return self.bias_correction == "true" or (self.bias_correction == "conv" and target.node.op_type == "Conv")
+        return self.bias_correction == "true" or (self.bias_correction == "conv" and target.node.op_type in CONV_OPS)
 
     def _integer_placement(self, graph: ir.Graph, targets: list[Target]) -> tuple[list[Target], dict[str, str]]:
         """(the targets ONNX Runtime runs as integer kernels or `force` names, {layer: why float} for the rest)."""
@@ -194,11 +202,11 @@ def find_targets(graph: ir.Graph, conv: bool) -> list[Target]:
     targets = [Target(layer.node, layer.x, layer.w, 1, -1) for layer in linears(graph)]
     if conv:
         for node in graph:
-            if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+            if node.op_type not in CONV_OPS or node.domain not in ("", "ai.onnx"):
                 continue
             w = node.inputs[1]
             if w is not None and w.is_initializer() and w.const_value is not None and w.const_value.dtype.is_floating_point():
-                targets.append(Target(node, node.inputs[0], w, 0, 1))
+                targets.append(Target(node, node.inputs[0], w, CONV_OPS[node.op_type], 1))
     order = {id(n): i for i, n in enumerate(graph)}
     return sorted(targets, key=lambda t: order[id(t.node)])
 
@@ -253,7 +261,11 @@ def _input_means(model: ir.Model, targets: list[Target]) -> dict[str, np.ndarray
 def weight_bias_shift(target: Target, error: np.ndarray, mean_in: np.ndarray) -> np.ndarray:
     """E[(W_q - W) x] per output channel for inputs of mean `mean_in` per channel: for a MatMul
     [K, N] weight `mean_in @ error`; for a Conv [O, I/groups, kh, kw] weight the sum over its
-    taps and the input channels of its group (borders, where padding reads zeros, are ignored)."""
+    taps and the input channels of its group (borders, where padding reads zeros, are ignored);
+    for a ConvTranspose's [C, O/groups, k...] weight the same sum over its group's input channels,
+    divided by the product of its strides (each input voxel spreads its taps over that many outputs)."""
+    if target.node.op_type == "ConvTranspose":
+        return transpose_bias_shift(target.node, error, mean_in)
     if target.node.op_type != "Conv":
         return mean_in @ error
     out_channels, per_group = error.shape[:2]
@@ -262,6 +274,15 @@ def weight_bias_shift(target: Target, error: np.ndarray, mean_in: np.ndarray) ->
     group_of = np.arange(out_channels) // (out_channels // groups)
     means = mean_in.reshape(groups, per_group)[group_of]
     return (taps * means).sum(axis=1)
+
+
+def transpose_bias_shift(node: ir.Node, error: np.ndarray, mean_in: np.ndarray) -> np.ndarray:
+    """E[(W_q - W) x] per output channel of a ConvTranspose, averaged over its output positions."""
+    in_channels, per_group = error.shape[:2]
+    groups = int(node.attributes["group"].value) if "group" in node.attributes else 1
+    strides = node.attributes["strides"].value if "strides" in node.attributes else [1] * (error.ndim - 2)
+    taps = error.reshape(in_channels, per_group, -1).sum(axis=2) * mean_in.reshape(-1, 1)
+    return taps.reshape(groups, in_channels // groups, per_group).sum(axis=1).reshape(-1) / float(np.prod(strides))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,10 +295,11 @@ class BiasSlot:
 
 
 def bias_slot(target: Target) -> BiasSlot | None:
-    """The layer's bias, when bias correction can shift it: a Conv's constant bias (or none yet),
-    or the constant [N] (or [1, .., N]) operand of the Add that alone reads a MatMul's output."""
+    """The layer's bias, when bias correction can shift it: a Conv's or ConvTranspose's constant
+    bias (or none yet), or the constant [N] (or [1, .., N]) operand of the Add that alone reads a
+    MatMul's output."""
     node = target.node
-    if node.op_type == "Conv":
+    if node.op_type in CONV_OPS:
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         return BiasSlot(node, bias) if bias is None or bias.const_value is not None else None
     readers = list(node.outputs[0].uses())

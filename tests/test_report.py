@@ -14,6 +14,7 @@ import qcompiler
 from qcompiler.analysis import probe
 from qcompiler.tools import report as reports
 from qcompiler.tools.cli import main
+from qcompiler.analysis.placement import NO_INTEGER_CONV_TRANSPOSE
 from qcompiler.tools.report_html import BAR_COLOR, LINE_COLOR, bits_color, render
 
 HOSTILE = '<script>alert("x")</script>&\'q'
@@ -210,7 +211,8 @@ def test_conv_report(tmp_path):
     for name in ("conv1", "conv2"):
         assert layers[name]["weight"]["format"] == "int8" and 20 < layers[name]["error"]["sqnr_db"] < 60
     assert layers["upsample"]["weight"]["format"] == "float"
-    assert body["float_nodes"] == [{"name": "upsample", "op": "ConvTranspose", "part": "weight", "reason": "no pass quantizes ConvTranspose"}]
+    assert body["float_nodes"] == [{"name": "upsample", "op": "ConvTranspose", "part": "weight",
+                                    "reason": f"left in float by quantize: {NO_INTEGER_CONV_TRANSPOSE}"}]
 
 
 def test_default_pipeline_is_exact_and_report_is_deterministic_apart_from_timings(tmp_path):

@@ -12,6 +12,16 @@ on the graphs it optimizes) makes one of a QDQ group when:
   bounds, which the range calibrated after it does). Without it the Conv runs in float behind a
   dequantize: slower than no quantization at all.
 
+- `DQ(x) -> ConvTranspose <- DQ(W)` (1D to 3D, any group count, int8 or uint8 activations): never;
+  ONNX Runtime 1.32's CPU provider has no integer ConvTranspose and runs it in float behind the
+  dequantize (`tests/test_quantize_conv.py` holds it to that).
+- a Conv in 3D fuses like a 2D one, but its integer kernel gathers the input tap by tap (im2col
+  over three spatial axes), which pays only with enough input channels per tap.
+  `benchmarks/conv3d_integer.py` (one 3^3 Conv3d to 16 channels at 64^3, 2 threads, int8 against
+  float32): 10.7x with 1 input channel, 3.0x with 4, 1.7x with 8, 1.1x with 16, 0.7x with 32;
+  1^3 Convs (nothing to gather) 1.0x to 1.2x at any width. So a 3D Conv with more than one tap
+  and fewer than `MIN_CONV3D_CHANNELS` input channels per group stays float.
+
 `quantize` therefore quantizes the output of every Conv it quantizes (`quantized_conv_outputs`:
 readers that are no layer read it dequantized, as ONNX Runtime's own `quantize_static` places it),
 and leaves in float the layers `integer_layers` names;
@@ -21,6 +31,11 @@ and leaves in float the layers `integer_layers` names;
 from __future__ import annotations
 
 import onnx_ir as ir
+
+MIN_CONV3D_CHANNELS = 16
+NO_INTEGER_CONV_TRANSPOSE = ("ONNX Runtime's CPU provider has no integer ConvTranspose: a quantized one runs in float "
+                             "behind a dequantize")
+
 
 def _is(node: ir.Node | None, op_type: str) -> bool:
     return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
@@ -56,17 +71,34 @@ def integer_layers(graph: ir.Graph, layers: list[ir.Node], static: bool) -> dict
     ONNX Runtime would run in float, each with the reason. A MatMul always runs integer. A Conv runs
     integer when its output is quantized too, which `quantize` does for every Conv it quantizes
     (`quantized_conv_outputs`): so only a Conv whose output is a graph output (which stays float),
-    or any Conv with a run-time (dynamic) activation scale, stays float."""
+    or any Conv with a run-time (dynamic) activation scale, stays float; a ConvTranspose always does."""
     floats: dict[int, str] = {}
     for node in layers:
+        if _is(node, "ConvTranspose"):
+            floats[id(node)] = NO_INTEGER_CONV_TRANSPOSE
+            continue
         if not _is(node, "Conv"):
             continue
         if not static:
             floats[id(node)] = "a Conv with a run-time (dynamic) activation scale has no integer kernel in ONNX Runtime"
+        elif (channels := narrow_conv3d_channels(node)) is not None:
+            floats[id(node)] = (f"a 3D Conv with {channels} input channel{'s' * (channels != 1)} per group (below {MIN_CONV3D_CHANNELS}): ONNX Runtime's "
+                                "integer kernel gathers its input tap by tap and runs slower than the float Conv")
         elif conv_output(graph, node) in graph.outputs:
             floats[id(node)] = ("its output is a graph output, which stays float, and ONNX Runtime's integer Conv "
                                 "(QLinearConv) needs a quantized output: it would run in float behind a dequantize")
     return floats
+
+
+def narrow_conv3d_channels(conv: ir.Node) -> int | None:
+    """The input channels per group of a 3D Conv with more than one tap and fewer than
+    `MIN_CONV3D_CHANNELS` of them (where the integer kernel is slower than float); None otherwise."""
+    w = conv.inputs[1] if len(conv.inputs) > 1 else None
+    shape = None if w is None else (w.const_value.shape if w.const_value is not None else w.shape)
+    if shape is None or len(shape) != 5 or not all(isinstance(d, int) for d in shape):
+        return None
+    taps = shape[2] * shape[3] * shape[4]
+    return shape[1] if taps > 1 and shape[1] < MIN_CONV3D_CHANNELS else None
 
 
 def quantized_conv_outputs(graph: ir.Graph, layers: list[ir.Node]) -> dict[str, ir.Value]:

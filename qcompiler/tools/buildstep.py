@@ -16,6 +16,7 @@
       psnr               artifact PSNR in dB, sigma 25, held-out photos (ffdnet-*; higher)
       psnr-drop          float minus artifact PSNR in dB, sigma 25      (lower)
       ssim               artifact SSIM, sigma 25, held-out photos       (higher)
+      brain-dice         lowest Dice of artifact vs float brain masks   (deepbet-brain; held-out volumes; higher)
       output-cosine      cosine of the artifact's output vs the float model's on the probe batch
                          (real data: `qcompiler.analysis.probe`), after the last pass (any model; higher);
                          refused when only a synthetic probe is possible
@@ -62,6 +63,7 @@ METRICS = {
         Metric("psnr", "denoise", "psnr_compiled", True, "artifact PSNR in dB on held-out photos at sigma 25"),
         Metric("psnr-drop", "denoise", "psnr_drop", False, "float minus artifact PSNR in dB at sigma 25"),
         Metric("ssim", "denoise", "ssim_compiled", True, "artifact SSIM on held-out photos at sigma 25"),
+        Metric("brain-dice", "segmentation3d", "dice_vs_float_min", True, "lowest Dice of artifact vs float brain masks on held-out volumes"),
         Metric("output-cosine", None, "cosine", True, "cosine of artifact vs float output on the probe batch"),
     )
 }
@@ -122,7 +124,7 @@ def check_gates_apply(gates: list[Gate], task: str | None) -> None:
 
 # Tasks whose bundled models carry their own held-out evaluation set (`qcompiler.tools.evaluate`):
 # gating them on the calibration photos would measure the artifact on what it was calibrated on.
-HELD_OUT_TASKS = frozenset({"denoise"})
+HELD_OUT_TASKS = frozenset({"denoise", "segmentation3d"})
 
 
 def gate_data(task: str | None, eval_data, calib):

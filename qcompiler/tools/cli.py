@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="the float model and an artifact side by side on the model's task")
     ev.add_argument("artifact", help="an artifact directory written by `qcompiler compile`")
-    ev.add_argument("--task", required=True, choices=("sts", "perplexity", "segmentation", "denoise", "classify"))
-    ev.add_argument("--data", help="task data (sts: TSV with sent1, sent2, score; perplexity: text; denoise: an image or a folder of them)")
+    ev.add_argument("--task", required=True, choices=("sts", "perplexity", "segmentation", "denoise", "classify", "segmentation3d"))
+    ev.add_argument("--data", help="task data (sts: TSV with sent1, sent2, score; perplexity: text; denoise: an image or a folder of them; segmentation3d: a NIfTI or .npy volume)")
     ev.add_argument("--sigma", type=float, help="denoise: the noise level added, 0..255 scale (default 25)")
     ev.add_argument("--count", type=positive_int, help="use only the first N pairs / windows / images")
     ev.add_argument("--window", type=int, default=256, help="perplexity window length in tokens (default 256)")

@@ -14,6 +14,11 @@
   output and the artifact's output against the clean photo (outputs clipped to [0, 1]). The
   photos are the model's evaluation photos (never used for calibration), or `data`: an image file
   or a folder of them.
+- `segmentation3d` (deepbet): each T1 volume through the float model and the artifact; Dice of
+  the artifact's brain mask against the float model's, and of both against a reference mask where
+  one is known (nilearn's MNI152 brain mask for the model's evaluation volumes). The volumes are
+  the model's evaluation volumes (never used for calibration), or `data`: a NIfTI file
+  (`.nii`, `.nii.gz`) or a `.npy` array of one 3D volume.
 
 The float model is the bundled torch module (float32) named in the artifact's manifest.
 """
@@ -34,7 +39,8 @@ from qcompiler.support.progress import progress
 
 log = logging.getLogger(__name__)
 
-TASKS = ("sts", "perplexity", "segmentation", "denoise", "classify")
+TASKS = ("sts", "perplexity", "segmentation", "denoise", "classify", "segmentation3d")
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".npy")
 DEFAULT_SIGMA = 25.0
 MASK_THRESHOLD = 0.5
 SEGMENTATION_IMAGES = ("page", "text", "coins", "camera", "astronaut", "coffee")
@@ -67,12 +73,15 @@ def evaluate(
 
         sigma = check_sigma(DEFAULT_SIGMA if sigma is None else sigma)
         images = denoise_images(data)  # bad data fails before any model is built
+    volumes = read_volume(data) if task == "segmentation3d" and data is not None else None
     artifact = Path(artifact)
     if not (artifact / "model.onnx").is_file():
         raise UserError(f"'{artifact}' is not a compiled artifact (no model.onnx); give the -o directory of `qcompiler compile`")
     bundled = _bundled_from_manifest(artifact, model)
     if task == "denoise":
         targets = denoise_targets(bundled, images, count)  # a wrong image fails before any model is built
+    if task == "segmentation3d" and getattr(bundled, "task", None) != "segmentation3d":
+        raise UserError(f"task 'segmentation3d' needs a 3D segmentation model; '{bundled.name}' is evaluated with --task {bundled.task}")
     if getattr(bundled, "layout", None) is not None:  # a causal LM with a KV cache
         if task != "perplexity":
             raise UserError(f"'{artifact}' holds a causal LM; its task is perplexity")
@@ -90,6 +99,8 @@ def evaluate(
         result = _denoise(reference, compiled, targets, sigma)
     elif task == "classify":
         result = _classify(bundled, reference, compiled, count, batch_size)
+    elif task == "segmentation3d":
+        result = _segmentation3d(bundled, reference, compiled, volumes, count)
     else:
         result = _segmentation(bundled, reference, compiled, count)
     result.update(task=task, model=bundled.name, artifact=str(artifact), seconds=round(time.perf_counter() - start, 2))
@@ -348,6 +359,67 @@ def _denoise(reference: Runner, compiled: Runner, targets, sigma: float) -> dict
 def _hwc(batch: np.ndarray) -> np.ndarray:
     """The first image of an NCHW batch, as HxWxC."""
     return np.transpose(np.asarray(batch)[0], (1, 2, 0))
+
+
+# --------------------------------------------------------------------------------------------
+# 3D segmentation
+
+
+def read_volume(data) -> list[tuple[str, np.ndarray]]:
+    """[(name, volume)] from a NIfTI file (reoriented to RAS, as the model expects) or a `.npy` array."""
+    path = Path(data)
+    if not path.is_file():
+        raise UserError(f"data '{path}' not found; give a NIfTI file (.nii, .nii.gz) or a .npy volume")
+    name = path.name.lower()
+    if not name.endswith(VOLUME_SUFFIXES):
+        raise UserError(f"'{path}' is not a volume ({', '.join(VOLUME_SUFFIXES)}); give a NIfTI file or a .npy array")
+    try:
+        if name.endswith(".npy"):
+            volume = np.load(path, allow_pickle=False)
+        else:
+            from qcompiler.models.base import optional_import
+
+            nib = optional_import("nibabel", "deepbet-brain")
+            volume = np.asarray(nib.as_closest_canonical(nib.load(str(path))).get_fdata(dtype=np.float32))
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"cannot read volume '{path}' ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                        "give a NIfTI file or a .npy array") from None
+    from qcompiler.models.deepbet import as_volume
+
+    return [(path.name, as_volume(volume, "deepbet-brain"))]
+
+
+def _segmentation3d(bundled, reference: Runner, compiled: Runner, volumes, count) -> dict:
+    """Dice of the artifact's brain masks against the float model's and against the reference mask."""
+    from qcompiler.models import deepbet
+
+    known = volumes is None
+    volumes = bundled.evaluation_volumes() if known else volumes
+    volumes = volumes[:count] if count else volumes
+    truth = deepbet.reference_mask() if known else None
+    per_volume = {}
+    with progress("segmentation3d volumes", len(volumes)) as bar:
+        for name, volume in volumes:
+            feeds = bundled.inputs_from_raw([volume])
+            expected, actual = deepbet.brain_mask(reference(feeds))[0], deepbet.brain_mask(compiled(feeds))[0]
+            scores = {"dice_vs_float": round(dice(actual, expected), 5),
+                      "voxels_float": int(expected.sum()), "voxels_compiled": int(actual.sum())}
+            if truth is not None:
+                scores.update(dice_float_vs_reference=round(dice(expected, truth), 5),
+                              dice_compiled_vs_reference=round(dice(actual, truth), 5))
+            per_volume[name] = scores
+            bar.update()
+    result = {"volumes": list(per_volume), "size": deepbet.SIZE,
+              "reference_mask": "nilearn MNI152 brain mask" if truth is not None else None}
+    for key in ("dice_vs_float", "dice_float_vs_reference", "dice_compiled_vs_reference"):
+        values = [v[key] for v in per_volume.values() if key in v]
+        if values:
+            result[f"{key}_mean"] = round(float(np.mean(values)), 5)
+            result[f"{key}_min"] = round(float(np.min(values)), 5)
+    result["per_volume"] = per_volume
+    return result
 
 
 # --------------------------------------------------------------------------------------------

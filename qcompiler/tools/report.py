@@ -569,13 +569,13 @@ def _why_float_weight(node: ir.Node, layer: dict, options: dict, quantizing: lis
     op = node.op_type
     if not quantizing:
         return "the pipeline has no quantizing pass"
-    if op == "ConvTranspose":
-        return "no pass quantizes ConvTranspose"
-    if op == "Conv":
+    if op in ("Conv", "ConvTranspose"):
         if Quantize.name in options and not options[Quantize.name].get(option_key(Quantize, "conv"), True):
             return "kept by option quantize{conv=false}"
         if Quantize.name not in options:
             return "mixed precision (allocate-bits) quantizes MatMul layers only"
+        if op == "ConvTranspose":
+            return "ONNX Runtime runs ConvTranspose in float: quantize{activations=none} or force= quantizes its weights"
     if op == "Gemm":
         return "Gemm that canonicalize did not turn into MatMul + Add"
     shape = layer.get("weight_shape") or []

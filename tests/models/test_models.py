@@ -41,7 +41,7 @@ CONTROL_FLOW = {"If", "Loop", "Scan"}
 
 
 def test_names_lists_the_bundled_models():
-    assert qm.names() == ["craft", "efficientnet-lite0", "ffdnet-gray", "ffdnet-rgb", "minilm-l6", "smollm2-135m", "smollm2-135m-kv"]
+    assert qm.names() == ["craft", "deepbet-brain", "efficientnet-lite0", "ffdnet-gray", "ffdnet-rgb", "minilm-l6", "smollm2-135m", "smollm2-135m-kv"]
 
 
 @pytest.mark.parametrize(
@@ -54,7 +54,7 @@ def test_unknown_name_names_the_nearest(typo, nearest):
     message = str(info.value)
     assert f"unknown model '{typo}'" in message
     assert f"did you mean '{nearest}'?" in message
-    assert "(bundled: craft, efficientnet-lite0, ffdnet-gray, ffdnet-rgb, minilm-l6, smollm2-135m, smollm2-135m-kv)" in message
+    assert "(bundled: craft, deepbet-brain, efficientnet-lite0, ffdnet-gray, ffdnet-rgb, minilm-l6, smollm2-135m, smollm2-135m-kv)" in message
 
 
 def test_missing_wheel_names_the_pip_command():
@@ -78,7 +78,7 @@ def test_models_describe_themselves():
     for name in qm.names():
         model = qm.get(name)
         assert model.name == name
-        assert model.task in {"sts", "perplexity", "segmentation", "denoise", "classify"}
+        assert model.task in {"sts", "perplexity", "segmentation", "denoise", "classify", "segmentation3d"}
         assert "\n" not in model.summary
         if name.endswith("-kv"):  # the past keys and values are one list argument of the module
             assert set(model.dynamic_shapes()) == {"input_ids", "attention_mask", "position_ids", "past_key_values"}

@@ -1,0 +1,146 @@
+"""int8 Conv3d and ConvTranspose (2D and 3D): per-output-channel weights on the right axis (grouped
+ConvTranspose included), bias correction for transposed convolutions, and placement that matches
+what ONNX Runtime's CPU provider runs as integer kernels (QLinearConv for Conv3d; ConvTranspose
+always float), checked on the graphs ONNX Runtime optimizes."""
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnxruntime as ort
+import pytest
+
+import onnx_ir as ir
+import qcompiler
+from qcompiler.passes.quantize import Target, quantize_weight_per_channel, weight_bias_shift
+from qcompiler.analysis.placement import NO_INTEGER_CONV_TRANSPOSE
+
+
+def _save(tmp_path, nodes, x_shape, y_shape, arrays, name):
+    inits = [onnx.numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in arrays.items()]
+    graph = oh.make_graph(nodes, name, [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, y_shape)], inits)
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)], ir_version=10), str(path))
+    return path
+
+
+def _unet3d(tmp_path):
+    """Conv3d (stride 2) -> Relu -> ConvTranspose3d (stride 2, grouped) -> Relu -> Conv3d -> Sigmoid,
+    16 channels throughout (wide enough for ONNX Runtime's integer 3D Conv to pay)."""
+    rng = np.random.default_rng(5)
+    arrays = {"w1": rng.normal(0, 0.1, (16, 16, 3, 3, 3)), "b1": rng.normal(0, 0.1, 16),
+              "wt": rng.normal(0, 0.2, (16, 8, 3, 3, 3)), "bt": rng.normal(0, 0.1, 16),
+              "w2": rng.normal(0, 0.1, (2, 16, 3, 3, 3))}
+    nodes = [oh.make_node("Conv", ["x", "w1", "b1"], ["h"], name="down", pads=[1] * 6, strides=[2] * 3),
+             oh.make_node("Relu", ["h"], ["r"], name="relu"),
+             oh.make_node("ConvTranspose", ["r", "wt", "bt"], ["u"], name="up", pads=[1] * 6, strides=[2] * 3,
+                          output_padding=[1] * 3, group=2),
+             oh.make_node("Relu", ["u"], ["ru"], name="relu_up"),
+             oh.make_node("Conv", ["ru", "w2"], ["c"], name="head", pads=[1] * 6),
+             oh.make_node("Sigmoid", ["c"], ["y"], name="sigmoid")]
+    return _save(tmp_path, nodes, ["n", 16, 8, 8, 8], ["n", 2, 8, 8, 8], arrays, "unet3d")
+
+
+def _batches(seed, count=4):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(0.5, 1, (2, 16, 8, 8, 8)).astype(np.float32)} for _ in range(count)]
+
+
+def _optimized_ops(model_path, tmp_path):
+    """The op types ONNX Runtime's CPU provider runs after optimizing `model_path`."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+
+
+def test_conv3d_runs_integer_and_conv_transpose_stays_float(tmp_path):
+    path = _unet3d(tmp_path)
+    result = qcompiler.compile(str(path), tmp_path / "w8a8", pipeline="w8a8", calibration=_batches(1), drift=False)
+    stats = next(r.stats for r in result.records if r.name == "quantize")
+    assert stats["layers"] == 2
+    assert stats["float_placement"] == {"up": NO_INTEGER_CONV_TRANSPOSE}
+    assert {n: e["weight_axis"] for n, e in stats["per_layer"].items()} == {"down": 0, "head": 0}
+    ops = _optimized_ops(tmp_path / "w8a8" / "model.onnx", tmp_path)
+    assert ops.count("QLinearConv") == 2 and ops.count("ConvTranspose") == 1
+    kernels = next(r.stats for r in result.records if r.name == "lower-ort")["kernels"]
+    assert kernels["integer_kernels"] == 2
+    feeds = _batches(9, 1)[0]
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    actual = ort.InferenceSession(str(tmp_path / "w8a8" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert np.linalg.norm(actual - expected) / np.linalg.norm(expected) < 0.02
+
+
+def test_forced_conv_transpose_is_quantized_and_runs_float(tmp_path):
+    path = _unet3d(tmp_path)
+    result = qcompiler.compile(str(path), tmp_path / "forced", pipeline="calibrate,quantize{force=wt},lower-ort",
+                               calibration=_batches(1), drift=False)
+    stats = next(r.stats for r in result.records if r.name == "quantize")
+    assert stats["float_placement"] == {} and stats["per_layer"]["up"]["weight_axis"] == 1
+    ops = _optimized_ops(tmp_path / "forced" / "model.onnx", tmp_path)
+    assert ops.count("ConvTranspose") == 1  # ONNX Runtime does not fuse it: float behind a dequantize
+
+
+@pytest.mark.parametrize(("weight", "placed_float"), [((8, 15, 3, 3, 3), True), ((8, 15, 1, 1, 1), False),
+                                                      ((8, 16, 3, 3, 3), False), ((8, 4, 3, 3), False)])
+def test_narrow_conv3d_with_taps_stays_float(weight, placed_float):
+    """A 3D Conv with more than one tap and fewer than 16 input channels per group stays float;
+    1^3 kernels, wider inputs and 2D Convs are integer kernels."""
+    from qcompiler.analysis.placement import MIN_CONV3D_CHANNELS, integer_layers
+
+    rng = np.random.default_rng(8)
+    w = ir.Value(name="w", const_value=ir.tensor(rng.normal(0, 1, weight).astype(np.float32)))
+    x = ir.Value(name="x")
+    conv = ir.node("Conv", [x, w])
+    relu = ir.node("Relu", [conv.outputs[0]])
+    sigmoid = ir.node("Sigmoid", [relu.outputs[0]])
+    graph = ir.Graph([x], [sigmoid.outputs[0]], nodes=[conv, relu, sigmoid])
+    reason = integer_layers(graph, [conv], static=True).get(id(conv))
+    assert (reason is not None) == placed_float
+    if placed_float:
+        assert f"{weight[1]} input channels per group (below {MIN_CONV3D_CHANNELS})" in reason
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_transpose_weights_per_output_channel_against_float(tmp_path, groups):
+    """Weight-only int8 ConvTranspose (3D, grouped or not): one scale per column of [C, O/groups, k...],
+    outputs close to float's in ONNX Runtime."""
+    rng = np.random.default_rng(6)
+    arrays = {"wt": rng.normal(0, 0.3, (4, 6 // groups, 2, 2, 2)) * np.array([1, 4, 0.25, 2, 1, 3][: 6 // groups]).reshape(1, -1, 1, 1, 1),
+              "bt": rng.normal(0, 0.1, 6)}
+    node = oh.make_node("ConvTranspose", ["x", "wt", "bt"], ["y"], name="up", strides=[2] * 3, group=groups)
+    path = _save(tmp_path, [node], ["n", 4, 3, 3, 3], ["n", 6, 6, 6, 6], arrays, f"tconv{groups}")
+    batches = [{"x": rng.normal(1, 1, (2, 4, 3, 3, 3)).astype(np.float32)} for _ in range(3)]
+    result = qcompiler.compile(str(path), tmp_path / "w8", pipeline="calibrate,quantize{activations=none},lower-ort",
+                               calibration=batches, drift=False)
+    model = onnx.load(str(tmp_path / "w8" / "model.onnx"))
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear")
+    assert next(a.i for a in dq.attribute if a.name == "axis") == 1
+    scales = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == dq.input[1])
+    expected_scales = np.abs(arrays["wt"]).max(axis=(0, 2, 3, 4)) / 127
+    np.testing.assert_allclose(scales, expected_scales, rtol=1e-6)
+    feeds = batches[0]
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = ort.InferenceSession(str(tmp_path / "w8" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.01
+    assert next(r.stats for r in result.records if r.name == "quantize")["layers"] == 1
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_transpose_bias_shift_is_the_mean_output_change(groups):
+    """At stride = kernel (no overlap, no border) the shift is exactly the mean change per output channel."""
+    rng = np.random.default_rng(7)
+    w = rng.normal(0, 0.5, (4, 6 // groups, 2, 2)).astype(np.float32)
+    q, scale = quantize_weight_per_channel(w, 1)
+    error = q.astype(np.float64) * scale.reshape(1, -1, 1, 1) - w
+    x = (rng.normal(0, 1, (1, 4, 5, 5)) + np.array([2.0, -1.0, 0.5, 3.0]).reshape(1, 4, 1, 1)).astype(np.float32)
+    node = ir.node("ConvTranspose", [ir.Value(name="x"), ir.Value(name="w")], {"strides": [2, 2], "group": groups})
+    target = Target(node, node.inputs[0], node.inputs[1], 1, 1)
+    shift = weight_bias_shift(target, error, x.astype(np.float64).mean(axis=(0, 2, 3)))
+    model = oh.make_model(oh.make_graph(
+        [oh.make_node("ConvTranspose", ["x", "e"], ["y"], strides=[2, 2], group=groups)], "t",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)], [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(error.astype(np.float32), "e")]), opset_imports=[oh.make_opsetid("", 21)])
+    change = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(shift, change.astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-7)
