@@ -1,12 +1,16 @@
 """SmolLM2-135M with its KV cache: prefill and decode tokens/s and held-out perplexity per pipeline.
 
-    python benchmarks/decode.py                                   # 3 pipelines, 5 rounds, 128 + 128 tokens, 8 windows
+    python benchmarks/decode.py                                   # 4 pipelines, 5 rounds, 128 + 128 tokens, 8 windows
     python benchmarks/decode.py --rounds 2 --prompt-tokens 32 --new-tokens 32 --windows 2   # a short run
     python benchmarks/decode.py --build build/decode --reuse ...  # time and score artifacts compiled by an earlier run
     python benchmarks/decode.py --pipelines "float32,float32 int8-kv,w8a8 per-token,w8a8 per-token int8-kv"   # the int8 KV cache
 
 Each pipeline compiles `smollm2-135m-kv` (captured once, reused) into an ONNX Runtime artifact:
-`float32` (the `default` pipeline), `w8a8{act-mode=per-token}` and `mixed{avg-bits=4.25}`, and on
+`float32` (the `default` pipeline), `w8a8{act-mode=per-token}`, `mixed{avg-bits=4.25}` and
+`uniform 4-bit` (`allocate-bits{avg-bits=8 candidates=4 outliers-act=0 outliers-weight=0},
+quantize-weights{grid=minmax}`: every linear layer in asymmetric 4-bit min-max groups of 128 input
+channels with an fp16 scale and an integer zero point, lowered to one plain `MatMulNBits` per
+layer, the form of ONNX Runtime's own 4-bit RTN), and on
 request the first two with an int8 KV cache (`kv-cache=int8`, passes/kv_cache.py), calibrated on `--calib-count` windows of 110 words from the last quarter of the WikiText excerpt
 (`benchmarks/common.py: wikitext_split`). The first three quarters are held out: the prompt is
 their first `--prompt-tokens` tokens and perplexity is `qcompiler eval --task perplexity` on
@@ -51,10 +55,14 @@ PIPELINES = {
     "w8a8 per-token": "w8a8{act-mode=per-token}",
     "mixed 4.25": "mixed{avg-bits=4.25}",
     "mixed 4.25 int4-embedding": "mixed{avg-bits=4.25 embedding=int4}",
+    # every linear layer at 4 bits: asymmetric min-max groups of 128 input channels, an fp16 scale and an
+    # integer zero point per group, no fp16 channels or outliers: one plain MatMulNBits per layer
+    "uniform 4-bit": "canonicalize,calibrate,allocate-bits{avg-bits=8 candidates=4 outliers-act=0 outliers-weight=0},"
+                     "quantize-weights{grid=minmax},fold-permutation,lower-ort",
     "float32 int8-kv": "default{kv-cache=int8}",
     "w8a8 per-token int8-kv": "w8a8{act-mode=per-token kv-cache=int8}",
 }
-DEFAULT_PIPELINES = ("float32", "w8a8 per-token", "mixed 4.25")
+DEFAULT_PIPELINES = ("float32", "w8a8 per-token", "mixed 4.25", "uniform 4-bit")
 
 
 def parse_args() -> argparse.Namespace:
