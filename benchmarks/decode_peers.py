@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-FAMILIES = {"genai": "onnxruntime_genai", "llamacpp": "llama_cpp"}
+FAMILIES = {"genai": ("onnxruntime_genai", "onnxruntime-genai"), "llamacpp": ("llama_cpp", "llama-cpp-python")}  # module, package
 GENAI_PRECISIONS = ("int4", "fp32")
 LLAMA_TYPES = {"Q4_1": None, "Q4_K": "Q4_K_M", "Q3_K": "Q3_K_M"}  # row -> llama_model_quantize ftype (None: as shipped)
 
@@ -58,8 +58,8 @@ def available(families: list[str]) -> tuple[list[str], list[str]]:
         raise SystemExit(f"unknown peer families {unknown}; choose from {list(FAMILIES)}")
     present, lines = [], []
     for family in families:
-        if importlib.util.find_spec(FAMILIES[family]) is None:
-            package = FAMILIES[family].replace("_", "-")
+        module, package = FAMILIES[family]
+        if importlib.util.find_spec(module) is None:
             lines.append(f"peer '{family}' skipped: the package '{package}' is not installed "
                          f"(see benchmarks/decode_peers.py for the install command)")
         else:
