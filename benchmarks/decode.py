@@ -43,8 +43,9 @@ present). They join the same interleaved rounds, the same greedy agreement and t
 windows and protocol (their own logits, the same token ids); their row gives the model's file size
 in place of bits per weight and no cache size. A peer whose package is absent is skipped with one
 line. With llama.cpp rows, OMP_WAIT_POLICY defaults to PASSIVE: llama.cpp's OpenMP threads
-otherwise spin at every barrier, which on a shared 2-core machine costs it 3 to 6 times its
-decode speed at 2 threads (set OMP_WAIT_POLICY=ACTIVE to measure it spinning).
+otherwise spin at every barrier, which on a loaded 2-core machine made its decode 5 to 7 times
+slower at 2 threads (set OMP_WAIT_POLICY=ACTIVE to measure it spinning); ONNX Runtime's threads
+spin as they do by default.
 """
 
 from __future__ import annotations
