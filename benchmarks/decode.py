@@ -45,7 +45,8 @@ in place of bits per weight and no cache size. A peer whose package is absent is
 line. With llama.cpp rows, OMP_WAIT_POLICY defaults to PASSIVE: llama.cpp's OpenMP threads
 otherwise spin at every barrier, which on a loaded 2-core machine made its decode 5 to 7 times
 slower at 2 threads (set OMP_WAIT_POLICY=ACTIVE to measure it spinning); ONNX Runtime's threads
-spin as they do by default.
+spin as they do by default; `--ort-spin off` makes our rows' wait passively too (ONNX Runtime
+GenAI's configuration has no switch for it, so its rows spin either way).
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reuse", action="store_true",
                         help="use the artifacts already in --build (compiled by an earlier run with the same --calib-count) instead of compiling")
     parser.add_argument("--text", type=Path, default=common.WIKITEXT, help="the WikiText excerpt (default ../shared/data beside the repository)")
+    parser.add_argument("--ort-spin", choices=("on", "off"), default="on",
+                        help="off: our rows' ONNX Runtime threads wait passively (session.intra_op.allow_spinning=0)")
     parser.add_argument("--peers", default="", help="comma-separated peer runtimes beside our rows: genai, llamacpp (default: none)")
     parser.add_argument("--out", type=Path, default=common.RESULTS / "decode.json")
     return parser.parse_args()
@@ -197,6 +200,26 @@ def peer_perplexity(session, text: str, count: int, window: int) -> float:
     return round(float(np.exp(nll / (len(rows) * (window - 1)))), 4)
 
 
+def passive_ort_sessions() -> None:
+    """Open our artifacts' ONNX Runtime sessions with threads that wait passively between ops
+    (`session.intra_op.allow_spinning=0`); ONNX Runtime's threads spin by default. For model files
+    only: call it after compiling."""
+    import onnxruntime as ort
+
+    from qcompiler import execute
+
+    def passive_session(model, threads=None, optimized_path=None):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+
+    execute.ort_session = passive_session
+
+
 def artifact_bytes(folder: Path) -> int:
     """Bytes of the artifact's model: model.onnx and any external data beside it."""
     return sum(p.stat().st_size for p in folder.glob("model.onnx*") if p.is_file())
@@ -253,6 +276,8 @@ def main() -> None:
                           "effective_bits": result.manifest.get("effective_bits_per_weight")}
         print(f"compiled {name} in {compiled[name]['compile_s']} s", flush=True)
 
+    if args.ort_spin == "off":
+        passive_ort_sessions()
     sessions = {name: CachedSession(path / "model.onnx", read_layout(path), args.threads) for name, path in artifacts.items()}
     context = max(len(prompt) + args.new_tokens, args.window, args.agree_prompt_tokens + args.agree_tokens) + 8
     peer_sessions, peer_scoring, peer_facts = decode_peers.make_peers(peer_families, build, args.threads, context)
@@ -332,6 +357,7 @@ def main() -> None:
         "peers": peer_families,
         "peers_skipped": skipped,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "ort_spin": args.ort_spin,
         "git": common.git_state(),
         "load_average": list(__import__("os").getloadavg()),
     }
