@@ -1,12 +1,17 @@
 """SmolLM2-135M with its KV cache: prefill and decode tokens/s and held-out perplexity per pipeline.
 
-    python benchmarks/decode.py                                   # 3 pipelines, 5 rounds, 128 + 128 tokens, 8 windows
+    python benchmarks/decode.py                                   # 4 pipelines, 5 rounds, 128 + 128 tokens, 8 windows
     python benchmarks/decode.py --rounds 2 --prompt-tokens 32 --new-tokens 32 --windows 2   # a short run
     python benchmarks/decode.py --build build/decode --reuse ...  # time and score artifacts compiled by an earlier run
     python benchmarks/decode.py --pipelines "float32,float32 int8-kv,w8a8 per-token,w8a8 per-token int8-kv"   # the int8 KV cache
+    .venv-peers/bin/python benchmarks/decode.py --peers genai,llamacpp ...   # with ONNX Runtime GenAI and llama.cpp beside them
 
 Each pipeline compiles `smollm2-135m-kv` (captured once, reused) into an ONNX Runtime artifact:
-`float32` (the `default` pipeline), `w8a8{act-mode=per-token}` and `mixed{avg-bits=4.25}`, and on
+`float32` (the `default` pipeline), `w8a8{act-mode=per-token}`, `mixed{avg-bits=4.25}` and
+`uniform 4-bit` (`allocate-bits{avg-bits=8 candidates=4 outliers-act=0 outliers-weight=0},
+quantize-weights{grid=minmax}`: every linear layer in asymmetric 4-bit min-max groups of 128 input
+channels with an fp16 scale and an integer zero point, lowered to one plain `MatMulNBits` per
+layer, the form of ONNX Runtime's own 4-bit RTN), and on
 request the first two with an int8 KV cache (`kv-cache=int8`, passes/kv_cache.py), calibrated on `--calib-count` windows of 110 words from the last quarter of the WikiText excerpt
 (`benchmarks/common.py: wikitext_split`). The first three quarters are held out: the prompt is
 their first `--prompt-tokens` tokens and perplexity is `qcompiler eval --task perplexity` on
@@ -29,12 +34,26 @@ LlamaForCausalLM loaded from the same GGUF (the float reference, with its own KV
 each artifact through its cache. Per prompt: how many of the first tokens agree before the first
 difference; the row gives the sum over prompts (of prompts x tokens), the prompts that agree
 throughout and the per-prompt counts. JSON to `--out` (default benchmarks/results/decode.json).
+
+Peers (`--peers genai,llamacpp`, none by default; benchmarks/decode_peers.py says how each is made
+and how to install them): ONNX Runtime GenAI's model builder output at int4 and fp32 (`genai
+int4`, `genai fp32`) and llama.cpp on the bundled Q4_1 GGUF and it requantized to Q4_K and Q3_K
+(`llama.cpp Q4_1`, `llama.cpp Q4_K`, `llama.cpp Q3_K`), built into `--build` (reused there when
+present). They join the same interleaved rounds, the same greedy agreement and the same perplexity
+windows and protocol (their own logits, the same token ids); their row gives the model's file size
+in place of bits per weight and no cache size. A peer whose package is absent is skipped with one
+line. With llama.cpp rows, OMP_WAIT_POLICY defaults to PASSIVE: llama.cpp's OpenMP threads
+otherwise spin at every barrier, which on a loaded 2-core machine made its decode 5 to 7 times
+slower at 2 threads (set OMP_WAIT_POLICY=ACTIVE to measure it spinning); ONNX Runtime's threads
+spin as they do by default; `--ort-spin off` makes our rows' wait passively too (ONNX Runtime
+GenAI's configuration has no switch for it, so its rows spin either way).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -51,10 +70,14 @@ PIPELINES = {
     "w8a8 per-token": "w8a8{act-mode=per-token}",
     "mixed 4.25": "mixed{avg-bits=4.25}",
     "mixed 4.25 int4-embedding": "mixed{avg-bits=4.25 embedding=int4}",
+    # every linear layer at 4 bits: asymmetric min-max groups of 128 input channels, an fp16 scale and an
+    # integer zero point per group, no fp16 channels or outliers: one plain MatMulNBits per layer
+    "uniform 4-bit": "canonicalize,calibrate,allocate-bits{avg-bits=8 candidates=4 outliers-act=0 outliers-weight=0},"
+                     "quantize-weights{grid=minmax},fold-permutation,lower-ort",
     "float32 int8-kv": "default{kv-cache=int8}",
     "w8a8 per-token int8-kv": "w8a8{act-mode=per-token kv-cache=int8}",
 }
-DEFAULT_PIPELINES = ("float32", "w8a8 per-token", "mixed 4.25")
+DEFAULT_PIPELINES = ("float32", "w8a8 per-token", "mixed 4.25", "uniform 4-bit")
 
 
 def parse_args() -> argparse.Namespace:
@@ -74,6 +97,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reuse", action="store_true",
                         help="use the artifacts already in --build (compiled by an earlier run with the same --calib-count) instead of compiling")
     parser.add_argument("--text", type=Path, default=common.WIKITEXT, help="the WikiText excerpt (default ../shared/data beside the repository)")
+    parser.add_argument("--ort-spin", choices=("on", "off"), default="on",
+                        help="off: our rows' ONNX Runtime threads wait passively (session.intra_op.allow_spinning=0)")
+    parser.add_argument("--peers", default="", help="comma-separated peer runtimes beside our rows: genai, llamacpp (default: none)")
     parser.add_argument("--out", type=Path, default=common.RESULTS / "decode.json")
     return parser.parse_args()
 
@@ -162,8 +188,53 @@ def agreement_prompts(ids: list[int], count: int, length: int) -> list[np.ndarra
     return [np.asarray(ids[i * stride : i * stride + length], np.int64) for i in range(count)]
 
 
+def peer_perplexity(session, text: str, count: int, window: int) -> float:
+    """Held-out perplexity of a peer on the windows `qcompiler eval --task perplexity` scores, with
+    its protocol: a prefill of half the window, then one token per step."""
+    from qcompiler.decode import cached_logits
+    from qcompiler.evaluate import next_token_nll
+    from qcompiler.models import smollm2
+
+    rows = smollm2.windows(text, window)[:count]
+    nll = sum(next_token_nll(cached_logits(session, row, max(1, len(row) // 2)), row) for row in rows)
+    return round(float(np.exp(nll / (len(rows) * (window - 1)))), 4)
+
+
+def passive_ort_sessions() -> None:
+    """Open our artifacts' ONNX Runtime sessions with threads that wait passively between ops
+    (`session.intra_op.allow_spinning=0`); ONNX Runtime's threads spin by default. For model files
+    only: call it after compiling."""
+    import onnxruntime as ort
+
+    from qcompiler import execute
+
+    def passive_session(model, threads=None, optimized_path=None):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+
+    execute.ort_session = passive_session
+
+
+def artifact_bytes(folder: Path) -> int:
+    """Bytes of the artifact's model: model.onnx and any external data beside it."""
+    return sum(p.stat().st_size for p in folder.glob("model.onnx*") if p.is_file())
+
+
 def main() -> None:
     args = parse_args()
+    peer_families = [f.strip() for f in args.peers.split(",") if f.strip()]
+    if "llamacpp" in peer_families:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before any OpenMP runtime loads (torch's included)
+    import decode_peers
+
+    peer_families, skipped = decode_peers.available(peer_families)
+    for line in skipped:
+        print(line, flush=True)
     common.quiet()
     threads = common.fix_threads(args.threads)
     from qcompiler.driver.compiler import compile as qcompile
@@ -205,7 +276,13 @@ def main() -> None:
                           "effective_bits": result.manifest.get("effective_bits_per_weight")}
         print(f"compiled {name} in {compiled[name]['compile_s']} s", flush=True)
 
+    if args.ort_spin == "off":
+        passive_ort_sessions()
     sessions = {name: CachedSession(path / "model.onnx", read_layout(path), args.threads) for name, path in artifacts.items()}
+    context = max(len(prompt) + args.new_tokens, args.window, args.agree_prompt_tokens + args.agree_tokens) + 8
+    peer_sessions, peer_scoring, peer_facts = decode_peers.make_peers(peer_families, build, args.threads, context)
+    sessions.update(peer_sessions)
+    names = names + list(peer_sessions)
     for session in sessions.values():  # warm-up
         time_round(session, prompt[:8], 4)
     samples = {name: {"prefill": [], "decode": []} for name in names}
@@ -228,10 +305,22 @@ def main() -> None:
 
     rows, results = [], {}
     for name in names:
+        if name in peer_facts:
+            results[name] = {
+                **peer_facts[name],
+                "prefill_tokens_per_s": round(statistics.median(samples[name]["prefill"]), 1),
+                "decode_tokens_per_s": round(statistics.median(samples[name]["decode"]), 1),
+                "prefill_samples": [round(v, 1) for v in samples[name]["prefill"]],
+                "decode_samples": [round(v, 1) for v in samples[name]["decode"]],
+                "perplexity": peer_perplexity(peer_scoring[name](), held_out, args.windows, args.window),
+                "greedy_agreement": agreements.get(name),
+            }
+            continue
         layout = sessions[name].layout
         quality = evaluate(artifacts[name], "perplexity", held_out_file, count=args.windows, window=args.window, threads=args.threads)
         results[name] = {
             **compiled[name],
+            "file_bytes": artifact_bytes(artifacts[name]),
             "prefill_tokens_per_s": round(statistics.median(samples[name]["prefill"]), 1),
             "decode_tokens_per_s": round(statistics.median(samples[name]["decode"]), 1),
             "prefill_samples": [round(v, 1) for v in samples[name]["prefill"]],
@@ -247,10 +336,12 @@ def main() -> None:
     for name, res in results.items():
         res["decode_vs_float32"] = round(res["decode_tokens_per_s"] / base, 3) if base else None
         agree = res["greedy_agreement"]
-        rows.append([name, res["effective_bits"], res["prefill_tokens_per_s"], res["decode_tokens_per_s"], res["decode_vs_float32"],
-                     res["perplexity"], round(res["cache_bytes"] / 2**20, 2),
+        cache = res.get("cache_bytes")
+        rows.append([name, res.get("effective_bits", "-"), round(res["file_bytes"] / 2**20, 1), res["prefill_tokens_per_s"],
+                     res["decode_tokens_per_s"], res["decode_vs_float32"], res["perplexity"],
+                     round(cache / 2**20, 2) if cache else "-",
                      f"{agree['agreeing_tokens']}/{agree['of']} ({agree['prompts_agreeing_throughout']} whole)" if agree else "-"])
-    print(common.table(["pipeline", "bits/weight", "prefill tok/s", "decode tok/s", "decode vs float32", "held-out ppl",
+    print(common.table(["pipeline", "bits/weight", "file MiB", "prefill tok/s", "decode tok/s", "decode vs float32", "held-out ppl",
                         "cache MiB", "greedy agreement"], rows))
     body = {
         "command": common.command_line(),
@@ -262,7 +353,11 @@ def main() -> None:
         "threads": threads,
         "results": results,
         "machine": common.machine(),
-        "packages": common.packages(),
+        "packages": {**common.packages(), **decode_peers.versions()},
+        "peers": peer_families,
+        "peers_skipped": skipped,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "ort_spin": args.ort_spin,
         "git": common.git_state(),
         "load_average": list(__import__("os").getloadavg()),
     }
