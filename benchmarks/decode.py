@@ -191,8 +191,8 @@ def agreement_prompts(ids: list[int], count: int, length: int) -> list[np.ndarra
 def peer_perplexity(session, text: str, count: int, window: int) -> float:
     """Held-out perplexity of a peer on the windows `qcompiler eval --task perplexity` scores, with
     its protocol: a prefill of half the window, then one token per step."""
-    from qcompiler.decode import cached_logits
-    from qcompiler.evaluate import next_token_nll
+    from qcompiler.tools.decode import cached_logits
+    from qcompiler.tools.evaluate import next_token_nll
     from qcompiler.models import smollm2
 
     rows = smollm2.windows(text, window)[:count]
@@ -206,7 +206,7 @@ def passive_ort_sessions() -> None:
     only: call it after compiling."""
     import onnxruntime as ort
 
-    from qcompiler import execute
+    from qcompiler.analysis import execute
 
     def passive_session(model, threads=None, optimized_path=None):
         options = ort.SessionOptions()

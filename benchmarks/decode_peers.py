@@ -2,9 +2,9 @@
 
 Each peer is made from the same weights as our artifacts (the bundled SmolLM2-135M-Instruct GGUF,
 whose matrices passed through Q4_1 once) and is run through the same interface as
-`qcompiler.decode.CachedSession` (`reset()`, `step(ids)` -> logits [rows, vocab]), so decode.py
+`qcompiler.tools.decode.CachedSession` (`reset()`, `step(ids)` -> logits [rows, vocab]), so decode.py
 times it in the same interleaved rounds, scores its perplexity on the same held-out windows with
-the same protocol (`qcompiler.decode.cached_logits`: a prefill of half the window, then one token
+the same protocol (`qcompiler.tools.decode.cached_logits`: a prefill of half the window, then one token
 per step) and feeds it the same token ids (no BOS, nothing re-tokenized).
 
 - `genai int4`, `genai fp32`: a Hugging Face folder written from the GGUF's float32 weights
