@@ -11,6 +11,8 @@ Variants (the `w8a8` preset's options; `canonicalize,equalize,calibrate,...` und
 - `w8a8{equalize=relu6}` (EfficientNet-Lite0 only, whose activations are ReLU6): also through
   `Clip(0, 6)`, rewritten as a per-channel `Min(Relu(x), 6 / s)`;
 - each `equalize` variant again with `bias-correction=false`;
+- EfficientNet-Lite0 only: `w8a8{conv-method=calibrated}` (min-max ranges for the Conv activations
+  too, where `w8a8` clips them by MSE);
 - FFDNet only, a diagnostic: int8 weights with float activations
   (`canonicalize,[equalize,]calibrate,quantize{activations=none},lower-ort`), what the weights alone cost
   with and without equalization.
@@ -55,6 +57,7 @@ def variants(name: str) -> dict[str, str]:
         out.update({"w8 weights only": "canonicalize,calibrate,quantize{activations=none},lower-ort",
                     "w8 weights only eq": "canonicalize,equalize,calibrate,quantize{activations=none},lower-ort"})
     if name == "efficientnet-lite0":
+        out["w8a8 minmax"] = "w8a8{conv-method=calibrated}"  # min-max activation ranges, w8a8's default before conv-method=mse
         out.update({"w8a8 eq-relu6 no-bc": "w8a8{equalize=relu6 bias-correction=false}", "w8a8 eq-relu6": "w8a8{equalize=relu6}"})
     return out
 
