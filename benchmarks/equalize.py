@@ -11,6 +11,8 @@ Variants (the `w8a8` preset's options; `canonicalize,equalize,calibrate,...` und
 - `w8a8{equalize=relu6}` (EfficientNet-Lite0 only, whose activations are ReLU6): also through
   `Clip(0, 6)`, rewritten as a per-channel `Min(Relu(x), 6 / s)`;
 - each `equalize` variant again with `bias-correction=false`;
+- EfficientNet-Lite0 only, with `--peers-python`: `nncf`, NNCF's `quantize` with its defaults on the
+  float32 model and the same batches (`benchmarks/nncf_ptq.py`, as in `benchmarks/imaging.py`);
 - EfficientNet-Lite0 only: `w8a8{conv-method=calibrated}` (min-max ranges for the Conv activations
   too, where `w8a8` clips them by MSE);
 - FFDNet only, a diagnostic: int8 weights with float activations
@@ -114,6 +116,11 @@ def bench_efficientnet(args, work: Path) -> dict[str, Any]:
     batches = [eff.to_feeds(calibration[i:i + BATCH]) for i in range(0, len(calibration), BATCH)]
     compiled = compile_all(capture_once(bundled.name, work), bundled.name, work, batches)
     sessions = {label: ort_session(v["model"], common.THREADS) for label, v in compiled.items()}
+    if args.peers_python:  # NNCF's quantize on the float32 model, the same batches
+        nncf = imaging.compile_nncf(Path(compiled["float32"]["model"]), work, batches, args.peers_python)
+        compiled["nncf"] = {**nncf, "pipeline": nncf["config"], "model": str(nncf["model"])}
+        sessions["nncf"] = imaging.nncf_session(nncf["model"])
+        log(f"{bundled.name}: nncf quantized in {nncf['compile_s']} s")
     evaluation = bundled.evaluation_crops(args.grid)
     crops = [c for _, c in evaluation]
     logits = {label: np.concatenate([s.run(None, eff.to_feeds(crops[i:i + BATCH]))[0] for i in range(0, len(crops), BATCH)])
@@ -158,6 +165,7 @@ def main(argv=None) -> int:
     parser.add_argument("--crop", type=int, help="FFDNet: centre crops of this size instead of whole photos")
     parser.add_argument("--grid", type=int, default=3, help="EfficientNet: grid x grid crops per evaluation photo (default 3)")
     parser.add_argument("--repeats", type=int, default=20, help="EfficientNet latency rounds (default 20)")
+    parser.add_argument("--peers-python", help="EfficientNet: the interpreter with NNCF installed (e.g. .venv-peers/bin/python) for an nncf row")
     parser.add_argument("--json", type=Path, default=common.RESULTS / "equalize.json")
     args = parser.parse_args(argv)
     common.quiet()
