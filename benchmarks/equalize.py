@@ -21,7 +21,7 @@ Variants (the `w8a8` preset's options; `canonicalize,equalize,calibrate,...` und
 
 FFDNet grey and RGB: PSNR (dB) against the clean photo on the evaluation photos, seeded Gaussian
 noise at `--sigmas` (default 25), calibration as in `benchmarks/imaging.py` (the same batches for
-every variant). EfficientNet-Lite0: top-1 agreement with the float model on `--grid` x `--grid`
+every variant). EfficientNet-Lite0: top-1 agreement with the float model, and the logits' mean relative squared error, on `--grid` x `--grid`
 224 x 224 crops of its 8 evaluation photos (72 crops at grid 3), calibrated on 2 x 2 crops of its
 11 calibration photos (44 crops), batches of 8; and latency of one crop, 2 threads, interleaved,
 ratio to float32. Each model is captured once and every variant compiles that ONNX file.
@@ -126,13 +126,17 @@ def bench_efficientnet(args, work: Path) -> dict[str, Any]:
     logits = {label: np.concatenate([s.run(None, eff.to_feeds(crops[i:i + BATCH]))[0] for i in range(0, len(crops), BATCH)])
               for label, s in sessions.items()}
     agreement = {label: round(100 * eff.top1_agreement(logits["float32"], value), 2) for label, value in logits.items()}
+    reference = logits["float32"].astype(np.float64)
+    # mean over crops of |logits - float logits|^2 / |float logits|^2: finer than agreement on few crops
+    relative = {label: round(float(np.mean(np.sum((value - reference) ** 2, axis=1) / np.sum(reference ** 2, axis=1))), 5)
+                for label, value in logits.items()}
     feeds = eff.to_feeds(crops[:1])
     timing = common.interleaved_latency({label: (lambda s=s: s.run(None, feeds)) for label, s in sessions.items()},
                                         warmup=3, repeats=args.repeats, reference="float32")
     return {"model": bundled.name, "metric": "top-1 agreement with float32 %",
             "calibration": f"{len(calibration)} crops of {', '.join(eff.CALIBRATION_PHOTOS)}",
             "evaluation": f"{len(crops)} crops ({args.grid}x{args.grid} per photo) of {', '.join(eff.EVALUATION_PHOTOS)}",
-            "variants": compiled, "scores": {label: {"top1": value} for label, value in agreement.items()},
+            "variants": compiled, "scores": {label: {"top1": value, "logit rel. MSE": relative[label]} for label, value in agreement.items()},
             "latency_ratio": {label: v["paired_ratio"] for label, v in timing.items()},
             "latency_ms": {label: v["median_ms"] for label, v in timing.items()}}
 
@@ -144,7 +148,7 @@ def render(results: list[dict]) -> str:
         rows = []
         for label, scores in r["scores"].items():
             row = [label, r["variants"][label]["pipeline"].split(",lower-ort")[0][:60]]
-            row += [f"{scores[c]:.2f}" for c in columns]
+            row += [f"{scores[c]:.2f}" if c == "top1" or not isinstance(scores[c], float) or scores[c] >= 1 else f"{scores[c]:.5f}" for c in columns]
             if "latency_ratio" in r:
                 row.append(f"{r['latency_ratio'][label]:.2f}")
             rows.append(row)
