@@ -152,7 +152,7 @@ def render(results: list[dict]) -> str:
             if "latency_ratio" in r:
                 row.append(f"{r['latency_ratio'][label]:.2f}")
             rows.append(row)
-        head = ["variant", "pipeline (start)"] + [f"{r['metric']} @ {c}" for c in columns]
+        head = ["variant", "pipeline (start)"] + [f"{r['metric']} @ {c}" if c[0].isdigit() else c for c in columns]
         if "latency_ratio" in r:
             head.append("latency x float32")
         lines.append(f"{r['model']}")
