@@ -11,13 +11,17 @@ Variants (the `w8a8` preset's options; `canonicalize,equalize,calibrate,...` und
 - `w8a8{equalize=relu6}` (EfficientNet-Lite0 only, whose activations are ReLU6): also through
   `Clip(0, 6)`, rewritten as a per-channel `Min(Relu(x), 6 / s)`;
 - each `equalize` variant again with `bias-correction=false`;
+- EfficientNet-Lite0 only, with `--peers-python`: `nncf`, NNCF's `quantize` with its defaults on the
+  float32 model and the same batches (`benchmarks/nncf_ptq.py`, as in `benchmarks/imaging.py`);
+- EfficientNet-Lite0 only: `w8a8{conv-method=calibrated}` (min-max ranges for the Conv activations
+  too, where `w8a8` clips them by MSE);
 - FFDNet only, a diagnostic: int8 weights with float activations
   (`canonicalize,[equalize,]calibrate,quantize{activations=none},lower-ort`), what the weights alone cost
   with and without equalization.
 
 FFDNet grey and RGB: PSNR (dB) against the clean photo on the evaluation photos, seeded Gaussian
 noise at `--sigmas` (default 25), calibration as in `benchmarks/imaging.py` (the same batches for
-every variant). EfficientNet-Lite0: top-1 agreement with the float model on `--grid` x `--grid`
+every variant). EfficientNet-Lite0: top-1 agreement with the float model, and the logits' mean relative squared error, on `--grid` x `--grid`
 224 x 224 crops of its 8 evaluation photos (72 crops at grid 3), calibrated on 2 x 2 crops of its
 11 calibration photos (44 crops), batches of 8; and latency of one crop, 2 threads, interleaved,
 ratio to float32. Each model is captured once and every variant compiles that ONNX file.
@@ -55,6 +59,7 @@ def variants(name: str) -> dict[str, str]:
         out.update({"w8 weights only": "canonicalize,calibrate,quantize{activations=none},lower-ort",
                     "w8 weights only eq": "canonicalize,equalize,calibrate,quantize{activations=none},lower-ort"})
     if name == "efficientnet-lite0":
+        out["w8a8 minmax"] = "w8a8{conv-method=calibrated}"  # min-max activation ranges, w8a8's default before conv-method=mse
         out.update({"w8a8 eq-relu6 no-bc": "w8a8{equalize=relu6 bias-correction=false}", "w8a8 eq-relu6": "w8a8{equalize=relu6}"})
     return out
 
@@ -111,18 +116,27 @@ def bench_efficientnet(args, work: Path) -> dict[str, Any]:
     batches = [eff.to_feeds(calibration[i:i + BATCH]) for i in range(0, len(calibration), BATCH)]
     compiled = compile_all(capture_once(bundled.name, work), bundled.name, work, batches)
     sessions = {label: ort_session(v["model"], common.THREADS) for label, v in compiled.items()}
+    if args.peers_python:  # NNCF's quantize on the float32 model, the same batches
+        nncf = imaging.compile_nncf(Path(compiled["float32"]["model"]), work, batches, args.peers_python)
+        compiled["nncf"] = {**nncf, "pipeline": nncf["config"], "model": str(nncf["model"])}
+        sessions["nncf"] = imaging.nncf_session(nncf["model"])
+        log(f"{bundled.name}: nncf quantized in {nncf['compile_s']} s")
     evaluation = bundled.evaluation_crops(args.grid)
     crops = [c for _, c in evaluation]
     logits = {label: np.concatenate([s.run(None, eff.to_feeds(crops[i:i + BATCH]))[0] for i in range(0, len(crops), BATCH)])
               for label, s in sessions.items()}
     agreement = {label: round(100 * eff.top1_agreement(logits["float32"], value), 2) for label, value in logits.items()}
+    reference = logits["float32"].astype(np.float64)
+    # mean over crops of |logits - float logits|^2 / |float logits|^2: finer than agreement on few crops
+    relative = {label: round(float(np.mean(np.sum((value - reference) ** 2, axis=1) / np.sum(reference ** 2, axis=1))), 5)
+                for label, value in logits.items()}
     feeds = eff.to_feeds(crops[:1])
     timing = common.interleaved_latency({label: (lambda s=s: s.run(None, feeds)) for label, s in sessions.items()},
                                         warmup=3, repeats=args.repeats, reference="float32")
     return {"model": bundled.name, "metric": "top-1 agreement with float32 %",
             "calibration": f"{len(calibration)} crops of {', '.join(eff.CALIBRATION_PHOTOS)}",
             "evaluation": f"{len(crops)} crops ({args.grid}x{args.grid} per photo) of {', '.join(eff.EVALUATION_PHOTOS)}",
-            "variants": compiled, "scores": {label: {"top1": value} for label, value in agreement.items()},
+            "variants": compiled, "scores": {label: {"top1": value, "logit rel. MSE": relative[label]} for label, value in agreement.items()},
             "latency_ratio": {label: v["paired_ratio"] for label, v in timing.items()},
             "latency_ms": {label: v["median_ms"] for label, v in timing.items()}}
 
@@ -134,11 +148,11 @@ def render(results: list[dict]) -> str:
         rows = []
         for label, scores in r["scores"].items():
             row = [label, r["variants"][label]["pipeline"].split(",lower-ort")[0][:60]]
-            row += [f"{scores[c]:.2f}" for c in columns]
+            row += [f"{scores[c]:.2f}" if c == "top1" or not isinstance(scores[c], float) or scores[c] >= 1 else f"{scores[c]:.5f}" for c in columns]
             if "latency_ratio" in r:
                 row.append(f"{r['latency_ratio'][label]:.2f}")
             rows.append(row)
-        head = ["variant", "pipeline (start)"] + [f"{r['metric']} @ {c}" for c in columns]
+        head = ["variant", "pipeline (start)"] + [f"{r['metric']} @ {c}" if c[0].isdigit() else c for c in columns]
         if "latency_ratio" in r:
             head.append("latency x float32")
         lines.append(f"{r['model']}")
@@ -155,6 +169,7 @@ def main(argv=None) -> int:
     parser.add_argument("--crop", type=int, help="FFDNet: centre crops of this size instead of whole photos")
     parser.add_argument("--grid", type=int, default=3, help="EfficientNet: grid x grid crops per evaluation photo (default 3)")
     parser.add_argument("--repeats", type=int, default=20, help="EfficientNet latency rounds (default 20)")
+    parser.add_argument("--peers-python", help="EfficientNet: the interpreter with NNCF installed (e.g. .venv-peers/bin/python) for an nncf row")
     parser.add_argument("--json", type=Path, default=common.RESULTS / "equalize.json")
     args = parser.parse_args(argv)
     common.quiet()

@@ -5,16 +5,24 @@ Runtime's own static quantizer on the same calibration data.
     python benchmarks/imaging.py                              # all three models (about 15 min on 2 cores)
     python benchmarks/imaging.py --models ffdnet-gray --sigmas 25 --count 2 --crop 256   # a quick run
     python benchmarks/imaging.py --models deepbet-brain --json benchmarks/results/imaging_deepbet.json
+    python benchmarks/imaging.py --peers-python .venv-peers/bin/python       # with the nncf row
 
 Rows, per model:
 - `float32`: our `default` pipeline (the float ONNX Runtime model).
 - `ours w8a8`: our `w8a8` preset (per-channel int8 Conv weights, static per-tensor uint8
-  activations, min-max ranges).
+  activations, Conv activations clipped by MSE, Conv biases corrected).
+- `ours w8a8 minmax`: `w8a8{conv-method=calibrated}`, the same with min-max activation ranges.
 - `ort static`: `onnxruntime.quantization.quantize_static` on the float32 model after
   `quant_pre_process` (its symbolic shape inference fails on the free height and width, so it
   runs with `skip_symbolic_shape=True`): QDQ, `per_channel=True`, activations QUInt8, weights
   QInt8, MinMax, ORT's default operator set; a CalibrationDataReader over the very batches ours
   calibrates on.
+- `nncf`: NNCF's `quantize` on the float32 ONNX model with its defaults (`benchmarks/nncf_ptq.py`,
+  run in the interpreter given by `--peers-python`, the one `benchmarks/peers.py` uses; the row is
+  left out without it), on the very batches ours calibrates on. Its artifact is run with ONNX
+  Runtime's `QDQPropagationTransformer` disabled: ONNX Runtime 1.23 otherwise refuses it (the
+  transformer moves NNCF's int8 QuantizeLinear of the image across a Reshape and gives the copy
+  a uint8 zero point).
 - `ours w8a8, float act.` (diagnostic): our artifact with its activation QuantizeLinear /
   DequantizeLinear pairs removed, i.e. int8 weights with float activations: what the weights alone
   cost.
@@ -52,7 +60,9 @@ Output: the tables on stdout and `benchmarks/results/imaging.json`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -159,6 +169,27 @@ def compile_ort_static(float_model: Path, work: Path, batches) -> dict[str, Any]
             "compile_s": round(time.perf_counter() - start, 1)}
 
 
+def compile_nncf(float_model: Path, work: Path, batches, python: str) -> dict[str, Any]:
+    """NNCF's `quantize` in the peers interpreter (`benchmarks/nncf_ptq.py`), on `batches`."""
+    data, out = work / "nncf-calibration.npz", work / "nncf.onnx"
+    np.savez(data, **{f"{i}/{name}": array for i, batch in enumerate(batches) for name, array in batch.items()})
+    script = Path(__file__).resolve().parent / "nncf_ptq.py"
+    done = subprocess.run([python, str(script), str(float_model), str(data), str(out)], capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"nncf_ptq.py failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+    return {"model": out, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def nncf_session(path: Path):
+    """A session of NNCF's artifact (ONNX Runtime 1.23 refuses it unless QDQ propagation is off)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads, options.inter_op_num_threads = common.THREADS, 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=["QDQPropagationTransformer"])
+
+
 def without_activation_quantization(model_path: Path, out: Path) -> dict[str, Any]:
     """A copy of a QDQ model whose activation QuantizeLinear -> DequantizeLinear pairs are removed
     (readers of the DequantizeLinear read the float tensor); weights stay int8."""
@@ -252,11 +283,19 @@ def bench_model(name: str, args, work: Path) -> dict[str, Any]:
     float32 = compile_ours(name, work / "float32", "default", None)
     ours = compile_ours(name, work / "w8a8", "w8a8", batches)
     log(f"{name}: ours w8a8 compiled in {ours['compile_s']} s")
+    ours_minmax = compile_ours(name, work / "w8a8-minmax", "w8a8{conv-method=calibrated}", batches)
     ort_static = compile_ort_static(float32["model"], work, batches)
     log(f"{name}: ort static quantized in {ort_static['compile_s']} s")
     weights_only = without_activation_quantization(ours["model"], work / "w8a8-float-activations.onnx")
-    variants = {"float32": float32, "ours w8a8": ours, "ort static": ort_static, "ours w8a8, float act.": weights_only}
-    sessions = {key: ort_session(str(v["model"]), common.THREADS) for key, v in variants.items()}
+    variants = {"float32": float32, "ours w8a8": ours, "ours w8a8 minmax": ours_minmax, "ort static": ort_static}
+    if args.peers_python:
+        variants["nncf"] = compile_nncf(float32["model"], work, batches, args.peers_python)
+        log(f"{name}: nncf quantized in {variants['nncf']['compile_s']} s")
+    else:
+        log(f"{name}: no --peers-python given: the nncf row is left out")
+    variants["ours w8a8, float act."] = weights_only
+    sessions = {key: (nncf_session if key == "nncf" else lambda p: ort_session(p, common.THREADS))(str(v["model"]))
+                for key, v in variants.items()}
     targets = evaluation_targets(bundled, args.count, args.crop)
     log(f"{name}: evaluating on {', '.join(t[0] for t in targets)}")
     scores = quality(sessions, targets, args.sigmas)
@@ -265,7 +304,8 @@ def bench_model(name: str, args, work: Path) -> dict[str, Any]:
         v["model"] = str(v["model"])
         v["bytes"] = Path(v["model"]).stat().st_size
     drops = {key: {s: round(scores["float32"][s]["psnr"] - scores[key][s]["psnr"], 3) for s in scores["float32"]}
-             for key in ("ours w8a8", "ort static", "ours w8a8, float act.")}
+             for key in variants if key != "float32"}
+    peers = [key for key in ("ort static", "nncf") if key in drops]
     return {
         "model": name,
         "calibration": described,
@@ -277,8 +317,8 @@ def bench_model(name: str, args, work: Path) -> dict[str, Any]:
         "latency_512": {k: {kk: vv for kk, vv in v.items() if kk != "samples_ms"} for k, v in timing.items()},
         "targets": {
             f"ours w8a8 within {TARGET_DROP_DB} dB of float at every sigma": all(d <= TARGET_DROP_DB for d in drops["ours w8a8"].values()),
-            "ours w8a8 at least as close as ort static at every sigma": all(
-                drops["ours w8a8"][s] <= drops["ort static"][s] for s in drops["ours w8a8"]),
+            f"ours w8a8 at least as close as {' and '.join(peers)} at every sigma": all(
+                drops["ours w8a8"][s] <= drops[peer][s] for s in drops["ours w8a8"] for peer in peers),
             f"ours w8a8 latency <= {TARGET_LATENCY_RATIO}x float": timing["ours w8a8"]["paired_ratio"] <= TARGET_LATENCY_RATIO,
         },
     }
@@ -395,7 +435,7 @@ def render(results: list[dict]) -> str:
             continue
         rows = []
         for sigma in r["quality"]["float32"]:
-            for key in ("noisy", "float32", "ours w8a8", "ort static", "ours w8a8, float act."):
+            for key in ("noisy", *r["variants"]):
                 q = r["quality"][key][sigma]
                 quantized = key not in ("noisy", "float32")
                 drop = f"{r['psnr_drop_vs_float'][key][sigma]:.2f}" if quantized else ""
@@ -420,6 +460,7 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, help="evaluate on the first N evaluation photos only")
     parser.add_argument("--crop", type=int, help="evaluate on centre crops of this size instead of whole photos")
     parser.add_argument("--repeats", type=int, default=12, help="latency rounds (default 12)")
+    parser.add_argument("--peers-python", help="the interpreter with NNCF installed (e.g. .venv-peers/bin/python) for the nncf row")
     parser.add_argument("--json", type=Path, default=common.RESULTS / "imaging.json")
     parser.add_argument("--profile", action="store_true", help="deepbet-brain: also ONNX Runtime's time per op type (float32 and ours)")
     args = parser.parse_args(argv)

@@ -34,7 +34,7 @@ import onnx_ir as ir
 
 from qcompiler.pipeline import context
 from qcompiler.analysis.calib_cache import collect_cached
-from qcompiler.analysis.calibration import METHODS, MINMAX_BINS, batch_size_of, quantizable_inputs, summary
+from qcompiler.analysis.calibration import HISTOGRAM_BINS, METHODS, MINMAX_BINS, batch_size_of, quantizable_inputs, summary
 from qcompiler.errors import UserError
 from qcompiler.support.progress import progress
 from qcompiler.ir.meta import CALIBRATION_KEY, STATS_KEY, Prop
@@ -59,7 +59,7 @@ class CalibratePass(Pass):
     )
     percentile: float = option(99.99, "percentile of |x| kept by method=percentile, in (50, 100]")
     sample_rows: int = option(512, "rows (tokens) per tensor kept as a fixed-seed sample for alpha search")
-    bins: int = option(2048, "histogram bins per tensor (a multiple of 4, 64 to 8192); method=minmax reads no histogram and keeps a coarse one")
+    bins: int = option(HISTOGRAM_BINS, "histogram bins per tensor (a multiple of 4, 64 to 8192); method=minmax reads no histogram and keeps a coarse one")
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -103,10 +103,16 @@ class QuantizePass(Pass):
     bias_correction: Literal["false", "conv", "true"] = option(
         "false", "shift each layer's bias by the mean change its int8 weights make on the calibration inputs: "
         "every layer with a bias (true), Conv and ConvTranspose layers only (conv), or none (false)")
+    conv_method: Literal["calibrated", "minmax", "percentile", "entropy", "mse"] = option(
+        "calibrated", "static mode: clipping rule of the activations Conv layers read and write: calibrate's method "
+        "(calibrated) or minmax, percentile, entropy, mse (the w8a8 preset uses mse)")
 
     def __post_init__(self):
         if self.float_inputs < 0:
             raise UserError(f"quantize: float-inputs must be 0 or more, got {self.float_inputs}")
+        if self.conv_method != "calibrated" and self.conv_method not in calibration.METHODS:
+            raise UserError(f"quantize: conv-method must be calibrated or one of {', '.join(calibration.METHODS)}, "
+                            f"got '{self.conv_method}'")
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
@@ -125,7 +131,9 @@ class QuantizePass(Pass):
         static = self.activations == "int8" and self.act_mode == "static"
         conv_outputs = placement.quantized_conv_outputs(graph, [t.node for t in targets]) if static else {}
         if static:
-            ranges, act_sqnr, recollected = _static_ranges(model, targets, {name: 1 for name in conv_outputs})
+            conv_tensors = {t.x.name for t in targets if t.node.op_type == "Conv"} | set(conv_outputs)
+            methods = {name: self.conv_method for name in conv_tensors} if self.conv_method != "calibrated" else {}
+            ranges, act_sqnr, recollected = _static_ranges(model, targets, {name: 1 for name in conv_outputs}, methods)
         inputs = {t.x.name for t in targets}
         worst_first = sorted((n for n in act_sqnr if n in inputs), key=lambda name: (np.inf if act_sqnr[name] is None else act_sqnr[name], name))
         in_float = set(worst_first[: self.float_inputs])
@@ -348,23 +356,32 @@ def asymmetric_params(lo: float, hi: float) -> tuple[float, int]:
     return float(np.float32(scale)), zero_point
 
 
-def _static_ranges(model: ir.Model, targets: list[Target], extra: dict[str, int] | None = None) -> tuple[dict, dict, int]:
+def _static_ranges(model: ir.Model, targets: list[Target], extra: dict[str, int] | None = None,
+                   methods: dict[str, str] | None = None) -> tuple[dict, dict, int]:
     """Per activation (the targets' inputs, and the tensors of `extra`: name -> channel axis): the
     calibrated [lo, hi], and the SQNR (dB) of int8 quantization with it on the calibration sample
-    rows; and how many activations had to be run again on calibration data."""
+    rows; and how many activations had to be run again on calibration data. `methods` (name ->
+    clipping rule) overrides calibrate's method for some tensors (`conv-method`)."""
     config = model.meta.get(CALIBRATION_KEY, {})
     method = config.get("method", "minmax")
+    methods = methods or {}
+    method_of = {name: methods.get(name, method) for name in [t.x.name for t in targets] + list(extra or {})}
     stats = current_minmax_stats(model, targets) if method == "minmax" else {}
-    missing = {t.x.name: t.channel_axis for t in targets if t.x.name not in stats}
-    missing.update({name: axis for name, axis in (extra or {}).items() if name not in stats})
+    stats = {name: s for name, s in stats.items() if method_of[name] == "minmax"}  # the others need a histogram
+    wanted = {t.x.name: t.channel_axis for t in targets}
+    wanted.update(extra or {})
+    missing = {name: axis for name, axis in wanted.items() if name not in stats}
     if missing:
         ctx = context.current()
         batches = ctx.require_calibration("quantize")
-        bins = config.get("bins", calibration.MINMAX_BINS)  # what calibrate kept (coarse for min-max, which reads none)
+        # what calibrate kept (coarse for min-max, which reads none); a histogram rule on min-max statistics gets calibrate's default bins
+        bins = config.get("bins", calibration.MINMAX_BINS)
+        if any(method_of[name] != "minmax" for name in missing):
+            bins = max(bins, calibration.HISTOGRAM_BINS)
         stats.update(collect_cached(model, batches, missing, cache_dir=ctx.cache_dir, threads=ctx.threads, bins=bins,
                                     sequential=ctx.block_sequential))
     percentile = config.get("percentile", 99.99)
-    ranges = {name: s.clip_range(method, percentile=percentile) for name, s in stats.items()}
+    ranges = {name: s.clip_range(method_of[name], percentile=percentile) for name, s in stats.items()}
     sqnr = {name: activation_sqnr(stats[name].sample, *ranges[name]) for name in stats}
     return ranges, sqnr, len(missing)
 

@@ -72,6 +72,7 @@ from qcompiler.ir.meta import CALIBRATION_KEY, STATS_KEY  # noqa: F401  (part of
 log = logging.getLogger(__name__)
 
 MINMAX_BINS = 64  # the histogram size when only min-max ranges are read (no clipping search needs bins)
+HISTOGRAM_BINS = 2048  # the histogram size of the clipping searches (percentile, entropy, mse) by default
 METHODS = ("minmax", "percentile", "entropy", "mse")
 
 _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
