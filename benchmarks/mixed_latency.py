@@ -5,6 +5,7 @@
     python benchmarks/mixed_latency.py                     # both shapes, 21 rounds (about 10 minutes on 2 cores)
     python benchmarks/mixed_latency.py --repeats 5         # a quicker, noisier run
     python benchmarks/mixed_latency.py --shapes 4096x4096  # one shape
+    python benchmarks/mixed_latency.py --only 'uniform|3.25}|cost=' --json benchmarks/results/mixed_latency_cost.json
     python benchmarks/mixed_latency.py --stage compile --work build/mixed_latency   # compile here,
     python benchmarks/mixed_latency.py --stage time --work build/mixed_latency      # time elsewhere
 
@@ -30,6 +31,9 @@ Variants:
   wrote them before (`as_gathers_and_adds`: each class's input columns read by a Gather along the
   last axis instead of GatherElements, the partial products added by a chain of Adds instead of one
   Sum; the same numbers).
+- `ours mixed 3.25 cost=latency`: the 3.25 preset's passes with `allocate-bits{cost=latency}` (the
+  class set chosen by predicted error x predicted time from `codegen/ort_kernel_costs.json`, the same
+  bit budget); `bits_histogram` in the JSON: channels per width of each allocation.
 - `ours mixed 3.25 expand`: the 3.25 preset's passes with `lower-ort{mixed-route=expand}` (one float
   MatMul of a weight expanded to float32 when the session starts: small file, float32 in memory).
 
@@ -140,6 +144,15 @@ def preset_with_route(budget: str, route: str) -> str:
     return passes[: -len("lower-ort")] + f"lower-ort{{mixed-route={route}}}"
 
 
+def preset_with_cost(budget: str, cost: str) -> str:
+    """The `mixed{avg-bits=budget}` preset's passes with `allocate-bits{cost=cost}`."""
+    from qcompiler.pipeline.spec import PRESETS
+
+    passes = PRESETS["mixed"].expand("mixed", {"avg-bits": budget})
+    assert "allocate-bits{" in passes, passes
+    return passes.replace("allocate-bits{", f"allocate-bits{{cost={cost} ", 1)
+
+
 def as_gathers_and_adds(source: Path, out: Path) -> int:
     """Copy `source` as `lower-ort` wrote mixed layers before: each `GatherElements(X, Expand(indices,
     shape))` as `Gather(X, indices, axis=-1)` and each `Sum` as a chain of Adds (the same bits);
@@ -172,8 +185,9 @@ def as_gathers_and_adds(source: Path, out: Path) -> int:
     return rewritten
 
 
-def compile_variants(work: Path, k: int, n: int) -> dict:
-    """Compile every variant of one shape into `work`; their facts (bits, error, routes, memory) into variants.json."""
+def compile_variants(work: Path, k: int, n: int, only: str | None = None) -> dict:
+    """Compile every variant of one shape into `work` (with `only`, those whose name matches that
+    regular expression, and the two reference rows); their facts (bits, error, routes, memory) into variants.json."""
     common.fix_threads(THREADS)
     import qcompiler
     from qcompiler.analysis import execute
@@ -190,9 +204,11 @@ def compile_variants(work: Path, k: int, n: int) -> dict:
         "ours mixed{avg-bits=4.25}": "mixed{avg-bits=4.25}",
         "ours mixed 3.25 single": preset_with_route("3.25", "single"),
         "ours mixed 4.25 single": preset_with_route("4.25", "single"),
+        "ours mixed 3.25 cost=latency": preset_with_cost("3.25", "latency"),
         "ours mixed 3.25 expand": "calibrate,allocate-bits{avg-bits=3.25 outliers-weight=0},quantize-weights,fold-permutation,"
                                   "lower-ort{mixed-route=expand}",
     }
+    variants = {name: p for name, p in variants.items() if only is None or name == "float32" or re.search(only, name)}
     rows: dict[str, dict] = {}
     start = time.perf_counter()
     rows[ORT_ROW] = ort_nbits(source, work / "ort", level, k, n)
@@ -203,7 +219,9 @@ def compile_variants(work: Path, k: int, n: int) -> dict:
         result = qcompiler.compile(str(source), out, pipeline=pipeline, calibration=calibration, threads=THREADS, drift=False)
         lowered = [r.stats for r in result.records if r.name == "lower-ort"]
         layers = result.manifest.get("mixed_layers") or {}
+        allocated = [r.stats for r in result.records if r.name == "allocate-bits"]
         rows[name] = {"path": str(out.relative_to(work) / "model.onnx"), "pipeline": result.manifest["pipeline"],
+                      "bits_histogram": next(iter(allocated[0]["per_layer"].values()))["bits_histogram"] if allocated else None,
                       "effective_bits": 32.0 if name == "float32" else result.manifest["effective_bits_per_weight"],
                       "compile_s": round(time.perf_counter() - start, 2),
                       "routes": lowered[0].get("routes") if lowered else None,
@@ -211,6 +229,8 @@ def compile_variants(work: Path, k: int, n: int) -> dict:
                       "resident_mib": round(sum(v["bytes_resident"] for v in layers.values()) / 2**20, 2) if layers else None}
     rows[ORT_ROW]["path"] = str(Path("ort") / "model.onnx")
     for budget in ("3.25", "4.25"):  # the split route as it was written before: Gathers and Adds
+        if f"ours mixed{{avg-bits={budget}}}" not in rows or (only is not None and not re.search(only, f"ours mixed {budget} Gather+Add")):
+            continue
         split = rows[f"ours mixed{{avg-bits={budget}}}"]
         before = Path(split["path"]).parent.with_name(Path(split["path"]).parent.name + "_gather_add") / "model.onnx"
         rewritten = as_gathers_and_adds(work / split["path"], work / before)
@@ -367,7 +387,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=None, help="the compiled models (kept)")
     parser.add_argument("--stage", choices=("all", "compile", "time"), default="all",
                         help="compile only, time an already compiled --work folder only (numpy, onnx, onnxruntime), or both")
-    parser.add_argument("--only", default=None, help="time only the variants matching this regular expression (with float32 and ORT's 4-bit)")
+    parser.add_argument("--only", default=None, help="compile and time only the variants matching this regular expression "
+                        "(with float32 and ORT's 4-bit)")
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args()
     common.quiet()
@@ -378,7 +399,7 @@ def main() -> int:
         folder = work / f"{k}x{n}"
         folder.mkdir(parents=True, exist_ok=True)
         if args.stage in ("all", "compile"):
-            compile_variants(folder, k, n)
+            compile_variants(folder, k, n, args.only)
         if args.stage in ("all", "time"):
             results[f"{k}x{n}"] = time_variants(folder, k, n, args.repeats, args.only)
     if results:
