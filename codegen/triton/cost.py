@@ -11,7 +11,8 @@
 - sparse outliers in CSC: an int16 row and an fp16 value (32 bits; the int32 column pointers are
   a per-layer constant);
 - the permutation: int64 per input channel.
-No kernel-cost table is measured for this target, so `allocate-bits{cost=latency}` refuses it.
+Not yet `TritonTarget.cost_model` (the K-tile padding makes small layers infeasible at mixed budgets;
+see `codegen/targets.py`); no kernel-cost table is measured for this target, so cost=latency refuses it.
 """
 
 from __future__ import annotations
