@@ -6,6 +6,7 @@
     python benchmarks/mixed_latency.py --repeats 5         # a quicker, noisier run
     python benchmarks/mixed_latency.py --shapes 4096x4096  # one shape
     python benchmarks/mixed_latency.py --only 'uniform|3.25}|cost=' --json benchmarks/results/mixed_latency_cost.json
+    python benchmarks/mixed_latency.py --stage class-sets --json benchmarks/results/mixed_latency_class_sets.json
     python benchmarks/mixed_latency.py --stage compile --work build/mixed_latency   # compile here,
     python benchmarks/mixed_latency.py --stage time --work build/mixed_latency      # time elsewhere
 
@@ -380,13 +381,55 @@ def time_variants(work: Path, k: int, n: int, repeats: int, only: str | None = N
             "cpu_time_1_thread": {f"M={m}": {name: cpu[m][name] for name in order} for m in cpu}}
 
 
+CLASS_SETS = ((2, 4, 8), (2, 4), (2, 8), (4, 8), (2,))
+
+
+def class_sets(k: int, n: int, budget: str = "3.25") -> dict:
+    """What `allocate-bits{cost=latency}` weighs on this layer: each candidate set allocated by
+    `cost=bits` under the preset's budget (the pass's options of `mixed{avg-bits=budget}`), its
+    predicted error (the pass's stats) and predicted M=1 time (ONNX Runtime's kernel-cost table)."""
+    import qcompiler
+    from qcompiler.analysis import bitcost
+    from qcompiler.codegen.targets import get_target
+    from qcompiler.pipeline.context import CompileContext, using
+    from qcompiler.pipeline.pass_manager import run_pipeline
+    from qcompiler.pipeline.spec import parse_pipeline
+
+    costs = get_target("ort").cost_model
+    calibration = [{"X": inputs(32, seed, k)} for seed in range(8)]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        source = float_model(Path(tmp) / "float.onnx", k, n)
+        for subset in CLASS_SETS:
+            model = qcompiler.load(str(source))
+            spec = f"calibrate,allocate-bits{{avg-bits={budget} outliers-weight=0 candidates={','.join(map(str, subset))}}}"
+            try:
+                with using(CompileContext(calibration=calibration, cost_model=costs)):
+                    records = run_pipeline(model, parse_pipeline(spec))
+            except qcompiler.UserError as exc:
+                out[",".join(map(str, subset))] = {"infeasible": str(exc)}
+                continue
+            layer = next(iter(records[-1].stats["per_layer"].values()))
+            hist = layer["bits_histogram"]
+            us = sum(costs.kernel_costs.class_us(costs.route(bitcost.class_kind(int(b), False), int(b), "auto"), rows, n)
+                     for b, rows in hist.items())
+            out[",".join(map(str, subset))] = {"bits_histogram": hist, "bits_per_weight": layer["bits_per_weight"],
+                                               "predicted_error": round(layer["predicted_error"], 2), "predicted_us": round(us, 1)}
+    print(f"\n{k}x{n}, allocate-bits of mixed{{avg-bits={budget}}} per candidate set (cost=latency keeps the least error x us):")
+    print(common.table(["candidates", "channels per width", "bits", "predicted error", "predicted us (M=1)"],
+                       [[name, r.get("bits_histogram", "infeasible"), r.get("bits_per_weight", ""), r.get("predicted_error", ""),
+                         r.get("predicted_us", "")] for name, r in out.items()]))
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="K x N of each layer, comma-separated")
     parser.add_argument("--work", type=Path, default=None, help="the compiled models (kept)")
-    parser.add_argument("--stage", choices=("all", "compile", "time"), default="all",
-                        help="compile only, time an already compiled --work folder only (numpy, onnx, onnxruntime), or both")
+    parser.add_argument("--stage", choices=("all", "compile", "time", "class-sets"), default="all",
+                        help="compile only, time an already compiled --work folder only (numpy, onnx, onnxruntime), or both; "
+                        "class-sets: print what allocate-bits{cost=latency} weighs on each layer (no timing)")
     parser.add_argument("--only", default=None, help="compile and time only the variants matching this regular expression "
                         "(with float32 and ORT's 4-bit)")
     parser.add_argument("--json", type=Path, default=RESULTS)
@@ -395,6 +438,11 @@ def main() -> int:
     shapes = [tuple(int(d) for d in text.lower().split("x")) for text in args.shapes.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="mixed_latency_"))
     results = {}
+    if args.stage == "class-sets":
+        sets = {f"{k}x{n}": class_sets(k, n) for k, n in shapes}
+        common.write_json(args.json, {"benchmark": "mixed_latency class sets", "command": common.command_line(), "shapes": sets})
+        print(f"\nwrote {args.json}")
+        return 0
     for k, n in shapes:
         folder = work / f"{k}x{n}"
         folder.mkdir(parents=True, exist_ok=True)
