@@ -5,6 +5,8 @@
     python benchmarks/mixed_latency.py                     # both shapes, 21 rounds (about 10 minutes on 2 cores)
     python benchmarks/mixed_latency.py --repeats 5         # a quicker, noisier run
     python benchmarks/mixed_latency.py --shapes 4096x4096  # one shape
+    python benchmarks/mixed_latency.py --only 'uniform|3.25}|cost=' --json benchmarks/results/mixed_latency_cost.json
+    python benchmarks/mixed_latency.py --stage class-sets --json benchmarks/results/mixed_latency_class_sets.json
     python benchmarks/mixed_latency.py --stage compile --work build/mixed_latency   # compile here,
     python benchmarks/mixed_latency.py --stage time --work build/mixed_latency      # time elsewhere
 
@@ -30,6 +32,9 @@ Variants:
   wrote them before (`as_gathers_and_adds`: each class's input columns read by a Gather along the
   last axis instead of GatherElements, the partial products added by a chain of Adds instead of one
   Sum; the same numbers).
+- `ours mixed 3.25 cost=latency`: the 3.25 preset's passes with `allocate-bits{cost=latency}` (the
+  class set chosen by predicted error x predicted time from `codegen/ort_kernel_costs.json`, the same
+  bit budget); `bits_histogram` in the JSON: channels per width of each allocation.
 - `ours mixed 3.25 expand`: the 3.25 preset's passes with `lower-ort{mixed-route=expand}` (one float
   MatMul of a weight expanded to float32 when the session starts: small file, float32 in memory).
 
@@ -140,6 +145,15 @@ def preset_with_route(budget: str, route: str) -> str:
     return passes[: -len("lower-ort")] + f"lower-ort{{mixed-route={route}}}"
 
 
+def preset_with_cost(budget: str, cost: str) -> str:
+    """The `mixed{avg-bits=budget}` preset's passes with `allocate-bits{cost=cost}`."""
+    from qcompiler.pipeline.spec import PRESETS
+
+    passes = PRESETS["mixed"].expand("mixed", {"avg-bits": budget})
+    assert "allocate-bits{" in passes, passes
+    return passes.replace("allocate-bits{", f"allocate-bits{{cost={cost} ", 1)
+
+
 def as_gathers_and_adds(source: Path, out: Path) -> int:
     """Copy `source` as `lower-ort` wrote mixed layers before: each `GatherElements(X, Expand(indices,
     shape))` as `Gather(X, indices, axis=-1)` and each `Sum` as a chain of Adds (the same bits);
@@ -172,8 +186,9 @@ def as_gathers_and_adds(source: Path, out: Path) -> int:
     return rewritten
 
 
-def compile_variants(work: Path, k: int, n: int) -> dict:
-    """Compile every variant of one shape into `work`; their facts (bits, error, routes, memory) into variants.json."""
+def compile_variants(work: Path, k: int, n: int, only: str | None = None) -> dict:
+    """Compile every variant of one shape into `work` (with `only`, those whose name matches that
+    regular expression, and the two reference rows); their facts (bits, error, routes, memory) into variants.json."""
     common.fix_threads(THREADS)
     import qcompiler
     from qcompiler.analysis import execute
@@ -190,9 +205,11 @@ def compile_variants(work: Path, k: int, n: int) -> dict:
         "ours mixed{avg-bits=4.25}": "mixed{avg-bits=4.25}",
         "ours mixed 3.25 single": preset_with_route("3.25", "single"),
         "ours mixed 4.25 single": preset_with_route("4.25", "single"),
+        "ours mixed 3.25 cost=latency": preset_with_cost("3.25", "latency"),
         "ours mixed 3.25 expand": "calibrate,allocate-bits{avg-bits=3.25 outliers-weight=0},quantize-weights,fold-permutation,"
                                   "lower-ort{mixed-route=expand}",
     }
+    variants = {name: p for name, p in variants.items() if only is None or name == "float32" or re.search(only, name)}
     rows: dict[str, dict] = {}
     start = time.perf_counter()
     rows[ORT_ROW] = ort_nbits(source, work / "ort", level, k, n)
@@ -203,7 +220,9 @@ def compile_variants(work: Path, k: int, n: int) -> dict:
         result = qcompiler.compile(str(source), out, pipeline=pipeline, calibration=calibration, threads=THREADS, drift=False)
         lowered = [r.stats for r in result.records if r.name == "lower-ort"]
         layers = result.manifest.get("mixed_layers") or {}
+        allocated = [r.stats for r in result.records if r.name == "allocate-bits"]
         rows[name] = {"path": str(out.relative_to(work) / "model.onnx"), "pipeline": result.manifest["pipeline"],
+                      "bits_histogram": next(iter(allocated[0]["per_layer"].values()))["bits_histogram"] if allocated else None,
                       "effective_bits": 32.0 if name == "float32" else result.manifest["effective_bits_per_weight"],
                       "compile_s": round(time.perf_counter() - start, 2),
                       "routes": lowered[0].get("routes") if lowered else None,
@@ -211,6 +230,8 @@ def compile_variants(work: Path, k: int, n: int) -> dict:
                       "resident_mib": round(sum(v["bytes_resident"] for v in layers.values()) / 2**20, 2) if layers else None}
     rows[ORT_ROW]["path"] = str(Path("ort") / "model.onnx")
     for budget in ("3.25", "4.25"):  # the split route as it was written before: Gathers and Adds
+        if f"ours mixed{{avg-bits={budget}}}" not in rows or (only is not None and not re.search(only, f"ours mixed {budget} Gather+Add")):
+            continue
         split = rows[f"ours mixed{{avg-bits={budget}}}"]
         before = Path(split["path"]).parent.with_name(Path(split["path"]).parent.name + "_gather_add") / "model.onnx"
         rewritten = as_gathers_and_adds(work / split["path"], work / before)
@@ -360,25 +381,73 @@ def time_variants(work: Path, k: int, n: int, repeats: int, only: str | None = N
             "cpu_time_1_thread": {f"M={m}": {name: cpu[m][name] for name in order} for m in cpu}}
 
 
+CLASS_SETS = ((2, 4, 8), (2, 4), (2, 8), (4, 8), (2,))
+
+
+def class_sets(k: int, n: int, budget: str = "3.25") -> dict:
+    """What `allocate-bits{cost=latency}` weighs on this layer: each candidate set allocated by
+    `cost=bits` under the preset's budget (the pass's options of `mixed{avg-bits=budget}`), its
+    predicted error (the pass's stats) and predicted M=1 time (ONNX Runtime's kernel-cost table)."""
+    import qcompiler
+    from qcompiler.analysis import bitcost
+    from qcompiler.codegen.targets import get_target
+    from qcompiler.pipeline.context import CompileContext, using
+    from qcompiler.pipeline.pass_manager import run_pipeline
+    from qcompiler.pipeline.spec import parse_pipeline
+
+    costs = get_target("ort").cost_model
+    calibration = [{"X": inputs(32, seed, k)} for seed in range(8)]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        source = float_model(Path(tmp) / "float.onnx", k, n)
+        for subset in CLASS_SETS:
+            model = qcompiler.load(str(source))
+            spec = f"calibrate,allocate-bits{{avg-bits={budget} outliers-weight=0 candidates={','.join(map(str, subset))}}}"
+            try:
+                with using(CompileContext(calibration=calibration, cost_model=costs)):
+                    records = run_pipeline(model, parse_pipeline(spec))
+            except qcompiler.UserError as exc:
+                out[",".join(map(str, subset))] = {"infeasible": str(exc)}
+                continue
+            layer = next(iter(records[-1].stats["per_layer"].values()))
+            hist = layer["bits_histogram"]
+            us = sum(costs.kernel_costs.class_us(costs.route(bitcost.class_kind(int(b), False), int(b), "auto"), rows, n)
+                     for b, rows in hist.items())
+            out[",".join(map(str, subset))] = {"bits_histogram": hist, "bits_per_weight": layer["bits_per_weight"],
+                                               "predicted_error": round(layer["predicted_error"], 2), "predicted_us": round(us, 1)}
+    print(f"\n{k}x{n}, allocate-bits of mixed{{avg-bits={budget}}} per candidate set (cost=latency keeps the least error x us):")
+    print(common.table(["candidates", "channels per width", "bits", "predicted error", "predicted us (M=1)"],
+                       [[name, r.get("bits_histogram", "infeasible"), r.get("bits_per_weight", ""), r.get("predicted_error", ""),
+                         r.get("predicted_us", "")] for name, r in out.items()]))
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="K x N of each layer, comma-separated")
     parser.add_argument("--work", type=Path, default=None, help="the compiled models (kept)")
-    parser.add_argument("--stage", choices=("all", "compile", "time"), default="all",
-                        help="compile only, time an already compiled --work folder only (numpy, onnx, onnxruntime), or both")
-    parser.add_argument("--only", default=None, help="time only the variants matching this regular expression (with float32 and ORT's 4-bit)")
+    parser.add_argument("--stage", choices=("all", "compile", "time", "class-sets"), default="all",
+                        help="compile only, time an already compiled --work folder only (numpy, onnx, onnxruntime), or both; "
+                        "class-sets: print what allocate-bits{cost=latency} weighs on each layer (no timing)")
+    parser.add_argument("--only", default=None, help="compile and time only the variants matching this regular expression "
+                        "(with float32 and ORT's 4-bit)")
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args()
     common.quiet()
     shapes = [tuple(int(d) for d in text.lower().split("x")) for text in args.shapes.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="mixed_latency_"))
     results = {}
+    if args.stage == "class-sets":
+        sets = {f"{k}x{n}": class_sets(k, n) for k, n in shapes}
+        common.write_json(args.json, {"benchmark": "mixed_latency class sets", "command": common.command_line(), "shapes": sets})
+        print(f"\nwrote {args.json}")
+        return 0
     for k, n in shapes:
         folder = work / f"{k}x{n}"
         folder.mkdir(parents=True, exist_ok=True)
         if args.stage in ("all", "compile"):
-            compile_variants(folder, k, n)
+            compile_variants(folder, k, n, args.only)
         if args.stage in ("all", "time"):
             results[f"{k}x{n}"] = time_variants(folder, k, n, args.repeats, args.only)
     if results:

@@ -138,6 +138,10 @@ class AllocateBitsPass(Pass):
         "(measured: output, squared change; kl, KL divergence of the first output's softmax, for LMs)")
     zero_points: Literal["auto", "integer", "fractional"] = option(
         "auto", "uniform classes: integer zero points (runnable by MatMulNBits), fp16 fractional ones, or auto: integer for 2, 4 and 8 bits")
+    cost: Literal["bits", "latency"] = option(
+        "bits", "what decides among allocations that meet the budget: bits (error per stored bit), or latency (each set of "
+        "candidate classes allocated by error per stored bit, and the one with the least predicted error x predicted time "
+        "kept, time from the target's measured kernel-cost table)")
     other_widths: Literal["refuse", "container", "expand"] = option(
         "refuse", "candidate or keep widths ONNX Runtime's MatMulNBits does not run (1, 3, 5, 6, 7): refuse them, store them in "
         "containers of the next width it runs (3 -> 4 bits, priced at 4), or store them tight as bit-planes with fractional "
@@ -300,13 +304,70 @@ class AllocateBitsPass(Pass):
             per_layer[layer.linear.name] = round(factor, 6)
         return {"reference_bits": reference, "batch_rows": int(next(iter(batch.values())).shape[0]), "factor": per_layer}
 
+    @property
+    def _costs(self) -> bitcost.StorageCost:
+        """The run's target cost model (the driver puts it in the context; ONNX Runtime's without one)."""
+        from qcompiler.pipeline import context
+
+        return context.current().cost_model or bitcost.ORT
+
     def _allocate(self, pool: list[_Layer], avg_bits: float) -> dict[str, np.ndarray]:
-        """Greedy allocation charging the exact stored bits of every step (see `_greedy`)."""
+        """Greedy allocation charging the exact stored bits of every step (see `_greedy`); with
+        cost=latency, the class set chosen by `_fastest_for_error`."""
         target = avg_bits * sum(layer.w.size for layer in pool)
         budget = target - sum(self._constants(layer) for layer in pool)
-        return self._greedy(pool, budget, avg_bits)
+        candidates = sorted(set(self.candidates))
+        if self.cost == "latency":
+            return self._fastest_for_error(pool, budget, avg_bits, candidates)
+        return self._greedy(pool, budget, avg_bits, candidates)
 
-    def _greedy(self, pool: list[_Layer], budget: float, avg_bits: float) -> dict[str, np.ndarray]:
+    def _kernel_costs(self) -> bitcost.KernelCosts:
+        costs = self._costs.kernel_costs
+        if costs is None:
+            raise UserError(f"allocate-bits: cost=latency needs a measured kernel-cost table and target "
+                            f"'{self._costs.name}' has none; use cost=bits")
+        return costs
+
+    def _fastest_for_error(self, pool: list[_Layer], budget: float, avg_bits: float, candidates: list[int]) -> dict[str, np.ndarray]:
+        """cost=latency: every non-empty subset of the candidates that can meet the budget is allocated
+        by error per stored bit (`_greedy`, the same budget, so every allocation stores at most the same
+        bits); the one with the least predicted error x predicted time (`_predicted_us`) is kept: a
+        weighted term in relative units (1 % faster is worth 1 % more predicted error), so no constant
+        converts seconds into error. A class costs its launch and time per weight, so a class set
+        without a class whose few rows cost a whole launch, or without a slow width, wins when the
+        error it adds is smaller than the time it saves. Ties keep the earlier subset (fewer classes,
+        smaller widths first). A pool (scope=model) shares one class set."""
+        import itertools
+
+        table = self._kernel_costs()
+        best, best_score = None, None
+        for size in range(1, len(candidates) + 1):
+            for subset in itertools.combinations(candidates, size):
+                try:
+                    bits = self._greedy(pool, budget, avg_bits, list(subset))
+                except UserError:  # the budget is outside what this subset allows
+                    continue
+                error = sum(self._predicted_error(layer, bits[layer.linear.name]) for layer in pool)
+                time = sum(self._predicted_us(layer, bits[layer.linear.name], table) for layer in pool)
+                score = error * time
+                if best_score is None or score < best_score:
+                    best, best_score = bits, score
+        if best is None:
+            raise UserError(self._infeasible(pool, candidates, avg_bits))
+        return best
+
+    @staticmethod
+    def _predicted_error(layer: _Layer, bits: np.ndarray) -> float:
+        return sum(float(layer.errors[b][bits == b].sum()) for b in np.unique(bits).tolist() if b in layer.errors)
+
+    def _predicted_us(self, layer: _Layer, bits: np.ndarray, table: bitcost.KernelCosts) -> float:
+        """Predicted microseconds of the layer at M=1: every non-empty class's launch and time per weight."""
+        n = layer.w.shape[1]
+        codebook = self.codebook == "kmeans"
+        return sum(table.class_us(self._costs.route(bitcost.class_kind(b, codebook), b, self._zero_points), int(rows), n)
+                   for b, rows in zip(*np.unique(bits, return_counts=True)))
+
+    def _greedy(self, pool: list[_Layer], budget: float, avg_bits: float, candidates: list[int]) -> dict[str, np.ndarray]:
         """Every channel starts at the smallest candidate; upgrades are ranked by error reduction
         per stored bit (group metadata spread over a group's rows) and each is charged its exact
         cost: the bits the two classes store after the move minus before (a class's first rows pay
@@ -314,7 +375,6 @@ class AllocateBitsPass(Pass):
         upgrade that does not fit is set aside and the next one tried, so the stored total never
         exceeds the budget; the set-aside ones are tried again (a few rounds) while moves that
         empty a group free bits for them."""
-        candidates = sorted(set(self.candidates))
         bits = {layer.linear.name: np.full(layer.w.shape[0], candidates[0], np.uint8) for layer in pool}
         counts = []
         spent = 0.0
@@ -362,18 +422,19 @@ class AllocateBitsPass(Pass):
     def _class_bits(self, layer: _Layer, b: int, rows: int) -> int:
         n = layer.w.shape[1]
         kind = bitcost.class_kind(b, self.codebook == "kmeans")
-        return bitcost.class_bits(kind, b, rows, n, self.group_size, self._zero_points)
+        return self._costs.class_bits(kind, b, rows, n, self.group_size, self._zero_points)
 
     def _stored_bits(self, layer: _Layer, bits: np.ndarray) -> int:
         """Exact stored bits of one layer's allocation (classes, groups, codebooks, outliers, permutation)."""
         k, n = layer.w.shape
         classes = {int(b): int(c) for b, c in zip(*np.unique(bits, return_counts=True))}
-        sparse = bitcost.sparse_bits(self.candidates, self.codebook == "kmeans", self._zero_points) * layer.sparse
-        return bitcost.PERM_BITS * k + sparse + sum(self._class_bits(layer, b, rows) for b, rows in classes.items())
+        costs = self._costs
+        sparse = costs.sparse_bits(self.candidates, self.codebook == "kmeans", self._zero_points) * layer.sparse
+        return costs.perm_bits * k + sparse + sum(self._class_bits(layer, b, rows) for b, rows in classes.items())
 
     def _row_bits(self, b: int, n: int) -> float:
         codebook = self.codebook == "kmeans" and b <= 4
-        return bitcost.per_row_bits(b, n, self.group_size, codebook, self._zero_points)
+        return self._costs.per_row_bits(b, n, self.group_size, codebook, self._zero_points)
 
     def _push(self, heap, layer: _Layer, index: int, k: int, level: int, candidates) -> None:
         if level + 1 >= len(candidates):
@@ -433,5 +494,8 @@ class AllocateBitsPass(Pass):
         classes = {int(b): int(c) for b, c in zip(*np.unique(bits, return_counts=True))}
         stored = self._stored_bits(layer, bits)
         error = sum(float(layer.errors[b][bits == b].sum()) for b in classes if b in layer.errors)
-        return {"weight": linear.w.name, "bits_histogram": classes, "stored_bits": int(stored), "bits_per_weight": round(stored / (k * n), 4),
-                "predicted_error": error, "sparse_outliers": layer.sparse}
+        out = {"weight": linear.w.name, "bits_histogram": classes, "stored_bits": int(stored), "bits_per_weight": round(stored / (k * n), 4),
+               "predicted_error": error, "sparse_outliers": layer.sparse}
+        if self.cost == "latency":
+            out["predicted_us"] = round(self._predicted_us(layer, bits, self._kernel_costs()), 2)
+        return out

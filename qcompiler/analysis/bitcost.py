@@ -24,9 +24,14 @@ original order; an estimate, since the real groups are formed after permutation)
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+from pathlib import Path
 
 import numpy as np
+
+from qcompiler.errors import UserError
 
 FP16 = 16
 SPARSE_BITS = 16 + 32
@@ -127,3 +132,73 @@ def minmax_grid_quantize(w: np.ndarray, bits: int, group_size: int, integer_zero
             q = np.clip(np.round((block - lo) / scale), 0, levels) * scale + lo
         out[start : start + group_size] = q
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# A target's cost model: what `allocate-bits` prices. The functions above are ONNX Runtime's
+# storage (`lower-ort`); a target whose emitter stores otherwise brings its own `StorageCost`
+# (`codegen/targets.py`: `Target.cost_model`), and a target with a measured kernel-cost table can
+# price time (`allocate-bits{cost=latency}`).
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCosts:
+    """Measured time of one class of a mixed layer on a target, at M=1: `per_weight_ns[route]`, the
+    time per weight of the kernel a class of that route runs, and `per_class_us`, the fixed cost of
+    one more class (its launch, its column read and its term of the sum). `source`: where the table
+    was measured (machine, command), for the record."""
+
+    target: str
+    per_weight_ns: dict[str, float]
+    per_class_us: float
+    source: dict = dataclasses.field(default_factory=dict, compare=False)
+
+    @classmethod
+    def load(cls, path) -> "KernelCosts":
+        body = json.loads(Path(path).read_text())
+        return cls(body["target"], {k: float(v) for k, v in body["per_weight_ns"].items()}, float(body["per_class_us"]),
+                   body.get("measured", {}))
+
+    def class_us(self, route: str, rows: int, cols: int) -> float:
+        """Predicted microseconds of one class of `rows` input channels and `cols` outputs (0 when empty)."""
+        if rows == 0:
+            return 0.0
+        if route not in self.per_weight_ns:
+            raise UserError(f"allocate-bits: the {self.target} kernel-cost table has no route '{route}' "
+                            f"(it has {', '.join(sorted(self.per_weight_ns))}); re-measure it with benchmarks/kernel_costs.py")
+        return self.per_class_us + self.per_weight_ns[route] * rows * cols / 1000.0
+
+
+class StorageCost:
+    """ONNX Runtime's cost model (`lower-ort`'s storage, the module functions above): the stored bits
+    of each class, the marginal bits of one more row, a sparse outlier, the permutation, the widths
+    run packed, and the route each class takes (the key of its kernel in `kernel_costs`)."""
+
+    name = "ort"
+    packed_widths: tuple[int, ...] = NBITS
+    perm_bits = PERM_BITS
+
+    def __init__(self, kernel_costs: KernelCosts | None = None, name: str = "ort"):
+        self.kernel_costs = kernel_costs
+        self.name = name  # the target whose run prices this way (named in refusals)
+
+    def class_bits(self, kind: str, bits: int, rows: int, cols: int, group_size: int, zero_points: str) -> int:
+        return class_bits(kind, bits, rows, cols, group_size, zero_points)
+
+    def per_row_bits(self, bits: int, cols: int, group_size: int, codebook: bool, zero_points: str) -> float:
+        return per_row_bits(bits, cols, group_size, codebook, zero_points)
+
+    def sparse_bits(self, candidates, codebook: bool, zero_points: str) -> int:
+        return sparse_bits(candidates, codebook, zero_points)
+
+    def route(self, kind: str, bits: int, zero_points: str) -> str:
+        """The kernel a class runs on: `nbits<c>` (MatMulNBits in c-bit containers), `fp16` (cast at
+        every run, float MatMul), `float32` (expanded at load: codebooks, fractional zero points)."""
+        if kind == "fp16":
+            return "fp16"
+        if nbits_route(kind, bits, zero_points):
+            return f"nbits{container_bits(bits)}"
+        return "float32"
+
+
+ORT = StorageCost()

@@ -156,7 +156,7 @@ def compile(
         executor = parallel.executor_for(workers, ray_address)
         ctx = CompileContext(
             calibration=batches, calibration_source=described, source=source_info, threads=threads, cache_dir=cache_dir,
-            executor=executor, block_sequential=True if block_sequential else None,
+            executor=executor, block_sequential=True if block_sequential else None, cost_model=backend.cost_model,
         )
         try:
             with using(ctx):

@@ -3,7 +3,8 @@
 The text is parsed and verified, exactly the passes of the pipeline spec run (nothing is implied:
 no `canonicalize` first, no `lower-ort` last), the result is verified and printed. Passes that read
 calibration data get `batches` deterministic synthetic batches (`probe.synthetic_inputs`, seeds 0 to
-batches - 1), so the same text and spec give the same output. The golden IR tests run their
+batches - 1), so the same text and spec give the same output; `allocate-bits` prices ONNX Runtime's
+cost model (as `compile` without `--target`). The golden IR tests run their
 `# RUN:` lines through this command.
 """
 
@@ -15,6 +16,7 @@ from qcompiler.ir import ELIDE_ELEMENTS, parse, to_text, verify
 from qcompiler.pipeline.pass_manager import PassRecord, run_pipeline
 from qcompiler.pipeline.spec import parse_pipeline
 from qcompiler.analysis.probe import synthetic_inputs
+from qcompiler.codegen.targets import get_target
 
 SYNTHETIC_BATCHES = 4
 
@@ -28,7 +30,8 @@ def optimize(model, spec: str, batches: int = SYNTHETIC_BATCHES) -> list[PassRec
     if not passes:
         return []
     data = [synthetic_inputs(model, seed=seed) for seed in range(batches)]
-    with using(CompileContext(calibration=data, calibration_source=f"synthetic:{batches}")):
+    cost_model = get_target("ort").cost_model  # no target here: ONNX Runtime's, as a compile without --target
+    with using(CompileContext(calibration=data, calibration_source=f"synthetic:{batches}", cost_model=cost_model)):
         records = run_pipeline(model, passes)
     verify(model)
     return records

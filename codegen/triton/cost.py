@@ -1,0 +1,70 @@
+"""What the Triton package stores for a mixed layer, the cost model `allocate-bits` prices for
+`--target triton` (`Target.cost_model`). It differs from ONNX Runtime's (`qcompiler.analysis.bitcost`):
+
+- codes of b bits in int32 words of the kernel width kb (the next of 2, 3, 4, 8 at or above b),
+  `codes_per_word(kb)` codes a word (16, 10, 8, 4: a 3-bit code costs 3.2 bits), a class's rows
+  padded to a whole K tile (32 words deep): 32 * ceil(rows / T) * T / C * N, T = C * 32;
+- uniform classes: an fp16 scale and an fp16 zero point per group and column, whatever zero points
+  the allocation chose (32 * N * ceil(rows / group));
+- codebook classes: the codes as above and an fp16 table of 2^kb entries per column;
+- fp16 classes: 16 bits a weight;
+- sparse outliers in CSC: an int16 row and an fp16 value (32 bits; the int32 column pointers are
+  a per-layer constant);
+- the permutation: int64 per input channel.
+Not yet `TritonTarget.cost_model` (the K-tile padding makes small layers infeasible at mixed budgets;
+see `codegen/targets.py`); no kernel-cost table is measured for this target, so cost=latency refuses it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from qcompiler.analysis import bitcost
+from qcompiler.codegen.triton.reference import BITS, PACK_ROWS, codes_per_word
+
+SPARSE_BITS = 16 + 16
+PERM_BITS = 64
+
+
+def kernel_width(bits: int) -> int:
+    """The narrowest code width the package's kernels unpack that holds `bits`-bit codes."""
+    return next(w for w in BITS if w >= bits)
+
+
+def code_bits(bits: int, rows: int, cols: int) -> int:
+    """Codes as the package stores them: int32 words, rows padded to a whole K tile."""
+    c = codes_per_word(kernel_width(bits))
+    tile = c * PACK_ROWS
+    return 32 * (math.ceil(rows / tile) * tile // c) * cols
+
+
+class TritonStorageCost(bitcost.StorageCost):
+    name = "triton"
+    packed_widths = BITS
+    perm_bits = PERM_BITS
+
+    def class_bits(self, kind: str, bits: int, rows: int, cols: int, group_size: int, zero_points: str) -> int:
+        if rows == 0:
+            return 0
+        if kind == "fp16":
+            return bitcost.FP16 * rows * cols
+        if kind == "codebook":
+            return code_bits(bits, rows, cols) + bitcost.FP16 * cols * (1 << kernel_width(bits))
+        return code_bits(bits, rows, cols) + 2 * bitcost.FP16 * cols * math.ceil(rows / group_size)
+
+    def per_row_bits(self, bits: int, cols: int, group_size: int, codebook: bool, zero_points: str) -> float:
+        if bits == bitcost.FP16:
+            return bitcost.FP16 * cols
+        words = 32 / codes_per_word(kernel_width(bits)) * cols
+        return words if codebook else words + 2 * bitcost.FP16 * cols / group_size
+
+    def sparse_bits(self, candidates, codebook: bool, zero_points: str) -> int:
+        return SPARSE_BITS
+
+    def route(self, kind: str, bits: int, zero_points: str) -> str:
+        if kind == "fp16":
+            return "fp16"
+        return f"{'lut' if kind == 'codebook' else 'w'}{kernel_width(bits)}"
+
+
+TRITON = TritonStorageCost()
