@@ -254,7 +254,8 @@ def _input_means(model: ir.Model, targets: list[Target]) -> dict[str, np.ndarray
     if missing:
         ctx = context.current()
         batches = ctx.require_calibration("quantize{bias-correction=true}")
-        stats.update(collect_cached(model, batches, missing, cache_dir=ctx.cache_dir, threads=ctx.threads, sequential=ctx.block_sequential))
+        stats.update(collect_cached(model, batches, missing, cache_dir=ctx.cache_dir, threads=ctx.threads, sequential=ctx.block_sequential,
+                                    executor=ctx.executor))
     return {name: np.asarray(s.sample, np.float64).mean(axis=0) for name, s in stats.items()}
 
 
@@ -362,7 +363,7 @@ def _static_ranges(model: ir.Model, targets: list[Target], extra: dict[str, int]
         batches = ctx.require_calibration("quantize")
         bins = config.get("bins", calibration.MINMAX_BINS)  # what calibrate kept (coarse for min-max, which reads none)
         stats.update(collect_cached(model, batches, missing, cache_dir=ctx.cache_dir, threads=ctx.threads, bins=bins,
-                                    sequential=ctx.block_sequential))
+                                    sequential=ctx.block_sequential, executor=ctx.executor))
     percentile = config.get("percentile", 99.99)
     ranges = {name: s.clip_range(method, percentile=percentile) for name, s in stats.items()}
     sqnr = {name: activation_sqnr(stats[name].sample, *ranges[name]) for name in stats}
