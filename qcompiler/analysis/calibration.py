@@ -134,7 +134,6 @@ class Histogram:
             if self.exponent is None:
                 self._pending_zeros += x.size
             else:
-                self.counts = self.counts.copy()  # (it may be a read-only array from Ray's object store)
                 self.counts[self.half] += x.size
             return
         needed = self._exponent_for(absmax)
@@ -185,8 +184,13 @@ class Histogram:
         coarsened to the wider width first, as streaming both sets through one would have done)."""
         if other.bins != self.bins:
             raise ValueError(f"cannot merge a {other.bins}-bin histogram into a {self.bins}-bin one")
-        if other.exponent is None:
-            self.add(np.zeros(other._pending_zeros, dtype=np.float64), absmax=0.0)
+        # new arrays, never in place: an accumulator from Ray's object store holds read-only ones
+        if other.exponent is None:  # zeros only
+            if self.exponent is None:
+                self._pending_zeros += other._pending_zeros
+            else:
+                self.counts = self.counts.copy()
+                self.counts[self.half] += other._pending_zeros
             return
         other = other.copy()
         if self.exponent is None:
