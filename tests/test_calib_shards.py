@@ -12,9 +12,18 @@ from qcompiler.analysis.calibration import Accumulator, Histogram, collect, quan
 from tests.test_calibrate import mlp
 
 
+def _read_only(result):
+    """The shards' accumulators with read-only arrays, as Ray's object store returns them."""
+    for acc in result.values():
+        for array in [*vars(acc).values(), acc.histogram.counts]:
+            if isinstance(array, np.ndarray):
+                array.flags.writeable = False
+    return result
+
+
 class Sharded:
     """An executor that cuts work into `workers` chunks and runs them here, each task's inputs and
-    result passed through pickle as Ray would (the sharded path without starting Ray)."""
+    result passed through pickle as Ray would, its arrays read-only (the sharded path without Ray)."""
 
     def __init__(self, workers: int):
         self.workers = workers
@@ -23,7 +32,7 @@ class Sharded:
     def map(self, fn, items, *, shared=None, names=None):
         self.names = list(names or [])
         shared = pickle.loads(pickle.dumps(shared))
-        return [pickle.loads(pickle.dumps(fn(shared, pickle.loads(pickle.dumps(item))))) for item in items]
+        return [_read_only(pickle.loads(pickle.dumps(fn(shared, pickle.loads(pickle.dumps(item)))))) for item in items]
 
 
 def _batches(count: int = 7, seed: int = 3) -> list[dict[str, np.ndarray]]:
