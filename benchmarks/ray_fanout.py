@@ -4,6 +4,8 @@
     python benchmarks/ray_fanout.py --model smollm2-135m --pipeline "mixed{avg-bits=4.25 scope=model sensitivity=kl}"
     python benchmarks/ray_fanout.py --pipeline w8a8 --pass smooth --repeats 3 --blas-threads 1 \
         --out benchmarks/results/ray_fanout_smooth.json                # smooth{alpha=auto}'s search
+    python benchmarks/ray_fanout.py --pipeline "w8a8{alpha=0.5}" --pass calibrate --calib-count 256 \
+        --blas-threads 1 --out benchmarks/results/ray_fanout_calibrate.json  # calibration over shards
 
 Each run is a fresh child process calling `qcompiler.compile` with ONNX Runtime at `--threads`
 intra-op threads (the driver's and every worker's sessions alike, so the runs compute the same
@@ -13,7 +15,7 @@ task data). The child's process tree (the driver, and for Ray its raylet and wor
 the tree's summed RSS and the largest single process's peak. Recorded per run: wall time of the
 child, the pipeline's time, the time of the fanned-out pass (`--pass`: `allocate-bits` by
 default, whose per-layer measurements fan out; `smooth` for `smooth{alpha=auto}`'s per-group
-search), the model's SHA-256 (equal across runs, or the benchmark says so), and the load average
+search; `calibrate` for calibration's shards of batches), the model's SHA-256 (equal across runs, or the benchmark says so), and the load average
 before and after (the machine may be shared). With `--repeats R` the worker counts take turns R
 times (0, 1, 2, 0, 1, 2, ...), so that a change in the load falls on every count alike; the table
 gives each count's median. From the first count's median (in-process, or the fewest workers) the

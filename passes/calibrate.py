@@ -94,7 +94,7 @@ class CalibratePass(Pass):
             with progress("calibrate batches", total) as bar:
                 found = collect_cached(
                     model, batches, tensors, cache_dir=ctx.cache_dir, sample_rows=self.sample_rows, bins=self.histogram_bins,
-                    threads=ctx.threads, progress=on_batch, sequential=ctx.block_sequential,
+                    threads=ctx.threads, progress=on_batch, sequential=ctx.block_sequential, executor=ctx.executor,
                 )
         else:
             log.warning("calibrate: the model has no MatMul/Gemm/Conv with constant weights; nothing to calibrate")

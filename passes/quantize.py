@@ -262,7 +262,8 @@ def _input_means(model: ir.Model, targets: list[Target]) -> dict[str, np.ndarray
     if missing:
         ctx = context.current()
         batches = ctx.require_calibration("quantize{bias-correction=true}")
-        stats.update(collect_cached(model, batches, missing, cache_dir=ctx.cache_dir, threads=ctx.threads, sequential=ctx.block_sequential))
+        stats.update(collect_cached(model, batches, missing, cache_dir=ctx.cache_dir, threads=ctx.threads, sequential=ctx.block_sequential,
+                                    executor=ctx.executor))
     return {name: np.asarray(s.sample, np.float64).mean(axis=0) for name, s in stats.items()}
 
 
@@ -379,7 +380,7 @@ def _static_ranges(model: ir.Model, targets: list[Target], extra: dict[str, int]
         if any(method_of[name] != "minmax" for name in missing):
             bins = max(bins, calibration.HISTOGRAM_BINS)
         stats.update(collect_cached(model, batches, missing, cache_dir=ctx.cache_dir, threads=ctx.threads, bins=bins,
-                                    sequential=ctx.block_sequential))
+                                    sequential=ctx.block_sequential, executor=ctx.executor))
     percentile = config.get("percentile", 99.99)
     ranges = {name: s.clip_range(method_of[name], percentile=percentile) for name, s in stats.items()}
     sqnr = {name: activation_sqnr(stats[name].sample, *ranges[name]) for name in stats}

@@ -225,7 +225,7 @@ def test_sample_and_histogram_do_not_depend_on_batch_size():
     assert by_4.histogram == by_32.histogram
     # The sample is the rows with the 20 smallest keys, kept in data order.
     positions = [int(np.flatnonzero((data == row).all(axis=1))[0]) for row in by_4.sample]
-    assert positions == sorted(np.argsort(_row_keys(0, 96))[:20].tolist())
+    assert positions == sorted(np.argsort(_row_keys(0, None, 96)[0])[:20].tolist())
 
 
 def test_memory_does_not_grow_with_tokens():

@@ -225,3 +225,38 @@ def test_smooth_alpha_search_fanned_out_gives_the_in_process_artifact(tmp_path, 
     assert len(alphas["in-process"]) == 3 and len(set(alphas["in-process"].values())) > 1
     assert alphas["2 workers"] == alphas["in-process"]
     assert built["2 workers"] == built["in-process"]
+
+
+def test_calibration_shards_on_ray_give_the_in_process_statistics_and_artifact(tmp_path, ray_session):
+    """Calibration over 1, 2 and 3 shards on Ray: the statistics of the in-process stream bit for
+    bit, and the w8a8 artifact (calibrate, smooth's sampled rows, quantize's ranges) byte-identical."""
+    from qcompiler.analysis.calibration import collect, quantizable_inputs
+
+    source = _shared_input_chain(tmp_path / "shared.onnx")
+    model = qcompiler.load(source)
+    rng = np.random.default_rng(4)
+    data = [{"X": rng.standard_normal((1 + i % 3, 64)).astype(np.float32)} for i in range(6)]
+    tensors = quantizable_inputs(model)
+    here = collect(model, data, tensors, sample_rows=32, bins=256, threads=1)
+    for workers in (1, 2, 3):
+        executor = parallel.RayExecutor(workers=workers)
+        fanned = collect(model, data, tensors, sample_rows=32, bins=256, threads=1, executor=executor)
+        assert [name for name in here if not here[name].equals(fanned[name])] == [], workers
+    built = {}
+    for label, workers in (("in-process", None), ("2 workers", 2)):
+        qcompiler.compile(source, tmp_path / label, pipeline="w8a8", calibration=data, threads=1, drift=False,
+                          workers=workers)
+        built[label] = _artifact_bytes(tmp_path / label)
+    assert built["2 workers"] == built["in-process"]
+
+
+def test_a_calibration_shard_that_fails_names_its_task(ray_session):
+    from qcompiler.analysis import calibration
+
+    job = calibration.ShardJob(b"not an onnx model", ("H",), {"H": -1}, 8, 64, 1)
+    batches = [(i, i, {"X": np.ones((1, 64), np.float32)}) for i in range(4)]
+    accs = {"H": calibration.Accumulator(-1, sample_rows=8, bins=64, name="H")}
+    with pytest.raises(parallel.TaskFailed) as failure:
+        calibration._collect_sharded(job, batches, accs, parallel.RayExecutor(workers=2), None)
+    assert "task 'calibrate: batches 1-2 of 4' failed after 1 retry" in str(failure.value)
+    assert "\n" not in str(failure.value)

@@ -42,7 +42,7 @@ from qcompiler.support.fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = "qcompiler.analysis.calibration-cache/3"
+CACHE_VERSION = "qcompiler.analysis.calibration-cache/4"  # 4: sampled rows keyed by (sample, row)
 MAX_ENTRY_BYTES = 4 << 30  # an array file larger than this is not read (a cache must not exhaust memory)
 MAX_META_BYTES = 64 << 20
 _ARRAYS = ("absmax", "channel_min", "channel_max", "mean_abs", "mean_sq", "sample")
@@ -66,15 +66,19 @@ def collect_cached(
     threads: int | None = None,
     progress: Callable | None = None,
     sequential: bool | None = None,
+    executor=None,
 ) -> dict[str, TensorStats]:
     """`calibration.collect`, answered from `cache_dir` when an entry for the same model, data and
-    options exists (`progress` is then called once with the recorded counts)."""
+    options exists (`progress` is then called once with the recorded counts). `executor` is not
+    part of the key: the statistics are the same on any."""
     if cache_dir is None:
-        return collect(model, batches, tensors, sample_rows=sample_rows, bins=bins, threads=threads, progress=progress, sequential=sequential)
+        return collect(model, batches, tensors, sample_rows=sample_rows, bins=bins, threads=threads, progress=progress, sequential=sequential,
+                       executor=executor)
     batches = list(batches)
     folder = Path(cache_dir) / "calibration"
     if not _usable(folder):
-        return collect(model, batches, tensors, sample_rows=sample_rows, bins=bins, threads=threads, progress=progress, sequential=sequential)
+        return collect(model, batches, tensors, sample_rows=sample_rows, bins=bins, threads=threads, progress=progress, sequential=sequential,
+                       executor=executor)
     key = cache_key(model, batches, tensors, sample_rows=sample_rows, bins=bins)
     entry = _read(folder, key)
     if entry is not None:
@@ -90,7 +94,8 @@ def collect_cached(
         if progress is not None:
             progress(done, seen)
 
-    stats = collect(model, batches, tensors, sample_rows=sample_rows, bins=bins, threads=threads, progress=record, sequential=sequential)
+    stats = collect(model, batches, tensors, sample_rows=sample_rows, bins=bins, threads=threads, progress=record, sequential=sequential,
+                    executor=executor)
     _write(folder, key, stats, counts)
     return stats
 

@@ -251,15 +251,19 @@ def collect_sequential(
     threads: int | None = None,
     progress: Callable | None = None,
     spill_bytes: int | None = None,
+    first_samples: list[int] | None = None,
 ) -> None:
     """Run `segments` in order over the checked batches `feeds`, folding each calibrated tensor
     into `accs[name]` in batch order. `progress(batches_done, samples_done)` follows the last
     segment's batches. `spill_bytes`: the bound past which crossing values go to files
-    (default `SPILL_BYTES`)."""
+    (default `SPILL_BYTES`). `first_samples[i]`: the first sample of batch i in the data (numbers
+    the sampled rows as `calibration.collect` does; default: the samples of the batches before)."""
     from qcompiler.analysis.calib_data import batch_size_of
     from qcompiler.analysis.execute import ort_session
     from qcompiler.support.progress import progress as progress_bar
 
+    if first_samples is None:
+        first_samples = np.cumsum([0] + [batch_size_of(b) for b in feeds[:-1]]).tolist() if feeds else []
     last_reader: dict[str, int] = {}
     for segment in segments:
         for value in segment.inputs:
@@ -289,7 +293,7 @@ def collect_sequential(
                         ) from None
                     for i, name in enumerate(fetched):
                         if name in accs:
-                            accs[name].add(outputs[i])
+                            accs[name].add(outputs[i], first_samples[index], batch_size_of(feeds[index]))
                         if name in kept:
                             store.put(index, name, outputs[i])
                         outputs[i] = None

@@ -27,11 +27,17 @@ binning the coarser width would have given. So the final histogram depends only 
 values seen: not on batch order, batch size or how often the range grew. The price is resolution:
 the data's range spans between B/4 and B/2 bins on its larger side.
 
-Sample (`sample`). Bottom-k sampling by a fixed hash: row `r` (rows counted over all batches in
-data order; a row is one token, or one pixel of an NCHW map, as a channel vector) gets the key
-`splitmix64(r)`, and the sample is the `sample_rows` rows with the smallest keys, stored in row
-order. It is a uniform sample without replacement that depends only on the data and its order,
-never on timing, threads or batch size.
+Sample (`sample`). Bottom-k sampling by a fixed hash: each row (a token, or one pixel of an NCHW
+map, as a channel vector) has the id `(s << 32) | j`, `s` the sample it belongs to (samples
+counted over all batches in data order; a batch's rows are divided evenly among its samples, or
+all belong to its first when they do not divide) and `j` its place within that sample; its key is
+`splitmix64(id)`, and the sample is the `sample_rows` rows with the smallest keys, stored in data
+order. It is a uniform sample without replacement that depends only on the data, never on
+timing, threads, or how the batches are grouped into shards (`Accumulator.merge`).
+
+Shards. The statistics of contiguous shards of the batches merge exactly into those of one
+stream: min and max are exact, the histogram is merged bin for bin, the sample is the bottom-k
+of the shards' bottom-ks, and the float64 channel sums are added batch by batch in batch order.
 
 Clipping ranges (`TensorStats.clip_range`): every range contains 0 (an integer grid represents 0
 exactly, as the zero point of ONNX's QuantizeLinear does). Symmetric ranges are `(-t, t)`.
@@ -173,6 +179,30 @@ class Histogram:
         pos = self.counts[self.half :]
         neg = self.counts[: self.half][::-1]
         return pos + neg
+
+    def merge(self, other: Histogram) -> None:
+        """Add `other`'s counts: the histogram of both value sets, exactly (the finer of the two is
+        coarsened to the wider width first, as streaming both sets through one would have done)."""
+        if other.bins != self.bins:
+            raise ValueError(f"cannot merge a {other.bins}-bin histogram into a {self.bins}-bin one")
+        # new arrays, never in place: an accumulator from Ray's object store holds read-only ones
+        if other.exponent is None:  # zeros only
+            if self.exponent is None:
+                self._pending_zeros += other._pending_zeros
+            else:
+                self.counts = self.counts.copy()
+                self.counts[self.half] += other._pending_zeros
+            return
+        other = other.copy()
+        if self.exponent is None:
+            other.counts[other.half] += self._pending_zeros
+            self.counts, self.exponent, self._pending_zeros = other.counts, other.exponent, 0
+            return
+        while self.exponent < other.exponent:
+            self._coarsen()
+        while other.exponent < self.exponent:
+            other._coarsen()
+        self.counts = self.counts + other.counts
 
     def copy(self) -> Histogram:
         other = Histogram(self.bins)
@@ -540,35 +570,87 @@ def _mse_asymmetric(hist: Histogram, vmin: float, vmax: float, bits: int, lo: fl
 
 
 _SAMPLE_SEED = np.uint64(0x9E3779B97F4A7C15)
+_ROW_BITS = 32  # a row id is (sample << 32) | row within the sample
 
 
-def _row_keys(start: int, n: int) -> np.ndarray:
-    """splitmix64 of the global row indices start .. start+n-1 (a bijection: no ties)."""
-    z = np.arange(start, start + n, dtype=np.uint64) + _SAMPLE_SEED
+def _splitmix64(ids: np.ndarray) -> np.ndarray:
+    """splitmix64 of unsigned 64-bit ids (a bijection: distinct ids, distinct keys)."""
+    z = ids.astype(np.uint64) + _SAMPLE_SEED
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
 
 
-class Accumulator:
-    """Running statistics of one tensor; `add` batches of activations, `finish` for TensorStats."""
+def _row_ids(first_sample: int, samples: int | None, rows: int) -> np.ndarray:
+    """The ids of a batch's `rows` rows: `(sample << 32) | row within the sample`, the batch holding
+    samples `first_sample ..` (`samples` of them, each `rows / samples` rows in a row; None: one
+    sample per row). Rows that do not divide among the samples count as one sample's."""
+    if samples is None:
+        samples = rows
+    per = rows // samples if samples and rows % samples == 0 else rows
+    if per >= 1 << _ROW_BITS or first_sample + rows // max(per, 1) >= 1 << (63 - _ROW_BITS):
+        raise ValueError(f"calibration batch too large for row ids: {rows} rows from sample {first_sample}")
+    r = np.arange(rows, dtype=np.int64)
+    sample, within = np.divmod(r, max(per, 1))
+    return ((sample + first_sample) << _ROW_BITS) | within
 
-    def __init__(self, channel_axis: int, *, sample_rows: int = 512, bins: int = 2048, name: str = ""):
+
+def _row_keys(first_sample: int, samples: int | None, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, ids) of a batch's rows (`_row_ids`); the sample keeps the rows of smallest key."""
+    ids = _row_ids(first_sample, samples, rows)
+    return _splitmix64(ids), ids
+
+
+class Accumulator:
+    """Running statistics of one tensor; `add` batches of activations, `finish` for TensorStats.
+
+    Shards: the batches may be cut into contiguous shards, each with its own accumulator, and the
+    shards' accumulators merged in batch order (`merge`) into the statistics of one stream, bit for
+    bit. Everything but the channel sums is exact under any grouping (min, max, counts, histogram,
+    the bottom-k sample by row id). The float64 sums are added batch by batch in batch order: the
+    first shard's accumulator folds them as it goes (`folds=True`, what one stream does), a later
+    shard's keeps each batch's sums (`folds=False`, O(batches x channels)) for `merge` to add in order."""
+
+    def __init__(self, channel_axis: int, *, sample_rows: int = 512, bins: int = 2048, name: str = "", folds: bool = True):
         self.channel_axis = channel_axis
         self.sample_rows = int(sample_rows)
         self.name = name
+        self.folds = folds
         self.histogram = Histogram(bins)
         self.channels: int | None = None
         self.rows = 0
         self.absmax = self.channel_min = self.channel_max = self.sum_abs = self.sum_sq = None
         self.min, self.max = math.inf, -math.inf
+        self._batch_sums: list[tuple[np.ndarray, np.ndarray]] = []  # (sum |x|, sum x^2) per batch, when not folding
+        self._next_sample = 0  # the first sample of a batch added without saying it
         # The sample: `filled` slots of fixed buffers, in no particular order (sorted at finish).
         self._filled = 0
         self._keys = np.zeros(self.sample_rows, dtype=np.uint64)
         self._index = np.zeros(self.sample_rows, dtype=np.int64)
         self._sample: np.ndarray | None = None
 
-    def add(self, array: np.ndarray) -> None:
+    def _start(self, channels: int) -> None:
+        self.channels = channels
+        self.absmax = np.zeros(channels, dtype=np.float64)
+        self.channel_min = np.full(channels, np.inf)
+        self.channel_max = np.full(channels, -np.inf)
+        self.sum_abs = np.zeros(channels, dtype=np.float64)
+        self.sum_sq = np.zeros(channels, dtype=np.float64)
+        self._sample = np.zeros((self.sample_rows, channels), dtype=np.float32)
+
+    def _check_channels(self, channels: int) -> None:
+        if self.channels is None:
+            self._start(channels)
+        elif channels != self.channels:
+            raise UserError(
+                f"activation '{self.name}' has {channels} channels on this batch but {self.channels} before; "
+                "calibration batches must give the model consistent shapes"
+            )
+
+    def add(self, array: np.ndarray, first_sample: int | None = None, samples: int | None = None) -> None:
+        """Fold in one batch's activations. The batch holds samples `first_sample ..` of the data
+        (`samples` of them; they number the sampled rows). Without them, every row is one sample
+        and the batch follows the previous one."""
         x = np.asarray(array)
         if x.ndim == 0:
             x = x.reshape(1)
@@ -577,21 +659,13 @@ class Accumulator:
             raise UserError(f"activation '{self.name}' has shape {x.shape}, without channel axis {self.channel_axis}")
         axis %= x.ndim
         channels = x.shape[axis]
-        if self.channels is None:
-            self.channels = channels
-            self.absmax = np.zeros(channels, dtype=np.float64)
-            self.channel_min = np.full(channels, np.inf)
-            self.channel_max = np.full(channels, -np.inf)
-            self.sum_abs = np.zeros(channels, dtype=np.float64)
-            self.sum_sq = np.zeros(channels, dtype=np.float64)
-            self._sample = np.zeros((self.sample_rows, channels), dtype=np.float32)
-        elif channels != self.channels:
-            raise UserError(
-                f"activation '{self.name}' has {channels} channels on this batch but {self.channels} before; "
-                "calibration batches must give the model consistent shapes"
-            )
+        self._check_channels(channels)
         if x.size == 0:
             return
+        rows = x.size // channels
+        if first_sample is None:
+            first_sample, samples = self._next_sample, None
+        self._next_sample = first_sample + (rows if samples is None else samples)
         # Reductions in the input's float type (min, max and |x| are exact in it); sums in float64.
         xf = x if x.dtype in (np.float32, np.float64) else x.astype(np.float64)
         others = tuple(i for i in range(x.ndim) if i != axis)
@@ -606,24 +680,30 @@ class Accumulator:
         np.maximum(self.channel_max, batch_max, out=self.channel_max)
         ax = np.abs(xf)
         np.maximum(self.absmax, ax.max(axis=others), out=self.absmax)
-        self.sum_abs += ax.sum(axis=others, dtype=np.float64)
+        sum_abs = ax.sum(axis=others, dtype=np.float64)
         sq = ax.astype(np.float64)  # squares of float32 values are exact in float64
         np.multiply(sq, sq, out=sq)
-        self.sum_sq += sq.sum(axis=others)
+        self._add_sums(sum_abs, sq.sum(axis=others))
         del sq
         del ax
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         self.histogram.add(xf, absmax=max(-lo, hi))
-        rows = x.size // channels
-        self._add_sample(x, axis, rows)
+        self._add_sample(x, axis, first_sample, samples, rows)
         self.rows += rows
 
-    def _add_sample(self, x: np.ndarray, axis: int, rows: int) -> None:
+    def _add_sums(self, sum_abs: np.ndarray, sum_sq: np.ndarray) -> None:
+        if self.folds:
+            self.sum_abs = self.sum_abs + sum_abs
+            self.sum_sq = self.sum_sq + sum_sq
+        else:
+            self._batch_sums.append((sum_abs, sum_sq))
+
+    def _add_sample(self, x: np.ndarray, axis: int, first_sample: int, samples: int | None, rows: int) -> None:
         """Bottom-k by row key: keep the `sample_rows` rows with the smallest keys seen so far."""
         size, filled = self.sample_rows, self._filled
         if size <= 0:
             return
-        keys = _row_keys(self.rows, rows)
+        keys, ids = _row_keys(first_sample, samples, rows)
         if filled == size:
             candidates = np.flatnonzero(keys < self._keys.max())
         else:
@@ -646,12 +726,47 @@ class Accumulator:
             gathered = moved[np.unravel_index(entering, moved.shape[:-1])]
         self._sample[slots] = gathered
         self._keys[slots] = keys[entering]
-        self._index[slots] = entering + self.rows
+        self._index[slots] = ids[entering]
+        self._filled = int(keep.size)
+
+    def merge(self, later: Accumulator) -> None:
+        """Fold in the statistics of a later shard (batches that all come after this one's),
+        which kept its batch sums (`folds=False`); the result is that of one stream over both."""
+        if later.folds:
+            raise ValueError("merge: a later shard's accumulator must keep its batch sums (folds=False)")
+        if later.channels is None:
+            return
+        self._check_channels(later.channels)
+        # new arrays, not in place: a shard's arrays that came through Ray's object store are read-only
+        self.channel_min = np.minimum(self.channel_min, later.channel_min)
+        self.channel_max = np.maximum(self.channel_max, later.channel_max)
+        self.absmax = np.maximum(self.absmax, later.absmax)
+        for sum_abs, sum_sq in later._batch_sums:
+            self._add_sums(sum_abs, sum_sq)
+        self.min, self.max = min(self.min, later.min), max(self.max, later.max)
+        self.histogram.merge(later.histogram)
+        self._merge_sample(later)
+        self.rows += later.rows
+        self._next_sample = max(self._next_sample, later._next_sample)
+
+    def _merge_sample(self, later: Accumulator) -> None:
+        """The bottom-k of both samples' rows (the bottom-k of a union is that of the parts' bottom-ks)."""
+        size, mine, theirs = self.sample_rows, self._filled, later._filled
+        if size <= 0 or theirs == 0:
+            return
+        keys = np.concatenate([self._keys[:mine], later._keys[:theirs]])
+        ids = np.concatenate([self._index[:mine], later._index[:theirs]])
+        rows = np.concatenate([self._sample[:mine], later._sample[:theirs]])
+        keep = np.argpartition(keys, size - 1)[:size] if keys.size > size else np.arange(keys.size)
+        self._keys, self._index, self._sample = (np.resize(part, (size, *part.shape[1:])) for part in (keys, ids, rows))
+        self._keys[: keep.size], self._index[: keep.size], self._sample[: keep.size] = keys[keep], ids[keep], rows[keep]
         self._filled = int(keep.size)
 
     def finish(self) -> TensorStats:
         if self.channels is None or self.rows == 0:
             raise UserError(f"activation '{self.name}' saw no data; the calibration set is empty")
+        if not self.folds:
+            raise ValueError("finish: merge a later shard's accumulator into the first shard's")
         order = np.argsort(self._index[: self._filled], kind="stable")
         return TensorStats(
             channel_axis=self.channel_axis,
@@ -767,16 +882,24 @@ def collect(
     threads: int | None = None,
     progress: Callable | None = None,
     sequential: bool | None = None,
+    executor: Any = None,
 ) -> dict[str, TensorStats]:
     """Run the float graph in ONNX Runtime over `batches` and return the statistics of `tensors`
     (value name -> channel axis), streaming: one batch's activations at a time.
 
     Each batch is checked first (`calib_data.check_batch`: names, dtypes, shapes, NaN/Inf).
-    `progress(batches_done, samples_done)` is called after each batch.
+    `progress(batches_done, samples_done)` is called after each batch (after each shard on Ray).
+
+    `executor` (`qcompiler.support.parallel`; None or `InProcess`: one stream in this process):
+    on Ray, the batches are cut into one contiguous shard per worker, each shard runs the graph
+    in its own session (the instrumented graph goes to the workers once, through the object
+    store) and the shards' statistics are merged in batch order, bit for bit those of one stream
+    (`Accumulator.merge`). Large models run in this process.
 
     `sequential`: run the graph one block at a time (`qcompiler.analysis.calib_sequential`; the same
     statistics, one block's weights in memory); None (default) does so for large models
-    (`qcompiler.ir.is_large`). A graph that cannot be cut into blocks runs whole."""
+    (`qcompiler.ir.is_large`). A graph that cannot be cut into blocks runs whole. Block by block
+    runs in this process."""
     from qcompiler import ir as qir
     from qcompiler.analysis.calib_sequential import cut_segments
     from qcompiler.analysis.execute import ort_session
@@ -789,6 +912,7 @@ def collect(
         raise KeyError(f"no value named {unknown[0]!r} in the model's main graph")
     graph_inputs = {v.name for v in model.graph.inputs}
     fetched = [name for name in tensors if name not in graph_inputs]
+    direct = [name for name in tensors if name in graph_inputs]
     accs = {name: Accumulator(axis, sample_rows=sample_rows, bins=bins, name=name) for name, axis in tensors.items()}
     checker = BatchChecker(model)
     if sequential is None:
@@ -798,16 +922,87 @@ def collect(
         log.info("calibration: the graph has no blocks to cut it at; running it whole")
     if segments is not None:
         return _collect_by_segments(model, segments, batches, tensors, accs, checker, threads, progress)
-    session = None
-    if fetched and qir.is_large(model):
-        session = _instrumented_session(model, fetched, threads)
-    elif fetched:
-        data = _instrumented_proto(model, fetched).SerializeToString()
-        session = ort_session(data, threads)
-        del data
     start = time.perf_counter()
+    if fetched and _fans_out(executor) and not qir.is_large(model):
+        job = ShardJob(_instrumented_proto(model, fetched).SerializeToString(), tuple(fetched),
+                       {name: tensors[name] for name in fetched}, sample_rows, bins, threads)
+        done = _collect_sharded(job, list(_checked_batches(batches, checker, accs, direct)), accs, executor, progress)
+    else:
+        session = None
+        if fetched and qir.is_large(model):
+            session = _instrumented_session(model, fetched, threads)
+        elif fetched:
+            data = _instrumented_proto(model, fetched).SerializeToString()
+            session = ort_session(data, threads)
+            del data
+        done = _run_batches(session, fetched, _checked_batches(batches, checker, accs, direct), accs, progress)
+    log.info("calibration: %d samples, %d tensors, %.2f s", done, len(tensors), time.perf_counter() - start)
+    return {name: acc.finish() for name, acc in accs.items()}
+
+
+def _fans_out(executor: Any) -> bool:
+    from qcompiler.support.parallel import InProcess
+
+    return executor is not None and not isinstance(executor, InProcess)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardJob:
+    """What every calibration shard reads (shared through the executor): the float graph with the
+    calibrated tensors as outputs (serialized), their channel axes and the collection options."""
+
+    model: bytes
+    fetched: tuple[str, ...]
+    axes: dict[str, int]
+    sample_rows: int
+    bins: int
+    threads: int | None
+
+
+def collect_shard(job: ShardJob, shard: tuple[bool, list]) -> dict[str, Accumulator]:
+    """One shard's statistics: `shard` is (first, batches), `batches` a contiguous run of
+    `(index, first_sample, feeds)`; `first` says whether it is the first shard (whose accumulators
+    fold their sums, `Accumulator.merge`)."""
+    from qcompiler.analysis.execute import ort_session
+
+    first, batches = shard
+    accs = {name: Accumulator(job.axes[name], sample_rows=job.sample_rows, bins=job.bins, name=name, folds=first)
+            for name in job.fetched}
+    _run_batches(ort_session(job.model, job.threads), list(job.fetched), batches, accs, None)
+    return accs
+
+
+def _collect_sharded(job: ShardJob, batches: list, accs: dict[str, Accumulator], executor, progress) -> int:
+    """Map the shards of `batches` over `executor` and merge their accumulators into `accs` in
+    batch order; the samples seen."""
+    from qcompiler.support.parallel import chunks
+
+    parts = chunks(batches, executor.workers)
+    total = len(batches)
+    names, at = [], 0
+    for part in parts:
+        names.append(f"calibrate: batches {at + 1}-{at + len(part)} of {total}")
+        at += len(part)
+    shards = executor.map(collect_shard, [(i == 0, part) for i, part in enumerate(parts)], shared=job, names=names)
     done = 0
-    for index, feeds in _checked_batches(batches, checker, accs, [name for name in tensors if name in graph_inputs]):
+    for part, shard in zip(parts, shards):
+        for name, acc in shard.items():
+            if acc.folds:
+                accs[name] = acc
+            else:
+                accs[name].merge(acc)
+        done += sum(batch_size_of(feeds) for _, _, feeds in part)
+        if progress is not None:
+            progress(part[-1][0] + 1, done)
+    return done
+
+
+def _run_batches(session, fetched: list[str], batches, accs: dict[str, Accumulator], progress) -> int:
+    """Run `session` over `(index, first_sample, feeds)` in order, folding each fetched activation
+    into its accumulator and dropping it; the samples seen."""
+    done = 0
+    for index, first_sample, feeds in batches:
+        samples = batch_size_of(feeds)
         if session is not None:
             try:
                 outputs = session.run(fetched, feeds)
@@ -817,26 +1012,29 @@ def collect(
                     f"({first_line(str(exc))}); check the calibration inputs' shapes"
                 ) from None
             for i, name in enumerate(fetched):
-                accs[name].add(outputs[i])
+                accs[name].add(outputs[i], first_sample, samples)
                 outputs[i] = None  # drop each activation as soon as it is folded in
             del outputs
-        done += batch_size_of(feeds)
+        done += samples
         if progress is not None:
             progress(index + 1, done)
-    log.info("calibration: %d samples, %d tensors, %.2f s", done, len(tensors), time.perf_counter() - start)
-    return {name: acc.finish() for name, acc in accs.items()}
+    return done
 
 
 def _checked_batches(batches, checker: BatchChecker, accs: dict[str, Accumulator], direct: list[str]):
-    """(index, feeds) of every non-empty batch, checked, with the calibrated graph inputs (`direct`)
-    folded into their accumulators; the checker is finished after the last batch."""
+    """(index, first_sample, feeds) of every non-empty batch, checked, with the calibrated graph
+    inputs (`direct`) folded into their accumulators; the checker is finished after the last batch.
+    `first_sample` counts the samples of the batches before (it numbers the sampled rows)."""
+    first_sample = 0
     for index, batch in enumerate(batches):
         feeds = checker.check(batch, index)
-        if batch_size_of(feeds) == 0:
+        samples = batch_size_of(feeds)
+        if samples == 0:
             continue
         for name in direct:
-            accs[name].add(feeds[name])
-        yield index, feeds
+            accs[name].add(feeds[name], first_sample, samples)
+        yield index, first_sample, feeds
+        first_sample += samples
     checker.finish()
 
 
@@ -846,18 +1044,19 @@ def _collect_by_segments(model, segments, batches, tensors, accs, checker, threa
     from qcompiler.analysis.calib_sequential import collect_sequential
 
     start = time.perf_counter()
-    feeds, positions, done = [], [], 0
+    feeds, positions, first_samples, done = [], [], [], 0
     inputs = {v.name for v in model.graph.inputs}
-    for index, checked in _checked_batches(batches, checker, accs, [name for name in tensors if name in inputs]):
+    for index, first_sample, checked in _checked_batches(batches, checker, accs, [name for name in tensors if name in inputs]):
         feeds.append(checked)
         positions.append(index)
+        first_samples.append(first_sample)
         done += batch_size_of(checked)
 
     def report(kept: int, samples: int) -> None:
         if progress is not None:
             progress(positions[kept - 1] + 1, samples)
 
-    collect_sequential(model, segments, feeds, accs, threads=threads, progress=report)
+    collect_sequential(model, segments, feeds, accs, threads=threads, progress=report, first_samples=first_samples)
     log.info("calibration: %d samples, %d tensors, %d blocks one at a time, %.2f s", done, len(tensors), len(segments),
              time.perf_counter() - start)
     return {name: acc.finish() for name, acc in accs.items()}
