@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-DATA = {"minilm-l6": "/work/shared/data/sts-pairs-dev.tsv", "smollm2-135m": "/work/shared/data/wikitext2-valid-excerpt.txt"}
+DATA = {"minilm-l6": str(common.DATA / "sts-pairs-dev.tsv"), "smollm2-135m": str(common.DATA / "wikitext2-valid-excerpt.txt")}
 
 CHILD = """
 import json, sys, time
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--model", default="minilm-l6")
     parser.add_argument("--pipeline", default="mixed{avg-bits=4.25 scope=model sensitivity=output}")
     parser.add_argument("--pass", dest="fanned", default="allocate-bits", help="the fanned-out pass to time (default allocate-bits)")
-    parser.add_argument("--calib", help="calibration file (default: the model's data under /work/shared/data)")
+    parser.add_argument("--calib", help="calibration file (default: the model's data under ../shared/data, or $QCOMPILER_DATA)")
     parser.add_argument("--calib-count", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per session (default 1)")
     parser.add_argument("--workers", default="0,1,2", help="worker counts to run, 0 meaning in-process (default 0,1,2)")
