@@ -94,8 +94,8 @@ class FFDNetScore:
     """PSNR (dB) of a model on the evaluation crops at one sigma."""
 
     def __init__(self, name: str, args):
-        import qcompiler.models as qm
         from qcompiler.models import ffdnet
+        import qcompiler.models as qm
 
         bundled = qm.get(name)
         self.batches, _ = imaging.calibration_batches(bundled)
@@ -115,8 +115,8 @@ class EfficientNetScore:
     """The logits' mean relative squared error against float, and top-1 agreement."""
 
     def __init__(self, name: str, args):
-        import qcompiler.models as qm
         from qcompiler.models import efficientnet_lite as eff
+        import qcompiler.models as qm
 
         bundled = qm.get(name)
         calibration = bundled.calibration_crops()
@@ -141,8 +141,8 @@ def bench_model(name: str, args, work: Path) -> dict[str, Any]:
     import onnx_ir as ir
 
     import qcompiler
-    from qcompiler.driver.capture import resolve
     from qcompiler.analysis.execute import ort_session
+    from qcompiler.driver.capture import resolve
 
     score = EfficientNetScore(name, args) if name == "efficientnet-lite0" else FFDNetScore(name, args)
     model, _ = resolve(name)

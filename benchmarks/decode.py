@@ -191,9 +191,9 @@ def agreement_prompts(ids: list[int], count: int, length: int) -> list[np.ndarra
 def peer_perplexity(session, text: str, count: int, window: int) -> float:
     """Held-out perplexity of a peer on the windows `qcompiler eval --task perplexity` scores, with
     its protocol: a prefill of half the window, then one token per step."""
+    from qcompiler.models import smollm2
     from qcompiler.tools.decode import cached_logits
     from qcompiler.tools.evaluate import next_token_nll
-    from qcompiler.models import smollm2
 
     rows = smollm2.windows(text, window)[:count]
     nll = sum(next_token_nll(cached_logits(session, row, max(1, len(row) // 2)), row) for row in rows)
@@ -237,11 +237,11 @@ def main() -> None:
         print(line, flush=True)
     common.quiet()
     threads = common.fix_threads(args.threads)
+    from qcompiler.codegen.lm_artifact import read_layout
     from qcompiler.driver.compiler import compile as qcompile
+    from qcompiler.models import smollm2
     from qcompiler.tools.decode import CachedSession
     from qcompiler.tools.evaluate import evaluate
-    from qcompiler.codegen.lm_artifact import read_layout
-    from qcompiler.models import smollm2
 
     names = [n.strip() for n in args.pipelines.split(",")]
     unknown = [n for n in names if n not in PIPELINES]

@@ -92,8 +92,8 @@ def compile_all(source: Path, name: str, work: Path, batches) -> dict[str, dict[
 
 
 def bench_ffdnet(name: str, args, work: Path) -> dict[str, Any]:
-    import qcompiler.models as qm
     from qcompiler.analysis.execute import ort_session
+    import qcompiler.models as qm
 
     bundled = qm.get(name)
     batches, described = imaging.calibration_batches(bundled)
@@ -107,9 +107,9 @@ def bench_ffdnet(name: str, args, work: Path) -> dict[str, Any]:
 
 
 def bench_efficientnet(args, work: Path) -> dict[str, Any]:
-    import qcompiler.models as qm
     from qcompiler.analysis.execute import ort_session
     from qcompiler.models import efficientnet_lite as eff
+    import qcompiler.models as qm
 
     bundled = qm.get("efficientnet-lite0")
     calibration = bundled.calibration_crops()

@@ -59,8 +59,8 @@ def child(name: str, threads: int) -> dict:
     t0 = time.perf_counter()
     common.quiet()
     threads_info = common.fix_threads(threads)
-    import qcompiler
     from qcompiler import models
+    import qcompiler
 
     import_s = time.perf_counter() - t0
     marks = {"after_imports": _hwm_mb()}

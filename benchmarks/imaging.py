@@ -224,8 +224,8 @@ def without_offsets(output: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def evaluation_targets(bundled, count: int | None, crop: int | None) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    from qcompiler.tools.evaluate import denoise_targets
     from qcompiler.models import ffdnet
+    from qcompiler.tools.evaluate import denoise_targets
 
     targets = denoise_targets(bundled, None, count)
     if crop:
@@ -274,8 +274,8 @@ def latency(sessions: dict[str, Any], bundled, repeats: int) -> dict[str, dict]:
 
 
 def bench_model(name: str, args, work: Path) -> dict[str, Any]:
-    import qcompiler.models as qm
     from qcompiler.analysis.execute import ort_session
+    import qcompiler.models as qm
 
     bundled = qm.get(name)
     batches, described = calibration_batches(bundled)
@@ -326,10 +326,10 @@ def bench_model(name: str, args, work: Path) -> dict[str, Any]:
 
 def bench_volume_model(name: str, args, work: Path) -> dict[str, Any]:
     """Dice of brain masks and latency for a 3D segmentation model (deepbet-brain)."""
-    import qcompiler.models as qm
-    from qcompiler.tools.evaluate import dice
     from qcompiler.analysis.execute import ort_session
     from qcompiler.models import deepbet
+    import qcompiler.models as qm
+    from qcompiler.tools.evaluate import dice
 
     bundled = qm.get(name)
     batches = bundled.calibration_batches()

@@ -126,8 +126,8 @@ def calibration(name: str, sts_windows: int = 0) -> tuple[list[dict[str, np.ndar
     from qcompiler import models
 
     if name == "smollm2-135m":
-        from qcompiler.tools.evaluate import read_sts
         from qcompiler.models import smollm2
+        from qcompiler.tools.evaluate import read_sts
 
         _, tail = wikitext_split()
         ids = np.asarray(smollm2.encode(tail), dtype=np.int64)
@@ -296,8 +296,8 @@ class Evaluator:
         return result
 
     def _perplexity(self, run) -> dict[str, Any]:
-        from qcompiler.tools.evaluate import next_token_nll
         from qcompiler.models import smollm2
+        from qcompiler.tools.evaluate import next_token_nll
 
         rows = smollm2.windows(self.eval_text.read_text(encoding="utf-8"), WINDOW)[: self.windows]
         nll, tokens, outputs = 0.0, 0, []

@@ -308,9 +308,9 @@ def quality_perplexity(bundled, sessions: dict[str, Any], windows: np.ndarray) -
 
 def bench_model(name: str, args, work: Path) -> dict[str, Any]:
     from qcompiler import models
+    import qcompiler
     from qcompiler.analysis.calib_data import load_calibration
     from qcompiler.analysis.execute import ort_session
-    import qcompiler
 
     t_model = time.perf_counter()
     bundled = models.get(name)

@@ -43,11 +43,11 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis import bitcost
-from qcompiler.errors import UserError
 from qcompiler.analysis.probe import log_softmax, mean_kl
+from qcompiler.dialect.ops import QC_OPSET_VERSION
+from qcompiler.errors import UserError
 from qcompiler.ir.layers import Linear, linears, new_initializer
 from qcompiler.ir.meta import CREATED_BY, Prop, activation_stats
-from qcompiler.dialect.ops import QC_OPSET_VERSION
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 from qcompiler.support.progress import progress
 
@@ -270,8 +270,8 @@ class AllocateBitsPass(Pass):
         (`measure_sensitivity`; in-process: one chunk, as one loop)."""
         import onnx
 
-        from qcompiler.pipeline import context
         from qcompiler.ir import to_proto
+        from qcompiler.pipeline import context
         from qcompiler.support.parallel import chunks
 
         ctx = context.current()

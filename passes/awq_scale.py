@@ -59,15 +59,15 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis import bitcost
+from qcompiler.dialect.mixed_ops import dequantize_uniform
+from qcompiler.dialect.ops import QC_OPSET_VERSION
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import Linear, group_by_input, linears
 from qcompiler.ir.meta import SMOOTHED_KEY, STATS_KEY, Prop
-from qcompiler.dialect.mixed_ops import dequantize_uniform
-from qcompiler.dialect.ops import QC_OPSET_VERSION
-from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 from qcompiler.passes.allocate_bits import LOWERING_BYTES_PER_CLASS
 from qcompiler.passes.quantize_weights import uniform_groups
 from qcompiler.passes.smooth import scale_input_channels
+from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 from qcompiler.support.progress import progress
 
 COARSE_GRID = tuple(round(0.1 * i, 1) for i in range(10))

@@ -32,13 +32,13 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.pipeline import context
 from qcompiler.analysis.calib_cache import collect_cached
 from qcompiler.analysis.calibration import HISTOGRAM_BINS, METHODS, MINMAX_BINS, batch_size_of, quantizable_inputs, summary
 from qcompiler.errors import UserError
-from qcompiler.support.progress import progress
 from qcompiler.ir.meta import CALIBRATION_KEY, STATS_KEY, Prop
+from qcompiler.pipeline import context
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
+from qcompiler.support.progress import progress
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_passes
 
 from qcompiler import ir as qir
-from qcompiler.ir.layers import name_weights_after_modules
 from qcompiler.errors import first_line
 from qcompiler.ir.external_data import materialize_external_tensors
+from qcompiler.ir.layers import name_weights_after_modules
 from qcompiler.ir.layers import new_initializer, set_constant
 from qcompiler.ir.meta import Prop
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass

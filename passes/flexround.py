@@ -20,11 +20,11 @@ from typing import Literal
 
 import onnx_ir as ir
 
-from qcompiler.errors import UserError
-from qcompiler.pipeline import context
-from qcompiler.ir.meta import Prop
-from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 from qcompiler.analysis.reconstruct import Options, reconstruct
+from qcompiler.errors import UserError
+from qcompiler.ir.meta import Prop
+from qcompiler.pipeline import context
+from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 
 MAX_STEPS = 100_000
 MAX_TIME_BUDGET = 7 * 24 * 3600.0

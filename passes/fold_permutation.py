@@ -29,9 +29,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis.channels import ChannelRegion, NotChannelwise, channel_region
+from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul
 from qcompiler.ir.layers import set_constant
 from qcompiler.ir.meta import Prop
-from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul
 from qcompiler.pipeline.passbase import Pass, PassResult, register_pass
 
 

@@ -29,9 +29,9 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from qcompiler.dialect import ops
+from qcompiler.dialect.ops import QC_OPSET_VERSION
 from qcompiler.ir.layers import new_initializer, remove_unused
 from qcompiler.ir.meta import CREATED_BY, Prop
-from qcompiler.dialect.ops import QC_OPSET_VERSION
 from qcompiler.pipeline.passbase import Pass, PassResult, register_pass
 
 QC = "qc"

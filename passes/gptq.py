@@ -28,13 +28,13 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.pipeline import context
-from qcompiler.errors import UserError
-from qcompiler.dialect.mixed_ops import MixedClass, MixedMatMulView, class_slices, split_class_inputs
-from qcompiler.ir.meta import Prop
-from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
-from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
 from qcompiler.analysis.reconstruct import BlockProblem, Options, reconstruct
+from qcompiler.dialect.mixed_ops import MixedClass, MixedMatMulView, class_slices, split_class_inputs
+from qcompiler.errors import UserError
+from qcompiler.ir.meta import Prop
+from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
+from qcompiler.pipeline import context
+from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 
 LAZY_ROWS = 128  # rows rounded between two updates of the rows after them (GPTQ's lazy batch)
 

@@ -44,8 +44,8 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.errors import UserError
 from qcompiler.dialect.kv_int8 import EPS, PAST_PREFIX, PRESENT_PREFIX, QMAX, scale_name
+from qcompiler.errors import UserError
 from qcompiler.ir.layers import new_initializer
 from qcompiler.ir.meta import CREATED_BY, Prop
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass

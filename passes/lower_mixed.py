@@ -60,9 +60,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis import bitcost
+from qcompiler.dialect.mixed_ops import MixedMatMulView, mixed_weight
 from qcompiler.ir.layers import new_initializer
 from qcompiler.ir.meta import CREATED_BY, ROUTE_KEY, STORED_WEIGHTS
-from qcompiler.dialect.mixed_ops import MixedMatMulView, mixed_weight
 
 
 

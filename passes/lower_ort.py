@@ -49,12 +49,12 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.dialect import ops
 from qcompiler.analysis import placement
+from qcompiler.dialect import ops
 from qcompiler.ir.layers import new_initializer, remove_unused
 from qcompiler.ir.meta import CREATED_BY, Prop
-from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 from qcompiler.passes.lower_mixed import lower_mixed_matmul, pack_nbits
+from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 
 
 @functools.cache

@@ -49,12 +49,12 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis import calibration, placement
-from qcompiler.pipeline import context
 from qcompiler.analysis.calib_cache import collect_cached
-from qcompiler.errors import UserError
 from qcompiler.dialect.ops import QC_OPSET_VERSION
+from qcompiler.errors import UserError
 from qcompiler.ir.layers import insert_after_value, linears, new_initializer, set_constant
 from qcompiler.ir.meta import CALIBRATION_KEY, CREATED_BY, STATS_KEY, Prop
+from qcompiler.pipeline import context
 from qcompiler.pipeline.passbase import Pass, PassResult, model_properties, option, register_pass
 from qcompiler.support.progress import progress
 

@@ -27,10 +27,10 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.dialect.ops import QC_OPSET_VERSION
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import new_initializer
 from qcompiler.ir.meta import CREATED_BY, Prop
-from qcompiler.dialect.ops import QC_OPSET_VERSION
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 
 

@@ -28,10 +28,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis import bitcost
-from qcompiler.ir.layers import new_initializer, remove_unused
-from qcompiler.ir.meta import CREATED_BY, FLOAT_WEIGHT_KEY, Prop, activation_stats
 from qcompiler.dialect.mixed_ops import FP16_BITS, dequantize_codebook, dequantize_uniform
 from qcompiler.dialect.ops import attributes_of
+from qcompiler.ir.layers import new_initializer, remove_unused
+from qcompiler.ir.meta import CREATED_BY, FLOAT_WEIGHT_KEY, Prop, activation_stats
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 from qcompiler.support.progress import progress
 

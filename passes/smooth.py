@@ -25,11 +25,11 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.pipeline import context
+from qcompiler.dialect.ops import QC_OPSET_VERSION
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import Linear, group_by_input, insert_after_value, linears, new_initializer, set_constant
 from qcompiler.ir.meta import CREATED_BY, SMOOTHED_KEY, STATS_KEY, Prop
-from qcompiler.dialect.ops import QC_OPSET_VERSION
+from qcompiler.pipeline import context
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 from qcompiler.support.progress import progress
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import dataclasses
 
 from qcompiler.ir.meta import Prop
-from qcompiler.pipeline.passbase import option, register_pass
 from qcompiler.passes.flexround import BlockLearningPass
+from qcompiler.pipeline.passbase import option, register_pass
 
 
 @register_pass

@@ -10,9 +10,9 @@ from onnx import helper, numpy_helper
 from qcompiler.analysis import execute
 from qcompiler.errors import UserError
 from qcompiler.ir import to_text
+from qcompiler.passes.awq_scale import choose_alpha, quantize_as_allocated
 from qcompiler.pipeline.context import CompileContext, using
 from qcompiler.pipeline.pass_manager import run_pipeline
-from qcompiler.passes.awq_scale import choose_alpha, quantize_as_allocated
 from qcompiler.pipeline.spec import parse_pipeline
 
 

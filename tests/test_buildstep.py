@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from qcompiler.tools import buildstep
 from qcompiler.analysis import calibration
+from qcompiler.tools import buildstep
 from qcompiler.tools.cli import main
 
 

@@ -11,8 +11,8 @@ import onnx.numpy_helper as onh
 import onnx_ir as ir
 import pytest
 
-from qcompiler.analysis import calib_sequential
 from qcompiler import ir as qir
+from qcompiler.analysis import calib_sequential
 from qcompiler.analysis.calib_sequential import cut_segments
 from qcompiler.analysis.calibration import collect, quantizable_inputs
 

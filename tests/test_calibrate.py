@@ -20,12 +20,12 @@ from qcompiler.analysis.calibration import (
     quantizable_inputs,
     stats_of,
 )
-from qcompiler.pipeline.context import CompileContext, using
 from qcompiler.errors import UserError
 from qcompiler.ir import parse, to_proto, to_text
+from qcompiler.passes.calibrate import CalibratePass
+from qcompiler.pipeline.context import CompileContext, using
 from qcompiler.pipeline.pass_manager import run_pipeline
 from qcompiler.pipeline.passbase import model_properties
-from qcompiler.passes.calibrate import CalibratePass
 from qcompiler.pipeline.spec import format_pipeline, parse_pipeline
 
 F = onnx.TensorProto.FLOAT
@@ -435,8 +435,8 @@ def test_minilm_calibration_on_sts_sentences():
     from pathlib import Path
 
     from qcompiler import models
-    from qcompiler.driver.capture import resolve
     from qcompiler.analysis.calib_data import load_calibration
+    from qcompiler.driver.capture import resolve
     from qcompiler.passes.canonicalize import CanonicalizePass
 
     data = Path(__file__).resolve().parents[2] / "shared" / "data" / "sts-pairs-dev.tsv"

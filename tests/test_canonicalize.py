@@ -2,9 +2,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis import execute
+from qcompiler.analysis.probe import synthetic_inputs
 from qcompiler.ir import parse, to_text
 from qcompiler.passes.canonicalize import CanonicalizePass
-from qcompiler.analysis.probe import synthetic_inputs
 
 SHARED_WEIGHT = """
 <ir_version: 10, opset_import: ["" : 21]>

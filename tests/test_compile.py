@@ -9,8 +9,8 @@ import torch
 
 import qcompiler
 from qcompiler.analysis import execute
-from qcompiler.tools.cli import main
 from qcompiler.ir import parse
+from qcompiler.tools.cli import main
 
 
 class TinyNet(torch.nn.Module):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from qcompiler.analysis import bitcost
+from qcompiler.analysis.probe import synthetic_inputs
 from qcompiler.codegen.targets import get_target
 from qcompiler.codegen.triton.cost import TRITON
 from qcompiler.errors import UserError
@@ -12,7 +13,6 @@ from qcompiler.ir import parse
 from qcompiler.pipeline.context import CompileContext, using
 from qcompiler.pipeline.pass_manager import run_pipeline
 from qcompiler.pipeline.spec import format_pipeline, parse_pipeline
-from qcompiler.analysis.probe import synthetic_inputs
 from qcompiler.tools.opt import optimize
 
 

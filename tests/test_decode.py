@@ -15,13 +15,13 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from qcompiler.tools.cli import main  # noqa: E402
-from qcompiler.driver.compiler import compile as qcompile  # noqa: E402
-from qcompiler.tools.decode import CachedSession, cached_logits, generate  # noqa: E402
-from qcompiler.errors import UserError  # noqa: E402
 from qcompiler.codegen.lm_artifact import read_layout  # noqa: E402
+from qcompiler.driver.compiler import compile as qcompile  # noqa: E402
+from qcompiler.errors import UserError  # noqa: E402
 from qcompiler.models.causal_lm import DECODE_STEPS  # noqa: E402
 from qcompiler.models.hf_llama import from_hf  # noqa: E402
+from qcompiler.tools.cli import main  # noqa: E402
+from qcompiler.tools.decode import CachedSession, cached_logits, generate  # noqa: E402
 
 VOCAB = 128
 MAX_POSITIONS = 64

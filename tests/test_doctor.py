@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 
 from qcompiler.analysis import execute
-from qcompiler.tools.cli import main
-from qcompiler.pipeline.context import CompileContext, using
-from qcompiler.tools.doctor import REFINE_ROUNDS, Switchboard, _Stages, diagnose, joined, quantized_layers
+from qcompiler.analysis.probe import synthetic_inputs
 from qcompiler.errors import UserError
 from qcompiler.ir import parse
+from qcompiler.pipeline.context import CompileContext, using
 from qcompiler.pipeline.pass_manager import run_pipeline
 from qcompiler.pipeline.spec import parse_pipeline
-from qcompiler.analysis.probe import synthetic_inputs
+from qcompiler.tools.cli import main
+from qcompiler.tools.doctor import REFINE_ROUNDS, Switchboard, _Stages, diagnose, joined, quantized_layers
 
 
 def _mlp(k=256, h=256, n=256, wide_second=True, seed=0):

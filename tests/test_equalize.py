@@ -9,10 +9,10 @@ import pytest
 from onnx import helper, numpy_helper
 
 from qcompiler.analysis import execute
-from qcompiler.tools.opt import optimize
+from qcompiler.analysis.probe import synthetic_inputs
 from qcompiler.passes.equalize import input_ranges, output_ranges
 from qcompiler.pipeline.spec import format_pipeline, parse_pipeline
-from qcompiler.analysis.probe import synthetic_inputs
+from qcompiler.tools.opt import optimize
 
 CHANNELS = 8
 

@@ -14,9 +14,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from qcompiler.tools.cli import main
 from qcompiler.errors import UserError
 from qcompiler.passes.canonicalize import CanonicalizePass
+from qcompiler.tools.cli import main
 
 DATA = np.arange(1, 5, dtype=np.float32)  # the external tensor: 16 bytes
 SECRET = np.full(4, 7.0, np.float32).tobytes()

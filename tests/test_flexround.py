@@ -5,9 +5,9 @@ import pytest
 
 from qcompiler.analysis import execute
 from qcompiler.analysis.blocks import find_blocks
-from qcompiler.pipeline.context import CompileContext, using
 from qcompiler.errors import UserError
 from qcompiler.ir import parse, to_text
+from qcompiler.pipeline.context import CompileContext, using
 from qcompiler.pipeline.pass_manager import run_pipeline
 from qcompiler.pipeline.spec import parse_pipeline
 

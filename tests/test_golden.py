@@ -13,8 +13,8 @@ import pytest
 
 from filecheck import checks, execute, filecheck, parse_run, run_lines, tolerance
 from qcompiler.analysis import execute as run_model
-from qcompiler.ir import parse
 from qcompiler.analysis.probe import synthetic_inputs
+from qcompiler.ir import parse
 
 CASES = sorted(Path(__file__).parent.glob("golden/*/*.onnxtxt"))
 IDS = [f"{p.parent.name}/{p.stem}" for p in CASES]

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from qcompiler.analysis import execute
+from qcompiler.dialect.mixed_ops import mixed_weight, split_class_inputs
 from qcompiler.errors import UserError
 from qcompiler.ir import to_text
-from qcompiler.dialect.mixed_ops import mixed_weight, split_class_inputs
 from qcompiler.passes.gptq import gptq_round
 from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
 from qcompiler.pipeline.spec import parse_pipeline

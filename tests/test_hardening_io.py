@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from qcompiler.analysis import calib_cache
-from qcompiler.support import progress as progress_mod
 from qcompiler.analysis.calib_data import load_calibration
-from qcompiler.tools.cli import main
 from qcompiler.ir import parse
+from qcompiler.support import progress as progress_mod
+from qcompiler.tools.cli import main
 
 
 @pytest.fixture

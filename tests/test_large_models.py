@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-import qcompiler.ir as qir
 from qcompiler.driver.compiler import compile
 from qcompiler.errors import UserError
+import qcompiler.ir as qir
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from test_float_types import inputs, tiny_block  # noqa: E402

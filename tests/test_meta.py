@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qcompiler.pipeline.context import CompileContext, using
+from qcompiler.analysis.probe import synthetic_inputs
 from qcompiler.errors import UserError
 from qcompiler.ir import parse, to_text
 from qcompiler.ir.meta import KEYS, MODEL_META, MODEL_PROPS, NODE_META, NODE_PROPS, STATS_KEY, VALUE_META, Prop
-from qcompiler.tools.opt import optimize
+from qcompiler.pipeline.context import CompileContext, using
 from qcompiler.pipeline.pass_manager import Instrument, run_pipeline
 from qcompiler.pipeline.passbase import model_properties
 from qcompiler.pipeline.spec import all_passes
 from qcompiler.pipeline.spec import parse_pipeline
-from qcompiler.analysis.probe import synthetic_inputs
+from qcompiler.tools.opt import optimize
 
 ROOT = Path(__file__).parent.parent
 MLP = ROOT / "tests" / "golden" / "flexround" / "residual_mlp.onnxtxt"  # two 64 x 64 linears and a residual Add

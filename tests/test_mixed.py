@@ -4,19 +4,19 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from qcompiler.analysis import bitcost
 from qcompiler.analysis import execute
-from qcompiler.dialect import ops
+from qcompiler.analysis.probe import synthetic_inputs
 from qcompiler.codegen.ort import weight_bytes
-from qcompiler.pipeline.context import CompileContext, using
+from qcompiler.dialect import ops
+from qcompiler.dialect.mixed_ops import MixedMatMulView, _mixed_matmul_reference
 from qcompiler.errors import UserError
 from qcompiler.ir import parse, to_text, verify
-from qcompiler.dialect.mixed_ops import MixedMatMulView, _mixed_matmul_reference
-from qcompiler.pipeline.pass_manager import run_pipeline
-from qcompiler.analysis import bitcost
 from qcompiler.passes.lower_mixed import pack_bitplanes, pack_nbits, unpack_bitplanes, unpack_nbits
 from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
+from qcompiler.pipeline.context import CompileContext, using
+from qcompiler.pipeline.pass_manager import run_pipeline
 from qcompiler.pipeline.spec import parse_pipeline
-from qcompiler.analysis.probe import synthetic_inputs
 
 
 def _layer(k=1024, n=256, seed=0, batch=""):

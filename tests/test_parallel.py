@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import qcompiler
+from qcompiler.analysis.probe import synthetic_inputs
 from qcompiler.support import parallel
 from qcompiler.tools.cli import main
-from qcompiler.analysis.probe import synthetic_inputs
 
 PIPELINE = "mixed{avg-bits=4.25 scope=model sensitivity=kl}"
 

@@ -11,8 +11,8 @@ import pytest
 
 from filecheck import run_lines
 from qcompiler.ir import parse, to_text
-from qcompiler.tools.opt import optimize
 from qcompiler.pipeline.spec import all_passes, format_pass, parse_pipeline
+from qcompiler.tools.opt import optimize
 
 GOLDEN = Path(__file__).parent / "golden"
 TESTS = Path(__file__).parent.resolve()

@@ -6,8 +6,8 @@ import torch
 
 import qcompiler
 from qcompiler.analysis import execute
-from qcompiler.pipeline.context import CompileContext, using
 from qcompiler.ir import parse
+from qcompiler.pipeline.context import CompileContext, using
 from qcompiler.pipeline.pass_manager import run_pipeline
 from qcompiler.pipeline.spec import parse_pipeline
 

@@ -11,8 +11,8 @@ import pytest
 
 import onnx_ir as ir
 import qcompiler
-from qcompiler.passes.quantize import Target, quantize_weight_per_channel, weight_bias_shift
 from qcompiler.analysis.placement import NO_INTEGER_CONV_TRANSPOSE
+from qcompiler.passes.quantize import Target, quantize_weight_per_channel, weight_bias_shift
 
 
 def _save(tmp_path, nodes, x_shape, y_shape, arrays, name):

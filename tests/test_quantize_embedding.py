@@ -8,10 +8,10 @@ import onnxruntime as ort
 import pytest
 
 import qcompiler
+from qcompiler.dialect.qc_ops import gather_quantized
 from qcompiler.errors import UserError
 from qcompiler.passes.lower_mixed import pack_nbits
 from qcompiler.passes.quantize_embedding import quantize_table
-from qcompiler.dialect.qc_ops import gather_quantized
 
 VOCAB, WIDTH = 40, 64
 

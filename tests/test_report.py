@@ -12,9 +12,9 @@ import pytest
 
 import qcompiler
 from qcompiler.analysis import probe
+from qcompiler.analysis.placement import NO_INTEGER_CONV_TRANSPOSE
 from qcompiler.tools import report as reports
 from qcompiler.tools.cli import main
-from qcompiler.analysis.placement import NO_INTEGER_CONV_TRANSPOSE
 from qcompiler.tools.report_html import BAR_COLOR, LINE_COLOR, bits_color, render
 
 HOSTILE = '<script>alert("x")</script>&\'q'

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 
 from qcompiler.analysis import execute
-from qcompiler.pipeline.context import CompileContext, using
-from qcompiler.errors import UserError
+from qcompiler.analysis.probe import synthetic_inputs
 from qcompiler.codegen.ort import weight_bytes
+from qcompiler.errors import UserError
 from qcompiler.ir import parse, to_text, verify
+from qcompiler.pipeline.context import CompileContext, using
 from qcompiler.pipeline.pass_manager import run_pipeline
 from qcompiler.pipeline.spec import parse_pipeline
-from qcompiler.analysis.probe import synthetic_inputs
 
 # Pre-LN block with an outlier channel (gamma 20 on channel 1): Q and K share the normed input.
 BLOCK = """

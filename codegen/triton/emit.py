@@ -51,8 +51,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.dialect import ops
-from qcompiler.errors import UserError
 from qcompiler.dialect.mixed_ops import MixedClass, mixed_weight, split_class_inputs
+from qcompiler.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import onnx.reference
 import onnx_ir as ir
 
 from qcompiler.dialect import ops
-from qcompiler.ir import QC_DOMAIN, is_large, mapped_tensors, qc_nodes, to_proto
 from qcompiler.dialect.kv_int8 import float_cache_feeds, float_cache_outputs
+from qcompiler.ir import QC_DOMAIN, is_large, mapped_tensors, qc_nodes, to_proto
 
 log = logging.getLogger(__name__)
 

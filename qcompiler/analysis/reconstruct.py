@@ -45,12 +45,12 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis.blocks import Block, find_blocks
+from qcompiler.analysis.probe import valid_positions
+from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul, mixed_weight, split_class_inputs
+from qcompiler.dialect.ops import attributes_of
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import set_constant
 from qcompiler.ir.meta import FLOAT_WEIGHT_KEY  # noqa: F401  (part of this API)
-from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul, mixed_weight, split_class_inputs
-from qcompiler.dialect.ops import attributes_of
-from qcompiler.analysis.probe import valid_positions
 from qcompiler.support.progress import progress
 
 log = logging.getLogger(__name__)

@@ -24,10 +24,10 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.errors import VerificationError
 from qcompiler.dialect.mixed_ops import mixed_weight, split_class_inputs
 from qcompiler.dialect.op_registry import Attr, OpSchema, attributes_of, register
 from qcompiler.dialect.qc_ops import ACT_MODES, dequantize_weight, quantize_activation
+from qcompiler.errors import VerificationError
 
 EPILOGUES = ("none", "relu", "gelu", "gelu_tanh", "silu")
 WEIGHT_KINDS = ("dequantize", "mixed")

@@ -41,8 +41,8 @@ from typing import Generic, TypeVar
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.errors import VerificationError
 from qcompiler.dialect.op_registry import Attr, OpSchema, attributes_of, register
+from qcompiler.errors import VerificationError
 
 KINDS = ("uniform", "codebook", "fp16")
 INPUTS_PER_KIND = {"uniform": 3, "codebook": 2, "fp16": 1}

@@ -28,8 +28,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.errors import VerificationError
 from qcompiler.dialect.op_registry import Attr, OpSchema, attributes_of, register
+from qcompiler.errors import VerificationError
 
 ACT_MODES = ("static", "dynamic", "per-token")
 

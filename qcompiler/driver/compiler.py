@@ -13,23 +13,23 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.driver.capture import model_digest, resolve
-from qcompiler.ir import float_types
-from qcompiler.pipeline import instruments
-from qcompiler.support import parallel
 from qcompiler.analysis import probe
-from qcompiler.tools import report as reports
-from qcompiler.pipeline.context import CompileContext, using
-from qcompiler.errors import UserError, shown
-from qcompiler.support.fileio import AtomicDir, write_atomic
-from qcompiler.ir import weight_count
+from qcompiler.codegen.targets import get_target
+from qcompiler.driver.capture import model_digest, resolve
 from qcompiler.driver.outputs import check_outputs, nested_entry, protected_sources
-from qcompiler.pipeline.pass_manager import PassRecord, run_pipeline
-from qcompiler.pipeline.passbase import model_properties
+from qcompiler.errors import UserError, shown
+from qcompiler.ir import float_types
+from qcompiler.ir import weight_count
 from qcompiler.passes.canonicalize import CanonicalizePass
 from qcompiler.passes.lower_ort import LowerOrtPass
-from qcompiler.codegen.targets import get_target
+from qcompiler.pipeline import instruments
+from qcompiler.pipeline.context import CompileContext, using
+from qcompiler.pipeline.pass_manager import PassRecord, run_pipeline
+from qcompiler.pipeline.passbase import model_properties
 from qcompiler.pipeline.spec import check_order, format_pipeline, parse_pipeline
+from qcompiler.support import parallel
+from qcompiler.support.fileio import AtomicDir, write_atomic
+from qcompiler.tools import report as reports
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ import onnx_ir as ir
 
 from qcompiler.analysis import execute
 from qcompiler.errors import PassFailure
-from qcompiler.support.fileio import AtomicDir
 from qcompiler.ir import VerificationError, to_text, verify
 from qcompiler.pipeline.pass_manager import Instrument, PassRecord
 from qcompiler.pipeline.passbase import Pass
+from qcompiler.support.fileio import AtomicDir
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+from qcompiler import passes as _passes  # noqa: F401  (importing the package registers every pass)
 from qcompiler.errors import UserError, shown
 from qcompiler.ir.meta import Prop
-from qcompiler import passes as _passes  # noqa: F401  (importing the package registers every pass)
 from qcompiler.pipeline.passbase import Option, Pass, did_you_mean, registered_passes
 
 

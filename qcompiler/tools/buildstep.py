@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from qcompiler.errors import QualityGateError, UserError, first_line, shown
-from qcompiler.support.fileio import read_small_text
 from qcompiler.pipeline.passbase import did_you_mean
+from qcompiler.support.fileio import read_small_text
 
 try:  # Python 3.11+
     import tomllib

@@ -245,9 +245,9 @@ def resolve_compile_options(args) -> argparse.Namespace:
 def _cmd_compile(args) -> int:
     from pathlib import Path
 
-    from qcompiler.tools import buildstep
     from qcompiler.analysis.calib_cache import default_dir
     from qcompiler.driver.compiler import compile
+    from qcompiler.tools import buildstep
 
     opts = resolve_compile_options(args)
     gates = buildstep.parse_gates(opts.fail_under, opts.fail_over)
@@ -381,8 +381,8 @@ def _cmd_doctor(args) -> int:
     from pathlib import Path
 
     from qcompiler.analysis.calib_cache import default_dir
-    from qcompiler.tools.doctor import diagnose, format_diagnosis
     from qcompiler.support.fileio import write_atomic
+    from qcompiler.tools.doctor import diagnose, format_diagnosis
 
     from qcompiler.driver.outputs import SUGGESTION_MARKER, check_suggestion_file, protected_sources
 

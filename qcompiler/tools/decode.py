@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from qcompiler.errors import UserError
 from qcompiler.codegen.lm_artifact import read_layout, read_tokenizer
+from qcompiler.errors import UserError
 
 log = logging.getLogger(__name__)
 

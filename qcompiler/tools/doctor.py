@@ -35,12 +35,11 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis import execute
-from qcompiler.pipeline import instruments
+from qcompiler.analysis.probe import log_softmax, mean_kl
 from qcompiler.dialect import ops
+from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul
 from qcompiler.errors import UserError
 from qcompiler.ir import qc_nodes, to_proto
-from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul
-from qcompiler.pipeline.pass_manager import Instrument, PassRecord, run_pipeline
 from qcompiler.passes.allocate_bits import AllocateBitsPass as Allocate
 from qcompiler.passes.flexround import FlexRoundPass
 from qcompiler.passes.fold_permutation import FoldPermutationPass
@@ -49,8 +48,9 @@ from qcompiler.passes.lower_ort import LowerOrtPass
 from qcompiler.passes.quantize import QuantizePass as Quantize
 from qcompiler.passes.quantize_weights import QuantizeWeightsPass as QuantizeWeights
 from qcompiler.passes.tune_scales import TuneScalesPass
+from qcompiler.pipeline import instruments
+from qcompiler.pipeline.pass_manager import Instrument, PassRecord, run_pipeline
 from qcompiler.pipeline.spec import check_order, format_pipeline, parse_pipeline
-from qcompiler.analysis.probe import log_softmax, mean_kl
 from qcompiler.support.progress import progress
 
 log = logging.getLogger(__name__)
@@ -370,11 +370,11 @@ def diagnose(
     compile time).
     `workers`, `ray_address`: fan the pipeline's measurements out on Ray, as for `compile`
     (`qcompiler.support.parallel`); the diagnosis is the same."""
-    from qcompiler.support import parallel
     from qcompiler.analysis import probe
     from qcompiler.driver.capture import resolve
     from qcompiler.driver.compiler import calibration_batches, complete_pipeline
     from qcompiler.pipeline.context import CompileContext
+    from qcompiler.support import parallel
 
     if not 0.0 < max_extra_bits <= 8.0:
         raise UserError(f"doctor: --max-extra-bits must be in (0, 8], got {max_extra_bits}")

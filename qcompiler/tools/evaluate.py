@@ -140,8 +140,8 @@ def _ort_runner(path: Path, threads: int | None) -> Runner:
 def _cached_runner(artifact: Path, threads: int | None) -> Runner:
     """Logits of one window through the artifact's KV cache: a prefill of its first half, then
     one token per step (what generation runs)."""
-    from qcompiler.tools.decode import CachedSession, cached_logits
     from qcompiler.codegen.lm_artifact import read_layout
+    from qcompiler.tools.decode import CachedSession, cached_logits
 
     session = CachedSession(artifact / "model.onnx", read_layout(artifact), threads)
 

@@ -10,13 +10,13 @@ cost model (as `compile` without `--target`). The golden IR tests run their
 
 from __future__ import annotations
 
-from qcompiler.pipeline.context import CompileContext, using
-from qcompiler.errors import UserError
-from qcompiler.ir import ELIDE_ELEMENTS, parse, to_text, verify
-from qcompiler.pipeline.pass_manager import PassRecord, run_pipeline
-from qcompiler.pipeline.spec import parse_pipeline
 from qcompiler.analysis.probe import synthetic_inputs
 from qcompiler.codegen.targets import get_target
+from qcompiler.errors import UserError
+from qcompiler.ir import ELIDE_ELEMENTS, parse, to_text, verify
+from qcompiler.pipeline.context import CompileContext, using
+from qcompiler.pipeline.pass_manager import PassRecord, run_pipeline
+from qcompiler.pipeline.spec import parse_pipeline
 
 SYNTHETIC_BATCHES = 4
 

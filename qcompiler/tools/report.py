@@ -41,17 +41,17 @@ import onnx_ir as ir
 
 from qcompiler.analysis import execute
 from qcompiler.analysis.probe import valid_positions
-from qcompiler.errors import UserError
-from qcompiler.support.fileio import write_atomic
-from qcompiler.pipeline.instruments import Drift
-from qcompiler.ir import WEIGHTED_LAYER_OPS, constant_sources, is_weighted_layer, op_key, permutation_indices, weight_inputs, weight_values
 from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul
-from qcompiler.pipeline.pass_manager import PassRecord
-from qcompiler.pipeline.passbase import option_key
+from qcompiler.errors import UserError
+from qcompiler.ir import WEIGHTED_LAYER_OPS, constant_sources, is_weighted_layer, op_key, permutation_indices, weight_inputs, weight_values
 from qcompiler.passes.allocate_bits import AllocateBitsPass as Allocate
 from qcompiler.passes.quantize import QuantizePass as Quantize
 from qcompiler.passes.quantize_weights import QuantizeWeightsPass as QuantizeWeights
 from qcompiler.passes.smooth import SmoothPass as Smooth
+from qcompiler.pipeline.instruments import Drift
+from qcompiler.pipeline.pass_manager import PassRecord
+from qcompiler.pipeline.passbase import option_key
+from qcompiler.support.fileio import write_atomic
 from qcompiler.tools.report_bits import FLOAT_BITS, FP16_BITS, decode_channel_bits, encode_channel_bits  # noqa: F401
 from qcompiler.tools.report_html import render
 

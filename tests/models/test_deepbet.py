@@ -10,10 +10,10 @@ import re
 import numpy as np
 import pytest
 
-import qcompiler.models as qm
-from qcompiler.tools.cli import main
 from qcompiler.errors import UserError
 from qcompiler.models import deepbet
+import qcompiler.models as qm
+from qcompiler.tools.cli import main
 
 slow = pytest.mark.slow
 

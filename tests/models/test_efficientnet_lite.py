@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import qcompiler.models as qm
 from qcompiler.errors import UserError
 from qcompiler.models import efficientnet_lite as eff
+import qcompiler.models as qm
 
 slow = pytest.mark.slow
 

@@ -10,10 +10,10 @@ import re
 import numpy as np
 import pytest
 
-import qcompiler.models as qm
-from qcompiler.tools.cli import main
 from qcompiler.errors import UserError
 from qcompiler.models import ffdnet
+import qcompiler.models as qm
+from qcompiler.tools.cli import main
 
 slow = pytest.mark.slow
 
@@ -78,8 +78,8 @@ def test_calibration_folder_keeps_each_photo_whole_crop(tmp_path):
     """A folder of photos of two sizes: one batch per crop size, no photo cut to a smaller one."""
     from PIL import Image
 
-    from qcompiler.driver.capture import capture_bundled
     from qcompiler.analysis.calib_data import load_calibration
+    from qcompiler.driver.capture import capture_bundled
 
     for name, shape in (("a", (40, 50)), ("b", (20, 64)), ("c", (64, 64))):
         Image.fromarray(np.full(shape, 100, np.uint8)).save(tmp_path / f"{name}.png")

@@ -14,8 +14,8 @@ import time
 import numpy as np
 import pytest
 
-import qcompiler.models as qm
 from qcompiler.errors import UserError
+import qcompiler.models as qm
 from qcompiler.models.base import wheel_dir
 
 log = logging.getLogger(__name__)

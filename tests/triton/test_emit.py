@@ -26,8 +26,8 @@ import pytest
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import qcompiler  # noqa: E402
-from qcompiler.pipeline.spec import format_pipeline, parse_pipeline  # noqa: E402
 from qcompiler.errors import UserError  # noqa: E402
+from qcompiler.pipeline.spec import format_pipeline, parse_pipeline  # noqa: E402
 
 REL_TOL, COS_TOL = 1e-3, 0.9999
 # the values before the first differing code: float32 sums in another order than the reference's
