@@ -285,6 +285,19 @@ def per_model_folders(models):
             yield name, work
 
 
+def log(message: str) -> None:
+    """A progress line on stderr (the table goes to stdout)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def finish_run(path: Path, threads: int, results: list, table: str) -> Path:
+    """Print the run's table, write its JSON (`write_run`) and say where."""
+    print(table)
+    written = write_run(path, threads, results, table)
+    log(f"wrote {path}")
+    return written
+
+
 def write_run(path: Path, threads: int, results: list, table: str) -> Path:
     """A benchmark run's JSON: the command, machine, packages and git state beside its results and
     the table it printed."""

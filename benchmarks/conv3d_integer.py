@@ -90,8 +90,7 @@ def main(argv=None) -> int:
     text = common.table(["input channels", "kernel", f"float32 ms ({args.size}^3)", "int8 ms", "int8 / float32", "interquartile"],
                         [[r["channels"], f"{r['kernel']}^3", f"{r['float_ms']:.1f}", f"{r['int8_ms']:.1f}", f"{r['ratio']:.2f}",
                           f"{r['ratio_p25']:.2f} to {r['ratio_p75']:.2f}"] for r in rows])
-    print(text)
-    common.write_run(args.json, threads, rows, text)
+    common.finish_run(args.json, threads, rows, text)
     return 0
 
 

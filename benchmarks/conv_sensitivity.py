@@ -30,15 +30,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+
+log = common.log
 import imaging  # noqa: E402
 
 MODELS = ("ffdnet-rgb", "efficientnet-lite0")
 PIPELINES = ("w8a8", "w8a8{conv-method=calibrated}")
 BATCH = 8
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def activation_pairs(proto) -> list[dict[str, Any]]:
@@ -197,9 +195,7 @@ def main(argv=None) -> int:
     threads = common.fix_threads(common.THREADS)
     results = [bench_model(name, args, work) for name, work in common.per_model_folders(args.models)]
     text = render(results)
-    print(text)
-    common.write_run(args.json, threads, results, text)
-    log(f"wrote {args.json}")
+    common.finish_run(args.json, threads, results, text)
     return 0
 
 

@@ -41,14 +41,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+
+log = common.log
 import imaging  # noqa: E402
 
 MODELS = ("ffdnet-gray", "ffdnet-rgb", "efficientnet-lite0")
 BATCH = 8
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def variants(name: str) -> dict[str, str]:
@@ -179,9 +177,7 @@ def main(argv=None) -> int:
         results.append(bench_efficientnet(args, work) if name == "efficientnet-lite0" else bench_ffdnet(name, args, work))
         log(render(results[-1:]))
     text = render(results)
-    print(text)
-    common.write_run(args.json, threads, results, text)
-    log(f"wrote {args.json}")
+    common.finish_run(args.json, threads, results, text)
     return 0
 
 

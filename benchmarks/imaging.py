@@ -73,6 +73,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+log = common.log
+
 MODELS = ("ffdnet-gray", "ffdnet-rgb", "deepbet-brain")
 VOLUME_MODELS = ("deepbet-brain",)
 SIGMAS = (15.0, 25.0, 50.0)
@@ -83,10 +85,6 @@ CALIBRATION_BATCH = 4
 TARGET_DROP_DB = 0.1
 TARGET_LATENCY_RATIO = 0.7
 TARGET_DICE = 0.99
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 class ListReader:
@@ -470,9 +468,7 @@ def main(argv=None) -> int:
     for name, work in common.per_model_folders(args.models):
         results.append((bench_volume_model if name in VOLUME_MODELS else bench_model)(name, args, work))
     text = render(results)
-    print(text)
-    common.write_run(args.json, threads, results, text)
-    log(f"wrote {args.json}")
+    common.finish_run(args.json, threads, results, text)
     return 0
 
 

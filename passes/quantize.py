@@ -110,9 +110,6 @@ class QuantizePass(Pass):
     def __post_init__(self):
         if self.float_inputs < 0:
             raise UserError(f"quantize: float-inputs must be 0 or more, got {self.float_inputs}")
-        if self.conv_method != "calibrated" and self.conv_method not in calibration.METHODS:
-            raise UserError(f"quantize: conv-method must be calibrated or one of {', '.join(calibration.METHODS)}, "
-                            f"got '{self.conv_method}'")
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
