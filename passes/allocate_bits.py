@@ -58,12 +58,18 @@ REVISITS = 8
 
 @dataclasses.dataclass
 class _Layer:
+    """A layer's error model. The weight itself is not kept: a weight on disk is read again when needed."""
+
     linear: Linear
-    w: np.ndarray
+    shape: tuple[int, int]  # the weight's [K, N]
     energy: np.ndarray
     fp16: np.ndarray  # bool [K]: activation outliers
     sparse: int  # number of sparse outliers budgeted
     errors: dict[int, np.ndarray]  # bits -> err_k(b) [K]
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,11 +224,11 @@ class AllocateBitsPass(Pass):
                 per_layer[layer.linear.name] = self._record(graph, layer, bits, self.outliers_weight)
                 bar.update()
         for linear in kept:
-            layer = _Layer(linear, linear.w.const_value.numpy(), None, None, 0, {})
-            per_layer[linear.name] = self._record(graph, layer, np.full(layer.w.shape[0], self.keep_bits, np.uint8), 0.0)
+            layer = _Layer(linear, tuple(linear.w.const_value.shape), None, None, 0, {})
+            per_layer[linear.name] = self._record(graph, layer, np.full(layer.shape[0], self.keep_bits, np.uint8), 0.0)
             per_layer[linear.name]["kept"] = True
         total_bits = sum(v["stored_bits"] for v in per_layer.values())
-        total_weights = sum(layer.w.size for layer in layers) + sum(linear.w.const_value.size for linear in kept)
+        total_weights = sum(layer.size for layer in layers) + sum(linear.w.const_value.size for linear in kept)
         stats = {
             "layers": len(layers) + len(kept),
             "kept_layers": [linear.w.name for linear in kept],
@@ -253,7 +259,7 @@ class AllocateBitsPass(Pass):
         errors = {b: energy * bitcost.minmax_grid_error(w, b, self.group_size, bitcost.integer_zero_points(b, self._zero_points))
                   for b in sorted(set(self.candidates))}
         sparse = int(round(self.outliers_weight * (k - count) * n))
-        return _Layer(linear, w, energy, fp16, sparse, errors)
+        return _Layer(linear, w.shape, energy, fp16, sparse, errors)
 
     def _measure_sensitivity(self, model: ir.Model, layers: list[_Layer]) -> dict:
         """Scale each layer's error model so that it predicts the model's output error.
@@ -283,7 +289,7 @@ class AllocateBitsPass(Pass):
         kept = [t for t in proto.graph.initializer if t.name not in names]
         weights = {}
         for layer in layers:
-            weights.setdefault(layer.linear.w.name, layer.w)
+            weights.setdefault(layer.linear.w.name, np.asarray(layer.linear.w.const_value.numpy(), np.float32))
         del proto.graph.initializer[:]
         proto.graph.initializer.extend(kept)
         for name, w in weights.items():
@@ -314,7 +320,7 @@ class AllocateBitsPass(Pass):
     def _allocate(self, pool: list[_Layer], avg_bits: float) -> dict[str, np.ndarray]:
         """Greedy allocation charging the exact stored bits of every step (see `_greedy`); with
         cost=latency, the class set chosen by `_fastest_for_error`."""
-        target = avg_bits * sum(layer.w.size for layer in pool)
+        target = avg_bits * sum(layer.size for layer in pool)
         budget = target - sum(self._constants(layer) for layer in pool)
         candidates = sorted(set(self.candidates))
         if self.cost == "latency":
@@ -362,7 +368,7 @@ class AllocateBitsPass(Pass):
 
     def _predicted_us(self, layer: _Layer, bits: np.ndarray, table: bitcost.KernelCosts) -> float:
         """Predicted microseconds of the layer at M=1: every non-empty class's launch and time per weight."""
-        n = layer.w.shape[1]
+        n = layer.shape[1]
         codebook = self.codebook == "kmeans"
         return sum(table.class_us(self._costs.route(bitcost.class_kind(b, codebook), b, self._zero_points), int(rows), n)
                    for b, rows in zip(*np.unique(bits, return_counts=True)))
@@ -375,7 +381,7 @@ class AllocateBitsPass(Pass):
         upgrade that does not fit is set aside and the next one tried, so the stored total never
         exceeds the budget; the set-aside ones are tried again (a few rounds) while moves that
         empty a group free bits for them."""
-        bits = {layer.linear.name: np.full(layer.w.shape[0], candidates[0], np.uint8) for layer in pool}
+        bits = {layer.linear.name: np.full(layer.shape[0], candidates[0], np.uint8) for layer in pool}
         counts = []
         spent = 0.0
         heap = []
@@ -420,13 +426,13 @@ class AllocateBitsPass(Pass):
         return (len(self.candidates) + 1) * 8 * LOWERING_BYTES_PER_CLASS
 
     def _class_bits(self, layer: _Layer, b: int, rows: int) -> int:
-        n = layer.w.shape[1]
+        n = layer.shape[1]
         kind = bitcost.class_kind(b, self.codebook == "kmeans")
         return self._costs.class_bits(kind, b, rows, n, self.group_size, self._zero_points)
 
     def _stored_bits(self, layer: _Layer, bits: np.ndarray) -> int:
         """Exact stored bits of one layer's allocation (classes, groups, codebooks, outliers, permutation)."""
-        k, n = layer.w.shape
+        k, n = layer.shape
         classes = {int(b): int(c) for b, c in zip(*np.unique(bits, return_counts=True))}
         costs = self._costs
         sparse = costs.sparse_bits(self.candidates, self.codebook == "kmeans", self._zero_points) * layer.sparse
@@ -440,7 +446,7 @@ class AllocateBitsPass(Pass):
         if level + 1 >= len(candidates):
             return
         lo, hi = candidates[level], candidates[level + 1]
-        n = layer.w.shape[1]
+        n = layer.shape[1]
         gain = layer.errors[lo][k] - layer.errors[hi][k]
         cost = self._row_bits(hi, n) - self._row_bits(lo, n)
         ratio = gain / cost if cost > 0 else np.inf  # free in containers: 3 -> 4 bits costs nothing more
@@ -448,7 +454,7 @@ class AllocateBitsPass(Pass):
 
     def _infeasible(self, pool: list[_Layer], candidates, avg_bits: float) -> str:
         low = high = 0.0
-        total = sum(layer.w.size for layer in pool)
+        total = sum(layer.size for layer in pool)
         for layer in pool:
             for b, side in ((candidates[0], "low"), (candidates[-1], "high")):
                 bits = np.where(layer.fp16, bitcost.FP16, b)
@@ -490,7 +496,7 @@ class AllocateBitsPass(Pass):
         node.outputs[0].shape = linear.w.shape
         graph.insert_before(linear.node, node)
         linear.node.replace_input_with(1, node.outputs[0])
-        k, n = layer.w.shape
+        k, n = layer.shape
         classes = {int(b): int(c) for b, c in zip(*np.unique(bits, return_counts=True))}
         stored = self._stored_bits(layer, bits)
         error = sum(float(layer.errors[b][bits == b].sum()) for b in classes if b in layer.errors)

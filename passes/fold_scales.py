@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.ir.layers import bypass, new_initializer, remove_unused, set_constant
+from qcompiler.ir.layers import bypass, new_initializer, remove_unused, scale_constant, set_constant
 from qcompiler.ir.meta import CREATED_BY, SMOOTHED_KEY, STATS_KEY, Prop
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 
@@ -140,12 +140,14 @@ def _move_stats(source: ir.Value, target: ir.Value) -> None:
 
 def _scale_constant(graph: ir.Graph, node: ir.Node, index: int, c: np.ndarray, axis: int = -1) -> bool:
     value = node.inputs[index] if index < len(node.inputs) else None
-    array = _const(value)
-    if array is None or array.shape[axis] != c.size:
+    if value is None or value.const_value is None:
         return False
-    shape = [1] * array.ndim
+    dims = tuple(value.const_value.shape)  # the shape alone: a weight on disk is not read here
+    if not dims or dims[axis] != c.size:
+        return False
+    shape = [1] * len(dims)
     shape[axis] = c.size
-    set_constant(graph, value, (array * c.reshape(shape)).astype(array.dtype), node, "folded")
+    scale_constant(graph, value, c.reshape(shape), node, "folded")
     return True
 
 

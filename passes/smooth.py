@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from qcompiler.dialect.ops import QC_OPSET_VERSION
 from qcompiler.errors import UserError
-from qcompiler.ir.layers import Linear, group_by_input, insert_after_value, linears, new_initializer, set_constant
+from qcompiler.ir.layers import Linear, group_by_input, insert_after_value, linears, new_initializer, scale_constant
 from qcompiler.ir.meta import CREATED_BY, SMOOTHED_KEY, STATS_KEY, Prop
 from qcompiler.pipeline import context
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
@@ -85,8 +85,8 @@ class SmoothPass(Pass):
         searches are independent and give the same alphas in any process and order."""
         if self.alpha != "auto":
             return [float(self.alpha)] * len(groups)
-        tasks = [alpha_search_task(group, group[0].x.meta[STATS_KEY]) for _, group in groups]
-        with progress(f"smooth: alpha search over {len(tasks)} layer groups", None):
+        tasks = (alpha_search_task(group, group[0].x.meta[STATS_KEY]) for _, group in groups)  # each built when its turn comes
+        with progress(f"smooth: alpha search over {len(groups)} layer groups", None):
             return context.current().executor.map(search_alpha, tasks,
                                                   names=[f"smooth: alpha of the layers reading '{x}'" for x, _ in groups])
 
@@ -134,8 +134,7 @@ def scale_input_channels(graph: ir.Graph, group: list[Linear], stats, s: np.ndar
     insert_after_value(graph, x, mul)
     x.meta[SMOOTHED_KEY] = True  # its readers now see X / s: never scale them twice
     for layer in group:
-        w = layer.w.const_value.numpy()
-        set_constant(graph, layer.w, (w * s[:, None]).astype(w.dtype), layer.node, "smoothed")
+        scale_constant(graph, layer.w, s[:, None], layer.node, "smoothed")
         layer.node.replace_input_with(0, mul.outputs[0])
 
 

@@ -9,6 +9,7 @@ import textwrap
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
@@ -21,10 +22,10 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from test_float_types import inputs, tiny_block  # noqa: E402
 
 
-def _with_external_data(tmp_path, name="src"):
+def _with_external_data(tmp_path, name="src", elem_type=TensorProto.FLOAT):
     folder = tmp_path / name
     folder.mkdir()
-    onnx.save(tiny_block(TensorProto.FLOAT), str(folder / "model.onnx"), save_as_external_data=True,
+    onnx.save(tiny_block(elem_type), str(folder / "model.onnx"), save_as_external_data=True,
               location="model.onnx.data", size_threshold=0)
     return folder / "model.onnx"
 
@@ -44,6 +45,46 @@ def test_mapped_weights_compile_to_the_same_bytes(tmp_path, monkeypatch, pipelin
     written = onnx.load(str(tmp_path / "b" / "model.onnx"), load_external_data=False)
     assert all(t.data_location != TensorProto.EXTERNAL for t in written.graph.initializer)  # nothing points back
     assert mapped.manifest["source"]["sha256"] != in_memory.manifest["source"]["sha256"]  # hashed as files, streamed
+
+
+@pytest.mark.parametrize("elem_type", [TensorProto.FLOAT16, TensorProto.BFLOAT16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("pipeline", ["w8a8", "mixed{avg-bits=4.25}"])
+def test_low_precision_weights_on_disk_compile_to_the_same_bytes(tmp_path, monkeypatch, pipeline, elem_type):
+    """A float16/bfloat16 source whose weights stay on disk is read as float32 one weight at a time
+    (`qcompiler.ir.deferred`), smoothed and folded without holding the results: same artifact."""
+    source = _with_external_data(tmp_path, elem_type=elem_type)
+    in_memory = compile(str(source), tmp_path / "a", pipeline=pipeline, calibration=_batches())
+    monkeypatch.setattr(qir, "MAPPED_DATA_THRESHOLD", 0)
+    on_disk = compile(str(source), tmp_path / "b", pipeline=pipeline, calibration=_batches())
+    assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
+    assert on_disk.manifest["float_type"] == in_memory.manifest["float_type"]
+
+
+def test_weights_on_disk_are_read_as_float32_when_needed_and_not_kept(tmp_path, monkeypatch):
+    from qcompiler.ir import deferred, float_types
+    from qcompiler.ir.layers import linears, scale_constant
+
+    source = _with_external_data(tmp_path, elem_type=TensorProto.FLOAT16)
+    monkeypatch.setattr(qir, "MAPPED_DATA_THRESHOLD", 0)
+    model = qir.load(source)
+    mapped = {v.name: v.const_value for v in model.graph.initializers.values()
+              if isinstance(v.const_value, ir.ExternalTensor) and v.const_value.dtype.is_floating_point()}
+    float_types.to_float32(model, float_types.source_float_type(model))
+    for name, file_tensor in mapped.items():
+        tensor = model.graph.initializers[name].const_value
+        assert isinstance(tensor, deferred.Deferred) and tensor.dtype == ir.DataType.FLOAT
+        np.testing.assert_array_equal(tensor.numpy(), file_tensor.numpy().astype(np.float32))
+        file_tensor.release()
+    layer = linears(model.graph)[0]
+    before = layer.w.const_value.numpy()
+    factor = np.linspace(0.5, 2.0, before.shape[0], dtype=np.float32)[:, None]
+    scale_constant(model.graph, layer.w, factor, layer.node, "scaled")
+    scaled = layer.w.const_value
+    assert isinstance(scaled, deferred.Deferred)  # still on disk: computed when read
+    np.testing.assert_array_equal(scaled.numpy(), (before * factor).astype(np.float32))
+    assert scaled.numpy() is not scaled.numpy()  # nothing kept between reads
+    file_tensor = mapped[layer.w.name]
+    assert file_tensor.raw is None  # the file's mapping is closed after each read
 
 
 def test_large_output_keeps_weights_in_one_file_beside_the_model(tmp_path, monkeypatch):

@@ -251,24 +251,33 @@ def mapped_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
     return [v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
 
 
+def on_disk_tensors(model: ir.Model) -> list[ir.TensorProtocol]:
+    """The initializers still read from a file: memory-mapped, or computed from a mapped one when
+    read (`qcompiler.ir.deferred`)."""
+    from qcompiler.ir import deferred
+
+    return [v.const_value for v in model.graph.initializers.values() if deferred.is_on_disk(v.const_value)]
+
+
 def is_large(model: ir.Model) -> bool:
     """Whether the model cannot travel as one protobuf: weights past `EXTERNAL_DATA_THRESHOLD` or
-    still mapped from their source file."""
-    return bool(mapped_tensors(model)) or initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+    still on disk (`on_disk_tensors`)."""
+    return bool(on_disk_tensors(model)) or initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD
 
 
 def save(model: ir.Model, path: str | os.PathLike, progress=None) -> list[Path]:
     """Write `model` to `path` (weights in `<name>.data` beside it when the file would pass
-    protobuf's limit; weights still mapped from the source are copied in, never referenced).
+    protobuf's limit; weights still mapped from the source are copied in, never referenced),
+    never holding the model's serialization in memory (`qcompiler.ir.proto_stream`).
     `progress(done_bytes, total_bytes)` is called as external data is written. Returns the files
     written."""
+    from qcompiler.ir import proto_stream
+
     path = Path(path)
     total = initializer_bytes(model)
     if total < EXTERNAL_DATA_THRESHOLD:
-        if mapped_tensors(model):
-            ir.external_data.load_to_model(model)
-        proto = to_proto(model)
-        path.write_bytes(proto.SerializeToString(deterministic=True))
+        with open(path, "wb") as file:  # one weight's bytes in memory at a time, mapped ones read from their files
+            proto_stream.write_model(model, file, progress)
         return [path]
     data_name = path.name + ".data"
     written = 0

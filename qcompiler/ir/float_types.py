@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import UserError
+from qcompiler.ir import deferred
 from qcompiler.ir.meta import SOURCE_EDGES_KEY, SOURCE_FLOAT_KEY
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,13 @@ def source_float_type(model: ir.Model, quantizes: bool = True) -> ir.DataType:
 
 def to_float32(model: ir.Model, source: ir.DataType) -> None:
     """Every float16/bfloat16 tensor, value type and dtype attribute of `model` becomes float32
-    (in place), and the source type is recorded in the model's metadata."""
+    (in place), and the source type is recorded in the model's metadata. Float weights still on disk
+    (a large source's, memory-mapped) are read as float32 when needed (`qcompiler.ir.deferred`),
+    float32 sources' too."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and tensor.dtype in (ir.DataType.FLOAT, *LOW_PRECISION):
+            value.const_value = deferred.as_float32(tensor)  # read (and converted) when needed: never all in memory
     if source not in LOW_PRECISION:
         return
     edges = [v.name for v in (*model.graph.inputs, *model.graph.outputs) if v.dtype == source and not v.is_initializer()]

@@ -9,6 +9,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import ir as qir
+from qcompiler.ir import deferred
+from qcompiler.ir.deferred import Deferred
 from qcompiler.ir.meta import CREATED_BY, SCOPE_KEY  # noqa: F401  (CREATED_BY: part of this API)
 
 
@@ -48,17 +50,18 @@ def group_by_input(layers: list[Linear]) -> dict[str, list[Linear]]:
     return groups
 
 
-def set_constant(graph: ir.Graph, value: ir.Value, array: np.ndarray, owner: ir.Node, suffix: str) -> ir.Value:
-    """Give `owner` a constant holding `array` in place of `value`.
+def set_constant(graph: ir.Graph, value: ir.Value, array: np.ndarray | Deferred, owner: ir.Node, suffix: str) -> ir.Value:
+    """Give `owner` a constant holding `array` (or a weight computed when read: `qcompiler.ir.deferred`)
+    in place of `value`.
 
     Rewritten in place when `owner` is the only reader; otherwise a new initializer named
     `<value>.<suffix>` is created and only `owner` is rewired to it."""
-    array = np.require(array, requirements="C")  # keeps 0-d arrays 0-d
     readers = {use.node for use in value.uses()}
     if readers == {owner} and value not in graph.outputs and value not in graph.inputs:
-        value.const_value = ir.tensor(array, name=value.name)
-        value.shape = ir.Shape(array.shape)
-        value.dtype = ir.DataType.from_numpy(array.dtype)
+        tensor = _tensor(array, value.name)
+        value.const_value = tensor
+        value.shape = ir.Shape(tensor.shape)
+        value.dtype = tensor.dtype
         return value
     new = new_initializer(graph, f"{value.name}.{suffix}", array)
     for index, inp in enumerate(owner.inputs):
@@ -67,18 +70,32 @@ def set_constant(graph: ir.Graph, value: ir.Value, array: np.ndarray, owner: ir.
     return new
 
 
-def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def scale_constant(graph: ir.Graph, value: ir.Value, factor: np.ndarray, owner: ir.Node, suffix: str) -> ir.Value:
+    """`set_constant` with `value * factor` (`factor` broadcast against it, the weight's dtype
+    kept). A weight still on disk stays there: its scaled value is computed each time it is read."""
+    tensor = value.const_value
+    if deferred.is_on_disk(tensor) and tensor.dtype == ir.DataType.FLOAT:
+        return set_constant(graph, value, deferred.scaled(tensor, factor), owner, suffix)
+    array = tensor.numpy()
+    return set_constant(graph, value, (array * factor).astype(array.dtype), owner, suffix)
+
+
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray | Deferred) -> ir.Value:
     """A new initializer with a name no other initializer has (`name`, `name.1`, ...)."""
     unique, n = name, 1
     while unique in graph.initializers:
         unique, n = f"{name}.{n}", n + 1
-    array = np.require(array, requirements="C")  # keeps 0-d arrays 0-d
-    value = ir.Value(
-        name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=unique),
-    )
+    tensor = _tensor(array, unique)
+    value = ir.Value(name=unique, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
+
+
+def _tensor(array: np.ndarray | Deferred, name: str) -> ir.TensorProtocol:
+    if isinstance(array, Deferred):
+        array.name = name
+        return array
+    return ir.tensor(np.require(array, requirements="C"), name=name)  # keeps 0-d arrays 0-d
 
 
 def insert_after_value(graph: ir.Graph, value: ir.Value, node: ir.Node) -> None:

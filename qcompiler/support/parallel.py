@@ -22,7 +22,7 @@ A Ray task that raises or whose worker dies is retried once (`max_retries=1`,
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from qcompiler.errors import QCompilerError, UserError, first_line
@@ -44,8 +44,10 @@ class InProcess:
 
     workers = 1
 
-    def map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any], *, shared: Any = None,
+    def map(self, fn: Callable[[Any, Any], Any], items: Iterable[Any], *, shared: Any = None,
             names: Sequence[str] | None = None) -> list[Any]:
+        """`fn(shared, item)` for each item in order; `items` may be a generator, so that each
+        item is built only when its call comes (and released after it)."""
         return [fn(shared, item) for item in items]
 
     def close(self) -> None:
@@ -75,8 +77,9 @@ class RayExecutor:
         self.address = address
         log.info("parallel: Ray with %d workers (%s)", self.workers, f"cluster at {address}" if address else "local")
 
-    def map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any], *, shared: Any = None,
+    def map(self, fn: Callable[[Any, Any], Any], items: Iterable[Any], *, shared: Any = None,
             names: Sequence[str] | None = None) -> list[Any]:
+        items = list(items)
         if not items:
             return []
         ray = self._ray
