@@ -45,6 +45,7 @@ def test_mapped_weights_compile_to_the_same_bytes(tmp_path, monkeypatch, pipelin
     written = onnx.load(str(tmp_path / "b" / "model.onnx"), load_external_data=False)
     assert all(t.data_location != TensorProto.EXTERNAL for t in written.graph.initializer)  # nothing points back
     assert mapped.manifest["source"]["sha256"] != in_memory.manifest["source"]["sha256"]  # hashed as files, streamed
+    assert any(r.drift for r in in_memory.records) and not any(r.drift for r in mapped.records)  # drift would run it whole
 
 
 @pytest.mark.parametrize("elem_type", [TensorProto.FLOAT16, TensorProto.BFLOAT16], ids=["float16", "bfloat16"])

@@ -19,7 +19,7 @@ from qcompiler.driver.capture import model_digest, resolve
 from qcompiler.driver.outputs import check_outputs, nested_entry, protected_sources
 from qcompiler.errors import UserError, shown
 from qcompiler.ir import float_types
-from qcompiler.ir import weight_count
+from qcompiler.ir import is_large, weight_count
 from qcompiler.passes.canonicalize import CanonicalizePass
 from qcompiler.passes.lower_ort import LowerOrtPass
 from qcompiler.pipeline import instruments
@@ -92,7 +92,8 @@ def compile(
     `drift` measures each pass's output drift on the probe batch (`qcompiler.analysis.probe.choose`: given
     `probe_inputs`, else the first samples of `eval_data` (a data file or an iterable of input
     dicts), a bundled model's data, a held-apart slice of the calibration data, example inputs,
-    and only then a synthetic input, which the report names as such). `cache_dir`: reuse calibration
+    and only then a synthetic input, which the report names as such); not for a model whose weights
+    stay on disk (`qcompiler.ir.is_large`: it would hold every weight in memory). `cache_dir`: reuse calibration
     statistics computed for the same model, data and options (`qcompiler.analysis.calib_cache`).
     `require_data_probe`: refuse (UserError, before any pass runs) when only a synthetic probe is
     possible (what the `output-cosine` gate needs).
@@ -133,6 +134,9 @@ def compile(
         source_digest = model_digest(model)
         source_weights = weight_count(model)
         float_types.to_float32(model, source_type)
+        if drift and report is None and is_large(model):
+            log.info("output drift not measured: this model's weights stay on disk, and drift runs the whole model in memory")
+            drift = False
         eval_batches = calibration_batches(eval_data, probe.PROBE_SAMPLES, model, source_info)
         holds_apart = probe_inputs is None and not eval_batches and source_info.bundled is None
         batches = calibration_batches(calibration, calib_count, model, source_info, probe.PROBE_SAMPLES if holds_apart else 0)
