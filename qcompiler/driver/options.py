@@ -104,7 +104,6 @@ class CompileOptions:
 
     source: Any = option(None, "bundled model name, path to .onnx, or package.module:function", flags=("source",), path=True)
     output: str | os.PathLike | None = option(None, "artifact directory (replaced atomically)", flags=("-o", "--output"), path=True)
-    force: bool = option(False, "replace an existing output folder or report that qcompiler did not write", flags=("--force",), kind=bool)
     target: str = option("ort", "backend: ort (default; ONNX Runtime model) or triton (a Python package of Triton kernels and torch)",
                          flags=("--target",))
     pipeline: str = option("default", "pipeline string, preset name or @file (default: default)", flags=("--pipeline",))
@@ -126,6 +125,7 @@ class CompileOptions:
     drift: bool = option(True, "skip measuring output drift after each pass", flags=("--no-drift",), kind=bool, negated=True)
     cache_dir: str | os.PathLike | None = option(
         None, "calibration statistics cache (default $QCOMPILER_CACHE or ~/.cache/qcompiler)", flags=("--cache-dir",), path=True, metavar="DIR")
+    force: bool = option(False, "replace an existing output folder or report that qcompiler did not write", flags=("--force",), kind=bool)
     eval_data: Any = option(None, "task data for the quality gates (default: the --calib file)", flags=("--eval-data",), path=True, metavar="FILE")
     require_data_probe: bool = option(False)  # refuse a synthetic probe (the output-cosine gate)
     float_type: str | None = option(

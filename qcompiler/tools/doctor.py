@@ -50,7 +50,7 @@ from qcompiler.passes.quantize_weights import QuantizeWeightsPass as QuantizeWei
 from qcompiler.passes.tune_scales import TuneScalesPass
 from qcompiler.pipeline import instruments
 from qcompiler.pipeline.pass_manager import Instrument, PassRecord, run_pipeline
-from qcompiler.pipeline.spec import check_order, format_pipeline, parse_pipeline
+from qcompiler.pipeline.spec import format_pipeline, parse_pipeline
 from qcompiler.support.progress import progress
 
 log = logging.getLogger(__name__)
