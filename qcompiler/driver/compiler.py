@@ -1,4 +1,6 @@
-"""`compile`: source -> IR -> pipeline (with instruments) -> backend artifact, written atomically."""
+"""`compile`: source -> IR -> pipeline (with instruments) -> backend artifact, written atomically.
+The source, calibration, probe and run are a `qcompiler.driver.session.Session`'s; the options are
+`qcompiler.driver.options.CompileOptions`."""
 
 from __future__ import annotations
 

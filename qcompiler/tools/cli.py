@@ -82,9 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="full tracebacks on error (same as QCOMPILER_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    compile_options, build_options = compile_option_classes()
     comp = sub.add_parser("compile", help="compile a model into an artifact directory")
-    for options in compile_option_classes():
-        add_option_flags(comp, options)
+    add_option_flags(comp, compile_options)
+    add_option_flags(comp, build_options)
 
     ev = sub.add_parser("eval", help="the float model and an artifact side by side on the model's task")
     ev.add_argument("artifact", help="an artifact directory written by `qcompiler compile`")
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", help="rank the layers and passes that cost accuracy and suggest a pipeline change")
     doc.add_argument("source", help="bundled model name, path to .onnx, or package.module:function")
     doc.add_argument("--pipeline", required=True, help="the pipeline to diagnose (string, preset or @file)")
-    add_option_flags(doc, compile_option_classes()[0], ("calibration", "calib_count", "threads", "workers", "ray_address"), defaults=True)
+    add_option_flags(doc, compile_options, ("calibration", "calib_count", "threads", "workers", "ray_address"), defaults=True)
     doc.add_argument("--max-extra-bits", type=float, default=0.25, help="average stored bits the suggestion may add (default 0.25)")
     doc.add_argument("--top", type=int, default=15, help="layers to list (default 15)")
     doc.add_argument("--metric", default="auto", choices=("auto", "mse", "kl"),
@@ -120,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="suggest bit-width changes only, not an added pass such as learned rounding (which costs compile time)")
     doc.add_argument("--apply", metavar="FILE", help="write the suggested pipeline to FILE (use it with --pipeline @FILE)")
     doc.add_argument("--force", action="store_true", help="let --apply overwrite a file that doctor did not write")
-    add_option_flags(doc, compile_option_classes()[0], ("cache_dir",), defaults=True)
-    add_option_flags(doc, compile_option_classes()[1], ("no_cache",), defaults=True)
+    add_option_flags(doc, compile_options, ("cache_dir",), defaults=True)
+    add_option_flags(doc, build_options, ("no_cache",), defaults=True)
     doc.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
 
     sub.add_parser("passes", help="list every pass and preset with its options")
