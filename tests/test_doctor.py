@@ -222,3 +222,31 @@ def test_refinement_rounds_keep_the_lower_error_and_stop_when_it_no_longer_falls
     last = rounds[-1]
     assert last["kept"] == ("refilled" if last["refilled_error"] < last["choice_error"] else "choice")
     assert last["kept"] == "choice" or len(rounds) == REFINE_ROUNDS
+
+
+def test_a_float16_source_is_diagnosed_in_float32_as_compile_runs_it(tmp_path):
+    """doctor runs through compile's session: a float16 source computes in float32 inside, and its
+    float16 calibration batches are cast on the way in."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    a = rng.uniform(-0.1, 0.1, (64, 64)).astype(np.float16)
+    b = (0.02 * rng.standard_t(1.5, (64, 32))).astype(np.float16)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "A"], ["H"]), helper.make_node("Relu", ["H"], ["R"]), helper.make_node("MatMul", ["R", "B"], ["Y"])],
+        "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT16, ["M", 64])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT16, ["M", 32])], [numpy_helper.from_array(a, "A"), numpy_helper.from_array(b, "B")])
+    path = tmp_path / "half.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), path)
+    data = [{"X": rng.standard_normal((8, 64)).astype(np.float16)} for _ in range(4)]
+    result = diagnose(str(path), "calibrate,quantize", calibration=data)
+    assert sorted(row["layer"] for row in result["layers"]) == ["A", "B"] and result["error_all_quantized"] > 0
+
+
+def test_doctor_prices_bits_with_the_targets_cost_model():
+    """allocate-bits{cost=latency} reads the kernel-cost table of the target, in doctor as in compile."""
+    model = _mlp(k=128, h=128, n=64)
+    result = diagnose(model, "calibrate,allocate-bits{avg-bits=4 group-size=32 cost=latency},quantize-weights",
+                      calibration=[synthetic_inputs(model, seed=s) for s in range(4)], bits_only=True)
+    assert "cost=latency" in result["pipeline"] and {row["layer"] for row in result["layers"]} == {"A", "B"}

@@ -35,12 +35,12 @@ def _one_error_line(capsys) -> str:
 
 def _no_work(monkeypatch):
     """Make any capture fail loudly: a check that runs 'before compiling' must stop the run first."""
-    import qcompiler.driver.compiler
+    import qcompiler.driver.session
 
     def fail(*args, **kwargs):
         raise AssertionError("the compile started")
 
-    monkeypatch.setattr(qcompiler.driver.compiler, "resolve", fail)
+    monkeypatch.setattr(qcompiler.driver.session, "resolve", fail)
 
 
 # ------------------------------------------------------------------------------------------------

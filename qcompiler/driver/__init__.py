@@ -1,2 +1,3 @@
-"""From a source to an artifact: capture (every way a model enters), `compile`, where outputs may be
-written, and what a causal LM artifact carries."""
+"""From a source to an artifact: capture (every way a model enters), the compile options (declared
+once), the session `compile`, `doctor` and `opt` run through, `compile`, and where outputs may be
+written."""

@@ -1,4 +1,6 @@
-"""`compile`: source -> IR -> pipeline (with instruments) -> backend artifact, written atomically."""
+"""`compile`: source -> IR -> pipeline (with instruments) -> backend artifact, written atomically.
+The source, calibration, probe and run are a `qcompiler.driver.session.Session`'s; the options are
+`qcompiler.driver.options.CompileOptions`."""
 
 from __future__ import annotations
 
@@ -10,24 +12,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 
-from qcompiler.analysis import probe
-from qcompiler.codegen.targets import get_target
-from qcompiler.driver.capture import model_digest, resolve
+from qcompiler.driver.capture import model_digest
+from qcompiler.driver.options import CompileOptions, api_signature, check_keywords
 from qcompiler.driver.outputs import check_outputs, nested_entry, protected_sources
-from qcompiler.errors import UserError, shown
+from qcompiler.driver.session import Session, complete_pipeline
+from qcompiler.errors import shown
 from qcompiler.ir import float_types
 from qcompiler.ir import is_large, weight_count
-from qcompiler.passes.canonicalize import CanonicalizePass
 from qcompiler.passes.lower_ort import LowerOrtPass
 from qcompiler.pipeline import instruments
-from qcompiler.pipeline.context import CompileContext, using
-from qcompiler.pipeline.pass_manager import PassRecord, run_pipeline
-from qcompiler.pipeline.passbase import model_properties
+from qcompiler.pipeline.pass_manager import PassRecord
 from qcompiler.pipeline.spec import check_order, format_pipeline, parse_pipeline
-from qcompiler.support import parallel
 from qcompiler.support.fileio import AtomicDir, write_atomic
 from qcompiler.tools import report as reports
 
@@ -53,32 +50,7 @@ def debug_enabled(flag: bool | None = None) -> bool:
     return os.environ.get("QCOMPILER_DEBUG", "") not in ("", "0", "false")
 
 
-def compile(
-    source: Any,
-    output: str | os.PathLike,
-    *,
-    target: str = "ort",
-    pipeline: str = "default",
-    example_inputs: Any = None,
-    dynamic_shapes: Any = None,
-    dump_ir: str | os.PathLike | None = None,
-    print_ir: str | None = None,
-    report: str | os.PathLike | None = None,
-    probe_inputs: dict[str, np.ndarray] | None = None,
-    calibration: Any = None,
-    calib_count: int = 128,
-    threads: int | None = None,
-    drift: bool = True,
-    cache_dir: str | os.PathLike | None = None,
-    force: bool = False,
-    eval_data: Any = None,
-    require_data_probe: bool = False,
-    float_type: str | None = None,
-    dtype: str | None = None,
-    workers: int | None = None,
-    ray_address: str | None = None,
-    block_sequential: bool = False,
-) -> CompileResult:
+def compile(source: Any, output: str | os.PathLike, **options: Any) -> CompileResult:
     """Compile `source` (bundled model name, .onnx path, `pkg.mod:fn`, nn.Module with
     `example_inputs`, or an `onnx_ir.Model`) into an artifact directory `output`.
 
@@ -108,17 +80,20 @@ def compile(
     `block_sequential`: passes that run the float model run it one block at a time (today:
     calibration and `quantize`'s range re-collection; `qcompiler.analysis.calib_sequential`), which large
     models (`qcompiler.ir.is_large`) always do; the artifact is the same."""
-    backend = get_target(target)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
-        raise UserError(f"threads must be a positive integer, got {shown(repr(threads))}")
-    parallel.check_options(workers, ray_address)
-    if not isinstance(block_sequential, bool):
-        raise UserError(f"block_sequential must be true or false, got {shown(repr(block_sequential))}")
-    backend.check_host()  # e.g. a missing triton fails before any slow step
-    float_type = float_types.check_float_type_option(float_type)
-    passes = complete_pipeline(parse_pipeline(pipeline), target)  # a bad pipeline fails before any slow step
-    check_order(passes)
-    spec = format_pipeline(passes)
+    check_keywords(options)
+    return compile_with(CompileOptions(source=source, output=output, **options))
+
+
+compile.__signature__ = api_signature(CompileResult)
+
+
+def compile_with(options: CompileOptions) -> CompileResult:
+    """`compile` with its options as one `CompileOptions`."""
+    session = Session(options)  # what fails before any slow step: target, host, options, the pipeline
+    backend, passes, spec = session.target, session.passes, session.spec
+    source, output, calibration, eval_data = options.source, options.output, options.calibration, options.eval_data
+    dump_ir, print_ir, report, drift, force = options.dump_ir, options.print_ir, options.report, options.drift, options.force
+    float_type = session.float_type
     report_files = reports.report_paths(report) if report is not None else None  # a bad name fails before any slow step
     check_outputs(output, dump_ir=dump_ir, report=report_files, protected=protected_sources(source, calibration, eval_data), force=force)
     artifact = AtomicDir(output)
@@ -126,27 +101,15 @@ def compile(
     keep_in_artifact = tuple(filter(None, [nested_entry(output, dump_ir)])) if dump_ir is not None else ()
     keep_in_dump = tuple(filter(None, [nested_entry(dump_ir, output), nested_entry(dump_ir, staging)])) if dump_ir is not None else ()
     try:
-        start = time.perf_counter()
-        model, source_info = resolve(source, example_inputs, dynamic_shapes, dtype=dtype)
-        capture_seconds = time.perf_counter() - start
-        check_order(passes, model_properties(model))
-        source_type = float_types.source_float_type(model, quantizes=any(p.name not in (CanonicalizePass.name, LowerOrtPass.name) for p in passes))
+        model = session.load()
+        source_info, source_type, capture_seconds = session.source, session.source_type, session.capture_seconds
         source_digest = model_digest(model)
         source_weights = weight_count(model)
-        float_types.to_float32(model, source_type)
+        session.to_float32()
         if drift and report is None and is_large(model):
             log.info("output drift not measured: this model's weights stay on disk, and drift runs the whole model in memory")
             drift = False
-        eval_batches = calibration_batches(eval_data, probe.PROBE_SAMPLES, model, source_info)
-        holds_apart = probe_inputs is None and not eval_batches and source_info.bundled is None
-        batches = calibration_batches(calibration, calib_count, model, source_info, probe.PROBE_SAMPLES if holds_apart else 0)
-        held = None
-        if holds_apart and batches:
-            batches, held = probe.hold_apart(batches, calib_count if isinstance(calibration, (str, os.PathLike)) else None)
-        measured_on = probe.choose(model, source_info, probe_inputs, eval_batches, held)
-        if require_data_probe and not measured_on.is_data:
-            raise UserError("the output-cosine gate needs data to measure on and this model brings none; "
-                            "give --calib FILE or --eval-data FILE (a synthetic input would give a meaningless number)")
+        measured_on = session.load_data()
         if not measured_on.is_data and (drift or report is not None):
             log.warning("%s", measured_on.note)
         feeds = float_types.cast_float_feeds(measured_on.feeds, model)
@@ -156,17 +119,7 @@ def compile(
             recorder = reports.Recorder(feeds, drift=drift)
             tools.append(recorder)
         start = time.perf_counter()
-        described = str(calibration) if isinstance(calibration, (str, os.PathLike)) else ("api" if calibration is not None else "")
-        executor = parallel.executor_for(workers, ray_address)
-        ctx = CompileContext(
-            calibration=batches, calibration_source=described, source=source_info, threads=threads, cache_dir=cache_dir,
-            executor=executor, block_sequential=True if block_sequential else None, cost_model=backend.cost_model,
-        )
-        try:
-            with using(ctx):
-                records = run_pipeline(model, passes, tools)
-        finally:
-            executor.close()
+        records = session.run(model, passes, tools)
         pipeline_seconds = time.perf_counter() - start
         warn_if_predicted_slower(records)
         manifest = {
@@ -226,14 +179,6 @@ def add_to_report(report: str | os.PathLike, sections: dict[str, Any]) -> None:
         write_atomic(html_path, render(body))
 
 
-def complete_pipeline(passes: list, target: str) -> list:
-    """Start with `canonicalize`, then what the target needs at the end (`codegen.targets`: ort
-    ends with `lower-ort`, triton drops it and ends with `fuse`)."""
-    if CanonicalizePass.name not in [p.name for p in passes]:
-        passes = [CanonicalizePass()] + passes
-    return get_target(target).complete(passes)
-
-
 def warn_if_predicted_slower(records: list[PassRecord]) -> None:
     """A warning when `lower-ort` counted more quantized activations feeding float kernels than
     integer kernels (`qcompiler.analysis.placement.predicted_slower`)."""
@@ -245,26 +190,11 @@ def warn_if_predicted_slower(records: list[PassRecord]) -> None:
             kernels["float_kernels_behind_qdq"], ", ".join(kernels["float_kernels_behind_qdq_names"]), kernels["integer_kernels"])
 
 
-def calibration_batches(calibration, count: int, model, source_info, extra: int = 0):
-    """Batches of a data file (its first `count` samples, `extra` more when it has them) or of an
-    iterable of input dicts (all of them), checked against the model's inputs; None for None."""
-    if calibration is None:
-        return None
-    from qcompiler.analysis.calib_data import load_calibration, validate_batches
-
-    if isinstance(calibration, (str, os.PathLike)):
-        return load_calibration(calibration, count, model, bundled=source_info.bundled, extra=extra)
-    batches = [dict(b) for b in calibration]
-    return validate_batches(batches, model)
-
-
 def _instruments(feeds, dump_ir, print_ir, spec, keep_in_dump: tuple[str, ...] = ()) -> list:
     tools: list = [instruments.Verify()]
     if feeds is not None:
         tools.append(instruments.Drift(feeds))
     if print_ir is not None:
-        if print_ir not in ("all", "changed"):
-            raise UserError(f"print-ir must be 'all' or 'changed', got '{print_ir}'")
         tools.append(instruments.PrintIR(only_changed=print_ir == "changed"))
     if dump_ir is not None:
         tools.append(instruments.DumpIR(dump_ir, spec, keep=keep_in_dump))

@@ -22,6 +22,9 @@
                          refused when only a synthetic probe is possible
 
 - `describe_dry_run(...)`: the resolved pipeline and the paths a compile would write.
+- `BuildOptions`: the options of `qcompiler compile` only the build step reads, declared as
+  `qcompiler.driver.options.CompileOptions` declares the compile's; `config_keys` derives the keys
+  a config file may hold from both.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qcompiler.driver.options import command_line_fields, option
 from qcompiler.errors import QualityGateError, UserError, first_line, shown
 from qcompiler.pipeline.passbase import did_you_mean
 from qcompiler.support.fileio import read_small_text
@@ -40,6 +44,35 @@ try:  # Python 3.11+
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
+
+
+@dataclasses.dataclass
+class BuildOptions:
+    """The options of `qcompiler compile` that are not the compile's: the config file, the quality
+    gates, the cache switch, the dry run (field metadata as in `CompileOptions`)."""
+
+    config: str | None = option(None, "read options from a TOML file (keys: the long options; the command line wins)", flags=("--config",),
+                                config=False, metavar="FILE")
+    no_cache: bool = option(False, "neither read nor write the calibration cache", flags=("--no-cache",), kind=bool)
+    fail_under: list[str] = option([], "exit 3 when the artifact scores below VALUE (repeatable)", flags=("--fail-under",), kind=list,
+                                   metavar="METRIC=VALUE")
+    fail_over: list[str] = option([], "exit 3 when a lower-is-better metric exceeds VALUE (repeatable)", flags=("--fail-over",), kind=list,
+                                  metavar="METRIC=VALUE")
+    eval_count: int | None = option(None, "use the first N pairs / windows / images for the gates", flags=("--eval-count",), kind=int,
+                                    positive=True, metavar="N")
+    dry_run: bool = option(False, "print the resolved pipeline and what would be written; compile nothing", flags=("--dry-run",), kind=bool)
+
+
+def config_keys(*classes) -> tuple[dict[str, type], set[str]]:
+    """The config-file keys of options classes `classes` ({dest: value kind}) and those holding paths."""
+    known, paths = {}, set()
+    for cls in classes:
+        for _, info in command_line_fields(cls):
+            if info.config:
+                known[info.dest] = info.kind
+                if info.path:
+                    paths.add(info.dest)
+    return known, paths
 
 
 @dataclasses.dataclass(frozen=True)

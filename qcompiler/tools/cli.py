@@ -39,6 +39,41 @@ def positive_int(text: str) -> int:
     return value
 
 
+def compile_option_classes() -> tuple[type, type]:
+    """Where the flags of `compile` are declared: the compile's options and the build step's."""
+    from qcompiler.driver.options import CompileOptions
+    from qcompiler.tools.buildstep import BuildOptions
+
+    return CompileOptions, BuildOptions
+
+
+def add_option_flags(parser: argparse.ArgumentParser, options: type, names: tuple[str, ...] | None = None, defaults: bool = False) -> None:
+    """The flags of options class `options` (those of its fields in `names`, default all that have
+    flags), from each field's `OptionInfo`. Not given, an option is None (so that a config file
+    can fill it) unless `defaults`: then its default."""
+    from qcompiler.driver.options import cli_default, command_line_fields
+
+    for field, info in command_line_fields(options):
+        if names is not None and field.name not in names:
+            continue
+        kwargs: dict = {"help": info.help}
+        if info.positional:
+            kwargs["nargs"] = "?"
+        elif info.kind is bool:
+            kwargs["action"] = "store_true"
+        elif info.kind is list:
+            kwargs["action"] = "append"
+        elif info.kind is int:
+            kwargs["type"] = positive_int if info.positive else int
+        if info.choices is not None:
+            kwargs["choices"] = info.choices
+        if info.metavar is not None:
+            kwargs["metavar"] = info.metavar
+        if not info.positional:
+            kwargs["default"] = cli_default(field) if defaults else None
+        parser.add_argument(*info.flags, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qcompiler", description="A graph-level quantization compiler.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
@@ -47,34 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="full tracebacks on error (same as QCOMPILER_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    compile_options, build_options = compile_option_classes()
     comp = sub.add_parser("compile", help="compile a model into an artifact directory")
-    comp.add_argument("source", nargs="?", help="bundled model name, path to .onnx, or package.module:function")
-    comp.add_argument("-o", "--output", help="artifact directory (replaced atomically)")
-    comp.add_argument("--force", action="store_true", default=None,
-                      help="replace an existing output folder or report that qcompiler did not write")
-    comp.add_argument("--config", metavar="FILE", help="read options from a TOML file (keys: the long options; the command line wins)")
-    comp.add_argument("--target", help="backend: ort (default; ONNX Runtime model) or triton (a Python package of Triton kernels and torch)")
-    comp.add_argument("--pipeline", help="pipeline string, preset name or @file (default: default)")
-    comp.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass, numbered, plus stats.json")
-    comp.add_argument("--print-ir", choices=("all", "changed"), help="log the IR after every pass or after changing ones")
-    comp.add_argument("--report", metavar="FILE", help="write the quantization report: FILE.json, or FILE.html (an offline page) with FILE.json beside it; may lie inside the output directory")
-    comp.add_argument("--calib", metavar="FILE", help="calibration data: .npz of inputs, .txt/.tsv text, images or a folder of them")
-    comp.add_argument("--calib-count", type=positive_int, metavar="N", help="calibration samples to use (default 128)")
-    comp.add_argument("--threads", type=positive_int, metavar="N", help="ONNX Runtime threads for passes that run the model")
-    comp.add_argument("--workers", type=positive_int, metavar="N", help="fan independent measurements out on a local Ray instance of N processes (pip install \"qcompiler[ray]\"); the artifact is the same")
-    comp.add_argument("--ray-address", metavar="ADDR", help="run the fanned-out measurements on the Ray cluster at ADDR (ray://head:10001, or auto for one started with ray start)")
-    comp.add_argument("--float-type", help="float type of the emitted model's inputs, outputs and float weights: source (default: the source model's float32, float16 or bfloat16) or float32")
-    comp.add_argument("--dtype", help="float type a torch source is captured in: float32 (default), float16 or bfloat16")
-    comp.add_argument("--block-sequential", action="store_true", default=None,
-                      help="calibrate one block (transformer layer, conv stage) at a time: one block's weights in memory, the same artifact; large models always do")
-    comp.add_argument("--no-drift", action="store_true", default=None, help="skip measuring output drift after each pass")
-    comp.add_argument("--cache-dir", metavar="DIR", help="calibration statistics cache (default $QCOMPILER_CACHE or ~/.cache/qcompiler)")
-    comp.add_argument("--no-cache", action="store_true", default=None, help="neither read nor write the calibration cache")
-    comp.add_argument("--fail-under", action="append", metavar="METRIC=VALUE", help="exit 3 when the artifact scores below VALUE (repeatable)")
-    comp.add_argument("--fail-over", action="append", metavar="METRIC=VALUE", help="exit 3 when a lower-is-better metric exceeds VALUE (repeatable)")
-    comp.add_argument("--eval-data", metavar="FILE", help="task data for the quality gates (default: the --calib file)")
-    comp.add_argument("--eval-count", type=positive_int, metavar="N", help="use the first N pairs / windows / images for the gates")
-    comp.add_argument("--dry-run", action="store_true", default=None, help="print the resolved pipeline and what would be written; compile nothing")
+    add_option_flags(comp, compile_options)
+    add_option_flags(comp, build_options)
 
     ev = sub.add_parser("eval", help="the float model and an artifact side by side on the model's task")
     ev.add_argument("artifact", help="an artifact directory written by `qcompiler compile`")
@@ -99,11 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", help="rank the layers and passes that cost accuracy and suggest a pipeline change")
     doc.add_argument("source", help="bundled model name, path to .onnx, or package.module:function")
     doc.add_argument("--pipeline", required=True, help="the pipeline to diagnose (string, preset or @file)")
-    doc.add_argument("--calib", metavar="FILE", help="calibration data, as for compile")
-    doc.add_argument("--calib-count", type=positive_int, default=128, metavar="N", help="calibration samples to use (default 128)")
-    doc.add_argument("--threads", type=positive_int, metavar="N", help="ONNX Runtime threads")
-    doc.add_argument("--workers", type=positive_int, metavar="N", help="fan independent measurements out on a local Ray instance of N processes (pip install \"qcompiler[ray]\"); the artifact is the same")
-    doc.add_argument("--ray-address", metavar="ADDR", help="run the fanned-out measurements on the Ray cluster at ADDR (ray://head:10001, or auto for one started with ray start)")
+    add_option_flags(doc, compile_options, ("calibration", "calib_count", "threads", "workers", "ray_address"), defaults=True)
     doc.add_argument("--max-extra-bits", type=float, default=0.25, help="average stored bits the suggestion may add (default 0.25)")
     doc.add_argument("--top", type=int, default=15, help="layers to list (default 15)")
     doc.add_argument("--metric", default="auto", choices=("auto", "mse", "kl"),
@@ -114,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="suggest bit-width changes only, not an added pass such as learned rounding (which costs compile time)")
     doc.add_argument("--apply", metavar="FILE", help="write the suggested pipeline to FILE (use it with --pipeline @FILE)")
     doc.add_argument("--force", action="store_true", help="let --apply overwrite a file that doctor did not write")
-    doc.add_argument("--cache-dir", metavar="DIR", help="calibration statistics cache (default as for compile)")
-    doc.add_argument("--no-cache", action="store_true", help="neither read nor write the calibration cache")
+    add_option_flags(doc, compile_options, ("cache_dir",), defaults=True)
+    add_option_flags(doc, build_options, ("no_cache",), defaults=True)
     doc.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
 
     sub.add_parser("passes", help="list every pass and preset with its options")
@@ -203,38 +210,27 @@ def _configure_logging(verbose: int, quiet: bool, debug: bool) -> None:
         warnings.filterwarnings("ignore")
 
 
-# Defaults of `compile`'s options; argparse leaves them None so that a --config file can fill them.
-COMPILE_DEFAULTS = {
-    "source": None, "output": None, "target": "ort", "pipeline": "default", "dump_ir": None, "print_ir": None,
-    "report": None, "calib": None, "calib_count": 128, "threads": None, "no_drift": False, "cache_dir": None,
-    "no_cache": False, "fail_under": [], "fail_over": [], "eval_data": None, "eval_count": None, "dry_run": False,
-    "force": False,
-    "float_type": "source", "dtype": None, "workers": None, "ray_address": None, "block_sequential": False,
-}
-_CONFIG_TYPES = {
-    "calib_count": int, "threads": int, "workers": int, "eval_count": int, "no_drift": bool, "no_cache": bool, "dry_run": bool,
-    "fail_under": list, "fail_over": list, "force": bool, "block_sequential": bool,
-}
-_CONFIG_PATHS = {"source", "output", "dump_ir", "report", "calib", "cache_dir", "eval_data"}
-
-
 def resolve_compile_options(args) -> argparse.Namespace:
-    """Command line over config file over defaults; checks that source and output are given."""
+    """Command line over config file over defaults (the options' own, `compile_option_classes`);
+    checks the values a config file may get wrong and that source and output are given."""
+    from qcompiler.driver.options import check_choices, cli_default, command_line_fields, from_command_line
     from qcompiler.tools import buildstep
 
+    classes = compile_option_classes()
     config = {}
     if args.config:
-        known = {dest: _CONFIG_TYPES.get(dest, str) for dest in COMPILE_DEFAULTS}
-        config = buildstep.load_config(args.config, known, _CONFIG_PATHS)
+        config = buildstep.load_config(args.config, *buildstep.config_keys(*classes))
     merged = {}
-    for dest, default in COMPILE_DEFAULTS.items():
-        given = getattr(args, dest, None)
-        merged[dest] = given if given is not None else config.get(dest, default)
-    if merged["print_ir"] not in (None, "all", "changed"):
-        raise UserError(f"print-ir must be 'all' or 'changed', got '{shown(merged['print_ir'])}'")
-    for dest in ("calib_count", "threads", "workers", "eval_count"):
-        if merged[dest] is not None and merged[dest] < 1:
-            raise UserError(f"'{dest.replace('_', '-')}' must be a positive integer, got {merged[dest]}")
+    for options in classes:
+        for field, info in command_line_fields(options):
+            given = getattr(args, info.dest, None)
+            merged[info.dest] = given if given is not None else config.get(info.dest, cli_default(field))
+    for options in classes:
+        check_choices(from_command_line(options, merged))
+    for options in classes:
+        for _, info in command_line_fields(options):
+            if info.positive and merged[info.dest] is not None and merged[info.dest] < 1:
+                raise UserError(f"'{info.dest.replace('_', '-')}' must be a positive integer, got {merged[info.dest]}")
     if not merged["source"]:
         raise UserError("compile needs a SOURCE (a bundled model name, an .onnx path or package.module:function), or 'source' in --config")
     if not merged["output"]:
@@ -246,7 +242,8 @@ def _cmd_compile(args) -> int:
     from pathlib import Path
 
     from qcompiler.analysis.calib_cache import default_dir
-    from qcompiler.driver.compiler import compile
+    from qcompiler.driver.compiler import compile_with
+    from qcompiler.driver.options import CompileOptions, from_command_line
     from qcompiler.tools import buildstep
 
     opts = resolve_compile_options(args)
@@ -263,28 +260,9 @@ def _cmd_compile(args) -> int:
         spec = resolved_pipeline(opts.pipeline, opts.target)
         sys.stdout.write(buildstep.describe_dry_run(opts, spec, cache_dir, gates))
         return 0
-    result = compile(
-        opts.source,
-        opts.output,
-        target=opts.target,
-        pipeline=opts.pipeline,
-        dump_ir=opts.dump_ir,
-        print_ir=opts.print_ir,
-        report=opts.report,
-        calibration=opts.calib,
-        calib_count=opts.calib_count,
-        threads=opts.threads,
-        drift=not opts.no_drift,
-        cache_dir=cache_dir,
-        force=opts.force,
-        eval_data=opts.eval_data,
-        require_data_probe=any(g.metric.name == "output-cosine" for g in gates),
-        float_type=opts.float_type,
-        dtype=opts.dtype,
-        workers=opts.workers,
-        ray_address=opts.ray_address,
-        block_sequential=opts.block_sequential,
-    )
+    options = from_command_line(CompileOptions, vars(opts), cache_dir=cache_dir,
+                                require_data_probe=any(g.metric.name == "output-cosine" for g in gates))
+    result = compile_with(options)
     _summary(result)
     if gates:
         outcome = buildstep.evaluate_gates(

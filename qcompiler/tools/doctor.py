@@ -50,7 +50,7 @@ from qcompiler.passes.quantize_weights import QuantizeWeightsPass as QuantizeWei
 from qcompiler.passes.tune_scales import TuneScalesPass
 from qcompiler.pipeline import instruments
 from qcompiler.pipeline.pass_manager import Instrument, PassRecord, run_pipeline
-from qcompiler.pipeline.spec import check_order, format_pipeline, parse_pipeline
+from qcompiler.pipeline.spec import format_pipeline, parse_pipeline
 from qcompiler.support.progress import progress
 
 log = logging.getLogger(__name__)
@@ -370,11 +370,9 @@ def diagnose(
     compile time).
     `workers`, `ray_address`: fan the pipeline's measurements out on Ray, as for `compile`
     (`qcompiler.support.parallel`); the diagnosis is the same."""
-    from qcompiler.analysis import probe
-    from qcompiler.driver.capture import resolve
-    from qcompiler.driver.compiler import calibration_batches, complete_pipeline
-    from qcompiler.pipeline.context import CompileContext
-    from qcompiler.support import parallel
+    from qcompiler.driver.options import CompileOptions
+    from qcompiler.driver.session import Session
+    from qcompiler.ir.float_types import cast_float_feeds
 
     if not 0.0 < max_extra_bits <= 8.0:
         raise UserError(f"doctor: --max-extra-bits must be in (0, 8], got {max_extra_bits}")
@@ -382,23 +380,20 @@ def diagnose(
         raise UserError(f"doctor: --probe-batches must be a positive integer, got {probe_batches}")
     if metric not in ("auto", *METRICS):
         raise UserError(f"doctor: --metric must be auto, {' or '.join(METRICS)}, got '{metric}'")
-    parallel.check_options(workers, ray_address)
-    full = complete_pipeline(parse_pipeline(pipeline), "ort")
-    check_order(full)
+    session = Session(CompileOptions(source=source, pipeline=pipeline, calibration=calibration, calib_count=calib_count, threads=threads,
+                                     cache_dir=cache_dir, workers=workers, ray_address=ray_address))
+    full = session.passes
     passes = [p for p in full if p.name not in LAYOUT_PASSES]
-    model, source_info = resolve(source)
-    batches = calibration_batches(calibration, calib_count, model, source_info)
-    drift_feeds = probe.inputs_for(model, source_info)
+    model = session.load()
+    session.to_float32()
+    drift_feeds = cast_float_feeds(session.load_data(hold_apart=False).feeds, model)
+    source_info, batches = session.source, session.calibration
     feeds = probe_inputs if probe_inputs is not None else joined(batches[:probe_batches]) if batches else drift_feeds
+    feeds = cast_float_feeds(feeds, model)
     if metric == "auto":
         metric = "kl" if getattr(source_info.bundled, "task", None) == "perplexity" else "mse"
-    executor = parallel.executor_for(workers, ray_address)
-    try:
-        ctx = CompileContext(calibration=batches, calibration_source=str(calibration or ""), source=source_info,
-                             threads=threads, cache_dir=cache_dir, executor=executor)
+    with session.context() as ctx:
         return _diagnose(full, passes, model, source_info, feeds, drift_feeds, metric, ctx, threads, max_extra_bits, bits_only)
-    finally:
-        executor.close()
 
 
 def _diagnose(full, passes, model: ir.Model, source_info, feeds: dict[str, np.ndarray], drift_feeds, metric: str, ctx,

@@ -11,12 +11,11 @@ cost model (as `compile` without `--target`). The golden IR tests run their
 from __future__ import annotations
 
 from qcompiler.analysis.probe import synthetic_inputs
-from qcompiler.codegen.targets import get_target
+from qcompiler.driver.options import CompileOptions
+from qcompiler.driver.session import Session
 from qcompiler.errors import UserError
 from qcompiler.ir import ELIDE_ELEMENTS, parse, to_text, verify
-from qcompiler.pipeline.context import CompileContext, using
-from qcompiler.pipeline.pass_manager import PassRecord, run_pipeline
-from qcompiler.pipeline.spec import parse_pipeline
+from qcompiler.pipeline.pass_manager import PassRecord
 
 SYNTHETIC_BATCHES = 4
 
@@ -25,14 +24,14 @@ def optimize(model, spec: str, batches: int = SYNTHETIC_BATCHES) -> list[PassRec
     """Run the passes of `spec` over `model` in place, verifying before and after."""
     if batches < 1:
         raise UserError(f"opt: --calib-batches must be at least 1, got {batches}")
-    passes = parse_pipeline(spec) if spec.strip() else []
+    # no target here: ONNX Runtime's cost model, as a compile without --target
+    session = Session(CompileOptions(pipeline=spec), complete=False, calibration_label=f"synthetic:{batches}")
     verify(model)
-    if not passes:
+    if not session.passes:
         return []
-    data = [synthetic_inputs(model, seed=seed) for seed in range(batches)]
-    cost_model = get_target("ort").cost_model  # no target here: ONNX Runtime's, as a compile without --target
-    with using(CompileContext(calibration=data, calibration_source=f"synthetic:{batches}", cost_model=cost_model)):
-        records = run_pipeline(model, passes)
+    session.use(model)
+    session.calibration = [synthetic_inputs(model, seed=seed) for seed in range(batches)]
+    records = session.run(model)
     verify(model)
     return records
 
