@@ -51,7 +51,7 @@ import onnx_ir as ir
 
 from qcompiler.analysis import placement
 from qcompiler.dialect import ops
-from qcompiler.ir.layers import new_initializer, remove_unused
+from qcompiler.ir.layers import drop_unread, new_initializer, remove_unused
 from qcompiler.ir.meta import CREATED_BY, Prop
 from qcompiler.passes.lower_mixed import lower_mixed_matmul, pack_nbits
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
@@ -151,7 +151,9 @@ class LowerOrtPass(Pass):
             lower = lowerings.get(node.op_type)
             if lower is None:
                 continue
+            read = [v for v in node.inputs if v is not None and v.is_initializer()]
             route = lower(graph, node, signed)
+            drop_unread(graph, read)  # a layer's old weights go as soon as its lowered form has its own
             counts[route] = counts.get(route, 0) + 1
             mixed |= node.op_type == "MixedMatMul"
         if self.int_kernels == "fused":
@@ -334,7 +336,9 @@ def widen_integer_linears(graph: ir.Graph) -> int:
         split = ir.node("Split", [wide.outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes), name=f"{base}.split",
                         metadata_props={CREATED_BY: "lower-ort"})
         olds = [n.outputs[0] for n in nodes]
+        read = [v for n in nodes for v in n.inputs if v is not None and v.is_initializer()]
         ir.convenience.replace_nodes_and_values(graph, first, nodes, [wide, split], olds, list(split.outputs))
+        drop_unread(graph, read)  # the per-layer weights, now concatenated
         merged += 1
     return merged
 
@@ -380,7 +384,7 @@ def unsigned_integer_weights(graph: ir.Graph) -> int:
     first and are exact. Returns the number of ops changed."""
     from onnx_ir.convenience import replace_nodes_and_values
 
-    unsigned: dict[int, tuple[ir.Value, ir.Value]] = {}  # id(int8 weight) -> (uint8 codes, zero point)
+    unsigned: dict[str, tuple[ir.Value, ir.Value]] = {}  # int8 weight's name -> (uint8 codes, zero point)
     changed = 0
     for node in list(graph):
         if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and "block_size" not in node.attributes:
@@ -397,14 +401,15 @@ def unsigned_integer_weights(graph: ir.Graph) -> int:
             continue
         if not _multiplies_uint8(node):  # ONNX Runtime has no int8 x uint8 kernels
             continue
-        if id(w) not in unsigned:
+        if w.name not in unsigned:
             codes = (w.const_value.numpy().astype(np.int16) + 128).astype(np.uint8)
-            unsigned[id(w)] = (new_initializer(graph, f"{w.name}.u8", codes),
+            unsigned[w.name] = (new_initializer(graph, f"{w.name}.u8", codes),
                                new_initializer(graph, f"{w.name}.u8.zero_point", np.full(scale.const_value.shape, 128, np.uint8)))
-        inputs[w_index], inputs[zero_index] = unsigned[id(w)]
+        inputs[w_index], inputs[zero_index] = unsigned[w.name]
         replacement = ir.Node(node.domain, node.op_type, inputs, attributes=list(node.attributes.values()),
                               name=node.name, metadata_props=dict(node.metadata_props))
         replace_nodes_and_values(graph, node, [node], [replacement], list(node.outputs), list(replacement.outputs))
+        drop_unread(graph, [w, zero] if zero is not None else [w])  # the int8 copy, once nothing reads it
         changed += 1
     return changed
 

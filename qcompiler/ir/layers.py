@@ -128,6 +128,13 @@ def bypass(graph: ir.Graph, node: ir.Node, replacement: ir.Value) -> None:
     graph.remove(node, safe=True)
 
 
+def drop_unread(graph: ir.Graph, values: list[ir.Value]) -> None:
+    """Remove the initializers among `values` that nothing reads any more (their memory with them)."""
+    for value in values:
+        if value.is_initializer() and not value.uses() and not value.is_graph_output() and graph.initializers.get(value.name) is value:
+            graph.initializers.pop(value.name)
+
+
 def remove_unused(model: ir.Model) -> None:
     """Drop nodes and initializers nothing reads any more."""
     from onnx_ir.passes.common import RemoveUnusedNodesPass
