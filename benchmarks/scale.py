@@ -248,7 +248,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="0.135B", help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--windows", type=int, default=32, help="calibration windows of 128 tokens (default 32)")
-    parser.add_argument("--keep-models", metavar="DIR", help="write the models here and keep them (default: a temporary folder)")
+    parser.add_argument("--keep-models", metavar="DIR",
+                        help="write the models here and keep them, or reuse those already there (default: a temporary folder)")
     parser.add_argument("--no-peers", action="store_true", help="skip ONNX Runtime's quantizers")
     parser.add_argument("--pipeline", action="append", metavar="P",
                         help=f"a pipeline to compile with (repeatable; default: {' and '.join(PIPELINES)})")
@@ -266,9 +267,10 @@ def main() -> None:
     for size in sizes:
         folder = root / f"llama-{size}"
         start = time.perf_counter()
-        source = write_llama(size, folder)
-        build_s = time.perf_counter() - start
-        source_bytes = sum(f.stat().st_size for f in folder.iterdir())
+        reused = args.keep_models is not None and (folder / "model.onnx").exists()
+        source = folder / "model.onnx" if reused else write_llama(size, folder)  # a kept model is reused as written
+        build_s = None if reused else time.perf_counter() - start
+        source_bytes = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
         calib = write_calibration(folder / "calib.npz", args.windows, SHAPES[size][5])
         entry = {"size": size, "parameters": parameters(size), "source_bytes": source_bytes, "build_s": build_s, "runs": {}}
         jobs = [(p, _COMPILE_CHILD, [str(source), str(root / "out"), p, str(calib), str(args.windows), str(THREADS),

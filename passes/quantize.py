@@ -216,15 +216,45 @@ def find_targets(graph: ir.Graph, conv: bool) -> list[Target]:
     return sorted(targets, key=lambda t: order[id(t.node)])
 
 
+ROWS_AT_ONCE_ELEMENTS = 1 << 22  # weights are quantized in slices of rows of about this many elements
+
+
 def quantize_weight_per_channel(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 codes and float32 scales, one scale per slice along `axis`."""
+    """Symmetric int8 codes and float32 scales, one scale per slice along `axis`. Computed a slice
+    of rows at a time (the same values as all at once): the temporaries stay small beside a
+    weight of a gigabyte."""
+    axis = axis % w.ndim
     reduce = tuple(i for i in range(w.ndim) if i != axis)
-    scale = np.max(np.abs(w), axis=reduce).astype(np.float32) / QMAX
+    if axis == 0:
+        absmax = np.concatenate([np.max(np.abs(w[rows]), axis=reduce) for rows in _row_slices(w)])
+    else:
+        absmax = np.maximum.reduce([np.max(np.abs(w[rows]), axis=reduce) for rows in _row_slices(w)])
+    scale = absmax.astype(np.float32) / QMAX
     scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -QMAX, QMAX).astype(np.int8)
+    scales = scale.reshape(shape)
+    q = np.empty(w.shape, np.int8)
+    for rows in _row_slices(w):
+        q[rows] = np.clip(np.round(w[rows] / (scales[rows] if axis == 0 else scales)), -QMAX, QMAX)
     return q, scale
+
+
+def _row_slices(w: np.ndarray) -> list[slice]:
+    step = max(1, ROWS_AT_ONCE_ELEMENTS // max(1, w[:1].size))
+    return [slice(start, start + step) for start in range(0, w.shape[0], step)]
+
+
+def weight_sqnr(w: np.ndarray, q: np.ndarray, scales: np.ndarray, axis: int) -> float | None:
+    """SQNR in dB of the dequantized codes `q * scales` (`scales` broadcast against `w`, one per
+    slice along `axis`) against `w`, in float64, a slice of rows at a time."""
+    err = energy = 0.0
+    for rows in _row_slices(w):
+        reference = w[rows].astype(np.float64)
+        dequantized = q[rows].astype(np.float32) * (scales[rows] if axis % w.ndim == 0 else scales)
+        err += float(np.sum((reference - dequantized) ** 2))
+        energy += float(np.sum(reference**2))
+    return round(10 * np.log10(energy / err), 2) if err > 0 and energy > 0 else None
 
 
 def _quantize_weight(graph: ir.Graph, target: Target, entry: dict, keep_error: bool = False) -> np.ndarray | None:
@@ -246,9 +276,9 @@ def _quantize_weight(graph: ir.Graph, target: Target, entry: dict, keep_error: b
     target.node.replace_input_with(1, node.outputs[0])
     if not target.w.uses():
         graph.initializers.pop(target.w.name)
-    deq = q.astype(np.float32) * scale.reshape([-1 if i == target.weight_axis else 1 for i in range(w.ndim)])
-    entry["weight_sqnr_db"] = _sqnr(w, deq)
-    return np.subtract(deq, w, dtype=np.float64) if keep_error else None
+    scales = scale.reshape([-1 if i == target.weight_axis % w.ndim else 1 for i in range(w.ndim)])
+    entry["weight_sqnr_db"] = weight_sqnr(w, q, scales, target.weight_axis)
+    return np.subtract(q.astype(np.float32) * scales, w, dtype=np.float64) if keep_error else None
 
 
 def _input_means(model: ir.Model, targets: list[Target]) -> dict[str, np.ndarray]:
@@ -412,9 +442,3 @@ def activation_sqnr(sample: np.ndarray, lo: float, hi: float) -> float | None:
 
 def _act_summary(node: ir.Node) -> dict:
     return {name: attr.value for name, attr in node.attributes.items()}
-
-
-def _sqnr(reference: np.ndarray, actual: np.ndarray) -> float | None:
-    err = float(np.sum((reference.astype(np.float64) - actual) ** 2))
-    energy = float(np.sum(reference.astype(np.float64) ** 2))
-    return round(10 * np.log10(energy / err), 2) if err > 0 and energy > 0 else None

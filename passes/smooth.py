@@ -114,7 +114,7 @@ def _smooth_group(graph: ir.Graph, group: list[Linear], stats, alpha: float) -> 
 
 def _weight_absmax(group: list[Linear]) -> np.ndarray:
     """max|W_j| per input channel over the group's concatenated weights."""
-    return np.max(np.abs(np.concatenate([layer.w.const_value.numpy() for layer in group], axis=1)), axis=1)
+    return np.maximum.reduce([np.max(np.abs(layer.w.const_value.numpy()), axis=1) for layer in group])  # one weight at a time
 
 
 def scale_input_channels(graph: ir.Graph, group: list[Linear], stats, s: np.ndarray, created_by: str) -> None:

@@ -144,3 +144,20 @@ def test_conv_transpose_bias_shift_is_the_mean_output_change(groups):
         [onnx.numpy_helper.from_array(error.astype(np.float32), "e")]), opset_imports=[oh.make_opsetid("", 21)])
     change = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(shift, change.astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape, axis", [((70, 33), -1), ((70, 33), 0), ((12, 5, 3, 3), 0), ((12, 5, 3, 3), 1)])
+def test_weights_quantized_a_slice_of_rows_at_a_time_equal_all_at_once(monkeypatch, shape, axis):
+    import qcompiler.passes.quantize as quantize
+
+    w = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    whole_q, whole_scale = quantize_weight_per_channel(w, axis)
+    scales = whole_scale.reshape([-1 if i == axis % w.ndim else 1 for i in range(w.ndim)])
+    whole_sqnr = quantize.weight_sqnr(w, whole_q, scales, axis)
+    monkeypatch.setattr(quantize, "ROWS_AT_ONCE_ELEMENTS", 40)  # several slices of rows
+    q, scale = quantize_weight_per_channel(w, axis)
+    assert np.array_equal(q, whole_q) and np.array_equal(scale, whole_scale)
+    deq = whole_q.astype(np.float32) * scales
+    direct = 10 * np.log10(np.sum(w.astype(np.float64) ** 2) / np.sum((w.astype(np.float64) - deq) ** 2))
+    assert quantize.weight_sqnr(w, q, scales, axis) == whole_sqnr == round(direct, 2)
+    assert np.array_equal(whole_q, np.clip(np.round(w / scales), -127, 127).astype(np.int8))  # the plain formula

@@ -61,6 +61,8 @@ def _session_from_folder(model: ir.Model, options):
 
     import onnxruntime as ort
 
+    # MLAS would keep a second, repacked copy of every MatMul weight; a measurement session runs a few batches
+    options.add_session_config_entry("session.disable_prepacking", "1")
     with tempfile.TemporaryDirectory(prefix="qcompiler-session-") as folder:
         path = Path(folder) / "model.onnx"
         ir.save(model, str(path), external_data="model.onnx.data", size_threshold_bytes=1024)
