@@ -150,19 +150,41 @@ class AlphaSearch:
 
 
 def alpha_search_task(group: list[Linear], stats) -> AlphaSearch:
-    """The search task of the layers of `group` (all reading one input with statistics `stats`)."""
-    return search_task(stats.sample, [layer.w.const_value.numpy() for layer in group], stats.absmax, _weight_absmax(group))
+    """The search task of the layers of `group` (all reading one input with statistics `stats`),
+    reading each weight once (a weight on disk is read from its file)."""
+    widths = [int(layer.w.const_value.shape[1]) for layer in group]
+    picked = _strided_columns(widths)
+    columns, absmax = [], []
+    for layer, keep in zip(group, picked):
+        w = layer.w.const_value.numpy()
+        absmax.append(np.max(np.abs(w), axis=1))
+        columns.append(np.asarray(w[:, keep], np.float32))
+        del w
+    return _task(stats.sample, np.concatenate(columns, axis=1), stats.absmax, np.maximum.reduce(absmax))
 
 
 def search_task(sample: np.ndarray, weights: list[np.ndarray], act_absmax, weight_absmax) -> AlphaSearch:
     """At most `SEARCH_ROWS` sample rows and `SEARCH_COLUMNS` output columns (evenly strided, so
     deterministic): enough to rank the alphas, and it keeps a 49k-wide LM head from dominating
     compile time (and the task small)."""
+    picked = _strided_columns([w.shape[1] for w in weights])
+    return _task(sample, np.concatenate([np.asarray(w[:, keep], np.float32) for w, keep in zip(weights, picked)], axis=1),
+                 act_absmax, weight_absmax)
+
+
+def _strided_columns(widths: list[int]) -> list[np.ndarray]:
+    """The columns of each weight that a stride of ceil(total / SEARCH_COLUMNS) over the weights
+    side by side keeps, per weight (so that they need not be put side by side)."""
+    total = sum(widths)
+    kept = np.arange(0, total, max(1, -(-total // SEARCH_COLUMNS)))
+    starts = np.cumsum([0, *widths])
+    return [kept[(kept >= lo) & (kept < hi)] - lo for lo, hi in zip(starts[:-1], starts[1:])]
+
+
+def _task(sample: np.ndarray, weight: np.ndarray, act_absmax, weight_absmax) -> AlphaSearch:
     x = np.asarray(sample, np.float32)
     x = x[:: max(1, -(-len(x) // SEARCH_ROWS))]
-    w = np.concatenate(weights, axis=1).astype(np.float32)
-    w = w[:, :: max(1, -(-w.shape[1] // SEARCH_COLUMNS))]
-    return AlphaSearch(np.ascontiguousarray(x), np.ascontiguousarray(w), np.asarray(act_absmax), np.asarray(weight_absmax))
+    return AlphaSearch(np.ascontiguousarray(x), np.ascontiguousarray(weight), np.asarray(act_absmax), np.asarray(weight_absmax))
 
 
 def search_alpha(_shared, task: AlphaSearch) -> float:

@@ -230,3 +230,13 @@ def test_worst_activation_can_stay_in_float():
     kept = stats["activations_in_float"][0]
     readers = [name for name, entry in stats["per_layer"].items() if "activation" not in entry]
     assert readers and all(sqnr[name] == min(sqnr.values()) for name in readers), (kept, sqnr)
+
+
+def test_alpha_search_keeps_the_same_columns_without_putting_weights_side_by_side():
+    from qcompiler.passes import smooth
+
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((16, n)).astype(np.float32) for n in (700, 350, 350)]
+    task = smooth.search_task(rng.standard_normal((40, 16)).astype(np.float32), weights, np.ones(16), np.ones(16))
+    side_by_side = np.concatenate(weights, axis=1)
+    assert np.array_equal(task.weight, side_by_side[:, :: -(-side_by_side.shape[1] // smooth.SEARCH_COLUMNS)])

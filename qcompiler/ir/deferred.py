@@ -41,7 +41,14 @@ def as_float32(tensor: ir.TensorProtocol) -> Deferred:
 def scaled(tensor: ir.TensorProtocol, factor: np.ndarray) -> Deferred:
     """`tensor * factor` (broadcast, float32 kept), computed when read."""
     factor = np.array(factor, dtype=np.float32)  # a private copy: the caller may reuse its array
-    return _deferred(tensor, lambda array: (array * factor).astype(np.float32))
+    fresh = isinstance(tensor, Deferred)  # each read of a deferred weight is a new array: scaled in place
+
+    def times_factor(array: np.ndarray) -> np.ndarray:
+        out = array if fresh else array.astype(np.float32)
+        out *= factor
+        return out
+
+    return _deferred(tensor, times_factor)
 
 
 def _deferred(source: ir.TensorProtocol, transform: Callable[[np.ndarray], np.ndarray]) -> Deferred:
