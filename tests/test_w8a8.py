@@ -95,7 +95,7 @@ def test_auto_alpha_is_on_the_grid_and_recorded():
         w = [weights[m] for m in members]
         w_absmax = np.max(np.abs(np.concatenate(w, axis=1)), axis=1)
         assert alpha in ALPHA_GRID
-        assert alpha == choose_alpha(stats.sample, w, stats.absmax, w_absmax)  # the grid point the search picks
+        assert alpha == choose_alpha(stats, w, w_absmax)  # the grid point the search picks
         # recorded is applied: the graph divides the input by the scale of the recorded alpha
         inverse = model.graph.initializers[f"{x_name}.smooth_inv"].const_value.numpy()
         np.testing.assert_allclose(1 / inverse, smoothing_scale(stats.absmax, w_absmax, alpha), rtol=1e-5)
