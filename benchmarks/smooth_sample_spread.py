@@ -52,13 +52,19 @@ def qcompiler(seed: str, args: list[str]) -> str:
     return done.stdout
 
 
-def alphas_of(report: Path) -> dict[str, float]:
-    """The alpha `smooth` chose for each layer group (input name -> alpha), from a compile's report."""
+def smooth_record(report: Path) -> tuple[dict[str, float], float | None]:
+    """(the alpha `smooth` chose for each layer group, input name -> alpha; the pass's seconds), from a compile's report."""
     records = json.loads(report.read_text()).get("passes", [])
     smooth = next((r for r in records if r.get("name") == "smooth"), None)
     if smooth is None:
-        return {}
-    return {name: group["alpha"] for name, group in smooth["stats"].get("layers", {}).items()}
+        return {}, None
+    return {name: group["alpha"] for name, group in smooth["stats"].get("layers", {}).items()}, smooth["seconds"]
+
+
+def alpha_change(alphas: dict[str, float], reference: dict[str, float]) -> float:
+    """Mean |alpha - reference alpha| over the layer groups both runs searched."""
+    shared = sorted(set(alphas) & set(reference))
+    return statistics.mean(abs(alphas[k] - reference[k]) for k in shared) if shared else 0.0
 
 
 def measure(model: str, pipeline: str, seed: str, calib: Path, calib_count: int | None, task: str, data: Path,
@@ -76,8 +82,9 @@ def measure(model: str, pipeline: str, seed: str, calib: Path, calib_count: int 
     metric = "perplexity" if task == "perplexity" else "spearman"
     if f"{metric}_compiled" not in result:
         raise SystemExit(f"eval printed no '{metric}_compiled': {sorted(result)}")
+    alphas, smooth_s = smooth_record(report)
     return {"model": model, "pipeline": pipeline, "seed": seed, "metric": metric, "value": result[f"{metric}_compiled"],
-            "float": result[f"{metric}_float"], "compile_s": round(compile_s, 1), "alphas": alphas_of(report)}
+            "float": result[f"{metric}_float"], "compile_s": round(compile_s, 1), "smooth_s": smooth_s, "alphas": alphas}
 
 
 def main() -> None:
@@ -103,12 +110,15 @@ def main() -> None:
             else:
                 row = measure(model, pipeline, seed, common.WIKITEXT, args.calib_count, "perplexity", common.WIKITEXT,
                               args.count, Path(tmp))
-        common.log(f"  {row['metric']} {row['value']:.4f} (compile {row['compile_s']} s)")
+        common.log(f"  {row['metric']} {row['value']:.4f} (compile {row['compile_s']} s, smooth {row['smooth_s']} s)")
         results.append(row)
     static = [r["value"] for r in results if r["model"] == "smollm2-135m" and r["pipeline"] == "w8a8"]
+    first = {(r["model"], r["pipeline"]): r["alphas"] for r in reversed(results)}  # each pipeline's first run
     rows = [[r["model"], r["pipeline"], r["seed"], f"{r['value']:.2f} ({r['float']:.2f})",
-             f"{statistics.mean(r['alphas'].values()):.3f}" if r["alphas"] else "-"] for r in results]
-    text = common.table(["model", "pipeline", "row-sample seed", "perplexity / Spearman (float)", "mean alpha"], rows)
+             f"{statistics.mean(r['alphas'].values()):.3f}" if r["alphas"] else "-",
+             f"{alpha_change(r['alphas'], first[(r['model'], r['pipeline'])]):.3f}", f"{r['smooth_s']:.1f}"] for r in results]
+    text = common.table(["model", "pipeline", "row-sample seed", "perplexity / Spearman (float)", "mean alpha",
+                         "mean |alpha - first seed's|", "smooth s"], rows)
     if len(static) > 1:
         text += f"\nSmolLM2 w8a8 over {len(static)} seeds: min {min(static):.2f}, max {max(static):.2f}, spread {max(static) - min(static):.2f}"
     common.finish_run(Path(args.json), common.THREADS, results, text)
