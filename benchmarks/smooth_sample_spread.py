@@ -95,13 +95,15 @@ def main() -> None:
     parser.add_argument("--no-per-token", action="store_true", help="skip w8a8{act-mode=per-token}")
     parser.add_argument("--no-minilm", action="store_true", help="skip MiniLM's w8a8 STS")
     parser.add_argument("--json", default=str(common.RESULTS / "smooth_sample_spread.json"))
+    parser.add_argument("--append", action="store_true", help="keep the rows already in --json and add these (a run done in parts)")
     args = parser.parse_args()
     runs = [("smollm2-135m", "w8a8", seed) for seed in args.seeds]
     if not args.no_per_token:
         runs.append(("smollm2-135m", "w8a8{act-mode=per-token}", SHIPPED))
     if not args.no_minilm:
         runs.append(("minilm-l6", "w8a8", SHIPPED))
-    results = []
+    path = Path(args.json)
+    results = json.loads(path.read_text())["results"] if args.append and path.is_file() else []
     for model, pipeline, seed in runs:
         common.log(f"{model} {pipeline} seed {seed} ...")
         with tempfile.TemporaryDirectory() as tmp:
@@ -112,6 +114,7 @@ def main() -> None:
                               args.count, Path(tmp))
         common.log(f"  {row['metric']} {row['value']:.4f} (compile {row['compile_s']} s, smooth {row['smooth_s']} s)")
         results.append(row)
+        common.write_run(path, common.THREADS, results, "(partial: the run is still going)")  # rows so far, if the run stops
     static = [r["value"] for r in results if r["model"] == "smollm2-135m" and r["pipeline"] == "w8a8"]
     first = {(r["model"], r["pipeline"]): r["alphas"] for r in reversed(results)}  # each pipeline's first run
     rows = [[r["model"], r["pipeline"], r["seed"], f"{r['value']:.2f} ({r['float']:.2f})",
