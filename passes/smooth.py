@@ -39,8 +39,8 @@ from qcompiler.dialect.qc_ops import quantize_activation
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import Linear, group_by_input, insert_after_value, linears, new_initializer, set_constant
 from qcompiler.ir.meta import CREATED_BY, SMOOTHED_KEY, STATS_KEY, Prop
-from qcompiler.pipeline import context
 from qcompiler.passes.quantize import asymmetric_params, quantize_weight_per_channel
+from qcompiler.pipeline import context
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 from qcompiler.support.progress import progress
 
