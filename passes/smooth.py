@@ -12,9 +12,18 @@ In the IR the pass inserts `qc.ChannelScale(X, 1/s)` in front of the group and s
 each W; `fold-scales` then folds it into the producer of X where it can.
 
 `alpha=auto` chooses alpha per group from the grid 0.30, 0.35, ..., 0.95, minimising the mean
-squared error of the group's int8-quantized output (per-tensor activations, per-channel weights)
-against the float output, on the calibration sample rows. The paper reports alpha 0.5 for
-OPT/BLOOM, 0.75 for GLM-130B, 0.8-0.85 for Llama-family models.
+squared error of the group's int8-quantized output against the float output on every calibration
+sample row (up to 512, taken in a canonical order so the choice does not depend on the rows'
+order). The error models the quantizers `quantize` will apply: per-channel symmetric weights, and
+activations as `act-mode` says, which the `w8a8` preset sets to its own `act-mode`:
+- `static` (and `dynamic`): one asymmetric per-tensor range, the one `quantize` gives the smoothed
+  tensor from the calibrated statistics, `[min_j(min X_j / s_j), max_j(max X_j / s_j)]` over all
+  calibration data (for a histogram `method`, the min-max bound of the range `quantize` clips
+  within; for `dynamic`, the bound of any run-time batch's range), not the range of the sample rows;
+- `per-token`: one symmetric scale per row, max|x'| / 127, as `quantize{act-mode=per-token}` computes at run time.
+So an outlier outside the sample still widens the modelled grid, and the chosen alpha serves the
+quantizer that will run. The paper reports alpha 0.5 for OPT/BLOOM, 0.75 for GLM-130B, 0.8-0.85 for
+Llama-family models.
 """
 
 from __future__ import annotations
@@ -26,17 +35,18 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.dialect.ops import QC_OPSET_VERSION
+from qcompiler.dialect.qc_ops import quantize_activation
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import Linear, group_by_input, insert_after_value, linears, new_initializer, scale_constant
 from qcompiler.ir.meta import CREATED_BY, SMOOTHED_KEY, STATS_KEY, Prop
+from qcompiler.passes.quantize import asymmetric_params, quantize_weight_per_channel
 from qcompiler.pipeline import context
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 from qcompiler.support.progress import progress
 
 ALPHA_GRID = tuple(round(0.30 + 0.05 * i, 2) for i in range(14))
-FLOOR = 1e-5
-SEARCH_ROWS = 128
-SEARCH_COLUMNS = 1024  # smallest channel range used, so empty channels do not divide by zero
+FLOOR = 1e-5  # smallest channel range used, so empty channels do not divide by zero
+SEARCH_COLUMNS = 1024
 
 
 @register_pass
@@ -60,6 +70,8 @@ class SmoothPass(Pass):
         ACT_ABSMAX_AFTER = "act_absmax_after"
 
     alpha: float | Literal["auto"] = option(0.5, "migration strength in [0, 1], or auto (per-layer grid search)")
+    act_mode: Literal["static", "dynamic", "per-token"] = option(
+        "static", "alpha=auto: the activation quantizer the search models, as quantize's act-mode (per-tensor calibrated range, or per token)")
 
     def __post_init__(self):
         if self.alpha != "auto" and not 0.0 <= float(self.alpha) <= 1.0:
@@ -85,7 +97,7 @@ class SmoothPass(Pass):
         searches are independent and give the same alphas in any process and order."""
         if self.alpha != "auto":
             return [float(self.alpha)] * len(groups)
-        tasks = (alpha_search_task(group, group[0].x.meta[STATS_KEY]) for _, group in groups)  # each built when its turn comes
+        tasks = (alpha_search_task(group, group[0].x.meta[STATS_KEY], self.act_mode) for _, group in groups)  # each built when its turn comes
         with progress(f"smooth: alpha search over {len(groups)} layer groups", None):
             return context.current().executor.map(search_alpha, tasks,
                                                   names=[f"smooth: alpha of the layers reading '{x}'" for x, _ in groups])
@@ -141,35 +153,40 @@ def scale_input_channels(graph: ir.Graph, group: list[Linear], stats, s: np.ndar
 @dataclasses.dataclass(frozen=True)
 class AlphaSearch:
     """What the alpha search of one layer group reads (arrays only, so that a worker process can
-    take it): the sample rows and the weight columns it measures on, and the ranges that set s."""
+    take it): the sample rows and the weight columns it measures on, the ranges that set s, the
+    calibrated per-channel range of the input, and how activations will be quantized."""
 
-    sample: np.ndarray  # [rows, K] float32, at most SEARCH_ROWS rows
+    sample: np.ndarray  # [rows, K] float32, every sample row, in canonical order (`canonical_rows`)
     weight: np.ndarray  # [K, columns] float32: the group's weights side by side, at most SEARCH_COLUMNS-ish columns
     act_absmax: np.ndarray  # [K]
     weight_absmax: np.ndarray  # [K], over all the group's columns
+    channel_min: np.ndarray  # [K] float64, min X_j over all calibration data
+    channel_max: np.ndarray  # [K] float64, max X_j over all calibration data
+    act_mode: str = "static"  # static, dynamic (both: the calibrated per-tensor range) or per-token
 
 
-def alpha_search_task(group: list[Linear], stats) -> AlphaSearch:
+def alpha_search_task(group: list[Linear], stats, act_mode: str = "static") -> AlphaSearch:
     """The search task of the layers of `group` (all reading one input with statistics `stats`),
-    reading each weight once (a weight on disk is read from its file)."""
-    widths = [int(layer.w.const_value.shape[1]) for layer in group]
-    picked = _strided_columns(widths)
+    reading each weight once (a weight on disk is read from its file) and keeping only its
+    searched columns."""
+    picked = _strided_columns([int(layer.w.const_value.shape[1]) for layer in group])
     columns, absmax = [], []
     for layer, keep in zip(group, picked):
         w = layer.w.const_value.numpy()
         absmax.append(np.max(np.abs(w), axis=1))
         columns.append(np.asarray(w[:, keep], np.float32))
         del w
-    return _task(stats.sample, np.concatenate(columns, axis=1), stats.absmax, np.maximum.reduce(absmax))
+    return _task(stats, np.concatenate(columns, axis=1), np.maximum.reduce(absmax), act_mode)
 
 
-def search_task(sample: np.ndarray, weights: list[np.ndarray], act_absmax, weight_absmax) -> AlphaSearch:
-    """At most `SEARCH_ROWS` sample rows and `SEARCH_COLUMNS` output columns (evenly strided, so
-    deterministic): enough to rank the alphas, and it keeps a 49k-wide LM head from dominating
-    compile time (and the task small)."""
+def search_task(stats, weights: list[np.ndarray], weight_absmax, act_mode: str = "static") -> AlphaSearch:
+    """Every sample row of `stats` (in canonical order) and at most `SEARCH_COLUMNS` output columns
+    (evenly strided over the weights side by side, so deterministic): it keeps a 49k-wide LM head
+    from dominating compile time (and the task small); each column is quantized on its own, so the
+    kept ones are exact."""
     picked = _strided_columns([w.shape[1] for w in weights])
-    return _task(sample, np.concatenate([np.asarray(w[:, keep], np.float32) for w, keep in zip(weights, picked)], axis=1),
-                 act_absmax, weight_absmax)
+    return _task(stats, np.concatenate([np.asarray(w[:, keep], np.float32) for w, keep in zip(weights, picked)], axis=1),
+                 weight_absmax, act_mode)
 
 
 def _strided_columns(widths: list[int]) -> list[np.ndarray]:
@@ -181,16 +198,29 @@ def _strided_columns(widths: list[int]) -> list[np.ndarray]:
     return [kept[(kept >= lo) & (kept < hi)] - lo for lo, hi in zip(starts[:-1], starts[1:])]
 
 
-def _task(sample: np.ndarray, weight: np.ndarray, act_absmax, weight_absmax) -> AlphaSearch:
-    x = np.asarray(sample, np.float32)
-    x = x[:: max(1, -(-len(x) // SEARCH_ROWS))]
-    return AlphaSearch(np.ascontiguousarray(x), np.ascontiguousarray(weight), np.asarray(act_absmax), np.asarray(weight_absmax))
+def _task(stats, weight: np.ndarray, weight_absmax, act_mode: str) -> AlphaSearch:
+    return AlphaSearch(
+        canonical_rows(stats.sample), np.ascontiguousarray(weight), np.asarray(stats.absmax), np.asarray(weight_absmax),
+        np.asarray(stats.channel_min, np.float64), np.asarray(stats.channel_max, np.float64), act_mode,
+    )
+
+
+
+
+def canonical_rows(sample: np.ndarray) -> np.ndarray:
+    """The rows of `sample` sorted by their bytes: the same array whatever order they came in, so
+    the search's sums (and its choice) do not depend on the order of the calibration data."""
+    x = np.ascontiguousarray(np.asarray(sample, np.float32))
+    if len(x) < 2:
+        return x
+    order = sorted(range(len(x)), key=lambda i: x[i].tobytes())
+    return np.ascontiguousarray(x[order])
 
 
 def search_alpha(_shared, task: AlphaSearch) -> float:
-    """The grid alpha whose int8-quantized group output (per-tensor activations, per-channel
-    weights) is closest in mean squared error to the float output on the task's rows and columns
-    (a pure function of the task: the same result in any process)."""
+    """The grid alpha whose int8-quantized group output (activations as `quantize` will quantize
+    them, per-channel weights) is closest in mean squared error to the float output on the task's
+    rows and columns (a pure function of the task: the same result in any process)."""
     x, w = task.sample, task.weight
     if x.size == 0:
         return 0.5
@@ -198,25 +228,33 @@ def search_alpha(_shared, task: AlphaSearch) -> float:
     errors = []
     for alpha in ALPHA_GRID:
         s = smoothing_scale(task.act_absmax, task.weight_absmax, alpha)
-        y = _fake_quant_per_tensor(x / s) @ _fake_quant_per_channel(w * s[:, None])
-        errors.append(float(np.mean((y - reference) ** 2)))
+        inverse = (1.0 / s).astype(np.float32)  # what the graph's qc.ChannelScale multiplies by
+        y = _quantized_activation(x * inverse, task, inverse) @ _quantized_weight(w * s[:, None])
+        errors.append(float(np.mean(np.square(y - reference, dtype=np.float64))))
     return ALPHA_GRID[int(np.argmin(errors))]
 
 
-def choose_alpha(sample: np.ndarray, weights: list[np.ndarray], act_absmax, weight_absmax) -> float:
+def choose_alpha(stats, weights: list[np.ndarray], weight_absmax, act_mode: str = "static") -> float:
     """The grid alpha whose int8-quantized group output is closest to the float output (`search_alpha`
     on the rows and columns `search_task` keeps)."""
-    return search_alpha(None, search_task(sample, weights, act_absmax, weight_absmax))
+    return search_alpha(None, search_task(stats, weights, weight_absmax, act_mode))
 
 
-def _fake_quant_per_tensor(x: np.ndarray) -> np.ndarray:
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = (hi - lo) / 255 if hi > lo else 1.0
-    zero = np.round(-128 - lo / scale)
-    q = np.clip(np.round(x / scale) + zero, -128, 127)
-    return ((q - zero) * scale).astype(np.float32)
+def smoothed_range(channel_min: np.ndarray, channel_max: np.ndarray, inverse: np.ndarray) -> tuple[float, float]:
+    """The per-tensor [lo, hi] of the input times `inverse` per channel, from its calibrated
+    per-channel range: what `quantize`'s min-max range of the smoothed tensor will be (the
+    statistics `smooth` attaches are the calibrated ones scaled the same way)."""
+    c = np.asarray(inverse, np.float64)
+    return float((channel_min * c).min()), float((channel_max * c).max())
 
 
-def _fake_quant_per_channel(w: np.ndarray) -> np.ndarray:
-    scale = np.maximum(np.max(np.abs(w), axis=0, keepdims=True), 1e-12) / 127
-    return (np.clip(np.round(w / scale), -127, 127) * scale).astype(np.float32)
+def _quantized_activation(x: np.ndarray, task: AlphaSearch, inverse: np.ndarray) -> np.ndarray:
+    if task.act_mode == "per-token":
+        return quantize_activation(x, "per-token")
+    scale, zero_point = asymmetric_params(*smoothed_range(task.channel_min, task.channel_max, inverse))
+    return quantize_activation(x, "static", scale, zero_point)
+
+
+def _quantized_weight(w: np.ndarray) -> np.ndarray:
+    q, scale = quantize_weight_per_channel(w, axis=1)
+    return q.astype(np.float32) * scale[None, :]

@@ -103,7 +103,7 @@ def test_dry_run_prints_the_resolved_pipeline_and_writes_nothing(tiny_onnx, tmp_
     out = tmp_path / "out"
     assert main(["compile", str(tiny_onnx), "-o", str(out), "--pipeline", "w8a8", "--dry-run", "--dump-ir", str(tmp_path / "d")]) == 0
     text = capsys.readouterr().out
-    assert "pipeline: canonicalize{" in text and "smooth{alpha=auto}" in text and "lower-ort{" in text
+    assert "pipeline: canonicalize{" in text and "smooth{alpha=auto act-mode=static}" in text and "lower-ort{" in text
     assert f"would write {out}/" in text and "per-pass IR dumps" in text
     assert list(tmp_path.iterdir()) == [tiny_onnx]
 

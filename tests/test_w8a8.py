@@ -95,7 +95,7 @@ def test_auto_alpha_is_on_the_grid_and_recorded():
         w = [weights[m] for m in members]
         w_absmax = np.max(np.abs(np.concatenate(w, axis=1)), axis=1)
         assert alpha in ALPHA_GRID
-        assert alpha == choose_alpha(stats.sample, w, stats.absmax, w_absmax)  # the grid point the search picks
+        assert alpha == choose_alpha(stats, w, w_absmax)  # the grid point the search picks
         # recorded is applied: the graph divides the input by the scale of the recorded alpha
         inverse = model.graph.initializers[f"{x_name}.smooth_inv"].const_value.numpy()
         np.testing.assert_allclose(1 / inverse, smoothing_scale(stats.absmax, w_absmax, alpha), rtol=1e-5)
@@ -233,10 +233,14 @@ def test_worst_activation_can_stay_in_float():
 
 
 def test_alpha_search_keeps_the_same_columns_without_putting_weights_side_by_side():
+    import types
+
     from qcompiler.passes import smooth
 
     rng = np.random.default_rng(0)
     weights = [rng.standard_normal((16, n)).astype(np.float32) for n in (700, 350, 350)]
-    task = smooth.search_task(rng.standard_normal((40, 16)).astype(np.float32), weights, np.ones(16), np.ones(16))
+    stats = types.SimpleNamespace(sample=rng.standard_normal((40, 16)).astype(np.float32), absmax=np.ones(16),
+                                  channel_min=-np.ones(16), channel_max=np.ones(16))
+    task = smooth.search_task(stats, weights, np.ones(16))
     side_by_side = np.concatenate(weights, axis=1)
     assert np.array_equal(task.weight, side_by_side[:, :: -(-side_by_side.shape[1] // smooth.SEARCH_COLUMNS)])

@@ -76,7 +76,7 @@ PRESETS: dict[str, Preset] = {
     "default": Preset("canonicalize$kv_cache", "clean the graph up for the passes; no quantization",
                       {"kv-cache": "float32"}, KV_CACHE),
     "w8a8": Preset(
-        "canonicalize,${equalize}calibrate{method=$method},smooth{alpha=$alpha},fold-scales{unfoldable=$unfoldable},"
+        "canonicalize,${equalize}calibrate{method=$method},smooth{alpha=$alpha act-mode=$act_mode},fold-scales{unfoldable=$unfoldable},"
         "quantize{act-mode=$act_mode float-inputs=$float_inputs bias-correction=$bias_correction conv-method=$conv_method}$embedding$kv_cache,lower-ort",
         "int8 weights and activations with SmoothQuant (needs --calib)",
         {"alpha": "auto", "method": "minmax", "act-mode": "static", "float-inputs": "0", "unfoldable": "unsmooth",
