@@ -71,11 +71,11 @@ def _check(path: Path, keep_optimized: bool = False) -> dict[str, int]:
     try:
         onnx.checker.check_model(str(path))
         if not keep_optimized:
-            execute.ort_session(str(path))
+            execute.ort_session(str(path), prepack=False)  # loads: the repacked weights would be a second copy
             return {}
         with tempfile.TemporaryDirectory(prefix="qc_optimized_") as tmp:
             optimized = Path(tmp) / "optimized.onnx"
-            execute.ort_session(str(path), optimized_path=optimized)
+            execute.ort_session(str(path), optimized_path=optimized, prepack=False)
             return initializer_bytes_in_file(optimized)
     except Exception as exc:
         raise RuntimeError(f"emitted model does not load: {first_line(str(exc))}") from exc
