@@ -58,11 +58,11 @@ def _deferred(source: ir.TensorProtocol, transform: Callable[[np.ndarray], np.nd
     return Deferred(compute, ir.DataType.FLOAT, source.shape, name=source.name)
 
 
-def read(tensor: ir.TensorProtocol, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+def read(tensor: ir.TensorProtocol, transform: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """`transform(tensor.numpy())` (a new array), closing the file mapping of a memory-mapped
     `tensor` afterwards so that the pages read leave the process's memory."""
     view = tensor.numpy()
-    array = transform(view) if transform is not None else np.array(view)
+    array = transform(view)
     del view
     release(tensor)
     return array
