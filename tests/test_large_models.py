@@ -17,6 +17,7 @@ from onnx import TensorProto, helper
 from qcompiler.driver.compiler import compile
 from qcompiler.errors import UserError
 import qcompiler.ir as qir
+from qcompiler.ir import spill
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from test_float_types import inputs, tiny_block  # noqa: E402
@@ -34,16 +35,32 @@ def _batches():
     return [{"x": inputs(8, seed)} for seed in range(2)]
 
 
+def _on_disk(monkeypatch):
+    """Compile as a large model: every external tensor stays mapped, every new constant is spilled."""
+    monkeypatch.setattr(qir, "MAPPED_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(spill, "SPILL_MIN_BYTES", 0)
+
+
+def _content(folder) -> bytes:
+    """The artifact's model with its external data read in: what a one-file model would hold."""
+    model = onnx.load(str(folder / "model.onnx"))
+    for tensor in model.graph.initializer:
+        tensor.ClearField("data_location")  # set to DEFAULT when the data was read in
+    return model.SerializeToString(deterministic=True)
+
+
 @pytest.mark.parametrize("pipeline", ["w8a8", "mixed{avg-bits=4.25}"])
 def test_mapped_weights_compile_to_the_same_bytes(tmp_path, monkeypatch, pipeline):
     source = _with_external_data(tmp_path)
     in_memory = compile(str(source), tmp_path / "a", pipeline=pipeline, calibration=_batches())
-    monkeypatch.setattr(qir, "MAPPED_DATA_THRESHOLD", 0)  # every external tensor stays mapped
+    _on_disk(monkeypatch)
     assert qir.mapped_tensors(qir.load(source))
     mapped = compile(str(source), tmp_path / "b", pipeline=pipeline, calibration=_batches())
-    assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["manifest.json", "model.onnx"]
+    assert mapped.manifest["files"] == ["model.onnx", "model.onnx.data"]  # weights on disk leave on disk
+    assert _content(tmp_path / "a") == _content(tmp_path / "b")
     written = onnx.load(str(tmp_path / "b" / "model.onnx"), load_external_data=False)
-    assert all(t.data_location != TensorProto.EXTERNAL for t in written.graph.initializer)  # nothing points back
+    assert {e.value for t in written.graph.initializer for e in t.external_data if e.key == "location"} == {"model.onnx.data"}
     assert mapped.manifest["source"]["sha256"] != in_memory.manifest["source"]["sha256"]  # hashed as files, streamed
     assert any(r.drift for r in in_memory.records) and not any(r.drift for r in mapped.records)  # drift would run it whole
 
@@ -55,9 +72,9 @@ def test_low_precision_weights_on_disk_compile_to_the_same_bytes(tmp_path, monke
     (`qcompiler.ir.deferred`), smoothed and folded without holding the results: same artifact."""
     source = _with_external_data(tmp_path, elem_type=elem_type)
     in_memory = compile(str(source), tmp_path / "a", pipeline=pipeline, calibration=_batches())
-    monkeypatch.setattr(qir, "MAPPED_DATA_THRESHOLD", 0)
+    _on_disk(monkeypatch)
     on_disk = compile(str(source), tmp_path / "b", pipeline=pipeline, calibration=_batches())
-    assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
+    assert _content(tmp_path / "a") == _content(tmp_path / "b")
     assert on_disk.manifest["float_type"] == in_memory.manifest["float_type"]
 
 
@@ -86,6 +103,19 @@ def test_weights_on_disk_are_read_as_float32_when_needed_and_not_kept(tmp_path, 
     assert scaled.numpy() is not scaled.numpy()  # nothing kept between reads
     file_tensor = mapped[layer.w.name]
     assert file_tensor.raw is None  # the file's mapping is closed after each read
+
+
+def test_new_constants_wait_on_disk_beside_the_output_and_go_with_the_model(tmp_path, monkeypatch):
+    import gc
+
+    source = _with_external_data(tmp_path)
+    _on_disk(monkeypatch)
+    result = compile(str(source), tmp_path / "out", pipeline="w8a8", calibration=_batches())
+    assert any(isinstance(v.const_value, spill.Spilled) for v in result.model.graph.initializers.values())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.spill-")]  # beside the output, still read
+    del result
+    gc.collect()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
 def test_large_output_keeps_weights_in_one_file_beside_the_model(tmp_path, monkeypatch):

@@ -19,13 +19,13 @@ from qcompiler.driver.options import CompileOptions, api_signature, check_keywor
 from qcompiler.driver.outputs import check_outputs, nested_entry, protected_sources
 from qcompiler.driver.session import Session, complete_pipeline
 from qcompiler.errors import shown
-from qcompiler.ir import float_types
+from qcompiler.ir import float_types, spill
 from qcompiler.ir import is_large, weight_count
 from qcompiler.passes.lower_ort import LowerOrtPass
 from qcompiler.pipeline import instruments
 from qcompiler.pipeline.pass_manager import PassRecord
 from qcompiler.pipeline.spec import check_order, format_pipeline, parse_pipeline
-from qcompiler.support.fileio import AtomicDir, write_atomic
+from qcompiler.support.fileio import AtomicDir, temp_prefix, write_atomic
 from qcompiler.tools import report as reports
 
 log = logging.getLogger(__name__)
@@ -100,12 +100,14 @@ def compile_with(options: CompileOptions) -> CompileResult:
     staging = artifact.begin()  # an unwritable output fails before any slow step
     keep_in_artifact = tuple(filter(None, [nested_entry(output, dump_ir)])) if dump_ir is not None else ()
     keep_in_dump = tuple(filter(None, [nested_entry(dump_ir, output), nested_entry(dump_ir, staging)])) if dump_ir is not None else ()
+    scratch = None
     try:
         model = session.load()
         source_info, source_type, capture_seconds = session.source, session.source_type, session.capture_seconds
         source_digest = model_digest(model)
         source_weights = weight_count(model)
         session.to_float32()
+        scratch = spill.SpillFile(staging.parent, temp_prefix(Path(output).name, "spill")) if is_large(model) else None
         if drift and report is None and is_large(model):
             log.info("output drift not measured: this model's weights stay on disk, and drift runs the whole model in memory")
             drift = False
@@ -118,25 +120,26 @@ def compile_with(options: CompileOptions) -> CompileResult:
         if report is not None:  # a Drift instrument that also records the layers, in the same runs
             recorder = reports.Recorder(feeds, drift=drift)
             tools.append(recorder)
-        start = time.perf_counter()
-        records = session.run(model, passes, tools)
-        pipeline_seconds = time.perf_counter() - start
-        warn_if_predicted_slower(records)
-        manifest = {
-            "source": {"name": source_info.name, "kind": source_info.kind, "sha256": source_digest, "weights": source_weights},
-            "pipeline": spec,
-            "packages": package_versions(),
-        }
-        emitted_type = source_type if float_type == "source" and backend.keeps_source_float_type else ir.DataType.FLOAT
-        float_types.restore_float_type(model, emitted_type)
-        if source_type != ir.DataType.FLOAT:  # absent: float32 throughout
-            manifest["float_type"] = float_types.type_name(emitted_type)
-            manifest["source"]["float_type"] = float_types.type_name(source_type)
-        layout = getattr(source_info.bundled, "layout", None)  # a causal LM with a KV cache
-        if layout is not None:
-            layout = cache_layout_of(layout, model)
-            manifest["causal_lm"] = layout.to_json()
-        files = backend.emit(model, staging, manifest, source_info.bundled, layout)
+        with spill.spilling(scratch):  # a large model's new constants wait on disk (qcompiler.ir.spill)
+            start = time.perf_counter()
+            records = session.run(model, passes, tools)
+            pipeline_seconds = time.perf_counter() - start
+            warn_if_predicted_slower(records)
+            manifest = {
+                "source": {"name": source_info.name, "kind": source_info.kind, "sha256": source_digest, "weights": source_weights},
+                "pipeline": spec,
+                "packages": package_versions(),
+            }
+            emitted_type = source_type if float_type == "source" and backend.keeps_source_float_type else ir.DataType.FLOAT
+            float_types.restore_float_type(model, emitted_type)
+            if source_type != ir.DataType.FLOAT:  # absent: float32 throughout
+                manifest["float_type"] = float_types.type_name(emitted_type)
+                manifest["source"]["float_type"] = float_types.type_name(source_type)
+            layout = getattr(source_info.bundled, "layout", None)  # a causal LM with a KV cache
+            if layout is not None:
+                layout = cache_layout_of(layout, model)
+                manifest["causal_lm"] = layout.to_json()
+            files = backend.emit(model, staging, manifest, source_info.bundled, layout)
         manifest = json.loads((staging / "manifest.json").read_text())
         timings = {"capture_s": round(capture_seconds, 3), "pipeline_s": round(pipeline_seconds, 3)}
         if report is not None:
@@ -145,6 +148,8 @@ def compile_with(options: CompileOptions) -> CompileResult:
         final = artifact.commit(keep=keep_in_artifact)
     except BaseException:
         artifact.abort()
+        if scratch is not None:
+            scratch.close()
         raise
     files = [final / f.relative_to(staging) for f in files]
     log.info("wrote %s (%s)", shown(final), ", ".join(f.name for f in files))

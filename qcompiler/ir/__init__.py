@@ -267,7 +267,9 @@ def is_large(model: ir.Model) -> bool:
 
 def save(model: ir.Model, path: str | os.PathLike, progress=None) -> list[Path]:
     """Write `model` to `path` (weights in `<name>.data` beside it when the file would pass
-    protobuf's limit; weights still mapped from the source are copied in, never referenced),
+    protobuf's limit or some weights are still on disk, a large source's: ONNX Runtime then maps
+    them from the file instead of holding a parsed copy beside the read one; weights still mapped
+    from the source are copied in, never referenced),
     never holding the model's serialization in memory (`qcompiler.ir.proto_stream`).
     `progress(done_bytes, total_bytes)` is called as external data is written. Returns the files
     written."""
@@ -275,7 +277,7 @@ def save(model: ir.Model, path: str | os.PathLike, progress=None) -> list[Path]:
 
     path = Path(path)
     total = initializer_bytes(model)
-    if total < EXTERNAL_DATA_THRESHOLD:
+    if total < EXTERNAL_DATA_THRESHOLD and not on_disk_tensors(model):
         with open(path, "wb") as file:  # one weight's bytes in memory at a time, mapped ones read from their files
             proto_stream.write_model(model, file, progress)
         return [path]

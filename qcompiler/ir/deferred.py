@@ -25,7 +25,8 @@ import onnx_ir as ir
 
 
 class Deferred(ir.LazyTensor):
-    """A float32 weight computed from a tensor still on disk each time it is read."""
+    """A weight computed from bytes still on disk each time it is read: a float32 view of a mapped
+    weight here, a constant a pass wrote to disk in `qcompiler.ir.spill`."""
 
 
 def is_on_disk(tensor: ir.TensorProtocol | None) -> bool:

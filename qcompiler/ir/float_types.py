@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import UserError
-from qcompiler.ir import deferred
+from qcompiler.ir import deferred, spill
 from qcompiler.ir.meta import SOURCE_EDGES_KEY, SOURCE_FLOAT_KEY
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,11 @@ def _store_as(value: ir.Value, dtype: ir.DataType, graph: ir.Graph, taken: set[s
     name = value.name
     graph.initializers.pop(name)
     value.name = _fresh(f"{name}.float32", taken)
-    source = ir.Value(name=name, type=ir.TensorType(dtype), shape=value.shape, const_value=ir.tensor(stored, dtype=dtype, name=name))
+    tensor = spill.kept(stored, name)  # while a large model compiles: on disk until written
+    if tensor is None:
+        tensor = ir.tensor(stored, dtype=dtype, name=name)
+    del stored
+    source = ir.Value(name=name, type=ir.TensorType(dtype), shape=value.shape, const_value=tensor)
     graph.register_initializer(source)
     value.const_value = None
     cast = ir.Node("", "Cast", [source], [ir.AttrInt64("to", ir.DataType.FLOAT.value)], outputs=[value], name=value.name)

@@ -9,7 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler import ir as qir
-from qcompiler.ir import deferred
+from qcompiler.ir import deferred, spill
 from qcompiler.ir.deferred import Deferred
 from qcompiler.ir.meta import CREATED_BY, SCOPE_KEY  # noqa: F401  (CREATED_BY: part of this API)
 
@@ -95,7 +95,8 @@ def _tensor(array: np.ndarray | Deferred, name: str) -> ir.TensorProtocol:
     if isinstance(array, Deferred):
         array.name = name
         return array
-    return ir.tensor(np.require(array, requirements="C"), name=name)  # keeps 0-d arrays 0-d
+    on_disk = spill.kept(array, name)  # while a large model compiles: written to disk, read back when needed
+    return on_disk if on_disk is not None else ir.tensor(np.require(array, requirements="C"), name=name)  # keeps 0-d arrays 0-d
 
 
 def insert_after_value(graph: ir.Graph, value: ir.Value, node: ir.Node) -> None:

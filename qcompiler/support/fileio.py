@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def temp_prefix(name: str, kind: str = "tmp") -> str:
-    """The name prefix of our temporaries for an output called `name` (`kind`: tmp or old)."""
+    """The name prefix of our temporaries for an output called `name` (`kind`: tmp, old, or spill:
+    constants kept on disk while a large model compiles)."""
     return f".{name}.{kind}-{os.getpid()}-"
 
 
@@ -32,7 +33,7 @@ def is_our_temporary(entry: str, name: str | None = None) -> bool:
 
 def _owner_pid(entry: str, name: str | None) -> int | None:
     stem = re.escape(name) if name is not None else r".+"
-    match = re.fullmatch(rf"\.{stem}\.(?:tmp|old)-(\d{{1,10}})-[A-Za-z0-9_]{{1,32}}", entry)
+    match = re.fullmatch(rf"\.{stem}\.(?:tmp|old|spill)-(\d{{1,10}})-[A-Za-z0-9_]{{1,32}}", entry)
     return int(match.group(1)) if match else None
 
 
