@@ -82,22 +82,32 @@ class SmoothPass(Pass):
         model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
         groups = [(x_name, group) for x_name, group in group_by_input(linears(graph)).items()
                   if group[0].x.meta.get(STATS_KEY) is not None and not group[0].x.meta.get(SMOOTHED_KEY)]
-        alphas = self._alphas(groups)
+        weight_absmax: dict[str, np.ndarray] = {}  # filled by the alpha search, which reads every weight anyway
+        alphas = self._alphas(groups, weight_absmax)
         layers_stats = {}
         with progress("smooth: layer groups", len(groups)) as bar:
             for (x_name, group), alpha in zip(groups, alphas):
-                layers_stats[x_name] = _smooth_group(graph, group, group[0].x.meta[STATS_KEY], alpha)
+                absmax = weight_absmax.pop(x_name) if x_name in weight_absmax else _weight_absmax(group)
+                layers_stats[x_name] = _smooth_group(graph, group, group[0].x.meta[STATS_KEY], alpha, absmax)
                 bar.update()
         return PassResult(model, bool(layers_stats), {"groups": len(layers_stats), "layers": layers_stats})
 
-    def _alphas(self, groups: list[tuple[str, list[Linear]]]) -> list[float]:
+    def _alphas(self, groups: list[tuple[str, list[Linear]]], weight_absmax: dict[str, np.ndarray]) -> list[float]:
         """Each group's alpha: the fixed one, or (`auto`) the grid search, one task per group on the
         compile's executor (`qcompiler.support.parallel`; in-process by default). Every search reads the
         weights as they were before the pass (a group's scaling rewrites only its own layers), so the
-        searches are independent and give the same alphas in any process and order."""
+        searches are independent and give the same alphas in any process and order. Building a
+        task reads the group's weights once; their max|W_j| goes into `weight_absmax` by input name,
+        so that scaling them does not read them again."""
         if self.alpha != "auto":
             return [float(self.alpha)] * len(groups)
-        tasks = (alpha_search_task(group, group[0].x.meta[STATS_KEY], self.act_mode) for _, group in groups)  # each built when its turn comes
+
+        def task(x_name: str, group: list[Linear]) -> AlphaSearch:
+            built = alpha_search_task(group, group[0].x.meta[STATS_KEY], self.act_mode)
+            weight_absmax[x_name] = built.weight_absmax
+            return built
+
+        tasks = (task(x_name, group) for x_name, group in groups)  # each built when its turn comes
         with progress(f"smooth: alpha search over {len(groups)} layer groups", None):
             return context.current().executor.map(search_alpha, tasks,
                                                   names=[f"smooth: alpha of the layers reading '{x}'" for x, _ in groups])
@@ -110,8 +120,7 @@ def smoothing_scale(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: fl
     return (a**alpha / w ** (1.0 - alpha)).astype(np.float32)
 
 
-def _smooth_group(graph: ir.Graph, group: list[Linear], stats, alpha: float) -> dict:
-    weight_absmax = _weight_absmax(group)
+def _smooth_group(graph: ir.Graph, group: list[Linear], stats, alpha: float, weight_absmax: np.ndarray) -> dict:
     s = smoothing_scale(stats.absmax, weight_absmax, alpha)
     scale_input_channels(graph, group, stats, s, "smooth")
     return {
