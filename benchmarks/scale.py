@@ -29,6 +29,10 @@ JSON (machine, package versions, commit) to `benchmarks/results/scale.json`.
 `--pipeline P` (repeatable) compiles with other pipelines (`--pipeline calibrate`: calibration
 alone); `--block-sequential` calibrates one block at a time at every size (sizes whose weights pass
 `qcompiler.ir.EXTERNAL_DATA_THRESHOLD` always do); `--no-peers` skips ONNX Runtime's quantizers.
+
+`--fit A.json B.json ...` compiles nothing: it merges earlier runs (say one per size, run in turn),
+prints each job beside the memory target (half the source's bytes + 2 GB), fits the time exponent
+of each job over all the sizes, and writes the merged JSON to `--json`.
 """
 
 from __future__ import annotations
@@ -244,6 +248,37 @@ def fitted_exponent(points: list[tuple[float, float]]) -> float | None:
     return float(np.polyfit(x, y, 1)[0])
 
 
+def memory_target_gb(source_bytes: int) -> float:
+    """The issue's bound on a compile's peak RSS: half the source's bytes plus 2 GB."""
+    return 0.5 * source_bytes / 1e9 + 2.0
+
+
+def fit(files: list[Path], out: Path) -> None:
+    """Merge the results of earlier runs (one size each, or several), print every run with the
+    memory target, fit the time exponent per job over all sizes, and write the merged JSON."""
+    bodies = [json.loads(f.read_text()) for f in files]
+    windows = sorted({b["windows"] for b in bodies})
+    results = sorted((e for b in bodies for e in b["results"]), key=lambda e: e["parameters"])
+    rows, points = [], {}
+    for e in results:
+        target = memory_target_gb(e["source_bytes"])
+        for job, run in e["runs"].items():
+            if "seconds" not in run:
+                rows.append([e["size"], f"{e['parameters'] / 1e9:.3f}", job, "error", "", f"{target:.2f}", "", run.get("error", "")[:60]])
+                continue
+            points.setdefault(job, []).append((e["parameters"], run["seconds"]))
+            rows.append([e["size"], f"{e['parameters'] / 1e9:.3f}", job, f"{run['seconds']:.1f}", f"{run['peak_rss_gb']:.2f}",
+                         f"{target:.2f}", "yes" if run["peak_rss_gb"] <= target else "no", f"{run['output_bytes'] / 1e9:.3f}"])
+    print(common.table(["size", "params (B)", "job", "time s", "peak RSS GB", "target GB", "within", "output GB / error"], rows))
+    exponents = {job: fitted_exponent(p) for job, p in points.items()}
+    for job, exponent in exponents.items():
+        sizes = len(points[job])
+        print(f"time exponent {job}: {'n/a (one size)' if exponent is None else f'{exponent:.2f}'} over {sizes} sizes")
+    body = {"command": common.command_line(), "merged": [str(f) for f in files], "windows": windows,
+            "results": results, "time_exponent": exponents, "memory_target": "0.5 x source bytes + 2 GB"}
+    print(f"wrote {common.write_json(out, body)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="0.135B", help=f"comma-separated, of {', '.join(SHAPES)}")
@@ -255,7 +290,12 @@ def main() -> None:
                         help=f"a pipeline to compile with (repeatable; default: {' and '.join(PIPELINES)})")
     parser.add_argument("--block-sequential", action="store_true", help="calibrate one block at a time at every size (large sizes always do)")
     parser.add_argument("--json", type=Path, default=common.RESULTS / "scale.json")
+    parser.add_argument("--fit", nargs="+", type=Path, metavar="JSON",
+                        help="compile nothing: merge these result files, print them with the memory target, fit the time exponents, write --json")
     args = parser.parse_args()
+    if args.fit:
+        fit(args.fit, args.json)
+        return
     pipelines = tuple(args.pipeline) if args.pipeline else PIPELINES
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SHAPES]
