@@ -6,6 +6,9 @@ Every message is one line that names the problem and, where there is one, the fi
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class QCompilerError(Exception):
     """Base class; `exit_code` is what the CLI returns."""
@@ -31,6 +34,16 @@ class PassFailure(QCompilerError):
             f"(passes run before it: {before}); rerun with --debug for the traceback"
         )
         self.pass_name = pass_name
+
+
+def disk_full(exc: BaseException) -> UserError | None:
+    """The one-line error for an `OSError` of a full disk (or an exhausted quota); None for any
+    other exception. The compiler's outputs are written to temporaries first, so nothing is left."""
+    if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    where = f" holding {shown(os.path.dirname(os.fspath(exc.filename)))}" if exc.filename else ""
+    return UserError(f"the disk{where} is full ({exc.strerror}); free space there or write the output to another disk "
+                     "(temporaries were removed, no output was written)")
 
 
 class QualityGateError(QCompilerError):

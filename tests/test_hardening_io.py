@@ -389,3 +389,32 @@ def test_doctor_apply_refuses_inputs_and_foreign_files_before_any_work(tmp_path,
     assert "the diagnosis ran" in _one_error_line(capsys)
     assert main(["doctor", str(model), "--pipeline", "w8a8", "--apply", str(notes), "--force"]) == 1
     assert "the diagnosis ran" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("where", ["model", "spill"])
+def test_a_full_disk_is_one_line_exit_2_and_leaves_nothing(tiny_onnx, calib_npz, tmp_path, monkeypatch, capsys, where):
+    """The disk fills while the model is written (or, for a large model, while a pass keeps a
+    constant on disk): one line naming the folder, exit 2, no output and no temporaries."""
+    import errno
+
+    from qcompiler.ir import spill
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "model.onnx"))
+
+    if where == "model":
+        monkeypatch.setattr("qcompiler.codegen.ort.save", full)
+    else:  # every new constant goes to the scratch file, whose writes fail
+        import qcompiler.ir as qir
+
+        monkeypatch.setattr(qir, "MAPPED_DATA_THRESHOLD", 0)
+        monkeypatch.setattr(spill, "SPILL_MIN_BYTES", 0)
+        monkeypatch.setattr(qir, "is_large", lambda model: True)
+        monkeypatch.setattr("qcompiler.driver.compiler.is_large", lambda model: True)
+        monkeypatch.setattr(spill.SpillFile, "add", full)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv = ["-q", "compile", str(tiny_onnx), "-o", str(tmp_path / "out"), "--pipeline", "w8a8", "--calib", str(calib_npz), "--calib-count", "16", "--no-drift"]
+    assert main(argv) == 2
+    err = _one_error_line(capsys)
+    assert "disk holding" in err and "is full (No space left on device)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no staging or scratch folder

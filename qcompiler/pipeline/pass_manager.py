@@ -15,7 +15,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from qcompiler.errors import PassFailure, UserError
+from qcompiler.errors import PassFailure, UserError, disk_full
 from qcompiler.ir.meta import require_statistics
 from qcompiler.pipeline.passbase import Pass, model_properties
 from qcompiler.pipeline.spec import check_order, format_pass
@@ -72,6 +72,9 @@ def run_pipeline(model: ir.Model, passes: list[Pass], instruments: list[Instrume
             except UserError:
                 raise
             except Exception as exc:
+                full = disk_full(exc)  # bad input of a kind: the machine's, not the pass's
+                if full is not None:
+                    raise full from exc
                 raise PassFailure(pass_.name, [r.name for r in records], exc) from exc
             record.seconds = round(time.perf_counter() - start, 4)
             record.modified = bool(result.modified)

@@ -18,7 +18,7 @@ import argparse
 import logging
 import sys
 
-from qcompiler.errors import QCompilerError, UserError, first_line, one_line, shown
+from qcompiler.errors import QCompilerError, UserError, disk_full, first_line, one_line, shown
 
 log = logging.getLogger("qcompiler")
 
@@ -183,11 +183,24 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
-    except Exception as exc:  # an internal error: one line, exit 1, traceback with --debug
+    except OSError as exc:
+        full = disk_full(exc)
+        if full is None:
+            return _internal_error(exc, debug)
         if debug:
-            log.exception("internal error")
-        _error(f"internal error: {type(exc).__name__}: {first_line(str(exc))}; rerun with --debug for the traceback")
-        return 1
+            log.exception("disk full")
+        _error(str(full))
+        return full.exit_code
+    except Exception as exc:
+        return _internal_error(exc, debug)
+
+
+def _internal_error(exc: BaseException, debug: bool) -> int:
+    """An internal error: one line, exit 1, the traceback with --debug."""
+    if debug:
+        log.exception("internal error")
+    _error(f"internal error: {type(exc).__name__}: {first_line(str(exc))}; rerun with --debug for the traceback")
+    return 1
 
 
 def _error(message: str) -> None:
