@@ -365,3 +365,15 @@ def test_dropping_values_removes_only_spilled_files(tmp_path):
     store.drop(["input", "h"])
     assert mine.is_file() and not spilled.exists()
     store.close()
+
+
+def test_a_block_too_large_for_the_memory_left_is_named(monkeypatch):
+    from qcompiler.errors import UserError
+    from qcompiler.support import memory
+
+    model = transformer(layers=2)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
+    with pytest.raises(UserError, match=r"block \d+ of \d+ \(from node '.+'\) needs 0\.\d\d GB for its weights and 0\.00 GB"):
+        collect(model, transformer_batches(), quantizable_inputs(model), threads=1, sequential=True)
+    monkeypatch.setattr(memory, "available_bytes", lambda: None)  # unknown: no check
+    collect(model, transformer_batches(), quantizable_inputs(model), threads=1, sequential=True)

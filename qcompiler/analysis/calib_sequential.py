@@ -44,7 +44,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis.blocks import find_blocks
-from qcompiler.errors import UserError, first_line
+from qcompiler.errors import UserError, first_line, shown
+from qcompiler.support import memory
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,19 @@ class CrossingStore:
             self.folder = None
 
 
+def check_fits(segment: Segment, count: int) -> None:
+    """Refuse, naming the block, a block whose weights (float32, as its session holds them) need
+    more memory than the machine has available now: it would swap or be killed."""
+    need = sum(v.const_value.nbytes for v in segment.initializers if v.const_value is not None)
+    free = memory.available_bytes()
+    if free is not None and need > free:
+        first = segment.nodes[0].name or segment.nodes[0].op_type if segment.nodes else "?"
+        raise UserError(
+            f"block {segment.index} of {count} (from node '{shown(first)}') needs {need / 1e9:.2f} GB for its weights "
+            f"and {free / 1e9:.2f} GB of memory are available; free memory or compile on a machine with more"
+        )
+
+
 def collect_sequential(
     model: ir.Model,
     segments: list[Segment],
@@ -278,6 +292,7 @@ def collect_sequential(
         with progress_bar("calibrate blocks", len(runnable)) as bar:
             for done, segment in enumerate(runnable):
                 start = time.perf_counter()
+                check_fits(segment, len(segments))
                 session = ort_session(segment_model(model, segment, store.values[0] if feeds else {}), threads)
                 fetched = segment.fetched
                 kept = {v.name for v in segment.outputs}
