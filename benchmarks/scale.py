@@ -32,7 +32,8 @@ alone); `--block-sequential` calibrates one block at a time at every size (sizes
 
 `--fit A.json B.json ...` compiles nothing: it merges earlier runs (say one per size, run in turn),
 prints each job beside the memory target (half the source's bytes + 2 GB), fits the time exponent
-of each job over all the sizes, and writes the merged JSON to `--json`.
+of each job over all the sizes, and writes the merged JSON to `--json` and a plot of time and
+peak RSS against size beside it (`.png`, where matplotlib is installed: the `peers` extra).
 """
 
 from __future__ import annotations
@@ -277,6 +278,45 @@ def fit(files: list[Path], out: Path) -> None:
     body = {"command": common.command_line(), "merged": [str(f) for f in files], "windows": windows,
             "results": results, "time_exponent": exponents, "memory_target": "0.5 x source bytes + 2 GB"}
     print(f"wrote {common.write_json(out, body)}")
+    picture = plot(results, out.with_suffix(".png"))
+    print(f"wrote {picture}" if picture else "no plot: matplotlib is not installed (pip install matplotlib)")
+
+
+def plot(results: list[dict], path: Path) -> Path | None:
+    """Compile time and peak RSS against parameters, one line per job, the memory target dashed (PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return None
+    figure, (times, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
+    jobs = list(dict.fromkeys(job for e in results for job in e["runs"]))
+    for job in jobs:
+        points = [(e["parameters"] / 1e9, e["runs"][job]) for e in results if "seconds" in e["runs"].get(job, {})]
+        if not points:
+            continue
+        times.plot([p for p, _ in points], [r["seconds"] for _, r in points], marker="o", label=job)
+        memory.plot([p for p, _ in points], [r["peak_rss_gb"] for _, r in points], marker="o", label=job)
+    sizes = [e["parameters"] / 1e9 for e in results]
+    memory.plot(sizes, [memory_target_gb(e["source_bytes"]) for e in results], "k--", label="target: 0.5 x source + 2 GB")
+    for axes, label in ((times, "compile time, s"), (memory, "peak RSS, GB")):
+        axes.set_xscale("log")
+        axes.set_yscale("log")
+        axes.set_xticks(sorted(set(sizes)), [f"{size:.2g}" for size in sorted(set(sizes))], minor=False)
+        axes.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        axes.set_xlabel("parameters, billions")
+        axes.set_ylabel(label)
+        axes.grid(True, which="both", alpha=0.3)
+    memory.legend(fontsize=7)
+    times.set_title("time against size")
+    memory.set_title("memory against size")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(figure)
+    return path
 
 
 def main() -> None:

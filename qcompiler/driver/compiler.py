@@ -20,6 +20,7 @@ from qcompiler.driver.outputs import check_outputs, nested_entry, protected_sour
 from qcompiler.driver.session import Session, complete_pipeline
 from qcompiler.errors import shown
 from qcompiler.ir import float_types, spill
+import qcompiler.ir as qir
 from qcompiler.ir import is_large, weight_count
 from qcompiler.passes.lower_ort import LowerOrtPass
 from qcompiler.pipeline import instruments
@@ -64,8 +65,8 @@ def compile(source: Any, output: str | os.PathLike, **options: Any) -> CompileRe
     `drift` measures each pass's output drift on the probe batch (`qcompiler.analysis.probe.choose`: given
     `probe_inputs`, else the first samples of `eval_data` (a data file or an iterable of input
     dicts), a bundled model's data, a held-apart slice of the calibration data, example inputs,
-    and only then a synthetic input, which the report names as such); not for a model whose weights
-    stay on disk (`qcompiler.ir.is_large`: it would hold every weight in memory). `cache_dir`: reuse calibration
+    and only then a synthetic input, which the report names as such); not for a model whose float32
+    weights pass `qcompiler.ir.EXTERNAL_DATA_THRESHOLD` (it would hold every weight in memory). `cache_dir`: reuse calibration
     statistics computed for the same model, data and options (`qcompiler.analysis.calib_cache`).
     `require_data_probe`: refuse (UserError, before any pass runs) when only a synthetic probe is
     possible (what the `output-cosine` gate needs).
@@ -108,8 +109,9 @@ def compile_with(options: CompileOptions) -> CompileResult:
         source_weights = weight_count(model)
         session.to_float32()
         scratch = spill.SpillFile(staging.parent, temp_prefix(Path(output).name, "spill")) if is_large(model) else None
-        if drift and report is None and is_large(model):
-            log.info("output drift not measured: this model's weights stay on disk, and drift runs the whole model in memory")
+        if drift and report is None and qir.initializer_bytes(model) >= qir.EXTERNAL_DATA_THRESHOLD:
+            log.info("output drift not measured: this model's weights pass %.1f GB in float32, and drift runs the whole model in memory",
+                     qir.EXTERNAL_DATA_THRESHOLD / 1e9)
             drift = False
         measured_on = session.load_data()
         if not measured_on.is_data and (drift or report is not None):

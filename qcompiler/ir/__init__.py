@@ -49,8 +49,10 @@ TEXT_HEADER = "# qcompiler-ir 1"
 # Files above this size keep their weights in a side file (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # Sources whose external data passes this size keep it on disk, memory-mapped (onnx_ir's external
-# tensors); a pass that rewrites a weight holds only its new value in memory.
-MAPPED_DATA_THRESHOLD = EXTERNAL_DATA_THRESHOLD
+# tensors); a pass that rewrites a weight holds only its new value in memory. Read in, a float16
+# source of S bytes is held as 2 S in float32, and a whole-model session holds it again: past about
+# a quarter of a gigabyte that passes the memory a compile should take (half the source plus 2 GB).
+MAPPED_DATA_THRESHOLD = 256 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,7 +90,7 @@ def load(path: str | os.PathLike, convert: bool = True) -> ir.Model:
         # that rewrites a weight holds only its new value in memory, and `save` reads mapped weights
         # into the artifact, which never points back into the source model's folder.
         ir.external_data.set_base_dir(model.graph, str(path.parent.resolve()))
-        log.info("%s: external data over %.1f GB stays on disk, memory-mapped", shown(path.name), MAPPED_DATA_THRESHOLD / 1e9)
+        log.info("%s: external data over %d MiB stays on disk, memory-mapped", shown(path.name), MAPPED_DATA_THRESHOLD >> 20)
     check_domains(model)
     lift_constant_weights(model)
     name_free_dims(model)
