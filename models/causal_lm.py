@@ -150,8 +150,9 @@ class CachedCausalLM(nn.Module):
         past_key_values: list[torch.Tensor],
     ) -> tuple[torch.Tensor, ...]:
         decoder = self.model
-        cos, sin = decoder.rotary.at(position_ids)
-        mask = cached_causal_mask(attention_mask, input_ids.shape[1], past_key_values[0].shape[2])
+        dtype = decoder.embed_tokens.weight.dtype  # tables and mask in the weights' float type (a no-op in float32)
+        cos, sin = (table.to(dtype) for table in decoder.rotary.at(position_ids))
+        mask = cached_causal_mask(attention_mask, input_ids.shape[1], past_key_values[0].shape[2]).to(dtype)
         x = decoder.embed_tokens(input_ids)
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(decoder.layers):

@@ -252,8 +252,9 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         seq_len = input_ids.shape[1]
-        cos, sin = self.rotary(seq_len)
-        mask = causal_mask(seq_len, self.embed_tokens.weight.device)
+        dtype = self.embed_tokens.weight.dtype  # tables and mask in the weights' float type (a no-op in float32)
+        cos, sin = (table.to(dtype) for table in self.rotary(seq_len))
+        mask = causal_mask(seq_len, self.embed_tokens.weight.device).to(dtype)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
