@@ -37,9 +37,13 @@ class PassFailure(QCompilerError):
 
 
 def disk_full(exc: BaseException) -> UserError | None:
-    """The one-line error for an `OSError` of a full disk (or an exhausted quota); None for any
-    other exception. The compiler's outputs are written to temporaries first, so nothing is left."""
-    if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+    """The one-line error for an `OSError` of a full disk (or an exhausted quota), raised or behind
+    the raised error; None for any other exception. The compiler's outputs are written to temporaries first, so nothing is left."""
+    seen = set()
+    while exc is not None and id(exc) not in seen and not (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__  # a full disk inside another error (an emitted model's check, a worker)
+    if exc is None or id(exc) in seen:
         return None
     where = f" holding {shown(os.path.dirname(os.fspath(exc.filename)))}" if exc.filename else ""
     return UserError(f"the disk{where} is full ({exc.strerror}); free space there or write the output to another disk "

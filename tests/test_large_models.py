@@ -118,6 +118,30 @@ def test_new_constants_wait_on_disk_beside_the_output_and_go_with_the_model(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
+def test_an_output_inside_the_dump_folder_keeps_its_scratch_folder(tmp_path, monkeypatch):
+    source = _with_external_data(tmp_path)
+    _on_disk(monkeypatch)
+    result = compile(str(source), tmp_path / "d" / "out", pipeline="w8a8", calibration=_batches(), dump_ir=tmp_path / "d")
+    assert result.manifest["files"] == ["model.onnx", "model.onnx.data"]
+    assert any((tmp_path / "d").glob("*.onnxtxt"))  # the dumps, beside the output
+
+
+def test_a_full_disk_behind_another_error_is_still_named():
+    import errno
+
+    from qcompiler.errors import disk_full
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/data/out/model.onnx.data")
+        except OSError as inner:
+            raise RuntimeError("emitted model does not load") from inner
+    except RuntimeError as outer:
+        found = disk_full(outer)
+    assert found is not None and found.exit_code == 2 and "holding /data/out is full" in str(found)
+    assert disk_full(RuntimeError("other")) is None and disk_full(OSError(errno.EACCES, "denied")) is None
+
+
 def test_large_output_keeps_weights_in_one_file_beside_the_model(tmp_path, monkeypatch):
     source = _with_external_data(tmp_path)
     monkeypatch.setattr(qir, "MAPPED_DATA_THRESHOLD", 0)

@@ -22,6 +22,16 @@ def test_spilled_constants_read_back_as_written_and_keep_nothing(tmp_path):
     assert a.tobytes() == codes.tobytes()
 
 
+def test_bfloat16_constants_spill_and_serialize_as_in_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(spill, "SPILL_MIN_BYTES", 0)
+    weights = np.linspace(-3, 3, 24, dtype=np.float32).astype(ir.DataType.BFLOAT16.numpy()).reshape(4, 6)
+    with spill.spilling(spill.SpillFile(tmp_path)):
+        tensor = spill.kept(weights, "w")
+    assert isinstance(tensor, spill.Spilled) and tensor.dtype == ir.DataType.BFLOAT16
+    in_memory = ir.serde.serialize_tensor(ir.tensor(weights, name="w")).SerializeToString()
+    assert ir.serde.serialize_tensor(tensor).SerializeToString() == in_memory
+
+
 def test_the_folder_goes_with_the_last_tensor_that_reads_it(tmp_path):
     scratch = spill.SpillFile(tmp_path, prefix=".out.spill-1-")
     folder = scratch.folder

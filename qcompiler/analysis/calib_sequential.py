@@ -251,7 +251,7 @@ def check_fits(segment: Segment, count: int) -> None:
     if free is not None and need > free:
         first = segment.nodes[0].name or segment.nodes[0].op_type if segment.nodes else "?"
         raise UserError(
-            f"block {segment.index} of {count} (from node '{shown(first)}') needs {need / 1e9:.2f} GB for its weights "
+            f"block {segment.index + 1} of {count} (from node '{shown(first)}') needs {need / 1e9:.2f} GB for its weights "
             f"and {free / 1e9:.2f} GB of memory are available; free memory or compile on a machine with more"
         )
 
@@ -303,7 +303,7 @@ def collect_sequential(
                         outputs = session.run(fetched, inputs)
                     except Exception as exc:
                         raise UserError(
-                            f"ONNX Runtime could not run block {segment.index} of the float model on calibration batch {index} "
+                            f"ONNX Runtime could not run block {segment.index + 1} of the float model on calibration batch {index} "
                             f"({first_line(str(exc))}); check the calibration inputs' shapes"
                         ) from None
                     for i, name in enumerate(fetched):

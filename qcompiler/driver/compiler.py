@@ -109,6 +109,8 @@ def compile_with(options: CompileOptions) -> CompileResult:
         source_weights = weight_count(model)
         session.to_float32()
         scratch = spill.SpillFile(staging.parent, temp_prefix(Path(output).name, "spill")) if is_large(model) else None
+        if scratch is not None and dump_ir is not None:  # an output inside the dump folder: its scratch folder is kept too
+            keep_in_dump += tuple(filter(None, [nested_entry(dump_ir, scratch.folder)]))
         if drift and report is None and qir.initializer_bytes(model) >= qir.EXTERNAL_DATA_THRESHOLD:
             log.info("output drift not measured: this model's weights pass %.1f GB in float32, and drift runs the whole model in memory",
                      qir.EXTERNAL_DATA_THRESHOLD / 1e9)

@@ -48,8 +48,11 @@ class SpillFile:
         """Write `array` at the end of the file; a tensor that reads it back."""
         array = np.ascontiguousarray(array)
         offset = self._file.tell()
-        self._file.write(memoryview(array).cast("B"))
-        self._file.flush()
+        try:
+            self._file.write(array.tobytes() if array.dtype.kind == "V" else memoryview(array).cast("B"))
+            self._file.flush()
+        except OSError as exc:  # a full disk: name the file (a failed write names none)
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
         return Spilled(self, offset, array.dtype, array.shape, name)
 
     def read(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -92,6 +95,15 @@ def spilling(spill: SpillFile | None) -> Iterator[None]:
 def kept(array: np.ndarray, name: str) -> ir.TensorProtocol | None:
     """`array` as a `Spilled` tensor when spilling is active and it is large enough; else None."""
     spill = _active.get()
-    if spill is None or not isinstance(array, np.ndarray) or array.nbytes < SPILL_MIN_BYTES or array.dtype.kind not in "biuf" or array.ndim == 0:
+    if spill is None or not isinstance(array, np.ndarray) or array.nbytes < SPILL_MIN_BYTES or array.ndim == 0:
+        return None
+    if array.dtype.kind not in "biuf" and not _is_bfloat16(array.dtype):
         return None
     return spill.add(array, name)
+
+
+def _is_bfloat16(dtype: np.dtype) -> bool:
+    try:
+        return ir.DataType.from_numpy(dtype) == ir.DataType.BFLOAT16
+    except TypeError:
+        return False

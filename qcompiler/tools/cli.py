@@ -183,7 +183,7 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
-    except OSError as exc:
+    except Exception as exc:
         full = disk_full(exc)
         if full is None:
             return _internal_error(exc, debug)
@@ -191,8 +191,6 @@ def _main(argv: list[str] | None) -> int:
             log.exception("disk full")
         _error(str(full))
         return full.exit_code
-    except Exception as exc:
-        return _internal_error(exc, debug)
 
 
 def _internal_error(exc: BaseException, debug: bool) -> int:
