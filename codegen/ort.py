@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from qcompiler.analysis import execute
 from qcompiler.errors import UserError, first_line
-from qcompiler.ir import initializer_bytes, qc_nodes, save, weight_values
+from qcompiler.ir import initializer_bytes, on_disk_tensors, qc_nodes, save, weight_values
 from qcompiler.ir.meta import ROUTE_KEY
 from qcompiler.support.progress import progress
 
@@ -45,7 +45,13 @@ def emit(model: ir.Model, directory: Path, manifest: dict[str, Any], extra_files
     with progress("write model.onnx (MB of weights)", megabytes) as bar:
         files = save(model, directory / "model.onnx", progress=lambda done, _total: bar.update(done >> 20))
     routes = {n.name: n.metadata_props[ROUTE_KEY] for n in model.graph if ROUTE_KEY in n.metadata_props}
-    resident = _check(directory / "model.onnx", keep_optimized=bool(routes))
+    if on_disk_tensors(model):  # a large model: ONNX Runtime maps its weights; folding would hold copies of them
+        log.info("emitted model checked without ONNX Runtime's graph optimizations (weights on disk: constant folding "
+                 "would hold copies of them); the manifest leaves out the mixed layers' resident bytes")
+        _check(directory / "model.onnx", optimize=False)
+        resident = None
+    else:
+        resident = _check(directory / "model.onnx", keep_optimized=bool(routes))
     manifest = {
         "schema": MANIFEST_SCHEMA,
         "target": "ort",
@@ -65,13 +71,15 @@ def emit(model: ir.Model, directory: Path, manifest: dict[str, Any], extra_files
     return files + [path]
 
 
-def _check(path: Path, keep_optimized: bool = False) -> dict[str, int]:
-    """Check the model and create an ONNX Runtime session from it; with `keep_optimized`, return
-    the bytes of each initializer of the graph that session runs (after constant folding)."""
+def _check(path: Path, keep_optimized: bool = False, optimize: bool = True) -> dict[str, int]:
+    """Check the model and create an ONNX Runtime session from it (`optimize=False`: without graph
+    optimizations, so that nothing is folded: every node still gets its kernel); with
+    `keep_optimized`, return the bytes of each initializer of the graph that session runs (after
+    constant folding)."""
     try:
         onnx.checker.check_model(str(path))
         if not keep_optimized:
-            execute.ort_session(str(path), prepack=False)  # loads: the repacked weights would be a second copy
+            execute.ort_session(str(path), prepack=False, optimize=optimize)  # the repacked weights would be a second copy
             return {}
         with tempfile.TemporaryDirectory(prefix="qc_optimized_") as tmp:
             optimized = Path(tmp) / "optimized.onnx"
@@ -93,19 +101,18 @@ def initializer_bytes_in_file(path: Path) -> dict[str, int]:
     return sizes
 
 
-def mixed_layers(model: ir.Model, routes: dict[str, str], resident: dict[str, int]) -> dict[str, dict]:
-    """Per lowered mixed-precision layer: the route, the bytes at rest and the bytes resident. A
-    layer's initializers are named `<layer>.*` by `lower-ort` (ONNX Runtime keeps that name for what it
-    folds, or prefixes it, e.g. `FusedBack_<layer>.*` for an fp16 tensor it converts)."""
+def mixed_layers(model: ir.Model, routes: dict[str, str], resident: dict[str, int] | None) -> dict[str, dict]:
+    """Per lowered mixed-precision layer: the route, the bytes at rest and the bytes resident (left
+    out where `resident` is None: not measured). A layer's initializers are named `<layer>.*` by
+    `lower-ort` (ONNX Runtime keeps that name for what it folds, or prefixes it, e.g.
+    `FusedBack_<layer>.*` for an fp16 tensor it converts)."""
     at_rest = {v.name: v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None}
     out = {}
     for layer, route in sorted(routes.items()):
         prefix = f"{layer}."
-        out[layer] = {
-            "route": route,
-            "bytes_at_rest": sum(b for name, b in at_rest.items() if name.startswith(prefix)),
-            "bytes_resident": sum(b for name, b in resident.items() if name.startswith(prefix) or name.startswith(f"FusedBack_{prefix}")),
-        }
+        out[layer] = {"route": route, "bytes_at_rest": sum(b for name, b in at_rest.items() if name.startswith(prefix))}
+        if resident is not None:
+            out[layer]["bytes_resident"] = sum(b for name, b in resident.items() if name.startswith(prefix) or name.startswith(f"FusedBack_{prefix}"))
     return out
 
 

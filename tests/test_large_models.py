@@ -118,6 +118,22 @@ def test_new_constants_wait_on_disk_beside_the_output_and_go_with_the_model(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
+def test_a_large_mixed_model_is_checked_without_folding_its_weights(tmp_path, monkeypatch):
+    """ONNX Runtime's constant folding would hold a copy of every padded 4-bit weight: a model whose
+    weights are on disk is checked without graph optimizations, and its resident bytes are not claimed."""
+    source = _with_external_data(tmp_path)
+    in_memory = compile(str(source), tmp_path / "a", pipeline="mixed{avg-bits=4.25}", calibration=_batches())
+    _on_disk(monkeypatch)
+    on_disk = compile(str(source), tmp_path / "b", pipeline="mixed{avg-bits=4.25}", calibration=_batches())
+    assert all("bytes_resident" in layer for layer in in_memory.manifest["mixed_layers"].values())
+    layers = on_disk.manifest["mixed_layers"]
+    assert layers and all("bytes_resident" not in layer and layer["bytes_at_rest"] > 0 for layer in layers.values())
+    session = ort.InferenceSession(str(tmp_path / "b" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = inputs(2, seed=5)
+    reference = ort.InferenceSession(str(tmp_path / "a" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], reference)
+
+
 def test_an_output_inside_the_dump_folder_keeps_its_scratch_folder(tmp_path, monkeypatch):
     source = _with_external_data(tmp_path)
     _on_disk(monkeypatch)

@@ -30,13 +30,14 @@ log = logging.getLogger(__name__)
 
 
 def ort_session(model: ir.Model | onnx.ModelProto | bytes | str, threads: int | None = None, optimized_path=None,
-                prepack: bool = True):
+                prepack: bool = True, optimize: bool = True):
     """An ONNX Runtime CPU session; `threads` fixes intra-op threads (None: ORT's default);
     `optimized_path`: where ONNX Runtime writes the graph it runs (initializers of 1 KiB or more
     in `<name>.data` beside it). A large IR model (`qcompiler.ir.is_large`) is written to a
     temporary folder with external data and loaded from there, never serialized to bytes.
     `prepack=False` (and every large model's session) skips ONNX Runtime's repacked copy of the
-    MatMul weights: for a session that runs little or is only checked, it is memory spent for nothing."""
+    MatMul weights: for a session that runs little or is only checked, it is memory spent for nothing.
+    `optimize=False` turns ONNX Runtime's graph optimizations off (no constant folding)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -47,6 +48,8 @@ def ort_session(model: ir.Model | onnx.ModelProto | bytes | str, threads: int | 
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
