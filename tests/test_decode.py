@@ -377,3 +377,15 @@ def test_generate_refuses_a_manifest_that_misnames_the_cache(int8_lm, tmp_path, 
     assert main(["generate", str(copy), "--prompt", PROMPT]) == 2
     err = capsys.readouterr().err.strip()
     assert "manifest says float32" in err and len(err.splitlines()) == 1
+
+
+def test_float16_model_decodes_with_a_float16_cache(factory, float_lm, tmp_path):
+    out = qcompile(factory, tmp_path / "f16", dtype="float16", drift=False).output
+    layout = read_layout(out)
+    session = CachedSession(out / "model.onnx", layout, 1)
+    assert session.cache_dtype == np.float16  # half the cache's memory
+    ids = np.random.default_rng(6).integers(3, VOCAB, 12)
+    half = cached_logits(session, ids, prefill=6)
+    reference = cached_logits(CachedSession(float_lm / "model.onnx", layout, 1), ids, prefill=6)
+    assert np.abs(half.astype(np.float32) - reference).max() < 0.05
+    assert len(generate(out, PROMPT, max_new_tokens=4, threads=1)["tokens"]) >= 1

@@ -5,6 +5,7 @@ float type, and the outputs stay those of the float32 model."""
 import pytest
 import torch
 
+from qcompiler.driver.capture import in_torch_dtype
 from qcompiler.models.causal_lm import CachedCausalLM
 from qcompiler.models.smollm2 import CausalLM, LlamaConfig
 
@@ -14,6 +15,10 @@ def _lm() -> CausalLM:
     cfg = LlamaConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
                       rope_theta=10000.0, eps=1e-5)
     return CausalLM(cfg).eval()
+
+
+def dt_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _step_inputs(dtype):
@@ -31,8 +36,10 @@ def test_decoder_and_cache_step_run_in_the_weights_float_type(dtype):
         reference, logits = lm(ids), low(ids)
     assert logits.dtype == dtype
     assert torch.allclose(logits.float(), reference, atol=0.05 if dtype == torch.float16 else 0.3)
-    step = CachedCausalLM(low)
-    exported = torch.export.export(step, _step_inputs(dtype))  # the capture --dtype runs
+    # as --dtype converts it: the module and its float32 example inputs, the past tensors in a nested list
+    step, example = in_torch_dtype(CachedCausalLM(lm), list(_step_inputs(torch.float32)), dt_name(dtype), copy=True)
+    assert all(t.dtype == dtype for t in example[3])
+    exported = torch.export.export(step, tuple(example))
     outputs = exported.module()(*_step_inputs(dtype))
     with torch.no_grad():
         want = CachedCausalLM(lm)(*_step_inputs(torch.float32))

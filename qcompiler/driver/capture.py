@@ -104,8 +104,16 @@ def in_torch_dtype(module, example_inputs, dtype: str, copy: bool = False):
         raise UserError(f"unknown capture dtype '{dtype}'; choose one of: {', '.join(TORCH_DTYPES)}")
     target = getattr(torch, dtype)
 
-    def convert(x):
-        return x.to(target) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+    def convert(x):  # nested lists, tuples and dicts too (a KV cache's past tensors)
+        if isinstance(x, torch.Tensor):
+            return x.to(target) if x.is_floating_point() else x
+        if isinstance(x, list):
+            return [convert(v) for v in x]
+        if isinstance(x, tuple):
+            return tuple(convert(v) for v in x)
+        if isinstance(x, Mapping):
+            return {k: convert(v) for k, v in x.items()}
+        return x
 
     if copy:
         import copy as _copy
@@ -182,10 +190,12 @@ def capture_bundled(bundled, dtype: str | None = None) -> ir.Model:
     cache layout) captured from torch, in `dtype` when given."""
     module = bundled.build()
     example = bundled.example_inputs()
+    if dtype is not None:  # a copy: the bundled model's own float module also prepares its calibration data
+        module, example = in_torch_dtype(module, example, dtype, copy=True)
     layout = getattr(bundled, "layout", None)  # a causal LM with a KV cache names its inputs too
     input_names = layout.input_names if layout is not None else None
     output_names = layout.output_names if layout is not None else bundled.output_names
-    model = capture(module, example, bundled.dynamic_shapes(), input_names=input_names, output_names=output_names, dtype=dtype)
+    model = capture(module, example, bundled.dynamic_shapes(), input_names=input_names, output_names=output_names)
     model.graph.name = bundled.name
     return model
 

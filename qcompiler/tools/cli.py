@@ -314,11 +314,9 @@ def _summary(result) -> None:
         log.info("drift measured on: %s%s", result.probe.source, f" ({result.probe.note})" if result.probe.note else "")
     for record in result.records:
         drift = record.drift or {}
-        log.info(
-            "  %-14s %6.2f s  %-9s  drift max|d|=%.3g cos=%.6f",
-            record.name, record.seconds, "modified" if record.modified else "unchanged",
-            drift.get("max_abs", float("nan")), drift.get("cosine", float("nan")),
-        )
+        measured = f"drift max|d|={drift['max_abs']:.3g} cos={drift['cosine']:.6f}" if "max_abs" in drift and "cosine" in drift else ""
+        line = f"  {record.name:<14} {record.seconds:6.2f} s  {'modified' if record.modified else 'unchanged':<9}  {measured}"
+        log.info("%s", line.rstrip())  # no drift columns when it was not measured (--no-drift, weights too large)
     bits = manifest.get("effective_bits_per_weight")
     log.info(
         "artifact: %s  (%s, %d weights, %.2f effective bits per weight)",

@@ -43,16 +43,20 @@ class CachedSession:
         if missing:
             raise UserError(f"'{model_path}' lacks the outputs {missing[:2]} of a decoder with a KV cache; compile the model again")
         cache_types = {i.type for i in self.session.get_inputs() if i.name in layout.input_names[3:] and not i.name.endswith("_scale")}
-        expected = "tensor(int8)" if layout.kv_cache == "int8" else "tensor(float)"
-        if cache_types - {expected}:
-            raise UserError(f"'{model_path}' takes a {sorted(cache_types)[0]} cache where its manifest says {layout.kv_cache}; compile the model again")
+        # a float cache is in the model's float type: float32, or float16 for a float16 model
+        expected = {"tensor(int8)": np.int8} if layout.kv_cache == "int8" else {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+        if len(cache_types) != 1 or not cache_types <= set(expected):
+            raise UserError(f"'{model_path}' takes a {sorted(cache_types)[0] if cache_types else 'missing'} cache where its manifest "
+                            f"says {layout.kv_cache}; compile the model again")
+        self.cache_dtype = expected[next(iter(cache_types))]
         self.reset()
 
     def reset(self) -> None:
         """Forget the sequence: an empty past."""
         from onnxruntime import OrtValue
 
-        self.past = {name: OrtValue.ortvalue_from_numpy(array) for name, array in self.layout.empty_past(1).items()}
+        self.past = {name: OrtValue.ortvalue_from_numpy(array if name.endswith("_scale") else array.astype(self.cache_dtype))
+                     for name, array in self.layout.empty_past(1).items()}  # an int8 cache's scales stay float32
         self.length = 0
 
     def step(self, ids: np.ndarray) -> np.ndarray:
