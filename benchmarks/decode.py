@@ -1,13 +1,16 @@
 """SmolLM2-135M with its KV cache: prefill and decode tokens/s and held-out perplexity per pipeline.
 
-    python benchmarks/decode.py                                   # 4 pipelines, 5 rounds, 128 + 128 tokens, 8 windows
+    python benchmarks/decode.py                                   # 5 pipelines, 5 rounds, 128 + 128 tokens, 8 windows
     python benchmarks/decode.py --rounds 2 --prompt-tokens 32 --new-tokens 32 --windows 2   # a short run
     python benchmarks/decode.py --build build/decode --reuse ...  # time and score artifacts compiled by an earlier run
     python benchmarks/decode.py --pipelines "float32,float32 int8-kv,w8a8 per-token,w8a8 per-token int8-kv"   # the int8 KV cache
     .venv-peers/bin/python benchmarks/decode.py --peers genai,llamacpp ...   # with ONNX Runtime GenAI and llama.cpp beside them
 
 Each pipeline compiles `smollm2-135m-kv` (captured once, reused) into an ONNX Runtime artifact:
-`float32` (the `default` pipeline), `w8a8{act-mode=per-token}`, `mixed{avg-bits=4.25}` and
+`float32` (the `default` pipeline), `w8a8{act-mode=per-token}`, `mixed{avg-bits=4.25}`,
+`mixed 4.25 digits` (`mixed{avg-bits=4.25 route=digits}`: the same allocation, one MatMulNBits a
+layer with the wider classes as digits of the narrowest, the fp16 class cast at load; `mixed 4.25
+auto` on request: one kernel only where the kernel-cost table predicts it faster at M=1) and
 `uniform 4-bit` (`allocate-bits{avg-bits=8 candidates=4 outliers-act=0 outliers-weight=0},
 quantize-weights{grid=minmax}`: every linear layer in asymmetric 4-bit min-max groups of 128 input
 channels with an fp16 scale and an integer zero point, lowered to one plain `MatMulNBits` per
@@ -70,6 +73,10 @@ PIPELINES = {
     "w8a8 per-token": "w8a8{act-mode=per-token}",
     "mixed 4.25": "mixed{avg-bits=4.25}",
     "mixed 4.25 int4-embedding": "mixed{avg-bits=4.25 embedding=int4}",
+    # the same allocation, one MatMulNBits a layer (wider classes as 2-bit digits), fp16 class cast at load
+    "mixed 4.25 digits": "mixed{avg-bits=4.25 route=digits}",
+    # the same, one kernel only in the layers where the kernel-cost table predicts it faster at M=1
+    "mixed 4.25 auto": "mixed{avg-bits=4.25 route=auto}",
     # every linear layer at 4 bits: asymmetric min-max groups of 128 input channels, an fp16 scale and an
     # integer zero point per group, no fp16 channels or outliers: one plain MatMulNBits per layer
     "uniform 4-bit": "canonicalize,calibrate,allocate-bits{avg-bits=8 candidates=4 outliers-act=0 outliers-weight=0},"
@@ -77,7 +84,7 @@ PIPELINES = {
     "float32 int8-kv": "default{kv-cache=int8}",
     "w8a8 per-token int8-kv": "w8a8{act-mode=per-token kv-cache=int8}",
 }
-DEFAULT_PIPELINES = ("float32", "w8a8 per-token", "mixed 4.25", "uniform 4-bit")
+DEFAULT_PIPELINES = ("float32", "w8a8 per-token", "mixed 4.25", "mixed 4.25 digits", "uniform 4-bit")
 
 
 def parse_args() -> argparse.Namespace:

@@ -28,6 +28,9 @@ Variants:
 - `ours mixed 3.25 single`, `ours mixed 4.25 single`: the presets' passes with
   `lower-ort{mixed-route=single}` (one MatMulNBits a layer, every class in the widest class's
   containers: 8 bits here).
+- `ours mixed 4.25 digits`: `mixed{avg-bits=4.25 route=digits}` (one MatMulNBits a layer at the
+  narrowest class's width, the wider classes as its digits: 2-bit here, a 4-bit code as 2 rows,
+  an 8-bit one as 4; the fp16 class cast at load).
 - `ours mixed 3.25 Gather+Add`, `ours mixed 4.25 Gather+Add`: the presets' artifacts as `lower-ort`
   wrote them before (`as_gathers_and_adds`: each class's input columns read by a Gather along the
   last axis instead of GatherElements, the partial products added by a chain of Adds instead of one
@@ -205,6 +208,7 @@ def compile_variants(work: Path, k: int, n: int, only: str | None = None) -> dic
         "ours mixed{avg-bits=4.25}": "mixed{avg-bits=4.25}",
         "ours mixed 3.25 single": preset_with_route("3.25", "single"),
         "ours mixed 4.25 single": preset_with_route("4.25", "single"),
+        "ours mixed 4.25 digits": "mixed{avg-bits=4.25 route=digits}",
         "ours mixed 3.25 cost=latency": preset_with_cost("3.25", "latency"),
         "ours mixed 3.25 expand": "calibrate,allocate-bits{avg-bits=3.25 outliers-weight=0},quantize-weights,fold-permutation,"
                                   "lower-ort{mixed-route=expand}",

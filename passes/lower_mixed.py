@@ -21,7 +21,9 @@ or `zero-points=fractional`):
 - fp16 classes (activation outlier channels) -> the fp16 weight cast to float32 at every run,
   then a float MatMul: the Cast reads the weight through a Reshape whose shape depends on X's
   shape, so ONNX Runtime cannot fold it into a resident float32 copy (x86 CPUs have no fp16
-  MatMul; a plain Cast of an initializer, or an fp16 MatMul, both end as a float32 initializer);
+  MatMul; a plain Cast of an initializer, or an fp16 MatMul, both end as a float32 initializer).
+  With `fp16_route="load"` the plain Cast: twice the class's bytes resident (the class is about
+  0.5 % of the channels), four ops fewer a layer at every run;
 - codebook classes -> a float MatMul of the weight expanded from the codes (bit-planes) and the
   fp16 table per column: at load by default (float32 resident), or with `codebook_route="run"` at
   every run (bit-planes read through an X-dependent Reshape, then BitShift / BitwiseAnd / ReduceSum
@@ -39,6 +41,20 @@ in one MatMulNBits, the classes' blocks one after another in containers of the w
 (X gathered once, with a zero column at each class's padding, so the numbers are those of `split`).
 One kernel instead of one per class, but a narrower class pays the wider width in bytes; measured
 slower at M=1 where a layer has an 8-bit class (`benchmarks/mixed_latency.py`), so not the default.
+
+`auto` (with `lower-ort{mixed-route=auto}`): per layer, `digits` where the target's measured
+kernel-cost table (`codegen/ort_kernel_costs.json`: time per weight of each width and a fixed cost
+per class, at M=1) predicts it faster than `split`, else `split`: small layers, whose time is the
+calls, take one kernel; large ones, whose time is the weights, keep a kernel per class.
+
+`digits` (with `lower-ort{mixed-route=digits}`): one MatMulNBits a layer at the narrowest class's
+container width w; a class of container width c > w is written as c / w digits of w bits, lowest
+first, each digit's blocks with the class's scales times 2^(w d) and the zero point's digit d, and
+X's columns of the class read once per digit: s (q - z) = sum over d of 2^(w d) s (q_d - z_d), so
+the products are the class's. The bytes at rest are the split route's, but for each digit's packing
+rounded up to a whole byte per column; a c-bit class costs c / w rows of the w-bit kernel. One
+kernel call a layer instead of one a class: where calls, not weights, take the time (a 135M
+decoder at one token a step) that is the faster trade.
 
 `expand` (every layer, with `lower-ort{mixed-route=expand}`): the file
 stores what the bit budget counted, tightly packed; standard ops expand it back:
@@ -217,8 +233,9 @@ def unpack_nbits(packed: np.ndarray, rows: int, bits: int) -> np.ndarray:
 
 
 def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, route: str = "split",
-                       codebook_route: str = "load") -> str:
-    """Lower one `qc.MixedMatMul`; returns the route taken, for the pass's statistics."""
+                       codebook_route: str = "load", fp16_route: str = "run", kernel_costs: bitcost.KernelCosts | None = None) -> str:
+    """Lower one `qc.MixedMatMul`; returns the route taken, for the pass's statistics. `route="auto"`
+    takes `digits` where `kernel_costs` predicts it faster than `split` at M=1, else `split`."""
     if route == "expand":
         return _expand_all(graph, node)
     view = MixedMatMulView.of(node)
@@ -229,11 +246,15 @@ def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, 
     partial, routes = [], []
     classes = view.class_arrays()
     nbits = [c for c in classes if _runs_on_nbits(c)]
-    one_kernel = route == "single" and len(nbits) > 1 and _can_pad_last_axis(graph)
+    if route == "auto":
+        route = "digits" if len(nbits) > 1 and _digits_predicted_faster(nbits, kernel_costs) else "split"
+    one_kernel = route in ("single", "digits") and len(nbits) > 1 and _can_pad_last_axis(graph)
     if one_kernel:
-        partial.append(_one_matmul_nbits(b, x, perm, nbits, view.group_size, accuracy_level))
-        width = bitcost.container_bits(max(c.bits for c in nbits))
-        routes.append(f"MatMulNBits{width}(one kernel: {','.join(str(c.bits) for c in nbits)}-bit classes in blocks)")
+        containers = [bitcost.container_bits(c.bits) for c in nbits]
+        width = min(containers) if route == "digits" else max(containers)
+        partial.append(_one_matmul_nbits(b, x, perm, nbits, view.group_size, accuracy_level, width))
+        routes.append(f"MatMulNBits{width}(one kernel: {','.join(str(c.bits) for c in nbits)}-bit classes in blocks"
+                      + (f", wider codes as {width}-bit digits)" if route == "digits" and max(containers) > width else ")"))
         classes = [c for c in classes if not _runs_on_nbits(c)]
     for c in classes:
         name = f"c{c.slot}"
@@ -250,15 +271,18 @@ def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, 
             per_run = codebook_route == "run"
             weight = _codebook(b, name, *c.inputs, c.bits, per_call=x if per_run else None)
             routes.append(f"codebook{c.bits}(float MatMul, expanded {'per run' if per_run else 'at load'})")
-        else:
+        elif fp16_route == "run":
             weight = _fp16_per_call(b, name, x, c.inputs[0])
             routes.append("fp16(float MatMul, cast per run)")
+        else:
+            weight = b.op("Cast", [b.const(f"{name}.fp16", c.inputs[0])], {"to": ir.DataType.FLOAT})
+            routes.append("fp16(float MatMul, cast at load)")
         partial.append(b.op("MatMul", [xc, weight]))
     y = partial[0] if len(partial) == 1 else b.op("Sum", partial)
     if view.outliers is not None:
         y = _sparse_corrections(b, x, y, perm, view)
         routes.append("sparse(ScatterElements add)")
-    taken = ("single: " if one_kernel else "split: ") + " + ".join(routes)
+    taken = (f"{route}: " if one_kernel else "split: ") + " + ".join(routes)
     y.producer().name = base
     y.producer().metadata_props[ROUTE_KEY] = taken
     name = node.outputs[0].name
@@ -267,6 +291,17 @@ def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, 
     graph.remove(node, safe=True)
     y.name = name
     return taken
+
+
+def _digits_predicted_faster(classes, costs: bitcost.KernelCosts) -> bool:
+    """At M=1, by the target's kernel-cost table: one kernel of the narrowest width w, a c-bit class
+    as c / w rows of it, against one kernel (and one fixed cost) per class."""
+    containers = [bitcost.container_bits(c.bits) for c in classes]
+    width = min(containers)
+    split = sum(costs.class_us(f"nbits{b}", c.inputs[0].shape[0], c.inputs[0].shape[1]) for c, b in zip(classes, containers))
+    digits = costs.per_class_us + sum(costs.per_weight_ns[f"nbits{width}"] * c.inputs[0].size * (b // width) / 1000.0
+                                      for c, b in zip(classes, containers))
+    return digits < split
 
 
 def _runs_on_nbits(c) -> bool:
@@ -279,32 +314,48 @@ def _can_pad_last_axis(graph: ir.Graph) -> bool:
     return graph.opset_imports.get("", 0) >= 18
 
 
-def _one_matmul_nbits(b: _Builder, x: ir.Value, perm: np.ndarray, classes, group_size: int, accuracy_level: int) -> ir.Value:
+def _one_matmul_nbits(b: _Builder, x: ir.Value, perm: np.ndarray, classes, group_size: int, accuracy_level: int,
+                      width: int) -> ir.Value:
     """Every MatMulNBits class of a layer in one kernel: the classes' blocks one after another, all
     in containers of the widest class's width (a narrower class's codes and zero points fit
     unchanged, and cost the wider width in bytes). Each class's last block is padded with code 0;
     X is gathered once, with a zero column at the padded rows, so the products and the int8
     compute's per-block activation scales are those of one kernel per class."""
-    width = bitcost.container_bits(max(c.bits for c in classes))
     n = classes[0].inputs[0].shape[1]
     k_total = len(perm)
-    columns, weights, scales, zeros = [], [], [], []
+    columns, weights, scales, zeros, digit_codes = [], [], [], [], []
     for c in classes:
         codes, scale, zero = c.inputs
         rows = -(-codes.shape[0] // group_size) * group_size
-        columns.append(np.concatenate([perm[c.start:c.stop], np.full(rows - codes.shape[0], k_total, np.int64)]))
-        weights.append(_nbits_blocks(b, f"c{c.slot}", codes, width, group_size))
-        scales.append(scale)
-        zeros.append(zero)
+        class_columns = _index(b, f"c{c.slot}.channels",
+                               np.concatenate([perm[c.start:c.stop], np.full(rows - codes.shape[0], k_total, np.int64)]))
+        scale = b.op("Cast", [b.const(f"c{c.slot}.scale", np.ascontiguousarray(scale.T))], {"to": ir.DataType.FLOAT})
+        for digit, (codes_d, digit_zero) in enumerate(_digits(codes, zero, bitcost.container_bits(c.bits), width)):
+            columns.append(class_columns)
+            weights.append(_nbits_blocks(b, f"c{c.slot}.d{digit}", codes_d, width, group_size))
+            digit_codes.append(codes_d)
+            scales.append(scale if digit == 0 else
+                          b.op("Mul", [scale, b.const(f"c{c.slot}.d{digit}.place", np.array(2.0 ** (width * digit), np.float32))]))
+            zeros.append(digit_zero)
     padded = b.op("Pad", [x, b.const("one.pads", np.array([0, 1], np.int64)), None, b.const("one.pad_axis", np.array([-1], np.int64))])
-    xc = _gather_columns(b, padded, _index(b, "one.channels", np.concatenate(columns)))
+    xc = _gather_columns(b, padded, b.op("Concat", columns, {"axis": 0}))  # a class's columns stored once, repeated at load
     weight = b.op("Concat", weights, {"axis": 1})
-    scale = b.op("Cast", [b.const("one.scale", np.ascontiguousarray(np.concatenate(scales).T))], {"to": ir.DataType.FLOAT})
+    scale = scales[0] if len(scales) == 1 else b.op("Concat", scales, {"axis": 1})
     zero = b.const("one.zero", pack_nbits(np.concatenate(zeros), width))
-    k = sum(len(cols) for cols in columns)
+    k = sum(-(-digit.shape[0] // group_size) * group_size for digit in digit_codes)
     return b.op("MatMulNBits", [xc, weight, scale, zero],
                 {"K": k, "N": n, "bits": width, "block_size": group_size, "accuracy_level": accuracy_level},
                 domain="com.microsoft")
+
+
+def _digits(codes: np.ndarray, zero: np.ndarray, container: int, width: int):
+    """Codes and zero points of a `container`-bit class as `container // width` digits of `width`
+    bits, lowest first: s (c - z) = sum over d of 2^(width d) s (c_d - z_d). A class no wider than
+    `width` is one digit, its codes as they are."""
+    if container <= width:
+        return [(codes, zero)]
+    mask = (1 << width) - 1
+    return [((codes >> (width * d)) & mask, (zero >> (width * d)) & mask) for d in range(container // width)]
 
 
 def _index(b: _Builder, name: str, indices: np.ndarray) -> ir.Value:

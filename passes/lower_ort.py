@@ -19,7 +19,10 @@ the same numbers as their references.
 - `qc.MixedMatMul` -> one `com.microsoft.MatMulNBits` per 2/4/8-bit class with integer zero points,
   standard ops for the other classes and the sparse outliers, summed (`passes/lower_mixed.py`);
   `mixed-route=single` puts every MatMulNBits class of a layer in one kernel at the widest class's
-  width; `mixed-route=expand` keeps every layer as one float MatMul of a weight expanded at load.
+  width, `mixed-route=digits` in one kernel at the narrowest, wider codes as its digits,
+  `mixed-route=auto` picks split or digits per layer by the target's kernel-cost table;
+  `mixed-route=expand` keeps every layer as one float MatMul of a weight expanded at load;
+  `fp16-route=load` casts the fp16 classes to float32 once, at load, instead of at every run.
 - the fused ops of `fuse` (`qc.QLinear`, `qc.NormQuantize`) are first expanded back into the ops
   above (ONNX Runtime fuses the QDQ form itself).
 - with u8 activations (`int-kernels=fused`, the default): a static or dynamic linear with a bias,
@@ -50,6 +53,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis import placement
+from qcompiler.errors import UserError
 from qcompiler.dialect import ops
 from qcompiler.ir.layers import drop_unread, new_initializer, remove_unused
 from qcompiler.ir.meta import CREATED_BY, Prop
@@ -112,9 +116,14 @@ class LowerOrtPass(Pass):
         KERNELS = "kernels"  # ONNX Runtime kernels by kind, written into the manifest
 
     act_format: Literal["auto", "u8", "s8"] = option("auto", "activation integer type: auto picks u8 on x86 (faster in ONNX Runtime there), s8 elsewhere")
-    mixed_route: Literal["split", "single", "expand"] = option(
+    mixed_route: Literal["split", "single", "digits", "auto", "expand"] = option(
         "split", "qc.MixedMatMul: MatMulNBits per class where it can run one (split), every such class in one MatMulNBits "
-        "at the widest class's width (single), or one float MatMul of a weight expanded at load")
+        "at the widest class's width (single) or at the narrowest, wider codes as its digits (digits), per layer whichever "
+        "of split and digits the target's kernel-cost table predicts faster at M=1 (auto), or one float MatMul of a "
+        "weight expanded at load")
+    fp16_route: Literal["run", "load"] = option(
+        "run", "qc.MixedMatMul fp16 classes: the fp16 weight cast to float32 at every run (resident as stored), or once "
+        "at load (twice the class's bytes resident, four ops fewer a layer at every run)")
     codebook_route: Literal["load", "run"] = option(
         "load", "qc.MixedMatMul codebook classes (split route): weight expanded to float32 at load, or at every run from the "
         "packed codes (resident as stored; measured 450x slower at M=1 on a 4096x4096 layer)")
@@ -135,11 +144,23 @@ class LowerOrtPass(Pass):
     def _unsigned_weights(self) -> bool:
         return self.weight_format == "u8" or (self.weight_format == "auto" and is_x86() and not cpu_has_vnni())
 
+    def _kernel_costs(self):
+        """The run's target's measured kernel-cost table (`mixed-route=auto` decides by it)."""
+        from qcompiler.pipeline import context
+
+        model = context.current().cost_model
+        if model is None or model.kernel_costs is None:
+            raise UserError("lower-ort: mixed-route=auto needs the target's measured kernel-cost table and this run has none; "
+                            "use mixed-route=split or digits")
+        return model.kernel_costs
+
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
         signed = self.act_format == "s8" or (self.act_format == "auto" and signed_activations_are_faster())
         level = nbits_accuracy_level() if self.accuracy_level == "auto" else int(self.accuracy_level)
-        lowerings = dict(_LOWERINGS, MixedMatMul=lambda g, n, _: lower_mixed_matmul(g, n, level, self.mixed_route, self.codebook_route))
+        costs = self._kernel_costs() if self.mixed_route == "auto" else None
+        lowerings = dict(_LOWERINGS, MixedMatMul=lambda g, n, _: lower_mixed_matmul(g, n, level, self.mixed_route, self.codebook_route,
+                                                                                        self.fp16_route, costs))
         counts: dict[str, int] = {}
         mixed = False
         unfused = unfuse(graph)

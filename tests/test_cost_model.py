@@ -116,3 +116,26 @@ def test_opt_prices_with_the_shipped_ort_table():
     records = optimize(model, "calibrate,allocate-bits{avg-bits=3.25 cost=latency}")
     layer = records[-1].stats["per_layer"]["Y"]
     assert layer["predicted_us"] > 0 and records[-1].stats["predicted_bits_per_weight"] <= 3.25
+
+
+def _lower_auto(cost_model) -> str:
+    """The route `lower-ort{mixed-route=auto}` takes for the 512x128 layer at 3.5 bits (2- and 4-bit classes)."""
+    model = _layer()
+    data = [synthetic_inputs(model, seed=s) for s in range(4)]
+    with using(CompileContext(calibration=data, cost_model=cost_model)):
+        records = run_pipeline(model, parse_pipeline("calibrate,allocate-bits{avg-bits=3.5 outliers-act=0 outliers-weight=0},"
+                                                     "quantize-weights,lower-ort{mixed-route=auto}"))
+    (route,) = records[-1].stats["routes"]
+    assert [n.op_type for n in model.graph].count("MatMulNBits") == (1 if route.startswith("digits") else route.count("MatMulNBits"))
+    return route
+
+
+def test_auto_route_takes_one_kernel_where_the_table_predicts_calls_cost_more_than_weights():
+    """mixed-route=auto: digits (one kernel, the 4-bit class as 2-bit digits: more weight time)
+    where a class's fixed cost outweighs the extra rows, split where it does not."""
+    assert _lower_auto(_table({}, per_class_us=1e5)).startswith("digits: MatMulNBits2(one kernel: 2,4-bit")
+    assert _lower_auto(_table({}, per_class_us=0.0)).startswith("split: MatMulNBits2 + MatMulNBits4")
+    # the shipped table: a 512 x 128 layer is small enough that three calls cost more than the extra rows
+    assert _lower_auto(get_target("ort").cost_model).startswith("digits: ")
+    with pytest.raises(UserError, match="mixed-route=auto needs the target's measured kernel-cost table"):
+        _lower_auto(bitcost.StorageCost())

@@ -1,6 +1,7 @@
 """Channel-wise mixed precision: allocation, weight quantization, packing and the ORT lowering."""
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -232,6 +233,36 @@ def test_single_route_runs_every_nbits_class_in_one_kernel_with_the_split_routes
     np.testing.assert_allclose(out["single", 4], out["split", 4], rtol=1e-5, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("case", ["2/4/8 only", "3-bit in 4-bit containers"])
+def test_digits_route_runs_one_kernel_at_the_narrowest_width_with_the_references_numbers(case):
+    """`mixed-route=digits`: one MatMulNBits a layer at the narrowest class's width, a wider class's
+    codes and zero points written as that width's digits (each digit's blocks scaled by its place
+    value, X's columns read once per digit): the reference at float compute, the same bytes at rest
+    as one kernel per class (but for whole bytes per digit), and int8 compute within 2 % of the reference."""
+    model = _layer(k=512, n=128, batch="B, ")
+    _compile(model, f"calibrate,{SPLIT_CASES[case]},quantize-weights")
+    feeds = synthetic_inputs(model, seed=5)
+    reference = execute.run(model, feeds)["Y"]
+    scale = np.abs(reference).max()
+    out, stored = {}, {}
+    for route in ("split", "digits"):
+        for level in (0, 4):
+            lowered = model.clone()
+            records = _compile(lowered, f"lower-ort{{accuracy-level={level} mixed-route={route}}}")
+            kernels = [n for n in lowered.graph if n.op_type == "MatMulNBits"]
+            (taken,) = records[-1].stats["routes"]
+            assert taken.startswith(f"{route}: ") and (len(kernels) == 1) == (route == "digits")
+            out[route, level] = execute.run(lowered, feeds)["Y"]
+            stored[route] = weight_bytes(lowered, 512 * 128)["weight_bytes"]
+    assert kernels[0].attributes["bits"].value == (4 if "3-bit" in case else 2)  # the narrowest class's container
+    assert "wider codes as" in taken  # the 8-bit class, in both cases
+    np.testing.assert_allclose(out["digits", 0], reference, rtol=1e-5, atol=1e-5 * scale)
+    assert np.linalg.norm(out["digits", 4] - reference) / np.linalg.norm(reference) < 0.02
+    # the same bytes but for each digit's packing rounded up to a whole byte per column: at most
+    # 4 digits more than classes (a 4-bit class as 2 digits, an 8-bit one as 4) x 128 columns
+    assert 0 <= stored["digits"] - stored["split"] <= 4 * 128
+
+
 def test_split_route_gives_the_bits_of_gathers_and_adds():
     """The split route reads each class's input columns with GatherElements (indices expanded to X's
     leading dimensions) and adds the partial products with one Sum; written back as Gathers along
@@ -419,6 +450,33 @@ def test_split_route_keeps_fp16_and_codebook_classes_packed_after_session_start(
     (layer,) = mixed_layers(model, routes, initializer_bytes_in_file(tmp_path / "o.onnx")).values()
     assert "expanded per run" in layer["route"] and "fp16(float MatMul, cast per run)" in layer["route"]
     assert layer["bytes_resident"] < 1.5 * layer["bytes_at_rest"] < 512 * 128 * 4 / 2
+
+
+def test_fp16_route_load_casts_the_fp16_class_once_with_the_same_numbers(tmp_path):
+    """`fp16-route=load`: the fp16 class is a plain Cast of its weight, which ONNX Runtime folds at
+    session start (its float32 copy resident: more bytes than `run` keeps), and the layer computes
+    the same bits as with the cast at every run, with fewer ops left to run."""
+    from qcompiler.codegen.ort import initializer_bytes_in_file, mixed_layers
+    from qcompiler.ir import save
+    from qcompiler.passes.lower_mixed import ROUTE_KEY
+
+    model = _layer(k=512, n=128, batch="B, ")
+    _compile(model, "calibrate,allocate-bits{avg-bits=4.25},quantize-weights")
+    feeds = synthetic_inputs(model, seed=5)
+    out, resident, ops = {}, {}, {}
+    for fp16_route in ("run", "load"):
+        lowered = model.clone()
+        _compile(lowered, f"lower-ort{{fp16-route={fp16_route}}}")
+        out[fp16_route] = execute.run(lowered, feeds)["Y"]
+        save(lowered, tmp_path / f"{fp16_route}.onnx")
+        execute.ort_session(str(tmp_path / f"{fp16_route}.onnx"), optimized_path=tmp_path / f"{fp16_route}.opt.onnx")
+        routes = {node.name: node.metadata_props[ROUTE_KEY] for node in lowered.graph if ROUTE_KEY in node.metadata_props}
+        (layer,) = mixed_layers(lowered, routes, initializer_bytes_in_file(tmp_path / f"{fp16_route}.opt.onnx")).values()
+        assert f"fp16(float MatMul, cast {'per run' if fp16_route == 'run' else 'at load'})" in layer["route"]
+        resident[fp16_route] = layer["bytes_resident"]
+        ops[fp16_route] = len(onnx.load(tmp_path / f"{fp16_route}.opt.onnx").graph.node)
+    np.testing.assert_array_equal(out["load"], out["run"])
+    assert resident["load"] > resident["run"] and ops["load"] < ops["run"]
 
 
 def test_mixed_artifacts_are_byte_identical_and_the_manifest_names_each_layers_route(tmp_path):

@@ -87,11 +87,16 @@ PRESETS: dict[str, Preset] = {
     ),
     "mixed": Preset(
         "canonicalize,calibrate$act_scale,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook sensitivity=$sensitivity "
-        "outliers-weight=$outliers_weight},quantize-weights$rounding$tuning,fold-permutation$embedding$kv_cache,lower-ort",
+        "outliers-weight=$outliers_weight},quantize-weights$rounding$tuning,fold-permutation$embedding$kv_cache,$route",
         "weight-only channel-wise mixed precision at a fractional bit budget (needs --calib)",
         {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0",
-         "rounding": "nearest", "tuning": "none", "act-scale": "none", "embedding": "float", "kv-cache": "float32"},
+         "rounding": "nearest", "tuning": "none", "act-scale": "none", "embedding": "float", "kv-cache": "float32",
+         "route": "split"},
         {"rounding": {"nearest": "", "gptq": ",gptq"},
+         # one MatMulNBits a layer (wider classes as digits of the narrowest; auto: where the kernel-cost table
+         # predicts it faster) and the fp16 class cast at load: fewer ops a run, for decoding one token a step
+         "route": {"split": "lower-ort", "digits": "lower-ort{mixed-route=digits fp16-route=load}",
+                   "auto": "lower-ort{mixed-route=auto fp16-route=load}"},
          # AWQ: input channels scaled by mean|x|^alpha (alpha searched at the layer's budget), folded into the producer
          "act-scale": {"none": "", "awq": ",awq-scale{avg-bits=$avg_bits},fold-scales{unfoldable=unsmooth}"},
          # end to end: every layer's scales against the float model's next-token distributions (LMs)
