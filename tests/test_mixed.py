@@ -208,27 +208,35 @@ def test_ort_lowering_equals_reference_of_pre_lowering_ir(case, batch):
     assert np.linalg.norm(fast - reference) / np.linalg.norm(reference) < 0.02
 
 
-@pytest.mark.parametrize("case", ["2/4/8 only", "3-bit in 4-bit containers"])
-def test_single_route_runs_every_nbits_class_in_one_kernel_with_the_split_routes_numbers(case):
-    """`mixed-route=single`: one MatMulNBits a layer (the classes in blocks at the widest width, X
-    gathered once with zero columns at each class's padding) computes the reference at float
-    compute, and at int8 compute what one kernel per class computes (the same per-block scales)."""
+def _split_and_one_kernel(case: str, one_kernel_route: str):
+    """The 512x128 layer of `case` lowered by the split route and by `one_kernel_route`, at float
+    (accuracy level 0) and int8 compute (4): outputs by (route, level), the one-kernel route's
+    MatMulNBits, its route text, the weight bytes by route, and the reference and its scale."""
     model = _layer(k=512, n=128, batch="B, ")
     _compile(model, f"calibrate,{SPLIT_CASES[case]},quantize-weights")
     feeds = synthetic_inputs(model, seed=5)
     reference = execute.run(model, feeds)["Y"]
-    scale = np.abs(reference).max()
-    out = {}
-    for route in ("split", "single"):
+    out, stored = {}, {}
+    for route in ("split", one_kernel_route):
         for level in (0, 4):
             lowered = model.clone()
             records = _compile(lowered, f"lower-ort{{accuracy-level={level} mixed-route={route}}}")
             kernels = [n for n in lowered.graph if n.op_type == "MatMulNBits"]
             (taken,) = records[-1].stats["routes"]
-            assert taken.startswith(f"{route}: ") and (len(kernels) == 1) == (route == "single")
+            assert taken.startswith(f"{route}: ") and (len(kernels) == 1) == (route == one_kernel_route)
             out[route, level] = execute.run(lowered, feeds)["Y"]
+            stored[route] = weight_bytes(lowered, 512 * 128)["weight_bytes"]
+    return out, kernels[0], taken, stored, reference, np.abs(reference).max()
+
+
+@pytest.mark.parametrize("case", ["2/4/8 only", "3-bit in 4-bit containers"])
+def test_single_route_runs_every_nbits_class_in_one_kernel_with_the_split_routes_numbers(case):
+    """`mixed-route=single`: one MatMulNBits a layer (the classes in blocks at the widest width, X
+    gathered once with zero columns at each class's padding) computes the reference at float
+    compute, and at int8 compute what one kernel per class computes (the same per-block scales)."""
+    out, kernel, taken, _, reference, scale = _split_and_one_kernel(case, "single")
     assert "one kernel" in taken
-    assert kernels[0].attributes["bits"].value == (8 if "3-bit" in case else 4)  # the widest class's container
+    assert kernel.attributes["bits"].value == (8 if "3-bit" in case else 4)  # the widest class's container
     np.testing.assert_allclose(out["single", 0], reference, rtol=1e-5, atol=1e-5 * scale)
     np.testing.assert_allclose(out["single", 4], out["split", 4], rtol=1e-5, atol=1e-5 * scale)
 
@@ -239,22 +247,8 @@ def test_digits_route_runs_one_kernel_at_the_narrowest_width_with_the_references
     codes and zero points written as that width's digits (each digit's blocks scaled by its place
     value, X's columns read once per digit): the reference at float compute, the same bytes at rest
     as one kernel per class (but for whole bytes per digit), and int8 compute within 2 % of the reference."""
-    model = _layer(k=512, n=128, batch="B, ")
-    _compile(model, f"calibrate,{SPLIT_CASES[case]},quantize-weights")
-    feeds = synthetic_inputs(model, seed=5)
-    reference = execute.run(model, feeds)["Y"]
-    scale = np.abs(reference).max()
-    out, stored = {}, {}
-    for route in ("split", "digits"):
-        for level in (0, 4):
-            lowered = model.clone()
-            records = _compile(lowered, f"lower-ort{{accuracy-level={level} mixed-route={route}}}")
-            kernels = [n for n in lowered.graph if n.op_type == "MatMulNBits"]
-            (taken,) = records[-1].stats["routes"]
-            assert taken.startswith(f"{route}: ") and (len(kernels) == 1) == (route == "digits")
-            out[route, level] = execute.run(lowered, feeds)["Y"]
-            stored[route] = weight_bytes(lowered, 512 * 128)["weight_bytes"]
-    assert kernels[0].attributes["bits"].value == (4 if "3-bit" in case else 2)  # the narrowest class's container
+    out, kernel, taken, stored, reference, scale = _split_and_one_kernel(case, "digits")
+    assert kernel.attributes["bits"].value == (4 if "3-bit" in case else 2)  # the narrowest class's container
     assert "wider codes as" in taken  # the 8-bit class, in both cases
     np.testing.assert_allclose(out["digits", 0], reference, rtol=1e-5, atol=1e-5 * scale)
     assert np.linalg.norm(out["digits", 4] - reference) / np.linalg.norm(reference) < 0.02
