@@ -81,9 +81,9 @@ PIPELINES = {
     # integer zero point per group, no fp16 channels or outliers: one plain MatMulNBits per layer
     "uniform 4-bit": "canonicalize,calibrate,allocate-bits{avg-bits=8 candidates=4 outliers-act=0 outliers-weight=0},"
                      "quantize-weights{grid=minmax},fold-permutation,lower-ort",
-    # uniform 4-bit with its RMSNorms left in torch's rsqrt form, which ONNX Runtime does not fuse
-    "uniform 4-bit rms-norm as-is": "canonicalize,calibrate,allocate-bits{avg-bits=8 candidates=4 outliers-act=0 outliers-weight=0},"
-                                    "quantize-weights{grid=minmax},fold-permutation,lower-ort{rms-norm=as-is}",
+    # uniform 4-bit with its RMSNorms written in the form ONNX Runtime fuses (SimplifiedLayerNormalization)
+    "uniform 4-bit rms-norm fused": "canonicalize,calibrate,allocate-bits{avg-bits=8 candidates=4 outliers-act=0 outliers-weight=0},"
+                                    "quantize-weights{grid=minmax},fold-permutation,lower-ort{rms-norm=fused}",
     "float32 int8-kv": "default{kv-cache=int8}",
     "w8a8 per-token int8-kv": "w8a8{act-mode=per-token kv-cache=int8}",
 }
