@@ -1,6 +1,6 @@
 """Lowering of `qc.MixedMatMul` for ONNX Runtime (used by `lower-ort`).
 
-Two routes.
+Five routes (`lower-ort{mixed-route=...}`): split, single, auto, digits, expand.
 
 `split` (the default wherever a class can take it): the layer becomes a sum of one product per
 bit class, each over its own input columns (a Slice of X where the permutation is the identity on
@@ -23,7 +23,8 @@ or `zero-points=fractional`):
   shape, so ONNX Runtime cannot fold it into a resident float32 copy (x86 CPUs have no fp16
   MatMul; a plain Cast of an initializer, or an fp16 MatMul, both end as a float32 initializer).
   With `fp16_route="load"` the plain Cast: twice the class's bytes resident (the class is about
-  0.5 % of the channels), four ops fewer a layer at every run;
+  0.5 % of the channels), and the per-run chain (Shape, Mul, Add, Reshape, Cast; the first two
+  shared by the layers that read one input) gone;
 - codebook classes -> a float MatMul of the weight expanded from the codes (bit-planes) and the
   fp16 table per column: at load by default (float32 resident), or with `codebook_route="run"` at
   every run (bit-planes read through an X-dependent Reshape, then BitShift / BitwiseAnd / ReduceSum
@@ -51,8 +52,11 @@ calls, take one kernel; large ones, whose time is the weights, keep a kernel per
 container width w; a class of container width c > w is written as c / w digits of w bits, lowest
 first, each digit's blocks with the class's scales times 2^(w d) and the zero point's digit d, and
 X's columns of the class read once per digit: s (q - z) = sum over d of 2^(w d) s (q_d - z_d), so
-the products are the class's. The bytes at rest are the split route's, but for each digit's packing
-rounded up to a whole byte per column; a c-bit class costs c / w rows of the w-bit kernel. One
+the products are the class's. The bytes at rest are the split route's, plus each class's column
+indices (uint16, padded to whole blocks; the split route reads a class whose permutation
+`fold-permutation` made the identity by a Slice, with no indices: `allocate-bits` charges 16 bits
+per input channel for the permutation either way) and each digit's packing rounded up to a whole
+byte per column; a c-bit class costs c / w rows of the w-bit kernel. One
 kernel call a layer instead of one a class: where calls, not weights, take the time (a 135M
 decoder at one token a step) that is the faster trade.
 
@@ -298,10 +302,10 @@ def _digits_predicted_faster(classes, costs: bitcost.KernelCosts) -> bool:
     as c / w rows of it, against one kernel (and one fixed cost) per class."""
     containers = [bitcost.container_bits(c.bits) for c in classes]
     width = min(containers)
-    split = sum(costs.class_us(f"nbits{b}", c.inputs[0].shape[0], c.inputs[0].shape[1]) for c, b in zip(classes, containers))
-    digits = costs.per_class_us + sum(costs.per_weight_ns[f"nbits{width}"] * c.inputs[0].size * (b // width) / 1000.0
-                                      for c, b in zip(classes, containers))
-    return digits < split
+    n = classes[0].inputs[0].shape[1]
+    split = sum(costs.class_us(f"nbits{container}", c.inputs[0].shape[0], n) for c, container in zip(classes, containers))
+    digit_rows = sum(c.inputs[0].shape[0] * (container // width) for c, container in zip(classes, containers))
+    return costs.class_us(f"nbits{width}", digit_rows, n) < split
 
 
 def _runs_on_nbits(c) -> bool:
@@ -316,11 +320,13 @@ def _can_pad_last_axis(graph: ir.Graph) -> bool:
 
 def _one_matmul_nbits(b: _Builder, x: ir.Value, perm: np.ndarray, classes, group_size: int, accuracy_level: int,
                       width: int) -> ir.Value:
-    """Every MatMulNBits class of a layer in one kernel: the classes' blocks one after another, all
-    in containers of the widest class's width (a narrower class's codes and zero points fit
-    unchanged, and cost the wider width in bytes). Each class's last block is padded with code 0;
-    X is gathered once, with a zero column at the padded rows, so the products and the int8
-    compute's per-block activation scales are those of one kernel per class."""
+    """Every MatMulNBits class of a layer in one kernel of `width` bits: the classes' blocks one
+    after another. A class no wider than `width` is stored in its containers (its codes and zero
+    points fit unchanged; `single`: the widest width, a narrower class costs it in bytes); a wider
+    one as `width`-bit digits, each in its own blocks (`digits`: the narrowest width). Each class's
+    (or digit's) last block is padded with code 0; X is gathered once, a class's columns once per
+    digit, with a zero column at the padded rows, so the products and the int8 compute's per-block
+    activation scales are those of one kernel per class where no class is split."""
     n = classes[0].inputs[0].shape[1]
     k_total = len(perm)
     columns, weights, scales, zeros, digit_codes = [], [], [], [], []
@@ -342,7 +348,7 @@ def _one_matmul_nbits(b: _Builder, x: ir.Value, perm: np.ndarray, classes, group
     weight = b.op("Concat", weights, {"axis": 1})
     scale = scales[0] if len(scales) == 1 else b.op("Concat", scales, {"axis": 1})
     zero = b.const("one.zero", pack_nbits(np.concatenate(zeros), width))
-    k = sum(-(-digit.shape[0] // group_size) * group_size for digit in digit_codes)
+    k = sum(-(-codes_d.shape[0] // group_size) * group_size for codes_d in digit_codes)
     return b.op("MatMulNBits", [xc, weight, scale, zero],
                 {"K": k, "N": n, "bits": width, "block_size": group_size, "accuracy_level": accuracy_level},
                 domain="com.microsoft")

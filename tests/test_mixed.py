@@ -180,6 +180,7 @@ SPLIT_CASES = {
     "uniform auto zero points": "allocate-bits{avg-bits=3.25}",
     "2/4/8 only": "allocate-bits{avg-bits=3.5 candidates=2,4,8}",
     "3-bit in 4-bit containers": "allocate-bits{avg-bits=5.5 candidates=3,8 other-widths=container}",
+    "2 and 3 bits in containers": "allocate-bits{avg-bits=3 candidates=2,3 other-widths=container}",
     "3-bit expanded": "allocate-bits{avg-bits=3.5 candidates=2,3,4 other-widths=expand}",
     "codebooks": "allocate-bits{avg-bits=4 codebook=kmeans}",
     "no outliers": "allocate-bits{avg-bits=8 candidates=4 outliers-act=0 outliers-weight=0}",
@@ -241,20 +242,21 @@ def test_single_route_runs_every_nbits_class_in_one_kernel_with_the_split_routes
     np.testing.assert_allclose(out["single", 4], out["split", 4], rtol=1e-5, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("case", ["2/4/8 only", "3-bit in 4-bit containers"])
+@pytest.mark.parametrize("case", ["2/4/8 only", "3-bit in 4-bit containers", "2 and 3 bits in containers"])
 def test_digits_route_runs_one_kernel_at_the_narrowest_width_with_the_references_numbers(case):
     """`mixed-route=digits`: one MatMulNBits a layer at the narrowest class's width, a wider class's
     codes and zero points written as that width's digits (each digit's blocks scaled by its place
     value, X's columns read once per digit): the reference at float compute, the same bytes at rest
     as one kernel per class (but for whole bytes per digit), and int8 compute within 2 % of the reference."""
     out, kernel, taken, stored, reference, scale = _split_and_one_kernel(case, "digits")
-    assert kernel.attributes["bits"].value == (4 if "3-bit" in case else 2)  # the narrowest class's container
-    assert "wider codes as" in taken  # the 8-bit class, in both cases
+    assert kernel.attributes["bits"].value == (4 if case == "3-bit in 4-bit containers" else 2)  # the narrowest container
+    assert "wider codes as" in taken  # the 8-bit class, or the 3-bit class's 4-bit containers as 2-bit digits
     np.testing.assert_allclose(out["digits", 0], reference, rtol=1e-5, atol=1e-5 * scale)
     assert np.linalg.norm(out["digits", 4] - reference) / np.linalg.norm(reference) < 0.02
-    # the same bytes but for each digit's packing rounded up to a whole byte per column: at most
-    # 4 digits more than classes (a 4-bit class as 2 digits, an 8-bit one as 4) x 128 columns
-    assert 0 <= stored["digits"] - stored["split"] <= 4 * 128
+    # the same codes, scales and zero points; more bytes for each digit's packing rounded up to a whole
+    # byte per column (at most 4 digits more than classes x 128 columns) and the column indices padded
+    # to whole blocks (at most 127 a class, uint16), fewer for the zero points packed together
+    assert 0 <= stored["digits"] - stored["split"] <= 4 * 128 + 3 * 127 * 2
 
 
 def test_split_route_gives_the_bits_of_gathers_and_adds():

@@ -168,3 +168,39 @@ def test_row_shaped_bias_is_fused_into_the_integer_kernel(tmp_path):
 def test_force_pattern_must_match(tmp_path):
     with pytest.raises(qcompiler.errors.UserError, match="force pattern 'nothing'"):
         _compile(tmp_path, _conv_net(), "canonicalize,calibrate,quantize{force=nothing},lower-ort", _images)
+
+
+def test_rms_norm_fused_is_one_simplified_layer_normalization_in_onnx_runtime(tmp_path):
+    """`lower-ort{rms-norm=fused}`: ONNX Runtime's optimizer makes the rewritten RMSNorm (and its
+    scale) one SimplifiedLayerNormalization, with the same outputs to float32 round-off; the
+    default (`as-is`) leaves the export's six ops apart."""
+    from qcompiler.ir import parse, save
+    from qcompiler.pipeline.context import CompileContext, using
+    from qcompiler.pipeline.pass_manager import run_pipeline
+    from qcompiler.pipeline.spec import parse_pipeline
+
+    text = """<ir_version: 10, opset_import: ["" : 18]>
+    g (float[N, 8] X) => (float[N, 8] Y)
+    <float Two = {2}, int64[1] Axes = {-1}, float Eps = {1e-05}, float[8] G = {1, 2, 3, 4, 5, 6, 7, 8}>
+    {
+      P = Pow (X, Two)
+      M = ReduceMean <keepdims: int = 1> (P, Axes)
+      V = Add (M, Eps)
+      R = Sqrt (V)
+      I = Reciprocal (R)
+      N = Mul (X, I)
+      Y = Mul (N, G)
+    }"""
+    x = np.random.default_rng(0).normal(0, 3, (5, 8)).astype(np.float32)
+    ops, out = {}, {}
+    for form in ("as-is", "fused"):
+        model = parse(text)
+        with using(CompileContext()):
+            run_pipeline(model, parse_pipeline(f"lower-ort{{rms-norm={form}}}"))
+        save(model, tmp_path / f"{form}.onnx")
+        session = execute.ort_session(str(tmp_path / f"{form}.onnx"), optimized_path=tmp_path / f"{form}.opt.onnx")
+        out[form] = session.run(None, {"X": x})[0]
+        ops[form] = [n.op_type for n in onnx.load(tmp_path / f"{form}.opt.onnx").graph.node]
+    assert ops["fused"] == ["SimplifiedLayerNormalization"]
+    assert "SimplifiedLayerNormalization" not in ops["as-is"] and "Reciprocal" in ops["as-is"]
+    np.testing.assert_allclose(out["fused"], out["as-is"], rtol=1e-5, atol=1e-5)
