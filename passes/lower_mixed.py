@@ -329,7 +329,7 @@ def _one_matmul_nbits(b: _Builder, x: ir.Value, perm: np.ndarray, classes, group
     activation scales are those of one kernel per class where no class is split."""
     n = classes[0].inputs[0].shape[1]
     k_total = len(perm)
-    columns, weights, scales, zeros, digit_codes = [], [], [], [], []
+    columns, weights, scales, zeros, k = [], [], [], [], 0
     for c in classes:
         codes, scale, zero = c.inputs
         rows = -(-codes.shape[0] // group_size) * group_size
@@ -339,7 +339,7 @@ def _one_matmul_nbits(b: _Builder, x: ir.Value, perm: np.ndarray, classes, group
         for digit, (codes_d, digit_zero) in enumerate(_digits(codes, zero, bitcost.container_bits(c.bits), width)):
             columns.append(class_columns)
             weights.append(_nbits_blocks(b, f"c{c.slot}.d{digit}", codes_d, width, group_size))
-            digit_codes.append(codes_d)
+            k += rows
             scales.append(scale if digit == 0 else
                           b.op("Mul", [scale, b.const(f"c{c.slot}.d{digit}.place", np.array(2.0 ** (width * digit), np.float32))]))
             zeros.append(digit_zero)
@@ -348,7 +348,6 @@ def _one_matmul_nbits(b: _Builder, x: ir.Value, perm: np.ndarray, classes, group
     weight = b.op("Concat", weights, {"axis": 1})
     scale = scales[0] if len(scales) == 1 else b.op("Concat", scales, {"axis": 1})
     zero = b.const("one.zero", pack_nbits(np.concatenate(zeros), width))
-    k = sum(-(-codes_d.shape[0] // group_size) * group_size for codes_d in digit_codes)
     return b.op("MatMulNBits", [xc, weight, scale, zero],
                 {"K": k, "N": n, "bits": width, "block_size": group_size, "accuracy_level": accuracy_level},
                 domain="com.microsoft")

@@ -325,12 +325,11 @@ def rms_norms_as_div(graph: ir.Graph) -> int:
     for mul in list(graph):
         if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx"):
             continue
-        for x, inverse in (mul.inputs, reversed(mul.inputs)):
-            if _rms_denominator(x, inverse) is not None:
-                break
-        else:
+        found = [(x, inverse, root) for x, inverse in (mul.inputs, tuple(reversed(mul.inputs)))
+                 if (root := _rms_denominator(x, inverse)) is not None]
+        if not found:
             continue
-        root = _rms_denominator(x, inverse)
+        x, inverse, root = found[0]
         div = ir.node("Div", [x, root], name=mul.name, metadata_props={CREATED_BY: "lower-ort"})
         ir.convenience.replace_nodes_and_values(graph, mul, [mul], [div], [mul.outputs[0]], [div.outputs[0]])
         reciprocal = inverse.producer()
