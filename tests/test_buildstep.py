@@ -108,6 +108,13 @@ def test_dry_run_prints_the_resolved_pipeline_and_writes_nothing(tiny_onnx, tmp_
     assert list(tmp_path.iterdir()) == [tiny_onnx]
 
 
+def test_dry_run_makes_the_compiles_own_checks(tiny_onnx, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compile", str(tiny_onnx), "-o", str(out), "--float-type", "float64", "--dry-run"]) == 2
+    assert "float64" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tiny_onnx]
+
+
 def test_rebuild_reuses_calibration_statistics_and_says_so(tiny_onnx, calib_npz, tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
     args = ["compile", str(tiny_onnx), "--pipeline", "calibrate,quantize", "--calib", str(calib_npz), "--cache-dir", str(cache)]

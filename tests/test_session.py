@@ -17,6 +17,7 @@ from qcompiler.driver.session import Session
 from qcompiler.ir import parse
 from qcompiler.tools import buildstep
 from qcompiler.tools.cli import add_option_flags, build_parser, resolve_compile_options
+from qcompiler.tools.doctor import diagnose
 
 # What the public API and the command line offered before the options were declared once.
 API_KEYWORDS = ["target", "pipeline", "example_inputs", "dynamic_shapes", "dump_ir", "print_ir", "report", "probe_inputs",
@@ -56,6 +57,19 @@ def test_compile_takes_every_option_as_a_keyword_and_names_the_nearest_for_a_wro
         "ort", "default", 128, True)
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'calib' \(did you mean 'calibration'\?\)"):
         qcompiler.compile("minilm-l6", "out", calib="data.txt")
+
+
+DOCTOR_FLAGS = {"source", "--pipeline", "--calib", "--calib-count", "--threads", "--cache-dir", "--dtype", "--workers", "--ray-address",
+                "--no-cache", "--max-extra-bits", "--top", "--metric", "--probe-batches", "--bits-only", "--apply", "--force", "--json"}
+
+
+def test_doctor_takes_its_compile_options_as_compile_does():
+    parsed = {s for a in _subparser("doctor")._actions for s in (a.option_strings or [a.dest])} - {"-h", "--help"}
+    assert parsed == DOCTOR_FLAGS
+    with pytest.raises(TypeError, match=r"diagnose\(\) got an unexpected keyword argument 'calib' \(did you mean 'calibration'\?\)"):
+        diagnose("minilm-l6", "w8a8", calib="data.txt")
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'report'"):  # a compile option doctor has no use for
+        diagnose("minilm-l6", "w8a8", report="r.json")
 
 
 def test_a_config_file_and_the_command_line_reach_the_compile_options(tmp_path):

@@ -17,7 +17,7 @@ import onnx_ir as ir
 from qcompiler.driver.capture import model_digest
 from qcompiler.driver.options import CompileOptions, api_signature, check_keywords
 from qcompiler.driver.outputs import check_outputs, nested_entry, protected_sources
-from qcompiler.driver.session import Session, complete_pipeline
+from qcompiler.driver.session import Session
 from qcompiler.errors import shown
 from qcompiler.ir import float_types, spill
 import qcompiler.ir as qir
@@ -25,7 +25,6 @@ from qcompiler.ir import is_large, weight_count
 from qcompiler.passes.lower_ort import LowerOrtPass
 from qcompiler.pipeline import instruments
 from qcompiler.pipeline.pass_manager import PassRecord
-from qcompiler.pipeline.spec import check_order, format_pipeline, parse_pipeline
 from qcompiler.support.fileio import AtomicDir, temp_prefix, write_atomic
 from qcompiler.tools import report as reports
 
@@ -166,13 +165,6 @@ def cache_layout_of(layout, model: ir.Model):
     from qcompiler.dialect.kv_int8 import int8_cache_inputs
 
     return dataclasses.replace(layout, kv_cache="int8") if int8_cache_inputs(model) else layout
-
-
-def resolved_pipeline(pipeline: str, target: str = "ort") -> str:
-    """The pipeline `compile` would run, printed with every option (what `--dry-run` shows)."""
-    passes = complete_pipeline(parse_pipeline(pipeline), target)
-    check_order(passes)
-    return format_pipeline(passes)
 
 
 def add_to_report(report: str | os.PathLike, sections: dict[str, Any]) -> None:

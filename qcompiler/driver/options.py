@@ -145,14 +145,20 @@ class CompileOptions:
 
 POSITIONAL = ("source", "output")  # `compile(source, output, **options)`
 
+DIAGNOSIS_OPTIONS = ("calibration", "calib_count", "threads", "cache_dir", "workers", "ray_address", "dtype", "example_inputs",
+                     "dynamic_shapes", "probe_inputs")
+"""The options `qcompiler.tools.doctor.diagnose` takes by name, as `compile` does; those with flags
+are `qcompiler doctor`'s flags too."""
+
 
 def api_keywords() -> list[str]:
     return [f.name for f in dataclasses.fields(CompileOptions) if f.name not in POSITIONAL]
 
 
-def check_keywords(given: dict[str, Any], function: str = "compile") -> None:
-    """A keyword `qcompiler.compile` does not take: a TypeError naming the nearest one, as Python's own."""
-    known = api_keywords()
+def check_keywords(given: dict[str, Any], function: str = "compile", known: tuple[str, ...] | None = None) -> None:
+    """A keyword `function` does not take (not one of `known`, default every option of
+    `qcompiler.compile`): a TypeError naming the nearest one, as Python's own."""
+    known = list(known) if known is not None else api_keywords()
     for name in given:
         if name not in known:
             raise TypeError(f"{function}() got an unexpected keyword argument '{name}'{did_you_mean(name, known)}")

@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="full tracebacks on error (same as QCOMPILER_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    from qcompiler.driver.options import DIAGNOSIS_OPTIONS
+
     compile_options, build_options = compile_option_classes()
     comp = sub.add_parser("compile", help="compile a model into an artifact directory")
     add_option_flags(comp, compile_options)
@@ -110,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", help="rank the layers and passes that cost accuracy and suggest a pipeline change")
     doc.add_argument("source", help="bundled model name, path to .onnx, or package.module:function")
     doc.add_argument("--pipeline", required=True, help="the pipeline to diagnose (string, preset or @file)")
-    add_option_flags(doc, compile_options, ("calibration", "calib_count", "threads", "workers", "ray_address"), defaults=True)
+    add_option_flags(doc, compile_options, DIAGNOSIS_OPTIONS, defaults=True)
     doc.add_argument("--max-extra-bits", type=float, default=0.25, help="average stored bits the suggestion may add (default 0.25)")
     doc.add_argument("--top", type=int, default=15, help="layers to list (default 15)")
     doc.add_argument("--metric", default="auto", choices=("auto", "mse", "kl"),
@@ -121,7 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="suggest bit-width changes only, not an added pass such as learned rounding (which costs compile time)")
     doc.add_argument("--apply", metavar="FILE", help="write the suggested pipeline to FILE (use it with --pipeline @FILE)")
     doc.add_argument("--force", action="store_true", help="let --apply overwrite a file that doctor did not write")
-    add_option_flags(doc, compile_options, ("cache_dir",), defaults=True)
     add_option_flags(doc, build_options, ("no_cache",), defaults=True)
     doc.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
 
@@ -265,14 +266,13 @@ def _cmd_compile(args) -> int:
         raise UserError("the output-cosine gate reads the drift measured after each pass; drop --no-drift")
     cache_dir = None if opts.no_cache else Path(opts.cache_dir) if opts.cache_dir else default_dir()
     _check_outputs(opts, args.config)
-    if opts.dry_run:
-        from qcompiler.driver.compiler import resolved_pipeline
-
-        spec = resolved_pipeline(opts.pipeline, opts.target)
-        sys.stdout.write(buildstep.describe_dry_run(opts, spec, cache_dir, gates))
-        return 0
     options = from_command_line(CompileOptions, vars(opts), cache_dir=cache_dir,
                                 require_data_probe=any(g.metric.name == "output-cosine" for g in gates))
+    if opts.dry_run:  # the session's own checks and completed pipeline, and nothing slow
+        from qcompiler.driver.session import Session
+
+        sys.stdout.write(buildstep.describe_dry_run(opts, Session(options).spec, cache_dir, gates))
+        return 0
     result = compile_with(options)
     _summary(result)
     if gates:
@@ -369,6 +369,7 @@ def _cmd_doctor(args) -> int:
 
     from qcompiler.analysis.calib_cache import default_dir
     from qcompiler.support.fileio import write_atomic
+    from qcompiler.driver.options import DIAGNOSIS_OPTIONS, CompileOptions, command_line_fields
     from qcompiler.tools.doctor import diagnose, format_diagnosis
 
     from qcompiler.driver.outputs import SUGGESTION_MARKER, check_suggestion_file, protected_sources
@@ -376,11 +377,9 @@ def _cmd_doctor(args) -> int:
     if args.apply:  # before the diagnosis, which may take minutes
         check_suggestion_file(args.apply, protected_sources(args.source, args.calib), args.force)
     cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_dir()
-    result = diagnose(
-        args.source, args.pipeline, calibration=args.calib, calib_count=args.calib_count, threads=args.threads,
-        max_extra_bits=args.max_extra_bits, cache_dir=cache_dir, metric=args.metric, probe_batches=args.probe_batches,
-        bits_only=args.bits_only, workers=args.workers, ray_address=args.ray_address,
-    )
+    options = {field.name: getattr(args, info.dest) for field, info in command_line_fields(CompileOptions) if field.name in DIAGNOSIS_OPTIONS}
+    result = diagnose(args.source, args.pipeline, max_extra_bits=args.max_extra_bits, metric=args.metric, probe_batches=args.probe_batches,
+                      bits_only=args.bits_only, **{**options, "cache_dir": cache_dir})
     if args.json:
         sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
     else:

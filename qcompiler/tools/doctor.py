@@ -348,19 +348,15 @@ def diagnose(
     source: Any,
     pipeline: str,
     *,
-    calibration: Any = None,
-    calib_count: int = 128,
-    threads: int | None = None,
     max_extra_bits: float = 0.25,
-    cache_dir=None,
-    probe_inputs: dict[str, np.ndarray] | None = None,
     metric: str = "auto",
     probe_batches: int = 1,
     bits_only: bool = False,
-    workers: int | None = None,
-    ray_address: str | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Run the pipeline, rank layers and passes by what they cost, and suggest a pipeline change.
+    `options`: compile options by name, those in `qcompiler.driver.options.DIAGNOSIS_OPTIONS`
+    (calibration, calib_count, threads, cache_dir, ..., probe_inputs).
     The error is measured on `probe_inputs`; by default the first `probe_batches` calibration
     batches joined into one (more data than the probe batch drift uses: each run costs in
     proportion, and one batch's measurements are noisy), else the source's probe batch
@@ -370,19 +366,19 @@ def diagnose(
     compile time).
     `workers`, `ray_address`: fan the pipeline's measurements out on Ray, as for `compile`
     (`qcompiler.support.parallel`); the diagnosis is the same."""
-    from qcompiler.driver.options import CompileOptions
+    from qcompiler.driver.options import DIAGNOSIS_OPTIONS, CompileOptions, check_keywords
     from qcompiler.driver.session import Session
     from qcompiler.ir.float_types import cast_float_feeds
 
+    check_keywords(options, "diagnose", DIAGNOSIS_OPTIONS)
     if not 0.0 < max_extra_bits <= 8.0:
         raise UserError(f"doctor: --max-extra-bits must be in (0, 8], got {max_extra_bits}")
     if isinstance(probe_batches, bool) or not isinstance(probe_batches, int) or probe_batches < 1:
         raise UserError(f"doctor: --probe-batches must be a positive integer, got {probe_batches}")
     if metric not in ("auto", *METRICS):
         raise UserError(f"doctor: --metric must be auto, {' or '.join(METRICS)}, got '{metric}'")
-    session = Session(CompileOptions(source=source, pipeline=pipeline, calibration=calibration, calib_count=calib_count, threads=threads,
-                                     cache_dir=cache_dir, workers=workers, ray_address=ray_address))
-    full = session.passes
+    session = Session(CompileOptions(source=source, pipeline=pipeline, **options))
+    full, probe_inputs, threads = session.passes, session.options.probe_inputs, session.options.threads
     passes = [p for p in full if p.name not in LAYOUT_PASSES]
     model = session.load()
     session.to_float32()
