@@ -10,7 +10,8 @@ A golden file is ONNX textual syntax with directives in comments:
     # TOLERANCE: 0.05                 a lossy pipeline: relative L2 error allowed (default: exact)
 
 A RUN line is one `qcompiler opt` (`%s`: this file) or several joined by `|` (`-` reads the
-previous one's output; `--elide` prints large tensors as a hash line, as the checks expect), run in
+previous one's output; `--elide` prints tensors over 64 elements, and float16/bfloat16 ones, as a
+hash line, as the checks expect; `--elide=N` those over N elements), run in
 this process through `qcompiler.tools.cli.main`; an optional last
 `filecheck --check-prefix=P` stage checks its output against the `P:` lines instead of `CHECK:`.
 `qcompiler opt` gives pipelines that calibrate deterministic synthetic batches.

@@ -93,10 +93,10 @@ def test_compiling_an_ir_model_leaves_it_as_given(tmp_path):
     g (float[N, 4] X) => (float[N, 3] Y)
     <float[4,3] W = {1,2,3,4,5,6,7,8,9,10,11,12}>
     { Y = MatMul (X, W) }""")
-    before = to_text(model, elide_over=10**6)
+    before = to_text(model, elide_over=None)
     calib = [{"X": np.random.default_rng(s).standard_normal((2, 4)).astype(np.float32)} for s in range(2)]
     qcompiler.compile(model, tmp_path / "a", pipeline="w8a8", calibration=calib, drift=False)
-    assert to_text(model, elide_over=10**6) == before
+    assert to_text(model, elide_over=None) == before
     qcompiler.compile(model, tmp_path / "b", pipeline="w8a8", calibration=calib, drift=False)
     assert (tmp_path / "a" / "model.onnx").read_bytes() == (tmp_path / "b" / "model.onnx").read_bytes()
 

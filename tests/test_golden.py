@@ -44,7 +44,7 @@ def test_golden_numerics(path):
         # this CPU gets (auto: uint8 weights on x86 without VNNI, where u8 x s8 kernels saturate);
         # every weight printed (no --elide), so that the output parses back to the same numbers
         here = dataclasses.replace(run, stages=[[a.replace("weight-format=s8", "weight-format=auto") for a in stage
-                                                 if a != "--elide"] for stage in run.stages])
+                                                 if not a.startswith("--elide")] for stage in run.stages])
         actual = run_model.run(parse(execute(here, path)), feeds)
         for name, value in expected.items():
             if bound is None:
@@ -58,6 +58,18 @@ def test_filecheck_reports_missing_line():
         filecheck("a\nb\n", [("CHECK", "a"), ("CHECK-NEXT", "c")])
     with pytest.raises(AssertionError, match="CHECK-NOT"):
         filecheck("a\nx\nb\n", [("CHECK", "a"), ("CHECK-NOT", "x"), ("CHECK", "b")])
+
+
+def test_opt_elides_over_the_bound_it_is_given(tmp_path, capsys):
+    from qcompiler.tools.cli import main
+
+    source = Path(__file__).parent / "golden" / "quantize" / "linear_static.onnxtxt"
+    assert main(["-q", "opt", str(source), "-p", "calibrate,quantize", "--elide"]) == 0
+    assert '"W.q" =  {13,23,32' in capsys.readouterr().out  # 12 elements: printed
+    assert main(["-q", "opt", str(source), "-p", "calibrate,quantize", "--elide=8"]) == 0
+    assert '# elided int8[4,3] "W.q" sha256:' in capsys.readouterr().out
+    assert main(["-q", "opt", str(source), "--elide=-1"]) == 2
+    assert "--elide=N needs N of 0 or more" in capsys.readouterr().err
 
 
 def test_run_lines_pipe_stages_and_name_their_check_prefix():

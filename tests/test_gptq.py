@@ -105,7 +105,7 @@ def test_same_data_same_ir():
     a, b = _model(), _model()
     _run(a, f"{UNIFORM3},gptq{{regions=1}}", _correlated())
     _run(b, f"{UNIFORM3},gptq{{regions=1}}", _correlated())
-    assert to_text(a, elide_over=1 << 30) == to_text(b, elide_over=1 << 30)
+    assert to_text(a, elide_over=None) == to_text(b, elide_over=None)
 
 
 @pytest.mark.parametrize(("options", "message"), [("damp=0", "damp must be"), ("damp=2", "damp must be"),

@@ -58,6 +58,21 @@ def test_large_weight_is_elided_to_shape_and_hash():
     assert "127" not in text  # no weight values printed
 
 
+def test_float16_weights_are_elided_whatever_their_size_and_a_lower_bound_elides_more():
+    model = parse("""<ir_version: 10, opset_import: ["" : 21]>
+    g (float16[N, 2] X) => (float16[N, 2] Y, float[N, 3] Z)
+    <float16[2] S = {15360, 16384}, float[2,3] W = {1, 2, 3, 4, 5, 6}>
+    { Y = Mul (X, S)
+      X32 = Cast <to: int = 1> (X)
+      Z = MatMul (X32, W) }""")
+    text = to_text(model)
+    assert '# elided float16[2] "S" sha256:' in text and "15360" not in text  # raw bits: no reader could check them
+    assert "float[2,3] W =  {1,2,3,4,5,6}" in text
+    assert '# elided float[2,3] "W" sha256:' in to_text(model, elide_over=4)
+    full = to_text(model, elide_over=None)
+    assert "# elided" not in full and "{15360,16384}" in full
+
+
 def test_hash_changes_with_content():
     a = to_text(_model_with_big_weight())
     model = _model_with_big_weight()

@@ -8,8 +8,9 @@ around it and nothing more:
   external data that points outside the model's folder: `external_data`) and every model brought
   to one opset (`TARGET_OPSET`).
 - `to_text` / `parse`: a deterministic, parseable text form in ONNX's textual syntax. Tensors with
-  more than `ELIDE_ELEMENTS` elements are elided to dtype, shape and a content hash, listed in
-  `# elided` header lines; `parse` restores them as zeros of that dtype and shape.
+  more than `ELIDE_ELEMENTS` elements, and float16/bfloat16 tensors (which the syntax writes as raw
+  bit patterns), are elided to dtype, shape and a content hash, listed in `# elided` header lines;
+  `parse` restores them as zeros of that dtype and shape.
 - `verify`: structural checks run between passes (every use has a definition before it, names are
   unique, outputs are produced, every domain is imported and every `qc` op passes its verifier).
 """
@@ -312,8 +313,10 @@ def _dtype_text(dtype: ir.DataType) -> str:
     return onnx.helper.tensor_dtype_to_string(dtype.value).removeprefix("TensorProto.").lower()
 
 
-def to_text(model: ir.Model, elide_over: int = ELIDE_ELEMENTS) -> str:
-    r"""The model in ONNX textual syntax, deterministic, with large tensors elided.
+def to_text(model: ir.Model, elide_over: int | None = ELIDE_ELEMENTS) -> str:
+    r"""The model in ONNX textual syntax, deterministic, with large tensors elided: those of more
+    than `elide_over` elements and every float16/bfloat16 one (ONNX's syntax writes those as raw bit
+    patterns, which no reader can check); `elide_over=None`: every tensor printed.
 
     Elided initializers are listed first as `# elided <dtype>[<dims>] "<name>" sha256:<hash>`; their
     data is hashed one tensor at a time and never copied into a protobuf.
@@ -325,7 +328,7 @@ def to_text(model: ir.Model, elide_over: int = ELIDE_ELEMENTS) -> str:
     elided = []
     for value in model.graph.initializers.values():
         tensor = value.const_value
-        if tensor is None or int(np.prod(tensor.shape.numpy())) <= elide_over:
+        if tensor is None or not _elided(tensor, elide_over):
             continue
         dims = ",".join(str(d) for d in tensor.shape.numpy())
         header.append(f'# elided {_dtype_text(tensor.dtype)}[{dims}] "{_escape_name(value.name)}" sha256:{tensor_digest(tensor)}')
@@ -335,6 +338,12 @@ def to_text(model: ir.Model, elide_over: int = ELIDE_ELEMENTS) -> str:
     del proto.graph.value_info[:]  # intermediate types make the text hard to read; the checker re-infers them
     body = _escape_quoted(onnx.printer.to_text(proto))
     return "\n".join(header) + "\n" + body.rstrip() + "\n"
+
+
+def _elided(tensor: ir.TensorProtocol, elide_over: int | None) -> bool:
+    if elide_over is None:
+        return False
+    return tensor.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) or int(np.prod(tensor.shape.numpy())) > elide_over
 
 
 @contextlib.contextmanager

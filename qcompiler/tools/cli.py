@@ -134,11 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("-o", "--output", metavar="FILE", help="write the IR text here instead of standard output")
     opt.add_argument("--calib-batches", type=int, default=4, metavar="N",
                      help="synthetic calibration batches for passes that need data (default 4, seeds 0..N-1)")
-    opt.add_argument("--elide", action="store_true", help="print tensors over 64 elements as shape + hash (the output then no longer parses back to the same weights)")
+    opt.add_argument("--elide", nargs="?", type=int, const=64, metavar="N",
+                     help="print tensors over N elements (default 64), and float16/bfloat16 ones, as dtype, shape and hash "
+                          "(the output then no longer parses back to the same weights)")
 
     show = sub.add_parser("show", help="print a model as IR text")
     show.add_argument("path", help="path to an .onnx file")
-    show.add_argument("--full", action="store_true", help="print every weight instead of shape + hash")
+    show.add_argument("--full", action="store_true", help="print every weight instead of shape + hash (over 64 elements, or float16/bfloat16)")
     return parser
 
 
@@ -425,10 +427,10 @@ def _cmd_passes(args) -> int:
 
 
 def _cmd_show(args) -> int:
-    from qcompiler.ir import load, to_text
+    from qcompiler.ir import ELIDE_ELEMENTS, load, to_text
 
     model = load(args.path, convert=False)
-    sys.stdout.write(to_text(model, elide_over=2**62 if args.full else 64))
+    sys.stdout.write(to_text(model, elide_over=None if args.full else ELIDE_ELEMENTS))
     return 0
 
 
@@ -445,6 +447,8 @@ def _cmd_opt(args) -> int:
         if not path.is_file():
             raise UserError(f"opt: no such file '{path}'; give an .onnxtxt file of IR text (or - for standard input)")
         text = path.read_text()
+    if args.elide is not None and args.elide < 0:
+        raise UserError(f"opt: --elide=N needs N of 0 or more, got {args.elide}")
     result = optimize_text(text, args.pipeline, args.calib_batches, args.elide)
     if args.output:
         write_atomic(args.output, result)

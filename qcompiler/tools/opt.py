@@ -14,7 +14,7 @@ from qcompiler.analysis.probe import synthetic_inputs
 from qcompiler.driver.options import CompileOptions
 from qcompiler.driver.session import Session
 from qcompiler.errors import UserError
-from qcompiler.ir import ELIDE_ELEMENTS, parse, to_text, verify
+from qcompiler.ir import parse, to_text, verify
 from qcompiler.pipeline.pass_manager import PassRecord
 
 SYNTHETIC_BATCHES = 4
@@ -36,8 +36,9 @@ def optimize(model, spec: str, batches: int = SYNTHETIC_BATCHES) -> list[PassRec
     return records
 
 
-def optimize_text(text: str, spec: str, batches: int = SYNTHETIC_BATCHES, elide: bool = False) -> str:
-    """IR text -> IR text after `spec`; every tensor printed unless `elide` (then large ones as a hash)."""
+def optimize_text(text: str, spec: str, batches: int = SYNTHETIC_BATCHES, elide_over: int | None = None) -> str:
+    """IR text -> IR text after `spec`; every tensor printed, or with `elide_over` those over that
+    many elements and the float16/bfloat16 ones as a hash (`qcompiler.ir.to_text`)."""
     model = parse(text)
     optimize(model, spec, batches)
-    return to_text(model, elide_over=ELIDE_ELEMENTS if elide else 2**62)
+    return to_text(model, elide_over=elide_over)
