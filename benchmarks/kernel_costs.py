@@ -1,7 +1,7 @@
 """The kernel-cost table `allocate-bits{cost=latency}` prices ONNX Runtime with: time per weight of
 each route a mixed layer's class takes, at M=1, and the fixed cost of one more class.
 
-    python benchmarks/kernel_costs.py                     # writes codegen/ort_kernel_costs.json
+    python benchmarks/kernel_costs.py                     # writes codegen/ort/kernel_costs.json
     python benchmarks/kernel_costs.py --repeats 9 --json /tmp/costs.json
 
 Each route is built as `lower-ort`'s split route writes one class of r input channels of a layer
@@ -18,7 +18,7 @@ median of the samples. Per route (`fit`), the time per weight b is that of the l
 its fixed part a = t(r_min) - b r_min N; the fixed cost of a class is the median of the packed
 (MatMulNBits) routes' a, at least 0 (the float routes grow faster than linearly with r, out of cache).
 Writes the table (with the machine, the load average before and after and the command) to
-codegen/ort_kernel_costs.json, which ships in the package and `OrtTarget.cost_model` reads.
+codegen/ort/kernel_costs.json, which ships in the package and `OrtTarget.cost_model` reads.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-TABLE = common.REPO / "codegen" / "ort_kernel_costs.json"
+TABLE = common.REPO / "codegen" / "ort" / "kernel_costs.json"
 N = 4096
 ROWS = (128, 1024, 4096)
 ROUTES = ("nbits2", "nbits4", "nbits8", "fp16", "float32")

@@ -36,7 +36,7 @@ Variants:
   last axis instead of GatherElements, the partial products added by a chain of Adds instead of one
   Sum; the same numbers).
 - `ours mixed 3.25 cost=latency`: the 3.25 preset's passes with `allocate-bits{cost=latency}` (the
-  class set chosen by predicted error x predicted time from `codegen/ort_kernel_costs.json`, the same
+  class set chosen by predicted error x predicted time from `codegen/ort/kernel_costs.json`, the same
   bit budget); `bits_histogram` in the JSON: channels per width of each allocation.
 - `ours mixed 3.25 expand`: the 3.25 preset's passes with `lower-ort{mixed-route=expand}` (one float
   MatMul of a weight expanded to float32 when the session starts: small file, float32 in memory).

@@ -403,7 +403,7 @@ def test_a_full_disk_is_one_line_exit_2_and_leaves_nothing(tiny_onnx, calib_npz,
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "model.onnx"))
 
     if where == "model":
-        monkeypatch.setattr("qcompiler.codegen.ort.save", full)
+        monkeypatch.setattr("qcompiler.codegen.ort.emit.save", full)
     else:  # every new constant goes to the scratch file, whose writes fail
         import qcompiler.ir as qir
 

@@ -8,12 +8,12 @@ import pytest
 from qcompiler.analysis import bitcost
 from qcompiler.analysis import execute
 from qcompiler.analysis.probe import synthetic_inputs
-from qcompiler.codegen.ort import weight_bytes
+from qcompiler.codegen.ort.emit import weight_bytes
 from qcompiler.dialect import ops
 from qcompiler.dialect.mixed_ops import MixedMatMulView, _mixed_matmul_reference
 from qcompiler.errors import UserError
 from qcompiler.ir import parse, to_text, verify
-from qcompiler.passes.lower_mixed import pack_bitplanes, pack_nbits, unpack_bitplanes, unpack_nbits
+from qcompiler.passes.lower_ort.mixed import pack_bitplanes, pack_nbits, unpack_bitplanes, unpack_nbits
 from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
 from qcompiler.pipeline.context import CompileContext, using
 from qcompiler.pipeline.pass_manager import run_pipeline
@@ -430,9 +430,9 @@ def test_container_pricing_charges_the_width_stored():
 def test_split_route_keeps_fp16_and_codebook_classes_packed_after_session_start(tmp_path):
     """No class is folded into a float32 weight when ONNX Runtime starts the session (codebooks with
     codebook-route=run): what the session keeps is the stored bytes plus float32 scales and padding."""
-    from qcompiler.codegen.ort import initializer_bytes_in_file, mixed_layers
+    from qcompiler.codegen.ort.emit import initializer_bytes_in_file, mixed_layers
     from qcompiler.ir import save
-    from qcompiler.passes.lower_mixed import ROUTE_KEY
+    from qcompiler.passes.lower_ort.mixed import ROUTE_KEY
 
     model = _layer(k=512, n=128)
     _compile(model, "calibrate,allocate-bits{avg-bits=4 codebook=kmeans outliers-act=0.02},quantize-weights")
@@ -452,9 +452,9 @@ def test_fp16_route_load_casts_the_fp16_class_once_with_the_same_numbers(tmp_pat
     """`fp16-route=load`: the fp16 class is a plain Cast of its weight, which ONNX Runtime folds at
     session start (its float32 copy resident: more bytes than `run` keeps), and the layer computes
     the same bits as with the cast at every run, with fewer ops left to run."""
-    from qcompiler.codegen.ort import initializer_bytes_in_file, mixed_layers
+    from qcompiler.codegen.ort.emit import initializer_bytes_in_file, mixed_layers
     from qcompiler.ir import save
-    from qcompiler.passes.lower_mixed import ROUTE_KEY
+    from qcompiler.passes.lower_ort.mixed import ROUTE_KEY
 
     model = _layer(k=512, n=128, batch="B, ")
     _compile(model, "calibrate,allocate-bits{avg-bits=4.25},quantize-weights")

@@ -1,4 +1,4 @@
-"""The contract every registered pass keeps: its kebab name, module (`passes/<snake>.py`), class
+"""The contract every registered pass keeps: its kebab name, module (`passes/<snake>.py`, or a package `passes/<snake>/`), class
 (`<Camel>Pass`, compared without case so that `GPTQPass` and `FlexRoundPass` keep their spelling)
 and golden folder (`tests/golden/<kebab>/`) agree; the folder holds at least one case; and a second
 run of the pass over its own output changes nothing, unless the pass says why it does
@@ -27,7 +27,8 @@ def test_name_module_class_and_golden_folder_agree(name):
     cls = PASSES[name]
     snake = name.replace("-", "_")
     assert cls.__module__ == f"qcompiler.passes.{snake}", f"{name}: defined in {cls.__module__}"
-    assert (Path(__file__).parent.parent / "passes" / f"{snake}.py").is_file()
+    passes = Path(__file__).parent.parent / "passes"
+    assert (passes / f"{snake}.py").is_file() or (passes / snake / "__init__.py").is_file()  # a module, or a package when large
     camel = "".join(part.capitalize() for part in name.split("-"))
     assert cls.__name__.lower() == f"{camel}Pass".lower(), f"{name}: class {cls.__name__}, expected {camel}Pass"
     cases = sorted((GOLDEN / name).glob("*.onnxtxt"))

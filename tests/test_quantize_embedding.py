@@ -10,7 +10,7 @@ import pytest
 import qcompiler
 from qcompiler.dialect.qc_ops import gather_quantized
 from qcompiler.errors import UserError
-from qcompiler.passes.lower_mixed import pack_nbits
+from qcompiler.passes.lower_ort.mixed import pack_nbits
 from qcompiler.passes.quantize_embedding import quantize_table
 
 VOCAB, WIDTH = 40, 64

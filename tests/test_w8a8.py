@@ -5,7 +5,7 @@ import pytest
 
 from qcompiler.analysis import execute
 from qcompiler.analysis.probe import synthetic_inputs
-from qcompiler.codegen.ort import weight_bytes
+from qcompiler.codegen.ort.emit import weight_bytes
 from qcompiler.errors import UserError
 from qcompiler.ir import parse, to_text, verify
 from qcompiler.pipeline.context import CompileContext, using

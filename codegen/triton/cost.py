@@ -12,7 +12,7 @@
   a per-layer constant);
 - the permutation: int64 per input channel.
 Not yet `TritonTarget.cost_model` (the K-tile padding makes small layers infeasible at mixed budgets;
-see `codegen/targets.py`); no kernel-cost table is measured for this target, so cost=latency refuses it.
+see `TritonTarget.cost_model`); no kernel-cost table is measured for this target, so cost=latency refuses it.
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ def minmax_grid_quantize(w: np.ndarray, bits: int, group_size: int, integer_zero
 # ----------------------------------------------------------------------------------------------
 # A target's cost model: what `allocate-bits` prices. The functions above are ONNX Runtime's
 # storage (`lower-ort`); a target whose emitter stores otherwise brings its own `StorageCost`
-# (`codegen/targets.py`: `Target.cost_model`), and a target with a measured kernel-cost table can
+# (`qcompiler.codegen.Target.cost_model`), and a target with a measured kernel-cost table can
 # price time (`allocate-bits{cost=latency}`).
 
 

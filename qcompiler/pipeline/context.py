@@ -37,7 +37,7 @@ class CompileContext:
     block_sequential: bool | None = None
     # where independent measurements fan out (`qcompiler.support.parallel`): in-process unless --workers/--ray-address
     executor: InProcess | RayExecutor = dataclasses.field(default_factory=InProcess)
-    # what `allocate-bits` prices: the target's cost model (`codegen/targets.py`: `Target.cost_model`);
+    # what `allocate-bits` prices: the target's cost model (`qcompiler.codegen.Target.cost_model`);
     # None: ONNX Runtime's storage without a kernel-cost table (`qcompiler.analysis.bitcost.ORT`)
     cost_model: Any = None
 

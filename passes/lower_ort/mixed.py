@@ -44,7 +44,7 @@ One kernel instead of one per class, but a narrower class pays the wider width i
 slower at M=1 where a layer has an 8-bit class (`benchmarks/mixed_latency.py`), so not the default.
 
 `auto` (with `lower-ort{mixed-route=auto}`): per layer, `digits` where the target's measured
-kernel-cost table (`codegen/ort_kernel_costs.json`: time per weight of each width and a fixed cost
+kernel-cost table (`codegen/ort/kernel_costs.json`: time per weight of each width and a fixed cost
 per class, at M=1) predicts it faster than `split`, else `split`: small layers, whose time is the
 calls, take one kernel; large ones, whose time is the weights, keep a kernel per class.
 

@@ -1,0 +1,193 @@
+"""`lower-ort`: rewrite `qc` ops as standard ONNX that ONNX Runtime runs fast and that computes
+the same numbers as their references.
+
+- `qc.DequantizeWeight(Q, s[, z])` -> `DequantizeLinear(Q, s[, z], axis)`.
+- `qc.GatherQuantized` (an embedding table's codes) -> `com.microsoft.GatherBlockQuantized`, 4-bit
+  codes and zero points packed two per byte; the table stays packed in the session.
+- `qc.QuantizeActivation` static -> `QuantizeLinear` + one `DequantizeLinear` per reader (QDQ:
+  ONNX Runtime fuses each DQ -> MatMul/Conv <- DQ group into an integer kernel; one DQ per
+  reader keeps every group fusable). The activation type follows `act-format`:
+  `s8` (int8), `u8` (uint8, zero point + 128: the same grid, shifted), or `auto`: `u8` on x86,
+  where ONNX Runtime's integer kernels take unsigned activations (signed ones run slower than
+  float32 without VNNI, and measured slower than u8 even with VNNI), `s8` elsewhere.
+- dynamic -> `DynamicQuantizeLinear` + `DequantizeLinear` (ONNX Runtime's dynamic quantization;
+  u8, so linears reading it take the fused integer kernel below).
+- per-token (8 bits) -> the row scale in standard ops and the codes as `QuantizeLinear(x / s, 1, zp)`;
+  an int8 linear reading them becomes `com.microsoft.MatMulIntegerToFloat` (integer GEMM, weight
+  scales applied) followed by a `Mul` by the row scale: exact, since the scale is constant along a
+  row. Other readers get `DequantizeLinear(codes, 1, zp) * s`; other widths float ops.
+- `qc.MixedMatMul` -> one `com.microsoft.MatMulNBits` per 2/4/8-bit class with integer zero points,
+  standard ops for the other classes and the sparse outliers, summed (`mixed.py`);
+  `mixed-route=single` puts every MatMulNBits class of a layer in one kernel at the widest class's
+  width, `mixed-route=digits` in one kernel at the narrowest, wider codes as its digits,
+  `mixed-route=auto` picks split or digits per layer by the target's kernel-cost table;
+  `mixed-route=expand` keeps every layer as one float MatMul of a weight expanded at load;
+  `fp16-route=load` casts the fp16 classes to float32 once, at load, instead of at every run.
+- the fused ops of `fuse` (`qc.QLinear`, `qc.NormQuantize`) are first expanded back into the ops
+  above (ONNX Runtime fuses the QDQ form itself).
+- with u8 activations (`int-kernels=fused`, the default): a static or dynamic linear with a bias,
+  `DQ(x) -> MatMul <- DQ(W)` then `Add(., b)`, becomes one
+  `com.microsoft.MatMulIntegerToFloat(x_q, W_q, scales, zero point, b)`, the kernel ONNX Runtime
+  makes of the QDQ group anyway, with the bias added in it instead of by a separate Add over the
+  output; with `shared-input=wide`, such kernels that read the same quantized input (Q/K/V) become
+  one kernel over the concatenated weights and a `Split` (measured a little slower on MiniLM).
+  `int-kernels=qdq` keeps plain QDQ.
+- with u8 activations, `weight-format=u8` (auto: on x86 without VNNI) stores the int8 weights of
+  integer kernels as uint8 + 128 with zero point 128: ONNX Runtime's u8 x s8 kernels there sum pairs
+  of products in 16 bits (VPMADDUBSW) and saturate; its u8 x u8 kernels are exact.
+- a residual `Add` of two computed tensors that a `LayerNormalization` reads is written as `Sum`
+  (`residual-norm=apart`, the default): ONNX Runtime fuses `Add` + `LayerNormalization` into its
+  `SkipLayerNormalization`, which measured 4.5 to 4.9 times as long as the two ops on x86 (ONNX Runtime
+  1.32, MiniLM's 8 x 128 x 384, `benchmarks/residual_norm.py`; `benchmarks/w8a8_peers.py` shows the
+  effect on the whole model), and leaves `Sum` alone. `residual-norm=fused` keeps the `Add`.
+- with `rms-norm=fused`, an RMSNorm exported as `x * Reciprocal(Sqrt(mean(x^2) + eps))` (torch's
+  `rsqrt`) is written as `x / Sqrt(...)`, the form ONNX Runtime's optimizer fuses, with the scale
+  `Mul` after it, into one `SimplifiedLayerNormalization`: 6 ops a norm become 1. Not the default
+  yet: the fused kernel rounds differently, and the SmolLM2 figures in the docs were measured
+  without it.
+
+The pass is a package: this module holds the pass and its options; `qdq.py` the rewrite of each
+`qc` op, `mixed.py` that of mixed layers, `integer_kernels.py` and `norms.py` the rewrites into ONNX
+Runtime's fused kernels, `host.py` what the host CPU decides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import onnx_ir as ir
+
+from qcompiler.analysis import placement
+from qcompiler.errors import UserError
+from qcompiler.ir.layers import drop_unread, remove_unused
+from qcompiler.ir.meta import Prop
+from qcompiler.passes.lower_ort.host import cpu_has_vnni, is_x86, nbits_accuracy_level, signed_activations_are_faster
+from qcompiler.passes.lower_ort.integer_kernels import fuse_integer_bias, fuse_per_token_integer, unsigned_integer_weights, widen_integer_linears
+from qcompiler.passes.lower_ort.mixed import lower_mixed_matmul
+from qcompiler.passes.lower_ort.norms import keep_residual_norms_apart, rms_norms_as_div
+from qcompiler.passes.lower_ort.qdq import LOWERINGS, unfuse
+from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
+
+__all__ = ["LowerOrtPass", "cpu_has_vnni", "nbits_accuracy_level"]
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class LowerOrtPass(Pass):
+    """Lower qc ops to standard ONNX (QDQ) for ONNX Runtime, choosing the activation format for the CPU."""
+
+    name = "lower-ort"
+    provided = frozenset({Prop.LOWERED_ORT})
+
+    class Stats:
+        """Keys of `PassResult.stats` that the compiler reads."""
+
+        KERNELS = "kernels"  # ONNX Runtime kernels by kind, written into the manifest
+
+    act_format: Literal["auto", "u8", "s8"] = option("auto", "activation integer type: auto picks u8 on x86 (faster in ONNX Runtime there), s8 elsewhere")
+    mixed_route: Literal["split", "single", "digits", "auto", "expand"] = option(
+        "split", "qc.MixedMatMul: MatMulNBits per class where it can run one (split), every such class in one MatMulNBits "
+        "at the widest class's width (single) or at the narrowest, wider codes as its digits (digits), per layer whichever "
+        "of split and digits the target's kernel-cost table predicts faster at M=1 (auto), or one float MatMul of a "
+        "weight expanded at load")
+    fp16_route: Literal["run", "load"] = option(
+        "run", "qc.MixedMatMul fp16 classes: the fp16 weight cast to float32 at every run (resident as stored), or once "
+        "at load (twice the class's bytes resident, the per-run Shape/Mul/Add/Reshape/Cast chain gone)")
+    codebook_route: Literal["load", "run"] = option(
+        "load", "qc.MixedMatMul codebook classes (split route): weight expanded to float32 at load, or at every run from the "
+        "packed codes (resident as stored; measured 450x slower at M=1 on a 4096x4096 layer)")
+    int_kernels: Literal["fused", "qdq"] = option(
+        "fused", "u8 activations: static and dynamic linears with a bias as com.microsoft.MatMulIntegerToFloat (bias inside), or plain QDQ")
+    residual_norm: Literal["apart", "fused"] = option(
+        "apart", "a residual Add read by a LayerNormalization: written as Sum, which ONNX Runtime does not fuse into its "
+        "SkipLayerNormalization (measured 4.5 to 4.9 times as long as Add + LayerNormalization on x86), or kept as Add")
+    shared_input: Literal["separate", "wide"] = option(
+        "separate", "fused kernels reading one quantized input (Q/K/V): one each, or one wide kernel and a Split "
+        "(measured a little slower on MiniLM: the Split copies)")
+    rms_norm: Literal["as-is", "fused"] = option(
+        "as-is", "RMSNorm written x * Reciprocal(Sqrt(mean(x^2) + eps)): as it is, or as x / Sqrt(...), the form ONNX "
+        "Runtime fuses into one SimplifiedLayerNormalization (fused: 6 ops a norm to 1; SmolLM2 decodes 1.03 to 1.08x as fast)")
+    weight_format: Literal["auto", "s8", "u8"] = option(
+        "auto", "int8 weights of integer kernels: s8, or u8 (+128, zero point 128: the same values), which auto picks "
+        "on x86 without VNNI, where ONNX Runtime's u8 x s8 kernels saturate")
+    accuracy_level: Literal["auto", "0", "1", "2", "3", "4"] = option(
+        "auto", "MatMulNBits compute type: 4 = int8 activations per block (fast on x86 with AVX2 and on Arm), 0 = float32; auto picks 4 where fast")
+
+    def _unsigned_weights(self) -> bool:
+        return self.weight_format == "u8" or (self.weight_format == "auto" and is_x86() and not cpu_has_vnni())
+
+    def _kernel_costs(self):
+        """The run's target's measured kernel-cost table (`mixed-route=auto` decides by it)."""
+        from qcompiler.pipeline import context
+
+        model = context.current().cost_model
+        if model is None or model.kernel_costs is None:
+            raise UserError("lower-ort: mixed-route=auto needs the target's measured kernel-cost table and this run has none; "
+                            "use mixed-route=split or digits")
+        return model.kernel_costs
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        signed = self.act_format == "s8" or (self.act_format == "auto" and signed_activations_are_faster())
+        level = nbits_accuracy_level() if self.accuracy_level == "auto" else int(self.accuracy_level)
+        lowerings = dict(LOWERINGS, MixedMatMul=lambda g, n, _: lower_mixed_matmul(
+            g, n, level, self.mixed_route, self.codebook_route, self.fp16_route,
+            self._kernel_costs() if self.mixed_route == "auto" else None))
+        counts: dict[str, int] = {}
+        mixed = False
+        unfused = unfuse(graph)
+        if unfused:
+            counts["unfused"] = unfused
+        for node in list(graph):
+            if node.domain != "qc":
+                continue
+            lower = lowerings.get(node.op_type)
+            if lower is None:
+                continue
+            read = [v for v in node.inputs if v is not None and v.is_initializer()]
+            route = lower(graph, node, signed)
+            drop_unread(graph, read)  # a layer's old weights go as soon as its lowered form has its own
+            counts[route] = counts.get(route, 0) + 1
+            mixed |= node.op_type == "MixedMatMul"
+        if self.int_kernels == "fused":
+            per_token = fuse_per_token_integer(graph)
+            if per_token:
+                counts["MatMulIntegerToFloat(per-token)"] = per_token
+                model.opset_imports.setdefault("com.microsoft", 1)
+        if self.int_kernels == "fused" and not signed:
+            fused = fuse_integer_bias(graph)
+            if fused:
+                counts["MatMulIntegerToFloat(bias)"] = fused
+                model.opset_imports.setdefault("com.microsoft", 1)
+                widened = widen_integer_linears(graph) if self.shared_input == "wide" else 0
+                if widened:
+                    counts["MatMulIntegerToFloat(shared input)+Split"] = widened
+                    remove_unused(model)  # the per-layer weights, now concatenated
+        if self._unsigned_weights():
+            widened_weights = unsigned_integer_weights(graph)
+            if widened_weights:
+                counts["uint8 weights"] = widened_weights
+                remove_unused(model)  # the int8 copies
+        if self.residual_norm == "apart":
+            apart = keep_residual_norms_apart(graph)
+            if apart:
+                counts["Sum(residual read by LayerNormalization)"] = apart
+        if self.rms_norm == "fused":
+            divided = rms_norms_as_div(graph)
+            if divided:
+                counts["RMSNorm as Div (fused by ONNX Runtime)"] = divided
+        if mixed:
+            remove_unused(model)  # the qc op's class initializers, re-stored in the lowered form
+        if counts and "qc" in model.opset_imports and not any(n.domain == "qc" for n in graph):
+            del model.opset_imports["qc"]
+        stats = {"activation_format": "s8" if signed else "u8", "cpu_vnni": cpu_has_vnni(), "routes": counts}
+        kernels = placement.census(graph)
+        if kernels["integer_kernels"] or kernels["float_kernels_behind_qdq"]:
+            stats["kernels"] = {**kernels, "predicted_slower_than_float": placement.predicted_slower(kernels)}
+        if any(n.op_type == "GatherBlockQuantized" for n in graph):
+            model.opset_imports.setdefault("com.microsoft", 1)
+        if any(n.op_type == "MatMulNBits" for n in graph):
+            stats["matmul_nbits_accuracy_level"] = level
+            model.opset_imports.setdefault("com.microsoft", 1)
+        return PassResult(model, bool(counts), stats)
