@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from qcompiler.ir import producer_of
 from qcompiler.ir.meta import CREATED_BY
 
 
@@ -50,18 +51,14 @@ def rms_norms_as_div(graph: ir.Graph) -> int:
 
 def _rms_denominator(x: ir.Value | None, inverse: ir.Value | None) -> ir.Value | None:
     """Sqrt(mean(x^2) + eps) when `inverse` is its Reciprocal, of the same `x`; else None."""
-    def producer(value, op_type):
-        node = value.producer() if value is not None else None
-        return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
-
-    reciprocal = producer(inverse, "Reciprocal")
-    root = producer(reciprocal.inputs[0], "Sqrt") if reciprocal else None
-    add = producer(root.inputs[0], "Add") if root else None
+    reciprocal = producer_of(inverse, "Reciprocal")
+    root = producer_of(reciprocal.inputs[0], "Sqrt") if reciprocal else None
+    add = producer_of(root.inputs[0], "Add") if root else None
     if add is None:
         return None
     for mean_value, eps in (add.inputs, reversed(add.inputs)):
-        mean = producer(mean_value, "ReduceMean")
-        power = producer(mean.inputs[0], "Pow") if mean else None
+        mean = producer_of(mean_value, "ReduceMean")
+        power = producer_of(mean.inputs[0], "Pow") if mean else None
         if power is not None and eps is not None and eps.const_value is not None and power.inputs[0] is x \
                 and power.inputs[1].const_value is not None and float(power.inputs[1].const_value.numpy()) == 2.0:
             return root.outputs[0]

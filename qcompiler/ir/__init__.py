@@ -591,6 +591,12 @@ def op_key(node: ir.Node) -> tuple[str, str]:
     return ("" if node.domain == "ai.onnx" else node.domain, node.op_type)
 
 
+def producer_of(value: ir.Value | None, op_type: str, domain: str = "") -> ir.Node | None:
+    """The node that computes `value` when it is a `domain`'s `op_type` (the default domain as ''); else None."""
+    node = value.producer() if value is not None else None
+    return node if node is not None and op_key(node) == (domain, op_type) else None
+
+
 def weight_inputs(node: ir.Node) -> list[ir.Value]:
     """The inputs of a `WEIGHTED_LAYER_OPS` node that hold its weight (none for other nodes)."""
     key = op_key(node)

@@ -43,7 +43,8 @@ from qcompiler.analysis import execute
 from qcompiler.analysis.probe import valid_positions
 from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul
 from qcompiler.errors import UserError
-from qcompiler.ir import WEIGHTED_LAYER_OPS, constant_sources, is_weighted_layer, op_key, permutation_indices, weight_inputs, weight_values
+from qcompiler.ir import (WEIGHTED_LAYER_OPS, constant_sources, is_weighted_layer, op_key, permutation_indices, producer_of, weight_inputs,
+                          weight_values)
 from qcompiler.passes.allocate_bits import AllocateBitsPass as Allocate
 from qcompiler.passes.quantize import QuantizePass as Quantize
 from qcompiler.passes.quantize_weights import QuantizeWeightsPass as QuantizeWeights
@@ -285,13 +286,6 @@ def layer_constants(node: ir.Node, input_name: str | None, limit: int = 256) -> 
     return list(found.values())
 
 
-def _producer(value: ir.Value | None, domain: str, op_type: str) -> ir.Node | None:
-    node = value.producer() if value is not None else None
-    if node is not None and op_key(node)[0] == domain and node.op_type == op_type:
-        return node
-    return None
-
-
 def _attrs(node: ir.Node) -> dict[str, Any]:
     return {name: attr.value for name, attr in node.attributes.items()}
 
@@ -316,11 +310,11 @@ def _note_layer(node: ir.Node, info: dict[str, Any]) -> None:
         info["weight_shape"] = shape
         info["channels"] = _input_channels(node.op_type, shape, _attrs(node))
         info["weights"] = int(np.prod(shape))
-    dequantize = _producer(w, "qc", "DequantizeWeight")
+    dequantize = producer_of(w, "DequantizeWeight", "qc")
     if dequantize is not None:
         a = _attrs(dequantize)
         info["int_weight"] = {"bits": int(a.get("bits", 8)), "axis": int(a.get("axis", 0))}
-    allocation = _producer(w, "qc", "BitAllocation")
+    allocation = producer_of(w, "BitAllocation", "qc")
     if allocation is not None and allocation.inputs[1] is not None and allocation.inputs[1].const_value is not None:
         a = _attrs(allocation)
         info["allocation"] = {
@@ -339,12 +333,12 @@ def _note_layer(node: ir.Node, info: dict[str, Any]) -> None:
             "classes": [{"kind": c.kind, "bits": c.bits, "channels": c.stop - c.start} for c in view.classes],
         }
         info["channels"] = len(perm)
-    quant = _producer(x, "qc", "QuantizeActivation")
+    quant = producer_of(x, "QuantizeActivation", "qc")
     if quant is not None:
         info["activation"] = {k: v for k, v in _attrs(quant).items()}
         info["input"] = quant.inputs[0].name
     elif "activation" not in info and x is not None:
-        scale = _producer(x, "qc", "ChannelScale")
+        scale = producer_of(x, "ChannelScale", "qc")
         info["input"] = scale.inputs[0].name if scale is not None else x.name
 
 
