@@ -250,3 +250,16 @@ def test_doctor_prices_bits_with_the_targets_cost_model():
     result = diagnose(model, "calibrate,allocate-bits{avg-bits=4 group-size=32 cost=latency},quantize-weights",
                       calibration=[synthetic_inputs(model, seed=s) for s in range(4)], bits_only=True)
     assert "cost=latency" in result["pipeline"] and {row["layer"] for row in result["layers"]} == {"A", "B"}
+
+
+def test_a_torch_module_is_diagnosed_from_its_example_inputs_as_compile_captures_it():
+    torch = pytest.importorskip("torch")
+    from qcompiler import capture
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval()
+    example = (torch.randn(4, 64),)
+    name = capture(module, example).graph.inputs[0].name
+    data = [{name: np.random.default_rng(s).standard_normal((4, 64)).astype(np.float32)} for s in range(4)]
+    result = diagnose(module, "calibrate,quantize", example_inputs=example, calibration=data)
+    assert len(result["layers"]) == 2 and all(row["alone"] > 0 for row in result["layers"])
