@@ -16,12 +16,11 @@ class TritonTarget(Target):
 
     @property
     def cost_model(self) -> bitcost.StorageCost:
-        """ONNX Runtime's prices, no kernel-cost table, for now. What the package really stores is
-        `codegen/triton/cost.py`'s `TRITON`; it is not this target's model yet because the package
-        pads every class to a whole K tile (512 rows at 2 bits, 128 at 8), so priced honestly a mixed
-        budget below about 9 bits is infeasible on a layer of 128 inputs (the test suite's blocks).
-        Storing the codes tight and padding at load would make the two agree."""
-        return TRITON_AS_ORT
+        """What the package stores (`cost.py`: codes tight at their own width, fp16 scales and zero
+        points, int32 permutation); no kernel-cost table."""
+        from qcompiler.codegen.triton.cost import TRITON
+
+        return TRITON
 
     def check_host(self) -> None:
         from qcompiler.codegen.triton.emit import check_triton
@@ -40,6 +39,3 @@ class TritonTarget(Target):
         from qcompiler.codegen.triton import emit
 
         return emit.emit(model, staging, manifest)
-
-
-TRITON_AS_ORT = bitcost.StorageCost(name="triton")

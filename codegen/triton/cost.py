@@ -1,18 +1,18 @@
 """What the Triton package stores for a mixed layer, the cost model `allocate-bits` prices for
 `--target triton` (`Target.cost_model`). It differs from ONNX Runtime's (`qcompiler.analysis.bitcost`):
 
-- codes of b bits in int32 words of the kernel width kb (the next of 2, 3, 4, 8 at or above b),
-  `codes_per_word(kb)` codes a word (16, 10, 8, 4: a 3-bit code costs 3.2 bits), a class's rows
-  padded to a whole K tile (32 words deep): 32 * ceil(rows / T) * T / C * N, T = C * 32;
+- codes of b bits stored tight at b bits (`reference.pack_tight`: one bit stream a class, its last
+  byte padded), which the package lays out as its kernels' int32 words of width kb (the next of 2,
+  3, 4, 8 at or above b, rows padded to a whole K tile) once, at load: 8 * ceil(b * rows * N / 8);
 - uniform classes: an fp16 scale and an fp16 zero point per group and column, whatever zero points
   the allocation chose (32 * N * ceil(rows / group));
-- codebook classes: the codes as above and an fp16 table of 2^kb entries per column;
+- codebook classes: the codes as above and an fp16 table of 2^kb entries per column (kb: the
+  kernel width);
 - fp16 classes: 16 bits a weight;
 - sparse outliers in CSC: an int16 row and an fp16 value (32 bits; the int32 column pointers are
   a per-layer constant);
-- the permutation: int64 per input channel.
-Not yet `TritonTarget.cost_model` (the K-tile padding makes small layers infeasible at mixed budgets;
-see `TritonTarget.cost_model`); no kernel-cost table is measured for this target, so cost=latency refuses it.
+- the permutation: int32 per input channel.
+No kernel-cost table is measured for this target, so cost=latency refuses it.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from __future__ import annotations
 import math
 
 from qcompiler.analysis import bitcost
-from qcompiler.codegen.triton.reference import BITS, PACK_ROWS, codes_per_word
+from qcompiler.codegen.triton.reference import BITS
 
 SPARSE_BITS = 16 + 16
-PERM_BITS = 64
+PERM_BITS = 32
 
 
 def kernel_width(bits: int) -> int:
@@ -32,10 +32,8 @@ def kernel_width(bits: int) -> int:
 
 
 def code_bits(bits: int, rows: int, cols: int) -> int:
-    """Codes as the package stores them: int32 words, rows padded to a whole K tile."""
-    c = codes_per_word(kernel_width(bits))
-    tile = c * PACK_ROWS
-    return 32 * (math.ceil(rows / tile) * tile // c) * cols
+    """Codes as the package stores them: one tight stream of `bits`-bit codes, whole bytes."""
+    return 8 * math.ceil(bits * rows * cols / 8)
 
 
 class TritonStorageCost(bitcost.StorageCost):
@@ -55,8 +53,8 @@ class TritonStorageCost(bitcost.StorageCost):
     def per_row_bits(self, bits: int, cols: int, group_size: int, codebook: bool, zero_points: str) -> float:
         if bits == bitcost.FP16:
             return bitcost.FP16 * cols
-        words = 32 / codes_per_word(kernel_width(bits)) * cols
-        return words if codebook else words + 2 * bitcost.FP16 * cols / group_size
+        codes = bits * cols
+        return codes if codebook else codes + 2 * bitcost.FP16 * cols / group_size
 
     def sparse_bits(self, candidates, codebook: bool, zero_points: str) -> int:
         return SPARSE_BITS

@@ -10,8 +10,9 @@
     DIR/model.py             ONNX operators in torch (codegen/triton/runtime.py, verbatim), a reader of
                              safetensors files, and the graph as one `forward` function: quantized
                              linears call kernels.py, everything else torch (extern-kernel style)
-    DIR/weights.safetensors  every weight, already in its kernel's layout (packed codes, scales, CSC
-                             outliers, int8 W^T); never pickle
+    DIR/weights.safetensors  every weight in its kernel's layout (scales, CSC outliers, int8 W^T),
+                             except codes: stored tight at their own width and turned into the
+                             kernels' k-strided words once, at load; never pickle
     DIR/manifest.json        graph input/output names, dtypes and shapes, each weight's shape, dtype and
                              source initializer, kernels and the nodes they serve, pipeline, versions
     DIR/README.md            how to load the package by path
@@ -151,6 +152,7 @@ class Weight:
     place: str  # "float": compute dtype on the device; "raw": as stored, on the device; "host": CPU
     source: str  # the IR value (or node) it came from
     linear: bool = False  # stored for a linear layer (counted in the effective bits per weight)
+    unpack: dict | None = None  # codes stored tight: {"segments": [[bits, kernel width, rows], ...], "columns": N}
 
 
 @dataclasses.dataclass
@@ -184,6 +186,21 @@ class Emitter:
     def weight(self, hint: str, array: np.ndarray, place: str, source: str) -> str:
         key = self.wnames.get(("w", hint, len(self.weights)), hint)
         self.weights[key] = Weight(np.ascontiguousarray(array), place, source, self.in_linear)
+        return f"W[{key!r}]"
+
+    def code_words(self, hint: str, segments: list[tuple[np.ndarray, int, int]], source: str) -> str:
+        """Codes a kernel reads as k-strided int32 words (`reference.pack_codes` of each segment,
+        stacked): stored tight (`reference.pack_tight`, no padding rows, no spare word bits) and
+        turned into the words once, at load (`runtime.code_words`). `segments`: (codes [rows, N],
+        stored bits, kernel width) each."""
+        from qcompiler.codegen.triton.reference import pack_tight
+
+        columns = segments[0][0].shape[1]
+        stream = np.concatenate([pack_tight(codes, bits) for codes, bits, _ in segments])
+        key = self.wnames.get(("w", hint, len(self.weights)), hint)
+        self.weights[key] = Weight(stream, "raw", source, self.in_linear,
+                                   {"segments": [[int(bits), int(width), int(codes.shape[0])] for codes, bits, width in segments],
+                                    "columns": int(columns)})
         return f"W[{key!r}]"
 
     def const_of(self, value: ir.Value | None) -> np.ndarray | None:
@@ -385,13 +402,10 @@ class Emitter:
                          f"{_lit(int(aq['zero_point']))}, {_lit(int(aq['bits']))})")
             # weight-only 8-bit: codes q - qmin in 0..255, zero z - qmin, one group of all K rows
             codes = (q.astype(np.int32) + 128).astype(np.uint8)
-            from qcompiler.codegen.triton.reference import pack_codes
-
-            packed = pack_codes(codes, 8)
             name = self.kernel("wq-uniform", 8, k, False, bias is not None, act, serves)
             args = ", ".join([
                 xexpr,
-                self.weight(f"{hint}.packed", packed, "raw", node.name),
+                self.code_words(f"{hint}.packed", [(codes, 8, 8)], node.name),
                 self.weight(f"{hint}.scale", sw.reshape(1, n).astype(np.float32), "raw", node.name),
                 self.weight(f"{hint}.zero", (wz + 128).reshape(1, n).astype(np.float32), "raw", node.name),
             ])
@@ -404,7 +418,7 @@ class Emitter:
 
     def mixed_linear(self, node: ir.Node, x: ir.Value, inputs: list, attrs: dict, serves: list[ir.Node],
                      outputs: list[ir.Value], bias, act: str, act_quant) -> bool:
-        from qcompiler.codegen.triton.reference import pack_codes, _csc
+        from qcompiler.codegen.triton.reference import _csc
 
         kinds, bits, sizes = list(attrs["kinds"]), list(attrs["bits"]), list(attrs["sizes"])
         group, sparse = int(attrs["group_size"]), int(attrs["sparse"])
@@ -432,8 +446,9 @@ class Emitter:
             vals = outliers[1].astype(np.float32)
         terms = []
         xp = self.values.get(("xp", id(node)), f"{hint}_xperm")
-        # X's channels in stored order, once; each class reads a contiguous column range of it
-        self.emit(f"        {xp} = {xexpr}.index_select(-1, {self.weight(f'{hint}.perm', perm, 'raw', node.name)})")
+        # X's channels in stored order, once; each class reads a contiguous column range of it (int32
+        # indices: index_select takes them, and they cost half of int64's bits)
+        self.emit(f"        {xp} = {xexpr}.index_select(-1, {self.weight(f'{hint}.perm', perm.astype(np.int32), 'raw', node.name)})")
         if self.one_launch(kinds, group):
             self.mixed_one_launch(node, xp, classes, outliers, group, w_perm, serves, out, bias, act)
             return True
@@ -450,7 +465,7 @@ class Emitter:
             kb = next(kb for kb in KERNEL_BITS if kb >= b)
             args = [xs]
             codes = class_args[0].astype(np.int64)
-            args.append(self.weight(f"{hint}.c{ci}.packed", pack_codes(codes, kb), "raw", node.name))
+            args.append(self.code_words(f"{hint}.c{ci}.packed", [(codes, b, kb)], node.name))
             if kind == "uniform":
                 args.append(self.weight(f"{hint}.c{ci}.scale", class_args[1].astype(np.float16), "raw", node.name))
                 args.append(self.weight(f"{hint}.c{ci}.zero", class_args[2].astype(np.float16), "raw", node.name))
@@ -515,8 +530,9 @@ class Emitter:
                 for j, (kind, w) in enumerate(MIXED_KINDS) if layout.kinds_mask >> j & 1]
         name = self.kernel("wq-mixed", 0, group if "uniform" in kinds else None, corrections is not None,
                            bias is not None, act, serves, classes=tags, kinds_mask=layout.kinds_mask)
-        args = [xp] + [self.weight(f"{hint}.{part}", getattr(layout, part), "raw", src)
-                       for part in ("words", "tiles", "seg")]
+        args = [xp, self.code_words(f"{hint}.words", layout.segments, src) if layout.segments
+                else self.weight(f"{hint}.words", layout.words, "raw", src)]
+        args += [self.weight(f"{hint}.{part}", getattr(layout, part), "raw", src) for part in ("tiles", "seg")]
         if layout.scale is not None:
             args += [self.weight(f"{hint}.scale", layout.scale, "raw", src),
                      self.weight(f"{hint}.zero", layout.zero, "raw", src)]
@@ -898,6 +914,9 @@ class Model(torch.nn.Module):
         self.weights = {}
         for key, t in raw.items():
             place = manifest["tensors"][key]["place"]
+            unpack = manifest["tensors"][key].get("unpack")
+            if unpack is not None:  # codes stored tight: the kernel's words, built once
+                t = R.code_words(t, unpack["segments"], unpack["columns"])
             if place == "host":
                 self.weights[key] = t.clone()
             elif place == "float":
@@ -1082,7 +1101,8 @@ for inputs of those shapes (no Python or launch overhead).
 
 Files: `kernels.py` (the Triton kernels and one entry point per linear configuration of this model,
 each headed by the graph nodes it serves), `model.py` (the graph as torch operators calling those
-kernels), `weights.safetensors` (every weight in its kernel's layout), `manifest.json` (names,
+kernels), `weights.safetensors` (every weight in its kernel's layout, except codes: stored tight and
+laid out for the kernels at load), `manifest.json` (names,
 shapes, dtypes, weights, kernels, the pipeline that made it).
 """
 
@@ -1115,7 +1135,8 @@ def emit(model: ir.Model, directory: Path, manifest: dict[str, Any]) -> list[Pat
                  + "    raise ImportError(f\"this package needs triton: pip install triton ({exc})\") from None\n"
                  + _MODEL_TAIL + body + "\n")
     weights = {k: {"shape": list(w.array.shape), "dtype": _NUMPY_TO_ST[w.array.dtype if w.array.dtype in _NUMPY_TO_ST else np.dtype(np.float32)],
-                   "place": w.place, "source": w.source} for k, w in sorted(em.weights.items())}
+                   "place": w.place, "source": w.source, **({"unpack": w.unpack} if w.unpack else {})}
+               for k, w in sorted(em.weights.items())}
     blob = _safetensors(em.weights)
     full = {
         "schema": MANIFEST_SCHEMA,

@@ -43,7 +43,7 @@ Epilogue activations: ``none``, ``relu``, ``gelu`` (exact, erf; torch's default)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -95,6 +95,21 @@ def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
     for i in range(c):
         words |= qp[:, i] << np.uint32(bits * i)
     return words.reshape(kp // c, n).view(np.int32)
+
+
+def pack_tight(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes (0 <= q < 2**bits) as a package stores them: one little-endian bit stream, code i in
+    bits ``[i*bits, (i+1)*bits)``, row-major, the last byte zero-padded; uint8
+    ``[ceil(q.size * bits / 8)]``.  The package turns the stream into :func:`pack_codes`'s words at
+    load (``runtime.code_words``), so no padding row and no spare word bit is stored."""
+    q = np.asarray(codes).reshape(-1)
+    if q.size and (q.min() < 0 or q.max() >= 1 << bits):
+        raise ValueError(f"codes out of range for {bits} bits: [{q.min()}, {q.max()}]")
+    shifts = np.arange(bits, dtype=np.uint8)
+    chunk = 1 << 20  # codes at a time: a multiple of 8, so every chunk's stream is whole bytes
+    parts = [np.packbits(((q[s:s + chunk].astype(np.uint8)[:, None] >> shifts) & 1).reshape(-1), bitorder="little")
+             for s in range(0, q.size, chunk)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
 
 
 def unpack_codes(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
@@ -414,13 +429,14 @@ class MixedLayout:
     dense: np.ndarray | None
     group: int
     kinds_mask: int
+    segments: list = field(default_factory=list)  # (codes [rows, N], bits, kernel width) of each class in `words`, in order
 
 
 def pack_mixed(classes: list[MixedClass], group: int, n: int) -> MixedLayout:
     """Lay the classes out for the one-launch kernel (see :class:`MixedLayout`)."""
     if group % PACK_ROWS and any(c.kind == "uniform" for c in classes):
         raise ValueError(f"uniform classes need a group size that is a multiple of {PACK_ROWS}, got {group}")
-    words, tiles, scales, zeros, luts, dense = [], [], [], [], [], []
+    words, tiles, scales, zeros, luts, dense, segments = [], [], [], [], [], [], []
     seg, mask = [0], 0
     n_groups = n_lut = n_dense = 0
     for j, (kind, width) in enumerate(MIXED_KINDS):
@@ -436,6 +452,7 @@ def pack_mixed(classes: list[MixedClass], group: int, n: int) -> MixedLayout:
                 n_dense += rows
                 continue
             packed = pack_codes(np.asarray(c.inputs[0], np.int64), width)
+            segments.append((np.asarray(c.inputs[0]), c.bits, width))
             tile_rows = k_tile(width)
             n_tiles = packed.shape[0] // PACK_ROWS
             if kind == "uniform":
@@ -464,7 +481,7 @@ def pack_mixed(classes: list[MixedClass], group: int, n: int) -> MixedLayout:
         np.concatenate(words).astype(np.int32) if words else np.zeros((0, n), np.int32), np.asarray(tiles, np.int32),
         np.asarray(seg, np.int32),
         np.concatenate(scales) if scales else None, np.concatenate(zeros) if zeros else None,
-        np.concatenate(luts) if luts else None, np.concatenate(dense) if dense else None, group, mask)
+        np.concatenate(luts) if luts else None, np.concatenate(dense) if dense else None, group, mask, segments)
 
 
 def ref_gemm_mixed(x: np.ndarray, classes: list[MixedClass], group: int, bias=None, act: str = "none",

@@ -13,6 +13,60 @@ class PackageError(ValueError):
     """Bad input to this package (a weight file that disagrees with the manifest, a missing input)."""
 
 
+# ---- codes: stored tight, read by the kernels as k-strided int32 words ----
+
+_CODES_PER_WORD = {2: 16, 3: 10, 4: 8, 8: 4}
+_PACK_ROWS = 32
+
+
+def code_words(stream, segments, columns):
+    """The int32 words a kernel reads (`reference.pack_codes` of each segment, stacked along K) from
+    codes stored as tight bit streams (`reference.pack_tight`, one a segment, concatenated), built
+    once at load. `segments`: [stored bits, kernel width, rows] of each."""
+    parts, offset = [], 0
+    for bits, width, rows in segments:
+        count = rows * columns
+        size = (count * bits + 7) // 8
+        if offset + size > stream.numel():
+            raise PackageError("a weight's stored codes are shorter than manifest.json says; re-emit the package")
+        codes = _unpack_tight(stream[offset:offset + size], bits, count).reshape(rows, columns)
+        parts.append(_k_strided(codes, width))
+        offset += size
+    if offset != stream.numel():
+        raise PackageError("a weight's stored codes are longer than manifest.json says; re-emit the package")
+    return torch.cat(parts) if parts else torch.zeros((0, columns), dtype=torch.int32)
+
+
+def _unpack_tight(stream, bits, count):
+    """Codes of `bits` bits from a little-endian bit stream, `count` of them, as int64."""
+    out = torch.empty(count, dtype=torch.int64)
+    shifts = torch.arange(8, dtype=torch.uint8)
+    weights = 1 << torch.arange(bits, dtype=torch.int64)
+    chunk = 1 << 20  # codes at a time (a multiple of 8: every chunk starts on a byte)
+    for start in range(0, count, chunk):
+        n = min(chunk, count - start)
+        raw = stream[start * bits // 8:(start * bits + n * bits + 7) // 8]
+        planes = ((raw[:, None] >> shifts) & 1).reshape(-1)[:n * bits].reshape(n, bits).to(torch.int64)
+        out[start:start + n] = (planes * weights).sum(1)
+    return out
+
+
+def _k_strided(codes, width):
+    """`reference.pack_codes`: code i of word (tile t, row r) is K row t*C*32 + i*32 + r, K padded with 0."""
+    c, r = _CODES_PER_WORD[width], _PACK_ROWS
+    rows, n = codes.shape
+    tile = c * r
+    kp = -(-rows // tile) * tile
+    padded = torch.zeros((kp, n), dtype=torch.int64)
+    padded[:rows] = codes
+    q = padded.reshape(kp // tile, c, r, n)
+    words = torch.zeros((kp // tile, r, n), dtype=torch.int64)
+    for i in range(c):
+        words |= q[:, i] << (width * i)
+    words = words.reshape(kp // c, n)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
 _DTYPES = {
     1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
     9: torch.bool, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16,

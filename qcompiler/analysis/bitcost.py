@@ -178,9 +178,9 @@ class StorageCost:
     packed_widths: tuple[int, ...] = NBITS
     perm_bits = PERM_BITS
 
-    def __init__(self, kernel_costs: KernelCosts | None = None, name: str = "ort"):
+    def __init__(self, kernel_costs: KernelCosts | None = None, name: str | None = None):
         self.kernel_costs = kernel_costs
-        self.name = name  # the target whose run prices this way (named in refusals)
+        self.name = name or type(self).name  # the target whose run prices this way (named in refusals)
 
     def class_bits(self, kind: str, bits: int, rows: int, cols: int, group_size: int, zero_points: str) -> int:
         return class_bits(kind, bits, rows, cols, group_size, zero_points)
