@@ -19,8 +19,9 @@ so one 32-bit load yields ``C`` codes, and "code i of the R words of tile t" is 
 range ``[t*T + i*R, t*T + (i+1)*R)``.  A kernel therefore extracts whole K chunks with one shift and
 one mask (no gather, no reshape) and feeds them to ``tl.dot`` against a contiguous slice of X.
 Because R = 32 divides every group size (32, 64, 128), a chunk never straddles a quantization group.
-3-bit: 10 codes per word in bits 0..29, bits 30..31 are zero (3.2 stored bits per weight, not 3.0;
-the effective-bits accounting below counts them).
+3-bit: 10 codes per word in bits 0..29, bits 30..31 are zero (3.2 bits per weight in memory).
+A package does not store these words: it stores each class's codes tight at their own width
+(:func:`pack_tight`, 3.0 bits per 3-bit weight, no padding rows) and builds the words at load.
 
 Uniform (family ``w{b}a16``): ``w[k, n] = (q[k, n] - zero[k // g, n]) * scale[k // g, n]``, scale and
 zero fp16 ``[K // g, N]`` (asymmetric; the zero point may be fractional).
