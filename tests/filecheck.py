@@ -11,7 +11,7 @@ A golden file is ONNX textual syntax with directives in comments:
 
 A RUN line is one `qcompiler opt` (`%s`: this file) or several joined by `|` (`-` reads the
 previous one's output; `--elide` prints tensors over 64 elements, and float16/bfloat16 ones, as a
-hash line, as the checks expect; `--elide=N` those over N elements), run in
+hash line, as the checks expect; `--elide-over=N` those over N elements), run in
 this process through `qcompiler.tools.cli.main`; an optional last
 `filecheck --check-prefix=P` stage checks its output against the `P:` lines instead of `CHECK:`.
 `qcompiler opt` gives pipelines that calibrate deterministic synthetic batches.

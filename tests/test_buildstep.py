@@ -1,6 +1,7 @@
 """The build-step interface: --config, quality gates (exit 3), --dry-run, the calibration cache."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -108,10 +109,15 @@ def test_dry_run_prints_the_resolved_pipeline_and_writes_nothing(tiny_onnx, tmp_
     assert list(tmp_path.iterdir()) == [tiny_onnx]
 
 
-def test_dry_run_makes_the_compiles_own_checks(tiny_onnx, tmp_path, capsys):
+def test_dry_run_makes_the_compiles_own_checks(tiny_onnx, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     assert main(["compile", str(tiny_onnx), "-o", str(out), "--float-type", "float64", "--dry-run"]) == 2
     assert "float64" in capsys.readouterr().err
+    # but not of what this machine has installed: a build machine plans a compile it will not run
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.setitem(sys.modules, "triton", None)
+    assert main(["compile", str(tiny_onnx), "-o", str(out), "--workers", "2", "--target", "triton", "--dry-run"]) == 0
+    assert "pipeline: canonicalize{" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == [tiny_onnx]
 
 

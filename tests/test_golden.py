@@ -66,10 +66,11 @@ def test_opt_elides_over_the_bound_it_is_given(tmp_path, capsys):
     source = Path(__file__).parent / "golden" / "quantize" / "linear_static.onnxtxt"
     assert main(["-q", "opt", str(source), "-p", "calibrate,quantize", "--elide"]) == 0
     assert '"W.q" =  {13,23,32' in capsys.readouterr().out  # 12 elements: printed
-    assert main(["-q", "opt", str(source), "-p", "calibrate,quantize", "--elide=8"]) == 0
+    assert main(["-q", "opt", "--elide-over", "8", str(source), "-p", "calibrate,quantize"]) == 0
     assert '# elided int8[4,3] "W.q" sha256:' in capsys.readouterr().out
-    assert main(["-q", "opt", str(source), "--elide=-1"]) == 2
-    assert "--elide=N needs N of 0 or more" in capsys.readouterr().err
+    assert main(["-q", "opt", "--elide", str(source)]) == 0  # a switch: the file after it is the file
+    assert main(["-q", "opt", str(source), "--elide-over=-1"]) == 2
+    assert "--elide-over needs N of 0 or more" in capsys.readouterr().err
 
 
 def test_run_lines_pipe_stages_and_name_their_check_prefix():

@@ -40,18 +40,21 @@ class Session:
     """A pipeline over one source with one set of `CompileOptions`. `complete`: the pipeline starts
     with `canonicalize` and gets the target's ends (`compile`, `doctor`); false: exactly its passes
     (`opt`). `calibration_label`: what the calibration is called in the model's calibration record
-    (default: the data file, or `api` for batches given in Python)."""
+    (default: the data file, or `api` for batches given in Python). `host_checks`: false for a dry
+    run, which checks every option's value but not what this machine has installed (Ray, triton)."""
 
-    def __init__(self, options: CompileOptions, *, complete: bool = True, calibration_label: str | None = None):
+    def __init__(self, options: CompileOptions, *, complete: bool = True, calibration_label: str | None = None,
+                 host_checks: bool = True):
         self.options = options
         self.target = get_target(options.target)
         threads = options.threads
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
             raise UserError(f"threads must be a positive integer, got {shown(repr(threads))}")
-        parallel.check_options(options.workers, options.ray_address)
+        parallel.check_options(options.workers, options.ray_address, host=host_checks)
         if not isinstance(options.block_sequential, bool):
             raise UserError(f"block_sequential must be true or false, got {shown(repr(options.block_sequential))}")
-        self.target.check_host()  # e.g. a missing triton fails before any slow step
+        if host_checks:
+            self.target.check_host()  # e.g. a missing triton fails before any slow step
         self.float_type = float_types.check_float_type_option(options.float_type)
         check_choices(options)
         passes = parse_pipeline(options.pipeline) if complete or options.pipeline.strip() else []

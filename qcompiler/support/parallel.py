@@ -120,13 +120,13 @@ def import_ray():
     return ray
 
 
-def check_options(workers: int | None = None, ray_address: str | None = None) -> None:
-    """Bad `workers`/`ray_address`, or Ray missing when asked for: one line, before any slow step."""
+def check_options(workers: int | None = None, ray_address: str | None = None, host: bool = True) -> None:
+    """Bad `workers`/`ray_address`, or (with `host`) Ray missing when asked for: one line, before any slow step."""
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise UserError(f"workers must be a positive integer, got {workers!r}")
     if ray_address is not None and (not isinstance(ray_address, str) or not ray_address.strip()):
         raise UserError("ray-address must be an address such as ray://head:10001 or auto")
-    if workers is not None or ray_address is not None:
+    if host and (workers is not None or ray_address is not None):
         import_ray()
 
 

@@ -134,9 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("-o", "--output", metavar="FILE", help="write the IR text here instead of standard output")
     opt.add_argument("--calib-batches", type=int, default=4, metavar="N",
                      help="synthetic calibration batches for passes that need data (default 4, seeds 0..N-1)")
-    opt.add_argument("--elide", nargs="?", type=int, const=64, metavar="N",
-                     help="print tensors over N elements (default 64), and float16/bfloat16 ones, as dtype, shape and hash "
+    opt.add_argument("--elide", action="store_true",
+                     help="print tensors over 64 elements, and float16/bfloat16 ones, as dtype, shape and hash "
                           "(the output then no longer parses back to the same weights)")
+    opt.add_argument("--elide-over", type=int, metavar="N", help="as --elide, for tensors over N elements")
 
     show = sub.add_parser("show", help="print a model as IR text")
     show.add_argument("path", help="path to an .onnx file")
@@ -270,10 +271,10 @@ def _cmd_compile(args) -> int:
     _check_outputs(opts, args.config)
     options = from_command_line(CompileOptions, vars(opts), cache_dir=cache_dir,
                                 require_data_probe=any(g.metric.name == "output-cosine" for g in gates))
-    if opts.dry_run:  # the session's own checks and completed pipeline, and nothing slow
+    if opts.dry_run:  # the session's checks of every option and its completed pipeline; nothing slow, nothing installed asked for
         from qcompiler.driver.session import Session
 
-        sys.stdout.write(buildstep.describe_dry_run(opts, Session(options).spec, cache_dir, gates))
+        sys.stdout.write(buildstep.describe_dry_run(opts, Session(options, host_checks=False).spec, cache_dir, gates))
         return 0
     result = compile_with(options)
     _summary(result)
@@ -437,6 +438,7 @@ def _cmd_show(args) -> int:
 def _cmd_opt(args) -> int:
     from pathlib import Path
 
+    from qcompiler.ir import ELIDE_ELEMENTS
     from qcompiler.support.fileio import write_atomic
     from qcompiler.tools.opt import optimize_text
 
@@ -447,9 +449,10 @@ def _cmd_opt(args) -> int:
         if not path.is_file():
             raise UserError(f"opt: no such file '{path}'; give an .onnxtxt file of IR text (or - for standard input)")
         text = path.read_text()
-    if args.elide is not None and args.elide < 0:
-        raise UserError(f"opt: --elide=N needs N of 0 or more, got {args.elide}")
-    result = optimize_text(text, args.pipeline, args.calib_batches, args.elide)
+    if args.elide_over is not None and args.elide_over < 0:
+        raise UserError(f"opt: --elide-over needs N of 0 or more, got {args.elide_over}")
+    elide_over = args.elide_over if args.elide_over is not None else ELIDE_ELEMENTS if args.elide else None
+    result = optimize_text(text, args.pipeline, args.calib_batches, elide_over)
     if args.output:
         write_atomic(args.output, result)
     else:
