@@ -112,6 +112,34 @@ def test_int8_pipeline_suggestion_keeps_layers_in_float():
     assert "keep=" in result["suggestion"]["pipeline"]
 
 
+def test_int8_walk_measured_as_one_batch_chooses_what_the_walk_in_process_chooses(monkeypatch):
+    """On a Ray executor the walk's prefixes are measured at once; a stand-in executor that runs the
+    batch here takes that path."""
+    from qcompiler.support import parallel
+
+    model = _mlp()
+    data = [synthetic_inputs(model, seed=s) for s in range(4)]
+    here = diagnose(model, "calibrate,quantize", calibration=data)["suggestion"]
+
+    class Batched:  # an executor that is not InProcess (the batch path), running its tasks here
+        workers = 2
+
+        def map(self, fn, items, *, shared=None, names=None):
+            return [fn(shared, item) for item in items]
+
+        def close(self):
+            pass
+
+    batches = []
+    real_errors = Switchboard.errors
+    monkeypatch.setattr(Switchboard, "errors", lambda self, queries, executor, label: batches.append(label) or real_errors(
+        self, queries, executor, label))
+    monkeypatch.setattr(parallel, "executor_for", lambda workers=None, address=None: Batched())
+    fanned = diagnose(model, "calibrate,quantize", calibration=data)["suggestion"]
+    assert "doctor: layers kept in float" in batches
+    assert fanned == here and here["layers"]
+
+
 def test_cli_apply_writes_a_pipeline_file_that_compile_accepts(tmp_path, capsys):
     import onnx
 

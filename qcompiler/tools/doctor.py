@@ -521,12 +521,8 @@ def _suggest(passes, rows, total, board: Switchboard, everything: set[str], max_
     elif Quantize.name in names:
         index = names.index(Quantize.name)
         quantizer = passes[index]
-        chosen, boost, predicted, refinement = [], [], total, []
-        for row in rows:
-            if predicted <= total / 2 or len(chosen) >= 8 or row["recovered"] <= 0:
-                break
-            chosen.append(row["layer"])
-            predicted = board.error(everything - set(chosen))
+        boost, refinement = [], []
+        chosen, predicted = _keep_in_float(rows, everything, total, board, executor)
         keep = list(chosen)
         changed = dataclasses.replace(quantizer, keep=tuple(sorted(set(quantizer.keep) | set(chosen))))
         extra = None
@@ -548,6 +544,36 @@ def _suggest(passes, rows, total, board: Switchboard, everything: set[str], max_
         "pipeline": format_pipeline(suggested),
         **({"refinement": refinement} if refinement else {}),
     }
+
+
+KEEP_IN_FLOAT = 8  # layers an int8 suggestion keeps in float at most
+
+
+def _keep_in_float(rows: list[dict], everything: set[str], total: float, board: Switchboard, executor) -> tuple[list[str], float]:
+    """The int8 walk: the layers in order of recovered error (none that recovers nothing), kept in
+    float one more at a time until the predicted error halves, at most `KEEP_IN_FLOAT`. In-process
+    the walk measures one prefix after another and stops at the first that halves the error; on a
+    Ray executor every prefix is measured as one batch (`Switchboard.errors`) and the walk reads
+    them in order: the same choice, the measurements at once."""
+    from qcompiler.support.parallel import InProcess
+
+    candidates = []
+    for row in rows:
+        if total <= 0 or len(candidates) >= KEEP_IN_FLOAT or row["recovered"] <= 0:
+            break
+        candidates.append(row["layer"])
+    if isinstance(executor, InProcess):
+        errors = (board.error(everything - set(candidates[:k])) for k in range(1, len(candidates) + 1))
+    else:
+        queries = [(frozenset(everything - set(candidates[:k])), frozenset()) for k in range(1, len(candidates) + 1)]
+        errors = iter(board.errors(queries, executor, "doctor: layers kept in float"))
+    chosen, predicted = [], total
+    for layer, error in zip(candidates, errors):
+        chosen.append(layer)
+        predicted = error
+        if predicted <= total / 2:
+            break
+    return chosen, predicted
 
 
 def _measure_allocations(suggestion: dict, passes, records, original: ir.Model, float_stage: ir.Model, board: Switchboard,
