@@ -183,6 +183,20 @@ def test_doctor_diagnosis_is_the_same_in_process_and_on_two_workers(tmp_path, ra
     assert fanned == here
 
 
+def test_doctor_int8_walk_is_the_same_in_process_and_on_two_workers(tmp_path, ray_session):
+    from qcompiler.tools.doctor import diagnose
+
+    source = _chain(tmp_path / "chain.onnx", layers=4)
+    data = _calibration(source)
+    here = diagnose(str(source), "calibrate,quantize", calibration=data, threads=1)
+    fanned = diagnose(str(source), "calibrate,quantize", calibration=data, threads=1, workers=2)
+    assert here["suggestion"]["layers"] and "keep=" in here["suggestion"]["pipeline"]
+    for result in (here, fanned):  # wall times differ from run to run
+        for row in result["passes"]:
+            row.pop("seconds")
+    assert fanned == here
+
+
 def _shared_input_chain(path: Path, width: int = 64, seed: int = 0) -> Path:
     """X -> {Q, K} (both read X) -> Q * K -> O -> Tanh -> D: three layer groups, a few input
     channels of X scaled up (outliers), so the alpha search has something to choose."""
