@@ -167,23 +167,24 @@ class AllocateBitsPass(Pass):
         for key, value in (("outliers-act", self.outliers_act), ("outliers-weight", self.outliers_weight)):
             if not 0.0 <= value <= 0.1:
                 raise UserError(f"allocate-bits: {key} must be in [0, 0.1], got {value}")
-        self._check_runnable_widths()
-
-    def _check_runnable_widths(self) -> None:
-        """A width ONNX Runtime's MatMulNBits cannot run, asked for, needs `other-widths` to say how to store it."""
-        asked = set(self.candidates) | ({self.keep_bits} if self.keep else set())
-        codebook = self.codebook == "kmeans"  # classes of 4 bits or fewer are codebooks, not MatMulNBits
-        other = sorted(b for b in asked if b not in bitcost.NBITS and not (codebook and b <= 4))
-        runs = ", ".join(map(str, bitcost.NBITS))
-        if other and self.other_widths == "refuse" and self.zero_points == "auto":
-            widths = ",".join(map(str, other))
-            raise UserError(
-                f"allocate-bits: ONNX Runtime's MatMulNBits runs {runs} bits packed, not {widths}; choose candidates from "
-                f"{','.join(map(str, bitcost.NBITS))}, or allow {widths} with other-widths=container (stored in the next width it "
-                f"runs and priced at it) or other-widths=expand (stored tight, expanded to float32 at load)")
         if self.other_widths == "expand" and self.zero_points == "integer":
             raise UserError("allocate-bits: other-widths=expand stores fractional zero points; drop zero-points=integer "
                             "(integer zero points of any width run on MatMulNBits in containers)")
+
+    def check_target(self, cost_model: bitcost.StorageCost) -> None:
+        """A width the target's kernels cannot run packed (`cost_model.packed_widths`: 2, 4, 8 for
+        ONNX Runtime's MatMulNBits; 2, 3, 4, 8 for the Triton package), asked for, needs
+        `other-widths` to say how to store it."""
+        asked = set(self.candidates) | ({self.keep_bits} if self.keep else set())
+        codebook = self.codebook == "kmeans"  # classes of 4 bits or fewer are codebooks, not MatMulNBits
+        packed = cost_model.packed_widths
+        other = sorted(b for b in asked if b not in packed and not (codebook and b <= 4))
+        if other and self.other_widths == "refuse" and self.zero_points == "auto":
+            widths = ",".join(map(str, other))
+            raise UserError(
+                f"allocate-bits: {cost_model.kernels} run {', '.join(map(str, packed))} bits packed, not {widths}; choose "
+                f"candidates from {','.join(map(str, packed))}, or allow {widths} with other-widths=container (stored in the "
+                f"next width it runs and priced at it) or other-widths=expand (stored tight, expanded to float32 at load)")
 
     @property
     def _zero_points(self) -> str:
@@ -191,6 +192,7 @@ class AllocateBitsPass(Pass):
         return "integer" if self.zero_points == "auto" and self.other_widths == "container" else self.zero_points
 
     def call(self, model: ir.Model) -> PassResult:
+        self.check_target(self._costs)
         graph = model.graph
         found = linears(graph)
         kept = [linear for linear in found if self._is_kept(linear)]

@@ -408,7 +408,7 @@ def test_output_sensitivity_gives_bits_where_errors_reach_the_outputs():
 
 
 def test_width_without_a_kernel_is_refused_naming_the_runnable_widths_and_the_options():
-    with pytest.raises(UserError, match=r"runs 2, 4, 8 bits packed, not 3; .*other-widths=container .*other-widths=expand"):
+    with pytest.raises(UserError, match=r"MatMulNBits kernels run 2, 4, 8 bits packed, not 3; .*other-widths=container .*other-widths=expand"):
         _compile(_layer(k=256, n=64), "calibrate,allocate-bits{candidates=2,3,4,8}")
     with pytest.raises(UserError, match="drop zero-points=integer"):
         _compile(_layer(k=256, n=64), "calibrate,allocate-bits{other-widths=expand zero-points=integer}")

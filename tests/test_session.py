@@ -14,6 +14,7 @@ from qcompiler.analysis import probe
 from qcompiler.codegen.targets import get_target
 from qcompiler.driver.options import CompileOptions, command_line_fields, from_command_line, option
 from qcompiler.driver.session import Session
+from qcompiler.errors import UserError
 from qcompiler.ir import parse
 from qcompiler.tools import buildstep
 from qcompiler.tools.cli import add_option_flags, build_parser, resolve_compile_options
@@ -144,3 +145,13 @@ def test_session_context_carries_the_options_and_the_targets_cost_model():
         assert ctx.cost_model is get_target("ort").cost_model
     with Session(CompileOptions(), complete=False, calibration_label="synthetic:4").context() as ctx:
         assert ctx.calibration_source == "synthetic:4" and ctx.block_sequential is None
+
+
+def test_widths_are_checked_against_the_targets_kernels_before_any_slow_step():
+    pipeline = "calibrate,allocate-bits{candidates=2,3,4},quantize-weights"
+    Session(CompileOptions(source="unused.onnx", pipeline=pipeline, target="triton"))  # the Triton kernels run 3 bits packed
+    with pytest.raises(UserError, match=r"ONNX Runtime's MatMulNBits kernels run 2, 4, 8 bits packed, not 3; .*other-widths=container"):
+        Session(CompileOptions(source="unused.onnx", pipeline=pipeline))
+    with pytest.raises(UserError, match=r"the Triton package's kernels run 2, 3, 4, 8 bits packed, not 5"):
+        Session(CompileOptions(source="unused.onnx", pipeline="calibrate,allocate-bits{candidates=2,5},quantize-weights", target="triton"))
+    Session(CompileOptions(source="unused.onnx", pipeline="calibrate,allocate-bits{candidates=2,3 other-widths=container},quantize-weights"))

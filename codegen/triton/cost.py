@@ -38,6 +38,7 @@ def code_bits(bits: int, rows: int, cols: int) -> int:
 
 class TritonStorageCost(bitcost.StorageCost):
     name = "triton"
+    kernels = "the Triton package's kernels"
     packed_widths = BITS
     perm_bits = PERM_BITS
 

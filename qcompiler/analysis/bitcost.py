@@ -175,6 +175,7 @@ class StorageCost:
     run packed, and the route each class takes (the key of its kernel in `kernel_costs`)."""
 
     name = "ort"
+    kernels = "ONNX Runtime's MatMulNBits kernels"  # what runs the packed widths (named in refusals)
     packed_widths: tuple[int, ...] = NBITS
     perm_bits = PERM_BITS
 

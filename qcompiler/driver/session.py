@@ -61,6 +61,8 @@ class Session:
         if complete:  # a bad pipeline fails before any slow step (a given model may bring properties: checked in `use`)
             passes = complete_pipeline(passes, options.target)
             check_order(passes)
+        for p in passes:  # and so do options the target cannot honour
+            p.check_target(self.target.cost_model)
         self.passes = passes
         self.spec = format_pipeline(self.passes)
         self.calibration_label = calibration_label

@@ -56,6 +56,10 @@ class Pass(ir.passes.InPlacePass):
     # graph's inputs comes after every pass that runs the model on calibration data.
     followers: ClassVar[frozenset[str] | None] = None
 
+    def check_target(self, cost_model) -> None:
+        """Options the run's target cannot honour (`cost_model`: its `StorageCost`): a UserError,
+        raised by the session before any slow step (and by the pass itself when run without one)."""
+
     def requires(self, model: ir.Model) -> None:
         missing = self.required - model_properties(model)
         if missing:
