@@ -129,7 +129,7 @@ class AllocateBitsPass(Pass):
         SPARSE_OUTLIERS = "sparse_outliers"
 
     avg_bits: float = option(3.25, "average stored bits per weight, metadata included (2.0 to 8.0)")
-    candidates: tuple[int, ...] = option((2, 4, 8), "bit widths a channel may get (integers 1..8; ONNX Runtime runs 2, 4 and 8 packed, see other-widths)")
+    candidates: tuple[int, ...] = option((2, 4, 8), "bit widths a channel may get (integers 1..8; the target runs some packed: ONNX Runtime 2, 4 and 8, Triton 2, 3, 4 and 8; see other-widths)")
     scope: Literal["layer", "model"] = option("layer", "budget per layer, or shared by the whole model")
     group_size: int = option(128, "rows per scale/zero-point group (32 to 128, a power of 2)")
     codebook: Literal["uniform", "kmeans"] = option("uniform", "2-4 bit classes: uniform groups, or activation-weighted k-means codebooks per column")
