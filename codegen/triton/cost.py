@@ -20,15 +20,10 @@ from __future__ import annotations
 import math
 
 from qcompiler.analysis import bitcost
-from qcompiler.codegen.triton.reference import BITS
+from qcompiler.codegen.triton.reference import BITS, kernel_width
 
 SPARSE_BITS = 16 + 16
 PERM_BITS = 32
-
-
-def kernel_width(bits: int) -> int:
-    """The narrowest code width the package's kernels unpack that holds `bits`-bit codes."""
-    return next(w for w in BITS if w >= bits)
 
 
 def code_bits(bits: int, rows: int, cols: int) -> int:

@@ -183,9 +183,9 @@ class Emitter:
         self.in_linear = False
 
     # ---------------------------------------------------------------- weights and values
-    def weight(self, hint: str, array: np.ndarray, place: str, source: str) -> str:
+    def weight(self, hint: str, array: np.ndarray, place: str, source: str, unpack: dict | None = None) -> str:
         key = self.wnames.get(("w", hint, len(self.weights)), hint)
-        self.weights[key] = Weight(np.ascontiguousarray(array), place, source, self.in_linear)
+        self.weights[key] = Weight(np.ascontiguousarray(array), place, source, self.in_linear, unpack)
         return f"W[{key!r}]"
 
     def code_words(self, hint: str, segments: list[tuple[np.ndarray, int, int]], source: str) -> str:
@@ -195,13 +195,10 @@ class Emitter:
         stored bits, kernel width) each."""
         from qcompiler.codegen.triton.reference import pack_tight
 
-        columns = segments[0][0].shape[1]
         stream = np.concatenate([pack_tight(codes, bits) for codes, bits, _ in segments])
-        key = self.wnames.get(("w", hint, len(self.weights)), hint)
-        self.weights[key] = Weight(stream, "raw", source, self.in_linear,
-                                   {"segments": [[int(bits), int(width), int(codes.shape[0])] for codes, bits, width in segments],
-                                    "columns": int(columns)})
-        return f"W[{key!r}]"
+        unpack = {"segments": [[int(bits), int(width), int(codes.shape[0])] for codes, bits, width in segments],
+                  "columns": int(segments[0][0].shape[1])}
+        return self.weight(hint, stream, "raw", source, unpack)
 
     def const_of(self, value: ir.Value | None) -> np.ndarray | None:
         if value is None or value.const_value is None:
