@@ -12,6 +12,10 @@ Rows, per model:
 - `ours w8a8`: our `w8a8` preset (per-channel int8 Conv weights, static per-tensor uint8
   activations, Conv activations clipped by MSE, Conv biases corrected).
 - `ours w8a8 minmax`: `w8a8{conv-method=calibrated}`, the same with min-max activation ranges.
+- `ours mixed 4` (FFDNet): `mixed{avg-bits=4}`, weight-only: every Conv kernel allocated 2, 4 or 8
+  bits per im2col row within 4 stored bits per weight, biases corrected, expanded to float32 when the
+  session starts (float activations and compute); `mixed 4 sens.` the same with
+  `scope=model sensitivity=output`. Their stored bits per weight are in the JSON (`effective_bits`).
 - `ort static`: `onnxruntime.quantization.quantize_static` on the float32 model after
   `quant_pre_process` (its symbolic shape inference fails on the free height and width, so it
   runs with `skip_symbolic_shape=True`): QDQ, `per_channel=True`, activations QUInt8, weights
@@ -85,6 +89,7 @@ CALIBRATION_BATCH = 4
 TARGET_DROP_DB = 0.1
 TARGET_LATENCY_RATIO = 0.7
 TARGET_DICE = 0.99
+MIXED_VARIANTS = {"ours mixed 4": "mixed{avg-bits=4}", "ours mixed 4 sens.": "mixed{avg-bits=4 scope=model sensitivity=output}"}
 
 
 class ListReader:
@@ -136,7 +141,8 @@ def compile_ours(name: str, out: Path, pipeline: str, batches, keep_stats: bool 
     start = time.perf_counter()
     result = qcompiler.compile(name, out, pipeline=pipeline, calibration=batches, drift=False, threads=common.THREADS)
     found = {"model": out / "model.onnx", "pipeline": result.pipeline, "compile_s": round(time.perf_counter() - start, 1),
-             "capture_s": result.timings["capture_s"]}
+             "capture_s": result.timings["capture_s"],
+             "effective_bits": json.loads((out / "manifest.json").read_text()).get("effective_bits_per_weight")}
     if keep_stats:
         stats = {r.name: r.stats for r in result.records}
         found["quantized_layers"] = stats.get("quantize", {}).get("layers")
@@ -286,6 +292,9 @@ def bench_model(name: str, args, work: Path) -> dict[str, Any]:
     log(f"{name}: ort static quantized in {ort_static['compile_s']} s")
     weights_only = without_activation_quantization(ours["model"], work / "w8a8-float-activations.onnx")
     variants = {"float32": float32, "ours w8a8": ours, "ours w8a8 minmax": ours_minmax, "ort static": ort_static}
+    for label, pipeline in MIXED_VARIANTS.items():
+        variants[label] = compile_ours(name, work / label.replace(" ", "-").replace(".", ""), pipeline, batches)
+        log(f"{name}: {label} compiled in {variants[label]['compile_s']} s, {variants[label]['effective_bits']} bits per weight")
     if args.peers_python:
         variants["nncf"] = compile_nncf(float32["model"], work, batches, args.peers_python)
         log(f"{name}: nncf quantized in {variants['nncf']['compile_s']} s")
@@ -443,9 +452,10 @@ def render(results: list[dict]) -> str:
         lines.append(f"{r['model']} on {', '.join(r['evaluation_photos'])} ({r['evaluation_size']})")
         lines.append(common.table(["sigma", "variant", "PSNR dB", "drop dB", "SSIM", "max offset", "PSNR offsets removed"], rows))
         lat = r["latency_512"]
+        bits = {k: v.get("effective_bits") for k, v in r["variants"].items()}
         lines.append(common.table(
-            ["variant", "median ms 512x512", "x float32"],
-            [[k, f"{v['median_ms']:.1f}", f"{v['paired_ratio']:.2f}"] for k, v in lat.items()]))
+            ["variant", "stored bits per weight", "median ms 512x512", "x float32"],
+            [[k, "" if bits.get(k) is None else f"{bits[k]:.2f}", f"{v['median_ms']:.1f}", f"{v['paired_ratio']:.2f}"] for k, v in lat.items()]))
         lines.append("targets: " + "; ".join(f"{k}: {'yes' if v else 'no'}" for k, v in r["targets"].items()))
         lines.append("")
     return "\n".join(lines)

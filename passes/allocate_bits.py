@@ -22,6 +22,16 @@ codes, scales, zero points, codebooks, sparse outliers, the permutation).
 - Quantization-based outliers (`outliers-weight`, kept as sparse fp16 by `quantize-weights`) are
   budgeted here too, so that the average holds after them.
 
+Conv layers (`convs=true`, the default): a Conv's kernel [O, C/g, k...] is held as its im2col
+matrix W [C/g * taps, O] (`qcompiler.ir.layers.conv_as_linear`: Transpose + Reshape rebuild the
+kernel, exactly), so that a row is one input channel at one tap and the method above applies as to
+a linear, with E of a row the energy of its input channel (the mean over the groups). ONNX Runtime
+has no low-bit Conv kernel: the kernel is expanded to float32 when the session starts, so it is
+priced as that route stores it (`bitcost.EXPANDED`: tight bit-planes at any width), and a kernel
+with fewer rows than `group-size` (a depthwise 3x3 has 9) is one group, a scale per output channel.
+At scope=layer the Conv layers share one budget: a conv net's layers are many and small, and each
+class of each layer pays the lowering's constants.
+
 The allocation is recorded in the IR as `qc.BitAllocation(W, bits)` in front of each weight,
 carrying the format it was budgeted for; `quantize-weights` consumes it. The paper reports
 Llama-2-7B WikiText-2 perplexity close to 4-bit GPTQ/AWQ at about 3 bits; our defaults
@@ -46,7 +56,7 @@ from qcompiler.analysis import bitcost
 from qcompiler.analysis.probe import log_softmax, mean_kl
 from qcompiler.dialect.ops import QC_OPSET_VERSION
 from qcompiler.errors import UserError
-from qcompiler.ir.layers import Linear, linears, new_initializer
+from qcompiler.ir.layers import ConvAsLinear, Linear, conv_as_linear, linears, new_initializer, weighted_convs
 from qcompiler.ir.meta import CREATED_BY, Prop, activation_stats
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 from qcompiler.support.progress import progress
@@ -60,12 +70,13 @@ REVISITS = 8
 class _Layer:
     """A layer's error model. The weight itself is not kept: a weight on disk is read again when needed."""
 
-    linear: Linear
+    linear: Linear | ConvAsLinear
     shape: tuple[int, int]  # the weight's [K, N]
     energy: np.ndarray
     fp16: np.ndarray  # bool [K]: activation outliers
     sparse: int  # number of sparse outliers budgeted
     errors: dict[int, np.ndarray]  # bits -> err_k(b) [K]
+    costs: bitcost.StorageCost  # how its storage is priced (the target's, or expanded at load for a Conv)
 
     @property
     def size(self) -> int:
@@ -148,6 +159,8 @@ class AllocateBitsPass(Pass):
         "bits", "what decides among allocations that meet the budget: bits (error per stored bit), or latency (each set of "
         "candidate classes allocated by error per stored bit, and the one with the least predicted error x predicted time "
         "kept, time from the target's measured kernel-cost table)")
+    convs: bool = option(True, "allocate Conv kernels too, as [C/g * kernel taps, O] matrices (stored packed, expanded to "
+                         "float32 when the session starts; at scope=layer all Conv layers share one budget); false leaves them float")
     other_widths: Literal["refuse", "container", "expand"] = option(
         "refuse", "candidate or keep widths ONNX Runtime's MatMulNBits does not run (1, 3, 5, 6, 7): refuse them, store them in "
         "containers of the next width it runs (3 -> 4 bits, priced at 4), or store them tight as bit-planes with fractional "
@@ -194,7 +207,9 @@ class AllocateBitsPass(Pass):
     def call(self, model: ir.Model) -> PassResult:
         self.check_target(self._costs)
         graph = model.graph
-        found = linears(graph)
+        found: list[Linear | ConvAsLinear] = linears(graph)
+        if self.convs:
+            found += [conv_as_linear(graph, conv, self.name) for conv in weighted_convs(graph)]
         kept = [linear for linear in found if self._is_kept(linear)]
         self._check_keep_matches(found)
         layers = []
@@ -214,8 +229,11 @@ class AllocateBitsPass(Pass):
         plain = [layer for layer in layers if id(layer) not in boosted_ids]
         if self.scope == "model":
             pools = [(pool, budget) for pool, budget in ((plain, self.avg_bits), (boosted, self.avg_bits + self.boost_bits)) if pool]
-        else:
-            pools = [([layer], self.avg_bits + (self.boost_bits if id(layer) in boosted_ids else 0.0)) for layer in layers]
+        else:  # a conv net's layers are many and small (a depthwise 3x3 has 9 rows): they share one budget
+            convs = [layer for layer in plain if isinstance(layer.linear, ConvAsLinear)]
+            pools = [([layer], self.avg_bits + (self.boost_bits if id(layer) in boosted_ids else 0.0))
+                     for layer in layers if not isinstance(layer.linear, ConvAsLinear) or id(layer) in boosted_ids]
+            pools += [(convs, self.avg_bits)] if convs else []
         allocations = {}
         for pool, avg_bits in pools:
             allocations.update(self._allocate(pool, avg_bits))
@@ -226,7 +244,7 @@ class AllocateBitsPass(Pass):
                 per_layer[layer.linear.name] = self._record(graph, layer, bits, self.outliers_weight)
                 bar.update()
         for linear in kept:
-            layer = _Layer(linear, tuple(linear.w.const_value.shape), None, None, 0, {})
+            layer = _Layer(linear, tuple(linear.w.const_value.shape), None, None, 0, {}, self._layer_costs(linear))
             per_layer[linear.name] = self._record(graph, layer, np.full(layer.shape[0], self.keep_bits, np.uint8), 0.0)
             per_layer[linear.name]["kept"] = True
         total_bits = sum(v["stored_bits"] for v in per_layer.values())
@@ -245,15 +263,22 @@ class AllocateBitsPass(Pass):
 
     # ------------------------------------------------------------------------------------------
 
-    def _prepare(self, linear: Linear) -> _Layer:
+    def _layer_costs(self, linear: Linear | ConvAsLinear) -> bitcost.StorageCost:
+        """A Conv's weight is expanded at load whatever the target; a linear is priced by the target."""
+        return bitcost.EXPANDED if isinstance(linear, ConvAsLinear) else self._costs
+
+    def _prepare(self, linear: Linear | ConvAsLinear) -> _Layer:
         w = linear.w.const_value.numpy().astype(np.float32)
         k, n = w.shape
-        if k < self.group_size:
+        conv = isinstance(linear, ConvAsLinear)
+        if k < self.group_size and not conv:  # a Conv's rows are one group when fewer (its weight is not run packed)
             raise UserError(
                 f"allocate-bits: layer '{linear.name}' has {k} input channels, fewer than group-size "
                 f"{self.group_size}; lower group-size"
             )
         energy = activation_stats(linear.x, self.name, linear.name).mean_sq.astype(np.float64)
+        if conv:
+            energy = linear.row_energy(energy)
         fp16 = np.zeros(k, bool)
         count = int(round(self.outliers_act * k))
         if count:
@@ -261,7 +286,7 @@ class AllocateBitsPass(Pass):
         errors = {b: energy * bitcost.minmax_grid_error(w, b, self.group_size, bitcost.integer_zero_points(b, self._zero_points))
                   for b in sorted(set(self.candidates))}
         sparse = int(round(self.outliers_weight * (k - count) * n))
-        return _Layer(linear, w.shape, energy, fp16, sparse, errors)
+        return _Layer(linear, w.shape, energy, fp16, sparse, errors, self._layer_costs(linear))
 
     def _measure_sensitivity(self, model: ir.Model, layers: list[_Layer]) -> dict:
         """Scale each layer's error model so that it predicts the model's output error.
@@ -372,7 +397,7 @@ class AllocateBitsPass(Pass):
         """Predicted microseconds of the layer at M=1: every non-empty class's launch and time per weight."""
         n = layer.shape[1]
         codebook = self.codebook == "kmeans"
-        return sum(table.class_us(self._costs.route(bitcost.class_kind(b, codebook), b, self._zero_points), int(rows), n)
+        return sum(table.class_us(layer.costs.route(bitcost.class_kind(b, codebook), b, self._zero_points), int(rows), n)
                    for b, rows in zip(*np.unique(bits, return_counts=True)))
 
     def _greedy(self, pool: list[_Layer], budget: float, avg_bits: float, candidates: list[int]) -> dict[str, np.ndarray]:
@@ -430,27 +455,26 @@ class AllocateBitsPass(Pass):
     def _class_bits(self, layer: _Layer, b: int, rows: int) -> int:
         n = layer.shape[1]
         kind = bitcost.class_kind(b, self.codebook == "kmeans")
-        return self._costs.class_bits(kind, b, rows, n, self.group_size, self._zero_points)
+        return layer.costs.class_bits(kind, b, rows, n, self.group_size, self._zero_points)
 
     def _stored_bits(self, layer: _Layer, bits: np.ndarray) -> int:
         """Exact stored bits of one layer's allocation (classes, groups, codebooks, outliers, permutation)."""
         k, n = layer.shape
         classes = {int(b): int(c) for b, c in zip(*np.unique(bits, return_counts=True))}
-        costs = self._costs
+        costs = layer.costs
         sparse = costs.sparse_bits(self.candidates, self.codebook == "kmeans", self._zero_points) * layer.sparse
         return costs.perm_bits * k + sparse + sum(self._class_bits(layer, b, rows) for b, rows in classes.items())
 
-    def _row_bits(self, b: int, n: int) -> float:
+    def _row_bits(self, layer: _Layer, b: int) -> float:
         codebook = self.codebook == "kmeans" and b <= 4
-        return self._costs.per_row_bits(b, n, self.group_size, codebook, self._zero_points)
+        return layer.costs.per_row_bits(b, layer.shape[1], self.group_size, codebook, self._zero_points)
 
     def _push(self, heap, layer: _Layer, index: int, k: int, level: int, candidates) -> None:
         if level + 1 >= len(candidates):
             return
         lo, hi = candidates[level], candidates[level + 1]
-        n = layer.shape[1]
         gain = layer.errors[lo][k] - layer.errors[hi][k]
-        cost = self._row_bits(hi, n) - self._row_bits(lo, n)
+        cost = self._row_bits(layer, hi) - self._row_bits(layer, lo)
         ratio = gain / cost if cost > 0 else np.inf  # free in containers: 3 -> 4 bits costs nothing more
         heapq.heappush(heap, (-ratio, index, k, level))
 
@@ -470,14 +494,14 @@ class AllocateBitsPass(Pass):
             f"and their metadata allow here: feasible {low / total:.3f} to {high / total:.3f}"
         )
 
-    def _is_kept(self, linear: Linear) -> bool:
+    def _is_kept(self, linear: Linear | ConvAsLinear) -> bool:
         return self._matches(linear, self.keep)
 
     @staticmethod
-    def _matches(linear: Linear, patterns: tuple[str, ...]) -> bool:
+    def _matches(linear: Linear | ConvAsLinear, patterns: tuple[str, ...]) -> bool:
         return any(fnmatch.fnmatchcase(linear.w.name, pattern) for pattern in patterns)
 
-    def _check_keep_matches(self, found: list[Linear]) -> None:
+    def _check_keep_matches(self, found: list[Linear | ConvAsLinear]) -> None:
         for key, patterns in (("keep", self.keep), ("boost", self.boost)):
             for pattern in patterns:
                 if not any(fnmatch.fnmatchcase(linear.w.name, pattern) for linear in found):
@@ -497,7 +521,7 @@ class AllocateBitsPass(Pass):
         node.outputs[0].type = linear.w.type
         node.outputs[0].shape = linear.w.shape
         graph.insert_before(linear.node, node)
-        linear.node.replace_input_with(1, node.outputs[0])
+        linear.node.replace_input_with(linear.weight_index, node.outputs[0])
         k, n = layer.shape
         classes = {int(b): int(c) for b, c in zip(*np.unique(bits, return_counts=True))}
         stored = self._stored_bits(layer, bits)

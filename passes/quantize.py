@@ -304,6 +304,13 @@ def weight_bias_shift(target: Target, error: np.ndarray, mean_in: np.ndarray) ->
         return transpose_bias_shift(target.node, error, mean_in)
     if target.node.op_type != "Conv":
         return mean_in @ error
+    return conv_bias_shift(error, mean_in)
+
+
+def conv_bias_shift(error: np.ndarray, mean_in: np.ndarray) -> np.ndarray:
+    """E[(W_q - W) x] per output channel of a Conv whose kernel error is `error` [O, I/groups, k...],
+    for inputs of mean `mean_in` [I]: the sum over its taps and its group's input channels (borders,
+    where padding reads zeros, are ignored)."""
     out_channels, per_group = error.shape[:2]
     groups = max(1, int(mean_in.shape[0]) // per_group)
     taps = error.reshape(out_channels, per_group, -1).sum(axis=2)

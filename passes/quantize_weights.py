@@ -1,6 +1,8 @@
-"""`quantize-weights`: carry out a bit allocation as a `qc.MixedMatMul`.
+"""`quantize-weights`: carry out a bit allocation as a `qc.MixedMatMul` (or, for a Conv kernel held
+as a matrix, a `qc.MixedWeight`).
 
-For each `MatMul(X, qc.BitAllocation(W, bits))`:
+For each `MatMul(X, qc.BitAllocation(W, bits))`, and each Conv whose kernel is rebuilt from
+`qc.BitAllocation(W, bits)` (`qcompiler.ir.layers.ConvAsLinear`: E_k of a row is its channel's):
 1. Permute the input channels so that each bit class is contiguous (classes by increasing bits,
    fp16 last; channels keep their order inside a class).
 2. Quantize each class:
@@ -11,12 +13,16 @@ For each `MatMul(X, qc.BitAllocation(W, bits))`:
      or with the clipping ratio that minimises the E-weighted error (`grid=mse`);
 3. Quantization-based outliers: the `outliers_weight` fraction of weights with the largest
    |w - Q(w)| * sqrt(E_k) are kept exactly, as sparse fp16 (row, column, value).
+4. A Conv's bias absorbs the mean change its quantized kernel makes on the calibration inputs
+   (`bias-correction`, on by default; Nagel et al. 2019, as `quantize{bias-correction=conv}` does for
+   int8): bias -= E[(W_hat - W) x] per output channel, from the mean of each input channel over
+   calibrate's sampled rows. Linears are left as they are.
 
 E_k = mean(x_k^2) comes from `calibrate`'s statistics (in memory only): a layer whose input has none
 is refused with the fix, never quantized with unit energies.
 
-The result computes `X[..., perm] @ W_hat`; effective bits are counted by the backend from the bytes
-it writes.
+The result computes `X[..., perm] @ W_hat` (a Conv: its kernel rebuilt from W_hat with the rows put
+back in channel order); effective bits are counted by the backend from the bytes it writes.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ import onnx_ir as ir
 from qcompiler.analysis import bitcost
 from qcompiler.dialect.mixed_ops import FP16_BITS, dequantize_codebook, dequantize_uniform
 from qcompiler.dialect.ops import attributes_of
-from qcompiler.ir.layers import new_initializer, remove_unused
+from qcompiler.ir.layers import ConvAsLinear, conv_reading, new_initializer, remove_unused, set_constant
 from qcompiler.ir.meta import CREATED_BY, FLOAT_WEIGHT_KEY, Prop, activation_stats
+from qcompiler.passes.quantize import conv_bias_shift
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 from qcompiler.support.progress import progress
 
@@ -57,38 +64,43 @@ class QuantizeWeightsPass(Pass):
         WEIGHTED_SQNR_DB = "weighted_sqnr_db"
 
     grid: Literal["minmax", "mse"] = option("mse", "uniform classes: min-max range, or the clipping that minimises weighted error")
+    bias_correction: bool = option(True, "shift each mixed Conv's bias by the mean change its quantized kernel makes on the calibration inputs")
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
         per_layer = {}
         allocations = [node for node in graph if node.domain == "qc" and node.op_type == "BitAllocation"]
-        layers = [(node, [use.node for use in node.outputs[0].uses() if use.node.op_type == "MatMul" and use.idx == 1])
+        layers = [(node, [use.node for use in node.outputs[0].uses() if use.node.op_type == "MatMul" and use.idx == 1]
+                   or [c for c in [conv_reading(node.outputs[0])] if c is not None])
                   for node in allocations]
         # every layer's channel energies, read before any layer is replaced: a replaced layer's output
         # is a new value, without the statistics of the layer that reads it
-        energies = {matmul: self._energy(matmul) for _, matmuls in layers for matmul in matmuls}
+        energies = {id(layer): self._energy(layer) for _, readers in layers for layer in readers}
         with progress("quantize-weights: layers", len(allocations)) as bar:
-            for node, matmuls in layers:
-                for matmul in matmuls:
-                    per_layer[matmul.name or matmul.outputs[0].name] = self._replace(graph, node, matmul, energies[matmul])
+            for node, readers in layers:
+                for layer in readers:
+                    name = layer.name or layer.outputs[0].name
+                    per_layer[name] = self._replace(graph, node, layer, energies[id(layer)])
                 bar.update()
         if per_layer:
             remove_unused(model)
         return PassResult(model, bool(per_layer), {"layers": len(per_layer), "per_layer": per_layer})
 
-    def _energy(self, matmul: ir.Node) -> np.ndarray:
-        """E_k = mean(x_k^2) of the layer's input channels, from calibrate's statistics."""
-        return activation_stats(matmul.inputs[0], self.name, matmul.name or matmul.outputs[0].name).mean_sq.astype(np.float64)
+    def _energy(self, layer: ir.Node | ConvAsLinear) -> np.ndarray:
+        """E_k = mean(x_k^2) of the layer's input channels (a Conv: of its kernel's rows), from calibrate's statistics."""
+        if isinstance(layer, ConvAsLinear):
+            return layer.row_energy(activation_stats(layer.x, self.name, layer.name).mean_sq.astype(np.float64))
+        return activation_stats(layer.inputs[0], self.name, layer.name or layer.outputs[0].name).mean_sq.astype(np.float64)
 
-    def _replace(self, graph: ir.Graph, allocation: ir.Node, matmul: ir.Node, energy: np.ndarray) -> dict:
+    def _replace(self, graph: ir.Graph, allocation: ir.Node, layer: ir.Node | ConvAsLinear, energy: np.ndarray) -> dict:
+        """A MatMul `layer` becomes a `qc.MixedMatMul`; for a Conv, `allocation` becomes a `qc.MixedWeight`."""
         fmt = attributes_of(allocation)
         w = allocation.inputs[0].const_value.numpy().astype(np.float32)
         bits = allocation.inputs[1].const_value.numpy().astype(np.int64)
-        x = matmul.inputs[0]
         perm = np.argsort(bits, kind="stable")  # classes by increasing bits, fp16 (16) last
         wp, ep, bp = w[perm], energy[perm], bits[perm]
         base = allocation.inputs[0].name
-        inputs = [x, new_initializer(graph, f"{base}.perm", perm.astype(np.int64))]
+        inputs = [new_initializer(graph, f"{base}.perm", perm.astype(np.int64))]
         kinds, class_bits, sizes, blocks = [], [], [], []
         for b in np.unique(bp):
             rows = np.flatnonzero(bp == b)
@@ -115,21 +127,52 @@ class QuantizeWeightsPass(Pass):
             inputs.append(new_initializer(graph, f"{base}.outlier_index", indices))
             inputs.append(new_initializer(graph, f"{base}.outlier_value", values))
             w_hat[indices[:, 0], indices[:, 1]] = values.astype(np.float32)
-        node = ir.node(
-            "MixedMatMul", inputs,
-            {"kinds": kinds, "bits": class_bits, "sizes": sizes, "group_size": int(fmt["group_size"]), "sparse": sparse},
-            domain="qc", name=matmul.name, metadata_props={CREATED_BY: self.name},
-        )
-        ir.convenience.replace_nodes_and_values(graph, matmul, [matmul], [node], [matmul.outputs[0]], [node.outputs[0]])
-        # the float weight stays reachable (in memory only) for passes that learn against it
-        node.meta[FLOAT_WEIGHT_KEY] = allocation.inputs[0].const_value
+        attributes = {"kinds": kinds, "bits": class_bits, "sizes": sizes, "group_size": int(fmt["group_size"]), "sparse": sparse}
+        corrected = {}
+        if isinstance(layer, ConvAsLinear):
+            node = ir.node("MixedWeight", inputs, attributes, domain="qc", name=f"{base}.mixed", metadata_props={CREATED_BY: self.name})
+            node.outputs[0].name = f"{base}.mixed"
+            replaced = allocation.outputs[0]
+            node.outputs[0].type, node.outputs[0].shape = replaced.type, replaced.shape
+            ir.convenience.replace_nodes_and_values(graph, allocation, [allocation], [node], [replaced], [node.outputs[0]])
+            if self.bias_correction:
+                kernel_error = np.empty_like(w)
+                kernel_error[perm] = w_hat - wp  # rows back in channel order
+                corrected = _correct_conv_bias(graph, layer, kernel_error, base)
+        else:
+            matmul = layer
+            node = ir.node("MixedMatMul", [matmul.inputs[0], *inputs], attributes, domain="qc", name=matmul.name,
+                           metadata_props={CREATED_BY: self.name})
+            ir.convenience.replace_nodes_and_values(graph, matmul, [matmul], [node], [matmul.outputs[0]], [node.outputs[0]])
+            # the float weight stays reachable (in memory only) for passes that learn against it
+            node.meta[FLOAT_WEIGHT_KEY] = allocation.inputs[0].const_value
         error = float(np.sum(ep[:, None] * (wp - w_hat) ** 2))
         energy_total = float(np.sum(ep[:, None] * wp**2))
         return {
             "classes": dict(zip([k if k == "fp16" else f"{k}{b}" for k, b in zip(kinds, class_bits)], sizes)),
             "sparse_outliers": int(len(values)),
             "weighted_sqnr_db": round(10 * np.log10(energy_total / error), 2) if error > 0 else None,
+            **corrected,
         }
+
+
+def _correct_conv_bias(graph: ir.Graph, conv: ConvAsLinear, error: np.ndarray, base: str) -> dict:
+    """Subtract E[(W_hat - W) x] from the Conv's bias (created when it has none), `error` the kernel's
+    error as its matrix [K, N]; the input means come from calibrate's sampled rows."""
+    mean_in = np.asarray(activation_stats(conv.x, QuantizeWeightsPass.name, conv.name).sample, np.float64).mean(axis=0)
+    shape = tuple(int(d) for d in conv.conv.inputs[1].shape)
+    shift = conv_bias_shift(error.T.reshape(shape), mean_in)
+    node = conv.conv
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is None:
+        node.resize_inputs(3)
+        node.replace_input_with(2, new_initializer(graph, f"{base}.bias", (-shift).astype(np.float32)))
+    elif bias.const_value is not None:
+        array = bias.const_value.numpy()
+        set_constant(graph, bias, (array - shift.reshape(array.shape)).astype(array.dtype), node, "corrected")
+    else:
+        return {}
+    return {"bias_shift_max": float(np.max(np.abs(shift)))}
 
 
 def uniform_groups(block: np.ndarray, energy: np.ndarray, bits: int, group_size: int, grid: str, integer: bool = False):

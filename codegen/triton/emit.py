@@ -97,6 +97,7 @@ _NUMPY_TO_ST = {
 _QC_ADVICE = {
     "BitAllocation": "add 'quantize-weights' after 'allocate-bits' (the 'mixed' preset does)",
     "ChannelScale": "add 'fold-scales' after 'smooth' (the 'w8a8' preset does)",
+    "MixedWeight": "the package has no Conv kernels: compile with --target ort",
 }
 
 

@@ -23,6 +23,9 @@ the same numbers as their references.
   `mixed-route=auto` picks split or digits per layer by the target's kernel-cost table;
   `mixed-route=expand` keeps every layer as one float MatMul of a weight expanded at load;
   `fp16-route=load` casts the fp16 classes to float32 once, at load, instead of at every run.
+- `qc.MixedWeight` (a Conv's mixed-precision kernel) -> the weight expanded from the packed classes
+  by standard ops that read only initializers, which ONNX Runtime folds into a float32 kernel when the
+  session starts (`mixed.py`): the file stores the budgeted bits, the Conv runs in float32.
 - the fused ops of `fuse` (`qc.QLinear`, `qc.NormQuantize`) are first expanded back into the ops
   above (ONNX Runtime fuses the QDQ form itself).
 - with u8 activations (`int-kernels=fused`, the default): a static or dynamic linear with a bias,
@@ -64,7 +67,7 @@ from qcompiler.ir.layers import drop_unread, remove_unused
 from qcompiler.ir.meta import Prop
 from qcompiler.passes.lower_ort.host import cpu_has_vnni, is_x86, nbits_accuracy_level, signed_activations_are_faster
 from qcompiler.passes.lower_ort.integer_kernels import fuse_integer_bias, fuse_per_token_integer, unsigned_integer_weights, widen_integer_linears
-from qcompiler.passes.lower_ort.mixed import lower_mixed_matmul
+from qcompiler.passes.lower_ort.mixed import lower_mixed_matmul, lower_mixed_weight
 from qcompiler.passes.lower_ort.norms import keep_residual_norms_apart, rms_norms_as_div
 from qcompiler.passes.lower_ort.qdq import LOWERINGS, unfuse
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
@@ -133,7 +136,7 @@ class LowerOrtPass(Pass):
         level = nbits_accuracy_level() if self.accuracy_level == "auto" else int(self.accuracy_level)
         lowerings = dict(LOWERINGS, MixedMatMul=lambda g, n, _: lower_mixed_matmul(
             g, n, level, self.mixed_route, self.codebook_route, self.fp16_route,
-            self._kernel_costs() if self.mixed_route == "auto" else None))
+            self._kernel_costs() if self.mixed_route == "auto" else None), MixedWeight=lambda g, n, _: lower_mixed_weight(g, n))
         counts: dict[str, int] = {}
         mixed = False
         unfused = unfuse(graph)
@@ -149,7 +152,7 @@ class LowerOrtPass(Pass):
             route = lower(graph, node, signed)
             drop_unread(graph, read)  # a layer's old weights go as soon as its lowered form has its own
             counts[route] = counts.get(route, 0) + 1
-            mixed |= node.op_type == "MixedMatMul"
+            mixed |= node.op_type in ("MixedMatMul", "MixedWeight")
         if self.int_kernels == "fused":
             per_token = fuse_per_token_integer(graph)
             if per_token:

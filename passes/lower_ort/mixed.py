@@ -81,7 +81,7 @@ import onnx_ir as ir
 
 from qcompiler.analysis import bitcost
 from qcompiler.dialect.mixed_ops import MixedMatMulView, mixed_weight
-from qcompiler.ir.layers import new_initializer
+from qcompiler.ir.layers import conv_reading, new_initializer
 from qcompiler.ir.meta import CREATED_BY, ROUTE_KEY, STORED_WEIGHTS
 
 
@@ -191,6 +191,42 @@ def _expand_all(graph: ir.Graph, node: ir.Node) -> str:
     base = node.name or node.outputs[0].name
     b = _Builder(graph, node, base)
     x, perm = view.x, view.perm_array()
+    weight = _expanded_weight(b, view)
+    if np.array_equal(perm, np.arange(len(perm))):
+        xp = x
+    else:
+        order = b.op("Cast", [b.const("perm", perm.astype(np.uint16))], {"to": ir.DataType.INT64})
+        xp = b.op("Gather", [x, order], {"axis": -1})
+    route = "MixedMatMul(packed, expanded at load)"
+    matmul = ir.node("MatMul", [xp, weight], name=base, metadata_props={CREATED_BY: "lower-ort", ROUTE_KEY: route})
+    ir.convenience.replace_nodes_and_values(graph, node, [node], [matmul], [node.outputs[0]], [matmul.outputs[0]])
+    return route
+
+
+def lower_mixed_weight(graph: ir.Graph, node: ir.Node) -> str:
+    """`qc.MixedWeight` -> the weight expanded from what is stored (as the expand route stores it),
+    its rows put back in channel order by a Gather of the inverse permutation: every input is an
+    initializer, so ONNX Runtime folds it into one float32 weight when the session starts. A Conv's
+    kernel made from it names the layer: its constants are named after the Conv, which carries the route."""
+    view = MixedMatMulView.of(node)
+    conv = conv_reading(node.outputs[0])
+    base = conv.name if conv is not None else (node.name or node.outputs[0].name)
+    b = _Builder(graph, node, base)
+    perm = view.perm_array()
+    weight = _expanded_weight(b, view)
+    if not np.array_equal(perm, np.arange(len(perm))):
+        inverse = b.op("Cast", [b.const("inverse_perm", np.argsort(perm).astype(np.uint16))], {"to": ir.DataType.INT64})
+        weight = b.op("Gather", [weight, inverse], {"axis": 0})
+    route = "MixedWeight(packed, expanded at load)"
+    if conv is not None:
+        conv.conv.metadata_props[ROUTE_KEY] = route
+    ir.convenience.replace_all_uses_with(node.outputs[0], weight)
+    graph.remove(node, safe=True)
+    return route
+
+
+def _expanded_weight(b: _Builder, view: MixedMatMulView) -> ir.Value:
+    """The float32 weight [K, N] in stored (permuted) row order, built at load from the classes and outliers."""
     blocks = []
     for c in view.class_arrays():
         name = f"c{c.slot}"
@@ -206,15 +242,7 @@ def _expand_all(graph: ir.Graph, node: ir.Node) -> str:
         pairs = b.op("Cast", [b.const("outlier_index", outliers[0].astype(np.uint16))], {"to": ir.DataType.INT64})
         values = b.op("Cast", [b.const("outlier_value", outliers[1])], {"to": ir.DataType.FLOAT})
         weight = b.op("ScatterND", [weight, pairs, values])
-    if np.array_equal(perm, np.arange(len(perm))):
-        xp = x
-    else:
-        order = b.op("Cast", [b.const("perm", perm.astype(np.uint16))], {"to": ir.DataType.INT64})
-        xp = b.op("Gather", [x, order], {"axis": -1})
-    route = "MixedMatMul(packed, expanded at load)"
-    matmul = ir.node("MatMul", [xp, weight], name=base, metadata_props={CREATED_BY: "lower-ort", ROUTE_KEY: route})
-    ir.convenience.replace_nodes_and_values(graph, node, [node], [matmul], [node.outputs[0]], [matmul.outputs[0]])
-    return route
+    return weight
 
 
 def pack_nbits(codes: np.ndarray, bits: int) -> np.ndarray:

@@ -203,3 +203,38 @@ class StorageCost:
 
 
 ORT = StorageCost()
+
+
+class ExpandedStorageCost(StorageCost):
+    """What `lower-ort`'s expand route stores for a weight rebuilt in float32 when the session starts
+    (the route of every mixed Conv, `qc.MixedWeight`): codes of any width as tight bit-planes
+    (`code_bits`), an fp16 scale and a zero point per group and column (uint8 when integer, else
+    fp16), codebooks and fp16 classes as above, sparse outliers as two uint16 indices and an fp16
+    value. Nothing runs packed, so every width 1..8 is allowed."""
+
+    name = "ort"
+    kernels = "ONNX Runtime's float kernels (weights expanded at load)"
+    packed_widths = tuple(range(1, 9))
+
+    def class_bits(self, kind: str, bits: int, rows: int, cols: int, group_size: int, zero_points: str) -> int:
+        if kind != "uniform" or rows == 0:
+            return class_bits(kind, bits, rows, cols, group_size, zero_points)
+        return code_bits(bits, rows, cols) + self._group_bits(bits, zero_points) * cols * math.ceil(rows / group_size)
+
+    def per_row_bits(self, bits: int, cols: int, group_size: int, codebook: bool, zero_points: str) -> float:
+        if bits == FP16 or codebook:
+            return per_row_bits(bits, cols, group_size, codebook, zero_points)
+        return bits * cols + self._group_bits(bits, zero_points) * cols / group_size
+
+    def sparse_bits(self, candidates, codebook: bool, zero_points: str) -> int:
+        return SPARSE_BITS
+
+    def route(self, kind: str, bits: int, zero_points: str) -> str:
+        return "float32"
+
+    @staticmethod
+    def _group_bits(bits: int, zero_points: str) -> int:
+        return FP16 + (8 if integer_zero_points(bits, zero_points) else FP16)
+
+
+EXPANDED = ExpandedStorageCost()

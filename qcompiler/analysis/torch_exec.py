@@ -47,6 +47,17 @@ class Constants:
             self.cache[key] = torch.from_numpy(np.array(array))
         return self.cache[key]
 
+    def mixed_weight(self, node: ir.Node) -> torch.Tensor:
+        """A `qc.MixedWeight`'s weight (every input constant), dequantized once."""
+        key = id(node.outputs[0])
+        if key not in self.cache:
+            view = MixedMatMulView.of(node)
+            stored = view.weight()
+            weight = np.empty_like(stored)
+            weight[view.perm_array()] = stored
+            self.cache[key] = torch.from_numpy(weight)
+        return self.cache[key]
+
 
 def _ints(t) -> list[int]:
     return [int(v) for v in (t.tolist() if isinstance(t, torch.Tensor) else t)]
@@ -151,6 +162,7 @@ OPS: dict[str, Callable] = {
     "Gelu": lambda n, i: torch.nn.functional.gelu(i[0], approximate=attr(n, "approximate", "none")),
     "Softmax": lambda n, i: _softmax(i[0], attr(n, "axis", -1)),
     "MatMul": lambda n, i: torch.matmul(i[0], i[1]),
+    "Conv": lambda n, i: _conv(n, i),
     "Transpose": lambda n, i: i[0].permute(attr(n, "perm", list(range(i[0].dim()))[::-1])),
     "Reshape": lambda n, i: _reshape(i[0], i[1], attr(n, "allowzero", 0)),
     "Shape": lambda n, i: torch.tensor(list(i[0].shape)[attr(n, "start", 0): attr(n, "end", None)], dtype=torch.int64),
@@ -173,6 +185,23 @@ OPS: dict[str, Callable] = {
 }
 
 
+def _conv(node: ir.Node, inputs) -> torch.Tensor:
+    x, w = inputs[0], inputs[1]
+    b = inputs[2] if len(inputs) > 2 else None
+    dims = w.dim() - 2
+    if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise NotImplementedError(f"the block interpreter has no rule for Conv with auto_pad (node '{node.name}')")
+    pads = attr(node, "pads", [0] * (2 * dims))
+    begin, end = pads[:dims], pads[dims:]
+    padding = begin
+    if begin != end:  # torch pads both sides alike: pad first, the last axis's pair first
+        x = torch.nn.functional.pad(x, [p for d in reversed(range(dims)) for p in (begin[d], end[d])])
+        padding = [0] * dims
+    conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[dims]
+    return conv(x, w, b, stride=attr(node, "strides", [1] * dims), padding=padding,
+                dilation=attr(node, "dilations", [1] * dims), groups=attr(node, "group", 1))
+
+
 def _unsqueeze(x, axes):
     rank = x.dim() + len(axes)
     for a in sorted(a % rank for a in axes):
@@ -189,6 +218,9 @@ def run_nodes(nodes: list[ir.Node], env: dict[str, torch.Tensor], weight_of: Cal
             x = env[view.x.name]
             perm = constants.get(view.perm)
             env[node.outputs[0].name] = torch.matmul(x.index_select(-1, perm), weight_of(node))
+            continue
+        if node.domain == "qc" and node.op_type == "MixedWeight":  # a Conv's kernel, not learned here
+            env[node.outputs[0].name] = constants.mixed_weight(node)
             continue
         if node.domain not in ("", "ai.onnx"):
             raise NotImplementedError(f"the block interpreter has no rule for {node.domain}.{node.op_type}")

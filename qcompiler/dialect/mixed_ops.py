@@ -25,6 +25,12 @@ permutation `perm` (int64 [K]: row j of the stored weight is input channel perm[
 Attributes: `kinds` (strings), `bits` (ints, 16 for fp16), `sizes` (K_c per class), `group_size`,
 `sparse` (1 when indices and values follow the classes).
 
+`qc.MixedWeight(perm, <class inputs>..., [indices, values]) -> W` is the same storage without the
+product: the dequantized weight [K, N] with its rows back in input-channel order (W[perm] = concat(W_c),
+outliers written in). `allocate-bits` gives it to a Conv whose kernel it holds as a matrix
+(`qcompiler.ir.layers.ConvAsLinear`: Transpose + Reshape rebuild the kernel); `lower-ort` expands it
+into a float32 weight when the session starts.
+
 A uniform class whose zero point is uint8 (an integer on the code grid) has the same meaning; it is
 the form `lower-ort` can hand to ONNX Runtime's `com.microsoft.MatMulNBits` (2, 4 and 8 bits).
 
@@ -117,10 +123,11 @@ def mixed_weight(classes: Sequence[MixedClass[np.ndarray]], outliers: tuple | No
 
 @dataclass(frozen=True)
 class MixedMatMulView:
-    """A `qc.MixedMatMul` read by role: its activation, permutation, classes and sparse outliers."""
+    """A `qc.MixedMatMul` (or a `qc.MixedWeight`, whose `x` is None) read by role: its activation,
+    permutation, classes and sparse outliers."""
 
     node: ir.Node
-    x: ir.Value
+    x: ir.Value | None
     perm: ir.Value
     classes: tuple[MixedClass[ir.Value], ...]
     outliers: tuple[ir.Value, ir.Value] | None  # (indices int [S, 2], values fp16 [S])
@@ -129,8 +136,10 @@ class MixedMatMulView:
     @classmethod
     def of(cls, node: ir.Node) -> MixedMatMulView:
         a = attributes_of(node)
-        classes, outliers = split_class_inputs(list(node.inputs[2:]), a["kinds"], a["bits"], a["sizes"], a["sparse"])
-        return cls(node, node.inputs[0], node.inputs[1], tuple(classes), outliers, int(a["group_size"]))
+        first = 1 if node.op_type == "MixedWeight" else 2  # the class inputs follow (X,) perm
+        classes, outliers = split_class_inputs(list(node.inputs[first:]), a["kinds"], a["bits"], a["sizes"], a["sparse"])
+        x = None if first == 1 else node.inputs[0]
+        return cls(node, x, node.inputs[first - 1], tuple(classes), outliers, int(a["group_size"]))
 
     def perm_array(self) -> np.ndarray:
         return self.perm.const_value.numpy().astype(np.int64)
@@ -160,9 +169,18 @@ def _mixed_matmul_reference(x, perm, *rest, kinds=(), bits=(), sizes=(), group_s
     return ((np.asarray(x)[..., np.asarray(perm, np.int64)] @ w).astype(np.asarray(x).dtype),)
 
 
+def _mixed_weight_reference(perm, *rest, kinds=(), bits=(), sizes=(), group_size=128, sparse=0):
+    classes, outliers = split_class_inputs(list(rest), kinds, bits, sizes, sparse)
+    stored = mixed_weight(classes, outliers, group_size)
+    w = np.empty_like(stored)
+    w[np.asarray(perm, np.int64)] = stored
+    return (w,)
+
+
 def _check_mixed_matmul(node: ir.Node) -> None:
     a = attributes_of(node)
-    where = f"node '{node.name}' (qc.MixedMatMul)"
+    where = f"node '{node.name}' (qc.{node.op_type})"
+    first = 1 if node.op_type == "MixedWeight" else 2
     kinds, bits, sizes = list(a["kinds"]), list(a["bits"]), list(a["sizes"])
     if not (len(kinds) == len(bits) == len(sizes)) or not kinds:
         raise VerificationError(f"{where}: kinds, bits and sizes must have one entry per class")
@@ -171,10 +189,10 @@ def _check_mixed_matmul(node: ir.Node) -> None:
             raise VerificationError(f"{where}: unknown class kind '{kind}'; kinds: {', '.join(KINDS)}")
         if (kind == "fp16") != (b == FP16_BITS) or not (1 <= b <= 8 or b == FP16_BITS):
             raise VerificationError(f"{where}: a {kind} class cannot have {b} bits")
-    expected = 2 + sum(INPUTS_PER_KIND[k] for k in kinds) + (2 if a["sparse"] else 0)
+    expected = first + sum(INPUTS_PER_KIND[k] for k in kinds) + (2 if a["sparse"] else 0)
     if len(node.inputs) != expected:
         raise VerificationError(f"{where} has {len(node.inputs)} inputs; its classes need {expected}")
-    perm = node.inputs[1].const_value if node.inputs[1] is not None else None
+    perm = node.inputs[first - 1].const_value if node.inputs[first - 1] is not None else None
     if perm is not None and perm.size != sum(sizes):
         raise VerificationError(f"{where}: perm has {perm.size} entries for {sum(sizes)} channels")
     for c in MixedMatMulView.of(node).classes:
@@ -235,6 +253,25 @@ MIXED_MATMUL = register(
         },
         doc="weight-only linear with per-channel bit classes (uniform, codebook, fp16) and sparse fp16 outliers",
         reference=_mixed_matmul_reference,
+        check=_check_mixed_matmul,
+        variadic=True,
+    )
+)
+
+MIXED_WEIGHT = register(
+    OpSchema(
+        op_type="MixedWeight",
+        inputs=("perm", "class_inputs"),
+        outputs=("W",),
+        attributes={
+            "kinds": Attr("strings"),
+            "bits": Attr("ints"),
+            "sizes": Attr("ints"),
+            "group_size": Attr("int", 128),
+            "sparse": Attr("int", 0),
+        },
+        doc="a weight [K, N] stored as qc.MixedMatMul stores it (per-channel bit classes, sparse fp16 outliers), rows in channel order",
+        reference=_mixed_weight_reference,
         check=_check_mixed_matmul,
         variadic=True,
     )

@@ -21,6 +21,7 @@ class Linear:
     node: ir.Node
     x: ir.Value
     w: ir.Value
+    weight_index = 1  # the input of `node` that reads W
 
     @property
     def name(self) -> str:
@@ -40,6 +41,91 @@ def linears(graph: ir.Graph) -> list[Linear]:
             continue
         found.append(Linear(node, x, w))
     return found
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvAsLinear:
+    """A Conv whose kernel [O, C/g, *spatial] is held as the matrix W [K, N] = [C/g * prod(spatial), O]
+    (the im2col form: row (c, i, j, ...) channel-major, column o) and rebuilt for the Conv by
+    `Transpose` + `Reshape` (`conv_as_linear`), so that what is written for `Y = X W` (bit allocation,
+    weight quantization) treats it as a linear. `node` is the Transpose, which reads W at input 0."""
+
+    conv: ir.Node
+    node: ir.Node
+    x: ir.Value
+    w: ir.Value
+    weight_index = 0
+
+    @property
+    def name(self) -> str:
+        return self.conv.name or self.conv.outputs[0].name
+
+    def row_energy(self, channel_energy: np.ndarray) -> np.ndarray:
+        """E per row of W from E per input channel [C]: a row (c, i, j, ...) reads channel c of every
+        group, so its energy is the mean over the groups (exact for one group)."""
+        shape = _kernel_shape(self.conv)
+        mean = np.asarray(channel_energy, np.float64).reshape(-1, shape[1]).mean(axis=0)
+        return np.repeat(mean, int(np.prod(shape[2:])))
+
+
+def weighted_convs(graph: ir.Graph) -> list[ir.Node]:
+    """Every Conv whose kernel is a floating-point initializer that only it reads, in graph order."""
+    found = []
+    for node in graph:
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        w = node.inputs[1]
+        if w is None or not w.is_initializer() or w.const_value is None or not w.const_value.dtype.is_floating_point():
+            continue
+        if len(w.const_value.shape) < 3 or len(w.uses()) != 1 or w in graph.outputs:
+            continue
+        found.append(node)
+    return found
+
+
+def conv_as_linear(graph: ir.Graph, conv: ir.Node, created_by: str) -> ConvAsLinear:
+    """Hold `conv`'s kernel (an initializer only it reads) as its im2col matrix W [K, N] under the
+    same name, and rebuild the kernel from it with `Transpose` + `Reshape` in front of the Conv
+    (exact: the same numbers in another layout)."""
+    kernel = conv.inputs[1]
+    shape = tuple(kernel.const_value.shape)
+    matrix = kernel.const_value.numpy().reshape(shape[0], -1).T
+    set_constant(graph, kernel, np.ascontiguousarray(matrix), conv, "matrix")
+    base = conv.name or conv.outputs[0].name  # the rebuilt kernel is named after its layer, as ONNX Runtime folds it
+    transpose = ir.node("Transpose", [kernel], {"perm": [1, 0]}, name=f"{base}.kernel_t", metadata_props={CREATED_BY: created_by})
+    transpose.outputs[0].name = f"{base}.kernel_t"
+    target = new_initializer(graph, f"{base}.kernel_shape", np.array(shape, np.int64))
+    reshape = ir.node("Reshape", [transpose.outputs[0], target], name=f"{base}.kernel", metadata_props={CREATED_BY: created_by})
+    reshape.outputs[0].name = f"{base}.kernel"
+    reshape.outputs[0].type = kernel.type
+    reshape.outputs[0].shape = ir.Shape(shape)
+    graph.insert_before(conv, [transpose, reshape])
+    conv.replace_input_with(1, reshape.outputs[0])
+    return ConvAsLinear(conv, transpose, conv.inputs[0], kernel)
+
+
+def conv_reading(matrix: ir.Value) -> ConvAsLinear | None:
+    """The Conv whose kernel `conv_as_linear` rebuilds from `matrix` (through its Transpose and
+    Reshape), or None when `matrix` is not read that way."""
+    for use in matrix.uses():
+        transpose = use.node
+        if transpose.op_type != "Transpose" or use.idx != 0:
+            continue
+        for reshape_use in transpose.outputs[0].uses():
+            reshape = reshape_use.node
+            if reshape.op_type != "Reshape":
+                continue
+            for conv_use in reshape.outputs[0].uses():
+                if conv_use.node.op_type == "Conv" and conv_use.idx == 1:
+                    return ConvAsLinear(conv_use.node, transpose, conv_use.node.inputs[0], matrix)
+    return None
+
+
+def _kernel_shape(conv: ir.Node) -> tuple[int, ...]:
+    """The Conv's kernel shape [O, C/g, *spatial] (the kernel, or the Reshape that rebuilds it, knows it)."""
+    kernel = conv.inputs[1]
+    shape = kernel.const_value.shape if kernel.const_value is not None else kernel.shape
+    return tuple(int(d) for d in shape)
 
 
 def group_by_input(layers: list[Linear]) -> dict[str, list[Linear]]:

@@ -1,0 +1,175 @@
+"""Mixed precision for Conv layers: the kernel allocated as its im2col matrix, stored as a
+`qc.MixedWeight`, expanded to a float32 kernel when ONNX Runtime loads the model."""
+
+import numpy as np
+import pytest
+
+from qcompiler.analysis import bitcost, execute
+from qcompiler.analysis.probe import synthetic_inputs
+from qcompiler.codegen.ort.emit import weight_bytes
+from qcompiler.ir import parse, to_text, verify
+from qcompiler.ir.layers import conv_as_linear, weighted_convs
+from qcompiler.pipeline.context import CompileContext, using
+from qcompiler.pipeline.pass_manager import run_pipeline
+from qcompiler.pipeline.spec import parse_pipeline
+
+
+def _values(a: np.ndarray) -> str:
+    return ",".join(f"{v:.5f}" for v in a.ravel())
+
+
+def _conv_net(seed: int = 0):
+    """A stem Conv, a depthwise 3x3 (9 rows a kernel, fewer than a group), a grouped 3x3 and a
+    pointwise Conv, the layers a mobile conv net is made of; 28,672 weights."""
+    rng = np.random.default_rng(seed)
+    stem = rng.normal(0, 0.2, (32, 3, 3, 3)).astype(np.float32)
+    depthwise = rng.normal(0, 0.3, (32, 1, 3, 3)).astype(np.float32)
+    grouped = rng.normal(0, 0.1, (64, 16, 3, 3)).astype(np.float32)
+    pointwise = rng.normal(0, 0.1, (160, 64, 1, 1)).astype(np.float32)
+    pointwise[:, 5] *= 8  # one input channel with large weights
+    bias = rng.normal(0, 0.1, 64).astype(np.float32)
+    return parse(f"""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[N, 3, 12, 12] X) => (float[N, 160, 12, 12] Y)
+    <float[32,3,3,3] Ws = {{{_values(stem)}}}, float[32,1,3,3] Wd = {{{_values(depthwise)}}},
+     float[64,16,3,3] Wg = {{{_values(grouped)}}}, float[64] Bg = {{{_values(bias)}}},
+     float[160,64,1,1] Wp = {{{_values(pointwise)}}}>
+    {{
+      a = Conv <pads: ints = [1, 1, 1, 1]> (X, Ws)
+      ar = Relu (a)
+      b = Conv <group: int = 32, pads: ints = [1, 1, 1, 1]> (ar, Wd)
+      br = Relu (b)
+      c = Conv <group: int = 2, pads: ints = [1, 1, 1, 1]> (br, Wg, Bg)
+      cr = Relu (c)
+      Y = Conv (cr, Wp)
+    }}""")
+
+
+WEIGHTS = 32 * 27 + 32 * 9 + 64 * 16 * 9 + 160 * 64
+
+
+def _compile(model, pipeline):
+    data = [synthetic_inputs(model, seed=s) for s in range(4)]
+    with using(CompileContext(calibration=data)):
+        return run_pipeline(model, parse_pipeline(pipeline))
+
+
+def test_a_kernel_held_as_its_matrix_computes_the_same():
+    """`conv_as_linear` stores the kernel [O, C/g, kh, kw] as [C/g * kh * kw, O] and rebuilds it with
+    Transpose + Reshape: the same outputs, and the matrix's rows are channel-major."""
+    model = _conv_net()
+    feeds = synthetic_inputs(model, seed=3)
+    before = execute.run(model, feeds)["Y"]
+    grouped = weighted_convs(model.graph)[2]
+    kernel = grouped.inputs[1].const_value.numpy().copy()
+    for conv in weighted_convs(model.graph):
+        conv_as_linear(model.graph, conv, "test")
+    verify(model)
+    assert weighted_convs(model.graph) == []  # every kernel is now computed, so a second rewrite finds none
+    matrix = model.graph.initializers["Wg"].const_value.numpy()
+    assert matrix.shape == (16 * 9, 64)
+    np.testing.assert_array_equal(matrix[9 * 2 + 3 * 1 + 2], kernel[:, 2, 1, 2])  # row (channel 2, tap (1, 2))
+    np.testing.assert_allclose(execute.run(model, feeds)["Y"], before, rtol=1e-6, atol=1e-6)
+
+
+def test_row_energy_is_the_channels_energy_averaged_over_the_groups():
+    model = _conv_net()
+    grouped = conv_as_linear(model.graph, weighted_convs(model.graph)[2], "test")
+    channel_energy = np.arange(32, dtype=np.float64)  # channels 0..15 feed group 0, 16..31 group 1
+    rows = grouped.row_energy(channel_energy)
+    assert rows.shape == (16 * 9,)
+    np.testing.assert_array_equal(rows[:9], np.full(9, (0 + 16) / 2))
+    np.testing.assert_array_equal(rows[9 * 15:], np.full(9, (15 + 31) / 2))
+
+
+@pytest.mark.parametrize("budget", [4.0, 5.0, 6.0])
+def test_every_conv_is_stored_within_the_budget_and_the_artifact_computes_the_ir(budget):
+    """With `allocate-bits`, each Conv's kernel becomes a qc.MixedWeight (the depthwise one too, its
+    9 rows one group); the lowered model stores at most the budget per source weight, holds no qc op,
+    and ONNX Runtime computes what the references of the IR compute, to float32 round-off."""
+    model = _conv_net()
+    feeds = synthetic_inputs(model, seed=5)
+    expected = execute.run(model, feeds)["Y"]
+    records = _compile(model, f"calibrate,allocate-bits{{avg-bits={budget}}},quantize-weights")
+    verify(model)
+    assert to_text(model).count("qc.MixedWeight") == 4
+    assert records[1].stats["predicted_bits_per_weight"] <= budget
+    reference = execute.run(model, feeds)["Y"]
+    _compile(model, "lower-ort")
+    assert "qc." not in to_text(model)
+    stored = weight_bytes(model, WEIGHTS)["effective_bits_per_weight"]
+    assert budget - 1.0 <= stored <= budget  # the lowering's constants are priced for every candidate class
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(execute.run(model, feeds)["Y"], reference, rtol=1e-5, atol=1e-5 * scale)
+    assert execute.drift({"Y": expected}, {"Y": reference})["rel_l2"] < {4.0: 0.8, 5.0: 0.4, 6.0: 0.2}[budget]
+
+
+def test_more_bits_less_error():
+    errors = []
+    for budget in (4.0, 5.0, 6.0):
+        model = _conv_net()
+        records = _compile(model, f"calibrate,allocate-bits{{avg-bits={budget}}},quantize-weights")
+        errors.append(records[1].stats["predicted_error"])
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_bias_correction_removes_the_mean_error_the_kernels_make():
+    """The quantized kernels shift each output channel's mean; `quantize-weights` moves the Conv's bias
+    (created where it has none) against it, so the output means of the mixed model are closer to float's."""
+    means = {}
+    for correct in ("true", "false"):
+        model = _conv_net()
+        feeds = synthetic_inputs(model, seed=5)
+        expected = execute.run(model, feeds)["Y"]
+        records = _compile(model, f"calibrate,allocate-bits{{avg-bits=4}},quantize-weights{{bias-correction={correct}}}")
+        actual = execute.run(model, feeds)["Y"]
+        means[correct] = float(np.abs((actual - expected).mean(axis=(0, 2, 3))).mean())
+        shifted = [layer for layer in records[2].stats["per_layer"].values() if "bias_shift_max" in layer]
+        assert len(shifted) == (4 if correct == "true" else 0)
+    assert means["true"] < 0.5 * means["false"]
+
+
+def test_convs_false_leaves_every_conv_in_float():
+    model = _conv_net()
+    records = _compile(model, "calibrate,allocate-bits{avg-bits=4 convs=false},quantize-weights")
+    assert records[1].stats["layers"] == 0
+    assert "qc." not in to_text(model)
+
+
+def test_a_conv_is_priced_as_the_expand_route_stores_it():
+    """Codes as tight bit-planes at any width, an fp16 scale and a uint8 (integer) or fp16 zero point per group and column."""
+    assert bitcost.EXPANDED.class_bits("uniform", 3, 9, 32, 128, "auto") == 3 * 16 * 32 + 32 * 32  # 9 rows padded to 16
+    assert bitcost.EXPANDED.class_bits("uniform", 4, 200, 10, 128, "auto") == 4 * 200 * 10 + 24 * 10 * 2
+    assert set(bitcost.EXPANDED.packed_widths) == set(range(1, 9))
+
+
+@pytest.mark.parametrize("attributes", [
+    "pads: ints = [1, 1, 1, 1]",
+    "pads: ints = [0, 1, 2, 1], strides: ints = [2, 1]",
+    "group: int = 4, dilations: ints = [2, 2], pads: ints = [2, 2, 2, 2]",
+])
+def test_block_interpreter_runs_conv_as_onnx_runtime_does(attributes):
+    """The torch interpreter that learned rounding runs blocks with (`torch_exec`) computes ONNX's Conv:
+    asymmetric pads, strides, groups and dilations."""
+    import torch
+
+    from qcompiler.analysis.torch_exec import Constants, run_nodes
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(0, 0.2, (8, 2, 3, 3)).astype(np.float32) if "group" in attributes else rng.normal(0, 0.2, (8, 8, 3, 3)).astype(np.float32)
+    model = parse(f"""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[1, 8, 9, 9] X) => (float[1, 8, ?, ?] Y)
+    <float[{','.join(map(str, w.shape))}] W = {{{_values(w)}}}, float[8] B = {{{_values(w[:, 0, 0, 0])}}}>
+    {{ Y = Conv <{attributes}> (X, W, B) }}""")
+    x = rng.normal(0, 1, (1, 8, 9, 9)).astype(np.float32)
+    expected = execute.run(model, {"X": x})["Y"]
+    env = run_nodes(list(model.graph), {"X": torch.from_numpy(x)}, lambda node: None, Constants())
+    np.testing.assert_allclose(env["Y"].numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gptq_runs_on_a_net_with_mixed_convs():
+    """`gptq` (like `flexround` and `tune-scales`) runs blocks in the torch interpreter: a mixed Conv's
+    kernel is computed there from its stored classes, so the learned-rounding passes run on conv nets."""
+    model = _conv_net()
+    records = _compile(model, "calibrate,allocate-bits{avg-bits=5},quantize-weights,gptq")
+    assert records[-1].name == "gptq"
+    assert to_text(model).count("qc.MixedWeight") == 4
