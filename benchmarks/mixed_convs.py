@@ -5,11 +5,12 @@ starts, against float and `w8a8`.
     python benchmarks/mixed_convs.py                                       # about 10 min on 2 cores
     python benchmarks/mixed_convs.py --models efficientnet-lite0 --budgets 4 --grid 2   # a quick run
 
-Variants: `float32` (`default`), `w8a8`, and per budget B in `--budgets` (default 4, 5, 6):
+Variants: `float32` (`default`), `w8a8`, and per budget B in `--budgets` (default 4, 6):
 `mixed B` (`mixed{avg-bits=B}`: all Conv layers share one budget, errors weighted by each input
-channel's calibrated energy, biases corrected) and `mixed B sens.` (`scope=model
-sensitivity=output`: each layer's errors scaled by how much its quantization alone moves the
-model's outputs on the first calibration batch). Per variant: the bits stored per source weight
+channel's calibrated energy, biases corrected, round-to-nearest), `mixed B gptq`
+(`mixed{avg-bits=B rounding=gptq}`: each kernel rounded by GPTQ on its im2col patches) and, with
+`--sensitivity`, `mixed B sens.` (`scope=model sensitivity=output`: each layer's errors scaled by
+how much its quantization alone moves the model's outputs on the first calibration batch). Per variant: the bits stored per source weight
 (the manifest's `effective_bits_per_weight`, every byte of codes, scales, zero points, permutations
 and the lowering's constants), the file size, the compile time, the quality, and the latency of one
 input (2 threads, interleaved, ratio to float32 in the same round).
@@ -42,19 +43,21 @@ log = common.log
 MODELS = ("efficientnet-lite0", "ffdnet-gray", "ffdnet-rgb")
 
 
-def variants(budgets: list[float]) -> dict[str, str]:
+def variants(budgets: list[float], sensitivity: bool) -> dict[str, str]:
     out = {"float32": "default", "w8a8": "w8a8"}
     for b in budgets:
         out[f"mixed {b:g}"] = f"mixed{{avg-bits={b:g}}}"
-        out[f"mixed {b:g} sens."] = f"mixed{{avg-bits={b:g} scope=model sensitivity=output}}"
+        out[f"mixed {b:g} gptq"] = f"mixed{{avg-bits={b:g} rounding=gptq}}"
+        if sensitivity:
+            out[f"mixed {b:g} sens."] = f"mixed{{avg-bits={b:g} scope=model sensitivity=output}}"
     return out
 
 
-def compile_all(source: Path, work: Path, batches, budgets: list[float]) -> dict[str, dict[str, Any]]:
+def compile_all(source: Path, work: Path, batches, budgets: list[float], sensitivity: bool) -> dict[str, dict[str, Any]]:
     import qcompiler
 
     out = {}
-    for label, pipeline in variants(budgets).items():
+    for label, pipeline in variants(budgets, sensitivity).items():
         folder = work / label.replace(" ", "-").replace(".", "")
         start = time.perf_counter()
         result = qcompiler.compile(str(source), folder, pipeline=pipeline, calibration=None if pipeline == "default" else batches,
@@ -74,7 +77,7 @@ def bench_efficientnet(args, work: Path) -> dict[str, Any]:
     bundled = qm.get("efficientnet-lite0")
     calibration = bundled.calibration_crops()
     batches = [eff.to_feeds(calibration[i:i + equalize.BATCH]) for i in range(0, len(calibration), equalize.BATCH)]
-    compiled = compile_all(equalize.capture_once(bundled.name, work), work, batches, args.budgets)
+    compiled = compile_all(equalize.capture_once(bundled.name, work), work, batches, args.budgets, args.sensitivity)
     sessions = {label: ort_session(v["model"], common.THREADS) for label, v in compiled.items()}
     crops = [c for _, c in bundled.evaluation_crops(args.grid)]
     logits = {label: np.concatenate([s.run(None, eff.to_feeds(crops[i:i + equalize.BATCH]))[0] for i in range(0, len(crops), equalize.BATCH)])
@@ -96,7 +99,7 @@ def bench_ffdnet(name: str, args, work: Path) -> dict[str, Any]:
 
     bundled = qm.get(name)
     batches, _ = imaging.calibration_batches(bundled)
-    compiled = compile_all(equalize.capture_once(name, work), work, batches, args.budgets)
+    compiled = compile_all(equalize.capture_once(name, work), work, batches, args.budgets, args.sensitivity)
     sessions = {label: ort_session(v["model"], common.THREADS) for label, v in compiled.items()}
     targets = imaging.evaluation_targets(bundled, args.count, args.crop)
     quality = imaging.quality(sessions, targets, [25.0])
@@ -122,7 +125,8 @@ def render(results: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--budgets", nargs="+", type=float, default=[4.0, 5.0, 6.0])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[4.0, 6.0])
+    parser.add_argument("--sensitivity", action="store_true", help="also mixed{... scope=model sensitivity=output}")
     parser.add_argument("--grid", type=int, default=3, help="EfficientNet: grid x grid crops per evaluation photo (default 3)")
     parser.add_argument("--count", type=int, help="FFDNet: the first N evaluation photos only")
     parser.add_argument("--crop", type=int, help="FFDNet: centre crops of this size instead of whole photos")

@@ -18,6 +18,15 @@ together), each group's `H` measured with the layers before it already rounded (
 `H` is damped by `damp` times its mean diagonal. A block whose output error against the float block
 does not fall keeps its round-to-nearest weights (the mechanics shared with `flexround`:
 `qcompiler.analysis.reconstruct`). Deterministic: no randomness, float64 arithmetic.
+
+A Conv's kernel (`qc.MixedWeight`, rows = one input channel at one tap) is rounded the same way,
+with `H = P^T P` over its im2col patches P (`conv_hessians`: the Conv's inputs on the calibration
+data, run once through the model as quantized so far, every position up to `PATCH_ROWS` a batch,
+evenly spaced) and one H per group of a grouped Conv (its columns rounded apart; a depthwise Conv
+has a 9 x 9 H per channel). A group keeps its round-to-nearest kernel unless GPTQ lowers
+`tr((W - W_hat)^T H (W - W_hat))`; the Conv's bias moves by the mean change the new kernel makes on
+the calibration inputs, so that the correction `quantize-weights` made still holds. 1-D and 2-D
+Convs without `auto_pad`; others keep their round-to-nearest kernels (`convs_skipped`).
 """
 
 from __future__ import annotations
@@ -31,12 +40,14 @@ import onnx_ir as ir
 from qcompiler.analysis.reconstruct import BlockProblem, Options, reconstruct
 from qcompiler.dialect.mixed_ops import MixedClass, MixedMatMulView, class_slices, split_class_inputs
 from qcompiler.errors import UserError
-from qcompiler.ir.meta import Prop
+from qcompiler.ir.layers import ConvAsLinear, conv_reading, set_constant
+from qcompiler.ir.meta import FLOAT_WEIGHT_KEY, Prop
 from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
 from qcompiler.pipeline import context
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 
 LAZY_ROWS = 128  # rows rounded between two updates of the rows after them (GPTQ's lazy batch)
+PATCH_ROWS = 16384  # im2col patches per calibration batch at most, for a Conv's H
 
 
 @register_pass
@@ -67,7 +78,62 @@ class GPTQPass(Pass):
         opts = Options("gptq", 1, 1.0, 0, 0.0, self.regions, self.name, batch=1 << 20)
         ctx = context.current()
         stats = reconstruct(model, opts, ctx.require_calibration(self.name), ctx.threads, solve=self._solve)
-        return PassResult(model, bool(stats.get("blocks_improved")), stats)
+        convs = [(node, conv) for node in model.graph if node.domain == "qc" and node.op_type == "MixedWeight"
+                 and (conv := conv_reading(node.outputs[0])) is not None]
+        if convs:
+            stats["convs"] = self._round_convs(model, convs, ctx.require_calibration(self.name), ctx.threads)
+        return PassResult(model, bool(stats.get("blocks_improved")) or bool(stats.get("convs", {}).get("improved")), stats)
+
+    def _round_convs(self, model: ir.Model, convs: list[tuple[ir.Node, ConvAsLinear]], calibration, threads) -> dict:
+        """Each mixed Conv kernel rounded by GPTQ on its patches' H, one group of columns at a time."""
+        from qcompiler.passes.quantize import conv_bias_shift
+
+        runnable = [(node, conv) for node, conv in convs if _patch_rule(conv.conv) is not None]
+        hessians, means = conv_hessians(model, [conv for _, conv in runnable], calibration, threads)
+        improved, per_layer = 0, {}
+        for node, conv in runnable:
+            if FLOAT_WEIGHT_KEY not in node.meta:
+                raise UserError(f"gptq: Conv '{conv.name}' has no float kernel to round again (it lives in memory only); "
+                                f"run gptq in the same pipeline as quantize-weights")
+            view = MixedMatMulView.of(node)
+            perm = view.perm_array()
+            w = node.meta[FLOAT_WEIGHT_KEY].numpy().astype(np.float64)[perm]
+            old = view.weight().astype(np.float64)
+            a = attributes_of_mixed(node)
+            arrays = [c.inputs for c in view.class_arrays()]
+            outliers = view.outlier_arrays()
+            originals = [x for inputs in arrays for x in inputs] + (list(outliers) if outliers is not None else [])
+            groups = hessians[id(conv.conv)]
+            columns = w.shape[1] // len(groups)
+            new_arrays = [x.copy() for x in originals]
+            better = 0
+            for g, h in enumerate(groups):
+                cols = np.arange(g * columns, (g + 1) * columns)
+                hp = h[np.ix_(perm, perm)]
+                part = gptq_round(w[:, cols], hp, a["kinds"], a["bits"], a["sizes"], view.group_size,
+                                  _columns_of(originals, a["kinds"], cols, a["sparse"]), a["sparse"], self.grid, self.damp)
+                trial = [x.copy() for x in new_arrays]
+                _write_columns(trial, part, a["kinds"], cols, a["sparse"])
+                candidate = _dequantized(trial, a, view.group_size)[:, cols]
+                if _output_error(w[:, cols] - candidate, hp) < _output_error(w[:, cols] - old[:, cols], hp):
+                    new_arrays, better = trial, better + 1
+            if not better:
+                per_layer[conv.name] = {"groups": len(groups), "groups_improved": 0}
+                continue
+            improved += 1
+            for value, array in zip(_class_values(view), new_arrays):
+                value.const_value = ir.tensor(array, name=value.name)
+            new = _dequantized(new_arrays, a, view.group_size)
+            change = np.empty_like(new)
+            change[perm] = new - old  # rows back in channel order
+            shift = conv_bias_shift(change.T.reshape(tuple(int(d) for d in conv.conv.inputs[1].shape)), means[id(conv.conv)])
+            bias = conv.conv.inputs[2] if len(conv.conv.inputs) > 2 else None
+            if bias is not None and bias.const_value is not None:
+                array = bias.const_value.numpy()
+                set_constant(model.graph, bias, (array - shift.reshape(array.shape)).astype(array.dtype), conv.conv, "gptq")
+            per_layer[conv.name] = {"groups": len(groups), "groups_improved": better}
+        return {"layers": len(convs), "improved": improved, "convs_skipped": [c.name for _, c in convs if _patch_rule(c.conv) is None],
+                "per_layer": per_layer}
 
     def _solve(self, problem: BlockProblem) -> tuple[dict, int]:
         """Each layer of the block rounded by `gptq_round` on the H its inputs give: the groups in
@@ -245,3 +311,128 @@ class _Rounder:
             a[0][r] = row.astype(np.float16)
             value = row.astype(np.float16)
         return np.array(value, np.float64)
+
+
+def attributes_of_mixed(node: ir.Node) -> dict:
+    from qcompiler.dialect.ops import attributes_of
+
+    a = attributes_of(node)
+    return {"kinds": list(a["kinds"]), "bits": list(a["bits"]), "sizes": list(a["sizes"]), "sparse": int(a["sparse"])}
+
+
+def _class_values(view: MixedMatMulView) -> list[ir.Value]:
+    """The op's class inputs and outliers as values, in `gptq_round`'s array order."""
+    return [v for c in view.classes for v in c.inputs] + (list(view.outliers) if view.outliers is not None else [])
+
+
+def _column_axes(kinds) -> list[int]:
+    """Per class array, the axis that runs over the weight's columns (a codebook's table is [N, 2^b])."""
+    return [axis for kind in kinds for axis in {"uniform": (1, 1, 1), "codebook": (1, 0), "fp16": (1,)}[kind]]
+
+
+def _columns_of(arrays: list[np.ndarray], kinds, cols: np.ndarray, sparse: int) -> list[np.ndarray]:
+    """The class arrays restricted to `cols` (outliers: those in `cols`, renumbered)."""
+    out = [np.take(x, cols, axis=axis).copy() for x, axis in zip(arrays, _column_axes(kinds))]
+    if sparse:
+        indices, values = arrays[-2], arrays[-1]
+        inside = np.isin(indices[:, 1].astype(np.int64), cols)
+        local = indices[inside].copy()
+        local[:, 1] = local[:, 1] - cols[0]
+        out += [local, values[inside].copy()]
+    return out
+
+
+def _write_columns(arrays: list[np.ndarray], part: list[np.ndarray], kinds, cols: np.ndarray, sparse: int) -> None:
+    for x, p, axis in zip(arrays, part, _column_axes(kinds)):
+        index = [slice(None)] * x.ndim
+        index[axis] = cols
+        x[tuple(index)] = p
+    if sparse:
+        indices, values = arrays[-2], arrays[-1]
+        inside = np.flatnonzero(np.isin(indices[:, 1].astype(np.int64), cols))
+        values[inside] = part[-1]
+
+
+def _dequantized(arrays: list[np.ndarray], a: dict, group_size: int) -> np.ndarray:
+    from qcompiler.dialect.mixed_ops import mixed_weight
+
+    classes, outliers = split_class_inputs(arrays, a["kinds"], a["bits"], a["sizes"], a["sparse"])
+    return mixed_weight(classes, outliers, group_size).astype(np.float64)
+
+
+def _output_error(delta: np.ndarray, h: np.ndarray) -> float:
+    """tr(delta^T H delta): the layer's output error on the patches H was measured on."""
+    return float(np.einsum("kn,kj,jn->", delta, h, delta))
+
+
+def _patch_rule(conv: ir.Node) -> dict | None:
+    """unfold's arguments for a 1-D or 2-D Conv (pads split into a pad before unfolding), or None."""
+    shape = conv.inputs[1].shape
+    dims = len(shape) - 2 if shape is not None else 0
+    auto_pad = conv.attributes.get("auto_pad")
+    if dims not in (1, 2) or (auto_pad is not None and auto_pad.value not in ("NOTSET", "VALID")):
+        return None
+    def ints(name, default):
+        a = conv.attributes.get(name)
+        return list(a.value) if a is not None else default
+    kernel = [int(d) for d in shape[2:]]
+    return {"kernel": kernel, "strides": ints("strides", [1] * dims), "dilations": ints("dilations", [1] * dims),
+            "pads": ints("pads", [0] * (2 * dims)), "group": conv.attributes["group"].value if "group" in conv.attributes else 1}
+
+
+def _patches(x, rule: dict):
+    """im2col of x [B, C, (H,) W]: [positions, C * taps], columns channel-major as the kernel's matrix rows."""
+    import torch
+
+    dims = len(rule["kernel"])
+    if dims == 1:
+        x = x.unsqueeze(2)
+        rule = {**rule, "kernel": [1, *rule["kernel"]], "strides": [1, *rule["strides"]], "dilations": [1, *rule["dilations"]],
+                "pads": [0, rule["pads"][0], 0, rule["pads"][1]]}
+    top, left, bottom, right = rule["pads"]
+    x = torch.nn.functional.pad(x, [left, right, top, bottom])
+    cols = torch.nn.functional.unfold(x, rule["kernel"], dilation=rule["dilations"], stride=rule["strides"])
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def conv_hessians(model: ir.Model, convs: list[ConvAsLinear], calibration, threads) -> tuple[dict, dict]:
+    """Per Conv: H = P^T P / positions (float64) of its im2col patches, one per group, and the mean
+    of each input channel, over the calibration batches run through the model as it is (qc ops
+    expanded): ({id(conv): [H_g]}, {id(conv): mean [C]})."""
+    import torch
+
+    from qcompiler.analysis.execute import expanded_copy, ort_session
+
+    copy = expanded_copy(model)
+    wanted = {conv.x.name for conv in convs}
+    values = {v.name: v for node in copy.graph for v in node.outputs if v.name in wanted}
+    values.update({v.name: v for v in copy.graph.inputs if v.name in wanted})
+    names = sorted(wanted)
+    for name in names:
+        if values[name] not in copy.graph.outputs:
+            copy.graph.outputs.append(values[name])
+    session = ort_session(copy, threads)
+    sums: dict[int, list] = {}
+    channel_sums: dict[int, np.ndarray] = {}
+    counts: dict[int, int] = {}  # positions seen per Conv (for the channel means)
+    rows: dict[int, int] = {}  # patches summed per Conv (for H)
+    for batch in calibration:
+        feeds = {i.name: batch[i.name] for i in session.get_inputs() if i.name in batch}
+        outputs = dict(zip(names, session.run(names, feeds)))
+        for conv in convs:
+            rule = _patch_rule(conv.conv)
+            x = torch.from_numpy(np.ascontiguousarray(outputs[conv.x.name], np.float32))
+            per_channel = x.to(torch.float64).sum(dim=tuple(i for i in range(x.dim()) if i != 1)).numpy()
+            channel_sums[id(conv.conv)] = channel_sums.get(id(conv.conv), 0) + per_channel
+            counts[id(conv.conv)] = counts.get(id(conv.conv), 0) + x.numel() // x.shape[1]
+            patches = _patches(x, rule)
+            step = max(1, -(-patches.shape[0] // PATCH_ROWS))
+            patches = patches[::step].to(torch.float64)
+            per_group = patches.shape[1] // rule["group"]
+            grams = [(p.T @ p).numpy() for p in patches.split(per_group, dim=1)]
+            previous = sums.get(id(conv.conv))
+            sums[id(conv.conv)] = grams if previous is None else [a + b for a, b in zip(previous, grams)]
+            rows[id(conv.conv)] = rows.get(id(conv.conv), 0) + patches.shape[0]
+    hessians = {key: [g / max(rows[key], 1) for g in grams] for key, grams in sums.items()}
+    means = {key: channel_sums[key] / max(counts[key], 1) for key in channel_sums}
+    return hessians, means

@@ -134,6 +134,7 @@ class QuantizeWeightsPass(Pass):
             node.outputs[0].name = f"{base}.mixed"
             replaced = allocation.outputs[0]
             node.outputs[0].type, node.outputs[0].shape = replaced.type, replaced.shape
+            node.meta[FLOAT_WEIGHT_KEY] = allocation.inputs[0].const_value  # [K, N] in channel order, for gptq
             ir.convenience.replace_nodes_and_values(graph, allocation, [allocation], [node], [replaced], [node.outputs[0]])
             if self.bias_correction:
                 kernel_error = np.empty_like(w)

@@ -86,6 +86,29 @@ def test_public_architecture_w8a8(name, tmp_path):
     assert not kernels.get("predicted_slower_than_float", False)
 
 
+@pytest.mark.parametrize("name", ["squeezenet", "shufflenet", "resnet50"])
+def test_public_architecture_mixed(name, tmp_path):
+    """`mixed{avg-bits=5}` stores every Conv kernel (and the classifier) within 5 bits per weight and
+    agrees with float on an image it was not calibrated on. (Inception v1 is left out: its classifier
+    reads a weight reshaped by a shape that is a graph input, which a caller may override, so that
+    layer stays float and the model stores 8.9 bits per weight.)"""
+    model = with_weights(name)
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, str(path))
+    x_name = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
+    calib = [{x_name: img[None]} for img in images(224, 5)]
+    result = qcompiler.compile(str(path), tmp_path / "out", pipeline="mixed{avg-bits=5}", calibration=calib, drift=False)
+    manifest = json.loads((result.output / "manifest.json").read_text())
+    assert manifest["effective_bits_per_weight"] <= 5.0
+    convs = sum(node.op_type == "Conv" for node in model.graph.node)
+    routes = [layer["route"] for layer in manifest["mixed_layers"].values()]
+    assert routes.count("MixedWeight(packed, expanded at load)") == convs
+    held = {x_name: images(224, 1, offset=6)}
+    want = execute.ort_session(model).run(None, held)[0]
+    got = execute.ort_session(str(result.output / "model.onnx")).run(None, held)[0]
+    assert execute.drift({"y": want}, {"y": got})["cosine"] > 0.99
+
+
 def test_craft_w8a8_report_measured_on_real_pages(tmp_path):
     out = tmp_path / "craft"
     result = qcompiler.compile("craft", out, pipeline="w8a8", calibration=_craft_calibration(),

@@ -10,6 +10,7 @@ transformer exports use; an op outside them raises NotImplementedError naming it
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -162,6 +163,7 @@ OPS: dict[str, Callable] = {
     "Gelu": lambda n, i: torch.nn.functional.gelu(i[0], approximate=attr(n, "approximate", "none")),
     "Softmax": lambda n, i: _softmax(i[0], attr(n, "axis", -1)),
     "MatMul": lambda n, i: torch.matmul(i[0], i[1]),
+    "Sum": lambda n, i: functools.reduce(torch.add, i),  # lower-ort writes residual Adds read by a LayerNormalization so
     "Conv": lambda n, i: _conv(n, i),
     "Transpose": lambda n, i: i[0].permute(attr(n, "perm", list(range(i[0].dim()))[::-1])),
     "Reshape": lambda n, i: _reshape(i[0], i[1], attr(n, "allowzero", 0)),
