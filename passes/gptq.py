@@ -89,7 +89,7 @@ class GPTQPass(Pass):
         from qcompiler.passes.quantize import conv_bias_shift
 
         runnable = [(node, conv) for node, conv in convs if _patch_rule(conv.conv) is not None]
-        hessians, means = conv_hessians(model, [conv for _, conv in runnable], calibration, threads)
+        hessians, patch_means, means = conv_hessians(model, [conv for _, conv in runnable], calibration, threads)
         improved, per_layer = 0, {}
         for node, conv in runnable:
             if FLOAT_WEIGHT_KEY not in node.meta:
@@ -103,7 +103,10 @@ class GPTQPass(Pass):
             arrays = [c.inputs for c in view.class_arrays()]
             outliers = view.outlier_arrays()
             originals = [x for inputs in arrays for x in inputs] + (list(outliers) if outliers is not None else [])
-            groups = hessians[id(conv.conv)]
+            bias = conv.conv.inputs[2] if len(conv.conv.inputs) > 2 else None
+            corrected = bias is not None and bias.const_value is not None
+            # the bias absorbs the kernel's mean error, so the rounding minimises the rest: H centred
+            groups = [h - np.outer(m, m) if corrected else h for h, m in zip(hessians[id(conv.conv)], patch_means[id(conv.conv)])]
             columns = w.shape[1] // len(groups)
             new_arrays = [x.copy() for x in originals]
             better = 0
@@ -127,8 +130,7 @@ class GPTQPass(Pass):
             change = np.empty_like(new)
             change[perm] = new - old  # rows back in channel order
             shift = conv_bias_shift(change.T.reshape(tuple(int(d) for d in conv.conv.inputs[1].shape)), means[id(conv.conv)])
-            bias = conv.conv.inputs[2] if len(conv.conv.inputs) > 2 else None
-            if bias is not None and bias.const_value is not None:
+            if corrected:
                 array = bias.const_value.numpy()
                 set_constant(model.graph, bias, (array - shift.reshape(array.shape)).astype(array.dtype), conv.conv, "gptq")
             per_layer[conv.name] = {"groups": len(groups), "groups_improved": better}
@@ -395,10 +397,10 @@ def _patches(x, rule: dict):
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def conv_hessians(model: ir.Model, convs: list[ConvAsLinear], calibration, threads) -> tuple[dict, dict]:
-    """Per Conv: H = P^T P / positions (float64) of its im2col patches, one per group, and the mean
-    of each input channel, over the calibration batches run through the model as it is (qc ops
-    expanded): ({id(conv): [H_g]}, {id(conv): mean [C]})."""
+def conv_hessians(model: ir.Model, convs: list[ConvAsLinear], calibration, threads) -> tuple[dict, dict, dict]:
+    """Per Conv: H = P^T P / positions (float64) of its im2col patches and their mean patch, one per
+    group, and the mean of each input channel, over the calibration batches run through the model as
+    it is (qc ops expanded): ({id(conv): [H_g]}, {id(conv): [mean patch_g]}, {id(conv): mean [C]})."""
     import torch
 
     from qcompiler.analysis.execute import expanded_copy, ort_session
@@ -413,6 +415,7 @@ def conv_hessians(model: ir.Model, convs: list[ConvAsLinear], calibration, threa
             copy.graph.outputs.append(values[name])
     session = ort_session(copy, threads)
     sums: dict[int, list] = {}
+    patch_sums: dict[int, np.ndarray] = {}
     channel_sums: dict[int, np.ndarray] = {}
     counts: dict[int, int] = {}  # positions seen per Conv (for the channel means)
     rows: dict[int, int] = {}  # patches summed per Conv (for H)
@@ -433,6 +436,8 @@ def conv_hessians(model: ir.Model, convs: list[ConvAsLinear], calibration, threa
             previous = sums.get(id(conv.conv))
             sums[id(conv.conv)] = grams if previous is None else [a + b for a, b in zip(previous, grams)]
             rows[id(conv.conv)] = rows.get(id(conv.conv), 0) + patches.shape[0]
+            patch_sums[id(conv.conv)] = patch_sums.get(id(conv.conv), 0) + patches.sum(dim=0).numpy()
     hessians = {key: [g / max(rows[key], 1) for g in grams] for key, grams in sums.items()}
+    patch_means = {key: list(np.split(total / max(rows[key], 1), len(hessians[key]))) for key, total in patch_sums.items()}
     means = {key: channel_sums[key] / max(counts[key], 1) for key in channel_sums}
-    return hessians, means
+    return hessians, patch_means, means
