@@ -169,3 +169,29 @@ def test_compile_of_constant_weights_and_minus_one_dims_has_finite_effective_bit
     assert result.manifest["source"]["weights"] == 24
     assert math.isfinite(result.manifest["effective_bits_per_weight"])
     assert result.probe.source == "calibration-held-apart"
+
+
+def test_weights_listed_as_inputs_below_ir_4_stay_weights(tmp_path):
+    """Below IR 4 every initializer had to be a graph input too; raised to IR 10 such an input would
+    be an overridable default that nothing folds (a classifier whose weight is reshaped by one stayed
+    float). Loading drops those listings: the model's inputs are its data, the Reshape folds."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 1, (1, 1, 4, 8)).astype(np.float32)
+    graph = oh.make_graph(
+        [oh.make_node("Reshape", ["W", "shape"], ["w2"]), oh.make_node("Gemm", ["X", "w2"], ["Y"], transB=1)], "g",
+        [oh.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [2, 8]), oh.make_tensor_value_info("W", onnx.TensorProto.FLOAT, [1, 1, 4, 8]),
+         oh.make_tensor_value_info("shape", onnx.TensorProto.INT64, [2])],
+        [oh.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [2, 4])],
+        [onnx.numpy_helper.from_array(w, "W"), onnx.numpy_helper.from_array(np.array([4, 8], np.int64), "shape")])
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 11)], ir_version=3)
+    path = tmp_path / "legacy.onnx"
+    onnx.save(proto, str(path))
+    model = load(path)
+    assert [v.name for v in model.graph.inputs] == ["X"]
+    x = rng.normal(0, 1, (2, 8)).astype(np.float32)
+    np.testing.assert_allclose(execute.run(model, {"X": x})["Y"], x @ w.reshape(4, 8).T, rtol=1e-5, atol=1e-5)
+    from qcompiler.pipeline.pass_manager import run_pipeline
+    from qcompiler.pipeline.spec import parse_pipeline
+
+    run_pipeline(model, parse_pipeline("canonicalize"))
+    assert [n.op_type for n in model.graph] == ["MatMul"]

@@ -232,6 +232,23 @@ def test_gptq_lowers_each_mixed_conv_layers_output_error():
         drifts[pipeline] = execute.drift({"Y": expected}, {"Y": execute.run(model, held)["Y"]})["rel_l2"]
         if pipeline.endswith("gptq"):
             convs = records[-1].stats["convs"]
-            assert convs["layers"] == 4 and convs["improved"] >= 3
+            assert convs["layers"] == 4 and convs["improved"] >= 3 and convs["kept"] == "gptq"
+            assert convs["output_error_after"] < convs["output_error_before"]
     assert drifts["quantize-weights,gptq"] < drifts["quantize-weights"]
 
+
+
+def test_gptq_keeps_round_to_nearest_kernels_when_the_models_error_does_not_fall(monkeypatch):
+    """Each group's GPTQ kernel lowers that layer's error on its patches; when the model's output error
+    over the calibration data does not fall with all of them, every kernel and bias is put back."""
+    import qcompiler.passes.gptq as gptq
+
+    model = _conv_net()
+    _compile(model, "calibrate,allocate-bits{avg-bits=4},quantize-weights")
+    graph_text = lambda: [line for line in to_text(model).splitlines() if "qcompiler.properties" not in line]
+    rounded_to_nearest = graph_text()
+    errors = iter([1.0, 2.0])  # before, after
+    monkeypatch.setattr(gptq, "_model_error", lambda *args: next(errors))
+    records = _compile(model, "gptq")
+    assert records[-1].stats["convs"]["kept"] == "round-to-nearest"
+    assert graph_text() == rounded_to_nearest  # every kernel and bias as round-to-nearest left it

@@ -177,7 +177,8 @@ def _mixed_weight_reference(perm, *rest, kinds=(), bits=(), sizes=(), group_size
     return (w,)
 
 
-def _check_mixed_matmul(node: ir.Node) -> None:
+def _check_mixed_storage(node: ir.Node) -> None:
+    """The checks of `qc.MixedMatMul` and `qc.MixedWeight`: classes, inputs, permutation, zero points."""
     a = attributes_of(node)
     where = f"node '{node.name}' (qc.{node.op_type})"
     first = 1 if node.op_type == "MixedWeight" else 2
@@ -239,21 +240,24 @@ BIT_ALLOCATION = register(
     )
 )
 
+# the storage of a mixed weight, shared by the op that multiplies by it and the op that gives it
+MIXED_STORAGE = {
+    "kinds": Attr("strings"),
+    "bits": Attr("ints"),
+    "sizes": Attr("ints"),
+    "group_size": Attr("int", 128),
+    "sparse": Attr("int", 0),
+}
+
 MIXED_MATMUL = register(
     OpSchema(
         op_type="MixedMatMul",
         inputs=("X", "perm", "class_inputs"),
         outputs=("Y",),
-        attributes={
-            "kinds": Attr("strings"),
-            "bits": Attr("ints"),
-            "sizes": Attr("ints"),
-            "group_size": Attr("int", 128),
-            "sparse": Attr("int", 0),
-        },
+        attributes=dict(MIXED_STORAGE),
         doc="weight-only linear with per-channel bit classes (uniform, codebook, fp16) and sparse fp16 outliers",
         reference=_mixed_matmul_reference,
-        check=_check_mixed_matmul,
+        check=_check_mixed_storage,
         variadic=True,
     )
 )
@@ -263,16 +267,10 @@ MIXED_WEIGHT = register(
         op_type="MixedWeight",
         inputs=("perm", "class_inputs"),
         outputs=("W",),
-        attributes={
-            "kinds": Attr("strings"),
-            "bits": Attr("ints"),
-            "sizes": Attr("ints"),
-            "group_size": Attr("int", 128),
-            "sparse": Attr("int", 0),
-        },
+        attributes=dict(MIXED_STORAGE),
         doc="a weight [K, N] stored as qc.MixedMatMul stores it (per-channel bit classes, sparse fp16 outliers), rows in channel order",
         reference=_mixed_weight_reference,
-        check=_check_mixed_matmul,
+        check=_check_mixed_storage,
         variadic=True,
     )
 )

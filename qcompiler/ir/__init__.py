@@ -235,7 +235,14 @@ def _interface_changes(before: list, after: list) -> str:
 def _at_least_ir_version_for_target(model: ir.Model) -> ir.Model:
     """Raise the IR version to the lowest one `TARGET_OPSET` allows. The version converter
     leaves it alone, and below IR 4 every initializer must also be a graph input, which the
-    passes do not keep (a folded constant becomes an initializer only)."""
+    passes do not keep (a folded constant becomes an initializer only). Those listings go: below
+    IR 4 they are how weights had to be written (ONNX Runtime does not let a caller override them),
+    while from IR 4 an initializer that is also an input is an overridable default, which nothing
+    may fold (a Reshape of a weight by such a shape would stay a run-time op, its layer unquantized)."""
+    if (model.ir_version or 0) < 4:
+        weights = [v for v in model.graph.inputs if v.name in model.graph.initializers]
+        for value in weights:
+            model.graph.inputs.remove(value)
     minimum = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", TARGET_OPSET)])
     model.ir_version = max(model.ir_version or 0, minimum)
     return model
