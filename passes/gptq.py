@@ -48,7 +48,7 @@ from qcompiler.analysis.reconstruct import BlockProblem, Options, reconstruct
 from qcompiler.dialect.mixed_ops import MixedClass, MixedMatMulView, class_slices, split_class_inputs
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import ConvAsLinear, conv_reading, drop_unread, new_initializer, set_constant
-from qcompiler.ir.meta import FLOAT_WEIGHT_KEY, Prop
+from qcompiler.ir.meta import FLOAT_BIAS_KEY, FLOAT_WEIGHT_KEY, Prop
 from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
 from qcompiler.pipeline import context
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
@@ -483,6 +483,10 @@ def _model_error(model: ir.Model, calibration, threads) -> float:
         source = floats.get(node.name)
         if source is None or node.domain != "qc":
             continue
+        conv = conv_reading(node.outputs[0]) if node.op_type == "MixedWeight" else None
+        if conv is not None and len(conv.conv.inputs) > 2 and conv.conv.inputs[2] is not None:  # the bias before correction
+            bias = source.meta.get(FLOAT_BIAS_KEY)
+            conv.conv.replace_input_with(2, new_initializer(reference.graph, f"{node.name}.float_bias", bias) if bias is not None else None)
         weight = new_initializer(reference.graph, f"{node.name}.float", source.meta[FLOAT_WEIGHT_KEY].numpy())
         if node.op_type == "MixedMatMul":
             matmul = ir.node("MatMul", [node.inputs[0], weight], name=f"{node.name}.float_matmul")

@@ -37,7 +37,7 @@ from qcompiler.analysis import bitcost
 from qcompiler.dialect.mixed_ops import FP16_BITS, dequantize_codebook, dequantize_uniform
 from qcompiler.dialect.ops import attributes_of
 from qcompiler.ir.layers import ConvAsLinear, conv_reading, new_initializer, remove_unused, set_constant
-from qcompiler.ir.meta import CREATED_BY, FLOAT_WEIGHT_KEY, Prop, activation_stats
+from qcompiler.ir.meta import CREATED_BY, FLOAT_BIAS_KEY, FLOAT_WEIGHT_KEY, Prop, activation_stats
 from qcompiler.passes.quantize import conv_bias_shift
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 from qcompiler.support.progress import progress
@@ -135,6 +135,8 @@ class QuantizeWeightsPass(Pass):
             replaced = allocation.outputs[0]
             node.outputs[0].type, node.outputs[0].shape = replaced.type, replaced.shape
             node.meta[FLOAT_WEIGHT_KEY] = allocation.inputs[0].const_value  # [K, N] in channel order, for gptq
+            bias = layer.conv.inputs[2] if len(layer.conv.inputs) > 2 else None
+            node.meta[FLOAT_BIAS_KEY] = bias.const_value.numpy().copy() if bias is not None and bias.const_value is not None else None
             ir.convenience.replace_nodes_and_values(graph, allocation, [allocation], [node], [replaced], [node.outputs[0]])
             if self.bias_correction:
                 kernel_error = np.empty_like(w)

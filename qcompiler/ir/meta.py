@@ -121,6 +121,9 @@ SMOOTHED_KEY = _key("qc.smoothed", VALUE_META, "bool",
 FLOAT_WEIGHT_KEY = _key("qc.float_weight", NODE_META, "ir.TensorProtocol",
                         "a qc.MixedMatMul's float weight [K, N] in original row order: written by quantize-weights, "
                         "read by flexround, tune-scales and gptq")
+FLOAT_BIAS_KEY = _key("qc.float_bias", NODE_META, "np.ndarray | None",
+                      "a qc.MixedWeight's Conv bias before quantize-weights corrected it (None: the Conv had none): "
+                      "written by quantize-weights, read by gptq to rebuild the float model")
 CREATED_BY = _key("qc.created_by", NODE_PROPS, "str", "the pass (or 'pass:rule') that created the node")
 SCOPE_KEY = _key("qc.scope", NODE_PROPS, "str", "the torch module path a captured node came from")
 STORED_WEIGHTS = _key("qc.stored_weights", NODE_PROPS, "str ('1')",
