@@ -49,7 +49,7 @@ import onnx_ir as ir
 from qcompiler.analysis.reconstruct import BlockProblem, Options, reconstruct
 from qcompiler.dialect.mixed_ops import MixedClass, MixedMatMulView, class_slices, split_class_inputs
 from qcompiler.errors import UserError
-from qcompiler.ir.layers import ConvAsLinear, conv_reading, drop_unread, new_initializer, set_constant
+from qcompiler.ir.layers import ConvAsLinear, conv_reading, drop_unread, new_initializer
 from qcompiler.ir.meta import FLOAT_BIAS_KEY, FLOAT_WEIGHT_KEY, Prop
 from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
 from qcompiler.pipeline import context
@@ -96,7 +96,7 @@ class GPTQPass(Pass):
 
     def _round_convs(self, model: ir.Model, convs: list[tuple[ir.Node, ConvAsLinear]], calibration, threads) -> dict:
         """Each mixed Conv kernel rounded by GPTQ on its patches' H, one group of columns at a time."""
-        from qcompiler.passes.quantize import conv_bias_shift
+        from qcompiler.passes.quantize import conv_bias_shift, subtract_from_bias
 
         runnable = [(node, conv) for node, conv in convs if _patch_rule(conv.conv) is not None]
         calibration = list(calibration)
@@ -150,8 +150,7 @@ class GPTQPass(Pass):
             change[perm] = new - old  # rows back in channel order
             shift = conv_bias_shift(change.T.reshape(tuple(int(d) for d in conv.conv.inputs[1].shape)), means[id(conv.conv)])
             if corrected:
-                array = bias.const_value.numpy()
-                set_constant(model.graph, bias, (array - shift.reshape(array.shape)).astype(array.dtype), conv.conv, "gptq")
+                subtract_from_bias(model.graph, conv.conv, bias, shift, "", suffix="gptq")
             per_layer[conv.name] = {"groups": len(groups), "groups_improved": better}
         kept = "gptq"
         if improved:

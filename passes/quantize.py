@@ -360,13 +360,18 @@ def bias_slot(target: Target) -> BiasSlot | None:
 
 
 def _shift_bias(graph: ir.Graph, target: Target, slot: BiasSlot, shift: np.ndarray) -> None:
-    """Subtract `shift` from the bias in `slot` (creating a Conv's bias when it has none)."""
-    if slot.value is None:
-        slot.node.resize_inputs(3)
-        slot.node.replace_input_with(2, new_initializer(graph, f"{target.w.name}.bias", (-shift).astype(np.float32)))
+    subtract_from_bias(graph, slot.node, slot.value, shift, f"{target.w.name}.bias")
+
+
+def subtract_from_bias(graph: ir.Graph, node: ir.Node, bias: ir.Value | None, shift: np.ndarray, name: str,
+                       suffix: str = "corrected") -> None:
+    """Subtract `shift` from `node`'s constant bias `bias` (None: a Conv without a bias gets one, named `name`)."""
+    if bias is None:
+        node.resize_inputs(3)
+        node.replace_input_with(2, new_initializer(graph, name, (-shift).astype(np.float32)))
         return
-    array = slot.value.const_value.numpy()
-    set_constant(graph, slot.value, (array - shift.reshape(array.shape)).astype(array.dtype), slot.node, "corrected")
+    array = bias.const_value.numpy()
+    set_constant(graph, bias, (array - shift.reshape(array.shape)).astype(array.dtype), node, suffix)
 
 
 def _quantize_activation(graph: ir.Graph, x: ir.Value, mode: str, value_range) -> ir.Value:

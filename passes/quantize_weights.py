@@ -36,9 +36,9 @@ import onnx_ir as ir
 from qcompiler.analysis import bitcost
 from qcompiler.dialect.mixed_ops import FP16_BITS, dequantize_codebook, dequantize_uniform
 from qcompiler.dialect.ops import attributes_of
-from qcompiler.ir.layers import ConvAsLinear, conv_reading, new_initializer, remove_unused, set_constant
+from qcompiler.ir.layers import ConvAsLinear, conv_reading, new_initializer, remove_unused
 from qcompiler.ir.meta import CREATED_BY, FLOAT_BIAS_KEY, FLOAT_WEIGHT_KEY, Prop, activation_stats
-from qcompiler.passes.quantize import conv_bias_shift
+from qcompiler.passes.quantize import conv_bias_shift, subtract_from_bias
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 from qcompiler.support.progress import progress
 
@@ -131,7 +131,6 @@ class QuantizeWeightsPass(Pass):
         corrected = {}
         if isinstance(layer, ConvAsLinear):
             node = ir.node("MixedWeight", inputs, attributes, domain="qc", name=f"{base}.mixed", metadata_props={CREATED_BY: self.name})
-            node.outputs[0].name = f"{base}.mixed"
             replaced = allocation.outputs[0]
             node.outputs[0].type, node.outputs[0].shape = replaced.type, replaced.shape
             node.meta[FLOAT_WEIGHT_KEY] = allocation.inputs[0].const_value  # [K, N] in channel order, for gptq
@@ -165,16 +164,10 @@ def _correct_conv_bias(graph: ir.Graph, conv: ConvAsLinear, error: np.ndarray, b
     mean_in = np.asarray(activation_stats(conv.x, QuantizeWeightsPass.name, conv.name).sample, np.float64).mean(axis=0)
     shape = tuple(int(d) for d in conv.conv.inputs[1].shape)
     shift = conv_bias_shift(error.T.reshape(shape), mean_in)
-    node = conv.conv
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
-    if bias is None:
-        node.resize_inputs(3)
-        node.replace_input_with(2, new_initializer(graph, f"{base}.bias", (-shift).astype(np.float32)))
-    elif bias.const_value is not None:
-        array = bias.const_value.numpy()
-        set_constant(graph, bias, (array - shift.reshape(array.shape)).astype(array.dtype), node, "corrected")
-    else:
+    bias = conv.conv.inputs[2] if len(conv.conv.inputs) > 2 else None
+    if bias is not None and bias.const_value is None:
         return {}
+    subtract_from_bias(graph, conv.conv, bias, shift, f"{base}.bias")
     return {"bias_shift_max": float(np.max(np.abs(shift)))}
 
 
