@@ -7,7 +7,8 @@ import pytest
 from qcompiler.analysis import bitcost
 from qcompiler.analysis.probe import synthetic_inputs
 from qcompiler.codegen.targets import get_target
-from qcompiler.codegen.triton.cost import TRITON
+from qcompiler.codegen.triton.cost import TRITON, TritonStorageCost
+from qcompiler.codegen.triton.reference import MIXED_KINDS
 from qcompiler.errors import UserError
 from qcompiler.ir import parse
 from qcompiler.pipeline.context import CompileContext, using
@@ -49,7 +50,7 @@ def test_cost_option_parses_and_prints_back():
 
 def test_latency_without_a_kernel_table_is_refused_naming_the_target():
     with pytest.raises(UserError, match="target 'triton' has none; use cost=bits"):
-        _allocate("cost=latency", get_target("triton").cost_model)
+        _allocate("cost=latency", TritonStorageCost())
     with pytest.raises(UserError, match="target 'ort' has none"):
         _allocate("cost=latency", bitcost.StorageCost())
 
@@ -59,7 +60,20 @@ def test_each_target_brings_its_cost_model():
     assert ort.name == "ort" and {"nbits2", "nbits4", "nbits8"} <= set(ort.kernel_costs.per_weight_ns)
     assert ort.kernel_costs.per_class_us >= 0 and all(v > 0 for v in ort.kernel_costs.per_weight_ns.values())
     triton = get_target("triton").cost_model
-    assert triton is TRITON and triton.name == "triton" and triton.kernel_costs is None
+    assert triton.name == "triton" and triton.kernel_costs.target == "triton"
+    assert triton.class_bits("uniform", 3, 100, 64, 32, "auto") == TRITON.class_bits("uniform", 3, 100, 64, 32, "auto")
+
+
+def test_the_triton_table_prices_every_route_its_mixed_kernel_runs():
+    table = get_target("triton").cost_model.kernel_costs
+    routes = {TRITON.route(kind, bits, "auto") for kind, bits in MIXED_KINDS}
+    assert routes == set(table.per_weight_ns) and all(v > 0 for v in table.per_weight_ns.values())
+    assert table.per_class_us >= 0 and table.source["device"]
+
+
+def test_latency_on_the_triton_target_allocates_within_the_budget():
+    stats = _allocate("avg-bits=3.25 cost=latency", get_target("triton").cost_model)
+    assert stats["per_layer"]["Y"]["predicted_us"] > 0 and stats["predicted_bits_per_weight"] <= 3.25
 
 
 def test_ort_prices_are_the_bitcost_functions():

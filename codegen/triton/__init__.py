@@ -1,8 +1,12 @@
 """The Triton target: a Python package of Triton kernels and torch that runs `qc` ops itself.
 `emit.py` writes the package (`kernels.py`, `runtime.py` and `reference.py` ship in it); `cost.py`
-is what it stores for a mixed layer."""
+is what it stores for a mixed layer; `kernel_costs.json` the time its one-launch mixed kernel takes per
+class route on a GPU (measured by `benchmarks/triton_kernel_costs.py`)."""
 
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 from qcompiler.analysis import bitcost
 from qcompiler.codegen import Target
@@ -17,10 +21,8 @@ class TritonTarget(Target):
     @property
     def cost_model(self) -> bitcost.StorageCost:
         """What the package stores (`cost.py`: codes tight at their own width, fp16 scales and zero
-        points, int32 permutation); no kernel-cost table."""
-        from qcompiler.codegen.triton.cost import TRITON
-
-        return TRITON
+        points, int32 permutation) and the kernel costs in `kernel_costs.json`."""
+        return triton_cost_model()
 
     def check_host(self) -> None:
         from qcompiler.codegen.triton.emit import check_triton
@@ -39,3 +41,10 @@ class TritonTarget(Target):
         from qcompiler.codegen.triton import emit
 
         return emit.emit(model, staging, manifest)
+
+
+@functools.cache
+def triton_cost_model() -> bitcost.StorageCost:
+    from qcompiler.codegen.triton.cost import TritonStorageCost
+
+    return TritonStorageCost(bitcost.KernelCosts.load(Path(__file__).resolve().parent / "kernel_costs.json"))

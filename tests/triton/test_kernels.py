@@ -286,7 +286,17 @@ def _mixed_classes(rng, spec, n, group):
     return classes, row
 
 
+# On a GPU each test compiles one configuration per path (the benchmark's correctness sweep uses the
+# same ones); autotuning would compile all of them for every kinds mask, minutes for this file.
+GPU_CONFIGS = {"gemv": dict(BM=1, BN=64, SPLIT_K=4, USE_DOT=False, num_warps=4),
+               "decode": dict(BM=16, BN=64, SPLIT_K=2, USE_DOT=True, num_warps=4),
+               "prefill": dict(BM=64, BN=64, SPLIT_K=1, USE_DOT=True, num_warps=4)}
+
+
 def _run_mixed(layout, x, device="cpu", **kw):
+    if device == "cuda":
+        kw.setdefault("config", GPU_CONFIGS[qk._path(x.shape[0])])
+
     def t(a):
         return None if a is None else (a if isinstance(a, torch.Tensor) else _t(a)).to(device)
 
