@@ -18,7 +18,10 @@ codes, scales, zero points, codebooks, sparse outliers, the permutation).
 - Solver: every channel starts at the smallest candidate; upgrades are ranked by error reduction
   per stored bit (exact for convex err_k(b) curves) and each is charged its exact cost in stored
   bits (a class's first rows pay for a whole group's metadata, a codebook class for its tables),
-  so the budget holds as emitted without a correction afterwards.
+  so the budget holds as emitted without a correction afterwards. With `codebook=kmeans` every
+  non-empty subset of the candidates is allocated so and the one with the least predicted error is
+  kept: the greedy climbs one candidate at a time, and a codebook class's first row pays its whole
+  table, so a budget that cannot open the 4-bit class would otherwise never reach 8 bits.
 - Quantization-based outliers (`outliers-weight`, kept as sparse fp16 by `quantize-weights`) are
   budgeted here too, so that the average holds after them.
 
@@ -352,6 +355,8 @@ class AllocateBitsPass(Pass):
         candidates = sorted(set(self.candidates))
         if self.cost == "latency":
             return self._fastest_for_error(pool, budget, avg_bits, candidates)
+        if self.codebook == "kmeans" and len(candidates) > 1:
+            return self._least_error(pool, budget, avg_bits, candidates)
         return self._greedy(pool, budget, avg_bits, candidates)
 
     def _kernel_costs(self) -> bitcost.KernelCosts:
@@ -370,9 +375,27 @@ class AllocateBitsPass(Pass):
         without a class whose few rows cost a whole launch, or without a slow width, wins when the
         error it adds is smaller than the time it saves. Ties keep the earlier subset (fewer classes,
         smaller widths first). A pool (scope=model) shares one class set."""
+        table = self._kernel_costs()
+        return self._best_class_set(pool, budget, avg_bits, candidates, lambda bits: (
+            sum(self._predicted_error(layer, bits[layer.linear.name]) for layer in pool)
+            * sum(self._predicted_us(layer, bits[layer.linear.name], table) for layer in pool)))
+
+    def _least_error(self, pool: list[_Layer], budget: float, avg_bits: float, candidates: list[int]) -> dict[str, np.ndarray]:
+        """codebook=kmeans: the greedy climbs one candidate at a time, and a codebook class's first row
+        pays its whole table (N x 2^b fp16 centroids: 0.67 bits per weight at 4 bits for a layer of
+        384 rows), so where the budget left cannot open the next class every upgrade into it is set
+        aside and the wider classes behind it are never reached. Every non-empty subset of the
+        candidates that can meet the budget is allocated (`_greedy`, the same budget) and the one with
+        the least predicted error is kept, so a row can go from 2 bits to 8 past a 4-bit codebook the
+        budget cannot pay for. Ties keep the earlier subset. A pool (scope=model) shares one class set."""
+        return self._best_class_set(pool, budget, avg_bits, candidates, lambda bits: (
+            sum(self._predicted_error(layer, bits[layer.linear.name]) for layer in pool)))
+
+    def _best_class_set(self, pool: list[_Layer], budget: float, avg_bits: float, candidates: list[int], score) -> dict[str, np.ndarray]:
+        """The `_greedy` allocation of the subset of the candidates with the least `score` (subsets in
+        order of size, then of widths; those the budget does not allow skipped)."""
         import itertools
 
-        table = self._kernel_costs()
         best, best_score = None, None
         for size in range(1, len(candidates) + 1):
             for subset in itertools.combinations(candidates, size):
@@ -380,11 +403,9 @@ class AllocateBitsPass(Pass):
                     bits = self._greedy(pool, budget, avg_bits, list(subset))
                 except UserError:  # the budget is outside what this subset allows
                     continue
-                error = sum(self._predicted_error(layer, bits[layer.linear.name]) for layer in pool)
-                time = sum(self._predicted_us(layer, bits[layer.linear.name], table) for layer in pool)
-                score = error * time
-                if best_score is None or score < best_score:
-                    best, best_score = bits, score
+                value = score(bits)
+                if best_score is None or value < best_score:
+                    best, best_score = bits, value
         if best is None:
             raise UserError(self._infeasible(pool, candidates, avg_bits))
         return best

@@ -126,6 +126,20 @@ def test_latency_avoids_a_slow_width_and_keeps_the_budget():
     assert even["predicted_error"] <= bits["predicted_error"] and even["predicted_bits_per_weight"] <= 4.5
 
 
+def test_kmeans_fills_the_budget_past_a_codebook_table_it_cannot_pay_for():
+    # 512 x 128: a 4-bit codebook class's first row pays 128 x 16 fp16 centroids (0.5 bits per weight),
+    # more than the room left above the 2-bit classes at 3 and 3.25 bits; rows then go to 8 bits past it
+    for avg in (3.0, 3.25):
+        uniform = _allocate(f"avg-bits={avg}")
+        kmeans = _allocate(f"avg-bits={avg} codebook=kmeans")
+        assert avg - 0.15 <= kmeans["predicted_bits_per_weight"] <= avg, avg
+        assert abs(kmeans["predicted_bits_per_weight"] - uniform["predicted_bits_per_weight"]) <= 0.05, avg
+        assert 8 in kmeans["per_layer"]["Y"]["bits_histogram"]
+    # where the 4-bit table fits, the codebook class is still chosen when it predicts less error
+    wide = _allocate("avg-bits=4 codebook=kmeans")
+    assert 4 in wide["per_layer"]["Y"]["bits_histogram"] and 4 - 0.15 <= wide["predicted_bits_per_weight"] <= 4
+
+
 def test_opt_prices_with_the_shipped_ort_table():
     model = _layer()
     records = optimize(model, "calibrate,allocate-bits{avg-bits=3.25 cost=latency}")
