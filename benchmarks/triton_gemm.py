@@ -171,6 +171,31 @@ def mixed_calls(qk, x, k2, kinds):
     return one, per_class
 
 
+def graph_time(fns, replays=20):
+    """Median GPU time (ms) per call of a CUDA graph that calls each of ``fns`` once (rotating weights)."""
+    import torch
+
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(replays):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        ts.append(e0.elapsed_time(e1))
+    ts.sort()
+    return ts[len(ts) // 2] / len(fns)
+
+
 def nbytes(*ts):
     return sum(t.numel() * t.element_size() for t in ts)
 
@@ -413,28 +438,6 @@ def main(argv=None) -> int:
         """Identical copies of a weight set, enough that cycling through them overflows the L2."""
         n_copies = max(2, min(32, math.ceil(min_bytes / nbytes(*ts))))
         return [ts] + [tuple(t.clone() for t in ts) for _ in range(n_copies - 1)]
-
-    def graph_time(fns, replays=20):
-        """Median GPU time per call of a CUDA graph that calls each of ``fns`` once (rotating weights)."""
-        for f in fns:
-            f()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for f in fns:
-                f()
-        g.replay()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(replays):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            g.replay()
-            e1.record()
-            e1.synchronize()
-            ts.append(e0.elapsed_time(e1))
-        ts.sort()
-        return ts[len(ts) // 2] / len(fns)
 
     diag_cases = {}
     for (k, n) in shapes:

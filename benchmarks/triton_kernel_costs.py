@@ -11,11 +11,12 @@ the kernel's code width, group 128, fp16 scale and zero), `lut2` .. `lut8` (code
 per-column fp16 table) and `fp16` (dense fp16 rows). Each is timed as the package runs a mixed layer
 (`kernels.qc_gemm_mixed_a16`, autotuned) holding one class of r input channels and N outputs, for r
 in `--rows`: GPU time per call of a CUDA graph that cycles through enough identical weight copies
-(>= 200 MB) that every call reads its weights from HBM, median of the replays. Per route, the time
-per weight b is the slope between the smallest and the largest r, (t(r_max) - t(r_min)) /
-((r_max - r_min) N): the launch and the split-K reduction, paid once per layer, drop out. The fixed
-cost of one more class is what a layer of two classes (half the rows each, two different routes)
-takes over the mean of the two routes alone at the full r, the median over route pairs, at least 0.
+(>= 200 MB) that every call reads its weights from HBM, median of the replays
+(`triton_gemm.graph_time`). Per route, the time per weight b is the slope between the smallest and the
+largest r, (t(r_max) - t(r_min)) / ((r_max - r_min) N): the launch and the split-K reduction, paid once
+per layer, drop out. The fixed cost of one more class is what a layer of two classes (half the rows
+each, two different routes) takes over the mean of the two routes alone at the full r, the median over
+route pairs, at least 0.
 The table records the device, the versions, every timing and the command.
 """
 
@@ -104,24 +105,7 @@ def main(argv=None) -> int:
             for f in calls:
                 f()
             return (time.perf_counter() - start) / len(calls) * 1e6
-        for f in calls:
-            f()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for f in calls:
-                f()
-        g.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(args.replays):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            g.replay()
-            e1.record()
-            e1.synchronize()
-            times.append(e0.elapsed_time(e1))
-        return statistics.median(times) / len(calls) * 1e3
+        return triton_gemm.graph_time(calls, args.replays) * 1e3
 
     def time_layer(spec, seed) -> dict:
         classes, k = layer_classes(ref, spec, n, seed)
