@@ -32,9 +32,9 @@ round-to-nearest kernel unless GPTQ lowers `tr((W - W_hat)^T H (W - W_hat))`; th
 by the mean change the new kernel makes on the calibration inputs, so that the correction
 `quantize-weights` made still holds. Lower errors layer by layer need not make a lower error at the
 model's outputs (on EfficientNet-Lite0 they did not: logits' relative error 0.45 against 0.35 at 4
-bits), so the model's outputs are compared with the float model's over the calibration data before
-and after, and every kernel and bias goes back to round-to-nearest unless that error falls
-(`convs.kept`). 1-D and 2-D
+bits), so the model's outputs are compared with the float model's before and after, on every fourth
+calibration batch, held out of H (`held_out`; all of them when there are fewer than 4), and every
+kernel and bias goes back to round-to-nearest unless that error falls (`convs.kept`). 1-D and 2-D
 Convs without `auto_pad`; others keep their round-to-nearest kernels (`convs_skipped`).
 """
 
@@ -58,6 +58,7 @@ from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 LAZY_ROWS = 128  # rows rounded between two updates of the rows after them (GPTQ's lazy batch)
 PATCH_ROWS = 16384  # im2col patches per calibration batch at most, for a Conv's H
 MIN_PATCHES_PER_ROW = 8  # a Conv's H from fewer patches than this many per kernel row is not trusted
+HOLD_OUT_EVERY = 4  # every 4th calibration batch checks the mixed Convs' rounding at the model's outputs
 
 
 @register_pass
@@ -99,12 +100,12 @@ class GPTQPass(Pass):
         from qcompiler.passes.quantize import conv_bias_shift, subtract_from_bias
 
         runnable = [(node, conv) for node, conv in convs if _patch_rule(conv.conv) is not None]
-        calibration = list(calibration)
-        error_before = _model_error(model, calibration, threads)
+        fit, check = held_out(list(calibration))
+        error_before = _model_error(model, check, threads)
         saved = [(value, value.const_value) for node, _ in runnable for value in _class_values(MixedMatMulView.of(node))]
         saved_biases = [(conv.conv, conv.conv.inputs[2], conv.conv.inputs[2].const_value) for _, conv in runnable
                         if len(conv.conv.inputs) > 2 and conv.conv.inputs[2] is not None and conv.conv.inputs[2].const_value is not None]
-        hessians, patch_means, means, patches = conv_hessians(model, [conv for _, conv in runnable], calibration, threads)
+        hessians, patch_means, means, patches = conv_hessians(model, [conv for _, conv in runnable], fit, threads)
         improved, per_layer = 0, {}
         for node, conv in runnable:
             if FLOAT_WEIGHT_KEY not in node.meta:
@@ -154,7 +155,7 @@ class GPTQPass(Pass):
             per_layer[conv.name] = {"groups": len(groups), "groups_improved": better}
         kept = "gptq"
         if improved:
-            error_after = _model_error(model, calibration, threads)
+            error_after = _model_error(model, check, threads)
             if error_after >= error_before:  # each layer's error fell, the model's did not: keep round-to-nearest
                 kept, improved = "round-to-nearest", 0
                 for value, tensor in saved:
@@ -165,7 +166,8 @@ class GPTQPass(Pass):
                         written = conv_node.inputs[2]
                         conv_node.replace_input_with(2, bias)
                         drop_unread(model.graph, [written])
-            per_layer_error = {"output_error_before": error_before, "output_error_after": error_after}
+            per_layer_error = {"output_error_before": error_before, "output_error_after": error_after,
+                               "checked_on": f"{len(check)} held-out batches" if check is not fit else "the calibration batches"}
         else:
             per_layer_error = {}
         return {"layers": len(convs), "improved": improved, "kept": kept, **per_layer_error, "convs_skipped": [c.name for _, c in convs if _patch_rule(c.conv) is None],
@@ -476,6 +478,16 @@ def conv_hessians(model: ir.Model, convs: list[ConvAsLinear], calibration, threa
     patch_means = {key: list(np.split(total / max(rows[key], 1), len(hessians[key]))) for key, total in patch_sums.items()}
     means = {key: channel_sums[key] / max(counts[key], 1) for key in channel_sums}
     return hessians, patch_means, means, rows
+
+
+def held_out(batches: list) -> tuple[list, list]:
+    """(fit, check): every `HOLD_OUT_EVERY`-th calibration batch checks the model's error and gives no
+    patches to H, so that a rounding fitted to the calibration data is not kept for it; with fewer
+    than `HOLD_OUT_EVERY` batches both are all of them (the same object)."""
+    if len(batches) < HOLD_OUT_EVERY:
+        return batches, batches
+    check = batches[HOLD_OUT_EVERY - 1 :: HOLD_OUT_EVERY]
+    return [b for i, b in enumerate(batches) if i % HOLD_OUT_EVERY != HOLD_OUT_EVERY - 1], check
 
 
 def _model_error(model: ir.Model, calibration, threads) -> float:

@@ -253,3 +253,30 @@ def test_gptq_keeps_round_to_nearest_kernels_when_the_models_error_does_not_fall
     records = _compile(model, "gptq")
     assert records[-1].stats["convs"]["kept"] == "round-to-nearest"
     assert graph_text() == rounded_to_nearest  # every kernel and bias as round-to-nearest left it
+
+
+def test_gptq_checks_the_models_error_on_batches_held_out_of_h(monkeypatch):
+    """With 4 or more calibration batches, every 4th one is held out: H comes from the others and the
+    model's error before and after is measured on the held-out ones only, so a rounding that fits the
+    calibration data is not kept for it; with fewer, both use every batch."""
+    import qcompiler.passes.gptq as gptq
+
+    batches = list(range(10))
+    fit, check = gptq.held_out(batches)
+    assert check == [3, 7] and fit == [0, 1, 2, 4, 5, 6, 8, 9]
+    assert gptq.held_out(batches[:4]) == ([0, 1, 2], [3])
+    assert gptq.held_out(batches[:3]) == (batches[:3], batches[:3])
+
+    model = _conv_net()
+    rng = np.random.default_rng(0)
+    data = [{"X": rng.normal(0, 1, (1, 3, 12, 12)).astype(np.float32) + i} for i in range(8)]
+    seen = {"error": [], "hessian": []}
+    real_error, real_hessians = gptq._model_error, gptq.conv_hessians
+    monkeypatch.setattr(gptq, "_model_error", lambda m, cal, t: seen["error"].append([b["X"][0, 0, 0, 0] for b in cal]) or real_error(m, cal, t))
+    monkeypatch.setattr(gptq, "conv_hessians", lambda m, c, cal, t: seen["hessian"].append([b["X"][0, 0, 0, 0] for b in cal]) or real_hessians(m, c, cal, t))
+    with using(CompileContext(calibration=data)):
+        records = run_pipeline(model, parse_pipeline("calibrate,allocate-bits{avg-bits=4},quantize-weights,gptq"))
+    held = [data[3]["X"][0, 0, 0, 0], data[7]["X"][0, 0, 0, 0]]
+    assert seen["error"] and all(used == held for used in seen["error"])
+    assert seen["hessian"] == [[b["X"][0, 0, 0, 0] for i, b in enumerate(data) if i not in (3, 7)]]
+    assert records[-1].stats["convs"].get("checked_on", "2 held-out batches") == "2 held-out batches"
