@@ -84,6 +84,12 @@ PIPELINES = {
     # uniform 4-bit with its RMSNorms written in the form ONNX Runtime fuses (SimplifiedLayerNormalization)
     "uniform 4-bit rms-norm fused": "canonicalize,calibrate,allocate-bits{avg-bits=8 candidates=4 outliers-act=0 outliers-weight=0},"
                                     "quantize-weights{grid=minmax},fold-permutation,lower-ort{rms-norm=fused}",
+    # each layer's attention as one GroupQueryAttention (lower-ort{attention=fused})
+    "float32 attention fused": "default{attention=fused}",
+    "mixed 4.25 attention fused": "mixed{avg-bits=4.25 attention=fused}",
+    "mixed 4.25 digits attention fused": "mixed{avg-bits=4.25 route=digits attention=fused}",
+    "uniform 4-bit attention fused": "canonicalize,calibrate,allocate-bits{avg-bits=8 candidates=4 outliers-act=0 outliers-weight=0},"
+                                     "quantize-weights{grid=minmax},fold-permutation,lower-ort{attention=fused}",
     "float32 int8-kv": "default{kv-cache=int8}",
     "w8a8 per-token int8-kv": "w8a8{act-mode=per-token kv-cache=int8}",
 }

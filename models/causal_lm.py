@@ -30,7 +30,7 @@ from qcompiler.errors import UserError
 from qcompiler.models.base import MASK_VALUE, BundledModel
 
 DECODE_STEPS = 4  # single-token steps after each calibration prefill
-PROBE_PAST = 12  # the probe: a 4-token step after a 12-token past
+PROBE_PAST = 15  # the probe: a one-token step after a 15-token past (the windows are 16 tokens)
 
 
 def past_names(layers: int) -> list[str]:
@@ -285,7 +285,9 @@ class CausalLMWithCache(BundledModel):
         raise NotImplementedError
 
     def probe_inputs(self) -> dict[str, np.ndarray]:
-        """A 4-token step after a 12-token past (from the float model), on two windows."""
+        """A one-token decode step after a 15-token past (from the float model), on two windows: the
+        step generation repeats, and one ONNX Runtime's GroupQueryAttention (`lower-ort{attention=fused}`)
+        runs at a batch of two (its CPU kernel takes several new tokens after a past only at batch 1)."""
         rows = self.probe_window()
         mask = np.ones_like(rows)
         module = self._module()

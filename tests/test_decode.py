@@ -186,6 +186,71 @@ def test_w8a8_per_token_compiles_the_cache_graph(factory, calib_file, float_lm, 
     assert len(generate(out, PROMPT, max_new_tokens=4, threads=1)["tokens"]) >= 1
 
 
+@pytest.fixture(scope="module")
+def fused_result(factory, tmp_path_factory):
+    return qcompile(factory, tmp_path_factory.mktemp("lm") / "fused", pipeline="default{attention=fused}")
+
+
+@pytest.fixture(scope="module")
+def fused_lm(fused_result):
+    return fused_result.output
+
+
+def _op_types(folder: Path) -> list[str]:
+    import onnx
+
+    return [n.op_type for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node]
+
+
+def test_fused_attention_is_one_node_a_layer_and_equals_transformers(fused_lm, float_lm):
+    """`lower-ort{attention=fused}`: each layer's attention (rotary, cache concat, head repeat, masked
+    softmax products) is one GroupQueryAttention, and the cached logits still equal the torch model's."""
+    ops = _op_types(fused_lm)
+    assert ops.count("GroupQueryAttention") == 2 and "Softmax" not in ops and "Transpose" not in ops
+    assert len(ops) < len(_op_types(float_lm)) / 2
+    hf, _ = tiny_llama()
+    ids = np.random.default_rng(1).integers(3, VOCAB, 20)
+    with torch.no_grad():
+        full = hf(torch.from_numpy(ids[None])).logits[0].numpy()
+    stepped = cached_logits(CachedSession(fused_lm / "model.onnx", read_layout(fused_lm), threads=1), ids, prefill=7)
+    np.testing.assert_allclose(stepped, full, atol=2e-5)
+    assert generate(fused_lm, PROMPT, max_new_tokens=12, threads=1)["tokens"] == \
+        generate(float_lm, PROMPT, max_new_tokens=12, threads=1)["tokens"]
+
+
+def test_fused_attention_is_measured_on_the_decoders_probe(fused_result):
+    """The probe of a decoder is a one-token step after a past (batch 2), which the fused kernel runs:
+    drift is measured after `lower-ort` as after every pass, and it is float's."""
+    last = fused_result.records[-1]
+    assert last.name == "lower-ort" and last.measure_error is None and last.stats["routes"] == {"GroupQueryAttention": 2}
+    assert last.drift["cosine"] > 0.999999
+
+
+def test_fused_attention_reads_the_position_ids_it_is_given(fused_lm, float_lm):
+    """The rotary angles come from `position_ids` (here shifted by 5), as in the exported graph."""
+    layout = read_layout(float_lm)
+    runs = {}
+    for name, folder in (("float", float_lm), ("fused", fused_lm)):
+        session = CachedSession(folder / "model.onnx", layout, threads=1).session
+        feeds = {"input_ids": np.array([[5, 9, 14]]), "attention_mask": np.ones((1, 3), np.int64),
+                 "position_ids": np.array([[5, 6, 7]])}
+        feeds.update({i.name: np.zeros((1, 2, 0, 32), np.float32) for i in session.get_inputs() if i.name.startswith("past")})
+        runs[name] = session.run(["logits"], feeds)[0]
+    np.testing.assert_allclose(runs["fused"], runs["float"], atol=2e-5)
+
+
+def test_fused_attention_on_a_mixed_model_keeps_its_outputs(factory, calib_file, tmp_path):
+    """The fusion reads the linears' outputs whatever computes them (MatMulNBits here): the same
+    allocation with and without it gives the same logits through the cache."""
+    spec = "canonicalize,calibrate,allocate-bits{avg-bits=4},quantize-weights,fold-permutation,lower-ort"
+    outs = {fused: qcompile(factory, tmp_path / str(fused), pipeline=spec + ("{attention=fused}" if fused else ""),
+                            calibration=str(calib_file), drift=False).output for fused in (False, True)}
+    assert _op_types(outs[True]).count("GroupQueryAttention") == 2 and "MatMulNBits" in _op_types(outs[True])
+    ids = np.random.default_rng(4).integers(3, VOCAB, 16)
+    logits = [cached_logits(CachedSession(outs[f] / "model.onnx", read_layout(outs[f]), 1), ids, prefill=8) for f in (False, True)]
+    np.testing.assert_allclose(logits[1], logits[0], atol=1e-4)
+
+
 def test_genai_config_loads_in_onnxruntime_genai(float_lm):
     og = pytest.importorskip("onnxruntime_genai")
     _, tok = tiny_llama()

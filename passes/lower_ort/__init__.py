@@ -49,9 +49,12 @@ the same numbers as their references.
   yet: the fused kernel rounds differently, and the SmolLM2 figures in the docs were measured
   without it.
 
+- with `attention=fused`, a Llama-style decoder layer's attention with a KV cache becomes one
+  `com.microsoft.GroupQueryAttention` (`attention.py` says what is matched and what it assumes).
+
 The pass is a package: this module holds the pass and its options; `qdq.py` the rewrite of each
-`qc` op, `mixed.py` that of mixed layers, `integer_kernels.py` and `norms.py` the rewrites into ONNX
-Runtime's fused kernels, `host.py` what the host CPU decides.
+`qc` op, `mixed.py` that of mixed layers, `integer_kernels.py`, `norms.py` and `attention.py` the
+rewrites into ONNX Runtime's fused kernels, `host.py` what the host CPU decides.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ from qcompiler.analysis import placement
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import drop_unread, remove_unused
 from qcompiler.ir.meta import Prop
+from qcompiler.passes.lower_ort.attention import fuse_attention
 from qcompiler.passes.lower_ort.host import cpu_has_vnni, is_x86, nbits_accuracy_level, signed_activations_are_faster
 from qcompiler.passes.lower_ort.integer_kernels import fuse_integer_bias, fuse_per_token_integer, unsigned_integer_weights, widen_integer_linears
 from qcompiler.passes.lower_ort.mixed import lower_mixed_matmul, lower_mixed_weight
@@ -111,6 +115,10 @@ class LowerOrtPass(Pass):
     rms_norm: Literal["as-is", "fused"] = option(
         "as-is", "RMSNorm written x * Reciprocal(Sqrt(mean(x^2) + eps)): as it is, or as x / Sqrt(...), the form ONNX "
         "Runtime fuses into one SimplifiedLayerNormalization (fused: 6 ops a norm to 1; SmolLM2 decodes 1.03 to 1.08x as fast)")
+    attention: Literal["as-is", "fused"] = option(
+        "as-is", "a Llama-style decoder's attention with a KV cache: as exported, or one com.microsoft.GroupQueryAttention "
+        "a layer (fused: rotary, cache concatenation, head repeat, masked softmax products in one kernel; assumes a mask "
+        "of ones padded at the end, as ONNX Runtime GenAI feeds)")
     weight_format: Literal["auto", "s8", "u8"] = option(
         "auto", "int8 weights of integer kernels: s8, or u8 (+128, zero point 128: the same values), which auto picks "
         "on x86 without VNNI, where ONNX Runtime's u8 x s8 kernels saturate")
@@ -176,6 +184,12 @@ class LowerOrtPass(Pass):
             apart = keep_residual_norms_apart(graph)
             if apart:
                 counts["Sum(residual read by LayerNormalization)"] = apart
+        if self.attention == "fused":
+            fused_attention = fuse_attention(graph)
+            if fused_attention:
+                counts["GroupQueryAttention"] = fused_attention
+                model.opset_imports.setdefault("com.microsoft", 1)
+                remove_unused(model)  # the exported attention ops
         if self.rms_norm == "fused":
             divided = rms_norms_as_div(graph)
             if divided:

@@ -1,0 +1,289 @@
+"""`lower-ort{attention=fused}`: a decoder layer's attention, as torch exports a Llama-style layer with a
+KV cache, rewritten as ONNX Runtime's `com.microsoft.GroupQueryAttention` (the kernel ONNX Runtime
+GenAI's own decoders use). One node replaces the 30 to 40 small ops of each layer's attention: the
+head reshapes and transposes, rotary embedding of Q and K, the cache concatenation, the K/V head
+repeat, the scaled, masked softmax product and the output transpose.
+
+What is matched, from each `Softmax` back (every other form is left as it is):
+
+    q = Transpose(Reshape(q_lin), [0, 2, 1, 3])             k, v likewise, v without rotary
+    rope(x) = x * cos + Concat(-x[..., D/2:], x[..., :D/2]) * sin
+    cos, sin = Cos(e), Sin(e);  e = Unsqueeze(Concat(f, f, -1), 1);  f = Unsqueeze(Cast(position_ids)) * inv_freq
+    present_k = Concat(past_k, rope(k), axis=2)              a graph output; past_k a graph input
+    k_rep = Reshape(Expand(Unsqueeze(present_k, 2)))        (or present_k itself)
+    out = Reshape(Transpose(Softmax(MatMul(rope(q), Transpose(k_rep, [0, 1, 3, 2])) * scale + mask)
+                            @ v_rep, [0, 2, 1, 3]))
+
+The fused node reads `q_lin`, `k_lin`, `v_lin`, the past cache and `position_ids`, and computes the
+causal mask from `attention_mask`'s length per row (`seqlens_k`, the number of ones minus one, and
+`total_sequence_length`), so it assumes what ONNX Runtime GenAI feeds: a mask of ones, padded at the
+end if at all. Its cos/sin tables are computed once a run from `inv_freq` up to the largest position
+id (`Range`, `Cos`, `Sin`: the same float32 products as the exported graph). ONNX Runtime's CPU kernel
+needs a head size that is a multiple of 16; other models keep their attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.ir import op_key, producer_of
+from qcompiler.ir.layers import new_initializer
+from qcompiler.ir.meta import CREATED_BY
+
+
+@dataclasses.dataclass
+class _Attention:
+    q_lin: ir.Value
+    k_lin: ir.Value
+    v_lin: ir.Value
+    past_k: ir.Value
+    past_v: ir.Value
+    present_k: ir.Value
+    present_v: ir.Value
+    out: ir.Value
+    out_node: ir.Node
+    inv_freq: np.ndarray
+    position_ids: ir.Value
+    scale: float
+    heads: int
+    kv_heads: int
+
+
+def fuse_attention(graph: ir.Graph) -> int:
+    """Rewrite every matched attention as one `GroupQueryAttention`; returns how many."""
+    mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
+    if mask is None:
+        return 0
+    found = [a for softmax in list(graph) if op_key(softmax) == ("", "Softmax") and (a := _match(softmax, graph)) is not None]
+    if not found:
+        return 0
+    seqlens, total = _lengths(graph, mask)
+    tables: dict[bytes, tuple[ir.Value, ir.Value]] = {}
+    for index, a in enumerate(found):
+        key = a.inv_freq.tobytes() + a.position_ids.name.encode()
+        if key not in tables:
+            tables[key] = _rotary_tables(graph, a.inv_freq, a.position_ids, len(tables))
+        cos, sin = tables[key]
+        node = ir.node(
+            "GroupQueryAttention", [a.q_lin, a.k_lin, a.v_lin, a.past_k, a.past_v, seqlens, total, cos, sin, a.position_ids],
+            attributes={"num_heads": a.heads, "kv_num_heads": a.kv_heads, "scale": a.scale, "do_rotary": 1,
+                        "rotary_interleaved": 0},
+            domain="com.microsoft", num_outputs=3, name=f"{a.out_node.name}.attention", metadata_props={CREATED_BY: "lower-ort"})
+        graph.insert_before(a.out_node, node)
+        _take_over(graph, a.out, node.outputs[0])
+        _take_over(graph, a.present_k, node.outputs[1])
+        _take_over(graph, a.present_v, node.outputs[2])
+    return len(found)
+
+
+def _take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """`new` replaces `old` for its readers and as a graph output, under `old`'s name."""
+    name, shape, dtype = old.name, old.shape, old.type
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    old.name = f"{name}.unfused"
+    new.name, new.shape, new.type = name, shape, dtype
+
+
+def _lengths(graph: ir.Graph, mask: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """seqlens_k = ones in each mask row - 1 (int32 [batch]) and the mask's length (int32 scalar)."""
+    one = new_initializer(graph, "attention.one", np.array(1, np.int64))
+    axis = new_initializer(graph, "attention.axis1", np.array([1], np.int64))
+    nodes = [
+        ir.node("ReduceSum", [mask, axis], attributes={"keepdims": 0}, name="attention.ones"),
+    ]
+    nodes.append(ir.node("Sub", [nodes[-1].outputs[0], one], name="attention.last"))
+    nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], attributes={"to": ir.DataType.INT32}, name="attention.seqlens_k"))
+    seqlens = nodes[-1].outputs[0]
+    nodes.append(ir.node("Shape", [mask], attributes={"start": 1, "end": 2}, name="attention.length"))
+    nodes.append(ir.node("Squeeze", [nodes[-1].outputs[0]], name="attention.length_scalar"))
+    nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], attributes={"to": ir.DataType.INT32}, name="attention.total_sequence_length"))
+    total = nodes[-1].outputs[0]
+    _prepend(graph, nodes)
+    return seqlens, total
+
+
+def _rotary_tables(graph: ir.Graph, inv_freq: np.ndarray, position_ids: ir.Value, index: int) -> tuple[ir.Value, ir.Value]:
+    """cos and sin [largest position + 1, D/2] of position x inv_freq, computed at run time."""
+    tag = f"attention.rotary{index or ''}"
+    freq = new_initializer(graph, f"{tag}.inv_freq", inv_freq.astype(np.float32))
+    zero = new_initializer(graph, f"{tag}.zero", np.array(0, np.int64))
+    one = new_initializer(graph, f"{tag}.one", np.array(1, np.int64))
+    axis = new_initializer(graph, f"{tag}.axis1", np.array([1], np.int64))
+    nodes = [ir.node("ReduceMax", [position_ids], attributes={"keepdims": 0}, name=f"{tag}.largest")]
+    nodes.append(ir.node("Add", [nodes[-1].outputs[0], one], name=f"{tag}.count"))
+    nodes.append(ir.node("Range", [zero, nodes[-1].outputs[0], one], name=f"{tag}.positions"))
+    nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{tag}.positions_f"))
+    nodes.append(ir.node("Unsqueeze", [nodes[-1].outputs[0], axis], name=f"{tag}.column"))
+    nodes.append(ir.node("Mul", [nodes[-1].outputs[0], freq], name=f"{tag}.angles"))
+    angles = nodes[-1].outputs[0]
+    nodes.append(ir.node("Cos", [angles], name=f"{tag}.cos"))
+    nodes.append(ir.node("Sin", [angles], name=f"{tag}.sin"))
+    _prepend(graph, nodes)
+    return nodes[-2].outputs[0], nodes[-1].outputs[0]
+
+
+def _prepend(graph: ir.Graph, nodes: list[ir.Node]) -> None:
+    for node in nodes:
+        node.metadata_props[CREATED_BY] = "lower-ort"
+    graph.insert_before(next(iter(graph)), nodes)
+
+
+# ----------------------------------------------------------------------------------------------
+# matching
+
+
+def _match(softmax: ir.Node, graph: ir.Graph) -> _Attention | None:
+    axis = softmax.attributes.get("axis")
+    if axis is not None and axis.as_int() not in (-1, 3):
+        return None
+    weighted = _only_reader(softmax.outputs[0], "MatMul", 0)
+    add = producer_of(softmax.inputs[0], "Add")
+    if weighted is None or add is None:
+        return None
+    scaled = next(((s, m) for s, m in (add.inputs, tuple(reversed(add.inputs))) if _scale_of(s) is not None), None)
+    if scaled is None:
+        return None
+    scale, scores = _scale_of(scaled[0])
+    q_rot, k_t = scores.inputs
+    present_k = _repeated_cache(_transposed(k_t, (0, 1, 3, 2)))
+    present_v = _repeated_cache(weighted.inputs[1])
+    out_t = _only_reader(weighted.outputs[0], "Transpose", 0)
+    if present_k is None or present_v is None or out_t is None or _perm(out_t) != (0, 2, 1, 3):
+        return None
+    out_node = _only_reader(out_t.outputs[0], "Reshape", 0)
+    keys, values = _cache_concat(present_k, graph), _cache_concat(present_v, graph)
+    if out_node is None or keys is None or values is None:
+        return None
+    (past_k, k_rot), (past_v, v_t) = keys, values
+    q, k = _rotary(q_rot), _rotary(k_rot)
+    if q is None or k is None or q[1:] != k[1:] or q[1].producer().inputs[0] is not q[2].producer().inputs[0]:
+        return None
+    q_lin, k_lin, v_lin = _heads(q[0]), _heads(k[0]), _heads(v_t)
+    inv_freq, position_ids = _angles(q[1], graph)
+    if any(x is None for x in (q_lin, k_lin, v_lin, inv_freq)) or past_k.shape is None or len(past_k.shape) != 4:
+        return None
+    kv_heads, head = past_k.shape[1], past_k.shape[3]
+    width = q_lin.shape[-1] if q_lin.shape is not None and len(q_lin.shape) == 3 else None
+    if not all(isinstance(d, int) for d in (kv_heads, head, width)) or head % 16 or width % head \
+            or inv_freq.shape != (head // 2,):
+        return None
+    return _Attention(q_lin, k_lin, v_lin, past_k, past_v, present_k, present_v, out_node.outputs[0], out_node,
+                      inv_freq, position_ids, scale, width // head, kv_heads)
+
+
+def _only_reader(value: ir.Value, op_type: str, index: int) -> ir.Node | None:
+    uses = list(value.uses())
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    node, at = uses[0].node, uses[0].idx
+    return node if op_key(node) == ("", op_type) and at == index else None
+
+
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    return value.const_value.numpy() if value is not None and value.const_value is not None else None
+
+
+def _scale_of(value: ir.Value) -> tuple[float, ir.Node] | None:
+    """(scale, the QK^T MatMul) when `value` is MatMul(q, k^T) * c or / c for a scalar constant c."""
+    for op, invert in (("Mul", False), ("Div", True)):
+        node = producer_of(value, op)
+        if node is None:
+            continue
+        for product, c in (node.inputs, tuple(reversed(node.inputs))) if op == "Mul" else (node.inputs,):
+            factor = _constant(c)
+            matmul = producer_of(product, "MatMul")
+            if matmul is not None and factor is not None and factor.size == 1 and float(factor.reshape(())) != 0:
+                f = float(factor.reshape(()))
+                return (1.0 / f if invert else f), matmul
+    return None
+
+
+def _perm(node: ir.Node) -> tuple[int, ...] | None:
+    perm = node.attributes.get("perm")
+    return tuple(perm.as_ints()) if perm is not None else None
+
+
+def _transposed(value: ir.Value, perm: tuple[int, ...]) -> ir.Value | None:
+    node = producer_of(value, "Transpose")
+    return node.inputs[0] if node is not None and _perm(node) == perm else None
+
+
+def _repeated_cache(value: ir.Value | None) -> ir.Value | None:
+    """The cache `value` repeats over query heads (Reshape(Expand(Unsqueeze(cache, 2)))), or `value`."""
+    reshape = producer_of(value, "Reshape")
+    expand = producer_of(reshape.inputs[0], "Expand") if reshape else None
+    unsqueeze = producer_of(expand.inputs[0], "Unsqueeze") if expand else None
+    if unsqueeze is not None:
+        axes = _constant(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else None
+        return unsqueeze.inputs[0] if axes is not None and axes.reshape(-1).tolist() == [2] else None
+    return value if producer_of(value, "Concat") is not None else None
+
+
+def _cache_concat(present: ir.Value, graph: ir.Graph) -> tuple[ir.Value, ir.Value] | None:
+    """(past, new) when `present` = Concat(past, new, axis=2), a graph output with past a graph input."""
+    concat = producer_of(present, "Concat")
+    if concat is None or len(concat.inputs) != 2 or concat.attributes["axis"].as_int() not in (2, -2):
+        return None
+    past, new = concat.inputs
+    return (past, new) if present.is_graph_output() and past in graph.inputs else None
+
+
+def _heads(value: ir.Value | None) -> ir.Value | None:
+    """x_lin when `value` = Transpose(Reshape(x_lin), [0, 2, 1, 3])."""
+    reshape = producer_of(_transposed(value, (0, 2, 1, 3)), "Reshape")
+    return reshape.inputs[0] if reshape is not None else None
+
+
+def _rotary(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value] | None:
+    """(x, cos, sin) when `value` = x * cos + Concat(-x[..., D/2:], x[..., :D/2], -1) * sin."""
+    add = producer_of(value, "Add")
+    if add is None:
+        return None
+    for first, second in (add.inputs, tuple(reversed(add.inputs))):
+        direct, turned = producer_of(first, "Mul"), producer_of(second, "Mul")
+        if direct is None or turned is None:
+            continue
+        for x, cos in (direct.inputs, tuple(reversed(direct.inputs))):
+            for half, sin in (turned.inputs, tuple(reversed(turned.inputs))):
+                if producer_of(cos, "Cos") and producer_of(sin, "Sin") and _rotated_half(half, x):
+                    return x, cos, sin
+    return None
+
+
+def _rotated_half(value: ir.Value, x: ir.Value) -> bool:
+    concat = producer_of(value, "Concat")
+    if concat is None or len(concat.inputs) != 2 or concat.attributes["axis"].as_int() not in (-1, 3):
+        return False
+    neg = producer_of(concat.inputs[0], "Neg")
+    upper = producer_of(neg.inputs[0], "Slice") if neg else None
+    lower = producer_of(concat.inputs[1], "Slice")
+    return upper is not None and lower is not None and upper.inputs[0] is x and lower.inputs[0] is x \
+        and _slice_start(upper) not in (None, 0) and _slice_start(lower) == 0
+
+
+def _slice_start(node: ir.Node) -> int | None:
+    starts, axes = _constant(node.inputs[1]), _constant(node.inputs[3]) if len(node.inputs) > 3 else None
+    if starts is None or starts.size != 1 or (axes is not None and axes.reshape(-1).tolist() not in ([-1], [3])):
+        return None
+    return int(starts.reshape(()))
+
+
+def _angles(cos: ir.Value, graph: ir.Graph) -> tuple[np.ndarray | None, ir.Value | None]:
+    """(inv_freq, position_ids) of cos = Cos(Unsqueeze(Concat(f, f, -1), 1)), f = Unsqueeze(Cast(position_ids)) * inv_freq."""
+    node = producer_of(cos, "Cos")
+    unsqueeze = producer_of(node.inputs[0], "Unsqueeze") if node else None
+    concat = producer_of(unsqueeze.inputs[0], "Concat") if unsqueeze else None
+    if concat is None or len(concat.inputs) != 2 or concat.inputs[0] is not concat.inputs[1]:
+        return None, None
+    mul = producer_of(concat.inputs[0], "Mul")
+    for positions, freq in (mul.inputs, tuple(reversed(mul.inputs))) if mul else ():
+        inv_freq = _constant(freq)
+        column = producer_of(positions, "Unsqueeze")
+        cast = producer_of(column.inputs[0], "Cast") if column else None
+        source = cast.inputs[0] if cast else None
+        if inv_freq is not None and source is not None and source in graph.inputs and source.name == "position_ids":
+            return inv_freq.reshape(-1), source
+    return None, None
