@@ -251,8 +251,10 @@ def test_fused_attention_on_a_mixed_model_keeps_its_outputs(factory, calib_file,
     np.testing.assert_allclose(logits[1], logits[0], atol=1e-4)
 
 
-def test_genai_config_loads_in_onnxruntime_genai(float_lm):
+@pytest.mark.parametrize("artifact", ["float_lm", "fused_lm"])
+def test_genai_config_loads_in_onnxruntime_genai(artifact, request):
     og = pytest.importorskip("onnxruntime_genai")
+    float_lm = request.getfixturevalue(artifact)
     _, tok = tiny_llama()
     prompt = tok(PROMPT, add_special_tokens=False)["input_ids"]
     model = og.Model(str(float_lm))
