@@ -251,6 +251,21 @@ def test_fused_attention_on_a_mixed_model_keeps_its_outputs(factory, calib_file,
     np.testing.assert_allclose(logits[1], logits[0], atol=1e-4)
 
 
+def tiny_llama_head_8():
+    """A Llama whose heads are 8 wide: ONNX Runtime's GroupQueryAttention takes multiples of 16 only."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS)
+    return transformers.LlamaForCausalLM(cfg).eval(), tiny_tokenizer()
+
+
+def test_fused_attention_leaves_heads_the_kernel_cannot_take(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tiny_llama_head_8_factory", sys.modules[__name__])
+    result = qcompile("tiny_llama_head_8_factory:tiny_llama_head_8", tmp_path / "h8", pipeline="default{attention=fused}")
+    assert "GroupQueryAttention" not in _op_types(result.output) and "Softmax" in _op_types(result.output)
+    assert result.records[-1].name == "lower-ort" and not result.records[-1].modified
+
+
 @pytest.mark.parametrize("artifact", ["float_lm", "fused_lm"])
 def test_genai_config_loads_in_onnxruntime_genai(artifact, request):
     og = pytest.importorskip("onnxruntime_genai")

@@ -175,7 +175,9 @@ def test_mixed_layer_is_one_launch(block, tmp_path, pipeline, monkeypatch):
     if "outliers" in pipeline:
         assert all(k["sparse"] for k in mixed.values())
     else:
-        assert all(c.startswith(("lut", "f16")) for k in mixed.values() for c in k["classes"])
+        # codebook=kmeans: classes up to 4 bits are codebooks, 8-bit classes uniform (bitcost.class_kind)
+        classes = [c for k in mixed.values() for c in k["classes"]]
+        assert all(c.startswith(("lut", "f16")) or c == "w8" for c in classes) and any(c.startswith("lut") for c in classes)
     body = (tmp_path / "tr" / "model.py").read_text().split("    def _graph(")[1]
     calls = [line for line in body.splitlines() if "K.qc_gemm" in line]
     assert len(calls) == 6 and all("K.qc_gemm_mixed_" in c for c in calls)
