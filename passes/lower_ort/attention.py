@@ -17,7 +17,8 @@ What is matched, from each `Softmax` back (every other form is left as it is):
 The fused node reads `q_lin`, `k_lin`, `v_lin`, the past cache and `position_ids`, and computes the
 causal mask from `attention_mask`'s length per row (`seqlens_k`, the number of ones minus one, and
 `total_sequence_length`), so it assumes what ONNX Runtime GenAI feeds: a mask of ones, padded at the
-end if at all. Its cos/sin tables are computed once a run from `inv_freq` up to the largest position
+end if at all, and full causal attention (the mask the graph adds is not inspected: a sliding-window
+model's would be replaced by a full causal one; the decoders `qcompiler` captures are full causal). Its cos/sin tables are computed once a run from `inv_freq` up to the largest position
 id (`Range`, `Cos`, `Sin`: the same float32 products as the exported graph). ONNX Runtime's CPU kernel
 needs a head size that is a multiple of 16; other models keep their attention.
 """
