@@ -259,9 +259,11 @@ def tiny_llama_head_8():
     return transformers.LlamaForCausalLM(cfg).eval(), tiny_tokenizer()
 
 
-def test_fused_attention_leaves_heads_the_kernel_cannot_take(tmp_path, monkeypatch):
+def test_fused_attention_leaves_heads_the_kernel_cannot_take(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "tiny_llama_head_8_factory", sys.modules[__name__])
-    result = qcompile("tiny_llama_head_8_factory:tiny_llama_head_8", tmp_path / "h8", pipeline="default{attention=fused}")
+    with caplog.at_level("WARNING"):
+        result = qcompile("tiny_llama_head_8_factory:tiny_llama_head_8", tmp_path / "h8", pipeline="default{attention=fused}")
+    assert "attention=fused found no attention it can fuse" in caplog.text
     assert "GroupQueryAttention" not in _op_types(result.output) and "Softmax" in _op_types(result.output)
     assert result.records[-1].name == "lower-ort" and not result.records[-1].modified
 

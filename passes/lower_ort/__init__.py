@@ -60,6 +60,7 @@ rewrites into ONNX Runtime's fused kernels, `host.py` what the host CPU decides.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Literal
 
 import onnx_ir as ir
@@ -77,6 +78,8 @@ from qcompiler.passes.lower_ort.qdq import LOWERINGS, unfuse
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 
 __all__ = ["LowerOrtPass", "cpu_has_vnni", "nbits_accuracy_level"]
+
+log = logging.getLogger(__name__)
 
 
 @register_pass
@@ -190,6 +193,9 @@ class LowerOrtPass(Pass):
                 counts["GroupQueryAttention"] = fused_attention
                 model.opset_imports.setdefault("com.microsoft", 1)
                 remove_unused(model)  # the exported attention ops
+            else:
+                log.warning("lower-ort: attention=fused found no attention it can fuse (a Llama-style decoder with a float KV "
+                            "cache and heads a multiple of 16 wide); the attention stays as exported")
         if self.rms_norm == "fused":
             divided = rms_norms_as_div(graph)
             if divided:
