@@ -63,7 +63,7 @@ def fuse_attention(graph: ir.Graph) -> int:
         return 0
     seqlens, total = _lengths(graph, mask)
     tables: dict[bytes, tuple[ir.Value, ir.Value]] = {}
-    for index, a in enumerate(found):
+    for a in found:
         key = a.inv_freq.tobytes() + a.position_ids.name.encode()
         if key not in tables:
             tables[key] = _rotary_tables(graph, a.inv_freq, a.position_ids, len(tables))
@@ -144,10 +144,10 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Attention | None:
     add = producer_of(softmax.inputs[0], "Add")
     if weighted is None or add is None:
         return None
-    scaled = next(((s, m) for s, m in (add.inputs, tuple(reversed(add.inputs))) if _scale_of(s) is not None), None)
+    scaled = next((found for found in map(_scale_of, add.inputs) if found is not None), None)
     if scaled is None:
         return None
-    scale, scores = _scale_of(scaled[0])
+    scale, scores = scaled
     q_rot, k_t = scores.inputs
     present_k = _repeated_cache(_transposed(k_t, (0, 1, 3, 2)))
     present_v = _repeated_cache(weighted.inputs[1])
