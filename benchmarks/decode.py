@@ -15,7 +15,11 @@ auto` on request: one kernel only where the kernel-cost table predicts it faster
 quantize-weights{grid=minmax}`: every linear layer in asymmetric 4-bit min-max groups of 128 input
 channels with an fp16 scale and an integer zero point, lowered to one plain `MatMulNBits` per
 layer, the form of ONNX Runtime's own 4-bit RTN), and on
-request the first two with an int8 KV cache (`kv-cache=int8`, passes/kv_cache.py), calibrated on `--calib-count` windows of 110 words from the last quarter of the WikiText excerpt
+request the first two with an int8 KV cache (`kv-cache=int8`, passes/kv_cache.py). Every one is lowered with
+`lower-ort`'s defaults for a decoder: attention as `GroupQueryAttention` reading Q, K and V packed,
+residual norms as `SkipSimplifiedLayerNormalization`, gate and up as one product; `... unfused`
+rows (`attention=as-is`) lower them as exported, as every row was before those defaults. All are
+calibrated on `--calib-count` windows of 110 words from the last quarter of the WikiText excerpt
 (`benchmarks/common.py: wikitext_split`). The first three quarters are held out: the prompt is
 their first `--prompt-tokens` tokens and perplexity is `qcompiler eval --task perplexity` on
 `--windows` windows of `--window` tokens, run through each artifact's cache (a prefill of half the
@@ -90,6 +94,12 @@ PIPELINES = {
     "mixed 4.25 digits attention fused": "mixed{avg-bits=4.25 route=digits attention=fused}",
     "uniform 4-bit attention fused": "canonicalize,calibrate,allocate-bits{avg-bits=8 candidates=4 outliers-act=0 outliers-weight=0},"
                                      "quantize-weights{grid=minmax},fold-permutation,lower-ort{attention=fused}",
+    # as the rows above were before lower-ort fused a decoder's attention, norms and Q/K/V by default
+    "float32 unfused": "default{attention=as-is}",
+    "w8a8 per-token unfused": "w8a8{act-mode=per-token attention=as-is}",
+    "mixed 4.25 unfused": "mixed{avg-bits=4.25 attention=as-is}",
+    "uniform 4-bit unfused": "canonicalize,calibrate,allocate-bits{avg-bits=8 candidates=4 outliers-act=0 outliers-weight=0},"
+                             "quantize-weights{grid=minmax},fold-permutation,lower-ort{attention=as-is shared-input=separate}",
     "float32 int8-kv": "default{kv-cache=int8}",
     "w8a8 per-token int8-kv": "w8a8{act-mode=per-token kv-cache=int8}",
 }

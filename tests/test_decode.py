@@ -64,7 +64,8 @@ def factory():
 
 @pytest.fixture(scope="module")
 def float_lm(factory, tmp_path_factory):
-    return qcompile(factory, tmp_path_factory.mktemp("lm") / "float", drift=False).output
+    """The cache graph as exported (attention and norms not fused)."""
+    return qcompile(factory, tmp_path_factory.mktemp("lm") / "float", pipeline="default{attention=as-is}", drift=False).output
 
 
 @pytest.fixture(scope="module")
@@ -204,10 +205,18 @@ def _op_types(folder: Path) -> list[str]:
 
 def test_fused_attention_is_one_node_a_layer_and_equals_transformers(fused_lm, float_lm):
     """`lower-ort{attention=fused}`: each layer's attention (rotary, cache concat, head repeat, masked
-    softmax products) is one GroupQueryAttention, and the cached logits still equal the torch model's."""
+    softmax products) is one GroupQueryAttention reading Q, K and V packed, each RMSNorm of a residual
+    sum one SkipSimplifiedLayerNormalization, and the cached logits still equal the torch model's."""
     ops = _op_types(fused_lm)
     assert ops.count("GroupQueryAttention") == 2 and "Softmax" not in ops and "Transpose" not in ops
     assert len(ops) < len(_op_types(float_lm)) / 2
+    # Q, K and V as one product, the kernel's packed input; each norm of a residual sum one kernel
+    import onnx
+
+    nodes = onnx.load(str(fused_lm / "model.onnx"), load_external_data=False).graph.node
+    attention = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+    assert all(n.input[1] == "" and n.input[2] == "" for n in attention)
+    assert ops.count("SkipSimplifiedLayerNormalization") == 4 and ops.count("Reciprocal") == 0
     hf, _ = tiny_llama()
     ids = np.random.default_rng(1).integers(3, VOCAB, 20)
     with torch.no_grad():
@@ -222,7 +231,9 @@ def test_fused_attention_is_measured_on_the_decoders_probe(fused_result):
     """The probe of a decoder is a one-token step after a past (batch 2), which the fused kernel runs:
     drift is measured after `lower-ort` as after every pass, and it is float's."""
     last = fused_result.records[-1]
-    assert last.name == "lower-ort" and last.measure_error is None and last.stats["routes"] == {"GroupQueryAttention": 2}
+    assert last.name == "lower-ort" and last.measure_error is None
+    assert last.stats["routes"] == {"GroupQueryAttention": 2, "packed QKV": 2, "SkipSimplifiedLayerNormalization": 4,
+                                    "RMSNorm as Div (fused by ONNX Runtime)": 1}
     assert last.drift["cosine"] > 0.999999
 
 

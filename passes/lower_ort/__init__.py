@@ -35,6 +35,10 @@ the same numbers as their references.
   output; with `shared-input=wide`, such kernels that read the same quantized input (Q/K/V) become
   one kernel over the concatenated weights and a `Split` (measured a little slower on MiniLM).
   `int-kernels=qdq` keeps plain QDQ.
+- `MatMulNBits` kernels that read one input with the same attributes (a decoder's Q/K/V, gate/up)
+  become one over the concatenated weights (`shared-input=auto`, the default, or `wide`): its output
+  is the packed QKV input of a fused `GroupQueryAttention`, or is split for its readers
+  (`shared_input.py`).
 - with u8 activations, `weight-format=u8` (auto: on x86 without VNNI) stores the int8 weights of
   integer kernels as uint8 + 128 with zero point 128: ONNX Runtime's u8 x s8 kernels there sum pairs
   of products in 16 bits (VPMADDUBSW) and saturate; its u8 x u8 kernels are exact.
@@ -43,18 +47,20 @@ the same numbers as their references.
   `SkipLayerNormalization`, which measured 4.5 to 4.9 times as long as the two ops on x86 (ONNX Runtime
   1.32, MiniLM's 8 x 128 x 384, `benchmarks/residual_norm.py`; `benchmarks/w8a8_peers.py` shows the
   effect on the whole model), and leaves `Sum` alone. `residual-norm=fused` keeps the `Add`.
-- with `rms-norm=fused`, an RMSNorm exported as `x * Reciprocal(Sqrt(mean(x^2) + eps))` (torch's
-  `rsqrt`) is written as `x / Sqrt(...)`, the form ONNX Runtime's optimizer fuses, with the scale
-  `Mul` after it, into one `SimplifiedLayerNormalization`: 6 ops a norm become 1. Not the default
-  yet: the fused kernel rounds differently, and the SmolLM2 figures in the docs were measured
-  without it.
-
-- with `attention=fused`, a Llama-style decoder layer's attention with a KV cache becomes one
-  `com.microsoft.GroupQueryAttention` (`attention.py` says what is matched and what it assumes).
+- a Llama-style decoder layer's attention with a KV cache becomes one
+  `com.microsoft.GroupQueryAttention` (`attention=auto`, the default, or `fused`; `attention.py` says
+  what is matched and what it assumes).
+- with `rms-norm=fused` (and `auto`, the default, in a decoder whose attention was fused), an RMSNorm
+  exported as `x * Reciprocal(Sqrt(mean(x^2) + eps))` (torch's `rsqrt`) of a residual sum `Add(a, b)`
+  becomes one `com.microsoft.SkipSimplifiedLayerNormalization(a, b, gamma)`, whose fourth output is the
+  sum; another is written as `x / Sqrt(...)`, the form ONNX Runtime's optimizer fuses, with the scale
+  `Mul` after it, into one `SimplifiedLayerNormalization`. The fused kernels round differently from
+  the six ops (a few hundredths of SmolLM2's perplexity), so `auto` leaves the norms of graphs
+  without a fused attention (encoders, full-sequence decoders) as they are.
 
 The pass is a package: this module holds the pass and its options; `qdq.py` the rewrite of each
-`qc` op, `mixed.py` that of mixed layers, `integer_kernels.py`, `norms.py` and `attention.py` the
-rewrites into ONNX Runtime's fused kernels, `host.py` what the host CPU decides.
+`qc` op, `mixed.py` that of mixed layers, `integer_kernels.py`, `shared_input.py`, `norms.py` and
+`attention.py` the rewrites into ONNX Runtime's fused kernels, `host.py` what the host CPU decides.
 """
 
 from __future__ import annotations
@@ -71,10 +77,11 @@ from qcompiler.ir.layers import drop_unread, remove_unused
 from qcompiler.ir.meta import Prop
 from qcompiler.passes.lower_ort.attention import fuse_attention
 from qcompiler.passes.lower_ort.host import cpu_has_vnni, is_x86, nbits_accuracy_level, signed_activations_are_faster
-from qcompiler.passes.lower_ort.integer_kernels import fuse_integer_bias, fuse_per_token_integer, unsigned_integer_weights, widen_integer_linears
+from qcompiler.passes.lower_ort.integer_kernels import fuse_integer_bias, fuse_per_token_integer, unsigned_integer_weights
 from qcompiler.passes.lower_ort.mixed import lower_mixed_matmul, lower_mixed_weight
-from qcompiler.passes.lower_ort.norms import keep_residual_norms_apart, rms_norms_as_div
+from qcompiler.passes.lower_ort.norms import keep_residual_norms_apart, rms_norms_as_div, rms_norms_with_skip
 from qcompiler.passes.lower_ort.qdq import LOWERINGS, unfuse
+from qcompiler.passes.lower_ort.shared_input import widen_integer_linears, widen_shared_input_linears
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 
 __all__ = ["LowerOrtPass", "cpu_has_vnni", "nbits_accuracy_level"]
@@ -112,16 +119,20 @@ class LowerOrtPass(Pass):
     residual_norm: Literal["apart", "fused"] = option(
         "apart", "a residual Add read by a LayerNormalization: written as Sum, which ONNX Runtime does not fuse into its "
         "SkipLayerNormalization (measured 4.5 to 4.9 times as long as Add + LayerNormalization on x86), or kept as Add")
-    shared_input: Literal["separate", "wide"] = option(
-        "separate", "fused kernels reading one quantized input (Q/K/V): one each, or one wide kernel and a Split "
-        "(measured a little slower on MiniLM: the Split copies)")
-    rms_norm: Literal["as-is", "fused"] = option(
-        "as-is", "RMSNorm written x * Reciprocal(Sqrt(mean(x^2) + eps)): as it is, or as x / Sqrt(...), the form ONNX "
-        "Runtime fuses into one SimplifiedLayerNormalization (fused: 6 ops a norm to 1; SmolLM2 decodes 1.03 to 1.08x as fast)")
-    attention: Literal["as-is", "fused"] = option(
-        "as-is", "a Llama-style decoder's attention with a KV cache: as exported, or one com.microsoft.GroupQueryAttention "
-        "a layer (fused: rotary, cache concatenation, head repeat, masked softmax products in one kernel; assumes a mask "
-        "of ones padded at the end, as ONNX Runtime GenAI feeds)")
+    shared_input: Literal["auto", "separate", "wide"] = option(
+        "auto", "kernels reading one input (Q/K/V, gate/up): one each (separate); one wide kernel and a Split, or the "
+        "packed QKV of a fused attention (wide); or wide for MatMulNBits and separate for MatMulIntegerToFloat, whose "
+        "wide form measured a little slower on MiniLM (auto)")
+    rms_norm: Literal["auto", "as-is", "fused"] = option(
+        "auto", "RMSNorm written x * Reciprocal(Sqrt(mean(x^2) + eps)): as it is; or fused: one "
+        "com.microsoft.SkipSimplifiedLayerNormalization where it normalizes a residual sum (the Add inside), else "
+        "x / Sqrt(...), the form ONNX Runtime fuses into one SimplifiedLayerNormalization; auto: fused in a decoder whose "
+        "attention this pass fused, else as it is")
+    attention: Literal["auto", "as-is", "fused"] = option(
+        "auto", "a Llama-style decoder's attention with a KV cache: as exported, or one com.microsoft.GroupQueryAttention "
+        "a layer (rotary, cache concatenation, head repeat, masked softmax products in one kernel; assumes full causal "
+        "attention, a mask of ones padded at the end, as ONNX Runtime GenAI feeds); auto fuses where it finds one, "
+        "fused also warns when it finds none")
     weight_format: Literal["auto", "s8", "u8"] = option(
         "auto", "int8 weights of integer kernels: s8, or u8 (+128, zero point 128: the same values), which auto picks "
         "on x86 without VNNI, where ONNX Runtime's u8 x s8 kernels saturate")
@@ -187,16 +198,26 @@ class LowerOrtPass(Pass):
             apart = keep_residual_norms_apart(graph)
             if apart:
                 counts["Sum(residual read by LayerNormalization)"] = apart
-        if self.attention == "fused":
-            fused_attention = fuse_attention(graph)
-            if fused_attention:
-                counts["GroupQueryAttention"] = fused_attention
+        fused_attention = fuse_attention(graph) if self.attention != "as-is" else 0
+        if fused_attention:
+            counts["GroupQueryAttention"] = fused_attention
+            model.opset_imports.setdefault("com.microsoft", 1)
+            remove_unused(model)  # the exported attention ops
+        elif self.attention == "fused":
+            log.warning("lower-ort: attention=fused found no attention it can fuse (a Llama-style decoder with a float KV "
+                        "cache and heads a multiple of 16 wide); the attention stays as exported")
+        if self.shared_input != "separate":
+            wide, packed = widen_shared_input_linears(graph)
+            if wide - packed:
+                counts["shared input: one wide linear + Split"] = wide - packed
+            if packed:
+                counts["packed QKV"] = packed
+        if self.rms_norm == "fused" or (self.rms_norm == "auto" and fused_attention):
+            skipped = rms_norms_with_skip(graph)
+            if skipped:
+                counts["SkipSimplifiedLayerNormalization"] = skipped
                 model.opset_imports.setdefault("com.microsoft", 1)
-                remove_unused(model)  # the exported attention ops
-            else:
-                log.warning("lower-ort: attention=fused found no attention it can fuse (a Llama-style decoder with a float KV "
-                            "cache and heads a multiple of 16 wide); the attention stays as exported")
-        if self.rms_norm == "fused":
+                remove_unused(model)  # the residual Adds and the norms' ops
             divided = rms_norms_as_div(graph)
             if divided:
                 counts["RMSNorm as Div (fused by ONNX Runtime)"] = divided

@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.ir import op_key, producer_of
-from qcompiler.ir.layers import new_initializer
+from qcompiler.ir.layers import new_initializer, take_over
 from qcompiler.ir.meta import CREATED_BY
 
 
@@ -74,18 +74,10 @@ def fuse_attention(graph: ir.Graph) -> int:
                         "rotary_interleaved": 0},
             domain="com.microsoft", num_outputs=3, name=f"{a.out_node.name}.attention", metadata_props={CREATED_BY: "lower-ort"})
         graph.insert_before(a.out_node, node)
-        _take_over(graph, a.out, node.outputs[0])
-        _take_over(graph, a.present_k, node.outputs[1])
-        _take_over(graph, a.present_v, node.outputs[2])
+        take_over(a.out, node.outputs[0])
+        take_over(a.present_k, node.outputs[1])
+        take_over(a.present_v, node.outputs[2])
     return len(found)
-
-
-def _take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """`new` replaces `old` for its readers and as a graph output, under `old`'s name."""
-    name, shape, dtype = old.name, old.shape, old.type
-    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-    old.name = f"{name}.unfused"
-    new.name, new.shape, new.type = name, shape, dtype
 
 
 def _lengths(graph: ir.Graph, mask: ir.Value) -> tuple[ir.Value, ir.Value]:

@@ -1,6 +1,6 @@
 """`lower-ort`'s rewrites of QDQ linears into the integer kernels ONNX Runtime runs fastest:
-`MatMulIntegerToFloat` with the bias (or the per-token row scale) inside, one wide kernel for a
-shared input, uint8 weights where u8 x s8 kernels saturate."""
+`MatMulIntegerToFloat` with the bias (or the per-token row scale) inside, uint8 weights where
+u8 x s8 kernels saturate."""
 
 from __future__ import annotations
 
@@ -37,38 +37,6 @@ def fuse_integer_bias(graph: ir.Graph) -> int:
         graph.remove([dq for dq in dqs if not any(o.uses() for o in dq.outputs)], safe=True)
         count += 1
     return count
-
-
-def widen_integer_linears(graph: ir.Graph) -> int:
-    """MatMulIntegerToFloat nodes with the same quantized input, scale and zero point (Q, K, V) ->
-    one over the concatenated weights, scales and biases, then a Split; returns the groups merged."""
-    groups: dict[tuple, list[ir.Node]] = {}
-    for node in graph:
-        if node.op_type == "MatMulIntegerToFloat" and node.domain == "com.microsoft" and len(node.inputs) == 7:
-            x_q, _, x_scale, _, x_zero, _, _ = node.inputs
-            groups.setdefault((id(x_q), id(x_scale), id(x_zero)), []).append(node)
-    merged = 0
-    for nodes in groups.values():
-        if len(nodes) < 2 or any(n.inputs[i].const_value is None for n in nodes for i in (1, 3, 6)):
-            continue
-        first = nodes[0]
-        base = first.name or first.outputs[0].name
-        parts = {index: [n.inputs[index].const_value.numpy() for n in nodes] for index in (1, 3, 6)}
-        w = new_initializer(graph, f"{base}.wide.weight", np.concatenate(parts[1], axis=1))
-        scale = new_initializer(graph, f"{base}.wide.scale", np.concatenate(parts[3]))
-        bias = new_initializer(graph, f"{base}.wide.bias", np.concatenate(parts[6]))
-        sizes = new_initializer(graph, f"{base}.wide.splits", np.array([p.shape[1] for p in parts[1]], np.int64))
-        wide = ir.node("MatMulIntegerToFloat", [first.inputs[0], w, first.inputs[2], scale, first.inputs[4], None, bias],
-                       domain="com.microsoft", name=f"{base}.wide", metadata_props={CREATED_BY: "lower-ort"})
-        wide.outputs[0].name = f"{base}.wide"
-        split = ir.node("Split", [wide.outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes), name=f"{base}.split",
-                        metadata_props={CREATED_BY: "lower-ort"})
-        olds = [n.outputs[0] for n in nodes]
-        read = [v for n in nodes for v in n.inputs if v is not None and v.is_initializer()]
-        ir.convenience.replace_nodes_and_values(graph, first, nodes, [wide, split], olds, list(split.outputs))
-        drop_unread(graph, read)  # the per-layer weights, now concatenated
-        merged += 1
-    return merged
 
 
 def _integer_linear(graph: ir.Graph, matmul: ir.Node | None, bias: ir.Value | None) -> list | None:

@@ -1,11 +1,13 @@
 """`lower-ort`'s rewrites of normalizations into the forms ONNX Runtime runs fastest: a residual Add
-read by a LayerNormalization kept apart from it, and RMSNorm written as the Div it fuses."""
+read by a LayerNormalization kept apart from it, an RMSNorm of a residual sum as one
+`SkipSimplifiedLayerNormalization`, and the other RMSNorms written as the Div ONNX Runtime fuses."""
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
 from qcompiler.ir import producer_of
+from qcompiler.ir.layers import take_over
 from qcompiler.ir.meta import CREATED_BY
 
 
@@ -47,6 +49,64 @@ def rms_norms_as_div(graph: ir.Graph) -> int:
             graph.remove(reciprocal, safe=True)
         count += 1
     return count
+
+
+def rms_norms_with_skip(graph: ir.Graph) -> int:
+    """`Mul(Mul(h, Reciprocal(Sqrt(mean(h^2) + eps))), gamma)` with `h = Add(a, b)` of two computed
+    tensors of one shape [batch, sequence, hidden] (a decoder's residual sum) ->
+    `com.microsoft.SkipSimplifiedLayerNormalization(a, b, gamma)`, whose fourth output is the sum
+    the other readers of `h` (the next residual Add) take: one kernel for the seven ops. The scale
+    `gamma` is a constant vector [hidden] that the norm's output Mul alone reads. The replaced ops are left unread, for the caller to sweep. Returns the
+    norms rewritten."""
+    count = 0
+    for mul in list(graph):
+        if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx"):
+            continue
+        found = [(x, inverse, root) for x, inverse in (mul.inputs, tuple(reversed(mul.inputs)))
+                 if (root := _rms_denominator(x, inverse)) is not None]
+        if not found:
+            continue
+        x, inverse, root = found[0]
+        residual = producer_of(x, "Add")
+        scale = _scale_after(mul, x.shape)
+        if residual is None or scale is None or not _addends_of_shape(residual, x.shape):
+            continue
+        norm_mul, gamma = scale
+        skip = ir.node("SkipSimplifiedLayerNormalization", [*residual.inputs, gamma], {"epsilon": _epsilon(root)},
+                       domain="com.microsoft", num_outputs=4, name=f"{norm_mul.name or mul.name or x.name}.skip_norm",
+                       metadata_props={CREATED_BY: "lower-ort"})
+        graph.insert_before(residual, skip)
+        take_over(norm_mul.outputs[0], skip.outputs[0])
+        take_over(x, skip.outputs[3])  # the old ops, now unread, go with the pass's sweep
+        count += 1
+    return count
+
+
+def _scale_after(mul: ir.Node, shape: ir.Shape | None) -> tuple[ir.Node, ir.Value] | None:
+    """(the Mul by gamma, gamma) when the normalized value's only reader multiplies it by a constant
+    vector as long as the last dim of `shape`, a known [batch, sequence, hidden]; else None."""
+    out = mul.outputs[0]
+    uses = list(out.uses())
+    if shape is None or len(shape) != 3 or not isinstance(shape[-1], int) or out.is_graph_output() or len(uses) != 1 or \
+            uses[0].node.op_type != "Mul" or uses[0].node.domain not in ("", "ai.onnx"):
+        return None
+    norm_mul = uses[0].node
+    gamma = norm_mul.inputs[1 - uses[0].idx]
+    constant = gamma.const_value if gamma is not None else None
+    if constant is None or constant.shape != (shape[-1],):
+        return None
+    return norm_mul, gamma
+
+
+def _addends_of_shape(add: ir.Node, shape: ir.Shape) -> bool:
+    """Both addends computed and of the sum's shape (the kernel's input and skip: no broadcasting)."""
+    return all(v is not None and v.const_value is None and v.shape == shape for v in add.inputs)
+
+
+def _epsilon(root: ir.Value) -> float:
+    add = root.producer().inputs[0].producer()
+    eps = next(v for v in add.inputs if v is not None and v.const_value is not None)
+    return float(eps.const_value.numpy())
 
 
 def _rms_denominator(x: ir.Value | None, inverse: ir.Value | None) -> ir.Value | None:

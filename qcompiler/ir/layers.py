@@ -215,6 +215,14 @@ def bypass(graph: ir.Graph, node: ir.Node, replacement: ir.Value) -> None:
     graph.remove(node, safe=True)
 
 
+def take_over(old: ir.Value, new: ir.Value) -> None:
+    """`new` replaces `old` for its readers and as a graph output, under `old`'s name, shape and type."""
+    name, shape, dtype = old.name, old.shape, old.type
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    old.name = f"{name}.replaced"
+    new.name, new.shape, new.type = name, shape, dtype
+
+
 def drop_unread(graph: ir.Graph, values: list[ir.Value]) -> None:
     """Remove the initializers among `values` that nothing reads any more (their memory with them)."""
     for value in values:

@@ -68,16 +68,18 @@ class Preset:
 # `kv-cache=int8` (decoders with a KV cache): the cache stored as int8 (passes/kv_cache.py), after
 # every pass that runs the model; the default adds nothing, so the pipeline reads as before.
 KV_CACHE = {"kv-cache": {"float32": "", "int8": ",kv-cache{dtype=int8}"}}
-# `attention=fused` (decoders with a KV cache): `lower-ort{attention=fused}`, each layer's attention as one
-# GroupQueryAttention (passes/lower_ort/attention.py); the presets that end with lower-ort pass it on.
+# `attention=auto|fused|as-is` (decoders with a KV cache): `lower-ort{attention=...}`, each layer's attention as
+# one GroupQueryAttention where found (passes/lower_ort/attention.py); the presets that end with lower-ort pass it on.
 # `embedding=int8|int4`: embedding tables (constant Gather tables) stored as codes (passes/quantize_embedding.py),
 # looked up packed; the default adds nothing.
 EMBEDDING = {"embedding": {"float": "", "int8": ",quantize-embedding{bits=8}", "int4": ",quantize-embedding{bits=4}"}}
 
 PRESETS: dict[str, Preset] = {
     "default": Preset("canonicalize$kv_cache$attention", "clean the graph up for the passes; no quantization",
-                      {"kv-cache": "float32", "attention": "as-is"},
-                      {**KV_CACHE, "attention": {"as-is": "", "fused": ",lower-ort{attention=fused}"}}),
+                      {"kv-cache": "float32", "attention": "auto"},
+                      # auto: the lower-ort the compiler appends for ONNX Runtime fuses where it finds one
+                      {**KV_CACHE, "attention": {"auto": "", "as-is": ",lower-ort{attention=as-is}",
+                                                 "fused": ",lower-ort{attention=fused}"}}),
     "w8a8": Preset(
         "canonicalize,${equalize}calibrate{method=$method},smooth{alpha=$alpha act-mode=$act_mode},fold-scales{unfoldable=$unfoldable},"
         "quantize{act-mode=$act_mode float-inputs=$float_inputs bias-correction=$bias_correction conv-method=$conv_method}$embedding$kv_cache,"
@@ -85,7 +87,7 @@ PRESETS: dict[str, Preset] = {
         "int8 weights and activations with SmoothQuant (needs --calib)",
         {"alpha": "auto", "method": "minmax", "act-mode": "static", "float-inputs": "0", "unfoldable": "unsmooth",
          "bias-correction": "conv", "conv-method": "mse", "equalize": "false", "embedding": "float", "kv-cache": "float32",
-         "attention": "as-is"},
+         "attention": "auto"},
         # cross-layer equalization of Conv pairs before calibration (left out of the pipeline when off);
         # relu6 also equalizes through Clip(0, 6) as a per-channel Min
         {"equalize": {"false": "", "true": "equalize,", "relu6": "equalize{clip=per-channel},"}, **EMBEDDING, **KV_CACHE},
@@ -96,7 +98,7 @@ PRESETS: dict[str, Preset] = {
         "weight-only channel-wise mixed precision at a fractional bit budget (needs --calib)",
         {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0",
          "rounding": "nearest", "tuning": "none", "act-scale": "none", "embedding": "float", "kv-cache": "float32",
-         "route": "split", "attention": "as-is"},
+         "route": "split", "attention": "auto"},
         {"rounding": {"nearest": "", "gptq": ",gptq"},
          # one MatMulNBits a layer (wider classes as digits of the narrowest; auto: where the kernel-cost table
          # predicts it faster) and the fp16 class cast at load: fewer ops a run, for decoding one token a step

@@ -1,0 +1,163 @@
+"""`lower-ort`'s rewrites of linears that read one input into one wide kernel: the Q, K and V
+projections of an attention (and a gated MLP's gate and up projections) as one product over their
+concatenated weights, then a `Split`, or the packed QKV input `GroupQueryAttention` takes.
+`MatMulIntegerToFloat` (`widen_integer_linears`, only under `shared-input=wide`: measured a little
+slower on MiniLM, the Split copies) and `MatMulNBits` and float MatMul (`widen_shared_input_linears`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.ir import op_key
+from qcompiler.ir.layers import drop_unread, new_initializer, take_over
+from qcompiler.ir.meta import CREATED_BY
+
+_NBITS_ATTRIBUTES = ("K", "bits", "block_size", "accuracy_level")
+
+
+def widen_integer_linears(graph: ir.Graph) -> int:
+    """MatMulIntegerToFloat nodes with the same quantized input, scale and zero point (Q, K, V) ->
+    one over the concatenated weights, scales and biases, then a Split; returns the groups merged."""
+    groups: dict[tuple, list[ir.Node]] = {}
+    for node in graph:
+        if node.op_type == "MatMulIntegerToFloat" and node.domain == "com.microsoft" and len(node.inputs) == 7:
+            x_q, _, x_scale, _, x_zero, _, _ = node.inputs
+            groups.setdefault((id(x_q), id(x_scale), id(x_zero)), []).append(node)
+    merged = 0
+    for nodes in groups.values():
+        if len(nodes) < 2 or any(n.inputs[i].const_value is None for n in nodes for i in (1, 3, 6)):
+            continue
+        first = nodes[0]
+        base = first.name or first.outputs[0].name
+        parts = {index: [n.inputs[index].const_value.numpy() for n in nodes] for index in (1, 3, 6)}
+        w = new_initializer(graph, f"{base}.wide.weight", np.concatenate(parts[1], axis=1))
+        scale = new_initializer(graph, f"{base}.wide.scale", np.concatenate(parts[3]))
+        bias = new_initializer(graph, f"{base}.wide.bias", np.concatenate(parts[6]))
+        sizes = new_initializer(graph, f"{base}.wide.splits", np.array([p.shape[1] for p in parts[1]], np.int64))
+        wide = ir.node("MatMulIntegerToFloat", [first.inputs[0], w, first.inputs[2], scale, first.inputs[4], None, bias],
+                       domain="com.microsoft", name=f"{base}.wide", metadata_props={CREATED_BY: "lower-ort"})
+        wide.outputs[0].name = f"{base}.wide"
+        split = ir.node("Split", [wide.outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes), name=f"{base}.split",
+                        metadata_props={CREATED_BY: "lower-ort"})
+        olds = [n.outputs[0] for n in nodes]
+        read = [v for n in nodes for v in n.inputs if v is not None and v.is_initializer()]
+        ir.convenience.replace_nodes_and_values(graph, first, nodes, [wide, split], olds, list(split.outputs))
+        drop_unread(graph, read)  # the per-layer weights, now concatenated
+        merged += 1
+    return merged
+
+
+def widen_shared_input_linears(graph: ir.Graph) -> tuple[int, int]:
+    """Linears of one input merged into one wide product (Concat ops of constants, which ONNX Runtime
+    folds when the session loads: the bytes at rest are unchanged):
+    - `MatMulNBits` of the same attributes (K, bits, block size, accuracy level) whose weight,
+      scales and zero points are constants or computed from constants only: one `MatMulNBits` over
+      them concatenated along N;
+    - float `MatMul`s of such weights, only where they are a fused attention's Q, K and V.
+    Where the group is exactly a `GroupQueryAttention`'s Q, K and V, the kernel reads the wide
+    product as its packed QKV input; otherwise a `Split` gives each reader its part. Returns
+    (groups merged, of which packed into attention)."""
+    groups: dict[tuple, list[ir.Node]] = {}
+    for node in graph:
+        key = _group_key(node)
+        if key is not None:
+            groups.setdefault(key, []).append(node)
+    merged = packed = 0
+    for key, nodes in groups.items():
+        attention = _attention_reading(nodes)
+        if len(nodes) < 2 or (key[0] == "MatMul" and attention is None):
+            continue
+        if attention is not None:
+            nodes = sorted(nodes, key=lambda n: next(iter(n.outputs[0].uses())).idx)  # Q, K, V
+        wide = _wide_linear(graph, nodes)
+        if attention is not None:
+            attention.replace_input_with(0, wide.outputs[0])
+            attention.replace_input_with(1, None)
+            attention.replace_input_with(2, None)
+            packed += 1
+        else:
+            sizes = new_initializer(graph, f"{wide.name}.splits", np.array([_columns(n) for n in nodes], np.int64))
+            split = ir.node("Split", [wide.outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes), name=f"{wide.name}.split",
+                            metadata_props={CREATED_BY: "lower-ort"})
+            graph.insert_after(wide, split)
+            for node, part in zip(nodes, split.outputs):
+                take_over(node.outputs[0], part)
+        graph.remove(nodes, safe=True)
+        merged += 1
+    return merged, packed
+
+
+def _group_key(node: ir.Node) -> tuple | None:
+    """What linears must share to be merged (their kind, input and attributes); None for a node
+    that is not such a linear."""
+    if op_key(node) == ("com.microsoft", "MatMulNBits") and len(node.inputs) == 4 and \
+            all(v is not None and _from_constants(v) for v in node.inputs[1:]):
+        return ("MatMulNBits", id(node.inputs[0]), *(node.attributes.get_int(name, 0) for name in _NBITS_ATTRIBUTES))
+    if op_key(node) == ("", "MatMul") and node.inputs[1].const_value is not None and len(node.inputs[1].const_value.shape) == 2:
+        return ("MatMul", id(node.inputs[0]), node.inputs[1].const_value.shape[0], node.inputs[1].const_value.dtype)
+    return None
+
+
+def _columns(node: ir.Node) -> int:
+    """N, the linear's output columns."""
+    return node.attributes.get_int("N") if node.op_type == "MatMulNBits" else node.inputs[1].const_value.shape[1]
+
+
+def _wide_linear(graph: ir.Graph, nodes: list[ir.Node]) -> ir.Node:
+    """One linear over `nodes`' constant inputs concatenated along N, placed where the first of
+    them was (the ops computing the others' constant inputs move up before it)."""
+    position = {id(n): i for i, n in enumerate(graph)}
+    first = min(nodes, key=lambda n: position[id(n)])
+    base = first.name or first.outputs[0].name
+    makers = {id(m): m for n in nodes for v in n.inputs[1:] for m in _constant_makers(v)}
+    for maker in sorted(makers.values(), key=lambda m: position[id(m)]):
+        if position[id(maker)] > position[id(first)]:
+            graph.remove(maker)
+            graph.insert_before(first, maker)
+    nbits = first.op_type == "MatMulNBits"
+    concats = [ir.node("Concat", [n.inputs[index] for n in nodes], {"axis": 0 if nbits else 1}, name=f"{base}.wide.in{index}",
+                       metadata_props={CREATED_BY: "lower-ort"}) for index in range(1, len(first.inputs))]
+    for concat in concats:
+        concat.outputs[0].name = concat.name
+    if nbits:
+        attributes = {"K": first.attributes.get_int("K"), "N": sum(_columns(n) for n in nodes),
+                      **{name: first.attributes.get_int(name) for name in _NBITS_ATTRIBUTES[1:]}}
+        wide = ir.node("MatMulNBits", [first.inputs[0], *(c.outputs[0] for c in concats)], attributes, domain="com.microsoft",
+                       name=f"{base}.wide", metadata_props={CREATED_BY: "lower-ort"})
+    else:
+        wide = ir.node("MatMul", [first.inputs[0], concats[0].outputs[0]], name=f"{base}.wide", metadata_props={CREATED_BY: "lower-ort"})
+    wide.outputs[0].name = f"{base}.wide"
+    graph.insert_before(first, [*concats, wide])
+    return wide
+
+
+def _constant_makers(value: ir.Value) -> list[ir.Node]:
+    """The ops computing `value` from constants, producers first."""
+    node = value.producer()
+    if node is None:
+        return []
+    return [m for v in node.inputs if v is not None for m in _constant_makers(v)] + [node]
+
+
+def _attention_reading(nodes: list[ir.Node]) -> ir.Node | None:
+    """The `GroupQueryAttention` that reads the three nodes' outputs, and nothing else does, as its
+    query, key and value inputs; else None."""
+    if len(nodes) != 3 or any(len(n.outputs[0].uses()) != 1 for n in nodes):
+        return None
+    uses = [next(iter(n.outputs[0].uses())) for n in nodes]
+    attention = uses[0].node
+    if op_key(attention) != ("com.microsoft", "GroupQueryAttention") or any(u.node is not attention for u in uses) or \
+            sorted(u.idx for u in uses) != [0, 1, 2]:
+        return None
+    return attention
+
+
+def _from_constants(value: ir.Value) -> bool:
+    """Whether `value` is a constant or computed by ops that read only constants."""
+    if value.const_value is not None:
+        return True
+    node = value.producer()
+    if node is None:
+        return False
+    return all(v is None or _from_constants(v) for v in node.inputs)
