@@ -94,6 +94,8 @@ PIPELINES = {
     "mixed 4.25 digits attention fused": "mixed{avg-bits=4.25 route=digits attention=fused}",
     "uniform 4-bit attention fused": "canonicalize,calibrate,allocate-bits{avg-bits=8 candidates=4 outliers-act=0 outliers-weight=0},"
                                      "quantize-weights{grid=minmax},fold-permutation,lower-ort{attention=fused}",
+    # the `int4` preset: every linear one uniform 4-bit class rounded by gptq, one MatMulNBits each
+    "int4": "int4",
     # as the rows above were before lower-ort fused a decoder's attention, norms and Q/K/V by default
     "float32 unfused": "default{attention=as-is}",
     "w8a8 per-token unfused": "w8a8{act-mode=per-token attention=as-is}",

@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from qcompiler.analysis import execute  # noqa: E402
 from qcompiler.codegen.lm_artifact import read_layout  # noqa: E402
 from qcompiler.driver.compiler import compile as qcompile  # noqa: E402
 from qcompiler.errors import UserError  # noqa: E402
@@ -260,6 +261,19 @@ def test_fused_attention_on_a_mixed_model_keeps_its_outputs(factory, calib_file,
     ids = np.random.default_rng(4).integers(3, VOCAB, 16)
     logits = [cached_logits(CachedSession(outs[f] / "model.onnx", read_layout(outs[f]), 1), ids, prefill=8) for f in (False, True)]
     np.testing.assert_allclose(logits[1], logits[0], atol=1e-4)
+
+
+def test_int4_preset_is_one_uniform_kernel_a_linear(factory, calib_file, float_lm, tmp_path):
+    """`int4`: every linear one 4-bit class rounded by gptq, so each runs as one plain MatMulNBits
+    (Q/K/V packed into the attention, gate and up one wide kernel): 2 layers x 4 + the head; the
+    cached logits stay close to float's."""
+    out = qcompile(factory, tmp_path / "int4", pipeline="int4", calibration=str(calib_file), drift=False).output
+    ops = _op_types(out)
+    assert ops.count("MatMulNBits") == 9 and "Sum" not in ops and "GatherElements" not in ops
+    assert ops.count("GroupQueryAttention") == 2 and ops.count("Split") == 2
+    ids = np.random.default_rng(5).integers(3, VOCAB, 16)
+    got, want = (cached_logits(CachedSession(f / "model.onnx", read_layout(f), 1), ids, prefill=8) for f in (out, float_lm))
+    assert execute.drift({"y": want}, {"y": got})["cosine"] > 0.99
 
 
 def tiny_llama_head_8():

@@ -111,6 +111,13 @@ PRESETS: dict[str, Preset] = {
          "tuning": {"none": "", "e2e-kl": ",tune-scales{regions=0 loss=kl steps=120 lr=0.001 batch=4}"},
          **EMBEDDING, **KV_CACHE},
     ),
+    "int4": Preset(
+        "canonicalize,calibrate,allocate-bits{avg-bits=8 candidates=4 group-size=$group_size outliers-act=0 outliers-weight=0},"
+        "quantize-weights$rounding,fold-permutation$embedding$kv_cache,lower-ort{attention=$attention}",
+        "weight-only 4-bit: every linear one uniform 4-bit class, one MatMulNBits each (the fastest decode; needs --calib)",
+        {"group-size": "128", "rounding": "gptq", "embedding": "float", "kv-cache": "float32", "attention": "auto"},
+        {"rounding": {"nearest": "{grid=minmax}", "gptq": ",gptq"}, **EMBEDDING, **KV_CACHE},
+    ),
 }
 
 
