@@ -67,7 +67,7 @@ def genai_config(layout) -> dict[str, Any]:
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": layout.shared_buffer,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,

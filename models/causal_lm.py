@@ -59,6 +59,9 @@ class CacheLayout:
     pad_token_id: int | None = None
     model_type: str = "llama"
     kv_cache: str = "float32"  # or "int8": codes plus per-token-per-head scales (qcompiler/dialect/kv_int8.py)
+    # the attention writes each step's keys and values into the past buffer (GroupQueryAttention), so a
+    # runner may bind one buffer of the sequence's capacity as both past and present
+    shared_buffer: bool = False
 
     @property
     def input_names(self) -> list[str]:
@@ -89,12 +92,14 @@ class CacheLayout:
         return 2 * self.num_layers * self.num_kv_heads * per_head
 
     def to_json(self) -> dict[str, Any]:
-        """The manifest's `causal_lm` section; `kv_cache` only when not float32 (so artifacts with a
-        float cache read as before)."""
+        """The manifest's `causal_lm` section; `kv_cache` only when not float32 and `shared_buffer`
+        only when true (so other artifacts read as before)."""
         body = dataclasses.asdict(self)
         body["eos_token_ids"] = list(self.eos_token_ids)
         if self.kv_cache == "float32":
             del body["kv_cache"]
+        if not self.shared_buffer:
+            del body["shared_buffer"]
         return body
 
     @classmethod

@@ -182,7 +182,7 @@ def test_w8a8_per_token_compiles_the_cache_graph(factory, calib_file, float_lm, 
     ids = np.random.default_rng(4).integers(3, VOCAB, 16)
     layout = read_layout(out)
     quantized = cached_logits(CachedSession(out / "model.onnx", layout, 1), ids, prefill=8)
-    reference = cached_logits(CachedSession(float_lm / "model.onnx", layout, 1), ids, prefill=8)
+    reference = cached_logits(CachedSession(float_lm / "model.onnx", read_layout(float_lm), 1), ids, prefill=8)
     cosine = np.sum(quantized * reference) / np.linalg.norm(quantized) / np.linalg.norm(reference)
     assert "MatMulIntegerToFloat" in (out / "model.onnx").read_bytes().decode("latin-1") and cosine > 0.99
     assert len(generate(out, PROMPT, max_new_tokens=4, threads=1)["tokens"]) >= 1
@@ -226,6 +226,24 @@ def test_fused_attention_is_one_node_a_layer_and_equals_transformers(fused_lm, f
     np.testing.assert_allclose(stepped, full, atol=2e-5)
     assert generate(fused_lm, PROMPT, max_new_tokens=12, threads=1)["tokens"] == \
         generate(float_lm, PROMPT, max_new_tokens=12, threads=1)["tokens"]
+
+
+def test_fused_attention_writes_the_cache_in_place(fused_lm, float_lm):
+    """A GroupQueryAttention artifact says so (`shared_buffer`, and ONNX Runtime GenAI's
+    `past_present_share_buffer`): `CachedSession` binds one buffer per cache tensor as past and
+    present, grown by doubling when full, with the logits of separate presents, exactly."""
+    import dataclasses
+
+    layout = read_layout(fused_lm)
+    assert layout.shared_buffer and not read_layout(float_lm).shared_buffer
+    assert json.loads((fused_lm / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is True
+    ids = np.random.default_rng(7).integers(3, VOCAB, 30)
+    apart = cached_logits(CachedSession(fused_lm / "model.onnx", dataclasses.replace(layout, shared_buffer=False), 1), ids, prefill=8)
+    session = CachedSession(fused_lm / "model.onnx", layout, 1)
+    session.reset(capacity=5)
+    in_place = np.concatenate([session.step(ids[:8])] + [session.step(ids[t : t + 1]) for t in range(8, 30)])
+    assert session.past["past_key_values.0.key"].shape() == [1, 2, 40, 32]  # 5 -> 10 -> 20 -> 40
+    np.testing.assert_array_equal(in_place, apart)
 
 
 def test_fused_attention_is_measured_on_the_decoders_probe(fused_result):
@@ -495,6 +513,6 @@ def test_float16_model_decodes_with_a_float16_cache(factory, float_lm, tmp_path)
     assert session.cache_dtype == np.float16  # half the cache's memory
     ids = np.random.default_rng(6).integers(3, VOCAB, 12)
     half = cached_logits(session, ids, prefill=6)
-    reference = cached_logits(CachedSession(float_lm / "model.onnx", layout, 1), ids, prefill=6)
+    reference = cached_logits(CachedSession(float_lm / "model.onnx", read_layout(float_lm), 1), ids, prefill=6)
     assert np.abs(half.astype(np.float32) - reference).max() < 0.05
     assert len(generate(out, PROMPT, max_new_tokens=4, threads=1)["tokens"]) >= 1

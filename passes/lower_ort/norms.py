@@ -56,8 +56,8 @@ def rms_norms_with_skip(graph: ir.Graph) -> int:
     tensors of one shape [batch, sequence, hidden] (a decoder's residual sum) ->
     `com.microsoft.SkipSimplifiedLayerNormalization(a, b, gamma)`, whose fourth output is the sum
     the other readers of `h` (the next residual Add) take: one kernel for the seven ops. The scale
-    `gamma` is a constant vector [hidden] that the norm's output Mul alone reads. The replaced ops are left unread, for the caller to sweep. Returns the
-    norms rewritten."""
+    `gamma` is a constant vector [hidden] that the norm's output Mul alone reads. The replaced ops
+    are left unread, for the caller to sweep. Returns the norms rewritten."""
     count = 0
     for mul in list(graph):
         if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx"):

@@ -21,7 +21,7 @@ from qcompiler.driver.session import Session
 from qcompiler.errors import shown
 from qcompiler.ir import float_types, spill
 import qcompiler.ir as qir
-from qcompiler.ir import is_large, weight_count
+from qcompiler.ir import is_large, op_key, weight_count
 from qcompiler.passes.lower_ort import LowerOrtPass
 from qcompiler.pipeline import instruments
 from qcompiler.pipeline.pass_manager import PassRecord
@@ -161,10 +161,16 @@ def compile_with(options: CompileOptions) -> CompileResult:
 
 def cache_layout_of(layout, model: ir.Model):
     """The cache layout of the compiled graph: the captured one, with `kv_cache` int8 when the
-    pipeline stored the cache as int8 (`kv-cache{dtype=int8}`)."""
+    pipeline stored the cache as int8 (`kv-cache{dtype=int8}`), and `shared_buffer` when its
+    attention is ONNX Runtime's GroupQueryAttention (`lower-ort{attention=...}`), which can write
+    each step's keys and values into the past buffer."""
     from qcompiler.dialect.kv_int8 import int8_cache_inputs
 
-    return dataclasses.replace(layout, kv_cache="int8") if int8_cache_inputs(model) else layout
+    if int8_cache_inputs(model):
+        layout = dataclasses.replace(layout, kv_cache="int8")
+    if any(op_key(node) == ("com.microsoft", "GroupQueryAttention") for node in model.graph):
+        layout = dataclasses.replace(layout, shared_buffer=True)
+    return layout
 
 
 def add_to_report(report: str | os.PathLike, sections: dict[str, Any]) -> None:

@@ -3,7 +3,9 @@
 `CachedSession` holds one ONNX Runtime session over the artifact's decoder graph and the cache
 between steps: each step's `present.*` outputs (ONNX Runtime values, never copied to numpy) are
 the next step's `past_key_values.*` inputs (with an int8 cache, `kv-cache{dtype=int8}`, the
-`*_scale` tensors beside them pass along the same way: the layout names them); the attention mask grows by the step's tokens and the
+`*_scale` tensors beside them pass along the same way: the layout names them), or, where the
+attention is ONNX Runtime's GroupQueryAttention (the layout's `shared_buffer`), one buffer per
+cache tensor is bound as both, which the kernel writes in place; the attention mask grows by the step's tokens and the
 positions continue from the past's length. `generate` tokenizes the prompt with the artifact's
 tokenizer, runs one prefill step over it, then one step per new token (greedy, or sampled at a
 temperature with a seeded generator), stops at an end-of-sequence token or after
@@ -51,13 +53,33 @@ class CachedSession:
         self.cache_dtype = expected[next(iter(cache_types))]
         self.reset()
 
-    def reset(self) -> None:
-        """Forget the sequence: an empty past."""
+    def reset(self, capacity: int = 0) -> None:
+        """Forget the sequence: an empty past. Where the layout allows a shared buffer, the cache is
+        one buffer per tensor of `capacity` positions (grown by doubling when a step needs more),
+        bound as both the past input and the present output: the attention writes each step's
+        keys and values into it in place, and nothing is copied between steps."""
         from onnxruntime import OrtValue
 
+        self.length = 0
+        if self.layout.shared_buffer:
+            self.past = self._buffers(max(capacity, 1))
+            return
         self.past = {name: OrtValue.ortvalue_from_numpy(array if name.endswith("_scale") else array.astype(self.cache_dtype))
                      for name, array in self.layout.empty_past(1).items()}  # an int8 cache's scales stay float32
-        self.length = 0
+
+    def _buffers(self, capacity: int, keep: dict | None = None) -> dict:
+        """Zeroed cache buffers [1, kv heads, capacity, head dim], with `keep`'s first `self.length`
+        positions copied in."""
+        from onnxruntime import OrtValue
+
+        shape = (1, self.layout.num_kv_heads, capacity, self.layout.head_dim)
+        buffers = {}
+        for name in self.layout.input_names[3:]:
+            array = np.zeros(shape, self.cache_dtype)
+            if keep is not None:
+                array[:, :, : self.length] = keep[name].numpy()[:, :, : self.length]
+            buffers[name] = OrtValue.ortvalue_from_numpy(array)
+        return buffers
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         """Run `ids` [seq] after what came before; their logits [seq, vocab]."""
@@ -69,12 +91,30 @@ class CachedSession:
             "input_ids": OrtValue.ortvalue_from_numpy(ids),
             "attention_mask": OrtValue.ortvalue_from_numpy(np.ones((1, self.length + seq), np.int64)),
             "position_ids": OrtValue.ortvalue_from_numpy(np.arange(self.length, self.length + seq, dtype=np.int64)[None]),
-            **self.past,
         }
+        if self.layout.shared_buffer:
+            return self._step_in_place(feeds, seq)
+        feeds.update(self.past)
         outputs = dict(zip(self.output_names, self.session.run_with_ort_values(self.output_names, feeds)))
         self.past = {past: outputs[present] for past, present in zip(self.layout.input_names[3:], self.layout.output_names[1:])}
         self.length += seq
         return outputs["logits"].numpy()[0]
+
+    def _step_in_place(self, feeds: dict, seq: int) -> np.ndarray:
+        """One step with each cache buffer bound as both past and present."""
+        capacity = next(iter(self.past.values())).shape()[2]
+        if self.length + seq > capacity:
+            self.past = self._buffers(max(2 * capacity, self.length + seq), keep=self.past)
+        binding = self.session.io_binding()
+        binding.bind_output("logits")  # the first output (ONNX Runtime allocates it)
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, value)
+        for past, present in zip(self.layout.input_names[3:], self.layout.output_names[1:]):
+            binding.bind_ortvalue_input(past, self.past[past])
+            binding.bind_ortvalue_output(present, self.past[past])
+        self.session.run_with_iobinding(binding)
+        self.length += seq
+        return binding.get_outputs()[0].numpy()[0]
 
 
 def choose(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
@@ -121,6 +161,7 @@ def generate(
         max_new_tokens = max(1, min(DEFAULT_NEW_TOKENS, layout.max_positions - len(prompt_ids)))
     check_request(len(prompt_ids), max_new_tokens, temperature, layout)
     session = CachedSession(artifact / "model.onnx", layout, threads)
+    session.reset(capacity=len(prompt_ids) + max_new_tokens)
     rng = np.random.default_rng(seed)
     eos = set(layout.eos_token_ids)
 
@@ -168,7 +209,7 @@ def _emit(tokenizer, tokens: list[int], shown: str, on_text, final: bool = False
 def cached_logits(session: CachedSession, ids: np.ndarray, prefill: int) -> np.ndarray:
     """Logits [len, vocab] of a token row run through the cache: a prefill of `prefill` tokens,
     then one token per step."""
-    session.reset()
+    session.reset(capacity=len(ids))
     rows = [session.step(ids[:prefill])]
     rows += [session.step(ids[t : t + 1]) for t in range(prefill, len(ids))]
     return np.concatenate(rows)
