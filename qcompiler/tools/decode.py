@@ -209,7 +209,7 @@ def _emit(tokenizer, tokens: list[int], shown: str, on_text, final: bool = False
 def cached_logits(session: CachedSession, ids: np.ndarray, prefill: int) -> np.ndarray:
     """Logits [len, vocab] of a token row run through the cache: a prefill of `prefill` tokens,
     then one token per step."""
-    session.reset(capacity=len(ids))
+    session.reset()
     rows = [session.step(ids[:prefill])]
     rows += [session.step(ids[t : t + 1]) for t in range(prefill, len(ids))]
     return np.concatenate(rows)
