@@ -34,14 +34,7 @@ def rms_norms_as_div(graph: ir.Graph) -> int:
     following scale `Mul`); the optimizer does not match the Reciprocal form torch's `rsqrt` exports.
     A Reciprocal that is a graph output or has other readers stays."""
     count = 0
-    for mul in list(graph):
-        if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx"):
-            continue
-        found = [(x, inverse, root) for x, inverse in (mul.inputs, tuple(reversed(mul.inputs)))
-                 if (root := _rms_denominator(x, inverse)) is not None]
-        if not found:
-            continue
-        x, inverse, root = found[0]
+    for mul, x, inverse, root in _rms_normalizations(graph):
         div = ir.node("Div", [x, root], name=mul.name, metadata_props={CREATED_BY: "lower-ort"})
         ir.convenience.replace_nodes_and_values(graph, mul, [mul], [div], [mul.outputs[0]], [div.outputs[0]])
         reciprocal = inverse.producer()
@@ -59,14 +52,7 @@ def rms_norms_with_skip(graph: ir.Graph) -> int:
     `gamma` is a constant vector [hidden] that the norm's output Mul alone reads. The replaced ops
     are left unread, for the caller to sweep. Returns the norms rewritten."""
     count = 0
-    for mul in list(graph):
-        if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx"):
-            continue
-        found = [(x, inverse, root) for x, inverse in (mul.inputs, tuple(reversed(mul.inputs)))
-                 if (root := _rms_denominator(x, inverse)) is not None]
-        if not found:
-            continue
-        x, inverse, root = found[0]
+    for mul, x, inverse, root in _rms_normalizations(graph):
         residual = producer_of(x, "Add")
         scale = _scale_after(mul, x.shape)
         if residual is None or scale is None or not _addends_of_shape(residual, x.shape):
@@ -80,6 +66,18 @@ def rms_norms_with_skip(graph: ir.Graph) -> int:
         take_over(x, skip.outputs[3])  # the old ops, now unread, go with the pass's sweep
         count += 1
     return count
+
+
+def _rms_normalizations(graph: ir.Graph):
+    """Each `Mul(x, Reciprocal(Sqrt(mean(x^2) + eps)))` of the graph, as (the Mul, x, the
+    Reciprocal's output, the Sqrt's output); the graph may be rewritten between them."""
+    for mul in list(graph):
+        if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx"):
+            continue
+        found = [(x, inverse, root) for x, inverse in (mul.inputs, tuple(reversed(mul.inputs)))
+                 if (root := _rms_denominator(x, inverse)) is not None]
+        if found:
+            yield (mul, *found[0])
 
 
 def _scale_after(mul: ir.Node, shape: ir.Shape | None) -> tuple[ir.Node, ir.Value] | None:
