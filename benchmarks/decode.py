@@ -46,7 +46,9 @@ Peers (`--peers genai,llamacpp`, none by default; benchmarks/decode_peers.py say
 and how to install them): ONNX Runtime GenAI's model builder output at int4 and fp32 (`genai
 int4`, `genai fp32`) and llama.cpp on the bundled Q4_1 GGUF and it requantized to Q4_K and Q3_K
 (`llama.cpp Q4_1`, `llama.cpp Q4_K`, `llama.cpp Q3_K`), built into `--build` (reused there when
-present). They join the same interleaved rounds, the same greedy agreement and the same perplexity
+present). `--in-genai NAMES` adds rows `NAME in genai`: our artifact of that row run by ONNX Runtime
+GenAI's generator instead of `CachedSession` (the same runtime as the GenAI rows, so the graphs are
+compared without the loops that drive them). They join the same interleaved rounds, the same greedy agreement and the same perplexity
 windows and protocol (their own logits, the same token ids); their row gives the model's file size
 in place of bits per weight and no cache size. A peer whose package is absent is skipped with one
 line. With llama.cpp rows, OMP_WAIT_POLICY defaults to PASSIVE: llama.cpp's OpenMP threads
@@ -128,6 +130,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ort-spin", choices=("on", "off"), default="on",
                         help="off: our rows' ONNX Runtime threads wait passively (session.intra_op.allow_spinning=0)")
     parser.add_argument("--peers", default="", help="comma-separated peer runtimes beside our rows: genai, llamacpp (default: none)")
+    parser.add_argument("--in-genai", default="", help="comma-separated names of our rows also run by ONNX Runtime GenAI's "
+                        "generator, as rows 'NAME in genai' (needs onnxruntime-genai; default: none)")
     parser.add_argument("--out", type=Path, default=common.RESULTS / "decode.json")
     return parser.parse_args()
 
@@ -309,6 +313,14 @@ def main() -> None:
     sessions = {name: CachedSession(path / "model.onnx", read_layout(path), args.threads) for name, path in artifacts.items()}
     context = max(len(prompt) + args.new_tokens, args.window, args.agree_prompt_tokens + args.agree_tokens) + 8
     peer_sessions, peer_scoring, peer_facts = decode_peers.make_peers(peer_families, build, args.threads, context)
+    for name in [n.strip() for n in args.in_genai.split(",") if n.strip()]:
+        if name not in artifacts:
+            sys.exit(f"--in-genai: '{name}' is not one of this run's pipelines {list(artifacts)}")
+        row = f"{name} in genai"
+        facts = decode_peers.ours_in_genai(artifacts[name], build / f"{artifacts[name].name}-in-genai", args.threads)
+        peer_facts[row] = {"peer": "onnxruntime-genai", **facts, "effective_bits": compiled[name]["effective_bits"]}
+        peer_sessions[row] = decode_peers.GenaiSession(build / f"{artifacts[name].name}-in-genai")
+        peer_scoring[row] = lambda s=peer_sessions[row]: s
     sessions.update(peer_sessions)
     names = names + list(peer_sessions)
     for session in sessions.values():  # warm-up

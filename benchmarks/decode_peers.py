@@ -38,6 +38,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -121,6 +122,20 @@ def build_genai(hf: Path, out: Path, precision: str, threads: int) -> dict[str, 
     config_path.write_text(json.dumps(config, indent=4))
     return {"build_s": round(time.perf_counter() - start, 1), "file_bytes": folder_bytes(list(out.glob("model.onnx*"))),
             "config": f"onnxruntime_genai.models.builder -p {precision} -e cpu (defaults)"}
+
+
+def ours_in_genai(artifact: Path, out: Path, threads: int) -> dict[str, Any]:
+    """A copy of one of our artifacts (hard links, the folder ONNX Runtime GenAI loads as it is)
+    whose genai_config.json sets `threads` intra-op threads, as the builder rows' do."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in artifact.iterdir():
+        target = out / path.name
+        if path.is_file() and path.name != "genai_config.json" and not target.exists():
+            os.link(path, target)
+    config = json.loads((artifact / "genai_config.json").read_text())
+    config["model"]["decoder"].setdefault("session_options", {}).update({"intra_op_num_threads": threads, "inter_op_num_threads": 1})
+    (out / "genai_config.json").write_text(json.dumps(config, indent=4))
+    return {"file_bytes": folder_bytes(list(out.glob("model.onnx*"))), "config": f"our artifact {artifact.name}, run by og.Generator"}
 
 
 class GenaiSession:
