@@ -18,7 +18,9 @@ layer, the form of ONNX Runtime's own 4-bit RTN), and on
 request the first two with an int8 KV cache (`kv-cache=int8`, passes/kv_cache.py). Every one is lowered with
 `lower-ort`'s defaults for a decoder: attention as `GroupQueryAttention` reading Q, K and V packed,
 residual norms as `SkipSimplifiedLayerNormalization`, gate and up as one product; `... unfused`
-rows (`attention=as-is`) lower them as exported, as every row was before those defaults. All are
+rows (`attention=as-is`, and `shared-input=separate` for uniform 4-bit) keep the attention and
+norms as exported, as every row was before those defaults (the mixed preset cannot pass
+`shared-input`: its single-class layers, if any, still share one kernel). All are
 calibrated on `--calib-count` windows of 110 words from the last quarter of the WikiText excerpt
 (`benchmarks/common.py: wikitext_split`). The first three quarters are held out: the prompt is
 their first `--prompt-tokens` tokens and perplexity is `qcompiler eval --task perplexity` on
@@ -158,7 +160,8 @@ def capture_once() -> None:
 
 def time_round(session, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
     """Seconds of the prefill step and of `new_tokens` - 1 greedy decode steps."""
-    session.reset()  # ours and the peers' alike (a shared cache buffer grows by doubling)
+    # ours with a shared cache buffer sized for the round, as a runner would (peers size their own)
+    session.reset(**({"capacity": len(prompt) + new_tokens} if getattr(session, "layout", None) is not None else {}))
     start = time.perf_counter()
     token = int(np.argmax(session.step(prompt)[-1]))
     prefill = time.perf_counter() - start

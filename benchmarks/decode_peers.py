@@ -130,7 +130,8 @@ def ours_in_genai(artifact: Path, out: Path, threads: int) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     for path in artifact.iterdir():
         target = out / path.name
-        if path.is_file() and path.name != "genai_config.json" and not target.exists():
+        if path.is_file() and path.name != "genai_config.json":
+            target.unlink(missing_ok=True)  # a link to an earlier compile's file
             os.link(path, target)
     config = json.loads((artifact / "genai_config.json").read_text())
     config["model"]["decoder"].setdefault("session_options", {}).update({"intra_op_num_threads": threads, "inter_op_num_threads": 1})

@@ -55,7 +55,7 @@ def rms_norms_with_skip(graph: ir.Graph) -> int:
     for mul, x, inverse, root in _rms_normalizations(graph):
         residual = producer_of(x, "Add")
         scale = _scale_after(mul, x.shape)
-        if residual is None or scale is None or not _addends_of_shape(residual, x.shape):
+        if residual is None or scale is None or not _addends_of_shape(residual, x.shape) or not _over_last_axis(root):
             continue
         norm_mul, gamma = scale
         skip = ir.node("SkipSimplifiedLayerNormalization", [*residual.inputs, gamma], {"epsilon": _epsilon(root)},
@@ -99,6 +99,16 @@ def _scale_after(mul: ir.Node, shape: ir.Shape | None) -> tuple[ir.Node, ir.Valu
 def _addends_of_shape(add: ir.Node, shape: ir.Shape) -> bool:
     """Both addends computed and of the sum's shape (the kernel's input and skip: no broadcasting)."""
     return all(v is not None and v.const_value is None and v.shape == shape for v in add.inputs)
+
+
+def _over_last_axis(root: ir.Value) -> bool:
+    """Whether the mean under `root` (Sqrt(ReduceMean(x^2) + eps)) is over x's last axis only,
+    dims kept, as the fused kernel normalizes (x is [batch, sequence, hidden] here; axes given as
+    the constant input of opset 18 on)."""
+    add = root.producer().inputs[0].producer()
+    mean = next(m for v in add.inputs if (m := producer_of(v, "ReduceMean")) is not None)
+    axes = mean.inputs[1].const_value if len(mean.inputs) > 1 and mean.inputs[1] is not None else None
+    return axes is not None and axes.numpy().reshape(-1).tolist() in ([-1], [2]) and mean.attributes.get_int("keepdims", 1) == 1
 
 
 def _epsilon(root: ir.Value) -> float:

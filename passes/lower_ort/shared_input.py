@@ -122,7 +122,7 @@ def _wide_linear(graph: ir.Graph, nodes: list[ir.Node]) -> ir.Node:
         concat.outputs[0].name = concat.name
     if nbits:
         attributes = {"K": first.attributes.get_int("K"), "N": sum(_columns(n) for n in nodes),
-                      **{name: first.attributes.get_int(name) for name in _NBITS_ATTRIBUTES[1:]}}
+                      **{name: first.attributes.get_int(name, 0) for name in _NBITS_ATTRIBUTES[1:]}}
         wide = ir.node("MatMulNBits", [first.inputs[0], *(c.outputs[0] for c in concats)], attributes, domain="com.microsoft",
                        name=f"{base}.wide", metadata_props={CREATED_BY: "lower-ort"})
     else:
@@ -143,7 +143,7 @@ def _constant_makers(value: ir.Value) -> list[ir.Node]:
 def _attention_reading(nodes: list[ir.Node]) -> ir.Node | None:
     """The `GroupQueryAttention` that reads the three nodes' outputs, and nothing else does, as its
     query, key and value inputs; else None."""
-    if len(nodes) != 3 or any(len(n.outputs[0].uses()) != 1 for n in nodes):
+    if len(nodes) != 3 or any(len(n.outputs[0].uses()) != 1 or n.outputs[0].is_graph_output() for n in nodes):
         return None
     uses = [next(iter(n.outputs[0].uses())) for n in nodes]
     attention = uses[0].node

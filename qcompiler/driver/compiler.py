@@ -161,14 +161,15 @@ def compile_with(options: CompileOptions) -> CompileResult:
 
 def cache_layout_of(layout, model: ir.Model):
     """The cache layout of the compiled graph: the captured one, with `kv_cache` int8 when the
-    pipeline stored the cache as int8 (`kv-cache{dtype=int8}`), and `shared_buffer` when its
-    attention is ONNX Runtime's GroupQueryAttention (`lower-ort{attention=...}`), which can write
-    each step's keys and values into the past buffer."""
+    pipeline stored the cache as int8 (`kv-cache{dtype=int8}`), and `shared_buffer` when every
+    layer's attention is ONNX Runtime's GroupQueryAttention (`lower-ort{attention=...}`), which
+    can write each step's keys and values into the past buffer."""
     from qcompiler.dialect.kv_int8 import int8_cache_inputs
 
     if int8_cache_inputs(model):
         layout = dataclasses.replace(layout, kv_cache="int8")
-    if any(op_key(node) == ("com.microsoft", "GroupQueryAttention") for node in model.graph):
+    fused = sum(op_key(node) == ("com.microsoft", "GroupQueryAttention") for node in model.graph)
+    if fused == layout.num_layers:  # every layer's: one left as exported would concatenate its past
         layout = dataclasses.replace(layout, shared_buffer=True)
     return layout
 
