@@ -75,3 +75,24 @@ def test_peer_perplexity_runs_the_cached_protocol_on_the_eval_windows(monkeypatc
 
     sharp = RecordingSession(rows[0], vocab=10, boost=np.log(91.0))  # p(next) = 91 / 100
     assert decode.peer_perplexity(sharp, "text", 1, 8) == pytest.approx(100 / 91, rel=1e-4)
+
+
+def test_ours_in_genai_links_the_artifact_and_sets_threads(tmp_path):
+    """`--in-genai`: our artifact's files linked into a folder ONNX Runtime GenAI loads, its
+    genai_config.json setting the run's threads; a recompiled artifact's files replace the links."""
+    import json
+
+    artifact = tmp_path / "int4"
+    artifact.mkdir()
+    (artifact / "model.onnx").write_bytes(b"first")
+    (artifact / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"session_options": {"log_id": "x"}}}}))
+    out = tmp_path / "int4-in-genai"
+    facts = decode_peers.ours_in_genai(artifact, out, threads=2)
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["session_options"] == {"log_id": "x", "intra_op_num_threads": 2, "inter_op_num_threads": 1}
+    assert (out / "model.onnx").stat().st_ino == (artifact / "model.onnx").stat().st_ino and facts["file_bytes"] == 5
+    assert json.loads((artifact / "genai_config.json").read_text())["model"]["decoder"]["session_options"] == {"log_id": "x"}
+    (artifact / "model.onnx").unlink()
+    (artifact / "model.onnx").write_bytes(b"second!")  # a recompile
+    decode_peers.ours_in_genai(artifact, out, threads=2)
+    assert (out / "model.onnx").read_bytes() == b"second!"
