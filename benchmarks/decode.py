@@ -160,8 +160,7 @@ def capture_once() -> None:
 
 def time_round(session, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
     """Seconds of the prefill step and of `new_tokens` - 1 greedy decode steps."""
-    # ours with a shared cache buffer sized for the round, as a runner would (peers size their own)
-    session.reset(**({"capacity": len(prompt) + new_tokens} if getattr(session, "layout", None) is not None else {}))
+    session.reset(capacity=len(prompt) + new_tokens)  # a shared cache buffer sized for the round
     start = time.perf_counter()
     token = int(np.argmax(session.step(prompt)[-1]))
     prefill = time.perf_counter() - start

@@ -2,7 +2,7 @@
 
 Each peer is made from the same weights as our artifacts (the bundled SmolLM2-135M-Instruct GGUF,
 whose matrices passed through Q4_1 once) and is run through the same interface as
-`qcompiler.tools.decode.CachedSession` (`reset()`, `step(ids)` -> logits [rows, vocab]), so decode.py
+`qcompiler.tools.decode.CachedSession` (`reset(capacity)`, `step(ids)` -> logits [rows, vocab]), so decode.py
 times it in the same interleaved rounds, scores its perplexity on the same held-out windows with
 the same protocol (`qcompiler.tools.decode.cached_logits`: a prefill of half the window, then one token
 per step) and feeds it the same token ids (no BOS, nothing re-tokenized).
@@ -149,7 +149,7 @@ class GenaiSession:
         self.model = og.Model(str(folder))
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, capacity: int = 0) -> None:  # the sessions' protocol; the peer sizes its own cache
         params = self.og.GeneratorParams(self.model)
         params.set_search_options(max_length=self.model_max_length(), do_sample=False)
         self.generator = self.og.Generator(self.model, params)
@@ -218,7 +218,7 @@ class LlamaSession:
                                    n_threads=threads, n_threads_batch=threads, logits_all=all_logits, verbose=False)
         self.vocab = self.llm.n_vocab()
 
-    def reset(self) -> None:
+    def reset(self, capacity: int = 0) -> None:  # the sessions' protocol; the peer sizes its own cache
         self.llm.reset()
 
     def step(self, ids: np.ndarray) -> np.ndarray:

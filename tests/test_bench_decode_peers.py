@@ -49,7 +49,7 @@ class RecordingSession:
         self.steps: list[int] = []
         self.seen = 0
 
-    def reset(self) -> None:
+    def reset(self, capacity: int = 0) -> None:
         self.seen = 0
 
     def step(self, ids: np.ndarray) -> np.ndarray:

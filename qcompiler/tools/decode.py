@@ -57,7 +57,7 @@ class CachedSession:
         """Forget the sequence: an empty past. Where the layout allows a shared buffer, the cache is
         one buffer per tensor of `capacity` positions (grown by doubling when a step needs more),
         bound as both the past input and the present output: the attention writes each step's
-        keys and values into it in place, and nothing is copied between steps."""
+        keys and values into it in place, and the runner copies nothing between steps."""
         from onnxruntime import OrtValue
 
         self.length = 0
@@ -209,7 +209,7 @@ def _emit(tokenizer, tokens: list[int], shown: str, on_text, final: bool = False
 def cached_logits(session: CachedSession, ids: np.ndarray, prefill: int) -> np.ndarray:
     """Logits [len, vocab] of a token row run through the cache: a prefill of `prefill` tokens,
     then one token per step."""
-    session.reset()
+    session.reset(capacity=len(ids))
     rows = [session.step(ids[:prefill])]
     rows += [session.step(ids[t : t + 1]) for t in range(prefill, len(ids))]
     return np.concatenate(rows)
