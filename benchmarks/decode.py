@@ -79,6 +79,8 @@ import common  # noqa: E402
 PIPELINES = {
     "float32": "default",
     "w8a8 per-token": "w8a8{act-mode=per-token}",
+    # each per-token linear one 8-bit MatMulNBits (activations quantized per block inside the kernel)
+    "w8a8 per-token nbits": "w8a8{act-mode=per-token int-kernels=nbits}",
     "mixed 4.25": "mixed{avg-bits=4.25}",
     "mixed 4.25 int4-embedding": "mixed{avg-bits=4.25 embedding=int4}",
     # the same allocation, one MatMulNBits a layer (wider classes as 2-bit digits), fp16 class cast at load
@@ -100,6 +102,10 @@ PIPELINES = {
                                      "quantize-weights{grid=minmax},fold-permutation,lower-ort{attention=fused}",
     # the `int4` preset: every linear one uniform 4-bit class rounded by gptq, one MatMulNBits each
     "int4": "int4",
+    # its grid by group size: symmetric (no zero points stored; the preset's, at 64), or asymmetric with integer zero points
+    "int4 g128": "int4{group-size=128}",
+    "int4 g32": "int4{group-size=32}",
+    "int4 zero points g128": "int4{group-size=128 zero-points=auto}",
     # as the rows above were before lower-ort fused a decoder's attention, norms and Q/K/V by default
     "float32 unfused": "default{attention=as-is}",
     "w8a8 per-token unfused": "w8a8{act-mode=per-token attention=as-is}",

@@ -97,7 +97,7 @@ class _SensitivityInputs:
     kl: bool  # KL divergence of the first output's softmax, else the squared change of every output
     bits: int  # reference width
     group_size: int
-    integer: bool  # integer zero points at the reference width
+    zero: str  # the reference width's grid (`bitcost.zero_point_kind`)
 
 
 def measure_sensitivity(shared: _SensitivityInputs, weight_names: list[str]) -> list[float]:
@@ -113,7 +113,7 @@ def measure_sensitivity(shared: _SensitivityInputs, weight_names: list[str]) -> 
     log_p = log_softmax(base[0]) if shared.kl else None
     measured = []
     for name in weight_names:
-        q = bitcost.minmax_grid_quantize(shared.weights[name], shared.bits, shared.group_size, shared.integer)
+        q = bitcost.minmax_grid_quantize(shared.weights[name], shared.bits, shared.group_size, shared.zero)
         moved = session.run(outputs, {**feeds, name: q})
         if log_p is not None:
             measured.append(mean_kl(log_p, moved[0]))
@@ -156,8 +156,10 @@ class AllocateBitsPass(Pass):
     sensitivity: Literal["off", "output", "kl"] = option(
         "off", "scope=model: scale each layer's error model by how much its quantization moves the model's outputs "
         "(measured: output, squared change; kl, KL divergence of the first output's softmax, for LMs)")
-    zero_points: Literal["auto", "integer", "fractional"] = option(
-        "auto", "uniform classes: integer zero points (runnable by MatMulNBits), fp16 fractional ones, or auto: integer for 2, 4 and 8 bits")
+    zero_points: Literal["auto", "integer", "fractional", "none"] = option(
+        "auto", "uniform classes: integer zero points (runnable by MatMulNBits), fp16 fractional ones, auto: integer for 2, 4 "
+        "and 8 bits, or none: symmetric codes about 0 (the zero point is the kernel's default mid-code, not stored; only widths "
+        "the kernels run)")
     cost: Literal["bits", "latency"] = option(
         "bits", "what decides among allocations that meet the budget: bits (error per stored bit), or latency (each set of "
         "candidate classes allocated by error per stored bit, and the one with the least predicted error x predicted time "
@@ -183,7 +185,7 @@ class AllocateBitsPass(Pass):
         for key, value in (("outliers-act", self.outliers_act), ("outliers-weight", self.outliers_weight)):
             if not 0.0 <= value <= 0.1:
                 raise UserError(f"allocate-bits: {key} must be in [0, 0.1], got {value}")
-        if self.other_widths == "expand" and self.zero_points == "integer":
+        if self.other_widths == "expand" and self.zero_points in ("integer", "none"):
             raise UserError("allocate-bits: other-widths=expand stores fractional zero points; drop zero-points=integer "
                             "(integer zero points of any width run on MatMulNBits in containers)")
 
@@ -195,6 +197,10 @@ class AllocateBitsPass(Pass):
         codebook = self.codebook == "kmeans"  # classes of 4 bits or fewer are codebooks, not MatMulNBits
         packed = cost_model.packed_widths
         other = sorted(b for b in asked if b not in packed and not (codebook and b <= 4))
+        if other and self.zero_points == "none":
+            raise UserError(f"allocate-bits: zero-points=none stores codes symmetric about the mid-code of a width "
+                            f"{cost_model.kernels} run ({', '.join(map(str, packed))} bits), not "
+                            f"{','.join(map(str, other))}; choose candidates and keep-bits from those widths")
         if other and self.other_widths == "refuse" and self.zero_points == "auto":
             widths = ",".join(map(str, other))
             raise UserError(
@@ -286,7 +292,7 @@ class AllocateBitsPass(Pass):
         count = int(round(self.outliers_act * k))
         if count:
             fp16[np.argsort(-energy, kind="stable")[:count]] = True
-        errors = {b: energy * bitcost.minmax_grid_error(w, b, self.group_size, bitcost.integer_zero_points(b, self._zero_points))
+        errors = {b: energy * bitcost.minmax_grid_error(w, b, self.group_size, bitcost.zero_point_kind(b, self._zero_points))
                   for b in sorted(set(self.candidates))}
         sparse = int(round(self.outliers_weight * (k - count) * n))
         return _Layer(linear, w.shape, energy, fp16, sparse, errors, self._layer_costs(linear))
@@ -325,7 +331,7 @@ class AllocateBitsPass(Pass):
         for name, w in weights.items():
             proto.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(w.shape)))
         shared = _SensitivityInputs(proto.SerializeToString(), batch, weights, ctx.threads, self.sensitivity == "kl",
-                                    reference, self.group_size, bitcost.integer_zero_points(reference, self._zero_points))
+                                    reference, self.group_size, bitcost.zero_point_kind(reference, self._zero_points))
         del proto
         parts = chunks([layer.linear.w.name for layer in layers], ctx.executor.workers)
         tasks = [f"allocate-bits sensitivity: layers {sum(map(len, parts[:i])) + 1}-{sum(map(len, parts[:i + 1]))} "

@@ -215,7 +215,7 @@ def quantize_as_allocated(w: np.ndarray, energy: np.ndarray, spans, avg_bits: fl
     widths from the min-max errors of groups in row order (`allocate-bits`' error model), then
     each width class in its own groups, with the clipping that minimises the energy-weighted error;
     fp16 channels kept exact."""
-    squared = {b: (w.astype(np.float64) - bitcost.minmax_grid_quantize(w, b, group_size, bitcost.integer_zero_points(b, "auto"))) ** 2
+    squared = {b: (w.astype(np.float64) - bitcost.minmax_grid_quantize(w, b, group_size, bitcost.zero_point_kind(b, "auto"))) ** 2
                for b in candidates}
     w_hat = w.astype(np.float32, copy=True)
     for first, last, columns in spans:
@@ -224,8 +224,8 @@ def quantize_as_allocated(w: np.ndarray, energy: np.ndarray, spans, avg_bits: fl
         for b in candidates:
             rows = np.flatnonzero(bits == b)
             if rows.size:
-                integer = bitcost.integer_zero_points(b, "auto")
-                codes, scale, zero = uniform_groups(w[rows, first:last], energy[rows], b, group_size, "mse", integer)
+                codes, scale, zero = uniform_groups(w[rows, first:last], energy[rows], b, group_size, "mse",
+                                                    bitcost.zero_point_kind(b, "auto"))
                 w_hat[rows, first:last] = dequantize_uniform(codes, scale, zero, group_size)
     return w_hat
 

@@ -47,7 +47,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis.reconstruct import BlockProblem, Options, reconstruct
-from qcompiler.dialect.mixed_ops import MixedClass, MixedMatMulView, class_slices, split_class_inputs
+from qcompiler.dialect.mixed_ops import MixedClass, MixedMatMulView, class_slices, split_class_inputs, uniform_zero_kind
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import ConvAsLinear, conv_reading, drop_unread, new_initializer
 from qcompiler.ir.meta import FLOAT_BIAS_KEY, FLOAT_WEIGHT_KEY, Prop
@@ -318,14 +318,14 @@ class _Rounder:
         self.arrays = c.inputs  # codes, then scale and zero or the codebook: written in place
         self.group_size, self.grid, self.energy = group_size, grid, energy
         if self.kind == "uniform":
-            self.integer = self.arrays[2].dtype == np.uint8
+            self.zero_kind = uniform_zero_kind(self.arrays[2], self.bits)
 
     def begin(self, w: np.ndarray, row: int) -> None:
         """Choose the grid (uniform: the group starting at `row`) or codebook (the class) from the updated rows."""
         a = self.arrays
         if self.kind == "uniform":
             rows = slice(row, min(row + self.group_size, self.stop))
-            _, scale, zero = uniform_groups(w[rows], self.energy[rows], self.bits, self.group_size, self.grid, self.integer)
+            _, scale, zero = uniform_groups(w[rows], self.energy[rows], self.bits, self.group_size, self.grid, self.zero_kind)
             g = (row - self.start) // self.group_size
             a[1][g], a[2][g] = scale[0], zero[0]
             self.scale = scale[0].astype(np.float32).astype(np.float64)

@@ -111,8 +111,8 @@ class QuantizeWeightsPass(Pass):
                 codes, book = kmeans_codebook(block, e, int(b))
                 kind, arrays, dequant = "codebook", [codes, book], dequantize_codebook(codes, book)
             else:
-                integer = bitcost.integer_zero_points(int(b), fmt["zero_points"])
-                codes, scale, zero = uniform_groups(block, e, int(b), fmt["group_size"], self.grid, integer)
+                zero_kind = bitcost.zero_point_kind(int(b), fmt["zero_points"])
+                codes, scale, zero = uniform_groups(block, e, int(b), fmt["group_size"], self.grid, zero_kind)
                 kind, arrays, dequant = "uniform", [codes, scale, zero], dequantize_uniform(codes, scale, zero, fmt["group_size"])
             for i, array in enumerate(arrays):
                 inputs.append(new_initializer(graph, f"{base}.b{b}.{kind}.{i}", array))
@@ -171,24 +171,29 @@ def _correct_conv_bias(graph: ir.Graph, conv: ConvAsLinear, error: np.ndarray, b
     return {"bias_shift_max": float(np.max(np.abs(shift)))}
 
 
-def uniform_groups(block: np.ndarray, energy: np.ndarray, bits: int, group_size: int, grid: str, integer: bool = False):
-    """Asymmetric uniform codes per (group of rows, column): uint8 codes, fp16 scales and fp16
-    (fractional) zero points, so the grid's minimum need not sit on an integer step: a grid
-    [lo, hi] is reproduced exactly, e.g. weights that passed through a 4-bit scale + min format.
-    With `integer`, the zero points are uint8 codes (the range widened to hold 0, as ONNX
-    Runtime's MatMulNBits and most 4-bit formats store them)."""
+def uniform_groups(block: np.ndarray, energy: np.ndarray, bits: int, group_size: int, grid: str, zero: str = "fractional"):
+    """Uniform codes per (group of rows, column): uint8 codes, fp16 scales and zero points, on the
+    `zero` grid (`bitcost.zero_point_kind`):
+    - `fractional`: asymmetric, fp16 zero points, so the grid's minimum need not sit on an integer
+      step: a grid [lo, hi] is reproduced exactly, e.g. weights that passed through a 4-bit
+      scale + min format;
+    - `integer`: asymmetric, uint8 zero points (the range widened to hold 0, as ONNX Runtime's
+      MatMulNBits and most 4-bit formats store them);
+    - `symmetric`: every zero point the mid-code 2^(b-1) (uint8), the scale fitted to the value
+      of largest magnitude (`bitcost.symmetric_scale`, negative when that value is positive)."""
     levels = (1 << bits) - 1
     k, n = block.shape
     groups = -(-k // group_size)
     codes = np.empty((k, n), np.uint8)
     scales = np.empty((groups, n), np.float16)
-    zeros = np.empty((groups, n), np.uint8 if integer else np.float16)
+    zeros = np.empty((groups, n), np.float16 if zero == "fractional" else np.uint8)
+    fit = {"fractional": _grid, "integer": _integer_grid, "symmetric": _symmetric_grid}[zero]
     for g in range(groups):
         rows = slice(g * group_size, (g + 1) * group_size)
         part, e = block[rows].astype(np.float64), energy[rows][:, None]
         best = None
         for ratio in CLIP_RATIOS if grid == "mse" else (1.0,):
-            q, s, z = (_integer_grid if integer else _grid)(part, levels, ratio)
+            q, s, z = fit(part, levels, ratio)
             err = np.sum(e * (part - (q - z) * s) ** 2, axis=0)
             if best is None:
                 best = (err, q, s, z)
@@ -224,6 +229,16 @@ def _integer_grid(part: np.ndarray, levels: int, ratio: float):
     scale = np.where(hi > lo, (hi - lo) / levels, 1.0).astype(np.float16).astype(np.float64)
     scale = np.where(scale > 0, scale, 1.0)
     zero = np.clip(np.round(-lo / scale), 0, levels)
+    q = np.clip(np.round(part / scale + zero), 0, levels)
+    return q, scale, zero
+
+
+def _symmetric_grid(part: np.ndarray, levels: int, ratio: float):
+    """Codes, fp16 scale and the mid-code zero point for a range about 0 shrunk by `ratio`."""
+    half = (levels + 1) // 2
+    scale = (bitcost.symmetric_scale(part, levels.bit_length()) * ratio).astype(np.float16).astype(np.float64)
+    scale = np.where(scale != 0, scale, 1.0)
+    zero = np.full(part.shape[1], float(half))
     q = np.clip(np.round(part / scale + zero), 0, levels)
     return q, scale, zero
 

@@ -198,10 +198,14 @@ def fused_lm(fused_result):
     return fused_result.output
 
 
-def _op_types(folder: Path) -> list[str]:
+def _nodes(folder: Path) -> list:
     import onnx
 
-    return [n.op_type for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node]
+    return list(onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node)
+
+
+def _op_types(folder: Path) -> list[str]:
+    return [n.op_type for n in _nodes(folder)]
 
 
 def test_fused_attention_is_one_node_a_layer_and_equals_transformers(fused_lm, float_lm):
@@ -282,12 +286,14 @@ def test_fused_attention_on_a_mixed_model_keeps_its_outputs(factory, calib_file,
 
 
 def test_int4_preset_is_one_uniform_kernel_a_linear(factory, calib_file, float_lm, tmp_path):
-    """`int4`: every linear one 4-bit class rounded by gptq, so each runs as one plain MatMulNBits
-    (Q/K/V packed into the attention, gate and up one wide kernel): 2 layers x 4 + the head; the
-    cached logits stay close to float's."""
+    """`int4`: every linear one symmetric 4-bit class rounded by gptq, so each runs as one plain
+    MatMulNBits without zero points (Q/K/V packed into the attention, gate and up one wide kernel):
+    2 layers x 4 + the head; the cached logits stay close to float's."""
     out = qcompile(factory, tmp_path / "int4", pipeline="int4", calibration=str(calib_file), drift=False).output
     ops = _op_types(out)
     assert ops.count("MatMulNBits") == 9 and "Sum" not in ops and "GatherElements" not in ops
+    kernels = [n for n in _nodes(out) if n.op_type == "MatMulNBits"]
+    assert all(len(n.input) == 3 for n in kernels)  # symmetric: the kernel's default zero points
     assert ops.count("GroupQueryAttention") == 2 and ops.count("Split") == 2
     ids = np.random.default_rng(5).integers(3, VOCAB, 16)
     got, want = (cached_logits(CachedSession(f / "model.onnx", read_layout(f), 1), ids, prefill=8) for f in (out, float_lm))

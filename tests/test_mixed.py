@@ -184,6 +184,7 @@ SPLIT_CASES = {
     "3-bit expanded": "allocate-bits{avg-bits=3.5 candidates=2,3,4 other-widths=expand}",
     "codebooks": "allocate-bits{avg-bits=4 codebook=kmeans}",
     "no outliers": "allocate-bits{avg-bits=8 candidates=4 outliers-act=0 outliers-weight=0}",
+    "symmetric 2/4/8": "allocate-bits{avg-bits=3.5 candidates=2,4,8 zero-points=none}",
 }
 
 
@@ -313,10 +314,47 @@ def test_integer_zero_points_sit_on_the_code_grid():
     from qcompiler.dialect.mixed_ops import dequantize_uniform
 
     block = np.random.default_rng(3).normal(0.3, 1, (64, 8)).astype(np.float32)
-    codes, scale, zero = uniform_groups(block, np.ones(64), 4, 32, "mse", integer=True)
+    codes, scale, zero = uniform_groups(block, np.ones(64), 4, 32, "mse", "integer")
     assert zero.dtype == np.uint8 and zero.max() <= 15
     err = dequantize_uniform(codes, scale, zero, 32) - block
     assert 10 * np.log10(np.sum(block**2) / np.sum(err**2)) > 17.0
+
+
+def test_symmetric_grid_puts_the_largest_magnitude_on_the_long_end_and_zero_on_the_mid_code():
+    from qcompiler.dialect.mixed_ops import dequantize_uniform, uniform_zero_kind
+
+    block = np.random.default_rng(4).normal(0, 1, (64, 8)).astype(np.float32)
+    block[5, 0], block[40, 1] = 9.0, -9.0  # column 0's extreme positive, column 1's negative
+    codes, scale, zero = uniform_groups(block, np.ones(64), 4, 32, "minmax", "symmetric")
+    assert zero.dtype == np.uint8 and np.all(zero == 8) and uniform_zero_kind(zero, 4) == "symmetric"
+    assert scale[0, 0] < 0 < scale[1, 1]  # the extreme sits on code 0 (8 steps from zero) either way
+    assert codes[5, 0] == 0 and codes[40, 1] == 0
+    w_hat = dequantize_uniform(codes, scale, zero, 32)
+    assert w_hat[5, 0] == pytest.approx(9.0, rel=1e-3) and w_hat[40, 1] == pytest.approx(-9.0, rel=1e-3)
+    assert np.all(dequantize_uniform(np.full_like(codes, 8), scale, zero, 32) == 0)
+    mse_codes, mse_scale, mse_zero = uniform_groups(block, np.ones(64), 4, 32, "mse", "symmetric")
+    mse_err = np.sum((dequantize_uniform(mse_codes, mse_scale, mse_zero, 32) - block) ** 2)
+    assert np.all(mse_zero == 8) and mse_err <= np.sum((w_hat - block) ** 2)
+
+
+def test_symmetric_classes_run_on_matmul_nbits_without_zero_points_and_are_priced_without_them():
+    """zero-points=none: every 4-bit class's zero point is the kernel's default, so the emitted
+    MatMulNBits has no zero-point input and the stored bytes are the codes and fp16 scales only."""
+    k, n = 1024, 256
+    model = _layer(k=k, n=n)
+    _compile(model, "calibrate,allocate-bits{avg-bits=8 candidates=4 outliers-act=0 outliers-weight=0 zero-points=none},"
+                    "quantize-weights,gptq,lower-ort")
+    (kernel,) = [node for node in model.graph if node.op_type == "MatMulNBits"]
+    assert len(kernel.inputs) == 3
+    stored = weight_bytes(model, k * n)["weight_bytes"] * 8
+    expected = bitcost.class_bits("uniform", 4, k, n, 128, "none")
+    assert expected == 4 * k * n + 16 * n * 8  # codes and fp16 scales
+    assert expected <= stored <= expected + bitcost.PERM_BITS * k + 8 * 64
+
+
+def test_symmetric_zero_points_refuse_widths_without_a_kernel():
+    with pytest.raises(UserError, match=r"zero-points=none .* not 3; choose candidates"):
+        _compile(_layer(k=256, n=64), "calibrate,allocate-bits{candidates=2,3,4 zero-points=none other-widths=container}")
 
 
 def test_allocation_never_exceeds_budget_with_exact_class_costs():

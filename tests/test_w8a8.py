@@ -244,3 +244,27 @@ def test_alpha_search_keeps_the_same_columns_without_putting_weights_side_by_sid
     task = smooth.search_task(stats, weights, np.ones(16))
     side_by_side = np.concatenate(weights, axis=1)
     assert np.array_equal(task.weight, side_by_side[:, :: -(-side_by_side.shape[1] // smooth.SEARCH_COLUMNS)])
+
+
+def test_per_token_linears_as_nbits_are_one_kernel_each():
+    """`lower-ort{int-kernels=nbits}`: each per-token int8 linear becomes one 8-bit MatMulNBits of the
+    float input (no zero points, no row-scale ops left). At accuracy level 0 it is the int8 weights
+    alone, closer to float than per-token W8A8; at level 4 the kernel quantizes each row per block
+    (here one block holds the whole row of 8), the per-token reference's grid."""
+    model = _block()
+    float_out = _outputs(model)
+    _run(model, "calibrate,quantize{act-mode=per-token}")
+    reference = _outputs(model)
+    for level in (0, 4):
+        lowered = model.clone()
+        records = run_pipeline(lowered, parse_pipeline(f"lower-ort{{int-kernels=nbits accuracy-level={level}}}"))
+        assert records[-1].stats["routes"]["MatMulNBits8(per-token linear)"] == 3
+        kernels = [n for n in lowered.graph if n.op_type == "MatMulNBits"]
+        # Q and K read one input: one wide kernel, then a Split
+        assert len(kernels) == 2 and all(len(n.inputs) == 3 and n.attributes["bits"].value == 8 for n in kernels)
+        assert not any(n.op_type in ("MatMul", "QuantizeLinear", "ReduceMax") for n in lowered.graph)
+        out = _outputs(lowered)
+        if level == 0:
+            assert np.linalg.norm(out - float_out) < np.linalg.norm(reference - float_out)
+        else:
+            assert np.linalg.norm(out - reference) <= 1e-3 * np.linalg.norm(reference)

@@ -16,6 +16,10 @@ the same numbers as their references.
   an int8 linear reading them becomes `com.microsoft.MatMulIntegerToFloat` (integer GEMM, weight
   scales applied) followed by a `Mul` by the row scale: exact, since the scale is constant along a
   row. Other readers get `DequantizeLinear(codes, 1, zp) * s`; other widths float ops.
+  `int-kernels=nbits` makes each such linear one 8-bit `com.microsoft.MatMulNBits` of the float
+  input instead (weight codes +128 with the column scale in every block; at accuracy level 4 the
+  kernel quantizes the input to int8 per block of K, finer than per row, so the numbers move
+  towards float's): one kernel for the row scale's ops, the quantization and the product.
 - `qc.MixedMatMul` -> one `com.microsoft.MatMulNBits` per 2/4/8-bit class with integer zero points,
   standard ops for the other classes and the sparse outliers, summed (`mixed.py`);
   `mixed-route=single` puts every MatMulNBits class of a layer in one kernel at the widest class's
@@ -77,7 +81,8 @@ from qcompiler.ir.layers import drop_unread, remove_unused
 from qcompiler.ir.meta import Prop
 from qcompiler.passes.lower_ort.attention import fuse_attention
 from qcompiler.passes.lower_ort.host import cpu_has_vnni, is_x86, nbits_accuracy_level, signed_activations_are_faster
-from qcompiler.passes.lower_ort.integer_kernels import fuse_integer_bias, fuse_per_token_integer, unsigned_integer_weights
+from qcompiler.passes.lower_ort.integer_kernels import (fuse_integer_bias, fuse_per_token_integer, per_token_linears_as_nbits,
+                                                         unsigned_integer_weights)
 from qcompiler.passes.lower_ort.mixed import lower_mixed_matmul, lower_mixed_weight
 from qcompiler.passes.lower_ort.norms import keep_residual_norms_apart, rms_norms_as_div, rms_norms_with_skip
 from qcompiler.passes.lower_ort.qdq import LOWERINGS, unfuse
@@ -114,8 +119,10 @@ class LowerOrtPass(Pass):
     codebook_route: Literal["load", "run"] = option(
         "load", "qc.MixedMatMul codebook classes (split route): weight expanded to float32 at load, or at every run from the "
         "packed codes (resident as stored; measured 450x slower at M=1 on a 4096x4096 layer)")
-    int_kernels: Literal["fused", "qdq"] = option(
-        "fused", "u8 activations: static and dynamic linears with a bias as com.microsoft.MatMulIntegerToFloat (bias inside), or plain QDQ")
+    int_kernels: Literal["fused", "qdq", "nbits"] = option(
+        "fused", "u8 activations: static and dynamic linears with a bias as com.microsoft.MatMulIntegerToFloat (bias inside), or plain "
+        "QDQ; nbits: as fused, and per-token linears as one 8-bit com.microsoft.MatMulNBits each (the kernel quantizes the "
+        "activations per block of K at accuracy level 4, a finer grid than per token; the row scale's ops go)")
     residual_norm: Literal["apart", "fused"] = option(
         "apart", "a residual Add read by a LayerNormalization: written as Sum, which ONNX Runtime does not fuse into its "
         "SkipLayerNormalization (measured 4.5 to 4.9 times as long as Add + LayerNormalization on x86), or kept as Add")
@@ -175,12 +182,17 @@ class LowerOrtPass(Pass):
             drop_unread(graph, read)  # a layer's old weights go as soon as its lowered form has its own
             counts[route] = counts.get(route, 0) + 1
             mixed |= node.op_type in ("MixedMatMul", "MixedWeight")
-        if self.int_kernels == "fused":
+        if self.int_kernels == "nbits":
+            as_nbits = per_token_linears_as_nbits(graph, level)
+            if as_nbits:
+                counts["MatMulNBits8(per-token linear)"] = as_nbits
+                remove_unused(model)  # the row scales, quantizations and int8 weights the kernels replace
+        if self.int_kernels != "qdq":
             per_token = fuse_per_token_integer(graph)
             if per_token:
                 counts["MatMulIntegerToFloat(per-token)"] = per_token
                 model.opset_imports.setdefault("com.microsoft", 1)
-        if self.int_kernels == "fused" and not signed:
+        if self.int_kernels != "qdq" and not signed:
             fused = fuse_integer_bias(graph)
             if fused:
                 counts["MatMulIntegerToFloat(bias)"] = fused

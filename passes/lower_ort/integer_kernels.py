@@ -203,3 +203,54 @@ def _is_row_scale(scale: ir.Value) -> bool:
         return False
     keepdims = reduce.attributes["keepdims"].value if "keepdims" in reduce.attributes else 1
     return keepdims == 1 and reduce.inputs[1].const_value.numpy().tolist() == [-1]
+
+
+NBITS_BLOCKS = (128, 64, 32, 16)  # MatMulNBits' block sizes, the largest dividing K preferred
+
+
+def per_token_linears_as_nbits(graph: ir.Graph, accuracy_level: int) -> int:
+    """`MatMul(DequantizeLinear(codes, 1, zp) * s, DQ(W_q: int8, per column))`, the per-token form
+    of `_lower_per_token` whose codes are `QuantizeLinear(Div(x, s), 1, zp)`, ->
+    `com.microsoft.MatMulNBits(x, W_q as 8-bit blocks)`: the weight's codes +128 (the kernel's
+    default zero point for 8 bits, so none is stored) with its column scale in every block, and at
+    `accuracy_level` 4 the kernel quantizes x to int8 itself, symmetric per block of K (a finer grid
+    than one scale per row: the numbers are not the per-token reference's, but closer to float's).
+    One kernel replaces the row scale's ops, the quantization and the integer product with its
+    rescale. Returns the linears rewritten."""
+    count = 0
+    for matmul in list(graph):
+        if matmul.op_type != "MatMul" or matmul.domain not in ("", "ai.onnx"):
+            continue
+        x = _per_token_source(matmul.inputs[0])
+        weight = _int8_weight_per_column(matmul.inputs[1])
+        if x is None or weight is None:
+            continue
+        w_q, w_scale = (v.const_value.numpy() for v in weight)
+        k, n = w_q.shape
+        block = next((b for b in NBITS_BLOCKS if k % b == 0), 64)
+        blocks = -(-k // block)
+        codes = np.full((n, blocks * block), 128, np.uint8)  # the padding: code 128, the value 0
+        codes[:, :k] = (w_q.T.astype(np.int16) + 128).astype(np.uint8)
+        base = matmul.name or matmul.outputs[0].name
+        scales = np.repeat(w_scale.astype(np.float32).reshape(n, 1), blocks, axis=1)
+        kernel = ir.node("MatMulNBits", [x, new_initializer(graph, f"{base}.nbits8", codes.reshape(n, blocks, block)),
+                                         new_initializer(graph, f"{base}.nbits8.scales", scales)],
+                         {"K": k, "N": n, "bits": 8, "block_size": block, "accuracy_level": accuracy_level},
+                         domain="com.microsoft", name=base, metadata_props={CREATED_BY: "lower-ort"})
+        ir.convenience.replace_nodes_and_values(graph, matmul, [matmul], [kernel], [matmul.outputs[0]], [kernel.outputs[0]])
+        count += 1
+    return count
+
+
+def _per_token_source(value: ir.Value) -> ir.Value | None:
+    """x, when `value` is `_lower_per_token`'s dequantized form of it, `DequantizeLinear(codes, 1,
+    zp) * s` with codes `QuantizeLinear(Div(x, s), 1, zp)` and s its row scale; else None."""
+    mul = value.producer()
+    if mul is None or mul.op_type != "Mul" or len(mul.inputs) != 2 or not _is_row_scale(mul.inputs[1]):
+        return None
+    dq = mul.inputs[0].producer()
+    quantize = dq.inputs[0].producer() if dq is not None and dq.op_type == "DequantizeLinear" else None
+    div = quantize.inputs[0].producer() if quantize is not None and quantize.op_type == "QuantizeLinear" else None
+    if div is None or div.op_type != "Div" or div.inputs[1] is not mul.inputs[1]:
+        return None
+    return div.inputs[0]

@@ -16,7 +16,9 @@ or `zero-points=fractional`):
   the budget paid for the container). Codes packed per column along K and stored tight, padded to
   whole blocks by a Pad that ONNX Runtime folds at session start (the padding of a class's last
   block is resident, not stored); fp16 scales cast to float32 likewise (the kernel reads float32);
-  zero points packed at the container width. `accuracy_level` 4 computes in int8 (activations quantized per
+  zero points packed at the container width, or none for a symmetric class (every zero point the
+  kernel's default 2^(c-1): measured 3 to 9 % faster per layer at a decoder's M=1 shapes,
+  `benchmarks/nbits_shapes.py`). `accuracy_level` 4 computes in int8 (activations quantized per
   block: fast on x86 and Arm), 0 in float32 (the reference's numbers to round-off);
 - fp16 classes (activation outlier channels) -> the fp16 weight cast to float32 at every run,
   then a float MatMul: the Cast reads the weight through a Reshape whose shape depends on X's
@@ -80,7 +82,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis import bitcost
-from qcompiler.dialect.mixed_ops import MixedMatMulView, mixed_weight
+from qcompiler.dialect.mixed_ops import MixedMatMulView, mixed_weight, uniform_zero_kind
 from qcompiler.ir.layers import conv_reading, new_initializer
 from qcompiler.ir.meta import CREATED_BY, ROUTE_KEY, STORED_WEIGHTS
 
@@ -375,8 +377,7 @@ def _one_matmul_nbits(b: _Builder, x: ir.Value, perm: np.ndarray, classes, group
     xc = _gather_columns(b, padded, b.op("Concat", columns, {"axis": 0}))  # a class's columns stored once, repeated at load
     weight = b.op("Concat", weights, {"axis": 1})
     scale = scales[0] if len(scales) == 1 else b.op("Concat", scales, {"axis": 1})
-    zero = b.const("one.zero", pack_nbits(np.concatenate(zeros), width))
-    return b.op("MatMulNBits", [xc, weight, scale, zero],
+    return b.op("MatMulNBits", [xc, weight, scale, *_nbits_zero_points(b, "one", np.concatenate(zeros), width)],
                 {"K": k, "N": n, "bits": width, "block_size": group_size, "accuracy_level": accuracy_level},
                 domain="com.microsoft")
 
@@ -428,10 +429,18 @@ def _matmul_nbits(b: _Builder, name: str, x: ir.Value, codes, scale, zero, bits:
     k, n = codes.shape
     weight = _nbits_blocks(b, name, codes, bits, group_size)
     scales = b.op("Cast", [b.const(f"{name}.scale", np.ascontiguousarray(scale.T))], {"to": ir.DataType.FLOAT})
-    zeros = b.const(f"{name}.zero", pack_nbits(zero, bits))
-    return b.op("MatMulNBits", [x, weight, scales, zeros],
+    return b.op("MatMulNBits", [x, weight, scales, *_nbits_zero_points(b, name, zero, bits)],
                 {"K": k, "N": n, "bits": bits, "block_size": group_size, "accuracy_level": accuracy_level},
                 domain="com.microsoft")
+
+
+def _nbits_zero_points(b: _Builder, name: str, zero: np.ndarray, bits: int) -> list[ir.Value]:
+    """MatMulNBits' zero-point input of `bits`-bit containers: none where every zero point is the
+    kernel's default 2^(bits-1) (a symmetric class; the kernel runs faster without them), else
+    the zero points packed."""
+    if uniform_zero_kind(zero, bits) == "symmetric":
+        return []
+    return [b.const(f"{name}.zero", pack_nbits(zero, bits))]
 
 
 def _nbits_blocks(b: _Builder, name: str, codes: np.ndarray, bits: int, group_size: int) -> ir.Value:

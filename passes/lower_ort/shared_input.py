@@ -52,7 +52,7 @@ def widen_shared_input_linears(graph: ir.Graph) -> tuple[int, int]:
     """Linears of one input merged into one wide product (Concat ops of constants, which ONNX Runtime
     folds when the session loads: the bytes at rest are unchanged):
     - `MatMulNBits` of the same attributes (K, bits, block size, accuracy level) whose weight,
-      scales and zero points are constants or computed from constants only: one `MatMulNBits` over
+      scales and zero points (all with or all without) are constants or computed from constants only: one `MatMulNBits` over
       them concatenated along N;
     - float `MatMul`s of such weights, only where they are a fused attention's Q, K and V.
     Where the group is exactly a `GroupQueryAttention`'s Q, K and V, the kernel reads the wide
@@ -91,9 +91,9 @@ def widen_shared_input_linears(graph: ir.Graph) -> tuple[int, int]:
 def _group_key(node: ir.Node) -> tuple | None:
     """What linears must share to be merged (their kind, input and attributes); None for a node
     that is not such a linear."""
-    if op_key(node) == ("com.microsoft", "MatMulNBits") and len(node.inputs) == 4 and \
+    if op_key(node) == ("com.microsoft", "MatMulNBits") and len(node.inputs) in (3, 4) and \
             all(v is not None and _from_constants(v) for v in node.inputs[1:]):
-        return ("MatMulNBits", id(node.inputs[0]), *(node.attributes.get_int(name, 0) for name in _NBITS_ATTRIBUTES))
+        return ("MatMulNBits", id(node.inputs[0]), len(node.inputs), *(node.attributes.get_int(name, 0) for name in _NBITS_ATTRIBUTES))
     if op_key(node) == ("", "MatMul") and node.inputs[1].const_value is not None and len(node.inputs[1].const_value.shape) == 2:
         return ("MatMul", id(node.inputs[0]), node.inputs[1].const_value.shape[0], node.inputs[1].const_value.dtype)
     return None

@@ -10,7 +10,8 @@ Stored bits of a layer W [K, N] (every byte counted, as `lower-ort` emits them):
   3-bit class costs 4 bits a weight, a 5- to 7-bit class 8): codes packed per column along K,
   8 * ceil(K_c * c / 8) * N (stored tight; the last block's padding is added at load and resident,
   as are the float32 scales the kernel reads: see the manifest's `mixed_layers`), an fp16 scale per
-  group and column, and the c-bit zero points packed per column, 8 * ceil(G * c / 8) * N;
+  group and column, and the c-bit zero points packed per column, 8 * ceil(G * c / 8) * N (none
+  with `zero-points=none`: symmetric codes whose zero point is the kernel's default 2^(b-1));
 - codebook class of b bits: the codes as bit-planes, plus N * 2^b fp16 centroids;
 - fp16 class (activation outliers): 16 * K_c * N;
 - sparse outliers: two uint16 indices (32) plus an fp16 value (16), or, on the MatMulNBits route,
@@ -47,10 +48,20 @@ def container_bits(bits: int) -> int:
 
 
 def integer_zero_points(bits: int, zero_points: str) -> bool:
-    """Whether a uniform class of `bits` stores integer zero points under the `zero_points` policy
-    (`auto`: integer for the widths MatMulNBits runs natively; `integer` for every width, which
-    `lower-ort` then stores in `container_bits` containers)."""
-    return zero_points == "integer" or (zero_points == "auto" and bits in NBITS)
+    """Whether a uniform class of `bits` has its zero points on the code grid under the `zero_points`
+    policy (`auto`: integer for the widths MatMulNBits runs natively; `integer` for every width, which
+    `lower-ort` then stores in `container_bits` containers; `none`: the fixed mid-code 2^(b-1),
+    which is not stored)."""
+    return zero_points in ("integer", "none") or (zero_points == "auto" and bits in NBITS)
+
+
+def zero_point_kind(bits: int, zero_points: str) -> str:
+    """The grid a uniform class of `bits` is fitted on under the `zero_points` policy: `fractional`
+    (fp16 zero points), `integer` (a uint8 code per group) or `symmetric` (every zero point the
+    mid-code 2^(b-1), the default of MatMulNBits, so none is stored)."""
+    if zero_points == "none":
+        return "symmetric"
+    return "integer" if integer_zero_points(bits, zero_points) else "fractional"
 
 
 def nbits_route(kind: str, bits: int, zero_points: str) -> bool:
@@ -70,7 +81,8 @@ def uniform_class_bits(bits: int, rows: int, cols: int, group_size: int, zero_po
     if not integer_zero_points(bits, zero_points):
         return code_bits(bits, rows, cols) + GROUP_BITS * cols * groups
     c = container_bits(bits)
-    return 8 * math.ceil(rows * c / 8) * cols + FP16 * cols * groups + 8 * math.ceil(groups * c / 8) * cols
+    zeros = 0 if zero_points == "none" else 8 * math.ceil(groups * c / 8) * cols
+    return 8 * math.ceil(rows * c / 8) * cols + FP16 * cols * groups + zeros
 
 
 def codebook_class_bits(bits: int, rows: int, cols: int) -> int:
@@ -98,7 +110,7 @@ def per_row_bits(bits: int, cols: int, group_size: int, codebook: bool, zero_poi
     if not integer_zero_points(bits, zero_points):
         return bits * cols + GROUP_BITS * cols / group_size
     c = container_bits(bits)
-    return c * cols + (FP16 + c) * cols / group_size
+    return c * cols + (FP16 + (0 if zero_points == "none" else c)) * cols / group_size
 
 
 def sparse_bits(candidates, codebook: bool, zero_points: str) -> int:
@@ -107,31 +119,47 @@ def sparse_bits(candidates, codebook: bool, zero_points: str) -> int:
     return SPARSE_BITS_SPLIT if split else SPARSE_BITS
 
 
-def minmax_grid_error(w: np.ndarray, bits: int, group_size: int, integer_zero: bool = False) -> np.ndarray:
-    """Per-row squared error ||w_k - Q_b(w_k)||^2 of asymmetric min-max group quantization (with
-    `integer_zero`, the range widened to hold 0 and the zero point rounded, as stored)."""
-    q = minmax_grid_quantize(w, bits, group_size, integer_zero)
+def minmax_grid_error(w: np.ndarray, bits: int, group_size: int, zero: str = "fractional") -> np.ndarray:
+    """Per-row squared error ||w_k - Q_b(w_k)||^2 of min-max group quantization on the `zero` grid
+    (`zero_point_kind`: with `integer`, the range widened to hold 0 and the zero point rounded, as
+    stored; with `symmetric`, the mid-code at 0)."""
+    q = minmax_grid_quantize(w, bits, group_size, zero)
     return np.sum((w.astype(np.float64) - q) ** 2, axis=1)
 
 
-def minmax_grid_quantize(w: np.ndarray, bits: int, group_size: int, integer_zero: bool = False) -> np.ndarray:
-    """W quantized (and dequantized) by asymmetric min-max groups of `group_size` rows per column."""
+def minmax_grid_quantize(w: np.ndarray, bits: int, group_size: int, zero: str = "fractional") -> np.ndarray:
+    """W quantized (and dequantized) by min-max groups of `group_size` rows per column, on the
+    `zero` grid (`zero_point_kind`)."""
     k, n = w.shape
     out = np.empty((k, n), np.float32)
     levels = (1 << bits) - 1
+    integer_zero = zero == "integer"
     for start in range(0, k, group_size):
         block = w[start : start + group_size].astype(np.float64)
+        if zero == "symmetric":
+            scale = symmetric_scale(block, bits)
+            out[start : start + group_size] = (np.clip(np.round(block / scale), -(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+                                               * scale)
+            continue
         lo, hi = block.min(axis=0), block.max(axis=0)
         if integer_zero:
             lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
         scale = np.where(hi > lo, (hi - lo) / levels, 1.0)
         if integer_zero:
-            zero = np.clip(np.round(-lo / scale), 0, levels)
-            q = (np.clip(np.round(block / scale + zero), 0, levels) - zero) * scale
+            code_zero = np.clip(np.round(-lo / scale), 0, levels)
+            q = (np.clip(np.round(block / scale + code_zero), 0, levels) - code_zero) * scale
         else:
             q = np.clip(np.round((block - lo) / scale), 0, levels) * scale + lo
         out[start : start + group_size] = q
     return out
+
+
+def symmetric_scale(block: np.ndarray, bits: int) -> np.ndarray:
+    """Per column, the scale of a symmetric b-bit grid (codes -2^(b-1) .. 2^(b-1)-1 about 0) whose
+    end -2^(b-1) is the block's value of largest magnitude: negative when that value is positive,
+    so that whichever sign is larger gets the grid's longer side (1.0 for an all-zero column)."""
+    extreme = np.take_along_axis(block, np.argmax(np.abs(block), axis=0)[None, :], axis=0)[0]
+    return np.where(extreme != 0, extreme / -(1 << (bits - 1)), 1.0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -167,7 +167,7 @@ class _Layer:
                     s = (c["scale"] * torch.exp(c["log_s1"])).numpy()
                     with np.errstate(over="ignore"):
                         s16 = s.astype(np.float16)
-                    bad = ~np.isfinite(s16) | (s16 <= 0)  # out of fp16's range: keep the grid's scale
+                    bad = ~np.isfinite(s16) | (s16 == 0)  # out of fp16's range: keep the grid's scale (symmetric grids' may be negative)
                     s16[bad] = arrays[i + 1][bad]
                     arrays[i + 1] = s16
                     if "zero_delta" in c:

@@ -32,7 +32,9 @@ outliers written in). `allocate-bits` gives it to a Conv whose kernel it holds a
 into a float32 weight when the session starts.
 
 A uniform class whose zero point is uint8 (an integer on the code grid) has the same meaning; it is
-the form `lower-ort` can hand to ONNX Runtime's `com.microsoft.MatMulNBits` (2, 4 and 8 bits).
+the form `lower-ort` can hand to ONNX Runtime's `com.microsoft.MatMulNBits` (2, 4 and 8 bits). One
+whose every zero point is the mid-code 2^(b-1) is symmetric (`uniform_zero_kind`): passes that fit
+its grid again keep it so, and `lower-ort` stores no zero points for it (MatMulNBits' default).
 
 Passes and backends read the op by role through `MixedMatMulView.of(node)` (its classes as
 `MixedClass`es, its outliers), or `split_class_inputs` for arrays, never by input position.
@@ -59,6 +61,14 @@ T = TypeVar("T")
 def dequantize_uniform(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, group_size: int) -> np.ndarray:
     groups = np.arange(codes.shape[0]) // group_size
     return (codes.astype(np.float32) - zero.astype(np.float32)[groups]) * scale.astype(np.float32)[groups]
+
+
+def uniform_zero_kind(zero: np.ndarray, bits: int) -> str:
+    """The grid of a uniform class with zero points `zero`: `fractional` (fp16), `symmetric` (uint8,
+    every one the mid-code 2^(b-1)) or `integer` (other uint8); `bitcost.zero_point_kind`'s names."""
+    if zero.dtype != np.uint8:
+        return "fractional"
+    return "symmetric" if zero.size and bool(np.all(zero == 1 << (bits - 1))) else "integer"
 
 
 def dequantize_codebook(codes: np.ndarray, codebook: np.ndarray) -> np.ndarray:

@@ -83,11 +83,11 @@ PRESETS: dict[str, Preset] = {
     "w8a8": Preset(
         "canonicalize,${equalize}calibrate{method=$method},smooth{alpha=$alpha act-mode=$act_mode},fold-scales{unfoldable=$unfoldable},"
         "quantize{act-mode=$act_mode float-inputs=$float_inputs bias-correction=$bias_correction conv-method=$conv_method}$embedding$kv_cache,"
-        "lower-ort{attention=$attention}",
+        "lower-ort{attention=$attention int-kernels=$int_kernels}",
         "int8 weights and activations with SmoothQuant (needs --calib)",
         {"alpha": "auto", "method": "minmax", "act-mode": "static", "float-inputs": "0", "unfoldable": "unsmooth",
          "bias-correction": "conv", "conv-method": "mse", "equalize": "false", "embedding": "float", "kv-cache": "float32",
-         "attention": "auto"},
+         "attention": "auto", "int-kernels": "fused"},
         # cross-layer equalization of Conv pairs before calibration (left out of the pipeline when off);
         # relu6 also equalizes through Clip(0, 6) as a per-channel Min
         {"equalize": {"false": "", "true": "equalize,", "relu6": "equalize{clip=per-channel},"}, **EMBEDDING, **KV_CACHE},
@@ -112,10 +112,12 @@ PRESETS: dict[str, Preset] = {
          **EMBEDDING, **KV_CACHE},
     ),
     "int4": Preset(
-        "canonicalize,calibrate,allocate-bits{avg-bits=8 candidates=4 group-size=$group_size outliers-act=0 outliers-weight=0},"
+        "canonicalize,calibrate,allocate-bits{avg-bits=8 candidates=4 group-size=$group_size zero-points=$zero_points outliers-act=0 "
+        "outliers-weight=0},"
         "quantize-weights$rounding,fold-permutation$embedding$kv_cache,lower-ort{attention=$attention}",
         "weight-only 4-bit: every linear one uniform 4-bit class, one MatMulNBits each (the fastest decode; needs --calib)",
-        {"group-size": "128", "rounding": "gptq", "embedding": "float", "kv-cache": "float32", "attention": "auto"},
+        {"group-size": "64", "zero-points": "none", "rounding": "gptq", "embedding": "float", "kv-cache": "float32",
+         "attention": "auto"},
         {"rounding": {"nearest": "{grid=minmax}", "gptq": ",gptq"}, **EMBEDDING, **KV_CACHE},
     ),
 }

@@ -51,6 +51,8 @@ class CachedSession:
             raise UserError(f"'{model_path}' takes a {sorted(cache_types)[0] if cache_types else 'missing'} cache where its manifest "
                             f"says {layout.kv_cache}; compile the model again")
         self.cache_dtype = expected[next(iter(cache_types))]
+        logits_type = next(o.type for o in self.session.get_outputs() if o.name == "logits")
+        self.logits_dtype = np.float16 if logits_type == "tensor(float16)" else np.float32
         self.reset()
 
     def reset(self, capacity: int = 0) -> None:
@@ -62,7 +64,7 @@ class CachedSession:
 
         self.length = 0
         if self.layout.shared_buffer:
-            self.past = self._buffers(max(capacity, 1))
+            self._bind_cache(self._buffers(max(capacity, 1)))
             return
         self.past = {name: OrtValue.ortvalue_from_numpy(array if name.endswith("_scale") else array.astype(self.cache_dtype))
                      for name, array in self.layout.empty_past(1).items()}  # an int8 cache's scales stay float32
@@ -100,21 +102,34 @@ class CachedSession:
         self.length += seq
         return outputs["logits"].numpy()[0]
 
+    def _bind_cache(self, buffers: dict) -> None:
+        """Bind each cache buffer as both past and present, once: the binding is kept from step to
+        step (binding the 2 x layers tensors anew each step measured about 7 % of a SmolLM2 int4
+        decode step), and only the step's own inputs and its logits are bound per step."""
+        self.past = buffers
+        self._binding = self.session.io_binding()
+        for past, present in zip(self.layout.input_names[3:], self.layout.output_names[1:]):
+            self._binding.bind_ortvalue_input(past, buffers[past])
+            self._binding.bind_ortvalue_output(present, buffers[past])
+        self._logits: dict[int, tuple[np.ndarray, Any]] = {}  # steps' length -> the logits buffer and its OrtValue
+
     def _step_in_place(self, feeds: dict, seq: int) -> np.ndarray:
         """One step with each cache buffer bound as both past and present."""
+        from onnxruntime import OrtValue
+
         capacity = next(iter(self.past.values())).shape()[2]
         if self.length + seq > capacity:
-            self.past = self._buffers(max(2 * capacity, self.length + seq), keep=self.past)
-        binding = self.session.io_binding()
-        binding.bind_output("logits")  # the first output (ONNX Runtime allocates it)
+            self._bind_cache(self._buffers(max(2 * capacity, self.length + seq), keep=self.past))
         for name, value in feeds.items():
-            binding.bind_ortvalue_input(name, value)
-        for past, present in zip(self.layout.input_names[3:], self.layout.output_names[1:]):
-            binding.bind_ortvalue_input(past, self.past[past])
-            binding.bind_ortvalue_output(present, self.past[past])
-        self.session.run_with_iobinding(binding)
+            self._binding.bind_ortvalue_input(name, value)
+        if seq not in self._logits:
+            logits = np.empty((1, seq, self.layout.vocab_size), self.logits_dtype)
+            self._logits[seq] = logits, OrtValue.ortvalue_from_numpy(logits)
+        logits, value = self._logits[seq]
+        self._binding.bind_ortvalue_output("logits", value)
+        self.session.run_with_iobinding(self._binding)
         self.length += seq
-        return binding.get_outputs()[0].numpy()[0]
+        return logits[0].copy()
 
 
 def choose(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
