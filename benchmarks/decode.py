@@ -79,8 +79,9 @@ import common  # noqa: E402
 PIPELINES = {
     "float32": "default",
     "w8a8 per-token": "w8a8{act-mode=per-token}",
-    # each per-token linear one 8-bit MatMulNBits (activations quantized per block inside the kernel)
-    "w8a8 per-token nbits": "w8a8{act-mode=per-token int-kernels=nbits}",
+    # each per-token linear MatMulIntegerToFloat and its row scale, as before int-kernels=auto chose one 8-bit
+    # MatMulNBits a linear for a decoder (the kernel quantizes its input per block)
+    "w8a8 per-token fused": "w8a8{act-mode=per-token int-kernels=fused}",
     "mixed 4.25": "mixed{avg-bits=4.25}",
     "mixed 4.25 int4-embedding": "mixed{avg-bits=4.25 embedding=int4}",
     # the same allocation, one MatMulNBits a layer (wider classes as 2-bit digits), fp16 class cast at load

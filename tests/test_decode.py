@@ -177,14 +177,20 @@ def test_calibration_sees_prefill_and_decode_steps(factory, calib_file):
     assert batches[2]["position_ids"].tolist() == [[13], [13]]
 
 
-def test_w8a8_per_token_compiles_the_cache_graph(factory, calib_file, float_lm, tmp_path):
-    out = qcompile(factory, tmp_path / "w8", pipeline="w8a8{act-mode=per-token}", calibration=str(calib_file), drift=False).output
+@pytest.mark.parametrize("int_kernels, kernel", [("auto", "MatMulNBits"), ("fused", "MatMulIntegerToFloat")])
+def test_w8a8_per_token_compiles_the_cache_graph(factory, calib_file, float_lm, tmp_path, int_kernels, kernel):
+    """Per-token W8A8 of a decoder: by default (`int-kernels=auto`) every linear one 8-bit
+    MatMulNBits that quantizes its input itself; `fused`, MatMulIntegerToFloat and the row scale."""
+    out = qcompile(factory, tmp_path / "w8", pipeline=f"w8a8{{act-mode=per-token int-kernels={int_kernels}}}",
+                   calibration=str(calib_file), drift=False).output
     ids = np.random.default_rng(4).integers(3, VOCAB, 16)
     layout = read_layout(out)
     quantized = cached_logits(CachedSession(out / "model.onnx", layout, 1), ids, prefill=8)
     reference = cached_logits(CachedSession(float_lm / "model.onnx", read_layout(float_lm), 1), ids, prefill=8)
     cosine = np.sum(quantized * reference) / np.linalg.norm(quantized) / np.linalg.norm(reference)
-    assert "MatMulIntegerToFloat" in (out / "model.onnx").read_bytes().decode("latin-1") and cosine > 0.99
+    ops = _op_types(out)
+    assert kernel in ops and "MatMul" not in ops and cosine > 0.99
+    assert ("MatMulIntegerToFloat" in ops) == (int_kernels == "fused")
     assert len(generate(out, PROMPT, max_new_tokens=4, threads=1)["tokens"]) >= 1
 
 

@@ -16,10 +16,11 @@ the same numbers as their references.
   an int8 linear reading them becomes `com.microsoft.MatMulIntegerToFloat` (integer GEMM, weight
   scales applied) followed by a `Mul` by the row scale: exact, since the scale is constant along a
   row. Other readers get `DequantizeLinear(codes, 1, zp) * s`; other widths float ops.
-  `int-kernels=nbits` makes each such linear one 8-bit `com.microsoft.MatMulNBits` of the float
-  input instead (weight codes +128 with the column scale in every block; at accuracy level 4 the
-  kernel quantizes the input to int8 per block of K, finer than per row, so the numbers move
-  towards float's): one kernel for the row scale's ops, the quantization and the product.
+  `int-kernels=nbits` (and `auto`, the default, in a decoder whose attention was fused: its steps
+  are one token) makes each such linear one 8-bit `com.microsoft.MatMulNBits` of the float input
+  instead (weight codes +128 with the column scale in every block; at accuracy level 4 the kernel
+  quantizes the input to int8 per block of K, finer than per row, so the numbers move towards
+  float's): one kernel for the row scale's ops, the quantization and the product.
 - `qc.MixedMatMul` -> one `com.microsoft.MatMulNBits` per 2/4/8-bit class with integer zero points,
   standard ops for the other classes and the sparse outliers, summed (`mixed.py`);
   `mixed-route=single` puts every MatMulNBits class of a layer in one kernel at the widest class's
@@ -119,10 +120,11 @@ class LowerOrtPass(Pass):
     codebook_route: Literal["load", "run"] = option(
         "load", "qc.MixedMatMul codebook classes (split route): weight expanded to float32 at load, or at every run from the "
         "packed codes (resident as stored; measured 450x slower at M=1 on a 4096x4096 layer)")
-    int_kernels: Literal["fused", "qdq", "nbits"] = option(
-        "fused", "u8 activations: static and dynamic linears with a bias as com.microsoft.MatMulIntegerToFloat (bias inside), or plain "
+    int_kernels: Literal["auto", "fused", "qdq", "nbits"] = option(
+        "auto", "u8 activations: static and dynamic linears with a bias as com.microsoft.MatMulIntegerToFloat (bias inside), or plain "
         "QDQ; nbits: as fused, and per-token linears as one 8-bit com.microsoft.MatMulNBits each (the kernel quantizes the "
-        "activations per block of K at accuracy level 4, a finer grid than per token; the row scale's ops go)")
+        "activations per block of K at accuracy level 4, a finer grid than per token; the row scale's ops go); auto: nbits "
+        "in a decoder whose attention this pass fused (steps of one token), else fused")
     residual_norm: Literal["apart", "fused"] = option(
         "apart", "a residual Add read by a LayerNormalization: written as Sum, which ONNX Runtime does not fuse into its "
         "SkipLayerNormalization (measured 4.5 to 4.9 times as long as Add + LayerNormalization on x86), or kept as Add")
@@ -182,7 +184,15 @@ class LowerOrtPass(Pass):
             drop_unread(graph, read)  # a layer's old weights go as soon as its lowered form has its own
             counts[route] = counts.get(route, 0) + 1
             mixed |= node.op_type in ("MixedMatMul", "MixedWeight")
-        if self.int_kernels == "nbits":
+        fused_attention = fuse_attention(graph) if self.attention != "as-is" else 0
+        if fused_attention:
+            counts["GroupQueryAttention"] = fused_attention
+            model.opset_imports.setdefault("com.microsoft", 1)
+            remove_unused(model)  # the exported attention ops
+        elif self.attention == "fused":
+            log.warning("lower-ort: attention=fused found no attention it can fuse (a Llama-style decoder with a float KV "
+                        "cache and heads a multiple of 16 wide); the attention stays as exported")
+        if self.int_kernels == "nbits" or (self.int_kernels == "auto" and fused_attention):
             as_nbits = per_token_linears_as_nbits(graph, level)
             if as_nbits:
                 counts["MatMulNBits8(per-token linear)"] = as_nbits
@@ -210,14 +220,6 @@ class LowerOrtPass(Pass):
             apart = keep_residual_norms_apart(graph)
             if apart:
                 counts["Sum(residual read by LayerNormalization)"] = apart
-        fused_attention = fuse_attention(graph) if self.attention != "as-is" else 0
-        if fused_attention:
-            counts["GroupQueryAttention"] = fused_attention
-            model.opset_imports.setdefault("com.microsoft", 1)
-            remove_unused(model)  # the exported attention ops
-        elif self.attention == "fused":
-            log.warning("lower-ort: attention=fused found no attention it can fuse (a Llama-style decoder with a float KV "
-                        "cache and heads a multiple of 16 wide); the attention stays as exported")
         if self.shared_input != "separate":
             wide, packed = widen_shared_input_linears(graph)
             if wide - packed:

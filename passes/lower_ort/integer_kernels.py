@@ -212,7 +212,8 @@ def per_token_linears_as_nbits(graph: ir.Graph, accuracy_level: int) -> int:
     """`MatMul(DequantizeLinear(codes, 1, zp) * s, DQ(W_q: int8, per column))`, the per-token form
     of `_lower_per_token` whose codes are `QuantizeLinear(Div(x, s), 1, zp)`, ->
     `com.microsoft.MatMulNBits(x, W_q as 8-bit blocks)`: the weight's codes +128 (the kernel's
-    default zero point for 8 bits, so none is stored) with its column scale in every block, and at
+    default zero point for 8 bits, so none is stored) with its column scale in every block (stored
+    once per column, expanded when the session starts), and at
     `accuracy_level` 4 the kernel quantizes x to int8 itself, symmetric per block of K (a finer grid
     than one scale per row: the numbers are not the per-token reference's, but closer to float's).
     One kernel replaces the row scale's ops, the quantization and the integer product with its
@@ -232,12 +233,15 @@ def per_token_linears_as_nbits(graph: ir.Graph, accuracy_level: int) -> int:
         codes = np.full((n, blocks * block), 128, np.uint8)  # the padding: code 128, the value 0
         codes[:, :k] = (w_q.T.astype(np.int16) + 128).astype(np.uint8)
         base = matmul.name or matmul.outputs[0].name
-        scales = np.repeat(w_scale.astype(np.float32).reshape(n, 1), blocks, axis=1)
+        # the column scales stored once, repeated into every block by an Expand ONNX Runtime folds at load
+        scales = ir.node("Expand", [new_initializer(graph, f"{base}.nbits8.scale", w_scale.astype(np.float32).reshape(n, 1)),
+                                    new_initializer(graph, f"{base}.nbits8.blocks", np.array([n, blocks], np.int64))],
+                         name=f"{base}.nbits8.scales", metadata_props={CREATED_BY: "lower-ort"})
         kernel = ir.node("MatMulNBits", [x, new_initializer(graph, f"{base}.nbits8", codes.reshape(n, blocks, block)),
-                                         new_initializer(graph, f"{base}.nbits8.scales", scales)],
+                                         scales.outputs[0]],
                          {"K": k, "N": n, "bits": 8, "block_size": block, "accuracy_level": accuracy_level},
                          domain="com.microsoft", name=base, metadata_props={CREATED_BY: "lower-ort"})
-        ir.convenience.replace_nodes_and_values(graph, matmul, [matmul], [kernel], [matmul.outputs[0]], [kernel.outputs[0]])
+        ir.convenience.replace_nodes_and_values(graph, matmul, [matmul], [scales, kernel], [matmul.outputs[0]], [kernel.outputs[0]])
         count += 1
     return count
 

@@ -87,7 +87,7 @@ PRESETS: dict[str, Preset] = {
         "int8 weights and activations with SmoothQuant (needs --calib)",
         {"alpha": "auto", "method": "minmax", "act-mode": "static", "float-inputs": "0", "unfoldable": "unsmooth",
          "bias-correction": "conv", "conv-method": "mse", "equalize": "false", "embedding": "float", "kv-cache": "float32",
-         "attention": "auto", "int-kernels": "fused"},
+         "attention": "auto", "int-kernels": "auto"},
         # cross-layer equalization of Conv pairs before calibration (left out of the pipeline when off);
         # relu6 also equalizes through Clip(0, 6) as a per-channel Min
         {"equalize": {"false": "", "true": "equalize,", "relu6": "equalize{clip=per-channel},"}, **EMBEDDING, **KV_CACHE},
