@@ -84,6 +84,7 @@ PIPELINES = {
     "w8a8 per-token fused": "w8a8{act-mode=per-token int-kernels=fused}",
     "mixed 4.25": "mixed{avg-bits=4.25}",
     "mixed 4.25 int4-embedding": "mixed{avg-bits=4.25 embedding=int4}",
+    "mixed 4.25 gptq": "mixed{avg-bits=4.25 rounding=gptq}",
     # the same allocation, one MatMulNBits a layer (wider classes as 2-bit digits), fp16 class cast at load
     "mixed 4.25 digits": "mixed{avg-bits=4.25 route=digits}",
     # the same, one kernel only in the layers where the kernel-cost table predicts it faster at M=1

@@ -224,7 +224,7 @@ def per_token_linears_as_nbits(graph: ir.Graph, accuracy_level: int) -> int:
             continue
         x = _per_token_source(matmul.inputs[0])
         weight = _int8_weight_per_column(matmul.inputs[1])
-        if x is None or weight is None:
+        if x is None or weight is None or x.dtype not in (None, ir.DataType.FLOAT):  # the scales are float32
             continue
         w_q, w_scale = (v.const_value.numpy() for v in weight)
         k, n = w_q.shape

@@ -115,7 +115,7 @@ PRESETS: dict[str, Preset] = {
         "canonicalize,calibrate,allocate-bits{avg-bits=8 candidates=4 group-size=$group_size zero-points=$zero_points outliers-act=0 "
         "outliers-weight=0},"
         "quantize-weights$rounding,fold-permutation$embedding$kv_cache,lower-ort{attention=$attention}",
-        "weight-only 4-bit: every linear one uniform 4-bit class, one MatMulNBits each (the fastest decode; needs --calib)",
+        "weight-only 4-bit: every linear one symmetric 4-bit class, one MatMulNBits each (the fastest decode; needs --calib)",
         {"group-size": "64", "zero-points": "none", "rounding": "gptq", "embedding": "float", "kv-cache": "float32",
          "attention": "auto"},
         {"rounding": {"nearest": "{grid=minmax}", "gptq": ",gptq"}, **EMBEDDING, **KV_CACHE},
