@@ -48,7 +48,8 @@ def rms_norms_with_skip(graph: ir.Graph) -> int:
     """`Mul(Mul(h, Reciprocal(Sqrt(mean(h^2) + eps))), gamma)` with `h = Add(a, b)` of two computed
     tensors of one shape [batch, sequence, hidden] (a decoder's residual sum) ->
     `com.microsoft.SkipSimplifiedLayerNormalization(a, b, gamma)`, whose fourth output is the sum
-    the other readers of `h` (the next residual Add) take: one kernel for the seven ops. The scale
+    the other readers of `h` (the next residual Add) take: one kernel for the seven ops. Its second
+    and third outputs (mean and inverse std) are left absent (named ""), so it does not write them. The scale
     `gamma` is a constant vector [hidden] that the norm's output Mul alone reads. The replaced ops
     are left unread, for the caller to sweep. Returns the norms rewritten."""
     count = 0
@@ -61,6 +62,8 @@ def rms_norms_with_skip(graph: ir.Graph) -> int:
         skip = ir.node("SkipSimplifiedLayerNormalization", [*residual.inputs, gamma], {"epsilon": _epsilon(root)},
                        domain="com.microsoft", num_outputs=4, name=f"{norm_mul.name or mul.name or x.name}.skip_norm",
                        metadata_props={CREATED_BY: "lower-ort"})
+        for unused in skip.outputs[1:3]:  # mean and inverse std: absent, so the kernel does not write them
+            unused.name = ""
         graph.insert_before(residual, skip)
         take_over(norm_mul.outputs[0], skip.outputs[0])
         take_over(x, skip.outputs[3])  # the old ops, now unread, go with the pass's sweep
