@@ -115,14 +115,14 @@ class CachedSession:
 
     def _step_in_place(self, feeds: dict, seq: int) -> np.ndarray:
         """One step with each cache buffer bound as both past and present."""
-        from onnxruntime import OrtValue
-
         capacity = next(iter(self.past.values())).shape()[2]
         if self.length + seq > capacity:
             self._bind_cache(self._buffers(max(2 * capacity, self.length + seq), keep=self.past))
         for name, value in feeds.items():
             self._binding.bind_ortvalue_input(name, value)
-        if seq not in self._logits:
+        if seq not in self._logits:  # the first step of this length: a buffer for its logits
+            from onnxruntime import OrtValue
+
             logits = np.empty((1, seq, self.layout.vocab_size), self.logits_dtype)
             self._logits[seq] = logits, OrtValue.ortvalue_from_numpy(logits)
         logits, value = self._logits[seq]
