@@ -85,6 +85,9 @@ PIPELINES = {
     "mixed 4.25": "mixed{avg-bits=4.25}",
     "mixed 4.25 int4-embedding": "mixed{avg-bits=4.25 embedding=int4}",
     "mixed 4.25 gptq": "mixed{avg-bits=4.25 rounding=gptq}",
+    "mixed 4.25 blocks=whole": "mixed{avg-bits=4.25 blocks=whole}",
+    "mixed 3.25": "mixed{avg-bits=3.25}",
+    "mixed 3.25 blocks=whole": "mixed{avg-bits=3.25 blocks=whole}",
     # the same allocation, one MatMulNBits a layer (wider classes as 2-bit digits), fp16 class cast at load
     "mixed 4.25 digits": "mixed{avg-bits=4.25 route=digits}",
     # the same, one kernel only in the layers where the kernel-cost table predicts it faster at M=1
@@ -268,6 +271,15 @@ def artifact_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("model.onnx*") if p.is_file())
 
 
+
+def mixed_memory(manifest: dict) -> dict:
+    """The weight-only layers' bytes at rest and resident once the session starts (the manifest's `mixed_layers`), MiB."""
+    layers = manifest.get("mixed_layers") or {}
+    if not layers or any("bytes_resident" not in v for v in layers.values()):
+        return {}
+    return {"layers_at_rest_mib": round(sum(v["bytes_at_rest"] for v in layers.values()) / 2**20, 2),
+            "layers_resident_mib": round(sum(v["bytes_resident"] for v in layers.values()) / 2**20, 2)}
+
 def main() -> None:
     args = parse_args()
     peer_families = [f.strip() for f in args.peers.split(",") if f.strip()]
@@ -308,7 +320,7 @@ def main() -> None:
             manifest = json.loads((folder / "manifest.json").read_text())
             artifacts[name] = folder
             compiled[name] = {"pipeline": manifest["pipeline"], "compile_s": None, "reused": True,
-                              "effective_bits": manifest.get("effective_bits_per_weight")}
+                              "effective_bits": manifest.get("effective_bits_per_weight"), **mixed_memory(manifest)}
             continue
         start = time.perf_counter()
         result = qcompile("smollm2-135m-kv", build / name.replace(" ", "-"), pipeline=PIPELINES[name],
@@ -316,7 +328,7 @@ def main() -> None:
                           threads=args.threads, drift=False)
         artifacts[name] = result.output
         compiled[name] = {"pipeline": result.pipeline, "compile_s": round(time.perf_counter() - start, 1),
-                          "effective_bits": result.manifest.get("effective_bits_per_weight")}
+                          "effective_bits": result.manifest.get("effective_bits_per_weight"), **mixed_memory(result.manifest)}
         print(f"compiled {name} in {compiled[name]['compile_s']} s", flush=True)
 
     if args.ort_spin == "off":
@@ -388,11 +400,12 @@ def main() -> None:
         res["decode_vs_float32"] = round(res["decode_tokens_per_s"] / base, 3) if base else None
         agree = res["greedy_agreement"]
         cache = res.get("cache_bytes")
-        rows.append([name, res.get("effective_bits", "-"), round(res["file_bytes"] / 2**20, 1), res["prefill_tokens_per_s"],
+        memory = f"{res['layers_at_rest_mib']} / {res['layers_resident_mib']}" if "layers_resident_mib" in res else "-"
+        rows.append([name, res.get("effective_bits", "-"), round(res["file_bytes"] / 2**20, 1), memory, res["prefill_tokens_per_s"],
                      res["decode_tokens_per_s"], res["decode_vs_float32"], res["perplexity"],
                      round(cache / 2**20, 2) if cache else "-",
                      f"{agree['agreeing_tokens']}/{agree['of']} ({agree['prompts_agreeing_throughout']} whole)" if agree else "-"])
-    print(common.table(["pipeline", "bits/weight", "file MiB", "prefill tok/s", "decode tok/s", "decode vs float32", "held-out ppl",
+    print(common.table(["pipeline", "bits/weight", "file MiB", "weight-only layers MiB (at rest / resident)", "prefill tok/s", "decode tok/s", "decode vs float32", "held-out ppl",
                         "cache MiB", "greedy agreement"], rows))
     body = {
         "command": common.command_line(),

@@ -25,6 +25,10 @@ Variants:
 - `ours mixed{avg-bits=3.25}`, `ours mixed{avg-bits=4.25}`: the preset (candidates 2, 4, 8 on
   MatMulNBits, one per class, summed; 0.5 % fp16 channels cast from fp16 at every run; no sparse
   outliers).
+- `ours mixed{avg-bits=3.25 blocks=whole}`, `... 4.25 ...`: the presets with each MatMulNBits class
+  priced in whole blocks of 128 rows, as ONNX Runtime holds them (`allocate-bits{blocks=whole}`):
+  the classes fill their blocks, so little padding is resident, and a layer leaves unspent the
+  budget it cannot spend in a whole block.
 - `ours mixed 3.25 single`, `ours mixed 4.25 single`: the presets' passes with
   `lower-ort{mixed-route=single}` (one MatMulNBits a layer, every class in the widest class's
   containers: 8 bits here).
@@ -144,8 +148,9 @@ def preset_with_route(budget: str, route: str) -> str:
     from qcompiler.pipeline.spec import PRESETS
 
     passes = PRESETS["mixed"].expand("mixed", {"avg-bits": budget})
-    assert passes.endswith(",lower-ort"), passes
-    return passes[: -len("lower-ort")] + f"lower-ort{{mixed-route={route}}}"
+    head, lowering = passes.rsplit(",", 1)
+    assert lowering.startswith("lower-ort"), passes
+    return f"{head},lower-ort{{mixed-route={route}}}"
 
 
 def preset_with_cost(budget: str, cost: str) -> str:
@@ -206,6 +211,8 @@ def compile_variants(work: Path, k: int, n: int, only: str | None = None) -> dic
                                "quantize-weights{grid=minmax}"),
         "ours mixed{avg-bits=3.25}": "mixed{avg-bits=3.25}",
         "ours mixed{avg-bits=4.25}": "mixed{avg-bits=4.25}",
+        "ours mixed{avg-bits=3.25 blocks=whole}": "mixed{avg-bits=3.25 blocks=whole}",
+        "ours mixed{avg-bits=4.25 blocks=whole}": "mixed{avg-bits=4.25 blocks=whole}",
         "ours mixed 3.25 single": preset_with_route("3.25", "single"),
         "ours mixed 4.25 single": preset_with_route("4.25", "single"),
         "ours mixed 4.25 digits": "mixed{avg-bits=4.25 route=digits}",

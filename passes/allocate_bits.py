@@ -164,6 +164,10 @@ class AllocateBitsPass(Pass):
         "bits", "what decides among allocations that meet the budget: bits (error per stored bit), or latency (each set of "
         "candidate classes allocated by error per stored bit, and the one with the least predicted error x predicted time "
         "kept, time from the target's measured kernel-cost table)")
+    blocks: Literal["tight", "whole"] = option(
+        "tight", "how a MatMulNBits class's codes are priced: tight, as the file stores them, or whole, in whole blocks of "
+        "group-size rows as ONNX Runtime holds them once the session starts (classes then fill their blocks and resident "
+        "memory stays close to the file's bytes, but budget a layer cannot spend in a whole block is left unspent)")
     convs: bool = option(True, "allocate Conv kernels too, as [C/g * kernel taps, O] matrices (stored packed, expanded to "
                          "float32 when the session starts; at scope=layer all Conv layers share one budget); false leaves them float")
     other_widths: Literal["refuse", "container", "expand"] = option(
@@ -473,7 +477,43 @@ class AllocateBitsPass(Pass):
                 break
             heap, deferred = deferred, []
             heapq.heapify(heap)
+        if self.blocks == "whole":
+            self._spend_in_blocks(pool, bits, counts, budget - spent, candidates)
         return bits
+
+    def _spend_in_blocks(self, pool: list[_Layer], bits: dict[str, np.ndarray], counts: list[dict], left: float,
+                         candidates: list[int]) -> None:
+        """blocks=whole: the row-by-row greedy stops where the next row would open a block it cannot
+        pay for, although moving a block's worth of rows at once may free a block of the narrower
+        class and cost less. While the budget left allows, the move of most error reduction per bit
+        among "fill the wider class's last block (or one new block) with the best rows of the
+        narrower one", over every layer and pair of neighbouring candidates, is taken."""
+        while True:
+            best = None
+            for index, layer in enumerate(pool):
+                b, count = bits[layer.linear.name], counts[index]
+                for lo, hi in zip(candidates, candidates[1:]):
+                    rows = np.flatnonzero(b == lo)
+                    if not len(rows):
+                        continue
+                    gains = layer.errors[lo][rows] - layer.errors[hi][rows]
+                    take = min(len(rows), self.group_size - count[hi] % self.group_size)
+                    chosen = rows[np.argsort(-gains, kind="stable")[:take]]
+                    gain = float(np.sum(layer.errors[lo][chosen] - layer.errors[hi][chosen]))
+                    delta = (self._class_bits(layer, hi, count[hi] + take) - self._class_bits(layer, hi, count[hi])
+                             + self._class_bits(layer, lo, count[lo] - take) - self._class_bits(layer, lo, count[lo]))
+                    if gain <= 0 or delta > left:
+                        continue
+                    ratio = gain / delta if delta > 0 else np.inf
+                    if best is None or ratio > best[0]:
+                        best = (ratio, index, lo, hi, chosen, delta)
+            if best is None:
+                return
+            _, index, lo, hi, chosen, delta = best
+            bits[pool[index].linear.name][chosen] = hi
+            counts[index][lo] -= len(chosen)
+            counts[index][hi] += len(chosen)
+            left -= delta
 
     def _constants(self, layer: _Layer) -> float:
         """The small constants the lowering stores per class (shapes, shifts, ranges)."""
@@ -482,7 +522,7 @@ class AllocateBitsPass(Pass):
     def _class_bits(self, layer: _Layer, b: int, rows: int) -> int:
         n = layer.shape[1]
         kind = bitcost.class_kind(b, self.codebook == "kmeans")
-        return layer.costs.class_bits(kind, b, rows, n, self.group_size, self._zero_points)
+        return layer.costs.class_bits(kind, b, rows, n, self.group_size, self._zero_points, self.blocks == "whole")
 
     def _stored_bits(self, layer: _Layer, bits: np.ndarray) -> int:
         """Exact stored bits of one layer's allocation (classes, groups, codebooks, outliers, permutation)."""

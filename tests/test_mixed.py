@@ -526,3 +526,28 @@ def test_mixed_artifacts_are_byte_identical_and_the_manifest_names_each_layers_r
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
     (layer,) = json.loads((tmp_path / "a" / "manifest.json").read_text())["mixed_layers"].values()
     assert layer["route"].startswith("split: MatMulNBits") and layer["bytes_resident"] >= layer["bytes_at_rest"] > 0
+
+
+def test_blocks_whole_prices_what_the_session_holds_so_resident_memory_stays_near_the_file(tmp_path):
+    """A MatMulNBits class holds its codes in whole blocks once the session starts. By default
+    (`blocks=tight`) `allocate-bits` prices the rows a class fills, so each class's last block is
+    padded at load; with `blocks=whole` it prices whole blocks, the classes fill them, and what
+    ONNX Runtime keeps is the bytes at rest plus float32 scales and int32 indices."""
+    import json
+
+    import qcompiler
+
+    whole = bitcost.class_bits("uniform", 4, 130, 64, 128, "auto", whole_blocks=True)
+    assert whole == bitcost.class_bits("uniform", 4, 256, 64, 128, "auto") > bitcost.class_bits("uniform", 4, 130, 64, 128, "auto")
+    model = _layer(k=640, n=256)
+    calib = [synthetic_inputs(model, seed=s) for s in range(2)]
+    layers = {}
+    for blocks in ("tight", "whole"):
+        qcompiler.compile(model, tmp_path / blocks, pipeline=f"mixed{{avg-bits=3.25 blocks={blocks}}}", calibration=calib, drift=False)
+        (layers[blocks],) = json.loads((tmp_path / blocks / "manifest.json").read_text())["mixed_layers"].values()
+        assert layers[blocks]["route"].startswith("split: MatMulNBits2 + MatMulNBits4")
+        assert 8 * layers[blocks]["bytes_at_rest"] <= 3.25 * 640 * 256
+    assert layers["tight"]["bytes_resident"] > 1.2 * layers["tight"]["bytes_at_rest"]
+    assert layers["whole"]["bytes_at_rest"] < layers["whole"]["bytes_resident"] <= 1.1 * layers["whole"]["bytes_at_rest"]
+    # rows moved a block at a time spend what the row-by-row greedy leaves (without: 2.69 bits here)
+    assert 8 * layers["whole"]["bytes_at_rest"] >= 3.0 * 640 * 256

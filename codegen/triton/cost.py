@@ -37,7 +37,8 @@ class TritonStorageCost(bitcost.StorageCost):
     packed_widths = BITS
     perm_bits = PERM_BITS
 
-    def class_bits(self, kind: str, bits: int, rows: int, cols: int, group_size: int, zero_points: str) -> int:
+    def class_bits(self, kind: str, bits: int, rows: int, cols: int, group_size: int, zero_points: str,
+                   whole_blocks: bool = False) -> int:  # the package holds its codes tight: no blocks to price
         if rows == 0:
             return 0
         if kind == "fp16":

@@ -9,7 +9,9 @@ Stored bits of a layer W [K, N] (every byte counted, as `lower-ort` emits them):
   in containers of c = `container_bits(b)` bits, the next width the CPU kernel runs (2, 4, 8: a
   3-bit class costs 4 bits a weight, a 5- to 7-bit class 8): codes packed per column along K,
   8 * ceil(K_c * c / 8) * N (stored tight; the last block's padding is added at load and resident,
-  as are the float32 scales the kernel reads: see the manifest's `mixed_layers`), an fp16 scale per
+  as are the float32 scales the kernel reads: see the manifest's `mixed_layers`; with
+  `whole_blocks`, `allocate-bits{blocks=whole}`, priced as resident, c * g * ceil(K_c / g) * N, so
+  that a class pays for the rows of its last block whether it fills them or not), an fp16 scale per
   group and column, and the c-bit zero points packed per column, 8 * ceil(G * c / 8) * N (none
   with `zero-points=none`: symmetric codes whose zero point is the kernel's default 2^(b-1));
 - codebook class of b bits: the codes as bit-planes, plus N * 2^b fp16 centroids;
@@ -74,7 +76,10 @@ def code_bits(bits: int, rows: int, cols: int) -> int:
     return bits * 8 * math.ceil(rows / 8) * cols
 
 
-def uniform_class_bits(bits: int, rows: int, cols: int, group_size: int, zero_points: str = "fractional") -> int:
+def uniform_class_bits(bits: int, rows: int, cols: int, group_size: int, zero_points: str = "fractional",
+                       whole_blocks: bool = False) -> int:
+    """Stored bits of one uniform class; `whole_blocks`: a MatMulNBits class's codes priced in whole
+    blocks of `group_size` rows, as the kernel holds them once the session starts."""
     if rows == 0:
         return 0
     groups = math.ceil(rows / group_size)
@@ -82,19 +87,21 @@ def uniform_class_bits(bits: int, rows: int, cols: int, group_size: int, zero_po
         return code_bits(bits, rows, cols) + GROUP_BITS * cols * groups
     c = container_bits(bits)
     zeros = 0 if zero_points == "none" else 8 * math.ceil(groups * c / 8) * cols
-    return 8 * math.ceil(rows * c / 8) * cols + FP16 * cols * groups + zeros
+    codes = c * group_size * groups if whole_blocks else 8 * math.ceil(rows * c / 8)
+    return codes * cols + FP16 * cols * groups + zeros
 
 
 def codebook_class_bits(bits: int, rows: int, cols: int) -> int:
     return 0 if rows == 0 else code_bits(bits, rows, cols) + FP16 * cols * (1 << bits)
 
 
-def class_bits(kind: str, bits: int, rows: int, cols: int, group_size: int, zero_points: str = "fractional") -> int:
+def class_bits(kind: str, bits: int, rows: int, cols: int, group_size: int, zero_points: str = "fractional",
+               whole_blocks: bool = False) -> int:
     if kind == "fp16":
         return FP16 * rows * cols
     if kind == "codebook":
         return codebook_class_bits(bits, rows, cols)
-    return uniform_class_bits(bits, rows, cols, group_size, zero_points)
+    return uniform_class_bits(bits, rows, cols, group_size, zero_points, whole_blocks)
 
 
 def class_kind(bits: int, codebook: bool) -> str:
@@ -211,8 +218,10 @@ class StorageCost:
         self.kernel_costs = kernel_costs
         self.name = name or type(self).name  # the target whose run prices this way (named in refusals)
 
-    def class_bits(self, kind: str, bits: int, rows: int, cols: int, group_size: int, zero_points: str) -> int:
-        return class_bits(kind, bits, rows, cols, group_size, zero_points)
+    def class_bits(self, kind: str, bits: int, rows: int, cols: int, group_size: int, zero_points: str,
+                   whole_blocks: bool = False) -> int:
+        """Stored bits of one class; `whole_blocks`: a MatMulNBits class priced in whole blocks (as resident)."""
+        return class_bits(kind, bits, rows, cols, group_size, zero_points, whole_blocks)
 
     def per_row_bits(self, bits: int, cols: int, group_size: int, codebook: bool, zero_points: str) -> float:
         return per_row_bits(bits, cols, group_size, codebook, zero_points)
@@ -244,7 +253,8 @@ class ExpandedStorageCost(StorageCost):
     kernels = "ONNX Runtime's float kernels (weights expanded at load)"
     packed_widths = tuple(range(1, 9))
 
-    def class_bits(self, kind: str, bits: int, rows: int, cols: int, group_size: int, zero_points: str) -> int:
+    def class_bits(self, kind: str, bits: int, rows: int, cols: int, group_size: int, zero_points: str,
+                   whole_blocks: bool = False) -> int:  # expanded at load: no blocks held
         if kind != "uniform" or rows == 0:
             return class_bits(kind, bits, rows, cols, group_size, zero_points)
         return code_bits(bits, rows, cols) + self._group_bits(bits, zero_points) * cols * math.ceil(rows / group_size)

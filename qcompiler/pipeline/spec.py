@@ -94,12 +94,14 @@ PRESETS: dict[str, Preset] = {
     ),
     "mixed": Preset(
         "canonicalize,calibrate$act_scale,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook sensitivity=$sensitivity "
-        "outliers-weight=$outliers_weight},quantize-weights$rounding$tuning,fold-permutation$embedding$kv_cache,$route",
+        "outliers-weight=$outliers_weight$blocks},quantize-weights$rounding$tuning,fold-permutation$embedding$kv_cache,$route",
         "weight-only channel-wise mixed precision at a fractional bit budget (needs --calib)",
         {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0",
          "rounding": "nearest", "tuning": "none", "act-scale": "none", "embedding": "float", "kv-cache": "float32",
-         "route": "split", "attention": "auto"},
+         "route": "split", "attention": "auto", "blocks": "tight"},
         {"rounding": {"nearest": "", "gptq": ",gptq"},
+         # MatMulNBits classes priced in whole blocks, as resident once the session starts (allocate-bits{blocks=whole})
+         "blocks": {"tight": "", "whole": " blocks=whole"},
          # one MatMulNBits a layer (wider classes as digits of the narrowest; auto: where the kernel-cost table
          # predicts it faster) and the fp16 class cast at load: fewer ops a run, for decoding one token a step
          "route": {"split": "lower-ort{attention=$attention}",
