@@ -6,6 +6,8 @@
         --out benchmarks/results/ray_fanout_smooth.json                # smooth{alpha=auto}'s search
     python benchmarks/ray_fanout.py --pipeline "w8a8{alpha=0.5}" --pass calibrate --calib-count 256 \
         --blas-threads 1 --out benchmarks/results/ray_fanout_calibrate.json  # calibration over shards
+    python benchmarks/ray_fanout.py --doctor --model smollm2-135m --pipeline "mixed{avg-bits=3}" --calib-count 8 \
+        --workers 0,2 --out benchmarks/results/ray_fanout_doctor_smollm2.json  # the doctor's measurements
 
 Each run is a fresh child process calling `qcompiler.compile` with ONNX Runtime at `--threads`
 intra-op threads (the driver's and every worker's sessions alike, so the runs compute the same
@@ -20,7 +22,11 @@ before and after (the machine may be shared). With `--repeats R` the worker coun
 times (0, 1, 2, 0, 1, 2, ...), so that a change in the load falls on every count alike; the table
 gives each count's median. From the first count's median (in-process, or the fewest workers) the
 serial fraction s = 1 - pass time / compile time gives Amdahl's expected speedup on N workers,
-1 / (s + (1 - s) / N), printed beside the measured one. A table goes to stdout and the JSON
+1 / (s + (1 - s) / N), printed beside the measured one. With `--doctor` each run is
+`qcompiler doctor`'s diagnosis (`doctor.diagnose`) instead of a compile: the fanned-out time is
+that of every fanned-out map (the layer measurements, `Switchboard.errors`: the 2N+2 runs and the
+re-measurement rounds; and the maps of the pipelines it runs, such as `allocate-bits`' measured
+sensitivity), and the diagnosis, less its pass timings, must be equal across runs. A table goes to stdout and the JSON
 (machine, package versions, commit) to `--out` (default `benchmarks/results/ray_fanout.json`).
 """
 
@@ -55,6 +61,38 @@ passes = {r.name: r.seconds for r in result.records}
 print("RESULT " + json.dumps({"compile_s": seconds, "passes": passes}))
 """
 
+DOCTOR_CHILD = """
+import hashlib, json, sys, time
+from qcompiler.support import parallel
+from qcompiler.tools import doctor
+args = json.loads(sys.argv[1])
+measured, depth = [0.0], [0]
+def timed(call):
+    def wrapper(*a, **k):  # the outermost fanned-out call only (Switchboard.errors maps on Ray)
+        depth[0] += 1
+        start = time.perf_counter()
+        try:
+            return call(*a, **k)
+        finally:
+            depth[0] -= 1
+            if depth[0] == 0:
+                measured[0] += time.perf_counter() - start
+    return wrapper
+doctor.Switchboard.errors = timed(doctor.Switchboard.errors)
+parallel.InProcess.map = timed(parallel.InProcess.map)
+parallel.RayExecutor.map = timed(parallel.RayExecutor.map)
+start = time.perf_counter()
+diagnosis = doctor.diagnose(args["model"], args["pipeline"], calibration=args["calib"], calib_count=args["calib_count"],
+                            threads=args["threads"], cache_dir=None, workers=args["workers"])
+seconds = time.perf_counter() - start
+passes = {"measurements": measured[0], "pipeline": sum(p["seconds"] for p in diagnosis["passes"])}
+for p in diagnosis["passes"]:
+    p.pop("seconds")
+digest = hashlib.sha256(json.dumps(diagnosis, sort_keys=True).encode()).hexdigest()
+print("RESULT " + json.dumps({"compile_s": seconds, "passes": passes, "digest": digest,
+                              "suggestion": diagnosis["suggestion"].get("pipeline")}))
+"""
+
 
 def run_child(params: dict) -> dict:
     """One compile in a child process, its process tree's memory sampled while it runs."""
@@ -67,7 +105,8 @@ def run_child(params: dict) -> dict:
     env = dict(os.environ)
     if params.get("blas_threads"):  # numpy's BLAS in the compiling process (Ray's workers run it on one thread)
         env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = str(params["blas_threads"])
-    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(params)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    code = DOCTOR_CHILD if params.get("doctor") else CHILD
+    child = subprocess.Popen([sys.executable, "-c", code, json.dumps(params)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env=env)
     tree_peak = process_peak = 0
     while child.poll() is None:
@@ -84,14 +123,17 @@ def run_child(params: dict) -> dict:
     if child.returncode != 0:
         raise SystemExit(f"compile with workers={params['workers']} failed: {err.strip().splitlines()[-1:]}")
     result = json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
-    model = Path(params["output"]) / "model.onnx"
+    if params.get("doctor"):
+        digest = result["digest"]
+    else:
+        digest = hashlib.sha256((Path(params["output"]) / "model.onnx").read_bytes()).hexdigest()
     return {"wall_s": round(wall, 2), "compile_s": round(result["compile_s"], 2),
             "pass_s": round(result["passes"].get(params["pass"], 0.0), 2),
             "pipeline_s": round(sum(result["passes"].values()), 2),
             "passes_s": {name: round(seconds, 2) for name, seconds in result["passes"].items()},
             "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
             "peak_rss_tree_mb": round(tree_peak / 2**20), "peak_rss_process_mb": round(process_peak / 2**20),
-            "model_sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
+            "model_sha256": digest, **({"suggestion": result["suggestion"]} if "suggestion" in result else {})}
 
 
 def amdahl(serial: float, workers: int) -> float:
@@ -108,10 +150,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per session (default 1)")
     parser.add_argument("--workers", default="0,1,2", help="worker counts to run, 0 meaning in-process (default 0,1,2)")
     parser.add_argument("--blas-threads", type=int, help="numpy BLAS threads of the compiling process (default: numpy's own)")
+    parser.add_argument("--doctor", action="store_true",
+                        help="time qcompiler doctor's diagnosis instead of a compile (the fanned-out part: its layer measurements)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per worker count, the counts taking turns (default 1)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "ray_fanout.json"))
     args = parser.parse_args()
     calib = args.calib or DATA.get(args.model)
+    if args.doctor:
+        args.fanned = "measurements"
     counts = [int(w) for w in args.workers.split(",")]
     samples: dict[int, list[dict]] = {w: [] for w in counts}
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,7 +165,7 @@ def main() -> None:
             for workers in counts:
                 params = {"model": args.model, "output": str(Path(tmp) / f"w{workers}r{repeat}"), "pipeline": args.pipeline,
                           "calib": calib, "calib_count": args.calib_count, "threads": args.threads,
-                          "workers": workers or None, "pass": args.fanned, "blas_threads": args.blas_threads}
+                          "workers": workers or None, "pass": args.fanned, "blas_threads": args.blas_threads, "doctor": args.doctor}
                 sample = run_child(params)
                 samples[workers].append(sample)
                 print(f"done: {workers or 'in-process'} (run {repeat + 1}): {sample['wall_s']} s, {args.fanned} "
