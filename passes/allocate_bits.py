@@ -66,6 +66,9 @@ from qcompiler.support.progress import progress
 
 
 LOWERING_BYTES_PER_CLASS = 160
+# blocks=auto prices whole blocks from this many blocks of rows up: a 4096-row layer (32 blocks of 128)
+# leaves 0.02 to 0.03 bits a weight unspent, a 576-row one (4.5 blocks) 0.5 (docs/results.md)
+WHOLE_BLOCKS_FROM = 16
 REVISITS = 8
 
 
@@ -164,10 +167,11 @@ class AllocateBitsPass(Pass):
         "bits", "what decides among allocations that meet the budget: bits (error per stored bit), or latency (each set of "
         "candidate classes allocated by error per stored bit, and the one with the least predicted error x predicted time "
         "kept, time from the target's measured kernel-cost table)")
-    blocks: Literal["tight", "whole"] = option(
-        "tight", "how a MatMulNBits class's codes are priced: tight, as the file stores them, or whole, in whole blocks of "
-        "group-size rows as ONNX Runtime holds them once the session starts (classes then fill their blocks and resident "
-        "memory stays close to the file's bytes, but budget a layer cannot spend in a whole block is left unspent)")
+    blocks: Literal["auto", "tight", "whole"] = option(
+        "auto", "how a MatMulNBits class's codes are priced: tight, as the file stores them (each class's last block is "
+        "padded at load, and that padding is resident), whole, in whole blocks of group-size rows as ONNX Runtime holds "
+        "them (classes fill their blocks: resident memory close to the file's bytes, but budget a layer cannot spend in "
+        "a whole block is left unspent), or auto: whole for layers of at least 16 blocks, where little is left, else tight")
     convs: bool = option(True, "allocate Conv kernels too, as [C/g * kernel taps, O] matrices (stored packed, expanded to "
                          "float32 when the session starts; at scope=layer all Conv layers share one budget); false leaves them float")
     other_widths: Literal["refuse", "container", "expand"] = option(
@@ -477,13 +481,13 @@ class AllocateBitsPass(Pass):
                 break
             heap, deferred = deferred, []
             heapq.heapify(heap)
-        if self.blocks == "whole":
+        if any(self._whole_blocks(layer) for layer in pool):
             self._spend_in_blocks(pool, bits, counts, budget - spent, candidates)
         return bits
 
     def _spend_in_blocks(self, pool: list[_Layer], bits: dict[str, np.ndarray], counts: list[dict], left: float,
                          candidates: list[int]) -> None:
-        """blocks=whole: the row-by-row greedy stops where the next row would open a block it cannot
+        """Layers priced in whole blocks: the row-by-row greedy stops where the next row would open a block it cannot
         pay for, although moving a block's worth of rows at once may free a block of the narrower
         class and cost less. While the budget left allows, the move of most error reduction per bit
         among "fill the wider class's last block (or one new block) with the best rows of the
@@ -491,6 +495,8 @@ class AllocateBitsPass(Pass):
         while True:
             best = None
             for index, layer in enumerate(pool):
+                if not self._whole_blocks(layer):
+                    continue
                 b, count = bits[layer.linear.name], counts[index]
                 for lo, hi in zip(candidates, candidates[1:]):
                     rows = np.flatnonzero(b == lo)
@@ -522,7 +528,13 @@ class AllocateBitsPass(Pass):
     def _class_bits(self, layer: _Layer, b: int, rows: int) -> int:
         n = layer.shape[1]
         kind = bitcost.class_kind(b, self.codebook == "kmeans")
-        return layer.costs.class_bits(kind, b, rows, n, self.group_size, self._zero_points, self.blocks == "whole")
+        return layer.costs.class_bits(kind, b, rows, n, self.group_size, self._zero_points, self._whole_blocks(layer))
+
+    def _whole_blocks(self, layer: _Layer) -> bool:
+        """Whether this layer's MatMulNBits classes are priced in whole blocks (`blocks`)."""
+        if not layer.costs.holds_blocks:  # expanded at load (Conv kernels), or a target that stores codes tight
+            return False
+        return self.blocks == "whole" or (self.blocks == "auto" and layer.shape[0] >= WHOLE_BLOCKS_FROM * self.group_size)
 
     def _stored_bits(self, layer: _Layer, bits: np.ndarray) -> int:
         """Exact stored bits of one layer's allocation (classes, groups, codebooks, outliers, permutation)."""

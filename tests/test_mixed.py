@@ -529,8 +529,8 @@ def test_mixed_artifacts_are_byte_identical_and_the_manifest_names_each_layers_r
 
 
 def test_blocks_whole_prices_what_the_session_holds_so_resident_memory_stays_near_the_file(tmp_path):
-    """A MatMulNBits class holds its codes in whole blocks once the session starts. By default
-    (`blocks=tight`) `allocate-bits` prices the rows a class fills, so each class's last block is
+    """A MatMulNBits class holds its codes in whole blocks once the session starts. With
+    `blocks=tight` `allocate-bits` prices the rows a class fills, so each class's last block is
     padded at load; with `blocks=whole` it prices whole blocks, the classes fill them, and what
     ONNX Runtime keeps is the bytes at rest plus float32 scales and int32 indices."""
     import json
@@ -551,3 +551,16 @@ def test_blocks_whole_prices_what_the_session_holds_so_resident_memory_stays_nea
     assert layers["whole"]["bytes_at_rest"] < layers["whole"]["bytes_resident"] <= 1.1 * layers["whole"]["bytes_at_rest"]
     # rows moved a block at a time spend what the row-by-row greedy leaves (without: 2.69 bits here)
     assert 8 * layers["whole"]["bytes_at_rest"] >= 3.0 * 640 * 256
+
+
+@pytest.mark.parametrize("k, same_as", [(640, "tight"), (2048, "whole")])
+def test_blocks_auto_prices_whole_blocks_from_16_blocks_of_rows(tmp_path, k, same_as):
+    """The default, `blocks=auto`: a layer of 5 blocks of 128 rows is priced as the file stores it, one
+    of 16 blocks in whole blocks (little budget is left unspent there)."""
+    import qcompiler
+
+    model = _layer(k=k, n=32)
+    calib = [synthetic_inputs(model, seed=s) for s in range(2)]
+    for blocks in ("auto", same_as):
+        qcompiler.compile(model, tmp_path / blocks, pipeline=f"mixed{{avg-bits=3.25 blocks={blocks}}}", calibration=calib, drift=False)
+    assert (tmp_path / "auto" / "model.onnx").read_bytes() == (tmp_path / same_as / "model.onnx").read_bytes()

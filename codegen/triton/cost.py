@@ -36,6 +36,7 @@ class TritonStorageCost(bitcost.StorageCost):
     kernels = "the Triton package's kernels"
     packed_widths = BITS
     perm_bits = PERM_BITS
+    holds_blocks = False
 
     def class_bits(self, kind: str, bits: int, rows: int, cols: int, group_size: int, zero_points: str,
                    whole_blocks: bool = False) -> int:  # the package holds its codes tight: no blocks to price

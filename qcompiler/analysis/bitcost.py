@@ -213,6 +213,7 @@ class StorageCost:
     kernels = "ONNX Runtime's MatMulNBits kernels"  # what runs the packed widths (named in refusals)
     packed_widths: tuple[int, ...] = NBITS
     perm_bits = PERM_BITS
+    holds_blocks = True  # the kernels hold a class's codes in whole blocks once the session starts (`whole_blocks`)
 
     def __init__(self, kernel_costs: KernelCosts | None = None, name: str | None = None):
         self.kernel_costs = kernel_costs
@@ -252,6 +253,7 @@ class ExpandedStorageCost(StorageCost):
     name = "ort"
     kernels = "ONNX Runtime's float kernels (weights expanded at load)"
     packed_widths = tuple(range(1, 9))
+    holds_blocks = False
 
     def class_bits(self, kind: str, bits: int, rows: int, cols: int, group_size: int, zero_points: str,
                    whole_blocks: bool = False) -> int:  # expanded at load: no blocks held

@@ -98,10 +98,11 @@ PRESETS: dict[str, Preset] = {
         "weight-only channel-wise mixed precision at a fractional bit budget (needs --calib)",
         {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0",
          "rounding": "nearest", "tuning": "none", "act-scale": "none", "embedding": "float", "kv-cache": "float32",
-         "route": "split", "attention": "auto", "blocks": "tight"},
+         "route": "split", "attention": "auto", "blocks": "auto"},
         {"rounding": {"nearest": "", "gptq": ",gptq"},
-         # MatMulNBits classes priced in whole blocks, as resident once the session starts (allocate-bits{blocks=whole})
-         "blocks": {"tight": "", "whole": " blocks=whole"},
+         # how MatMulNBits classes are priced (allocate-bits{blocks=...}): auto, whole blocks in layers of 16 blocks
+         # or more (as resident once the session starts), else the rows filled
+         "blocks": {"auto": "", "tight": " blocks=tight", "whole": " blocks=whole"},
          # one MatMulNBits a layer (wider classes as digits of the narrowest; auto: where the kernel-cost table
          # predicts it faster) and the fp16 class cast at load: fewer ops a run, for decoding one token a step
          "route": {"split": "lower-ort{attention=$attention}",
