@@ -25,10 +25,11 @@ Variants:
 - `ours mixed{avg-bits=3.25}`, `ours mixed{avg-bits=4.25}`: the preset (candidates 2, 4, 8 on
   MatMulNBits, one per class, summed; 0.5 % fp16 channels cast from fp16 at every run; no sparse
   outliers).
-- `ours mixed{avg-bits=3.25 blocks=whole}`, `... 4.25 ...`: the presets with each MatMulNBits class
-  priced in whole blocks of 128 rows, as ONNX Runtime holds them (`allocate-bits{blocks=whole}`):
-  the classes fill their blocks, so little padding is resident, and a layer leaves unspent the
-  budget it cannot spend in a whole block.
+  On these layers (32 and more blocks of 128 rows) the presets' `blocks=auto` prices each
+  MatMulNBits class in whole blocks, as ONNX Runtime holds them: the classes fill their blocks.
+- `ours mixed{avg-bits=3.25 blocks=tight}`, `... 4.25 ...`: the presets with each class priced by
+  the rows it fills (the default before `blocks=auto`): each class's last block is padding,
+  resident once the session starts.
 - `ours mixed 3.25 single`, `ours mixed 4.25 single`: the presets' passes with
   `lower-ort{mixed-route=single}` (one MatMulNBits a layer, every class in the widest class's
   containers: 8 bits here).
@@ -211,8 +212,8 @@ def compile_variants(work: Path, k: int, n: int, only: str | None = None) -> dic
                                "quantize-weights{grid=minmax}"),
         "ours mixed{avg-bits=3.25}": "mixed{avg-bits=3.25}",
         "ours mixed{avg-bits=4.25}": "mixed{avg-bits=4.25}",
-        "ours mixed{avg-bits=3.25 blocks=whole}": "mixed{avg-bits=3.25 blocks=whole}",
-        "ours mixed{avg-bits=4.25 blocks=whole}": "mixed{avg-bits=4.25 blocks=whole}",
+        "ours mixed{avg-bits=3.25 blocks=tight}": "mixed{avg-bits=3.25 blocks=tight}",
+        "ours mixed{avg-bits=4.25 blocks=tight}": "mixed{avg-bits=4.25 blocks=tight}",
         "ours mixed 3.25 single": preset_with_route("3.25", "single"),
         "ours mixed 4.25 single": preset_with_route("4.25", "single"),
         "ours mixed 4.25 digits": "mixed{avg-bits=4.25 route=digits}",

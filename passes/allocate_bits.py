@@ -18,7 +18,11 @@ codes, scales, zero points, codebooks, sparse outliers, the permutation).
 - Solver: every channel starts at the smallest candidate; upgrades are ranked by error reduction
   per stored bit (exact for convex err_k(b) curves) and each is charged its exact cost in stored
   bits (a class's first rows pay for a whole group's metadata, a codebook class for its tables),
-  so the budget holds as emitted without a correction afterwards. With `codebook=kmeans` every
+  so the budget holds as emitted without a correction afterwards. `blocks`: a MatMulNBits class is
+  charged the rows it fills (tight) or the whole blocks of `group-size` rows the kernel holds once
+  the session starts (whole; auto: whole in layers of 16 blocks or more), and in a layer priced in
+  whole blocks, rows then move a block's worth at a time while the budget allows
+  (`_spend_in_blocks`); the statistics' bits are the bits so charged. With `codebook=kmeans` every
   non-empty subset of the candidates is allocated so and the one with the least predicted error is
   kept: the greedy climbs one candidate at a time, and a codebook class's first row pays its whole
   table, so a budget that cannot open the 4-bit class would otherwise never reach 8 bits.

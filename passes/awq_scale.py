@@ -30,7 +30,8 @@ points `allocate-bits` stores by default, its fixed charges) until `avg-bits` is
 class then quantized in its own groups of `group-size` rows with the energy-weighted clipping
 search of `quantize-weights` (grid=mse, the preset's). That search matters: min-max groups
 overstate what scaling buys, since clipping already recovers part of it. With the preset's
-scope=layer this is the allocation to come, up to how the exact greedy spends the last bits;
+scope=layer this is the allocation to come, up to how the exact greedy spends the last bits
+(and, in layers of 2048 rows or more, up to `allocate-bits{blocks=auto}` pricing whole blocks);
 with scope=model it is an estimate at the average budget. Running before `allocate-bits`, rather
 than inside it, keeps the allocation a pure function of the weights and statistics it sees and lets
 `fold-scales` do the folding, as for `smooth`.

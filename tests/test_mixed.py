@@ -561,6 +561,27 @@ def test_blocks_auto_prices_whole_blocks_from_16_blocks_of_rows(tmp_path, k, sam
 
     model = _layer(k=k, n=32)
     calib = [synthetic_inputs(model, seed=s) for s in range(2)]
-    for blocks in ("auto", same_as):
+    written = {}
+    for blocks in ("auto", "tight", "whole"):
         qcompiler.compile(model, tmp_path / blocks, pipeline=f"mixed{{avg-bits=3.25 blocks={blocks}}}", calibration=calib, drift=False)
-    assert (tmp_path / "auto" / "model.onnx").read_bytes() == (tmp_path / same_as / "model.onnx").read_bytes()
+        written[blocks] = (tmp_path / blocks / "model.onnx").read_bytes()
+    assert written["tight"] != written["whole"] and written["auto"] == written[same_as]
+
+
+def test_blocks_whole_holds_the_budget_across_a_model_wide_pool():
+    """scope=model with layers of 16 and 5 blocks: the whole-block layer is charged whole blocks, the
+    other the rows it fills, and the total charged stays within the budget."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    weights = [numpy_helper.from_array(rng.normal(0, 0.05, shape).astype(np.float32), name) for name, shape in
+               (("W1", (2048, 640)), ("W2", (640, 640)))]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W1"], ["H"]), helper.make_node("MatMul", ["H", "W2"], ["Y"])], "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", 2048])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", 640])], weights)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10))
+    records = _compile(model, "calibrate,allocate-bits{avg-bits=3.25 scope=model blocks=auto}")
+    (stats,) = [r.stats for r in records if r.name == "allocate-bits"]
+    assert stats["predicted_bits_per_weight"] <= 3.25
+    assert set(stats["per_layer"]) and all(v["bits_per_weight"] > 2 for v in stats["per_layer"].values())
