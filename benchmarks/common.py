@@ -475,3 +475,12 @@ def _head_linears(proto, producer, sources) -> set[int]:
             continue
         queue.extend(i for i in node.input if i and i not in sources)
     return found
+
+
+def mixed_layer_mib(manifest: dict) -> dict:
+    """The weight-only layers' bytes at rest and resident once the session starts (the manifest's `mixed_layers`), MiB."""
+    layers = manifest.get("mixed_layers") or {}
+    if not layers or any("bytes_resident" not in v for v in layers.values()):
+        return {}
+    return {"layers_at_rest_mib": round(sum(v["bytes_at_rest"] for v in layers.values()) / 2**20, 2),
+            "layers_resident_mib": round(sum(v["bytes_resident"] for v in layers.values()) / 2**20, 2)}

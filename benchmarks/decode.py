@@ -272,14 +272,6 @@ def artifact_bytes(folder: Path) -> int:
 
 
 
-def mixed_memory(manifest: dict) -> dict:
-    """The weight-only layers' bytes at rest and resident once the session starts (the manifest's `mixed_layers`), MiB."""
-    layers = manifest.get("mixed_layers") or {}
-    if not layers or any("bytes_resident" not in v for v in layers.values()):
-        return {}
-    return {"layers_at_rest_mib": round(sum(v["bytes_at_rest"] for v in layers.values()) / 2**20, 2),
-            "layers_resident_mib": round(sum(v["bytes_resident"] for v in layers.values()) / 2**20, 2)}
-
 def main() -> None:
     args = parse_args()
     peer_families = [f.strip() for f in args.peers.split(",") if f.strip()]
@@ -320,7 +312,7 @@ def main() -> None:
             manifest = json.loads((folder / "manifest.json").read_text())
             artifacts[name] = folder
             compiled[name] = {"pipeline": manifest["pipeline"], "compile_s": None, "reused": True,
-                              "effective_bits": manifest.get("effective_bits_per_weight"), **mixed_memory(manifest)}
+                              "effective_bits": manifest.get("effective_bits_per_weight"), **common.mixed_layer_mib(manifest)}
             continue
         start = time.perf_counter()
         result = qcompile("smollm2-135m-kv", build / name.replace(" ", "-"), pipeline=PIPELINES[name],
@@ -328,7 +320,7 @@ def main() -> None:
                           threads=args.threads, drift=False)
         artifacts[name] = result.output
         compiled[name] = {"pipeline": result.pipeline, "compile_s": round(time.perf_counter() - start, 1),
-                          "effective_bits": result.manifest.get("effective_bits_per_weight"), **mixed_memory(result.manifest)}
+                          "effective_bits": result.manifest.get("effective_bits_per_weight"), **common.mixed_layer_mib(result.manifest)}
         print(f"compiled {name} in {compiled[name]['compile_s']} s", flush=True)
 
     if args.ort_spin == "off":

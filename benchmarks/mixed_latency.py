@@ -231,7 +231,6 @@ def compile_variants(work: Path, k: int, n: int, only: str | None = None) -> dic
         start = time.perf_counter()
         result = qcompiler.compile(str(source), out, pipeline=pipeline, calibration=calibration, threads=THREADS, drift=False)
         lowered = [r.stats for r in result.records if r.name == "lower-ort"]
-        layers = result.manifest.get("mixed_layers") or {}
         allocated = [r.stats for r in result.records if r.name == "allocate-bits"]
         rows[name] = {"path": str(out.relative_to(work) / "model.onnx"), "pipeline": result.manifest["pipeline"],
                       "bits_histogram": next(iter(allocated[0]["per_layer"].values()))["bits_histogram"] if allocated else None,
@@ -239,7 +238,7 @@ def compile_variants(work: Path, k: int, n: int, only: str | None = None) -> dic
                       "compile_s": round(time.perf_counter() - start, 2),
                       "routes": lowered[0].get("routes") if lowered else None,
                       "at_rest_mib": round(result.manifest["weight_bytes"] / 2**20, 2),
-                      "resident_mib": round(sum(v["bytes_resident"] for v in layers.values()) / 2**20, 2) if layers else None}
+                      "resident_mib": common.mixed_layer_mib(result.manifest).get("layers_resident_mib")}
     rows[ORT_ROW]["path"] = str(Path("ort") / "model.onnx")
     for budget in ("3.25", "4.25"):  # the split route as it was written before: Gathers and Adds
         if f"ours mixed{{avg-bits={budget}}}" not in rows or (only is not None and not re.search(only, f"ours mixed {budget} Gather+Add")):

@@ -508,8 +508,8 @@ class AllocateBitsPass(Pass):
                         continue
                     gains = layer.errors[lo][rows] - layer.errors[hi][rows]
                     take = min(len(rows), self.group_size - count[hi] % self.group_size)
-                    chosen = rows[np.argsort(-gains, kind="stable")[:take]]
-                    gain = float(np.sum(layer.errors[lo][chosen] - layer.errors[hi][chosen]))
+                    best_rows = np.argsort(-gains, kind="stable")[:take]
+                    chosen, gain = rows[best_rows], float(np.sum(gains[best_rows]))
                     delta = (self._class_bits(layer, hi, count[hi] + take) - self._class_bits(layer, hi, count[hi])
                              + self._class_bits(layer, lo, count[lo] - take) - self._class_bits(layer, lo, count[lo]))
                     if gain <= 0 or delta > left:
