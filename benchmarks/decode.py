@@ -90,6 +90,8 @@ PIPELINES = {
     "mixed 3.25 blocks=whole": "mixed{avg-bits=3.25 blocks=whole}",
     # the same allocation, one MatMulNBits a layer (wider classes as 2-bit digits), fp16 class cast at load
     "mixed 4.25 digits": "mixed{avg-bits=4.25 route=digits}",
+    "mixed 4.25 apart": "mixed{avg-bits=4.25 shared-input=apart}",
+    "mixed 3.25 apart": "mixed{avg-bits=3.25 shared-input=apart}",
     # the same, one kernel only in the layers where the kernel-cost table predicts it faster at M=1
     "mixed 4.25 auto": "mixed{avg-bits=4.25 route=auto}",
     # every linear layer at 4 bits: asymmetric min-max groups of 128 input channels, an fp16 scale and an

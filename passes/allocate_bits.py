@@ -63,7 +63,7 @@ from qcompiler.analysis import bitcost
 from qcompiler.analysis.probe import log_softmax, mean_kl
 from qcompiler.dialect.ops import QC_OPSET_VERSION
 from qcompiler.errors import UserError
-from qcompiler.ir.layers import ConvAsLinear, Linear, conv_as_linear, linears, new_initializer, weighted_convs
+from qcompiler.ir.layers import ConvAsLinear, Linear, conv_as_linear, has_kv_cache, linears, new_initializer, weighted_convs
 from qcompiler.ir.meta import CREATED_BY, Prop, activation_stats
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 from qcompiler.support.progress import progress
@@ -176,6 +176,11 @@ class AllocateBitsPass(Pass):
         "padded at load, and that padding is resident), whole, in whole blocks of group-size rows as ONNX Runtime holds "
         "them (classes fill their blocks: resident memory close to the file's bytes, but budget a layer cannot spend in "
         "a whole block is left unspent), or auto: whole for layers of at least 16 blocks, where little is left, else tight")
+    shared_input: Literal["auto", "apart", "joint"] = option(
+        "auto", "linears that read one input (Q/K/V, gate/up): each its own allocation (apart), or one for them together "
+        "(joint: the same bits per input channel, chosen by their summed errors, so lower-ort runs them as one wide "
+        "kernel per class, the input gathered once; the permutation and the lowering's constants are paid once); auto: "
+        "joint in a decoder with a KV cache (a step is one token: each kernel's call costs more than its weights), else apart")
     convs: bool = option(True, "allocate Conv kernels too, as [C/g * kernel taps, O] matrices (stored packed, expanded to "
                          "float32 when the session starts; at scope=layer all Conv layers share one budget); false leaves them float")
     other_widths: Literal["refuse", "container", "expand"] = option(
@@ -246,24 +251,36 @@ class AllocateBitsPass(Pass):
         if self.sensitivity != "off" and self.scope == "model":
             sensitivities = self._measure_sensitivity(model, layers)
         boosted = [layer for layer in layers if self._matches(layer.linear, self.boost)]
+        joint = self.shared_input == "joint" or (self.shared_input == "auto" and has_kv_cache(graph))
+        units = self._joint_units(layers, boosted) if joint else [(layer, [layer]) for layer in layers]
         boosted_ids = {id(layer) for layer in boosted}
-        plain = [layer for layer in layers if id(layer) not in boosted_ids]
+        boosted_ids |= {id(unit) for unit, members in units if id(members[0]) in boosted_ids}
+        plain = [unit for unit, _ in units if id(unit) not in boosted_ids]
         if self.scope == "model":
-            pools = [(pool, budget) for pool, budget in ((plain, self.avg_bits), (boosted, self.avg_bits + self.boost_bits)) if pool]
+            pools = [(pool, budget) for pool, budget in ((plain, self.avg_bits), ([u for u, _ in units if id(u) in boosted_ids],
+                                                                                   self.avg_bits + self.boost_bits)) if pool]
         else:  # a conv net's layers are many and small (a depthwise 3x3 has 9 rows): they share one budget
-            convs = [layer for layer in plain if isinstance(layer.linear, ConvAsLinear)]
-            pools = [([layer], self.avg_bits + (self.boost_bits if id(layer) in boosted_ids else 0.0))
-                     for layer in layers if not isinstance(layer.linear, ConvAsLinear) or id(layer) in boosted_ids]
+            convs = [unit for unit in plain if isinstance(unit.linear, ConvAsLinear)]
+            pools = [([unit], self.avg_bits + (self.boost_bits if id(unit) in boosted_ids else 0.0))
+                     for unit, _ in units if not isinstance(unit.linear, ConvAsLinear) or id(unit) in boosted_ids]
             pools += [(convs, self.avg_bits)] if convs else []
         allocations = {}
         for pool, avg_bits in pools:
             allocations.update(self._allocate(pool, avg_bits))
         per_layer = {}
         with progress("allocate-bits: layers", len(layers)) as bar:
-            for layer in layers:
-                bits = allocations[layer.linear.name]
-                per_layer[layer.linear.name] = self._record(graph, layer, bits, self.outliers_weight)
-                bar.update()
+            for unit, members in units:
+                bits = allocations[unit.linear.name]
+                for layer in members:
+                    per_layer[layer.linear.name] = self._record(graph, layer, bits, self.outliers_weight)
+                    bar.update()
+                if len(members) > 1:  # stored once for all of them: each is charged its share by columns
+                    stored = self._stored_bits(unit, bits)
+                    for layer in members:
+                        share = stored * layer.shape[1] // unit.shape[1]
+                        per_layer[layer.linear.name].update(
+                            stored_bits=int(share), bits_per_weight=round(share / layer.size, 4),
+                            shared_input=[m.linear.w.name for m in members])
         for linear in kept:
             layer = _Layer(linear, tuple(linear.w.const_value.shape), None, None, 0, {}, self._layer_costs(linear))
             per_layer[linear.name] = self._record(graph, layer, np.full(layer.shape[0], self.keep_bits, np.uint8), 0.0)
@@ -283,6 +300,30 @@ class AllocateBitsPass(Pass):
         return PassResult(model, True, stats)
 
     # ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _joint_units(layers: list[_Layer], boosted: list[_Layer]) -> list[tuple[_Layer, list[_Layer]]]:
+        """shared-input=joint: the linears that read one input (and are all boosted or all not) as one
+        unit, in the order of their first member: a layer of K rows and their columns together,
+        whose error per row and width is the sum of theirs (sensitivity factors applied) and whose
+        activation outliers and sparse outliers are theirs. Conv kernels stay apart."""
+        boosted_ids = {id(layer) for layer in boosted}
+        groups: dict[tuple, list[_Layer]] = {}
+        for layer in layers:
+            joinable = not isinstance(layer.linear, ConvAsLinear)
+            key = (id(layer.linear.x), layer.shape[0], id(layer) in boosted_ids) if joinable else (id(layer),)
+            groups.setdefault(key, []).append(layer)
+        units = []
+        for members in groups.values():
+            if len(members) == 1:
+                units.append((members[0], members))
+                continue
+            first = members[0]
+            joint = _Layer(first.linear, (first.shape[0], sum(m.shape[1] for m in members)), first.energy, first.fp16,
+                           sum(m.sparse for m in members), {b: sum(m.errors[b] for m in members) for b in first.errors},
+                           first.costs)
+            units.append((joint, members))
+        return units
 
     def _layer_costs(self, linear: Linear | ConvAsLinear) -> bitcost.StorageCost:
         """A Conv's weight is expanded at load whatever the target; a linear is priced by the target."""

@@ -56,7 +56,7 @@ def test_artifact_files_and_manifest(tiny_artifact):
     result, out = tiny_artifact
     assert sorted(p.name for p in result.output.iterdir()) == ["manifest.json", "model.onnx", "report.json"]
     manifest = json.loads((result.output / "manifest.json").read_text())
-    assert manifest["pipeline"] == "canonicalize{fold-limit=67108864},lower-ort{act-format=auto mixed-route=split fp16-route=run codebook-route=load int-kernels=auto residual-norm=apart shared-input=auto rms-norm=auto attention=auto weight-format=auto accuracy-level=auto}"
+    assert manifest["pipeline"] == "canonicalize{fold-limit=67108864},lower-ort{act-format=auto mixed-route=split fp16-route=auto codebook-route=load int-kernels=auto residual-norm=apart shared-input=auto rms-norm=auto attention=auto weight-format=auto accuracy-level=auto}"
     assert manifest["opsets"] == {"ai.onnx": 21}
     assert manifest["effective_bits_per_weight"] == 32.0
     assert manifest["weights"] == 8 * 16 + 16 * 4

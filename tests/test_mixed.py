@@ -13,6 +13,7 @@ from qcompiler.dialect import ops
 from qcompiler.dialect.mixed_ops import MixedMatMulView, _mixed_matmul_reference
 from qcompiler.errors import UserError
 from qcompiler.ir import parse, to_text, verify
+from qcompiler.ir.layers import has_kv_cache
 from qcompiler.passes.lower_ort.mixed import pack_bitplanes, pack_nbits, unpack_bitplanes, unpack_nbits
 from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
 from qcompiler.pipeline.context import CompileContext, using
@@ -408,7 +409,9 @@ def test_fold_permutation_into_gate_and_up_is_exact():
     readers_of_h = [n for n in model.graph if any(v is not None and v.name == "H" for v in n.inputs)]
     gathers = [n for n in readers_of_h if n.op_type == "Gather"]  # only the sparse outliers' rows
     assert all("outlier_rows" in n.inputs[1].producer().inputs[0].name for n in gathers)
-    assert sum(n.op_type == "Slice" for n in readers_of_h) >= 2
+    split = [n for n in readers_of_h if n.op_type == "Split"]  # the classes' columns, contiguous: one Split
+    assert len(split) == 1 and len(split[0].outputs) >= 2
+    assert sum(n.op_type == "GatherElements" for n in readers_of_h) <= 1  # the sparse outliers' rows only
     np.testing.assert_allclose(execute.run(model, feeds)["Y"], reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
 
 
@@ -585,3 +588,49 @@ def test_blocks_whole_holds_the_budget_across_a_model_wide_pool():
     (stats,) = [r.stats for r in records if r.name == "allocate-bits"]
     assert stats["predicted_bits_per_weight"] <= 3.25
     assert set(stats["per_layer"]) and all(v["bits_per_weight"] > 2 for v in stats["per_layer"].values())
+
+
+def test_joint_allocation_gives_linears_of_one_input_the_same_bits_within_the_budget():
+    """shared-input=joint: Q and K read one input (so do gate and up), so each pair gets the same
+    bits per input channel, chosen by their summed errors, and the budget holds over the pair;
+    apart, the two random weights get different bits."""
+    stats, bits = {}, {}
+    for mode in ("joint", "apart"):
+        model = _gated_mlp()
+        records = _compile(model, f"canonicalize,calibrate,allocate-bits{{avg-bits=4.25 group-size=32 shared-input={mode}}}")
+        stats[mode] = records[-1].stats
+        bits[mode] = {n.inputs[0].name: n.inputs[1].const_value.numpy() for n in model.graph if n.op_type == "BitAllocation"}
+    for a, b in (("Wq", "Wk"), ("Wg", "Wu")):
+        np.testing.assert_array_equal(bits["joint"][a], bits["joint"][b])
+        assert not np.array_equal(bits["apart"][a], bits["apart"][b])
+    shared = sorted(tuple(v["shared_input"]) for v in stats["joint"]["per_layer"].values() if "shared_input" in v)
+    assert shared == [("Wg", "Wu"), ("Wg", "Wu"), ("Wq", "Wk"), ("Wq", "Wk")]
+    assert not any("shared_input" in v for v in stats["apart"]["per_layer"].values())
+    for mode in stats:
+        assert 4.0 < stats[mode]["predicted_bits_per_weight"] <= 4.25
+
+
+def test_linears_of_one_allocation_lower_to_one_kernel_per_class_with_the_same_numbers():
+    """lower-ort merges the MixedMatMuls of one input, permutation and classes into one over their
+    columns and a Split: half the MatMulNBits of lowering them one by one, the same outputs."""
+    model = _gated_mlp()
+    _compile(model, "canonicalize,calibrate,allocate-bits{avg-bits=4.25 group-size=32 shared-input=joint},quantize-weights")
+    feeds = synthetic_inputs(model, seed=3)
+    reference = execute.run(model, feeds)["Y"]
+    outputs, kernels = {}, {}
+    for shared in ("auto", "separate"):
+        lowered = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        records = _compile(lowered, f"lower-ort{{accuracy-level=0 shared-input={shared}}}")
+        outputs[shared] = execute.run(lowered, feeds)["Y"]
+        kernels[shared] = sum(n.op_type == "MatMulNBits" for n in lowered.graph)
+        merged = records[-1].stats["routes"].get("shared input: one MixedMatMul + Split", 0)
+        assert merged == (2 if shared == "auto" else 0)
+    assert kernels["separate"] > kernels["auto"] > 0
+    np.testing.assert_allclose(outputs["auto"], outputs["separate"], rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+    np.testing.assert_allclose(outputs["auto"], reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+
+
+def test_kv_cache_is_a_graph_input_concatenated_into_an_output():
+    decoder = parse("""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[1, 2, P, 4] past, float[1, 2, 1, 4] new) => (float[1, 2, T, 4] present) { present = Concat <axis: int = 2> (past, new) }""")
+    assert has_kv_cache(decoder.graph) and not has_kv_cache(_gated_mlp().graph)

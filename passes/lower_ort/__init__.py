@@ -28,6 +28,9 @@ the same numbers as their references.
   `mixed-route=auto` picks split or digits per layer by the target's kernel-cost table;
   `mixed-route=expand` keeps every layer as one float MatMul of a weight expanded at load;
   `fp16-route=load` casts the fp16 classes to float32 once, at load, instead of at every run.
+  `qc.MixedMatMul`s that read one input with one permutation and the same classes (Q/K/V and
+  gate/up under `allocate-bits{shared-input=joint}`) are first merged into one over their columns,
+  then a `Split` (or the packed QKV of a fused attention): one gather and one kernel per class.
 - `qc.MixedWeight` (a Conv's mixed-precision kernel) -> the weight expanded from the packed classes
   by standard ops that read only initializers, which ONNX Runtime folds into a float32 kernel when the
   session starts (`mixed.py`): the file stores the budgeted bits, the Conv runs in float32.
@@ -78,7 +81,7 @@ import onnx_ir as ir
 
 from qcompiler.analysis import placement
 from qcompiler.errors import UserError
-from qcompiler.ir.layers import drop_unread, remove_unused
+from qcompiler.ir.layers import drop_unread, has_kv_cache, remove_unused
 from qcompiler.ir.meta import Prop
 from qcompiler.passes.lower_ort.attention import fuse_attention
 from qcompiler.passes.lower_ort.host import cpu_has_vnni, is_x86, nbits_accuracy_level, signed_activations_are_faster
@@ -87,7 +90,8 @@ from qcompiler.passes.lower_ort.integer_kernels import (fuse_integer_bias, fuse_
 from qcompiler.passes.lower_ort.mixed import lower_mixed_matmul, lower_mixed_weight
 from qcompiler.passes.lower_ort.norms import keep_residual_norms_apart, rms_norms_as_div, rms_norms_with_skip
 from qcompiler.passes.lower_ort.qdq import LOWERINGS, unfuse
-from qcompiler.passes.lower_ort.shared_input import widen_integer_linears, widen_shared_input_linears
+from qcompiler.passes.lower_ort.shared_input import (pack_split_into_attention, widen_integer_linears,
+                                                     widen_shared_input_linears, widen_shared_input_mixed)
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 
 __all__ = ["LowerOrtPass", "cpu_has_vnni", "nbits_accuracy_level"]
@@ -114,9 +118,11 @@ class LowerOrtPass(Pass):
         "at the widest class's width (single) or at the narrowest, wider codes as its digits (digits), per layer whichever "
         "of split and digits the target's kernel-cost table predicts faster at M=1 (auto), or one float MatMul of a "
         "weight expanded at load")
-    fp16_route: Literal["run", "load"] = option(
-        "run", "qc.MixedMatMul fp16 classes: the fp16 weight cast to float32 at every run (resident as stored), or once "
-        "at load (twice the class's bytes resident, the per-run Shape/Mul/Add/Reshape/Cast chain gone)")
+    fp16_route: Literal["auto", "run", "load"] = option(
+        "auto", "qc.MixedMatMul fp16 classes: the fp16 weight cast to float32 at every run (resident as stored), or once "
+        "at load (twice the class's bytes resident, the per-run Shape/Mul/Add/Reshape/Cast chain gone); auto: load in a "
+        "decoder with a KV cache (a step is one token: the chain's calls cost more than the 0.5 % of channels it keeps "
+        "in fp16), else run")
     codebook_route: Literal["load", "run"] = option(
         "load", "qc.MixedMatMul codebook classes (split route): weight expanded to float32 at load, or at every run from the "
         "packed codes (resident as stored; measured 450x slower at M=1 on a 4096x4096 layer)")
@@ -130,8 +136,9 @@ class LowerOrtPass(Pass):
         "SkipLayerNormalization (measured 4.5 to 4.9 times as long as Add + LayerNormalization on x86), or kept as Add")
     shared_input: Literal["auto", "separate", "wide"] = option(
         "auto", "kernels reading one input (Q/K/V, gate/up): one each (separate); one wide kernel and a Split, or the "
-        "packed QKV of a fused attention (wide); or wide for MatMulNBits and separate for MatMulIntegerToFloat, whose "
-        "wide form measured a little slower on MiniLM (auto)")
+        "packed QKV of a fused attention (wide); or wide for MatMulNBits and mixed layers of one allocation "
+        "(allocate-bits{shared-input=joint}) and separate for MatMulIntegerToFloat, whose wide form measured a little "
+        "slower on MiniLM (auto)")
     rms_norm: Literal["auto", "as-is", "fused"] = option(
         "auto", "RMSNorm written x * Reciprocal(Sqrt(mean(x^2) + eps)): as it is; or fused: one "
         "com.microsoft.SkipSimplifiedLayerNormalization where it normalizes a residual sum (the Add inside), else "
@@ -165,14 +172,19 @@ class LowerOrtPass(Pass):
         graph = model.graph
         signed = self.act_format == "s8" or (self.act_format == "auto" and signed_activations_are_faster())
         level = nbits_accuracy_level() if self.accuracy_level == "auto" else int(self.accuracy_level)
+        fp16_route = self.fp16_route if self.fp16_route != "auto" else ("load" if has_kv_cache(graph) else "run")
         lowerings = dict(LOWERINGS, MixedMatMul=lambda g, n, _: lower_mixed_matmul(
-            g, n, level, self.mixed_route, self.codebook_route, self.fp16_route,
+            g, n, level, self.mixed_route, self.codebook_route, fp16_route,
             self._kernel_costs() if self.mixed_route == "auto" else None), MixedWeight=lambda g, n, _: lower_mixed_weight(g, n))
         counts: dict[str, int] = {}
         mixed = False
         unfused = unfuse(graph)
         if unfused:
             counts["unfused"] = unfused
+        if self.shared_input != "separate":
+            wide_mixed = widen_shared_input_mixed(graph)
+            if wide_mixed:
+                counts["shared input: one MixedMatMul + Split"] = wide_mixed
         for node in list(graph):
             if node.domain != "qc":
                 continue
@@ -224,6 +236,7 @@ class LowerOrtPass(Pass):
             wide, packed = widen_shared_input_linears(graph)
             if wide - packed:
                 counts["shared input: one wide linear + Split"] = wide - packed
+            packed += pack_split_into_attention(graph) if fused_attention else 0
             if packed:
                 counts["packed QKV"] = packed
         if self.rms_norm == "fused" or (self.rms_norm == "auto" and fused_attention):

@@ -290,9 +290,12 @@ def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, 
         routes.append(f"MatMulNBits{width}(one kernel: {','.join(str(c.bits) for c in nbits)}-bit classes in blocks"
                       + (f", wider codes as {width}-bit digits)" if route == "digits" and max(containers) > width else ")"))
         classes = [c for c in classes if not _runs_on_nbits(c)]
-    for c in classes:
+    if one_kernel or len(classes) < 2 or b.graph.opset_imports.get("", 0) < 13:
+        sources = [_columns(b, f"c{c.slot}", x, perm[c.start:c.stop], k_total) for c in classes]
+    else:
+        sources = _class_columns(b, x, perm, classes)
+    for c, xc in zip(classes, sources):
         name = f"c{c.slot}"
-        xc = _columns(b, name, x, perm[c.start:c.stop], k_total)
         if _runs_on_nbits(c):  # integer zero points: MatMulNBits
             container = bitcost.container_bits(c.bits)
             partial.append(_matmul_nbits(b, name, xc, *c.inputs, container, view.group_size, accuracy_level))
@@ -410,6 +413,19 @@ def _columns(b: _Builder, name: str, x: ir.Value, channels: np.ndarray, k_total:
                               b.const(f"{name}.stop", np.array([stop], np.int64)),
                               b.const(f"{name}.axis", np.array([-1], np.int64))])
     return _gather_columns(b, x, _index(b, f"{name}.channels", channels))
+
+
+def _class_columns(b: _Builder, x: ir.Value, perm: np.ndarray, classes) -> list[ir.Value]:
+    """Every class's input columns at once: X (gathered once by the permutation, unless
+    `fold-permutation` made it the identity) split by the classes' rows. Two or three ops a layer
+    instead of one or two a class, the same values."""
+    if not np.array_equal(perm, np.arange(len(perm))):
+        x = _gather_columns(b, x, _index(b, "channels", perm))
+    sizes = b.const("class_rows", np.array([c.stop - c.start for c in classes], np.int64))
+    split = b.op("Split", [x, sizes], {"axis": -1}, num_outputs=len(classes)).producer()
+    for i, part in enumerate(split.outputs[1:], 1):
+        part.name = f"{split.name}.{i}"
+    return list(split.outputs)
 
 
 def _gather_columns(b: _Builder, x: ir.Value, indices: ir.Value) -> ir.Value:

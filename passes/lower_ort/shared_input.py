@@ -2,13 +2,16 @@
 projections of an attention (and a gated MLP's gate and up projections) as one product over their
 concatenated weights, then a `Split`, or the packed QKV input `GroupQueryAttention` takes.
 `MatMulIntegerToFloat` (`widen_integer_linears`, only under `shared-input=wide`: measured a little
-slower on MiniLM, the Split copies) and `MatMulNBits` and float MatMul (`widen_shared_input_linears`)."""
+slower on MiniLM, the Split copies), `MatMulNBits` and float MatMul (`widen_shared_input_linears`), and
+`qc.MixedMatMul`s of one allocation (`widen_shared_input_mixed`, before they are lowered)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul, uniform_zero_kind
+from qcompiler.dialect.op_registry import attributes_of
 from qcompiler.ir import op_key
 from qcompiler.ir.layers import drop_unread, new_initializer, take_over
 from qcompiler.ir.meta import CREATED_BY
@@ -46,6 +49,74 @@ def widen_integer_linears(graph: ir.Graph) -> int:
         drop_unread(graph, read)  # the per-layer weights, now concatenated
         merged += 1
     return merged
+
+
+def widen_shared_input_mixed(graph: ir.Graph) -> int:
+    """`qc.MixedMatMul`s that read one input with the same permutation and the same classes (rows,
+    kinds, widths, zero-point form; what `allocate-bits{shared-input=joint}` gives Q/K/V and gate/up)
+    -> one over their class arrays concatenated along N, then a `Split`: lowered, the input is
+    gathered once per class and each class is one kernel for all of them. Returns the groups merged."""
+    groups: dict[tuple, list[ir.Node]] = {}
+    for node in graph:
+        key = _mixed_key(node) if is_mixed_matmul(node) else None
+        if key is not None:
+            groups.setdefault(key, []).append(node)
+    merged = 0
+    for nodes in groups.values():
+        if len(nodes) < 2:
+            continue
+        first = nodes[0]
+        base = first.name or first.outputs[0].name
+        views = [MixedMatMulView.of(n) for n in nodes]
+        columns = [int(v.classes[0].inputs[0].const_value.shape[1]) for v in views]
+        inputs = [first.inputs[0], first.inputs[1]]
+        for members in zip(*(v.class_arrays() for v in views)):
+            axes = _COLUMN_AXES[members[0].kind]
+            for i, axis in enumerate(axes):
+                array = np.concatenate([m.inputs[i] for m in members], axis=axis)
+                inputs.append(new_initializer(graph, f"{base}.wide.c{members[0].slot}.{i}", array))
+        if views[0].outliers is not None:
+            offsets = np.cumsum([0, *columns[:-1]])
+            pairs = [v.outlier_arrays() for v in views]
+            index = np.concatenate([np.column_stack([i[:, 0], i[:, 1] + offset]).astype(i.dtype) for (i, _), offset in zip(pairs, offsets)])
+            inputs.append(new_initializer(graph, f"{base}.wide.outlier_index", index))
+            inputs.append(new_initializer(graph, f"{base}.wide.outlier_value", np.concatenate([values for _, values in pairs])))
+        wide = ir.node("MixedMatMul", inputs, attributes_of(first), domain="qc", name=f"{base}.wide",
+                       metadata_props={CREATED_BY: "lower-ort"})
+        wide.outputs[0].name = f"{base}.wide"
+        wide.outputs[0].type = first.outputs[0].type
+        shape = first.outputs[0].shape
+        if shape is not None and len(shape):
+            wide.outputs[0].shape = ir.Shape([*shape[:-1], sum(columns)])
+        sizes = new_initializer(graph, f"{base}.wide.splits", np.array(columns, np.int64))
+        split = ir.node("Split", [wide.outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes), name=f"{base}.wide.split",
+                        metadata_props={CREATED_BY: "lower-ort"})
+        graph.insert_before(first, [wide, split])
+        for node, part in zip(nodes, split.outputs):
+            take_over(node.outputs[0], part)
+        read = [v for n in nodes for v in n.inputs[2:] if v is not None and v.is_initializer()]
+        graph.remove(nodes, safe=True)
+        drop_unread(graph, read)
+        merged += 1
+    return merged
+
+
+# the axis of N in each input of a mixed class (codes and rows [K_c, N]; scale and zero [G, N]; a codebook [N, 2^b])
+_COLUMN_AXES = {"uniform": (1, 1, 1), "codebook": (1, 0), "fp16": (1,)}
+
+
+def _mixed_key(node: ir.Node) -> tuple | None:
+    """What `qc.MixedMatMul`s must share to be one: their input, permutation, classes and zero-point
+    forms, all constant; None where something is not."""
+    view = MixedMatMulView.of(node)
+    if view.perm.const_value is None or any(v is None or v.const_value is None for c in view.classes for v in c.inputs):
+        return None
+    if view.outliers is not None and any(v.const_value is None for v in view.outliers):
+        return None
+    zeros = tuple(uniform_zero_kind(c.inputs[2].const_value.numpy(), c.bits) if c.kind == "uniform" else c.kind
+                  for c in view.classes)
+    classes = tuple((c.kind, c.bits, c.stop - c.start) for c in view.classes)
+    return (id(view.x), view.perm.const_value.numpy().tobytes(), classes, zeros, view.group_size, view.outliers is not None)
 
 
 def widen_shared_input_linears(graph: ir.Graph) -> tuple[int, int]:
@@ -130,6 +201,29 @@ def _wide_linear(graph: ir.Graph, nodes: list[ir.Node]) -> ir.Node:
     wide.outputs[0].name = f"{base}.wide"
     graph.insert_before(first, [*concats, wide])
     return wide
+
+
+def pack_split_into_attention(graph: ir.Graph) -> int:
+    """A `Split` in three whose parts are exactly a `GroupQueryAttention`'s query, key and value, in
+    that order (a merged mixed Q/K/V), and read by nothing else -> the attention reads the Split's
+    input as its packed QKV. Returns the attentions so packed."""
+    packed = 0
+    for split in list(graph):
+        if op_key(split) != ("", "Split") or len(split.outputs) != 3:
+            continue
+        uses = [list(v.uses()) for v in split.outputs]
+        if any(len(u) != 1 for u in uses) or any(v.is_graph_output() for v in split.outputs):
+            continue
+        attention = uses[0][0].node
+        if op_key(attention) != ("com.microsoft", "GroupQueryAttention") or \
+                [(u[0].node, u[0].idx) for u in uses] != [(attention, 0), (attention, 1), (attention, 2)]:
+            continue
+        attention.replace_input_with(0, split.inputs[0])
+        attention.replace_input_with(1, None)
+        attention.replace_input_with(2, None)
+        graph.remove(split, safe=True)
+        packed += 1
+    return packed
 
 
 def _constant_makers(value: ir.Value) -> list[ir.Node]:

@@ -261,3 +261,14 @@ def name_weights_after_modules(graph: ir.Graph) -> int:
         graph.register_initializer(weight)
         renamed += 1
     return renamed
+
+
+def has_kv_cache(graph: ir.Graph) -> bool:
+    """Whether the graph is a decoder with a KV cache: a graph input concatenated into a graph
+    output (`present = Concat(past, new)`), so that a decode step runs one token, where each
+    kernel's call costs more than its weights."""
+    for value in graph.inputs:
+        for use in value.uses():
+            if use.node.op_type == "Concat" and any(o.is_graph_output() for o in use.node.outputs):
+                return True
+    return False

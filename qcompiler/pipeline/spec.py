@@ -94,12 +94,15 @@ PRESETS: dict[str, Preset] = {
     ),
     "mixed": Preset(
         "canonicalize,calibrate$act_scale,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook sensitivity=$sensitivity "
-        "outliers-weight=$outliers_weight$blocks},quantize-weights$rounding$tuning,fold-permutation$embedding$kv_cache,$route",
+        "outliers-weight=$outliers_weight$blocks$shared_input},quantize-weights$rounding$tuning,fold-permutation$embedding$kv_cache,$route",
         "weight-only channel-wise mixed precision at a fractional bit budget (needs --calib)",
         {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0",
          "rounding": "nearest", "tuning": "none", "act-scale": "none", "embedding": "float", "kv-cache": "float32",
-         "route": "split", "attention": "auto", "blocks": "auto"},
+         "route": "split", "attention": "auto", "blocks": "auto", "shared-input": "auto"},
         {"rounding": {"nearest": "", "gptq": ",gptq"},
+         # linears of one input (Q/K/V, gate/up) allocated together: lowered as one wide kernel per class
+         # (auto: in a decoder with a KV cache)
+         "shared-input": {"auto": "", "apart": " shared-input=apart", "joint": " shared-input=joint"},
          # how MatMulNBits classes are priced (allocate-bits{blocks=...}): auto, whole blocks in layers of 16 blocks
          # or more (as resident once the session starts), else the rows filled
          "blocks": {"auto": "", "tight": " blocks=tight", "whole": " blocks=whole"},
