@@ -26,7 +26,7 @@ import onnx_ir as ir
 from qcompiler.analysis import execute
 from qcompiler.errors import UserError, first_line
 from qcompiler.ir import initializer_bytes, on_disk_tensors, qc_nodes, save, weight_values
-from qcompiler.ir.meta import ROUTE_KEY
+from qcompiler.ir.meta import MERGED_LAYERS_KEY, ROUTE_KEY
 from qcompiler.support.progress import progress
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ def emit(model: ir.Model, directory: Path, manifest: dict[str, Any], extra_files
     with progress("write model.onnx (MB of weights)", megabytes) as bar:
         files = save(model, directory / "model.onnx", progress=lambda done, _total: bar.update(done >> 20))
     routes = {n.name: n.metadata_props[ROUTE_KEY] for n in model.graph if ROUTE_KEY in n.metadata_props}
+    merged = {n.name: n.metadata_props[MERGED_LAYERS_KEY].split(",") for n in model.graph if MERGED_LAYERS_KEY in n.metadata_props}
     if on_disk_tensors(model):  # a large model: ONNX Runtime maps its weights; folding would hold copies of them
         log.info("emitted model checked without ONNX Runtime's graph optimizations (weights on disk: constant folding "
                  "would hold copies of them); the manifest leaves out the mixed layers' resident bytes")
@@ -62,7 +63,7 @@ def emit(model: ir.Model, directory: Path, manifest: dict[str, Any], extra_files
         **weight_bytes(model, manifest.get("source", {}).get("weights")),
     }
     if routes:
-        manifest["mixed_layers"] = mixed_layers(model, routes, resident)
+        manifest["mixed_layers"] = mixed_layers(model, routes, resident, merged)
     tables = quantized_embeddings(model)
     if tables:
         manifest["embeddings"] = tables
@@ -101,9 +102,11 @@ def initializer_bytes_in_file(path: Path) -> dict[str, int]:
     return sizes
 
 
-def mixed_layers(model: ir.Model, routes: dict[str, str], resident: dict[str, int] | None) -> dict[str, dict]:
+def mixed_layers(model: ir.Model, routes: dict[str, str], resident: dict[str, int] | None,
+                 merged: dict[str, list[str]] | None = None) -> dict[str, dict]:
     """Per lowered mixed-precision layer: the route, the bytes at rest and the bytes resident (left
-    out where `resident` is None: not measured). A layer's initializers are named `<layer>.*` by
+    out where `resident` is None: not measured), and for a layer that computes several linears of
+    one input (`merged`) their names (`layers`). A layer's initializers are named `<layer>.*` by
     `lower-ort` (ONNX Runtime keeps that name for what it folds, or prefixes it, e.g.
     `FusedBack_<layer>.*` for an fp16 tensor it converts)."""
     at_rest = {v.name: v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None}
@@ -111,6 +114,8 @@ def mixed_layers(model: ir.Model, routes: dict[str, str], resident: dict[str, in
     for layer, route in sorted(routes.items()):
         prefix = f"{layer}."
         out[layer] = {"route": route, "bytes_at_rest": sum(b for name, b in at_rest.items() if name.startswith(prefix))}
+        if merged and layer in merged:
+            out[layer]["layers"] = merged[layer]
         if resident is not None:
             out[layer]["bytes_resident"] = sum(b for name, b in resident.items() if name.startswith(prefix) or name.startswith(f"FusedBack_{prefix}"))
     return out

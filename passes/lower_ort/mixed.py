@@ -84,7 +84,7 @@ import onnx_ir as ir
 from qcompiler.analysis import bitcost
 from qcompiler.dialect.mixed_ops import MixedMatMulView, mixed_weight, uniform_zero_kind
 from qcompiler.ir.layers import conv_reading, new_initializer
-from qcompiler.ir.meta import CREATED_BY, ROUTE_KEY, STORED_WEIGHTS
+from qcompiler.ir.meta import CREATED_BY, MERGED_LAYERS_KEY, ROUTE_KEY, STORED_WEIGHTS
 
 
 
@@ -322,6 +322,8 @@ def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, 
     taken = (f"{route}: " if one_kernel else "split: ") + " + ".join(routes)
     y.producer().name = base
     y.producer().metadata_props[ROUTE_KEY] = taken
+    if MERGED_LAYERS_KEY in node.metadata_props:
+        y.producer().metadata_props[MERGED_LAYERS_KEY] = node.metadata_props[MERGED_LAYERS_KEY]
     name = node.outputs[0].name
     y.type, y.shape = node.outputs[0].type, node.outputs[0].shape
     ir.convenience.replace_all_uses_with(node.outputs[0], y, replace_graph_outputs=True)

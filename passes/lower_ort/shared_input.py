@@ -14,7 +14,7 @@ from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul, unifor
 from qcompiler.dialect.op_registry import attributes_of
 from qcompiler.ir import op_key
 from qcompiler.ir.layers import drop_unread, new_initializer, take_over
-from qcompiler.ir.meta import CREATED_BY
+from qcompiler.ir.meta import CREATED_BY, MERGED_LAYERS_KEY
 
 _NBITS_ATTRIBUTES = ("K", "bits", "block_size", "accuracy_level")
 
@@ -82,7 +82,7 @@ def widen_shared_input_mixed(graph: ir.Graph) -> int:
             inputs.append(new_initializer(graph, f"{base}.wide.outlier_index", index))
             inputs.append(new_initializer(graph, f"{base}.wide.outlier_value", np.concatenate([values for _, values in pairs])))
         wide = ir.node("MixedMatMul", inputs, attributes_of(first), domain="qc", name=f"{base}.wide",
-                       metadata_props={CREATED_BY: "lower-ort"})
+                       metadata_props={CREATED_BY: "lower-ort", MERGED_LAYERS_KEY: ",".join(n.name or n.outputs[0].name for n in nodes)})
         wide.outputs[0].name = f"{base}.wide"
         wide.outputs[0].type = first.outputs[0].type
         shape = first.outputs[0].shape

@@ -130,6 +130,9 @@ STORED_WEIGHTS = _key("qc.stored_weights", NODE_PROPS, "str ('1')",
                       "every constant input of the node is weight bytes (sparse outlier corrections)")
 ROUTE_KEY = _key("lower-ort.mixed_route", NODE_PROPS, "str",
                  "on a lowered mixed layer's last node: the ONNX Runtime route taken per class, read by codegen/ort")
+MERGED_LAYERS_KEY = _key("lower-ort.merged_layers", NODE_PROPS, "str (comma-separated layer names)",
+                         "on a lowered mixed layer that computes several linears of one input (one allocation, "
+                         "merged by lower-ort): their names, read by codegen/ort for the manifest")
 SOURCE_FLOAT_KEY = _key("qc.source_float_type", MODEL_PROPS, "str (float32, float16, bfloat16)",
                         "the source model's float type, restored at the emitted model's edges")
 SOURCE_EDGES_KEY = _key("qc.source_float_edges", MODEL_PROPS, "str (JSON list of names)",

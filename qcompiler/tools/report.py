@@ -361,8 +361,11 @@ def build(
     probe_source = getattr(probe, "source", "api" if probe is not None else None)
     stats = {r.name: r.stats for r in records}
     layers = _layers(model, recorder, stats)
+    runtime = dict(manifest.get("mixed_layers") or {})
+    for entry in list(runtime.values()):  # a merged layer's route and bytes, under each linear it computes
+        runtime.update({name: entry for name in entry.get("layers", ())})
     for layer in layers:  # the route lower-ort took and the bytes at rest / resident (the manifest's)
-        layer["runtime"] = (manifest.get("mixed_layers") or {}).get(layer["name"])
+        layer["runtime"] = runtime.get(layer["name"])
     float_nodes = _float_nodes(model, recorder, stats, layers)
     weights = manifest.get("weights") or 0
     artifact_weight_bytes = manifest.get("weight_bytes")
