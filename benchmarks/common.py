@@ -484,3 +484,25 @@ def mixed_layer_mib(manifest: dict) -> dict:
         return {}
     return {"layers_at_rest_mib": round(sum(v["bytes_at_rest"] for v in layers.values()) / 2**20, 2),
             "layers_resident_mib": round(sum(v["bytes_resident"] for v in layers.values()) / 2**20, 2)}
+
+
+RSS_PROBE = """
+import sys, onnxruntime as ort
+def rss():
+    import os
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+options = ort.SessionOptions()
+options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = %d, 1, 3
+before = rss()
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+print(rss() - before)
+"""
+
+
+def session_rss(path: Path, threads: int) -> float:
+    """MiB of process RSS added by creating an ONNX Runtime session for `path`, in a fresh process
+    (the model read and its initializers folded and repacked, nothing run)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE % threads, str(path)], check=True, capture_output=True, text=True)
+    return round(int(out.stdout.strip().splitlines()[-1]) / 2**20, 1)

@@ -91,6 +91,10 @@ PIPELINES = {
     # the same allocation, one MatMulNBits a layer (wider classes as 2-bit digits), fp16 class cast at load
     "mixed 4.25 digits": "mixed{avg-bits=4.25 route=digits}",
     "mixed 4.25 apart": "mixed{avg-bits=4.25 shared-input=apart}",
+    "mixed 4.25 latency": "canonicalize,calibrate,allocate-bits{avg-bits=4.25 outliers-weight=0 cost=latency},quantize-weights,"
+                          "fold-permutation,lower-ort",
+    "mixed 4.25 4,8": "canonicalize,calibrate,allocate-bits{avg-bits=4.25 outliers-weight=0 candidates=4,8},quantize-weights,"
+                      "fold-permutation,lower-ort",
     "mixed 3.25 apart": "mixed{avg-bits=3.25 shared-input=apart}",
     # the same, one kernel only in the layers where the kernel-cost table predicts it faster at M=1
     "mixed 4.25 auto": "mixed{avg-bits=4.25 route=auto}",
@@ -378,6 +382,7 @@ def main() -> None:
         results[name] = {
             **compiled[name],
             "file_bytes": artifact_bytes(artifacts[name]),
+            "session_rss_mib": common.session_rss(artifacts[name] / "model.onnx", args.threads),
             "prefill_tokens_per_s": round(statistics.median(samples[name]["prefill"]), 1),
             "decode_tokens_per_s": round(statistics.median(samples[name]["decode"]), 1),
             "prefill_samples": [round(v, 1) for v in samples[name]["prefill"]],
@@ -395,11 +400,12 @@ def main() -> None:
         agree = res["greedy_agreement"]
         cache = res.get("cache_bytes")
         memory = f"{res['layers_at_rest_mib']} / {res['layers_resident_mib']}" if "layers_resident_mib" in res else "-"
-        rows.append([name, res.get("effective_bits", "-"), round(res["file_bytes"] / 2**20, 1), memory, res["prefill_tokens_per_s"],
+        rows.append([name, res.get("effective_bits", "-"), round(res["file_bytes"] / 2**20, 1), memory, res.get("session_rss_mib", "-"),
+                     res["prefill_tokens_per_s"],
                      res["decode_tokens_per_s"], res["decode_vs_float32"], res["perplexity"],
                      round(cache / 2**20, 2) if cache else "-",
                      f"{agree['agreeing_tokens']}/{agree['of']} ({agree['prompts_agreeing_throughout']} whole)" if agree else "-"])
-    print(common.table(["pipeline", "bits/weight", "file MiB", "weight-only layers MiB (at rest / resident)", "prefill tok/s", "decode tok/s", "decode vs float32", "held-out ppl",
+    print(common.table(["pipeline", "bits/weight", "file MiB", "weight-only layers MiB (at rest / resident)", "RSS at session start MiB", "prefill tok/s", "decode tok/s", "decode vs float32", "held-out ppl",
                         "cache MiB", "greedy agreement"], rows))
     body = {
         "command": common.command_line(),

@@ -112,25 +112,6 @@ def inputs(rows: int, seed: int, k: int = 4096) -> np.ndarray:
     return (np.random.default_rng(seed).normal(0, 1, (rows, k)) * channel_scale).astype(np.float32)
 
 
-RSS_PROBE = """
-import sys, onnxruntime as ort
-def rss():
-    import os
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-options = ort.SessionOptions()
-options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = %d, 1, 3
-before = rss()
-session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
-print(rss() - before)
-"""
-
-
-def session_rss(path: Path) -> float:
-    """MiB of process RSS added by creating an ONNX Runtime session for `path`, in a fresh process."""
-    import subprocess
-
-    out = subprocess.run([sys.executable, "-c", RSS_PROBE % THREADS, str(path)], check=True, capture_output=True, text=True)
-    return round(int(out.stdout.strip().splitlines()[-1]) / 2**20, 1)
 
 
 def ort_nbits(source: Path, out: Path, level: int, k: int, n: int) -> dict:
@@ -353,7 +334,7 @@ def time_variants(work: Path, k: int, n: int, repeats: int, only: str | None = N
             if only is None or name in ("float32", ORT_ROW) or re.search(only, name)}
     float_model(work / "float.onnx", k, n)
     for name, row in rows.items():
-        row["rss_mib"] = session_rss(work / row["path"])
+        row["rss_mib"] = common.session_rss(work / row["path"], THREADS)
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
     options.log_severity_level = 3
