@@ -301,6 +301,11 @@ def test_int4_preset_is_one_uniform_kernel_a_linear(factory, calib_file, float_l
     kernels = [n for n in _nodes(out) if n.op_type == "MatMulNBits"]
     assert all(len(n.input) == 3 for n in kernels)  # symmetric: the kernel's default zero points
     assert ops.count("GroupQueryAttention") == 2 and ops.count("Split") == 2
+    manifest = json.loads((out / "manifest.json").read_text())  # the wide kernels' layers and bytes, once each
+    layers = manifest["mixed_layers"]
+    assert sorted(len(e["layers"]) for e in layers.values() if "layers" in e) == [2, 2, 3, 3]
+    assert all(e["bytes_at_rest"] > 0 for e in layers.values()) and len(layers) == 9  # 2 x (QKV, O, gate-up, down) + head
+    _assert_each_initializer_counted_once(out, layers)
     ids = np.random.default_rng(5).integers(3, VOCAB, 16)
     got, want = (cached_logits(CachedSession(f / "model.onnx", read_layout(f), 1), ids, prefill=8) for f in (out, float_lm))
     assert execute.drift({"y": want}, {"y": got})["cosine"] > 0.99
@@ -356,6 +361,16 @@ def test_tiny_mixed_compiles_the_cache_graph(factory, calib_file, tmp_path):
     assert generate(out, PROMPT, max_new_tokens=4, threads=1)["new_tokens"] >= 1
 
 
+def _assert_each_initializer_counted_once(artifact: Path, layers: dict) -> None:
+    """The manifest's bytes at rest of the mixed layers (a merged one's initializers are named after
+    it or after the layers it computes) add up to the bytes of the initializers they name, once each."""
+    import onnx
+
+    sizes = {t.name: onnx.numpy_helper.to_array(t).nbytes for t in onnx.load(str(artifact / "model.onnx")).graph.initializer}
+    prefixes = tuple(f"{name}." for layer, e in layers.items() for name in (layer, *e.get("layers", ())))
+    assert sum(e["bytes_at_rest"] for e in layers.values()) == sum(b for n, b in sizes.items() if n.startswith(prefixes))
+
+
 def test_mixed_decoder_allocates_the_linears_of_one_input_together(factory, calib_file, float_lm, tmp_path):
     """In a decoder with a KV cache the mixed preset allocates Q/K/V and gate/up together
     (`allocate-bits{shared-input=auto}`): each class of them is one MatMulNBits, Q/K/V packed into
@@ -371,6 +386,7 @@ def test_mixed_decoder_allocates_the_linears_of_one_input_together(factory, cali
     layers = json.loads((outs["auto"] / "manifest.json").read_text())["mixed_layers"]
     merged = sorted(len(entry["layers"]) for entry in layers.values() if "layers" in entry)
     assert merged == [2, 2, 3, 3]  # per layer: Q/K/V and gate/up
+    _assert_each_initializer_counted_once(outs["auto"], layers)
     assert all("fp16(float MatMul, cast at load)" in e["route"] for e in layers.values() if "fp16" in e["route"])
     ids = np.random.default_rng(6).integers(3, VOCAB, 16)
     want = cached_logits(CachedSession(float_lm / "model.onnx", read_layout(float_lm), 1), ids, prefill=8)

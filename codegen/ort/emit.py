@@ -112,12 +112,14 @@ def mixed_layers(model: ir.Model, routes: dict[str, str], resident: dict[str, in
     at_rest = {v.name: v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None}
     out = {}
     for layer, route in sorted(routes.items()):
-        prefix = f"{layer}."
-        out[layer] = {"route": route, "bytes_at_rest": sum(b for name, b in at_rest.items() if name.startswith(prefix))}
-        if merged and layer in merged:
-            out[layer]["layers"] = merged[layer]
+        members = (merged or {}).get(layer, [])
+        prefixes = tuple(f"{name}." for name in (layer, *members))  # a wide kernel's concatenated inputs keep their layers' names
+        out[layer] = {"route": route, "bytes_at_rest": sum(b for name, b in at_rest.items() if name.startswith(prefixes))}
+        if members:
+            out[layer]["layers"] = members
         if resident is not None:
-            out[layer]["bytes_resident"] = sum(b for name, b in resident.items() if name.startswith(prefix) or name.startswith(f"FusedBack_{prefix}"))
+            out[layer]["bytes_resident"] = sum(b for name, b in resident.items()
+                                               if name.startswith(prefixes) or name.startswith(tuple(f"FusedBack_{p}" for p in prefixes)))
     return out
 
 

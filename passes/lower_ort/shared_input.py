@@ -14,7 +14,7 @@ from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul, unifor
 from qcompiler.dialect.op_registry import attributes_of
 from qcompiler.ir import op_key
 from qcompiler.ir.layers import drop_unread, new_initializer, take_over
-from qcompiler.ir.meta import CREATED_BY, MERGED_LAYERS_KEY
+from qcompiler.ir.meta import CREATED_BY, MERGED_LAYERS_KEY, ROUTE_KEY
 
 _NBITS_ATTRIBUTES = ("K", "bits", "block_size", "accuracy_level")
 
@@ -199,8 +199,18 @@ def _wide_linear(graph: ir.Graph, nodes: list[ir.Node]) -> ir.Node:
     else:
         wide = ir.node("MatMul", [first.inputs[0], concats[0].outputs[0]], name=f"{base}.wide", metadata_props={CREATED_BY: "lower-ort"})
     wide.outputs[0].name = f"{base}.wide"
+    routes = {n.metadata_props.get(ROUTE_KEY) for n in nodes}
+    if len(routes) == 1 and None not in routes:  # lowered mixed layers of one class each: the route and the layers, for the manifest
+        wide.metadata_props[ROUTE_KEY] = routes.pop()
+        wide.metadata_props[MERGED_LAYERS_KEY] = ",".join(name for n in nodes for name in _layer_names(n))
     graph.insert_before(first, [*concats, wide])
     return wide
+
+
+def _layer_names(node: ir.Node) -> list[str]:
+    """The layers a lowered linear computes: those it was merged from, else its own."""
+    merged = node.metadata_props.get(MERGED_LAYERS_KEY)
+    return merged.split(",") if merged else [node.name]
 
 
 def pack_split_into_attention(graph: ir.Graph) -> int:
