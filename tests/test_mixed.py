@@ -634,3 +634,10 @@ def test_kv_cache_is_a_graph_input_concatenated_into_an_output():
     decoder = parse("""<ir_version: 10, opset_import: ["" : 21]>
     g (float[1, 2, P, 4] past, float[1, 2, 1, 4] new) => (float[1, 2, T, 4] present) { present = Concat <axis: int = 2> (past, new) }""")
     assert has_kv_cache(decoder.graph) and not has_kv_cache(_gated_mlp().graph)
+
+
+def test_expand_route_indices_wider_than_uint16_are_stored_as_int32():
+    from qcompiler.passes.lower_ort.mixed import _compact
+
+    assert _compact(np.array([0, 65535])).dtype == np.uint16
+    assert _compact(np.array([3, 65536])).dtype == np.int32 and _compact(np.array([3, 65536]))[1] == 65536

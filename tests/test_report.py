@@ -410,6 +410,25 @@ def test_mixed_layers_name_their_route_and_bytes_at_rest_and_resident(tmp_path):
         assert 0 < r["bytes_at_rest"] <= r["bytes_resident"] < 3 * r["bytes_at_rest"]
 
 
+def test_linears_merged_into_one_kernel_report_their_own_share_of_its_bytes(tmp_path):
+    """Linears of one input allocated together (`shared-input=joint`) are lowered as one kernel per
+    class and a Split: each is still a layer of the report, with the merged layer's route and `layers`,
+    and stores its columns' share of the kernel's bytes (not all of them)."""
+    bits = {}
+    for mode in ("joint", "apart"):
+        pipeline = (f"calibrate,allocate-bits{{avg-bits=4 group-size=64 outliers-weight=0 shared-input={mode}}},"
+                    "quantize-weights,lower-ort")
+        (tmp_path / mode).mkdir()
+        _, body, _ = _compile(tmp_path / mode, "mixed", pipeline, report="r.json", drift=False)
+        bits[mode] = {layer["name"]: layer["weight"]["stored_bits_per_weight"] for layer in body["layers"]}
+        merged = [layer for layer in body["layers"] if (layer["runtime"] or {}).get("layers")]
+        assert bool(merged) == (mode == "joint")
+        assert all(layer["name"] in layer["runtime"]["layers"] for layer in merged)
+    assert bits["joint"].keys() == bits["apart"].keys()
+    for name, joint in bits["joint"].items():
+        assert 0.8 * bits["apart"][name] < joint < 1.2 * bits["apart"][name], name
+
+
 def _not_numbers(body: dict, pipeline: str) -> list[str]:
     """The report fields that should hold a number after `pipeline` and do not (a stats key or option
     renamed on one side reads as None on the other)."""

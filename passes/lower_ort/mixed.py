@@ -197,7 +197,7 @@ def _expand_all(graph: ir.Graph, node: ir.Node) -> str:
     if np.array_equal(perm, np.arange(len(perm))):
         xp = x
     else:
-        order = b.op("Cast", [b.const("perm", perm.astype(np.uint16))], {"to": ir.DataType.INT64})
+        order = b.op("Cast", [b.const("perm", _compact(perm))], {"to": ir.DataType.INT64})
         xp = b.op("Gather", [x, order], {"axis": -1})
     route = "MixedMatMul(packed, expanded at load)"
     matmul = ir.node("MatMul", [xp, weight], name=base, metadata_props={CREATED_BY: "lower-ort", ROUTE_KEY: route})
@@ -217,7 +217,7 @@ def lower_mixed_weight(graph: ir.Graph, node: ir.Node) -> str:
     perm = view.perm_array()
     weight = _expanded_weight(b, view)
     if not np.array_equal(perm, np.arange(len(perm))):
-        inverse = b.op("Cast", [b.const("inverse_perm", np.argsort(perm).astype(np.uint16))], {"to": ir.DataType.INT64})
+        inverse = b.op("Cast", [b.const("inverse_perm", _compact(np.argsort(perm)))], {"to": ir.DataType.INT64})
         weight = b.op("Gather", [weight, inverse], {"axis": 0})
     route = "MixedWeight(packed, expanded at load)"
     if conv is not None:
@@ -241,7 +241,7 @@ def _expanded_weight(b: _Builder, view: MixedMatMulView) -> ir.Value:
     weight = blocks[0] if len(blocks) == 1 else b.op("Concat", blocks, {"axis": 0})
     outliers = view.outlier_arrays()
     if outliers is not None:
-        pairs = b.op("Cast", [b.const("outlier_index", outliers[0].astype(np.uint16))], {"to": ir.DataType.INT64})
+        pairs = b.op("Cast", [b.const("outlier_index", _compact(outliers[0]))], {"to": ir.DataType.INT64})
         values = b.op("Cast", [b.const("outlier_value", outliers[1])], {"to": ir.DataType.FLOAT})
         weight = b.op("ScatterND", [weight, pairs, values])
     return weight
@@ -395,6 +395,12 @@ def _digits(codes: np.ndarray, zero: np.ndarray, container: int, width: int):
         return [(codes, zero)]
     mask = (1 << width) - 1
     return [((codes >> (width * d)) & mask, (zero >> (width * d)) & mask) for d in range(container // width)]
+
+
+def _compact(indices: np.ndarray) -> np.ndarray:
+    """Indices stored as uint16 where they fit (cast at load), else int32 (a row of more than 65536
+    columns: a vocabulary, or the columns of linears merged into one)."""
+    return indices.astype(np.uint16 if indices.size == 0 or int(indices.max()) < 1 << 16 else np.int32)
 
 
 def _index(b: _Builder, name: str, indices: np.ndarray) -> ir.Value:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul, uniform_zero_kind
+from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul
 from qcompiler.dialect.op_registry import attributes_of
 from qcompiler.ir import op_key
 from qcompiler.ir.layers import drop_unread, new_initializer, take_over
@@ -107,14 +107,14 @@ _COLUMN_AXES = {"uniform": (1, 1, 1), "codebook": (1, 0), "fp16": (1,)}
 
 def _mixed_key(node: ir.Node) -> tuple | None:
     """What `qc.MixedMatMul`s must share to be one: their input, permutation, classes and zero-point
-    forms, all constant; None where something is not."""
+    forms (integer or fractional: a symmetric class merges with an integer one, the zero points then
+    stored for all), all constant; None where something is not."""
     view = MixedMatMulView.of(node)
     if view.perm.const_value is None or any(v is None or v.const_value is None for c in view.classes for v in c.inputs):
         return None
     if view.outliers is not None and any(v.const_value is None for v in view.outliers):
         return None
-    zeros = tuple(uniform_zero_kind(c.inputs[2].const_value.numpy(), c.bits) if c.kind == "uniform" else c.kind
-                  for c in view.classes)
+    zeros = tuple(str(c.inputs[2].const_value.dtype) if c.kind == "uniform" else c.kind for c in view.classes)  # uint8 or fp16
     classes = tuple((c.kind, c.bits, c.stop - c.start) for c in view.classes)
     return (id(view.x), view.perm.const_value.numpy().tobytes(), classes, zeros, view.group_size, view.outliers is not None)
 
@@ -199,9 +199,9 @@ def _wide_linear(graph: ir.Graph, nodes: list[ir.Node]) -> ir.Node:
     else:
         wide = ir.node("MatMul", [first.inputs[0], concats[0].outputs[0]], name=f"{base}.wide", metadata_props={CREATED_BY: "lower-ort"})
     wide.outputs[0].name = f"{base}.wide"
-    routes = {n.metadata_props.get(ROUTE_KEY) for n in nodes}
-    if len(routes) == 1 and None not in routes:  # lowered mixed layers of one class each: the route and the layers, for the manifest
-        wide.metadata_props[ROUTE_KEY] = routes.pop()
+    routes = [n.metadata_props.get(ROUTE_KEY) for n in nodes]
+    if None not in routes:  # lowered mixed layers of one class each: the route and the layers, for the manifest
+        wide.metadata_props[ROUTE_KEY] = " | ".join(dict.fromkeys(routes))
         wide.metadata_props[MERGED_LAYERS_KEY] = ",".join(name for n in nodes for name in _layer_names(n))
     graph.insert_before(first, [*concats, wide])
     return wide
@@ -228,12 +228,27 @@ def pack_split_into_attention(graph: ir.Graph) -> int:
         if op_key(attention) != ("com.microsoft", "GroupQueryAttention") or \
                 [(u[0].node, u[0].idx) for u in uses] != [(attention, 0), (attention, 1), (attention, 2)]:
             continue
+        if not _splits_qkv(split, attention):
+            continue
         attention.replace_input_with(0, split.inputs[0])
         attention.replace_input_with(1, None)
         attention.replace_input_with(2, None)
         graph.remove(split, safe=True)
         packed += 1
     return packed
+
+
+def _splits_qkv(split: ir.Node, attention: ir.Node) -> bool:
+    """Whether `split` cuts the last axis into the attention's query, key and value widths
+    (num_heads, kv_num_heads and kv_num_heads heads of one size), the packed QKV layout."""
+    sizes = split.inputs[1].const_value if len(split.inputs) > 1 and split.inputs[1] is not None else None
+    rank = split.inputs[0].shape.rank() if split.inputs[0].shape is not None else None
+    axis = split.attributes.get_int("axis", 0)
+    if sizes is None or rank is None or axis not in (-1, rank - 1):
+        return False
+    q, k, v = (int(x) for x in sizes.numpy())
+    heads, kv_heads = attention.attributes.get_int("num_heads", 0), attention.attributes.get_int("kv_num_heads", 0)
+    return heads > 0 and kv_heads > 0 and k == v and q % heads == 0 and q // heads * kv_heads == k
 
 
 def _constant_makers(value: ir.Value) -> list[ir.Node]:

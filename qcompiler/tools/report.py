@@ -435,7 +435,7 @@ def _layers(model: ir.Model, recorder: Recorder, stats: dict[str, dict]) -> list
             sources = sources + (constant_sources(permutation_indices(node.inputs[0]), memo) or [])
         else:  # computed by several nodes: the constants between its input and its output
             sources = layer_constants(node, info.get("input"))
-        stored = sum(v.const_value.nbytes for v in {id(v): v for v in sources}.values())
+        stored = round(sum(v.const_value.nbytes for v in {id(v): v for v in sources}.values()) * _split_share(node, carrier))
         stored_float = all(v.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE) for v in sources)
         weight = _weight(info, stored_float, allocate.get(name), mixed_stats.get(name), quantize_layers.get(name), grid)
         count = info.get("weights")
@@ -461,6 +461,16 @@ def _layers(model: ir.Model, recorder: Recorder, stats: dict[str, dict]) -> list
             "error": recorder.layer_error.get(out),
         })
     return layers
+
+
+def _split_share(node: ir.Node, carrier: str) -> float:
+    """The share of a wide kernel's constants that a layer carried by one part of its `Split` stores
+    (linears of one input merged by lower-ort: its columns over theirs); 1 for any other node."""
+    if node.op_type != "Split" or len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is None:
+        return 1.0
+    sizes = node.inputs[1].const_value.numpy()
+    index = next(i for i, v in enumerate(node.outputs) if v.name == carrier)
+    return float(sizes[index]) / float(sizes.sum())
 
 
 def _histogram(bits: np.ndarray) -> dict[str, int]:
