@@ -634,6 +634,12 @@ def test_kv_cache_is_a_graph_input_concatenated_into_an_output():
     decoder = parse("""<ir_version: 10, opset_import: ["" : 21]>
     g (float[1, 2, P, 4] past, float[1, 2, 1, 4] new) => (float[1, 2, T, 4] present) { present = Concat <axis: int = 2> (past, new) }""")
     assert has_kv_cache(decoder.graph) and not has_kv_cache(_gated_mlp().graph)
+    cast = parse("""<ir_version: 10, opset_import: ["" : 21]>
+    g (float16[1, 2, P, 4] past, float[1, 2, 1, 4] new) => (float[1, 2, T, 4] present) {
+        wide = Cast <to: int = 1> (past)
+        present = Concat <axis: int = 2> (wide, new)
+    }""")
+    assert has_kv_cache(cast.graph)
 
 
 def test_expand_route_indices_wider_than_uint16_are_stored_as_int32():

@@ -264,11 +264,18 @@ def name_weights_after_modules(graph: ir.Graph) -> int:
 
 
 def has_kv_cache(graph: ir.Graph) -> bool:
-    """Whether the graph is a decoder with a KV cache: a graph input concatenated into a graph
-    output (`present = Concat(past, new)`), so that a decode step runs one token, where each
-    kernel's call costs more than its weights."""
+    """Whether the graph is a decoder with a KV cache, so that a decode step runs one token, where
+    each kernel's call costs more than its weights: a graph input concatenated (through `Cast`s, as
+    an int8 or float16 cache is read) into a graph output (`present = Concat(past, new)`), or a
+    `GroupQueryAttention` (which reads the past and writes the present itself)."""
+    if any(node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft" for node in graph):
+        return True
     for value in graph.inputs:
-        for use in value.uses():
-            if use.node.op_type == "Concat" and any(o.is_graph_output() for o in use.node.outputs):
+        readers = [use.node for use in value.uses()]
+        while readers:
+            node = readers.pop()
+            if node.op_type == "Concat" and any(o.is_graph_output() for o in node.outputs):
                 return True
+            if node.op_type == "Cast":
+                readers.extend(use.node for use in node.outputs[0].uses())
     return False
