@@ -253,12 +253,12 @@ class AllocateBitsPass(Pass):
         boosted = [layer for layer in layers if self._matches(layer.linear, self.boost)]
         joint = self.shared_input == "joint" or (self.shared_input == "auto" and has_kv_cache(graph))
         units = self._joint_units(layers, boosted) if joint else [(layer, [layer]) for layer in layers]
-        boosted_ids = {id(layer) for layer in boosted}
-        boosted_ids |= {id(unit) for unit, members in units if id(members[0]) in boosted_ids}
+        boosted_layers = {id(layer) for layer in boosted}
+        boosted_ids = {id(unit) for unit, members in units if id(members[0]) in boosted_layers}  # a unit's members agree
         plain = [unit for unit, _ in units if id(unit) not in boosted_ids]
+        lifted = [unit for unit, _ in units if id(unit) in boosted_ids]
         if self.scope == "model":
-            pools = [(pool, budget) for pool, budget in ((plain, self.avg_bits), ([u for u, _ in units if id(u) in boosted_ids],
-                                                                                   self.avg_bits + self.boost_bits)) if pool]
+            pools = [(pool, budget) for pool, budget in ((plain, self.avg_bits), (lifted, self.avg_bits + self.boost_bits)) if pool]
         else:  # a conv net's layers are many and small (a depthwise 3x3 has 9 rows): they share one budget
             convs = [unit for unit in plain if isinstance(unit.linear, ConvAsLinear)]
             pools = [([unit], self.avg_bits + (self.boost_bits if id(unit) in boosted_ids else 0.0))

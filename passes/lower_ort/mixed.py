@@ -405,10 +405,10 @@ def _compact(indices: np.ndarray) -> np.ndarray:
 
 def _index(b: _Builder, name: str, indices: np.ndarray) -> ir.Value:
     """Constant int32 indices, stored as uint16 where they fit and cast at load (resident in int32)."""
-    small = indices.size == 0 or int(indices.max()) < 1 << 16
-    if not small:
-        return b.const(name, indices.astype(np.int32))
-    return b.op("Cast", [b.const(name, indices.astype(np.uint16))], {"to": ir.DataType.INT32})
+    stored = _compact(indices)
+    if stored.dtype == np.int32:
+        return b.const(name, stored)
+    return b.op("Cast", [b.const(name, stored)], {"to": ir.DataType.INT32})
 
 
 def _columns(b: _Builder, name: str, x: ir.Value, channels: np.ndarray, k_total: int) -> ir.Value:

@@ -19,17 +19,28 @@ from qcompiler.ir.meta import CREATED_BY, MERGED_LAYERS_KEY, ROUTE_KEY
 _NBITS_ATTRIBUTES = ("K", "bits", "block_size", "accuracy_level")
 
 
+def _groups(graph: ir.Graph, key_of) -> list[list[ir.Node]]:
+    """The nodes of `graph` that share a key (`key_of`: None for a node that is no candidate), in
+    graph order: every group of two or more."""
+    groups: dict[tuple, list[ir.Node]] = {}
+    for node in graph:
+        key = key_of(node)
+        if key is not None:
+            groups.setdefault(key, []).append(node)
+    return [nodes for nodes in groups.values() if len(nodes) > 1]
+
+
 def widen_integer_linears(graph: ir.Graph) -> int:
     """MatMulIntegerToFloat nodes with the same quantized input, scale and zero point (Q, K, V) ->
     one over the concatenated weights, scales and biases, then a Split; returns the groups merged."""
-    groups: dict[tuple, list[ir.Node]] = {}
-    for node in graph:
+    def key_of(node: ir.Node) -> tuple | None:
         if node.op_type == "MatMulIntegerToFloat" and node.domain == "com.microsoft" and len(node.inputs) == 7:
-            x_q, _, x_scale, _, x_zero, _, _ = node.inputs
-            groups.setdefault((id(x_q), id(x_scale), id(x_zero)), []).append(node)
+            return tuple(id(node.inputs[i]) for i in (0, 2, 4))  # the quantized input, its scale and zero point
+        return None
+
     merged = 0
-    for nodes in groups.values():
-        if len(nodes) < 2 or any(n.inputs[i].const_value is None for n in nodes for i in (1, 3, 6)):
+    for nodes in _groups(graph, key_of):
+        if any(n.inputs[i].const_value is None for n in nodes for i in (1, 3, 6)):
             continue
         first = nodes[0]
         base = first.name or first.outputs[0].name
@@ -55,16 +66,9 @@ def widen_shared_input_mixed(graph: ir.Graph) -> int:
     """`qc.MixedMatMul`s that read one input with the same permutation and the same classes (rows,
     kinds, widths, zero-point form; what `allocate-bits{shared-input=joint}` gives Q/K/V and gate/up)
     -> one over their class arrays concatenated along N, then a `Split`: lowered, the input is
-    gathered once per class and each class is one kernel for all of them. Returns the groups merged."""
-    groups: dict[tuple, list[ir.Node]] = {}
-    for node in graph:
-        key = _mixed_key(node) if is_mixed_matmul(node) else None
-        if key is not None:
-            groups.setdefault(key, []).append(node)
+    gathered once and each class is one kernel for all of them. Returns the groups merged."""
     merged = 0
-    for nodes in groups.values():
-        if len(nodes) < 2:
-            continue
+    for nodes in _groups(graph, lambda node: _mixed_key(node) if is_mixed_matmul(node) else None):
         first = nodes[0]
         base = first.name or first.outputs[0].name
         views = [MixedMatMulView.of(n) for n in nodes]
@@ -129,15 +133,10 @@ def widen_shared_input_linears(graph: ir.Graph) -> tuple[int, int]:
     Where the group is exactly a `GroupQueryAttention`'s Q, K and V, the kernel reads the wide
     product as its packed QKV input; otherwise a `Split` gives each reader its part. Returns
     (groups merged, of which packed into attention)."""
-    groups: dict[tuple, list[ir.Node]] = {}
-    for node in graph:
-        key = _group_key(node)
-        if key is not None:
-            groups.setdefault(key, []).append(node)
     merged = packed = 0
-    for key, nodes in groups.items():
+    for nodes in _groups(graph, _group_key):
         attention = _attention_reading(nodes)
-        if len(nodes) < 2 or (key[0] == "MatMul" and attention is None):
+        if nodes[0].op_type == "MatMul" and attention is None:
             continue
         if attention is not None:
             nodes = sorted(nodes, key=lambda n: next(iter(n.outputs[0].uses())).idx)  # Q, K, V
