@@ -65,6 +65,7 @@ from qcompiler.dialect.ops import QC_OPSET_VERSION
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import ConvAsLinear, Linear, conv_as_linear, has_kv_cache, linears, new_initializer, weighted_convs
 from qcompiler.ir.meta import CREATED_BY, Prop, activation_stats
+from qcompiler.passes.quantize_embedding import dequantized_table, lookups
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 from qcompiler.support.progress import progress
 
@@ -74,6 +75,9 @@ LOWERING_BYTES_PER_CLASS = 160
 # leaves 0.02 to 0.03 bits a weight unspent, a 576-row one (4.5 blocks) 0.5 (docs/results.md)
 WHOLE_BLOCKS_FROM = 16
 REVISITS = 8
+TABLE_WIDTHS = (4, 8)  # what GatherBlockQuantized runs
+TABLE_BLOCK = 32  # entries of a row per scale and zero point (quantize-embedding's default)
+VARIED_TABLES = 4  # the largest tables whose widths are searched; smaller ones take 8 bits
 
 
 @dataclasses.dataclass
@@ -93,6 +97,27 @@ class _Layer:
         return self.shape[0] * self.shape[1]
 
 
+@dataclasses.dataclass
+class _Table:
+    """An embedding table inside the budget (`embeddings=budget`): its lookup and error model."""
+
+    lookup: ir.Node  # the Gather
+    table: ir.Value
+    shape: tuple[int, int]  # [V, D]
+    errors: dict[int, float]  # table width -> sum over rows of p_v ||e_v - Q(e_v)||^2
+
+    @property
+    def name(self) -> str:
+        return self.lookup.name or self.lookup.outputs[0].name
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def stored_bits(self, bits: int) -> int:
+        return bitcost.table_bits(*self.shape, bits, TABLE_BLOCK)
+
+
 @dataclasses.dataclass(frozen=True)
 class _SensitivityInputs:
     """What every sensitivity measurement reads (shared read-only, through the executor)."""
@@ -105,6 +130,7 @@ class _SensitivityInputs:
     bits: int  # reference width
     group_size: int
     zero: str  # the reference width's grid (`bitcost.zero_point_kind`)
+    tables: frozenset[str] = frozenset()  # weights that are embedding tables, quantized as stored (4 bits, blocks of a row)
 
 
 def measure_sensitivity(shared: _SensitivityInputs, weight_names: list[str]) -> list[float]:
@@ -120,7 +146,10 @@ def measure_sensitivity(shared: _SensitivityInputs, weight_names: list[str]) -> 
     log_p = log_softmax(base[0]) if shared.kl else None
     measured = []
     for name in weight_names:
-        q = bitcost.minmax_grid_quantize(shared.weights[name], shared.bits, shared.group_size, shared.zero)
+        if name in shared.tables:
+            q = dequantized_table(shared.weights[name], TABLE_WIDTHS[0], TABLE_BLOCK)
+        else:
+            q = bitcost.minmax_grid_quantize(shared.weights[name], shared.bits, shared.group_size, shared.zero)
         moved = session.run(outputs, {**feeds, name: q})
         if log_p is not None:
             measured.append(mean_kl(log_p, moved[0]))
@@ -156,7 +185,7 @@ class AllocateBitsPass(Pass):
     codebook: Literal["uniform", "kmeans"] = option("uniform", "2-4 bit classes: uniform groups, or activation-weighted k-means codebooks per column")
     outliers_act: float = option(0.005, "fraction of input channels kept in fp16 (largest activation energy)")
     outliers_weight: float = option(0.0045, "fraction of weights kept as sparse fp16 (largest weighted error)")
-    keep: tuple[str, ...] = option((), "weights (names or globs, e.g. model.layers.*.mlp.down_proj.weight) whose channels all get keep-bits, on top of the budget")
+    keep: tuple[str, ...] = option((), "weights (names or globs, e.g. model.layers.*.mlp.down_proj.weight) whose channels all get keep-bits, on top of the budget (an embedding table inside it, embeddings=budget: 8 bits)")
     keep_bits: int = option(8, "bits of every channel of a `keep` layer (2..8)")
     boost: tuple[str, ...] = option((), "weights (names or globs) whose layers are allocated avg-bits + boost-bits instead")
     boost_bits: float = option(1.0, "bits per weight added to the budget of a `boost` layer (0 to 6)")
@@ -181,6 +210,11 @@ class AllocateBitsPass(Pass):
         "(joint: the same bits per input channel, chosen by their summed errors, so lower-ort runs them as one wide "
         "kernel per class, the input gathered once; the permutation and the lowering's constants are paid once); auto: "
         "joint in a decoder with a KV cache (a step is one token: each kernel's call costs more than its weights), else apart")
+    embeddings: Literal["apart", "budget"] = option(
+        "apart", "embedding tables (a Gather of a constant table): apart, outside the budget (float, or quantize-embedding's "
+        "width), or budget: inside it, each table stored as 4- or 8-bit codes with a float32 scale and a zero point per "
+        "32 entries of a row (ONNX Runtime's GatherBlockQuantized), its width chosen with the layers' bits for the least "
+        "predicted error, the layers' average moved by what the tables store")
     convs: bool = option(True, "allocate Conv kernels too, as [C/g * kernel taps, O] matrices (stored packed, expanded to "
                          "float32 when the session starts; at scope=layer all Conv layers share one budget); false leaves them float")
     other_widths: Literal["refuse", "container", "expand"] = option(
@@ -210,6 +244,9 @@ class AllocateBitsPass(Pass):
         """A width the target's kernels cannot run packed (`cost_model.packed_widths`: 2, 4, 8 for
         ONNX Runtime's MatMulNBits; 2, 3, 4, 8 for the Triton package), asked for, needs
         `other-widths` to say how to store it."""
+        if self.embeddings == "budget" and cost_model.name != "ort":
+            raise UserError(f"allocate-bits: embeddings=budget stores tables for ONNX Runtime's GatherBlockQuantized; target "
+                            f"'{cost_model.name}' has no quantized lookup: use embeddings=apart")
         asked = set(self.candidates) | ({self.keep_bits} if self.keep else set())
         codebook = self.codebook == "kmeans"  # classes of 4 bits or fewer are codebooks, not MatMulNBits
         packed = cost_model.packed_widths
@@ -237,19 +274,22 @@ class AllocateBitsPass(Pass):
         if self.convs:
             found += [conv_as_linear(graph, conv, self.name) for conv in weighted_convs(graph)]
         kept = [linear for linear in found if self._is_kept(linear)]
-        self._check_keep_matches(found)
+        tables = self._tables(graph) if self.embeddings == "budget" else []
+        self._check_keep_matches(found, tables)
+        kept_tables = [table for table in tables if self._matches_name(table.table.name, self.keep)]
+        tables = [table for table in tables if table not in kept_tables]
         layers = []
         with progress("allocate-bits: error models", len(found) - len(kept)) as bar:
             for linear in found:
                 if linear not in kept:
                     layers.append(self._prepare(linear))
                     bar.update()
-        if not layers and not kept:
+        if not layers and not kept and not tables and not kept_tables:
             return PassResult(model, False, {"layers": 0})
         model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
         sensitivities = None
         if self.sensitivity != "off" and self.scope == "model":
-            sensitivities = self._measure_sensitivity(model, layers)
+            sensitivities = self._measure_sensitivity(model, layers, tables)
         boosted = [layer for layer in layers if self._matches(layer.linear, self.boost)]
         joint = self.shared_input == "joint" or (self.shared_input == "auto" and has_kv_cache(graph))
         units = self._joint_units(layers, boosted) if joint else [(layer, [layer]) for layer in layers]
@@ -264,10 +304,11 @@ class AllocateBitsPass(Pass):
             pools = [([unit], self.avg_bits + (self.boost_bits if id(unit) in boosted_ids else 0.0))
                      for unit, _ in units if not isinstance(unit.linear, ConvAsLinear) or id(unit) in boosted_ids]
             pools += [(convs, self.avg_bits)] if convs else []
-        allocations = {}
-        for pool, avg_bits in pools:
-            allocations.update(self._allocate(pool, avg_bits))
-        per_layer = {}
+        allocations, widths = self._allocate_with_tables(pools, tables)
+        widths |= {table.name: TABLE_WIDTHS[-1] for table in kept_tables}  # kept: on top of the budget, as kept layers
+        per_layer = {table.name: self._record_table(graph, table, widths[table.name]) for table in tables + kept_tables}
+        for table in kept_tables:
+            per_layer[table.name]["kept"] = True
         with progress("allocate-bits: layers", len(layers)) as bar:
             for unit, members in units:
                 bits = allocations[unit.linear.name]
@@ -286,15 +327,18 @@ class AllocateBitsPass(Pass):
             per_layer[linear.name] = self._record(graph, layer, np.full(layer.shape[0], self.keep_bits, np.uint8), 0.0)
             per_layer[linear.name]["kept"] = True
         total_bits = sum(v["stored_bits"] for v in per_layer.values())
-        total_weights = sum(layer.size for layer in layers) + sum(linear.w.const_value.size for linear in kept)
+        total_weights = (sum(layer.size for layer in layers) + sum(linear.w.const_value.size for linear in kept)
+                         + sum(table.size for table in tables + kept_tables))
         stats = {
-            "layers": len(layers) + len(kept),
-            "kept_layers": [linear.w.name for linear in kept],
+            "layers": len(layers) + len(kept) + len(tables) + len(kept_tables),
+            "kept_layers": [linear.w.name for linear in kept] + [table.table.name for table in kept_tables],
             "boosted_layers": [layer.linear.w.name for layer in boosted],
             "predicted_bits_per_weight": round(total_bits / total_weights, 4),
             "predicted_error": float(sum(v["predicted_error"] for v in per_layer.values())),
             "per_layer": per_layer,
         }
+        if tables or kept_tables:
+            stats["tables"] = {table.name: widths[table.name] for table in tables + kept_tables}
         if sensitivities is not None:
             stats["sensitivity"] = sensitivities
         return PassResult(model, True, stats)
@@ -325,6 +369,86 @@ class AllocateBitsPass(Pass):
             units.append((joint, members))
         return units
 
+    def _tables(self, graph: ir.Graph) -> list[_Table]:
+        """embeddings=budget: every table `quantize-embedding` could store as codes, with its error
+        model: at each width, the sum over its rows of p_v ||e_v - Q(e_v)||^2, the mean squared error
+        of a looked-up row (the units of a linear's E-weighted error: the mean squared error of its
+        output), p_v the frequency of row v among the calibration data's indices where the lookup
+        reads a graph input, add-one smoothed (a row never seen may still be looked up), else 1/V."""
+        from qcompiler.pipeline import context
+
+        batches = context.current().require_calibration(self.name)
+        found = []
+        for node, table, reason in lookups(graph, TABLE_BLOCK):
+            if reason:
+                continue
+            w = np.asarray(table.const_value.numpy(), np.float32)
+            rows = w.shape[0]
+            counts = np.ones(rows, np.float64)
+            ids = node.inputs[1].name
+            for batch in batches:
+                if ids in batch:
+                    seen = np.asarray(batch[ids]).reshape(-1)
+                    counts += np.bincount(seen[(seen >= 0) & (seen < rows)], minlength=rows)
+            p = counts / counts.sum()
+            errors = {b: float(p @ np.sum((dequantized_table(w, b, TABLE_BLOCK) - w) ** 2, axis=1, dtype=np.float64)) for b in TABLE_WIDTHS}
+            found.append(_Table(node, table, tuple(w.shape), errors))
+        return found
+
+    def _allocate_with_tables(self, pools: list[tuple[list[_Layer], float]], tables: list[_Table]) -> tuple[dict, dict]:
+        """The layers' allocation, and each table's width (embeddings=budget). Each combination of
+        widths of the `VARIED_TABLES` largest tables (smaller ones at 8 bits) moves every pool's
+        average by what the tables store above or below avg-bits, spread over the layers' weights
+        (the budget holds for tables and layers together); the layers are allocated at that average
+        and the combination of least predicted error (layers' and tables') is kept."""
+        if not tables:
+            return {k: v for pool, avg_bits in pools for k, v in self._allocate(pool, avg_bits).items()}, {}
+        import itertools
+
+        layer_weights = sum(unit.size for pool, _ in pools for unit in pool)
+        table_weights = sum(table.size for table in tables)
+        varied = sorted(tables, key=lambda t: -t.size)[:VARIED_TABLES]
+        best, best_error, reasons = None, None, []
+        for chosen in itertools.product(TABLE_WIDTHS, repeat=len(varied)):
+            widths = {t.name: TABLE_WIDTHS[-1] for t in tables} | {t.name: b for t, b in zip(varied, chosen)}
+            left = self.avg_bits * table_weights - sum(t.stored_bits(widths[t.name]) for t in tables)
+            shift = left / layer_weights if layer_weights else 0.0
+            if not layer_weights and left < 0:
+                reasons.append(f"the tables at {','.join(map(str, chosen))} bits store more than avg-bits")
+                continue
+            try:
+                allocations = {k: v for pool, avg_bits in pools for k, v in self._allocate(pool, avg_bits + shift).items()}
+            except UserError as exc:
+                reasons.append(str(exc))
+                continue
+            error = (sum(self._predicted_error(unit, allocations[unit.linear.name]) for pool, _ in pools for unit in pool)
+                     + sum(t.errors[widths[t.name]] for t in tables))
+            if best_error is None or error < best_error:
+                best, best_error = (allocations, widths), error
+        if best is None:
+            raise UserError(f"allocate-bits: avg-bits {self.avg_bits:g} cannot hold the embedding tables at "
+                            f"{TABLE_WIDTHS[0]} bits and the layers together ({reasons[0]}); raise avg-bits or use embeddings=apart")
+        return best
+
+    def _record_table(self, graph: ir.Graph, table: _Table, bits: int) -> dict:
+        """`qc.BitAllocation(table, bits)` in front of the lookup (`quantize-weights` stores it as codes)."""
+        rows = table.shape[0]
+        bits_value = new_initializer(graph, f"{table.table.name}.bits", np.full(rows, bits, np.uint8))
+        node = ir.node(
+            "BitAllocation", [table.table, bits_value],
+            {"group_size": TABLE_BLOCK, "codebook": "uniform", "outliers_weight": 0.0, "zero_points": "integer"},
+            domain="qc", name=f"{table.table.name}.allocation", metadata_props={CREATED_BY: self.name},
+        )
+        node.outputs[0].name = f"{table.table.name}.allocated"
+        node.outputs[0].type = table.table.type
+        node.outputs[0].shape = table.table.shape
+        graph.insert_before(table.lookup, node)
+        table.lookup.replace_input_with(0, node.outputs[0])
+        stored = table.stored_bits(bits)
+        return {"weight": table.table.name, "bits_histogram": {bits: rows}, "stored_bits": int(stored),
+                "bits_per_weight": round(stored / table.size, 4), "predicted_error": table.errors[bits],
+                "sparse_outliers": 0, "embedding": True}
+
     def _layer_costs(self, linear: Linear | ConvAsLinear) -> bitcost.StorageCost:
         """A Conv's weight is expanded at load whatever the target; a linear is priced by the target."""
         return bitcost.EXPANDED if isinstance(linear, ConvAsLinear) else self._costs
@@ -350,7 +474,7 @@ class AllocateBitsPass(Pass):
         sparse = int(round(self.outliers_weight * (k - count) * n))
         return _Layer(linear, w.shape, energy, fp16, sparse, errors, self._layer_costs(linear))
 
-    def _measure_sensitivity(self, model: ir.Model, layers: list[_Layer]) -> dict:
+    def _measure_sensitivity(self, model: ir.Model, layers: list[_Layer], tables: list[_Table]) -> dict:
         """Scale each layer's error model so that it predicts the model's output error.
 
         The error model E_k ||w_k - Q_b(w_k)||^2 measures a layer's own output error; layers differ
@@ -374,21 +498,23 @@ class AllocateBitsPass(Pass):
         candidates = sorted(set(self.candidates))
         reference = max([b for b in candidates if b <= self.avg_bits] or candidates[:1])
         proto = to_proto(model)
-        names = {layer.linear.w.name for layer in layers}
+        names = {layer.linear.w.name for layer in layers} | {table.table.name for table in tables}
         kept = [t for t in proto.graph.initializer if t.name not in names]
         weights = {}
-        for layer in layers:
-            weights.setdefault(layer.linear.w.name, np.asarray(layer.linear.w.const_value.numpy(), np.float32))
+        for value in [layer.linear.w for layer in layers] + [table.table for table in tables]:
+            weights.setdefault(value.name, np.asarray(value.const_value.numpy(), np.float32))
         del proto.graph.initializer[:]
         proto.graph.initializer.extend(kept)
         for name, w in weights.items():
             proto.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(w.shape)))
         shared = _SensitivityInputs(proto.SerializeToString(), batch, weights, ctx.threads, self.sensitivity == "kl",
-                                    reference, self.group_size, bitcost.zero_point_kind(reference, self._zero_points))
+                                    reference, self.group_size, bitcost.zero_point_kind(reference, self._zero_points),
+                                    frozenset(table.table.name for table in tables))
         del proto
-        parts = chunks([layer.linear.w.name for layer in layers], ctx.executor.workers)
+        measured_names = [layer.linear.w.name for layer in layers] + [table.table.name for table in tables]
+        parts = chunks(measured_names, ctx.executor.workers)
         tasks = [f"allocate-bits sensitivity: layers {sum(map(len, parts[:i])) + 1}-{sum(map(len, parts[:i + 1]))} "
-                 f"of {len(layers)} (from {part[0]})" for i, part in enumerate(parts)]
+                 f"of {len(measured_names)} (from {part[0]})" for i, part in enumerate(parts)]
         measured = [m for part in ctx.executor.map(measure_sensitivity, parts, shared=shared, names=tasks) for m in part]
         per_layer = {}
         for layer, moved in zip(layers, measured):
@@ -397,6 +523,11 @@ class AllocateBitsPass(Pass):
             for b in layer.errors:
                 layer.errors[b] = layer.errors[b] * factor
             per_layer[layer.linear.name] = round(factor, 6)
+        for table, moved in zip(tables, measured[len(layers):]):
+            predicted = table.errors[TABLE_WIDTHS[0]]
+            factor = moved / predicted if predicted > 0 else 1.0
+            table.errors = {b: e * factor for b, e in table.errors.items()}
+            per_layer[table.name] = round(factor, 6)
         return {"reference_bits": reference, "batch_rows": int(next(iter(batch.values())).shape[0]), "factor": per_layer}
 
     @property
@@ -621,16 +752,22 @@ class AllocateBitsPass(Pass):
     def _is_kept(self, linear: Linear | ConvAsLinear) -> bool:
         return self._matches(linear, self.keep)
 
-    @staticmethod
-    def _matches(linear: Linear | ConvAsLinear, patterns: tuple[str, ...]) -> bool:
-        return any(fnmatch.fnmatchcase(linear.w.name, pattern) for pattern in patterns)
+    @classmethod
+    def _matches(cls, linear: Linear | ConvAsLinear, patterns: tuple[str, ...]) -> bool:
+        return cls._matches_name(linear.w.name, patterns)
 
-    def _check_keep_matches(self, found: list[Linear | ConvAsLinear]) -> None:
-        for key, patterns in (("keep", self.keep), ("boost", self.boost)):
+    @staticmethod
+    def _matches_name(name: str, patterns: tuple[str, ...]) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+    def _check_keep_matches(self, found: list[Linear | ConvAsLinear], tables: list[_Table]) -> None:
+        """Every keep pattern names a layer weight or (embeddings=budget) a table; every boost pattern a layer weight."""
+        weights = [linear.w.name for linear in found]
+        for key, patterns, names in (("keep", self.keep, weights + [t.table.name for t in tables]), ("boost", self.boost, weights)):
             for pattern in patterns:
-                if not any(fnmatch.fnmatchcase(linear.w.name, pattern) for linear in found):
-                    names = ", ".join(linear.w.name for linear in found[:3])
-                    raise UserError(f"allocate-bits: {key} pattern '{pattern}' matches no layer weight (weights are named like: {names})")
+                if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                    raise UserError(f"allocate-bits: {key} pattern '{pattern}' matches no layer weight (weights are named "
+                                    f"like: {', '.join(names[:3])})")
 
     def _record(self, graph: ir.Graph, layer: _Layer, bits: np.ndarray, outliers_weight: float) -> dict:
         linear = layer.linear

@@ -31,7 +31,7 @@ import onnx_ir as ir
 from qcompiler.analysis.channels import ChannelRegion, NotChannelwise, channel_region
 from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul
 from qcompiler.ir.layers import set_constant
-from qcompiler.ir.meta import Prop
+from qcompiler.ir.meta import CHANNEL_ORDER_KEY, Prop
 from qcompiler.pipeline.passbase import Pass, PassResult, register_pass
 
 
@@ -76,6 +76,9 @@ def _plan(graph: ir.Graph, consumer: ir.Node, k: int) -> ChannelRegion:
 
 def _apply(graph: ir.Graph, consumer: ir.Node, plan: ChannelRegion, perm: np.ndarray) -> None:
     for leaf in plan.linears:
+        output = leaf.outputs[0]  # its channels reordered: said for whoever compares it with the float model
+        order = output.meta.get(CHANNEL_ORDER_KEY)
+        output.meta[CHANNEL_ORDER_KEY] = perm.copy() if order is None else order[perm]
         if leaf.op_type == "MatMul":
             w = leaf.inputs[1].const_value.numpy()
             set_constant(graph, leaf.inputs[1], np.ascontiguousarray(w[:, perm]), leaf, "permuted")

@@ -28,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.dialect.ops import QC_OPSET_VERSION
+from qcompiler.dialect.qc_ops import gather_quantized
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import new_initializer
 from qcompiler.ir.meta import CREATED_BY, Prop
@@ -52,17 +53,12 @@ class QuantizeEmbeddingPass(Pass):
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
         quantized, kept = {}, {}
-        for node in list(graph):
-            table = _embedding_table(node)
-            if table is None:
-                continue
+        for node, table, reason in lookups(graph, self.block_size):
             name = node.name or node.outputs[0].name
-            reason = self._why_kept(node, table)
             if reason:
                 kept[name] = reason
                 continue
-            codes, scale, zero = quantize_table(table.const_value.numpy(), self.bits, self.block_size)
-            _replace_gather(graph, node, table.name, codes, scale, zero, self.bits, self.block_size)
+            codes = replace_lookup(graph, node, table, self.bits, self.block_size)
             quantized[name] = {"table": table.name, "shape": list(codes.shape)}  # bytes as stored: the manifest's `embeddings`
         if quantized:
             model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
@@ -73,17 +69,29 @@ class QuantizeEmbeddingPass(Pass):
                  "quantized": quantized, "kept_in_float": kept}
         return PassResult(model, bool(quantized), stats)
 
-    def _why_kept(self, node: ir.Node, table: ir.Value) -> str | None:
-        axis = node.attributes.get_int("axis", 0)
-        if axis != 0:
-            return f"Gather on axis {axis}, not the table's rows"
-        others = sorted({use.node.name or use.node.op_type for use in table.uses() if use.node is not node})
-        if others:
-            return f"the table is also read by {', '.join(others)}"
-        columns = table.const_value.shape[1]
-        if columns % self.block_size:
-            return f"width {columns} is not a multiple of block-size {self.block_size}"
-        return None
+
+def lookups(graph: ir.Graph, block_size: int) -> list[tuple[ir.Node, ir.Value, str | None]]:
+    """Every embedding lookup (a standard Gather of a constant 2-D float table) in graph order, with
+    the reason its table cannot be stored as codes of `block_size` columns a block (None: it can)."""
+    found = []
+    for node in graph:
+        table = _embedding_table(node)
+        if table is not None:
+            found.append((node, table, _why_kept(node, table, block_size)))
+    return found
+
+
+def _why_kept(node: ir.Node, table: ir.Value, block_size: int) -> str | None:
+    axis = node.attributes.get_int("axis", 0)
+    if axis != 0:
+        return f"Gather on axis {axis}, not the table's rows"
+    others = sorted({use.node.name or use.node.op_type for use in table.uses() if use.node is not node})
+    if others:
+        return f"the table is also read by {', '.join(others)}"
+    columns = table.const_value.shape[1]
+    if columns % block_size:
+        return f"width {columns} is not a multiple of block-size {block_size}"
+    return None
 
 
 def _embedding_table(node: ir.Node) -> ir.Value | None:
@@ -111,10 +119,25 @@ def quantize_table(table: np.ndarray, bits: int, block_size: int) -> tuple[np.nd
     return codes.astype(np.uint8).reshape(rows, columns), scale, zero.astype(np.uint8)
 
 
+def dequantized_table(table: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """The table as stored at `bits` (`quantize_table`), back in float32."""
+    codes, scale, zero = quantize_table(table, bits, block_size)
+    return gather_quantized(codes, np.arange(table.shape[0]), scale, zero, block_size)
+
+
+def replace_lookup(graph: ir.Graph, node: ir.Node, table: ir.Value, bits: int, block_size: int) -> np.ndarray:
+    """`node` (a Gather of `table`, read as float32 from wherever it is stored) becomes a
+    `qc.GatherQuantized` of the table's codes; returns the codes."""
+    codes, scale, zero = quantize_table(table.const_value.numpy(), bits, block_size)
+    _replace_gather(graph, node, table.name, codes, scale, zero, bits, block_size)
+    return codes
+
+
 def _replace_gather(graph: ir.Graph, node: ir.Node, base: str, codes, scale, zero, bits: int, block_size: int) -> None:
     inputs = [new_initializer(graph, f"{base}.q", codes), node.inputs[1],
               new_initializer(graph, f"{base}.scale", scale), new_initializer(graph, f"{base}.zero_point", zero)]
     lookup = ir.node("GatherQuantized", inputs, {"bits": bits, "block_size": block_size}, domain="qc",
                      name=node.name or f"{base}.gather", metadata_props={CREATED_BY: "quantize-embedding"})
     lookup.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    lookup.outputs[0].meta.update(node.outputs[0].meta)  # the rows' calibration statistics, for the layers that read them
     ir.convenience.replace_nodes_and_values(graph, node, [node], [lookup], [node.outputs[0]], [lookup.outputs[0]])

@@ -38,7 +38,9 @@ from qcompiler.dialect.mixed_ops import FP16_BITS, dequantize_codebook, dequanti
 from qcompiler.dialect.ops import attributes_of
 from qcompiler.ir.layers import ConvAsLinear, conv_reading, new_initializer, remove_unused
 from qcompiler.ir.meta import CREATED_BY, FLOAT_BIAS_KEY, FLOAT_WEIGHT_KEY, Prop, activation_stats
+from qcompiler.dialect.ops import QC_OPSET_VERSION
 from qcompiler.passes.quantize import conv_bias_shift, subtract_from_bias
+from qcompiler.passes.quantize_embedding import dequantized_table, replace_lookup
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 from qcompiler.support.progress import progress
 
@@ -70,6 +72,11 @@ class QuantizeWeightsPass(Pass):
         graph = model.graph
         per_layer = {}
         allocations = [node for node in graph if node.domain == "qc" and node.op_type == "BitAllocation"]
+        tables = [(node, use.node) for node in allocations for use in node.outputs[0].uses()
+                  if use.node.op_type == "Gather" and use.idx == 0]
+        for node, lookup in tables:  # an embedding table inside the budget (allocate-bits{embeddings=budget})
+            per_layer[lookup.name or lookup.outputs[0].name] = _store_table(graph, node, lookup)
+        allocations = [node for node in allocations if not any(node is table for table, _ in tables)]
         layers = [(node, [use.node for use in node.outputs[0].uses() if use.node.op_type == "MatMul" and use.idx == 1]
                    or [c for c in [conv_reading(node.outputs[0])] if c is not None])
                   for node in allocations]
@@ -84,6 +91,8 @@ class QuantizeWeightsPass(Pass):
                 bar.update()
         if per_layer:
             remove_unused(model)
+        if tables:
+            model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
         return PassResult(model, bool(per_layer), {"layers": len(per_layer), "per_layer": per_layer})
 
     def _energy(self, layer: ir.Node | ConvAsLinear) -> np.ndarray:
@@ -156,6 +165,21 @@ class QuantizeWeightsPass(Pass):
             "weighted_sqnr_db": round(10 * np.log10(energy_total / error), 2) if error > 0 else None,
             **corrected,
         }
+
+
+def _store_table(graph: ir.Graph, allocation: ir.Node, lookup: ir.Node) -> dict:
+    """The lookup becomes a `qc.GatherQuantized` of the table's codes at its allocated width (one for
+    the whole table, as GatherBlockQuantized runs), blocks of `group_size` entries of a row."""
+    bits = np.unique(allocation.inputs[1].const_value.numpy())
+    if len(bits) != 1:
+        raise ValueError(f"table '{allocation.inputs[0].name}' has rows of several widths ({bits.tolist()}); one is stored")
+    table = allocation.inputs[0]
+    w = table.const_value.numpy().astype(np.float32)
+    block_size = int(attributes_of(allocation)["group_size"])
+    codes = replace_lookup(graph, lookup, table, int(bits[0]), block_size)
+    error = float(np.sum((dequantized_table(w, int(bits[0]), block_size) - w) ** 2))
+    return {"classes": {f"uniform{int(bits[0])}": int(codes.shape[0])}, "sparse_outliers": 0,
+            "weighted_sqnr_db": round(10 * np.log10(float(np.sum(w.astype(np.float64) ** 2)) / error), 2) if error > 0 else None}
 
 
 def _correct_conv_bias(graph: ir.Graph, conv: ConvAsLinear, error: np.ndarray, base: str) -> dict:

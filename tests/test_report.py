@@ -128,6 +128,11 @@ def mixed(tmp_path_factory):
 LAYERS = ["q_proj", "k_proj", "v_proj", HOSTILE, "up_proj", "down_proj", "lm_head"]
 
 
+def _linears(body) -> list[dict]:
+    """The report's layers but the embedding lookups."""
+    return [layer for layer in body["layers"] if layer["op"] != "Gather"]
+
+
 def test_w8a8_report(w8a8):
     result, body, out = w8a8
     assert body["schema"] == reports.REPORT_SCHEMA == "qcompiler.tools.report/2"
@@ -141,9 +146,12 @@ def test_w8a8_report(w8a8):
     assert body["passes"][0]["drift"]["sqnr_db"] is None or body["passes"][0]["drift"]["sqnr_db"] > 100
     assert body["summary"]["output"] == body["passes"][-1]["drift"]
     # layers, in graph order, with what was chosen and what it cost
-    assert [layer["name"] for layer in body["layers"]] == LAYERS
+    assert [layer["name"] for layer in body["layers"]] == ["embedding"] + LAYERS
     assert body["probe"]["layer_reference"] == "fold-scales"
-    for layer in body["layers"]:
+    table = body["layers"][0]  # the embedding lookup is a layer too: left in float here, so exact
+    assert table["op"] == "Gather" and table["weight_shape"] == [VOCAB, D] and table["weight"]["format"] == "float"
+    assert table["error"]["cosine"] == 1.0 and "row indices" in table["activation"]["float_reason"]
+    for layer in _linears(body):
         weight, error = layer["weight"], layer["error"]
         assert weight["format"] == "int8" and weight["bits"] == 8 and weight["grid"] == "absmax-symmetric"
         assert weight["bits_histogram"] == {"8": layer["channels"]} and weight["channel_bits"] is None
@@ -163,7 +171,7 @@ def test_w8a8_report(w8a8):
     assert len(kept) >= 1 and "float-inputs=1" in reasons[(kept[0], "activation")]
     assert {layer["name"]: layer["activation"]["format"] for layer in body["layers"]}[kept[0]] == "float"
     size = body["size"]
-    assert size["float_weight_bytes"] == 4 * sum(int(np.prod(layer["weight_shape"])) for layer in body["layers"])
+    assert size["float_weight_bytes"] == 4 * sum(int(np.prod(layer["weight_shape"])) for layer in _linears(body))
     assert size["artifact_weight_bytes"] == result.manifest["weight_bytes"] < size["float_weight_bytes"]
     assert size["effective_bits_per_weight"] == result.manifest["effective_bits_per_weight"]
     assert size["artifact_file_bytes"] == (out / "model.onnx").stat().st_size
@@ -172,7 +180,7 @@ def test_w8a8_report(w8a8):
 def test_mixed_report(mixed):
     _, body, _ = mixed
     assert body["probe"]["layer_reference"] == "allocate-bits"
-    for layer in body["layers"]:
+    for layer in _linears(body):
         weight = layer["weight"]
         assert weight["format"] == "mixed" and weight["group_size"] == 64 and weight["grid"] == "mse"
         bits = reports.decode_channel_bits(weight["channel_bits"])
@@ -196,9 +204,9 @@ def test_layer_sqnr_follows_bits(tmp_path):
         pipeline = f"calibrate,allocate-bits{{avg-bits=10 candidates={bits} group-size=64 outliers-act=0 outliers-weight=0}},quantize-weights"
         _, body, _ = _compile(tmp_path, f"b{bits}", pipeline, report="r.json", drift=False)
         assert all(p["drift"] is None for p in body["passes"])
-        for layer in body["layers"]:
+        for layer in _linears(body):
             assert layer["weight"]["bits"] == bits and layer["weight"]["bits_histogram"] == {str(bits): layer["channels"]}
-        errors[bits] = {layer["name"]: layer["error"]["sqnr_db"] for layer in body["layers"]}
+        errors[bits] = {layer["name"]: layer["error"]["sqnr_db"] for layer in _linears(body)}
     for name in LAYERS:
         assert errors[8][name] > errors[2][name] + 15, name
 
@@ -440,7 +448,7 @@ def _not_numbers(body: dict, pipeline: str) -> list[str]:
     need("summary", body["summary"], "layers", "layers_quantized", "float_nodes", "layers_float_for_speed", "lowest_layer_sqnr_db")
     need("size", body["size"], "weights", "float_weight_bytes", "artifact_weight_bytes", "artifact_file_bytes", "compression",
          "effective_bits_per_weight")
-    for layer in body["layers"]:
+    for layer in _linears(body):
         where = f"layers[{layer['name']}]"
         need(f"{where}.weight", layer["weight"], "mean_bits", "stored_bytes", "stored_bits_per_weight", "sqnr_db")
         need(f"{where}.error", layer["error"], "sqnr_db", "cosine")
@@ -486,3 +494,13 @@ def test_the_stats_keys_tools_read_are_the_ones_the_passes_write(w8a8, mixed):
             assert declared <= written[name], (name, sorted(declared - written[name]))
             checked.add(name)
     assert checked == {"smooth", "quantize", "allocate-bits", "quantize-weights", "lower-ort"}
+
+
+def test_a_layer_whose_channels_fold_permutation_reordered_is_compared_in_that_order(tmp_path):
+    """`fold-permutation` moves down_proj's input permutation into up_proj's output columns: up_proj's
+    output is compared with its float reference reordered so (compared as it was, its cosine was ~0)."""
+    _, body, _ = _compile(tmp_path, "folded", "mixed{avg-bits=4}", report="r.json")
+    folded = next(p for p in body["passes"] if p["name"] == "fold-permutation")["stats"]["folded_layers"]
+    assert "down_proj" in folded
+    errors = {layer["name"]: layer["error"] for layer in body["layers"]}
+    assert errors["up_proj"]["cosine"] > 0.9 and errors["down_proj"]["cosine"] > 0.9, errors

@@ -67,6 +67,7 @@ def emit(model: ir.Model, directory: Path, manifest: dict[str, Any], extra_files
     tables = quantized_embeddings(model)
     if tables:
         manifest["embeddings"] = tables
+        manifest.update(with_tables(manifest, tables))
     path = directory / "manifest.json"
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return files + [path]
@@ -126,7 +127,8 @@ def mixed_layers(model: ir.Model, routes: dict[str, str], resident: dict[str, in
 def quantized_embeddings(model: ir.Model) -> dict[str, Any]:
     """The embedding tables stored as codes (`GatherBlockQuantized`): per lookup its rows x columns,
     bits and bytes (codes, scales and zero points), and the bits per table entry over all of them.
-    Tables are not layer weights, so `effective_bits_per_weight` leaves them out."""
+    Tables are not layer weights, so `effective_bits_per_weight` leaves them out;
+    `effective_bits_per_weight_with_tables` counts both (`with_tables`)."""
     tables, entries, stored = {}, 0, 0
     for node in model.graph:
         if node.op_type != "GatherBlockQuantized" or node.domain != "com.microsoft":
@@ -140,6 +142,16 @@ def quantized_embeddings(model: ir.Model) -> dict[str, Any]:
     if not tables:
         return {}
     return {"tables": tables, "bits_per_entry": round(8 * stored / entries, 4)}
+
+
+def with_tables(manifest: dict[str, Any], embeddings: dict[str, Any]) -> dict[str, Any]:
+    """Bits per weight over the layers' weights and the stored embedding tables' entries together
+    (what a budget that holds the tables, `allocate-bits{embeddings=budget}`, is spent on)."""
+    tables = embeddings["tables"].values()
+    entries = sum(t["shape"][0] * t["shape"][1] for t in tables)
+    count = manifest.get("weights", 0) + entries
+    stored = manifest.get("weight_bytes", 0) + sum(t["bytes"] for t in tables)
+    return {"effective_bits_per_weight_with_tables": round(8 * stored / count, 4)} if count else {}
 
 
 def contrib_ops(model: ir.Model) -> list[str]:

@@ -91,6 +91,14 @@ def uniform_class_bits(bits: int, rows: int, cols: int, group_size: int, zero_po
     return codes * cols + FP16 * cols * groups + zeros
 
 
+def table_bits(rows: int, cols: int, bits: int, block_size: int) -> int:
+    """Stored bits of an embedding table as `lower-ort` writes it for ONNX Runtime's
+    GatherBlockQuantized: each row's codes packed, 8 * ceil(cols * bits / 8), its zero points (one a
+    block of `block_size` entries) packed likewise, and a float32 scale a block."""
+    blocks = cols // block_size
+    return rows * (8 * math.ceil(cols * bits / 8) + 8 * math.ceil(blocks * bits / 8) + 32 * blocks)
+
+
 def codebook_class_bits(bits: int, rows: int, cols: int) -> int:
     return 0 if rows == 0 else code_bits(bits, rows, cols) + FP16 * cols * (1 << bits)
 

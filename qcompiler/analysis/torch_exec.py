@@ -48,6 +48,17 @@ class Constants:
             self.cache[key] = torch.from_numpy(np.array(array))
         return self.cache[key]
 
+    def quantized_table(self, node: ir.Node) -> torch.Tensor:
+        """A `qc.GatherQuantized`'s table as stored (codes, scales and zero points constant), dequantized once."""
+        key = id(node.inputs[0])
+        if key not in self.cache:
+            from qcompiler.dialect.qc_ops import gather_quantized
+
+            codes, scale, zero = (node.inputs[i].const_value.numpy() for i in (0, 2, 3))
+            table = gather_quantized(codes, np.arange(codes.shape[0]), scale, zero, attr(node, "block_size"))
+            self.cache[key] = torch.from_numpy(np.array(table, np.float32))
+        return self.cache[key]
+
     def mixed_weight(self, node: ir.Node) -> torch.Tensor:
         """A `qc.MixedWeight`'s weight (every input constant), dequantized once."""
         key = id(node.outputs[0])
@@ -223,6 +234,9 @@ def run_nodes(nodes: list[ir.Node], env: dict[str, torch.Tensor], weight_of: Cal
             continue
         if node.domain == "qc" and node.op_type == "MixedWeight":  # a Conv's kernel, not learned here
             env[node.outputs[0].name] = constants.mixed_weight(node)
+            continue
+        if node.domain == "qc" and node.op_type == "GatherQuantized":  # an embedding table as stored, not learned here
+            env[node.outputs[0].name] = _gather(constants.quantized_table(node), env[node.inputs[1].name], 0)
             continue
         if node.domain not in ("", "ai.onnx"):
             raise NotImplementedError(f"the block interpreter has no rule for {node.domain}.{node.op_type}")

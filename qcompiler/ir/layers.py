@@ -128,6 +128,25 @@ def _kernel_shape(conv: ir.Node) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
+QUANTIZED_LOOKUPS = frozenset({("qc", "GatherQuantized"), ("com.microsoft", "GatherBlockQuantized")})
+
+
+def embedding_table(node: ir.Node) -> ir.Value | None:
+    """The table an embedding lookup reads: the constant 2-D float table of a standard Gather on
+    axis 0 (read through a `qc.BitAllocation` once allocated), or the codes of a quantized lookup
+    (`qc.GatherQuantized`, `com.microsoft.GatherBlockQuantized`); None for any other node."""
+    if (node.domain, node.op_type) in QUANTIZED_LOOKUPS:
+        return node.inputs[0]
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2 or node.attributes.get_int("axis", 0):
+        return None
+    table = qir.producer_of(node.inputs[0], "BitAllocation", "qc")
+    table = table.inputs[0] if table is not None else node.inputs[0]
+    tensor = table.const_value if table is not None else None
+    if tensor is None or len(tensor.shape) != 2 or not tensor.dtype.is_floating_point():
+        return None
+    return table
+
+
 def group_by_input(layers: list[Linear]) -> dict[str, list[Linear]]:
     """Layers that read the same activation (Q/K/V, gate/up), keyed by its name, in graph order."""
     groups: dict[str, list[Linear]] = {}

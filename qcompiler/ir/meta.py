@@ -124,6 +124,9 @@ FLOAT_WEIGHT_KEY = _key("qc.float_weight", NODE_META, "ir.TensorProtocol",
 FLOAT_BIAS_KEY = _key("qc.float_bias", NODE_META, "np.ndarray | None",
                       "a qc.MixedWeight's Conv bias before quantize-weights corrected it (None: the Conv had none): "
                       "written by quantize-weights, read by gptq to rebuild the float model")
+CHANNEL_ORDER_KEY = _key("qc.channel_order", VALUE_META, "np.ndarray",
+                         "on a linear's output whose channels fold-permutation reordered: channel j holds the former "
+                         "channel order[j]; read by the report, which compares the output with its float reference so")
 CREATED_BY = _key("qc.created_by", NODE_PROPS, "str", "the pass (or 'pass:rule') that created the node")
 SCOPE_KEY = _key("qc.scope", NODE_PROPS, "str", "the torch module path a captured node came from")
 STORED_WEIGHTS = _key("qc.stored_weights", NODE_PROPS, "str ('1')",

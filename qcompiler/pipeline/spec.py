@@ -46,6 +46,8 @@ class Preset:
     params: dict[str, str] = dataclasses.field(default_factory=dict)
     # options that choose pipeline text rather than fill a value: {option: {value: text}}
     fragments: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    # placeholders that another option's value fills: {placeholder: (option, {value: text})}, "" for the values not listed
+    derived: dict[str, tuple[str, dict[str, str]]] = dataclasses.field(default_factory=dict)
 
     def expand(self, name: str, options: dict[str, str]) -> str:
         for key in options:
@@ -62,6 +64,8 @@ class Preset:
                     raise UserError(f"preset '{name}': {key} must be one of {', '.join(self.fragments[key])}, got '{shown(value)}'")
                 # a fragment may use the other options' values (`$avg_bits`)
                 values[key.replace("-", "_")] = string.Template(self.fragments[key][value]).substitute(values)
+        for placeholder, (key, texts) in self.derived.items():
+            values[placeholder] = texts.get(chosen[key], "")
         return string.Template(self.template).substitute(values)
 
 
@@ -94,7 +98,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "mixed": Preset(
         "canonicalize,calibrate$act_scale,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook sensitivity=$sensitivity "
-        "outliers-weight=$outliers_weight$blocks$shared_input},quantize-weights$rounding$tuning,fold-permutation$embedding$kv_cache,$route",
+        "outliers-weight=$outliers_weight$blocks$shared_input$tables},quantize-weights$rounding$tuning,fold-permutation$embedding$kv_cache,$route",
         "weight-only channel-wise mixed precision at a fractional bit budget (needs --calib)",
         {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0",
          "rounding": "nearest", "tuning": "none", "act-scale": "none", "embedding": "float", "kv-cache": "float32",
@@ -115,7 +119,9 @@ PRESETS: dict[str, Preset] = {
          "act-scale": {"none": "", "awq": ",awq-scale{avg-bits=$avg_bits},fold-scales{unfoldable=unsmooth}"},
          # end to end: every layer's scales against the float model's next-token distributions (LMs)
          "tuning": {"none": "", "e2e-kl": ",tune-scales{regions=0 loss=kl steps=120 lr=0.001 batch=4}"},
-         **EMBEDDING, **KV_CACHE},
+         # budget: the tables inside avg-bits, their width chosen with the layers' bits (allocate-bits{embeddings=budget})
+         "embedding": {**EMBEDDING["embedding"], "budget": ""}, **KV_CACHE},
+        {"tables": ("embedding", {"budget": " embeddings=budget"})},
     ),
     "int4": Preset(
         "canonicalize,calibrate,allocate-bits{avg-bits=8 candidates=4 group-size=$group_size zero-points=$zero_points outliers-act=0 "

@@ -321,9 +321,11 @@ def _summary(result) -> None:
         line = f"  {record.name:<14} {record.seconds:6.2f} s  {'modified' if record.modified else 'unchanged':<9}  {measured}"
         log.info("%s", line.rstrip())  # no drift columns when it was not measured (--no-drift, weights too large)
     bits = manifest.get("effective_bits_per_weight")
+    with_tables = manifest.get("effective_bits_per_weight_with_tables")
     log.info(
-        "artifact: %s  (%s, %d weights, %.2f effective bits per weight)",
+        "artifact: %s  (%s, %d weights, %.2f effective bits per weight%s)",
         result.output, ", ".join(manifest["files"]), manifest.get("weights", 0), bits if bits is not None else float("nan"),
+        f"; {with_tables:.2f} with the embedding tables" if with_tables is not None else "",
     )
 
 

@@ -34,12 +34,13 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.analysis import execute
+from qcompiler.analysis import bitcost, execute
 from qcompiler.analysis.probe import log_softmax, mean_kl
 from qcompiler.dialect import ops
 from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul
 from qcompiler.errors import UserError
 from qcompiler.ir import qc_nodes, to_proto
+from qcompiler.ir.layers import embedding_table
 from qcompiler.passes.allocate_bits import AllocateBitsPass as Allocate
 from qcompiler.passes.flexround import FlexRoundPass
 from qcompiler.passes.fold_permutation import FoldPermutationPass
@@ -56,6 +57,7 @@ from qcompiler.support.progress import progress
 log = logging.getLogger(__name__)
 
 KEEP_BITS = 8
+TABLE_KEEP_BITS = bitcost.table_bits(1, 32, 8, 32) / 32  # a kept embedding table: 8-bit codes, a scale and zero point a block
 
 
 @dataclasses.dataclass
@@ -68,6 +70,7 @@ class LayerQuant:
     w_quant: np.ndarray
     act: dict[str, Any] | None
     w_high: np.ndarray | None = None  # the weight at a raised bit budget (allocate-bits{boost})
+    embedding: bool = False  # an embedding table (its Gather's input 0), stored as codes
 
     @property
     def params(self) -> int:
@@ -101,6 +104,16 @@ def quantized_layers(float_stage: ir.Model, quant_stage: ir.Model) -> tuple[list
     producers = {out.name: node for node in quant_stage.graph for out in node.outputs}
     layers, skipped = [], []
     for node in float_stage.graph:
+        table = embedding_table(node)
+        if table is not None:
+            found = producers.get(node.outputs[0].name)
+            if found is not None and found.domain == "qc" and found.op_type == "GatherQuantized":
+                w_float = table.const_value.numpy()
+                codes, _, scale, zero = found.inputs  # every row looked up gives the table as stored
+                w_quant = ops.run_reference(found, [_const(codes), np.arange(w_float.shape[0]), _const(scale), _const(zero)])[0]
+                layers.append(LayerQuant(table.name, node.name or node.outputs[0].name, w_float, np.asarray(w_quant, np.float32),
+                                         None, embedding=True))
+            continue
         # narrower than `ir.is_weighted_layer` on purpose: the layers the switchboard can emulate
         if node.op_type not in ("MatMul", "Conv") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
             continue
@@ -121,6 +134,7 @@ def quantized_layers(float_stage: ir.Model, quant_stage: ir.Model) -> tuple[list
 
 class _Unreadable(Exception):
     pass
+
 
 
 def _layer_from(q: ir.Node | None, x_name: str, w_name: str, node_name: str, w_float: np.ndarray) -> LayerQuant | None:
@@ -202,14 +216,15 @@ class Switchboard:
         by_weight = {layer.name: layer for layer in layers}
         weight_inputs: dict[str, str] = {}
         gate_inputs: dict[str, str] = {}
-        nodes = [n for n in graph if n.op_type in ("MatMul", "Conv") and len(n.inputs) > 1 and n.inputs[1] is not None]
-        for index, node in enumerate(nodes):
-            layer = by_weight.get(node.inputs[1].name)
+        nodes = [(n, 1) for n in graph if n.op_type in ("MatMul", "Conv") and len(n.inputs) > 1 and n.inputs[1] is not None]
+        nodes += [(n, 0) for n in graph if embedding_table(n) is not None]
+        for index, (node, slot) in enumerate(nodes):
+            layer = by_weight.get(node.inputs[slot].name)
             if layer is None or layer.node != (node.name or node.outputs[0].name):
                 continue
             w_in = ir.Value(name=f"doctor.w{index}", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(layer.w_float.shape))
             graph.inputs.append(w_in)
-            node.replace_input_with(1, w_in)
+            node.replace_input_with(slot, w_in)
             weight_inputs[layer.name] = w_in.name
             if layer.act is not None:
                 gate = ir.Value(name=f"doctor.g{index}", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
@@ -414,7 +429,7 @@ def _diagnose(full, passes, model: ir.Model, source_info, feeds: dict[str, np.nd
             high_records = run_pipeline(high_model, boosted, [])
             high = {layer.name: layer for layer in quantized_layers(stages.float_stage, high_model)[0]}
             for layer in layers:
-                if layer.name in high:
+                if layer.name in high and not layer.embedding:  # a table is kept, never boosted
                     layer.w_high = high[layer.name].w_quant
             del high_model
     if not layers:
@@ -436,6 +451,7 @@ def _diagnose(full, passes, model: ir.Model, source_info, feeds: dict[str, np.nd
             "params": layer.params,
             "activation": (layer.act or {}).get("mode"),
             "bits": bits.get(layer.name),
+            **({"embedding": True} if layer.embedding else {}),
             "alone": next(measured),
             "recovered": total - next(measured),
         }
@@ -503,6 +519,8 @@ def _suggest(passes, rows, total, board: Switchboard, everything: set[str], max_
     if Allocate.name in names:
         index = names.index(Allocate.name)
         allocator = passes[index]
+        # a table can be kept at 8 bits only where allocate-bits stores it (embeddings=budget)
+        rows = [row for row in rows if not row.get("embedding") or allocator.embeddings == "budget"]
         keep, boost, extra = _choose_upgrades(rows, allocator, max_extra_bits)
         refinement = []
         while (keep or boost) and len(refinement) < REFINE_ROUNDS and (not refinement or refinement[-1]["kept"] == "refilled"):
@@ -522,6 +540,7 @@ def _suggest(passes, rows, total, board: Switchboard, everything: set[str], max_
         index = names.index(Quantize.name)
         quantizer = passes[index]
         boost, refinement = [], []
+        rows = [row for row in rows if not row.get("embedding")]  # quantize{keep} names layers, not tables
         chosen, predicted = _keep_in_float(rows, everything, total, board, executor)
         keep = list(chosen)
         changed = dataclasses.replace(quantizer, keep=tuple(sorted(set(quantizer.keep) | set(chosen))))
@@ -677,7 +696,7 @@ def _upgrade_costs(row: dict, allocator) -> dict[str, float]:
     """Stored bits each upgrade of the layer adds: keep (all channels at KEEP_BITS), boost (the
     layer's allocation at BOOST_BITS more), the latter only where it was measured."""
     current = row["bits"] if row["bits"] is not None else allocator.avg_bits
-    kept = KEEP_BITS + 32.0 / allocator.group_size
+    kept = TABLE_KEEP_BITS if row.get("embedding") else KEEP_BITS + 32.0 / allocator.group_size
     costs = {"keep": max(kept - current, 1e-3) * row["params"]}
     if row.get("recovered_by_boost") is not None:
         raised = row["boosted_bits"] if row.get("boosted_bits") is not None else current + BOOST_BITS

@@ -45,6 +45,8 @@ from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul
 from qcompiler.errors import UserError
 from qcompiler.ir import (WEIGHTED_LAYER_OPS, constant_sources, is_weighted_layer, op_key, permutation_indices, producer_of, weight_inputs,
                           weight_values)
+from qcompiler.ir.layers import QUANTIZED_LOOKUPS, embedding_table
+from qcompiler.ir.meta import CHANNEL_ORDER_KEY
 from qcompiler.passes.allocate_bits import AllocateBitsPass as Allocate
 from qcompiler.passes.quantize import QuantizePass as Quantize
 from qcompiler.passes.quantize_weights import QuantizeWeightsPass as QuantizeWeights
@@ -151,6 +153,9 @@ class Recorder(Drift):
             expected = self.layer_reference.get(name)
             if expected is None or np.shape(expected) != np.shape(actual):
                 continue
+            order = self.layers.get(name, {}).get("channel_order")
+            if order is not None:  # fold-permutation reordered this layer's output channels
+                expected = np.take(expected, order, axis=-1)
             if self.valid is not None and np.shape(actual)[:2] == self.valid.shape:
                 expected, actual = np.asarray(expected)[self.valid], np.asarray(actual)[self.valid]
             self.layer_error[name] = execute.drift({name: expected}, {name: actual})
@@ -198,6 +203,8 @@ class Recorder(Drift):
                 continue  # a node a lowering made for part of a known layer
             info = self.layers.setdefault(out, {"output": out, "name": node.name or out, "op": node.op_type})
             _note_layer(node, info)
+            if CHANNEL_ORDER_KEY in node.outputs[0].meta:
+                info["channel_order"] = node.outputs[0].meta[CHANNEL_ORDER_KEY]
             bias = _bias_add(node.outputs[0])
             if bias is not None:
                 info["bias"] = bias
@@ -255,9 +262,10 @@ def _count_quantization(model: ir.Model) -> int:
 
 
 def layer_nodes(model: ir.Model) -> list[ir.Node]:
-    """Nodes that multiply an activation by a constant weight (`ir.is_weighted_layer`), in graph order."""
+    """Nodes that multiply an activation by a constant weight (`ir.is_weighted_layer`) or look rows up
+    in an embedding table (`embedding_table`), in graph order."""
     memo: dict = {}
-    return [node for node in model.graph if is_weighted_layer(node, memo)]
+    return [node for node in model.graph if is_weighted_layer(node, memo) or embedding_table(node) is not None]
 
 
 def layer_nodes_set(model: ir.Model, memo: dict) -> set:
@@ -302,8 +310,24 @@ def _input_channels(op: str, shape, attrs: dict) -> int | None:
     return None
 
 
+def _note_lookup(node: ir.Node, table: ir.Value, info: dict[str, Any]) -> None:
+    """Record what the current IR says about an embedding lookup: its table's [rows, columns] (from
+    the float table, the first time), and once stored as codes their bits and block size."""
+    if "weight_shape" not in info and table.const_value is not None:
+        shape = [int(d) for d in table.const_value.shape]
+        info.update(weight_shape=shape, channels=shape[0], weights=int(np.prod(shape)), input=node.inputs[1].name)
+    info["embedding"] = True
+    if op_key(node) in QUANTIZED_LOOKUPS:
+        a = _attrs(node)
+        info["lookup"] = {"bits": int(a.get("bits", 4)), "block_size": int(a.get("block_size", 32))}
+
+
 def _note_layer(node: ir.Node, info: dict[str, Any]) -> None:
     """Record what the current IR says about one layer (later passes add to or override it)."""
+    table = embedding_table(node)
+    if table is not None:
+        _note_lookup(node, table, info)
+        return
     w, x = node.inputs[1], node.inputs[0]
     if "weight_shape" not in info and w is not None and w.const_value is not None:
         shape = [int(d) for d in w.const_value.shape]
@@ -430,7 +454,9 @@ def _layers(model: ir.Model, recorder: Recorder, stats: dict[str, dict]) -> list
         node = producers[carrier]
         info = recorder.layers.get(out, {"output": out, "name": node.name or out, "op": node.op_type})
         name = info["name"]
-        if node in layer_nodes_set(model, memo):
+        if embedding_table(node) is not None:  # the table, or its codes, scales and zero points
+            sources = [v for i, v in enumerate(node.inputs) if i != 1 and v is not None and v.const_value is not None]
+        elif node in layer_nodes_set(model, memo):
             sources = [v for w in weight_inputs(node) for v in (constant_sources(w, memo) or [])]
             sources = sources + (constant_sources(permutation_indices(node.inputs[0]), memo) or [])
         else:  # computed by several nodes: the constants between its input and its output
@@ -485,6 +511,13 @@ def _weight(info: dict, stored_float: bool, allocate: dict | None, mixed_stats: 
              "fp16_channels": 0, "sparse_outliers": 0, "sqnr_db": None, "predicted_error": None}
     if stored_float:
         return empty
+    lookup = info.get("lookup")
+    if lookup is not None:  # an embedding table stored as codes: one width for every row
+        b, rows = lookup["bits"], info.get("channels") or 0
+        return {**empty, "format": f"int{b}", "bits": b, "mean_bits": float(b), "bits_histogram": {str(b): rows},
+                "grid": "minmax-asymmetric", "group_size": lookup["block_size"],
+                "sqnr_db": (mixed_stats or {}).get(QuantizeWeights.Stats.WEIGHTED_SQNR_DB),
+                "predicted_error": (allocate or {}).get(Allocate.Stats.PREDICTED_ERROR)}
     mixed = info.get("mixed")
     allocation = info.get("allocation")
     if mixed is not None or allocation is not None:
@@ -519,6 +552,9 @@ def _weight(info: dict, stored_float: bool, allocate: dict | None, mixed_stats: 
 def _activation(info: dict, quantize: dict | None, in_float: set, options: dict, has_quantize: bool) -> dict:
     act = info.get("activation")
     sqnr = (quantize or {}).get(Quantize.Stats.ACTIVATION_SQNR_DB)
+    if info.get("embedding"):
+        return {"format": None, "mode": None, "scale": None, "zero_point": None, "sqnr_db": None,
+                "float_reason": "an embedding lookup: its input is row indices"}
     if act is not None:
         return {"format": f"int{int(act.get('bits', 8))}", "mode": act.get("mode"), "scale": act.get("scale"),
                 "zero_point": act.get("zero_point"), "sqnr_db": sqnr, "float_reason": None}
@@ -568,7 +604,8 @@ def _float_nodes(model: ir.Model, recorder: Recorder, stats: dict, layers: list[
             table = node.inputs[0].const_value
             if table.dtype.is_floating_point() and len(table.shape) == 2:
                 found.append({"name": name, "op": "Gather", "part": "weight",
-                              "reason": f"embedding table [{table.shape[0]}, {table.shape[1]}]: left in float (w8a8{{embedding=int8}} or {{embedding=int4}} stores it as codes)"})
+                              "reason": f"embedding table [{table.shape[0]}, {table.shape[1]}]: left in float (w8a8{{embedding=int8}} "
+                                        f"or {{embedding=int4}} stores it as codes, mixed{{embedding=budget}} within the bit budget)"})
     return found
 
 
