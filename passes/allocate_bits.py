@@ -78,6 +78,7 @@ REVISITS = 8
 TABLE_WIDTHS = (4, 8)  # what GatherBlockQuantized runs
 TABLE_BLOCK = 32  # entries of a row per scale and zero point (quantize-embedding's default)
 VARIED_TABLES = 4  # the largest tables whose widths are searched; smaller ones take 8 bits
+TABLE_ROWS_AT_ONCE = 4096  # rows of a table whose error is computed at once
 
 
 @dataclasses.dataclass
@@ -391,7 +392,12 @@ class AllocateBitsPass(Pass):
                     seen = np.asarray(batch[ids]).reshape(-1)
                     counts += np.bincount(seen[(seen >= 0) & (seen < rows)], minlength=rows)
             p = counts / counts.sum()
-            errors = {b: float(p @ np.sum((dequantized_table(w, b, TABLE_BLOCK) - w) ** 2, axis=1, dtype=np.float64)) for b in TABLE_WIDTHS}
+            errors = {b: 0.0 for b in TABLE_WIDTHS}
+            for start in range(0, rows, TABLE_ROWS_AT_ONCE):  # a 7B model's table is 131 M entries
+                part = w[start:start + TABLE_ROWS_AT_ONCE]
+                for b in TABLE_WIDTHS:
+                    squared = np.sum((dequantized_table(part, b, TABLE_BLOCK) - part) ** 2, axis=1, dtype=np.float64)
+                    errors[b] += float(p[start:start + len(part)] @ squared)
             found.append(_Table(node, table, tuple(w.shape), errors))
         return found
 
