@@ -4,6 +4,7 @@ Runtime's `GatherBlockQuantized`), its width chosen with the layers' bits, the w
 average; the report and the doctor list the tables as layers."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -143,3 +144,23 @@ def test_the_report_lists_the_table_with_its_width_and_error(tmp_path):
     assert weight["format"] == "int4" and weight["group_size"] == 32 and weight["predicted_error"] > 0
     assert weight["stored_bits_per_weight"] == pytest.approx(bitcost.table_bits(VOCAB, WIDTH, 4, 32) / (VOCAB * WIDTH))
     assert 15 < weight["sqnr_db"] < 30 and 0.99 < table["error"]["cosine"] < 1  # 4-bit rows, looked up as stored
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.slow
+def test_minilm_at_6_bits_with_its_tables_gives_them_4_and_the_layers_the_rest(tmp_path):
+    """MiniLM's two stored tables (word and token type) hold 53 % of its weights: at 6 bits overall
+    4-bit tables leave the layers 6.9 bits, and the sentence embeddings stay within 1 Spearman point."""
+    from qcompiler.tools.evaluate import evaluate
+
+    if not SHARED.is_dir():
+        pytest.skip("needs ../shared/data")
+    result = qcompiler.compile("minilm-l6", tmp_path / "m", pipeline="mixed{avg-bits=6 embedding=budget}",
+                               calibration=str(SHARED / "wikitext2-valid-excerpt.txt"), drift=False, cache_dir=None)
+    stats = _stats(result)
+    assert stats["tables"] and set(stats["tables"].values()) == {4}
+    assert result.manifest["effective_bits_per_weight_with_tables"] <= 6.0 < result.manifest["effective_bits_per_weight"]
+    scores = evaluate(tmp_path / "m", "sts", SHARED / "sts-pairs-dev.tsv", model="minilm-l6")
+    assert scores["spearman_compiled"] > scores["spearman_float"] - 1.0, scores
