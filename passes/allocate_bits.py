@@ -432,8 +432,8 @@ class AllocateBitsPass(Pass):
             if best_error is None or error < best_error:
                 best, best_error = (allocations, widths), error
         if best is None:
-            raise UserError(f"allocate-bits: avg-bits {self.avg_bits:g} cannot hold the embedding tables at "
-                            f"{TABLE_WIDTHS[0]} bits and the layers together ({reasons[0]}); raise avg-bits or use embeddings=apart")
+            raise UserError(f"allocate-bits: avg-bits {self.avg_bits:g} cannot hold the embedding tables (at "
+                            f"{TABLE_WIDTHS[0]} bits at least) and the layers together ({reasons[0]}); raise avg-bits or use embeddings=apart")
         return best
 
     def _record_table(self, graph: ir.Graph, table: _Table, bits: int) -> dict:

@@ -184,7 +184,7 @@ class GPTQPass(Pass):
         arrays: dict[int, list[np.ndarray]] = {}
 
         def weight_of(node):
-            return rounded[id(node)] if id(node) in rounded else problem.float_weight(node)
+            return rounded[id(node)] if id(node) in rounded else problem.stored_weight(node)
 
         for group in _by_input(problem.layers) if self.sequential else [problem.layers]:
             hessians = _hessians(problem, group, weight_of)

@@ -58,8 +58,8 @@ class QuantizeEmbeddingPass(Pass):
             if reason:
                 kept[name] = reason
                 continue
-            codes = replace_lookup(graph, node, table, self.bits, self.block_size)
-            quantized[name] = {"table": table.name, "shape": list(codes.shape)}  # bytes as stored: the manifest's `embeddings`
+            lookup = replace_lookup(graph, node, table, self.bits, self.block_size)
+            quantized[name] = {"table": table.name, "shape": list(lookup.inputs[0].const_value.shape)}  # bytes as stored: the manifest's `embeddings`
         if quantized:
             model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
             for entry in quantized.values():
@@ -125,15 +125,14 @@ def dequantized_table(table: np.ndarray, bits: int, block_size: int) -> np.ndarr
     return gather_quantized(codes, np.arange(table.shape[0]), scale, zero, block_size)
 
 
-def replace_lookup(graph: ir.Graph, node: ir.Node, table: ir.Value, bits: int, block_size: int) -> np.ndarray:
+def replace_lookup(graph: ir.Graph, node: ir.Node, table: ir.Value, bits: int, block_size: int) -> ir.Node:
     """`node` (a Gather of `table`, read as float32 from wherever it is stored) becomes a
-    `qc.GatherQuantized` of the table's codes; returns the codes."""
+    `qc.GatherQuantized` of the table's codes, which is returned."""
     codes, scale, zero = quantize_table(table.const_value.numpy(), bits, block_size)
-    _replace_gather(graph, node, table.name, codes, scale, zero, bits, block_size)
-    return codes
+    return _replace_gather(graph, node, table.name, codes, scale, zero, bits, block_size)
 
 
-def _replace_gather(graph: ir.Graph, node: ir.Node, base: str, codes, scale, zero, bits: int, block_size: int) -> None:
+def _replace_gather(graph: ir.Graph, node: ir.Node, base: str, codes, scale, zero, bits: int, block_size: int) -> ir.Node:
     inputs = [new_initializer(graph, f"{base}.q", codes), node.inputs[1],
               new_initializer(graph, f"{base}.scale", scale), new_initializer(graph, f"{base}.zero_point", zero)]
     lookup = ir.node("GatherQuantized", inputs, {"bits": bits, "block_size": block_size}, domain="qc",
@@ -141,3 +140,4 @@ def _replace_gather(graph: ir.Graph, node: ir.Node, base: str, codes, scale, zer
     lookup.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
     lookup.outputs[0].meta.update(node.outputs[0].meta)  # the rows' calibration statistics, for the layers that read them
     ir.convenience.replace_nodes_and_values(graph, node, [node], [lookup], [node.outputs[0]], [lookup.outputs[0]])
+    return lookup

@@ -176,9 +176,10 @@ def _store_table(graph: ir.Graph, allocation: ir.Node, lookup: ir.Node) -> dict:
     table = allocation.inputs[0]
     w = table.const_value.numpy().astype(np.float32)
     block_size = int(attributes_of(allocation)["group_size"])
-    codes = replace_lookup(graph, lookup, table, int(bits[0]), block_size)
+    stored = replace_lookup(graph, lookup, table, int(bits[0]), block_size)
+    stored.meta[FLOAT_WEIGHT_KEY] = table.const_value  # the float table: the learners' float targets read it
     error = float(np.sum((dequantized_table(w, int(bits[0]), block_size) - w) ** 2))
-    return {"classes": {f"uniform{int(bits[0])}": int(codes.shape[0])}, "sparse_outliers": 0,
+    return {"classes": {f"uniform{int(bits[0])}": int(w.shape[0])}, "sparse_outliers": 0,
             "weighted_sqnr_db": round(10 * np.log10(float(np.sum(w.astype(np.float64) ** 2)) / error), 2) if error > 0 else None}
 
 

@@ -105,7 +105,7 @@ def test_apart_leaves_the_allocation_as_before(tmp_path):
 
 def test_a_budget_that_cannot_hold_the_tables_is_one_line(tmp_path):
     path, calib = _lm(tmp_path)
-    with pytest.raises(UserError, match="cannot hold the embedding tables at 4 bits and the layers together"):
+    with pytest.raises(UserError, match="cannot hold the embedding tables \(at 4 bits at least\) and the layers together"):
         _compile(path, calib, tmp_path / "out", "mixed{avg-bits=2.2 embedding=budget}")
 
 
@@ -118,12 +118,35 @@ def test_targets_without_a_quantized_lookup_refuse_tables_in_the_budget():
     allocator.check_target(bitcost.ORT)
 
 
-def test_learned_rounding_runs_past_a_quantized_table(tmp_path):
-    """flexround's block interpreter reads the table as stored (`qc.GatherQuantized`)."""
+def test_learned_rounding_reads_the_stored_table_and_aims_at_the_float_one(tmp_path):
+    """The learners' block interpreter runs a `qc.GatherQuantized` from the table `quantize-weights`
+    stored on the quantized stream, and from the float table it kept (`FLOAT_WEIGHT_KEY`) for the
+    float targets; flexround then learns past it."""
+    import torch
+
+    from qcompiler.analysis.torch_exec import Constants, run_nodes
+    from qcompiler.dialect.qc_ops import gather_quantized
+    from qcompiler.ir.meta import FLOAT_WEIGHT_KEY
+    from qcompiler.passes.quantize_embedding import quantize_table
+    from qcompiler.pipeline.context import CompileContext, using
+    from qcompiler.pipeline.pass_manager import run_pipeline
+
     path, calib = _lm(tmp_path)
+    model = qcompiler.load(str(path))
+    table = model.graph.initializers["table"].const_value.numpy().copy()
     result = _compile(path, calib, tmp_path / "out", "canonicalize,calibrate,allocate-bits{avg-bits=4.5 embeddings=budget},"
                                                      "quantize-weights,flexround{steps=5},lower-ort")
-    assert _stats(result, "flexround")
+    assert _stats(result, "flexround")["per_block"][0]["kept"] in ("learned", "round-to-nearest")
+    with using(CompileContext(calibration=[{"ids": np.load(calib)["ids"]}])):
+        run_pipeline(model, parse_pipeline("canonicalize,calibrate,allocate-bits{avg-bits=4.5 embeddings=budget},quantize-weights"), [])
+    lookup = next(n for n in model.graph if n.op_type == "GatherQuantized")
+    np.testing.assert_array_equal(lookup.meta[FLOAT_WEIGHT_KEY].numpy(), table)
+    constants, ids = Constants(), torch.tensor([[3, 511]])
+    float_rows = run_nodes([lookup], {"ids": ids}, constants.float_table, constants)[lookup.outputs[0].name]
+    stored_rows = run_nodes([lookup], {"ids": ids}, constants.quantized_table, constants)[lookup.outputs[0].name]
+    np.testing.assert_array_equal(float_rows.numpy(), table[[[3, 511]]])
+    codes, scale, zero = quantize_table(table, 4, 32)
+    np.testing.assert_allclose(stored_rows.numpy(), gather_quantized(codes, [[3, 511]], scale, zero, 32), rtol=1e-6)
 
 
 def test_the_doctor_lists_the_table_as_a_layer(tmp_path):
@@ -151,7 +174,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 @pytest.mark.slow
 def test_minilm_at_6_bits_with_its_tables_gives_them_4_and_the_layers_the_rest(tmp_path):
-    """MiniLM's two stored tables (word and token type) hold 53 % of its weights: at 6 bits overall
+    """MiniLM's two stored tables (word and position) hold 53 % of its weights: at 6 bits overall
     4-bit tables leave the layers 6.9 bits, and the sentence embeddings stay within 1 Spearman point."""
     from qcompiler.tools.evaluate import evaluate
 
@@ -164,3 +187,13 @@ def test_minilm_at_6_bits_with_its_tables_gives_them_4_and_the_layers_the_rest(t
     assert result.manifest["effective_bits_per_weight_with_tables"] <= 6.0 < result.manifest["effective_bits_per_weight"]
     scores = evaluate(tmp_path / "m", "sts", SHARED / "sts-pairs-dev.tsv", model="minilm-l6")
     assert scores["spearman_compiled"] > scores["spearman_float"] - 1.0, scores
+
+
+def test_a_model_wide_budget_measures_the_tables_sensitivity_too(tmp_path):
+    """scope=model sensitivity=output: the table's errors are rescaled by its measured effect on the
+    output like a layer's, and tables and layers together still hold the average."""
+    path, calib = _lm(tmp_path)
+    stats = _stats(_compile(path, calib, tmp_path / "out", "mixed{avg-bits=4.5 embedding=budget scope=model sensitivity=output}"))
+    assert set(stats["sensitivity"]["factor"]) == {"embed", "up", "down"}
+    assert stats["sensitivity"]["factor"]["embed"] > 0 and stats["predicted_bits_per_weight"] <= 4.5
+    assert stats["tables"] == {"embed": 4}

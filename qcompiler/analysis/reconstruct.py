@@ -334,7 +334,8 @@ class BlockProblem:
     loss_names: list[str]
     forward: Callable  # forward(env, weight_of) -> the block's outputs
     run_all: Callable  # run_all(env, weight_of) -> every value the block computes
-    float_weight: Callable  # node -> its float weight
+    float_weight: Callable  # node -> its float weight (a quantized table: the float table, for the targets)
+    stored_weight: Callable  # node -> what the quantized stream computes with where nothing is learned (a table: as stored)
     opts: Options
     rng: np.random.Generator
     bar: object
@@ -353,7 +354,7 @@ def learn_with_adam(problem: BlockProblem) -> tuple[dict, int]:
     if params:
         optimizer = _Adam(params, opts.lr)
         learned = {}
-        weight_of = lambda node: learned[id(node)] if id(node) in learned else problem.float_weight(node)  # noqa: E731
+        weight_of = lambda node: learned[id(node)] if id(node) in learned else problem.stored_weight(node)  # noqa: E731
         allotted = None
         if opts.time_budget:
             # this block's even share of what was left when it started, less what it has spent
@@ -474,7 +475,14 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
     def float_weight(node):
         if id(node) in float_w:
             return float_w[id(node)]
+        if node.domain == "qc" and node.op_type == "GatherQuantized":
+            return constants.float_table(node)
         return constants.get(node.inputs[1])
+
+    def stored_weight(node):
+        if node.domain == "qc" and node.op_type == "GatherQuantized":
+            return constants.quantized_table(node)
+        return float_weight(node)
 
     # float targets (also the next block's float inputs)
     with torch.no_grad():
@@ -484,13 +492,13 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
     if not layers:
         with torch.no_grad():
             for e in env_q:
-                e.update({k: v for k, v in forward(e, float_weight).items() if k in keep})
+                e.update({k: v for k, v in forward(e, stored_weight).items() if k in keep})
         return None
     t_block = time.perf_counter()
     originals = {id(l.node): l.reference_weight(l.originals) for l in layers}
 
     def fixed(weights):
-        return lambda node: weights[id(node)] if id(node) in weights else float_weight(node)
+        return lambda node: weights[id(node)] if id(node) in weights else stored_weight(node)
 
     with torch.no_grad():
         before = float(sum(block_loss(forward(e, fixed(originals)), t, loss_names, m)
@@ -499,7 +507,7 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
     if opts.loss == "mse":
         energy = float(sum(_mse({k: torch.zeros_like(v) for k, v in t.items()}, t, loss_names, m)
                            for t, m in zip(targets, valid))) / len(targets)
-    problem = BlockProblem(layers, env_q, targets, valid, loss_names, forward, run_all, float_weight, opts, rng, bar,
+    problem = BlockProblem(layers, env_q, targets, valid, loss_names, forward, run_all, float_weight, stored_weight, opts, rng, bar,
                            start_all, t_start, t_block, blocks_left, first)
     arrays, steps = solve(problem)
     written = {id(l.node): l.reference_weight(arrays[id(l.node)]) for l in layers}

@@ -18,6 +18,7 @@ import onnx_ir as ir
 import torch
 
 from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul
+from qcompiler.ir.meta import FLOAT_WEIGHT_KEY
 
 _DTYPES = {
     1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
@@ -57,6 +58,17 @@ class Constants:
             codes, scale, zero = (node.inputs[i].const_value.numpy() for i in (0, 2, 3))
             table = gather_quantized(codes, np.arange(codes.shape[0]), scale, zero, attr(node, "block_size"))
             self.cache[key] = torch.from_numpy(np.array(table, np.float32))
+        return self.cache[key]
+
+    def float_table(self, node: ir.Node) -> torch.Tensor:
+        """A `qc.GatherQuantized`'s table as it was in float (`FLOAT_WEIGHT_KEY`, kept by the pass that
+        stored it), else as stored."""
+        table = node.meta.get(FLOAT_WEIGHT_KEY)
+        if table is None:
+            return self.quantized_table(node)
+        key = id(table)
+        if key not in self.cache:
+            self.cache[key] = torch.from_numpy(np.array(table.numpy(), np.float32))
         return self.cache[key]
 
     def mixed_weight(self, node: ir.Node) -> torch.Tensor:
@@ -235,8 +247,8 @@ def run_nodes(nodes: list[ir.Node], env: dict[str, torch.Tensor], weight_of: Cal
         if node.domain == "qc" and node.op_type == "MixedWeight":  # a Conv's kernel, not learned here
             env[node.outputs[0].name] = constants.mixed_weight(node)
             continue
-        if node.domain == "qc" and node.op_type == "GatherQuantized":  # an embedding table as stored, not learned here
-            env[node.outputs[0].name] = _gather(constants.quantized_table(node), env[node.inputs[1].name], 0)
+        if node.domain == "qc" and node.op_type == "GatherQuantized":  # an embedding table, not learned here
+            env[node.outputs[0].name] = _gather(weight_of(node), env[node.inputs[1].name], 0)
             continue
         if node.domain not in ("", "ai.onnx"):
             raise NotImplementedError(f"the block interpreter has no rule for {node.domain}.{node.op_type}")

@@ -119,8 +119,8 @@ CALIBRATION_KEY = _key("qc.calibration", MODEL_META, "dict[str, Any]",
 SMOOTHED_KEY = _key("qc.smoothed", VALUE_META, "bool",
                     "the readers of this tensor are smoothed already: smooth and awq-scale never scale them twice")
 FLOAT_WEIGHT_KEY = _key("qc.float_weight", NODE_META, "ir.TensorProtocol",
-                        "a qc.MixedMatMul's float weight [K, N] in original row order: written by quantize-weights, "
-                        "read by flexround, tune-scales and gptq")
+                        "a qc.MixedMatMul's float weight [K, N] in original row order (a qc.GatherQuantized's: its float "
+                        "table): written by quantize-weights, read by flexround, tune-scales and gptq")
 FLOAT_BIAS_KEY = _key("qc.float_bias", NODE_META, "np.ndarray | None",
                       "a qc.MixedWeight's Conv bias before quantize-weights corrected it (None: the Conv had none): "
                       "written by quantize-weights, read by gptq to rebuild the float model")

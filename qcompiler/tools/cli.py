@@ -422,6 +422,9 @@ def _cmd_passes(args) -> int:
         lines.append(f"  {name}{'{' + params + '}' if params else ''} = {preset.template}  ({preset.doc})")
         for key, choices in preset.fragments.items():
             lines.append(f"    ${key.replace('-', '_')}: " + ", ".join(f"{key}={value} -> '{text}'" for value, text in choices.items()))
+        for placeholder, (key, choices) in preset.derived.items():
+            lines.append(f"    ${placeholder}: " + ", ".join(f"{key}={value} -> '{text}'" for value, text in choices.items())
+                         + ", otherwise ''")
     lines.append("")
     lines.append("properties (what passes require and provide):")
     lines.extend(f"  {prop}: {prop.meaning}" for prop in Prop)

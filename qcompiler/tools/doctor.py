@@ -519,8 +519,9 @@ def _suggest(passes, rows, total, board: Switchboard, everything: set[str], max_
     if Allocate.name in names:
         index = names.index(Allocate.name)
         allocator = passes[index]
-        # a table can be kept at 8 bits only where allocate-bits stores it (embeddings=budget)
-        rows = [row for row in rows if not row.get("embedding") or allocator.embeddings == "budget"]
+        # a table can be kept at 8 bits only where allocate-bits stores it (embeddings=budget), and only if it has fewer
+        rows = [row for row in rows if not row.get("embedding")
+                or (allocator.embeddings == "budget" and (row["bits"] or 0) < TABLE_KEEP_BITS)]
         keep, boost, extra = _choose_upgrades(rows, allocator, max_extra_bits)
         refinement = []
         while (keep or boost) and len(refinement) < REFINE_ROUNDS and (not refinement or refinement[-1]["kept"] == "refilled"):
@@ -696,7 +697,9 @@ def _upgrade_costs(row: dict, allocator) -> dict[str, float]:
     """Stored bits each upgrade of the layer adds: keep (all channels at KEEP_BITS), boost (the
     layer's allocation at BOOST_BITS more), the latter only where it was measured."""
     current = row["bits"] if row["bits"] is not None else allocator.avg_bits
-    kept = TABLE_KEEP_BITS if row.get("embedding") else KEEP_BITS + 32.0 / allocator.group_size
+    kept = KEEP_BITS + 32.0 / allocator.group_size
+    if row.get("embedding"):  # a kept table leaves the budget: the rest get back its share, avg-bits a weight
+        current, kept = allocator.avg_bits, TABLE_KEEP_BITS
     costs = {"keep": max(kept - current, 1e-3) * row["params"]}
     if row.get("recovered_by_boost") is not None:
         raised = row["boosted_bits"] if row.get("boosted_bits") is not None else current + BOOST_BITS

@@ -65,6 +65,7 @@ QUANTIZATION_OPS = frozenset({
     ("qc", "DequantizeWeight"), ("qc", "QuantizeActivation"), ("qc", "MixedMatMul"),
     ("", "QuantizeLinear"), ("", "DequantizeLinear"), ("", "DynamicQuantizeLinear"),
     ("com.microsoft", "MatMulNBits"), ("com.microsoft", "DequantizeLinear"), ("com.microsoft", "QuantizeLinear"),
+    ("qc", "GatherQuantized"), ("com.microsoft", "GatherBlockQuantized"),
 })
 QUANTIZING_PASSES = (Quantize.name, Allocate.name, QuantizeWeights.name)
 
@@ -263,7 +264,8 @@ def _count_quantization(model: ir.Model) -> int:
 
 def layer_nodes(model: ir.Model) -> list[ir.Node]:
     """Nodes that multiply an activation by a constant weight (`ir.is_weighted_layer`) or look rows up
-    in an embedding table (`embedding_table`), in graph order."""
+    in an embedding table (`embedding_table`: followed from the float model on, listed as layers once
+    stored as codes), in graph order."""
     memo: dict = {}
     return [node for node in model.graph if is_weighted_layer(node, memo) or embedding_table(node) is not None]
 
@@ -450,9 +452,11 @@ def _layers(model: ir.Model, recorder: Recorder, stats: dict[str, dict]) -> list
     memo: dict = {}
     layers = []
     producers = {v.name: n for n in model.graph for v in n.outputs}
-    for index, (out, carrier) in enumerate(recorder.located(model).items()):
+    for out, carrier in recorder.located(model).items():
         node = producers[carrier]
         info = recorder.layers.get(out, {"output": out, "name": node.name or out, "op": node.op_type})
+        if info.get("embedding") and "lookup" not in info:
+            continue  # a table left in float (or a constant table such as a rotary cache): in float_nodes, with why
         name = info["name"]
         if embedding_table(node) is not None:  # the table, or its codes, scales and zero points
             sources = [v for i, v in enumerate(node.inputs) if i != 1 and v is not None and v.const_value is not None]
@@ -470,7 +474,7 @@ def _layers(model: ir.Model, recorder: Recorder, stats: dict[str, dict]) -> list
         activation = _activation(info, quantize_layers.get(name), in_float, quantize_opts, Quantize.name in recorder.options)
         group = smooth.get(name)
         layers.append({
-            "index": index,
+            "index": len(layers),
             "name": name,
             "output": out,
             "op": info.get("op", node.op_type),
