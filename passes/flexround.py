@@ -1,13 +1,16 @@
 """`flexround`: learned rounding of the chosen uniform grids, block by block (FlexRound, Lee et al.,
 ICML 2023, arXiv 2306.00317).
 
-Runs after `quantize-weights`, on its `qc.MixedMatMul` ops: for each block of the graph (one
-transformer layer, or one conv stage; found in the IR by `qcompiler.analysis.blocks`) the division factors
-of `W_hat = s1 * round(W / (s1 * S2 * s3 * s4))` are learned with a straight-through estimator to
-minimise the block's output error against the float block on the calibration data, the block's
-inputs coming from the already-quantized preceding blocks. Codebook classes get their entries
-tuned; fp16 classes and sparse outliers stay. The learned codes and fp16 scales are written back
-into the same ops, so the lowering is unchanged. The mechanics are in `qcompiler.analysis.reconstruct`.
+Runs after `quantize-weights`, on its `qc.MixedMatMul` ops, or after `quantize`, on its int8
+`qc.DequantizeWeight` ops: for each block of the graph (one transformer layer, or one conv stage;
+found in the IR by `qcompiler.analysis.blocks`) the division factors of `W_hat = s1 * round(W / (s1 *
+S2 * s3 * s4))` are learned with a straight-through estimator to minimise the block's output error
+against the float block on the calibration data, the block's inputs coming from the
+already-quantized preceding blocks. Codebook classes get their entries tuned; fp16 classes and
+sparse outliers stay. After `quantize`, the block runs with its int8 activation grids, whose scales
+are learned too (`act-grids`); `tile` learns on crops of the calibration images, which makes a
+step of a conv net at photo size affordable. The learned codes and scales are written back into
+the same ops, so the lowering is unchanged. The mechanics are in `qcompiler.analysis.reconstruct`.
 
 Deterministic for a fixed seed and thread count when `time-budget` is 0 (with a budget that binds,
 the number of steps a block gets depends on the machine's speed; the statistics record it).
@@ -65,14 +68,26 @@ class BlockLearningPass(Pass):
     loss: Literal["mse", "kl"] = option(
         "mse", "what a block's outputs are compared by: mean squared error, or (regions=0, LMs) the KL divergence "
         "of the first output's softmax from the float model's")
+    act_grids: bool = option(True, "int8 weights (quantize): also learn the scale of each static int8 activation grid "
+                                   "in the block (its zero point stays)")
+    tile: int = option(0, "learn on tile x tile crops of the calibration images (conv nets with free spatial sizes; "
+                          "0: whole inputs)")
+    tile_margin: int = option(-1, "with tile: the border (input pixels) each crop's loss leaves out, where the "
+                                  "convolutions read padding the whole image does not have; -1: tile / 4")
 
     def __post_init__(self):
         check_learning_options(self.name, self.steps, self.lr, self.seed, self.time_budget, self.regions, self.batch, self.loss)
+        if isinstance(self.tile, bool) or not isinstance(self.tile, int) or not (self.tile == 0 or 8 <= self.tile <= 4096):
+            raise UserError(f"{self.name}: tile must be 0 (whole inputs) or a crop size from 8 to 4096, got {self.tile}")
+        margin = self.tile_margin
+        if isinstance(margin, bool) or not isinstance(margin, int) or margin < -1 or (self.tile and 2 * margin >= self.tile):
+            raise UserError(f"{self.name}: tile-margin must be -1 (tile / 4) or from 0 to under half the tile, got {margin}")
 
     def call(self, model: ir.Model) -> PassResult:
         ctx = context.current()
         opts = Options(self.mode, self.steps, float(self.lr), self.seed, float(self.time_budget), self.regions, self.name,
-                       self.batch, self.loss)
+                       self.batch, self.loss, bool(self.act_grids), self.tile,
+                       self.tile // 4 if self.tile_margin == -1 else self.tile_margin)
         stats = reconstruct(model, opts, ctx.require_calibration(self.name), ctx.threads)
         return PassResult(model, bool(stats.get("blocks_improved")), stats)
 
@@ -83,6 +98,7 @@ class FlexRoundPass(BlockLearningPass):
     """Learn the rounding of quantized weights block by block (FlexRound), against the float block."""
 
     name = "flexround"
-    required = frozenset({Prop.WEIGHTS_QUANTIZED, Prop.CALIBRATED})
+    required = frozenset({Prop.CALIBRATED})
+    required_one_of = frozenset({Prop.WEIGHTS_QUANTIZED, Prop.QUANTIZED})
     provided = frozenset({Prop.ROUNDING_LEARNED})
     mode = "flexround"

@@ -53,7 +53,7 @@ from qcompiler.analysis.calib_cache import collect_cached
 from qcompiler.dialect.ops import QC_OPSET_VERSION
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import insert_after_value, linears, new_initializer, set_constant
-from qcompiler.ir.meta import CALIBRATION_KEY, CREATED_BY, STATS_KEY, Prop
+from qcompiler.ir.meta import CALIBRATION_KEY, CREATED_BY, FLOAT_BIAS_KEY, FLOAT_WEIGHT_KEY, STATS_KEY, Prop
 from qcompiler.pipeline import context
 from qcompiler.pipeline.passbase import Pass, PassResult, model_properties, option, register_pass
 from qcompiler.support.progress import progress
@@ -145,6 +145,8 @@ class QuantizePass(Pass):
                 slot = slots.get(id(target.node))
                 error = _quantize_weight(graph, target, entry, keep_error=slot is not None)
                 if slot is not None:
+                    if slot.node is target.node:  # a Conv's own bias: the learners' float stream reads it as it was
+                        target.node.meta[FLOAT_BIAS_KEY] = None if slot.value is None else slot.value.const_value.numpy().copy()
                     shift = weight_bias_shift(target, error, input_means[target.x.name])
                     _shift_bias(graph, target, slot, shift)
                     entry["bias_shift_max"] = float(np.max(np.abs(shift)))
@@ -269,6 +271,7 @@ def _quantize_weight(graph: ir.Graph, target: Target, entry: dict, keep_error: b
         "DequantizeWeight", [q_value, s_value], {"axis": target.weight_axis, "bits": 8}, domain="qc",
         name=f"{base}.dequantize", metadata_props={CREATED_BY: "quantize"},
     )
+    node.meta[FLOAT_WEIGHT_KEY] = target.w.const_value  # the float weight, for flexround and tune-scales (in memory only)
     node.outputs[0].name = f"{base}.dq"
     node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
     node.outputs[0].shape = ir.Shape(w.shape)

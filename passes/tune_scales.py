@@ -30,7 +30,8 @@ class TuneScalesPass(BlockLearningPass):
     """Learn the group scales of quantized weights block by block, integer codes frozen (PEQA style)."""
 
     name = "tune-scales"
-    required = frozenset({Prop.WEIGHTS_QUANTIZED, Prop.CALIBRATED})
+    required = frozenset({Prop.CALIBRATED})
+    required_one_of = frozenset({Prop.WEIGHTS_QUANTIZED, Prop.QUANTIZED})
     provided = frozenset({Prop.SCALES_TUNED})
     mode = "scales"
 

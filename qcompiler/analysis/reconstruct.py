@@ -37,6 +37,7 @@ activations at one block boundary for both streams plus one block's parameters a
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from typing import Callable
@@ -48,9 +49,10 @@ from qcompiler.analysis.blocks import Block, find_blocks
 from qcompiler.analysis.probe import valid_positions
 from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul, mixed_weight, split_class_inputs
 from qcompiler.dialect.ops import attributes_of
+from qcompiler.dialect.qc_ops import quantize_activation
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import set_constant
-from qcompiler.ir.meta import FLOAT_WEIGHT_KEY  # noqa: F401  (part of this API)
+from qcompiler.ir.meta import FLOAT_BIAS_KEY, FLOAT_WEIGHT_KEY
 from qcompiler.support.progress import progress
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,9 @@ class Options:
     pass_name: str
     batch: int = 1
     loss: str = "mse"  # "mse", or "kl": the first output's softmax against the float model's (whole-model block)
+    grids: bool = True  # learn the scales of the block's static int8 activation grids (Adam modes)
+    tile: int = 0  # learn on tile x tile spatial crops of 4-D/5-D image inputs (0: whole inputs)
+    margin: int = 0  # with tile: a border of this many input pixels left out of the loss (scaled to each output's size)
 
 
 class _Layer:
@@ -204,6 +209,154 @@ class _Layer:
         return out
 
 
+def is_int8_weight(node: ir.Node) -> bool:
+    """A `qc.DequantizeWeight` (`quantize`'s int8 weight, symmetric, one scale per output channel)."""
+    return node.domain == "qc" and node.op_type == "DequantizeWeight"
+
+
+class _Int8Layer:
+    """One `qc.DequantizeWeight` (int8 codes, a scale per output channel; `quantize`): its float weight
+    and learnable parameters. FlexRound on a per-channel grid: `W_hat = s1 * clip(round(W / (s1 * S2 *
+    s4)), -127, 127)` with `s1` the channel's scale (learned), `S2` element-wise and `s4` per input
+    channel (the row factor `s3` of a group grid is `s1` itself here); `tune-scales`: the codes
+    frozen, `s1` learned."""
+
+    sparse = 0
+
+    def __init__(self, node: ir.Node, mode: str):
+        import torch
+
+        self.node, self.mode = node, mode
+        self.name = node.name or node.outputs[0].name
+        a = attributes_of(node)
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            raise UserError(f"learned rounding: '{self.name}' has a zero point; only quantize's symmetric int8 weights are learned")
+        self.levels = (1 << (int(a["bits"]) - 1)) - 1
+        w = np.asarray(node.meta[FLOAT_WEIGHT_KEY].numpy(), np.float32)
+        self.axis = int(a["axis"]) % w.ndim
+        self.w = torch.from_numpy(np.ascontiguousarray(w))
+        self.class_values = list(node.inputs[:2])
+        self.originals = [v.const_value.numpy().copy() for v in self.class_values]
+        shape = [1] * w.ndim
+        shape[self.axis] = -1
+        self.shape = shape
+        self.codes = torch.from_numpy(self.originals[0].astype(np.float32))
+        self.scale = torch.from_numpy(self.originals[1].astype(np.float32))
+        self.params: list = []
+        if mode in LEARNED_MODES:
+            self.log_s1 = torch.zeros_like(self.scale, requires_grad=True)
+            self.params.append(self.log_s1)
+        if mode == "flexround":
+            self.log_s2 = torch.zeros_like(self.w, requires_grad=True)
+            inputs = [1] * w.ndim
+            inputs[1 if self.axis == 0 else 0] = -1  # the input-channel axis: Conv [O, C, ...], MatMul [K, N]
+            self.log_s4 = torch.zeros(w.shape[1 if self.axis == 0 else 0]).reshape(inputs).requires_grad_(True)
+            self.params += [self.log_s2, self.log_s4]
+
+    def _s1(self):
+        import torch
+
+        return (self.scale * torch.exp(self.log_s1)).reshape(self.shape)
+
+    def learned_weight(self):
+        import torch
+
+        s = self._s1()
+        if self.mode == "flexround":
+            x = self.w / (s * torch.exp(self.log_s2 + self.log_s4))
+            q = torch.clamp(x + (torch.round(x) - x).detach(), -self.levels, self.levels)
+        else:
+            q = self.codes
+        return q * s
+
+    def stored_arrays(self) -> list[np.ndarray]:
+        """The codes and scales with the learned values (int8, float32)."""
+        import torch
+
+        if self.mode not in LEARNED_MODES:
+            return [a.copy() for a in self.originals]
+        with torch.no_grad():
+            s = self._s1()
+            scale = s.reshape(-1).numpy().astype(np.float32)
+            bad = ~np.isfinite(scale) | (scale <= 0)
+            scale[bad] = self.originals[1][bad]
+            codes = self.originals[0]
+            if self.mode == "flexround":
+                s = torch.from_numpy(scale).reshape(self.shape)
+                q = torch.clamp(torch.round(self.w / (s * torch.exp(self.log_s2 + self.log_s4))), -self.levels, self.levels)
+                codes = q.numpy().astype(np.int8)
+        return [codes, scale]
+
+    def reference_weight(self, arrays: list[np.ndarray]):
+        import torch
+
+        codes, scale = arrays
+        return torch.from_numpy(codes.astype(np.float32) * scale.astype(np.float32).reshape(self.shape))
+
+    def write(self, graph: ir.Graph, arrays: list[np.ndarray]) -> None:
+        for value, array, original in zip(self.class_values, arrays, self.originals):
+            if not np.array_equal(array, original):
+                set_constant(graph, value, array, self.node, "learned")
+
+    def counts(self) -> dict[str, int]:
+        return {"uniform": 1, "codebook": 0, "fp16": 0}
+
+
+class _ActivationGrids:
+    """The static int8 grids (`qc.QuantizeActivation`, per tensor) of one block: applied with a
+    straight-through round on the quantized stream, and, when learned, each scale as `scale *
+    exp(t)` with `t` learned (the zero point stays), as LSQ (Esser et al., ICLR 2020) learns a step size."""
+
+    def __init__(self, nodes: list[ir.Node], learn: bool):
+        import torch
+
+        self.nodes = [n for n in nodes if n.domain == "qc" and n.op_type == "QuantizeActivation"]
+        self.stored = {id(n): attributes_of(n) for n in self.nodes}
+        self.log_scale = {id(n): torch.zeros((), requires_grad=True) for n in self.nodes
+                          if learn and self.stored[id(n)]["mode"] == "static"}
+        self.params = list(self.log_scale.values())
+
+    def quantize(self, scales: dict | None = None):
+        """`quantize(node, x)` for `run_nodes`: the learned scales (`scales` None) or the given ones."""
+        import torch
+
+        def apply(node, x):
+            a = self.stored[id(node)]
+            if a["mode"] != "static":
+                y = torch.from_numpy(quantize_activation(x.detach().numpy(), a["mode"], bits=a["bits"]))
+                return x + (y - x).detach()
+            lo, hi = -(1 << (a["bits"] - 1)), (1 << (a["bits"] - 1)) - 1
+            if scales is not None:
+                s = torch.tensor(scales.get(id(node), a["scale"]), dtype=torch.float32)
+            elif id(node) in self.log_scale:
+                s = a["scale"] * torch.exp(self.log_scale[id(node)])
+            else:
+                s = torch.tensor(a["scale"], dtype=torch.float32)
+            z = float(a["zero_point"])
+            v = x / s
+            q = torch.clamp(v + (torch.round(v) - v).detach() + z, lo, hi)
+            return (q - z) * s
+
+        return apply
+
+    def learned_scales(self) -> dict[int, float]:
+        """The learned scales as stored (float32), where learned and positive."""
+        out = {}
+        for node in self.nodes:
+            t = self.log_scale.get(id(node))
+            if t is None:
+                continue
+            s = float(np.float32(self.stored[id(node)]["scale"] * float(np.exp(float(t.detach())))))
+            if np.isfinite(s) and s > 0 and s != self.stored[id(node)]["scale"]:
+                out[id(node)] = s
+        return out
+
+    def write(self, scales: dict[int, float]) -> None:
+        for node in self.nodes:
+            if id(node) in scales:
+                node.attributes["scale"] = ir.AttrFloat32("scale", scales[id(node)])
+
+
 def _mse(outputs: dict, targets: dict, names: list[str], valid=None):
     """Sum over `names` of each float output's mean squared error; over the token positions in
     `valid` (a [batch, sequence] bool tensor) for outputs that lead with those two axes."""
@@ -244,19 +397,24 @@ def reconstruct(model: ir.Model, opts: Options, calibration, threads: int | None
 
     from qcompiler.analysis.torch_exec import Constants, run_nodes
 
-    batches = list(calibration)
     graph = model.graph
+    batches = list(calibration)
+    if opts.tile:
+        _check_tile(graph, opts)
+        batches = [_tiled(b, opts.tile) for b in batches]
     blocks = find_blocks(graph, opts.regions)
-    mixed = [n for b in blocks for n in b.layers if is_mixed_matmul(n)]
+    mixed = [n for b in blocks for n in b.nodes if is_mixed_matmul(n) or is_int8_weight(n)]
     if not mixed:
-        return {"blocks": len(blocks), "layers": 0, "note": "no qc.MixedMatMul to learn (run quantize-weights first)"}
+        return {"blocks": len(blocks), "layers": 0,
+                "note": "no qc.MixedMatMul or qc.DequantizeWeight to learn (run quantize-weights or quantize first)"}
     for node in mixed:
         if FLOAT_WEIGHT_KEY not in node.meta:
             raise UserError(
                 f"{opts.pass_name}: layer '{node.name}' has no float weight to compare its block with (the float "
-                f"reference lives in memory only); run {opts.pass_name} in the same pipeline as quantize-weights"
+                f"reference lives in memory only); run {opts.pass_name} in the same pipeline as quantize-weights or quantize"
             )
-    last = max(b.index for b in blocks if any(n in mixed for n in b.layers))
+    learned_ids = {id(n) for n in mixed}
+    last = max(b.index for b in blocks if any(id(n) in learned_ids for n in b.nodes))
     blocks = blocks[: last + 1]
 
     rng = np.random.default_rng(opts.seed)
@@ -268,7 +426,7 @@ def reconstruct(model: ir.Model, opts: Options, calibration, threads: int | None
     valid = [_token_positions(b) for b in rebatched]
     env_q = [dict(e) for e in env_f]
     needed_after = _last_uses(blocks)
-    total_steps = sum(opts.steps for b in blocks if any(n in mixed for n in b.layers))
+    total_steps = sum(opts.steps for b in blocks if any(id(n) in learned_ids for n in b.nodes))
 
     threads_before = torch.get_num_threads()
     deterministic_before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
@@ -282,7 +440,7 @@ def reconstruct(model: ir.Model, opts: Options, calibration, threads: int | None
     try:
         with progress(f"{opts.pass_name} ({len(blocks)} blocks)", total_steps) as bar:
             for block in blocks:
-                layers = [_Layer(n, opts.mode) for n in block.layers if n in mixed]
+                layers = [(_Layer if is_mixed_matmul(n) else _Int8Layer)(n, opts.mode) for n in block.nodes if id(n) in learned_ids]
                 float_w = {id(l.node): l.w for l in layers}
                 keep = needed_after[block.index]
                 record = _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, rng, bar,
@@ -311,6 +469,7 @@ def reconstruct(model: ir.Model, opts: Options, calibration, threads: int | None
         "blocks": len(per_block),
         "blocks_improved": len(learned),
         "layers": len(mixed),
+        "activation_grids_learned": sum(r.get("activation_grids_learned", 0) for r in per_block),
         "classes": {"uniform_learned": totals["uniform"],
                     "codebook_entries_tuned": totals["codebook"],
                     "fp16_left": totals["fp16"]},
@@ -327,11 +486,13 @@ class BlockProblem:
     """What a solver sees of one block: its layers, its inputs on the quantized stream and the float
     targets, per batch, and how to run it. A solver returns ({id(layer.node): stored arrays}, steps)."""
 
-    layers: list[_Layer]
+    layers: list  # _Layer (a qc.MixedMatMul) or _Int8Layer (a qc.DequantizeWeight)
+    grids: _ActivationGrids  # the block's int8 activation grids; forward and run_all apply them as learned
     env_q: list[dict]  # the block's inputs on the quantized stream, per batch
     targets: list[dict]  # the float block's outputs, per batch
     valid: list  # per batch: the non-padding positions, or None
     loss_names: list[str]
+    loss: Callable  # loss(outputs, targets, valid) -> the block's loss (the interior of tiles only)
     forward: Callable  # forward(env, weight_of) -> the block's outputs
     run_all: Callable  # run_all(env, weight_of) -> every value the block computes
     float_weight: Callable  # node -> its float weight (a quantized table: the float table, for the targets)
@@ -349,7 +510,7 @@ class BlockProblem:
 def learn_with_adam(problem: BlockProblem) -> tuple[dict, int]:
     """The layers' parameters learned with Adam against the block's float outputs (flexround, tune-scales)."""
     opts, layers, env_q, bar = problem.opts, problem.layers, problem.env_q, problem.bar
-    params = [p for l in layers for p in l.params]
+    params = [p for l in layers for p in l.params] + problem.grids.params
     steps = 0
     if params:
         optimizer = _Adam(params, opts.lr)
@@ -370,7 +531,7 @@ def learn_with_adam(problem: BlockProblem) -> tuple[dict, int]:
             optimizer.zero_grad()
             for l in layers:
                 learned[id(l.node)] = l.learned_weight()
-            loss = LOSSES[opts.loss](problem.forward(env_q[b], weight_of), problem.targets[b], problem.loss_names, problem.valid[b])
+            loss = problem.loss(problem.forward(env_q[b], weight_of), problem.targets[b], problem.valid[b])
             loss.backward()
             optimizer.step()
             steps += 1
@@ -453,7 +614,13 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
     import torch
 
     t_start = time.perf_counter()
-    block_loss = LOSSES[opts.loss]
+
+    def block_loss(outputs, targets, names, valid):
+        if opts.tile and opts.margin:
+            outputs, targets = _interior(outputs, opts.tile, opts.margin), _interior(targets, opts.tile, opts.margin)
+        return LOSSES[opts.loss](outputs, targets, names, valid)
+    grids = _ActivationGrids(block.nodes, learn=opts.grids and opts.mode in LEARNED_MODES and solve is learn_with_adam)
+    float_biases = _float_biases(block.nodes)
     out_names = [v.name for v in block.outputs]
     in_names = [v.name for v in block.inputs]
     # the loss and its scale count only the outputs the block's layers reach (not, say, an
@@ -464,12 +631,17 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
             reached |= {v.name for v in node.outputs}
     loss_names = [name for name in out_names if name in reached] or out_names
 
-    def run_all(env, weight_of):
+    def run_all(env, weight_of, scales=None):
+        """The quantized stream: the activation grids as learned (`scales` None) or at `scales`."""
         local = {k: env[k] for k in in_names}
-        return run_nodes(block.nodes, local, weight_of, constants)
+        return run_nodes(block.nodes, local, weight_of, constants, grids.quantize(scales))
 
-    def forward(env, weight_of):
-        local = run_all(env, weight_of)
+    def forward(env, weight_of, scales=None):
+        local = run_all(env, weight_of, scales)
+        return {k: local[k] for k in out_names}
+
+    def forward_float(env):
+        local = run_nodes(block.nodes, {k: env[k] for k in in_names}, float_weight, constants, None, float_biases)
         return {k: local[k] for k in out_names}
 
     def float_weight(node):
@@ -477,22 +649,27 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
             return float_w[id(node)]
         if node.domain == "qc" and node.op_type == "GatherQuantized":
             return constants.float_table(node)
+        if is_int8_weight(node):
+            return constants.dequantized_weight(node)
         return constants.get(node.inputs[1])
 
     def stored_weight(node):
         if node.domain == "qc" and node.op_type == "GatherQuantized":
             return constants.quantized_table(node)
+        if is_int8_weight(node):
+            return constants.dequantized_weight(node)
         return float_weight(node)
 
     # float targets (also the next block's float inputs)
     with torch.no_grad():
-        targets = [forward(e, float_weight) for e in env_f]
+        targets = [forward_float(e) for e in env_f]
     for e, t in zip(env_f, targets):
         e.update({k: v for k, v in t.items() if k in keep})
+    stored_scales = {id(n): grids.stored[id(n)].get("scale") for n in grids.nodes}
     if not layers:
         with torch.no_grad():
             for e in env_q:
-                e.update({k: v for k, v in forward(e, stored_weight).items() if k in keep})
+                e.update({k: v for k, v in forward(e, stored_weight, stored_scales).items() if k in keep})
         return None
     t_block = time.perf_counter()
     originals = {id(l.node): l.reference_weight(l.originals) for l in layers}
@@ -501,32 +678,36 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
         return lambda node: weights[id(node)] if id(node) in weights else stored_weight(node)
 
     with torch.no_grad():
-        before = float(sum(block_loss(forward(e, fixed(originals)), t, loss_names, m)
+        before = float(sum(block_loss(forward(e, fixed(originals), stored_scales), t, loss_names, m)
                            for e, t, m in zip(env_q, targets, valid))) / len(env_q)
     energy = 0.0  # the targets' mean square, the scale of relative errors (mse only)
     if opts.loss == "mse":
-        energy = float(sum(_mse({k: torch.zeros_like(v) for k, v in t.items()}, t, loss_names, m)
+        energy = float(sum(block_loss({k: torch.zeros_like(v) for k, v in t.items()}, t, loss_names, m)
                            for t, m in zip(targets, valid))) / len(targets)
-    problem = BlockProblem(layers, env_q, targets, valid, loss_names, forward, run_all, float_weight, stored_weight, opts, rng, bar,
-                           start_all, t_start, t_block, blocks_left, first)
+    problem = BlockProblem(layers, grids, env_q, targets, valid, loss_names,
+                           lambda o, t, m: block_loss(o, t, loss_names, m), forward, run_all, float_weight, stored_weight, opts, rng,
+                           bar, start_all, t_start, t_block, blocks_left, first)
     arrays, steps = solve(problem)
+    learned_scales = grids.learned_scales()
     written = {id(l.node): l.reference_weight(arrays[id(l.node)]) for l in layers}
-    def propagate(weights):
+
+    def propagate(weights, scales):
         total, outs = 0.0, []
         for e, t, m in zip(env_q, targets, valid):
-            o = forward(e, fixed(weights))
+            o = forward(e, fixed(weights), scales)
             total += float(block_loss(o, t, loss_names, m))
             outs.append({k: v for k, v in o.items() if k in keep})
         return total / len(env_q), outs
 
     with torch.no_grad():
-        after, outs = propagate(written)
+        after, outs = propagate(written, {**stored_scales, **learned_scales})
         kept = "learned" if after < before else "round-to-nearest"
         if kept == "learned":
             for l in layers:
                 l.write(graph, arrays[id(l.node)])
+            grids.write(learned_scales)
         else:
-            after, outs = propagate(originals)
+            after, outs = propagate(originals, stored_scales)
     for e, o in zip(env_q, outs):
         e.update(o)
     return {
@@ -538,5 +719,73 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
         "relative_error_before": round(float(np.sqrt(before / energy)), 6) if energy > 0 else None,
         "relative_error_after": round(float(np.sqrt(after / energy)), 6) if energy > 0 else None,
         "kept": kept,
+        **({"activation_grids_learned": len(learned_scales) if kept == "learned" else 0} if grids.params else {}),
         "seconds": round(time.perf_counter() - t_start, 2),
     }
+
+
+def _float_biases(nodes: list[ir.Node]) -> dict:
+    """{bias value name: the bias before bias correction} for the block's Conv layers whose bias
+    `quantize` corrected (`FLOAT_BIAS_KEY` on the layer; None: it had none), for the float stream."""
+    import torch
+
+    out = {}
+    for node in nodes:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "ConvTranspose") or FLOAT_BIAS_KEY not in node.meta:
+            continue
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is None or bias.const_value is None:
+            continue
+        original = node.meta[FLOAT_BIAS_KEY]
+        array = np.zeros(bias.const_value.shape, np.float32) if original is None else np.asarray(original, np.float32)
+        out[bias.name] = torch.from_numpy(array.reshape(bias.const_value.shape))
+    return out
+
+
+def _interior(values: dict, tile: int, margin: int) -> dict:
+    """Each 4-D/5-D value without a border of `margin` input pixels on every spatial side (scaled by
+    the value's size over `tile`): a conv net computes the interior of a tile as it computes that
+    part of the whole image, the border from padding it never sees there."""
+    out = {}
+    for name, t in values.items():
+        if t.dim() in (4, 5) and t.is_floating_point():
+            cut = [int(round(margin * d / tile)) for d in t.shape[2:]]
+            if all(2 * c < d for c, d in zip(cut, t.shape[2:])):
+                t = t[(slice(None), slice(None)) + tuple(slice(c, d - c) for c, d in zip(cut, t.shape[2:]))]
+        out[name] = t
+    return out
+
+
+def _check_tile(graph: ir.Graph, opts: Options) -> None:
+    """tile=N needs the image inputs' spatial sizes free (a fixed size cannot take a crop)."""
+    for value in graph.inputs:
+        shape = value.shape
+        if shape is None or len(shape) not in (4, 5) or value.dtype is None or not value.dtype.is_floating_point():
+            continue
+        fixed = [d for d in list(shape)[2:] if isinstance(d, int)]
+        if fixed and any(d != opts.tile for d in fixed):
+            raise UserError(f"{opts.pass_name}: tile={opts.tile} crops input '{value.name}', whose spatial size the graph "
+                            f"fixes at {' x '.join(str(d) for d in list(shape)[2:])}; use tile=0 (whole inputs)")
+
+
+def _tiled(batch: dict, tile: int) -> dict:
+    """A calibration batch's 4-D and 5-D float inputs cut into tile x tile (x tile) crops along their
+    spatial axes, the crops stacked on the batch axis (the other inputs repeated to match); axes no
+    longer than `tile` are kept whole, and a remainder shorter than `tile` is left out."""
+    arrays = {k: np.asarray(v) for k, v in batch.items()}
+    spatial = {k: a.shape[2:] for k, a in arrays.items() if a.ndim in (4, 5) and np.issubdtype(a.dtype, np.floating)}
+    if not spatial:
+        return arrays
+    sizes = set(spatial.values())
+    if len(sizes) != 1:
+        raise UserError(f"tile: the image inputs of one calibration sample differ in size ({sorted(sizes)}); use tile=0")
+    dims = sizes.pop()
+    starts = [[0] if d <= tile else range(0, d - tile + 1, tile) for d in dims]
+    crops = [tuple(slice(s, s + tile) for s in corner) for corner in itertools.product(*starts)]
+    out = {}
+    for k, a in arrays.items():
+        if k in spatial:
+            out[k] = np.concatenate([a[(slice(None), slice(None)) + c] for c in crops], axis=0)
+        else:
+            out[k] = np.concatenate([a] * len(crops), axis=0)
+    return out

@@ -4,8 +4,11 @@
 tensors (the block's inputs) and receives every output. Constants (initializers) are read from the
 IR once per `Constants` cache. Weighted layers are computed through `weight_of(node)`, which returns
 the [K, N] weight to use (float, quantized or learnable); for `qc.MixedMatMul` that weight is in
-the node's permuted row order. The ops covered are those the bundled models and the usual
-transformer exports use; an op outside them raises NotImplementedError naming it.
+the node's permuted row order, for `qc.DequantizeWeight` (an int8 weight, `quantize`) it is the
+expanded weight. `qc.QuantizeActivation` goes through `quantize(node, x)` (None: the identity, as
+the float model computes), and `replaced` names constants a stream reads in place of the stored ones
+(a float stream's biases before bias correction). The ops covered are those the bundled models and
+the usual transformer exports use; an op outside them raises NotImplementedError naming it.
 """
 
 from __future__ import annotations
@@ -69,6 +72,18 @@ class Constants:
         key = id(table)
         if key not in self.cache:
             self.cache[key] = torch.from_numpy(np.array(table.numpy(), np.float32))
+        return self.cache[key]
+
+    def dequantized_weight(self, node: ir.Node) -> torch.Tensor:
+        """A `qc.DequantizeWeight`'s weight as stored (codes and scales constant), expanded once."""
+        key = id(node.outputs[0])
+        if key not in self.cache:
+            from qcompiler.dialect.ops import attributes_of
+            from qcompiler.dialect.qc_ops import dequantize_weight
+
+            arrays = [v.const_value.numpy() for v in node.inputs if v is not None]
+            weight = dequantize_weight(*arrays, axis=attributes_of(node)["axis"])
+            self.cache[key] = torch.from_numpy(np.array(weight, np.float32))
         return self.cache[key]
 
     def mixed_weight(self, node: ir.Node) -> torch.Tensor:
@@ -188,6 +203,10 @@ OPS: dict[str, Callable] = {
     "MatMul": lambda n, i: torch.matmul(i[0], i[1]),
     "Sum": lambda n, i: functools.reduce(torch.add, i),  # lower-ort writes residual Adds read by a LayerNormalization so
     "Conv": lambda n, i: _conv(n, i),
+    "Mod": lambda n, i: torch.fmod(i[0], i[1]) if attr(n, "fmod", 0) else torch.remainder(i[0], i[1]),
+    "Pad": lambda n, i: _pad(n, i),
+    "DepthToSpace": lambda n, i: _depth_to_space(n, i[0]),
+    "Min": lambda n, i: functools.reduce(torch.minimum, i), "Max": lambda n, i: functools.reduce(torch.maximum, i),
     "Transpose": lambda n, i: i[0].permute(attr(n, "perm", list(range(i[0].dim()))[::-1])),
     "Reshape": lambda n, i: _reshape(i[0], i[1], attr(n, "allowzero", 0)),
     "Shape": lambda n, i: torch.tensor(list(i[0].shape)[attr(n, "start", 0): attr(n, "end", None)], dtype=torch.int64),
@@ -227,6 +246,41 @@ def _conv(node: ir.Node, inputs) -> torch.Tensor:
                 dilation=attr(node, "dilations", [1] * dims), groups=attr(node, "group", 1))
 
 
+def _pad(node: ir.Node, inputs) -> torch.Tensor:
+    x, pads = inputs[0], _ints(inputs[1])
+    value = float(inputs[2].item()) if len(inputs) > 2 and inputs[2] is not None and inputs[2].numel() else 0.0
+    axes = [a % x.dim() for a in _ints(inputs[3])] if len(inputs) > 3 and inputs[3] is not None else list(range(x.dim()))
+    begin, end = dict(zip(axes, pads[: len(axes)])), dict(zip(axes, pads[len(axes):]))
+    padded = [d for d in range(x.dim()) if begin.get(d, 0) or end.get(d, 0)]
+    first = min(padded) if padded else x.dim()  # torch takes pairs from the last axis back to the first padded one
+    flat = [p for d in reversed(range(first, x.dim())) for p in (begin.get(d, 0), end.get(d, 0))]
+    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}[attr(node, "mode", "constant")]
+    if not any(flat):
+        return x
+    if mode != "constant" and first < 2:
+        raise NotImplementedError(f"the block interpreter pads only spatial axes in {mode} mode (node '{node.name}')")
+    return torch.nn.functional.pad(x, flat, mode=mode, value=value) if mode == "constant" else torch.nn.functional.pad(x, flat, mode=mode)
+
+
+def _constant(node: ir.Node) -> torch.Tensor:
+    """A `Constant` node's tensor, from whichever of its value attributes it has."""
+    if node.attributes.get("value") is not None:
+        return torch.from_numpy(np.array(attr(node, "value").numpy()))
+    for name, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64), ("value_ints", np.int64)):
+        if node.attributes.get(name) is not None:
+            return torch.from_numpy(np.array(attr(node, name), dtype))
+    raise NotImplementedError(f"the block interpreter reads Constant's value, value_float(s) and value_int(s) only (node '{node.name}')")
+
+
+def _depth_to_space(node: ir.Node, x: torch.Tensor) -> torch.Tensor:
+    b = attr(node, "blocksize")
+    n, c, h, w = x.shape
+    if attr(node, "mode", "DCR") == "CRD":
+        return torch.nn.functional.pixel_shuffle(x, b)
+    y = x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
+    return y.reshape(n, c // (b * b), h * b, w * b)
+
+
 def _unsqueeze(x, axes):
     rank = x.dim() + len(axes)
     for a in sorted(a % rank for a in axes):
@@ -235,9 +289,18 @@ def _unsqueeze(x, axes):
 
 
 def run_nodes(nodes: list[ir.Node], env: dict[str, torch.Tensor], weight_of: Callable[[ir.Node], torch.Tensor],
-              constants: Constants) -> dict[str, torch.Tensor]:
+              constants: Constants, quantize: Callable[[ir.Node, torch.Tensor], torch.Tensor] | None = None,
+              replaced: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Evaluate `nodes` in order into `env` (updated in place and returned)."""
+    replaced = replaced or {}
     for node in nodes:
+        if node.domain == "qc" and node.op_type == "DequantizeWeight":
+            env[node.outputs[0].name] = weight_of(node)
+            continue
+        if node.domain == "qc" and node.op_type == "QuantizeActivation":
+            x = env[node.inputs[0].name]
+            env[node.outputs[0].name] = x if quantize is None else quantize(node, x)
+            continue
         if is_mixed_matmul(node):
             view = MixedMatMulView.of(node)
             x = env[view.x.name]
@@ -253,7 +316,7 @@ def run_nodes(nodes: list[ir.Node], env: dict[str, torch.Tensor], weight_of: Cal
         if node.domain not in ("", "ai.onnx"):
             raise NotImplementedError(f"the block interpreter has no rule for {node.domain}.{node.op_type}")
         if node.op_type == "Constant":
-            env[node.outputs[0].name] = torch.from_numpy(np.array(attr(node, "value").numpy()))
+            env[node.outputs[0].name] = _constant(node)
             continue
         rule = OPS.get(node.op_type)
         if rule is None:
@@ -264,6 +327,8 @@ def run_nodes(nodes: list[ir.Node], env: dict[str, torch.Tensor], weight_of: Cal
                 inputs.append(None)
             elif node.op_type == "MatMul" and index == 1 and value.const_value is not None and len(value.const_value.shape) == 2:
                 inputs.append(weight_of(node))
+            elif value.name in replaced:
+                inputs.append(replaced[value.name])
             elif value.const_value is not None:
                 inputs.append(constants.get(value))
             else:

@@ -120,10 +120,12 @@ SMOOTHED_KEY = _key("qc.smoothed", VALUE_META, "bool",
                     "the readers of this tensor are smoothed already: smooth and awq-scale never scale them twice")
 FLOAT_WEIGHT_KEY = _key("qc.float_weight", NODE_META, "ir.TensorProtocol",
                         "a qc.MixedMatMul's float weight [K, N] in original row order (a qc.GatherQuantized's: its float "
-                        "table): written by quantize-weights, read by flexround, tune-scales and gptq")
+                        "table; a qc.DequantizeWeight's: the weight before quantize made it int8): written by "
+                        "quantize-weights and quantize, read by flexround, tune-scales and gptq")
 FLOAT_BIAS_KEY = _key("qc.float_bias", NODE_META, "np.ndarray | None",
-                      "a qc.MixedWeight's Conv bias before quantize-weights corrected it (None: the Conv had none): "
-                      "written by quantize-weights, read by gptq to rebuild the float model")
+                      "a qc.MixedWeight's Conv bias before quantize-weights corrected it, or on a Conv, its bias before "
+                      "quantize corrected it (None: the Conv had none): written by quantize-weights and quantize, read "
+                      "by gptq to rebuild the float model and by flexround and tune-scales for the float stream")
 CHANNEL_ORDER_KEY = _key("qc.channel_order", VALUE_META, "np.ndarray",
                          "on a linear's output whose channels fold-permutation reordered: channel j holds the former "
                          "channel order[j]; read by the report, which compares the output with its float reference so")

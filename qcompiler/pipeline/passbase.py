@@ -42,6 +42,8 @@ class Pass(ir.passes.InPlacePass):
 
     name: ClassVar[str] = ""
     required: ClassVar[frozenset[Prop]] = frozenset()
+    # At least one of these must hold too (a pass that works on either of two forms, e.g. int8 or mixed weights).
+    required_one_of: ClassVar[frozenset[Prop]] = frozenset()
     provided: ClassVar[frozenset[Prop]] = frozenset()
     # Properties that no longer hold after this pass (e.g. a lowering removes `qc` ops).
     invalidated: ClassVar[frozenset[Prop]] = frozenset()
@@ -61,10 +63,15 @@ class Pass(ir.passes.InPlacePass):
         raised by the session before any slow step (and by the pass itself when run without one)."""
 
     def requires(self, model: ir.Model) -> None:
-        missing = self.required - model_properties(model)
+        have = model_properties(model)
+        missing = self.required - have
         if missing:
             raise ir.passes.PreconditionError(
                 f"{self.name} requires {', '.join(sorted(missing))}; run the pass that provides it first"
+            )
+        if self.required_one_of and not self.required_one_of & have:
+            raise ir.passes.PreconditionError(
+                f"{self.name} requires one of {', '.join(sorted(self.required_one_of))}; run a pass that provides one first"
             )
 
     def ensures(self, model: ir.Model) -> None:
@@ -137,7 +144,7 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         raise ValueError(f"{cls.__name__} has no name")
     if cls.name in _PASSES and _PASSES[cls.name] is not cls:
         raise ValueError(f"pass name '{cls.name}' is taken by {_PASSES[cls.name].__name__}")
-    for role in ("required", "provided", "invalidated"):
+    for role in ("required", "required_one_of", "provided", "invalidated"):
         for prop in getattr(cls, role):
             if not isinstance(prop, Prop):
                 raise ValueError(f"{cls.__name__}.{role}: '{prop}' is not a property; {_prop_fix(str(prop))}")

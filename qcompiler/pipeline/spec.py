@@ -86,15 +86,19 @@ PRESETS: dict[str, Preset] = {
                                                  "fused": ",lower-ort{attention=fused}"}}),
     "w8a8": Preset(
         "canonicalize,${equalize}calibrate{method=$method},smooth{alpha=$alpha act-mode=$act_mode},fold-scales{unfoldable=$unfoldable},"
-        "quantize{act-mode=$act_mode float-inputs=$float_inputs bias-correction=$bias_correction conv-method=$conv_method}$embedding$kv_cache,"
+        "quantize{act-mode=$act_mode float-inputs=$float_inputs bias-correction=$bias_correction conv-method=$conv_method}$tuning$embedding$kv_cache,"
         "lower-ort{attention=$attention int-kernels=$int_kernels}",
         "int8 weights and activations with SmoothQuant (needs --calib)",
         {"alpha": "auto", "method": "minmax", "act-mode": "static", "float-inputs": "0", "unfoldable": "unsmooth",
          "bias-correction": "conv", "conv-method": "mse", "equalize": "false", "embedding": "float", "kv-cache": "float32",
-         "attention": "auto", "int-kernels": "auto"},
+         "attention": "auto", "int-kernels": "auto", "tuning": "none"},
         # cross-layer equalization of Conv pairs before calibration (left out of the pipeline when off);
         # relu6 also equalizes through Clip(0, 6) as a per-channel Min
-        {"equalize": {"false": "", "true": "equalize,", "relu6": "equalize{clip=per-channel},"}, **EMBEDDING, **KV_CACHE},
+        {"equalize": {"false": "", "true": "equalize,", "relu6": "equalize{clip=per-channel},"},
+         # block-wise learning against the float blocks after quantize: the int8 weights' scales and the
+         # activation grids (scales), or also the weights' rounding (flexround)
+         "tuning": {"none": "", "scales": ",tune-scales{steps=300 lr=0.0003}", "flexround": ",flexround{steps=300 lr=0.0003}"},
+         **EMBEDDING, **KV_CACHE},
     ),
     "mixed": Preset(
         "canonicalize,calibrate$act_scale,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook sensitivity=$sensitivity "
@@ -194,6 +198,11 @@ def check_order(passes: list[Pass], initial: frozenset[Prop] = frozenset()) -> N
         if missing:
             needs = ", ".join(f"'{m}'" for m in missing)
             fixes = ", ".join(f"'{providers.get(m, '?')}'" for m in missing)
+            raise UserError(f"{pass_.name} requires {needs}; add {fixes} before it")
+        if pass_.required_one_of and not pass_.required_one_of & have:
+            options = sorted(pass_.required_one_of)
+            needs = " or ".join(f"'{m}'" for m in options)
+            fixes = " or ".join(f"'{providers.get(m, '?')}'" for m in options)
             raise UserError(f"{pass_.name} requires {needs}; add {fixes} before it")
         have = (have - pass_.invalidated) | pass_.provided
 

@@ -409,6 +409,8 @@ def _cmd_passes(args) -> int:
         props = []
         if cls.required:
             props.append(f"requires {', '.join(sorted(cls.required))}")
+        if cls.required_one_of:
+            props.append(f"requires one of {', '.join(sorted(cls.required_one_of))}")
         if cls.provided:
             props.append(f"provides {', '.join(sorted(cls.provided))}")
         if props:
