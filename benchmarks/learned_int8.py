@@ -114,13 +114,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     common.fix_threads(common.THREADS)
     results = []
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="qc-learned-int8-") as tmp:
         for name in args.models:
             results.append(bench_model(name, args.sigmas, Path(tmp)))
+            payload = {"machine": common.machine(), "packages": common.packages(), "threads": common.THREADS, "results": results}
+            args.json.write_text(json.dumps(payload, indent=1) + "\n")  # after each model: a later failure keeps it
     print(render(results))
-    payload = {"machine": common.machine(), "packages": common.packages(), "threads": common.THREADS, "results": results}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(payload, indent=1) + "\n")
     log(f"wrote {args.json}")
     return 0
 
