@@ -497,7 +497,8 @@ def _model_error(model: ir.Model, calibration, threads) -> float:
     from qcompiler.ir import to_proto
 
     reference = ir.serde.deserialize_model(to_proto(model))
-    floats = {n.name: n for n in model.graph if n.domain == "qc" and FLOAT_WEIGHT_KEY in n.meta}
+    floats = {n.name: n for n in model.graph
+              if n.domain == "qc" and n.op_type in ("MixedWeight", "MixedMatMul") and FLOAT_WEIGHT_KEY in n.meta}
     for node in list(reference.graph):
         source = floats.get(node.name)
         if source is None or node.domain != "qc":

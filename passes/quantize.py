@@ -145,8 +145,8 @@ class QuantizePass(Pass):
                 slot = slots.get(id(target.node))
                 error = _quantize_weight(graph, target, entry, keep_error=slot is not None)
                 if slot is not None:
-                    if slot.node is target.node:  # a Conv's own bias: the learners' float stream reads it as it was
-                        target.node.meta[FLOAT_BIAS_KEY] = None if slot.value is None else slot.value.const_value.numpy().copy()
+                    # the node that adds the bias (the Conv, or the MatMul's Add) keeps it as it was, for the learners' float stream
+                    slot.node.meta[FLOAT_BIAS_KEY] = None if slot.value is None else slot.value.const_value.numpy().copy()
                     shift = weight_bias_shift(target, error, input_means[target.x.name])
                     _shift_bias(graph, target, slot, shift)
                     entry["bias_shift_max"] = float(np.max(np.abs(shift)))

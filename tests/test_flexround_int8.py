@@ -168,3 +168,60 @@ def test_interpreter_depth_to_space_and_mod_as_onnx(mode):
     want = execute.run(model, feeds)
     np.testing.assert_array_equal(got["Y"].numpy(), want["Y"])
     np.testing.assert_array_equal(got["R"].numpy(), want["R"])
+
+
+@pytest.mark.parametrize(("pads", "output_padding", "group"), [([0, 0, 0, 0], [0, 0], 1), ([1, 0, 2, 1], [1, 0], 2)])
+def test_interpreter_conv_transpose_as_onnx(pads, output_padding, group):
+    import torch
+
+    from qcompiler.analysis.torch_exec import Constants, run_nodes
+
+    rng = np.random.default_rng(2)
+    w = ",".join(f"{v:.5f}" for v in rng.normal(size=(4, 6 // group, 3, 3)).ravel())
+    attrs = (f"strides: ints = [2, 2], pads: ints = {pads}, output_padding: ints = {output_padding}, "
+             f"group: int = {group}, kernel_shape: ints = [3, 3]")
+    model = parse(f"""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[1, 4, 5, 6] X) => (float[1, 6, H, W] Y)
+    <float[4, {6 // group}, 3, 3] Wt = {{{w}}}, float[6] B = {{1, 2, 3, 4, 5, 6}}>
+    {{ Y = ConvTranspose <{attrs}> (X, Wt, B) }}""")
+    x = rng.normal(size=(1, 4, 5, 6)).astype(np.float32)
+    got = run_nodes(list(model.graph), {"X": torch.from_numpy(x)}, lambda n: None, Constants())["Y"].numpy()
+    np.testing.assert_allclose(got, execute.run(model, {"X": x})["Y"], rtol=1e-5, atol=1e-5)
+
+
+def test_an_op_the_interpreter_lacks_is_refused_before_learning():
+    model = _conv_net()
+    _run(model, W8A8)
+    relu = next(n for n in model.graph if n.op_type == "Relu")
+    relu.op_type = "Softplus"  # no rule for it
+    with pytest.raises(UserError, match="cannot run Softplus"):
+        _run(model, "flexround{steps=5 regions=0}")
+
+
+def test_tiles_refuse_an_input_that_is_not_per_sample():
+    from qcompiler.analysis.reconstruct import _tiled
+
+    with pytest.raises(UserError, match="input 's'.*tile=0"):
+        _tiled({"X": np.zeros((2, 3, 16, 16), np.float32), "s": np.zeros((3,), np.float32)}, 8)
+
+
+def test_the_float_stream_reads_a_matmul_bias_before_correction():
+    """bias-correction=true shifts a MatMul's Add bias; the targets are the float model's, so a
+    learner that reached them exactly would undo the shift, not learn towards it."""
+    from qcompiler.analysis.reconstruct import _float_biases
+
+    rng = np.random.default_rng(0)
+    w = ",".join(f"{v:.5f}" for v in rng.normal(0, 0.3, (16, 8)).ravel())
+    model = parse(f"""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[M, 16] X) => (float[M, 8] Y)
+    <float[16, 8] W = {{{w}}}, float[8] B = {{0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8}}>
+    {{ A = MatMul (X, W)
+       Y = Add (A, B) }}""")
+    data = [{"X": (np.random.default_rng(s).normal(1.0, 1, (32, 16))).astype(np.float32)} for s in range(3)]
+    _run(model, "calibrate,quantize{bias-correction=true}", data)
+    add = next(n for n in model.graph if n.op_type == "Add")
+    stored = next(v for v in add.inputs if v.const_value is not None)
+    assert not np.allclose(stored.const_value.numpy(), np.arange(1, 9) / 10)  # corrected
+    (name, original), = _float_biases(list(model.graph)).items()
+    assert name == stored.name
+    np.testing.assert_allclose(original.numpy(), np.arange(1, 9) / 10, rtol=1e-6)

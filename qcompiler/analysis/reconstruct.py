@@ -395,7 +395,7 @@ def reconstruct(model: ir.Model, opts: Options, calibration, threads: int | None
     error. `threads`: torch's thread count while learning (None: torch's default)."""
     import torch
 
-    from qcompiler.analysis.torch_exec import Constants, run_nodes
+    from qcompiler.analysis.torch_exec import Constants, run_nodes, unsupported_ops
 
     graph = model.graph
     batches = list(calibration)
@@ -403,7 +403,8 @@ def reconstruct(model: ir.Model, opts: Options, calibration, threads: int | None
         _check_tile(graph, opts)
         batches = [_tiled(b, opts.tile) for b in batches]
     blocks = find_blocks(graph, opts.regions)
-    mixed = [n for b in blocks for n in b.nodes if is_mixed_matmul(n) or is_int8_weight(n)]
+    # int8 weights (quantize) are learned by the Adam modes; a solver of its own (gptq) rounds mixed layers only
+    mixed = [n for b in blocks for n in b.nodes if is_mixed_matmul(n) or (is_int8_weight(n) and opts.mode in LEARNED_MODES)]
     if not mixed:
         return {"blocks": len(blocks), "layers": 0,
                 "note": "no qc.MixedMatMul or qc.DequantizeWeight to learn (run quantize-weights or quantize first)"}
@@ -416,6 +417,10 @@ def reconstruct(model: ir.Model, opts: Options, calibration, threads: int | None
     learned_ids = {id(n) for n in mixed}
     last = max(b.index for b in blocks if any(id(n) in learned_ids for n in b.nodes))
     blocks = blocks[: last + 1]
+    missing = unsupported_ops([n for b in blocks for n in b.nodes])
+    if missing:  # before any block is learned
+        raise UserError(f"{opts.pass_name}: the block interpreter cannot run {', '.join(missing)} in this model; "
+                        f"leave {opts.pass_name} out of the pipeline")
 
     rng = np.random.default_rng(opts.seed)
     constants = Constants()
@@ -725,15 +730,21 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
 
 
 def _float_biases(nodes: list[ir.Node]) -> dict:
-    """{bias value name: the bias before bias correction} for the block's Conv layers whose bias
-    `quantize` corrected (`FLOAT_BIAS_KEY` on the layer; None: it had none), for the float stream."""
+    """{bias value name: the bias before bias correction} for the block's layers whose bias `quantize`
+    corrected (`FLOAT_BIAS_KEY` on the node that adds it: a Conv, or a MatMul's Add; None: the Conv had
+    none), for the float stream."""
     import torch
 
     out = {}
     for node in nodes:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "ConvTranspose") or FLOAT_BIAS_KEY not in node.meta:
+        if node.domain not in ("", "ai.onnx") or FLOAT_BIAS_KEY not in node.meta:
             continue
-        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if node.op_type in ("Conv", "ConvTranspose"):
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+        elif node.op_type == "Add":
+            bias = next((v for v in node.inputs if v is not None and v.const_value is not None), None)
+        else:
+            continue
         if bias is None or bias.const_value is None:
             continue
         original = node.meta[FLOAT_BIAS_KEY]
@@ -780,6 +791,11 @@ def _tiled(batch: dict, tile: int) -> dict:
     if len(sizes) != 1:
         raise UserError(f"tile: the image inputs of one calibration sample differ in size ({sorted(sizes)}); use tile=0")
     dims = sizes.pop()
+    samples = next(arrays[k].shape[0] for k in spatial)
+    for k, a in arrays.items():
+        if k not in spatial and (a.ndim == 0 or a.shape[0] != samples or a.ndim in (4, 5)):
+            raise UserError(f"tile: input '{k}' (shape {list(a.shape)}) is neither an image to crop nor one value per "
+                            f"sample to repeat with each crop; use tile=0")
     starts = [[0] if d <= tile else range(0, d - tile + 1, tile) for d in dims]
     crops = [tuple(slice(s, s + tile) for s in corner) for corner in itertools.product(*starts)]
     out = {}

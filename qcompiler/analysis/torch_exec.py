@@ -203,6 +203,7 @@ OPS: dict[str, Callable] = {
     "MatMul": lambda n, i: torch.matmul(i[0], i[1]),
     "Sum": lambda n, i: functools.reduce(torch.add, i),  # lower-ort writes residual Adds read by a LayerNormalization so
     "Conv": lambda n, i: _conv(n, i),
+    "ConvTranspose": lambda n, i: _conv_transpose(n, i),
     "Mod": lambda n, i: torch.fmod(i[0], i[1]) if attr(n, "fmod", 0) else torch.remainder(i[0], i[1]),
     "Pad": lambda n, i: _pad(n, i),
     "DepthToSpace": lambda n, i: _depth_to_space(n, i[0]),
@@ -244,6 +245,39 @@ def _conv(node: ir.Node, inputs) -> torch.Tensor:
     conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[dims]
     return conv(x, w, b, stride=attr(node, "strides", [1] * dims), padding=padding,
                 dilation=attr(node, "dilations", [1] * dims), groups=attr(node, "group", 1))
+
+
+def _conv_transpose(node: ir.Node, inputs) -> torch.Tensor:
+    """ONNX ConvTranspose: torch's with no padding, then the padded borders cut off, `output_padding`
+    added at the end (where only the bias lands), then the bias."""
+    x, w = inputs[0], inputs[1]
+    b = inputs[2] if len(inputs) > 2 else None
+    dims = w.dim() - 2
+    if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID") or attr(node, "output_shape") is not None:
+        raise NotImplementedError(f"the block interpreter has no rule for ConvTranspose with auto_pad or output_shape (node '{node.name}')")
+    pads = attr(node, "pads", [0] * (2 * dims))
+    extra = attr(node, "output_padding", [0] * dims)
+    conv = {1: torch.nn.functional.conv_transpose1d, 2: torch.nn.functional.conv_transpose2d,
+            3: torch.nn.functional.conv_transpose3d}[dims]
+    y = conv(x, w, None, stride=attr(node, "strides", [1] * dims), groups=attr(node, "group", 1),
+             dilation=attr(node, "dilations", [1] * dims))
+    if any(extra):
+        y = torch.nn.functional.pad(y, [p for d in reversed(range(dims)) for p in (0, extra[d])])
+    y = y[(slice(None), slice(None)) + tuple(slice(pads[d], y.shape[2 + d] - pads[dims + d]) for d in range(dims))]
+    return y if b is None else y + b.reshape([1, -1] + [1] * dims)
+
+
+def unsupported_ops(nodes: list[ir.Node]) -> list[str]:
+    """The ops among `nodes` the interpreter has no rule for (domain.op_type, sorted)."""
+    handled = {("qc", "MixedMatMul"), ("qc", "MixedWeight"), ("qc", "GatherQuantized"), ("qc", "DequantizeWeight"),
+               ("qc", "QuantizeActivation")}
+    missing = set()
+    for node in nodes:
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        if (domain, node.op_type) in handled or (domain == "" and (node.op_type in OPS or node.op_type == "Constant")):
+            continue
+        missing.add(f"{domain}.{node.op_type}" if domain else node.op_type)
+    return sorted(missing)
 
 
 def _pad(node: ir.Node, inputs) -> torch.Tensor:
