@@ -1,7 +1,9 @@
 """Block-wise learning after int8 quantization: `w8a8` against `w8a8{tuning=scales}` (the int8
 weights' per-channel scales and the activation grids learned against the float blocks, codes
 frozen) and `w8a8{tuning=flexround}` (the weights' rounding learned too), on the FFDNet denoisers
-(PSNR against the clean photo at sigma 15, 25 and 50) and MiniLM (STS Spearman).
+(PSNR against the clean photo at sigma 15, 25 and 50), MiniLM (STS Spearman) and SqueezeNet, a public
+architecture this project did not write (ONNX's own `light_squeezenet` graph with the deterministic
+He-normal weights `tests/test_public_models.py` gives it; output error against float on photos).
 
     python benchmarks/learned_int8.py                                   # all (about 25 min on 2 cores)
     python benchmarks/learned_int8.py --models ffdnet-gray --sigmas 25   # one model, one noise level
@@ -9,7 +11,9 @@ frozen) and `w8a8{tuning=flexround}` (the weights' rounding learned too), on the
 FFDNet: calibrated on the batches `benchmarks/imaging.py` uses (centre crops of at most 256 x 256 of
 the calibration photos at sigma 15, 25 and 50), evaluated with `qcompiler eval --task denoise` on
 the whole evaluation photos. MiniLM: calibrated on the first 128 lines of the WikiText-2 excerpt,
-evaluated with `qcompiler eval --task sts` on the STS pairs. Each row records the compile time and,
+evaluated with `qcompiler eval --task sts` on the STS pairs. SqueezeNet: calibrated on 8 scikit-image
+photos at 224 x 224, evaluated on 4 others: the output's mean squared error relative to float's mean
+square, and top-1 agreement. Each row records the compile time and,
 for the learning passes, the summed block loss before and after (on the calibration data). Torch
 and ONNX Runtime run with 2 threads.
 
@@ -31,13 +35,29 @@ import common  # noqa: E402
 
 log = common.log
 
-MODELS = ("ffdnet-gray", "ffdnet-rgb", "minilm-l6")
+MODELS = ("ffdnet-gray", "ffdnet-rgb", "minilm-l6", "squeezenet")
 SIGMAS = (15.0, 25.0, 50.0)
 VARIANTS = {"w8a8": "w8a8", "w8a8 scales": "w8a8{tuning=scales}", "w8a8 flexround": "w8a8{tuning=flexround}"}
 LEARNING_PASSES = ("tune-scales", "flexround")
 
 
-def calibration(name: str):
+def public_model(work: Path):
+    """SqueezeNet as `tests/test_public_models.py` builds it: (the .onnx path, calibration feeds, held-out feeds)."""
+    import onnx
+
+    sys.path.insert(0, str(common.REPO / "tests"))
+    from test_public_models import images, with_weights
+
+    model = with_weights("squeezenet")
+    path = work / "squeezenet.onnx"
+    onnx.save(model, str(path))
+    x_name = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
+    return path, [{x_name: img[None]} for img in images(224, 8)], [{x_name: img[None]} for img in images(224, 4, offset=8)]
+
+
+def calibration(name: str, public):
+    if public is not None:
+        return {"calibration": public[1]}, "8 scikit-image photos at 224 x 224"
     if name.startswith("ffdnet"):
         import imaging
         import qcompiler.models as qm
@@ -47,11 +67,11 @@ def calibration(name: str):
     return {"calibration": str(common.WIKITEXT), "calib_count": 128}, f"{common.WIKITEXT.name}, first 128 lines"
 
 
-def compile_variant(name: str, pipeline: str, out: Path, data: dict) -> dict[str, Any]:
+def compile_variant(source, pipeline: str, out: Path, data: dict) -> dict[str, Any]:
     import qcompiler
 
     start = time.perf_counter()
-    result = qcompiler.compile(name, out, pipeline=pipeline, drift=False, threads=common.THREADS, **data)
+    result = qcompiler.compile(str(source), out, pipeline=pipeline, drift=False, threads=common.THREADS, **data)
     row: dict[str, Any] = {"pipeline": result.pipeline, "compile_s": round(time.perf_counter() - start, 1)}
     for record in result.records:
         if record.name in LEARNING_PASSES:
@@ -61,9 +81,19 @@ def compile_variant(name: str, pipeline: str, out: Path, data: dict) -> dict[str
     return row
 
 
-def evaluate_variant(name: str, artifact: Path, sigmas) -> dict[str, Any]:
+def evaluate_variant(name: str, artifact: Path, sigmas, public) -> dict[str, Any]:
+    import numpy as np
+
+    from qcompiler.analysis.execute import ort_session
     from qcompiler.tools.evaluate import evaluate
 
+    if public is not None:
+        path, _, held = public
+        want = np.concatenate([ort_session(str(path), common.THREADS).run(None, h)[0] for h in held])
+        session = ort_session(str(artifact / "model.onnx"), common.THREADS)
+        got = np.concatenate([session.run(None, h)[0] for h in held])
+        return {"relative_mse": float(np.mean((got - want) ** 2) / np.mean(want ** 2)),
+                "top1_agreement": float(np.mean(got.argmax(-1) == want.argmax(-1)))}
     if name.startswith("ffdnet"):
         out = {}
         for sigma in sigmas:
@@ -75,13 +105,15 @@ def evaluate_variant(name: str, artifact: Path, sigmas) -> dict[str, Any]:
 
 
 def bench_model(name: str, sigmas, work: Path) -> dict[str, Any]:
-    data, described = calibration(name)
+    public = public_model(work) if name == "squeezenet" else None
+    data, described = calibration(name, public)
+    source = public[0] if public is not None else name
     log(f"{name}: calibration {described}")
     rows = {}
     for label, pipeline in VARIANTS.items():
         out = work / f"{name}-{label.replace(' ', '-')}"
-        rows[label] = compile_variant(name, pipeline, out, data)
-        rows[label]["quality"] = evaluate_variant(name, out, sigmas)
+        rows[label] = compile_variant(source, pipeline, out, data)
+        rows[label]["quality"] = evaluate_variant(name, out, sigmas, public)
         log(f"{name}: {label}: compiled in {rows[label]['compile_s']} s; {rows[label]['quality']}")
     return {"model": name, "calibration": described, "variants": rows}
 
@@ -96,6 +128,10 @@ def render(results: list[dict]) -> str:
             body = [[k, v["compile_s"]] + [v["quality"][s]["psnr_drop"] for s in sigmas] for k, v in rows.items()]
             float_psnr = ", ".join(f"{s}: {rows['w8a8']['quality'][s]['psnr_float']:.2f}" for s in sigmas)
             lines.append(f"{r['model']} (float PSNR {float_psnr} dB)")
+        elif r["model"] == "squeezenet":
+            head = ["variant", "compile s", "relative MSE vs float", "top-1 agreement"]
+            body = [[k, v["compile_s"], f"{v['quality']['relative_mse']:.3g}", v["quality"]["top1_agreement"]] for k, v in rows.items()]
+            lines.append(r["model"])
         else:
             head = ["variant", "compile s", "Spearman", "drop", "cosine vs float"]
             body = [[k, v["compile_s"], v["quality"]["spearman_compiled"], v["quality"]["spearman_drop"],

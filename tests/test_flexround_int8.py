@@ -225,3 +225,23 @@ def test_the_float_stream_reads_a_matmul_bias_before_correction():
     (name, original), = _float_biases(list(model.graph)).items()
     assert name == stored.name
     np.testing.assert_allclose(original.numpy(), np.arange(1, 9) / 10, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("op", "attrs"),
+    [("MaxPool", "kernel_shape: ints = [3, 3], strides: ints = [2, 2], pads: ints = [0, 0, 1, 1], ceil_mode: int = 1"),
+     ("AveragePool", "kernel_shape: ints = [3, 3], strides: ints = [2, 2], pads: ints = [1, 1, 1, 1]"),
+     ("AveragePool", "kernel_shape: ints = [2, 2], count_include_pad: int = 1, pads: ints = [1, 1, 1, 1]"),
+     ("GlobalAveragePool", ""), ("GlobalMaxPool", "")])
+def test_interpreter_pools_as_onnx(op, attrs):
+    import torch
+
+    from qcompiler.analysis.torch_exec import Constants, run_nodes
+
+    model = parse(f"""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[2, 3, 7, 8] X) => (float[2, F] Y)
+    {{ P = {op} {"<" + attrs + ">" if attrs else ""} (X)
+       Y = Flatten (P) }}""")
+    x = np.random.default_rng(3).normal(size=(2, 3, 7, 8)).astype(np.float32)
+    got = run_nodes(list(model.graph), {"X": torch.from_numpy(x)}, lambda n: None, Constants())["Y"].numpy()
+    np.testing.assert_allclose(got, execute.run(model, {"X": x})["Y"], rtol=1e-6, atol=1e-6)

@@ -204,6 +204,12 @@ OPS: dict[str, Callable] = {
     "Sum": lambda n, i: functools.reduce(torch.add, i),  # lower-ort writes residual Adds read by a LayerNormalization so
     "Conv": lambda n, i: _conv(n, i),
     "ConvTranspose": lambda n, i: _conv_transpose(n, i),
+    "MaxPool": lambda n, i: _pool(n, i[0], "max"),
+    "AveragePool": lambda n, i: _pool(n, i[0], "average"),
+    "GlobalAveragePool": lambda n, i: i[0].mean(dim=tuple(range(2, i[0].dim())), keepdim=True),
+    "GlobalMaxPool": lambda n, i: i[0].amax(dim=tuple(range(2, i[0].dim())), keepdim=True),
+    "Flatten": lambda n, i: i[0].reshape(int(np.prod(i[0].shape[: attr(n, "axis", 1) % max(i[0].dim(), 1)])), -1)
+    if attr(n, "axis", 1) % max(i[0].dim(), 1) else i[0].reshape(1, -1),
     "Mod": lambda n, i: torch.fmod(i[0], i[1]) if attr(n, "fmod", 0) else torch.remainder(i[0], i[1]),
     "Pad": lambda n, i: _pad(n, i),
     "DepthToSpace": lambda n, i: _depth_to_space(n, i[0]),
@@ -265,6 +271,29 @@ def _conv_transpose(node: ir.Node, inputs) -> torch.Tensor:
         y = torch.nn.functional.pad(y, [p for d in reversed(range(dims)) for p in (0, extra[d])])
     y = y[(slice(None), slice(None)) + tuple(slice(pads[d], y.shape[2 + d] - pads[dims + d]) for d in range(dims))]
     return y if b is None else y + b.reshape([1, -1] + [1] * dims)
+
+
+def _pool(node: ir.Node, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """ONNX MaxPool / AveragePool (NOTSET or VALID padding; a pad wider on one side is applied first,
+    with -inf for max and zeros counted for average only where `count_include_pad` says so)."""
+    dims = x.dim() - 2
+    if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID") or len([v for v in node.outputs if v is not None and v.uses()]) > 1:
+        raise NotImplementedError(f"the block interpreter has no rule for {node.op_type} with auto_pad or indices (node '{node.name}')")
+    kernel = attr(node, "kernel_shape")
+    strides = attr(node, "strides", [1] * dims)
+    pads = attr(node, "pads", [0] * (2 * dims))
+    begin, end = pads[:dims], pads[dims:]
+    ceil = bool(attr(node, "ceil_mode", 0))
+    if kind == "max":
+        if begin != end:
+            x = torch.nn.functional.pad(x, [p for d in reversed(range(dims)) for p in (begin[d], end[d])], value=float("-inf"))
+            begin = [0] * dims
+        pool = {1: torch.nn.functional.max_pool1d, 2: torch.nn.functional.max_pool2d, 3: torch.nn.functional.max_pool3d}[dims]
+        return pool(x, kernel, strides, begin, attr(node, "dilations", [1] * dims), ceil_mode=ceil)
+    if begin != end or any(d != 1 for d in attr(node, "dilations", [1] * dims)):
+        raise NotImplementedError(f"the block interpreter has no rule for AveragePool with uneven pads or dilations (node '{node.name}')")
+    pool = {1: torch.nn.functional.avg_pool1d, 2: torch.nn.functional.avg_pool2d, 3: torch.nn.functional.avg_pool3d}[dims]
+    return pool(x, kernel, strides, begin, ceil_mode=ceil, count_include_pad=bool(attr(node, "count_include_pad", 0)))
 
 
 def unsupported_ops(nodes: list[ir.Node]) -> list[str]:
