@@ -198,15 +198,20 @@ class _Layer:
         return split_class_inputs(arrays, self.kinds, self.bits, self.sizes, self.sparse)
 
     def write(self, graph: ir.Graph, arrays: list[np.ndarray]) -> None:
-        for value, array, original in zip(self.class_values, arrays, self.originals):
-            if not np.array_equal(array, original):
-                set_constant(graph, value, array, self.node, "learned")
+        _write_changed(graph, self, arrays)
 
     def counts(self) -> dict[str, int]:
         out = {"uniform": 0, "codebook": 0, "fp16": 0}
         for c in self.classes:
             out[c["kind"]] += 1
         return out
+
+
+def _write_changed(graph: ir.Graph, layer, arrays: list[np.ndarray]) -> None:
+    """Write back each of a layer's stored arrays that learning changed (the op's inputs, in place)."""
+    for value, array, original in zip(layer.class_values, arrays, layer.originals):
+        if not np.array_equal(array, original):
+            set_constant(graph, value, array, layer.node, "learned")
 
 
 def is_int8_weight(node: ir.Node) -> bool:
@@ -294,9 +299,7 @@ class _Int8Layer:
         return torch.from_numpy(codes.astype(np.float32) * scale.astype(np.float32).reshape(self.shape))
 
     def write(self, graph: ir.Graph, arrays: list[np.ndarray]) -> None:
-        for value, array, original in zip(self.class_values, arrays, self.originals):
-            if not np.array_equal(array, original):
-                set_constant(graph, value, array, self.node, "learned")
+        _write_changed(graph, self, arrays)
 
     def counts(self) -> dict[str, int]:
         return {"uniform": 1, "codebook": 0, "fp16": 0}
@@ -670,7 +673,7 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
         targets = [forward_float(e) for e in env_f]
     for e, t in zip(env_f, targets):
         e.update({k: v for k, v in t.items() if k in keep})
-    stored_scales = {id(n): grids.stored[id(n)].get("scale") for n in grids.nodes}
+    stored_scales: dict = {}  # scales given to the grids: none, each grid at its stored scale
     if not layers:
         with torch.no_grad():
             for e in env_q:
@@ -705,7 +708,7 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
         return total / len(env_q), outs
 
     with torch.no_grad():
-        after, outs = propagate(written, {**stored_scales, **learned_scales})
+        after, outs = propagate(written, learned_scales)
         kept = "learned" if after < before else "round-to-nearest"
         if kept == "learned":
             for l in layers:

@@ -298,12 +298,10 @@ def _pool(node: ir.Node, x: torch.Tensor, kind: str) -> torch.Tensor:
 
 def unsupported_ops(nodes: list[ir.Node]) -> list[str]:
     """The ops among `nodes` the interpreter has no rule for (domain.op_type, sorted)."""
-    handled = {("qc", "MixedMatMul"), ("qc", "MixedWeight"), ("qc", "GatherQuantized"), ("qc", "DequantizeWeight"),
-               ("qc", "QuantizeActivation")}
     missing = set()
     for node in nodes:
         domain = "" if node.domain == "ai.onnx" else node.domain
-        if (domain, node.op_type) in handled or (domain == "" and (node.op_type in OPS or node.op_type == "Constant")):
+        if (domain == "qc" and node.op_type in QC_OPS) or (domain == "" and (node.op_type in OPS or node.op_type == "Constant")):
             continue
         missing.add(f"{domain}.{node.op_type}" if domain else node.op_type)
     return sorted(missing)
@@ -349,6 +347,10 @@ def _unsqueeze(x, axes):
     for a in sorted(a % rank for a in axes):
         x = x.unsqueeze(a)
     return x
+
+
+# the qc ops run_nodes runs itself (the streams' weights and grids); the standard ops are in OPS
+QC_OPS = frozenset({"MixedMatMul", "MixedWeight", "GatherQuantized", "DequantizeWeight", "QuantizeActivation"})
 
 
 def run_nodes(nodes: list[ir.Node], env: dict[str, torch.Tensor], weight_of: Callable[[ir.Node], torch.Tensor],
