@@ -377,3 +377,64 @@ def test_a_block_too_large_for_the_memory_left_is_named(monkeypatch):
         collect(model, transformer_batches(), quantizable_inputs(model), threads=1, sequential=True)
     monkeypatch.setattr(memory, "available_bytes", lambda: None)  # unknown: no check
     collect(model, transformer_batches(), quantizable_inputs(model), threads=1, sequential=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements (drift, the report, gates) of a large model, one block at a time
+
+
+def test_a_model_runs_one_block_at_a_time_with_the_whole_models_outputs():
+    from qcompiler.analysis import execute
+
+    model = transformer(layers=3)
+    feeds = transformer_batches(1)[0]
+    inner = next(n for n in model.graph if n.op_type == "MatMul").outputs[0].name  # a value inside the first block
+    names = [v.name for v in model.graph.outputs] + [inner]
+    whole = execute.ort_session(ir.serde.deserialize_model(_exposing(model, inner))).run(names, feeds)
+    by_blocks = execute.run_by_blocks(model, feeds, names, threads=1)
+    assert list(by_blocks) == names
+    for name, array in zip(names, whole):
+        np.testing.assert_allclose(by_blocks[name], array, rtol=1e-5, atol=1e-5)
+
+
+def _exposing(model: ir.Model, name: str) -> onnx.ModelProto:
+    proto = ir.serde.serialize_model(model)
+    proto.graph.output.append(oh.make_tensor_value_info(name, F, None))
+    return proto
+
+
+def test_a_graph_without_blocks_is_left_to_the_whole_model_run():
+    from qcompiler.analysis import execute
+
+    model = _model(
+        [oh.make_node("MatMul", ["x", "w"], ["y"])],
+        [oh.make_tensor_value_info("x", F, ["N", 4])], [oh.make_tensor_value_info("y", F, ["N", 3])],
+        {"w": np.ones((4, 3), np.float32)},
+    )
+    assert execute.run_by_blocks(model, {"x": np.ones((2, 4), np.float32)}, ["y"]) is None
+
+
+def test_a_large_models_drift_and_report_are_measured_one_block_at_a_time(tmp_path, monkeypatch):
+    """Weights on disk: every measurement runs the model by blocks, and measures what the whole-model run does."""
+    import json
+
+    from qcompiler.analysis import execute
+    from qcompiler.driver.compiler import compile
+    from qcompiler.ir import spill
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    onnx.save(ir.serde.serialize_model(transformer(layers=3)), str(folder / "model.onnx"), save_as_external_data=True,
+              location="model.onnx.data", size_threshold=1024)
+    batches = transformer_batches()
+    whole = compile(str(folder / "model.onnx"), tmp_path / "a", pipeline="w8a8", calibration=batches, report=tmp_path / "a.json", cache_dir=None)
+    monkeypatch.setattr(qir, "MAPPED_DATA_THRESHOLD", 0)  # the source's weights stay mapped
+    monkeypatch.setattr(spill, "SPILL_MIN_BYTES", 0)  # the codes a pass makes go to disk
+    calls = []
+    run = execute.run_by_blocks
+    monkeypatch.setattr(execute, "run_by_blocks", lambda *a, **k: calls.append(1) or run(*a, **k))
+    blocks = compile(str(folder / "model.onnx"), tmp_path / "b", pipeline="w8a8", calibration=batches, report=tmp_path / "b.json", cache_dir=None)
+    assert len(calls) == len(blocks.records) + 1  # the model as it came in, then after each pass
+    assert [r.drift for r in blocks.records] == [r.drift for r in whole.records] and blocks.records[-1].drift["cosine"] < 1
+    errors = [[layer["error"] for layer in json.loads((tmp_path / f"{x}.json").read_text())["layers"]] for x in "ab"]
+    assert errors[0] == errors[1] and all(errors[0])

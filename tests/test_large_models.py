@@ -163,7 +163,7 @@ def test_large_output_keeps_weights_in_one_file_beside_the_model(tmp_path, monke
     monkeypatch.setattr(qir, "MAPPED_DATA_THRESHOLD", 0)
     monkeypatch.setattr(qir, "EXTERNAL_DATA_THRESHOLD", 10_000)  # stands in for protobuf's 2 GB
     result = compile(str(source), tmp_path / "out", pipeline="w8a8", calibration=_batches())
-    assert not any(r.drift for r in result.records)  # too large to run whole in memory
+    assert all(r.drift for r in result.records)  # measured: by blocks where the graph has them, else whole
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "model.onnx", "model.onnx.data"]
     assert result.manifest["files"] == ["model.onnx", "model.onnx.data"]
     session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])

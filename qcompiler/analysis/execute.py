@@ -46,14 +46,15 @@ def ort_session(model: ir.Model | onnx.ModelProto | bytes | str, threads: int | 
         options.optimized_model_filepath = str(optimized_path)
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{Path(optimized_path).name}.data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    if not prepack:
+    large = isinstance(model, ir.Model) and is_large(model)
+    if not prepack or large:  # MLAS would keep a second, repacked copy of every MatMul weight
         options.add_session_config_entry("session.disable_prepacking", "1")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    if isinstance(model, ir.Model) and is_large(model):
+    if large:
         return _session_from_folder(model, options)
     if isinstance(model, ir.Model):
         model = to_proto(model)
@@ -69,8 +70,6 @@ def _session_from_folder(model: ir.Model, options):
 
     import onnxruntime as ort
 
-    # MLAS would keep a second, repacked copy of every MatMul weight; a measurement session runs a few batches
-    options.add_session_config_entry("session.disable_prepacking", "1")
     with tempfile.TemporaryDirectory(prefix="qcompiler-session-") as folder:
         path = Path(folder) / "model.onnx"
         ir.save(model, str(path), external_data="model.onnx.data", size_threshold_bytes=1024)
@@ -99,13 +98,65 @@ def run_expanded(model: ir.Model, feeds: Mapping[str, np.ndarray], threads: int 
     name. Raises `MeasurementError` naming the reason when the graph cannot be expanded or run.
     A graph with an int8 KV cache takes float pasts and gives float presents, as in `run`."""
     names = [v.name for v in model.graph.outputs]
+    feeds = float_cache_feeds(model, feeds)
+    if is_large(model):
+        results = run_by_blocks(model, feeds, names, threads)
+        if results is not None:
+            return float_cache_outputs(results)
     target = expanded_copy(model) if qc_nodes(model) else model
     try:
         session = ort_session(target, threads)
-        results = session.run(names, float_cache_feeds(model, feeds))
+        results = session.run(names, feeds)
     except Exception as exc:
         raise MeasurementError(f"ONNX Runtime could not run it ({type(exc).__name__}: {first_line(exc)})") from exc
     return float_cache_outputs(dict(zip(names, results)))
+
+
+def run_by_blocks(model: ir.Model, feeds: Mapping[str, np.ndarray], names: list[str],
+                  threads: int | None = None) -> dict[str, np.ndarray] | None:
+    """`names` computed one block at a time, as block-sequential calibration runs the float model
+    (`qcompiler.analysis.calib_sequential`): each segment is copied with only its own weights (those
+    still on disk read in), its `qc` ops expanded, run in its own ONNX Runtime session and released;
+    only the values later segments read are kept. Memory: one block's weights and the boundary
+    values of one batch. None when the graph cannot be cut into blocks (the caller runs it whole)."""
+    from qcompiler.analysis import calib_sequential as sequential
+
+    segments = sequential.cut_segments(model, names)
+    if segments is None:
+        return None
+    last_reader = {value.name: segment.index for segment in segments for value in segment.inputs}
+    values, results = dict(feeds), {name: feeds[name] for name in names if name in feeds}
+    for segment in segments:
+        if not segment.fetched:
+            continue
+        sequential.check_fits(segment, len(segments))
+        part = sequential.segment_model(model, segment, values)
+        _read_into_memory(part)
+        try:
+            target = expanded_copy(part) if qc_nodes(part) else part
+            outputs = ort_session(target, threads, prepack=False).run(segment.fetched, {v.name: values[v.name] for v in segment.inputs})
+        except MeasurementError:
+            raise
+        except Exception as exc:
+            raise MeasurementError(f"ONNX Runtime could not run block {segment.index + 1} of {len(segments)} "
+                                   f"({type(exc).__name__}: {first_line(exc)})") from exc
+        for name, array in zip(segment.fetched, outputs):
+            values[name] = array
+            if name in names:
+                results[name] = array
+        for name in [n for n, last in last_reader.items() if last <= segment.index and n not in feeds]:
+            values.pop(name, None)
+    return {name: results[name] for name in names if name in results}
+
+
+def _read_into_memory(model: ir.Model) -> None:
+    """Give each initializer still read from a file (`qcompiler.ir.on_disk_tensors`) an in-memory
+    copy, on this model's values only: a one-block copy may then be serialized as it is."""
+    from qcompiler.ir import deferred
+
+    for value in model.graph.initializers.values():
+        if deferred.is_on_disk(value.const_value):
+            value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
 
 
 def expanded_copy(model: ir.Model) -> ir.Model:

@@ -20,7 +20,6 @@ from qcompiler.driver.outputs import check_outputs, nested_entry, protected_sour
 from qcompiler.driver.session import Session
 from qcompiler.errors import shown
 from qcompiler.ir import float_types, spill
-import qcompiler.ir as qir
 from qcompiler.ir import is_large, op_key, weight_count
 from qcompiler.passes.lower_ort import LowerOrtPass
 from qcompiler.pipeline import instruments
@@ -110,10 +109,6 @@ def compile_with(options: CompileOptions) -> CompileResult:
         scratch = spill.SpillFile(staging.parent, temp_prefix(Path(output).name, "spill")) if is_large(model) else None
         if scratch is not None and dump_ir is not None:  # an output inside the dump folder: its scratch folder is kept too
             keep_in_dump += tuple(filter(None, [nested_entry(dump_ir, scratch.folder)]))
-        if drift and report is None and qir.initializer_bytes(model) >= qir.EXTERNAL_DATA_THRESHOLD:
-            log.info("output drift not measured: this model's weights pass %.1f GB in float32, and drift runs the whole model in memory",
-                     qir.EXTERNAL_DATA_THRESHOLD / 1e9)
-            drift = False
         measured_on = session.load_data()
         if not measured_on.is_data and (drift or report is not None):
             log.warning("%s", measured_on.note)
