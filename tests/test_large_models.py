@@ -258,3 +258,20 @@ def test_model_over_2gb_compiles_within_the_memory_bound(tmp_path):
     session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
     y = session.run(None, {"x": np.ones((1, BIG_DIM), np.float32)})[0]
     assert np.isfinite(y).all()
+
+
+W8A8_THEN = "canonicalize,calibrate,smooth,fold-scales{{unfoldable=unsmooth}},quantize,{},lower-ort"
+
+
+@pytest.mark.parametrize("pipeline", ["mixed{avg-bits=4.25 rounding=gptq}", W8A8_THEN.format("tune-scales{steps=40}")],
+                         ids=["gptq", "tune-scales"])
+def test_learners_on_weights_on_disk_give_the_same_bytes(tmp_path, monkeypatch, pipeline):
+    """`gptq` and `tune-scales` (which reads them as `flexround` does) read each block's float weights from the file (mapped
+    or deferred) and its codes from the scratch file: the artifact is the one learned in memory."""
+    source = _with_external_data(tmp_path, elem_type=TensorProto.FLOAT16)
+    learner = pipeline.split(",")[-2].split("{")[0] if "rounding" not in pipeline else "gptq"
+    in_memory = compile(str(source), tmp_path / "a", pipeline=pipeline, calibration=_batches())
+    _on_disk(monkeypatch)
+    on_disk = compile(str(source), tmp_path / "b", pipeline=pipeline, calibration=_batches())
+    assert all(next(r for r in result.records if r.name == learner).modified for result in (in_memory, on_disk))
+    assert _content(tmp_path / "a") == _content(tmp_path / "b")
