@@ -14,7 +14,12 @@ rows a batch looks up. For a causal LM the table holds a large share of the weig
 further; the LM head is a linear and is quantized by the layer passes.
 
 A head tied to the table reads its own copy once the transpose is folded (`canonicalize`), so the
-table is quantized and the head stays a linear. Left in float, with the reason in the statistics: a
+table is quantized and the head stays a linear. With `tied=share` the table is instead the head's
+own codes, where the head already holds them as one symmetric or integer-zero 4-bit class in input
+order (`int4`, or a `mixed` head given one class): its float weight (`FLOAT_WEIGHT_KEY`) must equal the
+table transposed, and the lookup then reads codes, scales and zero points [V, D / group] of the head
+transposed (block-size = the head's group size; `bits` does not apply). `lower-ort` then stores the
+codes once, read by both (`share_tied_codes`). Left in float, with the reason in the statistics: a
 table another node reads as it is (a second Gather), a Gather on another axis, and a table whose
 width is not a multiple of `block-size`.
 """
@@ -27,11 +32,12 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul
 from qcompiler.dialect.ops import QC_OPSET_VERSION
 from qcompiler.dialect.qc_ops import gather_quantized
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import new_initializer
-from qcompiler.ir.meta import CREATED_BY, Prop
+from qcompiler.ir.meta import CREATED_BY, FLOAT_WEIGHT_KEY, Prop
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 
 
@@ -45,6 +51,7 @@ class QuantizeEmbeddingPass(Pass):
 
     bits: Literal[4, 8] = option(4, "bits per code: 4 or 8")
     block_size: int = option(32, "columns per scale and zero point: a power of 2, at least 16")
+    tied: Literal["copy", "share"] = option("copy", "a table tied to a 4-bit head: its own codes (copy), or the head's (share: stored once)")
 
     def __post_init__(self):
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -58,8 +65,14 @@ class QuantizeEmbeddingPass(Pass):
             if reason:
                 kept[name] = reason
                 continue
-            lookup = replace_lookup(graph, node, table, self.bits, self.block_size)
+            head = tied_head(graph, table) if self.tied == "share" else None
+            if head is not None:
+                lookup = replace_lookup_with_head(graph, node, table, head)
+            else:
+                lookup = replace_lookup(graph, node, table, self.bits, self.block_size)
             quantized[name] = {"table": table.name, "shape": list(lookup.inputs[0].const_value.shape)}  # bytes as stored: the manifest's `embeddings`
+            if head is not None:
+                quantized[name]["shared_with"] = head.name
         if quantized:
             model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
             for entry in quantized.values():
@@ -117,6 +130,36 @@ def quantize_table(table: np.ndarray, bits: int, block_size: int) -> tuple[np.nd
     zero = np.clip(np.round(-lo / scale), 0, top)
     codes = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, top)
     return codes.astype(np.uint8).reshape(rows, columns), scale, zero.astype(np.uint8)
+
+
+def tied_head(graph: ir.Graph, table: ir.Value) -> ir.Node | None:
+    """The `qc.MixedMatMul` computing `x @ table^T` from one 4-bit uniform class with integer zero
+    points in input order (the identity permutation, no outliers), whose group size is a power of 2
+    of at least 16 dividing the table's width; None when there is none."""
+    rows, columns = table.const_value.shape
+    for node in graph:
+        if not is_mixed_matmul(node) or FLOAT_WEIGHT_KEY not in node.meta:
+            continue
+        float_weight = node.meta[FLOAT_WEIGHT_KEY]
+        if tuple(float_weight.shape) != (columns, rows):
+            continue
+        view = MixedMatMulView.of(node)
+        group = view.group_size
+        if (len(view.classes) != 1 or view.outliers is not None or view.classes[0].kind != "uniform" or view.classes[0].bits != 4
+                or view.classes[0].inputs[2].dtype != ir.DataType.UINT8 or group < 16 or group & (group - 1) or columns % group
+                or not np.array_equal(view.perm_array(), np.arange(columns))):
+            continue
+        if np.array_equal(np.asarray(float_weight.numpy(), np.float32).T, np.asarray(table.const_value.numpy(), np.float32)):
+            return node
+    return None
+
+
+def replace_lookup_with_head(graph: ir.Graph, node: ir.Node, table: ir.Value, head: ir.Node) -> ir.Node:
+    """`node` becomes a `qc.GatherQuantized` of `head`'s codes (see `tied_head`), transposed."""
+    view = MixedMatMulView.of(head)
+    codes, scale, zero = view.class_arrays()[0].inputs
+    return _replace_gather(graph, node, table.name, np.ascontiguousarray(codes.T), np.ascontiguousarray(scale.T.astype(np.float32)),
+                           np.ascontiguousarray(zero.T), 4, view.group_size)
 
 
 def dequantized_table(table: np.ndarray, bits: int, block_size: int) -> np.ndarray:

@@ -105,3 +105,67 @@ def test_bad_block_size_is_one_line():
 
     with pytest.raises(UserError, match="block-size must be a power of 2, at least 16, got 24"):
         parse_pipeline("quantize-embedding{block-size=24}")
+
+
+def _int4_tied(tmp_path, out: str, embedding: str, width: int = 128, tied: bool = True):
+    folder = tmp_path / f"src-{out}"
+    folder.mkdir()
+    path, arrays = _lookup_model(folder, tied=tied, width=width)
+    ids = np.random.default_rng(2).integers(0, VOCAB, (8, 6)).astype(np.int64)
+    result = qcompiler.compile(str(path), tmp_path / out, pipeline=f"int4{{embedding={embedding} rounding=nearest}}",
+                               calibration=[{"ids": ids}], drift=False)
+    return path, arrays, result
+
+
+def test_a_table_tied_to_a_4_bit_head_reads_the_heads_codes_stored_once(tmp_path, monkeypatch):
+    import qcompiler.passes.lower_ort as lower_ort
+
+    path, arrays, shared = _int4_tied(tmp_path, "shared", "shared")
+    stats = next(r.stats for r in shared.records if r.name == "quantize-embedding")
+    assert stats["quantized"]["embed"]["shared_with"] == "head"
+    artifact = onnx.load(str(tmp_path / "shared" / "model.onnx"))
+    lookup = next(n for n in artifact.graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in artifact.graph.node if n.op_type == "MatMulNBits")
+    assert lookup.input[0] == head.input[1]  # one initializer of codes, read by both
+    table = shared.manifest["embeddings"]["tables"]["embed"]
+    assert table["shared_with"] == head.name and table["shape"] == [VOCAB, 128] and table["bytes"] < VOCAB * 128 // 2
+    # what the table holds: the head's 4-bit weight, transposed (its rows: the head's columns)
+    ids = np.array([[0, 5, 39], [7, 7, 1]], np.int64)
+    rows = ort.InferenceSession(_expose(tmp_path / "shared" / "model.onnx", "h"), providers=["CPUExecutionProvider"]).run(["h"], {"ids": ids})[0]
+    head_weight = _dequantized_head(artifact, head)  # [K, N]
+    np.testing.assert_allclose(rows, head_weight.T[ids], rtol=1e-6, atol=1e-6)
+    assert np.abs(rows - arrays["table"][ids]).max() < 0.5  # a 4-bit grid away from the float table
+    # the same numbers as the two copies it replaces
+    monkeypatch.setattr(lower_ort, "share_tied_codes", lambda graph: 0)
+    _, _, apart = _int4_tied(tmp_path, "apart", "shared")
+    np.testing.assert_array_equal(_run(tmp_path / "shared" / "model.onnx", ids), _run(tmp_path / "apart" / "model.onnx", ids))
+    saved = (tmp_path / "apart" / "model.onnx").stat().st_size - (tmp_path / "shared" / "model.onnx").stat().st_size
+    assert saved >= VOCAB * 128 // 2 - 512  # the codes' copy, less the scales in the lookup's layout
+    manifest = shared.manifest  # the shared table adds its bytes, not its entries: the head's weights count them
+    assert manifest["effective_bits_per_weight_with_tables"] == round(8 * (manifest["weight_bytes"] + table["bytes"]) / manifest["weights"], 4)
+
+
+def test_a_table_with_no_4_bit_head_to_share_gets_its_own_codes(tmp_path):
+    _, _, untied = _int4_tied(tmp_path, "untied", "shared", tied=False)
+    stats = next(r.stats for r in untied.records if r.name == "quantize-embedding")["quantized"]["embed"]
+    assert "shared_with" not in stats and stats["shape"] == [VOCAB, 128]
+    assert "shared_with" not in untied.manifest["embeddings"]["tables"]["embed"]
+
+
+def _expose(path, name) -> bytes:
+    model = onnx.load(str(path))
+    model.graph.output.append(oh.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return model.SerializeToString()
+
+
+def _dequantized_head(model, node) -> np.ndarray:
+    """A 4-bit symmetric `MatMulNBits`' weight [K, N]: codes less 8, times the scale (fp16 [N, K / block], cast)."""
+    from qcompiler.passes.lower_ort.mixed import unpack_nbits
+
+    data = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+    codes = unpack_nbits(data[node.input[1]].reshape(n, -1), k, 4).astype(np.float32)
+    cast = next(c for c in model.graph.node if c.output[0] == node.input[2])
+    scale = np.repeat(data[cast.input[0]].astype(np.float32).T, block, axis=0)
+    return (codes - 8) * scale

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -128,16 +129,21 @@ def quantized_embeddings(model: ir.Model) -> dict[str, Any]:
     """The embedding tables stored as codes (`GatherBlockQuantized`): per lookup its rows x columns,
     bits and bytes (codes, scales and zero points), and the bits per table entry over all of them.
     Tables are not layer weights, so `effective_bits_per_weight` leaves them out;
-    `effective_bits_per_weight_with_tables` counts both (`with_tables`)."""
+    `effective_bits_per_weight_with_tables` counts both (`with_tables`). Codes a table shares with
+    its tied head (`shared_with`: the head's kernel) are the head's bytes, not counted again."""
     tables, entries, stored = {}, 0, 0
     for node in model.graph:
         if node.op_type != "GatherBlockQuantized" or node.domain != "com.microsoft":
             continue
-        codes, scales = node.inputs[0].const_value, node.inputs[2].const_value
+        codes = node.inputs[0]
         bits = node.attributes.get_int("bits", 4)
-        rows, columns = int(codes.shape[0]), int(codes.shape[1]) * 8 // bits
-        size = sum(v.const_value.nbytes for v in node.inputs if v is not None and v.const_value is not None and v.is_initializer())
+        rows, columns = int(codes.shape[0]), math.prod(codes.shape[1:]) * 8 // bits
+        readers = [use.node for use in codes.uses() if use.node is not node]
+        size = sum(v.const_value.nbytes for v in node.inputs
+                   if v is not None and v.const_value is not None and v.is_initializer() and not (v is codes and readers))
         tables[node.name] = {"shape": [rows, columns], "bits": bits, "block_size": node.attributes.get_int("block_size", 32), "bytes": size}
+        if readers:
+            tables[node.name]["shared_with"] = readers[0].name
         entries, stored = entries + rows * columns, stored + size
     if not tables:
         return {}
@@ -146,9 +152,11 @@ def quantized_embeddings(model: ir.Model) -> dict[str, Any]:
 
 def with_tables(manifest: dict[str, Any], embeddings: dict[str, Any]) -> dict[str, Any]:
     """Bits per weight over the layers' weights and the stored embedding tables' entries together
-    (what a budget that holds the tables, `allocate-bits{embeddings=budget}`, is spent on)."""
+    (what a budget that holds the tables, `allocate-bits{embeddings=budget}`, is spent on). A table
+    sharing its head's codes adds its bytes (its own scales and zero points), not its entries: the
+    head's weights already count them."""
     tables = embeddings["tables"].values()
-    entries = sum(t["shape"][0] * t["shape"][1] for t in tables)
+    entries = sum(t["shape"][0] * t["shape"][1] for t in tables if "shared_with" not in t)
     count = manifest.get("weights", 0) + entries
     stored = manifest.get("weight_bytes", 0) + sum(t["bytes"] for t in tables)
     return {"effective_bits_per_weight_with_tables": round(8 * stored / count, 4)} if count else {}

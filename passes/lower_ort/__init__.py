@@ -3,7 +3,9 @@ the same numbers as their references.
 
 - `qc.DequantizeWeight(Q, s[, z])` -> `DequantizeLinear(Q, s[, z], axis)`.
 - `qc.GatherQuantized` (an embedding table's codes) -> `com.microsoft.GatherBlockQuantized`, 4-bit
-  codes and zero points packed two per byte; the table stays packed in the session.
+  codes and zero points packed two per byte; the table stays packed in the session. A table that
+  holds its tied head's codes (`quantize-embedding{tied=share}`) reads the head's `MatMulNBits`
+  weight instead of a copy (`share_tied_codes`).
 - `qc.QuantizeActivation` static -> `QuantizeLinear` + one `DequantizeLinear` per reader (QDQ:
   ONNX Runtime fuses each DQ -> MatMul/Conv <- DQ group into an integer kernel; one DQ per
   reader keeps every group fusable). The activation type follows `act-format`:
@@ -89,7 +91,7 @@ from qcompiler.passes.lower_ort.integer_kernels import (fuse_integer_bias, fuse_
                                                          unsigned_integer_weights)
 from qcompiler.passes.lower_ort.mixed import lower_mixed_matmul, lower_mixed_weight
 from qcompiler.passes.lower_ort.norms import keep_residual_norms_apart, rms_norms_as_div, rms_norms_with_skip
-from qcompiler.passes.lower_ort.qdq import LOWERINGS, unfuse
+from qcompiler.passes.lower_ort.qdq import LOWERINGS, share_tied_codes, unfuse
 from qcompiler.passes.lower_ort.shared_input import (pack_split_into_attention, widen_integer_linears,
                                                      widen_shared_input_linears, widen_shared_input_mixed)
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
@@ -196,6 +198,9 @@ class LowerOrtPass(Pass):
             drop_unread(graph, read)  # a layer's old weights go as soon as its lowered form has its own
             counts[route] = counts.get(route, 0) + 1
             mixed |= node.op_type in ("MixedMatMul", "MixedWeight")
+        tied = share_tied_codes(graph)
+        if tied:
+            counts["GatherBlockQuantized(head's codes)"] = tied
         fused_attention = fuse_attention(graph) if self.attention != "as-is" else 0
         if fused_attention:
             counts["GroupQueryAttention"] = fused_attention

@@ -7,6 +7,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.dialect import ops
+from qcompiler.ir import op_key
 from qcompiler.ir.layers import new_initializer
 from qcompiler.ir.meta import CREATED_BY
 from qcompiler.passes.lower_ort.mixed import pack_nbits
@@ -230,6 +231,50 @@ def _lower_gather_quantized(graph: ir.Graph, node: ir.Node, signed: bool) -> str
         if not value.uses():
             graph.initializers.pop(value.name)
     return f"GatherBlockQuantized({bits}-bit)"
+
+
+def share_tied_codes(graph: ir.Graph) -> int:
+    """A 4-bit `GatherBlockQuantized` whose packed codes [V, D / 2] are, byte for byte, a 4-bit
+    `MatMulNBits` weight [V, D / g, g / 2] of block size g (a table that reads the codes of the head
+    tied to it: `quantize-embedding{tied=share}`) reads that weight instead, blocks on its last
+    axis (scales and zero points [V, D / g, 1]), and its rows [..., D / g, g] are reshaped to
+    [..., D]: the codes are stored, and resident, once. Returns the lookups rewritten."""
+    weights: dict[tuple, list[ir.Value]] = {}
+    for node in graph:
+        if op_key(node) == ("com.microsoft", "MatMulNBits") and node.attributes.get_int("bits") == 4 and node.inputs[1].const_value is not None:
+            weights.setdefault(tuple(node.inputs[1].const_value.shape), []).append(node.inputs[1])
+    shared = 0
+    for gather in list(graph):
+        if (op_key(gather) != ("com.microsoft", "GatherBlockQuantized") or gather.attributes.get_int("bits") != 4
+                or gather.attributes.get_int("quantize_axis") != 1 or len(gather.inputs) != 4
+                or any(v is None or v.const_value is None for v in (gather.inputs[0], *gather.inputs[2:]))):
+            continue
+        data, indices, scales, zeros = gather.inputs
+        rows, half = data.const_value.shape
+        block = gather.attributes.get_int("block_size")
+        codes = data.const_value.numpy()
+        weight = next((w for w in weights.get((rows, 2 * half // block, block // 2), [])
+                       if np.array_equal(w.const_value.numpy().reshape(rows, half), codes)), None)
+        if weight is None:
+            continue
+        blocks = 2 * half // block
+        packed = zeros.const_value.numpy()
+        zero = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)[:, :blocks]  # pack_nbits' order: low nibble first
+        base = gather.name or gather.outputs[0].name
+        lookup = ir.node("GatherBlockQuantized", [weight, indices, new_initializer(graph, f"{base}.block_scales", scales.const_value.numpy().reshape(rows, blocks, 1)),
+                                                  new_initializer(graph, f"{base}.block_zero_points", zero.reshape(rows, blocks, 1).astype(np.uint8))],
+                         {"gather_axis": 0, "quantize_axis": 2, "block_size": block, "bits": 4}, domain="com.microsoft", name=gather.name)
+        shape = ir.node("Shape", [indices])
+        width = new_initializer(graph, f"{base}.width", np.array([2 * half], np.int64))
+        target = ir.node("Concat", [shape.outputs[0], width], {"axis": 0})
+        rows_out = ir.node("Reshape", [lookup.outputs[0], target.outputs[0]])
+        rows_out.outputs[0].type = gather.outputs[0].type
+        _replace(graph, gather, [lookup, shape, target, rows_out], rows_out.outputs[0])
+        for value in (data, scales, zeros):
+            if not value.uses():
+                graph.initializers.pop(value.name)
+        shared += 1
+    return shared
 
 
 LOWERINGS = {

@@ -76,7 +76,9 @@ KV_CACHE = {"kv-cache": {"float32": "", "int8": ",kv-cache{dtype=int8}"}}
 # one GroupQueryAttention where found (passes/lower_ort/attention.py); the presets that end with lower-ort pass it on.
 # `embedding=int8|int4`: embedding tables (constant Gather tables) stored as codes (passes/quantize_embedding.py),
 # looked up packed; the default adds nothing.
-EMBEDDING = {"embedding": {"float": "", "int8": ",quantize-embedding{bits=8}", "int4": ",quantize-embedding{bits=4}"}}
+# shared: a table tied to a 4-bit head reads the head's codes (stored once), else int4
+EMBEDDING = {"embedding": {"float": "", "int8": ",quantize-embedding{bits=8}", "int4": ",quantize-embedding{bits=4}",
+                           "shared": ",quantize-embedding{bits=4 tied=share}"}}
 
 PRESETS: dict[str, Preset] = {
     "default": Preset("canonicalize$kv_cache$attention", "clean the graph up for the passes; no quantization",
