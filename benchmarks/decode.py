@@ -118,6 +118,8 @@ PIPELINES = {
     "int4 g32": "int4{group-size=32}",
     "int4 zero points g128": "int4{group-size=128 zero-points=auto}",
     "int4 int4-embedding": "int4{embedding=int4}",
+    # the tied table reads the head's 4-bit codes, stored once
+    "int4 shared-embedding": "int4{embedding=shared}",
     # as the rows above were before lower-ort fused a decoder's attention, norms and Q/K/V by default
     "float32 unfused": "default{attention=as-is}",
     "w8a8 per-token unfused": "w8a8{act-mode=per-token attention=as-is}",

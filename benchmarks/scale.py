@@ -28,7 +28,9 @@ JSON (machine, package versions, commit) to `benchmarks/results/scale.json`.
 
 `--pipeline P` (repeatable) compiles with other pipelines (`--pipeline calibrate`: calibration
 alone); `--block-sequential` calibrates one block at a time at every size (sizes whose weights pass
-`qcompiler.ir.EXTERNAL_DATA_THRESHOLD` always do); `--no-peers` skips ONNX Runtime's quantizers.
+`qcompiler.ir.EXTERNAL_DATA_THRESHOLD` always do); `--no-peers` skips ONNX Runtime's quantizers,
+`--peers-only` runs only them. Their address space is capped at 85 % of the machine's memory, so
+that one that needs more fails with a MemoryError row instead of swapping or being killed.
 
 `--fit A.json B.json ...` compiles nothing: it merges earlier runs (say one per size, run in turn),
 prints each job beside the memory target (half the source's bytes + 2 GB), fits the time exponent
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -62,6 +65,7 @@ PIPELINES = ("w8a8{act-mode=per-token}", "mixed{avg-bits=4.25}")
 SEQ = 128
 MAX_POSITIONS = 2048
 THREADS = 2
+PEER_MEMORY_CAP = int(0.85 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))  # ONNX Runtime's quantizers' address space
 
 
 def parameters(size: str) -> int:
@@ -215,6 +219,9 @@ print(json.dumps({"seconds": seconds, "passes": {r.name: r.seconds for r in resu
 _PEER_CHILD = """
 import json, resource, sys, time
 from pathlib import Path
+cap = int(sys.argv[5])
+if cap:  # address space capped below the machine's memory: a MemoryError row, not the kernel's OOM killer
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 sys.path.insert(0, sys.argv[4])
 source, out, which = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 out.mkdir(parents=True, exist_ok=True)
@@ -236,7 +243,10 @@ def _child(code: str, args: list[str]) -> dict:
     run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     if run.returncode != 0:
         lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
-        return {"error": lines[-1][:300] if lines else f"exit {run.returncode}"}
+        error = lines[-1][:300] if lines else f"exit {run.returncode}"
+        if "MemoryError" in error or "bad_alloc" in error or "Failed to allocate" in error:
+            error = f"out of memory under the {PEER_MEMORY_CAP / 2**30:.1f} GiB address-space cap ({error[:200]})"
+        return {"error": error}
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
@@ -326,6 +336,7 @@ def main() -> None:
     parser.add_argument("--keep-models", metavar="DIR",
                         help="write the models here and keep them, or reuse those already there (default: a temporary folder)")
     parser.add_argument("--no-peers", action="store_true", help="skip ONNX Runtime's quantizers")
+    parser.add_argument("--peers-only", action="store_true", help="only ONNX Runtime's quantizers (no compile)")
     parser.add_argument("--pipeline", action="append", metavar="P",
                         help=f"a pipeline to compile with (repeatable; default: {' and '.join(PIPELINES)})")
     parser.add_argument("--block-sequential", action="store_true", help="calibrate one block at a time at every size (large sizes always do)")
@@ -354,10 +365,11 @@ def main() -> None:
         calib = write_calibration(folder / "calib.npz", args.windows, SHAPES[size][5])
         entry = {"size": size, "parameters": parameters(size), "source_bytes": source_bytes, "build_s": build_s, "runs": {}}
         jobs = [(p, _COMPILE_CHILD, [str(source), str(root / "out"), p, str(calib), str(args.windows), str(THREADS),
-                                       "1" if args.block_sequential else "0"]) for p in pipelines]
+                                       "1" if args.block_sequential else "0"]) for p in pipelines if not args.peers_only]
         if not args.no_peers:
             bench = str(Path(__file__).resolve().parent)
-            jobs += [(name, _PEER_CHILD, [str(source), str(root / "out"), name, bench]) for name in ("quantize_dynamic", "MatMulNBitsQuantizer")]
+            jobs += [(name, _PEER_CHILD, [str(source), str(root / "out"), name, bench, str(PEER_MEMORY_CAP)])
+                     for name in ("quantize_dynamic", "MatMulNBitsQuantizer")]
         for name, code, child_args in jobs:
             subprocess.run(["rm", "-rf", str(root / "out")], check=True)
             result = _child(code, child_args)

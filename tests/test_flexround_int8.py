@@ -189,6 +189,21 @@ def test_interpreter_conv_transpose_as_onnx(pads, output_padding, group):
     np.testing.assert_allclose(got, execute.run(model, {"X": x})["Y"], rtol=1e-5, atol=1e-5)
 
 
+def test_interpreter_tiles_as_onnx():
+    """Tile repeats grouped key/value heads in exported decoders (Llama's repeat_kv)."""
+    import torch
+
+    from qcompiler.analysis.torch_exec import Constants, run_nodes
+
+    model = parse("""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[2, 3, 1, 4] X) => (float[2, 6, 3, 4] Y)
+    <int64[4] R = {1, 2, 3, 1}>
+    { Y = Tile (X, R) }""")
+    x = np.random.default_rng(3).normal(size=(2, 3, 1, 4)).astype(np.float32)
+    got = run_nodes(list(model.graph), {"X": torch.from_numpy(x)}, lambda n: None, Constants())["Y"].numpy()
+    np.testing.assert_array_equal(got, execute.run(model, {"X": x})["Y"])
+
+
 def test_an_op_the_interpreter_lacks_is_refused_before_learning():
     model = _conv_net()
     _run(model, W8A8)

@@ -223,6 +223,7 @@ OPS: dict[str, Callable] = {
     "Slice": lambda n, i: _slice(i[0], i[1], i[2], i[3] if len(i) > 3 else None, i[4] if len(i) > 4 else None),
     "Gather": lambda n, i: _gather(i[0], i[1], attr(n, "axis", 0)),
     "Expand": lambda n, i: _expand(i[0], i[1]),
+    "Tile": lambda n, i: i[0].repeat(*_ints(i[1])),
     "Range": lambda n, i: torch.arange(i[0].item(), i[1].item(), i[2].item(), dtype=i[0].dtype),
     "Cast": lambda n, i: _cast(n, i[0]),
     "Trilu": lambda n, i: (torch.triu if attr(n, "upper", 1) else torch.tril)(i[0], int(i[1].item()) if len(i) > 1 and i[1] is not None else 0),
