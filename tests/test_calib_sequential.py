@@ -415,7 +415,7 @@ def test_a_graph_without_blocks_is_left_to_the_whole_model_run():
 
 
 def test_a_large_models_drift_and_report_are_measured_one_block_at_a_time(tmp_path, monkeypatch):
-    """Weights on disk: every measurement runs the model by blocks, and measures what the whole-model run does."""
+    """Weights on disk: a report or a gate measures the model by blocks, as the whole-model run does."""
     import json
 
     from qcompiler.analysis import execute
@@ -438,3 +438,8 @@ def test_a_large_models_drift_and_report_are_measured_one_block_at_a_time(tmp_pa
     assert [r.drift for r in blocks.records] == [r.drift for r in whole.records] and blocks.records[-1].drift["cosine"] < 1
     errors = [[layer["error"] for layer in json.loads((tmp_path / f"{x}.json").read_text())["layers"]] for x in "ab"]
     assert errors[0] == errors[1] and all(errors[0])
+    gated = compile(str(folder / "model.onnx"), tmp_path / "c", pipeline="w8a8", calibration=batches, cache_dir=None,
+                    require_data_probe=True)  # what an output-cosine gate asks for
+    assert [r.drift for r in gated.records] == [r.drift for r in whole.records]
+    plain = compile(str(folder / "model.onnx"), tmp_path / "d", pipeline="w8a8", calibration=batches, cache_dir=None)
+    assert not any(r.drift for r in plain.records)  # not by default: each pass's drift would run every block again

@@ -25,6 +25,7 @@ import onnx_ir as ir
 from qcompiler.dialect import ops
 from qcompiler.dialect.kv_int8 import float_cache_feeds, float_cache_outputs
 from qcompiler.ir import QC_DOMAIN, is_large, mapped_tensors, qc_nodes, to_proto
+from qcompiler.support import memory
 
 log = logging.getLogger(__name__)
 
@@ -146,17 +147,21 @@ def run_by_blocks(model: ir.Model, feeds: Mapping[str, np.ndarray], names: list[
                 results[name] = array
         for name in [n for n, last in last_reader.items() if last <= segment.index and n not in feeds]:
             values.pop(name, None)
+        del part, target, outputs
+        memory.return_freed()  # the block's weights, copies and session, gone: their pages too
     return {name: results[name] for name in names if name in results}
 
 
 def _read_into_memory(model: ir.Model) -> None:
     """Give each initializer still read from a file (`qcompiler.ir.on_disk_tensors`) an in-memory
-    copy, on this model's values only: a one-block copy may then be serialized as it is."""
+    copy, on this model's values only: a one-block copy may then be serialized as it is. A mapped
+    tensor's mapping is closed after the read (it is shared with the model being measured, whose
+    weights must not stay resident)."""
     from qcompiler.ir import deferred
 
     for value in model.graph.initializers.values():
         if deferred.is_on_disk(value.const_value):
-            value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
+            value.const_value = ir.tensor(deferred.read(value.const_value, np.array), name=value.name)
 
 
 def expanded_copy(model: ir.Model) -> ir.Model:

@@ -109,6 +109,10 @@ def compile_with(options: CompileOptions) -> CompileResult:
         scratch = spill.SpillFile(staging.parent, temp_prefix(Path(output).name, "spill")) if is_large(model) else None
         if scratch is not None and dump_ir is not None:  # an output inside the dump folder: its scratch folder is kept too
             keep_in_dump += tuple(filter(None, [nested_entry(dump_ir, scratch.folder)]))
+        if drift and report is None and not options.require_data_probe and is_large(model):
+            log.info("output drift not measured after each pass: this model's weights stay on disk, and each measurement runs it "
+                     "block by block; --report (or an output-cosine gate) measures it")
+            drift = False
         measured_on = session.load_data()
         if not measured_on.is_data and (drift or report is not None):
             log.warning("%s", measured_on.note)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-
+import ctypes
+import ctypes.util
+import functools
 from pathlib import Path
 
 CGROUP = Path("/sys/fs/cgroup")  # cgroup v2: a container's limit and use
@@ -35,4 +37,23 @@ def _cgroup_left() -> int | None:
             return None
         return max(0, int(limit) - int((CGROUP / "memory.current").read_text().strip()))
     except (OSError, ValueError):
+        return None
+
+
+def return_freed() -> None:
+    """Hand the heap's free pages back to the system (glibc's `malloc_trim`; nothing elsewhere).
+    A loop that builds and drops a block's weights and session after another otherwise leaves the
+    freed blocks' pages resident: on a 0.5B model three runs one block at a time grew the process
+    from 0.2 to 2.0 GB, all of it free heap."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
         return None
