@@ -22,7 +22,9 @@ For each size, in a fresh child process each (so peak RSS is one job's): `qcompi
 random token ids (seeded; random weights have no quality to measure), recording the wall time of
 each pass, the total, peak RSS (`ru_maxrss` of the child) and the bytes written; then ONNX
 Runtime's `quantize_dynamic` (int8 weights) and `MatMulNBitsQuantizer` (4-bit, blocks of 128) on
-the same file, their time and peak RSS, or their error. With two or more sizes the exponent of
+the same file, their time and peak RSS, or their error. Each compiled model is then loaded in
+ONNX Runtime in a fresh process and run on 16 tokens (`check_output`: load time, peak RSS, whether
+every logit is finite). With two or more sizes the exponent of
 compile time against parameters is fitted (least squares on logs). A table goes to stdout and the
 JSON (machine, package versions, commit) to `benchmarks/results/scale.json`.
 
@@ -32,7 +34,8 @@ alone); `--block-sequential` calibrates one block at a time at every size (sizes
 `--peers-only` runs only them. Their address space is capped at 85 % of the machine's memory, so
 that one that needs more fails with a MemoryError row instead of swapping or being killed.
 
-`--fit A.json B.json ...` compiles nothing: it merges earlier runs (say one per size, run in turn),
+`--fit A.json B.json ...` compiles nothing: it merges earlier runs (say one per size, run in turn;
+a job of a size given again in a later file replaces the earlier run),
 prints each job beside the memory target (half the source's bytes + 2 GB), fits the time exponent
 of each job over all the sizes, and writes the merged JSON to `--json` and a plot of time and
 peak RSS against size beside it (`.png`, where matplotlib is installed: the `peers` extra).
@@ -239,6 +242,28 @@ print(json.dumps({"seconds": seconds, "peak_rss_gb": resource.getrusage(resource
 """
 
 
+_RUN_CHILD = """
+import json, resource, sys, time
+import numpy as np, onnxruntime as ort
+options = ort.SessionOptions()
+options.intra_op_num_threads, options.log_severity_level = int(sys.argv[2]), 3
+start = time.perf_counter()
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+loaded = time.perf_counter() - start
+ids = np.random.default_rng(0).integers(0, int(sys.argv[3]), (1, 16)).astype(np.int64)
+start = time.perf_counter()
+logits = session.run(None, {session.get_inputs()[0].name: ids})[0]
+print(json.dumps({"load_s": loaded, "run_s": time.perf_counter() - start, "logits_finite": bool(np.isfinite(logits).all()),
+                  "logits_dtype": str(logits.dtype), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
+
+def check_output(model: Path, vocab: int) -> dict:
+    """The emitted model loaded in ONNX Runtime (a fresh process) and run on 16 tokens: load and run
+    seconds, whether every logit is finite, the process's peak RSS."""
+    return _child(_RUN_CHILD, [str(model), str(THREADS), str(vocab)])
+
+
 def _child(code: str, args: list[str]) -> dict:
     run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     if run.returncode != 0:
@@ -248,6 +273,14 @@ def _child(code: str, args: list[str]) -> dict:
             error = f"out of memory under the {PEER_MEMORY_CAP / 2**30:.1f} GiB address-space cap ({error[:200]})"
         return {"error": error}
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _checked(check: dict | None) -> str:
+    if not check:
+        return ""
+    if "error" in check:
+        return f"no: {check['error'][:60]}"
+    return f"{'finite' if check['logits_finite'] else 'NOT finite'} logits, load {check['load_s']:.0f} s, {check['peak_rss_gb']:.2f} GB"
 
 
 def fitted_exponent(points: list[tuple[float, float]]) -> float | None:
@@ -269,18 +302,26 @@ def fit(files: list[Path], out: Path) -> None:
     memory target, fit the time exponent per job over all sizes, and write the merged JSON."""
     bodies = [json.loads(f.read_text()) for f in files]
     windows = sorted({b["windows"] for b in bodies})
-    results = sorted((e for b in bodies for e in b["results"]), key=lambda e: e["parameters"])
+    by_size: dict[str, dict] = {}
+    for body in bodies:  # a job of a size given again in a later file replaces the earlier run
+        for e in body["results"]:
+            merged = by_size.setdefault(e["size"], {**e, "runs": {}})
+            for job, run in e["runs"].items():
+                merged["runs"][job] = {**run, "commit": body.get("git", {}).get("commit")}
+    results = sorted(by_size.values(), key=lambda e: e["parameters"])
     rows, points = [], {}
     for e in results:
         target = memory_target_gb(e["source_bytes"])
         for job, run in e["runs"].items():
             if "seconds" not in run:
-                rows.append([e["size"], f"{e['parameters'] / 1e9:.3f}", job, "error", "", f"{target:.2f}", "", run.get("error", "")[:60]])
+                rows.append([e["size"], f"{e['parameters'] / 1e9:.3f}", job, "error", "", f"{target:.2f}", "", run.get("error", "")[:60], ""])
                 continue
             points.setdefault(job, []).append((e["parameters"], run["seconds"]))
             rows.append([e["size"], f"{e['parameters'] / 1e9:.3f}", job, f"{run['seconds']:.1f}", f"{run['peak_rss_gb']:.2f}",
-                         f"{target:.2f}", "yes" if run["peak_rss_gb"] <= target else "no", f"{run['output_bytes'] / 1e9:.3f}"])
-    print(common.table(["size", "params (B)", "job", "time s", "peak RSS GB", "target GB", "within", "output GB / error"], rows))
+                         f"{target:.2f}", "yes" if run["peak_rss_gb"] <= target else "no", f"{run['output_bytes'] / 1e9:.3f}",
+                         _checked(run.get("output_check"))])
+    print(common.table(["size", "params (B)", "job", "time s", "peak RSS GB", "target GB", "within", "output GB / error",
+                        "output runs"], rows))
     exponents = {job: fitted_exponent(p) for job, p in points.items()}
     for job, exponent in exponents.items():
         sizes = len(points[job])
@@ -373,12 +414,15 @@ def main() -> None:
         for name, code, child_args in jobs:
             subprocess.run(["rm", "-rf", str(root / "out")], check=True)
             result = _child(code, child_args)
+            if "seconds" in result and code is _COMPILE_CHILD:
+                result["output_check"] = check_output(root / "out" / "model.onnx", SHAPES[size][5])
             entry["runs"][name] = result
             rows.append([size, f"{parameters(size) / 1e9:.3f}", f"{source_bytes / 1e9:.2f}", name,
                          f"{result['seconds']:.1f}" if "seconds" in result else "error",
                          f"{result['peak_rss_gb']:.2f}" if "peak_rss_gb" in result else "",
                          f"{result['output_bytes'] / 1e9:.3f}" if "output_bytes" in result else "",
-                         result.get("error", "")[:60] or " ".join(f"{k}={v:.1f}" for k, v in result.get("passes", {}).items())])
+                         result.get("error", "")[:60] or " ".join(f"{k}={v:.1f}" for k, v in result.get("passes", {}).items()),
+                         _checked(result.get("output_check"))])
             print(rows[-1], flush=True)
         subprocess.run(["rm", "-rf", str(root / "out")], check=True)
         results.append(entry)
@@ -388,7 +432,8 @@ def main() -> None:
     for pipeline in pipelines:
         points = [(e["parameters"], e["runs"][pipeline]["seconds"]) for e in results if "seconds" in e["runs"].get(pipeline, {})]
         exponents[pipeline] = fitted_exponent(points)
-    print(common.table(["size", "params (B)", "source GB", "job", "time s", "peak RSS GB", "output GB", "passes s / error"], rows))
+    print(common.table(["size", "params (B)", "source GB", "job", "time s", "peak RSS GB", "output GB", "passes s / error",
+                        "output runs"], rows))
     for pipeline, exponent in exponents.items():
         print(f"time exponent {pipeline}: {'n/a (one size)' if exponent is None else f'{exponent:.2f}'}")
     body = {"command": common.command_line(), "machine": common.machine(), "packages": common.packages(),
