@@ -273,7 +273,7 @@ def collect_sequential(
     (default `SPILL_BYTES`). `first_samples[i]`: the first sample of batch i in the data (numbers
     the sampled rows as `calibration.collect` does; default: the samples of the batches before)."""
     from qcompiler.analysis.calib_data import batch_size_of
-    from qcompiler.analysis.execute import ort_session
+    from qcompiler.analysis.sessions import ort_session
     from qcompiler.support.progress import progress as progress_bar
 
     if first_samples is None:
