@@ -267,9 +267,10 @@ def check_output(model: Path, vocab: int) -> dict:
 def _child(code: str, args: list[str]) -> dict:
     run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     if run.returncode != 0:
-        lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
-        error = lines[-1][:300] if lines else f"exit {run.returncode}"
-        if "MemoryError" in error or "bad_alloc" in error or "Failed to allocate" in error:
+        lines = [line for line in run.stderr.strip().splitlines() if line.strip() and not line.startswith("WARNING")]
+        failed = [line for line in lines if "Error" in line or "bad_alloc" in line or "Killed" in line]
+        error = f"exit {run.returncode}: " + ((failed or lines)[-1][:300] if lines else "no message")
+        if any(word in error for word in ("MemoryError", "bad_alloc", "Failed to allocate")):
             error = f"out of memory under the {PEER_MEMORY_CAP / 2**30:.1f} GiB address-space cap ({error[:200]})"
         return {"error": error}
     return json.loads(run.stdout.strip().splitlines()[-1])
