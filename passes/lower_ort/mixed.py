@@ -259,7 +259,7 @@ def pack_nbits(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def unpack_nbits(packed: np.ndarray, rows: int, bits: int) -> np.ndarray:
-    """Inverse of `pack_nbits` (numpy, for tests): [N, bytes] -> codes [rows, N]."""
+    """Inverse of `pack_nbits`: [N, bytes] -> codes [rows, N]."""
     per_byte = 8 // bits
     shifts = np.arange(per_byte, dtype=np.uint8) * bits
     values = (packed[:, :, None] >> shifts) & ((1 << bits) - 1)

@@ -10,7 +10,7 @@ from qcompiler.dialect import ops
 from qcompiler.ir import op_key
 from qcompiler.ir.layers import new_initializer
 from qcompiler.ir.meta import CREATED_BY
-from qcompiler.passes.lower_ort.mixed import pack_nbits
+from qcompiler.passes.lower_ort.mixed import pack_nbits, unpack_nbits
 
 
 def unfuse(graph: ir.Graph) -> int:
@@ -252,14 +252,13 @@ def share_tied_codes(graph: ir.Graph) -> int:
         data, indices, scales, zeros = gather.inputs
         rows, half = data.const_value.shape
         block = gather.attributes.get_int("block_size")
+        blocks = 2 * half // block
         codes = data.const_value.numpy()
-        weight = next((w for w in weights.get((rows, 2 * half // block, block // 2), [])
+        weight = next((w for w in weights.get((rows, blocks, block // 2), [])
                        if np.array_equal(w.const_value.numpy().reshape(rows, half), codes)), None)
         if weight is None:
             continue
-        blocks = 2 * half // block
-        packed = zeros.const_value.numpy()
-        zero = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)[:, :blocks]  # pack_nbits' order: low nibble first
+        zero = unpack_nbits(zeros.const_value.numpy(), blocks, 4).T  # [V, D / g]
         base = gather.name or gather.outputs[0].name
         lookup = ir.node("GatherBlockQuantized", [weight, indices, new_initializer(graph, f"{base}.block_scales", scales.const_value.numpy().reshape(rows, blocks, 1)),
                                                   new_initializer(graph, f"{base}.block_zero_points", zero.reshape(rows, blocks, 1).astype(np.uint8))],
