@@ -113,3 +113,26 @@ def test_same_data_same_ir():
 def test_bad_options(options, message):
     with pytest.raises(UserError, match=message):
         parse_pipeline(f"{UNIFORM3},gptq{{{options}}}")
+
+
+@pytest.mark.parametrize("learner", ["gptq{regions=1}", "flexround{steps=20 regions=1 seed=3}", "tune-scales{steps=20 regions=1}"])
+def test_float_targets_computed_again_when_read_give_the_same_ir(monkeypatch, learner):
+    """A block's float targets over the limit (a model's logits) are recomputed each time they are read:
+    the same values, so the same learned weights and losses as when held."""
+    from qcompiler.analysis import reconstruct
+
+    reads = []  # per read: was it computed again?
+    read = reconstruct.FloatTargets.__getitem__
+    monkeypatch.setattr(reconstruct.FloatTargets, "__getitem__", lambda self, b: reads.append(self.held is None) or read(self, b))
+    held, recomputed = _model(), _model()
+    held_stats = _run(held, f"{UNIFORM3},{learner}", _correlated())
+    assert reads and not any(reads)
+    reads.clear()
+    monkeypatch.setattr(reconstruct, "HELD_TARGET_BYTES", 0)
+    recomputed_stats = _run(recomputed, f"{UNIFORM3},{learner}", _correlated())
+    assert reads and all(reads)
+    assert to_text(held, elide_over=None) == to_text(recomputed, elide_over=None)
+    name = learner.split("{")[0]
+    assert held_stats[name].stats["per_block"] and all(
+        (a["loss_before"], a["loss_after"]) == (b["loss_before"], b["loss_after"])
+        for a, b in zip(held_stats[name].stats["per_block"], recomputed_stats[name].stats["per_block"]))

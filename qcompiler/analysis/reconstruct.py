@@ -31,7 +31,9 @@ inputs); the driver around it, the streams, the check and the write-back below, 
 After learning, the integers and fp16 scales are written back into the same `qc.MixedMatMul`
 initializers (lowering is unchanged), the block loss is measured again with exactly the written
 values, and a block whose loss did not improve keeps its round-to-nearest weights. Memory: the
-activations at one block boundary for both streams plus one block's parameters and optimiser state.
+activations at one block boundary for both streams, the block's float outputs where they are small
+(`FloatTargets`; a model's logits are computed again when read), plus one block's parameters and
+optimiser state.
 """
 
 from __future__ import annotations
@@ -53,10 +55,12 @@ from qcompiler.dialect.qc_ops import quantize_activation
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import set_constant
 from qcompiler.ir.meta import FLOAT_BIAS_KEY, FLOAT_WEIGHT_KEY
+from qcompiler.support import memory
 from qcompiler.support.progress import progress
 
 log = logging.getLogger(__name__)
 
+HELD_TARGET_BYTES = 256 << 20  # a block's float targets over all batches held up to this size, else recomputed when read
 LEARNED_MODES = ("flexround", "scales")  # modes whose parameters Adam learns; others solve a block their own way
 
 
@@ -96,41 +100,48 @@ class _Layer:
         self.classes = []
         read, outliers = self.split(self.originals)
         for c in read:
-            kind, start, stop, arrays = c.kind, c.start, c.stop, c.inputs
-            entry = {"kind": kind, "index": c.slot, "rows": slice(start, stop), "bits": c.bits}
-            if kind == "uniform":
-                codes, scale, zero = (torch.from_numpy(np.asarray(x, np.float32)) for x in arrays)
-                groups = torch.arange(stop - start) // self.group_size
-                entry.update(codes=codes, scale=scale, zero=zero, groups=groups, levels=(1 << entry["bits"]) - 1)
-                if mode in LEARNED_MODES:
-                    entry["log_s1"] = torch.zeros_like(scale, requires_grad=True)
-                    self.params.append(entry["log_s1"])
-                if mode == "scales" and arrays[2].dtype == np.float16:  # fractional zero points are stored values too
-                    entry["zero_delta"] = torch.zeros_like(zero, requires_grad=True)
-                    self.params.append(entry["zero_delta"])
-                if mode == "flexround":
-                    k, n = codes.shape
-                    entry["log_s2"] = torch.zeros((k, n), requires_grad=True)
-                    entry["log_s3"] = torch.zeros((k, 1), requires_grad=True)
-                    entry["log_s4"] = torch.zeros((1, n), requires_grad=True)
-                    self.params += [entry["log_s2"], entry["log_s3"], entry["log_s4"]]
-            elif kind == "codebook":
-                codes, book = arrays
-                book_t = torch.from_numpy(np.asarray(book, np.float32))
-                n, size = book_t.shape
-                step = (book_t.amax(1, keepdim=True) - book_t.amin(1, keepdim=True)).clamp_min(1e-8) / size
-                flat = torch.from_numpy(codes.astype(np.int64)) + torch.arange(n)[None, :] * size
-                entry.update(book=book_t, step=step, flat=flat)
-                if mode in LEARNED_MODES:
-                    entry["delta"] = torch.zeros_like(book_t, requires_grad=True)
-                    self.params.append(entry["delta"])
-            else:
-                entry["w16"] = torch.from_numpy(np.asarray(arrays[0], np.float32))
+            entry = {"kind": c.kind, "index": c.slot, "rows": slice(c.start, c.stop), "bits": c.bits}
+            if mode in LEARNED_MODES:  # a solver of its own reads the stored arrays instead
+                entry.update(self._learnable(c))
             self.classes.append(entry)
         if outliers is not None:
             idx = outliers[0].astype(np.int64)
             self.sparse_index = (torch.from_numpy(idx[:, 0]), torch.from_numpy(idx[:, 1]))
             self.sparse_values = torch.from_numpy(outliers[1].astype(np.float32))
+
+    def _learnable(self, c) -> dict:
+        """One class's values as tensors, and its parameters (added to `params`) for the Adam modes."""
+        import torch
+
+        mode, arrays, out = self.mode, c.inputs, {}
+        if c.kind == "uniform":
+            scale, zero = (torch.from_numpy(np.asarray(x, np.float32)) for x in arrays[1:3])
+            groups = torch.arange(c.stop - c.start) // self.group_size
+            out.update(scale=scale, zero=zero, groups=groups, levels=(1 << c.bits) - 1)
+            if mode == "scales":  # flexround rounds the float weight again instead
+                out["codes"] = torch.from_numpy(np.asarray(arrays[0], np.float32))
+            out["log_s1"] = torch.zeros_like(scale, requires_grad=True)
+            self.params.append(out["log_s1"])
+            if mode == "scales" and arrays[2].dtype == np.float16:  # fractional zero points are stored values too
+                out["zero_delta"] = torch.zeros_like(zero, requires_grad=True)
+                self.params.append(out["zero_delta"])
+            if mode == "flexround":
+                k, n = arrays[0].shape
+                out["log_s2"] = torch.zeros((k, n), requires_grad=True)
+                out["log_s3"] = torch.zeros((k, 1), requires_grad=True)
+                out["log_s4"] = torch.zeros((1, n), requires_grad=True)
+                self.params += [out["log_s2"], out["log_s3"], out["log_s4"]]
+        elif c.kind == "codebook":
+            codes, book = arrays
+            book_t = torch.from_numpy(np.asarray(book, np.float32))
+            n, size = book_t.shape
+            step = (book_t.amax(1, keepdim=True) - book_t.amin(1, keepdim=True)).clamp_min(1e-8) / size
+            flat = torch.from_numpy(codes.astype(np.int64)) + torch.arange(n)[None, :] * size
+            out.update(book=book_t, step=step, flat=flat, delta=torch.zeros_like(book_t, requires_grad=True))
+            self.params.append(out["delta"])
+        else:
+            out["w16"] = torch.from_numpy(np.asarray(arrays[0], np.float32))
+        return out
 
     # -- weights ---------------------------------------------------------------------------------
 
@@ -363,6 +374,8 @@ class _ActivationGrids:
 def _mse(outputs: dict, targets: dict, names: list[str], valid=None):
     """Sum over `names` of each float output's mean squared error; over the token positions in
     `valid` (a [batch, sequence] bool tensor) for outputs that lead with those two axes."""
+    import torch
+
     total = None
     for name in names:
         y, t = outputs[name], targets[name]
@@ -370,7 +383,7 @@ def _mse(outputs: dict, targets: dict, names: list[str], valid=None):
             continue
         if valid is not None and tuple(t.shape[:2]) == tuple(valid.shape):
             y, t = y[valid], t[valid]
-        term = ((y - t) ** 2).mean()
+        term = torch.nn.functional.mse_loss(y, t)  # one temporary the size of y (a model's logits can be 0.2 GB a batch)
         total = term if total is None else total + term
     return total
 
@@ -468,6 +481,7 @@ def reconstruct(model: ir.Model, opts: Options, calibration, threads: int | None
                         for name in [k for k in e if k not in keep]:
                             del e[name]
                 constants.cache.clear()
+                memory.return_freed()  # the block's weights, targets and temporaries: their pages too
     finally:
         torch.set_num_threads(threads_before)
         torch.use_deterministic_algorithms(deterministic_before[0], warn_only=deterministic_before[1])
@@ -497,7 +511,7 @@ class BlockProblem:
     layers: list  # _Layer (a qc.MixedMatMul) or _Int8Layer (a qc.DequantizeWeight)
     grids: _ActivationGrids  # the block's int8 activation grids; forward and run_all apply them as learned
     env_q: list[dict]  # the block's inputs on the quantized stream, per batch
-    targets: list[dict]  # the float block's outputs, per batch
+    targets: FloatTargets  # the float block's outputs, per batch
     valid: list  # per batch: the non-padding positions, or None
     loss_names: list[str]
     loss: Callable  # loss(outputs, targets, valid) -> the block's loss (the interior of tiles only)
@@ -668,11 +682,7 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
             return constants.dequantized_weight(node)
         return float_weight(node)
 
-    # float targets (also the next block's float inputs)
-    with torch.no_grad():
-        targets = [forward_float(e) for e in env_f]
-    for e, t in zip(env_f, targets):
-        e.update({k: v for k, v in t.items() if k in keep})
+    targets = FloatTargets(forward_float, env_f, keep)  # also the next block's float inputs
     stored_scales: dict = {}  # scales given to the grids: none, each grid at its stored scale
     if not layers:
         with torch.no_grad():
@@ -730,6 +740,44 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
         **({"activation_grids_learned": len(learned_scales) if kept == "learned" else 0} if grids.params else {}),
         "seconds": round(time.perf_counter() - t_start, 2),
     }
+
+
+class FloatTargets:
+    """The float block's outputs per batch, `targets[b]`: held while all of them fit in
+    `HELD_TARGET_BYTES`, else computed again each time one is read (the block that outputs a
+    model's logits: 28 windows of 128 tokens over a 49152-token vocabulary are 0.7 GB). Either way
+    the same values. Computing them stores, in each batch's `env`, the outputs later blocks read (`keep`)."""
+
+    def __init__(self, forward: Callable, envs: list[dict], keep: set[str]):
+        import torch
+
+        self.forward, self.envs = forward, envs
+        self.held: list[dict] | None = []
+        size = 0
+        with torch.no_grad():
+            for env in envs:
+                outputs = forward(env)
+                env.update({k: v for k, v in outputs.items() if k in keep})
+                if self.held is not None:
+                    size += sum(v.nbytes for v in outputs.values())
+                    if size <= HELD_TARGET_BYTES:
+                        self.held.append(outputs)
+                    else:
+                        self.held = None
+
+    def __len__(self) -> int:
+        return len(self.envs)
+
+    def __getitem__(self, b: int) -> dict:
+        import torch
+
+        if self.held is not None:
+            return self.held[b]
+        with torch.no_grad():
+            return self.forward(self.envs[b])
+
+    def __iter__(self):
+        return (self[b] for b in range(len(self)))
 
 
 def _float_biases(nodes: list[ir.Node]) -> dict:
