@@ -430,14 +430,19 @@ def test_a_large_models_drift_and_report_are_measured_one_block_at_a_time(tmp_pa
     whole = compile(str(folder / "model.onnx"), tmp_path / "a", pipeline="w8a8", calibration=batches, report=tmp_path / "a.json", cache_dir=None)
     monkeypatch.setattr(qir, "MAPPED_DATA_THRESHOLD", 0)  # the source's weights stay mapped
     monkeypatch.setattr(spill, "SPILL_MIN_BYTES", 0)  # the codes a pass makes go to disk
-    calls = []
-    run = execute.run_by_blocks
+    calls, on_disk = [], []
+    run, kept = execute.run_by_blocks, spill.kept
     monkeypatch.setattr(execute, "run_by_blocks", lambda *a, **k: calls.append(1) or run(*a, **k))
+    monkeypatch.setattr(spill, "kept", lambda array, name: on_disk.append(name) or kept(array, name))
     blocks = compile(str(folder / "model.onnx"), tmp_path / "b", pipeline="w8a8", calibration=batches, report=tmp_path / "b.json", cache_dir=None)
     assert len(calls) == len(blocks.records) + 1  # the model as it came in, then after each pass
     assert [r.drift for r in blocks.records] == [r.drift for r in whole.records] and blocks.records[-1].drift["cosine"] < 1
-    errors = [[layer["error"] for layer in json.loads((tmp_path / f"{x}.json").read_text())["layers"]] for x in "ab"]
+    layers = [json.loads((tmp_path / f"{x}.json").read_text())["layers"] for x in "ab"]
+    errors = [[layer["error"] for layer in x] for x in layers]
     assert errors[0] == errors[1] and all(errors[0])
+    # each layer's output was compared as its block ran, its float reference kept on disk
+    linears = {layer["output"] for layer in layers[1] if layer["op"] == "MatMul"}
+    assert linears and linears <= set(on_disk)
     gated = compile(str(folder / "model.onnx"), tmp_path / "c", pipeline="w8a8", calibration=batches, cache_dir=None,
                     require_data_probe=True)  # what an output-cosine gate asks for
     assert [r.drift for r in gated.records] == [r.drift for r in whole.records]

@@ -275,10 +275,8 @@ def test_padding_positions_are_left_out_of_layer_errors():
     reference = np.random.default_rng(0).normal(0, 1, (2, 3, 4)).astype(np.float32)
     actual = reference.copy()
     actual[0, 2] += 100.0  # a padding position moved far
-    recorder.layer_reference = {"y": reference}
-    recorder._compare(qcompiler.parse('<ir_version: 10, opset_import: ["" : 21]> g (float[1] X) => (float[1] Y) { Y = Identity (X) }'),
-                      {"y": actual}, "quantize")
-    assert recorder.layer_error["y"]["sqnr_db"] is None and recorder.layer_error["y"]["cosine"] == 1.0
+    error = recorder._layer_error("y", reference, actual)
+    assert error["sqnr_db"] is None and error["cosine"] == 1.0
     assert probe.valid_positions({"attention_mask": np.ones((2, 3))}) is None
     assert probe.valid_positions({"input_ids": mask}) is None
 

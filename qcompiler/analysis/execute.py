@@ -13,7 +13,7 @@ the artifact will: ONNX's reference evaluator is slow and fails on graphs ONNX R
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import numpy as np
 import onnx
@@ -47,32 +47,40 @@ class MeasurementError(RuntimeError):
     """A stage of the IR could not be run for a measurement (reported as a warning)."""
 
 
-def run_expanded(model: ir.Model, feeds: Mapping[str, np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
+def run_expanded(model: ir.Model, feeds: Mapping[str, np.ndarray], threads: int | None = None,
+                 streamed: Collection[str] = (), sink: Callable[[str, np.ndarray], None] | None = None) -> dict[str, np.ndarray]:
     """Run `model` in ONNX Runtime with its `qc` ops expanded (on a copy); every graph output by
     name. Raises `MeasurementError` naming the reason when the graph cannot be expanded or run.
-    A graph with an int8 KV cache takes float pasts and gives float presents, as in `run`."""
+    A graph with an int8 KV cache takes float pasts and gives float presents, as in `run`.
+    The outputs named in `streamed` are handed to `sink(name, array)` instead of returned, each as
+    soon as it is computed: a large model's (run block by block) are then never all in memory."""
     names = [v.name for v in model.graph.outputs]
     feeds = float_cache_feeds(model, feeds)
     if is_large(model):
-        results = run_by_blocks(model, feeds, names, threads)
+        results = run_by_blocks(model, feeds, names, threads, streamed, sink)
         if results is not None:
             return float_cache_outputs(results)
     target = expanded_copy(model) if qc_nodes(model) else model
     try:
         session = ort_session(target, threads)
-        results = session.run(names, feeds)
+        results = dict(zip(names, session.run(names, feeds)))
     except Exception as exc:
         raise MeasurementError(f"ONNX Runtime could not run it ({type(exc).__name__}: {first_line(exc)})") from exc
-    return float_cache_outputs(dict(zip(names, results)))
+    for name in [n for n in names if n in streamed]:
+        sink(name, results.pop(name))
+    return float_cache_outputs(results)
 
 
-def run_by_blocks(model: ir.Model, feeds: Mapping[str, np.ndarray], names: list[str],
-                  threads: int | None = None) -> dict[str, np.ndarray] | None:
+def run_by_blocks(model: ir.Model, feeds: Mapping[str, np.ndarray], names: list[str], threads: int | None = None,
+                  streamed: Collection[str] = (), sink: Callable[[str, np.ndarray], None] | None = None,
+                  ) -> dict[str, np.ndarray] | None:
     """`names` computed one block at a time, as block-sequential calibration runs the float model
     (`qcompiler.analysis.calib_sequential`): each segment is copied with only its own weights (those
     still on disk read in), its `qc` ops expanded, run in its own ONNX Runtime session and released;
-    only the values later segments read are kept. Memory: one block's weights and the boundary
-    values of one batch. None when the graph cannot be cut into blocks (the caller runs it whole)."""
+    only the values later segments read are kept. Those of `names` also in `streamed` go to
+    `sink(name, array)` as their segment finishes, the others are returned. Memory: one block's
+    weights and the boundary values of one batch. None when the graph cannot be cut into blocks
+    (the caller runs it whole)."""
     from qcompiler.analysis import calib_sequential as sequential
 
     segments = sequential.cut_segments(model, names)
@@ -95,8 +103,11 @@ def run_by_blocks(model: ir.Model, feeds: Mapping[str, np.ndarray], names: list[
             raise MeasurementError(f"ONNX Runtime could not run block {segment.index + 1} of {len(segments)} "
                                    f"({type(exc).__name__}: {first_line(exc)})") from exc
         for name, array in zip(segment.fetched, outputs):
-            values[name] = array
-            if name in names:
+            if name in last_reader:
+                values[name] = array
+            if name in streamed:
+                sink(name, array)
+            elif name in names:
                 results[name] = array
         for name in [n for n, last in last_reader.items() if last <= segment.index and n not in feeds]:
             values.pop(name, None)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from qcompiler.analysis import execute
 from qcompiler.analysis.probe import valid_positions
 from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul
 from qcompiler.errors import UserError
+from qcompiler.ir import spill
 from qcompiler.ir import (WEIGHTED_LAYER_OPS, constant_sources, is_weighted_layer, op_key, permutation_indices, producer_of, weight_inputs,
                           weight_values)
 from qcompiler.ir.layers import QUANTIZED_LOOKUPS, embedding_table
@@ -109,9 +110,9 @@ class Recorder(Drift):
     def run_begin(self, model: ir.Model) -> None:
         self.float_weight_bytes = sum(v.const_value.nbytes for v in weight_values(model))
         self.initial_quantization = _count_quantization(model)
-        ran = self.measure(model, "input", lambda: self._run(model))
-        if ran is not None:
-            self.reference, self.layer_reference = ran
+        outputs = self.measure(model, "input", lambda: self._run(model, "input"))
+        if outputs is not None:
+            self.reference = outputs
         self._snapshot(model)
 
     def after_pass(self, pass_, model: ir.Model, record: PassRecord) -> None:
@@ -124,42 +125,69 @@ class Recorder(Drift):
         if self.reference is None:  # the float model did not run: nothing to compare with
             record.measure_error = "the model before the pipeline could not be run on the probe"
             return
-        ran = self.measure(model, record.name, lambda: self._run(model), record)
-        if ran is None:
+        outputs = self.measure(model, record.name, lambda: self._run(model, record.name), record)
+        if outputs is None:
             self.layer_error = {}  # errors of an earlier stage would pass for the artifact's
             return
-        outputs, layer_outputs = ran
         if self.measure_drift:
             record.drift = execute.drift(self.reference, outputs)
-        self._compare(model, layer_outputs, record.name)
 
     def run_end(self, model: ir.Model, records: list[PassRecord], failed: str | None) -> None:
         if failed is None and not self.measured and self.reference is not None:
             stage = records[-1].name if records else "input"
-            ran = self.measure(model, stage, lambda: self._run(model))
             self.layer_error = {}
-            if ran is not None:
-                self._compare(model, ran[1], stage)
+            self.measure(model, stage, lambda: self._run(model, stage))
             self.measured = True
 
     # ------------------------------------------------------------------------------------------
 
-    def _compare(self, model: ir.Model, layer_outputs: dict[str, np.ndarray], pass_name: str) -> None:
-        self.quantized = self.quantized or _count_quantization(model) > self.initial_quantization
-        if not self.quantized:  # still computes in float: these outputs are the reference
-            self.layer_reference = layer_outputs
-            self.reference_pass = pass_name
-        self.layer_error = {}
-        for name, actual in layer_outputs.items():
-            expected = self.layer_reference.get(name)
-            if expected is None or np.shape(expected) != np.shape(actual):
-                continue
-            order = self.layers.get(name, {}).get("channel_order")
-            if order is not None:  # fold-permutation reordered this layer's output channels
-                expected = np.take(expected, order, axis=-1)
-            if self.valid is not None and np.shape(actual)[:2] == self.valid.shape:
-                expected, actual = np.asarray(expected)[self.valid], np.asarray(actual)[self.valid]
-            self.layer_error[name] = execute.drift({name: expected}, {name: actual})
+    def _run(self, model: ir.Model, stage: str) -> dict[str, np.ndarray]:
+        """Run `model` on the probe batch; its outputs. Each layer's output is compared with its
+        reference as soon as it is computed, so a large model's (run block by block) are never all
+        in memory. While the IR still computes in float, the layer outputs become the references
+        (a large model's wait on disk: `qcompiler.ir.spill.kept`); from the first quantizing pass on
+        they stay those of the last float stage."""
+        quantized = self.quantized or _count_quantization(model) > self.initial_quantization
+        carried: dict[str, list[str]] = {}  # carrier -> the layers read from it
+        for name, carrier in self.located(model).items():
+            carried.setdefault(carrier, []).append(name)
+        references, errors = {}, {}
+
+        def take(carrier: str, value: np.ndarray) -> None:
+            for name in carried[carrier]:
+                actual = value
+                if carrier != name:  # the layer's output plus its bias
+                    actual = np.asarray(value) - self.layers[name]["bias"]["value"]
+                if quantized:
+                    expected = self._reference(name)
+                else:
+                    references[name] = spill.kept(np.asarray(actual), name) or actual
+                    expected = actual
+                error = self._layer_error(name, expected, actual)
+                if error is not None:
+                    errors[name] = error
+
+        outputs = run_exposing(model, self.probe, list(carried), take)
+        self.quantized = quantized
+        if not quantized:  # still computes in float: these outputs are the reference
+            self.layer_reference, self.reference_pass = references, stage
+        self.layer_error = errors
+        return outputs
+
+    def _reference(self, name: str) -> np.ndarray | None:
+        held = self.layer_reference.get(name)
+        return held if held is None or isinstance(held, np.ndarray) else held.numpy()
+
+    def _layer_error(self, name: str, expected: np.ndarray | None, actual: np.ndarray) -> dict | None:
+        """The drift of one layer's output from its reference (None: no reference of that shape)."""
+        if expected is None or np.shape(expected) != np.shape(actual):
+            return None
+        order = self.layers.get(name, {}).get("channel_order")
+        if order is not None:  # fold-permutation reordered this layer's output channels
+            expected = np.take(expected, order, axis=-1)
+        if self.valid is not None and np.shape(actual)[:2] == self.valid.shape:
+            expected, actual = np.asarray(expected)[self.valid], np.asarray(actual)[self.valid]
+        return execute.drift({name: expected}, {name: actual})
 
     def located(self, model: ir.Model) -> dict[str, str]:
         """Layer output name -> the value that carries the layer's output in `model` now.
@@ -183,19 +211,6 @@ class Recorder(Drift):
     def layer_outputs(self, model: ir.Model) -> list[str]:
         """The layers' output names (see `located`)."""
         return list(self.located(model))
-
-    def _run(self, model: ir.Model) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        located = self.located(model)
-        outputs, exposed = run_exposing(model, self.probe, list(located.values()))
-        layer_outputs = {}
-        for name, carrier in located.items():
-            if carrier not in exposed:
-                continue
-            value = exposed[carrier]
-            if carrier != name:  # the layer's output plus its bias
-                value = np.asarray(value) - self.layers[name]["bias"]["value"]
-            layer_outputs[name] = value
-        return outputs, layer_outputs
 
     def _snapshot(self, model: ir.Model) -> None:
         for node in layer_nodes(model):
@@ -226,9 +241,10 @@ def _bias_add(value: ir.Value) -> dict[str, Any] | None:
     return {"output": add.outputs[0].name, "value": np.array(bias.const_value.numpy())}
 
 
-def run_exposing(model: ir.Model, feeds, names) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Run `model` (in ONNX Runtime, its `qc` ops expanded) with the values `names` exposed as
-    extra graph outputs (removed again after). Returns (graph outputs, exposed values)."""
+def run_exposing(model: ir.Model, feeds, names, take: Callable[[str, np.ndarray], None]) -> dict[str, np.ndarray]:
+    """Run `model` (in ONNX Runtime, its `qc` ops expanded) with the values `names` exposed as extra
+    graph outputs (removed again after), each handed to `take(name, array)` as soon as it is
+    computed. Returns the graph outputs."""
     graph = model.graph
     original = [v.name for v in graph.outputs]
     values = {v.name: v for node in graph for v in node.outputs if v.name}
@@ -243,15 +259,16 @@ def run_exposing(model: ir.Model, feeds, names) -> tuple[dict[str, np.ndarray], 
         graph.outputs.append(value)
         added.append(value)
     try:
-        results = execute.run_expanded(model, feeds)
+        results = execute.run_expanded(model, feeds, streamed={v.name for v in added}, sink=take)
     finally:
         for _ in added:
             graph.outputs.pop()
         for value in typed:
             value.type = None
-    outputs = {name: results[name] for name in original}
-    exposed = {name: results[name] for name in names if name in results}
-    return outputs, exposed
+    for name in dict.fromkeys(names):
+        if name in original and name in results:
+            take(name, results[name])
+    return {name: results[name] for name in original}
 
 
 # ---------------------------------------------------------------------------------------------
