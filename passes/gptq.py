@@ -238,7 +238,7 @@ def _hessians(problem: BlockProblem, layers, weight_of) -> dict[int, np.ndarray]
     count = 0
     with torch.no_grad():
         for env, valid in zip(problem.env_q, problem.valid):
-            values = problem.run_all(env, weight_of)
+            values = problem.run_all(env, weight_of, wanted=names)  # the block run only as far as these inputs
             for name in names:
                 x = values[name]
                 if valid is not None and tuple(x.shape[:2]) == tuple(valid.shape):
@@ -267,7 +267,9 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, kinds, bits, sizes, group_siz
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
-    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper, H^-1 = U^T U
+    h = np.linalg.inv(h)  # step by step: two K x K float64 arrays at a time here, not three (K = 11008: 0.97 GB each)
+    u = np.linalg.cholesky(h).T  # upper, H^-1 = U^T U
+    del h
     arrays = [a.copy() for a in originals]
     classes, outliers = split_class_inputs(arrays, kinds, bits, sizes, sparse)
     sparse_cols = _sparse_columns(outliers[0], k) if outliers is not None else {}

@@ -291,3 +291,21 @@ def test_a_torch_module_is_diagnosed_from_its_example_inputs_as_compile_captures
     data = [{name: np.random.default_rng(s).standard_normal((4, 64)).astype(np.float32)} for s in range(4)]
     result = diagnose(module, "calibrate,quantize", example_inputs=example, calibration=data)
     assert len(result["layers"]) == 2 and all(row["alone"] > 0 for row in result["layers"])
+
+
+def test_a_model_whose_weights_the_doctors_copies_would_not_fit_is_refused_before_any_pass(tmp_path, capsys, monkeypatch):
+    import onnx
+
+    from qcompiler.ir import to_proto
+    from qcompiler.support import memory
+
+    model_path = tmp_path / "mlp.onnx"
+    onnx.save(to_proto(_mlp()), str(model_path))
+    floats = sum(v.const_value.size * 4 for v in _mlp().graph.initializers.values() if v.const_value.dtype.is_floating_point())
+    monkeypatch.setattr(memory, "available_bytes", lambda: 5 * floats)  # one copy short of the doctor's six
+    applied = tmp_path / "suggested.pipeline"
+    assert main(["-q", "doctor", str(model_path), "--pipeline", "calibrate,allocate-bits{avg-bits=4},quantize-weights",
+                 "--apply", str(applied)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "doctor holds about 6 copies" in err and "--report" in err
+    assert not applied.exists()

@@ -260,3 +260,23 @@ def test_interpreter_pools_as_onnx(op, attrs):
     x = np.random.default_rng(3).normal(size=(2, 3, 7, 8)).astype(np.float32)
     got = run_nodes(list(model.graph), {"X": torch.from_numpy(x)}, lambda n: None, Constants())["Y"].numpy()
     np.testing.assert_allclose(got, execute.run(model, {"X": x})["Y"], rtol=1e-6, atol=1e-6)
+
+
+def test_interpreter_runs_only_as_far_as_the_wanted_values_and_drops_the_rest():
+    import torch
+
+    from qcompiler.analysis.torch_exec import Constants, run_nodes
+
+    model = parse("""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[2, 3] X) => (float[2, 3] Z)
+    { A = Relu (X)
+      B = Neg (A)
+      C = Add (A, B)
+      D = Exp (C)
+      Z = Bogus (D) }""")  # a node past the wanted values: never reached
+    x = torch.from_numpy(np.random.default_rng(3).normal(size=(2, 3)).astype(np.float32))
+    got = run_nodes(list(model.graph), {"X": x}, lambda n: None, Constants(), wanted=["A", "C"])
+    assert sorted(got) == ["A", "C"]  # X, B: read by nothing after C; D and Z: past it
+    np.testing.assert_array_equal(got["C"].numpy(), (torch.relu(x) - torch.relu(x)).numpy())
+    with pytest.raises(NotImplementedError, match="Bogus"):
+        run_nodes(list(model.graph), {"X": x}, lambda n: None, Constants())

@@ -516,7 +516,7 @@ class BlockProblem:
     loss_names: list[str]
     loss: Callable  # loss(outputs, targets, valid) -> the block's loss (the interior of tiles only)
     forward: Callable  # forward(env, weight_of) -> the block's outputs
-    run_all: Callable  # run_all(env, weight_of) -> every value the block computes
+    run_all: Callable  # run_all(env, weight_of, wanted=None) -> every value the block computes (or those wanted)
     float_weight: Callable  # node -> its float weight (a quantized table: the float table, for the targets)
     stored_weight: Callable  # node -> what the quantized stream computes with where nothing is learned (a table: as stored)
     opts: Options
@@ -653,17 +653,18 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
             reached |= {v.name for v in node.outputs}
     loss_names = [name for name in out_names if name in reached] or out_names
 
-    def run_all(env, weight_of, scales=None):
-        """The quantized stream: the activation grids as learned (`scales` None) or at `scales`."""
+    def run_all(env, weight_of, scales=None, wanted=None):
+        """The quantized stream: the activation grids as learned (`scales` None) or at `scales`;
+        every value the block computes, or (`wanted`) those values, the block run only as far as they need."""
         local = {k: env[k] for k in in_names}
-        return run_nodes(block.nodes, local, weight_of, constants, grids.quantize(scales))
+        return run_nodes(block.nodes, local, weight_of, constants, grids.quantize(scales), wanted=wanted)
 
     def forward(env, weight_of, scales=None):
-        local = run_all(env, weight_of, scales)
+        local = run_all(env, weight_of, scales, wanted=out_names)
         return {k: local[k] for k in out_names}
 
     def forward_float(env):
-        local = run_nodes(block.nodes, {k: env[k] for k in in_names}, float_weight, constants, None, float_biases)
+        local = run_nodes(block.nodes, {k: env[k] for k in in_names}, float_weight, constants, None, float_biases, wanted=out_names)
         return {k: local[k] for k in out_names}
 
     def float_weight(node):

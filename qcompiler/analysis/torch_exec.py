@@ -14,7 +14,7 @@ the usual transformer exports use; an op outside them raises NotImplementedError
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 import onnx_ir as ir
@@ -356,51 +356,84 @@ QC_OPS = frozenset({"MixedMatMul", "MixedWeight", "GatherQuantized", "Dequantize
 
 def run_nodes(nodes: list[ir.Node], env: dict[str, torch.Tensor], weight_of: Callable[[ir.Node], torch.Tensor],
               constants: Constants, quantize: Callable[[ir.Node, torch.Tensor], torch.Tensor] | None = None,
-              replaced: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Evaluate `nodes` in order into `env` (updated in place and returned)."""
+              replaced: dict[str, torch.Tensor] | None = None, wanted: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """Evaluate `nodes` in order into `env` (updated in place and returned). With `wanted`, only
+    the nodes up to the last that computes one of those values run, and each other value is dropped
+    from `env` once its last reader has run: a block's intermediates are not all held at once."""
     replaced = replaced or {}
-    for node in nodes:
-        if node.domain == "qc" and node.op_type == "DequantizeWeight":
-            env[node.outputs[0].name] = weight_of(node)
-            continue
-        if node.domain == "qc" and node.op_type == "QuantizeActivation":
-            x = env[node.inputs[0].name]
-            env[node.outputs[0].name] = x if quantize is None else quantize(node, x)
-            continue
-        if is_mixed_matmul(node):
-            view = MixedMatMulView.of(node)
-            x = env[view.x.name]
-            perm = constants.get(view.perm)
-            env[node.outputs[0].name] = torch.matmul(x.index_select(-1, perm), weight_of(node))
-            continue
-        if node.domain == "qc" and node.op_type == "MixedWeight":  # a Conv's kernel, not learned here
-            env[node.outputs[0].name] = constants.mixed_weight(node)
-            continue
-        if node.domain == "qc" and node.op_type == "GatherQuantized":  # an embedding table, not learned here
-            env[node.outputs[0].name] = _gather(weight_of(node), env[node.inputs[1].name], 0)
-            continue
-        if node.domain not in ("", "ai.onnx"):
-            raise NotImplementedError(f"the block interpreter has no rule for {node.domain}.{node.op_type}")
-        if node.op_type == "Constant":
-            env[node.outputs[0].name] = _constant(node)
-            continue
-        rule = OPS.get(node.op_type)
-        if rule is None:
-            raise NotImplementedError(f"the block interpreter has no rule for {node.op_type} (node '{node.name}')")
-        inputs = []
-        for index, value in enumerate(node.inputs):
-            if value is None:
-                inputs.append(None)
-            elif node.op_type == "MatMul" and index == 1 and value.const_value is not None and len(value.const_value.shape) == 2:
-                inputs.append(weight_of(node))
-            elif value.name in replaced:
-                inputs.append(replaced[value.name])
-            elif value.const_value is not None:
-                inputs.append(constants.get(value))
-            else:
-                inputs.append(env[value.name])
-        result = rule(node, inputs)
-        outs = result if isinstance(result, tuple) else (result,)
-        for out, t in zip(node.outputs, outs):
-            env[out.name] = t
+    drop_after: dict[int, list[str]] = {}
+    if wanted is not None:
+        nodes, drop_after = _live_range(nodes, set(wanted))
+    for position, node in enumerate(nodes):
+        _run_node(node, env, weight_of, constants, quantize, replaced)
+        for name in drop_after.get(position, ()):
+            env.pop(name, None)
     return env
+
+
+def _live_range(nodes: list[ir.Node], wanted: set[str]) -> tuple[list[ir.Node], dict[int, list[str]]]:
+    """The nodes up to the last that computes a `wanted` value, and per node position the values
+    (not wanted) that no node after it reads."""
+    producers = [i for i, node in enumerate(nodes) if any(v.name in wanted for v in node.outputs)]
+    nodes = nodes[: producers[-1] + 1] if producers else []
+    last_read: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for value in node.outputs:
+            last_read.setdefault(value.name, i)  # never read: dropped as soon as it is made
+        for value in node.inputs:
+            if value is not None:
+                last_read[value.name] = i
+    drop_after: dict[int, list[str]] = {}
+    for name, i in last_read.items():
+        if name not in wanted:
+            drop_after.setdefault(i, []).append(name)
+    return nodes, drop_after
+
+
+def _run_node(node: ir.Node, env: dict[str, torch.Tensor], weight_of: Callable[[ir.Node], torch.Tensor],
+              constants: Constants, quantize: Callable[[ir.Node, torch.Tensor], torch.Tensor] | None,
+              replaced: dict[str, torch.Tensor]) -> None:
+    """Evaluate one node into `env`."""
+    if node.domain == "qc" and node.op_type == "DequantizeWeight":
+        env[node.outputs[0].name] = weight_of(node)
+        return
+    if node.domain == "qc" and node.op_type == "QuantizeActivation":
+        x = env[node.inputs[0].name]
+        env[node.outputs[0].name] = x if quantize is None else quantize(node, x)
+        return
+    if is_mixed_matmul(node):
+        view = MixedMatMulView.of(node)
+        x = env[view.x.name]
+        perm = constants.get(view.perm)
+        env[node.outputs[0].name] = torch.matmul(x.index_select(-1, perm), weight_of(node))
+        return
+    if node.domain == "qc" and node.op_type == "MixedWeight":  # a Conv's kernel, not learned here
+        env[node.outputs[0].name] = constants.mixed_weight(node)
+        return
+    if node.domain == "qc" and node.op_type == "GatherQuantized":  # an embedding table, not learned here
+        env[node.outputs[0].name] = _gather(weight_of(node), env[node.inputs[1].name], 0)
+        return
+    if node.domain not in ("", "ai.onnx"):
+        raise NotImplementedError(f"the block interpreter has no rule for {node.domain}.{node.op_type}")
+    if node.op_type == "Constant":
+        env[node.outputs[0].name] = _constant(node)
+        return
+    rule = OPS.get(node.op_type)
+    if rule is None:
+        raise NotImplementedError(f"the block interpreter has no rule for {node.op_type} (node '{node.name}')")
+    inputs = []
+    for index, value in enumerate(node.inputs):
+        if value is None:
+            inputs.append(None)
+        elif node.op_type == "MatMul" and index == 1 and value.const_value is not None and len(value.const_value.shape) == 2:
+            inputs.append(weight_of(node))
+        elif value.name in replaced:
+            inputs.append(replaced[value.name])
+        elif value.const_value is not None:
+            inputs.append(constants.get(value))
+        else:
+            inputs.append(env[value.name])
+    result = rule(node, inputs)
+    outs = result if isinstance(result, tuple) else (result,)
+    for out, t in zip(node.outputs, outs):
+        env[out.name] = t

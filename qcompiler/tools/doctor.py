@@ -57,6 +57,7 @@ from qcompiler.support.progress import progress
 log = logging.getLogger(__name__)
 
 KEEP_BITS = 8
+WEIGHT_COPIES = 6  # float32 copies of a model's weights the doctor holds at its peak (measured: see _check_fits)
 TABLE_KEEP_BITS = bitcost.table_bits(1, 32, 8, 32) / 32  # a kept embedding table: 8-bit codes, a scale and zero point a block
 
 
@@ -397,6 +398,7 @@ def diagnose(
     passes = [p for p in full if p.name not in LAYOUT_PASSES]
     model = session.load()
     session.to_float32()
+    _check_fits(model)
     drift_feeds = cast_float_feeds(session.load_data(hold_apart=False).feeds, model)
     source_info, batches = session.source, session.calibration
     feeds = probe_inputs if probe_inputs is not None else joined(batches[:probe_batches]) if batches else drift_feeds
@@ -405,6 +407,23 @@ def diagnose(
         metric = "kl" if getattr(source_info.bundled, "task", None) == "perplexity" else "mse"
     with session.context() as ctx:
         return _diagnose(full, passes, model, source_info, feeds, drift_feeds, metric, ctx, threads, max_extra_bits, bits_only)
+
+
+def _check_fits(model: ir.Model) -> None:
+    """Refuse, before any pass runs, a model whose weights the doctor's copies would not fit in the
+    memory available now: it holds the float and quantized stages and each layer's float, quantized
+    and raised weights, all in float32 (`WEIGHT_COPIES`)."""
+    from qcompiler.support import memory
+
+    floats = sum(v.const_value.size * 4 for v in model.graph.initializers.values()
+                 if v.const_value is not None and v.const_value.dtype.is_floating_point())
+    need, free = WEIGHT_COPIES * floats, memory.available_bytes()
+    if free is not None and need > free:
+        raise UserError(
+            f"doctor: this model's weights are {floats / 1e9:.2f} GB in float32 and the doctor holds about {WEIGHT_COPIES} "
+            f"copies of them ({need / 1e9:.1f} GB), {free / 1e9:.1f} GB are available; diagnose a smaller model of the same "
+            f"architecture, or compile with --report for each layer's error, measured block by block"
+        )
 
 
 def _diagnose(full, passes, model: ir.Model, source_info, feeds: dict[str, np.ndarray], drift_feeds, metric: str, ctx,
