@@ -691,14 +691,18 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
                 e.update({k: v for k, v in forward(e, stored_weight, stored_scales).items() if k in keep})
         return None
     t_block = time.perf_counter()
-    originals = {id(l.node): l.reference_weight(l.originals) for l in layers}
+
+    def rounded_to_nearest():  # the layers' weights as they came: made when needed, not held while the solver runs
+        return {id(l.node): l.reference_weight(l.originals) for l in layers}
 
     def fixed(weights):
         return lambda node: weights[id(node)] if id(node) in weights else stored_weight(node)
 
     with torch.no_grad():
-        before = float(sum(block_loss(forward(e, fixed(originals), stored_scales), t, loss_names, m)
+        nearest = fixed(rounded_to_nearest())
+        before = float(sum(block_loss(forward(e, nearest, stored_scales), t, loss_names, m)
                            for e, t, m in zip(env_q, targets, valid))) / len(env_q)
+        del nearest
     energy = 0.0  # the targets' mean square, the scale of relative errors (mse only)
     if opts.loss == "mse":
         energy = float(sum(block_loss({k: torch.zeros_like(v) for k, v in t.items()}, t, loss_names, m)
@@ -726,7 +730,7 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
                 l.write(graph, arrays[id(l.node)])
             grids.write(learned_scales)
         else:
-            after, outs = propagate(originals, stored_scales)
+            after, outs = propagate(rounded_to_nearest(), stored_scales)
     for e, o in zip(env_q, outs):
         e.update(o)
     return {
