@@ -57,7 +57,7 @@ from qcompiler.support.progress import progress
 log = logging.getLogger(__name__)
 
 KEEP_BITS = 8
-WEIGHT_COPIES = 6  # float32 copies of a model's weights the doctor holds at its peak (measured: see _check_fits)
+WEIGHT_COPIES = 7  # float32 copies of a model's weights the doctor holds (measured: 4.9 GB at 0.65 GB of weights, docs/real-size.md)
 TABLE_KEEP_BITS = bitcost.table_bits(1, 32, 8, 32) / 32  # a kept embedding table: 8-bit codes, a scale and zero point a block
 
 
