@@ -245,7 +245,10 @@ def _hessians(problem: BlockProblem, layers, weight_of) -> dict[int, np.ndarray]
                     x = x[valid]
                 x = x.reshape(-1, x.shape[-1]).to(torch.float64)
                 gram = x.T @ x
-                sums[name] = gram if sums[name] is None else sums[name] + gram
+                if sums[name] is None:
+                    sums[name] = gram
+                else:
+                    sums[name] += gram  # in place: two K x K arrays at a time, not three
             count += int(x.shape[0])
     for gram in sums.values():
         gram /= max(count, 1)  # in place: a K x K float64 array is 0.25 GB at K = 5632
@@ -264,14 +267,8 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, kinds, bits, sizes, group_siz
     the op's order) rounded with GPTQ on `hessian` [K, K] (same order)."""
     w = np.array(w, np.float64)
     k = w.shape[0]
-    h = np.array(hessian, np.float64)
-    energy = np.maximum(np.diag(h).copy(), 0.0)
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
-    h = np.linalg.inv(h)  # step by step: two K x K float64 arrays at a time here, not three (K = 11008: 0.97 GB each)
-    u = np.linalg.cholesky(h).T  # upper, H^-1 = U^T U
-    del h
+    energy = np.maximum(np.diag(hessian).astype(np.float64), 0.0)
+    u = _inverse_factor(_damped(hessian, damp))  # upper, H^-1 = U^T U
     arrays = [a.copy() for a in originals]
     classes, outliers = split_class_inputs(arrays, kinds, bits, sizes, sparse)
     sparse_cols = _sparse_columns(outliers[0], k) if outliers is not None else {}
@@ -297,6 +294,29 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, kinds, bits, sizes, group_siz
         indices, values = outliers
         values[...] = np.array([kept[(int(r), int(c))] for r, c in indices], np.float16)
     return arrays
+
+
+def _damped(hessian: np.ndarray, damp: float) -> np.ndarray:
+    """A float64 copy of H with a dead input's (zero) diagonal set to 1 and `damp` times the mean
+    diagonal added to every diagonal entry."""
+    h = np.array(hessian, np.float64)
+    diagonal = np.diag(h).copy()
+    diagonal[diagonal <= 0] = 1.0
+    h[np.diag_indices(len(h))] = diagonal + damp * float(np.mean(diagonal))
+    return h
+
+
+def _inverse_factor(h: np.ndarray):
+    """The upper triangular U with H^-1 = U^T U, from H's own Cholesky factor (the method's reference
+    computes it so): three K x K float64 arrays at a time, counting the caller's H, where a general
+    inverse holds five (K = 5632: 0.25 GB each). `h` is the caller's to give up: it is released here."""
+    import torch
+
+    lower = torch.linalg.cholesky(torch.from_numpy(h))
+    del h
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    return torch.linalg.cholesky(inverse, upper=True).numpy()
 
 
 def _block_starts(kinds, sizes, group_size: int, k: int) -> list[int]:
