@@ -20,7 +20,7 @@ RMSNorm, SwiGLU MLP; final RMSNorm and an untied output projection. Shapes:
 For each size, in a fresh child process each (so peak RSS is one job's): `qcompiler.compile` with
 `w8a8{act-mode=per-token}` and `mixed{avg-bits=4.25}` on `--windows` calibration windows of 128
 random token ids (seeded; random weights have no quality to measure), recording the wall time of
-each pass, the total, peak RSS (`ru_maxrss` of the child) and the bytes written; then ONNX
+each pass, the total, peak RSS (`ru_maxrss` of the child, in GB of 10^9 bytes as the target) and the bytes written; then ONNX
 Runtime's `quantize_dynamic` (int8 weights) and `MatMulNBitsQuantizer` (4-bit, blocks of 128) on
 the same file, their time and peak RSS, or their error. Each compiled model is then loaded in
 ONNX Runtime in a fresh process and run on 16 tokens (`check_output`: load time, peak RSS, whether
@@ -68,6 +68,7 @@ PIPELINES = ("w8a8{act-mode=per-token}", "mixed{avg-bits=4.25}")
 SEQ = 128
 MAX_POSITIONS = 2048
 THREADS = 2
+RSS_UNIT = "GB (1e9 bytes), as the memory target and the source's size"  # ru_maxrss (KiB) * 1024 / 1e9
 PEER_MEMORY_CAP = int(0.85 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))  # ONNX Runtime's quantizers' address space
 
 
@@ -214,7 +215,7 @@ result = compile(sys.argv[1], sys.argv[2], pipeline=sys.argv[3], calibration=sys
                  threads=int(sys.argv[6]), drift=False, block_sequential=sys.argv[7] == "1")
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "passes": {r.name: r.seconds for r in result.records},
-                  "timings": result.timings, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "timings": result.timings, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
                   "output_bytes": sum(f.stat().st_size for f in result.output.iterdir()),
                   "effective_bits": result.manifest.get("effective_bits_per_weight")}))
 """
@@ -237,7 +238,7 @@ else:
     proto, _ = common.ort_nbits_quantize(source)
     onnx.save(proto, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+print(json.dumps({"seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
                   "output_bytes": sum(f.stat().st_size for f in out.iterdir())}))
 """
 
@@ -254,7 +255,7 @@ ids = np.random.default_rng(0).integers(0, int(sys.argv[3]), (1, 16)).astype(np.
 start = time.perf_counter()
 logits = session.run(None, {session.get_inputs()[0].name: ids})[0]
 print(json.dumps({"load_s": loaded, "run_s": time.perf_counter() - start, "logits_finite": bool(np.isfinite(logits).all()),
-                  "logits_dtype": str(logits.dtype), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                  "logits_dtype": str(logits.dtype), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}))
 """
 
 
@@ -328,7 +329,7 @@ def fit(files: list[Path], out: Path) -> None:
         sizes = len(points[job])
         print(f"time exponent {job}: {'n/a (one size)' if exponent is None else f'{exponent:.2f}'} over {sizes} sizes")
     body = {"command": common.command_line(), "merged": [str(f) for f in files], "windows": windows,
-            "results": results, "time_exponent": exponents, "memory_target": "0.5 x source bytes + 2 GB"}
+            "results": results, "time_exponent": exponents, "memory_target": "0.5 x source bytes + 2 GB", "rss_unit": RSS_UNIT}
     print(f"wrote {common.write_json(out, body)}")
     picture = plot(results, out.with_suffix(".png"))
     print(f"wrote {picture}" if picture else "no plot: matplotlib is not installed (pip install matplotlib)")
@@ -440,7 +441,7 @@ def main() -> None:
     body = {"command": common.command_line(), "machine": common.machine(), "packages": common.packages(),
             "git": common.git_state(), "threads": THREADS, "windows": args.windows, "seq": SEQ,
             "block_sequential": args.block_sequential,
-            "results": results, "time_exponent": exponents}
+            "results": results, "time_exponent": exponents, "rss_unit": RSS_UNIT}
     print(f"wrote {common.write_json(args.json, body)}")
     if not args.keep_models:
         subprocess.run(["rm", "-rf", str(root)], check=True)

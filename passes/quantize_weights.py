@@ -104,13 +104,14 @@ class QuantizeWeightsPass(Pass):
     def _replace(self, graph: ir.Graph, allocation: ir.Node, layer: ir.Node | ConvAsLinear, energy: np.ndarray) -> dict:
         """A MatMul `layer` becomes a `qc.MixedMatMul`; for a Conv, `allocation` becomes a `qc.MixedWeight`."""
         fmt = attributes_of(allocation)
-        w = allocation.inputs[0].const_value.numpy().astype(np.float32)
         bits = allocation.inputs[1].const_value.numpy().astype(np.int64)
         perm = np.argsort(bits, kind="stable")  # classes by increasing bits, fp16 (16) last
-        wp, ep, bp = w[perm], energy[perm], bits[perm]
+        wp = np.asarray(allocation.inputs[0].const_value.numpy(), np.float32)[perm]  # one float copy: a head is 0.26 GB at 1.5B
+        ep, bp = energy[perm], bits[perm]
         base = allocation.inputs[0].name
         inputs = [new_initializer(graph, f"{base}.perm", perm.astype(np.int64))]
-        kinds, class_bits, sizes, blocks = [], [], [], []
+        kinds, class_bits, sizes = [], [], []
+        w_hat = np.empty_like(wp)  # what the classes compute, written class by class (each a run of rows)
         for b in np.unique(bp):
             rows = np.flatnonzero(bp == b)
             block, e = wp[rows], ep[rows]
@@ -128,8 +129,8 @@ class QuantizeWeightsPass(Pass):
             kinds.append(kind)
             class_bits.append(int(b))
             sizes.append(len(rows))
-            blocks.append(dequant)
-        w_hat = np.concatenate(blocks)
+            w_hat[rows[0]:rows[-1] + 1] = dequant
+            del dequant
         indices, values = sparse_outliers(wp, w_hat, ep, bp, fmt["outliers_weight"])
         sparse = int(len(values) > 0)
         if sparse:
@@ -147,7 +148,7 @@ class QuantizeWeightsPass(Pass):
             node.meta[FLOAT_BIAS_KEY] = bias.const_value.numpy().copy() if bias is not None and bias.const_value is not None else None
             ir.convenience.replace_nodes_and_values(graph, allocation, [allocation], [node], [replaced], [node.outputs[0]])
             if self.bias_correction:
-                kernel_error = np.empty_like(w)
+                kernel_error = np.empty_like(wp)
                 kernel_error[perm] = w_hat - wp  # rows back in channel order
                 corrected = _correct_conv_bias(graph, layer, kernel_error, base)
         else:
@@ -157,14 +158,24 @@ class QuantizeWeightsPass(Pass):
             ir.convenience.replace_nodes_and_values(graph, matmul, [matmul], [node], [matmul.outputs[0]], [node.outputs[0]])
             # the float weight stays reachable (in memory only) for passes that learn against it
             node.meta[FLOAT_WEIGHT_KEY] = allocation.inputs[0].const_value
-        error = float(np.sum(ep[:, None] * (wp - w_hat) ** 2))
-        energy_total = float(np.sum(ep[:, None] * wp**2))
+        error = _weighted_square_sum(wp, ep, w_hat)
+        energy_total = _weighted_square_sum(wp, ep)
         return {
             "classes": dict(zip([k if k == "fp16" else f"{k}{b}" for k, b in zip(kinds, class_bits)], sizes)),
             "sparse_outliers": int(len(values)),
             "weighted_sqnr_db": round(10 * np.log10(energy_total / error), 2) if error > 0 else None,
             **corrected,
         }
+
+
+def _weighted_square_sum(rows: np.ndarray, energy: np.ndarray, minus: np.ndarray | None = None) -> float:
+    """sum(energy[:, None] * (rows - minus) ** 2) in float64, 256 rows at a time: no temporary the
+    size of the layer (a head's would be 0.5 GB in float64 at 1.5B)."""
+    total = 0.0
+    for start in range(0, len(rows), 256):
+        part = rows[start:start + 256] if minus is None else rows[start:start + 256] - minus[start:start + 256]
+        total += float(np.sum(energy[start:start + 256, None] * part**2))
+    return total
 
 
 def _store_table(graph: ir.Graph, allocation: ir.Node, lookup: ir.Node) -> dict:
