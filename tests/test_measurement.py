@@ -112,10 +112,10 @@ def test_failed_measurement_is_a_warning_naming_the_pass(files, tmp_path, monkey
     path, calib = files
     real = execute.run_expanded
 
-    def fails_when_quantized(model, feeds, threads=None):
+    def fails_when_quantized(model, feeds, threads=None, **streaming):
         if any(n.domain == "qc" for n in model.graph):
             raise execute.MeasurementError("ONNX Runtime could not run it (made to fail)")
-        return real(model, feeds, threads)
+        return real(model, feeds, threads, **streaming)
 
     monkeypatch.setattr(execute, "run_expanded", fails_when_quantized)
     out = tmp_path / "out"

@@ -647,3 +647,13 @@ def test_expand_route_indices_wider_than_uint16_are_stored_as_int32():
 
     assert _compact(np.array([0, 65535])).dtype == np.uint16
     assert _compact(np.array([3, 65536])).dtype == np.int32 and _compact(np.array([3, 65536]))[1] == 65536
+
+
+def test_weighted_error_summed_in_row_chunks_equals_the_whole_sum():
+    from qcompiler.passes.quantize_weights import _weighted_square_sum
+
+    rng = np.random.default_rng(4)
+    rows, other = rng.normal(size=(700, 33)).astype(np.float32), rng.normal(size=(700, 33)).astype(np.float32)
+    energy = rng.uniform(0, 2, 700)
+    np.testing.assert_allclose(_weighted_square_sum(rows, energy, other), np.sum(energy[:, None] * (rows - other) ** 2), rtol=1e-12)
+    np.testing.assert_allclose(_weighted_square_sum(rows, energy), np.sum(energy[:, None] * rows**2), rtol=1e-12)
