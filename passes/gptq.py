@@ -187,10 +187,10 @@ class GPTQPass(Pass):
             return rounded[id(node)] if id(node) in rounded else problem.stored_weight(node)
 
         for group in _by_input(problem.layers) if self.sequential else [problem.layers]:
-            hessians = _hessians(problem, group, weight_of)
-            tasks = [RoundingTask(layer.w.numpy(), hessians[id(layer.node)], layer.kinds, layer.bits, layer.sizes,
+            factors = _factors(problem, group, weight_of, self.damp)
+            tasks = [RoundingTask(layer.w.numpy(), *factors.pop(id(layer.node)), layer.kinds, layer.bits, layer.sizes,
                                   layer.group_size, layer.originals, layer.sparse) for layer in group]
-            results = executor.map(round_layer, tasks, shared=(self.grid, self.damp),
+            results = executor.map(round_layer, tasks, shared=self.grid,
                                    names=[f"gptq: layer '{layer.name}'" for layer in group])
             for layer, a in zip(group, results):
                 arrays[id(layer.node)] = a
@@ -201,10 +201,13 @@ class GPTQPass(Pass):
 
 @dataclasses.dataclass(frozen=True)
 class RoundingTask:
-    """What `gptq_round` reads for one layer (arrays only, so that a worker process can take it)."""
+    """What `gptq_round` reads for one layer (arrays only, so that a worker process can take it): H
+    as its inverse's factor U and its diagonal (`_factors`), not H itself, which would double the
+    K x K arrays held."""
 
     w: np.ndarray
-    hessian: np.ndarray
+    factor: np.ndarray  # U, upper triangular, with (H + damping)^-1 = U^T U
+    energy: np.ndarray  # H's diagonal, negatives at 0
     kinds: list[str]
     bits: list[int]
     sizes: list[int]
@@ -213,11 +216,10 @@ class RoundingTask:
     sparse: int
 
 
-def round_layer(options: tuple[str, float], task: RoundingTask) -> list[np.ndarray]:
+def round_layer(grid: str, task: RoundingTask) -> list[np.ndarray]:
     """One layer's GPTQ rounding (a pure function of its task: the same result in any process)."""
-    grid, damp = options
-    return gptq_round(task.w, task.hessian, task.kinds, task.bits, task.sizes, task.group_size, task.originals,
-                      task.sparse, grid, damp)
+    return _round(task.w, task.factor, task.energy, task.kinds, task.bits, task.sizes, task.group_size, task.originals,
+                  task.sparse, grid)
 
 
 def _by_input(layers) -> list[list]:
@@ -228,9 +230,10 @@ def _by_input(layers) -> list[list]:
     return list(groups.values())
 
 
-def _hessians(problem: BlockProblem, layers, weight_of) -> dict[int, np.ndarray]:
-    """X^T X / tokens (float64) of each layer's input over the calibration batches, non-padding
-    positions only, in the layer's row order: {id(layer.node): H}."""
+def _factors(problem: BlockProblem, layers, weight_of, damp: float) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per layer, {id(layer.node): (U, H's diagonal)} for H = X^T X / tokens (float64) of its input
+    over the calibration batches, non-padding positions only, in the layer's row order. Each input's
+    sum is released as its last layer takes its copy: two K x K arrays at a time while factoring."""
     import torch
 
     names = sorted({MixedMatMulView.of(l.node).x.name for l in layers})
@@ -250,13 +253,19 @@ def _hessians(problem: BlockProblem, layers, weight_of) -> dict[int, np.ndarray]
                 else:
                     sums[name] += gram  # in place: two K x K arrays at a time, not three
             count += int(x.shape[0])
-    for gram in sums.values():
-        gram /= max(count, 1)  # in place: a K x K float64 array is 0.25 GB at K = 5632
+    values = x = gram = None  # the last batch's: a one-batch sum would otherwise stay held
+    readers = {name: [l for l in layers if MixedMatMulView.of(l.node).x.name == name] for name in names}
     out = {}
-    for layer in layers:
-        view = MixedMatMulView.of(layer.node)
-        perm = view.perm_array()
-        out[id(layer.node)] = sums[view.x.name].numpy()[np.ix_(perm, perm)]
+    for name in names:
+        for i, layer in enumerate(readers[name]):
+            perm = MixedMatMulView.of(layer.node).perm_array()
+            h = [sums[name].numpy()[np.ix_(perm, perm)]]  # this layer's copy, in its row order
+            h[0] /= max(count, 1)
+            if i == len(readers[name]) - 1:
+                del sums[name]  # the sum's last reader: released before factoring
+            energy = np.maximum(np.diag(h[0]), 0.0)
+            h[0] = _damped(h[0], damp)
+            out[id(layer.node)] = (_inverse_factor(h), energy)
     return out
 
 
@@ -265,10 +274,16 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, kinds, bits, sizes, group_siz
     """The class arrays of a `qc.MixedMatMul` (laid out as `originals`: codes, scales, zero points,
     codebooks, fp16 rows, then sparse indices and values) for the float weight `w` [K, N] (rows in
     the op's order) rounded with GPTQ on `hessian` [K, K] (same order)."""
+    energy = np.maximum(np.diag(hessian).astype(np.float64), 0.0)
+    factor = _inverse_factor([_damped(np.array(hessian, np.float64), damp)])
+    return _round(w, factor, energy, kinds, bits, sizes, group_size, originals, sparse, grid)
+
+
+def _round(w: np.ndarray, u: np.ndarray, energy: np.ndarray, kinds, bits, sizes, group_size: int, originals: list[np.ndarray],
+           sparse: int, grid: str) -> list[np.ndarray]:
+    """`gptq_round` given U (upper, (H + damping)^-1 = U^T U) and H's diagonal `energy`."""
     w = np.array(w, np.float64)
     k = w.shape[0]
-    energy = np.maximum(np.diag(hessian).astype(np.float64), 0.0)
-    u = _inverse_factor(_damped(hessian, damp))  # upper, H^-1 = U^T U
     arrays = [a.copy() for a in originals]
     classes, outliers = split_class_inputs(arrays, kinds, bits, sizes, sparse)
     sparse_cols = _sparse_columns(outliers[0], k) if outliers is not None else {}
@@ -296,24 +311,22 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, kinds, bits, sizes, group_siz
     return arrays
 
 
-def _damped(hessian: np.ndarray, damp: float) -> np.ndarray:
-    """A float64 copy of H with a dead input's (zero) diagonal set to 1 and `damp` times the mean
-    diagonal added to every diagonal entry."""
-    h = np.array(hessian, np.float64)
+def _damped(h: np.ndarray, damp: float) -> np.ndarray:
+    """`h` (float64, the caller's to give up) with a dead input's (zero) diagonal set to 1 and `damp`
+    times the mean diagonal added to every diagonal entry, in place."""
     diagonal = np.diag(h).copy()
     diagonal[diagonal <= 0] = 1.0
     h[np.diag_indices(len(h))] = diagonal + damp * float(np.mean(diagonal))
     return h
 
 
-def _inverse_factor(h: np.ndarray):
+def _inverse_factor(held: list[np.ndarray]) -> np.ndarray:
     """The upper triangular U with H^-1 = U^T U, from H's own Cholesky factor (the method's reference
-    computes it so): three K x K float64 arrays at a time, counting the caller's H, where a general
-    inverse holds five (K = 5632: 0.25 GB each). `h` is the caller's to give up: it is released here."""
+    computes it so). H comes in a one-item list that nothing else holds, and is released once
+    factored: two K x K float64 arrays at a time (K = 5632: 0.25 GB each)."""
     import torch
 
-    lower = torch.linalg.cholesky(torch.from_numpy(h))
-    del h
+    lower = torch.linalg.cholesky(torch.from_numpy(held.pop()))
     inverse = torch.cholesky_inverse(lower)
     del lower
     return torch.linalg.cholesky(inverse, upper=True).numpy()
