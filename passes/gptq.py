@@ -254,14 +254,14 @@ def _factors(problem: BlockProblem, layers, weight_of, damp: float) -> dict[int,
                     sums[name] += gram  # in place: two K x K arrays at a time, not three
             count += int(x.shape[0])
     values = x = gram = None  # the last batch's: a one-batch sum would otherwise stay held
-    readers = {name: [l for l in layers if MixedMatMulView.of(l.node).x.name == name] for name in names}
     out = {}
-    for name in names:
-        for i, layer in enumerate(readers[name]):
+    for readers in _by_input(layers):
+        name = MixedMatMulView.of(readers[0].node).x.name
+        for i, layer in enumerate(readers):
             perm = MixedMatMulView.of(layer.node).perm_array()
             h = [sums[name].numpy()[np.ix_(perm, perm)]]  # this layer's copy, in its row order
             h[0] /= max(count, 1)
-            if i == len(readers[name]) - 1:
+            if i == len(readers) - 1:
                 del sums[name]  # the sum's last reader: released before factoring
             energy = np.maximum(np.diag(h[0]), 0.0)
             h[0] = _damped(h[0], damp)

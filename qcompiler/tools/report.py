@@ -161,7 +161,8 @@ class Recorder(Drift):
                 if quantized:
                     expected = self._reference(name)
                 else:
-                    references[name] = spill.kept(np.asarray(actual), name) or actual
+                    on_disk = spill.kept(np.asarray(actual), name)
+                    references[name] = actual if on_disk is None else on_disk
                     expected = actual
                 error = self._layer_error(name, expected, actual)
                 if error is not None:
