@@ -35,6 +35,7 @@ import onnx_ir as ir
 from qcompiler.analysis.calib_cache import collect_cached
 from qcompiler.analysis.calibration import HISTOGRAM_BINS, METHODS, MINMAX_BINS, batch_size_of, quantizable_inputs, summary
 from qcompiler.errors import UserError
+from qcompiler.ir import spill
 from qcompiler.ir.meta import CALIBRATION_KEY, STATS_KEY, Prop
 from qcompiler.pipeline import context
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
@@ -106,6 +107,7 @@ class CalibratePass(Pass):
             found = {}
         values = _values(model)
         for name, stats in found.items():
+            stats.sample = spill.mapped(stats.sample)  # a large model's: on disk until a pass reads it
             values[name].meta[STATS_KEY] = stats
         model.meta[CALIBRATION_KEY] = {
             "method": self.method,

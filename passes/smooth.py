@@ -37,6 +37,7 @@ import onnx_ir as ir
 from qcompiler.dialect.ops import QC_OPSET_VERSION
 from qcompiler.dialect.qc_ops import quantize_activation
 from qcompiler.errors import UserError
+from qcompiler.ir import spill
 from qcompiler.ir.layers import Linear, group_by_input, insert_after_value, linears, new_initializer, scale_constant
 from qcompiler.ir.meta import CREATED_BY, SMOOTHED_KEY, STATS_KEY, Prop
 from qcompiler.passes.quantize import asymmetric_params, quantize_weight_per_channel
@@ -150,7 +151,9 @@ def scale_input_channels(graph: ir.Graph, group: list[Linear], stats, s: np.ndar
     mul.outputs[0].name = f"{x.name}.smoothed"
     mul.outputs[0].type = x.type
     mul.outputs[0].shape = x.shape
-    mul.outputs[0].meta[STATS_KEY] = stats.scaled(inverse.const_value.numpy())
+    smoothed = stats.scaled(inverse.const_value.numpy())
+    smoothed.sample = spill.mapped(smoothed.sample)  # a large model's: on disk until a pass reads it
+    mul.outputs[0].meta[STATS_KEY] = smoothed
     mul.outputs[0].meta[SMOOTHED_KEY] = True
     insert_after_value(graph, x, mul)
     x.meta[SMOOTHED_KEY] = True  # its readers now see X / s: never scale them twice

@@ -448,3 +448,28 @@ def test_a_large_models_drift_and_report_are_measured_one_block_at_a_time(tmp_pa
     assert [r.drift for r in gated.records] == [r.drift for r in whole.records]
     plain = compile(str(folder / "model.onnx"), tmp_path / "d", pipeline="w8a8", calibration=batches, cache_dir=None)
     assert not any(r.drift for r in plain.records)  # not by default: each pass's drift would run every block again
+
+
+def test_a_large_models_row_samples_wait_on_disk_and_give_the_same_artifact(tmp_path, monkeypatch):
+    """Weights on disk: calibration's row samples (and smoothing's scaled ones) are mapped back from
+    the scratch file, read only by the passes that use them; the artifact is the same bytes."""
+    from qcompiler.driver.compiler import compile
+    from qcompiler.ir import spill
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    onnx.save(ir.serde.serialize_model(transformer(layers=2)), str(folder / "model.onnx"), save_as_external_data=True,
+              location="model.onnx.data", size_threshold=1024)
+    batches = transformer_batches()
+    pipeline = "w8a8"  # smoothing searches alpha on the samples; quantize reads their means
+    monkeypatch.setattr(qir, "MAPPED_DATA_THRESHOLD", 0)  # the source's weights stay mapped
+    monkeypatch.setattr(spill, "SPILL_MIN_BYTES", 0)
+    mapped = spill.mapped
+    monkeypatch.setattr(spill, "mapped", lambda array: array)  # the samples held in memory
+    compile(str(folder / "model.onnx"), tmp_path / "a", pipeline=pipeline, calibration=batches, cache_dir=None)
+    samples = []
+    monkeypatch.setattr(spill, "mapped", lambda array: samples.append(mapped(array)) or samples[-1])
+    compile(str(folder / "model.onnx"), tmp_path / "b", pipeline=pipeline, calibration=batches, cache_dir=None)
+    assert samples and all(isinstance(s, np.memmap) and not s.flags.writeable for s in samples)
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

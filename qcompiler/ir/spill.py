@@ -6,7 +6,8 @@ model), `quantize-weights`' codes a byte each until `lower-ort` packs them. Whil
 active (the compiler turns it on for such a model), each constant of `SPILL_MIN_BYTES` or more that
 `qcompiler.ir.layers` creates is appended to one scratch file and replaced by a `Spilled` tensor,
 which reads its bytes back each time it is read and keeps nothing: the same values, the same
-artifact bytes, one constant in memory at a time.
+artifact bytes, one constant in memory at a time. Calibration's row samples (`mapped`), which only
+a few passes read, wait there too, mapped back read-only.
 
 The scratch file lives in a private folder (the compiler makes it beside the output, on the disk
 that must hold the output anyway, named as its other temporaries so that a later compile removes
@@ -47,13 +48,22 @@ class SpillFile:
     def add(self, array: np.ndarray, name: str) -> Spilled:
         """Write `array` at the end of the file; a tensor that reads it back."""
         array = np.ascontiguousarray(array)
+        return Spilled(self, self._append(array), array.dtype, array.shape, name)
+
+    def mapped(self, array: np.ndarray) -> np.ndarray:
+        """Write `array` at the end of the file; the file's bytes mapped back read-only (its pages
+        are read when used, and the kernel may drop them again)."""
+        array = np.ascontiguousarray(array)
+        return np.memmap(self.path, dtype=array.dtype, mode="r", offset=self._append(array), shape=array.shape)
+
+    def _append(self, array: np.ndarray) -> int:
         offset = self._file.tell()
         try:
             self._file.write(array.tobytes() if array.dtype.kind == "V" else memoryview(array).cast("B"))
             self._file.flush()
         except OSError as exc:  # a full disk: name the file (a failed write names none)
             raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
-        return Spilled(self, offset, array.dtype, array.shape, name)
+        return offset
 
     def read(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         count = int(np.prod(shape, dtype=np.int64))
@@ -100,6 +110,15 @@ def kept(array: np.ndarray, name: str) -> ir.TensorProtocol | None:
     if array.dtype.kind not in "biuf" and not _is_bfloat16(array.dtype):
         return None
     return spill.add(array, name)
+
+
+def mapped(array: np.ndarray) -> np.ndarray:
+    """`array` moved to the scratch file and mapped back read-only when spilling is active and it is
+    large enough (a large model's calibration row samples, read by few passes); else `array`."""
+    spill = _active.get()
+    if spill is None or array.nbytes < SPILL_MIN_BYTES or array.dtype.kind not in "biuf":
+        return array
+    return spill.mapped(array)
 
 
 def _is_bfloat16(dtype: np.dtype) -> bool:
