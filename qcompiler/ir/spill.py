@@ -116,7 +116,7 @@ def mapped(array: np.ndarray) -> np.ndarray:
     """`array` moved to the scratch file and mapped back read-only when spilling is active and it is
     large enough (a large model's calibration row samples, read by few passes); else `array`."""
     spill = _active.get()
-    if spill is None or array.nbytes < SPILL_MIN_BYTES or array.dtype.kind not in "biuf":
+    if spill is None or array.size == 0 or array.nbytes < SPILL_MIN_BYTES or array.dtype.kind not in "biuf":
         return array
     return spill.mapped(array)
 
