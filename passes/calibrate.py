@@ -106,8 +106,8 @@ class CalibratePass(Pass):
             samples, batch_count = sum(batch_size_of(b) for b in batches), len(batches)
             found = {}
         values = _values(model)
+        samples_on_disk(list(found.values()))
         for name, stats in found.items():
-            stats.sample = spill.mapped(stats.sample)  # a large model's: on disk until a pass reads it
             values[name].meta[STATS_KEY] = stats
         model.meta[CALIBRATION_KEY] = {
             "method": self.method,
@@ -137,3 +137,10 @@ def _values(model: ir.Model) -> dict[str, ir.Value]:
         for v in node.outputs:
             values[v.name] = v
     return values
+
+
+def samples_on_disk(stats: list) -> None:
+    """A large model's row samples of `stats` (TensorStats) moved to the compile's scratch file and
+    mapped back read-only (`qcompiler.ir.spill.mapped`): few passes read them, and none writes."""
+    for one, sample in zip(stats, spill.mapped([s.sample for s in stats])):
+        one.sample = sample

@@ -37,9 +37,9 @@ import onnx_ir as ir
 from qcompiler.dialect.ops import QC_OPSET_VERSION
 from qcompiler.dialect.qc_ops import quantize_activation
 from qcompiler.errors import UserError
-from qcompiler.ir import spill
 from qcompiler.ir.layers import Linear, group_by_input, insert_after_value, linears, new_initializer, scale_constant
 from qcompiler.ir.meta import CREATED_BY, SMOOTHED_KEY, STATS_KEY, Prop
+from qcompiler.passes.calibrate import samples_on_disk
 from qcompiler.passes.quantize import asymmetric_params, quantize_weight_per_channel
 from qcompiler.pipeline import context
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
@@ -91,6 +91,7 @@ class SmoothPass(Pass):
                 absmax = weight_absmax.pop(x_name) if x_name in weight_absmax else _weight_absmax(group)
                 layers_stats[x_name] = _smooth_group(graph, group, group[0].x.meta[STATS_KEY], alpha, absmax)
                 bar.update()
+        samples_on_disk([group[0].node.inputs[0].meta[STATS_KEY] for _, group in groups])  # the smoothed inputs'
         return PassResult(model, bool(layers_stats), {"groups": len(layers_stats), "layers": layers_stats})
 
     def _alphas(self, groups: list[tuple[str, list[Linear]]], weight_absmax: dict[str, np.ndarray]) -> list[float]:
@@ -151,9 +152,7 @@ def scale_input_channels(graph: ir.Graph, group: list[Linear], stats, s: np.ndar
     mul.outputs[0].name = f"{x.name}.smoothed"
     mul.outputs[0].type = x.type
     mul.outputs[0].shape = x.shape
-    smoothed = stats.scaled(inverse.const_value.numpy())
-    smoothed.sample = spill.mapped(smoothed.sample)  # a large model's: on disk until a pass reads it
-    mul.outputs[0].meta[STATS_KEY] = smoothed
+    mul.outputs[0].meta[STATS_KEY] = stats.scaled(inverse.const_value.numpy())
     mul.outputs[0].meta[SMOOTHED_KEY] = True
     insert_after_value(graph, x, mul)
     x.meta[SMOOTHED_KEY] = True  # its readers now see X / s: never scale them twice

@@ -451,8 +451,9 @@ def test_a_large_models_drift_and_report_are_measured_one_block_at_a_time(tmp_pa
 
 
 def test_a_large_models_row_samples_wait_on_disk_and_give_the_same_artifact(tmp_path, monkeypatch):
-    """Weights on disk: calibration's row samples (and smoothing's scaled ones) are mapped back from
-    the scratch file, read only by the passes that use them; the artifact is the same bytes."""
+    """Weights on disk: calibration's row samples, and smoothing's scaled ones, are mapped back from
+    the scratch file (one mapping a pass), read only by the passes that use them; the same values,
+    the same pass statistics, the same artifact bytes."""
     from qcompiler.driver.compiler import compile
     from qcompiler.ir import spill
 
@@ -461,15 +462,21 @@ def test_a_large_models_row_samples_wait_on_disk_and_give_the_same_artifact(tmp_
     onnx.save(ir.serde.serialize_model(transformer(layers=2)), str(folder / "model.onnx"), save_as_external_data=True,
               location="model.onnx.data", size_threshold=1024)
     batches = transformer_batches()
-    pipeline = "w8a8"  # smoothing searches alpha on the samples; quantize reads their means
+    pipeline = "w8a8"  # smoothing searches alpha on the samples; quantize measures each input's SQNR on them
     monkeypatch.setattr(qir, "MAPPED_DATA_THRESHOLD", 0)  # the source's weights stay mapped
     monkeypatch.setattr(spill, "SPILL_MIN_BYTES", 0)
     mapped = spill.mapped
-    monkeypatch.setattr(spill, "mapped", lambda array: array)  # the samples held in memory
-    compile(str(folder / "model.onnx"), tmp_path / "a", pipeline=pipeline, calibration=batches, cache_dir=None)
-    samples = []
-    monkeypatch.setattr(spill, "mapped", lambda array: samples.append(mapped(array)) or samples[-1])
-    compile(str(folder / "model.onnx"), tmp_path / "b", pipeline=pipeline, calibration=batches, cache_dir=None)
-    assert samples and all(isinstance(s, np.memmap) and not s.flags.writeable for s in samples)
+    monkeypatch.setattr(spill, "mapped", lambda arrays: list(arrays))  # the samples held in memory
+    held = compile(str(folder / "model.onnx"), tmp_path / "a", pipeline=pipeline, calibration=batches, cache_dir=None)
+    calls = []
+    monkeypatch.setattr(spill, "mapped", lambda arrays: calls.append((arrays, mapped(arrays))) or calls[-1][1])
+    on_disk = compile(str(folder / "model.onnx"), tmp_path / "b", pipeline=pipeline, calibration=batches, cache_dir=None)
+    assert len(calls) == 2  # calibrate's samples, then smooth's scaled ones
+    for arrays, views in calls:
+        assert arrays and len(views) == len(arrays)
+        for array, view in zip(arrays, views):
+            assert isinstance(view, np.memmap) and not view.flags.writeable
+            assert view.dtype == array.dtype and view.shape == array.shape and view.tobytes() == array.tobytes()
+    assert [r.stats for r in on_disk.records] == [r.stats for r in held.records]  # alphas, SQNRs
     for name in ("model.onnx", "model.onnx.data"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

@@ -32,6 +32,7 @@ import onnx_ir as ir
 from qcompiler.ir.deferred import Deferred
 
 SPILL_MIN_BYTES = 1 << 20  # smaller constants stay in memory
+MAP_ALIGNMENT = 64  # each mapped array starts at a multiple of this many bytes
 
 _active: contextvars.ContextVar[SpillFile | None] = contextvars.ContextVar("qcompiler_spill", default=None)
 
@@ -50,11 +51,22 @@ class SpillFile:
         array = np.ascontiguousarray(array)
         return Spilled(self, self._append(array), array.dtype, array.shape, name)
 
-    def mapped(self, array: np.ndarray) -> np.ndarray:
-        """Write `array` at the end of the file; the file's bytes mapped back read-only (its pages
-        are read when used, and the kernel may drop them again)."""
-        array = np.ascontiguousarray(array)
-        return np.memmap(self.path, dtype=array.dtype, mode="r", offset=self._append(array), shape=array.shape)
+    def mapped(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Write `arrays` at the end of the file, each from a 64-byte boundary; the file's bytes
+        mapped back read-only, all through one mapping (one open file, however many arrays), each
+        array a view of it. Its pages are read when used, and the kernel may drop them again."""
+        arrays = [np.ascontiguousarray(a) for a in arrays]
+        offsets = []
+        for array in arrays:
+            self._pad_to(MAP_ALIGNMENT)
+            offsets.append(self._append(array))
+        start = offsets[0]
+        whole = np.memmap(self.path, dtype=np.uint8, mode="r", offset=start, shape=(self._file.tell() - start,))
+        return [whole[o - start:o - start + a.nbytes].view(a.dtype).reshape(a.shape) for o, a in zip(offsets, arrays)]
+
+    def _pad_to(self, alignment: int) -> None:
+        if self._file.tell() % alignment:
+            self._append(np.zeros(-self._file.tell() % alignment, np.uint8))
 
     def _append(self, array: np.ndarray) -> int:
         offset = self._file.tell()
@@ -112,13 +124,18 @@ def kept(array: np.ndarray, name: str) -> ir.TensorProtocol | None:
     return spill.add(array, name)
 
 
-def mapped(array: np.ndarray) -> np.ndarray:
-    """`array` moved to the scratch file and mapped back read-only when spilling is active and it is
-    large enough (a large model's calibration row samples, read by few passes); else `array`."""
+def mapped(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """`arrays`, those of `SPILL_MIN_BYTES` or more moved to the scratch file and mapped back
+    read-only through one mapping when spilling is active (a large model's calibration row
+    samples, which few passes read); the others as given."""
     spill = _active.get()
-    if spill is None or array.size == 0 or array.nbytes < SPILL_MIN_BYTES or array.dtype.kind not in "biuf":
-        return array
-    return spill.mapped(array)
+    moved = [i for i, a in enumerate(arrays) if spill is not None and a.size and a.nbytes >= SPILL_MIN_BYTES
+             and a.dtype.kind in "biuf"]
+    out = list(arrays)
+    if moved:
+        for i, view in zip(moved, spill.mapped([arrays[i] for i in moved])):
+            out[i] = view
+    return out
 
 
 def _is_bfloat16(dtype: np.dtype) -> bool:
