@@ -33,9 +33,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis.calib_cache import collect_cached
-from qcompiler.analysis.calibration import HISTOGRAM_BINS, METHODS, MINMAX_BINS, batch_size_of, quantizable_inputs, summary
+from qcompiler.analysis.calibration import (HISTOGRAM_BINS, METHODS, MINMAX_BINS, batch_size_of, quantizable_inputs,
+                                            samples_on_disk, summary)
 from qcompiler.errors import UserError
-from qcompiler.ir import spill
 from qcompiler.ir.meta import CALIBRATION_KEY, STATS_KEY, Prop
 from qcompiler.pipeline import context
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
@@ -137,10 +137,3 @@ def _values(model: ir.Model) -> dict[str, ir.Value]:
         for v in node.outputs:
             values[v.name] = v
     return values
-
-
-def samples_on_disk(stats: list) -> None:
-    """A large model's row samples of `stats` (TensorStats) moved to the compile's scratch file and
-    mapped back read-only (`qcompiler.ir.spill.mapped`): few passes read them, and none writes."""
-    for one, sample in zip(stats, spill.mapped([s.sample for s in stats])):
-        one.sample = sample

@@ -171,10 +171,10 @@ class QuantizeWeightsPass(Pass):
 def _weighted_square_sum(rows: np.ndarray, energy: np.ndarray, minus: np.ndarray | None = None) -> float:
     """sum(energy[:, None] * (rows - minus) ** 2) in float64, 256 rows at a time: no temporary the
     size of the layer (a head's would be 0.5 GB in float64 at 1.5B)."""
-    total = 0.0
-    for start in range(0, len(rows), 256):
-        part = rows[start:start + 256] if minus is None else rows[start:start + 256] - minus[start:start + 256]
-        total += float(np.sum(energy[start:start + 256, None] * part**2))
+    total, n = 0.0, 256
+    for start in range(0, len(rows), n):
+        part = rows[start:start + n] if minus is None else rows[start:start + n] - minus[start:start + n]
+        total += float(np.sum(energy[start:start + n, None] * part**2))
     return total
 
 

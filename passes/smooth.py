@@ -34,12 +34,12 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.analysis.calibration import samples_on_disk
 from qcompiler.dialect.ops import QC_OPSET_VERSION
 from qcompiler.dialect.qc_ops import quantize_activation
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import Linear, group_by_input, insert_after_value, linears, new_initializer, scale_constant
 from qcompiler.ir.meta import CREATED_BY, SMOOTHED_KEY, STATS_KEY, Prop
-from qcompiler.passes.calibrate import samples_on_disk
 from qcompiler.passes.quantize import asymmetric_params, quantize_weight_per_channel
 from qcompiler.pipeline import context
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass

@@ -73,6 +73,7 @@ import onnx_ir as ir
 
 from qcompiler.analysis.calib_data import BatchChecker, batch_size_of  # noqa: F401  (batch_size_of: part of this API)
 from qcompiler.errors import UserError, first_line
+from qcompiler.ir import spill
 from qcompiler.ir.meta import CALIBRATION_KEY, STATS_KEY  # noqa: F401  (part of this API)
 
 log = logging.getLogger(__name__)
@@ -781,6 +782,13 @@ class Accumulator:
             histogram=self.histogram.copy(),
             sample=np.ascontiguousarray(self._sample[: self._filled][order]),
         )
+
+
+def samples_on_disk(stats: list[TensorStats]) -> None:
+    """A large model's row samples of `stats` moved to the compile's scratch file and mapped back
+    read-only (`qcompiler.ir.spill.mapped`): few passes read them, and none writes."""
+    for one, sample in zip(stats, spill.mapped([s.sample for s in stats])):
+        one.sample = sample
 
 
 def stats_of(arrays: Iterable[np.ndarray], channel_axis: int = -1, *, sample_rows: int = 512, bins: int = 2048) -> TensorStats:
