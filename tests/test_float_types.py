@@ -226,3 +226,60 @@ def test_a_float32_edge_of_a_float16_model_stays_float32(tmp_path):
     types = {v.name: v.type.tensor_type.elem_type for v in [*written.graph.input, *written.graph.output]}
     assert types == {"x": TensorProto.FLOAT16, "gain": TensorProto.FLOAT, "z": TensorProto.FLOAT16}
     assert not any(p.key.startswith("qc.source") for p in written.metadata_props)
+
+
+def embedding_model(elem_type: int, tied: bool) -> onnx.ModelProto:
+    """Token ids -> a table's rows -> one linear -> Relu, output as float32; or, `tied`, a square
+    [D, D] table also read by the last MatMul as its weight."""
+    rng = np.random.default_rng(3)
+    table = (rng.standard_normal((D if tied else 64, D)) * 0.5).astype(np.float16).astype(np.float32)
+    w = (rng.standard_normal((D, D)) * D**-0.5).astype(np.float16).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w"], ["h"])]
+    if tied:
+        nodes.append(helper.make_node("MatMul", ["h", "table"], ["y"]))
+    else:
+        nodes += [helper.make_node("Relu", ["h"], ["r"]), helper.make_node("Cast", ["r"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "embed", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", SEQ])],
+                              [helper.make_tensor_value_info("y", elem_type if tied else TensorProto.FLOAT, ["batch", SEQ, D])],
+                              [_tensor(table, "table", elem_type), _tensor(w, "w", elem_type)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def _session_initializers(path, tmp_path) -> dict[str, onnx.TensorProto]:
+    """The initializers an ONNX Runtime session holds once started (its optimized model, saved)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "as-loaded.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return {t.name: t for t in onnx.load(str(tmp_path / "as-loaded.onnx")).graph.initializer}
+
+
+@pytest.mark.parametrize("elem_type", [TensorProto.FLOAT16, TensorProto.BFLOAT16], ids=["float16", "bfloat16"])
+def test_a_low_precision_table_is_looked_up_as_stored_not_held_in_float32(tmp_path, elem_type):
+    source = tmp_path / "embed.onnx"
+    onnx.save(embedding_model(elem_type, tied=False), str(source))
+    ids = [{"ids": np.random.default_rng(seed).integers(0, 64, (4, SEQ))} for seed in range(2)]
+    result = compile(str(source), tmp_path / "out", pipeline="w8a8", calibration=ids, drift=False)
+    path = result.output / "model.onnx"
+    graph = onnx.load(str(path)).graph
+    gather = next(n for n in graph.node if n.op_type == "Gather")
+    assert {t.name: t.data_type for t in graph.initializer}[gather.input[0]] == elem_type  # the stored table, no Cast before it
+    cast = next(n for n in graph.node if n.op_type == "Cast" and n.input[0] == gather.output[0])
+    assert helper.get_attribute_value(cast.attribute[0]) == TensorProto.FLOAT
+    held = _session_initializers(path, tmp_path)
+    assert not any(list(t.dims) == [64, D] and t.data_type == TensorProto.FLOAT for t in held.values())
+    float_result = compile(str(source), tmp_path / "float", pipeline="default", drift=False)
+    feeds = {"ids": np.random.default_rng(9).integers(0, 64, (2, SEQ))}
+    want = ort.InferenceSession(str(float_result.output / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert rel_l2(np.asarray(got, np.float32), np.asarray(want, np.float32)) < 0.05
+
+
+def test_a_table_also_read_as_a_weight_is_still_cast_once_at_load(tmp_path):
+    source = tmp_path / "tied.onnx"
+    onnx.save(embedding_model(TensorProto.FLOAT16, tied=True), str(source))
+    result = compile(str(source), tmp_path / "out", pipeline="default", drift=False)
+    graph = onnx.load(str(result.output / "model.onnx")).graph
+    table_cast = [n for n in graph.node if n.op_type == "Cast" and n.input[0] == "table"]
+    assert len(table_cast) == 1
+    gather = next(n for n in graph.node if n.op_type == "Gather")
+    assert gather.input[0] == table_cast[0].output[0]

@@ -13,9 +13,10 @@ or `zero-points=fractional`):
   block_size = group_size). ONNX Runtime 1.32's CPU kernel runs 2, 4 and 8 bits and refuses 3, 5,
   6 and 7 at session start, so a class of b bits is stored in containers of
   `bitcost.container_bits(b)` bits (3 -> 4, 5..7 -> 8; the codes and zero points fit unchanged and
-  the budget paid for the container). Codes packed per column along K and stored tight, padded to
-  whole blocks by a Pad that ONNX Runtime folds at session start (the padding of a class's last
-  block is resident, not stored); fp16 scales cast to float32 likewise (the kernel reads float32);
+  the budget paid for the container). Codes packed per column along K, a class's last block padded
+  with code 0: in the file for a class of `PAD_IN_FILE_FROM` (16) blocks or more, else stored tight
+  and padded by a Pad that ONNX Runtime folds at session start (the padding resident, not stored);
+  fp16 scales cast to float32 at load (the kernel reads float32);
   zero points packed at the container width, or none for a symmetric class (every zero point the
   kernel's default 2^(c-1): measured 3 to 9 % faster per layer at a decoder's M=1 shapes,
   `benchmarks/nbits_shapes.py`). `accuracy_level` 4 computes in int8 (activations quantized per
@@ -86,6 +87,11 @@ from qcompiler.dialect.mixed_ops import MixedMatMulView, mixed_weight, uniform_z
 from qcompiler.ir.layers import conv_reading, new_initializer
 from qcompiler.ir.meta import CREATED_BY, MERGED_LAYERS_KEY, ROUTE_KEY, STORED_WEIGHTS
 
+# A MatMulNBits class of at least this many blocks has its last block padded in the file (at most
+# 1/16 of its bytes; as `allocate-bits{blocks=auto}` prices a layer of that many blocks), a smaller
+# one by a Pad folded at session start: ONNX Runtime holds the folded copy beside the kernel's
+# repacked one while the session starts, and part of it after (docs/real-size.md).
+PAD_IN_FILE_FROM = 16
 
 
 def pack_bitplanes(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -468,14 +474,16 @@ def _nbits_zero_points(b: _Builder, name: str, zero: np.ndarray, bits: int) -> l
 
 
 def _nbits_blocks(b: _Builder, name: str, codes: np.ndarray, bits: int, group_size: int) -> ir.Value:
-    """MatMulNBits' weight [N, blocks, blob] of `codes` [K_c, N]: packed per column along K and
-    stored tight, padded with code 0 to whole blocks by a Pad that ONNX Runtime folds at session start."""
+    """MatMulNBits' weight [N, blocks, blob] of `codes` [K_c, N], packed per column along K, the last
+    block padded with code 0: in the file for a class of `PAD_IN_FILE_FROM` blocks or more, else stored
+    tight and padded by a Pad that ONNX Runtime folds at session start."""
     k, n = codes.shape
     blocks = -(-k // group_size)
     blob = group_size * bits // 8
     packed = pack_nbits(codes, bits)
-    if packed.shape[1] == blocks * blob:
-        return b.const(f"{name}.nbits", packed.reshape(n, blocks, blob))
+    padding = blocks * blob - packed.shape[1]
+    if padding == 0 or blocks >= PAD_IN_FILE_FROM:
+        return b.const(f"{name}.nbits", np.pad(packed, ((0, 0), (0, padding))).reshape(n, blocks, blob))
     tight = b.const(f"{name}.nbits", packed)  # the padding is resident, not stored
     pads = b.const(f"{name}.pads", np.array([0, 0, 0, blocks * blob - packed.shape[1]], np.int64))
     shape = b.const(f"{name}.blocks", np.array([n, blocks, blob], np.int64))

@@ -8,7 +8,9 @@ that were of the source type are again (a Cast to float32 after each input, one 
 output), and its
 float parts (unquantized weights, biases, norm weights: every float32 initializer of more than one
 element that no quantization op reads as a parameter) are stored in the source type and cast to
-float32 where they are read, which ONNX Runtime folds when the session loads. Quantization
+float32 where they are read, which ONNX Runtime folds when the session loads. A table only looked up
+(every reader a Gather of its rows, as a float embedding) is not: the lookup reads the stored table
+and the rows it takes are cast, so the session holds the table's stored bytes, not a float32 copy. Quantization
 parameters (the scales of QuantizeLinear, DequantizeLinear and the com.microsoft kernels) stay
 float32: their type is tied to the activations'.
 
@@ -200,8 +202,31 @@ def _store_as(value: ir.Value, dtype: ir.DataType, graph: ir.Graph, taken: set[s
     source = ir.Value(name=name, type=ir.TensorType(dtype), shape=value.shape, const_value=tensor)
     graph.register_initializer(source)
     value.const_value = None
+    if _only_looked_up(value):
+        return sum(_cast_rows(node, source, graph, taken) for node in {node for node, _ in value.uses()})
     cast = ir.Node("", "Cast", [source], [ir.AttrInt64("to", ir.DataType.FLOAT.value)], outputs=[value], name=value.name)
     graph.insert_before(graph[0], cast)
+    return 1
+
+
+def _only_looked_up(value: ir.Value) -> bool:
+    """Whether every reader of `value` is a Gather taking rows of it (an embedding table)."""
+    return all(node.op_type == "Gather" and node.domain in ("", "ai.onnx") and index == 0
+               and not node.outputs[0].is_graph_output() for node, index in value.uses())
+
+
+def _cast_rows(gather: ir.Node, table: ir.Value, graph: ir.Graph, taken: set[str]) -> int:
+    """`gather` takes its rows from `table` (stored in the source type) and one Cast after it makes
+    them float32: the session holds the table as stored, not a float32 copy of it."""
+    rows = gather.outputs[0]
+    as_float = ir.Value(name=rows.name, type=ir.TensorType(ir.DataType.FLOAT), shape=rows.shape)
+    for user, index in list(rows.uses()):
+        user.replace_input_with(index, as_float)
+    rows.name = _fresh(f"{as_float.name}.{type_name(table.dtype)}", taken)
+    rows.dtype = table.dtype
+    gather.replace_input_with(0, table)
+    graph.insert_after(gather, ir.Node("", "Cast", [rows], [ir.AttrInt64("to", ir.DataType.FLOAT.value)], outputs=[as_float],
+                                       name=_fresh(f"{as_float.name}.cast", taken)))
     return 1
 
 

@@ -1,0 +1,89 @@
+"""What an ONNX Runtime session holds for compiled artifacts: the bytes at rest against the memory a
+fresh process adds by starting a session (initializers folded and repacked, nothing run).
+
+    python benchmarks/session_memory.py build/a build/b --threads 2 --json benchmarks/results/session_memory.json
+
+For each artifact folder (or `model.onnx` path), in its own fresh process: the file's weight bytes
+(`model.onnx` plus its external data), the RSS the session adds, its anonymous part (what the session
+allocated; file-backed pages of mapped external data are the rest), and the process's peak RSS while
+the session starts. The same model with graph optimizations off (`--unoptimized`) shows what
+constant folding adds. Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import common
+
+PROBE = """
+import json, os, resource, sys
+import onnxruntime as ort
+def status():
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "RssAnon", "RssFile")}
+options = ort.SessionOptions()
+options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = int(sys.argv[2]), 1, 3
+if sys.argv[3] == "off":
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+before = status()
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+after = status()
+print(json.dumps({"added": after["VmRSS"] - before["VmRSS"], "anon_added": after["RssAnon"] - before["RssAnon"],
+                  "file_backed": after["RssFile"], "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+MIB = 2**20
+
+
+def model_path(arg: str) -> Path:
+    path = Path(arg)
+    return path / "model.onnx" if path.is_dir() else path
+
+
+def bytes_at_rest(path: Path) -> int:
+    return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
+
+
+def measure(path: Path, threads: int, optimize: bool) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE, str(path), str(threads), "on" if optimize else "off"],
+                         check=True, capture_output=True, text=True)
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    return {key: round(value / MIB, 1) for key, value in found.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("artifacts", nargs="+", help="artifact folders or model.onnx paths")
+    parser.add_argument("--threads", type=int, default=common.THREADS)
+    parser.add_argument("--unoptimized", action="store_true", help="also measure each with graph optimizations off")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    rows = []
+    for arg in args.artifacts:
+        path = model_path(arg)
+        row = {"artifact": str(path.parent), "bytes_at_rest_mib": round(bytes_at_rest(path) / MIB, 1),
+               "session_mib": measure(path, args.threads, optimize=True)}
+        if args.unoptimized:
+            row["session_unoptimized_mib"] = measure(path, args.threads, optimize=False)
+        row["added_over_at_rest"] = round(row["session_mib"]["added"] / row["bytes_at_rest_mib"], 3)
+        rows.append(row)
+        common.log(f"{path.parent}: done")
+    headers = ["artifact", "MiB at rest", "session adds MiB", "x at rest", "anonymous MiB", "peak RSS MiB"]
+    if args.unoptimized:
+        headers.append("unoptimized adds MiB")
+    lines = [[r["artifact"], r["bytes_at_rest_mib"], r["session_mib"]["added"], r["added_over_at_rest"],
+              r["session_mib"]["anon_added"], r["session_mib"]["peak"],
+              *([r["session_unoptimized_mib"]["added"]] if args.unoptimized else [])] for r in rows]
+    text = common.table(headers, lines)
+    if args.json:
+        common.finish_run(args.json, args.threads, rows, text)
+    else:
+        print(text)
+
+if __name__ == "__main__":
+    main()
