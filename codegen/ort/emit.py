@@ -1,4 +1,4 @@
-"""The ONNX Runtime backend: `model.onnx` (+ `model.onnx.data` when large) and `manifest.json`.
+"""The ONNX Runtime backend: `model.onnx` (+ `model.onnx.data` from 64 MiB of weights) and `manifest.json`.
 
 The emitted model passes `onnx.checker`, loads in ONNX Runtime's CPU provider, and holds no op of
 our own domain (`lower-ort` lowers them before this runs). The manifest records what a deployment
@@ -33,6 +33,11 @@ from qcompiler.support.progress import progress
 log = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA = "qcompiler.manifest/1"
+# An artifact with this many bytes of weights or more keeps them in `model.onnx.data`: ONNX Runtime
+# maps that file and lets go of what it has repacked, where a one-file model's weights stay held as
+# read (SmolLM2 `mixed{avg-bits=4.25}`, 177 MiB: a session adds 388 MiB from one file, 232 MiB
+# from two; docs/real-size.md "Memory at session start").
+EXTERNAL_WEIGHTS_FROM = 64 << 20
 
 
 def emit(model: ir.Model, directory: Path, manifest: dict[str, Any], extra_files: tuple[Path, ...] = ()) -> list[Path]:
@@ -44,7 +49,8 @@ def emit(model: ir.Model, directory: Path, manifest: dict[str, Any], extra_files
         raise UserError(f"the ort target cannot run {kinds}; end the pipeline with 'lower-ort'")
     megabytes = initializer_bytes(model) >> 20
     with progress("write model.onnx (MB of weights)", megabytes) as bar:
-        files = save(model, directory / "model.onnx", progress=lambda done, _total: bar.update(done >> 20))
+        files = save(model, directory / "model.onnx", progress=lambda done, _total: bar.update(done >> 20),
+                     external_from=EXTERNAL_WEIGHTS_FROM)
     routes = {n.name: n.metadata_props[ROUTE_KEY] for n in model.graph if ROUTE_KEY in n.metadata_props}
     merged = {n.name: n.metadata_props[MERGED_LAYERS_KEY].split(",") for n in model.graph if MERGED_LAYERS_KEY in n.metadata_props}
     if on_disk_tensors(model):  # a large model: ONNX Runtime maps its weights; folding would hold copies of them
