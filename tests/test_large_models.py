@@ -49,6 +49,24 @@ def _content(folder) -> bytes:
     return model.SerializeToString(deterministic=True)
 
 
+def test_an_artifact_of_many_weights_keeps_them_in_a_data_file_with_the_same_content(tmp_path, monkeypatch):
+    from qcompiler.codegen.ort import emit
+
+    source = _with_external_data(tmp_path)
+    one_file = compile(str(source), tmp_path / "a", pipeline="mixed{avg-bits=4.25}", calibration=_batches())
+    monkeypatch.setattr(emit, "EXTERNAL_WEIGHTS_FROM", 1024)  # this model's weights pass it
+    two_files = compile(str(source), tmp_path / "b", pipeline="mixed{avg-bits=4.25}", calibration=_batches())
+    assert one_file.manifest["files"] == ["model.onnx"]
+    assert two_files.manifest["files"] == ["model.onnx", "model.onnx.data"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["manifest.json", "model.onnx", "model.onnx.data"]
+    assert _content(tmp_path / "a") == _content(tmp_path / "b")
+    assert two_files.manifest["mixed_layers"] == one_file.manifest["mixed_layers"]  # resident bytes measured alike
+    x = inputs(2, seed=5)
+    runs = [ort.InferenceSession(str(tmp_path / f / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            for f in ("a", "b")]
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
 @pytest.mark.parametrize("pipeline", ["w8a8", "mixed{avg-bits=4.25}"])
 def test_mapped_weights_compile_to_the_same_bytes(tmp_path, monkeypatch, pipeline):
     source = _with_external_data(tmp_path)
