@@ -571,6 +571,30 @@ def test_blocks_auto_prices_whole_blocks_from_16_blocks_of_rows(tmp_path, k, sam
     assert written["tight"] != written["whole"] and written["auto"] == written[same_as]
 
 
+def test_a_class_of_16_blocks_or_more_is_stored_padded_and_priced_as_stored(tmp_path):
+    """A class of at least `STORED_WHOLE_FROM` blocks keeps its padded last block in the file (no Pad
+    for ONNX Runtime to fold at session start); `allocate-bits` prices it so even with
+    `blocks=tight`, so the file stays within the budget and the session holds about what it stores."""
+    import json
+
+    import qcompiler
+
+    assert bitcost.class_bits("uniform", 4, 16 * 128 - 5, 64, 128, "auto") == bitcost.class_bits("uniform", 4, 16 * 128, 64, 128, "auto")
+    assert bitcost.class_bits("uniform", 4, 15 * 128 - 5, 64, 128, "auto") < bitcost.class_bits("uniform", 4, 15 * 128, 64, 128, "auto")
+    model = _layer(k=4096, n=256)
+    calib = [synthetic_inputs(model, seed=s) for s in range(2)]
+    qcompiler.compile(model, tmp_path / "out", pipeline="mixed{avg-bits=3.25 blocks=tight}", calibration=calib, drift=False)
+    (layer,) = json.loads((tmp_path / "out" / "manifest.json").read_text())["mixed_layers"].values()
+    assert 8 * layer["bytes_at_rest"] <= 3.25 * 4096 * 256
+    assert layer["bytes_resident"] <= 1.1 * layer["bytes_at_rest"]
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx")).graph
+    stored = {t.name: list(t.dims) for t in graph.initializer}
+    kernels = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    big = [n for n in kernels if dict((a.name, a.i) for a in n.attribute)["K"] >= 16 * 128]
+    assert big and all(n.input[1] in stored and len(stored[n.input[1]]) == 3 for n in big)
+    assert not any(n.op_type == "Pad" and n.output[0] in {k.input[1] for k in big} for n in graph.node)
+
+
 def test_blocks_whole_holds_the_budget_across_a_model_wide_pool():
     """scope=model with layers of 16 and 5 blocks: the whole-block layer is charged whole blocks, the
     other the rows it fills, and the total charged stays within the budget."""

@@ -14,7 +14,7 @@ or `zero-points=fractional`):
   6 and 7 at session start, so a class of b bits is stored in containers of
   `bitcost.container_bits(b)` bits (3 -> 4, 5..7 -> 8; the codes and zero points fit unchanged and
   the budget paid for the container). Codes packed per column along K, a class's last block padded
-  with code 0: in the file for a class of `PAD_IN_FILE_FROM` (16) blocks or more, else stored tight
+  with code 0: in the file for a class of `bitcost.STORED_WHOLE_FROM` (16) blocks or more, else stored tight
   and padded by a Pad that ONNX Runtime folds at session start (the padding resident, not stored);
   fp16 scales cast to float32 at load (the kernel reads float32);
   zero points packed at the container width, or none for a symmetric class (every zero point the
@@ -86,12 +86,6 @@ from qcompiler.analysis import bitcost
 from qcompiler.dialect.mixed_ops import MixedMatMulView, mixed_weight, uniform_zero_kind
 from qcompiler.ir.layers import conv_reading, new_initializer
 from qcompiler.ir.meta import CREATED_BY, MERGED_LAYERS_KEY, ROUTE_KEY, STORED_WEIGHTS
-
-# A MatMulNBits class of at least this many blocks has its last block padded in the file (at most
-# 1/16 of its bytes; as `allocate-bits{blocks=auto}` prices a layer of that many blocks), a smaller
-# one by a Pad folded at session start: ONNX Runtime holds the folded copy beside the kernel's
-# repacked one while the session starts, and part of it after (docs/real-size.md).
-PAD_IN_FILE_FROM = 16
 
 
 def pack_bitplanes(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -475,14 +469,14 @@ def _nbits_zero_points(b: _Builder, name: str, zero: np.ndarray, bits: int) -> l
 
 def _nbits_blocks(b: _Builder, name: str, codes: np.ndarray, bits: int, group_size: int) -> ir.Value:
     """MatMulNBits' weight [N, blocks, blob] of `codes` [K_c, N], packed per column along K, the last
-    block padded with code 0: in the file for a class of `PAD_IN_FILE_FROM` blocks or more, else stored
+    block padded with code 0: in the file for a class of `bitcost.STORED_WHOLE_FROM` blocks or more, else stored
     tight and padded by a Pad that ONNX Runtime folds at session start."""
     k, n = codes.shape
     blocks = -(-k // group_size)
     blob = group_size * bits // 8
     packed = pack_nbits(codes, bits)
     padding = blocks * blob - packed.shape[1]
-    if padding == 0 or blocks >= PAD_IN_FILE_FROM:
+    if padding == 0 or blocks >= bitcost.STORED_WHOLE_FROM:
         return b.const(f"{name}.nbits", np.pad(packed, ((0, 0), (0, padding))).reshape(n, blocks, blob))
     tight = b.const(f"{name}.nbits", packed)  # the padding is resident, not stored
     pads = b.const(f"{name}.pads", np.array([0, 0, 0, blocks * blob - packed.shape[1]], np.int64))

@@ -9,9 +9,10 @@ Stored bits of a layer W [K, N] (every byte counted, as `lower-ort` emits them):
   in containers of c = `container_bits(b)` bits, the next width the CPU kernel runs (2, 4, 8: a
   3-bit class costs 4 bits a weight, a 5- to 7-bit class 8): codes packed per column along K,
   8 * ceil(K_c * c / 8) * N (stored tight; the last block's padding is added at load and resident,
-  as are the float32 scales the kernel reads: see the manifest's `mixed_layers`; with
-  `whole_blocks`, `allocate-bits{blocks=whole}`, priced as resident, c * g * ceil(K_c / g) * N, so
-  that a class pays for the rows of its last block whether it fills them or not), an fp16 scale per
+  as are the float32 scales the kernel reads: see the manifest's `mixed_layers`; a class of
+  `STORED_WHOLE_FROM` blocks or more is stored in whole blocks, c * g * ceil(K_c / g) * N, the
+  padding in the file; with `whole_blocks`, `allocate-bits{blocks=whole}`, every class is priced
+  so, as resident, so that it pays for the rows of its last block whether it fills them or not), an fp16 scale per
   group and column, and the c-bit zero points packed per column, 8 * ceil(G * c / 8) * N (none
   with `zero-points=none`: symmetric codes whose zero point is the kernel's default 2^(b-1));
 - codebook class of b bits: the codes as bit-planes, plus N * 2^b fp16 centroids;
@@ -41,6 +42,10 @@ SPARSE_BITS = 16 + 32
 SPARSE_BITS_SPLIT = 32 + 32  # float32 correction + two uint16 indices (MatMulNBits route)
 PERM_BITS = 16
 GROUP_BITS = 32  # fp16 scale + fp16 zero point per group and column
+# A MatMulNBits class of this many blocks or more is stored with its last block padded in the file
+# (at most 1/16 of its bytes): a Pad folded at session start would make ONNX Runtime hold a copy
+# of the class beside its repacked codes (`lower-ort`, docs/real-size.md "Memory at session start").
+STORED_WHOLE_FROM = 16
 NBITS = (2, 4, 8)  # widths ONNX Runtime's MatMulNBits CPU kernel runs (1.32 refuses 3, 5, 6, 7: "Only 2b, 4b and 8b")
 
 
@@ -87,7 +92,8 @@ def uniform_class_bits(bits: int, rows: int, cols: int, group_size: int, zero_po
         return code_bits(bits, rows, cols) + GROUP_BITS * cols * groups
     c = container_bits(bits)
     zeros = 0 if zero_points == "none" else 8 * math.ceil(groups * c / 8) * cols
-    codes = c * group_size * groups if whole_blocks else 8 * math.ceil(rows * c / 8)
+    stored_whole = whole_blocks or groups >= STORED_WHOLE_FROM
+    codes = c * group_size * groups if stored_whole else 8 * math.ceil(rows * c / 8)
     return codes * cols + FP16 * cols * groups + zeros
 
 
