@@ -202,16 +202,17 @@ def _store_as(value: ir.Value, dtype: ir.DataType, graph: ir.Graph, taken: set[s
     source = ir.Value(name=name, type=ir.TensorType(dtype), shape=value.shape, const_value=tensor)
     graph.register_initializer(source)
     value.const_value = None
-    if _only_looked_up(value):
+    if _only_looked_up(value, graph):
         return sum(_cast_rows(node, source, graph, taken) for node in {node for node, _ in value.uses()})
     cast = ir.Node("", "Cast", [source], [ir.AttrInt64("to", ir.DataType.FLOAT.value)], outputs=[value], name=value.name)
     graph.insert_before(graph[0], cast)
     return 1
 
 
-def _only_looked_up(value: ir.Value) -> bool:
-    """Whether every reader of `value` is a Gather taking rows of it (an embedding table)."""
-    return all(node.op_type == "Gather" and node.domain in ("", "ai.onnx") and index == 0
+def _only_looked_up(value: ir.Value, graph: ir.Graph) -> bool:
+    """Whether every reader of `value` is a Gather of `graph` (not of a subgraph) taking rows of it
+    (an embedding table)."""
+    return all(node.op_type == "Gather" and node.domain in ("", "ai.onnx") and index == 0 and node.graph is graph
                and not node.outputs[0].is_graph_output() for node, index in value.uses())
 
 
