@@ -4,9 +4,9 @@ fresh process adds by starting a session (initializers folded and repacked, noth
     python benchmarks/session_memory.py build/a build/b --threads 2 --json benchmarks/results/session_memory.json
 
 For each artifact folder (or `model.onnx` path), in its own fresh process: the file's weight bytes
-(`model.onnx` plus its external data), the RSS the session adds, its anonymous part (what the session
-allocated; file-backed pages of mapped external data are the rest), and the process's peak RSS while
-the session starts. The same model with graph optimizations off (`--unoptimized`) shows what
+(`model.onnx` plus its external data), the RSS the session adds, split into its anonymous part (what
+the session allocated) and its file-backed part (pages of mapped external data still mapped), and
+the process's peak RSS while the session starts. The same model with graph optimizations off (`--unoptimized`) shows what
 constant folding adds. Prints a table, writes JSON.
 """
 
@@ -34,7 +34,8 @@ before = status()
 session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
 after = status()
 print(json.dumps({"added": after["VmRSS"] - before["VmRSS"], "anon_added": after["RssAnon"] - before["RssAnon"],
-                  "file_backed": after["RssFile"], "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "file_backed_added": after["RssFile"] - before["RssFile"],
+                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 MIB = 2**20

@@ -19,7 +19,8 @@ codes, scales, zero points, codebooks, sparse outliers, the permutation).
   per stored bit (exact for convex err_k(b) curves) and each is charged its exact cost in stored
   bits (a class's first rows pay for a whole group's metadata, a codebook class for its tables),
   so the budget holds as emitted without a correction afterwards. `blocks`: a MatMulNBits class is
-  charged the rows it fills (tight) or the whole blocks of `group-size` rows the kernel holds once
+  charged the rows it fills (tight; a class of 16 blocks or more stores, and is charged, whole
+  blocks: `bitcost.STORED_WHOLE_FROM`) or the whole blocks of `group-size` rows the kernel holds once
   the session starts (whole; auto: whole in layers of 16 blocks or more), and in a layer priced in
   whole blocks, rows then move a block's worth at a time while the budget allows
   (`_spend_in_blocks`); the statistics' bits are the bits so charged. With `codebook=kmeans` every
@@ -202,8 +203,8 @@ class AllocateBitsPass(Pass):
         "candidate classes allocated by error per stored bit, and the one with the least predicted error x predicted time "
         "kept, time from the target's measured kernel-cost table)")
     blocks: Literal["auto", "tight", "whole"] = option(
-        "auto", "how a MatMulNBits class's codes are priced: tight, as the file stores them (each class's last block is "
-        "padded at load, and that padding is resident), whole, in whole blocks of group-size rows as ONNX Runtime holds "
+        "auto", "how a MatMulNBits class's codes are priced: tight, as the file stores them (the last block of a class of "
+        "fewer than 16 blocks is padded at load, and that padding is resident; a larger class stores its padding), whole, in whole blocks of group-size rows as ONNX Runtime holds "
         "them (classes fill their blocks: resident memory close to the file's bytes, but budget a layer cannot spend in "
         "a whole block is left unspent), or auto: whole for layers of at least 16 blocks, where little is left, else tight")
     shared_input: Literal["auto", "apart", "joint"] = option(

@@ -283,3 +283,26 @@ def test_a_table_also_read_as_a_weight_is_still_cast_once_at_load(tmp_path):
     assert len(table_cast) == 1
     gather = next(n for n in graph.node if n.op_type == "Gather")
     assert gather.input[0] == table_cast[0].output[0]
+
+
+def test_a_table_also_looked_up_inside_a_subgraph_keeps_its_cast_at_load():
+    """A Gather of the table inside an If branch reads the graph's value: restoring float16 keeps the
+    table's one Cast at load (its rows cannot be cast after a lookup the graph does not hold)."""
+    import onnx_ir as ir
+
+    from qcompiler.ir import float_types
+
+    branch = lambda name: helper.make_graph(  # noqa: E731
+        [helper.make_node("Gather", ["table", "ids"], [f"{name}.rows"]), helper.make_node("Relu", [f"{name}.rows"], [f"{name}.out"])],
+        name, [], [helper.make_tensor_value_info(f"{name}.out", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]),
+             helper.make_node("If", ["flag"], ["b"], then_branch=branch("then"), else_branch=branch("else")),
+             helper.make_node("Add", ["e", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "sub", [helper.make_tensor_value_info("ids", TensorProto.INT64, [SEQ]),
+                                             helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [SEQ, D])],
+                              [numpy_helper.from_array(np.ones((16, D), np.float32), "table")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10))
+    float_types.restore_float_type(model, ir.DataType.FLOAT16)
+    assert [(n.op_type, [v.name for v in n.inputs]) for n in model.graph][:2] == [("Cast", ["table"]), ("Gather", ["table.float32", "ids"])]
+    assert model.graph.initializers["table"].dtype == ir.DataType.FLOAT16

@@ -275,7 +275,7 @@ def is_large(model: ir.Model) -> bool:
     return bool(on_disk_tensors(model)) or initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD
 
 
-def save(model: ir.Model, path: str | os.PathLike, progress=None, external_from: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
+def save(model: ir.Model, path: str | os.PathLike, progress=None, external_from: int | None = None) -> list[Path]:
     """Write `model` to `path` (weights in `<name>.data` beside it when they reach `external_from`
     bytes, by default where the file would pass protobuf's limit, or some weights are still on disk,
     a large source's: ONNX Runtime then maps them from the file instead of holding a parsed copy
@@ -287,7 +287,7 @@ def save(model: ir.Model, path: str | os.PathLike, progress=None, external_from:
 
     path = Path(path)
     total = initializer_bytes(model)
-    if total < external_from and not on_disk_tensors(model):
+    if total < (EXTERNAL_DATA_THRESHOLD if external_from is None else external_from) and not on_disk_tensors(model):
         with open(path, "wb") as file:  # one weight's bytes in memory at a time, mapped ones read from their files
             proto_stream.write_model(model, file, progress)
         return [path]

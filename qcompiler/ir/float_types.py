@@ -203,7 +203,7 @@ def _store_as(value: ir.Value, dtype: ir.DataType, graph: ir.Graph, taken: set[s
     graph.register_initializer(source)
     value.const_value = None
     if _only_looked_up(value, graph):
-        return sum(_cast_rows(node, source, graph, taken) for node in {node for node, _ in value.uses()})
+        return sum(_cast_rows(node, source, graph, taken) for node in dict.fromkeys(node for node, _ in value.uses()))
     cast = ir.Node("", "Cast", [source], [ir.AttrInt64("to", ir.DataType.FLOAT.value)], outputs=[value], name=value.name)
     graph.insert_before(graph[0], cast)
     return 1
