@@ -486,23 +486,38 @@ def mixed_layer_mib(manifest: dict) -> dict:
             "layers_resident_mib": round(sum(v["bytes_resident"] for v in layers.values()) / 2**20, 2)}
 
 
-RSS_PROBE = """
-import sys, onnxruntime as ort
-def rss():
-    import os
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+SESSION_PROBE = """
+import json, resource, sys
+import onnxruntime as ort
+def status():
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "RssAnon", "RssFile")}
 options = ort.SessionOptions()
-options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = %d, 1, 3
-before = rss()
+options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = int(sys.argv[2]), 1, 3
+if sys.argv[3] == "off":
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+before = status()
 session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
-print(rss() - before)
+after = status()
+print(json.dumps({"added": after["VmRSS"] - before["VmRSS"], "anon_added": after["RssAnon"] - before["RssAnon"],
+                  "file_backed_added": after["RssFile"] - before["RssFile"],
+                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
+
+
+def session_memory(path: Path, threads: int, optimize: bool = True) -> dict[str, float]:
+    """MiB of process memory a fresh process adds by creating an ONNX Runtime session for `path`
+    (the model read and its initializers folded and repacked, nothing run): `added` RSS, its
+    anonymous (`anon_added`) and file-backed (`file_backed_added`, mapped external data) parts, and
+    the process's `peak` RSS. `optimize=False`: graph optimizations off (no constant folding)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", SESSION_PROBE, str(path), str(threads), "on" if optimize else "off"],
+                         check=True, capture_output=True, text=True)
+    return {key: round(value / 2**20, 1) for key, value in json.loads(out.stdout.strip().splitlines()[-1]).items()}
 
 
 def session_rss(path: Path, threads: int) -> float:
     """MiB of process RSS added by creating an ONNX Runtime session for `path`, in a fresh process
-    (the model read and its initializers folded and repacked, nothing run)."""
-    import subprocess
-
-    out = subprocess.run([sys.executable, "-c", RSS_PROBE % threads, str(path)], check=True, capture_output=True, text=True)
-    return round(int(out.stdout.strip().splitlines()[-1]) / 2**20, 1)
+    (`session_memory`'s `added`)."""
+    return session_memory(path, threads)["added"]

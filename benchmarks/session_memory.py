@@ -13,30 +13,9 @@ constant folding adds. Prints a table, writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import common
-
-PROBE = """
-import json, os, resource, sys
-import onnxruntime as ort
-def status():
-    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
-    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "RssAnon", "RssFile")}
-options = ort.SessionOptions()
-options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = int(sys.argv[2]), 1, 3
-if sys.argv[3] == "off":
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-before = status()
-session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
-after = status()
-print(json.dumps({"added": after["VmRSS"] - before["VmRSS"], "anon_added": after["RssAnon"] - before["RssAnon"],
-                  "file_backed_added": after["RssFile"] - before["RssFile"],
-                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
-"""
 
 MIB = 2**20
 
@@ -44,17 +23,6 @@ MIB = 2**20
 def model_path(arg: str) -> Path:
     path = Path(arg)
     return path / "model.onnx" if path.is_dir() else path
-
-
-def bytes_at_rest(path: Path) -> int:
-    return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
-
-
-def measure(path: Path, threads: int, optimize: bool) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, str(path), str(threads), "on" if optimize else "off"],
-                         check=True, capture_output=True, text=True)
-    found = json.loads(out.stdout.strip().splitlines()[-1])
-    return {key: round(value / MIB, 1) for key, value in found.items()}
 
 
 def main() -> None:
@@ -67,10 +35,10 @@ def main() -> None:
     rows = []
     for arg in args.artifacts:
         path = model_path(arg)
-        row = {"artifact": str(path.parent), "bytes_at_rest_mib": round(bytes_at_rest(path) / MIB, 1),
-               "session_mib": measure(path, args.threads, optimize=True)}
+        row = {"artifact": str(path.parent), "bytes_at_rest_mib": round(common.files_size(common.onnx_files(path)) / MIB, 1),
+               "session_mib": common.session_memory(path, args.threads)}
         if args.unoptimized:
-            row["session_unoptimized_mib"] = measure(path, args.threads, optimize=False)
+            row["session_unoptimized_mib"] = common.session_memory(path, args.threads, optimize=False)
         row["added_over_at_rest"] = round(row["session_mib"]["added"] / row["bytes_at_rest_mib"], 3)
         rows.append(row)
         common.log(f"{path.parent}: done")
@@ -85,6 +53,7 @@ def main() -> None:
         common.finish_run(args.json, args.threads, rows, text)
     else:
         print(text)
+
 
 if __name__ == "__main__":
     main()

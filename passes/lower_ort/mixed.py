@@ -476,7 +476,7 @@ def _nbits_blocks(b: _Builder, name: str, codes: np.ndarray, bits: int, group_si
     blob = group_size * bits // 8
     packed = pack_nbits(codes, bits)
     padding = blocks * blob - packed.shape[1]
-    if padding == 0 or blocks >= bitcost.STORED_WHOLE_FROM:
+    if padding == 0 or bitcost.stored_in_whole_blocks(blocks):
         return b.const(f"{name}.nbits", np.pad(packed, ((0, 0), (0, padding))).reshape(n, blocks, blob))
     tight = b.const(f"{name}.nbits", packed)  # the padding is resident, not stored
     pads = b.const(f"{name}.pads", np.array([0, 0, 0, blocks * blob - packed.shape[1]], np.int64))

@@ -46,6 +46,13 @@ GROUP_BITS = 32  # fp16 scale + fp16 zero point per group and column
 # (at most 1/16 of its bytes): a Pad folded at session start would make ONNX Runtime hold a copy
 # of the class beside its repacked codes (`lower-ort`, docs/real-size.md "Memory at session start").
 STORED_WHOLE_FROM = 16
+
+
+def stored_in_whole_blocks(blocks: int) -> bool:
+    """Whether a MatMulNBits class of `blocks` blocks is stored with its last block padded (`STORED_WHOLE_FROM`)."""
+    return blocks >= STORED_WHOLE_FROM
+
+
 NBITS = (2, 4, 8)  # widths ONNX Runtime's MatMulNBits CPU kernel runs (1.32 refuses 3, 5, 6, 7: "Only 2b, 4b and 8b")
 
 
@@ -92,7 +99,7 @@ def uniform_class_bits(bits: int, rows: int, cols: int, group_size: int, zero_po
         return code_bits(bits, rows, cols) + GROUP_BITS * cols * groups
     c = container_bits(bits)
     zeros = 0 if zero_points == "none" else 8 * math.ceil(groups * c / 8) * cols
-    stored_whole = whole_blocks or groups >= STORED_WHOLE_FROM
+    stored_whole = whole_blocks or stored_in_whole_blocks(groups)
     codes = c * group_size * groups if stored_whole else 8 * math.ceil(rows * c / 8)
     return codes * cols + FP16 * cols * groups + zeros
 
