@@ -21,9 +21,9 @@ codes, scales, zero points, codebooks, sparse outliers, the permutation).
   so the budget holds as emitted without a correction afterwards. `blocks`: a MatMulNBits class is
   charged the rows it fills (tight; a class of 16 blocks or more stores, and is charged, whole
   blocks: `bitcost.STORED_WHOLE_FROM`) or the whole blocks of `group-size` rows the kernel holds once
-  the session starts (whole; auto: whole in layers of 16 blocks or more), and in a layer priced in
-  whole blocks, rows then move a block's worth at a time while the budget allows
-  (`_spend_in_blocks`); the statistics' bits are the bits so charged. With `codebook=kmeans` every
+  the session starts (whole; auto: whole in layers of 16 blocks or more), and in a layer where a
+  class may be charged whole blocks, rows then move a block's worth at a time while the budget allows
+  (`_spend_in_blocks`), and the bits such moves free are climbed again row by row; the statistics' bits are the bits so charged. With `codebook=kmeans` every
   non-empty subset of the candidates is allocated so and the one with the least predicted error is
   kept: the greedy climbs one candidate at a time, and a codebook class's first row pays its whole
   table, so a budget that cannot open the 4-bit class would otherwise never reach 8 bits.
@@ -640,6 +640,22 @@ class AllocateBitsPass(Pass):
                 self._push(heap, layer, index, int(k), 0, candidates)
         if spent > budget:
             raise UserError(self._infeasible(pool, candidates, avg_bits))
+        spent = self._climb(pool, bits, counts, heap, spent, budget, candidates)
+        if any(self._in_blocks(layer) for layer in pool):
+            left = self._spend_in_blocks(pool, bits, counts, budget - spent, candidates)
+            if left > budget - spent:  # moving whole blocks freed bits: climb again, row by row
+                heap = []
+                for index, layer in enumerate(pool):
+                    b = bits[layer.linear.name]
+                    for k in np.flatnonzero(~layer.fp16):
+                        self._push(heap, layer, index, int(k), candidates.index(int(b[k])), candidates)
+                self._climb(pool, bits, counts, heap, budget - left, budget, candidates)
+        return bits
+
+    def _climb(self, pool: list[_Layer], bits: dict[str, np.ndarray], counts: list[dict], heap: list, spent: float,
+               budget: float, candidates: list[int]) -> float:
+        """Take the upgrades of `heap` best ratio first, each charged its exact cost, while the budget
+        allows; returns the bits spent."""
         deferred = []
         for _ in range(REVISITS + 1):  # a move that empties a group frees bits: retry what did not fit
             taken = 0
@@ -664,21 +680,19 @@ class AllocateBitsPass(Pass):
                 break
             heap, deferred = deferred, []
             heapq.heapify(heap)
-        if any(self._whole_blocks(layer) for layer in pool):
-            self._spend_in_blocks(pool, bits, counts, budget - spent, candidates)
-        return bits
+        return spent
 
     def _spend_in_blocks(self, pool: list[_Layer], bits: dict[str, np.ndarray], counts: list[dict], left: float,
-                         candidates: list[int]) -> None:
+                         candidates: list[int]) -> float:
         """Layers priced in whole blocks: the row-by-row greedy stops where the next row would open a block it cannot
         pay for, although moving a block's worth of rows at once may free a block of the narrower
         class and cost less. While the budget left allows, the move of most error reduction per bit
         among "fill the wider class's last block (or one new block) with the best rows of the
-        narrower one", over every layer and pair of neighbouring candidates, is taken."""
+        narrower one", over every layer and pair of neighbouring candidates, is taken. Returns the bits left."""
         while True:
             best = None
             for index, layer in enumerate(pool):
-                if not self._whole_blocks(layer):
+                if not self._in_blocks(layer):
                     continue
                 b, count = bits[layer.linear.name], counts[index]
                 for lo, hi in zip(candidates, candidates[1:]):
@@ -697,7 +711,7 @@ class AllocateBitsPass(Pass):
                     if best is None or ratio > best[0]:
                         best = (ratio, index, lo, hi, chosen, delta)
             if best is None:
-                return
+                return left
             _, index, lo, hi, chosen, delta = best
             bits[pool[index].linear.name][chosen] = hi
             counts[index][lo] -= len(chosen)
@@ -718,6 +732,12 @@ class AllocateBitsPass(Pass):
         if not layer.costs.holds_blocks:  # expanded at load (Conv kernels), or a target that stores codes tight
             return False
         return self.blocks == "whole" or (self.blocks == "auto" and layer.shape[0] >= WHOLE_BLOCKS_FROM * self.group_size)
+
+    def _in_blocks(self, layer: _Layer) -> bool:
+        """Whether some class of this layer may be charged whole blocks: the layer is priced so, or it
+        has rows for a class of `bitcost.STORED_WHOLE_FROM` blocks, which is stored so under any `blocks`."""
+        return self._whole_blocks(layer) or (
+            layer.costs.holds_blocks and bitcost.stored_in_whole_blocks(layer.shape[0] // self.group_size))
 
     def _stored_bits(self, layer: _Layer, bits: np.ndarray) -> int:
         """Exact stored bits of one layer's allocation (classes, groups, codebooks, outliers, permutation)."""
