@@ -1,0 +1,91 @@
+"""Pipelines side by side on one bundled model, with the peer benchmark's data and scoring.
+
+    python benchmarks/recipes.py --model minilm-l6 "mixed{avg-bits=3}" "mixed{avg-bits=3 rounding=gptq}" \
+        --output benchmarks/results/recipes_minilm_3bit.json
+    python benchmarks/recipes.py --model smollm2-135m "mixed{avg-bits=4.25}" "canonicalize,calibrate,..." --work DIR
+
+For trying a recipe against a preset before making it one: each pipeline compiles the same float
+model (captured once with the `default` pipeline, kept in `--work`) on the same calibration
+batches as `benchmarks/peers.py` (`mixed_pareto.calibration`) and is scored by the same code
+(`mixed_pareto.Evaluator`: SmolLM2 perplexity on the first `--windows` 256-token windows of the
+first three quarters of the WikiText excerpt, MiniLM STS Spearman x100 on all pairs). Prints one
+row per pipeline (effective bits as the manifest counts them, quality, its difference to float,
+compile seconds) and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import mixed_pareto  # noqa: E402
+
+MODELS = ("minilm-l6", "smollm2-135m")
+
+
+def float_artifact(model: str, work: Path, threads: int) -> Path:
+    """The model captured with the `default` pipeline, reused from `work` when it is there."""
+    import qcompiler
+
+    folder = work / "float"
+    if not (folder / "model.onnx").is_file():
+        common.log(f"{model}: capture")
+        qcompiler.compile(model, folder, pipeline="default", drift=False, threads=threads)
+    return folder / "model.onnx"
+
+
+def evaluator(model: str, work: Path, windows: int) -> mixed_pareto.Evaluator:
+    text = work / "eval-head.txt"
+    if model == "smollm2-135m":
+        text.write_text(common.wikitext_split()[0], encoding="utf-8")
+    return mixed_pareto.Evaluator(model, text, windows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pipelines", nargs="+", help="pipeline specs, compiled in turn")
+    parser.add_argument("--model", choices=MODELS, required=True)
+    parser.add_argument("--windows", type=int, default=8, help="SmolLM2 perplexity windows of 256 tokens (8)")
+    parser.add_argument("--threads", type=int, default=common.THREADS, help="intra-op threads (default 2)")
+    parser.add_argument("--work", default=None, help="folder for the float model and the artifacts (default: build/recipes/MODEL)")
+    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/recipes_MODEL.json)")
+    args = parser.parse_args(argv)
+    common.quiet()
+    mixed_pareto.THREADS = args.threads
+    threads = common.fix_threads(args.threads)
+    work = Path(args.work or f"build/recipes/{args.model}")
+    work.mkdir(parents=True, exist_ok=True)
+    output = Path(args.output or common.RESULTS / f"recipes_{args.model}.json")
+    source = float_artifact(args.model, work, args.threads)
+    batches, calibration = mixed_pareto.calibration(args.model)
+    score = evaluator(args.model, work, args.windows)
+    metric = "perplexity" if args.model == "smollm2-135m" else "spearman_x100"
+    base = score(source)[metric]
+    rows = []
+    body = {"benchmark": "recipes", "command": common.command_line(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "machine": common.machine(), "packages": common.packages(), "git": common.git_state(), "threads": threads,
+            "model": args.model, "metric": metric, "calibration": calibration, "float": base, "rows": rows}
+    common.log(f"{args.model}: float {metric} {base:.3f}")
+    for index, pipeline in enumerate(args.pipelines):
+        row = mixed_pareto.compile_ours(source, work / f"recipe-{index}", pipeline, batches)
+        if "error" not in row:
+            quality = score(work / f"recipe-{index}" / "model.onnx")[metric]
+            row.update({metric: quality, "to_float": round(quality - base, 3)})
+        rows.append({"spec": pipeline, **row})
+        common.write_json(output, body)
+        common.log(f"{pipeline}: {row.get(metric, row.get('error'))}")
+    lines = [f"bits   | {metric} | to float | compile s | pipeline"]
+    for row in rows:
+        quality = f"{row[metric]:.2f}" if metric in row else row.get("error", "")[:60]
+        lines.append(f"{row.get('effective_bits', 0):.4f} | {quality} | {row.get('to_float', '')} | {row.get('compile_s', '')} | {row['spec']}")
+    print("\n".join(lines))
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
