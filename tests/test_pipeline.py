@@ -66,6 +66,14 @@ def test_preset_option_that_chooses_passes():
         parse_pipeline("mixed{rounding=best}")
 
 
+def test_mixed_preset_passes_its_group_size_to_allocate_bits():
+    allocator = [p for p in parse_pipeline("mixed{avg-bits=3 group-size=64}") if p.name == "allocate-bits"][0]
+    assert allocator.group_size == 64 and allocator.avg_bits == 3.0
+    assert [p for p in parse_pipeline("mixed") if p.name == "allocate-bits"][0].group_size == 128
+    with pytest.raises(UserError, match="preset 'mixed': group-size must be one of 128, 64, 32, got '48'"):
+        parse_pipeline("mixed{group-size=48}")
+
+
 def test_pipeline_from_file(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("# my pipeline\ncanonicalize,\ntest-example{count=3}  # three\n")

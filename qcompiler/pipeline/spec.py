@@ -104,12 +104,15 @@ PRESETS: dict[str, Preset] = {
     ),
     "mixed": Preset(
         "canonicalize,calibrate$act_scale,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook sensitivity=$sensitivity "
-        "outliers-weight=$outliers_weight$blocks$shared_input$tables},quantize-weights$rounding$tuning,fold-permutation$embedding$kv_cache,$route",
+        "outliers-weight=$outliers_weight$group_size$blocks$shared_input$tables},quantize-weights$rounding$tuning,fold-permutation$embedding$kv_cache,$route",
         "weight-only channel-wise mixed precision at a fractional bit budget (needs --calib)",
         {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0",
          "rounding": "nearest", "tuning": "none", "act-scale": "none", "embedding": "float", "kv-cache": "float32",
-         "route": "split", "attention": "auto", "blocks": "auto", "shared-input": "auto"},
+         "route": "split", "attention": "auto", "blocks": "auto", "shared-input": "auto", "group-size": "128"},
         {"rounding": {"nearest": "", "gptq": ",gptq"},
+         # rows per scale/zero-point group (allocate-bits{group-size=...}); 64 suits narrow encoders
+         # (docs/results.md, "MiniLM at 3 bits")
+         "group-size": {"128": "", "64": " group-size=64", "32": " group-size=32"},
          # linears of one input (Q/K/V, gate/up) allocated together: lowered as one wide kernel per class
          # (auto: in a decoder with a KV cache)
          "shared-input": {"auto": "", "apart": " shared-input=apart", "joint": " shared-input=joint"},
