@@ -281,6 +281,7 @@ class Evaluator:
         self.name, self.eval_text, self.windows = name, eval_text, windows
         self.bundled = models.get(name)
         self.float_outputs: list[np.ndarray] | None = None
+        self.first_is_float = True  # the first model scored is the float reference of the agreement (False: none)
 
     def __call__(self, path: Path) -> dict[str, Any]:
         from qcompiler.analysis.execute import ort_session
@@ -312,7 +313,8 @@ class Evaluator:
                 agree += int(np.sum(top == self.float_outputs[i]))
         result = {"perplexity": round(float(np.exp(nll / tokens)), 4), "windows": int(len(rows)), "predicted_tokens": tokens}
         if self.float_outputs is None:
-            self.float_outputs = outputs
+            if self.first_is_float:
+                self.float_outputs = outputs
         else:
             result["top1_agreement_vs_float"] = round(agree / sum(len(o) for o in outputs), 5)
         return result

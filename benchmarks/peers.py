@@ -612,6 +612,7 @@ def lm_rows(args, work: Path) -> dict[str, Any]:
     earlier = earlier_float_row(args, name, float_bits)
     if earlier is not None:
         rows["float32"] = earlier
+        evaluator.first_is_float = False  # the float tokens are not in the JSON: no agreement rather than one with a peer row
     else:
         rows["float32"] = {"family": "float", "tool": "qcompiler", "config": "default", "compile_s": float_s,
                            "compile_note": "capture + default pipeline (None: reused from --work)", **float_bits, "head": "fp32 (tied)",

@@ -642,8 +642,8 @@ class AllocateBitsPass(Pass):
             raise UserError(self._infeasible(pool, candidates, avg_bits))
         spent = self._climb(pool, bits, counts, heap, spent, budget, candidates)
         if any(self._in_blocks(layer) for layer in pool):
-            left = self._spend_in_blocks(pool, bits, counts, budget - spent, candidates)
-            if left > budget - spent:  # moving whole blocks freed bits: climb again, row by row
+            left, moves = self._spend_in_blocks(pool, bits, counts, budget - spent, candidates)
+            if moves:  # rows moved a block at a time (which may free bits): climb again, row by row
                 heap = []
                 for index, layer in enumerate(pool):
                     b = bits[layer.linear.name]
@@ -683,12 +683,14 @@ class AllocateBitsPass(Pass):
         return spent
 
     def _spend_in_blocks(self, pool: list[_Layer], bits: dict[str, np.ndarray], counts: list[dict], left: float,
-                         candidates: list[int]) -> float:
+                         candidates: list[int]) -> tuple[float, int]:
         """Layers priced in whole blocks: the row-by-row greedy stops where the next row would open a block it cannot
         pay for, although moving a block's worth of rows at once may free a block of the narrower
         class and cost less. While the budget left allows, the move of most error reduction per bit
         among "fill the wider class's last block (or one new block) with the best rows of the
-        narrower one", over every layer and pair of neighbouring candidates, is taken. Returns the bits left."""
+        narrower one", over every layer and pair of neighbouring candidates, is taken. Returns the bits
+        left and the number of moves taken."""
+        moves = 0
         while True:
             best = None
             for index, layer in enumerate(pool):
@@ -711,7 +713,8 @@ class AllocateBitsPass(Pass):
                     if best is None or ratio > best[0]:
                         best = (ratio, index, lo, hi, chosen, delta)
             if best is None:
-                return left
+                return left, moves
+            moves += 1
             _, index, lo, hi, chosen, delta = best
             bits[pool[index].linear.name][chosen] = hi
             counts[index][lo] -= len(chosen)
@@ -737,7 +740,7 @@ class AllocateBitsPass(Pass):
         """Whether some class of this layer may be charged whole blocks: the layer is priced so, or it
         has rows for a class of `bitcost.STORED_WHOLE_FROM` blocks, which is stored so under any `blocks`."""
         return self._whole_blocks(layer) or (
-            layer.costs.holds_blocks and bitcost.stored_in_whole_blocks(layer.shape[0] // self.group_size))
+            layer.costs.holds_blocks and bitcost.stored_in_whole_blocks(-(-layer.shape[0] // self.group_size)))
 
     def _stored_bits(self, layer: _Layer, bits: np.ndarray) -> int:
         """Exact stored bits of one layer's allocation (classes, groups, codebooks, outliers, permutation)."""

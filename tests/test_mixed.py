@@ -592,7 +592,7 @@ def test_a_class_of_16_blocks_or_more_is_stored_padded_and_priced_as_stored(tmp_
     # what the session holds beyond the file: a copy of each small class padded at load, and little else
     padded_at_load = sum(np.prod(stored[n.input[0]]) + onnx.numpy_helper.to_array(
         next(t for t in graph.initializer if t.name == n.input[1]))[-1] * stored[n.input[0]][0]
-        for n in graph.node if n.op_type == "Pad")
+        for n in graph.node if n.op_type == "Pad" and n.input[0] in stored)
     assert layer["bytes_resident"] <= 1.1 * layer["bytes_at_rest"] + padded_at_load
     assert padded_at_load <= 0.1 * layer["bytes_at_rest"]
     kernels = [n for n in graph.node if n.op_type == "MatMulNBits"]
@@ -601,8 +601,8 @@ def test_a_class_of_16_blocks_or_more_is_stored_padded_and_priced_as_stored(tmp_
     assert not any(n.op_type == "Pad" and n.output[0] in {k.input[1] for k in big} for n in graph.node)
 
 
-@pytest.mark.parametrize("blocks", ["tight", "whole"])
-def test_whole_block_moves_and_the_bits_they_free_lower_the_error_at_the_same_budget(monkeypatch, blocks):
+@pytest.mark.parametrize("blocks, spent_at_least", [("tight", 3.24), ("whole", 3.15)])
+def test_whole_block_moves_and_the_bits_they_free_lower_the_error_at_the_same_budget(monkeypatch, blocks, spent_at_least):
     """A layer of 32 blocks of rows, where some class is charged whole blocks under either setting:
     after the row-by-row climb, moving a block's worth of rows at once (which can free a block of
     the narrower class) and climbing again with what that frees predicts less error than the climb
@@ -616,9 +616,9 @@ def test_whole_block_moves_and_the_bits_they_free_lower_the_error_at_the_same_bu
         return stats["predicted_bits_per_weight"], layer["predicted_error"]
 
     bits, error = allocation()
-    monkeypatch.setattr(registered_passes()["allocate-bits"], "_spend_in_blocks", lambda self, pool, bits, counts, left, candidates: left)
+    monkeypatch.setattr(registered_passes()["allocate-bits"], "_spend_in_blocks", lambda self, pool, bits, counts, left, candidates: (left, 0))
     climb_bits, climb_error = allocation()
-    assert 3.15 <= bits <= 3.25 and climb_bits <= 3.25
+    assert spent_at_least <= bits <= 3.25 and climb_bits <= 3.25  # tight: the bits the moves free are climbed again
     assert error < 0.99 * climb_error
 
 

@@ -70,7 +70,9 @@ def test_mixed_preset_passes_its_group_size_to_allocate_bits():
     allocator = [p for p in parse_pipeline("mixed{avg-bits=3 group-size=64}") if p.name == "allocate-bits"][0]
     assert allocator.group_size == 64 and allocator.avg_bits == 3.0
     assert [p for p in parse_pipeline("mixed") if p.name == "allocate-bits"][0].group_size == 128
-    with pytest.raises(UserError, match="preset 'mixed': group-size must be one of 128, 64, 32, got '48'"):
+    awq = [p for p in parse_pipeline("mixed{group-size=64 act-scale=awq}") if p.name == "awq-scale"][0]
+    assert awq.group_size == 64  # the scales are searched on the groups allocate-bits will use
+    with pytest.raises(UserError, match="group-size must be 32, 64 or 128, got 48"):
         parse_pipeline("mixed{group-size=48}")
 
 

@@ -104,15 +104,12 @@ PRESETS: dict[str, Preset] = {
     ),
     "mixed": Preset(
         "canonicalize,calibrate$act_scale,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook sensitivity=$sensitivity "
-        "outliers-weight=$outliers_weight$group_size$blocks$shared_input$tables},quantize-weights$rounding$tuning,fold-permutation$embedding$kv_cache,$route",
+        "outliers-weight=$outliers_weight group-size=$group_size$blocks$shared_input$tables},quantize-weights$rounding$tuning,fold-permutation$embedding$kv_cache,$route",
         "weight-only channel-wise mixed precision at a fractional bit budget (needs --calib)",
         {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0",
          "rounding": "nearest", "tuning": "none", "act-scale": "none", "embedding": "float", "kv-cache": "float32",
          "route": "split", "attention": "auto", "blocks": "auto", "shared-input": "auto", "group-size": "128"},
         {"rounding": {"nearest": "", "gptq": ",gptq"},
-         # rows per scale/zero-point group (allocate-bits{group-size=...}); 64 suits narrow encoders
-         # (docs/results.md, "MiniLM at 3 bits")
-         "group-size": {"128": "", "64": " group-size=64", "32": " group-size=32"},
          # linears of one input (Q/K/V, gate/up) allocated together: lowered as one wide kernel per class
          # (auto: in a decoder with a KV cache)
          "shared-input": {"auto": "", "apart": " shared-input=apart", "joint": " shared-input=joint"},
@@ -125,7 +122,7 @@ PRESETS: dict[str, Preset] = {
                    "digits": "lower-ort{mixed-route=digits fp16-route=load attention=$attention}",
                    "auto": "lower-ort{mixed-route=auto fp16-route=load attention=$attention}"},
          # AWQ: input channels scaled by mean|x|^alpha (alpha searched at the layer's budget), folded into the producer
-         "act-scale": {"none": "", "awq": ",awq-scale{avg-bits=$avg_bits},fold-scales{unfoldable=unsmooth}"},
+         "act-scale": {"none": "", "awq": ",awq-scale{avg-bits=$avg_bits group-size=$group_size},fold-scales{unfoldable=unsmooth}"},
          # end to end: every layer's scales against the float model's next-token distributions (LMs)
          "tuning": {"none": "", "e2e-kl": ",tune-scales{regions=0 loss=kl steps=120 lr=0.001 batch=4}"},
          # budget: the tables inside avg-bits, their width chosen with the layers' bits (allocate-bits{embeddings=budget})
