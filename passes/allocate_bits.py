@@ -629,28 +629,28 @@ class AllocateBitsPass(Pass):
         bits = {layer.linear.name: np.full(layer.shape[0], candidates[0], np.uint8) for layer in pool}
         counts = []
         spent = 0.0
-        heap = []
-        for index, layer in enumerate(pool):
+        for layer in pool:
             b = bits[layer.linear.name]
             b[layer.fp16] = bitcost.FP16
-            rows = np.flatnonzero(~layer.fp16)
-            counts.append({c: 0 for c in candidates} | {bitcost.FP16: int(layer.fp16.sum()), candidates[0]: len(rows)})
+            counts.append({c: 0 for c in candidates} | {bitcost.FP16: int(layer.fp16.sum()), candidates[0]: int((~layer.fp16).sum())})
             spent += self._stored_bits(layer, b)
-            for k in rows:
-                self._push(heap, layer, index, int(k), 0, candidates)
         if spent > budget:
             raise UserError(self._infeasible(pool, candidates, avg_bits))
-        spent = self._climb(pool, bits, counts, heap, spent, budget, candidates)
+        spent = self._climb(pool, bits, counts, self._upgrades(pool, bits, candidates), spent, budget, candidates)
         if any(self._in_blocks(layer) for layer in pool):
             left, moves = self._spend_in_blocks(pool, bits, counts, budget - spent, candidates)
             if moves:  # rows moved a block at a time (which may free bits): climb again, row by row
-                heap = []
-                for index, layer in enumerate(pool):
-                    b = bits[layer.linear.name]
-                    for k in np.flatnonzero(~layer.fp16):
-                        self._push(heap, layer, index, int(k), candidates.index(int(b[k])), candidates)
-                self._climb(pool, bits, counts, heap, budget - left, budget, candidates)
+                self._climb(pool, bits, counts, self._upgrades(pool, bits, candidates), budget - left, budget, candidates)
         return bits
+
+    def _upgrades(self, pool: list[_Layer], bits: dict[str, np.ndarray], candidates: list[int]) -> list:
+        """The heap of every non-fp16 row's next upgrade from the width it has now."""
+        heap = []
+        for index, layer in enumerate(pool):
+            b = bits[layer.linear.name]
+            for k in np.flatnonzero(~layer.fp16):
+                self._push(heap, layer, index, int(k), candidates.index(int(b[k])), candidates)
+        return heap
 
     def _climb(self, pool: list[_Layer], bits: dict[str, np.ndarray], counts: list[dict], heap: list, spent: float,
                budget: float, candidates: list[int]) -> float:

@@ -262,12 +262,14 @@ def _is_bundled_or_factory(dest: str, value: str) -> bool:
 
 
 def describe_dry_run(args, spec: str, cache_dir: Path | None, gates: list[Gate]) -> str:
+    from codegen.ort.emit import EXTERNAL_WEIGHTS_FROM
+
     output = Path(args.output)
     lines = [f"source:   {args.source}", f"target:   {args.target}", f"pipeline: {spec}"]
     if args.calib:
         lines.append(f"calibration: {args.calib} (first {args.calib_count} samples)")
-    lines.append(f"would write {output}/ (model.onnx, with model.onnx.data from 64 MiB of weights, and manifest.json), "
-                 "replacing it atomically if it exists")
+    lines.append(f"would write {output}/ (model.onnx, with model.onnx.data from {EXTERNAL_WEIGHTS_FROM >> 20} MiB of weights, "
+                 "and manifest.json), replacing it atomically if it exists")
     if args.report:
         lines.append(f"would write the report {args.report}")
     if args.dump_ir:
