@@ -134,6 +134,14 @@ def test_order_check_names_the_missing_pass():
     check_order(parse_pipeline("canonicalize,test-example"))
 
 
+def test_a_pass_after_the_lowering_is_refused_before_anything_runs():
+    """lower-ort leaves no qc op to quantize or learn: a learning pass after it would run and change nothing."""
+    for later in ("flexround", "gptq", "tune-scales", "quantize-weights"):
+        with pytest.raises(UserError, match=f"{later} cannot come after lower-ort .only canonicalize, lower-ort may.; put lower-ort after {later}"):
+            check_order(parse_pipeline(f"canonicalize,calibrate,allocate-bits,quantize-weights,lower-ort,{later}"))
+    check_order(parse_pipeline("canonicalize,calibrate,allocate-bits,quantize-weights,flexround,lower-ort,canonicalize"))
+
+
 _numbers = st.floats(min_value=0, max_value=1, allow_nan=False).map(lambda x: round(x, 3))
 
 

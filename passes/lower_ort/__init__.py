@@ -108,6 +108,8 @@ class LowerOrtPass(Pass):
 
     name = "lower-ort"
     provided = frozenset({Prop.LOWERED_ORT})
+    # no qc op is left for a quantizing or learning pass to read: one placed after would change nothing
+    followers = frozenset({"canonicalize", "lower-ort"})
 
     class Stats:
         """Keys of `PassResult.stats` that the compiler reads."""
