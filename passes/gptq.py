@@ -76,6 +76,10 @@ class GPTQPass(Pass):
     grid: Literal["minmax", "mse"] = option("mse", "uniform classes: min-max range, or the clipping that minimises weighted error")
     sequential: int = option(1, "1: layers measured with the block's earlier layers already rounded; 0: all on the block's float weights")
     regions: int = option(2, "residual regions per block (2: attention + MLP of one transformer layer)")
+    order: Literal["class", "act"] = option(
+        "class", "the order rows are rounded in within each class: as stored (class), or by decreasing H diagonal (act: "
+        "the most active input channels first, so that more rows are left to absorb their error; the stored layout "
+        "and groups are unchanged)")
 
     def __post_init__(self):
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0.0 < self.damp <= 1.0:
@@ -134,7 +138,8 @@ class GPTQPass(Pass):
                 cols = np.arange(g * columns, (g + 1) * columns)
                 hp = h[np.ix_(perm, perm)]
                 part = gptq_round(w[:, cols], hp, a["kinds"], a["bits"], a["sizes"], view.group_size,
-                                  _columns_of(originals, a["kinds"], cols, a["sparse"]), a["sparse"], self.grid, self.damp)
+                                  _columns_of(originals, a["kinds"], cols, a["sparse"]), a["sparse"], self.grid, self.damp,
+                                  self.order)
                 trial = [x.copy() for x in new_arrays]
                 _write_columns(trial, part, a["kinds"], cols, a["sparse"])
                 candidate = _dequantized(trial, a, view.group_size)[:, cols]
@@ -187,7 +192,7 @@ class GPTQPass(Pass):
             return rounded[id(node)] if id(node) in rounded else problem.stored_weight(node)
 
         for group in _by_input(problem.layers) if self.sequential else [problem.layers]:
-            factors = _factors(problem, group, weight_of, self.damp)
+            factors = _factors(problem, group, weight_of, self.damp, self.order)
             tasks = [RoundingTask(layer.w.numpy(), *factors.pop(id(layer.node)), layer.kinds, layer.bits, layer.sizes,
                                   layer.group_size, layer.originals, layer.sparse) for layer in group]
             results = executor.map(round_layer, tasks, shared=self.grid,
@@ -206,8 +211,9 @@ class RoundingTask:
     K x K arrays held."""
 
     w: np.ndarray
-    factor: np.ndarray  # U, upper triangular, with (H + damping)^-1 = U^T U
-    energy: np.ndarray  # H's diagonal, negatives at 0
+    factor: np.ndarray  # U, upper triangular, with (H + damping)^-1 = U^T U, in rounding order
+    energy: np.ndarray  # H's diagonal, negatives at 0, in stored order
+    order: np.ndarray | None  # the stored rows in rounding order (`rounding_order`); None: as stored
     kinds: list[str]
     bits: list[int]
     sizes: list[int]
@@ -219,7 +225,7 @@ class RoundingTask:
 def round_layer(grid: str, task: RoundingTask) -> list[np.ndarray]:
     """One layer's GPTQ rounding (a pure function of its task: the same result in any process)."""
     return _round(task.w, task.factor, task.energy, task.kinds, task.bits, task.sizes, task.group_size, task.originals,
-                  task.sparse, grid)
+                  task.sparse, grid, task.order)
 
 
 def _by_input(layers) -> list[list]:
@@ -230,10 +236,11 @@ def _by_input(layers) -> list[list]:
     return list(groups.values())
 
 
-def _factors(problem: BlockProblem, layers, weight_of, damp: float) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Per layer, {id(layer.node): (U, H's diagonal)} for H = X^T X / tokens (float64) of its input
-    over the calibration batches, non-padding positions only, in the layer's row order. Each input's
-    sum is released as its last layer takes its copy: two K x K arrays at a time while factoring."""
+def _factors(problem: BlockProblem, layers, weight_of, damp: float, order: str = "class") -> dict[int, tuple]:
+    """Per layer, {id(layer.node): (U, H's diagonal, rounding order)} for H = X^T X / tokens (float64)
+    of its input over the calibration batches, non-padding positions only: U in the rounding order
+    (`rounding_order`), the diagonal in the layer's row order. Each input's sum is released as its
+    last layer takes its copy: two K x K arrays at a time while factoring."""
     import torch
 
     names = sorted({MixedMatMulView.of(l.node).x.name for l in layers})
@@ -259,49 +266,81 @@ def _factors(problem: BlockProblem, layers, weight_of, damp: float) -> dict[int,
         name = MixedMatMulView.of(readers[0].node).x.name
         for i, layer in enumerate(readers):
             perm = MixedMatMulView.of(layer.node).perm_array()
-            h = [sums[name].numpy()[np.ix_(perm, perm)]]  # this layer's copy, in its row order
+            total = sums[name].numpy()
+            energy = np.maximum(np.diag(total)[perm] / max(count, 1), 0.0)
+            rows = rounding_order(energy, layer.sizes, order)
+            h = [total[np.ix_(perm[rows], perm[rows])] if rows is not None else total[np.ix_(perm, perm)]]  # this layer's copy
             h[0] /= max(count, 1)
             if i == len(readers) - 1:
                 del sums[name]  # the sum's last reader: released before factoring
-            energy = np.maximum(np.diag(h[0]), 0.0)
+            total = None
             h[0] = _damped(h[0], damp)
-            out[id(layer.node)] = (_inverse_factor(h), energy)
+            out[id(layer.node)] = (_inverse_factor(h), energy, rows)
     return out
 
 
+def rounding_order(energy: np.ndarray, sizes, order: str) -> np.ndarray | None:
+    """The stored rows in the order GPTQ rounds them: None for `class` (as stored), for `act` each
+    class's rows by decreasing H diagonal (`energy`; ties in stored order). Classes keep their spans,
+    so the low-bit classes still come first."""
+    if order == "class":
+        return None
+    rows, start = [], 0
+    for size in sizes:
+        rows.append(start + np.argsort(-energy[start:start + size], kind="stable"))
+        start += size
+    return np.concatenate(rows) if rows else np.arange(0)
+
+
 def gptq_round(w: np.ndarray, hessian: np.ndarray, kinds, bits, sizes, group_size: int, originals: list[np.ndarray],
-               sparse: int, grid: str = "mse", damp: float = 0.01) -> list[np.ndarray]:
+               sparse: int, grid: str = "mse", damp: float = 0.01, order: str = "class") -> list[np.ndarray]:
     """The class arrays of a `qc.MixedMatMul` (laid out as `originals`: codes, scales, zero points,
     codebooks, fp16 rows, then sparse indices and values) for the float weight `w` [K, N] (rows in
-    the op's order) rounded with GPTQ on `hessian` [K, K] (same order)."""
+    the op's order) rounded with GPTQ on `hessian` [K, K] (same order), in the `order` of
+    `rounding_order`."""
     energy = np.maximum(np.diag(hessian).astype(np.float64), 0.0)
-    factor = _inverse_factor([_damped(np.array(hessian, np.float64), damp)])
-    return _round(w, factor, energy, kinds, bits, sizes, group_size, originals, sparse, grid)
+    rows = rounding_order(energy, sizes, order)
+    h = np.array(hessian if rows is None else np.asarray(hessian)[np.ix_(rows, rows)], np.float64)
+    factor = _inverse_factor([_damped(h, damp)])
+    return _round(w, factor, energy, kinds, bits, sizes, group_size, originals, sparse, grid, rows)
 
 
 def _round(w: np.ndarray, u: np.ndarray, energy: np.ndarray, kinds, bits, sizes, group_size: int, originals: list[np.ndarray],
-           sparse: int, grid: str) -> list[np.ndarray]:
-    """`gptq_round` given U (upper, (H + damping)^-1 = U^T U) and H's diagonal `energy`."""
-    w = np.array(w, np.float64)
+           sparse: int, grid: str, order: np.ndarray | None = None) -> list[np.ndarray]:
+    """`gptq_round` given U (upper, (H + damping)^-1 = U^T U, in rounding order), H's diagonal
+    `energy` (stored order) and the rounding order (`rounding_order`; None: as stored). Position i
+    of the loop rounds stored row order[i]; a uniform group's grid is chosen when its first row
+    comes, a codebook when its class's does, and a lazy block starts there, so that the rows they
+    are chosen from have taken every earlier row's update."""
     k = w.shape[0]
+    order = np.arange(k) if order is None else np.asarray(order, np.int64)
+    position = np.empty(k, np.int64)
+    position[order] = np.arange(k)
+    w = np.array(w, np.float64)[order]  # rows in rounding order
+
+    def current(rows: np.ndarray) -> np.ndarray:
+        return w[position[rows]]  # stored rows' values as updated so far, in stored order
+
     arrays = [a.copy() for a in originals]
     classes, outliers = split_class_inputs(arrays, kinds, bits, sizes, sparse)
     sparse_cols = _sparse_columns(outliers[0], k) if outliers is not None else {}
     rounders = [_Rounder(c, group_size, grid, energy) for c in classes]
-    row_class = np.repeat(np.arange(len(rounders)), sizes)
-    starts = _block_starts(kinds, sizes, group_size, k)
+    row_class = np.repeat(np.arange(len(rounders)), sizes)  # by stored row, and by position: classes keep their spans
+    grids = {i for rounder in rounders for i in rounder.grid_positions(position)}
+    starts = sorted(set(_block_starts(kinds, sizes, group_size, k)) | grids)
     kept: dict[tuple[int, int], float] = {}
     for first, stop in zip(starts, starts[1:] + [k]):
         errors = np.empty((stop - first, w.shape[1]))
         for i in range(first, stop):
+            r = int(order[i])
             rounder = rounders[row_class[i]]
-            if i == rounder.start or (rounder.kind == "uniform" and (i - rounder.start) % group_size == 0):
-                rounder.begin(w, i)
-            q = rounder.round(w[i], i)
-            cols = sparse_cols.get(i)
+            if i in grids:
+                rounder.begin(current, r)
+            q = rounder.round(w[i], r)
+            cols = sparse_cols.get(r)
             if cols is not None:  # outliers are stored exactly, at the row's updated values
                 q[cols] = w[i, cols].astype(np.float16).astype(np.float64)
-                kept.update({(i, int(c)): q[c] for c in cols})
+                kept.update({(r, int(c)): q[c] for c in cols})
             errors[i - first] = (w[i] - q) / u[i, i]
             w[i + 1:stop] -= np.outer(u[i, i + 1:stop], errors[i - first])
         w[stop:] -= u[first:stop, stop:].T @ errors
@@ -354,30 +393,45 @@ class _Rounder:
         self.kind, self.bits, self.start, self.stop = c.kind, c.bits, c.start, c.stop
         self.arrays = c.inputs  # codes, then scale and zero or the codebook: written in place
         self.group_size, self.grid, self.energy = group_size, grid, energy
+        self.grids: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # a uniform group's scale and zero point, as rounded with
         if self.kind == "uniform":
             self.zero_kind = uniform_zero_kind(self.arrays[2], self.bits)
 
-    def begin(self, w: np.ndarray, row: int) -> None:
-        """Choose the grid (uniform: the group starting at `row`) or codebook (the class) from the updated rows."""
+    def grid_positions(self, position: np.ndarray) -> list[int]:
+        """Where in the rounding order a grid is chosen: each uniform group's first row, a codebook class's first row."""
+        if self.kind == "uniform":
+            return [int(position[g:min(g + self.group_size, self.stop)].min())
+                    for g in range(self.start, self.stop, self.group_size)]
+        if self.kind == "codebook" and self.stop > self.start:
+            return [int(position[self.start:self.stop].min())]
+        return []
+
+    def begin(self, current, row: int) -> None:
+        """Choose the grid (uniform: the group holding stored row `row`) or codebook (the class) from
+        the updated rows (`current(rows)`: their values so far, in stored order)."""
         a = self.arrays
         if self.kind == "uniform":
-            rows = slice(row, min(row + self.group_size, self.stop))
-            _, scale, zero = uniform_groups(w[rows], self.energy[rows], self.bits, self.group_size, self.grid, self.zero_kind)
             g = (row - self.start) // self.group_size
+            first = self.start + g * self.group_size
+            rows = np.arange(first, min(first + self.group_size, self.stop))
+            _, scale, zero = uniform_groups(current(rows), self.energy[rows], self.bits, self.group_size, self.grid,
+                                            self.zero_kind)
             a[1][g], a[2][g] = scale[0], zero[0]
-            self.scale = scale[0].astype(np.float32).astype(np.float64)
-            self.zero = zero[0].astype(np.float32).astype(np.float64)
+            self.grids[g] = (scale[0].astype(np.float32).astype(np.float64), zero[0].astype(np.float32).astype(np.float64))
         elif self.kind == "codebook":
-            _, book = kmeans_codebook(w[self.start:self.stop], self.energy[self.start:self.stop], self.bits)
+            rows = np.arange(self.start, self.stop)
+            _, book = kmeans_codebook(current(rows), self.energy[self.start:self.stop], self.bits)
             a[1][...] = book
             self.book = book.astype(np.float64)
 
     def round(self, row: np.ndarray, i: int) -> np.ndarray:
+        """Stored row `i` (values `row`) on its class's grid or codebook: its codes written, its value returned."""
         a, r = self.arrays, i - self.start
         if self.kind == "uniform":
-            q = np.clip(np.round(row / self.scale + self.zero), 0, (1 << self.bits) - 1)
+            scale, zero = self.grids[r // self.group_size]
+            q = np.clip(np.round(row / scale + zero), 0, (1 << self.bits) - 1)
             a[0][r] = q.astype(np.uint8)
-            value = (q.astype(np.float32) - self.zero.astype(np.float32)) * self.scale.astype(np.float32)
+            value = (q.astype(np.float32) - zero.astype(np.float32)) * scale.astype(np.float32)
         elif self.kind == "codebook":
             code = np.argmin(np.abs(row[:, None] - self.book), axis=1)
             a[0][r] = code.astype(np.uint8)

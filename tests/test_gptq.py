@@ -7,7 +7,7 @@ from qcompiler.analysis import execute
 from qcompiler.dialect.mixed_ops import mixed_weight, split_class_inputs
 from qcompiler.errors import UserError
 from qcompiler.ir import to_text
-from qcompiler.passes.gptq import gptq_round
+from qcompiler.passes.gptq import gptq_round, rounding_order
 from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
 from qcompiler.pipeline.spec import parse_pipeline
 from test_flexround import _model, _run
@@ -82,11 +82,52 @@ def test_sparse_outliers_keep_their_positions_and_store_the_updated_weight():
     assert arrays[4][1] != np.float16(w[40, 7])  # later rows have moved by then
 
 
-def test_pass_lowers_the_output_error_and_the_lowering_computes_it():
+def test_act_order_rounds_each_class_by_decreasing_energy_and_keeps_the_spans():
+    energy = np.array([1.0, 5.0, 3.0, 5.0, 0.5, 2.0, 9.0])
+    np.testing.assert_array_equal(rounding_order(energy, [4, 3], "act"), [1, 3, 2, 0, 6, 5, 4])
+    assert rounding_order(energy, [4, 3], "class") is None
+
+
+def _uneven(seed, k, n):
+    """Like `_layer`, with input channels whose scales span two decades (as a transformer's do)."""
+    x, w, _ = _layer(seed, k, n)
+    x = x * np.geomspace(0.1, 10.0, k)[np.random.default_rng(seed).permutation(k)]
+    return x, w, x.T @ x / len(x)
+
+
+def test_act_order_lowers_the_layer_error_with_the_same_layout():
+    """The most active channels rounded first leave more rows to absorb their error: a lower
+    output error than rounding in stored order, in the same classes, groups and arrays."""
+    x, w, h = _uneven(4, 96, 32)
+    kinds, bits, sizes = ["uniform", "uniform"], [2, 4], [64, 32]
+    e = np.diag(h)
+    low, high = uniform_groups(w[:64], e[:64], 2, 32, "minmax"), uniform_groups(w[64:], e[64:], 4, 32, "minmax")
+    originals = [*low, *high]
+    stored = gptq_round(w, h, kinds, bits, sizes, 32, originals, 0, grid="minmax", order="class")
+    active = gptq_round(w, h, kinds, bits, sizes, 32, originals, 0, grid="minmax", order="act")
+    assert [(a.shape, a.dtype) for a in active] == [(a.shape, a.dtype) for a in originals]
+    assert _layer_error(x, w, _weight(active, kinds, bits, sizes)) < 0.9 * _layer_error(x, w, _weight(stored, kinds, bits, sizes))
+
+
+def test_act_order_keeps_the_sparse_outliers_positions_and_rounds_the_most_active_row_first():
+    x, w, h = _uneven(2, 64, 16)
+    first, last = int(np.argmax(np.diag(h))), int(np.argmin(np.diag(h)))
+    codes, scale, zero = uniform_groups(w, np.diag(h), 3, 32, "minmax")
+    index = np.array(sorted([[first, 3], [last, 7]]), np.int32)
+    originals = [codes, scale, zero, index, w[index[:, 0], index[:, 1]].astype(np.float16)]
+    arrays = gptq_round(w, h, ["uniform"], [3], [64], 32, originals, 1, grid="minmax", order="act")
+    np.testing.assert_array_equal(arrays[3], index)
+    stored = dict(zip(map(tuple, index.tolist()), arrays[4]))
+    assert stored[(first, 3)] == np.float16(w[first, 3])  # rounded first: no update has reached it
+    assert stored[(last, 7)] != np.float16(w[last, 7])  # rounded last: every other row's update has
+
+
+@pytest.mark.parametrize("order", ["class", "act"])
+def test_pass_lowers_the_output_error_and_the_lowering_computes_it(order):
     data = _correlated()
     rtn, compensated = _model(), _model()
     _run(rtn, UNIFORM3, data)
-    stats = _run(compensated, f"{UNIFORM3},gptq{{regions=1}}", data)["gptq"].stats
+    stats = _run(compensated, f"{UNIFORM3},gptq{{regions=1 order={order}}}", data)["gptq"].stats
     assert stats["blocks"] == 2 and stats["layers"] == 4
     assert all(b["kept"] == "learned" and b["loss_after"] < 0.9 * b["loss_before"] for b in stats["per_block"])
     feeds = _correlated(count=1, seed=99)[0]  # not calibration data
@@ -109,7 +150,8 @@ def test_same_data_same_ir():
 
 
 @pytest.mark.parametrize(("options", "message"), [("damp=0", "damp must be"), ("damp=2", "damp must be"),
-                                                  ("sequential=2", "sequential must be"), ("regions=0", "regions must be")])
+                                                  ("sequential=2", "sequential must be"), ("regions=0", "regions must be"),
+                                                  ("order=random", "order")])
 def test_bad_options(options, message):
     with pytest.raises(UserError, match=message):
         parse_pipeline(f"{UNIFORM3},gptq{{{options}}}")
