@@ -140,6 +140,8 @@ def test_a_pass_after_the_lowering_is_refused_before_anything_runs():
         with pytest.raises(UserError, match=f"{later} cannot come after lower-ort .only canonicalize, lower-ort may.; put lower-ort after {later}"):
             check_order(parse_pipeline(f"canonicalize,calibrate,allocate-bits,quantize-weights,lower-ort,{later}"))
     check_order(parse_pipeline("canonicalize,calibrate,allocate-bits,quantize-weights,flexround,lower-ort,canonicalize"))
+    # a lowered float artifact read back quantizes from the start
+    check_order(parse_pipeline("canonicalize,calibrate,allocate-bits,quantize-weights,lower-ort"), frozenset({"lowered-ort"}))
 
 
 _numbers = st.floats(min_value=0, max_value=1, allow_nan=False).map(lambda x: round(x, 3))

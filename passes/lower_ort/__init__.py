@@ -108,8 +108,10 @@ class LowerOrtPass(Pass):
 
     name = "lower-ort"
     provided = frozenset({Prop.LOWERED_ORT})
-    # no qc op is left for a quantizing or learning pass to read: one placed after would change nothing
+    # no qc op is left for a quantizing or learning pass to read: one placed after would change nothing;
+    # a model read back from a lowered file (a float model compiled with `default`) compiles again from the start
     followers = frozenset({"canonicalize", "lower-ort"})
+    followers_bind_loaded = False
 
     class Stats:
         """Keys of `PassResult.stats` that the compiler reads."""

@@ -57,6 +57,8 @@ class Pass(ir.passes.InPlacePass):
     # The only passes that may come after this one (None: any); e.g. a pass that changes the
     # graph's inputs comes after every pass that runs the model on calibration data.
     followers: ClassVar[frozenset[str] | None] = None
+    # Whether `followers` also binds a model that already has this pass's property (read from a file).
+    followers_bind_loaded: ClassVar[bool] = True
 
     def check_target(self, cost_model) -> None:
         """Options the run's target cannot honour (`cost_model`: its `StorageCost`): a UserError,

@@ -183,7 +183,8 @@ def check_order(passes: list[Pass], initial: frozenset[Prop] = frozenset()) -> N
     """Fail before running anything if a pass's required property is not provided earlier, or a
     pass comes after one that names its followers and not it."""
     have = set(initial)
-    earlier = [cls for cls in all_passes().values() if cls.followers is not None and cls.provided & have]
+    earlier = [cls for cls in all_passes().values()
+               if cls.followers is not None and cls.followers_bind_loaded and cls.provided & have]
     for at, first in [(-1, cls) for cls in earlier] + list(enumerate(passes)):
         later = next((p for p in passes[at + 1:] if first.followers is not None and p.name not in first.followers), None)
         if later is not None:
