@@ -85,6 +85,7 @@ import contextlib
 import ctypes
 import io
 import json
+import re
 import shutil
 import signal
 import sys
@@ -218,7 +219,8 @@ def artifact_of(work: Path, model: str, label: str, row: dict) -> Path | None:
     if label == "float32":
         candidates.append(folder / "float" / "model.onnx")
     if label.startswith("ours mixed "):
-        candidates.append(folder / f"mixed-{label.rsplit(' ', 1)[1]}" / "model.onnx")
+        budget, _, options = label[len("ours mixed "):].partition(" ")
+        candidates.append(folder / ours_mixed(float(budget), options)[1] / "model.onnx")
     candidates += [folder / label.replace(" ", "-") / "model.onnx", folder / label.replace(" ", "-").replace("+", "") / "model.onnx"]
     return next((c for c in candidates if c.is_file()), None)
 
@@ -255,13 +257,21 @@ def head_format(counted: dict[str, Any], head_weights: int) -> str:
 # ONNX tools: ours, ONNX Runtime, NNCF
 
 
-def ours_row(source: Path, out: Path, pipeline: str, batches, ctx: dict) -> dict[str, Any]:
+def ours_mixed(budget: float, options: str = "") -> tuple[str, str, str]:
+    """(row label, folder name, pipeline) of our `mixed` preset at `budget`, with `options` (preset
+    options such as "rounding=gptq", --ours-options) added when given."""
+    label = f"ours mixed {budget:g}" + (f" {options}" if options else "")
+    folder = f"mixed-{budget:g}" + (f"-{re.sub(r'[^A-Za-z0-9.]+', '-', options).strip('-')}" if options else "")
+    return label, folder, f"mixed{{avg-bits={budget:g}{' ' + options if options else ''}}}"
+
+
+def ours_row(source: Path, out: Path, pipeline: str, batches, ctx: dict, recipe: str = "") -> dict[str, Any]:
     row = mixed_pareto.compile_ours(source, out, pipeline, batches)
     if "error" in row:
         return {"error": row["error"], "compile_s": row["compile_s"]}
     path = out / "model.onnx"
     bits = onnx_bits(path, ctx["weights"])
-    return {"tool": "qcompiler", "config": pipeline, "compile_s": row["compile_s"], **bits,
+    return {"tool": "qcompiler", "config": pipeline, **({"recipe": recipe} if recipe else {}), "compile_s": row["compile_s"], **bits,
             "manifest_effective_bits": row["effective_bits"], "head": head_format(bits["byte_count"], ctx["head_weights"]),
             "artifact": str(path),
             "embedding": ctx["embedding_note"], **ctx["score_onnx"](path)}
@@ -549,8 +559,9 @@ def lm_plan(args, ctx: dict, work: Path) -> list[tuple[str, str, Callable[[], di
     plan: list[tuple[str, str, Callable[[], dict[str, Any]]]] = []
     if "ours" in families:
         for budget in (QUICK_BUDGETS if quick else BUDGETS):
-            plan.append((f"ours mixed {budget:g}", "ours", lambda b=budget: ours_row(
-                ctx["float_path"], work / f"mixed-{b:g}", f"mixed{{avg-bits={b:g}}}", ctx["batches"], ctx)))
+            label, folder, pipeline = ours_mixed(budget, args.ours_options)
+            plan.append((label, "ours", lambda f=folder, p=pipeline: ours_row(
+                ctx["float_path"], work / f, p, ctx["batches"], ctx, args.ours_options)))
     if "llamacpp" in families:
         for qtype in (QUICK_LLAMA_TYPES if quick else LLAMA_TYPES + LLAMA_NEEDS_IMATRIX[:1]):
             plan.append((f"llama.cpp {qtype}", "llamacpp", lambda q=qtype: llamacpp_row(q, ctx, work / "gguf")))
@@ -660,8 +671,9 @@ def encoder_rows(args, work: Path) -> dict[str, Any]:
     if "ours" in args.families:
         timed("ours w8a8", add("ours w8a8", "ours", lambda: ours_row(ctx["float_path"], work / name / "w8a8", "w8a8", batches, ctx)))
         for budget in (3.0,) if args.quick else (3.0, 4.25):
-            add(f"ours mixed {budget:g}", "ours", lambda b=budget: ours_row(
-                ctx["float_path"], work / name / f"mixed-{b:g}", f"mixed{{avg-bits={b:g}}}", batches, ctx))
+            label, folder, pipeline = ours_mixed(budget, args.ours_options)
+            add(label, "ours", lambda f=folder, p=pipeline: ours_row(
+                ctx["float_path"], work / name / f, p, batches, ctx, args.ours_options))
     if "nncf" in args.families:
         timed("nncf quantize W8A8 (transformer)", add("nncf quantize W8A8 (transformer)", "nncf",
                                                       lambda: nncf_quantize_row(ctx, work / name / "nncf-w8a8")))
@@ -769,15 +781,18 @@ def plot(results: dict[str, dict], path: Path) -> str | None:
     for ax, (name, result) in zip(axes[0], results.items()):
         metric, rows = result["metric"], result["rows"]
         for family, (marker, color) in STYLE.items():
-            points = sorted((r["effective_bits"], r[metric], label) for label, r in rows.items()
-                            if r.get("family") == family and r.get(metric) is not None and r["effective_bits"] < 16)
-            if not points:
-                continue
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker[0], color=color,
-                    linestyle="-" if family == "ours" else "none", markersize=7, label=family)
-            for x, y, label in points:
-                ax.annotate(label.split(" ", 1)[1] if " " in label else label, (x, y), textcoords="offset points",
-                            xytext=(4, 3), fontsize=6, color=color)
+            series: dict[str, list] = {}  # our presets, and each recipe of --ours-options, as lines of their own
+            for label, r in rows.items():
+                if r.get("family") == family and r.get(metric) is not None and r["effective_bits"] < 16:
+                    series.setdefault(r.get("recipe", ""), []).append((r["effective_bits"], r[metric], label))
+            for recipe, points in sorted(series.items()):
+                points.sort()
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker[0], color=color,
+                        linestyle=("--" if recipe else "-") if family == "ours" else "none", markersize=7,
+                        label=f"{family} {recipe}" if recipe else family)
+                for x, y, label in points:
+                    ax.annotate(label.split(" ", 1)[1] if " " in label else label, (x, y), textcoords="offset points",
+                                xytext=(4, 3), fontsize=6, color=color)
         base = rows["float32"].get(metric)
         ax.axhline(base, color="gray", linestyle="--", linewidth=1, label=f"float32 ({base:.2f})")
         if not result["higher_is_better"]:
@@ -815,6 +830,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--float-row", default=None, metavar="JSON",
                         help="SmolLM2: take the float32 row from this earlier result (same windows, same float model) "
                              "instead of scoring it again (the rows then have no top-1 agreement: the float tokens are not in the JSON)")
+    parser.add_argument("--ours-options", default="", metavar="OPTIONS",
+                        help="preset options added to our mixed rows (e.g. 'rounding=gptq'): rows 'ours mixed B OPTIONS', drawn "
+                             "as a line of their own; merge them with a run of the presets (--merge)")
     parser.add_argument("--markdown", action="store_true", help="only print the JSON at --output as Markdown tables")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="combine the rows of runs made with different --only (later files win) into --output, then plot; "
@@ -952,7 +970,8 @@ def stamp_rows(run: dict) -> None:
 
 def unfinished_rows(rows: dict[str, dict]) -> list[str]:
     """SmolLM2 rows of the full run that have no result: absent, failed or past the row limit."""
-    plan = lm_plan(argparse.Namespace(quick=False, families=list(FAMILIES), autoround_iters=50, autoround_lr=5e-3), {}, Path())
+    plan = lm_plan(argparse.Namespace(quick=False, families=list(FAMILIES), autoround_iters=50, autoround_lr=5e-3,
+                                      ours_options=""), {}, Path())
     return [f"{label}: " + ("not measured" if label not in rows else rows[label]["error"][:120])
             for label, _, _ in plan if label not in rows or "error" in rows[label]]
 

@@ -105,3 +105,15 @@ def test_not_finished_row_says_where_it_was():
     row = peers.attempt("slow peer", "hqq", spin, limit=0.2)
     assert "in attempt" in row["error"]  # the innermost frame of the benchmark's own code
     assert "tests/test_bench_peers_rows.py" in row["error"].split("inside ")[1]  # and the innermost of all
+
+
+def test_our_rows_with_options_are_labelled_compiled_and_found_apart_from_the_presets(tmp_path):
+    assert peers.ours_mixed(4.25) == ("ours mixed 4.25", "mixed-4.25", "mixed{avg-bits=4.25}")
+    label, folder, pipeline = peers.ours_mixed(3.0, "rounding=gptq group-size=64")
+    assert (label, folder, pipeline) == ("ours mixed 3 rounding=gptq group-size=64", "mixed-3-rounding-gptq-group-size-64",
+                                         "mixed{avg-bits=3 rounding=gptq group-size=64}")
+    for name in ("mixed-3", folder):
+        (tmp_path / "m" / name).mkdir(parents=True)
+        (tmp_path / "m" / name / "model.onnx").write_bytes(b"x")
+    assert peers.artifact_of(tmp_path, "m", label, {}) == tmp_path / "m" / folder / "model.onnx"
+    assert peers.artifact_of(tmp_path, "m", "ours mixed 3", {}) == tmp_path / "m" / "mixed-3" / "model.onnx"
