@@ -93,8 +93,6 @@ PIPELINES = {
     "mixed 4.25 apart": "mixed{avg-bits=4.25 shared-input=apart}",
     "mixed 4.25 latency": "canonicalize,calibrate,allocate-bits{avg-bits=4.25 outliers-weight=0 cost=latency},quantize-weights,"
                           "fold-permutation,lower-ort",
-    "mixed 4.25 no 2-bit": "canonicalize,calibrate,allocate-bits{avg-bits=4.25 outliers-weight=0 candidates=4,8},quantize-weights,"
-                      "fold-permutation,lower-ort",
     "mixed 3.25 apart": "mixed{avg-bits=3.25 shared-input=apart}",
     # the same, one kernel only in the layers where the kernel-cost table predicts it faster at M=1
     "mixed 4.25 auto": "mixed{avg-bits=4.25 route=auto}",
