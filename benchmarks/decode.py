@@ -292,6 +292,7 @@ def main() -> None:
     threads = common.fix_threads(args.threads)
     from qcompiler.codegen.lm_artifact import read_layout
     from qcompiler.driver.compiler import compile as qcompile
+    from qcompiler.errors import QCompilerError, first_line
     from qcompiler.models import smollm2
     from qcompiler.tools.decode import CachedSession
     from qcompiler.tools.evaluate import evaluate
@@ -311,7 +312,7 @@ def main() -> None:
     prompt = np.asarray(held_out_ids[: args.prompt_tokens], dtype=np.int64)
 
     capture_once()
-    artifacts, compiled = {}, {}
+    artifacts, compiled, failed = {}, {}, {}
     for name in names:
         folder = build / name.replace(" ", "-")
         if args.reuse and (folder / "manifest.json").is_file():
@@ -321,14 +322,20 @@ def main() -> None:
                               "effective_bits": manifest.get("effective_bits_per_weight"), **common.mixed_layer_mib(manifest)}
             continue
         start = time.perf_counter()
-        result = qcompile("smollm2-135m-kv", build / name.replace(" ", "-"), pipeline=PIPELINES[name],
-                          calibration=None if name == "float32" else str(calib), calib_count=args.calib_count,
-                          threads=args.threads, drift=False)
+        try:
+            result = qcompile("smollm2-135m-kv", build / name.replace(" ", "-"), pipeline=PIPELINES[name],
+                              calibration=None if name == "float32" else str(calib), calib_count=args.calib_count,
+                              threads=args.threads, drift=False)
+        except QCompilerError as error:  # the row says why; the other rows still run
+            failed[name] = first_line(str(error))
+            print(f"{name}: did not compile: {failed[name]}", flush=True)
+            continue
         artifacts[name] = result.output
         compiled[name] = {"pipeline": result.pipeline, "compile_s": round(time.perf_counter() - start, 1),
                           "effective_bits": result.manifest.get("effective_bits_per_weight"), **common.mixed_layer_mib(result.manifest)}
         print(f"compiled {name} in {compiled[name]['compile_s']} s", flush=True)
 
+    names = [name for name in names if name not in failed]
     if args.ort_spin == "off":
         passive_ort_sessions()
     sessions = {name: CachedSession(path / "model.onnx", read_layout(path), args.threads) for name, path in artifacts.items()}
@@ -414,6 +421,7 @@ def main() -> None:
                      "agree_prompts": args.agree_prompts, "agree_prompt_tokens": args.agree_prompt_tokens,
                      "agree_tokens": args.agree_tokens, "agreement_reference": "transformers LlamaForCausalLM from the GGUF"},
         "greedy_reference_tokens": reference_tokens,
+        "did_not_compile": failed,
         "threads": threads,
         "results": results,
         "machine": common.machine(),
