@@ -396,7 +396,7 @@ class _Rounder:
         self.kind, self.bits, self.start, self.stop = c.kind, c.bits, c.start, c.stop
         self.arrays = c.inputs  # codes, then scale and zero or the codebook: written in place
         self.group_size, self.grid, self.energy = group_size, grid, energy
-        self.grids: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # a uniform group's scale and zero point, as rounded with
+        self.grids: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # group -> its chosen scale and zero point, as the rows use them
         if self.kind == "uniform":
             self.zero_kind = uniform_zero_kind(self.arrays[2], self.bits)
 
