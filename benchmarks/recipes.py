@@ -5,7 +5,7 @@
     python benchmarks/recipes.py --model smollm2-135m "mixed{avg-bits=4.25}" "canonicalize,calibrate,..." --work DIR
 
 For trying a recipe against a preset before making it one: each pipeline compiles the same float
-model (captured once with the `default` pipeline, kept in `--work`) on the same calibration
+model (captured once with the `default` pipeline, kept in `--work`, as `benchmarks/peers.py` keeps it) on the same calibration
 batches as `benchmarks/peers.py` (`mixed_pareto.calibration`) and is scored by the same code
 (`mixed_pareto.Evaluator`: SmolLM2 perplexity on the first `--windows` 256-token windows of the
 first three quarters of the WikiText excerpt, MiniLM STS Spearman x100 on all pairs). Prints one
@@ -23,19 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import mixed_pareto  # noqa: E402
+from peers import float_model  # noqa: E402
 
 MODELS = ("minilm-l6", "smollm2-135m")
-
-
-def float_artifact(model: str, work: Path, threads: int) -> Path:
-    """The model captured with the `default` pipeline, reused from `work` when it is there."""
-    import qcompiler
-
-    folder = work / "float"
-    if not (folder / "model.onnx").is_file():
-        common.log(f"{model}: capture")
-        qcompiler.compile(model, folder, pipeline="default", drift=False, threads=threads)
-    return folder / "model.onnx"
 
 
 def evaluator(model: str, work: Path, windows: int) -> mixed_pareto.Evaluator:
@@ -51,16 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=MODELS, required=True)
     parser.add_argument("--windows", type=int, default=8, help="SmolLM2 perplexity windows of 256 tokens (8)")
     parser.add_argument("--threads", type=int, default=common.THREADS, help="intra-op threads (default 2)")
-    parser.add_argument("--work", default=None, help="folder for the float model and the artifacts (default: build/recipes/MODEL)")
+    parser.add_argument("--work", default=None, help="folder for the float model and the artifacts, under MODEL/ (default: build/recipes)")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/recipes_MODEL.json)")
     args = parser.parse_args(argv)
     common.quiet()
     mixed_pareto.THREADS = args.threads
     threads = common.fix_threads(args.threads)
-    work = Path(args.work or f"build/recipes/{args.model}")
+    root = Path(args.work or "build/recipes")
+    work = root / args.model
     work.mkdir(parents=True, exist_ok=True)
     output = Path(args.output or common.RESULTS / f"recipes_{args.model}.json")
-    source = float_artifact(args.model, work, args.threads)
+    source = float_model(args.model, args, root)[0] / "model.onnx"  # the peers benchmark's float model, WORK/MODEL/float
     batches, calibration = mixed_pareto.calibration(args.model)
     score = evaluator(args.model, work, args.windows)
     metric = "perplexity" if args.model == "smollm2-135m" else "spearman_x100"
