@@ -162,6 +162,27 @@ def _layer_norm(node, inputs):
     return torch.nn.functional.layer_norm(x, x.shape[axis:], scale, bias, attr(node, "epsilon", 1e-5))
 
 
+def _batch_norm(node, inputs):
+    """ONNX BatchNormalization in inference form (the stored mean and variance; training outputs refused)."""
+    if attr(node, "training_mode", 0) or len([v for v in node.outputs if v is not None and v.uses()]) > 1:
+        raise NotImplementedError(f"the block interpreter has no rule for BatchNormalization in training mode (node '{node.name}')")
+    x, scale, bias, mean, var = inputs[:5]
+    return torch.nn.functional.batch_norm(x, mean, var, scale, bias, training=False, eps=attr(node, "epsilon", 1e-5))
+
+
+def _lrn(node, x):
+    """ONNX LRN: x / (bias + alpha / size * the sum of squares over `size` neighbouring channels) ^ beta,
+    the window from floor((size - 1) / 2) channels before to ceil((size - 1) / 2) after (zeros past the ends)."""
+    size = attr(node, "size")
+    before = (size - 1) // 2
+    squares = x * x
+    edge = list(x.shape)
+    padded = torch.cat([squares.new_zeros(edge[:1] + [before] + edge[2:]), squares,
+                        squares.new_zeros(edge[:1] + [size - 1 - before] + edge[2:])], dim=1)
+    window = functools.reduce(torch.add, [padded[:, k: k + x.shape[1]] for k in range(size)])
+    return x / (attr(node, "bias", 1.0) + attr(node, "alpha", 1e-4) / size * window) ** attr(node, "beta", 0.75)
+
+
 def _clip(inputs):
     x = inputs[0]
     lo = inputs[1] if len(inputs) > 1 and inputs[1] is not None else None
@@ -232,6 +253,13 @@ OPS: dict[str, Callable] = {
     "ReduceMax": lambda n, i: _reduce(lambda x, a, k: x.amax(dim=a, keepdim=k), n, i),
     "ReduceL2": lambda n, i: _reduce(lambda x, a, k: torch.sqrt((x * x).sum(dim=a, keepdim=k)), n, i),
     "LayerNormalization": _layer_norm,
+    "BatchNormalization": lambda n, i: _batch_norm(n, i),
+    "InstanceNormalization": lambda n, i: torch.nn.functional.instance_norm(i[0], weight=i[1], bias=i[2], eps=attr(n, "epsilon", 1e-5)),
+    "LRN": lambda n, i: _lrn(n, i[0]),
+    "LeakyRelu": lambda n, i: torch.nn.functional.leaky_relu(i[0], attr(n, "alpha", 0.01)),
+    "PRelu": lambda n, i: torch.where(i[0] >= 0, i[0], i[0] * i[1]),
+    "HardSigmoid": lambda n, i: torch.clamp(attr(n, "alpha", 0.2) * i[0] + attr(n, "beta", 0.5), 0.0, 1.0),
+    "HardSwish": lambda n, i: torch.nn.functional.hardswish(i[0]),
     "Clip": lambda n, i: _clip(i),
     "ConstantOfShape": lambda n, i: torch.full(_ints(i[0]), float(attr(n, "value").numpy().reshape(-1)[0]) if attr(n, "value") is not None else 0.0),
 }
@@ -291,10 +319,18 @@ def _pool(node: ir.Node, x: torch.Tensor, kind: str) -> torch.Tensor:
             begin = [0] * dims
         pool = {1: torch.nn.functional.max_pool1d, 2: torch.nn.functional.max_pool2d, 3: torch.nn.functional.max_pool3d}[dims]
         return pool(x, kernel, strides, begin, attr(node, "dilations", [1] * dims), ceil_mode=ceil)
-    if begin != end or any(d != 1 for d in attr(node, "dilations", [1] * dims)):
-        raise NotImplementedError(f"the block interpreter has no rule for AveragePool with uneven pads or dilations (node '{node.name}')")
+    include_pad = bool(attr(node, "count_include_pad", 0))
+    if (begin != end and (include_pad or ceil)) or any(d != 1 for d in attr(node, "dilations", [1] * dims)):
+        raise NotImplementedError(f"the block interpreter has no rule for AveragePool with uneven pads counted or in ceil mode, "
+                                  f"or dilations (node '{node.name}')")
     pool = {1: torch.nn.functional.avg_pool1d, 2: torch.nn.functional.avg_pool2d, 3: torch.nn.functional.avg_pool3d}[dims]
-    return pool(x, kernel, strides, begin, ceil_mode=ceil, count_include_pad=bool(attr(node, "count_include_pad", 0)))
+    if begin == end:
+        return pool(x, kernel, strides, begin, ceil_mode=ceil, count_include_pad=include_pad)
+    # uneven pads, not counted: the windows' sums over the zero-padded input divided by their counts of real values
+    widths = [p for d in reversed(range(dims)) for p in (begin[d], end[d])]
+    total = pool(torch.nn.functional.pad(x, widths), kernel, strides, 0, ceil_mode=ceil)
+    count = pool(torch.nn.functional.pad(torch.ones_like(x[:1, :1]), widths), kernel, strides, 0, ceil_mode=ceil)
+    return total / count
 
 
 def unsupported_ops(nodes: list[ir.Node]) -> list[str]:
