@@ -75,7 +75,10 @@ class GPTQPass(Pass):
     rerun_changes = ("a second run rounds the float weights again with H measured on the quantized stream the first "
                      "run produced, so the codes move again whenever the block's error falls further")
 
-    damp: float = option(0.01, "added to the diagonal of X^T X, as a fraction of its mean (0 < damp <= 1)")
+    damp: float | Literal["auto"] = option(
+        0.01, "added to the diagonal of X^T X, as a fraction of its mean (0 < damp <= 1); auto: per input, the one of "
+              "0.01, 0.03, 0.1 and 0.3 whose rounding (fitted without every 4th calibration batch) leaves the least "
+              "error on those batches")
     grid: Literal["minmax", "mse"] = option("mse", "uniform classes: min-max range, or the clipping that minimises weighted error")
     sequential: int = option(1, "1: layers measured with the block's earlier layers already rounded; 0: all on the block's float weights")
     regions: int = option(2, "residual regions per block (2: attention + MLP of one transformer layer)")
@@ -85,8 +88,9 @@ class GPTQPass(Pass):
         "and groups are unchanged)")
 
     def __post_init__(self):
-        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0.0 < self.damp <= 1.0:
-            raise UserError(f"gptq: damp must be in (0, 1], got {self.damp}; the method's usual value is 0.01")
+        if self.damp != "auto" and (isinstance(self.damp, bool) or not isinstance(self.damp, (int, float))
+                                    or not 0.0 < self.damp <= 1.0):
+            raise UserError(f"gptq: damp must be in (0, 1] or auto, got {self.damp}; the method's usual value is 0.01")
         if self.sequential not in (0, 1):
             raise UserError(f"gptq: sequential must be 0 or 1, got {self.sequential}")
         if isinstance(self.regions, bool) or not isinstance(self.regions, int) or not 1 <= self.regions <= 64:
@@ -95,7 +99,11 @@ class GPTQPass(Pass):
     def call(self, model: ir.Model) -> PassResult:
         opts = Options("gptq", 1, 1.0, 0, 0.0, self.regions, self.name, batch=1 << 20)
         ctx = context.current()
-        stats = reconstruct(model, opts, ctx.require_calibration(self.name), ctx.threads, solve=self._solve)
+        chosen: dict[str, float] = {}
+        stats = reconstruct(model, opts, ctx.require_calibration(self.name), ctx.threads,
+                            solve=lambda problem: self._solve(problem, chosen))
+        if chosen:  # damp=auto: how many inputs took each damping
+            stats["damp_chosen"] = {str(d): sum(1 for v in chosen.values() if v == d) for d in DAMP_CANDIDATES}
         convs = [(node, conv) for node in model.graph if node.domain == "qc" and node.op_type == "MixedWeight"
                  and (conv := conv_reading(node.outputs[0])) is not None]
         if convs:
@@ -141,7 +149,7 @@ class GPTQPass(Pass):
                 cols = np.arange(g * columns, (g + 1) * columns)
                 hp = h[np.ix_(perm, perm)]
                 part = gptq_round(w[:, cols], hp, a["kinds"], a["bits"], a["sizes"], view.group_size,
-                                  _columns_of(originals, a["kinds"], cols, a["sparse"]), a["sparse"], self.grid, self.damp,
+                                  _columns_of(originals, a["kinds"], cols, a["sparse"]), a["sparse"], self.grid, self._conv_damp,
                                   self.order)
                 trial = [x.copy() for x in new_arrays]
                 _write_columns(trial, part, a["kinds"], cols, a["sparse"])
@@ -181,10 +189,17 @@ class GPTQPass(Pass):
         return {"layers": len(convs), "improved": improved, "kept": kept, **per_layer_error, "convs_skipped": [c.name for _, c in convs if _patch_rule(c.conv) is None],
                 "per_layer": per_layer}
 
-    def _solve(self, problem: BlockProblem) -> tuple[dict, int]:
+    @property
+    def _conv_damp(self) -> float:
+        """A Conv's damping: the option's, or (auto) the smallest candidate: a Conv keeps its GPTQ
+        rounding only where the model's error on held-out batches falls (`_round_convs`)."""
+        return DAMP_CANDIDATES[0] if self.damp == "auto" else float(self.damp)
+
+    def _solve(self, problem: BlockProblem, chosen: dict[str, float]) -> tuple[dict, int]:
         """Each layer of the block rounded by `gptq_round` on the H its inputs give: the groups in
         order, the layers of one group (independent once H is measured) fanned out on the compile's
-        executor (`qcompiler.support.parallel`; in-process by default), with the same results."""
+        executor (`qcompiler.support.parallel`; in-process by default), with the same results; with
+        damp=auto, each input's chosen damping goes into `chosen`."""
         import torch
 
         executor = context.current().executor
@@ -195,16 +210,45 @@ class GPTQPass(Pass):
             return rounded[id(node)] if id(node) in rounded else problem.stored_weight(node)
 
         for group in _by_input(problem.layers) if self.sequential else [problem.layers]:
-            factors = _factors(problem, group, weight_of, self.damp, self.order)
-            tasks = [RoundingTask(layer.w.numpy(), *factors.pop(id(layer.node)), layer.kinds, layer.bits, layer.sizes,
-                                  layer.group_size, layer.originals, layer.sparse) for layer in group]
-            results = executor.map(round_layer, tasks, shared=self.grid,
-                                   names=[f"gptq: layer '{layer.name}'" for layer in group])
-            for layer, a in zip(group, results):
+            sums = _gram_sums(problem, group, weight_of, split=self.damp == "auto")
+            damps = self._damps(group, sums, executor)
+            factors = _factors(group, sums, damps, self.order)
+            for layer, a in zip(group, self._round_group(group, factors, executor)):
                 arrays[id(layer.node)] = a
                 rounded[id(layer.node)] = layer.reference_weight(a)
+            if self.damp == "auto":
+                chosen.update(damps)
         problem.bar.update()
         return arrays, 0
+
+    def _round_group(self, group, factors: dict[int, tuple], executor) -> list[list[np.ndarray]]:
+        """The layers of `group` rounded on their factors (`_factors`), fanned out on `executor`."""
+        tasks = [RoundingTask(layer.w.numpy(), *factors.pop(id(layer.node)), layer.kinds, layer.bits, layer.sizes,
+                              layer.group_size, layer.originals, layer.sparse) for layer in group]
+        return executor.map(round_layer, tasks, shared=self.grid, names=[f"gptq: layer '{layer.name}'" for layer in group])
+
+    def _damps(self, group, sums: "GramSums", executor) -> dict[str, float]:
+        """Per input, the damping: the option's value, or (auto) the candidate whose rounding fitted
+        on the fitting batches' H leaves the least error `tr(dW^T H dW)` on the held-out batches' H,
+        summed over the layers that read it (the first, smallest, on a tie; 0.01 where no batch is
+        held out)."""
+        names = {MixedMatMulView.of(layer.node).x.name for layer in group}
+        if self.damp != "auto":
+            return {name: float(self.damp) for name in names}
+        if not sums.check_count:
+            return {name: DAMP_CANDIDATES[0] for name in names}
+        errors = {name: [] for name in names}
+        for damp in DAMP_CANDIDATES:
+            factors = _factors(group, sums, {name: damp for name in names}, self.order, fit_only=True)
+            totals = dict.fromkeys(names, 0.0)
+            for layer, a in zip(group, self._round_group(group, factors, executor)):
+                name = MixedMatMulView.of(layer.node).x.name
+                perm = MixedMatMulView.of(layer.node).perm_array()
+                change = layer.w.numpy().astype(np.float64) - layer.reference_weight(a).numpy().astype(np.float64)
+                totals[name] += float(np.sum((sums.check[name][np.ix_(perm, perm)] @ change) * change)) / sums.check_count
+            for name in names:
+                errors[name].append(totals[name])
+        return {name: DAMP_CANDIDATES[int(np.argmin(errors[name]))] for name in names}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,18 +283,34 @@ def _by_input(layers) -> list[list]:
     return list(groups.values())
 
 
-def _factors(problem: BlockProblem, layers, weight_of, damp: float, order: str = "class") -> dict[int, tuple]:
-    """Per layer, {id(layer.node): (U, H's diagonal, rounding order)} for H = X^T X / tokens (float64)
-    of its input over the calibration batches, non-padding positions only: U in the rounding order
-    (`rounding_order`), the diagonal in the layer's row order. Each input's sum is released as its
-    last layer takes its copy: two K x K arrays at a time while factoring."""
+DAMP_CANDIDATES = (0.01, 0.03, 0.1, 0.3)  # damp=auto's choices, smallest first
+
+
+@dataclasses.dataclass
+class GramSums:
+    """Per input of a group of layers, X^T X summed over the calibration tokens (float64, non-padding
+    positions): `fit` over the batches H is fitted on, `check` over those held out (damp=auto:
+    every `HOLD_OUT_EVERY`-th batch; otherwise none, and `fit` holds every batch)."""
+
+    fit: dict[str, np.ndarray]
+    check: dict[str, np.ndarray]
+    fit_count: int
+    check_count: int
+
+
+def _gram_sums(problem: BlockProblem, layers, weight_of, split: bool) -> GramSums:
+    """The inputs' X^T X over the calibration batches (`GramSums`), every batch held out of `fit` in
+    turn as `held_out` does when `split`."""
     import torch
 
     names = sorted({MixedMatMulView.of(l.node).x.name for l in layers})
-    sums = {n: None for n in names}
-    count = 0
+    batches = len(problem.env_q)
+    split = split and batches >= HOLD_OUT_EVERY
+    sums = GramSums({}, {}, 0, 0)
     with torch.no_grad():
-        for env, valid in zip(problem.env_q, problem.valid):
+        for index, (env, valid) in enumerate(zip(problem.env_q, problem.valid)):
+            checked = split and index % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+            into = sums.check if checked else sums.fit
             values = problem.run_all(env, weight_of, wanted=names)  # the block run only as far as these inputs
             for name in names:
                 x = values[name]
@@ -258,26 +318,44 @@ def _factors(problem: BlockProblem, layers, weight_of, damp: float, order: str =
                     x = x[valid]
                 x = x.reshape(-1, x.shape[-1]).to(torch.float64)
                 gram = x.T @ x
-                if sums[name] is None:
-                    sums[name] = gram
+                if name not in into:
+                    into[name] = gram
                 else:
-                    sums[name] += gram  # in place: two K x K arrays at a time, not three
-            count += int(x.shape[0])
-    values = x = gram = None  # the last batch's: a one-batch sum would otherwise stay held
+                    into[name] += gram  # in place: two K x K arrays at a time, not three
+            if checked:
+                sums.check_count += int(x.shape[0])
+            else:
+                sums.fit_count += int(x.shape[0])
+    sums.fit = {name: total.numpy() for name, total in sums.fit.items()}
+    sums.check = {name: total.numpy() for name, total in sums.check.items()}
+    return sums
+
+
+def _factors(layers, sums: GramSums, damps: dict[str, float], order: str = "class", fit_only: bool = False) -> dict[int, tuple]:
+    """Per layer, {id(layer.node): (U, H's diagonal, rounding order)} for H = X^T X / tokens of its
+    input, damped by `damps[input]`: U in the rounding order (`rounding_order`), the diagonal in the
+    layer's row order. H over the fitting batches (`fit_only`, the sums kept), or over every batch,
+    each input's sums then released as its last layer takes its copy: two K x K arrays at a time
+    while factoring."""
     out = {}
+    count = sums.fit_count if fit_only else sums.fit_count + sums.check_count
     for readers in _by_input(layers):
         name = MixedMatMulView.of(readers[0].node).x.name
-        for i, layer in enumerate(readers):
+        if fit_only:
+            total = sums.fit[name]
+        else:
+            total = sums.fit.pop(name)
+            if name in sums.check:
+                total += sums.check.pop(name)
+        for layer in readers:
             perm = MixedMatMulView.of(layer.node).perm_array()
-            total = sums[name].numpy()
             energy = np.maximum(np.diag(total)[perm] / max(count, 1), 0.0)
             rows = rounding_order(energy, layer.sizes, order)
             h = [total[np.ix_(perm[rows], perm[rows])] if rows is not None else total[np.ix_(perm, perm)]]  # this layer's copy
             h[0] /= max(count, 1)
-            if i == len(readers) - 1:
-                del sums[name]  # the sum's last reader: released before factoring
-            total = None
-            h[0] = _damped(h[0], damp)
+            if layer is readers[-1] and not fit_only:
+                total = None  # the sum's last reader: released before factoring
+            h[0] = _damped(h[0], damps[name])
             out[id(layer.node)] = (_inverse_factor(h), energy, rows)
     return out
 

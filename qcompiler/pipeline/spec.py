@@ -109,7 +109,9 @@ PRESETS: dict[str, Preset] = {
         {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0",
          "rounding": "nearest", "tuning": "none", "act-scale": "none", "embedding": "float", "kv-cache": "float32",
          "route": "split", "attention": "auto", "blocks": "auto", "shared-input": "auto", "group-size": "128"},
-        {"rounding": {"nearest": "", "gptq": ",gptq"},
+        # gptq's damping chosen per input on held-out calibration batches: the usual 0.01 fits H measured on a
+        # few thousand tokens too closely (docs/results.md, "GPTQ's damping")
+        {"rounding": {"nearest": "", "gptq": ",gptq{damp=auto}"},
          # linears of one input (Q/K/V, gate/up) allocated together: lowered as one wide kernel per class
          # (auto: in a decoder with a KV cache)
          "shared-input": {"auto": "", "apart": " shared-input=apart", "joint": " shared-input=joint"},
