@@ -108,10 +108,11 @@ PRESETS: dict[str, Preset] = {
         "weight-only channel-wise mixed precision at a fractional bit budget (needs --calib)",
         {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0",
          "rounding": "nearest", "tuning": "none", "act-scale": "none", "embedding": "float", "kv-cache": "float32",
-         "route": "split", "attention": "auto", "blocks": "auto", "shared-input": "auto", "group-size": "128"},
-        # gptq's damping chosen per input on held-out calibration batches: the usual 0.01 fits H measured on a
-        # few thousand tokens too closely (docs/results.md, "GPTQ's damping")
-        {"rounding": {"nearest": "", "gptq": ",gptq{damp=auto}"},
+         "route": "split", "attention": "auto", "blocks": "auto", "shared-input": "auto", "group-size": "128",
+         "damp": "auto"},
+        # gptq's damping (damp): by default chosen per input on held-out calibration batches; the method's usual
+        # 0.01 fits H measured on a few thousand tokens too closely (docs/results.md, "GPTQ's damping")
+        {"rounding": {"nearest": "", "gptq": ",gptq{damp=$damp}"},
          # linears of one input (Q/K/V, gate/up) allocated together: lowered as one wide kernel per class
          # (auto: in a decoder with a KV cache)
          "shared-input": {"auto": "", "apart": " shared-input=apart", "joint": " shared-input=joint"},
