@@ -18,7 +18,13 @@ better held out on SmolLM2 or MiniLM (docs/results.md), so stored order is the d
 `H` is collected on the quantized stream: the block's inputs come from the already-rounded blocks
 before it, and within a block the layers are rounded in order (layers reading the same tensor
 together), each group's `H` measured with the layers before it already rounded (`sequential=1`).
-`H` is damped by `damp` times its mean diagonal. A block whose output error against the float block
+`H` is damped by `damp` times its mean diagonal. GPTQ's usual 0.01 assumes H measured on hundreds of
+thousands of tokens; on a few thousand the rounding fits the calibration tokens. `damp=auto` chooses
+per input (the layers reading one tensor together) among `DAMP_CANDIDATES`: H is summed apart over
+every `HOLD_OUT_EVERY`-th calibration batch, each candidate rounds the layers on the other batches'
+H, the one whose weight change leaves the least error on the held-out H wins, and the layers are
+rounded with it on every batch's H (four more roundings per input, and H held twice; Convs keep
+0.01). Measured in docs/results.md, "GPTQ's damping". A block whose output error against the float block
 does not fall keeps its round-to-nearest weights (the mechanics shared with `flexround`:
 `qcompiler.analysis.reconstruct`). Deterministic: no randomness, float64 arithmetic.
 
