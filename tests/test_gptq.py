@@ -160,10 +160,11 @@ def test_auto_damping_is_chosen_on_held_out_batches_and_pays_where_tokens_are_fe
     assert error(auto) < error(usual)
 
 
-def test_same_data_same_ir():
+@pytest.mark.parametrize("damp", ["0.01", "auto"])
+def test_same_data_same_ir(damp):
     a, b = _model(), _model()
-    _run(a, f"{UNIFORM3},gptq{{regions=1}}", _correlated())
-    _run(b, f"{UNIFORM3},gptq{{regions=1}}", _correlated())
+    _run(a, f"{UNIFORM3},gptq{{regions=1 damp={damp}}}", _correlated())
+    _run(b, f"{UNIFORM3},gptq{{regions=1 damp={damp}}}", _correlated())
     assert to_text(a, elide_over=None) == to_text(b, elide_over=None)
 
 

@@ -51,9 +51,9 @@ def _artifact_bytes(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _calibration(source: Path):
+def _calibration(source: Path, count: int = 3):
     model = qcompiler.load(source)
-    return [synthetic_inputs(model, seed=s) for s in range(3)]
+    return [synthetic_inputs(model, seed=s) for s in range(count)]
 
 
 def test_artifacts_are_byte_identical_in_process_and_on_one_or_two_workers(tmp_path, ray_session):
@@ -73,17 +73,20 @@ def test_artifacts_are_byte_identical_in_process_and_on_one_or_two_workers(tmp_p
         assert different == [], f"{label}: {different}"
 
 
-def test_gptq_layers_fanned_out_give_the_in_process_artifact(tmp_path, ray_session):
-    """gptq{sequential=0} rounds every layer of a block at once: one task per layer on Ray."""
+@pytest.mark.parametrize("damp", ["0.01", "auto"])
+def test_gptq_layers_fanned_out_give_the_in_process_artifact(tmp_path, ray_session, damp):
+    """gptq{sequential=0} rounds every layer of a block at once: one task per layer on Ray (with
+    damp=auto, one per layer and candidate damping too)."""
     source = _chain(tmp_path / "chain.onnx", layers=3)
-    data = _calibration(source)
+    data = _calibration(source, count=4)  # damp=auto holds the fourth batch out
     pipeline = ("canonicalize,calibrate,allocate-bits{avg-bits=3.5 candidates=2,4,8},quantize-weights,"
-                "gptq{sequential=0 regions=1},lower-ort")
+                f"gptq{{sequential=0 regions=1 damp={damp}}},lower-ort")
     built = {}
     for label, workers in (("in-process", None), ("2 workers", 2)):
         result = qcompiler.compile(source, tmp_path / label, pipeline=pipeline, calibration=data, threads=1, drift=False,
                                    workers=workers)
-        assert next(r.stats for r in result.records if r.name == "gptq")["layers"] == 3
+        stats = next(r.stats for r in result.records if r.name == "gptq")
+        assert stats["layers"] == 3 and ("damp_chosen" in stats) == (damp == "auto")
         built[label] = _artifact_bytes(tmp_path / label)
     assert built["2 workers"] == built["in-process"]
 
