@@ -249,9 +249,10 @@ class GPTQPass(Pass):
             totals = dict.fromkeys(names, 0.0)
             for layer, a in zip(group, self._round_group(group, factors, executor)):
                 name = MixedMatMulView.of(layer.node).x.name
-                perm = MixedMatMulView.of(layer.node).perm_array()
-                change = layer.w.numpy().astype(np.float64) - layer.reference_weight(a).numpy().astype(np.float64)
-                totals[name] += float(np.sum((sums.check[name][np.ix_(perm, perm)] @ change) * change)) / sums.check_count
+                change = np.empty(tuple(layer.w.shape), np.float64)  # rows back in channel order, as H's
+                change[MixedMatMulView.of(layer.node).perm_array()] = (layer.w.numpy().astype(np.float64)
+                                                                   - layer.reference_weight(a).numpy().astype(np.float64))
+                totals[name] += float(np.sum((sums.check[name] @ change) * change)) / sums.check_count
             for name in names:
                 errors[name].append(totals[name])
         return {name: DAMP_CANDIDATES[int(np.argmin(errors[name]))] for name in names}
@@ -305,17 +306,16 @@ class GramSums:
 
 
 def _gram_sums(problem: BlockProblem, layers, weight_of, split: bool) -> GramSums:
-    """The inputs' X^T X over the calibration batches (`GramSums`), every batch held out of `fit` in
-    turn as `held_out` does when `split`."""
+    """The inputs' X^T X over the calibration batches (`GramSums`); with `split`, the batches
+    `is_held_out` names are summed into `check` instead of `fit`."""
     import torch
 
     names = sorted({MixedMatMulView.of(l.node).x.name for l in layers})
     batches = len(problem.env_q)
-    split = split and batches >= HOLD_OUT_EVERY
     sums = GramSums({}, {}, 0, 0)
     with torch.no_grad():
         for index, (env, valid) in enumerate(zip(problem.env_q, problem.valid)):
-            checked = split and index % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+            checked = split and is_held_out(index, batches)
             into = sums.check if checked else sums.fit
             values = problem.run_all(env, weight_of, wanted=names)  # the block run only as far as these inputs
             for name in names:
@@ -664,8 +664,14 @@ def held_out(batches: list) -> tuple[list, list]:
     than `HOLD_OUT_EVERY` batches both are all of them (the same object)."""
     if len(batches) < HOLD_OUT_EVERY:
         return batches, batches
-    check = batches[HOLD_OUT_EVERY - 1 :: HOLD_OUT_EVERY]
-    return [b for i, b in enumerate(batches) if i % HOLD_OUT_EVERY != HOLD_OUT_EVERY - 1], check
+    return ([b for i, b in enumerate(batches) if not is_held_out(i, len(batches))],
+            [b for i, b in enumerate(batches) if is_held_out(i, len(batches))])
+
+
+def is_held_out(index: int, count: int) -> bool:
+    """Whether calibration batch `index` of `count` is held out of the fitting (`held_out`, damp=auto):
+    every `HOLD_OUT_EVERY`-th, and none when there are fewer batches than that."""
+    return count >= HOLD_OUT_EVERY and index % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
 
 
 def _model_error(model: ir.Model, calibration, threads) -> float:
