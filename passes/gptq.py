@@ -23,8 +23,12 @@ thousands of tokens; on a few thousand the rounding fits the calibration tokens.
 per input (the layers reading one tensor together) among `DAMP_CANDIDATES`: H is summed apart over
 every `HOLD_OUT_EVERY`-th calibration batch, each candidate rounds the layers on the other batches'
 H, the one whose weight change leaves the least error on the held-out H wins, and the layers are
-rounded with it on every batch's H (four more roundings per input, and H held twice; Convs keep
-0.01). Measured in docs/results.md, "GPTQ's damping". A block whose output error against the float block
+rounded with it on every batch's H (four more roundings per input, of every fourth output column
+only, `trial_columns`; H held twice; Convs keep 0.01). An input whose layers' round-to-nearest weights
+leave no more held-out error than the best candidate keeps them: GPTQ would fit the calibration data
+there (a few calibration tokens per input channel). With fewer than `HOLD_OUT_EVERY` batches, every
+`HOLD_OUT_EVERY`-th token row of each batch is held out instead. `max-weights` keeps round-to-nearest
+in a model whose mixed layers hold more weights than that (the mixed preset's `rounding=auto`). Measured in docs/results.md, "GPTQ's damping". A block whose output error against the float block
 does not fall keeps its round-to-nearest weights (the mechanics shared with `flexround`:
 `qcompiler.analysis.reconstruct`). Deterministic: no randomness, float64 arithmetic.
 
@@ -50,13 +54,15 @@ Convs without `auto_pad`; others keep their round-to-nearest kernels (`convs_ski
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis.reconstruct import BlockProblem, Options, reconstruct
-from qcompiler.dialect.mixed_ops import MixedClass, MixedMatMulView, class_slices, split_class_inputs, uniform_zero_kind
+from qcompiler.dialect.mixed_ops import (MixedClass, MixedMatMulView, class_slices, is_mixed_matmul, split_class_inputs,
+                                        uniform_zero_kind)
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import ConvAsLinear, conv_reading, drop_unread, new_initializer
 from qcompiler.ir.meta import FLOAT_BIAS_KEY, FLOAT_WEIGHT_KEY, Prop
@@ -67,6 +73,7 @@ from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 LAZY_ROWS = 128  # rows rounded between two updates of the rows after them (GPTQ's lazy batch)
 PATCH_ROWS = 16384  # im2col patches per calibration batch at most, for a Conv's H
 MIN_PATCHES_PER_ROW = 8  # a Conv's H from fewer patches than this many per kernel row is not trusted
+log = logging.getLogger(__name__)
 HOLD_OUT_EVERY = 4  # every 4th calibration batch checks the mixed Convs' rounding at the model's outputs
 
 
@@ -84,7 +91,7 @@ class GPTQPass(Pass):
     damp: float | Literal["auto"] = option(
         0.01, "added to the diagonal of X^T X, as a fraction of its mean (0 < damp <= 1); auto: per input, the one of "
               "0.01, 0.03, 0.1 and 0.3 whose rounding (fitted without every 4th calibration batch) leaves the least "
-              "error on those batches")
+              "error on those batches (or round-to-nearest, where none leaves less)")
     grid: Literal["minmax", "mse"] = option("mse", "uniform classes: min-max range, or the clipping that minimises weighted error")
     sequential: int = option(1, "1: layers measured with the block's earlier layers already rounded; 0: all on the block's float weights")
     regions: int = option(2, "residual regions per block (2: attention + MLP of one transformer layer)")
@@ -92,6 +99,9 @@ class GPTQPass(Pass):
         "class", "the order rows are rounded in within each class: as stored (class), or by decreasing H diagonal (act: "
         "the most active input channels first, so that more rows are left to absorb their error; the stored layout "
         "and groups are unchanged)")
+    max_weights: int = option(
+        0, "round only models whose mixed linear layers hold at most this many weights; above it the pass keeps "
+           "round-to-nearest and says so (0: no limit; the mixed preset's rounding=auto sets it)")
 
     def __post_init__(self):
         if self.damp != "auto" and (isinstance(self.damp, bool) or not isinstance(self.damp, (int, float))
@@ -101,15 +111,29 @@ class GPTQPass(Pass):
             raise UserError(f"gptq: sequential must be 0 or 1, got {self.sequential}")
         if isinstance(self.regions, bool) or not isinstance(self.regions, int) or not 1 <= self.regions <= 64:
             raise UserError(f"gptq: regions must be an integer from 1 to 64, got {self.regions}")
+        if isinstance(self.max_weights, bool) or not isinstance(self.max_weights, int) or self.max_weights < 0:
+            raise UserError(f"gptq: max-weights must be a whole number of weights, 0 for no limit, got {self.max_weights}")
+
+    def _over_limit(self, model: ir.Model) -> bool:
+        return bool(self.max_weights) and mixed_linear_weights(model) > self.max_weights
+
+    def ensures(self, model: ir.Model) -> None:
+        if not self._over_limit(model):  # over it the model is as quantize-weights left it, properties included
+            super().ensures(model)
 
     def call(self, model: ir.Model) -> PassResult:
+        weights = mixed_linear_weights(model)
+        if self._over_limit(model):
+            log.warning("gptq: the mixed layers hold %d weights, over max-weights=%d: kept round-to-nearest "
+                        "(rounding=gptq in the mixed preset rounds any size)", weights, self.max_weights)
+            return PassResult(model, False, {"skipped": f"{weights} weights in mixed layers, over max-weights={self.max_weights}"})
         opts = Options("gptq", 1, 1.0, 0, 0.0, self.regions, self.name, batch=1 << 20)
         ctx = context.current()
-        chosen: dict[str, float] = {}
+        chosen: dict[str, float | None] = {}
         stats = reconstruct(model, opts, ctx.require_calibration(self.name), ctx.threads,
                             solve=lambda problem: self._solve(problem, chosen))
-        if chosen:  # damp=auto: how many inputs took each damping
-            stats["damp_chosen"] = {str(d): sum(1 for v in chosen.values() if v == d) for d in DAMP_CANDIDATES}
+        if chosen:  # damp=auto: how many inputs took each damping, or kept round-to-nearest
+            stats["damp_chosen"] = {str(d): sum(1 for v in chosen.values() if v == d) for d in (*DAMP_CANDIDATES, None)}
         convs = [(node, conv) for node in model.graph if node.domain == "qc" and node.op_type == "MixedWeight"
                  and (conv := conv_reading(node.outputs[0])) is not None]
         if convs:
@@ -201,11 +225,11 @@ class GPTQPass(Pass):
         rounding only where the model's error on held-out batches falls (`_round_convs`)."""
         return DAMP_CANDIDATES[0] if self.damp == "auto" else float(self.damp)
 
-    def _solve(self, problem: BlockProblem, chosen: dict[str, float]) -> tuple[dict, int]:
+    def _solve(self, problem: BlockProblem, chosen: dict[str, float | None]) -> tuple[dict, int]:
         """Each layer of the block rounded by `gptq_round` on the H its inputs give: the groups in
         order, the layers of one group (independent once H is measured) fanned out on the compile's
         executor (`qcompiler.support.parallel`; in-process by default), with the same results; with
-        damp=auto, each input's chosen damping goes into `chosen`."""
+        damp=auto, each input's chosen damping goes into `chosen` (None: its layers keep round-to-nearest)."""
         import torch
 
         executor = context.current().executor
@@ -218,8 +242,11 @@ class GPTQPass(Pass):
         for group in _by_input(problem.layers) if self.sequential else [problem.layers]:
             sums = _gram_sums(problem, group, weight_of, split=self.damp == "auto")
             damps = self._damps(group, sums, executor)
-            factors = _factors(group, sums, damps, self.order)
-            for layer, a in zip(group, self._round_group(group, factors, executor)):
+            rounding = [layer for layer in group if damps[MixedMatMulView.of(layer.node).x.name] is not None]
+            factors = _factors(rounding, sums, damps, self.order)
+            results = dict(zip(map(id, rounding), self._round_group(rounding, factors, executor)))
+            for layer in group:  # the layers of an input that keeps round-to-nearest: their stored arrays
+                a = results.get(id(layer), [x.copy() for x in layer.originals])
                 arrays[id(layer.node)] = a
                 rounded[id(layer.node)] = layer.reference_weight(a)
             if self.damp == "auto":
@@ -227,35 +254,53 @@ class GPTQPass(Pass):
         problem.bar.update()
         return arrays, 0
 
-    def _round_group(self, group, factors: dict[int, tuple], executor) -> list[list[np.ndarray]]:
-        """The layers of `group` rounded on their factors (`_factors`), fanned out on `executor`."""
-        tasks = [RoundingTask(layer.w.numpy(), *factors.pop(id(layer.node)), layer.kinds, layer.bits, layer.sizes,
-                              layer.group_size, layer.originals, layer.sparse) for layer in group]
+    def _round_group(self, group, factors: dict[int, tuple], executor, columns=None) -> list[list[np.ndarray]]:
+        """The layers of `group` rounded on their factors (`_factors`), fanned out on `executor`; with
+        `columns` (per layer), only those output columns of each (the same values as rounding all:
+        GPTQ's update and every grid are per column)."""
+        columns = columns or [None] * len(group)
+        tasks = [RoundingTask(layer.w.numpy() if cols is None else layer.w.numpy()[:, cols], *factors.pop(id(layer.node)),
+                              layer.kinds, layer.bits, layer.sizes, layer.group_size,
+                              layer.originals if cols is None else _columns_of(layer.originals, layer.kinds, cols, layer.sparse),
+                              layer.sparse)
+                 for layer, cols in zip(group, columns)]
         return executor.map(round_layer, tasks, shared=self.grid, names=[f"gptq: layer '{layer.name}'" for layer in group])
 
-    def _damps(self, group, sums: "GramSums", executor) -> dict[str, float]:
+    def _damps(self, group, sums: "GramSums", executor) -> dict[str, float | None]:
         """Per input, the damping: the option's value, or (auto) the candidate whose rounding fitted
         on the fitting batches' H leaves the least error `tr(dW^T H dW)` on the held-out batches' H,
         summed over the layers that read it (the first, smallest, on a tie; 0.01 where no batch is
-        held out)."""
+        held out). The candidates round only each layer's `trial_columns`. None where round-to-nearest
+        leaves no more error there than the best candidate: GPTQ would fit the calibration data."""
         names = {MixedMatMulView.of(layer.node).x.name for layer in group}
         if self.damp != "auto":
             return {name: float(self.damp) for name in names}
         if not sums.check_count:
             return {name: DAMP_CANDIDATES[0] for name in names}
         errors = {name: [] for name in names}
+        columns = [trial_columns(int(layer.w.shape[1])) for layer in group]
+        nearest = dict.fromkeys(names, 0.0)
+        for layer, cols in zip(group, columns):
+            nearest[MixedMatMulView.of(layer.node).x.name] += _held_out_error(
+                layer, cols, _columns_of(layer.originals, layer.kinds, cols, layer.sparse), sums)
         for damp in DAMP_CANDIDATES:
             factors = _factors(group, sums, {name: damp for name in names}, self.order, fit_only=True)
             totals = dict.fromkeys(names, 0.0)
-            for layer, a in zip(group, self._round_group(group, factors, executor)):
-                name = MixedMatMulView.of(layer.node).x.name
-                change = np.empty(tuple(layer.w.shape), np.float64)  # rows back in channel order, as H's
-                change[MixedMatMulView.of(layer.node).perm_array()] = (layer.w.numpy().astype(np.float64)
-                                                                   - layer.reference_weight(a).numpy().astype(np.float64))
-                totals[name] += float(np.sum((sums.check[name] @ change) * change)) / sums.check_count
+            for layer, cols, a in zip(group, columns, self._round_group(group, factors, executor, columns)):
+                totals[MixedMatMulView.of(layer.node).x.name] += _held_out_error(layer, cols, a, sums)
             for name in names:
                 errors[name].append(totals[name])
-        return {name: DAMP_CANDIDATES[int(np.argmin(errors[name]))] for name in names}
+        best = {name: int(np.argmin(errors[name])) for name in names}
+        return {name: DAMP_CANDIDATES[best[name]] if errors[name][best[name]] < nearest[name] else None for name in names}
+
+
+def _held_out_error(layer, cols: np.ndarray, arrays: list[np.ndarray], sums: "GramSums") -> float:
+    """`tr(dW^T H dW) / tokens` on the held-out batches' H, for the layer's columns `cols` stored as
+    `arrays` (restricted to those columns) against its float weight."""
+    change = np.empty((layer.w.shape[0], len(cols)), np.float64)  # rows back in channel order, as H's
+    change[MixedMatMulView.of(layer.node).perm_array()] = (layer.w.numpy()[:, cols].astype(np.float64)
+                                                       - layer.reference_weight(arrays).numpy().astype(np.float64))
+    return float(np.sum((sums.check[MixedMatMulView.of(layer.node).x.name] @ change) * change)) / sums.check_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +327,16 @@ def round_layer(grid: str, task: RoundingTask) -> list[np.ndarray]:
                   task.sparse, grid, task.order)
 
 
+def mixed_linear_weights(model: ir.Model) -> int:
+    """The weights of the model's `qc.MixedMatMul` layers (K x N each), the size `max-weights` reads."""
+    total = 0
+    for node in model.graph:
+        if is_mixed_matmul(node):
+            view = MixedMatMulView.of(node)
+            total += int(view.perm.shape[0]) * int(view.classes[0].inputs[0].shape[1])
+    return total
+
+
 def _by_input(layers) -> list[list]:
     """The layers in order, those reading the same tensor together (Q/K/V, gate/up)."""
     groups: dict[str, list] = {}
@@ -291,6 +346,15 @@ def _by_input(layers) -> list[list]:
 
 
 DAMP_CANDIDATES = (0.01, 0.03, 0.1, 0.3)  # damp=auto's choices, smallest first
+TRIAL_COLUMN_EVERY = 4  # damp=auto's candidates round every 4th output column of a layer
+
+
+def trial_columns(n: int) -> np.ndarray:
+    """The output columns damp=auto's candidates are rounded and compared on: every
+    `TRIAL_COLUMN_EVERY`-th of a layer's `n`, all of them below 16 such. Each column's rounding is
+    independent of the others', so these are exactly the full rounding's columns, at a quarter of
+    its cost; the comparison reads a quarter of the error."""
+    return np.arange(0, n, TRIAL_COLUMN_EVERY if n >= 16 * TRIAL_COLUMN_EVERY else 1)
 
 
 @dataclasses.dataclass
@@ -307,31 +371,40 @@ class GramSums:
 
 def _gram_sums(problem: BlockProblem, layers, weight_of, split: bool) -> GramSums:
     """The inputs' X^T X over the calibration batches (`GramSums`); with `split`, the batches
-    `is_held_out` names are summed into `check` instead of `fit`."""
+    `is_held_out` names are summed into `check` instead of `fit`, or, with fewer batches than
+    `HOLD_OUT_EVERY`, every `HOLD_OUT_EVERY`-th token row of each batch."""
     import torch
 
     names = sorted({MixedMatMulView.of(l.node).x.name for l in layers})
     batches = len(problem.env_q)
+    by_rows = split and batches < HOLD_OUT_EVERY
     sums = GramSums({}, {}, 0, 0)
+
+    def add(into: dict, name: str, x) -> None:
+        gram = x.T @ x
+        if name not in into:
+            into[name] = gram
+        else:
+            into[name] += gram  # in place: two K x K arrays at a time, not three
+
     with torch.no_grad():
         for index, (env, valid) in enumerate(zip(problem.env_q, problem.valid)):
             checked = split and is_held_out(index, batches)
-            into = sums.check if checked else sums.fit
             values = problem.run_all(env, weight_of, wanted=names)  # the block run only as far as these inputs
             for name in names:
                 x = values[name]
                 if valid is not None and tuple(x.shape[:2]) == tuple(valid.shape):
                     x = x[valid]
                 x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-                gram = x.T @ x
-                if name not in into:
-                    into[name] = gram
+                if by_rows:
+                    held = torch.arange(x.shape[0]) % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+                    add(sums.fit, name, x[~held])
+                    add(sums.check, name, x[held])
                 else:
-                    into[name] += gram  # in place: two K x K arrays at a time, not three
-            if checked:
-                sums.check_count += int(x.shape[0])
-            else:
-                sums.fit_count += int(x.shape[0])
+                    add(sums.check if checked else sums.fit, name, x)
+            held_rows = int(x.shape[0]) // HOLD_OUT_EVERY if by_rows else int(x.shape[0]) if checked else 0
+            sums.check_count += held_rows
+            sums.fit_count += int(x.shape[0]) - held_rows
     sums.fit = {name: total.numpy() for name, total in sums.fit.items()}
     sums.check = {name: total.numpy() for name, total in sums.check.items()}
     return sums
@@ -553,7 +626,7 @@ def _columns_of(arrays: list[np.ndarray], kinds, cols: np.ndarray, sparse: int) 
         indices, values = arrays[-2], arrays[-1]
         inside = np.isin(indices[:, 1].astype(np.int64), cols)
         local = indices[inside].copy()
-        local[:, 1] = local[:, 1] - cols[0]
+        local[:, 1] = np.searchsorted(cols, local[:, 1].astype(np.int64))  # the position among `cols` (sorted)
         out += [local, values[inside].copy()]
     return out
 

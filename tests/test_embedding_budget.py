@@ -105,7 +105,7 @@ def test_apart_leaves_the_allocation_as_before(tmp_path):
 
 def test_a_budget_that_cannot_hold_the_tables_is_one_line(tmp_path):
     path, calib = _lm(tmp_path)
-    with pytest.raises(UserError, match="cannot hold the embedding tables \(at 4 bits at least\) and the layers together"):
+    with pytest.raises(UserError, match=r"cannot hold the embedding tables \(at 4 bits at least\) and the layers together"):
         _compile(path, calib, tmp_path / "out", "mixed{avg-bits=2.2 embedding=budget}")
 
 

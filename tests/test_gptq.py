@@ -7,9 +7,9 @@ from qcompiler.analysis import execute
 from qcompiler.dialect.mixed_ops import mixed_weight, split_class_inputs
 from qcompiler.errors import UserError
 from qcompiler.ir import to_text
-from qcompiler.passes.gptq import gptq_round, rounding_order
+from qcompiler.passes.gptq import _columns_of, gptq_round, rounding_order, trial_columns
 from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
-from qcompiler.pipeline.spec import parse_pipeline
+from qcompiler.pipeline.spec import format_pass, parse_pipeline
 from test_flexround import _model, _run
 
 UNIFORM3 = "calibrate,allocate-bits{avg-bits=8 candidates=3 other-widths=expand group-size=32 outliers-act=0 outliers-weight=0},quantize-weights{grid=minmax}"
@@ -80,6 +80,25 @@ def test_sparse_outliers_keep_their_positions_and_store_the_updated_weight():
     np.testing.assert_array_equal(arrays[3], index)
     assert arrays[4][0] == np.float16(w[0, 3])  # the first row is rounded before any update reaches it
     assert arrays[4][1] != np.float16(w[40, 7])  # later rows have moved by then
+
+
+def test_every_fourth_column_rounded_alone_is_the_full_roundings_columns():
+    """damp=auto's candidates round only `trial_columns`: each output column's rounding (its
+    updates, uniform grids, codebook, fp16 values, outliers) is independent of the others'."""
+    x, w, h = _layer(6, 96, 64)
+    e = np.diag(h)
+    kinds, bits, sizes = ["codebook", "uniform", "fp16"], [3, 4, 16], [32, 48, 16]
+    index = np.array([[2, 5], [40, 8], [50, 9], [70, 60]], np.int32)
+    originals = [*kmeans_codebook(w[:32], e[:32], 3), *uniform_groups(w[32:80], e[32:80], 4, 16, "mse"),
+                 w[80:].astype(np.float16), index, w[index[:, 0], index[:, 1]].astype(np.float16)]
+    full = gptq_round(w, h, kinds, bits, sizes, 16, originals, 1)
+    cols = trial_columns(64)
+    np.testing.assert_array_equal(cols, np.arange(0, 64, 4))
+    part = gptq_round(w[:, cols], h, kinds, bits, sizes, 16, _columns_of(originals, kinds, cols, 1), 1)
+    np.testing.assert_array_equal(part[-2], [[40, 2], [70, 15]])  # the outliers in those columns, renumbered
+    np.testing.assert_array_equal(part[-1], full[-1][[1, 3]])
+    np.testing.assert_array_equal(mixed_weight(*split_class_inputs(part, kinds, bits, sizes, 1), 16),
+                                  mixed_weight(*split_class_inputs(full, kinds, bits, sizes, 1), 16)[:, cols])
 
 
 def test_act_order_rounds_each_class_by_decreasing_energy_and_keeps_the_spans():
@@ -168,9 +187,32 @@ def test_same_data_same_ir(damp):
     assert to_text(a, elide_over=None) == to_text(b, elide_over=None)
 
 
+@pytest.mark.parametrize(("limit", "rounded"), [(16384, True), (16383, False)])
+def test_max_weights_keeps_round_to_nearest_above_it(limit, rounded, caplog):
+    """The four 64 x 64 layers hold 16384 weights: a limit below that leaves the IR as quantize-weights
+    wrote it, says why, and warns; at the limit the pass rounds."""
+    rtn, limited = _model(), _model()
+    _run(rtn, UNIFORM3, _correlated())
+    stats = _run(limited, f"{UNIFORM3},gptq{{regions=1 max-weights={limit}}}", _correlated())["gptq"].stats
+    same = to_text(rtn, elide_over=None) == to_text(limited, elide_over=None)
+    assert same is not rounded
+    if not rounded:
+        assert stats == {"skipped": "16384 weights in mixed layers, over max-weights=16383"}
+        assert "kept round-to-nearest" in caplog.text
+
+
+def test_mixed_preset_rounds_with_gptq_up_to_its_size_limit():
+    names = {"auto": "gptq{damp=auto grid=mse sequential=1 regions=2 order=class max-weights=600000000}",
+             "gptq": "gptq{damp=auto grid=mse sequential=1 regions=2 order=class max-weights=0}", "nearest": None}
+    for rounding, expected in names.items():
+        passes = parse_pipeline(f"mixed{{avg-bits=3 rounding={rounding}}}")
+        assert [format_pass(p) for p in passes if p.name == "gptq"] == ([expected] if expected else [])
+    assert [p.name for p in parse_pipeline("mixed{avg-bits=3}")] == [p.name for p in parse_pipeline("mixed{avg-bits=3 rounding=auto}")]
+
+
 @pytest.mark.parametrize(("options", "message"), [("damp=0", "damp must be"), ("damp=2", "damp must be"), ("damp=best", "damp"),
                                                   ("sequential=2", "sequential must be"), ("regions=0", "regions must be"),
-                                                  ("order=random", "order")])
+                                                  ("order=random", "order"), ("max-weights=-1", "max-weights must be")])
 def test_bad_options(options, message):
     with pytest.raises(UserError, match=message):
         parse_pipeline(f"{UNIFORM3},gptq{{{options}}}")

@@ -61,8 +61,8 @@ def test_preset_with_options(monkeypatch):
 def test_preset_option_that_chooses_passes():
     names = [p.name for p in parse_pipeline("mixed{rounding=gptq}")]
     assert names[names.index("quantize-weights") + 1] == "gptq"
-    assert "gptq" not in [p.name for p in parse_pipeline("mixed")]
-    with pytest.raises(UserError, match="preset 'mixed': rounding must be one of nearest, gptq, got 'best'"):
+    assert "gptq" not in [p.name for p in parse_pipeline("mixed{rounding=nearest}")]
+    with pytest.raises(UserError, match="preset 'mixed': rounding must be one of nearest, gptq, auto, got 'best'"):
         parse_pipeline("mixed{rounding=best}")
 
 

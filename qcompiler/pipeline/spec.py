@@ -80,6 +80,10 @@ KV_CACHE = {"kv-cache": {"float32": "", "int8": ",kv-cache{dtype=int8}"}}
 EMBEDDING = {"embedding": {"float": "", "int8": ",quantize-embedding{bits=8}", "int4": ",quantize-embedding{bits=4}",
                            "shared": ",quantize-embedding{bits=4 tied=share}"}}
 
+# rounding=auto in the mixed preset: GPTQ (damp=auto) for models whose mixed layers hold at most this many weights,
+# which compile in about 4 minutes per 135 M weights on 2 cores; round-to-nearest above
+GPTQ_UP_TO = 600_000_000
+
 PRESETS: dict[str, Preset] = {
     "default": Preset("canonicalize$kv_cache$attention", "clean the graph up for the passes; no quantization",
                       {"kv-cache": "float32", "attention": "auto"},
@@ -107,12 +111,14 @@ PRESETS: dict[str, Preset] = {
         "outliers-weight=$outliers_weight group-size=$group_size$blocks$shared_input$tables},quantize-weights$rounding$tuning,fold-permutation$embedding$kv_cache,$route",
         "weight-only channel-wise mixed precision at a fractional bit budget (needs --calib)",
         {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0",
-         "rounding": "nearest", "tuning": "none", "act-scale": "none", "embedding": "float", "kv-cache": "float32",
+         "rounding": "auto", "tuning": "none", "act-scale": "none", "embedding": "float", "kv-cache": "float32",
          "route": "split", "attention": "auto", "blocks": "auto", "shared-input": "auto", "group-size": "128",
          "damp": "auto"},
+        # rounding: GPTQ's error compensation (gptq), or round-to-nearest (nearest); auto: gptq up to
+        # GPTQ_UP_TO weights in the mixed layers, nearest above (docs/pipelines.md, "The mixed preset's rounding").
         # gptq's damping (damp): by default chosen per input on held-out calibration batches; the method's usual
         # 0.01 fits H measured on a few thousand tokens too closely (docs/results.md, "GPTQ's damping")
-        {"rounding": {"nearest": "", "gptq": ",gptq{damp=$damp}"},
+        {"rounding": {"nearest": "", "gptq": ",gptq{damp=$damp}", "auto": f",gptq{{damp=$damp max-weights={GPTQ_UP_TO}}}"},
          # linears of one input (Q/K/V, gate/up) allocated together: lowered as one wide kernel per class
          # (auto: in a decoder with a KV cache)
          "shared-input": {"auto": "", "apart": " shared-input=apart", "joint": " shared-input=joint"},

@@ -45,6 +45,7 @@ from qcompiler.passes.allocate_bits import AllocateBitsPass as Allocate
 from qcompiler.passes.flexround import FlexRoundPass
 from qcompiler.passes.fold_permutation import FoldPermutationPass
 from qcompiler.passes.fuse import FusePass
+from qcompiler.passes.gptq import GPTQPass
 from qcompiler.passes.lower_ort import LowerOrtPass
 from qcompiler.passes.quantize import QuantizePass as Quantize
 from qcompiler.passes.quantize_weights import QuantizeWeightsPass as QuantizeWeights
@@ -356,8 +357,9 @@ BOOST_BITS = 1.0
 # held-out perplexity (52.4 -> 53.1; benchmarks/results/doctor_suggestion_rounds.json): further
 # rounds fit the probe batch, not the model.
 REFINE_ROUNDS = 1
-# Passes that learn the weights' rounding after `quantize-weights`; the doctor suggests the first.
-ROUNDING_PASSES = (FlexRoundPass.name, TuneScalesPass.name)
+# Passes that learn or compensate the weights' rounding after `quantize-weights`; the doctor suggests the first
+# where none is in the pipeline (it does not stack a second learner on gptq's codes).
+ROUNDING_PASSES = (FlexRoundPass.name, TuneScalesPass.name, GPTQPass.name)
 
 
 def diagnose(
