@@ -96,8 +96,7 @@ WINDOW = 256
 CALIB_WINDOWS = 28
 CALIB_WINDOW = 128
 CALIB_SENTENCES = 128
-MIXED_NO_OUTLIERS = ("calibrate,allocate-bits{avg-bits=%g codebook=uniform outliers-act=0 outliers-weight=0%s},"
-                     "quantize-weights,fold-permutation,lower-ort")
+MIXED_NO_OUTLIERS = "mixed{avg-bits=%g outliers-act=0 outliers-weight=0%s}"  # the preset, both kinds of outliers off
 UNIFORM_PIPELINE = ("calibrate,allocate-bits{avg-bits=8 candidates=%d other-widths=expand outliers-act=0 outliers-weight=0},"
                     "quantize-weights{grid=minmax}")
 TASK = {"smollm2-135m": "perplexity", "minilm-l6": "sts"}

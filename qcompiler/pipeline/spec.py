@@ -108,9 +108,9 @@ PRESETS: dict[str, Preset] = {
     ),
     "mixed": Preset(
         "canonicalize,calibrate$act_scale,allocate-bits{avg-bits=$avg_bits scope=$scope codebook=$codebook sensitivity=$sensitivity "
-        "outliers-weight=$outliers_weight group-size=$group_size$blocks$shared_input$tables},quantize-weights$rounding$tuning,fold-permutation$embedding$kv_cache,$route",
+        "outliers-weight=$outliers_weight outliers-act=$outliers_act group-size=$group_size$blocks$shared_input$tables},quantize-weights$rounding$tuning,fold-permutation$embedding$kv_cache,$route",
         "weight-only channel-wise mixed precision at a fractional bit budget (needs --calib)",
-        {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0",
+        {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0", "outliers-act": "0.005",
          "rounding": "auto", "tuning": "none", "act-scale": "none", "embedding": "float", "kv-cache": "float32",
          "route": "split", "attention": "auto", "blocks": "auto", "shared-input": "auto", "group-size": "128",
          "damp": "auto"},
