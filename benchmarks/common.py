@@ -7,6 +7,8 @@
   that the ratios between variants come from the same stretch of (noisy, shared) machine time.
 - The data splits: calibration text that never overlaps the evaluation text.
 - `table(...)`: fixed-width text tables.
+- `add_mixed_options(parser)` / `with_mixed_options(...)`: `--mixed-options` (e.g. 'rounding=nearest') for
+  the `mixed{...}` pipelines a script writes inside itself.
 """
 
 from __future__ import annotations
@@ -379,6 +381,40 @@ class ListReader:
 
     def rewind(self):
         self.i = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Options of the mixed preset for pipelines written inside a script
+
+
+def add_mixed_options(parser) -> None:
+    """`--mixed-options OPTIONS` on `parser` (default empty), for `with_mixed_options`."""
+    parser.add_argument("--mixed-options", default="", metavar="OPTIONS",
+                        help="more options of the mixed preset for every `mixed{...}` pipeline this script compiles, "
+                        "e.g. 'rounding=nearest'")
+
+
+def with_mixed_options(pipeline: str, options: str) -> str:
+    """`pipeline` with `options` added inside every `mixed` preset call: `mixed` becomes
+    `mixed{OPTIONS}`, `mixed{a=1}` becomes `mixed{a=1 OPTIONS}` (an option the call already sets
+    keeps its own value); items of other passes (split at commas outside braces) stay as they are."""
+    if not options.strip():
+        return pipeline
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(pipeline + ","):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(pipeline[start:i])
+            start = i + 1
+    for n, item in enumerate(items):
+        call = re.fullmatch(r"(\s*mixed\s*)(?:\{(.*)\})?(\s*)", item, re.S)
+        if call:
+            given = (call.group(2) or "").split()
+            keys = {token.partition("=")[0] for token in given}
+            extra = [token for token in options.split() if token.partition("=")[0] not in keys]
+            if extra:
+                items[n] = f"{call.group(1)}{{{' '.join(given + extra)}}}{call.group(3)}"
+    return ",".join(items)
 
 
 # --------------------------------------------------------------------------------------------

@@ -153,6 +153,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--in-genai", default="", help="comma-separated names of our rows also run by ONNX Runtime GenAI's "
                         "generator, as rows 'NAME in genai' (needs onnxruntime-genai; default: none)")
     parser.add_argument("--out", type=Path, default=common.RESULTS / "decode.json")
+    common.add_mixed_options(parser)
     return parser.parse_args()
 
 
@@ -323,7 +324,8 @@ def main() -> None:
             continue
         start = time.perf_counter()
         try:
-            result = qcompile("smollm2-135m-kv", build / name.replace(" ", "-"), pipeline=PIPELINES[name],
+            result = qcompile("smollm2-135m-kv", build / name.replace(" ", "-"),
+                              pipeline=common.with_mixed_options(PIPELINES[name], args.mixed_options),
                               calibration=None if name == "float32" else str(calib), calib_count=args.calib_count,
                               threads=args.threads, drift=False)
         except QCompilerError as error:  # the row says why; the other rows still run
@@ -419,7 +421,8 @@ def main() -> None:
         "settings": {"rounds": args.rounds, "prompt_tokens": int(len(prompt)), "new_tokens": args.new_tokens,
                      "windows": args.windows, "window": args.window, "calib_count": args.calib_count, "batch": 1,
                      "agree_prompts": args.agree_prompts, "agree_prompt_tokens": args.agree_prompt_tokens,
-                     "agree_tokens": args.agree_tokens, "agreement_reference": "transformers LlamaForCausalLM from the GGUF"},
+                     "agree_tokens": args.agree_tokens, "agreement_reference": "transformers LlamaForCausalLM from the GGUF",
+                     "mixed_options": args.mixed_options},
         "greedy_reference_tokens": reference_tokens,
         "did_not_compile": failed,
         "threads": threads,

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mixed_pareto as mp  # noqa: E402  (same data splits, compile and evaluation helpers)
-from common import command_line, git_state, machine, packages, table  # noqa: E402
+from common import add_mixed_options, command_line, git_state, machine, packages, table, with_mixed_options  # noqa: E402
 
 MODEL = "smollm2-135m"
 
@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--probe-batches", type=int, default=1, help="calibration batches the doctor measures on (4 x 128 tokens each)")
     parser.add_argument("--out", type=Path, default=mp.RESULTS / "doctor_suggestion.json")
+    add_mixed_options(parser)
     args = parser.parse_args(argv)
     mp.quiet()
 
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
         qcompiler.compile(MODEL, work / "float", pipeline="default", drift=False, threads=mp.THREADS)
         float_path = work / "float" / "model.onnx"
         batches, calib_desc = mp.calibration(MODEL)
-        pipeline = f"mixed{{avg-bits={args.budget:g}}}"
+        pipeline = with_mixed_options(f"mixed{{avg-bits={args.budget:g}}}", args.mixed_options)
 
         mp.log(f"doctor {pipeline}")
         start = time.perf_counter()
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
 
         variants = {"as given": pipeline, "doctor's suggestion": suggested,
                     "doctor's suggestion, bits only": diagnosis["suggestion"].get("pipeline_bits_only"),
-                    "same extra bits, evenly": f"mixed{{avg-bits={args.budget + args.max_extra_bits:g}}}"}
+                    "same extra bits, evenly": with_mixed_options(f"mixed{{avg-bits={args.budget + args.max_extra_bits:g}}}",
+                                                                  args.mixed_options)}
         rows = {}
         for label, spec in variants.items():
             if spec is None:

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, THREADS, git_state, machine, packages, table, wikitext_split  # noqa: E402
+from common import (RESULTS, THREADS, add_mixed_options, git_state, machine, packages, table,  # noqa: E402
+                    wikitext_split, with_mixed_options)
 from mixed_pareto import METRIC, calibration, compile_ours, evaluate_ours, quiet  # noqa: E402
 
 MODELS = ("smollm2-135m", "minilm-l6")
@@ -49,7 +50,7 @@ def fixed_average(total: float, layers: int, tables: list[list[int]], bits: int)
     return (total * (layers + entries) - stored) / layers
 
 
-def run_model(name: str, totals: list[float], work: Path, windows: int) -> dict[str, Any]:
+def run_model(name: str, totals: list[float], work: Path, windows: int, mixed_options: str = "") -> dict[str, Any]:
     import qcompiler
 
     batches, calib_desc = calibration(name)
@@ -60,7 +61,8 @@ def run_model(name: str, totals: list[float], work: Path, windows: int) -> dict[
     eval_text.write_text(wikitext_split()[0], encoding="utf-8")
     rows = {"float": evaluate_ours(name, float_dir, eval_text, windows)}
     for total in totals:
-        budget = compile_ours(source, work / name / f"budget-{total:g}", f"mixed{{avg-bits={total:g} embedding=budget}}", batches)
+        budget = compile_ours(source, work / name / f"budget-{total:g}",
+                              with_mixed_options(f"mixed{{avg-bits={total:g} embedding=budget}}", mixed_options), batches)
         rows[f"{total:g} budget"] = row = {**budget, **_bits(budget)}
         if "error" in budget:
             continue
@@ -69,7 +71,7 @@ def run_model(name: str, totals: list[float], work: Path, windows: int) -> dict[
         for bits in (4, 8):
             average = fixed_average(total, budget["weights"], shapes, bits)
             label = f"{total:g} tables {bits}-bit"
-            pipeline = f"mixed{{avg-bits={average:.4f} embedding=int{bits}}}"
+            pipeline = with_mixed_options(f"mixed{{avg-bits={average:.4f} embedding=int{bits}}}", mixed_options)
             if not 2.0 <= average <= 16.0:
                 rows[label] = {"pipeline": pipeline, "error": f"the layers' average would be {average:.3f} bits"}
                 continue
@@ -96,15 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--totals", default=",".join(f"{t:g}" for t in TOTALS), help="total bits per weight, tables included")
     parser.add_argument("--windows", type=int, default=WINDOWS, help="smollm2 perplexity windows of 256 tokens")
     parser.add_argument("--json", default=str(RESULTS / "embedding_budget.json"))
+    add_mixed_options(parser)
     args = parser.parse_args(argv)
     quiet()
     totals = [float(t) for t in args.totals.split(",")]
     result = {"machine": machine(), "packages": packages(), "git": git_state(), "threads": THREADS, "totals": totals,
-              "windows": args.windows, "models": {}}
+              "windows": args.windows, "mixed_options": args.mixed_options, "models": {}}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qc_embedding_budget_") as tmp:
         for name in args.models.split(","):
-            result["models"][name] = run_model(name, totals, Path(tmp), args.windows)
+            result["models"][name] = run_model(name, totals, Path(tmp), args.windows, args.mixed_options)
             metric = METRIC[name]
             print(f"\n{name}: {metric} at equal total bits (layers and tables)")
             print(table(["row", "bits with tables", "layers' bits", "tables", metric, "compile s"], [

@@ -6,8 +6,8 @@ starts, against float and `w8a8`.
     python benchmarks/mixed_convs.py --models efficientnet-lite0 --budgets 4 --grid 2   # a quick run
 
 Variants: `float32` (`default`), `w8a8`, and per budget B in `--budgets` (default 4, 6):
-`mixed B` (`mixed{avg-bits=B}`: all Conv layers share one budget, errors weighted by each input
-channel's calibrated energy, biases corrected, round-to-nearest), `mixed B gptq`
+`mixed B` (`mixed{avg-bits=B rounding=nearest}`: all Conv layers share one budget, errors weighted by
+each input channel's calibrated energy, biases corrected, round-to-nearest), `mixed B gptq`
 (`mixed{avg-bits=B rounding=gptq}`: each kernel rounded by GPTQ on its im2col patches) and, with
 `--sensitivity`, `mixed B sens.` (`scope=model sensitivity=output`: each layer's errors scaled by
 how much its quantization alone moves the model's outputs on the first calibration batch). Per variant: the bits stored per source weight
@@ -46,21 +46,23 @@ MODELS = ("efficientnet-lite0", "ffdnet-gray", "ffdnet-rgb")
 def variants(budgets: list[float], sensitivity: bool) -> dict[str, str]:
     out = {"float32": "default", "w8a8": "w8a8"}
     for b in budgets:
-        out[f"mixed {b:g}"] = f"mixed{{avg-bits={b:g}}}"
+        out[f"mixed {b:g}"] = f"mixed{{avg-bits={b:g} rounding=nearest}}"
         out[f"mixed {b:g} gptq"] = f"mixed{{avg-bits={b:g} rounding=gptq}}"
         if sensitivity:
             out[f"mixed {b:g} sens."] = f"mixed{{avg-bits={b:g} scope=model sensitivity=output}}"
     return out
 
 
-def compile_all(source: Path, work: Path, batches, budgets: list[float], sensitivity: bool) -> dict[str, dict[str, Any]]:
+def compile_all(source: Path, work: Path, batches, budgets: list[float], sensitivity: bool,
+                mixed_options: str = "") -> dict[str, dict[str, Any]]:
     import qcompiler
 
     out = {}
     for label, pipeline in variants(budgets, sensitivity).items():
         folder = work / label.replace(" ", "-").replace(".", "")
         start = time.perf_counter()
-        result = qcompiler.compile(str(source), folder, pipeline=pipeline, calibration=None if pipeline == "default" else batches,
+        result = qcompiler.compile(str(source), folder, pipeline=common.with_mixed_options(pipeline, mixed_options),
+                                   calibration=None if pipeline == "default" else batches,
                                    drift=False, threads=common.THREADS, cache_dir=None)
         manifest = json.loads((folder / "manifest.json").read_text())
         out[label] = {"pipeline": result.pipeline, "model": str(folder / "model.onnx"), "compile_s": round(time.perf_counter() - start, 1),
@@ -77,7 +79,8 @@ def bench_efficientnet(args, work: Path) -> dict[str, Any]:
     bundled = qm.get("efficientnet-lite0")
     calibration = bundled.calibration_crops()
     batches = [eff.to_feeds(calibration[i:i + equalize.BATCH]) for i in range(0, len(calibration), equalize.BATCH)]
-    compiled = compile_all(equalize.capture_once(bundled.name, work), work, batches, args.budgets, args.sensitivity)
+    compiled = compile_all(equalize.capture_once(bundled.name, work), work, batches, args.budgets, args.sensitivity,
+                           args.mixed_options)
     sessions = {label: ort_session(v["model"], common.THREADS) for label, v in compiled.items()}
     crops = [c for _, c in bundled.evaluation_crops(args.grid)]
     logits = {label: np.concatenate([s.run(None, eff.to_feeds(crops[i:i + equalize.BATCH]))[0] for i in range(0, len(crops), equalize.BATCH)])
@@ -99,7 +102,8 @@ def bench_ffdnet(name: str, args, work: Path) -> dict[str, Any]:
 
     bundled = qm.get(name)
     batches, _ = imaging.calibration_batches(bundled)
-    compiled = compile_all(equalize.capture_once(name, work), work, batches, args.budgets, args.sensitivity)
+    compiled = compile_all(equalize.capture_once(name, work), work, batches, args.budgets, args.sensitivity,
+                           args.mixed_options)
     sessions = {label: ort_session(v["model"], common.THREADS) for label, v in compiled.items()}
     targets = imaging.evaluation_targets(bundled, args.count, args.crop)
     quality = imaging.quality(sessions, targets, [25.0])
@@ -132,6 +136,7 @@ def main(argv=None) -> int:
     parser.add_argument("--crop", type=int, help="FFDNet: centre crops of this size instead of whole photos")
     parser.add_argument("--repeats", type=int, default=10, help="latency rounds (default 10)")
     parser.add_argument("--json", type=Path, default=common.RESULTS / "mixed_convs.json")
+    common.add_mixed_options(parser)
     args = parser.parse_args(argv)
     common.quiet()
     threads = common.fix_threads(common.THREADS)

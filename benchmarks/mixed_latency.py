@@ -125,21 +125,24 @@ def ort_nbits(source: Path, out: Path, level: int, k: int, n: int) -> dict:
     return {"effective_bits": round(8 * stored / (k * n), 4), "accuracy_level": levels, "at_rest_mib": round(stored / 2**20, 2)}
 
 
-def preset_with_route(budget: str, route: str) -> str:
-    """The `mixed{avg-bits=budget}` preset's passes with `lower-ort{mixed-route=route}`."""
+def preset_passes(budget: str, options: str = "") -> str:
+    """The passes of the `mixed{avg-bits=budget}` preset with `options` (`--mixed-options`) added."""
     from qcompiler.pipeline.spec import PRESETS
 
-    passes = PRESETS["mixed"].expand("mixed", {"avg-bits": budget})
+    return PRESETS["mixed"].expand("mixed", {**dict(token.split("=", 1) for token in options.split()), "avg-bits": budget})
+
+
+def preset_with_route(budget: str, route: str, options: str = "") -> str:
+    """The `mixed{avg-bits=budget}` preset's passes with `lower-ort{mixed-route=route}`."""
+    passes = preset_passes(budget, options)
     head, lowering = passes.rsplit(",", 1)
     assert lowering.startswith("lower-ort"), passes
     return f"{head},lower-ort{{mixed-route={route}}}"
 
 
-def preset_with_cost(budget: str, cost: str) -> str:
+def preset_with_cost(budget: str, cost: str, options: str = "") -> str:
     """The `mixed{avg-bits=budget}` preset's passes with `allocate-bits{cost=cost}`."""
-    from qcompiler.pipeline.spec import PRESETS
-
-    passes = PRESETS["mixed"].expand("mixed", {"avg-bits": budget})
+    passes = preset_passes(budget, options)
     assert "allocate-bits{" in passes, passes
     return passes.replace("allocate-bits{", f"allocate-bits{{cost={cost} ", 1)
 
@@ -176,9 +179,10 @@ def as_gathers_and_adds(source: Path, out: Path) -> int:
     return rewritten
 
 
-def compile_variants(work: Path, k: int, n: int, only: str | None = None) -> dict:
+def compile_variants(work: Path, k: int, n: int, only: str | None = None, mixed_options: str = "") -> dict:
     """Compile every variant of one shape into `work` (with `only`, those whose name matches that
-    regular expression, and the two reference rows); their facts (bits, error, routes, memory) into variants.json."""
+    regular expression, and the two reference rows; the preset's with `mixed_options` added); their
+    facts (bits, error, routes, memory) into variants.json."""
     common.fix_threads(THREADS)
     import qcompiler
     from qcompiler.analysis import execute
@@ -195,10 +199,10 @@ def compile_variants(work: Path, k: int, n: int, only: str | None = None) -> dic
         "ours mixed{avg-bits=4.25}": "mixed{avg-bits=4.25}",
         "ours mixed{avg-bits=3.25 blocks=tight}": "mixed{avg-bits=3.25 blocks=tight}",
         "ours mixed{avg-bits=4.25 blocks=tight}": "mixed{avg-bits=4.25 blocks=tight}",
-        "ours mixed 3.25 single": preset_with_route("3.25", "single"),
-        "ours mixed 4.25 single": preset_with_route("4.25", "single"),
+        "ours mixed 3.25 single": preset_with_route("3.25", "single", mixed_options),
+        "ours mixed 4.25 single": preset_with_route("4.25", "single", mixed_options),
         "ours mixed 4.25 digits": "mixed{avg-bits=4.25 route=digits}",
-        "ours mixed 3.25 cost=latency": preset_with_cost("3.25", "latency"),
+        "ours mixed 3.25 cost=latency": preset_with_cost("3.25", "latency", mixed_options),
         "ours mixed 3.25 expand": "calibrate,allocate-bits{avg-bits=3.25 outliers-weight=0},quantize-weights,fold-permutation,"
                                   "lower-ort{mixed-route=expand}",
     }
@@ -210,7 +214,8 @@ def compile_variants(work: Path, k: int, n: int, only: str | None = None) -> dic
     for name, pipeline in variants.items():
         out = work / re.sub(r"[^a-z0-9.]+", "_", name.lower()).strip("_")
         start = time.perf_counter()
-        result = qcompiler.compile(str(source), out, pipeline=pipeline, calibration=calibration, threads=THREADS, drift=False)
+        result = qcompiler.compile(str(source), out, pipeline=common.with_mixed_options(pipeline, mixed_options),
+                                   calibration=calibration, threads=THREADS, drift=False)
         lowered = [r.stats for r in result.records if r.name == "lower-ort"]
         allocated = [r.stats for r in result.records if r.name == "allocate-bits"]
         rows[name] = {"path": str(out.relative_to(work) / "model.onnx"), "pipeline": result.manifest["pipeline"],
@@ -237,7 +242,8 @@ def compile_variants(work: Path, k: int, n: int, only: str | None = None) -> dic
     (work / "float.onnx").unlink()  # the timing stage writes the same float model again
     shutil.rmtree(work / Path(rows["float32"]["path"]).parent)
     rows["float32"]["path"] = "float.onnx"
-    facts = {"compiled_with": {"packages": common.packages(), "git": common.git_state(), "machine": common.machine()},
+    facts = {"compiled_with": {"packages": common.packages(), "git": common.git_state(), "machine": common.machine(),
+                               "mixed_options": mixed_options},
              "matmul_nbits_accuracy_level": level, "rows": rows}
     (work / "variants.json").write_text(json.dumps(facts, indent=2) + "\n")
     return facts
@@ -425,6 +431,7 @@ def main() -> int:
     parser.add_argument("--only", default=None, help="compile and time only the variants matching this regular expression "
                         "(with float32 and ORT's 4-bit)")
     parser.add_argument("--json", type=Path, default=RESULTS)
+    common.add_mixed_options(parser)
     args = parser.parse_args()
     common.quiet()
     shapes = [tuple(int(d) for d in text.lower().split("x")) for text in args.shapes.split(",")]
@@ -439,7 +446,7 @@ def main() -> int:
         folder = work / f"{k}x{n}"
         folder.mkdir(parents=True, exist_ok=True)
         if args.stage in ("all", "compile"):
-            compile_variants(folder, k, n, args.only)
+            compile_variants(folder, k, n, args.only, args.mixed_options)
         if args.stage in ("all", "time"):
             results[f"{k}x{n}"] = time_variants(folder, k, n, args.repeats, args.only)
     if results:
