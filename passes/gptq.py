@@ -122,8 +122,8 @@ class GPTQPass(Pass):
             super().ensures(model)
 
     def call(self, model: ir.Model) -> PassResult:
-        weights = mixed_linear_weights(model)
         if self._over_limit(model):
+            weights = mixed_linear_weights(model)
             log.warning("gptq: the mixed layers hold %d weights, over max-weights=%d: kept round-to-nearest "
                         "(rounding=gptq in the mixed preset rounds any size)", weights, self.max_weights)
             return PassResult(model, False, {"skipped": f"{weights} weights in mixed layers, over max-weights={self.max_weights}"})
