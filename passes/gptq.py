@@ -114,16 +114,18 @@ class GPTQPass(Pass):
         if isinstance(self.max_weights, bool) or not isinstance(self.max_weights, int) or self.max_weights < 0:
             raise UserError(f"gptq: max-weights must be a whole number of weights, 0 for no limit, got {self.max_weights}")
 
-    def _over_limit(self, model: ir.Model) -> bool:
-        return bool(self.max_weights) and mixed_linear_weights(model) > self.max_weights
+    def _weights_over_limit(self, model: ir.Model) -> int:
+        """The mixed layers' weights where they exceed `max-weights`, else 0."""
+        weights = mixed_linear_weights(model) if self.max_weights else 0
+        return weights if weights > self.max_weights else 0
 
     def ensures(self, model: ir.Model) -> None:
-        if not self._over_limit(model):  # over it the model is as quantize-weights left it, properties included
+        if not self._weights_over_limit(model):  # over it the model is as quantize-weights left it, properties included
             super().ensures(model)
 
     def call(self, model: ir.Model) -> PassResult:
-        if self._over_limit(model):
-            weights = mixed_linear_weights(model)
+        weights = self._weights_over_limit(model)
+        if weights:
             log.warning("gptq: the mixed layers hold %d weights, over max-weights=%d: kept round-to-nearest "
                         "(rounding=gptq in the mixed preset rounds any size)", weights, self.max_weights)
             return PassResult(model, False, {"skipped": f"{weights} weights in mixed layers, over max-weights={self.max_weights}"})
@@ -297,10 +299,11 @@ class GPTQPass(Pass):
 def _held_out_error(layer, cols: np.ndarray, arrays: list[np.ndarray], sums: "GramSums") -> float:
     """`tr(dW^T H dW) / tokens` on the held-out batches' H, for the layer's columns `cols` stored as
     `arrays` (restricted to those columns) against its float weight."""
+    view = MixedMatMulView.of(layer.node)
     change = np.empty((layer.w.shape[0], len(cols)), np.float64)  # rows back in channel order, as H's
-    change[MixedMatMulView.of(layer.node).perm_array()] = (layer.w.numpy()[:, cols].astype(np.float64)
-                                                       - layer.reference_weight(arrays).numpy().astype(np.float64))
-    return float(np.sum((sums.check[MixedMatMulView.of(layer.node).x.name] @ change) * change)) / sums.check_count
+    change[view.perm_array()] = (layer.w.numpy()[:, cols].astype(np.float64)
+                                 - layer.reference_weight(arrays).numpy().astype(np.float64))
+    return float(np.sum((sums.check[view.x.name] @ change) * change)) / sums.check_count
 
 
 @dataclasses.dataclass(frozen=True)
