@@ -74,6 +74,9 @@ class BlockLearningPass(Pass):
                           "0: whole inputs)")
     tile_margin: int = option(-1, "with tile: the border (input pixels) each crop's loss leaves out, where the "
                                   "convolutions read padding the whole image does not have; -1: tile / 4")
+    holdout: int = option(0, "hold every holdout-th calibration batch out of the steps (when there are that many) and keep "
+                             "the parameters of least loss on them, measured before learning and 8 times during it "
+                             "(early stopping); 0: learn on every batch, keep the last step's")
 
     def __post_init__(self):
         check_learning_options(self.name, self.steps, self.lr, self.seed, self.time_budget, self.regions, self.batch, self.loss)
@@ -82,12 +85,14 @@ class BlockLearningPass(Pass):
         margin = self.tile_margin
         if isinstance(margin, bool) or not isinstance(margin, int) or margin < -1 or (self.tile and 2 * margin >= self.tile):
             raise UserError(f"{self.name}: tile-margin must be -1 (tile / 4) or from 0 to under half the tile, got {margin}")
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, int) or not (self.holdout == 0 or 2 <= self.holdout <= 64):
+            raise UserError(f"{self.name}: holdout must be 0 (off) or from 2 to 64 (every holdout-th batch held out), got {self.holdout}")
 
     def call(self, model: ir.Model) -> PassResult:
         ctx = context.current()
         opts = Options(self.mode, self.steps, float(self.lr), self.seed, float(self.time_budget), self.regions, self.name,
                        self.batch, self.loss, bool(self.act_grids), self.tile,
-                       self.tile // 4 if self.tile_margin == -1 else self.tile_margin)
+                       self.tile // 4 if self.tile_margin == -1 else self.tile_margin, self.holdout)
         stats = reconstruct(model, opts, ctx.require_calibration(self.name), ctx.threads)
         return PassResult(model, bool(stats.get("blocks_improved")), stats)
 

@@ -61,8 +61,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis.reconstruct import BlockProblem, Options, reconstruct
-from qcompiler.dialect.mixed_ops import (MixedClass, MixedMatMulView, class_slices, is_mixed_matmul, split_class_inputs,
-                                        uniform_zero_kind)
+from qcompiler.dialect.mixed_ops import (MixedClass, MixedMatMulView, class_slices, is_mixed_matmul, mixed_linear_weights,
+                                        split_class_inputs, uniform_zero_kind)
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import ConvAsLinear, conv_reading, drop_unread, new_initializer
 from qcompiler.ir.meta import FLOAT_BIAS_KEY, FLOAT_WEIGHT_KEY, Prop
@@ -328,16 +328,6 @@ def round_layer(grid: str, task: RoundingTask) -> list[np.ndarray]:
     """One layer's GPTQ rounding (a pure function of its task: the same result in any process)."""
     return _round(task.w, task.factor, task.energy, task.kinds, task.bits, task.sizes, task.group_size, task.originals,
                   task.sparse, grid, task.order)
-
-
-def mixed_linear_weights(model: ir.Model) -> int:
-    """The weights of the model's `qc.MixedMatMul` layers (K x N each), the size `max-weights` reads."""
-    total = 0
-    for node in model.graph:
-        if is_mixed_matmul(node):
-            view = MixedMatMulView.of(node)
-            total += int(view.perm.shape[0]) * int(view.classes[0].inputs[0].shape[1])
-    return total
 
 
 def _by_input(layers) -> list[list]:

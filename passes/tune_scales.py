@@ -18,10 +18,19 @@ language-modelling loss of training text.)
 from __future__ import annotations
 
 import dataclasses
+import logging
+from typing import Literal
 
+import onnx_ir as ir
+
+from qcompiler.dialect.mixed_ops import mixed_linear_weights
+from qcompiler.errors import UserError
+from qcompiler.ir.layers import outputs_token_logits
 from qcompiler.ir.meta import Prop
 from qcompiler.passes.flexround import BlockLearningPass
-from qcompiler.pipeline.passbase import option, register_pass
+from qcompiler.pipeline.passbase import PassResult, option, register_pass
+
+log = logging.getLogger(__name__)
 
 
 @register_pass
@@ -36,3 +45,35 @@ class TuneScalesPass(BlockLearningPass):
     mode = "scales"
 
     lr: float = option(0.001, "Adam learning rate of the log scales (0 < lr <= 1)")
+    first_output: Literal["any", "token-logits"] = option(
+        "any", "learn in any model (any), or only where the first output is token logits (token-logits: its last axis "
+               "as long as an embedding table's vocabulary, an LM); elsewhere the pass leaves the model as it is and says so")
+    max_weights: int = option(
+        0, "learn only in models whose mixed linear layers hold at most this many weights; above it the pass leaves "
+           "the model as it is and says so (0: no limit; the mixed preset's tuning=auto sets it)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.max_weights, bool) or not isinstance(self.max_weights, int) or self.max_weights < 0:
+            raise UserError(f"tune-scales: max-weights must be a whole number of weights, 0 for no limit, got {self.max_weights}")
+
+    def _why_skipped(self, model: ir.Model) -> tuple[str, int] | None:
+        """Why this model is left as it is (first-output, max-weights) and how loudly to say it, or None: learn."""
+        if self.first_output == "token-logits" and not outputs_token_logits(model.graph):
+            return "the first output is not token logits (first-output=token-logits)", logging.INFO
+        weights = mixed_linear_weights(model) if self.max_weights else 0
+        if weights > self.max_weights:
+            return f"{weights} weights in mixed layers, over max-weights={self.max_weights}", logging.WARNING
+        return None
+
+    def ensures(self, model: ir.Model) -> None:
+        if self._why_skipped(model) is None:  # skipped, the model is as the passes before left it, properties included
+            super().ensures(model)
+
+    def call(self, model: ir.Model) -> PassResult:
+        skipped = self._why_skipped(model)
+        if skipped is None:
+            return super().call(model)
+        reason, level = skipped
+        log.log(level, "tune-scales: %s: scales left as they are", reason)
+        return PassResult(model, False, {"skipped": reason})

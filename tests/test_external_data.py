@@ -207,3 +207,19 @@ def test_compiling_an_in_memory_model_reads_external_tensors_inside_their_folder
     result = qcompiler.compile(_ir_model_with_external_constant("w.bin", str(layout)), layout.parent / "out", pipeline="canonicalize")
     (y,) = ort.InferenceSession(str(result.output / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"X": np.zeros((1, 4), np.float32)})
     np.testing.assert_array_equal(y, DATA[None])
+
+
+def test_a_mapped_data_file_with_a_second_hard_link_is_one_line_and_exit_2(layout, monkeypatch):
+    """ONNX IR refuses to map a data file with two links (a pass would fail reading it): loading says
+    so in one line, before any pass; under the mapping threshold the same file is read, as any file
+    of the folder is."""
+    import qcompiler.ir as qir
+
+    os.link(layout / "w.bin", layout.parent / "second-link.bin")
+    model = _model("initializer", _external("C", [4], "w.bin"))
+    code, err, out = _compile(layout, model)
+    assert code == 0, err
+    monkeypatch.setattr(qir, "MAPPED_DATA_THRESHOLD", 0)  # the weight would stay mapped from w.bin
+    code, err, out = _compile(layout, model)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "'w.bin'" in err and "2 hard links" in err and "copy it" in err

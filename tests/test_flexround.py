@@ -197,3 +197,129 @@ def test_block_loss_leaves_padding_positions_out():
     assert float(_mse({"y": output}, {"y": target}, ["y"], valid)) == pytest.approx(4.0 / 3.0)
     assert float(_mse({"y": output}, {"y": target}, ["y"])) > 100.0
     assert _token_positions({"attention_mask": np.ones((2, 3), np.int64)}) is None
+
+
+def _tiny_lm(vocab=48, dim=32, seed=1):
+    """Token ids -> embedding table -> one residual MLP -> head: logits over the table's vocabulary."""
+    rng = np.random.default_rng(seed)
+
+    def arr(shape, scale):
+        return ",".join(f"{v:.5f}" for v in rng.normal(0, scale, shape).ravel())
+
+    return parse(f"""<ir_version: 10, opset_import: ["" : 21]>
+    g (int64[B, T] ids) => (float[B, T, {vocab}] logits)
+    <float[{vocab},{dim}] E = {{{arr((vocab, dim), 1.0)}}}, float[{dim},{dim}] W1 = {{{arr((dim, dim), 0.2)}}},
+     float[{dim},{dim}] W2 = {{{arr((dim, dim), 0.2)}}}, float[{dim},{vocab}] H = {{{arr((dim, vocab), 0.2)}}}>
+    {{ X = Gather (E, ids)
+       A = MatMul (X, W1)
+       R = Relu (A)
+       C = MatMul (R, W2)
+       D = Add (X, C)
+       logits = MatMul (D, H) }}""")
+
+
+def _token_data(count=4, vocab=48):
+    rng = np.random.default_rng(7)
+    return [{"ids": rng.integers(0, vocab, (2, 16)).astype(np.int64)} for _ in range(count)]
+
+
+def test_token_logits_are_an_output_as_long_as_a_looked_up_vocabulary():
+    from qcompiler.ir.layers import outputs_token_logits
+
+    assert outputs_token_logits(_tiny_lm().graph)
+    assert not outputs_token_logits(_model().graph)  # float[M, 64] from a float input: no table looked up
+    assert not outputs_token_logits(_encoder().graph)
+
+
+def _encoder():
+    """A table looked up, but the output is the hidden state (32 wide), not logits over the 48 tokens."""
+    return parse("""<ir_version: 10, opset_import: ["" : 21]>
+    g (int64[B, T] ids) => (float[B, T, 32] hidden)
+    <float[48,32] E = {""" + ",".join(["0.1"] * 48 * 32) + """}>
+    { hidden = Gather (E, ids) }""")
+
+
+def test_first_output_token_logits_learns_in_an_lm_and_leaves_other_models_as_they_are(caplog):
+    """tune-scales{first-output=token-logits} (the mixed preset's tuning=auto): learns against the
+    next-token distributions of a model whose first output is logits over its vocabulary; a model
+    with any other first output is left as quantize-weights wrote it, and says why."""
+    e2e = "tune-scales{regions=0 loss=kl steps=30 lr=0.003 batch=2 first-output=token-logits}"
+    lm, lm_rtn = _tiny_lm(), _tiny_lm()
+    _run(lm_rtn, UNIFORM3, _token_data())
+    stats = _run(lm, f"{UNIFORM3},{e2e}", _token_data())["tune-scales"].stats
+    assert stats["per_block"][0]["kept"] == "learned"
+    assert to_text(lm, elide_over=None) != to_text(lm_rtn, elide_over=None)
+
+    other, other_rtn = _model(), _model()
+    _run(other_rtn, UNIFORM3)
+    with caplog.at_level("INFO"):
+        record = _run(other, f"{UNIFORM3},{e2e}")["tune-scales"]
+    assert record.stats == {"skipped": "the first output is not token logits (first-output=token-logits)"}
+    assert to_text(other, elide_over=None) == to_text(other_rtn, elide_over=None)
+    assert "scales left as they are" in caplog.text
+
+
+@pytest.mark.parametrize(("limit", "learned"), [(16383, False), (16384, True)])
+def test_max_weights_leaves_larger_models_as_they_are(limit, learned, caplog):
+    """The four 64 x 64 layers hold 16384 weights: over the limit the pass warns and changes nothing."""
+    rtn, limited = _model(), _model()
+    _run(rtn, UNIFORM3)
+    stats = _run(limited, f"{UNIFORM3},tune-scales{{steps=10 regions=1 lr=0.003 max-weights={limit}}}")["tune-scales"].stats
+    assert (to_text(rtn, elide_over=None) != to_text(limited, elide_over=None)) is learned
+    if not learned:
+        assert stats == {"skipped": "16384 weights in mixed layers, over max-weights=16383"}
+        assert "over max-weights" in caplog.text
+
+
+def test_mixed_preset_tunes_scales_end_to_end_by_default():
+    from qcompiler.pipeline.spec import TUNE_UP_TO, format_pass
+
+    def tuned(options):
+        return [format_pass(p) for p in parse_pipeline(f"mixed{{avg-bits=3{options}}}") if p.name == "tune-scales"]
+
+    (auto,) = tuned("")
+    assert "regions=0" in auto and "loss=kl" in auto and f"first-output=token-logits max-weights={TUNE_UP_TO}" in auto
+    assert tuned(" tuning=auto") == [auto]
+    assert "steps=120 " in auto  # below 4 bits
+    for budget, steps in (("3.99", 120), ("4", 40), ("4.25", 40)):
+        (text,) = [format_pass(p) for p in parse_pipeline(f"mixed{{avg-bits={budget}}}") if p.name == "tune-scales"]
+        assert f"steps={steps} " in text
+    assert tuned(" tuning=none") == []
+    assert tuned(" tuning=e2e-kl") == ["tune-scales{steps=120 lr=0.001 seed=0 time-budget=0.0 regions=0 batch=4 loss=kl act-grids=true "
+                                       "tile=0 tile-margin=-1 holdout=0 first-output=any max-weights=0}"]
+
+
+def test_held_float_targets_grow_with_the_memory_available(monkeypatch):
+    from qcompiler.analysis import reconstruct
+    from qcompiler.support import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 16 << 30)
+    assert reconstruct.held_target_limit() == 2 << 30
+    monkeypatch.setattr(memory, "available_bytes", lambda: None)
+    assert reconstruct.held_target_limit() == reconstruct.HELD_TARGET_BYTES
+    monkeypatch.setattr(reconstruct, "HELD_TARGET_BYTES", 0)
+    assert reconstruct.held_target_limit() == 0
+
+
+def test_held_out_batches_are_every_nth_when_there_are_enough():
+    from qcompiler.analysis.reconstruct import held_out_batches
+
+    assert held_out_batches(7, 4) == [3]
+    assert held_out_batches(8, 4) == [3, 7]
+    assert held_out_batches(3, 4) == [] and held_out_batches(8, 0) == []
+
+
+def test_holdout_keeps_the_parameters_of_least_held_out_loss():
+    """tune-scales{holdout=4}: the 4th of 4 batches is never a step's batch; its loss is measured
+    before learning and 8 times during it, and the parameters kept are those at the least of them."""
+    stats = _run(_model(), f"{UNIFORM3},tune-scales{{steps=16 regions=1 lr=0.003 batch=64 holdout=4}}")["tune-scales"].stats
+    for block in stats["per_block"]:
+        held = block["held_out"]
+        assert held["batches"] == [3]
+        steps = [s for s, _ in held["losses"]]
+        assert steps == [0, 2, 4, 6, 8, 10, 12, 14, 16]
+        least = min(held["losses"], key=lambda sl: sl[1])
+        assert held["best_step"] == least[0]
+    same = _model()
+    a = _run(same, f"{UNIFORM3},tune-scales{{steps=16 regions=1 lr=0.003 batch=64 holdout=4}}")["tune-scales"].stats
+    assert a["per_block"] and [b["held_out"] for b in a["per_block"]] == [b["held_out"] for b in stats["per_block"]]

@@ -60,7 +60,8 @@ from qcompiler.support.progress import progress
 
 log = logging.getLogger(__name__)
 
-HELD_TARGET_BYTES = 256 << 20  # a block's float targets over all batches held up to this size, else recomputed when read
+HELD_TARGET_BYTES = 256 << 20  # a block's float targets over all batches held up to this size, or more (below), else recomputed when read
+HELD_TARGET_SHARE = 8  # ... up to this fraction (1/8) of the memory available when the block starts, where that is more
 LEARNED_MODES = ("flexround", "scales")  # modes whose parameters Adam learns; others solve a block their own way
 
 
@@ -78,6 +79,7 @@ class Options:
     grids: bool = True  # learn the scales of the block's static int8 activation grids (Adam modes)
     tile: int = 0  # learn on tile x tile spatial crops of 4-D/5-D image inputs (0: whole inputs)
     margin: int = 0  # with tile: a border of this many input pixels left out of the loss (scaled to each output's size)
+    holdout: int = 0  # Adam modes: learn on all but every holdout-th batch, keep the parameters of least loss on those (0: off)
 
 
 class _Layer:
@@ -150,7 +152,15 @@ class _Layer:
 
         blocks = []
         for c in self.classes:
-            if c["kind"] == "uniform":
+            if c["kind"] == "uniform" and self.mode == "scales" and len(c["groups"]) % self.group_size == 0:
+                # whole groups: scales and zero points broadcast over each group's rows (the values
+                # of the gathered form below, without materialising a per-row copy each step)
+                s = c["scale"] * torch.exp(c["log_s1"])
+                z = c["zero"] + c["zero_delta"] if "zero_delta" in c else c["zero"]
+                q = c["codes"]
+                grouped = q.view(s.shape[0], self.group_size, q.shape[1])
+                blocks.append(((grouped - z[:, None, :]) * s[:, None, :]).view(q.shape))
+            elif c["kind"] == "uniform":
                 g = c["groups"]
                 s = (c["scale"] * torch.exp(c["log_s1"]))[g]
                 z = (c["zero"] + c["zero_delta"])[g] if "zero_delta" in c else c["zero"][g]
@@ -527,10 +537,14 @@ class BlockProblem:
     t_block: float  # when this block's learning could start (targets and loss before done)
     blocks_left: int
     first: bool  # the first block learned
+    held_out: dict | None = None  # with opts.holdout: the held-out batches, the step kept, the loss at each check
 
 
 def learn_with_adam(problem: BlockProblem) -> tuple[dict, int]:
-    """The layers' parameters learned with Adam against the block's float outputs (flexround, tune-scales)."""
+    """The layers' parameters learned with Adam against the block's float outputs (flexround, tune-scales).
+    With `opts.holdout` N (and N or more batches) every N-th batch is held out of the steps: its loss is
+    measured before learning and every `HOLDOUT_CHECKS`-th of the steps, and the parameters where it was
+    least are the ones returned (the starting ones where no step lowered it)."""
     opts, layers, env_q, bar = problem.opts, problem.layers, problem.env_q, problem.bar
     params = [p for l in layers for p in l.params] + problem.grids.params
     steps = 0
@@ -538,6 +552,10 @@ def learn_with_adam(problem: BlockProblem) -> tuple[dict, int]:
         optimizer = _Adam(params, opts.lr)
         learned = {}
         weight_of = lambda node: learned[id(node)] if id(node) in learned else problem.stored_weight(node)  # noqa: E731
+        held = held_out_batches(len(env_q), opts.holdout)
+        fitting = [b for b in range(len(env_q)) if b not in held]
+        best = _HeldOutBest(problem, layers, params, held, learned, weight_of)
+        check_every = max(1, opts.steps // HOLDOUT_CHECKS)
         allotted = None
         if opts.time_budget:
             # this block's even share of what was left when it started, less what it has spent
@@ -548,7 +566,7 @@ def learn_with_adam(problem: BlockProblem) -> tuple[dict, int]:
         t_learn = time.perf_counter()
         for step in range(opts.steps):
             if not order:
-                order = list(problem.rng.permutation(len(env_q)))
+                order = [fitting[i] for i in problem.rng.permutation(len(fitting))]
             b = order.pop()
             optimizer.zero_grad()
             for l in layers:
@@ -558,6 +576,8 @@ def learn_with_adam(problem: BlockProblem) -> tuple[dict, int]:
             optimizer.step()
             steps += 1
             bar.update()
+            if held and (steps % check_every == 0 or steps == opts.steps):
+                best.measure(steps)
             if opts.time_budget:
                 if problem.first and step == 0 and time.perf_counter() - problem.start_all > opts.time_budget:
                     raise UserError(
@@ -567,8 +587,50 @@ def learn_with_adam(problem: BlockProblem) -> tuple[dict, int]:
                 if time.perf_counter() - t_learn > allotted:
                     bar.update(bar.done + opts.steps - steps)
                     break
+        if held:
+            best.restore()
         learned.clear()
     return {id(l.node): l.stored_arrays() for l in layers}, steps
+
+
+HOLDOUT_CHECKS = 8  # held-out loss measurements over a learning run (besides the one before it)
+
+
+def held_out_batches(count: int, every: int) -> list[int]:
+    """The batches held out of learning: every `every`-th of `count` (none when `every` is 0 or there are fewer)."""
+    return [b for b in range(every - 1, count, every)] if every and count >= every else []
+
+
+class _HeldOutBest:
+    """The parameters at the least loss on the held-out batches seen so far, and at which step."""
+
+    def __init__(self, problem: BlockProblem, layers, params, held: list[int], learned: dict, weight_of):
+        self.problem, self.layers, self.params, self.held = problem, layers, params, held
+        self.learned, self.weight_of = learned, weight_of
+        self.loss, self.values, self.step, self.losses = None, None, 0, []
+        if held:
+            self.measure(0)
+
+    def measure(self, step: int) -> None:
+        import torch
+
+        p = self.problem
+        with torch.no_grad():
+            for l in self.layers:
+                self.learned[id(l.node)] = l.learned_weight()
+            loss = float(sum(p.loss(p.forward(p.env_q[b], self.weight_of), p.targets[b], p.valid[b]) for b in self.held))
+        self.losses.append((step, loss))
+        if self.loss is None or loss < self.loss:
+            self.loss, self.step, self.values = loss, step, [t.detach().clone() for t in self.params]
+
+    def restore(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for t, v in zip(self.params, self.values):
+                t.copy_(v)
+        self.problem.held_out = {"batches": self.held, "best_step": self.step,
+                                 "losses": [[s, round(v, 6)] for s, v in self.losses]}
 
 
 class _Adam:
@@ -743,29 +805,31 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
         "relative_error_after": round(float(np.sqrt(after / energy)), 6) if energy > 0 else None,
         "kept": kept,
         **({"activation_grids_learned": len(learned_scales) if kept == "learned" else 0} if grids.params else {}),
+        **({"held_out": problem.held_out} if problem.held_out else {}),
         "seconds": round(time.perf_counter() - t_start, 2),
     }
 
 
 class FloatTargets:
     """The float block's outputs per batch, `targets[b]`: held while all of them fit in
-    `HELD_TARGET_BYTES`, else computed again each time one is read (the block that outputs a
-    model's logits: 28 windows of 128 tokens over a 49152-token vocabulary are 0.7 GB). Either way
-    the same values. Computing them stores, in each batch's `env`, the outputs later blocks read (`keep`)."""
+    `held_target_limit()`, else computed again each time one is read (the block that outputs a
+    model's logits: 28 windows of 128 tokens over a 49152-token vocabulary are 0.7 GB; computing
+    them again was a fifth of each end-to-end learning step on SmolLM2). Either way the same values.
+    Computing them stores, in each batch's `env`, the outputs later blocks read (`keep`)."""
 
     def __init__(self, forward: Callable, envs: list[dict], keep: set[str]):
         import torch
 
         self.forward, self.envs = forward, envs
         self.held: list[dict] | None = []
-        size = 0
+        size, limit = 0, held_target_limit()
         with torch.no_grad():
             for env in envs:
                 outputs = forward(env)
                 env.update({k: v for k, v in outputs.items() if k in keep})
                 if self.held is not None:
                     size += sum(v.nbytes for v in outputs.values())
-                    if size <= HELD_TARGET_BYTES:
+                    if size <= limit:
                         self.held.append(outputs)
                     else:
                         self.held = None
@@ -783,6 +847,14 @@ class FloatTargets:
 
     def __iter__(self):
         return (self[b] for b in range(len(self)))
+
+
+def held_target_limit() -> int:
+    """How many bytes of float targets a block holds: `HELD_TARGET_BYTES`, or 1/`HELD_TARGET_SHARE`
+    of the memory available now where that is more (0 when the first is 0: always recompute)."""
+    if HELD_TARGET_BYTES <= 0:
+        return 0
+    return max(HELD_TARGET_BYTES, (memory.available_bytes() or 0) // HELD_TARGET_SHARE)
 
 
 def _float_biases(nodes: list[ir.Node]) -> dict:

@@ -169,6 +169,16 @@ def is_mixed_matmul(node: ir.Node) -> bool:
     return node.domain == "qc" and node.op_type == "MixedMatMul"
 
 
+def mixed_linear_weights(model: ir.Model) -> int:
+    """The weights of the model's `qc.MixedMatMul` layers (K x N each), the size a pass's `max-weights` reads."""
+    total = 0
+    for node in model.graph:
+        if is_mixed_matmul(node):
+            view = MixedMatMulView.of(node)
+            total += int(view.perm.shape[0]) * int(view.classes[0].inputs[0].shape[1])
+    return total
+
+
 def _array(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy() if value is not None and value.const_value is not None else None
 

@@ -79,6 +79,13 @@ def load(path: str | os.PathLike, convert: bool = True) -> ir.Model:
     load_checks.rename_duplicate_nodes(proto)
     load_checks.name_unnamed_graphs(proto)
     mapped = external_data.external_bytes(proto, path) >= MAPPED_DATA_THRESHOLD  # every location checked
+    linked = external_data.multiply_linked(proto, path) if mapped else None
+    if linked is not None:
+        raise UserError(
+            f"external data file '{shown(linked[0])}' of '{shown(path.name)}' has {linked[1]} hard links, and ONNX IR "
+            f"refuses to memory-map such a file (weights over {MAPPED_DATA_THRESHOLD >> 20} MiB are read that way); "
+            "copy it to a file of its own in the model's folder"
+        )
     external_data.inline_external_data(proto, path, keep_initializers=mapped)
     load_checks.unknown_minus_one_dims(proto)
     load_checks.check_tensors(proto)

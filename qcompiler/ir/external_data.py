@@ -16,7 +16,9 @@ NUL byte, an absolute path, a `..` component, a path that leads outside the mode
 (through a symbolic link included), a missing file or one that is not a regular file, an offset
 or length that is not a non-negative integer, bytes past the end of the file, and a length that
 disagrees with the tensor's dims and type. A hard link inside the folder is a file of the folder
-(whoever can make one there can write the model too) and is read.
+(whoever can make one there can write the model too) and is read, except where the weights stay
+memory-mapped (`qcompiler.ir.load`): ONNX IR's reader refuses a mapped file with more than one link,
+so `multiply_linked` names it and loading stops with one line.
 """
 
 from __future__ import annotations
@@ -180,6 +182,19 @@ def external_bytes(proto: onnx.ModelProto, model_path: Path) -> int:
         expected = expected_nbytes(tensor.dims, tensor.data_type, what)
         total += check_external(model_path.parent, entries.get("location", ""), entries.get("offset"), entries.get("length"), expected, what)
     return total
+
+
+def multiply_linked(proto: onnx.ModelProto, model_path: Path) -> tuple[str, int] | None:
+    """The first external data file of the main graph's initializers (checked by `external_bytes`)
+    with more than one hard link, and its link count; None when there is none."""
+    folder = model_path.parent
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            links = os.stat(folder / location).st_nlink
+            if links > 1:
+                return location, links
+    return None
 
 
 def inline_external_data(proto: onnx.ModelProto, model_path: Path, keep_initializers: bool = False) -> int:

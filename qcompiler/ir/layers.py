@@ -147,6 +147,19 @@ def embedding_table(node: ir.Node) -> ir.Value | None:
     return table
 
 
+def outputs_token_logits(graph: ir.Graph) -> bool:
+    """Whether the graph's first output is token logits, an LM head's: a float output of rank 2 or
+    more whose last axis is as long as the vocabulary of an embedding table the graph looks up."""
+    out = graph.outputs[0] if len(graph.outputs) else None
+    if out is None or out.dtype is None or not out.dtype.is_floating_point() or out.shape is None or len(out.shape) < 2:
+        return False
+    vocabulary = out.shape[-1]
+    if not isinstance(vocabulary, int) or vocabulary < 2:
+        return False
+    tables = (embedding_table(node) for node in graph)
+    return any(t is not None and t.shape is not None and t.shape[0] == vocabulary for t in tables)
+
+
 def group_by_input(layers: list[Linear]) -> dict[str, list[Linear]]:
     """Layers that read the same activation (Q/K/V, gate/up), keyed by its name, in graph order."""
     groups: dict[str, list[Linear]] = {}

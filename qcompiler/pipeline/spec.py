@@ -38,6 +38,26 @@ def get_pass(name: str) -> type[Pass]:
 
 
 @dataclasses.dataclass(frozen=True)
+class Threshold:
+    """A preset placeholder's text by a numeric option's value: `below` under `at`, else `above` (also
+    for a value that is no number: the pass that reads the option refuses it)."""
+
+    option: str
+    at: float
+    below: str
+    above: str
+
+    def text(self, value: str) -> str:
+        try:
+            return self.below if float(value) < self.at else self.above
+        except ValueError:
+            return self.above
+
+    def __str__(self) -> str:
+        return f"{self.option} < {self.at:g} -> '{self.below}', otherwise '{self.above}'"
+
+
+@dataclasses.dataclass(frozen=True)
 class Preset:
     """A named pipeline; `$name` placeholders in `template` take the preset's options."""
 
@@ -48,6 +68,8 @@ class Preset:
     fragments: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     # placeholders that another option's value fills: {placeholder: (option, {value: text})}, "" for the values not listed
     derived: dict[str, tuple[str, dict[str, str]]] = dataclasses.field(default_factory=dict)
+    # placeholders that a numeric option's value fills by a threshold: {placeholder: Threshold}
+    thresholds: dict[str, Threshold] = dataclasses.field(default_factory=dict)
 
     def expand(self, name: str, options: dict[str, str]) -> str:
         for key in options:
@@ -58,6 +80,7 @@ class Preset:
                 )
         chosen = {key: options.get(key, default) for key, default in self.params.items()}
         values = {key.replace("-", "_"): value for key, value in chosen.items() if key not in self.fragments}
+        values.update({placeholder: rule.text(chosen[rule.option]) for placeholder, rule in self.thresholds.items()})
         for key, value in chosen.items():
             if key in self.fragments:
                 if value not in self.fragments[key]:
@@ -83,6 +106,12 @@ EMBEDDING = {"embedding": {"float": "", "int8": ",quantize-embedding{bits=8}", "
 # rounding=auto in the mixed preset: GPTQ (damp=auto) for models whose mixed layers hold at most this many weights,
 # which compile in about 4 minutes per 135 M weights on 2 cores; round-to-nearest above
 GPTQ_UP_TO = 600_000_000
+# tuning=auto in the mixed preset: every layer's scales learned end to end against the float model's next-token
+# distributions, in LMs whose mixed layers hold at most this many weights; 120 steps below 4 bits, where learning
+# keeps paying for longer, 40 from 4 bits (on SmolLM2-135M about 3.5 s a step on 2 cores; docs/pipelines.md,
+# "The mixed preset's tuning")
+TUNE_UP_TO = 200_000_000
+TUNE_STEPS = Threshold("avg-bits", 4.0, "120", "40")
 
 PRESETS: dict[str, Preset] = {
     "default": Preset("canonicalize$kv_cache$attention", "clean the graph up for the passes; no quantization",
@@ -111,7 +140,7 @@ PRESETS: dict[str, Preset] = {
         "outliers-weight=$outliers_weight outliers-act=$outliers_act group-size=$group_size$blocks$shared_input$tables},quantize-weights$rounding$tuning,fold-permutation$embedding$kv_cache,$route",
         "weight-only channel-wise mixed precision at a fractional bit budget (needs --calib)",
         {"avg-bits": "3.25", "scope": "layer", "codebook": "uniform", "sensitivity": "off", "outliers-weight": "0", "outliers-act": "0.005",
-         "rounding": "auto", "tuning": "none", "act-scale": "none", "embedding": "float", "kv-cache": "float32",
+         "rounding": "auto", "tuning": "auto", "act-scale": "none", "embedding": "float", "kv-cache": "float32",
          "route": "split", "attention": "auto", "blocks": "auto", "shared-input": "auto", "group-size": "128",
          "damp": "auto"},
         # rounding: GPTQ's error compensation (gptq), or round-to-nearest (nearest); auto: gptq up to
@@ -132,11 +161,15 @@ PRESETS: dict[str, Preset] = {
                    "auto": "lower-ort{mixed-route=auto fp16-route=load attention=$attention}"},
          # AWQ: input channels scaled by mean|x|^alpha (alpha searched at the layer's budget), folded into the producer
          "act-scale": {"none": "", "awq": ",awq-scale{avg-bits=$avg_bits group-size=$group_size},fold-scales{unfoldable=unsmooth}"},
-         # end to end: every layer's scales against the float model's next-token distributions (LMs)
-         "tuning": {"none": "", "e2e-kl": ",tune-scales{regions=0 loss=kl steps=120 lr=0.001 batch=4}"},
+         # end to end: every layer's scales against the float model's next-token distributions (LMs); auto: a
+         # shorter schedule, in models whose first output is token logits and of up to TUNE_UP_TO weights
+         "tuning": {"none": "", "e2e-kl": ",tune-scales{regions=0 loss=kl steps=120 lr=0.001 batch=4}",
+                    "auto": ",tune-scales{regions=0 loss=kl steps=$tune_steps lr=0.001 batch=4 first-output=token-logits "
+                            f"max-weights={TUNE_UP_TO}}}"},
          # budget: the tables inside avg-bits, their width chosen with the layers' bits (allocate-bits{embeddings=budget})
          "embedding": {**EMBEDDING["embedding"], "budget": ""}, **KV_CACHE},
         {"tables": ("embedding", {"budget": " embeddings=budget"})},
+        {"tune_steps": TUNE_STEPS},
     ),
     "int4": Preset(
         "canonicalize,calibrate,allocate-bits{avg-bits=8 candidates=4 group-size=$group_size zero-points=$zero_points outliers-act=0 "

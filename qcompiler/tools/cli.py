@@ -427,6 +427,8 @@ def _cmd_passes(args) -> int:
         for placeholder, (key, choices) in preset.derived.items():
             lines.append(f"    ${placeholder}: " + ", ".join(f"{key}={value} -> '{text}'" for value, text in choices.items())
                          + ", otherwise ''")
+        for placeholder, rule in preset.thresholds.items():
+            lines.append(f"    ${placeholder}: {rule}")
     lines.append("")
     lines.append("properties (what passes require and provide):")
     lines.extend(f"  {prop}: {prop.meaning}" for prop in Prop)
