@@ -12,7 +12,9 @@ at once against the float model's output distribution, the KL divergence of the 
 softmax (an LM's next-token distribution), so that the errors left by the layers are weighed by what
 reaches the predictions, not by each block's output error. (The second stage of EfficientQAT, Chen
 et al. 2024, arXiv 2407.11062, also trains only the step sizes end to end, there on the
-language-modelling loss of training text.)
+language-modelling loss of training text.) `first-output=token-logits` learns only where that output
+is an LM's logits over its vocabulary (the `mixed` preset's `tuning=auto`); `max-weights` bounds the
+model size it learns in, as `gptq`'s does.
 """
 
 from __future__ import annotations

@@ -252,7 +252,9 @@ def test_first_output_token_logits_learns_in_an_lm_and_leaves_other_models_as_th
 
     other, other_rtn = _model(), _model()
     _run(other_rtn, UNIFORM3)
-    with caplog.at_level("INFO"):
+    from qcompiler.passes import tune_scales
+
+    with caplog.at_level("INFO", logger=tune_scales.log.name):  # whatever level an earlier test left on qcompiler's loggers
         record = _run(other, f"{UNIFORM3},{e2e}")["tune-scales"]
     assert record.stats == {"skipped": "the first output is not token logits (first-output=token-logits)"}
     assert to_text(other, elide_over=None) == to_text(other_rtn, elide_over=None)
