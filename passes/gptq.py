@@ -61,7 +61,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis.reconstruct import BlockProblem, Options, reconstruct
-from qcompiler.dialect.mixed_ops import (MixedClass, MixedMatMulView, class_slices, is_mixed_matmul, mixed_linear_weights,
+from qcompiler.dialect.mixed_ops import (MixedClass, MixedMatMulView, class_slices, is_mixed_matmul, mixed_weights_over,
                                         split_class_inputs, uniform_zero_kind)
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import ConvAsLinear, conv_reading, drop_unread, new_initializer
@@ -116,8 +116,7 @@ class GPTQPass(Pass):
 
     def _weights_over_limit(self, model: ir.Model) -> int:
         """The mixed layers' weights where they exceed `max-weights`, else 0."""
-        weights = mixed_linear_weights(model) if self.max_weights else 0
-        return weights if weights > self.max_weights else 0
+        return mixed_weights_over(model, self.max_weights)
 
     def ensures(self, model: ir.Model) -> None:
         if not self._weights_over_limit(model):  # over it the model is as quantize-weights left it, properties included

@@ -25,7 +25,7 @@ from typing import Literal
 
 import onnx_ir as ir
 
-from qcompiler.dialect.mixed_ops import mixed_linear_weights
+from qcompiler.dialect.mixed_ops import mixed_weights_over
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import outputs_token_logits
 from qcompiler.ir.meta import Prop
@@ -63,8 +63,8 @@ class TuneScalesPass(BlockLearningPass):
         """Why this model is left as it is (first-output, max-weights) and how loudly to say it, or None: learn."""
         if self.first_output == "token-logits" and not outputs_token_logits(model.graph):
             return "the first output is not token logits (first-output=token-logits)", logging.INFO
-        weights = mixed_linear_weights(model) if self.max_weights else 0
-        if weights > self.max_weights:
+        weights = mixed_weights_over(model, self.max_weights)
+        if weights:
             return f"{weights} weights in mixed layers, over max-weights={self.max_weights}", logging.WARNING
         return None
 

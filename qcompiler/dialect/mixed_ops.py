@@ -179,6 +179,12 @@ def mixed_linear_weights(model: ir.Model) -> int:
     return total
 
 
+def mixed_weights_over(model: ir.Model, limit: int) -> int:
+    """The mixed layers' weights where they exceed `limit` (a pass's `max-weights`), else 0; 0 for no limit."""
+    weights = mixed_linear_weights(model) if limit else 0
+    return weights if weights > limit else 0
+
+
 def _array(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy() if value is not None and value.const_value is not None else None
 
