@@ -23,7 +23,7 @@ from typing import Literal
 
 import onnx_ir as ir
 
-from qcompiler.analysis.reconstruct import Options, reconstruct
+from qcompiler.analysis.reconstruct import Options, reconstruct, step_compute
 from qcompiler.errors import UserError
 from qcompiler.ir.meta import Prop
 from qcompiler.pipeline import context
@@ -77,6 +77,10 @@ class BlockLearningPass(Pass):
     holdout: int = option(0, "hold every holdout-th calibration batch out of the steps (when there are that many) and keep "
                              "the parameters of least loss on them, measured before learning and 8 times during it "
                              "(early stopping); 0: learn on every batch, keep the last step's")
+    compute: Literal["fp32", "bf16", "auto"] = option(
+        "fp32", "the learning steps' matrix products in float32, or in bfloat16 with float32 accumulation (torch's CPU "
+                "autocast), or auto: bf16 where the CPU multiplies bfloat16 natively (AVX-512 BF16, AMX, Arm BF16), "
+                "fp32 elsewhere; the losses that decide what is kept, and the targets, stay float32")
 
     def __post_init__(self):
         check_learning_options(self.name, self.steps, self.lr, self.seed, self.time_budget, self.regions, self.batch, self.loss)
@@ -92,7 +96,7 @@ class BlockLearningPass(Pass):
         ctx = context.current()
         opts = Options(self.mode, self.steps, float(self.lr), self.seed, float(self.time_budget), self.regions, self.name,
                        self.batch, self.loss, bool(self.act_grids), self.tile,
-                       self.tile // 4 if self.tile_margin == -1 else self.tile_margin, self.holdout)
+                       self.tile // 4 if self.tile_margin == -1 else self.tile_margin, self.holdout, step_compute(self.compute))
         stats = reconstruct(model, opts, ctx.require_calibration(self.name), ctx.threads)
         return PassResult(model, bool(stats.get("blocks_improved")), stats)
 

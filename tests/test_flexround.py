@@ -281,6 +281,7 @@ def test_mixed_preset_tunes_scales_end_to_end_by_default():
 
     (auto,) = tuned("")
     assert "regions=0" in auto and "loss=kl" in auto and f"first-output=token-logits max-weights={TUNE_UP_TO}" in auto
+    assert "compute=auto" in auto  # bfloat16 steps where the CPU multiplies bfloat16 natively
     assert tuned(" tuning=auto") == [auto]
     assert "steps=120 " in auto  # below 4 bits
     for budget, steps in (("3.99", 120), ("4", 40), ("4.25", 40)):
@@ -288,7 +289,7 @@ def test_mixed_preset_tunes_scales_end_to_end_by_default():
         assert f"steps={steps} " in text
     assert tuned(" tuning=none") == []
     assert tuned(" tuning=e2e-kl") == ["tune-scales{steps=120 lr=0.001 seed=0 time-budget=0.0 regions=0 batch=4 loss=kl act-grids=true "
-                                       "tile=0 tile-margin=-1 holdout=0 first-output=any max-weights=0}"]
+                                       "tile=0 tile-margin=-1 holdout=0 compute=fp32 first-output=any max-weights=0}"]
 
 
 def test_held_float_targets_grow_with_the_memory_available(monkeypatch):
@@ -325,3 +326,56 @@ def test_holdout_keeps_the_parameters_of_least_held_out_loss():
     same = _model()
     a = _run(same, f"{UNIFORM3},tune-scales{{steps=16 regions=1 lr=0.003 batch=64 holdout=4}}")["tune-scales"].stats
     assert a["per_block"] and [b["held_out"] for b in a["per_block"]] == [b["held_out"] for b in stats["per_block"]]
+
+
+UNIFORM4 = "calibrate,allocate-bits{avg-bits=8 candidates=4 group-size=32 outliers-act=0 outliers-weight=0},quantize-weights"
+
+
+@pytest.mark.parametrize("quantized", [UNIFORM3, UNIFORM4])  # fractional zero points (the gathered form), integer ones (q - z held)
+def test_bf16_steps_learn_what_fp32_steps_learn(quantized):
+    """tune-scales{compute=bf16}: the steps' products in bfloat16 (torch's CPU autocast), the losses
+    that decide what is kept in float32. On the two-block model it lowers the KL as the float32
+    steps do, to within a tenth of their gain, and says which precision it ran in."""
+    e2e = "tune-scales{regions=0 loss=kl steps=60 lr=0.003 batch=2 compute=%s}"
+    runs, texts = {}, []
+    for compute in ("fp32", "bf16", "bf16"):
+        model = _model()
+        stats = _run(model, f"{quantized},{e2e % compute}")["tune-scales"].stats
+        assert stats["compute"] == compute
+        runs[compute] = stats["per_block"][0]
+        texts.append(to_text(model, elide_over=None))
+    assert texts[1] == texts[2]  # the same seed, the same IR
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    assert fp32["loss_before"] == bf16["loss_before"]  # measured in float32 either way
+    assert bf16["kept"] == "learned"
+    gain_fp32, gain_bf16 = fp32["loss_before"] - fp32["loss_after"], bf16["loss_before"] - bf16["loss_after"]
+    assert gain_fp32 > 0 and abs(gain_bf16 - gain_fp32) < 0.1 * gain_fp32
+
+
+def test_compute_auto_is_bf16_where_the_cpu_multiplies_bfloat16(monkeypatch):
+    from qcompiler.analysis import reconstruct
+
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(reconstruct, "native_bf16", lambda native=native: native)
+        stats = _run(_model(), f"{UNIFORM4},tune-scales{{steps=2 regions=1 compute=auto}}")["tune-scales"].stats
+        assert stats["compute"] == expected
+    assert reconstruct.step_compute("fp32") == "fp32" and reconstruct.step_compute("bf16") == "bf16"
+    with pytest.raises(UserError, match="compute"):
+        parse_pipeline(f"{UNIFORM4},tune-scales{{compute=fp16}}")
+
+
+def test_a_partial_last_group_is_scaled_as_the_gathered_form():
+    """`_Layer._scaled`: whole groups and a partial last group broadcast their scales; the values are
+    those of each row times its group's scale (a per-row gather)."""
+    import torch
+
+    from qcompiler.analysis.reconstruct import _Layer
+
+    layer = _Layer.__new__(_Layer)
+    layer.group_size = 32
+    rng = np.random.default_rng(3)
+    for rows in (64, 70, 20):
+        qz = torch.from_numpy(rng.integers(-8, 8, (rows, 5)).astype(np.float32))
+        s = torch.from_numpy(rng.uniform(0.1, 1.0, (-(-rows // 32), 5)).astype(np.float32))
+        gathered = qz * s[torch.arange(rows) // 32]
+        assert torch.equal(layer._scaled(qz, s), gathered)

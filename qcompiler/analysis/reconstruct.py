@@ -39,6 +39,7 @@ optimiser state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import time
@@ -80,15 +81,17 @@ class Options:
     tile: int = 0  # learn on tile x tile spatial crops of 4-D/5-D image inputs (0: whole inputs)
     margin: int = 0  # with tile: a border of this many input pixels left out of the loss (scaled to each output's size)
     holdout: int = 0  # Adam modes: learn on all but every holdout-th batch, keep the parameters of least loss on those (0: off)
+    compute: str = "fp32"  # Adam modes: the learning steps' matrix products in float32, or bfloat16 (torch's CPU autocast)
 
 
 class _Layer:
     """One qc.MixedMatMul: its float weight, its classes and their learnable parameters."""
 
-    def __init__(self, node: ir.Node, mode: str):
+    def __init__(self, node: ir.Node, mode: str, compute: str = "fp32"):
         import torch
 
         self.node, self.mode = node, mode
+        self.dtype = torch.bfloat16 if compute == "bf16" else torch.float32  # of the weight a learning step builds
         self.name = node.name or node.outputs[0].name
         a = attributes_of(node)
         self.kinds, self.bits, self.sizes = list(a["kinds"]), list(a["bits"]), list(a["sizes"])
@@ -127,6 +130,8 @@ class _Layer:
             if mode == "scales" and arrays[2].dtype == np.float16:  # fractional zero points are stored values too
                 out["zero_delta"] = torch.zeros_like(zero, requires_grad=True)
                 self.params.append(out["zero_delta"])
+            elif mode == "scales":  # codes and integer zero points frozen: q - z once (small integers, exact in bfloat16)
+                out["centered"] = (out.pop("codes") - zero[groups]).to(self.dtype)
             if mode == "flexround":
                 k, n = arrays[0].shape
                 out["log_s2"] = torch.zeros((k, n), requires_grad=True)
@@ -152,14 +157,8 @@ class _Layer:
 
         blocks = []
         for c in self.classes:
-            if c["kind"] == "uniform" and self.mode == "scales" and len(c["groups"]) % self.group_size == 0:
-                # whole groups: scales and zero points broadcast over each group's rows (the values
-                # of the gathered form below, without materialising a per-row copy each step)
-                s = c["scale"] * torch.exp(c["log_s1"])
-                z = c["zero"] + c["zero_delta"] if "zero_delta" in c else c["zero"]
-                q = c["codes"]
-                grouped = q.view(s.shape[0], self.group_size, q.shape[1])
-                blocks.append(((grouped - z[:, None, :]) * s[:, None, :]).view(q.shape))
+            if "centered" in c:  # tune-scales, integer zero points: (q - z) * s, in the step's precision
+                blocks.append(self._scaled(c["centered"], (c["scale"] * torch.exp(c["log_s1"])).to(self.dtype)))
             elif c["kind"] == "uniform":
                 g = c["groups"]
                 s = (c["scale"] * torch.exp(c["log_s1"]))[g]
@@ -176,10 +175,25 @@ class _Layer:
                 blocks.append(book.reshape(-1)[c["flat"]])
             else:
                 blocks.append(c["w16"])
-        w = torch.cat(blocks, 0)
+        w = torch.cat([block.to(self.dtype) for block in blocks], 0)
         if self.sparse:
-            w = w.index_put(self.sparse_index, self.sparse_values)
+            w = w.index_put(self.sparse_index, self.sparse_values.to(w.dtype))
         return w
+
+    def _scaled(self, qz, s):
+        """Rows `qz` [K_c, N] times their group's scale (`s` [ceil(K_c / group), N]): each whole group
+        and the partial last one broadcast, without gathering a per-row copy of the scales (whose
+        backward, an indexed accumulation, cost a step more than its products)."""
+        import torch
+
+        k, n = qz.shape
+        whole = k // self.group_size * self.group_size
+        parts = []
+        if whole:
+            parts.append((qz[:whole].view(-1, self.group_size, n) * s[: whole // self.group_size, None, :]).view(whole, n))
+        if whole < k:
+            parts.append(qz[whole:] * s[whole // self.group_size])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
     def stored_arrays(self) -> list[np.ndarray]:
         """The class inputs with the learned values, at their stored precision."""
@@ -471,7 +485,8 @@ def reconstruct(model: ir.Model, opts: Options, calibration, threads: int | None
     try:
         with progress(f"{opts.pass_name} ({len(blocks)} blocks)", total_steps) as bar:
             for block in blocks:
-                layers = [(_Layer if is_mixed_matmul(n) else _Int8Layer)(n, opts.mode) for n in block.nodes if id(n) in learned_ids]
+                layers = [_Layer(n, opts.mode, opts.compute) if is_mixed_matmul(n) else _Int8Layer(n, opts.mode)
+                          for n in block.nodes if id(n) in learned_ids]
                 float_w = {id(l.node): l.w for l in layers}
                 keep = needed_after[block.index]
                 record = _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, rng, bar,
@@ -498,6 +513,7 @@ def reconstruct(model: ir.Model, opts: Options, calibration, threads: int | None
     learned = [r for r in per_block if r["kept"] == "learned"]
     return {
         "mode": opts.mode,
+        **({"compute": opts.compute} if opts.mode in LEARNED_MODES else {}),
         "blocks": len(per_block),
         "blocks_improved": len(learned),
         "layers": len(mixed),
@@ -571,7 +587,7 @@ def learn_with_adam(problem: BlockProblem) -> tuple[dict, int]:
             optimizer.zero_grad()
             for l in layers:
                 learned[id(l.node)] = l.learned_weight()
-            loss = problem.loss(problem.forward(env_q[b], weight_of), problem.targets[b], problem.valid[b])
+            loss = _step_loss(problem, b, weight_of)
             loss.backward()
             optimizer.step()
             steps += 1
@@ -587,10 +603,57 @@ def learn_with_adam(problem: BlockProblem) -> tuple[dict, int]:
                 if time.perf_counter() - t_learn > allotted:
                     bar.update(bar.done + opts.steps - steps)
                     break
+        log.debug("%s: %d learning steps in %.1f s (compute=%s)", opts.pass_name, steps, time.perf_counter() - t_learn, opts.compute)
         if held:
             best.restore()
         learned.clear()
     return {id(l.node): l.stored_arrays() for l in layers}, steps
+
+
+def _step_loss(problem: BlockProblem, b: int, weight_of):
+    """The block's loss on batch `b` as a learning step computes it (in `opts.compute`'s precision)."""
+    with _step_precision(problem.opts.compute):
+        outputs = problem.forward(problem.env_q[b], weight_of)
+    return problem.loss(_as_float32(outputs), problem.targets[b], problem.valid[b])
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (x86 AVX-512 BF16 or AMX, Arm's BF16 extension;
+    Linux /proc/cpuinfo flags), where torch's bfloat16 matrix products run several times faster than
+    float32's. Elsewhere torch emulates them, slower than float32."""
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def step_compute(compute: str) -> str:
+    """A pass's `compute` option as the learning runs it: `auto` is bf16 on a CPU with native bfloat16
+    products, fp32 elsewhere."""
+    if compute == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    return compute
+
+
+def _step_precision(compute: str):
+    """The context a learning step's forward runs in: as it is (fp32), or torch's CPU autocast to
+    bfloat16 (bf16: matrix products and convolutions in bfloat16, accumulated in float32; the
+    gradients flow back through the same casts). Only the steps: the losses that decide what is
+    kept, and the targets, stay in float32."""
+    import contextlib
+
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if compute == "bf16" else contextlib.nullcontext()
+
+
+def _as_float32(outputs: dict) -> dict:
+    """A block's outputs in float32 (those a bf16 step computed in bfloat16), for the loss."""
+    import torch
+
+    return {k: v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 else v for k, v in outputs.items()}
 
 
 HOLDOUT_CHECKS = 8  # held-out loss measurements over a learning run (besides the one before it)
@@ -618,7 +681,7 @@ class _HeldOutBest:
         with torch.no_grad():
             for l in self.layers:
                 self.learned[id(l.node)] = l.learned_weight()
-            loss = float(sum(p.loss(p.forward(p.env_q[b], self.weight_of), p.targets[b], p.valid[b]) for b in self.held))
+            loss = float(sum(_step_loss(p, b, self.weight_of) for b in self.held))
         self.losses.append((step, loss))
         if self.loss is None or loss < self.loss:
             self.loss, self.step, self.values = loss, step, [t.detach().clone() for t in self.params]

@@ -108,8 +108,8 @@ EMBEDDING = {"embedding": {"float": "", "int8": ",quantize-embedding{bits=8}", "
 GPTQ_UP_TO = 600_000_000
 # tuning=auto in the mixed preset: every layer's scales learned end to end against the float model's next-token
 # distributions, in LMs whose mixed layers hold at most this many weights; 120 steps below 4 bits, where learning
-# keeps paying for longer, 40 from 4 bits (on SmolLM2-135M about 3.5 s a step on 2 cores; docs/pipelines.md,
-# "The mixed preset's tuning")
+# keeps paying for longer, 40 from 4 bits; the steps in bfloat16 where the CPU multiplies it natively (on
+# SmolLM2-135M about 2 s a step on 2 cores, 3 s in float32; docs/pipelines.md, "The mixed preset's tuning")
 TUNE_UP_TO = 200_000_000
 TUNE_STEPS = Threshold("avg-bits", 4.0, "120", "40")
 
@@ -164,8 +164,8 @@ PRESETS: dict[str, Preset] = {
          # end to end: every layer's scales against the float model's next-token distributions (LMs); auto: a
          # shorter schedule, in models whose first output is token logits and of up to TUNE_UP_TO weights
          "tuning": {"none": "", "e2e-kl": ",tune-scales{regions=0 loss=kl steps=120 lr=0.001 batch=4}",
-                    "auto": ",tune-scales{regions=0 loss=kl steps=$tune_steps lr=0.001 batch=4 first-output=token-logits "
-                            f"max-weights={TUNE_UP_TO}}}"},
+                    "auto": ",tune-scales{regions=0 loss=kl steps=$tune_steps lr=0.001 batch=4 compute=auto "
+                            f"first-output=token-logits max-weights={TUNE_UP_TO}}}"},
          # budget: the tables inside avg-bits, their width chosen with the layers' bits (allocate-bits{embeddings=budget})
          "embedding": {**EMBEDDING["embedding"], "budget": ""}, **KV_CACHE},
         {"tables": ("embedding", {"budget": " embeddings=budget"})},
