@@ -329,9 +329,12 @@ def test_holdout_keeps_the_parameters_of_least_held_out_loss():
 
 
 UNIFORM4 = "calibrate,allocate-bits{avg-bits=8 candidates=4 group-size=32 outliers-act=0 outliers-weight=0},quantize-weights"
+# classes of 50 and 14 rows in groups of 32: partial last groups
+MIXED_PARTIAL = "calibrate,allocate-bits{avg-bits=5 candidates=2,4,8 group-size=32 outliers-act=0 outliers-weight=0},quantize-weights"
 
 
-@pytest.mark.parametrize("quantized", [UNIFORM3, UNIFORM4])  # fractional zero points (the gathered form), integer ones (q - z held)
+# fractional zero points (learned too), integer ones in whole groups and in partial groups (q - z held once)
+@pytest.mark.parametrize("quantized", [UNIFORM3, UNIFORM4, MIXED_PARTIAL])
 def test_bf16_steps_learn_what_fp32_steps_learn(quantized):
     """tune-scales{compute=bf16}: the steps' products in bfloat16 (torch's CPU autocast), the losses
     that decide what is kept in float32. On the two-block model it lowers the KL as the float32
@@ -345,6 +348,7 @@ def test_bf16_steps_learn_what_fp32_steps_learn(quantized):
         runs[compute] = stats["per_block"][0]
         texts.append(to_text(model, elide_over=None))
     assert texts[1] == texts[2]  # the same seed, the same IR
+    assert texts[0] != texts[1]  # the bfloat16 steps ran: their rounding moved the learned scales
     fp32, bf16 = runs["fp32"], runs["bf16"]
     assert fp32["loss_before"] == bf16["loss_before"]  # measured in float32 either way
     assert bf16["kept"] == "learned"
@@ -376,6 +380,20 @@ def test_a_partial_last_group_is_scaled_as_the_gathered_form():
     rng = np.random.default_rng(3)
     for rows in (64, 70, 20):
         qz = torch.from_numpy(rng.integers(-8, 8, (rows, 5)).astype(np.float32))
-        s = torch.from_numpy(rng.uniform(0.1, 1.0, (-(-rows // 32), 5)).astype(np.float32))
+        s = torch.from_numpy(rng.uniform(0.1, 1.0, (-(-rows // 32), 5)).astype(np.float32)).requires_grad_()
+        upstream = torch.from_numpy(rng.normal(0, 1, (rows, 5)).astype(np.float32))
         gathered = qz * s[torch.arange(rows) // 32]
-        assert torch.equal(layer._scaled(qz, s), gathered)
+        (grad_gathered,) = torch.autograd.grad((gathered * upstream).sum(), s)
+        scaled = layer._scaled(qz, s)
+        (grad_scaled,) = torch.autograd.grad((scaled * upstream).sum(), s)
+        assert torch.equal(scaled, gathered)
+        assert torch.allclose(grad_scaled, grad_gathered, rtol=1e-5, atol=1e-6)  # the same sums, in another order
+
+
+def test_bf16_steps_after_quantize_keep_the_activation_grids_in_float32():
+    """After `quantize`, a bfloat16 step's products reach the int8 activation grids in bfloat16;
+    the grids quantize in float32 (dynamic ones through numpy, which has no bfloat16), so every
+    block takes its steps."""
+    for act_mode in ("static", "dynamic"):
+        stats = _run(_model(), f"calibrate,quantize{{act-mode={act_mode}}},tune-scales{{steps=10 regions=1 lr=0.003 compute=bf16}}")["tune-scales"].stats
+        assert stats["compute"] == "bf16" and [b["steps"] for b in stats["per_block"]] == [10, 10]

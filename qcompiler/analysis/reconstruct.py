@@ -43,6 +43,7 @@ import functools
 import itertools
 import logging
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -159,6 +160,14 @@ class _Layer:
         for c in self.classes:
             if "centered" in c:  # tune-scales, integer zero points: (q - z) * s, in the step's precision
                 blocks.append(self._scaled(c["centered"], (c["scale"] * torch.exp(c["log_s1"])).to(self.dtype)))
+            elif c["kind"] == "uniform" and self.mode == "scales" and len(c["groups"]) % self.group_size == 0:
+                # fractional zero points learned too, whole groups: scales and zero points broadcast over
+                # each group's rows (the values of the gathered form below, without a per-row copy)
+                s = c["scale"] * torch.exp(c["log_s1"])
+                z = c["zero"] + c["zero_delta"]
+                q = c["codes"]
+                grouped = q.view(s.shape[0], self.group_size, q.shape[1])
+                blocks.append(((grouped - z[:, None, :]) * s[:, None, :]).view(q.shape))
             elif c["kind"] == "uniform":
                 g = c["groups"]
                 s = (c["scale"] * torch.exp(c["log_s1"]))[g]
@@ -360,6 +369,7 @@ class _ActivationGrids:
 
         def apply(node, x):
             a = self.stored[id(node)]
+            x = x.float()  # the grid in float32 (a bfloat16 step's products arrive in bfloat16)
             if a["mode"] != "static":
                 y = torch.from_numpy(quantize_activation(x.detach().numpy(), a["mode"], bits=a["bits"]))
                 return x + (y - x).detach()
@@ -623,7 +633,7 @@ def native_bf16() -> bool:
     Linux /proc/cpuinfo flags), where torch's bfloat16 matrix products run several times faster than
     float32's. Elsewhere torch emulates them, slower than float32."""
     try:
-        flags = set(open("/proc/cpuinfo").read().split())
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return False
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
@@ -678,10 +688,10 @@ class _HeldOutBest:
         import torch
 
         p = self.problem
-        with torch.no_grad():
+        with torch.no_grad():  # in float32, as every loss that decides what is kept
             for l in self.layers:
-                self.learned[id(l.node)] = l.learned_weight()
-            loss = float(sum(_step_loss(p, b, self.weight_of) for b in self.held))
+                self.learned[id(l.node)] = l.learned_weight().float()
+            loss = float(sum(p.loss(p.forward(p.env_q[b], self.weight_of), p.targets[b], p.valid[b]) for b in self.held))
         self.losses.append((step, loss))
         if self.loss is None or loss < self.loss:
             self.loss, self.step, self.values = loss, step, [t.detach().clone() for t in self.params]

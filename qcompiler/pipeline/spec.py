@@ -109,7 +109,7 @@ GPTQ_UP_TO = 600_000_000
 # tuning=auto in the mixed preset: every layer's scales learned end to end against the float model's next-token
 # distributions, in LMs whose mixed layers hold at most this many weights; 120 steps below 4 bits, where learning
 # keeps paying for longer, 40 from 4 bits; the steps in bfloat16 where the CPU multiplies it natively (on
-# SmolLM2-135M about 2 s a step on 2 cores, 3 s in float32; docs/pipelines.md, "The mixed preset's tuning")
+# SmolLM2-135M about 1.5 s a step on 2 cores, 2.8 s in float32; docs/pipelines.md, "The mixed preset's tuning")
 TUNE_UP_TO = 200_000_000
 TUNE_STEPS = Threshold("avg-bits", 4.0, "120", "40")
 
