@@ -388,6 +388,8 @@ def test_a_partial_last_group_is_scaled_as_the_gathered_form():
         (grad_scaled,) = torch.autograd.grad((scaled * upstream).sum(), s)
         assert torch.equal(scaled, gathered)
         assert torch.allclose(grad_scaled, grad_gathered, rtol=1e-5, atol=1e-6)  # the same sums, in another order
+        z = torch.from_numpy(rng.uniform(-2, 2, tuple(s.shape)).astype(np.float32))  # fractional zero points
+        assert torch.equal(layer._scaled(qz, s, z), (qz - z[torch.arange(rows) // 32]) * s[torch.arange(rows) // 32])
 
 
 def test_bf16_steps_after_quantize_keep_the_activation_grids_in_float32():

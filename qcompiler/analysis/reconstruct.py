@@ -160,14 +160,8 @@ class _Layer:
         for c in self.classes:
             if "centered" in c:  # tune-scales, integer zero points: (q - z) * s, in the step's precision
                 blocks.append(self._scaled(c["centered"], (c["scale"] * torch.exp(c["log_s1"])).to(self.dtype)))
-            elif c["kind"] == "uniform" and self.mode == "scales" and len(c["groups"]) % self.group_size == 0:
-                # fractional zero points learned too, whole groups: scales and zero points broadcast over
-                # each group's rows (the values of the gathered form below, without a per-row copy)
-                s = c["scale"] * torch.exp(c["log_s1"])
-                z = c["zero"] + c["zero_delta"]
-                q = c["codes"]
-                grouped = q.view(s.shape[0], self.group_size, q.shape[1])
-                blocks.append(((grouped - z[:, None, :]) * s[:, None, :]).view(q.shape))
+            elif c["kind"] == "uniform" and self.mode == "scales":  # fractional zero points, learned too
+                blocks.append(self._scaled(c["codes"], c["scale"] * torch.exp(c["log_s1"]), c["zero"] + c["zero_delta"]))
             elif c["kind"] == "uniform":
                 g = c["groups"]
                 s = (c["scale"] * torch.exp(c["log_s1"]))[g]
@@ -189,19 +183,25 @@ class _Layer:
             w = w.index_put(self.sparse_index, self.sparse_values.to(w.dtype))
         return w
 
-    def _scaled(self, qz, s):
-        """Rows `qz` [K_c, N] times their group's scale (`s` [ceil(K_c / group), N]): each whole group
-        and the partial last one broadcast, without gathering a per-row copy of the scales (whose
-        backward, an indexed accumulation, cost a step more than its products)."""
+    def _scaled(self, q, s, z=None):
+        """Rows `q` [K_c, N] less their group's zero point (`z`, where given) times their group's scale
+        (`s` and `z` [ceil(K_c / group), N]): each whole group and the partial last one broadcast,
+        without gathering a per-row copy of the scales (whose backward, an indexed accumulation, cost
+        a step more than its products)."""
         import torch
 
-        k, n = qz.shape
+        k, n = q.shape
         whole = k // self.group_size * self.group_size
+        groups = whole // self.group_size
         parts = []
         if whole:
-            parts.append((qz[:whole].view(-1, self.group_size, n) * s[: whole // self.group_size, None, :]).view(whole, n))
+            grouped = q[:whole].view(groups, self.group_size, n)
+            if z is not None:
+                grouped = grouped - z[:groups, None, :]
+            parts.append((grouped * s[:groups, None, :]).view(whole, n))
         if whole < k:
-            parts.append(qz[whole:] * s[whole // self.group_size])
+            tail = q[whole:] if z is None else q[whole:] - z[groups]
+            parts.append(tail * s[groups])
         return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
     def stored_arrays(self) -> list[np.ndarray]:
