@@ -1,6 +1,7 @@
-"""Hugging Face Llama causal LMs as models with a KV cache: a `package.module:function` source
-that returns `(model, tokenizer)` is rebuilt as our Llama decoder (`models/smollm2.py`) with the
-model's weights and captured with the cache layout of `models/causal_lm.py`."""
+"""Hugging Face Llama, Mistral and Qwen2 causal LMs as models with a KV cache: a
+`package.module:function` source that returns `(model, tokenizer)` is rebuilt as our Llama decoder
+(`models/smollm2.py`, with Qwen2's Q/K/V biases where the weights have them) with the model's
+weights and captured with the cache layout of `models/causal_lm.py`."""
 
 from __future__ import annotations
 
@@ -41,34 +42,55 @@ def is_hf_causal_lm(obj: Any) -> bool:
     return isinstance(obj, nn.Module) and hasattr(obj, "config") and type(obj).__name__.endswith("ForCausalLM")
 
 
+# Hugging Face architectures that are a Llama decoder, and what each adds to it: Qwen2 biases on the Q, K
+# and V projections; Mistral (and Qwen2 where enabled) a sliding attention window
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
 def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
-    """Our Llama decoder (models/smollm2.py) with the weights of a Hugging Face Llama causal LM,
-    as a model with a KV cache; other architectures are refused."""
+    """Our Llama decoder (models/smollm2.py) with the weights of a Hugging Face Llama, Mistral or
+    Qwen2 causal LM, as a model with a KV cache; other architectures are refused. A sliding attention
+    window of W positions limits the cache to W positions, within which every token attends to all
+    earlier ones, as with full attention."""
     cfg = hf_model.config
-    if getattr(cfg, "model_type", None) != "llama":
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in ARCHITECTURES:
         raise UserError(
-            f"'{name}' returned a {type(hf_model).__name__} ({getattr(cfg, 'model_type', '?')}); the KV-cache capture takes "
-            "Llama-architecture causal LMs; return (module, example_inputs) to capture it without a cache"
+            f"'{name}' returned a {type(hf_model).__name__} ({model_type or '?'}); the KV-cache capture takes "
+            f"{', '.join(ARCHITECTURES)} causal LMs; return (module, example_inputs) to capture it without a cache"
         )
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     if head_dim * heads != cfg.hidden_size or rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise UserError(f"'{name}': the KV-cache capture takes Llama models with head_dim = hidden / heads and plain RoPE")
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        raise UserError(f"'{name}': the KV-cache capture takes Llama models without attention or MLP biases")
+        raise UserError(f"'{name}': the KV-cache capture takes models with head_dim = hidden / heads and plain RoPE")
+    state = {k: v.detach().to(torch.float32) for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
+    if any(key.startswith("model.layers.") and ".mlp." in key and key.endswith(".bias") for key in state):
+        raise UserError(f"'{name}': the KV-cache capture takes models without MLP biases")
     ours = smollm2.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, num_heads=heads,
         num_kv_heads=cfg.num_key_value_heads, intermediate_size=cfg.intermediate_size, rope_theta=float(theta),
-        eps=float(cfg.rms_norm_eps), max_positions=int(cfg.max_position_embeddings),
+        eps=float(cfg.rms_norm_eps), max_positions=_positions(cfg),
+        qkv_bias="model.layers.0.self_attn.q_proj.bias" in state, o_bias="model.layers.0.self_attn.o_proj.bias" in state,
     )
     lm = smollm2.CausalLM(ours)
-    state = {k: v.detach().to(torch.float32) for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
     if "lm_head.weight" not in state or not getattr(cfg, "tie_word_embeddings", False):
         if "lm_head.weight" in state:
             lm.lm_head.weight = nn.Parameter(torch.empty_like(state["lm_head.weight"]))
         else:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
     smollm2.load_exact(lm, state, name)
-    return LlamaWithCache(name, lm, tokenizer, smollm2.layout_of(ours, tokenizer))
+    return LlamaWithCache(name, lm, tokenizer, smollm2.layout_of(ours, tokenizer, model_type))
+
+
+def _positions(cfg: Any) -> int:
+    """The positions the cache holds: the model's, or fewer where a sliding window would start to
+    drop early tokens (Mistral's `sliding_window`; Qwen2's where `use_sliding_window` or a layer type
+    says so)."""
+    positions = int(cfg.max_position_embeddings)
+    window = getattr(cfg, "sliding_window", None)
+    sliding = window is not None and (
+        cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)
+        or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()))
+    return min(positions, int(window)) if sliding else positions

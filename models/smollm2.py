@@ -82,6 +82,8 @@ class LlamaConfig:
     rope_theta: float
     eps: float
     max_positions: int = 2048  # the positions the model was trained on (GGUF `llama.context_length`)
+    qkv_bias: bool = False  # the Q, K and V projections add a bias (Qwen2; Llama with attention_bias)
+    o_bias: bool = False  # the output projection adds one (Llama with attention_bias)
 
     @property
     def head_dim(self) -> int:
@@ -166,10 +168,10 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
 
     def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         """[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]."""
@@ -446,9 +448,10 @@ class SmolLM2KV(CausalLMWithCache):
         return windows(PROBE_TEXT, PROBE_SEQ_LEN)[:2]
 
 
-def layout_of(cfg: LlamaConfig, tok: Any) -> CacheLayout:
+def layout_of(cfg: LlamaConfig, tok: Any, model_type: str = "llama") -> CacheLayout:
     """The cache layout of a Llama decoder with this config and tokenizer; generation stops at the
-    tokenizer's end-of-sequence token and at `<|endoftext|>` where the vocabulary has one."""
+    tokenizer's end-of-sequence token and at `<|endoftext|>` where the vocabulary has one.
+    `model_type`: the architecture's name in ONNX Runtime GenAI's configuration."""
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     end_of_text = tok.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tok.get_vocab() else None
     if end_of_text is not None and end_of_text not in eos:
@@ -459,4 +462,5 @@ def layout_of(cfg: LlamaConfig, tok: Any) -> CacheLayout:
         num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, max_positions=cfg.max_positions,
         eos_token_ids=tuple(int(t) for t in eos), bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+        model_type=model_type,
     )

@@ -354,6 +354,91 @@ def test_factory_causal_lm_needs_its_tokenizer(monkeypatch):
         qcompile("tiny_llama_bare:build", "unused-output-dir", drift=False)
 
 
+def tiny_qwen2():
+    """A random Qwen2 causal LM: Llama with biases on Q, K and V (random here: transformers starts them
+    at zero), the head tied to the embedding."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+                                   tie_word_embeddings=True)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(0.0, 0.5)
+    return model, tiny_tokenizer()
+
+
+def tiny_mistral():
+    """A random Mistral causal LM whose attention slides over 48 of its 64 positions."""
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+                                     sliding_window=48)
+    return transformers.MistralForCausalLM(cfg).eval(), tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama_like(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "llama_like_factory", sys.modules[__name__])
+        yield tmp_path_factory.mktemp("llama-like")
+
+
+@pytest.mark.parametrize("arch, positions", [("qwen2", MAX_POSITIONS), ("mistral", 48)])
+def test_qwen2_and_mistral_decode_with_a_cache_as_transformers_computes(llama_like, arch, positions):
+    """Qwen2 and Mistral factories compile to the decoder with a KV cache: fused attention reading Q,
+    K and V packed (Qwen2's three biases one Add of their concatenation before it), the cached
+    logits those of transformers' full sequence, and ONNX Runtime GenAI's configuration naming the
+    architecture; a sliding window bounds the positions, within which attention is full."""
+    out = qcompile(f"llama_like_factory:tiny_{arch}", llama_like / arch, drift=False).output
+    nodes = _nodes(out)
+    producers = {o: n for n in nodes for o in n.output}
+    attention = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == 2 and all(n.input[1] == "" and n.input[2] == "" for n in attention)
+    assert [producers[n.input[0]].op_type for n in attention] == ["Add" if arch == "qwen2" else "MatMul"] * 2
+    assert sum(n.op_type == "MatMul" for n in nodes) == 2 * 5 + 1  # QKV, O, gate, up, down; the head
+    layout = read_layout(out)
+    assert (layout.model_type, layout.max_positions) == (arch, positions)
+    assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == arch
+    hf, _ = globals()[f"tiny_{arch}"]()
+    ids = np.random.default_rng(1).integers(3, VOCAB, positions)
+    with torch.no_grad():
+        full = hf(torch.from_numpy(ids[None])).logits[0].numpy()
+    stepped = cached_logits(CachedSession(out / "model.onnx", layout, threads=1), ids, prefill=7)
+    np.testing.assert_allclose(stepped, full, atol=5e-5 * np.abs(full).max())
+
+
+def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
+    """`int4` on Qwen2: Q, K and V one MatMulNBits, their biases one Add, read packed by the attention;
+    the logits stay close to the float model's."""
+    out = qcompile("llama_like_factory:tiny_qwen2", llama_like / "qwen2-int4", pipeline="int4", calibration=str(calib_file),
+                   drift=False).output
+    nodes = _nodes(out)
+    producers = {o: n for n in nodes for o in n.output}
+    attention = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+    assert [producers[producers[n.input[0]].input[0]].op_type for n in attention] == ["MatMulNBits"] * 2
+    assert sum(n.op_type == "MatMulNBits" for n in nodes) == 9 and sum(n.op_type == "Add" for n in nodes) == 4
+    hf, _ = tiny_qwen2()
+    ids = np.random.default_rng(5).integers(3, VOCAB, 16)
+    with torch.no_grad():
+        full = hf(torch.from_numpy(ids[None])).logits[0].numpy()
+    got = cached_logits(CachedSession(out / "model.onnx", read_layout(out), 1), ids, prefill=8)
+    assert execute.drift({"y": full}, {"y": got})["cosine"] > 0.99
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2)),
+     "takes llama, mistral, qwen2 causal LMs"),
+    (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                                                    num_hidden_layers=1, num_attention_heads=4, mlp_bias=True)),
+     "without MLP biases"),
+])
+def test_cache_capture_refuses_what_our_decoder_does_not_compute(build, message):
+    with pytest.raises(UserError, match=message):
+        from_hf("lm", build(), tiny_tokenizer())
+
+
 @pytest.mark.slow
 def test_tiny_mixed_compiles_the_cache_graph(factory, calib_file, tmp_path):
     out = qcompile(factory, tmp_path / "mixed", pipeline="mixed{avg-bits=4.25}", calibration=str(calib_file), drift=False).output

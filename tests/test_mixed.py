@@ -368,15 +368,21 @@ def test_allocation_never_exceeds_budget_with_exact_class_costs():
             assert stats["predicted_bits_per_weight"] > budget - 0.15  # a class's first rows pay a whole group
 
 
-def _gated_mlp(d=128, hidden=256, seed=0):
+def _gated_mlp(d=128, hidden=256, seed=0, qk_bias=False):
+    """q and k read one input (with `qk_bias`, each adds a bias), so do gate and up (up adds one)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     weights = {"Wg": rng.normal(0, 0.1, (d, hidden)), "Wu": rng.normal(0, 0.1, (d, hidden)), "bu": rng.normal(0, 0.1, hidden),
                "Wd": rng.normal(0, 0.1, (hidden, d)), "Wq": rng.normal(0, 0.1, (d, d)), "Wk": rng.normal(0, 0.1, (d, d)), "Wn": rng.normal(0, 0.1, (d, d))}
+    biases = []
+    if qk_bias:
+        weights.update(bq=rng.normal(0, 0.5, d), bk=rng.normal(0, 0.5, d))
+        biases = [helper.make_node("Add", ["Q0", "bq"], ["Q"]), helper.make_node("Add", ["K0", "bk"], ["Kp"])]
     nodes = [
         helper.make_node("MatMul", ["X", "Wn"], ["N"]),  # a shared input: q and k read it
-        helper.make_node("MatMul", ["N", "Wq"], ["Q"]), helper.make_node("MatMul", ["N", "Wk"], ["Kp"]),
+        helper.make_node("MatMul", ["N", "Wq"], ["Q0" if qk_bias else "Q"]), helper.make_node("MatMul", ["N", "Wk"], ["K0" if qk_bias else "Kp"]),
+        *biases,
         helper.make_node("Add", ["Q", "Kp"], ["R"]),
         helper.make_node("MatMul", ["R", "Wg"], ["G"]), helper.make_node("Sigmoid", ["G"], ["S"]),
         helper.make_node("Mul", ["G", "S"], ["A"]), helper.make_node("MatMul", ["R", "Wu"], ["U0"]),
@@ -679,6 +685,27 @@ def test_linears_of_one_allocation_lower_to_one_kernel_per_class_with_the_same_n
     assert kernels["separate"] > kernels["auto"] > 0
     np.testing.assert_allclose(outputs["auto"], outputs["separate"], rtol=1e-5, atol=1e-5 * np.abs(reference).max())
     np.testing.assert_allclose(outputs["auto"], reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+
+
+def test_biases_of_linears_lowered_as_one_become_one_add_of_their_concatenation():
+    """q and k each add a bias (Qwen2's Q, K and V do): merged, their product adds the two biases
+    concatenated once, before the Split; gate has no bias, so up keeps its own Add after the Split.
+    The outputs are those of lowering each linear apart."""
+    model = _gated_mlp(qk_bias=True)
+    _compile(model, "canonicalize,calibrate,allocate-bits{avg-bits=4.25 group-size=32 shared-input=joint},quantize-weights")
+    feeds = synthetic_inputs(model, seed=3)
+    outputs, adds = {}, {}
+    for shared in ("auto", "separate"):
+        lowered = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        _compile(lowered, f"lower-ort{{accuracy-level=0 shared-input={shared}}}")
+        outputs[shared] = execute.run(lowered, feeds)["Y"]
+        adds[shared] = [n for n in lowered.graph if n.op_type == "Add" and n.inputs[1].const_value is not None
+                        and n.inputs[1].const_value.dtype == ir.DataType.FLOAT]  # the biases
+    qk_bias = np.concatenate([model.graph.initializers[name].const_value.numpy() for name in ("bq", "bk")])
+    (qk,) = [n for n in adds["auto"] if np.array_equal(n.inputs[1].const_value.numpy(), qk_bias)]
+    assert [u.node.op_type for u in qk.outputs[0].uses()] == ["Split"]
+    assert len(adds["separate"]) == 3 and len(adds["auto"]) == 2
+    np.testing.assert_allclose(outputs["auto"], outputs["separate"], rtol=1e-5, atol=1e-5 * np.abs(outputs["separate"]).max())
 
 
 def test_kv_cache_is_a_graph_input_concatenated_into_an_output():

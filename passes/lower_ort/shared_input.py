@@ -3,7 +3,8 @@ projections of an attention (and a gated MLP's gate and up projections) as one p
 concatenated weights, then a `Split`, or the packed QKV input `GroupQueryAttention` takes.
 `MatMulIntegerToFloat` (`widen_integer_linears`, only under `shared-input=wide`: measured a little
 slower on MiniLM, the Split copies), `MatMulNBits` and float MatMul (`widen_shared_input_linears`), and
-`qc.MixedMatMul`s of one allocation (`widen_shared_input_mixed`, before they are lowered)."""
+`qc.MixedMatMul`s of one allocation (`widen_shared_input_mixed`, before they are lowered). Where each linear
+adds a constant bias (Qwen2's Q, K and V), the wide product adds their concatenation once (`bias_adds`)."""
 
 from __future__ import annotations
 
@@ -92,14 +93,16 @@ def widen_shared_input_mixed(graph: ir.Graph) -> int:
         shape = first.outputs[0].shape
         if shape is not None and len(shape):
             wide.outputs[0].shape = ir.Shape([*shape[:-1], sum(columns)])
+        adds = bias_adds(nodes, columns)
+        biased = [_bias_add(graph, wide, adds)] if adds else []
         sizes = new_initializer(graph, f"{base}.wide.splits", np.array(columns, np.int64))
-        split = ir.node("Split", [wide.outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes), name=f"{base}.wide.split",
-                        metadata_props={CREATED_BY: "lower-ort"})
-        graph.insert_before(first, [wide, split])
-        for node, part in zip(nodes, split.outputs):
-            take_over(node.outputs[0], part)
-        read = [v for n in nodes for v in n.inputs[2:] if v is not None and v.is_initializer()]
-        graph.remove(nodes, safe=True)
+        split = ir.node("Split", [(biased or [wide])[0].outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes),
+                        name=f"{base}.wide.split", metadata_props={CREATED_BY: "lower-ort"})
+        graph.insert_before(first, [wide, *biased, split])
+        for end, part in zip(adds or nodes, split.outputs):
+            take_over(end.outputs[0], part)
+        read = [v for n in [*nodes, *(adds or [])] for v in n.inputs if v is not None and v.is_initializer()]
+        graph.remove([*(adds or []), *nodes], safe=True)
         drop_unread(graph, read)
         merged += 1
     return merged
@@ -135,27 +138,63 @@ def widen_shared_input_linears(graph: ir.Graph) -> tuple[int, int]:
     (groups merged, of which packed into attention)."""
     merged = packed = 0
     for nodes in _groups(graph, _group_key):
-        attention = _attention_reading(nodes)
+        adds = bias_adds(nodes, [_columns(n) for n in nodes])
+        attention = _attention_reading(adds or nodes)
         if nodes[0].op_type == "MatMul" and attention is None:
             continue
-        if attention is not None:
-            nodes = sorted(nodes, key=lambda n: next(iter(n.outputs[0].uses())).idx)  # Q, K, V
+        if attention is not None:  # Q, K, V
+            order = sorted(range(len(nodes)), key=lambda i: next(iter((adds or nodes)[i].outputs[0].uses())).idx)
+            nodes, adds = [nodes[i] for i in order], adds and [adds[i] for i in order]
         wide = _wide_linear(graph, nodes)
+        product = wide
+        if adds:
+            product = _bias_add(graph, wide, adds)
+            graph.insert_after(wide, product)
         if attention is not None:
-            attention.replace_input_with(0, wide.outputs[0])
+            attention.replace_input_with(0, product.outputs[0])
             attention.replace_input_with(1, None)
             attention.replace_input_with(2, None)
             packed += 1
         else:
             sizes = new_initializer(graph, f"{wide.name}.splits", np.array([_columns(n) for n in nodes], np.int64))
-            split = ir.node("Split", [wide.outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes), name=f"{wide.name}.split",
+            split = ir.node("Split", [product.outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes), name=f"{wide.name}.split",
                             metadata_props={CREATED_BY: "lower-ort"})
-            graph.insert_after(wide, split)
-            for node, part in zip(nodes, split.outputs):
-                take_over(node.outputs[0], part)
-        graph.remove(nodes, safe=True)
+            graph.insert_after(product, split)
+            for end, part in zip(adds or nodes, split.outputs):
+                take_over(end.outputs[0], part)
+        read = [v for add in adds or [] for v in add.inputs if v is not None and v.is_initializer()]
+        graph.remove([*(adds or []), *nodes], safe=True)
+        drop_unread(graph, read)
         merged += 1
     return merged, packed
+
+
+def bias_adds(nodes: list[ir.Node], columns: list[int]) -> list[ir.Node] | None:
+    """The `Add` of a bias after each linear (its output read by that Add alone, whose other input
+    is a constant vector of the linear's `columns`: Qwen2's Q, K and V), in the order of `nodes`; None
+    where a linear has none, so that the linears merge without their biases."""
+    adds = []
+    for node, n in zip(nodes, columns):
+        out = node.outputs[0]
+        uses = list(out.uses())
+        if len(uses) != 1 or out.is_graph_output() or op_key(uses[0].node) != ("", "Add"):
+            return None
+        add, index = uses[0].node, uses[0].idx
+        bias = add.inputs[1 - index]
+        if bias is None or bias.const_value is None or tuple(bias.const_value.shape) != (n,):
+            return None
+        adds.append(add)
+    return adds
+
+
+def _bias_add(graph: ir.Graph, wide: ir.Node, adds: list[ir.Node]) -> ir.Node:
+    """One `Add` of the biases of `adds`, concatenated in their order, to the wide product."""
+    biases = [next(v for v in add.inputs if v is not None and v.const_value is not None).const_value.numpy() for add in adds]
+    bias = new_initializer(graph, f"{wide.name}.bias", np.concatenate(biases))
+    add = ir.node("Add", [wide.outputs[0], bias], name=f"{wide.name}.bias", metadata_props={CREATED_BY: "lower-ort"})
+    add.outputs[0].name = f"{wide.name}.biased"
+    add.outputs[0].type, add.outputs[0].shape = adds[0].outputs[0].type, wide.outputs[0].shape
+    return add
 
 
 def _group_key(node: ir.Node) -> tuple | None:
