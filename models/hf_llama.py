@@ -1,6 +1,7 @@
-"""Hugging Face Llama, Mistral and Qwen2 causal LMs as models with a KV cache: a
+"""Hugging Face Llama, Mistral, Qwen2 and Qwen3 causal LMs as models with a KV cache: a
 `package.module:function` source that returns `(model, tokenizer)` is rebuilt as our Llama decoder
-(`models/smollm2.py`, with Qwen2's Q/K/V biases where the weights have them) with the model's
+(`models/smollm2.py`, with Qwen2's Q/K/V biases and Qwen3's query and key norms where the weights
+have them) with the model's
 weights and captured with the cache layout of `models/causal_lm.py`."""
 
 from __future__ import annotations
@@ -43,13 +44,14 @@ def is_hf_causal_lm(obj: Any) -> bool:
 
 
 # Hugging Face architectures that are a Llama decoder, and what each adds to it: Qwen2 biases on the Q, K
-# and V projections; Mistral (and Qwen2 where enabled) a sliding attention window
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+# and V projections; Qwen3 an RMSNorm of each query and key head and heads of their own width; Mistral
+# (and Qwen2 and Qwen3 where enabled) a sliding attention window
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
-    """Our Llama decoder (models/smollm2.py) with the weights of a Hugging Face Llama, Mistral or
-    Qwen2 causal LM, as a model with a KV cache; other architectures are refused. A sliding attention
+    """Our Llama decoder (models/smollm2.py) with the weights of a Hugging Face Llama, Mistral, Qwen2
+    or Qwen3 causal LM, as a model with a KV cache; other architectures are refused. A sliding attention
     window of W positions limits the cache to W positions, within which every token attends to all
     earlier ones, as with full attention."""
     cfg = hf_model.config
@@ -63,8 +65,8 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    if head_dim * heads != cfg.hidden_size or rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise UserError(f"'{name}': the KV-cache capture takes models with head_dim = hidden / heads and plain RoPE")
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise UserError(f"'{name}': the KV-cache capture takes models with plain RoPE (no rope scaling)")
     state = {k: v.detach().to(torch.float32) for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
     if any(key.startswith("model.layers.") and ".mlp." in key and key.endswith(".bias") for key in state):
         raise UserError(f"'{name}': the KV-cache capture takes models without MLP biases")
@@ -73,6 +75,8 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
         num_kv_heads=cfg.num_key_value_heads, intermediate_size=cfg.intermediate_size, rope_theta=float(theta),
         eps=float(cfg.rms_norm_eps), max_positions=_positions(cfg),
         qkv_bias="model.layers.0.self_attn.q_proj.bias" in state, o_bias="model.layers.0.self_attn.o_proj.bias" in state,
+        head_size=0 if head_dim * heads == cfg.hidden_size else int(head_dim),
+        qk_norm="model.layers.0.self_attn.q_norm.weight" in state,
     )
     lm = smollm2.CausalLM(ours)
     if "lm_head.weight" not in state or not getattr(cfg, "tie_word_embeddings", False):

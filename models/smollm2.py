@@ -84,10 +84,12 @@ class LlamaConfig:
     max_positions: int = 2048  # the positions the model was trained on (GGUF `llama.context_length`)
     qkv_bias: bool = False  # the Q, K and V projections add a bias (Qwen2; Llama with attention_bias)
     o_bias: bool = False  # the output projection adds one (Llama with attention_bias)
+    head_size: int = 0  # each head's width where it is not hidden / heads (Qwen3); 0: hidden / heads
+    qk_norm: bool = False  # each query and key head RMS-normalized before the rotation (Qwen3)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.head_size or self.hidden_size // self.num_heads
 
     @classmethod
     def from_gguf(cls, reader: Any) -> LlamaConfig:
@@ -172,6 +174,8 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.eps), RMSNorm(cfg.head_dim, cfg.eps)
 
     def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         """[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]."""
@@ -193,8 +197,10 @@ class SelfAttention(nn.Module):
         """Without `past`: the attention output. With `past` (key, value [batch, kv_heads,
         past_len, head_dim], keys already rotated): the output and the present (key, value),
         the past with this step's keys and values appended."""
-        q = apply_rope(self._heads(self.q_proj(x), self.num_heads), cos, sin)
-        k = apply_rope(self._heads(self.k_proj(x), self.num_kv_heads), cos, sin)
+        q, k = self._heads(self.q_proj(x), self.num_heads), self._heads(self.k_proj(x), self.num_kv_heads)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self._heads(self.v_proj(x), self.num_kv_heads)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)

@@ -378,6 +378,21 @@ def tiny_mistral():
     return transformers.MistralForCausalLM(cfg).eval(), tiny_tokenizer()
 
 
+def tiny_qwen3():
+    """A random Qwen3 causal LM: each query and key head RMS-normalized before the rotation (random
+    scales here), heads 64 wide where hidden / heads is 32, the head tied to the embedding."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                   max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True)
+    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                parameter.normal_(1.0, 0.3)
+    return model, tiny_tokenizer()
+
+
 @pytest.fixture(scope="module")
 def llama_like(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
@@ -385,19 +400,23 @@ def llama_like(tmp_path_factory):
         yield tmp_path_factory.mktemp("llama-like")
 
 
-@pytest.mark.parametrize("arch, positions", [("qwen2", MAX_POSITIONS), ("mistral", 48)])
-def test_qwen2_and_mistral_decode_with_a_cache_as_transformers_computes(llama_like, arch, positions):
-    """Qwen2 and Mistral factories compile to the decoder with a KV cache: fused attention reading Q,
-    K and V packed (Qwen2's three biases one Add of their concatenation before it), the cached
-    logits those of transformers' full sequence, and ONNX Runtime GenAI's configuration naming the
-    architecture; a sliding window bounds the positions, within which attention is full."""
+@pytest.mark.parametrize("arch, positions, query, matmuls", [
+    ("qwen2", MAX_POSITIONS, "Add", 5), ("mistral", 48, "MatMul", 5), ("qwen3", MAX_POSITIONS, "Reshape", 7)])
+def test_qwen_and_mistral_decode_with_a_cache_as_transformers_computes(llama_like, arch, positions, query, matmuls):
+    """Qwen2, Qwen3 and Mistral factories compile to the decoder with a KV cache and fused attention,
+    the cached logits those of transformers' full sequence, ONNX Runtime GenAI's configuration naming
+    the architecture: Q, K and V read packed by the attention (Qwen2's three biases one Add of their
+    concatenation before it); Qwen3's normalized query and key heads flattened back into its query and
+    key inputs (each norm run before the heads' transpose); a sliding window (Mistral) bounds the
+    positions, within which attention is full."""
     out = qcompile(f"llama_like_factory:tiny_{arch}", llama_like / arch, drift=False).output
     nodes = _nodes(out)
     producers = {o: n for n in nodes for o in n.output}
     attention = [n for n in nodes if n.op_type == "GroupQueryAttention"]
-    assert len(attention) == 2 and all(n.input[1] == "" and n.input[2] == "" for n in attention)
-    assert [producers[n.input[0]].op_type for n in attention] == ["Add" if arch == "qwen2" else "MatMul"] * 2
-    assert sum(n.op_type == "MatMul" for n in nodes) == 2 * 5 + 1  # QKV, O, gate, up, down; the head
+    assert len(attention) == 2 and all((n.input[1] == "") == (arch != "qwen3") for n in attention)
+    assert [producers[n.input[0]].op_type for n in attention] == [query] * 2
+    assert sum(n.op_type == "MatMul" for n in nodes) == 2 * matmuls + 1  # (QKV or Q, K, V), O, gate, up, down; the head
+    assert "Softmax" not in {n.op_type for n in nodes}
     layout = read_layout(out)
     assert (layout.model_type, layout.max_positions) == (arch, positions)
     assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == arch
@@ -429,7 +448,7 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
 
 @pytest.mark.parametrize("build, message", [
     (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2)),
-     "takes llama, mistral, qwen2 causal LMs"),
+     "takes llama, mistral, qwen2, qwen3 causal LMs"),
     (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                                                                     num_hidden_layers=1, num_attention_heads=4, mlp_bias=True)),
      "without MLP biases"),

@@ -7,6 +7,8 @@ repeat, the scaled, masked softmax product and the output transpose.
 What is matched, from each `Softmax` back (every other form is left as it is):
 
     q = Transpose(Reshape(q_lin), [0, 2, 1, 3])             k, v likewise, v without rotary
+    (or q = RMSNorm_last_axis(Transpose(...)) for q and k both: Qwen3's head norms, then run
+     before the Transpose and flattened into the kernel's query and key inputs)
     rope(x) = x * cos + Concat(-x[..., D/2:], x[..., :D/2]) * sin
     cos, sin = Cos(e), Sin(e);  e = Unsqueeze(Concat(f, f, -1), 1);  f = Unsqueeze(Cast(position_ids)) * inv_freq
     present_k = Concat(past_k, rope(k), axis=2)              a graph output; past_k a graph input
@@ -33,6 +35,7 @@ import onnx_ir as ir
 from qcompiler.ir import op_key, producer_of
 from qcompiler.ir.layers import new_initializer, take_over
 from qcompiler.ir.meta import CREATED_BY
+from qcompiler.passes.lower_ort.norms import mean_axes, rms_denominator
 
 
 @dataclasses.dataclass
@@ -51,6 +54,10 @@ class _Attention:
     scale: float
     heads: int
     kv_heads: int
+    # Qwen3's RMSNorm of each query and key head before the rotation: (its input, the heads before the
+    # transpose, its output), rewired to run on [batch, seq, heads, head] for the kernel's packed input
+    q_norm: tuple[ir.Value, ir.Value, ir.Value] | None = None
+    k_norm: tuple[ir.Value, ir.Value, ir.Value] | None = None
 
 
 def fuse_attention(graph: ir.Graph) -> int:
@@ -68,8 +75,9 @@ def fuse_attention(graph: ir.Graph) -> int:
         if key not in tables:
             tables[key] = _rotary_tables(graph, a.inv_freq, a.position_ids, len(tables))
         cos, sin = tables[key]
+        q_in, k_in = (lin if norm is None else _norm_before_transpose(graph, norm) for lin, norm in ((a.q_lin, a.q_norm), (a.k_lin, a.k_norm)))
         node = ir.node(
-            "GroupQueryAttention", [a.q_lin, a.k_lin, a.v_lin, a.past_k, a.past_v, seqlens, total, cos, sin, a.position_ids],
+            "GroupQueryAttention", [q_in, k_in, a.v_lin, a.past_k, a.past_v, seqlens, total, cos, sin, a.position_ids],
             attributes={"num_heads": a.heads, "kv_num_heads": a.kv_heads, "scale": a.scale, "do_rotary": 1,
                         "rotary_interleaved": 0},
             domain="com.microsoft", num_outputs=3, name=f"{a.out_node.name}.attention", metadata_props={CREATED_BY: "lower-ort"})
@@ -154,7 +162,8 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Attention | None:
     q, k = _rotary(q_rot), _rotary(k_rot)
     if q is None or k is None or q[1:] != k[1:] or q[1].producer().inputs[0] is not q[2].producer().inputs[0]:
         return None
-    q_lin, k_lin, v_lin = _heads(q[0]), _heads(k[0]), _heads(v_t)
+    q_norm, k_norm = _head_norm(q[0]), _head_norm(k[0])
+    q_lin, k_lin, v_lin = _heads(q_norm[0] if q_norm else q[0]), _heads(k_norm[0] if k_norm else k[0]), _heads(v_t)
     inv_freq, position_ids = _angles(q[1], graph)
     if any(x is None for x in (q_lin, k_lin, v_lin, inv_freq)) or past_k.shape is None or len(past_k.shape) != 4:
         return None
@@ -163,8 +172,10 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Attention | None:
     if not all(isinstance(d, int) for d in (kv_heads, head, width)) or head % 16 or width % head \
             or inv_freq.shape != (head // 2,):
         return None
+    if (q_norm is None) != (k_norm is None):
+        return None
     return _Attention(q_lin, k_lin, v_lin, past_k, past_v, present_k, present_v, out_node.outputs[0], out_node,
-                      inv_freq, position_ids, scale, width // head, kv_heads)
+                      inv_freq, position_ids, scale, width // head, kv_heads, *(_norm_parts(n) for n in (q_norm, k_norm)))
 
 
 def _only_reader(value: ir.Value, op_type: str, index: int) -> ir.Node | None:
@@ -228,6 +239,62 @@ def _heads(value: ir.Value | None) -> ir.Value | None:
     """x_lin when `value` = Transpose(Reshape(x_lin), [0, 2, 1, 3])."""
     reshape = producer_of(_transposed(value, (0, 2, 1, 3)), "Reshape")
     return reshape.inputs[0] if reshape is not None else None
+
+
+def _head_norm(value: ir.Value) -> tuple[ir.Value, ir.Value] | None:
+    """(x, the norm's output) when `value` = Mul(Mul(x, Reciprocal(Sqrt(mean(x^2, -1) + eps))), gamma), an
+    RMSNorm of each head over its last axis (Qwen3's q_norm, k_norm) whose input x the norm alone reads."""
+    scaled = producer_of(value, "Mul")
+    if scaled is None:
+        return None
+    for normalized, gamma in (scaled.inputs, tuple(reversed(scaled.inputs))):
+        mul, g = producer_of(normalized, "Mul"), _constant(gamma)
+        if mul is None or g is None or g.ndim != 1:
+            continue
+        for x, inverse in (mul.inputs, tuple(reversed(mul.inputs))):
+            root = rms_denominator(x, inverse)
+            if root is None or mean_axes(root) not in ([-1], [3]) or x.is_graph_output():
+                continue
+            if {u.node.op_type for u in x.uses()} == {"Mul", "Pow"} and len(x.uses()) == 2:  # read by the norm alone
+                return x, value
+    return None
+
+
+def _norm_parts(norm: tuple[ir.Value, ir.Value] | None) -> tuple[ir.Value, ir.Value, ir.Value] | None:
+    """The norm's input (heads transposed), the heads before that Transpose, and the norm's output."""
+    if norm is None:
+        return None
+    x, out = norm
+    return x, producer_of(x, "Transpose").inputs[0], out
+
+
+def _norm_before_transpose(graph: ir.Graph, norm: tuple[ir.Value, ir.Value, ir.Value]) -> ir.Value:
+    """The per-head norm rewired to read the heads before their transpose ([batch, seq, heads, head]:
+    it normalizes the last axis, so the same numbers), and its output flattened back to [batch, seq,
+    heads x head], the kernel's query or key input."""
+    x, heads, out = norm
+    for use in list(x.uses()):
+        use.node.replace_input_with(use.idx, heads)
+    for node in _between(heads, out):
+        for value in node.outputs:
+            value.shape = None  # the layout changed: ONNX Runtime infers it again
+    shape = new_initializer(graph, f"{out.name}.flat_shape", np.array([0, 0, -1], np.int64))
+    flat = ir.node("Reshape", [out, shape], name=f"{out.name}.flat", metadata_props={CREATED_BY: "lower-ort"})
+    graph.insert_after(out.producer(), flat)
+    return flat.outputs[0]
+
+
+def _between(start: ir.Value, end: ir.Value) -> list[ir.Node]:
+    """The nodes on the paths from `start` to `end` (the norm's ops)."""
+    found, stack, seen = [], [end.producer()], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        found.append(node)
+        stack += [v.producer() for v in node.inputs if v is not None and v is not start and v.const_value is None]
+    return found
 
 
 def _rotary(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value] | None:

@@ -78,7 +78,7 @@ def _rms_normalizations(graph: ir.Graph):
         if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx"):
             continue
         found = [(x, inverse, root) for x, inverse in (mul.inputs, tuple(reversed(mul.inputs)))
-                 if (root := _rms_denominator(x, inverse)) is not None]
+                 if (root := rms_denominator(x, inverse)) is not None]
         if found:
             yield (mul, *found[0])
 
@@ -108,10 +108,16 @@ def _over_last_axis(root: ir.Value) -> bool:
     """Whether the mean under `root` (Sqrt(ReduceMean(x^2) + eps)) is over x's last axis only,
     dims kept, as the fused kernel normalizes (x is [batch, sequence, hidden] here; axes given as
     the constant input of opset 18 on)."""
+    return mean_axes(root) in ([-1], [2])
+
+
+def mean_axes(root: ir.Value) -> list[int] | None:
+    """The axes of the mean under `root` (Sqrt(ReduceMean(x^2) + eps)), dims kept, given as the
+    constant input of opset 18 on; None otherwise."""
     add = root.producer().inputs[0].producer()
     mean = next(m for v in add.inputs if (m := producer_of(v, "ReduceMean")) is not None)
     axes = mean.inputs[1].const_value if len(mean.inputs) > 1 and mean.inputs[1] is not None else None
-    return axes is not None and axes.numpy().reshape(-1).tolist() in ([-1], [2]) and mean.attributes.get_int("keepdims", 1) == 1
+    return axes.numpy().reshape(-1).tolist() if axes is not None and mean.attributes.get_int("keepdims", 1) == 1 else None
 
 
 def _epsilon(root: ir.Value) -> float:
@@ -120,7 +126,7 @@ def _epsilon(root: ir.Value) -> float:
     return float(eps.const_value.numpy())
 
 
-def _rms_denominator(x: ir.Value | None, inverse: ir.Value | None) -> ir.Value | None:
+def rms_denominator(x: ir.Value | None, inverse: ir.Value | None) -> ir.Value | None:
     """Sqrt(mean(x^2) + eps) when `inverse` is its Reciprocal, of the same `x`; else None."""
     reciprocal = producer_of(inverse, "Reciprocal")
     root = producer_of(reciprocal.inputs[0], "Sqrt") if reciprocal else None
