@@ -65,8 +65,7 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise UserError(f"'{name}': the KV-cache capture takes models with plain RoPE (no rope scaling)")
+    inv_freq = _rotary_frequencies(name, hf_model, rope.get("rope_type", rope.get("type", "default")))
     state = {k: v.detach().to(torch.float32) for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
     if any(key.startswith("model.layers.") and ".mlp." in key and key.endswith(".bias") for key in state):
         raise UserError(f"'{name}': the KV-cache capture takes models without MLP biases")
@@ -85,7 +84,26 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
         else:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
     smollm2.load_exact(lm, state, name)
+    with torch.no_grad():
+        lm.model.rotary.inv_freq.copy_(inv_freq)  # a scaled rotary's frequencies (llama3, linear), or theta's own
     return LlamaWithCache(name, lm, tokenizer, smollm2.layout_of(ours, tokenizer, model_type))
+
+
+# rotary scalings that only change the frequencies (what the graph and the fused attention's tables
+# are computed from): Llama 3.1/3.2's `llama3` and `linear`; `dynamic` changes them with the length,
+# `yarn` and `longrope` scale the tables too
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _rotary_frequencies(name: str, hf_model: nn.Module, rope_type: str) -> torch.Tensor:
+    """The rotary embedding's inverse frequencies [head_dim / 2] as the Hugging Face model computes them."""
+    rotary = getattr(getattr(hf_model, "model", None), "rotary_emb", None)
+    scaling = getattr(rotary, "attention_scaling", 1.0)
+    if rope_type not in ROPE_TYPES or rotary is None or not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor) \
+            or float(scaling) != 1.0:
+        raise UserError(f"'{name}': the KV-cache capture takes rotary embeddings of type {', '.join(ROPE_TYPES)}, got "
+                        f"'{rope_type}'; return (module, example_inputs) to capture it without a cache")
+    return rotary.inv_freq.detach().to(torch.float32)
 
 
 def _positions(cfg: Any) -> int:

@@ -393,6 +393,18 @@ def tiny_qwen3():
     return model, tiny_tokenizer()
 
 
+def tiny_llama3():
+    """A random Llama with Llama 3.1's scaled rotary frequencies (`rope_type` llama3; the original
+    context 16 of 64 positions, so the scaling changes the low frequencies)."""
+    torch.manual_seed(0)
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16, "rope_theta": 500000.0}
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+                                   tie_word_embeddings=True, rope_parameters=rope)
+    return transformers.LlamaForCausalLM(cfg).eval(), tiny_tokenizer()
+
+
 @pytest.fixture(scope="module")
 def llama_like(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
@@ -401,9 +413,11 @@ def llama_like(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch, positions, query, matmuls", [
-    ("qwen2", MAX_POSITIONS, "Add", 5), ("mistral", 48, "MatMul", 5), ("qwen3", MAX_POSITIONS, "Reshape", 7)])
-def test_qwen_and_mistral_decode_with_a_cache_as_transformers_computes(llama_like, arch, positions, query, matmuls):
-    """Qwen2, Qwen3 and Mistral factories compile to the decoder with a KV cache and fused attention,
+    ("qwen2", MAX_POSITIONS, "Add", 5), ("mistral", 48, "MatMul", 5), ("qwen3", MAX_POSITIONS, "Reshape", 7),
+    ("llama3", MAX_POSITIONS, "MatMul", 5)])
+def test_qwen_mistral_and_llama3_decode_with_a_cache_as_transformers_computes(llama_like, arch, positions, query, matmuls):
+    """Qwen2, Qwen3, Mistral and Llama 3 (scaled rotary frequencies) factories compile to the decoder
+    with a KV cache and fused attention,
     the cached logits those of transformers' full sequence, ONNX Runtime GenAI's configuration naming
     the architecture: Q, K and V read packed by the attention (Qwen2's three biases one Add of their
     concatenation before it); Qwen3's normalized query and key heads flattened back into its query and
@@ -418,8 +432,8 @@ def test_qwen_and_mistral_decode_with_a_cache_as_transformers_computes(llama_lik
     assert sum(n.op_type == "MatMul" for n in nodes) == 2 * matmuls + 1  # (QKV or Q, K, V), O, gate, up, down; the head
     assert "Softmax" not in {n.op_type for n in nodes}
     layout = read_layout(out)
-    assert (layout.model_type, layout.max_positions) == (arch, positions)
-    assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == arch
+    assert (layout.model_type, layout.max_positions) == (arch.replace("llama3", "llama"), positions)
+    assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == layout.model_type
     hf, _ = globals()[f"tiny_{arch}"]()
     ids = np.random.default_rng(1).integers(3, VOCAB, positions)
     with torch.no_grad():
@@ -452,6 +466,10 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
     (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                                                                     num_hidden_layers=1, num_attention_heads=4, mlp_bias=True)),
      "without MLP biases"),
+    (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})),
+     "rotary embeddings of type default, linear, llama3, got 'dynamic'"),
 ])
 def test_cache_capture_refuses_what_our_decoder_does_not_compute(build, message):
     with pytest.raises(UserError, match=message):
