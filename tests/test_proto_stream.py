@@ -75,3 +75,24 @@ def test_save_reports_progress_and_leaves_the_model_as_it_was(tmp_path):
 def test_a_frame_that_does_not_match_is_refused():
     with pytest.raises(ValueError, match="wire type"):
         list(proto_stream._fields(bytes([0x0B]), 0, 1))  # wire type 3 (groups) is never written
+
+
+def test_source_digest_is_the_serializations_hash_without_serializing_the_weights(monkeypatch):
+    """The manifest's source sha256 is that of the deterministic serialization, as before, but taken
+    one weight at a time: a model held in memory may pass protobuf's 2 GB (a torch capture of
+    Qwen3-0.6B is 2.4 GB in float32), which `SerializeToString` of the whole model refuses."""
+    import hashlib
+
+    from qcompiler.driver.capture import model_digest
+
+    model = _model()
+    expected = hashlib.sha256(qir.to_proto(model).SerializeToString(deterministic=True)).hexdigest()
+    whole = ir.serde.serialize_model
+
+    def frame_only(m):  # the whole model serialized with its weights in it: what the limit refuses
+        if any(v.const_value is not None and v.const_value.nbytes > 0 for v in m.graph.initializers.values()):
+            raise AssertionError("serialized the model with its weights")
+        return whole(m)
+
+    monkeypatch.setattr(ir.serde, "serialize_model", frame_only)
+    assert model_digest(model) == expected

@@ -260,9 +260,12 @@ def model_digest(model: ir.Model) -> str:
     from external data files is hashed as its serialization without that data (which names each
     tensor's file, offset and length) followed by the data itself, read in chunks in the order the
     tensors appear: the weights are never all in memory."""
-    proto = qir.to_proto(model)  # mapped tensors stay references to their files
-    digest = hashlib.sha256(proto.SerializeToString(deterministic=True))
-    del proto
+    from qcompiler.ir import proto_stream
+
+    digest = hashlib.sha256()
+    # the deterministic serialization, one weight at a time (a model in memory may pass protobuf's 2 GB);
+    # mapped tensors stay references to their files
+    proto_stream.write_model(model, _Hashing(digest))
     mapped = qir.mapped_tensors(model)
     if mapped:
         with progress("hash the source's external data", total=len(mapped)) as bar:
@@ -270,6 +273,17 @@ def model_digest(model: ir.Model) -> str:
                 _hash_file_range(digest, tensor.path, tensor.offset or 0, tensor.nbytes)
                 bar.update()
     return digest.hexdigest()
+
+
+class _Hashing:
+    """A write-only file that hashes what is written to it."""
+
+    def __init__(self, digest):
+        self.digest = digest
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return len(data)
 
 
 def _hash_file_range(digest, path, offset: int, length: int) -> None:
