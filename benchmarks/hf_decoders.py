@@ -1,5 +1,5 @@
 """Decoders users bring: Hugging Face Qwen2, Qwen3, Llama 3 and Mistral causal LMs at their real shapes
-(seeded random weights: no float checkpoint ships offline), compiled with a KV cache; decode and
+(seeded random weights: no float checkpoint ships offline; `mistral-0.3b` a small Mistral-shaped one), compiled with a KV cache; decode and
 prefill tokens/s per pipeline, and how far each float artifact's logits are from transformers'.
 
     python benchmarks/hf_decoders.py                                   # qwen2.5-0.5b, qwen3-0.6b; 3 pipelines
@@ -34,8 +34,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-# the configurations of the released models (their config.json), weights random; mistral-small is a
-# Mistral of about 0.4 B weights with a sliding window, its vocabulary that of the tokenizer used here
+# the configurations of the released models (their config.json), weights random; mistral-0.3b is a
+# Mistral of 0.33 B weights with a sliding window, its vocabulary that of the tokenizer used here
 SHAPES = {
     "qwen2.5-0.5b": ("Qwen2", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                                    num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
@@ -49,7 +49,7 @@ SHAPES = {
                                   rope_parameters={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
                                                    "rope_theta": 500000.0})),
-    "mistral-small": ("Mistral", dict(vocab_size=49152, hidden_size=1024, intermediate_size=3584, num_hidden_layers=16,
+    "mistral-0.3b": ("Mistral", dict(vocab_size=49152, hidden_size=1024, intermediate_size=3584, num_hidden_layers=16,
                                       num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=32768,
                                       sliding_window=4096, rms_norm_eps=1e-5)),
 }

@@ -1,8 +1,7 @@
 """Hugging Face Llama, Mistral, Qwen2 and Qwen3 causal LMs as models with a KV cache: a
 `package.module:function` source that returns `(model, tokenizer)` is rebuilt as our Llama decoder
 (`models/smollm2.py`, with Qwen2's Q/K/V biases and Qwen3's query and key norms where the weights
-have them) with the model's
-weights and captured with the cache layout of `models/causal_lm.py`."""
+have them) with the model's weights and captured with the cache layout of `models/causal_lm.py`."""
 
 from __future__ import annotations
 
@@ -18,10 +17,10 @@ from qcompiler.models.causal_lm import CacheLayout, CausalLMWithCache
 
 
 class LlamaWithCache(CausalLMWithCache):
-    """A Llama decoder given as a module (a `package.module:function` source returning a Hugging
-    Face Llama causal LM, or a test's random one) with its tokenizer."""
+    """A Llama-style decoder given as a module (a `package.module:function` source returning a
+    Hugging Face Llama, Mistral, Qwen2 or Qwen3 causal LM, or a test's random one) with its tokenizer."""
 
-    summary = "a Llama causal LM with a KV cache"
+    summary = "a Llama-style causal LM with a KV cache"
 
     def __init__(self, name: str, lm: nn.Module, tokenizer: Any, layout: CacheLayout, seq_len: int = 128):
         self.name, self._lm, self._tokenizer, self.layout, self.seq_len = name, lm.eval(), tokenizer, layout, seq_len
@@ -61,22 +60,10 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
             f"'{name}' returned a {type(hf_model).__name__} ({model_type or '?'}); the KV-cache capture takes "
             f"{', '.join(ARCHITECTURES)} causal LMs; return (module, example_inputs) to capture it without a cache"
         )
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    inv_freq = _rotary_frequencies(name, hf_model, rope.get("rope_type", rope.get("type", "default")))
     state = {k: v.detach().to(torch.float32) for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
     if any(key.startswith("model.layers.") and ".mlp." in key and key.endswith(".bias") for key in state):
         raise UserError(f"'{name}': the KV-cache capture takes models without MLP biases")
-    ours = smollm2.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, num_heads=heads,
-        num_kv_heads=cfg.num_key_value_heads, intermediate_size=cfg.intermediate_size, rope_theta=float(theta),
-        eps=float(cfg.rms_norm_eps), max_positions=_positions(cfg),
-        qkv_bias="model.layers.0.self_attn.q_proj.bias" in state, o_bias="model.layers.0.self_attn.o_proj.bias" in state,
-        head_size=0 if head_dim * heads == cfg.hidden_size else int(head_dim),
-        qk_norm="model.layers.0.self_attn.q_norm.weight" in state,
-    )
+    ours = _config(cfg, state)
     lm = smollm2.CausalLM(ours)
     if "lm_head.weight" not in state or not getattr(cfg, "tie_word_embeddings", False):
         if "lm_head.weight" in state:
@@ -84,9 +71,31 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
         else:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
     smollm2.load_exact(lm, state, name)
-    with torch.no_grad():
-        lm.model.rotary.inv_freq.copy_(inv_freq)  # a scaled rotary's frequencies (llama3, linear), or theta's own
+    scaled = _scaled_frequencies(name, hf_model, _rope(cfg).get("rope_type", _rope(cfg).get("type", "default")), ours.head_dim)
+    if scaled is not None:
+        with torch.no_grad():
+            lm.model.rotary.inv_freq.copy_(scaled)
     return LlamaWithCache(name, lm, tokenizer, smollm2.layout_of(ours, tokenizer, model_type))
+
+
+def _rope(cfg: Any) -> dict:
+    return getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+
+
+def _config(cfg: Any, state: dict[str, torch.Tensor]) -> smollm2.LlamaConfig:
+    """Our decoder's hyper-parameters from a Hugging Face config; biases and query/key norms where
+    the weights have them."""
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    theta = _rope(cfg).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    return smollm2.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, num_heads=heads,
+        num_kv_heads=cfg.num_key_value_heads, intermediate_size=cfg.intermediate_size, rope_theta=float(theta),
+        eps=float(cfg.rms_norm_eps), max_positions=_positions(cfg),
+        qkv_bias="model.layers.0.self_attn.q_proj.bias" in state, o_bias="model.layers.0.self_attn.o_proj.bias" in state,
+        head_size=0 if head_dim * heads == cfg.hidden_size else int(head_dim),
+        qk_norm="model.layers.0.self_attn.q_norm.weight" in state,
+    )
 
 
 # rotary scalings that only change the frequencies (what the graph and the fused attention's tables
@@ -95,24 +104,34 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
-def _rotary_frequencies(name: str, hf_model: nn.Module, rope_type: str) -> torch.Tensor:
-    """The rotary embedding's inverse frequencies [head_dim / 2] as the Hugging Face model computes them."""
-    rotary = getattr(getattr(hf_model, "model", None), "rotary_emb", None)
-    scaling = getattr(rotary, "attention_scaling", 1.0)
-    if rope_type not in ROPE_TYPES or rotary is None or not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor) \
-            or float(scaling) != 1.0:
+def _scaled_frequencies(name: str, hf_model: nn.Module, rope_type: str, head_dim: int) -> torch.Tensor | None:
+    """A scaled rotary embedding's inverse frequencies [head_dim / 2], as the Hugging Face model
+    holds them (its `model.rotary_emb`); None for the default rotary, computed from theta."""
+    if rope_type not in ROPE_TYPES:
         raise UserError(f"'{name}': the KV-cache capture takes rotary embeddings of type {', '.join(ROPE_TYPES)}, got "
                         f"'{rope_type}'; return (module, example_inputs) to capture it without a cache")
-    return rotary.inv_freq.detach().to(torch.float32)
+    if rope_type == "default":
+        return None
+    rotary = getattr(getattr(hf_model, "model", None), "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if not isinstance(inv_freq, torch.Tensor) or tuple(inv_freq.shape) != (head_dim // 2,):
+        raise UserError(f"'{name}': its '{rope_type}' rotary embedding has no model.rotary_emb.inv_freq of {head_dim // 2} "
+                        "frequencies to read; use a transformers version that keeps one, or capture without a cache")
+    if inv_freq.dtype != torch.float32 or float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
+        raise UserError(f"'{name}': its rotary frequencies are {str(inv_freq.dtype).replace('torch.', '')} or scaled; load "
+                        "the model in float32 (torch_dtype=torch.float32) before returning it")
+    return inv_freq.detach()
 
 
 def _positions(cfg: Any) -> int:
     """The positions the cache holds: the model's, or fewer where a sliding window would start to
-    drop early tokens (Mistral's `sliding_window`; Qwen2's where `use_sliding_window` or a layer type
-    says so)."""
+    drop early tokens (Mistral's `sliding_window`; Qwen2's and Qwen3's where a layer type says so,
+    or `use_sliding_window` where the config lists no layer types)."""
     positions = int(cfg.max_position_embeddings)
     window = getattr(cfg, "sliding_window", None)
-    sliding = window is not None and (
-        cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)
-        or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()))
-    return min(positions, int(window)) if sliding else positions
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types:
+        sliding = "sliding_attention" in layer_types
+    else:
+        sliding = cfg.model_type == "mistral" or bool(getattr(cfg, "use_sliding_window", False))
+    return min(positions, int(window)) if sliding and window is not None else positions

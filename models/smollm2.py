@@ -177,9 +177,11 @@ class SelfAttention(nn.Module):
         if cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.eps), RMSNorm(cfg.head_dim, cfg.eps)
 
-    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
-        """[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]."""
-        return x.unflatten(-1, (heads, self.head_dim)).transpose(1, 2)
+    def _heads(self, x: torch.Tensor, heads: int, norm: nn.Module | None = None) -> torch.Tensor:
+        """[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim], each head normalized by
+        `norm` before the transpose where given (Qwen3's query and key norms)."""
+        x = x.unflatten(-1, (heads, self.head_dim))
+        return (norm(x) if norm is not None else x).transpose(1, 2)
 
     def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
         """[batch, kv_heads, seq, d] -> [batch, heads, seq, d], each K/V head shared by a group."""
@@ -197,10 +199,8 @@ class SelfAttention(nn.Module):
         """Without `past`: the attention output. With `past` (key, value [batch, kv_heads,
         past_len, head_dim], keys already rotated): the output and the present (key, value),
         the past with this step's keys and values appended."""
-        q, k = self._heads(self.q_proj(x), self.num_heads), self._heads(self.k_proj(x), self.num_kv_heads)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = apply_rope(self._heads(self.q_proj(x), self.num_heads, getattr(self, "q_norm", None)), cos, sin)
+        k = apply_rope(self._heads(self.k_proj(x), self.num_kv_heads, getattr(self, "k_norm", None)), cos, sin)
         v = self._heads(self.v_proj(x), self.num_kv_heads)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)

@@ -405,6 +405,20 @@ def tiny_llama3():
     return transformers.LlamaForCausalLM(cfg).eval(), tiny_tokenizer()
 
 
+def tiny_llama_bias():
+    """A random Llama with `attention_bias`: Q, K, V and O each add a (random) bias."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+                                   attention_bias=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(0.0, 0.5)
+    return model, tiny_tokenizer()
+
+
 @pytest.fixture(scope="module")
 def llama_like(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
@@ -414,7 +428,7 @@ def llama_like(tmp_path_factory):
 
 @pytest.mark.parametrize("arch, positions, query, matmuls", [
     ("qwen2", MAX_POSITIONS, "Add", 5), ("mistral", 48, "MatMul", 5), ("qwen3", MAX_POSITIONS, "Reshape", 7),
-    ("llama3", MAX_POSITIONS, "MatMul", 5)])
+    ("llama3", MAX_POSITIONS, "MatMul", 5), ("llama_bias", MAX_POSITIONS, "Add", 5)])
 def test_qwen_mistral_and_llama3_decode_with_a_cache_as_transformers_computes(llama_like, arch, positions, query, matmuls):
     """Qwen2, Qwen3, Mistral and Llama 3 (scaled rotary frequencies) factories compile to the decoder
     with a KV cache and fused attention,
@@ -423,6 +437,9 @@ def test_qwen_mistral_and_llama3_decode_with_a_cache_as_transformers_computes(ll
     concatenation before it); Qwen3's normalized query and key heads flattened back into its query and
     key inputs (each norm run before the heads' transpose); a sliding window (Mistral) bounds the
     positions, within which attention is full."""
+    family = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "llama3": "Llama", "llama_bias": "Llama"}[arch]
+    if not hasattr(transformers, f"{family}Config"):
+        pytest.skip(f"this transformers version has no {family}")
     out = qcompile(f"llama_like_factory:tiny_{arch}", llama_like / arch, drift=False).output
     nodes = _nodes(out)
     producers = {o: n for n in nodes for o in n.output}
@@ -432,9 +449,12 @@ def test_qwen_mistral_and_llama3_decode_with_a_cache_as_transformers_computes(ll
     assert sum(n.op_type == "MatMul" for n in nodes) == 2 * matmuls + 1  # (QKV or Q, K, V), O, gate, up, down; the head
     assert "Softmax" not in {n.op_type for n in nodes}
     layout = read_layout(out)
-    assert (layout.model_type, layout.max_positions) == (arch.replace("llama3", "llama"), positions)
+    assert (layout.model_type, layout.max_positions) == (family.lower(), positions)
     assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == layout.model_type
     hf, _ = globals()[f"tiny_{arch}"]()
+    if arch == "llama3":  # the scaled frequencies are what transformers runs, not theta's own
+        theta_own = 1.0 / 500000.0 ** (torch.arange(0, 32, 2, dtype=torch.float32) / 32)
+        assert not torch.allclose(hf.model.rotary_emb.inv_freq, theta_own)
     ids = np.random.default_rng(1).integers(3, VOCAB, positions)
     with torch.no_grad():
         full = hf(torch.from_numpy(ids[None])).logits[0].numpy()

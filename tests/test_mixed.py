@@ -378,7 +378,7 @@ def _gated_mlp(d=128, hidden=256, seed=0, qk_bias=False):
     biases = []
     if qk_bias:
         weights.update(bq=rng.normal(0, 0.5, d), bk=rng.normal(0, 0.5, d))
-        biases = [helper.make_node("Add", ["Q0", "bq"], ["Q"]), helper.make_node("Add", ["K0", "bk"], ["Kp"])]
+        biases = [helper.make_node("Add", ["Q0", "bq"], ["Q"]), helper.make_node("Add", ["bk", "K0"], ["Kp"])]  # either order
     nodes = [
         helper.make_node("MatMul", ["X", "Wn"], ["N"]),  # a shared input: q and k read it
         helper.make_node("MatMul", ["N", "Wq"], ["Q0" if qk_bias else "Q"]), helper.make_node("MatMul", ["N", "Wk"], ["K0" if qk_bias else "Kp"]),
@@ -699,10 +699,10 @@ def test_biases_of_linears_lowered_as_one_become_one_add_of_their_concatenation(
         lowered = ir.serde.deserialize_model(ir.serde.serialize_model(model))
         _compile(lowered, f"lower-ort{{accuracy-level=0 shared-input={shared}}}")
         outputs[shared] = execute.run(lowered, feeds)["Y"]
-        adds[shared] = [n for n in lowered.graph if n.op_type == "Add" and n.inputs[1].const_value is not None
-                        and n.inputs[1].const_value.dtype == ir.DataType.FLOAT]  # the biases
+        adds[shared] = [(n, bias.const_value.numpy()) for n in lowered.graph if n.op_type == "Add"  # the biases
+                        for bias in n.inputs if bias.const_value is not None and bias.const_value.dtype == ir.DataType.FLOAT]
     qk_bias = np.concatenate([model.graph.initializers[name].const_value.numpy() for name in ("bq", "bk")])
-    (qk,) = [n for n in adds["auto"] if np.array_equal(n.inputs[1].const_value.numpy(), qk_bias)]
+    (qk,) = [n for n, bias in adds["auto"] if np.array_equal(bias, qk_bias)]
     assert [u.node.op_type for u in qk.outputs[0].uses()] == ["Split"]
     assert len(adds["separate"]) == 3 and len(adds["auto"]) == 2
     np.testing.assert_allclose(outputs["auto"], outputs["separate"], rtol=1e-5, atol=1e-5 * np.abs(outputs["separate"]).max())

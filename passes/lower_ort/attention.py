@@ -7,8 +7,8 @@ repeat, the scaled, masked softmax product and the output transpose.
 What is matched, from each `Softmax` back (every other form is left as it is):
 
     q = Transpose(Reshape(q_lin), [0, 2, 1, 3])             k, v likewise, v without rotary
-    (or q = RMSNorm_last_axis(Transpose(...)) for q and k both: Qwen3's head norms, then run
-     before the Transpose and flattened into the kernel's query and key inputs)
+    (or Transpose(RMSNorm(Reshape(q_lin))) for q and k both, each head normalized over its last axis:
+     Qwen3's query and key norms; the kernel then reads the normalized heads flattened)
     rope(x) = x * cos + Concat(-x[..., D/2:], x[..., :D/2]) * sin
     cos, sin = Cos(e), Sin(e);  e = Unsqueeze(Concat(f, f, -1), 1);  f = Unsqueeze(Cast(position_ids)) * inv_freq
     present_k = Concat(past_k, rope(k), axis=2)              a graph output; past_k a graph input
@@ -20,7 +20,8 @@ The fused node reads `q_lin`, `k_lin`, `v_lin`, the past cache and `position_ids
 causal mask from `attention_mask`'s length per row (`seqlens_k`, the number of ones minus one, and
 `total_sequence_length`), so it assumes what ONNX Runtime GenAI feeds: a mask of ones, padded at the
 end if at all, and full causal attention (the mask the graph adds is not inspected: a sliding-window
-model's would be replaced by a full causal one; the decoders `qcompiler` captures are full causal). Its cos/sin tables are computed once a run from `inv_freq` up to the largest position
+model's would be replaced by a full causal one; the decoders `qcompiler` captures are full causal, a
+sliding-window model's cache holding no more positions than its window). Its cos/sin tables are computed once a run from `inv_freq` up to the largest position
 id (`Range`, `Cos`, `Sin`: the same float32 products as the exported graph). ONNX Runtime's CPU kernel
 needs a head size that is a multiple of 16; other models keep their attention.
 """
@@ -54,10 +55,10 @@ class _Attention:
     scale: float
     heads: int
     kv_heads: int
-    # Qwen3's RMSNorm of each query and key head before the rotation: (its input, the heads before the
-    # transpose, its output), rewired to run on [batch, seq, heads, head] for the kernel's packed input
-    q_norm: tuple[ir.Value, ir.Value, ir.Value] | None = None
-    k_norm: tuple[ir.Value, ir.Value, ir.Value] | None = None
+    # Qwen3's query and key heads normalized [batch, seq, heads, head], read flattened by the kernel
+    # (q_lin and k_lin are then the projections the norms' heads come from)
+    q_normed: ir.Value | None = None
+    k_normed: ir.Value | None = None
 
 
 def fuse_attention(graph: ir.Graph) -> int:
@@ -75,7 +76,8 @@ def fuse_attention(graph: ir.Graph) -> int:
         if key not in tables:
             tables[key] = _rotary_tables(graph, a.inv_freq, a.position_ids, len(tables))
         cos, sin = tables[key]
-        q_in, k_in = (lin if norm is None else _norm_before_transpose(graph, norm) for lin, norm in ((a.q_lin, a.q_norm), (a.k_lin, a.k_norm)))
+        q_in = a.q_lin if a.q_normed is None else _flattened(graph, a.q_normed)
+        k_in = a.k_lin if a.k_normed is None else _flattened(graph, a.k_normed)
         node = ir.node(
             "GroupQueryAttention", [q_in, k_in, a.v_lin, a.past_k, a.past_v, seqlens, total, cos, sin, a.position_ids],
             attributes={"num_heads": a.heads, "kv_num_heads": a.kv_heads, "scale": a.scale, "do_rotary": 1,
@@ -162,8 +164,10 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Attention | None:
     q, k = _rotary(q_rot), _rotary(k_rot)
     if q is None or k is None or q[1:] != k[1:] or q[1].producer().inputs[0] is not q[2].producer().inputs[0]:
         return None
-    q_norm, k_norm = _head_norm(q[0]), _head_norm(k[0])
-    q_lin, k_lin, v_lin = _heads(q_norm[0] if q_norm else q[0]), _heads(k_norm[0] if k_norm else k[0]), _heads(v_t)
+    (q_lin, q_normed), (k_lin, k_normed) = _heads_or_normed(q[0]), _heads_or_normed(k[0])
+    v_lin = _heads(v_t)
+    if (q_normed is None) != (k_normed is None):
+        return None
     inv_freq, position_ids = _angles(q[1], graph)
     if any(x is None for x in (q_lin, k_lin, v_lin, inv_freq)) or past_k.shape is None or len(past_k.shape) != 4:
         return None
@@ -172,10 +176,8 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Attention | None:
     if not all(isinstance(d, int) for d in (kv_heads, head, width)) or head % 16 or width % head \
             or inv_freq.shape != (head // 2,):
         return None
-    if (q_norm is None) != (k_norm is None):
-        return None
     return _Attention(q_lin, k_lin, v_lin, past_k, past_v, present_k, present_v, out_node.outputs[0], out_node,
-                      inv_freq, position_ids, scale, width // head, kv_heads, *(_norm_parts(n) for n in (q_norm, k_norm)))
+                      inv_freq, position_ids, scale, width // head, kv_heads, q_normed, k_normed)
 
 
 def _only_reader(value: ir.Value, op_type: str, index: int) -> ir.Node | None:
@@ -241,60 +243,40 @@ def _heads(value: ir.Value | None) -> ir.Value | None:
     return reshape.inputs[0] if reshape is not None else None
 
 
-def _head_norm(value: ir.Value) -> tuple[ir.Value, ir.Value] | None:
-    """(x, the norm's output) when `value` = Mul(Mul(x, Reciprocal(Sqrt(mean(x^2, -1) + eps))), gamma), an
-    RMSNorm of each head over its last axis (Qwen3's q_norm, k_norm) whose input x the norm alone reads."""
+def _heads_or_normed(value: ir.Value) -> tuple[ir.Value | None, ir.Value | None]:
+    """(x_lin, None) when `value` = Transpose(Reshape(x_lin), [0, 2, 1, 3]); (x_lin, the normalized
+    heads) when `value` = Transpose(RMSNorm(Reshape(x_lin)), [0, 2, 1, 3]), each head normalized over
+    its last axis (Qwen3's query and key norms); (None, None) otherwise."""
+    plain = _heads(value)
+    if plain is not None:
+        return plain, None
+    normed = _transposed(value, (0, 2, 1, 3))
+    reshape = producer_of(_head_norm_input(normed), "Reshape") if normed is not None else None
+    return (reshape.inputs[0], normed) if reshape is not None else (None, None)
+
+
+def _head_norm_input(value: ir.Value) -> ir.Value | None:
+    """x when `value` = Mul(Mul(x, Reciprocal(Sqrt(ReduceMean(x^2, last axis) + eps))), gamma), gamma a
+    constant vector: an RMSNorm over the last axis of a 4-D x; None otherwise."""
     scaled = producer_of(value, "Mul")
-    if scaled is None:
-        return None
-    for normalized, gamma in (scaled.inputs, tuple(reversed(scaled.inputs))):
+    for normalized, gamma in (scaled.inputs, tuple(reversed(scaled.inputs))) if scaled is not None else ():
         mul, g = producer_of(normalized, "Mul"), _constant(gamma)
         if mul is None or g is None or g.ndim != 1:
             continue
         for x, inverse in (mul.inputs, tuple(reversed(mul.inputs))):
             root = rms_denominator(x, inverse)
-            if root is None or mean_axes(root) not in ([-1], [3]) or x.is_graph_output():
-                continue
-            if {u.node.op_type for u in x.uses()} == {"Mul", "Pow"} and len(x.uses()) == 2:  # read by the norm alone
-                return x, value
+            if root is not None and mean_axes(root) in ([-1], [3]):
+                return x
     return None
 
 
-def _norm_parts(norm: tuple[ir.Value, ir.Value] | None) -> tuple[ir.Value, ir.Value, ir.Value] | None:
-    """The norm's input (heads transposed), the heads before that Transpose, and the norm's output."""
-    if norm is None:
-        return None
-    x, out = norm
-    return x, producer_of(x, "Transpose").inputs[0], out
-
-
-def _norm_before_transpose(graph: ir.Graph, norm: tuple[ir.Value, ir.Value, ir.Value]) -> ir.Value:
-    """The per-head norm rewired to read the heads before their transpose ([batch, seq, heads, head]:
-    it normalizes the last axis, so the same numbers), and its output flattened back to [batch, seq,
-    heads x head], the kernel's query or key input."""
-    x, heads, out = norm
-    for use in list(x.uses()):
-        use.node.replace_input_with(use.idx, heads)
-    for node in _between(heads, out):
-        for value in node.outputs:
-            value.shape = None  # the layout changed: ONNX Runtime infers it again
-    shape = new_initializer(graph, f"{out.name}.flat_shape", np.array([0, 0, -1], np.int64))
-    flat = ir.node("Reshape", [out, shape], name=f"{out.name}.flat", metadata_props={CREATED_BY: "lower-ort"})
-    graph.insert_after(out.producer(), flat)
+def _flattened(graph: ir.Graph, heads: ir.Value) -> ir.Value:
+    """[batch, seq, heads, head] -> [batch, seq, heads x head], placed after `heads`' producer: the
+    kernel's query or key input."""
+    shape = new_initializer(graph, f"{heads.name}.flat_shape", np.array([0, 0, -1], np.int64))
+    flat = ir.node("Reshape", [heads, shape], name=f"{heads.name}.flat", metadata_props={CREATED_BY: "lower-ort"})
+    graph.insert_after(heads.producer(), flat)
     return flat.outputs[0]
-
-
-def _between(start: ir.Value, end: ir.Value) -> list[ir.Node]:
-    """The nodes on the paths from `start` to `end` (the norm's ops)."""
-    found, stack, seen = [], [end.producer()], set()
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        found.append(node)
-        stack += [v.producer() for v in node.inputs if v is not None and v is not start and v.const_value is None]
-    return found
 
 
 def _rotary(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value] | None:

@@ -93,16 +93,17 @@ def widen_shared_input_mixed(graph: ir.Graph) -> int:
         shape = first.outputs[0].shape
         if shape is not None and len(shape):
             wide.outputs[0].shape = ir.Shape([*shape[:-1], sum(columns)])
-        adds = bias_adds(nodes, columns)
-        biased = [_bias_add(graph, wide, adds)] if adds else []
+        biases = bias_adds(nodes, columns)
+        adds = [add for add, _ in biases or []]
+        biased = [_bias_add(graph, wide, biases)] if biases else []
         sizes = new_initializer(graph, f"{base}.wide.splits", np.array(columns, np.int64))
         split = ir.node("Split", [(biased or [wide])[0].outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes),
                         name=f"{base}.wide.split", metadata_props={CREATED_BY: "lower-ort"})
         graph.insert_before(first, [wide, *biased, split])
         for end, part in zip(adds or nodes, split.outputs):
             take_over(end.outputs[0], part)
-        read = [v for n in [*nodes, *(adds or [])] for v in n.inputs if v is not None and v.is_initializer()]
-        graph.remove([*(adds or []), *nodes], safe=True)
+        read = [v for n in [*nodes, *adds] for v in n.inputs if v is not None and v.is_initializer()]
+        graph.remove([*adds, *nodes], safe=True)
         drop_unread(graph, read)
         merged += 1
     return merged
@@ -138,17 +139,19 @@ def widen_shared_input_linears(graph: ir.Graph) -> tuple[int, int]:
     (groups merged, of which packed into attention)."""
     merged = packed = 0
     for nodes in _groups(graph, _group_key):
-        adds = bias_adds(nodes, [_columns(n) for n in nodes])
+        biases = bias_adds(nodes, [_columns(n) for n in nodes]) or []
+        adds = [add for add, _ in biases]
         attention = _attention_reading(adds or nodes)
         if nodes[0].op_type == "MatMul" and attention is None:
             continue
         if attention is not None:  # Q, K, V
             order = sorted(range(len(nodes)), key=lambda i: next(iter((adds or nodes)[i].outputs[0].uses())).idx)
-            nodes, adds = [nodes[i] for i in order], adds and [adds[i] for i in order]
+            nodes, biases = [nodes[i] for i in order], [biases[i] for i in order] if biases else []
+            adds = [add for add, _ in biases]
         wide = _wide_linear(graph, nodes)
         product = wide
-        if adds:
-            product = _bias_add(graph, wide, adds)
+        if biases:
+            product = _bias_add(graph, wide, biases)
             graph.insert_after(wide, product)
         if attention is not None:
             attention.replace_input_with(0, product.outputs[0])
@@ -162,17 +165,17 @@ def widen_shared_input_linears(graph: ir.Graph) -> tuple[int, int]:
             graph.insert_after(product, split)
             for end, part in zip(adds or nodes, split.outputs):
                 take_over(end.outputs[0], part)
-        read = [v for add in adds or [] for v in add.inputs if v is not None and v.is_initializer()]
-        graph.remove([*(adds or []), *nodes], safe=True)
+        read = [bias for _, bias in biases if bias.is_initializer()]
+        graph.remove([*adds, *nodes], safe=True)
         drop_unread(graph, read)
         merged += 1
     return merged, packed
 
 
-def bias_adds(nodes: list[ir.Node], columns: list[int]) -> list[ir.Node] | None:
-    """The `Add` of a bias after each linear (its output read by that Add alone, whose other input
-    is a constant vector of the linear's `columns`: Qwen2's Q, K and V), in the order of `nodes`; None
-    where a linear has none, so that the linears merge without their biases."""
+def bias_adds(nodes: list[ir.Node], columns: list[int]) -> list[tuple[ir.Node, ir.Value]] | None:
+    """The `Add` of a bias after each linear and the bias (its output read by that Add alone, whose
+    other input is a constant vector of the linear's `columns`: Qwen2's Q, K and V), in the order of
+    `nodes`; None where a linear has none, so that the linears merge without their biases."""
     adds = []
     for node, n in zip(nodes, columns):
         out = node.outputs[0]
@@ -183,17 +186,16 @@ def bias_adds(nodes: list[ir.Node], columns: list[int]) -> list[ir.Node] | None:
         bias = add.inputs[1 - index]
         if bias is None or bias.const_value is None or tuple(bias.const_value.shape) != (n,):
             return None
-        adds.append(add)
+        adds.append((add, bias))
     return adds
 
 
-def _bias_add(graph: ir.Graph, wide: ir.Node, adds: list[ir.Node]) -> ir.Node:
-    """One `Add` of the biases of `adds`, concatenated in their order, to the wide product."""
-    biases = [next(v for v in add.inputs if v is not None and v.const_value is not None).const_value.numpy() for add in adds]
-    bias = new_initializer(graph, f"{wide.name}.bias", np.concatenate(biases))
+def _bias_add(graph: ir.Graph, wide: ir.Node, adds: list[tuple[ir.Node, ir.Value]]) -> ir.Node:
+    """One `Add` of the biases of `adds` (`bias_adds`), concatenated in their order, to the wide product."""
+    bias = new_initializer(graph, f"{wide.name}.bias", np.concatenate([b.const_value.numpy() for _, b in adds]))
     add = ir.node("Add", [wide.outputs[0], bias], name=f"{wide.name}.bias", metadata_props={CREATED_BY: "lower-ort"})
     add.outputs[0].name = f"{wide.name}.biased"
-    add.outputs[0].type, add.outputs[0].shape = adds[0].outputs[0].type, wide.outputs[0].shape
+    add.outputs[0].type, add.outputs[0].shape = adds[0][0].outputs[0].type, wide.outputs[0].shape
     return add
 
 
