@@ -1,4 +1,4 @@
-"""Hugging Face Llama, Mistral, Qwen2 and Qwen3 causal LMs as models with a KV cache: a
+"""Hugging Face Llama, Mistral, Phi-3, Qwen2 and Qwen3 causal LMs as models with a KV cache: a
 `package.module:function` source that returns `(model, tokenizer)` is rebuilt as our Llama decoder
 (`models/smollm2.py`, with Qwen2's Q/K/V biases and Qwen3's query and key norms where the weights
 have them) with the model's weights and captured with the cache layout of `models/causal_lm.py`."""
@@ -18,7 +18,7 @@ from qcompiler.models.causal_lm import CacheLayout, CausalLMWithCache
 
 class LlamaWithCache(CausalLMWithCache):
     """A Llama-style decoder given as a module (a `package.module:function` source returning a
-    Hugging Face Llama, Mistral, Qwen2 or Qwen3 causal LM, or a test's random one) with its tokenizer."""
+    Hugging Face Llama, Mistral, Phi-3, Qwen2 or Qwen3 causal LM, or a test's random one) with its tokenizer."""
 
     summary = "a Llama-style causal LM with a KV cache"
 
@@ -43,14 +43,15 @@ def is_hf_causal_lm(obj: Any) -> bool:
 
 
 # Hugging Face architectures that are a Llama decoder, and what each adds to it: Qwen2 biases on the Q, K
-# and V projections; Qwen3 an RMSNorm of each query and key head and heads of their own width; Mistral
-# (and Qwen2 and Qwen3 where enabled) a sliding attention window
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# and V projections; Qwen3 an RMSNorm of each query and key head and heads of their own width; Phi-3
+# Q, K and V stored as one weight, gate and up as another; Mistral and Phi-3 (and Qwen2 and Qwen3
+# where enabled) a sliding attention window
+ARCHITECTURES = ("llama", "mistral", "phi3", "qwen2", "qwen3")
 
 
 def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
-    """Our Llama decoder (models/smollm2.py) with the weights of a Hugging Face Llama, Mistral, Qwen2
-    or Qwen3 causal LM, as a model with a KV cache; other architectures are refused. A sliding attention
+    """Our Llama decoder (models/smollm2.py) with the weights of a Hugging Face Llama, Mistral, Phi-3,
+    Qwen2 or Qwen3 causal LM, as a model with a KV cache; other architectures are refused. A sliding attention
     window of W positions limits the cache to W positions, within which every token attends to all
     earlier ones, as with full attention."""
     cfg = hf_model.config
@@ -63,6 +64,9 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
     state = {k: v.detach().to(torch.float32) for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
     if any(key.startswith("model.layers.") and ".mlp." in key and key.endswith(".bias") for key in state):
         raise UserError(f"'{name}': the KV-cache capture takes models without MLP biases")
+    if float(_rope(cfg).get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+        raise UserError(f"'{name}': the KV-cache capture takes models that rotate whole heads (partial_rotary_factor 1)")
+    state = _split_fused_projections(state, cfg)
     ours = _config(cfg, state)
     lm = smollm2.CausalLM(ours)
     if "lm_head.weight" not in state or not getattr(cfg, "tie_word_embeddings", False):
@@ -76,6 +80,25 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
         with torch.no_grad():
             lm.model.rotary.inv_freq.copy_(scaled)
     return LlamaWithCache(name, lm, tokenizer, smollm2.layout_of(ours, tokenizer, model_type))
+
+
+def _split_fused_projections(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
+    """Phi-3's fused weights as Llama's: `qkv_proj` rows -> `q_proj`, `k_proj`, `v_proj` (heads, kv
+    heads, kv heads wide), `gate_up_proj` rows -> `gate_proj` (the first half), `up_proj`."""
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    sizes = [heads * head_dim, cfg.num_key_value_heads * head_dim, cfg.num_key_value_heads * head_dim]
+    split = {}
+    for key, value in state.items():
+        if key.endswith(".self_attn.qkv_proj.weight"):
+            prefix = key[: -len("qkv_proj.weight")]
+            split.update({f"{prefix}{part}_proj.weight": w for part, w in zip("qkv", torch.split(value, sizes))})
+        elif key.endswith(".mlp.gate_up_proj.weight"):
+            prefix = key[: -len("gate_up_proj.weight")]
+            split.update({f"{prefix}{part}_proj.weight": w for part, w in zip(("gate", "up"), value.chunk(2))})
+        else:
+            split[key] = value
+    return split
 
 
 def _rope(cfg: Any) -> dict:
@@ -125,13 +148,13 @@ def _scaled_frequencies(name: str, hf_model: nn.Module, rope_type: str, head_dim
 
 def _positions(cfg: Any) -> int:
     """The positions the cache holds: the model's, or fewer where a sliding window would start to
-    drop early tokens (Mistral's `sliding_window`; Qwen2's and Qwen3's where a layer type says so,
-    or `use_sliding_window` where the config lists no layer types)."""
+    drop early tokens (Mistral's and Phi-3's `sliding_window`; Qwen2's and Qwen3's where a layer type
+    says so, or `use_sliding_window` where the config lists no layer types)."""
     positions = int(cfg.max_position_embeddings)
     window = getattr(cfg, "sliding_window", None)
     layer_types = getattr(cfg, "layer_types", None)
     if layer_types:
         sliding = "sliding_attention" in layer_types
     else:
-        sliding = cfg.model_type == "mistral" or bool(getattr(cfg, "use_sliding_window", False))
+        sliding = cfg.model_type in ("mistral", "phi3") or bool(getattr(cfg, "use_sliding_window", False))
     return min(positions, int(window)) if sliding and window is not None else positions

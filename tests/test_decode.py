@@ -405,6 +405,16 @@ def tiny_llama3():
     return transformers.LlamaForCausalLM(cfg).eval(), tiny_tokenizer()
 
 
+def tiny_phi3():
+    """A random Phi-3 causal LM: Q, K and V one weight, gate and up another; its attention slides over
+    40 of its 64 positions."""
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+                                  sliding_window=40, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return transformers.Phi3ForCausalLM(cfg).eval(), tiny_tokenizer()
+
+
 def tiny_llama_bias():
     """A random Llama with `attention_bias`: Q, K, V and O each add a (random) bias."""
     torch.manual_seed(0)
@@ -428,16 +438,16 @@ def llama_like(tmp_path_factory):
 
 @pytest.mark.parametrize("arch, positions, query, matmuls", [
     ("qwen2", MAX_POSITIONS, "Add", 5), ("mistral", 48, "MatMul", 5), ("qwen3", MAX_POSITIONS, "Reshape", 7),
-    ("llama3", MAX_POSITIONS, "MatMul", 5), ("llama_bias", MAX_POSITIONS, "Add", 5)])
-def test_qwen_mistral_and_llama3_decode_with_a_cache_as_transformers_computes(llama_like, arch, positions, query, matmuls):
-    """Qwen2, Qwen3, Mistral and Llama 3 (scaled rotary frequencies) factories compile to the decoder
-    with a KV cache and fused attention,
+    ("llama3", MAX_POSITIONS, "MatMul", 5), ("llama_bias", MAX_POSITIONS, "Add", 5), ("phi3", 40, "MatMul", 5)])
+def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch, positions, query, matmuls):
+    """Qwen2, Qwen3, Mistral, Phi-3 (fused Q/K/V and gate/up weights, split at load) and Llama 3 (scaled
+    rotary frequencies) factories compile to the decoder with a KV cache and fused attention,
     the cached logits those of transformers' full sequence, ONNX Runtime GenAI's configuration naming
     the architecture: Q, K and V read packed by the attention (Qwen2's three biases one Add of their
     concatenation before it); Qwen3's normalized query and key heads flattened back into its query and
     key inputs (each norm run before the heads' transpose); a sliding window (Mistral) bounds the
     positions, within which attention is full."""
-    family = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "llama3": "Llama", "llama_bias": "Llama"}[arch]
+    family = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3", "llama3": "Llama", "llama_bias": "Llama"}[arch]
     if not hasattr(transformers, f"{family}Config"):
         pytest.skip(f"this transformers version has no {family}")
     out = qcompile(f"llama_like_factory:tiny_{arch}", llama_like / arch, drift=False).output
@@ -482,7 +492,7 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
 
 @pytest.mark.parametrize("build, message", [
     (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2)),
-     "takes llama, mistral, qwen2, qwen3 causal LMs"),
+     "takes llama, mistral, phi3, qwen2, qwen3 causal LMs"),
     (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                                                                     num_hidden_layers=1, num_attention_heads=4, mlp_bias=True)),
      "without MLP biases"),
@@ -490,6 +500,10 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})),
      "rotary embeddings of type default, linear, llama3, got 'dynamic'"),
+    (lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75})),
+     "rotate whole heads"),
 ])
 def test_cache_capture_refuses_what_our_decoder_does_not_compute(build, message):
     with pytest.raises(UserError, match=message):
