@@ -490,6 +490,26 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
     assert execute.drift({"y": full}, {"y": got})["cosine"] > 0.99
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3", "llama3"])
+def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
+    """ONNX Runtime GenAI loads each architecture's artifact by its `genai_config.json` (`type` qwen2,
+    qwen3, mistral, phi3, llama) and generates our greedy tokens."""
+    og = pytest.importorskip("onnxruntime_genai")
+    out = qcompile(f"llama_like_factory:tiny_{arch}", llama_like / f"{arch}-genai", drift=False).output
+    prompt = tiny_tokenizer()(PROMPT, add_special_tokens=False)["input_ids"]
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 10, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    ours = generate(out, PROMPT, max_new_tokens=10, threads=1)["tokens"]
+    assert tokens[: len(ours)] == ours
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2)),
      "takes llama, mistral, phi3, qwen2, qwen3 causal LMs"),
