@@ -102,7 +102,8 @@ def widen_shared_input_mixed(graph: ir.Graph) -> int:
         graph.insert_before(first, [wide, *biased, split])
         for end, part in zip(adds or nodes, split.outputs):
             take_over(end.outputs[0], part)
-        read = [v for n in [*nodes, *adds] for v in n.inputs if v is not None and v.is_initializer()]
+        read = [v for n in nodes for v in n.inputs[2:] if v is not None and v.is_initializer()]
+        read += [bias for _, bias in biases or [] if bias.is_initializer()]
         graph.remove([*adds, *nodes], safe=True)
         drop_unread(graph, read)
         merged += 1
