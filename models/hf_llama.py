@@ -64,10 +64,11 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
     state = {k: v.detach().to(torch.float32) for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
     if any(key.startswith("model.layers.") and ".mlp." in key and key.endswith(".bias") for key in state):
         raise UserError(f"'{name}': the KV-cache capture takes models without MLP biases")
-    if float(_rope(cfg).get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+    rope = _rope(cfg)
+    if float(rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None)) or 1.0) != 1.0:
         raise UserError(f"'{name}': the KV-cache capture takes models that rotate whole heads (partial_rotary_factor 1)")
-    state = _split_fused_projections(state, cfg)
     ours = _config(cfg, state)
+    state = _split_fused_projections(state, ours)
     lm = smollm2.CausalLM(ours)
     if "lm_head.weight" not in state or not getattr(cfg, "tie_word_embeddings", False):
         if "lm_head.weight" in state:
@@ -75,19 +76,17 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
         else:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
     smollm2.load_exact(lm, state, name)
-    scaled = _scaled_frequencies(name, hf_model, _rope(cfg).get("rope_type", _rope(cfg).get("type", "default")), ours.head_dim)
+    scaled = _scaled_frequencies(name, hf_model, rope.get("rope_type", rope.get("type", "default")), ours.head_dim)
     if scaled is not None:
         with torch.no_grad():
             lm.model.rotary.inv_freq.copy_(scaled)
     return LlamaWithCache(name, lm, tokenizer, smollm2.layout_of(ours, tokenizer, model_type))
 
 
-def _split_fused_projections(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
+def _split_fused_projections(state: dict[str, torch.Tensor], ours: smollm2.LlamaConfig) -> dict[str, torch.Tensor]:
     """Phi-3's fused weights as Llama's: `qkv_proj` rows -> `q_proj`, `k_proj`, `v_proj` (heads, kv
     heads, kv heads wide), `gate_up_proj` rows -> `gate_proj` (the first half), `up_proj`."""
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    sizes = [heads * head_dim, cfg.num_key_value_heads * head_dim, cfg.num_key_value_heads * head_dim]
+    sizes = [ours.num_heads * ours.head_dim, ours.num_kv_heads * ours.head_dim, ours.num_kv_heads * ours.head_dim]
     split = {}
     for key, value in state.items():
         if key.endswith(".self_attn.qkv_proj.weight"):

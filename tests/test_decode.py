@@ -330,21 +330,27 @@ def test_fused_attention_leaves_heads_the_kernel_cannot_take(tmp_path, monkeypat
 
 @pytest.mark.parametrize("artifact", ["float_lm", "fused_lm"])
 def test_genai_config_loads_in_onnxruntime_genai(artifact, request):
-    og = pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnxruntime_genai")
     float_lm = request.getfixturevalue(artifact)
-    _, tok = tiny_llama()
-    prompt = tok(PROMPT, add_special_tokens=False)["input_ids"]
-    model = og.Model(str(float_lm))
+    ours = generate(float_lm, PROMPT, max_new_tokens=10, threads=1)["tokens"]
+    assert _genai_greedy(float_lm, PROMPT, 10)[: len(ours)] == ours
+
+
+def _genai_greedy(artifact: Path, prompt: str, new_tokens: int) -> list[int]:
+    """The greedy tokens ONNX Runtime GenAI generates from the artifact by its `genai_config.json`."""
+    import onnxruntime_genai as og
+
+    ids = tiny_tokenizer()(prompt, add_special_tokens=False)["input_ids"]
+    model = og.Model(str(artifact))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 10, do_sample=False)
+    params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
     generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
+    generator.append_tokens(ids)
     tokens = []
     while not generator.is_done():
         generator.generate_next_token()
         tokens.append(int(generator.get_next_tokens()[0]))
-    ours = generate(float_lm, PROMPT, max_new_tokens=10, threads=1)["tokens"]
-    assert tokens[: len(ours)] == ours
+    return tokens
 
 
 def test_factory_causal_lm_needs_its_tokenizer(monkeypatch):
@@ -436,6 +442,13 @@ def llama_like(tmp_path_factory):
         yield tmp_path_factory.mktemp("llama-like")
 
 
+def _llama_like_artifact(folder: Path, arch: str) -> Path:
+    """`tiny_<arch>` compiled with the default pipeline, once per module (the tests below share it)."""
+    if not (folder / arch / "model.onnx").is_file():
+        qcompile(f"llama_like_factory:tiny_{arch}", folder / arch, drift=False)
+    return folder / arch
+
+
 @pytest.mark.parametrize("arch, positions, query, matmuls", [
     ("qwen2", MAX_POSITIONS, "Add", 5), ("mistral", 48, "MatMul", 5), ("qwen3", MAX_POSITIONS, "Reshape", 7),
     ("llama3", MAX_POSITIONS, "MatMul", 5), ("llama_bias", MAX_POSITIONS, "Add", 5), ("phi3", 40, "MatMul", 5)])
@@ -450,7 +463,7 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     family = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3", "llama3": "Llama", "llama_bias": "Llama"}[arch]
     if not hasattr(transformers, f"{family}Config"):
         pytest.skip(f"this transformers version has no {family}")
-    out = qcompile(f"llama_like_factory:tiny_{arch}", llama_like / arch, drift=False).output
+    out = _llama_like_artifact(llama_like, arch)
     nodes = _nodes(out)
     producers = {o: n for n in nodes for o in n.output}
     attention = [n for n in nodes if n.op_type == "GroupQueryAttention"]
@@ -494,20 +507,10 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
 def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
     """ONNX Runtime GenAI loads each architecture's artifact by its `genai_config.json` (`type` qwen2,
     qwen3, mistral, phi3, llama) and generates our greedy tokens."""
-    og = pytest.importorskip("onnxruntime_genai")
-    out = qcompile(f"llama_like_factory:tiny_{arch}", llama_like / f"{arch}-genai", drift=False).output
-    prompt = tiny_tokenizer()(PROMPT, add_special_tokens=False)["input_ids"]
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 10, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
+    pytest.importorskip("onnxruntime_genai")
+    out = _llama_like_artifact(llama_like, arch)
     ours = generate(out, PROMPT, max_new_tokens=10, threads=1)["tokens"]
-    assert tokens[: len(ours)] == ours
+    assert _genai_greedy(out, PROMPT, 10)[: len(ours)] == ours
 
 
 @pytest.mark.parametrize("build, message", [

@@ -94,7 +94,7 @@ def widen_shared_input_mixed(graph: ir.Graph) -> int:
         if shape is not None and len(shape):
             wide.outputs[0].shape = ir.Shape([*shape[:-1], sum(columns)])
         biases = bias_adds(nodes, columns)
-        adds = [add for add, _ in biases or []]
+        adds = [add for add, _ in biases]
         biased = [_bias_add(graph, wide, biases)] if biases else []
         sizes = new_initializer(graph, f"{base}.wide.splits", np.array(columns, np.int64))
         split = ir.node("Split", [(biased or [wide])[0].outputs[0], sizes], {"axis": -1}, num_outputs=len(nodes),
@@ -103,7 +103,7 @@ def widen_shared_input_mixed(graph: ir.Graph) -> int:
         for end, part in zip(adds or nodes, split.outputs):
             take_over(end.outputs[0], part)
         read = [v for n in nodes for v in n.inputs[2:] if v is not None and v.is_initializer()]
-        read += [bias for _, bias in biases or [] if bias.is_initializer()]
+        read += [bias for _, bias in biases if bias.is_initializer()]
         graph.remove([*adds, *nodes], safe=True)
         drop_unread(graph, read)
         merged += 1
@@ -140,7 +140,7 @@ def widen_shared_input_linears(graph: ir.Graph) -> tuple[int, int]:
     (groups merged, of which packed into attention)."""
     merged = packed = 0
     for nodes in _groups(graph, _group_key):
-        biases = bias_adds(nodes, [_columns(n) for n in nodes]) or []
+        biases = bias_adds(nodes, [_columns(n) for n in nodes])
         adds = [add for add, _ in biases]
         attention = _attention_reading(adds or nodes)
         if nodes[0].op_type == "MatMul" and attention is None:
@@ -173,20 +173,20 @@ def widen_shared_input_linears(graph: ir.Graph) -> tuple[int, int]:
     return merged, packed
 
 
-def bias_adds(nodes: list[ir.Node], columns: list[int]) -> list[tuple[ir.Node, ir.Value]] | None:
+def bias_adds(nodes: list[ir.Node], columns: list[int]) -> list[tuple[ir.Node, ir.Value]]:
     """The `Add` of a bias after each linear and the bias (its output read by that Add alone, whose
     other input is a constant vector of the linear's `columns`: Qwen2's Q, K and V), in the order of
-    `nodes`; None where a linear has none, so that the linears merge without their biases."""
+    `nodes`; none where a linear has none, so that the linears merge without their biases."""
     adds = []
     for node, n in zip(nodes, columns):
         out = node.outputs[0]
         uses = list(out.uses())
         if len(uses) != 1 or out.is_graph_output() or op_key(uses[0].node) != ("", "Add"):
-            return None
+            return []
         add, index = uses[0].node, uses[0].idx
         bias = add.inputs[1 - index]
         if bias is None or bias.const_value is None or tuple(bias.const_value.shape) != (n,):
-            return None
+            return []
         adds.append((add, bias))
     return adds
 
