@@ -65,9 +65,12 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
     if any(key.startswith("model.layers.") and ".mlp." in key and key.endswith(".bias") for key in state):
         raise UserError(f"'{name}': the KV-cache capture takes models without MLP biases")
     rope = _rope(cfg)
-    if float(rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None)) or 1.0) != 1.0:
-        raise UserError(f"'{name}': the KV-cache capture takes models that rotate whole heads (partial_rotary_factor 1)")
-    ours = _config(cfg, state)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise UserError(f"'{name}': the KV-cache capture takes rotary embeddings of type {', '.join(ROPE_TYPES)}, got "
+                        f"'{rope_type}'; return (module, example_inputs) to capture it without a cache")
+    inv_freq, attention_factor = _rotary_frequencies(cfg, rope_type)
+    ours = _config(cfg, state, rotary_attention_factor=attention_factor)
     state = _split_fused_projections(state, ours)
     lm = smollm2.CausalLM(ours)
     if "lm_head.weight" not in state or not getattr(cfg, "tie_word_embeddings", False):
@@ -76,10 +79,9 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
         else:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
     smollm2.load_exact(lm, state, name)
-    scaled = _scaled_frequencies(name, hf_model, rope.get("rope_type", rope.get("type", "default")), ours.head_dim)
-    if scaled is not None:
+    if inv_freq is not None:
         with torch.no_grad():
-            lm.model.rotary.inv_freq.copy_(scaled)
+            lm.model.rotary.inv_freq.copy_(inv_freq)
     return LlamaWithCache(name, lm, tokenizer, smollm2.layout_of(ours, tokenizer, model_type))
 
 
@@ -104,11 +106,21 @@ def _rope(cfg: Any) -> dict:
     return getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
 
 
-def _config(cfg: Any, state: dict[str, torch.Tensor]) -> smollm2.LlamaConfig:
+def _head_dim(cfg: Any) -> int:
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+def _rotary_size(cfg: Any) -> int:
+    """The leading width of each head that is rotated: `partial_rotary_factor` of it (Phi-4-mini's 0.75)."""
+    factor = _rope(cfg).get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None))
+    return int(_head_dim(cfg) * float(factor or 1.0))
+
+
+def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: float) -> smollm2.LlamaConfig:
     """Our decoder's hyper-parameters from a Hugging Face config; biases and query/key norms where
-    the weights have them."""
+    the weights have them; the factor a scaled rotary embedding puts on its tables."""
     heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    head_dim = _head_dim(cfg)
     theta = _rope(cfg).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     return smollm2.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, num_heads=heads,
@@ -117,39 +129,38 @@ def _config(cfg: Any, state: dict[str, torch.Tensor]) -> smollm2.LlamaConfig:
         qkv_bias="model.layers.0.self_attn.q_proj.bias" in state, o_bias="model.layers.0.self_attn.o_proj.bias" in state,
         head_size=0 if head_dim * heads == cfg.hidden_size else int(head_dim),
         qk_norm="model.layers.0.self_attn.q_norm.weight" in state,
+        rotary_size=0 if _rotary_size(cfg) == head_dim else _rotary_size(cfg), rotary_attention_factor=rotary_attention_factor,
     )
 
 
-# rotary scalings that only change the frequencies (what the graph and the fused attention's tables
-# are computed from): Llama 3.1/3.2's `llama3` and `linear`; `dynamic` changes them with the length,
-# `yarn` and `longrope` scale the tables too
-ROPE_TYPES = ("default", "linear", "llama3")
+# rotary embeddings taken, their frequencies and table factor computed as transformers computes them when it
+# builds the model: Llama 3.1/3.2's `llama3`, `linear`, `yarn` (Qwen2.5's long context), `dynamic`
+# (which changes nothing within the model's positions) and `longrope` (Phi-3.5, Phi-4-mini: its short
+# factors, within the positions it was trained on, which the cache then holds)
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 
 
-def _scaled_frequencies(name: str, hf_model: nn.Module, rope_type: str, head_dim: int) -> torch.Tensor | None:
-    """A scaled rotary embedding's inverse frequencies [head_dim / 2], as the Hugging Face model
-    holds them (its `model.rotary_emb`); None for the default rotary, computed from theta."""
-    if rope_type not in ROPE_TYPES:
-        raise UserError(f"'{name}': the KV-cache capture takes rotary embeddings of type {', '.join(ROPE_TYPES)}, got "
-                        f"'{rope_type}'; return (module, example_inputs) to capture it without a cache")
+def _rotary_frequencies(cfg: Any, rope_type: str) -> tuple[torch.Tensor | None, float]:
+    """(inverse frequencies [rotated width / 2] in float32, the factor on the cos and sin tables) of a
+    scaled rotary embedding; (None, 1.0) for the default one, which our decoder computes from theta."""
     if rope_type == "default":
-        return None
-    rotary = getattr(getattr(hf_model, "model", None), "rotary_emb", None)
-    inv_freq = getattr(rotary, "inv_freq", None)
-    if not isinstance(inv_freq, torch.Tensor) or tuple(inv_freq.shape) != (head_dim // 2,):
-        raise UserError(f"'{name}': its '{rope_type}' rotary embedding has no model.rotary_emb.inv_freq of {head_dim // 2} "
-                        "frequencies to read; use a transformers version that keeps one, or capture without a cache")
-    if inv_freq.dtype != torch.float32 or float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
-        raise UserError(f"'{name}': its rotary frequencies are {str(inv_freq.dtype).replace('torch.', '')} or scaled; load "
-                        "the model in float32 (torch_dtype=torch.float32) before returning it")
-    return inv_freq.detach()
+        return None, 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, factor = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
+    return inv_freq.to(torch.float32), float(factor)
 
 
 def _positions(cfg: Any) -> int:
     """The positions the cache holds: the model's, or fewer where a sliding window would start to
     drop early tokens (Mistral's and Phi-3's `sliding_window`; Qwen2's and Qwen3's where a layer type
-    says so, or `use_sliding_window` where the config lists no layer types)."""
+    says so, or `use_sliding_window` where the config lists no layer types), or those it was trained on
+    where a `longrope` embedding switches to its long factors beyond them."""
     positions = int(cfg.max_position_embeddings)
+    rope = _rope(cfg)
+    if rope.get("rope_type", rope.get("type")) == "longrope":
+        original = rope.get("original_max_position_embeddings", getattr(cfg, "original_max_position_embeddings", None))
+        positions = min(positions, int(original or positions))
     window = getattr(cfg, "sliding_window", None)
     layer_types = getattr(cfg, "layer_types", None)
     if layer_types:

@@ -86,10 +86,16 @@ class LlamaConfig:
     o_bias: bool = False  # the output projection adds one (Llama with attention_bias)
     head_size: int = 0  # each head's width where it is not hidden / heads (Qwen3); 0: hidden / heads
     qk_norm: bool = False  # each query and key head RMS-normalized before the rotation (Qwen3)
+    rotary_size: int = 0  # the leading width of each head that is rotated (Phi-4-mini's 3/4); 0: the whole head
+    rotary_attention_factor: float = 1.0  # on the cos and sin tables of a scaled rotary embedding (yarn, longrope)
 
     @property
     def head_dim(self) -> int:
         return self.head_size or self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.rotary_size or self.head_dim
 
     @classmethod
     def from_gguf(cls, reader: Any) -> LlamaConfig:
@@ -133,24 +139,31 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos and sin tables [seq, head_dim] for positions 0..seq-1, computed from the length."""
+    """cos and sin tables [seq, rotary_dim] for positions 0..seq-1, computed from the length, times
+    `attention_factor` where a scaled embedding has one."""
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, rotary_dim: int, theta: float, attention_factor: float = 1.0):
         super().__init__()
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+        self.attention_factor = attention_factor
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float32) / rotary_dim
         self.register_buffer("inv_freq", 1.0 / (theta**exponents), persistent=False)
 
     def forward(self, seq_len: int | torch.SymInt) -> tuple[torch.Tensor, torch.Tensor]:
         positions = torch.arange(seq_len, device=self.inv_freq.device).to(torch.float32)
         freqs = positions[:, None] * self.inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos(), angles.sin()
+        return self._tables(angles)
 
     def at(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin tables [batch, 1, seq, head_dim] for the given positions [batch, seq]."""
+        """cos and sin tables [batch, 1, seq, rotary_dim] for the given positions [batch, seq]."""
         freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return angles.cos(), angles.sin()
+        return self._tables(angles)
+
+    def _tables(self, angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.attention_factor == 1.0:
+            return angles.cos(), angles.sin()
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -160,8 +173,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate query or key heads [batch, heads, seq, head_dim] by their positions' angles."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate query or key heads [batch, heads, seq, head_dim] by their positions' angles: the whole
+    head, or its leading cos.shape[-1] values where the tables are narrower (a partial rotation)."""
+    width = cos.shape[-1]
+    if width == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rotated, passed = x[..., :width], x[..., width:]
+    return torch.cat((rotated * cos + rotate_half(rotated) * sin, passed), dim=-1)
 
 
 class SelfAttention(nn.Module):
@@ -256,7 +274,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.eps)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rotary_attention_factor)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         seq_len = input_ids.shape[1]

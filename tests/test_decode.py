@@ -421,6 +421,41 @@ def tiny_phi3():
     return transformers.Phi3ForCausalLM(cfg).eval(), tiny_tokenizer()
 
 
+def tiny_phi4():
+    """A random Phi-3 causal LM as Phi-4-mini is one: half of each head rotated (`partial_rotary_factor`),
+    `longrope` frequencies trained on 32 of its 64 positions (random short factors; their attention
+    factor scales the tables)."""
+    torch.manual_seed(0)
+    factors = torch.rand(2, 8, generator=torch.Generator().manual_seed(1)) * 3 + 1
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "original_max_position_embeddings": 32,
+            "short_factor": factors[0].tolist(), "long_factor": factors[1].tolist()}
+    cfg = transformers.Phi3Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+                                  original_max_position_embeddings=32, sliding_window=None, rope_parameters=rope,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    return transformers.Phi3ForCausalLM(cfg).eval(), tiny_tokenizer()
+
+
+def tiny_qwen2_yarn():
+    """A random Qwen2 with `yarn` rotary scaling (Qwen2.5's long-context recipe: factor 4 over 16
+    original positions), which scales the cos and sin tables too."""
+    torch.manual_seed(0)
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+                                   rope_parameters=rope)
+    return transformers.Qwen2ForCausalLM(cfg).eval(), tiny_tokenizer()
+
+
+def tiny_llama_dynamic():
+    """A random Llama with `dynamic` rotary scaling, which keeps theta's frequencies within its positions."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+                                   rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    return transformers.LlamaForCausalLM(cfg).eval(), tiny_tokenizer()
+
+
 def tiny_llama_bias():
     """A random Llama with `attention_bias`: Q, K, V and O each add a (random) bias."""
     torch.manual_seed(0)
@@ -451,16 +486,20 @@ def _llama_like_artifact(folder: Path, arch: str) -> Path:
 
 @pytest.mark.parametrize("arch, positions, query, matmuls", [
     ("qwen2", MAX_POSITIONS, "Add", 5), ("mistral", 48, "MatMul", 5), ("qwen3", MAX_POSITIONS, "Reshape", 7),
-    ("llama3", MAX_POSITIONS, "MatMul", 5), ("llama_bias", MAX_POSITIONS, "Add", 5), ("phi3", 40, "MatMul", 5)])
+    ("llama3", MAX_POSITIONS, "MatMul", 5), ("llama_bias", MAX_POSITIONS, "Add", 5), ("phi3", 40, "MatMul", 5),
+    ("phi4", 32, "MatMul", 5), ("qwen2_yarn", MAX_POSITIONS, "Add", 5), ("llama_dynamic", MAX_POSITIONS, "MatMul", 5)])
 def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch, positions, query, matmuls):
     """Qwen2, Qwen3, Mistral, Phi-3 (fused Q/K/V and gate/up weights, split at load) and Llama 3 (scaled
-    rotary frequencies) factories compile to the decoder with a KV cache and fused attention,
+    rotary frequencies), Phi-4-mini-like (half of each head rotated, `longrope` within the positions it
+    was trained on), Qwen2 with `yarn` and Llama with `dynamic` scaling factories compile to the
+    decoder with a KV cache and fused attention,
     the cached logits those of transformers' full sequence, ONNX Runtime GenAI's configuration naming
     the architecture: Q, K and V read packed by the attention (Qwen2's three biases one Add of their
     concatenation before it); Qwen3's normalized query and key heads flattened back into its query and
     key inputs (each norm run before the heads' transpose); a sliding window (Mistral) bounds the
     positions, within which attention is full."""
-    family = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3", "llama3": "Llama", "llama_bias": "Llama"}[arch]
+    family = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3", "llama3": "Llama", "llama_bias": "Llama",
+              "phi4": "Phi3", "qwen2_yarn": "Qwen2", "llama_dynamic": "Llama"}[arch]
     if not hasattr(transformers, f"{family}Config"):
         pytest.skip(f"this transformers version has no {family}")
     out = _llama_like_artifact(llama_like, arch)
@@ -503,7 +542,7 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
     assert execute.drift({"y": full}, {"y": got})["cosine"] > 0.99
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3", "llama3"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3", "llama3", "phi4", "qwen2_yarn"])
 def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
     """ONNX Runtime GenAI loads each architecture's artifact by its `genai_config.json` (`type` qwen2,
     qwen3, mistral, phi3, llama) and generates our greedy tokens."""
@@ -513,20 +552,20 @@ def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
     assert _genai_greedy(out, PROMPT, 10)[: len(ours)] == ours
 
 
+def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
+    model.config.rope_parameters = {**model.config.rope_parameters, "rope_type": rope_type}
+    return model
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2)),
      "takes llama, mistral, phi3, qwen2, qwen3 causal LMs"),
     (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                                                                     num_hidden_layers=1, num_attention_heads=4, mlp_bias=True)),
      "without MLP biases"),
-    (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})),
-     "rotary embeddings of type default, linear, llama3, got 'dynamic'"),
-    (lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75})),
-     "rotate whole heads"),
+    (lambda: _with_rope_type(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)), "mrope"),
+     "rotary embeddings of type default, linear, llama3, yarn, dynamic, longrope, got 'mrope'"),
 ])
 def test_cache_capture_refuses_what_our_decoder_does_not_compute(build, message):
     with pytest.raises(UserError, match=message):

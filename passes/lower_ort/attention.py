@@ -10,7 +10,8 @@ What is matched, from each `Softmax` back (every other form is left as it is):
     (or Transpose(RMSNorm(Reshape(q_lin))) for q and k both, each head normalized over its last axis:
      Qwen3's query and key norms; the kernel then reads the normalized heads flattened)
     rope(x) = x * cos + Concat(-x[..., D/2:], x[..., :D/2]) * sin
-    cos, sin = Cos(e), Sin(e);  e = Unsqueeze(Concat(f, f, -1), 1);  f = Unsqueeze(Cast(position_ids)) * inv_freq
+    (or Concat(rope(x[..., :R]), x[..., R:]): a partial rotation, Phi-4-mini's; R a multiple of 16)
+    cos, sin = Cos(e), Sin(e) (or each times one constant c: a scaled embedding's);  e = Unsqueeze(Concat(f, f, -1), 1);  f = Unsqueeze(Cast(position_ids)) * inv_freq
     present_k = Concat(past_k, rope(k), axis=2)              a graph output; past_k a graph input
     k_rep = Reshape(Expand(Unsqueeze(present_k, 2)))        (or present_k itself)
     out = Reshape(Transpose(Softmax(MatMul(rope(q), Transpose(k_rep, [0, 1, 3, 2])) * scale + mask)
@@ -51,6 +52,7 @@ class _Attention:
     out: ir.Value
     out_node: ir.Node
     inv_freq: np.ndarray
+    table_factor: float  # on the cos and sin tables (1 but for a scaled rotary embedding)
     position_ids: ir.Value
     scale: float
     heads: int
@@ -72,9 +74,9 @@ def fuse_attention(graph: ir.Graph) -> int:
     seqlens, total = _lengths(graph, mask)
     tables: dict[bytes, tuple[ir.Value, ir.Value]] = {}
     for a in found:
-        key = a.inv_freq.tobytes() + a.position_ids.name.encode()
+        key = a.inv_freq.tobytes() + np.float64(a.table_factor).tobytes() + a.position_ids.name.encode()
         if key not in tables:
-            tables[key] = _rotary_tables(graph, a.inv_freq, a.position_ids, len(tables))
+            tables[key] = _rotary_tables(graph, a.inv_freq, a.table_factor, a.position_ids, len(tables))
         cos, sin = tables[key]
         q_in = a.q_lin if a.q_normed is None else _flattened(graph, a.q_normed)
         k_in = a.k_lin if a.k_normed is None else _flattened(graph, a.k_normed)
@@ -108,8 +110,10 @@ def _lengths(graph: ir.Graph, mask: ir.Value) -> tuple[ir.Value, ir.Value]:
     return seqlens, total
 
 
-def _rotary_tables(graph: ir.Graph, inv_freq: np.ndarray, position_ids: ir.Value, index: int) -> tuple[ir.Value, ir.Value]:
-    """cos and sin [largest position + 1, D/2] of position x inv_freq, computed at run time."""
+def _rotary_tables(graph: ir.Graph, inv_freq: np.ndarray, factor: float, position_ids: ir.Value,
+                   index: int) -> tuple[ir.Value, ir.Value]:
+    """cos and sin [largest position + 1, D/2] of position x inv_freq (times `factor` unless 1),
+    computed at run time."""
     tag = f"attention.rotary{index or ''}"
     freq = new_initializer(graph, f"{tag}.inv_freq", inv_freq.astype(np.float32))
     zero = new_initializer(graph, f"{tag}.zero", np.array(0, np.int64))
@@ -124,6 +128,10 @@ def _rotary_tables(graph: ir.Graph, inv_freq: np.ndarray, position_ids: ir.Value
     angles = nodes[-1].outputs[0]
     nodes.append(ir.node("Cos", [angles], name=f"{tag}.cos"))
     nodes.append(ir.node("Sin", [angles], name=f"{tag}.sin"))
+    if factor != 1.0:
+        scalar = new_initializer(graph, f"{tag}.factor", np.array(factor, np.float32))
+        nodes.append(ir.node("Mul", [nodes[-2].outputs[0], scalar], name=f"{tag}.cos_scaled"))
+        nodes.append(ir.node("Mul", [nodes[-2].outputs[0], scalar], name=f"{tag}.sin_scaled"))
     _prepend(graph, nodes)
     return nodes[-2].outputs[0], nodes[-1].outputs[0]
 
@@ -162,22 +170,26 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Attention | None:
         return None
     (past_k, k_rot), (past_v, v_t) = keys, values
     q, k = _rotary(q_rot), _rotary(k_rot)
-    if q is None or k is None or q[1:] != k[1:] or q[1].producer().inputs[0] is not q[2].producer().inputs[0]:
+    if q is None or k is None or q[1:] != k[1:]:
+        return None
+    (cos, cos_factor), (sin, sin_factor) = _table(q[1], "Cos"), _table(q[2], "Sin")
+    if cos.inputs[0] is not sin.inputs[0] or cos_factor != sin_factor:
         return None
     (q_lin, q_normed), (k_lin, k_normed) = _heads_or_normed(q[0]), _heads_or_normed(k[0])
     v_lin = _heads(v_t)
     if (q_normed is None) != (k_normed is None):
         return None
-    inv_freq, position_ids = _angles(q[1], graph)
+    inv_freq, position_ids = _angles(cos, graph)
     if any(x is None for x in (q_lin, k_lin, v_lin, inv_freq)) or past_k.shape is None or len(past_k.shape) != 4:
         return None
     kv_heads, head = past_k.shape[1], past_k.shape[3]
     width = q_lin.shape[-1] if q_lin.shape is not None and len(q_lin.shape) == 3 else None
+    # the kernel rotates the leading 2 x (its tables' width) values of each head, a width of 8k
     if not all(isinstance(d, int) for d in (kv_heads, head, width)) or head % 16 or width % head \
-            or inv_freq.shape != (head // 2,):
+            or inv_freq.ndim != 1 or inv_freq.size % 8 or 2 * inv_freq.size > head:
         return None
     return _Attention(q_lin, k_lin, v_lin, past_k, past_v, present_k, present_v, out_node.outputs[0], out_node,
-                      inv_freq, position_ids, scale, width // head, kv_heads, q_normed, k_normed)
+                      inv_freq, cos_factor, position_ids, scale, width // head, kv_heads, q_normed, k_normed)
 
 
 def _only_reader(value: ir.Value, op_type: str, index: int) -> ir.Node | None:
@@ -280,6 +292,23 @@ def _flattened(graph: ir.Graph, heads: ir.Value) -> ir.Value:
 
 
 def _rotary(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value] | None:
+    """(x, cos, sin) when `value` is rope(x), or Concat(rope(x[..., :R]), x[..., R:], -1) (a partial
+    rotation, of the R leading values of each head)."""
+    whole = _rope(value)
+    if whole is not None:
+        return whole
+    concat = producer_of(value, "Concat")
+    if concat is None or len(concat.inputs) != 2 or concat.attributes["axis"].as_int() not in (-1, 3):
+        return None
+    rotated, passed = _rope(concat.inputs[0]), producer_of(concat.inputs[1], "Slice")
+    lead = producer_of(rotated[0], "Slice") if rotated is not None else None
+    if lead is None or passed is None or lead.inputs[0] is not passed.inputs[0] or _slice_start(lead) != 0 \
+            or _slice_end(lead) is None or _slice_end(lead) != _slice_start(passed):
+        return None
+    return lead.inputs[0], rotated[1], rotated[2]
+
+
+def _rope(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value] | None:
     """(x, cos, sin) when `value` = x * cos + Concat(-x[..., D/2:], x[..., :D/2], -1) * sin."""
     add = producer_of(value, "Add")
     if add is None:
@@ -290,8 +319,22 @@ def _rotary(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value] | None:
             continue
         for x, cos in (direct.inputs, tuple(reversed(direct.inputs))):
             for half, sin in (turned.inputs, tuple(reversed(turned.inputs))):
-                if producer_of(cos, "Cos") and producer_of(sin, "Sin") and _rotated_half(half, x):
+                if _table(cos, "Cos") and _table(sin, "Sin") and _rotated_half(half, x):
                     return x, cos, sin
+    return None
+
+
+def _table(value: ir.Value, op: str) -> tuple[ir.Node, float] | None:
+    """(the `op` node, c) when `value` = op(e) * c for a scalar constant c, (the node, 1.0) when
+    `value` = op(e); None otherwise."""
+    node = producer_of(value, op)
+    if node is not None:
+        return node, 1.0
+    scaled = producer_of(value, "Mul")
+    for table, c in (scaled.inputs, tuple(reversed(scaled.inputs))) if scaled is not None else ():
+        node, factor = producer_of(table, op), _constant(c)
+        if node is not None and factor is not None and factor.size == 1:
+            return node, float(factor.reshape(()))
     return None
 
 
@@ -307,16 +350,26 @@ def _rotated_half(value: ir.Value, x: ir.Value) -> bool:
 
 
 def _slice_start(node: ir.Node) -> int | None:
-    starts, axes = _constant(node.inputs[1]), _constant(node.inputs[3]) if len(node.inputs) > 3 else None
-    if starts is None or starts.size != 1 or (axes is not None and axes.reshape(-1).tolist() not in ([-1], [3])):
+    """The start of a Slice of the last axis (of a 4-D value) by a constant; None for another Slice."""
+    return _slice_bound(node, 1)
+
+
+def _slice_end(node: ir.Node) -> int | None:
+    return _slice_bound(node, 2)
+
+
+def _slice_bound(node: ir.Node, index: int) -> int | None:
+    bound, axes = _constant(node.inputs[index]), _constant(node.inputs[3]) if len(node.inputs) > 3 else None
+    steps = _constant(node.inputs[4]) if len(node.inputs) > 4 else None
+    if bound is None or bound.size != 1 or (axes is not None and axes.reshape(-1).tolist() not in ([-1], [3])) \
+            or (steps is not None and steps.reshape(-1).tolist() != [1]):
         return None
-    return int(starts.reshape(()))
+    return int(bound.reshape(()))
 
 
-def _angles(cos: ir.Value, graph: ir.Graph) -> tuple[np.ndarray | None, ir.Value | None]:
+def _angles(cos: ir.Node, graph: ir.Graph) -> tuple[np.ndarray | None, ir.Value | None]:
     """(inv_freq, position_ids) of cos = Cos(Unsqueeze(Concat(f, f, -1), 1)), f = Unsqueeze(Cast(position_ids)) * inv_freq."""
-    node = producer_of(cos, "Cos")
-    unsqueeze = producer_of(node.inputs[0], "Unsqueeze") if node else None
+    unsqueeze = producer_of(cos.inputs[0], "Unsqueeze")
     concat = producer_of(unsqueeze.inputs[0], "Concat") if unsqueeze else None
     if concat is None or len(concat.inputs) != 2 or concat.inputs[0] is not concat.inputs[1]:
         return None, None
