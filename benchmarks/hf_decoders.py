@@ -1,13 +1,14 @@
-"""Decoders users bring: Hugging Face Qwen2, Qwen3, Llama 3 and Mistral causal LMs at their real shapes
+"""Decoders users bring: Hugging Face Qwen2, Qwen3, Llama 3, Mistral and Gemma 3 causal LMs at their real shapes
 (seeded random weights: no float checkpoint ships offline; `mistral-0.3b` a small Mistral-shaped one), compiled with a KV cache; decode and
 prefill tokens/s per pipeline, and how far each float artifact's logits are from transformers'.
 
     python benchmarks/hf_decoders.py                                   # qwen2.5-0.5b, qwen3-0.6b; 3 pipelines
     python benchmarks/hf_decoders.py --archs qwen3-0.6b --pipelines "default{attention=as-is},default" --rounds 7
+    python benchmarks/hf_decoders.py --archs gemma3-1b --out benchmarks/results/hf_decoders_gemma3.json
 
 Each architecture is a `package.module:function` source (this file's `factory_<arch>`) returning
 the transformers model (torch.manual_seed(0) init; Qwen2's Q/K/V biases and Qwen3's query/key norm
-scales drawn at random too, as transformers starts them at 0 and 1) and SmolLM2's tokenizer, which
+scales, and Gemma's norm weights, drawn at random too, as transformers starts them at 0 and 1) and SmolLM2's tokenizer, which
 writes the calibration windows (`--calib-count` windows of 110 words from the WikiText excerpt's
 last quarter). Pipelines: `default{attention=as-is}` (the cache graph as exported), `default`
 (`lower-ort`'s decoder kernels: GroupQueryAttention, SkipSimplifiedLayerNormalization, linears of
@@ -53,6 +54,16 @@ SHAPES = {
                                       num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=32768,
                                       sliding_window=4096, rms_norm_eps=1e-5)),
 }
+# Gemma 3 1B: every sixth layer global (theta 1e6), the others local (theta 1e4, a window of 512)
+_GEMMA3_LAYERS = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(26)]
+SHAPES["gemma3-1b"] = ("Gemma3", dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                                      num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                                      max_position_embeddings=32768, sliding_window=512, layer_types=_GEMMA3_LAYERS,
+                                      rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                       "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+                                      tie_word_embeddings=True, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=2, eos_token_id=1))
+# the config class where it is not `<family>Config`
+CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig"}
 DEFAULT_ARCHS = ("qwen2.5-0.5b", "qwen3-0.6b")
 PIPELINES = ("default{attention=as-is}", "default", "int4{rounding=nearest}")
 
@@ -67,11 +78,14 @@ def build(arch: str):
     if "rope_theta" in config and "rope_parameters" not in config:
         config["rope_parameters"] = {"rope_type": "default", "rope_theta": config.pop("rope_theta")}
     torch.manual_seed(0)
-    model = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, f"{family}Config")(**config)).eval()
+    config_class = getattr(transformers, CONFIG_CLASSES.get(family, f"{family}Config"))
+    model = getattr(transformers, f"{family}ForCausalLM")(config_class(**config)).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith(".bias"):
                 parameter.normal_(0.0, 0.5)
+            elif family.startswith("Gemma") and name.endswith("norm.weight"):  # scales 1 + weight
+                parameter.normal_(0.0, 0.3)
             elif name.endswith(("q_norm.weight", "k_norm.weight")):
                 parameter.normal_(1.0, 0.3)
     return model

@@ -156,12 +156,14 @@ class CachedCausalLM(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         decoder = self.model
         dtype = decoder.embed_tokens.weight.dtype  # tables and mask in the weights' float type (a no-op in float32)
-        cos, sin = (table.to(dtype) for table in decoder.rotary.at(position_ids))
-        mask = cached_causal_mask(attention_mask, input_ids.shape[1], past_key_values[0].shape[2]).to(dtype)
-        x = decoder.embed_tokens(input_ids)
+        tables = decoder.layer_tables(lambda rotary: rotary.at(position_ids), dtype)
+        seq_len, past_len = input_ids.shape[1], past_key_values[0].shape[2]
+        mask = cached_causal_mask(attention_mask, seq_len, past_len).to(dtype)
+        masks = decoder.layer_masks(mask, seq_len, past_len, attention_mask.shape[1])
+        x = decoder.embed(input_ids)
         presents: list[torch.Tensor] = []
-        for i, layer in enumerate(decoder.layers):
-            x, (key, value) = layer(x, cos, sin, mask, (past_key_values[2 * i], past_key_values[2 * i + 1]))
+        for i, (layer, (cos, sin), layer_mask) in enumerate(zip(decoder.layers, tables, masks)):
+            x, (key, value) = layer(x, cos, sin, layer_mask, (past_key_values[2 * i], past_key_values[2 * i + 1]))
             presents += [key, value]
         return (self.lm_head(decoder.norm(x)), *presents)
 

@@ -1,7 +1,8 @@
-"""Hugging Face Llama, Mistral, Phi-3, Qwen2 and Qwen3 causal LMs as models with a KV cache: a
-`package.module:function` source that returns `(model, tokenizer)` is rebuilt as our Llama decoder
-(`models/smollm2.py`, with Qwen2's Q/K/V biases and Qwen3's query and key norms where the weights
-have them) with the model's weights and captured with the cache layout of `models/causal_lm.py`."""
+"""Hugging Face Llama, Mistral, Phi-3, Qwen2, Qwen3, Gemma and Gemma 3 causal LMs as models with a KV
+cache: a `package.module:function` source that returns `(model, tokenizer)` is rebuilt as our Llama
+decoder (`models/smollm2.py`, with Qwen2's Q/K/V biases and Qwen3's query and key norms where the
+weights have them, Gemma's differences where the architecture has them) with the model's weights
+and captured with the cache layout of `models/causal_lm.py`."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from qcompiler.models.causal_lm import CacheLayout, CausalLMWithCache
 
 class LlamaWithCache(CausalLMWithCache):
     """A Llama-style decoder given as a module (a `package.module:function` source returning a
-    Hugging Face Llama, Mistral, Phi-3, Qwen2 or Qwen3 causal LM, or a test's random one) with its tokenizer."""
+    Hugging Face causal LM of one of ARCHITECTURES, or a test's random one) with its tokenizer."""
 
     summary = "a Llama-style causal LM with a KV cache"
 
@@ -45,15 +46,18 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # Hugging Face architectures that are a Llama decoder, and what each adds to it: Qwen2 biases on the Q, K
 # and V projections; Qwen3 an RMSNorm of each query and key head and heads of their own width; Phi-3
 # Q, K and V stored as one weight, gate and up as another; Mistral and Phi-3 (and Qwen2 and Qwen3
-# where enabled) a sliding attention window
-ARCHITECTURES = ("llama", "mistral", "phi3", "qwen2", "qwen3")
+# where enabled) a sliding attention window; Gemma scaled embeddings, norms that scale by 1 + their
+# weight and a GELU gate; Gemma 3 (its text model) also sandwich norms, Qwen3's query and key norms,
+# and local layers that slide over a window and rotate with a theta of their own
+ARCHITECTURES = ("llama", "mistral", "phi3", "qwen2", "qwen3", "gemma", "gemma3_text")
+GEMMA = ("gemma", "gemma3_text")
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
     """Our Llama decoder (models/smollm2.py) with the weights of a Hugging Face Llama, Mistral, Phi-3,
-    Qwen2 or Qwen3 causal LM, as a model with a KV cache; other architectures are refused. A sliding attention
-    window of W positions limits the cache to W positions, within which every token attends to all
-    earlier ones, as with full attention."""
+    Qwen2, Qwen3, Gemma or Gemma 3 causal LM, as a model with a KV cache; other architectures are refused. A layer with a
+    sliding attention window of W positions attends to the keys of the last W positions."""
     cfg = hf_model.config
     model_type = getattr(cfg, "model_type", None)
     if model_type not in ARCHITECTURES:
@@ -64,6 +68,9 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
     state = {k: v.detach().to(torch.float32) for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
     if any(key.startswith("model.layers.") and ".mlp." in key and key.endswith(".bias") for key in state):
         raise UserError(f"'{name}': the KV-cache capture takes models without MLP biases")
+    _refuse_what_gemma_adds(name, cfg)
+    if model_type in GEMMA:  # Gemma's norms scale by 1 + weight, ours by weight
+        state = {k: v + 1.0 if k.endswith("norm.weight") else v for k, v in state.items()}
     rope = _rope(cfg)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ROPE_TYPES:
@@ -85,6 +92,24 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
     return LlamaWithCache(name, lm, tokenizer, smollm2.layout_of(ours, tokenizer, model_type))
 
 
+def _refuse_what_gemma_adds(name: str, cfg: Any) -> None:
+    """One line for what our decoder does not compute: Gemma 2's soft-capped scores and logits, a
+    bidirectional attention, an activation other than SiLU or tanh GELU, scaled local rotary embeddings."""
+    if getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "final_logit_softcapping", None):
+        raise UserError(f"'{name}': the KV-cache capture takes models without soft-capped attention scores or logits")
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise UserError(f"'{name}': the KV-cache capture takes causal attention (use_bidirectional_attention false)")
+    activation = _activation(cfg)
+    if activation not in ACTIVATIONS:
+        raise UserError(f"'{name}': the KV-cache capture takes MLP activations {', '.join(ACTIVATIONS)}, got '{activation}'")
+    if _per_layer_type(cfg) and _rope(cfg, "sliding_attention").get("rope_type", "default") != "default":
+        raise UserError(f"'{name}': the KV-cache capture takes local layers with the default rotary embedding")
+
+
+def _activation(cfg: Any) -> str:
+    return getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None) or "silu"
+
+
 def _split_fused_projections(state: dict[str, torch.Tensor], ours: smollm2.LlamaConfig) -> dict[str, torch.Tensor]:
     """Phi-3's fused weights as Llama's: `qkv_proj` rows -> `q_proj`, `k_proj`, `v_proj` (heads, kv
     heads, kv heads wide), `gate_up_proj` rows -> `gate_proj` (the first half), `up_proj`."""
@@ -102,8 +127,16 @@ def _split_fused_projections(state: dict[str, torch.Tensor], ours: smollm2.Llama
     return split
 
 
-def _rope(cfg: Any) -> dict:
-    return getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+def _rope(cfg: Any, layer_type: str = "full_attention") -> dict:
+    """The rotary parameters of the layers of `layer_type` (Gemma 3 keeps one set per layer type, the
+    others one for all layers)."""
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    return rope[layer_type] if isinstance(rope.get(layer_type), dict) else rope
+
+
+def _per_layer_type(cfg: Any) -> bool:
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    return isinstance(rope.get("full_attention"), dict)
 
 
 def _head_dim(cfg: Any) -> int:
@@ -121,16 +154,32 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
     the weights have them; the factor a scaled rotary embedding puts on its tables."""
     heads = cfg.num_attention_heads
     head_dim = _head_dim(cfg)
+    positions = _positions(cfg)
+    window, sliding_layers = _sliding(cfg, positions)
     theta = _rope(cfg).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     return smollm2.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, num_heads=heads,
         num_kv_heads=cfg.num_key_value_heads, intermediate_size=cfg.intermediate_size, rope_theta=float(theta),
-        eps=float(cfg.rms_norm_eps), max_positions=_positions(cfg),
+        eps=float(cfg.rms_norm_eps), max_positions=positions, sliding_window=window, sliding_layers=sliding_layers,
         qkv_bias="model.layers.0.self_attn.q_proj.bias" in state, o_bias="model.layers.0.self_attn.o_proj.bias" in state,
         head_size=0 if head_dim * heads == cfg.hidden_size else int(head_dim),
         qk_norm="model.layers.0.self_attn.q_norm.weight" in state,
         rotary_size=0 if _rotary_size(cfg) == head_dim else _rotary_size(cfg), rotary_attention_factor=rotary_attention_factor,
+        **_gemma(cfg),
     )
+
+
+def _gemma(cfg: Any) -> dict[str, Any]:
+    """The LlamaConfig fields in which a Gemma or Gemma 3 differs from Llama."""
+    fields: dict[str, Any] = {"hidden_act": ACTIVATIONS[_activation(cfg)]}
+    if cfg.model_type in GEMMA:
+        fields["embed_scale"] = float(cfg.hidden_size**0.5)
+    if cfg.model_type == "gemma3_text":
+        local = [i for i, kind in enumerate(cfg.layer_types) if kind == "sliding_attention"]
+        theta = _rope(cfg, "sliding_attention").get("rope_theta") if _per_layer_type(cfg) else cfg.rope_local_base_freq
+        fields.update(sandwich_norms=True, attention_scale=float(cfg.query_pre_attn_scalar**-0.5),
+                      local_rope_theta=float(theta), local_layers=tuple(local))
+    return fields
 
 
 # rotary embeddings taken, their frequencies and table factor computed as transformers computes them when it
@@ -142,29 +191,43 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 
 def _rotary_frequencies(cfg: Any, rope_type: str) -> tuple[torch.Tensor | None, float]:
     """(inverse frequencies [rotated width / 2] in float32, the factor on the cos and sin tables) of a
-    scaled rotary embedding; (None, 1.0) for the default one, which our decoder computes from theta."""
+    scaled rotary embedding (of the full-attention layers where the model has one per layer type);
+    (None, 1.0) for the default one, which our decoder computes from theta."""
     if rope_type == "default":
         return None, 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    inv_freq, factor = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
+    by_type = {"layer_type": "full_attention"} if _per_layer_type(cfg) else {}
+    inv_freq, factor = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"), **by_type)
     return inv_freq.to(torch.float32), float(factor)
 
 
 def _positions(cfg: Any) -> int:
-    """The positions the cache holds: the model's, or fewer where a sliding window would start to
-    drop early tokens (Mistral's and Phi-3's `sliding_window`; Qwen2's and Qwen3's where a layer type
-    says so, or `use_sliding_window` where the config lists no layer types), or those it was trained on
-    where a `longrope` embedding switches to its long factors beyond them."""
+    """The positions the cache holds: the model's, or those it was trained on where a `longrope`
+    embedding switches to its long factors beyond them."""
     positions = int(cfg.max_position_embeddings)
     rope = _rope(cfg)
     if rope.get("rope_type", rope.get("type")) == "longrope":
         original = rope.get("original_max_position_embeddings", getattr(cfg, "original_max_position_embeddings", None))
         positions = min(positions, int(original or positions))
+    return positions
+
+
+def _sliding(cfg: Any, positions: int) -> tuple[int, tuple[int, ...]]:
+    """(W, the layers whose attention slides over the last W positions): Mistral's and Phi-3's
+    `sliding_window` on every layer, Qwen2's and Qwen3's on the layers its layer types name (or from
+    `max_window_layers` on, where `use_sliding_window` and the config lists no layer types); (0, ())
+    where no window is shorter than the positions the cache holds."""
     window = getattr(cfg, "sliding_window", None)
     layer_types = getattr(cfg, "layer_types", None)
     if layer_types:
-        sliding = "sliding_attention" in layer_types
+        layers = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
+    elif cfg.model_type in ("mistral", "phi3"):
+        layers = tuple(range(cfg.num_hidden_layers))
+    elif getattr(cfg, "use_sliding_window", False):
+        layers = tuple(range(int(getattr(cfg, "max_window_layers", 0) or 0), cfg.num_hidden_layers))
     else:
-        sliding = cfg.model_type in ("mistral", "phi3") or bool(getattr(cfg, "use_sliding_window", False))
-    return min(positions, int(window)) if sliding and window is not None else positions
+        layers = ()
+    if window is None or not layers or int(window) >= positions:
+        return 0, ()
+    return int(window), layers

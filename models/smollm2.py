@@ -88,6 +88,17 @@ class LlamaConfig:
     qk_norm: bool = False  # each query and key head RMS-normalized before the rotation (Qwen3)
     rotary_size: int = 0  # the leading width of each head that is rotated (Phi-4-mini's 3/4); 0: the whole head
     rotary_attention_factor: float = 1.0  # on the cos and sin tables of a scaled rotary embedding (yarn, longrope)
+    sliding_window: int = 0  # each query of a sliding layer sees the keys of its last W positions (Mistral); 0: none
+    sliding_layers: tuple[int, ...] = ()  # the layers whose attention slides over `sliding_window` positions
+    # Gemma's differences from Llama (the defaults are Llama's): embeddings times sqrt(hidden); the
+    # attention's output and the MLP's each normalized before their residual add ("sandwich" norms); a
+    # tanh-approximated GELU gate; a softmax scale of its own; local layers rotated with theta of their own
+    embed_scale: float = 0.0  # the token embeddings' factor; 0: none
+    sandwich_norms: bool = False
+    hidden_act: str = "silu"  # or "gelu_tanh"
+    attention_scale: float = 0.0  # 0: 1 / sqrt(head_dim)
+    local_rope_theta: float = 0.0  # theta of the `local_layers`' rotary embedding; 0: they share the others'
+    local_layers: tuple[int, ...] = ()
 
     @property
     def head_dim(self) -> int:
@@ -188,6 +199,7 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.scale = cfg.attention_scale or 1.0 / math.sqrt(cfg.head_dim)
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -224,33 +236,41 @@ class SelfAttention(nn.Module):
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
             present = (k, v)
         k, v = self._repeat_kv(k), self._repeat_kv(v)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim)) + mask
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale + mask
         context = torch.matmul(torch.softmax(scores, dim=-1), v)
         out = self.o_proj(context.transpose(1, 2).flatten(2))
         return out if past is None else (out, present)
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """Gated feed-forward: down(act(gate(x)) * up(x)), act SiLU (Llama) or tanh-approximated GELU (Gemma)."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
+        self.gelu = cfg.hidden_act == "gelu_tanh"
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = F.gelu(self.gate_proj(x), approximate="tanh") if self.gelu else F.silu(self.gate_proj(x))
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); with sandwich norms (Gemma's) the
+    attention's and the MLP's outputs are normalized too: x + norm(attn(norm(x))), then
+    x + norm(mlp(norm(x))), the norms named as transformers names Gemma's."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
+        self.sandwich = cfg.sandwich_norms
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
         self.self_attn = SelfAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
         self.mlp = MLP(cfg)
 
     def forward(
@@ -259,11 +279,19 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """The layer's output; with `past`, also the attention's present (key, value)."""
         if past is None:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-            return x + self.mlp(self.post_attention_layernorm(x))
+            x = x + self._after_attention(self.self_attn(self.input_layernorm(x), cos, sin, mask))
+            return x + self._feed_forward(x)
         attended, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
-        x = x + attended
-        return x + self.mlp(self.post_attention_layernorm(x)), present
+        x = x + self._after_attention(attended)
+        return x + self._feed_forward(x), present
+
+    def _after_attention(self, attended: torch.Tensor) -> torch.Tensor:
+        return self.post_attention_layernorm(attended) if self.sandwich else attended
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sandwich:
+            return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return self.mlp(self.post_attention_layernorm(x))
 
 
 class Decoder(nn.Module):
@@ -275,16 +303,45 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.eps)
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rotary_attention_factor)
+        if cfg.local_rope_theta:
+            self.local_rotary = RotaryEmbedding(cfg.rotary_dim, cfg.local_rope_theta)
+        self.cfg = cfg
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         seq_len = input_ids.shape[1]
         dtype = self.embed_tokens.weight.dtype  # tables and mask in the weights' float type (a no-op in float32)
-        cos, sin = (table.to(dtype) for table in self.rotary(seq_len))
+        tables = self.layer_tables(lambda rotary: rotary(seq_len), dtype)
         mask = causal_mask(seq_len, self.embed_tokens.weight.device).to(dtype)
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+        masks = self.layer_masks(mask, seq_len, 0, seq_len)
+        x = self.embed(input_ids)
+        for layer, (cos, sin), layer_mask in zip(self.layers, tables, masks):
+            x = layer(x, cos, sin, layer_mask)
         return self.norm(x)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        return x * self.cfg.embed_scale if self.cfg.embed_scale else x
+
+    def layer_tables(self, tables_of: Any, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's cos and sin tables, `tables_of(rotary embedding)` in `dtype`: the local rotary
+        embedding's for the local layers where the model has one, the model's for the others."""
+        tables = tuple(table.to(dtype) for table in tables_of(self.rotary))
+        if not hasattr(self, "local_rotary"):
+            return [tables] * len(self.layers)
+        local, layers = tuple(table.to(dtype) for table in tables_of(self.local_rotary)), set(self.cfg.local_layers)
+        return [local if i in layers else tables for i in range(len(self.layers))]
+
+    def layer_masks(self, mask: torch.Tensor, seq_len, past_len, total_len) -> list[torch.Tensor]:
+        """Each layer's additive mask: `mask`, and for a sliding layer `mask` plus MASK_VALUE where a key
+        (at positions 0..total_len-1) is `sliding_window` or more positions before its query (at
+        past_len..past_len+seq_len-1)."""
+        window, sliding = self.cfg.sliding_window, set(self.cfg.sliding_layers)
+        if not sliding:
+            return [mask] * len(self.layers)
+        keys = torch.arange(total_len, device=mask.device)
+        queries = torch.arange(seq_len, device=mask.device) + past_len
+        windowed = mask + sliding_band(queries, keys, window).to(mask.dtype)
+        return [windowed if i in sliding else mask for i in range(len(self.layers))]
 
 
 class CausalLM(nn.Module):
@@ -303,6 +360,12 @@ class CausalLM(nn.Module):
 def causal_mask(seq_len: int | torch.SymInt, device: torch.device) -> torch.Tensor:
     """Additive [seq, seq] mask: 0 on and below the diagonal, MASK_VALUE above it."""
     return torch.triu(torch.ones(seq_len, seq_len, device=device), diagonal=1) * MASK_VALUE
+
+
+def sliding_band(queries: torch.Tensor, keys: torch.Tensor, window: int) -> torch.Tensor:
+    """Additive [queries, keys] mask: MASK_VALUE where a key's position is `window` or more before its
+    query's (key <= query - window), 0 elsewhere."""
+    return (keys[None, :] <= queries[:, None] - window).to(torch.float32) * MASK_VALUE
 
 
 def gguf_path() -> Path:

@@ -447,6 +447,50 @@ def tiny_qwen2_yarn():
     return transformers.Qwen2ForCausalLM(cfg).eval(), tiny_tokenizer()
 
 
+def tiny_qwen2_sliding():
+    """A random Qwen2 whose second layer attends over the last 24 positions (`use_sliding_window` from
+    `max_window_layers` 1 on), its first over all."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+                                   use_sliding_window=True, sliding_window=24, max_window_layers=1)
+    return transformers.Qwen2ForCausalLM(cfg).eval(), tiny_tokenizer()
+
+
+def _randomize_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Gemma's norm weights start at 0 (a scale of 1 + 0): drawn at random here."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.normal_(0.0, 0.3)
+    return model
+
+
+def tiny_gemma():
+    """A random Gemma causal LM: embeddings times sqrt(hidden), norms scaling by 1 + weight (random
+    here), a tanh-GELU gate, heads 32 wide where hidden / heads is 16."""
+    torch.manual_seed(0)
+    cfg = transformers.GemmaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                                   max_position_embeddings=MAX_POSITIONS, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return _randomize_norms(transformers.GemmaForCausalLM(cfg).eval()), tiny_tokenizer()
+
+
+def tiny_gemma3():
+    """A random Gemma 3 text model: sandwich norms, query and key norms (random), a softmax scale of
+    1 / sqrt(48), its first layer local (sliding over 24 positions, theta 10000), its second global
+    (theta 1e6, `linear` scaling by 4)."""
+    torch.manual_seed(0)
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}}
+    cfg = transformers.Gemma3TextConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=48,
+                                        max_position_embeddings=MAX_POSITIONS, sliding_window=24,
+                                        layer_types=["sliding_attention", "full_attention"], rope_parameters=rope,
+                                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return _randomize_norms(transformers.Gemma3ForCausalLM(cfg).eval()), tiny_tokenizer()
+
+
 def tiny_llama_dynamic():
     """A random Llama with `dynamic` rotary scaling, which keeps theta's frequencies within its positions."""
     torch.manual_seed(0)
@@ -484,34 +528,41 @@ def _llama_like_artifact(folder: Path, arch: str) -> Path:
     return folder / arch
 
 
-@pytest.mark.parametrize("arch, positions, query, matmuls", [
-    ("qwen2", MAX_POSITIONS, "Add", 5), ("mistral", 48, "MatMul", 5), ("qwen3", MAX_POSITIONS, "Reshape", 7),
-    ("llama3", MAX_POSITIONS, "MatMul", 5), ("llama_bias", MAX_POSITIONS, "Add", 5), ("phi3", 40, "MatMul", 5),
-    ("phi4", 32, "MatMul", 5), ("qwen2_yarn", MAX_POSITIONS, "Add", 5), ("llama_dynamic", MAX_POSITIONS, "MatMul", 5)])
-def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch, positions, query, matmuls):
+@pytest.mark.parametrize("arch, positions, windows, query, matmuls", [
+    ("qwen2", MAX_POSITIONS, [0, 0], "Add", 5), ("mistral", MAX_POSITIONS, [48, 48], "MatMul", 5),
+    ("qwen3", MAX_POSITIONS, [0, 0], "Reshape", 7), ("llama3", MAX_POSITIONS, [0, 0], "MatMul", 5),
+    ("llama_bias", MAX_POSITIONS, [0, 0], "Add", 5), ("phi3", MAX_POSITIONS, [40, 40], "MatMul", 5),
+    ("phi4", 32, [0, 0], "MatMul", 5), ("qwen2_yarn", MAX_POSITIONS, [0, 0], "Add", 5),
+    ("llama_dynamic", MAX_POSITIONS, [0, 0], "MatMul", 5), ("qwen2_sliding", MAX_POSITIONS, [0, 24], "Add", 5),
+    ("gemma", MAX_POSITIONS, [0, 0], "MatMul", 5), ("gemma3", MAX_POSITIONS, [24, 0], "Reshape", 7)])
+def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch, positions, windows, query,
+                                                                          matmuls):
     """Qwen2, Qwen3, Mistral, Phi-3 (fused Q/K/V and gate/up weights, split at load) and Llama 3 (scaled
     rotary frequencies), Phi-4-mini-like (half of each head rotated, `longrope` within the positions it
-    was trained on), Qwen2 with `yarn` and Llama with `dynamic` scaling factories compile to the
-    decoder with a KV cache and fused attention,
-    the cached logits those of transformers' full sequence, ONNX Runtime GenAI's configuration naming
+    was trained on), Qwen2 with `yarn` and Llama with `dynamic` scaling, Gemma and Gemma 3 (a local
+    layer with its own theta and window, a global one scaled) factories compile to the decoder with a
+    KV cache and fused attention, the cached logits those of transformers' full sequence, ONNX Runtime GenAI's configuration naming
     the architecture: Q, K and V read packed by the attention (Qwen2's three biases one Add of their
     concatenation before it); Qwen3's normalized query and key heads flattened back into its query and
-    key inputs (each norm run before the heads' transpose); a sliding window (Mistral) bounds the
-    positions, within which attention is full."""
+    key inputs (each norm run before the heads' transpose); a sliding layer's attention (Mistral's,
+    Phi-3's, one of Qwen2's two) a kernel over its last W positions."""
     family = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3", "llama3": "Llama", "llama_bias": "Llama",
-              "phi4": "Phi3", "qwen2_yarn": "Qwen2", "llama_dynamic": "Llama"}[arch]
+              "phi4": "Phi3", "qwen2_yarn": "Qwen2", "llama_dynamic": "Llama", "qwen2_sliding": "Qwen2", "gemma": "Gemma",
+              "gemma3": "Gemma3Text"}[arch]
     if not hasattr(transformers, f"{family}Config"):
         pytest.skip(f"this transformers version has no {family}")
+    model_type = {"Gemma3Text": "gemma3_text"}.get(family, family.lower())
     out = _llama_like_artifact(llama_like, arch)
     nodes = _nodes(out)
     producers = {o: n for n in nodes for o in n.output}
     attention = [n for n in nodes if n.op_type == "GroupQueryAttention"]
-    assert len(attention) == 2 and all((n.input[1] == "") == (arch != "qwen3") for n in attention)
+    assert len(attention) == 2 and all((n.input[1] == "") == (arch not in ("qwen3", "gemma3")) for n in attention)
     assert [producers[n.input[0]].op_type for n in attention] == [query] * 2
+    assert [next((a.i for a in n.attribute if a.name == "local_window_size"), 0) for n in attention] == windows
     assert sum(n.op_type == "MatMul" for n in nodes) == 2 * matmuls + 1  # (QKV or Q, K, V), O, gate, up, down; the head
     assert "Softmax" not in {n.op_type for n in nodes}
     layout = read_layout(out)
-    assert (layout.model_type, layout.max_positions) == (family.lower(), positions)
+    assert (layout.model_type, layout.max_positions) == (model_type, positions)
     assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == layout.model_type
     hf, _ = globals()[f"tiny_{arch}"]()
     if arch == "llama3":  # the scaled frequencies are what transformers runs, not theta's own
@@ -542,7 +593,7 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
     assert execute.drift({"y": full}, {"y": got})["cosine"] > 0.99
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3", "llama3", "phi4", "qwen2_yarn"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3", "llama3", "phi4", "qwen2_yarn", "gemma", "gemma3"])
 def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
     """ONNX Runtime GenAI loads each architecture's artifact by its `genai_config.json` (`type` qwen2,
     qwen3, mistral, phi3, llama) and generates our greedy tokens."""
@@ -559,13 +610,20 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
 
 @pytest.mark.parametrize("build, message", [
     (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2)),
-     "takes llama, mistral, phi3, qwen2, qwen3 causal LMs"),
+     "takes llama, mistral, phi3, qwen2, qwen3, gemma, gemma3_text causal LMs"),
     (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                                                                     num_hidden_layers=1, num_attention_heads=4, mlp_bias=True)),
      "without MLP biases"),
     (lambda: _with_rope_type(transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)), "mrope"),
      "rotary embeddings of type default, linear, llama3, yarn, dynamic, longrope, got 'mrope'"),
+    (lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
+        final_logit_softcapping=30.0)),
+     "without soft-capped attention scores or logits"),
+    (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                                                    num_hidden_layers=1, num_attention_heads=4, hidden_act="relu")),
+     "MLP activations silu, gelu_pytorch_tanh, got 'relu'"),
 ])
 def test_cache_capture_refuses_what_our_decoder_does_not_compute(build, message):
     with pytest.raises(UserError, match=message):

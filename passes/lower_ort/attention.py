@@ -20,9 +20,9 @@ What is matched, from each `Softmax` back (every other form is left as it is):
 The fused node reads `q_lin`, `k_lin`, `v_lin`, the past cache and `position_ids`, and computes the
 causal mask from `attention_mask`'s length per row (`seqlens_k`, the number of ones minus one, and
 `total_sequence_length`), so it assumes what ONNX Runtime GenAI feeds: a mask of ones, padded at the
-end if at all, and full causal attention (the mask the graph adds is not inspected: a sliding-window
-model's would be replaced by a full causal one; the decoders `qcompiler` captures are full causal, a
-sliding-window model's cache holding no more positions than its window). Its cos/sin tables are computed once a run from `inv_freq` up to the largest position
+end if at all, and causal attention over all earlier positions, or over the last W where the mask the
+layer adds is a sliding layer's (`mask + Cast(keys <= queries - W) * c`, as the decoders of
+models/smollm2.py write it: the kernel's `local_window_size` W). The mask is not inspected further. Its cos/sin tables are computed once a run from `inv_freq` up to the largest position
 id (`Range`, `Cos`, `Sin`: the same float32 products as the exported graph). ONNX Runtime's CPU kernel
 needs a head size that is a multiple of 16; other models keep their attention.
 """
@@ -57,6 +57,7 @@ class _Attention:
     scale: float
     heads: int
     kv_heads: int
+    window: int  # a sliding layer's: each query sees the keys of its last `window` positions; 0: all earlier ones
     # Qwen3's query and key heads normalized [batch, seq, heads, head], read flattened by the kernel
     # (q_lin and k_lin are then the projections the norms' heads come from)
     q_normed: ir.Value | None = None
@@ -83,7 +84,7 @@ def fuse_attention(graph: ir.Graph) -> int:
         node = ir.node(
             "GroupQueryAttention", [q_in, k_in, a.v_lin, a.past_k, a.past_v, seqlens, total, cos, sin, a.position_ids],
             attributes={"num_heads": a.heads, "kv_num_heads": a.kv_heads, "scale": a.scale, "do_rotary": 1,
-                        "rotary_interleaved": 0},
+                        "rotary_interleaved": 0, **({"local_window_size": a.window} if a.window else {})},
             domain="com.microsoft", num_outputs=3, name=f"{a.out_node.name}.attention", metadata_props={CREATED_BY: "lower-ort"})
         graph.insert_before(a.out_node, node)
         take_over(a.out, node.outputs[0])
@@ -154,10 +155,11 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Attention | None:
     add = producer_of(softmax.inputs[0], "Add")
     if weighted is None or add is None:
         return None
-    scaled = next((found for found in map(_scale_of, add.inputs) if found is not None), None)
+    scaled = next(((found, other) for found, other in zip(map(_scale_of, add.inputs), reversed(add.inputs))
+                   if found is not None), None)
     if scaled is None:
         return None
-    scale, scores = scaled
+    (scale, scores), mask = scaled
     q_rot, k_t = scores.inputs
     present_k = _repeated_cache(_transposed(k_t, (0, 1, 3, 2)))
     present_v = _repeated_cache(weighted.inputs[1])
@@ -189,7 +191,24 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Attention | None:
             or inv_freq.ndim != 1 or inv_freq.size % 8 or 2 * inv_freq.size > head:
         return None
     return _Attention(q_lin, k_lin, v_lin, past_k, past_v, present_k, present_v, out_node.outputs[0], out_node,
-                      inv_freq, cos_factor, position_ids, scale, width // head, kv_heads, q_normed, k_normed)
+                      inv_freq, cos_factor, position_ids, scale, width // head, kv_heads, _sliding_window(mask),
+                      q_normed, k_normed)
+
+
+def _sliding_window(mask: ir.Value) -> int:
+    """W when `mask` = causal + Cast(keys <= queries - W) * c, c < 0 (a sliding layer's mask: keys W or
+    more positions before their query masked, as the decoders of models/smollm2.py add it); 0 otherwise."""
+    add = producer_of(mask, "Add")
+    for band in add.inputs if add is not None else ():
+        mul = producer_of(band, "Mul")
+        for flag, c in (mul.inputs, tuple(reversed(mul.inputs))) if mul is not None else ():
+            cast, value = producer_of(flag, "Cast"), _constant(c)
+            less = producer_of(cast.inputs[0], "LessOrEqual") if cast is not None else None
+            sub = producer_of(less.inputs[1], "Sub") if less is not None else None
+            window = _constant(sub.inputs[1]) if sub is not None else None
+            if window is not None and window.size == 1 and value is not None and value.size == 1 and float(value.reshape(())) < 0:
+                return int(window.reshape(()))
+    return 0
 
 
 def _only_reader(value: ir.Value, op_type: str, index: int) -> ir.Node | None:
