@@ -1,4 +1,4 @@
-"""Hugging Face Llama, Mistral, Phi-3, Qwen2, Qwen3, Gemma and Gemma 3 causal LMs as models with a KV
+"""Hugging Face Llama, Mistral, Phi-3, Qwen2, Qwen3, Gemma, Gemma 2 and Gemma 3 causal LMs as models with a KV
 cache: a `package.module:function` source that returns `(model, tokenizer)` is rebuilt as our Llama
 decoder (`models/smollm2.py`, with Qwen2's Q/K/V biases and Qwen3's query and key norms where the
 weights have them, Gemma's differences where the architecture has them) with the model's weights
@@ -47,16 +47,17 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # and V projections; Qwen3 an RMSNorm of each query and key head and heads of their own width; Phi-3
 # Q, K and V stored as one weight, gate and up as another; Mistral and Phi-3 (and Qwen2 and Qwen3
 # where enabled) a sliding attention window; Gemma scaled embeddings, norms that scale by 1 + their
-# weight and a GELU gate; Gemma 3 (its text model) also sandwich norms, Qwen3's query and key norms,
+# weight and a GELU gate; Gemma 2 also sandwich norms, soft-capped scores and logits and every other
+# layer sliding over a window; Gemma 3 (its text model) sandwich norms, Qwen3's query and key norms,
 # and local layers that slide over a window and rotate with a theta of their own
-ARCHITECTURES = ("llama", "mistral", "phi3", "qwen2", "qwen3", "gemma", "gemma3_text")
-GEMMA = ("gemma", "gemma3_text")
+ARCHITECTURES = ("llama", "mistral", "phi3", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+GEMMA = ("gemma", "gemma2", "gemma3_text")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
     """Our Llama decoder (models/smollm2.py) with the weights of a Hugging Face Llama, Mistral, Phi-3,
-    Qwen2, Qwen3, Gemma or Gemma 3 causal LM, as a model with a KV cache; other architectures are refused. A layer with a
+    Qwen2, Qwen3, Gemma, Gemma 2 or Gemma 3 causal LM, as a model with a KV cache; other architectures are refused. A layer with a
     sliding attention window of W positions attends to the keys of the last W positions."""
     cfg = hf_model.config
     model_type = getattr(cfg, "model_type", None)
@@ -68,7 +69,7 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
     state = {k: v.detach().to(torch.float32) for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
     if any(key.startswith("model.layers.") and ".mlp." in key and key.endswith(".bias") for key in state):
         raise UserError(f"'{name}': the KV-cache capture takes models without MLP biases")
-    _refuse_what_gemma_adds(name, cfg)
+    _refuse_what_our_decoder_lacks(name, cfg)
     if model_type in GEMMA:  # Gemma's norms scale by 1 + weight, ours by weight
         state = {k: v + 1.0 if k.endswith("norm.weight") else v for k, v in state.items()}
     rope = _rope(cfg)
@@ -92,11 +93,9 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
     return LlamaWithCache(name, lm, tokenizer, smollm2.layout_of(ours, tokenizer, model_type))
 
 
-def _refuse_what_gemma_adds(name: str, cfg: Any) -> None:
-    """One line for what our decoder does not compute: Gemma 2's soft-capped scores and logits, a
-    bidirectional attention, an activation other than SiLU or tanh GELU, scaled local rotary embeddings."""
-    if getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "final_logit_softcapping", None):
-        raise UserError(f"'{name}': the KV-cache capture takes models without soft-capped attention scores or logits")
+def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
+    """One line for what our decoder does not compute: a bidirectional attention, an activation other
+    than SiLU or tanh GELU, scaled local rotary embeddings."""
     if getattr(cfg, "use_bidirectional_attention", False):
         raise UserError(f"'{name}': the KV-cache capture takes causal attention (use_bidirectional_attention false)")
     activation = _activation(cfg)
@@ -170,15 +169,18 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
 
 
 def _gemma(cfg: Any) -> dict[str, Any]:
-    """The LlamaConfig fields in which a Gemma or Gemma 3 differs from Llama."""
+    """The LlamaConfig fields in which a Gemma, Gemma 2 or Gemma 3 differs from Llama (the activation for all)."""
     fields: dict[str, Any] = {"hidden_act": ACTIVATIONS[_activation(cfg)]}
     if cfg.model_type in GEMMA:
         fields["embed_scale"] = float(cfg.hidden_size**0.5)
+    if cfg.model_type in ("gemma2", "gemma3_text"):
+        fields.update(sandwich_norms=True, attention_scale=float(cfg.query_pre_attn_scalar**-0.5),
+                      attention_softcap=float(getattr(cfg, "attn_logit_softcapping", None) or 0.0),
+                      logit_softcap=float(getattr(cfg, "final_logit_softcapping", None) or 0.0))
     if cfg.model_type == "gemma3_text":
         local = [i for i, kind in enumerate(cfg.layer_types) if kind == "sliding_attention"]
         theta = _rope(cfg, "sliding_attention").get("rope_theta") if _per_layer_type(cfg) else cfg.rope_local_base_freq
-        fields.update(sandwich_norms=True, attention_scale=float(cfg.query_pre_attn_scalar**-0.5),
-                      local_rope_theta=float(theta), local_layers=tuple(local))
+        fields.update(local_rope_theta=float(theta), local_layers=tuple(local))
     return fields
 
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from qcompiler.errors import UserError
 from qcompiler.models.base import MASK_VALUE, BundledModel, load_exact, optional_import, wheel_file
-from qcompiler.models.causal_lm import CacheLayout, CausalLMWithCache
+from qcompiler.models.causal_lm import CacheLayout, CausalLMWithCache, soft_cap
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,8 @@ class LlamaConfig:
     attention_scale: float = 0.0  # 0: 1 / sqrt(head_dim)
     local_rope_theta: float = 0.0  # theta of the `local_layers`' rotary embedding; 0: they share the others'
     local_layers: tuple[int, ...] = ()
+    attention_softcap: float = 0.0  # scaled scores soft-capped to (-c, c) by c * tanh(s / c) (Gemma 2); 0: none
+    logit_softcap: float = 0.0  # the logits likewise
 
     @property
     def head_dim(self) -> int:
@@ -200,6 +202,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = cfg.attention_scale or 1.0 / math.sqrt(cfg.head_dim)
+        self.softcap = cfg.attention_softcap
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -236,7 +239,7 @@ class SelfAttention(nn.Module):
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
             present = (k, v)
         k, v = self._repeat_kv(k), self._repeat_kv(v)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale + mask
+        scores = soft_cap(torch.matmul(q, k.transpose(-1, -2)) * self.scale, self.softcap) + mask
         context = torch.matmul(torch.softmax(scores, dim=-1), v)
         out = self.o_proj(context.transpose(1, 2).flatten(2))
         return out if past is None else (out, present)
@@ -354,7 +357,7 @@ class CausalLM(nn.Module):
         self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids))
+        return soft_cap(self.lm_head(self.model(input_ids)), self.model.cfg.logit_softcap)
 
 
 def causal_mask(seq_len: int | torch.SymInt, device: torch.device) -> torch.Tensor:

@@ -16,6 +16,7 @@ What is matched, from each `Softmax` back (every other form is left as it is):
     k_rep = Reshape(Expand(Unsqueeze(present_k, 2)))        (or present_k itself)
     out = Reshape(Transpose(Softmax(MatMul(rope(q), Transpose(k_rep, [0, 1, 3, 2])) * scale + mask)
                             @ v_rep, [0, 2, 1, 3]))
+    (the scaled scores s may be soft-capped, Tanh(s / c) * c: Gemma 2's, the kernel's `softcap` c)
 
 The fused node reads `q_lin`, `k_lin`, `v_lin`, the past cache and `position_ids`, and computes the
 causal mask from `attention_mask`'s length per row (`seqlens_k`, the number of ones minus one, and
@@ -55,6 +56,7 @@ class _Attention:
     table_factor: float  # on the cos and sin tables (1 but for a scaled rotary embedding)
     position_ids: ir.Value
     scale: float
+    softcap: float  # the scaled scores soft-capped by c * tanh(s / c) (Gemma 2); 0: not
     heads: int
     kv_heads: int
     window: int  # a sliding layer's: each query sees the keys of its last `window` positions; 0: all earlier ones
@@ -84,7 +86,8 @@ def fuse_attention(graph: ir.Graph) -> int:
         node = ir.node(
             "GroupQueryAttention", [q_in, k_in, a.v_lin, a.past_k, a.past_v, seqlens, total, cos, sin, a.position_ids],
             attributes={"num_heads": a.heads, "kv_num_heads": a.kv_heads, "scale": a.scale, "do_rotary": 1,
-                        "rotary_interleaved": 0, **({"local_window_size": a.window} if a.window else {})},
+                        "rotary_interleaved": 0, **({"local_window_size": a.window} if a.window else {}),
+                        **({"softcap": a.softcap} if a.softcap else {})},
             domain="com.microsoft", num_outputs=3, name=f"{a.out_node.name}.attention", metadata_props={CREATED_BY: "lower-ort"})
         graph.insert_before(a.out_node, node)
         take_over(a.out, node.outputs[0])
@@ -155,11 +158,11 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Attention | None:
     add = producer_of(softmax.inputs[0], "Add")
     if weighted is None or add is None:
         return None
-    scaled = next(((found, other) for found, other in zip(map(_scale_of, add.inputs), reversed(add.inputs))
+    capped = next(((found, other) for found, other in zip(map(_capped_scale_of, add.inputs), reversed(add.inputs))
                    if found is not None), None)
-    if scaled is None:
+    if capped is None:
         return None
-    (scale, scores), mask = scaled
+    (softcap, (scale, scores)), mask = capped
     q_rot, k_t = scores.inputs
     present_k = _repeated_cache(_transposed(k_t, (0, 1, 3, 2)))
     present_v = _repeated_cache(weighted.inputs[1])
@@ -191,8 +194,8 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Attention | None:
             or inv_freq.ndim != 1 or inv_freq.size % 8 or 2 * inv_freq.size > head:
         return None
     return _Attention(q_lin, k_lin, v_lin, past_k, past_v, present_k, present_v, out_node.outputs[0], out_node,
-                      inv_freq, cos_factor, position_ids, scale, width // head, kv_heads, _sliding_window(mask),
-                      q_normed, k_normed)
+                      inv_freq, cos_factor, position_ids, scale, softcap, width // head, kv_heads,
+                      _sliding_window(mask), q_normed, k_normed)
 
 
 def _sliding_window(mask: ir.Value) -> int:
@@ -221,6 +224,24 @@ def _only_reader(value: ir.Value, op_type: str, index: int) -> ir.Node | None:
 
 def _constant(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy() if value is not None and value.const_value is not None else None
+
+
+def _capped_scale_of(value: ir.Value) -> tuple[float, tuple[float, ir.Node]] | None:
+    """(c, _scale_of(s)) when `value` = Tanh(s / c) * c for a scalar constant c (soft-capped scores);
+    (0.0, _scale_of(value)) when `value` is the scaled scores themselves; None otherwise."""
+    plain = _scale_of(value)
+    if plain is not None:
+        return 0.0, plain
+    outer = producer_of(value, "Mul")
+    for squashed, c in (outer.inputs, tuple(reversed(outer.inputs))) if outer is not None else ():
+        tanh, cap = producer_of(squashed, "Tanh"), _constant(c)
+        divide = producer_of(tanh.inputs[0], "Div") if tanh is not None else None
+        inner = _constant(divide.inputs[1]) if divide is not None else None
+        if cap is not None and inner is not None and cap.size == 1 and inner.size == 1 \
+                and float(cap.reshape(())) == float(inner.reshape(())) > 0:
+            scaled = _scale_of(divide.inputs[0])
+            return (float(cap.reshape(())), scaled) if scaled is not None else None
+    return None
 
 
 def _scale_of(value: ir.Value) -> tuple[float, ir.Node] | None:
