@@ -129,11 +129,6 @@ def step_feeds(
     }
 
 
-def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """cap * tanh(x / cap): x squashed into (-cap, cap) (Gemma 2's scores and logits); x where cap is 0."""
-    return torch.tanh(x / cap) * cap if cap else x
-
-
 def cached_causal_mask(attention_mask: torch.Tensor, seq_len, past_len) -> torch.Tensor:
     """Additive [batch, 1, seq, past + seq] mask: query i (at position past + i) sees keys up to
     its own position that `attention_mask` marks as tokens; MASK_VALUE elsewhere."""
@@ -170,12 +165,12 @@ class CachedCausalLM(nn.Module):
         for i, (layer, (cos, sin), layer_mask) in enumerate(zip(decoder.layers, tables, masks)):
             x, (key, value) = layer(x, cos, sin, layer_mask, (past_key_values[2 * i], past_key_values[2 * i + 1]))
             presents += [key, value]
-        return (soft_cap(self.lm_head(decoder.norm(x)), decoder.cfg.logit_softcap), *presents)
+        return (decoder.logits(self.lm_head(decoder.norm(x))), *presents)
 
     def full_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The wrapped model's logits for whole sequences (no cache)."""
         decoder = self.model
-        return soft_cap(self.lm_head(decoder(input_ids)), decoder.cfg.logit_softcap)
+        return decoder.logits(self.lm_head(decoder(input_ids)))
 
     def step(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """One step on numpy feeds (graph input names): logits and presents, in output order."""

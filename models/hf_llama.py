@@ -49,8 +49,9 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # where enabled) a sliding attention window; Gemma scaled embeddings, norms that scale by 1 + their
 # weight and a GELU gate; Gemma 2 also sandwich norms, soft-capped scores and logits and every other
 # layer sliding over a window; Gemma 3 (its text model) sandwich norms, Qwen3's query and key norms,
-# and local layers that slide over a window and rotate with a theta of their own
-ARCHITECTURES = ("llama", "mistral", "phi3", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+# and local layers that slide over a window and rotate with a theta of their own; Granite scalar
+# multipliers on the embeddings, scores, residual branches and logits; SmolLM3 unrotated layers
+ARCHITECTURES = ("llama", "mistral", "phi3", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "smollm3")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -164,12 +165,13 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
         head_size=0 if head_dim * heads == cfg.hidden_size else int(head_dim),
         qk_norm="model.layers.0.self_attn.q_norm.weight" in state,
         rotary_size=0 if _rotary_size(cfg) == head_dim else _rotary_size(cfg), rotary_attention_factor=rotary_attention_factor,
-        **_gemma(cfg),
+        **_family_fields(cfg),
     )
 
 
-def _gemma(cfg: Any) -> dict[str, Any]:
-    """The LlamaConfig fields in which a Gemma, Gemma 2 or Gemma 3 differs from Llama (the activation for all)."""
+def _family_fields(cfg: Any) -> dict[str, Any]:
+    """The LlamaConfig fields in which a Gemma, Gemma 2, Gemma 3, Granite or SmolLM3 differs from Llama
+    (the activation for all)."""
     fields: dict[str, Any] = {"hidden_act": ACTIVATIONS[_activation(cfg)]}
     if cfg.model_type in GEMMA:
         fields["embed_scale"] = float(cfg.hidden_size**0.5)
@@ -181,6 +183,11 @@ def _gemma(cfg: Any) -> dict[str, Any]:
         local = [i for i, kind in enumerate(cfg.layer_types) if kind == "sliding_attention"]
         theta = _rope(cfg, "sliding_attention").get("rope_theta") if _per_layer_type(cfg) else cfg.rope_local_base_freq
         fields.update(local_rope_theta=float(theta), local_layers=tuple(local))
+    if cfg.model_type == "granite":
+        fields.update(embed_scale=float(cfg.embedding_multiplier), attention_scale=float(cfg.attention_multiplier),
+                      residual_scale=float(cfg.residual_multiplier), logit_divisor=float(cfg.logits_scaling))
+    if cfg.model_type == "smollm3":
+        fields["unrotated_layers"] = tuple(i for i, rotated in enumerate(cfg.no_rope_layers) if not rotated)
     return fields
 
 
@@ -222,7 +229,9 @@ def _sliding(cfg: Any, positions: int) -> tuple[int, tuple[int, ...]]:
     where no window is shorter than the positions the cache holds."""
     window = getattr(cfg, "sliding_window", None)
     layer_types = getattr(cfg, "layer_types", None)
-    if layer_types:
+    if getattr(cfg, "use_sliding_window", None) is False and cfg.model_type == "smollm3":
+        layers: tuple[int, ...] = ()  # SmolLM3 lists sliding layer types its attention ignores unless enabled
+    elif layer_types:
         layers = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
     elif cfg.model_type in ("mistral", "phi3"):
         layers = tuple(range(cfg.num_hidden_layers))

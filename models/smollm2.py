@@ -31,7 +31,7 @@ from torch import nn
 
 from qcompiler.errors import UserError
 from qcompiler.models.base import MASK_VALUE, BundledModel, load_exact, optional_import, wheel_file
-from qcompiler.models.causal_lm import CacheLayout, CausalLMWithCache, soft_cap
+from qcompiler.models.causal_lm import CacheLayout, CausalLMWithCache
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,9 @@ class LlamaConfig:
     local_layers: tuple[int, ...] = ()
     attention_softcap: float = 0.0  # scaled scores soft-capped to (-c, c) by c * tanh(s / c) (Gemma 2); 0: none
     logit_softcap: float = 0.0  # the logits likewise
+    residual_scale: float = 0.0  # each block's output times this before its residual add (Granite); 0: none
+    logit_divisor: float = 0.0  # the logits divided by this (Granite's `logits_scaling`); 0: none
+    unrotated_layers: tuple[int, ...] = ()  # layers whose queries and keys are not rotated (SmolLM3's NoPE layers)
 
     @property
     def head_dim(self) -> int:
@@ -179,6 +182,11 @@ class RotaryEmbedding(nn.Module):
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
 
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap): x squashed into (-cap, cap) (Gemma 2's scores and logits); x where cap is 0."""
+    return torch.tanh(x / cap) * cap if cap else x
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """(x1, x2) -> (-x2, x1) on the two halves of the last axis."""
     half = x.shape[-1] // 2
@@ -196,10 +204,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class SelfAttention(nn.Module):
-    """Grouped-query causal attention with RoPE; K/V heads are repeated to the query heads."""
+    """Grouped-query causal attention with RoPE (but in the config's unrotated layers); K/V heads are
+    repeated to the query heads."""
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, index: int = 0):
         super().__init__()
+        self.rotated = index not in cfg.unrotated_layers
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = cfg.attention_scale or 1.0 / math.sqrt(cfg.head_dim)
         self.softcap = cfg.attention_softcap
@@ -232,8 +242,10 @@ class SelfAttention(nn.Module):
         """Without `past`: the attention output. With `past` (key, value [batch, kv_heads,
         past_len, head_dim], keys already rotated): the output and the present (key, value),
         the past with this step's keys and values appended."""
-        q = apply_rope(self._heads(self.q_proj(x), self.num_heads, getattr(self, "q_norm", None)), cos, sin)
-        k = apply_rope(self._heads(self.k_proj(x), self.num_kv_heads, getattr(self, "k_norm", None)), cos, sin)
+        q = self._heads(self.q_proj(x), self.num_heads, getattr(self, "q_norm", None))
+        k = self._heads(self.k_proj(x), self.num_kv_heads, getattr(self, "k_norm", None))
+        if self.rotated:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self._heads(self.v_proj(x), self.num_kv_heads)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
@@ -265,11 +277,11 @@ class DecoderLayer(nn.Module):
     attention's and the MLP's outputs are normalized too: x + norm(attn(norm(x))), then
     x + norm(mlp(norm(x))), the norms named as transformers names Gemma's."""
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, index: int = 0):
         super().__init__()
-        self.sandwich = cfg.sandwich_norms
+        self.sandwich, self.residual_scale = cfg.sandwich_norms, cfg.residual_scale
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
-        self.self_attn = SelfAttention(cfg)
+        self.self_attn = SelfAttention(cfg, index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
         if self.sandwich:
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
@@ -289,12 +301,15 @@ class DecoderLayer(nn.Module):
         return x + self._feed_forward(x), present
 
     def _after_attention(self, attended: torch.Tensor) -> torch.Tensor:
-        return self.post_attention_layernorm(attended) if self.sandwich else attended
+        return self._scaled(self.post_attention_layernorm(attended) if self.sandwich else attended)
 
     def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sandwich:
-            return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        return self.mlp(self.post_attention_layernorm(x))
+            return self._scaled(self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))))
+        return self._scaled(self.mlp(self.post_attention_layernorm(x)))
+
+    def _scaled(self, h: torch.Tensor) -> torch.Tensor:
+        return h * self.residual_scale if self.residual_scale else h
 
 
 class Decoder(nn.Module):
@@ -303,7 +318,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.eps)
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rotary_attention_factor)
         if cfg.local_rope_theta:
@@ -320,6 +335,11 @@ class Decoder(nn.Module):
         for layer, (cos, sin), layer_mask in zip(self.layers, tables, masks):
             x = layer(x, cos, sin, layer_mask)
         return self.norm(x)
+
+    def logits(self, head_output: torch.Tensor) -> torch.Tensor:
+        """The LM head's output divided by Granite's `logits_scaling`, soft-capped as Gemma 2's, where the model does."""
+        logits = head_output / self.cfg.logit_divisor if self.cfg.logit_divisor else head_output
+        return soft_cap(logits, self.cfg.logit_softcap)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -357,7 +377,7 @@ class CausalLM(nn.Module):
         self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return soft_cap(self.lm_head(self.model(input_ids)), self.model.cfg.logit_softcap)
+        return self.model.logits(self.lm_head(self.model(input_ids)))
 
 
 def causal_mask(seq_len: int | torch.SymInt, device: torch.device) -> torch.Tensor:

@@ -503,6 +503,26 @@ def tiny_gemma3():
     return _randomize_norms(transformers.Gemma3ForCausalLM(cfg).eval()), tiny_tokenizer()
 
 
+def tiny_granite():
+    """A random Granite: embeddings times 12, a softmax scale of 1/64, each block's output times 0.22
+    before its residual add, logits divided by 8."""
+    torch.manual_seed(0)
+    cfg = transformers.GraniteConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+                                     embedding_multiplier=12.0, attention_multiplier=1 / 64, residual_multiplier=0.22,
+                                     logits_scaling=8.0, tie_word_embeddings=True)
+    return transformers.GraniteForCausalLM(cfg).eval(), tiny_tokenizer()
+
+
+def tiny_smollm3():
+    """A random SmolLM3 whose second layer does not rotate its queries and keys (`no_rope_layers`)."""
+    torch.manual_seed(0)
+    cfg = transformers.SmolLM3Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+                                     no_rope_layers=[1, 0], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return transformers.SmolLM3ForCausalLM(cfg).eval(), tiny_tokenizer()
+
+
 def tiny_llama_dynamic():
     """A random Llama with `dynamic` rotary scaling, which keeps theta's frequencies within its positions."""
     torch.manual_seed(0)
@@ -547,13 +567,15 @@ def _llama_like_artifact(folder: Path, arch: str) -> Path:
     ("phi4", 32, [0, 0], "MatMul", 5), ("qwen2_yarn", MAX_POSITIONS, [0, 0], "Add", 5),
     ("llama_dynamic", MAX_POSITIONS, [0, 0], "MatMul", 5), ("qwen2_sliding", MAX_POSITIONS, [0, 24], "Add", 5),
     ("gemma", MAX_POSITIONS, [0, 0], "MatMul", 5), ("gemma2", MAX_POSITIONS, [24, 0], "MatMul", 5),
-    ("gemma3", MAX_POSITIONS, [24, 0], "Reshape", 7)])
+    ("gemma3", MAX_POSITIONS, [24, 0], "Reshape", 7), ("granite", MAX_POSITIONS, [0, 0], "MatMul", 5),
+    ("smollm3", MAX_POSITIONS, [0, 0], "MatMul", 5)])
 def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch, positions, windows, query,
                                                                           matmuls):
     """Qwen2, Qwen3, Mistral, Phi-3 (fused Q/K/V and gate/up weights, split at load) and Llama 3 (scaled
     rotary frequencies), Phi-4-mini-like (half of each head rotated, `longrope` within the positions it
     was trained on), Qwen2 with `yarn` and Llama with `dynamic` scaling, Gemma, Gemma 2 (soft-capped
-    scores and logits) and Gemma 3 (a local layer with its own theta and window, a global one scaled) factories compile to the decoder with a
+    scores and logits), Gemma 3 (a local layer with its own theta and window, a global one scaled),
+    Granite (scalar multipliers) and SmolLM3 (a layer without rotation) factories compile to the decoder with a
     KV cache and fused attention, the cached logits those of transformers' full sequence, ONNX Runtime GenAI's configuration naming
     the architecture: Q, K and V read packed by the attention (Qwen2's three biases one Add of their
     concatenation before it); Qwen3's normalized query and key heads flattened back into its query and
@@ -561,7 +583,7 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     Phi-3's, one of Qwen2's two) a kernel over its last W positions."""
     family = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3", "llama3": "Llama", "llama_bias": "Llama",
               "phi4": "Phi3", "qwen2_yarn": "Qwen2", "llama_dynamic": "Llama", "qwen2_sliding": "Qwen2", "gemma": "Gemma",
-              "gemma2": "Gemma2", "gemma3": "Gemma3Text"}[arch]
+              "gemma2": "Gemma2", "gemma3": "Gemma3Text", "granite": "Granite", "smollm3": "SmolLM3"}[arch]
     if not hasattr(transformers, f"{family}Config"):
         pytest.skip(f"this transformers version has no {family}")
     model_type = {"Gemma3Text": "gemma3_text"}.get(family, family.lower())
@@ -573,6 +595,7 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     assert [producers[n.input[0]].op_type for n in attention] == [query] * 2
     assert [next((a.i for a in n.attribute if a.name == "local_window_size"), 0) for n in attention] == windows
     assert [next((a.f for a in n.attribute if a.name == "softcap"), 0.0) for n in attention] == [2.0 if arch == "gemma2" else 0.0] * 2
+    assert [next(a.i for a in n.attribute if a.name == "do_rotary") for n in attention] == ([1, 0] if arch == "smollm3" else [1, 1])
     assert sum(n.op_type == "MatMul" for n in nodes) == 2 * matmuls + 1  # (QKV or Q, K, V), O, gate, up, down; the head
     assert "Softmax" not in {n.op_type for n in nodes}
     layout = read_layout(out)
@@ -607,7 +630,8 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
     assert execute.drift({"y": full}, {"y": got})["cosine"] > 0.99
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3", "llama3", "phi4", "qwen2_yarn", "gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3", "llama3", "phi4", "qwen2_yarn", "gemma", "gemma2", "gemma3",
+                                  "granite", "smollm3"])
 def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
     """ONNX Runtime GenAI loads each architecture's artifact by its `genai_config.json` (`type` qwen2,
     qwen3, mistral, phi3, llama) and generates our greedy tokens."""
@@ -624,7 +648,7 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
 
 @pytest.mark.parametrize("build, message", [
     (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2)),
-     "takes llama, mistral, phi3, qwen2, qwen3, gemma, gemma2, gemma3_text causal LMs"),
+     "takes llama, mistral, phi3, qwen2, qwen3, gemma, gemma2, gemma3_text, granite, smollm3 causal LMs"),
     (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                                                                     num_hidden_layers=1, num_attention_heads=4, mlp_bias=True)),
      "without MLP biases"),

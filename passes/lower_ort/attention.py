@@ -10,7 +10,8 @@ What is matched, from each `Softmax` back (every other form is left as it is):
     (or Transpose(RMSNorm(Reshape(q_lin))) for q and k both, each head normalized over its last axis:
      Qwen3's query and key norms; the kernel then reads the normalized heads flattened)
     rope(x) = x * cos + Concat(-x[..., D/2:], x[..., :D/2]) * sin
-    (or Concat(rope(x[..., :R]), x[..., R:]): a partial rotation, Phi-4-mini's; R a multiple of 16)
+    (or Concat(rope(x[..., :R]), x[..., R:]): a partial rotation, Phi-4-mini's; R a multiple of 16;
+     or x itself for q and k both: a layer without rotation, SmolLM3's, the kernel's do_rotary 0)
     cos, sin = Cos(e), Sin(e) (or each times one constant c: a scaled embedding's);  e = Unsqueeze(Concat(f, f, -1), 1);  f = Unsqueeze(Cast(position_ids)) * inv_freq
     present_k = Concat(past_k, rope(k), axis=2)              a graph output; past_k a graph input
     k_rep = Reshape(Expand(Unsqueeze(present_k, 2)))        (or present_k itself)
@@ -52,9 +53,9 @@ class _Attention:
     present_v: ir.Value
     out: ir.Value
     out_node: ir.Node
-    inv_freq: np.ndarray
+    inv_freq: np.ndarray | None  # None: the layer does not rotate its queries and keys
     table_factor: float  # on the cos and sin tables (1 but for a scaled rotary embedding)
-    position_ids: ir.Value
+    position_ids: ir.Value | None
     scale: float
     softcap: float  # the scaled scores soft-capped by c * tanh(s / c) (Gemma 2); 0: not
     heads: int
@@ -77,15 +78,17 @@ def fuse_attention(graph: ir.Graph) -> int:
     seqlens, total = _lengths(graph, mask)
     tables: dict[bytes, tuple[ir.Value, ir.Value]] = {}
     for a in found:
-        key = a.inv_freq.tobytes() + np.float64(a.table_factor).tobytes() + a.position_ids.name.encode()
-        if key not in tables:
-            tables[key] = _rotary_tables(graph, a.inv_freq, a.table_factor, a.position_ids, len(tables))
-        cos, sin = tables[key]
+        rotary: list[ir.Value] = []  # cos, sin and position_ids where the layer rotates its queries and keys
+        if a.inv_freq is not None:
+            key = a.inv_freq.tobytes() + np.float64(a.table_factor).tobytes() + a.position_ids.name.encode()
+            if key not in tables:
+                tables[key] = _rotary_tables(graph, a.inv_freq, a.table_factor, a.position_ids, len(tables))
+            rotary = [*tables[key], a.position_ids]
         q_in = a.q_lin if a.q_normed is None else _flattened(graph, a.q_normed)
         k_in = a.k_lin if a.k_normed is None else _flattened(graph, a.k_normed)
         node = ir.node(
-            "GroupQueryAttention", [q_in, k_in, a.v_lin, a.past_k, a.past_v, seqlens, total, cos, sin, a.position_ids],
-            attributes={"num_heads": a.heads, "kv_num_heads": a.kv_heads, "scale": a.scale, "do_rotary": 1,
+            "GroupQueryAttention", [q_in, k_in, a.v_lin, a.past_k, a.past_v, seqlens, total, *rotary],
+            attributes={"num_heads": a.heads, "kv_num_heads": a.kv_heads, "scale": a.scale, "do_rotary": int(bool(rotary)),
                         "rotary_interleaved": 0, **({"local_window_size": a.window} if a.window else {}),
                         **({"softcap": a.softcap} if a.softcap else {})},
             domain="com.microsoft", num_outputs=3, name=f"{a.out_node.name}.attention", metadata_props={CREATED_BY: "lower-ort"})
@@ -174,28 +177,43 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Attention | None:
     if out_node is None or keys is None or values is None:
         return None
     (past_k, k_rot), (past_v, v_t) = keys, values
+    rotary = _rotary_of(q_rot, k_rot, graph)
+    if rotary is None:
+        return None
+    (q_heads, k_heads), inv_freq, cos_factor, position_ids = rotary
+    (q_lin, q_normed), (k_lin, k_normed) = _heads_or_normed(q_heads), _heads_or_normed(k_heads)
+    v_lin = _heads(v_t)
+    if (q_normed is None) != (k_normed is None):
+        return None
+    if any(x is None for x in (q_lin, k_lin, v_lin)) or past_k.shape is None or len(past_k.shape) != 4:
+        return None
+    kv_heads, head = past_k.shape[1], past_k.shape[3]
+    width = q_lin.shape[-1] if q_lin.shape is not None and len(q_lin.shape) == 3 else None
+    if not all(isinstance(d, int) for d in (kv_heads, head, width)) or head % 16 or width % head:
+        return None
+    # the kernel rotates the leading 2 x (its tables' width) values of each head, a width of 8k
+    if inv_freq is not None and (inv_freq.ndim != 1 or inv_freq.size % 8 or 2 * inv_freq.size > head):
+        return None
+    return _Attention(q_lin, k_lin, v_lin, past_k, past_v, present_k, present_v, out_node.outputs[0], out_node,
+                      inv_freq, cos_factor, position_ids, scale, softcap, width // head, kv_heads,
+                      _sliding_window(mask), q_normed, k_normed)
+
+
+def _rotary_of(q_rot: ir.Value, k_rot: ir.Value, graph: ir.Graph) \
+        -> tuple[tuple[ir.Value, ir.Value], np.ndarray | None, float, ir.Value | None] | None:
+    """((q heads, k heads), inv_freq, table factor, position_ids) of a layer's rotated queries and
+    keys, both rotated by the same tables; ((q, k), None, 1.0, None) where neither is rotated (SmolLM3's
+    unrotated layers); None otherwise."""
     q, k = _rotary(q_rot), _rotary(k_rot)
+    if q is None and k is None:
+        return (q_rot, k_rot), None, 1.0, None
     if q is None or k is None or q[1:] != k[1:]:
         return None
     (cos, cos_factor), (sin, sin_factor) = _table(q[1], "Cos"), _table(q[2], "Sin")
     if cos.inputs[0] is not sin.inputs[0] or cos_factor != sin_factor:
         return None
-    (q_lin, q_normed), (k_lin, k_normed) = _heads_or_normed(q[0]), _heads_or_normed(k[0])
-    v_lin = _heads(v_t)
-    if (q_normed is None) != (k_normed is None):
-        return None
     inv_freq, position_ids = _angles(cos, graph)
-    if any(x is None for x in (q_lin, k_lin, v_lin, inv_freq)) or past_k.shape is None or len(past_k.shape) != 4:
-        return None
-    kv_heads, head = past_k.shape[1], past_k.shape[3]
-    width = q_lin.shape[-1] if q_lin.shape is not None and len(q_lin.shape) == 3 else None
-    # the kernel rotates the leading 2 x (its tables' width) values of each head, a width of 8k
-    if not all(isinstance(d, int) for d in (kv_heads, head, width)) or head % 16 or width % head \
-            or inv_freq.ndim != 1 or inv_freq.size % 8 or 2 * inv_freq.size > head:
-        return None
-    return _Attention(q_lin, k_lin, v_lin, past_k, past_v, present_k, present_v, out_node.outputs[0], out_node,
-                      inv_freq, cos_factor, position_ids, scale, softcap, width // head, kv_heads,
-                      _sliding_window(mask), q_normed, k_normed)
+    return ((q[0], k[0]), inv_freq, cos_factor, position_ids) if inv_freq is not None else None
 
 
 def _sliding_window(mask: ir.Value) -> int:
