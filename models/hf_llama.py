@@ -1,8 +1,8 @@
-"""Hugging Face Llama, Mistral, Phi-3, Qwen2, Qwen3, Gemma, Gemma 2 and Gemma 3 causal LMs as models with a KV
-cache: a `package.module:function` source that returns `(model, tokenizer)` is rebuilt as our Llama
-decoder (`models/smollm2.py`, with Qwen2's Q/K/V biases and Qwen3's query and key norms where the
-weights have them, Gemma's differences where the architecture has them) with the model's weights
-and captured with the cache layout of `models/causal_lm.py`."""
+"""Hugging Face Llama, Mistral, Phi-3, Qwen2, Qwen3, Gemma (1, 2, 3), Granite, SmolLM3 and OLMo 2
+causal LMs as models with a KV cache: a `package.module:function` source that returns
+`(model, tokenizer)` is rebuilt as our Llama decoder (`models/smollm2.py`, with what each
+architecture adds to Llama, see ARCHITECTURES) with the model's weights and captured with the cache
+layout of `models/causal_lm.py`."""
 
 from __future__ import annotations
 
@@ -50,15 +50,20 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # weight and a GELU gate; Gemma 2 also sandwich norms, soft-capped scores and logits and every other
 # layer sliding over a window; Gemma 3 (its text model) sandwich norms, Qwen3's query and key norms,
 # and local layers that slide over a window and rotate with a theta of their own; Granite scalar
-# multipliers on the embeddings, scores, residual branches and logits; SmolLM3 unrotated layers
-ARCHITECTURES = ("llama", "mistral", "phi3", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "smollm3")
+# multipliers on the embeddings, scores, residual branches and logits; SmolLM3 unrotated layers;
+# OLMo 2 norms after the attention and the MLP only, and norms of the whole query and key projections
+ARCHITECTURES = ("llama", "mistral", "phi3", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "smollm3",
+                 "olmo2")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
+# `genai_config.json`'s type where ONNX Runtime GenAI (0.18) knows the architecture by another name: it
+# runs our graph either way, the type choosing its decoder-only handling
+GENAI_TYPES = {"olmo2": "olmo"}
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
     """Our Llama decoder (models/smollm2.py) with the weights of a Hugging Face Llama, Mistral, Phi-3,
-    Qwen2, Qwen3, Gemma, Gemma 2 or Gemma 3 causal LM, as a model with a KV cache; other architectures are refused. A layer with a
+    Qwen2, Qwen3, Gemma (1, 2, 3), Granite, SmolLM3 or OLMo 2 causal LM, as a model with a KV cache; other architectures are refused. A layer with a
     sliding attention window of W positions attends to the keys of the last W positions."""
     cfg = hf_model.config
     model_type = getattr(cfg, "model_type", None)
@@ -91,7 +96,7 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
     if inv_freq is not None:
         with torch.no_grad():
             lm.model.rotary.inv_freq.copy_(inv_freq)
-    return LlamaWithCache(name, lm, tokenizer, smollm2.layout_of(ours, tokenizer, model_type))
+    return LlamaWithCache(name, lm, tokenizer, smollm2.layout_of(ours, tokenizer, GENAI_TYPES.get(model_type, model_type)))
 
 
 def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
@@ -164,19 +169,25 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
         qkv_bias="model.layers.0.self_attn.q_proj.bias" in state, o_bias="model.layers.0.self_attn.o_proj.bias" in state,
         head_size=0 if head_dim * heads == cfg.hidden_size else int(head_dim),
         qk_norm="model.layers.0.self_attn.q_norm.weight" in state,
+        qk_norm_projection=_norm_width(state, "q_norm") == heads * head_dim != head_dim,
         rotary_size=0 if _rotary_size(cfg) == head_dim else _rotary_size(cfg), rotary_attention_factor=rotary_attention_factor,
         **_family_fields(cfg),
     )
 
 
+def _norm_width(state: dict[str, torch.Tensor], name: str) -> int:
+    weight = state.get(f"model.layers.0.self_attn.{name}.weight")
+    return int(weight.numel()) if weight is not None else 0
+
+
 def _family_fields(cfg: Any) -> dict[str, Any]:
-    """The LlamaConfig fields in which a Gemma, Gemma 2, Gemma 3, Granite or SmolLM3 differs from Llama
+    """The LlamaConfig fields in which a Gemma, Gemma 2, Gemma 3, Granite, SmolLM3 or OLMo 2 differs from Llama
     (the activation for all)."""
     fields: dict[str, Any] = {"hidden_act": ACTIVATIONS[_activation(cfg)]}
     if cfg.model_type in GEMMA:
         fields["embed_scale"] = float(cfg.hidden_size**0.5)
     if cfg.model_type in ("gemma2", "gemma3_text"):
-        fields.update(sandwich_norms=True, attention_scale=float(cfg.query_pre_attn_scalar**-0.5),
+        fields.update(norms="sandwich", attention_scale=float(cfg.query_pre_attn_scalar**-0.5),
                       attention_softcap=float(getattr(cfg, "attn_logit_softcapping", None) or 0.0),
                       logit_softcap=float(getattr(cfg, "final_logit_softcapping", None) or 0.0))
     if cfg.model_type == "gemma3_text":
@@ -186,6 +197,8 @@ def _family_fields(cfg: Any) -> dict[str, Any]:
     if cfg.model_type == "granite":
         fields.update(embed_scale=float(cfg.embedding_multiplier), attention_scale=float(cfg.attention_multiplier),
                       residual_scale=float(cfg.residual_multiplier), logit_divisor=float(cfg.logits_scaling))
+    if cfg.model_type == "olmo2":
+        fields["norms"] = "post"
     if cfg.model_type == "smollm3":
         fields["unrotated_layers"] = tuple(i for i, rotated in enumerate(cfg.no_rope_layers) if not rotated)
     return fields

@@ -86,15 +86,16 @@ class LlamaConfig:
     o_bias: bool = False  # the output projection adds one (Llama with attention_bias)
     head_size: int = 0  # each head's width where it is not hidden / heads (Qwen3); 0: hidden / heads
     qk_norm: bool = False  # each query and key head RMS-normalized before the rotation (Qwen3)
+    qk_norm_projection: bool = False  # the query and key norms normalize the whole projection, not each head (OLMo 2)
     rotary_size: int = 0  # the leading width of each head that is rotated (Phi-4-mini's 3/4); 0: the whole head
     rotary_attention_factor: float = 1.0  # on the cos and sin tables of a scaled rotary embedding (yarn, longrope)
     sliding_window: int = 0  # each query of a sliding layer sees the keys of its last W positions (Mistral); 0: none
     sliding_layers: tuple[int, ...] = ()  # the layers whose attention slides over `sliding_window` positions
     # Gemma's differences from Llama (the defaults are Llama's): embeddings times sqrt(hidden); the
-    # attention's output and the MLP's each normalized before their residual add ("sandwich" norms); a
+    # attention's output and the MLP's each normalized before their residual add (`norms`); a
     # tanh-approximated GELU gate; a softmax scale of its own; local layers rotated with theta of their own
     embed_scale: float = 0.0  # the token embeddings' factor; 0: none
-    sandwich_norms: bool = False
+    norms: str = "pre"  # "pre" (Llama), "sandwich" (Gemma 2 and 3: pre and post), "post" (OLMo 2: post only)
     hidden_act: str = "silu"  # or "gelu_tanh"
     attention_scale: float = 0.0  # 0: 1 / sqrt(head_dim)
     local_rope_theta: float = 0.0  # theta of the `local_layers`' rotary embedding; 0: they share the others'
@@ -217,12 +218,19 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
-        if cfg.qk_norm:
+        self.norm_projection = cfg.qk_norm_projection
+        if cfg.qk_norm and cfg.qk_norm_projection:
+            self.q_norm = RMSNorm(cfg.num_heads * cfg.head_dim, cfg.eps)
+            self.k_norm = RMSNorm(cfg.num_kv_heads * cfg.head_dim, cfg.eps)
+        elif cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.eps), RMSNorm(cfg.head_dim, cfg.eps)
 
     def _heads(self, x: torch.Tensor, heads: int, norm: nn.Module | None = None) -> torch.Tensor:
-        """[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim], each head normalized by
-        `norm` before the transpose where given (Qwen3's query and key norms)."""
+        """[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim], normalized by `norm` where
+        given: each head before the transpose (Qwen3's query and key norms), or the whole projection
+        before the heads are cut (OLMo 2's)."""
+        if norm is not None and self.norm_projection:
+            return norm(x).unflatten(-1, (heads, self.head_dim)).transpose(1, 2)
         x = x.unflatten(-1, (heads, self.head_dim))
         return (norm(x) if norm is not None else x).transpose(1, 2)
 
@@ -273,18 +281,20 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); with sandwich norms (Gemma's) the
-    attention's and the MLP's outputs are normalized too: x + norm(attn(norm(x))), then
-    x + norm(mlp(norm(x))), the norms named as transformers names Gemma's."""
+    """Pre-norm block (`norms` "pre"): x + attn(norm(x)), then x + mlp(norm(x)); "sandwich" (Gemma 2
+    and 3): x + norm(attn(norm(x))), then x + norm(mlp(norm(x))); "post" (OLMo 2): x + norm(attn(x)),
+    then x + norm(mlp(x)); the norms named as transformers names them."""
 
     def __init__(self, cfg: LlamaConfig, index: int = 0):
         super().__init__()
-        self.sandwich, self.residual_scale = cfg.sandwich_norms, cfg.residual_scale
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
+        self.norms, self.residual_scale = cfg.norms, cfg.residual_scale
+        if self.norms != "post":
+            self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
         self.self_attn = SelfAttention(cfg, index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
-        if self.sandwich:
+        if self.norms == "sandwich":
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
+        if self.norms != "pre":
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
         self.mlp = MLP(cfg)
 
@@ -294,19 +304,23 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """The layer's output; with `past`, also the attention's present (key, value)."""
         if past is None:
-            x = x + self._after_attention(self.self_attn(self.input_layernorm(x), cos, sin, mask))
+            x = x + self._after_attention(self.self_attn(self._attention_input(x), cos, sin, mask))
             return x + self._feed_forward(x)
-        attended, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
+        attended, present = self.self_attn(self._attention_input(x), cos, sin, mask, past)
         x = x + self._after_attention(attended)
         return x + self._feed_forward(x), present
 
+    def _attention_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.norms == "post" else self.input_layernorm(x)
+
     def _after_attention(self, attended: torch.Tensor) -> torch.Tensor:
-        return self._scaled(self.post_attention_layernorm(attended) if self.sandwich else attended)
+        return self._scaled(attended if self.norms == "pre" else self.post_attention_layernorm(attended))
 
     def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sandwich:
-            return self._scaled(self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))))
-        return self._scaled(self.mlp(self.post_attention_layernorm(x)))
+        if self.norms == "pre":
+            return self._scaled(self.mlp(self.post_attention_layernorm(x)))
+        inner = self.pre_feedforward_layernorm(x) if self.norms == "sandwich" else x
+        return self._scaled(self.post_feedforward_layernorm(self.mlp(inner)))
 
     def _scaled(self, h: torch.Tensor) -> torch.Tensor:
         return h * self.residual_scale if self.residual_scale else h

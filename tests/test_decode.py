@@ -523,6 +523,21 @@ def tiny_smollm3():
     return transformers.SmolLM3ForCausalLM(cfg).eval(), tiny_tokenizer()
 
 
+def tiny_olmo2():
+    """A random OLMo 2: norms after the attention and the MLP only, the whole query and key
+    projections RMS-normalized (random scales here)."""
+    torch.manual_seed(0)
+    cfg = transformers.Olmo2Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = transformers.Olmo2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.normal_(1.0, 0.3)
+    return model, tiny_tokenizer()
+
+
 def tiny_llama_dynamic():
     """A random Llama with `dynamic` rotary scaling, which keeps theta's frequencies within its positions."""
     torch.manual_seed(0)
@@ -568,14 +583,15 @@ def _llama_like_artifact(folder: Path, arch: str) -> Path:
     ("llama_dynamic", MAX_POSITIONS, [0, 0], "MatMul", 5), ("qwen2_sliding", MAX_POSITIONS, [0, 24], "Add", 5),
     ("gemma", MAX_POSITIONS, [0, 0], "MatMul", 5), ("gemma2", MAX_POSITIONS, [24, 0], "MatMul", 5),
     ("gemma3", MAX_POSITIONS, [24, 0], "Reshape", 7), ("granite", MAX_POSITIONS, [0, 0], "MatMul", 5),
-    ("smollm3", MAX_POSITIONS, [0, 0], "MatMul", 5)])
+    ("smollm3", MAX_POSITIONS, [0, 0], "MatMul", 5), ("olmo2", MAX_POSITIONS, [0, 0], "Mul", 7)])
 def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch, positions, windows, query,
                                                                           matmuls):
     """Qwen2, Qwen3, Mistral, Phi-3 (fused Q/K/V and gate/up weights, split at load) and Llama 3 (scaled
     rotary frequencies), Phi-4-mini-like (half of each head rotated, `longrope` within the positions it
     was trained on), Qwen2 with `yarn` and Llama with `dynamic` scaling, Gemma, Gemma 2 (soft-capped
     scores and logits), Gemma 3 (a local layer with its own theta and window, a global one scaled),
-    Granite (scalar multipliers) and SmolLM3 (a layer without rotation) factories compile to the decoder with a
+    Granite (scalar multipliers), SmolLM3 (a layer without rotation) and OLMo 2 (post-norms only,
+    norms of the whole query and key projections, read by the kernel) factories compile to the decoder with a
     KV cache and fused attention, the cached logits those of transformers' full sequence, ONNX Runtime GenAI's configuration naming
     the architecture: Q, K and V read packed by the attention (Qwen2's three biases one Add of their
     concatenation before it); Qwen3's normalized query and key heads flattened back into its query and
@@ -583,15 +599,16 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     Phi-3's, one of Qwen2's two) a kernel over its last W positions."""
     family = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3", "llama3": "Llama", "llama_bias": "Llama",
               "phi4": "Phi3", "qwen2_yarn": "Qwen2", "llama_dynamic": "Llama", "qwen2_sliding": "Qwen2", "gemma": "Gemma",
-              "gemma2": "Gemma2", "gemma3": "Gemma3Text", "granite": "Granite", "smollm3": "SmolLM3"}[arch]
+              "gemma2": "Gemma2", "gemma3": "Gemma3Text", "granite": "Granite", "smollm3": "SmolLM3",
+              "olmo2": "Olmo2"}[arch]
     if not hasattr(transformers, f"{family}Config"):
         pytest.skip(f"this transformers version has no {family}")
-    model_type = {"Gemma3Text": "gemma3_text"}.get(family, family.lower())
+    model_type = {"Gemma3Text": "gemma3_text", "Olmo2": "olmo"}.get(family, family.lower())  # GenAI's name for OLMo 2
     out = _llama_like_artifact(llama_like, arch)
     nodes = _nodes(out)
     producers = {o: n for n in nodes for o in n.output}
     attention = [n for n in nodes if n.op_type == "GroupQueryAttention"]
-    assert len(attention) == 2 and all((n.input[1] == "") == (arch not in ("qwen3", "gemma3")) for n in attention)
+    assert len(attention) == 2 and all((n.input[1] == "") == (arch not in ("qwen3", "gemma3", "olmo2")) for n in attention)
     assert [producers[n.input[0]].op_type for n in attention] == [query] * 2
     assert [next((a.i for a in n.attribute if a.name == "local_window_size"), 0) for n in attention] == windows
     assert [next((a.f for a in n.attribute if a.name == "softcap"), 0.0) for n in attention] == [2.0 if arch == "gemma2" else 0.0] * 2
@@ -631,7 +648,7 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3", "llama3", "phi4", "qwen2_yarn", "gemma", "gemma2", "gemma3",
-                                  "granite", "smollm3"])
+                                  "granite", "smollm3", "olmo2"])
 def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
     """ONNX Runtime GenAI loads each architecture's artifact by its `genai_config.json` (`type` qwen2,
     qwen3, mistral, phi3, llama) and generates our greedy tokens."""
@@ -648,7 +665,7 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
 
 @pytest.mark.parametrize("build, message", [
     (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2)),
-     "takes llama, mistral, phi3, qwen2, qwen3, gemma, gemma2, gemma3_text, granite, smollm3 causal LMs"),
+     "takes llama, mistral, phi3, qwen2, qwen3, gemma, gemma2, gemma3_text, granite, smollm3, olmo2 causal LMs"),
     (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                                                                     num_hidden_layers=1, num_attention_heads=4, mlp_bias=True)),
      "without MLP biases"),
