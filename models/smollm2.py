@@ -91,15 +91,15 @@ class LlamaConfig:
     rotary_attention_factor: float = 1.0  # on the cos and sin tables of a scaled rotary embedding (yarn, longrope)
     sliding_window: int = 0  # each query of a sliding layer sees the keys of its last W positions (Mistral); 0: none
     sliding_layers: tuple[int, ...] = ()  # the layers whose attention slides over `sliding_window` positions
-    # Gemma's differences from Llama (the defaults are Llama's): embeddings times sqrt(hidden); the
-    # attention's output and the MLP's each normalized before their residual add (`norms`); a
-    # tanh-approximated GELU gate; a softmax scale of its own; local layers rotated with theta of their own
+    # what other families change in a Llama decoder (the defaults are Llama's; models/hf_llama.py sets
+    # them from a Hugging Face config): Gemma's scaled embeddings, norm placement, GELU gate, softmax
+    # scale, local layers' theta and soft caps; Granite's multipliers; SmolLM3's unrotated layers
     embed_scale: float = 0.0  # the token embeddings' factor; 0: none
     norms: str = "pre"  # "pre" (Llama), "sandwich" (Gemma 2 and 3: pre and post), "post" (OLMo 2: post only)
     hidden_act: str = "silu"  # or "gelu_tanh"
     attention_scale: float = 0.0  # 0: 1 / sqrt(head_dim)
     local_rope_theta: float = 0.0  # theta of the `local_layers`' rotary embedding; 0: they share the others'
-    local_layers: tuple[int, ...] = ()
+    local_layers: tuple[int, ...] = ()  # the layers rotated with `local_rope_theta` (Gemma 3's local layers)
     attention_softcap: float = 0.0  # scaled scores soft-capped to (-c, c) by c * tanh(s / c) (Gemma 2); 0: none
     logit_softcap: float = 0.0  # the logits likewise
     residual_scale: float = 0.0  # each block's output times this before its residual add (Granite); 0: none
