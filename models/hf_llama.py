@@ -161,6 +161,7 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
     head_dim = _head_dim(cfg)
     positions = _positions(cfg)
     window, sliding_layers = _sliding(cfg, positions)
+    rotary_size = _rotary_size(cfg)
     theta = _rope(cfg).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     return smollm2.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, num_heads=heads,
@@ -170,7 +171,7 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
         head_size=0 if head_dim * heads == cfg.hidden_size else int(head_dim),
         qk_norm="model.layers.0.self_attn.q_norm.weight" in state,
         qk_norm_projection=_norm_width(state, "q_norm") == heads * head_dim != head_dim,
-        rotary_size=0 if _rotary_size(cfg) == head_dim else _rotary_size(cfg), rotary_attention_factor=rotary_attention_factor,
+        rotary_size=0 if rotary_size == head_dim else rotary_size, rotary_attention_factor=rotary_attention_factor,
         **_family_fields(cfg),
     )
 
@@ -237,13 +238,13 @@ def _positions(cfg: Any) -> int:
 
 def _sliding(cfg: Any, positions: int) -> tuple[int, tuple[int, ...]]:
     """(W, the layers whose attention slides over the last W positions): Mistral's and Phi-3's
-    `sliding_window` on every layer, Qwen2's and Qwen3's on the layers its layer types name (or from
-    `max_window_layers` on, where `use_sliding_window` and the config lists no layer types); (0, ())
-    where no window is shorter than the positions the cache holds."""
+    `sliding_window` on every layer, the others' on the layers their layer types name (Qwen2's and
+    Qwen3's from `max_window_layers` on where the config lists no layer types), none where
+    `use_sliding_window` is false; (0, ()) where no window is shorter than the positions the cache holds."""
     window = getattr(cfg, "sliding_window", None)
     layer_types = getattr(cfg, "layer_types", None)
-    if getattr(cfg, "use_sliding_window", None) is False and cfg.model_type == "smollm3":
-        layers: tuple[int, ...] = ()  # SmolLM3 lists sliding layer types its attention ignores unless enabled
+    if getattr(cfg, "use_sliding_window", None) is False:
+        layers: tuple[int, ...] = ()  # Qwen2, Qwen3 and SmolLM3 slide only where enabled, whatever their layer types say
     elif layer_types:
         layers = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
     elif cfg.model_type in ("mistral", "phi3"):

@@ -360,205 +360,141 @@ def test_factory_causal_lm_needs_its_tokenizer(monkeypatch):
         qcompile("tiny_llama_bare:build", "unused-output-dir", drift=False)
 
 
+# the tiny shape of the Llama-like factories below; each overrides what its architecture needs
+TINY_SHAPE = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS)
+
+
+def _tiny_hf(family: str, draw: tuple[tuple[str, ...], float, float] | None = None, config: str = "", **overrides):
+    """A seeded random transformers `<family>ForCausalLM` of TINY_SHAPE (with `overrides`) and the tiny
+    tokenizer; `draw` = (name endings, mean, std): those parameters drawn from a normal distribution,
+    where transformers starts them at a constant (biases at 0, norm scales at 0 or 1)."""
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config or f"{family}Config")(**{**TINY_SHAPE, **overrides})
+    model = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+    if draw is not None:
+        endings, mean, std = draw
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith(endings):
+                    parameter.normal_(mean, std)
+    return model, tiny_tokenizer()
+
+
 def tiny_qwen2():
     """A random Qwen2 causal LM: Llama with biases on Q, K and V (random here: transformers starts them
     at zero), the head tied to the embedding."""
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
-                                   tie_word_embeddings=True)
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith(".bias"):
-                parameter.normal_(0.0, 0.5)
-    return model, tiny_tokenizer()
+    return _tiny_hf("Qwen2", draw=((".bias",), 0.0, 0.5), tie_word_embeddings=True)
 
 
 def tiny_mistral():
     """A random Mistral causal LM whose attention slides over 48 of its 64 positions."""
-    torch.manual_seed(0)
-    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
-                                     sliding_window=48)
-    return transformers.MistralForCausalLM(cfg).eval(), tiny_tokenizer()
+    return _tiny_hf("Mistral", sliding_window=48)
 
 
 def tiny_qwen3():
     """A random Qwen3 causal LM: each query and key head RMS-normalized before the rotation (random
     scales here), heads 64 wide where hidden / heads is 32, the head tied to the embedding."""
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                   max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True)
-    model = transformers.Qwen3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                parameter.normal_(1.0, 0.3)
-    return model, tiny_tokenizer()
+    return _tiny_hf("Qwen3", draw=(("q_norm.weight", "k_norm.weight"), 1.0, 0.3), head_dim=64, tie_word_embeddings=True)
 
 
 def tiny_llama3():
     """A random Llama with Llama 3.1's scaled rotary frequencies (`rope_type` llama3; the original
     context 16 of 64 positions, so the scaling changes the low frequencies)."""
-    torch.manual_seed(0)
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 16, "rope_theta": 500000.0}
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
-                                   tie_word_embeddings=True, rope_parameters=rope)
-    return transformers.LlamaForCausalLM(cfg).eval(), tiny_tokenizer()
+    return _tiny_hf("Llama", tie_word_embeddings=True, rope_parameters=rope)
+
+
+# Phi-3's, Gemma's, SmolLM3's and OLMo 2's configs name their special tokens
+SPECIAL_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 def tiny_phi3():
     """A random Phi-3 causal LM: Q, K and V one weight, gate and up another; its attention slides over
     40 of its 64 positions."""
-    torch.manual_seed(0)
-    cfg = transformers.Phi3Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
-                                  sliding_window=40, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return transformers.Phi3ForCausalLM(cfg).eval(), tiny_tokenizer()
+    return _tiny_hf("Phi3", sliding_window=40, **SPECIAL_TOKENS)
 
 
 def tiny_phi4():
     """A random Phi-3 causal LM as Phi-4-mini is one: half of each head rotated (`partial_rotary_factor`),
     `longrope` frequencies trained on 32 of its 64 positions (random short factors; their attention
     factor scales the tables)."""
-    torch.manual_seed(0)
     factors = torch.rand(2, 8, generator=torch.Generator().manual_seed(1)) * 3 + 1
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "original_max_position_embeddings": 32,
             "short_factor": factors[0].tolist(), "long_factor": factors[1].tolist()}
-    cfg = transformers.Phi3Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
-                                  original_max_position_embeddings=32, sliding_window=None, rope_parameters=rope,
-                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    return transformers.Phi3ForCausalLM(cfg).eval(), tiny_tokenizer()
+    return _tiny_hf("Phi3", original_max_position_embeddings=32, sliding_window=None, rope_parameters=rope,
+                    tie_word_embeddings=True, **SPECIAL_TOKENS)
 
 
 def tiny_qwen2_yarn():
     """A random Qwen2 with `yarn` rotary scaling (Qwen2.5's long-context recipe: factor 4 over 16
     original positions), which scales the cos and sin tables too."""
-    torch.manual_seed(0)
     rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}
-    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
-                                   rope_parameters=rope)
-    return transformers.Qwen2ForCausalLM(cfg).eval(), tiny_tokenizer()
+    return _tiny_hf("Qwen2", rope_parameters=rope)
 
 
 def tiny_qwen2_sliding():
     """A random Qwen2 whose second layer attends over the last 24 positions (`use_sliding_window` from
     `max_window_layers` 1 on), its first over all."""
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
-                                   use_sliding_window=True, sliding_window=24, max_window_layers=1)
-    return transformers.Qwen2ForCausalLM(cfg).eval(), tiny_tokenizer()
+    return _tiny_hf("Qwen2", use_sliding_window=True, sliding_window=24, max_window_layers=1)
 
 
-def _randomize_norms(model: torch.nn.Module) -> torch.nn.Module:
-    """Gemma's norm weights start at 0 (a scale of 1 + 0): drawn at random here."""
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("norm.weight"):
-                parameter.normal_(0.0, 0.3)
-    return model
+# Gemma's norm weights start at 0 (a scale of 1 + 0): drawn at random
+GEMMA_NORMS = (("norm.weight",), 0.0, 0.3)
 
 
 def tiny_gemma():
     """A random Gemma causal LM: embeddings times sqrt(hidden), norms scaling by 1 + weight (random
     here), a tanh-GELU gate, heads 32 wide where hidden / heads is 16."""
-    torch.manual_seed(0)
-    cfg = transformers.GemmaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=1, head_dim=32,
-                                   max_position_embeddings=MAX_POSITIONS, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return _randomize_norms(transformers.GemmaForCausalLM(cfg).eval()), tiny_tokenizer()
+    return _tiny_hf("Gemma", draw=GEMMA_NORMS, hidden_size=64, num_key_value_heads=1, head_dim=32, **SPECIAL_TOKENS)
 
 
 def tiny_gemma2():
     """A random Gemma 2: sandwich norms (random), scores soft-capped at 2 and logits at 1 (small, so
     that the caps bite on random weights), a softmax scale of 1 / sqrt(48), its first layer sliding
     over 24 positions."""
-    torch.manual_seed(0)
-    cfg = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=48,
-                                    max_position_embeddings=MAX_POSITIONS, sliding_window=24, attn_logit_softcapping=2.0,
-                                    final_logit_softcapping=1.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return _randomize_norms(transformers.Gemma2ForCausalLM(cfg).eval()), tiny_tokenizer()
+    return _tiny_hf("Gemma2", draw=GEMMA_NORMS, head_dim=32, query_pre_attn_scalar=48, sliding_window=24,
+                    attn_logit_softcapping=2.0, final_logit_softcapping=1.0, **SPECIAL_TOKENS)
 
 
 def tiny_gemma3():
     """A random Gemma 3 text model: sandwich norms, query and key norms (random), a softmax scale of
     1 / sqrt(48), its first layer local (sliding over 24 positions, theta 10000), its second global
     (theta 1e6, `linear` scaling by 4)."""
-    torch.manual_seed(0)
     rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}}
-    cfg = transformers.Gemma3TextConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=48,
-                                        max_position_embeddings=MAX_POSITIONS, sliding_window=24,
-                                        layer_types=["sliding_attention", "full_attention"], rope_parameters=rope,
-                                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return _randomize_norms(transformers.Gemma3ForCausalLM(cfg).eval()), tiny_tokenizer()
+    return _tiny_hf("Gemma3", config="Gemma3TextConfig", draw=GEMMA_NORMS, head_dim=32, query_pre_attn_scalar=48,
+                    sliding_window=24, layer_types=["sliding_attention", "full_attention"], rope_parameters=rope,
+                    **SPECIAL_TOKENS)
 
 
 def tiny_granite():
     """A random Granite: embeddings times 12, a softmax scale of 1/64, each block's output times 0.22
     before its residual add, logits divided by 8."""
-    torch.manual_seed(0)
-    cfg = transformers.GraniteConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
-                                     embedding_multiplier=12.0, attention_multiplier=1 / 64, residual_multiplier=0.22,
-                                     logits_scaling=8.0, tie_word_embeddings=True)
-    return transformers.GraniteForCausalLM(cfg).eval(), tiny_tokenizer()
+    return _tiny_hf("Granite", embedding_multiplier=12.0, attention_multiplier=1 / 64, residual_multiplier=0.22,
+                    logits_scaling=8.0, tie_word_embeddings=True)
 
 
 def tiny_smollm3():
     """A random SmolLM3 whose second layer does not rotate its queries and keys (`no_rope_layers`)."""
-    torch.manual_seed(0)
-    cfg = transformers.SmolLM3Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
-                                     no_rope_layers=[1, 0], pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return transformers.SmolLM3ForCausalLM(cfg).eval(), tiny_tokenizer()
+    return _tiny_hf("SmolLM3", no_rope_layers=[1, 0], **SPECIAL_TOKENS)
 
 
 def tiny_olmo2():
     """A random OLMo 2: norms after the attention and the MLP only, the whole query and key
     projections RMS-normalized (random scales here)."""
-    torch.manual_seed(0)
-    cfg = transformers.Olmo2Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
-                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = transformers.Olmo2ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("norm.weight"):
-                parameter.normal_(1.0, 0.3)
-    return model, tiny_tokenizer()
+    return _tiny_hf("Olmo2", draw=(("norm.weight",), 1.0, 0.3), **SPECIAL_TOKENS)
 
 
 def tiny_llama_dynamic():
     """A random Llama with `dynamic` rotary scaling, which keeps theta's frequencies within its positions."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
-                                   rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
-    return transformers.LlamaForCausalLM(cfg).eval(), tiny_tokenizer()
+    return _tiny_hf("Llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
 
 
 def tiny_llama_bias():
     """A random Llama with `attention_bias`: Q, K, V and O each add a (random) bias."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
-                                   attention_bias=True)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith(".bias"):
-                parameter.normal_(0.0, 0.5)
-    return model, tiny_tokenizer()
+    return _tiny_hf("Llama", draw=((".bias",), 0.0, 0.5), attention_bias=True)
 
 
 @pytest.fixture(scope="module")
