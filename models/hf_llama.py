@@ -84,7 +84,8 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
         raise UserError(f"'{name}': the KV-cache capture takes rotary embeddings of type {', '.join(ROPE_TYPES)}, got "
                         f"'{rope_type}'; return (module, example_inputs) to capture it without a cache")
     inv_freq, attention_factor = _rotary_frequencies(cfg, rope_type)
-    ours = _config(cfg, state, rotary_attention_factor=attention_factor)
+    long_inv_freq, long_from = _long_frequencies(cfg, rope_type)
+    ours = _config(cfg, state, rotary_attention_factor=attention_factor, long_rope_from=long_from)
     state = _split_fused_projections(state, ours)
     lm = smollm2.CausalLM(ours)
     if "lm_head.weight" not in state or not getattr(cfg, "tie_word_embeddings", False):
@@ -93,9 +94,11 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
         else:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
     smollm2.load_exact(lm, state, name)
-    if inv_freq is not None:
-        with torch.no_grad():
+    with torch.no_grad():
+        if inv_freq is not None:
             lm.model.rotary.inv_freq.copy_(inv_freq)
+        if long_inv_freq is not None:
+            lm.model.rotary.long_inv_freq.copy_(long_inv_freq)
     return LlamaWithCache(name, lm, tokenizer, smollm2.layout_of(ours, tokenizer, GENAI_TYPES.get(model_type, model_type)))
 
 
@@ -154,12 +157,14 @@ def _rotary_size(cfg: Any) -> int:
     return int(_head_dim(cfg) * float(factor or 1.0))
 
 
-def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: float) -> smollm2.LlamaConfig:
+def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: float,
+            long_rope_from: int) -> smollm2.LlamaConfig:
     """Our decoder's hyper-parameters from a Hugging Face config; biases and query/key norms where
-    the weights have them; the factor a scaled rotary embedding puts on its tables."""
+    the weights have them; the factor a scaled rotary embedding puts on its tables and the position
+    from which a `longrope` one rotates by its long factors."""
     heads = cfg.num_attention_heads
     head_dim = _head_dim(cfg)
-    positions = _positions(cfg)
+    positions = int(cfg.max_position_embeddings)
     window, sliding_layers = _sliding(cfg, positions)
     rotary_size = _rotary_size(cfg)
     theta = _rope(cfg).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
@@ -172,6 +177,7 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
         qk_norm="model.layers.0.self_attn.q_norm.weight" in state,
         qk_norm_projection=_norm_width(state, "q_norm") == heads * head_dim != head_dim,
         rotary_size=0 if rotary_size == head_dim else rotary_size, rotary_attention_factor=rotary_attention_factor,
+        long_rope_from=long_rope_from,
         **_family_fields(cfg),
     )
 
@@ -208,7 +214,7 @@ def _family_fields(cfg: Any) -> dict[str, Any]:
 # rotary embeddings taken, their frequencies and table factor computed as transformers computes them when it
 # builds the model: Llama 3.1/3.2's `llama3`, `linear`, `yarn` (Qwen2.5's long context), `dynamic`
 # (which changes nothing within the model's positions) and `longrope` (Phi-3.5, Phi-4-mini: its short
-# factors, within the positions it was trained on, which the cache then holds)
+# factors within the positions it was trained on, its long factors for a run that reaches beyond them)
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 
 
@@ -225,15 +231,20 @@ def _rotary_frequencies(cfg: Any, rope_type: str) -> tuple[torch.Tensor | None, 
     return inv_freq.to(torch.float32), float(factor)
 
 
-def _positions(cfg: Any) -> int:
-    """The positions the cache holds: the model's, or those it was trained on where a `longrope`
-    embedding switches to its long factors beyond them."""
-    positions = int(cfg.max_position_embeddings)
+def _long_frequencies(cfg: Any, rope_type: str) -> tuple[torch.Tensor | None, int]:
+    """(the long factors' inverse frequencies, the position from which a run rotates by them) of a
+    `longrope` embedding trained on fewer positions than the model has, as transformers computes
+    them (`original_max_position_embeddings`: a run whose largest position id is that or beyond);
+    (None, 0) for every other embedding."""
     rope = _rope(cfg)
-    if rope.get("rope_type", rope.get("type")) == "longrope":
-        original = rope.get("original_max_position_embeddings", getattr(cfg, "original_max_position_embeddings", None))
-        positions = min(positions, int(original or positions))
-    return positions
+    original = rope.get("original_max_position_embeddings", getattr(cfg, "original_max_position_embeddings", None))
+    if rope_type != "longrope" or not original or int(original) >= int(cfg.max_position_embeddings):
+        return None, 0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    by_type = {"layer_type": "full_attention"} if _per_layer_type(cfg) else {}
+    inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"), seq_len=int(original) + 1, **by_type)
+    return inv_freq.to(torch.float32), int(original)
 
 
 def _sliding(cfg: Any, positions: int) -> tuple[int, tuple[int, ...]]:

@@ -89,6 +89,9 @@ class LlamaConfig:
     qk_norm_projection: bool = False  # the query and key norms normalize the whole projection, not each head (OLMo 2)
     rotary_size: int = 0  # the leading width of each head that is rotated (Phi-4-mini's 3/4); 0: the whole head
     rotary_attention_factor: float = 1.0  # on the cos and sin tables of a scaled rotary embedding (yarn, longrope)
+    # a step whose largest position is this or beyond rotates by a second set of frequencies, the long
+    # factors of a `longrope` embedding (Phi-3.5, Phi-4-mini: `original_max_position_embeddings`); 0: one set
+    long_rope_from: int = 0
     sliding_window: int = 0  # each query of a sliding layer sees the keys of its last W positions (Mistral); 0: none
     sliding_layers: tuple[int, ...] = ()  # the layers whose attention slides over `sliding_window` positions
     # what other families change in a Llama decoder (the defaults are Llama's; models/hf_llama.py sets
@@ -157,25 +160,34 @@ class RMSNorm(nn.Module):
 
 class RotaryEmbedding(nn.Module):
     """cos and sin tables [seq, rotary_dim] for positions 0..seq-1, computed from the length, times
-    `attention_factor` where a scaled embedding has one."""
+    `attention_factor` where a scaled embedding has one. With `long_from` > 0 (a `longrope`
+    embedding), a run whose largest position is `long_from` or beyond rotates all its positions by
+    `long_inv_freq` instead of `inv_freq`, as transformers switches to the long factors."""
 
-    def __init__(self, rotary_dim: int, theta: float, attention_factor: float = 1.0):
+    def __init__(self, rotary_dim: int, theta: float, attention_factor: float = 1.0, long_from: int = 0):
         super().__init__()
-        self.attention_factor = attention_factor
+        self.attention_factor, self.long_from = attention_factor, long_from
         exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float32) / rotary_dim
         self.register_buffer("inv_freq", 1.0 / (theta**exponents), persistent=False)
+        if long_from:
+            self.register_buffer("long_inv_freq", self.inv_freq.clone(), persistent=False)
 
     def forward(self, seq_len: int | torch.SymInt) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(seq_len, device=self.inv_freq.device).to(torch.float32)
-        freqs = positions[:, None] * self.inv_freq[None, :]
+        positions = torch.arange(seq_len, device=self.inv_freq.device)
+        freqs = positions.to(torch.float32)[:, None] * self._frequencies(positions)[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
         return self._tables(angles)
 
     def at(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin tables [batch, 1, seq, rotary_dim] for the given positions [batch, seq]."""
-        freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq
+        freqs = position_ids.to(torch.float32)[..., None] * self._frequencies(position_ids)
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]
         return self._tables(angles)
+
+    def _frequencies(self, positions: torch.Tensor) -> torch.Tensor:
+        if not self.long_from:
+            return self.inv_freq
+        return torch.where(positions.max() >= self.long_from, self.long_inv_freq, self.inv_freq)
 
     def _tables(self, angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.attention_factor == 1.0:
@@ -334,7 +346,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.eps)
-        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rotary_attention_factor)
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rotary_attention_factor, cfg.long_rope_from)
         if cfg.local_rope_theta:
             self.local_rotary = RotaryEmbedding(cfg.rotary_dim, cfg.local_rope_theta)
         self.cfg = cfg

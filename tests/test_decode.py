@@ -4,6 +4,7 @@ A tiny random Llama (transformers' LlamaConfig, 2 layers, hidden 128) with a wor
 comes in as a `package.module:function` source; the real SmolLM2 only in the slow tier.
 """
 
+import inspect
 import json
 import shutil
 import sys
@@ -515,7 +516,7 @@ def _llama_like_artifact(folder: Path, arch: str) -> Path:
     ("qwen2", MAX_POSITIONS, [0, 0], "Add", 5), ("mistral", MAX_POSITIONS, [48, 48], "MatMul", 5),
     ("qwen3", MAX_POSITIONS, [0, 0], "Reshape", 7), ("llama3", MAX_POSITIONS, [0, 0], "MatMul", 5),
     ("llama_bias", MAX_POSITIONS, [0, 0], "Add", 5), ("phi3", MAX_POSITIONS, [40, 40], "MatMul", 5),
-    ("phi4", 32, [0, 0], "MatMul", 5), ("qwen2_yarn", MAX_POSITIONS, [0, 0], "Add", 5),
+    ("phi4", MAX_POSITIONS, [0, 0], "MatMul", 5), ("qwen2_yarn", MAX_POSITIONS, [0, 0], "Add", 5),
     ("llama_dynamic", MAX_POSITIONS, [0, 0], "MatMul", 5), ("qwen2_sliding", MAX_POSITIONS, [0, 24], "Add", 5),
     ("gemma", MAX_POSITIONS, [0, 0], "MatMul", 5), ("gemma2", MAX_POSITIONS, [24, 0], "MatMul", 5),
     ("gemma3", MAX_POSITIONS, [24, 0], "Reshape", 7), ("granite", MAX_POSITIONS, [0, 0], "MatMul", 5),
@@ -523,8 +524,9 @@ def _llama_like_artifact(folder: Path, arch: str) -> Path:
 def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch, positions, windows, query,
                                                                           matmuls):
     """Qwen2, Qwen3, Mistral, Phi-3 (fused Q/K/V and gate/up weights, split at load) and Llama 3 (scaled
-    rotary frequencies), Phi-4-mini-like (half of each head rotated, `longrope` within the positions it
-    was trained on), Qwen2 with `yarn` and Llama with `dynamic` scaling, Gemma, Gemma 2 (soft-capped
+    rotary frequencies), Phi-4-mini-like (half of each head rotated, `longrope`: its prefill reaches
+    beyond the positions it was trained on, so that every position rotates by the long factors, as in
+    transformers' full sequence), Qwen2 with `yarn` and Llama with `dynamic` scaling, Gemma, Gemma 2 (soft-capped
     scores and logits), Gemma 3 (a local layer with its own theta and window, a global one scaled),
     Granite (scalar multipliers), SmolLM3 (a layer without rotation) and OLMo 2 (post-norms only,
     norms of the whole query and key projections, read by the kernel) factories compile to the decoder with a
@@ -561,8 +563,31 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     ids = np.random.default_rng(1).integers(3, VOCAB, positions)
     with torch.no_grad():
         full = hf(torch.from_numpy(ids[None])).logits[0].numpy()
-    stepped = cached_logits(CachedSession(out / "model.onnx", layout, threads=1), ids, prefill=7)
+    prefill = 40 if arch == "phi4" else 7
+    stepped = cached_logits(CachedSession(out / "model.onnx", layout, threads=1), ids, prefill=prefill)
     np.testing.assert_allclose(stepped, full, atol=5e-5 * np.abs(full).max())
+
+
+def test_longrope_steps_switch_to_the_long_factors_where_transformers_does(llama_like):
+    """A `longrope` decoder (Phi-4-mini-like, trained on 32 of its 64 positions) stepped through its
+    cache from a prefill of 7 to position 63: each step rotates by the short factors while its
+    position is below 32 and by the long ones from 32 on, the keys in the cache staying as they were
+    rotated, as transformers' own cache does; the two sets differ enough to tell them apart."""
+    out = _llama_like_artifact(llama_like, "phi4")
+    hf, _ = tiny_phi4()
+    ids = torch.from_numpy(np.random.default_rng(2).integers(3, VOCAB, MAX_POSITIONS)[None])
+    # transformers 5.x renames `past_key_values` to `cache`
+    cache = {("cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"):
+             transformers.DynamicCache(config=hf.config), "use_cache": True}
+    with torch.no_grad():
+        rows = [hf(ids[:, :7], **cache).logits[0]]
+        rows += [hf(ids[:, t: t + 1], **cache).logits[0] for t in range(7, MAX_POSITIONS)]
+        theirs = torch.cat(rows).numpy()
+        full = hf(ids).logits[0].numpy()  # every position rotated by the long factors
+    ours = cached_logits(CachedSession(out / "model.onnx", read_layout(out), threads=1), ids[0].numpy(), prefill=7)
+    tolerance = 5e-5 * np.abs(theirs).max()
+    np.testing.assert_allclose(ours, theirs, atol=tolerance)
+    assert np.abs(ours[:32] - full[:32]).max() > 10 * tolerance
 
 
 def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):

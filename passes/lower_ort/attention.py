@@ -13,6 +13,8 @@ What is matched, from each `Softmax` back (every other form is left as it is):
     (or Concat(rope(x[..., :R]), x[..., R:]): a partial rotation, Phi-4-mini's; R a multiple of 16;
      or x itself for q and k both: a layer without rotation, SmolLM3's, the kernel's do_rotary 0)
     cos, sin = Cos(e), Sin(e) (or each times one constant c: a scaled embedding's);  e = Unsqueeze(Concat(f, f, -1), 1);  f = Unsqueeze(Cast(position_ids)) * inv_freq
+    (inv_freq constant, or Where(ReduceMax(position_ids) >= P, long, short): a `longrope` embedding's
+     long factors for a run that reaches position P, its short ones below)
     present_k = Concat(past_k, rope(k), axis=2)              a graph output; past_k a graph input
     k_rep = Reshape(Expand(Unsqueeze(present_k, 2)))        (or present_k itself)
     out = Reshape(Transpose(Softmax(MatMul(rope(q), Transpose(k_rep, [0, 1, 3, 2])) * scale + mask)
@@ -32,6 +34,7 @@ needs a head size that is a multiple of 16; other models keep their attention.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -40,6 +43,18 @@ from qcompiler.ir import op_key, producer_of
 from qcompiler.ir.layers import new_initializer, take_over
 from qcompiler.ir.meta import CREATED_BY
 from qcompiler.passes.lower_ort.norms import mean_axes, rms_denominator
+
+
+class _Frequencies(NamedTuple):
+    """A layer's rotary inverse frequencies [D/2]: `short` for every run, or (a `longrope`
+    embedding) for a run whose largest position id is below `long_from`, `long` from it on."""
+    short: np.ndarray
+    long: np.ndarray | None = None
+    long_from: int = 0
+
+    def key(self) -> bytes:
+        return b"".join((self.short.tobytes(), b"" if self.long is None else self.long.tobytes(),
+                         np.int64(self.long_from).tobytes()))
 
 
 @dataclasses.dataclass
@@ -53,7 +68,7 @@ class _Attention:
     present_v: ir.Value
     out: ir.Value
     out_node: ir.Node
-    inv_freq: np.ndarray | None  # None: the layer does not rotate its queries and keys
+    frequencies: _Frequencies | None  # None: the layer does not rotate its queries and keys
     table_factor: float  # on the cos and sin tables (1 but for a scaled rotary embedding)
     position_ids: ir.Value | None
     scale: float
@@ -79,10 +94,10 @@ def fuse_attention(graph: ir.Graph) -> int:
     tables: dict[bytes, tuple[ir.Value, ir.Value]] = {}
     for a in found:
         rotary: list[ir.Value] = []  # cos, sin and position_ids where the layer rotates its queries and keys
-        if a.inv_freq is not None:
-            key = a.inv_freq.tobytes() + np.float64(a.table_factor).tobytes() + a.position_ids.name.encode()
+        if a.frequencies is not None:
+            key = a.frequencies.key() + np.float64(a.table_factor).tobytes() + a.position_ids.name.encode()
             if key not in tables:
-                tables[key] = _rotary_tables(graph, a.inv_freq, a.table_factor, a.position_ids, len(tables))
+                tables[key] = _rotary_tables(graph, a.frequencies, a.table_factor, a.position_ids, len(tables))
             rotary = [*tables[key], a.position_ids]
         q_in = a.q_lin if a.q_normed is None else _flattened(graph, a.q_normed)
         k_in = a.k_lin if a.k_normed is None else _flattened(graph, a.k_normed)
@@ -117,17 +132,25 @@ def _lengths(graph: ir.Graph, mask: ir.Value) -> tuple[ir.Value, ir.Value]:
     return seqlens, total
 
 
-def _rotary_tables(graph: ir.Graph, inv_freq: np.ndarray, factor: float, position_ids: ir.Value,
+def _rotary_tables(graph: ir.Graph, frequencies: _Frequencies, factor: float, position_ids: ir.Value,
                    index: int) -> tuple[ir.Value, ir.Value]:
     """cos and sin [largest position + 1, D/2] of position x inv_freq (times `factor` unless 1),
-    computed at run time."""
+    computed at run time; inv_freq the long frequencies where the largest position reaches their
+    start, else the short ones."""
     tag = f"attention.rotary{index or ''}"
-    freq = new_initializer(graph, f"{tag}.inv_freq", inv_freq.astype(np.float32))
+    freq = new_initializer(graph, f"{tag}.inv_freq", frequencies.short.astype(np.float32))
     zero = new_initializer(graph, f"{tag}.zero", np.array(0, np.int64))
     one = new_initializer(graph, f"{tag}.one", np.array(1, np.int64))
     axis = new_initializer(graph, f"{tag}.axis1", np.array([1], np.int64))
     nodes = [ir.node("ReduceMax", [position_ids], attributes={"keepdims": 0}, name=f"{tag}.largest")]
-    nodes.append(ir.node("Add", [nodes[-1].outputs[0], one], name=f"{tag}.count"))
+    largest = nodes[-1].outputs[0]
+    if frequencies.long is not None:
+        long = new_initializer(graph, f"{tag}.long_inv_freq", frequencies.long.astype(np.float32))
+        start = new_initializer(graph, f"{tag}.long_from", np.array(frequencies.long_from, np.int64))
+        nodes.append(ir.node("GreaterOrEqual", [largest, start], name=f"{tag}.is_long"))
+        nodes.append(ir.node("Where", [nodes[-1].outputs[0], long, freq], name=f"{tag}.inv_freq_of_run"))
+        freq = nodes[-1].outputs[0]
+    nodes.append(ir.node("Add", [largest, one], name=f"{tag}.count"))
     nodes.append(ir.node("Range", [zero, nodes[-1].outputs[0], one], name=f"{tag}.positions"))
     nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{tag}.positions_f"))
     nodes.append(ir.node("Unsqueeze", [nodes[-1].outputs[0], axis], name=f"{tag}.column"))
@@ -180,7 +203,7 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Attention | None:
     rotary = _rotary_of(q_rot, k_rot, graph)
     if rotary is None:
         return None
-    (q_heads, k_heads), inv_freq, cos_factor, position_ids = rotary
+    (q_heads, k_heads), frequencies, cos_factor, position_ids = rotary
     (q_lin, q_normed), (k_lin, k_normed) = _heads_or_normed(q_heads), _heads_or_normed(k_heads)
     v_lin = _heads(v_t)
     if (q_normed is None) != (k_normed is None):
@@ -192,16 +215,17 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Attention | None:
     if not all(isinstance(d, int) for d in (kv_heads, head, width)) or head % 16 or width % head:
         return None
     # the kernel rotates the leading 2 x (its tables' width) values of each head, a width of 8k
-    if inv_freq is not None and (inv_freq.ndim != 1 or inv_freq.size % 8 or 2 * inv_freq.size > head):
+    half = frequencies.short.size if frequencies is not None else 0
+    if half % 8 or 2 * half > head:
         return None
     return _Attention(q_lin, k_lin, v_lin, past_k, past_v, present_k, present_v, out_node.outputs[0], out_node,
-                      inv_freq, cos_factor, position_ids, scale, softcap, width // head, kv_heads,
+                      frequencies, cos_factor, position_ids, scale, softcap, width // head, kv_heads,
                       _sliding_window(mask), q_normed, k_normed)
 
 
 def _rotary_of(q_rot: ir.Value, k_rot: ir.Value, graph: ir.Graph) \
-        -> tuple[tuple[ir.Value, ir.Value], np.ndarray | None, float, ir.Value | None] | None:
-    """((q heads, k heads), inv_freq, table factor, position_ids) of a layer's rotated queries and
+        -> tuple[tuple[ir.Value, ir.Value], _Frequencies | None, float, ir.Value | None] | None:
+    """((q heads, k heads), frequencies, table factor, position_ids) of a layer's rotated queries and
     keys, both rotated by the same tables; ((q, k), None, 1.0, None) where neither is rotated (SmolLM3's
     unrotated layers); None otherwise."""
     q, k = _rotary(q_rot), _rotary(k_rot)
@@ -212,8 +236,8 @@ def _rotary_of(q_rot: ir.Value, k_rot: ir.Value, graph: ir.Graph) \
     (cos, cos_factor), (sin, sin_factor) = _table(q[1], "Cos"), _table(q[2], "Sin")
     if cos.inputs[0] is not sin.inputs[0] or cos_factor != sin_factor:
         return None
-    inv_freq, position_ids = _angles(cos, graph)
-    return ((q[0], k[0]), inv_freq, cos_factor, position_ids) if inv_freq is not None else None
+    frequencies, position_ids = _angles(cos, graph)
+    return ((q[0], k[0]), frequencies, cos_factor, position_ids) if frequencies is not None else None
 
 
 def _sliding_window(mask: ir.Value) -> int:
@@ -425,18 +449,39 @@ def _slice_bound(node: ir.Node, index: int) -> int | None:
     return int(bound.reshape(()))
 
 
-def _angles(cos: ir.Node, graph: ir.Graph) -> tuple[np.ndarray | None, ir.Value | None]:
-    """(inv_freq, position_ids) of cos = Cos(Unsqueeze(Concat(f, f, -1), 1)), f = Unsqueeze(Cast(position_ids)) * inv_freq."""
+def _angles(cos: ir.Node, graph: ir.Graph) -> tuple[_Frequencies | None, ir.Value | None]:
+    """(frequencies, position_ids) of cos = Cos(Unsqueeze(Concat(f, f, -1), 1)), f = Unsqueeze(Cast(position_ids)) * inv_freq."""
     unsqueeze = producer_of(cos.inputs[0], "Unsqueeze")
     concat = producer_of(unsqueeze.inputs[0], "Concat") if unsqueeze else None
     if concat is None or len(concat.inputs) != 2 or concat.inputs[0] is not concat.inputs[1]:
         return None, None
     mul = producer_of(concat.inputs[0], "Mul")
     for positions, freq in (mul.inputs, tuple(reversed(mul.inputs))) if mul else ():
-        inv_freq = _constant(freq)
         column = producer_of(positions, "Unsqueeze")
         cast = producer_of(column.inputs[0], "Cast") if column else None
         source = cast.inputs[0] if cast else None
-        if inv_freq is not None and source is not None and source in graph.inputs and source.name == "position_ids":
-            return inv_freq.reshape(-1), source
+        if source is None or source not in graph.inputs or source.name != "position_ids":
+            continue
+        frequencies = _frequencies(freq, source)
+        if frequencies is not None:
+            return frequencies, source
     return None, None
+
+
+def _frequencies(value: ir.Value, position_ids: ir.Value) -> _Frequencies | None:
+    """A constant `value`'s one set; or long and short where `value` = Where(ReduceMax(position_ids)
+    >= P, long, short), the largest of all position ids against a constant P (the decoders of
+    models/smollm2.py write a `longrope` embedding's switch so); None otherwise."""
+    inv_freq = _constant(value)
+    if inv_freq is not None:
+        return _Frequencies(inv_freq.reshape(-1))
+    where = producer_of(value, "Where")
+    compare = producer_of(where.inputs[0], "GreaterOrEqual") if where is not None else None
+    largest = producer_of(compare.inputs[0], "ReduceMax") if compare is not None else None
+    if largest is None or largest.inputs[0] is not position_ids or len(largest.inputs) > 1 \
+            or largest.attributes.get("keepdims") is None or largest.attributes["keepdims"].as_int() != 0:
+        return None
+    start, long, short = _constant(compare.inputs[1]), _constant(where.inputs[1]), _constant(where.inputs[2])
+    if start is None or start.size != 1 or long is None or short is None or long.size != short.size:
+        return None
+    return _Frequencies(short.reshape(-1), long.reshape(-1), int(start.reshape(())))
