@@ -1,5 +1,5 @@
-"""Hugging Face Llama, Mistral, Phi-3, Qwen2, Qwen3, Gemma (1, 2, 3), Granite, SmolLM3 and OLMo 2
-causal LMs as models with a KV cache: a `package.module:function` source that returns
+"""Hugging Face Llama, Mistral, Ministral, Phi-3, Qwen2, Qwen3, Seed-OSS, Gemma (1, 2, 3), Granite,
+SmolLM3, OLMo 2, OLMo 3 and EXAONE 4 causal LMs as models with a KV cache: a `package.module:function` source that returns
 `(model, tokenizer)` is rebuilt as our Llama decoder (`models/smollm2.py`, with what each
 architecture adds to Llama, see ARCHITECTURES) with the model's weights and captured with the cache
 layout of `models/causal_lm.py`."""
@@ -51,19 +51,23 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # layer sliding over a window; Gemma 3 (its text model) sandwich norms, Qwen3's query and key norms,
 # and local layers that slide over a window and rotate with a theta of their own; Granite scalar
 # multipliers on the embeddings, scores, residual branches and logits; SmolLM3 unrotated layers;
-# OLMo 2 norms after the attention and the MLP only, and norms of the whole query and key projections
-ARCHITECTURES = ("llama", "mistral", "phi3", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "smollm3",
-                 "olmo2")
+# OLMo 2 norms after the attention and the MLP only, and norms of the whole query and key projections;
+# OLMo 3 OLMo 2's with sliding layers of their own rotary theta; EXAONE 4 OLMo 2's norms, Qwen3's
+# query and key norms, sliding layers and, where it has them, unrotated global layers. Ministral is
+# Mistral with sliding layers named by layer type, Seed-OSS Llama with Q, K and V biases.
+ARCHITECTURES = ("llama", "mistral", "ministral", "phi3", "qwen2", "qwen3", "seed_oss", "gemma", "gemma2", "gemma3_text",
+                 "granite", "smollm3", "olmo2", "olmo3", "exaone4")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
-# `genai_config.json`'s type where ONNX Runtime GenAI (0.18) knows the architecture by another name: it
-# runs our graph either way, the type choosing its decoder-only handling
-GENAI_TYPES = {"olmo2": "olmo"}
+POST_NORMS = ("olmo2", "olmo3", "exaone4")  # norms after the attention and the MLP only
+# `genai_config.json`'s type where ONNX Runtime GenAI (0.18) knows the architecture by another name
+# or not at all: it runs our graph either way, the type choosing its decoder-only handling
+GENAI_TYPES = {"ministral": "mistral", "seed_oss": "llama", "olmo2": "olmo", "olmo3": "olmo", "exaone4": "llama"}
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
-    """Our Llama decoder (models/smollm2.py) with the weights of a Hugging Face Llama, Mistral, Phi-3,
-    Qwen2, Qwen3, Gemma (1, 2, 3), Granite, SmolLM3 or OLMo 2 causal LM, as a model with a KV cache; other architectures are refused. A layer with a
+    """Our Llama decoder (models/smollm2.py) with the weights of a Hugging Face causal LM of one of
+    ARCHITECTURES, as a model with a KV cache; other architectures are refused. A layer with a
     sliding attention window of W positions attends to the keys of the last W positions."""
     cfg = hf_model.config
     model_type = getattr(cfg, "model_type", None)
@@ -188,8 +192,9 @@ def _norm_width(state: dict[str, torch.Tensor], name: str) -> int:
 
 
 def _family_fields(cfg: Any) -> dict[str, Any]:
-    """The LlamaConfig fields in which a Gemma, Gemma 2, Gemma 3, Granite, SmolLM3 or OLMo 2 differs from Llama
-    (the activation for all)."""
+    """The LlamaConfig fields in which a Gemma, Gemma 2, Gemma 3, Granite, SmolLM3, OLMo 2, OLMo 3 or
+    EXAONE 4 differs from Llama (the activation for all; local layers' theta for every model with
+    rotary parameters per layer type)."""
     fields: dict[str, Any] = {"hidden_act": ACTIVATIONS[_activation(cfg)]}
     if cfg.model_type in GEMMA:
         fields["embed_scale"] = float(cfg.hidden_size**0.5)
@@ -197,15 +202,17 @@ def _family_fields(cfg: Any) -> dict[str, Any]:
         fields.update(norms="sandwich", attention_scale=float(cfg.query_pre_attn_scalar**-0.5),
                       attention_softcap=float(getattr(cfg, "attn_logit_softcapping", None) or 0.0),
                       logit_softcap=float(getattr(cfg, "final_logit_softcapping", None) or 0.0))
-    if cfg.model_type == "gemma3_text":
+    if cfg.model_type == "gemma3_text" or _per_layer_type(cfg):  # Gemma 3, OLMo 3
         local = [i for i, kind in enumerate(cfg.layer_types) if kind == "sliding_attention"]
         theta = _rope(cfg, "sliding_attention").get("rope_theta") if _per_layer_type(cfg) else cfg.rope_local_base_freq
         fields.update(local_rope_theta=float(theta), local_layers=tuple(local))
     if cfg.model_type == "granite":
         fields.update(embed_scale=float(cfg.embedding_multiplier), attention_scale=float(cfg.attention_multiplier),
                       residual_scale=float(cfg.residual_multiplier), logit_divisor=float(cfg.logits_scaling))
-    if cfg.model_type == "olmo2":
+    if cfg.model_type in POST_NORMS:
         fields["norms"] = "post"
+    if cfg.model_type == "exaone4" and cfg.sliding_window is not None:  # hybrid: global layers without rotation
+        fields["unrotated_layers"] = tuple(i for i, kind in enumerate(cfg.layer_types) if kind == "full_attention")
     if cfg.model_type == "smollm3":
         fields["unrotated_layers"] = tuple(i for i, rotated in enumerate(cfg.no_rope_layers) if not rotated)
     return fields
