@@ -1,5 +1,5 @@
 """Hugging Face Llama, Mistral, Ministral, Phi-3, Qwen2, Qwen3, Seed-OSS, Gemma (1, 2, 3), Granite,
-SmolLM3, OLMo 2, OLMo 3 and EXAONE 4 causal LMs as models with a KV cache: a `package.module:function` source that returns
+SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5 and Helium causal LMs as models with a KV cache: a `package.module:function` source that returns
 `(model, tokenizer)` is rebuilt as our Llama decoder (`models/smollm2.py`, with what each
 architecture adds to Llama, see ARCHITECTURES) with the model's weights and captured with the cache
 layout of `models/causal_lm.py`."""
@@ -54,14 +54,16 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # OLMo 2 norms after the attention and the MLP only, and norms of the whole query and key projections;
 # OLMo 3 OLMo 2's with sliding layers of their own rotary theta; EXAONE 4 OLMo 2's norms, Qwen3's
 # query and key norms, sliding layers and, where it has them, unrotated global layers. Ministral is
-# Mistral with sliding layers named by layer type, Seed-OSS Llama with Q, K and V biases.
+# Mistral with sliding layers named by layer type, Seed-OSS Llama with Q, K and V biases; ERNIE 4.5
+# and Helium rotate each pair of neighbouring values of a head, not its two halves.
 ARCHITECTURES = ("llama", "mistral", "ministral", "phi3", "qwen2", "qwen3", "seed_oss", "gemma", "gemma2", "gemma3_text",
-                 "granite", "smollm3", "olmo2", "olmo3", "exaone4")
+                 "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ernie4_5", "helium")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 POST_NORMS = ("olmo2", "olmo3", "exaone4")  # norms after the attention and the MLP only
 # `genai_config.json`'s type where ONNX Runtime GenAI (0.18) knows the architecture by another name
 # or not at all: it runs our graph either way, the type choosing its decoder-only handling
-GENAI_TYPES = {"ministral": "mistral", "seed_oss": "llama", "olmo2": "olmo", "olmo3": "olmo", "exaone4": "llama"}
+GENAI_TYPES = {"ministral": "mistral", "seed_oss": "llama", "olmo2": "olmo", "olmo3": "olmo", "exaone4": "llama", "helium": "llama"}
+INTERLEAVED_ROTARY = ("ernie4_5", "helium")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
@@ -192,10 +194,11 @@ def _norm_width(state: dict[str, torch.Tensor], name: str) -> int:
 
 
 def _family_fields(cfg: Any) -> dict[str, Any]:
-    """The LlamaConfig fields in which a Gemma, Gemma 2, Gemma 3, Granite, SmolLM3, OLMo 2, OLMo 3 or
-    EXAONE 4 differs from Llama (the activation for all; local layers' theta for every model with
-    rotary parameters per layer type)."""
-    fields: dict[str, Any] = {"hidden_act": ACTIVATIONS[_activation(cfg)]}
+    """The LlamaConfig fields in which a Gemma, Gemma 2, Gemma 3, Granite, SmolLM3, OLMo 2, OLMo 3,
+    EXAONE 4, ERNIE 4.5 or Helium differs from Llama (the activation for all; local layers' theta for
+    every model with rotary parameters per layer type)."""
+    fields: dict[str, Any] = {"hidden_act": ACTIVATIONS[_activation(cfg)],
+                              "rotary_interleaved": cfg.model_type in INTERLEAVED_ROTARY}
     if cfg.model_type in GEMMA:
         fields["embed_scale"] = float(cfg.hidden_size**0.5)
     if cfg.model_type in ("gemma2", "gemma3_text"):

@@ -92,6 +92,7 @@ class LlamaConfig:
     # a step whose largest position is this or beyond rotates by a second set of frequencies, the long
     # factors of a `longrope` embedding (Phi-3.5, Phi-4-mini: `original_max_position_embeddings`); 0: one set
     long_rope_from: int = 0
+    rotary_interleaved: bool = False  # rotate the pairs (x[2i], x[2i+1]) of each head, not its two halves (ERNIE 4.5, Helium)
     sliding_window: int = 0  # each query of a sliding layer sees the keys of its last W positions (Mistral); 0: none
     sliding_layers: tuple[int, ...] = ()  # the layers whose attention slides over `sliding_window` positions
     # what other families change in a Llama decoder (the defaults are Llama's; models/hf_llama.py sets
@@ -164,9 +165,10 @@ class RotaryEmbedding(nn.Module):
     embedding), a run whose largest position is `long_from` or beyond rotates all its positions by
     `long_inv_freq` instead of `inv_freq`, as transformers switches to the long factors."""
 
-    def __init__(self, rotary_dim: int, theta: float, attention_factor: float = 1.0, long_from: int = 0):
+    def __init__(self, rotary_dim: int, theta: float, attention_factor: float = 1.0, long_from: int = 0,
+                 interleaved: bool = False):
         super().__init__()
-        self.attention_factor, self.long_from = attention_factor, long_from
+        self.attention_factor, self.long_from, self.interleaved = attention_factor, long_from, interleaved
         exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float32) / rotary_dim
         self.register_buffer("inv_freq", 1.0 / (theta**exponents), persistent=False)
         if long_from:
@@ -175,14 +177,18 @@ class RotaryEmbedding(nn.Module):
     def forward(self, seq_len: int | torch.SymInt) -> tuple[torch.Tensor, torch.Tensor]:
         positions = torch.arange(seq_len, device=self.inv_freq.device)
         freqs = positions.to(torch.float32)[:, None] * self._frequencies(positions)[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return self._tables(angles)
+        return self._tables(self._doubled(freqs))
 
     def at(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin tables [batch, 1, seq, rotary_dim] for the given positions [batch, seq]."""
         freqs = position_ids.to(torch.float32)[..., None] * self._frequencies(position_ids)
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return self._tables(angles)
+        return self._tables(self._doubled(freqs)[:, None])
+
+    def _doubled(self, freqs: torch.Tensor) -> torch.Tensor:
+        """Each angle twice over the last axis: (f, f) as two halves, or each beside itself (interleaved)."""
+        if self.interleaved:
+            return torch.stack((freqs, freqs), dim=-1).flatten(-2)
+        return torch.cat((freqs, freqs), dim=-1)
 
     def _frequencies(self, positions: torch.Tensor) -> torch.Tensor:
         if not self.long_from:
@@ -206,14 +212,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x[2i], x[2i+1]) -> (-x[2i+1], x[2i]) on each pair of the last axis."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """Rotate query or key heads [batch, heads, seq, head_dim] by their positions' angles: the whole
-    head, or its leading cos.shape[-1] values where the tables are narrower (a partial rotation)."""
+    head, or its leading cos.shape[-1] values where the tables are narrower (a partial rotation);
+    its two halves as the two coordinates, or (`interleaved`) each pair of neighbours."""
+    rotate = rotate_pairs if interleaved else rotate_half
     width = cos.shape[-1]
     if width == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return x * cos + rotate(x) * sin
     rotated, passed = x[..., :width], x[..., width:]
-    return torch.cat((rotated * cos + rotate_half(rotated) * sin, passed), dim=-1)
+    return torch.cat((rotated * cos + rotate(rotated) * sin, passed), dim=-1)
 
 
 class SelfAttention(nn.Module):
@@ -222,7 +235,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, cfg: LlamaConfig, index: int = 0):
         super().__init__()
-        self.rotated = index not in cfg.unrotated_layers
+        self.rotated, self.interleaved = index not in cfg.unrotated_layers, cfg.rotary_interleaved
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = cfg.attention_scale or 1.0 / math.sqrt(cfg.head_dim)
         self.softcap = cfg.attention_softcap
@@ -265,7 +278,7 @@ class SelfAttention(nn.Module):
         q = self._heads(self.q_proj(x), self.num_heads, getattr(self, "q_norm", None))
         k = self._heads(self.k_proj(x), self.num_kv_heads, getattr(self, "k_norm", None))
         if self.rotated:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
         v = self._heads(self.v_proj(x), self.num_kv_heads)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
@@ -346,9 +359,10 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.eps)
-        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rotary_attention_factor, cfg.long_rope_from)
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rotary_attention_factor, cfg.long_rope_from,
+                                      cfg.rotary_interleaved)
         if cfg.local_rope_theta:
-            self.local_rotary = RotaryEmbedding(cfg.rotary_dim, cfg.local_rope_theta)
+            self.local_rotary = RotaryEmbedding(cfg.rotary_dim, cfg.local_rope_theta, interleaved=cfg.rotary_interleaved)
         self.cfg = cfg
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -518,6 +518,16 @@ def tiny_exaone4():
                     **SPECIAL_TOKENS)
 
 
+def tiny_ernie4_5():
+    """A random ERNIE 4.5: each pair of neighbouring values of a head rotated together."""
+    return _tiny_hf("Ernie4_5", head_dim=32, **SPECIAL_TOKENS)
+
+
+def tiny_helium():
+    """A random Helium: a Llama whose neighbouring values of a head are rotated as pairs."""
+    return _tiny_hf("Helium", head_dim=32, **SPECIAL_TOKENS)
+
+
 def tiny_llama_dynamic():
     """A random Llama with `dynamic` rotary scaling, which keeps theta's frequencies within its positions."""
     return _tiny_hf("Llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
@@ -552,7 +562,8 @@ def _llama_like_artifact(folder: Path, arch: str) -> Path:
     ("gemma3", MAX_POSITIONS, [24, 0], "Reshape", 7), ("granite", MAX_POSITIONS, [0, 0], "MatMul", 5),
     ("smollm3", MAX_POSITIONS, [0, 0], "MatMul", 5), ("olmo2", MAX_POSITIONS, [0, 0], "Mul", 7),
     ("ministral", MAX_POSITIONS, [24, 0], "MatMul", 5), ("seed_oss", MAX_POSITIONS, [0, 0], "Add", 5),
-    ("olmo3", MAX_POSITIONS, [24, 0], "Mul", 7), ("exaone4", MAX_POSITIONS, [24, 0], "Reshape", 7)])
+    ("olmo3", MAX_POSITIONS, [24, 0], "Mul", 7), ("exaone4", MAX_POSITIONS, [24, 0], "Reshape", 7),
+    ("ernie4_5", MAX_POSITIONS, [0, 0], "MatMul", 5), ("helium", MAX_POSITIONS, [0, 0], "MatMul", 5)])
 def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch, positions, windows, query,
                                                                           matmuls):
     """Qwen2, Qwen3, Mistral, Phi-3 (fused Q/K/V and gate/up weights, split at load) and Llama 3 (scaled
@@ -563,7 +574,8 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     Granite (scalar multipliers), SmolLM3 (a layer without rotation), OLMo 2 (post-norms only,
     norms of the whole query and key projections, read by the kernel), Ministral (sliding by layer
     type), Seed-OSS (Q, K, V and O biases), OLMo 3 (OLMo 2 with a sliding layer of its own theta) and
-    EXAONE 4 (post-norms, query and key head norms, a sliding layer and an unrotated global one) factories compile to the decoder with a
+    EXAONE 4 (post-norms, query and key head norms, a sliding layer and an unrotated global one), ERNIE
+    4.5 and Helium (neighbouring values rotated as pairs: the kernel's `rotary_interleaved`) factories compile to the decoder with a
     KV cache and fused attention, the cached logits those of transformers' full sequence, ONNX Runtime GenAI's configuration naming
     the architecture: Q, K and V read packed by the attention (Qwen2's three biases one Add of their
     concatenation before it); Qwen3's normalized query and key heads flattened back into its query and
@@ -572,12 +584,13 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     family = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3", "llama3": "Llama", "llama_bias": "Llama",
               "phi4": "Phi3", "qwen2_yarn": "Qwen2", "llama_dynamic": "Llama", "qwen2_sliding": "Qwen2", "gemma": "Gemma",
               "gemma2": "Gemma2", "gemma3": "Gemma3Text", "granite": "Granite", "smollm3": "SmolLM3",
-              "olmo2": "Olmo2", "ministral": "Ministral", "seed_oss": "SeedOss", "olmo3": "Olmo3", "exaone4": "Exaone4"}[arch]
+              "olmo2": "Olmo2", "ministral": "Ministral", "seed_oss": "SeedOss", "olmo3": "Olmo3", "exaone4": "Exaone4",
+              "ernie4_5": "Ernie4_5", "helium": "Helium"}[arch]
     if not hasattr(transformers, f"{family}Config"):
         pytest.skip(f"this transformers version has no {family}")
     # the names ONNX Runtime GenAI knows (from_hf's GENAI_TYPES)
     model_type = {"Gemma3Text": "gemma3_text", "Olmo2": "olmo", "Olmo3": "olmo", "Ministral": "mistral", "SeedOss": "llama",
-                  "Exaone4": "llama"}.get(family, family.lower())
+                  "Exaone4": "llama", "Helium": "llama"}.get(family, family.lower())
     out = _llama_like_artifact(llama_like, arch)
     nodes = _nodes(out)
     producers = {o: n for n in nodes for o in n.output}
@@ -589,6 +602,8 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     assert [next((a.f for a in n.attribute if a.name == "softcap"), 0.0) for n in attention] == [2.0 if arch == "gemma2" else 0.0] * 2
     assert [next(a.i for a in n.attribute if a.name == "do_rotary") for n in attention] == \
         ([1, 0] if arch in ("smollm3", "exaone4") else [1, 1])
+    assert {next(a.i for a in n.attribute if a.name == "rotary_interleaved") for n in attention} == \
+        {int(arch in ("ernie4_5", "helium"))}
     assert sum(n.op_type == "MatMul" for n in nodes) == 2 * matmuls + 1  # (QKV or Q, K, V), O, gate, up, down; the head
     assert "Softmax" not in {n.op_type for n in nodes}
     layout = read_layout(out)
@@ -647,7 +662,8 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3", "llama3", "phi4", "qwen2_yarn", "gemma", "gemma2", "gemma3",
-                                  "granite", "smollm3", "olmo2", "ministral", "seed_oss", "olmo3", "exaone4"])
+                                  "granite", "smollm3", "olmo2", "ministral", "seed_oss", "olmo3", "exaone4", "ernie4_5",
+                                  "helium"])
 def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
     """ONNX Runtime GenAI loads each architecture's artifact by its `genai_config.json` (`type` qwen2,
     qwen3, mistral, phi3, llama) and generates our greedy tokens."""
@@ -665,7 +681,7 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
 @pytest.mark.parametrize("build, message", [
     (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2)),
      "takes llama, mistral, ministral, phi3, qwen2, qwen3, seed_oss, gemma, gemma2, gemma3_text, granite, smollm3, olmo2, "
-     "olmo3, exaone4 causal LMs"),
+     "olmo3, exaone4, ernie4_5, helium causal LMs"),
     (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                                                                     num_hidden_layers=1, num_attention_heads=4, mlp_bias=True)),
      "without MLP biases"),

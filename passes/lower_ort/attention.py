@@ -10,9 +10,13 @@ What is matched, from each `Softmax` back (every other form is left as it is):
     (or Transpose(RMSNorm(Reshape(q_lin))) for q and k both, each head normalized over its last axis:
      Qwen3's query and key norms; the kernel then reads the normalized heads flattened)
     rope(x) = x * cos + Concat(-x[..., D/2:], x[..., :D/2]) * sin
+    (or x * cos + Reshape(Concat(Unsqueeze(-x[..., 1::2]), Unsqueeze(x[..., 0::2]), -1)) * sin with the
+     angles e interleaved, each beside itself: neighbours rotated as pairs, ERNIE 4.5's and Helium's,
+     the kernel's rotary_interleaved 1)
     (or Concat(rope(x[..., :R]), x[..., R:]): a partial rotation, Phi-4-mini's; R a multiple of 16;
      or x itself for q and k both: a layer without rotation, SmolLM3's, the kernel's do_rotary 0)
-    cos, sin = Cos(e), Sin(e) (or each times one constant c: a scaled embedding's);  e = Unsqueeze(Concat(f, f, -1), 1);  f = Unsqueeze(Cast(position_ids)) * inv_freq
+    cos, sin = Cos(e), Sin(e) (or each times one constant c: a scaled embedding's);  e = Unsqueeze(Concat(f, f, -1), 1)
+    (interleaved: Unsqueeze(Reshape(Concat(Unsqueeze(f, -1), Unsqueeze(f, -1), -1)), 1));  f = Unsqueeze(Cast(position_ids)) * inv_freq
     (inv_freq constant, or Where(ReduceMax(position_ids) >= P, long, short): a `longrope` embedding's
      long factors for a run that reaches position P, its short ones below)
     present_k = Concat(past_k, rope(k), axis=2)              a graph output; past_k a graph input
@@ -69,6 +73,7 @@ class _Attention:
     out: ir.Value
     out_node: ir.Node
     frequencies: _Frequencies | None  # None: the layer does not rotate its queries and keys
+    interleaved: bool  # neighbouring values rotated as pairs (the kernel's rotary_interleaved), not the two halves
     table_factor: float  # on the cos and sin tables (1 but for a scaled rotary embedding)
     position_ids: ir.Value | None
     scale: float
@@ -104,7 +109,7 @@ def fuse_attention(graph: ir.Graph) -> int:
         node = ir.node(
             "GroupQueryAttention", [q_in, k_in, a.v_lin, a.past_k, a.past_v, seqlens, total, *rotary],
             attributes={"num_heads": a.heads, "kv_num_heads": a.kv_heads, "scale": a.scale, "do_rotary": int(bool(rotary)),
-                        "rotary_interleaved": 0, **({"local_window_size": a.window} if a.window else {}),
+                        "rotary_interleaved": int(a.interleaved), **({"local_window_size": a.window} if a.window else {}),
                         **({"softcap": a.softcap} if a.softcap else {})},
             domain="com.microsoft", num_outputs=3, name=f"{a.out_node.name}.attention", metadata_props={CREATED_BY: "lower-ort"})
         graph.insert_before(a.out_node, node)
@@ -203,7 +208,7 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Attention | None:
     rotary = _rotary_of(q_rot, k_rot, graph)
     if rotary is None:
         return None
-    (q_heads, k_heads), frequencies, cos_factor, position_ids = rotary
+    (q_heads, k_heads), frequencies, interleaved, cos_factor, position_ids = rotary
     (q_lin, q_normed), (k_lin, k_normed) = _heads_or_normed(q_heads), _heads_or_normed(k_heads)
     v_lin = _heads(v_t)
     if (q_normed is None) != (k_normed is None):
@@ -219,25 +224,27 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Attention | None:
     if half % 8 or 2 * half > head:
         return None
     return _Attention(q_lin, k_lin, v_lin, past_k, past_v, present_k, present_v, out_node.outputs[0], out_node,
-                      frequencies, cos_factor, position_ids, scale, softcap, width // head, kv_heads,
+                      frequencies, interleaved, cos_factor, position_ids, scale, softcap, width // head, kv_heads,
                       _sliding_window(mask), q_normed, k_normed)
 
 
 def _rotary_of(q_rot: ir.Value, k_rot: ir.Value, graph: ir.Graph) \
-        -> tuple[tuple[ir.Value, ir.Value], _Frequencies | None, float, ir.Value | None] | None:
-    """((q heads, k heads), frequencies, table factor, position_ids) of a layer's rotated queries and
-    keys, both rotated by the same tables; ((q, k), None, 1.0, None) where neither is rotated (SmolLM3's
-    unrotated layers); None otherwise."""
+        -> tuple[tuple[ir.Value, ir.Value], _Frequencies | None, bool, float, ir.Value | None] | None:
+    """((q heads, k heads), frequencies, interleaved, table factor, position_ids) of a layer's rotated
+    queries and keys, both rotated by the same tables, halves or pairs as the angles are laid out;
+    ((q, k), None, False, 1.0, None) where neither is rotated (SmolLM3's unrotated layers); None otherwise."""
     q, k = _rotary(q_rot), _rotary(k_rot)
     if q is None and k is None:
-        return (q_rot, k_rot), None, 1.0, None
+        return (q_rot, k_rot), None, False, 1.0, None
     if q is None or k is None or q[1:] != k[1:]:
         return None
     (cos, cos_factor), (sin, sin_factor) = _table(q[1], "Cos"), _table(q[2], "Sin")
     if cos.inputs[0] is not sin.inputs[0] or cos_factor != sin_factor:
         return None
-    frequencies, position_ids = _angles(cos, graph)
-    return ((q[0], k[0]), frequencies, cos_factor, position_ids) if frequencies is not None else None
+    frequencies, interleaved, position_ids = _angles(cos, graph)
+    if frequencies is None or interleaved != q[3]:
+        return None
+    return (q[0], k[0]), frequencies, interleaved, cos_factor, position_ids
 
 
 def _sliding_window(mask: ir.Value) -> int:
@@ -373,8 +380,8 @@ def _flattened(graph: ir.Graph, heads: ir.Value) -> ir.Value:
     return flat.outputs[0]
 
 
-def _rotary(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value] | None:
-    """(x, cos, sin) when `value` is rope(x), or Concat(rope(x[..., :R]), x[..., R:], -1) (a partial
+def _rotary(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value, bool] | None:
+    """(x, cos, sin, interleaved) when `value` is rope(x), or Concat(rope(x[..., :R]), x[..., R:], -1) (a partial
     rotation, of the R leading values of each head)."""
     whole = _rope(value)
     if whole is not None:
@@ -387,11 +394,12 @@ def _rotary(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value] | None:
     if lead is None or passed is None or lead.inputs[0] is not passed.inputs[0] or _slice_start(lead) != 0 \
             or _slice_end(lead) is None or _slice_end(lead) != _slice_start(passed):
         return None
-    return lead.inputs[0], rotated[1], rotated[2]
+    return lead.inputs[0], rotated[1], rotated[2], rotated[3]
 
 
-def _rope(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value] | None:
-    """(x, cos, sin) when `value` = x * cos + Concat(-x[..., D/2:], x[..., :D/2], -1) * sin."""
+def _rope(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value, bool] | None:
+    """(x, cos, sin, False) when `value` = x * cos + Concat(-x[..., D/2:], x[..., :D/2], -1) * sin;
+    (x, cos, sin, True) when the second term rotates neighbouring pairs instead (`_rotated_pairs`)."""
     add = producer_of(value, "Add")
     if add is None:
         return None
@@ -401,8 +409,12 @@ def _rope(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value] | None:
             continue
         for x, cos in (direct.inputs, tuple(reversed(direct.inputs))):
             for half, sin in (turned.inputs, tuple(reversed(turned.inputs))):
-                if _table(cos, "Cos") and _table(sin, "Sin") and _rotated_half(half, x):
-                    return x, cos, sin
+                if not (_table(cos, "Cos") and _table(sin, "Sin")):
+                    continue
+                if _rotated_half(half, x):
+                    return x, cos, sin, False
+                if _rotated_pairs(half, x):
+                    return x, cos, sin, True
     return None
 
 
@@ -431,6 +443,24 @@ def _rotated_half(value: ir.Value, x: ir.Value) -> bool:
         and _slice_start(upper) not in (None, 0) and _slice_start(lower) == 0
 
 
+def _rotated_pairs(value: ir.Value, x: ir.Value) -> bool:
+    """`value` = Reshape(Concat(Unsqueeze(-x[..., 1::2], -1), Unsqueeze(x[..., 0::2], -1), -1)): each
+    pair (x[2i], x[2i+1]) turned to (-x[2i+1], x[2i])."""
+    reshape = producer_of(value, "Reshape")
+    concat = producer_of(reshape.inputs[0], "Concat") if reshape is not None else None
+    if concat is None or len(concat.inputs) != 2 or concat.attributes["axis"].as_int() != -1:
+        return False
+    odd, even = (producer_of(v, "Unsqueeze") for v in concat.inputs)
+    if odd is None or even is None or any(_constant(u.inputs[1]) is None or _constant(u.inputs[1]).reshape(-1).tolist() != [-1]
+                                          for u in (odd, even)):
+        return False
+    neg = producer_of(odd.inputs[0], "Neg")
+    odd_slice = producer_of(neg.inputs[0], "Slice") if neg is not None else None
+    even_slice = producer_of(even.inputs[0], "Slice")
+    return odd_slice is not None and even_slice is not None and odd_slice.inputs[0] is x and even_slice.inputs[0] is x \
+        and _slice_bound(odd_slice, 1, step=2) == 1 and _slice_bound(even_slice, 1, step=2) == 0
+
+
 def _slice_start(node: ir.Node) -> int | None:
     """The start of a Slice of the last axis (of a 4-D value) by a constant; None for another Slice."""
     return _slice_bound(node, 1)
@@ -440,22 +470,36 @@ def _slice_end(node: ir.Node) -> int | None:
     return _slice_bound(node, 2)
 
 
-def _slice_bound(node: ir.Node, index: int) -> int | None:
+def _slice_bound(node: ir.Node, index: int, step: int = 1) -> int | None:
+    """Input `index` (1: start, 2: end) of a Slice of the last axis by constants, taking every `step`-th value."""
     bound, axes = _constant(node.inputs[index]), _constant(node.inputs[3]) if len(node.inputs) > 3 else None
     steps = _constant(node.inputs[4]) if len(node.inputs) > 4 else None
     if bound is None or bound.size != 1 or (axes is not None and axes.reshape(-1).tolist() not in ([-1], [3])) \
-            or (steps is not None and steps.reshape(-1).tolist() != [1]):
+            or (steps.reshape(-1).tolist() if steps is not None else [1]) != [step]:
         return None
     return int(bound.reshape(()))
 
 
-def _angles(cos: ir.Node, graph: ir.Graph) -> tuple[_Frequencies | None, ir.Value | None]:
-    """(frequencies, position_ids) of cos = Cos(Unsqueeze(Concat(f, f, -1), 1)), f = Unsqueeze(Cast(position_ids)) * inv_freq."""
+def _angles(cos: ir.Node, graph: ir.Graph) -> tuple[_Frequencies | None, bool, ir.Value | None]:
+    """(frequencies, interleaved, position_ids) of cos = Cos(Unsqueeze(d, 1)) where d doubles
+    f = Unsqueeze(Cast(position_ids)) * inv_freq as two halves, Concat(f, f, -1), or interleaved,
+    Reshape(Concat(Unsqueeze(f, -1), Unsqueeze(f, -1), -1))."""
     unsqueeze = producer_of(cos.inputs[0], "Unsqueeze")
-    concat = producer_of(unsqueeze.inputs[0], "Concat") if unsqueeze else None
+    doubled, interleaved = (unsqueeze.inputs[0] if unsqueeze else None), False
+    concat = producer_of(doubled, "Concat")
+    if concat is None:
+        reshape = producer_of(doubled, "Reshape")
+        concat, interleaved = (producer_of(reshape.inputs[0], "Concat") if reshape else None), True
     if concat is None or len(concat.inputs) != 2 or concat.inputs[0] is not concat.inputs[1]:
-        return None, None
-    mul = producer_of(concat.inputs[0], "Mul")
+        return None, False, None
+    angles = concat.inputs[0]
+    if interleaved:
+        column = producer_of(angles, "Unsqueeze")
+        axes = _constant(column.inputs[1]) if column is not None and len(column.inputs) > 1 else None
+        if axes is None or axes.reshape(-1).tolist() != [-1] or concat.attributes["axis"].as_int() != -1:
+            return None, False, None
+        angles = column.inputs[0]
+    mul = producer_of(angles, "Mul")
     for positions, freq in (mul.inputs, tuple(reversed(mul.inputs))) if mul else ():
         column = producer_of(positions, "Unsqueeze")
         cast = producer_of(column.inputs[0], "Cast") if column else None
@@ -464,8 +508,8 @@ def _angles(cos: ir.Node, graph: ir.Graph) -> tuple[_Frequencies | None, ir.Valu
             continue
         frequencies = _frequencies(freq, source)
         if frequencies is not None:
-            return frequencies, source
-    return None, None
+            return frequencies, interleaved, source
+    return None, False, None
 
 
 def _frequencies(value: ir.Value, position_ids: ir.Value) -> _Frequencies | None:
