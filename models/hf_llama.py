@@ -1,8 +1,8 @@
 """Hugging Face Llama, Mistral, Ministral, Phi-3, Qwen2, Qwen3, Seed-OSS, Gemma (1, 2, 3), Granite,
-SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5 and Helium causal LMs as models with a KV cache: a `package.module:function` source that returns
-`(model, tokenizer)` is rebuilt as our Llama decoder (`models/smollm2.py`, with what each
-architecture adds to Llama, see ARCHITECTURES) with the model's weights and captured with the cache
-layout of `models/causal_lm.py`."""
+SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5, Helium, StableLM and StarCoder2 causal LMs as models
+with a KV cache: a `package.module:function` source that returns `(model, tokenizer)` is rebuilt as
+our Llama decoder (`models/smollm2.py`, with what each architecture adds to Llama, see
+ARCHITECTURES) with the model's weights and captured with the cache layout of `models/causal_lm.py`."""
 
 from __future__ import annotations
 
@@ -55,14 +55,18 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # OLMo 3 OLMo 2's with sliding layers of their own rotary theta; EXAONE 4 OLMo 2's norms, Qwen3's
 # query and key norms, sliding layers and, where it has them, unrotated global layers. Ministral is
 # Mistral with sliding layers named by layer type, Seed-OSS Llama with Q, K and V biases; ERNIE 4.5
-# and Helium rotate each pair of neighbouring values of a head, not its two halves.
+# and Helium rotate each pair of neighbouring values of a head, not its two halves. StableLM has
+# LayerNorms with biases and a partial rotation; StarCoder2 LayerNorms, biases on every linear, an MLP
+# without a gate and a sliding window.
 ARCHITECTURES = ("llama", "mistral", "ministral", "phi3", "qwen2", "qwen3", "seed_oss", "gemma", "gemma2", "gemma3_text",
-                 "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ernie4_5", "helium")
+                 "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ernie4_5", "helium", "stablelm", "starcoder2")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 POST_NORMS = ("olmo2", "olmo3", "exaone4")  # norms after the attention and the MLP only
 # `genai_config.json`'s type where ONNX Runtime GenAI (0.18) knows the architecture by another name
 # or not at all: it runs our graph either way, the type choosing its decoder-only handling
-GENAI_TYPES = {"ministral": "mistral", "seed_oss": "llama", "olmo2": "olmo", "olmo3": "olmo", "exaone4": "llama", "helium": "llama"}
+GENAI_TYPES = {"ministral": "mistral", "seed_oss": "llama", "olmo2": "olmo", "olmo3": "olmo", "exaone4": "llama", "helium": "llama",
+               "stablelm": "llama", "starcoder2": "llama"}
+LAYER_NORMS = ("stablelm", "starcoder2")  # LayerNorms with a bias, not RMSNorms
 INTERLEAVED_ROTARY = ("ernie4_5", "helium")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -79,8 +83,6 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
             f"{', '.join(ARCHITECTURES)} causal LMs; return (module, example_inputs) to capture it without a cache"
         )
     state = {k: v.detach().to(torch.float32) for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
-    if any(key.startswith("model.layers.") and ".mlp." in key and key.endswith(".bias") for key in state):
-        raise UserError(f"'{name}': the KV-cache capture takes models without MLP biases")
     _refuse_what_our_decoder_lacks(name, cfg)
     if model_type in GEMMA:  # Gemma's norms scale by 1 + weight, ours by weight
         state = {k: v + 1.0 if k.endswith("norm.weight") else v for k, v in state.items()}
@@ -109,10 +111,14 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
 
 
 def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
-    """One line for what our decoder does not compute: a bidirectional attention, an activation other
-    than SiLU or tanh GELU, scaled local rotary embeddings."""
+    """One line for what our decoder does not compute: a bidirectional attention, attention and MLP
+    side by side, per-head LayerNorms of queries and keys, an activation other than SiLU or tanh GELU,
+    scaled local rotary embeddings."""
     if getattr(cfg, "use_bidirectional_attention", False):
         raise UserError(f"'{name}': the KV-cache capture takes causal attention (use_bidirectional_attention false)")
+    if getattr(cfg, "use_parallel_residual", False) or getattr(cfg, "qk_layernorm", False):
+        raise UserError(f"'{name}': the KV-cache capture takes blocks of attention then MLP without per-head query and "
+                        "key LayerNorms (use_parallel_residual and qk_layernorm false)")
     activation = _activation(cfg)
     if activation not in ACTIVATIONS:
         raise UserError(f"'{name}': the KV-cache capture takes MLP activations {', '.join(ACTIVATIONS)}, got '{activation}'")
@@ -177,8 +183,9 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
     return smollm2.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, num_heads=heads,
         num_kv_heads=cfg.num_key_value_heads, intermediate_size=cfg.intermediate_size, rope_theta=float(theta),
-        eps=float(cfg.rms_norm_eps), max_positions=positions, sliding_window=window, sliding_layers=sliding_layers,
+        eps=_norm_eps(cfg), max_positions=positions, sliding_window=window, sliding_layers=sliding_layers,
         qkv_bias="model.layers.0.self_attn.q_proj.bias" in state, o_bias="model.layers.0.self_attn.o_proj.bias" in state,
+        mlp_bias=any(key.startswith("model.layers.0.mlp.") and key.endswith(".bias") for key in state),
         head_size=0 if head_dim * heads == cfg.hidden_size else int(head_dim),
         qk_norm="model.layers.0.self_attn.q_norm.weight" in state,
         qk_norm_projection=_norm_width(state, "q_norm") == heads * head_dim != head_dim,
@@ -188,6 +195,14 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
     )
 
 
+def _norm_eps(cfg: Any) -> float:
+    """The norms' epsilon, as each family names it."""
+    for name in ("rms_norm_eps", "layer_norm_eps", "norm_epsilon"):
+        if getattr(cfg, name, None) is not None:
+            return float(getattr(cfg, name))
+    raise UserError("the model's config names no norm epsilon (rms_norm_eps, layer_norm_eps or norm_epsilon)")
+
+
 def _norm_width(state: dict[str, torch.Tensor], name: str) -> int:
     weight = state.get(f"model.layers.0.self_attn.{name}.weight")
     return int(weight.numel()) if weight is not None else 0
@@ -195,10 +210,11 @@ def _norm_width(state: dict[str, torch.Tensor], name: str) -> int:
 
 def _family_fields(cfg: Any) -> dict[str, Any]:
     """The LlamaConfig fields in which a Gemma, Gemma 2, Gemma 3, Granite, SmolLM3, OLMo 2, OLMo 3,
-    EXAONE 4, ERNIE 4.5 or Helium differs from Llama (the activation for all; local layers' theta for
+    EXAONE 4, ERNIE 4.5, Helium, StableLM or StarCoder2 differs from Llama (the activation for all; local layers' theta for
     every model with rotary parameters per layer type)."""
     fields: dict[str, Any] = {"hidden_act": ACTIVATIONS[_activation(cfg)],
-                              "rotary_interleaved": cfg.model_type in INTERLEAVED_ROTARY}
+                              "rotary_interleaved": cfg.model_type in INTERLEAVED_ROTARY,
+                              "layer_norm": cfg.model_type in LAYER_NORMS, "plain_mlp": cfg.model_type == "starcoder2"}
     if cfg.model_type in GEMMA:
         fields["embed_scale"] = float(cfg.hidden_size**0.5)
     if cfg.model_type in ("gemma2", "gemma3_text"):
@@ -258,7 +274,7 @@ def _long_frequencies(cfg: Any, rope_type: str) -> tuple[torch.Tensor | None, in
 
 
 def _sliding(cfg: Any, positions: int) -> tuple[int, tuple[int, ...]]:
-    """(W, the layers whose attention slides over the last W positions): Mistral's and Phi-3's
+    """(W, the layers whose attention slides over the last W positions): Mistral's, Phi-3's and StarCoder2's
     `sliding_window` on every layer, the others' on the layers their layer types name (Qwen2's and
     Qwen3's from `max_window_layers` on where the config lists no layer types), none where
     `use_sliding_window` is false; (0, ()) where no window is shorter than the positions the cache holds."""
@@ -268,7 +284,7 @@ def _sliding(cfg: Any, positions: int) -> tuple[int, tuple[int, ...]]:
         layers: tuple[int, ...] = ()  # Qwen2, Qwen3 and SmolLM3 slide only where enabled, whatever their layer types say
     elif layer_types:
         layers = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
-    elif cfg.model_type in ("mistral", "phi3"):
+    elif cfg.model_type in ("mistral", "phi3", "starcoder2"):
         layers = tuple(range(cfg.num_hidden_layers))
     elif getattr(cfg, "use_sliding_window", False):
         layers = tuple(range(int(getattr(cfg, "max_window_layers", 0) or 0), cfg.num_hidden_layers))

@@ -109,6 +109,9 @@ class LlamaConfig:
     residual_scale: float = 0.0  # each block's output times this before its residual add (Granite); 0: none
     logit_divisor: float = 0.0  # the logits divided by this (Granite's `logits_scaling`); 0: none
     unrotated_layers: tuple[int, ...] = ()  # layers whose queries and keys are not rotated (SmolLM3's NoPE layers)
+    layer_norm: bool = False  # the blocks' and the final norms are LayerNorms with a bias (StableLM, StarCoder2), not RMSNorms
+    plain_mlp: bool = False  # the MLP is c_proj(act(c_fc(x))) (StarCoder2), not gated
+    mlp_bias: bool = False  # the MLP's linears add a bias
 
     @property
     def head_dim(self) -> int:
@@ -290,19 +293,41 @@ class SelfAttention(nn.Module):
         return out if past is None else (out, present)
 
 
+def activation(cfg: LlamaConfig, x: torch.Tensor) -> torch.Tensor:
+    """The MLP's activation: SiLU (Llama) or tanh-approximated GELU (Gemma, StarCoder2)."""
+    return F.gelu(x, approximate="tanh") if cfg.hidden_act == "gelu_tanh" else F.silu(x)
+
+
 class MLP(nn.Module):
-    """Gated feed-forward: down(act(gate(x)) * up(x)), act SiLU (Llama) or tanh-approximated GELU (Gemma)."""
+    """Gated feed-forward: down(act(gate(x)) * up(x))."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.gelu = cfg.hidden_act == "gelu_tanh"
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.cfg = cfg
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = F.gelu(self.gate_proj(x), approximate="tanh") if self.gelu else F.silu(self.gate_proj(x))
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(activation(self.cfg, self.gate_proj(x)) * self.up_proj(x))
+
+
+class PlainMLP(nn.Module):
+    """Feed-forward without a gate: c_proj(act(c_fc(x))), named as StarCoder2 names it."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.c_fc = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.c_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(activation(self.cfg, self.c_fc(x)))
+
+
+def block_norm(cfg: LlamaConfig) -> nn.Module:
+    """A norm of the hidden state: RMSNorm, or LayerNorm with a bias where the model has those."""
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.eps) if cfg.layer_norm else RMSNorm(cfg.hidden_size, cfg.eps)
 
 
 class DecoderLayer(nn.Module):
@@ -314,14 +339,14 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.norms, self.residual_scale = cfg.norms, cfg.residual_scale
         if self.norms != "post":
-            self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
+            self.input_layernorm = block_norm(cfg)
         self.self_attn = SelfAttention(cfg, index)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
+        self.post_attention_layernorm = block_norm(cfg)
         if self.norms == "sandwich":
-            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
+            self.pre_feedforward_layernorm = block_norm(cfg)
         if self.norms != "pre":
-            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.eps)
-        self.mlp = MLP(cfg)
+            self.post_feedforward_layernorm = block_norm(cfg)
+        self.mlp = PlainMLP(cfg) if cfg.plain_mlp else MLP(cfg)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
@@ -358,7 +383,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.eps)
+        self.norm = block_norm(cfg)
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rotary_attention_factor, cfg.long_rope_from,
                                       cfg.rotary_interleaved)
         if cfg.local_rope_theta:
