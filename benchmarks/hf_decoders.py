@@ -1,10 +1,11 @@
-"""Decoders users bring: Hugging Face Qwen2, Qwen3, Llama 3, Mistral and Gemma 3 causal LMs at their real shapes
+"""Decoders users bring: Hugging Face Qwen2, Qwen3, Llama 3, Mistral, Gemma 3 and StableLM 2 causal LMs at their real shapes
 (seeded random weights: no float checkpoint ships offline; `mistral-0.3b` a small Mistral-shaped one), compiled with a KV cache; decode and
 prefill tokens/s per pipeline, and how far each float artifact's logits are from transformers'.
 
     python benchmarks/hf_decoders.py                                   # qwen2.5-0.5b, qwen3-0.6b; 3 pipelines
     python benchmarks/hf_decoders.py --archs qwen3-0.6b --pipelines "default{attention=as-is},default" --rounds 7
     python benchmarks/hf_decoders.py --archs gemma3-1b --out benchmarks/results/hf_decoders_gemma3.json
+    python benchmarks/hf_decoders.py --archs stablelm2-1.6b --out benchmarks/results/hf_decoders_stablelm2.json
 
 Each architecture is a `package.module:function` source (this file's `factory_<arch>`) returning
 the transformers model (torch.manual_seed(0) init; Qwen2's Q/K/V biases and Qwen3's query/key norm
@@ -26,6 +27,7 @@ difference over the largest logit. JSON to `--out` (default benchmarks/results/h
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -62,6 +64,13 @@ SHAPES["gemma3-1b"] = ("Gemma3", dict(vocab_size=262144, hidden_size=1152, inter
                                       rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                                        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
                                       tie_word_embeddings=True, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=2, eos_token_id=1))
+# StableLM 2 1.6B: LayerNorms with biases, a quarter of each head rotated, biases on Q, K and V
+SHAPES["stablelm2-1.6b"] = ("StableLm", dict(vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                                           num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                            "partial_rotary_factor": 0.25},
+                                           layer_norm_eps=1e-5, use_qkv_bias=True,
+                                           use_parallel_residual=False, qk_layernorm=False, tie_word_embeddings=False))
 # the config class where it is not `<family>Config`
 CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig"}
 DEFAULT_ARCHS = ("qwen2.5-0.5b", "qwen3-0.6b")
@@ -130,57 +139,62 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown architectures {unknown}; choose from {', '.join(SHAPES)}")
     build_dir = args.build or Path(tempfile.mkdtemp(prefix="hf-decoders-"))
-    build_dir.mkdir(parents=True, exist_ok=True)
-    calib = common.write_lines(build_dir / "calib.txt", common.word_windows(common.wikitext_split()[1], args.calib_count, 110))
-    sys.modules.setdefault("hf_decoders", sys.modules[__name__])
-    ids = np.random.default_rng(0).integers(100, 20000, args.prompt_tokens + args.new_tokens)
-    rows, sessions = [], {}
-    for arch in archs:
-        reference = None
-        for pipeline in pipelines:
-            out = build_dir / f"{arch}-{len(rows)}"
-            common.log(f"{arch}: compile {pipeline}")
-            start = time.perf_counter()
-            result = qcompile(f"hf_decoders:factory_{arch.replace('.', '_').replace('-', '_')}", out, pipeline=pipeline,
-                              calibration=None if pipeline.startswith("default") else str(calib), calib_count=args.calib_count,
-                              drift=False, threads=args.threads, force=True)
-            row = {"arch": arch, "pipeline": pipeline, "compile_s": round(time.perf_counter() - start, 1),
-                   "weight_bytes": result.manifest.get("weight_bytes"),
-                   "ops": _op_counts(out)}
-            layout = read_layout(out)
-            sessions[len(rows)] = CachedSession(out / "model.onnx", layout, args.threads)
-            if pipeline.startswith("default"):
-                if reference is None:
-                    with torch.no_grad():
-                        reference = build(arch)(torch.from_numpy(ids[None, : args.prompt_tokens])).logits[0].numpy()
-                got = cached_logits(sessions[len(rows)], ids[: args.prompt_tokens], args.prompt_tokens // 2)
-                row["logits_vs_transformers"] = float(np.abs(got - reference).max() / np.abs(reference).max())
-            rows.append(row)
-    common.log(f"timing {len(rows)} artifacts, {args.rounds} rounds")
-    decode, prefill = {i: [] for i in sessions}, {i: [] for i in sessions}
-    order = list(sessions)
-    for r in range(args.rounds):
-        for i in order[r % len(order):] + order[: r % len(order)]:
-            session = sessions[i]
-            session.reset(capacity=len(ids))
-            start = time.perf_counter()
-            session.step(ids[: args.prompt_tokens])
-            middle = time.perf_counter()
-            for t in range(args.prompt_tokens, len(ids)):
-                session.step(ids[t : t + 1])
-            end = time.perf_counter()
-            prefill[i].append(args.prompt_tokens / (middle - start))
-            decode[i].append(args.new_tokens / (end - middle))
-    for i, row in enumerate(rows):
-        row["prefill_tok_s"] = round(float(np.median(prefill[i])), 1)
-        row["decode_tok_s"] = round(float(np.median(decode[i])), 2)
-        row["decode_tok_s_rounds"] = [round(x, 2) for x in decode[i]]
-    text = common.table(
-        ["arch", "pipeline", "compile s", "attention", "decode tok/s", "prefill tok/s", "float logits vs transformers"],
-        [[r["arch"], r["pipeline"], r["compile_s"], "fused" if r["ops"].get("GroupQueryAttention") else "as exported",
-          r["decode_tok_s"], r["prefill_tok_s"], f"{r['logits_vs_transformers']:.1e}" if "logits_vs_transformers" in r else ""]
-         for r in rows])
-    common.finish_run(args.out, threads["ort_intra_op"], rows, text)
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        calib = common.write_lines(build_dir / "calib.txt", common.word_windows(common.wikitext_split()[1], args.calib_count, 110))
+        sys.modules.setdefault("hf_decoders", sys.modules[__name__])
+        ids = np.random.default_rng(0).integers(100, 20000, args.prompt_tokens + args.new_tokens)
+        rows, sessions = [], {}
+        for arch in archs:
+            reference = None
+            for pipeline in pipelines:
+                out = build_dir / f"{arch}-{len(rows)}"
+                common.log(f"{arch}: compile {pipeline}")
+                start = time.perf_counter()
+                result = qcompile(f"hf_decoders:factory_{arch.replace('.', '_').replace('-', '_')}", out, pipeline=pipeline,
+                                  calibration=None if pipeline.startswith("default") else str(calib), calib_count=args.calib_count,
+                                  drift=False, threads=args.threads, force=True)
+                row = {"arch": arch, "pipeline": pipeline, "compile_s": round(time.perf_counter() - start, 1),
+                       "weight_bytes": result.manifest.get("weight_bytes"),
+                       "ops": _op_counts(out)}
+                layout = read_layout(out)
+                sessions[len(rows)] = CachedSession(out / "model.onnx", layout, args.threads)
+                if pipeline.startswith("default"):
+                    if reference is None:
+                        with torch.no_grad():
+                            reference = build(arch)(torch.from_numpy(ids[None, : args.prompt_tokens])).logits[0].numpy()
+                    got = cached_logits(sessions[len(rows)], ids[: args.prompt_tokens], args.prompt_tokens // 2)
+                    row["logits_vs_transformers"] = float(np.abs(got - reference).max() / np.abs(reference).max())
+                rows.append(row)
+        common.log(f"timing {len(rows)} artifacts, {args.rounds} rounds")
+        decode, prefill = {i: [] for i in sessions}, {i: [] for i in sessions}
+        order = list(sessions)
+        for r in range(args.rounds):
+            for i in order[r % len(order):] + order[: r % len(order)]:
+                session = sessions[i]
+                session.reset(capacity=len(ids))
+                start = time.perf_counter()
+                session.step(ids[: args.prompt_tokens])
+                middle = time.perf_counter()
+                for t in range(args.prompt_tokens, len(ids)):
+                    session.step(ids[t : t + 1])
+                end = time.perf_counter()
+                prefill[i].append(args.prompt_tokens / (middle - start))
+                decode[i].append(args.new_tokens / (end - middle))
+        for i, row in enumerate(rows):
+            row["prefill_tok_s"] = round(float(np.median(prefill[i])), 1)
+            row["decode_tok_s"] = round(float(np.median(decode[i])), 2)
+            row["decode_tok_s_rounds"] = [round(x, 2) for x in decode[i]]
+        text = common.table(
+            ["arch", "pipeline", "compile s", "attention", "decode tok/s", "prefill tok/s", "float logits vs transformers"],
+            [[r["arch"], r["pipeline"], r["compile_s"], "fused" if r["ops"].get("GroupQueryAttention") else "as exported",
+              r["decode_tok_s"], r["prefill_tok_s"], f"{r['logits_vs_transformers']:.1e}" if "logits_vs_transformers" in r else ""]
+             for r in rows])
+        common.finish_run(args.out, threads["ort_intra_op"], rows, text)
+    finally:  # a temporary folder (no --build) goes: each run writes gigabytes of artifacts
+        sessions = {}
+        if args.build is None:
+            shutil.rmtree(build_dir, ignore_errors=True)
 
 
 def _op_counts(folder: Path) -> dict[str, int]:

@@ -64,24 +64,25 @@ def main() -> None:
     from qcompiler.tools.decode import CachedSession, cached_logits
 
     sys.modules.setdefault("longrope_switch", sys.modules[__name__])
-    out = Path(tempfile.mkdtemp(prefix="longrope-")) / "artifact"
-    qcompile("longrope_switch:factory", out, drift=False, threads=args.threads)
-    hf = build()
-    ids = torch.from_numpy(np.random.default_rng(0).integers(3, 49000, args.length)[None])
-    name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"  # transformers 5.x: cache
-    cache = {name: transformers.DynamicCache(config=hf.config), "use_cache": True}
-    with torch.no_grad():
-        rows = [hf(ids[:, : args.prefill], **cache).logits[0, -1:]]
-        rows += [hf(ids[:, t : t + 1], **cache).logits[0] for t in range(args.prefill, args.length)]
-    theirs = torch.cat(rows).numpy()
-    session = CachedSession(out / "model.onnx", read_layout(out), threads=args.threads)
-    ours = cached_logits(session, ids[0].numpy(), prefill=args.prefill)[args.prefill - 1 :]
-    errors = np.abs(ours - theirs).max(axis=1) / np.abs(theirs).max()
-    results = [{"position": args.prefill - 1 + i, "factors": "long" if args.prefill - 1 + i >= TRAINED else "short",
-                "relative_error": float(e)} for i, e in enumerate(errors)]
-    text = common.table(["position", "factors", "logits vs transformers"],
-                        [[r["position"], r["factors"], f"{r['relative_error']:.1e}"] for r in results])
-    common.finish_run(args.out, threads["ort_intra_op"], results, text)
+    with tempfile.TemporaryDirectory(prefix="longrope-") as folder:
+        out = Path(folder) / "artifact"
+        qcompile("longrope_switch:factory", out, drift=False, threads=args.threads)
+        hf = build()
+        ids = torch.from_numpy(np.random.default_rng(0).integers(3, 49000, args.length)[None])
+        name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"  # transformers 5.x: cache
+        cache = {name: transformers.DynamicCache(config=hf.config), "use_cache": True}
+        with torch.no_grad():
+            rows = [hf(ids[:, : args.prefill], **cache).logits[0, -1:]]
+            rows += [hf(ids[:, t : t + 1], **cache).logits[0] for t in range(args.prefill, args.length)]
+        theirs = torch.cat(rows).numpy()
+        session = CachedSession(out / "model.onnx", read_layout(out), threads=args.threads)
+        ours = cached_logits(session, ids[0].numpy(), prefill=args.prefill)[args.prefill - 1 :]
+        errors = np.abs(ours - theirs).max(axis=1) / np.abs(theirs).max()
+        results = [{"position": args.prefill - 1 + i, "factors": "long" if args.prefill - 1 + i >= TRAINED else "short",
+                    "relative_error": float(e)} for i, e in enumerate(errors)]
+        text = common.table(["position", "factors", "logits vs transformers"],
+                            [[r["position"], r["factors"], f"{r['relative_error']:.1e}"] for r in results])
+        common.finish_run(args.out, threads["ort_intra_op"], results, text)
 
 
 if __name__ == "__main__":

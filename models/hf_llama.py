@@ -1,5 +1,5 @@
 """Hugging Face Llama, Mistral, Ministral, Phi-3, Qwen2, Qwen3, Seed-OSS, Gemma (1, 2, 3), Granite,
-SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5, Helium, StableLM and StarCoder2 causal LMs as models
+SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2 and Phi-2 causal LMs as models
 with a KV cache: a `package.module:function` source that returns `(model, tokenizer)` is rebuilt as
 our Llama decoder (`models/smollm2.py`, with what each architecture adds to Llama, see
 ARCHITECTURES) with the model's weights and captured with the cache layout of `models/causal_lm.py`."""
@@ -56,19 +56,25 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # query and key norms, sliding layers and, where it has them, unrotated global layers. Ministral is
 # Mistral with sliding layers named by layer type, Seed-OSS Llama with Q, K and V biases; ERNIE 4.5
 # and Helium rotate each pair of neighbouring values of a head, not its two halves. StableLM has
-# LayerNorms with biases and a partial rotation; StarCoder2 LayerNorms, biases on every linear, an MLP
-# without a gate and a sliding window.
+# LayerNorms with biases, a partial rotation and, where it says so, attention and MLP side by side;
+# StarCoder2 LayerNorms, biases on every linear, an MLP without a gate and a sliding window; Phi-2
+# (`phi`) StarCoder2's LayerNorms, biases and MLP, attention and MLP side by side on one norm, a partial
+# rotation and a biased head.
 ARCHITECTURES = ("llama", "mistral", "ministral", "phi3", "qwen2", "qwen3", "seed_oss", "gemma", "gemma2", "gemma3_text",
-                 "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ernie4_5", "helium", "stablelm", "starcoder2")
+                 "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ernie4_5", "helium", "stablelm", "starcoder2", "phi")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 POST_NORMS = ("olmo2", "olmo3", "exaone4")  # norms after the attention and the MLP only
 # `genai_config.json`'s type where ONNX Runtime GenAI (0.18) knows the architecture by another name
 # or not at all: it runs our graph either way, the type choosing its decoder-only handling
 GENAI_TYPES = {"ministral": "mistral", "seed_oss": "llama", "olmo2": "olmo", "olmo3": "olmo", "exaone4": "llama", "helium": "llama",
-               "stablelm": "llama", "starcoder2": "llama"}
-LAYER_NORMS = ("stablelm", "starcoder2")  # LayerNorms with a bias, not RMSNorms
+               "stablelm": "llama", "starcoder2": "llama", "phi": "llama"}
+LAYER_NORMS = ("stablelm", "starcoder2", "phi")  # LayerNorms with a bias, not RMSNorms
+PLAIN_MLPS = ("starcoder2", "phi")  # MLPs without a gate
+# Phi-2's parameter names where Llama's (ours) differ
+PHI_NAMES = ((".self_attn.dense.", ".self_attn.o_proj."), (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj."),
+             ("model.final_layernorm.", "model.norm."))
 INTERLEAVED_ROTARY = ("ernie4_5", "helium")
-ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
 def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
@@ -83,6 +89,7 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
             f"{', '.join(ARCHITECTURES)} causal LMs; return (module, example_inputs) to capture it without a cache"
         )
     state = {k: v.detach().to(torch.float32) for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
+    state = _llama_names(state, model_type)
     _refuse_what_our_decoder_lacks(name, cfg)
     if model_type in GEMMA:  # Gemma's norms scale by 1 + weight, ours by weight
         state = {k: v + 1.0 if k.endswith("norm.weight") else v for k, v in state.items()}
@@ -111,14 +118,12 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
 
 
 def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
-    """One line for what our decoder does not compute: a bidirectional attention, attention and MLP
-    side by side, per-head LayerNorms of queries and keys, an activation other than SiLU or tanh GELU,
-    scaled local rotary embeddings."""
+    """One line for what our decoder does not compute: a bidirectional attention, LayerNorms of
+    queries and keys, an activation other than SiLU or tanh GELU, scaled local rotary embeddings."""
     if getattr(cfg, "use_bidirectional_attention", False):
         raise UserError(f"'{name}': the KV-cache capture takes causal attention (use_bidirectional_attention false)")
-    if getattr(cfg, "use_parallel_residual", False) or getattr(cfg, "qk_layernorm", False):
-        raise UserError(f"'{name}': the KV-cache capture takes blocks of attention then MLP without per-head query and "
-                        "key LayerNorms (use_parallel_residual and qk_layernorm false)")
+    if getattr(cfg, "qk_layernorm", False):
+        raise UserError(f"'{name}': the KV-cache capture takes models without query and key LayerNorms (qk_layernorm false)")
     activation = _activation(cfg)
     if activation not in ACTIVATIONS:
         raise UserError(f"'{name}': the KV-cache capture takes MLP activations {', '.join(ACTIVATIONS)}, got '{activation}'")
@@ -128,6 +133,18 @@ def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
 
 def _activation(cfg: Any) -> str:
     return getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None) or "silu"
+
+
+def _llama_names(state: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
+    """Phi-2's parameters under the names our decoder gives them (PHI_NAMES); the others' as they are."""
+    if model_type != "phi":
+        return state
+    renamed = {}
+    for key, value in state.items():
+        for theirs, ours in PHI_NAMES:
+            key = key.replace(theirs, ours)
+        renamed[key] = value
+    return renamed
 
 
 def _split_fused_projections(state: dict[str, torch.Tensor], ours: smollm2.LlamaConfig) -> dict[str, torch.Tensor]:
@@ -186,6 +203,7 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
         eps=_norm_eps(cfg), max_positions=positions, sliding_window=window, sliding_layers=sliding_layers,
         qkv_bias="model.layers.0.self_attn.q_proj.bias" in state, o_bias="model.layers.0.self_attn.o_proj.bias" in state,
         mlp_bias=any(key.startswith("model.layers.0.mlp.") and key.endswith(".bias") for key in state),
+        head_bias="lm_head.bias" in state,
         head_size=0 if head_dim * heads == cfg.hidden_size else int(head_dim),
         qk_norm="model.layers.0.self_attn.q_norm.weight" in state,
         qk_norm_projection=_norm_width(state, "q_norm") == heads * head_dim != head_dim,
@@ -210,11 +228,12 @@ def _norm_width(state: dict[str, torch.Tensor], name: str) -> int:
 
 def _family_fields(cfg: Any) -> dict[str, Any]:
     """The LlamaConfig fields in which a Gemma, Gemma 2, Gemma 3, Granite, SmolLM3, OLMo 2, OLMo 3,
-    EXAONE 4, ERNIE 4.5, Helium, StableLM or StarCoder2 differs from Llama (the activation for all; local layers' theta for
+    EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2 or Phi-2 differs from Llama (the activation for all; local layers' theta for
     every model with rotary parameters per layer type)."""
     fields: dict[str, Any] = {"hidden_act": ACTIVATIONS[_activation(cfg)],
                               "rotary_interleaved": cfg.model_type in INTERLEAVED_ROTARY,
-                              "layer_norm": cfg.model_type in LAYER_NORMS, "plain_mlp": cfg.model_type == "starcoder2"}
+                              "layer_norm": cfg.model_type in LAYER_NORMS, "plain_mlp": cfg.model_type in PLAIN_MLPS,
+                              "parallel": cfg.model_type == "phi" or bool(getattr(cfg, "use_parallel_residual", False))}
     if cfg.model_type in GEMMA:
         fields["embed_scale"] = float(cfg.hidden_size**0.5)
     if cfg.model_type in ("gemma2", "gemma3_text"):

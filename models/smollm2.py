@@ -112,6 +112,8 @@ class LlamaConfig:
     layer_norm: bool = False  # the blocks' and the final norms are LayerNorms with a bias (StableLM, StarCoder2), not RMSNorms
     plain_mlp: bool = False  # the MLP is c_proj(act(c_fc(x))) (StarCoder2), not gated
     mlp_bias: bool = False  # the MLP's linears add a bias
+    parallel: bool = False  # x + attn(norm(x)) + mlp(norm(x)), one norm read by both (Phi-2), not one after the other
+    head_bias: bool = False  # the LM head adds a bias (Phi-2)
 
     @property
     def head_dim(self) -> int:
@@ -333,15 +335,17 @@ def block_norm(cfg: LlamaConfig) -> nn.Module:
 class DecoderLayer(nn.Module):
     """Pre-norm block (`norms` "pre"): x + attn(norm(x)), then x + mlp(norm(x)); "sandwich" (Gemma 2
     and 3): x + norm(attn(norm(x))), then x + norm(mlp(norm(x))); "post" (OLMo 2): x + norm(attn(x)),
-    then x + norm(mlp(x)); the norms named as transformers names them."""
+    then x + norm(mlp(x)); `parallel` (Phi-2): x + attn(norm(x)) + mlp(norm(x)), one norm; the norms
+    named as transformers names them."""
 
     def __init__(self, cfg: LlamaConfig, index: int = 0):
         super().__init__()
-        self.norms, self.residual_scale = cfg.norms, cfg.residual_scale
+        self.norms, self.residual_scale, self.parallel = cfg.norms, cfg.residual_scale, cfg.parallel
         if self.norms != "post":
             self.input_layernorm = block_norm(cfg)
         self.self_attn = SelfAttention(cfg, index)
-        self.post_attention_layernorm = block_norm(cfg)
+        if not self.parallel:
+            self.post_attention_layernorm = block_norm(cfg)
         if self.norms == "sandwich":
             self.pre_feedforward_layernorm = block_norm(cfg)
         if self.norms != "pre":
@@ -353,6 +357,12 @@ class DecoderLayer(nn.Module):
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """The layer's output; with `past`, also the attention's present (key, value)."""
+        if self.parallel:
+            normed = self.input_layernorm(x)
+            attended = self.self_attn(normed, cos, sin, mask, past)
+            attended, present = attended if past is not None else (attended, None)
+            out = attended + self.mlp(normed) + x
+            return out if past is None else (out, present)
         if past is None:
             x = x + self._after_attention(self.self_attn(self._attention_input(x), cos, sin, mask))
             return x + self._feed_forward(x)
@@ -438,7 +448,7 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.head_bias)
         self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -139,7 +139,7 @@ def widen_shared_input_linears(graph: ir.Graph) -> tuple[int, int]:
     product as its packed QKV input; otherwise a `Split` gives each reader its part. Returns
     (groups merged, of which packed into attention)."""
     merged = packed = 0
-    for nodes in _groups(graph, _group_key):
+    for nodes in (part for group in _groups(graph, _group_key) for part in _attention_apart(group)):
         biases = bias_adds(nodes, [_columns(n) for n in nodes])
         adds = [add for add, _ in biases]
         attention = _attention_reading(adds or nodes)
@@ -298,6 +298,33 @@ def _constant_makers(value: ir.Value) -> list[ir.Node]:
     if node is None:
         return []
     return [m for v in node.inputs if v is not None for m in _constant_makers(v)] + [node]
+
+
+def _attention_apart(nodes: list[ir.Node]) -> list[list[ir.Node]]:
+    """Linears of one input as the groups to merge: each three that one `GroupQueryAttention` reads as
+    its query, key and value (directly or each through its own Add), and the others together where
+    two or more (an MLP's gate and up beside the attention that reads the same norm, as in a block
+    whose attention and MLP run side by side)."""
+    readers: dict[int, list[ir.Node]] = {}
+    rest = []
+    for node in nodes:
+        attention = _qkv_reader(node)
+        (readers.setdefault(id(attention), []) if attention is not None else rest).append(node)
+    triples = [group for group in readers.values() if len(group) == 3]
+    rest += [node for group in readers.values() if len(group) != 3 for node in group]
+    rest.sort(key=nodes.index)
+    return triples + ([rest] if len(rest) > 1 else [])
+
+
+def _qkv_reader(node: ir.Node) -> ir.Node | None:
+    """The `GroupQueryAttention` that alone reads the linear's output (or the output of the one Add
+    that alone reads it) as its query, key or value; else None."""
+    uses = list(node.outputs[0].uses())
+    if len(uses) == 1 and op_key(uses[0].node) == ("", "Add"):
+        uses = list(uses[0].node.outputs[0].uses())
+    if len(uses) != 1 or op_key(uses[0].node) != ("com.microsoft", "GroupQueryAttention") or uses[0].idx > 2:
+        return None
+    return uses[0].node
 
 
 def _attention_reading(nodes: list[ir.Node]) -> ir.Node | None:
