@@ -1,4 +1,4 @@
-"""Decoders users bring: Hugging Face Qwen2, Qwen3, Llama 3, Mistral, Gemma 3 and StableLM 2 causal LMs at their real shapes
+"""Decoders users bring: Hugging Face Qwen2, Qwen3, Llama 3, Mistral, Gemma 3, StableLM 2 and Pythia causal LMs at their real shapes
 (seeded random weights: no float checkpoint ships offline; `mistral-0.3b` a small Mistral-shaped one), compiled with a KV cache; decode and
 prefill tokens/s per pipeline, and how far each float artifact's logits are from transformers'.
 
@@ -6,6 +6,7 @@ prefill tokens/s per pipeline, and how far each float artifact's logits are from
     python benchmarks/hf_decoders.py --archs qwen3-0.6b --pipelines "default{attention=as-is},default" --rounds 7
     python benchmarks/hf_decoders.py --archs gemma3-1b --out benchmarks/results/hf_decoders_gemma3.json
     python benchmarks/hf_decoders.py --archs stablelm2-1.6b --out benchmarks/results/hf_decoders_stablelm2.json
+    python benchmarks/hf_decoders.py --archs pythia-1b --out benchmarks/results/hf_decoders_pythia.json
 
 Each architecture is a `package.module:function` source (this file's `factory_<arch>`) returning
 the transformers model (torch.manual_seed(0) init; Qwen2's Q/K/V biases and Qwen3's query/key norm
@@ -71,6 +72,12 @@ SHAPES["stablelm2-1.6b"] = ("StableLm", dict(vocab_size=100352, hidden_size=2048
                                                             "partial_rotary_factor": 0.25},
                                            layer_norm_eps=1e-5, use_qkv_bias=True,
                                            use_parallel_residual=False, qk_layernorm=False, tie_word_embeddings=False))
+# Pythia 1B (GPT-NeoX): attention and MLP side by side on two LayerNorms, Q, K and V interleaved per head, a quarter of
+# each 256-wide head rotated, an exact GELU
+SHAPES["pythia-1b"] = ("GPTNeoX", dict(vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                      num_attention_heads=8, max_position_embeddings=2048, rotary_pct=0.25,
+                                      rope_theta=10000.0, layer_norm_eps=1e-5, use_parallel_residual=True,
+                                      tie_word_embeddings=False))
 # the config class where it is not `<family>Config`
 CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig"}
 DEFAULT_ARCHS = ("qwen2.5-0.5b", "qwen3-0.6b")

@@ -1,5 +1,5 @@
 """Hugging Face Llama, Mistral, Ministral, Phi-3, Qwen2, Qwen3, Seed-OSS, Gemma (1, 2, 3), Granite,
-SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2 and Phi-2 causal LMs as models
+SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2, Phi-2 and GPT-NeoX causal LMs as models
 with a KV cache: a `package.module:function` source that returns `(model, tokenizer)` is rebuilt as
 our Llama decoder (`models/smollm2.py`, with what each architecture adds to Llama, see
 ARCHITECTURES) with the model's weights and captured with the cache layout of `models/causal_lm.py`."""
@@ -59,22 +59,30 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # LayerNorms with biases, a partial rotation and, where it says so, attention and MLP side by side;
 # StarCoder2 LayerNorms, biases on every linear, an MLP without a gate and a sliding window; Phi-2
 # (`phi`) StarCoder2's LayerNorms, biases and MLP, attention and MLP side by side on one norm, a partial
-# rotation and a biased head.
+# rotation and a biased head; GPT-NeoX (Pythia) the same with two norms side by side, Q, K and V one
+# weight interleaved per head and an exact GELU.
 ARCHITECTURES = ("llama", "mistral", "ministral", "phi3", "qwen2", "qwen3", "seed_oss", "gemma", "gemma2", "gemma3_text",
-                 "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ernie4_5", "helium", "stablelm", "starcoder2", "phi")
+                 "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ernie4_5", "helium", "stablelm", "starcoder2", "phi",
+                 "gpt_neox")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 POST_NORMS = ("olmo2", "olmo3", "exaone4")  # norms after the attention and the MLP only
 # `genai_config.json`'s type where ONNX Runtime GenAI (0.18) knows the architecture by another name
 # or not at all: it runs our graph either way, the type choosing its decoder-only handling
 GENAI_TYPES = {"ministral": "mistral", "seed_oss": "llama", "olmo2": "olmo", "olmo3": "olmo", "exaone4": "llama", "helium": "llama",
-               "stablelm": "llama", "starcoder2": "llama", "phi": "llama"}
-LAYER_NORMS = ("stablelm", "starcoder2", "phi")  # LayerNorms with a bias, not RMSNorms
-PLAIN_MLPS = ("starcoder2", "phi")  # MLPs without a gate
-# Phi-2's parameter names where Llama's (ours) differ
-PHI_NAMES = ((".self_attn.dense.", ".self_attn.o_proj."), (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj."),
-             ("model.final_layernorm.", "model.norm."))
+               "stablelm": "llama", "starcoder2": "llama", "phi": "llama", "gpt_neox": "llama"}
+LAYER_NORMS = ("stablelm", "starcoder2", "phi", "gpt_neox")  # LayerNorms with a bias, not RMSNorms
+PLAIN_MLPS = ("starcoder2", "phi", "gpt_neox")  # MLPs without a gate
+# Phi-2's and GPT-NeoX's parameter names where Llama's (ours) differ
+OUR_NAMES = {
+    "phi": ((".self_attn.dense.", ".self_attn.o_proj."), (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj."),
+            ("model.final_layernorm.", "model.norm.")),
+    "gpt_neox": (("gpt_neox.embed_in.", "model.embed_tokens."), ("gpt_neox.final_layer_norm.", "model.norm."),
+                 ("gpt_neox.layers.", "model.layers."), (".attention.dense.", ".self_attn.o_proj."),
+                 (".attention.query_key_value.", ".self_attn.qkv_interleaved."), (".mlp.dense_h_to_4h.", ".mlp.c_fc."),
+                 (".mlp.dense_4h_to_h.", ".mlp.c_proj."), ("embed_out.", "lm_head.")),
+}
 INTERLEAVED_ROTARY = ("ernie4_5", "helium")
-ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
 
 
 def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
@@ -119,7 +127,7 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
 
 def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
     """One line for what our decoder does not compute: a bidirectional attention, LayerNorms of
-    queries and keys, an activation other than SiLU or tanh GELU, scaled local rotary embeddings."""
+    queries and keys, an activation other than SiLU, GELU or tanh GELU, scaled local rotary embeddings."""
     if getattr(cfg, "use_bidirectional_attention", False):
         raise UserError(f"'{name}': the KV-cache capture takes causal attention (use_bidirectional_attention false)")
     if getattr(cfg, "qk_layernorm", False):
@@ -136,12 +144,11 @@ def _activation(cfg: Any) -> str:
 
 
 def _llama_names(state: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
-    """Phi-2's parameters under the names our decoder gives them (PHI_NAMES); the others' as they are."""
-    if model_type != "phi":
-        return state
+    """Phi-2's and GPT-NeoX's parameters under the names our decoder gives them (OUR_NAMES); the
+    others' as they are."""
     renamed = {}
     for key, value in state.items():
-        for theirs, ours in PHI_NAMES:
+        for theirs, ours in OUR_NAMES.get(model_type, ()):
             key = key.replace(theirs, ours)
         renamed[key] = value
     return renamed
@@ -149,11 +156,18 @@ def _llama_names(state: dict[str, torch.Tensor], model_type: str) -> dict[str, t
 
 def _split_fused_projections(state: dict[str, torch.Tensor], ours: smollm2.LlamaConfig) -> dict[str, torch.Tensor]:
     """Phi-3's fused weights as Llama's: `qkv_proj` rows -> `q_proj`, `k_proj`, `v_proj` (heads, kv
-    heads, kv heads wide), `gate_up_proj` rows -> `gate_proj` (the first half), `up_proj`."""
+    heads, kv heads wide), `gate_up_proj` rows -> `gate_proj` (the first half), `up_proj`; GPT-NeoX's
+    Q, K and V (`qkv_interleaved`, weight and bias), whose rows hold each head's query, key and value
+    in turn -> `q_proj`, `k_proj`, `v_proj`."""
     sizes = [ours.num_heads * ours.head_dim, ours.num_kv_heads * ours.head_dim, ours.num_kv_heads * ours.head_dim]
     split = {}
     for key, value in state.items():
-        if key.endswith(".self_attn.qkv_proj.weight"):
+        if ".self_attn.qkv_interleaved." in key:
+            prefix, kind = key.split(".qkv_interleaved.")
+            per_head = value.reshape(ours.num_heads, 3, ours.head_dim, *value.shape[1:])
+            split.update({f"{prefix}.{part}_proj.{kind}": per_head[:, i].reshape(-1, *value.shape[1:])
+                          for i, part in enumerate("qkv")})
+        elif key.endswith(".self_attn.qkv_proj.weight"):
             prefix = key[: -len("qkv_proj.weight")]
             split.update({f"{prefix}{part}_proj.weight": w for part, w in zip("qkv", torch.split(value, sizes))})
         elif key.endswith(".mlp.gate_up_proj.weight"):
@@ -199,9 +213,11 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
     theta = _rope(cfg).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     return smollm2.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, num_heads=heads,
-        num_kv_heads=cfg.num_key_value_heads, intermediate_size=cfg.intermediate_size, rope_theta=float(theta),
+        num_kv_heads=heads if cfg.model_type == "gpt_neox" else cfg.num_key_value_heads,  # GPT-NeoX: one per query head
+        intermediate_size=cfg.intermediate_size, rope_theta=float(theta),
         eps=_norm_eps(cfg), max_positions=positions, sliding_window=window, sliding_layers=sliding_layers,
-        qkv_bias="model.layers.0.self_attn.q_proj.bias" in state, o_bias="model.layers.0.self_attn.o_proj.bias" in state,
+        qkv_bias=any(f"model.layers.0.self_attn.{n}.bias" in state for n in ("q_proj", "qkv_interleaved")),
+        o_bias="model.layers.0.self_attn.o_proj.bias" in state,
         mlp_bias=any(key.startswith("model.layers.0.mlp.") and key.endswith(".bias") for key in state),
         head_bias="lm_head.bias" in state,
         head_size=0 if head_dim * heads == cfg.hidden_size else int(head_dim),
@@ -228,12 +244,13 @@ def _norm_width(state: dict[str, torch.Tensor], name: str) -> int:
 
 def _family_fields(cfg: Any) -> dict[str, Any]:
     """The LlamaConfig fields in which a Gemma, Gemma 2, Gemma 3, Granite, SmolLM3, OLMo 2, OLMo 3,
-    EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2 or Phi-2 differs from Llama (the activation for all; local layers' theta for
+    EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2, Phi-2 or GPT-NeoX differs from Llama (the activation for all; local layers' theta for
     every model with rotary parameters per layer type)."""
     fields: dict[str, Any] = {"hidden_act": ACTIVATIONS[_activation(cfg)],
                               "rotary_interleaved": cfg.model_type in INTERLEAVED_ROTARY,
                               "layer_norm": cfg.model_type in LAYER_NORMS, "plain_mlp": cfg.model_type in PLAIN_MLPS,
-                              "parallel": cfg.model_type == "phi" or bool(getattr(cfg, "use_parallel_residual", False))}
+                              "parallel": cfg.model_type == "phi" or bool(getattr(cfg, "use_parallel_residual", False)),
+                              "parallel_mlp_norm": cfg.model_type == "gpt_neox"}
     if cfg.model_type in GEMMA:
         fields["embed_scale"] = float(cfg.hidden_size**0.5)
     if cfg.model_type in ("gemma2", "gemma3_text"):

@@ -100,7 +100,7 @@ class LlamaConfig:
     # scale, local layers' theta and soft caps; Granite's multipliers; SmolLM3's unrotated layers
     embed_scale: float = 0.0  # the token embeddings' factor; 0: none
     norms: str = "pre"  # "pre" (Llama), "sandwich" (Gemma 2 and 3: pre and post), "post" (OLMo 2: post only)
-    hidden_act: str = "silu"  # or "gelu_tanh"
+    hidden_act: str = "silu"  # or "gelu_tanh", "gelu"
     attention_scale: float = 0.0  # 0: 1 / sqrt(head_dim)
     local_rope_theta: float = 0.0  # theta of the `local_layers`' rotary embedding; 0: they share the others'
     local_layers: tuple[int, ...] = ()  # the layers rotated with `local_rope_theta` (Gemma 3's local layers)
@@ -113,6 +113,7 @@ class LlamaConfig:
     plain_mlp: bool = False  # the MLP is c_proj(act(c_fc(x))) (StarCoder2), not gated
     mlp_bias: bool = False  # the MLP's linears add a bias
     parallel: bool = False  # x + attn(norm(x)) + mlp(norm(x)), one norm read by both (Phi-2), not one after the other
+    parallel_mlp_norm: bool = False  # in a parallel block the MLP reads a norm of its own, x + attn(n1(x)) + mlp(n2(x)) (GPT-NeoX)
     head_bias: bool = False  # the LM head adds a bias (Phi-2)
 
     @property
@@ -296,7 +297,9 @@ class SelfAttention(nn.Module):
 
 
 def activation(cfg: LlamaConfig, x: torch.Tensor) -> torch.Tensor:
-    """The MLP's activation: SiLU (Llama) or tanh-approximated GELU (Gemma, StarCoder2)."""
+    """The MLP's activation: SiLU (Llama), tanh-approximated GELU (Gemma, StarCoder2, Phi-2) or GELU (GPT-NeoX)."""
+    if cfg.hidden_act == "gelu":
+        return F.gelu(x)
     return F.gelu(x, approximate="tanh") if cfg.hidden_act == "gelu_tanh" else F.silu(x)
 
 
@@ -335,16 +338,18 @@ def block_norm(cfg: LlamaConfig) -> nn.Module:
 class DecoderLayer(nn.Module):
     """Pre-norm block (`norms` "pre"): x + attn(norm(x)), then x + mlp(norm(x)); "sandwich" (Gemma 2
     and 3): x + norm(attn(norm(x))), then x + norm(mlp(norm(x))); "post" (OLMo 2): x + norm(attn(x)),
-    then x + norm(mlp(x)); `parallel` (Phi-2): x + attn(norm(x)) + mlp(norm(x)), one norm; the norms
-    named as transformers names them."""
+    then x + norm(mlp(x)); `parallel` (Phi-2): x + attn(norm(x)) + mlp(norm(x)), one norm, or
+    (`parallel_mlp_norm`, GPT-NeoX) x + attn(norm(x)) + mlp(norm2(x)); the norms named as transformers
+    names them."""
 
     def __init__(self, cfg: LlamaConfig, index: int = 0):
         super().__init__()
         self.norms, self.residual_scale, self.parallel = cfg.norms, cfg.residual_scale, cfg.parallel
+        self.parallel_mlp_norm = cfg.parallel_mlp_norm
         if self.norms != "post":
             self.input_layernorm = block_norm(cfg)
         self.self_attn = SelfAttention(cfg, index)
-        if not self.parallel:
+        if not self.parallel or self.parallel_mlp_norm:
             self.post_attention_layernorm = block_norm(cfg)
         if self.norms == "sandwich":
             self.pre_feedforward_layernorm = block_norm(cfg)
@@ -361,7 +366,7 @@ class DecoderLayer(nn.Module):
             normed = self.input_layernorm(x)
             attended = self.self_attn(normed, cos, sin, mask, past)
             attended, present = attended if past is not None else (attended, None)
-            out = attended + self.mlp(normed) + x
+            out = attended + self.mlp(self.post_attention_layernorm(x) if self.parallel_mlp_norm else normed) + x
             return out if past is None else (out, present)
         if past is None:
             x = x + self._after_attention(self.self_attn(self._attention_input(x), cos, sin, mask))

@@ -553,6 +553,14 @@ def tiny_phi():
     return _tiny_hf("Phi", draw=((".bias", "layernorm.weight"), 0.5, 0.3), partial_rotary_factor=0.5, **SPECIAL_TOKENS)
 
 
+def tiny_gpt_neox():
+    """A random GPT-NeoX (Pythia's architecture): Q, K and V one weight interleaved per head, LayerNorms
+    and biases (random), attention and MLP side by side each on its own norm, an exact GELU, half of
+    each head rotated."""
+    return _tiny_hf("GPTNeoX", draw=((".bias", "layernorm.weight", "layer_norm.weight"), 0.5, 0.3), rotary_pct=0.5,
+                    **SPECIAL_TOKENS)
+
+
 def tiny_llama_mlp_bias():
     """A random Llama with `mlp_bias`: gate, up and down each add a (random) bias."""
     return _tiny_hf("Llama", draw=((".bias",), 0.0, 0.5), mlp_bias=True)
@@ -596,7 +604,7 @@ def _llama_like_artifact(folder: Path, arch: str) -> Path:
     ("ernie4_5", MAX_POSITIONS, [0, 0], "MatMul", 5), ("helium", MAX_POSITIONS, [0, 0], "MatMul", 5),
     ("stablelm", MAX_POSITIONS, [0, 0], "Add", 5), ("starcoder2", MAX_POSITIONS, [48, 48], "Add", 4),
     ("llama_mlp_bias", MAX_POSITIONS, [0, 0], "MatMul", 5), ("stablelm_parallel", MAX_POSITIONS, [0, 0], "Add", 5),
-    ("phi", MAX_POSITIONS, [0, 0], "Add", 4)])
+    ("phi", MAX_POSITIONS, [0, 0], "Add", 4), ("gpt_neox", MAX_POSITIONS, [0, 0], "Add", 4)])
 def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch, positions, windows, query,
                                                                           matmuls):
     """Qwen2, Qwen3, Mistral, Phi-3 (fused Q/K/V and gate/up weights, split at load) and Llama 3 (scaled
@@ -611,7 +619,8 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     4.5 and Helium (neighbouring values rotated as pairs: the kernel's `rotary_interleaved`), StableLM
     (LayerNorms, a partial rotation; and with attention and MLP side by side), StarCoder2 (LayerNorms,
     biases everywhere, an MLP without a gate: 4 linears a layer), Phi-2 (StarCoder2's with attention
-    and MLP side by side on one norm, a biased head) and Llama with MLP biases factories compile to the decoder with a
+    and MLP side by side on one norm, a biased head), GPT-NeoX (Q, K and V interleaved per head, side by
+    side on two norms) and Llama with MLP biases factories compile to the decoder with a
     KV cache and fused attention, the cached logits those of transformers' full sequence, ONNX Runtime GenAI's configuration naming
     the architecture: Q, K and V read packed by the attention (Qwen2's three biases one Add of their
     concatenation before it); Qwen3's normalized query and key heads flattened back into its query and
@@ -622,13 +631,13 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
               "gemma2": "Gemma2", "gemma3": "Gemma3Text", "granite": "Granite", "smollm3": "SmolLM3",
               "olmo2": "Olmo2", "ministral": "Ministral", "seed_oss": "SeedOss", "olmo3": "Olmo3", "exaone4": "Exaone4",
               "ernie4_5": "Ernie4_5", "helium": "Helium", "stablelm": "StableLm", "starcoder2": "Starcoder2",
-              "llama_mlp_bias": "Llama", "stablelm_parallel": "StableLm", "phi": "Phi"}[arch]
+              "llama_mlp_bias": "Llama", "stablelm_parallel": "StableLm", "phi": "Phi", "gpt_neox": "GPTNeoX"}[arch]
     if not hasattr(transformers, f"{family}Config"):
         pytest.skip(f"this transformers version has no {family}")
     # the names ONNX Runtime GenAI knows (from_hf's GENAI_TYPES)
     model_type = {"Gemma3Text": "gemma3_text", "Olmo2": "olmo", "Olmo3": "olmo", "Ministral": "mistral", "SeedOss": "llama",
                   "Exaone4": "llama", "Helium": "llama", "StableLm": "llama", "Starcoder2": "llama",
-                  "Phi": "llama"}.get(family, family.lower())
+                  "Phi": "llama", "GPTNeoX": "llama"}.get(family, family.lower())
     out = _llama_like_artifact(llama_like, arch)
     nodes = _nodes(out)
     producers = {o: n for n in nodes for o in n.output}
@@ -701,7 +710,7 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3", "llama3", "phi4", "qwen2_yarn", "gemma", "gemma2", "gemma3",
                                   "granite", "smollm3", "olmo2", "ministral", "seed_oss", "olmo3", "exaone4", "ernie4_5",
-                                  "helium", "stablelm", "starcoder2", "phi"])
+                                  "helium", "stablelm", "starcoder2", "phi", "gpt_neox"])
 def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
     """ONNX Runtime GenAI loads each architecture's artifact by its `genai_config.json` (`type` qwen2,
     qwen3, mistral, phi3, llama) and generates our greedy tokens."""
@@ -719,7 +728,7 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
 @pytest.mark.parametrize("build, message", [
     (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2)),
      "takes llama, mistral, ministral, phi3, qwen2, qwen3, seed_oss, gemma, gemma2, gemma3_text, granite, smollm3, olmo2, "
-     "olmo3, exaone4, ernie4_5, helium, stablelm, starcoder2, phi causal LMs"),
+     "olmo3, exaone4, ernie4_5, helium, stablelm, starcoder2, phi, gpt_neox causal LMs"),
     (lambda: transformers.StableLmForCausalLM(transformers.StableLmConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
         qk_layernorm=True)),
@@ -733,7 +742,7 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
      "takes causal attention"),
     (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                                                                     num_hidden_layers=1, num_attention_heads=4, hidden_act="relu")),
-     "MLP activations silu, gelu_pytorch_tanh, gelu_new, got 'relu'"),
+     "MLP activations silu, gelu_pytorch_tanh, gelu_new, gelu, got 'relu'"),
 ])
 def test_cache_capture_refuses_what_our_decoder_does_not_compute(build, message):
     with pytest.raises(UserError, match=message):
