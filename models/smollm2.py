@@ -109,11 +109,14 @@ class LlamaConfig:
     residual_scale: float = 0.0  # each block's output times this before its residual add (Granite); 0: none
     logit_divisor: float = 0.0  # the logits divided by this (Granite's `logits_scaling`); 0: none
     unrotated_layers: tuple[int, ...] = ()  # layers whose queries and keys are not rotated (SmolLM3's NoPE layers)
-    layer_norm: bool = False  # the blocks' and the final norms are LayerNorms with a bias (StableLM, StarCoder2), not RMSNorms
-    plain_mlp: bool = False  # the MLP is c_proj(act(c_fc(x))) (StarCoder2), not gated
+    # the blocks' and the final norms are LayerNorms with a bias (StableLM, StarCoder2, Phi-2, GPT-NeoX), not RMSNorms
+    layer_norm: bool = False
+    plain_mlp: bool = False  # the MLP is c_proj(act(c_fc(x))) (StarCoder2, Phi-2, GPT-NeoX), not gated
     mlp_bias: bool = False  # the MLP's linears add a bias
-    parallel: bool = False  # x + attn(norm(x)) + mlp(norm(x)), one norm read by both (Phi-2), not one after the other
-    parallel_mlp_norm: bool = False  # in a parallel block the MLP reads a norm of its own, x + attn(n1(x)) + mlp(n2(x)) (GPT-NeoX)
+    # x + attn(norm(x)) + mlp(norm(x)), one norm read by both (Phi-2, StableLM's parallel blocks), not one after the other
+    parallel: bool = False
+    # in a parallel block the MLP reads a norm of its own, x + attn(n1(x)) + mlp(n2(x)) (GPT-NeoX)
+    parallel_mlp_norm: bool = False
     head_bias: bool = False  # the LM head adds a bias (Phi-2)
 
     @property
