@@ -1,7 +1,7 @@
 """Hugging Face Llama, Mistral, Ministral, Phi-3, Qwen2, Qwen3, Seed-OSS, Gemma (1, 2, 3), Granite,
-SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2, Phi-2 and GPT-NeoX causal LMs as models
-with a KV cache: a `package.module:function` source that returns `(model, tokenizer)` is rebuilt as
-our Llama decoder (`models/smollm2.py`, with what each architecture adds to Llama, see
+SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2, Phi-2 and GPT-NeoX causal
+LMs as models with a KV cache: a `package.module:function` source that returns `(model, tokenizer)`
+is rebuilt as our Llama decoder (`models/smollm2.py`, with what each architecture adds to Llama, see
 ARCHITECTURES) with the model's weights and captured with the cache layout of `models/causal_lm.py`."""
 
 from __future__ import annotations
@@ -244,8 +244,8 @@ def _norm_width(state: dict[str, torch.Tensor], name: str) -> int:
 
 def _family_fields(cfg: Any) -> dict[str, Any]:
     """The LlamaConfig fields in which a Gemma, Gemma 2, Gemma 3, Granite, SmolLM3, OLMo 2, OLMo 3,
-    EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2, Phi-2 or GPT-NeoX differs from Llama (the activation for all; local layers' theta for
-    every model with rotary parameters per layer type)."""
+    EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2, Phi-2 or GPT-NeoX differs from Llama (the
+    activation for all; local layers' theta for every model with rotary parameters per layer type)."""
     fields: dict[str, Any] = {"hidden_act": ACTIVATIONS[_activation(cfg)],
                               "rotary_interleaved": cfg.model_type in INTERLEAVED_ROTARY,
                               "layer_norm": cfg.model_type in LAYER_NORMS, "plain_mlp": cfg.model_type in PLAIN_MLPS,
