@@ -1,4 +1,4 @@
-"""Decoders users bring: Hugging Face Qwen2, Qwen3, Llama 3, Mistral, Gemma 3, StableLM 2 and Pythia causal LMs at their real shapes
+"""Decoders users bring: Hugging Face Qwen2, Qwen3, Llama 3, Mistral, Gemma 3, StableLM 2, Pythia, GPT-2 and OPT causal LMs at their real shapes
 (seeded random weights: no float checkpoint ships offline; `mistral-0.3b` a small Mistral-shaped one), compiled with a KV cache; decode and
 prefill tokens/s per pipeline, and how far each float artifact's logits are from transformers'.
 
@@ -7,6 +7,7 @@ prefill tokens/s per pipeline, and how far each float artifact's logits are from
     python benchmarks/hf_decoders.py --archs gemma3-1b --out benchmarks/results/hf_decoders_gemma3.json
     python benchmarks/hf_decoders.py --archs stablelm2-1.6b --out benchmarks/results/hf_decoders_stablelm2.json
     python benchmarks/hf_decoders.py --archs pythia-1b --out benchmarks/results/hf_decoders_pythia.json
+    python benchmarks/hf_decoders.py --archs gpt2,opt-125m --out benchmarks/results/hf_decoders_gpt2_opt.json
 
 Each architecture is a `package.module:function` source (this file's `factory_<arch>`) returning
 the transformers model (torch.manual_seed(0) init; Qwen2's Q/K/V biases and Qwen3's query/key norm
@@ -78,8 +79,17 @@ SHAPES["pythia-1b"] = ("GPTNeoX", dict(vocab_size=50304, hidden_size=2048, inter
                                       num_attention_heads=8, max_position_embeddings=2048, rotary_pct=0.25,
                                       rope_theta=10000.0, layer_norm_eps=1e-5, use_parallel_residual=True,
                                       tie_word_embeddings=False))
-# the config class where it is not `<family>Config`
+# GPT-2 (124M): learned positions, LayerNorms, biases, Q, K and V in one Conv1D weight, tanh GELU
+SHAPES["gpt2"] = ("GPT2", dict(vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024, layer_norm_epsilon=1e-5,
+                               activation_function="gelu_new", tie_word_embeddings=True))
+# OPT-125m: learned positions (2 rows on), LayerNorms before attention and MLP, biases, ReLU
+SHAPES["opt-125m"] = ("OPT", dict(vocab_size=50272, hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12,
+                                  max_position_embeddings=2048, word_embed_proj_dim=768, do_layer_norm_before=True,
+                                  activation_function="relu", tie_word_embeddings=True, pad_token_id=1, bos_token_id=2,
+                                  eos_token_id=2))
+# the config class where it is not `<family>Config`, the model class where it is not `<family>ForCausalLM`
 CONFIG_CLASSES = {"Gemma3": "Gemma3TextConfig"}
+MODEL_CLASSES = {"GPT2": "GPT2LMHeadModel"}
 DEFAULT_ARCHS = ("qwen2.5-0.5b", "qwen3-0.6b")
 PIPELINES = ("default{attention=as-is}", "default", "int4{rounding=nearest}")
 
@@ -95,7 +105,7 @@ def build(arch: str):
         config["rope_parameters"] = {"rope_type": "default", "rope_theta": config.pop("rope_theta")}
     torch.manual_seed(0)
     config_class = getattr(transformers, CONFIG_CLASSES.get(family, f"{family}Config"))
-    model = getattr(transformers, f"{family}ForCausalLM")(config_class(**config)).eval()
+    model = getattr(transformers, MODEL_CLASSES.get(family, f"{family}ForCausalLM"))(config_class(**config)).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith(".bias"):

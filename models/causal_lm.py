@@ -160,7 +160,7 @@ class CachedCausalLM(nn.Module):
         seq_len, past_len = input_ids.shape[1], past_key_values[0].shape[2]
         mask = cached_causal_mask(attention_mask, seq_len, past_len).to(dtype)
         masks = decoder.layer_masks(mask, seq_len, past_len, attention_mask.shape[1])
-        x = decoder.embed(input_ids)
+        x = decoder.embed(input_ids, position_ids)
         presents: list[torch.Tensor] = []
         for i, (layer, (cos, sin), layer_mask) in enumerate(zip(decoder.layers, tables, masks)):
             x, (key, value) = layer(x, cos, sin, layer_mask, (past_key_values[2 * i], past_key_values[2 * i + 1]))

@@ -1,6 +1,6 @@
 """Hugging Face Llama, Mistral, Ministral, Phi-3, Qwen2, Qwen3, Seed-OSS, Gemma (1, 2, 3), Granite,
-SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2, Phi-2 and GPT-NeoX causal
-LMs as models with a KV cache: a `package.module:function` source that returns `(model, tokenizer)`
+SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2, Phi-2, GPT-NeoX, GPT-J,
+GPT-2, GPT-BigCode, OPT, Cohere, Arcee and Nemotron causal LMs as models with a KV cache: a `package.module:function` source that returns `(model, tokenizer)`
 is rebuilt as our Llama decoder (`models/smollm2.py`, with what each architecture adds to Llama, see
 ARCHITECTURES) with the model's weights and captured with the cache layout of `models/causal_lm.py`."""
 
@@ -23,7 +23,9 @@ class LlamaWithCache(CausalLMWithCache):
 
     summary = "a Llama-style causal LM with a KV cache"
 
-    def __init__(self, name: str, lm: nn.Module, tokenizer: Any, layout: CacheLayout, seq_len: int = 128):
+    seq_len = 128  # the tokens of a calibration or evaluation window
+
+    def __init__(self, name: str, lm: nn.Module, tokenizer: Any, layout: CacheLayout, seq_len: int = seq_len):
         self.name, self._lm, self._tokenizer, self.layout, self.seq_len = name, lm.eval(), tokenizer, layout, seq_len
 
     def _float_lm(self) -> nn.Module:
@@ -39,8 +41,8 @@ class LlamaWithCache(CausalLMWithCache):
 
 
 def is_hf_causal_lm(obj: Any) -> bool:
-    """A Hugging Face model with a language-model head (`...ForCausalLM`)."""
-    return isinstance(obj, nn.Module) and hasattr(obj, "config") and type(obj).__name__.endswith("ForCausalLM")
+    """A Hugging Face model with a language-model head (`...ForCausalLM`, GPT-2's `GPT2LMHeadModel`)."""
+    return isinstance(obj, nn.Module) and hasattr(obj, "config") and type(obj).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 # Hugging Face architectures that are a Llama decoder, and what each adds to it: Qwen2 biases on the Q, K
@@ -60,19 +62,36 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # StarCoder2 LayerNorms, biases on every linear, an MLP without a gate and a sliding window; Phi-2
 # (`phi`) StarCoder2's LayerNorms, biases and MLP, attention and MLP side by side on one norm, a partial
 # rotation and a biased head; GPT-NeoX (Pythia) the same with two norms side by side, Q, K and V one
-# weight interleaved per head and an exact GELU.
+# weight interleaved per head and an exact GELU; GPT-J Phi-2's block with neighbouring values rotated.
+# GPT-2, GPT-BigCode (StarCoder 1, SantaCoder) and OPT rotate nothing: they add a learned table of
+# positions to the token embeddings, and have LayerNorms, biases and an MLP without a gate (GPT-2 its
+# weights stored transposed and Q, K and V in one; GPT-BigCode one K/V head where `multi_query`; OPT
+# ReLU). Cohere has Phi-2's side-by-side block with LayerNorms without a bias, a gated MLP, neighbouring
+# values rotated and scaled logits; Arcee and Nemotron an MLP without a gate and ReLU squared, Nemotron
+# LayerNorms that scale by 1 + their weight and a partial rotation.
 ARCHITECTURES = ("llama", "mistral", "ministral", "phi3", "qwen2", "qwen3", "seed_oss", "gemma", "gemma2", "gemma3_text",
                  "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ernie4_5", "helium", "stablelm", "starcoder2", "phi",
-                 "gpt_neox")
+                 "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "arcee", "nemotron")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 POST_NORMS = ("olmo2", "olmo3", "exaone4")  # norms after the attention and the MLP only
 # `genai_config.json`'s type where ONNX Runtime GenAI (0.18) knows the architecture by another name
 # or not at all: it runs our graph either way, the type choosing its decoder-only handling
 GENAI_TYPES = {"ministral": "mistral", "seed_oss": "llama", "olmo2": "olmo", "olmo3": "olmo", "exaone4": "llama", "helium": "llama",
-               "stablelm": "llama", "starcoder2": "llama", "phi": "llama", "gpt_neox": "llama"}
-LAYER_NORMS = ("stablelm", "starcoder2", "phi", "gpt_neox")  # LayerNorms with a bias, not RMSNorms
-PLAIN_MLPS = ("starcoder2", "phi", "gpt_neox")  # MLPs without a gate
-# Phi-2's and GPT-NeoX's parameter names where Llama's (ours) differ
+               "stablelm": "llama", "starcoder2": "llama", "phi": "llama", "gpt_neox": "llama", "gptj": "llama", "gpt2": "llama",
+               "gpt_bigcode": "llama", "opt": "llama", "cohere": "llama", "arcee": "llama", "nemotron": "llama"}
+# LayerNorms, not RMSNorms (with a bias but for Cohere's)
+LAYER_NORMS = ("stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "nemotron")
+PLAIN_MLPS = ("starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "arcee", "nemotron")  # MLPs without a gate
+PARALLEL = ("phi", "gptj", "cohere")  # attention and MLP side by side on one norm
+LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt")  # a learned table of positions added to the embeddings, no rotation
+OPT_POSITION_OFFSET = 2  # OPT looks position p up in row p + 2 of its table
+TRANSPOSED_LINEARS = ("gpt2",)  # linear weights stored [in, out] (GPT-2's Conv1D), not [out, in]
+_GPT2_NAMES = (("transformer.wte.", "model.embed_tokens."), ("transformer.wpe.", "model.embed_positions."),
+               ("transformer.ln_f.", "model.norm."), ("transformer.h.", "model.layers."), (".ln_1.", ".input_layernorm."),
+               (".ln_2.", ".post_attention_layernorm."), (".attn.c_attn.", ".self_attn.qkv_proj."),
+               (".attn.c_proj.", ".self_attn.o_proj."))
+_UP_DOWN = ((".mlp.up_proj.", ".mlp.c_fc."), (".mlp.down_proj.", ".mlp.c_proj."))
+# the parameter names of the families whose names differ from Llama's (ours)
 OUR_NAMES = {
     "phi": ((".self_attn.dense.", ".self_attn.o_proj."), (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj."),
             ("model.final_layernorm.", "model.norm.")),
@@ -80,9 +99,21 @@ OUR_NAMES = {
                  ("gpt_neox.layers.", "model.layers."), (".attention.dense.", ".self_attn.o_proj."),
                  (".attention.query_key_value.", ".self_attn.qkv_interleaved."), (".mlp.dense_h_to_4h.", ".mlp.c_fc."),
                  (".mlp.dense_4h_to_h.", ".mlp.c_proj."), ("embed_out.", "lm_head.")),
+    "gptj": (("transformer.wte.", "model.embed_tokens."), ("transformer.ln_f.", "model.norm."), ("transformer.h.", "model.layers."),
+             (".ln_1.", ".input_layernorm."), (".attn.out_proj.", ".self_attn.o_proj."), (".attn.", ".self_attn."),
+             (".mlp.fc_in.", ".mlp.c_fc."), (".mlp.fc_out.", ".mlp.c_proj.")),
+    "gpt2": _GPT2_NAMES,
+    "gpt_bigcode": _GPT2_NAMES,
+    # the model's last norm first: each layer's `final_layer_norm` is the norm before its MLP
+    "opt": (("model.decoder.final_layer_norm.", "model.norm."), (".final_layer_norm.", ".post_attention_layernorm."),
+            ("model.decoder.", "model."), (".self_attn_layer_norm.", ".input_layernorm."),
+            (".self_attn.out_proj.", ".self_attn.o_proj."), (".fc1.", ".mlp.c_fc."), (".fc2.", ".mlp.c_proj.")),
+    "arcee": _UP_DOWN,
+    "nemotron": _UP_DOWN,
 }
-INTERLEAVED_ROTARY = ("ernie4_5", "helium")
-ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
+INTERLEAVED_ROTARY = ("ernie4_5", "helium", "gptj", "cohere")
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu", "relu": "relu",
+               "relu2": "relu2"}
 
 
 def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
@@ -97,9 +128,9 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
             f"{', '.join(ARCHITECTURES)} causal LMs; return (module, example_inputs) to capture it without a cache"
         )
     state = {k: v.detach().to(torch.float32) for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
-    state = _llama_names(state, model_type)
     _refuse_what_our_decoder_lacks(name, cfg)
-    if model_type in GEMMA:  # Gemma's norms scale by 1 + weight, ours by weight
+    state = _llama_names(state, cfg)
+    if model_type in (*GEMMA, "nemotron"):  # Gemma's and Nemotron's norms scale by 1 + weight, ours by weight
         state = {k: v + 1.0 if k.endswith("norm.weight") else v for k, v in state.items()}
     rope = _rope(cfg)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -122,7 +153,10 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
             lm.model.rotary.inv_freq.copy_(inv_freq)
         if long_inv_freq is not None:
             lm.model.rotary.long_inv_freq.copy_(long_inv_freq)
-    return LlamaWithCache(name, lm, tokenizer, smollm2.layout_of(ours, tokenizer, GENAI_TYPES.get(model_type, model_type)))
+    layout = smollm2.layout_of(ours, tokenizer, GENAI_TYPES.get(model_type, model_type))
+    if ours.learned_positions:  # its table has no row past its positions: windows of calibration stay within them
+        return LlamaWithCache(name, lm, tokenizer, layout, seq_len=min(LlamaWithCache.seq_len, ours.max_positions))
+    return LlamaWithCache(name, lm, tokenizer, layout)
 
 
 def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
@@ -130,8 +164,15 @@ def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
     queries and keys, an activation other than SiLU, GELU or tanh GELU, scaled local rotary embeddings."""
     if getattr(cfg, "use_bidirectional_attention", False):
         raise UserError(f"'{name}': the KV-cache capture takes causal attention (use_bidirectional_attention false)")
-    if getattr(cfg, "qk_layernorm", False):
-        raise UserError(f"'{name}': the KV-cache capture takes models without query and key LayerNorms (qk_layernorm false)")
+    if getattr(cfg, "qk_layernorm", False) or getattr(cfg, "use_qk_norm", False):
+        raise UserError(f"'{name}': the KV-cache capture takes models without query and key LayerNorms "
+                        "(qk_layernorm, use_qk_norm false)")
+    if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(cfg, "scale_attn_weights", True) is False:
+        raise UserError(f"'{name}': the KV-cache capture takes attention scaled by 1 / sqrt(head size) in every layer "
+                        "(scale_attn_weights true, scale_attn_by_inverse_layer_idx false)")
+    if cfg.model_type == "opt" and (not cfg.do_layer_norm_before or cfg.word_embed_proj_dim != cfg.hidden_size):
+        raise UserError(f"'{name}': the KV-cache capture takes OPT models with norms before attention and MLP and "
+                        "embeddings of the hidden size (do_layer_norm_before true, word_embed_proj_dim = hidden_size)")
     activation = _activation(cfg)
     if activation not in ACTIVATIONS:
         raise UserError(f"'{name}': the KV-cache capture takes MLP activations {', '.join(ACTIVATIONS)}, got '{activation}'")
@@ -140,16 +181,24 @@ def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
 
 
 def _activation(cfg: Any) -> str:
-    return getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None) or "silu"
+    return (getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
+            or getattr(cfg, "activation_function", None) or "silu")
 
 
-def _llama_names(state: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
-    """Phi-2's and GPT-NeoX's parameters under the names our decoder gives them (OUR_NAMES); the
-    others' as they are."""
+def _llama_names(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
+    """The parameters under the names and in the layout our decoder gives them: renamed (OUR_NAMES),
+    GPT-2's linear weights transposed to [out, in], GPT-BigCode's Q, K and V interleaved per head
+    where it has a K/V head per query head, OPT's position table from the row of position 0 on."""
     renamed = {}
     for key, value in state.items():
-        for theirs, ours in OUR_NAMES.get(model_type, ()):
+        for theirs, ours in OUR_NAMES.get(cfg.model_type, ()):
             key = key.replace(theirs, ours)
+        if cfg.model_type in TRANSPOSED_LINEARS and key.startswith("model.layers.") and value.ndim == 2:
+            value = value.t().contiguous()
+        if cfg.model_type == "gpt_bigcode" and not cfg.multi_query:
+            key = key.replace(".self_attn.qkv_proj.", ".self_attn.qkv_interleaved.")
+        if cfg.model_type == "opt" and key == "model.embed_positions.weight":
+            value = value[OPT_POSITION_OFFSET:]
         renamed[key] = value
     return renamed
 
@@ -158,7 +207,7 @@ def _split_fused_projections(state: dict[str, torch.Tensor], ours: smollm2.Llama
     """Phi-3's fused weights as Llama's: `qkv_proj` rows -> `q_proj`, `k_proj`, `v_proj` (heads, kv
     heads, kv heads wide), `gate_up_proj` rows -> `gate_proj` (the first half), `up_proj`; GPT-NeoX's
     Q, K and V (`qkv_interleaved`, weight and bias), whose rows hold each head's query, key and value
-    in turn -> `q_proj`, `k_proj`, `v_proj`."""
+    in turn -> `q_proj`, `k_proj`, `v_proj`; GPT-2's and GPT-BigCode's `qkv_proj` biases as their weights."""
     sizes = [ours.num_heads * ours.head_dim, ours.num_kv_heads * ours.head_dim, ours.num_kv_heads * ours.head_dim]
     split = {}
     for key, value in state.items():
@@ -167,9 +216,9 @@ def _split_fused_projections(state: dict[str, torch.Tensor], ours: smollm2.Llama
             per_head = value.reshape(ours.num_heads, 3, ours.head_dim, *value.shape[1:])
             split.update({f"{prefix}.{part}_proj.{kind}": per_head[:, i].reshape(-1, *value.shape[1:])
                           for i, part in enumerate("qkv")})
-        elif key.endswith(".self_attn.qkv_proj.weight"):
-            prefix = key[: -len("qkv_proj.weight")]
-            split.update({f"{prefix}{part}_proj.weight": w for part, w in zip("qkv", torch.split(value, sizes))})
+        elif ".self_attn.qkv_proj." in key:
+            prefix, kind = key.split(".qkv_proj.")
+            split.update({f"{prefix}.{part}_proj.{kind}": w for part, w in zip("qkv", torch.split(value, sizes))})
         elif key.endswith(".mlp.gate_up_proj.weight"):
             prefix = key[: -len("gate_up_proj.weight")]
             split.update({f"{prefix}{part}_proj.weight": w for part, w in zip(("gate", "up"), value.chunk(2))})
@@ -195,7 +244,10 @@ def _head_dim(cfg: Any) -> int:
 
 
 def _rotary_size(cfg: Any) -> int:
-    """The leading width of each head that is rotated: `partial_rotary_factor` of it (Phi-4-mini's 0.75)."""
+    """The leading width of each head that is rotated: `partial_rotary_factor` of it (Phi-4-mini's 0.75), or
+    GPT-J's `rotary_dim`."""
+    if getattr(cfg, "rotary_dim", None):
+        return int(cfg.rotary_dim)
     factor = _rope(cfg).get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None))
     return int(_head_dim(cfg) * float(factor or 1.0))
 
@@ -213,10 +265,9 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
     theta = _rope(cfg).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     return smollm2.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, num_heads=heads,
-        num_kv_heads=heads if cfg.model_type == "gpt_neox" else cfg.num_key_value_heads,  # GPT-NeoX: one per query head
-        intermediate_size=cfg.intermediate_size, rope_theta=float(theta),
+        num_kv_heads=_kv_heads(cfg), intermediate_size=_intermediate_size(cfg), rope_theta=float(theta),
         eps=_norm_eps(cfg), max_positions=positions, sliding_window=window, sliding_layers=sliding_layers,
-        qkv_bias=any(f"model.layers.0.self_attn.{n}.bias" in state for n in ("q_proj", "qkv_interleaved")),
+        qkv_bias=any(f"model.layers.0.self_attn.{n}.bias" in state for n in ("q_proj", "qkv_proj", "qkv_interleaved")),
         o_bias="model.layers.0.self_attn.o_proj.bias" in state,
         mlp_bias=any(key.startswith("model.layers.0.mlp.") and key.endswith(".bias") for key in state),
         head_bias="lm_head.bias" in state,
@@ -229,11 +280,32 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
     )
 
 
+def _kv_heads(cfg: Any) -> int:
+    """K/V heads: GPT-NeoX's, GPT-2's, GPT-J's and OPT's one per query head, GPT-BigCode's one where
+    `multi_query`, the others' `num_key_value_heads` (one per query head where unset)."""
+    if cfg.model_type == "gpt_bigcode":
+        return 1 if cfg.multi_query else cfg.num_attention_heads
+    if cfg.model_type in ("gpt_neox", "gpt2", "gptj", "opt"):
+        return cfg.num_attention_heads
+    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+
+
+def _intermediate_size(cfg: Any) -> int:
+    """The MLP's width: OPT's `ffn_dim`, GPT-2's, GPT-J's and GPT-BigCode's `n_inner` (4 x hidden where unset)."""
+    if cfg.model_type == "opt":
+        return int(cfg.ffn_dim)
+    if cfg.model_type in ("gpt2", "gptj", "gpt_bigcode"):
+        return int(cfg.n_inner or 4 * cfg.hidden_size)
+    return int(cfg.intermediate_size)
+
+
 def _norm_eps(cfg: Any) -> float:
-    """The norms' epsilon, as each family names it."""
-    for name in ("rms_norm_eps", "layer_norm_eps", "norm_epsilon"):
+    """The norms' epsilon, as each family names it (OPT's LayerNorms torch's default)."""
+    for name in ("rms_norm_eps", "layer_norm_eps", "norm_epsilon", "layer_norm_epsilon", "norm_eps"):
         if getattr(cfg, name, None) is not None:
             return float(getattr(cfg, name))
+    if cfg.model_type == "opt":
+        return 1e-5
     raise UserError("the model's config names no norm epsilon (rms_norm_eps, layer_norm_eps or norm_epsilon)")
 
 
@@ -243,14 +315,18 @@ def _norm_width(state: dict[str, torch.Tensor], name: str) -> int:
 
 
 def _family_fields(cfg: Any) -> dict[str, Any]:
-    """The LlamaConfig fields in which a Gemma, Gemma 2, Gemma 3, Granite, SmolLM3, OLMo 2, OLMo 3,
-    EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2, Phi-2 or GPT-NeoX differs from Llama (the
-    activation for all; local layers' theta for every model with rotary parameters per layer type)."""
+    """The LlamaConfig fields in which the families other than Llama differ from it (the activation for
+    all; local layers' theta for every model with rotary parameters per layer type)."""
     fields: dict[str, Any] = {"hidden_act": ACTIVATIONS[_activation(cfg)],
                               "rotary_interleaved": cfg.model_type in INTERLEAVED_ROTARY,
-                              "layer_norm": cfg.model_type in LAYER_NORMS, "plain_mlp": cfg.model_type in PLAIN_MLPS,
-                              "parallel": cfg.model_type == "phi" or bool(getattr(cfg, "use_parallel_residual", False)),
+                              "layer_norm": cfg.model_type in LAYER_NORMS, "layer_norm_bias": cfg.model_type != "cohere",
+                              "plain_mlp": cfg.model_type in PLAIN_MLPS,
+                              "parallel": cfg.model_type in PARALLEL or bool(getattr(cfg, "use_parallel_residual", False)),
                               "parallel_mlp_norm": cfg.model_type == "gpt_neox"}
+    if cfg.model_type in LEARNED_POSITIONS:
+        fields.update(learned_positions=True, unrotated_layers=tuple(range(cfg.num_hidden_layers)))
+    if cfg.model_type == "cohere":
+        fields["logit_scale"] = float(cfg.logit_scale)
     if cfg.model_type in GEMMA:
         fields["embed_scale"] = float(cfg.hidden_size**0.5)
     if cfg.model_type in ("gemma2", "gemma3_text"):

@@ -100,7 +100,7 @@ class LlamaConfig:
     # scale, local layers' theta and soft caps; Granite's multipliers; SmolLM3's unrotated layers
     embed_scale: float = 0.0  # the token embeddings' factor; 0: none
     norms: str = "pre"  # "pre" (Llama), "sandwich" (Gemma 2 and 3: pre and post), "post" (OLMo 2: post only)
-    hidden_act: str = "silu"  # or "gelu_tanh", "gelu"
+    hidden_act: str = "silu"  # or "gelu_tanh", "gelu", "relu", "relu2" (ReLU squared)
     attention_scale: float = 0.0  # 0: 1 / sqrt(head_dim)
     local_rope_theta: float = 0.0  # theta of the `local_layers`' rotary embedding; 0: they share the others'
     local_layers: tuple[int, ...] = ()  # the layers rotated with `local_rope_theta` (Gemma 3's local layers)
@@ -111,6 +111,7 @@ class LlamaConfig:
     unrotated_layers: tuple[int, ...] = ()  # layers whose queries and keys are not rotated (SmolLM3's NoPE layers)
     # the blocks' and the final norms are LayerNorms with a bias (StableLM, StarCoder2, Phi-2, GPT-NeoX), not RMSNorms
     layer_norm: bool = False
+    layer_norm_bias: bool = True  # those LayerNorms add a bias (all but Cohere's)
     plain_mlp: bool = False  # the MLP is c_proj(act(c_fc(x))) (StarCoder2, Phi-2, GPT-NeoX), not gated
     mlp_bias: bool = False  # the MLP's linears add a bias
     # x + attn(norm(x)) + mlp(norm(x)), one norm read by both (Phi-2, StableLM's parallel blocks), not one after the other
@@ -118,6 +119,10 @@ class LlamaConfig:
     # in a parallel block the MLP reads a norm of its own, x + attn(n1(x)) + mlp(n2(x)) (GPT-NeoX)
     parallel_mlp_norm: bool = False
     head_bias: bool = False  # the LM head adds a bias (Phi-2)
+    logit_scale: float = 0.0  # the logits times this (Cohere's `logit_scale`); 0: none
+    # a learned table of absolute positions [max_positions, hidden] added to the token embeddings, looked up
+    # by position id (GPT-2, OPT, GPT-BigCode); such models rotate nothing (every layer in `unrotated_layers`)
+    learned_positions: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -300,9 +305,12 @@ class SelfAttention(nn.Module):
 
 
 def activation(cfg: LlamaConfig, x: torch.Tensor) -> torch.Tensor:
-    """The MLP's activation: SiLU (Llama), tanh-approximated GELU (Gemma, StarCoder2, Phi-2) or GELU (GPT-NeoX)."""
+    """The MLP's activation: SiLU (Llama), tanh-approximated GELU (Gemma, StarCoder2, Phi-2, GPT-2), GELU
+    (GPT-NeoX), ReLU (OPT) or ReLU squared (Arcee, Nemotron)."""
     if cfg.hidden_act == "gelu":
         return F.gelu(x)
+    if cfg.hidden_act in ("relu", "relu2"):
+        return F.relu(x) if cfg.hidden_act == "relu" else F.relu(x).square()
     return F.gelu(x, approximate="tanh") if cfg.hidden_act == "gelu_tanh" else F.silu(x)
 
 
@@ -334,8 +342,10 @@ class PlainMLP(nn.Module):
 
 
 def block_norm(cfg: LlamaConfig) -> nn.Module:
-    """A norm of the hidden state: RMSNorm, or LayerNorm with a bias where the model has those."""
-    return nn.LayerNorm(cfg.hidden_size, eps=cfg.eps) if cfg.layer_norm else RMSNorm(cfg.hidden_size, cfg.eps)
+    """A norm of the hidden state: RMSNorm, or LayerNorm (with a bias but for Cohere's) where the model has those."""
+    if cfg.layer_norm:
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.eps, bias=cfg.layer_norm_bias)
+    return RMSNorm(cfg.hidden_size, cfg.eps)
 
 
 class DecoderLayer(nn.Module):
@@ -400,6 +410,8 @@ class Decoder(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if cfg.learned_positions:
+            self.embed_positions = nn.Embedding(cfg.max_positions, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = block_norm(cfg)
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rotary_attention_factor, cfg.long_rope_from,
@@ -414,19 +426,24 @@ class Decoder(nn.Module):
         tables = self.layer_tables(lambda rotary: rotary(seq_len), dtype)
         mask = causal_mask(seq_len, self.embed_tokens.weight.device).to(dtype)
         masks = self.layer_masks(mask, seq_len, 0, seq_len)
-        x = self.embed(input_ids)
+        positions = torch.arange(seq_len, device=input_ids.device)[None] if self.cfg.learned_positions else None
+        x = self.embed(input_ids, positions)
         for layer, (cos, sin), layer_mask in zip(self.layers, tables, masks):
             x = layer(x, cos, sin, layer_mask)
         return self.norm(x)
 
     def logits(self, head_output: torch.Tensor) -> torch.Tensor:
-        """The LM head's output divided by Granite's `logits_scaling`, soft-capped as Gemma 2's, where the model does."""
+        """The LM head's output divided by Granite's `logits_scaling`, times Cohere's `logit_scale`, soft-capped as
+        Gemma 2's, where the model does."""
         logits = head_output / self.cfg.logit_divisor if self.cfg.logit_divisor else head_output
+        logits = logits * self.cfg.logit_scale if self.cfg.logit_scale else logits
         return soft_cap(logits, self.cfg.logit_softcap)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        """The token embeddings (scaled where the model does), plus the positions' where it learned a table of them."""
         x = self.embed_tokens(input_ids)
-        return x * self.cfg.embed_scale if self.cfg.embed_scale else x
+        x = x * self.cfg.embed_scale if self.cfg.embed_scale else x
+        return x + self.embed_positions(position_ids) if self.cfg.learned_positions else x
 
     def layer_tables(self, tables_of: Any, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's cos and sin tables, `tables_of(rotary embedding)` in `dtype`: the local rotary

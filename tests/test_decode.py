@@ -366,13 +366,14 @@ TINY_SHAPE = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_
                   num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS)
 
 
-def _tiny_hf(family: str, draw: tuple[tuple[str, ...], float, float] | None = None, config: str = "", **overrides):
-    """A seeded random transformers `<family>ForCausalLM` of TINY_SHAPE (with `overrides`) and the tiny
-    tokenizer; `draw` = (name endings, mean, std): those parameters drawn from a normal distribution,
+def _tiny_hf(family: str, draw: tuple[tuple[str, ...], float, float] | None = None, config: str = "", model: str = "",
+             **overrides):
+    """A seeded random transformers `<family>ForCausalLM` (or `model`) of TINY_SHAPE (with `overrides`) and
+    the tiny tokenizer; `draw` = (name endings, mean, std): those parameters drawn from a normal distribution,
     where transformers starts them at a constant (biases at 0, norm scales at 0 or 1)."""
     torch.manual_seed(0)
     cfg = getattr(transformers, config or f"{family}Config")(**{**TINY_SHAPE, **overrides})
-    model = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+    model = getattr(transformers, model or f"{family}ForCausalLM")(cfg).eval()
     if draw is not None:
         endings, mean, std = draw
         with torch.no_grad():
@@ -561,6 +562,57 @@ def tiny_gpt_neox():
                     **SPECIAL_TOKENS)
 
 
+def tiny_gptj():
+    """A random GPT-J: LayerNorms (random), attention and MLP side by side on one norm, an MLP without a
+    gate with biases (random), the first 16 values of each head rotated as neighbouring pairs, a biased head."""
+    return _tiny_hf("GPTJ", draw=((".bias", "ln_1.weight", "ln_f.weight"), 0.5, 0.3), rotary_dim=16, **SPECIAL_TOKENS)
+
+
+# GPT-2's, GPT-BigCode's and OPT's LayerNorm scales and biases, drawn
+GPT2_NORMS = ((".bias", "ln_1.weight", "ln_2.weight", "ln_f.weight"), 0.5, 0.3)
+
+
+def tiny_gpt2():
+    """A random GPT-2: a learned table of positions and no rotation, LayerNorms, biases everywhere (random), Q, K
+    and V one weight stored [in, out] as all its linears, an MLP without a gate (tanh GELU), 4 heads of 32."""
+    return _tiny_hf("GPT2", draw=GPT2_NORMS, model="GPT2LMHeadModel", n_inner=256, **SPECIAL_TOKENS)
+
+
+def tiny_gpt_bigcode():
+    """A random GPT-BigCode (StarCoder 1's architecture): GPT-2's with one K/V head (`multi_query`) and
+    linears stored [out, in]."""
+    return _tiny_hf("GPTBigCode", draw=GPT2_NORMS, n_inner=256, **SPECIAL_TOKENS)
+
+
+def tiny_gpt_bigcode_mha():
+    """A random GPT-BigCode with a K/V head per query head: Q, K and V interleaved per head in one weight."""
+    return _tiny_hf("GPTBigCode", draw=GPT2_NORMS, n_inner=256, multi_query=False, **SPECIAL_TOKENS)
+
+
+def tiny_opt():
+    """A random OPT: a learned table of positions (looked up 2 rows on), LayerNorms and biases (random), an
+    MLP without a gate (ReLU)."""
+    return _tiny_hf("OPT", draw=((".bias", "norm.weight"), 0.5, 0.3), ffn_dim=256, word_embed_proj_dim=128,
+                    **SPECIAL_TOKENS)
+
+
+def tiny_cohere():
+    """A random Cohere (Command R's architecture): LayerNorms without a bias (random scales), attention and a
+    gated MLP side by side on one norm, neighbouring values rotated as pairs, logits times 0.5."""
+    return _tiny_hf("Cohere", draw=(("layernorm.weight", "norm.weight"), 0.5, 0.3), logit_scale=0.5, **SPECIAL_TOKENS)
+
+
+def tiny_arcee():
+    """A random Arcee: Llama with an MLP without a gate and ReLU squared."""
+    return _tiny_hf("Arcee", **SPECIAL_TOKENS)
+
+
+def tiny_nemotron():
+    """A random Nemotron: LayerNorms that scale by 1 + weight (random, as their biases), an MLP without a gate
+    and ReLU squared, half of each head rotated."""
+    return _tiny_hf("Nemotron", draw=((".bias", "layernorm.weight", "norm.weight"), 0.0, 0.3), **SPECIAL_TOKENS)
+
+
 def tiny_llama_mlp_bias():
     """A random Llama with `mlp_bias`: gate, up and down each add a (random) bias."""
     return _tiny_hf("Llama", draw=((".bias",), 0.0, 0.5), mlp_bias=True)
@@ -604,7 +656,10 @@ def _llama_like_artifact(folder: Path, arch: str) -> Path:
     ("ernie4_5", [0, 0], "MatMul", 5), ("helium", [0, 0], "MatMul", 5),
     ("stablelm", [0, 0], "Add", 5), ("starcoder2", [48, 48], "Add", 4),
     ("llama_mlp_bias", [0, 0], "MatMul", 5), ("stablelm_parallel", [0, 0], "Add", 5),
-    ("phi", [0, 0], "Add", 4), ("gpt_neox", [0, 0], "Add", 4)])
+    ("phi", [0, 0], "Add", 4), ("gpt_neox", [0, 0], "Add", 4),
+    ("gptj", [0, 0], "MatMul", 4), ("gpt2", [0, 0], "Add", 4), ("gpt_bigcode", [0, 0], "Add", 4),
+    ("gpt_bigcode_mha", [0, 0], "Add", 4), ("opt", [0, 0], "Add", 4), ("cohere", [0, 0], "MatMul", 5),
+    ("arcee", [0, 0], "MatMul", 4), ("nemotron", [0, 0], "MatMul", 4)])
 def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch, windows, query, matmuls):
     """Qwen2, Qwen3, Mistral, Phi-3 (fused Q/K/V and gate/up weights, split at load) and Llama 3 (scaled
     rotary frequencies), Phi-4-mini-like (half of each head rotated, `longrope`: its prefill reaches
@@ -619,7 +674,9 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     (LayerNorms, a partial rotation; and with attention and MLP side by side), StarCoder2 (LayerNorms,
     biases everywhere, an MLP without a gate: 4 linears a layer), Phi-2 (StarCoder2's with attention
     and MLP side by side on one norm, a biased head), GPT-NeoX (Q, K and V interleaved per head, side by
-    side on two norms) and Llama with MLP biases factories compile to the decoder with a
+    side on two norms), GPT-J (Phi-2's block, pairs rotated), GPT-2, GPT-BigCode and OPT (learned positions,
+    no rotation: the kernel's do_rotary 0), Cohere (side by side, pairs rotated, scaled logits), Arcee and
+    Nemotron (ReLU squared) and Llama with MLP biases factories compile to the decoder with a
     KV cache and fused attention, the cached logits those of transformers' full sequence, ONNX Runtime GenAI's configuration naming
     the architecture: Q, K and V read packed by the attention (Qwen2's three biases one Add of their
     concatenation before it); Qwen3's normalized query and key heads flattened back into its query and
@@ -630,13 +687,16 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
               "gemma2": "Gemma2", "gemma3": "Gemma3Text", "granite": "Granite", "smollm3": "SmolLM3",
               "olmo2": "Olmo2", "ministral": "Ministral", "seed_oss": "SeedOss", "olmo3": "Olmo3", "exaone4": "Exaone4",
               "ernie4_5": "Ernie4_5", "helium": "Helium", "stablelm": "StableLm", "starcoder2": "Starcoder2",
-              "llama_mlp_bias": "Llama", "stablelm_parallel": "StableLm", "phi": "Phi", "gpt_neox": "GPTNeoX"}[arch]
+              "llama_mlp_bias": "Llama", "stablelm_parallel": "StableLm", "phi": "Phi", "gpt_neox": "GPTNeoX", "gptj": "GPTJ",
+              "gpt2": "GPT2", "gpt_bigcode": "GPTBigCode", "gpt_bigcode_mha": "GPTBigCode", "opt": "OPT", "cohere": "Cohere",
+              "arcee": "Arcee", "nemotron": "Nemotron"}[arch]
     if not hasattr(transformers, f"{family}Config"):
         pytest.skip(f"this transformers version has no {family}")
     # the names ONNX Runtime GenAI knows (from_hf's GENAI_TYPES)
     model_type = {"Gemma3Text": "gemma3_text", "Olmo2": "olmo", "Olmo3": "olmo", "Ministral": "mistral", "SeedOss": "llama",
                   "Exaone4": "llama", "Helium": "llama", "StableLm": "llama", "Starcoder2": "llama",
-                  "Phi": "llama", "GPTNeoX": "llama"}.get(family, family.lower())
+                  "Phi": "llama", "GPTNeoX": "llama", "GPTJ": "llama", "GPT2": "llama", "GPTBigCode": "llama", "OPT": "llama",
+                  "Cohere": "llama", "Arcee": "llama", "Nemotron": "llama"}.get(family, family.lower())
     out = _llama_like_artifact(llama_like, arch)
     nodes = _nodes(out)
     producers = {o: n for n in nodes for o in n.output}
@@ -647,9 +707,9 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     assert [next((a.i for a in n.attribute if a.name == "local_window_size"), 0) for n in attention] == windows
     assert [next((a.f for a in n.attribute if a.name == "softcap"), 0.0) for n in attention] == [2.0 if arch == "gemma2" else 0.0] * 2
     assert [next(a.i for a in n.attribute if a.name == "do_rotary") for n in attention] == \
-        ([1, 0] if arch in ("smollm3", "exaone4") else [1, 1])
+        ([1, 0] if arch in ("smollm3", "exaone4") else [0, 0] if arch in LEARNED_POSITIONS else [1, 1])
     assert {next(a.i for a in n.attribute if a.name == "rotary_interleaved") for n in attention} == \
-        {int(arch in ("ernie4_5", "helium"))}
+        {int(arch in ("ernie4_5", "helium", "gptj", "cohere"))}
     assert sum(n.op_type == "MatMul" for n in nodes) == 2 * matmuls + 1  # (QKV or Q, K, V), O, (gate, up or c_fc), down; the head
     assert "Softmax" not in {n.op_type for n in nodes}
     layout = read_layout(out)
@@ -665,6 +725,9 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     prefill = 40 if arch == "phi4" else 7
     stepped = cached_logits(CachedSession(out / "model.onnx", layout, threads=1), ids, prefill=prefill)
     np.testing.assert_allclose(stepped, full, atol=5e-5 * np.abs(full).max())
+
+
+LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_bigcode_mha", "opt")
 
 
 def test_longrope_steps_switch_to_the_long_factors_where_transformers_does(llama_like):
@@ -689,6 +752,19 @@ def test_longrope_steps_switch_to_the_long_factors_where_transformers_does(llama
     assert np.abs(ours[:32] - full[:32]).max() > 10 * tolerance
 
 
+def test_int4_rounds_a_pairwise_rotated_decoder(llama_like, calib_file):
+    """`int4`'s `gptq` runs the blocks of a decoder whose rotation slices each pair's values with a step
+    (ERNIE 4.5's `x[..., 1::2]`) and the logits stay close to the float model's."""
+    out = qcompile("llama_like_factory:tiny_ernie4_5", llama_like / "ernie-int4", pipeline="int4", calibration=str(calib_file),
+                   drift=False).output
+    hf, _ = tiny_ernie4_5()
+    ids = np.random.default_rng(5).integers(3, VOCAB, 16)
+    with torch.no_grad():
+        full = hf(torch.from_numpy(ids[None])).logits[0].numpy()
+    got = cached_logits(CachedSession(out / "model.onnx", read_layout(out), 1), ids, prefill=8)
+    assert execute.drift({"y": full}, {"y": got})["cosine"] > 0.99
+
+
 def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
     """`int4` on Qwen2: Q, K and V one MatMulNBits, their biases one Add, read packed by the attention;
     the logits stay close to the float model's."""
@@ -709,7 +785,8 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3", "llama3", "phi4", "qwen2_yarn", "gemma", "gemma2", "gemma3",
                                   "granite", "smollm3", "olmo2", "ministral", "seed_oss", "olmo3", "exaone4", "ernie4_5",
-                                  "helium", "stablelm", "starcoder2", "phi", "gpt_neox"])
+                                  "helium", "stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt",
+                                  "cohere", "arcee", "nemotron"])
 def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
     """ONNX Runtime GenAI loads each architecture's artifact by its `genai_config.json` (`type` qwen2,
     qwen3, mistral, phi3, llama) and generates our greedy tokens."""
@@ -725,13 +802,23 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("build, message", [
-    (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2)),
+    (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=1, n_head=2)),
      "takes llama, mistral, ministral, phi3, qwen2, qwen3, seed_oss, gemma, gemma2, gemma3_text, granite, smollm3, olmo2, "
-     "olmo3, exaone4, ernie4_5, helium, stablelm, starcoder2, phi, gpt_neox causal LMs"),
+     "olmo3, exaone4, ernie4_5, helium, stablelm, starcoder2, phi, gpt_neox, gptj, gpt2, gpt_bigcode, opt, cohere, arcee, "
+     "nemotron causal LMs"),
     (lambda: transformers.StableLmForCausalLM(transformers.StableLmConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
         qk_layernorm=True)),
      "without query and key LayerNorms"),
+    (lambda: transformers.CohereForCausalLM(transformers.CohereConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, use_qk_norm=True)),
+     "without query and key LayerNorms"),
+    (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2,
+                                                                  scale_attn_by_inverse_layer_idx=True)),
+     "attention scaled by 1 / sqrt\\(head size\\) in every layer"),
+    (lambda: transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=1,
+                                                                num_attention_heads=4, word_embed_proj_dim=32)),
+     "OPT models with norms before attention and MLP and embeddings of the hidden size"),
     (lambda: _with_rope_type(transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)), "mrope"),
      "rotary embeddings of type default, linear, llama3, yarn, dynamic, longrope, got 'mrope'"),
@@ -740,8 +827,8 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
         use_bidirectional_attention=True)),
      "takes causal attention"),
     (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                                                    num_hidden_layers=1, num_attention_heads=4, hidden_act="relu")),
-     "MLP activations silu, gelu_pytorch_tanh, gelu_new, gelu, got 'relu'"),
+                                                                    num_hidden_layers=1, num_attention_heads=4, hidden_act="tanh")),
+     "MLP activations silu, gelu_pytorch_tanh, gelu_new, gelu, relu, relu2, got 'tanh'"),
 ])
 def test_cache_capture_refuses_what_our_decoder_does_not_compute(build, message):
     with pytest.raises(UserError, match=message):

@@ -1,6 +1,6 @@
 """The block interpreter (`qcompiler.analysis.torch_exec`) against ONNX Runtime, one node at a time:
 the ops that `flexround`, `tune-scales` and `gptq` meet in public conv nets (BatchNormalization left
-unfolded, LRN, InstanceNormalization, the ReLU variants)."""
+unfolded, LRN, InstanceNormalization, the ReLU variants), and slices with steps (a pairwise rotation's)."""
 
 import numpy as np
 import onnx_ir as ir
@@ -52,6 +52,25 @@ def test_an_op_computes_what_onnx_runtime_computes(case):
     assert unsupported_ops(nodes) == []
     env = run_nodes(nodes, {"x": torch.from_numpy(X)}, lambda node: None, Constants())
     np.testing.assert_allclose(env["y"].numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _ints(*values):
+    return np.array(values, np.int64)
+
+
+@pytest.mark.parametrize("starts, ends, axes, steps", [
+    (_ints(1), _ints(2**62), _ints(-1), _ints(2)),  # x[..., 1::2], a pairwise rotation's odd values
+    (_ints(0, 1), _ints(6, 4), _ints(1, 2), _ints(3, 2)),
+    (_ints(-1), _ints(-2**63), _ints(1), _ints(-1)),  # reversed
+    (_ints(4, 10), _ints(0, -10), _ints(1, 3), _ints(-2, -1)),  # backward on two axes, clamped
+    (_ints(2), _ints(0), _ints(2), _ints(1)),  # empty
+])
+def test_slices_with_steps_take_what_onnx_runtime_takes(starts, ends, axes, steps):
+    proto = _model("Slice", {}, [starts, ends, axes, steps])
+    expected = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": X})[0]
+    env = run_nodes(list(ir.serde.deserialize_model(proto).graph), {"x": torch.from_numpy(X)}, lambda node: None, Constants())
+    assert env["y"].shape == expected.shape
+    np.testing.assert_array_equal(env["y"].numpy(), expected)
 
 
 def test_batch_normalization_in_training_mode_is_refused_by_name():

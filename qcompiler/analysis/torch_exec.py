@@ -125,14 +125,18 @@ def _slice(x, starts, ends, axes=None, steps=None):
     axes = _ints(axes) if axes is not None else list(range(len(starts)))
     steps = _ints(steps) if steps is not None else [1] * len(starts)
     index = [slice(None)] * x.dim()
+    backwards = []  # (axis, start, end, step) of the slices with a negative step, taken after the others
     for s, e, a, st in zip(starts, ends, axes, steps):
-        if st != 1:
-            raise NotImplementedError("Slice with steps other than 1")
         n = x.shape[a % x.dim()]
-        s = max(0, min(n, s + n if s < 0 else s))
-        e = max(0, min(n, e + n if e < 0 else e))
-        index[a % x.dim()] = slice(s, e)
-    return x[tuple(index)]
+        s, e = s + n if s < 0 else s, e + n if e < 0 else e
+        if st > 0:
+            index[a % x.dim()] = slice(max(0, min(n, s)), max(0, min(n, e)), st)
+        else:  # ONNX clamps a backward slice's start to [0, n - 1] and its end to [-1, n - 1]
+            backwards.append((a % x.dim(), max(0, min(n - 1, s)), max(-1, min(n - 1, e)), st))
+    x = x[tuple(index)]
+    for a, s, e, st in backwards:
+        x = x.index_select(a, torch.arange(s, e, st, dtype=torch.int64, device=x.device))
+    return x
 
 
 def _reshape(x, shape, allowzero):
