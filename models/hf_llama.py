@@ -1,6 +1,6 @@
 """Hugging Face Llama, Mistral, Ministral, Phi-3, Qwen2, Qwen3, Seed-OSS, Gemma (1, 2, 3), Granite,
 SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2, Phi-2, GPT-NeoX, GPT-J,
-GPT-2, GPT-BigCode, OPT, Cohere, Arcee and Nemotron causal LMs as models with a KV cache: a `package.module:function` source that returns `(model, tokenizer)`
+GPT-2, GPT-BigCode, OPT, Cohere, Cohere 2, Arcee, Nemotron, GLM, GLM-4 and Falcon causal LMs as models with a KV cache: a `package.module:function` source that returns `(model, tokenizer)`
 is rebuilt as our Llama decoder (`models/smollm2.py`, with what each architecture adds to Llama, see
 ARCHITECTURES) with the model's weights and captured with the cache layout of `models/causal_lm.py`."""
 
@@ -67,22 +67,29 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # positions to the token embeddings, and have LayerNorms, biases and an MLP without a gate (GPT-2 its
 # weights stored transposed and Q, K and V in one; GPT-BigCode one K/V head where `multi_query`; OPT
 # ReLU). Cohere has Phi-2's side-by-side block with LayerNorms without a bias, a gated MLP, neighbouring
-# values rotated and scaled logits; Arcee and Nemotron an MLP without a gate and ReLU squared, Nemotron
-# LayerNorms that scale by 1 + their weight and a partial rotation.
+# values rotated and scaled logits, Cohere 2 also sliding layers and unrotated global ones; Arcee and
+# Nemotron an MLP without a gate and ReLU squared, Nemotron LayerNorms that scale by 1 + their weight and
+# a partial rotation. GLM has Phi-3's fused gate and up, Q, K and V biases and part of each head rotated
+# as neighbouring pairs, GLM-4 also Gemma 2's sandwich norms. Falcon has GPT-NeoX's LayerNorms, MLP and
+# side-by-side blocks (on one norm, or two in its new architecture; one after the other where it says
+# so), Q, K and V in one weight laid out per head, as one K/V head, or per K/V group.
 ARCHITECTURES = ("llama", "mistral", "ministral", "phi3", "qwen2", "qwen3", "seed_oss", "gemma", "gemma2", "gemma3_text",
                  "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ernie4_5", "helium", "stablelm", "starcoder2", "phi",
-                 "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "arcee", "nemotron")
+                 "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "cohere2", "arcee", "nemotron", "glm", "glm4",
+                 "falcon")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 POST_NORMS = ("olmo2", "olmo3", "exaone4")  # norms after the attention and the MLP only
 # `genai_config.json`'s type where ONNX Runtime GenAI (0.18) knows the architecture by another name
 # or not at all: it runs our graph either way, the type choosing its decoder-only handling
 GENAI_TYPES = {"ministral": "mistral", "seed_oss": "llama", "olmo2": "olmo", "olmo3": "olmo", "exaone4": "llama", "helium": "llama",
                "stablelm": "llama", "starcoder2": "llama", "phi": "llama", "gpt_neox": "llama", "gptj": "llama", "gpt2": "llama",
-               "gpt_bigcode": "llama", "opt": "llama", "cohere": "llama", "arcee": "llama", "nemotron": "llama"}
+               "gpt_bigcode": "llama", "opt": "llama", "cohere": "llama", "cohere2": "llama", "arcee": "llama", "nemotron": "llama",
+               "glm": "llama", "glm4": "llama", "falcon": "llama"}
 # LayerNorms, not RMSNorms (with a bias but for Cohere's)
-LAYER_NORMS = ("stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "nemotron")
-PLAIN_MLPS = ("starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "arcee", "nemotron")  # MLPs without a gate
-PARALLEL = ("phi", "gptj", "cohere")  # attention and MLP side by side on one norm
+LAYER_NORMS = ("stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "cohere2", "nemotron",
+               "falcon")
+PLAIN_MLPS = ("starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "arcee", "nemotron", "falcon")  # no gate
+PARALLEL = ("phi", "gptj", "cohere", "cohere2")  # attention and MLP side by side on one norm
 LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt")  # a learned table of positions added to the embeddings, no rotation
 OPT_POSITION_OFFSET = 2  # OPT looks position p up in row p + 2 of its table
 TRANSPOSED_LINEARS = ("gpt2",)  # linear weights stored [in, out] (GPT-2's Conv1D), not [out, in]
@@ -110,8 +117,15 @@ OUR_NAMES = {
             (".self_attn.out_proj.", ".self_attn.o_proj."), (".fc1.", ".mlp.c_fc."), (".fc2.", ".mlp.c_proj.")),
     "arcee": _UP_DOWN,
     "nemotron": _UP_DOWN,
+    # GLM-4's norm before the MLP first, as our name for its norm after the attention is the former's
+    "glm4": ((".post_attention_layernorm.", ".pre_feedforward_layernorm."),
+             (".post_self_attn_layernorm.", ".post_attention_layernorm."), (".post_mlp_layernorm.", ".post_feedforward_layernorm.")),
+    "falcon": (("transformer.word_embeddings.", "model.embed_tokens."), ("transformer.ln_f.", "model.norm."),
+               ("transformer.h.", "model.layers."), (".self_attention.dense.", ".self_attn.o_proj."),
+               (".self_attention.query_key_value.", ".self_attn.qkv_proj."), (".mlp.dense_h_to_4h.", ".mlp.c_fc."),
+               (".mlp.dense_4h_to_h.", ".mlp.c_proj."), (".ln_attn.", ".input_layernorm."), (".ln_mlp.", ".post_attention_layernorm.")),
 }
-INTERLEAVED_ROTARY = ("ernie4_5", "helium", "gptj", "cohere")
+INTERLEAVED_ROTARY = ("ernie4_5", "helium", "gptj", "cohere", "cohere2", "glm", "glm4")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu", "relu": "relu",
                "relu2": "relu2"}
 
@@ -170,6 +184,8 @@ def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
     if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(cfg, "scale_attn_weights", True) is False:
         raise UserError(f"'{name}': the KV-cache capture takes attention scaled by 1 / sqrt(head size) in every layer "
                         "(scale_attn_weights true, scale_attn_by_inverse_layer_idx false)")
+    if getattr(cfg, "alibi", False):
+        raise UserError(f"'{name}': the KV-cache capture takes rotary or learned positions, not ALiBi (alibi false)")
     if cfg.model_type == "opt" and (not cfg.do_layer_norm_before or cfg.word_embed_proj_dim != cfg.hidden_size):
         raise UserError(f"'{name}': the KV-cache capture takes OPT models with norms before attention and MLP and "
                         "embeddings of the hidden size (do_layer_norm_before true, word_embed_proj_dim = hidden_size)")
@@ -182,32 +198,44 @@ def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
 
 def _activation(cfg: Any) -> str:
     return (getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
-            or getattr(cfg, "activation_function", None) or "silu")
+            or getattr(cfg, "activation_function", None) or (cfg.activation if cfg.model_type == "falcon" else "silu"))
 
 
 def _llama_names(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
     """The parameters under the names and in the layout our decoder gives them: renamed (OUR_NAMES),
-    GPT-2's linear weights transposed to [out, in], GPT-BigCode's Q, K and V interleaved per head
-    where it has a K/V head per query head, OPT's position table from the row of position 0 on."""
+    GPT-2's linear weights transposed to [out, in], GPT-BigCode's and Falcon's Q, K and V named by
+    their layout (`_qkv_layout`), OPT's position table from the row of position 0 on."""
     renamed = {}
+    layout = _qkv_layout(cfg)
     for key, value in state.items():
         for theirs, ours in OUR_NAMES.get(cfg.model_type, ()):
             key = key.replace(theirs, ours)
         if cfg.model_type in TRANSPOSED_LINEARS and key.startswith("model.layers.") and value.ndim == 2:
             value = value.t().contiguous()
-        if cfg.model_type == "gpt_bigcode" and not cfg.multi_query:
-            key = key.replace(".self_attn.qkv_proj.", ".self_attn.qkv_interleaved.")
+        key = key.replace(".self_attn.qkv_proj.", f".self_attn.{layout}.")
         if cfg.model_type == "opt" and key == "model.embed_positions.weight":
             value = value[OPT_POSITION_OFFSET:]
         renamed[key] = value
     return renamed
 
 
+def _qkv_layout(cfg: Any) -> str:
+    """How the rows of one Q, K and V weight are laid out: `qkv_proj` (all queries, then the keys, then
+    the values: Phi-3, GPT-2, GPT-BigCode's and Falcon's with one K/V head), `qkv_interleaved` (each
+    head's query, key and value in turn: GPT-NeoX, GPT-BigCode's and Falcon's with a K/V head per query
+    head) or `qkv_grouped` (each K/V group's queries, then its key and value: Falcon's new architecture)."""
+    if cfg.model_type == "falcon" and cfg.new_decoder_architecture:
+        return "qkv_grouped"
+    if cfg.model_type in ("gpt_bigcode", "falcon") and not cfg.multi_query:
+        return "qkv_interleaved"
+    return "qkv_proj"
+
+
 def _split_fused_projections(state: dict[str, torch.Tensor], ours: smollm2.LlamaConfig) -> dict[str, torch.Tensor]:
     """Phi-3's fused weights as Llama's: `qkv_proj` rows -> `q_proj`, `k_proj`, `v_proj` (heads, kv
     heads, kv heads wide), `gate_up_proj` rows -> `gate_proj` (the first half), `up_proj`; GPT-NeoX's
     Q, K and V (`qkv_interleaved`, weight and bias), whose rows hold each head's query, key and value
-    in turn -> `q_proj`, `k_proj`, `v_proj`; GPT-2's and GPT-BigCode's `qkv_proj` biases as their weights."""
+    in turn -> `q_proj`, `k_proj`, `v_proj`; Falcon's grouped ones (`qkv_grouped`) likewise; biases as their weights."""
     sizes = [ours.num_heads * ours.head_dim, ours.num_kv_heads * ours.head_dim, ours.num_kv_heads * ours.head_dim]
     split = {}
     for key, value in state.items():
@@ -216,6 +244,13 @@ def _split_fused_projections(state: dict[str, torch.Tensor], ours: smollm2.Llama
             per_head = value.reshape(ours.num_heads, 3, ours.head_dim, *value.shape[1:])
             split.update({f"{prefix}.{part}_proj.{kind}": per_head[:, i].reshape(-1, *value.shape[1:])
                           for i, part in enumerate("qkv")})
+        elif ".self_attn.qkv_grouped." in key:
+            prefix, kind = key.split(".qkv_grouped.")
+            group = ours.num_heads // ours.num_kv_heads
+            per_group = value.reshape(ours.num_kv_heads, group + 2, ours.head_dim, *value.shape[1:])
+            split.update({f"{prefix}.q_proj.{kind}": per_group[:, :group].reshape(-1, *value.shape[1:]),
+                          f"{prefix}.k_proj.{kind}": per_group[:, group].reshape(-1, *value.shape[1:]),
+                          f"{prefix}.v_proj.{kind}": per_group[:, group + 1].reshape(-1, *value.shape[1:])})
         elif ".self_attn.qkv_proj." in key:
             prefix, kind = key.split(".qkv_proj.")
             split.update({f"{prefix}.{part}_proj.{kind}": w for part, w in zip("qkv", torch.split(value, sizes))})
@@ -267,7 +302,7 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, num_heads=heads,
         num_kv_heads=_kv_heads(cfg), intermediate_size=_intermediate_size(cfg), rope_theta=float(theta),
         eps=_norm_eps(cfg), max_positions=positions, sliding_window=window, sliding_layers=sliding_layers,
-        qkv_bias=any(f"model.layers.0.self_attn.{n}.bias" in state for n in ("q_proj", "qkv_proj", "qkv_interleaved")),
+        qkv_bias=any(f"model.layers.0.self_attn.{n}.bias" in state for n in ("q_proj", "qkv_proj", "qkv_interleaved", "qkv_grouped")),
         o_bias="model.layers.0.self_attn.o_proj.bias" in state,
         mlp_bias=any(key.startswith("model.layers.0.mlp.") and key.endswith(".bias") for key in state),
         head_bias="lm_head.bias" in state,
@@ -281,19 +316,25 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
 
 
 def _kv_heads(cfg: Any) -> int:
-    """K/V heads: GPT-NeoX's, GPT-2's, GPT-J's and OPT's one per query head, GPT-BigCode's one where
-    `multi_query`, the others' `num_key_value_heads` (one per query head where unset)."""
-    if cfg.model_type == "gpt_bigcode":
+    """K/V heads: GPT-NeoX's, GPT-2's, GPT-J's and OPT's one per query head, GPT-BigCode's and Falcon's one
+    where `multi_query` (Falcon's new architecture `num_kv_heads`), the others' `num_key_value_heads` (one
+    per query head where unset)."""
+    if cfg.model_type == "gpt_bigcode" or (cfg.model_type == "falcon" and not cfg.new_decoder_architecture):
         return 1 if cfg.multi_query else cfg.num_attention_heads
+    if cfg.model_type == "falcon":  # its new architecture: `num_kv_heads` groups
+        return cfg.num_kv_heads
     if cfg.model_type in ("gpt_neox", "gpt2", "gptj", "opt"):
         return cfg.num_attention_heads
     return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 
 
 def _intermediate_size(cfg: Any) -> int:
-    """The MLP's width: OPT's `ffn_dim`, GPT-2's, GPT-J's and GPT-BigCode's `n_inner` (4 x hidden where unset)."""
+    """The MLP's width: OPT's `ffn_dim`, Falcon's `ffn_hidden_size`, GPT-2's, GPT-J's and GPT-BigCode's
+    `n_inner` (4 x hidden where unset)."""
     if cfg.model_type == "opt":
         return int(cfg.ffn_dim)
+    if cfg.model_type == "falcon":
+        return int(cfg.ffn_hidden_size or 4 * cfg.hidden_size)
     if cfg.model_type in ("gpt2", "gptj", "gpt_bigcode"):
         return int(cfg.n_inner or 4 * cfg.hidden_size)
     return int(cfg.intermediate_size)
@@ -319,14 +360,21 @@ def _family_fields(cfg: Any) -> dict[str, Any]:
     all; local layers' theta for every model with rotary parameters per layer type)."""
     fields: dict[str, Any] = {"hidden_act": ACTIVATIONS[_activation(cfg)],
                               "rotary_interleaved": cfg.model_type in INTERLEAVED_ROTARY,
-                              "layer_norm": cfg.model_type in LAYER_NORMS, "layer_norm_bias": cfg.model_type != "cohere",
+                              "layer_norm": cfg.model_type in LAYER_NORMS, "layer_norm_bias": cfg.model_type not in ("cohere", "cohere2"),
                               "plain_mlp": cfg.model_type in PLAIN_MLPS,
                               "parallel": cfg.model_type in PARALLEL or bool(getattr(cfg, "use_parallel_residual", False)),
                               "parallel_mlp_norm": cfg.model_type == "gpt_neox"}
+    if cfg.model_type == "falcon":  # its new architecture side by side on two norms unless it says one
+        two_norms = cfg.new_decoder_architecture and (cfg.num_ln_in_parallel_attn or 2) == 2
+        fields.update(parallel=bool(cfg.parallel_attn or cfg.new_decoder_architecture), parallel_mlp_norm=two_norms)
     if cfg.model_type in LEARNED_POSITIONS:
         fields.update(learned_positions=True, unrotated_layers=tuple(range(cfg.num_hidden_layers)))
-    if cfg.model_type == "cohere":
+    if cfg.model_type in ("cohere", "cohere2"):
         fields["logit_scale"] = float(cfg.logit_scale)
+    if cfg.model_type == "cohere2":  # rotated where it slides, not in its global layers
+        fields["unrotated_layers"] = tuple(i for i, kind in enumerate(cfg.layer_types) if kind == "full_attention")
+    if cfg.model_type == "glm4":
+        fields["norms"] = "sandwich"
     if cfg.model_type in GEMMA:
         fields["embed_scale"] = float(cfg.hidden_size**0.5)
     if cfg.model_type in ("gemma2", "gemma3_text"):

@@ -613,6 +613,44 @@ def tiny_nemotron():
     return _tiny_hf("Nemotron", draw=((".bias", "layernorm.weight", "norm.weight"), 0.0, 0.3), **SPECIAL_TOKENS)
 
 
+def tiny_cohere2():
+    """A random Cohere 2: Cohere's block, its first layer sliding over 24 positions and rotated, its second
+    global and unrotated."""
+    return _tiny_hf("Cohere2", draw=(("layernorm.weight", "norm.weight"), 0.5, 0.3), logit_scale=0.5, sliding_window=24,
+                    layer_types=SLIDING_THEN_FULL, **SPECIAL_TOKENS)
+
+
+def tiny_glm():
+    """A random GLM: gate and up in one weight, biases on Q, K and V (random), half of each head rotated as
+    neighbouring pairs."""
+    return _tiny_hf("Glm", draw=((".bias",), 0.0, 0.5), head_dim=32, **SPECIAL_TOKENS)
+
+
+def tiny_glm4():
+    """A random GLM-4: GLM's with norms after the attention and the MLP too (random scales)."""
+    return _tiny_hf("Glm4", draw=((".bias", "layernorm.weight"), 0.5, 0.3), head_dim=32, **SPECIAL_TOKENS)
+
+
+def tiny_falcon():
+    """A random Falcon (Falcon-7B's layout): one K/V head (`multi_query`), Q, K and V in one weight,
+    attention and MLP side by side on one LayerNorm (random), no biases, an exact GELU."""
+    return _tiny_hf("Falcon", draw=(("layernorm.weight", "ln_f.weight"), 0.5, 0.3), **SPECIAL_TOKENS)
+
+
+def tiny_falcon_new():
+    """A random Falcon of its new architecture (Falcon-40B's layout): 2 K/V groups, each group's queries,
+    key and value in turn in one weight, side by side on two LayerNorms, biases (random)."""
+    return _tiny_hf("Falcon", draw=((".bias", "ln_attn.weight", "ln_mlp.weight", "ln_f.weight"), 0.5, 0.3),
+                    new_decoder_architecture=True, num_kv_heads=2, bias=True, **SPECIAL_TOKENS)
+
+
+def tiny_falcon_sequential():
+    """A random Falcon with attention then MLP, each on its own LayerNorm, and a K/V head per query head
+    (Q, K and V interleaved per head), biases (random)."""
+    return _tiny_hf("Falcon", draw=((".bias", "layernorm.weight", "ln_f.weight"), 0.5, 0.3), parallel_attn=False,
+                    multi_query=False, bias=True, **SPECIAL_TOKENS)
+
+
 def tiny_llama_mlp_bias():
     """A random Llama with `mlp_bias`: gate, up and down each add a (random) bias."""
     return _tiny_hf("Llama", draw=((".bias",), 0.0, 0.5), mlp_bias=True)
@@ -659,7 +697,9 @@ def _llama_like_artifact(folder: Path, arch: str) -> Path:
     ("phi", [0, 0], "Add", 4), ("gpt_neox", [0, 0], "Add", 4),
     ("gptj", [0, 0], "MatMul", 4), ("gpt2", [0, 0], "Add", 4), ("gpt_bigcode", [0, 0], "Add", 4),
     ("gpt_bigcode_mha", [0, 0], "Add", 4), ("opt", [0, 0], "Add", 4), ("cohere", [0, 0], "MatMul", 5),
-    ("arcee", [0, 0], "MatMul", 4), ("nemotron", [0, 0], "MatMul", 4)])
+    ("arcee", [0, 0], "MatMul", 4), ("nemotron", [0, 0], "MatMul", 4), ("cohere2", [24, 0], "MatMul", 5),
+    ("glm", [0, 0], "Add", 5), ("glm4", [0, 0], "Add", 5), ("falcon", [0, 0], "MatMul", 4),
+    ("falcon_new", [0, 0], "Add", 4), ("falcon_sequential", [0, 0], "Add", 4)])
 def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch, windows, query, matmuls):
     """Qwen2, Qwen3, Mistral, Phi-3 (fused Q/K/V and gate/up weights, split at load) and Llama 3 (scaled
     rotary frequencies), Phi-4-mini-like (half of each head rotated, `longrope`: its prefill reaches
@@ -675,8 +715,10 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     biases everywhere, an MLP without a gate: 4 linears a layer), Phi-2 (StarCoder2's with attention
     and MLP side by side on one norm, a biased head), GPT-NeoX (Q, K and V interleaved per head, side by
     side on two norms), GPT-J (Phi-2's block, pairs rotated), GPT-2, GPT-BigCode and OPT (learned positions,
-    no rotation: the kernel's do_rotary 0), Cohere (side by side, pairs rotated, scaled logits), Arcee and
-    Nemotron (ReLU squared) and Llama with MLP biases factories compile to the decoder with a
+    no rotation: the kernel's do_rotary 0), Cohere (side by side, pairs rotated, scaled logits), Cohere 2 (also
+    a sliding layer and an unrotated global one), Arcee and Nemotron (ReLU squared), GLM and GLM-4 (fused gate
+    and up, pairs of half of each head rotated; GLM-4's sandwich norms), Falcon (its three Q/K/V layouts, side
+    by side on one or two norms, or one after the other) and Llama with MLP biases factories compile to the decoder with a
     KV cache and fused attention, the cached logits those of transformers' full sequence, ONNX Runtime GenAI's configuration naming
     the architecture: Q, K and V read packed by the attention (Qwen2's three biases one Add of their
     concatenation before it); Qwen3's normalized query and key heads flattened back into its query and
@@ -689,14 +731,16 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
               "ernie4_5": "Ernie4_5", "helium": "Helium", "stablelm": "StableLm", "starcoder2": "Starcoder2",
               "llama_mlp_bias": "Llama", "stablelm_parallel": "StableLm", "phi": "Phi", "gpt_neox": "GPTNeoX", "gptj": "GPTJ",
               "gpt2": "GPT2", "gpt_bigcode": "GPTBigCode", "gpt_bigcode_mha": "GPTBigCode", "opt": "OPT", "cohere": "Cohere",
-              "arcee": "Arcee", "nemotron": "Nemotron"}[arch]
+              "arcee": "Arcee", "nemotron": "Nemotron", "cohere2": "Cohere2", "glm": "Glm", "glm4": "Glm4", "falcon": "Falcon",
+              "falcon_new": "Falcon", "falcon_sequential": "Falcon"}[arch]
     if not hasattr(transformers, f"{family}Config"):
         pytest.skip(f"this transformers version has no {family}")
     # the names ONNX Runtime GenAI knows (from_hf's GENAI_TYPES)
     model_type = {"Gemma3Text": "gemma3_text", "Olmo2": "olmo", "Olmo3": "olmo", "Ministral": "mistral", "SeedOss": "llama",
                   "Exaone4": "llama", "Helium": "llama", "StableLm": "llama", "Starcoder2": "llama",
                   "Phi": "llama", "GPTNeoX": "llama", "GPTJ": "llama", "GPT2": "llama", "GPTBigCode": "llama", "OPT": "llama",
-                  "Cohere": "llama", "Arcee": "llama", "Nemotron": "llama"}.get(family, family.lower())
+                  "Cohere": "llama", "Arcee": "llama", "Nemotron": "llama", "Cohere2": "llama", "Glm": "llama", "Glm4": "llama",
+                  "Falcon": "llama"}.get(family, family.lower())
     out = _llama_like_artifact(llama_like, arch)
     nodes = _nodes(out)
     producers = {o: n for n in nodes for o in n.output}
@@ -707,9 +751,10 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     assert [next((a.i for a in n.attribute if a.name == "local_window_size"), 0) for n in attention] == windows
     assert [next((a.f for a in n.attribute if a.name == "softcap"), 0.0) for n in attention] == [2.0 if arch == "gemma2" else 0.0] * 2
     assert [next(a.i for a in n.attribute if a.name == "do_rotary") for n in attention] == \
-        ([1, 0] if arch in ("smollm3", "exaone4") else [0, 0] if arch in LEARNED_POSITIONS else [1, 1])
-    assert {next(a.i for a in n.attribute if a.name == "rotary_interleaved") for n in attention} == \
-        {int(arch in ("ernie4_5", "helium", "gptj", "cohere"))}
+        ([1, 0] if arch in ("smollm3", "exaone4", "cohere2") else [0, 0] if arch in LEARNED_POSITIONS else [1, 1])
+    rotated = [n for n in attention if next(a.i for a in n.attribute if a.name == "do_rotary")]
+    assert {next(a.i for a in n.attribute if a.name == "rotary_interleaved") for n in rotated} == \
+        ({int(arch in ("ernie4_5", "helium", "gptj", "cohere", "cohere2", "glm", "glm4"))} if rotated else set())
     assert sum(n.op_type == "MatMul" for n in nodes) == 2 * matmuls + 1  # (QKV or Q, K, V), O, (gate, up or c_fc), down; the head
     assert "Softmax" not in {n.op_type for n in nodes}
     layout = read_layout(out)
@@ -786,7 +831,8 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3", "llama3", "phi4", "qwen2_yarn", "gemma", "gemma2", "gemma3",
                                   "granite", "smollm3", "olmo2", "ministral", "seed_oss", "olmo3", "exaone4", "ernie4_5",
                                   "helium", "stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt",
-                                  "cohere", "arcee", "nemotron"])
+                                  "cohere", "arcee", "nemotron", "cohere2", "glm", "glm4", "falcon", "falcon_new",
+                                  "falcon_sequential"])
 def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
     """ONNX Runtime GenAI loads each architecture's artifact by its `genai_config.json` (`type` qwen2,
     qwen3, mistral, phi3, llama) and generates our greedy tokens."""
@@ -804,8 +850,8 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
 @pytest.mark.parametrize("build, message", [
     (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=1, n_head=2)),
      "takes llama, mistral, ministral, phi3, qwen2, qwen3, seed_oss, gemma, gemma2, gemma3_text, granite, smollm3, olmo2, "
-     "olmo3, exaone4, ernie4_5, helium, stablelm, starcoder2, phi, gpt_neox, gptj, gpt2, gpt_bigcode, opt, cohere, arcee, "
-     "nemotron causal LMs"),
+     "olmo3, exaone4, ernie4_5, helium, stablelm, starcoder2, phi, gpt_neox, gptj, gpt2, gpt_bigcode, opt, cohere, cohere2, "
+     "arcee, nemotron, glm, glm4, falcon causal LMs"),
     (lambda: transformers.StableLmForCausalLM(transformers.StableLmConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
         qk_layernorm=True)),
@@ -819,6 +865,9 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
     (lambda: transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=1,
                                                                 num_attention_heads=4, word_embed_proj_dim=32)),
      "OPT models with norms before attention and MLP and embeddings of the hidden size"),
+    (lambda: transformers.FalconForCausalLM(transformers.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1,
+                                                                      num_attention_heads=4, alibi=True)),
+     "rotary or learned positions, not ALiBi"),
     (lambda: _with_rope_type(transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)), "mrope"),
      "rotary embeddings of type default, linear, llama3, yarn, dynamic, longrope, got 'mrope'"),
