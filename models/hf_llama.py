@@ -1,6 +1,7 @@
 """Hugging Face Llama, Mistral, Ministral, Phi-3, Qwen2, Qwen3, Seed-OSS, Gemma (1, 2, 3), Granite,
 SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2, Phi-2, GPT-NeoX, GPT-J,
-GPT-2, GPT-BigCode, OPT, Cohere, Cohere 2, Arcee, Nemotron, GLM, GLM-4 and Falcon causal LMs as models with a KV cache: a `package.module:function` source that returns `(model, tokenizer)`
+GPT-2, GPT-BigCode, OPT, Cohere, Cohere 2, Arcee, Nemotron, GLM, GLM-4, Falcon, OLMo, Mixtral, Qwen3-MoE and
+OLMoE causal LMs as models with a KV cache: a `package.module:function` source that returns `(model, tokenizer)`
 is rebuilt as our Llama decoder (`models/smollm2.py`, with what each architecture adds to Llama, see
 ARCHITECTURES) with the model's weights and captured with the cache layout of `models/causal_lm.py`."""
 
@@ -72,11 +73,14 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # a partial rotation. GLM has Phi-3's fused gate and up, Q, K and V biases and part of each head rotated
 # as neighbouring pairs, GLM-4 also Gemma 2's sandwich norms. Falcon has GPT-NeoX's LayerNorms, MLP and
 # side-by-side blocks (on one norm, or two in its new architecture; one after the other where it says
-# so), Q, K and V in one weight laid out per head, as one K/V head, or per K/V group.
+# so), Q, K and V in one weight laid out per head, as one K/V head, or per K/V group. OLMo (1) has
+# LayerNorms that learn neither weight nor bias. Mixtral, Qwen3-MoE
+# (Qwen3's attention) and OLMoE (OLMo 2's query and key norms, pre-norms) have a mixture of experts in
+# place of the MLP, their experts' weights stored as one tensor each for gate and up and for down.
 ARCHITECTURES = ("llama", "mistral", "ministral", "phi3", "qwen2", "qwen3", "seed_oss", "gemma", "gemma2", "gemma3_text",
                  "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ernie4_5", "helium", "stablelm", "starcoder2", "phi",
                  "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "cohere2", "arcee", "nemotron", "glm", "glm4",
-                 "falcon")
+                 "falcon", "olmo", "mixtral", "qwen3_moe", "olmoe")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 POST_NORMS = ("olmo2", "olmo3", "exaone4")  # norms after the attention and the MLP only
 # `genai_config.json`'s type where ONNX Runtime GenAI (0.18) knows the architecture by another name
@@ -84,10 +88,10 @@ POST_NORMS = ("olmo2", "olmo3", "exaone4")  # norms after the attention and the 
 GENAI_TYPES = {"ministral": "mistral", "seed_oss": "llama", "olmo2": "olmo", "olmo3": "olmo", "exaone4": "llama", "helium": "llama",
                "stablelm": "llama", "starcoder2": "llama", "phi": "llama", "gpt_neox": "llama", "gptj": "llama", "gpt2": "llama",
                "gpt_bigcode": "llama", "opt": "llama", "cohere": "llama", "cohere2": "llama", "arcee": "llama", "nemotron": "llama",
-               "glm": "llama", "glm4": "llama", "falcon": "llama"}
-# LayerNorms, not RMSNorms (with a bias but for Cohere's)
+               "glm": "llama", "glm4": "llama", "falcon": "llama", "mixtral": "mistral", "qwen3_moe": "qwen3", "olmoe": "olmo"}
+# LayerNorms, not RMSNorms (with a bias but for Cohere's, with neither weight nor bias for OLMo's)
 LAYER_NORMS = ("stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "cohere2", "nemotron",
-               "falcon")
+               "falcon", "olmo")
 PLAIN_MLPS = ("starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "arcee", "nemotron", "falcon")  # no gate
 PARALLEL = ("phi", "gptj", "cohere", "cohere2")  # attention and MLP side by side on one norm
 LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt")  # a learned table of positions added to the embeddings, no rotation
@@ -184,6 +188,8 @@ def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
     if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(cfg, "scale_attn_weights", True) is False:
         raise UserError(f"'{name}': the KV-cache capture takes attention scaled by 1 / sqrt(head size) in every layer "
                         "(scale_attn_weights true, scale_attn_by_inverse_layer_idx false)")
+    if getattr(cfg, "clip_qkv", None):
+        raise UserError(f"'{name}': the KV-cache capture takes Q, K and V unclipped (clip_qkv none)")
     if getattr(cfg, "alibi", False):
         raise UserError(f"'{name}': the KV-cache capture takes rotary or learned positions, not ALiBi (alibi false)")
     if cfg.model_type == "opt" and (not cfg.do_layer_norm_before or cfg.word_embed_proj_dim != cfg.hidden_size):
@@ -235,7 +241,9 @@ def _split_fused_projections(state: dict[str, torch.Tensor], ours: smollm2.Llama
     """Phi-3's fused weights as Llama's: `qkv_proj` rows -> `q_proj`, `k_proj`, `v_proj` (heads, kv
     heads, kv heads wide), `gate_up_proj` rows -> `gate_proj` (the first half), `up_proj`; GPT-NeoX's
     Q, K and V (`qkv_interleaved`, weight and bias), whose rows hold each head's query, key and value
-    in turn -> `q_proj`, `k_proj`, `v_proj`; Falcon's grouped ones (`qkv_grouped`) likewise; biases as their weights."""
+    in turn -> `q_proj`, `k_proj`, `v_proj`; Falcon's grouped ones (`qkv_grouped`) likewise; biases as their
+    weights; the experts' `gate_up_proj` [experts, 2 x width, hidden] and `down_proj` -> each expert's
+    `gate_proj`, `up_proj` and `down_proj`."""
     sizes = [ours.num_heads * ours.head_dim, ours.num_kv_heads * ours.head_dim, ours.num_kv_heads * ours.head_dim]
     split = {}
     for key, value in state.items():
@@ -244,6 +252,13 @@ def _split_fused_projections(state: dict[str, torch.Tensor], ours: smollm2.Llama
             per_head = value.reshape(ours.num_heads, 3, ours.head_dim, *value.shape[1:])
             split.update({f"{prefix}.{part}_proj.{kind}": per_head[:, i].reshape(-1, *value.shape[1:])
                           for i, part in enumerate("qkv")})
+        elif ".mlp.experts.gate_up_proj" in key:  # [experts, 2 x width, hidden]: each expert's gate, then its up
+            prefix = key[: -len("gate_up_proj")]
+            for e, (gate, up) in enumerate(w.chunk(2) for w in value):
+                split.update({f"{prefix}{e}.gate_proj.weight": gate, f"{prefix}{e}.up_proj.weight": up})
+        elif ".mlp.experts.down_proj" in key:
+            prefix = key[: -len("down_proj")]
+            split.update({f"{prefix}{e}.down_proj.weight": w for e, w in enumerate(value)})
         elif ".self_attn.qkv_grouped." in key:
             prefix, kind = key.split(".qkv_grouped.")
             group = ours.num_heads // ours.num_kv_heads
@@ -341,11 +356,11 @@ def _intermediate_size(cfg: Any) -> int:
 
 
 def _norm_eps(cfg: Any) -> float:
-    """The norms' epsilon, as each family names it (OPT's LayerNorms torch's default)."""
+    """The norms' epsilon, as each family names it (OPT's and OLMo's LayerNorms torch's default)."""
     for name in ("rms_norm_eps", "layer_norm_eps", "norm_epsilon", "layer_norm_epsilon", "norm_eps"):
         if getattr(cfg, name, None) is not None:
             return float(getattr(cfg, name))
-    if cfg.model_type == "opt":
+    if cfg.model_type in ("opt", "olmo"):
         return 1e-5
     raise UserError("the model's config names no norm epsilon (rms_norm_eps, layer_norm_eps or norm_epsilon)")
 
@@ -361,6 +376,7 @@ def _family_fields(cfg: Any) -> dict[str, Any]:
     fields: dict[str, Any] = {"hidden_act": ACTIVATIONS[_activation(cfg)],
                               "rotary_interleaved": cfg.model_type in INTERLEAVED_ROTARY,
                               "layer_norm": cfg.model_type in LAYER_NORMS, "layer_norm_bias": cfg.model_type not in ("cohere", "cohere2"),
+                              "layer_norm_weight": cfg.model_type != "olmo",
                               "plain_mlp": cfg.model_type in PLAIN_MLPS,
                               "parallel": cfg.model_type in PARALLEL or bool(getattr(cfg, "use_parallel_residual", False)),
                               "parallel_mlp_norm": cfg.model_type == "gpt_neox"}
@@ -375,6 +391,8 @@ def _family_fields(cfg: Any) -> dict[str, Any]:
         fields["unrotated_layers"] = tuple(i for i, kind in enumerate(cfg.layer_types) if kind == "full_attention")
     if cfg.model_type == "glm4":
         fields["norms"] = "sandwich"
+    if cfg.model_type in ("mixtral", "qwen3_moe", "olmoe"):
+        fields.update(_experts(cfg))
     if cfg.model_type in GEMMA:
         fields["embed_scale"] = float(cfg.hidden_size**0.5)
     if cfg.model_type in ("gemma2", "gemma3_text"):
@@ -394,6 +412,20 @@ def _family_fields(cfg: Any) -> dict[str, Any]:
         fields["unrotated_layers"] = tuple(i for i, kind in enumerate(cfg.layer_types) if kind == "full_attention")
     if cfg.model_type == "smollm3":
         fields["unrotated_layers"] = tuple(i for i, rotated in enumerate(cfg.no_rope_layers) if not rotated)
+    return fields
+
+
+def _experts(cfg: Any) -> dict[str, Any]:
+    """The mixture of experts of Mixtral, Qwen3-MoE or OLMoE: how many, how many a token uses, their width,
+    whether the kept scores are renormalized, and Qwen3-MoE's layers with a plain MLP (`mlp_only_layers`,
+    and those off its `decoder_sparse_step`)."""
+    experts = cfg.num_local_experts if cfg.model_type == "mixtral" else cfg.num_experts
+    fields = {"experts": int(experts), "experts_per_token": int(cfg.num_experts_per_tok),
+              "expert_size": int(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size),
+              "normalize_routing": cfg.model_type == "mixtral" or bool(cfg.norm_topk_prob)}
+    if cfg.model_type == "qwen3_moe":
+        step, only = int(cfg.decoder_sparse_step), set(cfg.mlp_only_layers or ())
+        fields["dense_layers"] = tuple(i for i in range(cfg.num_hidden_layers) if i in only or (i + 1) % step)
     return fields
 
 

@@ -15,6 +15,7 @@ mirror transformers' LlamaForCausalLM. It matches that reference to float32 roun
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -112,6 +113,7 @@ class LlamaConfig:
     # the blocks' and the final norms are LayerNorms with a bias (StableLM, StarCoder2, Phi-2, GPT-NeoX), not RMSNorms
     layer_norm: bool = False
     layer_norm_bias: bool = True  # those LayerNorms add a bias (all but Cohere's)
+    layer_norm_weight: bool = True  # those LayerNorms scale by a weight (all but OLMo's, which learn neither)
     plain_mlp: bool = False  # the MLP is c_proj(act(c_fc(x))) (StarCoder2, Phi-2, GPT-NeoX), not gated
     mlp_bias: bool = False  # the MLP's linears add a bias
     # x + attn(norm(x)) + mlp(norm(x)), one norm read by both (Phi-2, StableLM's parallel blocks), not one after the other
@@ -123,6 +125,14 @@ class LlamaConfig:
     # a learned table of absolute positions [max_positions, hidden] added to the token embeddings, looked up
     # by position id (GPT-2, OPT, GPT-BigCode); such models rotate nothing (every layer in `unrotated_layers`)
     learned_positions: bool = False
+    # a mixture of experts in place of the MLP (Mixtral, Qwen3-MoE): `experts` gated MLPs of width `expert_size`,
+    # each token weighted over the `experts_per_token` its router scores highest (those scores renormalized to
+    # sum to 1 where `normalize_routing`); 0: a plain MLP. `dense_layers` keep the plain MLP.
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_size: int = 0
+    normalize_routing: bool = True
+    dense_layers: tuple[int, ...] = ()
 
     @property
     def head_dim(self) -> int:
@@ -341,8 +351,45 @@ class PlainMLP(nn.Module):
         return self.c_proj(activation(self.cfg, self.c_fc(x)))
 
 
+class MixtureOfExperts(nn.Module):
+    """A router (`gate`, a linear to one score per expert) and `experts` gated MLPs: each token's output is
+    the sum of the experts' outputs weighted by the softmax of its scores, kept for its `experts_per_token`
+    best experts (renormalized to sum to 1 where the model does) and 0 for the others. Every expert runs
+    on every token (a static graph: no data-dependent gather of tokens), so the result is what a sparse
+    dispatch computes, at the cost of all the experts."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.top_k, self.normalize = cfg.experts_per_token, cfg.normalize_routing
+        self.gate = nn.Linear(cfg.hidden_size, cfg.experts, bias=False)
+        expert = dataclasses.replace(cfg, intermediate_size=cfg.expert_size)
+        self.experts = nn.ModuleList(MLP(expert) for _ in range(cfg.experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = torch.softmax(self.gate(x), dim=-1)
+        kept, chosen = torch.topk(scores, self.top_k, dim=-1)
+        if self.normalize:
+            kept = kept / kept.sum(dim=-1, keepdim=True)
+        weights = torch.zeros_like(scores).scatter(-1, chosen, kept)
+        out = self.experts[0](x) * weights[..., :1]
+        for e in range(1, len(self.experts)):
+            out = out + self.experts[e](x) * weights[..., e : e + 1]
+        return out
+
+
+def feed_forward(cfg: LlamaConfig, index: int) -> nn.Module:
+    """Layer `index`'s MLP: a mixture of experts where the model has them (but in its dense layers), else
+    gated or, where the model says so, without a gate."""
+    if cfg.experts and index not in cfg.dense_layers:
+        return MixtureOfExperts(cfg)
+    return PlainMLP(cfg) if cfg.plain_mlp else MLP(cfg)
+
+
 def block_norm(cfg: LlamaConfig) -> nn.Module:
-    """A norm of the hidden state: RMSNorm, or LayerNorm (with a bias but for Cohere's) where the model has those."""
+    """A norm of the hidden state: RMSNorm, or LayerNorm (with a bias but for Cohere's, with neither weight nor
+    bias for OLMo's) where the model has those."""
+    if cfg.layer_norm and not cfg.layer_norm_weight:
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.eps, elementwise_affine=False)
     if cfg.layer_norm:
         return nn.LayerNorm(cfg.hidden_size, eps=cfg.eps, bias=cfg.layer_norm_bias)
     return RMSNorm(cfg.hidden_size, cfg.eps)
@@ -368,7 +415,7 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = block_norm(cfg)
         if self.norms != "pre":
             self.post_feedforward_layernorm = block_norm(cfg)
-        self.mlp = PlainMLP(cfg) if cfg.plain_mlp else MLP(cfg)
+        self.mlp = feed_forward(cfg, index)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,

@@ -651,6 +651,30 @@ def tiny_falcon_sequential():
                     multi_query=False, bias=True, **SPECIAL_TOKENS)
 
 
+def tiny_olmo():
+    """A random OLMo (1): LayerNorms that learn neither weight nor bias."""
+    return _tiny_hf("Olmo", **SPECIAL_TOKENS)
+
+
+def tiny_mixtral():
+    """A random Mixtral: 4 experts of 128 channels, 2 a token, their weights one tensor each for gate/up and down."""
+    return _tiny_hf("Mixtral", num_local_experts=4, num_experts_per_tok=2, intermediate_size=128, **SPECIAL_TOKENS)
+
+
+def tiny_qwen3_moe():
+    """A random Qwen3-MoE: Qwen3's attention (random norm scales), its first layer a plain MLP (`mlp_only_layers`),
+    its second 4 experts of 128 channels, 2 a token, their kept scores not renormalized."""
+    return _tiny_hf("Qwen3Moe", draw=(("q_norm.weight", "k_norm.weight"), 1.0, 0.3), num_experts=4, num_experts_per_tok=2,
+                    moe_intermediate_size=128, mlp_only_layers=[0], norm_topk_prob=False, head_dim=32, **SPECIAL_TOKENS)
+
+
+def tiny_olmoe():
+    """A random OLMoE: norms of the whole query and key projections (random scales), 4 experts of 128 channels, 2 a
+    token."""
+    return _tiny_hf("Olmoe", draw=(("q_norm.weight", "k_norm.weight"), 1.0, 0.3), num_experts=4, num_experts_per_tok=2,
+                    intermediate_size=128, **SPECIAL_TOKENS)
+
+
 def tiny_llama_mlp_bias():
     """A random Llama with `mlp_bias`: gate, up and down each add a (random) bias."""
     return _tiny_hf("Llama", draw=((".bias",), 0.0, 0.5), mlp_bias=True)
@@ -699,7 +723,8 @@ def _llama_like_artifact(folder: Path, arch: str) -> Path:
     ("gpt_bigcode_mha", [0, 0], "Add", 4), ("opt", [0, 0], "Add", 4), ("cohere", [0, 0], "MatMul", 5),
     ("arcee", [0, 0], "MatMul", 4), ("nemotron", [0, 0], "MatMul", 4), ("cohere2", [24, 0], "MatMul", 5),
     ("glm", [0, 0], "Add", 5), ("glm4", [0, 0], "Add", 5), ("falcon", [0, 0], "MatMul", 4),
-    ("falcon_new", [0, 0], "Add", 4), ("falcon_sequential", [0, 0], "Add", 4)])
+    ("falcon_new", [0, 0], "Add", 4), ("falcon_sequential", [0, 0], "Add", 4), ("mixtral", [0, 0], "MatMul", 15), ("olmo", [0, 0], "MatMul", 5),
+    ("qwen3_moe", [0, 0], "Reshape", 12), ("olmoe", [0, 0], "Mul", 17)])  # MoE: router and 4 experts; Qwen3-MoE's (7 + 17) / 2
 def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch, windows, query, matmuls):
     """Qwen2, Qwen3, Mistral, Phi-3 (fused Q/K/V and gate/up weights, split at load) and Llama 3 (scaled
     rotary frequencies), Phi-4-mini-like (half of each head rotated, `longrope`: its prefill reaches
@@ -732,7 +757,8 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
               "llama_mlp_bias": "Llama", "stablelm_parallel": "StableLm", "phi": "Phi", "gpt_neox": "GPTNeoX", "gptj": "GPTJ",
               "gpt2": "GPT2", "gpt_bigcode": "GPTBigCode", "gpt_bigcode_mha": "GPTBigCode", "opt": "OPT", "cohere": "Cohere",
               "arcee": "Arcee", "nemotron": "Nemotron", "cohere2": "Cohere2", "glm": "Glm", "glm4": "Glm4", "falcon": "Falcon",
-              "falcon_new": "Falcon", "falcon_sequential": "Falcon"}[arch]
+              "falcon_new": "Falcon", "falcon_sequential": "Falcon", "mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmo": "Olmo",
+              "olmoe": "Olmoe"}[arch]
     if not hasattr(transformers, f"{family}Config"):
         pytest.skip(f"this transformers version has no {family}")
     # the names ONNX Runtime GenAI knows (from_hf's GENAI_TYPES)
@@ -740,12 +766,13 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
                   "Exaone4": "llama", "Helium": "llama", "StableLm": "llama", "Starcoder2": "llama",
                   "Phi": "llama", "GPTNeoX": "llama", "GPTJ": "llama", "GPT2": "llama", "GPTBigCode": "llama", "OPT": "llama",
                   "Cohere": "llama", "Arcee": "llama", "Nemotron": "llama", "Cohere2": "llama", "Glm": "llama", "Glm4": "llama",
-                  "Falcon": "llama"}.get(family, family.lower())
+                  "Falcon": "llama", "Mixtral": "mistral", "Qwen3Moe": "qwen3", "Olmoe": "olmo"}.get(family, family.lower())
     out = _llama_like_artifact(llama_like, arch)
     nodes = _nodes(out)
     producers = {o: n for n in nodes for o in n.output}
     attention = [n for n in nodes if n.op_type == "GroupQueryAttention"]
-    assert len(attention) == 2 and all((n.input[1] == "") == (arch not in ("qwen3", "gemma3", "olmo2", "olmo3", "exaone4"))
+    assert len(attention) == 2 and all((n.input[1] == "") == (arch not in ("qwen3", "gemma3", "olmo2", "olmo3", "exaone4", "qwen3_moe",
+                                                                           "olmoe"))
                                        for n in attention)
     assert [producers[n.input[0]].op_type for n in attention] == [query] * 2
     assert [next((a.i for a in n.attribute if a.name == "local_window_size"), 0) for n in attention] == windows
@@ -756,7 +783,8 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     assert {next(a.i for a in n.attribute if a.name == "rotary_interleaved") for n in rotated} == \
         ({int(arch in ("ernie4_5", "helium", "gptj", "cohere", "cohere2", "glm", "glm4"))} if rotated else set())
     assert sum(n.op_type == "MatMul" for n in nodes) == 2 * matmuls + 1  # (QKV or Q, K, V), O, (gate, up or c_fc), down; the head
-    assert "Softmax" not in {n.op_type for n in nodes}
+    routers = {"mixtral": 2, "qwen3_moe": 1, "olmoe": 2}.get(arch, 0)  # a mixture of experts' scores are a Softmax
+    assert sum(n.op_type == "Softmax" for n in nodes) == routers
     layout = read_layout(out)
     assert (layout.model_type, layout.max_positions) == (model_type, MAX_POSITIONS)
     assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == layout.model_type
@@ -797,12 +825,14 @@ def test_longrope_steps_switch_to_the_long_factors_where_transformers_does(llama
     assert np.abs(ours[:32] - full[:32]).max() > 10 * tolerance
 
 
-def test_int4_rounds_a_pairwise_rotated_decoder(llama_like, calib_file):
+@pytest.mark.parametrize("arch", ["ernie4_5", "mixtral"])
+def test_int4_rounds_decoders_through_their_slices_and_routing(llama_like, calib_file, arch):
     """`int4`'s `gptq` runs the blocks of a decoder whose rotation slices each pair's values with a step
-    (ERNIE 4.5's `x[..., 1::2]`) and the logits stay close to the float model's."""
-    out = qcompile("llama_like_factory:tiny_ernie4_5", llama_like / "ernie-int4", pipeline="int4", calibration=str(calib_file),
+    (ERNIE 4.5's `x[..., 1::2]`) and of a mixture of experts (Mixtral's TopK and ScatterElements), and the
+    logits stay close to the float model's."""
+    out = qcompile(f"llama_like_factory:tiny_{arch}", llama_like / f"{arch}-int4", pipeline="int4", calibration=str(calib_file),
                    drift=False).output
-    hf, _ = tiny_ernie4_5()
+    hf, _ = globals()[f"tiny_{arch}"]()
     ids = np.random.default_rng(5).integers(3, VOCAB, 16)
     with torch.no_grad():
         full = hf(torch.from_numpy(ids[None])).logits[0].numpy()
@@ -832,7 +862,7 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
                                   "granite", "smollm3", "olmo2", "ministral", "seed_oss", "olmo3", "exaone4", "ernie4_5",
                                   "helium", "stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt",
                                   "cohere", "arcee", "nemotron", "cohere2", "glm", "glm4", "falcon", "falcon_new",
-                                  "falcon_sequential"])
+                                  "falcon_sequential", "olmo", "mixtral", "qwen3_moe", "olmoe"])
 def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
     """ONNX Runtime GenAI loads each architecture's artifact by its `genai_config.json` (`type` qwen2,
     qwen3, mistral, phi3, llama) and generates our greedy tokens."""
@@ -851,7 +881,7 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
     (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=1, n_head=2)),
      "takes llama, mistral, ministral, phi3, qwen2, qwen3, seed_oss, gemma, gemma2, gemma3_text, granite, smollm3, olmo2, "
      "olmo3, exaone4, ernie4_5, helium, stablelm, starcoder2, phi, gpt_neox, gptj, gpt2, gpt_bigcode, opt, cohere, cohere2, "
-     "arcee, nemotron, glm, glm4, falcon causal LMs"),
+     "arcee, nemotron, glm, glm4, falcon, olmo, mixtral, qwen3_moe, olmoe causal LMs"),
     (lambda: transformers.StableLmForCausalLM(transformers.StableLmConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
         qk_layernorm=True)),
@@ -868,6 +898,9 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
     (lambda: transformers.FalconForCausalLM(transformers.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1,
                                                                       num_attention_heads=4, alibi=True)),
      "rotary or learned positions, not ALiBi"),
+    (lambda: transformers.OlmoForCausalLM(transformers.OlmoConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                                                  num_hidden_layers=1, num_attention_heads=4, clip_qkv=8.0)),
+     "Q, K and V unclipped"),
     (lambda: _with_rope_type(transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)), "mrope"),
      "rotary embeddings of type default, linear, llama3, yarn, dynamic, longrope, got 'mrope'"),

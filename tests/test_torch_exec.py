@@ -1,6 +1,7 @@
 """The block interpreter (`qcompiler.analysis.torch_exec`) against ONNX Runtime, one node at a time:
 the ops that `flexround`, `tune-scales` and `gptq` meet in public conv nets (BatchNormalization left
-unfolded, LRN, InstanceNormalization, the ReLU variants), and slices with steps (a pairwise rotation's)."""
+unfolded, LRN, InstanceNormalization, the ReLU variants), slices with steps (a pairwise rotation's) and
+a mixture of experts' routing (TopK, ScatterElements)."""
 
 import numpy as np
 import onnx_ir as ir
@@ -71,6 +72,27 @@ def test_slices_with_steps_take_what_onnx_runtime_takes(starts, ends, axes, step
     env = run_nodes(list(ir.serde.deserialize_model(proto).graph), {"x": torch.from_numpy(X)}, lambda node: None, Constants())
     assert env["y"].shape == expected.shape
     np.testing.assert_array_equal(env["y"].numpy(), expected)
+
+
+def test_top_k_then_scatter_elements_take_what_onnx_runtime_takes():
+    """A mixture of experts' routing: the 2 best of each row's scores (values and indices), written back into
+    a zero row at those indices (one index negative)."""
+    nodes = [helper.make_node("TopK", ["x", "k"], ["values", "indices"], axis=-1),
+             helper.make_node("ConstantOfShape", ["shape"], ["zeros"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])),
+             helper.make_node("Sub", ["indices", "four"], ["back"]),  # the same places, counted from the end
+             helper.make_node("ScatterElements", ["zeros", "back", "values"], ["y"], axis=-1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, X.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("indices", TensorProto.INT64, None)],
+                              [numpy_helper.from_array(_ints(2), "k"), numpy_helper.from_array(_ints(*X.shape), "shape"),
+                               numpy_helper.from_array(_ints(X.shape[-1]), "four")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    expected = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": X})
+    nodes = list(ir.serde.deserialize_model(proto).graph)
+    assert unsupported_ops(nodes) == []
+    env = run_nodes(nodes, {"x": torch.from_numpy(X)}, lambda node: None, Constants())
+    np.testing.assert_array_equal(env["indices"].numpy(), expected[1])
+    np.testing.assert_array_equal(env["y"].numpy(), expected[0])
 
 
 def test_batch_normalization_in_training_mode_is_refused_by_name():

@@ -205,6 +205,24 @@ def _softmax(x, axis):
     return torch.softmax(x, dim=axis)
 
 
+def _top_k(node: ir.Node, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ONNX TopK: the k largest (or smallest) values along `axis` and their int64 indices, sorted."""
+    values, indices = torch.topk(x, int(k.reshape(-1)[0]), dim=attr(node, "axis", -1), largest=bool(attr(node, "largest", 1)),
+                                 sorted=bool(attr(node, "sorted", 1)))
+    return values, indices
+
+
+def _scatter_elements(node: ir.Node, data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+    """ONNX ScatterElements without a reduction: `data` with `updates` written at `indices` along `axis`
+    (negative indices counted from the end). The updates take the data's type, which ONNX requires and which
+    a bfloat16 step's autocast can leave apart."""
+    if attr(node, "reduction", "none") != "none":
+        raise NotImplementedError(f"the block interpreter has no rule for ScatterElements with a reduction (node '{node.name}')")
+    axis = attr(node, "axis", 0) % data.dim()
+    indices = torch.where(indices < 0, indices + data.shape[axis], indices)
+    return data.scatter(axis, indices, updates.to(data.dtype))
+
+
 def _binary(fn):
     return lambda node, i: fn(i[0], i[1])
 
@@ -225,6 +243,8 @@ OPS: dict[str, Callable] = {
     "Sigmoid": lambda n, i: torch.sigmoid(i[0]), "Relu": lambda n, i: torch.relu(i[0]),
     "Gelu": lambda n, i: torch.nn.functional.gelu(i[0], approximate=attr(n, "approximate", "none")),
     "Softmax": lambda n, i: _softmax(i[0], attr(n, "axis", -1)),
+    "TopK": lambda n, i: _top_k(n, i[0], i[1]),
+    "ScatterElements": lambda n, i: _scatter_elements(n, i[0], i[1], i[2]),
     "MatMul": lambda n, i: torch.matmul(i[0], i[1]),
     "Sum": lambda n, i: functools.reduce(torch.add, i),  # lower-ort writes residual Adds read by a LayerNormalization so
     "Conv": lambda n, i: _conv(n, i),
