@@ -1,7 +1,7 @@
 """Hugging Face Llama, Mistral, Ministral, Phi-3, Qwen2, Qwen3, Seed-OSS, Gemma (1, 2, 3), Granite,
 SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2, Phi-2, GPT-NeoX, GPT-J,
-GPT-2, GPT-BigCode, OPT, Cohere, Cohere 2, Arcee, Nemotron, GLM, GLM-4, Falcon, OLMo, Mixtral, Qwen3-MoE and
-OLMoE causal LMs as models with a KV cache: a `package.module:function` source that returns `(model, tokenizer)`
+GPT-2, GPT-BigCode, OPT, Cohere, Cohere 2, Arcee, Nemotron, GLM, GLM-4, Falcon, OLMo, Mixtral, Qwen2-MoE,
+Qwen3-MoE and OLMoE causal LMs as models with a KV cache: a `package.module:function` source that returns `(model, tokenizer)`
 is rebuilt as our Llama decoder (`models/smollm2.py`, with what each architecture adds to Llama, see
 ARCHITECTURES) with the model's weights and captured with the cache layout of `models/causal_lm.py`."""
 
@@ -74,13 +74,14 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # as neighbouring pairs, GLM-4 also Gemma 2's sandwich norms. Falcon has GPT-NeoX's LayerNorms, MLP and
 # side-by-side blocks (on one norm, or two in its new architecture; one after the other where it says
 # so), Q, K and V in one weight laid out per head, as one K/V head, or per K/V group. OLMo (1) has
-# LayerNorms that learn neither weight nor bias. Mixtral, Qwen3-MoE
-# (Qwen3's attention) and OLMoE (OLMo 2's query and key norms, pre-norms) have a mixture of experts in
-# place of the MLP, their experts' weights stored as one tensor each for gate and up and for down.
+# LayerNorms that learn neither weight nor bias. Mixtral, Qwen2-MoE (Qwen2's attention, and a shared
+# expert), Qwen3-MoE (Qwen3's attention) and OLMoE (OLMo 2's query and key norms, pre-norms) have a
+# mixture of experts in place of the MLP, their experts' weights stored as one tensor each for gate and
+# up and for down.
 ARCHITECTURES = ("llama", "mistral", "ministral", "phi3", "qwen2", "qwen3", "seed_oss", "gemma", "gemma2", "gemma3_text",
                  "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ernie4_5", "helium", "stablelm", "starcoder2", "phi",
                  "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "cohere2", "arcee", "nemotron", "glm", "glm4",
-                 "falcon", "olmo", "mixtral", "qwen3_moe", "olmoe")
+                 "falcon", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 POST_NORMS = ("olmo2", "olmo3", "exaone4")  # norms after the attention and the MLP only
 # `genai_config.json`'s type where ONNX Runtime GenAI (0.18) knows the architecture by another name
@@ -88,7 +89,8 @@ POST_NORMS = ("olmo2", "olmo3", "exaone4")  # norms after the attention and the 
 GENAI_TYPES = {"ministral": "mistral", "seed_oss": "llama", "olmo2": "olmo", "olmo3": "olmo", "exaone4": "llama", "helium": "llama",
                "stablelm": "llama", "starcoder2": "llama", "phi": "llama", "gpt_neox": "llama", "gptj": "llama", "gpt2": "llama",
                "gpt_bigcode": "llama", "opt": "llama", "cohere": "llama", "cohere2": "llama", "arcee": "llama", "nemotron": "llama",
-               "glm": "llama", "glm4": "llama", "falcon": "llama", "mixtral": "mistral", "qwen3_moe": "qwen3", "olmoe": "olmo"}
+               "glm": "llama", "glm4": "llama", "falcon": "llama", "mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3",
+               "olmoe": "olmo"}
 # LayerNorms, not RMSNorms (with a bias but for Cohere's, with neither weight nor bias for OLMo's)
 LAYER_NORMS = ("stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "cohere2", "nemotron",
                "falcon", "olmo")
@@ -391,7 +393,7 @@ def _family_fields(cfg: Any) -> dict[str, Any]:
         fields["unrotated_layers"] = tuple(i for i, kind in enumerate(cfg.layer_types) if kind == "full_attention")
     if cfg.model_type == "glm4":
         fields["norms"] = "sandwich"
-    if cfg.model_type in ("mixtral", "qwen3_moe", "olmoe"):
+    if cfg.model_type in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
         fields.update(_experts(cfg))
     if cfg.model_type in GEMMA:
         fields["embed_scale"] = float(cfg.hidden_size**0.5)
@@ -416,14 +418,16 @@ def _family_fields(cfg: Any) -> dict[str, Any]:
 
 
 def _experts(cfg: Any) -> dict[str, Any]:
-    """The mixture of experts of Mixtral, Qwen3-MoE or OLMoE: how many, how many a token uses, their width,
-    whether the kept scores are renormalized, and Qwen3-MoE's layers with a plain MLP (`mlp_only_layers`,
-    and those off its `decoder_sparse_step`)."""
+    """The mixture of experts of Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE: how many, how many a token uses, their
+    width, whether the kept scores are renormalized, Qwen2-MoE's shared expert, and the Qwens' layers with a
+    plain MLP (`mlp_only_layers`, and those off their `decoder_sparse_step`)."""
     experts = cfg.num_local_experts if cfg.model_type == "mixtral" else cfg.num_experts
     fields = {"experts": int(experts), "experts_per_token": int(cfg.num_experts_per_tok),
               "expert_size": int(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size),
               "normalize_routing": cfg.model_type == "mixtral" or bool(cfg.norm_topk_prob)}
-    if cfg.model_type == "qwen3_moe":
+    if cfg.model_type == "qwen2_moe":
+        fields["shared_expert_size"] = int(cfg.shared_expert_intermediate_size)
+    if cfg.model_type in ("qwen2_moe", "qwen3_moe"):
         step, only = int(cfg.decoder_sparse_step), set(cfg.mlp_only_layers or ())
         fields["dense_layers"] = tuple(i for i in range(cfg.num_hidden_layers) if i in only or (i + 1) % step)
     return fields

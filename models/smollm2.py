@@ -133,6 +133,9 @@ class LlamaConfig:
     expert_size: int = 0
     normalize_routing: bool = True
     dense_layers: tuple[int, ...] = ()
+    # beside the experts, one gated MLP of this width every token runs, its output times the sigmoid of a
+    # linear of the input (Qwen2-MoE's shared expert); 0: none
+    shared_expert_size: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -354,8 +357,9 @@ class PlainMLP(nn.Module):
 class MixtureOfExperts(nn.Module):
     """A router (`gate`, a linear to one score per expert) and `experts` gated MLPs: each token's output is
     the sum of the experts' outputs weighted by the softmax of its scores, kept for its `experts_per_token`
-    best experts (renormalized to sum to 1 where the model does) and 0 for the others. Every expert runs
-    on every token (a static graph: no data-dependent gather of tokens), so the result is what a sparse
+    best experts (renormalized to sum to 1 where the model does) and 0 for the others, plus, where the model
+    has one, a shared expert's output gated by the sigmoid of `shared_expert_gate`. Every expert runs on
+    every token (a static graph: no data-dependent gather of tokens), so the result is what a sparse
     dispatch computes, at the cost of all the experts."""
 
     def __init__(self, cfg: LlamaConfig):
@@ -364,6 +368,9 @@ class MixtureOfExperts(nn.Module):
         self.gate = nn.Linear(cfg.hidden_size, cfg.experts, bias=False)
         expert = dataclasses.replace(cfg, intermediate_size=cfg.expert_size)
         self.experts = nn.ModuleList(MLP(expert) for _ in range(cfg.experts))
+        if cfg.shared_expert_size:
+            self.shared_expert = MLP(dataclasses.replace(cfg, intermediate_size=cfg.shared_expert_size))
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores = torch.softmax(self.gate(x), dim=-1)
@@ -374,6 +381,8 @@ class MixtureOfExperts(nn.Module):
         out = self.experts[0](x) * weights[..., :1]
         for e in range(1, len(self.experts)):
             out = out + self.experts[e](x) * weights[..., e : e + 1]
+        if hasattr(self, "shared_expert"):
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
 
 

@@ -668,6 +668,13 @@ def tiny_qwen3_moe():
                     moe_intermediate_size=128, mlp_only_layers=[0], norm_topk_prob=False, head_dim=32, **SPECIAL_TOKENS)
 
 
+def tiny_qwen2_moe():
+    """A random Qwen2-MoE: biases on Q, K and V (random), 4 experts of 128 channels, 2 a token, and a shared
+    expert of 128 channels gated by a sigmoid."""
+    return _tiny_hf("Qwen2Moe", draw=((".bias",), 0.0, 0.5), num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+                    shared_expert_intermediate_size=128, **SPECIAL_TOKENS)
+
+
 def tiny_olmoe():
     """A random OLMoE: norms of the whole query and key projections (random scales), 4 experts of 128 channels, 2 a
     token."""
@@ -723,7 +730,7 @@ def _llama_like_artifact(folder: Path, arch: str) -> Path:
     ("gpt_bigcode_mha", [0, 0], "Add", 4), ("opt", [0, 0], "Add", 4), ("cohere", [0, 0], "MatMul", 5),
     ("arcee", [0, 0], "MatMul", 4), ("nemotron", [0, 0], "MatMul", 4), ("cohere2", [24, 0], "MatMul", 5),
     ("glm", [0, 0], "Add", 5), ("glm4", [0, 0], "Add", 5), ("falcon", [0, 0], "MatMul", 4),
-    ("falcon_new", [0, 0], "Add", 4), ("falcon_sequential", [0, 0], "Add", 4), ("mixtral", [0, 0], "MatMul", 15), ("olmo", [0, 0], "MatMul", 5),
+    ("falcon_new", [0, 0], "Add", 4), ("falcon_sequential", [0, 0], "Add", 4), ("mixtral", [0, 0], "MatMul", 15), ("olmo", [0, 0], "MatMul", 5), ("qwen2_moe", [0, 0], "Add", 19),
     ("qwen3_moe", [0, 0], "Reshape", 12), ("olmoe", [0, 0], "Mul", 17)])  # MoE: router and 4 experts; Qwen3-MoE's (7 + 17) / 2
 def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch, windows, query, matmuls):
     """Qwen2, Qwen3, Mistral, Phi-3 (fused Q/K/V and gate/up weights, split at load) and Llama 3 (scaled
@@ -758,6 +765,7 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
               "gpt2": "GPT2", "gpt_bigcode": "GPTBigCode", "gpt_bigcode_mha": "GPTBigCode", "opt": "OPT", "cohere": "Cohere",
               "arcee": "Arcee", "nemotron": "Nemotron", "cohere2": "Cohere2", "glm": "Glm", "glm4": "Glm4", "falcon": "Falcon",
               "falcon_new": "Falcon", "falcon_sequential": "Falcon", "mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmo": "Olmo",
+              "qwen2_moe": "Qwen2Moe",
               "olmoe": "Olmoe"}[arch]
     if not hasattr(transformers, f"{family}Config"):
         pytest.skip(f"this transformers version has no {family}")
@@ -766,7 +774,8 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
                   "Exaone4": "llama", "Helium": "llama", "StableLm": "llama", "Starcoder2": "llama",
                   "Phi": "llama", "GPTNeoX": "llama", "GPTJ": "llama", "GPT2": "llama", "GPTBigCode": "llama", "OPT": "llama",
                   "Cohere": "llama", "Arcee": "llama", "Nemotron": "llama", "Cohere2": "llama", "Glm": "llama", "Glm4": "llama",
-                  "Falcon": "llama", "Mixtral": "mistral", "Qwen3Moe": "qwen3", "Olmoe": "olmo"}.get(family, family.lower())
+                  "Falcon": "llama", "Mixtral": "mistral", "Qwen2Moe": "qwen2", "Qwen3Moe": "qwen3",
+                  "Olmoe": "olmo"}.get(family, family.lower())
     out = _llama_like_artifact(llama_like, arch)
     nodes = _nodes(out)
     producers = {o: n for n in nodes for o in n.output}
@@ -783,7 +792,7 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     assert {next(a.i for a in n.attribute if a.name == "rotary_interleaved") for n in rotated} == \
         ({int(arch in ("ernie4_5", "helium", "gptj", "cohere", "cohere2", "glm", "glm4"))} if rotated else set())
     assert sum(n.op_type == "MatMul" for n in nodes) == 2 * matmuls + 1  # (QKV or Q, K, V), O, (gate, up or c_fc), down; the head
-    routers = {"mixtral": 2, "qwen3_moe": 1, "olmoe": 2}.get(arch, 0)  # a mixture of experts' scores are a Softmax
+    routers = {"mixtral": 2, "qwen3_moe": 1, "olmoe": 2, "qwen2_moe": 2}.get(arch, 0)  # a mixture of experts' scores are a Softmax
     assert sum(n.op_type == "Softmax" for n in nodes) == routers
     layout = read_layout(out)
     assert (layout.model_type, layout.max_positions) == (model_type, MAX_POSITIONS)
@@ -862,7 +871,7 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
                                   "granite", "smollm3", "olmo2", "ministral", "seed_oss", "olmo3", "exaone4", "ernie4_5",
                                   "helium", "stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt",
                                   "cohere", "arcee", "nemotron", "cohere2", "glm", "glm4", "falcon", "falcon_new",
-                                  "falcon_sequential", "olmo", "mixtral", "qwen3_moe", "olmoe"])
+                                  "falcon_sequential", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
 def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
     """ONNX Runtime GenAI loads each architecture's artifact by its `genai_config.json` (`type` qwen2,
     qwen3, mistral, phi3, llama) and generates our greedy tokens."""
@@ -881,7 +890,7 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
     (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=1, n_head=2)),
      "takes llama, mistral, ministral, phi3, qwen2, qwen3, seed_oss, gemma, gemma2, gemma3_text, granite, smollm3, olmo2, "
      "olmo3, exaone4, ernie4_5, helium, stablelm, starcoder2, phi, gpt_neox, gptj, gpt2, gpt_bigcode, opt, cohere, cohere2, "
-     "arcee, nemotron, glm, glm4, falcon, olmo, mixtral, qwen3_moe, olmoe causal LMs"),
+     "arcee, nemotron, glm, glm4, falcon, olmo, mixtral, qwen2_moe, qwen3_moe, olmoe causal LMs"),
     (lambda: transformers.StableLmForCausalLM(transformers.StableLmConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
         qk_layernorm=True)),
