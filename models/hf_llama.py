@@ -1,7 +1,7 @@
 """Hugging Face Llama, Mistral, Ministral, Phi-3, Qwen2, Qwen3, Seed-OSS, Gemma (1, 2, 3), Granite,
 SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2, Phi-2, GPT-NeoX, GPT-J,
-GPT-2, GPT-BigCode, OPT, Cohere, Cohere 2, Arcee, Nemotron, GLM, GLM-4, Falcon, OLMo, Mixtral, Qwen2-MoE,
-Qwen3-MoE and OLMoE causal LMs as models with a KV cache: a `package.module:function` source that returns `(model, tokenizer)`
+GPT-2, GPT-BigCode, OPT, Cohere, Cohere 2, Arcee, Nemotron, Apertus, GLM, GLM-4, Falcon, OLMo, Mixtral,
+Qwen2-MoE, Qwen3-MoE and OLMoE causal LMs as models with a KV cache: a `package.module:function` source that returns `(model, tokenizer)`
 is rebuilt as our Llama decoder (`models/smollm2.py`, with what each architecture adds to Llama, see
 ARCHITECTURES) with the model's weights and captured with the cache layout of `models/causal_lm.py`."""
 
@@ -70,7 +70,8 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # ReLU). Cohere has Phi-2's side-by-side block with LayerNorms without a bias, a gated MLP, neighbouring
 # values rotated and scaled logits, Cohere 2 also sliding layers and unrotated global ones; Arcee and
 # Nemotron an MLP without a gate and ReLU squared, Nemotron LayerNorms that scale by 1 + their weight and
-# a partial rotation. GLM has Phi-3's fused gate and up, Q, K and V biases and part of each head rotated
+# a partial rotation; Apertus an MLP without a gate and the xIELU activation, its slopes learned per
+# layer, and Qwen3's query and key norms. GLM has Phi-3's fused gate and up, Q, K and V biases and part of each head rotated
 # as neighbouring pairs, GLM-4 also Gemma 2's sandwich norms. Falcon has GPT-NeoX's LayerNorms, MLP and
 # side-by-side blocks (on one norm, or two in its new architecture; one after the other where it says
 # so), Q, K and V in one weight laid out per head, as one K/V head, or per K/V group. OLMo (1) has
@@ -81,7 +82,7 @@ def is_hf_causal_lm(obj: Any) -> bool:
 ARCHITECTURES = ("llama", "mistral", "ministral", "phi3", "qwen2", "qwen3", "seed_oss", "gemma", "gemma2", "gemma3_text",
                  "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ernie4_5", "helium", "stablelm", "starcoder2", "phi",
                  "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "cohere2", "arcee", "nemotron", "glm", "glm4",
-                 "falcon", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+                 "falcon", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 POST_NORMS = ("olmo2", "olmo3", "exaone4")  # norms after the attention and the MLP only
 # `genai_config.json`'s type where ONNX Runtime GenAI (0.18) knows the architecture by another name
@@ -90,11 +91,12 @@ GENAI_TYPES = {"ministral": "mistral", "seed_oss": "llama", "olmo2": "olmo", "ol
                "stablelm": "llama", "starcoder2": "llama", "phi": "llama", "gpt_neox": "llama", "gptj": "llama", "gpt2": "llama",
                "gpt_bigcode": "llama", "opt": "llama", "cohere": "llama", "cohere2": "llama", "arcee": "llama", "nemotron": "llama",
                "glm": "llama", "glm4": "llama", "falcon": "llama", "mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3",
-               "olmoe": "olmo"}
+               "olmoe": "olmo", "apertus": "llama"}
 # LayerNorms, not RMSNorms (with a bias but for Cohere's, with neither weight nor bias for OLMo's)
 LAYER_NORMS = ("stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "cohere2", "nemotron",
                "falcon", "olmo")
-PLAIN_MLPS = ("starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "arcee", "nemotron", "falcon")  # no gate
+PLAIN_MLPS = ("starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "arcee", "nemotron", "falcon",
+              "apertus")  # MLPs without a gate
 PARALLEL = ("phi", "gptj", "cohere", "cohere2")  # attention and MLP side by side on one norm
 LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt")  # a learned table of positions added to the embeddings, no rotation
 OPT_POSITION_OFFSET = 2  # OPT looks position p up in row p + 2 of its table
@@ -122,6 +124,7 @@ OUR_NAMES = {
             ("model.decoder.", "model."), (".self_attn_layer_norm.", ".input_layernorm."),
             (".self_attn.out_proj.", ".self_attn.o_proj."), (".fc1.", ".mlp.c_fc."), (".fc2.", ".mlp.c_proj.")),
     "arcee": _UP_DOWN,
+    "apertus": (*_UP_DOWN, (".attention_layernorm.", ".input_layernorm."), (".feedforward_layernorm.", ".post_attention_layernorm.")),
     "nemotron": _UP_DOWN,
     # GLM-4's norm before the MLP first, as our name for its norm after the attention is the former's
     "glm4": ((".post_attention_layernorm.", ".pre_feedforward_layernorm."),
@@ -133,7 +136,7 @@ OUR_NAMES = {
 }
 INTERLEAVED_ROTARY = ("ernie4_5", "helium", "gptj", "cohere", "cohere2", "glm", "glm4")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu", "relu": "relu",
-               "relu2": "relu2"}
+               "relu2": "relu2", "xielu": "xielu"}
 
 
 def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
@@ -152,6 +155,8 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
     state = _llama_names(state, cfg)
     if model_type in (*GEMMA, "nemotron"):  # Gemma's and Nemotron's norms scale by 1 + weight, ours by weight
         state = {k: v + 1.0 if k.endswith("norm.weight") else v for k, v in state.items()}
+    if _activation(cfg) == "xielu":
+        state = _xielu_slopes(state)
     rope = _rope(cfg)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ROPE_TYPES:
@@ -200,6 +205,8 @@ def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
     activation = _activation(cfg)
     if activation not in ACTIVATIONS:
         raise UserError(f"'{name}': the KV-cache capture takes MLP activations {', '.join(ACTIVATIONS)}, got '{activation}'")
+    if activation == "xielu" and cfg.model_type not in PLAIN_MLPS:
+        raise UserError(f"'{name}': the KV-cache capture takes xielu in MLPs without a gate only ({', '.join(PLAIN_MLPS)})")
     if _per_layer_type(cfg) and _rope(cfg, "sliding_attention").get("rope_type", "default") != "default":
         raise UserError(f"'{name}': the KV-cache capture takes local layers with the default rotary embedding")
 
@@ -225,6 +232,21 @@ def _llama_names(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Te
             value = value[OPT_POSITION_OFFSET:]
         renamed[key] = value
     return renamed
+
+
+def _xielu_slopes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each xIELU's slopes as it computes them from its parameters: `positive` softplus(alpha_p), `negative`
+    beta + softplus(alpha_n)."""
+    slopes = {}
+    for key, value in state.items():
+        if key.endswith(".act_fn.alpha_p"):
+            slopes[key.replace("alpha_p", "positive")] = torch.nn.functional.softplus(value)
+        elif key.endswith(".act_fn.alpha_n"):
+            beta = state[key.replace("alpha_n", "beta")]
+            slopes[key.replace("alpha_n", "negative")] = beta + torch.nn.functional.softplus(value)
+        else:
+            slopes[key] = value
+    return slopes
 
 
 def _qkv_layout(cfg: Any) -> str:

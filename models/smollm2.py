@@ -101,7 +101,7 @@ class LlamaConfig:
     # scale, local layers' theta and soft caps; Granite's multipliers; SmolLM3's unrotated layers
     embed_scale: float = 0.0  # the token embeddings' factor; 0: none
     norms: str = "pre"  # "pre" (Llama), "sandwich" (Gemma 2 and 3: pre and post), "post" (OLMo 2: post only)
-    hidden_act: str = "silu"  # or "gelu_tanh", "gelu", "relu", "relu2" (ReLU squared)
+    hidden_act: str = "silu"  # or "gelu_tanh", "gelu", "relu", "relu2" (ReLU squared), "xielu" (learned per layer: XIELU)
     attention_scale: float = 0.0  # 0: 1 / sqrt(head_dim)
     local_rope_theta: float = 0.0  # theta of the `local_layers`' rotary embedding; 0: they share the others'
     local_layers: tuple[int, ...] = ()  # the layers rotated with `local_rope_theta` (Gemma 3's local layers)
@@ -317,14 +317,18 @@ class SelfAttention(nn.Module):
         return out if past is None else (out, present)
 
 
+# the MLP's activations without parameters: SiLU (Llama), tanh-approximated GELU (Gemma, StarCoder2, Phi-2,
+# GPT-2), GELU (GPT-NeoX), ReLU (OPT) and ReLU squared (Arcee, Nemotron)
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "gelu": F.gelu, "relu": F.relu,
+               "relu2": lambda x: F.relu(x).square()}
+
+
 def activation(cfg: LlamaConfig, x: torch.Tensor) -> torch.Tensor:
-    """The MLP's activation: SiLU (Llama), tanh-approximated GELU (Gemma, StarCoder2, Phi-2, GPT-2), GELU
-    (GPT-NeoX), ReLU (OPT) or ReLU squared (Arcee, Nemotron)."""
-    if cfg.hidden_act == "gelu":
-        return F.gelu(x)
-    if cfg.hidden_act in ("relu", "relu2"):
-        return F.relu(x) if cfg.hidden_act == "relu" else F.relu(x).square()
-    return F.gelu(x, approximate="tanh") if cfg.hidden_act == "gelu_tanh" else F.silu(x)
+    """The MLP's activation (ACTIVATIONS); one with parameters (xIELU) is a module of the MLP, and only an
+    MLP without a gate has one."""
+    if cfg.hidden_act not in ACTIVATIONS:
+        raise UserError(f"the decoder computes a gated MLP with {', '.join(ACTIVATIONS)}, not '{cfg.hidden_act}'")
+    return ACTIVATIONS[cfg.hidden_act](x)
 
 
 class MLP(nn.Module):
@@ -341,17 +345,37 @@ class MLP(nn.Module):
         return self.down_proj(activation(self.cfg, self.gate_proj(x)) * self.up_proj(x))
 
 
+class XIELU(nn.Module):
+    """The xIELU activation (Apertus; Huang and Schlag 2024), its slopes learned per layer: p x^2 + b x for
+    x > 0, (exp(min(x, eps)) - 1 - x) n + b x elsewhere. `positive` and `negative` hold p and n as the
+    model computes them from its parameters (models/hf_llama.py: softplus, and b plus softplus)."""
+
+    def __init__(self):
+        super().__init__()
+        self.positive, self.negative = nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))
+        self.register_buffer("beta", torch.tensor(0.5))
+        self.register_buffer("eps", torch.tensor(-1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        below = (torch.exp(torch.minimum(x, self.eps)) - 1.0 - x) * self.negative
+        return torch.where(x > 0, self.positive * x * x + self.beta * x, below + self.beta * x)
+
+
 class PlainMLP(nn.Module):
-    """Feed-forward without a gate: c_proj(act(c_fc(x))), named as StarCoder2 names it."""
+    """Feed-forward without a gate: c_proj(act(c_fc(x))), named as StarCoder2 names it; the activation a
+    module of its own where it learns parameters (`act_fn`: xIELU)."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
         self.c_fc = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.c_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        if cfg.hidden_act == "xielu":
+            self.act_fn = XIELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(activation(self.cfg, self.c_fc(x)))
+        h = self.c_fc(x)
+        return self.c_proj(self.act_fn(h) if self.cfg.hidden_act == "xielu" else activation(self.cfg, h))
 
 
 class MixtureOfExperts(nn.Module):

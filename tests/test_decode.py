@@ -656,6 +656,14 @@ def tiny_olmo():
     return _tiny_hf("Olmo", **SPECIAL_TOKENS)
 
 
+def tiny_apertus():
+    """A random Apertus: an MLP without a gate, xIELU with slopes drawn per layer, Qwen3's query and key norms (random),
+    `llama3` rotary scaling."""
+    model, tokenizer = _tiny_hf("Apertus", draw=(("q_norm.weight", "k_norm.weight", ".alpha_p", ".alpha_n"), 0.5, 0.3),
+                                **SPECIAL_TOKENS)
+    return model.float(), tokenizer
+
+
 def tiny_mixtral():
     """A random Mixtral: 4 experts of 128 channels, 2 a token, their weights one tensor each for gate/up and down."""
     return _tiny_hf("Mixtral", num_local_experts=4, num_experts_per_tok=2, intermediate_size=128, **SPECIAL_TOKENS)
@@ -730,7 +738,7 @@ def _llama_like_artifact(folder: Path, arch: str) -> Path:
     ("gpt_bigcode_mha", [0, 0], "Add", 4), ("opt", [0, 0], "Add", 4), ("cohere", [0, 0], "MatMul", 5),
     ("arcee", [0, 0], "MatMul", 4), ("nemotron", [0, 0], "MatMul", 4), ("cohere2", [24, 0], "MatMul", 5),
     ("glm", [0, 0], "Add", 5), ("glm4", [0, 0], "Add", 5), ("falcon", [0, 0], "MatMul", 4),
-    ("falcon_new", [0, 0], "Add", 4), ("falcon_sequential", [0, 0], "Add", 4), ("mixtral", [0, 0], "MatMul", 15), ("olmo", [0, 0], "MatMul", 5), ("qwen2_moe", [0, 0], "Add", 19),
+    ("falcon_new", [0, 0], "Add", 4), ("falcon_sequential", [0, 0], "Add", 4), ("mixtral", [0, 0], "MatMul", 15), ("olmo", [0, 0], "MatMul", 5), ("apertus", [0, 0], "Reshape", 6), ("qwen2_moe", [0, 0], "Add", 19),
     ("qwen3_moe", [0, 0], "Reshape", 12), ("olmoe", [0, 0], "Mul", 17)])  # MoE: router and 4 experts; Qwen3-MoE's (7 + 17) / 2
 def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch, windows, query, matmuls):
     """Qwen2, Qwen3, Mistral, Phi-3 (fused Q/K/V and gate/up weights, split at load) and Llama 3 (scaled
@@ -764,7 +772,7 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
               "llama_mlp_bias": "Llama", "stablelm_parallel": "StableLm", "phi": "Phi", "gpt_neox": "GPTNeoX", "gptj": "GPTJ",
               "gpt2": "GPT2", "gpt_bigcode": "GPTBigCode", "gpt_bigcode_mha": "GPTBigCode", "opt": "OPT", "cohere": "Cohere",
               "arcee": "Arcee", "nemotron": "Nemotron", "cohere2": "Cohere2", "glm": "Glm", "glm4": "Glm4", "falcon": "Falcon",
-              "falcon_new": "Falcon", "falcon_sequential": "Falcon", "mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmo": "Olmo",
+              "falcon_new": "Falcon", "falcon_sequential": "Falcon", "mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmo": "Olmo", "apertus": "Apertus",
               "qwen2_moe": "Qwen2Moe",
               "olmoe": "Olmoe"}[arch]
     if not hasattr(transformers, f"{family}Config"):
@@ -774,14 +782,14 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
                   "Exaone4": "llama", "Helium": "llama", "StableLm": "llama", "Starcoder2": "llama",
                   "Phi": "llama", "GPTNeoX": "llama", "GPTJ": "llama", "GPT2": "llama", "GPTBigCode": "llama", "OPT": "llama",
                   "Cohere": "llama", "Arcee": "llama", "Nemotron": "llama", "Cohere2": "llama", "Glm": "llama", "Glm4": "llama",
-                  "Falcon": "llama", "Mixtral": "mistral", "Qwen2Moe": "qwen2", "Qwen3Moe": "qwen3",
+                  "Falcon": "llama", "Mixtral": "mistral", "Qwen2Moe": "qwen2", "Apertus": "llama", "Qwen3Moe": "qwen3",
                   "Olmoe": "olmo"}.get(family, family.lower())
     out = _llama_like_artifact(llama_like, arch)
     nodes = _nodes(out)
     producers = {o: n for n in nodes for o in n.output}
     attention = [n for n in nodes if n.op_type == "GroupQueryAttention"]
     assert len(attention) == 2 and all((n.input[1] == "") == (arch not in ("qwen3", "gemma3", "olmo2", "olmo3", "exaone4", "qwen3_moe",
-                                                                           "olmoe"))
+                                                                           "olmoe", "apertus"))
                                        for n in attention)
     assert [producers[n.input[0]].op_type for n in attention] == [query] * 2
     assert [next((a.i for a in n.attribute if a.name == "local_window_size"), 0) for n in attention] == windows
@@ -871,7 +879,7 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
                                   "granite", "smollm3", "olmo2", "ministral", "seed_oss", "olmo3", "exaone4", "ernie4_5",
                                   "helium", "stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt",
                                   "cohere", "arcee", "nemotron", "cohere2", "glm", "glm4", "falcon", "falcon_new",
-                                  "falcon_sequential", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+                                  "falcon_sequential", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus"])
 def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
     """ONNX Runtime GenAI loads each architecture's artifact by its `genai_config.json` (`type` qwen2,
     qwen3, mistral, phi3, llama) and generates our greedy tokens."""
@@ -890,7 +898,7 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
     (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=1, n_head=2)),
      "takes llama, mistral, ministral, phi3, qwen2, qwen3, seed_oss, gemma, gemma2, gemma3_text, granite, smollm3, olmo2, "
      "olmo3, exaone4, ernie4_5, helium, stablelm, starcoder2, phi, gpt_neox, gptj, gpt2, gpt_bigcode, opt, cohere, cohere2, "
-     "arcee, nemotron, glm, glm4, falcon, olmo, mixtral, qwen2_moe, qwen3_moe, olmoe causal LMs"),
+     "arcee, nemotron, glm, glm4, falcon, olmo, mixtral, qwen2_moe, qwen3_moe, olmoe, apertus causal LMs"),
     (lambda: transformers.StableLmForCausalLM(transformers.StableLmConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
         qk_layernorm=True)),
@@ -919,7 +927,10 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
      "takes causal attention"),
     (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                                                                     num_hidden_layers=1, num_attention_heads=4, hidden_act="tanh")),
-     "MLP activations silu, gelu_pytorch_tanh, gelu_new, gelu, relu, relu2, got 'tanh'"),
+     "MLP activations silu, gelu_pytorch_tanh, gelu_new, gelu, relu, relu2, xielu, got 'tanh'"),
+    (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                                                    num_hidden_layers=1, num_attention_heads=4, hidden_act="xielu")),
+     "xielu in MLPs without a gate only"),
 ])
 def test_cache_capture_refuses_what_our_decoder_does_not_compute(build, message):
     with pytest.raises(UserError, match=message):
