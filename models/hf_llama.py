@@ -199,9 +199,11 @@ def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
         raise UserError(f"'{name}': the KV-cache capture takes Q, K and V unclipped (clip_qkv none)")
     if getattr(cfg, "alibi", False):
         raise UserError(f"'{name}': the KV-cache capture takes rotary or learned positions, not ALiBi (alibi false)")
-    if cfg.model_type == "opt" and (not cfg.do_layer_norm_before or cfg.word_embed_proj_dim != cfg.hidden_size):
-        raise UserError(f"'{name}': the KV-cache capture takes OPT models with norms before attention and MLP and "
-                        "embeddings of the hidden size (do_layer_norm_before true, word_embed_proj_dim = hidden_size)")
+    if cfg.model_type == "opt" and (not cfg.do_layer_norm_before or cfg.word_embed_proj_dim != cfg.hidden_size
+                                    or cfg._remove_final_layer_norm):
+        raise UserError(f"'{name}': the KV-cache capture takes OPT models with norms before attention and MLP, a final "
+                        "norm and embeddings of the hidden size (do_layer_norm_before true, _remove_final_layer_norm "
+                        "false, word_embed_proj_dim = hidden_size)")
     activation = _activation(cfg)
     if activation not in ACTIVATIONS:
         raise UserError(f"'{name}': the KV-cache capture takes MLP activations {', '.join(ACTIVATIONS)}, got '{activation}'")
@@ -400,7 +402,7 @@ def _family_fields(cfg: Any) -> dict[str, Any]:
     fields: dict[str, Any] = {"hidden_act": ACTIVATIONS[_activation(cfg)],
                               "rotary_interleaved": cfg.model_type in INTERLEAVED_ROTARY,
                               "layer_norm": cfg.model_type in LAYER_NORMS, "layer_norm_bias": cfg.model_type not in ("cohere", "cohere2"),
-                              "layer_norm_weight": cfg.model_type != "olmo",
+                              "layer_norm_weight": cfg.model_type != "olmo" and getattr(cfg, "layer_norm_elementwise_affine", True),
                               "plain_mlp": cfg.model_type in PLAIN_MLPS,
                               "parallel": cfg.model_type in PARALLEL or bool(getattr(cfg, "use_parallel_residual", False)),
                               "parallel_mlp_norm": cfg.model_type == "gpt_neox"}
@@ -492,8 +494,8 @@ def _long_frequencies(cfg: Any, rope_type: str) -> tuple[torch.Tensor | None, in
 
 
 def _sliding(cfg: Any, positions: int) -> tuple[int, tuple[int, ...]]:
-    """(W, the layers whose attention slides over the last W positions): Mistral's, Phi-3's and StarCoder2's
-    `sliding_window` on every layer, the others' on the layers their layer types name (Qwen2's and
+    """(W, the layers whose attention slides over the last W positions): Mistral's, Phi-3's, StarCoder2's and
+    Mixtral's `sliding_window` on every layer (Qwen3-MoE's where `use_sliding_window`), the others' on the layers their layer types name (Qwen2's and
     Qwen3's from `max_window_layers` on where the config lists no layer types), none where
     `use_sliding_window` is false; (0, ()) where no window is shorter than the positions the cache holds."""
     window = getattr(cfg, "sliding_window", None)
@@ -502,7 +504,8 @@ def _sliding(cfg: Any, positions: int) -> tuple[int, tuple[int, ...]]:
         layers: tuple[int, ...] = ()  # Qwen2, Qwen3 and SmolLM3 slide only where enabled, whatever their layer types say
     elif layer_types:
         layers = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
-    elif cfg.model_type in ("mistral", "phi3", "starcoder2"):
+    elif cfg.model_type in ("mistral", "phi3", "starcoder2", "mixtral") or (
+            cfg.model_type == "qwen3_moe" and getattr(cfg, "use_sliding_window", False)):
         layers = tuple(range(cfg.num_hidden_layers))
     elif getattr(cfg, "use_sliding_window", False):
         layers = tuple(range(int(getattr(cfg, "max_window_layers", 0) or 0), cfg.num_hidden_layers))

@@ -113,7 +113,7 @@ class LlamaConfig:
     # the blocks' and the final norms are LayerNorms with a bias (StableLM, StarCoder2, Phi-2, GPT-NeoX), not RMSNorms
     layer_norm: bool = False
     layer_norm_bias: bool = True  # those LayerNorms add a bias (all but Cohere's)
-    layer_norm_weight: bool = True  # those LayerNorms scale by a weight (all but OLMo's, which learn neither)
+    layer_norm_weight: bool = True  # those LayerNorms scale by a weight (all but OLMo's and some OPTs', which learn neither)
     plain_mlp: bool = False  # the MLP is c_proj(act(c_fc(x))) (StarCoder2, Phi-2, GPT-NeoX), not gated
     mlp_bias: bool = False  # the MLP's linears add a bias
     # x + attn(norm(x)) + mlp(norm(x)), one norm read by both (Phi-2, StableLM's parallel blocks), not one after the other

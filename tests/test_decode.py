@@ -596,6 +596,12 @@ def tiny_opt():
                     **SPECIAL_TOKENS)
 
 
+def tiny_opt_unscaled():
+    """A random OPT whose LayerNorms learn neither weight nor bias (`layer_norm_elementwise_affine` false)."""
+    return _tiny_hf("OPT", draw=((".bias",), 0.5, 0.3), ffn_dim=256, word_embed_proj_dim=128, layer_norm_elementwise_affine=False,
+                    **SPECIAL_TOKENS)
+
+
 def tiny_cohere():
     """A random Cohere (Command R's architecture): LayerNorms without a bias (random scales), attention and a
     gated MLP side by side on one norm, neighbouring values rotated as pairs, logits times 0.5."""
@@ -665,15 +671,17 @@ def tiny_apertus():
 
 
 def tiny_mixtral():
-    """A random Mixtral: 4 experts of 128 channels, 2 a token, their weights one tensor each for gate/up and down."""
-    return _tiny_hf("Mixtral", num_local_experts=4, num_experts_per_tok=2, intermediate_size=128, **SPECIAL_TOKENS)
+    """A random Mixtral: 4 experts of 128 channels, 2 a token, their weights one tensor each for gate/up and down;
+    attention sliding over 24 positions on every layer."""
+    return _tiny_hf("Mixtral", num_local_experts=4, num_experts_per_tok=2, intermediate_size=128, sliding_window=24,
+                    **SPECIAL_TOKENS)
 
 
 def tiny_qwen3_moe():
     """A random Qwen3-MoE: Qwen3's attention (random norm scales), its first layer a plain MLP (`mlp_only_layers`),
-    its second 4 experts of 128 channels, 2 a token, their kept scores not renormalized."""
+    its second 4 experts of 128 channels, 2 a token, their kept scores renormalized (`norm_topk_prob`, as Qwen3-30B-A3B)."""
     return _tiny_hf("Qwen3Moe", draw=(("q_norm.weight", "k_norm.weight"), 1.0, 0.3), num_experts=4, num_experts_per_tok=2,
-                    moe_intermediate_size=128, mlp_only_layers=[0], norm_topk_prob=False, head_dim=32, **SPECIAL_TOKENS)
+                    moe_intermediate_size=128, mlp_only_layers=[0], norm_topk_prob=True, head_dim=32, **SPECIAL_TOKENS)
 
 
 def tiny_qwen2_moe():
@@ -685,7 +693,7 @@ def tiny_qwen2_moe():
 
 def tiny_olmoe():
     """A random OLMoE: norms of the whole query and key projections (random scales), 4 experts of 128 channels, 2 a
-    token."""
+    token, their kept scores not renormalized (as OLMoE ships)."""
     return _tiny_hf("Olmoe", draw=(("q_norm.weight", "k_norm.weight"), 1.0, 0.3), num_experts=4, num_experts_per_tok=2,
                     intermediate_size=128, **SPECIAL_TOKENS)
 
@@ -719,6 +727,12 @@ def _llama_like_artifact(folder: Path, arch: str) -> Path:
     return folder / arch
 
 
+def slow(*row):
+    """A row of the test below run in the slow tier: its family's paths are also covered by the rows that
+    stay in the default one (pairs rotated, Q/K/V layouts, side-by-side blocks, ReLU squared, experts)."""
+    return pytest.param(*row, marks=pytest.mark.slow)
+
+
 @pytest.mark.parametrize("arch, windows, query, matmuls", [
     ("qwen2", [0, 0], "Add", 5), ("mistral", [48, 48], "MatMul", 5),
     ("qwen3", [0, 0], "Reshape", 7), ("llama3", [0, 0], "MatMul", 5),
@@ -734,12 +748,15 @@ def _llama_like_artifact(folder: Path, arch: str) -> Path:
     ("stablelm", [0, 0], "Add", 5), ("starcoder2", [48, 48], "Add", 4),
     ("llama_mlp_bias", [0, 0], "MatMul", 5), ("stablelm_parallel", [0, 0], "Add", 5),
     ("phi", [0, 0], "Add", 4), ("gpt_neox", [0, 0], "Add", 4),
-    ("gptj", [0, 0], "MatMul", 4), ("gpt2", [0, 0], "Add", 4), ("gpt_bigcode", [0, 0], "Add", 4),
-    ("gpt_bigcode_mha", [0, 0], "Add", 4), ("opt", [0, 0], "Add", 4), ("cohere", [0, 0], "MatMul", 5),
-    ("arcee", [0, 0], "MatMul", 4), ("nemotron", [0, 0], "MatMul", 4), ("cohere2", [24, 0], "MatMul", 5),
-    ("glm", [0, 0], "Add", 5), ("glm4", [0, 0], "Add", 5), ("falcon", [0, 0], "MatMul", 4),
-    ("falcon_new", [0, 0], "Add", 4), ("falcon_sequential", [0, 0], "Add", 4), ("mixtral", [0, 0], "MatMul", 15), ("olmo", [0, 0], "MatMul", 5), ("apertus", [0, 0], "Reshape", 6), ("qwen2_moe", [0, 0], "Add", 19),
-    ("qwen3_moe", [0, 0], "Reshape", 12), ("olmoe", [0, 0], "Mul", 17)])  # MoE: router and 4 experts; Qwen3-MoE's (7 + 17) / 2
+    ("gpt2", [0, 0], "Add", 4), ("gpt_bigcode", [0, 0], "Add", 4), ("opt", [0, 0], "Add", 4),
+    ("nemotron", [0, 0], "MatMul", 4), ("cohere2", [24, 0], "MatMul", 5), ("glm4", [0, 0], "Add", 5),
+    ("falcon", [0, 0], "MatMul", 4), ("falcon_new", [0, 0], "Add", 4), ("olmo", [0, 0], "MatMul", 5),
+    ("apertus", [0, 0], "Reshape", 6),
+    ("mixtral", [24, 24], "MatMul", 15), ("qwen2_moe", [0, 0], "Add", 19),  # MoE: a router and 4 experts a layer
+    slow("gptj", [0, 0], "MatMul", 4), slow("gpt_bigcode_mha", [0, 0], "Add", 4), slow("opt_unscaled", [0, 0], "Add", 4),
+    slow("cohere", [0, 0], "MatMul", 5), slow("arcee", [0, 0], "MatMul", 4), slow("glm", [0, 0], "Add", 5),
+    slow("falcon_sequential", [0, 0], "Add", 4), slow("olmoe", [0, 0], "Mul", 17),
+    slow("qwen3_moe", [0, 0], "Reshape", 12)])  # its (7 + 17) / 2: a plain layer and one of experts
 def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch, windows, query, matmuls):
     """Qwen2, Qwen3, Mistral, Phi-3 (fused Q/K/V and gate/up weights, split at load) and Llama 3 (scaled
     rotary frequencies), Phi-4-mini-like (half of each head rotated, `longrope`: its prefill reaches
@@ -770,7 +787,7 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
               "olmo2": "Olmo2", "ministral": "Ministral", "seed_oss": "SeedOss", "olmo3": "Olmo3", "exaone4": "Exaone4",
               "ernie4_5": "Ernie4_5", "helium": "Helium", "stablelm": "StableLm", "starcoder2": "Starcoder2",
               "llama_mlp_bias": "Llama", "stablelm_parallel": "StableLm", "phi": "Phi", "gpt_neox": "GPTNeoX", "gptj": "GPTJ",
-              "gpt2": "GPT2", "gpt_bigcode": "GPTBigCode", "gpt_bigcode_mha": "GPTBigCode", "opt": "OPT", "cohere": "Cohere",
+              "gpt2": "GPT2", "gpt_bigcode": "GPTBigCode", "gpt_bigcode_mha": "GPTBigCode", "opt": "OPT", "opt_unscaled": "OPT", "cohere": "Cohere",
               "arcee": "Arcee", "nemotron": "Nemotron", "cohere2": "Cohere2", "glm": "Glm", "glm4": "Glm4", "falcon": "Falcon",
               "falcon_new": "Falcon", "falcon_sequential": "Falcon", "mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmo": "Olmo", "apertus": "Apertus",
               "qwen2_moe": "Qwen2Moe",
@@ -817,7 +834,7 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     np.testing.assert_allclose(stepped, full, atol=5e-5 * np.abs(full).max())
 
 
-LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_bigcode_mha", "opt")
+LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_bigcode_mha", "opt", "opt_unscaled")
 
 
 def test_longrope_steps_switch_to_the_long_factors_where_transformers_does(llama_like):
@@ -842,11 +859,12 @@ def test_longrope_steps_switch_to_the_long_factors_where_transformers_does(llama
     assert np.abs(ours[:32] - full[:32]).max() > 10 * tolerance
 
 
-@pytest.mark.parametrize("arch", ["ernie4_5", "mixtral"])
+@pytest.mark.parametrize("arch", ["ernie4_5", "mixtral", "gpt2"])
 def test_int4_rounds_decoders_through_their_slices_and_routing(llama_like, calib_file, arch):
     """`int4`'s `gptq` runs the blocks of a decoder whose rotation slices each pair's values with a step
-    (ERNIE 4.5's `x[..., 1::2]`) and of a mixture of experts (Mixtral's TopK and ScatterElements), and the
-    logits stay close to the float model's."""
+    (ERNIE 4.5's `x[..., 1::2]`) and of a mixture of experts (Mixtral's TopK and ScatterElements), and
+    calibrates a decoder with a table of positions (GPT-2's 64, fewer than the 128 tokens of a calibration
+    window); the logits stay close to the float model's."""
     out = qcompile(f"llama_like_factory:tiny_{arch}", llama_like / f"{arch}-int4", pipeline="int4", calibration=str(calib_file),
                    drift=False).output
     hf, _ = globals()[f"tiny_{arch}"]()
@@ -911,7 +929,7 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
      "attention scaled by 1 / sqrt\\(head size\\) in every layer"),
     (lambda: transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=1,
                                                                 num_attention_heads=4, word_embed_proj_dim=32)),
-     "OPT models with norms before attention and MLP and embeddings of the hidden size"),
+     "OPT models with norms before attention and MLP, a final norm and embeddings of the hidden size"),
     (lambda: transformers.FalconForCausalLM(transformers.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1,
                                                                       num_attention_heads=4, alibi=True)),
      "rotary or learned positions, not ALiBi"),

@@ -65,6 +65,7 @@ def _ints(*values):
     (_ints(-1), _ints(-2**63), _ints(1), _ints(-1)),  # reversed
     (_ints(4, 10), _ints(0, -10), _ints(1, 3), _ints(-2, -1)),  # backward on two axes, clamped
     (_ints(2), _ints(0), _ints(2), _ints(1)),  # empty
+    (_ints(0), _ints(4), _ints(1), _ints(-2)),  # empty, backward: the start is not past the end
 ])
 def test_slices_with_steps_take_what_onnx_runtime_takes(starts, ends, axes, steps):
     proto = _model("Slice", {}, [starts, ends, axes, steps])
@@ -76,7 +77,7 @@ def test_slices_with_steps_take_what_onnx_runtime_takes(starts, ends, axes, step
 
 def test_top_k_then_scatter_elements_take_what_onnx_runtime_takes():
     """A mixture of experts' routing: the 2 best of each row's scores (values and indices), written back into
-    a zero row at those indices (one index negative)."""
+    a zero row at those indices, counted from the end (negative)."""
     nodes = [helper.make_node("TopK", ["x", "k"], ["values", "indices"], axis=-1),
              helper.make_node("ConstantOfShape", ["shape"], ["zeros"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])),
              helper.make_node("Sub", ["indices", "four"], ["back"]),  # the same places, counted from the end

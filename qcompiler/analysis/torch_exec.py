@@ -134,8 +134,9 @@ def _slice(x, starts, ends, axes=None, steps=None):
         else:  # ONNX clamps a backward slice's start to [0, n - 1] and its end to [-1, n - 1]
             backwards.append((a % x.dim(), max(0, min(n - 1, s)), max(-1, min(n - 1, e)), st))
     x = x[tuple(index)]
-    for a, s, e, st in backwards:
-        x = x.index_select(a, torch.arange(s, e, st, dtype=torch.int64, device=x.device))
+    for a, s, e, st in backwards:  # empty where the clamped start is not past the end (or the axis is)
+        taken = torch.arange(s, e, st, dtype=torch.int64) if x.shape[a] and s > e else torch.zeros(0, dtype=torch.int64)
+        x = x.index_select(a, taken.to(x.device))
     return x
 
 
