@@ -1,7 +1,7 @@
 """Hugging Face Llama, Mistral, Ministral, Phi-3, Qwen2, Qwen3, Seed-OSS, Gemma (1, 2, 3), Granite,
 SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2, Phi-2, GPT-NeoX, GPT-J,
-GPT-2, GPT-BigCode, OPT, Cohere, Cohere 2, Arcee, Nemotron, Apertus, GLM, GLM-4, Falcon, OLMo, Mixtral,
-Qwen2-MoE, Qwen3-MoE and OLMoE causal LMs as models with a KV cache: a `package.module:function` source that returns `(model, tokenizer)`
+GPT-2, GPT-BigCode, OPT, Cohere, Cohere 2, Arcee, Nemotron, Apertus, GLM, GLM-4, Falcon, OLMo, HunYuan,
+Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE causal LMs as models with a KV cache: a `package.module:function` source that returns `(model, tokenizer)`
 is rebuilt as our Llama decoder (`models/smollm2.py`, with what each architecture adds to Llama, see
 ARCHITECTURES) with the model's weights and captured with the cache layout of `models/causal_lm.py`."""
 
@@ -75,14 +75,15 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # as neighbouring pairs, GLM-4 also Gemma 2's sandwich norms. Falcon has GPT-NeoX's LayerNorms, MLP and
 # side-by-side blocks (on one norm, or two in its new architecture; one after the other where it says
 # so), Q, K and V in one weight laid out per head, as one K/V head, or per K/V group. OLMo (1) has
-# LayerNorms that learn neither weight nor bias. Mixtral, Qwen2-MoE (Qwen2's attention, and a shared
+# LayerNorms that learn neither weight nor bias. HunYuan (dense) normalizes each query and key head after
+# the rotation, which is NTK-scaled by `alpha`. Mixtral, Qwen2-MoE (Qwen2's attention, and a shared
 # expert), Qwen3-MoE (Qwen3's attention) and OLMoE (OLMo 2's query and key norms, pre-norms) have a
 # mixture of experts in place of the MLP, their experts' weights stored as one tensor each for gate and
 # up and for down.
 ARCHITECTURES = ("llama", "mistral", "ministral", "phi3", "qwen2", "qwen3", "seed_oss", "gemma", "gemma2", "gemma3_text",
                  "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ernie4_5", "helium", "stablelm", "starcoder2", "phi",
                  "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "cohere2", "arcee", "nemotron", "glm", "glm4",
-                 "falcon", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus")
+                 "falcon", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus", "hunyuan_v1_dense")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 POST_NORMS = ("olmo2", "olmo3", "exaone4")  # norms after the attention and the MLP only
 # `genai_config.json`'s type where ONNX Runtime GenAI (0.18) knows the architecture by another name
@@ -91,7 +92,7 @@ GENAI_TYPES = {"ministral": "mistral", "seed_oss": "llama", "olmo2": "olmo", "ol
                "stablelm": "llama", "starcoder2": "llama", "phi": "llama", "gpt_neox": "llama", "gptj": "llama", "gpt2": "llama",
                "gpt_bigcode": "llama", "opt": "llama", "cohere": "llama", "cohere2": "llama", "arcee": "llama", "nemotron": "llama",
                "glm": "llama", "glm4": "llama", "falcon": "llama", "mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3",
-               "olmoe": "olmo", "apertus": "llama"}
+               "olmoe": "olmo", "apertus": "llama", "hunyuan_v1_dense": "llama"}
 # LayerNorms, not RMSNorms (with a bias but for Cohere's, with neither weight nor bias for OLMo's)
 LAYER_NORMS = ("stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "cohere2", "nemotron",
                "falcon", "olmo")
@@ -129,6 +130,7 @@ OUR_NAMES = {
     # GLM-4's norm before the MLP first, as our name for its norm after the attention is the former's
     "glm4": ((".post_attention_layernorm.", ".pre_feedforward_layernorm."),
              (".post_self_attn_layernorm.", ".post_attention_layernorm."), (".post_mlp_layernorm.", ".post_feedforward_layernorm.")),
+    "hunyuan_v1_dense": ((".self_attn.query_layernorm.", ".self_attn.q_norm."), (".self_attn.key_layernorm.", ".self_attn.k_norm.")),
     "falcon": (("transformer.word_embeddings.", "model.embed_tokens."), ("transformer.ln_f.", "model.norm."),
                ("transformer.h.", "model.layers."), (".self_attention.dense.", ".self_attn.o_proj."),
                (".self_attention.query_key_value.", ".self_attn.qkv_proj."), (".mlp.dense_h_to_4h.", ".mlp.c_fc."),
@@ -339,6 +341,8 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
     window, sliding_layers = _sliding(cfg, positions)
     rotary_size = _rotary_size(cfg)
     theta = _rope(cfg).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    if _rope(cfg).get("alpha"):  # HunYuan's NTK scaling: a theta of theta x alpha^(d / (d - 2)), d the rotated width
+        theta = theta * _rope(cfg)["alpha"] ** (rotary_size / (rotary_size - 2))
     return smollm2.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, num_heads=heads,
         num_kv_heads=_kv_heads(cfg), intermediate_size=_intermediate_size(cfg), rope_theta=float(theta),
@@ -350,6 +354,7 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
         head_size=0 if head_dim * heads == cfg.hidden_size else int(head_dim),
         qk_norm="model.layers.0.self_attn.q_norm.weight" in state,
         qk_norm_projection=_norm_width(state, "q_norm") == heads * head_dim != head_dim,
+        qk_norm_after_rotary=cfg.model_type == "hunyuan_v1_dense",
         rotary_size=0 if rotary_size == head_dim else rotary_size, rotary_attention_factor=rotary_attention_factor,
         long_rope_from=long_rope_from,
         **_family_fields(cfg),
@@ -467,8 +472,9 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 def _rotary_frequencies(cfg: Any, rope_type: str) -> tuple[torch.Tensor | None, float]:
     """(inverse frequencies [rotated width / 2] in float32, the factor on the cos and sin tables) of a
     scaled rotary embedding (of the full-attention layers where the model has one per layer type);
-    (None, 1.0) for the default one, which our decoder computes from theta."""
-    if rope_type == "default":
+    (None, 1.0) for the default one and HunYuan's, which our decoder computes from theta (HunYuan's
+    scaled by its `alpha`, `_config`)."""
+    if rope_type == "default" or _rope(cfg).get("alpha"):  # HunYuan's `alpha`: the default one of a scaled theta
         return None, 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 

@@ -88,6 +88,7 @@ class LlamaConfig:
     head_size: int = 0  # each head's width where it is not hidden / heads (Qwen3); 0: hidden / heads
     qk_norm: bool = False  # each query and key head RMS-normalized before the rotation (Qwen3)
     qk_norm_projection: bool = False  # the query and key norms normalize the whole projection, not each head (OLMo 2)
+    qk_norm_after_rotary: bool = False  # the query and key heads are normalized after their rotation (HunYuan), not before
     rotary_size: int = 0  # the leading width of each head that is rotated (Phi-4-mini's 3/4); 0: the whole head
     rotary_attention_factor: float = 1.0  # on the cos and sin tables of a scaled rotary embedding (yarn, longrope)
     # a step whose largest position is this or beyond rotates by a second set of frequencies, the long
@@ -270,7 +271,7 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
-        self.norm_projection = cfg.qk_norm_projection
+        self.norm_projection, self.norm_after_rotary = cfg.qk_norm_projection, cfg.qk_norm_after_rotary
         if cfg.qk_norm and cfg.qk_norm_projection:
             self.q_norm = RMSNorm(cfg.num_heads * cfg.head_dim, cfg.eps)
             self.k_norm = RMSNorm(cfg.num_kv_heads * cfg.head_dim, cfg.eps)
@@ -302,10 +303,15 @@ class SelfAttention(nn.Module):
         """Without `past`: the attention output. With `past` (key, value [batch, kv_heads,
         past_len, head_dim], keys already rotated): the output and the present (key, value),
         the past with this step's keys and values appended."""
-        q = self._heads(self.q_proj(x), self.num_heads, getattr(self, "q_norm", None))
-        k = self._heads(self.k_proj(x), self.num_kv_heads, getattr(self, "k_norm", None))
+        q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
+        if self.norm_after_rotary:  # each head rotated, then normalized
+            q_norm, k_norm, norm_after = None, None, (q_norm, k_norm)
+        q = self._heads(self.q_proj(x), self.num_heads, q_norm)
+        k = self._heads(self.k_proj(x), self.num_kv_heads, k_norm)
         if self.rotated:
             q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
+        if self.norm_after_rotary:
+            q, k = norm_after[0](q), norm_after[1](k)
         v = self._heads(self.v_proj(x), self.num_kv_heads)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)

@@ -670,6 +670,14 @@ def tiny_apertus():
     return model.float(), tokenizer
 
 
+def tiny_hunyuan():
+    """A random HunYuan (dense): each query and key head normalized after the rotation (random scales), the rotation's
+    theta NTK-scaled by `alpha`."""
+    return _tiny_hf("HunYuanDenseV1", draw=(("query_layernorm.weight", "key_layernorm.weight"), 1.0, 0.3), head_dim=32,
+                    rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0, "factor": 1.0},
+                    **SPECIAL_TOKENS)
+
+
 def tiny_mixtral():
     """A random Mixtral: 4 experts of 128 channels, 2 a token, their weights one tensor each for gate/up and down;
     attention sliding over 24 positions on every layer."""
@@ -744,14 +752,14 @@ def slow(*row):
     slow("smollm3", [0, 0], "MatMul", 5), ("olmo2", [0, 0], "Mul", 7),
     slow("ministral", [24, 0], "MatMul", 5), ("seed_oss", [0, 0], "Add", 5),
     slow("olmo3", [24, 0], "Mul", 7), ("exaone4", [24, 0], "Reshape", 7),
-    ("ernie4_5", [0, 0], "MatMul", 5), slow("helium", [0, 0], "MatMul", 5),
-    ("stablelm", [0, 0], "Add", 5), ("starcoder2", [48, 48], "Add", 4),
+    slow("ernie4_5", [0, 0], "MatMul", 5), slow("helium", [0, 0], "MatMul", 5),
+    slow("stablelm", [0, 0], "Add", 5), slow("starcoder2", [48, 48], "Add", 4),
     ("llama_mlp_bias", [0, 0], "MatMul", 5), slow("stablelm_parallel", [0, 0], "Add", 5),
     ("phi", [0, 0], "Add", 4), ("gpt_neox", [0, 0], "Add", 4),
-    ("gpt2", [0, 0], "Add", 4), ("gpt_bigcode", [0, 0], "Add", 4), ("opt", [0, 0], "Add", 4),
+    ("gpt2", [0, 0], "Add", 4), slow("gpt_bigcode", [0, 0], "Add", 4), ("opt", [0, 0], "Add", 4),
     ("nemotron", [0, 0], "MatMul", 4), ("cohere2", [24, 0], "MatMul", 5), ("glm4", [0, 0], "Add", 5),
     ("falcon", [0, 0], "MatMul", 4), ("falcon_new", [0, 0], "Add", 4), ("olmo", [0, 0], "MatMul", 5),
-    ("apertus", [0, 0], "Reshape", 6),
+    ("apertus", [0, 0], "Reshape", 6), ("hunyuan", [0, 0], "Reshape", 7),
     ("mixtral", [24, 24], "MatMul", 15), ("qwen2_moe", [0, 0], "Add", 19),  # MoE: a router and 4 experts a layer
     slow("gptj", [0, 0], "MatMul", 4), slow("gpt_bigcode_mha", [0, 0], "Add", 4), slow("opt_unscaled", [0, 0], "Add", 4),
     slow("cohere", [0, 0], "MatMul", 5), slow("arcee", [0, 0], "MatMul", 4), slow("glm", [0, 0], "Add", 5),
@@ -775,7 +783,8 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     no rotation: the kernel's do_rotary 0), Cohere (side by side, pairs rotated, scaled logits), Cohere 2 (also
     a sliding layer and an unrotated global one), Arcee and Nemotron (ReLU squared), GLM and GLM-4 (fused gate
     and up, pairs of half of each head rotated; GLM-4's sandwich norms), Falcon (its three Q/K/V layouts, side
-    by side on one or two norms, or one after the other) and Llama with MLP biases factories compile to the decoder with a
+    by side on one or two norms, or one after the other), HunYuan (query and key heads normalized after their rotation: the
+    kernel reads them so and rotates nothing) and Llama with MLP biases factories compile to the decoder with a
     KV cache and fused attention, the cached logits those of transformers' full sequence, ONNX Runtime GenAI's configuration naming
     the architecture: Q, K and V read packed by the attention (Qwen2's three biases one Add of their
     concatenation before it); Qwen3's normalized query and key heads flattened back into its query and
@@ -790,7 +799,7 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
               "gpt2": "GPT2", "gpt_bigcode": "GPTBigCode", "gpt_bigcode_mha": "GPTBigCode", "opt": "OPT", "opt_unscaled": "OPT", "cohere": "Cohere",
               "arcee": "Arcee", "nemotron": "Nemotron", "cohere2": "Cohere2", "glm": "Glm", "glm4": "Glm4", "falcon": "Falcon",
               "falcon_new": "Falcon", "falcon_sequential": "Falcon", "mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmo": "Olmo", "apertus": "Apertus",
-              "qwen2_moe": "Qwen2Moe",
+              "qwen2_moe": "Qwen2Moe", "hunyuan": "HunYuanDenseV1",
               "olmoe": "Olmoe"}[arch]
     if not hasattr(transformers, f"{family}Config"):
         pytest.skip(f"this transformers version has no {family}")
@@ -799,20 +808,20 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
                   "Exaone4": "llama", "Helium": "llama", "StableLm": "llama", "Starcoder2": "llama",
                   "Phi": "llama", "GPTNeoX": "llama", "GPTJ": "llama", "GPT2": "llama", "GPTBigCode": "llama", "OPT": "llama",
                   "Cohere": "llama", "Arcee": "llama", "Nemotron": "llama", "Cohere2": "llama", "Glm": "llama", "Glm4": "llama",
-                  "Falcon": "llama", "Mixtral": "mistral", "Qwen2Moe": "qwen2", "Apertus": "llama", "Qwen3Moe": "qwen3",
+                  "Falcon": "llama", "Mixtral": "mistral", "Qwen2Moe": "qwen2", "Apertus": "llama", "HunYuanDenseV1": "llama", "Qwen3Moe": "qwen3",
                   "Olmoe": "olmo"}.get(family, family.lower())
     out = _llama_like_artifact(llama_like, arch)
     nodes = _nodes(out)
     producers = {o: n for n in nodes for o in n.output}
     attention = [n for n in nodes if n.op_type == "GroupQueryAttention"]
     assert len(attention) == 2 and all((n.input[1] == "") == (arch not in ("qwen3", "gemma3", "olmo2", "olmo3", "exaone4", "qwen3_moe",
-                                                                           "olmoe", "apertus"))
+                                                                           "olmoe", "apertus", "hunyuan"))
                                        for n in attention)
     assert [producers[n.input[0]].op_type for n in attention] == [query] * 2
     assert [next((a.i for a in n.attribute if a.name == "local_window_size"), 0) for n in attention] == windows
     assert [next((a.f for a in n.attribute if a.name == "softcap"), 0.0) for n in attention] == [2.0 if arch == "gemma2" else 0.0] * 2
     assert [next(a.i for a in n.attribute if a.name == "do_rotary") for n in attention] == \
-        ([1, 0] if arch in ("smollm3", "exaone4", "cohere2") else [0, 0] if arch in LEARNED_POSITIONS else [1, 1])
+        ([1, 0] if arch in ("smollm3", "exaone4", "cohere2") else [0, 0] if arch in (*LEARNED_POSITIONS, "hunyuan") else [1, 1])
     rotated = [n for n in attention if next(a.i for a in n.attribute if a.name == "do_rotary")]
     assert {next(a.i for a in n.attribute if a.name == "rotary_interleaved") for n in rotated} == \
         ({int(arch in ("ernie4_5", "helium", "gptj", "cohere", "cohere2", "glm", "glm4"))} if rotated else set())
@@ -897,7 +906,8 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
                                   "granite", "smollm3", "olmo2", "ministral", "seed_oss", "olmo3", "exaone4", "ernie4_5",
                                   "helium", "stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt",
                                   "cohere", "arcee", "nemotron", "cohere2", "glm", "glm4", "falcon", "falcon_new",
-                                  "falcon_sequential", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus"])
+                                  "falcon_sequential", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus",
+                                  "hunyuan"])
 def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
     """ONNX Runtime GenAI loads each architecture's artifact by its `genai_config.json` (`type` qwen2,
     qwen3, mistral, phi3, llama) and generates our greedy tokens."""
@@ -916,7 +926,7 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
     (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=1, n_head=2)),
      "takes llama, mistral, ministral, phi3, qwen2, qwen3, seed_oss, gemma, gemma2, gemma3_text, granite, smollm3, olmo2, "
      "olmo3, exaone4, ernie4_5, helium, stablelm, starcoder2, phi, gpt_neox, gptj, gpt2, gpt_bigcode, opt, cohere, cohere2, "
-     "arcee, nemotron, glm, glm4, falcon, olmo, mixtral, qwen2_moe, qwen3_moe, olmoe, apertus causal LMs"),
+     "arcee, nemotron, glm, glm4, falcon, olmo, mixtral, qwen2_moe, qwen3_moe, olmoe, apertus, hunyuan_v1_dense causal LMs"),
     (lambda: transformers.StableLmForCausalLM(transformers.StableLmConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
         qk_layernorm=True)),

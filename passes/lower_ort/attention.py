@@ -9,6 +9,8 @@ What is matched, from each `Softmax` back (every other form is left as it is):
     q = Transpose(Reshape(q_lin), [0, 2, 1, 3])             k, v likewise, v without rotary
     (or Transpose(RMSNorm(Reshape(q_lin))) for q and k both, each head normalized over its last axis:
      Qwen3's query and key norms; the kernel then reads the normalized heads flattened)
+    (or RMSNorm(rope(q)) for q and k both, each head normalized after its rotation: HunYuan's; the kernel
+     then reads the rotated, normalized heads flattened and rotates nothing, do_rotary 0)
     rope(x) = x * cos + Concat(-x[..., D/2:], x[..., :D/2]) * sin
     (or x * cos + Reshape(Concat(Unsqueeze(-x[..., 1::2]), Unsqueeze(x[..., 0::2]), -1)) * sin with the
      angles e interleaved, each beside itself: neighbours rotated as pairs, ERNIE 4.5's and Helium's,
@@ -85,6 +87,9 @@ class _Attention:
     # (q_lin and k_lin are then the projections the norms' heads come from)
     q_normed: ir.Value | None = None
     k_normed: ir.Value | None = None
+    # HunYuan's query and key heads rotated, then normalized [batch, heads, seq, head]: q_normed and k_normed,
+    # read transposed and flattened by a kernel that rotates nothing (`frequencies` None)
+    normed_after_rotation: bool = False
 
 
 def fuse_attention(graph: ir.Graph) -> int:
@@ -104,8 +109,8 @@ def fuse_attention(graph: ir.Graph) -> int:
             if key not in tables:
                 tables[key] = _rotary_tables(graph, a.frequencies, a.table_factor, a.position_ids, len(tables))
             rotary = [*tables[key], a.position_ids]
-        q_in = a.q_lin if a.q_normed is None else _flattened(graph, a.q_normed)
-        k_in = a.k_lin if a.k_normed is None else _flattened(graph, a.k_normed)
+        q_in = a.q_lin if a.q_normed is None else _flattened(graph, a.q_normed, a.normed_after_rotation)
+        k_in = a.k_lin if a.k_normed is None else _flattened(graph, a.k_normed, a.normed_after_rotation)
         node = ir.node(
             "GroupQueryAttention", [q_in, k_in, a.v_lin, a.past_k, a.past_v, seqlens, total, *rotary],
             attributes={"num_heads": a.heads, "kv_num_heads": a.kv_heads, "scale": a.scale, "do_rotary": int(bool(rotary)),
@@ -205,11 +210,17 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Attention | None:
     if out_node is None or keys is None or values is None:
         return None
     (past_k, k_rot), (past_v, v_t) = keys, values
-    rotary = _rotary_of(q_rot, k_rot, graph)
+    q_inner, k_inner = _head_norm_input(q_rot), _head_norm_input(k_rot)
+    after = q_inner is not None and k_inner is not None and _rotary(q_inner) is not None
+    rotary = _rotary_of(q_inner, k_inner, graph) if after else _rotary_of(q_rot, k_rot, graph)
     if rotary is None:
         return None
     (q_heads, k_heads), frequencies, interleaved, cos_factor, position_ids = rotary
     (q_lin, q_normed), (k_lin, k_normed) = _heads_or_normed(q_heads), _heads_or_normed(k_heads)
+    if after:  # rotated in the graph, then normalized: the kernel reads the result as it is
+        if q_normed is not None or k_normed is not None:
+            return None
+        (q_normed, k_normed), frequencies, interleaved, cos_factor, position_ids = (q_rot, k_rot), None, False, 1.0, None
     v_lin = _heads(v_t)
     if (q_normed is None) != (k_normed is None):
         return None
@@ -225,7 +236,7 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Attention | None:
         return None
     return _Attention(q_lin, k_lin, v_lin, past_k, past_v, present_k, present_v, out_node.outputs[0], out_node,
                       frequencies, interleaved, cos_factor, position_ids, scale, softcap, width // head, kv_heads,
-                      _sliding_window(mask), q_normed, k_normed)
+                      _sliding_window(mask), q_normed, k_normed, after)
 
 
 def _rotary_of(q_rot: ir.Value, k_rot: ir.Value, graph: ir.Graph) \
@@ -371,13 +382,16 @@ def _head_norm_input(value: ir.Value) -> ir.Value | None:
     return None
 
 
-def _flattened(graph: ir.Graph, heads: ir.Value) -> ir.Value:
-    """[batch, seq, heads, head] -> [batch, seq, heads x head], placed after `heads`' producer: the
-    kernel's query or key input."""
+def _flattened(graph: ir.Graph, heads: ir.Value, heads_first: bool = False) -> ir.Value:
+    """[batch, seq, heads, head] (or, `heads_first`, [batch, heads, seq, head], transposed first) ->
+    [batch, seq, heads x head], placed after `heads`' producer: the kernel's query or key input."""
     shape = new_initializer(graph, f"{heads.name}.flat_shape", np.array([0, 0, -1], np.int64))
-    flat = ir.node("Reshape", [heads, shape], name=f"{heads.name}.flat", metadata_props={CREATED_BY: "lower-ort"})
-    graph.insert_after(heads.producer(), flat)
-    return flat.outputs[0]
+    nodes = [ir.node("Transpose", [heads], {"perm": [0, 2, 1, 3]}, name=f"{heads.name}.seq_first",
+                     metadata_props={CREATED_BY: "lower-ort"})] if heads_first else []
+    nodes.append(ir.node("Reshape", [nodes[0].outputs[0] if nodes else heads, shape], name=f"{heads.name}.flat",
+                         metadata_props={CREATED_BY: "lower-ort"}))
+    graph.insert_after(heads.producer(), nodes)
+    return nodes[-1].outputs[0]
 
 
 def _rotary(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value, bool] | None:
