@@ -181,9 +181,9 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
         if long_inv_freq is not None:
             lm.model.rotary.long_inv_freq.copy_(long_inv_freq)
     layout = smollm2.layout_of(ours, tokenizer, GENAI_TYPES.get(model_type, model_type))
-    if ours.learned_positions:  # its table has no row past its positions: windows of calibration stay within them
-        return LlamaWithCache(name, lm, tokenizer, layout, seq_len=min(LlamaWithCache.seq_len, ours.max_positions))
-    return LlamaWithCache(name, lm, tokenizer, layout)
+    # a table of positions has no row past them: calibration windows stay within them
+    seq_len = min(LlamaWithCache.seq_len, ours.max_positions) if ours.learned_positions else LlamaWithCache.seq_len
+    return LlamaWithCache(name, lm, tokenizer, layout, seq_len=seq_len)
 
 
 def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:

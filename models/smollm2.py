@@ -304,14 +304,13 @@ class SelfAttention(nn.Module):
         past_len, head_dim], keys already rotated): the output and the present (key, value),
         the past with this step's keys and values appended."""
         q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
-        if self.norm_after_rotary:  # each head rotated, then normalized
-            q_norm, k_norm, norm_after = None, None, (q_norm, k_norm)
-        q = self._heads(self.q_proj(x), self.num_heads, q_norm)
-        k = self._heads(self.k_proj(x), self.num_kv_heads, k_norm)
+        before = not self.norm_after_rotary  # each head normalized, then rotated (Qwen3), or the other way (HunYuan)
+        q = self._heads(self.q_proj(x), self.num_heads, q_norm if before else None)
+        k = self._heads(self.k_proj(x), self.num_kv_heads, k_norm if before else None)
         if self.rotated:
             q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
-        if self.norm_after_rotary:
-            q, k = norm_after[0](q), norm_after[1](k)
+        if not before:
+            q, k = q_norm(q), k_norm(k)
         v = self._heads(self.v_proj(x), self.num_kv_heads)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
