@@ -82,12 +82,12 @@ def test_forced_conv_transpose_is_quantized_and_runs_float(tmp_path):
     assert ops.count("ConvTranspose") == 1  # ONNX Runtime does not fuse it: float behind a dequantize
 
 
-@pytest.mark.parametrize(("weight", "placed_float"), [((8, 15, 3, 3, 3), True), ((8, 15, 1, 1, 1), False),
-                                                      ((8, 16, 3, 3, 3), False), ((8, 4, 3, 3), False)])
+@pytest.mark.parametrize(("weight", "placed_float"), [((8, 2, 3, 3, 3), True), ((8, 1, 3, 3, 3), True), ((8, 3, 3, 3, 3), False),
+                                                      ((8, 1, 7, 7, 7), False), ((8, 15, 1, 1, 1), False), ((8, 1, 3, 3), False)])
 def test_narrow_conv3d_with_taps_stays_float(weight, placed_float):
-    """A 3D Conv with more than one tap and fewer than 16 input channels per group stays float;
-    1^3 kernels, wider inputs and 2D Convs are integer kernels."""
-    from qcompiler.analysis.placement import MIN_CONV3D_CHANNELS, integer_layers
+    """A 3D Conv with more than one tap whose outputs each sum fewer than 64 products (input channels
+    per group x taps) stays float; more products, 1^3 kernels and 2D Convs are integer kernels."""
+    from qcompiler.analysis.placement import MIN_CONV3D_PRODUCTS, integer_layers
 
     rng = np.random.default_rng(8)
     w = ir.Value(name="w", const_value=ir.tensor(rng.normal(0, 1, weight).astype(np.float32)))
@@ -99,7 +99,40 @@ def test_narrow_conv3d_with_taps_stays_float(weight, placed_float):
     reason = integer_layers(graph, [conv], static=True).get(id(conv))
     assert (reason is not None) == placed_float
     if placed_float:
-        assert f"{weight[1]} input channels per group (below {MIN_CONV3D_CHANNELS})" in reason
+        assert f"summing {int(np.prod(weight[1:]))} products an output (input channels per group x taps, below {MIN_CONV3D_PRODUCTS})" in reason
+
+
+@pytest.mark.parametrize(("weight", "attrs"), [
+    ((6, 4, 3, 3, 3), {"pads": [1] * 6}),
+    ((6, 4, 7, 3, 3), {"pads": [3, 1, 1, 3, 1, 1], "strides": [2, 2, 2]}),
+    ((6, 2, 3, 1, 3), {"pads": [2, 0, 1, 1, 0, 1], "dilations": [2, 1, 1], "group": 2}),
+    ((6, 4, 1, 3, 3), {"pads": [0, 1, 1, 0, 1, 1]}),
+    ((6, 4, 1, 1, 1), {"strides": [2, 1, 1]}),
+])
+def test_integer_conv3d_as_2d_over_depth_slices_computes_what_its_3d_kernel_does(tmp_path, monkeypatch, weight, attrs):
+    """`lower-ort` writes an integer Conv3d as a 2D Conv over the output's depth slices (depth taps,
+    strides, padding, dilation, groups, a batch of 2): ONNX Runtime runs it as a 2D QLinearConv and
+    its output equals, bit for bit, that of the 3D QLinearConv the same QDQ group makes unrewritten."""
+    from qcompiler.passes import lower_ort
+
+    rng = np.random.default_rng(11)
+    arrays = {"w": rng.normal(0, 0.2, weight), "b": rng.normal(0, 0.1, weight[0])}
+    node = oh.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", group=attrs.get("group", 1),
+                        **{k: v for k, v in attrs.items() if k != "group"})
+    nodes = [node, oh.make_node("Relu", ["c"], ["r"], name="relu"), oh.make_node("Sigmoid", ["r"], ["y"], name="sigmoid")]
+    path = _save(tmp_path, nodes, ["n", 4, 7, 6, 5], None, arrays, "conv3d")
+    batches = [{"x": rng.normal(0.3, 1, (2, 4, 7, 6, 5)).astype(np.float32)} for _ in range(3)]
+    pipeline = "calibrate,quantize{force=*},lower-ort"
+    unfolded = qcompiler.compile(str(path), tmp_path / "2d", pipeline=pipeline, calibration=batches, drift=False)
+    routes = next(r.stats for r in unfolded.records if r.name == "lower-ort")["routes"]
+    assert routes["QLinearConv 2D over depth slices (integer Conv3d)"] == 1
+    monkeypatch.setattr(lower_ort, "unfold_integer_conv3d", lambda graph: 0)
+    qcompiler.compile(str(path), tmp_path / "3d", pipeline=pipeline, calibration=batches, drift=False)
+    assert _optimized_ops(tmp_path / "2d" / "model.onnx", tmp_path).count("QLinearConv") == 1
+    feeds = {"x": rng.normal(0.3, 1, (2, 4, 7, 6, 5)).astype(np.float32)}
+    as_2d, as_3d = (ort.InferenceSession(str(tmp_path / d / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+                    for d in ("2d", "3d"))
+    assert as_2d.shape == as_3d.shape and np.array_equal(as_2d, as_3d)
 
 
 @pytest.mark.parametrize("groups", [1, 2])

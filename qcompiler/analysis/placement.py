@@ -15,12 +15,15 @@ on the graphs it optimizes) makes one of a QDQ group when:
 - `DQ(x) -> ConvTranspose <- DQ(W)` (1D to 3D, any group count, int8 or uint8 activations): never;
   ONNX Runtime 1.32's CPU provider has no integer ConvTranspose and runs it in float behind the
   dequantize (`tests/test_quantize_conv.py` holds it to that).
-- a Conv in 3D fuses like a 2D one, but its integer kernel gathers the input tap by tap (im2col
-  over three spatial axes), which pays only with enough input channels per tap.
-  `benchmarks/conv3d_integer.py` (one 3^3 Conv3d to 16 channels at 64^3, 2 threads, int8 against
-  float32): 10.7x with 1 input channel, 3.0x with 4, 1.7x with 8, 1.1x with 16, 0.7x with 32;
-  1^3 Convs (nothing to gather) 1.0x to 1.2x at any width. So a 3D Conv with more than one tap
-  and fewer than `MIN_CONV3D_CHANNELS` input channels per group stays float.
+- a Conv in 3D fuses like a 2D one, but ONNX Runtime's integer 3D kernel gathers the input tap by
+  tap and runs about as fast as the float Conv at 16 input channels, slower below. `lower-ort`
+  therefore writes every integer 3D Conv with more than one tap as a 2D Conv over the output's
+  depth slices (`passes/lower_ort/conv3d.py`), which runs on the integer 2D kernel. Measured so
+  (`benchmarks/conv3d_integer.py`, 2 threads, int8 / float32 time, 3^3 kernels unless said):
+  0.16 to 0.46 from 16 input channels up, 0.56 for 8 -> 16 channels, 0.73 for 4 -> 16 and 8 -> 8,
+  0.65 for a 1 -> 16 7^3 stride-2 stem at 128^3, but 0.96 for 2 -> 16 (54 products an output)
+  and 2.31 for 1 -> 16 (27). So a 3D Conv with more than one tap stays float when each output
+  sums fewer than `MIN_CONV3D_PRODUCTS` products (input channels per group x taps).
 
 `quantize` therefore quantizes the output of every Conv it quantizes (`quantized_conv_outputs`:
 readers that are no layer read it dequantized, as ONNX Runtime's own `quantize_static` places it),
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-MIN_CONV3D_CHANNELS = 16
+MIN_CONV3D_PRODUCTS = 64
 NO_INTEGER_CONV_TRANSPOSE = ("ONNX Runtime's CPU provider has no integer ConvTranspose: a quantized one runs in float "
                              "behind a dequantize")
 
@@ -81,24 +84,25 @@ def integer_layers(graph: ir.Graph, layers: list[ir.Node], static: bool) -> dict
             continue
         if not static:
             floats[id(node)] = "a Conv with a run-time (dynamic) activation scale has no integer kernel in ONNX Runtime"
-        elif (channels := narrow_conv3d_channels(node)) is not None:
-            floats[id(node)] = (f"a 3D Conv with {channels} input channel{'s' * (channels != 1)} per group (below {MIN_CONV3D_CHANNELS}): ONNX Runtime's "
-                                "integer kernel gathers its input tap by tap and runs slower than the float Conv")
+        elif (products := narrow_conv3d_products(node)) is not None:
+            floats[id(node)] = (f"a 3D Conv summing {products} products an output (input channels per group x taps, below "
+                                f"{MIN_CONV3D_PRODUCTS}): ONNX Runtime's integer kernel runs it slower than the float Conv")
         elif conv_output(graph, node) in graph.outputs:
             floats[id(node)] = ("its output is a graph output, which stays float, and ONNX Runtime's integer Conv "
                                 "(QLinearConv) needs a quantized output: it would run in float behind a dequantize")
     return floats
 
 
-def narrow_conv3d_channels(conv: ir.Node) -> int | None:
-    """The input channels per group of a 3D Conv with more than one tap and fewer than
-    `MIN_CONV3D_CHANNELS` of them (where the integer kernel is slower than float); None otherwise."""
+def narrow_conv3d_products(conv: ir.Node) -> int | None:
+    """The products each output of a 3D Conv sums (input channels per group x taps) where it has
+    more than one tap and fewer than `MIN_CONV3D_PRODUCTS` of them (where the integer kernel is
+    slower than float); None otherwise."""
     w = conv.inputs[1] if len(conv.inputs) > 1 else None
     shape = None if w is None else (w.const_value.shape if w.const_value is not None else w.shape)
     if shape is None or len(shape) != 5 or not all(isinstance(d, int) for d in shape):
         return None
     taps = shape[2] * shape[3] * shape[4]
-    return shape[1] if taps > 1 and shape[1] < MIN_CONV3D_CHANNELS else None
+    return shape[1] * taps if taps > 1 and shape[1] * taps < MIN_CONV3D_PRODUCTS else None
 
 
 def quantized_conv_outputs(graph: ir.Graph, layers: list[ir.Node]) -> dict[str, ir.Value]:
