@@ -1,12 +1,13 @@
 """Hugging Face Llama, Mistral, Ministral, Phi-3, Qwen2, Qwen3, Seed-OSS, Gemma (1, 2, 3), Granite,
 SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2, Phi-2, GPT-NeoX, GPT-J,
-GPT-2, GPT-BigCode, OPT, Cohere, Cohere 2, Arcee, Nemotron, Apertus, GLM, GLM-4, Falcon, OLMo, HunYuan,
+GPT-2, GPT-BigCode, OPT, BLOOM, Cohere, Cohere 2, Arcee, Nemotron, Apertus, GLM, GLM-4, Falcon, OLMo, HunYuan,
 Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE causal LMs as models with a KV cache: a `package.module:function` source that returns `(model, tokenizer)`
 is rebuilt as our Llama decoder (`models/smollm2.py`, with what each architecture adds to Llama, see
 ARCHITECTURES) with the model's weights and captured with the cache layout of `models/causal_lm.py`."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -67,7 +68,9 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # GPT-2, GPT-BigCode (StarCoder 1, SantaCoder) and OPT rotate nothing: they add a learned table of
 # positions to the token embeddings, and have LayerNorms, biases and an MLP without a gate (GPT-2 its
 # weights stored transposed and Q, K and V in one; GPT-BigCode one K/V head where `multi_query`; OPT
-# ReLU). Cohere has Phi-2's side-by-side block with LayerNorms without a bias, a gated MLP, neighbouring
+# ReLU). BLOOM rotates nothing either: each head adds ALiBi's slope times the key's position to its scores;
+# it normalizes its token embeddings, and has GPT-NeoX's Q, K and V layout, LayerNorms, biases and an MLP without
+# a gate (tanh GELU). Cohere has Phi-2's side-by-side block with LayerNorms without a bias, a gated MLP, neighbouring
 # values rotated and scaled logits, Cohere 2 also sliding layers and unrotated global ones; Arcee and
 # Nemotron an MLP without a gate and ReLU squared, Nemotron LayerNorms that scale by 1 + their weight and
 # a partial rotation; Apertus an MLP without a gate and the xIELU activation, its slopes learned per
@@ -83,7 +86,7 @@ def is_hf_causal_lm(obj: Any) -> bool:
 ARCHITECTURES = ("llama", "mistral", "ministral", "phi3", "qwen2", "qwen3", "seed_oss", "gemma", "gemma2", "gemma3_text",
                  "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ernie4_5", "helium", "stablelm", "starcoder2", "phi",
                  "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "cohere2", "arcee", "nemotron", "glm", "glm4",
-                 "falcon", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus", "hunyuan_v1_dense")
+                 "falcon", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus", "hunyuan_v1_dense", "bloom")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 POST_NORMS = ("olmo2", "olmo3", "exaone4")  # norms after the attention and the MLP only
 # `genai_config.json`'s type where ONNX Runtime GenAI (0.18) knows the architecture by another name
@@ -92,14 +95,15 @@ GENAI_TYPES = {"ministral": "mistral", "seed_oss": "llama", "olmo2": "olmo", "ol
                "stablelm": "llama", "starcoder2": "llama", "phi": "llama", "gpt_neox": "llama", "gptj": "llama", "gpt2": "llama",
                "gpt_bigcode": "llama", "opt": "llama", "cohere": "llama", "cohere2": "llama", "arcee": "llama", "nemotron": "llama",
                "glm": "llama", "glm4": "llama", "falcon": "llama", "mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3",
-               "olmoe": "olmo", "apertus": "llama", "hunyuan_v1_dense": "llama"}
+               "olmoe": "olmo", "apertus": "llama", "hunyuan_v1_dense": "llama", "bloom": "llama"}
 # LayerNorms, not RMSNorms (with a bias but for Cohere's, with neither weight nor bias for OLMo's)
 LAYER_NORMS = ("stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "cohere2", "nemotron",
-               "falcon", "olmo")
+               "falcon", "olmo", "bloom")
 PLAIN_MLPS = ("starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "arcee", "nemotron", "falcon",
-              "apertus")  # MLPs without a gate
+              "apertus", "bloom")  # MLPs without a gate
 PARALLEL = ("phi", "gptj", "cohere", "cohere2")  # attention and MLP side by side on one norm
 LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt")  # a learned table of positions added to the embeddings, no rotation
+ALIBI_POSITIONS = 2048  # the positions a model without a position limit in its config is given (BLOOM's training length)
 OPT_POSITION_OFFSET = 2  # OPT looks position p up in row p + 2 of its table
 TRANSPOSED_LINEARS = ("gpt2",)  # linear weights stored [in, out] (GPT-2's Conv1D), not [out, in]
 _GPT2_NAMES = (("transformer.wte.", "model.embed_tokens."), ("transformer.wpe.", "model.embed_positions."),
@@ -131,6 +135,10 @@ OUR_NAMES = {
     "glm4": ((".post_attention_layernorm.", ".pre_feedforward_layernorm."),
              (".post_self_attn_layernorm.", ".post_attention_layernorm."), (".post_mlp_layernorm.", ".post_feedforward_layernorm.")),
     "hunyuan_v1_dense": ((".self_attn.query_layernorm.", ".self_attn.q_norm."), (".self_attn.key_layernorm.", ".self_attn.k_norm.")),
+    "bloom": (("transformer.word_embeddings_layernorm.", "model.embed_norm."), ("transformer.word_embeddings.", "model.embed_tokens."),
+              ("transformer.ln_f.", "model.norm."), ("transformer.h.", "model.layers."), (".self_attention.dense.", ".self_attn.o_proj."),
+              (".self_attention.query_key_value.", ".self_attn.qkv_interleaved."), (".mlp.dense_h_to_4h.", ".mlp.c_fc."),
+              (".mlp.dense_4h_to_h.", ".mlp.c_proj.")),
     "falcon": (("transformer.word_embeddings.", "model.embed_tokens."), ("transformer.ln_f.", "model.norm."),
                ("transformer.h.", "model.layers."), (".self_attention.dense.", ".self_attn.o_proj."),
                (".self_attention.query_key_value.", ".self_attn.qkv_proj."), (".mlp.dense_h_to_4h.", ".mlp.c_fc."),
@@ -199,8 +207,9 @@ def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
                         "(scale_attn_weights true, scale_attn_by_inverse_layer_idx false)")
     if getattr(cfg, "clip_qkv", None):
         raise UserError(f"'{name}': the KV-cache capture takes Q, K and V unclipped (clip_qkv none)")
-    if getattr(cfg, "alibi", False):
-        raise UserError(f"'{name}': the KV-cache capture takes rotary or learned positions, not ALiBi (alibi false)")
+    if cfg.model_type == "bloom" and cfg.apply_residual_connection_post_layernorm:
+        raise UserError(f"'{name}': the KV-cache capture takes BLOOM models whose residuals are the blocks' inputs "
+                        "(apply_residual_connection_post_layernorm false)")
     if cfg.model_type == "opt" and (not cfg.do_layer_norm_before or cfg.word_embed_proj_dim != cfg.hidden_size
                                     or cfg._remove_final_layer_norm):
         raise UserError(f"'{name}': the KV-cache capture takes OPT models with norms before attention and MLP, a final "
@@ -216,6 +225,8 @@ def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
 
 
 def _activation(cfg: Any) -> str:
+    if cfg.model_type == "bloom":  # BLOOM's own GELU, the tanh approximation
+        return "gelu_pytorch_tanh"
     return (getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
             or getattr(cfg, "activation_function", None) or (cfg.activation if cfg.model_type == "falcon" else "silu"))
 
@@ -337,7 +348,7 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
     from which a `longrope` one rotates by its long factors."""
     heads = cfg.num_attention_heads
     head_dim = _head_dim(cfg)
-    positions = int(cfg.max_position_embeddings)
+    positions = int(getattr(cfg, "max_position_embeddings", None) or ALIBI_POSITIONS)
     window, sliding_layers = _sliding(cfg, positions)
     rotary_size = _rotary_size(cfg)
     theta = _rope(cfg).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
@@ -362,27 +373,29 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
 
 
 def _kv_heads(cfg: Any) -> int:
-    """K/V heads: GPT-NeoX's, GPT-2's, GPT-J's and OPT's one per query head, GPT-BigCode's and Falcon's one
+    """K/V heads: GPT-NeoX's, GPT-2's, GPT-J's, OPT's and BLOOM's one per query head, GPT-BigCode's and Falcon's one
     where `multi_query` (Falcon's new architecture `num_kv_heads`), the others' `num_key_value_heads` (one
     per query head where unset)."""
     if cfg.model_type == "gpt_bigcode" or (cfg.model_type == "falcon" and not cfg.new_decoder_architecture):
         return 1 if cfg.multi_query else cfg.num_attention_heads
     if cfg.model_type == "falcon":  # its new architecture: `num_kv_heads` groups
         return cfg.num_kv_heads
-    if cfg.model_type in ("gpt_neox", "gpt2", "gptj", "opt"):
+    if cfg.model_type in ("gpt_neox", "gpt2", "gptj", "opt", "bloom"):
         return cfg.num_attention_heads
     return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 
 
 def _intermediate_size(cfg: Any) -> int:
     """The MLP's width: OPT's `ffn_dim`, Falcon's `ffn_hidden_size`, GPT-2's, GPT-J's and GPT-BigCode's
-    `n_inner` (4 x hidden where unset)."""
+    `n_inner` (4 x hidden where unset), BLOOM's 4 x hidden."""
     if cfg.model_type == "opt":
         return int(cfg.ffn_dim)
     if cfg.model_type == "falcon":
         return int(cfg.ffn_hidden_size or 4 * cfg.hidden_size)
     if cfg.model_type in ("gpt2", "gptj", "gpt_bigcode"):
         return int(cfg.n_inner or 4 * cfg.hidden_size)
+    if cfg.model_type == "bloom":
+        return 4 * int(cfg.hidden_size)
     return int(cfg.intermediate_size)
 
 
@@ -416,6 +429,11 @@ def _family_fields(cfg: Any) -> dict[str, Any]:
         fields.update(parallel=bool(cfg.parallel_attn or cfg.new_decoder_architecture), parallel_mlp_norm=two_norms)
     if cfg.model_type in LEARNED_POSITIONS:
         fields.update(learned_positions=True, unrotated_layers=tuple(range(cfg.num_hidden_layers)))
+    if cfg.model_type == "bloom" or getattr(cfg, "alibi", False):
+        fields.update(alibi_slopes=_alibi_slopes(cfg), unrotated_layers=tuple(range(cfg.num_hidden_layers)),
+                      embed_norm=cfg.model_type == "bloom")
+    if cfg.model_type == "falcon" and cfg.alibi:  # its slopes rounded to bfloat16, their products too, then scaled
+        fields["alibi_bfloat16_scale"] = 1.0 / math.sqrt(_head_dim(cfg))
     if cfg.model_type in ("cohere", "cohere2"):
         fields["logit_scale"] = float(cfg.logit_scale)
     if cfg.model_type == "cohere2":  # rotated where it slides, not in its global layers
@@ -444,6 +462,18 @@ def _family_fields(cfg: Any) -> dict[str, Any]:
     if cfg.model_type == "smollm3":
         fields["unrotated_layers"] = tuple(i for i, rotated in enumerate(cfg.no_rope_layers) if not rotated)
     return fields
+
+
+def _alibi_slopes(cfg: Any) -> tuple[float, ...]:
+    """Each head's ALiBi slope as transformers computes it (its `build_alibi_tensor`: the bias at position 1;
+    Falcon's rounded to bfloat16)."""
+    if cfg.model_type == "falcon":
+        from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+    else:
+        from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    bias = build_alibi_tensor(torch.ones(1, 2, dtype=torch.long), cfg.num_attention_heads, torch.float32)
+    return tuple(float(v) for v in bias[:, 0, 1])
 
 
 def _experts(cfg: Any) -> dict[str, Any]:

@@ -137,6 +137,12 @@ class LlamaConfig:
     # beside the experts, one gated MLP of this width every token runs, its output times the sigmoid of a
     # linear of the input (Qwen2-MoE's shared expert); 0: none
     shared_expert_size: int = 0
+    # ALiBi (BLOOM): each head's scaled score of the key at position k plus its slope x k (after any soft cap,
+    # before the mask); such models rotate nothing (every layer in `unrotated_layers`); (): none
+    alibi_slopes: tuple[float, ...] = ()
+    # Falcon's ALiBi: each slope x position rounded to bfloat16, then times this factor (1 / sqrt(head size)); 0: as BLOOM's
+    alibi_bfloat16_scale: float = 0.0
+    embed_norm: bool = False  # the token embeddings normalized by a norm of the blocks' kind (BLOOM's LayerNorm)
 
     @property
     def head_dim(self) -> int:
@@ -277,6 +283,10 @@ class SelfAttention(nn.Module):
             self.k_norm = RMSNorm(cfg.num_kv_heads * cfg.head_dim, cfg.eps)
         elif cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.eps), RMSNorm(cfg.head_dim, cfg.eps)
+        if cfg.alibi_slopes:  # [heads, 1, 1], times the keys' positions
+            self.register_buffer("alibi_slopes", torch.tensor(cfg.alibi_slopes, dtype=torch.float32).reshape(-1, 1, 1),
+                                 persistent=False)
+            self.alibi_bfloat16_scale = cfg.alibi_bfloat16_scale
 
     def _heads(self, x: torch.Tensor, heads: int, norm: nn.Module | None = None) -> torch.Tensor:
         """[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim], normalized by `norm` where
@@ -295,6 +305,14 @@ class SelfAttention(nn.Module):
         batch, kv_heads, seq, dim = x.shape
         repeated = x[:, :, None].expand(batch, kv_heads, groups, seq, dim)
         return repeated.reshape(batch, kv_heads * groups, seq, dim)
+
+    def _alibi(self, keys: int | torch.SymInt, dtype: torch.dtype) -> torch.Tensor:
+        """[heads, 1, keys]: each head's slope times the keys' positions 0..keys-1 (the past's included); Falcon's
+        rounded to bfloat16 and scaled, as transformers computes them."""
+        bias = self.alibi_slopes * torch.arange(keys, dtype=torch.float32, device=self.alibi_slopes.device)
+        if self.alibi_bfloat16_scale:
+            bias = bias.to(torch.bfloat16).to(torch.float32) * self.alibi_bfloat16_scale
+        return bias.to(dtype)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
@@ -316,7 +334,10 @@ class SelfAttention(nn.Module):
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
             present = (k, v)
         k, v = self._repeat_kv(k), self._repeat_kv(v)
-        scores = soft_cap(torch.matmul(q, k.transpose(-1, -2)) * self.scale, self.softcap) + mask
+        scores = soft_cap(torch.matmul(q, k.transpose(-1, -2)) * self.scale, self.softcap)
+        if hasattr(self, "alibi_slopes"):
+            scores = scores + self._alibi(k.shape[2], scores.dtype)
+        scores = scores + mask
         context = torch.matmul(torch.softmax(scores, dim=-1), v)
         out = self.o_proj(context.transpose(1, 2).flatten(2))
         return out if past is None else (out, present)
@@ -497,6 +518,8 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         if cfg.learned_positions:
             self.embed_positions = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        if cfg.embed_norm:
+            self.embed_norm = block_norm(cfg)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = block_norm(cfg)
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rotary_attention_factor, cfg.long_rope_from,
@@ -525,10 +548,12 @@ class Decoder(nn.Module):
         return soft_cap(logits, self.cfg.logit_softcap)
 
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
-        """The token embeddings (scaled where the model does), plus the positions' where it learned a table of them."""
+        """The token embeddings (scaled where the model does), plus the positions' where it learned a table of them,
+        normalized where the model does (BLOOM)."""
         x = self.embed_tokens(input_ids)
         x = x * self.cfg.embed_scale if self.cfg.embed_scale else x
-        return x + self.embed_positions(position_ids) if self.cfg.learned_positions else x
+        x = x + self.embed_positions(position_ids) if self.cfg.learned_positions else x
+        return self.embed_norm(x) if self.cfg.embed_norm else x
 
     def layer_tables(self, tables_of: Any, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's cos and sin tables, `tables_of(rotary embedding)` in `dtype`: the local rotary

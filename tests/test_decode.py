@@ -21,7 +21,7 @@ from qcompiler.codegen.lm_artifact import read_layout  # noqa: E402
 from qcompiler.driver.compiler import compile as qcompile  # noqa: E402
 from qcompiler.errors import UserError  # noqa: E402
 from qcompiler.models.causal_lm import DECODE_STEPS  # noqa: E402
-from qcompiler.models.hf_llama import from_hf  # noqa: E402
+from qcompiler.models.hf_llama import ALIBI_POSITIONS, from_hf  # noqa: E402
 from qcompiler.tools.cli import main  # noqa: E402
 from qcompiler.tools.decode import CachedSession, cached_logits, generate  # noqa: E402
 
@@ -657,6 +657,28 @@ def tiny_falcon_sequential():
                     multi_query=False, bias=True, **SPECIAL_TOKENS)
 
 
+def tiny_bloom():
+    """A random BLOOM: ALiBi (no rotation; 16 heads, slopes 2^(-k/2)), its token embeddings LayerNorm-ed, Q, K and V interleaved per head in
+    one weight, LayerNorms and biases (random), a tanh-GELU MLP without a gate, 4 x hidden wide; its config
+    names no position limit."""
+    torch.manual_seed(0)
+    cfg = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=128, n_layer=2, n_head=16, **SPECIAL_TOKENS)
+    model = transformers.BloomForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith((".bias", "layernorm.weight", "ln_f.weight")):
+                parameter.normal_(0.5 if name.endswith("weight") else 0.0, 0.3)
+    return model, tiny_tokenizer()
+
+
+def tiny_falcon_alibi():
+    """A random Falcon-RW-like model: ALiBi (its slopes and their products with the positions rounded to
+    bfloat16, then scaled by 1 / sqrt(head size); 16 heads, whose slopes 2^(-k/2) bfloat16 does not hold
+    exactly), attention then MLP, a K/V head per query head, biases (random)."""
+    return _tiny_hf("Falcon", draw=((".bias", "layernorm.weight", "ln_f.weight"), 0.5, 0.3), alibi=True, parallel_attn=False,
+                    multi_query=False, bias=True, num_attention_heads=16, **SPECIAL_TOKENS)
+
+
 def tiny_olmo():
     """A random OLMo (1): LayerNorms that learn neither weight nor bias."""
     return _tiny_hf("Olmo", **SPECIAL_TOKENS)
@@ -846,6 +868,27 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
 LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_bigcode_mha", "opt", "opt_unscaled")
 
 
+@pytest.mark.parametrize("arch", ["bloom", "falcon_alibi"])
+def test_alibi_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch):
+    """BLOOM and Falcon-RW (ALiBi: each head's slope times the key's position added to its scores, the
+    past's keys included; Falcon's rounded to bfloat16) compile to a decoder with a KV cache whose stepped
+    logits are transformers' full sequence's over 64 positions; the attention stays as exported (ONNX
+    Runtime's fused kernel takes no such bias); BLOOM's layout has the default positions of a config
+    without a limit."""
+    out = _llama_like_artifact(llama_like, arch)
+    nodes = _nodes(out)
+    assert not any(n.op_type == "GroupQueryAttention" for n in nodes)
+    assert sum(n.op_type == "Softmax" for n in nodes) == 2
+    layout = read_layout(out)
+    assert (layout.model_type, layout.max_positions) == ("llama", ALIBI_POSITIONS if arch == "bloom" else MAX_POSITIONS)
+    hf, _ = globals()[f"tiny_{arch}"]()
+    ids = np.random.default_rng(1).integers(3, VOCAB, MAX_POSITIONS)
+    with torch.no_grad():
+        full = hf(torch.from_numpy(ids[None])).logits[0].numpy()
+    stepped = cached_logits(CachedSession(out / "model.onnx", layout, threads=1), ids, prefill=7)
+    np.testing.assert_allclose(stepped, full, atol=5e-5 * np.abs(full).max())
+
+
 def test_longrope_steps_switch_to_the_long_factors_where_transformers_does(llama_like):
     """A `longrope` decoder (Phi-4-mini-like, trained on 32 of its 64 positions) stepped through its
     cache from a prefill of 7 to position 63: each step rotates by the short factors while its
@@ -868,12 +911,13 @@ def test_longrope_steps_switch_to_the_long_factors_where_transformers_does(llama
     assert np.abs(ours[:32] - full[:32]).max() > 10 * tolerance
 
 
-@pytest.mark.parametrize("arch", ["ernie4_5", "mixtral", "gpt2"])
+@pytest.mark.parametrize("arch", ["ernie4_5", "mixtral", "gpt2", "bloom"])
 def test_int4_rounds_decoders_through_their_slices_and_routing(llama_like, calib_file, arch):
     """`int4`'s `gptq` runs the blocks of a decoder whose rotation slices each pair's values with a step
-    (ERNIE 4.5's `x[..., 1::2]`) and of a mixture of experts (Mixtral's TopK and ScatterElements), and
-    calibrates a decoder with a table of positions (GPT-2's 64, fewer than the 128 tokens of a calibration
-    window); the logits stay close to the float model's."""
+    (ERNIE 4.5's `x[..., 1::2]`), of a mixture of experts (Mixtral's TopK and ScatterElements) and of an
+    ALiBi decoder (BLOOM's slopes times a Range of key positions), and calibrates a decoder with a table of
+    positions (GPT-2's 64, fewer than the 128 tokens of a calibration window); the logits stay close to the
+    float model's."""
     out = qcompile(f"llama_like_factory:tiny_{arch}", llama_like / f"{arch}-int4", pipeline="int4", calibration=str(calib_file),
                    drift=False).output
     hf, _ = globals()[f"tiny_{arch}"]()
@@ -907,7 +951,7 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
                                   "helium", "stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt",
                                   "cohere", "arcee", "nemotron", "cohere2", "glm", "glm4", "falcon", "falcon_new",
                                   "falcon_sequential", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus",
-                                  "hunyuan"])
+                                  "hunyuan", "bloom"])
 def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
     """ONNX Runtime GenAI loads each architecture's artifact by its `genai_config.json` (`type` qwen2,
     qwen3, mistral, phi3, llama) and generates our greedy tokens."""
@@ -923,10 +967,14 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("build, message", [
-    (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=1, n_head=2)),
+    (lambda: transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=2,
+                                                                                 attention_types=[[["global", "local"], 1]])),
      "takes llama, mistral, ministral, phi3, qwen2, qwen3, seed_oss, gemma, gemma2, gemma3_text, granite, smollm3, olmo2, "
      "olmo3, exaone4, ernie4_5, helium, stablelm, starcoder2, phi, gpt_neox, gptj, gpt2, gpt_bigcode, opt, cohere, cohere2, "
-     "arcee, nemotron, glm, glm4, falcon, olmo, mixtral, qwen2_moe, qwen3_moe, olmoe, apertus, hunyuan_v1_dense causal LMs"),
+     "arcee, nemotron, glm, glm4, falcon, olmo, mixtral, qwen2_moe, qwen3_moe, olmoe, apertus, hunyuan_v1_dense, bloom causal LMs"),
+    (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=1, n_head=2,
+                                                                    apply_residual_connection_post_layernorm=True)),
+     "BLOOM models whose residuals are the blocks' inputs"),
     (lambda: transformers.StableLmForCausalLM(transformers.StableLmConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
         qk_layernorm=True)),
@@ -940,9 +988,6 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
     (lambda: transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=1,
                                                                 num_attention_heads=4, word_embed_proj_dim=32)),
      "OPT models with norms before attention and MLP, a final norm and embeddings of the hidden size"),
-    (lambda: transformers.FalconForCausalLM(transformers.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1,
-                                                                      num_attention_heads=4, alibi=True)),
-     "rotary or learned positions, not ALiBi"),
     (lambda: transformers.OlmoForCausalLM(transformers.OlmoConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                                                                   num_hidden_layers=1, num_attention_heads=4, clip_qkv=8.0)),
      "Q, K and V unclipped"),

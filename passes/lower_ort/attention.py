@@ -25,7 +25,8 @@ What is matched, from each `Softmax` back (every other form is left as it is):
     k_rep = Reshape(Expand(Unsqueeze(present_k, 2)))        (or present_k itself)
     out = Reshape(Transpose(Softmax(MatMul(rope(q), Transpose(k_rep, [0, 1, 3, 2])) * scale + mask)
                             @ v_rep, [0, 2, 1, 3]))
-    (the scaled scores s may be soft-capped, Tanh(s / c) * c: Gemma 2's, the kernel's `softcap` c)
+    (the scaled scores s may be soft-capped, Tanh(s / c) * c: Gemma 2's, the kernel's `softcap` c; a bias
+     added to them before the mask, ALiBi's, is not matched: BLOOM's and Falcon-RW's attention stays as exported)
 
 The fused node reads `q_lin`, `k_lin`, `v_lin`, the past cache and `position_ids`, and computes the
 causal mask from `attention_mask`'s length per row (`seqlens_k`, the number of ones minus one, and
