@@ -1,6 +1,6 @@
 """Hugging Face Llama, Mistral, Ministral, Phi-3, Qwen2, Qwen3, Seed-OSS, Gemma (1, 2, 3), Granite,
 SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2, Phi-2, GPT-NeoX, GPT-J,
-GPT-2, GPT-BigCode, OPT, BLOOM, Cohere, Cohere 2, Arcee, Nemotron, Apertus, GLM, GLM-4, Falcon, OLMo, HunYuan,
+GPT-2, GPT-BigCode, GPT-Neo, OPT, BLOOM, Cohere, Cohere 2, Arcee, Nemotron, Apertus, GLM, GLM-4, Falcon, OLMo, HunYuan,
 Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE causal LMs as models with a KV cache: a `package.module:function` source that returns `(model, tokenizer)`
 is rebuilt as our Llama decoder (`models/smollm2.py`, with what each architecture adds to Llama, see
 ARCHITECTURES) with the model's weights and captured with the cache layout of `models/causal_lm.py`."""
@@ -68,7 +68,7 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # GPT-2, GPT-BigCode (StarCoder 1, SantaCoder) and OPT rotate nothing: they add a learned table of
 # positions to the token embeddings, and have LayerNorms, biases and an MLP without a gate (GPT-2 its
 # weights stored transposed and Q, K and V in one; GPT-BigCode one K/V head where `multi_query`; OPT
-# ReLU). BLOOM rotates nothing either: each head adds ALiBi's slope times the key's position to its scores;
+# ReLU; GPT-Neo unscaled scores and local layers that slide over a window). BLOOM rotates nothing either: each head adds ALiBi's slope times the key's position to its scores;
 # it normalizes its token embeddings, and has GPT-NeoX's Q, K and V layout, LayerNorms, biases and an MLP without
 # a gate (tanh GELU). Cohere has Phi-2's side-by-side block with LayerNorms without a bias, a gated MLP, neighbouring
 # values rotated and scaled logits, Cohere 2 also sliding layers and unrotated global ones; Arcee and
@@ -86,7 +86,7 @@ def is_hf_causal_lm(obj: Any) -> bool:
 ARCHITECTURES = ("llama", "mistral", "ministral", "phi3", "qwen2", "qwen3", "seed_oss", "gemma", "gemma2", "gemma3_text",
                  "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ernie4_5", "helium", "stablelm", "starcoder2", "phi",
                  "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "cohere2", "arcee", "nemotron", "glm", "glm4",
-                 "falcon", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus", "hunyuan_v1_dense", "bloom")
+                 "falcon", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus", "hunyuan_v1_dense", "bloom", "gpt_neo")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 POST_NORMS = ("olmo2", "olmo3", "exaone4")  # norms after the attention and the MLP only
 # `genai_config.json`'s type where ONNX Runtime GenAI (0.18) knows the architecture by another name
@@ -95,14 +95,14 @@ GENAI_TYPES = {"ministral": "mistral", "seed_oss": "llama", "olmo2": "olmo", "ol
                "stablelm": "llama", "starcoder2": "llama", "phi": "llama", "gpt_neox": "llama", "gptj": "llama", "gpt2": "llama",
                "gpt_bigcode": "llama", "opt": "llama", "cohere": "llama", "cohere2": "llama", "arcee": "llama", "nemotron": "llama",
                "glm": "llama", "glm4": "llama", "falcon": "llama", "mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3",
-               "olmoe": "olmo", "apertus": "llama", "hunyuan_v1_dense": "llama", "bloom": "llama"}
+               "olmoe": "olmo", "apertus": "llama", "hunyuan_v1_dense": "llama", "bloom": "llama", "gpt_neo": "llama"}
 # LayerNorms, not RMSNorms (with a bias but for Cohere's, with neither weight nor bias for OLMo's)
 LAYER_NORMS = ("stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "cohere2", "nemotron",
-               "falcon", "olmo", "bloom")
+               "falcon", "olmo", "bloom", "gpt_neo")
 PLAIN_MLPS = ("starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "arcee", "nemotron", "falcon",
-              "apertus", "bloom")  # MLPs without a gate
+              "apertus", "bloom", "gpt_neo")  # MLPs without a gate
 PARALLEL = ("phi", "gptj", "cohere", "cohere2")  # attention and MLP side by side on one norm
-LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt")  # a learned table of positions added to the embeddings, no rotation
+LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt", "gpt_neo")  # a learned table of positions added to the embeddings, no rotation
 ALIBI_POSITIONS = 2048  # the positions a model without a position limit in its config is given (BLOOM's training length)
 OPT_POSITION_OFFSET = 2  # OPT looks position p up in row p + 2 of its table
 TRANSPOSED_LINEARS = ("gpt2",)  # linear weights stored [in, out] (GPT-2's Conv1D), not [out, in]
@@ -135,6 +135,10 @@ OUR_NAMES = {
     "glm4": ((".post_attention_layernorm.", ".pre_feedforward_layernorm."),
              (".post_self_attn_layernorm.", ".post_attention_layernorm."), (".post_mlp_layernorm.", ".post_feedforward_layernorm.")),
     "hunyuan_v1_dense": ((".self_attn.query_layernorm.", ".self_attn.q_norm."), (".self_attn.key_layernorm.", ".self_attn.k_norm.")),
+    "gpt_neo": (("transformer.wte.", "model.embed_tokens."), ("transformer.wpe.", "model.embed_positions."),
+                ("transformer.ln_f.", "model.norm."), ("transformer.h.", "model.layers."), (".ln_1.", ".input_layernorm."),
+                (".ln_2.", ".post_attention_layernorm."), (".attn.attention.out_proj.", ".self_attn.o_proj."),
+                (".attn.attention.", ".self_attn.")),
     "bloom": (("transformer.word_embeddings_layernorm.", "model.embed_norm."), ("transformer.word_embeddings.", "model.embed_tokens."),
               ("transformer.ln_f.", "model.norm."), ("transformer.h.", "model.layers."), (".self_attention.dense.", ".self_attn.o_proj."),
               (".self_attention.query_key_value.", ".self_attn.qkv_interleaved."), (".mlp.dense_h_to_4h.", ".mlp.c_fc."),
@@ -373,27 +377,29 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
 
 
 def _kv_heads(cfg: Any) -> int:
-    """K/V heads: GPT-NeoX's, GPT-2's, GPT-J's, OPT's and BLOOM's one per query head, GPT-BigCode's and Falcon's one
+    """K/V heads: GPT-NeoX's, GPT-2's, GPT-J's, OPT's, BLOOM's and GPT-Neo's one per query head, GPT-BigCode's and Falcon's one
     where `multi_query` (Falcon's new architecture `num_kv_heads`), the others' `num_key_value_heads` (one
     per query head where unset)."""
     if cfg.model_type == "gpt_bigcode" or (cfg.model_type == "falcon" and not cfg.new_decoder_architecture):
         return 1 if cfg.multi_query else cfg.num_attention_heads
     if cfg.model_type == "falcon":  # its new architecture: `num_kv_heads` groups
         return cfg.num_kv_heads
-    if cfg.model_type in ("gpt_neox", "gpt2", "gptj", "opt", "bloom"):
+    if cfg.model_type in ("gpt_neox", "gpt2", "gptj", "opt", "bloom", "gpt_neo"):
         return cfg.num_attention_heads
     return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 
 
 def _intermediate_size(cfg: Any) -> int:
     """The MLP's width: OPT's `ffn_dim`, Falcon's `ffn_hidden_size`, GPT-2's, GPT-J's and GPT-BigCode's
-    `n_inner` (4 x hidden where unset), BLOOM's 4 x hidden."""
+    `n_inner` and GPT-Neo's `intermediate_size` (4 x hidden where unset), BLOOM's 4 x hidden."""
     if cfg.model_type == "opt":
         return int(cfg.ffn_dim)
     if cfg.model_type == "falcon":
         return int(cfg.ffn_hidden_size or 4 * cfg.hidden_size)
     if cfg.model_type in ("gpt2", "gptj", "gpt_bigcode"):
         return int(cfg.n_inner or 4 * cfg.hidden_size)
+    if cfg.model_type == "gpt_neo":
+        return int(cfg.intermediate_size or 4 * cfg.hidden_size)
     if cfg.model_type == "bloom":
         return 4 * int(cfg.hidden_size)
     return int(cfg.intermediate_size)
@@ -429,6 +435,8 @@ def _family_fields(cfg: Any) -> dict[str, Any]:
         fields.update(parallel=bool(cfg.parallel_attn or cfg.new_decoder_architecture), parallel_mlp_norm=two_norms)
     if cfg.model_type in LEARNED_POSITIONS:
         fields.update(learned_positions=True, unrotated_layers=tuple(range(cfg.num_hidden_layers)))
+    if cfg.model_type == "gpt_neo":  # its scores are not scaled by 1 / sqrt(head size)
+        fields["attention_scale"] = 1.0
     if cfg.model_type == "bloom" or getattr(cfg, "alibi", False):
         fields.update(alibi_slopes=_alibi_slopes(cfg), unrotated_layers=tuple(range(cfg.num_hidden_layers)),
                       embed_norm=cfg.model_type == "bloom")
@@ -530,12 +538,16 @@ def _long_frequencies(cfg: Any, rope_type: str) -> tuple[torch.Tensor | None, in
 
 
 def _sliding(cfg: Any, positions: int) -> tuple[int, tuple[int, ...]]:
-    """(W, the layers whose attention slides over the last W positions): Mistral's, Phi-3's, StarCoder2's and
+    """(W, the layers whose attention slides over the last W positions): GPT-Neo's `local` layers over its
+    `window_size`, Mistral's, Phi-3's, StarCoder2's and
     Mixtral's `sliding_window` on every layer (Qwen3-MoE's where `use_sliding_window`), the others' on the layers their layer types name (Qwen2's and
     Qwen3's from `max_window_layers` on where the config lists no layer types), none where
     `use_sliding_window` is false; (0, ()) where no window is shorter than the positions the cache holds."""
     window = getattr(cfg, "sliding_window", None)
     layer_types = getattr(cfg, "layer_types", None)
+    if cfg.model_type == "gpt_neo":  # its `local` layers see the last `window_size` positions
+        window, layer_types = cfg.window_size, ["sliding_attention" if kind == "local" else "full_attention"
+                                                for kind in cfg.attention_layers]
     if getattr(cfg, "use_sliding_window", None) is False:
         layers: tuple[int, ...] = ()  # Qwen2, Qwen3 and SmolLM3 slide only where enabled, whatever their layer types say
     elif layer_types:

@@ -679,6 +679,14 @@ def tiny_falcon_alibi():
                     multi_query=False, bias=True, num_attention_heads=16, **SPECIAL_TOKENS)
 
 
+def tiny_gpt_neo():
+    """A random GPT-Neo: learned positions, scores not scaled, a global layer and a local one that sees its last
+    24 of 64 positions, LayerNorms and biases (random), a tanh-GELU MLP without a gate."""
+    return _tiny_hf("GPTNeo", draw=((".bias", "ln_1.weight", "ln_2.weight", "ln_f.weight"), 0.5, 0.3),
+                    config="GPTNeoConfig", model="GPTNeoForCausalLM", num_layers=2, num_heads=4, window_size=24,
+                    attention_types=[[["global", "local"], 1]], **SPECIAL_TOKENS)
+
+
 def tiny_olmo():
     """A random OLMo (1): LayerNorms that learn neither weight nor bias."""
     return _tiny_hf("Olmo", **SPECIAL_TOKENS)
@@ -781,7 +789,7 @@ def slow(*row):
     ("gpt2", [0, 0], "Add", 4), slow("gpt_bigcode", [0, 0], "Add", 4), ("opt", [0, 0], "Add", 4),
     ("nemotron", [0, 0], "MatMul", 4), ("cohere2", [24, 0], "MatMul", 5), ("glm4", [0, 0], "Add", 5),
     ("falcon", [0, 0], "MatMul", 4), ("falcon_new", [0, 0], "Add", 4), ("olmo", [0, 0], "MatMul", 5),
-    ("apertus", [0, 0], "Reshape", 6), ("hunyuan", [0, 0], "Reshape", 7),
+    ("apertus", [0, 0], "Reshape", 6), ("hunyuan", [0, 0], "Reshape", 7), ("gpt_neo", [0, 24], "MatMul", 4),
     ("mixtral", [24, 24], "MatMul", 15), ("qwen2_moe", [0, 0], "Add", 19),  # MoE: a router and 4 experts a layer
     slow("gptj", [0, 0], "MatMul", 4), slow("gpt_bigcode_mha", [0, 0], "Add", 4), slow("opt_unscaled", [0, 0], "Add", 4),
     slow("cohere", [0, 0], "MatMul", 5), slow("arcee", [0, 0], "MatMul", 4), slow("glm", [0, 0], "Add", 5),
@@ -821,7 +829,7 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
               "gpt2": "GPT2", "gpt_bigcode": "GPTBigCode", "gpt_bigcode_mha": "GPTBigCode", "opt": "OPT", "opt_unscaled": "OPT", "cohere": "Cohere",
               "arcee": "Arcee", "nemotron": "Nemotron", "cohere2": "Cohere2", "glm": "Glm", "glm4": "Glm4", "falcon": "Falcon",
               "falcon_new": "Falcon", "falcon_sequential": "Falcon", "mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmo": "Olmo", "apertus": "Apertus",
-              "qwen2_moe": "Qwen2Moe", "hunyuan": "HunYuanDenseV1",
+              "qwen2_moe": "Qwen2Moe", "hunyuan": "HunYuanDenseV1", "gpt_neo": "GPTNeo",
               "olmoe": "Olmoe"}[arch]
     if not hasattr(transformers, f"{family}Config"):
         pytest.skip(f"this transformers version has no {family}")
@@ -830,7 +838,7 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
                   "Exaone4": "llama", "Helium": "llama", "StableLm": "llama", "Starcoder2": "llama",
                   "Phi": "llama", "GPTNeoX": "llama", "GPTJ": "llama", "GPT2": "llama", "GPTBigCode": "llama", "OPT": "llama",
                   "Cohere": "llama", "Arcee": "llama", "Nemotron": "llama", "Cohere2": "llama", "Glm": "llama", "Glm4": "llama",
-                  "Falcon": "llama", "Mixtral": "mistral", "Qwen2Moe": "qwen2", "Apertus": "llama", "HunYuanDenseV1": "llama", "Qwen3Moe": "qwen3",
+                  "Falcon": "llama", "Mixtral": "mistral", "Qwen2Moe": "qwen2", "Apertus": "llama", "HunYuanDenseV1": "llama", "Qwen3Moe": "qwen3", "GPTNeo": "llama",
                   "Olmoe": "olmo"}.get(family, family.lower())
     out = _llama_like_artifact(llama_like, arch)
     nodes = _nodes(out)
@@ -865,7 +873,7 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     np.testing.assert_allclose(stepped, full, atol=5e-5 * np.abs(full).max())
 
 
-LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_bigcode_mha", "opt", "opt_unscaled")
+LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_bigcode_mha", "opt", "opt_unscaled", "gpt_neo")
 
 
 @pytest.mark.parametrize("arch", ["bloom", "falcon_alibi"])
@@ -951,7 +959,7 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
                                   "helium", "stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt",
                                   "cohere", "arcee", "nemotron", "cohere2", "glm", "glm4", "falcon", "falcon_new",
                                   "falcon_sequential", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus",
-                                  "hunyuan", "bloom"])
+                                  "hunyuan", "bloom", "gpt_neo"])
 def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
     """ONNX Runtime GenAI loads each architecture's artifact by its `genai_config.json` (`type` qwen2,
     qwen3, mistral, phi3, llama) and generates our greedy tokens."""
@@ -967,11 +975,10 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("build, message", [
-    (lambda: transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=2,
-                                                                                 attention_types=[[["global", "local"], 1]])),
+    (lambda: transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1)),
      "takes llama, mistral, ministral, phi3, qwen2, qwen3, seed_oss, gemma, gemma2, gemma3_text, granite, smollm3, olmo2, "
      "olmo3, exaone4, ernie4_5, helium, stablelm, starcoder2, phi, gpt_neox, gptj, gpt2, gpt_bigcode, opt, cohere, cohere2, "
-     "arcee, nemotron, glm, glm4, falcon, olmo, mixtral, qwen2_moe, qwen3_moe, olmoe, apertus, hunyuan_v1_dense, bloom causal LMs"),
+     "arcee, nemotron, glm, glm4, falcon, olmo, mixtral, qwen2_moe, qwen3_moe, olmoe, apertus, hunyuan_v1_dense, bloom, gpt_neo causal LMs"),
     (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=1, n_head=2,
                                                                     apply_residual_connection_post_layernorm=True)),
      "BLOOM models whose residuals are the blocks' inputs"),

@@ -25,6 +25,7 @@ What is matched, from each `Softmax` back (every other form is left as it is):
     k_rep = Reshape(Expand(Unsqueeze(present_k, 2)))        (or present_k itself)
     out = Reshape(Transpose(Softmax(MatMul(rope(q), Transpose(k_rep, [0, 1, 3, 2])) * scale + mask)
                             @ v_rep, [0, 2, 1, 3]))
+    (a scale of 1 is no Mul at all: GPT-Neo's unscaled scores)
     (the scaled scores s may be soft-capped, Tanh(s / c) * c: Gemma 2's, the kernel's `softcap` c; a bias
      added to them before the mask, ALiBi's, is not matched: BLOOM's and Falcon-RW's attention stays as exported)
 
@@ -306,7 +307,11 @@ def _capped_scale_of(value: ir.Value) -> tuple[float, tuple[float, ir.Node]] | N
 
 
 def _scale_of(value: ir.Value) -> tuple[float, ir.Node] | None:
-    """(scale, the QK^T MatMul) when `value` is MatMul(q, k^T) * c or / c for a scalar constant c."""
+    """(scale, the QK^T MatMul) when `value` is MatMul(q, k^T) * c or / c for a scalar constant c, or the
+    MatMul itself (scale 1: GPT-Neo's unscaled scores, whose factor the export drops)."""
+    unscaled = producer_of(value, "MatMul")
+    if unscaled is not None:
+        return 1.0, unscaled
     for op, invert in (("Mul", False), ("Div", True)):
         node = producer_of(value, op)
         if node is None:
