@@ -1,6 +1,6 @@
 """Hugging Face Llama, Mistral, Ministral, Phi-3, Qwen2, Qwen3, Seed-OSS, Gemma (1, 2, 3), Granite,
 SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2, Phi-2, GPT-NeoX, GPT-J,
-GPT-2, GPT-BigCode, GPT-Neo, OPT, BLOOM, Cohere, Cohere 2, Arcee, Nemotron, Apertus, GLM, GLM-4, Falcon, OLMo, HunYuan,
+GPT-2, GPT-BigCode, GPT-Neo, OPT, BLOOM, MPT, Cohere, Cohere 2, Arcee, Nemotron, Apertus, GLM, GLM-4, Falcon, OLMo, HunYuan,
 Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE causal LMs as models with a KV cache: a `package.module:function` source that returns `(model, tokenizer)`
 is rebuilt as our Llama decoder (`models/smollm2.py`, with what each architecture adds to Llama, see
 ARCHITECTURES) with the model's weights and captured with the cache layout of `models/causal_lm.py`."""
@@ -70,7 +70,8 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # weights stored transposed and Q, K and V in one; GPT-BigCode one K/V head where `multi_query`; OPT
 # ReLU; GPT-Neo unscaled scores and local layers that slide over a window). BLOOM rotates nothing either: each head adds ALiBi's slope times the key's position to its scores;
 # it normalizes its token embeddings, and has GPT-NeoX's Q, K and V layout, LayerNorms, biases and an MLP without
-# a gate (tanh GELU). Cohere has Phi-2's side-by-side block with LayerNorms without a bias, a gated MLP, neighbouring
+# a gate (tanh GELU); MPT too, with Q, K and V one after the other, LayerNorms without biases, no biases at all
+# and an exact GELU. Cohere has Phi-2's side-by-side block with LayerNorms without a bias, a gated MLP, neighbouring
 # values rotated and scaled logits, Cohere 2 also sliding layers and unrotated global ones; Arcee and
 # Nemotron an MLP without a gate and ReLU squared, Nemotron LayerNorms that scale by 1 + their weight and
 # a partial rotation; Apertus an MLP without a gate and the xIELU activation, its slopes learned per
@@ -86,7 +87,7 @@ def is_hf_causal_lm(obj: Any) -> bool:
 ARCHITECTURES = ("llama", "mistral", "ministral", "phi3", "qwen2", "qwen3", "seed_oss", "gemma", "gemma2", "gemma3_text",
                  "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ernie4_5", "helium", "stablelm", "starcoder2", "phi",
                  "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "cohere2", "arcee", "nemotron", "glm", "glm4",
-                 "falcon", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus", "hunyuan_v1_dense", "bloom", "gpt_neo")
+                 "falcon", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus", "hunyuan_v1_dense", "bloom", "gpt_neo", "mpt")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 POST_NORMS = ("olmo2", "olmo3", "exaone4")  # norms after the attention and the MLP only
 # `genai_config.json`'s type where ONNX Runtime GenAI (0.18) knows the architecture by another name
@@ -95,12 +96,12 @@ GENAI_TYPES = {"ministral": "mistral", "seed_oss": "llama", "olmo2": "olmo", "ol
                "stablelm": "llama", "starcoder2": "llama", "phi": "llama", "gpt_neox": "llama", "gptj": "llama", "gpt2": "llama",
                "gpt_bigcode": "llama", "opt": "llama", "cohere": "llama", "cohere2": "llama", "arcee": "llama", "nemotron": "llama",
                "glm": "llama", "glm4": "llama", "falcon": "llama", "mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3",
-               "olmoe": "olmo", "apertus": "llama", "hunyuan_v1_dense": "llama", "bloom": "llama", "gpt_neo": "llama"}
+               "olmoe": "olmo", "apertus": "llama", "hunyuan_v1_dense": "llama", "bloom": "llama", "gpt_neo": "llama", "mpt": "llama"}
 # LayerNorms, not RMSNorms (with a bias but for Cohere's, with neither weight nor bias for OLMo's)
 LAYER_NORMS = ("stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "cohere2", "nemotron",
-               "falcon", "olmo", "bloom", "gpt_neo")
+               "falcon", "olmo", "bloom", "gpt_neo", "mpt")
 PLAIN_MLPS = ("starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "arcee", "nemotron", "falcon",
-              "apertus", "bloom", "gpt_neo")  # MLPs without a gate
+              "apertus", "bloom", "gpt_neo", "mpt")  # MLPs without a gate
 PARALLEL = ("phi", "gptj", "cohere", "cohere2")  # attention and MLP side by side on one norm
 LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt", "gpt_neo")  # a learned table of positions added to the embeddings, no rotation
 ALIBI_POSITIONS = 2048  # the positions a model without a position limit in its config is given (BLOOM's training length)
@@ -139,6 +140,9 @@ OUR_NAMES = {
                 ("transformer.ln_f.", "model.norm."), ("transformer.h.", "model.layers."), (".ln_1.", ".input_layernorm."),
                 (".ln_2.", ".post_attention_layernorm."), (".attn.attention.out_proj.", ".self_attn.o_proj."),
                 (".attn.attention.", ".self_attn.")),
+    "mpt": (("transformer.wte.", "model.embed_tokens."), ("transformer.norm_f.", "model.norm."), ("transformer.blocks.", "model.layers."),
+            (".norm_1.", ".input_layernorm."), (".norm_2.", ".post_attention_layernorm."), (".attn.Wqkv.", ".self_attn.qkv_proj."),
+            (".attn.out_proj.", ".self_attn.o_proj."), (".ffn.up_proj.", ".mlp.c_fc."), (".ffn.down_proj.", ".mlp.c_proj.")),
     "bloom": (("transformer.word_embeddings_layernorm.", "model.embed_norm."), ("transformer.word_embeddings.", "model.embed_tokens."),
               ("transformer.ln_f.", "model.norm."), ("transformer.h.", "model.layers."), (".self_attention.dense.", ".self_attn.o_proj."),
               (".self_attention.query_key_value.", ".self_attn.qkv_interleaved."), (".mlp.dense_h_to_4h.", ".mlp.c_fc."),
@@ -211,6 +215,11 @@ def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
                         "(scale_attn_weights true, scale_attn_by_inverse_layer_idx false)")
     if getattr(cfg, "clip_qkv", None):
         raise UserError(f"'{name}': the KV-cache capture takes Q, K and V unclipped (clip_qkv none)")
+    if cfg.model_type == "mpt" and (cfg.attn_config.qk_ln or cfg.attn_config.clip_qkv or not cfg.attn_config.alibi
+                                    or cfg.logit_scale is not None):
+        raise UserError(f"'{name}': the KV-cache capture takes MPT models with ALiBi and without query and key LayerNorms, "
+                        "clipped Q, K and V or scaled logits (attn_config alibi true, qk_ln false, clip_qkv none; logit_scale "
+                        "none), as transformers runs them")
     if cfg.model_type == "bloom" and cfg.apply_residual_connection_post_layernorm:
         raise UserError(f"'{name}': the KV-cache capture takes BLOOM models whose residuals are the blocks' inputs "
                         "(apply_residual_connection_post_layernorm false)")
@@ -231,6 +240,8 @@ def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
 def _activation(cfg: Any) -> str:
     if cfg.model_type == "bloom":  # BLOOM's own GELU, the tanh approximation
         return "gelu_pytorch_tanh"
+    if cfg.model_type == "mpt":
+        return "gelu"
     return (getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
             or getattr(cfg, "activation_function", None) or (cfg.activation if cfg.model_type == "falcon" else "silu"))
 
@@ -352,7 +363,7 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
     from which a `longrope` one rotates by its long factors."""
     heads = cfg.num_attention_heads
     head_dim = _head_dim(cfg)
-    positions = int(getattr(cfg, "max_position_embeddings", None) or ALIBI_POSITIONS)
+    positions = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "max_seq_len", None) or ALIBI_POSITIONS)
     window, sliding_layers = _sliding(cfg, positions)
     rotary_size = _rotary_size(cfg)
     theta = _rope(cfg).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
@@ -377,21 +388,21 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
 
 
 def _kv_heads(cfg: Any) -> int:
-    """K/V heads: GPT-NeoX's, GPT-2's, GPT-J's, OPT's, BLOOM's and GPT-Neo's one per query head, GPT-BigCode's and Falcon's one
+    """K/V heads: GPT-NeoX's, GPT-2's, GPT-J's, OPT's, BLOOM's, GPT-Neo's and MPT's one per query head, GPT-BigCode's and Falcon's one
     where `multi_query` (Falcon's new architecture `num_kv_heads`), the others' `num_key_value_heads` (one
     per query head where unset)."""
     if cfg.model_type == "gpt_bigcode" or (cfg.model_type == "falcon" and not cfg.new_decoder_architecture):
         return 1 if cfg.multi_query else cfg.num_attention_heads
     if cfg.model_type == "falcon":  # its new architecture: `num_kv_heads` groups
         return cfg.num_kv_heads
-    if cfg.model_type in ("gpt_neox", "gpt2", "gptj", "opt", "bloom", "gpt_neo"):
+    if cfg.model_type in ("gpt_neox", "gpt2", "gptj", "opt", "bloom", "gpt_neo", "mpt"):
         return cfg.num_attention_heads
     return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 
 
 def _intermediate_size(cfg: Any) -> int:
     """The MLP's width: OPT's `ffn_dim`, Falcon's `ffn_hidden_size`, GPT-2's, GPT-J's and GPT-BigCode's
-    `n_inner` and GPT-Neo's `intermediate_size` (4 x hidden where unset), BLOOM's 4 x hidden."""
+    `n_inner` and GPT-Neo's `intermediate_size` (4 x hidden where unset), BLOOM's and MPT's 4 x hidden."""
     if cfg.model_type == "opt":
         return int(cfg.ffn_dim)
     if cfg.model_type == "falcon":
@@ -400,7 +411,7 @@ def _intermediate_size(cfg: Any) -> int:
         return int(cfg.n_inner or 4 * cfg.hidden_size)
     if cfg.model_type == "gpt_neo":
         return int(cfg.intermediate_size or 4 * cfg.hidden_size)
-    if cfg.model_type == "bloom":
+    if cfg.model_type in ("bloom", "mpt"):  # transformers' MPT MLP is 4 x hidden whatever its `expansion_ratio`
         return 4 * int(cfg.hidden_size)
     return int(cfg.intermediate_size)
 
@@ -425,7 +436,8 @@ def _family_fields(cfg: Any) -> dict[str, Any]:
     all; local layers' theta for every model with rotary parameters per layer type)."""
     fields: dict[str, Any] = {"hidden_act": ACTIVATIONS[_activation(cfg)],
                               "rotary_interleaved": cfg.model_type in INTERLEAVED_ROTARY,
-                              "layer_norm": cfg.model_type in LAYER_NORMS, "layer_norm_bias": cfg.model_type not in ("cohere", "cohere2"),
+                              "layer_norm": cfg.model_type in LAYER_NORMS,
+                              "layer_norm_bias": cfg.model_type not in ("cohere", "cohere2", "mpt"),
                               "layer_norm_weight": cfg.model_type != "olmo" and getattr(cfg, "layer_norm_elementwise_affine", True),
                               "plain_mlp": cfg.model_type in PLAIN_MLPS,
                               "parallel": cfg.model_type in PARALLEL or bool(getattr(cfg, "use_parallel_residual", False)),
@@ -437,7 +449,9 @@ def _family_fields(cfg: Any) -> dict[str, Any]:
         fields.update(learned_positions=True, unrotated_layers=tuple(range(cfg.num_hidden_layers)))
     if cfg.model_type == "gpt_neo":  # its scores are not scaled by 1 / sqrt(head size)
         fields["attention_scale"] = 1.0
-    if cfg.model_type == "bloom" or getattr(cfg, "alibi", False):
+    if cfg.model_type == "mpt" and cfg.attn_config.softmax_scale:
+        fields["attention_scale"] = float(cfg.attn_config.softmax_scale)
+    if cfg.model_type in ("bloom", "mpt") or getattr(cfg, "alibi", False):
         fields.update(alibi_slopes=_alibi_slopes(cfg), unrotated_layers=tuple(range(cfg.num_hidden_layers)),
                       embed_norm=cfg.model_type == "bloom")
     if cfg.model_type == "falcon" and cfg.alibi:  # its slopes rounded to bfloat16, their products too, then scaled
@@ -474,7 +488,13 @@ def _family_fields(cfg: Any) -> dict[str, Any]:
 
 def _alibi_slopes(cfg: Any) -> tuple[float, ...]:
     """Each head's ALiBi slope as transformers computes it (its `build_alibi_tensor`: the bias at position 1;
-    Falcon's rounded to bfloat16)."""
+    Falcon's rounded to bfloat16; MPT's from its `alibi_bias_max`, whose bias is the slope times the key's
+    distance before the last key: the same scores but for a constant a row, which the softmax ignores)."""
+    if cfg.model_type == "mpt":
+        from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+        bias = build_mpt_alibi_tensor(cfg.num_attention_heads, 2, cfg.attn_config.alibi_bias_max)  # [heads, 1, 2]: -slope, 0
+        return tuple(-float(v) for v in bias[:, 0, 0])
     if cfg.model_type == "falcon":
         from transformers.models.falcon.modeling_falcon import build_alibi_tensor
     else:

@@ -687,6 +687,19 @@ def tiny_gpt_neo():
                     attention_types=[[["global", "local"], 1]], **SPECIAL_TOKENS)
 
 
+def tiny_mpt():
+    """A random MPT: ALiBi (16 heads, `alibi_bias_max` 8), Q, K and V one after the other in one weight,
+    LayerNorms without biases (random scales), no biases, an exact-GELU MLP 4 x hidden wide."""
+    torch.manual_seed(0)
+    cfg = transformers.MptConfig(vocab_size=VOCAB, d_model=128, n_heads=16, n_layers=2, max_seq_len=MAX_POSITIONS, **SPECIAL_TOKENS)
+    model = transformers.MptForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("norm_1.weight", "norm_2.weight", "norm_f.weight")):
+                parameter.normal_(0.5, 0.3)
+    return model, tiny_tokenizer()
+
+
 def tiny_olmo():
     """A random OLMo (1): LayerNorms that learn neither weight nor bias."""
     return _tiny_hf("Olmo", **SPECIAL_TOKENS)
@@ -876,10 +889,10 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
 LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_bigcode_mha", "opt", "opt_unscaled", "gpt_neo")
 
 
-@pytest.mark.parametrize("arch", ["bloom", "falcon_alibi"])
+@pytest.mark.parametrize("arch", ["bloom", "falcon_alibi", "mpt"])
 def test_alibi_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch):
-    """BLOOM and Falcon-RW (ALiBi: each head's slope times the key's position added to its scores, the
-    past's keys included; Falcon's rounded to bfloat16) compile to a decoder with a KV cache whose stepped
+    """BLOOM, Falcon-RW and MPT (ALiBi: each head's slope times the key's position added to its scores, the
+    past's keys included; Falcon's rounded to bfloat16, MPT's relative to the last key) compile to a decoder with a KV cache whose stepped
     logits are transformers' full sequence's over 64 positions; the attention stays as exported (ONNX
     Runtime's fused kernel takes no such bias); BLOOM's layout has the default positions of a config
     without a limit."""
@@ -959,7 +972,7 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
                                   "helium", "stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt",
                                   "cohere", "arcee", "nemotron", "cohere2", "glm", "glm4", "falcon", "falcon_new",
                                   "falcon_sequential", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus",
-                                  "hunyuan", "bloom", "gpt_neo"])
+                                  "hunyuan", "bloom", "gpt_neo", "mpt"])
 def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
     """ONNX Runtime GenAI loads each architecture's artifact by its `genai_config.json` (`type` qwen2,
     qwen3, mistral, phi3, llama) and generates our greedy tokens."""
@@ -978,7 +991,10 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
     (lambda: transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1)),
      "takes llama, mistral, ministral, phi3, qwen2, qwen3, seed_oss, gemma, gemma2, gemma3_text, granite, smollm3, olmo2, "
      "olmo3, exaone4, ernie4_5, helium, stablelm, starcoder2, phi, gpt_neox, gptj, gpt2, gpt_bigcode, opt, cohere, cohere2, "
-     "arcee, nemotron, glm, glm4, falcon, olmo, mixtral, qwen2_moe, qwen3_moe, olmoe, apertus, hunyuan_v1_dense, bloom, gpt_neo causal LMs"),
+     "arcee, nemotron, glm, glm4, falcon, olmo, mixtral, qwen2_moe, qwen3_moe, olmoe, apertus, hunyuan_v1_dense, bloom, gpt_neo, mpt causal LMs"),
+    (lambda: transformers.MptForCausalLM(transformers.MptConfig(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=1,
+                                                                attn_config={"qk_ln": True})),
+     "MPT models with ALiBi and without query and key LayerNorms"),
     (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=1, n_head=2,
                                                                     apply_residual_connection_post_layernorm=True)),
      "BLOOM models whose residuals are the blocks' inputs"),
