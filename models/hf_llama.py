@@ -1,5 +1,5 @@
 """Hugging Face Llama, Mistral, Ministral, Phi-3, Qwen2, Qwen3, Seed-OSS, Gemma (1, 2, 3), Granite,
-SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2, Phi-2, GPT-NeoX, GPT-J,
+SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2, Phi-2, GPT-NeoX, GPT-J, CodeGen,
 GPT-2, GPT-BigCode, GPT-Neo, OPT, BLOOM, MPT, Cohere, Cohere 2, Arcee, Nemotron, Apertus, GLM, GLM-4, Falcon, OLMo, HunYuan,
 Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE causal LMs as models with a KV cache: a `package.module:function` source that returns `(model, tokenizer)`
 is rebuilt as our Llama decoder (`models/smollm2.py`, with what each architecture adds to Llama, see
@@ -64,7 +64,8 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # StarCoder2 LayerNorms, biases on every linear, an MLP without a gate and a sliding window; Phi-2
 # (`phi`) StarCoder2's LayerNorms, biases and MLP, attention and MLP side by side on one norm, a partial
 # rotation and a biased head; GPT-NeoX (Pythia) the same with two norms side by side, Q, K and V one
-# weight interleaved per head and an exact GELU; GPT-J Phi-2's block with neighbouring values rotated.
+# weight interleaved per head and an exact GELU; GPT-J Phi-2's block with neighbouring values rotated; CodeGen GPT-J's
+# with Q, K and V in one weight laid out over 4 shards (each shard's queries, values, then keys) and no biases there.
 # GPT-2, GPT-BigCode (StarCoder 1, SantaCoder) and OPT rotate nothing: they add a learned table of
 # positions to the token embeddings, and have LayerNorms, biases and an MLP without a gate (GPT-2 its
 # weights stored transposed and Q, K and V in one; GPT-BigCode one K/V head where `multi_query`; OPT
@@ -87,7 +88,7 @@ def is_hf_causal_lm(obj: Any) -> bool:
 ARCHITECTURES = ("llama", "mistral", "ministral", "phi3", "qwen2", "qwen3", "seed_oss", "gemma", "gemma2", "gemma3_text",
                  "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ernie4_5", "helium", "stablelm", "starcoder2", "phi",
                  "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "cohere2", "arcee", "nemotron", "glm", "glm4",
-                 "falcon", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus", "hunyuan_v1_dense", "bloom", "gpt_neo", "mpt")
+                 "falcon", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus", "hunyuan_v1_dense", "bloom", "gpt_neo", "mpt", "codegen")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 POST_NORMS = ("olmo2", "olmo3", "exaone4")  # norms after the attention and the MLP only
 # `genai_config.json`'s type where ONNX Runtime GenAI (0.18) knows the architecture by another name
@@ -96,16 +97,17 @@ GENAI_TYPES = {"ministral": "mistral", "seed_oss": "llama", "olmo2": "olmo", "ol
                "stablelm": "llama", "starcoder2": "llama", "phi": "llama", "gpt_neox": "llama", "gptj": "llama", "gpt2": "llama",
                "gpt_bigcode": "llama", "opt": "llama", "cohere": "llama", "cohere2": "llama", "arcee": "llama", "nemotron": "llama",
                "glm": "llama", "glm4": "llama", "falcon": "llama", "mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3",
-               "olmoe": "olmo", "apertus": "llama", "hunyuan_v1_dense": "llama", "bloom": "llama", "gpt_neo": "llama", "mpt": "llama"}
+               "olmoe": "olmo", "apertus": "llama", "hunyuan_v1_dense": "llama", "bloom": "llama", "gpt_neo": "llama", "mpt": "llama", "codegen": "llama"}
 # LayerNorms, not RMSNorms (with a bias but for Cohere's, with neither weight nor bias for OLMo's)
 LAYER_NORMS = ("stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "cohere2", "nemotron",
-               "falcon", "olmo", "bloom", "gpt_neo", "mpt")
+               "falcon", "olmo", "bloom", "gpt_neo", "mpt", "codegen")
 PLAIN_MLPS = ("starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "arcee", "nemotron", "falcon",
-              "apertus", "bloom", "gpt_neo", "mpt")  # MLPs without a gate
-PARALLEL = ("phi", "gptj", "cohere", "cohere2")  # attention and MLP side by side on one norm
+              "apertus", "bloom", "gpt_neo", "mpt", "codegen")  # MLPs without a gate
+PARALLEL = ("phi", "gptj", "cohere", "cohere2", "codegen")  # attention and MLP side by side on one norm
 LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt", "gpt_neo")  # a learned table of positions added to the embeddings, no rotation
 ALIBI_POSITIONS = 2048  # the positions a model without a position limit in its config is given (BLOOM's training length)
 OPT_POSITION_OFFSET = 2  # OPT looks position p up in row p + 2 of its table
+CODEGEN_SHARDS = 4  # the model-parallel shards CodeGen's fused Q, K and V are laid out over
 TRANSPOSED_LINEARS = ("gpt2",)  # linear weights stored [in, out] (GPT-2's Conv1D), not [out, in]
 _GPT2_NAMES = (("transformer.wte.", "model.embed_tokens."), ("transformer.wpe.", "model.embed_positions."),
                ("transformer.ln_f.", "model.norm."), ("transformer.h.", "model.layers."), (".ln_1.", ".input_layernorm."),
@@ -123,6 +125,9 @@ OUR_NAMES = {
     "gptj": (("transformer.wte.", "model.embed_tokens."), ("transformer.ln_f.", "model.norm."), ("transformer.h.", "model.layers."),
              (".ln_1.", ".input_layernorm."), (".attn.out_proj.", ".self_attn.o_proj."), (".attn.", ".self_attn."),
              (".mlp.fc_in.", ".mlp.c_fc."), (".mlp.fc_out.", ".mlp.c_proj.")),
+    "codegen": (("transformer.wte.", "model.embed_tokens."), ("transformer.ln_f.", "model.norm."), ("transformer.h.", "model.layers."),
+                (".ln_1.", ".input_layernorm."), (".attn.out_proj.", ".self_attn.o_proj."), (".attn.", ".self_attn."),
+                (".mlp.fc_in.", ".mlp.c_fc."), (".mlp.fc_out.", ".mlp.c_proj.")),
     "gpt2": _GPT2_NAMES,
     "gpt_bigcode": _GPT2_NAMES,
     # the model's last norm first: each layer's `final_layer_norm` is the norm before its MLP
@@ -152,7 +157,7 @@ OUR_NAMES = {
                (".self_attention.query_key_value.", ".self_attn.qkv_proj."), (".mlp.dense_h_to_4h.", ".mlp.c_fc."),
                (".mlp.dense_4h_to_h.", ".mlp.c_proj."), (".ln_attn.", ".input_layernorm."), (".ln_mlp.", ".post_attention_layernorm.")),
 }
-INTERLEAVED_ROTARY = ("ernie4_5", "helium", "gptj", "cohere", "cohere2", "glm", "glm4")
+INTERLEAVED_ROTARY = ("ernie4_5", "helium", "gptj", "cohere", "cohere2", "glm", "glm4", "codegen")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu", "relu": "relu",
                "relu2": "relu2", "xielu": "xielu"}
 
@@ -281,11 +286,14 @@ def _xielu_slopes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _qkv_layout(cfg: Any) -> str:
     """How the rows of one Q, K and V weight are laid out: `qkv_proj` (all queries, then the keys, then
-    the values: Phi-3, GPT-2, GPT-BigCode's and Falcon's with one K/V head), `qkv_interleaved` (each
+    the values: Phi-3, GPT-2, GPT-BigCode's and Falcon's with one K/V head), `qkv_codegen` (CodeGen's: over
+    CODEGEN_SHARDS shards, each shard's queries, values, then keys), `qkv_interleaved` (each
     head's query, key and value in turn: GPT-NeoX, GPT-BigCode's and Falcon's with a K/V head per query
     head) or `qkv_grouped` (each K/V group's queries, then its key and value: Falcon's new architecture)."""
     if cfg.model_type == "falcon" and cfg.new_decoder_architecture:
         return "qkv_grouped"
+    if cfg.model_type == "codegen":
+        return "qkv_codegen"
     if cfg.model_type in ("gpt_bigcode", "falcon") and not cfg.multi_query:
         return "qkv_interleaved"
     return "qkv_proj"
@@ -313,6 +321,11 @@ def _split_fused_projections(state: dict[str, torch.Tensor], ours: smollm2.Llama
         elif ".mlp.experts.down_proj" in key:
             prefix = key[: -len("down_proj")]
             split.update({f"{prefix}{e}.down_proj.weight": w for e, w in enumerate(value)})
+        elif ".self_attn.qkv_codegen." in key:  # [shards, (q, v, k), width / shards, hidden]
+            prefix, kind = key.split(".qkv_codegen.")
+            per_shard = value.reshape(CODEGEN_SHARDS, 3, -1, *value.shape[1:])
+            split.update({f"{prefix}.{part}_proj.{kind}": per_shard[:, i].reshape(-1, *value.shape[1:])
+                          for i, part in enumerate("qvk")})
         elif ".self_attn.qkv_grouped." in key:
             prefix, kind = key.split(".qkv_grouped.")
             group = ours.num_heads // ours.num_kv_heads
@@ -388,26 +401,26 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
 
 
 def _kv_heads(cfg: Any) -> int:
-    """K/V heads: GPT-NeoX's, GPT-2's, GPT-J's, OPT's, BLOOM's, GPT-Neo's and MPT's one per query head, GPT-BigCode's and Falcon's one
+    """K/V heads: GPT-NeoX's, GPT-2's, GPT-J's, CodeGen's, OPT's, BLOOM's, GPT-Neo's and MPT's one per query head, GPT-BigCode's and Falcon's one
     where `multi_query` (Falcon's new architecture `num_kv_heads`), the others' `num_key_value_heads` (one
     per query head where unset)."""
     if cfg.model_type == "gpt_bigcode" or (cfg.model_type == "falcon" and not cfg.new_decoder_architecture):
         return 1 if cfg.multi_query else cfg.num_attention_heads
     if cfg.model_type == "falcon":  # its new architecture: `num_kv_heads` groups
         return cfg.num_kv_heads
-    if cfg.model_type in ("gpt_neox", "gpt2", "gptj", "opt", "bloom", "gpt_neo", "mpt"):
+    if cfg.model_type in ("gpt_neox", "gpt2", "gptj", "opt", "bloom", "gpt_neo", "mpt", "codegen"):
         return cfg.num_attention_heads
     return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 
 
 def _intermediate_size(cfg: Any) -> int:
-    """The MLP's width: OPT's `ffn_dim`, Falcon's `ffn_hidden_size`, GPT-2's, GPT-J's and GPT-BigCode's
+    """The MLP's width: OPT's `ffn_dim`, Falcon's `ffn_hidden_size`, GPT-2's, GPT-J's, GPT-BigCode's and CodeGen's
     `n_inner` and GPT-Neo's `intermediate_size` (4 x hidden where unset), BLOOM's and MPT's 4 x hidden."""
     if cfg.model_type == "opt":
         return int(cfg.ffn_dim)
     if cfg.model_type == "falcon":
         return int(cfg.ffn_hidden_size or 4 * cfg.hidden_size)
-    if cfg.model_type in ("gpt2", "gptj", "gpt_bigcode"):
+    if cfg.model_type in ("gpt2", "gptj", "gpt_bigcode", "codegen"):
         return int(cfg.n_inner or 4 * cfg.hidden_size)
     if cfg.model_type == "gpt_neo":
         return int(cfg.intermediate_size or 4 * cfg.hidden_size)

@@ -700,6 +700,20 @@ def tiny_mpt():
     return model, tiny_tokenizer()
 
 
+def tiny_codegen():
+    """A random CodeGen: GPT-J's block (the leading 16 values of each head rotated as neighbouring pairs, attention
+    and MLP side by side on one LayerNorm, random), Q, K and V in one weight over 4 shards, a biased head."""
+    torch.manual_seed(0)
+    cfg = transformers.CodeGenConfig(vocab_size=VOCAB, n_embd=128, n_layer=2, n_head=4, rotary_dim=16, n_positions=MAX_POSITIONS,
+                                     n_ctx=MAX_POSITIONS, **SPECIAL_TOKENS)
+    model = transformers.CodeGenForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith((".bias", "ln_1.weight", "ln_f.weight")):
+                parameter.normal_(0.5 if name.endswith("weight") else 0.0, 0.3)
+    return model, tiny_tokenizer()
+
+
 def tiny_olmo():
     """A random OLMo (1): LayerNorms that learn neither weight nor bias."""
     return _tiny_hf("Olmo", **SPECIAL_TOKENS)
@@ -802,7 +816,7 @@ def slow(*row):
     ("gpt2", [0, 0], "Add", 4), slow("gpt_bigcode", [0, 0], "Add", 4), ("opt", [0, 0], "Add", 4),
     ("nemotron", [0, 0], "MatMul", 4), ("cohere2", [24, 0], "MatMul", 5), ("glm4", [0, 0], "Add", 5),
     ("falcon", [0, 0], "MatMul", 4), ("falcon_new", [0, 0], "Add", 4), ("olmo", [0, 0], "MatMul", 5),
-    ("apertus", [0, 0], "Reshape", 6), ("hunyuan", [0, 0], "Reshape", 7), ("gpt_neo", [0, 24], "MatMul", 4),
+    ("apertus", [0, 0], "Reshape", 6), ("hunyuan", [0, 0], "Reshape", 7), ("gpt_neo", [0, 24], "MatMul", 4), ("codegen", [0, 0], "MatMul", 4),
     ("mixtral", [24, 24], "MatMul", 15), ("qwen2_moe", [0, 0], "Add", 19),  # MoE: a router and 4 experts a layer
     slow("gptj", [0, 0], "MatMul", 4), slow("gpt_bigcode_mha", [0, 0], "Add", 4), slow("opt_unscaled", [0, 0], "Add", 4),
     slow("cohere", [0, 0], "MatMul", 5), slow("arcee", [0, 0], "MatMul", 4), slow("glm", [0, 0], "Add", 5),
@@ -827,7 +841,8 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     a sliding layer and an unrotated global one), Arcee and Nemotron (ReLU squared), GLM and GLM-4 (fused gate
     and up, pairs of half of each head rotated; GLM-4's sandwich norms), Falcon (its three Q/K/V layouts, side
     by side on one or two norms, or one after the other), HunYuan (query and key heads normalized after their rotation: the
-    kernel reads them so and rotates nothing) and Llama with MLP biases factories compile to the decoder with a
+    kernel reads them so and rotates nothing), GPT-Neo (unscaled scores, a local layer: a window), CodeGen
+    (GPT-J's block, Q, K and V over 4 shards) and Llama with MLP biases factories compile to the decoder with a
     KV cache and fused attention, the cached logits those of transformers' full sequence, ONNX Runtime GenAI's configuration naming
     the architecture: Q, K and V read packed by the attention (Qwen2's three biases one Add of their
     concatenation before it); Qwen3's normalized query and key heads flattened back into its query and
@@ -842,7 +857,7 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
               "gpt2": "GPT2", "gpt_bigcode": "GPTBigCode", "gpt_bigcode_mha": "GPTBigCode", "opt": "OPT", "opt_unscaled": "OPT", "cohere": "Cohere",
               "arcee": "Arcee", "nemotron": "Nemotron", "cohere2": "Cohere2", "glm": "Glm", "glm4": "Glm4", "falcon": "Falcon",
               "falcon_new": "Falcon", "falcon_sequential": "Falcon", "mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmo": "Olmo", "apertus": "Apertus",
-              "qwen2_moe": "Qwen2Moe", "hunyuan": "HunYuanDenseV1", "gpt_neo": "GPTNeo",
+              "qwen2_moe": "Qwen2Moe", "hunyuan": "HunYuanDenseV1", "gpt_neo": "GPTNeo", "codegen": "CodeGen",
               "olmoe": "Olmoe"}[arch]
     if not hasattr(transformers, f"{family}Config"):
         pytest.skip(f"this transformers version has no {family}")
@@ -851,7 +866,7 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
                   "Exaone4": "llama", "Helium": "llama", "StableLm": "llama", "Starcoder2": "llama",
                   "Phi": "llama", "GPTNeoX": "llama", "GPTJ": "llama", "GPT2": "llama", "GPTBigCode": "llama", "OPT": "llama",
                   "Cohere": "llama", "Arcee": "llama", "Nemotron": "llama", "Cohere2": "llama", "Glm": "llama", "Glm4": "llama",
-                  "Falcon": "llama", "Mixtral": "mistral", "Qwen2Moe": "qwen2", "Apertus": "llama", "HunYuanDenseV1": "llama", "Qwen3Moe": "qwen3", "GPTNeo": "llama",
+                  "Falcon": "llama", "Mixtral": "mistral", "Qwen2Moe": "qwen2", "Apertus": "llama", "HunYuanDenseV1": "llama", "Qwen3Moe": "qwen3", "GPTNeo": "llama", "CodeGen": "llama",
                   "Olmoe": "olmo"}.get(family, family.lower())
     out = _llama_like_artifact(llama_like, arch)
     nodes = _nodes(out)
@@ -867,7 +882,7 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
         ([1, 0] if arch in ("smollm3", "exaone4", "cohere2") else [0, 0] if arch in (*LEARNED_POSITIONS, "hunyuan") else [1, 1])
     rotated = [n for n in attention if next(a.i for a in n.attribute if a.name == "do_rotary")]
     assert {next(a.i for a in n.attribute if a.name == "rotary_interleaved") for n in rotated} == \
-        ({int(arch in ("ernie4_5", "helium", "gptj", "cohere", "cohere2", "glm", "glm4"))} if rotated else set())
+        ({int(arch in ("ernie4_5", "helium", "gptj", "cohere", "cohere2", "glm", "glm4", "codegen"))} if rotated else set())
     assert sum(n.op_type == "MatMul" for n in nodes) == 2 * matmuls + 1  # (QKV or Q, K, V), O, (gate, up or c_fc), down; the head
     routers = {"mixtral": 2, "qwen3_moe": 1, "olmoe": 2, "qwen2_moe": 2}.get(arch, 0)  # a mixture of experts' scores are a Softmax
     assert sum(n.op_type == "Softmax" for n in nodes) == routers
@@ -972,7 +987,7 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
                                   "helium", "stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt",
                                   "cohere", "arcee", "nemotron", "cohere2", "glm", "glm4", "falcon", "falcon_new",
                                   "falcon_sequential", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus",
-                                  "hunyuan", "bloom", "gpt_neo", "mpt"])
+                                  "hunyuan", "bloom", "gpt_neo", "mpt", "codegen"])
 def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
     """ONNX Runtime GenAI loads each architecture's artifact by its `genai_config.json` (`type` qwen2,
     qwen3, mistral, phi3, llama) and generates our greedy tokens."""
@@ -991,7 +1006,7 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
     (lambda: transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1)),
      "takes llama, mistral, ministral, phi3, qwen2, qwen3, seed_oss, gemma, gemma2, gemma3_text, granite, smollm3, olmo2, "
      "olmo3, exaone4, ernie4_5, helium, stablelm, starcoder2, phi, gpt_neox, gptj, gpt2, gpt_bigcode, opt, cohere, cohere2, "
-     "arcee, nemotron, glm, glm4, falcon, olmo, mixtral, qwen2_moe, qwen3_moe, olmoe, apertus, hunyuan_v1_dense, bloom, gpt_neo, mpt causal LMs"),
+     "arcee, nemotron, glm, glm4, falcon, olmo, mixtral, qwen2_moe, qwen3_moe, olmoe, apertus, hunyuan_v1_dense, bloom, gpt_neo, mpt, codegen causal LMs"),
     (lambda: transformers.MptForCausalLM(transformers.MptConfig(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=1,
                                                                 attn_config={"qk_ln": True})),
      "MPT models with ALiBi and without query and key LayerNorms"),
