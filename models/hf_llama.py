@@ -61,7 +61,8 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # Mistral with sliding layers named by layer type, Seed-OSS Llama with Q, K and V biases; ERNIE 4.5
 # and Helium rotate each pair of neighbouring values of a head, not its two halves. StableLM has
 # LayerNorms with biases, a partial rotation and, where it says so, attention and MLP side by side;
-# StarCoder2 LayerNorms, biases on every linear, an MLP without a gate and a sliding window; Phi-2
+# StarCoder2 LayerNorms, biases on every linear, an MLP without a gate and a sliding window (StableLM 2 12B, Phi-2 and
+# Cohere's Command R+ where they say so also a LayerNorm of each query and key head, QK_LAYER_NORMS); Phi-2
 # (`phi`) StarCoder2's LayerNorms, biases and MLP, attention and MLP side by side on one norm, a partial
 # rotation and a biased head; GPT-NeoX (Pythia) the same with two norms side by side, Q, K and V one
 # weight interleaved per head and an exact GELU; GPT-J Phi-2's block with neighbouring values rotated; CodeGen GPT-J's
@@ -117,7 +118,9 @@ _UP_DOWN = ((".mlp.up_proj.", ".mlp.c_fc."), (".mlp.down_proj.", ".mlp.c_proj.")
 # the parameter names of the families whose names differ from Llama's (ours)
 OUR_NAMES = {
     "phi": ((".self_attn.dense.", ".self_attn.o_proj."), (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj."),
-            ("model.final_layernorm.", "model.norm.")),
+            ("model.final_layernorm.", "model.norm."), (".self_attn.q_layernorm.", ".self_attn.q_norm."),
+            (".self_attn.k_layernorm.", ".self_attn.k_norm.")),
+    "stablelm": ((".self_attn.q_layernorm.", ".self_attn.q_norm."), (".self_attn.k_layernorm.", ".self_attn.k_norm.")),
     "gpt_neox": (("gpt_neox.embed_in.", "model.embed_tokens."), ("gpt_neox.final_layer_norm.", "model.norm."),
                  ("gpt_neox.layers.", "model.layers."), (".attention.dense.", ".self_attn.o_proj."),
                  (".attention.query_key_value.", ".self_attn.qkv_interleaved."), (".mlp.dense_h_to_4h.", ".mlp.c_fc."),
@@ -157,6 +160,7 @@ OUR_NAMES = {
                (".self_attention.query_key_value.", ".self_attn.qkv_proj."), (".mlp.dense_h_to_4h.", ".mlp.c_fc."),
                (".mlp.dense_4h_to_h.", ".mlp.c_proj."), (".ln_attn.", ".input_layernorm."), (".ln_mlp.", ".post_attention_layernorm.")),
 }
+QK_LAYER_NORMS = ("stablelm", "cohere", "phi")  # query and key norms, where they have them, are LayerNorms of each head
 INTERLEAVED_ROTARY = ("ernie4_5", "helium", "gptj", "cohere", "cohere2", "glm", "glm4", "codegen")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu", "relu": "relu",
                "relu2": "relu2", "xielu": "xielu"}
@@ -175,7 +179,7 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
         )
     state = {k: v.detach().to(torch.float32) for k, v in hf_model.state_dict().items() if "rotary_emb" not in k}
     _refuse_what_our_decoder_lacks(name, cfg)
-    state = _llama_names(state, cfg)
+    state = _stacked_head_norms(_llama_names(state, cfg))
     if model_type in (*GEMMA, "nemotron"):  # Gemma's and Nemotron's norms scale by 1 + weight, ours by weight
         state = {k: v + 1.0 if k.endswith("norm.weight") else v for k, v in state.items()}
     if _activation(cfg) == "xielu":
@@ -208,13 +212,11 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
 
 
 def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
-    """One line for what our decoder does not compute: a bidirectional attention, LayerNorms of
-    queries and keys, an activation other than SiLU, GELU or tanh GELU, scaled local rotary embeddings."""
+    """One line for what our decoder does not compute: a bidirectional attention, an activation it does not
+    have, scaled local rotary embeddings, attention scaled per layer, clipped Q, K and V, and the family
+    variants named below."""
     if getattr(cfg, "use_bidirectional_attention", False):
         raise UserError(f"'{name}': the KV-cache capture takes causal attention (use_bidirectional_attention false)")
-    if getattr(cfg, "qk_layernorm", False) or getattr(cfg, "use_qk_norm", False):
-        raise UserError(f"'{name}': the KV-cache capture takes models without query and key LayerNorms "
-                        "(qk_layernorm, use_qk_norm false)")
     if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(cfg, "scale_attn_weights", True) is False:
         raise UserError(f"'{name}': the KV-cache capture takes attention scaled by 1 / sqrt(head size) in every layer "
                         "(scale_attn_weights true, scale_attn_by_inverse_layer_idx false)")
@@ -267,6 +269,21 @@ def _llama_names(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Te
             value = value[OPT_POSITION_OFFSET:]
         renamed[key] = value
     return renamed
+
+
+def _stacked_head_norms(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """StableLM's query and key LayerNorms, one module a head (`q_norm.norms.<h>.weight`), as one weight
+    [heads, head_dim] (`q_norm.weight`)."""
+    stacked, heads = {}, {}
+    for key, value in state.items():
+        prefix, dot, rest = key.partition(".norms.")
+        if dot and prefix.endswith(("self_attn.q_norm", "self_attn.k_norm")):
+            index, kind = rest.split(".", 1)
+            heads.setdefault(f"{prefix}.{kind}", {})[int(index)] = value
+        else:
+            stacked[key] = value
+    stacked.update({key: torch.stack([per_head[h] for h in sorted(per_head)]) for key, per_head in heads.items()})
+    return stacked
 
 
 def _xielu_slopes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -392,12 +409,22 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
         head_bias="lm_head.bias" in state,
         head_size=0 if head_dim * heads == cfg.hidden_size else int(head_dim),
         qk_norm="model.layers.0.self_attn.q_norm.weight" in state,
-        qk_norm_projection=_norm_width(state, "q_norm") == heads * head_dim != head_dim,
+        qk_norm_projection=cfg.model_type not in QK_LAYER_NORMS and _norm_width(state, "q_norm") == heads * head_dim != head_dim,
+        qk_layer_norm=_qk_layer_norm(cfg, state), qk_norm_bias="model.layers.0.self_attn.q_norm.bias" in state,
         qk_norm_after_rotary=cfg.model_type == "hunyuan_v1_dense",
         rotary_size=0 if rotary_size == head_dim else rotary_size, rotary_attention_factor=rotary_attention_factor,
         long_rope_from=long_rope_from,
         **_family_fields(cfg),
     )
+
+
+def _qk_layer_norm(cfg: Any, state: dict[str, torch.Tensor]) -> str:
+    """"per_head" or "shared" where the query and key norms are LayerNorms (QK_LAYER_NORMS' families) with a
+    weight for each head or one for all, "" otherwise."""
+    weight = state.get("model.layers.0.self_attn.q_norm.weight")
+    if cfg.model_type not in QK_LAYER_NORMS or weight is None:
+        return ""
+    return "per_head" if weight.ndim == 2 else "shared"
 
 
 def _kv_heads(cfg: Any) -> int:

@@ -89,6 +89,10 @@ class LlamaConfig:
     qk_norm: bool = False  # each query and key head RMS-normalized before the rotation (Qwen3)
     qk_norm_projection: bool = False  # the query and key norms normalize the whole projection, not each head (OLMo 2)
     qk_norm_after_rotary: bool = False  # the query and key heads are normalized after their rotation (HunYuan), not before
+    # the query and key norms are LayerNorms of each head's values (StableLM's `qk_layernorm`, Cohere's `use_qk_norm`,
+    # Phi-2's), not RMSNorms: "per_head" (a weight for each head), "shared" (one for all heads); "": RMSNorms
+    qk_layer_norm: str = ""
+    qk_norm_bias: bool = False  # those LayerNorms add a bias (Phi-2's)
     rotary_size: int = 0  # the leading width of each head that is rotated (Phi-4-mini's 3/4); 0: the whole head
     rotary_attention_factor: float = 1.0  # on the cos and sin tables of a scaled rotary embedding (yarn, longrope)
     # a step whose largest position is this or beyond rotates by a second set of frequencies, the long
@@ -193,6 +197,23 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
+class HeadLayerNorm(nn.Module):
+    """LayerNorm over each head's values ([..., heads, head_dim]) with a weight for each head ([heads, head_dim])
+    or one for all ([head_dim]), and a bias where the model has one: StableLM's, Cohere's and Phi-2's query and
+    key norms."""
+
+    def __init__(self, shape: tuple[int, ...], eps: float, bias: bool):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - x.mean(-1, keepdim=True)
+        normed = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return normed + self.bias if self.bias is not None else normed
+
+
 class RotaryEmbedding(nn.Module):
     """cos and sin tables [seq, rotary_dim] for positions 0..seq-1, computed from the length, times
     `attention_factor` where a scaled embedding has one. With `long_from` > 0 (a `longrope`
@@ -278,7 +299,11 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
         self.norm_projection, self.norm_after_rotary = cfg.qk_norm_projection, cfg.qk_norm_after_rotary
-        if cfg.qk_norm and cfg.qk_norm_projection:
+        if cfg.qk_norm and cfg.qk_layer_norm:
+            per_head = cfg.qk_layer_norm == "per_head"
+            self.q_norm = HeadLayerNorm((cfg.num_heads, cfg.head_dim) if per_head else (cfg.head_dim,), cfg.eps, cfg.qk_norm_bias)
+            self.k_norm = HeadLayerNorm((cfg.num_kv_heads, cfg.head_dim) if per_head else (cfg.head_dim,), cfg.eps, cfg.qk_norm_bias)
+        elif cfg.qk_norm and cfg.qk_norm_projection:
             self.q_norm = RMSNorm(cfg.num_heads * cfg.head_dim, cfg.eps)
             self.k_norm = RMSNorm(cfg.num_kv_heads * cfg.head_dim, cfg.eps)
         elif cfg.qk_norm:

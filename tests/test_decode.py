@@ -535,6 +535,22 @@ def tiny_stablelm():
                     partial_rotary_factor=0.5, **SPECIAL_TOKENS)
 
 
+def _drawn_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with its query and key norms' weights (and biases) drawn at random, where transformers starts them at 1 (0)."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if any(part in name for part in ("q_layernorm", "k_layernorm", "q_norm", "k_norm")):
+                parameter.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
+    return model
+
+
+def tiny_stablelm_qk_norm():
+    """StableLM 2 12B's attention: a LayerNorm of each query and key head, a weight for each head (random)."""
+    model, tokenizer = _tiny_hf("StableLm", draw=((".bias", "layernorm.weight", "norm.weight"), 0.5, 0.3), use_qkv_bias=True,
+                                partial_rotary_factor=0.5, qk_layernorm=True, **SPECIAL_TOKENS)
+    return _drawn_norms(model), tokenizer
+
+
 def tiny_starcoder2():
     """A random StarCoder2: LayerNorms, biases on every linear (random), an MLP without a gate
     (tanh GELU), attention sliding over 48 of its 64 positions."""
@@ -552,6 +568,13 @@ def tiny_phi():
     """A random Phi-2: LayerNorms, biases on every linear and the head (random), attention and MLP side
     by side on one norm, an MLP without a gate, half of each head rotated."""
     return _tiny_hf("Phi", draw=((".bias", "layernorm.weight"), 0.5, 0.3), partial_rotary_factor=0.5, **SPECIAL_TOKENS)
+
+
+def tiny_phi_qk_norm():
+    """Phi-2 with `qk_layernorm`: one LayerNorm for all query heads and one for all key heads, with biases (random)."""
+    model, tokenizer = _tiny_hf("Phi", draw=((".bias", "layernorm.weight"), 0.5, 0.3), partial_rotary_factor=0.5,
+                                qk_layernorm=True, **SPECIAL_TOKENS)
+    return _drawn_norms(model), tokenizer
 
 
 def tiny_gpt_neox():
@@ -606,6 +629,14 @@ def tiny_cohere():
     """A random Cohere (Command R's architecture): LayerNorms without a bias (random scales), attention and a
     gated MLP side by side on one norm, neighbouring values rotated as pairs, logits times 0.5."""
     return _tiny_hf("Cohere", draw=(("layernorm.weight", "norm.weight"), 0.5, 0.3), logit_scale=0.5, **SPECIAL_TOKENS)
+
+
+def tiny_cohere_qk_norm():
+    """Cohere with `use_qk_norm` (Command R+'s attention): a LayerNorm of each query and key head without a bias, a
+    weight for each head (random)."""
+    model, tokenizer = _tiny_hf("Cohere", draw=(("layernorm.weight", "norm.weight"), 0.5, 0.3), logit_scale=0.5, use_qk_norm=True,
+                                **SPECIAL_TOKENS)
+    return _drawn_norms(model), tokenizer
 
 
 def tiny_arcee():
@@ -904,13 +935,14 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
 LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_bigcode_mha", "opt", "opt_unscaled", "gpt_neo")
 
 
-@pytest.mark.parametrize("arch", ["bloom", "falcon_alibi", "mpt"])
-def test_alibi_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch):
+@pytest.mark.parametrize("arch", ["bloom", "falcon_alibi", "mpt", "stablelm_qk_norm", "cohere_qk_norm", "phi_qk_norm"])
+def test_decoders_with_attention_as_exported_decode_with_a_cache_as_transformers_computes(llama_like, arch):
     """BLOOM, Falcon-RW and MPT (ALiBi: each head's slope times the key's position added to its scores, the
-    past's keys included; Falcon's rounded to bfloat16, MPT's relative to the last key) compile to a decoder with a KV cache whose stepped
-    logits are transformers' full sequence's over 64 positions; the attention stays as exported (ONNX
-    Runtime's fused kernel takes no such bias); BLOOM's layout has the default positions of a config
-    without a limit."""
+    past's keys included; Falcon's rounded to bfloat16, MPT's relative to the last key), and StableLM, Cohere
+    and Phi-2 with LayerNorms of their query and key heads (StableLM's and Cohere's a weight for each head,
+    Phi-2's one for all, with a bias) compile to a decoder with a KV cache whose stepped logits are
+    transformers' full sequence's over 64 positions; the attention stays as exported (ONNX Runtime's fused
+    kernel takes no such bias or norm); BLOOM's layout has the default positions of a config without a limit."""
     out = _llama_like_artifact(llama_like, arch)
     nodes = _nodes(out)
     assert not any(n.op_type == "GroupQueryAttention" for n in nodes)
@@ -987,7 +1019,8 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
                                   "helium", "stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt",
                                   "cohere", "arcee", "nemotron", "cohere2", "glm", "glm4", "falcon", "falcon_new",
                                   "falcon_sequential", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus",
-                                  "hunyuan", "bloom", "gpt_neo", "mpt", "codegen"])
+                                  "hunyuan", "bloom", "gpt_neo", "mpt", "codegen", "falcon_alibi", "stablelm_qk_norm",
+                                  "cohere_qk_norm", "phi_qk_norm"])
 def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
     """ONNX Runtime GenAI loads each architecture's artifact by its `genai_config.json` (`type` qwen2,
     qwen3, mistral, phi3, llama) and generates our greedy tokens."""
@@ -1013,13 +1046,6 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
     (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=1, n_head=2,
                                                                     apply_residual_connection_post_layernorm=True)),
      "BLOOM models whose residuals are the blocks' inputs"),
-    (lambda: transformers.StableLmForCausalLM(transformers.StableLmConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        qk_layernorm=True)),
-     "without query and key LayerNorms"),
-    (lambda: transformers.CohereForCausalLM(transformers.CohereConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, use_qk_norm=True)),
-     "without query and key LayerNorms"),
     (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2,
                                                                   scale_attn_by_inverse_layer_idx=True)),
      "attention scaled by 1 / sqrt\\(head size\\) in every layer"),
