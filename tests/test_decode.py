@@ -935,7 +935,8 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
 LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_bigcode_mha", "opt", "opt_unscaled", "gpt_neo")
 
 
-@pytest.mark.parametrize("arch", ["bloom", "falcon_alibi", "mpt", "stablelm_qk_norm", "cohere_qk_norm", "phi_qk_norm"])
+@pytest.mark.parametrize("arch", ["bloom", slow("falcon_alibi"), slow("mpt"), "stablelm_qk_norm", slow("cohere_qk_norm"),
+                                  slow("phi_qk_norm")])
 def test_decoders_with_attention_as_exported_decode_with_a_cache_as_transformers_computes(llama_like, arch):
     """BLOOM, Falcon-RW and MPT (ALiBi: each head's slope times the key's position added to its scores, the
     past's keys included; Falcon's rounded to bfloat16, MPT's relative to the last key), and StableLM, Cohere
@@ -979,7 +980,7 @@ def test_longrope_steps_switch_to_the_long_factors_where_transformers_does(llama
     assert np.abs(ours[:32] - full[:32]).max() > 10 * tolerance
 
 
-@pytest.mark.parametrize("arch", ["ernie4_5", "mixtral", "gpt2", "bloom"])
+@pytest.mark.parametrize("arch", ["ernie4_5", "mixtral", "gpt2", slow("bloom")])
 def test_int4_rounds_decoders_through_their_slices_and_routing(llama_like, calib_file, arch):
     """`int4`'s `gptq` runs the blocks of a decoder whose rotation slices each pair's values with a step
     (ERNIE 4.5's `x[..., 1::2]`), of a mixture of experts (Mixtral's TopK and ScatterElements) and of an
