@@ -71,6 +71,8 @@ def main() -> None:
         "target_dice": TARGET_DICE,
         "passes_target": scores["dice_mean"] >= TARGET_DICE,
         "packages": package_versions(),
+        "git": common.git_state(),
+        "command": common.command_line(),
         "latency": timing,
     }
     print(f"{'image':<10} {'region':>8} {'affinity':>9}")
@@ -79,7 +81,7 @@ def main() -> None:
     print(f"mean Dice {row['dice_mean']:.4f} (min {row['dice_min']:.4f}; target >= {TARGET_DICE}); compile {row['compile_s']} s")
     if timing:
         print(f"latency: float32 {timing['float32']['median_ms']} ms, int8 {timing['int8']['median_ms']} ms, "
-              f"{timing['int8']['paired_ratio']:.2f}x float32 (per round {timing['int8']['paired_ratio_p25']:.2f} to "
+              f"{timing['int8']['paired_ratio']:.2f}x float32 (interquartile {timing['int8']['paired_ratio_p25']:.2f} to "
               f"{timing['int8']['paired_ratio_p75']:.2f}); load average {timing['load_average']}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(row, indent=2, sort_keys=True) + "\n")

@@ -108,6 +108,7 @@ PARALLEL = ("phi", "gptj", "cohere", "cohere2", "codegen")  # attention and MLP 
 LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt", "gpt_neo")  # a learned table of positions added to the embeddings, no rotation
 ALIBI_POSITIONS = 2048  # the positions a model without a position limit in its config is given (BLOOM's training length)
 OPT_POSITION_OFFSET = 2  # OPT looks position p up in row p + 2 of its table
+MPT_ALIBI_BIAS_MAX = 8  # the only one transformers' MPT computes, whatever its config says
 CODEGEN_SHARDS = 4  # the model-parallel shards CodeGen's fused Q, K and V are laid out over
 TRANSPOSED_LINEARS = ("gpt2",)  # linear weights stored [in, out] (GPT-2's Conv1D), not [out, in]
 _GPT2_NAMES = (("transformer.wte.", "model.embed_tokens."), ("transformer.wpe.", "model.embed_positions."),
@@ -223,10 +224,10 @@ def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
     if getattr(cfg, "clip_qkv", None):
         raise UserError(f"'{name}': the KV-cache capture takes Q, K and V unclipped (clip_qkv none)")
     if cfg.model_type == "mpt" and (cfg.attn_config.qk_ln or cfg.attn_config.clip_qkv or not cfg.attn_config.alibi
-                                    or cfg.logit_scale is not None):
-        raise UserError(f"'{name}': the KV-cache capture takes MPT models with ALiBi and without query and key LayerNorms, "
-                        "clipped Q, K and V or scaled logits (attn_config alibi true, qk_ln false, clip_qkv none; logit_scale "
-                        "none), as transformers runs them")
+                                    or cfg.attn_config.alibi_bias_max != MPT_ALIBI_BIAS_MAX or cfg.logit_scale is not None):
+        raise UserError(f"'{name}': the KV-cache capture takes MPT models with Q, K and V unclipped (clip_qkv none), and "
+                        f"with ALiBi of alibi_bias_max {MPT_ALIBI_BIAS_MAX}, no query and key LayerNorms and no logit scale, "
+                        "the only MPT transformers runs (attn_config alibi true, alibi_bias_max 8, qk_ln false; logit_scale none)")
     if cfg.model_type == "bloom" and cfg.apply_residual_connection_post_layernorm:
         raise UserError(f"'{name}': the KV-cache capture takes BLOOM models whose residuals are the blocks' inputs "
                         "(apply_residual_connection_post_layernorm false)")
@@ -528,12 +529,12 @@ def _family_fields(cfg: Any) -> dict[str, Any]:
 
 def _alibi_slopes(cfg: Any) -> tuple[float, ...]:
     """Each head's ALiBi slope as transformers computes it (its `build_alibi_tensor`: the bias at position 1;
-    Falcon's rounded to bfloat16; MPT's from its `alibi_bias_max`, whose bias is the slope times the key's
+    Falcon's rounded to bfloat16; MPT's from `alibi_bias_max` 8, whose bias is the slope times the key's
     distance before the last key: the same scores but for a constant a row, which the softmax ignores)."""
     if cfg.model_type == "mpt":
         from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
-        bias = build_mpt_alibi_tensor(cfg.num_attention_heads, 2, cfg.attn_config.alibi_bias_max)  # [heads, 1, 2]: -slope, 0
+        bias = build_mpt_alibi_tensor(cfg.num_attention_heads, 2, MPT_ALIBI_BIAS_MAX)  # [heads, 1, 2]: -slope, 0
         return tuple(-float(v) for v in bias[:, 0, 0])
     if cfg.model_type == "falcon":
         from transformers.models.falcon.modeling_falcon import build_alibi_tensor

@@ -144,7 +144,8 @@ class LlamaConfig:
     # ALiBi (BLOOM): each head's scaled score of the key at position k plus its slope x k (after any soft cap,
     # before the mask); such models rotate nothing (every layer in `unrotated_layers`); (): none
     alibi_slopes: tuple[float, ...] = ()
-    # Falcon's ALiBi: each slope x position rounded to bfloat16, then times this factor (1 / sqrt(head size)); 0: as BLOOM's
+    # Falcon's ALiBi: positions and each slope x position rounded to bfloat16, then times this factor (1 / sqrt(head
+    # size)); 0: as BLOOM's
     alibi_bfloat16_scale: float = 0.0
     embed_norm: bool = False  # the token embeddings normalized by a norm of the blocks' kind (BLOOM's LayerNorm)
 
@@ -333,11 +334,14 @@ class SelfAttention(nn.Module):
 
     def _alibi(self, keys: int | torch.SymInt, dtype: torch.dtype) -> torch.Tensor:
         """[heads, 1, keys]: each head's slope times the keys' positions 0..keys-1 (the past's included); Falcon's
-        rounded to bfloat16 and scaled, as transformers computes them."""
-        bias = self.alibi_slopes * torch.arange(keys, dtype=torch.float32, device=self.alibi_slopes.device)
-        if self.alibi_bfloat16_scale:
-            bias = bias.to(torch.bfloat16).to(torch.float32) * self.alibi_bfloat16_scale
-        return bias.to(dtype)
+        positions and products rounded to bfloat16 and scaled, as transformers computes them (a bfloat16 slope
+        times the positions, which the multiply casts to bfloat16: 257 is 256)."""
+        positions = torch.arange(keys, dtype=torch.float32, device=self.alibi_slopes.device)
+        if not self.alibi_bfloat16_scale:
+            return (self.alibi_slopes * positions).to(dtype)
+        positions = positions.to(torch.bfloat16).to(torch.float32)
+        bias = (self.alibi_slopes * positions).to(torch.bfloat16).to(torch.float32)  # two 8-bit mantissas: exact in float32
+        return (bias * self.alibi_bfloat16_scale).to(dtype)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,

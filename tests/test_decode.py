@@ -935,6 +935,19 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
 LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_bigcode_mha", "opt", "opt_unscaled", "gpt_neo")
 
 
+def test_falcon_alibi_bias_is_transformers_own_over_its_positions():
+    """Falcon-RW's ALiBi bias over 2048 positions as transformers builds it: a bfloat16 slope times the
+    positions, which the multiply rounds to bfloat16 (257 is 256) before it rounds the product, then scaled
+    by 1 / sqrt(head size); beyond the 64 positions the cached test steps through."""
+    from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+
+    hf, tokenizer = tiny_falcon_alibi()
+    attention = from_hf("falcon-rw", hf, tokenizer)._lm.model.layers[0].self_attn
+    heads, head_dim = hf.config.num_attention_heads, hf.config.hidden_size // hf.config.num_attention_heads
+    theirs = build_alibi_tensor(torch.ones(1, 2048, dtype=torch.long), heads, torch.float32) / head_dim**0.5
+    np.testing.assert_allclose(attention._alibi(2048, torch.float32).numpy(), theirs.numpy(), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("arch", ["bloom", slow("falcon_alibi"), slow("mpt"), "stablelm_qk_norm", slow("cohere_qk_norm"),
                                   slow("phi_qk_norm")])
 def test_decoders_with_attention_as_exported_decode_with_a_cache_as_transformers_computes(llama_like, arch):
@@ -1043,7 +1056,7 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
      "arcee, nemotron, glm, glm4, falcon, olmo, mixtral, qwen2_moe, qwen3_moe, olmoe, apertus, hunyuan_v1_dense, bloom, gpt_neo, mpt, codegen causal LMs"),
     (lambda: transformers.MptForCausalLM(transformers.MptConfig(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=1,
                                                                 attn_config={"qk_ln": True})),
-     "MPT models with ALiBi and without query and key LayerNorms"),
+     "MPT models with Q, K and V unclipped \\(clip_qkv none\\), and with ALiBi of alibi_bias_max 8, no query and key LayerNorms"),
     (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=1, n_head=2,
                                                                     apply_residual_connection_post_layernorm=True)),
      "BLOOM models whose residuals are the blocks' inputs"),

@@ -82,24 +82,31 @@ def test_forced_conv_transpose_is_quantized_and_runs_float(tmp_path):
     assert ops.count("ConvTranspose") == 1  # ONNX Runtime does not fuse it: float behind a dequantize
 
 
-@pytest.mark.parametrize(("weight", "placed_float"), [((8, 2, 3, 3, 3), True), ((8, 1, 3, 3, 3), True), ((8, 3, 3, 3, 3), False),
-                                                      ((8, 1, 7, 7, 7), False), ((8, 15, 1, 1, 1), False), ((8, 1, 3, 3), False)])
-def test_narrow_conv3d_with_taps_stays_float(weight, placed_float):
-    """A 3D Conv with more than one tap whose outputs each sum fewer than 64 products (input channels
-    per group x taps) stays float; more products, 1^3 kernels and 2D Convs are integer kernels."""
-    from qcompiler.analysis.placement import MIN_CONV3D_PRODUCTS, integer_layers
+@pytest.mark.parametrize(("weight", "x_shape", "reason"), [
+    ((8, 2, 3, 3, 3), ["n", 2, 6, 6, 6], "summing 54 products an output (input channels per group x taps, below 64)"),
+    ((8, 1, 3, 3, 3), ["n", 1, 6, 6, 6], "summing 27 products an output"),
+    ((8, 3, 3, 3, 3), ["n", 3, 6, 6, 6], None), ((8, 1, 7, 7, 7), ["n", 1, 16, 16, 16], None),
+    ((8, 15, 3, 3, 3), ["n", 15, "d", 6, 6], "15 input channels per group (below 16) that lower-ort cannot write in 2D"),
+    ((8, 16, 3, 3, 3), ["n", 16, "d", 6, 6], None),
+    ((8, 15, 1, 1, 1), ["n", 15, 6, 6, 6], None), ((8, 1, 3, 3), ["n", 1, 6, 6], None)])
+def test_narrow_conv3d_with_taps_stays_float(weight, x_shape, reason):
+    """A 3D Conv with more than one tap stays float where its integer kernel is slower: written in 2D over
+    depth slices (its input's dims known), where each output sums fewer than 64 products (input channels per
+    group x taps); as a 3D integer kernel (a depth unknown at compile time), below 16 input channels. 1^3
+    kernels and 2D Convs are integer kernels."""
+    from qcompiler.analysis.placement import integer_layers
 
     rng = np.random.default_rng(8)
     w = ir.Value(name="w", const_value=ir.tensor(rng.normal(0, 1, weight).astype(np.float32)))
-    x = ir.Value(name="x")
+    x = ir.Value(name="x", shape=ir.Shape(x_shape), type=ir.TensorType(ir.DataType.FLOAT))
     conv = ir.node("Conv", [x, w])
     relu = ir.node("Relu", [conv.outputs[0]])
     sigmoid = ir.node("Sigmoid", [relu.outputs[0]])
     graph = ir.Graph([x], [sigmoid.outputs[0]], nodes=[conv, relu, sigmoid])
-    reason = integer_layers(graph, [conv], static=True).get(id(conv))
-    assert (reason is not None) == placed_float
-    if placed_float:
-        assert f"summing {int(np.prod(weight[1:]))} products an output (input channels per group x taps, below {MIN_CONV3D_PRODUCTS})" in reason
+    found = integer_layers(graph, [conv], static=True).get(id(conv))
+    assert (found is None) == (reason is None)
+    if reason is not None:
+        assert reason in found
 
 
 @pytest.mark.parametrize(("weight", "attrs"), [
@@ -133,6 +140,56 @@ def test_integer_conv3d_as_2d_over_depth_slices_computes_what_its_3d_kernel_does
     as_2d, as_3d = (ort.InferenceSession(str(tmp_path / d / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
                     for d in ("2d", "3d"))
     assert as_2d.shape == as_3d.shape and np.array_equal(as_2d, as_3d)
+
+
+def test_a_chain_of_integer_conv3ds_is_written_in_2d_throughout(tmp_path, monkeypatch):
+    """Conv3d -> Relu -> Conv3d -> Relu (a folded BatchNorm's chain): the second Conv reads the first one's
+    output put back in 5-D, whose dims the rewrite records, so both are written in 2D; the output equals the
+    3D kernels' bit for bit."""
+    from qcompiler.passes import lower_ort
+
+    rng = np.random.default_rng(12)
+    arrays = {"w1": rng.normal(0, 0.2, (8, 4, 3, 3, 3)), "w2": rng.normal(0, 0.2, (6, 8, 3, 3, 3))}
+    nodes = [oh.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 6), oh.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             oh.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1] * 6, strides=[2] * 3),
+             oh.make_node("Relu", ["c2"], ["r2"], name="relu2"), oh.make_node("Sigmoid", ["r2"], ["y"], name="sigmoid")]
+    path = _save(tmp_path, nodes, ["n", 4, 6, 6, 6], None, arrays, "chain")
+    batches = [{"x": rng.normal(0.3, 1, (2, 4, 6, 6, 6)).astype(np.float32)} for _ in range(3)]
+    pipeline = "calibrate,quantize{force=*},lower-ort"
+    unfolded = qcompiler.compile(str(path), tmp_path / "2d", pipeline=pipeline, calibration=batches, drift=False)
+    assert next(r.stats for r in unfolded.records if r.name == "lower-ort")["routes"]["QLinearConv 2D over depth slices (integer Conv3d)"] == 2
+    monkeypatch.setattr(lower_ort, "unfold_integer_conv3d", lambda graph: 0)
+    qcompiler.compile(str(path), tmp_path / "3d", pipeline=pipeline, calibration=batches, drift=False)
+    feeds = {"x": rng.normal(0.3, 1, (2, 4, 6, 6, 6)).astype(np.float32)}
+    as_2d, as_3d = (ort.InferenceSession(str(tmp_path / d / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+                    for d in ("2d", "3d"))
+    assert np.array_equal(as_2d, as_3d)
+
+
+def test_a_conv3d_weight_dequantized_once_for_two_convs_is_left_in_3d():
+    """A QDQ graph (as ONNX Runtime's quantize_static writes it) whose one DequantizeLinear of an int8 kernel
+    feeds two Conv3ds: writing either in 2D would make the other read a 4-D kernel, so the rewrite leaves the
+    graph as it is."""
+    from qcompiler.passes.lower_ort.conv3d import unfold_integer_conv3d
+
+    from onnx import TensorProto, numpy_helper
+
+    rng = np.random.default_rng(13)
+    inits = [numpy_helper.from_array(rng.integers(-100, 100, (4, 4, 3, 3, 3)).astype(np.int8), "wq"),
+             numpy_helper.from_array(np.array([0.01, 0.02, 0.015, 0.01], np.float32), "ws"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "z")]
+    nodes = [oh.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]), oh.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd1"]),
+             oh.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd2"]), oh.make_node("DequantizeLinear", ["wq", "ws"], ["w"], axis=0)]
+    for i in (1, 2):
+        nodes += [oh.make_node("Conv", [f"xd{i}", "w"], [f"c{i}"], name=f"conv{i}", pads=[1] * 6),
+                  oh.make_node("Relu", [f"c{i}"], [f"r{i}"]), oh.make_node("QuantizeLinear", [f"r{i}", "s", "z"], [f"q{i}"]),
+                  oh.make_node("DequantizeLinear", [f"q{i}", "s", "z"], [f"y{i}"])]
+    graph = oh.make_graph(nodes, "shared", [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 5, 5, 5])],
+                          [oh.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in (1, 2)], inits)
+    model = ir.from_proto(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)], ir_version=10))
+    before = ir.to_proto(model).SerializeToString()
+    assert unfold_integer_conv3d(model.graph) == 0
+    assert ir.to_proto(model).SerializeToString() == before
 
 
 @pytest.mark.parametrize("groups", [1, 2])

@@ -34,7 +34,9 @@ causal mask from `attention_mask`'s length per row (`seqlens_k`, the number of o
 `total_sequence_length`), so it assumes what ONNX Runtime GenAI feeds: a mask of ones, padded at the
 end if at all, and causal attention over all earlier positions, or over the last W where the mask the
 layer adds is a sliding layer's (`mask + Cast(keys <= queries - W) * c`, as the decoders of
-models/smollm2.py write it: the kernel's `local_window_size` W). The mask is not inspected further. Its cos/sin tables are computed once a run from `inv_freq` up to the largest position
+models/smollm2.py write it: the kernel's `local_window_size` W). The mask is not inspected further:
+a graph that folds a bias into it (ALiBi in the mask, as transformers' own Falcon does) would be fused
+without it; the decoders of models/smollm2.py add such a bias to the scores instead, which is not matched. Its cos/sin tables are computed once a run from `inv_freq` up to the largest position
 id (`Range`, `Cos`, `Sin`: the same float32 products as the exported graph). ONNX Runtime's CPU kernel
 needs a head size that is a multiple of 16; other models keep their attention.
 """

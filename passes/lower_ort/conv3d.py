@@ -19,9 +19,11 @@ the padding still reads 0.0), the layout back onto the quantized output, so ONNX
 `DQ -> Conv2d -> Q`, now into its 2D kernel, and the gather and transposes copy bytes, not floats.
 The products are the same; only the order of the int32 sums changes, which is exact.
 
-Measured with the prototype behind `benchmarks/conv3d_integer.py` (2 threads, ONNX Runtime 1.32):
-16 -> 16 channels 3^3 at 32^3 11.0 -> 6.3 ms, 8 -> 16 at 64^3 66 -> 18 ms, the 1 -> 16 7^3 stride-2
-stem at 128^3 731 -> 43 ms (float32: 87 ms).
+Measured by `benchmarks/conv3d_integer.py` (2 threads, ONNX Runtime 1.32, int8 / float32 time:
+benchmarks/results/conv3d_integer.json): 0.26 for 16 -> 16 channels 3^3 at 32^3 and 0.55 for a
+1 -> 16 7^3 stride-2 stem at 128^3, where the 3D integer kernel took 1.1x and 10.7x float32 (3^3
+kernels, 16 and 1 input channels, before this lowering). Which 3D Convs `lower-ort` writes so is
+`placement.unfolds_to_2d`, so that `quantize` places int8 where this form pays.
 A kernel of one depth tap (1 x kh x kw, depth stride 1, no depth padding) needs no gather: each
 output slice reads its own input slice, moved next to the batch by the Transpose alone. A 1^3
 kernel of depth stride 1 is left as it is (one tap, nothing gathered), as are Convs with `auto_pad`
@@ -33,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.analysis.placement import folds_into_integer_conv
+from qcompiler.analysis.placement import folds_into_integer_conv, unfolds_to_2d
 from qcompiler.ir.layers import drop_unread, new_initializer
 from qcompiler.ir.meta import CREATED_BY
 
@@ -60,19 +62,16 @@ def _integer_conv3d(graph: ir.Graph, conv: ir.Node):
     if not _is(conv, "Conv") or len(conv.inputs) < 2:
         return None
     x_dq, w_dq = conv.inputs[0].producer(), conv.inputs[1].producer()
-    if not (_is(x_dq, "DequantizeLinear") and _is(w_dq, "DequantizeLinear")) or len(conv.inputs[0].uses()) != 1:
+    if not (_is(x_dq, "DequantizeLinear") and _is(w_dq, "DequantizeLinear")):
+        return None
+    # the DQs' outputs and the Conv's become 4-D: each must be read by this Conv (or its Relu) alone
+    if any(len(v.uses()) != 1 or v in graph.outputs for v in (conv.inputs[0], conv.inputs[1], conv.outputs[0])):
         return None
     weight = w_dq.inputs[0].const_value
     if weight is None or len(weight.shape) != 5 or any(x.const_value is None or x.const_value.size != 1 for x in x_dq.inputs[1:] if x is not None):
         return None
-    attrs = conv.attributes
-    if attrs.get("auto_pad") is not None and attrs["auto_pad"].as_string() not in ("NOTSET", ""):
-        return None
-    strides = attrs["strides"].as_ints() if "strides" in attrs else [1, 1, 1]
-    if weight.shape[2:] == (1, 1, 1) and strides[0] == 1:
-        return None  # one tap: nothing gathered, nothing to gain
     shape = _static_shape(conv.inputs[0])
-    if shape is None:
+    if not unfolds_to_2d(conv, tuple(weight.shape), shape):
         return None
     out = conv.outputs[0]
     uses = list(out.uses())
@@ -162,3 +161,4 @@ def _unfold(graph: ir.Graph, conv: ir.Node, x_dq: ir.Node, w_dq: ir.Node, q: ir.
     for use in readers:
         use.node.replace_input_with(use.idx, restored.outputs[0])
     restored.outputs[0].type = y_q.type
+    restored.outputs[0].shape = ir.Shape([shape[0], out_channels, out_depth, *out_hw])  # a next Conv3d reads its dims here

@@ -16,14 +16,18 @@ on the graphs it optimizes) makes one of a QDQ group when:
   ONNX Runtime 1.32's CPU provider has no integer ConvTranspose and runs it in float behind the
   dequantize (`tests/test_quantize_conv.py` holds it to that).
 - a Conv in 3D fuses like a 2D one, but ONNX Runtime's integer 3D kernel gathers the input tap by
-  tap and runs about as fast as the float Conv at 16 input channels, slower below. `lower-ort`
-  therefore writes every integer 3D Conv with more than one tap as a 2D Conv over the output's
-  depth slices (`passes/lower_ort/conv3d.py`), which runs on the integer 2D kernel. Measured so
-  (`benchmarks/conv3d_integer.py`, 2 threads, int8 / float32 time, 3^3 kernels unless said):
-  0.16 to 0.46 from 16 input channels up, 0.56 for 8 -> 16 channels, 0.73 for 4 -> 16 and 8 -> 8,
-  0.65 for a 1 -> 16 7^3 stride-2 stem at 128^3, but 0.96 for 2 -> 16 (54 products an output)
-  and 2.31 for 1 -> 16 (27). So a 3D Conv with more than one tap stays float when each output
-  sums fewer than `MIN_CONV3D_PRODUCTS` products (input channels per group x taps).
+  tap and runs about as fast as the float Conv at 16 input channels, slower below (`benchmarks/
+  conv3d_integer.py` before commit 6d72b7b: 3.0x float32 with 4 input channels, 1.7x with 8, 1.1x
+  with 16, 3^3 kernels). `lower-ort` therefore writes an integer 3D Conv with more than one tap as a
+  2D Conv over the output's depth slices where it can (`unfolds_to_2d`; passes/lower_ort/conv3d.py),
+  which runs on the integer 2D kernel. Measured so (`benchmarks/conv3d_integer.py`, 2 threads, int8 /
+  float32 time, 3^3 kernels; benchmarks/results/conv3d_integer.json): 0.26 to 0.44 from 16 to 128
+  input channels, 0.58 for 8 -> 16 channels, 0.63 for 32 -> 8, 0.67 for 4 -> 16, 0.89 for 8 -> 8,
+  0.55 for a 1 -> 16 7^3 stride-2 stem, but 1.32 for 2 -> 16 (54 products an output) and 1.42 for
+  1 -> 16 (27). So a 3D Conv with more than one tap stays float when each output sums fewer than
+  `MIN_CONV3D_PRODUCTS` products (input channels per group x taps), or, where `lower-ort` cannot write
+  it in 2D (an `auto_pad`, or its input's channels, depth, height or width unknown at compile time),
+  when it reads fewer than `MIN_CONV3D_CHANNELS` input channels per group.
 
 `quantize` therefore quantizes the output of every Conv it quantizes (`quantized_conv_outputs`:
 readers that are no layer read it dequantized, as ONNX Runtime's own `quantize_static` places it),
@@ -36,6 +40,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 MIN_CONV3D_PRODUCTS = 64
+MIN_CONV3D_CHANNELS = 16
 NO_INTEGER_CONV_TRANSPOSE = ("ONNX Runtime's CPU provider has no integer ConvTranspose: a quantized one runs in float "
                              "behind a dequantize")
 
@@ -84,25 +89,44 @@ def integer_layers(graph: ir.Graph, layers: list[ir.Node], static: bool) -> dict
             continue
         if not static:
             floats[id(node)] = "a Conv with a run-time (dynamic) activation scale has no integer kernel in ONNX Runtime"
-        elif (products := narrow_conv3d_products(node)) is not None:
-            floats[id(node)] = (f"a 3D Conv summing {products} products an output (input channels per group x taps, below "
-                                f"{MIN_CONV3D_PRODUCTS}): ONNX Runtime's integer kernel runs it slower than the float Conv")
+        elif (narrow := narrow_conv3d(node)) is not None:
+            floats[id(node)] = narrow
         elif conv_output(graph, node) in graph.outputs:
             floats[id(node)] = ("its output is a graph output, which stays float, and ONNX Runtime's integer Conv "
                                 "(QLinearConv) needs a quantized output: it would run in float behind a dequantize")
     return floats
 
 
-def narrow_conv3d_products(conv: ir.Node) -> int | None:
-    """The products each output of a 3D Conv sums (input channels per group x taps) where it has
-    more than one tap and fewer than `MIN_CONV3D_PRODUCTS` of them (where the integer kernel is
-    slower than float); None otherwise."""
+def unfolds_to_2d(conv: ir.Node, kernel: tuple, x_shape) -> bool:
+    """Whether `lower-ort` writes this 3D Conv (its kernel's shape [O, C/g, kd, kh, kw], its input's shape)
+    as a 2D Conv over its output's depth slices once it is an integer one: a kernel of more than one tap or
+    a depth stride, explicit padding, and the input's channels, depth, height and width known."""
+    stride = conv.attributes["strides"].as_ints()[0] if "strides" in conv.attributes else 1
+    auto_pad = conv.attributes["auto_pad"].as_string() if "auto_pad" in conv.attributes else "NOTSET"
+    return (tuple(kernel[2:]) != (1, 1, 1) or stride != 1) and auto_pad in ("NOTSET", "") and x_shape is not None \
+        and len(x_shape) == 5 and all(isinstance(d, int) for d in list(x_shape)[1:])
+
+
+def narrow_conv3d(conv: ir.Node) -> str | None:
+    """Why a 3D Conv with more than one tap stays float: in 2D over depth slices (`unfolds_to_2d`), each output
+    sums fewer than `MIN_CONV3D_PRODUCTS` products; as a 3D integer kernel, it reads fewer than
+    `MIN_CONV3D_CHANNELS` input channels per group. None where its integer kernel pays."""
     w = conv.inputs[1] if len(conv.inputs) > 1 else None
     shape = None if w is None else (w.const_value.shape if w.const_value is not None else w.shape)
     if shape is None or len(shape) != 5 or not all(isinstance(d, int) for d in shape):
         return None
     taps = shape[2] * shape[3] * shape[4]
-    return shape[1] * taps if taps > 1 and shape[1] * taps < MIN_CONV3D_PRODUCTS else None
+    if taps == 1:
+        return None
+    if unfolds_to_2d(conv, tuple(shape), conv.inputs[0].shape):
+        products = shape[1] * taps
+        return None if products >= MIN_CONV3D_PRODUCTS else (
+            f"a 3D Conv summing {products} products an output (input channels per group x taps, below "
+            f"{MIN_CONV3D_PRODUCTS}): ONNX Runtime's integer kernel runs it slower than the float Conv")
+    return None if shape[1] >= MIN_CONV3D_CHANNELS else (
+        f"a 3D Conv with {shape[1]} input channel{'s' * (shape[1] != 1)} per group (below {MIN_CONV3D_CHANNELS}) that "
+        "lower-ort cannot write in 2D (auto_pad, or input dims unknown at compile time): ONNX Runtime's integer 3D "
+        "kernel gathers its input tap by tap and runs slower than the float Conv")
 
 
 def quantized_conv_outputs(graph: ir.Graph, layers: list[ir.Node]) -> dict[str, ir.Value]:
