@@ -688,18 +688,23 @@ def tiny_falcon_sequential():
                     multi_query=False, bias=True, **SPECIAL_TOKENS)
 
 
+def _randomized(model: torch.nn.Module, endings: tuple[str, ...]) -> torch.nn.Module:
+    """`model` (in eval mode) with the parameters whose names end with `endings` drawn at random, where transformers
+    starts them at a constant: weights from N(0.5, 0.3), biases from N(0, 0.3)."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(endings):
+                parameter.normal_(0.5 if name.endswith("weight") else 0.0, 0.3)
+    return model.eval()
+
+
 def tiny_bloom():
     """A random BLOOM: ALiBi (no rotation; 16 heads, slopes 2^(-k/2)), its token embeddings LayerNorm-ed, Q, K and V interleaved per head in
     one weight, LayerNorms and biases (random), a tanh-GELU MLP without a gate, 4 x hidden wide; its config
     names no position limit."""
     torch.manual_seed(0)
     cfg = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=128, n_layer=2, n_head=16, **SPECIAL_TOKENS)
-    model = transformers.BloomForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith((".bias", "layernorm.weight", "ln_f.weight")):
-                parameter.normal_(0.5 if name.endswith("weight") else 0.0, 0.3)
-    return model, tiny_tokenizer()
+    return _randomized(transformers.BloomForCausalLM(cfg), (".bias", "layernorm.weight", "ln_f.weight")), tiny_tokenizer()
 
 
 def tiny_falcon_alibi():
@@ -723,12 +728,7 @@ def tiny_mpt():
     LayerNorms without biases (random scales), no biases, an exact-GELU MLP 4 x hidden wide."""
     torch.manual_seed(0)
     cfg = transformers.MptConfig(vocab_size=VOCAB, d_model=128, n_heads=16, n_layers=2, max_seq_len=MAX_POSITIONS, **SPECIAL_TOKENS)
-    model = transformers.MptForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith(("norm_1.weight", "norm_2.weight", "norm_f.weight")):
-                parameter.normal_(0.5, 0.3)
-    return model, tiny_tokenizer()
+    return _randomized(transformers.MptForCausalLM(cfg), ("norm_1.weight", "norm_2.weight", "norm_f.weight")), tiny_tokenizer()
 
 
 def tiny_codegen():
@@ -737,12 +737,7 @@ def tiny_codegen():
     torch.manual_seed(0)
     cfg = transformers.CodeGenConfig(vocab_size=VOCAB, n_embd=128, n_layer=2, n_head=4, rotary_dim=16, n_positions=MAX_POSITIONS,
                                      n_ctx=MAX_POSITIONS, **SPECIAL_TOKENS)
-    model = transformers.CodeGenForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith((".bias", "ln_1.weight", "ln_f.weight")):
-                parameter.normal_(0.5 if name.endswith("weight") else 0.0, 0.3)
-    return model, tiny_tokenizer()
+    return _randomized(transformers.CodeGenForCausalLM(cfg), (".bias", "ln_1.weight", "ln_f.weight")), tiny_tokenizer()
 
 
 def tiny_olmo():
