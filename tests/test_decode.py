@@ -699,20 +699,20 @@ def _randomized(model: torch.nn.Module, endings: tuple[str, ...]) -> torch.nn.Mo
 
 
 def tiny_bloom():
-    """A random BLOOM: ALiBi (no rotation; 16 heads, slopes 2^(-k/2)), its token embeddings LayerNorm-ed, Q, K and V interleaved per head in
+    """A random BLOOM: ALiBi (no rotation; 16 heads 16 wide, slopes 2^(-k/2)), its token embeddings LayerNorm-ed, Q, K and V interleaved per head in
     one weight, LayerNorms and biases (random), a tanh-GELU MLP without a gate, 4 x hidden wide; its config
     names no position limit."""
     torch.manual_seed(0)
-    cfg = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=128, n_layer=2, n_head=16, **SPECIAL_TOKENS)
+    cfg = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=256, n_layer=2, n_head=16, **SPECIAL_TOKENS)
     return _randomized(transformers.BloomForCausalLM(cfg), (".bias", "layernorm.weight", "ln_f.weight")), tiny_tokenizer()
 
 
 def tiny_falcon_alibi():
     """A random Falcon-RW-like model: ALiBi (its slopes and their products with the positions rounded to
-    bfloat16, then scaled by 1 / sqrt(head size); 16 heads, whose slopes 2^(-k/2) bfloat16 does not hold
+    bfloat16, then scaled by 1 / sqrt(head size); 16 heads 16 wide, whose slopes 2^(-k/2) bfloat16 does not hold
     exactly), attention then MLP, a K/V head per query head, biases (random)."""
     return _tiny_hf("Falcon", draw=((".bias", "layernorm.weight", "ln_f.weight"), 0.5, 0.3), alibi=True, parallel_attn=False,
-                    multi_query=False, bias=True, num_attention_heads=16, **SPECIAL_TOKENS)
+                    multi_query=False, bias=True, hidden_size=256, num_attention_heads=16, **SPECIAL_TOKENS)
 
 
 def tiny_gpt_neo():
@@ -724,10 +724,10 @@ def tiny_gpt_neo():
 
 
 def tiny_mpt():
-    """A random MPT: ALiBi (16 heads, `alibi_bias_max` 8), Q, K and V one after the other in one weight,
+    """A random MPT: ALiBi (16 heads 16 wide, `alibi_bias_max` 8), Q, K and V one after the other in one weight,
     LayerNorms without biases (random scales), no biases, an exact-GELU MLP 4 x hidden wide."""
     torch.manual_seed(0)
-    cfg = transformers.MptConfig(vocab_size=VOCAB, d_model=128, n_heads=16, n_layers=2, max_seq_len=MAX_POSITIONS, **SPECIAL_TOKENS)
+    cfg = transformers.MptConfig(vocab_size=VOCAB, d_model=256, n_heads=16, n_layers=2, max_seq_len=MAX_POSITIONS, **SPECIAL_TOKENS)
     return _randomized(transformers.MptForCausalLM(cfg), ("norm_1.weight", "norm_2.weight", "norm_f.weight")), tiny_tokenizer()
 
 
@@ -945,17 +945,20 @@ def test_falcon_alibi_bias_is_transformers_own_over_its_positions():
 
 @pytest.mark.parametrize("arch", ["bloom", slow("falcon_alibi"), slow("mpt"), "stablelm_qk_norm", slow("cohere_qk_norm"),
                                   slow("phi_qk_norm")])
-def test_decoders_with_attention_as_exported_decode_with_a_cache_as_transformers_computes(llama_like, arch):
+def test_alibi_and_qk_layer_norm_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch):
     """BLOOM, Falcon-RW and MPT (ALiBi: each head's slope times the key's position added to its scores, the
     past's keys included; Falcon's rounded to bfloat16, MPT's relative to the last key), and StableLM, Cohere
     and Phi-2 with LayerNorms of their query and key heads (StableLM's and Cohere's a weight for each head,
     Phi-2's one for all, with a bias) compile to a decoder with a KV cache whose stepped logits are
-    transformers' full sequence's over 64 positions; the attention stays as exported (ONNX Runtime's fused
-    kernel takes no such bias or norm); BLOOM's layout has the default positions of a config without a limit."""
+    transformers' full sequence's over 64 positions. The ALiBi models' attention is fused, the bias the
+    kernel's `attention_bias`; the others' stays as exported (the kernel takes no such norm). BLOOM's layout
+    has the default positions of a config without a limit."""
     out = _llama_like_artifact(llama_like, arch)
     nodes = _nodes(out)
-    assert not any(n.op_type == "GroupQueryAttention" for n in nodes)
-    assert sum(n.op_type == "Softmax" for n in nodes) == 2
+    alibi = arch in ("bloom", "falcon_alibi", "mpt")
+    attention = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == 2 * alibi and all(len(n.input) == 11 and n.input[10] for n in attention)
+    assert sum(n.op_type == "Softmax" for n in nodes) == 2 * (not alibi)
     layout = read_layout(out)
     assert (layout.model_type, layout.max_positions) == ("llama", ALIBI_POSITIONS if arch == "bloom" else MAX_POSITIONS)
     hf, _ = globals()[f"tiny_{arch}"]()

@@ -26,8 +26,9 @@ What is matched, from each `Softmax` back (every other form is left as it is):
     out = Reshape(Transpose(Softmax(MatMul(rope(q), Transpose(k_rep, [0, 1, 3, 2])) * scale + mask)
                             @ v_rep, [0, 2, 1, 3]))
     (a scale of 1 is no Mul at all: GPT-Neo's unscaled scores)
-    (the scaled scores s may be soft-capped, Tanh(s / c) * c: Gemma 2's, the kernel's `softcap` c; a bias
-     added to them before the mask, ALiBi's, is not matched: BLOOM's and Falcon-RW's attention stays as exported)
+    (the scaled scores s may be soft-capped, Tanh(s / c) * c: Gemma 2's, the kernel's `softcap` c; or
+     (s + bias) + mask with a bias [heads, 1, keys], ALiBi's (BLOOM, Falcon-RW, MPT): the kernel's
+     `attention_bias`, cut to the mask's length and broadcast over the step's queries)
 
 The fused node reads `q_lin`, `k_lin`, `v_lin`, the past cache and `position_ids`, and computes the
 causal mask from `attention_mask`'s length per row (`seqlens_k`, the number of ones minus one, and
@@ -36,7 +37,7 @@ end if at all, and causal attention over all earlier positions, or over the last
 layer adds is a sliding layer's (`mask + Cast(keys <= queries - W) * c`, as the decoders of
 models/smollm2.py write it: the kernel's `local_window_size` W). The mask is not inspected further:
 a graph that folds a bias into it (ALiBi in the mask, as transformers' own Falcon does) would be fused
-without it; the decoders of models/smollm2.py add such a bias to the scores instead, which is not matched. Its cos/sin tables are computed once a run from `inv_freq` up to the largest position
+without it; the decoders of models/smollm2.py add such a bias to the scores, where it is matched. Its cos/sin tables are computed once a run from `inv_freq` up to the largest position
 id (`Range`, `Cos`, `Sin`: the same float32 products as the exported graph). ONNX Runtime's CPU kernel
 needs a head size that is a multiple of 16; other models keep their attention.
 """
@@ -94,6 +95,9 @@ class _Attention:
     # HunYuan's query and key heads rotated, then normalized [batch, heads, seq, head]: q_normed and k_normed,
     # read transposed and flattened by a kernel that rotates nothing (`frequencies` None)
     normed_after_rotation: bool = False
+    # ALiBi's bias [heads, 1, keys] added to the scaled scores before the mask (BLOOM, Falcon-RW, MPT), the kernel's
+    # `attention_bias` once broadcast over the step's queries; None: none
+    bias: ir.Value | None = None
 
 
 def fuse_attention(graph: ir.Graph) -> int:
@@ -115,8 +119,10 @@ def fuse_attention(graph: ir.Graph) -> int:
             rotary = [*tables[key], a.position_ids]
         q_in = a.q_lin if a.q_normed is None else _flattened(graph, a.q_normed, a.normed_after_rotation)
         k_in = a.k_lin if a.k_normed is None else _flattened(graph, a.k_normed, a.normed_after_rotation)
+        # cos, sin and position_ids left empty where the layer rotates nothing, then the bias
+        bias = [] if a.bias is None else [None] * (3 - len(rotary)) + [_broadcast_bias(graph, a.bias, q_in, mask, a.out_node)]
         node = ir.node(
-            "GroupQueryAttention", [q_in, k_in, a.v_lin, a.past_k, a.past_v, seqlens, total, *rotary],
+            "GroupQueryAttention", [q_in, k_in, a.v_lin, a.past_k, a.past_v, seqlens, total, *rotary, *bias],
             attributes={"num_heads": a.heads, "kv_num_heads": a.kv_heads, "scale": a.scale, "do_rotary": int(bool(rotary)),
                         "rotary_interleaved": int(a.interleaved), **({"local_window_size": a.window} if a.window else {}),
                         **({"softcap": a.softcap} if a.softcap else {})},
@@ -126,6 +132,28 @@ def fuse_attention(graph: ir.Graph) -> int:
         take_over(a.present_k, node.outputs[1])
         take_over(a.present_v, node.outputs[2])
     return len(found)
+
+
+def _broadcast_bias(graph: ir.Graph, bias: ir.Value, q_in: ir.Value, mask: ir.Value, before: ir.Node) -> ir.Value:
+    """A [heads, 1, keys] bias as the kernel's `attention_bias` [1, heads, queries, total]: its first `total`
+    keys (the mask's length; the exported bias spans the past as fed, which a cache bound in place makes the
+    whole buffer), broadcast over the step's queries (the query projection's sequence length)."""
+    tag = f"{before.name}.bias"
+    zero = new_initializer(graph, f"{tag}.zero", np.array([0], np.int64))
+    axes = new_initializer(graph, f"{tag}.axes", np.array([0], np.int64))
+    key_axis = new_initializer(graph, f"{tag}.key_axis", np.array([2], np.int64))
+    ones = new_initializer(graph, f"{tag}.ones", np.array([1, 1], np.int64))
+    last = new_initializer(graph, f"{tag}.one", np.array([1], np.int64))
+    total = ir.node("Shape", [mask], attributes={"start": 1, "end": 2}, name=f"{tag}.total")
+    nodes = [total, ir.node("Slice", [bias, zero, total.outputs[0], key_axis], name=f"{tag}.keys")]
+    nodes.append(ir.node("Unsqueeze", [nodes[-1].outputs[0], axes], name=f"{tag}.batched"))
+    nodes.append(ir.node("Shape", [q_in], attributes={"start": 1, "end": 2}, name=f"{tag}.queries"))
+    nodes.append(ir.node("Concat", [ones, nodes[-1].outputs[0], last], attributes={"axis": 0}, name=f"{tag}.shape"))
+    nodes.append(ir.node("Expand", [nodes[2].outputs[0], nodes[-1].outputs[0]], name=f"{tag}.expanded"))
+    for node in nodes:
+        node.metadata_props[CREATED_BY] = "lower-ort"
+    graph.insert_before(before, nodes)
+    return nodes[-1].outputs[0]
 
 
 def _lengths(graph: ir.Graph, mask: ir.Value) -> tuple[ir.Value, ir.Value]:
@@ -200,6 +228,9 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Attention | None:
         return None
     capped = next(((found, other) for found, other in zip(map(_capped_scale_of, add.inputs), reversed(add.inputs))
                    if found is not None), None)
+    bias = None
+    if capped is None:  # (scores + ALiBi's bias) + mask
+        capped, bias = _with_head_bias(add)
     if capped is None:
         return None
     (softcap, (scale, scores)), mask = capped
@@ -240,7 +271,22 @@ def _match(softmax: ir.Node, graph: ir.Graph) -> _Attention | None:
         return None
     return _Attention(q_lin, k_lin, v_lin, past_k, past_v, present_k, present_v, out_node.outputs[0], out_node,
                       frequencies, interleaved, cos_factor, position_ids, scale, softcap, width // head, kv_heads,
-                      _sliding_window(mask), q_normed, k_normed, after)
+                      _sliding_window(mask), q_normed, k_normed, after, bias)
+
+
+def _with_head_bias(add: ir.Node):
+    """(((softcap, (scale, scores)), mask), bias) where `add` = (scaled scores + bias) + mask and the bias is
+    [heads, 1, keys] (ALiBi's, as the decoders of models/smollm2.py add it); (None, None) otherwise."""
+    for inner, mask in zip(add.inputs, reversed(add.inputs)):
+        biased = producer_of(inner, "Add")
+        if biased is None:
+            continue
+        for scores, bias in zip(biased.inputs, reversed(biased.inputs)):
+            found = _capped_scale_of(scores)
+            shape = bias.shape
+            if found is not None and shape is not None and len(shape) == 3 and shape[1] == 1 and isinstance(shape[0], int):
+                return (found, mask), bias
+    return None, None
 
 
 def _rotary_of(q_rot: ir.Value, k_rot: ir.Value, graph: ir.Graph) \
