@@ -160,5 +160,6 @@ def _unfold(graph: ir.Graph, conv: ir.Node, x_dq: ir.Node, w_dq: ir.Node, q: ir.
     graph.insert_after(q, [batched, restored])
     for use in readers:
         use.node.replace_input_with(use.idx, restored.outputs[0])
-    restored.outputs[0].type = y_q.type
+    zero_point = q.inputs[2] if len(q.inputs) > 2 else None  # the codes' type (uint8 where the Q names none)
+    restored.outputs[0].type = ir.TensorType(zero_point.dtype if zero_point is not None and zero_point.dtype else ir.DataType.UINT8)
     restored.outputs[0].shape = ir.Shape([shape[0], out_channels, out_depth, *out_hw])  # a next Conv3d reads its dims here

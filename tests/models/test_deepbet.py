@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 
+from qcompiler.analysis.placement import NO_INTEGER_CONV_TRANSPOSE
 from qcompiler.errors import UserError
 from qcompiler.models import deepbet
 import qcompiler.models as qm
@@ -134,8 +135,8 @@ def test_segmentation3d_needs_a_3d_segmentation_model(tmp_path, capsys):
 
 @slow
 def test_w8a8_masks_agree_with_float(tmp_path):
-    """deepbet-brain compiled with `w8a8` on the calibration volumes: every Conv3d wide enough an
-    integer kernel, every ConvTranspose3d float; on the held-out volumes its brain masks agree with float's
+    """deepbet-brain compiled with `w8a8` on the calibration volumes: every Conv3d an integer kernel (the 21
+    with more than one tap or a depth stride written in 2D over depth slices), every ConvTranspose3d float; on the held-out volumes its brain masks agree with float's
     (Dice >= 0.99, the issue's target) and with nilearn's mask as closely as float's do."""
     import qcompiler
     from qcompiler.tools.evaluate import evaluate
@@ -144,7 +145,9 @@ def test_w8a8_masks_agree_with_float(tmp_path):
     result = qcompiler.compile("deepbet-brain", tmp_path / "w8a8", pipeline="w8a8", calibration=bundled.calibration_batches(),
                                drift=False, threads=2)
     stats = next(r.stats for r in result.records if r.name == "quantize")
-    assert stats["layers"] == 27 and len(stats["float_placement"]) == 8  # 6 ConvTranspose3d, the 1- and 8-channel 3D Convs
+    assert stats["layers"] == 29 and set(stats["float_placement"].values()) == {NO_INTEGER_CONV_TRANSPOSE}  # the 6 ConvTranspose3d
+    lowered = next(r.stats for r in result.records if r.name == "lower-ort")  # every Conv with taps or a depth stride in 2D
+    assert lowered["kernels"]["integer_kernels"] == 29 and lowered["routes"]["QLinearConv 2D over depth slices (integer Conv3d)"] == 21
     scores = evaluate(tmp_path / "w8a8", "segmentation3d", threads=2)
     assert scores["volumes"] == list(deepbet.EVALUATION_VOLUMES)
     assert scores["dice_vs_float_min"] >= 0.99
