@@ -1,6 +1,6 @@
 """Hugging Face Llama, Mistral, Ministral, Phi-3, Qwen2, Qwen3, Seed-OSS, Gemma (1, 2, 3), Granite,
 SmolLM3, OLMo 2, OLMo 3, EXAONE 4, ERNIE 4.5, Helium, StableLM, StarCoder2, Phi-2, GPT-NeoX, GPT-J, CodeGen,
-GPT-2, GPT-BigCode, GPT-Neo, OPT, BLOOM, MPT, Cohere, Cohere 2, Arcee, Nemotron, Apertus, GLM, GLM-4, Falcon, OLMo, HunYuan,
+GPT-2, GPT-BigCode, GPT-Neo, OPT, BLOOM, MPT, Persimmon, Cohere, Cohere 2, Arcee, Nemotron, Apertus, GLM, GLM-4, Falcon, OLMo, HunYuan,
 Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE causal LMs as models with a KV cache: a `package.module:function` source that returns `(model, tokenizer)`
 is rebuilt as our Llama decoder (`models/smollm2.py`, with what each architecture adds to Llama, see
 ARCHITECTURES) with the model's weights and captured with the cache layout of `models/causal_lm.py`."""
@@ -62,7 +62,8 @@ def is_hf_causal_lm(obj: Any) -> bool:
 # and Helium rotate each pair of neighbouring values of a head, not its two halves. StableLM has
 # LayerNorms with biases, a partial rotation and, where it says so, attention and MLP side by side;
 # StarCoder2 LayerNorms, biases on every linear, an MLP without a gate and a sliding window (StableLM 2 12B, Phi-2 and
-# Cohere's Command R+ where they say so also a LayerNorm of each query and key head, QK_LAYER_NORMS); Phi-2
+# Cohere's Command R+ where they say so also a LayerNorm of each query and key head, QK_LAYER_NORMS; Persimmon always,
+# with GPT-NeoX's Q, K and V layout and ReLU squared); Phi-2
 # (`phi`) StarCoder2's LayerNorms, biases and MLP, attention and MLP side by side on one norm, a partial
 # rotation and a biased head; GPT-NeoX (Pythia) the same with two norms side by side, Q, K and V one
 # weight interleaved per head and an exact GELU; GPT-J Phi-2's block with neighbouring values rotated; CodeGen GPT-J's
@@ -89,7 +90,7 @@ def is_hf_causal_lm(obj: Any) -> bool:
 ARCHITECTURES = ("llama", "mistral", "ministral", "phi3", "qwen2", "qwen3", "seed_oss", "gemma", "gemma2", "gemma3_text",
                  "granite", "smollm3", "olmo2", "olmo3", "exaone4", "ernie4_5", "helium", "stablelm", "starcoder2", "phi",
                  "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "cohere2", "arcee", "nemotron", "glm", "glm4",
-                 "falcon", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus", "hunyuan_v1_dense", "bloom", "gpt_neo", "mpt", "codegen")
+                 "falcon", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus", "hunyuan_v1_dense", "bloom", "gpt_neo", "mpt", "codegen", "persimmon")
 GEMMA = ("gemma", "gemma2", "gemma3_text")
 POST_NORMS = ("olmo2", "olmo3", "exaone4")  # norms after the attention and the MLP only
 # `genai_config.json`'s type where ONNX Runtime GenAI (0.18) knows the architecture by another name
@@ -98,12 +99,12 @@ GENAI_TYPES = {"ministral": "mistral", "seed_oss": "llama", "olmo2": "olmo", "ol
                "stablelm": "llama", "starcoder2": "llama", "phi": "llama", "gpt_neox": "llama", "gptj": "llama", "gpt2": "llama",
                "gpt_bigcode": "llama", "opt": "llama", "cohere": "llama", "cohere2": "llama", "arcee": "llama", "nemotron": "llama",
                "glm": "llama", "glm4": "llama", "falcon": "llama", "mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3",
-               "olmoe": "olmo", "apertus": "llama", "hunyuan_v1_dense": "llama", "bloom": "llama", "gpt_neo": "llama", "mpt": "llama", "codegen": "llama"}
+               "olmoe": "olmo", "apertus": "llama", "hunyuan_v1_dense": "llama", "bloom": "llama", "gpt_neo": "llama", "mpt": "llama", "codegen": "llama", "persimmon": "llama"}
 # LayerNorms, not RMSNorms (with a bias but for Cohere's, with neither weight nor bias for OLMo's)
 LAYER_NORMS = ("stablelm", "starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "cohere", "cohere2", "nemotron",
-               "falcon", "olmo", "bloom", "gpt_neo", "mpt", "codegen")
+               "falcon", "olmo", "bloom", "gpt_neo", "mpt", "codegen", "persimmon")
 PLAIN_MLPS = ("starcoder2", "phi", "gpt_neox", "gptj", "gpt2", "gpt_bigcode", "opt", "arcee", "nemotron", "falcon",
-              "apertus", "bloom", "gpt_neo", "mpt", "codegen")  # MLPs without a gate
+              "apertus", "bloom", "gpt_neo", "mpt", "codegen", "persimmon")  # MLPs without a gate
 PARALLEL = ("phi", "gptj", "cohere", "cohere2", "codegen")  # attention and MLP side by side on one norm
 LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt", "gpt_neo")  # a learned table of positions added to the embeddings, no rotation
 ALIBI_POSITIONS = 2048  # the positions a model without a position limit in its config is given (BLOOM's training length)
@@ -122,6 +123,9 @@ OUR_NAMES = {
             ("model.final_layernorm.", "model.norm."), (".self_attn.q_layernorm.", ".self_attn.q_norm."),
             (".self_attn.k_layernorm.", ".self_attn.k_norm.")),
     "stablelm": ((".self_attn.q_layernorm.", ".self_attn.q_norm."), (".self_attn.k_layernorm.", ".self_attn.k_norm.")),
+    "persimmon": ((".self_attn.query_key_value.", ".self_attn.qkv_interleaved."), (".self_attn.dense.", ".self_attn.o_proj."),
+                  (".self_attn.q_layernorm.", ".self_attn.q_norm."), (".self_attn.k_layernorm.", ".self_attn.k_norm."),
+                  (".mlp.dense_h_to_4h.", ".mlp.c_fc."), (".mlp.dense_4h_to_h.", ".mlp.c_proj."), ("model.final_layernorm.", "model.norm.")),
     "gpt_neox": (("gpt_neox.embed_in.", "model.embed_tokens."), ("gpt_neox.final_layer_norm.", "model.norm."),
                  ("gpt_neox.layers.", "model.layers."), (".attention.dense.", ".self_attn.o_proj."),
                  (".attention.query_key_value.", ".self_attn.qkv_interleaved."), (".mlp.dense_h_to_4h.", ".mlp.c_fc."),
@@ -161,7 +165,7 @@ OUR_NAMES = {
                (".self_attention.query_key_value.", ".self_attn.qkv_proj."), (".mlp.dense_h_to_4h.", ".mlp.c_fc."),
                (".mlp.dense_4h_to_h.", ".mlp.c_proj."), (".ln_attn.", ".input_layernorm."), (".ln_mlp.", ".post_attention_layernorm.")),
 }
-QK_LAYER_NORMS = ("stablelm", "cohere", "phi")  # query and key norms, where they have them, are LayerNorms of each head
+QK_LAYER_NORMS = ("stablelm", "cohere", "phi", "persimmon")  # query and key norms, where they have them, are LayerNorms of each head
 INTERLEAVED_ROTARY = ("ernie4_5", "helium", "gptj", "cohere", "cohere2", "glm", "glm4", "codegen")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu", "relu": "relu",
                "relu2": "relu2", "xielu": "xielu"}
@@ -429,14 +433,15 @@ def _qk_layer_norm(cfg: Any, state: dict[str, torch.Tensor]) -> str:
 
 
 def _kv_heads(cfg: Any) -> int:
-    """K/V heads: GPT-NeoX's, GPT-2's, GPT-J's, CodeGen's, OPT's, BLOOM's, GPT-Neo's and MPT's one per query head, GPT-BigCode's and Falcon's one
+    """K/V heads: GPT-NeoX's, GPT-2's, GPT-J's, CodeGen's, OPT's, BLOOM's, GPT-Neo's, MPT's and Persimmon's one per
+    query head, GPT-BigCode's and Falcon's one
     where `multi_query` (Falcon's new architecture `num_kv_heads`), the others' `num_key_value_heads` (one
     per query head where unset)."""
     if cfg.model_type == "gpt_bigcode" or (cfg.model_type == "falcon" and not cfg.new_decoder_architecture):
         return 1 if cfg.multi_query else cfg.num_attention_heads
     if cfg.model_type == "falcon":  # its new architecture: `num_kv_heads` groups
         return cfg.num_kv_heads
-    if cfg.model_type in ("gpt_neox", "gpt2", "gptj", "opt", "bloom", "gpt_neo", "mpt", "codegen"):
+    if cfg.model_type in ("gpt_neox", "gpt2", "gptj", "opt", "bloom", "gpt_neo", "mpt", "codegen", "persimmon"):
         return cfg.num_attention_heads
     return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 

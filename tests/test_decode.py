@@ -631,6 +631,13 @@ def tiny_cohere():
     return _tiny_hf("Cohere", draw=(("layernorm.weight", "norm.weight"), 0.5, 0.3), logit_scale=0.5, **SPECIAL_TOKENS)
 
 
+def tiny_persimmon():
+    """A random Persimmon: GPT-NeoX's Q, K and V layout, a LayerNorm of each query and key head (one for all heads,
+    with a bias), half of each head rotated, LayerNorms and biases (random), ReLU squared."""
+    model, tokenizer = _tiny_hf("Persimmon", draw=((".bias", "layernorm.weight"), 0.5, 0.3), **SPECIAL_TOKENS)
+    return _drawn_norms(model), tokenizer
+
+
 def tiny_cohere_qk_norm():
     """Cohere with `use_qk_norm` (Command R+'s attention): a LayerNorm of each query and key head without a bias, a
     weight for each head (random)."""
@@ -944,12 +951,12 @@ def test_falcon_alibi_bias_is_transformers_own_over_its_positions():
 
 
 @pytest.mark.parametrize("arch", ["bloom", slow("falcon_alibi"), slow("mpt"), "stablelm_qk_norm", slow("cohere_qk_norm"),
-                                  slow("phi_qk_norm")])
+                                  slow("phi_qk_norm"), slow("persimmon")])
 def test_alibi_and_qk_layer_norm_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch):
     """BLOOM, Falcon-RW and MPT (ALiBi: each head's slope times the key's position added to its scores, the
     past's keys included; Falcon's rounded to bfloat16, MPT's relative to the last key), and StableLM, Cohere
     and Phi-2 with LayerNorms of their query and key heads (StableLM's and Cohere's a weight for each head,
-    Phi-2's one for all, with a bias) compile to a decoder with a KV cache whose stepped logits are
+    Phi-2's and Persimmon's one for all, with a bias) compile to a decoder with a KV cache whose stepped logits are
     transformers' full sequence's over 64 positions. The ALiBi models' attention is fused, the bias the
     kernel's `attention_bias`; the others' stays as exported (the kernel takes no such norm). BLOOM's layout
     has the default positions of a config without a limit."""
@@ -1032,7 +1039,7 @@ def test_qwen2_int4_packs_its_biased_qkv(llama_like, calib_file):
                                   "cohere", "arcee", "nemotron", "cohere2", "glm", "glm4", "falcon", "falcon_new",
                                   "falcon_sequential", "olmo", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "apertus",
                                   "hunyuan", "bloom", "gpt_neo", "mpt", "codegen", "falcon_alibi", "stablelm_qk_norm",
-                                  "cohere_qk_norm", "phi_qk_norm"])
+                                  "cohere_qk_norm", "phi_qk_norm", "persimmon"])
 def test_llama_like_artifacts_generate_in_onnxruntime_genai(llama_like, arch):
     """ONNX Runtime GenAI loads each architecture's artifact by its `genai_config.json` (`type` qwen2,
     qwen3, mistral, phi3, llama) and generates our greedy tokens."""
@@ -1051,7 +1058,7 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
     (lambda: transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1)),
      "takes llama, mistral, ministral, phi3, qwen2, qwen3, seed_oss, gemma, gemma2, gemma3_text, granite, smollm3, olmo2, "
      "olmo3, exaone4, ernie4_5, helium, stablelm, starcoder2, phi, gpt_neox, gptj, gpt2, gpt_bigcode, opt, cohere, cohere2, "
-     "arcee, nemotron, glm, glm4, falcon, olmo, mixtral, qwen2_moe, qwen3_moe, olmoe, apertus, hunyuan_v1_dense, bloom, gpt_neo, mpt, codegen causal LMs"),
+     "arcee, nemotron, glm, glm4, falcon, olmo, mixtral, qwen2_moe, qwen3_moe, olmoe, apertus, hunyuan_v1_dense, bloom, gpt_neo, mpt, codegen, persimmon causal LMs"),
     (lambda: transformers.MptForCausalLM(transformers.MptConfig(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=1,
                                                                 attn_config={"qk_ln": True})),
      "MPT models with Q, K and V unclipped \\(clip_qkv none\\), and with ALiBi of alibi_bias_max 8, no query and key LayerNorms"),
