@@ -117,15 +117,14 @@ _GPT2_NAMES = (("transformer.wte.", "model.embed_tokens."), ("transformer.wpe.",
                (".ln_2.", ".post_attention_layernorm."), (".attn.c_attn.", ".self_attn.qkv_proj."),
                (".attn.c_proj.", ".self_attn.o_proj."))
 _UP_DOWN = ((".mlp.up_proj.", ".mlp.c_fc."), (".mlp.down_proj.", ".mlp.c_proj."))
+_QK_LAYERNORMS = ((".self_attn.q_layernorm.", ".self_attn.q_norm."), (".self_attn.k_layernorm.", ".self_attn.k_norm."))
 # the parameter names of the families whose names differ from Llama's (ours)
 OUR_NAMES = {
     "phi": ((".self_attn.dense.", ".self_attn.o_proj."), (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj."),
-            ("model.final_layernorm.", "model.norm."), (".self_attn.q_layernorm.", ".self_attn.q_norm."),
-            (".self_attn.k_layernorm.", ".self_attn.k_norm.")),
-    "stablelm": ((".self_attn.q_layernorm.", ".self_attn.q_norm."), (".self_attn.k_layernorm.", ".self_attn.k_norm.")),
+            ("model.final_layernorm.", "model.norm."), *_QK_LAYERNORMS),
+    "stablelm": _QK_LAYERNORMS,
     "persimmon": ((".self_attn.query_key_value.", ".self_attn.qkv_interleaved."), (".self_attn.dense.", ".self_attn.o_proj."),
-                  (".self_attn.q_layernorm.", ".self_attn.q_norm."), (".self_attn.k_layernorm.", ".self_attn.k_norm."),
-                  (".mlp.dense_h_to_4h.", ".mlp.c_fc."), (".mlp.dense_4h_to_h.", ".mlp.c_proj."), ("model.final_layernorm.", "model.norm.")),
+                  *_QK_LAYERNORMS, (".mlp.dense_h_to_4h.", ".mlp.c_fc."), (".mlp.dense_4h_to_h.", ".mlp.c_proj."), ("model.final_layernorm.", "model.norm.")),
     "gpt_neox": (("gpt_neox.embed_in.", "model.embed_tokens."), ("gpt_neox.final_layer_norm.", "model.norm."),
                  ("gpt_neox.layers.", "model.layers."), (".attention.dense.", ".self_attn.o_proj."),
                  (".attention.query_key_value.", ".self_attn.qkv_interleaved."), (".mlp.dense_h_to_4h.", ".mlp.c_fc."),

@@ -90,9 +90,9 @@ class LlamaConfig:
     qk_norm_projection: bool = False  # the query and key norms normalize the whole projection, not each head (OLMo 2)
     qk_norm_after_rotary: bool = False  # the query and key heads are normalized after their rotation (HunYuan), not before
     # the query and key norms are LayerNorms of each head's values (StableLM's `qk_layernorm`, Cohere's `use_qk_norm`,
-    # Phi-2's), not RMSNorms: "per_head" (a weight for each head), "shared" (one for all heads); "": RMSNorms
+    # Phi-2's, Persimmon's), not RMSNorms: "per_head" (a weight for each head), "shared" (one for all heads); "": RMSNorms
     qk_layer_norm: str = ""
-    qk_norm_bias: bool = False  # those LayerNorms add a bias (Phi-2's)
+    qk_norm_bias: bool = False  # those LayerNorms add a bias (Phi-2's, Persimmon's)
     rotary_size: int = 0  # the leading width of each head that is rotated (Phi-4-mini's 3/4); 0: the whole head
     rotary_attention_factor: float = 1.0  # on the cos and sin tables of a scaled rotary embedding (yarn, longrope)
     # a step whose largest position is this or beyond rotates by a second set of frequencies, the long
@@ -200,8 +200,8 @@ class RMSNorm(nn.Module):
 
 class HeadLayerNorm(nn.Module):
     """LayerNorm over each head's values ([..., heads, head_dim]) with a weight for each head ([heads, head_dim])
-    or one for all ([head_dim]), and a bias where the model has one: StableLM's, Cohere's and Phi-2's query and
-    key norms."""
+    or one for all ([head_dim]), and a bias where the model has one: StableLM's, Cohere's, Phi-2's and
+    Persimmon's query and key norms."""
 
     def __init__(self, shape: tuple[int, ...], eps: float, bias: bool):
         super().__init__()

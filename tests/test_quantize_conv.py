@@ -109,6 +109,24 @@ def test_narrow_conv3d_with_taps_stays_float(weight, x_shape, reason):
         assert reason in found
 
 
+def _in_2d_and_3d(tmp_path, monkeypatch, path, x_shape, rng):
+    """`path` compiled to int8 (int8 forced everywhere) as `lower-ort` writes it and with its 3D Convs left
+    in 3D: (how many Convs went 2D, the first output of each on one seeded input)."""
+    from qcompiler.passes import lower_ort
+
+    batches = [{"x": rng.normal(0.3, 1, x_shape).astype(np.float32)} for _ in range(3)]
+    pipeline = "calibrate,quantize{force=*},lower-ort"
+    unfolded = qcompiler.compile(str(path), tmp_path / "2d", pipeline=pipeline, calibration=batches, drift=False)
+    in_2d = next(r.stats for r in unfolded.records if r.name == "lower-ort")["routes"].get("QLinearConv 2D over depth slices (integer Conv3d)", 0)
+    with monkeypatch.context() as patch:
+        patch.setattr(lower_ort, "unfold_integer_conv3d", lambda graph: 0)
+        qcompiler.compile(str(path), tmp_path / "3d", pipeline=pipeline, calibration=batches, drift=False)
+    feeds = {"x": rng.normal(0.3, 1, x_shape).astype(np.float32)}
+    as_2d, as_3d = (ort.InferenceSession(str(tmp_path / d / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+                    for d in ("2d", "3d"))
+    return in_2d, as_2d, as_3d
+
+
 @pytest.mark.parametrize(("weight", "attrs"), [
     ((6, 4, 3, 3, 3), {"pads": [1] * 6}),
     ((6, 4, 7, 3, 3), {"pads": [3, 1, 1, 3, 1, 1], "strides": [2, 2, 2]}),
@@ -120,25 +138,15 @@ def test_integer_conv3d_as_2d_over_depth_slices_computes_what_its_3d_kernel_does
     """`lower-ort` writes an integer Conv3d as a 2D Conv over the output's depth slices (depth taps,
     strides, padding, dilation, groups, a batch of 2): ONNX Runtime runs it as a 2D QLinearConv and
     its output equals, bit for bit, that of the 3D QLinearConv the same QDQ group makes unrewritten."""
-    from qcompiler.passes import lower_ort
-
     rng = np.random.default_rng(11)
     arrays = {"w": rng.normal(0, 0.2, weight), "b": rng.normal(0, 0.1, weight[0])}
     node = oh.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", group=attrs.get("group", 1),
                         **{k: v for k, v in attrs.items() if k != "group"})
     nodes = [node, oh.make_node("Relu", ["c"], ["r"], name="relu"), oh.make_node("Sigmoid", ["r"], ["y"], name="sigmoid")]
     path = _save(tmp_path, nodes, ["n", 4, 7, 6, 5], None, arrays, "conv3d")
-    batches = [{"x": rng.normal(0.3, 1, (2, 4, 7, 6, 5)).astype(np.float32)} for _ in range(3)]
-    pipeline = "calibrate,quantize{force=*},lower-ort"
-    unfolded = qcompiler.compile(str(path), tmp_path / "2d", pipeline=pipeline, calibration=batches, drift=False)
-    routes = next(r.stats for r in unfolded.records if r.name == "lower-ort")["routes"]
-    assert routes["QLinearConv 2D over depth slices (integer Conv3d)"] == 1
-    monkeypatch.setattr(lower_ort, "unfold_integer_conv3d", lambda graph: 0)
-    qcompiler.compile(str(path), tmp_path / "3d", pipeline=pipeline, calibration=batches, drift=False)
+    in_2d, as_2d, as_3d = _in_2d_and_3d(tmp_path, monkeypatch, path, (2, 4, 7, 6, 5), rng)
+    assert in_2d == 1
     assert _optimized_ops(tmp_path / "2d" / "model.onnx", tmp_path).count("QLinearConv") == 1
-    feeds = {"x": rng.normal(0.3, 1, (2, 4, 7, 6, 5)).astype(np.float32)}
-    as_2d, as_3d = (ort.InferenceSession(str(tmp_path / d / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-                    for d in ("2d", "3d"))
     assert as_2d.shape == as_3d.shape and np.array_equal(as_2d, as_3d)
 
 
@@ -146,23 +154,14 @@ def test_a_chain_of_integer_conv3ds_is_written_in_2d_throughout(tmp_path, monkey
     """Conv3d -> Relu -> Conv3d -> Relu (a folded BatchNorm's chain): the second Conv reads the first one's
     output put back in 5-D, whose dims the rewrite records, so both are written in 2D; the output equals the
     3D kernels' bit for bit."""
-    from qcompiler.passes import lower_ort
-
     rng = np.random.default_rng(12)
     arrays = {"w1": rng.normal(0, 0.2, (8, 4, 3, 3, 3)), "w2": rng.normal(0, 0.2, (6, 8, 3, 3, 3))}
     nodes = [oh.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 6), oh.make_node("Relu", ["c1"], ["r1"], name="relu1"),
              oh.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1] * 6, strides=[2] * 3),
              oh.make_node("Relu", ["c2"], ["r2"], name="relu2"), oh.make_node("Sigmoid", ["r2"], ["y"], name="sigmoid")]
     path = _save(tmp_path, nodes, ["n", 4, 6, 6, 6], None, arrays, "chain")
-    batches = [{"x": rng.normal(0.3, 1, (2, 4, 6, 6, 6)).astype(np.float32)} for _ in range(3)]
-    pipeline = "calibrate,quantize{force=*},lower-ort"
-    unfolded = qcompiler.compile(str(path), tmp_path / "2d", pipeline=pipeline, calibration=batches, drift=False)
-    assert next(r.stats for r in unfolded.records if r.name == "lower-ort")["routes"]["QLinearConv 2D over depth slices (integer Conv3d)"] == 2
-    monkeypatch.setattr(lower_ort, "unfold_integer_conv3d", lambda graph: 0)
-    qcompiler.compile(str(path), tmp_path / "3d", pipeline=pipeline, calibration=batches, drift=False)
-    feeds = {"x": rng.normal(0.3, 1, (2, 4, 6, 6, 6)).astype(np.float32)}
-    as_2d, as_3d = (ort.InferenceSession(str(tmp_path / d / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-                    for d in ("2d", "3d"))
+    in_2d, as_2d, as_3d = _in_2d_and_3d(tmp_path, monkeypatch, path, (2, 4, 6, 6, 6), rng)
+    assert in_2d == 2
     assert np.array_equal(as_2d, as_3d)
 
 
@@ -170,9 +169,9 @@ def test_a_conv3d_weight_dequantized_once_for_two_convs_is_left_in_3d():
     """A QDQ graph (as ONNX Runtime's quantize_static writes it) whose one DequantizeLinear of an int8 kernel
     feeds two Conv3ds: writing either in 2D would make the other read a 4-D kernel, so the rewrite leaves the
     graph as it is."""
-    from qcompiler.passes.lower_ort.conv3d import unfold_integer_conv3d
-
     from onnx import TensorProto, numpy_helper
+
+    from qcompiler.passes.lower_ort.conv3d import unfold_integer_conv3d
 
     rng = np.random.default_rng(13)
     inits = [numpy_helper.from_array(rng.integers(-100, 100, (4, 4, 3, 3, 3)).astype(np.int8), "wq"),

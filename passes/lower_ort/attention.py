@@ -110,6 +110,7 @@ def fuse_attention(graph: ir.Graph) -> int:
         return 0
     seqlens, total = _lengths(graph, mask)
     tables: dict[bytes, tuple[ir.Value, ir.Value]] = {}
+    bias_shapes: tuple[ir.Value, ir.Value] | None = None  # the keys and the expansion every layer's bias takes
     for a in found:
         rotary: list[ir.Value] = []  # cos, sin and position_ids where the layer rotates its queries and keys
         if a.frequencies is not None:
@@ -119,8 +120,10 @@ def fuse_attention(graph: ir.Graph) -> int:
             rotary = [*tables[key], a.position_ids]
         q_in = a.q_lin if a.q_normed is None else _flattened(graph, a.q_normed, a.normed_after_rotation)
         k_in = a.k_lin if a.k_normed is None else _flattened(graph, a.k_normed, a.normed_after_rotation)
-        # cos, sin and position_ids left empty where the layer rotates nothing, then the bias
-        bias = [] if a.bias is None else [None] * (3 - len(rotary)) + [_broadcast_bias(graph, a.bias, q_in, mask, a.out_node)]
+        bias = []
+        if a.bias is not None:  # cos, sin and position_ids left empty where the layer rotates nothing, then the bias
+            bias_shapes = bias_shapes or _bias_shapes(graph, mask, q_in, a.out_node)
+            bias = [None] * (3 - len(rotary)) + [_broadcast_bias(graph, a.bias, *bias_shapes, a.out_node)]
         node = ir.node(
             "GroupQueryAttention", [q_in, k_in, a.v_lin, a.past_k, a.past_v, seqlens, total, *rotary, *bias],
             attributes={"num_heads": a.heads, "kv_num_heads": a.kv_heads, "scale": a.scale, "do_rotary": int(bool(rotary)),
@@ -134,22 +137,30 @@ def fuse_attention(graph: ir.Graph) -> int:
     return len(found)
 
 
-def _broadcast_bias(graph: ir.Graph, bias: ir.Value, q_in: ir.Value, mask: ir.Value, before: ir.Node) -> ir.Value:
-    """A [heads, 1, keys] bias as the kernel's `attention_bias` [1, heads, queries, total]: its first `total`
-    keys (the mask's length; the exported bias spans the past as fed, which a cache bound in place makes the
-    whole buffer), broadcast over the step's queries (the query projection's sequence length)."""
+def _bias_shapes(graph: ir.Graph, mask: ir.Value, q_in: ir.Value, before: ir.Node) -> tuple[ir.Value, ir.Value]:
+    """([total], [1, 1, queries, 1]): the mask's length, which a bias's keys are cut to (the exported bias spans
+    the past as fed, which a cache bound in place makes the whole buffer), and the shape that broadcasts it over
+    the step's queries (the query projection's sequence length); computed once, before the first fused layer."""
+    ones = new_initializer(graph, "attention.bias.ones", np.array([1, 1], np.int64))
+    last = new_initializer(graph, "attention.bias.one", np.array([1], np.int64))
+    nodes = [ir.node("Shape", [mask], attributes={"start": 1, "end": 2}, name="attention.bias.total"),
+             ir.node("Shape", [q_in], attributes={"start": 1, "end": 2}, name="attention.bias.queries")]
+    nodes.append(ir.node("Concat", [ones, nodes[-1].outputs[0], last], attributes={"axis": 0}, name="attention.bias.shape"))
+    for node in nodes:
+        node.metadata_props[CREATED_BY] = "lower-ort"
+    graph.insert_before(before, nodes)
+    return nodes[0].outputs[0], nodes[-1].outputs[0]
+
+
+def _broadcast_bias(graph: ir.Graph, bias: ir.Value, total: ir.Value, shape: ir.Value, before: ir.Node) -> ir.Value:
+    """A [heads, 1, keys] bias as the kernel's `attention_bias` [1, heads, queries, total] (`_bias_shapes`)."""
     tag = f"{before.name}.bias"
     zero = new_initializer(graph, f"{tag}.zero", np.array([0], np.int64))
-    axes = new_initializer(graph, f"{tag}.axes", np.array([0], np.int64))
+    axis = new_initializer(graph, f"{tag}.axis", np.array([0], np.int64))
     key_axis = new_initializer(graph, f"{tag}.key_axis", np.array([2], np.int64))
-    ones = new_initializer(graph, f"{tag}.ones", np.array([1, 1], np.int64))
-    last = new_initializer(graph, f"{tag}.one", np.array([1], np.int64))
-    total = ir.node("Shape", [mask], attributes={"start": 1, "end": 2}, name=f"{tag}.total")
-    nodes = [total, ir.node("Slice", [bias, zero, total.outputs[0], key_axis], name=f"{tag}.keys")]
-    nodes.append(ir.node("Unsqueeze", [nodes[-1].outputs[0], axes], name=f"{tag}.batched"))
-    nodes.append(ir.node("Shape", [q_in], attributes={"start": 1, "end": 2}, name=f"{tag}.queries"))
-    nodes.append(ir.node("Concat", [ones, nodes[-1].outputs[0], last], attributes={"axis": 0}, name=f"{tag}.shape"))
-    nodes.append(ir.node("Expand", [nodes[2].outputs[0], nodes[-1].outputs[0]], name=f"{tag}.expanded"))
+    nodes = [ir.node("Slice", [bias, zero, total, key_axis], name=f"{tag}.keys")]
+    nodes.append(ir.node("Unsqueeze", [nodes[-1].outputs[0], axis], name=f"{tag}.batched"))
+    nodes.append(ir.node("Expand", [nodes[-1].outputs[0], shape], name=f"{tag}.expanded"))
     for node in nodes:
         node.metadata_props[CREATED_BY] = "lower-ort"
     graph.insert_before(before, nodes)

@@ -35,7 +35,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.analysis.placement import folds_into_integer_conv, unfolds_to_2d
+from qcompiler.analysis.placement import conv_output, unfolds_to_2d
+from qcompiler.ir import op_key, producer_of
 from qcompiler.ir.layers import drop_unread, new_initializer
 from qcompiler.ir.meta import CREATED_BY
 
@@ -52,17 +53,13 @@ def unfold_integer_conv3d(graph: ir.Graph) -> int:
     return count
 
 
-def _is(node: ir.Node | None, op_type: str) -> bool:
-    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
-
-
 def _integer_conv3d(graph: ir.Graph, conv: ir.Node):
     """(input DQ, weight DQ, output Q, input shape) where `conv` is a 3D Conv of an integer QDQ group
     worth unfolding, else None."""
-    if not _is(conv, "Conv") or len(conv.inputs) < 2:
+    if op_key(conv) != ("", "Conv") or len(conv.inputs) < 2:
         return None
-    x_dq, w_dq = conv.inputs[0].producer(), conv.inputs[1].producer()
-    if not (_is(x_dq, "DequantizeLinear") and _is(w_dq, "DequantizeLinear")):
+    x_dq, w_dq = producer_of(conv.inputs[0], "DequantizeLinear"), producer_of(conv.inputs[1], "DequantizeLinear")
+    if x_dq is None or w_dq is None:
         return None
     # the DQs' outputs and the Conv's become 4-D: each must be read by this Conv (or its Relu) alone
     if any(len(v.uses()) != 1 or v in graph.outputs for v in (conv.inputs[0], conv.inputs[1], conv.outputs[0])):
@@ -73,16 +70,12 @@ def _integer_conv3d(graph: ir.Graph, conv: ir.Node):
     shape = _static_shape(conv.inputs[0])
     if not unfolds_to_2d(conv, tuple(weight.shape), shape):
         return None
-    out = conv.outputs[0]
+    out = conv_output(graph, conv)  # the Conv's output, or its Relu's or Clip's
     uses = list(out.uses())
-    if len(uses) == 1 and folds_into_integer_conv(uses[0].node) and uses[0].idx == 0:
-        out = uses[0].node.outputs[0]
-        uses = list(out.uses())
-    if out in graph.outputs or len(uses) != 1 or not _is(uses[0].node, "QuantizeLinear") or uses[0].idx != 0:
+    q = uses[0].node if len(uses) == 1 and uses[0].idx == 0 and out not in graph.outputs else None
+    if q is None or op_key(q) != ("", "QuantizeLinear") or q.outputs[0] in graph.outputs:
         return None
-    if uses[0].node.outputs[0] in graph.outputs:
-        return None
-    return x_dq, w_dq, uses[0].node, shape
+    return x_dq, w_dq, q, shape
 
 
 def _static_shape(value: ir.Value) -> list | None:
@@ -93,7 +86,7 @@ def _static_shape(value: ir.Value) -> list | None:
         if shape is not None and len(shape) == 5 and all(isinstance(d, int) for d in list(shape)[1:]):
             return list(shape)
         producer = value.producer()
-        if producer is None or not (_is(producer, "DequantizeLinear") or _is(producer, "QuantizeLinear")):
+        if producer is None or op_key(producer) not in (("", "DequantizeLinear"), ("", "QuantizeLinear")):
             return None
         value = producer.inputs[0]
     return None
