@@ -92,12 +92,14 @@ class BlockLearningPass(Pass):
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, int) or not (self.holdout == 0 or 2 <= self.holdout <= 64):
             raise UserError(f"{self.name}: holdout must be 0 (off) or from 2 to 64 (every holdout-th batch held out), got {self.holdout}")
 
-    def call(self, model: ir.Model) -> PassResult:
-        ctx = context.current()
-        opts = Options(self.mode, self.steps, float(self.lr), self.seed, float(self.time_budget), self.regions, self.name,
+    def _options(self) -> Options:
+        return Options(self.mode, self.steps, float(self.lr), self.seed, float(self.time_budget), self.regions, self.name,
                        self.batch, self.loss, bool(self.act_grids), self.tile,
                        self.tile // 4 if self.tile_margin == -1 else self.tile_margin, self.holdout, step_compute(self.compute))
-        stats = reconstruct(model, opts, ctx.require_calibration(self.name), ctx.threads)
+
+    def call(self, model: ir.Model) -> PassResult:
+        ctx = context.current()
+        stats = reconstruct(model, self._options(), ctx.require_calibration(self.name), ctx.threads)
         return PassResult(model, bool(stats.get("blocks_improved")), stats)
 
 

@@ -60,7 +60,8 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.analysis.reconstruct import BlockProblem, Options, reconstruct
+from qcompiler.analysis.probe import leads_with_tokens
+from qcompiler.analysis.reconstruct import BlockProblem, Options, reconstruct, unsupported_block_ops
 from qcompiler.dialect.mixed_ops import (MixedClass, MixedMatMulView, class_slices, is_mixed_matmul, mixed_weights_over,
                                         split_class_inputs, uniform_zero_kind)
 from qcompiler.errors import UserError
@@ -102,6 +103,9 @@ class GPTQPass(Pass):
     max_weights: int = option(
         0, "round only models whose mixed linear layers hold at most this many weights; above it the pass keeps "
            "round-to-nearest and says so (0: no limit; the mixed preset's rounding=auto sets it)")
+    unsupported: Literal["error", "skip"] = option(
+        "error", "a model with ops the block interpreter cannot run: refuse it (error), or keep round-to-nearest and "
+                 "say which ops (skip; the mixed preset's rounding=auto)")
 
     def __post_init__(self):
         if self.damp != "auto" and (isinstance(self.damp, bool) or not isinstance(self.damp, (int, float))
@@ -114,21 +118,31 @@ class GPTQPass(Pass):
         if isinstance(self.max_weights, bool) or not isinstance(self.max_weights, int) or self.max_weights < 0:
             raise UserError(f"gptq: max-weights must be a whole number of weights, 0 for no limit, got {self.max_weights}")
 
-    def _weights_over_limit(self, model: ir.Model) -> int:
-        """The mixed layers' weights where they exceed `max-weights`, else 0."""
-        return mixed_weights_over(model, self.max_weights)
+    def _options(self) -> Options:
+        return Options("gptq", 1, 1.0, 0, 0.0, self.regions, self.name, batch=1 << 20)
+
+    def _why_skipped(self, model: ir.Model) -> tuple[str, str] | None:
+        """Why the model keeps round-to-nearest (max-weights; unsupported=skip), with what to do instead, or None: round."""
+        weights = mixed_weights_over(model, self.max_weights)
+        if weights:
+            return (f"{weights} weights in mixed layers, over max-weights={self.max_weights}",
+                    "rounding=gptq in the mixed preset rounds any size")
+        missing = unsupported_block_ops(model, self._options()) if self.unsupported == "skip" else []
+        if missing:
+            return f"the block interpreter cannot run {', '.join(missing)}", "rounding=nearest in the mixed preset says so up front"
+        return None
 
     def ensures(self, model: ir.Model) -> None:
-        if not self._weights_over_limit(model):  # over it the model is as quantize-weights left it, properties included
+        if self._why_skipped(model) is None:  # skipped, the model is as quantize-weights left it, properties included
             super().ensures(model)
 
     def call(self, model: ir.Model) -> PassResult:
-        weights = self._weights_over_limit(model)
-        if weights:
-            log.warning("gptq: the mixed layers hold %d weights, over max-weights=%d: kept round-to-nearest "
-                        "(rounding=gptq in the mixed preset rounds any size)", weights, self.max_weights)
-            return PassResult(model, False, {"skipped": f"{weights} weights in mixed layers, over max-weights={self.max_weights}"})
-        opts = Options("gptq", 1, 1.0, 0, 0.0, self.regions, self.name, batch=1 << 20)
+        skipped = self._why_skipped(model)
+        if skipped:
+            reason, instead = skipped
+            log.warning("gptq: %s: kept round-to-nearest (%s)", reason, instead)
+            return PassResult(model, False, {"skipped": reason})
+        opts = self._options()
         ctx = context.current()
         chosen: dict[str, float | None] = {}
         stats = reconstruct(model, opts, ctx.require_calibration(self.name), ctx.threads,
@@ -385,7 +399,7 @@ def _gram_sums(problem: BlockProblem, layers, weight_of, split: bool) -> GramSum
             values = problem.run_all(env, weight_of, wanted=names)  # the block run only as far as these inputs
             for name in names:
                 x = values[name]
-                if valid is not None and tuple(x.shape[:2]) == tuple(valid.shape):
+                if leads_with_tokens(x.shape, valid):
                     x = x[valid]
                 x = x.reshape(-1, x.shape[-1]).to(torch.float64)
                 if by_rows:

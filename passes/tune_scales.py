@@ -25,6 +25,7 @@ from typing import Literal
 
 import onnx_ir as ir
 
+from qcompiler.analysis.reconstruct import unsupported_block_ops
 from qcompiler.dialect.mixed_ops import mixed_weights_over
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import outputs_token_logits
@@ -53,6 +54,9 @@ class TuneScalesPass(BlockLearningPass):
     max_weights: int = option(
         0, "learn only in models whose mixed linear layers hold at most this many weights; above it the pass leaves "
            "the model as it is and says so (0: no limit; the mixed preset's tuning=auto sets it)")
+    unsupported: Literal["error", "skip"] = option(
+        "error", "a model with ops the block interpreter cannot run: refuse it (error), or leave the scales as they are "
+                 "and say which ops (skip; the mixed preset's tuning=auto)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -60,12 +64,15 @@ class TuneScalesPass(BlockLearningPass):
             raise UserError(f"tune-scales: max-weights must be a whole number of weights, 0 for no limit, got {self.max_weights}")
 
     def _why_skipped(self, model: ir.Model) -> tuple[str, int] | None:
-        """Why this model is left as it is (first-output, max-weights) and how loudly to say it, or None: learn."""
+        """Why this model is left as it is (first-output, max-weights, unsupported=skip) and how loudly to say it, or None: learn."""
         if self.first_output == "token-logits" and not outputs_token_logits(model.graph):
             return "the first output is not token logits (first-output=token-logits)", logging.INFO
         weights = mixed_weights_over(model, self.max_weights)
         if weights:
             return f"{weights} weights in mixed layers, over max-weights={self.max_weights}", logging.WARNING
+        missing = unsupported_block_ops(model, self._options()) if self.unsupported == "skip" else []
+        if missing:
+            return f"the block interpreter cannot run {', '.join(missing)}", logging.WARNING
         return None
 
     def ensures(self, model: ir.Model) -> None:

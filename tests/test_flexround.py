@@ -45,6 +45,17 @@ def _run(model, pipeline, data=None):
         return {r.name: r for r in run_pipeline(model, parse_pipeline(pipeline))}
 
 
+def _with_op_the_interpreter_lacks():
+    rng = np.random.default_rng(2)
+    w = ",".join(f"{v:.5f}" for v in rng.normal(0, 0.2, 64 * 64))
+    return parse(f"""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[M, 64] X) => (float[M, 64] Y)
+    <float[64,64] W1 = {{{w}}}, float[64,64] W2 = {{{w}}}>
+    {{ A = MatMul (X, W1)
+       B = Hardmax (A)
+       Y = MatMul (B, W2) }}""")
+
+
 def _error(model, reference, feeds):
     got, want = execute.run(model, feeds)["Y"], execute.run(reference, feeds)["Y"]
     return float(np.mean((got - want) ** 2))
@@ -280,7 +291,7 @@ def test_mixed_preset_tunes_scales_end_to_end_by_default():
         return [format_pass(p) for p in parse_pipeline(f"mixed{{avg-bits=3{options}}}") if p.name == "tune-scales"]
 
     (auto,) = tuned("")
-    assert "regions=0" in auto and "loss=kl" in auto and f"first-output=token-logits max-weights={TUNE_UP_TO}" in auto
+    assert "regions=0" in auto and "loss=kl" in auto and f"first-output=token-logits max-weights={TUNE_UP_TO} unsupported=skip" in auto
     assert "compute=auto" in auto  # bfloat16 steps where the CPU multiplies bfloat16 natively
     assert tuned(" tuning=auto") == [auto]
     assert "steps=120 " in auto  # below 4 bits
@@ -289,7 +300,7 @@ def test_mixed_preset_tunes_scales_end_to_end_by_default():
         assert f"steps={steps} " in text
     assert tuned(" tuning=none") == []
     assert tuned(" tuning=e2e-kl") == ["tune-scales{steps=120 lr=0.001 seed=0 time-budget=0.0 regions=0 batch=4 loss=kl act-grids=true "
-                                       "tile=0 tile-margin=-1 holdout=0 compute=fp32 first-output=any max-weights=0}"]
+                                       "tile=0 tile-margin=-1 holdout=0 compute=fp32 first-output=any max-weights=0 unsupported=error}"]
 
 
 def test_held_float_targets_grow_with_the_memory_available(monkeypatch):
@@ -399,3 +410,17 @@ def test_bf16_steps_after_quantize_keep_the_activation_grids_in_float32():
     for act_mode in ("static", "dynamic"):
         stats = _run(_model(), f"calibrate,quantize{{act-mode={act_mode}}},tune-scales{{steps=10 regions=1 lr=0.003 compute=bf16}}")["tune-scales"].stats
         assert stats["compute"] == "bf16" and [b["steps"] for b in stats["per_block"]] == [10, 10]
+
+
+def test_tune_scales_skips_a_model_the_block_interpreter_cannot_run_when_asked(caplog):
+    """unsupported=skip (the mixed preset's tuning=auto): the scales stay as quantize-weights wrote them, and
+    the warning names the op."""
+    before, model = _with_op_the_interpreter_lacks(), _with_op_the_interpreter_lacks()
+    pipeline = "calibrate,allocate-bits{avg-bits=5 outliers-act=0 group-size=32},quantize-weights"
+    _run(before, pipeline)
+    stats = _run(model, f"{pipeline},tune-scales{{steps=5 unsupported=skip}}")["tune-scales"].stats
+    assert stats == {"skipped": "the block interpreter cannot run Hardmax"}
+    assert "cannot run Hardmax" in caplog.text
+    assert to_text(before, elide_over=None) == to_text(model, elide_over=None)
+    with pytest.raises(UserError, match="cannot run Hardmax"):
+        _run(_with_op_the_interpreter_lacks(), f"{pipeline},tune-scales{{steps=5}}")

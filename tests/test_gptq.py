@@ -6,11 +6,11 @@ import pytest
 from qcompiler.analysis import execute
 from qcompiler.dialect.mixed_ops import mixed_weight, split_class_inputs
 from qcompiler.errors import UserError
-from qcompiler.ir import to_text
+from qcompiler.ir import parse, to_text
 from qcompiler.passes.gptq import _columns_of, gptq_round, rounding_order, trial_columns
 from qcompiler.passes.quantize_weights import kmeans_codebook, uniform_groups
 from qcompiler.pipeline.spec import format_pass, parse_pipeline
-from test_flexround import _model, _run
+from test_flexround import _model, _run, _with_op_the_interpreter_lacks
 
 UNIFORM3 = "calibrate,allocate-bits{avg-bits=8 candidates=3 other-widths=expand group-size=32 outliers-act=0 outliers-weight=0},quantize-weights{grid=minmax}"
 
@@ -202,8 +202,8 @@ def test_max_weights_keeps_round_to_nearest_above_it(limit, rounded, caplog):
 
 
 def test_mixed_preset_rounds_with_gptq_up_to_its_size_limit():
-    names = {"auto": "gptq{damp=auto grid=mse sequential=1 regions=2 order=class max-weights=600000000}",
-             "gptq": "gptq{damp=auto grid=mse sequential=1 regions=2 order=class max-weights=0}", "nearest": None}
+    names = {"auto": "gptq{damp=auto grid=mse sequential=1 regions=2 order=class max-weights=600000000 unsupported=skip}",
+             "gptq": "gptq{damp=auto grid=mse sequential=1 regions=2 order=class max-weights=0 unsupported=error}", "nearest": None}
     for rounding, expected in names.items():
         passes = parse_pipeline(f"mixed{{avg-bits=3 rounding={rounding}}}")
         assert [format_pass(p) for p in passes if p.name == "gptq"] == ([expected] if expected else [])
@@ -239,3 +239,52 @@ def test_float_targets_computed_again_when_read_give_the_same_ir(monkeypatch, le
     assert held_stats[name].stats["per_block"] and all(
         (a["loss_before"], a["loss_after"]) == (b["loss_before"], b["loss_after"])
         for a, b in zip(held_stats[name].stats["per_block"], recomputed_stats[name].stats["per_block"]))
+
+
+def _pooled_encoder(seq=64, k=64, n=32, seed=0):
+    """An encoder's head: token features [batch, seq, k] masked by an attention mask, the first token's
+    vector pooled ([batch, k], as wide as the sequence is long) and projected."""
+    rng = np.random.default_rng(seed)
+
+    def arr(shape):
+        return ",".join(f"{v:.5f}" for v in rng.normal(0, 0.2, shape).ravel())
+
+    return parse(f"""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[B, {seq}, {k}] X, int64[B, {seq}] attention_mask) => (float[B, {n}] Y)
+    <float[{k},{k}] W1 = {{{arr((k, k))}}}, float[{k},{n}] W2 = {{{arr((k, n))}}}, int64 first = {{0}}, int64[1] last = {{-1}}>
+    {{ M = Cast <to: int = 1> (attention_mask)
+       U = Unsqueeze (M, last)
+       XM = Mul (X, U)
+       H = MatMul (XM, W1)
+       P = Gather <axis: int = 1> (H, first)
+       Y = MatMul (P, W2) }}""")
+
+
+def test_a_pooled_input_as_wide_as_the_sequence_is_not_read_as_tokens():
+    """The pooled [batch, 64] input of the last layer, beside a [batch, 64] attention mask with padding:
+    its rows are whole samples, not token positions, so every sample's row enters H (before, the mask
+    was applied to it and the batches' H differed in size)."""
+    rng = np.random.default_rng(1)
+    data = []
+    for lengths in ([64, 40, 17, 64], [33, 64, 64, 9]):
+        mask = (np.arange(64)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+        data.append({"X": rng.normal(0, 1, (4, 64, 64)).astype(np.float32), "attention_mask": mask})
+    model = _pooled_encoder()
+    stats = _run(model, f"{UNIFORM3},gptq{{regions=1}}", data)["gptq"].stats
+    assert stats["layers"] == 2
+
+
+@pytest.mark.parametrize("unsupported", ["error", "skip"])
+def test_a_model_the_block_interpreter_cannot_run_is_refused_or_kept_round_to_nearest(unsupported, caplog):
+    """`Hardmax` has no rule: gptq refuses the model by default and names the op; with unsupported=skip
+    (the mixed preset's rounding=auto) it keeps the rounding quantize-weights wrote and says why."""
+    rtn, model = _with_op_the_interpreter_lacks(), _with_op_the_interpreter_lacks()
+    _run(rtn, UNIFORM3, _correlated())
+    if unsupported == "error":
+        with pytest.raises(UserError, match="cannot run Hardmax"):
+            _run(model, f"{UNIFORM3},gptq{{unsupported=error}}", _correlated())
+        return
+    stats = _run(model, f"{UNIFORM3},gptq{{unsupported=skip}}", _correlated())["gptq"].stats
+    assert stats == {"skipped": "the block interpreter cannot run Hardmax"}
+    assert "kept round-to-nearest" in caplog.text
+    assert to_text(rtn, elide_over=None) == to_text(model, elide_over=None)

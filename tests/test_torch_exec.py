@@ -102,3 +102,50 @@ def test_batch_normalization_in_training_mode_is_refused_by_name():
     nodes = list(ir.serde.deserialize_model(proto).graph)
     with pytest.raises(NotImplementedError, match="BatchNormalization in training mode"):
         run_nodes(nodes, {"x": torch.from_numpy(X)}, lambda node: None, Constants())
+
+
+I64 = np.array  # readability: integer operands below are int64 arrays
+SCORES = np.array([[0.5, np.nan, -np.inf, 2.0], [np.inf, 1.0, 1.0, -3.0]], np.float32)
+TOKENS = np.array([[5, 1, 7, 1, 1], [2, 9, 1, 4, 4]], np.int64)
+MASK_OPS = {  # op, attributes, operands (the first is the graph input), outputs: what encoder exports compute masks with
+    "IsNaN": ("IsNaN", {}, [SCORES], 1),
+    "IsInf, negative only": ("IsInf", {"detect_positive": 0}, [SCORES], 1),
+    "CumSum of a padding mask, exclusive and reversed": ("CumSum", {"exclusive": 1, "reverse": 1}, [TOKENS, I64(1)], 1),
+    "CumSum along the first axis": ("CumSum", {}, [X, I64(-4)], 1),
+    "GatherElements, negative indices": ("GatherElements", {"axis": 1}, [X, I64(np.tile([[[[0]], [[-1]], [[2]]]], (2, 1, 5, 4)))], 1),
+    "GatherND": ("GatherND", {}, [X, I64([[[0, 5], [1, -1]], [[1, 0], [0, 2]]])], 1),
+    "GatherND with a batch axis": ("GatherND", {"batch_dims": 1}, [X, I64([[[3, 1]], [[0, 4]]])], 1),
+    "Split by sizes": ("Split", {"axis": 1}, [X, I64([1, 2, 3])], 3),
+    "Split in equal parts": ("Split", {"axis": -1, "num_outputs": 2}, [X], 2),
+    "ArgMax, last index": ("ArgMax", {"axis": 1, "select_last_index": 1}, [SCORES[:, 1:3]], 1),
+    "ArgMin without the axis": ("ArgMin", {"axis": -1, "keepdims": 0}, [X], 1),
+    "Einsum": ("Einsum", {"equation": "bchw,bdhw->bcd"}, [X, X[:, :3]], 1),
+    "Size": ("Size", {}, [X], 1),
+    "Round, halves to even": ("Round", {}, [np.array([-2.5, -1.5, 0.5, 1.5, 2.4], np.float32)], 1),
+    "ReduceMin": ("ReduceMin", {"keepdims": 0}, [X, I64([1, -1])], 1),
+    "LogSoftmax": ("LogSoftmax", {"axis": 1}, [X], 1),
+    "Selu": ("Selu", {}, [X], 1),
+    "Mish": ("Mish", {}, [X], 1),
+    "ConstantOfShape of int64 ones": ("ConstantOfShape", {"value": numpy_helper.from_array(I64([1]))}, [I64([2, 3])], 1),
+}
+
+
+@pytest.mark.parametrize("case", list(MASK_OPS))
+def test_mask_and_position_ops_compute_what_onnx_runtime_computes(case):
+    op, attrs, operands, outputs = MASK_OPS[case]
+    first, consts = np.asarray(operands[0]), [np.asarray(c) for c in operands[1:]]
+    names = ["x"] + [f"c{i}" for i in range(len(consts))]
+    out = [f"y{i}" for i in range(outputs)]
+    graph = helper.make_graph([helper.make_node(op, names, out, **attrs)], "g",
+                              [helper.make_tensor_value_info("x", helper.np_dtype_to_tensor_dtype(first.dtype), first.shape)],
+                              [helper.make_empty_tensor_value_info(y) for y in out],
+                              [numpy_helper.from_array(c, f"c{i}") for i, c in enumerate(consts)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    expected = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": first})
+    nodes = list(ir.serde.deserialize_model(proto).graph)
+    assert unsupported_ops(nodes) == []
+    env = run_nodes(nodes, {"x": torch.from_numpy(first)}, lambda node: None, Constants())
+    for name, want in zip(out, expected):
+        got = env[name].numpy()
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

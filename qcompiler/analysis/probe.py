@@ -203,6 +203,13 @@ def valid_positions(probe: Mapping[str, np.ndarray]) -> np.ndarray | None:
     return mask.astype(bool)
 
 
+def leads_with_tokens(shape, valid) -> bool:
+    """Whether a tensor of `shape` holds one feature vector per [batch, sequence] position of `valid`
+    (its two leading axes, and at least one feature axis after them): a [batch, hidden] tensor whose
+    width happens to equal the sequence length is not masked."""
+    return valid is not None and len(shape) >= 3 and tuple(shape[:2]) == tuple(valid.shape)
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """log softmax over the last axis, in float64."""
     x = logits.astype(np.float64)

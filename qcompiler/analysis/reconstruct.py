@@ -50,7 +50,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis.blocks import Block, find_blocks
-from qcompiler.analysis.probe import valid_positions
+from qcompiler.analysis.probe import leads_with_tokens, valid_positions
 from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul, mixed_weight, split_class_inputs
 from qcompiler.dialect.ops import attributes_of
 from qcompiler.dialect.qc_ops import quantize_activation
@@ -407,7 +407,7 @@ class _ActivationGrids:
 
 def _mse(outputs: dict, targets: dict, names: list[str], valid=None):
     """Sum over `names` of each float output's mean squared error; over the token positions in
-    `valid` (a [batch, sequence] bool tensor) for outputs that lead with those two axes."""
+    `valid` (a [batch, sequence] bool tensor) for outputs of one feature vector a position (`leads_with_tokens`)."""
     import torch
 
     total = None
@@ -415,7 +415,7 @@ def _mse(outputs: dict, targets: dict, names: list[str], valid=None):
         y, t = outputs[name], targets[name]
         if not t.is_floating_point():
             continue
-        if valid is not None and tuple(t.shape[:2]) == tuple(valid.shape):
+        if leads_with_tokens(t.shape, valid):
             y, t = y[valid], t[valid]
         term = torch.nn.functional.mse_loss(y, t)  # one temporary the size of y (a model's logits can be 0.2 GB a batch)
         total = term if total is None else total + term
@@ -429,13 +429,32 @@ def _kl(outputs: dict, targets: dict, names: list[str], valid=None):
 
     name = next(n for n in names if targets[n].is_floating_point())
     y, t = outputs[name], targets[name]
-    if valid is not None and tuple(t.shape[:2]) == tuple(valid.shape):
+    if leads_with_tokens(t.shape, valid):
         y, t = y[valid], t[valid]
     log_p, log_q = torch.log_softmax(t, -1), torch.log_softmax(y, -1)
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
 LOSSES = {"mse": _mse, "kl": _kl}
+
+
+def _learned_blocks(graph: ir.Graph, opts: Options) -> tuple[list[Block], list[ir.Node]]:
+    """The blocks up to the last that holds a layer to learn, and those layers. int8 weights (quantize)
+    are learned by the Adam modes; a solver of its own (gptq) rounds mixed layers only."""
+    blocks = find_blocks(graph, opts.regions)
+    learned = [n for b in blocks for n in b.nodes if is_mixed_matmul(n) or (is_int8_weight(n) and opts.mode in LEARNED_MODES)]
+    ids = {id(n) for n in learned}
+    last = max((b.index for b in blocks if any(id(n) in ids for n in b.nodes)), default=-1)
+    return blocks[: last + 1], learned
+
+
+def unsupported_block_ops(model: ir.Model, opts: Options) -> list[str]:
+    """The ops of the blocks `reconstruct` would run that the block interpreter has no rule for (sorted;
+    empty: it can run them), so that a pass can step aside before it starts."""
+    from qcompiler.analysis.torch_exec import unsupported_ops
+
+    blocks, _ = _learned_blocks(model.graph, opts)
+    return unsupported_ops([n for b in blocks for n in b.nodes])
 
 
 def reconstruct(model: ir.Model, opts: Options, calibration, threads: int | None = None,
@@ -452,11 +471,9 @@ def reconstruct(model: ir.Model, opts: Options, calibration, threads: int | None
     if opts.tile:
         _check_tile(graph, opts)
         batches = [_tiled(b, opts.tile) for b in batches]
-    blocks = find_blocks(graph, opts.regions)
-    # int8 weights (quantize) are learned by the Adam modes; a solver of its own (gptq) rounds mixed layers only
-    mixed = [n for b in blocks for n in b.nodes if is_mixed_matmul(n) or (is_int8_weight(n) and opts.mode in LEARNED_MODES)]
+    blocks, mixed = _learned_blocks(graph, opts)
     if not mixed:
-        return {"blocks": len(blocks), "layers": 0,
+        return {"blocks": len(find_blocks(graph, opts.regions)), "layers": 0,
                 "note": "no qc.MixedMatMul or qc.DequantizeWeight to learn (run quantize-weights or quantize first)"}
     for node in mixed:
         if FLOAT_WEIGHT_KEY not in node.meta:
@@ -465,8 +482,6 @@ def reconstruct(model: ir.Model, opts: Options, calibration, threads: int | None
                 f"reference lives in memory only); run {opts.pass_name} in the same pipeline as quantize-weights or quantize"
             )
     learned_ids = {id(n) for n in mixed}
-    last = max(b.index for b in blocks if any(id(n) in learned_ids for n in b.nodes))
-    blocks = blocks[: last + 1]
     missing = unsupported_ops([n for b in blocks for n in b.nodes])
     if missing:  # before any block is learned
         raise UserError(f"{opts.pass_name}: the block interpreter cannot run {', '.join(missing)} in this model; "

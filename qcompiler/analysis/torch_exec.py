@@ -8,7 +8,8 @@ the node's permuted row order, for `qc.DequantizeWeight` (an int8 weight, `quant
 expanded weight. `qc.QuantizeActivation` goes through `quantize(node, x)` (None: the identity, as
 the float model computes), and `replaced` names constants a stream reads in place of the stored ones
 (a float stream's biases before bias correction). The ops covered are those the bundled models and
-the usual transformer exports use; an op outside them raises NotImplementedError naming it.
+the usual transformer exports use (encoders' masks and positions too: CumSum, GatherND, IsNaN, ...); an op
+outside them raises NotImplementedError naming it, and `unsupported_ops` names them before a pass starts.
 """
 
 from __future__ import annotations
@@ -224,6 +225,76 @@ def _scatter_elements(node: ir.Node, data: torch.Tensor, indices: torch.Tensor, 
     return data.scatter(axis, indices, updates.to(data.dtype))
 
 
+def _gather_elements(node: ir.Node, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """ONNX GatherElements: `x` read at `idx` along `axis` (negative indices counted from the end)."""
+    axis = attr(node, "axis", 0) % x.dim()
+    idx = idx.long()
+    return torch.gather(x, axis, torch.where(idx < 0, idx + x.shape[axis], idx))
+
+
+def _gather_nd(node: ir.Node, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """ONNX GatherND: the last axis of `idx` indexes the leading axes of `x` after the `batch_dims` shared ones."""
+    b = attr(node, "batch_dims", 0)
+    idx = idx.long()
+    depth = idx.shape[-1]
+    batch = x.shape[:b]
+    lead = torch.tensor(x.shape[b:b + depth], dtype=torch.int64)
+    idx = torch.where(idx < 0, idx + lead, idx)
+    xs = x.reshape(int(np.prod(batch, dtype=np.int64)), *x.shape[b:])
+    points = idx.reshape(xs.shape[0], -1, depth)
+    rows = torch.arange(xs.shape[0]).unsqueeze(1).expand(-1, points.shape[1])
+    out = xs[(rows, *points.unbind(-1))]
+    return out.reshape(*idx.shape[:-1], *x.shape[b + depth:])
+
+
+def _cum_sum(node: ir.Node, x: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
+    """ONNX CumSum along `axis`, `exclusive` (each sum leaves its own element out) and/or `reverse`."""
+    a = int(axis.reshape(-1)[0]) % x.dim()
+    y = x.flip(a) if attr(node, "reverse", 0) else x
+    out = torch.cumsum(y, dim=a, dtype=y.dtype)
+    if attr(node, "exclusive", 0):
+        out = out - y
+    return out.flip(a) if attr(node, "reverse", 0) else out
+
+
+def _split(node: ir.Node, inputs) -> tuple[torch.Tensor, ...]:
+    """ONNX Split: by the `split` sizes, else into `num_outputs` parts of ceil(n / parts), the last shorter."""
+    x, axis = inputs[0], attr(node, "axis", 0) % inputs[0].dim()
+    if len(inputs) > 1 and inputs[1] is not None:
+        return tuple(torch.split(x, _ints(inputs[1]), dim=axis))
+    parts = attr(node, "num_outputs", len(node.outputs))
+    return tuple(torch.split(x, -(-x.shape[axis] // parts), dim=axis))
+
+
+def _arg(node: ir.Node, x: torch.Tensor, largest: bool) -> torch.Tensor:
+    """ONNX ArgMax / ArgMin: the first (or, `select_last_index`, the last) position of the extreme value."""
+    axis = attr(node, "axis", 0) % x.dim()
+    last = bool(attr(node, "select_last_index", 0))
+    y = x.flip(axis) if last else x
+    out = torch.argmax(y, dim=axis, keepdim=True) if largest else torch.argmin(y, dim=axis, keepdim=True)
+    if last:
+        out = x.shape[axis] - 1 - out
+    return out if attr(node, "keepdims", 1) else out.squeeze(axis)
+
+
+def _is_inf(node: ir.Node, x: torch.Tensor) -> torch.Tensor:
+    found = torch.zeros_like(x, dtype=torch.bool)
+    if attr(node, "detect_positive", 1):
+        found |= torch.isposinf(x)
+    if attr(node, "detect_negative", 1):
+        found |= torch.isneginf(x)
+    return found
+
+
+def _constant_of_shape(node: ir.Node, shape: torch.Tensor) -> torch.Tensor:
+    """ONNX ConstantOfShape: the `value` tensor's one element (and its type) everywhere; float 0 without it."""
+    value = attr(node, "value")
+    if value is None:
+        return torch.zeros(_ints(shape))
+    fill = torch.from_numpy(np.array(value.numpy()).reshape(-1)[:1])
+    return fill.expand(_ints(shape)).clone() if _ints(shape) else fill.reshape(()).clone()
+
+
 def _binary(fn):
     return lambda node, i: fn(i[0], i[1])
 
@@ -286,7 +357,26 @@ OPS: dict[str, Callable] = {
     "HardSigmoid": lambda n, i: torch.clamp(attr(n, "alpha", 0.2) * i[0] + attr(n, "beta", 0.5), 0.0, 1.0),
     "HardSwish": lambda n, i: torch.nn.functional.hardswish(i[0]),
     "Clip": lambda n, i: _clip(i),
-    "ConstantOfShape": lambda n, i: torch.full(_ints(i[0]), float(attr(n, "value").numpy().reshape(-1)[0]) if attr(n, "value") is not None else 0.0),
+    "ConstantOfShape": lambda n, i: _constant_of_shape(n, i[0]),
+    # what encoder exports compute their masks and positions with (padding masks, RoBERTa's position ids)
+    "IsNaN": lambda n, i: torch.isnan(i[0]), "IsInf": lambda n, i: _is_inf(n, i[0]),
+    "CumSum": lambda n, i: _cum_sum(n, i[0], i[1]),
+    "GatherElements": lambda n, i: _gather_elements(n, i[0], i[1]),
+    "GatherND": lambda n, i: _gather_nd(n, i[0], i[1]),
+    "Split": lambda n, i: _split(n, i),
+    "ArgMax": lambda n, i: _arg(n, i[0], True), "ArgMin": lambda n, i: _arg(n, i[0], False),
+    "Einsum": lambda n, i: torch.einsum(attr(n, "equation"), *i),
+    "Size": lambda n, i: torch.tensor(i[0].numel(), dtype=torch.int64),
+    "Xor": _binary(torch.logical_xor),
+    "Sign": lambda n, i: torch.sign(i[0]), "Floor": lambda n, i: torch.floor(i[0]), "Ceil": lambda n, i: torch.ceil(i[0]),
+    "Round": lambda n, i: torch.round(i[0]),  # half to even, as ONNX
+    "ReduceMin": lambda n, i: _reduce(lambda x, a, k: x.amin(dim=a, keepdim=k), n, i),
+    "LogSoftmax": lambda n, i: torch.log_softmax(i[0], dim=attr(n, "axis", -1)),
+    "Softplus": lambda n, i: torch.nn.functional.softplus(i[0]),
+    "Elu": lambda n, i: torch.nn.functional.elu(i[0], attr(n, "alpha", 1.0)),
+    "Selu": lambda n, i: attr(n, "gamma", 1.05070102214813232421875) * torch.where(
+        i[0] > 0, i[0], attr(n, "alpha", 1.67326319217681884765625) * (torch.exp(i[0]) - 1)),
+    "Mish": lambda n, i: torch.nn.functional.mish(i[0]),
 }
 
 

@@ -144,10 +144,11 @@ PRESETS: dict[str, Preset] = {
          "route": "split", "attention": "auto", "blocks": "auto", "shared-input": "auto", "group-size": "128",
          "damp": "auto"},
         # rounding: GPTQ's error compensation (gptq), or round-to-nearest (nearest); auto: gptq up to
-        # GPTQ_UP_TO weights in the mixed layers, nearest above (docs/pipelines.md, "The mixed preset's rounding").
+        # GPTQ_UP_TO weights in the mixed layers and where the block interpreter runs every op, nearest
+        # elsewhere (docs/pipelines.md, "The mixed preset's rounding").
         # gptq's damping (damp): by default chosen per input on held-out calibration batches; the method's usual
         # 0.01 fits H measured on a few thousand tokens too closely (docs/results.md, "GPTQ's damping")
-        {"rounding": {"nearest": "", "gptq": ",gptq{damp=$damp}", "auto": f",gptq{{damp=$damp max-weights={GPTQ_UP_TO}}}"},
+        {"rounding": {"nearest": "", "gptq": ",gptq{damp=$damp}", "auto": f",gptq{{damp=$damp max-weights={GPTQ_UP_TO} unsupported=skip}}"},
          # linears of one input (Q/K/V, gate/up) allocated together: lowered as one wide kernel per class
          # (auto: in a decoder with a KV cache)
          "shared-input": {"auto": "", "apart": " shared-input=apart", "joint": " shared-input=joint"},
@@ -165,7 +166,7 @@ PRESETS: dict[str, Preset] = {
          # shorter schedule, in models whose first output is token logits and of up to TUNE_UP_TO weights
          "tuning": {"none": "", "e2e-kl": ",tune-scales{regions=0 loss=kl steps=120 lr=0.001 batch=4}",
                     "auto": ",tune-scales{regions=0 loss=kl steps=$tune_steps lr=0.001 batch=4 compute=auto "
-                            f"first-output=token-logits max-weights={TUNE_UP_TO}}}"},
+                            f"first-output=token-logits max-weights={TUNE_UP_TO} unsupported=skip}}"},
          # budget: the tables inside avg-bits, their width chosen with the layers' bits (allocate-bits{embeddings=budget})
          "embedding": {**EMBEDDING["embedding"], "budget": ""}, **KV_CACHE},
         {"tables": ("embedding", {"budget": " embeddings=budget"})},

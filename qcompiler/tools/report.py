@@ -40,7 +40,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis import execute
-from qcompiler.analysis.probe import valid_positions
+from qcompiler.analysis.probe import leads_with_tokens, valid_positions
 from qcompiler.dialect.mixed_ops import MixedMatMulView, is_mixed_matmul
 from qcompiler.errors import UserError
 from qcompiler.ir import spill
@@ -186,7 +186,7 @@ class Recorder(Drift):
         order = self.layers.get(name, {}).get("channel_order")
         if order is not None:  # fold-permutation reordered this layer's output channels
             expected = np.take(expected, order, axis=-1)
-        if self.valid is not None and np.shape(actual)[:2] == self.valid.shape:
+        if leads_with_tokens(np.shape(actual), self.valid):
             expected, actual = np.asarray(expected)[self.valid], np.asarray(actual)[self.valid]
         return execute.drift({name: expected}, {name: actual})
 
