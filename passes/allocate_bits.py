@@ -55,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import heapq
+import logging
 from typing import Literal
 
 import numpy as np
@@ -63,12 +64,14 @@ import onnx_ir as ir
 from qcompiler.analysis import bitcost
 from qcompiler.analysis.probe import log_softmax, mean_kl
 from qcompiler.dialect.ops import QC_OPSET_VERSION
-from qcompiler.errors import UserError
+from qcompiler.errors import UserError, shown
 from qcompiler.ir.layers import ConvAsLinear, Linear, conv_as_linear, has_kv_cache, linears, new_initializer, weighted_convs
 from qcompiler.ir.meta import CREATED_BY, Prop, activation_stats
 from qcompiler.passes.quantize_embedding import dequantized_table, lookups
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 from qcompiler.support.progress import progress
+
+log = logging.getLogger(__name__)
 
 
 LOWERING_BYTES_PER_CLASS = 160
@@ -93,6 +96,7 @@ class _Layer:
     sparse: int  # number of sparse outliers budgeted
     errors: dict[int, np.ndarray]  # bits -> err_k(b) [K]
     costs: bitcost.StorageCost  # how its storage is priced (the target's, or expanded at load for a Conv)
+    group_size: int  # rows per scale group: the pass's, or fewer in a layer of fewer rows (`narrow_group`)
 
     @property
     def size(self) -> int:
@@ -130,7 +134,7 @@ class _SensitivityInputs:
     threads: int | None
     kl: bool  # KL divergence of the first output's softmax, else the squared change of every output
     bits: int  # reference width
-    group_size: int
+    group_sizes: dict[str, int]  # weight name -> its layer's rows per scale group
     zero: str  # the reference width's grid (`bitcost.zero_point_kind`)
     tables: frozenset[str] = frozenset()  # weights that are embedding tables, quantized as stored (4 bits, blocks of a row)
 
@@ -151,13 +155,21 @@ def measure_sensitivity(shared: _SensitivityInputs, weight_names: list[str]) -> 
         if name in shared.tables:
             q = dequantized_table(shared.weights[name], TABLE_WIDTHS[0], TABLE_BLOCK)
         else:
-            q = bitcost.minmax_grid_quantize(shared.weights[name], shared.bits, shared.group_size, shared.zero)
+            q = bitcost.minmax_grid_quantize(shared.weights[name], shared.bits, shared.group_sizes[name], shared.zero)
         moved = session.run(outputs, {**feeds, name: q})
         if log_p is not None:
             measured.append(mean_kl(log_p, moved[0]))
         else:
             measured.append(float(sum(np.sum((m.astype(np.float64) - b) ** 2) for m, b in zip(moved, base))))
     return measured
+
+
+def narrow_group(rows: int, group_size: int) -> int:
+    """Rows per scale group of a linear with `rows` input channels: `group_size`, or in a layer of fewer
+    rows the largest power of two not above them (16 at least, the smallest block MatMulNBits takes)."""
+    if rows >= group_size:
+        return group_size
+    return max(16, 1 << (max(rows, 1).bit_length() - 1))
 
 
 @register_pass
@@ -183,7 +195,8 @@ class AllocateBitsPass(Pass):
     avg_bits: float = option(3.25, "average stored bits per weight, metadata included (2.0 to 8.0)")
     candidates: tuple[int, ...] = option((2, 4, 8), "bit widths a channel may get (integers 1..8; the target runs some packed: ONNX Runtime 2, 4 and 8, Triton 2, 3, 4 and 8; see other-widths)")
     scope: Literal["layer", "model"] = option("layer", "budget per layer, or shared by the whole model")
-    group_size: int = option(128, "rows per scale/zero-point group (32 to 128, a power of 2)")
+    group_size: int = option(128, "rows per scale/zero-point group (32 to 128, a power of 2; a linear of fewer rows: the "
+                                    "largest power of two within them, 16 at least)")
     codebook: Literal["uniform", "kmeans"] = option("uniform", "2-4 bit classes: uniform groups, or activation-weighted k-means codebooks per column")
     outliers_act: float = option(0.005, "fraction of input channels kept in fp16 (largest activation energy)")
     outliers_weight: float = option(0.0045, "fraction of weights kept as sparse fp16 (largest weighted error)")
@@ -286,6 +299,7 @@ class AllocateBitsPass(Pass):
                 if linear not in kept:
                     layers.append(self._prepare(linear))
                     bar.update()
+        layers, readers = self._one_per_weight(layers)
         if not layers and not kept and not tables and not kept_tables:
             return PassResult(model, False, {"layers": 0})
         model.opset_imports.setdefault("qc", QC_OPSET_VERSION)
@@ -306,7 +320,14 @@ class AllocateBitsPass(Pass):
             pools = [([unit], self.avg_bits + (self.boost_bits if id(unit) in boosted_ids else 0.0))
                      for unit, _ in units if not isinstance(unit.linear, ConvAsLinear) or id(unit) in boosted_ids]
             pools += [(convs, self.avg_bits)] if convs else []
-        allocations, widths = self._allocate_with_tables(pools, tables)
+        # scope=layer without tables: a layer below the budget takes its least, where the layers as a whole fit
+        least = self.scope == "layer" and not tables
+        if least:
+            singles = [pool[0] for pool, _ in pools if len(pool) == 1 and not isinstance(pool[0].linear, ConvAsLinear)]
+            candidates = sorted(set(self.candidates))
+            if singles and self._feasible_range(singles, candidates)[0] > self.avg_bits:
+                raise UserError(self._infeasible(singles, candidates, self.avg_bits))
+        allocations, widths = self._allocate_with_tables(pools, tables, least)
         widths |= {table.name: TABLE_WIDTHS[-1] for table in kept_tables}  # kept: on top of the budget, as kept layers
         per_layer = {table.name: self._record_table(graph, table, widths[table.name]) for table in tables + kept_tables}
         for table in kept_tables:
@@ -316,6 +337,10 @@ class AllocateBitsPass(Pass):
                 bits = allocations[unit.linear.name]
                 for layer in members:
                     per_layer[layer.linear.name] = self._record(graph, layer, bits, self.outliers_weight)
+                    for other in readers.get(id(layer), []):  # the same weight, read by later linears too
+                        other.node.replace_input_with(other.weight_index, layer.linear.node.inputs[layer.linear.weight_index])
+                    if id(layer) in readers:
+                        per_layer[layer.linear.name]["readers"] = [layer.linear.name] + [o.name for o in readers[id(layer)]]
                     bar.update()
                 if len(members) > 1:  # stored once for all of them: each is charged its share by columns
                     stored = self._stored_bits(unit, bits)
@@ -325,7 +350,9 @@ class AllocateBitsPass(Pass):
                             stored_bits=int(share), bits_per_weight=round(share / layer.size, 4),
                             shared_input=[m.linear.w.name for m in members])
         for linear in kept:
-            layer = _Layer(linear, tuple(linear.w.const_value.shape), None, None, 0, {}, self._layer_costs(linear))
+            shape = tuple(linear.w.const_value.shape)
+            group = self.group_size if isinstance(linear, ConvAsLinear) else narrow_group(shape[0], self.group_size)
+            layer = _Layer(linear, shape, None, None, 0, {}, self._layer_costs(linear), group)
             per_layer[linear.name] = self._record(graph, layer, np.full(layer.shape[0], self.keep_bits, np.uint8), 0.0)
             per_layer[linear.name]["kept"] = True
         total_bits = sum(v["stored_bits"] for v in per_layer.values())
@@ -348,6 +375,26 @@ class AllocateBitsPass(Pass):
     # ------------------------------------------------------------------------------------------
 
     @staticmethod
+    def _one_per_weight(layers: list[_Layer]) -> tuple[list[_Layer], dict[int, list[Linear]]]:
+        """Linears that read one weight (ALBERT's layers, DeBERTa's key projection of the hidden states and
+        of the position embeddings) as one layer: its errors the sum of theirs, allocated and stored once.
+        Returns the layers and, by the first reader's layer, the later readers (Convs stay apart)."""
+        by_weight: dict[int, list[_Layer]] = {}
+        for layer in layers:
+            key = id(layer.linear.w) if isinstance(layer.linear, Linear) else id(layer)
+            by_weight.setdefault(key, []).append(layer)
+        merged, readers = [], {}
+        for members in by_weight.values():
+            first = members[0]
+            if len(members) > 1:
+                first = dataclasses.replace(
+                    first, energy=sum(m.energy for m in members), fp16=np.logical_or.reduce([m.fp16 for m in members]),
+                    errors={b: sum(m.errors[b] for m in members) for b in first.errors})
+                readers[id(first)] = [m.linear for m in members[1:]]
+            merged.append(first)
+        return merged, readers
+
+    @staticmethod
     def _joint_units(layers: list[_Layer], boosted: list[_Layer]) -> list[tuple[_Layer, list[_Layer]]]:
         """shared-input=joint: the linears that read one input (and are all boosted or all not) as one
         unit, in the order of their first member: a layer of K rows and their columns together,
@@ -367,7 +414,7 @@ class AllocateBitsPass(Pass):
             first = members[0]
             joint = _Layer(first.linear, (first.shape[0], sum(m.shape[1] for m in members)), first.energy, first.fp16,
                            sum(m.sparse for m in members), {b: sum(m.errors[b] for m in members) for b in first.errors},
-                           first.costs)
+                           first.costs, first.group_size)
             units.append((joint, members))
         return units
 
@@ -402,14 +449,15 @@ class AllocateBitsPass(Pass):
             found.append(_Table(node, table, tuple(w.shape), errors))
         return found
 
-    def _allocate_with_tables(self, pools: list[tuple[list[_Layer], float]], tables: list[_Table]) -> tuple[dict, dict]:
+    def _allocate_with_tables(self, pools: list[tuple[list[_Layer], float]], tables: list[_Table],
+                              least: bool = False) -> tuple[dict, dict]:
         """The layers' allocation, and each table's width (embeddings=budget). Each combination of
         widths of the `VARIED_TABLES` largest tables (smaller ones at 8 bits) moves every pool's
         average by what the tables store above or below avg-bits, spread over the layers' weights
         (the budget holds for tables and layers together); the layers are allocated at that average
         and the combination of least predicted error (layers' and tables') is kept."""
         if not tables:
-            return {k: v for pool, avg_bits in pools for k, v in self._allocate(pool, avg_bits).items()}, {}
+            return {k: v for pool, avg_bits in pools for k, v in self._allocate(pool, avg_bits, least).items()}, {}
         import itertools
 
         layer_weights = sum(unit.size for pool, _ in pools for unit in pool)
@@ -464,11 +512,9 @@ class AllocateBitsPass(Pass):
         w = linear.w.const_value.numpy().astype(np.float32)
         k, n = w.shape
         conv = isinstance(linear, ConvAsLinear)
-        if k < self.group_size and not conv:  # a Conv's rows are one group when fewer (its weight is not run packed)
-            raise UserError(
-                f"allocate-bits: layer '{linear.name}' has {k} input channels, fewer than group-size "
-                f"{self.group_size}; lower group-size"
-            )
+        # a Conv's rows are one group when fewer (its weight is not run packed); a linear of fewer rows than
+        # group-size (an ALBERT embedding projection, a ConvNeXt stage of 96 channels) gets smaller groups
+        group = self.group_size if conv else narrow_group(k, self.group_size)
         energy = activation_stats(linear.x, self.name, linear.name).mean_sq.astype(np.float64)
         if conv:
             energy = linear.row_energy(energy)
@@ -476,10 +522,10 @@ class AllocateBitsPass(Pass):
         count = int(round(self.outliers_act * k))
         if count:
             fp16[np.argsort(-energy, kind="stable")[:count]] = True
-        errors = {b: energy * bitcost.minmax_grid_error(w, b, self.group_size, bitcost.zero_point_kind(b, self._zero_points))
+        errors = {b: energy * bitcost.minmax_grid_error(w, b, group, bitcost.zero_point_kind(b, self._zero_points))
                   for b in sorted(set(self.candidates))}
         sparse = int(round(self.outliers_weight * (k - count) * n))
-        return _Layer(linear, w.shape, energy, fp16, sparse, errors, self._layer_costs(linear))
+        return _Layer(linear, w.shape, energy, fp16, sparse, errors, self._layer_costs(linear), group)
 
     def _measure_sensitivity(self, model: ir.Model, layers: list[_Layer], tables: list[_Table]) -> dict:
         """Scale each layer's error model so that it predicts the model's output error.
@@ -515,7 +561,8 @@ class AllocateBitsPass(Pass):
         for name, w in weights.items():
             proto.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(w.shape)))
         shared = _SensitivityInputs(proto.SerializeToString(), batch, weights, ctx.threads, self.sensitivity == "kl",
-                                    reference, self.group_size, bitcost.zero_point_kind(reference, self._zero_points),
+                                    reference, {layer.linear.w.name: layer.group_size for layer in layers},
+                                    bitcost.zero_point_kind(reference, self._zero_points),
                                     frozenset(table.table.name for table in tables))
         del proto
         measured_names = [layer.linear.w.name for layer in layers] + [table.table.name for table in tables]
@@ -544,12 +591,21 @@ class AllocateBitsPass(Pass):
 
         return context.current().cost_model or bitcost.ORT
 
-    def _allocate(self, pool: list[_Layer], avg_bits: float) -> dict[str, np.ndarray]:
+    def _allocate(self, pool: list[_Layer], avg_bits: float, least: bool = False) -> dict[str, np.ndarray]:
         """Greedy allocation charging the exact stored bits of every step (see `_greedy`); with
-        cost=latency, the class set chosen by `_fastest_for_error`."""
+        cost=latency, the class set chosen by `_fastest_for_error`. `least`: a one-layer pool the
+        budget cannot hold is given its least storage (with a warning) instead of refused."""
+        candidates = sorted(set(self.candidates))
+        if least and len(pool) == 1 and not isinstance(pool[0].linear, ConvAsLinear):
+            low, _ = self._feasible_range(pool, candidates)
+            if avg_bits < low:  # a small layer whose group metadata alone is over the budget: its cheapest storage
+                (layer,) = pool
+                log.warning("allocate-bits: layer '%s' (%d x %d) cannot be stored in %g bits per weight; it takes its "
+                            "least, %.3f (every row at %d bits)", shown(layer.linear.name), *layer.shape, avg_bits,
+                            low, candidates[0])
+                avg_bits = low * (1 + 1e-9)
         target = avg_bits * sum(layer.size for layer in pool)
         budget = target - sum(self._constants(layer) for layer in pool)
-        candidates = sorted(set(self.candidates))
         if self.cost == "latency":
             return self._fastest_for_error(pool, budget, avg_bits, candidates)
         if self.codebook == "kmeans" and len(candidates) > 1:
@@ -702,7 +758,7 @@ class AllocateBitsPass(Pass):
                     if not len(rows):
                         continue
                     gains = layer.errors[lo][rows] - layer.errors[hi][rows]
-                    take = min(len(rows), self.group_size - count[hi] % self.group_size)
+                    take = min(len(rows), layer.group_size - count[hi] % layer.group_size)
                     best_rows = np.argsort(-gains, kind="stable")[:take]
                     chosen, gain = rows[best_rows], float(np.sum(gains[best_rows]))
                     delta = (self._class_bits(layer, hi, count[hi] + take) - self._class_bits(layer, hi, count[hi])
@@ -728,19 +784,19 @@ class AllocateBitsPass(Pass):
     def _class_bits(self, layer: _Layer, b: int, rows: int) -> int:
         n = layer.shape[1]
         kind = bitcost.class_kind(b, self.codebook == "kmeans")
-        return layer.costs.class_bits(kind, b, rows, n, self.group_size, self._zero_points, self._whole_blocks(layer))
+        return layer.costs.class_bits(kind, b, rows, n, layer.group_size, self._zero_points, self._whole_blocks(layer))
 
     def _whole_blocks(self, layer: _Layer) -> bool:
         """Whether this layer's MatMulNBits classes are priced in whole blocks (`blocks`)."""
         if not layer.costs.holds_blocks:  # expanded at load (Conv kernels), or a target that stores codes tight
             return False
-        return self.blocks == "whole" or (self.blocks == "auto" and layer.shape[0] >= WHOLE_BLOCKS_FROM * self.group_size)
+        return self.blocks == "whole" or (self.blocks == "auto" and layer.shape[0] >= WHOLE_BLOCKS_FROM * layer.group_size)
 
     def _in_blocks(self, layer: _Layer) -> bool:
         """Whether some class of this layer may be charged whole blocks: the layer is priced so, or it
         has rows for a class of `bitcost.STORED_WHOLE_FROM` blocks, which is stored so under any `blocks`."""
         return self._whole_blocks(layer) or (
-            layer.costs.holds_blocks and bitcost.stored_in_whole_blocks(-(-layer.shape[0] // self.group_size)))
+            layer.costs.holds_blocks and bitcost.stored_in_whole_blocks(-(-layer.shape[0] // layer.group_size)))
 
     def _stored_bits(self, layer: _Layer, bits: np.ndarray) -> int:
         """Exact stored bits of one layer's allocation (classes, groups, codebooks, outliers, permutation)."""
@@ -752,7 +808,7 @@ class AllocateBitsPass(Pass):
 
     def _row_bits(self, layer: _Layer, b: int) -> float:
         codebook = self.codebook == "kmeans" and b <= 4
-        return layer.costs.per_row_bits(b, layer.shape[1], self.group_size, codebook, self._zero_points)
+        return layer.costs.per_row_bits(b, layer.shape[1], layer.group_size, codebook, self._zero_points)
 
     def _push(self, heap, layer: _Layer, index: int, k: int, level: int, candidates) -> None:
         if level + 1 >= len(candidates):
@@ -763,20 +819,26 @@ class AllocateBitsPass(Pass):
         ratio = gain / cost if cost > 0 else np.inf  # free in containers: 3 -> 4 bits costs nothing more
         heapq.heappush(heap, (-ratio, index, k, level))
 
-    def _infeasible(self, pool: list[_Layer], candidates, avg_bits: float) -> str:
+    def _feasible_range(self, pool: list[_Layer], candidates) -> tuple[float, float]:
+        """The least and most bits per weight the pool can store: every row at the narrowest candidate
+        (activation outliers in fp16), and at the widest; group metadata and constants included."""
         low = high = 0.0
-        total = sum(layer.size for layer in pool)
         for layer in pool:
             for b, side in ((candidates[0], "low"), (candidates[-1], "high")):
-                bits = np.where(layer.fp16, bitcost.FP16, b)
-                stored = self._stored_bits(layer, bits) + self._constants(layer)
+                stored = self._stored_bits(layer, np.where(layer.fp16, bitcost.FP16, b)) + self._constants(layer)
                 if side == "low":
                     low += stored
                 else:
                     high += stored
+        total = sum(layer.size for layer in pool)
+        return low / total, high / total
+
+    def _infeasible(self, pool: list[_Layer], candidates, avg_bits: float) -> str:
+        low, high = self._feasible_range(pool, candidates)
+        where = f"layer '{shown(pool[0].linear.name)}' ({pool[0].shape[0]} x {pool[0].shape[1]})" if len(pool) == 1 else "here"
         return (
             f"allocate-bits: avg-bits {avg_bits:g} is outside what candidates {','.join(map(str, candidates))} "
-            f"and their metadata allow here: feasible {low / total:.3f} to {high / total:.3f}"
+            f"and their metadata allow {where}: feasible {low:.3f} to {high:.3f}"
         )
 
     def _is_kept(self, linear: Linear | ConvAsLinear) -> bool:
@@ -804,7 +866,7 @@ class AllocateBitsPass(Pass):
         bits_value = new_initializer(graph, f"{linear.w.name}.bits", bits.astype(np.uint8))
         node = ir.node(
             "BitAllocation", [linear.w, bits_value],
-            {"group_size": self.group_size, "codebook": self.codebook, "outliers_weight": float(outliers_weight),
+            {"group_size": layer.group_size, "codebook": self.codebook, "outliers_weight": float(outliers_weight),
              "zero_points": self._zero_points},
             domain="qc", name=f"{linear.w.name}.allocation", metadata_props={CREATED_BY: self.name},
         )
@@ -819,6 +881,8 @@ class AllocateBitsPass(Pass):
         error = sum(float(layer.errors[b][bits == b].sum()) for b in classes if b in layer.errors)
         out = {"weight": linear.w.name, "bits_histogram": classes, "stored_bits": int(stored), "bits_per_weight": round(stored / (k * n), 4),
                "predicted_error": error, "sparse_outliers": layer.sparse}
+        if layer.group_size != self.group_size:  # a layer of fewer rows than group-size
+            out["group_size"] = layer.group_size
         if self.cost == "latency":
             out["predicted_us"] = round(self._predicted_us(layer, bits, self._kernel_costs()), 2)
         return out

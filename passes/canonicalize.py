@@ -13,6 +13,9 @@ Steps, in order:
 3. `Gemm` with a constant B becomes `MatMul` (+ `Add` for C): quantization works on the MatMul
    form `Y = X W + b` with `W` laid out `[K, N]`. `transB` and `alpha` are folded into a copy of
    the weight (or into the weight itself when nothing else reads it), `beta` into C.
+   A zero `Pad` of spatial axes read only by Convs becomes the Convs' own `pads` (exporters write
+   one before every Conv of a padded-input network, e.g. MobileNetV2's): quantized, the Pad would sit
+   between the activation's `QuantizeLinear` and the integer Conv and cost a float round trip.
 4. Identity removal, dead-code removal (nodes, functions and opset imports nobody uses).
 5. Shape inference, then topological order.
 
@@ -79,6 +82,10 @@ class CanonicalizePass(Pass):
         gemms = _gemm_to_matmul(model.graph)
         stats["gemm_to_matmul"] = gemms
         modified |= gemms > 0
+        pads = _pads_into_convs(model.graph)
+        if pads:
+            stats["pads_into_convs"] = pads
+            modified = True
         for cleanup in (
             _IdentityEliminationPass(),
             ir_passes.RemoveUnusedNodesPass(),
@@ -224,3 +231,57 @@ def _gemm_to_matmul(graph: ir.Graph) -> int:
         ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]], [out])
         count += 1
     return count
+
+
+def _pads_into_convs(graph: ir.Graph) -> int:
+    """Fold every constant zero `Pad` of spatial axes whose readers are all Convs (their data input,
+    explicit pads) into those Convs' `pads`; returns how many Pads were folded (left unread, removed
+    by dead-code removal)."""
+    count = 0
+    for node in list(graph):
+        widths = _spatial_zero_pads(node)
+        if widths is None or node.outputs[0].is_graph_output():
+            continue
+        readers = [use.node for use in node.outputs[0].uses()]
+        if not readers or not all(_takes_pads(conv, use.idx, len(widths) // 2)
+                                  for conv, use in zip(readers, node.outputs[0].uses())):
+            continue
+        spatial = len(widths) // 2
+        for conv in set(readers):
+            own = list(_attr(conv, "pads", [0] * (2 * spatial)))
+            merged = [a + b for a, b in zip(own, widths)]
+            conv.attributes["pads"] = ir.AttrInt64s("pads", merged)
+            conv.replace_input_with(0, node.inputs[0])
+        count += 1
+    return count
+
+
+def _spatial_zero_pads(node: ir.Node) -> list[int] | None:
+    """A constant-mode `Pad` with zero fill, constant non-negative pads on axes 2 and up only: its
+    [begin..., end...] widths over the spatial axes; else None."""
+    if node.op_type != "Pad" or node.domain not in ("", "ai.onnx") or _attr(node, "mode", "constant") != "constant":
+        return None
+    x = node.inputs[0]
+    if x is None or x.shape is None or len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is None:
+        return None
+    rank = len(x.shape)
+    value = node.inputs[2] if len(node.inputs) > 2 else None
+    if value is not None and (value.const_value is None or np.any(value.const_value.numpy() != 0)):
+        return None
+    axes_value = node.inputs[3] if len(node.inputs) > 3 else None
+    if axes_value is not None and axes_value.const_value is None:
+        return None
+    axes = [int(a) % rank for a in axes_value.const_value.numpy()] if axes_value is not None else list(range(rank))
+    pads = [int(p) for p in node.inputs[1].const_value.numpy()]
+    if rank < 3 or len(pads) != 2 * len(axes) or any(p < 0 for p in pads):
+        return None
+    begin, end = dict(zip(axes, pads[: len(axes)])), dict(zip(axes, pads[len(axes):]))
+    if any(begin.get(a, 0) or end.get(a, 0) for a in (0, 1)):
+        return None
+    return [begin.get(a, 0) for a in range(2, rank)] + [end.get(a, 0) for a in range(2, rank)]
+
+
+def _takes_pads(node: ir.Node, index: int, spatial: int) -> bool:
+    """A Conv reading the value as its data input, with explicit pads (no auto_pad) over `spatial` axes."""
+    return (node.op_type == "Conv" and node.domain in ("", "ai.onnx") and index == 0
+            and _attr(node, "auto_pad", "NOTSET") == "NOTSET" and len(_attr(node, "pads", [0] * (2 * spatial))) == 2 * spatial)

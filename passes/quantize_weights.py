@@ -85,9 +85,14 @@ class QuantizeWeightsPass(Pass):
         energies = {id(layer): self._energy(layer) for _, readers in layers for layer in readers}
         with progress("quantize-weights: layers", len(allocations)) as bar:
             for node, readers in layers:
-                for layer in readers:
-                    name = layer.name or layer.outputs[0].name
-                    per_layer[name] = self._replace(graph, node, layer, energies[id(layer)])
+                if len(readers) > 1 and all(isinstance(r, ir.Node) for r in readers):  # one weight, several linears:
+                    # stored once, its grids fitted to their inputs together (as allocate-bits priced it)
+                    stats = self._replace(graph, node, readers, sum(energies[id(r)] for r in readers))
+                    per_layer.update({r.name or r.outputs[0].name: stats for r in readers})
+                else:
+                    for layer in readers:
+                        name = layer.name or layer.outputs[0].name
+                        per_layer[name] = self._replace(graph, node, layer, energies[id(layer)])
                 bar.update()
         if per_layer:
             remove_unused(model)
@@ -101,8 +106,10 @@ class QuantizeWeightsPass(Pass):
             return layer.row_energy(activation_stats(layer.x, self.name, layer.name).mean_sq.astype(np.float64))
         return activation_stats(layer.inputs[0], self.name, layer.name or layer.outputs[0].name).mean_sq.astype(np.float64)
 
-    def _replace(self, graph: ir.Graph, allocation: ir.Node, layer: ir.Node | ConvAsLinear, energy: np.ndarray) -> dict:
-        """A MatMul `layer` becomes a `qc.MixedMatMul`; for a Conv, `allocation` becomes a `qc.MixedWeight`."""
+    def _replace(self, graph: ir.Graph, allocation: ir.Node, layer: ir.Node | ConvAsLinear | list[ir.Node],
+                 energy: np.ndarray) -> dict:
+        """A MatMul `layer` (or each of a list of MatMuls that read one weight) becomes a `qc.MixedMatMul`
+        reading the stored classes; for a Conv, `allocation` becomes a `qc.MixedWeight`."""
         fmt = attributes_of(allocation)
         bits = allocation.inputs[1].const_value.numpy().astype(np.int64)
         perm = np.argsort(bits, kind="stable")  # classes by increasing bits, fp16 (16) last
@@ -152,12 +159,12 @@ class QuantizeWeightsPass(Pass):
                 kernel_error[perm] = w_hat - wp  # rows back in channel order
                 corrected = _correct_conv_bias(graph, layer, kernel_error, base)
         else:
-            matmul = layer
-            node = ir.node("MixedMatMul", [matmul.inputs[0], *inputs], attributes, domain="qc", name=matmul.name,
-                           metadata_props={CREATED_BY: self.name})
-            ir.convenience.replace_nodes_and_values(graph, matmul, [matmul], [node], [matmul.outputs[0]], [node.outputs[0]])
-            # the float weight stays reachable (in memory only) for passes that learn against it
-            node.meta[FLOAT_WEIGHT_KEY] = allocation.inputs[0].const_value
+            for matmul in layer if isinstance(layer, list) else [layer]:
+                node = ir.node("MixedMatMul", [matmul.inputs[0], *inputs], attributes, domain="qc", name=matmul.name,
+                               metadata_props={CREATED_BY: self.name})
+                ir.convenience.replace_nodes_and_values(graph, matmul, [matmul], [node], [matmul.outputs[0]], [node.outputs[0]])
+                # the float weight stays reachable (in memory only) for passes that learn against it
+                node.meta[FLOAT_WEIGHT_KEY] = allocation.inputs[0].const_value
         error = _weighted_square_sum(wp, ep, w_hat)
         energy_total = _weighted_square_sum(wp, ep)
         return {

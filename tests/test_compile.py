@@ -175,3 +175,39 @@ def test_artifact_has_ordinary_permissions(tiny_onnx, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert mode == 0o777 & ~umask
+
+
+def test_dynamic_dims_of_size_1_are_doubled_for_the_export_only():
+    """torch.export may fix a dynamic dimension that is 1 in the example (a Swin Transformer's batch, then
+    refused by ONNX Runtime at batch 8): the export sees it repeated to 2; dims not declared dynamic, and
+    inputs without a size-1 dynamic dim, are left alone."""
+    import torch
+
+    from qcompiler.driver.capture import _widened
+
+    ids, mask = torch.arange(6).reshape(1, 6), torch.ones(1, 6)
+    widened = _widened({"input_ids": ids, "attention_mask": mask}, {"input_ids": {0: "batch", 1: "seq"}})
+    assert widened["input_ids"].shape == (2, 6) and torch.equal(widened["input_ids"][1], ids[0])
+    assert widened["attention_mask"] is mask
+    assert _widened({"x": torch.ones(2, 3)}, {"x": {0: "batch"}}) is None
+    assert _widened({"x": torch.ones(1, 3)}, None) is None
+
+
+class _TwoNamedOutputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        features = self.proj(x)
+        return {"features": features, "pooled": features.mean(dim=1)}
+
+
+def test_outputs_are_named_by_the_keys_the_module_returns_them_under():
+    from qcompiler.driver.capture import capture
+
+    torch.manual_seed(0)
+    model = capture(_TwoNamedOutputs(), {"x": torch.randn(2, 3, 8)}, {"x": {0: "batch", 1: "seq"}})
+    assert [v.name for v in model.graph.outputs] == ["features", "pooled"]
+    tupled = capture(torch.nn.Linear(8, 4), [torch.randn(2, 8)])  # a tensor, not a mapping: the exporter's name
+    assert len(tupled.graph.outputs) == 1

@@ -126,3 +126,32 @@ def test_failed_measurement_is_a_warning_naming_the_pass(files, tmp_path, monkey
     assert any("after pass 'quantize'" in w and "made to fail" in w for w in body["warnings"])
     assert result.records[-1].drift is not None  # the lowered artifact runs
     assert "made to fail" in (out / "report.html").read_text()
+
+
+def test_a_small_output_that_moved_is_not_hidden_by_a_large_one_that_did_not():
+    """An encoder's token features [8, 128, 64] unchanged beside its pooled vectors [8, 64], one of them
+    moved: cosine over both together stays near 1, the lowest of the outputs (what the output-cosine
+    gate reads) does not, and names the output."""
+    rng = np.random.default_rng(0)
+    tokens, pooled = rng.normal(size=(8, 128, 64)), rng.normal(size=(8, 64))
+    moved = pooled.copy()
+    moved[0] = rng.normal(size=64)
+    drift = execute.drift({"last_hidden_state": tokens, "pooler_output": pooled},
+                          {"last_hidden_state": tokens, "pooler_output": moved})
+    assert drift["cosine"] > 0.998
+    assert drift["lowest_cosine"] < 0.95 and drift["lowest_cosine_output"] == "pooler_output"
+    one = execute.drift({"y": pooled}, {"y": moved})
+    assert one["lowest_cosine"] == one["cosine"] and "lowest_cosine_output" not in one
+
+
+def test_an_artifact_far_from_float_is_warned_about_naming_the_output():
+    from qcompiler.driver.compiler import far_from_float
+    from qcompiler.pipeline.pass_manager import PassRecord
+
+    def records(drift):
+        return [PassRecord(1, "quantize", "quantize"), PassRecord(2, "lower-ort", "lower-ort", drift=drift)]
+
+    far = far_from_float(records({"cosine": 0.99, "lowest_cosine": 0.66, "lowest_cosine_output": "mask"}))
+    assert "cosine 0.6600 (output 'mask')" in far and "qcompiler doctor" in far
+    assert far_from_float(records({"cosine": 0.95, "lowest_cosine": 0.95})) is None
+    assert far_from_float(records(None)) is None  # not measured: nothing is claimed

@@ -152,9 +152,22 @@ def test_bad_allocation_options(options, message):
         _compile(_layer(k=256, n=64), f"calibrate,allocate-bits{{{options}}}")
 
 
-def test_layer_too_small_for_group():
-    with pytest.raises(UserError, match="fewer than group-size 128; lower group-size"):
-        _compile(_layer(k=64, n=8), "calibrate,allocate-bits")
+@pytest.mark.parametrize(("k", "group"), [(96, 64), (48, 32), (24, 16)])
+def test_a_layer_narrower_than_group_size_gets_groups_that_fit_it(k, group):
+    """A ConvNeXt stage of 96 channels, an embedding projection of 48, 24 rows: groups of the largest power of two
+    within the rows (16 at least, MatMulNBits' smallest block), priced so and run so by ONNX Runtime."""
+    model = _layer(k=k, n=256)
+    feeds = synthetic_inputs(model)
+    expected = execute.run(model, feeds)["Y"]
+    records = _compile(model, "calibrate,allocate-bits{avg-bits=6},quantize-weights")
+    (layer,) = records[1].stats["per_layer"].values()
+    assert layer["group_size"] == group
+    assert MixedMatMulView.of(next(n for n in model.graph if n.op_type == "MixedMatMul")).group_size == group
+    reference = execute.run(model, feeds)["Y"]
+    _compile(model, "lower-ort{accuracy-level=0}")  # float compute: the classes' values exactly
+    assert {n.op_type for n in model.graph} >= {"MatMulNBits"} and "qc." not in to_text(model)
+    np.testing.assert_allclose(execute.run(model, feeds)["Y"], reference, rtol=1e-4, atol=1e-4)
+    assert execute.drift({"Y": expected}, {"Y": reference})["cosine"] > 0.9
 
 
 def test_narrow_group_far_from_zero_keeps_a_finite_zero_point():
@@ -735,3 +748,58 @@ def test_weighted_error_summed_in_row_chunks_equals_the_whole_sum():
     energy = rng.uniform(0, 2, 700)
     np.testing.assert_allclose(_weighted_square_sum(rows, energy, other), np.sum(energy[:, None] * (rows - other) ** 2), rtol=1e-12)
     np.testing.assert_allclose(_weighted_square_sum(rows, energy), np.sum(energy[:, None] * rows**2), rtol=1e-12)
+
+
+def _one_weight_read_twice(k=256, seed=0):
+    """Y = (X W) W: one weight read by two linears (ALBERT's shared layers, DeBERTa's key projection)."""
+    rng = np.random.default_rng(seed)
+    values = ",".join(f"{v:.5f}" for v in (rng.normal(0, 0.06, (k, k))).ravel())
+    return parse(f"""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[M, {k}] X) => (float[M, {k}] Y)
+    <float[{k},{k}] W = {{{values}}}>
+    {{ H = MatMul (X, W)
+       Y = MatMul (H, W) }}""")
+
+
+def test_a_weight_read_by_two_linears_is_allocated_stored_and_lowered_once():
+    model = _one_weight_read_twice()
+    feeds = synthetic_inputs(model, seed=9)
+    records = _compile(model, "calibrate,allocate-bits{avg-bits=4},quantize-weights,gptq{regions=1}")
+    verify(model)
+    (allocation,) = records[1].stats["per_layer"].values()
+    assert allocation["readers"] == ["H", "Y"]
+    mixed = [n for n in model.graph if n.op_type == "MixedMatMul"]
+    assert len(mixed) == 2 and list(mixed[0].inputs[1:]) == list(mixed[1].inputs[1:])  # the same stored classes
+    reference = execute.run(model, feeds)["Y"]
+    _compile(model, "lower-ort{accuracy-level=0}")
+    np.testing.assert_allclose(execute.run(model, feeds)["Y"], reference, rtol=1e-4, atol=1e-4)
+    stored = [v.const_value.numpy() for v in model.graph.initializers.values() if v.const_value.nbytes >= 256]
+    assert any(n.op_type == "MatMulNBits" for n in model.graph)
+    assert len({(a.dtype.str, a.shape, a.tobytes()) for a in stored}) == len(stored)  # the codes packed once, not per reader
+
+
+def _wide_then_narrow_head(k=512, n=4, seed=1):
+    rng = np.random.default_rng(seed)
+
+    def arr(shape):
+        return ",".join(f"{v:.5f}" for v in rng.normal(0, 0.05, shape).ravel())
+
+    return parse(f"""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[M, {k}] X) => (float[M, {n}] Y)
+    <float[{k},{k}] W = {{{arr((k, k))}}}, float[{k},{n}] V = {{{arr((k, n))}}}>
+    {{ H = MatMul (X, W)
+       Y = MatMul (H, V) }}""")
+
+
+def test_a_layer_too_small_for_the_budget_takes_its_least_and_says_so(caplog):
+    """scope=layer: a 512 x 4 head, whose group scales alone are over 3 bits a weight, is stored at its least
+    (every row at 2 bits, the activation outliers in fp16) with a warning naming it, and the model compiles; a budget no layer can meet
+    is still refused."""
+    model = _wide_then_narrow_head()
+    records = _compile(model, "calibrate,allocate-bits{avg-bits=3},quantize-weights")
+    per_layer = records[1].stats["per_layer"]
+    assert per_layer["Y"]["bits_histogram"] == {2: 509, 16: 3} and per_layer["Y"]["bits_per_weight"] > 3  # fp16: outliers
+    assert per_layer["H"]["bits_per_weight"] <= 3
+    assert "layer 'Y' (512 x 4) cannot be stored in 3 bits per weight" in caplog.text
+    with pytest.raises(UserError, match="avg-bits 2.1 is outside .* feasible"):
+        _compile(_wide_then_narrow_head(), "calibrate,allocate-bits{avg-bits=2.1}")

@@ -164,3 +164,40 @@ def test_round_trip_property(alpha, method, candidates, per_token, count, repeat
     passes = parse_pipeline(text)
     assert parse_pipeline(format_pipeline(passes)) == passes
     assert passes[1].candidates == tuple(candidates)
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class _BreakingPass(Pass):
+    """Leaves an invalid IR: a second node producing the graph's output value's name."""
+
+    name = "test-break-ir"
+
+    def call(self, model):
+        import onnx_ir as ir
+
+        node = ir.node("Identity", [model.graph.inputs[0]])
+        node.outputs[0].name = model.graph.outputs[0].name
+        model.graph.append(node)
+        return PassResult(model, True)
+
+
+def test_an_invalid_ir_names_the_pass_and_the_passes_run_before_it():
+    from qcompiler.errors import PassFailure
+    from qcompiler.ir import parse
+    from qcompiler.pipeline import instruments
+    from qcompiler.pipeline.pass_manager import run_pipeline
+
+    model = parse("""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[2] X) => (float[2] Y) { Y = Relu (X) }""")
+    with pytest.raises(PassFailure, match=r"pass 'test-break-ir' failed: VerificationError: IR invalid after this pass: .*"
+                                          r"\(passes run before it: canonicalize\)"):
+        run_pipeline(model, parse_pipeline("canonicalize,test-break-ir"), [instruments.Verify()])
+
+
+@pytest.mark.parametrize("argv", [["--debug", "show", "m.onnx"], ["show", "m.onnx", "--debug"], ["show", "m.onnx"]])
+def test_debug_is_taken_before_or_after_the_command(argv):
+    """`rerun with --debug` is followed by adding it at the end of the command line."""
+    from qcompiler.tools.cli import build_parser
+
+    assert build_parser().parse_args(argv).debug is ("--debug" in argv or None)

@@ -39,7 +39,7 @@ def _subparser(name: str) -> argparse.ArgumentParser:
 
 
 def test_the_compile_command_has_exactly_the_declared_flags():
-    parsed = {s for a in _subparser("compile")._actions for s in (a.option_strings or [a.dest])} - {"-h", "--help"}
+    parsed = {s for a in _subparser("compile")._actions for s in (a.option_strings or [a.dest])} - {"-h", "--help", "--debug"}  # every command's
     declared = {flag for cls in (CompileOptions, buildstep.BuildOptions) for _, info in command_line_fields(cls) for flag in info.flags}
     assert parsed == declared == COMPILE_FLAGS
 
@@ -65,7 +65,7 @@ DOCTOR_FLAGS = {"source", "--pipeline", "--calib", "--calib-count", "--threads",
 
 
 def test_doctor_takes_its_compile_options_as_compile_does():
-    parsed = {s for a in _subparser("doctor")._actions for s in (a.option_strings or [a.dest])} - {"-h", "--help"}
+    parsed = {s for a in _subparser("doctor")._actions for s in (a.option_strings or [a.dest])} - {"-h", "--help", "--debug"}
     assert parsed == DOCTOR_FLAGS
     with pytest.raises(TypeError, match=r"diagnose\(\) got an unexpected keyword argument 'calib' \(did you mean 'calibration'\?\)"):
         diagnose("minilm-l6", "w8a8", calib="data.txt")

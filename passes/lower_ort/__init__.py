@@ -185,9 +185,10 @@ class LowerOrtPass(Pass):
         signed = self.act_format == "s8" or (self.act_format == "auto" and signed_activations_are_faster())
         level = nbits_accuracy_level() if self.accuracy_level == "auto" else int(self.accuracy_level)
         fp16_route = self.fp16_route if self.fp16_route != "auto" else ("load" if has_kv_cache(graph) else "run")
+        stored: dict = {}  # what the mixed layers that read one stored weight (ALBERT's shared layers) store, made once
         lowerings = dict(LOWERINGS, MixedMatMul=lambda g, n, _: lower_mixed_matmul(
             g, n, level, self.mixed_route, self.codebook_route, fp16_route,
-            self._kernel_costs() if self.mixed_route == "auto" else None), MixedWeight=lambda g, n, _: lower_mixed_weight(g, n))
+            self._kernel_costs() if self.mixed_route == "auto" else None, stored), MixedWeight=lambda g, n, _: lower_mixed_weight(g, n))
         counts: dict[str, int] = {}
         mixed = False
         unfused = unfuse(graph)

@@ -79,6 +79,8 @@ reference of `qc.MixedMatMul`, and the weight is resident in float32.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnx_ir as ir
 
@@ -104,11 +106,17 @@ def unpack_bitplanes(planes: np.ndarray, rows: int) -> np.ndarray:
     return np.sum(bits[:, :rows].astype(np.uint16) << np.arange(planes.shape[0], dtype=np.uint16)[:, None, None], axis=0).astype(np.uint8)
 
 
+SHARED_FROM_BYTES = 256  # a stored array of this size or more is made once per content (and role) in a lowering run
+
+
 class _Builder:
     """Appends nodes before `anchor`, naming values after `base`."""
 
-    def __init__(self, graph: ir.Graph, anchor: ir.Node, base: str):
+    def __init__(self, graph: ir.Graph, anchor: ir.Node, base: str, stored: dict | None = None):
         self.graph, self.anchor, self.base, self.count = graph, anchor, base, 0
+        # stored arrays already made in this run, by role and content: layers that read one weight (ALBERT's
+        # shared layers) store its codes once
+        self.stored = stored if stored is not None else {}
         self._zero_dim: ir.Value | None = None  # 0 * X's first dimension, shared by the per-run reads
         self._index_shape: ir.Value | None = None  # X's leading dimensions and 1, shared by the column reads
 
@@ -121,7 +129,13 @@ class _Builder:
         return self._index_shape
 
     def const(self, suffix: str, array: np.ndarray) -> ir.Value:
-        return new_initializer(self.graph, f"{self.base}.{suffix}", np.asarray(array))
+        array = np.asarray(array)
+        if array.nbytes < SHARED_FROM_BYTES:
+            return new_initializer(self.graph, f"{self.base}.{suffix}", array)
+        key = (suffix, array.dtype.str, array.shape, hashlib.sha256(np.ascontiguousarray(array).data).digest())
+        if key not in self.stored:
+            self.stored[key] = new_initializer(self.graph, f"{self.base}.{suffix}", array)
+        return self.stored[key]
 
     def per_call(self, name: str, x: ir.Value, stored: ir.Value) -> ir.Value:
         """`stored` read through a Reshape whose shape depends on X's shape: ONNX Runtime cannot
@@ -188,10 +202,10 @@ def _fp16_per_call(b: _Builder, name: str, x: ir.Value, weight: np.ndarray) -> i
     return b.op("Cast", [b.per_call(f"{name}.fp16", x, b.const(f"{name}.fp16", weight))], {"to": ir.DataType.FLOAT})
 
 
-def _expand_all(graph: ir.Graph, node: ir.Node) -> str:
+def _expand_all(graph: ir.Graph, node: ir.Node, stored: dict | None = None) -> str:
     view = MixedMatMulView.of(node)
     base = node.name or node.outputs[0].name
-    b = _Builder(graph, node, base)
+    b = _Builder(graph, node, base, stored)
     x, perm = view.x, view.perm_array()
     weight = _expanded_weight(b, view)
     if np.array_equal(perm, np.arange(len(perm))):
@@ -267,14 +281,15 @@ def unpack_nbits(packed: np.ndarray, rows: int, bits: int) -> np.ndarray:
 
 
 def lower_mixed_matmul(graph: ir.Graph, node: ir.Node, accuracy_level: int = 4, route: str = "split",
-                       codebook_route: str = "load", fp16_route: str = "run", kernel_costs: bitcost.KernelCosts | None = None) -> str:
+                       codebook_route: str = "load", fp16_route: str = "run", kernel_costs: bitcost.KernelCosts | None = None,
+                       stored: dict | None = None) -> str:
     """Lower one `qc.MixedMatMul`; returns the route taken, for the pass's statistics. `route="auto"`
     takes `digits` where `kernel_costs` predicts it faster than `split` at M=1, else `split`."""
     if route == "expand":
-        return _expand_all(graph, node)
+        return _expand_all(graph, node, stored)
     view = MixedMatMulView.of(node)
     base = node.name or node.outputs[0].name
-    b = _Builder(graph, node, base)
+    b = _Builder(graph, node, base, stored)
     x, perm = view.x, view.perm_array()
     k_total = len(perm)
     partial, routes = [], []

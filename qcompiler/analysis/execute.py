@@ -215,21 +215,34 @@ def drift(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray])
     """How far `actual` is from `reference`, over all floating outputs together.
 
     max_abs: largest absolute difference; rel_l2: ||a - r|| / ||r||; cosine: of the flattened
-    outputs; sqnr_db: 10 log10(||r||^2 / ||a - r||^2) (inf when equal)."""
-    ref = np.concatenate([np.asarray(reference[k], np.float64).ravel() for k in reference if _floating(reference[k])] or [np.zeros(0)])
-    act = np.concatenate([np.asarray(actual[k], np.float64).ravel() for k in reference if _floating(reference[k])] or [np.zeros(0)])
+    outputs; sqnr_db: 10 log10(||r||^2 / ||a - r||^2) (inf when equal); lowest_cosine: the lowest
+    cosine of any one output (a small output, such as an encoder's pooled vector beside its token
+    features, is not hidden by a larger one), with the output's name (`lowest_cosine_output`) when
+    there are several."""
+    names = [k for k in reference if _floating(reference[k])]
+    ref = np.concatenate([np.asarray(reference[k], np.float64).ravel() for k in names] or [np.zeros(0)])
+    act = np.concatenate([np.asarray(actual[k], np.float64).ravel() for k in names] or [np.zeros(0)])
     if ref.size == 0:
-        return {"max_abs": 0.0, "rel_l2": 0.0, "cosine": 1.0, "sqnr_db": None}
+        return {"max_abs": 0.0, "rel_l2": 0.0, "cosine": 1.0, "sqnr_db": None, "lowest_cosine": 1.0}
     diff = act - ref
     err = float(np.dot(diff, diff))
     energy = float(np.dot(ref, ref))
-    norms = float(np.linalg.norm(ref) * np.linalg.norm(act))
-    return {
+    result = {
         "max_abs": float(np.max(np.abs(diff))),
         "rel_l2": float(np.sqrt(err / energy)) if energy > 0 else float(np.sqrt(err)),
-        "cosine": float(np.dot(ref, act) / norms) if norms > 0 else 1.0,
+        "cosine": _cosine(ref, act),
         "sqnr_db": float(10 * np.log10(energy / err)) if err > 0 and energy > 0 else None,
     }
+    if len(names) == 1:
+        return result | {"lowest_cosine": result["cosine"]}
+    by_output = {k: _cosine(np.asarray(reference[k], np.float64).ravel(), np.asarray(actual[k], np.float64).ravel()) for k in names}
+    lowest = min(names, key=lambda k: by_output[k])
+    return result | {"lowest_cosine": by_output[lowest], "lowest_cosine_output": lowest}
+
+
+def _cosine(ref: np.ndarray, act: np.ndarray) -> float:
+    norms = float(np.linalg.norm(ref) * np.linalg.norm(act))
+    return float(np.dot(ref, act) / norms) if norms > 0 else 1.0
 
 
 def _floating(array: np.ndarray) -> bool:

@@ -442,10 +442,18 @@ def _learned_blocks(graph: ir.Graph, opts: Options) -> tuple[list[Block], list[i
     """The blocks up to the last that holds a layer to learn, and those layers. int8 weights (quantize)
     are learned by the Adam modes; a solver of its own (gptq) rounds mixed layers only."""
     blocks = find_blocks(graph, opts.regions)
-    learned = [n for b in blocks for n in b.nodes if is_mixed_matmul(n) or (is_int8_weight(n) and opts.mode in LEARNED_MODES)]
+    learned = [n for b in blocks for n in b.nodes if (is_mixed_matmul(n) or (is_int8_weight(n) and opts.mode in LEARNED_MODES))
+               and not _stores_shared(n)]
     ids = {id(n) for n in learned}
     last = max((b.index for b in blocks if any(id(n) in ids for n in b.nodes)), default=-1)
     return blocks[: last + 1], learned
+
+
+def _stores_shared(node: ir.Node) -> bool:
+    """Whether a layer's stored arrays are read by another layer too (one weight read by several linears,
+    stored once): what is learned for one reader would not fit the others, so such layers keep their values."""
+    return any(v is not None and v.const_value is not None and any(use.node is not node for use in v.uses())
+               for v in node.inputs[1:])
 
 
 def unsupported_block_ops(model: ir.Model, opts: Options) -> list[str]:
@@ -824,6 +832,8 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
             return constants.float_table(node)
         if is_int8_weight(node):
             return constants.dequantized_weight(node)
+        if is_mixed_matmul(node):  # a layer not learned here (its stored arrays shared with another reader)
+            return constants.float_mixed_matmul(node)
         return constants.get(node.inputs[1])
 
     def stored_weight(node):
@@ -831,6 +841,8 @@ def _learn_block(block, layers, float_w, env_f, env_q, valid, constants, opts, r
             return constants.quantized_table(node)
         if is_int8_weight(node):
             return constants.dequantized_weight(node)
+        if is_mixed_matmul(node):
+            return constants.stored_mixed_matmul(node)
         return float_weight(node)
 
     targets = FloatTargets(forward_float, env_f, keep)  # also the next block's float inputs

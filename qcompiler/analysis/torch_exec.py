@@ -87,6 +87,22 @@ class Constants:
             self.cache[key] = torch.from_numpy(np.array(weight, np.float32))
         return self.cache[key]
 
+    def stored_mixed_matmul(self, node: ir.Node) -> torch.Tensor:
+        """A `qc.MixedMatMul`'s weight as stored, in its permuted row order (a layer not learned), dequantized once."""
+        key = ("stored", id(node))
+        if key not in self.cache:
+            self.cache[key] = torch.from_numpy(np.array(MixedMatMulView.of(node).weight(), np.float32))
+        return self.cache[key]
+
+    def float_mixed_matmul(self, node: ir.Node) -> torch.Tensor:
+        """A `qc.MixedMatMul`'s float weight (`FLOAT_WEIGHT_KEY`) in its permuted row order, converted once."""
+        w = node.meta[FLOAT_WEIGHT_KEY]
+        key = ("float", id(node))
+        if key not in self.cache:
+            perm = MixedMatMulView.of(node).perm_array()
+            self.cache[key] = torch.from_numpy(np.array(w.numpy(), np.float32)[perm])
+        return self.cache[key]
+
     def mixed_weight(self, node: ir.Node) -> torch.Tensor:
         """A `qc.MixedWeight`'s weight (every input constant), dequantized once."""
         key = id(node.outputs[0])

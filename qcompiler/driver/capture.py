@@ -69,9 +69,10 @@ def capture(
     else:
         args, kwargs = tuple(example_inputs), None
     logging.getLogger("torch.onnx").setLevel(max(logging.getLogger("torch.onnx").getEffectiveLevel(), logging.ERROR))
-    try:
+
+    def export(kwargs):
         with torch.no_grad(), progress(f"capture {type(module).__name__} (torch.export + ONNX)"):
-            program = torch.onnx.export(
+            return torch.onnx.export(
                 module,
                 args=args,
                 kwargs=kwargs,
@@ -83,13 +84,68 @@ def capture(
                 optimize=True,
                 verbose=False,
             )
-    except Exception as exc:
-        raise UserError(f"torch could not export the model: {_root_cause(exc)}") from None
+
+    program = None
+    widened = _widened(kwargs, dynamic_shapes)
+    if widened is not None:  # a dynamic dim of size 1 in the example is specialized by torch.export (SwinModel's batch)
+        try:
+            program = export(widened)
+        except Exception:  # noqa: BLE001 - the inputs as given, next, say what is wrong with them
+            log.debug("capture: the export with size-1 dynamic dims doubled failed; exporting the example as given")
+    if program is None:
+        try:
+            program = export(kwargs)
+        except Exception as exc:
+            raise UserError(f"torch could not export the model: {_root_cause(exc)}") from None
     model = program.model
+    if not output_names:
+        _name_outputs_as_returned(model, program)
     model.producer_name = "qcompiler"
     model.producer_version = None
     adopt_module_names(model)
     return qir.to_target_opset(model, source=type(module).__name__)
+
+
+def _name_outputs_as_returned(model: ir.Model, program) -> None:
+    """Graph outputs named by the keys the module returns them under (a Hugging Face model's
+    `last_hidden_state`, `pooler_output`), where it returns one flat mapping of tensors and no other
+    value has such a name; otherwise the exporter's names stay (`layer_norm_4`, `tanh`)."""
+    try:
+        spec = program.exported_program.call_spec.out_spec
+        keys = list(spec.context) if spec is not None and spec.context is not None else []
+        leaves = all(child.is_leaf() for child in spec.children_specs) if keys else False
+    except Exception:  # noqa: BLE001 - names are a courtesy: a program without this structure keeps its own
+        return
+    outputs = model.graph.outputs
+    if not leaves or len(keys) != len(outputs) or not all(isinstance(k, str) and k for k in keys) or len(set(keys)) != len(keys):
+        return
+    taken = {v.name for node in model.graph for v in node.outputs} | {v.name for v in model.graph.inputs}
+    taken |= set(model.graph.initializers)
+    if any(key in taken and key != value.name for key, value in zip(keys, outputs)):
+        return
+    for key, value in zip(keys, outputs):
+        value.name = key
+
+
+def _widened(kwargs: dict | None, dynamic_shapes) -> dict | None:
+    """The keyword example inputs with each dimension declared dynamic that is 1 in the example repeated
+    to 2, or None when there is none. torch.export may specialize a dimension of size 1 (a graph with
+    its batch fixed at 1 inside Reshapes, refused by ONNX Runtime at any other batch); the example's
+    values only trace the graph, so a repeated sample changes nothing else."""
+    import torch
+
+    if not kwargs or not dynamic_shapes:
+        return None
+    widened, changed = dict(kwargs), False
+    for name, axes in dict(dynamic_shapes).items():
+        x = widened.get(name)
+        if not isinstance(x, torch.Tensor) or not isinstance(axes, Mapping):
+            continue
+        for axis in axes:
+            if isinstance(axis, int) and -x.dim() <= axis < x.dim() and x.shape[axis] == 1:
+                x, changed = torch.cat([x, x], dim=axis), True
+        widened[name] = x
+    return widened if changed else None
 
 
 TORCH_DTYPES = ("float32", "float16", "bfloat16")

@@ -127,6 +127,11 @@ def compile_with(options: CompileOptions) -> CompileResult:
             records = session.run(model, passes, tools)
             pipeline_seconds = time.perf_counter() - start
             warn_if_predicted_slower(records)
+            far = far_from_float(records)
+            if far:
+                log.warning("%s", far)
+                if recorder is not None:
+                    recorder.warnings.append(far)
             manifest = {
                 "source": {"name": source_info.name, "kind": source_info.kind, "sha256": source_digest, "weights": source_weights},
                 "pipeline": spec,
@@ -184,6 +189,21 @@ def add_to_report(report: str | os.PathLike, sections: dict[str, Any]) -> None:
         from qcompiler.tools.report_html import render
 
         write_atomic(html_path, render(body))
+
+
+LOW_OUTPUT_COSINE = 0.9  # below it the artifact's output is called far from float (a warning, not a gate)
+
+
+def far_from_float(records: list[PassRecord]) -> str | None:
+    """A warning when the artifact's output, measured on the probe batch after the last pass, has a cosine
+    to float's below `LOW_OUTPUT_COSINE` (the lowest of its outputs); None otherwise or when not measured."""
+    drift = records[-1].drift if records else None
+    cosine = (drift or {}).get("lowest_cosine")
+    if cosine is None or cosine >= LOW_OUTPUT_COSINE:
+        return None
+    where = f" (output '{shown(drift['lowest_cosine_output'])}')" if "lowest_cosine_output" in drift else ""
+    return (f"the artifact's output is far from float on the probe batch: cosine {cosine:.4f}{where}; "
+            "`qcompiler doctor` names the layers and passes that cost it, --fail-under output-cosine=... stops a build on it")
 
 
 def warn_if_predicted_slower(records: list[PassRecord]) -> None:

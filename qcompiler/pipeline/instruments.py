@@ -21,7 +21,6 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis import execute
-from qcompiler.errors import PassFailure
 from qcompiler.ir import VerificationError, to_text, verify
 from qcompiler.pipeline.pass_manager import Instrument, PassRecord
 from qcompiler.pipeline.passbase import Pass
@@ -50,7 +49,7 @@ class Verify(Instrument):
         try:
             verify(model)
         except VerificationError as exc:
-            raise PassFailure(pass_.name, [], VerificationError(f"IR invalid after this pass: {exc}")) from exc
+            raise VerificationError(f"IR invalid after this pass: {exc}") from exc  # the pass manager names the passes
 
 
 class Drift(Instrument):

@@ -15,7 +15,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from qcompiler.errors import PassFailure, UserError, disk_full
+from qcompiler.errors import PassFailure, UserError, VerificationError, disk_full
 from qcompiler.ir.meta import require_statistics
 from qcompiler.pipeline.passbase import Pass, model_properties
 from qcompiler.pipeline.spec import check_order, format_pass
@@ -81,7 +81,10 @@ def run_pipeline(model: ir.Model, passes: list[Pass], instruments: list[Instrume
             record.stats = dict(getattr(result, "stats", {}) or {})
             records.append(record)
             for instrument in instruments:
-                instrument.after_pass(pass_, model, record)
+                try:
+                    instrument.after_pass(pass_, model, record)
+                except VerificationError as exc:  # the pass left an invalid IR (instruments.Verify)
+                    raise PassFailure(pass_.name, [r.name for r in records[:-1]], exc) from exc
             log.info(
                 "[%d/%d] %s: %.2f s, %s", index, len(passes), pass_.name, record.seconds,
                 "modified" if record.modified else "unchanged",

@@ -17,7 +17,8 @@
       psnr-drop          float minus artifact PSNR in dB, sigma 25      (lower)
       ssim               artifact SSIM, sigma 25, held-out photos       (higher)
       brain-dice         lowest Dice of artifact vs float brain masks   (deepbet-brain; held-out volumes; higher)
-      output-cosine      cosine of the artifact's output vs the float model's on the probe batch
+      output-cosine      cosine of the artifact's output vs the float model's on the probe batch (the lowest
+                         of any output, where there are several)
                          (real data: `qcompiler.analysis.probe`), after the last pass (any model; higher);
                          refused when only a synthetic probe is possible
 
@@ -97,7 +98,8 @@ METRICS = {
         Metric("psnr-drop", "denoise", "psnr_drop", False, "float minus artifact PSNR in dB at sigma 25"),
         Metric("ssim", "denoise", "ssim_compiled", True, "artifact SSIM on held-out photos at sigma 25"),
         Metric("brain-dice", "segmentation3d", "dice_vs_float_min", True, "lowest Dice of artifact vs float brain masks on held-out volumes"),
-        Metric("output-cosine", None, "cosine", True, "cosine of artifact vs float output on the probe batch"),
+        Metric("output-cosine", None, "lowest_cosine", True, "cosine of artifact vs float output on the probe batch (the "
+                                                             "lowest of any output, where there are several)"),
     )
 }
 

@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print a model as IR text")
     show.add_argument("path", help="path to an .onnx file")
     show.add_argument("--full", action="store_true", help="print every weight instead of shape + hash (over 64 elements, or float16/bfloat16)")
+    for command in sub.choices.values():  # after the command too, where an error's "rerun with --debug" leads
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="full tracebacks on error (same as QCOMPILER_DEBUG=1)")
     return parser
 
 
