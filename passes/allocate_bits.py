@@ -164,12 +164,13 @@ def measure_sensitivity(shared: _SensitivityInputs, weight_names: list[str]) -> 
     return measured
 
 
-def narrow_group(rows: int, group_size: int) -> int:
+def narrow_group(rows: int, group_size: int, smallest: int = 16) -> int:
     """Rows per scale group of a linear with `rows` input channels: `group_size`, or in a layer of fewer
-    rows the largest power of two not above them (16 at least, the smallest block MatMulNBits takes)."""
+    rows the largest power of two not above them (`smallest` at least: the fewest the target runs packed,
+    16 for MatMulNBits' smallest block)."""
     if rows >= group_size:
         return group_size
-    return max(16, 1 << (max(rows, 1).bit_length() - 1))
+    return max(smallest, 1 << (max(rows, 1).bit_length() - 1))
 
 
 @register_pass
@@ -323,10 +324,10 @@ class AllocateBitsPass(Pass):
         # scope=layer without tables: a layer below the budget takes its least, where the layers as a whole fit
         least = self.scope == "layer" and not tables
         if least:
-            singles = [pool[0] for pool, _ in pools if len(pool) == 1 and not isinstance(pool[0].linear, ConvAsLinear)]
+            everything = [layer for pool, _ in pools for layer in pool]
             candidates = sorted(set(self.candidates))
-            if singles and self._feasible_range(singles, candidates)[0] > self.avg_bits:
-                raise UserError(self._infeasible(singles, candidates, self.avg_bits))
+            if everything and self._feasible_range(everything, candidates)[0] > self.avg_bits:
+                raise UserError(self._infeasible(everything, candidates, self.avg_bits))
         allocations, widths = self._allocate_with_tables(pools, tables, least)
         widths |= {table.name: TABLE_WIDTHS[-1] for table in kept_tables}  # kept: on top of the budget, as kept layers
         per_layer = {table.name: self._record_table(graph, table, widths[table.name]) for table in tables + kept_tables}
@@ -349,14 +350,21 @@ class AllocateBitsPass(Pass):
                         per_layer[layer.linear.name].update(
                             stored_bits=int(share), bits_per_weight=round(share / layer.size, 4),
                             shared_input=[m.linear.w.name for m in members])
+        kept_once: dict[int, Linear | ConvAsLinear] = {}  # a kept weight read by several linears: stored once too
         for linear in kept:
+            first = kept_once.get(id(linear.w)) if isinstance(linear, Linear) else None
+            if first is not None:
+                linear.node.replace_input_with(linear.weight_index, first.node.inputs[first.weight_index])
+                per_layer[first.name]["readers"] = per_layer[first.name].get("readers", [first.name]) + [linear.name]
+                continue
+            kept_once[id(linear.w)] = linear
             shape = tuple(linear.w.const_value.shape)
-            group = self.group_size if isinstance(linear, ConvAsLinear) else narrow_group(shape[0], self.group_size)
+            group = self.group_size if isinstance(linear, ConvAsLinear) else narrow_group(shape[0], self.group_size, self._costs.smallest_group)
             layer = _Layer(linear, shape, None, None, 0, {}, self._layer_costs(linear), group)
             per_layer[linear.name] = self._record(graph, layer, np.full(layer.shape[0], self.keep_bits, np.uint8), 0.0)
             per_layer[linear.name]["kept"] = True
         total_bits = sum(v["stored_bits"] for v in per_layer.values())
-        total_weights = (sum(layer.size for layer in layers) + sum(linear.w.const_value.size for linear in kept)
+        total_weights = (sum(layer.size for layer in layers) + sum(linear.w.const_value.size for linear in kept_once.values())
                          + sum(table.size for table in tables + kept_tables))
         stats = {
             "layers": len(layers) + len(kept) + len(tables) + len(kept_tables),
@@ -514,7 +522,7 @@ class AllocateBitsPass(Pass):
         conv = isinstance(linear, ConvAsLinear)
         # a Conv's rows are one group when fewer (its weight is not run packed); a linear of fewer rows than
         # group-size (an ALBERT embedding projection, a ConvNeXt stage of 96 channels) gets smaller groups
-        group = self.group_size if conv else narrow_group(k, self.group_size)
+        group = self.group_size if conv else narrow_group(k, self.group_size, self._costs.smallest_group)
         energy = activation_stats(linear.x, self.name, linear.name).mean_sq.astype(np.float64)
         if conv:
             energy = linear.row_energy(energy)
@@ -593,16 +601,16 @@ class AllocateBitsPass(Pass):
 
     def _allocate(self, pool: list[_Layer], avg_bits: float, least: bool = False) -> dict[str, np.ndarray]:
         """Greedy allocation charging the exact stored bits of every step (see `_greedy`); with
-        cost=latency, the class set chosen by `_fastest_for_error`. `least`: a one-layer pool the
-        budget cannot hold is given its least storage (with a warning) instead of refused."""
+        cost=latency, the class set chosen by `_fastest_for_error`. `least`: a pool (a layer, or a conv
+        net's kernels) the budget cannot hold is given its least storage (with a warning) instead of refused."""
         candidates = sorted(set(self.candidates))
-        if least and len(pool) == 1 and not isinstance(pool[0].linear, ConvAsLinear):
+        if least:
             low, _ = self._feasible_range(pool, candidates)
-            if avg_bits < low:  # a small layer whose group metadata alone is over the budget: its cheapest storage
-                (layer,) = pool
-                log.warning("allocate-bits: layer '%s' (%d x %d) cannot be stored in %g bits per weight; it takes its "
-                            "least, %.3f (every row at %d bits)", shown(layer.linear.name), *layer.shape, avg_bits,
-                            low, candidates[0])
+            if avg_bits < low:  # small layers whose group metadata alone is over the budget: their cheapest storage
+                what = (f"layer '{shown(pool[0].linear.name)}' ({pool[0].shape[0]} x {pool[0].shape[1]})" if len(pool) == 1
+                        else f"the {len(pool)} Conv kernels")
+                log.warning("allocate-bits: %s cannot be stored in %g bits per weight; it takes its least, %.3f (every "
+                            "row at %d bits)", what, avg_bits, low, candidates[0])
                 avg_bits = low * (1 + 1e-9)
         target = avg_bits * sum(layer.size for layer in pool)
         budget = target - sum(self._constants(layer) for layer in pool)

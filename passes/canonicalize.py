@@ -115,12 +115,26 @@ def _fold_constants(model: ir.Model, limit: int) -> bool:
 
     before = [id(n) for n in model.graph], list(model.graph.initializers)
     try:
-        result = optimizer.fold_constants(model, onnx_shape_inference=False, input_size_limit=limit, output_size_limit=limit)
+        result = optimizer.fold_constants(model, onnx_shape_inference=False, input_size_limit=limit, output_size_limit=limit,
+                                          should_fold=_small_constant_of_shape)
     except RuntimeError as exc:
         cause = exc.__cause__ or exc
         log.warning("constant folding stopped: %s (%s: %s)", first_line(str(exc)), type(cause).__name__, first_line(str(cause)))
         return ([id(n) for n in model.graph], list(model.graph.initializers)) != before
     return bool(result.modified)
+
+
+SMALL_CONSTANT = 1024  # elements: a ConstantOfShape of at most this many, its shape constant, is folded
+
+
+def _small_constant_of_shape(node: ir.Node) -> bool | None:
+    """True for a `ConstantOfShape` of a small constant shape (onnxscript's folder keeps every one by
+    default, so that a large one does not grow the model): exporters build a Conv's padding amounts
+    from one (MobileNetV2's), which then reach a `Pad` as a constant; None: the folder's own rules."""
+    if node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
+        return None
+    shape = node.inputs[0].const_value
+    return True if shape is not None and int(np.prod(shape.numpy())) <= SMALL_CONSTANT else None
 
 
 def _cast_like_to_cast(model: ir.Model) -> int:

@@ -155,3 +155,13 @@ def test_an_artifact_far_from_float_is_warned_about_naming_the_output():
     assert "cosine 0.6600 (output 'mask')" in far and "qcompiler doctor" in far
     assert far_from_float(records({"cosine": 0.95, "lowest_cosine": 0.95})) is None
     assert far_from_float(records(None)) is None  # not measured: nothing is claimed
+
+
+def test_an_output_that_is_not_finite_is_not_close_to_float():
+    reference = {"a": np.ones((2, 4)), "b": np.ones((2, 4))}
+    drift = execute.drift(reference, {"a": np.ones((2, 4)), "b": np.full((2, 4), np.nan)})
+    assert np.isnan(drift["cosine"]) and np.isnan(drift["lowest_cosine"]) and drift["lowest_cosine_output"] == "b"
+    from qcompiler.driver.compiler import far_from_float
+    from qcompiler.pipeline.pass_manager import PassRecord
+
+    assert "far from float" in far_from_float([PassRecord(1, "quantize", "quantize", drift=drift)])

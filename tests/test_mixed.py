@@ -761,10 +761,11 @@ def _one_weight_read_twice(k=256, seed=0):
        Y = MatMul (H, W) }}""")
 
 
-def test_a_weight_read_by_two_linears_is_allocated_stored_and_lowered_once():
+@pytest.mark.parametrize("kept", ["", " keep=W keep-bits=4"])
+def test_a_weight_read_by_two_linears_is_allocated_stored_and_lowered_once(kept):
     model = _one_weight_read_twice()
     feeds = synthetic_inputs(model, seed=9)
-    records = _compile(model, "calibrate,allocate-bits{avg-bits=4},quantize-weights,gptq{regions=1}")
+    records = _compile(model, f"calibrate,allocate-bits{{avg-bits=4{kept}}},quantize-weights,gptq{{regions=1}}")
     verify(model)
     (allocation,) = records[1].stats["per_layer"].values()
     assert allocation["readers"] == ["H", "Y"]

@@ -112,11 +112,13 @@ MASK_OPS = {  # op, attributes, operands (the first is the graph input), outputs
     "IsInf, negative only": ("IsInf", {"detect_positive": 0}, [SCORES], 1),
     "CumSum of a padding mask, exclusive and reversed": ("CumSum", {"exclusive": 1, "reverse": 1}, [TOKENS, I64(1)], 1),
     "CumSum along the first axis": ("CumSum", {}, [X, I64(-4)], 1),
+    "CumSum, exclusive, past an infinity": ("CumSum", {"exclusive": 1}, [np.array([1, np.inf, 2, 1e20, 3], np.float32), I64(0)], 1),
     "GatherElements, negative indices": ("GatherElements", {"axis": 1}, [X, I64(np.tile([[[[0]], [[-1]], [[2]]]], (2, 1, 5, 4)))], 1),
     "GatherND": ("GatherND", {}, [X, I64([[[0, 5], [1, -1]], [[1, 0], [0, 2]]])], 1),
     "GatherND with a batch axis": ("GatherND", {"batch_dims": 1}, [X, I64([[[3, 1]], [[0, 4]]])], 1),
     "Split by sizes": ("Split", {"axis": 1}, [X, I64([1, 2, 3])], 3),
     "Split in equal parts": ("Split", {"axis": -1, "num_outputs": 2}, [X], 2),
+    "Split in parts, the last empty": ("Split", {"axis": 1, "num_outputs": 4}, [X], 4),
     "ArgMax, last index": ("ArgMax", {"axis": 1, "select_last_index": 1}, [SCORES[:, 1:3]], 1),
     "ArgMin without the axis": ("ArgMin", {"axis": -1, "keepdims": 0}, [X], 1),
     "Einsum": ("Einsum", {"equation": "bchw,bdhw->bcd"}, [X, X[:, :3]], 1),
@@ -149,3 +151,17 @@ def test_mask_and_position_ops_compute_what_onnx_runtime_computes(case):
         got = env[name].numpy()
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_attributes_a_rule_refuses_are_named_before_anything_runs():
+    """unsupported_ops names what run_nodes would raise on, so that a pass can step aside first."""
+    proto = helper.make_model(helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], auto_pad="SAME_UPPER"),
+         helper.make_node("Pad", ["c", "p"], ["y"], mode="reflect"),
+         helper.make_node("Cast", ["y"], ["z"], to=TensorProto.STRING)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, X.shape)], [helper.make_tensor_value_info("z", TensorProto.STRING, None)],
+        [numpy_helper.from_array(RNG.standard_normal((3, C, 3, 3)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.array([0, 1, 0, 0, 0, 1, 0, 0], np.int64), "p")]),
+        opset_imports=[helper.make_opsetid("", 21)])
+    nodes = list(ir.serde.deserialize_model(proto).graph)
+    assert unsupported_ops(nodes) == ["Cast(to=8)", "Conv(auto_pad)", "Pad(reflect mode on the batch or channel axis)"]

@@ -37,6 +37,7 @@ class TritonStorageCost(bitcost.StorageCost):
     packed_widths = BITS
     perm_bits = PERM_BITS
     holds_blocks = False
+    smallest_group = 32  # the kernels read codes in packs of 32 rows (emit.PACK_ROWS); fewer run as fp16 weights
 
     def class_bits(self, kind: str, bits: int, rows: int, cols: int, group_size: int, zero_points: str,
                    whole_blocks: bool = False) -> int:  # the package holds its codes tight: no blocks to price

@@ -235,6 +235,7 @@ class StorageCost:
     packed_widths: tuple[int, ...] = NBITS
     perm_bits = PERM_BITS
     holds_blocks = True  # the kernels hold a class's codes in whole blocks once the session starts (`whole_blocks`)
+    smallest_group = 16  # the fewest rows a scale group may have and still run packed (MatMulNBits' smallest block)
 
     def __init__(self, kernel_costs: KernelCosts | None = None, name: str | None = None):
         self.kernel_costs = kernel_costs

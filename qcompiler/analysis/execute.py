@@ -236,11 +236,19 @@ def drift(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray])
     if len(names) == 1:
         return result | {"lowest_cosine": result["cosine"]}
     by_output = {k: _cosine(np.asarray(reference[k], np.float64).ravel(), np.asarray(actual[k], np.float64).ravel()) for k in names}
-    lowest = min(names, key=lambda k: by_output[k])
+    lowest = min(names, key=lambda k: (not np.isnan(by_output[k]), by_output[k]))  # a NaN output first
     return result | {"lowest_cosine": by_output[lowest], "lowest_cosine_output": lowest}
 
 
 def _cosine(ref: np.ndarray, act: np.ndarray) -> float:
+    """Cosine of two flattened outputs over their finite values; NaN where either holds a NaN or an
+    infinity the other does not (an artifact that outputs NaN is not close to float: a gate fails on
+    it), 1.0 where both are all zero."""
+    finite = np.isfinite(ref) & np.isfinite(act)
+    if not finite.all():  # equal infinities (a mask's -inf in both) match; anything else not finite does not
+        if np.any(~finite & ~(ref == act)):
+            return float("nan")
+        ref, act = ref[finite], act[finite]
     norms = float(np.linalg.norm(ref) * np.linalg.norm(act))
     return float(np.dot(ref, act) / norms) if norms > 0 else 1.0
 

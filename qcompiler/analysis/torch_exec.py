@@ -267,9 +267,9 @@ def _cum_sum(node: ir.Node, x: torch.Tensor, axis: torch.Tensor) -> torch.Tensor
     """ONNX CumSum along `axis`, `exclusive` (each sum leaves its own element out) and/or `reverse`."""
     a = int(axis.reshape(-1)[0]) % x.dim()
     y = x.flip(a) if attr(node, "reverse", 0) else x
+    if attr(node, "exclusive", 0):  # the sums before each element: shifted one along the axis, a zero first
+        y = torch.cat([torch.zeros_like(y.narrow(a, 0, 1)), y.narrow(a, 0, y.shape[a] - 1)], dim=a) if y.shape[a] else y
     out = torch.cumsum(y, dim=a, dtype=y.dtype)
-    if attr(node, "exclusive", 0):
-        out = out - y
     return out.flip(a) if attr(node, "reverse", 0) else out
 
 
@@ -279,7 +279,9 @@ def _split(node: ir.Node, inputs) -> tuple[torch.Tensor, ...]:
     if len(inputs) > 1 and inputs[1] is not None:
         return tuple(torch.split(x, _ints(inputs[1]), dim=axis))
     parts = attr(node, "num_outputs", len(node.outputs))
-    return tuple(torch.split(x, -(-x.shape[axis] // parts), dim=axis))
+    size = -(-x.shape[axis] // parts)
+    sizes = [min(size, max(0, x.shape[axis] - size * i)) for i in range(parts)]  # the last ones may be short or empty
+    return tuple(torch.split(x, sizes, dim=axis))
 
 
 def _arg(node: ir.Node, x: torch.Tensor, largest: bool) -> torch.Tensor:
@@ -465,14 +467,56 @@ def _pool(node: ir.Node, x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def unsupported_ops(nodes: list[ir.Node]) -> list[str]:
-    """The ops among `nodes` the interpreter has no rule for (domain.op_type, sorted)."""
+    """The ops among `nodes` the interpreter has no rule for (domain.op_type), or a rule that refuses
+    their attributes (`Conv(auto_pad)`), sorted: what `run_nodes` would raise on, known before it runs."""
     missing = set()
     for node in nodes:
         domain = "" if node.domain == "ai.onnx" else node.domain
-        if (domain == "qc" and node.op_type in QC_OPS) or (domain == "" and (node.op_type in OPS or node.op_type == "Constant")):
+        if domain == "qc" and node.op_type in QC_OPS:
+            continue
+        if domain == "" and (node.op_type in OPS or node.op_type == "Constant"):
+            refused = _refused_attributes(node)
+            if refused:
+                missing.add(f"{node.op_type}({refused})")
             continue
         missing.add(f"{domain}.{node.op_type}" if domain else node.op_type)
     return sorted(missing)
+
+
+def _refused_attributes(node: ir.Node) -> str | None:
+    """The attributes of a node whose rule refuses them (the conditions the rules raise on), or None."""
+    op = node.op_type
+    padded = attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+    used_outputs = len([v for v in node.outputs if v is not None and v.uses()])
+    if op == "BatchNormalization" and (attr(node, "training_mode", 0) or used_outputs > 1):
+        return "training mode"
+    if op == "Cast" and attr(node, "to") not in _DTYPES:
+        return f"to={attr(node, 'to')}"
+    if op == "ScatterElements" and attr(node, "reduction", "none") != "none":
+        return "reduction"
+    if op in ("Conv", "ConvTranspose", "MaxPool", "AveragePool") and padded:
+        return "auto_pad"
+    if op == "ConvTranspose" and attr(node, "output_shape") is not None:
+        return "output_shape"
+    if op in ("MaxPool", "AveragePool") and used_outputs > 1:
+        return "indices"
+    if op == "AveragePool":
+        dims = len(attr(node, "kernel_shape", []))
+        pads = attr(node, "pads", [0] * (2 * dims))
+        if (pads[:dims] != pads[dims:] and (attr(node, "count_include_pad", 0) or attr(node, "ceil_mode", 0))) \
+                or any(d != 1 for d in attr(node, "dilations", [1] * dims)):
+            return "uneven pads counted, ceil mode or dilations"
+    if op == "Pad" and attr(node, "mode", "constant") != "constant":  # the rule pads spatial axes only in these modes
+        pads = node.inputs[1] if len(node.inputs) > 1 else None
+        axes = node.inputs[3] if len(node.inputs) > 3 else None
+        if pads is None or pads.const_value is None or (axes is not None and axes.const_value is None):
+            return f"{attr(node, 'mode')} mode"
+        values = [int(p) for p in pads.const_value.numpy()]
+        rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else len(values) // 2
+        on = [int(a) % rank for a in axes.const_value.numpy()] if axes is not None else list(range(len(values) // 2))
+        if any((values[i] or values[i + len(on)]) and a < 2 for i, a in enumerate(on)):
+            return f"{attr(node, 'mode')} mode on the batch or channel axis"
+    return None
 
 
 def _pad(node: ir.Node, inputs) -> torch.Tensor:

@@ -77,7 +77,7 @@ def capture(
                 args=args,
                 kwargs=kwargs,
                 dynamo=True,
-                dynamic_shapes=dict(dynamic_shapes) if dynamic_shapes else None,
+                dynamic_shapes=(dict(dynamic_shapes) if isinstance(dynamic_shapes, Mapping) else dynamic_shapes) or None,
                 input_names=list(input_names) if input_names else None,
                 output_names=list(output_names) if output_names else None,
                 opset_version=qir.TARGET_OPSET,
@@ -119,6 +119,8 @@ def _name_outputs_as_returned(model: ir.Model, program) -> None:
     outputs = model.graph.outputs
     if not leaves or len(keys) != len(outputs) or not all(isinstance(k, str) and k for k in keys) or len(set(keys)) != len(keys):
         return
+    if len({id(v) for v in outputs}) != len(outputs) or any(v.is_graph_input() for v in outputs):
+        return  # one value returned twice, or an input returned as it came: renaming would rename the other too
     taken = {v.name for node in model.graph for v in node.outputs} | {v.name for v in model.graph.inputs}
     taken |= set(model.graph.initializers)
     if any(key in taken and key != value.name for key, value in zip(keys, outputs)):
@@ -134,7 +136,7 @@ def _widened(kwargs: dict | None, dynamic_shapes) -> dict | None:
     values only trace the graph, so a repeated sample changes nothing else."""
     import torch
 
-    if not kwargs or not dynamic_shapes:
+    if not kwargs or not isinstance(dynamic_shapes, Mapping):  # given by position (a tuple): left as given
         return None
     widened, changed = dict(kwargs), False
     for name, axes in dict(dynamic_shapes).items():

@@ -199,7 +199,7 @@ def far_from_float(records: list[PassRecord]) -> str | None:
     to float's below `LOW_OUTPUT_COSINE` (the lowest of its outputs); None otherwise or when not measured."""
     drift = records[-1].drift if records else None
     cosine = (drift or {}).get("lowest_cosine")
-    if cosine is None or cosine >= LOW_OUTPUT_COSINE:
+    if cosine is None or cosine >= LOW_OUTPUT_COSINE:  # NaN (an output not finite) compares False: warned about
         return None
     where = f" (output '{shown(drift['lowest_cosine_output'])}')" if "lowest_cosine_output" in drift else ""
     return (f"the artifact's output is far from float on the probe batch: cosine {cosine:.4f}{where}; "
