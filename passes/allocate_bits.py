@@ -322,13 +322,18 @@ class AllocateBitsPass(Pass):
                      for unit, _ in units if not isinstance(unit.linear, ConvAsLinear) or id(unit) in boosted_ids]
             pools += [(convs, self.avg_bits)] if convs else []
         # scope=layer without tables: a layer below the budget takes its least, where the layers as a whole fit
-        least = self.scope == "layer" and not tables
-        if least:
+        least: list[str] | None = [] if self.scope == "layer" and not tables else None
+        if least is not None:
             everything = [layer for pool, _ in pools for layer in pool]
             candidates = sorted(set(self.candidates))
             if everything and self._feasible_range(everything, candidates)[0] > self.avg_bits:
                 raise UserError(self._infeasible(everything, candidates, self.avg_bits))
         allocations, widths = self._allocate_with_tables(pools, tables, least)
+        if least:  # one warning for all of them (a Swin has dozens of 48 x 48 projections)
+            log.warning("allocate-bits: %d %s cannot be stored in %g bits per weight (their group metadata alone is over "
+                        "it) and take their least, every row at %d bits: %s", len(least),
+                        "layer" if len(least) == 1 else "layers", self.avg_bits, min(self.candidates),
+                        "; ".join(least[:6]) + ("; ..." if len(least) > 6 else ""))
         widths |= {table.name: TABLE_WIDTHS[-1] for table in kept_tables}  # kept: on top of the budget, as kept layers
         per_layer = {table.name: self._record_table(graph, table, widths[table.name]) for table in tables + kept_tables}
         for table in kept_tables:
@@ -458,7 +463,7 @@ class AllocateBitsPass(Pass):
         return found
 
     def _allocate_with_tables(self, pools: list[tuple[list[_Layer], float]], tables: list[_Table],
-                              least: bool = False) -> tuple[dict, dict]:
+                              least: list[str] | None = None) -> tuple[dict, dict]:
         """The layers' allocation, and each table's width (embeddings=budget). Each combination of
         widths of the `VARIED_TABLES` largest tables (smaller ones at 8 bits) moves every pool's
         average by what the tables store above or below avg-bits, spread over the layers' weights
@@ -599,18 +604,17 @@ class AllocateBitsPass(Pass):
 
         return context.current().cost_model or bitcost.ORT
 
-    def _allocate(self, pool: list[_Layer], avg_bits: float, least: bool = False) -> dict[str, np.ndarray]:
+    def _allocate(self, pool: list[_Layer], avg_bits: float, least: list[str] | None = None) -> dict[str, np.ndarray]:
         """Greedy allocation charging the exact stored bits of every step (see `_greedy`); with
-        cost=latency, the class set chosen by `_fastest_for_error`. `least`: a pool (a layer, or a conv
-        net's kernels) the budget cannot hold is given its least storage (with a warning) instead of refused."""
+        cost=latency, the class set chosen by `_fastest_for_error`. `least` (a list): a pool (a layer, or a
+        conv net's kernels) the budget cannot hold is given its least storage instead of refused, and named there."""
         candidates = sorted(set(self.candidates))
-        if least:
+        if least is not None:
             low, _ = self._feasible_range(pool, candidates)
             if avg_bits < low:  # small layers whose group metadata alone is over the budget: their cheapest storage
-                what = (f"layer '{shown(pool[0].linear.name)}' ({pool[0].shape[0]} x {pool[0].shape[1]})" if len(pool) == 1
+                what = (f"'{shown(pool[0].linear.name)}' ({pool[0].shape[0]} x {pool[0].shape[1]})" if len(pool) == 1
                         else f"the {len(pool)} Conv kernels")
-                log.warning("allocate-bits: %s cannot be stored in %g bits per weight; it takes its least, %.3f (every "
-                            "row at %d bits)", what, avg_bits, low, candidates[0])
+                least.append(f"{what} at {low:.3f}")
                 avg_bits = low * (1 + 1e-9)
         target = avg_bits * sum(layer.size for layer in pool)
         budget = target - sum(self._constants(layer) for layer in pool)

@@ -801,6 +801,6 @@ def test_a_layer_too_small_for_the_budget_takes_its_least_and_says_so(caplog):
     per_layer = records[1].stats["per_layer"]
     assert per_layer["Y"]["bits_histogram"] == {2: 509, 16: 3} and per_layer["Y"]["bits_per_weight"] > 3  # fp16: outliers
     assert per_layer["H"]["bits_per_weight"] <= 3
-    assert "layer 'Y' (512 x 4) cannot be stored in 3 bits per weight" in caplog.text
+    assert "1 layer cannot be stored in 3 bits per weight" in caplog.text and "'Y' (512 x 4) at " in caplog.text
     with pytest.raises(UserError, match="avg-bits 2.1 is outside .* feasible"):
         _compile(_wide_then_narrow_head(), "calibrate,allocate-bits{avg-bits=2.1}")
