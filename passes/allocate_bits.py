@@ -164,6 +164,13 @@ def measure_sensitivity(shared: _SensitivityInputs, weight_names: list[str]) -> 
     return measured
 
 
+def _described(pool: list[_Layer]) -> str:
+    """A pool in a message: its one layer's name and shape, or how many Conv kernels it holds."""
+    if len(pool) == 1:
+        return f"'{shown(pool[0].linear.name)}' ({pool[0].shape[0]} x {pool[0].shape[1]})"
+    return f"the {len(pool)} Conv kernels"
+
+
 def narrow_group(rows: int, group_size: int, smallest: int = 16) -> int:
     """Rows per scale group of a linear with `rows` input channels: `group_size`, or in a layer of fewer
     rows the largest power of two not above them (`smallest` at least: the fewest the target runs packed,
@@ -364,8 +371,7 @@ class AllocateBitsPass(Pass):
                 continue
             kept_once[id(linear.w)] = linear
             shape = tuple(linear.w.const_value.shape)
-            group = self.group_size if isinstance(linear, ConvAsLinear) else narrow_group(shape[0], self.group_size, self._costs.smallest_group)
-            layer = _Layer(linear, shape, None, None, 0, {}, self._layer_costs(linear), group)
+            layer = _Layer(linear, shape, None, None, 0, {}, self._layer_costs(linear), self._group_of(linear, shape[0]))
             per_layer[linear.name] = self._record(graph, layer, np.full(layer.shape[0], self.keep_bits, np.uint8), 0.0)
             per_layer[linear.name]["kept"] = True
         total_bits = sum(v["stored_bits"] for v in per_layer.values())
@@ -517,6 +523,11 @@ class AllocateBitsPass(Pass):
                 "bits_per_weight": round(stored / table.size, 4), "predicted_error": table.errors[bits],
                 "sparse_outliers": 0, "embedding": True}
 
+    def _group_of(self, linear: Linear | ConvAsLinear, rows: int) -> int:
+        """Rows per scale group: a Conv's rows are one group when fewer (its weight is not run packed); a linear
+        of fewer rows than group-size (an ALBERT embedding projection, a ConvNeXt stage of 96) gets smaller groups."""
+        return self.group_size if isinstance(linear, ConvAsLinear) else narrow_group(rows, self.group_size, self._costs.smallest_group)
+
     def _layer_costs(self, linear: Linear | ConvAsLinear) -> bitcost.StorageCost:
         """A Conv's weight is expanded at load whatever the target; a linear is priced by the target."""
         return bitcost.EXPANDED if isinstance(linear, ConvAsLinear) else self._costs
@@ -525,9 +536,7 @@ class AllocateBitsPass(Pass):
         w = linear.w.const_value.numpy().astype(np.float32)
         k, n = w.shape
         conv = isinstance(linear, ConvAsLinear)
-        # a Conv's rows are one group when fewer (its weight is not run packed); a linear of fewer rows than
-        # group-size (an ALBERT embedding projection, a ConvNeXt stage of 96 channels) gets smaller groups
-        group = self.group_size if conv else narrow_group(k, self.group_size, self._costs.smallest_group)
+        group = self._group_of(linear, k)
         energy = activation_stats(linear.x, self.name, linear.name).mean_sq.astype(np.float64)
         if conv:
             energy = linear.row_energy(energy)
@@ -612,9 +621,7 @@ class AllocateBitsPass(Pass):
         if least is not None:
             low, _ = self._feasible_range(pool, candidates)
             if avg_bits < low:  # small layers whose group metadata alone is over the budget: their cheapest storage
-                what = (f"'{shown(pool[0].linear.name)}' ({pool[0].shape[0]} x {pool[0].shape[1]})" if len(pool) == 1
-                        else f"the {len(pool)} Conv kernels")
-                least.append(f"{what} at {low:.3f}")
+                least.append(f"{_described(pool)} at {low:.3f}")
                 avg_bits = low * (1 + 1e-9)
         target = avg_bits * sum(layer.size for layer in pool)
         budget = target - sum(self._constants(layer) for layer in pool)
@@ -847,7 +854,7 @@ class AllocateBitsPass(Pass):
 
     def _infeasible(self, pool: list[_Layer], candidates, avg_bits: float) -> str:
         low, high = self._feasible_range(pool, candidates)
-        where = f"layer '{shown(pool[0].linear.name)}' ({pool[0].shape[0]} x {pool[0].shape[1]})" if len(pool) == 1 else "here"
+        where = f"layer {_described(pool)}" if len(pool) == 1 else "here"
         return (
             f"allocate-bits: avg-bits {avg_bits:g} is outside what candidates {','.join(map(str, candidates))} "
             f"and their metadata allow {where}: feasible {low:.3f} to {high:.3f}"
