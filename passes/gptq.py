@@ -259,7 +259,7 @@ class GPTQPass(Pass):
             damps = self._damps(group, sums, executor)
             rounding = [layer for layer in group if damps[MixedMatMulView.of(layer.node).x.name] is not None]
             factors = _factors(rounding, sums, damps, self.order)
-            results = dict(zip(map(id, rounding), self._round_group(rounding, factors, executor)))
+            results = dict(zip(map(id, rounding), self._round_split(rounding, factors, executor)))
             for layer in group:  # the layers of an input that keeps round-to-nearest: their stored arrays
                 a = results.get(id(layer), [x.copy() for x in layer.originals])
                 arrays[id(layer.node)] = a
@@ -269,16 +269,36 @@ class GPTQPass(Pass):
         problem.bar.update()
         return arrays, 0
 
+    def _round_split(self, group, factors: dict[int, tuple], executor) -> list[list[np.ndarray]]:
+        """The layers of `group` rounded on their factors (`_factors`): whole and one task a layer
+        in-process; on several workers each layer's output columns are cut into one contiguous part per
+        worker (`column_parts`) and every part is a task, so that a group of one layer (o_proj,
+        down_proj) keeps every worker busy. The same arrays either way: each column's rounding is
+        independent of the others' (`trial_columns`; tests/test_gptq.py)."""
+        if executor.workers <= 1:
+            return self._round_group(group, factors, executor)
+        tasks, names, parts = [], [], []
+        for layer in group:
+            factor = factors.pop(id(layer.node))
+            parts.append(column_parts(int(layer.w.shape[1]), executor.workers))
+            for cols in parts[-1]:
+                tasks.append(rounding_task(layer, factor, cols))
+                names.append(f"gptq: layer '{layer.name}' columns {cols[0]} to {cols[-1]}")
+        rounded = iter(executor.map(round_layer, tasks, shared=self.grid, names=names))
+        out = []
+        for layer, cols_of_layer in zip(group, parts):
+            arrays = [x.copy() for x in layer.originals]
+            for cols in cols_of_layer:
+                _write_columns(arrays, next(rounded), layer.kinds, cols, layer.sparse)
+            out.append(arrays)
+        return out
+
     def _round_group(self, group, factors: dict[int, tuple], executor, columns=None) -> list[list[np.ndarray]]:
         """The layers of `group` rounded on their factors (`_factors`), fanned out on `executor`; with
         `columns` (per layer), only those output columns of each (the same values as rounding all:
         GPTQ's update and every grid are per column)."""
         columns = columns or [None] * len(group)
-        tasks = [RoundingTask(layer.w.numpy() if cols is None else layer.w.numpy()[:, cols], *factors.pop(id(layer.node)),
-                              layer.kinds, layer.bits, layer.sizes, layer.group_size,
-                              layer.originals if cols is None else _columns_of(layer.originals, layer.kinds, cols, layer.sparse),
-                              layer.sparse)
-                 for layer, cols in zip(group, columns)]
+        tasks = [rounding_task(layer, factors.pop(id(layer.node)), cols) for layer, cols in zip(group, columns)]
         return executor.map(round_layer, tasks, shared=self.grid, names=[f"gptq: layer '{layer.name}'" for layer in group])
 
     def _damps(self, group, sums: "GramSums", executor) -> dict[str, float | None]:
@@ -335,6 +355,19 @@ class RoundingTask:
     group_size: int
     originals: list[np.ndarray]
     sparse: int
+
+
+def rounding_task(layer, factor: tuple, cols: np.ndarray | None) -> RoundingTask:
+    """The task rounding `layer` (all its output columns, or `cols`) on its factor (`_factors`)."""
+    w = layer.w.numpy()
+    return RoundingTask(w if cols is None else w[:, cols], *factor, layer.kinds, layer.bits, layer.sizes, layer.group_size,
+                        layer.originals if cols is None else _columns_of(layer.originals, layer.kinds, cols, layer.sparse),
+                        layer.sparse)
+
+
+def column_parts(n: int, parts: int) -> list[np.ndarray]:
+    """`n` output columns cut into `parts` contiguous runs of near-equal length (fewer when `n` is smaller)."""
+    return [cols for cols in np.array_split(np.arange(n), max(1, min(parts, n))) if len(cols)]
 
 
 def round_layer(grid: str, task: RoundingTask) -> list[np.ndarray]:

@@ -75,8 +75,8 @@ def test_artifacts_are_byte_identical_in_process_and_on_one_or_two_workers(tmp_p
 
 @pytest.mark.parametrize("damp", ["0.01", "auto"])
 def test_gptq_layers_fanned_out_give_the_in_process_artifact(tmp_path, ray_session, damp):
-    """gptq{sequential=0} rounds every layer of a block at once: one task per layer on Ray (with
-    damp=auto, one per layer and candidate damping too)."""
+    """gptq{sequential=0} rounds every layer of a block at once: on 2 workers each layer's output
+    columns in two parts, one task each (with damp=auto, one task per layer and candidate damping too)."""
     source = _chain(tmp_path / "chain.onnx", layers=3)
     data = _calibration(source, count=4)  # damp=auto holds the fourth batch out
     pipeline = ("canonicalize,calibrate,allocate-bits{avg-bits=3.5 candidates=2,4,8},quantize-weights,"
