@@ -1,5 +1,6 @@
-"""Where int8 pays: our `w8a8` against float32 in ONNX Runtime on a small conv net and an MLP whose
-linears add `[1, 1, N]` biases (as Keras exports Dense layers).
+"""Where int8 pays: our `w8a8` against float32 in ONNX Runtime on two small conv nets (one with
+hard-swish, one EfficientNet-style with Swish and squeeze-and-excitation) and an MLP whose linears
+add `[1, 1, N]` biases (as Keras exports Dense layers).
 
     python benchmarks/placement.py                      # 2 threads, writes benchmarks/results/placement.json
     python benchmarks/placement.py --repeats 30 --json /tmp/placement.json
@@ -70,6 +71,56 @@ def conv_net():
         "image": r.normal(0, 1, (n, 3, 128, 128)).astype(np.float32)}
 
 
+def mbconv_net():
+    """1 x 3 x 224 x 224, EfficientNet-style as TensorFlow-side exporters write it: Swish (x * Sigmoid(x))
+    after every Conv, each stride-2 Conv with auto_pad VALID behind a zero Pad of one side. A stem Conv
+    3->32 stride 2; an inverted bottleneck 32 -> 96 (1x1) -> depthwise 3x3 stride 2 -> squeeze-and-excitation
+    (GlobalAveragePool, 1x1 96->8, Swish, 1x1 8->96, Sigmoid, Mul) -> 1x1 to 24; a second one 24 -> 144 ->
+    depthwise 3x3 -> SE -> 24 with the residual Add; a 1x1 head 24->256, GlobalAveragePool, Gemm 256->10."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    nodes, inits = [], []
+
+    def conv(x, cin, cout, k=1, stride=1, group=1, padded=False):
+        name = f"conv{len(inits)}"
+        inits.extend([numpy_helper.from_array(rng.normal(0, np.sqrt(2 / (k * k * cin // group)), (cout, cin // group, k, k)).astype(np.float32), f"{name}.w"),
+                      numpy_helper.from_array(rng.normal(0, 0.05, cout).astype(np.float32), f"{name}.b")])
+        if stride == 2:  # TensorFlow's SAME for stride 2: pad the end of each spatial axis by hand
+            inits.append(numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, k // 2, k // 2], np.int64), f"{name}.pads"))
+            nodes.append(helper.make_node("Pad", [x, f"{name}.pads"], [f"{name}.padded"]))
+            x = f"{name}.padded"
+        extra = {"auto_pad": "VALID"} if stride == 2 else {"pads": [k // 2] * 4}
+        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [name], strides=[stride, stride], group=group, name=name, **extra))
+        return name
+
+    def swish(x):
+        nodes.extend([helper.make_node("Sigmoid", [x], [f"{x}.sigmoid"]), helper.make_node("Mul", [x, f"{x}.sigmoid"], [f"{x}.swish"])])
+        return f"{x}.swish"
+
+    def excite(x, channels, squeezed):
+        nodes.append(helper.make_node("GlobalAveragePool", [x], [f"{x}.pooled"]))
+        gate = conv(swish(conv(f"{x}.pooled", channels, squeezed)), squeezed, channels)
+        nodes.extend([helper.make_node("Sigmoid", [gate], [f"{gate}.sigmoid"]), helper.make_node("Mul", [x, f"{gate}.sigmoid"], [f"{x}.excited"])])
+        return f"{x}.excited"
+
+    x = swish(conv("image", 3, 32, 3, 2))
+    x = swish(conv(swish(conv(x, 32, 96)), 96, 96, 3, 2, group=96))
+    skip = conv(excite(x, 96, 8), 96, 24)
+    x = swish(conv(swish(conv(skip, 24, 144)), 144, 144, 3, 1, group=144))
+    x = conv(excite(x, 144, 8), 144, 24)
+    nodes.append(helper.make_node("Add", [x, skip], ["res"]))
+    x = swish(conv("res", 24, 256))
+    inits += [numpy_helper.from_array(rng.normal(0, 0.1, (10, 256)).astype(np.float32), "fc"),
+              numpy_helper.from_array(np.zeros(10, np.float32), "fcb")]
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["pooled"]), helper.make_node("Flatten", ["pooled"], ["flat"]),
+              helper.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"], transB=1, name="classifier")]
+    graph = helper.make_graph(nodes, "mbconv_net", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 224, 224])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), lambda r, n: {
+        "image": r.normal(0, 1, (n, 3, 224, 224)).astype(np.float32)}
+
+
 def mlp():
     """Three Dense blocks (MatMul + Add of a [1, 1, N] bias + Relu), 1 x 64 tokens x 256 -> 1024 -> 256 -> 1024 -> 64."""
     from onnx import TensorProto, helper, numpy_helper
@@ -103,7 +154,7 @@ def onnx_light(name: str):
     return model, lambda r, n: {x: images(224, n, offset=int(r.integers(0, 8)))}
 
 
-MODELS = {"conv-net": conv_net, "mlp-[1,1,N]-bias": mlp}
+MODELS = {"conv-net": conv_net, "mbconv-net": mbconv_net, "mlp-[1,1,N]-bias": mlp}
 LIGHT = ("squeezenet", "shufflenet", "resnet50", "inception_v1")
 SMOOTH = "canonicalize,calibrate{method=minmax},smooth{alpha=auto},fold-scales{unfoldable=unsmooth}"
 VARIANTS = {

@@ -264,6 +264,7 @@ def _pads_into_convs(graph: ir.Graph) -> int:
         for conv in set(readers):
             own = list(_attr(conv, "pads", [0] * (2 * spatial)))
             merged = [a + b for a, b in zip(own, widths)]
+            conv.attributes.pop("auto_pad", None)  # VALID (no padding) is NOTSET with zero pads
             conv.attributes["pads"] = ir.AttrInt64s("pads", merged)
             conv.replace_input_with(0, node.inputs[0])
         count += 1
@@ -296,6 +297,7 @@ def _spatial_zero_pads(node: ir.Node) -> list[int] | None:
 
 
 def _takes_pads(node: ir.Node, index: int, spatial: int) -> bool:
-    """A Conv reading the value as its data input, with explicit pads (no auto_pad) over `spatial` axes."""
+    """A Conv reading the value as its data input, with explicit pads over `spatial` axes (auto_pad NOTSET,
+    or VALID: none)."""
     return (node.op_type == "Conv" and node.domain in ("", "ai.onnx") and index == 0
-            and _attr(node, "auto_pad", "NOTSET") == "NOTSET" and len(_attr(node, "pads", [0] * (2 * spatial))) == 2 * spatial)
+            and _attr(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID") and len(_attr(node, "pads", [0] * (2 * spatial))) == 2 * spatial)

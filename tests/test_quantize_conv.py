@@ -250,3 +250,32 @@ def test_weights_quantized_a_slice_of_rows_at_a_time_equal_all_at_once(monkeypat
     direct = 10 * np.log10(np.sum(w.astype(np.float64) ** 2) / np.sum((w.astype(np.float64) - deq) ** 2))
     assert quantize.weight_sqnr(w, q, scales, axis) == whole_sqnr == round(direct, 2)
     assert np.array_equal(whole_q, np.clip(np.round(w / scales), -127, 127).astype(np.int8))  # the plain formula
+
+
+def test_a_swish_between_integer_convs_runs_as_one_kernel_behind_one_dequantize(tmp_path):
+    """EfficientNet's stem as TensorFlow-style exporters write it: a zero Pad on one side before a
+    stride-2 Conv with auto_pad VALID, then Swish (x * Sigmoid(x)), then a Conv. The Pad becomes the
+    Conv's pads and the Swish one QuickGelu, so ONNX Runtime runs two integer Convs with one float
+    kernel between them, computing what the float model does."""
+    rng = np.random.default_rng(11)
+    arrays = {"w1": rng.normal(0, 0.2, (16, 3, 3, 3)), "b1": rng.normal(0, 0.1, 16), "w2": rng.normal(0, 0.1, (8, 16, 1, 1))}
+    pads = onnx.numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "pads")
+    nodes = [oh.make_node("Constant", [], ["p"], value=pads),
+             oh.make_node("Pad", ["x", "p"], ["xp"], name="correct_pad"),
+             oh.make_node("Conv", ["xp", "w1", "b1"], ["h"], name="stem", strides=[2, 2], auto_pad="VALID"),
+             oh.make_node("Sigmoid", ["h"], ["g"], name="gate"),
+             oh.make_node("Mul", ["h", "g"], ["s"], name="swish"),
+             oh.make_node("Conv", ["s", "w2"], ["c"], name="project"),
+             oh.make_node("Sigmoid", ["c"], ["y"], name="head")]
+    path = _save(tmp_path, nodes, ["n", 3, 16, 16], ["n", 8, 8, 8], arrays, "stem")
+    batches = [{"x": rng.normal(0, 1, (2, 3, 16, 16)).astype(np.float32)} for _ in range(4)]
+    result = qcompiler.compile(str(path), tmp_path / "w8a8", pipeline="w8a8", calibration=batches, drift=False)
+    routes = next(r.stats for r in result.records if r.name == "lower-ort")["routes"]
+    assert routes["QuickGelu(gated activation of a quantized tensor)"] == 1
+    ops = _optimized_ops(tmp_path / "w8a8" / "model.onnx", tmp_path)
+    assert ops.count("QLinearConv") == 2 and ops.count("QuickGelu") == 1
+    assert "Pad" not in ops and ops.count("Sigmoid") == 1 and ops.count("DequantizeLinear") == 2  # the Swish's and the head's
+    feeds = {"x": rng.normal(0, 1, (2, 3, 16, 16)).astype(np.float32)}
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    actual = ort.InferenceSession(str(tmp_path / "w8a8" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert np.linalg.norm(actual - expected) / np.linalg.norm(expected) < 0.03

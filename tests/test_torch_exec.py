@@ -153,6 +153,45 @@ def test_mask_and_position_ops_compute_what_onnx_runtime_computes(case):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+F32 = np.float32
+RESIZES = {  # attributes, scales, sizes: the upsampling of segmentation and depth heads (x is [2, 6, 5, 4])
+    "linear, half_pixel, to sizes": ({"mode": "linear", "coordinate_transformation_mode": "half_pixel"}, None, I64([2, 6, 10, 7])),
+    "linear, half_pixel, by scales": ({"mode": "linear", "coordinate_transformation_mode": "half_pixel"}, F32([1, 1, 2.5, 0.5]), None),
+    "linear, align_corners": ({"mode": "linear", "coordinate_transformation_mode": "align_corners"}, None, I64([2, 6, 9, 9])),
+    "nearest, asymmetric, floor": ({"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"},
+                                   F32([1, 1, 2, 3]), None),
+    "cubic, half_pixel": ({"mode": "cubic", "coordinate_transformation_mode": "half_pixel"}, None, I64([2, 6, 8, 8])),
+}
+
+
+@pytest.mark.parametrize("case", list(RESIZES))
+def test_resizes_compute_what_onnx_runtime_computes(case):
+    attrs, scales, sizes = RESIZES[case]
+    consts = [numpy_helper.from_array(scales, "scales")] if scales is not None else [numpy_helper.from_array(sizes, "sizes")]
+    inputs = ["x", "", "scales"] if scales is not None else ["x", "", "", "sizes"]
+    graph = helper.make_graph([helper.make_node("Resize", inputs, ["y"], **attrs)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, X.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], consts)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    expected = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": X})[0]
+    nodes = list(ir.serde.deserialize_model(proto).graph)
+    assert unsupported_ops(nodes) == []
+    got = run_nodes(nodes, {"x": torch.from_numpy(X)}, lambda node: None, Constants())["y"].numpy()
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_resize_the_rule_cannot_compute_is_named():
+    """Modes torch's interpolate computes otherwise are refused by name, so that unsupported=skip steps aside."""
+    nodes = list(ir.serde.deserialize_model(helper.make_model(helper.make_graph(
+        [helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="nearest", coordinate_transformation_mode="half_pixel")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, X.shape)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(I64([2, 6, 10, 8]), "sizes")]), opset_imports=[helper.make_opsetid("", 19)])).graph)
+    assert unsupported_ops(nodes) == ["Resize(mode=nearest coordinate_transformation_mode=half_pixel)"]
+    with pytest.raises(NotImplementedError, match="Resize with mode=nearest"):
+        run_nodes(nodes, {"x": torch.from_numpy(X)}, lambda node: None, Constants())
+
+
 def test_attributes_a_rule_refuses_are_named_before_anything_runs():
     """unsupported_ops names what run_nodes would raise on, so that a pass can step aside first."""
     proto = helper.make_model(helper.make_graph(

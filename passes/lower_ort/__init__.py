@@ -56,6 +56,9 @@ the same numbers as their references.
 - with u8 activations, `weight-format=u8` (auto: on x86 without VNNI) stores the int8 weights of
   integer kernels as uint8 + 128 with zero point 128: ONNX Runtime's u8 x s8 kernels there sum pairs
   of products in 16 bits (VPMADDUBSW) and saturate; its u8 x u8 kernels are exact.
+- a Swish `Mul(x, Sigmoid(x))` of a quantized `x` becomes one `com.microsoft.QuickGelu(x, alpha=1)`, and
+  `Mul(x, HardSigmoid(x))` with hard swish's constants one `HardSwish(x)` (`activations.py`): ONNX
+  Runtime fuses them itself in float graphs, not once `x` is dequantized once per reader.
 - a residual `Add` of two computed tensors that a `LayerNormalization` reads is written as `Sum`
   (`residual-norm=apart`, the default): ONNX Runtime fuses `Add` + `LayerNormalization` into its
   `SkipLayerNormalization`, which measured 4.5 to 4.9 times as long as the two ops on x86 (ONNX Runtime
@@ -74,8 +77,8 @@ the same numbers as their references.
 
 The pass is a package: this module holds the pass and its options; `qdq.py` the rewrite of each
 `qc` op, `mixed.py` that of mixed layers, `conv3d.py` integer 3D Convs as 2D ones,
-`integer_kernels.py`, `shared_input.py`, `norms.py` and `attention.py` the rewrites into ONNX
-Runtime's fused kernels, `host.py` what the host CPU decides.
+`integer_kernels.py`, `shared_input.py`, `norms.py`, `activations.py` and `attention.py` the rewrites
+into ONNX Runtime's fused kernels, `host.py` what the host CPU decides.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ from qcompiler.analysis import placement
 from qcompiler.errors import UserError
 from qcompiler.ir.layers import drop_unread, has_kv_cache, remove_unused
 from qcompiler.ir.meta import Prop
+from qcompiler.passes.lower_ort.activations import gated_activations_as_one_op
 from qcompiler.passes.lower_ort.attention import fuse_attention
 from qcompiler.passes.lower_ort.conv3d import unfold_integer_conv3d
 from qcompiler.passes.lower_ort.host import cpu_has_vnni, is_x86, nbits_accuracy_level, signed_activations_are_faster
@@ -194,6 +198,10 @@ class LowerOrtPass(Pass):
         unfused = unfuse(graph)
         if unfused:
             counts["unfused"] = unfused
+        for op, count in gated_activations_as_one_op(graph).items():
+            counts[f"{op}(gated activation of a quantized tensor)"] = count
+            if op == "QuickGelu":
+                model.opset_imports.setdefault("com.microsoft", 1)
         if self.shared_input != "separate":
             wide_mixed = widen_shared_input_mixed(graph)
             if wide_mixed:

@@ -395,7 +395,54 @@ OPS: dict[str, Callable] = {
     "Selu": lambda n, i: attr(n, "gamma", 1.05070102214813232421875) * torch.where(
         i[0] > 0, i[0], attr(n, "alpha", 1.67326319217681884765625) * (torch.exp(i[0]) - 1)),
     "Mish": lambda n, i: torch.nn.functional.mish(i[0]),
+    "Resize": lambda n, i: _resize(n, i),
 }
+
+# ONNX Resize's (mode, coordinate_transformation_mode) pairs torch's interpolate computes alike: the
+# torch mode and its align_corners (nearest: floor of the asymmetric coordinate; linear and cubic with
+# torch's cubic coefficient -0.75, ONNX's default)
+_RESIZE_MODES = {
+    ("nearest", "asymmetric"): ("nearest", None),
+    ("linear", "half_pixel"): ("linear", False), ("linear", "align_corners"): ("linear", True),
+    ("cubic", "half_pixel"): ("cubic", False), ("cubic", "align_corners"): ("cubic", True),
+}
+_TORCH_RESIZE = {("linear", 1): "linear", ("linear", 2): "bilinear", ("linear", 3): "trilinear", ("cubic", 2): "bicubic"}
+
+
+def _resize_refused(node: ir.Node, rank: int | None) -> str | None:
+    """Why the Resize rule cannot compute `node` as ONNX does (None: it can)."""
+    mode, coords = attr(node, "mode", "nearest"), attr(node, "coordinate_transformation_mode", "half_pixel")
+    if (mode, coords) not in _RESIZE_MODES:
+        return f"mode={mode} coordinate_transformation_mode={coords}"
+    if mode == "nearest" and attr(node, "nearest_mode", "round_prefer_floor") != "floor":
+        return f"nearest_mode={attr(node, 'nearest_mode')}"
+    if mode == "cubic" and (attr(node, "cubic_coeff_a", -0.75) != -0.75 or attr(node, "exclude_outside", 0)):
+        return "cubic_coeff_a or exclude_outside"
+    if attr(node, "antialias", 0) or attr(node, "axes") is not None or attr(node, "keep_aspect_ratio_policy", "stretch") != "stretch":
+        return "antialias, axes or keep_aspect_ratio_policy"
+    if rank is not None and mode != "nearest" and (mode, rank - 2) not in _TORCH_RESIZE:
+        return f"{mode} mode on a rank-{rank} input"
+    return None
+
+
+def _resize(node: ir.Node, inputs) -> torch.Tensor:
+    """ONNX Resize of the spatial axes (batch and channels kept) by `sizes`, or by `scales` (the output
+    floor(size x scale), the coordinates mapped with the scale as given), in the modes `_RESIZE_MODES` lists."""
+    x = inputs[0]
+    refused = _resize_refused(node, x.dim())
+    if refused:
+        raise NotImplementedError(f"the block interpreter has no rule for Resize with {refused} (node '{node.name}')")
+    scales = inputs[2] if len(inputs) > 2 and inputs[2] is not None and inputs[2].numel() else None
+    sizes = inputs[3] if len(inputs) > 3 and inputs[3] is not None and inputs[3].numel() else None
+    kept = [int(v) for v in sizes[:2]] if sizes is not None else [float(v) for v in scales[:2]]
+    if kept not in ([x.shape[0], x.shape[1]], [1.0, 1.0]):
+        raise NotImplementedError(f"the block interpreter resizes spatial axes only (node '{node.name}')")
+    mode, corners = _RESIZE_MODES[(attr(node, "mode", "nearest"), attr(node, "coordinate_transformation_mode", "half_pixel"))]
+    torch_mode = "nearest" if mode == "nearest" else _TORCH_RESIZE[(mode, x.dim() - 2)]
+    if sizes is not None:
+        return torch.nn.functional.interpolate(x, size=[int(v) for v in sizes[2:]], mode=torch_mode, align_corners=corners)
+    return torch.nn.functional.interpolate(x, scale_factor=[float(v) for v in scales[2:]], mode=torch_mode, align_corners=corners,
+                                           recompute_scale_factor=False)
 
 
 def _conv(node: ir.Node, inputs) -> torch.Tensor:
@@ -506,6 +553,9 @@ def _refused_attributes(node: ir.Node) -> str | None:
         if (pads[:dims] != pads[dims:] and (attr(node, "count_include_pad", 0) or attr(node, "ceil_mode", 0))) \
                 or any(d != 1 for d in attr(node, "dilations", [1] * dims)):
             return "uneven pads counted, ceil mode or dilations"
+    if op == "Resize":
+        shape = node.inputs[0].shape if node.inputs and node.inputs[0] is not None else None
+        return _resize_refused(node, len(shape) if shape is not None else None)
     if op == "Pad" and attr(node, "mode", "constant") != "constant":  # the rule pads spatial axes only in these modes
         pads = node.inputs[1] if len(node.inputs) > 1 else None
         axes = node.inputs[3] if len(node.inputs) > 3 else None
