@@ -3,6 +3,7 @@
 dequantize, `lower-ort` fuses biases of any row shape, and a forced placement that ONNX Runtime
 cannot use is counted and warned about."""
 
+import json
 import logging
 
 import numpy as np
@@ -204,3 +205,36 @@ def test_rms_norm_fused_is_one_simplified_layer_normalization_in_onnx_runtime(tm
     assert ops["fused"] == ["SimplifiedLayerNormalization"]
     assert "SimplifiedLayerNormalization" not in ops["as-is"] and "Reciprocal" in ops["as-is"]
     np.testing.assert_allclose(out["fused"], out["as-is"], rtol=1e-5, atol=1e-5)
+
+
+def _hard_swish_net() -> onnx.ModelProto:
+    """MobileNetV3's pattern: (1x1 Conv 16 -> 16, depthwise 3x3 Conv) x 2, each followed by a HardSwish,
+    then GlobalAveragePool: every Conv sums few products (16, 9), and each HardSwish runs in float
+    between two integer Convs."""
+    rng = np.random.default_rng(6)
+    nodes, inits, x = [], [], "image"
+    for i, (cin, group, k) in enumerate([(3, 1, 1), (16, 16, 3), (16, 1, 1), (16, 16, 3)]):
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.3, (16, cin // group, k, k)).astype(np.float32), f"w{i}"))
+        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[k // 2] * 4, group=group, name=f"conv{i}"),
+                  helper.make_node("HardSwish", [f"c{i}"], [f"h{i}"], name=f"hswish{i}")]
+        x = f"h{i}"
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["y"]))
+    graph = helper.make_graph(nodes, "hard_swish_net", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["n", 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16, 1, 1])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_float_activations_between_cheap_integer_convs_are_predicted_no_faster_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "hard_swish_net.onnx"
+    onnx.save(_hard_swish_net(), str(path))
+    rng = np.random.default_rng(3)
+    with caplog.at_level(logging.WARNING, logger="qcompiler"):
+        result = qcompiler.compile(str(path), tmp_path / "w8a8", pipeline="w8a8", calibration=[_images(rng) for _ in range(4)],
+                                   report=tmp_path / "report.json")
+    kernels = _stats(result, "lower-ort")["kernels"]
+    assert kernels["integer_kernels"] == 4 and kernels["float_kernels_behind_qdq"] == 0
+    assert kernels["float_activations_behind_qdq_names"] == ["hswish0", "hswish1", "hswish2", "hswish3"]
+    assert kernels["predicted_slower_than_float"]
+    said = "predicted no faster than float: 4 float activations (hswish0, hswish1, hswish2, hswish3)"
+    assert any(said in r.getMessage() for r in caplog.records)
+    assert any(said in w for w in json.loads((tmp_path / "report.json").read_text())["warnings"])

@@ -29,6 +29,17 @@ on the graphs it optimizes) makes one of a QDQ group when:
   it in 2D (an `auto_pad`, or its input's channels, depth, height or width unknown at compile time),
   when it reads fewer than `MIN_CONV3D_CHANNELS` input channels per group.
 
+A quantized Conv output that a float activation reads (a Swish's `QuickGelu`, a `HardSwish`, a
+squeeze-and-excitation's `Sigmoid`) costs a dequantize before the activation and a quantize after
+it; where the Conv sums few products an output (a depthwise or narrow 1x1 Conv: fewer than
+`CHEAP_CONV_PRODUCTS`), that round trip costs about what its integer kernel saves. Measured
+(`benchmarks/placement.py`, the trial conv nets of docs/measurement.md, 2 threads): MobileNetV3 with 18
+such activations behind 39 integer kernels ran 1.1 to 1.5x float; EfficientNet-style nets with 10 of
+13 and 41 of 52, 0.9 to 1.05x; nets with none to 16 % (RegNet's gates, a hard-swish behind 3x3 Convs
+of 64 channels) 0.4 to 0.76x. So `predicted_slower` also says so when such activations are at least
+`FLOAT_ACTIVATION_SHARE` of the integer kernels (a rule of thumb: a MobileViT, 25 of 90 and 1.17x,
+escapes it).
+
 `quantize` therefore quantizes the output of every Conv it quantizes (`quantized_conv_outputs`:
 readers that are no layer read it dequantized, as ONNX Runtime's own `quantize_static` places it),
 and leaves in float the layers `integer_layers` names;
@@ -41,6 +52,10 @@ import onnx_ir as ir
 
 MIN_CONV3D_PRODUCTS = 64
 MIN_CONV3D_CHANNELS = 16
+CHEAP_CONV_PRODUCTS = 256  # products an output below which a Conv saves about what a float activation's round trip costs
+FLOAT_ACTIVATION_SHARE = 0.4  # such round trips per integer kernel from which the artifact is predicted no faster than float
+FLOAT_ACTIVATIONS = frozenset({"Sigmoid", "HardSigmoid", "HardSwish", "QuickGelu", "Tanh", "Gelu", "Erf", "Softplus", "Mish",
+                               "Elu", "Selu", "Exp", "LeakyRelu"})
 NO_INTEGER_CONV_TRANSPOSE = ("ONNX Runtime's CPU provider has no integer ConvTranspose: a quantized one runs in float "
                              "behind a dequantize")
 
@@ -142,13 +157,17 @@ def quantized_conv_outputs(graph: ir.Graph, layers: list[ir.Node]) -> dict[str, 
 
 
 def census(graph: ir.Graph) -> dict[str, object]:
-    """What ONNX Runtime will run of a lowered graph: integer kernels, and layers that read a
-    dequantized activation but run in float (each a wasted quantize and dequantize)."""
-    integer, wasted = 0, []
+    """What ONNX Runtime will run of a lowered graph: integer kernels, layers that read a
+    dequantized activation but run in float (each a wasted quantize and dequantize), and float
+    activations that read a cheap integer Conv's dequantized output (`cheap_conv_round_trip`)."""
+    integer, wasted, activations = 0, [], []
     for node in graph:
         domain = "" if node.domain == "ai.onnx" else node.domain
         if (domain, node.op_type) == ("com.microsoft", "MatMulIntegerToFloat") or (domain, node.op_type) in (("", "QLinearConv"), ("", "QLinearMatMul")):
             integer += 1
+            continue
+        if node.op_type in FLOAT_ACTIVATIONS and domain in ("", "com.microsoft") and cheap_conv_round_trip(node):
+            activations.append(node.name or node.outputs[0].name)
             continue
         if domain or node.op_type not in ("MatMul", "Conv") or not node.inputs or node.inputs[0] is None:
             continue
@@ -159,7 +178,37 @@ def census(graph: ir.Graph) -> dict[str, object]:
             integer += 1
         else:
             wasted.append(node.name or node.outputs[0].name)
-    return {"integer_kernels": integer, "float_kernels_behind_qdq": len(wasted), "float_kernels_behind_qdq_names": wasted[:8]}
+    return {"integer_kernels": integer, "float_kernels_behind_qdq": len(wasted), "float_kernels_behind_qdq_names": wasted[:8],
+            "float_activations_behind_qdq": len(activations), "float_activations_behind_qdq_names": activations[:8]}
+
+
+def cheap_conv_round_trip(node: ir.Node) -> bool:
+    """`node` (a float activation) reads `DequantizeLinear(QuantizeLinear(y))` where `y` is the output
+    of a Conv (or of a Relu or Clip alone reading one) that sums fewer than `CHEAP_CONV_PRODUCTS`
+    products an output (input channels per group x taps, from its kernel's shape)."""
+    x = node.inputs[0] if node.inputs else None
+    dequantize = x.producer() if x is not None else None
+    if not _is(dequantize, "DequantizeLinear") or dequantize.inputs[0] is None:
+        return False
+    quantize = dequantize.inputs[0].producer()
+    if not _is(quantize, "QuantizeLinear"):
+        return False
+    conv = quantize.inputs[0].producer()
+    if conv is not None and (folds_into_integer_conv(conv)):
+        conv = conv.inputs[0].producer()
+    if not _is(conv, "Conv") or len(conv.inputs) < 2 or conv.inputs[1] is None:
+        return False
+    w = conv.inputs[1]
+    shape = w.const_value.shape if w.const_value is not None else w.shape
+    if shape is None and _is(w.producer(), "DequantizeLinear"):
+        codes = w.producer().inputs[0]
+        shape = codes.const_value.shape if codes.const_value is not None else codes.shape
+    if shape is None or len(shape) < 3 or not all(isinstance(d, int) for d in shape):
+        return False
+    products = 1
+    for d in list(shape)[1:]:
+        products *= d
+    return products < CHEAP_CONV_PRODUCTS
 
 
 def _output_quantized(graph: ir.Graph, conv: ir.Node) -> bool:
@@ -169,8 +218,11 @@ def _output_quantized(graph: ir.Graph, conv: ir.Node) -> bool:
 
 
 def predicted_slower(counts: dict) -> bool:
-    """Predicted slower than float: at least as many quantized activations feed float kernels as
-    integer kernels run (a rule of thumb: `benchmarks/placement.py`'s conv net placed that way, 4
-    float Convs behind a dequantize against 3 integer kernels, ran 1.26 times as long as float)."""
-    wasted = counts["float_kernels_behind_qdq"]
-    return wasted > 0 and wasted >= counts["integer_kernels"]
+    """Predicted slower than float (or no faster): at least as many quantized activations feed float
+    kernels as integer kernels run (a rule of thumb: `benchmarks/placement.py`'s conv net placed that
+    way, 4 float Convs behind a dequantize against 3 integer kernels, ran 1.26 times as long as
+    float), or float activations read cheap integer Convs' outputs at least `FLOAT_ACTIVATION_SHARE`
+    times as often as integer kernels run (the module docstring)."""
+    wasted, integer = counts["float_kernels_behind_qdq"], counts["integer_kernels"]
+    activations = counts.get("float_activations_behind_qdq", 0)
+    return (wasted > 0 and wasted >= integer) or (activations > 0 and activations >= FLOAT_ACTIVATION_SHARE * integer)

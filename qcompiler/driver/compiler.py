@@ -126,12 +126,11 @@ def compile_with(options: CompileOptions) -> CompileResult:
             start = time.perf_counter()
             records = session.run(model, passes, tools)
             pipeline_seconds = time.perf_counter() - start
-            warn_if_predicted_slower(records)
-            far = far_from_float(records)
-            if far:
-                log.warning("%s", far)
-                if recorder is not None:
-                    recorder.warnings.append(far)
+            for warning in (predicted_slower(records), far_from_float(records)):
+                if warning:
+                    log.warning("%s", warning)
+                    if recorder is not None:
+                        recorder.warnings.append(warning)
             manifest = {
                 "source": {"name": source_info.name, "kind": source_info.kind, "sha256": source_digest, "weights": source_weights},
                 "pipeline": spec,
@@ -206,15 +205,22 @@ def far_from_float(records: list[PassRecord]) -> str | None:
             "`qcompiler doctor` names the layers and passes that cost it, --fail-under output-cosine=... stops a build on it")
 
 
-def warn_if_predicted_slower(records: list[PassRecord]) -> None:
-    """A warning when `lower-ort` counted more quantized activations feeding float kernels than
-    integer kernels (`qcompiler.analysis.placement.predicted_slower`)."""
+def predicted_slower(records: list[PassRecord]) -> str | None:
+    """The warning when `lower-ort` predicts the artifact slower than float, or no faster
+    (`qcompiler.analysis.placement.predicted_slower`): more quantized activations feeding float kernels
+    than integer kernels, or many float activations between cheap integer Convs; None otherwise."""
     kernels = next((r.stats.get(LowerOrtPass.Stats.KERNELS) for r in reversed(records) if r.name == LowerOrtPass.name), None)
-    if kernels and kernels.get("predicted_slower_than_float"):
-        log.warning(
-            "the artifact is predicted slower than float: %d quantized activations feed layers ONNX Runtime runs in float "
-            "(%s), against %d integer kernels; quantize{force=...} placed them, or a pass after quantize moved them",
-            kernels["float_kernels_behind_qdq"], ", ".join(kernels["float_kernels_behind_qdq_names"]), kernels["integer_kernels"])
+    if not kernels or not kernels.get("predicted_slower_than_float"):
+        return None
+    wasted, activations = kernels["float_kernels_behind_qdq"], kernels.get("float_activations_behind_qdq", 0)
+    if wasted and wasted >= kernels["integer_kernels"]:
+        return (f"the artifact is predicted slower than float: {wasted} quantized activations feed layers ONNX Runtime runs in "
+                f"float ({', '.join(map(shown, kernels['float_kernels_behind_qdq_names']))}), against {kernels['integer_kernels']} integer "
+                "kernels; quantize{force=...} placed them, or a pass after quantize moved them")
+    return (f"the artifact is predicted no faster than float: {activations} float activations "
+            f"({', '.join(map(shown, kernels['float_activations_behind_qdq_names']))}) read the dequantized outputs of integer Convs that sum "
+            f"few products, against {kernels['integer_kernels']} integer kernels; each costs a dequantize and a quantize about as "
+            "long as its Conv saves (docs/measurement.md, \"Gated activations\"); time it against the float model before deploying")
 
 
 def _instruments(feeds, dump_ir, print_ir, spec, keep_in_dump: tuple[str, ...] = ()) -> list:
