@@ -128,6 +128,7 @@ MASK_OPS = {  # op, attributes, operands (the first is the graph input), outputs
     "LogSoftmax": ("LogSoftmax", {"axis": 1}, [X], 1),
     "Selu": ("Selu", {}, [X], 1),
     "Mish": ("Mish", {}, [X], 1),
+    "Gather of one scalar index (a dim of a shape)": ("Gather", {"axis": 0}, [I64([2, 6, 5, 4]), I64(2)], 1),
     "ConstantOfShape of int64 ones": ("ConstantOfShape", {"value": numpy_helper.from_array(I64([1]))}, [I64([2, 3])], 1),
 }
 

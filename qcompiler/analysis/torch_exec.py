@@ -169,7 +169,7 @@ def _gather(x, idx, axis):
     idx = idx.long()
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     out = x.index_select(axis, idx.reshape(-1))
-    return out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])
+    return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))  # a tuple: () when the result is a scalar
 
 
 def _expand(x, shape):
