@@ -217,20 +217,17 @@ def from_hf(name: str, hf_model: nn.Module, tokenizer: Any) -> LlamaWithCache:
 
 def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
     """One line for what our decoder does not compute: a bidirectional attention, an activation it does not
-    have, scaled local rotary embeddings, attention scaled per layer, clipped Q, K and V, and the family
-    variants named below."""
+    have, scaled local rotary embeddings, attention scaled per layer, and the family variants named below."""
     if getattr(cfg, "use_bidirectional_attention", False):
         raise UserError(f"'{name}': the KV-cache capture takes causal attention (use_bidirectional_attention false)")
     if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(cfg, "scale_attn_weights", True) is False:
         raise UserError(f"'{name}': the KV-cache capture takes attention scaled by 1 / sqrt(head size) in every layer "
                         "(scale_attn_weights true, scale_attn_by_inverse_layer_idx false)")
-    if getattr(cfg, "clip_qkv", None):
-        raise UserError(f"'{name}': the KV-cache capture takes Q, K and V unclipped (clip_qkv none)")
-    if cfg.model_type == "mpt" and (cfg.attn_config.qk_ln or cfg.attn_config.clip_qkv or not cfg.attn_config.alibi
+    if cfg.model_type == "mpt" and (cfg.attn_config.qk_ln or not cfg.attn_config.alibi
                                     or cfg.attn_config.alibi_bias_max != MPT_ALIBI_BIAS_MAX or cfg.logit_scale is not None):
-        raise UserError(f"'{name}': the KV-cache capture takes MPT models with Q, K and V unclipped (clip_qkv none), and "
-                        f"with ALiBi of alibi_bias_max {MPT_ALIBI_BIAS_MAX}, no query and key LayerNorms and no logit scale, "
-                        "the only MPT transformers runs (attn_config alibi true, alibi_bias_max 8, qk_ln false; logit_scale none)")
+        raise UserError(f"'{name}': the KV-cache capture takes MPT models with ALiBi of alibi_bias_max {MPT_ALIBI_BIAS_MAX}, "
+                        "no query and key LayerNorms and no logit scale, the only MPT transformers runs (attn_config alibi "
+                        "true, alibi_bias_max 8, qk_ln false; logit_scale none)")
     if cfg.model_type == "bloom" and cfg.apply_residual_connection_post_layernorm:
         raise UserError(f"'{name}': the KV-cache capture takes BLOOM models whose residuals are the blocks' inputs "
                         "(apply_residual_connection_post_layernorm false)")
@@ -417,9 +414,15 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
         qk_layer_norm=_qk_layer_norm(cfg, state), qk_norm_bias="model.layers.0.self_attn.q_norm.bias" in state,
         qk_norm_after_rotary=cfg.model_type == "hunyuan_v1_dense",
         rotary_size=0 if rotary_size == head_dim else rotary_size, rotary_attention_factor=rotary_attention_factor,
-        long_rope_from=long_rope_from,
+        long_rope_from=long_rope_from, clip_qkv=_clip_qkv(cfg),
         **_family_fields(cfg),
     )
+
+
+def _clip_qkv(cfg: Any) -> float:
+    """The bound Q, K and V are clamped to (OLMo's and OLMoE's `clip_qkv`, MPT's `attn_config.clip_qkv`); 0: none."""
+    clip = cfg.attn_config.clip_qkv if cfg.model_type == "mpt" else getattr(cfg, "clip_qkv", None)
+    return float(clip or 0.0)
 
 
 def _qk_layer_norm(cfg: Any, state: dict[str, torch.Tensor]) -> str:

@@ -148,6 +148,9 @@ class LlamaConfig:
     # size)); 0: as BLOOM's
     alibi_bfloat16_scale: float = 0.0
     embed_norm: bool = False  # the token embeddings normalized by a norm of the blocks' kind (BLOOM's LayerNorm)
+    # the Q, K and V projections (after a norm of the whole projection) clamped to [-c, c] (OLMo's, OLMoE's and
+    # MPT's `clip_qkv`); 0: none
+    clip_qkv: float = 0.0
 
     @property
     def head_dim(self) -> int:
@@ -300,6 +303,7 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
         self.norm_projection, self.norm_after_rotary = cfg.qk_norm_projection, cfg.qk_norm_after_rotary
+        self.clip = cfg.clip_qkv
         if cfg.qk_norm and cfg.qk_layer_norm:
             per_head = cfg.qk_layer_norm == "per_head"
             self.q_norm = HeadLayerNorm((cfg.num_heads, cfg.head_dim) if per_head else (cfg.head_dim,), cfg.eps, cfg.qk_norm_bias)
@@ -317,9 +321,12 @@ class SelfAttention(nn.Module):
     def _heads(self, x: torch.Tensor, heads: int, norm: nn.Module | None = None) -> torch.Tensor:
         """[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim], normalized by `norm` where
         given: each head before the transpose (Qwen3's query and key norms), or the whole projection
-        before the heads are cut (OLMo 2's)."""
+        before the heads are cut (OLMo 2's); clamped to [-clip, clip] after a norm of the projection
+        (OLMoE's order), before the heads are cut."""
         if norm is not None and self.norm_projection:
-            return norm(x).unflatten(-1, (heads, self.head_dim)).transpose(1, 2)
+            x, norm = norm(x), None
+        if self.clip:
+            x = x.clamp(-self.clip, self.clip)
         x = x.unflatten(-1, (heads, self.head_dim))
         return (norm(x) if norm is not None else x).transpose(1, 2)
 

@@ -789,6 +789,25 @@ def tiny_qwen2_moe():
                     shared_expert_intermediate_size=128, **SPECIAL_TOKENS)
 
 
+def tiny_olmo_clip():
+    """A random OLMo (1) whose Q, K and V are clamped to [-0.05, 0.05] (`clip_qkv`; small, so that it bites)."""
+    return _tiny_hf("Olmo", clip_qkv=0.05, **SPECIAL_TOKENS)
+
+
+def tiny_olmoe_clip():
+    """A random OLMoE whose Q, K and V are clamped after its query and key projections' norms (`clip_qkv`)."""
+    return _tiny_hf("Olmoe", draw=(("q_norm.weight", "k_norm.weight"), 1.0, 0.3), num_experts=4, num_experts_per_tok=2,
+                    intermediate_size=128, clip_qkv=0.5, **SPECIAL_TOKENS)
+
+
+def tiny_mpt_clip():
+    """`tiny_mpt` with its fused Q, K and V clamped to [-0.05, 0.05] (`attn_config.clip_qkv`)."""
+    torch.manual_seed(0)
+    cfg = transformers.MptConfig(vocab_size=VOCAB, d_model=256, n_heads=16, n_layers=2, max_seq_len=MAX_POSITIONS,
+                                 attn_config={"clip_qkv": 0.05}, **SPECIAL_TOKENS)
+    return _randomized(transformers.MptForCausalLM(cfg), ("norm_1.weight", "norm_2.weight", "norm_f.weight")), tiny_tokenizer()
+
+
 def tiny_olmoe():
     """A random OLMoE: norms of the whole query and key projections (random scales), 4 experts of 128 channels, 2 a
     token, their kept scores not renormalized (as OLMoE ships)."""
@@ -976,6 +995,26 @@ def test_alibi_and_qk_layer_norm_decoders_decode_with_a_cache_as_transformers_co
     np.testing.assert_allclose(stepped, full, atol=5e-5 * np.abs(full).max())
 
 
+@pytest.mark.parametrize("arch", ["olmo_clip", slow("olmoe_clip"), slow("mpt_clip")])
+def test_clipped_qkv_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch):
+    """OLMo, OLMoE and MPT with `clip_qkv`: Q, K and V clamped (OLMoE's after the norms of its query and
+    key projections) by one Clip each a layer (MPT's fused Q, K and V split at load), the stepped logits
+    transformers' full sequence's; the clamp bites (the logits are not those of the unclipped model)."""
+    out = _llama_like_artifact(llama_like, arch)
+    clips = [n for n in _nodes(out) if n.op_type == "Clip"]
+    assert len(clips) == 2 * 3
+    layout = read_layout(out)
+    hf, _ = globals()[f"tiny_{arch}"]()
+    unclipped, _ = globals()[f"tiny_{arch.removesuffix('_clip')}"]()
+    ids = np.random.default_rng(1).integers(3, VOCAB, MAX_POSITIONS)
+    with torch.no_grad():
+        full = hf(torch.from_numpy(ids[None])).logits[0].numpy()
+        plain = unclipped(torch.from_numpy(ids[None])).logits[0].numpy()
+    assert np.abs(full - plain).max() > 0.01 * np.abs(full).max()
+    stepped = cached_logits(CachedSession(out / "model.onnx", layout, threads=1), ids, prefill=7)
+    np.testing.assert_allclose(stepped, full, atol=5e-5 * np.abs(full).max())
+
+
 def test_longrope_steps_switch_to_the_long_factors_where_transformers_does(llama_like):
     """A `longrope` decoder (Phi-4-mini-like, trained on 32 of its 64 positions) stepped through its
     cache from a prefill of 7 to position 63: each step rotates by the short factors while its
@@ -1061,7 +1100,7 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
      "arcee, nemotron, glm, glm4, falcon, olmo, mixtral, qwen2_moe, qwen3_moe, olmoe, apertus, hunyuan_v1_dense, bloom, gpt_neo, mpt, codegen, persimmon causal LMs"),
     (lambda: transformers.MptForCausalLM(transformers.MptConfig(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=1,
                                                                 attn_config={"qk_ln": True})),
-     "MPT models with Q, K and V unclipped \\(clip_qkv none\\), and with ALiBi of alibi_bias_max 8, no query and key LayerNorms"),
+     "MPT models with ALiBi of alibi_bias_max 8, no query and key LayerNorms"),
     (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=1, n_head=2,
                                                                     apply_residual_connection_post_layernorm=True)),
      "BLOOM models whose residuals are the blocks' inputs"),
@@ -1071,9 +1110,6 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
     (lambda: transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=1,
                                                                 num_attention_heads=4, word_embed_proj_dim=32)),
      "OPT models with norms before attention and MLP, a final norm and embeddings of the hidden size"),
-    (lambda: transformers.OlmoForCausalLM(transformers.OlmoConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                                                  num_hidden_layers=1, num_attention_heads=4, clip_qkv=8.0)),
-     "Q, K and V unclipped"),
     (lambda: _with_rope_type(transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)), "mrope"),
      "rotary embeddings of type default, linear, llama3, yarn, dynamic, longrope, got 'mrope'"),
