@@ -228,9 +228,6 @@ def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
         raise UserError(f"'{name}': the KV-cache capture takes MPT models with ALiBi of alibi_bias_max {MPT_ALIBI_BIAS_MAX}, "
                         "no query and key LayerNorms and no logit scale, the only MPT transformers runs (attn_config alibi "
                         "true, alibi_bias_max 8, qk_ln false; logit_scale none)")
-    if cfg.model_type == "bloom" and cfg.apply_residual_connection_post_layernorm:
-        raise UserError(f"'{name}': the KV-cache capture takes BLOOM models whose residuals are the blocks' inputs "
-                        "(apply_residual_connection_post_layernorm false)")
     if cfg.model_type == "opt" and (not cfg.do_layer_norm_before or cfg.word_embed_proj_dim != cfg.hidden_size
                                     or cfg._remove_final_layer_norm):
         raise UserError(f"'{name}': the KV-cache capture takes OPT models with norms before attention and MLP, a final "
@@ -415,6 +412,7 @@ def _config(cfg: Any, state: dict[str, torch.Tensor], rotary_attention_factor: f
         qk_norm_after_rotary=cfg.model_type == "hunyuan_v1_dense",
         rotary_size=0 if rotary_size == head_dim else rotary_size, rotary_attention_factor=rotary_attention_factor,
         long_rope_from=long_rope_from, clip_qkv=_clip_qkv(cfg),
+        residual_from_norm=cfg.model_type == "bloom" and bool(cfg.apply_residual_connection_post_layernorm),
         **_family_fields(cfg),
     )
 

@@ -151,6 +151,9 @@ class LlamaConfig:
     # the Q, K and V projections (after a norm of the whole projection) clamped to [-c, c] (OLMo's, OLMoE's and
     # MPT's `clip_qkv`); 0: none
     clip_qkv: float = 0.0
+    # each residual is the pre-norm's output, not the block's input (BLOOM's
+    # `apply_residual_connection_post_layernorm`; pre norms, one after the other only)
+    residual_from_norm: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -494,13 +497,16 @@ class DecoderLayer(nn.Module):
     """Pre-norm block (`norms` "pre"): x + attn(norm(x)), then x + mlp(norm(x)); "sandwich" (Gemma 2
     and 3): x + norm(attn(norm(x))), then x + norm(mlp(norm(x))); "post" (OLMo 2): x + norm(attn(x)),
     then x + norm(mlp(x)); `parallel` (Phi-2): x + attn(norm(x)) + mlp(norm(x)), one norm, or
-    (`parallel_mlp_norm`, GPT-NeoX) x + attn(norm(x)) + mlp(norm2(x)); the norms named as transformers
-    names them."""
+    (`parallel_mlp_norm`, GPT-NeoX) x + attn(norm(x)) + mlp(norm2(x)); `residual_from_norm` (BLOOM's
+    variant): h + attn(h) with h = norm(x), then h2 + mlp(h2) with h2 = norm2 of that; the norms named as
+    transformers names them."""
 
     def __init__(self, cfg: LlamaConfig, index: int = 0):
         super().__init__()
         self.norms, self.residual_scale, self.parallel = cfg.norms, cfg.residual_scale, cfg.parallel
-        self.parallel_mlp_norm = cfg.parallel_mlp_norm
+        self.parallel_mlp_norm, self.residual_from_norm = cfg.parallel_mlp_norm, cfg.residual_from_norm
+        if self.residual_from_norm and (self.norms != "pre" or self.parallel):
+            raise ValueError("residual_from_norm takes pre norms, one block after the other")
         if self.norms != "post":
             self.input_layernorm = block_norm(cfg)
         self.self_attn = SelfAttention(cfg, index)
@@ -522,6 +528,13 @@ class DecoderLayer(nn.Module):
             attended = self.self_attn(normed, cos, sin, mask, past)
             attended, present = attended if past is not None else (attended, None)
             out = attended + self.mlp(self.post_attention_layernorm(x) if self.parallel_mlp_norm else normed) + x
+            return out if past is None else (out, present)
+        if self.residual_from_norm:
+            normed = self.input_layernorm(x)
+            attended = self.self_attn(normed, cos, sin, mask, past)
+            attended, present = attended if past is not None else (attended, None)
+            normed = self.post_attention_layernorm(normed + attended)
+            out = normed + self.mlp(normed)
             return out if past is None else (out, present)
         if past is None:
             x = x + self._after_attention(self.self_attn(self._attention_input(x), cos, sin, mask))

@@ -789,6 +789,14 @@ def tiny_qwen2_moe():
                     shared_expert_intermediate_size=128, **SPECIAL_TOKENS)
 
 
+def tiny_bloom_norm_residual():
+    """`tiny_bloom` whose residuals are its norms' outputs (`apply_residual_connection_post_layernorm`)."""
+    torch.manual_seed(0)
+    cfg = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=256, n_layer=2, n_head=16,
+                                   apply_residual_connection_post_layernorm=True, **SPECIAL_TOKENS)
+    return _randomized(transformers.BloomForCausalLM(cfg), (".bias", "layernorm.weight", "ln_f.weight")), tiny_tokenizer()
+
+
 def tiny_olmo_clip():
     """A random OLMo (1) whose Q, K and V are clamped to [-0.05, 0.05] (`clip_qkv`; small, so that it bites)."""
     return _tiny_hf("Olmo", clip_qkv=0.05, **SPECIAL_TOKENS)
@@ -969,10 +977,10 @@ def test_falcon_alibi_bias_is_transformers_own_over_its_positions():
     np.testing.assert_allclose(attention._alibi(2048, torch.float32).numpy(), theirs.numpy(), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("arch", ["bloom", slow("falcon_alibi"), slow("mpt"), "stablelm_qk_norm", slow("cohere_qk_norm"),
+@pytest.mark.parametrize("arch", ["bloom", "bloom_norm_residual", slow("falcon_alibi"), slow("mpt"), "stablelm_qk_norm", slow("cohere_qk_norm"),
                                   slow("phi_qk_norm"), slow("persimmon")])
 def test_alibi_and_qk_layer_norm_decoders_decode_with_a_cache_as_transformers_computes(llama_like, arch):
-    """BLOOM, Falcon-RW and MPT (ALiBi: each head's slope times the key's position added to its scores, the
+    """BLOOM (also with its norms' outputs as the residuals), Falcon-RW and MPT (ALiBi: each head's slope times the key's position added to its scores, the
     past's keys included; Falcon's rounded to bfloat16, MPT's relative to the last key), and StableLM, Cohere
     and Phi-2 with LayerNorms of their query and key heads (StableLM's and Cohere's a weight for each head,
     Phi-2's and Persimmon's one for all, with a bias) compile to a decoder with a KV cache whose stepped logits are
@@ -981,12 +989,12 @@ def test_alibi_and_qk_layer_norm_decoders_decode_with_a_cache_as_transformers_co
     has the default positions of a config without a limit."""
     out = _llama_like_artifact(llama_like, arch)
     nodes = _nodes(out)
-    alibi = arch in ("bloom", "falcon_alibi", "mpt")
+    alibi = arch in ("bloom", "bloom_norm_residual", "falcon_alibi", "mpt")
     attention = [n for n in nodes if n.op_type == "GroupQueryAttention"]
     assert len(attention) == 2 * alibi and all(len(n.input) == 11 and n.input[10] for n in attention)
     assert sum(n.op_type == "Softmax" for n in nodes) == 2 * (not alibi)
     layout = read_layout(out)
-    assert (layout.model_type, layout.max_positions) == ("llama", ALIBI_POSITIONS if arch == "bloom" else MAX_POSITIONS)
+    assert (layout.model_type, layout.max_positions) == ("llama", ALIBI_POSITIONS if arch.startswith("bloom") else MAX_POSITIONS)
     hf, _ = globals()[f"tiny_{arch}"]()
     ids = np.random.default_rng(1).integers(3, VOCAB, MAX_POSITIONS)
     with torch.no_grad():
@@ -1101,9 +1109,6 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
     (lambda: transformers.MptForCausalLM(transformers.MptConfig(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=1,
                                                                 attn_config={"qk_ln": True})),
      "MPT models with ALiBi of alibi_bias_max 8, no query and key LayerNorms"),
-    (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=1, n_head=2,
-                                                                    apply_residual_connection_post_layernorm=True)),
-     "BLOOM models whose residuals are the blocks' inputs"),
     (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2,
                                                                   scale_attn_by_inverse_layer_idx=True)),
      "attention scaled by 1 / sqrt\\(head size\\) in every layer"),
