@@ -165,7 +165,7 @@ class CachedCausalLM(nn.Module):
         for i, (layer, (cos, sin), layer_mask) in enumerate(zip(decoder.layers, tables, masks)):
             x, (key, value) = layer(x, cos, sin, layer_mask, (past_key_values[2 * i], past_key_values[2 * i + 1]))
             presents += [key, value]
-        return (decoder.logits(self.lm_head(decoder.norm(x))), *presents)
+        return (decoder.logits(self.lm_head(decoder.finish(x))), *presents)
 
     def full_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The wrapped model's logits for whole sequences (no cache)."""

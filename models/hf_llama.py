@@ -228,11 +228,6 @@ def _refuse_what_our_decoder_lacks(name: str, cfg: Any) -> None:
         raise UserError(f"'{name}': the KV-cache capture takes MPT models with ALiBi of alibi_bias_max {MPT_ALIBI_BIAS_MAX}, "
                         "no query and key LayerNorms and no logit scale, the only MPT transformers runs (attn_config alibi "
                         "true, alibi_bias_max 8, qk_ln false; logit_scale none)")
-    if cfg.model_type == "opt" and (not cfg.do_layer_norm_before or cfg.word_embed_proj_dim != cfg.hidden_size
-                                    or cfg._remove_final_layer_norm):
-        raise UserError(f"'{name}': the KV-cache capture takes OPT models with norms before attention and MLP, a final "
-                        "norm and embeddings of the hidden size (do_layer_norm_before true, _remove_final_layer_norm "
-                        "false, word_embed_proj_dim = hidden_size)")
     activation = _activation(cfg)
     if activation not in ACTIVATIONS:
         raise UserError(f"'{name}': the KV-cache capture takes MLP activations {', '.join(ACTIVATIONS)}, got '{activation}'")
@@ -495,6 +490,10 @@ def _family_fields(cfg: Any) -> dict[str, Any]:
         fields.update(learned_positions=True, unrotated_layers=tuple(range(cfg.num_hidden_layers)))
     if cfg.model_type == "gpt_neo":  # its scores are not scaled by 1 / sqrt(head size)
         fields["attention_scale"] = 1.0
+    if cfg.model_type == "opt":  # OPT-350m: norms after the residual adds, no final norm, narrower embeddings
+        fields.update(norms="pre" if cfg.do_layer_norm_before else "after_residual",
+                      final_norm=bool(cfg.do_layer_norm_before and not cfg._remove_final_layer_norm),
+                      embed_width=0 if cfg.word_embed_proj_dim == cfg.hidden_size else int(cfg.word_embed_proj_dim))
     if cfg.model_type == "mpt" and cfg.attn_config.softmax_scale:
         fields["attention_scale"] = float(cfg.attn_config.softmax_scale)
     if cfg.model_type in ("bloom", "mpt") or getattr(cfg, "alibi", False):

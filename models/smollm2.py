@@ -105,7 +105,13 @@ class LlamaConfig:
     # them from a Hugging Face config): Gemma's scaled embeddings, norm placement, GELU gate, softmax
     # scale, local layers' theta and soft caps; Granite's multipliers; SmolLM3's unrotated layers
     embed_scale: float = 0.0  # the token embeddings' factor; 0: none
-    norms: str = "pre"  # "pre" (Llama), "sandwich" (Gemma 2 and 3: pre and post), "post" (OLMo 2: post only)
+    # "pre" (Llama), "sandwich" (Gemma 2 and 3: pre and post), "post" (OLMo 2: post only), "after_residual" (each
+    # norm after its residual add: OPT-350m's, the original Transformer's)
+    norms: str = "pre"
+    final_norm: bool = True  # a norm after the last layer (all but OPT-350m and OPTs with `_remove_final_layer_norm`)
+    # the token embeddings' width where it is not the hidden size (OPT-350m's `word_embed_proj_dim`): projected to
+    # the hidden size after the lookup (`project_in`) and back before the LM head (`project_out`); 0: hidden
+    embed_width: int = 0
     hidden_act: str = "silu"  # or "gelu_tanh", "gelu", "relu", "relu2" (ReLU squared), "xielu" (learned per layer: XIELU)
     attention_scale: float = 0.0  # 0: 1 / sqrt(head_dim)
     local_rope_theta: float = 0.0  # theta of the `local_layers`' rotary embedding; 0: they share the others'
@@ -497,7 +503,8 @@ class DecoderLayer(nn.Module):
     """Pre-norm block (`norms` "pre"): x + attn(norm(x)), then x + mlp(norm(x)); "sandwich" (Gemma 2
     and 3): x + norm(attn(norm(x))), then x + norm(mlp(norm(x))); "post" (OLMo 2): x + norm(attn(x)),
     then x + norm(mlp(x)); `parallel` (Phi-2): x + attn(norm(x)) + mlp(norm(x)), one norm, or
-    (`parallel_mlp_norm`, GPT-NeoX) x + attn(norm(x)) + mlp(norm2(x)); `residual_from_norm` (BLOOM's
+    (`parallel_mlp_norm`, GPT-NeoX) x + attn(norm(x)) + mlp(norm2(x)); "after_residual" (OPT-350m):
+    norm(x + attn(x)), then norm2(x + mlp(x)); `residual_from_norm` (BLOOM's
     variant): h + attn(h) with h = norm(x), then h2 + mlp(h2) with h2 = norm2 of that; the norms named as
     transformers names them."""
 
@@ -514,7 +521,7 @@ class DecoderLayer(nn.Module):
             self.post_attention_layernorm = block_norm(cfg)
         if self.norms == "sandwich":
             self.pre_feedforward_layernorm = block_norm(cfg)
-        if self.norms != "pre":
+        if self.norms not in ("pre", "after_residual"):
             self.post_feedforward_layernorm = block_norm(cfg)
         self.mlp = feed_forward(cfg, index)
 
@@ -528,6 +535,12 @@ class DecoderLayer(nn.Module):
             attended = self.self_attn(normed, cos, sin, mask, past)
             attended, present = attended if past is not None else (attended, None)
             out = attended + self.mlp(self.post_attention_layernorm(x) if self.parallel_mlp_norm else normed) + x
+            return out if past is None else (out, present)
+        if self.norms == "after_residual":
+            attended = self.self_attn(x, cos, sin, mask, past)
+            attended, present = attended if past is not None else (attended, None)
+            x = self.input_layernorm(x + attended)
+            out = self.post_attention_layernorm(x + self.mlp(x))
             return out if past is None else (out, present)
         if self.residual_from_norm:
             normed = self.input_layernorm(x)
@@ -560,17 +573,22 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Token embedding, the decoder layers and the final norm."""
+    """Token embedding, the decoder layers and the final norm (and the embeddings' projections, where the model
+    has them)."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embed_width or cfg.hidden_size)
+        if cfg.embed_width:
+            self.project_in = nn.Linear(cfg.embed_width, cfg.hidden_size, bias=False)
+            self.project_out = nn.Linear(cfg.hidden_size, cfg.embed_width, bias=False)
         if cfg.learned_positions:
             self.embed_positions = nn.Embedding(cfg.max_positions, cfg.hidden_size)
         if cfg.embed_norm:
             self.embed_norm = block_norm(cfg)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = block_norm(cfg)
+        if cfg.final_norm:
+            self.norm = block_norm(cfg)
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rotary_attention_factor, cfg.long_rope_from,
                                       cfg.rotary_interleaved)
         if cfg.local_rope_theta:
@@ -587,7 +605,13 @@ class Decoder(nn.Module):
         x = self.embed(input_ids, positions)
         for layer, (cos, sin), layer_mask in zip(self.layers, tables, masks):
             x = layer(x, cos, sin, layer_mask)
-        return self.norm(x)
+        return self.finish(x)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer's output as the LM head reads it: normalized (where the model has a final norm), projected
+        to the embeddings' width (where it differs)."""
+        x = self.norm(x) if self.cfg.final_norm else x
+        return self.project_out(x) if self.cfg.embed_width else x
 
     def logits(self, head_output: torch.Tensor) -> torch.Tensor:
         """The LM head's output divided by Granite's `logits_scaling`, times Cohere's `logit_scale`, soft-capped as
@@ -601,6 +625,7 @@ class Decoder(nn.Module):
         normalized where the model does (BLOOM)."""
         x = self.embed_tokens(input_ids)
         x = x * self.cfg.embed_scale if self.cfg.embed_scale else x
+        x = self.project_in(x) if self.cfg.embed_width else x
         x = x + self.embed_positions(position_ids) if self.cfg.learned_positions else x
         return self.embed_norm(x) if self.cfg.embed_norm else x
 
@@ -632,7 +657,7 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.head_bias)
+        self.lm_head = nn.Linear(cfg.embed_width or cfg.hidden_size, cfg.vocab_size, bias=cfg.head_bias)
         self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -619,6 +619,13 @@ def tiny_opt():
                     **SPECIAL_TOKENS)
 
 
+def tiny_opt_350m():
+    """A random OPT shaped as OPT-350m: norms after the residual adds (`do_layer_norm_before` false), so no final
+    norm, and token embeddings 64 wide projected to the hidden 128 and back (`word_embed_proj_dim`)."""
+    return _tiny_hf("OPT", draw=((".bias", "norm.weight"), 0.5, 0.3), ffn_dim=256, word_embed_proj_dim=64,
+                    do_layer_norm_before=False, **SPECIAL_TOKENS)
+
+
 def tiny_opt_unscaled():
     """A random OPT whose LayerNorms learn neither weight nor bias (`layer_norm_elementwise_affine` false)."""
     return _tiny_hf("OPT", draw=((".bias",), 0.5, 0.3), ffn_dim=256, word_embed_proj_dim=128, layer_norm_elementwise_affine=False,
@@ -879,6 +886,7 @@ def slow(*row):
     ("apertus", [0, 0], "Reshape", 6), ("hunyuan", [0, 0], "Reshape", 7), ("gpt_neo", [0, 24], "MatMul", 4), ("codegen", [0, 0], "MatMul", 4),
     ("mixtral", [24, 24], "MatMul", 15), ("qwen2_moe", [0, 0], "Add", 19),  # MoE: a router and 4 experts a layer
     slow("gptj", [0, 0], "MatMul", 4), slow("gpt_bigcode_mha", [0, 0], "Add", 4), slow("opt_unscaled", [0, 0], "Add", 4),
+    ("opt_350m", [0, 0], "Add", 4),
     slow("cohere", [0, 0], "MatMul", 5), slow("arcee", [0, 0], "MatMul", 4), slow("glm", [0, 0], "Add", 5),
     slow("falcon_sequential", [0, 0], "Add", 4), slow("olmoe", [0, 0], "Mul", 17),
     slow("qwen3_moe", [0, 0], "Reshape", 12)])  # its (7 + 17) / 2: a plain layer and one of experts
@@ -914,7 +922,7 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
               "olmo2": "Olmo2", "ministral": "Ministral", "seed_oss": "SeedOss", "olmo3": "Olmo3", "exaone4": "Exaone4",
               "ernie4_5": "Ernie4_5", "helium": "Helium", "stablelm": "StableLm", "starcoder2": "Starcoder2",
               "llama_mlp_bias": "Llama", "stablelm_parallel": "StableLm", "phi": "Phi", "gpt_neox": "GPTNeoX", "gptj": "GPTJ",
-              "gpt2": "GPT2", "gpt_bigcode": "GPTBigCode", "gpt_bigcode_mha": "GPTBigCode", "opt": "OPT", "opt_unscaled": "OPT", "cohere": "Cohere",
+              "gpt2": "GPT2", "gpt_bigcode": "GPTBigCode", "gpt_bigcode_mha": "GPTBigCode", "opt": "OPT", "opt_unscaled": "OPT", "opt_350m": "OPT", "cohere": "Cohere",
               "arcee": "Arcee", "nemotron": "Nemotron", "cohere2": "Cohere2", "glm": "Glm", "glm4": "Glm4", "falcon": "Falcon",
               "falcon_new": "Falcon", "falcon_sequential": "Falcon", "mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmo": "Olmo", "apertus": "Apertus",
               "qwen2_moe": "Qwen2Moe", "hunyuan": "HunYuanDenseV1", "gpt_neo": "GPTNeo", "codegen": "CodeGen",
@@ -943,7 +951,8 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     rotated = [n for n in attention if next(a.i for a in n.attribute if a.name == "do_rotary")]
     assert {next(a.i for a in n.attribute if a.name == "rotary_interleaved") for n in rotated} == \
         ({int(arch in ("ernie4_5", "helium", "gptj", "cohere", "cohere2", "glm", "glm4", "codegen"))} if rotated else set())
-    assert sum(n.op_type == "MatMul" for n in nodes) == 2 * matmuls + 1  # (QKV or Q, K, V), O, (gate, up or c_fc), down; the head
+    # (QKV or Q, K, V), O, (gate, up or c_fc), down; the head; OPT-350m's embedding projections in and out
+    assert sum(n.op_type == "MatMul" for n in nodes) == 2 * matmuls + 1 + 2 * (arch == "opt_350m")
     routers = {"mixtral": 2, "qwen3_moe": 1, "olmoe": 2, "qwen2_moe": 2}.get(arch, 0)  # a mixture of experts' scores are a Softmax
     assert sum(n.op_type == "Softmax" for n in nodes) == routers
     layout = read_layout(out)
@@ -961,7 +970,7 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     np.testing.assert_allclose(stepped, full, atol=5e-5 * np.abs(full).max())
 
 
-LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_bigcode_mha", "opt", "opt_unscaled", "gpt_neo")
+LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_bigcode_mha", "opt", "opt_unscaled", "opt_350m", "gpt_neo")
 
 
 def test_falcon_alibi_bias_is_transformers_own_over_its_positions():
@@ -1112,9 +1121,6 @@ def _with_rope_type(model: torch.nn.Module, rope_type: str) -> torch.nn.Module:
     (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2,
                                                                   scale_attn_by_inverse_layer_idx=True)),
      "attention scaled by 1 / sqrt\\(head size\\) in every layer"),
-    (lambda: transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=1,
-                                                                num_attention_heads=4, word_embed_proj_dim=32)),
-     "OPT models with norms before attention and MLP, a final norm and embeddings of the hidden size"),
     (lambda: _with_rope_type(transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)), "mrope"),
      "rotary embeddings of type default, linear, llama3, yarn, dynamic, longrope, got 'mrope'"),
