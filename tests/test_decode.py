@@ -905,7 +905,7 @@ def test_llama_like_decoders_decode_with_a_cache_as_transformers_computes(llama_
     biases everywhere, an MLP without a gate: 4 linears a layer), Phi-2 (StarCoder2's with attention
     and MLP side by side on one norm, a biased head), GPT-NeoX (Q, K and V interleaved per head, side by
     side on two norms), GPT-J (Phi-2's block, pairs rotated), GPT-2, GPT-BigCode and OPT (learned positions,
-    no rotation: the kernel's do_rotary 0), Cohere (side by side, pairs rotated, scaled logits), Cohere 2 (also
+    no rotation: the kernel's do_rotary 0; OPT-350m's norms after the residual adds, its embeddings projected in and out), Cohere (side by side, pairs rotated, scaled logits), Cohere 2 (also
     a sliding layer and an unrotated global one), Arcee and Nemotron (ReLU squared), GLM and GLM-4 (fused gate
     and up, pairs of half of each head rotated; GLM-4's sandwich norms), Falcon (its three Q/K/V layouts, side
     by side on one or two norms, or one after the other), HunYuan (query and key heads normalized after their rotation: the
