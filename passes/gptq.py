@@ -694,11 +694,11 @@ def _output_error(delta: np.ndarray, h: np.ndarray) -> float:
 
 
 def _patch_rule(conv: ir.Node) -> dict | None:
-    """unfold's arguments for a 1-D or 2-D Conv (pads split into a pad before unfolding), or None."""
+    """unfold's arguments for a 1-D, 2-D or 3-D Conv (pads split into a pad before unfolding), or None."""
     shape = conv.inputs[1].shape
     dims = len(shape) - 2 if shape is not None else 0
     auto_pad = conv.attributes.get("auto_pad")
-    if dims not in (1, 2) or (auto_pad is not None and auto_pad.value not in ("NOTSET", "VALID")):
+    if dims not in (1, 2, 3) or (auto_pad is not None and auto_pad.value not in ("NOTSET", "VALID")):
         return None
     def ints(name, default):
         a = conv.attributes.get(name)
@@ -709,10 +709,13 @@ def _patch_rule(conv: ir.Node) -> dict | None:
 
 
 def _patches(x, rule: dict):
-    """im2col of x [B, C, (H,) W]: [positions, C * taps], columns channel-major as the kernel's matrix rows."""
+    """im2col of x [B, C, (D, H,) W]: [positions, C * taps], columns channel-major as the kernel's matrix rows
+    (a 3D Conv's positions thinned to every k-th output depth slice first, `_patches_3d`)."""
     import torch
 
     dims = len(rule["kernel"])
+    if dims == 3:
+        return _patches_3d(x, rule)
     if dims == 1:
         x = x.unsqueeze(2)
         rule = {**rule, "kernel": [1, *rule["kernel"]], "strides": [1, *rule["strides"]], "dilations": [1, *rule["dilations"]],
@@ -721,6 +724,25 @@ def _patches(x, rule: dict):
     x = torch.nn.functional.pad(x, [left, right, top, bottom])
     cols = torch.nn.functional.unfold(x, rule["kernel"], dilation=rule["dilations"], stride=rule["strides"])
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _patches_3d(x, rule: dict):
+    """im2col of x [B, C, D, H, W] for a 3D kernel [kd, kh, kw]: [positions, C * kd * kh * kw], columns
+    channel-major then taps (the kernel's [O, C/groups, kd, kh, kw] rows). The windows are views
+    (`Tensor.unfold` along each axis, dilated taps sliced); only every k-th output depth slice is copied
+    out, k chosen so that about `PATCH_ROWS` positions remain: a volume's patches whole would be
+    taps times its size."""
+    import torch
+
+    front, back = rule["pads"][:3], rule["pads"][3:]
+    x = torch.nn.functional.pad(x, [front[2], back[2], front[1], back[1], front[0], back[0]])
+    for axis, (k, stride, dilation) in enumerate(zip(rule["kernel"], rule["strides"], rule["dilations"])):
+        x = x.unfold(2 + axis, (k - 1) * dilation + 1, stride)  # a window axis appended: [B, C, oD, oH, oW, ...]
+    d, h, w = rule["dilations"]
+    x = x[..., ::d, ::h, ::w]
+    depth_step = max(1, min(x.shape[2], -(-x.shape[0] * x.shape[2] * x.shape[3] * x.shape[4] // PATCH_ROWS)))
+    x = x[:, :, ::depth_step]
+    return x.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(-1, x.shape[1] * x.shape[5] * x.shape[6] * x.shape[7])
 
 
 def conv_hessians(model: ir.Model, convs: list[ConvAsLinear], calibration, threads) -> tuple[dict, dict, dict, dict]:

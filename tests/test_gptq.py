@@ -288,3 +288,18 @@ def test_a_model_the_block_interpreter_cannot_run_is_refused_or_kept_round_to_ne
     assert stats == {"skipped": "the block interpreter cannot run Hardmax"}
     assert "kept round-to-nearest" in caplog.text
     assert to_text(rtn, elide_over=None) == to_text(model, elide_over=None)
+
+
+def test_3d_patches_times_the_kernel_are_the_conv3d_outputs():
+    """gptq's H of a 3D Conv is built on these patches: channel-major then taps, as the kernel's rows;
+    pads, strides and dilations as ONNX gives them ([d0, h0, w0, d1, h1, w1])."""
+    import torch
+
+    from qcompiler.passes.gptq import _patches
+
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 3, 6, 7, 5), torch.randn(4, 3, 3, 2, 3)
+    rule = {"kernel": [3, 2, 3], "strides": [2, 1, 1], "dilations": [1, 2, 1], "pads": [1, 0, 1, 1, 1, 0], "group": 1}
+    want = torch.nn.functional.conv3d(torch.nn.functional.pad(x, [1, 0, 0, 1, 1, 1]), w, stride=[2, 1, 1], dilation=[1, 2, 1])
+    got = _patches(x, rule) @ w.reshape(4, -1).T
+    torch.testing.assert_close(got, want.permute(0, 2, 3, 4, 1).reshape(-1, 4), atol=1e-5, rtol=1e-5)
