@@ -170,6 +170,8 @@ def test_without_the_options_ray_is_never_imported(tmp_path):
 
 
 def test_doctor_diagnosis_is_the_same_in_process_and_on_two_workers(tmp_path, ray_session):
+    """The layer measurements, the re-measurement rounds and the pipeline trials (the raised budget's run
+    beside the pipeline's own, the two allocations side by side) on 2 workers give the in-process diagnosis."""
     from qcompiler.tools.doctor import diagnose
 
     source = _chain(tmp_path / "chain.onnx", layers=4)
@@ -180,6 +182,9 @@ def test_doctor_diagnosis_is_the_same_in_process_and_on_two_workers(tmp_path, ra
     fanned = diagnose(str(source), pipeline, calibration=data, threads=1, bits_only=True, max_extra_bits=1.0, workers=2)
     assert [row["layer"] for row in here["layers"]] and all(row["recovered"] != 0 for row in here["layers"])
     assert here["suggestion"]["refinement"][0]["choice_layers"] >= 2
+    # the pipeline at a raised budget and both allocations measured ran as tasks on the workers
+    assert all(row.get("boosted_bits") for row in here["layers"])
+    assert [m["label"] for m in here["suggestion"]["measured"]] == ["as chosen", "model-wide budget with measured layer sensitivity"]
     for result in (here, fanned):  # wall times differ from run to run
         for row in result["passes"]:
             row.pop("seconds")

@@ -14,6 +14,10 @@ A function given to `map` is `fn(shared, item) -> result`, pure: it reads `share
 and nothing else, so that its results do not depend on where or in which order it ran. Callers
 that must build something costly per call (an ONNX Runtime session) map over `chunks(items, n)`
 with `n = executor.workers`: one chunk per worker, and for `InProcess` one chunk holding every item.
+`submit(fn, item, shared=...)` is one such call whose result is asked for later (`.result()`): a
+Ray task starts at once, so the caller can work meanwhile; in-process the call runs when its result
+is asked for, in the order the caller asks. `share(obj)` puts an input several calls read into
+Ray's object store once (in-process: the object itself).
 
 A Ray task that raises or whose worker dies is retried once (`max_retries=1`,
 `retry_exceptions=True`); if it fails again the map raises `TaskFailed`, one line naming the task.
@@ -39,10 +43,29 @@ class TaskFailed(QCompilerError):
     exit_code = 1
 
 
+class Deferred:
+    """A call run when its result is first asked for (then kept)."""
+
+    def __init__(self, call: Callable[[], Any]):
+        self._call, self._done, self._value = call, False, None
+
+    def result(self) -> Any:
+        if not self._done:
+            self._value, self._done, self._call = self._call(), True, None
+        return self._value
+
+
 class InProcess:
     """Every call in this process, in order."""
 
     workers = 1
+
+    def share(self, obj: Any) -> Any:
+        return obj
+
+    def submit(self, fn: Callable[[Any, Any], Any], item: Any, *, shared: Any = None, name: str | None = None) -> Deferred:
+        """`fn(shared, item)`, run when `.result()` is first called."""
+        return Deferred(lambda: fn(shared, item))
 
     def map(self, fn: Callable[[Any, Any], Any], items: Iterable[Any], *, shared: Any = None,
             names: Sequence[str] | None = None) -> list[Any]:
@@ -77,30 +100,44 @@ class RayExecutor:
         self.address = address
         log.info("parallel: Ray with %d workers (%s)", self.workers, f"cluster at {address}" if address else "local")
 
+    def share(self, obj: Any) -> "Shared":
+        """`obj` in the object store once, for several `map`/`submit` calls to read."""
+        return Shared(self._ray.put(obj))
+
     def map(self, fn: Callable[[Any, Any], Any], items: Iterable[Any], *, shared: Any = None,
             names: Sequence[str] | None = None) -> list[Any]:
         items = list(items)
         if not items:
             return []
-        ray = self._ray
         names = list(names) if names is not None else [f"{fn.__qualname__}[{i}]" for i in range(len(items))]
-        shared_ref = ray.put(shared)  # once; every task gets the reference
-        remote = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=True)(fn)
+        shared_ref = self._reference(shared)  # once; every task gets the reference
+        remote = self._ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=True)(fn)
         refs = [remote.options(name=name).remote(shared_ref, item) for name, item in zip(names, items)]
-        results = []
-        for name, ref in zip(names, refs):
-            try:
-                results.append(ray.get(ref))
-            except ray.exceptions.RayTaskError as error:
-                cause = getattr(error, "cause", None)
-                if isinstance(cause, QCompilerError):
-                    raise cause from None
-                shown = f"{type(cause).__name__}: {first_line(str(cause))}" if cause is not None else first_line(str(error))
-                raise TaskFailed(f"task '{name}' failed after {RETRIES} retry: {shown}") from None
-            except ray.exceptions.RayError as error:  # a worker or node that died, twice
-                raise TaskFailed(f"task '{name}' failed after {RETRIES} retry: {type(error).__name__}: "
-                                 f"{first_line(str(error))}") from None
-        return results
+        return [self._get(name, ref) for name, ref in zip(names, refs)]
+
+    def submit(self, fn: Callable[[Any, Any], Any], item: Any, *, shared: Any = None, name: str | None = None) -> "Running":
+        """`fn(shared, item)` as a Ray task started now; `.result()` waits for it."""
+        name = name or fn.__qualname__
+        remote = self._ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=True)(fn)
+        return Running(self, name, remote.options(name=name).remote(self._reference(shared), item))
+
+    def _reference(self, shared: Any) -> Any:
+        return shared.ref if isinstance(shared, Shared) else self._ray.put(shared)
+
+    def _get(self, name: str, ref: Any) -> Any:
+        """A task's result; its failure, after its retry, as `TaskFailed` naming it (our own errors as raised)."""
+        ray = self._ray
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as error:
+            cause = getattr(error, "cause", None)
+            if isinstance(cause, QCompilerError):
+                raise cause from None
+            shown = f"{type(cause).__name__}: {first_line(str(cause))}" if cause is not None else first_line(str(error))
+            raise TaskFailed(f"task '{name}' failed after {RETRIES} retry: {shown}") from None
+        except ray.exceptions.RayError as error:  # a worker or node that died, twice
+            raise TaskFailed(f"task '{name}' failed after {RETRIES} retry: {type(error).__name__}: "
+                             f"{first_line(str(error))}") from None
 
     def close(self) -> None:
         if self._owned:
@@ -109,6 +146,23 @@ class RayExecutor:
 
     def describe(self) -> str:
         return f"ray ({self.workers} workers{', ' + self.address if self.address else ''})"
+
+
+class Shared:
+    """An input in Ray's object store (`RayExecutor.share`)."""
+
+    def __init__(self, ref: Any):
+        self.ref = ref
+
+
+class Running:
+    """A submitted Ray task (`RayExecutor.submit`)."""
+
+    def __init__(self, executor: RayExecutor, name: str, ref: Any):
+        self._executor, self._name, self._ref = executor, name, ref
+
+    def result(self) -> Any:
+        return self._executor._get(self._name, self._ref)
 
 
 def import_ray():

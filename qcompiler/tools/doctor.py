@@ -98,6 +98,76 @@ def _copy(model: ir.Model) -> ir.Model:
 
 
 # ------------------------------------------------------------------------------------------------
+# Pipeline trials: the same pipeline with another allocation, run side by side on Ray
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialInputs:
+    """What a pipeline trial reads besides its passes (shared read-only with the workers): the model
+    before any pass, serialized, and the compile context's data and settings."""
+
+    model: bytes
+    calibration: Any
+    threads: int | None
+    block_sequential: bool | None
+    cost_model: Any
+
+
+def run_trial(inputs: TrialInputs, passes: list) -> tuple[bytes, list[PassRecord]]:
+    """`passes` over a copy of the model (a pure function, run as a Ray task; its own measurements
+    in-process): the model they leave, serialized, and their records."""
+    import onnx
+
+    from qcompiler.pipeline.context import CompileContext, using
+
+    model = ir.serde.deserialize_model(onnx.load_from_string(inputs.model))
+    ctx = CompileContext(calibration=inputs.calibration, threads=inputs.threads, block_sequential=inputs.block_sequential,
+                         cost_model=inputs.cost_model)
+    with using(ctx):
+        records = run_pipeline(model, passes, [])
+    return to_proto(model).SerializeToString(), records
+
+
+class _Trials:
+    """Pipeline runs on copies of the model before any pass. In-process each runs when its result is
+    asked for, in the compiling process, as it always did; on a Ray executor each is a task started
+    at once (`run_trial`), so that trials run side by side and beside the compiling process's own
+    work, the model put in the object store once. Either way the same passes on the same model: the
+    same result (a pass's fanned-out measurements give the same numbers on any executor)."""
+
+    def __init__(self, original: ir.Model, ctx):
+        self.original, self.ctx, self._shared = original, ctx, None
+
+    def start(self, passes: list, label: str):
+        """A handle whose `.result()` is (the model the passes leave, their records)."""
+        from qcompiler.support.parallel import Deferred, InProcess
+
+        executor = self.ctx.executor
+        if isinstance(executor, InProcess):
+            return Deferred(lambda: self._here(passes))
+        if self._shared is None:
+            ctx = self.ctx
+            self._shared = executor.share(TrialInputs(to_proto(self.original).SerializeToString(), ctx.calibration, ctx.threads,
+                                                      ctx.block_sequential, ctx.cost_model))
+        running = executor.submit(run_trial, list(passes), shared=self._shared, name=label)
+        return Deferred(lambda: _from_worker(*running.result()))
+
+    def _here(self, passes: list) -> tuple[ir.Model, list[PassRecord]]:
+        from qcompiler.pipeline.context import using
+
+        model = _copy(self.original)
+        with using(self.ctx):
+            records = run_pipeline(model, passes, [])
+        return model, records
+
+
+def _from_worker(serialized: bytes, records: list[PassRecord]) -> tuple[ir.Model, list[PassRecord]]:
+    import onnx
+
+    return ir.serde.deserialize_model(onnx.load_from_string(serialized)), records
+
+
+# ------------------------------------------------------------------------------------------------
 # What the quantized stage computes per layer
 
 
@@ -438,16 +508,18 @@ def _diagnose(full, passes, model: ir.Model, source_info, feeds: dict[str, np.nd
         allocator = passes[names.index(Allocate.name)]
         boosted = [dataclasses.replace(p, avg_bits=p.avg_bits + BOOST_BITS) if p is allocator else p for p in passes]
     original = _copy(model) if Allocate.name in names or QuantizeWeights.name in names else None
+    trials = _Trials(original, ctx) if original is not None else None
     stages = _Stages()
     with using(ctx):
+        # on Ray the raised budget's run starts now, on a worker, beside the pipeline's own run here
+        high_trial = trials.start(boosted, "doctor: the pipeline at a raised budget") if boosted is not None else None
         records = run_pipeline(model, passes, [instruments.Verify(), instruments.Drift(drift_feeds), stages])
         layers, skipped = quantized_layers(stages.float_stage, model)
         high_records = []
-        if boosted is not None and layers:
+        if high_trial is not None and layers:
             log.info("doctor: the pipeline again at %g average bits, for the boost option", allocator.avg_bits + BOOST_BITS)
             # only allocate-bits differs, so the float stage is the first run's
-            high_model = _copy(original)
-            high_records = run_pipeline(high_model, boosted, [])
+            high_model, high_records = high_trial.result()
             high = {layer.name: layer for layer in quantized_layers(stages.float_stage, high_model)[0]}
             for layer in layers:
                 if layer.name in high and not layer.embedding:  # a table is kept, never boosted
@@ -485,7 +557,7 @@ def _diagnose(full, passes, model: ir.Model, source_info, feeds: dict[str, np.nd
     suggestion = _suggest(full, rows, total, board, everything, max_extra_bits, ctx.executor)
     if suggestion.get("pipeline") and Allocate.name in names:
         with using(ctx):
-            suggestion = _measure_allocations(suggestion, passes, records, original, stages.float_stage, board, total, max_extra_bits)
+            suggestion = _measure_allocations(suggestion, passes, records, trials, stages.float_stage, board, total, max_extra_bits)
     if not bits_only and _rounding_dominates(full, records):
         with using(ctx):
             suggestion = _measure_learned_rounding(suggestion, full, original, stages.float_stage, board, total)
@@ -617,13 +689,14 @@ def _keep_in_float(rows: list[dict], everything: set[str], total: float, board: 
     return chosen, predicted
 
 
-def _measure_allocations(suggestion: dict, passes, records, original: ir.Model, float_stage: ir.Model, board: Switchboard,
+def _measure_allocations(suggestion: dict, passes, records, trials: _Trials, float_stage: ir.Model, board: Switchboard,
                          total: float, max_extra_bits: float) -> dict:
     """Run the suggested allocation, and the same upgrades under a model-wide budget with measured
     layer sensitivity (`scope=model sensitivity=output`, when the pipeline budgets per layer), and
     measure each one's output error on the probe batch with the weights it actually produces (the
     choice itself approximates kept layers by float and adds the upgrades' gains). Returns the
-    suggestion with the lower error within `max_extra_bits`; every measurement under `measured`."""
+    suggestion with the lower error within `max_extra_bits`; every measurement under `measured`.
+    On Ray the runs are tasks side by side (`_Trials`)."""
     names = [p.name for p in passes]
     index = names.index(Allocate.name)
     chosen = parse_pipeline(suggestion["pipeline"])
@@ -633,12 +706,14 @@ def _measure_allocations(suggestion: dict, passes, records, original: ir.Model, 
     if allocator.scope == "layer" or allocator.sensitivity == "off":
         variants.append(("model-wide budget with measured layer sensitivity",
                          dataclasses.replace(allocator, scope="model", sensitivity="output")))
-    measured = []
+    measured, started = [], []
     for label, variant in variants:
         trial = list(passes)
         trial[index] = variant
+        started.append((label, variant, trials.start(trial, f"doctor: the suggestion ({label})")))
+    for label, variant, running in started:
         log.info("doctor: measuring the suggestion (%s)", label)
-        error, trial_records = _measure_pipeline(trial, original, float_stage, board)
+        error, trial_records = _measured(running.result(), float_stage, board)
         extra = _bits_per_weight(trial_records) - base_bits
         measured.append({"label": label, "error": error, "extra_bits": round(extra, 4),
                          "pipeline": format_pipeline([variant if p.name == Allocate.name else p for p in chosen])})
@@ -652,12 +727,17 @@ def _measure_allocations(suggestion: dict, passes, records, original: ir.Model, 
 
 
 def _measure_pipeline(passes, original: ir.Model, float_stage: ir.Model, board: Switchboard) -> tuple[float, list[PassRecord]]:
-    """Run `passes` on a copy of the original model and measure, on the probe batch, the output
+    """Run `passes` on a copy of the original model here and measure, on the probe batch, the output
     error of the weights they produce; returns it with the passes' records."""
     model = _copy(original)
-    records = run_pipeline(model, passes, [])
+    return _measured((model, run_pipeline(model, passes, [])), float_stage, board)
+
+
+def _measured(run: tuple[ir.Model, list[PassRecord]], float_stage: ir.Model, board: Switchboard) -> tuple[float, list[PassRecord]]:
+    """The output error on the probe batch of the weights a pipeline run left in its model, with its records."""
+    model, records = run
     weights = {layer.name: layer.w_quant for layer in quantized_layers(float_stage, model)[0]}
-    del model
+    del model, run
     return board.error(set(weights), weights=weights), records
 
 
