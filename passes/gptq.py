@@ -273,18 +273,20 @@ class GPTQPass(Pass):
         """The layers of `group` rounded on their factors (`_factors`): whole and one task a layer
         in-process; on several workers each layer's output columns are cut into one contiguous part per
         worker (`column_parts`) and every part is a task, so that a group of one layer (o_proj,
-        down_proj) keeps every worker busy. The same arrays either way: each column's rounding is
-        independent of the others' (`trial_columns`; tests/test_gptq.py)."""
+        down_proj) keeps every worker busy. A layer's task (its weight, H's factor, its arrays) goes to
+        the object store once and its parts read it there (`round_columns`): a 7B model's down_proj
+        factor is about 1 GB. The same arrays either way: each column's rounding is independent of the
+        others' (`trial_columns`; tests/test_gptq.py)."""
         if executor.workers <= 1:
             return self._round_group(group, factors, executor)
-        tasks, names, parts = [], [], []
+        running, parts = [], []
         for layer in group:
-            factor = factors.pop(id(layer.node))
+            whole = executor.share(rounding_task(layer, factors.pop(id(layer.node)), None))
             parts.append(column_parts(int(layer.w.shape[1]), executor.workers))
-            for cols in parts[-1]:
-                tasks.append(rounding_task(layer, factor, cols))
-                names.append(f"gptq: layer '{layer.name}' columns {cols[0]} to {cols[-1]}")
-        rounded = iter(executor.map(round_layer, tasks, shared=self.grid, names=names))
+            running += [executor.submit(round_columns, (self.grid, cols), shared=whole,
+                                        name=f"gptq: layer '{layer.name}' columns {cols[0]} to {cols[-1]}") for cols in parts[-1]]
+            del whole  # the store keeps it while its tasks hold it
+        rounded = iter([task.result() for task in running])
         out = []
         for layer, cols_of_layer in zip(group, parts):
             arrays = [x.copy() for x in layer.originals]
@@ -368,6 +370,13 @@ def rounding_task(layer, factor: tuple, cols: np.ndarray | None) -> RoundingTask
 def column_parts(n: int, parts: int) -> list[np.ndarray]:
     """`n` output columns cut into `parts` contiguous runs of near-equal length (fewer when `n` is smaller)."""
     return [cols for cols in np.array_split(np.arange(n), max(1, min(parts, n))) if len(cols)]
+
+
+def round_columns(task: RoundingTask, part: tuple[str, np.ndarray]) -> list[np.ndarray]:
+    """The output columns `part[1]` of `task`'s layer rounded on the grid `part[0]`: the class arrays of
+    those columns (outliers among them renumbered), the same values as the whole layer's rounding gives them."""
+    grid, cols = part
+    return round_layer(grid, dataclasses.replace(task, w=task.w[:, cols], originals=_columns_of(task.originals, task.kinds, cols, task.sparse)))
 
 
 def round_layer(grid: str, task: RoundingTask) -> list[np.ndarray]:
