@@ -512,8 +512,10 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.norms, self.residual_scale, self.parallel = cfg.norms, cfg.residual_scale, cfg.parallel
         self.parallel_mlp_norm, self.residual_from_norm = cfg.parallel_mlp_norm, cfg.residual_from_norm
-        if self.residual_from_norm and (self.norms != "pre" or self.parallel):
-            raise ValueError("residual_from_norm takes pre norms, one block after the other")
+        if self.residual_from_norm and (self.norms != "pre" or self.parallel or self.residual_scale):
+            raise ValueError("residual_from_norm takes pre norms, one block after the other, no residual scale")
+        if self.norms == "after_residual" and (self.parallel or self.residual_scale):
+            raise ValueError("after_residual norms take one block after the other, no residual scale")
         if self.norms != "post":
             self.input_layernorm = block_norm(cfg)
         self.self_attn = SelfAttention(cfg, index)

@@ -262,9 +262,10 @@ def _pads_into_convs(graph: ir.Graph) -> int:
             continue
         spatial = len(widths) // 2
         for conv in set(readers):
-            own = list(_attr(conv, "pads", [0] * (2 * spatial)))
+            valid = _attr(conv, "auto_pad", "NOTSET") == "VALID"  # no padding: NOTSET with zero pads (a stale `pads` ignored)
+            own = [0] * (2 * spatial) if valid else list(_attr(conv, "pads", [0] * (2 * spatial)))
             merged = [a + b for a, b in zip(own, widths)]
-            conv.attributes.pop("auto_pad", None)  # VALID (no padding) is NOTSET with zero pads
+            conv.attributes.pop("auto_pad", None)
             conv.attributes["pads"] = ir.AttrInt64s("pads", merged)
             conv.replace_input_with(0, node.inputs[0])
         count += 1

@@ -713,8 +713,10 @@ def _patch_rule(conv: ir.Node) -> dict | None:
         a = conv.attributes.get(name)
         return list(a.value) if a is not None else default
     kernel = [int(d) for d in shape[2:]]
+    valid = auto_pad is not None and auto_pad.value == "VALID"  # no padding, whatever a stale `pads` says
     return {"kernel": kernel, "strides": ints("strides", [1] * dims), "dilations": ints("dilations", [1] * dims),
-            "pads": ints("pads", [0] * (2 * dims)), "group": conv.attributes["group"].value if "group" in conv.attributes else 1}
+            "pads": [0] * (2 * dims) if valid else ints("pads", [0] * (2 * dims)),
+            "group": conv.attributes["group"].value if "group" in conv.attributes else 1}
 
 
 def _patches(x, rule: dict):

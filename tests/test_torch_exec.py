@@ -193,6 +193,20 @@ def test_a_resize_the_rule_cannot_compute_is_named():
         run_nodes(nodes, {"x": torch.from_numpy(X)}, lambda node: None, Constants())
 
 
+@pytest.mark.parametrize("sizes, rank, refused", [
+    (I64([2, 3, 10, 8]), 4, "Resize(batch or channel axis resized)"),  # channels 6 -> 3
+    (I64([12, 9]), 2, "Resize(nearest mode on a rank-2 input)"),
+])
+def test_resizes_outside_the_rule_are_named_before_anything_runs(sizes, rank, refused):
+    shape = X.shape if rank == 4 else (6, 5)
+    nodes = list(ir.serde.deserialize_model(helper.make_model(helper.make_graph(
+        [helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="nearest", coordinate_transformation_mode="asymmetric",
+                          nearest_mode="floor")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(sizes, "sizes")]), opset_imports=[helper.make_opsetid("", 19)])).graph)
+    assert unsupported_ops(nodes) == [refused]
+
+
 def test_attributes_a_rule_refuses_are_named_before_anything_runs():
     """unsupported_ops names what run_nodes would raise on, so that a pass can step aside first."""
     proto = helper.make_model(helper.make_graph(

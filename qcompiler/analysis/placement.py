@@ -191,12 +191,13 @@ def cheap_conv_round_trip(node: ir.Node) -> bool:
     if not _is(dequantize, "DequantizeLinear") or dequantize.inputs[0] is None:
         return False
     quantize = dequantize.inputs[0].producer()
-    if not _is(quantize, "QuantizeLinear"):
+    if not _is(quantize, "QuantizeLinear") or not quantize.inputs or quantize.inputs[0] is None:
         return False
     conv = quantize.inputs[0].producer()
-    if conv is not None and (folds_into_integer_conv(conv)):
+    if conv is not None and folds_into_integer_conv(conv) and conv.inputs[0] is not None:
         conv = conv.inputs[0].producer()
-    if not _is(conv, "Conv") or len(conv.inputs) < 2 or conv.inputs[1] is None:
+    if not _is(conv, "Conv") or len(conv.inputs) < 2 or conv.inputs[1] is None or conv.inputs[0] is None \
+            or not _is(conv.inputs[0].producer(), "DequantizeLinear"):  # an integer Conv: it reads a dequantized input
         return False
     w = conv.inputs[1]
     shape = w.const_value.shape if w.const_value is not None else w.shape

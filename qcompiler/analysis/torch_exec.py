@@ -410,7 +410,8 @@ _TORCH_RESIZE = {("linear", 1): "linear", ("linear", 2): "bilinear", ("linear", 
 
 
 def _resize_refused(node: ir.Node, rank: int | None) -> str | None:
-    """Why the Resize rule cannot compute `node` as ONNX does (None: it can)."""
+    """Why the Resize rule cannot compute `node` as ONNX does (None: it can): its modes, its input's rank
+    (3 to 5, known), and, where its scales or sizes are constants, a resize of the batch or channel axis."""
     mode, coords = attr(node, "mode", "nearest"), attr(node, "coordinate_transformation_mode", "half_pixel")
     if (mode, coords) not in _RESIZE_MODES:
         return f"mode={mode} coordinate_transformation_mode={coords}"
@@ -420,8 +421,25 @@ def _resize_refused(node: ir.Node, rank: int | None) -> str | None:
         return "cubic_coeff_a or exclude_outside"
     if attr(node, "antialias", 0) or attr(node, "axes") is not None or attr(node, "keep_aspect_ratio_policy", "stretch") != "stretch":
         return "antialias, axes or keep_aspect_ratio_policy"
-    if rank is not None and mode != "nearest" and (mode, rank - 2) not in _TORCH_RESIZE:
-        return f"{mode} mode on a rank-{rank} input"
+    if rank is None or rank not in (3, 4, 5) or (mode != "nearest" and (mode, rank - 2) not in _TORCH_RESIZE):
+        return f"{mode} mode on a rank-{rank if rank is not None else '?'} input"
+    return _resizes_batch_or_channels(node)
+
+
+def _resizes_batch_or_channels(node: ir.Node) -> str | None:
+    """'batch or channel axis resized' where `node`'s constant scales or sizes say so (None where they do not,
+    or are computed at run time: `_resize` checks those)."""
+    x = node.inputs[0]
+    scales = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    sizes = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    if sizes is not None and sizes.const_value is not None and sizes.const_value.size:
+        known = list(x.shape)[:2] if x.shape is not None else []
+        wanted = [int(v) for v in sizes.const_value.numpy()[:2]]
+        if any(isinstance(d, int) and d != v for d, v in zip(known, wanted)):
+            return "batch or channel axis resized"
+    elif scales is not None and scales.const_value is not None and scales.const_value.size:
+        if [float(v) for v in scales.const_value.numpy()[:2]] != [1.0, 1.0]:
+            return "batch or channel axis resized"
     return None
 
 
@@ -434,8 +452,9 @@ def _resize(node: ir.Node, inputs) -> torch.Tensor:
         raise NotImplementedError(f"the block interpreter has no rule for Resize with {refused} (node '{node.name}')")
     scales = inputs[2] if len(inputs) > 2 and inputs[2] is not None and inputs[2].numel() else None
     sizes = inputs[3] if len(inputs) > 3 and inputs[3] is not None and inputs[3].numel() else None
-    kept = [int(v) for v in sizes[:2]] if sizes is not None else [float(v) for v in scales[:2]]
-    if kept not in ([x.shape[0], x.shape[1]], [1.0, 1.0]):
+    kept = [int(v) for v in sizes[:2]] == [x.shape[0], x.shape[1]] if sizes is not None else \
+        [float(v) for v in scales[:2]] == [1.0, 1.0]
+    if not kept:
         raise NotImplementedError(f"the block interpreter resizes spatial axes only (node '{node.name}')")
     mode, corners = _RESIZE_MODES[(attr(node, "mode", "nearest"), attr(node, "coordinate_transformation_mode", "half_pixel"))]
     torch_mode = "nearest" if mode == "nearest" else _TORCH_RESIZE[(mode, x.dim() - 2)]

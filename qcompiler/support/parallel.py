@@ -44,15 +44,17 @@ class TaskFailed(QCompilerError):
 
 
 class Deferred:
-    """A call run when its result is first asked for (then kept)."""
+    """A call run when its result is asked for, once: the result is handed over, not kept (a trial's
+    model is freed as soon as its caller is done with it)."""
 
     def __init__(self, call: Callable[[], Any]):
-        self._call, self._done, self._value = call, False, None
+        self._call = call
 
     def result(self) -> Any:
-        if not self._done:
-            self._value, self._done, self._call = self._call(), True, None
-        return self._value
+        call, self._call = self._call, None
+        if call is None:
+            raise RuntimeError("a deferred call's result is taken once")
+        return call()
 
 
 class InProcess:
@@ -64,7 +66,7 @@ class InProcess:
         return obj
 
     def submit(self, fn: Callable[[Any, Any], Any], item: Any, *, shared: Any = None, name: str | None = None) -> Deferred:
-        """`fn(shared, item)`, run when `.result()` is first called."""
+        """`fn(shared, item)`, run when `.result()` is called (once)."""
         return Deferred(lambda: fn(shared, item))
 
     def map(self, fn: Callable[[Any, Any], Any], items: Iterable[Any], *, shared: Any = None,
@@ -98,6 +100,7 @@ class RayExecutor:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = max(1, workers if workers is not None else cpus)
         self.address = address
+        self._remotes: dict[Callable, Any] = {}  # each function made a Ray remote function once
         log.info("parallel: Ray with %d workers (%s)", self.workers, f"cluster at {address}" if address else "local")
 
     def share(self, obj: Any) -> "Shared":
@@ -111,15 +114,19 @@ class RayExecutor:
             return []
         names = list(names) if names is not None else [f"{fn.__qualname__}[{i}]" for i in range(len(items))]
         shared_ref = self._reference(shared)  # once; every task gets the reference
-        remote = self._ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=True)(fn)
+        remote = self._remote(fn)
         refs = [remote.options(name=name).remote(shared_ref, item) for name, item in zip(names, items)]
         return [self._get(name, ref) for name, ref in zip(names, refs)]
 
     def submit(self, fn: Callable[[Any, Any], Any], item: Any, *, shared: Any = None, name: str | None = None) -> "Running":
         """`fn(shared, item)` as a Ray task started now; `.result()` waits for it."""
         name = name or fn.__qualname__
-        remote = self._ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=True)(fn)
-        return Running(self, name, remote.options(name=name).remote(self._reference(shared), item))
+        return Running(self, name, self._remote(fn).options(name=name).remote(self._reference(shared), item))
+
+    def _remote(self, fn: Callable) -> Any:
+        if fn not in self._remotes:
+            self._remotes[fn] = self._ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=True)(fn)
+        return self._remotes[fn]
 
     def _reference(self, shared: Any) -> Any:
         return shared.ref if isinstance(shared, Shared) else self._ray.put(shared)

@@ -129,8 +129,8 @@ def run_trial(inputs: TrialInputs, passes: list) -> tuple[bytes, list[PassRecord
 
 
 class _Trials:
-    """Pipeline runs on copies of the model before any pass. In-process each runs when its result is
-    asked for, in the compiling process, as it always did; on a Ray executor each is a task started
+    """Pipeline runs on copies of the model before any pass. In-process (and for a large model, whose
+    weights stay mapped) each runs when its result is asked for, in the compiling process, as it always did; on a Ray executor each is a task started
     at once (`run_trial`), so that trials run side by side and beside the compiling process's own
     work, the model put in the object store once. Either way the same passes on the same model: the
     same result (a pass's fanned-out measurements give the same numbers on any executor)."""
@@ -142,8 +142,10 @@ class _Trials:
         """A handle whose `.result()` is (the model the passes leave, their records)."""
         from qcompiler.support.parallel import Deferred, InProcess
 
+        from qcompiler.ir import is_large
+
         executor = self.ctx.executor
-        if isinstance(executor, InProcess):
+        if isinstance(executor, InProcess) or is_large(self.original):  # a large model's weights are not sent as bytes
             return Deferred(lambda: self._here(passes))
         if self._shared is None:
             ctx = self.ctx
