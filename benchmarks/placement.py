@@ -34,7 +34,7 @@ def conv_net():
     """1 x 3 x 128 x 128: a plain stage (Conv + Relu, x3: 3->32 stride 2, 32->64, 64->64), then a
     residual stage with hard-swish (Conv 64->64 -> HardSigmoid * x -> Conv 64->64 -> Add(skip) -> Relu
     -> Conv 64->128 stride 2 -> HardSigmoid * x), GlobalAveragePool, Flatten, Gemm 128->10."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(0)
     nodes, inits = [], []
@@ -61,14 +61,22 @@ def conv_net():
     x = conv(4, x, 64, 64)
     nodes.append(helper.make_node("Add", [x, skip], ["res"]))
     x = hard_swish(conv(5, relu("res"), 64, 128, 2))
-    inits += [numpy_helper.from_array(rng.normal(0, 0.1, (10, 128)).astype(np.float32), "fc"),
+    return _classifier("conv_net", nodes, inits, rng, x, 128, 128)
+
+
+def _classifier(name: str, nodes: list, inits: list, rng, x: str, channels: int, size: int):
+    """`nodes` (reading a 1 x 3 x size x size "image", ending in `x` of `channels`) closed by
+    GlobalAveragePool, Flatten and a Gemm to 10 logits; the model and its rows(rng, n) maker."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits += [numpy_helper.from_array(rng.normal(0, 0.1, (10, channels)).astype(np.float32), "fc"),
               numpy_helper.from_array(np.zeros(10, np.float32), "fcb")]
     nodes += [helper.make_node("GlobalAveragePool", [x], ["pooled"]), helper.make_node("Flatten", ["pooled"], ["flat"]),
               helper.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"], transB=1, name="classifier")]
-    graph = helper.make_graph(nodes, "conv_net", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 128, 128])],
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, size, size])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), lambda r, n: {
-        "image": r.normal(0, 1, (n, 3, 128, 128)).astype(np.float32)}
+        "image": r.normal(0, 1, (n, 3, size, size)).astype(np.float32)}
 
 
 def mbconv_net():
@@ -77,12 +85,12 @@ def mbconv_net():
     3->32 stride 2; an inverted bottleneck 32 -> 96 (1x1) -> depthwise 3x3 stride 2 -> squeeze-and-excitation
     (GlobalAveragePool, 1x1 96->8, Swish, 1x1 8->96, Sigmoid, Mul) -> 1x1 to 24; a second one 24 -> 144 ->
     depthwise 3x3 -> SE -> 24 with the residual Add; a 1x1 head 24->256, GlobalAveragePool, Gemm 256->10."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(2)
     nodes, inits = [], []
 
-    def conv(x, cin, cout, k=1, stride=1, group=1, padded=False):
+    def conv(x, cin, cout, k=1, stride=1, group=1):
         name = f"conv{len(inits)}"
         inits.extend([numpy_helper.from_array(rng.normal(0, np.sqrt(2 / (k * k * cin // group)), (cout, cin // group, k, k)).astype(np.float32), f"{name}.w"),
                       numpy_helper.from_array(rng.normal(0, 0.05, cout).astype(np.float32), f"{name}.b")])
@@ -111,14 +119,7 @@ def mbconv_net():
     x = conv(excite(x, 144, 8), 144, 24)
     nodes.append(helper.make_node("Add", [x, skip], ["res"]))
     x = swish(conv("res", 24, 256))
-    inits += [numpy_helper.from_array(rng.normal(0, 0.1, (10, 256)).astype(np.float32), "fc"),
-              numpy_helper.from_array(np.zeros(10, np.float32), "fcb")]
-    nodes += [helper.make_node("GlobalAveragePool", [x], ["pooled"]), helper.make_node("Flatten", ["pooled"], ["flat"]),
-              helper.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"], transB=1, name="classifier")]
-    graph = helper.make_graph(nodes, "mbconv_net", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 224, 224])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), lambda r, n: {
-        "image": r.normal(0, 1, (n, 3, 224, 224)).astype(np.float32)}
+    return _classifier("mbconv_net", nodes, inits, rng, x, 256, 224)
 
 
 def mlp():

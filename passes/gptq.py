@@ -358,13 +358,15 @@ class RoundingTask:
     originals: list[np.ndarray]
     sparse: int
 
+    def columns(self, cols: np.ndarray) -> RoundingTask:
+        """The same task for the output columns `cols` only (outliers among them renumbered)."""
+        return dataclasses.replace(self, w=self.w[:, cols], originals=_columns_of(self.originals, self.kinds, cols, self.sparse))
+
 
 def rounding_task(layer, factor: tuple, cols: np.ndarray | None) -> RoundingTask:
     """The task rounding `layer` (all its output columns, or `cols`) on its factor (`_factors`)."""
-    w = layer.w.numpy()
-    return RoundingTask(w if cols is None else w[:, cols], *factor, layer.kinds, layer.bits, layer.sizes, layer.group_size,
-                        layer.originals if cols is None else _columns_of(layer.originals, layer.kinds, cols, layer.sparse),
-                        layer.sparse)
+    task = RoundingTask(layer.w.numpy(), *factor, layer.kinds, layer.bits, layer.sizes, layer.group_size, layer.originals, layer.sparse)
+    return task if cols is None else task.columns(cols)
 
 
 def column_parts(n: int, parts: int) -> list[np.ndarray]:
@@ -376,7 +378,7 @@ def round_columns(task: RoundingTask, part: tuple[str, np.ndarray]) -> list[np.n
     """The output columns `part[1]` of `task`'s layer rounded on the grid `part[0]`: the class arrays of
     those columns (outliers among them renumbered), the same values as the whole layer's rounding gives them."""
     grid, cols = part
-    return round_layer(grid, dataclasses.replace(task, w=task.w[:, cols], originals=_columns_of(task.originals, task.kinds, cols, task.sparse)))
+    return round_layer(grid, task.columns(cols))
 
 
 def round_layer(grid: str, task: RoundingTask) -> list[np.ndarray]:

@@ -52,8 +52,8 @@ def _one_op(x: ir.Value | None, gate: ir.Value | None) -> tuple[str, dict, str] 
         return None
     if producer.op_type == "Sigmoid":
         return "QuickGelu", {"alpha": 1.0}, "com.microsoft"
-    if producer.op_type == "HardSigmoid" and _close(_attr(producer, "alpha", 0.2), HARD_SWISH_ALPHA) \
-            and _close(_attr(producer, "beta", 0.5), HARD_SWISH_BETA):
+    if producer.op_type == "HardSigmoid" and _close(producer.attributes.get_float("alpha", 0.2), HARD_SWISH_ALPHA) \
+            and _close(producer.attributes.get_float("beta", 0.5), HARD_SWISH_BETA):
         return "HardSwish", {}, ""
     return None
 
@@ -61,12 +61,7 @@ def _one_op(x: ir.Value | None, gate: ir.Value | None) -> tuple[str, dict, str] 
 def _quantized(x: ir.Value) -> bool:
     producer = x.producer()
     return producer is not None and producer.domain == "qc" and producer.op_type == "QuantizeActivation" \
-        and _attr(producer, "mode", "static") == "static"
-
-
-def _attr(node: ir.Node, name: str, default):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
+        and producer.attributes.get_string("mode", "static") == "static"
 
 
 def _close(a: float, b: float) -> bool:

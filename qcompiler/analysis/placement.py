@@ -48,6 +48,8 @@ and leaves in float the layers `integer_layers` names;
 
 from __future__ import annotations
 
+import math
+
 import onnx_ir as ir
 
 MIN_CONV3D_PRODUCTS = 64
@@ -126,9 +128,8 @@ def narrow_conv3d(conv: ir.Node) -> str | None:
     """Why a 3D Conv with more than one tap stays float: in 2D over depth slices (`unfolds_to_2d`), each output
     sums fewer than `MIN_CONV3D_PRODUCTS` products; as a 3D integer kernel, it reads fewer than
     `MIN_CONV3D_CHANNELS` input channels per group. None where its integer kernel pays."""
-    w = conv.inputs[1] if len(conv.inputs) > 1 else None
-    shape = None if w is None else (w.const_value.shape if w.const_value is not None else w.shape)
-    if shape is None or len(shape) != 5 or not all(isinstance(d, int) for d in shape):
+    shape = _kernel_shape(conv)
+    if shape is None or len(shape) != 5:
         return None
     taps = shape[2] * shape[3] * shape[4]
     if taps == 1:
@@ -199,17 +200,18 @@ def cheap_conv_round_trip(node: ir.Node) -> bool:
     if not _is(conv, "Conv") or len(conv.inputs) < 2 or conv.inputs[1] is None or conv.inputs[0] is None \
             or not _is(conv.inputs[0].producer(), "DequantizeLinear"):  # an integer Conv: it reads a dequantized input
         return False
-    w = conv.inputs[1]
-    shape = w.const_value.shape if w.const_value is not None else w.shape
-    if shape is None and _is(w.producer(), "DequantizeLinear"):
-        codes = w.producer().inputs[0]
-        shape = codes.const_value.shape if codes.const_value is not None else codes.shape
-    if shape is None or len(shape) < 3 or not all(isinstance(d, int) for d in shape):
-        return False
-    products = 1
-    for d in list(shape)[1:]:
-        products *= d
-    return products < CHEAP_CONV_PRODUCTS
+    shape = _kernel_shape(conv)
+    return shape is not None and len(shape) >= 3 and math.prod(shape[1:]) < CHEAP_CONV_PRODUCTS
+
+
+def _kernel_shape(conv: ir.Node) -> tuple[int, ...] | None:
+    """A Conv's kernel shape [O, C/groups, k...] where known: its weight's, or (lowered) that of the codes its
+    `DequantizeLinear` reads; None where a dim is unknown."""
+    w = conv.inputs[1] if len(conv.inputs) > 1 else None
+    if w is not None and w.const_value is None and w.shape is None and _is(w.producer(), "DequantizeLinear"):
+        w = w.producer().inputs[0]
+    shape = None if w is None else (w.const_value.shape if w.const_value is not None else w.shape)
+    return tuple(shape) if shape is not None and all(isinstance(d, int) for d in shape) else None
 
 
 def _output_quantized(graph: ir.Graph, conv: ir.Node) -> bool:

@@ -116,11 +116,9 @@ class TrialInputs:
 def run_trial(inputs: TrialInputs, passes: list) -> tuple[bytes, list[PassRecord]]:
     """`passes` over a copy of the model (a pure function, run as a Ray task; its own measurements
     in-process): the model they leave, serialized, and their records."""
-    import onnx
-
     from qcompiler.pipeline.context import CompileContext, using
 
-    model = ir.serde.deserialize_model(onnx.load_from_string(inputs.model))
+    model = _from_bytes(inputs.model)
     ctx = CompileContext(calibration=inputs.calibration, threads=inputs.threads, block_sequential=inputs.block_sequential,
                          cost_model=inputs.cost_model)
     with using(ctx):
@@ -140,13 +138,12 @@ class _Trials:
 
     def start(self, passes: list, label: str):
         """A handle whose `.result()` is (the model the passes leave, their records)."""
-        from qcompiler.support.parallel import Deferred, InProcess
-
         from qcompiler.ir import is_large
+        from qcompiler.support.parallel import Deferred, InProcess
 
         executor = self.ctx.executor
         if isinstance(executor, InProcess) or is_large(self.original):  # a large model's weights are not sent as bytes
-            return Deferred(lambda: self._here(passes))
+            return Deferred(lambda: self.here(passes))
         if self._shared is None:
             ctx = self.ctx
             self._shared = executor.share(TrialInputs(to_proto(self.original).SerializeToString(), ctx.calibration, ctx.threads,
@@ -154,7 +151,8 @@ class _Trials:
         running = executor.submit(run_trial, list(passes), shared=self._shared, name=label)
         return Deferred(lambda: _from_worker(*running.result()))
 
-    def _here(self, passes: list) -> tuple[ir.Model, list[PassRecord]]:
+    def here(self, passes: list) -> tuple[ir.Model, list[PassRecord]]:
+        """`passes` over a copy of the model in the compiling process: (the model they leave, their records)."""
         from qcompiler.pipeline.context import using
 
         model = _copy(self.original)
@@ -164,9 +162,13 @@ class _Trials:
 
 
 def _from_worker(serialized: bytes, records: list[PassRecord]) -> tuple[ir.Model, list[PassRecord]]:
+    return _from_bytes(serialized), records
+
+
+def _from_bytes(serialized: bytes) -> ir.Model:
     import onnx
 
-    return ir.serde.deserialize_model(onnx.load_from_string(serialized)), records
+    return ir.serde.deserialize_model(onnx.load_from_string(serialized))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -562,8 +564,8 @@ def _diagnose(full, passes, model: ir.Model, source_info, feeds: dict[str, np.nd
             suggestion = _measure_allocations(suggestion, passes, records, trials, stages.float_stage, board, total, max_extra_bits)
     if not bits_only and _rounding_dominates(full, records):
         with using(ctx):
-            suggestion = _measure_learned_rounding(suggestion, full, original, stages.float_stage, board, total)
-    del original
+            suggestion = _measure_learned_rounding(suggestion, full, trials, stages.float_stage, board, total)
+    del original, trials
     return {
         "schema": "qcompiler.tools.doctor/1",
         "source": source_info.name,
@@ -728,13 +730,6 @@ def _measure_allocations(suggestion: dict, passes, records, trials: _Trials, flo
     return result
 
 
-def _measure_pipeline(passes, original: ir.Model, float_stage: ir.Model, board: Switchboard) -> tuple[float, list[PassRecord]]:
-    """Run `passes` on a copy of the original model here and measure, on the probe batch, the output
-    error of the weights they produce; returns it with the passes' records."""
-    model = _copy(original)
-    return _measured((model, run_pipeline(model, passes, [])), float_stage, board)
-
-
 def _measured(run: tuple[ir.Model, list[PassRecord]], float_stage: ir.Model, board: Switchboard) -> tuple[float, list[PassRecord]]:
     """The output error on the probe batch of the weights a pipeline run left in its model, with its records."""
     model, records = run
@@ -754,7 +749,7 @@ def _rounding_dominates(full, records: list[PassRecord]) -> bool:
     return worst is not None and worst["pass"].split("{")[0] == QuantizeWeights.name and worst["drift_added"] > 0
 
 
-def _measure_learned_rounding(suggestion: dict, full, original: ir.Model, float_stage: ir.Model, board: Switchboard,
+def _measure_learned_rounding(suggestion: dict, full, trials: _Trials, float_stage: ir.Model, board: Switchboard,
                               total: float) -> dict:
     """Add `flexround` (learned rounding, its default steps) after `quantize-weights` in the suggested
     pipeline (or the given one, when no bit change was found), run it and measure the weights it
@@ -765,7 +760,8 @@ def _measure_learned_rounding(suggestion: dict, full, original: ir.Model, float_
     names = [p.name for p in base]
     with_rounding = base[: names.index(QuantizeWeights.name) + 1] + [rounding] + base[names.index(QuantizeWeights.name) + 1:]
     log.info("doctor: measuring learned rounding (%s)", format_pipeline([rounding]))
-    error, _ = _measure_pipeline([p for p in with_rounding if p.name not in LAYOUT_PASSES], original, float_stage, board)
+    # in the compiling process, where torch runs the learning on every core (a Ray task gets one)
+    error, _ = _measured(trials.here([p for p in with_rounding if p.name not in LAYOUT_PASSES]), float_stage, board)
     measured = list(suggestion.get("measured", [])) + [
         {"label": "with learned rounding", "error": error, "extra_bits": suggestion.get("extra_bits") or 0.0,
          "pipeline": format_pipeline(with_rounding)}]
