@@ -1,17 +1,21 @@
-"""Block-wise learning after int8 quantization: `w8a8` against `w8a8{tuning=scales}` (the int8
+"""Learning after int8 quantization: `w8a8` against `w8a8{tuning=scales}` (the int8
 weights' per-channel scales and the activation grids learned against the float blocks, codes
-frozen) and `w8a8{tuning=flexround}` (the weights' rounding learned too), on the FFDNet denoisers
-(PSNR against the clean photo at sigma 15, 25 and 50), MiniLM (STS Spearman) and SqueezeNet, a public
+frozen), `w8a8{tuning=flexround}` (the weights' rounding learned too) and `w8a8{conv-rounding=gptq}`
+(Conv kernels' codes rounded by GPTQ on the calibration patches; with learned scales after it too), on the FFDNet denoisers
+(PSNR against the clean photo at sigma 15, 25 and 50), MiniLM (STS Spearman), EfficientNet-Lite0 and SqueezeNet, a public
 architecture this project did not write (ONNX's own `light_squeezenet` graph with the deterministic
-He-normal weights `tests/test_public_models.py` gives it; output error against float on photos).
+He-normal weights `tests/test_public_models.py` gives it); the classifiers' output error against float on photos.
 
     python benchmarks/learned_int8.py                                   # all (about 25 min on 2 cores)
     python benchmarks/learned_int8.py --models ffdnet-gray --sigmas 25   # one model, one noise level
+    python benchmarks/learned_int8.py --models ffdnet-gray ffdnet-rgb squeezenet --variants w8a8 "w8a8 conv-gptq"
 
 FFDNet: calibrated on the batches `benchmarks/imaging.py` uses (centre crops of at most 256 x 256 of
 the calibration photos at sigma 15, 25 and 50), evaluated with `qcompiler eval --task denoise` on
 the whole evaluation photos. MiniLM: calibrated on the first 128 lines of the WikiText-2 excerpt,
-evaluated with `qcompiler eval --task sts` on the STS pairs. SqueezeNet: calibrated on 8 scikit-image
+evaluated with `qcompiler eval --task sts` on the STS pairs. EfficientNet-Lite0: captured once to ONNX,
+calibrated on 2 x 2 crops of its calibration photos (44 crops, batches of 8), evaluated on 3 x 3 crops of
+its evaluation photos (72), as `benchmarks/equalize.py` does. SqueezeNet: calibrated on 8 scikit-image
 photos at 224 x 224, evaluated on 4 others: the output's mean squared error relative to float's mean
 square, and top-1 agreement. Each row records the compile time and,
 for the learning passes, the summed block loss before and after (on the calibration data). Torch
@@ -35,9 +39,11 @@ import common  # noqa: E402
 
 log = common.log
 
-MODELS = ("ffdnet-gray", "ffdnet-rgb", "minilm-l6", "squeezenet")
+MODELS = ("ffdnet-gray", "ffdnet-rgb", "minilm-l6", "efficientnet-lite0", "squeezenet")
+CLASSIFIERS = ("efficientnet-lite0", "squeezenet")  # measured against their float ONNX file on held-out photos
 SIGMAS = (15.0, 25.0, 50.0)
-VARIANTS = {"w8a8": "w8a8", "w8a8 scales": "w8a8{tuning=scales}", "w8a8 flexround": "w8a8{tuning=flexround}"}
+VARIANTS = {"w8a8": "w8a8", "w8a8 scales": "w8a8{tuning=scales}", "w8a8 flexround": "w8a8{tuning=flexround}",
+            "w8a8 conv-gptq": "w8a8{conv-rounding=gptq}", "w8a8 conv-gptq scales": "w8a8{conv-rounding=gptq tuning=scales}"}
 LEARNING_PASSES = ("tune-scales", "flexround")
 
 
@@ -55,9 +61,27 @@ def public_model(work: Path):
     return path, [{x_name: img[None]} for img in images(224, 8)], [{x_name: img[None]} for img in images(224, 4, offset=8)]
 
 
+def bundled_classifier(work: Path):
+    """EfficientNet-Lite0 captured to ONNX: (the .onnx path, calibration feeds, held-out feeds)."""
+    import onnx_ir as ir
+
+    import qcompiler.models as qm
+    from qcompiler.driver.capture import resolve
+    from qcompiler.models import efficientnet_lite as eff
+
+    bundled = qm.get("efficientnet-lite0")
+    model, _ = resolve(bundled.name)
+    path = work / f"{bundled.name}.onnx"
+    ir.save(model, path)
+    calibration, held = bundled.calibration_crops(), [c for _, c in bundled.evaluation_crops(3)]
+    return (path, [eff.to_feeds(calibration[i:i + 8]) for i in range(0, len(calibration), 8)],
+            [eff.to_feeds(held[i:i + 8]) for i in range(0, len(held), 8)])
+
+
 def calibration(name: str, public):
     if public is not None:
-        return {"calibration": public[1]}, "8 scikit-image photos at 224 x 224"
+        return {"calibration": public[1]}, ("44 crops of its calibration photos" if name == "efficientnet-lite0"
+                                            else "8 scikit-image photos at 224 x 224")
     if name.startswith("ffdnet"):
         import imaging
         import qcompiler.models as qm
@@ -104,13 +128,14 @@ def evaluate_variant(name: str, artifact: Path, sigmas, public) -> dict[str, Any
     return {k: r[k] for k in ("pairs", "spearman_float", "spearman_compiled", "spearman_drop", "mean_cosine_float_vs_compiled")}
 
 
-def bench_model(name: str, sigmas, work: Path) -> dict[str, Any]:
-    public = public_model(work) if name == "squeezenet" else None
+def bench_model(name: str, sigmas, work: Path, variants: list[str]) -> dict[str, Any]:
+    public = public_model(work) if name == "squeezenet" else bundled_classifier(work) if name == "efficientnet-lite0" else None
     data, described = calibration(name, public)
     source = public[0] if public is not None else name
     log(f"{name}: calibration {described}")
     rows = {}
-    for label, pipeline in VARIANTS.items():
+    for label in variants:
+        pipeline = VARIANTS[label]
         out = work / f"{name}-{label.replace(' ', '-')}"
         rows[label] = compile_variant(source, pipeline, out, data)
         rows[label]["quality"] = evaluate_variant(name, out, sigmas, public)
@@ -128,7 +153,7 @@ def render(results: list[dict]) -> str:
             body = [[k, v["compile_s"]] + [v["quality"][s]["psnr_drop"] for s in sigmas] for k, v in rows.items()]
             float_psnr = ", ".join(f"{s}: {rows['w8a8']['quality'][s]['psnr_float']:.2f}" for s in sigmas)
             lines.append(f"{r['model']} (float PSNR {float_psnr} dB)")
-        elif r["model"] == "squeezenet":
+        elif r["model"] in CLASSIFIERS:
             head = ["variant", "compile s", "relative MSE vs float", "top-1 agreement"]
             body = [[k, v["compile_s"], f"{v['quality']['relative_mse']:.3g}", v["quality"]["top1_agreement"]] for k, v in rows.items()]
             lines.append(r["model"])
@@ -146,14 +171,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--sigmas", nargs="+", type=float, default=list(SIGMAS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="the rows to compile (w8a8 always)")
     parser.add_argument("--json", type=Path, default=common.RESULTS / "learned_int8.json")
     args = parser.parse_args(argv)
+    variants = ["w8a8", *(v for v in args.variants if v != "w8a8")]
     common.fix_threads(common.THREADS)
     results = []
     args.json.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="qc-learned-int8-") as tmp:
         for name in args.models:
-            results.append(bench_model(name, args.sigmas, Path(tmp)))
+            results.append(bench_model(name, args.sigmas, Path(tmp), variants))
             payload = {"machine": common.machine(), "packages": common.packages(), "threads": common.THREADS, "results": results}
             args.json.write_text(json.dumps(payload, indent=1) + "\n")  # after each model: a later failure keeps it
     print(render(results))

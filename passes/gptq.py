@@ -47,8 +47,11 @@ by the mean change the new kernel makes on the calibration inputs, so that the c
 model's outputs (on EfficientNet-Lite0 they did not: logits' relative error 0.45 against 0.35 at 4
 bits), so the model's outputs are compared with the float model's before and after, on every fourth
 calibration batch, held out of H (`held_out`; all of them when there are fewer than 4), and every
-kernel and bias goes back to round-to-nearest unless that error falls (`convs.kept`). 1-D and 2-D
-Convs without `auto_pad`; others keep their round-to-nearest kernels (`convs_skipped`).
+kernel and bias goes back to round-to-nearest unless that error falls (`convs.kept`). 1-D, 2-D and
+3-D Convs without `auto_pad`, or with VALID; others keep their round-to-nearest kernels (`convs_skipped`).
+
+`gptq_fixed_grid` is the same rounding on a fixed symmetric grid, one step per column: `quantize{rounding=gptq}`
+rounds int8 Conv kernels with it, on `conv_hessians` of the float model.
 """
 
 from __future__ import annotations
@@ -159,13 +162,13 @@ class GPTQPass(Pass):
         """Each mixed Conv kernel rounded by GPTQ on its patches' H, one group of columns at a time."""
         from qcompiler.passes.quantize import conv_bias_shift, subtract_from_bias
 
-        runnable = [(node, conv) for node, conv in convs if _patch_rule(conv.conv) is not None]
+        runnable = [(node, conv) for node, conv in convs if patch_rule(conv.conv) is not None]
         fit, check = held_out(list(calibration))
         error_before = _model_error(model, check, threads)
         saved = [(value, value.const_value) for node, _ in runnable for value in _class_values(MixedMatMulView.of(node))]
         saved_biases = [(conv.conv, conv.conv.inputs[2], conv.conv.inputs[2].const_value) for _, conv in runnable
                         if len(conv.conv.inputs) > 2 and conv.conv.inputs[2] is not None and conv.conv.inputs[2].const_value is not None]
-        hessians, patch_means, means, patches = conv_hessians(model, [conv for _, conv in runnable], fit, threads)
+        hessians, patch_means, means, patches = conv_hessians(model, [conv.conv for _, conv in runnable], fit, threads)
         improved, per_layer = 0, {}
         for node, conv in runnable:
             if FLOAT_WEIGHT_KEY not in node.meta:
@@ -199,7 +202,7 @@ class GPTQPass(Pass):
                 trial = [x.copy() for x in new_arrays]
                 _write_columns(trial, part, a["kinds"], cols, a["sparse"])
                 candidate = _dequantized(trial, a, view.group_size)[:, cols]
-                if _output_error(w[:, cols] - candidate, hp) < _output_error(w[:, cols] - old[:, cols], hp):
+                if output_error(w[:, cols] - candidate, hp) < output_error(w[:, cols] - old[:, cols], hp):
                     new_arrays, better = trial, better + 1
             if not better:
                 per_layer[conv.name] = {"groups": len(groups), "groups_improved": 0}
@@ -231,7 +234,7 @@ class GPTQPass(Pass):
                                "checked_on": f"{len(check)} held-out batches" if check is not fit else "the calibration batches"}
         else:
             per_layer_error = {}
-        return {"layers": len(convs), "improved": improved, "kept": kept, **per_layer_error, "convs_skipped": [c.name for _, c in convs if _patch_rule(c.conv) is None],
+        return {"layers": len(convs), "improved": improved, "kept": kept, **per_layer_error, "convs_skipped": [c.name for _, c in convs if patch_rule(c.conv) is None],
                 "per_layer": per_layer}
 
     @property
@@ -560,6 +563,27 @@ def _round(w: np.ndarray, u: np.ndarray, energy: np.ndarray, kinds, bits, sizes,
     return arrays
 
 
+def gptq_fixed_grid(w: np.ndarray, hessian: np.ndarray, scales: np.ndarray, qmax: int, damp: float = 0.01) -> np.ndarray:
+    """Symmetric integer codes in [-qmax, qmax] of `w` [K, N] on the fixed grid `scales` [N] (one step
+    per column), its rows rounded in order by GPTQ on `hessian` [K, K] (float64, the caller's to give up),
+    damped by `damp` times its mean diagonal: each row's error is spread over the rows after it, as
+    `_round` does for the mixed classes, in lazy blocks of `LAZY_ROWS`."""
+    k = w.shape[0]
+    u = _inverse_factor([_damped(hessian, damp)])
+    w = np.array(w, np.float64)
+    steps = np.asarray(scales, np.float64)
+    codes = np.empty(w.shape, np.int32)
+    for first in range(0, k, LAZY_ROWS):
+        stop = min(first + LAZY_ROWS, k)
+        errors = np.empty((stop - first, w.shape[1]))
+        for i in range(first, stop):
+            codes[i] = np.clip(np.round(w[i] / steps), -qmax, qmax)
+            errors[i - first] = (w[i] - codes[i] * steps) / u[i, i]
+            w[i + 1:stop] -= np.outer(u[i, i + 1:stop], errors[i - first])
+        w[stop:] -= u[first:stop, stop:].T @ errors
+    return codes
+
+
 def _damped(h: np.ndarray, damp: float) -> np.ndarray:
     """`h` (float64, the caller's to give up) with a dead input's (zero) diagonal set to 1 and `damp`
     times the mean diagonal added to every diagonal entry, in place."""
@@ -699,12 +723,12 @@ def _dequantized(arrays: list[np.ndarray], a: dict, group_size: int) -> np.ndarr
     return mixed_weight(classes, outliers, group_size).astype(np.float64)
 
 
-def _output_error(delta: np.ndarray, h: np.ndarray) -> float:
+def output_error(delta: np.ndarray, h: np.ndarray) -> float:
     """tr(delta^T H delta): the layer's output error on the patches H was measured on."""
     return float(np.einsum("kn,kj,jn->", delta, h, delta))
 
 
-def _patch_rule(conv: ir.Node) -> dict | None:
+def patch_rule(conv: ir.Node) -> dict | None:
     """unfold's arguments for a 1-D, 2-D or 3-D Conv (pads split into a pad before unfolding), or None."""
     shape = conv.inputs[1].shape
     dims = len(shape) - 2 if shape is not None else 0
@@ -722,21 +746,38 @@ def _patch_rule(conv: ir.Node) -> dict | None:
 
 
 def _patches(x, rule: dict):
-    """im2col of x [B, C, (D, H,) W]: [positions, C * taps], columns channel-major as the kernel's matrix rows
-    (a 3D Conv's positions thinned to every k-th output depth slice first, `_patches_3d`)."""
+    """im2col of x [B, C, (D, H,) W]: [positions, C * taps], columns channel-major as the kernel's matrix rows,
+    every `_patch_step`-th position (rows in batch, then output position order), so that at most `PATCH_ROWS`
+    remain (a 3D Conv's positions thinned to every k-th output depth slice first, `_patches_3d`). Only
+    the positions kept are gathered: a batch's patches whole are taps times its size."""
     import torch
 
     dims = len(rule["kernel"])
     if dims == 3:
-        return _patches_3d(x, rule)
+        patches = _patches_3d(x, rule)
+        return patches[::_patch_step(patches.shape[0])]
     if dims == 1:
         x = x.unsqueeze(2)
         rule = {**rule, "kernel": [1, *rule["kernel"]], "strides": [1, *rule["strides"]], "dilations": [1, *rule["dilations"]],
                 "pads": [0, rule["pads"][0], 0, rule["pads"][1]]}
     top, left, bottom, right = rule["pads"]
     x = torch.nn.functional.pad(x, [left, right, top, bottom])
-    cols = torch.nn.functional.unfold(x, rule["kernel"], dilation=rule["dilations"], stride=rule["strides"])
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    (kh, kw), (sh, sw), (dh, dw) = rule["kernel"], rule["strides"], rule["dilations"]
+    out_h = (x.shape[2] - (kh - 1) * dh - 1) // sh + 1
+    out_w = (x.shape[3] - (kw - 1) * dw - 1) // sw + 1
+    total = x.shape[0] * out_h * out_w
+    kept = torch.arange(0, total, _patch_step(total))
+    image, position = kept // (out_h * out_w), kept % (out_h * out_w)
+    rows = (position // out_w)[:, None] * sh + torch.arange(kh) * dh  # [n, kh]
+    cols = (position % out_w)[:, None] * sw + torch.arange(kw) * dw  # [n, kw]
+    channels = torch.arange(x.shape[1])
+    patches = x[image[:, None, None, None], channels[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+    return patches.reshape(len(kept), -1)
+
+
+def _patch_step(positions: int) -> int:
+    """Every how many im2col positions one is kept, so that at most `PATCH_ROWS` remain."""
+    return max(1, -(-positions // PATCH_ROWS))
 
 
 def _patches_3d(x, rule: dict):
@@ -758,17 +799,17 @@ def _patches_3d(x, rule: dict):
     return x.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(-1, x.shape[1] * x.shape[5] * x.shape[6] * x.shape[7])
 
 
-def conv_hessians(model: ir.Model, convs: list[ConvAsLinear], calibration, threads) -> tuple[dict, dict, dict, dict]:
-    """Per Conv: H = P^T P / positions (float64) of its im2col patches and their mean patch, one per
-    group, the mean of each input channel and the number of patches, over the calibration batches run
-    through the model as it is (qc ops expanded): ({id(conv): [H_g]}, {id(conv): [mean patch_g]},
-    {id(conv): mean [C]}, {id(conv): patches})."""
+def conv_hessians(model: ir.Model, convs: list[ir.Node], calibration, threads) -> tuple[dict, dict, dict, dict]:
+    """Per Conv node (each with a `patch_rule`): H = P^T P / positions (float64) of its im2col patches
+    and their mean patch, one per group, the mean of each input channel and the number of patches, over
+    the calibration batches run through the model as it is (qc ops expanded): ({id(conv): [H_g]},
+    {id(conv): [mean patch_g]}, {id(conv): mean [C]}, {id(conv): patches})."""
     import torch
 
     from qcompiler.analysis.execute import expanded_copy, ort_session
 
     copy = expanded_copy(model)
-    wanted = {conv.x.name for conv in convs}
+    wanted = {conv.inputs[0].name for conv in convs}
     values = {v.name: v for node in copy.graph for v in node.outputs if v.name in wanted}
     values.update({v.name: v for v in copy.graph.inputs if v.name in wanted})
     names = sorted(wanted)
@@ -785,20 +826,19 @@ def conv_hessians(model: ir.Model, convs: list[ConvAsLinear], calibration, threa
         feeds = {i.name: batch[i.name] for i in session.get_inputs() if i.name in batch}
         outputs = dict(zip(names, session.run(names, feeds)))
         for conv in convs:
-            rule = _patch_rule(conv.conv)
-            x = torch.from_numpy(np.ascontiguousarray(outputs[conv.x.name], np.float32))
+            key = id(conv)
+            rule = patch_rule(conv)
+            x = torch.from_numpy(np.ascontiguousarray(outputs[conv.inputs[0].name], np.float32))
             per_channel = x.to(torch.float64).sum(dim=tuple(i for i in range(x.dim()) if i != 1)).numpy()
-            channel_sums[id(conv.conv)] = channel_sums.get(id(conv.conv), 0) + per_channel
-            counts[id(conv.conv)] = counts.get(id(conv.conv), 0) + x.numel() // x.shape[1]
-            patches = _patches(x, rule)
-            step = max(1, -(-patches.shape[0] // PATCH_ROWS))
-            patches = patches[::step].to(torch.float64)
+            channel_sums[key] = channel_sums.get(key, 0) + per_channel
+            counts[key] = counts.get(key, 0) + x.numel() // x.shape[1]
+            patches = _patches(x, rule).to(torch.float64)
             per_group = patches.shape[1] // rule["group"]
             grams = [(p.T @ p).numpy() for p in patches.split(per_group, dim=1)]
-            previous = sums.get(id(conv.conv))
-            sums[id(conv.conv)] = grams if previous is None else [a + b for a, b in zip(previous, grams)]
-            rows[id(conv.conv)] = rows.get(id(conv.conv), 0) + patches.shape[0]
-            patch_sums[id(conv.conv)] = patch_sums.get(id(conv.conv), 0) + patches.sum(dim=0).numpy()
+            previous = sums.get(key)
+            sums[key] = grams if previous is None else [a + b for a, b in zip(previous, grams)]
+            rows[key] = rows.get(key, 0) + patches.shape[0]
+            patch_sums[key] = patch_sums.get(key, 0) + patches.sum(dim=0).numpy()
     hessians = {key: [g / max(rows[key], 1) for g in grams] for key, grams in sums.items()}
     patch_means = {key: list(np.split(total / max(rows[key], 1), len(hessians[key]))) for key, total in patch_sums.items()}
     means = {key: channel_sums[key] / max(counts[key], 1) for key in channel_sums}

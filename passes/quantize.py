@@ -27,6 +27,15 @@ Conv, summed over its taps and its group's input channels). Only layers with a b
 touched: a Conv or ConvTranspose (one is created when it has none), or a MatMul whose output alone
 feeds an `Add` of a constant [N] bias; the weight error, a copy of the weight's size, is computed for those only.
 
+Rounding (`rounding=gptq`; the `w8a8` preset's `conv-rounding=gptq`): each Conv kernel's codes on the
+same per-output-channel grid are chosen by GPTQ (`passes/gptq.py`, `gptq_fixed_grid`) instead of to
+nearest: the kernel as its im2col matrix, rows rounded in order, each row's error spread over the rows
+after it, on H = P^T P of its patches P over the calibration data (`conv_hessians`, on the model as it
+is before any layer is quantized; centred where bias correction absorbs the mean error). A group of
+output channels keeps round-to-nearest where GPTQ leaves no less error on H, and a whole kernel does
+where H comes from fewer than 8 patches per kernel row. The scales, and so what ONNX Runtime runs, are
+unchanged. Linears keep round-to-nearest.
+
 Placement: with int8 activations, a layer is quantized only where ONNX Runtime will run it as an
 integer kernel (`qcompiler.analysis.placement`): every MatMul, and every Conv (2D or 3D) in static mode,
 whose output (or that of a Relu alone reading it) is then quantized too, as `QLinearConv` needs;
@@ -103,6 +112,9 @@ class QuantizePass(Pass):
     bias_correction: Literal["false", "conv", "true"] = option(
         "false", "shift each layer's bias by the mean change its int8 weights make on the calibration inputs: "
         "every layer with a bias (true), Conv and ConvTranspose layers only (conv), or none (false)")
+    rounding: Literal["nearest", "gptq"] = option(
+        "nearest", "how Conv kernels are rounded to their int8 codes: to nearest, or by GPTQ on the im2col patches of the "
+        "calibration inputs, each output channel's scale kept (a group of output channels keeps nearest where GPTQ leaves more error)")
     conv_method: Literal["calibrated", "minmax", "percentile", "entropy", "mse"] = option(
         "calibrated", "static mode: clipping rule of the activations Conv layers read and write: calibrate's method "
         "(calibrated) or minmax, percentile, entropy, mse (the w8a8 preset uses mse)")
@@ -138,12 +150,17 @@ class QuantizePass(Pass):
         layer_stats = {}
         slots = {id(t.node): slot for t in targets if self._corrects(t) and (slot := bias_slot(t)) is not None}
         input_means = _input_means(model, [t for t in targets if id(t.node) in slots]) if slots else {}
+        gptq_codes, rounding, gptq_check = {}, {}, {}
+        if self.rounding == "gptq":
+            gptq_codes, rounding, gptq_check = gptq_conv_codes(model, targets, input_means, set(slots))
         corrected = 0
         with progress("quantize: layers", len(targets)) as bar:
             for target in targets:
                 entry = {"weight_axis": target.weight_axis}
                 slot = slots.get(id(target.node))
-                error = _quantize_weight(graph, target, entry, keep_error=slot is not None)
+                error = _quantize_weight(graph, target, entry, keep_error=slot is not None, codes=gptq_codes.pop(id(target.node), None))
+                if (target.node.name or target.node.outputs[0].name) in rounding:
+                    entry["rounding"] = rounding[target.node.name or target.node.outputs[0].name]
                 if slot is not None:
                     # the node that adds the bias (the Conv, or the MatMul's Add) keeps it as it was, for the learners' float stream
                     slot.node.meta[FLOAT_BIAS_KEY] = None if slot.value is None else slot.value.const_value.numpy().copy()
@@ -180,6 +197,8 @@ class QuantizePass(Pass):
             "conv_outputs_quantized": outputs_quantized,
             "activation_ranges_recollected": recollected,
             **({"biases_corrected": corrected} if self.bias_correction != "false" else {}),
+            **({"kernels_by_gptq": sum(1 for e in layer_stats.values() if e.get("rounding") == "gptq"), "gptq_check": gptq_check}
+               if self.rounding == "gptq" else {}),
             "activations_in_float": sorted(in_float),
             "kept_in_float": sorted(t.w.name for t in found if any(fnmatch.fnmatchcase(t.w.name, p) for p in self.keep)),
             "float_placement": placed_float,
@@ -259,11 +278,124 @@ def weight_sqnr(w: np.ndarray, q: np.ndarray, scales: np.ndarray, axis: int) -> 
     return round(10 * np.log10(energy / err), 2) if err > 0 and energy > 0 else None
 
 
-def _quantize_weight(graph: ir.Graph, target: Target, entry: dict, keep_error: bool = False) -> np.ndarray | None:
-    """Replace the target's weight by int8 codes and a `qc.DequantizeWeight`; with `keep_error`,
-    return the dequantized weight minus the float one (a copy of the weight's size: only then)."""
+@dataclasses.dataclass
+class KernelGrams:
+    """What GPTQ rounds a Conv kernel on: per group of output channels, H = P^T P / n of its im2col
+    patches P on the calibration data and their mean patch, and the number of patches n."""
+
+    hessians: list[np.ndarray]
+    means: list[np.ndarray]
+    patches: int
+
+
+def gptq_conv_codes(model: ir.Model, targets: list[Target], input_means: dict[str, np.ndarray],
+                    corrected: set[int]) -> tuple[dict[int, np.ndarray], dict[str, str], dict]:
+    """The Conv targets' int8 codes rounded by GPTQ (`gptq_kernel`), on H from the calibration batches but
+    every `HOLD_OUT_EVERY`-th (`passes/gptq.py`, `held_out`), on the inputs the model gives them now,
+    before any layer is quantized. Kept only if the model's outputs with every Conv kernel dequantized
+    (biases of the layers in `corrected` shifted by the mean change their kernels make on inputs of
+    `input_means`, as bias correction does; activations and other layers float) are closer to its float
+    outputs on the held-out batches (all the batches when there are fewer than 4) than with every kernel
+    rounded to nearest: lower errors layer by layer need not give a lower error at the outputs.
+    ({id(Conv): codes} of the kernels GPTQ rounds, {layer: how it is rounded}, the check's numbers)."""
+    from qcompiler.analysis.execute import run_expanded
+    from qcompiler.passes.gptq import conv_hessians, held_out, patch_rule
+
+    convs = [t for t in targets if t.node.op_type == "Conv"]
+    rounded_convs = [t for t in convs if patch_rule(t.node) is not None]
+    if not rounded_convs:
+        return {}, {}, {}
+    ctx = context.current()
+    fit, check = held_out(list(ctx.require_calibration("quantize{rounding=gptq}")))
+    hessians, means, _, patches = conv_hessians(model, [t.node for t in rounded_convs], fit, ctx.threads)
+    nearest = {id(t.node): quantize_weight_per_channel(t.w.const_value.numpy(), t.weight_axis) for t in convs}
+    by_gptq, how = {}, {}
+    for target in rounded_convs:
+        key, name = id(target.node), target.node.name or target.node.outputs[0].name
+        q, scale = nearest[key]
+        grams = KernelGrams(hessians.pop(key), means.pop(key), patches[key])
+        codes, how[name] = gptq_kernel(target.w.const_value.numpy(), q, scale, grams, centred=key in corrected)
+        if how[name] == "gptq":
+            by_gptq[key] = codes
+    if not by_gptq:
+        return {}, how, {}
+
+    def shift(target: Target, error: np.ndarray) -> np.ndarray | None:
+        return weight_bias_shift(target, error, input_means[target.x.name]) if id(target.node) in corrected else None
+
+    float_outputs = [run_expanded(model, batch, ctx.threads) for batch in check]
+    with_gptq = {key: (by_gptq.get(key, q), scale) for key, (q, scale) in nearest.items()}
+    errors = {label: _kernels_error(model, convs, kernels, shift, check, float_outputs, ctx.threads)
+              for label, kernels in (("nearest", nearest), ("gptq", with_gptq))}
+    summary = {"output_error_nearest": errors["nearest"], "output_error_gptq": errors["gptq"],
+               "checked_on": f"{len(check)} held-out batches" if check is not fit else "the calibration batches"}
+    if errors["gptq"] >= errors["nearest"]:
+        how.update({name: "nearest: the model's held-out error did not fall" for name, rule in how.items() if rule == "gptq"})
+        return {}, how, summary
+    return by_gptq, how, summary
+
+
+def _kernels_error(model: ir.Model, convs: list[Target], kernels: dict[int, tuple], bias_shift, batches, float_outputs,
+                   threads) -> float:
+    """Squared distance of the model's outputs from `float_outputs` (its own, one dict per batch) over
+    `batches` when the Convs' kernels are the dequantized `kernels` ({id(Conv): (codes, scale)}), each
+    bias shifted by `bias_shift(target, kernel error)` (None: left)."""
+    from qcompiler.analysis.execute import run_expanded
+    from qcompiler.ir import to_proto
+
+    copy = ir.serde.deserialize_model(to_proto(model))
+    nodes = {node.name: node for node in copy.graph}
+    for target in convs:
+        codes, scale = kernels[id(target.node)]
+        w = target.w.const_value.numpy()
+        dequantized = codes.astype(np.float32) * scale.reshape([-1] + [1] * (w.ndim - 1))
+        node = nodes[target.node.name]
+        node.inputs[1].const_value = ir.tensor(dequantized, name=node.inputs[1].name)
+        shift = bias_shift(target, np.subtract(dequantized, w, dtype=np.float64))
+        if shift is not None:
+            subtract_from_bias(copy.graph, node, node.inputs[2] if len(node.inputs) > 2 else None, shift, f"{node.name}.bias_check")
+    total = 0.0
+    for batch, want in zip(batches, float_outputs):
+        got = run_expanded(copy, batch, threads)
+        total += sum(float(np.sum((got[k].astype(np.float64) - want[k]) ** 2)) for k in want)
+    return total
+
+
+def gptq_kernel(w: np.ndarray, q: np.ndarray, scale: np.ndarray, grams: KernelGrams, centred: bool) -> tuple[np.ndarray, str]:
+    """The int8 codes of Conv kernel `w` [O, C/g, k...] on its per-output-channel `scale`, each group's
+    rounded by GPTQ on its H (`passes/gptq.py`, `gptq_fixed_grid`), centred (`H - m m^T`) when the bias
+    absorbs the kernel's mean error: the codes `q` (round-to-nearest) kept for a group where GPTQ leaves no
+    less `tr(dW^T H dW)`, and for the whole kernel when H comes from fewer than `MIN_PATCHES_PER_ROW`
+    patches per kernel row (it would fit the calibration data). (codes, "gptq" or why nearest)."""
+    from qcompiler.passes.gptq import MIN_PATCHES_PER_ROW, gptq_fixed_grid, output_error
+
+    rows = grams.hessians[0].shape[0]
+    if grams.patches < MIN_PATCHES_PER_ROW * rows:
+        return q, f"nearest: {grams.patches} patches for {rows} kernel rows"
+    per_group = w.shape[0] // len(grams.hessians)
+    codes, improved = q.copy(), 0
+    for g, (h, m) in enumerate(zip(grams.hessians, grams.means)):
+        channels = slice(g * per_group, (g + 1) * per_group)
+        h = h - np.outer(m, m) if centred else h
+        matrix = w[channels].reshape(per_group, -1).T.astype(np.float64)  # [K, O/g], the patches' rows
+        steps = scale[channels].astype(np.float64)
+        rounded = gptq_fixed_grid(matrix, h.copy(), steps, QMAX)
+        nearest = q[channels].reshape(per_group, -1).T
+        if output_error(matrix - rounded * steps, h) < output_error(matrix - nearest * steps, h):
+            codes[channels] = rounded.T.reshape(codes[channels].shape)
+            improved += 1
+    return codes, "gptq" if improved else "nearest: GPTQ left no less error"
+
+
+def _quantize_weight(graph: ir.Graph, target: Target, entry: dict, keep_error: bool = False,
+                     codes: np.ndarray | None = None) -> np.ndarray | None:
+    """Replace the target's weight by int8 codes (rounded to nearest, or `codes` on the same scales) and
+    a `qc.DequantizeWeight`; with `keep_error`, return the dequantized weight minus the float one (a copy
+    of the weight's size: only then)."""
     w = target.w.const_value.numpy()
     q, scale = quantize_weight_per_channel(w, target.weight_axis)
+    if codes is not None:
+        q = codes.astype(np.int8)
     base = target.w.name
     q_value = new_initializer(graph, f"{base}.q", q)
     s_value = new_initializer(graph, f"{base}.scale", scale)

@@ -202,7 +202,7 @@ def test_conv_hessian_is_the_gram_of_the_patches_per_group():
     {{ Y = Conv <group: int = 2, strides: ints = [2, 1], pads: ints = [1, 0, 0, 2]> (X, W) }}""")
     conv = conv_as_linear(model.graph, weighted_convs(model.graph)[0], "test")
     x = rng.normal(0, 1, (1, 4, 5, 6)).astype(np.float32)
-    hessians, _, means, patches = conv_hessians(model, [conv], [{"X": x}], None)
+    hessians, _, means, patches = conv_hessians(model, [conv.conv], [{"X": x}], None)
     assert patches[id(conv.conv)] == len(range(0, 6 - 1, 2)) * (8 - 2)  # output rows x columns
     padded = np.pad(x, ((0, 0), (0, 0), (1, 0), (0, 2)))
     rows = []

@@ -219,3 +219,22 @@ def test_attributes_a_rule_refuses_are_named_before_anything_runs():
         opset_imports=[helper.make_opsetid("", 21)])
     nodes = list(ir.serde.deserialize_model(proto).graph)
     assert unsupported_ops(nodes) == ["Cast(to=8)", "Conv(auto_pad)", "Pad(reflect mode on the batch or channel axis)"]
+
+
+def test_a_reflect_pad_of_amounts_computed_at_run_time_is_run_on_the_axes_they_name():
+    """FFDNet pads its image to even sizes with amounts computed from its shape: not refused before the
+    run; run as ONNX pads it, and a computed amount on the channel axis still refused by name then."""
+    from qcompiler import parse
+    from qcompiler.analysis import execute
+
+    model = parse("""<ir_version: 10, opset_import: ["" : 21]>
+    g (float[1, 2, 5, 7] X, int64[4] A) => (float[1, 2, 6, 8] Y)
+    <int64[4] Z = {0, 0, 0, 0}>
+    { P = Concat <axis: int = 0> (Z, A)
+      Y = Pad <mode: string = "reflect"> (X, P) }""")
+    assert unsupported_ops(list(model.graph)) == []
+    feeds = {"X": RNG.standard_normal((1, 2, 5, 7)).astype(np.float32), "A": np.array([0, 0, 1, 1], np.int64)}
+    got = run_nodes(list(model.graph), {k: torch.from_numpy(v) for k, v in feeds.items()}, lambda n: None, Constants())["Y"]
+    np.testing.assert_array_equal(got.numpy(), execute.run(model, feeds)["Y"])
+    with pytest.raises(NotImplementedError, match="pads only spatial axes in reflect mode"):
+        run_nodes(list(model.graph), {"X": torch.from_numpy(feeds["X"]), "A": torch.tensor([1, 0, 0, 0])}, lambda n: None, Constants())

@@ -121,15 +121,17 @@ PRESETS: dict[str, Preset] = {
                                                  "fused": ",lower-ort{attention=fused}"}}),
     "w8a8": Preset(
         "canonicalize,${equalize}calibrate{method=$method},smooth{alpha=$alpha act-mode=$act_mode},fold-scales{unfoldable=$unfoldable},"
-        "quantize{act-mode=$act_mode float-inputs=$float_inputs bias-correction=$bias_correction conv-method=$conv_method}$tuning$embedding$kv_cache,"
+        "quantize{act-mode=$act_mode float-inputs=$float_inputs bias-correction=$bias_correction conv-method=$conv_method$conv_rounding}$tuning$embedding$kv_cache,"
         "lower-ort{attention=$attention int-kernels=$int_kernels}",
         "int8 weights and activations with SmoothQuant (needs --calib)",
         {"alpha": "auto", "method": "minmax", "act-mode": "static", "float-inputs": "0", "unfoldable": "unsmooth",
          "bias-correction": "conv", "conv-method": "mse", "equalize": "false", "embedding": "float", "kv-cache": "float32",
-         "attention": "auto", "int-kernels": "auto", "tuning": "none"},
+         "attention": "auto", "int-kernels": "auto", "tuning": "none", "conv-rounding": "nearest"},
         # cross-layer equalization of Conv pairs before calibration (left out of the pipeline when off);
         # relu6 also equalizes through Clip(0, 6) as a per-channel Min
         {"equalize": {"false": "", "true": "equalize,", "relu6": "equalize{clip=per-channel},"},
+         # Conv kernels' int8 codes rounded to nearest, or by GPTQ on the calibration inputs' patches (quantize{rounding=gptq})
+         "conv-rounding": {"nearest": "", "gptq": " rounding=gptq"},
          # block-wise learning against the float blocks after quantize: the int8 weights' scales and the
          # activation grids (scales), or also the weights' rounding (flexround)
          "tuning": {"none": "", "scales": ",tune-scales{steps=300 lr=0.0003}", "flexround": ",flexround{steps=300 lr=0.0003}"},
