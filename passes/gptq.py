@@ -63,6 +63,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.analysis.bias_correction import conv_bias_shift, subtract_from_bias
 from qcompiler.analysis.probe import leads_with_tokens
 from qcompiler.analysis.reconstruct import BlockProblem, Options, reconstruct, unsupported_block_ops
 from qcompiler.dialect.mixed_ops import (MixedClass, MixedMatMulView, class_slices, is_mixed_matmul, mixed_weights_over,
@@ -160,7 +161,6 @@ class GPTQPass(Pass):
 
     def _round_convs(self, model: ir.Model, convs: list[tuple[ir.Node, ConvAsLinear]], calibration, threads) -> dict:
         """Each mixed Conv kernel rounded by GPTQ on its patches' H, one group of columns at a time."""
-        from qcompiler.passes.quantize import conv_bias_shift, subtract_from_bias
 
         runnable = [(node, conv) for node, conv in convs if patch_rule(conv.conv) is not None]
         fit, check = held_out(list(calibration))

@@ -58,10 +58,11 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis import calibration, placement
+from qcompiler.analysis.bias_correction import conv_bias_shift, subtract_from_bias
 from qcompiler.analysis.calib_cache import collect_cached
 from qcompiler.dialect.ops import QC_OPSET_VERSION
 from qcompiler.errors import UserError
-from qcompiler.ir.layers import insert_after_value, linears, new_initializer, set_constant
+from qcompiler.ir.layers import insert_after_value, linears, new_initializer
 from qcompiler.ir.meta import CALIBRATION_KEY, CREATED_BY, FLOAT_BIAS_KEY, FLOAT_WEIGHT_KEY, STATS_KEY, Prop
 from qcompiler.pipeline import context
 from qcompiler.pipeline.passbase import Pass, PassResult, model_properties, option, register_pass
@@ -442,18 +443,6 @@ def weight_bias_shift(target: Target, error: np.ndarray, mean_in: np.ndarray) ->
     return conv_bias_shift(error, mean_in)
 
 
-def conv_bias_shift(error: np.ndarray, mean_in: np.ndarray) -> np.ndarray:
-    """E[(W_q - W) x] per output channel of a Conv whose kernel error is `error` [O, I/groups, k...],
-    for inputs of mean `mean_in` [I]: the sum over its taps and its group's input channels (borders,
-    where padding reads zeros, are ignored)."""
-    out_channels, per_group = error.shape[:2]
-    groups = max(1, int(mean_in.shape[0]) // per_group)
-    taps = error.reshape(out_channels, per_group, -1).sum(axis=2)
-    group_of = np.arange(out_channels) // (out_channels // groups)
-    means = mean_in.reshape(groups, per_group)[group_of]
-    return (taps * means).sum(axis=1)
-
-
 def transpose_bias_shift(node: ir.Node, error: np.ndarray, mean_in: np.ndarray) -> np.ndarray:
     """E[(W_q - W) x] per output channel of a ConvTranspose, averaged over its output positions."""
     in_channels, per_group = error.shape[:2]
@@ -496,17 +485,6 @@ def bias_slot(target: Target) -> BiasSlot | None:
 
 def _shift_bias(graph: ir.Graph, target: Target, slot: BiasSlot, shift: np.ndarray) -> None:
     subtract_from_bias(graph, slot.node, slot.value, shift, f"{target.w.name}.bias")
-
-
-def subtract_from_bias(graph: ir.Graph, node: ir.Node, bias: ir.Value | None, shift: np.ndarray, name: str,
-                       suffix: str = "corrected") -> None:
-    """Subtract `shift` from `node`'s constant bias `bias` (None: a Conv without a bias gets one, named `name`)."""
-    if bias is None:
-        node.resize_inputs(3)
-        node.replace_input_with(2, new_initializer(graph, name, (-shift).astype(np.float32)))
-        return
-    array = bias.const_value.numpy()
-    set_constant(graph, bias, (array - shift.reshape(array.shape)).astype(array.dtype), node, suffix)
 
 
 def _quantize_activation(graph: ir.Graph, x: ir.Value, mode: str, value_range) -> ir.Value:

@@ -39,7 +39,7 @@ from qcompiler.dialect.ops import attributes_of
 from qcompiler.ir.layers import ConvAsLinear, conv_reading, new_initializer, remove_unused
 from qcompiler.ir.meta import CREATED_BY, FLOAT_BIAS_KEY, FLOAT_WEIGHT_KEY, Prop, activation_stats
 from qcompiler.dialect.ops import QC_OPSET_VERSION
-from qcompiler.passes.quantize import conv_bias_shift, subtract_from_bias
+from qcompiler.analysis.bias_correction import conv_bias_shift, subtract_from_bias
 from qcompiler.passes.quantize_embedding import dequantized_table, replace_lookup
 from qcompiler.pipeline.passbase import Pass, PassResult, option, register_pass
 from qcompiler.support.progress import progress
