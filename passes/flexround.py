@@ -77,6 +77,9 @@ class BlockLearningPass(Pass):
     holdout: int = option(0, "hold every holdout-th calibration batch out of the steps (when there are that many) and keep "
                              "the parameters of least loss on them, measured before learning and 8 times during it "
                              "(early stopping); 0: learn on every batch, keep the last step's")
+    schedule: Literal["constant", "cosine"] = option(
+        "constant", "the learning rate over the steps: lr throughout (constant), or from lr down to 0 at the last step "
+                    "along half a cosine (cosine)")
     compute: Literal["fp32", "bf16", "auto"] = option(
         "fp32", "the learning steps' matrix products in float32, or in bfloat16 with float32 accumulation (torch's CPU "
                 "autocast), or auto: bf16 where the CPU multiplies bfloat16 natively (AVX-512 BF16, AMX, Arm BF16), "
@@ -95,7 +98,8 @@ class BlockLearningPass(Pass):
     def _options(self) -> Options:
         return Options(self.mode, self.steps, float(self.lr), self.seed, float(self.time_budget), self.regions, self.name,
                        self.batch, self.loss, bool(self.act_grids), self.tile,
-                       self.tile // 4 if self.tile_margin == -1 else self.tile_margin, self.holdout, step_compute(self.compute))
+                       self.tile // 4 if self.tile_margin == -1 else self.tile_margin, self.holdout, step_compute(self.compute),
+                       self.schedule)
 
     def call(self, model: ir.Model) -> PassResult:
         ctx = context.current()

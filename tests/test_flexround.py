@@ -1,5 +1,7 @@
 """Block-wise learning after quantize-weights: flexround, tune-scales, the blocks they work on."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -300,7 +302,7 @@ def test_mixed_preset_tunes_scales_end_to_end_by_default():
         assert f"steps={steps} " in text
     assert tuned(" tuning=none") == []
     assert tuned(" tuning=e2e-kl") == ["tune-scales{steps=120 lr=0.001 seed=0 time-budget=0.0 regions=0 batch=4 loss=kl act-grids=true "
-                                       "tile=0 tile-margin=-1 holdout=0 compute=fp32 first-output=any max-weights=0 unsupported=error}"]
+                                       "tile=0 tile-margin=-1 holdout=0 schedule=constant compute=fp32 first-output=any max-weights=0 unsupported=error}"]
 
 
 def test_held_float_targets_grow_with_the_memory_available(monkeypatch):
@@ -424,3 +426,23 @@ def test_tune_scales_skips_a_model_the_block_interpreter_cannot_run_when_asked(c
     assert to_text(before, elide_over=None) == to_text(model, elide_over=None)
     with pytest.raises(UserError, match="cannot run Hardmax"):
         _run(_with_op_the_interpreter_lacks(), f"{pipeline},tune-scales{{steps=5}}")
+
+
+def test_cosine_schedule_runs_the_rate_from_lr_down_to_near_zero():
+    """`schedule=cosine`: step 0 at lr, half way at lr / 2, the last step near 0, never rising;
+    `constant` (the default) keeps lr. The steps take the scheduled rate."""
+    from qcompiler.analysis.reconstruct import Options, scheduled_lr
+
+    cosine = Options("scales", 40, 0.002, 0, 0.0, 0, "tune-scales", schedule="cosine")
+    rates = [scheduled_lr(cosine, step) for step in range(40)]
+    assert rates[0] == 0.002 and rates[20] == pytest.approx(0.001) and rates[-1] < 0.002 * 0.01
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert {scheduled_lr(dataclasses.replace(cosine, schedule="constant"), step) for step in range(40)} == {0.002}
+    texts = []
+    for schedule in ("constant", "cosine"):
+        model = _model()
+        _run(model, f"{UNIFORM4},tune-scales{{steps=8 regions=1 lr=0.01 schedule={schedule}}}")
+        texts.append(to_text(model, elide_over=None))
+    assert texts[0] != texts[1]
+    with pytest.raises(UserError, match="schedule"):
+        parse_pipeline(f"{UNIFORM4},tune-scales{{schedule=linear}}")

@@ -42,6 +42,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -83,6 +84,7 @@ class Options:
     margin: int = 0  # with tile: a border of this many input pixels left out of the loss (scaled to each output's size)
     holdout: int = 0  # Adam modes: learn on all but every holdout-th batch, keep the parameters of least loss on those (0: off)
     compute: str = "fp32"  # Adam modes: the learning steps' matrix products in float32, or bfloat16 (torch's CPU autocast)
+    schedule: str = "constant"  # Adam modes: the learning rate lr throughout, or "cosine": from lr down to 0 at the last step
 
 
 class _Layer:
@@ -617,6 +619,7 @@ def learn_with_adam(problem: BlockProblem) -> tuple[dict, int]:
             if not order:
                 order = [fitting[i] for i in problem.rng.permutation(len(fitting))]
             b = order.pop()
+            optimizer.lr = scheduled_lr(opts, step)
             optimizer.zero_grad()
             for l in layers:
                 learned[id(l.node)] = l.learned_weight()
@@ -641,6 +644,14 @@ def learn_with_adam(problem: BlockProblem) -> tuple[dict, int]:
             best.restore()
         learned.clear()
     return {id(l.node): l.stored_arrays() for l in layers}, steps
+
+
+def scheduled_lr(opts: Options, step: int) -> float:
+    """The learning rate of step `step` (from 0) of `opts.steps`: `opts.lr`, or with the cosine schedule
+    lr * (1 + cos(pi * step / steps)) / 2, lr at the first step and near 0 at the last."""
+    if opts.schedule == "constant":
+        return opts.lr
+    return opts.lr * 0.5 * (1.0 + math.cos(math.pi * step / max(opts.steps, 1)))
 
 
 def _step_loss(problem: BlockProblem, b: int, weight_of):
