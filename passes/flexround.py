@@ -78,8 +78,8 @@ class BlockLearningPass(Pass):
                              "the parameters of least loss on them, measured before learning and 8 times during it "
                              "(early stopping); 0: learn on every batch, keep the last step's")
     schedule: Literal["constant", "cosine"] = option(
-        "constant", "the learning rate over the steps: lr throughout (constant), or from lr down to 0 at the last step "
-                    "along half a cosine (cosine)")
+        "constant", "the learning rate over the steps: lr throughout (constant), or lr * (1 + cos(pi * step / steps)) / 2, "
+                    "from lr toward 0 (cosine)")
     compute: Literal["fp32", "bf16", "auto"] = option(
         "fp32", "the learning steps' matrix products in float32, or in bfloat16 with float32 accumulation (torch's CPU "
                 "autocast), or auto: bf16 where the CPU multiplies bfloat16 natively (AVX-512 BF16, AMX, Arm BF16), "

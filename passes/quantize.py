@@ -62,7 +62,7 @@ from qcompiler.analysis.bias_correction import conv_bias_shift, subtract_from_bi
 from qcompiler.analysis.calib_cache import collect_cached
 from qcompiler.dialect.ops import QC_OPSET_VERSION
 from qcompiler.errors import UserError
-from qcompiler.ir.layers import insert_after_value, linears, new_initializer
+from qcompiler.ir.layers import insert_after_value, linears, new_initializer, set_constant
 from qcompiler.ir.meta import CALIBRATION_KEY, CREATED_BY, FLOAT_BIAS_KEY, FLOAT_WEIGHT_KEY, STATS_KEY, Prop
 from qcompiler.pipeline import context
 from qcompiler.pipeline.passbase import Pass, PassResult, model_properties, option, register_pass
@@ -115,7 +115,9 @@ class QuantizePass(Pass):
         "every layer with a bias (true), Conv and ConvTranspose layers only (conv), or none (false)")
     rounding: Literal["nearest", "gptq"] = option(
         "nearest", "how Conv kernels are rounded to their int8 codes: to nearest, or by GPTQ on the im2col patches of the "
-        "calibration inputs, each output channel's scale kept (a group of output channels keeps nearest where GPTQ leaves more error)")
+        "calibration inputs, each output channel's scale kept; nearest stays where GPTQ leaves no less error (a group of "
+        "output channels), where a kernel has fewer than 8 patches a row, and everywhere when the model's outputs on "
+        "held-out calibration batches do not come closer to float")
     conv_method: Literal["calibrated", "minmax", "percentile", "entropy", "mse"] = option(
         "calibrated", "static mode: clipping rule of the activations Conv layers read and write: calibrate's method "
         "(calibrated) or minmax, percentile, entropy, mse (the w8a8 preset uses mse)")
@@ -304,13 +306,15 @@ def gptq_conv_codes(model: ir.Model, targets: list[Target], input_means: dict[st
 
     convs = [t for t in targets if t.node.op_type == "Conv"]
     rounded_convs = [t for t in convs if patch_rule(t.node) is not None]
+    how = {t.node.name or t.node.outputs[0].name: "nearest: GPTQ takes no patches of a Conv with this auto_pad"
+           for t in convs if patch_rule(t.node) is None}
     if not rounded_convs:
-        return {}, {}, {}
+        return {}, how, {}
     ctx = context.current()
     fit, check = held_out(list(ctx.require_calibration("quantize{rounding=gptq}")))
     hessians, means, _, patches = conv_hessians(model, [t.node for t in rounded_convs], fit, ctx.threads)
     nearest = {id(t.node): quantize_weight_per_channel(t.w.const_value.numpy(), t.weight_axis) for t in convs}
-    by_gptq, how = {}, {}
+    by_gptq = {}
     for target in rounded_convs:
         key, name = id(target.node), target.node.name or target.node.outputs[0].name
         q, scale = nearest[key]
@@ -345,16 +349,17 @@ def _kernels_error(model: ir.Model, convs: list[Target], kernels: dict[int, tupl
     from qcompiler.ir import to_proto
 
     copy = ir.serde.deserialize_model(to_proto(model))
-    nodes = {node.name: node for node in copy.graph}
+    nodes = {node.outputs[0].name: node for node in copy.graph if node.outputs}  # by output: node names may be empty
     for target in convs:
         codes, scale = kernels[id(target.node)]
         w = target.w.const_value.numpy()
         dequantized = codes.astype(np.float32) * scale.reshape([-1] + [1] * (w.ndim - 1))
-        node = nodes[target.node.name]
-        node.inputs[1].const_value = ir.tensor(dequantized, name=node.inputs[1].name)
+        node = nodes[target.node.outputs[0].name]
+        set_constant(copy.graph, node.inputs[1], dequantized, node, "check")  # a kernel two Convs read: each its own
         shift = bias_shift(target, np.subtract(dequantized, w, dtype=np.float64))
         if shift is not None:
-            subtract_from_bias(copy.graph, node, node.inputs[2] if len(node.inputs) > 2 else None, shift, f"{node.name}.bias_check")
+            subtract_from_bias(copy.graph, node, node.inputs[2] if len(node.inputs) > 2 else None, shift,
+                               f"{node.outputs[0].name}.bias_check")
     total = 0.0
     for batch, want in zip(batches, float_outputs):
         got = run_expanded(copy, batch, threads)

@@ -68,14 +68,14 @@ def test_sampled_patches_times_the_kernel_are_the_conv_outputs_at_those_position
     torch.testing.assert_close(_patches(x, rule) @ w.reshape(6, -1).T, want[::step], atol=1e-4, rtol=1e-4)
 
 
-def _conv_net(tmp_path):
-    """Conv 3x3 (8 -> 16) -> Relu -> Conv 3x3 (16 -> 4), with biases."""
+def _conv_net(tmp_path, names=("conv1", "relu", "conv2")):
+    """Conv 3x3 (8 -> 16) -> Relu -> Conv 3x3 (16 -> 4), with biases; its nodes named `names`."""
     rng = np.random.default_rng(3)
     arrays = {"w1": rng.normal(0, 0.2, (16, 8, 3, 3)), "b1": rng.normal(0, 0.1, 16),
               "w2": rng.normal(0, 0.2, (4, 16, 3, 3)), "b2": rng.normal(0, 0.1, 4)}
-    nodes = [oh.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv1", pads=[1] * 4),
-             oh.make_node("Relu", ["h"], ["r"], name="relu"),
-             oh.make_node("Conv", ["r", "w2", "b2"], ["y"], name="conv2", pads=[1] * 4)]
+    nodes = [oh.make_node("Conv", ["x", "w1", "b1"], ["h"], name=names[0], pads=[1] * 4),
+             oh.make_node("Relu", ["h"], ["r"], name=names[1]),
+             oh.make_node("Conv", ["r", "w2", "b2"], ["y"], name=names[2], pads=[1] * 4)]
     inits = [onnx.numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in arrays.items()]
     graph = oh.make_graph(nodes, "convs", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 8, 16, 16])],
                           [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4, 16, 16])], inits)
@@ -121,6 +121,26 @@ def test_gptq_rounded_kernels_are_closer_to_float_on_held_out_images_with_the_sa
         np.testing.assert_array_equal(scales["gptq"][name], value)
     errors = {label: _relative_error(tmp_path / label / "model.onnx", path, held_out) for label in built}
     assert errors["gptq"] < 0.8 * errors["nearest"]
+
+
+def test_the_check_quantizes_each_kernel_of_a_graph_whose_nodes_are_unnamed(tmp_path):
+    """The model-level check finds each Conv in its copy of the model by its output, not by its (empty) name:
+    the same check, the same artifact as the named graph's."""
+    calibration = [{"x": _smooth_images(seed, 8)} for seed in range(4)]
+    checks, artifacts = [], []
+    for label, names in (("named", ("conv1", "relu", "conv2")), ("unnamed", ("", "", ""))):
+        (tmp_path / label).mkdir()
+        path = _conv_net(tmp_path / label, names)
+        result = qcompiler.compile(str(path), tmp_path / label / "out", pipeline=WEIGHTS_ONLY.format(rounding=" rounding=gptq"),
+                                   calibration=calibration, drift=False)
+        checks.append(next(r.stats for r in result.records if r.name == "quantize")["gptq_check"])
+        artifacts.append(onnx.load(str(tmp_path / label / "out" / "model.onnx")))
+    assert checks[0] == checks[1]
+    initializers = [{i.name: onnx.numpy_helper.to_array(i) for i in a.graph.initializer} for a in artifacts]
+    assert [n.endswith(".q") for n in initializers[0]].count(True) == 2
+    for name, value in initializers[0].items():
+        if name.endswith(".q"):
+            np.testing.assert_array_equal(initializers[1][name], value)
 
 
 def test_a_conv_with_too_few_patches_for_its_kernel_rows_keeps_round_to_nearest(tmp_path):

@@ -84,7 +84,7 @@ class Options:
     margin: int = 0  # with tile: a border of this many input pixels left out of the loss (scaled to each output's size)
     holdout: int = 0  # Adam modes: learn on all but every holdout-th batch, keep the parameters of least loss on those (0: off)
     compute: str = "fp32"  # Adam modes: the learning steps' matrix products in float32, or bfloat16 (torch's CPU autocast)
-    schedule: str = "constant"  # Adam modes: the learning rate lr throughout, or "cosine": from lr down to 0 at the last step
+    schedule: str = "constant"  # Adam modes: the learning rate lr throughout, or "cosine": from lr decaying along half a cosine toward 0
 
 
 class _Layer:

@@ -534,7 +534,8 @@ def _pool(node: ir.Node, x: torch.Tensor, kind: str) -> torch.Tensor:
 
 def unsupported_ops(nodes: list[ir.Node]) -> list[str]:
     """The ops among `nodes` the interpreter has no rule for (domain.op_type), or a rule that refuses
-    their attributes (`Conv(auto_pad)`), sorted: what `run_nodes` would raise on, known before it runs."""
+    their attributes (`Conv(auto_pad)`), sorted: what `run_nodes` would raise on, known before it runs.
+    A non-constant Pad's amounts are known only then: the rule refuses them by name when it runs."""
     missing = set()
     for node in nodes:
         domain = "" if node.domain == "ai.onnx" else node.domain
