@@ -889,5 +889,10 @@ def _model_error(model: ir.Model, calibration, threads) -> float:
     for batch in calibration:
         want = run_expanded(reference, batch, threads)
         got = run_expanded(model, batch, threads)
-        total += sum(float(np.sum((got[k].astype(np.float64) - want[k]) ** 2)) for k in want)
+        total += squared_distance(got, want)
     return total
+
+
+def squared_distance(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
+    """Summed squared difference, in float64, of every output in `want` from the same output in `got`."""
+    return sum(float(np.sum((got[k].astype(np.float64) - want[k]) ** 2)) for k in want)

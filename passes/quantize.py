@@ -347,6 +347,7 @@ def _kernels_error(model: ir.Model, convs: list[Target], kernels: dict[int, tupl
     bias shifted by `bias_shift(target, kernel error)` (None: left)."""
     from qcompiler.analysis.execute import run_expanded
     from qcompiler.ir import to_proto
+    from qcompiler.passes.gptq import squared_distance
 
     copy = ir.serde.deserialize_model(to_proto(model))
     nodes = {node.outputs[0].name: node for node in copy.graph if node.outputs}  # by output: node names may be empty
@@ -363,7 +364,7 @@ def _kernels_error(model: ir.Model, convs: list[Target], kernels: dict[int, tupl
     total = 0.0
     for batch, want in zip(batches, float_outputs):
         got = run_expanded(copy, batch, threads)
-        total += sum(float(np.sum((got[k].astype(np.float64) - want[k]) ** 2)) for k in want)
+        total += squared_distance(got, want)
     return total
 
 
