@@ -12,6 +12,12 @@ from qcompiler.analysis.calibration import Accumulator, Histogram, collect, quan
 from tests.test_calibrate import mlp
 
 
+@pytest.fixture(autouse=True)
+def shards_of_one_batch(monkeypatch):
+    """These tests cut a few batches into shards, one batch each if need be."""
+    monkeypatch.setattr(calibration, "SHARD_MIN_BATCHES", 1)
+
+
 def _read_only(result):
     """The shards' accumulators with read-only arrays, as Ray's object store returns them."""
     for acc in result.values():
@@ -60,8 +66,21 @@ def test_any_shard_count_gives_the_statistics_of_one_stream():
         executor = Sharded(workers)
         sharded = collect(model, _batches(), tensors, sample_rows=12, bins=64, executor=executor)
         assert _same(stream, sharded) == [], workers
-        assert len(executor.names) == min(workers, 7)
+        assert len(executor.names) == (min(workers, 7) if workers > 1 else 0)  # one shard: this process
     assert executor.names[0] == "calibrate: batches 1-1 of 7" and executor.names[-1] == "calibrate: batches 7-7 of 7"
+
+
+def test_shards_of_too_few_batches_run_in_this_process(monkeypatch):
+    """Each shard's session costs more than a few batches: shards of at least SHARD_MIN_BATCHES, at
+    most one a worker, and fewer than two such shards run here."""
+    model, _ = mlp()
+    tensors = quantizable_inputs(model)
+    stream = collect(model, _batches(), tensors, sample_rows=12, bins=64)  # 7 batches with samples
+    for least, names in ((4, []), (3, ["calibrate: batches 1-4 of 7", "calibrate: batches 5-7 of 7"])):
+        monkeypatch.setattr(calibration, "SHARD_MIN_BATCHES", least)
+        executor = Sharded(5)
+        assert _same(stream, collect(model, _batches(), tensors, sample_rows=12, bins=64, executor=executor)) == []
+        assert executor.names == names, least
 
 
 def test_merged_accumulators_equal_one_stream_bit_for_bit():

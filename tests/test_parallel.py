@@ -249,10 +249,13 @@ def test_smooth_alpha_search_fanned_out_gives_the_in_process_artifact(tmp_path, 
     assert built["2 workers"] == built["in-process"]
 
 
-def test_calibration_shards_on_ray_give_the_in_process_statistics_and_artifact(tmp_path, ray_session):
+def test_calibration_shards_on_ray_give_the_in_process_statistics_and_artifact(tmp_path, ray_session, monkeypatch):
     """Calibration over 1, 2 and 3 shards on Ray: the statistics of the in-process stream bit for
     bit, and the w8a8 artifact (calibrate, smooth's sampled rows, quantize's ranges) byte-identical."""
+    from qcompiler.analysis import calibration
     from qcompiler.analysis.calibration import collect, quantizable_inputs
+
+    monkeypatch.setattr(calibration, "SHARD_MIN_BATCHES", 1)  # shard even these 6 batches
 
     source = _shared_input_chain(tmp_path / "shared.onnx")
     model = qcompiler.load(source)
@@ -279,6 +282,6 @@ def test_a_calibration_shard_that_fails_names_its_task(ray_session):
     batches = [(i, i, {"X": np.ones((1, 64), np.float32)}) for i in range(4)]
     accs = {"H": calibration.Accumulator(-1, sample_rows=8, bins=64, name="H")}
     with pytest.raises(parallel.TaskFailed) as failure:
-        calibration._collect_sharded(job, batches, accs, parallel.RayExecutor(workers=2), None)
+        calibration._collect_sharded(job, batches, accs, parallel.RayExecutor(workers=2), None, 2)
     assert "task 'calibrate: batches 1-2 of 4' failed after 1 retry" in str(failure.value)
     assert "\n" not in str(failure.value)

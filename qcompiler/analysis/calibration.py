@@ -899,9 +899,10 @@ def collect(
     `progress(batches_done, samples_done)` is called after each batch (after each shard on Ray).
 
     `executor` (`qcompiler.support.parallel`; None or `InProcess`: one stream in this process):
-    on Ray, the batches are cut into one contiguous shard per worker, each shard runs the graph
-    in its own session (the instrumented graph goes to the workers once, through the object
-    store) and the shards' statistics are merged in batch order, bit for bit those of one stream
+    on Ray, the batches are cut into contiguous shards of at least `SHARD_MIN_BATCHES` batches, at
+    most one a worker (fewer than two such shards run in this process); each runs the graph in its own
+    session (the instrumented graph goes to the workers once, through the object store) and the
+    shards' statistics are merged in batch order, bit for bit those of one stream
     (`Accumulator.merge`). Large models run in this process.
 
     `sequential`: run the graph one block at a time (`qcompiler.analysis.calib_sequential`; the same
@@ -931,10 +932,15 @@ def collect(
     if segments is not None:
         return _collect_by_segments(model, segments, batches, tensors, accs, checker, threads, progress)
     start = time.perf_counter()
+    checked = _checked_batches(batches, checker, accs, direct)
+    shards = 0
     if fetched and _fans_out(executor) and not qir.is_large(model):
+        checked = list(checked)
+        shards = min(executor.workers, len(checked) // SHARD_MIN_BATCHES)
+    if shards >= 2:
         job = ShardJob(_instrumented_proto(model, fetched).SerializeToString(), tuple(fetched),
                        {name: tensors[name] for name in fetched}, sample_rows, bins, threads)
-        done = _collect_sharded(job, list(_checked_batches(batches, checker, accs, direct)), accs, executor, progress)
+        done = _collect_sharded(job, checked, accs, executor, progress, shards)
     else:
         session = None
         if fetched and qir.is_large(model):
@@ -943,9 +949,15 @@ def collect(
             data = _instrumented_proto(model, fetched).SerializeToString()
             session = ort_session(data, threads)
             del data
-        done = _run_batches(session, fetched, _checked_batches(batches, checker, accs, direct), accs, progress)
+        done = _run_batches(session, fetched, checked, accs, progress)
     log.info("calibration: %d samples, %d tensors, %.2f s", done, len(tensors), time.perf_counter() - start)
     return {name: acc.finish() for name, acc in accs.items()}
+
+
+# The fewest batches a calibration shard on a worker takes: each worker builds its own session of the model
+# first, which on SmolLM2-135M costs more than a few batches (4 windows: 7 s in this
+# process, 12 s over 2 workers; 32 windows: 19.3 s and 16.7 s; docs/parallel.md, "Calibration over shards").
+SHARD_MIN_BATCHES = 8
 
 
 def _fans_out(executor: Any) -> bool:
@@ -980,12 +992,13 @@ def collect_shard(job: ShardJob, shard: tuple[bool, list]) -> dict[str, Accumula
     return accs
 
 
-def _collect_sharded(job: ShardJob, batches: list, accs: dict[str, Accumulator], executor, progress) -> int:
-    """Map the shards of `batches` over `executor` and merge their accumulators into `accs` in
-    batch order; the samples seen."""
+def _collect_sharded(job: ShardJob, batches: list, accs: dict[str, Accumulator], executor, progress,
+                     shards: int) -> int:
+    """Map `shards` contiguous shards of `batches` over `executor` and merge their accumulators
+    into `accs` in batch order; the samples seen."""
     from qcompiler.support.parallel import chunks
 
-    parts = chunks(batches, executor.workers)
+    parts = chunks(batches, shards)
     total = len(batches)
     names, at = [], 0
     for part in parts:
