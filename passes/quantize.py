@@ -27,7 +27,8 @@ Conv, summed over its taps and its group's input channels). Only layers with a b
 touched: a Conv or ConvTranspose (one is created when it has none), or a MatMul whose output alone
 feeds an `Add` of a constant [N] bias; the weight error, a copy of the weight's size, is computed for those only.
 
-Rounding (`rounding=gptq`; the `w8a8` preset's `conv-rounding=gptq`): each Conv kernel's codes on the
+Rounding (`rounding=gptq`; `auto`, the `w8a8` preset's default `conv-rounding`, does so where the Convs'
+H have at most `GPTQ_UP_TO_ENTRIES` entries in all, and rounds to nearest above): each Conv kernel's codes on the
 same per-output-channel grid are chosen by GPTQ (`passes/gptq.py`, `gptq_fixed_grid`) instead of to
 nearest: the kernel as its im2col matrix, rows rounded in order, each row's error spread over the rows
 after it, on H = P^T P of its patches P over the calibration data (`conv_hessians`, on the model as it
@@ -69,6 +70,11 @@ from qcompiler.pipeline.passbase import Pass, PassResult, model_properties, opti
 from qcompiler.support.progress import progress
 
 QMAX = 127
+# rounding=auto (the w8a8 preset's default): GPTQ for the Conv kernels where their H (every group's K x K, float64,
+# held at once) has at most this many entries in all: 128 MB. EfficientNet-Lite0 (12.0 M) and the FFDNets (4.6 M,
+# 8.2 M) compile 2 to 4.5 times slower for it (seconds); CRAFT (158 M, 3 x 3 Convs of 512 channels: K = 4608) and
+# deepbet (52 M) would spend minutes a layer, and keep round-to-nearest.
+GPTQ_UP_TO_ENTRIES = 16_000_000
 # The convolutions `quantize` handles, each with its weight's output-channel axis.
 CONV_OPS = {"Conv": 0, "ConvTranspose": 1}
 log = logging.getLogger(__name__)
@@ -113,11 +119,12 @@ class QuantizePass(Pass):
     bias_correction: Literal["false", "conv", "true"] = option(
         "false", "shift each layer's bias by the mean change its int8 weights make on the calibration inputs: "
         "every layer with a bias (true), Conv and ConvTranspose layers only (conv), or none (false)")
-    rounding: Literal["nearest", "gptq"] = option(
+    rounding: Literal["nearest", "gptq", "auto"] = option(
         "nearest", "how Conv kernels are rounded to their int8 codes: to nearest, or by GPTQ on the im2col patches of the "
         "calibration inputs, each output channel's scale kept; nearest stays where GPTQ leaves no less error (a group of "
         "output channels), where a kernel has fewer than 8 patches a row, and everywhere when the model's outputs on "
-        "held-out calibration batches do not come closer to float")
+        "held-out calibration batches do not come closer to float; auto: gptq where the Convs' H have at most "
+        f"{GPTQ_UP_TO_ENTRIES // 1_000_000} M entries in all, nearest above")
     conv_method: Literal["calibrated", "minmax", "percentile", "entropy", "mse"] = option(
         "calibrated", "static mode: clipping rule of the activations Conv layers read and write: calibrate's method "
         "(calibrated) or minmax, percentile, entropy, mse (the w8a8 preset uses mse)")
@@ -154,8 +161,12 @@ class QuantizePass(Pass):
         slots = {id(t.node): slot for t in targets if self._corrects(t) and (slot := bias_slot(t)) is not None}
         input_means = _input_means(model, [t for t in targets if id(t.node) in slots]) if slots else {}
         gptq_codes, rounding, gptq_check = {}, {}, {}
-        if self.rounding == "gptq":
+        by_gptq = self._rounds_by_gptq(targets)
+        if by_gptq:
             gptq_codes, rounding, gptq_check = gptq_conv_codes(model, targets, input_means, set(slots))
+        elif self.rounding == "auto" and gram_entries(targets):
+            gptq_check = {"skipped": f"the Convs' H would have {gram_entries(targets):,} entries, above "
+                                     f"{GPTQ_UP_TO_ENTRIES:,}: every kernel rounded to nearest"}
         corrected = 0
         with progress("quantize: layers", len(targets)) as bar:
             for target in targets:
@@ -201,7 +212,7 @@ class QuantizePass(Pass):
             "activation_ranges_recollected": recollected,
             **({"biases_corrected": corrected} if self.bias_correction != "false" else {}),
             **({"kernels_by_gptq": sum(1 for e in layer_stats.values() if e.get("rounding") == "gptq"), "gptq_check": gptq_check}
-               if self.rounding == "gptq" else {}),
+               if self.rounding != "nearest" and gram_entries(targets) else {}),
             "activations_in_float": sorted(in_float),
             "kept_in_float": sorted(t.w.name for t in found if any(fnmatch.fnmatchcase(t.w.name, p) for p in self.keep)),
             "float_placement": placed_float,
@@ -211,6 +222,12 @@ class QuantizePass(Pass):
 
     def _corrects(self, target: Target) -> bool:
         return self.bias_correction == "true" or (self.bias_correction == "conv" and target.node.op_type in CONV_OPS)
+
+    def _rounds_by_gptq(self, targets: list[Target]) -> bool:
+        """Whether the Conv kernels are rounded by GPTQ: `gptq`, or `auto` within `GPTQ_UP_TO_ENTRIES`."""
+        if self.rounding == "auto":
+            return 0 < gram_entries(targets) <= GPTQ_UP_TO_ENTRIES
+        return self.rounding == "gptq"
 
     def _integer_placement(self, graph: ir.Graph, targets: list[Target]) -> tuple[list[Target], dict[str, str]]:
         """(the targets ONNX Runtime runs as integer kernels or `force` names, {layer: why float} for the rest)."""
@@ -289,6 +306,19 @@ class KernelGrams:
     hessians: list[np.ndarray]
     means: list[np.ndarray]
     patches: int
+
+
+def gram_entries(targets: list[Target]) -> int:
+    """Entries of the H GPTQ measures for the Conv targets: K x K for each group of each kernel, K its
+    input channels a group times its taps."""
+    total = 0
+    for target in targets:
+        if target.node.op_type == "Conv":
+            shape = target.w.const_value.shape
+            group = target.node.attributes.get_int("group", 1)
+            rows = int(np.prod([int(d) for d in shape[1:]]))
+            total += group * rows * rows
+    return total
 
 
 def gptq_conv_codes(model: ir.Model, targets: list[Target], input_means: dict[str, np.ndarray],

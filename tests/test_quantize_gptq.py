@@ -180,7 +180,30 @@ def test_kernels_keep_round_to_nearest_when_the_models_held_out_error_does_not_f
     assert (tmp_path / "gptq" / "model.onnx").read_bytes() == (tmp_path / "nearest" / "model.onnx").read_bytes()
 
 
-def test_w8a8_conv_rounding_gptq_sets_quantize_rounding():
+def test_w8a8_conv_rounding_sets_quantize_rounding_auto_by_default():
     quantize = {p.name: p for p in parse_pipeline("w8a8{conv-rounding=gptq}")}["quantize"]
     assert quantize.rounding == "gptq"
-    assert {p.name: p for p in parse_pipeline("w8a8")}["quantize"].rounding == "nearest"
+    assert {p.name: p for p in parse_pipeline("w8a8{conv-rounding=nearest}")}["quantize"].rounding == "nearest"
+    assert {p.name: p for p in parse_pipeline("w8a8")}["quantize"].rounding == "auto"
+
+
+def test_auto_rounds_by_gptq_where_the_convs_h_are_small_and_to_nearest_above(tmp_path, monkeypatch):
+    """conv1's H is 72 x 72 and conv2's 144 x 144: 25920 entries. Within the bound auto is gptq (the same
+    artifact); below it, round-to-nearest (the same artifact as nearest), the bound named in the statistics."""
+    import qcompiler.passes.quantize as quantize
+
+    path = _conv_net(tmp_path)
+    calibration = [{"x": _smooth_images(seed, 8)} for seed in range(4)]
+    built = {}
+    for label, rounding in (("nearest", ""), ("gptq", " rounding=gptq"), ("auto", " rounding=auto")):
+        built[label] = qcompiler.compile(str(path), tmp_path / label, pipeline=WEIGHTS_ONLY.format(rounding=rounding),
+                                         calibration=calibration, drift=False)
+    artifact = {label: (tmp_path / label / "model.onnx").read_bytes() for label in built}
+    assert artifact["auto"] == artifact["gptq"] != artifact["nearest"]
+    monkeypatch.setattr(quantize, "GPTQ_UP_TO_ENTRIES", 25919)
+    result = qcompiler.compile(str(path), tmp_path / "auto-large", pipeline=WEIGHTS_ONLY.format(rounding=" rounding=auto"),
+                               calibration=calibration, drift=False)
+    assert (tmp_path / "auto-large" / "model.onnx").read_bytes() == artifact["nearest"]
+    stats = next(r.stats for r in result.records if r.name == "quantize")
+    assert stats["kernels_by_gptq"] == 0
+    assert stats["gptq_check"] == {"skipped": "the Convs' H would have 25,920 entries, above 25,919: every kernel rounded to nearest"}

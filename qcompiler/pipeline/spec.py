@@ -126,12 +126,13 @@ PRESETS: dict[str, Preset] = {
         "int8 weights and activations with SmoothQuant (needs --calib)",
         {"alpha": "auto", "method": "minmax", "act-mode": "static", "float-inputs": "0", "unfoldable": "unsmooth",
          "bias-correction": "conv", "conv-method": "mse", "equalize": "false", "embedding": "float", "kv-cache": "float32",
-         "attention": "auto", "int-kernels": "auto", "tuning": "none", "conv-rounding": "nearest"},
+         "attention": "auto", "int-kernels": "auto", "tuning": "none", "conv-rounding": "auto"},
         # cross-layer equalization of Conv pairs before calibration (left out of the pipeline when off);
         # relu6 also equalizes through Clip(0, 6) as a per-channel Min
         {"equalize": {"false": "", "true": "equalize,", "relu6": "equalize{clip=per-channel},"},
-         # Conv kernels' int8 codes rounded to nearest, or by GPTQ on the calibration inputs' patches (quantize{rounding=gptq})
-         "conv-rounding": {"nearest": "", "gptq": " rounding=gptq"},
+         # Conv kernels' int8 codes rounded to nearest, or by GPTQ on the calibration inputs' patches (quantize{rounding=gptq});
+         # auto: GPTQ where the Convs' H fit in quantize's GPTQ_UP_TO_ENTRIES, nearest above
+         "conv-rounding": {"nearest": "", "gptq": " rounding=gptq", "auto": " rounding=auto"},
          # block-wise learning against the float blocks after quantize: the int8 weights' scales and the
          # activation grids (scales), or also the weights' rounding (flexround)
          "tuning": {"none": "", "scales": ",tune-scales{steps=300 lr=0.0003}", "flexround": ",flexround{steps=300 lr=0.0003}"},
