@@ -1,14 +1,15 @@
 """Learning after int8 quantization: `w8a8` against `w8a8{tuning=scales}` (the int8
 weights' per-channel scales and the activation grids learned against the float blocks, codes
-frozen), `w8a8{tuning=flexround}` (the weights' rounding learned too) and `w8a8{conv-rounding=gptq}`
-(Conv kernels' codes rounded by GPTQ on the calibration patches; with learned scales after it too), on the FFDNet denoisers
+frozen), `w8a8{tuning=flexround}` (the weights' rounding learned too), `w8a8{conv-rounding=gptq}`
+(Conv kernels' codes rounded by GPTQ on the calibration patches, which `w8a8` does by default where their H are small;
+with learned scales after it too) and `w8a8{conv-rounding=nearest}` ("w8a8 nearest"), on the FFDNet denoisers
 (PSNR against the clean photo at sigma 15, 25 and 50), MiniLM (STS Spearman), EfficientNet-Lite0 and SqueezeNet, a public
 architecture this project did not write (ONNX's own `light_squeezenet` graph with the deterministic
 He-normal weights `tests/test_public_models.py` gives it); the classifiers' output error against float on photos.
 
     python benchmarks/learned_int8.py                                   # all (about 25 min on 2 cores)
     python benchmarks/learned_int8.py --models ffdnet-gray --sigmas 25   # one model, one noise level
-    python benchmarks/learned_int8.py --models ffdnet-gray ffdnet-rgb squeezenet --variants w8a8 "w8a8 conv-gptq"
+    python benchmarks/learned_int8.py --models ffdnet-gray ffdnet-rgb squeezenet --variants "w8a8 nearest" "w8a8 conv-gptq"
 
 FFDNet: calibrated on the batches `benchmarks/imaging.py` uses (centre crops of at most 256 x 256 of
 the calibration photos at sigma 15, 25 and 50), evaluated with `qcompiler eval --task denoise` on
@@ -42,7 +43,7 @@ log = common.log
 MODELS = ("ffdnet-gray", "ffdnet-rgb", "minilm-l6", "efficientnet-lite0", "squeezenet")
 CLASSIFIERS = ("efficientnet-lite0", "squeezenet")  # measured against their float ONNX file on held-out photos
 SIGMAS = (15.0, 25.0, 50.0)
-VARIANTS = {"w8a8": "w8a8", "w8a8 scales": "w8a8{tuning=scales}", "w8a8 flexround": "w8a8{tuning=flexround}",
+VARIANTS = {"w8a8": "w8a8", "w8a8 nearest": "w8a8{conv-rounding=nearest}", "w8a8 scales": "w8a8{tuning=scales}", "w8a8 flexround": "w8a8{tuning=flexround}",
             "w8a8 conv-gptq": "w8a8{conv-rounding=gptq}", "w8a8 conv-gptq scales": "w8a8{conv-rounding=gptq tuning=scales}"}
 LEARNING_PASSES = ("tune-scales", "flexround")
 
