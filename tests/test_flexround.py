@@ -295,11 +295,12 @@ def test_mixed_preset_tunes_scales_end_to_end_by_default():
     (auto,) = tuned("")
     assert "regions=0" in auto and "loss=kl" in auto and f"first-output=token-logits max-weights={TUNE_UP_TO} unsupported=skip" in auto
     assert "compute=auto" in auto  # bfloat16 steps where the CPU multiplies bfloat16 natively
+    assert "lr=0.003 " in auto and "schedule=cosine " in auto  # the rate decayed along half a cosine
     assert tuned(" tuning=auto") == [auto]
     assert "steps=120 " in auto  # below 4 bits
-    for budget, steps in (("3.99", 120), ("4", 40), ("4.25", 40)):
+    for budget, steps, lr in (("3.99", 120, 0.003), ("4", 40, 0.004), ("4.25", 40, 0.004)):
         (text,) = [format_pass(p) for p in parse_pipeline(f"mixed{{avg-bits={budget}}}") if p.name == "tune-scales"]
-        assert f"steps={steps} " in text
+        assert f"steps={steps} " in text and f"lr={lr} " in text
     assert tuned(" tuning=none") == []
     assert tuned(" tuning=e2e-kl") == ["tune-scales{steps=120 lr=0.001 seed=0 time-budget=0.0 regions=0 batch=4 loss=kl act-grids=true "
                                        "tile=0 tile-margin=-1 holdout=0 schedule=constant compute=fp32 first-output=any max-weights=0 unsupported=error}"]
