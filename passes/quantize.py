@@ -161,11 +161,11 @@ class QuantizePass(Pass):
         slots = {id(t.node): slot for t in targets if self._corrects(t) and (slot := bias_slot(t)) is not None}
         input_means = _input_means(model, [t for t in targets if id(t.node) in slots]) if slots else {}
         gptq_codes, rounding, gptq_check = {}, {}, {}
-        by_gptq = self._rounds_by_gptq(targets)
-        if by_gptq:
+        entries = gram_entries(targets)
+        if self._rounds_by_gptq(entries):
             gptq_codes, rounding, gptq_check = gptq_conv_codes(model, targets, input_means, set(slots))
-        elif self.rounding == "auto" and gram_entries(targets):
-            gptq_check = {"skipped": f"the Convs' H would have {gram_entries(targets):,} entries, above "
+        elif self.rounding == "auto" and entries:
+            gptq_check = {"skipped": f"the Convs' H would have {entries:,} entries, above "
                                      f"{GPTQ_UP_TO_ENTRIES:,}: every kernel rounded to nearest"}
         corrected = 0
         with progress("quantize: layers", len(targets)) as bar:
@@ -212,7 +212,7 @@ class QuantizePass(Pass):
             "activation_ranges_recollected": recollected,
             **({"biases_corrected": corrected} if self.bias_correction != "false" else {}),
             **({"kernels_by_gptq": sum(1 for e in layer_stats.values() if e.get("rounding") == "gptq"), "gptq_check": gptq_check}
-               if self.rounding != "nearest" and gram_entries(targets) else {}),
+               if self.rounding != "nearest" and entries else {}),
             "activations_in_float": sorted(in_float),
             "kept_in_float": sorted(t.w.name for t in found if any(fnmatch.fnmatchcase(t.w.name, p) for p in self.keep)),
             "float_placement": placed_float,
@@ -223,10 +223,11 @@ class QuantizePass(Pass):
     def _corrects(self, target: Target) -> bool:
         return self.bias_correction == "true" or (self.bias_correction == "conv" and target.node.op_type in CONV_OPS)
 
-    def _rounds_by_gptq(self, targets: list[Target]) -> bool:
-        """Whether the Conv kernels are rounded by GPTQ: `gptq`, or `auto` within `GPTQ_UP_TO_ENTRIES`."""
+    def _rounds_by_gptq(self, entries: int) -> bool:
+        """Whether the Conv kernels, whose H have `entries` in all (`gram_entries`), are rounded by GPTQ:
+        `gptq`, or `auto` within `GPTQ_UP_TO_ENTRIES`."""
         if self.rounding == "auto":
-            return 0 < gram_entries(targets) <= GPTQ_UP_TO_ENTRIES
+            return 0 < entries <= GPTQ_UP_TO_ENTRIES
         return self.rounding == "gptq"
 
     def _integer_placement(self, graph: ir.Graph, targets: list[Target]) -> tuple[list[Target], dict[str, str]]:
