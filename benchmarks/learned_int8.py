@@ -1,6 +1,7 @@
 """Learning after int8 quantization: `w8a8` against `w8a8{tuning=scales}` (the int8
 weights' per-channel scales and the activation grids learned against the float blocks, codes
-frozen), `w8a8{tuning=flexround}` (the weights' rounding learned too), `w8a8{conv-rounding=gptq}`
+frozen), `w8a8{tuning=flexround}` (the weights' rounding learned too; both on round-to-nearest
+kernels, `conv-rounding=nearest`), `w8a8{conv-rounding=gptq}`
 (Conv kernels' codes rounded by GPTQ on the calibration patches, which `w8a8` does by default where their H are small;
 with learned scales after it too) and `w8a8{conv-rounding=nearest}` ("w8a8 nearest"), on the FFDNet denoisers
 (PSNR against the clean photo at sigma 15, 25 and 50), MiniLM (STS Spearman), EfficientNet-Lite0 and SqueezeNet, a public
@@ -43,7 +44,8 @@ log = common.log
 MODELS = ("ffdnet-gray", "ffdnet-rgb", "minilm-l6", "efficientnet-lite0", "squeezenet")
 CLASSIFIERS = ("efficientnet-lite0", "squeezenet")  # measured against their float ONNX file on held-out photos
 SIGMAS = (15.0, 25.0, 50.0)
-VARIANTS = {"w8a8": "w8a8", "w8a8 nearest": "w8a8{conv-rounding=nearest}", "w8a8 scales": "w8a8{tuning=scales}", "w8a8 flexround": "w8a8{tuning=flexround}",
+VARIANTS = {"w8a8": "w8a8", "w8a8 nearest": "w8a8{conv-rounding=nearest}", "w8a8 scales": "w8a8{tuning=scales conv-rounding=nearest}",
+            "w8a8 flexround": "w8a8{tuning=flexround conv-rounding=nearest}",
             "w8a8 conv-gptq": "w8a8{conv-rounding=gptq}", "w8a8 conv-gptq scales": "w8a8{conv-rounding=gptq tuning=scales}"}
 LEARNING_PASSES = ("tune-scales", "flexround")
 

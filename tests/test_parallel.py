@@ -250,7 +250,7 @@ def test_smooth_alpha_search_fanned_out_gives_the_in_process_artifact(tmp_path, 
 
 
 def test_calibration_shards_on_ray_give_the_in_process_statistics_and_artifact(tmp_path, ray_session, monkeypatch):
-    """Calibration over 1, 2 and 3 shards on Ray: the statistics of the in-process stream bit for
+    """Calibration on 1 (in-process), 2 and 3 Ray workers: the statistics of the in-process stream bit for
     bit, and the w8a8 artifact (calibrate, smooth's sampled rows, quantize's ranges) byte-identical."""
     from qcompiler.analysis import calibration
     from qcompiler.analysis.calibration import collect, quantizable_inputs

@@ -189,7 +189,7 @@ def test_w8a8_conv_rounding_sets_quantize_rounding_auto_by_default():
 
 def test_auto_rounds_by_gptq_where_the_convs_h_are_small_and_to_nearest_above(tmp_path, monkeypatch):
     """conv1's H is 72 x 72 and conv2's 144 x 144: 25920 entries. Within the bound auto is gptq (the same
-    artifact); below it, round-to-nearest (the same artifact as nearest), the bound named in the statistics."""
+    artifact); above it, round-to-nearest (the same artifact as nearest), the bound named in the statistics."""
     import qcompiler.passes.quantize as quantize
 
     path = _conv_net(tmp_path)

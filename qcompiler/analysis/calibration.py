@@ -955,7 +955,7 @@ def collect(
 
 
 # The fewest batches a calibration shard on a worker takes: each worker builds its own session of the model
-# first, which on SmolLM2-135M costs more than a few batches (4 windows: 7 s in this
+# first, which on SmolLM2-135M costs more than a few batches (4 calibration windows: 7 s in this
 # process, 12 s over 2 workers; 32 windows: 19.3 s and 16.7 s; docs/parallel.md, "Calibration over shards").
 SHARD_MIN_BATCHES = 8
 
