@@ -934,8 +934,8 @@ def collect(
     start = time.perf_counter()
     checked = _checked_batches(batches, checker, accs, direct)
     shards = 0
-    if fetched and _fans_out(executor) and not qir.is_large(model):
-        checked = list(checked)
+    if fetched and _fans_out(executor) and executor.workers >= 2 and not qir.is_large(model):
+        checked = list(checked)  # listed to be counted; on one worker they stream as in-process
         shards = min(executor.workers, len(checked) // SHARD_MIN_BATCHES)
     if shards >= 2:
         job = ShardJob(_instrumented_proto(model, fetched).SerializeToString(), tuple(fetched),
